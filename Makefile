@@ -1,0 +1,51 @@
+# memstore's front door: `make run` serves, `make test` tests. Both set up the
+# virtualenv first, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test lint generate check-generated bench purge migrate clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Serve on port 50051 (an embedded PostgreSQL under .data/ unless DATABASE_URL is set).
+run: $(STAMP)
+	$(BIN)/memstore serve
+
+## Run the whole test suite against a real PostgreSQL and a real gRPC server.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## ruff (lint + format check), mypy strict, buf lint, and the stale-stub check.
+lint: $(STAMP) check-generated
+	$(BIN)/ruff check server tests bench
+	$(BIN)/ruff format --check server tests bench
+	$(BIN)/mypy
+	$(BIN)/buf lint
+
+## Regenerate generated/ from protos/.
+generate: $(STAMP)
+	VENV=$(VENV) bash scripts/generate.sh generated
+
+## Fail when generated/ differs from what protos/ generate.
+check-generated: $(STAMP)
+	rm -rf $(VENV)/.gencheck
+	VENV=$(VENV) bash scripts/generate.sh $(VENV)/.gencheck >/dev/null 2>&1
+	diff -r generated $(VENV)/.gencheck || (echo "generated/ is stale: run 'make generate' and commit" >&2; exit 1)
+
+## Hard-delete soft-deleted rows past the retention period, and report the counts.
+purge: $(STAMP)
+	$(BIN)/memstore purge
+
+## Apply pending schema migrations and exit.
+migrate: $(STAMP)
+	$(BIN)/memstore migrate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

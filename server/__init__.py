@@ -1,0 +1,1 @@
+"""memstore: users, sessions and chat memory for AI agents, served over gRPC."""

@@ -1,0 +1,96 @@
+"""Configuration from flags and environment variables (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the server needs to start; see README "Configuration"."""
+
+    host: str = "localhost"
+    port: int = 50051
+    #: PostgreSQL URL; None starts the embedded PostgreSQL under data_dir.
+    database_url: str | None = None
+    data_dir: Path = Path(".data")
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    #: Seconds a call waits for a pooled connection before answering UNAVAILABLE.
+    pool_timeout: float = 5.0
+    #: Soft-deleted rows older than this are hard-deleted by the purge.
+    purge_retention: timedelta = timedelta(days=7)
+    #: Seconds between periodic purges; 0 turns the periodic purge off.
+    purge_interval: float = 3600.0
+    #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
+    grace_period: float = 10.0
+    reflection: bool = True
+    #: Page-token HMAC key; None uses the key kept in the database.
+    token_key: bytes | None = None
+    log_level: str = "INFO"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the serve flags, each defaulting to its environment variable."""
+    d = Config()
+    parser.add_argument("--host", default=_env("MEMSTORE_HOST", d.host))
+    parser.add_argument("--port", type=int, default=int(_env("MEMSTORE_PORT", str(d.port)) or 0))
+    parser.add_argument("--database-url", default=_env("DATABASE_URL"))
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(_env("MEMSTORE_DATA_DIR", ".data") or ".")
+    )
+    parser.add_argument(
+        "--pool-min-size", type=int, default=int(_env("MEMSTORE_POOL_MIN_SIZE", "2") or 2)
+    )
+    parser.add_argument(
+        "--pool-max-size", type=int, default=int(_env("MEMSTORE_POOL_MAX_SIZE", "10") or 10)
+    )
+    parser.add_argument(
+        "--pool-timeout", type=float, default=float(_env("MEMSTORE_POOL_TIMEOUT", "5") or 5)
+    )
+    parser.add_argument(
+        "--purge-retention-days",
+        type=float,
+        default=float(_env("MEMSTORE_PURGE_RETENTION_DAYS", "7") or 7),
+    )
+    parser.add_argument(
+        "--purge-interval", type=float, default=float(_env("MEMSTORE_PURGE_INTERVAL", "3600") or 0)
+    )
+    parser.add_argument(
+        "--grace-period", type=float, default=float(_env("MEMSTORE_GRACE_PERIOD", "10") or 0)
+    )
+    parser.add_argument(
+        "--no-reflection",
+        action="store_true",
+        default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
+    )
+    parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
+
+
+def from_arguments(args: argparse.Namespace) -> Config:
+    """Builds a Config from parsed flags (and MEMSTORE_TOKEN_KEY)."""
+    key = _env("MEMSTORE_TOKEN_KEY")
+    return Config(
+        host=args.host,
+        port=args.port,
+        database_url=args.database_url,
+        data_dir=args.data_dir,
+        pool_min_size=args.pool_min_size,
+        pool_max_size=args.pool_max_size,
+        pool_timeout=args.pool_timeout,
+        purge_retention=timedelta(days=args.purge_retention_days),
+        purge_interval=args.purge_interval,
+        grace_period=args.grace_period,
+        reflection=not args.no_reflection,
+        token_key=key.encode() if key else None,
+        log_level=args.log_level,
+    )

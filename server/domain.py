@@ -1,0 +1,133 @@
+"""Plain domain objects that the store returns and the servicers convert to protos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+#: Until auth exists every row lives in this project (see migrations/0001).
+DEFAULT_PROJECT_ID = 1
+
+#: Role types as stored in messages.role_type (the proto enum without its prefix).
+ROLE_TYPES = ("user", "assistant", "system", "tool", "function", "norole")
+
+JsonObject = dict[str, Any]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A row of users, with the number of its live sessions."""
+
+    user_id: str
+    email: str
+    first_name: str
+    last_name: str
+    metadata: JsonObject
+    created_at: datetime
+    updated_at: datetime
+    session_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A row of sessions; deleted_at is set only while soft-deleted."""
+
+    session_id: str
+    user_id: str | None
+    metadata: JsonObject
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+    message_count: int
+    last_message_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A row of messages (one memory item)."""
+
+    uuid: str
+    session_id: str
+    sequence: int
+    role: str
+    role_type: str
+    content: str
+    metadata: JsonObject
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append with AddMemory, already validated."""
+
+    role: str
+    role_type: str
+    content: str
+    metadata: JsonObject
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataChange:
+    """How to change a metadata object: merge a JSON merge patch, or replace it whole."""
+
+    patch: JsonObject
+    replace: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UserChanges:
+    """The fields UpdateUser changes; None leaves a field as it is."""
+
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    metadata: MetadataChange | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """Filters and order of ListSessions; also the query a page token is bound to."""
+
+    user_id: str | None = None
+    show_deleted: bool = False
+    order_field: Literal["created_at", "updated_at"] = "created_at"
+    descending: bool = False
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    updated_after: datetime | None = None
+    updated_before: datetime | None = None
+    metadata_contains: JsonObject | None = None
+
+
+#: A keyset position for users and sessions: (timestamp of the order column, id).
+TimeKey = tuple[datetime, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of rows; has_more tells whether a row follows the last one."""
+
+    items: list[T]
+    has_more: bool
+    total_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedCounts:
+    """What a delete removed."""
+
+    sessions: int = 0
+    messages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    """What one purge run hard-deleted."""
+
+    sessions: int = 0
+    messages: int = 0
+    batches: int = 0
+    details: dict[str, int] = field(default_factory=dict)

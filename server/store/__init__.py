@@ -1,0 +1,7 @@
+"""The storage layer: every SQL statement of memstore runs here (see sql/*.sql)."""
+
+from __future__ import annotations
+
+from server.store.store import Store
+
+__all__ = ["Store"]
