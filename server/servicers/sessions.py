@@ -1,0 +1,261 @@
+"""SessionService: sessions and their memory (messages)."""
+
+from __future__ import annotations
+
+import uuid
+
+from memstore.v1 import session_service_pb2 as pb
+from memstore.v1 import session_service_pb2_grpc as pb_grpc
+from server import convert, pagination
+from server import validation as val
+from server.domain import MetadataChange, NewMessage, Session, SessionQuery, TimeKey
+from server.errors import unary_errors
+from server.servicers import Context, ServicerBase
+from server.servicers.users import metadata_change
+
+_METADATA_ONLY = ("metadata",)
+
+
+class SessionServicer(ServicerBase, pb_grpc.SessionServiceServicer):
+    """memstore.v1.SessionService."""
+
+    @unary_errors
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Context
+    ) -> pb.CreateSessionResponse:
+        v = val.Violations()
+        val.check_id(v, "session_id", request.session_id, required=False)
+        val.check_id(v, "user_id", request.user_id, required=False)
+        metadata = val.metadata(v, "metadata", request.metadata)
+        v.raise_if_any()
+        session = await self._store.create_session(
+            self._project(context),
+            request.session_id or uuid.uuid4().hex,
+            request.user_id or None,
+            metadata,
+        )
+        return pb.CreateSessionResponse(session=convert.session_to_proto(session))
+
+    @unary_errors
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Context
+    ) -> pb.GetSessionResponse:
+        _require_session_id(request.session_id)
+        session = await self._store.get_session(
+            self._project(context), request.session_id, request.show_deleted
+        )
+        return pb.GetSessionResponse(session=convert.session_to_proto(session))
+
+    @unary_errors
+    async def UpdateSession(
+        self, request: pb.UpdateSessionRequest, context: Context
+    ) -> pb.UpdateSessionResponse:
+        v = val.Violations()
+        val.check_id(v, "session_id", request.session_id)
+        change = _metadata_update(v, request)
+        v.raise_if_any()
+        project = self._project(context)
+        if change is None:
+            session = await self._store.get_session(project, request.session_id, False)
+        else:
+            session = await self._store.update_session(project, request.session_id, change)
+        return pb.UpdateSessionResponse(session=convert.session_to_proto(session))
+
+    @unary_errors
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Context
+    ) -> pb.DeleteSessionResponse:
+        _require_session_id(request.session_id)
+        count = await self._store.delete_session(self._project(context), request.session_id)
+        return pb.DeleteSessionResponse(deleted_messages=count)
+
+    @unary_errors
+    async def UndeleteSession(
+        self, request: pb.UndeleteSessionRequest, context: Context
+    ) -> pb.UndeleteSessionResponse:
+        _require_session_id(request.session_id)
+        session = await self._store.undelete_session(self._project(context), request.session_id)
+        return pb.UndeleteSessionResponse(session=convert.session_to_proto(session))
+
+    @unary_errors
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        v = val.Violations()
+        size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
+        number = val.page_number(v, request.page_number, request.page_token)
+        query = _session_query(v, request)
+        v.raise_if_any()
+        project = self._project(context)
+        fingerprint = pagination.sessions_fingerprint(project, query)
+        after = self._tokens.decode_time_key(request.page_token, fingerprint)
+        offset = (number - 1) * size if number is not None else None
+        page = await self._store.list_sessions(project, query, after, offset, size)
+        response = pb.ListSessionsResponse(total_size=page.total_size or 0)
+        for session in page.items:
+            convert.session_to_proto(session, response.sessions.add())
+        if page.has_more and page.items:
+            # Also after a page_number page: the token continues by keyset from its last row.
+            key = _session_key(page.items[-1], query)
+            response.next_page_token = self._tokens.encode_time_key(fingerprint, key)
+        return response
+
+    @unary_errors
+    async def AddMemory(
+        self, request: pb.AddMemoryRequest, context: Context
+    ) -> pb.AddMemoryResponse:
+        v = val.Violations()
+        val.check_id(v, "session_id", request.session_id)
+        val.check_id(v, "user_id", request.user_id, required=False)
+        messages = _new_messages(v, request)
+        v.raise_if_any()
+        session, added = await self._store.add_memory(
+            self._project(context), request.session_id, request.user_id or None, messages
+        )
+        response = pb.AddMemoryResponse(session=convert.session_to_proto(session))
+        for message in added:
+            convert.message_to_proto(message, response.messages.add())
+        return response
+
+    @unary_errors
+    async def GetMemory(
+        self, request: pb.GetMemoryRequest, context: Context
+    ) -> pb.GetMemoryResponse:
+        v = val.Violations()
+        val.check_id(v, "session_id", request.session_id)
+        lastn = val.clamp_size(v, "lastn", request.lastn, val.DEFAULT_LASTN)
+        v.raise_if_any()
+        session, messages = await self._store.get_memory(
+            self._project(context), request.session_id, lastn
+        )
+        if session is None:
+            # Zep's behaviour, which agent frameworks rely on: no session is an empty memory.
+            return pb.GetMemoryResponse(found=False)
+        response = pb.GetMemoryResponse(found=True, session=convert.session_to_proto(session))
+        for message in messages:
+            convert.message_to_proto(message, response.messages.add())
+        return response
+
+    @unary_errors
+    async def ListMessages(
+        self, request: pb.ListMessagesRequest, context: Context
+    ) -> pb.ListMessagesResponse:
+        v = val.Violations()
+        val.check_id(v, "session_id", request.session_id)
+        size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
+        v.raise_if_any()
+        project = self._project(context)
+        fingerprint = pagination.messages_fingerprint(project, request.session_id)
+        after = self._tokens.decode_sequence(request.page_token, fingerprint)
+        page = await self._store.list_messages(project, request.session_id, after, size)
+        response = pb.ListMessagesResponse()
+        for message in page.items:
+            convert.message_to_proto(message, response.messages.add())
+        if page.has_more and page.items:
+            response.next_page_token = self._tokens.encode_sequence(
+                fingerprint, page.items[-1].sequence
+            )
+        return response
+
+    @unary_errors
+    async def GetMessage(
+        self, request: pb.GetMessageRequest, context: Context
+    ) -> pb.GetMessageResponse:
+        v = val.Violations()
+        val.check_id(v, "session_id", request.session_id)
+        message_uuid = val.message_uuid(v, "uuid", request.uuid)
+        v.raise_if_any()
+        message = await self._store.get_message(
+            self._project(context), request.session_id, message_uuid
+        )
+        return pb.GetMessageResponse(message=convert.message_to_proto(message))
+
+    @unary_errors
+    async def UpdateMessage(
+        self, request: pb.UpdateMessageRequest, context: Context
+    ) -> pb.UpdateMessageResponse:
+        v = val.Violations()
+        val.check_id(v, "session_id", request.session_id)
+        message_uuid = val.message_uuid(v, "uuid", request.uuid)
+        change = _metadata_update(v, request)
+        v.raise_if_any()
+        project = self._project(context)
+        if change is None:
+            message = await self._store.get_message(project, request.session_id, message_uuid)
+        else:
+            message = await self._store.update_message(
+                project, request.session_id, message_uuid, change
+            )
+        return pb.UpdateMessageResponse(message=convert.message_to_proto(message))
+
+    @unary_errors
+    async def ClearMemory(
+        self, request: pb.ClearMemoryRequest, context: Context
+    ) -> pb.ClearMemoryResponse:
+        _require_session_id(request.session_id)
+        count = await self._store.clear_memory(self._project(context), request.session_id)
+        return pb.ClearMemoryResponse(deleted_messages=count)
+
+
+def _require_session_id(session_id: str) -> None:
+    v = val.Violations()
+    val.check_id(v, "session_id", session_id)
+    v.raise_if_any()
+
+
+def _metadata_update(
+    v: val.Violations, request: pb.UpdateSessionRequest | pb.UpdateMessageRequest
+) -> MetadataChange | None:
+    # The same rule for sessions and messages: with a mask naming "metadata", merge a
+    # non-empty patch or clear; without a mask, merge when metadata is set; else no change.
+    paths = val.update_mask(v, request.update_mask, _METADATA_ONLY)
+    patch = val.metadata(v, "metadata", request.metadata)
+    if paths is not None:
+        return metadata_change(patch) if "metadata" in paths else None
+    return MetadataChange(patch) if request.HasField("metadata") else None
+
+
+def _session_query(v: val.Violations, request: pb.ListSessionsRequest) -> SessionQuery:
+    val.check_id(v, "user_id", request.user_id, required=False)
+    field, descending = val.order_by(v, request.order_by)
+    bounds = {
+        name: val.timestamp(v, name, getattr(request, name)) if request.HasField(name) else None
+        for name in ("created_after", "created_before", "updated_after", "updated_before")
+    }
+    contains = (
+        val.metadata(v, "metadata_contains", request.metadata_contains)
+        if request.HasField("metadata_contains")
+        else None
+    )
+    return SessionQuery(
+        user_id=request.user_id or None,
+        show_deleted=request.show_deleted,
+        order_field=field,
+        descending=descending,
+        created_after=bounds["created_after"],
+        created_before=bounds["created_before"],
+        updated_after=bounds["updated_after"],
+        updated_before=bounds["updated_before"],
+        metadata_contains=contains,
+    )
+
+
+def _session_key(session: Session, query: SessionQuery) -> TimeKey:
+    stamp = session.updated_at if query.order_field == "updated_at" else session.created_at
+    return stamp, session.session_id
+
+
+def _new_messages(v: val.Violations, request: pb.AddMemoryRequest) -> list[NewMessage]:
+    count = len(request.messages)
+    if not 1 <= count <= val.MAX_MESSAGES:
+        v.add("messages", f"has {count} messages; send 1 to {val.MAX_MESSAGES}")
+        return []
+    messages = []
+    for i, message in enumerate(request.messages):
+        prefix = f"messages[{i}]"
+        val.check_text(v, f"{prefix}.role", message.role)
+        role_type = val.role_type(v, f"{prefix}.role_type", message.role_type)
+        val.check_content(v, f"{prefix}.content", message.content)
+        metadata = val.metadata(v, f"{prefix}.metadata", message.metadata)
+        messages.append(NewMessage(message.role, role_type, message.content, metadata))
+    return messages

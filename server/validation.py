@@ -1,0 +1,234 @@
+"""Request checks that collect FieldViolations and raise one InvalidArgument naming each."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid as uuid_lib
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, Literal
+
+from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
+
+from server.domain import ROLE_TYPES, JsonObject
+from server.errors import FieldViolation, InvalidArgument
+from server.pagination import from_micros
+
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 256
+MAX_CONTENT_BYTES = 1024 * 1024
+MAX_METADATA_BYTES = 64 * 1024
+MAX_MESSAGES = 1000
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+DEFAULT_CHUNK_SIZE = 100
+DEFAULT_LASTN = 6
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ORDER_BY = re.compile(r"^\s*(created_at|updated_at)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
+# Timestamp.seconds bounds of 0001-01-01 and 9999-12-31T23:59:59 (what datetime can hold).
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+# A struct nested deeper than this is refused rather than walked (and PostgreSQL would too).
+_MAX_DEPTH = 100
+
+
+class Violations:
+    """Collects FieldViolations of one request; `raise_if_any` raises them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        """Records one bad field."""
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        """Raises InvalidArgument with every recorded violation, if there are any."""
+        if self.items:
+            raise InvalidArgument(list(self.items))
+
+
+def check_id(v: Violations, field: str, value: str, *, required: bool = True) -> None:
+    """An id: 1-256 characters, no control characters (NUL included)."""
+    if not value:
+        if required:
+            v.add(field, "is required")
+        return
+    if len(value) > MAX_ID_CHARS:
+        v.add(field, f"is {len(value)} characters long; at most {MAX_ID_CHARS} are allowed")
+    if _CONTROL.search(value):
+        v.add(field, "must not contain control characters")
+
+
+def check_text(v: Violations, field: str, value: str, max_chars: int = MAX_TEXT_CHARS) -> None:
+    """A short free-text field: at most `max_chars` characters, no NUL."""
+    if len(value) > max_chars:
+        v.add(field, f"is {len(value)} characters long; at most {max_chars} are allowed")
+    if "\x00" in value:
+        v.add(field, "must not contain NUL characters")
+
+
+def check_content(v: Violations, field: str, value: str) -> None:
+    """Message content: non-empty, at most 1 MiB of UTF-8, no NUL."""
+    if not value:
+        v.add(field, "is required")
+        return
+    # 4 bytes per character at most: short strings need no encoding to measure.
+    if len(value) * 4 > MAX_CONTENT_BYTES:
+        size = len(value.encode("utf-8"))
+        if size > MAX_CONTENT_BYTES:
+            v.add(field, f"is {size} bytes of UTF-8; at most {MAX_CONTENT_BYTES} are allowed")
+    if "\x00" in value:
+        v.add(field, "must not contain NUL characters")
+
+
+def metadata(v: Violations, field: str, value: struct_pb2.Struct) -> JsonObject:
+    """A Struct as a dict: at most 64 KiB as compact JSON, no NUL, no NaN or Infinity."""
+    problems: list[str] = []
+    result = _struct_to_dict(value, field, problems, 0)
+    if problems:
+        for problem in problems[:10]:
+            v.add(field, problem)
+        return {}
+    size = len(json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if size > MAX_METADATA_BYTES:
+        v.add(field, f"is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed")
+    return result
+
+
+def _struct_to_dict(
+    struct: struct_pb2.Struct, path: str, problems: list[str], depth: int
+) -> JsonObject:
+    # Like json_format.MessageToDict, but integral numbers come back as int (so 1 is stored
+    # as 1, not 1.0) and every problem is reported with the key path where it was found.
+    out: JsonObject = {}
+    for key, item in struct.fields.items():
+        if "\x00" in key:
+            problems.append(f"key {key!r} at {path} contains a NUL character")
+        out[key] = _value(item, f"{path}.{key}", problems, depth + 1)
+    return out
+
+
+def _value(item: struct_pb2.Value, path: str, problems: list[str], depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        problems.append(f"{path} is nested more than {_MAX_DEPTH} levels deep")
+        return None
+    kind = item.WhichOneof("kind")
+    if kind == "string_value":
+        if "\x00" in item.string_value:
+            problems.append(f"string at {path} contains a NUL character")
+        return item.string_value
+    if kind == "number_value":
+        number = item.number_value
+        if not math.isfinite(number):
+            problems.append(f"number at {path} is NaN or Infinity, which JSON cannot hold")
+            return None
+        if number.is_integer() and abs(number) <= 2**53:
+            return int(number)
+        return number
+    if kind == "bool_value":
+        return item.bool_value
+    if kind == "struct_value":
+        return _struct_to_dict(item.struct_value, path, problems, depth)
+    if kind == "list_value":
+        return [
+            _value(element, f"{path}[{i}]", problems, depth + 1)
+            for i, element in enumerate(item.list_value.values)
+        ]
+    return None  # null_value, or a Value with no kind set: JSON null
+
+
+def role_type(v: Violations, field: str, value: int) -> str:
+    """The stored role type of a RoleType enum value; UNSPECIFIED is "norole"."""
+    if value == 0:
+        return "norole"
+    if 1 <= value <= len(ROLE_TYPES):
+        return ROLE_TYPES[value - 1]
+    v.add(field, f"{value} is not a RoleType value")
+    return "norole"
+
+
+def clamp_size(v: Violations, field: str, value: int, default: int) -> int:
+    """page_size/chunk_size/lastn: negative is invalid, 0 the default, above 1000 is 1000."""
+    if value < 0:
+        v.add(field, f"must not be negative (got {value})")
+        return default
+    if value == 0:
+        return default
+    return min(value, MAX_PAGE_SIZE)
+
+
+def page_number(v: Violations, value: int, page_token: str) -> int | None:
+    """A 1-based page number, or None when not given; excludes page_token."""
+    if value < 0:
+        v.add("page_number", f"must not be negative (got {value})")
+        return None
+    if value and page_token:
+        v.add("page_number", "cannot be combined with page_token; send one of them")
+        return None
+    return value or None
+
+
+def message_uuid(v: Violations, field: str, value: str) -> str:
+    """A message uuid in canonical form (lowercase hex with dashes)."""
+    if not value:
+        v.add(field, "is required")
+        return value
+    try:
+        return str(uuid_lib.UUID(value))
+    except ValueError:
+        v.add(field, f"{value[:64]!r} is not a UUID")
+        return value
+
+
+def update_mask(
+    v: Violations, mask: field_mask_pb2.FieldMask, allowed: Iterable[str]
+) -> set[str] | None:
+    """The paths of an update mask, or None when the request has none (or an empty one)."""
+    allowed = tuple(allowed)
+    paths = list(mask.paths)
+    if not paths:
+        return None
+    if paths == ["*"]:
+        return set(allowed)
+    unknown = [p for p in paths if p not in allowed]
+    if unknown:
+        v.add(
+            "update_mask",
+            f"unknown path(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}",
+        )
+    return set(paths) - set(unknown)
+
+
+def order_by(v: Violations, value: str) -> tuple[Literal["created_at", "updated_at"], bool]:
+    """Parses "created_at|updated_at [asc|desc]" into (field, descending)."""
+    if not value.strip():
+        return "created_at", False
+    match = _ORDER_BY.match(value)
+    if match is None:
+        v.add(
+            "order_by",
+            f'{value[:100]!r} is not supported; use "created_at" or "updated_at", '
+            'optionally followed by " asc" or " desc"',
+        )
+        return "created_at", False
+    field: Literal["created_at", "updated_at"] = (
+        "updated_at" if match.group(1).lower() == "updated_at" else "created_at"
+    )
+    return field, (match.group(2) or "asc").lower() == "desc"
+
+
+def timestamp(v: Violations, field: str, value: timestamp_pb2.Timestamp) -> datetime | None:
+    """A bound as an exact UTC datetime (nanoseconds rounded up, right for >= and <)."""
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS or not 0 <= value.nanos < 10**9:
+        v.add(field, "is outside the range of years 1-9999")
+        return None
+    micros = value.seconds * 1_000_000 + -(-value.nanos // 1000)
+    try:
+        return from_micros(micros)
+    except OverflowError:
+        v.add(field, "is outside the range of years 1-9999")
+        return None

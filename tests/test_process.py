@@ -1,0 +1,168 @@
+"""The `memstore` command as an operator runs it: a real process, signals, reflection, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memstore.v1 import user_service_pb2, user_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMSTORE = [sys.executable, "-m", "server"]
+BUF = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"server exited early: {proc.communicate()}"
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError("server did not become SERVING in time")
+
+
+def _serve(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+    port = _free_port()
+    cmd = [*MEMSTORE, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    _wait_serving(port, proc)
+    return proc, port
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out
+
+
+@pytest.fixture
+def served(clean_db: str) -> Iterator[int]:
+    """A `memstore serve` subprocess on the test database; yields its port."""
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = _serve("--purge-interval", "0", "--grace-period", "5", env=env)
+    yield port
+    if proc.poll() is None:
+        _stop(proc)
+
+
+def test_serves_over_the_wire_and_exits_zero_on_sigterm(clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = _serve("--purge-interval", "0", env=env)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        users = user_service_pb2_grpc.UserServiceStub(channel)
+        users.CreateUser(user_service_pb2.CreateUserRequest(user_id="proc-user"), timeout=10)
+        got = users.GetUser(user_service_pb2.GetUserRequest(user_id="proc-user"), timeout=10)
+        assert got.user.user_id == "proc-user"
+    code, out = _stop(proc)
+    assert code == 0, out
+
+
+def test_reflection_lets_buf_curl_call_without_protos(served: int) -> None:
+    base = f"http://127.0.0.1:{served}"
+    listed = subprocess.run(
+        [BUF, "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-services", base],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    services = listed.stdout.split()
+    assert "memstore.v1.UserService" in services
+    assert "memstore.v1.SessionService" in services
+    created = subprocess.run(
+        [
+            BUF,
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "-d",
+            json.dumps({"user_id": "via-buf", "metadata": {"plan": "pro"}}),
+            f"{base}/memstore.v1.UserService/CreateUser",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    user = json.loads(created.stdout)["user"]
+    assert user["userId"] == "via-buf"
+    assert user["metadata"] == {"plan": "pro"}
+
+
+def test_migrate_and_purge_commands_report(clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    migrate = subprocess.run(
+        [*MEMSTORE, "migrate"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    purge = subprocess.run(
+        [*MEMSTORE, "purge"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert purge.returncode == 0, purge.stderr
+    report = json.loads(purge.stdout.strip().splitlines()[-1])
+    assert report["sessions"] == 0
+    assert report["messages"] == 0
+
+
+def test_without_database_url_serves_from_embedded_postgres(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    data_dir = tmp_path / "data"
+    proc, port = _serve("--data-dir", str(data_dir), "--purge-interval", "0", env=env)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            users.CreateUser(user_service_pb2.CreateUserRequest(user_id="kept"), timeout=10)
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+    assert (data_dir / "pg" / "PG_VERSION").exists()
+    # The data folder survives a restart: the user is still there.
+    proc, port = _serve("--data-dir", str(data_dir), "--purge-interval", "0", env=env)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            got = users.GetUser(user_service_pb2.GetUserRequest(user_id="kept"), timeout=10)
+            assert got.user.user_id == "kept"
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out

@@ -1,0 +1,1 @@
+"""Fast tests that need no database."""
