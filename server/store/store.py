@@ -1,122 +1,179 @@
 """Store: async methods over a psycopg connection pool, returning domain objects.
 
-CONTRACT (filled in by the store implementation; signatures are fixed):
-every method takes the project id first, raises only server.errors domain
+Every method takes the project id first, raises only server.errors domain
 errors (NotFound, AlreadyExists, FailedPrecondition, Unavailable, ...), and
-never lets a psycopg exception escape.
+never lets a psycopg exception escape: each runs inside `translated()`.
 """
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
+from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from server.domain import (
-    DeletedCounts,
-    Message,
-    MetadataChange,
-    NewMessage,
-    Page,
-    PurgeReport,
-    Session,
-    SessionQuery,
-    TimeKey,
-    User,
-    UserChanges,
-)
+from server.domain import MetadataChange, Page, PurgeReport, Session, SessionQuery, TimeKey
+from server.errors import FailedPrecondition, NotFound, Unavailable
+from server.store import rows
+from server.store.base import factory, key, metadata_params, no_such_user, session_taken
+from server.store.db import fetch_all, fetch_one
+from server.store.listing import list_sessions_statements
+from server.store.memory import MemoryMethods
+from server.store.migrate import apply_migrations
+from server.store.users import UserMethods
 
 
-class Store:
-    """All reads and writes of users, sessions and messages."""
+class Store(UserMethods, MemoryMethods):
+    """All reads and writes of users, sessions and messages.
+
+    The user methods live in users.py and the memory methods in memory.py; this
+    class adds the pool's lifecycle, migrations, sessions and the purge.
+    """
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
-        self._pool = pool
+        super().__init__(pool)
 
     @classmethod
     async def open(
-        cls, conninfo: str, *, min_size: int = 2, max_size: int = 10, timeout: float = 5.0
+        cls,
+        conninfo: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout: float = 5.0,  # noqa: ASYNC109
     ) -> Store:
         """Opens a pool (waiting until it is ready) and returns a store over it.
 
         Raises:
             Unavailable: the database cannot be reached within `timeout`.
         """
-        raise NotImplementedError
+        pool = AsyncConnectionPool(
+            conninfo, min_size=min_size, max_size=max_size, timeout=timeout, open=False
+        )
+        try:
+            await pool.open(wait=True, timeout=timeout)
+        except (PoolTimeout, psycopg.Error) as exc:
+            await pool.close()
+            raise Unavailable(f"database unavailable: cannot connect within {timeout}s") from exc
+        return cls(pool)
 
     async def close(self) -> None:
         """Closes the pool."""
-        raise NotImplementedError
+        await self._pool.close()
 
     async def migrate(self) -> list[str]:
-        """Applies pending migrations under an advisory lock; returns the names applied."""
-        raise NotImplementedError
+        """Applies pending migrations under an advisory lock; returns the names applied.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect() as conn:
+            await conn.set_autocommit(True)
+            try:
+                return await apply_migrations(conn)
+            finally:
+                await conn.set_autocommit(False)
 
     async def token_key(self) -> bytes:
-        """The page-token HMAC key shared by every worker, created once and kept in the database."""
-        raise NotImplementedError
+        """The page-token HMAC key shared by every worker, created once and kept in the database.
 
-    # -- users -----------------------------------------------------------------
-
-    async def create_user(
-        self,
-        project_id: int,
-        user_id: str,
-        email: str,
-        first_name: str,
-        last_name: str,
-        metadata: dict[str, object],
-    ) -> User:
-        """Raises: AlreadyExists."""
-        raise NotImplementedError
-
-    async def get_user(self, project_id: int, user_id: str) -> User:
-        """Raises: NotFound."""
-        raise NotImplementedError
-
-    async def update_user(self, project_id: int, user_id: str, changes: UserChanges) -> User:
-        """One UPDATE; metadata merged in SQL (memstore_merge_patch). Raises: NotFound."""
-        raise NotImplementedError
-
-    async def delete_user(self, project_id: int, user_id: str) -> DeletedCounts:
-        """Hard-deletes the user, its sessions and messages in one transaction. Raises: NotFound."""
-        raise NotImplementedError
-
-    async def list_users(self, project_id: int, after: TimeKey | None, limit: int) -> Page[User]:
-        """Users ordered by (created_at, user_id) strictly after `after`."""
-        raise NotImplementedError
-
-    async def list_user_sessions(
-        self, project_id: int, user_id: str, after: TimeKey | None, limit: int
-    ) -> Page[Session]:
-        """Live sessions of a user by (created_at, session_id). Raises: NotFound (no such user)."""
-        raise NotImplementedError
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        params = {"candidate": secrets.token_bytes(32)}
+        async with self._connect() as conn:
+            # A worker that loses the insert race may not see the winner's row in the same
+            # statement's snapshot; the next statement does.
+            for _ in range(3):
+                row = await fetch_one(conn, "token_key", params)
+                if row is not None:
+                    return bytes(row["value"])
+        raise Unavailable("database unavailable: cannot read the page-token key")
 
     # -- sessions --------------------------------------------------------------
 
     async def create_session(
         self, project_id: int, session_id: str, user_id: str | None, metadata: dict[str, object]
     ) -> Session:
-        """Raises: AlreadyExists (message says when soft-deleted), FailedPrecondition (no user)."""
-        raise NotImplementedError
+        """Creates a session, optionally owned by an existing user.
+
+        Raises:
+            AlreadyExists: the session_id is taken (the message says when by a soft-deleted
+                session, with reason SESSION_SOFT_DELETED).
+            FailedPrecondition: the named user does not exist (reason USER_NOT_FOUND).
+        """
+        params = {
+            **key(project_id, session_id=session_id),
+            "user_id": user_id,
+            "metadata": Jsonb(metadata),
+        }
+        async with self._connect(foreign_key=factory(no_such_user(user_id))) as conn:
+            row = await fetch_one(conn, "create_session", params)
+            if row is None:
+                state = await fetch_one(conn, "session_state", params)
+                raise session_taken(session_id, deleted=bool(state and state["deleted"]))
+        return rows.session(row)
 
     async def get_session(self, project_id: int, session_id: str, show_deleted: bool) -> Session:
-        """Raises: NotFound."""
-        raise NotImplementedError
+        """One session; a soft-deleted one only with show_deleted.
+
+        Raises:
+            NotFound: absent, or soft-deleted and not show_deleted.
+        """
+        params = {**key(project_id, session_id=session_id), "show_deleted": show_deleted}
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "get_session", params)
+        if row is None:
+            raise NotFound(f"session '{session_id}' not found")
+        return rows.session(row)
 
     async def update_session(
         self, project_id: int, session_id: str, change: MetadataChange
     ) -> Session:
-        """Raises: NotFound (absent or soft-deleted)."""
-        raise NotImplementedError
+        """Merges (or replaces) a live session's metadata in one statement.
+
+        Raises:
+            NotFound: the session is absent or soft-deleted.
+        """
+        params = {**key(project_id, session_id=session_id), **metadata_params(change)}
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "update_session", params)
+            if row is None:
+                raise await self._session_missing(conn, project_id, session_id)
+        return rows.session(row)
 
     async def delete_session(self, project_id: int, session_id: str) -> int:
-        """Soft-deletes the session and its live messages; returns how many. Raises: NotFound."""
-        raise NotImplementedError
+        """Soft-deletes the session and its live messages; returns how many messages.
+
+        Raises:
+            NotFound: the session is absent or already soft-deleted.
+        """
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "delete_session", key(project_id, session_id=session_id))
+            if row is None:
+                raise await self._session_missing(conn, project_id, session_id)
+        return int(row["messages"])
 
     async def undelete_session(self, project_id: int, session_id: str) -> Session:
-        """Raises: NotFound, FailedPrecondition (not deleted)."""
-        raise NotImplementedError
+        """Restores a soft-deleted session; its deleted messages stay deleted.
+
+        Raises:
+            NotFound: the session does not exist.
+            FailedPrecondition: the session is not deleted (reason SESSION_NOT_DELETED).
+        """
+        params = key(project_id, session_id=session_id)
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "undelete_session", params)
+            if row is None:
+                if await fetch_one(conn, "session_state", params) is None:
+                    raise NotFound(f"session '{session_id}' not found")
+                raise FailedPrecondition(
+                    f"session '{session_id}' is not deleted", reason="SESSION_NOT_DELETED"
+                )
+        return rows.session(row)
 
     async def list_sessions(
         self,
@@ -126,46 +183,53 @@ class Store:
         offset: int | None,
         limit: int,
     ) -> Page[Session]:
-        """Keyset page (after) or OFFSET page (offset); total_size always set."""
-        raise NotImplementedError
+        """Keyset page (after) or OFFSET page (offset); total_size always set.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        page_sql, count_sql, params = list_sessions_statements(query, after)
+        params.update(project_id=project_id, limit=limit + 1, offset=offset or 0)
+        async with self._connect(field="metadata_contains") as conn, conn.pipeline():
+            found = await fetch_all(conn, page_sql, params)
+            total = await fetch_one(conn, count_sql, params)
+        items = [rows.session(r) for r in found[:limit]]
+        size = int(total["total"]) if total else 0
+        return Page(items, has_more=len(found) > limit, total_size=size)
 
     # -- memory ----------------------------------------------------------------
 
-    async def add_memory(
-        self, project_id: int, session_id: str, user_id: str | None, messages: list[NewMessage]
-    ) -> tuple[Session, list[Message]]:
-        """Upserts the session (undeleting it) and appends messages in one transaction.
-
-        Raises: FailedPrecondition (unknown user, or another user's session).
-        """
-        raise NotImplementedError
-
-    async def get_memory(
-        self, project_id: int, session_id: str, lastn: int
-    ) -> tuple[Session | None, list[Message]]:
-        """The live session (None if absent/deleted) and its last `lastn` live messages, oldest first."""
-        raise NotImplementedError
-
-    async def list_messages(
-        self, project_id: int, session_id: str, after_sequence: int | None, limit: int
-    ) -> Page[Message]:
-        """Live messages by sequence. Raises: NotFound (session absent or deleted)."""
-        raise NotImplementedError
-
-    async def get_message(self, project_id: int, session_id: str, uuid: str) -> Message:
-        """Raises: NotFound."""
-        raise NotImplementedError
-
-    async def update_message(
-        self, project_id: int, session_id: str, uuid: str, change: MetadataChange
-    ) -> Message:
-        """Raises: NotFound."""
-        raise NotImplementedError
-
-    async def clear_memory(self, project_id: int, session_id: str) -> int:
-        """Soft-deletes the live messages, keeps the session. Raises: NotFound."""
-        raise NotImplementedError
-
     async def purge(self, retention: timedelta, batch_size: int = 1000) -> PurgeReport:
-        """Hard-deletes soft-deleted sessions and messages older than `retention`, in batches."""
-        raise NotImplementedError
+        """Hard-deletes soft-deleted sessions and messages older than `retention`, in batches.
+
+        Each batch is its own short transaction, so the purge never holds locks for long.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "purge_cutoff", {"retention": retention})
+        assert row is not None
+        params = {"cutoff": row["cutoff"], "batch_size": batch_size}
+        # Messages first: most expired messages belong to live sessions (ClearMemory).
+        messages, _, message_batches = await self._purge_batches("purge_messages", params)
+        sessions, cascaded, session_batches = await self._purge_batches("purge_sessions", params)
+        return PurgeReport(
+            sessions=sessions,
+            messages=messages + cascaded,
+            batches=message_batches + session_batches,
+            details={"messages": messages, "sessions": sessions, "session_messages": cascaded},
+        )
+
+    async def _purge_batches(self, name: str, params: dict[str, Any]) -> tuple[int, int, int]:
+        # Short transactions, one per batch, until a batch comes back short.
+        rows_, others, batches = 0, 0, 0
+        while True:
+            async with self._connect() as conn:
+                row = await fetch_one(conn, name, params)
+            done = int(row["n"]) if row else 0
+            rows_ += done
+            others += int(row["others"]) if row else 0
+            batches += done > 0
+            if done < params["batch_size"]:
+                return rows_, others, batches

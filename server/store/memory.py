@@ -1,0 +1,135 @@
+"""The memory (message) methods of the Store."""
+
+from __future__ import annotations
+
+from psycopg.types.json import Jsonb
+
+from server.domain import Message, MetadataChange, NewMessage, Page, Session
+from server.errors import FailedPrecondition, InvalidArgument
+from server.store import rows
+from server.store.base import (
+    StoreBase,
+    factory,
+    key,
+    message_not_found,
+    metadata_params,
+    no_such_user,
+    parse_uuid,
+)
+from server.store.db import fetch_all, fetch_one
+
+
+class MemoryMethods(StoreBase):
+    """Appends, reads and soft-deletes of the messages of sessions."""
+
+    async def add_memory(
+        self, project_id: int, session_id: str, user_id: str | None, messages: list[NewMessage]
+    ) -> tuple[Session, list[Message]]:
+        """Upserts the session (undeleting it) and appends messages in one statement.
+
+        Raises:
+            FailedPrecondition: the named user does not exist (reason USER_NOT_FOUND), or the
+                session belongs to another user or to none (reason SESSION_USER_MISMATCH).
+            InvalidArgument: no messages, or a value the database rejects.
+        """
+        if not messages:
+            raise InvalidArgument.field("messages", "at least one message is required")
+        params = {
+            **key(project_id, session_id=session_id),
+            "user_id": user_id,
+            "n": len(messages),
+            "roles": [m.role for m in messages],
+            "role_types": [m.role_type for m in messages],
+            "contents": [m.content for m in messages],
+            "metadatas": [Jsonb(m.metadata) for m in messages],
+        }
+        no_user = factory(no_such_user(user_id))
+        async with self._connect(foreign_key=no_user, field="messages") as conn:
+            found = await fetch_all(conn, "add_memory", params)
+        if not found:
+            raise FailedPrecondition(
+                f"session '{session_id}' does not belong to user '{user_id}'",
+                reason="SESSION_USER_MISMATCH",
+            )
+        return rows.session(found[0]), rows.joined_messages(found)
+
+    async def get_memory(
+        self, project_id: int, session_id: str, lastn: int
+    ) -> tuple[Session | None, list[Message]]:
+        """The live session (None if absent/deleted) and its last `lastn` live messages.
+
+        Messages come oldest first.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        params = {**key(project_id, session_id=session_id), "lastn": lastn}
+        async with self._connect() as conn:
+            found = await fetch_all(conn, "get_memory", params)
+        if not found:
+            return None, []
+        return rows.session(found[0]), rows.joined_messages(found)
+
+    async def list_messages(
+        self, project_id: int, session_id: str, after_sequence: int | None, limit: int
+    ) -> Page[Message]:
+        """Live messages by sequence, strictly after `after_sequence`.
+
+        Raises:
+            NotFound: the session is absent or soft-deleted.
+        """
+        params = {
+            **key(project_id, session_id=session_id),
+            "after_sequence": after_sequence or 0,
+            "limit": limit + 1,
+        }
+        async with self._connect() as conn:
+            found = await fetch_all(conn, "list_messages", params)
+            if not found:
+                raise await self._session_missing(conn, project_id, session_id)
+        messages = rows.joined_messages(found)
+        return Page(messages[:limit], has_more=len(messages) > limit)
+
+    async def get_message(self, project_id: int, session_id: str, uuid: str) -> Message:
+        """One live message of a live session.
+
+        Raises:
+            NotFound: the message or its session is absent or soft-deleted.
+        """
+        params = {**key(project_id, session_id=session_id), "uuid": parse_uuid(session_id, uuid)}
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "get_message", params)
+        if row is None:
+            raise message_not_found(session_id, uuid)
+        return rows.message(row)
+
+    async def update_message(
+        self, project_id: int, session_id: str, uuid: str, change: MetadataChange
+    ) -> Message:
+        """Merges (or replaces) one live message's metadata in one statement.
+
+        Raises:
+            NotFound: the message or its session is absent or soft-deleted.
+        """
+        params = {
+            **key(project_id, session_id=session_id),
+            "uuid": parse_uuid(session_id, uuid),
+            **metadata_params(change),
+        }
+        async with self._connect(field="metadata") as conn:
+            row = await fetch_one(conn, "update_message", params)
+        if row is None:
+            raise message_not_found(session_id, uuid)
+        return rows.message(row)
+
+    async def clear_memory(self, project_id: int, session_id: str) -> int:
+        """Soft-deletes the live messages, keeps the session; returns how many.
+
+        Raises:
+            NotFound: the session is absent or soft-deleted.
+        """
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "clear_memory", key(project_id, session_id=session_id))
+            if row is None:
+                raise await self._session_missing(conn, project_id, session_id)
+        return int(row["messages"])

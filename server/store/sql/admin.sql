@@ -1,0 +1,73 @@
+-- Schema migrations, shared settings and the purge of expired soft-deleted rows.
+
+-- name: lock_migrations
+-- Serializes migrate() across every worker and replica (one fixed advisory lock key).
+SELECT pg_advisory_lock(7283946501);
+
+-- name: unlock_migrations
+-- Releases the advisory lock of lock_migrations.
+SELECT pg_advisory_unlock(7283946501);
+
+-- name: create_schema_migrations
+-- The record of applied migrations; created before the first one runs.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- name: applied_migrations
+-- The names of the migrations already applied.
+SELECT name FROM schema_migrations ORDER BY name;
+
+-- name: record_migration
+-- Marks one migration as applied, in the transaction that applied it.
+INSERT INTO schema_migrations (name) VALUES (%(name)s);
+
+-- name: token_key
+-- Creates the page-token key once (first worker wins) and reads the one that is kept.
+WITH made AS (
+    INSERT INTO settings (name, value) VALUES ('page_token_key', %(candidate)s)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING value
+)
+SELECT value FROM made
+UNION ALL
+SELECT value FROM settings WHERE name = 'page_token_key'
+LIMIT 1;
+
+-- name: purge_cutoff
+-- The time before which soft-deleted rows are expired, by the database's clock.
+SELECT now() - %(retention)s::interval AS cutoff;
+
+-- name: purge_messages
+-- Hard-deletes one batch of messages soft-deleted before the cutoff.
+WITH doomed AS (
+    SELECT m.project_id, m.session_id, m.sequence FROM messages m
+    WHERE m.deleted_at < %(cutoff)s
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM messages m USING doomed d
+    WHERE m.project_id = d.project_id AND m.session_id = d.session_id
+      AND m.sequence = d.sequence
+    RETURNING 1
+)
+SELECT count(*) AS n, 0 AS others FROM gone;
+
+-- name: purge_sessions
+-- Hard-deletes one batch of sessions soft-deleted before the cutoff, with all their messages.
+WITH doomed AS (
+    SELECT s.project_id, s.session_id FROM sessions s
+    WHERE s.deleted_at < %(cutoff)s
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+), gone_messages AS (
+    DELETE FROM messages m USING doomed d
+    WHERE m.project_id = d.project_id AND m.session_id = d.session_id
+    RETURNING 1
+), gone AS (
+    DELETE FROM sessions s USING doomed d
+    WHERE s.project_id = d.project_id AND s.session_id = d.session_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;

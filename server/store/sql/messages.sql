@@ -1,0 +1,119 @@
+-- Messages (memory). Sequences come from sessions.next_sequence under the session's row lock.
+
+-- name: add_memory
+-- Upserts the session (reviving it), reserves n sequences and appends the messages.
+WITH s AS (
+    INSERT INTO sessions AS s (project_id, session_id, user_id, created_at, updated_at,
+                               message_count, last_message_at, next_sequence)
+    SELECT %(project_id)s, %(session_id)s, %(user_id)s::text, t.now, t.now, %(n)s, t.now,
+           %(n)s + 1
+    FROM (SELECT clock_timestamp() AS now) AS t
+    ON CONFLICT (project_id, session_id) DO UPDATE SET
+        next_sequence = s.next_sequence + %(n)s,
+        message_count = CASE WHEN s.deleted_at IS NULL THEN s.message_count ELSE 0 END + %(n)s,
+        deleted_at = NULL,
+        (last_message_at, updated_at) = (SELECT t.now, t.now FROM (SELECT clock_timestamp() AS now) t)
+    WHERE %(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text
+    RETURNING s.project_id, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
+              s.deleted_at, s.message_count, s.last_message_at, s.next_sequence
+), m AS (
+    INSERT INTO messages AS m (project_id, session_id, sequence, role, role_type, content,
+                               metadata, created_at, updated_at)
+    SELECT s.project_id, s.session_id, s.next_sequence - %(n)s + t.ord - 1, t.role, t.role_type,
+           t.content, memstore_merge_patch('{}', t.metadata), s.last_message_at,
+           s.last_message_at
+    FROM s, unnest(%(roles)s::text[], %(role_types)s::text[], %(contents)s::text[],
+                   %(metadatas)s::jsonb[]) WITH ORDINALITY AS t(role, role_type, content,
+                                                                 metadata, ord)
+    RETURNING m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+              m.created_at, m.updated_at
+)
+SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
+       s.message_count, s.last_message_at,
+       m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
+       m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
+       m.created_at AS m_created_at, m.updated_at AS m_updated_at
+FROM s LEFT JOIN m ON true
+ORDER BY m.sequence;
+
+-- name: get_memory
+-- A live session joined to its last `lastn` live messages, oldest first.
+SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
+       s.message_count, s.last_message_at,
+       m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
+       m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
+       m.created_at AS m_created_at, m.updated_at AS m_updated_at
+FROM sessions s
+LEFT JOIN LATERAL (
+    SELECT * FROM messages m
+    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
+    ORDER BY m.sequence DESC
+    LIMIT %(lastn)s
+) m ON true
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
+ORDER BY m.sequence;
+
+-- name: list_messages
+-- A live session joined to one keyset page of its live messages by sequence.
+SELECT s.session_id,
+       m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
+       m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
+       m.created_at AS m_created_at, m.updated_at AS m_updated_at
+FROM sessions s
+LEFT JOIN LATERAL (
+    SELECT * FROM messages m
+    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
+      AND m.sequence > %(after_sequence)s
+    ORDER BY m.sequence
+    LIMIT %(limit)s
+) m ON true
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
+ORDER BY m.sequence;
+
+-- name: get_message
+-- One live message of a live session, by uuid.
+SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+       m.created_at, m.updated_at
+FROM messages m
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s AND m.uuid = %(uuid)s
+  AND m.deleted_at IS NULL AND s.deleted_at IS NULL;
+
+-- name: update_message
+-- Merges (or replaces) one live message's metadata and bumps its session's updated_at.
+WITH m AS (
+    UPDATE messages AS m SET
+        metadata = CASE
+            WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
+            ELSE memstore_merge_patch(m.metadata, %(patch)s::jsonb)
+        END,
+        updated_at = clock_timestamp()
+    FROM sessions s
+    WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s AND m.uuid = %(uuid)s
+      AND m.deleted_at IS NULL
+      AND s.project_id = m.project_id AND s.session_id = m.session_id AND s.deleted_at IS NULL
+    RETURNING m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+              m.created_at, m.updated_at
+), touched AS (
+    UPDATE sessions AS s SET updated_at = m.updated_at
+    FROM m
+    WHERE s.project_id = %(project_id)s AND s.session_id = m.session_id
+    RETURNING 1
+)
+SELECT m.*, (SELECT count(*) FROM touched) AS touched FROM m;
+
+-- name: clear_memory
+-- Soft-deletes every live message of a live session; the session stays, message_count 0.
+WITH s AS (
+    UPDATE sessions AS s SET message_count = 0, updated_at = t.now
+    FROM (SELECT clock_timestamp() AS now) AS t
+    WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
+      AND s.deleted_at IS NULL
+    RETURNING s.project_id, s.session_id, s.updated_at
+), hidden AS (
+    UPDATE messages AS m SET deleted_at = s.updated_at
+    FROM s
+    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM hidden) AS messages FROM s;

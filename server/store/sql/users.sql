@@ -1,0 +1,93 @@
+-- Users. Every statement is scoped by project_id; session_count counts live sessions.
+
+-- name: create_user
+-- Inserts a user; a taken id raises UniqueViolation (AlreadyExists).
+INSERT INTO users AS u (project_id, user_id, email, first_name, last_name, metadata, created_at,
+                        updated_at)
+SELECT %(project_id)s, %(user_id)s, %(email)s, %(first_name)s, %(last_name)s,
+       memstore_merge_patch('{}', %(metadata)s), t.now, t.now
+FROM (SELECT clock_timestamp() AS now) AS t
+RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
+          u.updated_at, 0::bigint AS session_count;
+
+-- name: get_user
+-- One user with the number of its live sessions; no row means NotFound.
+SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
+       (SELECT count(*) FROM sessions s
+        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
+          AND s.deleted_at IS NULL) AS session_count
+FROM users u
+WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s;
+
+-- name: update_user
+-- Sets the named fields and merges (or replaces) metadata in SQL, under the row lock.
+UPDATE users AS u SET
+    email = CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END,
+    first_name = CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
+    last_name = CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
+    metadata = CASE
+        WHEN NOT %(set_metadata)s THEN u.metadata
+        WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
+        ELSE memstore_merge_patch(u.metadata, %(patch)s::jsonb)
+    END,
+    updated_at = clock_timestamp()
+WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
+RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
+          (SELECT count(*) FROM sessions s
+           WHERE s.project_id = u.project_id AND s.user_id = u.user_id
+             AND s.deleted_at IS NULL) AS session_count;
+
+-- name: lock_user_sessions
+-- Locks the user and all its sessions, so the counts of delete_user are exact.
+SELECT u.user_id,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM sessions s
+            WHERE s.project_id = u.project_id AND s.user_id = u.user_id
+            FOR UPDATE) AS locked) AS sessions
+FROM users u
+WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
+FOR UPDATE;
+
+-- name: delete_user
+-- Hard-deletes the user; the foreign keys cascade to its sessions and their messages.
+WITH doomed AS (
+    SELECT s.session_id FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
+), message_rows AS (
+    SELECT count(*) AS n FROM messages m
+    WHERE m.project_id = %(project_id)s AND m.session_id IN (SELECT session_id FROM doomed)
+), gone AS (
+    DELETE FROM users u
+    WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
+    RETURNING u.user_id
+)
+SELECT (SELECT count(*) FROM gone) AS users,
+       (SELECT count(*) FROM doomed) AS sessions,
+       (SELECT n FROM message_rows) AS messages;
+
+-- name: list_users
+-- One keyset page of users by (created_at, user_id), strictly after the given key.
+SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
+       (SELECT count(*) FROM sessions s
+        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
+          AND s.deleted_at IS NULL) AS session_count
+FROM users u
+WHERE u.project_id = %(project_id)s
+  AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+ORDER BY u.created_at, u.user_id
+LIMIT %(limit)s;
+
+-- name: list_user_sessions
+-- The user (always one row when it exists) joined to one keyset page of its live sessions.
+SELECT u.user_id AS owner, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
+       s.deleted_at, s.message_count, s.last_message_at
+FROM users u
+LEFT JOIN LATERAL (
+    SELECT * FROM sessions s
+    WHERE s.project_id = u.project_id AND s.user_id = u.user_id AND s.deleted_at IS NULL
+      AND (s.created_at, s.session_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+    ORDER BY s.created_at, s.session_id
+    LIMIT %(limit)s
+) s ON true
+WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
+ORDER BY s.created_at, s.session_id;

@@ -1,0 +1,128 @@
+"""The user methods of the Store."""
+
+from __future__ import annotations
+
+from psycopg.types.json import Jsonb
+
+from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges
+from server.errors import AlreadyExists
+from server.store import rows
+from server.store.base import START, StoreBase, factory, key, metadata_params, user_not_found
+from server.store.db import fetch_all, fetch_one
+
+
+class UserMethods(StoreBase):
+    """Reads and writes of users (and a user's sessions)."""
+
+    async def create_user(  # noqa: PLR0917 (the fixed Store signature)
+        self,
+        project_id: int,
+        user_id: str,
+        email: str,
+        first_name: str,
+        last_name: str,
+        metadata: dict[str, object],
+    ) -> User:
+        """Creates a user.
+
+        Raises:
+            AlreadyExists: the user_id is taken.
+        """
+        params = {
+            "project_id": project_id,
+            "user_id": user_id,
+            "email": email,
+            "first_name": first_name,
+            "last_name": last_name,
+            "metadata": Jsonb(metadata),
+        }
+        taken = factory(AlreadyExists(f"user '{user_id}' already exists"))
+        async with self._connect(unique=taken) as conn:
+            row = await fetch_one(conn, "create_user", params)
+        assert row is not None  # INSERT ... RETURNING without ON CONFLICT returns its row
+        return rows.user(row)
+
+    async def get_user(self, project_id: int, user_id: str) -> User:
+        """One user with its live session count.
+
+        Raises:
+            NotFound: no user has this id.
+        """
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "get_user", key(project_id, user_id=user_id))
+        if row is None:
+            raise user_not_found(user_id)
+        return rows.user(row)
+
+    async def update_user(self, project_id: int, user_id: str, changes: UserChanges) -> User:
+        """One UPDATE; metadata merged in SQL (memstore_merge_patch).
+
+        Raises:
+            NotFound: no user has this id.
+        """
+        meta = changes.metadata
+        params = {
+            **key(project_id, user_id=user_id),
+            "set_email": changes.email is not None,
+            "email": changes.email,
+            "set_first_name": changes.first_name is not None,
+            "first_name": changes.first_name,
+            "set_last_name": changes.last_name is not None,
+            "last_name": changes.last_name,
+            "set_metadata": meta is not None,
+            **metadata_params(meta),
+        }
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "update_user", params)
+        if row is None:
+            raise user_not_found(user_id)
+        return rows.user(row)
+
+    async def delete_user(self, project_id: int, user_id: str) -> DeletedCounts:
+        """Hard-deletes the user, its sessions and messages in one transaction.
+
+        Raises:
+            NotFound: no user has this id.
+        """
+        params = key(project_id, user_id=user_id)
+        async with self._connect() as conn:
+            # Lock the user and its sessions first, so no message lands between count and delete.
+            if await fetch_one(conn, "lock_user_sessions", params) is None:
+                raise user_not_found(user_id)
+            row = await fetch_one(conn, "delete_user", params)
+        assert row is not None
+        return DeletedCounts(sessions=int(row["sessions"]), messages=int(row["messages"]))
+
+    async def list_users(self, project_id: int, after: TimeKey | None, limit: int) -> Page[User]:
+        """Users ordered by (created_at, user_id) strictly after `after`.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        after_ts, after_id = after or START
+        params = {"project_id": project_id, "after_ts": after_ts, "after_id": after_id}
+        async with self._connect() as conn:
+            found = await fetch_all(conn, "list_users", {**params, "limit": limit + 1})
+        return Page([rows.user(r) for r in found[:limit]], has_more=len(found) > limit)
+
+    async def list_user_sessions(
+        self, project_id: int, user_id: str, after: TimeKey | None, limit: int
+    ) -> Page[Session]:
+        """Live sessions of a user by (created_at, session_id).
+
+        Raises:
+            NotFound: no user has this id.
+        """
+        after_ts, after_id = after or START
+        params = {
+            **key(project_id, user_id=user_id),
+            "after_ts": after_ts,
+            "after_id": after_id,
+            "limit": limit + 1,
+        }
+        async with self._connect() as conn:
+            found = await fetch_all(conn, "list_user_sessions", params)
+        if not found:
+            raise user_not_found(user_id)
+        sessions = [rows.session(r) for r in found if r["session_id"] is not None]
+        return Page(sessions[:limit], has_more=len(sessions) > limit)

@@ -1,0 +1,201 @@
+"""Store: migrations, the shared token key, the purge, the merge function, error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import psycopg
+import pytest
+from psycopg import conninfo as pg_conninfo
+from psycopg import errors as pg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import PoolTimeout
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import NewMessage
+from server.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MemstoreError,
+    Unavailable,
+)
+from server.store import Store
+from server.store.queries import QUERIES, migrations, parse
+from server.store.translate import translated
+
+
+def msg(content: str) -> NewMessage:
+    return NewMessage(role="r", role_type="user", content=content, metadata={})
+
+
+@pytest.fixture
+async def fresh_url(server_url: str) -> AsyncIterator[str]:
+    """An empty database on the run's server, dropped afterwards."""
+    name = f"memstore_fresh_{secrets.token_hex(4)}"
+    async with await psycopg.AsyncConnection.connect(server_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = pg_conninfo.conninfo_to_dict(server_url)
+    params["dbname"] = name
+    yield pg_conninfo.make_conninfo(**params)
+    async with await psycopg.AsyncConnection.connect(server_url, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+async def test_migrate_applies_once_under_the_lock(fresh_url: str) -> None:
+    first = await Store.open(fresh_url, min_size=1, max_size=2)
+    second = await Store.open(fresh_url, min_size=1, max_size=2)
+    try:
+        results = await asyncio.gather(first.migrate(), second.migrate())
+        names = [name for name, _ in migrations()]
+        assert sorted(results, key=len) == [[], names]
+        assert await first.migrate() == []  # idempotent
+        key = await first.token_key()
+        assert len(key) == 32
+        assert await second.token_key() == key  # every worker shares one key
+    finally:
+        await first.close()
+        await second.close()
+    async with await psycopg.AsyncConnection.connect(fresh_url) as conn:
+        cur = await conn.execute("SELECT name FROM schema_migrations ORDER BY name")
+        assert [r[0] for r in await cur.fetchall()] == names
+        cur = await conn.execute("SELECT project_id, name FROM projects")
+        assert await cur.fetchall() == [(P, "default")]
+
+
+async def test_token_key_survives_restarts(store: Store, database_url: str) -> None:
+    key = await store.token_key()
+    other = await Store.open(database_url, min_size=1, max_size=1)
+    try:
+        assert await other.token_key() == key
+    finally:
+        await other.close()
+
+
+async def test_open_unreachable_database_is_unavailable() -> None:
+    with pytest.raises(Unavailable, match="database unavailable"):
+        await Store.open("postgresql://nobody@127.0.0.1:1/none", timeout=0.5)
+
+
+async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_db: str) -> None:
+    await store.add_memory(P, "live", None, [msg("keep1"), msg("keep2")])
+    await store.add_memory(P, "cleared", None, [msg("old1"), msg("old2"), msg("old3")])
+    await store.clear_memory(P, "cleared")
+    await store.add_memory(P, "cleared", None, [msg("fresh")])
+    await store.add_memory(P, "dead", None, [msg("d1"), msg("d2")])
+    await store.delete_session(P, "dead")
+    await store.add_memory(P, "recent", None, [msg("r1")])
+    await store.delete_session(P, "recent")
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+        for table in ("sessions", "messages"):
+            await conn.execute(
+                sql.SQL(
+                    "UPDATE {} SET deleted_at = deleted_at - interval '2 days'"
+                    " WHERE session_id IN ('cleared', 'dead') AND deleted_at IS NOT NULL"
+                ).format(sql.Identifier(table))
+            )
+
+    report = await store.purge(timedelta(days=1), batch_size=2)
+
+    assert (report.sessions, report.messages) == (1, 5)
+    assert report.batches == 4  # messages 2 + 2 + 1, then one batch of sessions
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        cur = await conn.execute(
+            "SELECT session_id, content FROM messages ORDER BY session_id, sequence"
+        )
+        assert await cur.fetchall() == [
+            ("cleared", "fresh"),
+            ("live", "keep1"),
+            ("live", "keep2"),
+            ("recent", "r1"),
+        ]
+        cur = await conn.execute("SELECT session_id FROM sessions ORDER BY session_id")
+        assert [r[0] for r in await cur.fetchall()] == ["cleared", "live", "recent"]
+    again = await store.purge(timedelta(days=1))
+    assert (again.sessions, again.messages, again.batches) == (0, 0, 0)
+    everything = await store.purge(timedelta(0))
+    assert (everything.sessions, everything.messages) == (1, 1)
+    assert (await store.get_memory(P, "live", 10))[1][0].content == "keep1"
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "expected"),
+    [
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        (["a", "b"], ["c", "d"], ["c", "d"]),
+        ({"a": "b"}, ["c"], ["c"]),
+        ({"a": "foo"}, None, None),
+        ({"a": "foo"}, "bar", "bar"),
+        ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+        ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ],
+)
+async def test_merge_patch_follows_rfc_7396(
+    store: Store, database_url: str, target: object, patch: object, expected: object
+) -> None:
+    # The examples of RFC 7396 appendix A (a JSON null patch stands for `null`).
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT memstore_merge_patch(%s, %s)",
+            (Jsonb(target), Jsonb(patch) if patch is not None else Jsonb(None)),
+        )
+        row = await cur.fetchone()
+    assert row is not None and row[0] == expected
+
+
+async def test_translation_maps_every_driver_error() -> None:
+    cases: list[tuple[Exception, type[MemstoreError]]] = [
+        (pg.UniqueViolation("dup"), AlreadyExists),
+        (pg.ForeignKeyViolation("fk"), FailedPrecondition),
+        (pg.QueryCanceled("cancel"), DeadlineExceeded),
+        (pg.CheckViolation("check"), InvalidArgument),
+        (pg.InvalidTextRepresentation("bad"), InvalidArgument),
+        (pg.ProgramLimitExceeded("too big"), InvalidArgument),
+        (psycopg.OperationalError("conn refused"), Unavailable),
+        (pg.AdminShutdown("bye"), Unavailable),
+        (PoolTimeout("no connection"), Unavailable),
+        (pg.SyntaxError("oops"), MemstoreError),
+    ]
+    for exc, expected in cases:
+        with pytest.raises(MemstoreError) as info, translated(field="payload"):
+            raise exc
+        assert type(info.value) is expected, exc
+        assert isinstance(info.value.__cause__, psycopg.Error)
+    with pytest.raises(InvalidArgument) as bad, translated(field="payload"):
+        raise pg.DataError("bad value")
+    assert bad.value.violations[0].field == "payload"
+
+
+async def test_unavailable_when_the_pool_cannot_serve(database_url: str) -> None:
+    small = await Store.open(database_url, min_size=1, max_size=1, timeout=0.2)
+    try:
+        async with small._pool.connection():  # hold the only connection
+            with pytest.raises(Unavailable, match="database unavailable"):
+                await small.get_memory(P, "s", 1)
+    finally:
+        await small.close()
+
+
+def test_every_query_is_named_and_described() -> None:
+    assert {"get_user", "add_memory", "purge_sessions", "token_key"} <= set(QUERIES)
+    parsed = parse("-- name: a\n-- Does a.\nSELECT 1;\n\n-- name: b\n-- Does b.\nSELECT 2\n")
+    assert parsed == {"a": "SELECT 1", "b": "SELECT 2"}
+    with pytest.raises(ValueError, match="description"):
+        parse("-- name: a\nSELECT 1;\n")
+    with pytest.raises(ValueError, match="twice"):
+        parse("-- name: a\n-- x\nSELECT 1;\n-- name: a\n-- y\nSELECT 2;\n")

@@ -1,0 +1,187 @@
+"""Store: memory — AddMemory upsert and revival, concurrency, reads, message updates, clears."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import MetadataChange, NewMessage
+from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.store import Store
+
+
+def msg(content: str, role_type: str = "user", **metadata: object) -> NewMessage:
+    return NewMessage(role="speaker", role_type=role_type, content=content, metadata=metadata)
+
+
+async def test_add_memory_creates_session_and_orders_messages(store: Store, clean_db: str) -> None:
+    session, added = await store.add_memory(
+        P, "s", None, [msg("one", "system", k=1), msg("two", "assistant"), msg("three")]
+    )
+    assert session.session_id == "s" and session.user_id is None
+    assert session.message_count == 3
+    assert [m.sequence for m in added] == [1, 2, 3]
+    assert [m.content for m in added] == ["one", "two", "three"]
+    assert [m.role_type for m in added] == ["system", "assistant", "user"]
+    assert added[0].metadata == {"k": 1}
+    assert len({m.uuid for m in added}) == 3
+    assert session.last_message_at == added[-1].created_at
+    session, more = await store.add_memory(P, "s", None, [msg("four")])
+    assert [m.sequence for m in more] == [4]
+    assert session.message_count == 4
+
+
+async def test_add_memory_user_rules(store: Store, clean_db: str) -> None:
+    with pytest.raises(FailedPrecondition, match="ghost") as info:
+        await store.add_memory(P, "s", "ghost", [msg("x")])
+    assert info.value.reason == "USER_NOT_FOUND"
+    await store.create_user(P, "u", "", "", "", {})
+    await store.create_user(P, "v", "", "", "", {})
+    session, _ = await store.add_memory(P, "s", "u", [msg("x")])
+    assert session.user_id == "u"
+    await store.add_memory(P, "s", None, [msg("y")])  # no user named: fine
+    await store.add_memory(P, "s", "u", [msg("z")])
+    with pytest.raises(FailedPrecondition) as info:
+        await store.add_memory(P, "s", "v", [msg("w")])
+    assert info.value.reason == "SESSION_USER_MISMATCH"
+    await store.create_session(P, "anon", None, {})
+    with pytest.raises(FailedPrecondition) as info:
+        await store.add_memory(P, "anon", "u", [msg("w")])
+    assert info.value.reason == "SESSION_USER_MISMATCH"
+    session, messages = await store.get_memory(P, "s", 10)
+    assert session is not None and [m.content for m in messages] == ["x", "y", "z"]
+
+
+async def test_add_memory_revives_deleted_session_not_its_messages(
+    store: Store, clean_db: str
+) -> None:
+    await store.add_memory(P, "s", None, [msg("old1"), msg("old2")])
+    await store.delete_session(P, "s")
+    session, added = await store.add_memory(P, "s", None, [msg("new")])
+    assert session.deleted_at is None
+    assert session.message_count == 1
+    assert added[0].sequence == 3  # sequences are never reused
+    _, messages = await store.get_memory(P, "s", 10)
+    assert [m.content for m in messages] == ["new"]
+
+
+async def test_add_memory_rejects_empty_and_bad_values(store: Store, clean_db: str) -> None:
+    with pytest.raises(InvalidArgument):
+        await store.add_memory(P, "s", None, [])
+    with pytest.raises(InvalidArgument):
+        await store.add_memory(P, "s", None, [msg("x", role_type="wizard")])
+    with pytest.raises(InvalidArgument):
+        await store.add_memory(P, "s", None, [msg("nul \x00 byte")])
+    assert await store.get_memory(P, "s", 10) == (None, [])  # nothing half-written
+
+
+async def test_concurrent_add_memory_on_one_new_session(store: Store, clean_db: str) -> None:
+    calls = 20
+    results = await asyncio.gather(
+        *(
+            store.add_memory(P, "hot", None, [msg(f"{c}:{i}") for i in range(5)])
+            for c in range(calls)
+        )
+    )
+    sequences = sorted(m.sequence for _, added in results for m in added)
+    assert sequences == list(range(1, 101))
+    for _, added in results:  # each call's messages keep their order and are contiguous
+        assert [m.content.split(":")[1] for m in added] == ["0", "1", "2", "3", "4"]
+        assert [m.sequence for m in added] == list(range(added[0].sequence, added[0].sequence + 5))
+    session, messages = await store.get_memory(P, "hot", 1000)
+    assert session is not None and session.message_count == 100
+    assert [m.sequence for m in messages] == list(range(1, 101))
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        cur = await conn.execute("SELECT count(*) FROM sessions")
+        assert await cur.fetchone() == (1,)
+
+
+async def test_get_memory_last_n_oldest_first(store: Store, clean_db: str) -> None:
+    await store.add_memory(P, "s", None, [msg(str(i)) for i in range(10)])
+    await store.add_memory(P, "other", None, [msg("not mine")])
+    session, messages = await store.get_memory(P, "s", 3)
+    assert session is not None and session.message_count == 10
+    assert [m.content for m in messages] == ["7", "8", "9"]
+    assert await store.get_memory(P, "ghost", 3) == (None, [])
+    await store.create_session(P, "empty", None, {})
+    session, messages = await store.get_memory(P, "empty", 3)
+    assert session is not None and session.session_id == "empty" and messages == []
+
+
+async def test_list_messages_pages_live_messages(store: Store, clean_db: str) -> None:
+    _, added = await store.add_memory(P, "s", None, [msg(str(i)) for i in range(5)])
+    page = await store.list_messages(P, "s", None, 2)
+    assert [m.content for m in page.items] == ["0", "1"] and page.has_more
+    await store.add_memory(P, "s", None, [msg("5")])
+    page = await store.list_messages(P, "s", page.items[-1].sequence, 3)
+    assert [m.content for m in page.items] == ["2", "3", "4"] and page.has_more
+    page = await store.list_messages(P, "s", page.items[-1].sequence, 3)
+    assert [m.content for m in page.items] == ["5"] and not page.has_more
+    await store.clear_memory(P, "s")
+    empty = await store.list_messages(P, "s", None, 3)
+    assert empty.items == [] and not empty.has_more
+    assert added[0].uuid
+
+
+async def test_list_messages_absent_or_deleted_session(store: Store, clean_db: str) -> None:
+    with pytest.raises(NotFound):
+        await store.list_messages(P, "ghost", None, 10)
+    await store.add_memory(P, "s", None, [msg("x")])
+    await store.delete_session(P, "s")
+    with pytest.raises(NotFound):
+        await store.list_messages(P, "s", None, 10)
+
+
+async def test_get_and_update_message(store: Store, clean_db: str) -> None:
+    _, added = await store.add_memory(P, "s", None, [msg("x", tags=["a"], nested={"k": 1})])
+    target = added[0]
+    assert await store.get_message(P, "s", target.uuid) == target
+    updated = await store.update_message(
+        P, "s", target.uuid, MetadataChange({"tags": ["b"], "nested": {"k": None, "j": 2}})
+    )
+    assert updated.metadata == {"tags": ["b"], "nested": {"j": 2}}
+    assert updated.updated_at > target.updated_at
+    assert updated.created_at == target.created_at and updated.sequence == target.sequence
+    session = await store.get_session(P, "s", False)
+    assert session.updated_at == updated.updated_at  # a memory change touches the session
+    replaced = await store.update_message(P, "s", target.uuid, MetadataChange({}, replace=True))
+    assert replaced.metadata == {}
+
+
+async def test_message_not_found_cases(store: Store, clean_db: str) -> None:
+    _, added = await store.add_memory(P, "s", None, [msg("x"), msg("y")])
+    await store.add_memory(P, "t", None, [msg("z")])
+    uuid = added[0].uuid
+    for session_id, key in [("s", "not-a-uuid"), ("s", "0" * 32 + "x"), ("t", uuid)]:
+        with pytest.raises(NotFound):
+            await store.get_message(P, session_id, key)
+        with pytest.raises(NotFound):
+            await store.update_message(P, session_id, key, MetadataChange({"a": 1}))
+    await store.clear_memory(P, "s")
+    with pytest.raises(NotFound):
+        await store.get_message(P, "s", uuid)
+    _, again = await store.add_memory(P, "s", None, [msg("w")])
+    await store.delete_session(P, "s")
+    with pytest.raises(NotFound):
+        await store.get_message(P, "s", again[0].uuid)
+    with pytest.raises(NotFound):
+        await store.update_message(P, "s", again[0].uuid, MetadataChange({"a": 1}))
+
+
+async def test_clear_memory(store: Store, clean_db: str) -> None:
+    await store.add_memory(P, "s", None, [msg("a"), msg("b")])
+    assert await store.clear_memory(P, "s") == 2
+    session = await store.get_session(P, "s", False)
+    assert session.deleted_at is None and session.message_count == 0
+    assert (await store.get_memory(P, "s", 10))[1] == []
+    assert await store.clear_memory(P, "s") == 0
+    _, added = await store.add_memory(P, "s", None, [msg("c")])
+    assert added[0].sequence == 3
+    with pytest.raises(NotFound):
+        await store.clear_memory(P, "ghost")
+    await store.delete_session(P, "s")
+    with pytest.raises(NotFound):
+        await store.clear_memory(P, "s")
