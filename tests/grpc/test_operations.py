@@ -1,0 +1,133 @@
+"""Operations over a real channel: health, reflection, and UNAVAILABLE without a database."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from psycopg import conninfo as pg_conninfo
+from psycopg import sql
+
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
+from memstore.v1 import user_service_pb2 as us
+from server.app import build_server
+from server.config import Config
+from server.store import Store
+from tests.grpc import Code, msg, rpc_error
+
+SERVICES = ("memstore.v1.UserService", "memstore.v1.SessionService")
+
+
+@pytest.mark.parametrize("service", ["", *SERVICES])
+async def test_health_serving(channel, service):
+    health = health_pb2_grpc.HealthStub(channel)
+    resp = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_unknown_service_is_not_found(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert caught.value.code() == Code.NOT_FOUND
+
+
+async def test_reflection_lists_services(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        yield reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="memstore.v1.SessionService"
+        )
+
+    responses = [r async for r in stub.ServerReflectionInfo(requests(), timeout=5)]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert set(SERVICES) <= names
+    # `grpcurl describe` needs the file descriptors, not just the names.
+    assert responses[1].file_descriptor_response.file_descriptor_proto
+
+
+@pytest.fixture
+async def doomed_database(server_url: str) -> AsyncIterator[tuple[str, str]]:
+    """A migrated database of its own (name, url) that the test may drop."""
+    name = f"memstore_doomed_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = pg_conninfo.conninfo_to_dict(server_url)
+    params["dbname"] = name
+    yield name, pg_conninfo.make_conninfo(**params)
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+async def test_unavailable_when_database_is_gone(server_url, doomed_database):
+    name, url = doomed_database
+    store = await Store.open(url, min_size=1, max_size=2, timeout=2.0)
+    try:
+        await store.migrate()
+        config = Config(host="127.0.0.1", port=0, database_url=url, pool_timeout=2.0)
+        server, port = await build_server(config, store)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                users = user_service_pb2_grpc.UserServiceStub(channel)
+                sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+                await users.CreateUser(us.CreateUserRequest(user_id="before"), timeout=10)
+                with psycopg.connect(server_url, autocommit=True) as conn:
+                    conn.execute(
+                        sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+                    )
+                await rpc_error(
+                    users.GetUser(us.GetUserRequest(user_id="before"), timeout=20),
+                    Code.UNAVAILABLE,
+                )
+                await rpc_error(
+                    sessions.AddMemory(
+                        ss.AddMemoryRequest(session_id="s", messages=[msg("x")]), timeout=20
+                    ),
+                    Code.UNAVAILABLE,
+                )
+        finally:
+            await server.stop(None)
+    finally:
+        await store.close()
+
+
+async def test_page_tokens_survive_a_restart(store, channel, clean_db):
+    users = user_service_pb2_grpc.UserServiceStub(channel)
+    for i in range(4):
+        await users.CreateUser(us.CreateUserRequest(user_id=f"u{i}"))
+    first = await users.ListUsers(us.ListUsersRequest(page_size=2))
+    # Another server (a restarted or sibling replica) shares the key kept in the database...
+    server, port = await build_server(Config(host="127.0.0.1", port=0), store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as other:
+            stub = user_service_pb2_grpc.UserServiceStub(other)
+            req = us.ListUsersRequest(page_size=2, page_token=first.next_page_token)
+            rest = await stub.ListUsers(req, timeout=10)
+            assert [u.user_id for u in (*first.users, *rest.users)] == [f"u{i}" for i in range(4)]
+    finally:
+        await server.stop(None)
+    # ...while a server configured with another key refuses the token.
+    config = Config(host="127.0.0.1", port=0, token_key=b"some other key of 32 bytes......")
+    server, port = await build_server(config, store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as other:
+            stub = user_service_pb2_grpc.UserServiceStub(other)
+            req = us.ListUsersRequest(page_size=2, page_token=first.next_page_token)
+            await rpc_error(
+                stub.ListUsers(req, timeout=10), Code.INVALID_ARGUMENT, field="page_token"
+            )
+    finally:
+        await server.stop(None)
