@@ -24,8 +24,8 @@ test: $(STAMP)
 
 ## ruff (lint + format check), mypy strict, buf lint, and the stale-stub check.
 lint: $(STAMP) check-generated
-	$(BIN)/ruff check server tests bench
-	$(BIN)/ruff format --check server tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/buf lint
 
