@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -118,6 +119,16 @@ def test_reflection_lets_buf_curl_call_without_protos(served: int) -> None:
 
 
 def test_migrate_and_purge_commands_report(clean_db: str) -> None:
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO sessions (project_id, session_id, deleted_at) VALUES"
+            " (1, 'expired', now() - interval '8 days'), (1, 'recent', now()), (1, 'live', NULL)"
+        )
+        conn.execute(
+            "INSERT INTO messages (project_id, session_id, sequence, content) VALUES"
+            " (1, 'expired', 1, 'a'), (1, 'expired', 2, 'b'), (1, 'recent', 1, 'c'),"
+            " (1, 'live', 1, 'd')"
+        )
     env = {**os.environ, "DATABASE_URL": clean_db}
     migrate = subprocess.run(
         [*MEMSTORE, "migrate"],
@@ -130,7 +141,7 @@ def test_migrate_and_purge_commands_report(clean_db: str) -> None:
     )
     assert migrate.returncode == 0, migrate.stderr
     purge = subprocess.run(
-        [*MEMSTORE, "purge"],
+        [*MEMSTORE, "purge", "--purge-retention-days", "7"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -140,8 +151,14 @@ def test_migrate_and_purge_commands_report(clean_db: str) -> None:
     )
     assert purge.returncode == 0, purge.stderr
     report = json.loads(purge.stdout.strip().splitlines()[-1])
-    assert report["sessions"] == 0
-    assert report["messages"] == 0
+    # Only the session soft-deleted past the retention goes, with its messages.
+    assert report["sessions"] == 1
+    assert report["messages"] == 2
+    with psycopg.connect(clean_db) as conn:
+        left = conn.execute("SELECT session_id FROM sessions ORDER BY session_id").fetchall()
+        assert [r[0] for r in left] == ["live", "recent"]
+        count = conn.execute("SELECT count(*) FROM messages").fetchone()
+        assert count is not None and count[0] == 2
 
 
 def test_without_database_url_serves_from_embedded_postgres(tmp_path: Path) -> None:
