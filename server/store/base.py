@@ -46,7 +46,7 @@ class StoreBase:
         # Only on the error path: says whether the session is absent or soft-deleted.
         row = await fetch_one(conn, "session_state", key(project_id, session_id=session_id))
         if row is None:
-            return NotFound(f"session '{session_id}' not found")
+            return session_not_found(session_id)
         return NotFound(
             f"session '{session_id}' is soft-deleted; restore it with UndeleteSession "
             "or by adding memory with AddMemory",
@@ -82,7 +82,12 @@ def parse_uuid(session_id: str, value: str) -> uuid_lib.UUID:
 
 def user_not_found(user_id: str) -> NotFound:
     """The error of a user id that names no user."""
-    return NotFound(f"user '{user_id}' not found")
+    return NotFound(f"user '{user_id}' not found", reason="USER_NOT_FOUND")
+
+
+def session_not_found(session_id: str) -> NotFound:
+    """The error of a session id that names no session."""
+    return NotFound(f"session '{session_id}' not found", reason="SESSION_NOT_FOUND")
 
 
 def no_such_user(user_id: str | None) -> FailedPrecondition:
@@ -94,13 +99,17 @@ def no_such_user(user_id: str | None) -> FailedPrecondition:
 
 def message_not_found(session_id: str, uuid: str) -> NotFound:
     """The error of a uuid that names no live message of a live session."""
-    return NotFound(f"message '{uuid}' not found in session '{session_id}'")
+    return NotFound(
+        f"message '{uuid}' not found in session '{session_id}'", reason="MESSAGE_NOT_FOUND"
+    )
 
 
 def session_taken(session_id: str, *, deleted: bool) -> AlreadyExists:
     """The error of CreateSession on a taken id; says how to restore a soft-deleted one."""
     if not deleted:
-        return AlreadyExists(f"session '{session_id}' already exists")
+        return AlreadyExists(
+            f"session '{session_id}' already exists", reason="SESSION_ALREADY_EXISTS"
+        )
     return AlreadyExists(
         f"session '{session_id}' already exists and is soft-deleted; restore it with "
         "UndeleteSession, or add memory to it with AddMemory (which restores it)",

@@ -16,9 +16,16 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.domain import MetadataChange, Page, PurgeReport, Session, SessionQuery, TimeKey
-from server.errors import FailedPrecondition, NotFound, Unavailable
+from server.errors import FailedPrecondition, Unavailable
 from server.store import rows
-from server.store.base import factory, key, metadata_params, no_such_user, session_taken
+from server.store.base import (
+    factory,
+    key,
+    metadata_params,
+    no_such_user,
+    session_not_found,
+    session_taken,
+)
 from server.store.db import fetch_all, fetch_one
 from server.store.listing import list_sessions_statements
 from server.store.memory import MemoryMethods
@@ -126,8 +133,8 @@ class Store(UserMethods, MemoryMethods):
         params = {**key(project_id, session_id=session_id), "show_deleted": show_deleted}
         async with self._connect() as conn:
             row = await fetch_one(conn, "get_session", params)
-        if row is None:
-            raise NotFound(f"session '{session_id}' not found")
+            if row is None:
+                raise await self._session_missing(conn, project_id, session_id)
         return rows.session(row)
 
     async def update_session(
@@ -169,7 +176,7 @@ class Store(UserMethods, MemoryMethods):
             row = await fetch_one(conn, "undelete_session", params)
             if row is None:
                 if await fetch_one(conn, "session_state", params) is None:
-                    raise NotFound(f"session '{session_id}' not found")
+                    raise session_not_found(session_id)
                 raise FailedPrecondition(
                     f"session '{session_id}' is not deleted", reason="SESSION_NOT_DELETED"
                 )

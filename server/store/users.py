@@ -36,7 +36,9 @@ class UserMethods(StoreBase):
             "last_name": last_name,
             "metadata": Jsonb(metadata),
         }
-        taken = factory(AlreadyExists(f"user '{user_id}' already exists"))
+        taken = factory(
+            AlreadyExists(f"user '{user_id}' already exists", reason="USER_ALREADY_EXISTS")
+        )
         async with self._connect(unique=taken) as conn:
             row = await fetch_one(conn, "create_user", params)
         assert row is not None  # INSERT ... RETURNING without ON CONFLICT returns its row

@@ -40,7 +40,7 @@ async def test_create_session_taken(store: Store, clean_db: str) -> None:
     await store.create_session(P, "s", None, {})
     with pytest.raises(AlreadyExists, match="session 's' already exists") as info:
         await store.create_session(P, "s", None, {})
-    assert info.value.reason == "ALREADY_EXISTS"
+    assert info.value.reason == "SESSION_ALREADY_EXISTS"
 
 
 async def test_create_session_taken_by_soft_deleted(store: Store, clean_db: str) -> None:

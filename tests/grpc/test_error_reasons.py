@@ -1,0 +1,91 @@
+"""ErrorInfo reasons are API (AIP-193): each failure a client may branch on has its own."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import user_service_pb2 as us
+from tests.grpc import Code, Sessions, Users, msg, rpc_error
+
+
+async def test_each_failure_has_its_stable_reason(users: Users, sessions: Sessions) -> None:
+    await users.CreateUser(us.CreateUserRequest(user_id="ann"))
+    await users.CreateUser(us.CreateUserRequest(user_id="bob"))
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s1", user_id="ann", messages=[msg("hi")])
+    )
+    await sessions.CreateSession(ss.CreateSessionRequest(session_id="gone"))
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="gone"))
+
+    cases: list[tuple[object, grpc.StatusCode, str]] = [
+        (users.GetUser(us.GetUserRequest(user_id="nobody")), Code.NOT_FOUND, "USER_NOT_FOUND"),
+        (
+            users.CreateUser(us.CreateUserRequest(user_id="ann")),
+            Code.ALREADY_EXISTS,
+            "USER_ALREADY_EXISTS",
+        ),
+        (
+            sessions.GetSession(ss.GetSessionRequest(session_id="none")),
+            Code.NOT_FOUND,
+            "SESSION_NOT_FOUND",
+        ),
+        (
+            sessions.GetSession(ss.GetSessionRequest(session_id="gone")),
+            Code.NOT_FOUND,
+            "SESSION_DELETED",
+        ),
+        (
+            sessions.UpdateSession(ss.UpdateSessionRequest(session_id="gone")),
+            Code.NOT_FOUND,
+            "SESSION_DELETED",
+        ),
+        (
+            sessions.CreateSession(ss.CreateSessionRequest(session_id="s1")),
+            Code.ALREADY_EXISTS,
+            "SESSION_ALREADY_EXISTS",
+        ),
+        (
+            sessions.CreateSession(ss.CreateSessionRequest(session_id="gone")),
+            Code.ALREADY_EXISTS,
+            "SESSION_SOFT_DELETED",
+        ),
+        (
+            sessions.CreateSession(ss.CreateSessionRequest(user_id="nobody")),
+            Code.FAILED_PRECONDITION,
+            "USER_NOT_FOUND",
+        ),
+        (
+            sessions.UndeleteSession(ss.UndeleteSessionRequest(session_id="s1")),
+            Code.FAILED_PRECONDITION,
+            "SESSION_NOT_DELETED",
+        ),
+        (
+            sessions.AddMemory(
+                ss.AddMemoryRequest(session_id="s1", user_id="bob", messages=[msg("x")])
+            ),
+            Code.FAILED_PRECONDITION,
+            "SESSION_USER_MISMATCH",
+        ),
+        (
+            sessions.GetMessage(ss.GetMessageRequest(session_id="s1", uuid=str(uuid.uuid4()))),
+            Code.NOT_FOUND,
+            "MESSAGE_NOT_FOUND",
+        ),
+    ]
+    for call, code, reason in cases:
+        await rpc_error(call, code, reason=reason)  # type: ignore[arg-type]
+    await rpc_error(
+        users.ListUsers(us.ListUsersRequest(page_token="garbage")),
+        Code.INVALID_ARGUMENT,
+        field="page_token",
+        reason="INVALID_PAGE_TOKEN",
+    )
+    await rpc_error(
+        users.GetUser(us.GetUserRequest(user_id="")),
+        Code.INVALID_ARGUMENT,
+        field="user_id",
+        reason="INVALID_ARGUMENT",
+    )
