@@ -87,11 +87,11 @@ def check_content(v: Violations, field: str, value: str) -> None:
 
 def metadata(v: Violations, field: str, value: struct_pb2.Struct) -> JsonObject:
     """A Struct as a dict: at most 64 KiB as compact JSON, no NUL, no NaN or Infinity."""
-    problems: list[str] = []
+    problems: list[FieldViolation] = []
     result = _struct_to_dict(value, field, problems, 0)
     if problems:
-        for problem in problems[:10]:
-            v.add(field, problem)
+        # Each violation names the exact key path (e.g. `metadata.a.b[2]`); ten say enough.
+        v.items.extend(problems[:10])
         return {}
     size = len(json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     if size > MAX_METADATA_BYTES:
@@ -100,31 +100,31 @@ def metadata(v: Violations, field: str, value: struct_pb2.Struct) -> JsonObject:
 
 
 def _struct_to_dict(
-    struct: struct_pb2.Struct, path: str, problems: list[str], depth: int
+    struct: struct_pb2.Struct, path: str, problems: list[FieldViolation], depth: int
 ) -> JsonObject:
     # Like json_format.MessageToDict, but integral numbers come back as int (so 1 is stored
     # as 1, not 1.0) and every problem is reported with the key path where it was found.
     out: JsonObject = {}
     for key, item in struct.fields.items():
         if "\x00" in key:
-            problems.append(f"key {key!r} at {path} contains a NUL character")
+            problems.append(FieldViolation(path, f"key {key!r} contains a NUL character"))
         out[key] = _value(item, f"{path}.{key}", problems, depth + 1)
     return out
 
 
-def _value(item: struct_pb2.Value, path: str, problems: list[str], depth: int) -> Any:
+def _value(item: struct_pb2.Value, path: str, problems: list[FieldViolation], depth: int) -> Any:
     if depth > _MAX_DEPTH:
-        problems.append(f"{path} is nested more than {_MAX_DEPTH} levels deep")
+        problems.append(FieldViolation(path, f"is nested more than {_MAX_DEPTH} levels deep"))
         return None
     kind = item.WhichOneof("kind")
     if kind == "string_value":
         if "\x00" in item.string_value:
-            problems.append(f"string at {path} contains a NUL character")
+            problems.append(FieldViolation(path, "contains a NUL character"))
         return item.string_value
     if kind == "number_value":
         number = item.number_value
         if not math.isfinite(number):
-            problems.append(f"number at {path} is NaN or Infinity, which JSON cannot hold")
+            problems.append(FieldViolation(path, "is NaN or Infinity, which JSON cannot hold"))
             return None
         if number.is_integer() and abs(number) <= 2**53:
             return int(number)

@@ -78,18 +78,20 @@ def test_metadata_round_trips_nested_values_with_integers() -> None:
 
 
 @pytest.mark.parametrize(
-    "value",
+    ("value", "path"),
     [
-        {"a\x00": 1},
-        {"a": "b\x00"},
-        {"a": {"b": ["c", "\x00"]}},
-        {"a": float("nan")},
-        {"a": [float("inf")]},
-        {"a": {"b": float("-inf")}},
+        ({"a\x00": 1}, "metadata"),
+        ({"a": "b\x00"}, "metadata.a"),
+        ({"a": {"b": ["c", "\x00"]}}, "metadata.a.b[1]"),
+        ({"a": float("nan")}, "metadata.a"),
+        ({"a": [float("inf")]}, "metadata.a[0]"),
+        ({"a": {"b": float("-inf")}}, "metadata.a.b"),
     ],
 )
-def test_metadata_rejects_nul_and_non_finite_numbers(value: dict[str, object]) -> None:
-    assert _fields(lambda v: val.metadata(v, "metadata", _struct(value))) == ["metadata"]
+def test_metadata_rejects_nul_and_non_finite_numbers_naming_the_path(
+    value: dict[str, object], path: str
+) -> None:
+    assert _fields(lambda v: val.metadata(v, "metadata", _struct(value))) == [path]
 
 
 def test_metadata_size_limit_is_compact_json_bytes() -> None:
