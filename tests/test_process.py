@@ -183,3 +183,36 @@ def test_without_database_url_serves_from_embedded_postgres(tmp_path: Path) -> N
     finally:
         code, out = _stop(proc)
     assert code == 0, out
+
+
+def test_unreachable_database_fails_start_with_one_clear_line() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"postgresql://nobody@127.0.0.1:{closed.getsockname()[1]}/none"
+    run = subprocess.run(
+        [*MEMSTORE, "serve", "--port", "0", "--database-url", dead, "--pool-timeout", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "serve failed: database unavailable" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_taken_port_fails_start_instead_of_sharing_it(served: int, clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    run = subprocess.run(
+        [*MEMSTORE, "serve", "--host", "127.0.0.1", "--port", str(served)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "serve failed" in run.stderr
+    assert "Traceback" not in run.stderr
