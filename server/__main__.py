@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Before grpc is imported: the embedded PostgreSQL is stopped with a subprocess at exit, and
+# gRPC's fork handlers would log a warning about it on every shutdown. memstore never forks
+# while gRPC runs, so it needs none of them.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import asyncio
 import json
