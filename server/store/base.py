@@ -8,14 +8,19 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.domain import MetadataChange, TimeKey
-from server.errors import AlreadyExists, FailedPrecondition, MemstoreError, NotFound
+from server.errors import AlreadyExists, FailedPrecondition, MemstoreError, NotFound, Unavailable
 from server.store.db import fetch_one
+from server.store.health import DatabaseHealth, is_stale
 from server.store.translate import ErrorFactory, translated
+
+#: Seconds to wait for a replacement after a stale pooled connection was discarded.
+_RETRY_CHECKOUT_TIMEOUT = 1.0
 
 #: Sorts before every stored timestamp: the keyset position of a first page.
 START: TimeKey = (datetime.min.replace(tzinfo=UTC), "")
@@ -26,6 +31,8 @@ class StoreBase:
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+        # The pool was opened with a plain conninfo string (Store.open).
+        self._health = DatabaseHealth(pool, str(pool.conninfo))
 
     @asynccontextmanager
     async def _connect(
@@ -35,10 +42,49 @@ class StoreBase:
         foreign_key: ErrorFactory | None = None,
         field: str = "request",
     ) -> AsyncIterator[AsyncConnection[Any]]:
-        # One transaction per block: the pool commits on exit, rolls back on error.
+        # One transaction per block: committed on exit, rolled back on error.
         with translated(unique=unique, foreign_key=foreign_key, field=field):
-            async with self._pool.connection() as conn:
-                yield conn
+            if self._health.down:
+                # Fail fast rather than wait for the pool's timeout; the probe heals the pool.
+                raise Unavailable(
+                    f"database unavailable for {self._health.down_for():.1f}s; retry later"
+                )
+            conn = await self._checkout()
+            try:
+                async with conn:
+                    yield conn
+            except psycopg.OperationalError:
+                if conn.broken or conn.closed:
+                    self._health.report_lost_connection()
+                raise
+            finally:
+                await self._pool.putconn(conn)
+
+    async def _checkout(self) -> AsyncConnection[Any]:
+        # Skip connections the server closed while they sat in the pool (a restart): the
+        # pool replaces each closed one, and the call goes on with a live connection. Only
+        # when no live one comes is the database taken for down.
+        timeout, seen_stale = self._pool.timeout, False
+        for _ in range(self._pool.max_size + 1):
+            try:
+                conn = await self._pool.getconn(timeout)
+            except PoolTimeout:
+                if seen_stale:
+                    self._health.report_lost_connection()
+                raise
+            if not is_stale(conn):
+                return conn
+            await conn.close()
+            await self._pool.putconn(conn)
+            # If the server is down, no fresh connection ever comes: do not wait the pool's
+            # whole timeout for one.
+            timeout, seen_stale = min(timeout, _RETRY_CHECKOUT_TIMEOUT), True
+        self._health.report_lost_connection()
+        raise Unavailable("database unavailable: every pooled connection was closed")
+
+    async def close_health(self) -> None:
+        """Stops the database probe (part of closing the store)."""
+        await self._health.close()
 
     async def _session_missing(
         self, conn: AsyncConnection[Any], project_id: int, session_id: str

@@ -32,6 +32,9 @@ from server.store.memory import MemoryMethods
 from server.store.migrate import apply_migrations
 from server.store.users import UserMethods
 
+#: Seconds the pool retries a lost connection in the background before leaving it to demand.
+_RECONNECT_TIMEOUT = 1.0
+
 
 class Store(UserMethods, MemoryMethods):
     """All reads and writes of users, sessions and messages.
@@ -58,7 +61,16 @@ class Store(UserMethods, MemoryMethods):
             Unavailable: the database cannot be reached within `timeout`.
         """
         pool = AsyncConnectionPool(
-            conninfo, min_size=min_size, max_size=max_size, timeout=timeout, open=False
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            # The pool retries a lost connection with a doubling backoff (1 s, 2 s, 4 s ...),
+            # which after a long outage would keep it empty long after PostgreSQL is back.
+            # Giving up early lets it grow afresh on the next call once DatabaseHealth has
+            # seen the server answer again.
+            reconnect_timeout=_RECONNECT_TIMEOUT,
+            open=False,
         )
         try:
             await pool.open(wait=True, timeout=timeout)
@@ -68,7 +80,8 @@ class Store(UserMethods, MemoryMethods):
         return cls(pool)
 
     async def close(self) -> None:
-        """Closes the pool."""
+        """Stops the database probe and closes the pool."""
+        await self.close_health()
         await self._pool.close()
 
     async def migrate(self) -> list[str]:
