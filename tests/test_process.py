@@ -216,3 +216,27 @@ def test_taken_port_fails_start_instead_of_sharing_it(served: int, clean_db: str
     assert run.returncode == 1
     assert "serve failed" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_sigterm_lets_an_in_flight_call_finish(clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = _serve("--purge-interval", "0", "--grace-period", "10", env=env)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        users = user_service_pb2_grpc.UserServiceStub(channel)
+        users.CreateUser(user_service_pb2.CreateUserRequest(user_id="busy"), timeout=10)
+        with psycopg.connect(clean_db) as blocker:
+            # Hold the row lock so the UpdateUser below is in flight when SIGTERM arrives.
+            blocker.execute("SELECT 1 FROM users WHERE user_id = 'busy' FOR UPDATE")
+            request = user_service_pb2.UpdateUserRequest(user_id="busy", email="b@example.com")
+            pending = users.UpdateUser.future(request, timeout=20)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None, "the server must wait for the in-flight call"
+            blocker.rollback()
+        assert pending.result().user.email == "b@example.com"
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    with psycopg.connect(clean_db) as conn:
+        row = conn.execute("SELECT email FROM users WHERE user_id = 'busy'").fetchone()
+        assert row == ("b@example.com",)
