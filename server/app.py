@@ -178,9 +178,7 @@ async def serve(config: Config) -> None:
     store = await open_store(config)
     purger: asyncio.Task[None] | None = None
     try:
-        applied = await store.migrate()
-        if applied:
-            log.info("applied migrations: %s", ", ".join(applied))
+        await store.migrate()  # logs each migration it applies
         server, port, health = await _build(config, store)
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
