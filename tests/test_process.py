@@ -25,6 +25,19 @@ MEMSTORE = [sys.executable, "-m", "server"]
 BUF = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
 
 
+def _memstore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs one `memstore` command to completion; the caller checks its status and output."""
+    return subprocess.run(
+        [*MEMSTORE, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -130,25 +143,9 @@ def test_migrate_and_purge_commands_report(clean_db: str) -> None:
             " (1, 'live', 1, 'd')"
         )
     env = {**os.environ, "DATABASE_URL": clean_db}
-    migrate = subprocess.run(
-        [*MEMSTORE, "migrate"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    migrate = _memstore("migrate", env=env)
     assert migrate.returncode == 0, migrate.stderr
-    purge = subprocess.run(
-        [*MEMSTORE, "purge", "--purge-retention-days", "7"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    purge = _memstore("purge", "--purge-retention-days", "7", env=env)
     assert purge.returncode == 0, purge.stderr
     report = json.loads(purge.stdout.strip().splitlines()[-1])
     # Only the session soft-deleted past the retention goes, with its messages.
@@ -189,14 +186,7 @@ def test_unreachable_database_fails_start_with_one_clear_line() -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         dead = f"postgresql://nobody@127.0.0.1:{closed.getsockname()[1]}/none"
-    run = subprocess.run(
-        [*MEMSTORE, "serve", "--port", "0", "--database-url", dead, "--pool-timeout", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    run = _memstore("serve", "--port", "0", "--database-url", dead, "--pool-timeout", "1")
     assert run.returncode == 1
     assert "serve failed: database unavailable" in run.stderr
     assert "Traceback" not in run.stderr
@@ -204,15 +194,7 @@ def test_unreachable_database_fails_start_with_one_clear_line() -> None:
 
 def test_taken_port_fails_start_instead_of_sharing_it(served: int, clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
-    run = subprocess.run(
-        [*MEMSTORE, "serve", "--host", "127.0.0.1", "--port", str(served)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    run = _memstore("serve", "--host", "127.0.0.1", "--port", str(served), env=env)
     assert run.returncode == 1
     assert "serve failed" in run.stderr
     assert "Traceback" not in run.stderr
