@@ -10,10 +10,10 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import grpc
-from google.protobuf import descriptor
+from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -114,6 +114,35 @@ def _register(server: grpc.aio.Server, module: ModuleType, name: str, servicer: 
     return str(service.full_name)
 
 
+class _MethodAwarePool:
+    """The descriptor pool as reflection sees it, plus the files of RPC methods.
+
+    grpcurl's `describe memstore.v1.SessionService.AddMemory` asks reflection for the file
+    containing a method symbol; Python's pool knows services and messages but not methods,
+    so it would answer NOT_FOUND. Everything else goes to the real pool unchanged.
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def FindFileContainingSymbol(self, name: str) -> descriptor.FileDescriptor:
+        """The file of a symbol, methods included (KeyError when unknown)."""
+        try:
+            return self._pool.FindFileContainingSymbol(name)
+        except KeyError:
+            service_name, _, method = name.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                raise KeyError(name) from None
+            if method not in service.methods_by_name:
+                raise KeyError(name) from None
+            return service.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
 async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, HealthServicer]:
     key = config.token_key or await store.token_key()
     tokens = PageTokens(key)
@@ -142,6 +171,8 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, He
                 reflection.SERVICE_NAME,
             ],
             server,
+            # Duck-typed: reflection only calls the pool's Find* methods.
+            pool=cast(descriptor_pool.DescriptorPool, _MethodAwarePool(descriptor_pool.Default())),
         )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:

@@ -222,3 +222,35 @@ def test_sigterm_lets_an_in_flight_call_finish(clean_db: str) -> None:
     with psycopg.connect(clean_db) as conn:
         row = conn.execute("SELECT email FROM users WHERE user_id = 'busy'").fetchone()
         assert row == ("b@example.com",)
+
+
+def _readme_grpcurl_script(port: int) -> str:
+    """The README's grpcurl code blocks, in order, aimed at `port`."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```sh\n")[1:]]
+    script = "\n".join(block for block in blocks if block.lstrip().startswith("grpcurl "))
+    return script.replace("localhost:50051", f"127.0.0.1:{port}")
+
+
+def test_readme_grpcurl_examples_run(served: int) -> None:
+    script = _readme_grpcurl_script(served)
+    assert script.count("grpcurl ") >= 19, script
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.run(
+        ["bash", "-e", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    out = run.stdout
+    assert "memstore.v1.SessionService" in out  # list
+    assert "AddMemory is a method" in out  # describe of a method symbol
+    assert '"status": "SERVING"' in out
+    assert '"content": "Hi, I am vegetarian."' in out
+    # The last example is the privacy delete of everything the others created.
+    assert '"deleted_sessions": "1"' in out
+    assert '"deleted_messages": "2"' in out

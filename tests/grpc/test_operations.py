@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import psycopg
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from psycopg import conninfo as pg_conninfo
@@ -52,6 +53,35 @@ async def test_reflection_lists_services(channel):
     assert set(SERVICES) <= names
     # `grpcurl describe` needs the file descriptors, not just the names.
     assert responses[1].file_descriptor_response.file_descriptor_proto
+
+
+async def test_reflection_resolves_method_symbols(channel):
+    # `grpcurl describe memstore.v1.SessionService.AddMemory` asks for a method's file.
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    symbols = [
+        "memstore.v1.SessionService.AddMemory",
+        "memstore.v1.UserService.ListUsersChunked",
+        "memstore.v1.SessionService.NoSuchMethod",
+    ]
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        for symbol in symbols:
+            yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+
+    found, found_users, missing = [
+        r async for r in stub.ServerReflectionInfo(requests(), timeout=5)
+    ]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in found.file_descriptor_response.file_descriptor_proto
+    ]
+    assert "memstore/v1/session_service.proto" in {f.name for f in files}
+    users_files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in found_users.file_descriptor_response.file_descriptor_proto
+    ]
+    assert "memstore/v1/user_service.proto" in {f.name for f in users_files}
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 @pytest.fixture
