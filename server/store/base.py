@@ -82,10 +82,6 @@ class StoreBase:
         self._health.report_lost_connection()
         raise Unavailable("database unavailable: every pooled connection was closed")
 
-    async def close_health(self) -> None:
-        """Stops the database probe (part of closing the store)."""
-        await self._health.close()
-
     async def _session_missing(
         self, conn: AsyncConnection[Any], project_id: int, session_id: str
     ) -> NotFound:

@@ -43,9 +43,6 @@ class Store(UserMethods, MemoryMethods):
     class adds the pool's lifecycle, migrations, sessions and the purge.
     """
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        super().__init__(pool)
-
     @classmethod
     async def open(
         cls,
@@ -81,7 +78,7 @@ class Store(UserMethods, MemoryMethods):
 
     async def close(self) -> None:
         """Stops the database probe and closes the pool."""
-        await self.close_health()
+        await self._health.close()
         await self._pool.close()
 
     async def migrate(self) -> list[str]:
