@@ -22,6 +22,7 @@ from memstore.v1 import session_service_pb2, user_service_pb2
 from server.config import Config
 from server.errors import InvalidArgument, to_rpc_status
 from server.pagination import PageTokens
+from server.readiness import Readiness, watch_database
 from server.servicers import Context
 from server.servicers.sessions import SessionServicer
 from server.servicers.users import UserServicer
@@ -143,7 +144,7 @@ class _MethodAwarePool:
         return getattr(self._pool, name)
 
 
-async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, HealthServicer]:
+async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, Readiness]:
     key = config.token_key or await store.token_key()
     tokens = PageTokens(key)
     server = grpc.aio.server(
@@ -161,8 +162,9 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, He
     ]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for name in ["", *names]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Services go NOT_SERVING while the database is down, everything during the drain.
+    readiness = Readiness(health, names)
+    await readiness.start(store)
     if config.reflection:
         reflection.enable_server_reflection(
             [
@@ -177,7 +179,7 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, He
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
-    return server, port, health
+    return server, port, readiness
 
 
 async def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, int]:
@@ -201,6 +203,7 @@ async def open_store(config: Config) -> Store:
         min_size=config.pool_min_size,
         max_size=config.pool_max_size,
         timeout=config.pool_timeout,
+        statement_timeout=config.statement_timeout,
     )
 
 
@@ -210,15 +213,20 @@ async def serve(config: Config) -> None:
     purger: asyncio.Task[None] | None = None
     try:
         await store.migrate()  # logs each migration it applies
-        server, port, health = await _build(config, store)
+        server, port, readiness = await _build(config, store)
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
             purger = asyncio.create_task(_purge_periodically(config, store))
+        watcher = asyncio.create_task(watch_database(store))
         await _wait_for_signal()
         log.info("shutting down (grace period %.1fs)", config.grace_period)
-        await health.enter_graceful_shutdown()
+        # Health says NOT_SERVING while calls are still served, so that load balancers
+        # move away before the server stops accepting (a stopping server answers no Check).
+        await readiness.drain()
+        await asyncio.sleep(config.drain_delay)
         await server.stop(config.grace_period)
+        watcher.cancel()
     finally:
         if purger is not None:
             purger.cancel()

@@ -28,6 +28,10 @@ class Config:
     purge_interval: float = 3600.0
     #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     grace_period: float = 10.0
+    #: Seconds health says NOT_SERVING, still serving, before the grace period starts.
+    drain_delay: float = 1.0
+    #: Seconds a statement may run when its call has no deadline; 0 for no limit.
+    statement_timeout: float = 30.0
     reflection: bool = True
     #: Page-token HMAC key; None uses the key kept in the database.
     token_key: bytes | None = None
@@ -69,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grace-period", type=float, default=float(_env("MEMSTORE_GRACE_PERIOD", "10") or 0)
     )
     parser.add_argument(
+        "--drain-delay", type=float, default=float(_env("MEMSTORE_DRAIN_DELAY", "1") or 0)
+    )
+    parser.add_argument(
+        "--statement-timeout",
+        type=float,
+        default=float(_env("MEMSTORE_STATEMENT_TIMEOUT", "30") or 0),
+    )
+    parser.add_argument(
         "--no-reflection",
         action="store_true",
         default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
@@ -90,6 +102,8 @@ def from_arguments(args: argparse.Namespace) -> Config:
         purge_retention=timedelta(days=args.purge_retention_days),
         purge_interval=args.purge_interval,
         grace_period=args.grace_period,
+        drain_delay=args.drain_delay,
+        statement_timeout=args.statement_timeout,
         reflection=not args.no_reflection,
         token_key=key.encode() if key else None,
         log_level=args.log_level,

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import select
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -14,6 +15,9 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
+
+#: Told False when the database is found down and True when it answers again.
+Listener = Callable[[bool], Awaitable[None]]
 
 
 class DatabaseHealth:
@@ -32,6 +36,7 @@ class DatabaseHealth:
         self._probe_interval = probe_interval
         self._probe: asyncio.Task[None] | None = None
         self._down_since = 0.0
+        self._listeners: list[Listener] = []
 
     @property
     def down(self) -> bool:
@@ -42,6 +47,10 @@ class DatabaseHealth:
         """Seconds since the database was found unreachable."""
         return time.monotonic() - self._down_since
 
+    def add_listener(self, listener: Listener) -> None:
+        """Calls `listener(False)` when the database goes down and `listener(True)` on return."""
+        self._listeners.append(listener)
+
     def report_lost_connection(self) -> None:
         """Marks the database down and starts probing for its return (once)."""
         if self.down:
@@ -51,6 +60,7 @@ class DatabaseHealth:
         self._probe = asyncio.get_running_loop().create_task(self._wait_for_return())
 
     async def _wait_for_return(self) -> None:
+        await self._notify(up=False)
         while True:
             try:
                 conn = await AsyncConnection.connect(self._conninfo, connect_timeout=2)
@@ -62,6 +72,15 @@ class DatabaseHealth:
         # than failing one call per stale connection.
         await self._pool.check()
         log.warning("PostgreSQL answers again after %.1fs", self.down_for())
+        await self._notify(up=True)
+
+    async def _notify(self, *, up: bool) -> None:
+        for listener in self._listeners:
+            try:
+                await listener(up)
+            except Exception:
+                # A listener's failure must not stop the probe that heals the pool.
+                log.exception("database state listener failed")
 
     async def close(self) -> None:
         """Stops a running probe."""

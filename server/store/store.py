@@ -27,9 +27,11 @@ from server.store.base import (
     session_taken,
 )
 from server.store.db import fetch_all, fetch_one
+from server.store.health import Listener
 from server.store.listing import list_sessions_statements
 from server.store.memory import MemoryMethods
 from server.store.migrate import apply_migrations
+from server.store.queries import query
 from server.store.users import UserMethods
 
 #: Seconds the pool retries a lost connection in the background before leaving it to demand.
@@ -51,8 +53,12 @@ class Store(UserMethods, MemoryMethods):
         min_size: int = 2,
         max_size: int = 10,
         timeout: float = 5.0,  # noqa: ASYNC109
+        statement_timeout: float = 0.0,
     ) -> Store:
         """Opens a pool (waiting until it is ready) and returns a store over it.
+
+        `statement_timeout` (seconds, 0 for none) bounds every statement of a call that has
+        no deadline of its own; PostgreSQL cancels a statement that runs longer.
 
         Raises:
             Unavailable: the database cannot be reached within `timeout`.
@@ -67,6 +73,7 @@ class Store(UserMethods, MemoryMethods):
             # Giving up early lets it grow afresh on the next call once DatabaseHealth has
             # seen the server answer again.
             reconnect_timeout=_RECONNECT_TIMEOUT,
+            kwargs=_session_options(statement_timeout),
             open=False,
         )
         try:
@@ -81,6 +88,19 @@ class Store(UserMethods, MemoryMethods):
         await self._health.close()
         await self._pool.close()
 
+    def on_database_change(self, listener: Listener) -> None:
+        """Calls `listener(False)` when the database is found down, `listener(True)` on return."""
+        self._health.add_listener(listener)
+
+    async def ping(self) -> None:
+        """One round trip; finding the database gone marks it down (see on_database_change).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect() as conn:
+            await conn.execute(query("ping"))
+
     async def migrate(self) -> list[str]:
         """Applies pending migrations under an advisory lock; returns the names applied.
 
@@ -89,9 +109,13 @@ class Store(UserMethods, MemoryMethods):
         """
         async with self._connect() as conn:
             await conn.set_autocommit(True)
+            # A migration may rewrite a large table: the per-call statement timeout is not
+            # meant for it (RESET goes back to the connection's own default afterwards).
+            await conn.execute(query("no_statement_timeout"))
             try:
                 return await apply_migrations(conn)
             finally:
+                await conn.execute(query("reset_statement_timeout"))
                 await conn.set_autocommit(False)
 
     async def token_key(self) -> bytes:
@@ -250,3 +274,10 @@ class Store(UserMethods, MemoryMethods):
             batches += done > 0
             if done < params["batch_size"]:
                 return rows_, others, batches
+
+
+def _session_options(statement_timeout: float) -> dict[str, Any]:
+    # Sent at connect time (libpq `options`), so every pooled connection has it from the start.
+    if statement_timeout <= 0:
+        return {}
+    return {"options": f"-c statement_timeout={round(statement_timeout * 1000)}"}

@@ -49,7 +49,11 @@ def translated(
             raise foreign_key(exc) from exc
         raise FailedPrecondition(_detail(exc, "a referenced row does not exist")) from exc
     except pg.QueryCanceled as exc:
-        # Raised when the caller's deadline cancels the query (or statement_timeout fires).
+        # Raised when the caller's deadline cancels the query, or statement_timeout fires.
+        if "statement timeout" in _detail(exc, ""):
+            raise DeadlineExceeded(
+                "the query ran longer than the server's statement timeout and was cancelled"
+            ) from exc
         raise DeadlineExceeded("the query was cancelled: the deadline passed") from exc
     except (pg.DataError, pg.ProgramLimitExceeded, pg.IntegrityError) as exc:
         # Client-side dump failures (e.g. a NUL byte in a string) carry no column name.

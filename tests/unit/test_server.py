@@ -34,6 +34,9 @@ class FakeStore:
     async def token_key(self) -> bytes:
         return b"fake-key"
 
+    def on_database_change(self, listener: object) -> None:
+        pass  # The fake's database never goes down.
+
     async def get_user(self, project_id: int, user_id: str) -> User:
         for user in self.users:
             if user.user_id == user_id:

@@ -71,3 +71,15 @@ WITH doomed AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
+
+-- name: ping
+-- One round trip, to notice a database that went away while no call was made.
+SELECT 1;
+
+-- name: no_statement_timeout
+-- Lifts the per-call statement timeout for this connection (migrations may run long).
+SET statement_timeout = 0;
+
+-- name: reset_statement_timeout
+-- Restores the connection's own statement timeout after no_statement_timeout.
+RESET statement_timeout;

@@ -1,0 +1,70 @@
+"""gRPC health that tells the truth: NOT_SERVING while the database is down or the server drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from server.errors import MemstoreError
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+#: Seconds between the round trips that notice a database outage while no call is made.
+PING_INTERVAL = 1.0
+
+
+class Readiness:
+    """Owns the health statuses of one server.
+
+    The overall status `""` answers "is the process alive": it stays SERVING while the
+    database is down, so a liveness probe does not restart a server that will heal by
+    itself. Each service's own status answers "can it serve calls now": NOT_SERVING while
+    the database is unreachable. Every status turns NOT_SERVING for good when the drain
+    before a shutdown starts.
+    """
+
+    def __init__(self, health: HealthServicer, services: Sequence[str]) -> None:
+        self._health = health
+        self._services = list(services)
+
+    async def start(self, store: Store) -> None:
+        """Marks everything SERVING and follows the store's view of the database from now on."""
+        for name in ["", *self._services]:
+            await self._health.set(name, SERVING)
+        store.on_database_change(self.database_changed)
+
+    async def database_changed(self, up: bool) -> None:
+        """Sets every service (not the overall status) SERVING or NOT_SERVING."""
+        log.info(
+            "health: services %s (database %s)",
+            "SERVING" if up else "NOT_SERVING",
+            "up" if up else "down",
+        )
+        for name in self._services:
+            await self._health.set(name, SERVING if up else NOT_SERVING)
+
+    async def drain(self) -> None:
+        """Says NOT_SERVING for every status, permanently (later changes are ignored)."""
+        await self._health.enter_graceful_shutdown()
+
+
+async def watch_database(store: Store, interval: float = PING_INTERVAL) -> None:
+    """Pings the database every `interval` seconds, so an outage shows in health without calls.
+
+    Finding it gone marks it down (the store fails calls fast and tells its listeners);
+    while it is down the store's own probe watches for its return, so the ping is skipped.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        # Marked down (or already down): the store's probe watches for the return.
+        with contextlib.suppress(MemstoreError):
+            await store.ping()

@@ -1,0 +1,187 @@
+"""PostgreSQL stopped and started under load: fail fast, heal alone, lose and repeat nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memstore.v1 import session_service_pb2 as spb
+from memstore.v1 import user_service_pb2 as upb
+from server.embedded import EmbeddedPostgres
+from server.readiness import watch_database
+from server.store import Store
+from tests.grpc import Sessions, Users, msg, struct
+from tests.reliability import record
+
+#: Each call's deadline: a call that is still waiting when it passes has hung.
+DEADLINE = 5.0
+SERVICES = ("memstore.v1.UserService", "memstore.v1.SessionService")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Writer:
+    """What one writer sent: acknowledged numbers, failed (maybe committed) ones, failures."""
+
+    name: str
+    acked: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    codes: list[grpc.StatusCode] = field(default_factory=list)
+    failure_seconds: list[float] = field(default_factory=list)
+    ok_times: list[float] = field(default_factory=list)
+
+
+async def _run(writer: Writer, call: object, stop: asyncio.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        start = time.monotonic()
+        try:
+            await call(n)  # type: ignore[operator]
+            writer.acked.append(n)
+            writer.ok_times.append(time.monotonic())
+        except grpc.aio.AioRpcError as error:
+            # Never retried with the same number: a failure during the commit may have
+            # committed, and a retry would write it twice.
+            writer.failed.append(n)
+            writer.codes.append(error.code())
+            writer.failure_seconds.append(time.monotonic() - start)
+            await asyncio.sleep(0.02)
+        n += 1
+
+
+async def _services_are(channel: grpc.aio.Channel, status: int) -> bool:
+    health = health_pb2_grpc.HealthStub(channel)
+    statuses = {}
+    for name in ("", *SERVICES):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=DEADLINE)
+        statuses[name] = reply.status
+    # Liveness ("") stays SERVING: the process is fine, and heals by itself.
+    assert statuses[""] == SERVING
+    return all(statuses[s] == status for s in SERVICES)
+
+
+async def _wait_for(predicate: object, limit: float) -> float:
+    start = time.monotonic()
+    while not await predicate():  # type: ignore[operator]
+        assert time.monotonic() - start < limit, f"not within {limit}s"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def test_restart_mid_load_loses_and_repeats_nothing(
+    restartable: EmbeddedPostgres, fault_store: Store, fault_channel: grpc.aio.Channel
+) -> None:
+    users, sessions = Users(fault_channel), Sessions(fault_channel)
+    for i in range(2):
+        await users.CreateUser(upb.CreateUserRequest(user_id=f"u{i}"), timeout=DEADLINE)
+    adders = [Writer(f"s{i}") for i in range(3)]
+    updaters = [Writer(f"u{i}") for i in range(2)]
+
+    def add(w: Writer) -> object:
+        return lambda n: sessions.AddMemory(
+            spb.AddMemoryRequest(session_id=w.name, messages=[msg(f"{w.name}:{n}")]),
+            timeout=DEADLINE,
+        )
+
+    def update(w: Writer) -> object:
+        return lambda n: users.UpdateUser(
+            upb.UpdateUserRequest(user_id=w.name, metadata=struct({"n": n})), timeout=DEADLINE
+        )
+
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(_run(w, add(w), stop)) for w in adders]
+    tasks += [asyncio.create_task(_run(w, update(w), stop)) for w in updaters]
+    writers = adders + updaters
+    try:
+        await asyncio.sleep(1.0)
+        down_at = time.monotonic()
+        await asyncio.to_thread(restartable.stop_server)
+
+        await _wait_for(lambda: _services_are(fault_channel, NOT_SERVING), limit=10)
+        await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - down_at)))
+        await asyncio.to_thread(restartable.start_server)
+        back_at = time.monotonic()
+
+        async def everyone_succeeded() -> bool:
+            return all(w.ok_times and w.ok_times[-1] > back_at for w in writers)
+
+        await _wait_for(everyone_succeeded, limit=20)
+        recovered = max(min(t for t in w.ok_times if t > back_at) - back_at for w in writers)
+
+        await _wait_for(lambda: _services_are(fault_channel, SERVING), limit=10)
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    codes = {c for w in writers for c in w.codes}
+    # While PostgreSQL is down calls fail with UNAVAILABLE, and fast: never INTERNAL, never
+    # a wait until the deadline.
+    assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
+    slowest_failure = max(s for w in writers for s in w.failure_seconds)
+    assert slowest_failure < DEADLINE * 0.6, slowest_failure
+    found = await _check_messages(fault_store, adders)
+    await _check_users(users, updaters)
+    acked = sum(len(w.acked) for w in adders)
+    record(
+        "db_restart",
+        outage_seconds=round(back_at - down_at, 2),
+        writes_acknowledged=acked + sum(len(w.acked) for w in updaters),
+        messages_acknowledged=acked,
+        messages_found=found,
+        calls_failed=sum(len(w.failed) for w in writers),
+        slowest_failure_seconds=round(slowest_failure, 3),
+        seconds_to_recover=round(recovered, 3),
+    )
+
+
+async def _check_messages(store: Store, adders: list[Writer]) -> int:
+    """Every acknowledged message is stored exactly once, in order; returns how many are."""
+    found = 0
+    async with await psycopg.AsyncConnection.connect(str(store._pool.conninfo)) as conn:
+        for w in adders:
+            cur = await conn.execute(
+                "SELECT content FROM messages WHERE session_id = %s ORDER BY sequence", [w.name]
+            )
+            numbers = [int(str(row[0]).split(":")[1]) for row in await cur.fetchall()]
+            found += len(numbers)
+            assert numbers == sorted(set(numbers)), f"{w.name}: repeated or out of order"
+            assert set(w.acked) <= set(numbers), f"{w.name}: lost {set(w.acked) - set(numbers)}"
+            # Anything more is a call that failed while its commit was under way.
+            assert set(numbers) - set(w.acked) <= set(w.failed)
+    return found
+
+
+async def _check_users(users: Users, updaters: list[Writer]) -> None:
+    for w in updaters:
+        got = await users.GetUser(upb.GetUserRequest(user_id=w.name), timeout=DEADLINE)
+        n = int(got.user.metadata["n"])
+        assert n >= max(w.acked), f"{w.name}: acknowledged update {max(w.acked)} lost"
+        assert n in w.acked or n in w.failed
+
+
+async def test_an_outage_without_calls_shows_in_health(
+    restartable: EmbeddedPostgres, fault_store: Store, fault_channel: grpc.aio.Channel
+) -> None:
+    # `memstore serve` pings the database, so a health checker learns of an outage even
+    # when no call is made, and of the return.
+    watcher = asyncio.create_task(watch_database(fault_store, interval=0.2))
+    try:
+        assert await _services_are(fault_channel, SERVING)
+        await asyncio.to_thread(restartable.stop_server)
+        try:
+            noticed = await _wait_for(lambda: _services_are(fault_channel, NOT_SERVING), 10)
+        finally:
+            await asyncio.to_thread(restartable.start_server)
+        healed = await _wait_for(lambda: _services_are(fault_channel, SERVING), limit=10)
+    finally:
+        watcher.cancel()
+    record(
+        "idle_outage_health", seconds_to_notice=round(noticed, 2), seconds_to_heal=round(healed, 2)
+    )
