@@ -15,14 +15,13 @@ from typing import Any, cast
 import grpc
 from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from memstore.v1 import session_service_pb2, user_service_pb2
 from server.config import Config
 from server.errors import InvalidArgument, to_rpc_status
 from server.pagination import PageTokens
-from server.readiness import Readiness, watch_database
+from server.readiness import DrainingHealth, Readiness, watch_database
 from server.servicers import Context
 from server.servicers.sessions import SessionServicer
 from server.servicers.users import UserServicer
@@ -160,7 +159,7 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, Re
         _register(server, user_service_pb2, "UserService", UserServicer(store, tokens)),
         _register(server, session_service_pb2, "SessionService", SessionServicer(store, tokens)),
     ]
-    health = HealthServicer()
+    health = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # Services go NOT_SERVING while the database is down, everything during the drain.
     readiness = Readiness(health, names)
@@ -223,8 +222,7 @@ async def serve(config: Config) -> None:
         log.info("shutting down (grace period %.1fs)", config.grace_period)
         # Health says NOT_SERVING while calls are still served, so that load balancers
         # move away before the server stops accepting (a stopping server answers no Check).
-        await readiness.drain()
-        await asyncio.sleep(config.drain_delay)
+        await readiness.drain(config.drain_delay)
         await server.stop(config.grace_period)
         watcher.cancel()
     finally:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -22,6 +23,38 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PING_INTERVAL = 1.0
 
 
+class DrainingHealth(HealthServicer):  # type: ignore[misc]
+    """The standard health servicer, except that Watch streams end when the drain ends.
+
+    A Watch stream never ends by itself, so without this every watcher would hold the
+    shutdown for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task[Any]] = set()
+        self._ending = False
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        """Streams the status of a service until the drain ends (then the stream ends OK)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._watches.add(task)
+        try:
+            await super().Watch(request, context)
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise
+        finally:
+            self._watches.discard(task)
+
+    def end_watches(self) -> None:
+        """Ends every Watch stream (each has been told NOT_SERVING by then)."""
+        self._ending = True
+        for task in self._watches:
+            task.cancel()
+
+
 class Readiness:
     """Owns the health statuses of one server.
 
@@ -32,7 +65,7 @@ class Readiness:
     before a shutdown starts.
     """
 
-    def __init__(self, health: HealthServicer, services: Sequence[str]) -> None:
+    def __init__(self, health: DrainingHealth, services: Sequence[str]) -> None:
         self._health = health
         self._services = list(services)
 
@@ -52,9 +85,15 @@ class Readiness:
         for name in self._services:
             await self._health.set(name, SERVING if up else NOT_SERVING)
 
-    async def drain(self) -> None:
-        """Says NOT_SERVING for every status, permanently (later changes are ignored)."""
+    async def drain(self, delay: float) -> None:
+        """Says NOT_SERVING for every status, permanently, for `delay` seconds of serving.
+
+        Then the Watch streams end, so that they do not hold the shutdown that follows.
+        """
         await self._health.enter_graceful_shutdown()
+        # At least a moment, so that every watcher has been sent NOT_SERVING.
+        await asyncio.sleep(max(delay, 0.05))
+        self._health.end_watches()
 
 
 async def watch_database(store: Store, interval: float = PING_INTERVAL) -> None:
