@@ -15,7 +15,11 @@ from server.app import build_server
 from server.config import Config
 from server.embedded import EmbeddedPostgres
 from server.store import Store
+from tests.grpc.conftest import channel, grpc_port, sessions, users
 from tests.reliability import FIGURES
+
+# The server and stubs of the end-to-end tests, for these tests too.
+__all__ = ["channel", "grpc_port", "sessions", "users"]
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,136 @@
+"""Deadlines on every kind of call, and the statement timeout of calls that set none.
+
+tests/grpc/test_deadlines.py covers UpdateUser; here the same promise for a multi-row
+write, a multi-statement transaction, a read and a stream, each blocked on a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from memstore.v1 import session_service_pb2 as spb
+from memstore.v1 import user_service_pb2 as upb
+from server.app import build_server
+from server.config import Config
+from server.store import Store
+from tests.grpc import Sessions, Users, msg
+from tests.reliability import record
+
+
+async def _lock_waiters(url: str) -> int:
+    """How many statements of the test database wait on a lock (the blocked call's query)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'active' AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def _blocked(
+    url: str, lock: str, call: Callable[[], Awaitable[Any]]
+) -> tuple[grpc.aio.AioRpcError, float]:
+    """Runs `call` while another transaction holds `lock`; returns its error and duration."""
+    async with await psycopg.AsyncConnection.connect(url) as blocker:
+        await blocker.execute(lock)
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        took = time.monotonic() - start
+        # The query was cancelled in PostgreSQL: nothing of it waits on the lock any more.
+        for _ in range(50):
+            if await _lock_waiters(url) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await _lock_waiters(url) == 0, "the cancelled query still waits in PostgreSQL"
+        await blocker.rollback()
+    return caught.value, took
+
+
+async def _seed(users: Users, sessions: Sessions) -> None:
+    await users.CreateUser(upb.CreateUserRequest(user_id="owner"), timeout=10)
+    await sessions.AddMemory(
+        spb.AddMemoryRequest(session_id="s", user_id="owner", messages=[msg("kept")]), timeout=10
+    )
+
+
+async def test_deadlines_cancel_writes_transactions_reads_and_streams(
+    users: Users, sessions: Sessions, clean_db: str
+) -> None:
+    await _seed(users, sessions)
+    session_lock = "SELECT 1 FROM sessions WHERE session_id = 's' FOR UPDATE"
+    table_lock = "LOCK TABLE users IN ACCESS EXCLUSIVE MODE"
+    calls: dict[str, tuple[str, Callable[[], Awaitable[Any]]]] = {
+        "AddMemory": (
+            session_lock,
+            lambda: sessions.AddMemory(
+                spb.AddMemoryRequest(session_id="s", messages=[msg("late")] * 3), timeout=0.5
+            ),
+        ),
+        "DeleteUser": (
+            session_lock,
+            lambda: users.DeleteUser(upb.DeleteUserRequest(user_id="owner"), timeout=0.5),
+        ),
+        "GetUser": (
+            table_lock,
+            lambda: users.GetUser(upb.GetUserRequest(user_id="owner"), timeout=0.5),
+        ),
+        "ListUsersChunked": (
+            table_lock,
+            lambda: _drain(users.ListUsersChunked(upb.ListUsersChunkedRequest(), timeout=0.5)),
+        ),
+    }
+    for name, (lock, call) in calls.items():
+        error, took = await _blocked(clean_db, lock, call)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (name, error)
+        assert took < 3, (name, took)
+    # Nothing of the cancelled writes happened: the user, the session, the one message.
+    got = await sessions.GetMemory(spb.GetMemoryRequest(session_id="s"), timeout=10)
+    assert [m.content for m in got.messages] == ["kept"]
+    assert got.session.message_count == 1
+    user = await users.GetUser(upb.GetUserRequest(user_id="owner"), timeout=10)
+    assert user.user.session_count == 1
+
+
+async def _drain(stream: AsyncIterator[Any]) -> None:
+    async for _ in stream:
+        pass
+
+
+@pytest.fixture
+async def short_timeout_users(database_url: str, clean_db: str) -> AsyncIterator[Users]:
+    """UserService of a server whose statement timeout is one second."""
+    store = await Store.open(database_url, min_size=1, max_size=2, statement_timeout=1.0)
+    server, port = await build_server(Config(host="127.0.0.1", port=0), store)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Users(channel)
+    await server.stop(None)
+    await store.close()
+
+
+async def test_statement_timeout_bounds_a_call_without_deadline(
+    short_timeout_users: Users, clean_db: str
+) -> None:
+    users = short_timeout_users
+    await users.CreateUser(upb.CreateUserRequest(user_id="locked"))
+    lock = "SELECT 1 FROM users WHERE user_id = 'locked' FOR UPDATE"
+    # No deadline on the call: without the statement timeout it would wait for the lock forever.
+    error, took = await _blocked(
+        clean_db, lock, lambda: users.UpdateUser(upb.UpdateUserRequest(user_id="locked", email="x"))
+    )
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "statement timeout" in (error.details() or "")
+    assert 0.9 < took < 5, took
+    got = await users.GetUser(upb.GetUserRequest(user_id="locked"), timeout=10)
+    assert got.user.email == ""
+    record("statement_timeout", configured_seconds=1.0, call_seconds=round(took, 2))

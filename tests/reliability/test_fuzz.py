@@ -1,0 +1,336 @@
+"""hypothesis drives every RPC with hostile input: only documented codes, no partial writes.
+
+The server runs in a thread of its own (its own event loop and store over the run's
+database), so the tests can call it from hypothesis' synchronous loop over a plain channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memstore.v1 import resources_pb2
+from memstore.v1 import session_service_pb2 as spb
+from memstore.v1 import user_service_pb2 as upb
+from server.app import build_server
+from server.config import Config
+from server.store import Store
+from tests.reliability import fuzz_settings, hostile, record
+
+Code = grpc.StatusCode
+#: Requests sent concurrently per hypothesis example.
+BATCH = 6
+#: Each RPC's test sends at least this many requests; the raw-bytes test too.
+MIN_PER_TEST = 504
+#: A call slower than this has hung.
+DEADLINE = 30.0
+
+_NOT_FOUND = {Code.NOT_FOUND}
+#: The codes each RPC documents (its proto comment), besides OK and INVALID_ARGUMENT.
+DOCUMENTED: dict[str, set[Code]] = {
+    "UserService/CreateUser": {Code.ALREADY_EXISTS},
+    "UserService/GetUser": _NOT_FOUND,
+    "UserService/UpdateUser": _NOT_FOUND,
+    "UserService/DeleteUser": _NOT_FOUND,
+    "UserService/ListUsers": set(),
+    "UserService/ListUsersChunked": set(),
+    "UserService/ListUserSessions": _NOT_FOUND,
+    "SessionService/CreateSession": {Code.ALREADY_EXISTS, Code.FAILED_PRECONDITION},
+    "SessionService/GetSession": _NOT_FOUND,
+    "SessionService/UpdateSession": _NOT_FOUND,
+    "SessionService/DeleteSession": _NOT_FOUND,
+    "SessionService/UndeleteSession": {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
+    "SessionService/ListSessions": set(),
+    "SessionService/AddMemory": {Code.FAILED_PRECONDITION},
+    "SessionService/GetMemory": set(),
+    "SessionService/ListMessages": _NOT_FOUND,
+    "SessionService/GetMessage": _NOT_FOUND,
+    "SessionService/UpdateMessage": _NOT_FOUND,
+    "SessionService/ClearMemory": _NOT_FOUND,
+}
+TOTALS: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module")
+def fuzz_channel(database_url: str, store: Store) -> Iterator[grpc.Channel]:
+    """A plain channel to a server running in its own thread over the run's database."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> tuple[Store, grpc.aio.Server, int]:
+        own = await Store.open(database_url, min_size=2, max_size=8)
+        server, port = await build_server(Config(host="127.0.0.1", port=0), own)
+        await server.start()
+        return own, server, port
+
+    own, server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
+
+    async def stop() -> None:
+        await server.stop(None)
+        await own.close()
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _seed(channel: grpc.Channel) -> None:
+    """Rows for the hostile requests to hit: a user, a live and a deleted session, tokens."""
+    hostile.KNOWN_UUIDS.clear()
+    hostile.KNOWN_TOKENS.clear()
+    call = _caller(channel)
+    call("UserService/CreateUser", upb.CreateUserRequest(user_id=hostile.KNOWN_USER))
+    call("UserService/CreateUser", upb.CreateUserRequest(user_id="fuzz-user-2"))
+    for name in (hostile.KNOWN_SESSION, hostile.DELETED_SESSION, "fuzz-s3"):
+        request = spb.AddMemoryRequest(
+            session_id=name,
+            user_id=hostile.KNOWN_USER,
+            messages=[resources_pb2.Message(content=f"m{i}") for i in range(3)],
+        )
+        reply = spb.AddMemoryResponse.FromString(call("SessionService/AddMemory", request))
+        hostile.KNOWN_UUIDS.extend(m.uuid for m in reply.messages)
+    call("SessionService/DeleteSession", spb.DeleteSessionRequest(session_id="fuzz-deleted"))
+    pages = [
+        ("UserService/ListUsers", upb.ListUsersRequest(page_size=1), upb.ListUsersResponse),
+        (
+            "SessionService/ListSessions",
+            spb.ListSessionsRequest(page_size=1),
+            spb.ListSessionsResponse,
+        ),
+        (
+            "SessionService/ListMessages",
+            spb.ListMessagesRequest(session_id=hostile.KNOWN_SESSION, page_size=1),
+            spb.ListMessagesResponse,
+        ),
+        (
+            "UserService/ListUserSessions",
+            upb.ListUserSessionsRequest(user_id=hostile.KNOWN_USER, page_size=1),
+            upb.ListUserSessionsResponse,
+        ),
+    ]
+    for method, request, response in pages:
+        hostile.KNOWN_TOKENS.append(response.FromString(call(method, request)).next_page_token)
+    assert all(hostile.KNOWN_TOKENS)
+
+
+def _caller(channel: grpc.Channel) -> Callable[[str, Any], bytes]:
+    def call(method: str, request: Any) -> bytes:
+        stub = channel.unary_unary(f"/memstore.v1.{method}")
+        return bytes(stub(request.SerializeToString(), timeout=DEADLINE))
+
+    return call
+
+
+class Sender:
+    """Sends requests (raw bytes) to any method, checks each outcome, counts them."""
+
+    def __init__(self, channel: grpc.Channel, test: str) -> None:
+        self.channel = channel
+        self.test = test
+        self.sent = 0
+        self.codes: Counter[str] = Counter()
+        self.acknowledged: list[tuple[str, bytes]] = []
+
+    def send_all(self, calls: list[tuple[str, bytes]]) -> None:
+        """Sends unary calls concurrently and streams one by one; checks every outcome."""
+        futures = []
+        for method, data in calls:
+            if method == "UserService/ListUsersChunked":
+                self._check(method, data, self._stream(method, data))
+            else:
+                stub = self.channel.unary_unary(f"/memstore.v1.{method}")
+                futures.append((method, data, stub.future(data, timeout=DEADLINE)))
+        for method, data, future in futures:
+            try:
+                outcome: bytes | grpc.RpcError = future.result()
+            except grpc.RpcError as error:
+                outcome = error
+            self._check(method, data, outcome)
+
+    def _stream(self, method: str, data: bytes) -> bytes | grpc.RpcError:
+        stub = self.channel.unary_stream(f"/memstore.v1.{method}")
+        try:
+            for _ in stub(data, timeout=DEADLINE):
+                pass
+        except grpc.RpcError as error:
+            return error
+        return b""
+
+    def _check(self, method: str, data: bytes, outcome: bytes | grpc.RpcError) -> None:
+        self.sent += 1
+        if not isinstance(outcome, grpc.RpcError):
+            self.codes["OK"] += 1
+            self.acknowledged.append((method, outcome))
+            return
+        code = outcome.code()  # type: ignore[attr-defined]
+        self.codes[code.name] += 1
+        allowed = DOCUMENTED[method] | {Code.INVALID_ARGUMENT}
+        if len(data) > 16 * 1024 * 1024:
+            allowed = {Code.RESOURCE_EXHAUSTED}  # the server's documented request limit
+        assert code in allowed, f"{method}: {code.name} {outcome.details()}"  # type: ignore[attr-defined]
+        if code == Code.RESOURCE_EXHAUSTED:
+            return
+        _check_details(method, code, outcome)
+
+    def finish(self, url: str, minimum: int = MIN_PER_TEST) -> None:
+        """Checks the count, that the server is up and the database consistent; records."""
+        assert self.sent >= minimum, f"only {self.sent} requests sent"
+        health = health_pb2_grpc.HealthStub(self.channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        check_consistent(url)
+        TOTALS[self.test] = self.sent
+        record("fuzz", requests=sum(TOTALS.values()), tests=len(TOTALS))
+
+
+def _check_details(method: str, code: Code, error: Any) -> None:
+    status = rpc_status.from_call(error)
+    assert status is not None, f"{method}: {code.name} without google.rpc details"
+    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1, f"{method}: {code.name} without one ErrorInfo"
+    if code == Code.INVALID_ARGUMENT:
+        assert any(d.Is(error_details_pb2.BadRequest.DESCRIPTOR) for d in status.details)
+
+
+def check_consistent(url: str) -> None:
+    """Nothing half-written: every count, sequence and soft delete agrees with the rows."""
+    with psycopg.connect(url) as conn:
+        bad_counts = conn.execute(
+            "SELECT s.session_id, s.message_count, count(m.*) FILTER (WHERE m.deleted_at IS NULL)"
+            " FROM sessions s LEFT JOIN messages m USING (project_id, session_id)"
+            " GROUP BY s.project_id, s.session_id"
+            " HAVING s.message_count <> count(m.*) FILTER (WHERE m.deleted_at IS NULL)"
+            "    OR s.next_sequence <= coalesce(max(m.sequence), 0)"
+            "    OR (s.deleted_at IS NOT NULL"
+            "        AND count(m.*) FILTER (WHERE m.deleted_at IS NULL) > 0)"
+        ).fetchall()
+        assert bad_counts == [], bad_counts
+        bad_ids = conn.execute(
+            "SELECT user_id FROM users WHERE length(user_id) NOT BETWEEN 1 AND 256"
+            " OR user_id ~ '[\\x01-\\x1f\\x7f-\\x9f]' OR length(email) > 256"
+            " OR length(first_name) > 256 OR length(last_name) > 256"
+            " UNION ALL SELECT session_id FROM sessions"
+            " WHERE length(session_id) NOT BETWEEN 1 AND 256"
+            " OR session_id ~ '[\\x01-\\x1f\\x7f-\\x9f]'"
+            " UNION ALL SELECT session_id FROM messages"
+            " WHERE content = '' OR octet_length(content) > 1048576 OR length(role) > 256"
+        ).fetchall()
+        assert bad_ids == [], bad_ids
+
+
+def _rpc_test(method: str) -> Callable[[grpc.Channel, str], None]:
+    def test(fuzz_channel: grpc.Channel, clean_db: str) -> None:
+        _seed(fuzz_channel)
+        sender = Sender(fuzz_channel, method)
+        requests = st.lists(hostile.REQUESTS[method], min_size=BATCH, max_size=BATCH)
+
+        @fuzz_settings
+        @given(batch=requests)
+        def run(batch: list[Any]) -> None:
+            sender.send_all([(method, r.SerializeToString()) for r in batch])
+
+        run()
+        sender.finish(clean_db)
+        if method == "SessionService/AddMemory":
+            _check_added_rows_only(sender, clean_db)
+
+    test.__name__ = f"test_fuzz_{method.split('/')[1]}"
+    return test
+
+
+def _check_added_rows_only(sender: Sender, url: str) -> None:
+    # Every stored message came from an acknowledged AddMemory: a rejected one wrote nothing.
+    added = sum(
+        len(spb.AddMemoryResponse.FromString(reply).messages)
+        for method, reply in sender.acknowledged
+        if method == "SessionService/AddMemory"
+    )
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM messages").fetchone()
+    assert row is not None
+    assert row[0] == added + 9, (row[0], added)  # 9 seeded
+
+
+for _method in hostile.REQUESTS:
+    _test = _rpc_test(_method)
+    globals()[_test.__name__] = _test
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2) carrying `payload` as is."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_invalid_utf8 = st.sampled_from([b"\xff", b"\xc3\x28", b"a\xed\xa0\x80b", b"\xf8\x88\x80\x80\x80"])
+
+
+@st.composite
+def _raw_requests(draw: st.DrawFn) -> tuple[str, bytes]:
+    """Bytes no client library would send: invalid UTF-8 in strings, top-level or nested."""
+    method = draw(st.sampled_from(sorted(hostile.REQUESTS)))
+    valid = draw(hostile.REQUESTS[method]).SerializeToString()
+    bad = draw(st.binary(max_size=8)) + draw(_invalid_utf8) + draw(st.binary(max_size=8))
+    number = draw(st.integers(1, 12))
+    shape = draw(st.sampled_from(["field", "message content", "metadata key", "random"]))
+    if shape == "field":
+        data = valid + _field(number, bad)
+    elif shape == "message content":
+        data = valid + _field(2, _field(4, bad))  # AddMemoryRequest.messages[].content
+    elif shape == "metadata key":
+        entry = _field(1, bad) + _field(2, b"")  # Struct.fields map entry with a bad key
+        data = valid + _field(number, _field(1, entry))
+    else:
+        data = draw(st.binary(max_size=200))
+    return method, data
+
+
+def test_fuzz_raw_bytes(fuzz_channel: grpc.Channel, clean_db: str) -> None:
+    _seed(fuzz_channel)
+    sender = Sender(fuzz_channel, "raw")
+
+    @fuzz_settings
+    @given(batch=st.lists(_raw_requests(), min_size=BATCH, max_size=BATCH))
+    def run(batch: list[tuple[str, bytes]]) -> None:
+        sender.send_all(batch)
+
+    run()
+    # One request past the 16 MiB limit: a clear RESOURCE_EXHAUSTED, not a crash.
+    huge = spb.AddMemoryRequest(
+        session_id="huge", messages=[resources_pb2.Message(content="h" * (17 * 1024 * 1024))]
+    )
+    sender.send_all([("SessionService/AddMemory", huge.SerializeToString())])
+    assert sender.codes["RESOURCE_EXHAUSTED"] == 1
+    assert sender.codes["INVALID_ARGUMENT"] > 0
+    sender.finish(clean_db)
+
+
+def test_fuzz_profile_sends_ten_thousand_requests() -> None:
+    # Each test above asserts it sent at least MIN_PER_TEST requests.
+    assert (len(hostile.REQUESTS) + 1) * MIN_PER_TEST >= 10_000
+    assert fuzz_settings.max_examples * BATCH >= MIN_PER_TEST
