@@ -128,8 +128,12 @@ class MemoryMethods(StoreBase):
         Raises:
             NotFound: the session is absent or soft-deleted.
         """
+        params = key(project_id, session_id=session_id)
         async with self._connect() as conn:
-            row = await fetch_one(conn, "clear_memory", key(project_id, session_id=session_id))
+            # As delete_session: lock first, so no message appended meanwhile stays live.
+            row = await fetch_one(conn, "lock_live_session", params)
+            if row is not None:
+                row = await fetch_one(conn, "clear_memory", params)
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
         return int(row["messages"])

@@ -192,8 +192,12 @@ class Store(UserMethods, MemoryMethods):
         Raises:
             NotFound: the session is absent or already soft-deleted.
         """
+        params = key(project_id, session_id=session_id)
         async with self._connect() as conn:
-            row = await fetch_one(conn, "delete_session", key(project_id, session_id=session_id))
+            # Lock first, then update in a statement whose snapshot sees every message.
+            row = await fetch_one(conn, "lock_live_session", params)
+            if row is not None:
+                row = await fetch_one(conn, "delete_session", params)
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
         return int(row["messages"])

@@ -88,9 +88,11 @@ class UserMethods(StoreBase):
         """
         params = key(project_id, user_id=user_id)
         async with self._connect() as conn:
-            # Lock the user and its sessions first, so no message lands between count and delete.
-            if await fetch_one(conn, "lock_user_sessions", params) is None:
+            # Lock the user, then (in a statement that sees every session created before the
+            # lock) its sessions, so no message lands between count and delete.
+            if await fetch_one(conn, "lock_user", params) is None:
                 raise user_not_found(user_id)
+            await fetch_one(conn, "lock_user_sessions", params)
             row = await fetch_one(conn, "delete_user", params)
         assert row is not None
         return DeletedCounts(sessions=int(row["sessions"]), messages=int(row["messages"]))

@@ -36,6 +36,15 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.dele
 RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
           s.message_count, s.last_message_at;
 
+-- name: lock_live_session
+-- Locks a live session before its messages are soft-deleted. AddMemory appends only under
+-- this row lock, so the next statement's snapshot holds every message committed before it
+-- and no new one can come; in one statement, messages appended while it waited for the
+-- lock stayed live in a deleted session (found by tests/reliability/test_races.py).
+SELECT s.session_id FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
+FOR UPDATE;
+
 -- name: delete_session
 -- Soft-deletes a live session and its live messages with one timestamp; returns the count.
 WITH gone AS (

@@ -37,16 +37,21 @@ RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_a
            WHERE s.project_id = u.project_id AND s.user_id = u.user_id
              AND s.deleted_at IS NULL) AS session_count;
 
--- name: lock_user_sessions
--- Locks the user and all its sessions, so the counts of delete_user are exact.
-SELECT u.user_id,
-       (SELECT count(*) FROM (
-            SELECT 1 FROM sessions s
-            WHERE s.project_id = u.project_id AND s.user_id = u.user_id
-            FOR UPDATE) AS locked) AS sessions
-FROM users u
+-- name: lock_user
+-- Locks the user first: from then on no session can be created for it (the foreign key
+-- check of a new session waits), so lock_user_sessions' fresh snapshot sees them all.
+SELECT u.user_id FROM users u
 WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
 FOR UPDATE;
+
+-- name: lock_user_sessions
+-- Locks all the sessions of a locked user, so that no message lands in them before
+-- delete_user counts and removes them (its counts are then exact).
+SELECT count(*) AS sessions FROM (
+    SELECT 1 FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
+    FOR UPDATE
+) AS locked;
 
 -- name: delete_user
 -- Hard-deletes the user; the foreign keys cascade to its sessions and their messages.
