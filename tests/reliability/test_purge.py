@@ -1,0 +1,122 @@
+"""The purge under concurrent writes: small batches, writers never wait on it, nothing live goes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import psycopg
+
+from server.domain import NewMessage
+from server.store import Store
+from tests.reliability import record
+
+EXPIRED = 1000  # soft-deleted sessions past the retention, 5 messages each
+REVIVED = 20  # of those, brought back by AddMemory while the purge runs
+
+
+def _seed(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO sessions (project_id, session_id, deleted_at, next_sequence)"
+            " SELECT 1, 'expired-' || i, now() - interval '8 days', 6"
+            " FROM generate_series(1, %s) AS i",
+            [EXPIRED],
+        )
+        conn.execute(
+            "INSERT INTO messages (project_id, session_id, sequence, content, deleted_at)"
+            " SELECT 1, 'expired-' || i, j, 'old', now() - interval '8 days'"
+            " FROM generate_series(1, %s) AS i, generate_series(1, 5) AS j",
+            [EXPIRED],
+        )
+        # Soft-deleted, but within the retention: kept.
+        conn.execute(
+            "INSERT INTO sessions (project_id, session_id, deleted_at)"
+            " SELECT 1, 'recent-' || i, now() - interval '1 day' FROM generate_series(1, 50) i"
+        )
+        # A live session whose memory was cleared long ago, and one message added since.
+        conn.execute(
+            "INSERT INTO sessions (project_id, session_id, message_count, next_sequence)"
+            " VALUES (1, 'cleared', 1, 302)"
+        )
+        conn.execute(
+            "INSERT INTO messages (project_id, session_id, sequence, content, deleted_at)"
+            " SELECT 1, 'cleared', j, 'old', CASE WHEN j < 301 THEN now() - interval '8 days' END"
+            " FROM generate_series(1, 301) AS j"
+        )
+
+
+async def _writer(
+    store: Store, sessions: list[str], stop: asyncio.Event, latencies: list[float]
+) -> list[str]:
+    acked: list[str] = []
+    i = 0
+    while not stop.is_set():
+        session_id = sessions[i % len(sessions)]
+        start = time.monotonic()
+        _, added = await store.add_memory(
+            1, session_id, None, [NewMessage("", "user", f"live-{i}", {})]
+        )
+        latencies.append(time.monotonic() - start)
+        acked += [m.uuid for m in added]
+        i += 1
+    return acked
+
+
+async def test_purge_in_batches_under_writes_keeps_everything_live(
+    store: Store, clean_db: str
+) -> None:
+    await asyncio.to_thread(_seed, clean_db)
+    stop = asyncio.Event()
+    latencies: list[float] = []
+    targets = [
+        ["cleared", "live-a"],
+        ["live-b", "live-c"],
+        [f"expired-{i}" for i in range(1, REVIVED + 1)],
+    ]
+    writers = [asyncio.create_task(_writer(store, t, stop, latencies)) for t in targets]
+    await asyncio.sleep(0.2)
+    before = len(latencies)
+    start = time.monotonic()
+    report = await store.purge(timedelta(days=7), batch_size=100)
+    purge_seconds = time.monotonic() - start
+    during = len(latencies) - before
+    await asyncio.sleep(0.1)
+    stop.set()
+    acked = [uuid for acks in await asyncio.gather(*writers) for uuid in acks]
+
+    # Small batches, each its own transaction, while the writers kept going.
+    assert report.batches >= EXPIRED // 100
+    assert during > 0, "no write completed while the purge ran"
+    assert max(latencies) < 2.0, max(latencies)
+    # Every expired session went, unless a writer revived it first; all their messages.
+    assert EXPIRED - REVIVED <= report.sessions <= EXPIRED
+    assert report.details["messages"] >= 300
+    with psycopg.connect(clean_db) as conn:
+        expired = conn.execute(
+            "SELECT count(*) FROM sessions WHERE deleted_at < now() - interval '7 days'"
+        ).fetchone()
+        old = conn.execute(
+            "SELECT count(*) FROM messages WHERE deleted_at < now() - interval '7 days'"
+        ).fetchone()
+        recent = conn.execute(
+            "SELECT count(*) FROM sessions WHERE session_id LIKE 'recent-%'"
+        ).fetchone()
+        stored = {
+            str(r[0]) for r in conn.execute("SELECT uuid FROM messages WHERE deleted_at IS NULL")
+        }
+    assert expired == (0,) and old == (0,)
+    assert recent == (50,)
+    # Nothing live was removed: the cleared session's kept message and every write.
+    assert set(acked) <= stored
+    assert len(stored) == len(acked) + 1
+    record(
+        "purge",
+        sessions_purged=report.sessions,
+        messages_purged=report.messages,
+        batches=report.batches,
+        purge_seconds=round(purge_seconds, 2),
+        writes_during_purge=during,
+        slowest_write_seconds=round(max(latencies), 3),
+    )
