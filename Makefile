@@ -49,3 +49,9 @@ migrate: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: soak
+## A bounded mixed workload against `memstore serve` (SOAK_SECONDS, default 120): prints
+## the figures, fails on any error or on server memory growth.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
