@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,15 +51,5 @@ class EmbeddedPostgres:
 
     def start_server(self) -> None:
         """Starts PostgreSQL again after `stop_server()`."""
-        for attempt in range(3):
-            try:
-                with self._server._lock:
-                    self._server.ensure_postgres_running()
-                return
-            except subprocess.CalledProcessError:
-                # Seen once on a loaded machine: pg_ctl itself crashed (SIGSEGV) before the
-                # server started; starting again is safe, the call checks what runs first.
-                if attempt == 2:
-                    raise
-                log.warning("pg_ctl start failed; trying again")
-                time.sleep(0.5)
+        with self._server._lock:
+            self._server.ensure_postgres_running()

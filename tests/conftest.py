@@ -9,6 +9,13 @@ the schema is migrated once per run and each test starts from empty tables.
 from __future__ import annotations
 
 import os
+
+# Before grpc is imported (server.store imports it). The fault tests stop and start an
+# embedded PostgreSQL with pg_ctl as another user, so subprocess must fork(); gRPC's fork
+# handlers then crashed the child (SIGSEGV in pg_ctl) about one time in six. memstore's
+# own command turns them off the same way (server/__main__.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path

@@ -21,7 +21,7 @@ def record(test: str, **figures: Any) -> None:
 # fresh random inputs, ten times as many, to hunt for new bugs.
 settings.register_profile(
     "memstore",
-    max_examples=84,
+    max_examples=42,
     deadline=None,
     derandomize=True,
     database=None,

@@ -31,7 +31,7 @@ from tests.reliability import fuzz_settings, hostile, record
 
 Code = grpc.StatusCode
 #: Requests sent concurrently per hypothesis example.
-BATCH = 6
+BATCH = 12
 #: Each RPC's test sends at least this many requests; the raw-bytes test too.
 MIN_PER_TEST = 504
 #: A call slower than this has hung.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import time
 
+import psycopg
+
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
 from server.validation import MAX_METADATA_BYTES
@@ -17,16 +19,32 @@ from tests.reliability import record
 
 
 def _widest() -> dict[str, int]:
-    """As many keys as fit in the metadata limit (about 7,900)."""
+    """As many keys as fit in the metadata limit (about 7,400)."""
     wide: dict[str, int] = {}
-    i = 0
-    while len(json.dumps(wide, separators=(",", ":"))) < MAX_METADATA_BYTES - 16:
-        wide[str(i)] = 0
-        i += 1
+    size = 2  # {}
+    while size < MAX_METADATA_BYTES - 32:
+        key = str(len(wide))
+        wide[key] = 0
+        size += len(key) + 5  # "key":0,
     return wide
 
 
-async def test_the_widest_metadata_merges_in_well_under_a_second(
+async def test_merge_patch_is_linear_in_the_number_of_keys(clean_db: str) -> None:
+    # Straight in SQL, with more keys than the API allows, to leave no doubt: quadratic
+    # merging took about 1.3 s for 7,400 keys, so tens of seconds for these 30,000.
+    wide = json.dumps({str(i): i for i in range(30_000)})
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        start = time.monotonic()
+        cur = await conn.execute(
+            "SELECT memstore_merge_patch(%s::jsonb, %s::jsonb) = %s::jsonb", [wide, wide, wide]
+        )
+        took = time.monotonic() - start
+        assert await cur.fetchone() == (True,)
+    assert took < 3.0, took
+    record("merge_patch_30000_keys", seconds=round(took, 3))
+
+
+async def test_the_widest_metadata_is_merged_quickly_and_right(
     users: Users, sessions: Sessions
 ) -> None:
     wide = _widest()
@@ -47,9 +65,7 @@ async def test_the_widest_metadata_merges_in_well_under_a_second(
         timeout=30,
     )
     timings["add_4_messages"] = time.monotonic() - start
-    # Quadratic merging took 1.8 s, 2.9 s and 6 s here; linear merging about 0.1 s a
-    # merge, the rest being the Python side of 30,000 keys.
-    assert timings["create"] < 1.0, timings
-    assert timings["merge"] < 1.0, timings
-    assert timings["add_4_messages"] < 2.5, timings
+    # Quadratic merging took 1.8 s, 2.9 s and 6 s here; now about 0.1-0.5 s, mostly the
+    # Python side of 30,000 keys (generous bounds: the machine may be busy).
+    assert max(timings.values()) < 5.0, timings
     record("wide_metadata", keys=len(wide), **{k: round(v, 3) for k, v in timings.items()})
