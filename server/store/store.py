@@ -101,7 +101,7 @@ class Store(UserMethods, MemoryMethods):
             Unavailable: the database cannot be reached.
         """
         params = {"candidate": secrets.token_bytes(32)}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             # A worker that loses the insert race may not see the winner's row in the same
             # statement's snapshot; the next statement does.
             for _ in range(3):
@@ -127,7 +127,7 @@ class Store(UserMethods, MemoryMethods):
             "user_id": user_id,
             "metadata": Jsonb(metadata),
         }
-        async with self._connect(foreign_key=factory(no_such_user(user_id))) as conn:
+        async with self._connect(foreign_key=factory(no_such_user(user_id)), single=True) as conn:
             row = await fetch_one(conn, "create_session", params)
             if row is None:
                 state = await fetch_one(conn, "session_state", params)
@@ -141,7 +141,7 @@ class Store(UserMethods, MemoryMethods):
             NotFound: absent, or soft-deleted and not show_deleted.
         """
         params = {**key(project_id, session_id=session_id), "show_deleted": show_deleted}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "get_session", params)
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
@@ -156,7 +156,7 @@ class Store(UserMethods, MemoryMethods):
             NotFound: the session is absent or soft-deleted.
         """
         params = {**key(project_id, session_id=session_id), **metadata_params(change)}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "update_session", params)
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
@@ -168,7 +168,7 @@ class Store(UserMethods, MemoryMethods):
         Raises:
             NotFound: the session is absent or already soft-deleted.
         """
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "delete_session", key(project_id, session_id=session_id))
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
@@ -182,7 +182,7 @@ class Store(UserMethods, MemoryMethods):
             FailedPrecondition: the session is not deleted (reason SESSION_NOT_DELETED).
         """
         params = key(project_id, session_id=session_id)
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "undelete_session", params)
             if row is None:
                 if await fetch_one(conn, "session_state", params) is None:
@@ -224,7 +224,7 @@ class Store(UserMethods, MemoryMethods):
         Raises:
             Unavailable: the database cannot be reached.
         """
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "purge_cutoff", {"retention": retention})
         assert row is not None
         params = {"cutoff": row["cutoff"], "batch_size": batch_size}
@@ -242,7 +242,7 @@ class Store(UserMethods, MemoryMethods):
         # Short transactions, one per batch, until a batch comes back short.
         rows_, others, batches = 0, 0, 0
         while True:
-            async with self._connect() as conn:
+            async with self._connect(single=True) as conn:
                 row = await fetch_one(conn, name, params)
             done = int(row["n"]) if row else 0
             rows_ += done
