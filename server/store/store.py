@@ -199,14 +199,24 @@ class Store(UserMethods, MemoryMethods):
         after: TimeKey | None,
         offset: int | None,
         limit: int,
+        *,
+        count: bool = True,
     ) -> Page[Session]:
-        """Keyset page (after) or OFFSET page (offset); total_size always set.
+        """Keyset page (after) or OFFSET page (offset); total_size set when `count`.
+
+        Counting reads every matching session, so later pages of one listing skip it and
+        reuse the total of the first (ListSessions carries it in the page token).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
         page_sql, count_sql, params = list_sessions_statements(query, after)
         params.update(project_id=project_id, limit=limit + 1, offset=offset or 0)
+        if not count:
+            async with self._connect(field="metadata_contains", single=True) as conn:
+                found = await fetch_all(conn, page_sql, params)
+            return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
+        # Page and count in one round trip and one snapshot.
         async with self._connect(field="metadata_contains") as conn, conn.pipeline():
             found = await fetch_all(conn, page_sql, params)
             total = await fetch_one(conn, count_sql, params)
