@@ -36,6 +36,8 @@ class Config:
     #: Page-token HMAC key; None uses the key kept in the database.
     token_key: bytes | None = None
     log_level: str = "INFO"
+    #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
+    workers: int = 1
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -86,6 +88,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
     )
     parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--workers", type=_positive, default=_positive(_env("MEMSTORE_WORKERS", "1") or "1")
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def from_arguments(args: argparse.Namespace) -> Config:
@@ -107,4 +119,5 @@ def from_arguments(args: argparse.Namespace) -> Config:
         reflection=not args.no_reflection,
         token_key=key.encode() if key else None,
         log_level=args.log_level,
+        workers=args.workers,
     )

@@ -124,8 +124,12 @@ async def test_restart_mid_load_loses_and_repeats_nothing(
     # While PostgreSQL is down calls fail with UNAVAILABLE, and fast: never INTERNAL, never
     # a wait until the deadline.
     assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
-    slowest_failure = max(s for w in writers for s in w.failure_seconds)
+    failures = sorted(s for w in writers for s in w.failure_seconds)
+    slowest_failure = failures[-1]
+    # The first calls to find the database gone wait up to a second for a fresh connection;
+    # once it is marked down, calls fail at once.
     assert slowest_failure < DEADLINE * 0.6, slowest_failure
+    assert failures[int(len(failures) * 0.9)] < 0.5, failures
     found = await _check_messages(fault_store, adders)
     await _check_users(users, updaters)
     acked = sum(len(w.acked) for w in adders)
@@ -136,6 +140,7 @@ async def test_restart_mid_load_loses_and_repeats_nothing(
         messages_acknowledged=acked,
         messages_found=found,
         calls_failed=sum(len(w.failed) for w in writers),
+        median_failure_seconds=round(failures[len(failures) // 2], 3),
         slowest_failure_seconds=round(slowest_failure, 3),
         seconds_to_recover=round(recovered, 3),
     )

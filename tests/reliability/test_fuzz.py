@@ -62,6 +62,10 @@ DOCUMENTED: dict[str, set[Code]] = {
 }
 TOTALS: Counter[str] = Counter()
 
+# The server's thread draws from `random` (psycopg_pool jitters new connections) while
+# hypothesis generates in this one, which hypothesis takes for a strategy using `random`.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def fuzz_channel(database_url: str, store: Store) -> Iterator[grpc.Channel]:
