@@ -174,48 +174,39 @@ async def test_concurrent_merges_replay_in_commit_order(users: Users, sessions: 
             assert as_dict(final.user.metadata) == state
 
 
+async def _appends(sessions: Sessions, session_ids: list[str], user_id: str, tag: str) -> list[Any]:
+    """AddMemory of one message to each session in turn; the replies or error codes."""
+    return [
+        await _outcome(
+            sessions.AddMemory(
+                spb.AddMemoryRequest(session_id=sid, user_id=user_id, messages=[msg(f"{tag}{k}")]),
+                timeout=TIMEOUT,
+            )
+        )
+        for k, sid in enumerate(session_ids)
+    ]
+
+
 async def test_delete_user_races_add_memory(
     users: Users, sessions: Sessions, clean_db: str
 ) -> None:
     await users.CreateUser(upb.CreateUserRequest(user_id="leaving"), timeout=TIMEOUT)
-    await sessions.AddMemory(
-        spb.AddMemoryRequest(session_id="s0", user_id="leaving", messages=[msg("first")]),
-        timeout=TIMEOUT,
-    )
-
-    async def named(t: int) -> list[Any]:
-        # New sessions of the user, and appends to them, naming the user.
-        return [
-            await _outcome(
-                sessions.AddMemory(
-                    spb.AddMemoryRequest(
-                        session_id=f"n{t}-{k % 2}", user_id="leaving", messages=[msg(f"n{t}{k}")]
-                    ),
-                    timeout=TIMEOUT,
-                )
-            )
-            for k in range(6)
-        ]
-
-    async def anonymous(t: int) -> list[Any]:
-        # Appends to the user's first session without naming anyone: after the delete they
-        # create a new session s0 that belongs to nobody.
-        return [
-            await _outcome(
-                sessions.AddMemory(
-                    spb.AddMemoryRequest(session_id="s0", messages=[msg(f"a{t}{k}")]),
-                    timeout=TIMEOUT,
-                )
-            )
-            for k in range(6)
-        ]
+    await _appends(sessions, ["s0"], "leaving", "first")
 
     async def delete() -> Any:
         await asyncio.sleep(0.05)
         return await _outcome(users.DeleteUser(upb.DeleteUserRequest(user_id="leaving")))
 
     *results, deleted = await asyncio.gather(
-        *(named(t) for t in range(4)), *(anonymous(t) for t in range(2)), delete()
+        # New sessions of the user, and appends to them, naming the user.
+        *(
+            _appends(sessions, [f"n{t}-{k % 2}" for k in range(6)], "leaving", f"n{t}")
+            for t in range(4)
+        ),
+        # Appends to the user's first session naming nobody: after the delete they create
+        # a new session s0 that belongs to nobody.
+        *(_appends(sessions, ["s0"] * 6, "", f"a{t}") for t in range(2)),
+        delete(),
     )
     assert not isinstance(deleted, Code), deleted
     replies = [r for rs in results for r in rs]
@@ -223,20 +214,15 @@ async def test_delete_user_races_add_memory(
     # After the delete, a call naming the user finds no such user; nothing else fails.
     assert codes <= {Code.FAILED_PRECONDITION}, codes
     acked = {m.uuid for r in replies if not isinstance(r, Code) for m in r.messages}
-    acked_count = len(acked) + 1  # and the first message
     with psycopg.connect(clean_db) as conn:
         stored = {str(r[0]) for r in conn.execute("SELECT uuid FROM messages").fetchall()}
         owned = conn.execute("SELECT count(*) FROM sessions WHERE user_id = 'leaving'").fetchone()
         user = conn.execute("SELECT count(*) FROM users WHERE user_id = 'leaving'").fetchone()
     assert owned == (0,) and user == (0,)
     assert stored <= acked
-    # Every acknowledged message either survives (added after the delete, to the new
-    # ownerless s0) or was counted by the delete that removed it: nothing vanished unseen.
-    assert acked_count - len(stored) == deleted.deleted_messages, (
-        acked_count,
-        len(stored),
-        deleted,
-    )
+    # Every acknowledged message (and the first one) either survives (added after the delete,
+    # to the new ownerless s0) or was counted by the delete that removed it.
+    assert len(acked) + 1 - len(stored) == deleted.deleted_messages, (acked, stored, deleted)
     record(
         "races",
         delete_user_removed_messages=deleted.deleted_messages,

@@ -1,0 +1,34 @@
+"""The reliability knobs of `memstore serve`: flags, environment variables, defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server import config
+
+
+def _parse(*argv: str) -> config.Config:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return config.from_arguments(parser.parse_args(argv))
+
+
+def test_defaults_bound_every_statement_and_drain_for_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("MEMSTORE_STATEMENT_TIMEOUT", "MEMSTORE_DRAIN_DELAY"):
+        monkeypatch.delenv(name, raising=False)
+    parsed = _parse()
+    assert parsed.statement_timeout == 30.0
+    assert parsed.drain_delay == 1.0
+
+
+def test_environment_sets_them_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMSTORE_STATEMENT_TIMEOUT", "0")
+    monkeypatch.setenv("MEMSTORE_DRAIN_DELAY", "2.5")
+    assert _parse().statement_timeout == 0.0  # 0 turns the timeout off
+    assert _parse().drain_delay == 2.5
+    assert _parse("--drain-delay", "0", "--statement-timeout", "5").drain_delay == 0.0
+    assert _parse("--statement-timeout", "5").statement_timeout == 5.0
