@@ -21,13 +21,22 @@ from memstore.v1 import session_service_pb2, user_service_pb2
 from server.config import Config
 from server.errors import InvalidArgument, to_rpc_status
 from server.pagination import PageTokens
-from server.readiness import DrainingHealth, Readiness, watch_database
+from server.readiness import (
+    DrainingHealth,
+    Readiness,
+    settle_calls,
+    track_call,
+    watch_database,
+)
 from server.servicers import Context
 from server.servicers.sessions import SessionServicer
 from server.servicers.users import UserServicer
 from server.store import Store
 
 log = logging.getLogger(__name__)
+
+#: Seconds calls cut off by the end of the grace period get to cancel their queries.
+_SETTLE_SECONDS = 5.0
 
 #: The largest request memstore accepts (SPEC: request <= 16 MiB); responses likewise.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -67,6 +76,7 @@ def _guard_unary(
     method: Callable[[Any, Context], Awaitable[Any]],
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     async def handler(request: Any, context: Context) -> Any:
+        track_call()
         if request is _MALFORMED:
             await _abort_malformed(context)
         return await method(request, context)
@@ -78,6 +88,7 @@ def _guard_stream(
     method: Callable[[Any, Context], AsyncIterator[Any]],
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
+        track_call()
         if request is _MALFORMED:
             await _abort_malformed(context)
         async for response in method(request, context):
@@ -225,6 +236,7 @@ async def serve(config: Config) -> None:
         # move away before the server stops accepting (a stopping server answers no Check).
         await readiness.drain(config.drain_delay)
         await server.stop(config.grace_period)
+        await settle_calls(_SETTLE_SECONDS)
         watcher.cancel()
     finally:
         if purger is not None:

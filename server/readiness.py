@@ -96,6 +96,30 @@ class Readiness:
         self._health.end_watches()
 
 
+#: The tasks of the calls being handled now (see track_call).
+_CALLS: set[asyncio.Task[Any]] = set()
+
+
+def track_call() -> None:
+    """Registers the current task as a call in flight, until it ends (see settle_calls)."""
+    task = asyncio.current_task()
+    if task is not None:
+        _CALLS.add(task)
+        task.add_done_callback(_CALLS.discard)
+
+
+async def settle_calls(seconds: float) -> None:
+    """Waits (at most `seconds`) for the calls gRPC cut off at the end of the grace period.
+
+    Each is cancelling its query in PostgreSQL. Closing the pool and ending the event loop
+    now would interrupt that: psycopg would only close the connection, and PostgreSQL would
+    run the statement on, and commit it once its lock is free, after the caller was told
+    the call failed.
+    """
+    if _CALLS:
+        await asyncio.wait(set(_CALLS), timeout=seconds)
+
+
 async def watch_database(store: Store, interval: float = PING_INTERVAL) -> None:
     """Pings the database every `interval` seconds, so an outage shows in health without calls.
 

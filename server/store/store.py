@@ -34,6 +34,9 @@ from server.store.migrate import apply_migrations
 from server.store.queries import query
 from server.store.users import UserMethods
 
+#: Milliseconds between PostgreSQL's checks that a client running a statement is still there.
+_CONNECTION_CHECK_MS = 1000
+
 #: Seconds the pool retries a lost connection in the background before leaving it to demand.
 _RECONNECT_TIMEOUT = 1.0
 
@@ -291,7 +294,11 @@ class Store(UserMethods, MemoryMethods):
 
 
 def _session_options(statement_timeout: float) -> dict[str, Any]:
-    # Sent at connect time (libpq `options`), so every pooled connection has it from the start.
-    if statement_timeout <= 0:
-        return {}
-    return {"options": f"-c statement_timeout={round(statement_timeout * 1000)}"}
+    # Sent at connect time (libpq `options`), so every pooled connection has them from the
+    # start. The connection check makes PostgreSQL abort the statement of a client that went
+    # away (memstore killed mid-call) within a second, rather than run it on, and commit it
+    # once its lock is free, after the caller was told the call failed (PostgreSQL 14+).
+    options = [f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}"]
+    if statement_timeout > 0:
+        options.append(f"-c statement_timeout={round(statement_timeout * 1000)}")
+    return {"options": " ".join(options)}

@@ -10,6 +10,7 @@ import time
 
 import grpc
 import psycopg
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
@@ -161,3 +162,29 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
     await asyncio.sleep(0.5)
     with psycopg.connect(clean_db) as conn:
         assert conn.execute("SELECT email FROM users WHERE user_id = 'stuck'").fetchone() == ("",)
+
+
+async def test_a_killed_server_leaves_no_late_commit(clean_db: str) -> None:
+    # SIGKILL mid-call: no chance to cancel anything. PostgreSQL notices the closed
+    # connection (client_connection_check_interval) and aborts the waiting statement, so the
+    # update does not commit when the lock is released later.
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = await asyncio.to_thread(_serve, "--purge-interval", "0", env=env)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        users = Users(channel)
+        await users.CreateUser(upb.CreateUserRequest(user_id="orphan"), timeout=10)
+        async with await psycopg.AsyncConnection.connect(clean_db) as blocker:
+            await blocker.execute("SELECT 1 FROM users WHERE user_id = 'orphan' FOR UPDATE")
+            doomed = asyncio.ensure_future(
+                users.UpdateUser(upb.UpdateUserRequest(user_id="orphan", email="x"), timeout=30)
+            )
+            await asyncio.sleep(0.5)
+            proc.kill()
+            await _exit_code(proc, limit=30)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await doomed
+            await asyncio.sleep(2.5)  # past the one-second connection check
+            await blocker.rollback()
+    await asyncio.sleep(0.5)
+    with psycopg.connect(clean_db) as conn:
+        assert conn.execute("SELECT email FROM users WHERE user_id = 'orphan'").fetchone() == ("",)
