@@ -36,14 +36,20 @@ def restartable() -> EmbeddedPostgres:
 
 
 @pytest.fixture
-async def fault_store(restartable: EmbeddedPostgres) -> AsyncIterator[Store]:
-    """A migrated store over a fresh database on the restartable server."""
+def fault_url(restartable: EmbeddedPostgres) -> str:
+    """The URL of a fresh database on the restartable server."""
     with psycopg.connect(restartable.url("postgres"), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS fault_test WITH (FORCE)")
         conn.execute("CREATE DATABASE fault_test")
     params = pg_conninfo.conninfo_to_dict(restartable.url("postgres"))
     params["dbname"] = "fault_test"
-    store = await Store.open(pg_conninfo.make_conninfo(**params), min_size=2, max_size=6, timeout=3)
+    return pg_conninfo.make_conninfo(**params)
+
+
+@pytest.fixture
+async def fault_store(fault_url: str) -> AsyncIterator[Store]:
+    """A migrated store over fault_url."""
+    store = await Store.open(fault_url, min_size=2, max_size=6, timeout=3)
     await store.migrate()
     yield store
     await store.close()

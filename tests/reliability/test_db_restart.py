@@ -109,7 +109,7 @@ async def _outage(
 
 
 async def test_restart_mid_load_loses_and_repeats_nothing(
-    restartable: EmbeddedPostgres, fault_store: Store, fault_channel: grpc.aio.Channel
+    restartable: EmbeddedPostgres, fault_url: str, fault_channel: grpc.aio.Channel
 ) -> None:
     users = Users(fault_channel)
     for i in range(2):
@@ -127,7 +127,7 @@ async def test_restart_mid_load_loses_and_repeats_nothing(
         stop.set()
         await asyncio.gather(*tasks)
     failures = _check_failures(writers)
-    found = await _check_messages(fault_store, adders)
+    found = await _check_messages(fault_url, adders)
     await _check_users(users, updaters)
     acked = sum(len(w.acked) for w in adders)
     record(
@@ -156,10 +156,10 @@ def _check_failures(writers: list[Writer]) -> list[float]:
     return failures
 
 
-async def _check_messages(store: Store, adders: list[Writer]) -> int:
+async def _check_messages(url: str, adders: list[Writer]) -> int:
     """Every acknowledged message is stored exactly once, in order; returns how many are."""
     found = 0
-    async with await psycopg.AsyncConnection.connect(str(store._pool.conninfo)) as conn:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
         for w in adders:
             cur = await conn.execute(
                 "SELECT content FROM messages WHERE session_id = %s ORDER BY sequence", [w.name]
