@@ -52,7 +52,7 @@ def _machine() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "load_avg_at_start": os.getloadavg(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         **versions,
     }
 
@@ -70,7 +70,9 @@ def _cpu_model() -> str:
 def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Sets up the database and servers, measures the chosen figures, tears everything down."""
     only = set(args.only.split(","))
+    machine = _machine()
     maintenance = env.server_url(args.database_url, args.data_dir)
+    machine["postgresql"] = env.server_version(maintenance)
     url = env.fresh_database(maintenance, args.db_name)
     t0 = time.perf_counter()
     env.migrate(url)
@@ -98,7 +100,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
         _check_stopped(one)
         if not args.keep_db:
             env.drop_database(maintenance, args.db_name)
-    return {"machine": _machine(), "settings": s.__dict__, "setup": setup, "figures": out}
+    return {"machine": machine, "settings": s.__dict__, "setup": setup, "figures": out}
 
 
 def _check_stopped(server: env.Server) -> None:
