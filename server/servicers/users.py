@@ -148,7 +148,9 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
                     )
                 yield page.items
         finally:
-            if pending is not None and not pending.done():
+            # The caller went away (or failed) with a batch still pending: cancel it, and
+            # collect its outcome either way so no "exception never retrieved" is logged.
+            if pending is not None:
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError, MemstoreError):
                     await pending
