@@ -99,7 +99,8 @@ class Client:
             "CreateUser", self.users.CreateUser(upb.CreateUserRequest(user_id=self.user))
         )
         steps: list[tuple[int, Callable[[], Awaitable[None]]]] = [
-            (40, self.add), (20, self.get_memory), (8, self.update_user), (8, self.update_session),
+            (40, self.add), (20, self.get_memory), (8, self.get_user), (8, self.update_user),
+            (8, self.update_session),
             (6, self.list_sessions), (6, self.list_messages), (4, self.delete_session),
             (3, self.undelete), (2, self.clear), (2, self.export), (1, self.churn_user),
         ]  # fmt: skip
@@ -140,6 +141,10 @@ class Client:
         session_id = f"{self.user}-s{self.rng.randint(1, self.count + 1)}"
         request = spb.GetMemoryRequest(session_id=session_id, lastn=self.rng.randint(1, 20))
         await self._call("GetMemory", self.sessions.GetMemory(request, timeout=30))
+
+    async def get_user(self) -> None:
+        request = upb.GetUserRequest(user_id=self.user)
+        await self._call("GetUser", self.users.GetUser(request, timeout=30))
 
     async def update_user(self) -> None:
         meta = struct_pb2.Struct()
