@@ -105,6 +105,9 @@ class SessionQuery:
 #: A keyset position for users and sessions: (timestamp of the order column, id).
 TimeKey = tuple[datetime, str]
 
+#: A keyset position in the message export: (session_id, sequence).
+MessageKey = tuple[str, int]
+
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):

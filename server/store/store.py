@@ -27,6 +27,7 @@ from server.store.base import (
     session_taken,
 )
 from server.store.db import fetch_all, fetch_one
+from server.store.export import ExportMethods
 from server.store.listing import list_sessions_statements
 from server.store.memory import MemoryMethods
 from server.store.migrate import apply_migrations
@@ -36,7 +37,7 @@ from server.store.users import UserMethods
 _RECONNECT_TIMEOUT = 1.0
 
 
-class Store(UserMethods, MemoryMethods):
+class Store(UserMethods, MemoryMethods, ExportMethods):
     """All reads and writes of users, sessions and messages.
 
     The user methods live in users.py and the memory methods in memory.py; this

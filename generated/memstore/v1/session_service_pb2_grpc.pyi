@@ -96,6 +96,23 @@ class SessionServiceStub:
     """Soft-deletes every message of a session and keeps the session. Returns
     NOT_FOUND when the session does not exist or is soft-deleted.
     """
+    ExportSessions: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]
+    """Streams every live session, oldest first (created_at, then session_id),
+    in chunks, for bulk export. Each chunk carries a token from which an
+    interrupted export resumes with no session skipped or repeated. The server
+    reads in short keyset batches, so a slow consumer pins no database
+    connection and server memory holds about one chunk. Returns
+    INVALID_ARGUMENT for a negative chunk_size or a page_token that is
+    malformed, tampered with, or minted for another query; UNAVAILABLE when
+    the database cannot be reached (resume from the last token received).
+    """
+    ExportMessages: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]
+    """Streams every live message of every live session, ordered by session_id
+    and then sequence, in chunks, for bulk export. Resumable and flat in
+    memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
+    chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
+    reached (resume from the last token received).
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -164,6 +181,23 @@ class SessionServiceAsyncStub(SessionServiceStub):
     ClearMemory: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ClearMemoryRequest, _session_service_pb2.ClearMemoryResponse]  # type: ignore[assignment]
     """Soft-deletes every message of a session and keeps the session. Returns
     NOT_FOUND when the session does not exist or is soft-deleted.
+    """
+    ExportSessions: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]  # type: ignore[assignment]
+    """Streams every live session, oldest first (created_at, then session_id),
+    in chunks, for bulk export. Each chunk carries a token from which an
+    interrupted export resumes with no session skipped or repeated. The server
+    reads in short keyset batches, so a slow consumer pins no database
+    connection and server memory holds about one chunk. Returns
+    INVALID_ARGUMENT for a negative chunk_size or a page_token that is
+    malformed, tampered with, or minted for another query; UNAVAILABLE when
+    the database cannot be reached (resume from the last token received).
+    """
+    ExportMessages: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]  # type: ignore[assignment]
+    """Streams every live message of every live session, ordered by session_id
+    and then sequence, in chunks, for bulk export. Resumable and flat in
+    memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
+    chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
+    reached (resume from the last token received).
     """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -302,6 +336,35 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_service_pb2.ClearMemoryResponse, _abc.Awaitable[_session_service_pb2.ClearMemoryResponse]]:
         """Soft-deletes every message of a session and keeps the session. Returns
         NOT_FOUND when the session does not exist or is soft-deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSessions(
+        self,
+        request: _session_service_pb2.ExportSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExportSessionsResponse], _abc.AsyncIterator[_session_service_pb2.ExportSessionsResponse]]:
+        """Streams every live session, oldest first (created_at, then session_id),
+        in chunks, for bulk export. Each chunk carries a token from which an
+        interrupted export resumes with no session skipped or repeated. The server
+        reads in short keyset batches, so a slow consumer pins no database
+        connection and server memory holds about one chunk. Returns
+        INVALID_ARGUMENT for a negative chunk_size or a page_token that is
+        malformed, tampered with, or minted for another query; UNAVAILABLE when
+        the database cannot be reached (resume from the last token received).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportMessages(
+        self,
+        request: _session_service_pb2.ExportMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExportMessagesResponse], _abc.AsyncIterator[_session_service_pb2.ExportMessagesResponse]]:
+        """Streams every live message of every live session, ordered by session_id
+        and then sequence, in chunks, for bulk export. Resumable and flat in
+        memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
+        chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
+        reached (resume from the last token received).
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
