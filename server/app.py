@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from memstore.v1 import session_service_pb2, user_service_pb2
 from server.config import Config
 from server.errors import InvalidArgument, to_rpc_status
+from server.observability import Metrics, ObservabilityInterceptor
 from server.pagination import PageTokens
 from server.servicers import Context
 from server.servicers.sessions import SessionServicer
@@ -143,17 +144,21 @@ class _MethodAwarePool:
         return getattr(self._pool, name)
 
 
-async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, HealthServicer]:
+async def _build(
+    config: Config, store: Store, metrics: Metrics | None = None
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
     key = config.token_key or await store.token_key()
     tokens = PageTokens(key)
+    metrics = metrics or Metrics()
     server = grpc.aio.server(
+        interceptors=[ObservabilityInterceptor(metrics)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
             # silently share it; refuse instead (worker processes will opt in on purpose).
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     names = [
         _register(server, user_service_pb2, "UserService", UserServicer(store, tokens)),
@@ -180,12 +185,15 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, He
     return server, port, health
 
 
-async def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, int]:
+async def build_server(
+    config: Config, store: Store, metrics: Metrics | None = None
+) -> tuple[grpc.aio.Server, int]:
     """A server with both services, health and (optionally) reflection, bound but not started.
 
+    Every call is counted in `metrics` (a fresh Metrics when None) and access-logged.
     Returns the server and the port it is bound to (the real one when config.port is 0).
     """
-    server, port, _ = await _build(config, store)
+    server, port, _ = await _build(config, store, metrics)
     return server, port
 
 
@@ -210,7 +218,9 @@ async def serve(config: Config) -> None:
     purger: asyncio.Task[None] | None = None
     try:
         await store.migrate()  # logs each migration it applies
-        server, port, health = await _build(config, store)
+        metrics = Metrics(store.pool_stats)
+        metrics_http = _serve_metrics(config, metrics)
+        server, port, health = await _build(config, store, metrics)
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
@@ -219,6 +229,8 @@ async def serve(config: Config) -> None:
         log.info("shutting down (grace period %.1fs)", config.grace_period)
         await health.enter_graceful_shutdown()
         await server.stop(config.grace_period)
+        if metrics_http is not None:
+            metrics_http.shutdown()
     finally:
         if purger is not None:
             purger.cancel()
@@ -226,6 +238,15 @@ async def serve(config: Config) -> None:
                 await purger
         await store.close()
     log.info("memstore stopped")
+
+
+def _serve_metrics(config: Config, metrics: Metrics) -> Any:
+    """Starts the Prometheus endpoint when a metrics port is configured."""
+    if config.metrics_port is None:
+        return None
+    httpd, port = metrics.serve(config.metrics_host, config.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
+    return httpd
 
 
 async def _wait_for_signal() -> None:

@@ -32,6 +32,11 @@ class Config:
     #: Page-token HMAC key; None uses the key kept in the database.
     token_key: bytes | None = None
     log_level: str = "INFO"
+    #: Port of the Prometheus /metrics endpoint; None serves no metrics.
+    metrics_port: int | None = None
+    metrics_host: str = "localhost"
+    #: "json" (one object per line) or "text".
+    log_format: str = "json"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -74,6 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
     )
     parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
+    add_observability_arguments(parser)
+
+
+def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
+    """The metrics endpoint and log format flags."""
+    port = _env("MEMSTORE_METRICS_PORT")
+    parser.add_argument("--metrics-port", type=int, default=int(port) if port else None)
+    parser.add_argument("--metrics-host", default=_env("MEMSTORE_METRICS_HOST", "localhost"))
+    parser.add_argument(
+        "--log-format", choices=("json", "text"), default=_env("MEMSTORE_LOG_FORMAT", "json")
+    )
 
 
 def from_arguments(args: argparse.Namespace) -> Config:
@@ -93,4 +109,7 @@ def from_arguments(args: argparse.Namespace) -> Config:
         reflection=not args.no_reflection,
         token_key=key.encode() if key else None,
         log_level=args.log_level,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        log_format=args.log_format,
     )

@@ -82,6 +82,10 @@ class Store(UserMethods, MemoryMethods, ExportMethods):
         await self._health.close()
         await self._pool.close()
 
+    def pool_stats(self) -> dict[str, int]:
+        """psycopg_pool's counters (pool_size, pool_available, requests_waiting, ...)."""
+        return dict(self._pool.get_stats())
+
     async def migrate(self) -> list[str]:
         """Applies pending migrations under an advisory lock; returns the names applied.
 
