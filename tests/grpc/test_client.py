@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from memstore.client import (
+from memstore_client import (
     AlreadyExists,
     AsyncMemstore,
     FailedPrecondition,

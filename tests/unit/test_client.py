@@ -13,7 +13,10 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from memstore.client import (
+from memstore.v1 import resources_pb2
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import user_service_pb2 as us
+from memstore_client import (
     AlreadyExists,
     InvalidArgument,
     Memstore,
@@ -22,9 +25,6 @@ from memstore.client import (
     RetryPolicy,
     Unavailable,
 )
-from memstore.v1 import resources_pb2
-from memstore.v1 import session_service_pb2 as ss
-from memstore.v1 import user_service_pb2 as us
 
 USERS = us.DESCRIPTOR.services_by_name["UserService"]
 SESSIONS = ss.DESCRIPTOR.services_by_name["SessionService"]

@@ -1,4 +1,4 @@
-"""memstore's Python client, sync (Memstore) and asyncio (AsyncMemstore), shaped like Zep's SDK."""
+"""memstore's Python client: sync Memstore and asyncio AsyncMemstore, shaped like Zep's SDK."""
 
 from __future__ import annotations
 
