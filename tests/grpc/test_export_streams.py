@@ -7,6 +7,7 @@ from typing import Any
 
 from memstore.v1 import session_service_pb2 as ss
 from tests.grpc import Code, Sessions, msg, rpc_error, tamper
+from tests.grpc.test_export import _busy_backends
 
 #: A chunk stops growing past this many bytes (ExportMessagesRequest.chunk_size).
 CHUNK_BYTES = 256 * 1024
@@ -93,3 +94,24 @@ async def test_export_rejects_bad_requests(sessions):
         await rpc_error(
             call, Code.INVALID_ARGUMENT, field="page_token", reason="INVALID_PAGE_TOKEN"
         )
+
+
+async def test_paused_export_holds_no_connection_and_cancel_ends_it(sessions, clean_db, store):
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[msg(f"m{i}") for i in range(300)])
+    )
+    call = sessions.ExportMessages(ss.ExportMessagesRequest(chunk_size=50))
+    first = await call.read()
+    assert isinstance(first, ss.ExportMessagesResponse) and len(first.messages) == 50
+    # The client stops reading: between chunks no transaction is open, no connection is out.
+    await asyncio.sleep(0.2)
+    assert await _busy_backends(clean_db) == []
+    stats = store.pool_stats()
+    assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
+    call.cancel()
+    await asyncio.sleep(0.2)
+    stats = store.pool_stats()
+    assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
+    # The token of the chunk read resumes the export: nothing lost to the cancel.
+    rest = await _messages(sessions, chunk_size=1000, page_token=first.next_page_token)
+    assert [m.message.sequence for c in rest for m in c.messages] == list(range(51, 301))
