@@ -28,6 +28,8 @@ def optional_datetime(value: timestamp_pb2.Timestamp, present: bool) -> datetime
 
 def to_dict(value: struct_pb2.Struct) -> JsonObject:
     """A Struct as a plain dict; whole numbers come back as int (Struct carries only floats)."""
+    if not value.fields:
+        return {}  # the common case, and MessageToDict is slow
     plain: JsonObject = _ints(json_format.MessageToDict(value))
     return plain
 

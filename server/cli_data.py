@@ -130,10 +130,9 @@ def _row(row: User | Session | ExportedMessage) -> dict[str, Any]:
 
 
 def _plain(row: Any) -> dict[str, Any]:
-    return {
-        k: v.isoformat() if isinstance(v, datetime) else v
-        for k, v in dataclasses.asdict(row).items()
-    }
+    # Shallow: dataclasses.asdict deep-copies every metadata dict, a third of the export's time.
+    values = ((f.name, getattr(row, f.name)) for f in dataclasses.fields(row))
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in values}
 
 
 def _progress(args: argparse.Namespace, label: str) -> Any:
