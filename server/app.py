@@ -156,8 +156,9 @@ async def _build(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
-            # silently share it; refuse instead (worker processes will opt in on purpose).
-            ("grpc.so_reuseport", 0),
+            # silently share it; refuse instead. Workers opt in on purpose (server/workers.py
+            # checks first that nobody else holds the port).
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ],
     )
     names = [
@@ -241,12 +242,25 @@ async def serve(config: Config) -> None:
 
 
 def _serve_metrics(config: Config, metrics: Metrics) -> Any:
-    """Starts the Prometheus endpoint when a metrics port is configured."""
+    """Starts the Prometheus endpoint when a metrics port is configured.
+
+    Each of N workers keeps its own counters, so each serves them on its own port: the
+    first free one of metrics_port ... metrics_port + N - 1 (a bind is atomic, so no two
+    workers get the same one).
+    """
     if config.metrics_port is None:
         return None
-    httpd, port = metrics.serve(config.metrics_host, config.metrics_port)
-    log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
-    return httpd
+    ports = [config.metrics_port + i for i in range(config.workers)] if config.metrics_port else [0]
+    for candidate in ports:
+        try:
+            httpd, port = metrics.serve(config.metrics_host, candidate)
+        except OSError:
+            if candidate == ports[-1]:
+                raise
+            continue
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
+        return httpd
+    return None
 
 
 async def _wait_for_signal() -> None:

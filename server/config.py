@@ -37,6 +37,8 @@ class Config:
     metrics_host: str = "localhost"
     #: "json" (one object per line) or "text".
     log_format: str = "json"
+    #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
+    workers: int = 1
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -79,7 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
     )
     parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--workers", type=_positive, default=_positive(_env("MEMSTORE_WORKERS", "1") or "1")
+    )
     add_observability_arguments(parser)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,4 +124,5 @@ def from_arguments(args: argparse.Namespace) -> Config:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         log_format=args.log_format,
+        workers=args.workers,
     )

@@ -108,6 +108,12 @@ TimeKey = tuple[datetime, str]
 #: A keyset position in the message export: (session_id, sequence).
 MessageKey = tuple[str, int]
 
+#: A user as the hot list paths (ListUsers, ListUsersChunked) read it: a plain tuple, one
+#: object per row instead of a dict and a dataclass. (user_id, email, first_name, last_name,
+#: metadata as JSON text, created_at and updated_at in integer microseconds since the epoch,
+#: session_count); see convert.add_user_record.
+UserRecord = tuple[str, str, str, str, str, int, int, int]
+
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
