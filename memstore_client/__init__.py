@@ -20,7 +20,16 @@ from .errors import (
     Unavailable,
 )
 from .sync import Memstore
-from .types import ExportedMessage, Memory, Message, Session, SessionPage, User, UserPage
+from .types import (
+    ExportedMessage,
+    Memory,
+    Message,
+    MessagePage,
+    Session,
+    SessionPage,
+    User,
+    UserPage,
+)
 
 __all__ = [
     "TLS",
@@ -36,6 +45,7 @@ __all__ = [
     "Memstore",
     "MemstoreError",
     "Message",
+    "MessagePage",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
-from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message as ProtoMessage
 
 from memstore.v1 import session_service_pb2 as ss
@@ -19,6 +18,7 @@ from .types import (
     JsonObject,
     Memory,
     Message,
+    MessagePage,
     Session,
     SessionPage,
     User,
@@ -129,14 +129,6 @@ def update_user(
     return Unary(USERS, "UpdateUser", request, _user, idempotent=False)
 
 
-def clear_user_fields(user_id: str, fields: Sequence[str]) -> Unary[User]:
-    """UpdateUser with a mask naming fields to clear (unset in the request)."""
-    request = us.UpdateUserRequest(
-        user_id=user_id, update_mask=field_mask_pb2.FieldMask(paths=list(fields))
-    )
-    return Unary(USERS, "UpdateUser", request, _user, idempotent=True)
-
-
 def delete_user(user_id: str) -> Unary[None]:
     """DeleteUser: the user, its sessions and messages, in one transaction."""
     request = us.DeleteUserRequest(user_id=user_id)
@@ -232,6 +224,32 @@ def add_memory(
         return [Message.from_proto(m) for m in r.messages]
 
     return Unary(SESSIONS, "AddMemory", request, convert, idempotent=False)
+
+
+def undelete_session(session_id: str) -> Unary[Session]:
+    """UndeleteSession: restores a soft-deleted session (its deleted messages stay deleted)."""
+    request = ss.UndeleteSessionRequest(session_id=session_id)
+    return Unary(SESSIONS, "UndeleteSession", request, _session, idempotent=False)
+
+
+def list_messages(session_id: str, page_size: int, page_token: str) -> Unary[MessagePage]:
+    """One keyset page of ListMessages."""
+    request = ss.ListMessagesRequest(
+        session_id=session_id, page_size=page_size, page_token=page_token
+    )
+
+    def convert(r: ss.ListMessagesResponse) -> MessagePage:
+        return MessagePage([Message.from_proto(m) for m in r.messages], r.next_page_token or None)
+
+    return Unary(SESSIONS, "ListMessages", request, convert, idempotent=True)
+
+
+def clear_memory(session_id: str) -> Unary[int]:
+    """ClearMemory: soft-deletes the messages, keeps the session; answers how many."""
+    request = ss.ClearMemoryRequest(session_id=session_id)
+    return Unary(
+        SESSIONS, "ClearMemory", request, lambda r: int(r.deleted_messages), idempotent=False
+    )
 
 
 def get_memory(session_id: str, lastn: int) -> Unary[Memory]:

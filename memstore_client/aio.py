@@ -20,6 +20,7 @@ from .types import (
     JsonObject,
     Memory,
     Message,
+    MessagePage,
     Session,
     SessionPage,
     User,
@@ -223,6 +224,22 @@ class AsyncMemoryClient:
     ) -> list[Message]:
         """Appends messages (creating or restoring the session); returns them as stored."""
         return await self._client._call(calls.add_memory(session_id, messages, user_id))
+
+    async def undelete_session(self, session_id: str) -> Session:
+        """Restores a soft-deleted session. Raises NotFound, or FailedPrecondition if live."""
+        return await self._client._call(calls.undelete_session(session_id))
+
+    async def list_messages(
+        self, session_id: str, page_size: int = 50, page_token: str | None = None
+    ) -> MessagePage:
+        """One page of a session's live messages, oldest first. Raises NotFound."""
+        return await self._client._call(
+            calls.list_messages(session_id, page_size, page_token or "")
+        )
+
+    async def clear(self, session_id: str) -> int:
+        """Soft-deletes every message of the session and keeps it; returns how many."""
+        return await self._client._call(calls.clear_memory(session_id))
 
     async def get(self, session_id: str, lastn: int = 0) -> Memory:
         """The last `lastn` messages (0: the server's default, 6). Unknown: found=False."""

@@ -184,6 +184,14 @@ class UserPage:
 
 
 @dataclass(frozen=True, slots=True)
+class MessagePage:
+    """One page of a session's messages, oldest first, and the next page's token."""
+
+    messages: list[Message]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SessionPage:
     """One page of sessions, the number of matching sessions, and the next page's token."""
 

@@ -86,6 +86,10 @@ def main(args: argparse.Namespace) -> int:
         except MemstoreError as exc:
             print(f"memstore {args.command}: {exc}", file=sys.stderr)
             return 1
+        except BrokenPipeError:
+            # `memstore export users | head`: the reader left; stop quietly, as Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
 
 
 # -- export --------------------------------------------------------------------

@@ -136,3 +136,19 @@ async def test_unreachable_server_is_unavailable_after_retries() -> None:
     async with AsyncMemstore(f"127.0.0.1:{_closed_port()}", retry=retry, timeout=5) as client:
         with pytest.raises(Unavailable):
             await client.user.get("alice")
+
+
+async def test_messages_pages_clear_and_undelete(client: AsyncMemstore) -> None:
+    await client.memory.add("s", [Message(content=f"m{i}") for i in range(5)])
+    page = await client.memory.list_messages("s", page_size=3)
+    assert [m.content for m in page.messages] == ["m0", "m1", "m2"] and page.next_page_token
+    rest = await client.memory.list_messages("s", page_size=3, page_token=page.next_page_token)
+    assert [m.sequence for m in rest.messages] == [4, 5] and rest.next_page_token is None
+    assert await client.memory.clear("s") == 5
+    assert (await client.memory.get("s")).messages == []
+    await client.memory.delete("s")
+    restored = await client.memory.undelete_session("s")
+    assert restored.deleted_at is None and restored.message_count == 0
+    with pytest.raises(FailedPrecondition) as live:
+        await client.memory.undelete_session("s")
+    assert live.value.reason == "SESSION_NOT_DELETED"
