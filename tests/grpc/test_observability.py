@@ -67,6 +67,9 @@ async def test_metrics_count_calls_by_method_and_code(observed) -> None:
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("a"), msg("b")]))
     chunks = [c async for c in sessions.ExportMessages(ss.ExportMessagesRequest(chunk_size=1))]
     assert len(chunks) == 2
+    with pytest.raises(grpc.aio.AioRpcError):
+        bad = ss.ExportSessionsRequest(page_token="garbage")
+        _ = [c async for c in sessions.ExportSessions(bad)]
     after = await asyncio.to_thread(_scrape, metrics_port)
 
     def moved(method: str, code: str) -> float:
@@ -79,6 +82,8 @@ async def test_metrics_count_calls_by_method_and_code(observed) -> None:
     assert moved(USERS + "GetUser", "INVALID_ARGUMENT") == 1
     export = "/memstore.v1.SessionService/ExportMessages"
     assert moved(export, "OK") == 1
+    # A stream's abort counts too.
+    assert moved("/memstore.v1.SessionService/ExportSessions", "INVALID_ARGUMENT") == 1
     assert after[("memstore_grpc_stream_rows_total", (("method", export),))] >= 2
     assert after[("memstore_grpc_stream_messages_total", (("method", export),))] >= 2
     latency = ("memstore_grpc_request_duration_seconds_count", (("method", USERS + "GetUser"),))
