@@ -86,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
         except MemstoreError as exc:
             print(f"memstore {args.command}: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            return 130  # what was done is reported above; no traceback for a Ctrl-C
         except BrokenPipeError:
             # `memstore export users | head`: the reader left; stop quietly, as Unix tools do.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -240,13 +242,14 @@ def _batches(
             counts["failed"] += 1
             print(f"line {line}: {exc!s}", file=sys.stderr)
             continue
-        full = len(batch) >= _BATCH_MESSAGES or size + len(message.content) > _BATCH_BYTES
+        length = len(message.content.encode())
+        full = len(batch) >= _BATCH_MESSAGES or size + length > _BATCH_BYTES
         if batch and (sid != session_id or full):
             yield session_id, first, batch
             batch, size = [], 0
         if not batch:
             session_id, first = sid, line
         batch.append(message)
-        size += len(message.content.encode())
+        size += length
     if batch:
         yield session_id, first, batch
