@@ -103,6 +103,9 @@ class _Context:
         merged = (*tuple(trailing_metadata or ()), (REQUEST_ID_KEY, self._rid))
         await self._context.abort(code, details, merged)
 
+    async def abort_with_status(self, status: grpc.Status) -> Any:
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
