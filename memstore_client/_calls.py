@@ -74,7 +74,9 @@ class Stream(Generic[Out]):
 
 def retry_delay(error: grpc.RpcError, delays: Iterator[float]) -> float | None:
     """The sleep before retrying a failed call, or None when it must not be retried."""
-    code = error.code() if isinstance(error, grpc.Call) else None
+    # A sync call's error is a grpc.Call; an AioRpcError is not, but has code() too.
+    code_of = getattr(error, "code", None)
+    code = code_of() if callable(code_of) else None
     if code != grpc.StatusCode.UNAVAILABLE:
         return None
     return next(delays, None)
