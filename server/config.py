@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+
+from server import security as security_flags
+from server.security import SecurityConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +31,13 @@ class Config:
     purge_interval: float = 3600.0
     #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     grace_period: float = 10.0
-    reflection: bool = True
+    #: None: on for a loopback bind, off otherwise.
+    reflection: bool | None = None
     #: Page-token HMAC key; None uses the key kept in the database.
     token_key: bytes | None = None
     log_level: str = "INFO"
+    #: TLS, --insecure, the key cache and the pool queue bound (server/security.py).
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -68,12 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace-period", type=float, default=float(_env("MEMSTORE_GRACE_PERIOD", "10") or 0)
     )
+    reflection = _env("MEMSTORE_REFLECTION")
     parser.add_argument(
-        "--no-reflection",
-        action="store_true",
-        default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=None if reflection is None else reflection not in ("0", "false", "off"),
+        help="server reflection (default: on for a loopback bind, off otherwise)",
     )
     parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
+    security_flags.add_arguments(parser)
 
 
 def from_arguments(args: argparse.Namespace) -> Config:
@@ -90,7 +99,8 @@ def from_arguments(args: argparse.Namespace) -> Config:
         purge_retention=timedelta(days=args.purge_retention_days),
         purge_interval=args.purge_interval,
         grace_period=args.grace_period,
-        reflection=not args.no_reflection,
+        reflection=args.reflection,
         token_key=key.encode() if key else None,
         log_level=args.log_level,
+        security=security_flags.from_arguments(args),
     )
