@@ -10,7 +10,7 @@ from typing import Any
 
 from server import config as config_module
 from server.config import Config
-from server.keys import ApiKey, new_key
+from server.keys import ApiKey, new_key, split_key
 from server.store import Store
 
 Command = Callable[[Config], Coroutine[Any, Any, None]]
@@ -31,7 +31,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--project", required=True, help="the project the key opens")
     create.add_argument("--label", default="", help="a note, e.g. who holds the key")
     revoke = _leaf(key_actions, "revoke", "revoke a key by its prefix (msk_...)")
-    revoke.add_argument("prefix", help="the key's prefix as `keys list` shows it")
+    revoke.add_argument("prefix", help="the key's prefix as `keys list` shows it (or the key)")
     listing = _leaf(key_actions, "list", "list keys by prefix (never the secret)")
     listing.add_argument("--project", default=None, help="only this project's keys")
 
@@ -90,7 +90,9 @@ async def _create_key(store: Store, args: argparse.Namespace) -> None:
 
 
 async def _revoke_key(store: Store, args: argparse.Namespace) -> None:
-    key = await store.revoke_api_key(args.prefix)
+    # A whole key is accepted too: whoever holds a leaked key can revoke it at once.
+    parts = split_key(args.prefix)
+    key = await store.revoke_api_key(parts[0] if parts else args.prefix)
     print(f"revoked {_describe(key)}")
 
 
