@@ -79,6 +79,7 @@ async def _list_projects(store: Store, args: argparse.Namespace) -> None:
 
 async def _create_key(store: Store, args: argparse.Namespace) -> None:
     key = new_key()
+    first = not await store.any_api_key()
     stored = await store.create_api_key(args.project, key, args.label)
     # The secret exists only in this output: the database keeps a salted hash of it.
     print(key.text)
@@ -87,6 +88,11 @@ async def _create_key(store: Store, args: argparse.Namespace) -> None:
         "store it safely",
         file=sys.stderr,
     )
+    if first:
+        print(
+            "this is the first key: every call to this database's servers now needs a key",
+            file=sys.stderr,
+        )
 
 
 async def _revoke_key(store: Store, args: argparse.Namespace) -> None:

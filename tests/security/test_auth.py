@@ -12,6 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
+from server import config as config_module
+from server.__main__ import _parser
 from server.app import build_server
 from server.auth import Authenticator, StartupRefused, start_authenticator
 from server.config import Config
@@ -178,3 +180,34 @@ async def test_a_key_reaches_only_its_own_project(
     stub = user_service_pb2_grpc.UserServiceStub(secure_channel)
     listed = await stub.ListUsers(us.ListUsersRequest(), metadata=b.metadata)
     assert list(listed.users) == []
+
+
+def test_security_flags_and_environment_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = [
+        "serve",
+        "--host=0.0.0.0",
+        "--insecure",
+        "--tls-cert=s.pem",
+        "--tls-key=s.key",
+        "--tls-client-ca=ca.pem",
+        "--key-cache-seconds=0.5",
+        "--pool-max-waiting=3",
+        "--no-reflection",
+    ]
+    config = config_module.from_arguments(_parser().parse_args(flags))
+    sec = config.security
+    assert (sec.insecure, str(sec.tls_cert), str(sec.tls_key), str(sec.tls_client_ca)) == (
+        True,
+        "s.pem",
+        "s.key",
+        "ca.pem",
+    )
+    assert (sec.key_cache_seconds, sec.pool_max_waiting, config.reflection) == (0.5, 3, False)
+    # Unset, reflection follows the bind; the environment gives every default.
+    assert config_module.from_arguments(_parser().parse_args(["serve"])).reflection is None
+    monkeypatch.setenv("MEMSTORE_TLS_CERT", "env.pem")
+    monkeypatch.setenv("MEMSTORE_POOL_MAX_WAITING", "7")
+    monkeypatch.setenv("MEMSTORE_REFLECTION", "1")
+    config = config_module.from_arguments(_parser().parse_args(["serve"]))
+    assert str(config.security.tls_cert) == "env.pem"
+    assert config.security.pool_max_waiting == 7 and config.reflection is True
