@@ -175,3 +175,14 @@ async def test_overload_answers_resource_exhausted_at_once(
         assert all("overloaded" in details for _, _, details in refused)
         assert max(elapsed for elapsed, _, _ in refused) < 1.5, refused
         assert (await pinned).user.email == "a@x.org"
+
+
+async def test_oversized_call_metadata_is_refused_and_the_server_stays_up(a: Caller) -> None:
+    for size in (20_000, 200_000):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await a.users.ListUsers(
+                us.ListUsersRequest(), metadata=(("x-api-key", "k" * size),), timeout=10
+            )
+        # gRPC's own header limit (16 KiB) refuses it before memstore sees the call.
+        assert caught.value.code() == Code.RESOURCE_EXHAUSTED, caught.value
+    await a.users.ListUsers(us.ListUsersRequest(), metadata=a.metadata, timeout=10)
