@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
@@ -21,6 +25,7 @@ from server.app import build_server
 from server.config import Config
 from server.security import SecurityConfig, server_credentials
 from server.store import Store
+from tests.test_process import MEMSTORE, ROOT, _free_port, _stop
 
 
 @dataclass(frozen=True)
@@ -198,3 +203,51 @@ def test_tls_settings_must_come_in_pairs(pki: Pki) -> None:
     with pytest.raises(RuntimeError, match="--tls-client-ca needs"):
         server_credentials(SecurityConfig(tls_client_ca=pki.files["ca.pem"]))
     assert server_credentials(SecurityConfig()) is None
+
+
+def test_serve_command_with_mtls_flags(pki: Pki, clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    port = _free_port()
+    files = pki.files
+    proc = subprocess.Popen(
+        [
+            *MEMSTORE,
+            "serve",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--purge-interval=0",
+            f"--tls-cert={files['server.pem']}",
+            f"--tls-key={files['server.key']}",
+            f"--tls-client-ca={files['ca.pem']}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with_cert = grpc.ssl_channel_credentials(
+            pki.ca.cert, private_key=pki.client.key, certificate_chain=pki.client.cert
+        )
+        with grpc.secure_channel(f"localhost:{port}", with_cert) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, proc.communicate()
+                try:
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "the TLS server never answered"
+                    time.sleep(0.1)
+        no_cert = grpc.ssl_channel_credentials(pki.ca.cert)
+        with grpc.secure_channel(f"localhost:{port}", no_cert) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
