@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from server import config as config_module
 from server.config import Config
+from server.errors import InvalidArgument
 from server.keys import ApiKey, new_key, split_key
 from server.store import Store
+
+#: Project names: short, printable, safe in shells and logs.
+_PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_MAX_LABEL = 256
 
 Command = Callable[[Config], Coroutine[Any, Any, None]]
 Action = Callable[[Store, argparse.Namespace], Coroutine[Any, Any, None]]
@@ -68,6 +74,10 @@ async def _run(
 
 
 async def _create_project(store: Store, args: argparse.Namespace) -> None:
+    if not _PROJECT_NAME.match(args.name):
+        raise InvalidArgument.field(
+            "name", "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     project = await store.create_project(args.name)
     print(f"created project {project.name}")
 
@@ -78,6 +88,8 @@ async def _list_projects(store: Store, args: argparse.Namespace) -> None:
 
 
 async def _create_key(store: Store, args: argparse.Namespace) -> None:
+    if len(args.label) > _MAX_LABEL or not args.label.isprintable():
+        raise InvalidArgument.field("label", f"at most {_MAX_LABEL} printable characters")
     key = new_key()
     first = not await store.any_api_key()
     stored = await store.create_api_key(args.project, key, args.label)

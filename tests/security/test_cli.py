@@ -39,6 +39,11 @@ def test_projects_and_keys_commands(secure_db_url: str) -> None:
     assert prefix in listed and "active" in listed and key not in listed
     assert key[17:] not in _ok("keys", "list", env=env)
     assert "cli-proj\t1 live keys" in _ok("projects", "list", env=env)
+    for bad in ("x" * 64, "'; DROP TABLE projects; --"):
+        refused = _memstore("projects", "create", bad, env=env)
+        assert refused.returncode == 1 and "name: 1-63 letters" in refused.stderr, bad
+    label = _memstore("keys", "create", "--project", "cli-proj", "--label", "a\nb", env=env)
+    assert label.returncode == 1 and "label" in label.stderr
     missing = _memstore("keys", "create", "--project", "no-such", env=env)
     assert missing.returncode == 1 and "project 'no-such' not found" in missing.stderr
     # Revoking by the whole key (as whoever found it leaked would) or by prefix.
