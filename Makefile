@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint generate check-generated purge migrate clean
+.PHONY: run test lint generate check-generated purge migrate clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ check-generated: $(STAMP)
 	rm -rf $(VENV)/.gencheck
 	VENV=$(VENV) bash scripts/generate.sh $(VENV)/.gencheck >/dev/null 2>&1
 	diff -r generated $(VENV)/.gencheck || (echo "generated/ is stale: run 'make generate' and commit" >&2; exit 1)
+
+## Figures against same-run baselines (docs/performance.md); BENCH_USERS / BENCH_RUNS scale it down.
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 ## Hard-delete soft-deleted rows past the retention period, and report the counts.
 purge: $(STAMP)

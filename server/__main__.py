@@ -6,7 +6,7 @@ import os
 
 # Before grpc is imported: the embedded PostgreSQL is stopped with a subprocess at exit, and
 # gRPC's fork handlers would log a warning about it on every shutdown. memstore never forks
-# while gRPC runs, so it needs none of them.
+# while gRPC runs (`--workers` forks before any gRPC object exists), so it needs none of them.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         args.command
     ]
     try:
+        if args.command == "serve" and config.workers > 1:
+            from server.workers import serve_workers
+
+            return serve_workers(config)
         asyncio.run(command(config))
     except (MemstoreError, OSError, RuntimeError) as exc:
         # Start-up failures an operator can act on (database down, port taken): one clear

@@ -157,8 +157,9 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, He
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
-            # silently share it; refuse instead (worker processes will opt in on purpose).
-            ("grpc.so_reuseport", 0),
+            # silently share it; refuse instead. Workers opt in on purpose (server/workers.py
+            # checks first that nobody else holds the port).
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ],
     )
     names = [

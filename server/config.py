@@ -38,6 +38,8 @@ class Config:
     log_level: str = "INFO"
     #: TLS, --insecure, the key cache and the pool queue bound (server/security.py).
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
+    workers: int = 1
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -83,6 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
     security_flags.add_arguments(parser)
+    parser.add_argument(
+        "--workers", type=_positive, default=_positive(_env("MEMSTORE_WORKERS", "1") or "1")
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def from_arguments(args: argparse.Namespace) -> Config:
@@ -103,4 +115,5 @@ def from_arguments(args: argparse.Namespace) -> Config:
         token_key=key.encode() if key else None,
         log_level=args.log_level,
         security=security_flags.from_arguments(args),
+        workers=args.workers,
     )

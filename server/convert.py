@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from memstore.v1 import resources_pb2
-from server.domain import ROLE_TYPES, JsonObject, Message, Session, User
+from server.domain import ROLE_TYPES, JsonObject, Message, Session, User, UserRecord
 from server.pagination import to_micros
 
 #: Stored role_type -> RoleType enum number (ROLE_TYPES follow the enum order from 1).
@@ -63,6 +64,31 @@ def user_to_proto(user: User, target: resources_pb2.User | None = None) -> resou
     set_timestamp(p.created_at, user.created_at)
     set_timestamp(p.updated_at, user.updated_at)
     set_struct(p.metadata, user.metadata)
+    return p
+
+
+def add_user_record(users: Any, record: UserRecord) -> resources_pb2.User:
+    """Appends a UserRecord to a repeated User field (e.g. `chunk.users`); returns the new entry.
+
+    The hot path of ListUsers and ListUsersChunked: one C call builds the scalar fields, the
+    timestamps are set from integer microseconds, and an empty metadata object costs nothing.
+    """
+    user_id, email, first_name, last_name, metadata, created, updated, sessions = record
+    p: resources_pb2.User = users.add(
+        user_id=user_id,
+        email=email,
+        first_name=first_name,
+        last_name=last_name,
+        session_count=sessions,
+    )
+    ts = p.created_at
+    ts.seconds, micros = divmod(created, 1_000_000)
+    ts.nanos = micros * 1000
+    ts = p.updated_at
+    ts.seconds, micros = divmod(updated, 1_000_000)
+    ts.nanos = micros * 1000
+    if metadata != "{}":
+        set_struct(p.metadata, json.loads(metadata))
     return p
 
 

@@ -87,9 +87,16 @@ class PageTokens:
             raise ValueError("the page-token key must not be empty")
         self._key = key
 
-    def encode_time_key(self, query: bytes, key: TimeKey) -> str:
-        """A token resuming after (timestamp, id) in the query with fingerprint `query`."""
-        return self._seal(query, [to_micros(key[0]), key[1]])
+    def encode_time_key(self, query: bytes, key: TimeKey, total: int | None = None) -> str:
+        """A token resuming after (timestamp, id) in the query with fingerprint `query`.
+
+        `total`, when given, is the listing's total_size, carried so that later pages need
+        not count again (see decode_time_key_total).
+        """
+        payload: list[Any] = [to_micros(key[0]), key[1]]
+        if total is not None:
+            payload.append(total)
+        return self._seal(query, payload)
 
     def decode_time_key(self, token: str, query: bytes) -> TimeKey | None:
         """The (timestamp, id) a token carries; None for an empty token.
@@ -97,13 +104,22 @@ class PageTokens:
         Raises:
             InvalidArgument: the token is malformed, tampered with, or of another query.
         """
+        return self.decode_time_key_total(token, query)[0]
+
+    def decode_time_key_total(self, token: str, query: bytes) -> tuple[TimeKey | None, int | None]:
+        """The (timestamp, id) and the carried total of a token; (None, None) for no token.
+
+        Raises:
+            InvalidArgument: the token is malformed, tampered with, or of another query.
+        """
         payload = self._open(token, query)
         if payload is None:
-            return None
+            return None, None
         match payload:
-            case [int(micros), str(row_id)] if not isinstance(micros, bool):
+            case [int(micros), str(row_id), *rest] if not isinstance(micros, bool):
+                total = _total(rest)
                 try:
-                    return from_micros(micros), row_id
+                    return (from_micros(micros), row_id), total
                 except OverflowError:
                     pass
         raise _invalid("page_token is malformed")
@@ -159,6 +175,15 @@ class PageTokens:
             return json.loads(body[1 + _FINGERPRINT_LEN :])
         except ValueError:
             raise _invalid("page_token is malformed") from None
+
+
+def _total(rest: list[Any]) -> int | None:
+    match rest:
+        case []:
+            return None
+        case [int(total)] if not isinstance(total, bool) and total >= 0:
+            return total
+    raise _invalid("page_token is malformed")
 
 
 def _invalid(description: str) -> InvalidArgument:

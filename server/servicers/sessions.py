@@ -88,16 +88,20 @@ class SessionServicer(ServicerBase, pb_grpc.SessionServiceServicer):
         v.raise_if_any()
         project = self._project(context)
         fingerprint = pagination.sessions_fingerprint(project, query)
-        after = self._tokens.decode_time_key(request.page_token, fingerprint)
+        after, total = self._tokens.decode_time_key_total(request.page_token, fingerprint)
         offset = (number - 1) * size if number is not None else None
-        page = await self._store.list_sessions(project, query, after, offset, size)
-        response = pb.ListSessionsResponse(total_size=page.total_size or 0)
+        # The first page (or a page_number page) counts; the token carries that total on.
+        page = await self._store.list_sessions(
+            project, query, after, offset, size, count=total is None
+        )
+        total = page.total_size if total is None else total
+        response = pb.ListSessionsResponse(total_size=total or 0)
         for session in page.items:
             convert.session_to_proto(session, response.sessions.add())
         if page.has_more and page.items:
             # Also after a page_number page: the token continues by keyset from its last row.
             key = _session_key(page.items[-1], query)
-            response.next_page_token = self._tokens.encode_time_key(fingerprint, key)
+            response.next_page_token = self._tokens.encode_time_key(fingerprint, key, total)
         return response
 
     @unary_errors

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
 from server import convert, pagination
 from server import validation as val
-from server.domain import MetadataChange, TimeKey, User, UserChanges
-from server.errors import stream_errors, unary_errors
+from server.domain import MetadataChange, Page, TimeKey, UserChanges, UserRecord
+from server.errors import MemstoreError, stream_errors, unary_errors
 from server.servicers import Context, ServicerBase
 
 #: A chunk of ListUsersChunked stops growing before it passes this many serialized bytes.
@@ -83,10 +85,11 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         project = self._project(context)
         query = pagination.users_fingerprint(project)
         after = self._tokens.decode_time_key(request.page_token, query)
-        page = await self._store.list_users(project, after, size)
+        page = await self._store.list_user_records(project, after, size)
         response = pb.ListUsersResponse()
-        for user in page.items:
-            convert.user_to_proto(user, response.users.add())
+        users = response.users
+        for record in page.items:
+            convert.add_user_record(users, record)
         if page.has_more and page.items:
             response.next_page_token = self._tokens.encode_time_key(query, _key(page.items[-1]))
         return response
@@ -103,41 +106,52 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         after = self._tokens.decode_time_key(request.page_token, query)
         chunk = pb.ListUsersChunkedResponse()
         size = 0
-        last: TimeKey | None = None
+        last: UserRecord | None = None
         meter = _Meter()
-        async for user in self._iter_users(project, after, chunk_size, meter):
-            entry_size = _field_size(convert.user_to_proto(user, chunk.users.add()).ByteSize())
-            meter.add(entry_size)
-            full = len(chunk.users) > chunk_size or size + entry_size > MAX_CHUNK_BYTES
-            if full and len(chunk.users) > 1:
-                # This user starts the next chunk: the current one is complete and, since a
-                # user follows it, not the last; its token resumes right after `last`.
-                del chunk.users[-1]
-                assert last is not None
-                chunk.next_page_token = self._tokens.encode_time_key(query, last)
-                yield chunk
-                chunk = pb.ListUsersChunkedResponse()
-                convert.user_to_proto(user, chunk.users.add())
-                size = 0
-            size += entry_size
-            last = _key(user)
+        async for batch in self._user_batches(project, after, chunk_size, meter):
+            for record in batch:
+                entry_size = _field_size(convert.add_user_record(chunk.users, record).ByteSize())
+                meter.add(entry_size)
+                full = len(chunk.users) > chunk_size or size + entry_size > MAX_CHUNK_BYTES
+                if full and len(chunk.users) > 1:
+                    # This user starts the next chunk: the current one is complete and, since
+                    # a user follows it, not the last; its token resumes right after `last`.
+                    del chunk.users[-1]
+                    assert last is not None
+                    chunk.next_page_token = self._tokens.encode_time_key(query, _key(last))
+                    yield chunk
+                    chunk = pb.ListUsersChunkedResponse()
+                    convert.add_user_record(chunk.users, record)
+                    size = 0
+                size += entry_size
+                last = record
         if chunk.users:
             yield chunk
 
-    async def _iter_users(
+    async def _user_batches(
         self, project: int, after: TimeKey | None, chunk_size: int, meter: _Meter
-    ) -> AsyncIterator[User]:
+    ) -> AsyncIterator[list[UserRecord]]:
         # Keyset batches: a pooled connection is held only while one batch is read, never while
-        # the caller is slow to take chunks.
-        limit = chunk_size
-        while True:
-            page = await self._store.list_users(project, after, limit)
-            for user in page.items:
-                yield user
-            if not page.has_more or not page.items:
-                return
-            after = _key(page.items[-1])
-            limit = meter.batch_limit(chunk_size)
+        # the caller is slow to take chunks. The next batch is read while this one is turned
+        # into protos, so PostgreSQL's work overlaps Python's; memory holds two batches.
+        first = self._store.list_user_records(project, after, chunk_size)
+        pending: asyncio.Future[Page[UserRecord]] | None = asyncio.ensure_future(first)
+        try:
+            while pending is not None:
+                page = await pending
+                pending = None
+                if page.has_more and page.items:
+                    after = _key(page.items[-1])
+                    limit = meter.batch_limit(chunk_size)
+                    pending = asyncio.ensure_future(
+                        self._store.list_user_records(project, after, limit)
+                    )
+                yield page.items
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MemstoreError):
+                    await pending
 
     @unary_errors
     async def ListUserSessions(
@@ -162,8 +176,8 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         return response
 
 
-def _key(user: User) -> TimeKey:
-    return user.created_at, user.user_id
+def _key(record: UserRecord) -> TimeKey:
+    return pagination.from_micros(record[5]), record[0]
 
 
 class _Meter:

@@ -41,8 +41,11 @@ class StoreBase:
         unique: ErrorFactory | None = None,
         foreign_key: ErrorFactory | None = None,
         field: str = "request",
+        single: bool = False,
     ) -> AsyncIterator[AsyncConnection[Any]]:
-        # One transaction per block: committed on exit, rolled back on error.
+        # One transaction per block: committed on exit, rolled back on error. A block of one
+        # statement (`single`) runs in autocommit instead: the statement is its own
+        # transaction, which saves the BEGIN and COMMIT round trips.
         with translated(unique=unique, foreign_key=foreign_key, field=field):
             if self._health.down:
                 # Fail fast rather than wait for the pool's timeout; the probe heals the pool.
@@ -51,8 +54,12 @@ class StoreBase:
                 )
             conn = await self._checkout()
             try:
-                async with conn:
-                    yield conn
+                if single:
+                    async with _autocommit(conn):
+                        yield conn
+                else:
+                    async with conn:
+                        yield conn
             except psycopg.OperationalError:
                 if conn.broken or conn.closed:
                     self._health.report_lost_connection()
@@ -94,6 +101,17 @@ class StoreBase:
             "or by adding memory with AddMemory",
             reason="SESSION_DELETED",
         )
+
+
+@asynccontextmanager
+async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
+    # Switching autocommit is local to the client while no transaction is open: no round trip.
+    await conn.set_autocommit(True)
+    try:
+        yield
+    finally:
+        if not (conn.closed or conn.broken):
+            await conn.set_autocommit(False)
 
 
 def key(project_id: int, **ids: str) -> dict[str, Any]:

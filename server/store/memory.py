@@ -44,7 +44,7 @@ class MemoryMethods(StoreBase):
             "metadatas": [Jsonb(m.metadata) for m in messages],
         }
         no_user = factory(no_such_user(user_id))
-        async with self._connect(foreign_key=no_user, field="messages") as conn:
+        async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:
             found = await fetch_all(conn, "add_memory", params)
         if not found:
             raise FailedPrecondition(
@@ -64,7 +64,7 @@ class MemoryMethods(StoreBase):
             Unavailable: the database cannot be reached.
         """
         params = {**key(project_id, session_id=session_id), "lastn": lastn}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             found = await fetch_all(conn, "get_memory", params)
         if not found:
             return None, []
@@ -83,7 +83,7 @@ class MemoryMethods(StoreBase):
             "after_sequence": after_sequence or 0,
             "limit": limit + 1,
         }
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             found = await fetch_all(conn, "list_messages", params)
             if not found:
                 raise await self._session_missing(conn, project_id, session_id)
@@ -97,7 +97,7 @@ class MemoryMethods(StoreBase):
             NotFound: the message or its session is absent or soft-deleted.
         """
         params = {**key(project_id, session_id=session_id), "uuid": parse_uuid(session_id, uuid)}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "get_message", params)
         if row is None:
             raise message_not_found(session_id, uuid)
@@ -116,7 +116,7 @@ class MemoryMethods(StoreBase):
             "uuid": parse_uuid(session_id, uuid),
             **metadata_params(change),
         }
-        async with self._connect(field="metadata") as conn:
+        async with self._connect(field="metadata", single=True) as conn:
             row = await fetch_one(conn, "update_message", params)
         if row is None:
             raise message_not_found(session_id, uuid)
@@ -128,7 +128,7 @@ class MemoryMethods(StoreBase):
         Raises:
             NotFound: the session is absent or soft-deleted.
         """
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "clear_memory", key(project_id, session_id=session_id))
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)

@@ -107,7 +107,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
             Unavailable: the database cannot be reached.
         """
         params = {"candidate": secrets.token_bytes(32)}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             # A worker that loses the insert race may not see the winner's row in the same
             # statement's snapshot; the next statement does.
             for _ in range(3):
@@ -133,7 +133,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
             "user_id": user_id,
             "metadata": Jsonb(metadata),
         }
-        async with self._connect(foreign_key=factory(no_such_user(user_id))) as conn:
+        async with self._connect(foreign_key=factory(no_such_user(user_id)), single=True) as conn:
             row = await fetch_one(conn, "create_session", params)
             if row is None:
                 state = await fetch_one(conn, "session_state", params)
@@ -147,7 +147,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
             NotFound: absent, or soft-deleted and not show_deleted.
         """
         params = {**key(project_id, session_id=session_id), "show_deleted": show_deleted}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "get_session", params)
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
@@ -162,7 +162,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
             NotFound: the session is absent or soft-deleted.
         """
         params = {**key(project_id, session_id=session_id), **metadata_params(change)}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "update_session", params)
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
@@ -174,7 +174,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
         Raises:
             NotFound: the session is absent or already soft-deleted.
         """
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "delete_session", key(project_id, session_id=session_id))
             if row is None:
                 raise await self._session_missing(conn, project_id, session_id)
@@ -188,7 +188,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
             FailedPrecondition: the session is not deleted (reason SESSION_NOT_DELETED).
         """
         params = key(project_id, session_id=session_id)
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "undelete_session", params)
             if row is None:
                 if await fetch_one(conn, "session_state", params) is None:
@@ -205,14 +205,24 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
         after: TimeKey | None,
         offset: int | None,
         limit: int,
+        *,
+        count: bool = True,
     ) -> Page[Session]:
-        """Keyset page (after) or OFFSET page (offset); total_size always set.
+        """Keyset page (after) or OFFSET page (offset); total_size set when `count`.
+
+        Counting reads every matching session, so later pages of one listing skip it and
+        reuse the total of the first (ListSessions carries it in the page token).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
         page_sql, count_sql, params = list_sessions_statements(query, after)
         params.update(project_id=project_id, limit=limit + 1, offset=offset or 0)
+        if not count:
+            async with self._connect(field="metadata_contains", single=True) as conn:
+                found = await fetch_all(conn, page_sql, params)
+            return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
+        # Page and count in one round trip and one snapshot.
         async with self._connect(field="metadata_contains") as conn, conn.pipeline():
             found = await fetch_all(conn, page_sql, params)
             total = await fetch_one(conn, count_sql, params)
@@ -230,7 +240,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
         Raises:
             Unavailable: the database cannot be reached.
         """
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "purge_cutoff", {"retention": retention})
         assert row is not None
         params = {"cutoff": row["cutoff"], "batch_size": batch_size}
@@ -248,7 +258,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods):
         # Short transactions, one per batch, until a batch comes back short.
         rows_, others, batches = 0, 0, 0
         while True:
-            async with self._connect() as conn:
+            async with self._connect(single=True) as conn:
                 row = await fetch_one(conn, name, params)
             done = int(row["n"]) if row else 0
             rows_ += done

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from psycopg.types.json import Jsonb
 
-from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges
+from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
 from server.errors import AlreadyExists
 from server.store import rows
 from server.store.base import START, StoreBase, factory, key, metadata_params, user_not_found
 from server.store.db import fetch_all, fetch_one
+from server.store.queries import query
 
 
 class UserMethods(StoreBase):
@@ -39,7 +42,7 @@ class UserMethods(StoreBase):
         taken = factory(
             AlreadyExists(f"user '{user_id}' already exists", reason="USER_ALREADY_EXISTS")
         )
-        async with self._connect(unique=taken) as conn:
+        async with self._connect(unique=taken, single=True) as conn:
             row = await fetch_one(conn, "create_user", params)
         assert row is not None  # INSERT ... RETURNING without ON CONFLICT returns its row
         return rows.user(row)
@@ -50,7 +53,7 @@ class UserMethods(StoreBase):
         Raises:
             NotFound: no user has this id.
         """
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "get_user", key(project_id, user_id=user_id))
         if row is None:
             raise user_not_found(user_id)
@@ -74,7 +77,7 @@ class UserMethods(StoreBase):
             "set_metadata": meta is not None,
             **metadata_params(meta),
         }
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "update_user", params)
         if row is None:
             raise user_not_found(user_id)
@@ -103,9 +106,26 @@ class UserMethods(StoreBase):
         """
         after_ts, after_id = after or START
         params = {"project_id": project_id, "after_ts": after_ts, "after_id": after_id}
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             found = await fetch_all(conn, "list_users", {**params, "limit": limit + 1})
         return Page([rows.user(r) for r in found[:limit]], has_more=len(found) > limit)
+
+    async def list_user_records(
+        self, project_id: int, after: TimeKey | None, limit: int
+    ) -> Page[UserRecord]:
+        """list_users as plain tuples (UserRecord), for the list and export paths.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        after_ts, after_id = after or START
+        params = {"project_id": project_id, "after_ts": after_ts, "after_id": after_id}
+        async with self._connect(single=True) as conn:
+            cur = conn.cursor()
+            await cur.execute(query("list_user_records"), {**params, "limit": limit + 1})
+            # The statement's columns are those of UserRecord, in its order.
+            found = cast(list[UserRecord], await cur.fetchall())
+        return Page(found[:limit], has_more=len(found) > limit)
 
     async def list_user_sessions(
         self, project_id: int, user_id: str, after: TimeKey | None, limit: int
@@ -122,7 +142,7 @@ class UserMethods(StoreBase):
             "after_id": after_id,
             "limit": limit + 1,
         }
-        async with self._connect() as conn:
+        async with self._connect(single=True) as conn:
             found = await fetch_all(conn, "list_user_sessions", params)
         if not found:
             raise user_not_found(user_id)

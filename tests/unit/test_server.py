@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,8 @@ from memstore.v1 import user_service_pb2_grpc as pb_grpc
 from server import errors
 from server.app import build_server
 from server.config import Config
-from server.domain import Page, TimeKey, User
+from server.domain import Page, TimeKey, User, UserRecord
+from server.pagination import to_micros
 from server.servicers.users import MAX_CHUNK_BYTES
 
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
@@ -48,6 +50,18 @@ class FakeStore:
         await asyncio.sleep(0)
         rows = [u for u in self.users if after is None or (u.created_at, u.user_id) > after]
         return Page(rows[:limit], has_more=len(rows) > limit)
+
+    async def list_user_records(
+        self, project_id: int, after: TimeKey | None, limit: int
+    ) -> Page[UserRecord]:
+        page = await self.list_users(project_id, after, limit)
+        return Page([_record(u) for u in page.items], has_more=page.has_more)
+
+
+def _record(u: User) -> UserRecord:
+    created, updated = to_micros(u.created_at), to_micros(u.updated_at)
+    metadata = json.dumps(u.metadata)
+    return (u.user_id, u.email, u.first_name, u.last_name, metadata, created, updated, 0)
 
 
 def _users(count: int, metadata_bytes: int = 0) -> list[User]:

@@ -381,7 +381,11 @@ class ListSessionsResponse(_message.Message):
     next_page_token: _builtins.str
     """Token of the next page; empty when this is the last page."""
     total_size: _builtins.int
-    """Number of sessions matching the filters, across all pages."""
+    """Number of sessions matching the filters, across all pages. Counted when
+    a listing starts (a request without page_token, or with page_number) and
+    carried by next_page_token, so the pages that follow repeat that count
+    instead of counting again: it does not follow later inserts or deletes.
+    """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Session]:
         """The sessions of this page."""

@@ -20,7 +20,11 @@ WITH s AS (
     INSERT INTO messages AS m (project_id, session_id, sequence, role, role_type, content,
                                metadata, created_at, updated_at)
     SELECT s.project_id, s.session_id, s.next_sequence - %(n)s + t.ord - 1, t.role, t.role_type,
-           t.content, memstore_merge_patch('{}', t.metadata), s.last_message_at,
+           t.content,
+           -- A message without metadata (the common case) skips the PL/pgSQL call.
+           CASE WHEN t.metadata = '{}' THEN t.metadata
+                ELSE memstore_merge_patch('{}', t.metadata) END,
+           s.last_message_at,
            s.last_message_at
     FROM s, unnest(%(roles)s::text[], %(role_types)s::text[], %(contents)s::text[],
                    %(metadatas)s::jsonb[]) WITH ORDINALITY AS t(role, role_type, content,

@@ -47,7 +47,8 @@ WITH gone AS (
 ), hidden AS (
     UPDATE messages AS m SET deleted_at = gone.deleted_at
     FROM gone
-    WHERE m.project_id = gone.project_id AND m.session_id = gone.session_id
+    -- Pinned by the parameters (gone holds that one session) so it stays on one shard.
+    WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
       AND m.deleted_at IS NULL
     RETURNING 1
 )

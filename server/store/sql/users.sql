@@ -91,3 +91,18 @@ LEFT JOIN LATERAL (
 ) s ON true
 WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
 ORDER BY s.created_at, s.session_id;
+
+-- name: list_user_records
+-- list_users as plain records for the hot list paths: metadata as JSON text, times as integer
+-- microseconds since the epoch (exact: extract() is numeric), so no Python decodes them.
+SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata::text,
+       (extract(epoch FROM u.created_at) * 1000000)::int8,
+       (extract(epoch FROM u.updated_at) * 1000000)::int8,
+       (SELECT count(*) FROM sessions s
+        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
+          AND s.deleted_at IS NULL)
+FROM users u
+WHERE u.project_id = %(project_id)s
+  AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+ORDER BY u.created_at, u.user_id
+LIMIT %(limit)s;

@@ -1,0 +1,125 @@
+"""Load generators that run in their own processes: unary calls, the export stream, COPY.
+
+The unary client sends pre-serialized request bytes and does not parse replies, so that its
+own cost per call is as small as grpc.aio allows and is the same for every method measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from dataclasses import dataclass
+
+import grpc
+
+#: One TCP connection per channel: without a local subchannel pool, channels of one process
+#: to one target share a connection, and SO_REUSEPORT could not spread them over workers.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@dataclass(frozen=True)
+class UnaryLoad:
+    """What one client process sends: `method` with `payloads` round-robin, for `seconds`."""
+
+    target: str
+    method: str
+    payloads: tuple[bytes, ...]
+    seconds: float
+    warmup: float
+    concurrency: int
+    channels: int
+    #: Payload index this process starts at, so processes do not send the same rows.
+    offset: int = 0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_unary(load: UnaryLoad) -> dict[str, float]:
+    """Runs one unary load in this process; returns calls, errors, wall and CPU seconds."""
+    return asyncio.run(_unary(load))
+
+
+async def _unary(load: UnaryLoad) -> dict[str, float]:
+    channels = [
+        grpc.aio.insecure_channel(load.target, options=CHANNEL_OPTIONS)
+        for _ in range(load.channels)
+    ]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        # No serializers: requests go out as the bytes given, replies stay bytes.
+        calls = [channel.unary_unary(load.method) for channel in channels]
+        state = {"counting": False, "stop": False, "calls": 0, "errors": 0}
+        workers = [
+            asyncio.create_task(_worker(calls[i % len(calls)], load, i, state))
+            for i in range(load.concurrency)
+        ]
+        await asyncio.sleep(load.warmup)
+        state["counting"] = True
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(load.seconds)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        state["counting"], state["stop"] = False, True
+        await asyncio.gather(*workers)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return {"calls": state["calls"], "errors": state["errors"], "wall": wall, "cpu": cpu}
+
+
+async def _worker(
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
+    load: UnaryLoad,
+    index: int,
+    state: dict[str, int | bool],
+) -> None:
+    payloads, n = load.payloads, len(load.payloads)
+    i = load.offset + index
+    while not state["stop"]:
+        try:
+            await call(payloads[i % n], timeout=30)
+            ok = True
+        except grpc.aio.AioRpcError:
+            ok = False
+        if state["counting"]:
+            state["calls" if ok else "errors"] += 1
+        i += load.concurrency
+
+
+def run_export(target: str, method: str, request: bytes, response_type: str) -> dict[str, float]:
+    """Reads a whole server stream, parsing each chunk; returns rows, wall and CPU seconds."""
+    from memstore.v1 import user_service_pb2
+
+    parse = getattr(user_service_pb2, response_type).FromString
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    rows = chunks = max_chunk = 0
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stream = channel.unary_stream(method)
+        for data in stream(request, timeout=3600):
+            rows += len(parse(data).users)
+            chunks += 1
+            max_chunk = max(max_chunk, len(data))
+    return {
+        "rows": rows,
+        "chunks": chunks,
+        "max_chunk_bytes": max_chunk,
+        "wall": time.perf_counter() - t0,
+        "cpu": cpu_seconds() - cpu0,
+    }
+
+
+def run_copy(url: str, statement: str) -> dict[str, float]:
+    """Reads `COPY ... TO STDOUT` (text) with psycopg and counts its rows (newlines)."""
+    import psycopg
+
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    rows = 0
+    with psycopg.connect(url) as conn, conn.cursor() as cur, cur.copy(statement) as copy:
+        for block in copy:
+            rows += bytes(block).count(b"\n")
+    return {"rows": rows, "wall": time.perf_counter() - t0, "cpu": cpu_seconds() - cpu0}

@@ -1,0 +1,278 @@
+"""The five figures: each a median over alternating runs, as a ratio to a same-run baseline."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from bench.client import CHANNEL_OPTIONS, UnaryLoad, run_copy, run_export, run_unary
+from bench.env import Server
+from memstore.v1 import resources_pb2, session_service_pb2, user_service_pb2, user_service_pb2_grpc
+
+HEALTH = "/grpc.health.v1.Health/Check"
+GET_USER = "/memstore.v1.UserService/GetUser"
+ADD_MEMORY = "/memstore.v1.SessionService/AddMemory"
+LIST_CHUNKED = "/memstore.v1.UserService/ListUsersChunked"
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and repetitions of one bench run (flags of `python -m bench`)."""
+
+    users: int = 1_000_000
+    runs: int = 5
+    export_runs: int = 3
+    seconds: float = 3.0
+    warmup: float = 0.5
+    concurrency: int = 32
+    channels: int = 8
+    client_procs: int = 1
+    scaling_client_procs: int = 2
+    page_size: int = 100
+    page_depth: int = 1000
+    page_calls: int = 40
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def _health_payloads() -> tuple[bytes, ...]:
+    return (health_pb2.HealthCheckRequest().SerializeToString(),)
+
+
+def get_user_payloads(users: int, count: int = 1000) -> tuple[bytes, ...]:
+    """GetUser requests for users spread evenly over the loaded table."""
+    step = max(1, users // count)
+    return tuple(
+        user_service_pb2.GetUserRequest(user_id=f"user-{i:07d}").SerializeToString()
+        for i in range(0, users, step)
+    )
+
+
+def add_memory_payloads(batch: int, sessions: int = 2000) -> tuple[bytes, ...]:
+    """AddMemory requests of `batch` messages (~200 B of content each) over many sessions."""
+    content = "The user said they prefer vegetarian food and live near the sea. " * 3
+    out = []
+    for s in range(sessions):
+        messages = [
+            resources_pb2.Message(
+                role="user", role_type=resources_pb2.ROLE_TYPE_USER, content=f"{content} #{k}"
+            )
+            for k in range(batch)
+        ]
+        out.append(
+            session_service_pb2.AddMemoryRequest(
+                session_id=f"bench-{batch}-{s}", messages=messages
+            ).SerializeToString()
+        )
+    return tuple(out)
+
+
+def unary_run(pool: Executor, load: UnaryLoad, procs: int) -> dict[str, float]:
+    """One timed run split over `procs` client processes; rps, errors and client CPU summed."""
+    share = replace(
+        load,
+        concurrency=max(1, load.concurrency // procs),
+        channels=max(1, load.channels // procs),
+    )
+    futures = [pool.submit(run_unary, replace(share, offset=i * 7919)) for i in range(procs)]
+    parts = [f.result() for f in futures]
+    wall = _median([p["wall"] for p in parts])
+    calls = sum(p["calls"] for p in parts)
+    errors = sum(p["errors"] for p in parts)
+    if errors:
+        raise RuntimeError(f"{load.method}: {errors} calls failed during the run")
+    return {
+        "rps": calls / wall,
+        "client_cpu_cores": sum(p["cpu"] for p in parts) / wall,
+        "client_max_proc_cpu": max(p["cpu"] / p["wall"] for p in parts),
+    }
+
+
+def alternate(
+    s: Settings, pool: Executor, server: Server, methods: dict[str, tuple[str, tuple[bytes, ...]]]
+) -> dict[str, list[dict[str, float]]]:
+    """Runs every method once per round, rotating the order, for s.runs rounds."""
+    names = list(methods)
+    results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for r in range(s.runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            method, payloads = methods[name]
+            load = UnaryLoad(
+                server.target, method, payloads, s.seconds, s.warmup, s.concurrency, s.channels
+            )
+            cpu0 = server.cpu_seconds()
+            run = unary_run(pool, load, s.client_procs)
+            run["server_cpu_cores"] = (server.cpu_seconds() - cpu0) / (s.seconds + s.warmup)
+            results[name].append(run)
+    return results
+
+
+def ratio_figure(
+    name: str,
+    results: dict[str, list[dict[str, float]]],
+    subject: str,
+    baseline: str,
+    goal: float | None,
+) -> dict[str, Any]:
+    """subject rps / baseline rps, per round, and its median."""
+    ratios = [a["rps"] / b["rps"] for a, b in zip(results[subject], results[baseline], strict=True)]
+    value = _median(ratios)
+    return {
+        "figure": name,
+        "value": round(value, 3),
+        "goal": f">= {goal:.2f}" if goal is not None else None,
+        "met": None if goal is None else value >= goal,
+        "runs": [round(x, 3) for x in ratios],
+        f"{subject}_rps": round(_median([x["rps"] for x in results[subject]])),
+        f"{baseline}_rps": round(_median([x["rps"] for x in results[baseline]])),
+        "client_cpu_cores": round(_median([x["client_cpu_cores"] for x in results[subject]]), 2),
+        "server_cpu_cores": round(_median([x["server_cpu_cores"] for x in results[subject]]), 2),
+    }
+
+
+def unary_and_writes(s: Settings, pool: Executor, server: Server) -> list[dict[str, Any]]:
+    """Figures 1 and 2: GetUser and AddMemory (1 and 20) against health Check, alternating."""
+    methods = {
+        "health": (HEALTH, _health_payloads()),
+        "get_user": (GET_USER, get_user_payloads(s.users)),
+        "add_memory_1": (ADD_MEMORY, add_memory_payloads(1)),
+        "add_memory_20": (ADD_MEMORY, add_memory_payloads(20, sessions=500)),
+    }
+    results = alternate(s, pool, server, methods)
+    return [
+        ratio_figure("unary", results, "get_user", "health", 0.70),
+        ratio_figure("writes_1", results, "add_memory_1", "health", 0.50),
+        ratio_figure("writes_20", results, "add_memory_20", "health", None),
+    ]
+
+
+def _sample_while(future: Future[Any], sample: Callable[[], int]) -> int:
+    peak = sample()
+    while not future.done():
+        time.sleep(0.05)
+        peak = max(peak, sample())
+    return peak
+
+
+def export(s: Settings, pool: Executor, server: Server, url: str) -> dict[str, Any]:
+    """Figure 3: ListUsersChunked rows/s over COPY users TO STDOUT rows/s; server RSS."""
+    request = user_service_pb2.ListUsersChunkedRequest(chunk_size=1000).SerializeToString()
+    copies, streams, rss = [], [], []
+    for _ in range(s.export_runs):
+        copy = pool.submit(run_copy, url, "COPY users TO STDOUT").result()
+        before = server.rss_bytes()
+        future = pool.submit(
+            run_export, server.target, LIST_CHUNKED, request, "ListUsersChunkedResponse"
+        )
+        peak = _sample_while(future, server.rss_bytes)
+        stream = future.result()
+        rss.append((before, peak, server.rss_bytes()))
+        if stream["rows"] != copy["rows"]:
+            raise RuntimeError(f"export saw {stream['rows']} rows, COPY {copy['rows']}")
+        copies.append(copy)
+        streams.append(stream)
+    ratios = [
+        (a["rows"] / a["wall"]) / (b["rows"] / b["wall"])
+        for a, b in zip(streams, copies, strict=True)
+    ]
+    value = _median(ratios)
+    growth = max(peak - before for before, peak, _ in rss)
+    return {
+        "figure": "export",
+        "value": round(value, 3),
+        "goal": ">= 0.50 and RSS growth < 100 MB",
+        "met": value >= 0.50 and growth < 100 * MB,
+        "runs": [round(x, 3) for x in ratios],
+        "rows": streams[0]["rows"],
+        "export_rows_per_s": round(_median([x["rows"] / x["wall"] for x in streams])),
+        "copy_rows_per_s": round(_median([x["rows"] / x["wall"] for x in copies])),
+        "export_client_cpu_s": round(_median([x["cpu"] for x in streams]), 2),
+        "max_chunk_bytes": max(x["max_chunk_bytes"] for x in streams),
+        "server_rss_before_mb": round(rss[-1][0] / MB, 1),
+        "server_rss_peak_mb": round(rss[-1][1] / MB, 1),
+        "server_rss_end_mb": round(rss[-1][2] / MB, 1),
+        "server_rss_growth_mb": round(growth / MB, 1),
+    }
+
+
+def _deep_token(stub: user_service_pb2_grpc.UserServiceStub, skip: int) -> str:
+    token = ""
+    while skip > 0:
+        size = min(1000, skip)
+        reply = stub.ListUsers(user_service_pb2.ListUsersRequest(page_size=size, page_token=token))
+        token, skip = reply.next_page_token, skip - size
+    return token
+
+
+def pagination(s: Settings, server: Server) -> dict[str, Any]:
+    """Figure 4: latency of a ListUsers page `page_depth` pages deep over the first page."""
+    depth = max(2, min(s.page_depth, s.users // s.page_size))
+    with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        token = _deep_token(stub, (depth - 1) * s.page_size)
+        first = user_service_pb2.ListUsersRequest(page_size=s.page_size)
+        deep = user_service_pb2.ListUsersRequest(page_size=s.page_size, page_token=token)
+        ratios, firsts, deeps = [], [], []
+        for _ in range(s.runs):
+            a, b = [], []
+            for _ in range(s.page_calls):
+                for request, into in ((first, a), (deep, b)):
+                    t0 = time.perf_counter()
+                    reply = stub.ListUsers(request)
+                    into.append(time.perf_counter() - t0)
+                    assert len(reply.users) == s.page_size
+            firsts.append(_median(a))
+            deeps.append(_median(b))
+            ratios.append(deeps[-1] / firsts[-1])
+    value = _median(ratios)
+    return {
+        "figure": "deep_page",
+        "value": round(value, 3),
+        "goal": "<= 1.50",
+        "met": value <= 1.5,
+        "runs": [round(x, 3) for x in ratios],
+        "page_size": s.page_size,
+        "depth_pages": depth,
+        "first_page_ms": round(_median(firsts) * 1000, 2),
+        "deep_page_ms": round(_median(deeps) * 1000, 2),
+    }
+
+
+def scaling(s: Settings, pool: Executor, one: Server, two: Server) -> dict[str, Any]:
+    """Figure 5: GetUser rps with 2 workers over 1 worker, from several client processes."""
+    payloads = get_user_payloads(s.users)
+    runs: dict[str, list[dict[str, float]]] = {"one": [], "two": []}
+    for r in range(s.runs):
+        order = [("one", one), ("two", two)] if r % 2 == 0 else [("two", two), ("one", one)]
+        for name, server in order:
+            load = UnaryLoad(
+                server.target,
+                GET_USER,
+                payloads,
+                s.seconds,
+                s.warmup,
+                s.concurrency * 2,
+                s.channels * 2,
+            )
+            cpu0 = server.cpu_seconds()
+            run = unary_run(pool, load, s.scaling_client_procs)
+            run["server_cpu_cores"] = (server.cpu_seconds() - cpu0) / (s.seconds + s.warmup)
+            runs[name].append(run)
+    figure = ratio_figure("workers", runs, "two", "one", 1.6)
+    # A client process near one full core means the client, not the server, set the pace.
+    client_bound = _median([x["client_max_proc_cpu"] for x in runs["two"]]) > 0.9
+    figure["client_bound"] = client_bound
+    figure["one_server_cpu_cores"] = round(_median([x["server_cpu_cores"] for x in runs["one"]]), 2)
+    if client_bound and not figure["met"]:
+        figure["met"] = None  # not judged: the goal holds only where the client is not the limit
+    return figure

@@ -1,0 +1,159 @@
+"""`memstore serve --workers N`: one serving process per core, all on one port (SO_REUSEPORT).
+
+The parent prepares what the workers share (the embedded PostgreSQL, the migrations), checks
+that nobody else holds the port, then forks the workers before any gRPC object exists: a
+gRPC core that has started its threads cannot be forked safely. Each worker builds its own
+server and connection pool; the kernel spreads new connections over the workers' sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import replace
+from types import FrameType
+
+from server.config import Config
+
+log = logging.getLogger(__name__)
+
+#: prctl option that sends a signal to a worker when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
+def probe_port(host: str, port: int) -> int:
+    """Binds (without SO_REUSEPORT) every address of host:port and releases it.
+
+    With SO_REUSEPORT the workers would silently share a port with another server that set
+    it too; binding without it first fails when anyone holds the port. Returns the port,
+    a free one chosen here when `port` is 0 (the workers must all bind the same one).
+
+    Raises:
+        OSError: the port is taken, or the host has no address to bind.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = port or int(sock.getsockname()[1])
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    finally:
+        for sock in sockets:
+            sock.close()
+    return port
+
+
+async def _prepare(config: Config) -> None:
+    # Migrate once here, so the workers start on the current schema without racing for it.
+    from server.app import open_store
+
+    store = await open_store(config)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
+
+
+def serve_workers(config: Config) -> int:
+    """Forks config.workers serving processes and waits for them; returns the exit status.
+
+    Raises:
+        OSError: the port is taken.
+        MemstoreError: the database cannot be reached or migrated.
+    """
+    port = probe_port(config.host, config.port)
+    if config.database_url is None:
+        # One embedded PostgreSQL for all workers, owned (and stopped at exit) by the parent.
+        from server.embedded import EmbeddedPostgres
+
+        url = EmbeddedPostgres(config.data_dir / "pg").url("postgres")
+        config = replace(config, database_url=url)
+    config = replace(config, port=port)
+    asyncio.run(_prepare(config))
+    pids = [_fork_worker(config, i) for i in range(config.workers)]
+    log.info("memstore: %d workers on %s:%d", len(pids), config.host, port)
+    return _supervise(pids)
+
+
+def _fork_worker(config: Config, index: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # The worker: default signal dispositions until serve() installs its own, its own
+    # process group (a terminal's Ctrl-C reaches only the parent, which forwards it once),
+    # and a SIGTERM of its own should the parent die.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setpgid(0, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    os._exit(_run_worker(config, index))
+
+
+def _run_worker(config: Config, index: int) -> int:
+    from server.app import serve
+    from server.errors import MemstoreError
+
+    code = 0
+    try:
+        asyncio.run(serve(config))
+    except (MemstoreError, OSError, RuntimeError) as exc:
+        logging.getLogger("memstore").error("worker %d failed: %s", index, exc)
+        code = 1
+    except BaseException:
+        logging.getLogger("memstore").exception("worker %d crashed", index)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: the parent's atexit handlers (e.g. stopping the embedded PostgreSQL) are
+    # the parent's to run, not every worker's.
+    return code
+
+
+def _supervise(pids: list[int]) -> int:
+    """Forwards SIGTERM/SIGINT to the workers once, reaps them, and sums up their exits."""
+    live = set(pids)
+    forwarded = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal forwarded
+        del signum, frame
+        if not forwarded:
+            forwarded = True
+            _signal_all(live, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = False
+    while live:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        live.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed = True
+            if not forwarded:
+                # One worker failing (e.g. at start) takes the others down: no half service.
+                log.error("worker %d exited with %d; stopping the others", pid, status)
+                forward(signal.SIGTERM, None)
+    return 1 if failed else 0
+
+
+def _signal_all(pids: set[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)

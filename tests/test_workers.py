@@ -1,0 +1,97 @@
+"""`memstore serve --workers N`: several processes on one port, one clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import grpc
+
+from memstore.v1 import user_service_pb2, user_service_pb2_grpc
+from tests.test_process import _memstore, _serve, _stop
+
+_ESTABLISHED = "01"
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        match = re.fullmatch(r"socket:\[(\d+)\]", target)
+        if match:
+            inodes.add(match.group(1))
+    return inodes
+
+
+def _accepted_connections(pid: int, port: int) -> int:
+    """Established TCP connections on `port` whose socket process `pid` holds."""
+    mine = _socket_inodes(pid)
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == _ESTABLISHED and fields[9] in mine:
+                count += 1
+    return count
+
+
+def test_two_workers_share_the_port_and_exit_zero_on_sigterm(clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = _serve("--workers", "2", "--purge-interval", "0", "--grace-period", "5", env=env)
+    channels = [
+        # A local subchannel pool gives each channel its own TCP connection.
+        grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(16)
+    ]
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        for i, channel in enumerate(channels):
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            stub.CreateUser(user_service_pb2.CreateUserRequest(user_id=f"w{i}"), timeout=10)
+        # The kernel spread the 16 connections over both workers (all on one: p = 2**-15).
+        served = [_accepted_connections(pid, port) for pid in workers]
+        assert all(n > 0 for n in served), served
+        assert sum(served) >= len(channels)
+        # Every worker reads the same database: each user is visible through any connection.
+        stub = user_service_pb2_grpc.UserServiceStub(channels[0])
+        listed = stub.ListUsers(user_service_pb2.ListUsersRequest(page_size=100), timeout=10)
+        assert sorted(u.user_id for u in listed.users) == sorted(f"w{i}" for i in range(16))
+    finally:
+        for channel in channels:
+            channel.close()
+        code, out = _stop(proc)
+    assert code == 0, out
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_workers_refuse_a_taken_port(clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = _serve("--purge-interval", "0", env=env)
+    try:
+        # gRPC itself would share the port under SO_REUSEPORT; the parent's probe refuses.
+        run = _memstore(
+            "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", env=env
+        )
+        assert run.returncode == 1
+        assert "cannot listen" in run.stderr
+        assert "Traceback" not in run.stderr
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+
+
+def test_workers_flag_rejects_zero() -> None:
+    run = _memstore("serve", "--workers", "0")
+    assert run.returncode == 2
+    assert "--workers" in run.stderr
