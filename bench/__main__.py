@@ -52,7 +52,7 @@ def _machine() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "load_avg_at_start": os.getloadavg(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         **versions,
     }
 
@@ -70,7 +70,9 @@ def _cpu_model() -> str:
 def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Sets up the database and servers, measures the chosen figures, tears everything down."""
     only = set(args.only.split(","))
+    machine = _machine()
     maintenance = env.server_url(args.database_url, args.data_dir)
+    machine["postgresql"] = env.server_version(maintenance)
     url = env.fresh_database(maintenance, args.db_name)
     t0 = time.perf_counter()
     env.migrate(url)
@@ -98,7 +100,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
         _check_stopped(one)
         if not args.keep_db:
             env.drop_database(maintenance, args.db_name)
-    return {"machine": _machine(), "settings": s.__dict__, "setup": setup, "figures": out}
+    return {"machine": machine, "settings": s.__dict__, "setup": setup, "figures": out}
 
 
 def _check_stopped(server: env.Server) -> None:
@@ -113,14 +115,33 @@ def _emit(figure: dict[str, Any]) -> dict[str, Any]:
     return figure
 
 
+def _note(f: dict[str, Any]) -> str:
+    name = f["figure"]
+    if name == "export":
+        return (
+            f"{f['export_rows_per_s']:,} vs COPY {f['copy_rows_per_s']:,} rows/s; "
+            f"RSS +{f['server_rss_growth_mb']} MB"
+        )
+    if name == "deep_page":
+        return f"{f['deep_page_ms']} vs {f['first_page_ms']} ms (page {f['depth_pages']})"
+    if name == "workers":
+        return (
+            f"{f['two_rps']:,} vs {f['one_rps']:,} rps; client {f['client_cpu_cores']} cores, "
+            f"server {f['server_cpu_cores']} vs {f['one_server_cpu_cores']} cores"
+        )
+    rates = [f"{v:,}" for k, v in sorted(f.items()) if k.endswith("_rps")]
+    return " vs ".join(rates) + f" rps; client {f['client_cpu_cores']} cores"
+
+
 def table(figures_: list[dict[str, Any]]) -> str:
-    """The human-readable summary: figure, value, goal, verdict."""
-    lines = [f"{'figure':<12} {'value':>8}  {'goal':<34} verdict", "-" * 70]
+    """The human-readable summary: figure, value, goal, verdict, and the numbers behind it."""
+    lines = [f"{'figure':<10} {'value':>6}  {'goal':<32} {'verdict':<12} numbers", "-" * 110]
     for f in figures_:
         verdict = {True: "met", False: "NOT MET", None: "not judged"}[f["met"]]
         if f["figure"] == "workers" and f.get("client_bound"):
             verdict += " (client-bound)"
-        lines.append(f"{f['figure']:<12} {f['value']:>8.3f}  {f['goal'] or '-':<34} {verdict}")
+        goal = f["goal"] or "-"
+        lines.append(f"{f['figure']:<10} {f['value']:>6.3f}  {goal:<32} {verdict:<12} {_note(f)}")
     return "\n".join(lines)
 
 

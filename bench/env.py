@@ -33,6 +33,13 @@ def server_url(database_url: str | None, data_dir: Path) -> str:
     return EmbeddedPostgres(data_dir / "bench-pg").url("postgres")
 
 
+def server_version(url: str) -> str:
+    """PostgreSQL's version string, short form (e.g. "18.1")."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]).split()[0] if row else "unknown"
+
+
 def fresh_database(url: str, name: str = BENCH_DB) -> str:
     """Drops and creates the bench database on the server of `url`; returns its URL."""
     with psycopg.connect(url, autocommit=True) as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ from memstore.v1 import user_service_pb2, user_service_pb2_grpc
 from tests.test_process import _memstore, _serve, _stop
 
 _ESTABLISHED = "01"
+_LISTEN = "0A"
 
 
 def _children(pid: int) -> list[int]:
@@ -32,17 +34,25 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def _accepted_connections(pid: int, port: int) -> int:
-    """Established TCP connections on `port` whose socket process `pid` holds."""
+def _sockets(pid: int, port: int, state: str) -> int:
+    """TCP sockets on local `port` in `state` (hex, as /proc/net/tcp) that process `pid` holds."""
     mine = _socket_inodes(pid)
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == _ESTABLISHED and fields[9] in mine:
+            if local_port == port and fields[3] == state and fields[9] in mine:
                 count += 1
     return count
+
+
+def _wait_listening(pids: list[int], port: int, timeout: float = 30.0) -> None:
+    # One worker answering health does not mean the other has bound the port yet.
+    deadline = time.monotonic() + timeout
+    while not all(_sockets(pid, port, _LISTEN) for pid in pids):
+        assert time.monotonic() < deadline, "not every worker listens on the port"
+        time.sleep(0.05)
 
 
 def test_two_workers_share_the_port_and_exit_zero_on_sigterm(clean_db: str) -> None:
@@ -56,11 +66,12 @@ def test_two_workers_share_the_port_and_exit_zero_on_sigterm(clean_db: str) -> N
     try:
         workers = _children(proc.pid)
         assert len(workers) == 2
+        _wait_listening(workers, port)
         for i, channel in enumerate(channels):
             stub = user_service_pb2_grpc.UserServiceStub(channel)
             stub.CreateUser(user_service_pb2.CreateUserRequest(user_id=f"w{i}"), timeout=10)
         # The kernel spread the 16 connections over both workers (all on one: p = 2**-15).
-        served = [_accepted_connections(pid, port) for pid in workers]
+        served = [_sockets(pid, port, _ESTABLISHED) for pid in workers]
         assert all(n > 0 for n in served), served
         assert sum(served) >= len(channels)
         # Every worker reads the same database: each user is visible through any connection.

@@ -105,27 +105,33 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         query = pagination.users_fingerprint(project)
         after = self._tokens.decode_time_key(request.page_token, query)
         chunk = pb.ListUsersChunkedResponse()
-        size = 0
+        users, count, size = chunk.users, 0, 0
         last: UserRecord | None = None
         meter = _Meter()
+        add = convert.add_user_record
+        # The per-user loop is the export's hot path: locals, no calls it can do without.
         async for batch in self._user_batches(project, after, chunk_size, meter):
+            batch_bytes = 0
             for record in batch:
-                entry_size = _field_size(convert.add_user_record(chunk.users, record).ByteSize())
-                meter.add(entry_size)
-                full = len(chunk.users) > chunk_size or size + entry_size > MAX_CHUNK_BYTES
-                if full and len(chunk.users) > 1:
+                body = add(users, record).ByteSize()
+                # Bytes the entry takes in the chunk: tag, length varint, body.
+                entry_size = 1 + (body.bit_length() + 6) // 7 + body if body else 2
+                batch_bytes += entry_size
+                count += 1
+                if (count > chunk_size or size + entry_size > MAX_CHUNK_BYTES) and count > 1:
                     # This user starts the next chunk: the current one is complete and, since
                     # a user follows it, not the last; its token resumes right after `last`.
-                    del chunk.users[-1]
+                    del users[-1]
                     assert last is not None
                     chunk.next_page_token = self._tokens.encode_time_key(query, _key(last))
                     yield chunk
                     chunk = pb.ListUsersChunkedResponse()
-                    convert.add_user_record(chunk.users, record)
-                    size = 0
+                    users, count, size = chunk.users, 1, 0
+                    add(users, record)
                 size += entry_size
                 last = record
-        if chunk.users:
+            meter.add(batch_bytes, len(batch))
+        if count:
             yield chunk
 
     async def _user_batches(
@@ -148,7 +154,9 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
                     )
                 yield page.items
         finally:
-            if pending is not None and not pending.done():
+            # The caller went away (or failed) with a batch still pending: cancel it, and
+            # collect its outcome either way so no "exception never retrieved" is logged.
+            if pending is not None:
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError, MemstoreError):
                     await pending
@@ -187,20 +195,15 @@ class _Meter:
         self.bytes = 0
         self.users = 0
 
-    def add(self, size: int) -> None:
+    def add(self, size: int, users: int) -> None:
         self.bytes += size
-        self.users += 1
+        self.users += users
 
     def batch_limit(self, chunk_size: int) -> int:
         # Large users make a chunk hold fewer of them; read about one chunk's bytes per batch
         # so that memory stays near one chunk whatever the rows weigh.
         average = max(1, self.bytes // max(1, self.users))
         return max(1, min(chunk_size, MAX_CHUNK_BYTES // average + 1))
-
-
-def _field_size(size: int) -> int:
-    # Bytes a repeated message entry takes in its parent: tag, length varint, body.
-    return 1 + (size.bit_length() + 6) // 7 + size if size else 2
 
 
 def _user_changes(request: pb.UpdateUserRequest) -> UserChanges:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import cast
 
 from psycopg.types.json import Jsonb
@@ -10,6 +11,7 @@ from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChang
 from server.errors import AlreadyExists
 from server.store import rows
 from server.store.base import START, StoreBase, factory, key, metadata_params, user_not_found
+from server.store.coalesce import Coalescer
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
 
@@ -50,14 +52,31 @@ class UserMethods(StoreBase):
     async def get_user(self, project_id: int, user_id: str) -> User:
         """One user with its live session count.
 
+        Concurrent calls share one statement (server/store/coalesce.py).
+
         Raises:
             NotFound: no user has this id.
         """
-        async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "get_user", key(project_id, user_id=user_id))
-        if row is None:
+        user = await self._user_loader.load((project_id, user_id))
+        if user is None:
             raise user_not_found(user_id)
-        return rows.user(row)
+        return user
+
+    @cached_property
+    def _user_loader(self) -> Coalescer[tuple[int, str], User]:
+        return Coalescer(self._get_users)
+
+    async def _get_users(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], User]:
+        by_project: dict[int, list[str]] = {}
+        for project_id, user_id in keys:
+            by_project.setdefault(project_id, []).append(user_id)
+        found: dict[tuple[int, str], User] = {}
+        async with self._connect(single=True) as conn:
+            for project_id, user_ids in by_project.items():
+                params = {"project_id": project_id, "user_ids": user_ids}
+                for row in await fetch_all(conn, "get_users", params):
+                    found[project_id, row["user_id"]] = rows.user(row)
+        return found
 
     async def update_user(self, project_id: int, user_id: str, changes: UserChanges) -> User:
         """One UPDATE; metadata merged in SQL (memstore_merge_patch).

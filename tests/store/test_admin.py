@@ -192,7 +192,7 @@ async def test_unavailable_when_the_pool_cannot_serve(database_url: str) -> None
 
 
 def test_every_query_is_named_and_described() -> None:
-    assert {"get_user", "add_memory", "purge_sessions", "token_key"} <= set(QUERIES)
+    assert {"get_users", "add_memory", "purge_sessions", "token_key"} <= set(QUERIES)
     parsed = parse("-- name: a\n-- Does a.\nSELECT 1;\n\n-- name: b\n-- Does b.\nSELECT 2\n")
     assert parsed == {"a": "SELECT 1", "b": "SELECT 2"}
     with pytest.raises(ValueError, match="description"):

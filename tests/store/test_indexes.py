@@ -115,7 +115,7 @@ def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
         ("list_user_sessions", {"user_id": "u1", "after_ts": NOW, "after_id": "", "limit": 51}),
         ("list_messages", {"session_id": "s1", "after_sequence": 0, "limit": 51}),
         ("get_memory", {"session_id": "s1", "lastn": 6}),
-        ("get_user", {"user_id": "u1"}),
+        ("get_users", {"user_ids": ["u1", "u2"]}),
     ]
     for name, params in cases:
         # get_memory and list_messages sort the few rows of one page back into order.

@@ -23,11 +23,13 @@ KEYS = {"users": "user_id", "sessions": "session_id", "messages": "session_id"}
 MULTI_SHARD = {
     ("list_users", "users"): "a project-wide listing: scatter, then merge by created_at",
     ("list_user_records", "users"): "ListUsers and the export: as list_users",
-    ("list_users", "sessions"): "session_count of each listed user (see get_user)",
-    ("list_user_records", "sessions"): "session_count of each listed user (see get_user)",
-    ("get_user", "sessions"): "session_count: a user's sessions live on their session ids' "
+    ("list_users", "sessions"): "session_count of each listed user (see get_users)",
+    ("list_user_records", "sessions"): "session_count of each listed user (see get_users)",
+    ("get_users", "users"): "concurrent GetUser calls coalesced into one statement; under "
+    "Citus, coalesce per shard (group the ids by shard) or read one id per statement",
+    ("get_users", "sessions"): "session_count: a user's sessions live on their session ids' "
     "shards; a counter kept on the user row would make it single-shard",
-    ("update_user", "sessions"): "session_count, as get_user",
+    ("update_user", "sessions"): "session_count, as get_users",
     ("list_user_sessions", "sessions"): "a user's sessions span shards (router: users; "
     "the sessions part is a fan-out merged by created_at)",
     ("lock_user_sessions", "sessions"): "DeleteUser locks every session of the user",

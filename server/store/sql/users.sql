@@ -10,14 +10,15 @@ FROM (SELECT clock_timestamp() AS now) AS t
 RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
           u.updated_at, 0::bigint AS session_count;
 
--- name: get_user
--- One user with the number of its live sessions; no row means NotFound.
+-- name: get_users
+-- The users of several ids (concurrent GetUser calls coalesced into one statement), each with
+-- the number of its live sessions; an id with no row is simply absent.
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
        (SELECT count(*) FROM sessions s
         WHERE s.project_id = u.project_id AND s.user_id = u.user_id
           AND s.deleted_at IS NULL) AS session_count
 FROM users u
-WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s;
+WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)s::text[]);
 
 -- name: update_user
 -- Sets the named fields and merges (or replaces) metadata in SQL, under the row lock.

@@ -1,0 +1,91 @@
+"""Coalesces concurrent point reads into one statement: one round trip serves many calls.
+
+Under grpc.aio each awaited database round trip costs the server far more CPU than the
+statement itself (docs/performance.md); GetUser calls that arrive while a batch is in flight
+therefore wait for the next batch and share its round trip. A call that arrives when fewer
+than `max_in_flight` batches are running goes out at once, so a lone call waits for nothing.
+One batch in flight made the largest batches and the least CPU per call (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+#: Looks up a batch of distinct keys; keys absent from the result have no row.
+Fetch = Callable[[list[K]], Awaitable[dict[K, V]]]
+
+
+class Coalescer(Generic[K, V]):
+    """Batches `load(key)` calls; each batch is one `fetch` of the distinct keys waiting."""
+
+    def __init__(self, fetch: Fetch[K, V], *, max_in_flight: int = 1, max_batch: int = 256):
+        self._fetch = fetch
+        self._max_in_flight = max_in_flight
+        self._max_batch = max_batch
+        self._waiting: list[tuple[K, asyncio.Future[V | None]]] = []
+        self._in_flight = 0
+        self._scheduled = False
+
+    async def load(self, key: K) -> V | None:
+        """The value of `key` (None when there is no row), read in a shared batch.
+
+        Raises:
+            Exception: whatever `fetch` raised for the batch this call was part of.
+        """
+        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        # At the end of this loop iteration, so calls that arrive together share a batch.
+        if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        batch = [(k, f) for k, f in self._waiting[: self._max_batch] if not f.done()]
+        del self._waiting[: self._max_batch]
+        if batch:
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._run(batch))
+            # A done callback, not a `finally`: a task cancelled before it starts runs none.
+            task.add_done_callback(self._finished)
+            futures = [f for _, f in batch]
+            for future in futures:
+                future.add_done_callback(lambda _f: _cancel_if_abandoned(task, futures))
+        self._schedule()
+
+    def _finished(self, _task: asyncio.Future[None]) -> None:
+        self._in_flight -= 1
+        self._schedule()
+
+    async def _run(self, batch: list[tuple[K, asyncio.Future[V | None]]]) -> None:
+        try:
+            found = await self._fetch(list(dict.fromkeys(k for k, _ in batch)))
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for key, future in batch:
+                if not future.done():
+                    future.set_result(found.get(key))
+
+
+def _cancel_if_abandoned(
+    task: asyncio.Future[None], futures: Sequence[asyncio.Future[Any]]
+) -> None:
+    # Every caller of the batch gave up (e.g. their deadlines passed): cancel its query too.
+    if not task.done() and all(f.cancelled() for f in futures):
+        task.cancel()

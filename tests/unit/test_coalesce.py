@@ -1,0 +1,88 @@
+"""Concurrent point reads share one fetch; errors and cancellations reach the right callers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.store.coalesce import Coalescer
+
+
+class Recorder:
+    """A fetch that records its batches and can be held open."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.cancelled = 0
+        self.error: Exception | None = None
+
+    async def __call__(self, keys: list[str]) -> dict[str, str]:
+        self.batches.append(keys)
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.error is not None:
+            raise self.error
+        return {k: k.upper() for k in keys if k != "missing"}
+
+
+async def test_calls_that_arrive_together_share_one_fetch() -> None:
+    fetch = Recorder()
+    loader = Coalescer(fetch)
+    got = await asyncio.gather(*(loader.load(k) for k in ("a", "b", "a", "missing")))
+    assert got == ["A", "B", "A", None]
+    assert fetch.batches == [["a", "b", "missing"]]
+
+
+async def test_a_lone_call_goes_out_at_once() -> None:
+    fetch = Recorder()
+    loader = Coalescer(fetch)
+    assert await asyncio.wait_for(loader.load("x"), 1) == "X"
+    assert fetch.batches == [["x"]]
+
+
+async def test_calls_arriving_while_batches_run_wait_for_the_next_one() -> None:
+    fetch = Recorder()
+    fetch.release.clear()
+    loader = Coalescer(fetch, max_in_flight=1)
+    first = asyncio.ensure_future(loader.load("a"))
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(loader.load(k)) for k in ("b", "c")]
+    await asyncio.sleep(0.01)
+    assert fetch.batches == [["a"]]  # b and c wait: one batch may run at a time
+    fetch.release.set()
+    assert await asyncio.gather(first, *later) == ["A", "B", "C"]
+    assert fetch.batches == [["a"], ["b", "c"]]
+
+
+async def test_a_failed_fetch_fails_every_caller_of_its_batch() -> None:
+    fetch = Recorder()
+    fetch.error = RuntimeError("database down")
+    loader = Coalescer(fetch)
+    results = await asyncio.gather(loader.load("a"), loader.load("b"), return_exceptions=True)
+    assert [str(r) for r in results] == ["database down", "database down"]
+    fetch.error = None
+    assert await loader.load("c") == "C"  # the next batch runs normally
+
+
+async def test_the_fetch_is_cancelled_only_when_every_caller_gave_up() -> None:
+    fetch = Recorder()
+    fetch.release.clear()
+    loader = Coalescer(fetch)
+    one, two = asyncio.ensure_future(loader.load("a")), asyncio.ensure_future(loader.load("b"))
+    await asyncio.sleep(0.01)
+    one.cancel()
+    await asyncio.sleep(0.01)
+    assert fetch.cancelled == 0  # "b" still waits for the same statement
+    two.cancel()
+    await asyncio.sleep(0.01)
+    assert fetch.cancelled == 1
+    with pytest.raises(asyncio.CancelledError):
+        await two
+    fetch.release.set()
+    assert await loader.load("c") == "C"  # nothing is left counted as in flight
