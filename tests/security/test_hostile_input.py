@@ -160,7 +160,9 @@ async def test_overload_answers_resource_exhausted_at_once(
             async def timed_get() -> tuple[float, grpc.StatusCode, str]:
                 started = time.monotonic()
                 try:
-                    await users.GetUser(us.GetUserRequest(user_id="hot"), metadata=md)
+                    # Not GetUser: concurrent GetUsers share one statement (coalesce.py), so
+                    # they queue there, one pool request per batch, never filling the pool queue.
+                    await users.ListUsers(us.ListUsersRequest(page_size=1), metadata=md)
                     code, details = Code.OK, ""
                 except grpc.aio.AioRpcError as error:
                     code, details = error.code(), error.details() or ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -267,3 +268,35 @@ async def test_page_and_chunk_tokens_do_not_cross_projects(a: Caller, b: Caller)
         field="page_token",
         reason="INVALID_PAGE_TOKEN",
     )
+
+
+async def test_concurrent_reads_of_two_projects_never_mix(a: Caller, b: Caller) -> None:
+    # Concurrent GetUser calls share one statement (server/store/coalesce.py): a batch that
+    # holds both projects' calls must still answer each from its own project.
+    for caller, plan in ((a, "a-plan"), (b, "b-plan")):
+        for user_id in ("shared", f"only-{caller.project}"):
+            await caller.users.CreateUser(
+                us.CreateUserRequest(user_id=user_id, metadata=struct({"plan": plan})),
+                metadata=caller.metadata,
+            )
+
+    async def get(caller: Caller, user_id: str) -> Any:
+        return await _outcome(
+            lambda c: c.users.GetUser(us.GetUserRequest(user_id=user_id), metadata=c.metadata),
+            caller,
+            {},
+        )
+
+    calls = [
+        (caller, user_id)
+        for _ in range(20)
+        for caller in (a, b)
+        for user_id in ("shared", "only-a", "only-b")
+    ]
+    results = await asyncio.gather(*(get(caller, user_id) for caller, user_id in calls))
+    for (caller, user_id), result in zip(calls, results, strict=True):
+        if user_id in ("shared", f"only-{caller.project}"):
+            assert result[0] == "ok", (caller.project, user_id, result)
+            assert result[1][0]["user"]["metadata"] == {"plan": f"{caller.project}-plan"}
+        else:
+            assert result == ("error", Code.NOT_FOUND, f"user '{user_id}' not found")
