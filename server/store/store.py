@@ -28,6 +28,7 @@ from server.store.base import (
 )
 from server.store.db import fetch_all, fetch_one
 from server.store.export import ExportMethods
+from server.store.keys import KeyMethods
 from server.store.listing import list_sessions_statements
 from server.store.memory import MemoryMethods
 from server.store.migrate import apply_migrations
@@ -37,7 +38,7 @@ from server.store.users import UserMethods
 _RECONNECT_TIMEOUT = 1.0
 
 
-class Store(UserMethods, MemoryMethods, ExportMethods):
+class Store(UserMethods, MemoryMethods, KeyMethods, ExportMethods):
     """All reads and writes of users, sessions and messages.
 
     The user methods live in users.py and the memory methods in memory.py; this
@@ -52,8 +53,12 @@ class Store(UserMethods, MemoryMethods, ExportMethods):
         min_size: int = 2,
         max_size: int = 10,
         timeout: float = 5.0,  # noqa: ASYNC109
+        max_waiting: int = 0,
     ) -> Store:
         """Opens a pool (waiting until it is ready) and returns a store over it.
+
+        `max_waiting` bounds the calls queued for a connection (0: unbounded); past it a
+        call fails at once with ResourceExhausted instead of queueing.
 
         Raises:
             Unavailable: the database cannot be reached within `timeout`.
@@ -63,6 +68,7 @@ class Store(UserMethods, MemoryMethods, ExportMethods):
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
+            max_waiting=max_waiting,
             # The pool retries a lost connection with a doubling backoff (1 s, 2 s, 4 s ...),
             # which after a long outage would keep it empty long after PostgreSQL is back.
             # Giving up early lets it grow afresh on the next call once DatabaseHealth has

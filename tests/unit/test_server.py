@@ -36,6 +36,9 @@ class FakeStore:
     async def token_key(self) -> bytes:
         return b"fake-key"
 
+    async def any_api_key(self) -> bool:
+        return False  # no keys: the server runs open on loopback
+
     async def get_user(self, project_id: int, user_id: str) -> User:
         for user in self.users:
             if user.user_id == user_id:

@@ -31,7 +31,9 @@ class SessionServiceStub:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -118,7 +120,9 @@ class SessionServiceServicer:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     def CreateSession(self, request, context):
@@ -339,7 +343,9 @@ class SessionService:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     @staticmethod

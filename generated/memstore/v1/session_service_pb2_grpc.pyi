@@ -32,7 +32,9 @@ class SessionServiceStub:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     @_typing.overload
@@ -121,7 +123,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -206,7 +210,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     @_abc_1.abstractmethod
