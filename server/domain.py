@@ -105,6 +105,9 @@ class SessionQuery:
 #: A keyset position for users and sessions: (timestamp of the order column, id).
 TimeKey = tuple[datetime, str]
 
+#: A keyset position in the message export: (session_id, sequence).
+MessageKey = tuple[str, int]
+
 #: A user as the hot list paths (ListUsers, ListUsersChunked) read it: a plain tuple, one
 #: object per row instead of a dict and a dataclass. (user_id, email, first_name, last_name,
 #: metadata as JSON text, created_at and updated_at in integer microseconds since the epoch,

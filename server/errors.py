@@ -89,6 +89,12 @@ class DeadlineExceeded(MemstoreError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(MemstoreError):
+    """The call carries no API key, or one that is unknown, revoked or malformed."""
+
+    default_reason = "API_KEY_INVALID"
+
+
 class ResourceExhausted(MemstoreError):
     """The server is overloaded or a limit was hit."""
 
@@ -104,6 +110,7 @@ STATUS_CODES: dict[type[MemstoreError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     MemstoreError: grpc.StatusCode.INTERNAL,
 }
 
@@ -147,6 +154,7 @@ _CODE_NUMBERS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
 }
 

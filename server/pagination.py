@@ -10,7 +10,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from server.domain import SessionQuery, TimeKey
+from server.domain import MessageKey, SessionQuery, TimeKey
 from server.errors import InvalidArgument
 
 #: First byte of every token; bump it when the layout changes so old tokens fail cleanly.
@@ -70,6 +70,11 @@ def sessions_fingerprint(project_id: int, query: SessionQuery) -> bytes:
 def messages_fingerprint(project_id: int, session_id: str) -> bytes:
     """ListMessages of one session."""
     return fingerprint("messages", project_id, session_id=session_id)
+
+
+def export_fingerprint(kind: str, project_id: int) -> bytes:
+    """ExportSessions or ExportMessages (`kind`) of one project."""
+    return fingerprint("export_" + kind, project_id)
 
 
 def _json_default(value: object) -> object:
@@ -140,6 +145,24 @@ class PageTokens:
         match payload:
             case [int(sequence)] if not isinstance(sequence, bool):
                 return sequence
+        raise _invalid("page_token is malformed")
+
+    def encode_message_key(self, query: bytes, key: MessageKey) -> str:
+        """A token resuming after (session_id, sequence) in the message export."""
+        return self._seal(query, [key[0], key[1]])
+
+    def decode_message_key(self, token: str, query: bytes) -> MessageKey | None:
+        """The (session_id, sequence) a token carries; None for an empty token.
+
+        Raises:
+            InvalidArgument: the token is malformed, tampered with, or of another query.
+        """
+        payload = self._open(token, query)
+        if payload is None:
+            return None
+        match payload:
+            case [str(session_id), int(sequence)] if not isinstance(sequence, bool):
+                return session_id, sequence
         raise _invalid("page_token is malformed")
 
     def _tag(self, body: bytes) -> bytes:

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from server.domain import DEFAULT_PROJECT_ID
+from server.auth import current_project
 from server.pagination import PageTokens
 from server.store import Store
 
@@ -21,9 +21,10 @@ class ServicerBase:
         self._tokens = tokens
 
     def _project(self, context: Context) -> int:
-        # The one place a call's project is decided; auth will derive it from the API key.
+        # The one place a call's project is read: AuthInterceptor resolved it from the API
+        # key (or the default project while no key exists) before the handler ran.
         del context
-        return DEFAULT_PROJECT_ID
+        return current_project()
 
 
 __all__ = ["Context", "ServicerBase"]

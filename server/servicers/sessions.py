@@ -11,12 +11,13 @@ from server import validation as val
 from server.domain import MetadataChange, NewMessage, Session, SessionQuery, TimeKey
 from server.errors import unary_errors
 from server.servicers import Context, ServicerBase
+from server.servicers.export import ExportServicer
 from server.servicers.users import metadata_change
 
 _METADATA_ONLY = ("metadata",)
 
 
-class SessionServicer(ServicerBase, pb_grpc.SessionServiceServicer):
+class SessionServicer(ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer):
     """memstore.v1.SessionService."""
 
     @unary_errors

@@ -27,7 +27,9 @@ from server.store.base import (
     session_taken,
 )
 from server.store.db import fetch_all, fetch_one
+from server.store.export import ExportMethods
 from server.store.health import Listener
+from server.store.keys import KeyMethods
 from server.store.listing import list_sessions_statements
 from server.store.memory import MemoryMethods
 from server.store.migrate import apply_migrations
@@ -41,7 +43,7 @@ _CONNECTION_CHECK_MS = 1000
 _RECONNECT_TIMEOUT = 1.0
 
 
-class Store(UserMethods, MemoryMethods):
+class Store(UserMethods, MemoryMethods, KeyMethods, ExportMethods):
     """All reads and writes of users, sessions and messages.
 
     The user methods live in users.py and the memory methods in memory.py; this
@@ -57,11 +59,14 @@ class Store(UserMethods, MemoryMethods):
         max_size: int = 10,
         timeout: float = 5.0,  # noqa: ASYNC109
         statement_timeout: float = 0.0,
+        max_waiting: int = 0,
     ) -> Store:
         """Opens a pool (waiting until it is ready) and returns a store over it.
 
         `statement_timeout` (seconds, 0 for none) bounds every statement of a call that has
         no deadline of its own; PostgreSQL cancels a statement that runs longer.
+        `max_waiting` bounds the calls queued for a connection (0: unbounded); past it a
+        call fails at once with ResourceExhausted instead of queueing.
 
         Raises:
             Unavailable: the database cannot be reached within `timeout`.
@@ -71,6 +76,7 @@ class Store(UserMethods, MemoryMethods):
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
+            max_waiting=max_waiting,
             # The pool retries a lost connection with a doubling backoff (1 s, 2 s, 4 s ...),
             # which after a long outage would keep it empty long after PostgreSQL is back.
             # Giving up early lets it grow afresh on the next call once DatabaseHealth has
@@ -103,6 +109,10 @@ class Store(UserMethods, MemoryMethods):
         """
         async with self._connect() as conn:
             await conn.execute(query("ping"))
+
+    def pool_stats(self) -> dict[str, int]:
+        """psycopg_pool's counters (pool_size, pool_available, requests_waiting, ...)."""
+        return dict(self._pool.get_stats())
 
     async def migrate(self) -> list[str]:
         """Applies pending migrations under an advisory lock; returns the names applied.

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import errors as pg
-from psycopg_pool import PoolTimeout
+from psycopg_pool import PoolTimeout, TooManyRequests
 
 from server.errors import (
     AlreadyExists,
@@ -16,6 +16,7 @@ from server.errors import (
     FailedPrecondition,
     InvalidArgument,
     MemstoreError,
+    ResourceExhausted,
     Unavailable,
 )
 
@@ -59,6 +60,13 @@ def translated(
         # Client-side dump failures (e.g. a NUL byte in a string) carry no column name.
         name = _column(exc) or field
         raise InvalidArgument.field(name, _detail(exc, "invalid value")) from exc
+    except TooManyRequests as exc:
+        # The bounded pool queue is full: answer at once rather than queue without bound.
+        raise ResourceExhausted(
+            "server overloaded: too many calls are waiting for a database connection; "
+            "retry with backoff",
+            reason="SERVER_OVERLOADED",
+        ) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise Unavailable(f"database unavailable: {_first_line(exc)}") from exc
     except psycopg.Error as exc:

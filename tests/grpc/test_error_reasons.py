@@ -5,9 +5,14 @@ from __future__ import annotations
 import uuid
 
 import grpc
+import pytest
+from psycopg_pool import TooManyRequests
 
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from server import auth
+from server.errors import ResourceExhausted, status_code
+from server.store.translate import translated
 from tests.grpc import Code, Sessions, Users, msg, rpc_error
 
 
@@ -89,3 +94,17 @@ async def test_each_failure_has_its_stable_reason(users: Users, sessions: Sessio
         field="user_id",
         reason="INVALID_ARGUMENT",
     )
+
+
+def test_auth_and_overload_reasons_map_to_their_codes() -> None:
+    # This suite's server runs open; tests/security/ drives these over the wire against a
+    # server that requires keys, and against a pool with a bounded queue.
+    with pytest.raises(ResourceExhausted) as overloaded, translated():
+        raise TooManyRequests("the pool's queue is full")
+    cases = [
+        (auth.MISSING, Code.UNAUTHENTICATED, "API_KEY_MISSING"),
+        (auth.INVALID, Code.UNAUTHENTICATED, "API_KEY_INVALID"),
+        (overloaded.value, Code.RESOURCE_EXHAUSTED, "SERVER_OVERLOADED"),
+    ]
+    for error, code, reason in cases:
+        assert (status_code(error), error.reason) == (code, reason)

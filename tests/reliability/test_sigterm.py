@@ -64,7 +64,9 @@ async def _exit_code(proc: subprocess.Popen[str], limit: float) -> tuple[int, st
 
 async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
+    # WARNING: thousands of access-log lines would fill the unread stdout pipe and stall it.
     args = ("--purge-interval", "0", "--grace-period", "10", "--drain-delay", "1")
+    args += ("--log-level", "WARNING")
     proc, port = await asyncio.to_thread(_serve, *args, env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         users, sessions = Users(channel), Sessions(channel)

@@ -40,6 +40,11 @@ MULTI_SHARD = {
     ("purge_messages", "messages"): "the purge sweeps soft-deleted rows of every shard",
     ("purge_sessions", "sessions"): "the purge sweeps soft-deleted rows of every shard",
     ("purge_sessions", "messages"): "with the messages of the purged sessions",
+    ("export_sessions", "sessions"): "ExportSessions: a project-wide stream, as list_sessions",
+    ("export_messages", "messages"): "ExportMessages: every message of the project, merged "
+    "by (session_id, sequence)",
+    ("export_messages", "sessions"): "ExportMessages: the live check of each message's "
+    "session (co-located with it)",
 }
 
 #: List fragments composed into list_sessions (checked through it), not statements.

@@ -39,6 +39,9 @@ class FakeStore:
     def on_database_change(self, listener: object) -> None:
         pass  # The fake's database never goes down.
 
+    async def any_api_key(self) -> bool:
+        return False  # no keys: the server runs open on loopback
+
     async def get_user(self, project_id: int, user_id: str) -> User:
         for user in self.users:
             if user.user_id == user_id:

@@ -754,3 +754,155 @@ class ClearMemoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClearMemoryResponse: _TypeAlias = ClearMemoryResponse  # noqa: Y015
+
+@_typing.final
+class ExportSessionsRequest(_message.Message):
+    """Request of ExportSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    chunk_size: _builtins.int
+    """Optional. Maximum number of sessions per chunk: 0 means the default (100),
+    values above 1000 are treated as 1000, negative values are
+    INVALID_ARGUMENT. A chunk also stops growing past 256 KiB, so it may hold
+    fewer sessions than this.
+    """
+    page_token: _builtins.str
+    """Optional. Resume after the chunk that carried this token (the
+    next_page_token of an ExportSessions chunk); empty to start from the
+    first session.
+    """
+    def __init__(
+        self,
+        *,
+        chunk_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionsRequest: _TypeAlias = ExportSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ExportSessionsResponse(_message.Message):
+    """One chunk of the ExportSessions stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token that resumes the export after this chunk; empty on the last chunk."""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Session]:
+        """The live sessions of this chunk, oldest first; never empty."""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[_resources_pb2.Session] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSessionsResponse: _TypeAlias = ExportSessionsResponse  # noqa: Y015
+
+@_typing.final
+class ExportMessagesRequest(_message.Message):
+    """Request of ExportMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    chunk_size: _builtins.int
+    """Optional. Maximum number of messages per chunk: 0 means the default
+    (100), values above 1000 are treated as 1000, negative values are
+    INVALID_ARGUMENT. A chunk also stops growing past 256 KiB, so it may hold
+    fewer messages than this (but always at least one).
+    """
+    page_token: _builtins.str
+    """Optional. Resume after the chunk that carried this token (the
+    next_page_token of an ExportMessages chunk); empty to start from the
+    first message.
+    """
+    def __init__(
+        self,
+        *,
+        chunk_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportMessagesRequest: _TypeAlias = ExportMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ExportedMessage(_message.Message):
+    """One exported message and the session it belongs to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the message's session."""
+    @_builtins.property
+    def message(self) -> _resources_pb2.Message:
+        """The message, with its uuid, sequence and timestamps."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        message: _resources_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportedMessage: _TypeAlias = ExportedMessage  # noqa: Y015
+
+@_typing.final
+class ExportMessagesResponse(_message.Message):
+    """One chunk of the ExportMessages stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token that resumes the export after this chunk; empty on the last chunk."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedMessage]:
+        """The live messages of this chunk, by session_id and then sequence; never
+        empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ExportedMessage] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportMessagesResponse: _TypeAlias = ExportMessagesResponse  # noqa: Y015

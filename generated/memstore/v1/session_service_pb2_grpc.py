@@ -31,7 +31,9 @@ class SessionServiceStub:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     def __init__(self, channel):
@@ -100,6 +102,16 @@ class SessionServiceStub:
                 request_serializer=memstore_dot_v1_dot_session__service__pb2.ClearMemoryRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_session__service__pb2.ClearMemoryResponse.FromString,
                 _registered_method=True)
+        self.ExportSessions = channel.unary_stream(
+                '/memstore.v1.SessionService/ExportSessions',
+                request_serializer=memstore_dot_v1_dot_session__service__pb2.ExportSessionsRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_session__service__pb2.ExportSessionsResponse.FromString,
+                _registered_method=True)
+        self.ExportMessages = channel.unary_stream(
+                '/memstore.v1.SessionService/ExportMessages',
+                request_serializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -108,7 +120,9 @@ class SessionServiceServicer:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     def CreateSession(self, request, context):
@@ -217,6 +231,31 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSessions(self, request, context):
+        """Streams every live session, oldest first (created_at, then session_id),
+        in chunks, for bulk export. Each chunk carries a token from which an
+        interrupted export resumes with no session skipped or repeated. The server
+        reads in short keyset batches, so a slow consumer pins no database
+        connection and server memory holds about one chunk. Returns
+        INVALID_ARGUMENT for a negative chunk_size or a page_token that is
+        malformed, tampered with, or minted for another query; UNAVAILABLE when
+        the database cannot be reached (resume from the last token received).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportMessages(self, request, context):
+        """Streams every live message of every live session, ordered by session_id
+        and then sequence, in chunks, for bulk export. Resumable and flat in
+        memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
+        chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
+        reached (resume from the last token received).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +319,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     request_deserializer=memstore_dot_v1_dot_session__service__pb2.ClearMemoryRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_session__service__pb2.ClearMemoryResponse.SerializeToString,
             ),
+            'ExportSessions': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSessions,
+                    request_deserializer=memstore_dot_v1_dot_session__service__pb2.ExportSessionsRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_session__service__pb2.ExportSessionsResponse.SerializeToString,
+            ),
+            'ExportMessages': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportMessages,
+                    request_deserializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'memstore.v1.SessionService', rpc_method_handlers)
@@ -294,7 +343,9 @@ class SessionService:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     @staticmethod
@@ -611,6 +662,60 @@ class SessionService:
             '/memstore.v1.SessionService/ClearMemory',
             memstore_dot_v1_dot_session__service__pb2.ClearMemoryRequest.SerializeToString,
             memstore_dot_v1_dot_session__service__pb2.ClearMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memstore.v1.SessionService/ExportSessions',
+            memstore_dot_v1_dot_session__service__pb2.ExportSessionsRequest.SerializeToString,
+            memstore_dot_v1_dot_session__service__pb2.ExportSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memstore.v1.SessionService/ExportMessages',
+            memstore_dot_v1_dot_session__service__pb2.ExportMessagesRequest.SerializeToString,
+            memstore_dot_v1_dot_session__service__pb2.ExportMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

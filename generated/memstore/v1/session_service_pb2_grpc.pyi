@@ -32,7 +32,9 @@ class SessionServiceStub:
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     @_typing.overload
@@ -96,6 +98,23 @@ class SessionServiceStub:
     """Soft-deletes every message of a session and keeps the session. Returns
     NOT_FOUND when the session does not exist or is soft-deleted.
     """
+    ExportSessions: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]
+    """Streams every live session, oldest first (created_at, then session_id),
+    in chunks, for bulk export. Each chunk carries a token from which an
+    interrupted export resumes with no session skipped or repeated. The server
+    reads in short keyset batches, so a slow consumer pins no database
+    connection and server memory holds about one chunk. Returns
+    INVALID_ARGUMENT for a negative chunk_size or a page_token that is
+    malformed, tampered with, or minted for another query; UNAVAILABLE when
+    the database cannot be reached (resume from the last token received).
+    """
+    ExportMessages: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]
+    """Streams every live message of every live session, ordered by session_id
+    and then sequence, in chunks, for bulk export. Resumable and flat in
+    memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
+    chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
+    reached (resume from the last token received).
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -104,7 +123,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -165,6 +186,23 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Soft-deletes every message of a session and keeps the session. Returns
     NOT_FOUND when the session does not exist or is soft-deleted.
     """
+    ExportSessions: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]  # type: ignore[assignment]
+    """Streams every live session, oldest first (created_at, then session_id),
+    in chunks, for bulk export. Each chunk carries a token from which an
+    interrupted export resumes with no session skipped or repeated. The server
+    reads in short keyset batches, so a slow consumer pins no database
+    connection and server memory holds about one chunk. Returns
+    INVALID_ARGUMENT for a negative chunk_size or a page_token that is
+    malformed, tampered with, or minted for another query; UNAVAILABLE when
+    the database cannot be reached (resume from the last token received).
+    """
+    ExportMessages: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]  # type: ignore[assignment]
+    """Streams every live message of every live session, ordered by session_id
+    and then sequence, in chunks, for bulk export. Resumable and flat in
+    memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
+    chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
+    reached (resume from the last token received).
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions and their memory (messages). Sessions are soft-deleted: a deleted
@@ -172,7 +210,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     are hard-deleted by the purge after the retention period. Errors carry a
     google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
     field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written.
+    nothing was written. Every RPC acts in the project of the caller's API
+    key, as described on UserService: UNAUTHENTICATED without a valid key, and
+    other projects' sessions and messages are NOT_FOUND.
     """
 
     @_abc_1.abstractmethod
@@ -302,6 +342,35 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_service_pb2.ClearMemoryResponse, _abc.Awaitable[_session_service_pb2.ClearMemoryResponse]]:
         """Soft-deletes every message of a session and keeps the session. Returns
         NOT_FOUND when the session does not exist or is soft-deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSessions(
+        self,
+        request: _session_service_pb2.ExportSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExportSessionsResponse], _abc.AsyncIterator[_session_service_pb2.ExportSessionsResponse]]:
+        """Streams every live session, oldest first (created_at, then session_id),
+        in chunks, for bulk export. Each chunk carries a token from which an
+        interrupted export resumes with no session skipped or repeated. The server
+        reads in short keyset batches, so a slow consumer pins no database
+        connection and server memory holds about one chunk. Returns
+        INVALID_ARGUMENT for a negative chunk_size or a page_token that is
+        malformed, tampered with, or minted for another query; UNAVAILABLE when
+        the database cannot be reached (resume from the last token received).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportMessages(
+        self,
+        request: _session_service_pb2.ExportMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExportMessagesResponse], _abc.AsyncIterator[_session_service_pb2.ExportMessagesResponse]]:
+        """Streams every live message of every live session, ordered by session_id
+        and then sequence, in chunks, for bulk export. Resumable and flat in
+        memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
+        chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
+        reached (resume from the last token received).
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

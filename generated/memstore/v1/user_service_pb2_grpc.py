@@ -30,6 +30,10 @@ class UserServiceStub:
     with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
     INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
     means the database could not be reached and nothing was written: retry.
+    Every RPC acts in the project of the caller's API key (metadata
+    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
+    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
+    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
     """
 
     def __init__(self, channel):
@@ -80,6 +84,10 @@ class UserServiceServicer:
     with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
     INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
     means the database could not be reached and nothing was written: retry.
+    Every RPC acts in the project of the caller's API key (metadata
+    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
+    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
+    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
     """
 
     def CreateUser(self, request, context):
@@ -193,6 +201,10 @@ class UserService:
     with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
     INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
     means the database could not be reached and nothing was written: retry.
+    Every RPC acts in the project of the caller's API key (metadata
+    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
+    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
+    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
     """
 
     @staticmethod

@@ -1,0 +1,59 @@
+"""memstore's Python client: sync Memstore and asyncio AsyncMemstore, shaped like Zep's SDK."""
+
+from __future__ import annotations
+
+from ._calls import RetryPolicy
+from ._channel import TLS
+from .aio import AsyncMemstore
+from .errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    MemstoreError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from .sync import Memstore
+from .types import (
+    ExportedMessage,
+    Memory,
+    Message,
+    MessagePage,
+    Session,
+    SessionPage,
+    User,
+    UserPage,
+)
+
+__all__ = [
+    "TLS",
+    "AlreadyExists",
+    "AsyncMemstore",
+    "DeadlineExceeded",
+    "ExportedMessage",
+    "FailedPrecondition",
+    "FieldViolation",
+    "Internal",
+    "InvalidArgument",
+    "Memory",
+    "Memstore",
+    "MemstoreError",
+    "Message",
+    "MessagePage",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "Session",
+    "SessionPage",
+    "Unauthenticated",
+    "Unavailable",
+    "User",
+    "UserPage",
+]

@@ -1,0 +1,283 @@
+"""What each client method sends and how its answer converts: shared by sync and asyncio."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+from google.protobuf.message import Message as ProtoMessage
+
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import user_service_pb2 as us
+
+from .types import (
+    ExportedMessage,
+    JsonObject,
+    Memory,
+    Message,
+    MessagePage,
+    Session,
+    SessionPage,
+    User,
+    UserPage,
+    to_struct,
+)
+
+Out = TypeVar("Out")
+
+#: Which stub serves a call.
+USERS = "UserService"
+SESSIONS = "SessionService"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How UNAVAILABLE is retried: idempotent calls only, exponential backoff, full jitter."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        """The sleeps before each retry (max_attempts - 1 of them)."""
+        for attempt in range(self.max_attempts - 1):
+            cap = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
+            yield random.uniform(0, cap)
+
+
+@dataclass(frozen=True, slots=True)
+class Unary(Generic[Out]):
+    """One unary call: where it goes, what it sends, how its response converts."""
+
+    service: str
+    method: str
+    request: ProtoMessage
+    convert: Callable[[Any], Out]
+    #: Safe to send again after UNAVAILABLE: repeating it changes nothing.
+    idempotent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Stream(Generic[Out]):
+    """One chunked server stream; resumed from the last chunk's token after UNAVAILABLE."""
+
+    service: str
+    method: str
+    request: Any
+    convert: Callable[[Any], list[Out]]
+    idempotent: bool = field(default=True)
+
+
+def retry_delay(error: grpc.RpcError, delays: Iterator[float]) -> float | None:
+    """The sleep before retrying a failed call, or None when it must not be retried."""
+    # A sync call's error is a grpc.Call; an AioRpcError is not, but has code() too.
+    code_of = getattr(error, "code", None)
+    code = code_of() if callable(code_of) else None
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return None
+    return next(delays, None)
+
+
+def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The per-call metadata: the API key as a bearer token."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+# -- users ---------------------------------------------------------------------
+
+
+def _user(response: Any) -> User:
+    return User.from_proto(response.user)
+
+
+def add_user(
+    user_id: str, email: str, first_name: str, last_name: str, meta: JsonObject | None
+) -> Unary[User]:
+    """CreateUser."""
+    request = us.CreateUserRequest(
+        user_id=user_id,
+        email=email,
+        first_name=first_name,
+        last_name=last_name,
+        metadata=to_struct(meta),
+    )
+    return Unary(USERS, "CreateUser", request, _user, idempotent=False)
+
+
+def get_user(user_id: str) -> Unary[User]:
+    """GetUser."""
+    return Unary(USERS, "GetUser", us.GetUserRequest(user_id=user_id), _user, idempotent=True)
+
+
+def update_user(
+    user_id: str,
+    email: str | None,
+    first_name: str | None,
+    last_name: str | None,
+    meta: JsonObject | None,
+) -> Unary[User]:
+    """UpdateUser: only the arguments that are not None change; metadata is merged."""
+    request = us.UpdateUserRequest(
+        user_id=user_id,
+        email=email,
+        first_name=first_name,
+        last_name=last_name,
+        metadata=to_struct(meta),
+    )
+    return Unary(USERS, "UpdateUser", request, _user, idempotent=False)
+
+
+def delete_user(user_id: str) -> Unary[None]:
+    """DeleteUser: the user, its sessions and messages, in one transaction."""
+    request = us.DeleteUserRequest(user_id=user_id)
+    return Unary(USERS, "DeleteUser", request, lambda _: None, idempotent=False)
+
+
+def list_users(limit: int, cursor: str | None) -> Unary[UserPage]:
+    """ListUsers; the cursor is the previous page's next_cursor."""
+    request = us.ListUsersRequest(page_size=limit, page_token=cursor or "")
+
+    def convert(r: us.ListUsersResponse) -> UserPage:
+        return UserPage([User.from_proto(u) for u in r.users], r.next_page_token or None)
+
+    return Unary(USERS, "ListUsers", request, convert, idempotent=True)
+
+
+def list_users_chunked(chunk_size: int, page_token: str = "") -> Stream[User]:
+    """ListUsersChunked."""
+    request = us.ListUsersChunkedRequest(chunk_size=chunk_size, page_token=page_token)
+    return Stream(
+        USERS, "ListUsersChunked", request, lambda r: [User.from_proto(u) for u in r.users]
+    )
+
+
+def user_sessions(user_id: str, page_token: str) -> Unary[tuple[list[Session], str]]:
+    """One page of ListUserSessions (the largest the server allows)."""
+    request = us.ListUserSessionsRequest(user_id=user_id, page_size=1000, page_token=page_token)
+
+    def convert(r: us.ListUserSessionsResponse) -> tuple[list[Session], str]:
+        return [Session.from_proto(s) for s in r.sessions], r.next_page_token
+
+    return Unary(USERS, "ListUserSessions", request, convert, idempotent=True)
+
+
+# -- sessions and memory -------------------------------------------------------
+
+
+def _session(response: Any) -> Session:
+    return Session.from_proto(response.session)
+
+
+def add_session(session_id: str, user_id: str | None, meta: JsonObject | None) -> Unary[Session]:
+    """CreateSession; an empty session_id asks the server for one."""
+    request = ss.CreateSessionRequest(
+        session_id=session_id, user_id=user_id or "", metadata=to_struct(meta)
+    )
+    return Unary(SESSIONS, "CreateSession", request, _session, idempotent=False)
+
+
+def get_session(session_id: str, show_deleted: bool) -> Unary[Session]:
+    """GetSession."""
+    request = ss.GetSessionRequest(session_id=session_id, show_deleted=show_deleted)
+    return Unary(SESSIONS, "GetSession", request, _session, idempotent=True)
+
+
+def update_session(session_id: str, meta: JsonObject) -> Unary[Session]:
+    """UpdateSession: the metadata is merged (a None value removes a key)."""
+    request = ss.UpdateSessionRequest(session_id=session_id, metadata=to_struct(meta))
+    return Unary(SESSIONS, "UpdateSession", request, _session, idempotent=False)
+
+
+def delete_session(session_id: str) -> Unary[int]:
+    """DeleteSession (soft); answers how many messages were deleted with it."""
+    request = ss.DeleteSessionRequest(session_id=session_id)
+    return Unary(
+        SESSIONS, "DeleteSession", request, lambda r: int(r.deleted_messages), idempotent=False
+    )
+
+
+def list_sessions(
+    page_size: int, page_number: int, user_id: str | None, order_by: str
+) -> Unary[SessionPage]:
+    """ListSessions by page number, as Zep's SDK pages."""
+    request = ss.ListSessionsRequest(
+        page_size=page_size, page_number=page_number, user_id=user_id or "", order_by=order_by
+    )
+
+    def convert(r: ss.ListSessionsResponse) -> SessionPage:
+        sessions = [Session.from_proto(s) for s in r.sessions]
+        return SessionPage(sessions, r.total_size, r.next_page_token or None)
+
+    return Unary(SESSIONS, "ListSessions", request, convert, idempotent=True)
+
+
+def add_memory(
+    session_id: str, messages: Sequence[Message | Mapping[str, Any]], user_id: str | None
+) -> Unary[list[Message]]:
+    """AddMemory; messages may be Message objects or dicts of their fields."""
+    protos = [(m if isinstance(m, Message) else Message(**m)).to_proto() for m in messages]
+    request = ss.AddMemoryRequest(session_id=session_id, messages=protos, user_id=user_id or "")
+
+    def convert(r: ss.AddMemoryResponse) -> list[Message]:
+        return [Message.from_proto(m) for m in r.messages]
+
+    return Unary(SESSIONS, "AddMemory", request, convert, idempotent=False)
+
+
+def undelete_session(session_id: str) -> Unary[Session]:
+    """UndeleteSession: restores a soft-deleted session (its deleted messages stay deleted)."""
+    request = ss.UndeleteSessionRequest(session_id=session_id)
+    return Unary(SESSIONS, "UndeleteSession", request, _session, idempotent=False)
+
+
+def list_messages(session_id: str, page_size: int, page_token: str) -> Unary[MessagePage]:
+    """One keyset page of ListMessages."""
+    request = ss.ListMessagesRequest(
+        session_id=session_id, page_size=page_size, page_token=page_token
+    )
+
+    def convert(r: ss.ListMessagesResponse) -> MessagePage:
+        return MessagePage([Message.from_proto(m) for m in r.messages], r.next_page_token or None)
+
+    return Unary(SESSIONS, "ListMessages", request, convert, idempotent=True)
+
+
+def clear_memory(session_id: str) -> Unary[int]:
+    """ClearMemory: soft-deletes the messages, keeps the session; answers how many."""
+    request = ss.ClearMemoryRequest(session_id=session_id)
+    return Unary(
+        SESSIONS, "ClearMemory", request, lambda r: int(r.deleted_messages), idempotent=False
+    )
+
+
+def get_memory(session_id: str, lastn: int) -> Unary[Memory]:
+    """GetMemory."""
+    request = ss.GetMemoryRequest(session_id=session_id, lastn=lastn)
+
+    def convert(r: ss.GetMemoryResponse) -> Memory:
+        session = Session.from_proto(r.session) if r.HasField("session") else None
+        return Memory([Message.from_proto(m) for m in r.messages], session, r.found)
+
+    return Unary(SESSIONS, "GetMemory", request, convert, idempotent=True)
+
+
+def export_sessions(chunk_size: int, page_token: str) -> Stream[Session]:
+    """ExportSessions."""
+    request = ss.ExportSessionsRequest(chunk_size=chunk_size, page_token=page_token)
+    return Stream(
+        SESSIONS, "ExportSessions", request, lambda r: [Session.from_proto(s) for s in r.sessions]
+    )
+
+
+def export_messages(chunk_size: int, page_token: str) -> Stream[ExportedMessage]:
+    """ExportMessages."""
+    request = ss.ExportMessagesRequest(chunk_size=chunk_size, page_token=page_token)
+
+    def convert(r: ss.ExportMessagesResponse) -> list[ExportedMessage]:
+        return [ExportedMessage(m.session_id, Message.from_proto(m.message)) for m in r.messages]
+
+    return Stream(SESSIONS, "ExportMessages", request, convert)

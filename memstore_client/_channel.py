@@ -1,0 +1,68 @@
+"""Channels to memstore: plaintext or TLS (optionally mutual), sync or asyncio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+#: memstore accepts requests up to 16 MiB and may answer as much (a 1000-message memory).
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TLS:
+    """TLS settings; an empty TLS() trusts the system's root certificates.
+
+    Attributes:
+        root_certificates: PEM of the CA that signed the server's certificate.
+        certificate_chain: PEM of this client's certificate, for mutual TLS.
+        private_key: PEM of this client's key, for mutual TLS.
+        server_name: the name to check the server's certificate against, when it differs
+            from the host of the address (e.g. connecting by IP).
+    """
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials of these settings."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+    def options(self) -> list[tuple[str, int | str]]:
+        """Channel options: the message limits, and the name override when set."""
+        if self.server_name is None:
+            return list(_OPTIONS)
+        return [*_OPTIONS, ("grpc.ssl_target_name_override", self.server_name)]
+
+
+def _tls(tls: TLS | bool) -> TLS | None:
+    if tls is True:
+        return TLS()
+    return tls or None
+
+
+def sync_channel(address: str, tls: TLS | bool) -> grpc.Channel:
+    """A blocking channel to `address` ("host:port")."""
+    settings = _tls(tls)
+    if settings is None:
+        return grpc.insecure_channel(address, options=_OPTIONS)
+    return grpc.secure_channel(address, settings.credentials(), options=settings.options())
+
+
+def aio_channel(address: str, tls: TLS | bool) -> grpc.aio.Channel:
+    """An asyncio channel to `address` ("host:port")."""
+    settings = _tls(tls)
+    if settings is None:
+        return grpc.aio.insecure_channel(address, options=_OPTIONS)
+    return grpc.aio.secure_channel(address, settings.credentials(), options=settings.options())

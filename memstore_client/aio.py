@@ -1,0 +1,258 @@
+"""The asyncio client: AsyncMemstore(address, api_key=...).user / .memory, as the sync one."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
+
+from . import _calls as calls
+from ._calls import RetryPolicy, Stream, Unary, retry_delay
+from ._channel import TLS, aio_channel
+from .errors import from_rpc_error
+from .types import (
+    ExportedMessage,
+    JsonObject,
+    Memory,
+    Message,
+    MessagePage,
+    Session,
+    SessionPage,
+    User,
+    UserPage,
+)
+
+T = TypeVar("T")
+
+
+class AsyncMemstore:
+    """An asyncio memstore client: `client.user` and `client.memory`, awaitable.
+
+    Args:
+        address: "host:port" of the server.
+        api_key: sent as `authorization: Bearer <key>` on every call.
+        tls: False for plaintext, True for TLS with the system's roots, or TLS(...).
+        timeout: seconds each unary call may take (streams have no deadline).
+        retry: how UNAVAILABLE is retried (idempotent calls only).
+        channel: a ready channel instead of address and tls (e.g. a test channel).
+    """
+
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        api_key: str | None = None,
+        *,
+        tls: TLS | bool = False,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel if channel is not None else aio_channel(address, tls)
+        self._stubs: dict[str, Any] = {
+            calls.USERS: user_service_pb2_grpc.UserServiceStub(self._channel),
+            calls.SESSIONS: session_service_pb2_grpc.SessionServiceStub(self._channel),
+        }
+        self._metadata = calls.metadata(api_key)
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy()
+        self.user = AsyncUserClient(self)
+        self.memory = AsyncMemoryClient(self)
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncMemstore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, op: Unary[T]) -> T:
+        delays = self._retry.delays() if op.idempotent else iter(())
+        while True:
+            try:
+                method = getattr(self._stubs[op.service], op.method)
+                response = await method(op.request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as error:
+                delay = retry_delay(error, delays)
+                if delay is None:
+                    raise from_rpc_error(error) from error
+                await asyncio.sleep(delay)
+                continue
+            return op.convert(response)
+
+    async def _stream(self, op: Stream[T]) -> AsyncIterator[tuple[list[T], str]]:
+        # After UNAVAILABLE the stream resumes from the last chunk's token: no row twice.
+        delays = self._retry.delays()
+        while True:
+            call = getattr(self._stubs[op.service], op.method)(op.request, metadata=self._metadata)
+            try:
+                async for chunk in call:
+                    yield op.convert(chunk), chunk.next_page_token
+                    op.request.page_token = chunk.next_page_token
+                    delays = self._retry.delays()
+                return
+            except grpc.RpcError as error:
+                delay = retry_delay(error, delays)
+                if delay is None:
+                    raise from_rpc_error(error) from error
+                await asyncio.sleep(delay)
+            finally:
+                call.cancel()
+
+
+class AsyncUserClient:
+    """client.user: UserService."""
+
+    def __init__(self, client: AsyncMemstore) -> None:
+        self._client = client
+
+    async def add(
+        self,
+        user_id: str,
+        *,
+        email: str = "",
+        first_name: str = "",
+        last_name: str = "",
+        metadata: JsonObject | None = None,
+    ) -> User:
+        """Creates a user. Raises AlreadyExists when the id is taken."""
+        return await self._client._call(
+            calls.add_user(user_id, email, first_name, last_name, metadata)
+        )
+
+    async def get(self, user_id: str) -> User:
+        """One user. Raises NotFound."""
+        return await self._client._call(calls.get_user(user_id))
+
+    async def update(
+        self,
+        user_id: str,
+        *,
+        email: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        metadata: JsonObject | None = None,
+    ) -> User:
+        """Changes the fields given; metadata is merged (a None value removes its key)."""
+        op = calls.update_user(user_id, email, first_name, last_name, metadata)
+        return await self._client._call(op)
+
+    async def delete(self, user_id: str) -> None:
+        """Deletes the user with all its sessions and messages, atomically. Raises NotFound."""
+        await self._client._call(calls.delete_user(user_id))
+
+    async def list(self, limit: int = 50, cursor: str | None = None) -> UserPage:
+        """One page of users, oldest first; pass next_cursor back for the next page."""
+        return await self._client._call(calls.list_users(limit, cursor))
+
+    async def list_chunked(self, chunk_size: int = 100) -> AsyncIterator[builtins.list[User]]:
+        """Every user, in chunks, over one server stream (resumed after UNAVAILABLE)."""
+        async for users, _ in self._client._stream(calls.list_users_chunked(chunk_size)):
+            yield users
+
+    async def get_sessions(self, user_id: str) -> builtins.list[Session]:
+        """All live sessions of a user, oldest first. Raises NotFound for an unknown user."""
+        found: builtins.list[Session] = []
+        token = ""
+        while True:
+            page, token = await self._client._call(calls.user_sessions(user_id, token))
+            found += page
+            if not token:
+                return found
+
+    def export(
+        self, chunk_size: int = 100, page_token: str = ""
+    ) -> AsyncIterator[tuple[builtins.list[User], str]]:
+        """Every user in chunks (ListUsersChunked), each with the token that resumes after it."""
+        return self._client._stream(calls.list_users_chunked(chunk_size, page_token))
+
+
+class AsyncMemoryClient:
+    """client.memory: SessionService (sessions and their messages)."""
+
+    def __init__(self, client: AsyncMemstore) -> None:
+        self._client = client
+
+    async def add_session(
+        self,
+        session_id: str = "",
+        *,
+        user_id: str | None = None,
+        metadata: JsonObject | None = None,
+    ) -> Session:
+        """Creates a session (the server picks an id when empty). Raises AlreadyExists."""
+        return await self._client._call(calls.add_session(session_id, user_id, metadata))
+
+    async def get_session(self, session_id: str, *, show_deleted: bool = False) -> Session:
+        """One session. Raises NotFound (also for a soft-deleted one unless show_deleted)."""
+        return await self._client._call(calls.get_session(session_id, show_deleted))
+
+    async def update_session(self, session_id: str, metadata: JsonObject) -> Session:
+        """Merges metadata into the session (a None value removes its key)."""
+        return await self._client._call(calls.update_session(session_id, metadata))
+
+    async def delete(self, session_id: str) -> int:
+        """Soft-deletes the session and its messages; returns how many messages."""
+        return await self._client._call(calls.delete_session(session_id))
+
+    async def list_sessions(
+        self,
+        page_size: int = 50,
+        page_number: int = 1,
+        *,
+        user_id: str | None = None,
+        order_by: str = "",
+    ) -> SessionPage:
+        """One page of sessions by 1-based page number, as Zep's SDK pages."""
+        return await self._client._call(
+            calls.list_sessions(page_size, page_number, user_id, order_by)
+        )
+
+    async def add(
+        self,
+        session_id: str,
+        messages: Sequence[Message | Mapping[str, Any]],
+        *,
+        user_id: str | None = None,
+    ) -> list[Message]:
+        """Appends messages (creating or restoring the session); returns them as stored."""
+        return await self._client._call(calls.add_memory(session_id, messages, user_id))
+
+    async def undelete_session(self, session_id: str) -> Session:
+        """Restores a soft-deleted session. Raises NotFound, or FailedPrecondition if live."""
+        return await self._client._call(calls.undelete_session(session_id))
+
+    async def list_messages(
+        self, session_id: str, page_size: int = 50, page_token: str | None = None
+    ) -> MessagePage:
+        """One page of a session's live messages, oldest first. Raises NotFound."""
+        return await self._client._call(
+            calls.list_messages(session_id, page_size, page_token or "")
+        )
+
+    async def clear(self, session_id: str) -> int:
+        """Soft-deletes every message of the session and keeps it; returns how many."""
+        return await self._client._call(calls.clear_memory(session_id))
+
+    async def get(self, session_id: str, lastn: int = 0) -> Memory:
+        """The last `lastn` messages (0: the server's default, 6). Unknown: found=False."""
+        return await self._client._call(calls.get_memory(session_id, lastn))
+
+    def export_sessions(
+        self, chunk_size: int = 100, page_token: str = ""
+    ) -> AsyncIterator[tuple[list[Session], str]]:
+        """Every live session in chunks, each with the token that resumes after it."""
+        return self._client._stream(calls.export_sessions(chunk_size, page_token))
+
+    def export_messages(
+        self, chunk_size: int = 100, page_token: str = ""
+    ) -> AsyncIterator[tuple[list[ExportedMessage], str]]:
+        """Every live message (with its session id) in chunks, each with its resume token."""
+        return self._client._stream(calls.export_messages(chunk_size, page_token))

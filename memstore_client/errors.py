@@ -1,0 +1,150 @@
+"""Typed exceptions for gRPC failures, carrying ErrorInfo's reason and BadRequest's fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request, as the server's BadRequest names it."""
+
+    field: str
+    description: str
+
+
+class MemstoreError(Exception):
+    """Base of every error the client raises for a failed call.
+
+    Attributes:
+        code: the gRPC status code.
+        message: what the server said was wrong.
+        reason: ErrorInfo.reason, a stable UPPER_SNAKE code to branch on ("" when absent).
+        field_violations: the BadRequest violations (INVALID_ARGUMENT), else empty.
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        field_violations: list[FieldViolation] | None = None,
+        code: grpc.StatusCode | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.field_violations = list(field_violations or [])
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        text = f"{self.code.name}: {self.message}"
+        return f"{text} [{self.reason}]" if self.reason else text
+
+
+class InvalidArgument(MemstoreError):
+    """A field breaks a rule; field_violations names each."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MemstoreError):
+    """No such user, session or message."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(MemstoreError):
+    """The id is taken."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(MemstoreError):
+    """The request needs another state (e.g. the named user does not exist)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(MemstoreError):
+    """The server or its database cannot be reached; retry later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(MemstoreError):
+    """The call's deadline passed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(MemstoreError):
+    """The API key is missing or not valid."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MemstoreError):
+    """The API key may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(MemstoreError):
+    """A limit was hit (e.g. the message is too large)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Internal(MemstoreError):
+    """A server bug; the server log has the details."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MemstoreError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
+        ResourceExhausted,
+        Internal,
+    )
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> MemstoreError:
+    """The typed exception of a failed call (AioRpcError, or a sync call's RpcError)."""
+    call: Any = error
+    code: grpc.StatusCode = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
+    message = (call.details() if hasattr(call, "details") else "") or ""
+    reason, violations = "", []
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:
+        status = None  # details that contradict the status line: keep code and message
+    for detail in status.details if status is not None else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+    cls = _BY_CODE.get(code, MemstoreError)
+    return cls(message, reason=reason, field_violations=violations, code=code)

@@ -1,0 +1,208 @@
+"""Plain Python views of memstore's resources: dicts for Structs, datetimes for Timestamps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from memstore.v1 import resources_pb2
+
+JsonObject = dict[str, Any]
+
+#: Role types as memstore names them (Zep's names); the proto enum adds ROLE_TYPE_.
+ROLE_TYPES = ("user", "assistant", "system", "tool", "function", "norole")
+
+
+def to_datetime(value: timestamp_pb2.Timestamp) -> datetime:
+    """A timezone-aware UTC datetime, exact to the microsecond memstore stores."""
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def optional_datetime(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    """The datetime of a Timestamp field, or None when the field is unset."""
+    return to_datetime(value) if present else None
+
+
+def to_dict(value: struct_pb2.Struct) -> JsonObject:
+    """A Struct as a plain dict; whole numbers come back as int (Struct carries only floats)."""
+    if not value.fields:
+        return {}  # the common case, and MessageToDict is slow
+    plain: JsonObject = _ints(json_format.MessageToDict(value))
+    return plain
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def to_struct(value: JsonObject | None) -> struct_pb2.Struct | None:
+    """A Struct from a dict (None stays None so the request leaves the field unset)."""
+    if value is None:
+        return None
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def role_type_number(name: str) -> resources_pb2.RoleType.ValueType:
+    """The RoleType enum number of "user", "assistant", ... (or of "ROLE_TYPE_USER")."""
+    key = name.upper()
+    key = key if key.startswith("ROLE_TYPE_") else "ROLE_TYPE_" + key
+    try:
+        return resources_pb2.RoleType.Value(key)
+    except ValueError:
+        raise ValueError(f"unknown role_type {name!r}; one of {', '.join(ROLE_TYPES)}") from None
+
+
+def role_type_name(number: int) -> str:
+    """ "user", "assistant", ... of an enum number ("norole" for unspecified)."""
+    name = resources_pb2.RoleType.Name(number).removeprefix("ROLE_TYPE_").lower()  # type: ignore[arg-type]
+    return "norole" if name == "unspecified" else name
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user, as UserService returns it."""
+
+    user_id: str
+    email: str
+    first_name: str
+    last_name: str
+    metadata: JsonObject
+    created_at: datetime
+    updated_at: datetime
+    session_count: int
+
+    @classmethod
+    def from_proto(cls, p: resources_pb2.User) -> User:
+        """The user of a User proto."""
+        return cls(
+            user_id=p.user_id,
+            email=p.email,
+            first_name=p.first_name,
+            last_name=p.last_name,
+            metadata=to_dict(p.metadata),
+            created_at=to_datetime(p.created_at),
+            updated_at=to_datetime(p.updated_at),
+            session_count=p.session_count,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A session; deleted_at is set only on a soft-deleted one."""
+
+    session_id: str
+    user_id: str | None
+    metadata: JsonObject
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+    message_count: int
+    last_message_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, p: resources_pb2.Session) -> Session:
+        """The session of a Session proto."""
+        return cls(
+            session_id=p.session_id,
+            user_id=p.user_id or None,
+            metadata=to_dict(p.metadata),
+            created_at=to_datetime(p.created_at),
+            updated_at=to_datetime(p.updated_at),
+            deleted_at=optional_datetime(p.deleted_at, p.HasField("deleted_at")),
+            message_count=p.message_count,
+            last_message_at=optional_datetime(p.last_message_at, p.HasField("last_message_at")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One memory item. To add one, set role, role_type and content (and metadata)."""
+
+    content: str
+    role: str = ""
+    role_type: str = "norole"
+    metadata: JsonObject = field(default_factory=dict)
+    #: Output only: set on messages memstore returns.
+    uuid: str = ""
+    sequence: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, p: resources_pb2.Message) -> Message:
+        """The message of a Message proto."""
+        return cls(
+            content=p.content,
+            role=p.role,
+            role_type=role_type_name(p.role_type),
+            metadata=to_dict(p.metadata),
+            uuid=p.uuid,
+            sequence=p.sequence,
+            created_at=to_datetime(p.created_at),
+            updated_at=to_datetime(p.updated_at),
+        )
+
+    def to_proto(self) -> resources_pb2.Message:
+        """The Message proto AddMemory reads (role, role_type, content, metadata)."""
+        p = resources_pb2.Message(
+            role=self.role, role_type=role_type_number(self.role_type), content=self.content
+        )
+        if self.metadata:
+            p.metadata.update(self.metadata)
+        return p
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """GetMemory's answer: the last messages, oldest first, and their session.
+
+    found is False (and session None, messages empty) for an unknown or deleted session.
+    """
+
+    messages: list[Message]
+    session: Session | None
+    found: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UserPage:
+    """One page of users and the cursor of the next page (None on the last page)."""
+
+    users: list[User]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    """One page of a session's messages, oldest first, and the next page's token."""
+
+    messages: list[Message]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of sessions, the number of matching sessions, and the next page's token."""
+
+    sessions: list[Session]
+    total_size: int
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedMessage:
+    """A message of the ExportMessages stream, with its session id."""
+
+    session_id: str
+    message: Message

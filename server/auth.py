@@ -1,0 +1,262 @@
+"""API key authentication: who may call, in which project, and the interceptor that enforces it."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from server import keys
+from server.config import Config
+from server.domain import DEFAULT_PROJECT_ID
+from server.errors import MemstoreError, Unauthenticated, to_rpc_status
+from server.security import is_loopback
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Metadata = Sequence[tuple[str, str | bytes]] | grpc.aio.Metadata
+
+#: Methods every caller may use without a key: health checks, and reflection (it shows the
+#: public API schema only, never data).
+OPEN_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+#: Keys kept in the cache at most; the oldest go first.
+_CACHE_SIZE = 4096
+
+MISSING = Unauthenticated(
+    "no API key: send 'authorization: Bearer <key>' (or 'x-api-key: <key>') metadata",
+    reason="API_KEY_MISSING",
+)
+#: One message for unknown, revoked and malformed keys alike: no hint which it was.
+INVALID = Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
+
+_PROJECT: contextvars.ContextVar[int] = contextvars.ContextVar("memstore_project")
+
+
+def current_project() -> int:
+    """The project of the call being served, as the interceptor resolved it.
+
+    Raises:
+        Unauthenticated: no project was resolved (fail closed: never a silent default).
+    """
+    try:
+        return _PROJECT.get()
+    except LookupError:
+        raise INVALID from None
+
+
+class StartupRefused(RuntimeError):
+    """The configuration would expose data without authentication."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    text: str
+    cache_key: bytes
+
+
+def _credential(metadata: Metadata | None) -> _Credential | None:
+    """The key a call presents; raises INVALID for a malformed or contradictory one."""
+    found: set[str] = set()
+    for name, value in metadata or ():
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        if name == "authorization":
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise INVALID
+            found.add(token.strip())
+        elif name == "x-api-key":
+            found.add(text.strip())
+    if not found:
+        return None
+    if len(found) > 1:
+        raise INVALID  # two different keys: refuse rather than guess which one counts
+    text = found.pop()
+    return _Credential(text, hashlib.sha256(text.encode("utf-8", "replace")).digest())
+
+
+class Authenticator:
+    """Resolves a call's metadata to its project, with a short-lived cache of checked keys.
+
+    Authentication is on as soon as any API key exists (revoked ones count, so revoking
+    every key locks callers out instead of opening the server). Until then calls run in the
+    default project; a presented key, or every `cache_seconds`, makes it look again.
+    """
+
+    def __init__(self, store: Store, cache_seconds: float, *, enabled: bool) -> None:
+        self._store = store
+        self._ttl = cache_seconds
+        self._enabled = enabled
+        self._checked_at = time.monotonic()
+        self._cache: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether calls need a key (as last seen)."""
+        return self._enabled
+
+    async def project_for(self, metadata: Metadata | None) -> int:
+        """The project a call's metadata reaches.
+
+        Raises:
+            Unauthenticated: auth is on and the key is missing, unknown, revoked or malformed.
+            Unavailable: the database cannot be reached to check the key.
+        """
+        credential = _credential(metadata)
+        if not await self._auth_on(force=credential is not None):
+            return DEFAULT_PROJECT_ID
+        if credential is None:
+            raise MISSING
+        now = time.monotonic()
+        cached = self._cache.get(credential.cache_key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        project = await self._check(credential.text)
+        self._cache[credential.cache_key] = (project, now + self._ttl)
+        self._cache.move_to_end(credential.cache_key)
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return project
+
+    async def _auth_on(self, *, force: bool) -> bool:
+        # Keys are never deleted, so once on, auth stays on for the life of the process.
+        if self._enabled:
+            return True
+        now = time.monotonic()
+        if force or now - self._checked_at >= self._ttl:
+            self._checked_at = now
+            self._enabled = await self._store.any_api_key()
+            if self._enabled:
+                log.info("an API key exists: authentication is now required")
+        return self._enabled
+
+    async def _check(self, text: str) -> int:
+        parts = keys.split_key(text)
+        if parts is None:
+            raise INVALID
+        stored = await self._store.find_api_key(parts[0])
+        # An unknown prefix and a wrong secret cost the same hash and compare.
+        candidate = stored or _DECOY
+        if not keys.matches(candidate, parts[1]) or stored is None or stored.revoked:
+            raise INVALID
+        return stored.project_id
+
+
+_DECOY = keys.StoredKey(project_id=0, salt=b"\0" * 16, digest=b"\0" * 32, revoked=True)
+
+
+async def start_authenticator(config: Config, store: Store) -> Authenticator:
+    """The authenticator for this server; refuses an open non-loopback bind.
+
+    Raises:
+        StartupRefused: no API key exists, the bind is not loopback, no client certificates
+            are required and --insecure is not given.
+    """
+    sec = config.security
+    enabled = await store.any_api_key()
+    loopback = is_loopback(config.host)
+    if not enabled:
+        if not (loopback or sec.insecure or sec.tls_client_ca):
+            raise StartupRefused(
+                f"refusing to serve {config.host} without authentication: create an API key "
+                "(memstore keys create --project default), require client certificates "
+                "(--tls-client-ca), or pass --insecure"
+            )
+        log.warning(
+            "no API key exists: serving without authentication, every call in the default "
+            "project (memstore keys create --project NAME turns authentication on)"
+        )
+    if not loopback and sec.tls_cert is None:
+        log.warning("serving %s without TLS: keys and data cross the network in clear", config.host)
+    return Authenticator(store, sec.key_cache_seconds, enabled=enabled)
+
+
+async def _abort(context: Context, error: MemstoreError) -> None:
+    status = to_rpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # the runtime class is not generic; only its stubs are
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class AuthInterceptor(_Interceptor):
+    """Resolves each call's project before its handler runs; re-checks keys while streaming."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
+            return handler
+        kwargs: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary), **kwargs)
+        assert handler.stream_stream is not None  # the only kind left
+        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream), **kwargs)
+
+    async def _enter(self, context: Context) -> int:
+        try:
+            project = await self._auth.project_for(context.invocation_metadata())
+        except MemstoreError as error:
+            await _abort(context, error)
+            raise AssertionError("unreachable: abort raises") from error
+        # Each call runs in a context of its own (grpc.aio gives every RPC a fresh one), so
+        # the handler, and nothing else, sees this project.
+        _PROJECT.set(project)
+        return project
+
+    def _unary(self, behavior: Callable[..., Any]) -> Callable[[Any, Context], Any]:
+        async def handler(request: Any, context: Context) -> Any:
+            await self._enter(context)
+            return await behavior(request, context)
+
+        return handler
+
+    def _stream(self, behavior: Callable[..., Any]) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
+            project = await self._enter(context)
+            metadata = context.invocation_metadata()
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    # A key revoked mid-stream ends the stream before its next message,
+                    # once the cached check expires (key_cache_seconds).
+                    try:
+                        if await self._auth.project_for(metadata) != project:
+                            raise INVALID
+                    except MemstoreError as error:
+                        await _abort(context, error)
+                    yield response
+
+        return handler

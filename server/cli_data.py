@@ -1,0 +1,255 @@
+"""`memstore export` and `memstore import`: JSON Lines in and out, through the gRPC API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from memstore_client import (
+    TLS,
+    AlreadyExists,
+    ExportedMessage,
+    Memstore,
+    MemstoreError,
+    Message,
+    Session,
+    User,
+)
+
+#: The subcommands this module adds to `memstore`.
+COMMANDS = ("export", "import")
+KINDS = ("users", "sessions", "messages")
+#: AddMemory takes at most 1000 messages and 16 MiB; stay well under the bytes.
+_BATCH_MESSAGES = 1000
+_BATCH_BYTES = 4 * 1024 * 1024
+
+
+def add_parsers(commands: Any) -> None:
+    """Adds `export` and `import` to the `memstore` subcommands."""
+    text = "stream users, sessions or messages out as JSON Lines (resumable)"
+    export = commands.add_parser("export", help=text, description=text)
+    export.add_argument("kind", choices=KINDS)
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    export.add_argument("--chunk-size", type=int, default=500)
+    export.add_argument("--page-token", default="", help="resume after this token")
+    text = "create users, sessions or messages from JSON Lines, through the API"
+    imp = commands.add_parser("import", help=text, description=text)
+    imp.add_argument("kind", choices=KINDS)
+    imp.add_argument("-i", "--input", type=Path, help="file to read (default: stdin)")
+    for parser in (export, imp):
+        _add_connection_arguments(parser)
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    port = os.environ.get("MEMSTORE_PORT") or "50051"
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("MEMSTORE_ADDRESS") or f"localhost:{port}",
+        help="host:port of the server (MEMSTORE_ADDRESS)",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("MEMSTORE_API_KEY"), help="(MEMSTORE_API_KEY)"
+    )
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--ca-file", type=Path, help="PEM of the CA to trust (implies --tls)")
+    parser.add_argument("--cert-file", type=Path, help="client certificate PEM (mutual TLS)")
+    parser.add_argument("--key-file", type=Path, help="client key PEM (mutual TLS)")
+
+
+def _tls(args: argparse.Namespace) -> TLS | bool:
+    files = (args.ca_file, args.cert_file, args.key_file)
+    if not any(files):
+        return bool(args.tls)
+    ca, cert, key = (f.read_bytes() if f else None for f in files)
+    return TLS(root_certificates=ca, certificate_chain=cert, private_key=key)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs `export` or `import`; returns the exit status."""
+    with Memstore(args.address, args.api_key, tls=_tls(args), timeout=60) as client:
+        try:
+            if args.command == "export":
+                return _export(client, args)
+            return _import(client, args)
+        except MemstoreError as exc:
+            print(f"memstore {args.command}: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130  # what was done is reported above; no traceback for a Ctrl-C
+        except BrokenPipeError:
+            # `memstore export users | head`: the reader left; stop quietly, as Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+
+# -- export --------------------------------------------------------------------
+
+
+def _export(client: Memstore, args: argparse.Namespace) -> int:
+    streams: dict[str, Callable[[int, str], Iterator[tuple[list[Any], str]]]] = {
+        "users": client.user.export,
+        "sessions": client.memory.export_sessions,
+        "messages": client.memory.export_messages,
+    }
+    chunks = streams[args.kind](args.chunk_size, args.page_token)
+    count, token = 0, args.page_token
+    with ExitStack() as stack:
+        out = (
+            stack.enter_context(args.output.open("w", encoding="utf-8"))
+            if args.output
+            else sys.stdout
+        )
+        bar = stack.enter_context(_progress(args, f"exporting {args.kind}"))
+        try:
+            for rows, next_token in chunks:
+                out.writelines(json.dumps(_row(row), ensure_ascii=False) + "\n" for row in rows)
+                count += len(rows)
+                bar.update(len(rows))
+                token = next_token
+        except (MemstoreError, KeyboardInterrupt):
+            # Everything before `token` is written: say how to go on from there.
+            print(
+                f"interrupted after {count} {args.kind}; resume with --page-token {token}",
+                file=sys.stderr,
+            )
+            raise
+    print(json.dumps({"exported": count, "kind": args.kind}), file=sys.stderr)
+    return 0
+
+
+def _row(row: User | Session | ExportedMessage) -> dict[str, Any]:
+    if isinstance(row, ExportedMessage):
+        return {"session_id": row.session_id, **_plain(row.message)}
+    return _plain(row)
+
+
+def _plain(row: Any) -> dict[str, Any]:
+    # Shallow: dataclasses.asdict deep-copies every metadata dict, a third of the export's time.
+    values = ((f.name, getattr(row, f.name)) for f in dataclasses.fields(row))
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in values}
+
+
+def _progress(args: argparse.Namespace, label: str) -> Any:
+    return tqdm(
+        desc=label, unit=" rows", file=sys.stderr, disable=args.no_progress, mininterval=0.5
+    )
+
+
+# -- import --------------------------------------------------------------------
+
+Counts = dict[str, int]
+
+
+def _import(client: Memstore, args: argparse.Namespace) -> int:
+    counts: Counts = {"created": 0, "existing": 0, "failed": 0}
+    with ExitStack() as stack:
+        source = stack.enter_context(args.input.open(encoding="utf-8")) if args.input else sys.stdin
+        bar = stack.enter_context(_progress(args, f"importing {args.kind}"))
+        rows = _read(source, counts)
+        if args.kind == "messages":
+            _import_messages(client, rows, counts, bar)
+        else:
+            create = _create_user if args.kind == "users" else _create_session
+            for line, row in rows:
+                _count(counts, f"line {line}", 1, functools.partial(create, client, row))
+                bar.update(1)
+    print(json.dumps({"kind": args.kind, **counts}))
+    return 1 if counts["failed"] else 0
+
+
+def _read(source: IO[str], counts: Counts) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, text in enumerate(source, start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            row = exc
+        if not isinstance(row, dict):
+            counts["failed"] += 1
+            print(f"line {line}: not a JSON object: {row}", file=sys.stderr)
+            continue
+        yield line, row
+
+
+def _count(counts: Counts, where: str, n: int, create: Callable[[], object]) -> None:
+    # ALREADY_EXISTS counts as done, so an interrupted import can simply be run again.
+    try:
+        create()
+        counts["created"] += n
+    except AlreadyExists:
+        counts["existing"] += n
+    except (MemstoreError, KeyError, TypeError, ValueError) as exc:
+        counts["failed"] += n
+        print(f"{where}: {exc!s}", file=sys.stderr)
+
+
+def _create_user(client: Memstore, row: dict[str, Any]) -> None:
+    client.user.add(
+        row["user_id"],
+        email=row.get("email") or "",
+        first_name=row.get("first_name") or "",
+        last_name=row.get("last_name") or "",
+        metadata=row.get("metadata") or None,
+    )
+
+
+def _create_session(client: Memstore, row: dict[str, Any]) -> None:
+    client.memory.add_session(
+        row["session_id"], user_id=row.get("user_id"), metadata=row.get("metadata") or None
+    )
+
+
+def _message(row: dict[str, Any]) -> Message:
+    return Message(
+        content=row["content"],
+        role=row.get("role") or "",
+        role_type=row.get("role_type") or "norole",
+        metadata=row.get("metadata") or {},
+    )
+
+
+def _import_messages(
+    client: Memstore, rows: Iterable[tuple[int, dict[str, Any]]], counts: Counts, bar: Any
+) -> None:
+    # Consecutive messages of one session go in one AddMemory call (as export orders them).
+    for session_id, first, batch in _batches(rows, counts):
+        where = f"lines {first}-{first + len(batch) - 1} (session {session_id!r})"
+        _count(counts, where, len(batch), functools.partial(client.memory.add, session_id, batch))
+        bar.update(len(batch))
+
+
+def _batches(
+    rows: Iterable[tuple[int, dict[str, Any]]], counts: Counts
+) -> Iterator[tuple[str, int, list[Message]]]:
+    session_id, first, batch, size = "", 0, list[Message](), 0
+    for line, row in rows:
+        try:
+            sid, message = str(row["session_id"]), _message(row)
+        except (KeyError, TypeError, ValueError) as exc:
+            counts["failed"] += 1
+            print(f"line {line}: {exc!s}", file=sys.stderr)
+            continue
+        length = len(message.content.encode())
+        full = len(batch) >= _BATCH_MESSAGES or size + length > _BATCH_BYTES
+        if batch and (sid != session_id or full):
+            yield session_id, first, batch
+            batch, size = [], 0
+        if not batch:
+            session_id, first = sid, line
+        batch.append(message)
+        size += length
+    if batch:
+        yield session_id, first, batch

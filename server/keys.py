@@ -1,0 +1,89 @@
+"""API key material: the key format, its salted hash, and the project/key domain objects."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+#: Every key starts with this, so a leaked one is recognizable (secret scanners, logs).
+KEY_PREFIX = "msk_"
+#: msk_<12 hex: the public id>_<43 url-safe base64 chars: 256 random bits>.
+_KEY_RE = re.compile(r"^(msk_[0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+#: Longer presented values are rejected without hashing or a database lookup.
+MAX_KEY_LENGTH = 128
+_SALT_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    """A row of projects: one API key space owning its users, sessions and messages."""
+
+    project_id: int
+    name: str
+    created_at: datetime
+    live_keys: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What may be shown of a key after its creation: never the secret."""
+
+    prefix: str
+    project: str
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """What authentication reads to check a presented key."""
+
+    project_id: int
+    salt: bytes
+    digest: bytes
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A freshly made key: the full text (shown once) and what the database keeps."""
+
+    text: str
+    prefix: str
+    salt: bytes
+    digest: bytes
+
+
+def digest(salt: bytes, secret: str) -> bytes:
+    """The stored form of a secret: HMAC-SHA256 keyed by the key's own random salt.
+
+    The secret carries 256 random bits, so a fast keyed hash is enough: no dictionary or
+    brute force reaches it, and the per-key salt makes equal digests across keys impossible.
+    """
+    return hmac.new(salt, secret.encode("ascii"), hashlib.sha256).digest()
+
+
+def new_key() -> NewKey:
+    """A random key: its public prefix, its secret, a fresh salt and the salted digest."""
+    prefix = KEY_PREFIX + secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(_SALT_BYTES)
+    return NewKey(f"{prefix}_{secret}", prefix, salt, digest(salt, secret))
+
+
+def split_key(text: str) -> tuple[str, str] | None:
+    """(prefix, secret) of a well-formed key; None for anything else."""
+    if len(text) > MAX_KEY_LENGTH:
+        return None
+    match = _KEY_RE.match(text)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def matches(stored: StoredKey, secret: str) -> bool:
+    """Whether `secret` is the stored key's secret, compared in constant time."""
+    return hmac.compare_digest(digest(stored.salt, secret), stored.digest)

@@ -1,0 +1,292 @@
+"""Prometheus metrics, JSON access logs and request ids for every RPC (a server interceptor)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("memstore.access")
+
+#: The metadata key a caller may set to trace a call; echoed in trailing metadata.
+REQUEST_ID_KEY = "x-request-id"
+#: The request id of the call being served, for every log line written while serving it.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# A caller's id is echoed back and logged: keep it short and printable.
+_VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The metric families of one server, in a registry of their own."""
+
+    def __init__(self, pool_stats: Callable[[], dict[str, int]] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "memstore_grpc_requests",
+            "Finished RPCs by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "memstore_grpc_request_duration_seconds",
+            "Time from the start of an RPC to its status, by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "memstore_grpc_in_flight", "RPCs being served, by method.", ["method"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.stream_messages = Counter(
+            "memstore_grpc_stream_messages",
+            "Messages sent on server streams, by method.",
+            ["method"],
+            registry=self.registry,
+        )
+        self.stream_rows = Counter(
+            "memstore_grpc_stream_rows",
+            "Rows (users, sessions, messages) sent on server streams, by method.",
+            ["method"],
+            registry=self.registry,
+        )
+        if pool_stats is not None:
+            self.registry.register(_PoolCollector(pool_stats))
+
+    def serve(self, host: str, port: int) -> tuple[Any, int]:
+        """Starts the /metrics HTTP endpoint in a thread; returns it and its port."""
+        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return httpd, int(httpd.server_port)
+
+
+class _PoolCollector(Collector):
+    """psycopg_pool's statistics, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        for name, value in sorted(self._stats().items()):
+            yield GaugeMetricFamily(
+                f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value
+            )
+
+
+class _Context:
+    """The servicer context as handlers see it: abort keeps the request id in the trailer.
+
+    context.abort(code, details, trailing_metadata) replaces any trailing metadata set
+    before, and server/errors.py passes the google.rpc status there; the id is merged in.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], rid: str) -> None:
+        self._context = context
+        self._rid = rid
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> Any:
+        merged = (*tuple(trailing_metadata or ()), (REQUEST_ID_KEY, self._rid))
+        await self._context.abort(code, details, merged)
+
+    async def abort_with_status(self, status: grpc.Status) -> Any:
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    # context.code() is what abort() or set_code() left; None means the handler returned.
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return _BY_NUMBER.get(int(code), grpc.StatusCode.UNKNOWN)
+
+
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _rows(response: Any) -> int:
+    # A chunk's rows are its repeated message fields (users, sessions, messages).
+    return sum(
+        len(value)
+        for field, value in response.ListFields()
+        if field.is_repeated and field.message_type is not None
+    )
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Counts, times and logs every RPC, and gives it a request id."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = str(handler_call_details.method)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # memstore has no client-streaming RPCs; reflection's pass through
+
+    def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = _Call(self._metrics, method, context)
+            try:
+                return await behavior(request, call.context)
+            except BaseException as exc:
+                call.failed(exc)
+                raise
+            finally:
+                call.finish()
+
+        return serve
+
+    def _stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def serve(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            call = _Call(self._metrics, method, context)
+            messages, rows = (
+                self._metrics.stream_messages.labels(method),
+                self._metrics.stream_rows.labels(method),
+            )
+            try:
+                responses = behavior(request, call.context)
+                if inspect.isawaitable(responses):
+                    # A handler that sends with context.write and returns nothing (grpc's
+                    # health Watch): iterating it failed every Watch with UNKNOWN.
+                    await responses
+                    return
+                async for response in responses:
+                    messages.inc()
+                    rows.inc(_rows(response))
+                    yield response
+            except BaseException as exc:
+                call.failed(exc)
+                raise
+            finally:
+                call.finish()
+
+        return serve
+
+
+class _Call:
+    """One RPC being served: its id, start time and outcome."""
+
+    def __init__(
+        self, metrics: Metrics, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        self._metrics, self._method, self._raw = metrics, method, context
+        self.rid = _request_id(context)
+        request_id.set(self.rid)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
+        self.context = _Context(context, self.rid)
+        self._code: grpc.StatusCode | None = None
+        self._start = time.perf_counter()
+        metrics.in_flight.labels(method).inc()
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            return  # the code is the one abort() set
+        # Cancelled by the client or by its deadline; anything else escaped the error map.
+        if not _is_cancel(exc):
+            self._code = grpc.StatusCode.UNKNOWN
+            return
+        remaining = self._raw.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self._code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+    def finish(self) -> None:
+        code = self._code or _code(self._raw)
+        elapsed = time.perf_counter() - self._start
+        self._metrics.in_flight.labels(self._method).dec()
+        self._metrics.requests.labels(self._method, code.name).inc()
+        self._metrics.latency.labels(self._method).observe(elapsed)
+        latency_ms = round(elapsed * 1000, 3)
+        fields = {
+            "method": self._method,
+            "code": code.name,
+            "latency_ms": latency_ms,
+            "request_id": self.rid,
+        }
+        log.info("%s %s %.1fms", self._method, code.name, latency_ms, extra=fields)
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id and call fields."""
+
+    _FIELDS = ("method", "code", "latency_ms")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None) or request_id.get()
+        if rid:
+            entry["request_id"] = rid
+        for name in self._FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Root logging to stderr, as JSON lines or as plain text."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])

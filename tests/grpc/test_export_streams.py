@@ -1,0 +1,117 @@
+"""ExportSessions and ExportMessages over a real channel: order, resume, byte cap, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from memstore.v1 import session_service_pb2 as ss
+from tests.grpc import Code, Sessions, msg, rpc_error, tamper
+from tests.grpc.test_export import _busy_backends
+
+#: A chunk stops growing past this many bytes (ExportMessagesRequest.chunk_size).
+CHUNK_BYTES = 256 * 1024
+
+
+async def _sessions(sessions: Sessions, **kw: Any) -> list[ss.ExportSessionsResponse]:
+    return [c async for c in sessions.ExportSessions(ss.ExportSessionsRequest(**kw))]
+
+
+async def _messages(sessions: Sessions, **kw: Any) -> list[ss.ExportMessagesResponse]:
+    return [c async for c in sessions.ExportMessages(ss.ExportMessagesRequest(**kw))]
+
+
+def _message_keys(chunks: list[ss.ExportMessagesResponse]) -> list[tuple[str, int]]:
+    return [(m.session_id, m.message.sequence) for c in chunks for m in c.messages]
+
+
+async def test_export_sessions_streams_live_sessions_once_and_resumes(sessions):
+    ids = [f"s{i:03d}" for i in range(120)]
+    await asyncio.gather(
+        *(sessions.CreateSession(ss.CreateSessionRequest(session_id=s)) for s in ids)
+    )
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="s007"))
+    chunks = await _sessions(sessions, chunk_size=50)
+    assert [len(c.sessions) for c in chunks] == [50, 50, 19]
+    assert [bool(c.next_page_token) for c in chunks] == [True, True, False]
+    streamed = [s.session_id for c in chunks for s in c.sessions]
+    assert sorted(streamed) == [s for s in ids if s != "s007"]
+    keys = [(s.created_at.ToMicroseconds(), s.session_id) for c in chunks for s in c.sessions]
+    assert keys == sorted(keys)
+    rest = await _sessions(sessions, chunk_size=50, page_token=chunks[0].next_page_token)
+    assert [s.session_id for c in rest for s in c.sessions] == streamed[50:]
+    # Sessions created after the token was minted come at the end, none skipped or repeated.
+    await sessions.CreateSession(ss.CreateSessionRequest(session_id="late"))
+    rest = await _sessions(sessions, page_token=chunks[1].next_page_token)
+    assert [s.session_id for c in rest for s in c.sessions] == [*streamed[100:], "late"]
+
+
+async def test_export_messages_orders_by_session_then_sequence(sessions):
+    for sid in ("b", "a", "c"):
+        batch = [msg(f"{sid}-{i}") for i in range(30)]
+        await sessions.AddMemory(ss.AddMemoryRequest(session_id=sid, messages=batch))
+    await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="c"))
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="c", messages=[msg("c-new")]))
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="d", messages=[msg("gone")]))
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="d"))
+    chunks = await _messages(sessions, chunk_size=25)
+    keys = _message_keys(chunks)
+    assert keys == [("a", i) for i in range(1, 31)] + [("b", i) for i in range(1, 31)] + [("c", 31)]
+    contents = [m.message.content for c in chunks for m in c.messages]
+    assert contents[0] == "a-0" and contents[-1] == "c-new"
+    assert [len(c.messages) for c in chunks] == [25, 25, 11]
+    for i, chunk in enumerate(chunks[:-1]):
+        rest = await _messages(sessions, chunk_size=25, page_token=chunk.next_page_token)
+        assert _message_keys(rest) == keys[(i + 1) * 25 :]
+
+
+async def test_export_messages_chunks_are_capped_by_bytes(sessions):
+    big = [msg("x" * (100 * 1024)) for _ in range(7)] + [msg("y" * (300 * 1024))]
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="big", messages=big))
+    chunks = await _messages(sessions, chunk_size=1000)
+    assert len(_message_keys(chunks)) == 8
+    # Two 100 KiB messages fit a chunk, three do not; a 300 KiB one travels alone.
+    assert [len(c.messages) for c in chunks] == [2, 2, 2, 1, 1]
+    assert all(c.ByteSize() <= CHUNK_BYTES for c in chunks[:-1])
+
+
+async def test_export_rejects_bad_requests(sessions):
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("a"), msg("b")]))
+    await sessions.CreateSession(ss.CreateSessionRequest(session_id="t"))
+    first = (await _messages(sessions, chunk_size=1))[0]
+    sessions_token = (await _sessions(sessions, chunk_size=1))[0].next_page_token
+    for call in (
+        _messages(sessions, chunk_size=-1),
+        _sessions(sessions, chunk_size=-5),
+    ):
+        await rpc_error(call, Code.INVALID_ARGUMENT, field="chunk_size")
+    for call in (
+        _messages(sessions, page_token=tamper(first.next_page_token)),
+        _messages(sessions, page_token=sessions_token),
+        _sessions(sessions, page_token=first.next_page_token),
+        _sessions(sessions, page_token="not-a-token"),
+    ):
+        await rpc_error(
+            call, Code.INVALID_ARGUMENT, field="page_token", reason="INVALID_PAGE_TOKEN"
+        )
+
+
+async def test_paused_export_holds_no_connection_and_cancel_ends_it(sessions, clean_db, store):
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[msg(f"m{i}") for i in range(300)])
+    )
+    call = sessions.ExportMessages(ss.ExportMessagesRequest(chunk_size=50))
+    first = await call.read()
+    assert isinstance(first, ss.ExportMessagesResponse) and len(first.messages) == 50
+    # The client stops reading: between chunks no transaction is open, no connection is out.
+    await asyncio.sleep(0.2)
+    assert await _busy_backends(clean_db) == []
+    stats = store.pool_stats()
+    assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
+    call.cancel()
+    await asyncio.sleep(0.2)
+    stats = store.pool_stats()
+    assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
+    # The token of the chunk read resumes the export: nothing lost to the cancel.
+    rest = await _messages(sessions, chunk_size=1000, page_token=first.next_page_token)
+    assert [m.message.sequence for c in rest for m in c.messages] == list(range(51, 301))

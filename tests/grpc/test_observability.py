@@ -1,0 +1,124 @@
+"""Metrics on their own port, request ids in trailing metadata, JSON access logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
+from memstore.v1 import user_service_pb2 as us
+from server.app import build_server
+from server.config import Config
+from server.observability import JsonFormatter, Metrics
+from server.store import Store
+from tests.grpc import msg
+
+USERS = "/memstore.v1.UserService/"
+
+
+@pytest.fixture
+async def observed(store: Store, clean_db: str) -> AsyncIterator[tuple[grpc.aio.Channel, int]]:
+    """A server with its metrics endpoint on a free port; yields a channel and that port."""
+    metrics = Metrics(store.pool_stats)
+    httpd, metrics_port = metrics.serve("127.0.0.1", 0)
+    server, port = await build_server(Config(host="127.0.0.1", port=0), store, metrics)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel, metrics_port
+    finally:
+        await server.stop(None)
+        httpd.shutdown()
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _requests(samples: dict, method: str, code: str) -> float:  # type: ignore[type-arg]
+    key = ("memstore_grpc_requests_total", (("code", code), ("method", method)))
+    return float(samples.get(key, 0.0))
+
+
+async def test_metrics_count_calls_by_method_and_code(observed) -> None:
+    channel, metrics_port = observed
+    users = user_service_pb2_grpc.UserServiceStub(channel)
+    sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+    before = await asyncio.to_thread(_scrape, metrics_port)
+    await users.CreateUser(us.CreateUserRequest(user_id="alice"))
+    await users.GetUser(us.GetUserRequest(user_id="alice"))
+    for request in (us.GetUserRequest(user_id="nobody"), us.GetUserRequest(user_id="")):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await users.GetUser(request)
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("a"), msg("b")]))
+    chunks = [c async for c in sessions.ExportMessages(ss.ExportMessagesRequest(chunk_size=1))]
+    assert len(chunks) == 2
+    with pytest.raises(grpc.aio.AioRpcError):
+        bad = ss.ExportSessionsRequest(page_token="garbage")
+        _ = [c async for c in sessions.ExportSessions(bad)]
+    after = await asyncio.to_thread(_scrape, metrics_port)
+
+    def moved(method: str, code: str) -> float:
+        return _requests(after, method, code) - _requests(before, method, code)
+
+    assert moved(USERS + "CreateUser", "OK") == 1
+    assert moved(USERS + "GetUser", "OK") == 1
+    # The codes are what the calls returned, aborts from server/errors.py included.
+    assert moved(USERS + "GetUser", "NOT_FOUND") == 1
+    assert moved(USERS + "GetUser", "INVALID_ARGUMENT") == 1
+    export = "/memstore.v1.SessionService/ExportMessages"
+    assert moved(export, "OK") == 1
+    # A stream's abort counts too.
+    assert moved("/memstore.v1.SessionService/ExportSessions", "INVALID_ARGUMENT") == 1
+    assert after[("memstore_grpc_stream_rows_total", (("method", export),))] >= 2
+    assert after[("memstore_grpc_stream_messages_total", (("method", export),))] >= 2
+    latency = ("memstore_grpc_request_duration_seconds_count", (("method", USERS + "GetUser"),))
+    assert after[latency] - before.get(latency, 0.0) == 3
+    assert after[("memstore_grpc_in_flight", (("method", USERS + "GetUser"),))] == 0
+    assert after[("memstore_db_pool_pool_size", ())] >= 1
+
+
+async def test_request_id_is_echoed_on_success_and_on_error(observed) -> None:
+    channel, _ = observed
+    users = user_service_pb2_grpc.UserServiceStub(channel)
+    call = users.CreateUser(
+        us.CreateUserRequest(user_id="bob"), metadata=(("x-request-id", "trace-42"),)
+    )
+    await call
+    assert ("x-request-id", "trace-42") in tuple(await call.trailing_metadata() or ())
+    failing = users.GetUser(us.GetUserRequest(user_id="ghost"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await failing
+    trailer = dict(caught.value.trailing_metadata() or ())
+    # Generated when the caller sent none; kept next to the google.rpc status details.
+    assert len(str(trailer["x-request-id"])) == 32
+    assert "grpc-status-details-bin" in trailer
+
+
+async def test_access_log_is_json_with_method_code_latency_and_request_id(observed, caplog):
+    channel, _ = observed
+    users = user_service_pb2_grpc.UserServiceStub(channel)
+    with (
+        caplog.at_level(logging.INFO, logger="memstore.access"),
+        pytest.raises(grpc.aio.AioRpcError),
+    ):
+        await users.GetUser(us.GetUserRequest(user_id="ghost"), metadata=(("x-request-id", "r-1"),))
+    records = [r for r in caplog.records if r.name == "memstore.access"]
+    line = json.loads(JsonFormatter().format(records[-1]))
+    assert line["method"] == USERS + "GetUser" and line["code"] == "NOT_FOUND"
+    assert line["request_id"] == "r-1" and line["latency_ms"] >= 0
+    assert line["level"] == "INFO" and line["time"].endswith("+00:00")

@@ -1,0 +1,135 @@
+"""The key commands and the start-up rules as an operator meets them: real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from memstore.v1 import user_service_pb2 as us
+from memstore.v1 import user_service_pb2_grpc
+from server.__main__ import main
+from tests.test_process import ROOT, _memstore, _serve, _stop
+
+KEY_RE = re.compile(r"^msk_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
+
+
+def _ok(*args: str, env: dict[str, str]) -> str:
+    run = _memstore(*args, env=env)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_projects_and_keys_commands(secure_db_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": secure_db_url}
+    _ok("projects", "create", "cli-proj", env=env)
+    again = _memstore("projects", "create", "cli-proj", env=env)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
+    key = _ok("keys", "create", "--project", "cli-proj", "--label", "ci", env=env).strip()
+    # The key is the whole of stdout (so `KEY=$(memstore keys create ...)` works), once.
+    assert KEY_RE.match(key), key
+    prefix = key[:16]
+    listed = _ok("keys", "list", "--project", "cli-proj", env=env)
+    assert prefix in listed and "active" in listed and key not in listed
+    assert "cli-proj\t1 live keys" in _ok("projects", "list", env=env)
+    refused = _memstore("projects", "create", "'; DROP TABLE projects; --", env=env)
+    assert refused.returncode == 1 and "name: 1-63 letters" in refused.stderr
+    missing = _memstore("keys", "create", "--project", "no-such", env=env)
+    assert missing.returncode == 1 and "project 'no-such' not found" in missing.stderr
+    # Revoking by the whole key, as whoever found it leaked would (the prefix works too).
+    assert "revoked" in _ok("keys", "revoke", key, env=env)
+    everything = _ok("keys", "list", env=env)
+    assert f"{prefix}\tcli-proj\trevoked" in everything and key[17:] not in everything
+    unknown = _memstore("keys", "revoke", "msk_000000000000", env=env)
+    assert unknown.returncode == 1 and "no API key" in unknown.stderr
+
+
+def test_key_commands_refuse_bad_names_and_labels(
+    secure_db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # In-process (the same main() the console script runs), to keep the checks cheap.
+    url = f"--database-url={secure_db_url}"
+    for bad in ("x" * 64, "a b", ".hidden", "naïve"):
+        caplog.clear()
+        assert main(["projects", "create", bad, url]) == 1, bad
+        assert "projects failed: name: 1-63 letters" in caplog.text
+    assert main(["keys", "create", "--project=a", "--label=a\nb", url]) == 1
+    assert "keys failed: label: at most 256 printable characters" in caplog.text
+
+
+def test_served_keys_and_revocation_over_the_wire(secure_db_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": secure_db_url}
+    _ok("projects", "create", "cli-serve", env=env)
+    key = _ok("keys", "create", "--project", "cli-serve", env=env).strip()
+    proc, port = _serve("--purge-interval", "0", "--key-cache-seconds", "0.2", env=env)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                users.ListUsers(us.ListUsersRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            md = (("authorization", f"Bearer {key}"),)
+            users.ListUsers(us.ListUsersRequest(), metadata=md, timeout=10)
+            _ok("keys", "revoke", key[:16], env=env)  # by prefix
+            time.sleep(0.6)
+            with pytest.raises(grpc.RpcError) as caught:
+                users.ListUsers(us.ListUsersRequest(), metadata=md, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+
+
+def test_open_non_loopback_bind_fails_start_with_one_line(clean_db: str) -> None:
+    # The run's shared database holds no key: authentication would be off.
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    run = _memstore("serve", "--host", "0.0.0.0", "--port", "0", env=env)
+    assert run.returncode == 1
+    assert "serve failed: refusing to serve 0.0.0.0 without authentication" in run.stderr
+    assert "--insecure" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def _readme_auth_script(port: int) -> str:
+    """The README's key walkthrough, aimed at `port` and this virtualenv's memstore."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Authentication and TLS", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    bin_dir = Path(sys.executable).parent
+    return block.replace(".venv/bin/", f"{bin_dir}/").replace(
+        "localhost:50051", f"127.0.0.1:{port}"
+    )
+
+
+async def test_readme_key_walkthrough_runs(secure_port: int, secure_db_url: str) -> None:
+    script = _readme_auth_script(secure_port)
+    assert script.count("grpcurl ") >= 2 and "keys create" in script, script
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "DATABASE_URL": secure_db_url,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    # The server runs on this test's event loop, so the script must not block it.
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        "-e",
+        "-c",
+        script,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, out.decode()[-2000:] + err.decode()[-2000:]
+    text = out.decode()
+    assert '"user_id": "alice"' in text
+    assert "Code: Unauthenticated" in err.decode()  # the call without a key

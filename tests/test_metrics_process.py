@@ -1,0 +1,71 @@
+"""`memstore serve --metrics-port`: the endpoint of a real server process moves with calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.request
+
+import grpc
+
+from memstore.v1 import user_service_pb2, user_service_pb2_grpc
+from tests.test_process import _free_port, _serve, _stop
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def test_serve_exposes_metrics_and_writes_json_access_logs(clean_db: str) -> None:
+    metrics_port = _free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db, "MEMSTORE_METRICS_PORT": str(metrics_port)}
+    proc, port = _serve("--purge-interval", "0", "--metrics-host", "127.0.0.1", env=env)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            users.CreateUser(user_service_pb2.CreateUserRequest(user_id="m"), timeout=10)
+        text = _metrics(metrics_port)
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+    line = (
+        'memstore_grpc_requests_total{code="OK",method="/memstore.v1.UserService/CreateUser"} 1.0'
+    )
+    assert line in text
+    assert "memstore_db_pool_pool_size" in text
+    access = [json.loads(x) for x in out.splitlines() if '"memstore.access"' in x]
+    create = [a for a in access if a.get("method", "").endswith("/CreateUser")]
+    assert create and create[0]["code"] == "OK" and len(create[0]["request_id"]) == 32
+
+
+def test_each_worker_serves_its_own_metrics_port(clean_db: str) -> None:
+    first = _free_port()
+    while True:
+        second = first + 1
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", second))
+            break
+        except OSError:
+            first = _free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, _ = _serve(
+        "--purge-interval", "0", "--workers", "2", "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(first), env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        texts: list[str] = []
+        while time.monotonic() < deadline:
+            try:
+                texts = [_metrics(first), _metrics(second)]
+                break
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+    assert len(texts) == 2 and all("memstore_db_pool_pool_size" in t for t in texts), out

@@ -1,0 +1,208 @@
+"""The sync client over grpcio-testing's fake channel: requests sent, answers and errors mapped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import grpc_testing
+import pytest
+from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from memstore.v1 import resources_pb2
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import user_service_pb2 as us
+from memstore_client import (
+    AlreadyExists,
+    InvalidArgument,
+    Memstore,
+    Message,
+    NotFound,
+    RetryPolicy,
+    Unavailable,
+)
+
+USERS = us.DESCRIPTOR.services_by_name["UserService"]
+SESSIONS = ss.DESCRIPTOR.services_by_name["SessionService"]
+OK = grpc.StatusCode.OK
+FAST = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.002)
+
+
+@pytest.fixture
+def channel() -> grpc_testing.Channel:
+    return grpc_testing.channel([USERS, SESSIONS], grpc_testing.strict_real_time())
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(1)
+    yield executor
+    # A failed test may leave a call waiting on the fake channel: do not wait for it.
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture
+def client(channel: grpc_testing.Channel) -> Memstore:
+    return Memstore(channel=channel, api_key="sk-test", retry=FAST, timeout=5)
+
+
+def _call(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any, **kw: Any) -> Future[Any]:
+    return pool.submit(fn, *args, **kw)
+
+
+def _take(channel: grpc_testing.Channel, service: Any, method: str) -> tuple[Any, Any, Any]:
+    return channel.take_unary_unary(service.methods_by_name[method])  # type: ignore[no-any-return]
+
+
+def _status_trailer(code: int, message: str, *details: Any) -> tuple[tuple[str, bytes], ...]:
+    packed = []
+    for detail in details:
+        item = any_pb2.Any()
+        item.Pack(detail)
+        packed.append(item)
+    status = status_pb2.Status(code=code, message=message, details=packed)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def _user_proto(user_id: str) -> resources_pb2.User:
+    stamp = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=123_456_000)
+    meta = struct_pb2.Struct()
+    meta.update({"plan": "pro", "seats": 3, "ratio": 0.5, "tags": ["a"]})
+    return resources_pb2.User(
+        user_id=user_id, email="a@example.com", metadata=meta, created_at=stamp,
+        updated_at=stamp, session_count=2,
+    )  # fmt: skip
+
+
+def test_get_user_sends_the_id_and_bearer_key_and_maps_the_user(client, channel, pool):
+    future = _call(pool, client.user.get, "alice")
+    metadata, request, rpc = _take(channel, USERS, "GetUser")
+    assert request == us.GetUserRequest(user_id="alice")
+    assert ("authorization", "Bearer sk-test") in metadata
+    rpc.terminate(us.GetUserResponse(user=_user_proto("alice")), (), OK, "")
+    user = future.result(timeout=5)
+    assert user.user_id == "alice" and user.session_count == 2
+    assert user.created_at == datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
+    # Struct numbers are floats on the wire; whole ones come back as int.
+    assert user.metadata == {"plan": "pro", "seats": 3, "ratio": 0.5, "tags": ["a"]}
+    assert isinstance(user.metadata["seats"], int)
+
+
+def test_without_an_api_key_no_authorization_is_sent(channel, pool):
+    plain = Memstore(channel=channel, retry=FAST)
+    future = _call(pool, plain.user.get, "bob")
+    metadata, _, rpc = _take(channel, USERS, "GetUser")
+    assert all(key != "authorization" for key, _ in metadata)
+    rpc.terminate(us.GetUserResponse(user=_user_proto("bob")), (), OK, "")
+    future.result(timeout=5)
+
+
+def test_errors_become_typed_exceptions_with_reason_and_fields(client, channel, pool):
+    future = _call(pool, client.user.add, "alice", metadata={"k": 1})
+    _, request, rpc = _take(channel, USERS, "CreateUser")
+    assert request.user_id == "alice" and dict(request.metadata) == {"k": 1.0}
+    info = error_details_pb2.ErrorInfo(reason="USER_ALREADY_EXISTS", domain="memstore")
+    trailer = _status_trailer(code_pb2.ALREADY_EXISTS, "user 'alice' already exists", info)
+    rpc.terminate(None, trailer, grpc.StatusCode.ALREADY_EXISTS, "user 'alice' already exists")
+    with pytest.raises(AlreadyExists) as caught:
+        future.result(timeout=5)
+    assert caught.value.reason == "USER_ALREADY_EXISTS"
+    assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+    future = _call(pool, client.memory.add, "s1", [{"content": "hi", "role_type": "user"}])
+    _, request, rpc = _take(channel, SESSIONS, "AddMemory")
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field="messages[0].content", description="too long"
+            )
+        ]
+    )
+    info = error_details_pb2.ErrorInfo(reason="INVALID_ARGUMENT", domain="memstore")
+    trailer = _status_trailer(code_pb2.INVALID_ARGUMENT, "messages[0].content: too long", info, bad)
+    rpc.terminate(None, trailer, grpc.StatusCode.INVALID_ARGUMENT, "messages[0].content: too long")
+    with pytest.raises(InvalidArgument) as invalid:
+        future.result(timeout=5)
+    assert [(v.field, v.description) for v in invalid.value.field_violations] == [
+        ("messages[0].content", "too long")
+    ]
+
+
+def test_idempotent_calls_retry_unavailable_then_succeed(client, channel, pool):
+    future = _call(pool, client.user.get, "alice")
+    for _ in range(2):
+        _, _, rpc = _take(channel, USERS, "GetUser")
+        rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "database unavailable")
+    _, request, rpc = _take(channel, USERS, "GetUser")
+    assert request.user_id == "alice"
+    rpc.terminate(us.GetUserResponse(user=_user_proto("alice")), (), OK, "")
+    assert future.result(timeout=5).user_id == "alice"
+
+
+def test_retries_stop_after_max_attempts(client, channel, pool):
+    future = _call(pool, client.memory.get, "s1", 3)
+    for _ in range(FAST.max_attempts):
+        _, request, rpc = _take(channel, SESSIONS, "GetMemory")
+        assert request == ss.GetMemoryRequest(session_id="s1", lastn=3)
+        rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "down")
+    with pytest.raises(Unavailable):
+        future.result(timeout=5)
+
+
+def test_writes_are_not_retried(client, channel, pool):
+    future = _call(pool, client.memory.add, "s1", [Message(content="hi", role_type="assistant")])
+    _, request, rpc = _take(channel, SESSIONS, "AddMemory")
+    assert request.messages[0].role_type == resources_pb2.ROLE_TYPE_ASSISTANT
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "down")
+    # One attempt only: a retried AddMemory could append the messages twice.
+    with pytest.raises(Unavailable):
+        future.result(timeout=5)
+
+
+def test_not_found_is_not_retried(client, channel, pool):
+    future = _call(pool, client.memory.get_session, "nope")
+    _, _, rpc = _take(channel, SESSIONS, "GetSession")
+    rpc.terminate(None, (), grpc.StatusCode.NOT_FOUND, "session 'nope' not found")
+    with pytest.raises(NotFound, match="nope"):
+        future.result(timeout=5)
+
+
+def test_update_sends_only_the_fields_given(client, channel, pool):
+    future = _call(pool, client.user.update, "alice", first_name="", metadata={"plan": None})
+    _, request, rpc = _take(channel, USERS, "UpdateUser")
+    assert request.HasField("first_name") and request.first_name == ""
+    assert not request.HasField("email") and not request.HasField("last_name")
+    assert request.metadata.fields["plan"].HasField("null_value")
+    rpc.terminate(us.UpdateUserResponse(user=_user_proto("alice")), (), OK, "")
+    future.result(timeout=5)
+
+
+def test_list_sessions_sends_the_page_number(client, channel, pool):
+    future = _call(pool, client.memory.list_sessions, 10, 3, user_id="alice")
+    _, request, rpc = _take(channel, SESSIONS, "ListSessions")
+    assert request == ss.ListSessionsRequest(page_size=10, page_number=3, user_id="alice")
+    rpc.terminate(ss.ListSessionsResponse(total_size=25), (), OK, "")
+    page = future.result(timeout=5)
+    assert page.total_size == 25 and page.sessions == [] and page.next_page_token is None
+
+
+def test_list_chunked_resumes_from_the_last_token_after_unavailable(client, channel, pool):
+    chunks = client.user.list_chunked(chunk_size=2)
+    first = _call(pool, next, chunks)
+    method = USERS.methods_by_name["ListUsersChunked"]
+    _, request, rpc = channel.take_unary_stream(method)
+    assert request == us.ListUsersChunkedRequest(chunk_size=2)
+    users = [_user_proto("a"), _user_proto("b")]
+    rpc.send_response(us.ListUsersChunkedResponse(users=users, next_page_token="after-b"))
+    assert [u.user_id for u in first.result(timeout=5)] == ["a", "b"]
+    rest = _call(pool, list, chunks)
+    rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    _, request, rpc = channel.take_unary_stream(method)
+    assert request == us.ListUsersChunkedRequest(chunk_size=2, page_token="after-b")
+    rpc.send_response(us.ListUsersChunkedResponse(users=[_user_proto("c")]))
+    rpc.terminate((), OK, "")
+    assert [[u.user_id for u in chunk] for chunk in rest.result(timeout=5)] == [["c"]]
