@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -18,6 +18,7 @@ from server import keys
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
 from server.errors import MemstoreError, Unauthenticated, to_rpc_status
+from server.interceptors import ServerInterceptor, rewrap
 from server.security import is_loopback
 from server.store import Store
 
@@ -189,13 +190,7 @@ async def _abort(context: Context, error: MemstoreError) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-if TYPE_CHECKING:
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # the runtime class is not generic; only its stubs are
-    _Interceptor = grpc.aio.ServerInterceptor
-
-
-class AuthInterceptor(_Interceptor):
+class AuthInterceptor(ServerInterceptor):
     """Resolves each call's project before its handler runs; re-checks keys while streaming."""
 
     def __init__(self, authenticator: Authenticator) -> None:
@@ -211,20 +206,7 @@ class AuthInterceptor(_Interceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
             return handler
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream), **kwargs
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary), **kwargs)
-        assert handler.stream_stream is not None  # the only kind left
-        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream), **kwargs)
+        return rewrap(handler, unary=self._unary, stream=self._stream)
 
     async def _enter(self, context: Context) -> int:
         try:

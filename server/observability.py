@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import json
 import logging
@@ -19,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
+
+from server.interceptors import ServerInterceptor, rewrap
 
 log = logging.getLogger("memstore.access")
 
@@ -140,7 +143,7 @@ def _rows(response: Any) -> int:
     )
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class ObservabilityInterceptor(ServerInterceptor):
     """Counts, times and logs every RPC, and gives it a request id."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -154,22 +157,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+        if handler is None or handler.request_streaming:
+            return handler  # memstore has no client-streaming RPCs; reflection's pass through
         method = str(handler_call_details.method)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # memstore has no client-streaming RPCs; reflection's pass through
+        return rewrap(
+            handler,
+            unary=functools.partial(self._unary, method),
+            stream=functools.partial(self._stream, method),
+        )
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -56,12 +56,15 @@ def probe_port(host: str, port: int) -> int:
 
 
 async def _prepare(config: Config) -> None:
-    # Migrate once here, so the workers start on the current schema without racing for it.
+    # Migrate once here, so the workers start on the current schema without racing for it,
+    # and refuse an unauthenticated public bind here too: one line, not one per worker.
     from server.app import open_store
+    from server.auth import start_authenticator
 
     store = await open_store(config)
     try:
         await store.migrate()
+        await start_authenticator(config, store)
     finally:
         await store.close()
 
@@ -72,6 +75,7 @@ def serve_workers(config: Config) -> int:
     Raises:
         OSError: the port is taken.
         MemstoreError: the database cannot be reached or migrated.
+        StartupRefused: the bind is public and nothing authenticates callers.
     """
     port = probe_port(config.host, config.port)
     if config.database_url is None:

@@ -16,16 +16,15 @@ import os
 # own command turns them off the same way (server/__main__.py).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from server.store import Store
+from tests.databases import scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_TABLES = ("messages", "sessions", "users")
@@ -47,16 +46,8 @@ def server_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A database created for this run, dropped at its end."""
-    name = f"memstore_test_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = pg_conninfo.conninfo_to_dict(server_url)
-    params["dbname"] = name
-    yield pg_conninfo.make_conninfo(**params)
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with scratch_database(server_url, f"memstore_test_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
+from psycopg_pool import TooManyRequests
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -23,10 +25,20 @@ Fetch = Callable[[list[K]], Awaitable[dict[K, V]]]
 class Coalescer(Generic[K, V]):
     """Batches `load(key)` calls; each batch is one `fetch` of the distinct keys waiting."""
 
-    def __init__(self, fetch: Fetch[K, V], *, max_in_flight: int = 1, max_batch: int = 256):
+    def __init__(
+        self,
+        fetch: Fetch[K, V],
+        *,
+        max_in_flight: int = 1,
+        max_batch: int = 256,
+        max_waiting_batches: int = 0,
+    ):
         self._fetch = fetch
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
+        # The pool bounds the calls queued for a connection (max_waiting); a queued batch
+        # holds up to max_batch calls, so this queue is bounded by as many round trips.
+        self._max_waiting = max_waiting_batches * max_batch
         self._waiting: list[tuple[K, asyncio.Future[V | None]]] = []
         self._in_flight = 0
         self._scheduled = False
@@ -35,8 +47,12 @@ class Coalescer(Generic[K, V]):
         """The value of `key` (None when there is no row), read in a shared batch.
 
         Raises:
+            TooManyRequests: `max_waiting_batches` batches' worth of calls already wait.
             Exception: whatever `fetch` raised for the batch this call was part of.
         """
+        if self._max_waiting and len(self._waiting) >= self._max_waiting:
+            # The pool's own overload error, so the store translates both alike.
+            raise TooManyRequests(f"{len(self._waiting)} calls already wait for a batch")
         future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
         self._waiting.append((key, future))
         self._schedule()

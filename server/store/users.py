@@ -14,6 +14,7 @@ from server.store.base import START, StoreBase, factory, key, metadata_params, u
 from server.store.coalesce import Coalescer
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
+from server.store.translate import translated
 
 
 class UserMethods(StoreBase):
@@ -57,14 +58,15 @@ class UserMethods(StoreBase):
         Raises:
             NotFound: no user has this id.
         """
-        user = await self._user_loader.load((project_id, user_id))
+        with translated():
+            user = await self._user_loader.load((project_id, user_id))
         if user is None:
             raise user_not_found(user_id)
         return user
 
     @cached_property
     def _user_loader(self) -> Coalescer[tuple[int, str], User]:
-        return Coalescer(self._get_users)
+        return Coalescer(self._get_users, max_waiting_batches=self._pool.max_waiting)
 
     async def _get_users(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], User]:
         by_project: dict[int, list[str]] = {}

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import psycopg
@@ -11,7 +10,6 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from memstore.v1 import session_service_pb2 as ss
@@ -20,6 +18,7 @@ from memstore.v1 import user_service_pb2 as us
 from server.app import build_server
 from server.config import Config
 from server.store import Store
+from tests.databases import database_name, scratch_database
 from tests.grpc import Code, msg, rpc_error
 
 SERVICES = ("memstore.v1.UserService", "memstore.v1.SessionService")
@@ -85,18 +84,10 @@ async def test_reflection_resolves_method_symbols(channel):
 
 
 @pytest.fixture
-async def doomed_database(server_url: str) -> AsyncIterator[tuple[str, str]]:
-    """A migrated database of its own (name, url) that the test may drop."""
-    name = f"memstore_doomed_{secrets.token_hex(4)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = pg_conninfo.conninfo_to_dict(server_url)
-    params["dbname"] = name
-    yield name, pg_conninfo.make_conninfo(**params)
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+def doomed_database(server_url: str) -> Iterator[tuple[str, str]]:
+    """A database of its own (name, url) that the test may drop."""
+    with scratch_database(server_url, "memstore_doomed") as url:
+        yield database_name(url), url
 
 
 async def test_unavailable_when_database_is_gone(server_url, doomed_database):

@@ -7,14 +7,12 @@ authentication on for the open-mode server every other test uses.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
 import psycopg
 import pytest
-from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
@@ -24,6 +22,7 @@ from server.keys import new_key
 from server.security import SecurityConfig
 from server.store import Store
 from tests.conftest import DATA_TABLES
+from tests.databases import scratch_database
 
 #: How long the test server trusts a checked key; revocation tests wait a few of these.
 KEY_CACHE_SECONDS = 0.2
@@ -45,16 +44,8 @@ class Caller:
 @pytest.fixture(scope="session")
 def secure_db_url(server_url: str) -> Iterator[str]:
     """A database for the security tests only, dropped at the end of the run."""
-    name = f"memstore_sec_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = pg_conninfo.conninfo_to_dict(server_url)
-    params["dbname"] = name
-    yield pg_conninfo.make_conninfo(**params)
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with scratch_database(server_url, f"memstore_sec_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -87,11 +87,13 @@ def test_served_keys_and_revocation_over_the_wire(secure_db_url: str) -> None:
     assert code == 0, out
 
 
-def test_open_non_loopback_bind_fails_start_with_one_line(clean_db: str) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_open_non_loopback_bind_fails_start_with_one_line(clean_db: str, workers: str) -> None:
     # The run's shared database holds no key: authentication would be off.
     env = {**os.environ, "DATABASE_URL": clean_db}
-    run = _memstore("serve", "--host", "0.0.0.0", "--port", "0", env=env)
+    run = _memstore("serve", "--host", "0.0.0.0", "--port", "0", "--workers", workers, env=env)
     assert run.returncode == 1
+    assert run.stderr.count("refusing") == 1, run.stderr  # the parent says it, once
     assert "serve failed: refusing to serve 0.0.0.0 without authentication" in run.stderr
     assert "--insecure" in run.stderr
     assert "Traceback" not in run.stderr

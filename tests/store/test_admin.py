@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from datetime import timedelta
 
 import psycopg
 import pytest
-from psycopg import conninfo as pg_conninfo
 from psycopg import errors as pg
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -28,6 +26,7 @@ from server.errors import (
 from server.store import Store
 from server.store.queries import QUERIES, migrations, parse
 from server.store.translate import translated
+from tests.databases import scratch_database
 
 
 def msg(content: str) -> NewMessage:
@@ -35,18 +34,10 @@ def msg(content: str) -> NewMessage:
 
 
 @pytest.fixture
-async def fresh_url(server_url: str) -> AsyncIterator[str]:
+def fresh_url(server_url: str) -> Iterator[str]:
     """An empty database on the run's server, dropped afterwards."""
-    name = f"memstore_fresh_{secrets.token_hex(4)}"
-    async with await psycopg.AsyncConnection.connect(server_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = pg_conninfo.conninfo_to_dict(server_url)
-    params["dbname"] = name
-    yield pg_conninfo.make_conninfo(**params)
-    async with await psycopg.AsyncConnection.connect(server_url, autocommit=True) as conn:
-        await conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with scratch_database(server_url, "memstore_fresh") as url:
+        yield url
 
 
 async def test_migrate_applies_once_under_the_lock(fresh_url: str) -> None:

@@ -86,3 +86,22 @@ async def test_the_fetch_is_cancelled_only_when_every_caller_gave_up() -> None:
         await two
     fetch.release.set()
     assert await loader.load("c") == "C"  # nothing is left counted as in flight
+
+
+async def test_the_queue_is_bounded_by_batches_worth_of_calls() -> None:
+    # Under overload a caller must hear "too many" at once, not join an endless queue.
+    from psycopg_pool import TooManyRequests
+
+    fetch = Recorder()
+    fetch.release.clear()
+    loader = Coalescer(fetch, max_batch=2, max_waiting_batches=1)
+    first = asyncio.ensure_future(loader.load("a"))
+    await asyncio.sleep(0.01)
+    assert fetch.batches == [["a"]]  # the first batch is in flight and held open
+    queued = [asyncio.ensure_future(loader.load(k)) for k in ("b", "c")]
+    await asyncio.sleep(0)
+    with pytest.raises(TooManyRequests):
+        await loader.load("d")
+    fetch.release.set()
+    assert await first == "A"
+    assert await asyncio.gather(*queued) == ["B", "C"]
