@@ -89,6 +89,24 @@ class StoreBase:
         self._health.report_lost_connection()
         raise Unavailable("database unavailable: every pooled connection was closed")
 
+    async def _hide_in_live_session(self, statement: str, project_id: int, session_id: str) -> int:
+        """Runs `statement` (which soft-deletes messages) on a live session; returns its count.
+
+        The session row is locked first, in the same transaction, so the statement's snapshot
+        sees every message an AddMemory committed while this call waited for the lock.
+
+        Raises:
+            NotFound: the session is absent or soft-deleted.
+        """
+        params = key(project_id, session_id=session_id)
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "lock_live_session", params)
+            if row is not None:
+                row = await fetch_one(conn, statement, params)
+            if row is None:
+                raise await self._session_missing(conn, project_id, session_id)
+        return int(row["messages"])
+
     async def _session_missing(
         self, conn: AsyncConnection[Any], project_id: int, session_id: str
     ) -> NotFound:

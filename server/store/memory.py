@@ -128,12 +128,4 @@ class MemoryMethods(StoreBase):
         Raises:
             NotFound: the session is absent or soft-deleted.
         """
-        params = key(project_id, session_id=session_id)
-        async with self._connect() as conn:
-            # As delete_session: lock first, so no message appended meanwhile stays live.
-            row = await fetch_one(conn, "lock_live_session", params)
-            if row is not None:
-                row = await fetch_one(conn, "clear_memory", params)
-            if row is None:
-                raise await self._session_missing(conn, project_id, session_id)
-        return int(row["messages"])
+        return await self._hide_in_live_session("clear_memory", project_id, session_id)

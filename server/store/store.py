@@ -205,15 +205,7 @@ class Store(UserMethods, MemoryMethods, KeyMethods, ExportMethods):
         Raises:
             NotFound: the session is absent or already soft-deleted.
         """
-        params = key(project_id, session_id=session_id)
-        async with self._connect() as conn:
-            # Lock first, then update in a statement whose snapshot sees every message.
-            row = await fetch_one(conn, "lock_live_session", params)
-            if row is not None:
-                row = await fetch_one(conn, "delete_session", params)
-            if row is None:
-                raise await self._session_missing(conn, project_id, session_id)
-        return int(row["messages"])
+        return await self._hide_in_live_session("delete_session", project_id, session_id)
 
     async def undelete_session(self, project_id: int, session_id: str) -> Session:
         """Restores a soft-deleted session; its deleted messages stay deleted.
