@@ -37,6 +37,11 @@ class DrainingHealth(HealthServicer):  # type: ignore[misc]
 
     async def Watch(self, request: Any, context: Any) -> None:
         """Streams the status of a service until the drain ends (then the stream ends OK)."""
+        if self._ending:
+            # Arrived after the drain ended the others: end at once too, or it alone would
+            # hold the shutdown for the whole grace period.
+            await context.write(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+            return
         task = asyncio.current_task()
         assert task is not None
         self._watches.add(task)

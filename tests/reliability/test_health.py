@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.readiness import DrainingHealth
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -21,3 +25,28 @@ async def test_watch_streams_the_status_through_every_interceptor(
         stream.cancel()
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == SERVING
+
+
+class _RecordingContext:
+    """What Watch needs of a servicer context: write()."""
+
+    def __init__(self) -> None:
+        self.written: list[health_pb2.HealthCheckResponse] = []
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        self.written.append(message)
+
+
+async def test_a_watch_that_arrives_after_the_drain_ends_at_once() -> None:
+    # Watches open at the drain are cancelled; one that starts later must not wait for a
+    # status change that never comes and hold the shutdown for the whole grace period.
+    health = DrainingHealth()
+    await health.set("", SERVING)
+    await health.enter_graceful_shutdown()
+    health.end_watches()
+    context = _RecordingContext()
+    watch = asyncio.ensure_future(health.Watch(health_pb2.HealthCheckRequest(), context))
+    # Not wait_for: cancelling a Watch after the drain also ends it without an error.
+    done, _ = await asyncio.wait({watch}, timeout=2)
+    assert done == {watch}, "the late Watch is still waiting"
+    assert [m.status for m in context.written] == [health_pb2.HealthCheckResponse.NOT_SERVING]
