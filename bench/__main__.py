@@ -106,7 +106,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
 def _check_stopped(server: env.Server) -> None:
     code = server.stop()
     if code != 0:
-        raise RuntimeError(f"memstore serve --workers {server.workers} exited with {code}")
+        raise RuntimeError(f"memstore serve --workers {server.serving.workers} exited with {code}")
 
 
 def _emit(figure: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def server_url(database_url: str | None, data_dir: Path) -> str:
     """A maintenance URL: DATABASE_URL's server, or the bench's embedded one (kept running)."""
     if database_url:
         return database_url
-    from server.embedded import EmbeddedPostgres
+    from server.serving.embedded import EmbeddedPostgres
 
     return EmbeddedPostgres(data_dir / "bench-pg").url("postgres")
 

@@ -55,7 +55,7 @@ def _fresh_database() -> tuple[str, Callable[[], None]]:
     """A new database on DATABASE_URL's server (or the embedded one), and how to drop it."""
     server_url = os.environ.get("DATABASE_URL")
     if not server_url:
-        from server.embedded import EmbeddedPostgres
+        from server.serving.embedded import EmbeddedPostgres
 
         server_url = EmbeddedPostgres(ROOT / ".data" / "soak-pg").url("postgres")
     name = f"memstore_soak_{secrets.token_hex(3)}"

@@ -18,10 +18,10 @@ from dataclasses import asdict
 
 from server import cli_data, cli_keys
 from server import config as config_module
-from server.app import open_store, serve
 from server.config import Config
 from server.errors import MemstoreError
-from server.observability import configure_logging
+from server.serving.app import open_store, serve
+from server.serving.observability import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     try:
         if args.command == "serve" and config.workers > 1:
-            from server.workers import serve_workers
+            from server.serving.workers import serve_workers
 
             return serve_workers(config)
         asyncio.run(command(config))

@@ -10,9 +10,9 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from server import config as config_module
+from server.api_keys import ApiKey, new_key, split_key
 from server.config import Config
 from server.errors import InvalidArgument
-from server.keys import ApiKey, new_key, split_key
 from server.store import Store
 
 #: Project names: short, printable, safe in shells and logs.
@@ -63,7 +63,7 @@ async def _run(
     args: argparse.Namespace,
     config: Config,
 ) -> None:
-    from server.app import open_store  # the app imports grpc; only needed when run
+    from server.serving.app import open_store  # the app imports grpc; only needed when run
 
     store = await open_store(config)
     try:

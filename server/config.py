@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from server import security as security_flags
-from server.security import SecurityConfig
+from server.serving import tls as security_flags
+from server.serving.tls import SecurityConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ class Config:
     metrics_host: str = "localhost"
     #: "json" (one object per line) or "text".
     log_format: str = "json"
-    #: TLS, --insecure, the key cache and the pool queue bound (server/security.py).
+    #: TLS, --insecure, the key cache and the pool queue bound (server/serving/tls.py).
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
     workers: int = 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
-#: Until auth exists every row lives in this project (see migrations/0001).
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: The project of every call while no API key exists (created by migrations/0001).
 DEFAULT_PROJECT_ID = 1
 
 #: Role types as stored in messages.role_type (the proto enum without its prefix).
@@ -140,3 +142,16 @@ class PurgeReport:
     messages: int = 0
     batches: int = 0
     details: dict[str, int] = field(default_factory=dict)
+
+
+def to_micros(value: datetime) -> int:
+    """Integer microseconds since the Unix epoch, exactly (no float on the way)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    """The UTC datetime `micros` microseconds after the Unix epoch, exactly."""
+    return _EPOCH + timedelta(microseconds=micros)

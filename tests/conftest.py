@@ -37,7 +37,7 @@ def server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from server.embedded import EmbeddedPostgres
+    from server.serving.embedded import EmbeddedPostgres
 
     pg = EmbeddedPostgres(ROOT / ".data" / "test-pg")
     yield pg.url("postgres")

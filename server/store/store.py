@@ -29,10 +29,10 @@ from server.store.base import (
 from server.store.db import fetch_all, fetch_one
 from server.store.export import ExportMethods
 from server.store.health import Listener
-from server.store.keys import KeyMethods
 from server.store.listing import list_sessions_statements
 from server.store.memory import MemoryMethods
 from server.store.migrate import apply_migrations
+from server.store.projects import KeyMethods
 from server.store.queries import query
 from server.store.users import UserMethods
 

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
-from server.app import build_server
 from server.config import Config
+from server.serving.app import build_server
 from server.store import Store
 
 

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from memstore_client import TLS, AsyncMemstore, RetryPolicy, Unavailable
-from server.app import build_server
 from server.config import Config
+from server.serving.app import build_server
 from server.store import Store
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make certs")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from memstore.v1 import session_service_pb2 as ss
+from server.api.tokens import PageTokens, sessions_fingerprint
 from server.domain import DEFAULT_PROJECT_ID, SessionQuery
-from server.pagination import PageTokens, sessions_fingerprint
 from tests.grpc import Code, Sessions, rpc_error, tamper
 
 

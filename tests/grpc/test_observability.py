@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
-from server.app import build_server
 from server.config import Config
-from server.observability import JsonFormatter, Metrics
+from server.serving.app import build_server
+from server.serving.observability import JsonFormatter, Metrics
 from server.store import Store
 from tests.grpc import msg
 
@@ -77,7 +77,7 @@ async def test_metrics_count_calls_by_method_and_code(observed) -> None:
 
     assert moved(USERS + "CreateUser", "OK") == 1
     assert moved(USERS + "GetUser", "OK") == 1
-    # The codes are what the calls returned, aborts from server/errors.py included.
+    # The codes are what the calls returned, aborts from server/api/status.py included.
     assert moved(USERS + "GetUser", "NOT_FOUND") == 1
     assert moved(USERS + "GetUser", "INVALID_ARGUMENT") == 1
     export = "/memstore.v1.SessionService/ExportMessages"

@@ -15,8 +15,8 @@ from psycopg import sql
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
-from server.app import build_server
 from server.config import Config
+from server.serving.app import build_server
 from server.store import Store
 from tests.databases import database_name, scratch_database
 from tests.grpc import Code, msg, rpc_error

@@ -11,9 +11,9 @@ import psycopg
 import pytest
 from psycopg import conninfo as pg_conninfo
 
-from server.app import build_server
 from server.config import Config
-from server.embedded import EmbeddedPostgres
+from server.serving.app import build_server
+from server.serving.embedded import EmbeddedPostgres
 from server.store import Store
 from tests.grpc.conftest import channel, grpc_port, sessions, users
 from tests.reliability import FIGURES

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
-from server.embedded import EmbeddedPostgres
-from server.readiness import watch_database
+from server.serving.embedded import EmbeddedPostgres
+from server.serving.grpc_health import watch_database
 from server.store import Store
 from tests.grpc import Sessions, Users, msg, struct
 from tests.reliability import record

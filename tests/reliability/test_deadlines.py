@@ -17,8 +17,8 @@ import pytest
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
-from server.app import build_server
 from server.config import Config
+from server.serving.app import build_server
 from server.store import Store
 from tests.grpc import Sessions, Users, msg
 from tests.reliability import record

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
-from server.app import build_server
 from server.config import Config
+from server.serving.app import build_server
 from server.store import Store
 from tests.reliability import fuzz_settings, hostile, record
 

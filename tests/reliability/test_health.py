@@ -7,7 +7,7 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.readiness import DrainingHealth
+from server.serving.grpc_health import DrainingHealth
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -13,7 +13,7 @@ import psycopg
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
-from server.validation import MAX_METADATA_BYTES
+from server.api.validation import MAX_METADATA_BYTES
 from tests.grpc import Sessions, Users, as_dict, msg, struct
 from tests.reliability import record
 

@@ -16,10 +16,10 @@ import pytest
 from psycopg import sql
 
 from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
-from server.app import build_server
+from server.api_keys import new_key
 from server.config import Config
-from server.keys import new_key
-from server.security import SecurityConfig
+from server.serving.app import build_server
+from server.serving.tls import SecurityConfig
 from server.store import Store
 from tests.conftest import DATA_TABLES
 from tests.databases import scratch_database

@@ -14,12 +14,12 @@ from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
 from server import config as config_module
 from server.__main__ import _parser
-from server.app import build_server
-from server.auth import Authenticator, StartupRefused, start_authenticator
+from server.api_keys import new_key, split_key
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
-from server.keys import new_key, split_key
-from server.security import SecurityConfig, is_loopback
+from server.serving.app import build_server
+from server.serving.auth import Authenticator, StartupRefused, start_authenticator
+from server.serving.tls import SecurityConfig, is_loopback
 from server.store import Store
 from tests.grpc import Code, rpc_error
 from tests.security.conftest import KEY_CACHE_SECONDS, Caller, make_key

@@ -13,9 +13,9 @@ from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc as us_grpc
 from memstore_client import AsyncMemstore, Memstore, Message, Unauthenticated
 from server.__main__ import main
-from server.app import build_server
 from server.config import Config
-from server.observability import Metrics
+from server.serving.app import build_server
+from server.serving.observability import Metrics
 from server.store import Store
 from tests.security.conftest import make_key
 

@@ -13,9 +13,9 @@ import pytest
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
-from server.app import build_server
 from server.config import Config
-from server.security import SecurityConfig
+from server.serving.app import build_server
+from server.serving.tls import SecurityConfig
 from server.store import Store
 from tests.grpc import Code, as_dict, msg, rpc_error, struct
 from tests.security.conftest import Caller, make_key

@@ -11,7 +11,7 @@ import pytest
 
 from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
-from server.keys import split_key
+from server.api_keys import split_key
 from server.store import Store
 from tests.grpc import Code
 from tests.security.conftest import KEY_CACHE_SECONDS, Caller

@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
-from server.app import build_server
 from server.config import Config
-from server.security import SecurityConfig, server_credentials
+from server.serving.app import build_server
+from server.serving.tls import SecurityConfig, server_credentials
 from server.store import Store
 from tests.test_process import MEMSTORE, ROOT, _free_port, _stop
 

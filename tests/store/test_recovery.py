@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from psycopg import conninfo as pg_conninfo
 
-from server.embedded import EmbeddedPostgres
 from server.errors import Unavailable
+from server.serving.embedded import EmbeddedPostgres
 from server.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from decimal import Decimal
 from google.protobuf import json_format
 
 from memstore.v1 import resources_pb2
-from server import convert
+from server.api import convert
 from server.domain import Message, Session, User
 
 STAMP = datetime(2024, 5, 6, 7, 8, 9, 999999, tzinfo=UTC)

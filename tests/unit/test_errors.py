@@ -7,6 +7,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from server import errors
+from server.api import status as grpc_status
 
 
 def _details(status: grpc.Status) -> tuple[status_pb2.Status, list[object]]:
@@ -30,7 +31,7 @@ def test_invalid_argument_carries_error_info_and_field_violations() -> None:
             errors.FieldViolation("messages[3].content", "too long"),
         ]
     )
-    status = errors.to_rpc_status(error)
+    status = grpc_status.to_rpc_status(error)
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "user_id" in status.details and "messages[3].content" in status.details
     decoded, details = _details(status)
@@ -63,7 +64,7 @@ def test_invalid_argument_carries_error_info_and_field_violations() -> None:
 def test_other_errors_carry_error_info_only(
     error: errors.MemstoreError, code: grpc.StatusCode, reason: str
 ) -> None:
-    status = errors.to_rpc_status(error)
+    status = grpc_status.to_rpc_status(error)
     assert status.code == code
     assert status.details == error.message
     _, details = _details(status)

@@ -7,8 +7,9 @@ from typing import Any
 import grpc
 import pytest
 
-from server.errors import NotFound, to_rpc_status
-from server.observability import _Context, _request_id
+from server.api.status import to_rpc_status
+from server.errors import NotFound
+from server.serving.observability import _Context, _request_id
 
 
 class _Recording:

@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from server import pagination
+from server import domain
+from server.api import tokens as pagination
+from server.api.tokens import PageTokens
 from server.domain import SessionQuery
 from server.errors import InvalidArgument
-from server.pagination import PageTokens
 
 KEY = b"k" * 32
 USERS = pagination.users_fingerprint(1)
@@ -39,16 +40,16 @@ def test_time_key_round_trip_keeps_every_microsecond() -> None:
     ],
 )
 def test_micros_conversion_is_exact(stamp: datetime) -> None:
-    micros = pagination.to_micros(stamp)
+    micros = domain.to_micros(stamp)
     assert isinstance(micros, int)
-    back = pagination.from_micros(micros)
+    back = domain.from_micros(micros)
     assert back == stamp
     assert back.tzinfo == UTC
 
 
 def test_micros_of_a_known_instant() -> None:
     stamp = datetime(2001, 9, 9, 1, 46, 40, 999999, tzinfo=UTC)
-    assert pagination.to_micros(stamp) == 1_000_000_000_999_999
+    assert domain.to_micros(stamp) == 1_000_000_000_999_999
 
 
 def test_token_is_url_safe_without_padding() -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
-from server import validation as val
+from server.api import validation as val
 from server.errors import InvalidArgument
 
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from server.workers import probe_port
+from server.serving.workers import probe_port
 
 
 def test_port_zero_picks_one_free_port_for_every_worker() -> None:

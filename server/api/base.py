@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 
-from server.auth import current_project
-from server.pagination import PageTokens
+from server.api.tokens import PageTokens
+from server.serving.auth import current_project
 from server.store import Store
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -21,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from server.interceptors import ServerInterceptor, rewrap
+from server.serving.interceptors import ServerInterceptor, rewrap
 
 log = logging.getLogger("memstore.access")
 
@@ -94,7 +94,7 @@ class _Context:
     """The servicer context as handlers see it: abort keeps the request id in the trailer.
 
     context.abort(code, details, trailing_metadata) replaces any trailing metadata set
-    before, and server/errors.py passes the google.rpc status there; the id is merged in.
+    before, and server/api/status.py passes the google.rpc status there; the id is merged in.
     """
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any], rid: str) -> None:

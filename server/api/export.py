@@ -9,11 +9,11 @@ from google.protobuf.message import Message as ProtoMessage
 
 from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as pb
-from server import convert, pagination
-from server import validation as val
+from server.api import convert, tokens
+from server.api import validation as val
+from server.api.base import Context, ServicerBase
+from server.api.status import stream_errors
 from server.domain import Message, MessageKey, Page, Session, TimeKey
-from server.errors import stream_errors
-from server.servicers import Context, ServicerBase
 
 #: A chunk stops growing before it passes this many serialized bytes (as ListUsersChunked).
 MAX_CHUNK_BYTES = 256 * 1024
@@ -109,7 +109,7 @@ class ExportServicer(ServicerBase):
     ) -> AsyncIterator[pb.ExportSessionsResponse]:
         chunk_size = _chunk_size(request.chunk_size)
         project = self._project(context)
-        query = pagination.export_fingerprint("sessions", project)
+        query = tokens.export_fingerprint("sessions", project)
         after = self._tokens.decode_time_key(request.page_token, query)
 
         async def fetch(key: TimeKey | None, limit: int) -> Page[Session]:
@@ -128,7 +128,7 @@ class ExportServicer(ServicerBase):
     ) -> AsyncIterator[pb.ExportMessagesResponse]:
         chunk_size = _chunk_size(request.chunk_size)
         project = self._project(context)
-        query = pagination.export_fingerprint("messages", project)
+        query = tokens.export_fingerprint("messages", project)
         after = self._tokens.decode_message_key(request.page_token, query)
 
         async def fetch(key: MessageKey | None, limit: int) -> Page[Message]:

@@ -7,32 +7,18 @@ import binascii
 import hashlib
 import hmac
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from server.domain import MessageKey, SessionQuery, TimeKey
+from server.domain import MessageKey, SessionQuery, TimeKey, from_micros, to_micros
 from server.errors import InvalidArgument
 
 #: First byte of every token; bump it when the layout changes so old tokens fail cleanly.
 VERSION = 1
 _FINGERPRINT_LEN = 16
 _TAG_LEN = 32
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FIELD = "page_token"
 _REASON = "INVALID_PAGE_TOKEN"
-
-
-def to_micros(value: datetime) -> int:
-    """Integer microseconds since the Unix epoch, exactly (no float on the way)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def from_micros(micros: int) -> datetime:
-    """The UTC datetime `micros` microseconds after the Unix epoch, exactly."""
-    return _EPOCH + timedelta(microseconds=micros)
 
 
 def fingerprint(kind: str, project_id: int, **parts: Any) -> bytes:

@@ -58,8 +58,8 @@ def probe_port(host: str, port: int) -> int:
 async def _prepare(config: Config) -> None:
     # Migrate once here, so the workers start on the current schema without racing for it,
     # and refuse an unauthenticated public bind here too: one line, not one per worker.
-    from server.app import open_store
-    from server.auth import start_authenticator
+    from server.serving.app import open_store
+    from server.serving.auth import start_authenticator
 
     store = await open_store(config)
     try:
@@ -80,7 +80,7 @@ def serve_workers(config: Config) -> int:
     port = probe_port(config.host, config.port)
     if config.database_url is None:
         # One embedded PostgreSQL for all workers, owned (and stopped at exit) by the parent.
-        from server.embedded import EmbeddedPostgres
+        from server.serving.embedded import EmbeddedPostgres
 
         url = EmbeddedPostgres(config.data_dir / "pg").url("postgres")
         config = replace(config, database_url=url)
@@ -107,8 +107,8 @@ def _fork_worker(config: Config, index: int) -> int:
 
 
 def _run_worker(config: Config, index: int) -> int:
-    from server.app import serve
     from server.errors import MemstoreError
+    from server.serving.app import serve
 
     code = 0
     try:

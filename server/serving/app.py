@@ -18,22 +18,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore.v1 import session_service_pb2, user_service_pb2
-from server.auth import AuthInterceptor, start_authenticator
+from server.api.base import Context
+from server.api.sessions import SessionServicer
+from server.api.status import abort
+from server.api.tokens import PageTokens
+from server.api.users import UserServicer
 from server.config import Config
-from server.errors import InvalidArgument, to_rpc_status
-from server.observability import Metrics, ObservabilityInterceptor
-from server.pagination import PageTokens
-from server.readiness import (
+from server.errors import InvalidArgument
+from server.serving.auth import AuthInterceptor, start_authenticator
+from server.serving.grpc_health import (
     DrainingHealth,
     Readiness,
     settle_calls,
     track_call,
     watch_database,
 )
-from server.security import add_port, reflection_enabled
-from server.servicers import Context
-from server.servicers.sessions import SessionServicer
-from server.servicers.users import UserServicer
+from server.serving.observability import Metrics, ObservabilityInterceptor
+from server.serving.tls import add_port, reflection_enabled
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,15 +53,11 @@ class _Malformed:
 _MALFORMED = _Malformed()
 
 
-async def _abort_malformed(context: Context) -> None:
-    status = to_rpc_status(
-        InvalidArgument.field(
-            "request",
-            "request is not valid protobuf / contains invalid UTF-8 in a string field",
-            reason="MALFORMED_REQUEST",
-        )
-    )
-    await context.abort(status.code, status.details, status.trailing_metadata)
+_MALFORMED_ERROR = InvalidArgument.field(
+    "request",
+    "request is not valid protobuf / contains invalid UTF-8 in a string field",
+    reason="MALFORMED_REQUEST",
+)
 
 
 def _tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
@@ -81,7 +78,7 @@ def _guard_unary(
     async def handler(request: Any, context: Context) -> Any:
         track_call()
         if request is _MALFORMED:
-            await _abort_malformed(context)
+            await abort(context, _MALFORMED_ERROR)
         return await method(request, context)
 
     return handler
@@ -93,7 +90,7 @@ def _guard_stream(
     async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
         track_call()
         if request is _MALFORMED:
-            await _abort_malformed(context)
+            await abort(context, _MALFORMED_ERROR)
         async for response in method(request, context):
             yield response
 
@@ -173,7 +170,7 @@ async def _build(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
-            # silently share it; refuse instead. Workers opt in on purpose (server/workers.py
+            # silently share it; refuse instead. Workers opt in on purpose (server/serving/workers.py
             # checks first that nobody else holds the port).
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ],
@@ -220,7 +217,7 @@ async def open_store(config: Config) -> Store:
     """Opens the store on DATABASE_URL, or on the embedded PostgreSQL under data_dir."""
     url = config.database_url
     if url is None:
-        from server.embedded import EmbeddedPostgres
+        from server.serving.embedded import EmbeddedPostgres
 
         url = EmbeddedPostgres(config.data_dir / "pg").url("postgres")
     return await Store.open(

@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 
-from server import keys
+from server import api_keys as keys
+from server.api.status import abort
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
-from server.errors import MemstoreError, Unauthenticated, to_rpc_status
-from server.interceptors import ServerInterceptor, rewrap
-from server.security import is_loopback
+from server.errors import MemstoreError, Unauthenticated
+from server.serving.interceptors import ServerInterceptor, rewrap
+from server.serving.tls import is_loopback
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -185,11 +186,6 @@ async def start_authenticator(config: Config, store: Store) -> Authenticator:
     return Authenticator(store, sec.key_cache_seconds, enabled=enabled)
 
 
-async def _abort(context: Context, error: MemstoreError) -> None:
-    status = to_rpc_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 class AuthInterceptor(ServerInterceptor):
     """Resolves each call's project before its handler runs; re-checks keys while streaming."""
 
@@ -212,8 +208,7 @@ class AuthInterceptor(ServerInterceptor):
         try:
             project = await self._auth.project_for(context.invocation_metadata())
         except MemstoreError as error:
-            await _abort(context, error)
-            raise AssertionError("unreachable: abort raises") from error
+            await abort(context, error)
         # Each call runs in a context of its own (grpc.aio gives every RPC a fresh one), so
         # the handler, and nothing else, sees this project.
         _PROJECT.set(project)
@@ -238,7 +233,7 @@ class AuthInterceptor(ServerInterceptor):
                         if await self._auth.project_for(metadata) != project:
                             raise INVALID
                     except MemstoreError as error:
-                        await _abort(context, error)
+                        await abort(context, error)
                     yield response
 
         return handler

@@ -6,13 +6,13 @@ import uuid
 
 from memstore.v1 import session_service_pb2 as pb
 from memstore.v1 import session_service_pb2_grpc as pb_grpc
-from server import convert, pagination
-from server import validation as val
+from server.api import convert, tokens
+from server.api import validation as val
+from server.api.base import Context, ServicerBase
+from server.api.export import ExportServicer
+from server.api.status import unary_errors
+from server.api.users import metadata_change
 from server.domain import MetadataChange, NewMessage, Session, SessionQuery, TimeKey
-from server.errors import unary_errors
-from server.servicers import Context, ServicerBase
-from server.servicers.export import ExportServicer
-from server.servicers.users import metadata_change
 
 _METADATA_ONLY = ("metadata",)
 
@@ -88,7 +88,7 @@ class SessionServicer(ExportServicer, ServicerBase, pb_grpc.SessionServiceServic
         query = _session_query(v, request)
         v.raise_if_any()
         project = self._project(context)
-        fingerprint = pagination.sessions_fingerprint(project, query)
+        fingerprint = tokens.sessions_fingerprint(project, query)
         after, total = self._tokens.decode_time_key_total(request.page_token, fingerprint)
         offset = (number - 1) * size if number is not None else None
         # The first page (or a page_number page) counts; the token carries that total on.
@@ -150,7 +150,7 @@ class SessionServicer(ExportServicer, ServicerBase, pb_grpc.SessionServiceServic
         size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
         v.raise_if_any()
         project = self._project(context)
-        fingerprint = pagination.messages_fingerprint(project, request.session_id)
+        fingerprint = tokens.messages_fingerprint(project, request.session_id)
         after = self._tokens.decode_sequence(request.page_token, fingerprint)
         page = await self._store.list_messages(project, request.session_id, after, size)
         response = pb.ListMessagesResponse()

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
-from server import convert, pagination
-from server import validation as val
-from server.domain import MetadataChange, Page, TimeKey, UserChanges, UserRecord
-from server.errors import MemstoreError, stream_errors, unary_errors
-from server.servicers import Context, ServicerBase
+from server.api import convert, tokens
+from server.api import validation as val
+from server.api.base import Context, ServicerBase
+from server.api.status import stream_errors, unary_errors
+from server.domain import MetadataChange, Page, TimeKey, UserChanges, UserRecord, from_micros
+from server.errors import MemstoreError
 
 #: A chunk of ListUsersChunked stops growing before it passes this many serialized bytes.
 MAX_CHUNK_BYTES = 256 * 1024
@@ -83,7 +84,7 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
         v.raise_if_any()
         project = self._project(context)
-        query = pagination.users_fingerprint(project)
+        query = tokens.users_fingerprint(project)
         after = self._tokens.decode_time_key(request.page_token, query)
         page = await self._store.list_user_records(project, after, size)
         response = pb.ListUsersResponse()
@@ -102,7 +103,7 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         chunk_size = val.clamp_size(v, "chunk_size", request.chunk_size, val.DEFAULT_CHUNK_SIZE)
         v.raise_if_any()
         project = self._project(context)
-        query = pagination.users_fingerprint(project)
+        query = tokens.users_fingerprint(project)
         after = self._tokens.decode_time_key(request.page_token, query)
         chunk = pb.ListUsersChunkedResponse()
         users, count, size = chunk.users, 0, 0
@@ -170,7 +171,7 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
         v.raise_if_any()
         project = self._project(context)
-        query = pagination.user_sessions_fingerprint(project, request.user_id)
+        query = tokens.user_sessions_fingerprint(project, request.user_id)
         after = self._tokens.decode_time_key(request.page_token, query)
         page = await self._store.list_user_sessions(project, request.user_id, after, size)
         response = pb.ListUserSessionsResponse()
@@ -185,7 +186,7 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
 
 
 def _key(record: UserRecord) -> TimeKey:
-    return pagination.from_micros(record[5]), record[0]
+    return from_micros(record[5]), record[0]
 
 
 class _Meter:

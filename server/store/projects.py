@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.api_keys import ApiKey, NewKey, Project, StoredKey
 from server.errors import AlreadyExists, NotFound
-from server.keys import ApiKey, NewKey, Project, StoredKey
 from server.store.base import StoreBase, factory
 from server.store.db import fetch_all, fetch_one
 

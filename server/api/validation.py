@@ -12,9 +12,8 @@ from typing import Any, Literal
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
-from server.domain import ROLE_TYPES, JsonObject
+from server.domain import ROLE_TYPES, JsonObject, from_micros
 from server.errors import FieldViolation, InvalidArgument
-from server.pagination import from_micros
 
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 256

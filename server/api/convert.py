@@ -10,8 +10,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from memstore.v1 import resources_pb2
-from server.domain import ROLE_TYPES, JsonObject, Message, Session, User, UserRecord
-from server.pagination import to_micros
+from server.domain import ROLE_TYPES, JsonObject, Message, Session, User, UserRecord, to_micros
 
 #: Stored role_type -> RoleType enum number (ROLE_TYPES follow the enum order from 1).
 ROLE_TYPE_NUMBERS: dict[str, resources_pb2.RoleType.ValueType] = {

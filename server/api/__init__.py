@@ -1,0 +1,1 @@
+"""The gRPC API: servicers that validate requests, call the store and convert its answers."""

@@ -1,0 +1,141 @@
+"""The one map from domain errors to gRPC status codes, the one abort, and the two decorators."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MemstoreError,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+#: ErrorInfo.domain of every error memstore returns.
+ERROR_DOMAIN = "memstore"
+
+#: The one map from domain errors to gRPC status codes.
+STATUS_CODES: dict[type[MemstoreError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    MemstoreError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code(error: MemstoreError) -> grpc.StatusCode:
+    """The gRPC code of a domain error (the nearest class in STATUS_CODES)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_rpc_status(error: MemstoreError) -> grpc.Status:
+    """A grpc.Status with google.rpc ErrorInfo (and BadRequest for bad fields) attached."""
+    code = status_code(error)
+    details: list[any_pb2.Any] = []
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    details.append(info)
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        details.append(packed)
+    # StatusCode.value is (number, name): the one source of the numeric code.
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self_ = TypeVar("Self_")
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: MemstoreError) -> NoReturn:
+    """Ends the call with the status of `error` (code, message and google.rpc details)."""
+    status = to_rpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _unexpected(method: str, exc: Exception) -> MemstoreError:
+    # Never leak a stack trace or driver text to the caller; log it instead.
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    return MemstoreError("internal error; see the server log", reason="INTERNAL")
+
+
+def unary_errors(
+    handler: Callable[[Self_, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
+) -> Callable[[Self_, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
+    """Maps domain errors raised by a unary handler to their gRPC status."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Self_, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except MemstoreError as error:
+            await abort(context, error)
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await abort(context, _unexpected(handler.__qualname__, exc))
+
+    return wrapper
+
+
+def stream_errors(
+    handler: Callable[[Self_, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]],
+) -> Callable[[Self_, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
+    """Maps domain errors raised while a server stream is iterated to their gRPC status."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Self_, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Resp]:
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except MemstoreError as error:
+            await abort(context, error)
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await abort(context, _unexpected(handler.__qualname__, exc))
+
+    return wrapper
+
+
+def _is_abort(exc: Exception) -> bool:
+    # context.abort() raises grpc.aio.AbortError; it must pass through untouched.
+    return isinstance(exc, grpc.aio.AbortError)

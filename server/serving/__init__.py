@@ -1,0 +1,1 @@
+"""The serving process: server factory, interceptors, auth, observability, health, TLS, workers."""
