@@ -170,7 +170,7 @@ async def _build(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
-            # silently share it; refuse instead. Workers opt in on purpose (server/serving/workers.py
+            # silently share it; refuse instead. Workers opt in on purpose (serving/workers.py
             # checks first that nobody else holds the port).
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ],

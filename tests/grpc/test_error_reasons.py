@@ -10,9 +10,9 @@ from psycopg_pool import TooManyRequests
 
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
-from server.serving import auth
 from server.api.status import status_code
 from server.errors import ResourceExhausted
+from server.serving import auth
 from server.store.translate import translated
 from tests.grpc import Code, Sessions, Users, msg, rpc_error
 
