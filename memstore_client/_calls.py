@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -19,10 +20,13 @@ from .types import (
     Memory,
     Message,
     MessagePage,
+    SearchResult,
+    SearchResults,
     Session,
     SessionPage,
     User,
     UserPage,
+    role_type_number,
     to_struct,
 )
 
@@ -254,15 +258,74 @@ def clear_memory(session_id: str) -> Unary[int]:
     )
 
 
-def get_memory(session_id: str, lastn: int) -> Unary[Memory]:
+def get_memory(session_id: str, lastn: int, relevant_limit: int | None) -> Unary[Memory]:
     """GetMemory."""
-    request = ss.GetMemoryRequest(session_id=session_id, lastn=lastn)
+    request = ss.GetMemoryRequest(session_id=session_id, lastn=lastn, relevant_limit=relevant_limit)
 
     def convert(r: ss.GetMemoryResponse) -> Memory:
         session = Session.from_proto(r.session) if r.HasField("session") else None
-        return Memory([Message.from_proto(m) for m in r.messages], session, r.found)
+        return Memory(
+            [Message.from_proto(m) for m in r.messages],
+            session,
+            r.found,
+            [SearchResult.from_proto(found) for found in r.relevant_messages],
+            r.context,
+        )
 
     return Unary(SESSIONS, "GetMemory", request, convert, idempotent=True)
+
+
+#: SearchMemory's search types by the names the client takes.
+SEARCH_TYPES = {
+    "hybrid": ss.SEARCH_TYPE_HYBRID,
+    "full_text": ss.SEARCH_TYPE_FULL_TEXT,
+    "semantic": ss.SEARCH_TYPE_SEMANTIC,
+}
+
+
+def search_memory(
+    text: str,
+    *,
+    user_id: str | None,
+    session_ids: Sequence[str] | None,
+    search_type: str,
+    limit: int,
+    mmr_lambda: float | None,
+    role_types: Sequence[str] | None,
+    metadata: JsonObject | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+) -> Unary[SearchResults]:
+    """SearchMemory."""
+    if search_type not in SEARCH_TYPES:
+        raise ValueError(
+            f"search_type must be one of {', '.join(SEARCH_TYPES)}, not {search_type!r}"
+        )
+    request = ss.SearchMemoryRequest(
+        text=text,
+        user_id=user_id or "",
+        session_ids=list(session_ids or ()),
+        search_type=SEARCH_TYPES[search_type],
+        limit=limit,
+        mmr_lambda=mmr_lambda,
+        role_types=[role_type_number(r) for r in role_types or ()],
+    )
+    if metadata is not None:
+        request.metadata_contains.update(metadata)
+    if created_after is not None:
+        request.created_after.FromDatetime(created_after)
+    if created_before is not None:
+        request.created_before.FromDatetime(created_before)
+
+    def convert(r: ss.SearchMemoryResponse) -> SearchResults:
+        return SearchResults(
+            [SearchResult.from_proto(found) for found in r.results],
+            r.semantic,
+            r.unembedded_messages,
+            r.note,
+        )
+
+    return Unary(SESSIONS, "SearchMemory", request, convert, idempotent=True)
 
 
 def export_sessions(chunk_size: int, page_token: str) -> Stream[Session]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -21,6 +22,7 @@ from .types import (
     Memory,
     Message,
     MessagePage,
+    SearchResults,
     Session,
     SessionPage,
     User,
@@ -235,9 +237,51 @@ class MemoryClient:
         """Soft-deletes every message of the session and keeps it; returns how many."""
         return self._client._call(calls.clear_memory(session_id))
 
-    def get(self, session_id: str, lastn: int = 0) -> Memory:
-        """The last `lastn` messages (0: the server's default, 6). Unknown: found=False."""
-        return self._client._call(calls.get_memory(session_id, lastn))
+    def get(self, session_id: str, lastn: int = 0, *, relevant_limit: int | None = None) -> Memory:
+        """The last `lastn` messages (0: the server's default, 6) and the user-level memory.
+
+        `relevant_limit` memories of the user's other sessions come in relevant_messages and
+        as prompt text in context (None: the server's default, 5; 0: none). Unknown
+        session: found=False.
+        """
+        return self._client._call(calls.get_memory(session_id, lastn, relevant_limit))
+
+    def search(
+        self,
+        text: str,
+        *,
+        user_id: str | None = None,
+        session_ids: Sequence[str] | None = None,
+        search_type: str = "hybrid",
+        limit: int = 10,
+        mmr_lambda: float | None = None,
+        role_types: Sequence[str] | None = None,
+        metadata: JsonObject | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> SearchResults:
+        """Messages matching `text`, best first: in one user's sessions, in the named
+        sessions, or (neither) in the whole project.
+
+        search_type is "hybrid" (words and meaning), "full_text" or "semantic"; mmr_lambda
+        (0-1) diversifies the results; role_types, metadata (containment) and the created
+        range filter them. Raises InvalidArgument, FailedPrecondition (semantic search on a
+        server without vectors).
+        """
+        return self._client._call(
+            calls.search_memory(
+                text,
+                user_id=user_id,
+                session_ids=session_ids,
+                search_type=search_type,
+                limit=limit,
+                mmr_lambda=mmr_lambda,
+                role_types=role_types,
+                metadata=metadata,
+                created_after=created_after,
+                created_before=created_before,
+            )
+        )
 
     def export_sessions(
         self, chunk_size: int = 100, page_token: str = ""

@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from memstore.v1 import resources_pb2
+from memstore.v1 import resources_pb2, session_service_pb2
 
 JsonObject = dict[str, Any]
 
@@ -165,14 +165,48 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Memory:
-    """GetMemory's answer: the last messages, oldest first, and their session.
+    """GetMemory's answer: the last messages, oldest first, their session, and what the
+    user's other sessions hold that is relevant to them.
 
     found is False (and session None, messages empty) for an unknown or deleted session.
+    `context` is `relevant_messages` as ready-to-prompt text (Zep's memory.context).
     """
 
     messages: list[Message]
     session: Session | None
     found: bool
+    relevant_messages: list[SearchResult] = field(default_factory=list)
+    context: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """A message found by search (or recalled), its session, that session's user, its score."""
+
+    message: Message
+    session_id: str
+    user_id: str | None
+    score: float
+
+    @classmethod
+    def from_proto(cls, p: session_service_pb2.SearchResult) -> SearchResult:
+        """The result of a memstore.v1.SearchResult proto."""
+        return cls(Message.from_proto(p.message), p.session_id, p.user_id or None, p.score)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResults:
+    """SearchMemory's answer, best first, and how it was ranked.
+
+    `semantic` says whether meaning (vectors) took part; `unembedded_messages` how many
+    messages in scope were ranked by words only for want of their embedding yet; `note`
+    why semantic ranking was left out, when it was.
+    """
+
+    results: list[SearchResult]
+    semantic: bool
+    unembedded_messages: int
+    note: str
 
 
 @dataclass(frozen=True, slots=True)

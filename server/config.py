@@ -49,6 +49,14 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
     workers: int = 1
+    #: "local" (the ONNX model shipped in a package), "none", or an OpenAI-compatible URL.
+    embedder: str = "local"
+    #: The model name sent to an OpenAI-compatible embedder.
+    embedder_model: str = ""
+    #: The API key sent to an OpenAI-compatible embedder.
+    embedder_api_key: str | None = None
+    #: Whether `serve` runs the embedding worker in-process (`memstore embed` runs it alone).
+    embedding_worker: bool = True
 
 
 def _env(name: str, default: str | None = None) -> str | None:

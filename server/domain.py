@@ -155,3 +155,46 @@ def to_micros(value: datetime) -> int:
 def from_micros(micros: int) -> datetime:
     """The UTC datetime `micros` microseconds after the Unix epoch, exactly."""
     return _EPOCH + timedelta(microseconds=micros)
+
+
+#: How SearchMemory ranks: words (full-text), meaning (vectors), or both fused.
+SearchType = Literal["hybrid", "full_text", "semantic"]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """What SearchMemory (and recall) look for, in which messages; validated."""
+
+    text: str
+    search_type: SearchType = "hybrid"
+    limit: int = 10
+    user_id: str | None = None
+    session_ids: tuple[str, ...] | None = None
+    role_types: tuple[str, ...] | None = None
+    metadata_contains: JsonObject | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    #: None: plain relevance order; otherwise maximal marginal relevance with this lambda.
+    mmr_lambda: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """One found message, the session's user and its score (higher is better)."""
+
+    message: Message
+    user_id: str | None
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class SearchOutcome:
+    """The results of a search, best first, and how they were ranked."""
+
+    results: list[SearchResult]
+    #: Whether vector similarity took part in the ranking.
+    semantic: bool
+    #: Live messages in scope whose embedding is still due (they rank by words only).
+    unembedded: int = 0
+    #: Why semantic ranking did not take part, when it did not; empty otherwise.
+    note: str = ""

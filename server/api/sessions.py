@@ -10,15 +10,23 @@ from server.api import convert, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.export import ExportServicer
+from server.api.search import SearchServicer, add_results, relevant_limit
 from server.api.status import unary_errors
+from server.api.tokens import PageTokens
 from server.api.users import metadata_change
 from server.domain import MetadataChange, NewMessage, Session, SessionQuery, TimeKey
+from server.search.service import Searcher
+from server.store import Store
 
 _METADATA_ONLY = ("metadata",)
 
 
-class SessionServicer(ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer):
+class SessionServicer(SearchServicer, ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer):
     """memstore.v1.SessionService."""
+
+    def __init__(self, store: Store, tokens: PageTokens, searcher: Searcher) -> None:
+        super().__init__(store, tokens)
+        self._searcher = searcher
 
     @unary_errors
     async def CreateSession(
@@ -129,16 +137,20 @@ class SessionServicer(ExportServicer, ServicerBase, pb_grpc.SessionServiceServic
         v = val.Violations()
         val.check_id(v, "session_id", request.session_id)
         lastn = val.clamp_size(v, "lastn", request.lastn, val.DEFAULT_LASTN)
+        recall = relevant_limit(v, request)
         v.raise_if_any()
-        session, messages = await self._store.get_memory(
-            self._project(context), request.session_id, lastn
+        memory = await self._searcher.get_memory(
+            self._project(context), request.session_id, lastn, recall
         )
-        if session is None:
+        if memory.session is None:
             # Zep's behaviour, which agent frameworks rely on: no session is an empty memory.
             return pb.GetMemoryResponse(found=False)
-        response = pb.GetMemoryResponse(found=True, session=convert.session_to_proto(session))
-        for message in messages:
+        response = pb.GetMemoryResponse(
+            found=True, session=convert.session_to_proto(memory.session), context=memory.context
+        )
+        for message in memory.messages:
             convert.message_to_proto(message, response.messages.add())
+        add_results(response.relevant_messages, memory.relevant)
         return response
 
     @unary_errors

@@ -25,6 +25,9 @@ from server.api.tokens import PageTokens
 from server.api.users import UserServicer
 from server.config import Config
 from server.errors import InvalidArgument
+from server.search.embedding import Embedder, embedder_from_setting
+from server.search.service import Searcher
+from server.search.worker import EmbeddingWorker
 from server.serving.auth import AuthInterceptor, start_authenticator
 from server.serving.grpc_health import (
     DrainingHealth,
@@ -158,6 +161,12 @@ async def _build(
     config: Config, store: Store, metrics: Metrics | None = None
 ) -> tuple[grpc.aio.Server, int, Readiness]:
     key = config.token_key or await store.token_key()
+    embedder = make_embedder(config)
+    if embedder is not None and not await store.check_vectors():
+        log.warning(
+            "the database keeps no vectors (pgvector is not available): serving full-text "
+            "search only"
+        )
     tokens = PageTokens(key)
     metrics = metrics or Metrics()
     interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
@@ -177,7 +186,12 @@ async def _build(
     )
     names = [
         _register(server, user_service_pb2, "UserService", UserServicer(store, tokens)),
-        _register(server, session_service_pb2, "SessionService", SessionServicer(store, tokens)),
+        _register(
+            server,
+            session_service_pb2,
+            "SessionService",
+            SessionServicer(store, tokens, Searcher(store, embedder)),
+        ),
     ]
     health = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -213,6 +227,22 @@ async def build_server(
     return server, port
 
 
+def make_embedder(config: Config) -> Embedder | None:
+    """The embedder `--embedder` names (None for "none"), shared by search and the worker."""
+    return embedder_from_setting(
+        config.embedder, model=config.embedder_model or None, api_key=config.embedder_api_key
+    )
+
+
+def embedding_worker(config: Config, store: Store) -> EmbeddingWorker | None:
+    """The in-process embedding worker, or None when it is off or has nothing to feed."""
+    embedder = make_embedder(config) if config.embedding_worker else None
+    if embedder is None or not store.vectors:
+        return None
+    log.info("embedding worker on (model %s)", embedder.name)
+    return EmbeddingWorker(store, embedder)
+
+
 async def open_store(config: Config) -> Store:
     """Opens the store on DATABASE_URL, or on the embedded PostgreSQL under data_dir."""
     url = config.database_url
@@ -233,7 +263,7 @@ async def open_store(config: Config) -> Store:
 async def serve(config: Config) -> None:
     """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
     store = await open_store(config)
-    purger: asyncio.Task[None] | None = None
+    background: list[asyncio.Task[None]] = []
     try:
         await store.migrate()  # logs each migration it applies
         metrics = Metrics(store.pool_stats)
@@ -242,7 +272,10 @@ async def serve(config: Config) -> None:
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
-            purger = asyncio.create_task(_purge_periodically(config, store))
+            background.append(asyncio.create_task(_purge_periodically(config, store)))
+        worker = embedding_worker(config, store)
+        if worker is not None:
+            background.append(asyncio.create_task(worker.run()))
         watcher = asyncio.create_task(watch_database(store))
         await _wait_for_signal()
         log.info("shutting down (grace period %.1fs)", config.grace_period)
@@ -255,10 +288,10 @@ async def serve(config: Config) -> None:
         if metrics_http is not None:
             metrics_http.shutdown()
     finally:
-        if purger is not None:
-            purger.cancel()
+        for task in background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await purger
+                await task
         await store.close()
     log.info("memstore stopped")
 

@@ -33,6 +33,9 @@ class StoreBase:
         self._pool = pool
         # The pool was opened with a plain conninfo string (Store.open).
         self._health = DatabaseHealth(pool, str(pool.conninfo))
+        #: Whether the vector tables exist (pgvector was available to migration 0007): new
+        #: messages are then queued for embedding and search can rank by meaning.
+        self.vectors = False
 
     @asynccontextmanager
     async def _connect(

@@ -42,6 +42,7 @@ class MemoryMethods(StoreBase):
             "role_types": [m.role_type for m in messages],
             "contents": [m.content for m in messages],
             "metadatas": [Jsonb(m.metadata) for m in messages],
+            "embed": self.vectors,
         }
         no_user = factory(no_such_user(user_id))
         async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, sql
 
 from server.store.queries import migrations, query
 
 log = logging.getLogger(__name__)
 
+#: A migration's first line may name an extension it needs: `-- requires extension: vector`.
+_REQUIRES = re.compile(r"\A--\s*requires extension:\s*(\w+)\s*$", re.M)
+
 
 async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
     """Applies pending migrations on an autocommit connection; returns their names.
 
     The session-level advisory lock makes concurrent starts of several workers
-    wait for the first one instead of racing to create the same tables.
+    wait for the first one instead of racing to create the same tables. A migration
+    that requires an extension the server cannot provide is skipped and not recorded,
+    so it applies at the first start after the extension is installed.
     """
     await conn.execute(query("lock_migrations"))
     try:
@@ -25,7 +32,7 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         done = {str(row[0]) for row in await cur.fetchall()}
         applied: list[str] = []
         for name, text in migrations():
-            if name in done:
+            if name in done or not await _requirements_met(conn, name, text):
                 continue
             # Each migration and its record commit together, or not at all.
             async with conn.transaction():
@@ -37,3 +44,38 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         return applied
     finally:
         await conn.execute(query("unlock_migrations"))
+
+
+async def _requirements_met(conn: AsyncConnection[Any], name: str, text: str) -> bool:
+    match = _REQUIRES.match(text)
+    if match is None:
+        return True
+    extension = match.group(1)
+    cur = await conn.execute(query("extension_available"), {"name": extension})
+    row = await cur.fetchone()
+    if row is None:
+        log.warning(
+            "migration %s skipped: the PostgreSQL server has no %r extension; it applies at "
+            "the first start after the extension is installed",
+            name,
+            extension,
+        )
+        return False
+    if not row[1]:
+        # Available but not created, and creating it needs a privilege this role may lack.
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(extension))
+                )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            log.warning(
+                "migration %s skipped: cannot create extension %r (%s); ask a superuser to run "
+                "CREATE EXTENSION %s in this database",
+                name,
+                extension,
+                exc.diag.message_primary,
+                extension,
+            )
+            return False
+    return True

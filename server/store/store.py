@@ -34,6 +34,7 @@ from server.store.memory import MemoryMethods
 from server.store.migrate import apply_migrations
 from server.store.projects import KeyMethods
 from server.store.queries import query
+from server.store.search import SearchMethods
 from server.store.users import UserMethods
 
 #: Milliseconds between PostgreSQL's checks that a client running a statement is still there.
@@ -43,7 +44,7 @@ _CONNECTION_CHECK_MS = 1000
 _RECONNECT_TIMEOUT = 1.0
 
 
-class Store(UserMethods, MemoryMethods, KeyMethods, ExportMethods):
+class Store(UserMethods, MemoryMethods, SearchMethods, KeyMethods, ExportMethods):
     """All reads and writes of users, sessions and messages.
 
     The user methods live in users.py and the memory methods in memory.py; this
@@ -126,10 +127,12 @@ class Store(UserMethods, MemoryMethods, KeyMethods, ExportMethods):
             # meant for it (RESET goes back to the connection's own default afterwards).
             await conn.execute(query("no_statement_timeout"))
             try:
-                return await apply_migrations(conn)
+                applied = await apply_migrations(conn)
             finally:
                 await conn.execute(query("reset_statement_timeout"))
                 await conn.set_autocommit(False)
+        await self.check_vectors()
+        return applied
 
     async def token_key(self) -> bytes:
         """The page-token HMAC key shared by every worker, created once and kept in the database.

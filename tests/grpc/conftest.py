@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
 
 from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
 from server.config import Config
+from server.search.embedding import Embedder, embedder_from_setting
+from server.search.worker import EmbeddingWorker
 from server.serving.app import build_server
 from server.store import Store
 
@@ -41,3 +43,22 @@ def sessions(
 ) -> session_service_pb2_grpc.SessionServiceStub:
     """SessionService stub; the tables are empty when the test starts."""
     return session_service_pb2_grpc.SessionServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    """The real local embedding model, loaded once per run."""
+    made = embedder_from_setting("local")
+    assert made is not None
+    return made
+
+
+@pytest.fixture
+def embed(store: Store, embedder: Embedder) -> Callable[[], Awaitable[int]]:
+    """Runs the embedding worker until the queue is empty; returns how many rows it settled."""
+    worker = EmbeddingWorker(store, embedder)
+
+    async def drain() -> int:
+        return await worker.drain()
+
+    return drain

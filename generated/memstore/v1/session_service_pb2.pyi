@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from memstore.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -21,6 +22,50 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SearchType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_TYPE_UNSPECIFIED: _SearchType.ValueType  # 0
+    """Not given: the same as SEARCH_TYPE_HYBRID."""
+    SEARCH_TYPE_HYBRID: _SearchType.ValueType  # 1
+    """Words and meaning, fused by reciprocal rank: full-text matches and
+    vector neighbours both count. Falls back to words alone (and says so in
+    SearchMemoryResponse.semantic) when the server keeps no vectors.
+    """
+    SEARCH_TYPE_FULL_TEXT: _SearchType.ValueType  # 2
+    """Words only: PostgreSQL full-text search over the speaker and the content
+    (english stemming), ranked by ts_rank. Sees a message as soon as
+    AddMemory returns.
+    """
+    SEARCH_TYPE_SEMANTIC: _SearchType.ValueType  # 3
+    """Meaning only: cosine similarity of embeddings. Messages not yet embedded
+    are not found (see SearchMemoryResponse.unembedded_messages).
+    """
+
+class SearchType(_SearchType, metaclass=_SearchTypeEnumTypeWrapper):
+    """How SearchMemory ranks the messages it finds."""
+
+SEARCH_TYPE_UNSPECIFIED: SearchType.ValueType  # 0
+"""Not given: the same as SEARCH_TYPE_HYBRID."""
+SEARCH_TYPE_HYBRID: SearchType.ValueType  # 1
+"""Words and meaning, fused by reciprocal rank: full-text matches and
+vector neighbours both count. Falls back to words alone (and says so in
+SearchMemoryResponse.semantic) when the server keeps no vectors.
+"""
+SEARCH_TYPE_FULL_TEXT: SearchType.ValueType  # 2
+"""Words only: PostgreSQL full-text search over the speaker and the content
+(english stemming), ranked by ts_rank. Sees a message as soon as
+AddMemory returns.
+"""
+SEARCH_TYPE_SEMANTIC: SearchType.ValueType  # 3
+"""Meaning only: cosine similarity of embeddings. Messages not yet embedded
+are not found (see SearchMemoryResponse.unembedded_messages).
+"""
+Global___SearchType: _TypeAlias = SearchType  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):
@@ -479,6 +524,7 @@ class GetMemoryRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     LASTN_FIELD_NUMBER: _builtins.int
+    RELEVANT_LIMIT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required. Id of the session."""
     lastn: _builtins.int
@@ -486,17 +532,25 @@ class GetMemoryRequest(_message.Message):
     default (6), values above 1000 are treated as 1000, negative values are
     INVALID_ARGUMENT.
     """
+    relevant_limit: _builtins.int
+    """Optional. How many memories of the user's other sessions to return in
+    relevant_messages: unset means the server default (5), 0 none, at most
+    100; negative values are INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         lastn: _builtins.int = ...,
+        relevant_limit: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_relevant_limit", b"_relevant_limit", "relevant_limit", b"relevant_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lastn", b"lastn", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_relevant_limit", b"_relevant_limit", "lastn", b"lastn", "relevant_limit", b"relevant_limit", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__relevant_limit: _TypeAlias = _typing.Literal["relevant_limit"]  # noqa: Y015
+    _WhichOneofArgType__relevant_limit: _TypeAlias = _typing.Literal["_relevant_limit", b"_relevant_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__relevant_limit) -> _WhichOneofReturnType__relevant_limit | None: ...
 
 Global___GetMemoryRequest: _TypeAlias = GetMemoryRequest  # noqa: Y015
 
@@ -509,8 +563,15 @@ class GetMemoryResponse(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     FOUND_FIELD_NUMBER: _builtins.int
+    RELEVANT_MESSAGES_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """False when the session does not exist or is soft-deleted."""
+    context: _builtins.str
+    """relevant_messages as a ready-to-prompt text block (Zep's memory.context):
+    one line per memory with its date and speaker, oldest first. Empty when
+    there are none.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Message]:
         """The last messages, oldest first. Empty when found is false."""
@@ -519,16 +580,25 @@ class GetMemoryResponse(_message.Message):
     def session(self) -> _resources_pb2.Session:
         """The session; unset when found is false."""
 
+    @_builtins.property
+    def relevant_messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
+        """User-level memory: live messages of the same user's other live sessions,
+        most relevant to this session's most recent messages, best first. Never a
+        message of `messages`. Empty for a session without a user.
+        """
+
     def __init__(
         self,
         *,
         messages: _abc.Iterable[_resources_pb2.Message] | None = ...,
         session: _resources_pb2.Session | None = ...,
         found: _builtins.bool = ...,
+        relevant_messages: _abc.Iterable[Global___SearchResult] | None = ...,
+        context: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "messages", b"messages", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "found", b"found", "messages", b"messages", "relevant_messages", b"relevant_messages", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -906,3 +976,161 @@ class ExportMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportMessagesResponse: _TypeAlias = ExportMessagesResponse  # noqa: Y015
+
+@_typing.final
+class SearchMemoryRequest(_message.Message):
+    """Request of SearchMemory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    SEARCH_TYPE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    MMR_LAMBDA_FIELD_NUMBER: _builtins.int
+    ROLE_TYPES_FIELD_NUMBER: _builtins.int
+    METADATA_CONTAINS_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Required. The query: a question or some words, at most 10,000
+    characters.
+    """
+    user_id: _builtins.str
+    """Optional. Search the live sessions of this user. At most one of user_id
+    and session_ids; with neither, the whole project is searched.
+    """
+    search_type: Global___SearchType.ValueType
+    """Optional. How to rank; unset means hybrid."""
+    limit: _builtins.int
+    """Optional. How many results: 0 means the default (10), at most 100."""
+    mmr_lambda: _builtins.float
+    """Optional. Diversify the results with maximal marginal relevance: 1 ranks
+    by relevance alone, 0 by novelty alone against the results already
+    chosen. Unset means no diversification. Needs vectors.
+    """
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Search only these sessions (at most 100 ids)."""
+
+    @_builtins.property
+    def role_types(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.RoleType.ValueType]:
+        """Optional. Only messages of these role types."""
+
+    @_builtins.property
+    def metadata_contains(self) -> _struct_pb2.Struct:
+        """Optional. Only messages whose metadata contains this JSON object (JSON
+        containment, as PostgreSQL's jsonb @>).
+        """
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only messages created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Optional. Only messages created before this time."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        search_type: Global___SearchType.ValueType = ...,
+        limit: _builtins.int = ...,
+        mmr_lambda: _builtins.float | None = ...,
+        role_types: _abc.Iterable[_resources_pb2.RoleType.ValueType] | None = ...,
+        metadata_contains: _struct_pb2.Struct | None = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mmr_lambda", b"_mmr_lambda", "created_after", b"created_after", "created_before", b"created_before", "metadata_contains", b"metadata_contains", "mmr_lambda", b"mmr_lambda"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mmr_lambda", b"_mmr_lambda", "created_after", b"created_after", "created_before", b"created_before", "limit", b"limit", "metadata_contains", b"metadata_contains", "mmr_lambda", b"mmr_lambda", "role_types", b"role_types", "search_type", b"search_type", "session_ids", b"session_ids", "text", b"text", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__mmr_lambda: _TypeAlias = _typing.Literal["mmr_lambda"]  # noqa: Y015
+    _WhichOneofArgType__mmr_lambda: _TypeAlias = _typing.Literal["_mmr_lambda", b"_mmr_lambda"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mmr_lambda) -> _WhichOneofReturnType__mmr_lambda | None: ...
+
+Global___SearchMemoryRequest: _TypeAlias = SearchMemoryRequest  # noqa: Y015
+
+@_typing.final
+class SearchResult(_message.Message):
+    """One message found by SearchMemory or recalled by GetMemory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session the message belongs to."""
+    user_id: _builtins.str
+    """Id of the session's user; empty when the session has none."""
+    score: _builtins.float
+    """Relevance, higher is better. Comparable only within one response: cosine
+    similarity for semantic search, ts_rank for full-text search, the
+    reciprocal-rank-fusion score for hybrid search.
+    """
+    @_builtins.property
+    def message(self) -> _resources_pb2.Message:
+        """The message, metadata included."""
+
+    def __init__(
+        self,
+        *,
+        message: _resources_pb2.Message | None = ...,
+        session_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "score", b"score", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchResult: _TypeAlias = SearchResult  # noqa: Y015
+
+@_typing.final
+class SearchMemoryResponse(_message.Message):
+    """Response of SearchMemory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    SEMANTIC_FIELD_NUMBER: _builtins.int
+    UNEMBEDDED_MESSAGES_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    semantic: _builtins.bool
+    """Whether vector similarity took part in the ranking."""
+    unembedded_messages: _builtins.int
+    """Live messages in scope still waiting for their embedding: found by words
+    only until the background worker embeds them.
+    """
+    note: _builtins.str
+    """Why semantic ranking did not take part, when a hybrid search fell back to
+    words alone; empty otherwise.
+    """
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
+        """The messages found, best first."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SearchResult] | None = ...,
+        semantic: _builtins.bool = ...,
+        unembedded_messages: _builtins.int = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "results", b"results", "semantic", b"semantic", "unembedded_messages", b"unembedded_messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchMemoryResponse: _TypeAlias = SearchMemoryResponse  # noqa: Y015

@@ -112,6 +112,11 @@ class SessionServiceStub:
                 request_serializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesResponse.FromString,
                 _registered_method=True)
+        self.SearchMemory = channel.unary_unary(
+                '/memstore.v1.SessionService/SearchMemory',
+                request_serializer=memstore_dot_v1_dot_session__service__pb2.SearchMemoryRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_session__service__pb2.SearchMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -256,6 +261,22 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchMemory(self, request, context):
+        """Searches live messages by text: in one user's live sessions, in the named
+        sessions, or in the whole project, best first. Hybrid by default: words
+        (PostgreSQL full-text search, immediate) fused with meaning (vector
+        similarity of embeddings made in the background). Soft-deleted sessions
+        and messages, cleared memory and other projects never appear; an unknown
+        user or session gives no results, not an error. Returns INVALID_ARGUMENT
+        for empty text, both user_id and session_ids, a limit outside 0-100, an
+        unknown search_type or role type, or mmr_lambda outside 0-1;
+        FAILED_PRECONDITION for SEARCH_TYPE_SEMANTIC (or mmr_lambda) when the
+        server keeps no vectors (no pgvector, or started with --embedder none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -328,6 +349,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ExportMessages,
                     request_deserializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_session__service__pb2.ExportMessagesResponse.SerializeToString,
+            ),
+            'SearchMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchMemory,
+                    request_deserializer=memstore_dot_v1_dot_session__service__pb2.SearchMemoryRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_session__service__pb2.SearchMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -716,6 +742,33 @@ class SessionService:
             '/memstore.v1.SessionService/ExportMessages',
             memstore_dot_v1_dot_session__service__pb2.ExportMessagesRequest.SerializeToString,
             memstore_dot_v1_dot_session__service__pb2.ExportMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.SessionService/SearchMemory',
+            memstore_dot_v1_dot_session__service__pb2.SearchMemoryRequest.SerializeToString,
+            memstore_dot_v1_dot_session__service__pb2.SearchMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,6 +115,18 @@ class SessionServiceStub:
     chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
     reached (resume from the last token received).
     """
+    SearchMemory: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.SearchMemoryRequest, _session_service_pb2.SearchMemoryResponse]
+    """Searches live messages by text: in one user's live sessions, in the named
+    sessions, or in the whole project, best first. Hybrid by default: words
+    (PostgreSQL full-text search, immediate) fused with meaning (vector
+    similarity of embeddings made in the background). Soft-deleted sessions
+    and messages, cleared memory and other projects never appear; an unknown
+    user or session gives no results, not an error. Returns INVALID_ARGUMENT
+    for empty text, both user_id and session_ids, a limit outside 0-100, an
+    unknown search_type or role type, or mmr_lambda outside 0-1;
+    FAILED_PRECONDITION for SEARCH_TYPE_SEMANTIC (or mmr_lambda) when the
+    server keeps no vectors (no pgvector, or started with --embedder none).
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -202,6 +214,18 @@ class SessionServiceAsyncStub(SessionServiceStub):
     memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
     chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
     reached (resume from the last token received).
+    """
+    SearchMemory: _aio.UnaryUnaryMultiCallable[_session_service_pb2.SearchMemoryRequest, _session_service_pb2.SearchMemoryResponse]  # type: ignore[assignment]
+    """Searches live messages by text: in one user's live sessions, in the named
+    sessions, or in the whole project, best first. Hybrid by default: words
+    (PostgreSQL full-text search, immediate) fused with meaning (vector
+    similarity of embeddings made in the background). Soft-deleted sessions
+    and messages, cleared memory and other projects never appear; an unknown
+    user or session gives no results, not an error. Returns INVALID_ARGUMENT
+    for empty text, both user_id and session_ids, a limit outside 0-100, an
+    unknown search_type or role type, or mmr_lambda outside 0-1;
+    FAILED_PRECONDITION for SEARCH_TYPE_SEMANTIC (or mmr_lambda) when the
+    server keeps no vectors (no pgvector, or started with --embedder none).
     """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -371,6 +395,24 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
         chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
         reached (resume from the last token received).
+        """
+
+    @_abc_1.abstractmethod
+    def SearchMemory(
+        self,
+        request: _session_service_pb2.SearchMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.SearchMemoryResponse, _abc.Awaitable[_session_service_pb2.SearchMemoryResponse]]:
+        """Searches live messages by text: in one user's live sessions, in the named
+        sessions, or in the whole project, best first. Hybrid by default: words
+        (PostgreSQL full-text search, immediate) fused with meaning (vector
+        similarity of embeddings made in the background). Soft-deleted sessions
+        and messages, cleared memory and other projects never appear; an unknown
+        user or session gives no results, not an error. Returns INVALID_ARGUMENT
+        for empty text, both user_id and session_ids, a limit outside 0-100, an
+        unknown search_type or role type, or mmr_lambda outside 0-1;
+        FAILED_PRECONDITION for SEARCH_TYPE_SEMANTIC (or mmr_lambda) when the
+        server keeps no vectors (no pgvector, or started with --embedder none).
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -83,3 +83,8 @@ SET statement_timeout = 0;
 -- name: reset_statement_timeout
 -- Restores the connection's own statement timeout after no_statement_timeout.
 RESET statement_timeout;
+
+-- name: extension_available
+-- Whether an extension can be created on this server, and whether it already is here.
+SELECT name, installed_version IS NOT NULL AS installed
+FROM pg_available_extensions WHERE name = %(name)s;

@@ -1,7 +1,8 @@
 -- Messages (memory). Sequences come from sessions.next_sequence under the session's row lock.
 
 -- name: add_memory
--- Upserts the session (reviving it), reserves n sequences and appends the messages.
+-- Upserts the session (reviving it), reserves n sequences, appends the messages and queues
+-- them for embedding.
 WITH s AS (
     INSERT INTO sessions AS s (project_id, session_id, user_id, created_at, updated_at,
                                message_count, last_message_at, next_sequence)
@@ -31,6 +32,10 @@ WITH s AS (
                                                                  metadata, ord)
     RETURNING m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
               m.created_at, m.updated_at
+), due AS (
+    -- Where vectors are kept, the new messages wait for the embedding worker.
+    INSERT INTO embedding_queue (project_id, session_id, sequence)
+    SELECT %(project_id)s, m.session_id, m.sequence FROM m WHERE %(embed)s
 )
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at,

@@ -1,0 +1,68 @@
+"""Re-ranking for diversity (maximal marginal relevance) and the recall context block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from server.domain import SearchResult
+
+
+def mmr(
+    candidates: Sequence[tuple[SearchResult, list[float] | None]], limit: int, lam: float
+) -> list[SearchResult]:
+    """Picks `limit` candidates by maximal marginal relevance (Carbonell & Goldstein, 1998).
+
+    Each pick maximises lam * relevance - (1 - lam) * (highest cosine similarity to a pick
+    so far). Relevance is the candidate's score scaled to [0, 1] by the best score, so the
+    lambda means the same whatever the ranker. A candidate without a vector is similar to
+    nothing (it keeps its place by relevance).
+    """
+    if not candidates or limit <= 0:
+        return []
+    scores = np.array([c[0].score for c in candidates], dtype=np.float64)
+    top = scores.max()
+    relevance = scores / top if top > 0 else np.zeros_like(scores)
+    dims = next((len(v) for _, v in candidates if v is not None), 0)
+    vectors = np.zeros((len(candidates), dims), dtype=np.float32)
+    for i, (_, vector) in enumerate(candidates):
+        if vector is not None:
+            vectors[i] = vector
+    norms = np.linalg.norm(vectors, axis=1)
+    vectors /= np.where(norms > 0, norms, 1.0)[:, None]
+    # Highest similarity of each candidate to anything picked so far.
+    closest = np.zeros(len(candidates), dtype=np.float64)
+    chosen = np.zeros(len(candidates), dtype=bool)
+    picked: list[SearchResult] = []
+    for _ in range(min(limit, len(candidates))):
+        gain = lam * relevance - (1 - lam) * closest
+        gain[chosen] = -np.inf
+        best = int(np.argmax(gain))
+        chosen[best] = True
+        picked.append(candidates[best][0])
+        closest = np.maximum(closest, vectors @ vectors[best])
+    return picked
+
+
+#: The first line of a context block: what the lines below it are, for the model reading it.
+CONTEXT_HEADER = "Relevant memories from this user's other conversations (oldest first):"
+
+#: Characters of one memory's content in a context block; a longer one is cut with "...".
+CONTEXT_LINE_CHARS = 1000
+
+
+def context_block(memories: Sequence[SearchResult]) -> str:
+    """The memories as prompt text: one line each, oldest first, with date and speaker."""
+    if not memories:
+        return ""
+    lines = [CONTEXT_HEADER]
+    for found in sorted(memories, key=lambda r: (r.message.created_at, r.message.sequence)):
+        message = found.message
+        when = message.created_at.strftime("%Y-%m-%d %H:%M")
+        speaker = message.role or message.role_type
+        content = " ".join(message.content.split())
+        if len(content) > CONTEXT_LINE_CHARS:
+            content = content[: CONTEXT_LINE_CHARS - 3] + "..."
+        lines.append(f"- ({when} UTC) {speaker}: {content}")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""SearchMemory and recall: the query's embedding (off the event loop), the store, re-ranking."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from server.domain import Message, SearchOutcome, SearchQuery, SearchResult, Session
+from server.errors import FailedPrecondition, Unavailable
+from server.search.embedding import Embedder, EmbeddingError
+from server.search.ranking import context_block, mmr
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+#: How many of a session's most recent messages stand for it in recall.
+RECALL_WINDOW = 6
+
+#: Candidates each ranker contributes to a fusion, per result asked for (and at least).
+_DEPTH_FACTOR, _MIN_DEPTH = 4, 40
+
+#: Candidates maximal marginal relevance chooses from, at most.
+_MAX_MMR_CANDIDATES = 400
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """GetMemory's answer: the session, its last messages, and the user-level memory."""
+
+    session: Session | None
+    messages: list[Message]
+    relevant: list[SearchResult]
+    context: str
+
+
+class Searcher:
+    """Runs searches and recall over the store with the configured embedder (or none)."""
+
+    def __init__(self, store: Store, embedder: Embedder | None) -> None:
+        self._store = store
+        self._embedder = embedder
+
+    def why_not_semantic(self) -> str:
+        """Why vectors cannot take part in ranking here; empty when they can."""
+        if not self._store.vectors:
+            return (
+                "semantic search needs the pgvector extension, which this PostgreSQL server "
+                "does not provide; full-text search only"
+            )
+        if self._embedder is None:
+            return "semantic search is off: the server runs with --embedder none"
+        return ""
+
+    async def search(self, project_id: int, q: SearchQuery) -> SearchOutcome:
+        """The best messages for `q`, with how they were ranked.
+
+        Raises:
+            FailedPrecondition: semantic ranking (or diversity) was asked for and cannot be
+                served here (reason SEMANTIC_UNAVAILABLE).
+            Unavailable: the database (or a remote embedder) cannot be reached.
+        """
+        reason = "" if q.search_type == "full_text" else self.why_not_semantic()
+        if reason and (q.search_type == "semantic" or q.mmr_lambda is not None):
+            raise FailedPrecondition(reason, reason="SEMANTIC_UNAVAILABLE")
+        vector = None
+        if q.search_type != "full_text" and self._embedder is not None and not reason:
+            vector = (await self.embed([q.text]))[0]
+        depth = max(q.limit * _DEPTH_FACTOR, _MIN_DEPTH)
+        diversify = q.mmr_lambda is not None
+        found, waiting = await self._store.search_messages(
+            project_id,
+            q,
+            vector=vector,
+            model=self.model or "",
+            limit=min(depth, _MAX_MMR_CANDIDATES) if diversify else q.limit,
+            depth=depth,
+            with_vectors=diversify,
+        )
+        if q.mmr_lambda is not None:
+            results = mmr(found, q.limit, q.mmr_lambda)
+        else:
+            results = [result for result, _ in found]
+        return SearchOutcome(results, semantic=vector is not None, unembedded=waiting, note=reason)
+
+    async def get_memory(
+        self, project_id: int, session_id: str, lastn: int, relevant_limit: int
+    ) -> Memory:
+        """The session's last `lastn` messages and up to `relevant_limit` memories of its user.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        if relevant_limit <= 0:
+            session, messages = await self._store.get_memory(project_id, session_id, lastn)
+            return Memory(session, messages, [], "")
+        session, messages, relevant = await self._store.get_memory_with_recall(
+            project_id,
+            session_id,
+            lastn,
+            limit=relevant_limit,
+            window=RECALL_WINDOW,
+            model=self.model if not self.why_not_semantic() else None,
+        )
+        return Memory(session, messages, relevant, context_block(relevant))
+
+    @property
+    def model(self) -> str | None:
+        """The name of the model whose vectors this server reads, if any."""
+        return self._embedder.name if self._embedder is not None else None
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Vectors of `texts`, computed in a thread so the event loop keeps serving.
+
+        Raises:
+            Unavailable: the model failed (a remote embedder unreachable or erring).
+        """
+        assert self._embedder is not None
+        try:
+            return await asyncio.to_thread(self._embedder.embed, texts)
+        except EmbeddingError as exc:
+            log.warning("embedding the query failed: %s", exc)
+            raise Unavailable(
+                f"the embedding model failed ({exc}); retry, or search with SEARCH_TYPE_FULL_TEXT",
+                reason="EMBEDDER_UNAVAILABLE",
+            ) from exc

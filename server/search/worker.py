@@ -1,0 +1,98 @@
+"""The embedding worker: claims due messages, embeds them off the event loop, saves vectors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from server.errors import MemstoreError
+from server.search.embedding import Embedder
+from server.search.service import RECALL_WINDOW
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Messages embedded per claim: large enough to batch the model, small enough that a claim
+#: holds its rows (and a pooled connection) for well under a second.
+BATCH_SIZE = 32
+
+#: Seconds between looks at an empty queue (the lag of a message on a quiet server).
+IDLE_SECONDS = 0.2
+
+#: Seconds to wait after a failed batch (database down, remote embedder failing).
+_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+
+
+class EmbeddingWorker:
+    """Embeds queued messages until stopped; safe to run in any number of processes.
+
+    Each batch is claimed with FOR UPDATE SKIP LOCKED and settled in the transaction that
+    claimed it, so workers never embed the same message twice at once, and a worker that
+    dies mid-batch leaves its rows to the next claim.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        embedder: Embedder,
+        *,
+        batch_size: int = BATCH_SIZE,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        self._store = store
+        self._embedder = embedder
+        self._batch_size = batch_size
+        self._idle = idle_seconds
+        self.embedded = 0
+
+    async def run(self) -> None:
+        """Embeds until cancelled; a failed batch is retried after a backoff."""
+        failures = 0
+        while True:
+            try:
+                done = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = _BACKOFF_SECONDS[min(failures, len(_BACKOFF_SECONDS) - 1)]
+                failures += 1
+                if isinstance(exc, MemstoreError):
+                    log.warning("embedding batch failed (%s); retrying in %.1fs", exc, delay)
+                else:
+                    log.exception("embedding batch failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if done == 0:
+                await asyncio.sleep(self._idle)
+
+    async def run_once(self) -> int:
+        """Claims, embeds and saves one batch; returns how many queue rows it settled.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        done = await self._store.embed_due(
+            self._embedder.name, self._batch_size, RECALL_WINDOW, self._embed
+        )
+        self.embedded += done
+        return done
+
+    async def drain(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
+        """Embeds until the queue is empty (or `timeout` passes); returns rows settled.
+
+        Raises:
+            TimeoutError: the queue was not empty after `timeout` seconds.
+            Unavailable: the database cannot be reached.
+        """
+        deadline = time.monotonic() + timeout
+        total = 0
+        while (done := await self.run_once()) > 0:
+            total += done
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"embedding queue not drained after {timeout:.0f}s")
+        return total
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        return await asyncio.to_thread(self._embedder.embed, texts)

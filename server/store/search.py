@@ -1,0 +1,278 @@
+"""The search, recall and embedding-queue methods of the Store (see sql/search.sql)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from server.domain import Message, SearchQuery, SearchResult, Session
+from server.store import rows
+from server.store.base import StoreBase, key
+from server.store.db import Row, fetch_all, fetch_one
+from server.store.queries import query
+
+#: (query attribute, fragment) of every optional search filter with a value.
+_FILTERS = (
+    ("user_id", "search_filter_user"),
+    ("session_ids", "search_filter_sessions"),
+    ("role_types", "search_filter_role_types"),
+    ("metadata_contains", "search_filter_metadata"),
+    ("created_after", "search_filter_created_after"),
+    ("created_before", "search_filter_created_before"),
+)
+
+#: A found message and, when asked for, its vector (for diversity re-ranking).
+Found = tuple[SearchResult, list[float] | None]
+
+#: Embeds a batch of texts off the event loop; one vector per text.
+EmbedBatch = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+
+def vector_text(vector: Sequence[float]) -> str:
+    """A vector in pgvector's text form, '[0.1,0.2,...]'."""
+    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
+def _filters(q: SearchQuery) -> tuple[sql.Composable, dict[str, Any]]:
+    parts: list[sql.SQL | sql.Composed] = []
+    params: dict[str, Any] = {}
+    for attribute, fragment in _FILTERS:
+        value: Any = getattr(q, attribute)
+        if value is None:
+            continue
+        parts.append(query(fragment))
+        if attribute == "metadata_contains":
+            value = Jsonb(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        params[attribute] = value
+    return sql.SQL(" ").join(parts), params
+
+
+def _statement(vector: bool, semantic_only: bool) -> str:
+    if not vector:
+        return "search_full_text"
+    return "search_semantic" if semantic_only else "search_hybrid"
+
+
+def _found(row: Row) -> Found:
+    result = SearchResult(message=rows.message(row), user_id=row["user_id"], score=row["score"])
+    return result, json.loads(row["vector"]) if row["vector"] is not None else None
+
+
+class SearchMethods(StoreBase):
+    """Full-text and vector search over live messages, recall, and the embedding queue."""
+
+    async def check_vectors(self) -> bool:
+        """Looks again whether the vector tables exist; remembers and returns the answer.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "vectors_ready", {})
+        self.vectors = bool(row and row["ready"])
+        return self.vectors
+
+    async def search_messages(
+        self,
+        project_id: int,
+        q: SearchQuery,
+        *,
+        vector: Sequence[float] | None,
+        model: str,
+        limit: int,
+        depth: int,
+        with_vectors: bool = False,
+    ) -> tuple[list[Found], int]:
+        """Up to `limit` live messages in scope, best first, and the unembedded count.
+
+        Without `vector` the ranking is full-text only; with it, q.search_type picks
+        semantic or hybrid (which fuses the best `depth` of each ranker). The count (live
+        messages in scope waiting for an embedding) is 0 when vectors are not kept. Both
+        come from one round trip.
+
+        Raises:
+            InvalidArgument: a value the database rejects (e.g. metadata_contains).
+            Unavailable: the database cannot be reached.
+        """
+        filters, params = _filters(q)
+        use_vector = vector is not None and self.vectors
+        fragment = query("search_query_vector" if use_vector else "search_query_text")
+        statement = query(_statement(use_vector, q.search_type == "semantic")).format(
+            query=fragment, filters=filters
+        )
+        params.update(
+            project_id=project_id,
+            text=q.text,
+            vector=vector_text(vector) if use_vector and vector is not None else None,
+            model=model,
+            limit=limit,
+            candidates=depth,
+            with_vectors=with_vectors,
+        )
+        statements: list[sql.SQL | sql.Composed] = [statement]
+        if self.vectors:
+            statements.append(query("count_unembedded").format(filters=filters))
+        async with self._connect(field="metadata_contains", single=True) as conn:
+            found, *waiting = await _pipelined(conn, statements, params)
+        count = int(waiting[0][0]["n"]) if waiting else 0
+        return [_found(r) for r in found], count
+
+    async def get_memory_with_recall(
+        self,
+        project_id: int,
+        session_id: str,
+        lastn: int,
+        *,
+        limit: int,
+        window: int,
+        model: str | None,
+    ) -> tuple[Session | None, list[Message], list[SearchResult]]:
+        """GetMemory's window plus up to `limit` memories from the user's other sessions.
+
+        The memories are the live messages of the same user's other live sessions most
+        relevant to this session's last `window` messages: by words, fused with vector
+        similarity to the session's recall vector when the worker has made one for `model`.
+        One round trip; no model runs.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        use_vector = model is not None and self.vectors
+        fragment = query("recall_query_vector" if use_vector else "recall_query_text")
+        scope = sql.SQL(" ").join(
+            [query("recall_filter_user"), query("search_filter_other_sessions")]
+        )
+        statement = query(_statement(use_vector, semantic_only=False)).format(
+            query=fragment, filters=scope
+        )
+        params = {
+            **key(project_id, session_id=session_id),
+            "lastn": lastn,
+            "exclude_session": session_id,
+            "window": window,
+            "model": model,
+            "limit": limit,
+            "candidates": max(limit * 4, 20),
+            "with_vectors": False,
+        }
+        async with self._connect(single=True) as conn:
+            memory, found = await _pipelined(conn, [query("get_memory"), statement], params)
+        if not memory:
+            return None, [], []
+        results = [_found(r)[0] for r in found]
+        return rows.session(memory[0]), rows.joined_messages(memory), results
+
+    async def embed_due(self, model: str, limit: int, window: int, embed: EmbedBatch) -> int:
+        """Claims up to `limit` due messages, embeds them and saves the vectors; one transaction.
+
+        Rows stay locked (FOR UPDATE SKIP LOCKED) while `embed` runs, so concurrent workers
+        take other rows, and a worker that dies mid-batch releases its rows to the next
+        claim: nothing is lost. Soft-deleted messages leave the queue without a vector.
+        Returns how many queue rows were settled (0 when nothing was due).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect() as conn:
+            claimed = await fetch_all(conn, "claim_embeddings", {"limit": limit})
+            if not claimed:
+                return 0
+            live = [r for r in claimed if r["live"]]
+            vectors = await embed([_embedding_text(r["role"], r["content"]) for r in live])
+            by_key = {
+                (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
+                for r, v in zip(live, vectors, strict=True)
+            }
+            keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
+            await fetch_one(
+                conn,
+                "save_embeddings",
+                {
+                    "project_ids": [k[0] for k in keys],
+                    "session_ids": [k[1] for k in keys],
+                    "sequences": [k[2] for k in keys],
+                    "vectors": [by_key.get(k) for k in keys],
+                    "model": model,
+                },
+            )
+            sessions = sorted({(r["project_id"], r["session_id"]) for r in live})
+            if sessions:
+                await conn.execute(
+                    query("refresh_session_embeddings"),
+                    {
+                        "project_ids": [s[0] for s in sessions],
+                        "session_ids": [s[1] for s in sessions],
+                        "model": model,
+                        "window": window,
+                    },
+                )
+        return len(claimed)
+
+    async def queue_reindex(
+        self, model: str, after: tuple[int, str, int] | None, limit: int
+    ) -> tuple[int, tuple[int, str, int] | None]:
+        """Queues one batch of live messages lacking a `model` vector, after key `after`.
+
+        Returns (rows queued, key to continue after; None when the scan is done).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        last_project, last_session, last_sequence = after or (0, "", 0)
+        params = {
+            "model": model,
+            "limit": limit,
+            "after_project": last_project,
+            "after_session": last_session,
+            "after_sequence": last_sequence,
+        }
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "queue_reindex", params)
+        assert row is not None
+        if row["project_id"] is None:
+            return int(row["queued"]), None
+        return int(row["queued"]), (row["project_id"], row["session_id"], row["sequence"])
+
+    async def reindex_total(self, model: str) -> int:
+        """How many live messages lack a vector of `model`.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "reindex_total", {"model": model})
+        return int(row["n"]) if row else 0
+
+    async def embedding_lag(self) -> tuple[int, float]:
+        """(messages waiting for an embedding, seconds the oldest has waited).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "embedding_lag", {})
+        assert row is not None
+        return int(row["queued"]), float(row["oldest"])
+
+
+async def _pipelined(
+    conn: AsyncConnection[Any], statements: list[sql.SQL | sql.Composed], params: dict[str, Any]
+) -> list[list[Row]]:
+    # Every statement is sent before any result is read: one round trip for all of them.
+    async with conn.pipeline():
+        cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
+        for cursor, statement in zip(cursors, statements, strict=True):
+            await cursor.execute(statement, params)
+        return [await cursor.fetchall() for cursor in cursors]
+
+
+def _embedding_text(role: str, content: str) -> str:
+    # The speaker is part of what a message is about ("what did Priya suggest?").
+    return f"{role}: {content}" if role else content

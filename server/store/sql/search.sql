@@ -1,0 +1,253 @@
+-- Search and recall over messages: full-text (tsvector, always), vectors (pgvector, when
+-- migration 0007 applied), and the embedding queue that feeds the vectors.
+-- {filters} fragments come from a fixed whitelist in store/search_sql.py. Vectors travel as
+-- text ('[0.1,0.2,...]') cast to vector in SQL: no per-connection type registration, so
+-- connections opened before the extension was created work too.
+
+-- name: search_full_text
+-- Live messages in scope matching any word of the query, best full-text rank first.
+SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+       m.created_at, m.updated_at, s.user_id, ts_rank(m.search, q.query, 1) AS score,
+       NULL::text AS vector
+FROM ({query}) AS q, messages m
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+WHERE m.project_id = %(project_id)s AND m.search @@ q.query
+  AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+ORDER BY score DESC, m.created_at DESC, m.uuid
+LIMIT %(limit)s;
+
+-- name: search_semantic
+-- Embedded live messages in scope, nearest to the query vector first (cosine).
+SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+       m.created_at, m.updated_at, s.user_id,
+       1 - (e.embedding <=> q.vector) AS score,
+       CASE WHEN %(with_vectors)s THEN e.embedding::text END AS vector
+FROM ({query}) AS q, message_embeddings e
+JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+               AND m.sequence = e.sequence
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+WHERE e.project_id = %(project_id)s AND e.model = %(model)s
+  AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+ORDER BY e.embedding <=> q.vector, m.uuid
+LIMIT %(limit)s;
+
+-- name: search_hybrid
+-- Reciprocal rank fusion of the full-text and the vector candidates (k = 60).
+WITH q AS ({query}), fts AS (
+    SELECT c.session_id, c.sequence, row_number() OVER (ORDER BY c.rank DESC, c.sequence) AS r
+    FROM (
+        SELECT m.session_id, m.sequence, ts_rank(m.search, q.query, 1) AS rank
+        FROM q, messages m
+        JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+        WHERE m.project_id = %(project_id)s AND m.search @@ q.query
+          AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+        ORDER BY rank DESC
+        LIMIT %(candidates)s
+    ) AS c
+), vec AS (
+    SELECT c.session_id, c.sequence, row_number() OVER (ORDER BY c.distance, c.sequence) AS r
+    FROM (
+        SELECT m.session_id, m.sequence, e.embedding <=> q.vector AS distance
+        FROM q, message_embeddings e
+        JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+                       AND m.sequence = e.sequence
+        JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+        WHERE e.project_id = %(project_id)s AND e.model = %(model)s AND q.vector IS NOT NULL
+          AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+        ORDER BY distance
+        LIMIT %(candidates)s
+    ) AS c
+), fused AS (
+    SELECT session_id, sequence,
+           coalesce(1.0 / (60 + fts.r), 0) + coalesce(1.0 / (60 + vec.r), 0) AS score
+    FROM fts FULL JOIN vec USING (session_id, sequence)
+)
+SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+       m.created_at, m.updated_at, s.user_id, f.score::float8 AS score,
+       CASE WHEN %(with_vectors)s THEN e.embedding::text END AS vector
+FROM fused f
+JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = f.session_id
+               AND m.sequence = f.sequence
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+LEFT JOIN message_embeddings e ON e.project_id = m.project_id AND e.session_id = m.session_id
+                              AND e.sequence = m.sequence AND e.model = %(model)s
+ORDER BY f.score DESC, m.created_at DESC, m.uuid
+LIMIT %(limit)s;
+
+-- name: search_filter_user
+-- Scope fragment: the live sessions of one user.
+AND s.user_id = %(user_id)s
+
+-- name: search_filter_sessions
+-- Scope fragment: only these sessions.
+AND m.session_id = ANY(%(session_ids)s::text[])
+
+-- name: search_filter_other_sessions
+-- Scope fragment of recall: every session but the one being read.
+AND m.session_id <> %(exclude_session)s
+
+-- name: search_filter_role_types
+-- Filter fragment: messages of these role types.
+AND m.role_type = ANY(%(role_types)s::text[])
+
+-- name: search_filter_metadata
+-- Filter fragment: messages whose metadata contains a JSON object (jsonb @>).
+AND m.metadata @> %(metadata_contains)s
+
+-- name: search_filter_created_after
+-- Filter fragment: messages created at or after a time.
+AND m.created_at >= %(created_after)s
+
+-- name: search_filter_created_before
+-- Filter fragment: messages created before a time.
+AND m.created_at < %(created_before)s
+
+-- name: count_unembedded
+-- How many live messages in scope still wait for their embedding.
+SELECT count(*) AS n
+FROM embedding_queue q
+JOIN messages m ON m.project_id = q.project_id AND m.session_id = q.session_id
+               AND m.sequence = q.sequence
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+WHERE q.project_id = %(project_id)s AND m.deleted_at IS NULL AND s.deleted_at IS NULL
+  {filters};
+
+-- name: search_query_text
+-- Query fragment of search: the words of the caller's text.
+SELECT memstore_any_words(%(text)s) AS query
+
+-- name: search_query_vector
+-- Query fragment of search: the words of the caller's text and its embedding.
+SELECT memstore_any_words(%(text)s) AS query, %(vector)s::text::vector AS vector
+
+-- name: recall_query_text
+-- Query fragment of recall: the words of the session's last live messages; no row unless
+-- the session is live, has messages and belongs to a user.
+SELECT memstore_any_words(
+           (SELECT string_agg(r.role || ' ' || left(r.content, 2000), ' ')
+            FROM (SELECT m.role, m.content FROM messages m
+                  WHERE m.project_id = s.project_id AND m.session_id = s.session_id
+                    AND m.deleted_at IS NULL
+                  ORDER BY m.sequence DESC LIMIT %(window)s) AS r)) AS query
+FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
+  AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
+
+-- name: recall_query_vector
+-- Query fragment of recall: those words and the session's recall vector (kept by the worker).
+SELECT memstore_any_words(
+           (SELECT string_agg(r.role || ' ' || left(r.content, 2000), ' ')
+            FROM (SELECT m.role, m.content FROM messages m
+                  WHERE m.project_id = s.project_id AND m.session_id = s.session_id
+                    AND m.deleted_at IS NULL
+                  ORDER BY m.sequence DESC LIMIT %(window)s) AS r)) AS query,
+       (SELECT e.embedding FROM session_embeddings e
+        WHERE e.project_id = s.project_id AND e.session_id = s.session_id
+          AND e.model = %(model)s) AS vector
+FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
+  AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
+
+-- name: recall_filter_user
+-- Scope fragment of recall: the sessions of the user who owns the session being read.
+AND s.user_id = (SELECT o.user_id FROM sessions o
+                 WHERE o.project_id = %(project_id)s AND o.session_id = %(exclude_session)s)
+
+-- name: vectors_ready
+-- Whether migration 0007 made the vector tables (pgvector was available).
+SELECT to_regclass('message_embeddings') IS NOT NULL AS ready;
+
+-- name: claim_embeddings
+-- Claims the oldest due messages no other worker holds; the lock lasts the transaction.
+SELECT q.project_id, q.session_id, q.sequence, m.role, m.content,
+       m.deleted_at IS NULL AS live
+FROM embedding_queue q
+JOIN messages m ON m.project_id = q.project_id AND m.session_id = q.session_id
+               AND m.sequence = q.sequence
+ORDER BY q.enqueued_at
+LIMIT %(limit)s
+FOR UPDATE OF q SKIP LOCKED;
+
+-- name: save_embeddings
+-- Writes the vectors of a claimed batch and removes the whole batch from the queue.
+WITH v AS (
+    SELECT * FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[],
+                         %(sequences)s::bigint[], %(vectors)s::text[])
+        AS v(project_id, session_id, sequence, vector)
+), saved AS (
+    INSERT INTO message_embeddings AS e (project_id, session_id, sequence, model, embedding)
+    SELECT v.project_id, v.session_id, v.sequence, %(model)s, v.vector::vector
+    FROM v WHERE v.vector IS NOT NULL
+    ON CONFLICT (project_id, session_id, sequence) DO UPDATE
+        SET model = excluded.model, embedding = excluded.embedding
+    RETURNING 1
+), done AS (
+    DELETE FROM embedding_queue q USING v
+    WHERE q.project_id = v.project_id AND q.session_id = v.session_id
+      AND q.sequence = v.sequence
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM saved) AS saved, (SELECT count(*) FROM done) AS done;
+
+-- name: refresh_session_embeddings
+-- Recomputes the recall vector of each session: the mean of its last `window` live messages.
+INSERT INTO session_embeddings AS t (project_id, session_id, model, embedding, through_sequence)
+SELECT s.project_id, s.session_id, %(model)s, r.embedding, r.through
+FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[]) AS s(project_id, session_id)
+CROSS JOIN LATERAL (
+    SELECT avg(w.embedding) AS embedding, max(w.sequence) AS through
+    FROM (
+        SELECT e.embedding, e.sequence
+        FROM message_embeddings e
+        JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+                       AND m.sequence = e.sequence
+        WHERE e.project_id = s.project_id AND e.session_id = s.session_id
+          AND e.model = %(model)s AND m.deleted_at IS NULL
+        ORDER BY e.sequence DESC
+        LIMIT %(window)s
+    ) AS w
+) AS r
+WHERE r.embedding IS NOT NULL
+ON CONFLICT (project_id, session_id) DO UPDATE
+    SET model = excluded.model, embedding = excluded.embedding,
+        through_sequence = excluded.through_sequence;
+
+-- name: queue_reindex
+-- Queues one batch of live messages whose vector is missing or made by another model.
+WITH picked AS (
+    SELECT m.project_id, m.session_id, m.sequence
+    FROM messages m
+    LEFT JOIN message_embeddings e ON e.project_id = m.project_id
+        AND e.session_id = m.session_id AND e.sequence = m.sequence
+    WHERE (m.project_id, m.session_id, m.sequence)
+          > (%(after_project)s, %(after_session)s, %(after_sequence)s)
+      AND m.deleted_at IS NULL
+      AND (e.model IS NULL OR e.model <> %(model)s)
+    ORDER BY m.project_id, m.session_id, m.sequence
+    LIMIT %(limit)s
+), queued AS (
+    INSERT INTO embedding_queue (project_id, session_id, sequence)
+    SELECT project_id, session_id, sequence FROM picked
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM queued) AS queued, l.project_id, l.session_id, l.sequence
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT project_id, session_id, sequence FROM picked
+    ORDER BY project_id DESC, session_id DESC, sequence DESC LIMIT 1
+) AS l ON true;
+
+-- name: reindex_total
+-- How many live messages lack a vector of this model (the reindex progress bar's total).
+SELECT count(*) AS n
+FROM messages m
+LEFT JOIN message_embeddings e ON e.project_id = m.project_id
+    AND e.session_id = m.session_id AND e.sequence = m.sequence
+WHERE m.deleted_at IS NULL AND (e.model IS NULL OR e.model <> %(model)s);
+
+-- name: embedding_lag
+-- The queue's length and the age of its oldest entry (seconds), for the bench and metrics.
+SELECT count(*) AS queued,
+       coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at)), 0)::float8 AS oldest
+FROM embedding_queue;

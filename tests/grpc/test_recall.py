@@ -1,0 +1,107 @@
+"""User-level memory in GetMemory: the user's other sessions, relevant to this one."""
+
+from __future__ import annotations
+
+import pytest
+
+from memstore.v1 import resources_pb2 as rs
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import user_service_pb2 as us
+from tests.grpc import Code, Sessions, Users, msg, rpc_error
+
+pytestmark = pytest.mark.integration
+
+
+async def _say(sessions: Sessions, session_id: str, user_id: str, *lines: str) -> None:
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(
+            session_id=session_id,
+            user_id=user_id,
+            messages=[msg(line, role=user_id, role_type=rs.ROLE_TYPE_USER) for line in lines],
+        )
+    )
+
+
+async def _history(users: Users, sessions: Sessions) -> None:
+    """Maya's earlier sessions (one about her dog, one about work) and another user's."""
+    for user_id in ("maya", "leo"):
+        await users.CreateUser(us.CreateUserRequest(user_id=user_id))
+    await _say(
+        sessions,
+        "maya-pets",
+        "maya",
+        "We adopted a beagle named Biscuit from the shelter",
+        "Biscuit is allergic to chicken so his dog food is salmon based",
+    )
+    await _say(sessions, "maya-work", "maya", "My quarterly report for the bank is due Friday")
+    await _say(sessions, "leo-pets", "leo", "My dog Rex loves chicken treats")
+
+
+async def test_recall_brings_the_users_other_sessions_relevant_to_this_one(
+    users, sessions, store, embed
+):
+    await _history(users, sessions)
+    await _say(sessions, "maya-now", "maya", "Which dog food should I buy for Biscuit?")
+    await embed()
+    memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id="maya-now", relevant_limit=2))
+    assert [m.content for m in memory.messages] == ["Which dog food should I buy for Biscuit?"]
+    recalled = [r.message.content for r in memory.relevant_messages]
+    assert recalled and len(recalled) <= 2
+    assert "Biscuit is allergic to chicken so his dog food is salmon based" in recalled
+    # Only Maya's other sessions: never this session's messages, never Leo's.
+    assert {r.session_id for r in memory.relevant_messages} <= {"maya-pets", "maya-work"}
+    assert all(r.user_id == "maya" for r in memory.relevant_messages)
+    # The context block names the speaker and the date of each memory.
+    assert "maya: Biscuit is allergic to chicken" in memory.context
+    day = memory.relevant_messages[0].message.created_at.ToDatetime().strftime("%Y-%m-%d")
+    assert day in memory.context
+    if store.vectors:
+        # Meaning alone finds the pet session for a question sharing no word with it.
+        await _say(sessions, "maya-later", "maya", "What does my puppy like to eat?")
+        await embed()
+        later = await sessions.GetMemory(
+            ss.GetMemoryRequest(session_id="maya-later", relevant_limit=3)
+        )
+        ranked = [r.session_id for r in later.relevant_messages]
+        assert "maya-pets" in ranked and ranked[0] != "maya-work"
+
+
+async def test_recall_defaults_to_five_and_zero_turns_it_off(users, sessions, embed):
+    await users.CreateUser(us.CreateUserRequest(user_id="kim"))
+    for i in range(8):
+        await _say(sessions, f"old{i}", "kim", f"kim's garden tomatoes batch {i} are ripe")
+    await _say(sessions, "now", "kim", "how are my garden tomatoes doing?")
+    await embed()
+    default = await sessions.GetMemory(ss.GetMemoryRequest(session_id="now"))
+    assert len(default.relevant_messages) == 5
+    assert all(r.session_id != "now" for r in default.relevant_messages)
+    none = await sessions.GetMemory(ss.GetMemoryRequest(session_id="now", relevant_limit=0))
+    assert list(none.relevant_messages) == [] and none.context == ""
+    assert [m.content for m in none.messages] == ["how are my garden tomatoes doing?"]
+
+
+async def test_no_user_no_recall_and_deleted_sessions_are_not_recalled(users, sessions, embed):
+    await users.CreateUser(us.CreateUserRequest(user_id="ola"))
+    await _say(sessions, "ola-old", "ola", "I am learning to play the cello")
+    await _say(sessions, "ola-gone", "ola", "cello lessons are on Tuesdays")
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="ola-gone"))
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="anon", messages=[msg("cello practice tips?")])
+    )
+    await _say(sessions, "ola-now", "ola", "any tips for cello practice?")
+    await embed()
+    anonymous = await sessions.GetMemory(ss.GetMemoryRequest(session_id="anon"))
+    assert anonymous.found and list(anonymous.relevant_messages) == []
+    memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id="ola-now"))
+    assert [r.session_id for r in memory.relevant_messages] == ["ola-old"]
+    missing = await sessions.GetMemory(ss.GetMemoryRequest(session_id="nosuch"))
+    assert not missing.found and list(missing.relevant_messages) == []
+
+
+@pytest.mark.parametrize("value", [-1, 101])
+async def test_relevant_limit_out_of_range_is_invalid(sessions, value):
+    await rpc_error(
+        sessions.GetMemory(ss.GetMemoryRequest(session_id="s", relevant_limit=value)),
+        Code.INVALID_ARGUMENT,
+        field="relevant_limit",
+    )

@@ -1,0 +1,155 @@
+"""The embedding queue: claims that never overlap, crashes that lose nothing, and the
+no-pgvector mode in which nothing is queued at all."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import NewMessage
+from server.store import Store
+from server.store.migrate import apply_migrations
+
+MODEL = "test-model"
+
+
+def msg(content: str) -> NewMessage:
+    return NewMessage(role="kai", role_type="user", content=content, metadata={})
+
+
+def unit_vectors(texts: list[str]) -> list[list[float]]:
+    # A vector per text that differs by text: enough to check what was saved for which row.
+    return [[1.0, float(len(t)), 0.0] for t in texts]
+
+
+async def _scalar(url: str, statement: str) -> int:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute(statement)  # type: ignore[arg-type]
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_add_memory_queues_messages_only_where_vectors_are_kept(
+    store: Store, clean_db: str
+) -> None:
+    await store.add_memory(P, "s", None, [msg("one"), msg("two")])
+    queued = await _scalar(clean_db, "SELECT count(*) FROM embedding_queue")
+    assert queued == (2 if store.vectors else 0)
+    assert await store.embedding_lag() == (queued, pytest.approx(0, abs=60))
+
+
+async def test_a_failed_batch_loses_nothing_and_is_claimed_again(
+    store: Store, clean_db: str
+) -> None:
+    if not store.vectors:
+        assert await store.check_vectors() is False
+        return
+    await store.add_memory(P, "s", None, [msg("a"), msg("bb"), msg("ccc")])
+
+    async def crash(texts: list[str]) -> list[list[float]]:
+        raise RuntimeError("the model process died")
+
+    with pytest.raises(RuntimeError, match="died"):
+        await store.embed_due(MODEL, 10, 6, crash)
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 3
+    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 0
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return unit_vectors(texts)
+
+    assert await store.embed_due(MODEL, 10, 6, embed) == 3
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 3
+    # The speaker is embedded with the content: "kai: bb" is 7 characters.
+    assert await _scalar(
+        clean_db, "SELECT (embedding::real[])[2] FROM message_embeddings WHERE sequence = 2"
+    ) == len("kai: bb")
+    # The session's recall vector is the mean of its messages' vectors.
+    assert await _scalar(clean_db, "SELECT through_sequence FROM session_embeddings") == 3
+
+
+async def test_concurrent_workers_never_embed_a_message_twice(store: Store, clean_db: str) -> None:
+    if not store.vectors:
+        return
+    for i in range(6):
+        await store.add_memory(P, f"s{i}", None, [msg(f"m{i}-{j}") for j in range(10)])
+    calls: list[list[str]] = []
+    started = asyncio.Event()
+
+    async def slow(texts: list[str]) -> list[list[float]]:
+        calls.append(texts)
+        started.set()
+        await asyncio.sleep(0.2)  # hold the claim while the other worker claims
+        return unit_vectors(texts)
+
+    async def worker() -> int:
+        total = 0
+        while done := await store.embed_due(MODEL, 7, 6, slow):
+            total += done
+        return total
+
+    totals = await asyncio.gather(worker(), worker(), worker())
+    assert sum(totals) == 60 and all(totals)
+    embedded = [text for batch in calls for text in batch]
+    assert len(embedded) == len(set(embedded)) == 60
+    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 60
+
+
+async def test_deleted_messages_leave_the_queue_without_a_vector(
+    store: Store, clean_db: str
+) -> None:
+    if not store.vectors:
+        return
+    await store.add_memory(P, "kept", None, [msg("stay")])
+    await store.add_memory(P, "gone", None, [msg("leave"), msg("leave too")])
+    await store.delete_session(P, "gone")
+    seen: list[str] = []
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        seen.extend(texts)
+        return unit_vectors(texts)
+
+    assert await store.embed_due(MODEL, 10, 6, embed) == 3
+    assert seen == ["kai: stay"]
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+
+
+async def test_reindex_queues_what_another_model_embedded(store: Store, clean_db: str) -> None:
+    if not store.vectors:
+        return
+    await store.add_memory(P, "s", None, [msg(str(i)) for i in range(5)])
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return unit_vectors(texts)
+
+    await store.embed_due("old-model", 10, 6, embed)
+    assert await store.reindex_total(MODEL) == 5
+    queued, after = await store.queue_reindex(MODEL, None, 3)
+    assert queued == 3 and after is not None
+    queued, after = await store.queue_reindex(MODEL, after, 3)
+    assert queued == 2
+    assert (await store.queue_reindex(MODEL, after, 3))[0] == 0
+    assert await store.embed_due(MODEL, 10, 6, embed) == 5
+    assert await store.reindex_total(MODEL) == 0
+
+
+async def test_a_migration_needing_a_missing_extension_waits_unrecorded(
+    database_url: str, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.store import migrate
+
+    real = migrate.migrations()
+    extra = (
+        "9999_needs_missing",
+        "-- requires extension: memstore_no_such_extension\nSELECT 1/0;\n",
+    )
+    monkeypatch.setattr(migrate, "migrations", lambda: [*real, extra])
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        assert await apply_migrations(conn) == []
+        cur = await conn.execute("SELECT count(*) FROM schema_migrations WHERE name LIKE '9999%'")
+        row = await cur.fetchone()
+    assert row is not None and row[0] == 0
