@@ -148,28 +148,25 @@ def _layout(
     exchanges: Iterator[list[list[str]]],
     rng: random.Random,
 ) -> list[list[str]]:
-    """Scenes in their written order; the user's own chatter and generic filler around them."""
-    blocks: dict[str, list[list[list[str]]]] = {
-        "scene": list(scenes),
-        "chatter": list(chatter),
-        "filler": [],
-    }
-    size = sum(len(b) for b in scenes + chatter)
+    """Scenes then chatter, in their written order, with generic filler scattered among them."""
+    # Chatter follows the scenes because it often refers back to them ("the sign for the new
+    # place" after the lease is signed); filler refers to nothing, so it can go anywhere.
+    written = [*scenes, *chatter]
+    size = sum(len(block) for block in written)
     target = max(rng.randint(MIN_SESSION, TARGET_MAX), size + 2)
+    filler: list[list[list[str]]] = []
     while size < target:
         exchange = next(exchanges)
         if size + len(exchange) > MAX_SESSION and size >= MIN_SESSION:
             break
-        blocks["filler"].append(exchange)
+        filler.append(exchange)
         size += len(exchange)
-    slots = [kind for kind, items in blocks.items() for _ in items]
+    slots = [True] * len(written) + [False] * len(filler)
     rng.shuffle(slots)
-    # Each kind keeps its own order: a scene's neighbours stay its neighbours, and a scene
-    # that updates an earlier one (a move, a result) still comes after it.
-    queues = {kind: iter(items) for kind, items in blocks.items()}
+    written_iter, filler_iter = iter(written), iter(filler)
     lines: list[list[str]] = []
-    for slot in slots:
-        lines.extend(next(queues[slot]))
+    for is_written in slots:
+        lines.extend(next(written_iter) if is_written else next(filler_iter))
     return lines
 
 
