@@ -1,0 +1,1 @@
+"""Retrieval evaluation for SearchMemory: corpus, metrics, fusion, BM25 baseline, report."""
