@@ -26,6 +26,10 @@ _FILTERS = (
     ("created_before", "search_filter_created_before"),
 )
 
+#: The weight of the full-text score in a hybrid ranking (the vector score has the rest).
+#: Chosen on the odd-numbered questions of the retrieval evaluation (docs/search.md).
+HYBRID_TEXT_WEIGHT = 0.3
+
 #: A found message and, when asked for, its vector (for diversity re-ranking).
 Found = tuple[SearchResult, list[float] | None]
 
@@ -115,6 +119,7 @@ class SearchMethods(StoreBase):
             limit=limit,
             candidates=depth,
             with_vectors=with_vectors,
+            text_weight=HYBRID_TEXT_WEIGHT,
         )
         statements: list[sql.SQL | sql.Composed] = [statement]
         if self.vectors:
@@ -161,6 +166,7 @@ class SearchMethods(StoreBase):
             "limit": limit,
             "candidates": max(limit * 4, 20),
             "with_vectors": False,
+            "text_weight": HYBRID_TEXT_WEIGHT,
         }
         async with self._connect(single=True) as conn:
             memory, found = await _pipelined(conn, [query("get_memory"), statement], params)

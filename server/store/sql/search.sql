@@ -32,9 +32,11 @@ ORDER BY e.embedding <=> q.vector, m.uuid
 LIMIT %(limit)s;
 
 -- name: search_hybrid
--- Reciprocal rank fusion of the full-text and the vector candidates (k = 60).
+-- Convex combination of the full-text and vector candidates' min-max normalised scores.
 WITH q AS ({query}), fts AS (
-    SELECT c.session_id, c.sequence, row_number() OVER (ORDER BY c.rank DESC, c.sequence) AS r
+    SELECT c.session_id, c.sequence,
+           coalesce((c.rank - min(c.rank) OVER ()) / nullif(max(c.rank) OVER ()
+                                                        - min(c.rank) OVER (), 0), 1) AS norm
     FROM (
         SELECT m.session_id, m.sequence, ts_rank(m.search, q.query, 1) AS rank
         FROM q, messages m
@@ -45,7 +47,10 @@ WITH q AS ({query}), fts AS (
         LIMIT %(candidates)s
     ) AS c
 ), vec AS (
-    SELECT c.session_id, c.sequence, row_number() OVER (ORDER BY c.distance, c.sequence) AS r
+    SELECT c.session_id, c.sequence,
+           coalesce((max(c.distance) OVER () - c.distance) / nullif(max(c.distance) OVER ()
+                                                                - min(c.distance) OVER (), 0),
+                    1) AS norm
     FROM (
         SELECT m.session_id, m.sequence, e.embedding <=> q.vector AS distance
         FROM q, message_embeddings e
@@ -59,7 +64,8 @@ WITH q AS ({query}), fts AS (
     ) AS c
 ), fused AS (
     SELECT session_id, sequence,
-           coalesce(1.0 / (60 + fts.r), 0) + coalesce(1.0 / (60 + vec.r), 0) AS score
+           %(text_weight)s * coalesce(fts.norm, 0)
+           + (1 - %(text_weight)s) * coalesce(vec.norm, 0) AS score
     FROM fts FULL JOIN vec USING (session_id, sequence)
 )
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
