@@ -32,9 +32,10 @@ class _SearchTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchType
     SEARCH_TYPE_UNSPECIFIED: _SearchType.ValueType  # 0
     """Not given: the same as SEARCH_TYPE_HYBRID."""
     SEARCH_TYPE_HYBRID: _SearchType.ValueType  # 1
-    """Words and meaning, fused by reciprocal rank: full-text matches and
-    vector neighbours both count. Falls back to words alone (and says so in
-    SearchMemoryResponse.semantic) when the server keeps no vectors.
+    """Words and meaning: a weighted sum of the normalised full-text and vector
+    scores, so exact names and numbers and paraphrases both count. Falls back
+    to words alone (and says so in SearchMemoryResponse.semantic and note)
+    when the server keeps no vectors.
     """
     SEARCH_TYPE_FULL_TEXT: _SearchType.ValueType  # 2
     """Words only: PostgreSQL full-text search over the speaker and the content
@@ -52,9 +53,10 @@ class SearchType(_SearchType, metaclass=_SearchTypeEnumTypeWrapper):
 SEARCH_TYPE_UNSPECIFIED: SearchType.ValueType  # 0
 """Not given: the same as SEARCH_TYPE_HYBRID."""
 SEARCH_TYPE_HYBRID: SearchType.ValueType  # 1
-"""Words and meaning, fused by reciprocal rank: full-text matches and
-vector neighbours both count. Falls back to words alone (and says so in
-SearchMemoryResponse.semantic) when the server keeps no vectors.
+"""Words and meaning: a weighted sum of the normalised full-text and vector
+scores, so exact names and numbers and paraphrases both count. Falls back
+to words alone (and says so in SearchMemoryResponse.semantic and note)
+when the server keeps no vectors.
 """
 SEARCH_TYPE_FULL_TEXT: SearchType.ValueType  # 2
 """Words only: PostgreSQL full-text search over the speaker and the content
@@ -1072,8 +1074,8 @@ class SearchResult(_message.Message):
     """Id of the session's user; empty when the session has none."""
     score: _builtins.float
     """Relevance, higher is better. Comparable only within one response: cosine
-    similarity for semantic search, ts_rank for full-text search, the
-    reciprocal-rank-fusion score for hybrid search.
+    similarity for semantic search, ts_rank for full-text search, and for
+    hybrid search a weighted sum of both scores normalised to 0-1.
     """
     @_builtins.property
     def message(self) -> _resources_pb2.Message:
