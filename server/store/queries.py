@@ -78,10 +78,3 @@ QUERIES: dict[str, sql.SQL] = _load()
 def query(name: str) -> sql.SQL:
     """The statement called `name` (KeyError when no file defines it)."""
     return QUERIES[name]
-
-
-def migrations() -> list[tuple[str, str]]:
-    """(name, SQL) of every migration file, in the order they apply."""
-    folder = resources.files("server.store").joinpath("migrations")
-    files = sorted((e for e in folder.iterdir() if e.name.endswith(".sql")), key=lambda e: e.name)
-    return [(e.name.removesuffix(".sql"), e.read_text("utf-8")) for e in files]

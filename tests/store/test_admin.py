@@ -24,7 +24,7 @@ from server.errors import (
     Unavailable,
 )
 from server.store import Store
-from server.store.queries import migrations
+from server.store.migrate import migrations
 from server.store.translate import translated
 from tests.databases import scratch_database
 

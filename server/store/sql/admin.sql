@@ -1,27 +1,17 @@
--- Schema migrations, shared settings and the purge of expired soft-deleted rows.
+-- The database as a whole: reachability, the statement timeout lifted for migrations, the
+-- shared page-token key, and the purge of expired soft-deleted rows.
 
--- lock_migrations --
--- Serializes migrate() across every worker and replica (one fixed advisory lock key).
-SELECT pg_advisory_lock(7283946501);
+-- ping --
+-- One round trip, to notice a database that went away while no call was made.
+SELECT 1;
 
--- unlock_migrations --
--- Releases the advisory lock of lock_migrations.
-SELECT pg_advisory_unlock(7283946501);
+-- no_statement_timeout --
+-- Lifts the per-call statement timeout for this connection (migrations may run long).
+SET statement_timeout = 0;
 
--- create_schema_migrations --
--- The record of applied migrations; created before the first one runs.
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    name text PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-
--- applied_migrations --
--- The names of the migrations already applied.
-SELECT name FROM schema_migrations ORDER BY name;
-
--- record_migration --
--- Marks one migration as applied, in the transaction that applied it.
-INSERT INTO schema_migrations (name) VALUES (%(name)s);
+-- reset_statement_timeout --
+-- Restores the connection's own statement timeout after no_statement_timeout.
+RESET statement_timeout;
 
 -- token_key --
 -- Creates the page-token key once (first worker wins) and reads the one that is kept.
@@ -71,15 +61,3 @@ WITH doomed AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
-
--- ping --
--- One round trip, to notice a database that went away while no call was made.
-SELECT 1;
-
--- no_statement_timeout --
--- Lifts the per-call statement timeout for this connection (migrations may run long).
-SET statement_timeout = 0;
-
--- reset_statement_timeout --
--- Restores the connection's own statement timeout after no_statement_timeout.
-RESET statement_timeout;

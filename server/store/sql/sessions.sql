@@ -40,7 +40,7 @@ RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.del
 -- Locks a live session before its messages are soft-deleted. AddMemory appends only under
 -- this row lock, so the next statement's snapshot holds every message committed before it
 -- and no new one can come; in one statement, messages appended while it waited for the
--- lock stayed live in a deleted session (found by tests/reliability/test_races.py).
+-- lock would stay live in a deleted session (tests/reliability/test_races.py).
 SELECT s.session_id FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 FOR UPDATE;
