@@ -162,7 +162,7 @@ async def _build(
 ) -> tuple[grpc.aio.Server, int, Readiness]:
     key = config.token_key or await store.token_key()
     embedder = make_embedder(config)
-    if embedder is not None and not await store.check_vectors():
+    if embedder is not None and not store.vectors:
         log.warning(
             "the database keeps no vectors (pgvector is not available): serving full-text "
             "search only"

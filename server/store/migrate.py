@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import logging
 import re
+from importlib import resources
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from server.store.queries import migrations, query
+from server.store.queries import query
 
 log = logging.getLogger(__name__)
 
 #: A migration's first line may name an extension it needs: `-- requires extension: vector`.
 _REQUIRES = re.compile(r"\A--\s*requires extension:\s*(\w+)\s*$", re.M)
+
+
+def migrations() -> list[tuple[str, str]]:
+    """(name, SQL) of every migration file, in the order they apply."""
+    folder = resources.files("server.store").joinpath("migrations")
+    files = sorted((e for e in folder.iterdir() if e.name.endswith(".sql")), key=lambda e: e.name)
+    return [(e.name.removesuffix(".sql"), e.read_text("utf-8")) for e in files]
 
 
 async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:

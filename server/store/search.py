@@ -14,6 +14,7 @@ from server.domain import Message, SearchQuery, SearchResult, Session
 from server.store import rows
 from server.store.base import StoreBase, key
 from server.store.db import Row, fetch_all, fetch_one
+from server.store.messages import memory_window
 from server.store.queries import query
 
 #: (query attribute, fragment) of every optional search filter with a value.
@@ -71,17 +72,6 @@ def _found(row: Row) -> Found:
 
 class SearchMethods(StoreBase):
     """Full-text and vector search over live messages, recall, and the embedding queue."""
-
-    async def check_vectors(self) -> bool:
-        """Looks again whether the vector tables exist; remembers and returns the answer.
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "vectors_ready", {})
-        self.vectors = bool(row and row["ready"])
-        return self.vectors
 
     async def search_messages(
         self,
@@ -169,7 +159,7 @@ class SearchMethods(StoreBase):
             "text_weight": HYBRID_TEXT_WEIGHT,
         }
         async with self._connect(single=True) as conn:
-            memory, found = await _pipelined(conn, [query("get_memory"), statement], params)
+            memory, found = await _pipelined(conn, [memory_window(), statement], params)
         if not memory:
             return None, [], []
         results = [_found(r)[0] for r in found]

@@ -45,6 +45,21 @@ MULTI_SHARD = {
     "by (session_id, sequence)",
     ("export_messages", "sessions"): "ExportMessages: the live check of each message's "
     "session (co-located with it)",
+    ("search_full_text", "sessions"): "SearchMemory in a user's or the project's scope: the "
+    "scope's sessions span shards (one session's search is pinned by session_ids)",
+    ("search_semantic", "sessions"): "SearchMemory, as search_full_text",
+    ("search_semantic", "messages"): "SearchMemory, as search_full_text",
+    ("search_hybrid", "sessions"): "SearchMemory and GetMemory's recall over the user's other "
+    "sessions, as search_full_text",
+    ("search_hybrid", "messages"): "SearchMemory and recall, as search_full_text",
+    ("count_unembedded", "sessions"): "SearchMemory's unembedded count, over the same scope",
+    ("count_unembedded", "messages"): "SearchMemory's unembedded count, over the same scope",
+    ("claim_embeddings", "messages"): "the embedding worker claims the oldest queued messages "
+    "of every shard",
+    ("refresh_session_embeddings", "messages"): "the recall vectors of every session one "
+    "embedding batch touched",
+    ("queue_reindex", "messages"): "memstore reindex sweeps every message",
+    ("reindex_total", "messages"): "memstore reindex counts every message",
 }
 
 #: List fragments composed into list_sessions (checked through it), not statements.

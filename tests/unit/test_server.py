@@ -29,6 +29,9 @@ BASE = datetime(2024, 1, 1, tzinfo=UTC)
 class FakeStore:
     """Just the user reads ListUsers and ListUsersChunked need, over a sorted list."""
 
+    #: No vector tables: search would be full-text only (no test here searches).
+    vectors = False
+
     def __init__(self, users: list[User]) -> None:
         self.users = sorted(users, key=lambda u: (u.created_at, u.user_id))
         self.list_calls = 0

@@ -1,10 +1,10 @@
 -- Search and recall over messages: full-text (tsvector, always), vectors (pgvector, when
 -- migration 0007 applied), and the embedding queue that feeds the vectors.
--- {filters} fragments come from a fixed whitelist in store/search_sql.py. Vectors travel as
+-- {filters} fragments come from a fixed whitelist in store/search.py. Vectors travel as
 -- text ('[0.1,0.2,...]') cast to vector in SQL: no per-connection type registration, so
 -- connections opened before the extension was created work too.
 
--- name: search_full_text
+-- search_full_text --
 -- Live messages in scope matching any word of the query, best full-text rank first.
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
        m.created_at, m.updated_at, s.user_id, ts_rank(m.search, q.query, 1) AS score,
@@ -16,7 +16,7 @@ WHERE m.project_id = %(project_id)s AND m.search @@ q.query
 ORDER BY score DESC, m.created_at DESC, m.uuid
 LIMIT %(limit)s;
 
--- name: search_semantic
+-- search_semantic --
 -- Embedded live messages in scope, nearest to the query vector first (cosine).
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
        m.created_at, m.updated_at, s.user_id,
@@ -31,7 +31,7 @@ WHERE e.project_id = %(project_id)s AND e.model = %(model)s
 ORDER BY e.embedding <=> q.vector, m.uuid
 LIMIT %(limit)s;
 
--- name: search_hybrid
+-- search_hybrid --
 -- Convex combination of the full-text and vector candidates' min-max normalised scores.
 WITH q AS ({query}), fts AS (
     SELECT c.session_id, c.sequence,
@@ -80,35 +80,35 @@ LEFT JOIN message_embeddings e ON e.project_id = m.project_id AND e.session_id =
 ORDER BY f.score DESC, m.created_at DESC, m.uuid
 LIMIT %(limit)s;
 
--- name: search_filter_user
+-- search_filter_user --
 -- Scope fragment: the live sessions of one user.
 AND s.user_id = %(user_id)s
 
--- name: search_filter_sessions
+-- search_filter_sessions --
 -- Scope fragment: only these sessions.
 AND m.session_id = ANY(%(session_ids)s::text[])
 
--- name: search_filter_other_sessions
+-- search_filter_other_sessions --
 -- Scope fragment of recall: every session but the one being read.
 AND m.session_id <> %(exclude_session)s
 
--- name: search_filter_role_types
+-- search_filter_role_types --
 -- Filter fragment: messages of these role types.
 AND m.role_type = ANY(%(role_types)s::text[])
 
--- name: search_filter_metadata
+-- search_filter_metadata --
 -- Filter fragment: messages whose metadata contains a JSON object (jsonb @>).
 AND m.metadata @> %(metadata_contains)s
 
--- name: search_filter_created_after
+-- search_filter_created_after --
 -- Filter fragment: messages created at or after a time.
 AND m.created_at >= %(created_after)s
 
--- name: search_filter_created_before
+-- search_filter_created_before --
 -- Filter fragment: messages created before a time.
 AND m.created_at < %(created_before)s
 
--- name: count_unembedded
+-- count_unembedded --
 -- How many live messages in scope still wait for their embedding.
 SELECT count(*) AS n
 FROM embedding_queue q
@@ -118,15 +118,15 @@ JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 WHERE q.project_id = %(project_id)s AND m.deleted_at IS NULL AND s.deleted_at IS NULL
   {filters};
 
--- name: search_query_text
+-- search_query_text --
 -- Query fragment of search: the words of the caller's text.
 SELECT memstore_any_words(%(text)s) AS query
 
--- name: search_query_vector
+-- search_query_vector --
 -- Query fragment of search: the words of the caller's text and its embedding.
 SELECT memstore_any_words(%(text)s) AS query, %(vector)s::text::vector AS vector
 
--- name: recall_query_text
+-- recall_query_text --
 -- Query fragment of recall: the words of the session's last live messages; no row unless
 -- the session is live, has messages and belongs to a user.
 SELECT memstore_any_words(
@@ -139,7 +139,7 @@ FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
   AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
 
--- name: recall_query_vector
+-- recall_query_vector --
 -- Query fragment of recall: those words and the session's recall vector (kept by the worker).
 SELECT memstore_any_words(
            (SELECT string_agg(r.role || ' ' || left(r.content, 2000), ' ')
@@ -154,16 +154,12 @@ FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
   AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
 
--- name: recall_filter_user
+-- recall_filter_user --
 -- Scope fragment of recall: the sessions of the user who owns the session being read.
 AND s.user_id = (SELECT o.user_id FROM sessions o
                  WHERE o.project_id = %(project_id)s AND o.session_id = %(exclude_session)s)
 
--- name: vectors_ready
--- Whether migration 0007 made the vector tables (pgvector was available).
-SELECT to_regclass('message_embeddings') IS NOT NULL AS ready;
-
--- name: claim_embeddings
+-- claim_embeddings --
 -- Claims the oldest due messages no other worker holds; the lock lasts the transaction.
 SELECT q.project_id, q.session_id, q.sequence, m.role, m.content,
        m.deleted_at IS NULL AS live
@@ -174,7 +170,7 @@ ORDER BY q.enqueued_at
 LIMIT %(limit)s
 FOR UPDATE OF q SKIP LOCKED;
 
--- name: save_embeddings
+-- save_embeddings --
 -- Writes the vectors of a claimed batch and removes the whole batch from the queue.
 WITH v AS (
     SELECT * FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[],
@@ -195,7 +191,7 @@ WITH v AS (
 )
 SELECT (SELECT count(*) FROM saved) AS saved, (SELECT count(*) FROM done) AS done;
 
--- name: refresh_session_embeddings
+-- refresh_session_embeddings --
 -- Recomputes the recall vector of each session: the mean of its last `window` live messages.
 INSERT INTO session_embeddings AS t (project_id, session_id, model, embedding, through_sequence)
 SELECT s.project_id, s.session_id, %(model)s, r.embedding, r.through
@@ -218,7 +214,7 @@ ON CONFLICT (project_id, session_id) DO UPDATE
     SET model = excluded.model, embedding = excluded.embedding,
         through_sequence = excluded.through_sequence;
 
--- name: queue_reindex
+-- queue_reindex --
 -- Queues one batch of live messages whose vector is missing or made by another model.
 WITH picked AS (
     SELECT m.project_id, m.session_id, m.sequence
@@ -244,7 +240,7 @@ LEFT JOIN LATERAL (
     ORDER BY project_id DESC, session_id DESC, sequence DESC LIMIT 1
 ) AS l ON true;
 
--- name: reindex_total
+-- reindex_total --
 -- How many live messages lack a vector of this model (the reindex progress bar's total).
 SELECT count(*) AS n
 FROM messages m
@@ -252,7 +248,7 @@ LEFT JOIN message_embeddings e ON e.project_id = m.project_id
     AND e.session_id = m.session_id AND e.sequence = m.sequence
 WHERE m.deleted_at IS NULL AND (e.model IS NULL OR e.model <> %(model)s);
 
--- name: embedding_lag
+-- embedding_lag --
 -- The queue's length and the age of its oldest entry (seconds), for the bench and metrics.
 SELECT count(*) AS queued,
        coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at)), 0)::float8 AS oldest
