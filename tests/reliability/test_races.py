@@ -246,7 +246,8 @@ async def test_delete_and_clear_hide_a_message_appended_while_they_waited(
 ) -> None:
     # The race of test_add_memory_races_delete_session, made deterministic: a transaction
     # appends a message the way AddMemory does (under the session's row lock) while
-    # DeleteSession or ClearMemory waits for that lock. Both used to leave it live.
+    # DeleteSession or ClearMemory waits for that lock. Hiding the messages in the statement
+    # that waited would leave it live: that statement's snapshot predates the append.
     for name in ("DeleteSession", "ClearMemory"):
         sid = f"held-{name}"
         await sessions.AddMemory(
