@@ -304,10 +304,15 @@ class SessionServiceServicer:
         session. An unknown or soft-deleted session is not an error: the
         response has found = false, no session and no messages. (Zep's server
         answers such a request with HTTP 200 and an empty message list, and agent
-        frameworks rely on that.)
+        frameworks rely on that.) Also returns user-level memory: the messages of
+        the session user's other live sessions most relevant to this session's
+        most recent messages (relevant_messages), and the same as prompt text
+        (context). No model runs on this path: the background embedding worker
+        prepares what stands for the session's recent messages.
 
         Errors:
-        - INVALID_ARGUMENT: session_id is invalid; lastn is negative.
+        - INVALID_ARGUMENT: session_id is invalid; lastn is negative;
+        relevant_limit is negative or above 100.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -401,14 +406,25 @@ class SessionServiceServicer:
     def SearchMemory(self, request, context):
         """Searches live messages by text: in one user's live sessions, in the named
         sessions, or in the whole project, best first. Hybrid by default: words
-        (PostgreSQL full-text search, immediate) fused with meaning (vector
+        (PostgreSQL full-text search, immediate) combined with meaning (vector
         similarity of embeddings made in the background). Soft-deleted sessions
         and messages, cleared memory and other projects never appear; an unknown
-        user or session gives no results, not an error. Returns INVALID_ARGUMENT
-        for empty text, both user_id and session_ids, a limit outside 0-100, an
-        unknown search_type or role type, or mmr_lambda outside 0-1;
-        FAILED_PRECONDITION for SEARCH_TYPE_SEMANTIC (or mmr_lambda) when the
-        server keeps no vectors (no pgvector, or started with --embedder none).
+        user or session gives no results, not an error.
+
+        Errors:
+        - INVALID_ARGUMENT: text is empty or longer than 10,000 characters;
+        user_id and session_ids are both set; user_id or an entry of
+        session_ids is invalid, or more than 100 are named; limit is outside
+        0-100; search_type or an entry of role_types is not an enum value;
+        mmr_lambda is outside 0-1; metadata_contains breaks the metadata
+        limits; a time bound is outside years 1-9999, or created_before is not
+        later than created_after.
+        - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
+        SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
+        vectors (no pgvector, or started with --embedder none).
+        - UNAVAILABLE (EMBEDDER_UNAVAILABLE): the embedding model failed while
+        embedding the query (a remote embedder unreachable or erring); retry,
+        or search with SEARCH_TYPE_FULL_TEXT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
