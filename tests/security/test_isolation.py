@@ -83,6 +83,17 @@ def _probes(ids: dict[str, str]) -> dict[str, Probe]:
             ss.CreateSessionRequest(session_id=session + "-new", user_id=user),
             metadata=c.metadata,
         ),
+        "SearchMemory(user)": lambda c: c.sessions.SearchMemory(
+            ss.SearchMemoryRequest(text="one two three", user_id=user), metadata=c.metadata
+        ),
+        "SearchMemory(sessions)": lambda c: c.sessions.SearchMemory(
+            ss.SearchMemoryRequest(text="one two three", session_ids=[session, gone]),
+            metadata=c.metadata,
+        ),
+        "SearchMemory(project)": lambda c: c.sessions.SearchMemory(
+            ss.SearchMemoryRequest(text="one two three", search_type=ss.SEARCH_TYPE_FULL_TEXT),
+            metadata=c.metadata,
+        ),
     }
 
 
@@ -300,3 +311,20 @@ async def test_concurrent_reads_of_two_projects_never_mix(a: Caller, b: Caller) 
             assert result[1][0]["user"]["metadata"] == {"plan": f"{caller.project}-plan"}
         else:
             assert result == ("error", Code.NOT_FOUND, f"user '{user_id}' not found")
+
+
+async def test_search_finds_only_the_callers_project(a: Caller, b: Caller) -> None:
+    await _seed(a)
+    await b.sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s1", messages=[msg("two of ours")]), metadata=b.metadata
+    )
+    for caller, expected in ((a, {"one", "two", "three"}), (b, {"two of ours"})):
+        for scope in ({}, {"session_ids": ["s1"]}):
+            found = await caller.sessions.SearchMemory(
+                ss.SearchMemoryRequest(text="one two three", **scope),  # type: ignore[arg-type]
+                metadata=caller.metadata,
+            )
+            assert {r.message.content for r in found.results} == expected, (caller.project, scope)
+    # Recall never reaches across projects either: b's user has no other session.
+    memory = await b.sessions.GetMemory(ss.GetMemoryRequest(session_id="s1"), metadata=b.metadata)
+    assert list(memory.relevant_messages) == []
