@@ -152,3 +152,44 @@ async def test_messages_pages_clear_and_undelete(client: AsyncMemstore) -> None:
     with pytest.raises(FailedPrecondition) as live:
         await client.memory.undelete_session("s")
     assert live.value.reason == "SESSION_NOT_DELETED"
+
+
+async def test_search_and_recall_like_zep(client: AsyncMemstore, store, embed) -> None:
+    await client.user.add("zoe")
+    await client.memory.add(
+        "zoe-trip",
+        [Message("Our flight LX318 to Zurich leaves at 7", role="zoe", role_type="user")],
+        user_id="zoe",
+    )
+    await client.memory.add(
+        "zoe-now",
+        [Message("When does my Zurich flight leave?", role="zoe", role_type="user")],
+        user_id="zoe",
+    )
+    await embed()
+    found = await client.memory.search("LX318", user_id="zoe", search_type="full_text")
+    assert [r.message.content for r in found.results] == ["Our flight LX318 to Zurich leaves at 7"]
+    hit = found.results[0]
+    assert hit.session_id == "zoe-trip" and hit.user_id == "zoe" and hit.score > 0
+    assert hit.message.created_at is not None
+    hybrid = await client.memory.search("Zurich flight", user_id="zoe", limit=1)
+    assert len(hybrid.results) == 1 and hybrid.semantic == store.vectors
+    with pytest.raises(InvalidArgument) as bad:
+        await client.memory.search("", user_id="zoe")
+    assert bad.value.field_violations[0].field == "text"
+    with pytest.raises(ValueError, match="search_type"):
+        await client.memory.search("x", search_type="fuzzy")
+    memory = await client.memory.get("zoe-now", relevant_limit=3)
+    assert [r.session_id for r in memory.relevant_messages] == ["zoe-trip"]
+    assert "zoe: Our flight LX318 to Zurich leaves at 7" in memory.context
+    assert (await client.memory.get("zoe-now", relevant_limit=0)).relevant_messages == []
+
+
+async def test_sync_client_searches(grpc_port: int, clean_db: str) -> None:
+    def run() -> list[str]:
+        with Memstore(f"127.0.0.1:{grpc_port}") as c:
+            c.memory.add("s", [Message("the kettle is broken", role="ann")])
+            found = c.memory.search("kettle", search_type="full_text")
+            return [r.message.content for r in found.results]
+
+    assert await asyncio.to_thread(run) == ["the kettle is broken"]
