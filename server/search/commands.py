@@ -1,0 +1,87 @@
+"""`memstore embed` (the embedding worker alone) and `memstore reindex` (re-embed for a model)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from typing import Any
+
+from server.config import Config
+from server.errors import FailedPrecondition
+from server.search.embedding import Embedder
+from server.search.worker import EmbeddingWorker
+from server.serving.app import make_embedder, open_store, wait_for_signal
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+#: Messages queued per statement by reindex: short transactions on a large table.
+_REINDEX_BATCH = 5000
+
+
+async def embed(config: Config) -> None:
+    """Runs the embedding worker until SIGTERM or SIGINT."""
+    store = await open_store(config)
+    try:
+        embedder = await _ready(store, config)
+        worker = asyncio.create_task(EmbeddingWorker(store, embedder).run())
+        log.info("embedding worker running (model %s)", embedder.name)
+        await wait_for_signal()
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    finally:
+        await store.close()
+
+
+async def reindex(config: Config) -> None:
+    """Queues every live message lacking a vector of the configured model, then embeds them."""
+    store = await open_store(config)
+    try:
+        embedder = await _ready(store, config)
+        total = await store.reindex_total(embedder.name)
+        after: tuple[int, str, int] | None = None
+        queued = 0
+        while True:
+            count, after = await store.queue_reindex(embedder.name, after, _REINDEX_BATCH)
+            queued += count
+            if after is None:
+                break
+        bar = _progress(total, f"embedding with {embedder.name}")
+        worker = EmbeddingWorker(store, embedder)
+        while done := await worker.run_once():
+            bar.update(done)
+        bar.close()
+        print(f"reindexed {queued} messages for model {embedder.name}")
+    finally:
+        await store.close()
+
+
+async def _ready(store: Store, config: Config) -> Embedder:
+    await store.migrate()
+    if not store.vectors:
+        raise FailedPrecondition(
+            "this PostgreSQL server has no pgvector extension: there is nothing to embed into"
+        )
+    embedder = make_embedder(config)
+    if embedder is None:
+        raise FailedPrecondition("--embedder none: no model to embed with")
+    return embedder
+
+
+def _progress(total: int, description: str) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the cli extra is not installed: count quietly instead
+        return _Quiet()
+    return tqdm(total=total, desc=description, unit="msg", file=sys.stderr)
+
+
+class _Quiet:
+    def update(self, n: int) -> None:
+        del n
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,154 @@
+"""`memstore embed` killed mid-batch loses nothing; `memstore reindex` re-embeds for a model.
+
+Without pgvector (CI's external PostgreSQL 15) both commands refuse with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.databases import scratch_database
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGES = 400
+
+
+def _no_vectors(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        return not _scalar(conn, "SELECT (to_regclass('message_embeddings') IS NOT NULL)::int")
+
+
+def _refused(url: str, command: str) -> None:
+    run = _memstore(url, command)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "pgvector" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.fixture
+def embed_db(server_url: str) -> Iterator[str]:
+    """A migrated scratch database holding MESSAGES queued messages in 20 sessions."""
+    with scratch_database(server_url, "memstore_embed") as url:
+        _memstore(url, "migrate").check_returncode()
+        with psycopg.connect(url, autocommit=True) as conn:
+            for s in range(20):
+                conn.execute(
+                    "INSERT INTO sessions (project_id, session_id, next_sequence) "
+                    "VALUES (1, %s, %s)",
+                    (f"s{s}", MESSAGES // 20 + 1),
+                )
+            conn.execute(
+                "INSERT INTO messages (project_id, session_id, sequence, role, content) "
+                "SELECT 1, 's' || (i %% 20), i / 20 + 1, 'kai', 'message number ' || i "
+                "FROM generate_series(0, %s - 1) AS i",
+                (MESSAGES,),
+            )
+            conn.execute(
+                "INSERT INTO embedding_queue (project_id, session_id, sequence) "
+                "SELECT project_id, session_id, sequence FROM messages"
+            )
+        yield url
+
+
+def _memstore(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args, "--database-url", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _start_embed(url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "embed", "--database-url", url, "--log-level", "WARNING"],
+        cwd=ROOT,
+        env={**os.environ, "MEMSTORE_PURGE_INTERVAL": "0"},
+    )
+
+
+def _scalar(conn: psycopg.Connection[tuple[object, ...]], statement: str) -> int:
+    row = conn.execute(statement).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return int(row[0])  # type: ignore[call-overload]
+
+
+def _counts(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as conn:
+        return (
+            _scalar(conn, "SELECT count(*) FROM message_embeddings"),
+            _scalar(conn, "SELECT count(*) FROM embedding_queue"),
+        )
+
+
+def _wait(url: str, done: object, timeout: float) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = _counts(url)
+        if done(counts):  # type: ignore[operator]
+            return counts
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in {timeout}s: embedded, queued = {_counts(url)}")
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(embed_db: str) -> None:
+    if _no_vectors(embed_db):
+        _refused(embed_db, "embed")
+        return
+    first = _start_embed(embed_db)
+    try:
+        # Some batches committed, the rest still queued: kill it while it works.
+        _wait(embed_db, lambda c: c[0] >= 64, timeout=120)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        first.kill()
+    embedded, queued = _counts(embed_db)
+    assert embedded + queued == MESSAGES and queued > 0
+    second = _start_embed(embed_db)
+    try:
+        assert _wait(embed_db, lambda c: c[1] == 0, timeout=240) == (MESSAGES, 0)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+    finally:
+        second.kill()
+    with psycopg.connect(embed_db) as conn:
+        # One vector per message, each from the local model, and a recall vector per session.
+        assert (
+            _scalar(conn, "SELECT count(DISTINCT (session_id, sequence)) FROM message_embeddings")
+            == MESSAGES
+        )
+        assert _scalar(conn, "SELECT count(DISTINCT model) FROM message_embeddings") == 1
+        assert _scalar(conn, "SELECT count(*) FROM session_embeddings") == 20
+
+
+def test_reindex_re_embeds_what_another_model_made(embed_db: str) -> None:
+    if _no_vectors(embed_db):
+        _refused(embed_db, "reindex")
+        return
+    with psycopg.connect(embed_db, autocommit=True) as conn:
+        conn.execute("DELETE FROM embedding_queue WHERE sequence > 2")
+        conn.execute(
+            "INSERT INTO message_embeddings (project_id, session_id, sequence, model, embedding) "
+            "SELECT project_id, session_id, sequence, 'old-model', '[1,0,0]' FROM messages"
+            " WHERE sequence > 2"
+        )
+    run = _memstore(embed_db, "reindex")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"reindexed {MESSAGES - 40} messages" in run.stdout
+    with psycopg.connect(embed_db) as conn:
+        assert (
+            _scalar(conn, "SELECT count(*) FROM message_embeddings WHERE model = 'old-model'") == 0
+        )
+        assert _scalar(conn, "SELECT count(*) FROM message_embeddings") == MESSAGES
+        assert _scalar(conn, "SELECT count(*) FROM embedding_queue") == 0
