@@ -228,9 +228,12 @@ async def build_server(
 
 def make_embedder(config: Config) -> Embedder | None:
     """The embedder `--embedder` names (None for "none"), shared by search and the worker."""
-    return embedder_from_setting(
-        config.embedder, model=config.embedder_model or None, api_key=config.embedder_api_key
-    )
+    try:
+        return embedder_from_setting(
+            config.embedder, model=config.embedder_model or None, api_key=config.embedder_api_key
+        )
+    except ValueError as exc:
+        raise RuntimeError(f"--embedder: {exc}") from exc
 
 
 def _embedding_worker(
