@@ -250,6 +250,8 @@ def test_readme_grpcurl_examples_run(served: int) -> None:
     assert "memstore.v1.SessionService" in out  # list
     assert "AddMemory is a method" in out  # describe of a method symbol
     assert '"status": "SERVING"' in out
+    # The search examples find Maya's message by its words, and recall brings it to maya-2.
+    assert out.count("named him Biscuit") >= 2
     assert '"content": "Hi, I am vegetarian."' in out
     # The last example is the privacy delete of everything the others created.
     assert '"deleted_sessions": "1"' in out
