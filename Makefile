@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint generate check-generated purge migrate clean bench
+.PHONY: run test lint generate check-generated purge migrate clean bench eval
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ check-generated: $(STAMP)
 ## Figures against same-run baselines (docs/performance.md); BENCH_USERS / BENCH_RUNS scale it down.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## Retrieval quality: recall@5/10 and MRR of SearchMemory's rankers against BM25 (docs/search.md).
+eval: $(STAMP)
+	$(BIN)/python -m bench.eval --json bench/results/eval.json
 
 ## Hard-delete soft-deleted rows past the retention period, and report the counts.
 purge: $(STAMP)
