@@ -17,8 +17,8 @@ from server.config import Config
 from server.serving.app import build_server
 from server.serving.tls import SecurityConfig
 from server.store import Store
+from tests.fix_security import Caller, make_key
 from tests.grpc import Code, as_dict, msg, rpc_error, struct
-from tests.security.conftest import Caller, make_key
 
 SQLISH = [
     "alice'; DROP TABLE users; --",
