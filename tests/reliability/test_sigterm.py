@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
 from tests.grpc import Sessions, Users, msg
+from tests.processes import serve_memstore
 from tests.reliability import record
-from tests.test_process import _serve
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: What a call may get from a server that is shutting down: refused, never half-done.
@@ -67,7 +67,7 @@ async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_
     # WARNING: thousands of access-log lines would fill the unread stdout pipe and stall it.
     args = ("--purge-interval", "0", "--grace-period", "10", "--drain-delay", "1")
     args += ("--log-level", "WARNING")
-    proc, port = await asyncio.to_thread(_serve, *args, env=env)
+    proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         users, sessions = Users(channel), Sessions(channel)
         await users.CreateUser(upb.CreateUserRequest(user_id="busy"), timeout=10)
@@ -138,7 +138,7 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
 ) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
     args = ("--purge-interval", "0", "--grace-period", "1", "--drain-delay", "0")
-    proc, port = await asyncio.to_thread(_serve, *args, env=env)
+    proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         users = Users(channel)
         await users.CreateUser(upb.CreateUserRequest(user_id="stuck"), timeout=10)
@@ -171,7 +171,7 @@ async def test_a_killed_server_leaves_no_late_commit(clean_db: str) -> None:
     # connection (client_connection_check_interval) and aborts the waiting statement, so the
     # update does not commit when the lock is released later.
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, port = await asyncio.to_thread(_serve, "--purge-interval", "0", env=env)
+    proc, port = await asyncio.to_thread(serve_memstore, "--purge-interval", "0", env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         users = Users(channel)
         await users.CreateUser(upb.CreateUserRequest(user_id="orphan"), timeout=10)
