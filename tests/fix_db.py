@@ -50,6 +50,23 @@ async def empty_data_tables(url: str) -> str:
     return url
 
 
+#: Backends of this database, other than the asking one, that wait for a lock.
+LOCK_WAITERS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+)
+
+
+async def lock_waiters(url: str) -> int:
+    """How many backends of the database wait for a lock (e.g. a call a test pinned)."""
+    # A fresh autocommit connection: pg_stat_activity is read once per transaction.
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(LOCK_WAITERS)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 async def busy_backends(url: str) -> list[tuple[str, str]]:
     """Backends of the database that hold a transaction or run a query, except the asker."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
@@ -59,6 +76,14 @@ async def busy_backends(url: str) -> list[tuple[str, str]]:
             " AND (state <> 'idle' OR xact_start IS NOT NULL)"
         )
         return [(str(state), str(query)) for state, query in await cur.fetchall()]
+
+
+async def at_rest(url: str, store: Store) -> bool:
+    """Whether every pooled connection of `store` is back and no backend of `url` is busy."""
+    stats = store.pool_stats()
+    if stats.get("pool_size", 0) != stats.get("pool_available", 0):
+        return False
+    return not await busy_backends(url)
 
 
 @pytest.fixture(scope="session")

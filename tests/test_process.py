@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from memstore.v1 import user_service_pb2, user_service_pb2_grpc
+from tests.fix_db import LOCK_WAITERS
 from tests.processes import ROOT, run_memstore, serve_memstore, stop_memstore
 
 BUF = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
@@ -147,6 +148,20 @@ def test_taken_port_fails_start_instead_of_sharing_it(served: int, clean_db: str
     assert "Traceback" not in run.stderr
 
 
+def _until_a_lock_waiter(url: str, within: float = 20.0) -> bool:
+    """Polls until a backend of the database waits for a lock; False at the deadline."""
+    deadline = time.monotonic() + within
+    # Autocommit: pg_stat_activity is read once per transaction, so each poll needs its own.
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(LOCK_WAITERS).fetchone()
+            if row and row[0]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 def test_sigterm_lets_an_in_flight_call_finish(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
     proc, port = serve_memstore("--purge-interval", "0", "--grace-period", "10", env=env)
@@ -158,7 +173,7 @@ def test_sigterm_lets_an_in_flight_call_finish(clean_db: str) -> None:
             blocker.execute("SELECT 1 FROM users WHERE user_id = 'busy' FOR UPDATE")
             request = user_service_pb2.UpdateUserRequest(user_id="busy", email="b@example.com")
             pending = users.UpdateUser.future(request, timeout=20)
-            time.sleep(0.5)
+            assert _until_a_lock_waiter(clean_db), "the UpdateUser never reached the database"
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             assert proc.poll() is None, "the server must wait for the in-flight call"

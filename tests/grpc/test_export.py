@@ -8,8 +8,9 @@ import grpc
 
 from memstore.v1 import user_service_pb2 as us
 from server.store import Store
-from tests.fix_db import busy_backends
+from tests.fix_db import at_rest, busy_backends
 from tests.grpc import Users
+from tests.polling import until
 
 
 async def test_paused_stream_holds_no_connection(users: Users, clean_db: str, store: Store) -> None:
@@ -20,8 +21,9 @@ async def test_paused_stream_holds_no_connection(users: Users, clean_db: str, st
     assert isinstance(first, us.ListUsersChunkedResponse)
     assert len(first.users) == 50
     # The client stops reading. Between chunks the server holds no transaction open (no
-    # server-side cursor to keep VACUUM back) and every pooled connection is back in the pool.
-    await asyncio.sleep(0.2)
+    # server-side cursor to keep VACUUM back) and every pooled connection is back in the pool
+    # once the prefetch of the next batch is done.
+    await until(lambda: at_rest(clean_db, store))
     assert await busy_backends(clean_db) == []
     stats = store._pool.get_stats()
     assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats

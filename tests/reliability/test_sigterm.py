@@ -15,7 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
+from tests.fix_db import busy_backends, lock_waiters
 from tests.grpc import Sessions, Users, msg
+from tests.polling import until
 from tests.processes import serve_memstore
 from tests.reliability import record
 
@@ -57,6 +59,18 @@ async def _poll(channel: grpc.aio.Channel, seen: list[int], stop: asyncio.Event)
         await asyncio.sleep(0.05)
 
 
+async def _pinned(url: str) -> bool:
+    return await lock_waiters(url) > 0
+
+
+async def _unpinned(url: str) -> bool:
+    return await lock_waiters(url) == 0
+
+
+async def _quiet(url: str) -> bool:
+    return not await busy_backends(url)
+
+
 async def _exit_code(proc: subprocess.Popen[str], limit: float) -> tuple[int, str]:
     out, _ = await asyncio.to_thread(proc.communicate, timeout=limit)
     return proc.returncode, out
@@ -86,7 +100,13 @@ async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_
             slow = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="busy", email="b@x"), timeout=30)
             )
-            await asyncio.sleep(1.0)
+
+            async def mid_load() -> bool:
+                # Every writer acknowledged, the slow call pinned, both health probes answered.
+                started = all(acked.values()) and bool(watched) and bool(checked)
+                return started and await _pinned(clean_db)
+
+            assert await until(mid_load, within=20), "the load never got going"
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(2.0)  # past the drain delay, inside the grace period
@@ -147,7 +167,7 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
             stuck = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="stuck", email="late"), timeout=30)
             )
-            await asyncio.sleep(0.5)
+            assert await until(lambda: _pinned(clean_db)), "the call never reached PostgreSQL"
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             code, out = await _exit_code(proc, limit=30)
@@ -161,7 +181,7 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
     assert code == 0, out
     assert exited < 10, exited
     # The call was cancelled in PostgreSQL too: its update never happens.
-    await asyncio.sleep(0.5)
+    await until(lambda: _quiet(clean_db))
     with psycopg.connect(clean_db) as conn:
         assert conn.execute("SELECT email FROM users WHERE user_id = 'stuck'").fetchone() == ("",)
 
@@ -180,13 +200,14 @@ async def test_a_killed_server_leaves_no_late_commit(clean_db: str) -> None:
             doomed = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="orphan", email="x"), timeout=30)
             )
-            await asyncio.sleep(0.5)
+            assert await until(lambda: _pinned(clean_db)), "the call never reached PostgreSQL"
             proc.kill()
             await _exit_code(proc, limit=30)
             with pytest.raises(grpc.aio.AioRpcError):
                 await doomed
-            await asyncio.sleep(2.5)  # past the one-second connection check
+            # Released only once the orphaned statement is gone (the one-second check).
+            await until(lambda: _unpinned(clean_db))
             await blocker.rollback()
-    await asyncio.sleep(0.5)
+    await until(lambda: _quiet(clean_db))
     with psycopg.connect(clean_db) as conn:
         assert conn.execute("SELECT email FROM users WHERE user_id = 'orphan'").fetchone() == ("",)
