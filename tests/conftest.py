@@ -1,8 +1,11 @@
-"""Loads the fixture modules every test package shares."""
+"""Loads the fixture modules every test package shares, and sorts tests into tiers."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 # Before the fixture modules import grpc. The fault tests stop and start an embedded
 # PostgreSQL with pg_ctl as another user, so subprocess must fork(); gRPC's fork handlers
@@ -16,3 +19,12 @@ pytest_plugins = (
     "tests.fix_security",
     "tests.fix_faults",
 )
+
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks tests/unit `unit` (no database, no process) and every other test `integration`."""
+    for item in items:
+        unit = item.path.is_relative_to(UNIT)
+        item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
