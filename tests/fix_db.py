@@ -67,6 +67,11 @@ async def lock_waiters(url: str) -> int:
     return int(row[0])
 
 
+async def has_lock_waiter(url: str) -> bool:
+    """Whether some backend of the database waits for a lock: the call a test pinned is in."""
+    return await lock_waiters(url) > 0
+
+
 async def busy_backends(url: str) -> list[tuple[str, str]]:
     """Backends of the database that hold a transaction or run a query, except the asker."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:

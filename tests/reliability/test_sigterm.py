@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
-from tests.fix_db import busy_backends, lock_waiters
+from tests.fix_db import busy_backends, has_lock_waiter
 from tests.grpc import Sessions, Users, msg
 from tests.polling import until
 from tests.processes import serve_memstore
@@ -59,12 +59,8 @@ async def _poll(channel: grpc.aio.Channel, seen: list[int], stop: asyncio.Event)
         await asyncio.sleep(0.05)
 
 
-async def _pinned(url: str) -> bool:
-    return await lock_waiters(url) > 0
-
-
 async def _unpinned(url: str) -> bool:
-    return await lock_waiters(url) == 0
+    return not await has_lock_waiter(url)
 
 
 async def _quiet(url: str) -> bool:
@@ -104,7 +100,7 @@ async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_
             async def mid_load() -> bool:
                 # Every writer acknowledged, the slow call pinned, both health probes answered.
                 started = all(acked.values()) and bool(watched) and bool(checked)
-                return started and await _pinned(clean_db)
+                return started and await has_lock_waiter(clean_db)
 
             assert await until(mid_load, within=20), "the load never got going"
             signalled = time.monotonic()
@@ -167,7 +163,9 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
             stuck = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="stuck", email="late"), timeout=30)
             )
-            assert await until(lambda: _pinned(clean_db)), "the call never reached PostgreSQL"
+            assert await until(lambda: has_lock_waiter(clean_db)), (
+                "the call never reached PostgreSQL"
+            )
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             code, out = await _exit_code(proc, limit=30)
@@ -200,7 +198,9 @@ async def test_a_killed_server_leaves_no_late_commit(clean_db: str) -> None:
             doomed = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="orphan", email="x"), timeout=30)
             )
-            assert await until(lambda: _pinned(clean_db)), "the call never reached PostgreSQL"
+            assert await until(lambda: has_lock_waiter(clean_db)), (
+                "the call never reached PostgreSQL"
+            )
             proc.kill()
             await _exit_code(proc, limit=30)
             with pytest.raises(grpc.aio.AioRpcError):
