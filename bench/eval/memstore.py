@@ -2,8 +2,7 @@
 
 The corpus goes in through the gRPC API (CreateUser, AddMemory), the real embedding worker
 embeds every message, and each question is asked with SearchMemory in the question's user
-scope, once per search type. The server runs in-process over a scratch database on
-DATABASE_URL's server or the embedded PostgreSQL.
+scope, once per search type. The server runs in-process over a database of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import env
 from bench.eval.corpus import Corpus, MessageKey, Question
 from bench.eval.metrics import DEPTH, Ranker
 from memstore.v1 import resources_pb2 as rs
@@ -30,7 +30,6 @@ from server.search.embedding import embedder_from_setting
 from server.search.worker import EmbeddingWorker
 from server.serving.app import build_server
 from server.store import Store
-from tests.databases import scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,20 +60,19 @@ class Answers:
         return ranked
 
 
-def server_url() -> str:
-    """DATABASE_URL's server, or the embedded PostgreSQL under .data/eval-pg."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    from server.serving.embedded import EmbeddedPostgres
-
-    return EmbeddedPostgres(ROOT / ".data" / "eval-pg").url("postgres")
-
-
 def ask_memstore(corpus: Corpus) -> Answers:
-    """Loads the corpus into a fresh memstore and asks every question with every search type."""
-    with scratch_database(server_url(), f"memstore_eval_{secrets.token_hex(3)}") as url:
+    """Loads the corpus into a fresh memstore and asks every question with every search type.
+
+    The database is made on DATABASE_URL's server (else the bench's embedded PostgreSQL)
+    and dropped afterwards.
+    """
+    server = env.server_url(os.environ.get("DATABASE_URL"), ROOT / ".data")
+    name = f"memstore_eval_{secrets.token_hex(3)}"
+    url = env.fresh_database(server, name)
+    try:
         return asyncio.run(_ask(corpus, url))
+    finally:
+        env.drop_database(server, name)
 
 
 async def _ask(corpus: Corpus, url: str) -> Answers:

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.databases import scratch_database
+from tests.fix_db import scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = 400
