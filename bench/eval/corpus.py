@@ -11,6 +11,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from bench.eval.chatter import ChatterGenerator
+
 DATA = Path(__file__).with_name("data")
 USERS = ("maya", "tom", "lena", "raj", "sofia")
 
@@ -20,8 +22,8 @@ Kind = Literal["lexical", "paraphrase", "mixed"]
 #: paraphrases the rest.
 KINDS: tuple[Kind, ...] = ("lexical", "paraphrase", "mixed")
 
-# A session is 15-40 messages: the handwritten scenes and chatter, plus generic filler drawn
-# to a target length.
+# A session is 15-40 messages: the handwritten scenes and chatter, chatter generated from the
+# user's templates, plus generic filler drawn to a target length.
 MIN_SESSION, TARGET_MAX, MAX_SESSION = 15, 36, 40
 ASSISTANT = "assistant"
 
@@ -118,10 +120,15 @@ def _build_user(
     # A string seed is hashed with SHA-512, so the layout does not depend on PYTHONHASHSEED.
     rng = random.Random(f"memstore-eval/{user_id}")
     exchanges = _filler_stream(filler, rng)
+    # Its own RNG, so adding templates changes no session's layout, only generated text.
+    generator = ChatterGenerator(
+        user.get("generated", {}), _written_text(user), f"memstore-eval/{user_id}/generated"
+    )
     messages: list[Message] = []
     labels: dict[str, MessageKey] = {}
     for session in user["sessions"]:
-        lines = _layout(session["scenes"], session.get("chatter", []), exchanges, rng)
+        chatter = [*session.get("chatter", []), *generator.exchanges(session.get("generated", []))]
+        lines = _layout(session["scenes"], chatter, exchanges, rng)
         for index, line in enumerate(lines):
             key = MessageKey(user_id, session["id"], index)
             messages.append(_message(key, name, line))
@@ -130,6 +137,13 @@ def _build_user(
                     raise ValueError(f"{user_id}: label {line[2]!r} used twice")
                 labels[line[2]] = key
     return messages, labels
+
+
+def _written_text(user: dict[str, Any]) -> str:
+    """Every handwritten message and question of a user: what a fresh identifier must avoid."""
+    blocks = [b for s in user["sessions"] for b in (*s["scenes"], *s.get("chatter", []))]
+    lines = [line[1] for block in blocks for line in block]
+    return "\n".join([*lines, *(q[1] for q in user["questions"])])
 
 
 def _filler_stream(filler: list[list[list[str]]], rng: random.Random) -> Iterator[list[list[str]]]:

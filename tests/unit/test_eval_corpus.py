@@ -9,7 +9,8 @@ import pytest
 
 from bench.eval import corpus as corpus_module
 from bench.eval.bm25 import BM25Ranker, tokenize
-from bench.eval.corpus import KINDS, Corpus, MessageKey, Question, load
+from bench.eval.chatter import ChatterGenerator
+from bench.eval.corpus import KINDS, USERS, Corpus, Message, MessageKey, Question, load
 from bench.eval.fusion import rrf
 from bench.eval.metrics import aggregate, evaluate, recall_at, reciprocal_rank, score_question
 from bench.eval.report import report
@@ -57,21 +58,32 @@ def test_sessions_are_numbered_from_zero_and_sized_like_conversations(corpus: Co
         assert len({m.key.user_id for m in messages}) == 1, session_id
 
 
-def test_users_have_many_sessions_and_other_speakers_appear(corpus: Corpus) -> None:
+def test_users_have_long_histories_and_other_speakers_appear(corpus: Corpus) -> None:
     sessions = Counter(sid.split("-")[0] for sid in corpus.sessions())
-    assert len(sessions) == 5
-    assert min(sessions.values()) >= 6
+    assert set(sessions) == set(USERS)
+    assert min(sessions.values()) >= 25
+    assert 5_000 <= len(corpus.messages) <= 6_000
+    for user_id in USERS:
+        assert 900 <= len(corpus.user_messages(user_id)) <= 1_200, user_id
     roles = {m.role for m in corpus.messages if m.role_type == "user"}
-    # The users themselves plus people who joined a chat (Priya, Anna, Dan, Jonas, Meera, Kim).
-    assert {"Priya", "Anna", "Dan", "Jonas", "Meera", "Kim"} <= roles
+    # The users themselves plus people who joined a chat, some only in the later sessions.
+    assert {"Priya", "Anna", "Dan", "Jonas", "Meera", "Kim", "Luis", "Devon"} <= roles
 
 
 def test_question_kinds_are_all_present_in_a_realistic_mix(corpus: Corpus) -> None:
     kinds = Counter(q.kind for q in corpus.questions)
-    assert 80 <= len(corpus.questions) <= 120
+    assert 150 <= len(corpus.questions) <= 180
     assert set(kinds) == set(KINDS)
     for kind in KINDS:
         assert kinds[kind] >= 0.15 * len(corpus.questions), kinds
+
+
+def test_no_user_says_the_same_line_more_than_twice(corpus: Corpus) -> None:
+    # Generated chatter and filler are drawn so that a long history does not read as a
+    # loop of the same few templates.
+    for user_id in USERS:
+        said = Counter(m.content for m in corpus.user_messages(user_id) if m.role_type == "user")
+        assert max(said.values()) <= 2, said.most_common(1)
 
 
 def test_the_corpus_is_deterministic() -> None:
@@ -79,10 +91,58 @@ def test_the_corpus_is_deterministic() -> None:
     assert corpus_module.load.__wrapped__() == load()
 
 
-def test_a_moved_users_old_address_is_a_distractor_not_evidence(corpus: Corpus) -> None:
-    question = _find(corpus, "maya", "Which city do I live in now?")
-    old = next(m for m in corpus.user_messages("maya") if "Alberta Street" in m.content)
-    assert old.key not in question.evidence
+@pytest.mark.parametrize(
+    ("user_id", "text", "stale"),
+    [
+        ("maya", "Which city do I live in now?", "Alberta Street"),
+        ("maya", "Who walks the dog these days?", "Jess from Pawsome Walks"),
+        ("maya", "Who looks after the dog's health since we moved?", "Dr. Okoye"),
+        ("raj", "How many croissants does Northbound Coffee want a day now?", "120 croissants"),
+        ("lena", "How much do I earn at my new job?", "78k"),
+    ],
+)
+def test_a_fact_that_changed_keeps_its_old_value_as_a_distractor_not_evidence(
+    corpus: Corpus, user_id: str, text: str, stale: str
+) -> None:
+    question = _find(corpus, user_id, text)
+    old = [m.key for m in corpus.user_messages(user_id) if stale in m.content]
+    assert old
+    assert not question.evidence & set(old)
+
+
+# --- generated chatter ----------------------------------------------------------------------
+
+
+def _topic(*lines: str) -> dict[str, list[list[list[str]]]]:
+    return {"templates": [[["U" if i % 2 == 0 else "A", line] for i, line in enumerate(lines)]]}
+
+
+def test_fresh_identifiers_are_unique_and_never_in_the_written_text() -> None:
+    spec = {"ids": {"order": "A-#"}, "topics": {"orders": _topic("order #{#order}")}}
+    generator = ChatterGenerator(spec, "evidence: order #A-3, and #A-7", "test")
+    drawn = [generator.exchanges(["orders"])[0][0][1] for _ in range(8)]
+    assert len(set(drawn)) == 8
+    assert not {"order #A-3", "order #A-7"} & set(drawn)
+    with pytest.raises(ValueError, match="run out"):
+        generator.exchanges(["orders"])  # ten values, two written, eight drawn
+
+
+def test_slots_fill_consistently_within_an_exchange_and_the_same_seed_repeats() -> None:
+    spec = {
+        "slots": {"item": ["kettle", "lamp", "rug"]},
+        "topics": {"home": _topic("the {item} and the {item2}", "a new {item} || one more {item}")},
+    }
+    exchanges = ChatterGenerator(spec, "", "seed").exchanges(["home"] * 5)
+    assert exchanges == ChatterGenerator(spec, "", "seed").exchanges(["home"] * 5)
+    for (_, said), (_, reply) in exchanges:
+        first, second = said.removeprefix("the ").split(" and the ")
+        assert first != second
+        assert reply.endswith(f" {first}")
+
+
+def test_a_template_naming_an_unknown_slot_fails_when_loaded() -> None:
+    with pytest.raises(ValueError, match="unknown slot"):
+        ChatterGenerator({"topics": {"t": _topic("the {nope}")}}, "", "seed")
 
 
 # --- metrics --------------------------------------------------------------------------------
@@ -172,13 +232,22 @@ def test_bm25_ranks_an_exact_identifier_questions_evidence_first(
     assert ranked[0] in question.evidence
 
 
-def test_bm25_searches_the_role_and_only_the_questions_user(corpus: Corpus) -> None:
-    bm25 = BM25Ranker(corpus)
+def test_bm25_searches_the_role() -> None:
     # "Priya" is only the speaker of the evidence, never a word of its content.
-    question = _find(corpus, "maya", "What book did Priya suggest for book club?")
-    assert all("Priya" not in m.content for m in corpus.messages if m.key in question.evidence)
-    ranked = bm25(question)
-    assert set(ranked[:10]) & question.evidence
+    said = [
+        ("Maya", "we're picking the next novel tonight"),
+        ("Priya", "I've been pushing Piranesi for months"),
+        ("Maya", "the dog chewed a shoe"),
+    ]
+    messages = tuple(
+        Message(_key(i), role, "user", content) for i, (role, content) in enumerate(said)
+    )
+    question = _question("What did Priya suggest?", {_key(1)}, "mixed")
+    assert BM25Ranker(Corpus(messages, (question,)))(question) == [_key(1)]
+
+
+def test_bm25_searches_only_the_questions_user(corpus: Corpus) -> None:
+    bm25 = BM25Ranker(corpus)
     for q in corpus.questions:
         assert {k.user_id for k in bm25(q)} <= {q.user_id}
 
