@@ -26,7 +26,7 @@ from server.errors import (
 from server.store import Store
 from server.store.migrate import migrations
 from server.store.translate import translated
-from tests.databases import scratch_database
+from tests.fix_db import scratch_database
 
 
 def msg(content: str) -> NewMessage:
