@@ -8,7 +8,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from server.api.status import abort
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
 from server.errors import MemstoreError, Unauthenticated
-from server.serving.interceptors import ServerInterceptor, rewrap
+from server.serving.interceptors import Continuation, ServerInterceptor, rewrap
 from server.serving.tls import is_loopback
 from server.store import Store
 
@@ -194,9 +194,7 @@ class AuthInterceptor(ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # the runtime class is not generic; only its stubs are
     ServerInterceptor = grpc.aio.ServerInterceptor
+
+#: What intercept_service is given to reach the next interceptor (or the handler itself).
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
 
 #: Turns a handler's behaviour (request or request iterator, context) into a wrapped one.
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
