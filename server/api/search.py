@@ -80,6 +80,8 @@ def search_query(request: pb.SearchMemoryRequest) -> SearchQuery:
     mmr = request.mmr_lambda if request.HasField("mmr_lambda") else None
     if mmr is not None and not 0.0 <= mmr <= 1.0:
         v.add("mmr_lambda", f"must be between 0 and 1 (got {mmr:g})")
+    elif mmr is not None and search_type == "full_text":
+        v.add("mmr_lambda", "diversifies by meaning: use it with hybrid or semantic search")
     roles = tuple(
         val.role_type(v, f"role_types[{i}]", value) for i, value in enumerate(request.role_types)
     )

@@ -217,6 +217,7 @@ async def test_filters_role_types_metadata_and_time(users, sessions):
         ({"text": "a", "limit": -1}, "limit"),
         ({"text": "a", "search_type": 9}, "search_type"),
         ({"text": "a", "mmr_lambda": 1.5}, "mmr_lambda"),
+        ({"text": "a", "mmr_lambda": 0.5, "search_type": FULL_TEXT}, "mmr_lambda"),
         ({"text": "a", "role_types": [42]}, "role_types[0]"),
         ({"text": "a", "session_ids": ["ok", ""]}, "session_ids[1]"),
         ({"text": "a\x00b"}, "text"),

@@ -1014,7 +1014,8 @@ class SearchMemoryRequest(_message.Message):
     mmr_lambda: _builtins.float
     """Optional. Diversify the results with maximal marginal relevance: 1 ranks
     by relevance alone, 0 by novelty alone against the results already
-    chosen. Unset means no diversification. Needs vectors.
+    chosen. Unset means no diversification. Needs vectors: not with
+    SEARCH_TYPE_FULL_TEXT.
     """
     @_builtins.property
     def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

@@ -239,9 +239,9 @@ class SessionServiceStub:
         user_id and session_ids are both set; user_id or an entry of
         session_ids is invalid, or more than 100 are named; limit is outside
         0-100; search_type or an entry of role_types is not an enum value;
-        mmr_lambda is outside 0-1; metadata_contains breaks the metadata
-        limits; a time bound is outside years 1-9999, or created_before is not
-        later than created_after.
+        mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
+        metadata_contains breaks the metadata limits; a time bound is outside
+        years 1-9999, or created_before is not later than created_after.
       - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
         SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
         vectors (no pgvector, or started with --embedder none).
@@ -461,9 +461,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
         user_id and session_ids are both set; user_id or an entry of
         session_ids is invalid, or more than 100 are named; limit is outside
         0-100; search_type or an entry of role_types is not an enum value;
-        mmr_lambda is outside 0-1; metadata_contains breaks the metadata
-        limits; a time bound is outside years 1-9999, or created_before is not
-        later than created_after.
+        mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
+        metadata_contains breaks the metadata limits; a time bound is outside
+        years 1-9999, or created_before is not later than created_after.
       - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
         SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
         vectors (no pgvector, or started with --embedder none).
@@ -770,9 +770,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
             user_id and session_ids are both set; user_id or an entry of
             session_ids is invalid, or more than 100 are named; limit is outside
             0-100; search_type or an entry of role_types is not an enum value;
-            mmr_lambda is outside 0-1; metadata_contains breaks the metadata
-            limits; a time bound is outside years 1-9999, or created_before is not
-            later than created_after.
+            mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
+            metadata_contains breaks the metadata limits; a time bound is outside
+            years 1-9999, or created_before is not later than created_after.
           - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
             SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
             vectors (no pgvector, or started with --embedder none).
