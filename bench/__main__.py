@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import env, figures
+from bench import env, figures, search
 from bench.figures import Settings
 
 RESULTS = env.ROOT / "bench" / "results" / "latest.json"
@@ -35,8 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=d.page_size)
     p.add_argument("--page-calls", type=int, default=d.page_calls)
     p.add_argument(
-        "--only", default="unary,export,pagination,workers", help="comma-separated figure groups"
+        "--only",
+        default="unary,export,pagination,workers,search",
+        help="comma-separated figure groups",
     )
+    search.add_arguments(p)
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")
     p.add_argument("--db-name", default=env.BENCH_DB, help="database created (and dropped) here")
@@ -79,6 +82,10 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     env.load(url, s.users)
     setup = {"load_seconds": round(time.perf_counter() - t0, 1), "users": s.users}
     out: list[dict[str, Any]] = []
+    if "search" in only:
+        # Before the shared server starts: its embedding worker would drain the queue
+        # that the search figures measure.
+        out.extend(_emit(f) for f in search.figures(s, search.settings_from(args), url))
     spawn = multiprocessing.get_context("spawn")
     procs = max(s.client_procs, s.scaling_client_procs)
     one = env.Server(url, workers=1)
@@ -117,6 +124,8 @@ def _emit(figure: dict[str, Any]) -> dict[str, Any]:
 
 def _note(f: dict[str, Any]) -> str:
     name = f["figure"]
+    if name in search.FIGURES:
+        return search.note(f)
     if name == "export":
         return (
             f"{f['export_rows_per_s']:,} vs COPY {f['copy_rows_per_s']:,} rows/s; "
@@ -135,13 +144,13 @@ def _note(f: dict[str, Any]) -> str:
 
 def table(figures_: list[dict[str, Any]]) -> str:
     """The human-readable summary: figure, value, goal, verdict, and the numbers behind it."""
-    lines = [f"{'figure':<10} {'value':>6}  {'goal':<32} {'verdict':<12} numbers", "-" * 110]
+    lines = [f"{'figure':<20} {'value':>6}  {'goal':<32} {'verdict':<12} numbers", "-" * 110]
     for f in figures_:
         verdict = {True: "met", False: "NOT MET", None: "not judged"}[f["met"]]
         if f["figure"] == "workers" and f.get("client_bound"):
             verdict += " (client-bound)"
         goal = f["goal"] or "-"
-        lines.append(f"{f['figure']:<10} {f['value']:>6.3f}  {goal:<32} {verdict:<12} {_note(f)}")
+        lines.append(f"{f['figure']:<20} {f['value']:>6.3f}  {goal:<32} {verdict:<12} {_note(f)}")
     return "\n".join(lines)
 
 

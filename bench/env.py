@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -115,9 +115,14 @@ def free_port() -> int:
 
 
 class Server:
-    """A `memstore serve` subprocess (with --workers N) on the bench database."""
+    """A `memstore serve` subprocess (with --workers N) on the bench database.
 
-    def __init__(self, url: str, workers: int = 1, pool_max_size: int = 10) -> None:
+    `extra_args` go last on the command line, e.g. `--no-embedding-worker`.
+    """
+
+    def __init__(
+        self, url: str, workers: int = 1, pool_max_size: int = 10, extra_args: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         cmd = [
@@ -125,6 +130,7 @@ class Server:
             *("--port", str(self.port), "--database-url", url, "--purge-interval", "0"),
             *("--workers", str(workers), "--pool-max-size", str(pool_max_size)),
             *("--log-level", "WARNING"),
+            *extra_args,
         ]
         env = {**os.environ, "MEMSTORE_PURGE_INTERVAL": "0"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)

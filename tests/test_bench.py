@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,19 @@ GOALS = {
 SANE_RATIO = 20.0
 #: Server RSS growth while streaming 2000 users: a few MB; 100 MB is the goal at 1M users.
 MAX_RSS_GROWTH_MB = 50.0
+#: Measured only where the server has pgvector (the embedded PostgreSQL has).
+SEARCH_FIGURES = {
+    "embedding_throughput",
+    "search_latency",
+    "recall",
+    "embedding_lag",
+    "writes_embedding",
+}
+#: Tiny sizes of the search group: users of 60 and 200 messages in sessions of 10.
+SEARCH_ARGS = (
+    *("--search-sizes", "60,200", "--search-session-messages", "10", "--embed-backlog", "90"),
+    *("--lag-seconds", "2", "--latency-calls", "3"),
+)
 
 
 def _run_bench(server_url: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -46,11 +60,12 @@ def _run_bench(server_url: str, out: Path) -> subprocess.CompletedProcess[str]:
             *("--db-name", f"memstore_bench_{secrets.token_hex(3)}", "--out", str(out)),
             *("--users", str(USERS), "--runs", "1", "--export-runs", "1", "--seconds", "0.3"),
             *("--warmup", "0.1", "--page-size", str(PAGE_SIZE), "--page-calls", "3"),
+            *SEARCH_ARGS,
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=240,
         check=False,
     )
 
@@ -79,12 +94,15 @@ def test_bench_runs_every_figure_on_tiny_data(server_url: str, tmp_path: Path) -
     out = tmp_path / "latest.json"
     run = _run_bench(server_url, out)
     assert run.returncode == 0, run.stderr[-3000:]
+    expected = FIGURES | (SEARCH_FIGURES if _has_pgvector(server_url) else set())
     lines = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
-    assert {f["figure"] for f in lines} == FIGURES
+    assert {f["figure"] for f in lines} == expected
     result = json.loads(out.read_text())
-    assert {f["figure"] for f in result["figures"]} == FIGURES
+    assert {f["figure"] for f in result["figures"]} == expected
     assert result["setup"]["users"] == USERS
     for figure in result["figures"]:
+        if figure["figure"] in SEARCH_FIGURES:
+            continue  # their own shapes: _check_search_figures
         name, value = figure["figure"], figure["value"]
         # A ratio of two measured, positive figures, over one run of each.
         assert math.isfinite(value) and 0 < value < SANE_RATIO, figure
@@ -105,5 +123,43 @@ def test_bench_runs_every_figure_on_tiny_data(server_url: str, tmp_path: Path) -
     assert deep["page_size"] == PAGE_SIZE
     assert deep["depth_pages"] == USERS // PAGE_SIZE
     # The table names every figure and a verdict.
-    for name in FIGURES:
+    for name in expected:
         assert name in run.stdout
+    if expected != FIGURES:
+        _check_search_figures(by_name)
+    else:
+        assert "search figures skipped: this PostgreSQL server has no pgvector" in run.stderr
+
+
+def _has_pgvector(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
+        return row.fetchone() is not None
+
+
+def _check_search_figures(f: dict[str, dict[str, Any]]) -> None:
+    throughput = f["embedding_throughput"]
+    # The worker drained the whole backlog, and every message got its vector.
+    assert throughput["drained"] == throughput["embedded"] == throughput["backlog"] == 90
+    assert throughput["cpu_s_per_1000"] > 0
+    latency = f["search_latency"]
+    for size in (60, 200):
+        for kind in ("hybrid", "full_text"):
+            assert latency[f"{kind}_{size}_p95_ms"] >= latency[f"{kind}_{size}_p50_ms"] > 0
+    assert latency["value"] == latency["hybrid_200_p50_ms"]
+    assert latency["health_p50_ms"] > 0 and latency["query_embed_ms"] > 0
+    assert latency["calls_per_kind"] == 3
+    recall = f["recall"]
+    assert recall["sessions"] == 6 and recall["recall_rps"] > 0 and recall["no_recall_rps"] > 0
+    lag = f["embedding_lag"]
+    # Every message written during the run was embedded once the queue drained.
+    assert lag["errors"] == 0 and lag["drained_after_s"] is not None
+    assert lag["embedded"] == lag["sent_messages"] > 0
+    assert lag["lag_max_s"] >= lag["lag_p95_s"] >= lag["value"] >= 0
+    writes = f["writes_embedding"]
+    assert writes["on_rps"] > 0 and writes["off_rps"] > 0
+    # The ON server embedded while it ran, over a backlog that never emptied; the OFF one
+    # embedded nothing (no other worker ran beside it).
+    assert all(n > 0 for n in writes["embedded_per_on_round"])
+    assert writes["queue_min_during_on_runs"] > 0
+    assert writes["embedded_per_off_round"] == [0]
