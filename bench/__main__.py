@@ -88,7 +88,10 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
         out.extend(_emit(f) for f in search.figures(s, search.settings_from(args), url))
     spawn = multiprocessing.get_context("spawn")
     procs = max(s.client_procs, s.scaling_client_procs)
-    one = env.Server(url, workers=1)
+    # The other groups measure the server without its embedding worker: writes_embedding
+    # measures what the worker costs, on its own.
+    quiet = ("--no-embedding-worker",)
+    one = env.Server(url, workers=1, extra_args=quiet)
     try:
         with ProcessPoolExecutor(procs, mp_context=spawn) as pool:
             if "export" in only:
@@ -98,7 +101,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
             if "unary" in only:
                 out.extend(_emit(f) for f in figures.unary_and_writes(s, pool, one))
             if "workers" in only:
-                two = env.Server(url, workers=2)
+                two = env.Server(url, workers=2, extra_args=quiet)
                 try:
                     out.append(_emit(figures.scaling(s, pool, one, two)))
                 finally:
@@ -113,7 +116,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
 def _check_stopped(server: env.Server) -> None:
     code = server.stop()
     if code != 0:
-        raise RuntimeError(f"memstore serve --workers {server.serving.workers} exited with {code}")
+        raise RuntimeError(f"memstore serve --workers {server.workers} exited with {code}")
 
 
 def _emit(figure: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from server.errors import MemstoreError
 from server.search.embedding import Embedder
@@ -45,6 +48,11 @@ class EmbeddingWorker:
         self._batch_size = batch_size
         self._idle = idle_seconds
         self.embedded = 0
+        # The model runs in a thread of its own at a lower CPU priority: on a machine it
+        # shares with the server's requests, embedding takes what the requests leave.
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="embedder", initializer=_lower_priority
+        )
 
     async def run(self) -> None:
         """Embeds until cancelled; a failed batch is retried after a backoff."""
@@ -95,4 +103,19 @@ class EmbeddingWorker:
         return total
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        return await asyncio.to_thread(self._embedder.embed, texts)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._embedder.embed, texts)
+
+
+#: How much nicer than the serving threads the embedding thread runs (Linux nice levels).
+EMBEDDING_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    # Linux schedules threads separately: setpriority on the thread's own id lowers this
+    # thread only (elsewhere it would lower the process, so it is skipped there).
+    if hasattr(os, "setpriority") and os.uname().sysname == "Linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), EMBEDDING_NICENESS)
+        except OSError as exc:  # e.g. a container that forbids it: run at normal priority
+            log.warning("cannot lower the embedding thread's priority: %s", exc)
