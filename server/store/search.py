@@ -31,6 +31,10 @@ _FILTERS = (
 #: Chosen on the odd-numbered questions of the retrieval evaluation (docs/search.md).
 HYBRID_TEXT_WEIGHT = 0.3
 
+#: Memories the worker ranks and keeps per session for GetMemory's recall (a larger
+#: relevant_limit is ranked on the request path).
+RECALL_KEEP = 20
+
 #: A found message and, when asked for, its vector (for diversity re-ranking).
 Found = tuple[SearchResult, list[float] | None]
 
@@ -132,24 +136,37 @@ class SearchMethods(StoreBase):
         """GetMemory's window plus up to `limit` memories from the user's other sessions.
 
         The memories are the live messages of the same user's other live sessions most
-        relevant to this session's last `window` messages: by words, fused with vector
-        similarity to the session's recall vector when the worker has made one for `model`.
-        One round trip; no model runs.
+        relevant to this session's last `window` messages. Where the embedding worker has
+        ranked them for `model` (it does whenever it embeds the session's messages), they
+        are read as it kept them, with deleted ones dropped: one round trip of index reads.
+        Otherwise (no vectors, not yet embedded, or more than it keeps) they are ranked
+        here, by words fused with the recall vector when there is one: a second round trip.
+        No model runs.
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        use_vector = model is not None and self.vectors
-        fragment = query("recall_query_vector" if use_vector else "recall_query_text")
-        scope = sql.SQL(" ").join(
-            [query("recall_filter_user"), query("search_filter_other_sessions")]
-        )
-        statement = query(_statement(use_vector, semantic_only=False)).format(
-            query=fragment, filters=scope
-        )
-        params = {
+        params = self._recall_params(project_id, session_id, window, model, limit)
+        params["lastn"] = lastn
+        stored = model is not None and self.vectors and limit <= RECALL_KEEP
+        statements: list[sql.SQL | sql.Composed] = [memory_window()]
+        if stored:
+            statements.append(query("recall_stored"))
+        async with self._connect(single=True) as conn:
+            memory, *kept = await _pipelined(conn, statements, params)
+            if not memory:
+                return None, [], []
+            if kept and kept[0]:
+                results = [_found(r)[0] for r in kept[0] if r["user_id"] is not None][:limit]
+            else:
+                results = await self._rank_recall(conn, params, model)
+        return rows.session(memory[0]), rows.joined_messages(memory), results
+
+    def _recall_params(
+        self, project_id: int, session_id: str, window: int, model: str | None, limit: int
+    ) -> dict[str, Any]:
+        return {
             **key(project_id, session_id=session_id),
-            "lastn": lastn,
             "exclude_session": session_id,
             "window": window,
             "model": model,
@@ -158,12 +175,40 @@ class SearchMethods(StoreBase):
             "with_vectors": False,
             "text_weight": HYBRID_TEXT_WEIGHT,
         }
-        async with self._connect(single=True) as conn:
-            memory, found = await _pipelined(conn, [memory_window(), statement], params)
-        if not memory:
-            return None, [], []
-        results = [_found(r)[0] for r in found]
-        return rows.session(memory[0]), rows.joined_messages(memory), results
+
+    async def _rank_recall(
+        self, conn: AsyncConnection[Any], params: dict[str, Any], model: str | None
+    ) -> list[SearchResult]:
+        # The user's other sessions ranked against this one's last messages, here and now.
+        use_vector = model is not None and self.vectors
+        fragment = query("recall_query_vector" if use_vector else "recall_query_text")
+        scope = sql.SQL(" ").join(
+            [query("recall_filter_user"), query("search_filter_other_sessions")]
+        )
+        statement = query(_statement(use_vector, semantic_only=False)).format(
+            query=fragment, filters=scope
+        )
+        (found,) = await _pipelined(conn, [statement], params)
+        return [_found(r)[0] for r in found]
+
+    async def _keep_recall(
+        self, conn: AsyncConnection[Any], sessions: list[tuple[int, str]], model: str, window: int
+    ) -> None:
+        # Ranks and keeps the recall of each session whose recall vector just changed.
+        for project_id, session_id in sessions:
+            params = self._recall_params(project_id, session_id, window, model, RECALL_KEEP)
+            found = await self._rank_recall(conn, params, model)
+            await conn.execute(
+                query("save_recall"),
+                {
+                    "project_id": project_id,
+                    "session_id": session_id,
+                    "model": model,
+                    "recall_sessions": [r.message.session_id for r in found],
+                    "recall_sequences": [r.message.sequence for r in found],
+                    "recall_scores": [r.score for r in found],
+                },
+            )
 
     async def embed_due(self, model: str, limit: int, window: int, embed: EmbedBatch) -> int:
         """Claims up to `limit` due messages, embeds them and saves the vectors; one transaction.
@@ -209,6 +254,7 @@ class SearchMethods(StoreBase):
                         "window": window,
                     },
                 )
+                await self._keep_recall(conn, sessions, model, window)
         return len(claimed)
 
     async def queue_reindex(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from memstore.v1 import resources_pb2 as rs
@@ -105,3 +106,25 @@ async def test_relevant_limit_out_of_range_is_invalid(sessions, value):
         Code.INVALID_ARGUMENT,
         field="relevant_limit",
     )
+
+
+async def test_kept_recall_drops_what_was_deleted_since(users, sessions, store, embed, clean_db):
+    await users.CreateUser(us.CreateUserRequest(user_id="ivo"))
+    await _say(sessions, "ivo-a", "ivo", "my sourdough starter is called Bubbles")
+    await _say(sessions, "ivo-b", "ivo", "the sourdough loaf came out flat")
+    await _say(sessions, "ivo-now", "ivo", "how do I feed a sourdough starter?")
+    await embed()  # the worker ranks and keeps ivo-now's recall (where vectors are kept)
+    before = await sessions.GetMemory(ss.GetMemoryRequest(session_id="ivo-now"))
+    assert {r.session_id for r in before.relevant_messages} == {"ivo-a", "ivo-b"}
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="ivo-a"))
+    await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="ivo-b"))
+    after = await sessions.GetMemory(ss.GetMemoryRequest(session_id="ivo-now"))
+    assert list(after.relevant_messages) == [] and after.context == ""
+    if store.vectors:
+        async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+            cur = await conn.execute(
+                "SELECT recall_sessions FROM session_embeddings WHERE session_id = 'ivo-now'"
+            )
+            row = await cur.fetchone()
+        # What GetMemory read was the kept ranking, which still names both sessions.
+        assert row is not None and set(row[0]) == {"ivo-a", "ivo-b"}

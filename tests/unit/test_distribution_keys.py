@@ -58,6 +58,9 @@ MULTI_SHARD = {
     "of every shard",
     ("refresh_session_embeddings", "messages"): "the recall vectors of every session one "
     "embedding batch touched",
+    ("recall_stored", "messages"): "GetMemory's kept recall: messages of the user's other "
+    "sessions, which span shards",
+    ("recall_stored", "sessions"): "GetMemory's kept recall: the live check of those sessions",
     ("queue_reindex", "messages"): "memstore reindex sweeps every message",
     ("reindex_total", "messages"): "memstore reindex counts every message",
 }
