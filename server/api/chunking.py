@@ -53,8 +53,8 @@ async def chunks(
         key: the keyset position of a row.
         new_chunk: an empty response message.
         entries: the response's repeated field the rows go into.
-        add: appends a row's proto to that field in place and returns it; building it in
-            place spares a copy per row, which is most of what an export costs.
+        add: appends a row's proto to that field and returns it; built in place, no row's
+            proto is copied into the chunk afterwards.
         token: the page token that resumes right after a key.
         chunk_size: the most rows a chunk holds.
         after: where to start; None for the beginning.
