@@ -6,8 +6,9 @@
 Both servers run this interpreter on one bench database (loaded as `python -m bench` loads
 it); each serves the `server/` of its own checkout. Every round streams ListUsersChunked and
 ExportMessages whole from each server, in an order that alternates between rounds, so load
-from other jobs falls on both sides alike. Prints per-stream medians of rows/s and of server
-CPU per row, and the median of the per-round after/before ratios.
+from other jobs falls on both sides alike; with --together both streams of a round run at
+once, which pairs them closer still on a busy machine. Prints per-stream medians of rows/s
+and of server CPU per row, and the median of the per-round after/before ratios.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=200_000)
     p.add_argument("--messages", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--only", default="export,export_messages", help="comma-separated streams")
+    p.add_argument(
+        "--together", action="store_true", help="stream from both servers at once, not in turn"
+    )
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")
     p.add_argument("--db-name", default="memstore_bench_ab")
@@ -55,18 +60,35 @@ def _serves_from(root: Path) -> str:
     return run.stdout.strip()
 
 
-def _stream(pool: Executor, server: env.Server, stream: Export) -> dict[str, float]:
-    cpu0 = server.cpu_seconds()
-    args = (server.target, stream.method, stream.request, stream.response_type, stream.field)
-    run = pool.submit(run_export, *args).result()
-    run["server_cpu"] = server.cpu_seconds() - cpu0
-    return run
+def _streams(
+    pool: Executor, servers: list[env.Server], stream: Export, together: bool
+) -> list[dict[str, float]]:
+    # One whole stream from each server: one after the other, or all at once (each then
+    # gets its share of the same moment's CPU, which pairs them closer on a noisy machine).
+    args = (stream.method, stream.request, stream.response_type, stream.field)
+    runs: list[dict[str, float]] = []
+    if together:
+        cpu0 = [server.cpu_seconds() for server in servers]
+        futures = [pool.submit(run_export, server.target, *args) for server in servers]
+        runs = [f.result() for f in futures]
+        for run, server, cpu in zip(runs, servers, cpu0, strict=True):
+            run["server_cpu"] = server.cpu_seconds() - cpu
+        return runs
+    for server in servers:
+        cpu = server.cpu_seconds()
+        run = pool.submit(run_export, server.target, *args).result()
+        run["server_cpu"] = server.cpu_seconds() - cpu
+        runs.append(run)
+    return runs
 
 
 def _rounds(
-    pool: Executor, servers: dict[str, env.Server], rounds: int
+    pool: Executor,
+    servers: dict[str, env.Server],
+    rounds: int,
+    streams: list[Export],
+    together: bool,
 ) -> dict[str, dict[str, list[dict[str, float]]]]:
-    streams = (USERS_EXPORT, MESSAGES_EXPORT)
     out: dict[str, dict[str, list[dict[str, float]]]] = {
         s.figure: {name: [] for name in servers} for s in streams
     }
@@ -74,8 +96,8 @@ def _rounds(
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for stream in streams:
-            for name in order:
-                run = _stream(pool, servers[name], stream)
+            runs = _streams(pool, [servers[n] for n in order], stream, together)
+            for name, run in zip(order, runs, strict=True):
                 out[stream.figure][name].append(run)
                 print(
                     f"round {r} {stream.figure:<16} {name:<6} {run['rows'] / run['wall']:>9,.0f} "
@@ -108,24 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     """Loads the data, runs the alternating rounds, prints the summary as JSON."""
     args = _parser().parse_args(argv)
     roots = {"before": args.before.resolve(), "after": args.after.resolve()}
+    only = args.only.split(",")
+    streams = [s for s in (USERS_EXPORT, MESSAGES_EXPORT) if s.figure in only]
     for name, root in roots.items():
         print(f"{name}: serves {_serves_from(root)}", flush=True)
     maintenance = env.server_url(args.database_url, args.data_dir)
     url = env.fresh_database(maintenance, args.db_name)
     try:
         env.migrate(url)
-        env.load(url, args.users, args.messages)
+        messages = args.messages if MESSAGES_EXPORT in streams else 0
+        env.load(url, args.users, messages)
         servers = {name: env.Server(url, root=root) for name, root in roots.items()}
         try:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                runs = _rounds(pool, servers, args.rounds)
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(len(servers), mp_context=spawn) as pool:
+                runs = _rounds(pool, servers, args.rounds, streams, args.together)
         finally:
             for server in servers.values():
                 server.stop()
     finally:
         env.drop_database(maintenance, args.db_name)
     summary = {figure: _summary(by_server) for figure, by_server in runs.items()}
-    print(json.dumps({"users": args.users, "messages": args.messages, **summary}, indent=2))
+    print(json.dumps({"users": args.users, "messages": messages, **summary}, indent=2))
     return 0
 
 
