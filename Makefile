@@ -6,12 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint generate check-generated purge migrate clean bench
+.PHONY: run test test-fast lint generate check-generated purge migrate clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,cli]'
 	touch $(STAMP)
 
 ## Serve on port 50051 (an embedded PostgreSQL under .data/ unless DATABASE_URL is set).
@@ -21,6 +21,10 @@ run: $(STAMP)
 ## Run the whole test suite against a real PostgreSQL and a real gRPC server.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Only the unit tier (marked `unit`: no database, no server process), in seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 ## ruff (lint + format check), mypy strict, buf lint, and the stale-stub check.
 lint: $(STAMP) check-generated

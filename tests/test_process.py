@@ -16,85 +16,33 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import user_service_pb2, user_service_pb2_grpc
+from tests.fix_db import LOCK_WAITERS
+from tests.processes import ROOT, run_memstore, serve_memstore, stop_memstore
 
-ROOT = Path(__file__).resolve().parent.parent
-MEMSTORE = [sys.executable, "-m", "server"]
 BUF = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
-
-
-def _memstore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs one `memstore` command to completion; the caller checks its status and output."""
-    return subprocess.run(
-        [*MEMSTORE, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"server exited early: {proc.communicate()}"
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError("server did not become SERVING in time")
-
-
-def _serve(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
-    port = _free_port()
-    cmd = [*MEMSTORE, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    _wait_serving(port, proc)
-    return proc, port
-
-
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    return proc.returncode, out
 
 
 @pytest.fixture
 def served(clean_db: str) -> Iterator[int]:
     """A `memstore serve` subprocess on the test database; yields its port."""
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, port = _serve("--purge-interval", "0", "--grace-period", "5", env=env)
+    proc, port = serve_memstore("--purge-interval", "0", "--grace-period", "5", env=env)
     yield port
     if proc.poll() is None:
-        _stop(proc)
+        stop_memstore(proc)
 
 
 def test_serves_over_the_wire_and_exits_zero_on_sigterm(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, port = _serve("--purge-interval", "0", env=env)
+    proc, port = serve_memstore("--purge-interval", "0", env=env)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         users = user_service_pb2_grpc.UserServiceStub(channel)
         users.CreateUser(user_service_pb2.CreateUserRequest(user_id="proc-user"), timeout=10)
         got = users.GetUser(user_service_pb2.GetUserRequest(user_id="proc-user"), timeout=10)
         assert got.user.user_id == "proc-user"
-    code, out = _stop(proc)
+    code, out = stop_memstore(proc)
     assert code == 0, out
 
 
@@ -143,9 +91,9 @@ def test_migrate_and_purge_commands_report(clean_db: str) -> None:
             " (1, 'live', 1, 'd')"
         )
     env = {**os.environ, "DATABASE_URL": clean_db}
-    migrate = _memstore("migrate", env=env)
+    migrate = run_memstore("migrate", env=env)
     assert migrate.returncode == 0, migrate.stderr
-    purge = _memstore("purge", "--purge-retention-days", "7", env=env)
+    purge = run_memstore("purge", "--purge-retention-days", "7", env=env)
     assert purge.returncode == 0, purge.stderr
     report = json.loads(purge.stdout.strip().splitlines()[-1])
     # Only the session soft-deleted past the retention goes, with its messages.
@@ -161,24 +109,24 @@ def test_migrate_and_purge_commands_report(clean_db: str) -> None:
 def test_without_database_url_serves_from_embedded_postgres(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     data_dir = tmp_path / "data"
-    proc, port = _serve("--data-dir", str(data_dir), "--purge-interval", "0", env=env)
+    proc, port = serve_memstore("--data-dir", str(data_dir), "--purge-interval", "0", env=env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             users = user_service_pb2_grpc.UserServiceStub(channel)
             users.CreateUser(user_service_pb2.CreateUserRequest(user_id="kept"), timeout=10)
     finally:
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out
     assert (data_dir / "pg" / "PG_VERSION").exists()
     # The data folder survives a restart: the user is still there.
-    proc, port = _serve("--data-dir", str(data_dir), "--purge-interval", "0", env=env)
+    proc, port = serve_memstore("--data-dir", str(data_dir), "--purge-interval", "0", env=env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             users = user_service_pb2_grpc.UserServiceStub(channel)
             got = users.GetUser(user_service_pb2.GetUserRequest(user_id="kept"), timeout=10)
             assert got.user.user_id == "kept"
     finally:
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out
 
 
@@ -186,7 +134,7 @@ def test_unreachable_database_fails_start_with_one_clear_line() -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         dead = f"postgresql://nobody@127.0.0.1:{closed.getsockname()[1]}/none"
-    run = _memstore("serve", "--port", "0", "--database-url", dead, "--pool-timeout", "1")
+    run = run_memstore("serve", "--port", "0", "--database-url", dead, "--pool-timeout", "1")
     assert run.returncode == 1
     assert "serve failed: database unavailable" in run.stderr
     assert "Traceback" not in run.stderr
@@ -194,15 +142,29 @@ def test_unreachable_database_fails_start_with_one_clear_line() -> None:
 
 def test_taken_port_fails_start_instead_of_sharing_it(served: int, clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
-    run = _memstore("serve", "--host", "127.0.0.1", "--port", str(served), env=env)
+    run = run_memstore("serve", "--host", "127.0.0.1", "--port", str(served), env=env)
     assert run.returncode == 1
     assert "serve failed" in run.stderr
     assert "Traceback" not in run.stderr
 
 
+def _until_a_lock_waiter(url: str, within: float = 20.0) -> bool:
+    """Polls until a backend of the database waits for a lock; False at the deadline."""
+    deadline = time.monotonic() + within
+    # Autocommit: pg_stat_activity is read once per transaction, so each poll needs its own.
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(LOCK_WAITERS).fetchone()
+            if row and row[0]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 def test_sigterm_lets_an_in_flight_call_finish(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, port = _serve("--purge-interval", "0", "--grace-period", "10", env=env)
+    proc, port = serve_memstore("--purge-interval", "0", "--grace-period", "10", env=env)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         users = user_service_pb2_grpc.UserServiceStub(channel)
         users.CreateUser(user_service_pb2.CreateUserRequest(user_id="busy"), timeout=10)
@@ -211,7 +173,7 @@ def test_sigterm_lets_an_in_flight_call_finish(clean_db: str) -> None:
             blocker.execute("SELECT 1 FROM users WHERE user_id = 'busy' FOR UPDATE")
             request = user_service_pb2.UpdateUserRequest(user_id="busy", email="b@example.com")
             pending = users.UpdateUser.future(request, timeout=20)
-            time.sleep(0.5)
+            assert _until_a_lock_waiter(clean_db), "the UpdateUser never reached the database"
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             assert proc.poll() is None, "the server must wait for the in-flight call"

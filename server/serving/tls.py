@@ -1,76 +1,12 @@
-"""Security settings (TLS, --insecure, key cache, pool queue) and the listening port they shape."""
+"""TLS credentials from the security settings, and the listening port they shape."""
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
-
-@dataclass(frozen=True, slots=True)
-class SecurityConfig:
-    """The security part of Config; see README "Authentication and TLS"."""
-
-    #: Serve without authentication on a non-loopback address (no API key exists).
-    insecure: bool = False
-    #: PEM certificate chain and private key: serve TLS when both are set.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    #: PEM CA bundle: require client certificates signed by it (mTLS).
-    tls_client_ca: Path | None = None
-    #: Seconds a checked key stays trusted: a revoked key stops working within this bound.
-    key_cache_seconds: float = 2.0
-    #: Calls that may queue for a pooled connection; past it they fail with RESOURCE_EXHAUSTED.
-    pool_max_waiting: int = 64
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(name) or None
-
-
-def _path(name: str) -> Path | None:
-    value = _env(name)
-    return Path(value) if value else None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the security flags, each defaulting to its environment variable."""
-    d = SecurityConfig()
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        default=_env("MEMSTORE_INSECURE") in ("1", "true", "on"),
-        help="serve without API keys on a non-loopback address (refused otherwise)",
-    )
-    parser.add_argument("--tls-cert", type=Path, default=_path("MEMSTORE_TLS_CERT"))
-    parser.add_argument("--tls-key", type=Path, default=_path("MEMSTORE_TLS_KEY"))
-    parser.add_argument("--tls-client-ca", type=Path, default=_path("MEMSTORE_TLS_CLIENT_CA"))
-    parser.add_argument(
-        "--key-cache-seconds",
-        type=float,
-        default=float(_env("MEMSTORE_KEY_CACHE_SECONDS") or d.key_cache_seconds),
-    )
-    parser.add_argument(
-        "--pool-max-waiting",
-        type=int,
-        default=int(_env("MEMSTORE_POOL_MAX_WAITING") or d.pool_max_waiting),
-    )
-
-
-def from_arguments(args: argparse.Namespace) -> SecurityConfig:
-    """The SecurityConfig of parsed flags."""
-    return SecurityConfig(
-        insecure=args.insecure,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        key_cache_seconds=args.key_cache_seconds,
-        pool_max_waiting=args.pool_max_waiting,
-    )
+from server.config import SecurityConfig
 
 
 def is_loopback(host: str) -> bool:

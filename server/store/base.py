@@ -1,8 +1,7 @@
-"""The base of the Store: the pool, the translated connection, and shared helpers."""
+"""The base of every Store method: the pool, the translated connection, the shared helpers."""
 
 from __future__ import annotations
 
-import uuid as uuid_lib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -14,8 +13,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.domain import MetadataChange, TimeKey
-from server.errors import AlreadyExists, FailedPrecondition, MemstoreError, NotFound, Unavailable
-from server.store.db import fetch_one
+from server.errors import FailedPrecondition, MemstoreError, Unavailable
 from server.store.health import DatabaseHealth, is_stale
 from server.store.translate import ErrorFactory, translated
 
@@ -89,37 +87,6 @@ class StoreBase:
         self._health.report_lost_connection()
         raise Unavailable("database unavailable: every pooled connection was closed")
 
-    async def _hide_in_live_session(self, statement: str, project_id: int, session_id: str) -> int:
-        """Runs `statement` (which soft-deletes messages) on a live session; returns its count.
-
-        The session row is locked first, in the same transaction, so the statement's snapshot
-        sees every message an AddMemory committed while this call waited for the lock.
-
-        Raises:
-            NotFound: the session is absent or soft-deleted.
-        """
-        params = key(project_id, session_id=session_id)
-        async with self._connect() as conn:
-            row = await fetch_one(conn, "lock_live_session", params)
-            if row is not None:
-                row = await fetch_one(conn, statement, params)
-            if row is None:
-                raise await self._session_missing(conn, project_id, session_id)
-        return int(row["messages"])
-
-    async def _session_missing(
-        self, conn: AsyncConnection[Any], project_id: int, session_id: str
-    ) -> NotFound:
-        # Only on the error path: says whether the session is absent or soft-deleted.
-        row = await fetch_one(conn, "session_state", key(project_id, session_id=session_id))
-        if row is None:
-            return session_not_found(session_id)
-        return NotFound(
-            f"session '{session_id}' is soft-deleted; restore it with UndeleteSession "
-            "or by adding memory with AddMemory",
-            reason="SESSION_DELETED",
-        )
-
 
 @asynccontextmanager
 async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
@@ -150,46 +117,8 @@ def factory(error: MemstoreError) -> ErrorFactory:
     return lambda _exc: error
 
 
-def parse_uuid(session_id: str, value: str) -> uuid_lib.UUID:
-    """The UUID of a message; a string that is no UUID names no message (NotFound)."""
-    try:
-        return uuid_lib.UUID(value)
-    except ValueError:
-        raise message_not_found(session_id, value) from None
-
-
-def user_not_found(user_id: str) -> NotFound:
-    """The error of a user id that names no user."""
-    return NotFound(f"user '{user_id}' not found", reason="USER_NOT_FOUND")
-
-
-def session_not_found(session_id: str) -> NotFound:
-    """The error of a session id that names no session."""
-    return NotFound(f"session '{session_id}' not found", reason="SESSION_NOT_FOUND")
-
-
 def no_such_user(user_id: str | None) -> FailedPrecondition:
     """The error of a session or memory write naming a user that does not exist."""
     return FailedPrecondition(
         f"user '{user_id}' does not exist; create it before naming it", reason="USER_NOT_FOUND"
-    )
-
-
-def message_not_found(session_id: str, uuid: str) -> NotFound:
-    """The error of a uuid that names no live message of a live session."""
-    return NotFound(
-        f"message '{uuid}' not found in session '{session_id}'", reason="MESSAGE_NOT_FOUND"
-    )
-
-
-def session_taken(session_id: str, *, deleted: bool) -> AlreadyExists:
-    """The error of CreateSession on a taken id; says how to restore a soft-deleted one."""
-    if not deleted:
-        return AlreadyExists(
-            f"session '{session_id}' already exists", reason="SESSION_ALREADY_EXISTS"
-        )
-    return AlreadyExists(
-        f"session '{session_id}' already exists and is soft-deleted; restore it with "
-        "UndeleteSession, or add memory to it with AddMemory (which restores it)",
-        reason="SESSION_SOFT_DELETED",
     )

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from typing import Any
 
 from psycopg import AsyncConnection, sql
 
-from server.store.queries import migrations, query
+from server.store.queries import query
 
 log = logging.getLogger(__name__)
+
+
+def migrations() -> list[tuple[str, str]]:
+    """(name, SQL) of every migration file, in the order they apply."""
+    folder = resources.files("server.store").joinpath("migrations")
+    files = sorted((e for e in folder.iterdir() if e.name.endswith(".sql")), key=lambda e: e.name)
+    return [(e.name.removesuffix(".sql"), e.read_text("utf-8")) for e in files]
 
 
 async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:

@@ -10,7 +10,7 @@ from server.store.base import StoreBase, factory
 from server.store.db import fetch_all, fetch_one
 
 
-class KeyMethods(StoreBase):
+class ProjectMethods(StoreBase):
     """Projects, and the salted digests of their API keys."""
 
     async def create_project(self, name: str) -> Project:

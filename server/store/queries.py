@@ -1,4 +1,4 @@
-"""Named SQL blocks loaded once from server/store/sql/*.sql."""
+"""Named SQL blocks, loaded once from server/store/sql/*.sql."""
 
 from __future__ import annotations
 
@@ -7,36 +7,55 @@ from importlib import resources
 
 from psycopg import sql
 
-_NAME = re.compile(r"^-- name: (\w+)\s*$")
+#: A block header: the statement's name alone on its line, as in `-- get_user --`.
+_HEADER = re.compile(r"^-- (\w+) --$")
+
+#: The block header of aiosql and yesql, which would otherwise read as a plain comment and
+#: silently glue its statement onto the block above.
+_FOREIGN_HEADER = re.compile(r"^--\s*name:")
 
 
 def parse(text: str, origin: str = "<sql>") -> dict[str, str]:
-    """Splits a file into {name: statement}; each block is `-- name: x`, a comment, the SQL.
+    """Splits a file into {name: statement}; each block is `-- x --`, a comment, one statement.
+
+    Comment and blank lines before the first block describe the file; comment lines inside a
+    block are left out of its statement.
 
     Raises:
-        ValueError: a block has no description comment or no statement, or a name repeats.
+        ValueError: a block has no description comment, no statement or more than one, a
+            name repeats, or SQL or another header style stands outside the blocks.
     """
     blocks: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for line in text.splitlines():
-        match = _NAME.match(line)
-        if match:
+    for number, line in enumerate(text.splitlines(), start=1):
+        where = f"{origin}:{number}"
+        if match := _HEADER.match(line):
             name = match.group(1)
             if name in blocks:
-                raise ValueError(f"{origin}: query {name!r} defined twice")
+                raise ValueError(f"{where}: query {name!r} defined twice")
             current = blocks[name] = []
+        elif _FOREIGN_HEADER.match(line.lstrip()):
+            raise ValueError(f"{where}: write a block header as '-- name_of_query --'")
         elif current is not None:
             current.append(line)
-    queries: dict[str, str] = {}
-    for name, lines in blocks.items():
-        body = [ln for ln in lines if ln.strip()]
-        if not body or not body[0].lstrip().startswith("--"):
-            raise ValueError(f"{origin}: query {name!r} lacks its one-line description")
-        statement = "\n".join(ln for ln in body if not ln.lstrip().startswith("--")).strip()
-        if not statement:
-            raise ValueError(f"{origin}: query {name!r} has no statement")
-        queries[name] = statement.rstrip(";")
-    return queries
+        elif line.strip() and not line.lstrip().startswith("--"):
+            raise ValueError(f"{where}: SQL outside a named block")
+    return {name: _statement(name, lines, origin) for name, lines in blocks.items()}
+
+
+def _statement(name: str, lines: list[str], origin: str) -> str:
+    body = [ln for ln in lines if ln.strip()]
+    if not body or not body[0].lstrip().startswith("--"):
+        raise ValueError(f"{origin}: query {name!r} lacks its one-line description")
+    statement = "\n".join(ln for ln in body if not ln.lstrip().startswith("--")).strip()
+    if not statement:
+        raise ValueError(f"{origin}: query {name!r} has no statement")
+    statement = statement.rstrip(";")
+    # psycopg sends a statement with parameters as one command: a second one here is the
+    # statement of a block whose header is missing.
+    if ";" in statement:
+        raise ValueError(f"{origin}: query {name!r} holds more than one statement")
+    return statement
 
 
 def _load() -> dict[str, sql.SQL]:
@@ -59,10 +78,3 @@ QUERIES: dict[str, sql.SQL] = _load()
 def query(name: str) -> sql.SQL:
     """The statement called `name` (KeyError when no file defines it)."""
     return QUERIES[name]
-
-
-def migrations() -> list[tuple[str, str]]:
-    """(name, SQL) of every migration file, in the order they apply."""
-    folder = resources.files("server.store").joinpath("migrations")
-    files = sorted((e for e in folder.iterdir() if e.name.endswith(".sql")), key=lambda e: e.name)
-    return [(e.name.removesuffix(".sql"), e.read_text("utf-8")) for e in files]

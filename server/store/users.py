@@ -8,9 +8,9 @@ from typing import cast
 from psycopg.types.json import Jsonb
 
 from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
-from server.errors import AlreadyExists
+from server.errors import AlreadyExists, NotFound
 from server.store import rows
-from server.store.base import START, StoreBase, factory, key, metadata_params, user_not_found
+from server.store.base import START, StoreBase, factory, key, metadata_params
 from server.store.coalesce import Coalescer
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
@@ -171,3 +171,8 @@ class UserMethods(StoreBase):
             raise user_not_found(user_id)
         sessions = [rows.session(r) for r in found if r["session_id"] is not None]
         return Page(sessions[:limit], has_more=len(sessions) > limit)
+
+
+def user_not_found(user_id: str) -> NotFound:
+    """The error of a user id that names no user."""
+    return NotFound(f"user '{user_id}' not found", reason="USER_NOT_FOUND")

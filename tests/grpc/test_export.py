@@ -5,22 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import psycopg
 
 from memstore.v1 import user_service_pb2 as us
 from server.store import Store
+from tests.fix_db import at_rest, busy_backends
 from tests.grpc import Users
-
-
-async def _busy_backends(url: str) -> list[tuple[str, str]]:
-    """Backends of the test database that hold a transaction or run a query, except ours."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT state, query FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            " AND (state <> 'idle' OR xact_start IS NOT NULL)"
-        )
-        return [(str(state), str(query)) for state, query in await cur.fetchall()]
+from tests.polling import until
 
 
 async def test_paused_stream_holds_no_connection(users: Users, clean_db: str, store: Store) -> None:
@@ -31,9 +21,10 @@ async def test_paused_stream_holds_no_connection(users: Users, clean_db: str, st
     assert isinstance(first, us.ListUsersChunkedResponse)
     assert len(first.users) == 50
     # The client stops reading. Between chunks the server holds no transaction open (no
-    # server-side cursor to keep VACUUM back) and every pooled connection is back in the pool.
-    await asyncio.sleep(0.2)
-    assert await _busy_backends(clean_db) == []
+    # server-side cursor to keep VACUUM back) and every pooled connection is back in the pool
+    # once the prefetch of the next batch is done.
+    await until(lambda: at_rest(clean_db, store))
+    assert await busy_backends(clean_db) == []
     stats = store._pool.get_stats()
     assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
     # Reading on resumes the export with no skip or repeat.

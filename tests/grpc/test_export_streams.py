@@ -6,8 +6,9 @@ import asyncio
 from typing import Any
 
 from memstore.v1 import session_service_pb2 as ss
+from tests.fix_db import at_rest, busy_backends
 from tests.grpc import Code, Sessions, msg, rpc_error, tamper
-from tests.grpc.test_export import _busy_backends
+from tests.polling import until
 
 #: A chunk stops growing past this many bytes (ExportMessagesRequest.chunk_size).
 CHUNK_BYTES = 256 * 1024
@@ -104,12 +105,12 @@ async def test_paused_export_holds_no_connection_and_cancel_ends_it(sessions, cl
     first = await call.read()
     assert isinstance(first, ss.ExportMessagesResponse) and len(first.messages) == 50
     # The client stops reading: between chunks no transaction is open, no connection is out.
-    await asyncio.sleep(0.2)
-    assert await _busy_backends(clean_db) == []
+    await until(lambda: at_rest(clean_db, store))
+    assert await busy_backends(clean_db) == []
     stats = store.pool_stats()
     assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
     call.cancel()
-    await asyncio.sleep(0.2)
+    await until(lambda: at_rest(clean_db, store))
     stats = store.pool_stats()
     assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
     # The token of the chunk read resumes the export: nothing lost to the cancel.

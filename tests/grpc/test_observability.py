@@ -37,6 +37,7 @@ async def observed(store: Store, clean_db: str) -> AsyncIterator[tuple[grpc.aio.
     finally:
         await server.stop(None)
         httpd.shutdown()
+        httpd.server_close()
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

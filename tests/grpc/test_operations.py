@@ -18,7 +18,7 @@ from memstore.v1 import user_service_pb2 as us
 from server.config import Config
 from server.serving.app import build_server
 from server.store import Store
-from tests.databases import database_name, scratch_database
+from tests.fix_db import database_name, scratch_database
 from tests.grpc import Code, msg, rpc_error
 
 SERVICES = ("memstore.v1.UserService", "memstore.v1.SessionService")

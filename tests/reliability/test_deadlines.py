@@ -20,20 +20,9 @@ from memstore.v1 import user_service_pb2 as upb
 from server.config import Config
 from server.serving.app import build_server
 from server.store import Store
+from tests.fix_db import lock_waiters
 from tests.grpc import Sessions, Users, msg
 from tests.reliability import record
-
-
-async def _lock_waiters(url: str) -> int:
-    """How many statements of the test database wait on a lock (the blocked call's query)."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND state = 'active' AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 async def _blocked(
@@ -48,10 +37,10 @@ async def _blocked(
         took = time.monotonic() - start
         # The query was cancelled in PostgreSQL: nothing of it waits on the lock any more.
         for _ in range(50):
-            if await _lock_waiters(url) == 0:
+            if await lock_waiters(url) == 0:
                 break
             await asyncio.sleep(0.1)
-        assert await _lock_waiters(url) == 0, "the cancelled query still waits in PostgreSQL"
+        assert await lock_waiters(url) == 0, "the cancelled query still waits in PostgreSQL"
         await blocker.rollback()
     return caught.value, took
 

@@ -17,6 +17,7 @@ import psycopg
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
+from tests.fix_db import has_lock_waiter
 from tests.grpc import Sessions, Users, as_dict, msg, struct
 from tests.reliability import record
 
@@ -231,22 +232,13 @@ async def test_delete_user_races_add_memory(
     )
 
 
-async def _waiting_on_lock(url: str) -> bool:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-        )
-        row = await cur.fetchone()
-        return row is not None and row[0] > 0
-
-
 async def test_delete_and_clear_hide_a_message_appended_while_they_waited(
     sessions: Sessions, clean_db: str
 ) -> None:
     # The race of test_add_memory_races_delete_session, made deterministic: a transaction
     # appends a message the way AddMemory does (under the session's row lock) while
-    # DeleteSession or ClearMemory waits for that lock. Both used to leave it live.
+    # DeleteSession or ClearMemory waits for that lock. Hiding the messages in the statement
+    # that waited would leave it live: that statement's snapshot predates the append.
     for name in ("DeleteSession", "ClearMemory"):
         sid = f"held-{name}"
         await sessions.AddMemory(
@@ -261,7 +253,7 @@ async def test_delete_and_clear_hide_a_message_appended_while_they_waited(
             )
             pending = asyncio.ensure_future(call)
             for _ in range(500):
-                if await _waiting_on_lock(clean_db):
+                if await has_lock_waiter(clean_db):
                     break
                 await asyncio.sleep(0.02)
             await appender.execute(

@@ -15,9 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
+from tests.fix_db import busy_backends, has_lock_waiter
 from tests.grpc import Sessions, Users, msg
+from tests.polling import until
+from tests.processes import serve_memstore
 from tests.reliability import record
-from tests.test_process import _serve
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: What a call may get from a server that is shutting down: refused, never half-done.
@@ -57,6 +59,14 @@ async def _poll(channel: grpc.aio.Channel, seen: list[int], stop: asyncio.Event)
         await asyncio.sleep(0.05)
 
 
+async def _unpinned(url: str) -> bool:
+    return not await has_lock_waiter(url)
+
+
+async def _quiet(url: str) -> bool:
+    return not await busy_backends(url)
+
+
 async def _exit_code(proc: subprocess.Popen[str], limit: float) -> tuple[int, str]:
     out, _ = await asyncio.to_thread(proc.communicate, timeout=limit)
     return proc.returncode, out
@@ -67,7 +77,7 @@ async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_
     # WARNING: thousands of access-log lines would fill the unread stdout pipe and stall it.
     args = ("--purge-interval", "0", "--grace-period", "10", "--drain-delay", "1")
     args += ("--log-level", "WARNING")
-    proc, port = await asyncio.to_thread(_serve, *args, env=env)
+    proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         users, sessions = Users(channel), Sessions(channel)
         await users.CreateUser(upb.CreateUserRequest(user_id="busy"), timeout=10)
@@ -86,7 +96,13 @@ async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_
             slow = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="busy", email="b@x"), timeout=30)
             )
-            await asyncio.sleep(1.0)
+
+            async def mid_load() -> bool:
+                # Every writer acknowledged, the slow call pinned, both health probes answered.
+                started = all(acked.values()) and bool(watched) and bool(checked)
+                return started and await has_lock_waiter(clean_db)
+
+            assert await until(mid_load, within=20), "the load never got going"
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(2.0)  # past the drain delay, inside the grace period
@@ -138,7 +154,7 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
 ) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
     args = ("--purge-interval", "0", "--grace-period", "1", "--drain-delay", "0")
-    proc, port = await asyncio.to_thread(_serve, *args, env=env)
+    proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         users = Users(channel)
         await users.CreateUser(upb.CreateUserRequest(user_id="stuck"), timeout=10)
@@ -147,7 +163,9 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
             stuck = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="stuck", email="late"), timeout=30)
             )
-            await asyncio.sleep(0.5)
+            assert await until(lambda: has_lock_waiter(clean_db)), (
+                "the call never reached PostgreSQL"
+            )
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             code, out = await _exit_code(proc, limit=30)
@@ -161,7 +179,7 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
     assert code == 0, out
     assert exited < 10, exited
     # The call was cancelled in PostgreSQL too: its update never happens.
-    await asyncio.sleep(0.5)
+    await until(lambda: _quiet(clean_db))
     with psycopg.connect(clean_db) as conn:
         assert conn.execute("SELECT email FROM users WHERE user_id = 'stuck'").fetchone() == ("",)
 
@@ -171,7 +189,7 @@ async def test_a_killed_server_leaves_no_late_commit(clean_db: str) -> None:
     # connection (client_connection_check_interval) and aborts the waiting statement, so the
     # update does not commit when the lock is released later.
     env = {**os.environ, "DATABASE_URL": clean_db}
-    proc, port = await asyncio.to_thread(_serve, "--purge-interval", "0", env=env)
+    proc, port = await asyncio.to_thread(serve_memstore, "--purge-interval", "0", env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         users = Users(channel)
         await users.CreateUser(upb.CreateUserRequest(user_id="orphan"), timeout=10)
@@ -180,13 +198,16 @@ async def test_a_killed_server_leaves_no_late_commit(clean_db: str) -> None:
             doomed = asyncio.ensure_future(
                 users.UpdateUser(upb.UpdateUserRequest(user_id="orphan", email="x"), timeout=30)
             )
-            await asyncio.sleep(0.5)
+            assert await until(lambda: has_lock_waiter(clean_db)), (
+                "the call never reached PostgreSQL"
+            )
             proc.kill()
             await _exit_code(proc, limit=30)
             with pytest.raises(grpc.aio.AioRpcError):
                 await doomed
-            await asyncio.sleep(2.5)  # past the one-second connection check
+            # Released only once the orphaned statement is gone (the one-second check).
+            await until(lambda: _unpinned(clean_db))
             await blocker.rollback()
-    await asyncio.sleep(0.5)
+    await until(lambda: _quiet(clean_db))
     with psycopg.connect(clean_db) as conn:
         assert conn.execute("SELECT email FROM users WHERE user_id = 'orphan'").fetchone() == ("",)

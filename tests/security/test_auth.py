@@ -21,8 +21,8 @@ from server.serving.app import build_server
 from server.serving.auth import Authenticator, StartupRefused, start_authenticator
 from server.serving.tls import SecurityConfig, is_loopback
 from server.store import Store
+from tests.fix_security import KEY_CACHE_SECONDS, Caller, make_key
 from tests.grpc import Code, rpc_error
-from tests.security.conftest import KEY_CACHE_SECONDS, Caller, make_key
 
 INVALID_MESSAGE = "the API key is not valid"
 

@@ -15,13 +15,13 @@ import pytest
 from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
 from server.__main__ import main
-from tests.test_process import ROOT, _memstore, _serve, _stop
+from tests.processes import ROOT, run_memstore, serve_memstore, stop_memstore
 
 KEY_RE = re.compile(r"^msk_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
 
 
 def _ok(*args: str, env: dict[str, str]) -> str:
-    run = _memstore(*args, env=env)
+    run = run_memstore(*args, env=env)
     assert run.returncode == 0, run.stderr
     return run.stdout
 
@@ -29,7 +29,7 @@ def _ok(*args: str, env: dict[str, str]) -> str:
 def test_projects_and_keys_commands(secure_db_url: str) -> None:
     env = {**os.environ, "DATABASE_URL": secure_db_url}
     _ok("projects", "create", "cli-proj", env=env)
-    again = _memstore("projects", "create", "cli-proj", env=env)
+    again = run_memstore("projects", "create", "cli-proj", env=env)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
     key = _ok("keys", "create", "--project", "cli-proj", "--label", "ci", env=env).strip()
@@ -39,15 +39,15 @@ def test_projects_and_keys_commands(secure_db_url: str) -> None:
     listed = _ok("keys", "list", "--project", "cli-proj", env=env)
     assert prefix in listed and "active" in listed and key not in listed
     assert "cli-proj\t1 live keys" in _ok("projects", "list", env=env)
-    refused = _memstore("projects", "create", "'; DROP TABLE projects; --", env=env)
+    refused = run_memstore("projects", "create", "'; DROP TABLE projects; --", env=env)
     assert refused.returncode == 1 and "name: 1-63 letters" in refused.stderr
-    missing = _memstore("keys", "create", "--project", "no-such", env=env)
+    missing = run_memstore("keys", "create", "--project", "no-such", env=env)
     assert missing.returncode == 1 and "project 'no-such' not found" in missing.stderr
     # Revoking by the whole key, as whoever found it leaked would (the prefix works too).
     assert "revoked" in _ok("keys", "revoke", key, env=env)
     everything = _ok("keys", "list", env=env)
     assert f"{prefix}\tcli-proj\trevoked" in everything and key[17:] not in everything
-    unknown = _memstore("keys", "revoke", "msk_000000000000", env=env)
+    unknown = run_memstore("keys", "revoke", "msk_000000000000", env=env)
     assert unknown.returncode == 1 and "no API key" in unknown.stderr
 
 
@@ -68,7 +68,7 @@ def test_served_keys_and_revocation_over_the_wire(secure_db_url: str) -> None:
     env = {**os.environ, "DATABASE_URL": secure_db_url}
     _ok("projects", "create", "cli-serve", env=env)
     key = _ok("keys", "create", "--project", "cli-serve", env=env).strip()
-    proc, port = _serve("--purge-interval", "0", "--key-cache-seconds", "0.2", env=env)
+    proc, port = serve_memstore("--purge-interval", "0", "--key-cache-seconds", "0.2", env=env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             users = user_service_pb2_grpc.UserServiceStub(channel)
@@ -83,7 +83,7 @@ def test_served_keys_and_revocation_over_the_wire(secure_db_url: str) -> None:
                 users.ListUsers(us.ListUsersRequest(), metadata=md, timeout=10)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out
 
 
@@ -91,7 +91,7 @@ def test_served_keys_and_revocation_over_the_wire(secure_db_url: str) -> None:
 def test_open_non_loopback_bind_fails_start_with_one_line(clean_db: str, workers: str) -> None:
     # The run's shared database holds no key: authentication would be off.
     env = {**os.environ, "DATABASE_URL": clean_db}
-    run = _memstore("serve", "--host", "0.0.0.0", "--port", "0", "--workers", workers, env=env)
+    run = run_memstore("serve", "--host", "0.0.0.0", "--port", "0", "--workers", workers, env=env)
     assert run.returncode == 1
     assert run.stderr.count("refusing") == 1, run.stderr  # the parent says it, once
     assert "serve failed: refusing to serve 0.0.0.0 without authentication" in run.stderr

@@ -17,7 +17,7 @@ from server.config import Config
 from server.serving.app import build_server
 from server.serving.observability import Metrics
 from server.store import Store
-from tests.security.conftest import make_key
+from tests.fix_security import make_key
 
 
 async def test_client_sends_its_key_and_sees_only_its_project(

@@ -17,8 +17,10 @@ from server.config import Config
 from server.serving.app import build_server
 from server.serving.tls import SecurityConfig
 from server.store import Store
+from tests.fix_db import has_lock_waiter
+from tests.fix_security import Caller, make_key
 from tests.grpc import Code, as_dict, msg, rpc_error, struct
-from tests.security.conftest import Caller, make_key
+from tests.polling import until
 
 SQLISH = [
     "alice'; DROP TABLE users; --",
@@ -111,23 +113,6 @@ async def test_a_request_over_16_mib_is_refused_before_it_is_read(a: Caller) -> 
     assert time.monotonic() - started < 10
 
 
-async def _wait_for_lock_wait(database_url: str) -> None:
-    """Returns once a session of this database waits for a row lock (the pinned call)."""
-    # Autocommit: pg_stat_activity is read once per transaction, so each poll needs its own.
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            cur = await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            row = await cur.fetchone()
-            if row and row[0]:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError("the pinned call never reached the database")
-
-
 @pytest.fixture
 async def tiny_server(secure_db_url: str, clean_secure_db: str) -> AsyncIterator[tuple[int, str]]:
     """A server over a pool of one connection and a queue of one caller; yields (port, key)."""
@@ -155,7 +140,8 @@ async def test_overload_answers_resource_exhausted_at_once(
             pinned = asyncio.ensure_future(
                 users.UpdateUser(us.UpdateUserRequest(user_id="hot", email="a@x.org"), metadata=md)
             )
-            await _wait_for_lock_wait(secure_db_url)
+            reached = await until(lambda: has_lock_waiter(secure_db_url), within=20)
+            assert reached, "the pinned call never reached the database"
 
             async def timed_get() -> tuple[float, grpc.StatusCode, str]:
                 started = time.monotonic()

@@ -12,8 +12,8 @@ from google.protobuf import json_format
 
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from tests.fix_security import Caller
 from tests.grpc import Code, msg, rpc_error, struct, tamper
-from tests.security.conftest import Caller
 
 Probe = Callable[[Caller], Awaitable[Any]]
 

@@ -13,8 +13,8 @@ from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
 from server.api_keys import split_key
 from server.store import Store
+from tests.fix_security import KEY_CACHE_SECONDS, Caller
 from tests.grpc import Code
-from tests.security.conftest import KEY_CACHE_SECONDS, Caller
 
 USERS = 120
 #: Each user's metadata weighs this much: a chunk (<= 256 KiB) holds a handful, and the whole

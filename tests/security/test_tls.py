@@ -25,7 +25,7 @@ from server.config import Config
 from server.serving.app import build_server
 from server.serving.tls import SecurityConfig, server_credentials
 from server.store import Store
-from tests.test_process import MEMSTORE, ROOT, _free_port, _stop
+from tests.processes import MEMSTORE, ROOT, free_port, stop_memstore
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return made
 
 
-async def _serve(store: Store, security: SecurityConfig) -> tuple[grpc.aio.Server, int]:
+async def serve_memstore(store: Store, security: SecurityConfig) -> tuple[grpc.aio.Server, int]:
     server, port = await build_server(Config(host="127.0.0.1", port=0, security=security), store)
     await server.start()
     return server, port
@@ -128,7 +128,7 @@ async def _serve(store: Store, security: SecurityConfig) -> tuple[grpc.aio.Serve
 async def tls_port(pki: Pki, store: Store, clean_db: str) -> AsyncIterator[int]:
     """A TLS server (no client certificates asked) over the run's open-mode store."""
     sec = SecurityConfig(tls_cert=pki.files["server.pem"], tls_key=pki.files["server.key"])
-    server, port = await _serve(store, sec)
+    server, port = await serve_memstore(store, sec)
     yield port
     await server.stop(None)
 
@@ -141,7 +141,7 @@ async def mtls_port(pki: Pki, store: Store, clean_db: str) -> AsyncIterator[int]
         tls_key=pki.files["server.key"],
         tls_client_ca=pki.files["ca.pem"],
     )
-    server, port = await _serve(store, sec)
+    server, port = await serve_memstore(store, sec)
     yield port
     await server.stop(None)
 
@@ -207,7 +207,7 @@ def test_tls_settings_must_come_in_pairs(pki: Pki) -> None:
 
 def test_serve_command_with_mtls_flags(pki: Pki, clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
-    port = _free_port()
+    port = free_port()
     files = pki.files
     proc = subprocess.Popen(
         [
@@ -249,5 +249,5 @@ def test_serve_command_with_mtls_flags(pki: Pki, clean_db: str) -> None:
                 )
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        code, out = _stop(proc)
+        code, out = stop_memstore(proc)
     assert code == 0, out

@@ -24,9 +24,9 @@ from server.errors import (
     Unavailable,
 )
 from server.store import Store
-from server.store.queries import QUERIES, migrations, parse
+from server.store.migrate import migrations
 from server.store.translate import translated
-from tests.databases import scratch_database
+from tests.fix_db import scratch_database
 
 
 def msg(content: str) -> NewMessage:
@@ -180,13 +180,3 @@ async def test_unavailable_when_the_pool_cannot_serve(database_url: str) -> None
                 await small.get_memory(P, "s", 1)
     finally:
         await small.close()
-
-
-def test_every_query_is_named_and_described() -> None:
-    assert {"get_users", "add_memory", "purge_sessions", "token_key"} <= set(QUERIES)
-    parsed = parse("-- name: a\n-- Does a.\nSELECT 1;\n\n-- name: b\n-- Does b.\nSELECT 2\n")
-    assert parsed == {"a": "SELECT 1", "b": "SELECT 2"}
-    with pytest.raises(ValueError, match="description"):
-        parse("-- name: a\nSELECT 1;\n")
-    with pytest.raises(ValueError, match="twice"):
-        parse("-- name: a\n-- x\nSELECT 1;\n-- name: a\n-- y\nSELECT 2;\n")

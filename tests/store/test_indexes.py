@@ -20,8 +20,8 @@ from psycopg import sql
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import SessionQuery
 from server.store.base import START
-from server.store.listing import list_sessions_statements
 from server.store.queries import query
+from server.store.sessions import list_sessions_statements
 
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 

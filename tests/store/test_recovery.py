@@ -5,34 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import conninfo as pg_conninfo
 
 from server.errors import Unavailable
 from server.serving.embedded import EmbeddedPostgres
 from server.store import Store
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def restartable() -> EmbeddedPostgres:
-    """An embedded PostgreSQL of this module's own, so stopping it disturbs no other test."""
-    return EmbeddedPostgres(ROOT / ".data" / "test-restart-pg")
+from tests.fix_faults import fresh_database
 
 
 @pytest.fixture
 async def restart_store(restartable: EmbeddedPostgres) -> AsyncIterator[Store]:
     """A migrated store over a fresh database on the restartable server."""
-    with psycopg.connect(restartable.url("postgres"), autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS restart_test WITH (FORCE)")
-        conn.execute("CREATE DATABASE restart_test")
-    params = pg_conninfo.conninfo_to_dict(restartable.url("postgres"))
-    params["dbname"] = "restart_test"
-    store = await Store.open(pg_conninfo.make_conninfo(**params), min_size=2, max_size=4, timeout=3)
+    url = fresh_database(restartable, "restart_test")
+    store = await Store.open(url, min_size=2, max_size=4, timeout=3)
     await store.migrate()
     yield store
     await store.close()

@@ -91,8 +91,9 @@ class User(_message.Message):
     """Output only. Number of the user's sessions that are not soft-deleted."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional. Free-form JSON object, at most 64 KiB serialized as JSON.
-        UpdateUser merges into it (see UpdateUserRequest.metadata).
+        """Optional. Free-form JSON object, written whole by CreateUser and merged
+        into by UpdateUser (see UpdateUserRequest.metadata); each object or patch
+        written has the limits of CreateUserRequest.metadata.
         """
 
     @_builtins.property
@@ -150,7 +151,10 @@ class Session(_message.Message):
     """Output only. Number of live (not soft-deleted) messages in the session."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional. Free-form JSON object, at most 64 KiB serialized as JSON."""
+        """Optional. Free-form JSON object, written whole by CreateSession and
+        merged into by UpdateSession; each object or patch written has the limits
+        of CreateUserRequest.metadata.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -210,7 +214,7 @@ class Message(_message.Message):
     """
     role: _builtins.str
     """Optional. Free-text speaker name, e.g. "Alice" or "gpt-5"; at most 256
-    characters.
+    characters, no NUL.
     """
     role_type: Global___RoleType.ValueType
     """Optional. The kind of speaker; ROLE_TYPE_UNSPECIFIED is stored as
@@ -224,7 +228,10 @@ class Message(_message.Message):
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional. Free-form JSON object, at most 64 KiB serialized as JSON."""
+        """Optional. Free-form JSON object, written whole by AddMemory and merged
+        into by UpdateMessage; each object or patch written has the limits of
+        CreateUserRequest.metadata.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:

@@ -39,7 +39,9 @@ class CreateSessionRequest(_message.Message):
     """Optional. The user the session belongs to; must exist."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional. Free-form JSON object, at most 64 KiB as JSON."""
+        """Optional. Free-form JSON object, with the limits of
+        CreateUserRequest.metadata.
+        """
 
     def __init__(
         self,
@@ -145,14 +147,15 @@ class UpdateSessionRequest(_message.Message):
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. A JSON merge patch (RFC 7396) applied atomically to the stored
         metadata: nested objects merged, arrays and scalars replaced, null removes
-        a key. At most 64 KiB.
+        a key. The patch has the limits of CreateUserRequest.metadata; the merged
+        result is not measured again.
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Optional. Only path "metadata" is allowed. Naming it while leaving
-        metadata unset or empty clears the metadata; without a mask the metadata
-        is merged when set.
+        """Optional. Only path "metadata" (or "*", the same) is allowed. Naming it
+        while leaving metadata unset or empty clears the metadata; without a mask
+        the metadata is merged when set.
         """
 
     def __init__(
@@ -313,7 +316,8 @@ class ListSessionsRequest(_message.Message):
     """
     page_number: _builtins.int
     """Optional. 1-based page number, for compatibility with Zep's SDK; costs an
-    OFFSET scan. Cannot be combined with page_token.
+    OFFSET scan. Cannot be combined with page_token; negative values are
+    INVALID_ARGUMENT.
     """
     user_id: _builtins.str
     """Optional. Only sessions of this user."""
@@ -662,13 +666,13 @@ class UpdateMessageRequest(_message.Message):
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. A JSON merge patch applied atomically to the message's
-        metadata, as in UpdateSessionRequest. At most 64 KiB.
+        metadata, as in UpdateSessionRequest.
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Optional. Only path "metadata" is allowed; naming it while leaving
-        metadata unset or empty clears the metadata.
+        """Optional. Only path "metadata" (or "*", the same) is allowed; naming it
+        while leaving metadata unset or empty clears the metadata.
         """
 
     def __init__(

@@ -28,12 +28,44 @@ if _version_not_supported:
 class SessionServiceStub:
     """Sessions and their memory (messages). Sessions are soft-deleted: a deleted
     session and its messages are invisible to every read until restored, and
-    are hard-deleted by the purge after the retention period. Errors carry a
-    google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
-    field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written. Every RPC acts in the project of the caller's API
-    key, as described on UserService: UNAUTHENTICATED without a valid key, and
-    other projects' sessions and messages are NOT_FOUND.
+    are hard-deleted by the purge after the retention period.
+
+    Every RPC acts in the project of the caller's API key, as described on
+    UserService; another project's sessions and messages behave exactly as
+    ones that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field
+    (e.g. "messages[3].content"). Each RPC below lists its own errors, with
+    their reasons in parentheses; an id (session_id, user_id) is invalid when
+    it is longer than 256 characters or holds a control character, or when it
+    is required and empty. Besides those, every RPC may return:
+    - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+    protobuf, e.g. a string field holds invalid UTF-8.
+    - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+    and the call carries none, or one that is unknown, revoked or malformed
+    (one message for all three).
+    - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+    call wrote nothing, unless the connection was lost during its commit;
+    retry with backoff. A server that is shutting down also answers
+    UNAVAILABLE, set by gRPC without an ErrorInfo.
+    - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+    ErrorInfo); the server cancels the call's query, and a write that had
+    not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+    without a deadline ran past the server's statement timeout and its
+    query was cancelled.
+    - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+    database connection; retry with backoff. Without an ErrorInfo (set by
+    gRPC): the request is larger than 16 MiB.
+    - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at, updated_at, deleted_at and
+    last_message_at (not *_time); lastn, Zep's memory parameter; uuid, Zep's
+    name for a message's id; page_number, Zep's page-based listing; and the
+    memory RPCs AddMemory, GetMemory and ClearMemory after Zep's memory
+    endpoints.
     """
 
     def __init__(self, channel):
@@ -117,43 +149,97 @@ class SessionServiceStub:
 class SessionServiceServicer:
     """Sessions and their memory (messages). Sessions are soft-deleted: a deleted
     session and its messages are invisible to every read until restored, and
-    are hard-deleted by the purge after the retention period. Errors carry a
-    google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
-    field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written. Every RPC acts in the project of the caller's API
-    key, as described on UserService: UNAUTHENTICATED without a valid key, and
-    other projects' sessions and messages are NOT_FOUND.
+    are hard-deleted by the purge after the retention period.
+
+    Every RPC acts in the project of the caller's API key, as described on
+    UserService; another project's sessions and messages behave exactly as
+    ones that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field
+    (e.g. "messages[3].content"). Each RPC below lists its own errors, with
+    their reasons in parentheses; an id (session_id, user_id) is invalid when
+    it is longer than 256 characters or holds a control character, or when it
+    is required and empty. Besides those, every RPC may return:
+    - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+    protobuf, e.g. a string field holds invalid UTF-8.
+    - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+    and the call carries none, or one that is unknown, revoked or malformed
+    (one message for all three).
+    - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+    call wrote nothing, unless the connection was lost during its commit;
+    retry with backoff. A server that is shutting down also answers
+    UNAVAILABLE, set by gRPC without an ErrorInfo.
+    - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+    ErrorInfo); the server cancels the call's query, and a write that had
+    not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+    without a deadline ran past the server's statement timeout and its
+    query was cancelled.
+    - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+    database connection; retry with backoff. Without an ErrorInfo (set by
+    gRPC): the request is larger than 16 MiB.
+    - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at, updated_at, deleted_at and
+    last_message_at (not *_time); lastn, Zep's memory parameter; uuid, Zep's
+    name for a message's id; page_number, Zep's page-based listing; and the
+    memory RPCs AddMemory, GetMemory and ClearMemory after Zep's memory
+    endpoints.
     """
 
     def CreateSession(self, request, context):
-        """Creates a session. Returns ALREADY_EXISTS when the session_id is taken
-        (the message says when it is taken by a soft-deleted session and how to
-        restore it), FAILED_PRECONDITION when the named user does not exist.
+        """Creates a session.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
+        metadata breaks the limits of CreateUserRequest.metadata.
+        - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
+        - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+        soft-deleted session; the message says how to restore it.
+        - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Gets one session. Returns NOT_FOUND when it does not exist, or is
-        soft-deleted and show_deleted is false.
+        """Gets one session.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid.
+        - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+        - NOT_FOUND (SESSION_DELETED): the session is soft-deleted and
+        show_deleted is false.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSession(self, request, context):
-        """Merges metadata into a session. Returns NOT_FOUND when the session does
-        not exist or is soft-deleted (restore it first with UndeleteSession or by
-        adding memory), INVALID_ARGUMENT for an unknown update_mask path.
+        """Merges metadata into a live session (see UpdateSessionRequest). A
+        request that changes nothing returns the session as it is.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
+        other than "metadata" or "*"; metadata breaks the limits of
+        CreateUserRequest.metadata.
+        - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+        - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
+        first with UndeleteSession or by adding memory).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Soft-deletes a session and all its messages. Returns NOT_FOUND when the
-        session does not exist or is already deleted.
+        """Soft-deletes a session and all its messages.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid.
+        - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+        - NOT_FOUND (SESSION_DELETED): the session is already soft-deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,8 +247,11 @@ class SessionServiceServicer:
 
     def UndeleteSession(self, request, context):
         """Restores a soft-deleted session; its deleted messages stay deleted.
-        Returns NOT_FOUND when the session does not exist, FAILED_PRECONDITION
-        when it is not deleted.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid.
+        - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+        - FAILED_PRECONDITION (SESSION_NOT_DELETED): the session is not deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,9 +259,16 @@ class SessionServiceServicer:
 
     def ListSessions(self, request, context):
         """Lists sessions with filters, in the requested order, one page at a time.
-        Returns INVALID_ARGUMENT for a bad order_by, a negative page_size or
-        page_number, both page_token and page_number set, or a page_token that
-        is malformed, tampered with, or minted for another query.
+        A user_id that names no user lists no session; it is not an error.
+
+        Errors:
+        - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+        combined with page_token; order_by is not one of the forms described
+        on ListSessionsRequest.order_by; user_id is invalid; a time bound is
+        outside the years 1-9999; metadata_contains breaks the limits of
+        CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+        page_token is malformed, tampered with, or was minted for another
+        query (other filters, order or show_deleted) or project.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,50 +278,85 @@ class SessionServiceServicer:
         """Appends messages to a session, in order, in one transaction. Creates the
         session when absent, and restores it when soft-deleted (its earlier
         deleted messages stay deleted). Concurrent calls on one new session create
-        it once and lose no message. Returns FAILED_PRECONDITION when user_id names
-        a user that does not exist or differs from the session's user, and
-        INVALID_ARGUMENT for no messages, more than 1000, or an invalid message.
+        it once and lose no message.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid (it is required); user_id is
+        invalid; messages is empty or holds more than 1000; a message breaks
+        a limit of its fields (see Message), each named as in
+        "messages[3].content".
+        - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
+        user_id names no user.
+        - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
+        session exists but belongs to another user or to none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetMemory(self, request, context):
-        """Gets the last messages of a session in chronological order. An unknown
-        or soft-deleted session gives an empty memory with found = false, not an
-        error (as Zep does, which agent frameworks rely on).
+        """Gets the last lastn live messages of a session, oldest first, and the
+        session. An unknown or soft-deleted session is not an error: the
+        response has found = false, no session and no messages. (Zep's server
+        answers such a request with HTTP 200 and an empty message list, and agent
+        frameworks rely on that.)
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid; lastn is negative.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListMessages(self, request, context):
-        """Lists a session's live messages, oldest first, one page at a time.
-        Returns NOT_FOUND when the session does not exist or is soft-deleted.
+        """Lists a session's live messages, oldest first (by sequence), one page at
+        a time.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+        reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+        was minted for another session or project.
+        - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+        - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetMessage(self, request, context):
-        """Gets one live message of a live session. Returns NOT_FOUND otherwise.
+        """Gets one live message of a live session.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid; uuid is empty or not a UUID.
+        - NOT_FOUND (MESSAGE_NOT_FOUND): the session has no live message with
+        this uuid, or the session does not exist or is soft-deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateMessage(self, request, context):
-        """Merges metadata into one live message, as UpdateSession does for
-        sessions. Returns NOT_FOUND when the message or session is absent or
-        soft-deleted.
+        """Merges metadata into one live message of a live session, as
+        UpdateSession does for sessions. A request that changes nothing returns
+        the message as it is.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
+        names a path other than "metadata" or "*"; metadata breaks the limits
+        of CreateUserRequest.metadata.
+        - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ClearMemory(self, request, context):
-        """Soft-deletes every message of a session and keeps the session. Returns
-        NOT_FOUND when the session does not exist or is soft-deleted.
+        """Soft-deletes every live message of a session and keeps the session.
+
+        Errors:
+        - INVALID_ARGUMENT: session_id is invalid.
+        - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+        - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -236,10 +367,16 @@ class SessionServiceServicer:
         in chunks, for bulk export. Each chunk carries a token from which an
         interrupted export resumes with no session skipped or repeated. The server
         reads in short keyset batches, so a slow consumer pins no database
-        connection and server memory holds about one chunk. Returns
-        INVALID_ARGUMENT for a negative chunk_size or a page_token that is
-        malformed, tampered with, or minted for another query; UNAVAILABLE when
-        the database cannot be reached (resume from the last token received).
+        connection and server memory holds about one chunk.
+
+        Errors:
+        - INVALID_ARGUMENT: chunk_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+        minted for another stream or project.
+        - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+        ran; the stream ends before its next chunk.
+        - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+        ends the stream; resume from the last next_page_token received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,9 +385,9 @@ class SessionServiceServicer:
     def ExportMessages(self, request, context):
         """Streams every live message of every live session, ordered by session_id
         and then sequence, in chunks, for bulk export. Resumable and flat in
-        memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
-        chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
-        reached (resume from the last token received).
+        memory as ExportSessions.
+
+        Errors: as for ExportSessions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,12 +477,44 @@ def add_SessionServiceServicer_to_server(servicer, server):
 class SessionService:
     """Sessions and their memory (messages). Sessions are soft-deleted: a deleted
     session and its messages are invisible to every read until restored, and
-    are hard-deleted by the purge after the retention period. Errors carry a
-    google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
-    field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written. Every RPC acts in the project of the caller's API
-    key, as described on UserService: UNAUTHENTICATED without a valid key, and
-    other projects' sessions and messages are NOT_FOUND.
+    are hard-deleted by the purge after the retention period.
+
+    Every RPC acts in the project of the caller's API key, as described on
+    UserService; another project's sessions and messages behave exactly as
+    ones that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field
+    (e.g. "messages[3].content"). Each RPC below lists its own errors, with
+    their reasons in parentheses; an id (session_id, user_id) is invalid when
+    it is longer than 256 characters or holds a control character, or when it
+    is required and empty. Besides those, every RPC may return:
+    - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+    protobuf, e.g. a string field holds invalid UTF-8.
+    - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+    and the call carries none, or one that is unknown, revoked or malformed
+    (one message for all three).
+    - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+    call wrote nothing, unless the connection was lost during its commit;
+    retry with backoff. A server that is shutting down also answers
+    UNAVAILABLE, set by gRPC without an ErrorInfo.
+    - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+    ErrorInfo); the server cancels the call's query, and a write that had
+    not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+    without a deadline ran past the server's statement timeout and its
+    query was cancelled.
+    - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+    database connection; retry with backoff. Without an ErrorInfo (set by
+    gRPC): the request is larger than 16 MiB.
+    - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at, updated_at, deleted_at and
+    last_message_at (not *_time); lastn, Zep's memory parameter; uuid, Zep's
+    name for a message's id; page_number, Zep's page-based listing; and the
+    memory RPCs AddMemory, GetMemory and ClearMemory after Zep's memory
+    endpoints.
     """
 
     @staticmethod

@@ -29,12 +29,44 @@ GRPC_VERSION: str
 class SessionServiceStub:
     """Sessions and their memory (messages). Sessions are soft-deleted: a deleted
     session and its messages are invisible to every read until restored, and
-    are hard-deleted by the purge after the retention period. Errors carry a
-    google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
-    field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written. Every RPC acts in the project of the caller's API
-    key, as described on UserService: UNAUTHENTICATED without a valid key, and
-    other projects' sessions and messages are NOT_FOUND.
+    are hard-deleted by the purge after the retention period.
+
+    Every RPC acts in the project of the caller's API key, as described on
+    UserService; another project's sessions and messages behave exactly as
+    ones that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field
+    (e.g. "messages[3].content"). Each RPC below lists its own errors, with
+    their reasons in parentheses; an id (session_id, user_id) is invalid when
+    it is longer than 256 characters or holds a control character, or when it
+    is required and empty. Besides those, every RPC may return:
+      - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+        protobuf, e.g. a string field holds invalid UTF-8.
+      - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+        and the call carries none, or one that is unknown, revoked or malformed
+        (one message for all three).
+      - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+        call wrote nothing, unless the connection was lost during its commit;
+        retry with backoff. A server that is shutting down also answers
+        UNAVAILABLE, set by gRPC without an ErrorInfo.
+      - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+        ErrorInfo); the server cancels the call's query, and a write that had
+        not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+        without a deadline ran past the server's statement timeout and its
+        query was cancelled.
+      - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+        database connection; retry with backoff. Without an ErrorInfo (set by
+        gRPC): the request is larger than 16 MiB.
+      - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at, updated_at, deleted_at and
+    last_message_at (not *_time); lastn, Zep's memory parameter; uuid, Zep's
+    name for a message's id; page_number, Zep's page-based listing; and the
+    memory RPCs AddMemory, GetMemory and ClearMemory after Zep's memory
+    endpoints.
     """
 
     @_typing.overload
@@ -42,177 +74,389 @@ class SessionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SessionServiceAsyncStub: ...
     CreateSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.CreateSessionRequest, _session_service_pb2.CreateSessionResponse]
-    """Creates a session. Returns ALREADY_EXISTS when the session_id is taken
-    (the message says when it is taken by a soft-deleted session and how to
-    restore it), FAILED_PRECONDITION when the named user does not exist.
+    """Creates a session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
+        metadata breaks the limits of CreateUserRequest.metadata.
+      - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
+      - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+        soft-deleted session; the message says how to restore it.
+      - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.GetSessionRequest, _session_service_pb2.GetSessionResponse]
-    """Gets one session. Returns NOT_FOUND when it does not exist, or is
-    soft-deleted and show_deleted is false.
+    """Gets one session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted and
+        show_deleted is false.
     """
     UpdateSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.UpdateSessionRequest, _session_service_pb2.UpdateSessionResponse]
-    """Merges metadata into a session. Returns NOT_FOUND when the session does
-    not exist or is soft-deleted (restore it first with UndeleteSession or by
-    adding memory), INVALID_ARGUMENT for an unknown update_mask path.
+    """Merges metadata into a live session (see UpdateSessionRequest). A
+    request that changes nothing returns the session as it is.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
+        other than "metadata" or "*"; metadata breaks the limits of
+        CreateUserRequest.metadata.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
+        first with UndeleteSession or by adding memory).
     """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]
-    """Soft-deletes a session and all its messages. Returns NOT_FOUND when the
-    session does not exist or is already deleted.
+    """Soft-deletes a session and all its messages.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is already soft-deleted.
     """
     UndeleteSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.UndeleteSessionRequest, _session_service_pb2.UndeleteSessionResponse]
     """Restores a soft-deleted session; its deleted messages stay deleted.
-    Returns NOT_FOUND when the session does not exist, FAILED_PRECONDITION
-    when it is not deleted.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - FAILED_PRECONDITION (SESSION_NOT_DELETED): the session is not deleted.
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListSessionsRequest, _session_service_pb2.ListSessionsResponse]
     """Lists sessions with filters, in the requested order, one page at a time.
-    Returns INVALID_ARGUMENT for a bad order_by, a negative page_size or
-    page_number, both page_token and page_number set, or a page_token that
-    is malformed, tampered with, or minted for another query.
+    A user_id that names no user lists no session; it is not an error.
+
+    Errors:
+      - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+        combined with page_token; order_by is not one of the forms described
+        on ListSessionsRequest.order_by; user_id is invalid; a time bound is
+        outside the years 1-9999; metadata_contains breaks the limits of
+        CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+        page_token is malformed, tampered with, or was minted for another
+        query (other filters, order or show_deleted) or project.
     """
     AddMemory: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.AddMemoryRequest, _session_service_pb2.AddMemoryResponse]
     """Appends messages to a session, in order, in one transaction. Creates the
     session when absent, and restores it when soft-deleted (its earlier
     deleted messages stay deleted). Concurrent calls on one new session create
-    it once and lose no message. Returns FAILED_PRECONDITION when user_id names
-    a user that does not exist or differs from the session's user, and
-    INVALID_ARGUMENT for no messages, more than 1000, or an invalid message.
+    it once and lose no message.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid (it is required); user_id is
+        invalid; messages is empty or holds more than 1000; a message breaks
+        a limit of its fields (see Message), each named as in
+        "messages[3].content".
+      - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
+        user_id names no user.
+      - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
+        session exists but belongs to another user or to none.
     """
     GetMemory: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.GetMemoryRequest, _session_service_pb2.GetMemoryResponse]
-    """Gets the last messages of a session in chronological order. An unknown
-    or soft-deleted session gives an empty memory with found = false, not an
-    error (as Zep does, which agent frameworks rely on).
+    """Gets the last lastn live messages of a session, oldest first, and the
+    session. An unknown or soft-deleted session is not an error: the
+    response has found = false, no session and no messages. (Zep's server
+    answers such a request with HTTP 200 and an empty message list, and agent
+    frameworks rely on that.)
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; lastn is negative.
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]
-    """Lists a session's live messages, oldest first, one page at a time.
-    Returns NOT_FOUND when the session does not exist or is soft-deleted.
+    """Lists a session's live messages, oldest first (by sequence), one page at
+    a time.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+        reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+        was minted for another session or project.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
     """
     GetMessage: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.GetMessageRequest, _session_service_pb2.GetMessageResponse]
-    """Gets one live message of a live session. Returns NOT_FOUND otherwise."""
+    """Gets one live message of a live session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; uuid is empty or not a UUID.
+      - NOT_FOUND (MESSAGE_NOT_FOUND): the session has no live message with
+        this uuid, or the session does not exist or is soft-deleted.
+    """
     UpdateMessage: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.UpdateMessageRequest, _session_service_pb2.UpdateMessageResponse]
-    """Merges metadata into one live message, as UpdateSession does for
-    sessions. Returns NOT_FOUND when the message or session is absent or
-    soft-deleted.
+    """Merges metadata into one live message of a live session, as
+    UpdateSession does for sessions. A request that changes nothing returns
+    the message as it is.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
+        names a path other than "metadata" or "*"; metadata breaks the limits
+        of CreateUserRequest.metadata.
+      - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
     """
     ClearMemory: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ClearMemoryRequest, _session_service_pb2.ClearMemoryResponse]
-    """Soft-deletes every message of a session and keeps the session. Returns
-    NOT_FOUND when the session does not exist or is soft-deleted.
+    """Soft-deletes every live message of a session and keeps the session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
     """
     ExportSessions: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]
     """Streams every live session, oldest first (created_at, then session_id),
     in chunks, for bulk export. Each chunk carries a token from which an
     interrupted export resumes with no session skipped or repeated. The server
     reads in short keyset batches, so a slow consumer pins no database
-    connection and server memory holds about one chunk. Returns
-    INVALID_ARGUMENT for a negative chunk_size or a page_token that is
-    malformed, tampered with, or minted for another query; UNAVAILABLE when
-    the database cannot be reached (resume from the last token received).
+    connection and server memory holds about one chunk.
+
+    Errors:
+      - INVALID_ARGUMENT: chunk_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+        minted for another stream or project.
+      - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+        ran; the stream ends before its next chunk.
+      - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+        ends the stream; resume from the last next_page_token received.
     """
     ExportMessages: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]
     """Streams every live message of every live session, ordered by session_id
     and then sequence, in chunks, for bulk export. Resumable and flat in
-    memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
-    chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
-    reached (resume from the last token received).
+    memory as ExportSessions.
+
+    Errors: as for ExportSessions.
     """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
     """Sessions and their memory (messages). Sessions are soft-deleted: a deleted
     session and its messages are invisible to every read until restored, and
-    are hard-deleted by the purge after the retention period. Errors carry a
-    google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
-    field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written. Every RPC acts in the project of the caller's API
-    key, as described on UserService: UNAUTHENTICATED without a valid key, and
-    other projects' sessions and messages are NOT_FOUND.
+    are hard-deleted by the purge after the retention period.
+
+    Every RPC acts in the project of the caller's API key, as described on
+    UserService; another project's sessions and messages behave exactly as
+    ones that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field
+    (e.g. "messages[3].content"). Each RPC below lists its own errors, with
+    their reasons in parentheses; an id (session_id, user_id) is invalid when
+    it is longer than 256 characters or holds a control character, or when it
+    is required and empty. Besides those, every RPC may return:
+      - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+        protobuf, e.g. a string field holds invalid UTF-8.
+      - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+        and the call carries none, or one that is unknown, revoked or malformed
+        (one message for all three).
+      - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+        call wrote nothing, unless the connection was lost during its commit;
+        retry with backoff. A server that is shutting down also answers
+        UNAVAILABLE, set by gRPC without an ErrorInfo.
+      - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+        ErrorInfo); the server cancels the call's query, and a write that had
+        not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+        without a deadline ran past the server's statement timeout and its
+        query was cancelled.
+      - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+        database connection; retry with backoff. Without an ErrorInfo (set by
+        gRPC): the request is larger than 16 MiB.
+      - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at, updated_at, deleted_at and
+    last_message_at (not *_time); lastn, Zep's memory parameter; uuid, Zep's
+    name for a message's id; page_number, Zep's page-based listing; and the
+    memory RPCs AddMemory, GetMemory and ClearMemory after Zep's memory
+    endpoints.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.CreateSessionRequest, _session_service_pb2.CreateSessionResponse]  # type: ignore[assignment]
-    """Creates a session. Returns ALREADY_EXISTS when the session_id is taken
-    (the message says when it is taken by a soft-deleted session and how to
-    restore it), FAILED_PRECONDITION when the named user does not exist.
+    """Creates a session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
+        metadata breaks the limits of CreateUserRequest.metadata.
+      - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
+      - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+        soft-deleted session; the message says how to restore it.
+      - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetSessionRequest, _session_service_pb2.GetSessionResponse]  # type: ignore[assignment]
-    """Gets one session. Returns NOT_FOUND when it does not exist, or is
-    soft-deleted and show_deleted is false.
+    """Gets one session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted and
+        show_deleted is false.
     """
     UpdateSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateSessionRequest, _session_service_pb2.UpdateSessionResponse]  # type: ignore[assignment]
-    """Merges metadata into a session. Returns NOT_FOUND when the session does
-    not exist or is soft-deleted (restore it first with UndeleteSession or by
-    adding memory), INVALID_ARGUMENT for an unknown update_mask path.
+    """Merges metadata into a live session (see UpdateSessionRequest). A
+    request that changes nothing returns the session as it is.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
+        other than "metadata" or "*"; metadata breaks the limits of
+        CreateUserRequest.metadata.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
+        first with UndeleteSession or by adding memory).
     """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]  # type: ignore[assignment]
-    """Soft-deletes a session and all its messages. Returns NOT_FOUND when the
-    session does not exist or is already deleted.
+    """Soft-deletes a session and all its messages.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is already soft-deleted.
     """
     UndeleteSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UndeleteSessionRequest, _session_service_pb2.UndeleteSessionResponse]  # type: ignore[assignment]
     """Restores a soft-deleted session; its deleted messages stay deleted.
-    Returns NOT_FOUND when the session does not exist, FAILED_PRECONDITION
-    when it is not deleted.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - FAILED_PRECONDITION (SESSION_NOT_DELETED): the session is not deleted.
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListSessionsRequest, _session_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists sessions with filters, in the requested order, one page at a time.
-    Returns INVALID_ARGUMENT for a bad order_by, a negative page_size or
-    page_number, both page_token and page_number set, or a page_token that
-    is malformed, tampered with, or minted for another query.
+    A user_id that names no user lists no session; it is not an error.
+
+    Errors:
+      - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+        combined with page_token; order_by is not one of the forms described
+        on ListSessionsRequest.order_by; user_id is invalid; a time bound is
+        outside the years 1-9999; metadata_contains breaks the limits of
+        CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+        page_token is malformed, tampered with, or was minted for another
+        query (other filters, order or show_deleted) or project.
     """
     AddMemory: _aio.UnaryUnaryMultiCallable[_session_service_pb2.AddMemoryRequest, _session_service_pb2.AddMemoryResponse]  # type: ignore[assignment]
     """Appends messages to a session, in order, in one transaction. Creates the
     session when absent, and restores it when soft-deleted (its earlier
     deleted messages stay deleted). Concurrent calls on one new session create
-    it once and lose no message. Returns FAILED_PRECONDITION when user_id names
-    a user that does not exist or differs from the session's user, and
-    INVALID_ARGUMENT for no messages, more than 1000, or an invalid message.
+    it once and lose no message.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid (it is required); user_id is
+        invalid; messages is empty or holds more than 1000; a message breaks
+        a limit of its fields (see Message), each named as in
+        "messages[3].content".
+      - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
+        user_id names no user.
+      - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
+        session exists but belongs to another user or to none.
     """
     GetMemory: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetMemoryRequest, _session_service_pb2.GetMemoryResponse]  # type: ignore[assignment]
-    """Gets the last messages of a session in chronological order. An unknown
-    or soft-deleted session gives an empty memory with found = false, not an
-    error (as Zep does, which agent frameworks rely on).
+    """Gets the last lastn live messages of a session, oldest first, and the
+    session. An unknown or soft-deleted session is not an error: the
+    response has found = false, no session and no messages. (Zep's server
+    answers such a request with HTTP 200 and an empty message list, and agent
+    frameworks rely on that.)
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; lastn is negative.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
-    """Lists a session's live messages, oldest first, one page at a time.
-    Returns NOT_FOUND when the session does not exist or is soft-deleted.
+    """Lists a session's live messages, oldest first (by sequence), one page at
+    a time.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+        reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+        was minted for another session or project.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
     """
     GetMessage: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetMessageRequest, _session_service_pb2.GetMessageResponse]  # type: ignore[assignment]
-    """Gets one live message of a live session. Returns NOT_FOUND otherwise."""
+    """Gets one live message of a live session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid; uuid is empty or not a UUID.
+      - NOT_FOUND (MESSAGE_NOT_FOUND): the session has no live message with
+        this uuid, or the session does not exist or is soft-deleted.
+    """
     UpdateMessage: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateMessageRequest, _session_service_pb2.UpdateMessageResponse]  # type: ignore[assignment]
-    """Merges metadata into one live message, as UpdateSession does for
-    sessions. Returns NOT_FOUND when the message or session is absent or
-    soft-deleted.
+    """Merges metadata into one live message of a live session, as
+    UpdateSession does for sessions. A request that changes nothing returns
+    the message as it is.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
+        names a path other than "metadata" or "*"; metadata breaks the limits
+        of CreateUserRequest.metadata.
+      - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
     """
     ClearMemory: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ClearMemoryRequest, _session_service_pb2.ClearMemoryResponse]  # type: ignore[assignment]
-    """Soft-deletes every message of a session and keeps the session. Returns
-    NOT_FOUND when the session does not exist or is soft-deleted.
+    """Soft-deletes every live message of a session and keeps the session.
+
+    Errors:
+      - INVALID_ARGUMENT: session_id is invalid.
+      - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+      - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
     """
     ExportSessions: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]  # type: ignore[assignment]
     """Streams every live session, oldest first (created_at, then session_id),
     in chunks, for bulk export. Each chunk carries a token from which an
     interrupted export resumes with no session skipped or repeated. The server
     reads in short keyset batches, so a slow consumer pins no database
-    connection and server memory holds about one chunk. Returns
-    INVALID_ARGUMENT for a negative chunk_size or a page_token that is
-    malformed, tampered with, or minted for another query; UNAVAILABLE when
-    the database cannot be reached (resume from the last token received).
+    connection and server memory holds about one chunk.
+
+    Errors:
+      - INVALID_ARGUMENT: chunk_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+        minted for another stream or project.
+      - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+        ran; the stream ends before its next chunk.
+      - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+        ends the stream; resume from the last next_page_token received.
     """
     ExportMessages: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]  # type: ignore[assignment]
     """Streams every live message of every live session, ordered by session_id
     and then sequence, in chunks, for bulk export. Resumable and flat in
-    memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
-    chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
-    reached (resume from the last token received).
+    memory as ExportSessions.
+
+    Errors: as for ExportSessions.
     """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions and their memory (messages). Sessions are soft-deleted: a deleted
     session and its messages are invisible to every read until restored, and
-    are hard-deleted by the purge after the retention period. Errors carry a
-    google.rpc.Status with ErrorInfo and, for INVALID_ARGUMENT, BadRequest
-    field violations. UNAVAILABLE means the database could not be reached and
-    nothing was written. Every RPC acts in the project of the caller's API
-    key, as described on UserService: UNAUTHENTICATED without a valid key, and
-    other projects' sessions and messages are NOT_FOUND.
+    are hard-deleted by the purge after the retention period.
+
+    Every RPC acts in the project of the caller's API key, as described on
+    UserService; another project's sessions and messages behave exactly as
+    ones that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field
+    (e.g. "messages[3].content"). Each RPC below lists its own errors, with
+    their reasons in parentheses; an id (session_id, user_id) is invalid when
+    it is longer than 256 characters or holds a control character, or when it
+    is required and empty. Besides those, every RPC may return:
+      - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+        protobuf, e.g. a string field holds invalid UTF-8.
+      - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+        and the call carries none, or one that is unknown, revoked or malformed
+        (one message for all three).
+      - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+        call wrote nothing, unless the connection was lost during its commit;
+        retry with backoff. A server that is shutting down also answers
+        UNAVAILABLE, set by gRPC without an ErrorInfo.
+      - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+        ErrorInfo); the server cancels the call's query, and a write that had
+        not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+        without a deadline ran past the server's statement timeout and its
+        query was cancelled.
+      - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+        database connection; retry with backoff. Without an ErrorInfo (set by
+        gRPC): the request is larger than 16 MiB.
+      - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at, updated_at, deleted_at and
+    last_message_at (not *_time); lastn, Zep's memory parameter; uuid, Zep's
+    name for a message's id; page_number, Zep's page-based listing; and the
+    memory RPCs AddMemory, GetMemory and ClearMemory after Zep's memory
+    endpoints.
     """
 
     @_abc_1.abstractmethod
@@ -221,9 +465,15 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.CreateSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.CreateSessionResponse, _abc.Awaitable[_session_service_pb2.CreateSessionResponse]]:
-        """Creates a session. Returns ALREADY_EXISTS when the session_id is taken
-        (the message says when it is taken by a soft-deleted session and how to
-        restore it), FAILED_PRECONDITION when the named user does not exist.
+        """Creates a session.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
+            metadata breaks the limits of CreateUserRequest.metadata.
+          - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
+          - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+            soft-deleted session; the message says how to restore it.
+          - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
         """
 
     @_abc_1.abstractmethod
@@ -232,8 +482,13 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.GetSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.GetSessionResponse, _abc.Awaitable[_session_service_pb2.GetSessionResponse]]:
-        """Gets one session. Returns NOT_FOUND when it does not exist, or is
-        soft-deleted and show_deleted is false.
+        """Gets one session.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid.
+          - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+          - NOT_FOUND (SESSION_DELETED): the session is soft-deleted and
+            show_deleted is false.
         """
 
     @_abc_1.abstractmethod
@@ -242,9 +497,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.UpdateSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.UpdateSessionResponse, _abc.Awaitable[_session_service_pb2.UpdateSessionResponse]]:
-        """Merges metadata into a session. Returns NOT_FOUND when the session does
-        not exist or is soft-deleted (restore it first with UndeleteSession or by
-        adding memory), INVALID_ARGUMENT for an unknown update_mask path.
+        """Merges metadata into a live session (see UpdateSessionRequest). A
+        request that changes nothing returns the session as it is.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
+            other than "metadata" or "*"; metadata breaks the limits of
+            CreateUserRequest.metadata.
+          - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+          - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
+            first with UndeleteSession or by adding memory).
         """
 
     @_abc_1.abstractmethod
@@ -253,8 +515,12 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.DeleteSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.DeleteSessionResponse, _abc.Awaitable[_session_service_pb2.DeleteSessionResponse]]:
-        """Soft-deletes a session and all its messages. Returns NOT_FOUND when the
-        session does not exist or is already deleted.
+        """Soft-deletes a session and all its messages.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid.
+          - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+          - NOT_FOUND (SESSION_DELETED): the session is already soft-deleted.
         """
 
     @_abc_1.abstractmethod
@@ -264,8 +530,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.UndeleteSessionResponse, _abc.Awaitable[_session_service_pb2.UndeleteSessionResponse]]:
         """Restores a soft-deleted session; its deleted messages stay deleted.
-        Returns NOT_FOUND when the session does not exist, FAILED_PRECONDITION
-        when it is not deleted.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid.
+          - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+          - FAILED_PRECONDITION (SESSION_NOT_DELETED): the session is not deleted.
         """
 
     @_abc_1.abstractmethod
@@ -275,9 +544,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.ListSessionsResponse, _abc.Awaitable[_session_service_pb2.ListSessionsResponse]]:
         """Lists sessions with filters, in the requested order, one page at a time.
-        Returns INVALID_ARGUMENT for a bad order_by, a negative page_size or
-        page_number, both page_token and page_number set, or a page_token that
-        is malformed, tampered with, or minted for another query.
+        A user_id that names no user lists no session; it is not an error.
+
+        Errors:
+          - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+            combined with page_token; order_by is not one of the forms described
+            on ListSessionsRequest.order_by; user_id is invalid; a time bound is
+            outside the years 1-9999; metadata_contains breaks the limits of
+            CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+            page_token is malformed, tampered with, or was minted for another
+            query (other filters, order or show_deleted) or project.
         """
 
     @_abc_1.abstractmethod
@@ -289,9 +565,17 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Appends messages to a session, in order, in one transaction. Creates the
         session when absent, and restores it when soft-deleted (its earlier
         deleted messages stay deleted). Concurrent calls on one new session create
-        it once and lose no message. Returns FAILED_PRECONDITION when user_id names
-        a user that does not exist or differs from the session's user, and
-        INVALID_ARGUMENT for no messages, more than 1000, or an invalid message.
+        it once and lose no message.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid (it is required); user_id is
+            invalid; messages is empty or holds more than 1000; a message breaks
+            a limit of its fields (see Message), each named as in
+            "messages[3].content".
+          - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
+            user_id names no user.
+          - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
+            session exists but belongs to another user or to none.
         """
 
     @_abc_1.abstractmethod
@@ -300,9 +584,14 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.GetMemoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.GetMemoryResponse, _abc.Awaitable[_session_service_pb2.GetMemoryResponse]]:
-        """Gets the last messages of a session in chronological order. An unknown
-        or soft-deleted session gives an empty memory with found = false, not an
-        error (as Zep does, which agent frameworks rely on).
+        """Gets the last lastn live messages of a session, oldest first, and the
+        session. An unknown or soft-deleted session is not an error: the
+        response has found = false, no session and no messages. (Zep's server
+        answers such a request with HTTP 200 and an empty message list, and agent
+        frameworks rely on that.)
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid; lastn is negative.
         """
 
     @_abc_1.abstractmethod
@@ -311,8 +600,15 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.ListMessagesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.ListMessagesResponse, _abc.Awaitable[_session_service_pb2.ListMessagesResponse]]:
-        """Lists a session's live messages, oldest first, one page at a time.
-        Returns NOT_FOUND when the session does not exist or is soft-deleted.
+        """Lists a session's live messages, oldest first (by sequence), one page at
+        a time.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+            reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+            was minted for another session or project.
+          - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+          - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
         """
 
     @_abc_1.abstractmethod
@@ -321,7 +617,13 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.GetMessageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.GetMessageResponse, _abc.Awaitable[_session_service_pb2.GetMessageResponse]]:
-        """Gets one live message of a live session. Returns NOT_FOUND otherwise."""
+        """Gets one live message of a live session.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid; uuid is empty or not a UUID.
+          - NOT_FOUND (MESSAGE_NOT_FOUND): the session has no live message with
+            this uuid, or the session does not exist or is soft-deleted.
+        """
 
     @_abc_1.abstractmethod
     def UpdateMessage(
@@ -329,9 +631,15 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.UpdateMessageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.UpdateMessageResponse, _abc.Awaitable[_session_service_pb2.UpdateMessageResponse]]:
-        """Merges metadata into one live message, as UpdateSession does for
-        sessions. Returns NOT_FOUND when the message or session is absent or
-        soft-deleted.
+        """Merges metadata into one live message of a live session, as
+        UpdateSession does for sessions. A request that changes nothing returns
+        the message as it is.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
+            names a path other than "metadata" or "*"; metadata breaks the limits
+            of CreateUserRequest.metadata.
+          - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
         """
 
     @_abc_1.abstractmethod
@@ -340,8 +648,12 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.ClearMemoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.ClearMemoryResponse, _abc.Awaitable[_session_service_pb2.ClearMemoryResponse]]:
-        """Soft-deletes every message of a session and keeps the session. Returns
-        NOT_FOUND when the session does not exist or is soft-deleted.
+        """Soft-deletes every live message of a session and keeps the session.
+
+        Errors:
+          - INVALID_ARGUMENT: session_id is invalid.
+          - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
+          - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
         """
 
     @_abc_1.abstractmethod
@@ -354,10 +666,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         in chunks, for bulk export. Each chunk carries a token from which an
         interrupted export resumes with no session skipped or repeated. The server
         reads in short keyset batches, so a slow consumer pins no database
-        connection and server memory holds about one chunk. Returns
-        INVALID_ARGUMENT for a negative chunk_size or a page_token that is
-        malformed, tampered with, or minted for another query; UNAVAILABLE when
-        the database cannot be reached (resume from the last token received).
+        connection and server memory holds about one chunk.
+
+        Errors:
+          - INVALID_ARGUMENT: chunk_size is negative. With reason
+            INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+            minted for another stream or project.
+          - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+            ran; the stream ends before its next chunk.
+          - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+            ends the stream; resume from the last next_page_token received.
         """
 
     @_abc_1.abstractmethod
@@ -368,9 +686,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExportMessagesResponse], _abc.AsyncIterator[_session_service_pb2.ExportMessagesResponse]]:
         """Streams every live message of every live session, ordered by session_id
         and then sequence, in chunks, for bulk export. Resumable and flat in
-        memory as ExportSessions. Returns INVALID_ARGUMENT for a negative
-        chunk_size or a bad page_token; UNAVAILABLE when the database cannot be
-        reached (resume from the last token received).
+        memory as ExportSessions.
+
+        Errors: as for ExportSessions.
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -44,7 +44,11 @@ class CreateUserRequest(_message.Message):
     """Optional. Family name, at most 256 characters."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional. Free-form JSON object, at most 64 KiB as JSON."""
+        """Optional. Free-form JSON object: at most 64 KiB as compact JSON, no NUL
+        characters, no NaN or Infinity. Its nesting is bounded by the protobuf
+        parser's limit of 100 nested messages (about 33 levels of objects): a
+        deeper request is INVALID_ARGUMENT with reason MALFORMED_REQUEST.
+        """
 
     def __init__(
         self,
@@ -138,9 +142,10 @@ class UpdateUserRequest(_message.Message):
     """Request of UpdateUser.
 
     Which fields change: with an update_mask, exactly the paths it names
-    ("email", "first_name", "last_name", "metadata"); a named field that the
-    request leaves unset is cleared (empty string, or empty metadata). Without
-    an update_mask, exactly the fields the request sets.
+    ("email", "first_name", "last_name", "metadata", or "*" for all four); a
+    named field that the request leaves unset is cleared (empty string, or
+    empty metadata). Without an update_mask, exactly the fields the request
+    sets.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -164,7 +169,9 @@ class UpdateUserRequest(_message.Message):
         """Optional. A JSON merge patch (RFC 7396) applied to the stored metadata in
         one atomic statement: keys are added or replaced, nested objects merged
         recursively, arrays and scalars replaced, and a key whose value is null is
-        removed. Concurrent updates of different keys all survive. At most 64 KiB.
+        removed. Concurrent updates of different keys all survive. The patch
+        has the limits of CreateUserRequest.metadata; the merged result is not
+        measured again.
         """
 
     @_builtins.property

@@ -26,14 +26,40 @@ if _version_not_supported:
 
 
 class UserServiceStub:
-    """Users: the people agents talk to. Every error carries a google.rpc.Status
-    with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
-    INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
-    means the database could not be reached and nothing was written: retry.
-    Every RPC acts in the project of the caller's API key (metadata
-    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
-    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
-    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
+    """Users: the people agents talk to, identified by the caller's own ids.
+
+    Every RPC acts in the project of the caller's API key, sent as metadata
+    "authorization: Bearer <key>" or "x-api-key: <key>". While no API key
+    exists the server is open and every call acts in the default project.
+    Another project's users behave exactly as users that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field.
+    Each RPC below lists its own errors, with their reasons in parentheses.
+    Besides those, every RPC may return:
+    - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+    protobuf, e.g. a string field holds invalid UTF-8.
+    - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+    and the call carries none, or one that is unknown, revoked or malformed
+    (one message for all three).
+    - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+    call wrote nothing, unless the connection was lost during its commit;
+    retry with backoff. A server that is shutting down also answers
+    UNAVAILABLE, set by gRPC without an ErrorInfo.
+    - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+    ErrorInfo); the server cancels the call's query, and a write that had
+    not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+    without a deadline ran past the server's statement timeout and its
+    query was cancelled.
+    - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+    database connection; retry with backoff. Without an ErrorInfo (set by
+    gRPC): the request is larger than 16 MiB.
+    - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at and updated_at (not create_time and
+    update_time), and ListUsersChunked after the SDK's user.list_chunked.
     """
 
     def __init__(self, channel):
@@ -80,35 +106,78 @@ class UserServiceStub:
 
 
 class UserServiceServicer:
-    """Users: the people agents talk to. Every error carries a google.rpc.Status
-    with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
-    INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
-    means the database could not be reached and nothing was written: retry.
-    Every RPC acts in the project of the caller's API key (metadata
-    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
-    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
-    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
+    """Users: the people agents talk to, identified by the caller's own ids.
+
+    Every RPC acts in the project of the caller's API key, sent as metadata
+    "authorization: Bearer <key>" or "x-api-key: <key>". While no API key
+    exists the server is open and every call acts in the default project.
+    Another project's users behave exactly as users that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field.
+    Each RPC below lists its own errors, with their reasons in parentheses.
+    Besides those, every RPC may return:
+    - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+    protobuf, e.g. a string field holds invalid UTF-8.
+    - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+    and the call carries none, or one that is unknown, revoked or malformed
+    (one message for all three).
+    - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+    call wrote nothing, unless the connection was lost during its commit;
+    retry with backoff. A server that is shutting down also answers
+    UNAVAILABLE, set by gRPC without an ErrorInfo.
+    - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+    ErrorInfo); the server cancels the call's query, and a write that had
+    not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+    without a deadline ran past the server's statement timeout and its
+    query was cancelled.
+    - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+    database connection; retry with backoff. Without an ErrorInfo (set by
+    gRPC): the request is larger than 16 MiB.
+    - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at and updated_at (not create_time and
+    update_time), and ListUsersChunked after the SDK's user.list_chunked.
     """
 
     def CreateUser(self, request, context):
-        """Creates a user. Returns ALREADY_EXISTS when the user_id is taken and
-        INVALID_ARGUMENT for a bad id, an over-long field or oversized metadata.
+        """Creates a user.
+
+        Errors:
+        - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+        a control character; email, first_name or last_name is longer than
+        256 characters or holds a NUL; metadata breaks its limits (see
+        CreateUserRequest.metadata).
+        - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUser(self, request, context):
-        """Gets one user. Returns NOT_FOUND when no user has this id.
+        """Gets one user.
+
+        Errors:
+        - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+        a control character.
+        - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUser(self, request, context):
-        """Updates a user's fields and merges its metadata in one atomic statement.
-        Returns NOT_FOUND when no user has this id and INVALID_ARGUMENT for an
-        unknown update_mask path.
+        """Updates a user's fields and merges its metadata in one atomic statement
+        (see UpdateUserRequest). A request that changes nothing returns the user
+        as it is.
+
+        Errors:
+        - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
+        other than those of UpdateUserRequest; email, first_name, last_name
+        or metadata as for CreateUser.
+        - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +186,10 @@ class UserServiceServicer:
     def DeleteUser(self, request, context):
         """Deletes a user and, in the same transaction, every session and message
         of that user (a hard delete: nothing remains and the id is free again).
-        Returns NOT_FOUND when no user has this id.
+
+        Errors:
+        - INVALID_ARGUMENT: user_id as for GetUser.
+        - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,8 +197,11 @@ class UserServiceServicer:
 
     def ListUsers(self, request, context):
         """Lists users, oldest first (created_at, then user_id), one page at a time.
-        Returns INVALID_ARGUMENT for a negative page_size or a page_token that is
-        malformed, tampered with, or minted for another query.
+
+        Errors:
+        - INVALID_ARGUMENT: page_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+        minted for another query or project.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,7 +211,15 @@ class UserServiceServicer:
         """Streams every user, oldest first, in chunks (a bulk export). The server
         reads in keyset batches, so its memory stays flat whatever the table
         size; each chunk carries a token from which an interrupted export
-        resumes without repeating or skipping a user. Errors as for ListUsers.
+        resumes without repeating or skipping a user.
+
+        Errors:
+        - INVALID_ARGUMENT: chunk_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token as for ListUsers.
+        - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+        ran; the stream ends before its next chunk.
+        - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+        ends the stream; resume from the last next_page_token received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,7 +227,13 @@ class UserServiceServicer:
 
     def ListUserSessions(self, request, context):
         """Lists one user's live sessions, oldest first (created_at, then
-        session_id), one page at a time. Returns NOT_FOUND for an unknown user.
+        session_id), one page at a time.
+
+        Errors:
+        - INVALID_ARGUMENT: user_id as for GetUser; page_size is negative. With
+        reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+        was minted for another user, query or project.
+        - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,14 +286,40 @@ def add_UserServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UserService:
-    """Users: the people agents talk to. Every error carries a google.rpc.Status
-    with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
-    INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
-    means the database could not be reached and nothing was written: retry.
-    Every RPC acts in the project of the caller's API key (metadata
-    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
-    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
-    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
+    """Users: the people agents talk to, identified by the caller's own ids.
+
+    Every RPC acts in the project of the caller's API key, sent as metadata
+    "authorization: Bearer <key>" or "x-api-key: <key>". While no API key
+    exists the server is open and every call acts in the default project.
+    Another project's users behave exactly as users that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field.
+    Each RPC below lists its own errors, with their reasons in parentheses.
+    Besides those, every RPC may return:
+    - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+    protobuf, e.g. a string field holds invalid UTF-8.
+    - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+    and the call carries none, or one that is unknown, revoked or malformed
+    (one message for all three).
+    - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+    call wrote nothing, unless the connection was lost during its commit;
+    retry with backoff. A server that is shutting down also answers
+    UNAVAILABLE, set by gRPC without an ErrorInfo.
+    - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+    ErrorInfo); the server cancels the call's query, and a write that had
+    not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+    without a deadline ran past the server's statement timeout and its
+    query was cancelled.
+    - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+    database connection; retry with backoff. Without an ErrorInfo (set by
+    gRPC): the request is larger than 16 MiB.
+    - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at and updated_at (not create_time and
+    update_time), and ListUsersChunked after the SDK's user.list_chunked.
     """
 
     @staticmethod

@@ -27,14 +27,40 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class UserServiceStub:
-    """Users: the people agents talk to. Every error carries a google.rpc.Status
-    with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
-    INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
-    means the database could not be reached and nothing was written: retry.
-    Every RPC acts in the project of the caller's API key (metadata
-    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
-    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
-    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
+    """Users: the people agents talk to, identified by the caller's own ids.
+
+    Every RPC acts in the project of the caller's API key, sent as metadata
+    "authorization: Bearer <key>" or "x-api-key: <key>". While no API key
+    exists the server is open and every call acts in the default project.
+    Another project's users behave exactly as users that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field.
+    Each RPC below lists its own errors, with their reasons in parentheses.
+    Besides those, every RPC may return:
+      - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+        protobuf, e.g. a string field holds invalid UTF-8.
+      - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+        and the call carries none, or one that is unknown, revoked or malformed
+        (one message for all three).
+      - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+        call wrote nothing, unless the connection was lost during its commit;
+        retry with backoff. A server that is shutting down also answers
+        UNAVAILABLE, set by gRPC without an ErrorInfo.
+      - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+        ErrorInfo); the server cancels the call's query, and a write that had
+        not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+        without a deadline ran past the server's statement timeout and its
+        query was cancelled.
+      - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+        database connection; retry with backoff. Without an ErrorInfo (set by
+        gRPC): the request is larger than 16 MiB.
+      - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at and updated_at (not create_time and
+    update_time), and ListUsersChunked after the SDK's user.list_chunked.
     """
 
     @_typing.overload
@@ -42,91 +68,219 @@ class UserServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UserServiceAsyncStub: ...
     CreateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]
-    """Creates a user. Returns ALREADY_EXISTS when the user_id is taken and
-    INVALID_ARGUMENT for a bad id, an over-long field or oversized metadata.
+    """Creates a user.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+        a control character; email, first_name or last_name is longer than
+        256 characters or holds a NUL; metadata breaks its limits (see
+        CreateUserRequest.metadata).
+      - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
     """
     GetUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]
-    """Gets one user. Returns NOT_FOUND when no user has this id."""
+    """Gets one user.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+        a control character.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+    """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]
-    """Updates a user's fields and merges its metadata in one atomic statement.
-    Returns NOT_FOUND when no user has this id and INVALID_ARGUMENT for an
-    unknown update_mask path.
+    """Updates a user's fields and merges its metadata in one atomic statement
+    (see UpdateUserRequest). A request that changes nothing returns the user
+    as it is.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
+        other than those of UpdateUserRequest; email, first_name, last_name
+        or metadata as for CreateUser.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
     """Deletes a user and, in the same transaction, every session and message
     of that user (a hard delete: nothing remains and the id is free again).
-    Returns NOT_FOUND when no user has this id.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id as for GetUser.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
     """Lists users, oldest first (created_at, then user_id), one page at a time.
-    Returns INVALID_ARGUMENT for a negative page_size or a page_token that is
-    malformed, tampered with, or minted for another query.
+
+    Errors:
+      - INVALID_ARGUMENT: page_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+        minted for another query or project.
     """
     ListUsersChunked: _grpc.UnaryStreamMultiCallable[_user_service_pb2.ListUsersChunkedRequest, _user_service_pb2.ListUsersChunkedResponse]
     """Streams every user, oldest first, in chunks (a bulk export). The server
     reads in keyset batches, so its memory stays flat whatever the table
     size; each chunk carries a token from which an interrupted export
-    resumes without repeating or skipping a user. Errors as for ListUsers.
+    resumes without repeating or skipping a user.
+
+    Errors:
+      - INVALID_ARGUMENT: chunk_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token as for ListUsers.
+      - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+        ran; the stream ends before its next chunk.
+      - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+        ends the stream; resume from the last next_page_token received.
     """
     ListUserSessions: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUserSessionsRequest, _user_service_pb2.ListUserSessionsResponse]
     """Lists one user's live sessions, oldest first (created_at, then
-    session_id), one page at a time. Returns NOT_FOUND for an unknown user.
+    session_id), one page at a time.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id as for GetUser; page_size is negative. With
+        reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+        was minted for another user, query or project.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
-    """Users: the people agents talk to. Every error carries a google.rpc.Status
-    with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
-    INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
-    means the database could not be reached and nothing was written: retry.
-    Every RPC acts in the project of the caller's API key (metadata
-    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
-    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
-    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
+    """Users: the people agents talk to, identified by the caller's own ids.
+
+    Every RPC acts in the project of the caller's API key, sent as metadata
+    "authorization: Bearer <key>" or "x-api-key: <key>". While no API key
+    exists the server is open and every call acts in the default project.
+    Another project's users behave exactly as users that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field.
+    Each RPC below lists its own errors, with their reasons in parentheses.
+    Besides those, every RPC may return:
+      - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+        protobuf, e.g. a string field holds invalid UTF-8.
+      - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+        and the call carries none, or one that is unknown, revoked or malformed
+        (one message for all three).
+      - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+        call wrote nothing, unless the connection was lost during its commit;
+        retry with backoff. A server that is shutting down also answers
+        UNAVAILABLE, set by gRPC without an ErrorInfo.
+      - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+        ErrorInfo); the server cancels the call's query, and a write that had
+        not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+        without a deadline ran past the server's statement timeout and its
+        query was cancelled.
+      - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+        database connection; retry with backoff. Without an ErrorInfo (set by
+        gRPC): the request is larger than 16 MiB.
+      - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at and updated_at (not create_time and
+    update_time), and ListUsersChunked after the SDK's user.list_chunked.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]  # type: ignore[assignment]
-    """Creates a user. Returns ALREADY_EXISTS when the user_id is taken and
-    INVALID_ARGUMENT for a bad id, an over-long field or oversized metadata.
+    """Creates a user.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+        a control character; email, first_name or last_name is longer than
+        256 characters or holds a NUL; metadata breaks its limits (see
+        CreateUserRequest.metadata).
+      - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
     """
     GetUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]  # type: ignore[assignment]
-    """Gets one user. Returns NOT_FOUND when no user has this id."""
+    """Gets one user.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+        a control character.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+    """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
-    """Updates a user's fields and merges its metadata in one atomic statement.
-    Returns NOT_FOUND when no user has this id and INVALID_ARGUMENT for an
-    unknown update_mask path.
+    """Updates a user's fields and merges its metadata in one atomic statement
+    (see UpdateUserRequest). A request that changes nothing returns the user
+    as it is.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
+        other than those of UpdateUserRequest; email, first_name, last_name
+        or metadata as for CreateUser.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
     """Deletes a user and, in the same transaction, every session and message
     of that user (a hard delete: nothing remains and the id is free again).
-    Returns NOT_FOUND when no user has this id.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id as for GetUser.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Lists users, oldest first (created_at, then user_id), one page at a time.
-    Returns INVALID_ARGUMENT for a negative page_size or a page_token that is
-    malformed, tampered with, or minted for another query.
+
+    Errors:
+      - INVALID_ARGUMENT: page_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+        minted for another query or project.
     """
     ListUsersChunked: _aio.UnaryStreamMultiCallable[_user_service_pb2.ListUsersChunkedRequest, _user_service_pb2.ListUsersChunkedResponse]  # type: ignore[assignment]
     """Streams every user, oldest first, in chunks (a bulk export). The server
     reads in keyset batches, so its memory stays flat whatever the table
     size; each chunk carries a token from which an interrupted export
-    resumes without repeating or skipping a user. Errors as for ListUsers.
+    resumes without repeating or skipping a user.
+
+    Errors:
+      - INVALID_ARGUMENT: chunk_size is negative. With reason
+        INVALID_PAGE_TOKEN: page_token as for ListUsers.
+      - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+        ran; the stream ends before its next chunk.
+      - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+        ends the stream; resume from the last next_page_token received.
     """
     ListUserSessions: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUserSessionsRequest, _user_service_pb2.ListUserSessionsResponse]  # type: ignore[assignment]
     """Lists one user's live sessions, oldest first (created_at, then
-    session_id), one page at a time. Returns NOT_FOUND for an unknown user.
+    session_id), one page at a time.
+
+    Errors:
+      - INVALID_ARGUMENT: user_id as for GetUser; page_size is negative. With
+        reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+        was minted for another user, query or project.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Users: the people agents talk to. Every error carries a google.rpc.Status
-    with an ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason) and, for
-    INVALID_ARGUMENT, a BadRequest naming each offending field. UNAVAILABLE
-    means the database could not be reached and nothing was written: retry.
-    Every RPC acts in the project of the caller's API key (metadata
-    "authorization: Bearer <key>" or "x-api-key"); once keys exist, a missing,
-    unknown or revoked key is UNAUTHENTICATED, and other projects' users are
-    NOT_FOUND. RESOURCE_EXHAUSTED means the server is overloaded: back off.
+    """Users: the people agents talk to, identified by the caller's own ids.
+
+    Every RPC acts in the project of the caller's API key, sent as metadata
+    "authorization: Bearer <key>" or "x-api-key: <key>". While no API key
+    exists the server is open and every call acts in the default project.
+    Another project's users behave exactly as users that do not exist.
+
+    Errors. Every error the server returns carries a google.rpc.Status with one
+    ErrorInfo (domain "memstore", a stable UPPER_SNAKE reason to branch on) and,
+    for INVALID_ARGUMENT, a BadRequest with one violation per offending field.
+    Each RPC below lists its own errors, with their reasons in parentheses.
+    Besides those, every RPC may return:
+      - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
+        protobuf, e.g. a string field holds invalid UTF-8.
+      - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
+        and the call carries none, or one that is unknown, revoked or malformed
+        (one message for all three).
+      - UNAVAILABLE (DATABASE_UNAVAILABLE): PostgreSQL cannot be reached. The
+        call wrote nothing, unless the connection was lost during its commit;
+        retry with backoff. A server that is shutting down also answers
+        UNAVAILABLE, set by gRPC without an ErrorInfo.
+      - DEADLINE_EXCEEDED: the caller's deadline passed (set by gRPC, without an
+        ErrorInfo); the server cancels the call's query, and a write that had
+        not committed is rolled back. With reason DEADLINE_EXCEEDED: a call
+        without a deadline ran past the server's statement timeout and its
+        query was cancelled.
+      - RESOURCE_EXHAUSTED (SERVER_OVERLOADED): too many calls are waiting for a
+        database connection; retry with backoff. Without an ErrorInfo (set by
+        gRPC): the request is larger than 16 MiB.
+      - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
+    rather than the AIP one: created_at and updated_at (not create_time and
+    update_time), and ListUsersChunked after the SDK's user.list_chunked.
     """
 
     @_abc_1.abstractmethod
@@ -135,8 +289,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.CreateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.CreateUserResponse, _abc.Awaitable[_user_service_pb2.CreateUserResponse]]:
-        """Creates a user. Returns ALREADY_EXISTS when the user_id is taken and
-        INVALID_ARGUMENT for a bad id, an over-long field or oversized metadata.
+        """Creates a user.
+
+        Errors:
+          - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+            a control character; email, first_name or last_name is longer than
+            256 characters or holds a NUL; metadata breaks its limits (see
+            CreateUserRequest.metadata).
+          - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
         """
 
     @_abc_1.abstractmethod
@@ -145,7 +305,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.GetUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.GetUserResponse, _abc.Awaitable[_user_service_pb2.GetUserResponse]]:
-        """Gets one user. Returns NOT_FOUND when no user has this id."""
+        """Gets one user.
+
+        Errors:
+          - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
+            a control character.
+          - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+        """
 
     @_abc_1.abstractmethod
     def UpdateUser(
@@ -153,9 +319,15 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.UpdateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.UpdateUserResponse, _abc.Awaitable[_user_service_pb2.UpdateUserResponse]]:
-        """Updates a user's fields and merges its metadata in one atomic statement.
-        Returns NOT_FOUND when no user has this id and INVALID_ARGUMENT for an
-        unknown update_mask path.
+        """Updates a user's fields and merges its metadata in one atomic statement
+        (see UpdateUserRequest). A request that changes nothing returns the user
+        as it is.
+
+        Errors:
+          - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
+            other than those of UpdateUserRequest; email, first_name, last_name
+            or metadata as for CreateUser.
+          - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
 
     @_abc_1.abstractmethod
@@ -166,7 +338,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DeleteUserResponse, _abc.Awaitable[_user_service_pb2.DeleteUserResponse]]:
         """Deletes a user and, in the same transaction, every session and message
         of that user (a hard delete: nothing remains and the id is free again).
-        Returns NOT_FOUND when no user has this id.
+
+        Errors:
+          - INVALID_ARGUMENT: user_id as for GetUser.
+          - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
 
     @_abc_1.abstractmethod
@@ -176,8 +351,11 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ListUsersResponse, _abc.Awaitable[_user_service_pb2.ListUsersResponse]]:
         """Lists users, oldest first (created_at, then user_id), one page at a time.
-        Returns INVALID_ARGUMENT for a negative page_size or a page_token that is
-        malformed, tampered with, or minted for another query.
+
+        Errors:
+          - INVALID_ARGUMENT: page_size is negative. With reason
+            INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
+            minted for another query or project.
         """
 
     @_abc_1.abstractmethod
@@ -189,7 +367,15 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams every user, oldest first, in chunks (a bulk export). The server
         reads in keyset batches, so its memory stays flat whatever the table
         size; each chunk carries a token from which an interrupted export
-        resumes without repeating or skipping a user. Errors as for ListUsers.
+        resumes without repeating or skipping a user.
+
+        Errors:
+          - INVALID_ARGUMENT: chunk_size is negative. With reason
+            INVALID_PAGE_TOKEN: page_token as for ListUsers.
+          - UNAUTHENTICATED (API_KEY_INVALID): the key was revoked while the stream
+            ran; the stream ends before its next chunk.
+          - Any error after the first chunk (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+            ends the stream; resume from the last next_page_token received.
         """
 
     @_abc_1.abstractmethod
@@ -199,7 +385,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ListUserSessionsResponse, _abc.Awaitable[_user_service_pb2.ListUserSessionsResponse]]:
         """Lists one user's live sessions, oldest first (created_at, then
-        session_id), one page at a time. Returns NOT_FOUND for an unknown user.
+        session_id), one page at a time.
+
+        Errors:
+          - INVALID_ARGUMENT: user_id as for GetUser; page_size is negative. With
+            reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
+            was minted for another user, query or project.
+          - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,5 +1,5 @@
 -- 0005: memstore_merge_patch in linear time.
--- The first version applied a patch one key at a time with jsonb_set, copying the whole
+-- 0001's function applies a patch one key at a time with jsonb_set, copying the whole
 -- object per key: quadratic in the number of keys. A 64 KiB metadata object (the limit)
 -- of small keys took seconds of CPU under the row lock (found by the fuzz tests: 1.1 s
 -- for 6,000 keys). This one builds the result in one pass: the target's keys the patch

@@ -1,29 +1,19 @@
--- Schema migrations, shared settings and the purge of expired soft-deleted rows.
+-- The database as a whole: reachability, the statement timeout lifted for migrations, the
+-- shared page-token key, and the purge of expired soft-deleted rows.
 
--- name: lock_migrations
--- Serializes migrate() across every worker and replica (one fixed advisory lock key).
-SELECT pg_advisory_lock(7283946501);
+-- ping --
+-- One round trip, to notice a database that went away while no call was made.
+SELECT 1;
 
--- name: unlock_migrations
--- Releases the advisory lock of lock_migrations.
-SELECT pg_advisory_unlock(7283946501);
+-- no_statement_timeout --
+-- Lifts the per-call statement timeout for this connection (migrations may run long).
+SET statement_timeout = 0;
 
--- name: create_schema_migrations
--- The record of applied migrations; created before the first one runs.
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    name text PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
+-- reset_statement_timeout --
+-- Restores the connection's own statement timeout after no_statement_timeout.
+RESET statement_timeout;
 
--- name: applied_migrations
--- The names of the migrations already applied.
-SELECT name FROM schema_migrations ORDER BY name;
-
--- name: record_migration
--- Marks one migration as applied, in the transaction that applied it.
-INSERT INTO schema_migrations (name) VALUES (%(name)s);
-
--- name: token_key
+-- token_key --
 -- Creates the page-token key once (first worker wins) and reads the one that is kept.
 WITH made AS (
     INSERT INTO settings (name, value) VALUES ('page_token_key', %(candidate)s)
@@ -35,11 +25,11 @@ UNION ALL
 SELECT value FROM settings WHERE name = 'page_token_key'
 LIMIT 1;
 
--- name: purge_cutoff
+-- purge_cutoff --
 -- The time before which soft-deleted rows are expired, by the database's clock.
 SELECT now() - %(retention)s::interval AS cutoff;
 
--- name: purge_messages
+-- purge_messages --
 -- Hard-deletes one batch of messages soft-deleted before the cutoff.
 WITH doomed AS (
     SELECT m.project_id, m.session_id, m.sequence FROM messages m
@@ -54,7 +44,7 @@ WITH doomed AS (
 )
 SELECT count(*) AS n, 0 AS others FROM gone;
 
--- name: purge_sessions
+-- purge_sessions --
 -- Hard-deletes one batch of sessions soft-deleted before the cutoff, with all their messages.
 WITH doomed AS (
     SELECT s.project_id, s.session_id FROM sessions s
@@ -71,15 +61,3 @@ WITH doomed AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
-
--- name: ping
--- One round trip, to notice a database that went away while no call was made.
-SELECT 1;
-
--- name: no_statement_timeout
--- Lifts the per-call statement timeout for this connection (migrations may run long).
-SET statement_timeout = 0;
-
--- name: reset_statement_timeout
--- Restores the connection's own statement timeout after no_statement_timeout.
-RESET statement_timeout;

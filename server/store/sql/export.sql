@@ -1,6 +1,6 @@
 -- Bulk export: keyset batches in index order (sessions_created_idx, the messages primary key).
 
--- name: export_sessions
+-- export_sessions --
 -- One keyset batch of live sessions by (created_at, session_id), strictly after the given key.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at
@@ -10,7 +10,7 @@ WHERE s.project_id = %(project_id)s AND s.deleted_at IS NULL
 ORDER BY s.created_at, s.session_id
 LIMIT %(limit)s;
 
--- name: export_messages
+-- export_messages --
 -- One keyset batch of live messages of live sessions by (session_id, sequence), after the key.
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
        m.created_at, m.updated_at

@@ -1,6 +1,6 @@
 -- Messages (memory). Sequences come from sessions.next_sequence under the session's row lock.
 
--- name: add_memory
+-- add_memory --
 -- Upserts the session (reviving it), reserves n sequences and appends the messages.
 WITH s AS (
     INSERT INTO sessions AS s (project_id, session_id, user_id, created_at, updated_at,
@@ -40,7 +40,7 @@ SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.delete
 FROM s LEFT JOIN m ON true
 ORDER BY m.sequence;
 
--- name: get_memory
+-- get_memory --
 -- A live session joined to its last `lastn` live messages, oldest first.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at,
@@ -57,7 +57,7 @@ LEFT JOIN LATERAL (
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 ORDER BY m.sequence;
 
--- name: list_messages
+-- list_messages --
 -- A live session joined to one keyset page of its live messages by sequence.
 SELECT s.session_id,
        m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
@@ -74,7 +74,7 @@ LEFT JOIN LATERAL (
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 ORDER BY m.sequence;
 
--- name: get_message
+-- get_message --
 -- One live message of a live session, by uuid.
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
        m.created_at, m.updated_at
@@ -83,7 +83,7 @@ JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s AND m.uuid = %(uuid)s
   AND m.deleted_at IS NULL AND s.deleted_at IS NULL;
 
--- name: update_message
+-- update_message --
 -- Merges (or replaces) one live message's metadata and bumps its session's updated_at.
 WITH m AS (
     UPDATE messages AS m SET
@@ -106,7 +106,7 @@ WITH m AS (
 )
 SELECT m.*, (SELECT count(*) FROM touched) AS touched FROM m;
 
--- name: clear_memory
+-- clear_memory --
 -- Soft-deletes every live message of a live session; the session stays, message_count 0.
 WITH s AS (
     UPDATE sessions AS s SET message_count = 0, updated_at = t.now

@@ -1,6 +1,6 @@
 -- Sessions. Soft-deleted sessions keep their rows (deleted_at set) until the purge.
 
--- name: create_session
+-- create_session --
 -- Inserts a session; no row back means the id is taken (see session_state).
 INSERT INTO sessions AS s (project_id, session_id, user_id, metadata, created_at, updated_at)
 SELECT %(project_id)s, %(session_id)s, %(user_id)s, memstore_merge_patch('{}', %(metadata)s),
@@ -10,13 +10,13 @@ ON CONFLICT (project_id, session_id) DO NOTHING
 RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
           s.message_count, s.last_message_at;
 
--- name: session_state
+-- session_state --
 -- Whether a session exists and whether it is soft-deleted (to word an error).
 SELECT s.deleted_at IS NOT NULL AS deleted
 FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s;
 
--- name: get_session
+-- get_session --
 -- One session; soft-deleted ones only when show_deleted.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at
@@ -24,7 +24,7 @@ FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
   AND (%(show_deleted)s OR s.deleted_at IS NULL);
 
--- name: update_session
+-- update_session --
 -- Merges (or replaces) the metadata of a live session under its row lock.
 UPDATE sessions AS s SET
     metadata = CASE
@@ -36,16 +36,16 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.dele
 RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
           s.message_count, s.last_message_at;
 
--- name: lock_live_session
+-- lock_live_session --
 -- Locks a live session before its messages are soft-deleted. AddMemory appends only under
 -- this row lock, so the next statement's snapshot holds every message committed before it
 -- and no new one can come; in one statement, messages appended while it waited for the
--- lock stayed live in a deleted session (found by tests/reliability/test_races.py).
+-- lock would stay live in a deleted session (tests/reliability/test_races.py).
 SELECT s.session_id FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 FOR UPDATE;
 
--- name: delete_session
+-- delete_session --
 -- Soft-deletes a live session and its live messages with one timestamp; returns the count.
 WITH gone AS (
     UPDATE sessions AS s SET deleted_at = t.now, updated_at = t.now, message_count = 0
@@ -63,7 +63,7 @@ WITH gone AS (
 )
 SELECT (SELECT count(*) FROM hidden) AS messages FROM gone;
 
--- name: undelete_session
+-- undelete_session --
 -- Restores a soft-deleted session (not its messages); no row means absent or live.
 UPDATE sessions AS s SET deleted_at = NULL, updated_at = clock_timestamp()
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
@@ -71,7 +71,7 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
 RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
           s.message_count, s.last_message_at;
 
--- name: list_sessions
+-- list_sessions --
 -- One page of sessions; {filters}, {keyset}, {order} come from a fixed whitelist in Python.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at
@@ -80,42 +80,42 @@ WHERE s.project_id = %(project_id)s {filters} {keyset}
 ORDER BY {order}
 LIMIT %(limit)s OFFSET %(offset)s;
 
--- name: count_sessions
+-- count_sessions --
 -- How many sessions match the filters of list_sessions, across all pages.
 SELECT count(*) AS total FROM sessions s WHERE s.project_id = %(project_id)s {filters};
 
--- name: filter_user_id
+-- filter_user_id --
 -- Filter fragment of list_sessions: sessions of one user.
 AND s.user_id = %(user_id)s
 
--- name: filter_live
+-- filter_live --
 -- Filter fragment of list_sessions: sessions that are not soft-deleted.
 AND s.deleted_at IS NULL
 
--- name: filter_created_after
+-- filter_created_after --
 -- Filter fragment of list_sessions: created at or after a time.
 AND s.created_at >= %(created_after)s
 
--- name: filter_created_before
+-- filter_created_before --
 -- Filter fragment of list_sessions: created before a time.
 AND s.created_at < %(created_before)s
 
--- name: filter_updated_after
+-- filter_updated_after --
 -- Filter fragment of list_sessions: updated at or after a time.
 AND s.updated_at >= %(updated_after)s
 
--- name: filter_updated_before
+-- filter_updated_before --
 -- Filter fragment of list_sessions: updated before a time.
 AND s.updated_at < %(updated_before)s
 
--- name: filter_metadata_contains
+-- filter_metadata_contains --
 -- Filter fragment of list_sessions: metadata containing a JSON object (jsonb @>).
 AND s.metadata @> %(metadata_contains)s
 
--- name: keyset_sessions
+-- keyset_sessions --
 -- Keyset fragment of list_sessions: rows strictly after the last key in the page order.
 AND ({column}, s.session_id) {op} (%(after_ts)s::timestamptz, %(after_id)s::text)
 
--- name: order_sessions
+-- order_sessions --
 -- Order fragment of list_sessions: the order column, then session_id, one direction.
 {column} {direction}, s.session_id {direction}

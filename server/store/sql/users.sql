@@ -1,6 +1,6 @@
 -- Users. Every statement is scoped by project_id; session_count counts live sessions.
 
--- name: create_user
+-- create_user --
 -- Inserts a user; a taken id raises UniqueViolation (AlreadyExists).
 INSERT INTO users AS u (project_id, user_id, email, first_name, last_name, metadata, created_at,
                         updated_at)
@@ -10,7 +10,7 @@ FROM (SELECT clock_timestamp() AS now) AS t
 RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
           u.updated_at, 0::bigint AS session_count;
 
--- name: get_users
+-- get_users --
 -- The users of several ids (concurrent GetUser calls coalesced into one statement), each with
 -- the number of its live sessions; an id with no row is simply absent.
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
@@ -20,7 +20,7 @@ SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, 
 FROM users u
 WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)s::text[]);
 
--- name: update_user
+-- update_user --
 -- Sets the named fields and merges (or replaces) metadata in SQL, under the row lock.
 UPDATE users AS u SET
     email = CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END,
@@ -38,14 +38,14 @@ RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_a
            WHERE s.project_id = u.project_id AND s.user_id = u.user_id
              AND s.deleted_at IS NULL) AS session_count;
 
--- name: lock_user
+-- lock_user --
 -- Locks the user first: from then on no session can be created for it (the foreign key
 -- check of a new session waits), so lock_user_sessions' fresh snapshot sees them all.
 SELECT u.user_id FROM users u
 WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
 FOR UPDATE;
 
--- name: lock_user_sessions
+-- lock_user_sessions --
 -- Locks all the sessions of a locked user, so that no message lands in them before
 -- delete_user counts and removes them (its counts are then exact).
 SELECT count(*) AS sessions FROM (
@@ -54,7 +54,7 @@ SELECT count(*) AS sessions FROM (
     FOR UPDATE
 ) AS locked;
 
--- name: delete_user
+-- delete_user --
 -- Hard-deletes the user; the foreign keys cascade to its sessions and their messages.
 WITH doomed AS (
     SELECT s.session_id FROM sessions s
@@ -71,7 +71,7 @@ SELECT (SELECT count(*) FROM gone) AS users,
        (SELECT count(*) FROM doomed) AS sessions,
        (SELECT n FROM message_rows) AS messages;
 
--- name: list_users
+-- list_users --
 -- One keyset page of users by (created_at, user_id), strictly after the given key.
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
        (SELECT count(*) FROM sessions s
@@ -83,7 +83,7 @@ WHERE u.project_id = %(project_id)s
 ORDER BY u.created_at, u.user_id
 LIMIT %(limit)s;
 
--- name: list_user_sessions
+-- list_user_sessions --
 -- The user (always one row when it exists) joined to one keyset page of its live sessions.
 SELECT u.user_id AS owner, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
        s.deleted_at, s.message_count, s.last_message_at
@@ -98,7 +98,7 @@ LEFT JOIN LATERAL (
 WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
 ORDER BY s.created_at, s.session_id;
 
--- name: list_user_records
+-- list_user_records --
 -- list_users as plain records for the hot list paths: metadata as JSON text, times as integer
 -- microseconds since the epoch (exact: extract() is numeric), so no Python decodes them.
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata::text,

@@ -1,25 +1,20 @@
-"""The memory (message) methods of the Store."""
+"""The message methods of the Store: memory appended to, read from and cleared in sessions."""
 
 from __future__ import annotations
+
+import uuid as uuid_lib
 
 from psycopg.types.json import Jsonb
 
 from server.domain import Message, MetadataChange, NewMessage, Page, Session
-from server.errors import FailedPrecondition, InvalidArgument
+from server.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.store import rows
-from server.store.base import (
-    StoreBase,
-    factory,
-    key,
-    message_not_found,
-    metadata_params,
-    no_such_user,
-    parse_uuid,
-)
+from server.store.base import StoreBase, factory, key, metadata_params, no_such_user
 from server.store.db import fetch_all, fetch_one
+from server.store.sessions import hide_in_live_session, session_missing
 
 
-class MemoryMethods(StoreBase):
+class MessageMethods(StoreBase):
     """Appends, reads and soft-deletes of the messages of sessions."""
 
     async def add_memory(
@@ -86,7 +81,7 @@ class MemoryMethods(StoreBase):
         async with self._connect(single=True) as conn:
             found = await fetch_all(conn, "list_messages", params)
             if not found:
-                raise await self._session_missing(conn, project_id, session_id)
+                raise await session_missing(conn, project_id, session_id)
         messages = rows.joined_messages(found)
         return Page(messages[:limit], has_more=len(messages) > limit)
 
@@ -128,4 +123,20 @@ class MemoryMethods(StoreBase):
         Raises:
             NotFound: the session is absent or soft-deleted.
         """
-        return await self._hide_in_live_session("clear_memory", project_id, session_id)
+        async with self._connect() as conn:
+            return await hide_in_live_session(conn, "clear_memory", project_id, session_id)
+
+
+def parse_uuid(session_id: str, value: str) -> uuid_lib.UUID:
+    """The UUID of a message; a string that is no UUID names no message (NotFound)."""
+    try:
+        return uuid_lib.UUID(value)
+    except ValueError:
+        raise message_not_found(session_id, value) from None
+
+
+def message_not_found(session_id: str, uuid: str) -> NotFound:
+    """The error of a uuid that names no live message of a live session."""
+    return NotFound(
+        f"message '{uuid}' not found in session '{session_id}'", reason="MESSAGE_NOT_FOUND"
+    )

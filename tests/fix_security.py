@@ -1,8 +1,4 @@
-"""A database of its own with two projects and their keys, and a server that requires keys.
-
-The security tests get their own database: a key in the run's shared database would turn
-authentication on for the open-mode server every other test uses.
-"""
+"""The security tests' own database, projects `a` and `b` with keys, and a server requiring keys."""
 
 from __future__ import annotations
 
@@ -11,9 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
-import psycopg
 import pytest
-from psycopg import sql
 
 from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
 from server.api_keys import new_key
@@ -21,8 +15,7 @@ from server.config import Config
 from server.serving.app import build_server
 from server.serving.tls import SecurityConfig
 from server.store import Store
-from tests.conftest import DATA_TABLES
-from tests.databases import scratch_database
+from tests.fix_db import empty_data_tables, scratch_database
 
 #: How long the test server trusts a checked key; revocation tests wait a few of these.
 KEY_CACHE_SECONDS = 0.2
@@ -44,6 +37,8 @@ class Caller:
 @pytest.fixture(scope="session")
 def secure_db_url(server_url: str) -> Iterator[str]:
     """A database for the security tests only, dropped at the end of the run."""
+    # Not the run's shared database: a key there would turn authentication on for the
+    # open-mode server every other test uses.
     with scratch_database(server_url, f"memstore_sec_{os.getpid()}") as url:
         yield url
 
@@ -91,10 +86,7 @@ async def secure_channel(secure_port: int) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 async def clean_secure_db(secure_db_url: str, secure_store: Store) -> str:
     """Empties the data tables (projects and keys stay) before a test."""
-    async with await psycopg.AsyncConnection.connect(secure_db_url, autocommit=True) as conn:
-        tables = sql.SQL(", ").join(sql.Identifier(t) for t in DATA_TABLES)
-        await conn.execute(sql.SQL("TRUNCATE {} CASCADE").format(tables))
-    return secure_db_url
+    return await empty_data_tables(secure_db_url)
 
 
 async def caller(store: Store, channel: grpc.aio.Channel, project: str) -> Caller:

@@ -1,4 +1,4 @@
-"""`memstore export` and `memstore import`: JSON Lines in and out, through the gRPC API."""
+"""`memstore export` and `memstore import`: JSON Lines in and out, through the client only."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
-
-from tqdm import tqdm
 
 from memstore_client import (
     TLS,
@@ -57,10 +55,13 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=os.environ.get("MEMSTORE_ADDRESS") or f"localhost:{port}",
-        help="host:port of the server (MEMSTORE_ADDRESS)",
+        help="host:port of the server (default localhost:50051, or localhost:$MEMSTORE_PORT; "
+        "env MEMSTORE_ADDRESS)",
     )
     parser.add_argument(
-        "--api-key", default=os.environ.get("MEMSTORE_API_KEY"), help="(MEMSTORE_API_KEY)"
+        "--api-key",
+        default=os.environ.get("MEMSTORE_API_KEY"),
+        help="API key, sent as a bearer token (default none; env MEMSTORE_API_KEY)",
     )
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--ca-file", type=Path, help="PEM of the CA to trust (implies --tls)")
@@ -142,9 +143,30 @@ def _plain(row: Any) -> dict[str, Any]:
 
 
 def _progress(args: argparse.Namespace, label: str) -> Any:
+    try:
+        # Imported here: the bar is an extra (memstore[cli]), and `memstore serve` imports
+        # this module to offer these commands.
+        from tqdm import tqdm
+    except ImportError:
+        if not args.no_progress:
+            print("no progress bar: pip install 'memstore[cli]' for one", file=sys.stderr)
+        return _NoProgress()
     return tqdm(
         desc=label, unit=" rows", file=sys.stderr, disable=args.no_progress, mininterval=0.5
     )
+
+
+class _NoProgress:
+    """Stands in for the tqdm bar: a context manager whose update does nothing."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        """Counts nothing: there is no bar to move."""
 
 
 # -- import --------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""The session methods of the Store, and ListSessions' SQL built from whitelisted fragments."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+from psycopg.types.json import Jsonb
+
+from server.domain import MetadataChange, Page, Session, SessionQuery, TimeKey
+from server.errors import AlreadyExists, FailedPrecondition, NotFound
+from server.store import rows
+from server.store.base import StoreBase, factory, key, metadata_params, no_such_user
+from server.store.db import fetch_all, fetch_one
+from server.store.queries import query
+
+#: The only columns a session list may be ordered by.
+ORDER_COLUMNS = ("created_at", "updated_at")
+
+#: (query attribute, filter fragment) of every optional filter with a value.
+_VALUE_FILTERS = (
+    ("user_id", "filter_user_id"),
+    ("created_after", "filter_created_after"),
+    ("created_before", "filter_created_before"),
+    ("updated_after", "filter_updated_after"),
+    ("updated_before", "filter_updated_before"),
+    ("metadata_contains", "filter_metadata_contains"),
+)
+
+
+class SessionMethods(StoreBase):
+    """Creates, reads, merge-updates, soft deletes and restores, and lists of sessions."""
+
+    async def create_session(
+        self, project_id: int, session_id: str, user_id: str | None, metadata: dict[str, object]
+    ) -> Session:
+        """Creates a session, optionally owned by an existing user.
+
+        Raises:
+            AlreadyExists: the session_id is taken (the message says when by a soft-deleted
+                session, with reason SESSION_SOFT_DELETED).
+            FailedPrecondition: the named user does not exist (reason USER_NOT_FOUND).
+        """
+        params = {
+            **key(project_id, session_id=session_id),
+            "user_id": user_id,
+            "metadata": Jsonb(metadata),
+        }
+        async with self._connect(foreign_key=factory(no_such_user(user_id)), single=True) as conn:
+            row = await fetch_one(conn, "create_session", params)
+            if row is None:
+                state = await fetch_one(conn, "session_state", params)
+                raise session_taken(session_id, deleted=bool(state and state["deleted"]))
+        return rows.session(row)
+
+    async def get_session(self, project_id: int, session_id: str, show_deleted: bool) -> Session:
+        """One session; a soft-deleted one only with show_deleted.
+
+        Raises:
+            NotFound: absent, or soft-deleted and not show_deleted.
+        """
+        params = {**key(project_id, session_id=session_id), "show_deleted": show_deleted}
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "get_session", params)
+            if row is None:
+                raise await session_missing(conn, project_id, session_id)
+        return rows.session(row)
+
+    async def update_session(
+        self, project_id: int, session_id: str, change: MetadataChange
+    ) -> Session:
+        """Merges (or replaces) a live session's metadata in one statement.
+
+        Raises:
+            NotFound: the session is absent or soft-deleted.
+        """
+        params = {**key(project_id, session_id=session_id), **metadata_params(change)}
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "update_session", params)
+            if row is None:
+                raise await session_missing(conn, project_id, session_id)
+        return rows.session(row)
+
+    async def delete_session(self, project_id: int, session_id: str) -> int:
+        """Soft-deletes the session and its live messages; returns how many messages.
+
+        Raises:
+            NotFound: the session is absent or already soft-deleted.
+        """
+        async with self._connect() as conn:
+            return await hide_in_live_session(conn, "delete_session", project_id, session_id)
+
+    async def undelete_session(self, project_id: int, session_id: str) -> Session:
+        """Restores a soft-deleted session; its deleted messages stay deleted.
+
+        Raises:
+            NotFound: the session does not exist.
+            FailedPrecondition: the session is not deleted (reason SESSION_NOT_DELETED).
+        """
+        params = key(project_id, session_id=session_id)
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "undelete_session", params)
+            if row is None:
+                if await fetch_one(conn, "session_state", params) is None:
+                    raise session_not_found(session_id)
+                raise FailedPrecondition(
+                    f"session '{session_id}' is not deleted", reason="SESSION_NOT_DELETED"
+                )
+        return rows.session(row)
+
+    async def list_sessions(
+        self,
+        project_id: int,
+        query: SessionQuery,
+        after: TimeKey | None,
+        offset: int | None,
+        limit: int,
+        *,
+        count: bool = True,
+    ) -> Page[Session]:
+        """Keyset page (after) or OFFSET page (offset); total_size set when `count`.
+
+        Counting reads every matching session, so later pages of one listing skip it and
+        reuse the total of the first (ListSessions carries it in the page token).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        page_sql, count_sql, params = list_sessions_statements(query, after)
+        params.update(project_id=project_id, limit=limit + 1, offset=offset or 0)
+        if not count:
+            async with self._connect(field="metadata_contains", single=True) as conn:
+                found = await fetch_all(conn, page_sql, params)
+            return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
+        # Page and count in one round trip and one snapshot.
+        async with self._connect(field="metadata_contains") as conn, conn.pipeline():
+            found = await fetch_all(conn, page_sql, params)
+            total = await fetch_one(conn, count_sql, params)
+        items = [rows.session(r) for r in found[:limit]]
+        size = int(total["total"]) if total else 0
+        return Page(items, has_more=len(found) > limit, total_size=size)
+
+
+async def hide_in_live_session(
+    conn: AsyncConnection[Any], statement: str, project_id: int, session_id: str
+) -> int:
+    """Runs `statement` (which soft-deletes messages) on a live session; returns its count.
+
+    The session row is locked first, in the caller's transaction, so the statement's
+    snapshot sees every message an AddMemory committed while this call waited for the lock.
+
+    Raises:
+        NotFound: the session is absent or soft-deleted.
+    """
+    params = key(project_id, session_id=session_id)
+    row = await fetch_one(conn, "lock_live_session", params)
+    if row is not None:
+        row = await fetch_one(conn, statement, params)
+    if row is None:
+        raise await session_missing(conn, project_id, session_id)
+    return int(row["messages"])
+
+
+async def session_missing(conn: AsyncConnection[Any], project_id: int, session_id: str) -> NotFound:
+    """The error of a session that is not live: says whether it is absent or soft-deleted."""
+    # Read only on the error path, so the calls that succeed pay nothing for the wording.
+    row = await fetch_one(conn, "session_state", key(project_id, session_id=session_id))
+    if row is None:
+        return session_not_found(session_id)
+    return NotFound(
+        f"session '{session_id}' is soft-deleted; restore it with UndeleteSession "
+        "or by adding memory with AddMemory",
+        reason="SESSION_DELETED",
+    )
+
+
+def session_not_found(session_id: str) -> NotFound:
+    """The error of a session id that names no session."""
+    return NotFound(f"session '{session_id}' not found", reason="SESSION_NOT_FOUND")
+
+
+def session_taken(session_id: str, *, deleted: bool) -> AlreadyExists:
+    """The error of CreateSession on a taken id; says how to restore a soft-deleted one."""
+    if not deleted:
+        return AlreadyExists(
+            f"session '{session_id}' already exists", reason="SESSION_ALREADY_EXISTS"
+        )
+    return AlreadyExists(
+        f"session '{session_id}' already exists and is soft-deleted; restore it with "
+        "UndeleteSession, or add memory to it with AddMemory (which restores it)",
+        reason="SESSION_SOFT_DELETED",
+    )
+
+
+def session_filters(q: SessionQuery) -> tuple[sql.Composable, dict[str, Any]]:
+    """The AND-ed filter fragments of a query and their parameters."""
+    parts: list[sql.Composable] = []
+    params: dict[str, Any] = {}
+    if not q.show_deleted:
+        parts.append(query("filter_live"))
+    for attribute, fragment in _VALUE_FILTERS:
+        value: Any = getattr(q, attribute)
+        if value is None:
+            continue
+        parts.append(query(fragment))
+        params[attribute] = Jsonb(value) if attribute == "metadata_contains" else value
+    return sql.SQL(" ").join(parts), params
+
+
+def list_sessions_statements(
+    q: SessionQuery, after: TimeKey | None
+) -> tuple[sql.Composed, sql.Composed, dict[str, Any]]:
+    """(page statement, count statement, parameters) of one list_sessions call.
+
+    Raises:
+        ValueError: the query orders by a column outside ORDER_COLUMNS.
+    """
+    if q.order_field not in ORDER_COLUMNS:
+        raise ValueError(f"cannot order sessions by {q.order_field!r}")
+    column = sql.Identifier("s", q.order_field)
+    direction = sql.SQL("DESC" if q.descending else "ASC")
+    filters, params = session_filters(q)
+    keyset: sql.Composable = sql.SQL("")
+    if after is not None:
+        keyset = query("keyset_sessions").format(
+            column=column, op=sql.SQL("<" if q.descending else ">")
+        )
+        after_ts: datetime = after[0]
+        params.update(after_ts=after_ts, after_id=after[1])
+    order = query("order_sessions").format(column=column, direction=direction)
+    page = query("list_sessions").format(filters=filters, keyset=keyset, order=order)
+    count = query("count_sessions").format(filters=filters)
+    return page, count, params

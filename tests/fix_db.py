@@ -1,0 +1,130 @@
+"""The run's PostgreSQL: its server, a scratch database, a migrated store, clean tables."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo as pg_conninfo
+from psycopg import sql
+
+from server.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_TABLES = ("messages", "sessions", "users")
+
+
+@contextmanager
+def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
+    """Creates an empty database named `prefix_<random>`; yields its URL; drops it after."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield pg_conninfo.make_conninfo(server_url, dbname=name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def database_name(url: str) -> str:
+    """The database a URL names."""
+    return str(pg_conninfo.conninfo_to_dict(url)["dbname"])
+
+
+async def empty_data_tables(url: str) -> str:
+    """Truncates users, sessions and messages (projects and keys stay); returns `url`.
+
+    The one way every clean-database fixture starts a test from empty tables.
+    """
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        tables = sql.SQL(", ").join(sql.Identifier(t) for t in DATA_TABLES)
+        await conn.execute(sql.SQL("TRUNCATE {} CASCADE").format(tables))
+    return url
+
+
+#: Backends of this database, other than the asking one, that wait for a lock.
+LOCK_WAITERS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+)
+
+
+async def lock_waiters(url: str) -> int:
+    """How many backends of the database wait for a lock (e.g. a call a test pinned)."""
+    # A fresh autocommit connection: pg_stat_activity is read once per transaction.
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(LOCK_WAITERS)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def has_lock_waiter(url: str) -> bool:
+    """Whether some backend of the database waits for a lock: the call a test pinned is in."""
+    return await lock_waiters(url) > 0
+
+
+async def busy_backends(url: str) -> list[tuple[str, str]]:
+    """Backends of the database that hold a transaction or run a query, except the asker."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT state, query FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND (state <> 'idle' OR xact_start IS NOT NULL)"
+        )
+        return [(str(state), str(query)) for state, query in await cur.fetchall()]
+
+
+async def at_rest(url: str, store: Store) -> bool:
+    """Whether every pooled connection of `store` is back and no backend of `url` is busy."""
+    stats = store.pool_stats()
+    if stats.get("pool_size", 0) != stats.get("pool_available", 0):
+        return False
+    return not await busy_backends(url)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A maintenance URL of the PostgreSQL server this run uses.
+
+    With DATABASE_URL set (e.g. the machine's PostgreSQL 15 in CI), that server; without it,
+    the embedded PostgreSQL under .data/test-pg.
+    """
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    from server.serving.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(ROOT / ".data" / "test-pg")
+    yield pg.url("postgres")
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A database created for this run, dropped at its end."""
+    with scratch_database(server_url, f"memstore_test_{os.getpid()}") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """A migrated store over the run's database (migrated once per run)."""
+    st = await Store.open(database_url, min_size=1, max_size=10)
+    await st.migrate()
+    yield st
+    await st.close()
+
+
+@pytest.fixture
+async def clean_db(database_url: str, store: Store) -> str:
+    """Empties the data tables before a test; returns the database URL for direct checks."""
+    return await empty_data_tables(database_url)

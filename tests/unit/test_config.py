@@ -1,0 +1,153 @@
+"""The settings declaration: each field declared, shown in --help and the README, parsed once."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from server import config
+from server.__main__ import _parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        _parser().parse_args([*argv, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.fixture(autouse=True)
+def _wide_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One line per option in --help, whatever the terminal: argparse reads COLUMNS.
+    monkeypatch.setenv("COLUMNS", "1000")
+    for declared in config.SETTINGS:
+        monkeypatch.delenv(declared.setting.env, raising=False)
+
+
+def test_every_config_field_is_declared_with_env_and_help() -> None:
+    declared = {d.name: d.setting for d in config.SETTINGS}
+    assert len(declared) == len(config.SETTINGS)  # a flag's dest is the field name
+    for cls in (config.Config, config.SecurityConfig):
+        for f in dataclasses.fields(cls):
+            if f.default_factory is config.SecurityConfig:
+                continue  # the nested group; its fields are checked as SecurityConfig's
+            setting = declared[f.name]
+            assert setting.env.isupper() and setting.env.replace("_", "").isalnum(), f.name
+            assert setting.help and setting.shown, f.name
+    envs = [d.setting.env for d in config.SETTINGS]
+    assert len(envs) == len(set(envs))
+
+
+def test_serve_help_lists_every_flag_default_and_env(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(capsys, "serve")
+    # One entry per option: its line, and the next when a long flag pushes the help there.
+    entries = re.split(r"\n(?=  \S)", text)
+    for declared in config.SETTINGS:
+        env, shown = declared.setting.env, declared.setting.shown
+        if declared.flag is None:  # environment only: listed after the options
+            assert any(env in e and f"default {shown}" in e for e in entries), env
+            continue
+        entry = next(e for e in entries if e.strip().startswith(declared.flag))
+        assert f"(default {shown}; env {env})" in " ".join(entry.split()), entry
+
+
+def test_flags_win_over_env_and_env_over_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parse(*argv: str) -> config.Config:
+        return config.from_arguments(_parser().parse_args(["serve", *argv]))
+
+    assert parse() == config.Config()
+    monkeypatch.setenv("MEMSTORE_PORT", "6000")
+    monkeypatch.setenv("MEMSTORE_PURGE_RETENTION_DAYS", "0.5")
+    monkeypatch.setenv("MEMSTORE_TOKEN_KEY", "k" * 32)
+    monkeypatch.setenv("MEMSTORE_METRICS_PORT", "")  # empty: as if unset
+    got = parse()
+    assert (got.port, got.purge_retention.total_seconds(), got.token_key) == (
+        6000,
+        43200.0,
+        b"k" * 32,
+    )
+    assert got.metrics_port is None
+    assert parse("--port", "7000").port == 7000
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False)]
+)
+def test_one_boolean_parser_for_every_switch(
+    monkeypatch: pytest.MonkeyPatch, text: str, value: bool
+) -> None:
+    # MEMSTORE_INSECURE and MEMSTORE_REFLECTION once read booleans each their own way.
+    monkeypatch.setenv("MEMSTORE_INSECURE", text)
+    monkeypatch.setenv("MEMSTORE_REFLECTION", text)
+    got = config.from_arguments(_parser().parse_args(["serve"]))
+    assert (got.security.insecure, got.reflection) == (value, value)
+    flagged = config.from_arguments(_parser().parse_args(["serve", "--no-insecure"]))
+    assert flagged.security.insecure is False
+
+
+@pytest.mark.parametrize(
+    ("env", "text"),
+    [
+        ("MEMSTORE_PORT", "fifty"),
+        ("MEMSTORE_INSECURE", "maybe"),
+        ("MEMSTORE_WORKERS", "0"),
+        ("MEMSTORE_LOG_FORMAT", "xml"),
+        ("MEMSTORE_GRACE_PERIOD", "nan"),
+    ],
+)
+def test_a_bad_variable_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: str, text: str
+) -> None:
+    monkeypatch.setenv(env, text)
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"memstore serve: {env}: "), err
+
+
+def test_a_bad_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        _parser().parse_args(["serve", "--pool-timeout", "soon"])
+    assert done.value.code == 2
+    assert "argument --pool-timeout: 'soon' is not a number" in capsys.readouterr().err
+
+
+def test_key_commands_offer_and_read_only_the_database(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (("keys", "create"), ("keys", "list"), ("projects", "create")):
+        text = _help(capsys, *argv)
+        assert "--database-url" in text and "--data-dir" in text, argv
+        for other in ("--port", "--host", "--tls-cert", "--workers", "--pool-max-size"):
+            assert other not in text, (argv, other)
+    # Nor do they read a serving variable: a bad one cannot break them.
+    monkeypatch.setenv("MEMSTORE_PORT", "fifty")
+    monkeypatch.setenv("MEMSTORE_DATA_DIR", "/srv/memstore")
+    got = config.from_arguments(_parser().parse_args(["keys", "list"]))
+    assert (got.port, got.data_dir) == (50051, Path("/srv/memstore"))
+
+
+def test_migrate_and_purge_offer_what_they_use(capsys: pytest.CaptureFixture[str]) -> None:
+    migrate = _help(capsys, "migrate")
+    purge = _help(capsys, "purge")
+    for text in (migrate, purge):
+        assert "--database-url" in text and "--pool-timeout" in text
+        assert "--port" not in text and "--tls-cert" not in text
+    assert "--purge-retention-days" in purge and "--purge-retention-days" not in migrate
+
+
+def test_readme_configuration_table_matches_the_declaration() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    for declared in config.SETTINGS:
+        env = f"`{declared.setting.env}`"
+        row = next((r for r in rows if env in r), None)
+        assert row is not None, declared.setting.env
+        if declared.flag is not None:
+            assert f"`{declared.flag}`" in row, row
+        assert declared.setting.shown in row.replace("`", ""), row
