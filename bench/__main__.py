@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     num = os.environ.get
     p.add_argument("--users", type=int, default=int(num("BENCH_USERS", d.users)))
+    p.add_argument("--messages", type=int, default=int(num("BENCH_MESSAGES", d.messages)))
     p.add_argument("--runs", type=int, default=int(num("BENCH_RUNS", d.runs)))
     p.add_argument("--export-runs", type=int, default=int(num("BENCH_EXPORT_RUNS", d.export_runs)))
     p.add_argument("--seconds", type=float, default=float(num("BENCH_SECONDS", d.seconds)))
@@ -76,8 +77,12 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     url = env.fresh_database(maintenance, args.db_name)
     t0 = time.perf_counter()
     env.migrate(url)
-    env.load(url, s.users)
-    setup = {"load_seconds": round(time.perf_counter() - t0, 1), "users": s.users}
+    env.load(url, s.users, s.messages)
+    setup = {
+        "load_seconds": round(time.perf_counter() - t0, 1),
+        "users": s.users,
+        "messages": s.messages,
+    }
     out: list[dict[str, Any]] = []
     spawn = multiprocessing.get_context("spawn")
     procs = max(s.client_procs, s.scaling_client_procs)
@@ -86,6 +91,9 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
         with ProcessPoolExecutor(procs, mp_context=spawn) as pool:
             if "export" in only:
                 out.append(_emit(figures.export(s, pool, one, url)))
+                if s.messages:
+                    stream = figures.MESSAGES_EXPORT
+                    out.append(_emit(figures.export(s, pool, one, url, stream)))
             if "pagination" in only:
                 out.append(_emit(figures.pagination(s, one)))
             if "unary" in only:
@@ -106,7 +114,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
 def _check_stopped(server: env.Server) -> None:
     code = server.stop()
     if code != 0:
-        raise RuntimeError(f"memstore serve --workers {server.serving.workers} exited with {code}")
+        raise RuntimeError(f"memstore serve --workers {server.workers} exited with {code}")
 
 
 def _emit(figure: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +125,7 @@ def _emit(figure: dict[str, Any]) -> dict[str, Any]:
 
 def _note(f: dict[str, Any]) -> str:
     name = f["figure"]
-    if name == "export":
+    if name in ("export", "export_messages"):
         return (
             f"{f['export_rows_per_s']:,} vs COPY {f['copy_rows_per_s']:,} rows/s; "
             f"RSS +{f['server_rss_growth_mb']} MB"
@@ -135,13 +143,13 @@ def _note(f: dict[str, Any]) -> str:
 
 def table(figures_: list[dict[str, Any]]) -> str:
     """The human-readable summary: figure, value, goal, verdict, and the numbers behind it."""
-    lines = [f"{'figure':<10} {'value':>6}  {'goal':<32} {'verdict':<12} numbers", "-" * 110]
+    lines = [f"{'figure':<15} {'value':>6}  {'goal':<32} {'verdict':<12} numbers", "-" * 115]
     for f in figures_:
         verdict = {True: "met", False: "NOT MET", None: "not judged"}[f["met"]]
         if f["figure"] == "workers" and f.get("client_bound"):
             verdict += " (client-bound)"
         goal = f["goal"] or "-"
-        lines.append(f"{f['figure']:<10} {f['value']:>6.3f}  {goal:<32} {verdict:<12} {_note(f)}")
+        lines.append(f"{f['figure']:<15} {f['value']:>6.3f}  {goal:<32} {verdict:<12} {_note(f)}")
     return "\n".join(lines)
 
 
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     s = Settings(
         users=args.users,
+        messages=args.messages,
         runs=args.runs,
         export_runs=args.export_runs,
         seconds=args.seconds,
