@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     num = os.environ.get
     p.add_argument("--users", type=int, default=int(num("BENCH_USERS", d.users)))
+    p.add_argument("--messages", type=int, default=int(num("BENCH_MESSAGES", d.messages)))
     p.add_argument("--runs", type=int, default=int(num("BENCH_RUNS", d.runs)))
     p.add_argument("--export-runs", type=int, default=int(num("BENCH_EXPORT_RUNS", d.export_runs)))
     p.add_argument("--seconds", type=float, default=float(num("BENCH_SECONDS", d.seconds)))
@@ -79,8 +80,12 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     url = env.fresh_database(maintenance, args.db_name)
     t0 = time.perf_counter()
     env.migrate(url)
-    env.load(url, s.users)
-    setup = {"load_seconds": round(time.perf_counter() - t0, 1), "users": s.users}
+    env.load(url, s.users, s.messages)
+    setup = {
+        "load_seconds": round(time.perf_counter() - t0, 1),
+        "users": s.users,
+        "messages": s.messages,
+    }
     out: list[dict[str, Any]] = []
     if "search" in only:
         # Before the shared server starts: its embedding worker would drain the queue
@@ -96,6 +101,9 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
         with ProcessPoolExecutor(procs, mp_context=spawn) as pool:
             if "export" in only:
                 out.append(_emit(figures.export(s, pool, one, url)))
+                if s.messages:
+                    stream = figures.MESSAGES_EXPORT
+                    out.append(_emit(figures.export(s, pool, one, url, stream)))
             if "pagination" in only:
                 out.append(_emit(figures.pagination(s, one)))
             if "unary" in only:
@@ -129,7 +137,7 @@ def _note(f: dict[str, Any]) -> str:
     name = f["figure"]
     if name in search.FIGURES:
         return search.note(f)
-    if name == "export":
+    if name in ("export", "export_messages"):
         return (
             f"{f['export_rows_per_s']:,} vs COPY {f['copy_rows_per_s']:,} rows/s; "
             f"RSS +{f['server_rss_growth_mb']} MB"
@@ -147,7 +155,7 @@ def _note(f: dict[str, Any]) -> str:
 
 def table(figures_: list[dict[str, Any]]) -> str:
     """The human-readable summary: figure, value, goal, verdict, and the numbers behind it."""
-    lines = [f"{'figure':<20} {'value':>6}  {'goal':<32} {'verdict':<12} numbers", "-" * 110]
+    lines = [f"{'figure':<20} {'value':>6}  {'goal':<32} {'verdict':<12} numbers", "-" * 120]
     for f in figures_:
         verdict = {True: "met", False: "NOT MET", None: "not judged"}[f["met"]]
         if f["figure"] == "workers" and f.get("client_bound"):
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     s = Settings(
         users=args.users,
+        messages=args.messages,
         runs=args.runs,
         export_runs=args.export_runs,
         seconds=args.seconds,

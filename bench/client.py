@@ -91,17 +91,24 @@ async def _worker(
         i += load.concurrency
 
 
-def run_export(target: str, method: str, request: bytes, response_type: str) -> dict[str, float]:
-    """Reads a whole server stream, parsing each chunk; returns rows, wall and CPU seconds."""
-    from memstore.v1 import user_service_pb2
+def run_export(
+    target: str, method: str, request: bytes, response_type: str, field: str
+) -> dict[str, float]:
+    """Reads a whole server stream, parsing each chunk; returns rows, wall and CPU seconds.
 
-    parse = getattr(user_service_pb2, response_type).FromString
+    `response_type` names the chunk's message as "module.Message" under memstore.v1 (e.g.
+    "user_service_pb2.ListUsersChunkedResponse"); `field` is its repeated field of rows.
+    """
+    import importlib
+
+    module, name = response_type.split(".")
+    parse = getattr(importlib.import_module(f"memstore.v1.{module}"), name).FromString
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     rows = chunks = max_chunk = 0
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stream = channel.unary_stream(method)
         for data in stream(request, timeout=3600):
-            rows += len(parse(data).users)
+            rows += len(getattr(parse(data), field))
             chunks += 1
             max_chunk = max(max_chunk, len(data))
     return {

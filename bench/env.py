@@ -84,27 +84,47 @@ def _user_lines(count: int) -> Iterator[str]:
         )
 
 
-def load(url: str, users: int, sessions_per_10_users: int = 3) -> None:
-    """COPYs `users` users, and some sessions for the first tenth of them, then ANALYZEs."""
+#: A message's content: about 200 bytes of chat, as in the AddMemory bench.
+_CONTENT = "The user said they prefer vegetarian food and live near the sea. " * 3
+
+
+def _message_lines(count: int, sessions: int) -> Iterator[str]:
+    # Message j goes to session j mod `sessions`, as that session's next sequence number.
+    for j in range(count):
+        role, kind = ("Alice", "user") if j % 2 == 0 else ("Bot", "assistant")
+        sequence = j // sessions + 1
+        content, metadata = f"{_CONTENT}#{j}", f'{{"turn": {sequence}}}'
+        yield f"1\tsess-{j % sessions}\t{sequence}\t{role}\t{kind}\t{content}\t{metadata}\n"
+
+
+def load(url: str, users: int, messages: int = 0, sessions_per_10_users: int = 3) -> None:
+    """COPYs users, sessions for the first tenth of them, messages over those; ANALYZEs."""
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         columns = (
             "project_id, user_id, email, first_name, last_name, metadata, created_at, updated_at"
         )
         with cur.copy(f"COPY users ({columns}) FROM STDIN") as copy:
-            batch: list[str] = []
-            for line in _user_lines(users):
-                batch.append(line)
-                if len(batch) == 10_000:
-                    copy.write("".join(batch))
-                    batch.clear()
-            copy.write("".join(batch))
+            _write_batched(copy, _user_lines(users))
         # The first tenth of the users own sessions, so session_count has rows to count.
         owners = max(1, users // 10)
         sessions = owners * sessions_per_10_users
         with cur.copy("COPY sessions (project_id, session_id, user_id) FROM STDIN") as copy:
             copy.write("".join(f"1\tsess-{j}\tuser-{j % owners:07d}\n" for j in range(sessions)))
+        columns = "project_id, session_id, sequence, role, role_type, content, metadata"
+        with cur.copy(f"COPY messages ({columns}) FROM STDIN") as copy:
+            _write_batched(copy, _message_lines(messages, sessions))
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
+
+
+def _write_batched(copy: psycopg.Copy, lines: Iterator[str]) -> None:
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == 10_000:
+            copy.write("".join(batch))
+            batch.clear()
+    copy.write("".join(batch))
 
 
 def free_port() -> int:
@@ -114,14 +134,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def code_env(root: Path) -> dict[str, str]:
+    """The environment in which this interpreter imports memstore from the checkout `root`."""
+    if root == ROOT:
+        return dict(os.environ)
+    # The editable install's import hook comes after sys.path, so these paths win over it.
+    paths = [str(root), str(root / "generated")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 class Server:
     """A `memstore serve` subprocess (with --workers N) on the bench database.
 
+    `root` is the checkout whose code serves: another one (e.g. a `git worktree` of an older
+    commit) serves its own `server/` with this interpreter, to compare two commits.
     `extra_args` go last on the command line, e.g. `--no-embedding-worker`.
     """
 
     def __init__(
-        self, url: str, workers: int = 1, pool_max_size: int = 10, extra_args: Sequence[str] = ()
+        self,
+        url: str,
+        workers: int = 1,
+        pool_max_size: int = 10,
+        root: Path = ROOT,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -132,8 +168,8 @@ class Server:
             *("--log-level", "WARNING"),
             *extra_args,
         ]
-        env = {**os.environ, "MEMSTORE_PURGE_INTERVAL": "0"}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        env = {**code_env(root), "MEMSTORE_PURGE_INTERVAL": "0"}
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env)
         self.workers = workers
         self._wait_serving()
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 from collections.abc import AsyncIterator
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
+from memstore.v1 import resources_pb2
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
-from server.api import convert, tokens
+from server.api import chunking, convert, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import stream_errors, unary_errors
-from server.domain import MetadataChange, Page, TimeKey, UserChanges, UserRecord, from_micros
-from server.errors import MemstoreError
+from server.domain import MetadataChange, TimeKey, UserChanges, UserRecord, from_micros
 
-#: A chunk of ListUsersChunked stops growing before it passes this many serialized bytes.
-MAX_CHUNK_BYTES = 256 * 1024
 _USER_FIELDS = ("email", "first_name", "last_name", "metadata")
 
 
@@ -105,62 +104,18 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         project = self._project(context)
         query = tokens.users_fingerprint(project)
         after = self._tokens.decode_time_key(request.page_token, query)
-        chunk = pb.ListUsersChunkedResponse()
-        users, count, size = chunk.users, 0, 0
-        last: UserRecord | None = None
-        meter = _Meter()
-        add = convert.add_user_record
-        # The per-user loop is the export's hot path: locals, no calls it can do without.
-        async for batch in self._user_batches(project, after, chunk_size, meter):
-            batch_bytes = 0
-            for record in batch:
-                body = add(users, record).ByteSize()
-                # Bytes the entry takes in the chunk: tag, length varint, body.
-                entry_size = 1 + (body.bit_length() + 6) // 7 + body if body else 2
-                batch_bytes += entry_size
-                count += 1
-                if (count > chunk_size or size + entry_size > MAX_CHUNK_BYTES) and count > 1:
-                    # This user starts the next chunk: the current one is complete and, since
-                    # a user follows it, not the last; its token resumes right after `last`.
-                    del users[-1]
-                    assert last is not None
-                    chunk.next_page_token = self._tokens.encode_time_key(query, _key(last))
-                    yield chunk
-                    chunk = pb.ListUsersChunkedResponse()
-                    users, count, size = chunk.users, 1, 0
-                    add(users, record)
-                size += entry_size
-                last = record
-            meter.add(batch_bytes, len(batch))
-        if count:
+        async for chunk in chunking.chunks(
+            fetch=functools.partial(self._store.list_user_records, project),
+            key=_key,
+            new_chunk=pb.ListUsersChunkedResponse,
+            entries=_users,
+            # The export's hot path: one C-level constructor call per user, in place.
+            add=convert.add_user_record,
+            token=functools.partial(self._tokens.encode_time_key, query),
+            chunk_size=chunk_size,
+            after=after,
+        ):
             yield chunk
-
-    async def _user_batches(
-        self, project: int, after: TimeKey | None, chunk_size: int, meter: _Meter
-    ) -> AsyncIterator[list[UserRecord]]:
-        # Keyset batches: a pooled connection is held only while one batch is read, never while
-        # the caller is slow to take chunks. The next batch is read while this one is turned
-        # into protos, so PostgreSQL's work overlaps Python's; memory holds two batches.
-        first = self._store.list_user_records(project, after, chunk_size)
-        pending: asyncio.Future[Page[UserRecord]] | None = asyncio.ensure_future(first)
-        try:
-            while pending is not None:
-                page = await pending
-                pending = None
-                if page.has_more and page.items:
-                    after = _key(page.items[-1])
-                    limit = meter.batch_limit(chunk_size)
-                    pending = asyncio.ensure_future(
-                        self._store.list_user_records(project, after, limit)
-                    )
-                yield page.items
-        finally:
-            # The caller went away (or failed) with a batch still pending: cancel it, and
-            # collect its outcome either way so no "exception never retrieved" is logged.
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, MemstoreError):
-                    await pending
 
     @unary_errors
     async def ListUserSessions(
@@ -189,22 +144,10 @@ def _key(record: UserRecord) -> TimeKey:
     return from_micros(record[5]), record[0]
 
 
-class _Meter:
-    """Average serialized size of the users streamed so far, to size the next batch."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.users = 0
-
-    def add(self, size: int, users: int) -> None:
-        self.bytes += size
-        self.users += users
-
-    def batch_limit(self, chunk_size: int) -> int:
-        # Large users make a chunk hold fewer of them; read about one chunk's bytes per batch
-        # so that memory stays near one chunk whatever the rows weigh.
-        average = max(1, self.bytes // max(1, self.users))
-        return max(1, min(chunk_size, MAX_CHUNK_BYTES // average + 1))
+def _users(
+    chunk: pb.ListUsersChunkedResponse,
+) -> RepeatedCompositeFieldContainer[resources_pb2.User]:
+    return chunk.users
 
 
 def _user_changes(request: pb.UpdateUserRequest) -> UserChanges:

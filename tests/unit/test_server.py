@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
 from server import errors
+from server.api.chunking import MAX_CHUNK_BYTES
 from server.api.tokens import to_micros
-from server.api.users import MAX_CHUNK_BYTES
 from server.config import Config
 from server.domain import Page, TimeKey, User, UserRecord
 from server.serving.app import build_server

@@ -1,0 +1,144 @@
+"""The one chunker, over an in-memory keyset: cuts, tokens, prefetch and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from memstore.v1 import resources_pb2
+from memstore.v1 import user_service_pb2 as pb
+from server.api.chunking import MAX_CHUNK_BYTES, chunks
+from server.domain import Page
+from server.errors import Unavailable
+
+Row = tuple[int, str]
+
+
+class Table:
+    """Rows keyed by their first item; records every batch read."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+        self.reads: list[tuple[int | None, int]] = []
+        self.gate: asyncio.Event | None = None
+        self.waiting: list[asyncio.Task[Any]] = []
+
+    async def fetch(self, after: int | None, limit: int) -> Page[Row]:
+        self.reads.append((after, limit))
+        if self.gate is not None and len(self.reads) > 1:
+            task = asyncio.current_task()
+            assert task is not None
+            self.waiting.append(task)
+            await self.gate.wait()
+        await asyncio.sleep(0)
+        found = [r for r in self.rows if after is None or r[0] > after]
+        return Page(found[:limit], has_more=len(found) > limit)
+
+
+def _add(users: Any, row: Row) -> resources_pb2.User:
+    user: resources_pb2.User = users.add(user_id=f"u{row[0]}", email=row[1])
+    return user
+
+
+def _stream(table: Table, chunk_size: int, after: int | None = None) -> AsyncIterator[Any]:
+    return chunks(
+        fetch=table.fetch,
+        key=lambda row: row[0],
+        new_chunk=pb.ListUsersChunkedResponse,
+        entries=lambda chunk: chunk.users,
+        add=_add,
+        token=lambda key: f"after-{key}",
+        chunk_size=chunk_size,
+        after=after,
+    )
+
+
+async def _all(table: Table, chunk_size: int, after: int | None = None) -> list[Any]:
+    return [c async for c in _stream(table, chunk_size, after)]
+
+
+def _ids(chunk: pb.ListUsersChunkedResponse) -> list[str]:
+    return [u.user_id for u in chunk.users]
+
+
+async def test_chunks_hold_chunk_size_rows_and_resume_after_the_last() -> None:
+    table = Table([(i, "") for i in range(25)])
+    got = await _all(table, 10)
+    assert [len(c.users) for c in got] == [10, 10, 5]
+    assert [c.next_page_token for c in got] == ["after-9", "after-19", ""]
+    assert [u for c in got for u in _ids(c)] == [f"u{i}" for i in range(25)]
+    # An exact multiple ends on a full chunk with no token, and no empty chunk follows.
+    assert [c.next_page_token for c in await _all(Table(table.rows[:20]), 10)] == ["after-9", ""]
+    assert await _all(Table([]), 10) == []
+    assert [_ids(c) for c in await _all(table, 10, after=21)] == [["u22", "u23", "u24"]]
+
+
+async def test_chunks_are_cut_by_bytes_and_a_huge_row_travels_alone() -> None:
+    rows = [(i, "x" * 60_000) for i in range(10)] + [(10, "y" * (MAX_CHUNK_BYTES + 1))]
+    rows += [(11, "z")]
+    got = await _all(Table(rows), 1000)
+    sizes = [c.ByteSize() - len(c.next_page_token) - 2 for c in got]
+    assert [len(c.users) for c in got] == [4, 4, 2, 1, 1]
+    assert all(s <= MAX_CHUNK_BYTES for s in sizes[:3])
+    # Each full chunk was cut only because the next row would not fit.
+    assert all(s + 60_000 > MAX_CHUNK_BYTES for s in sizes[:2])
+    assert [c.next_page_token for c in got] == ["after-3", "after-7", "after-9", "after-10", ""]
+
+
+async def test_the_next_batch_is_read_while_this_one_is_sent() -> None:
+    table = Table([(i, "") for i in range(30)])
+    stream = _stream(table, 10)
+    first = await anext(stream)
+    assert _ids(first)[-1] == "u9"
+    # A full chunk leaves when the next row is known; the batch after that one is already
+    # asked for, to be read while this chunk is sent.
+    assert len(table.reads) == 2
+    await asyncio.sleep(0)
+    assert len(table.reads) == 3
+    rest = [c async for c in stream]
+    assert [len(c.users) for c in rest] == [10, 10]
+    assert table.reads == [(None, 10), (9, 10), (19, 10)]
+
+
+async def test_batches_shrink_to_about_one_chunk_of_bytes() -> None:
+    table = Table([(i, "x" * 20_000) for i in range(200)])
+    got = await _all(table, 20)
+    assert {len(c.users) for c in got[:-1]} == {13}
+    assert sum(len(c.users) for c in got) == 200
+    # The first two batches are asked for before any row is measured; from then on a batch
+    # holds about one chunk's bytes (13 rows), not chunk_size rows.
+    limits = [limit for _, limit in table.reads]
+    assert limits[:2] == [20, 20]
+    assert set(limits[2:]) == {14}, limits
+
+
+async def test_closing_the_stream_cancels_and_collects_the_pending_batch() -> None:
+    # Rows of 100 KB: the first chunk is cut by bytes inside the first batch.
+    table = Table([(i, "x" * 100_000) for i in range(30)])
+    table.gate = asyncio.Event()
+    stream = _stream(table, 10)
+    assert len((await anext(stream)).users) == 2
+    await asyncio.sleep(0)
+    assert len(table.waiting) == 1
+    await stream.aclose()  # type: ignore[attr-defined]
+    pending = table.waiting[0]
+    assert pending.done() and pending.cancelled()
+
+
+async def test_a_failed_batch_ends_the_stream_with_its_error() -> None:
+    table = Table([(i, "") for i in range(30)])
+    fetch = table.fetch
+
+    async def failing(after: int | None, limit: int) -> Page[Row]:
+        if after is not None:
+            raise Unavailable("database unreachable")
+        return await fetch(after, limit)
+
+    table.fetch = failing  # type: ignore[method-assign]
+    stream = _stream(table, 10)
+    with pytest.raises(Unavailable):
+        async for _ in stream:
+            pass
