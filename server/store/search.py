@@ -31,6 +31,10 @@ _FILTERS = (
 #: Chosen on the odd-numbered questions of the retrieval evaluation (docs/search.md).
 HYBRID_TEXT_WEIGHT = 0.3
 
+#: Seconds a worker holds the messages it claimed: far longer than a batch takes to embed;
+#: a worker that dies leaves them to others when it ends.
+LEASE_SECONDS = 30.0
+
 #: Memories the worker ranks and keeps per session for GetMemory's recall (a larger
 #: relevant_limit is ranked on the request path).
 RECALL_KEEP = 20
@@ -40,6 +44,14 @@ Found = tuple[SearchResult, list[float] | None]
 
 #: Embeds a batch of texts off the event loop; one vector per text.
 EmbedBatch = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+
+def _keys_params(keys: list[tuple[int, str, int]]) -> dict[str, Any]:
+    return {
+        "project_ids": [k[0] for k in keys],
+        "session_ids": [k[1] for k in keys],
+        "sequences": [k[2] for k in keys],
+    }
 
 
 def vector_text(vector: Sequence[float]) -> str:
@@ -211,50 +223,60 @@ class SearchMethods(StoreBase):
             )
 
     async def embed_due(self, model: str, limit: int, window: int, embed: EmbedBatch) -> int:
-        """Claims up to `limit` due messages, embeds them and saves the vectors; one transaction.
+        """Leases up to `limit` due messages, embeds them, saves the vectors and recall.
 
-        Rows stay locked (FOR UPDATE SKIP LOCKED) while `embed` runs, so concurrent workers
-        take other rows, and a worker that dies mid-batch releases its rows to the next
-        claim: nothing is lost. Soft-deleted messages leave the queue without a vector.
+        The lease (LEASE_SECONDS) is committed before `embed` runs, so concurrent workers
+        take other rows and no lock is held while the model works; a worker that dies
+        leaves its rows to be claimed again when the lease ends, and a model that fails
+        gives them back at once: nothing is lost. The save locks the batch's sessions
+        first, in key order, as DeleteUser does, so the two wait for each other instead of
+        deadlocking. Soft-deleted messages leave the queue without a vector.
         Returns how many queue rows were settled (0 when nothing was due).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        async with self._connect() as conn:
-            claimed = await fetch_all(conn, "claim_embeddings", {"limit": limit})
-            if not claimed:
-                return 0
-            live = [r for r in claimed if r["live"]]
+        async with self._connect(single=True) as conn:
+            claimed = await fetch_all(
+                conn, "claim_embeddings", {"limit": limit, "lease": LEASE_SECONDS}
+            )
+        if not claimed:
+            return 0
+        keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
+        live = [r for r in claimed if r["live"]]
+        try:
             vectors = await embed([_embedding_text(r["role"], r["content"]) for r in live])
-            by_key = {
-                (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
-                for r, v in zip(live, vectors, strict=True)
-            }
-            keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
+        except BaseException:
+            async with self._connect(single=True) as conn:
+                await conn.execute(query("release_embeddings"), _keys_params(keys))
+            raise
+        by_key = {
+            (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
+            for r, v in zip(live, vectors, strict=True)
+        }
+        sessions = sorted({(k[0], k[1]) for k in keys})
+        async with self._connect() as conn:
+            await conn.execute(
+                query("lock_embedded_sessions"),
+                {"project_ids": [s[0] for s in sessions], "session_ids": [s[1] for s in sessions]},
+            )
             await fetch_one(
                 conn,
                 "save_embeddings",
-                {
-                    "project_ids": [k[0] for k in keys],
-                    "session_ids": [k[1] for k in keys],
-                    "sequences": [k[2] for k in keys],
-                    "vectors": [by_key.get(k) for k in keys],
-                    "model": model,
-                },
+                {**_keys_params(keys), "vectors": [by_key.get(k) for k in keys], "model": model},
             )
-            sessions = sorted({(r["project_id"], r["session_id"]) for r in live})
-            if sessions:
+            touched = sorted({(r["project_id"], r["session_id"]) for r in live})
+            if touched:
                 await conn.execute(
                     query("refresh_session_embeddings"),
                     {
-                        "project_ids": [s[0] for s in sessions],
-                        "session_ids": [s[1] for s in sessions],
+                        "project_ids": [s[0] for s in touched],
+                        "session_ids": [s[1] for s in touched],
                         "model": model,
                         "window": window,
                     },
                 )
-                await self._keep_recall(conn, sessions, model, window)
+                await self._keep_recall(conn, touched, model, window)
         return len(claimed)
 
     async def queue_reindex(

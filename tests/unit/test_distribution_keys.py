@@ -61,6 +61,10 @@ MULTI_SHARD = {
     ("recall_stored", "messages"): "GetMemory's kept recall: messages of the user's other "
     "sessions, which span shards",
     ("recall_stored", "sessions"): "GetMemory's kept recall: the live check of those sessions",
+    ("lock_embedded_sessions", "sessions"): "the embedding worker locks the sessions of one "
+    "batch, which span shards",
+    ("save_embeddings", "messages"): "the embedding worker writes the vectors of one batch, "
+    "whose messages span shards",
     ("queue_reindex", "messages"): "memstore reindex sweeps every message",
     ("reindex_total", "messages"): "memstore reindex counts every message",
 }

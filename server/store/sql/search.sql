@@ -160,15 +160,40 @@ AND s.user_id = (SELECT o.user_id FROM sessions o
                  WHERE o.project_id = %(project_id)s AND o.session_id = %(exclude_session)s)
 
 -- claim_embeddings --
--- Claims the oldest due messages no other worker holds; the lock lasts the transaction.
-SELECT q.project_id, q.session_id, q.sequence, m.role, m.content,
-       m.deleted_at IS NULL AS live
-FROM embedding_queue q
-JOIN messages m ON m.project_id = q.project_id AND m.session_id = q.session_id
-               AND m.sequence = q.sequence
-ORDER BY q.enqueued_at
-LIMIT %(limit)s
-FOR UPDATE OF q SKIP LOCKED;
+-- Leases the oldest due messages that no other worker holds, for %(lease)s seconds.
+WITH picked AS (
+    SELECT q.project_id, q.session_id, q.sequence
+    FROM embedding_queue q
+    WHERE q.leased_until IS NULL OR q.leased_until < clock_timestamp()
+    ORDER BY q.enqueued_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE embedding_queue q SET leased_until = clock_timestamp() + make_interval(secs => %(lease)s)
+    FROM picked p
+    WHERE q.project_id = p.project_id AND q.session_id = p.session_id AND q.sequence = p.sequence
+    RETURNING q.project_id, q.session_id, q.sequence
+)
+SELECT l.project_id, l.session_id, l.sequence, m.role, m.content, m.deleted_at IS NULL AS live
+FROM leased l
+JOIN messages m ON m.project_id = l.project_id AND m.session_id = l.session_id
+               AND m.sequence = l.sequence;
+
+-- release_embeddings --
+-- Gives leased messages back at once (the model failed): the next claim takes them.
+UPDATE embedding_queue q SET leased_until = NULL
+FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[], %(sequences)s::bigint[])
+    AS k(project_id, session_id, sequence)
+WHERE q.project_id = k.project_id AND q.session_id = k.session_id AND q.sequence = k.sequence;
+
+-- lock_embedded_sessions --
+-- Locks the sessions of a batch against deletion, in key order as DeleteUser does, before
+-- the batch's vectors are written: a delete and a save then wait for each other in turn.
+SELECT s.session_id FROM sessions s
+JOIN unnest(%(project_ids)s::bigint[], %(session_ids)s::text[]) AS k(project_id, session_id)
+    ON s.project_id = k.project_id AND s.session_id = k.session_id
+ORDER BY s.project_id, s.session_id
+FOR KEY SHARE OF s;
 
 -- save_embeddings --
 -- Writes the vectors of a claimed batch and removes the whole batch from the queue.
@@ -179,7 +204,11 @@ WITH v AS (
 ), saved AS (
     INSERT INTO message_embeddings AS e (project_id, session_id, sequence, model, embedding)
     SELECT v.project_id, v.session_id, v.sequence, %(model)s, v.vector::vector
-    FROM v WHERE v.vector IS NOT NULL
+    FROM v
+    -- A message deleted since it was claimed is gone: nothing to keep a vector of.
+    JOIN messages m ON m.project_id = v.project_id AND m.session_id = v.session_id
+                   AND m.sequence = v.sequence
+    WHERE v.vector IS NOT NULL
     ON CONFLICT (project_id, session_id, sequence) DO UPDATE
         SET model = excluded.model, embedding = excluded.embedding
     RETURNING 1

@@ -51,6 +51,8 @@ FOR UPDATE;
 SELECT count(*) AS sessions FROM (
     SELECT 1 FROM sessions s
     WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
+    -- In key order, as the embedding worker locks a batch's sessions: no lock cycle.
+    ORDER BY s.session_id
     FOR UPDATE
 ) AS locked;
 
