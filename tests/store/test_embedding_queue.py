@@ -155,6 +155,25 @@ async def test_a_migration_needing_a_missing_extension_waits_unrecorded(
     assert row is not None and row[0] == 0
 
 
+async def _delete_while_saving(store: Store, user: str) -> None:
+    started = asyncio.Event()
+
+    async def slow(texts: list[str]) -> list[list[float]]:
+        started.set()
+        await asyncio.sleep(0.1)  # the delete arrives while the model runs
+        return unit_vectors(texts)
+
+    async def worker() -> None:
+        while await store.embed_due(MODEL, 16, 6, slow):
+            pass
+
+    async def delete() -> None:
+        await started.wait()
+        await store.delete_user(P, user)
+
+    await asyncio.gather(worker(), delete())
+
+
 async def test_delete_user_while_the_worker_saves_never_deadlocks(
     store: Store, clean_db: str
 ) -> None:
@@ -165,23 +184,8 @@ async def test_delete_user_while_the_worker_saves_never_deadlocks(
         await store.create_user(P, user, "", "", "", {})
         for s in range(4):
             await store.add_memory(P, f"{user}-s{s}", user, [msg(f"m{s}-{i}") for i in range(8)])
-        started = asyncio.Event()
-
-        async def slow(texts: list[str]) -> list[list[float]]:
-            started.set()
-            await asyncio.sleep(0.1)  # the delete arrives while the model runs
-            return unit_vectors(texts)
-
-        async def worker() -> None:
-            while await store.embed_due(MODEL, 16, 6, slow):
-                pass
-
-        async def delete() -> None:
-            await started.wait()
-            await store.delete_user(P, user)
-
         # Before leases, DeleteUser died here with "deadlock detected" (UNAVAILABLE).
-        await asyncio.gather(worker(), delete())
+        await _delete_while_saving(store, user)
         assert await _scalar(clean_db, "SELECT count(*) FROM sessions") == 0
         assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 0
         assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
