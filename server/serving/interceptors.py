@@ -9,11 +9,11 @@ import grpc
 
 if TYPE_CHECKING:
     ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # the runtime class is not generic; only its stubs are
+    #: What intercept_service is given to reach the next interceptor (or the handler).
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
+else:  # the runtime classes are not generic; only their stubs are
     ServerInterceptor = grpc.aio.ServerInterceptor
-
-#: What intercept_service is given to reach the next interceptor (or the handler itself).
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
+    Continuation = Callable[..., Any]
 
 #: Turns a handler's behaviour (request or request iterator, context) into a wrapped one.
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
