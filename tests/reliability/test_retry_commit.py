@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import psycopg
@@ -131,13 +131,14 @@ def _stored(url: str, session_id: str) -> list[tuple[str, int]]:
     return [(str(u), int(s)) for u, s in rows]
 
 
-async def _until_answered(call: object) -> spb.AddMemoryResponse:
+async def _until_answered(
+    call: Callable[[], Awaitable[spb.AddMemoryResponse]],
+) -> spb.AddMemoryResponse:
     # After the cut the server marks the database down and answers UNAVAILABLE at once (no
     # write) until its probe is back: retry those, as a client does.
-    stub_call = call
     for _ in range(100):
         try:
-            return await stub_call()  # type: ignore[operator, no-any-return]
+            return await call()
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
             await asyncio.sleep(0.1)
@@ -163,9 +164,10 @@ async def test_a_retry_after_a_lost_commit_stores_each_message_once(
     assert [u for u, _ in _stored(fault_url, "s")[1:]] == uuids
 
     answer = await _until_answered(lambda: sessions.AddMemory(request, timeout=DEADLINE))
-    assert [(m.uuid, m.sequence) for m in answer.messages] == list(zip(uuids, [2, 3, 4]))
+    expected = list(zip(uuids, [2, 3, 4], strict=True))
+    assert [(m.uuid, m.sequence) for m in answer.messages] == expected
     assert answer.session.message_count == 4
-    assert _stored(fault_url, "s")[1:] == list(zip(uuids, [2, 3, 4]))
+    assert _stored(fault_url, "s")[1:] == expected
 
 
 async def test_the_client_retries_a_lost_add_without_duplicates(

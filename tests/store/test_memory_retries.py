@@ -71,9 +71,7 @@ async def test_a_partial_overlap_appends_only_the_new_messages_in_order(
 ) -> None:
     a, b, c, d = uuids(4)
     await store.add_memory(P, "s", None, [msg("a", a), msg("b", b)])
-    session, added = await store.add_memory(
-        P, "s", None, [msg("c", c), msg("b", b), msg("d", d)]
-    )
+    session, added = await store.add_memory(P, "s", None, [msg("c", c), msg("b", b), msg("d", d)])
     # One answer per request message, in request order; the new ones follow the session's last.
     assert [(m.uuid, m.sequence) for m in added] == [(c, 3), (b, 2), (d, 4)]
     assert session.message_count == 4

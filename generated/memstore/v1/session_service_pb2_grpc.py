@@ -304,7 +304,8 @@ class SessionServiceServicer:
         request have the same uuid ("messages[3].uuid").
         - ALREADY_EXISTS (MESSAGE_ALREADY_EXISTS): a uuid names a message of the
         session whose role, role_type or content differ from the request's;
-        nothing is written.
+        nothing is written. (Metadata is not compared: UpdateMessage may have
+        changed it since the first call.)
         - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
         user_id names no user.
         - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the

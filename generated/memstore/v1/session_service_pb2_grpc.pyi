@@ -159,7 +159,8 @@ class SessionServiceStub:
         request have the same uuid ("messages[3].uuid").
       - ALREADY_EXISTS (MESSAGE_ALREADY_EXISTS): a uuid names a message of the
         session whose role, role_type or content differ from the request's;
-        nothing is written.
+        nothing is written. (Metadata is not compared: UpdateMessage may have
+        changed it since the first call.)
       - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
         user_id names no user.
       - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
@@ -396,7 +397,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
         request have the same uuid ("messages[3].uuid").
       - ALREADY_EXISTS (MESSAGE_ALREADY_EXISTS): a uuid names a message of the
         session whose role, role_type or content differ from the request's;
-        nothing is written.
+        nothing is written. (Metadata is not compared: UpdateMessage may have
+        changed it since the first call.)
       - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
         user_id names no user.
       - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
@@ -672,7 +674,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
             request have the same uuid ("messages[3].uuid").
           - ALREADY_EXISTS (MESSAGE_ALREADY_EXISTS): a uuid names a message of the
             session whose role, role_type or content differ from the request's;
-            nothing is written.
+            nothing is written. (Metadata is not compared: UpdateMessage may have
+            changed it since the first call.)
           - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
             user_id names no user.
           - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
