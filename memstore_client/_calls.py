@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -222,14 +223,22 @@ def list_sessions(
 def add_memory(
     session_id: str, messages: Sequence[Message | Mapping[str, Any]], user_id: str | None
 ) -> Unary[list[Message]]:
-    """AddMemory; messages may be Message objects or dicts of their fields."""
-    protos = [(m if isinstance(m, Message) else Message(**m)).to_proto() for m in messages]
+    """AddMemory; messages may be Message objects or dicts of their fields.
+
+    A message without a uuid gets a random one here, before the first attempt: a retry then
+    sends the same uuids, and the server appends nothing twice, so the call is retried.
+    """
+    protos = []
+    for m in messages:
+        proto = (m if isinstance(m, Message) else Message(**m)).to_proto()
+        proto.uuid = proto.uuid or str(uuid.uuid4())
+        protos.append(proto)
     request = ss.AddMemoryRequest(session_id=session_id, messages=protos, user_id=user_id or "")
 
     def convert(r: ss.AddMemoryResponse) -> list[Message]:
         return [Message.from_proto(m) for m in r.messages]
 
-    return Unary(SESSIONS, "AddMemory", request, convert, idempotent=False)
+    return Unary(SESSIONS, "AddMemory", request, convert, idempotent=True)
 
 
 def undelete_session(session_id: str) -> Unary[Session]:

@@ -224,7 +224,11 @@ class AsyncMemoryClient:
         *,
         user_id: str | None = None,
     ) -> list[Message]:
-        """Appends messages (creating or restoring the session); returns them as stored."""
+        """Appends messages (creating or restoring the session); returns them as stored.
+
+        Each message without a uuid gets a random one, so this client's own retries of
+        UNAVAILABLE append nothing twice; set uuids yourself to make your retries safe too.
+        """
         return await self._client._call(calls.add_memory(session_id, messages, user_id))
 
     async def undelete_session(self, session_id: str) -> Session:

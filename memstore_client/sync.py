@@ -220,7 +220,11 @@ class MemoryClient:
         *,
         user_id: str | None = None,
     ) -> list[Message]:
-        """Appends messages (creating or restoring the session); returns them as stored."""
+        """Appends messages (creating or restoring the session); returns them as stored.
+
+        Each message without a uuid gets a random one, so this client's own retries of
+        UNAVAILABLE append nothing twice; set uuids yourself to make your retries safe too.
+        """
         return self._client._call(calls.add_memory(session_id, messages, user_id))
 
     def undelete_session(self, session_id: str) -> Session:

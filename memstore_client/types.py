@@ -127,14 +127,16 @@ class Session:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One memory item. To add one, set role, role_type and content (and metadata)."""
+    """One memory item. To add one, set role, role_type and content (and metadata; uuid
+    too to choose the id yourself, else the client picks a random one)."""
 
     content: str
     role: str = ""
     role_type: str = "norole"
     metadata: JsonObject = field(default_factory=dict)
-    #: Output only: set on messages memstore returns.
+    #: Set on messages memstore returns; optional when adding (a UUID, unique per session).
     uuid: str = ""
+    #: Output only: set on messages memstore returns.
     sequence: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -154,9 +156,12 @@ class Message:
         )
 
     def to_proto(self) -> resources_pb2.Message:
-        """The Message proto AddMemory reads (role, role_type, content, metadata)."""
+        """The Message proto AddMemory reads (uuid, role, role_type, content, metadata)."""
         p = resources_pb2.Message(
-            role=self.role, role_type=role_type_number(self.role_type), content=self.content
+            uuid=self.uuid,
+            role=self.role,
+            role_type=role_type_number(self.role_type),
+            content=self.content,
         )
         if self.metadata:
             p.metadata.update(self.metadata)

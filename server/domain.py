@@ -69,6 +69,9 @@ class NewMessage:
     role_type: str
     content: str
     metadata: JsonObject
+    #: The caller's uuid (canonical form), which makes a retry append nothing twice; None
+    #: lets the server make one.
+    uuid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

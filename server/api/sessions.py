@@ -268,11 +268,29 @@ def _new_messages(v: val.Violations, request: pb.AddMemoryRequest) -> list[NewMe
         v.add("messages", f"has {count} messages; send 1 to {val.MAX_MESSAGES}")
         return []
     messages = []
+    first_of: dict[str, int] = {}
     for i, message in enumerate(request.messages):
         prefix = f"messages[{i}]"
         val.check_text(v, f"{prefix}.role", message.role)
         role_type = val.role_type(v, f"{prefix}.role_type", message.role_type)
         val.check_content(v, f"{prefix}.content", message.content)
         metadata = val.metadata(v, f"{prefix}.metadata", message.metadata)
-        messages.append(NewMessage(message.role, role_type, message.content, metadata))
+        message_uuid = _message_uuid(v, f"{prefix}.uuid", message.uuid, i, first_of)
+        messages.append(
+            NewMessage(message.role, role_type, message.content, metadata, message_uuid)
+        )
     return messages
+
+
+def _message_uuid(
+    v: val.Violations, field: str, value: str, index: int, first_of: dict[str, int]
+) -> str | None:
+    # Optional: the server makes one when empty. Canonical, so that a retry spelling the
+    # same UUID otherwise names the same message.
+    if not value:
+        return None
+    canonical = val.message_uuid(v, field, value)
+    if canonical in first_of:
+        v.add(field, f"repeats messages[{first_of[canonical]}].uuid; each message needs its own")
+    first_of.setdefault(canonical, index)
+    return canonical

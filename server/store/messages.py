@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import uuid as uuid_lib
+from typing import Any
 
-from psycopg import sql
+from psycopg import AsyncConnection, sql
+from psycopg import errors as pg
 from psycopg.types.json import Jsonb
 
 from server.domain import Message, MetadataChange, NewMessage, Page, Session
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.store import rows
 from server.store.base import StoreBase, factory, key, metadata_params, no_such_user
-from server.store.db import fetch_all, fetch_one
+from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.sessions import hide_in_live_session, session_missing
+
+#: The unique key of a message's uuid in its session (migrations/0001).
+_UUID_KEY = "messages_project_id_session_id_uuid_key"
+
+#: Runs of add_memory when concurrent calls add the same uuids (see _append).
+_APPEND_ATTEMPTS = 4
 
 
 def memory_window() -> sql.SQL:
@@ -30,17 +38,27 @@ class MessageMethods(StoreBase):
     ) -> tuple[Session, list[Message]]:
         """Upserts the session (undeleting it) and appends messages in one statement.
 
+        A message whose uuid the session already holds is not appended again: it is answered
+        as stored, so a retry with the same uuids changes nothing and answers as the first
+        call did. Only new messages take sequences, count, revive the session and are queued
+        for embedding. Messages come back one per request message, in request order.
+
         Raises:
             FailedPrecondition: the named user does not exist (reason USER_NOT_FOUND), or the
                 session belongs to another user or to none (reason SESSION_USER_MISMATCH).
-            InvalidArgument: no messages, or a value the database rejects.
+            AlreadyExists: a uuid names a message of the session with another role,
+                role_type or content (reason MESSAGE_ALREADY_EXISTS); nothing was written.
+            InvalidArgument: no messages, a uuid given twice, or a value the database rejects.
         """
         if not messages:
             raise InvalidArgument.field("messages", "at least one message is required")
+        uuids = [m.uuid or str(uuid_lib.uuid4()) for m in messages]
+        if len(set(uuids)) < len(uuids):
+            raise InvalidArgument.field("messages", "each message needs its own uuid")
         params = {
             **key(project_id, session_id=session_id),
             "user_id": user_id,
-            "n": len(messages),
+            "uuids": uuids,
             "roles": [m.role for m in messages],
             "role_types": [m.role_type for m in messages],
             "contents": [m.content for m in messages],
@@ -49,12 +67,15 @@ class MessageMethods(StoreBase):
         }
         no_user = factory(no_such_user(user_id))
         async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:
-            found = await fetch_all(conn, "add_memory", params)
+            found = await _append(conn, params)
         if not found:
             raise FailedPrecondition(
                 f"session '{session_id}' does not belong to user '{user_id}'",
                 reason="SESSION_USER_MISMATCH",
             )
+        for row in found:
+            if row["m_differs"]:
+                raise _uuid_taken(session_id, row)
         return rows.session(found[0]), rows.joined_messages(found)
 
     async def get_memory(
@@ -134,6 +155,31 @@ class MessageMethods(StoreBase):
         """
         async with self._connect() as conn:
             return await hide_in_live_session(conn, "clear_memory", project_id, session_id)
+
+
+async def _append(conn: AsyncConnection[Any], params: Params) -> list[Row]:
+    # The statement reads which uuids the session holds in its snapshot, then waits for the
+    # session's row lock. A concurrent call that committed one of them meanwhile (the same
+    # retry, sent twice) makes the insert fail on the uuid's unique key; run again, the
+    # statement sees that message and answers it as stored. Each rerun follows a commit of
+    # another call, so a few suffice.
+    for attempt in range(_APPEND_ATTEMPTS):
+        try:
+            return await fetch_all(conn, "add_memory", params)
+        except pg.UniqueViolation as exc:
+            if exc.diag.constraint_name != _UUID_KEY or attempt + 1 == _APPEND_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _uuid_taken(session_id: str, row: Row) -> AlreadyExists:
+    index = int(row["m_ord"]) - 1
+    return AlreadyExists(
+        f"messages[{index}].uuid: message '{row['m_uuid']}' already exists in session "
+        f"'{session_id}' with another role, role_type or content; resend it unchanged to "
+        "retry, or give a new message a new uuid",
+        reason="MESSAGE_ALREADY_EXISTS",
+    )
 
 
 def parse_uuid(session_id: str, value: str) -> uuid_lib.UUID:

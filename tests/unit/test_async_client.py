@@ -46,19 +46,32 @@ class _Users(us_grpc.UserServiceServicer):
 
 
 class _Sessions(ss_grpc.SessionServiceServicer):
-    def __init__(self) -> None:
-        self.adds = 0
+    """AddMemory as the server does it, by uuid; the first `lost` answers never arrive."""
+
+    def __init__(self, lost: int) -> None:
+        self.lost = lost
+        self.requests: list[Any] = []
+        self.stored: dict[str, resources_pb2.Message] = {}
 
     async def AddMemory(self, request: Any, context: Any) -> ss.AddMemoryResponse:
-        self.adds += 1
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable")
-        raise AssertionError("abort raises")
+        self.requests.append(request)
+        for m in request.messages:
+            if m.uuid not in self.stored:
+                sequence = len(self.stored) + 1
+                self.stored[m.uuid] = resources_pb2.Message(
+                    uuid=m.uuid, content=m.content, sequence=sequence
+                )
+        if self.lost > 0:
+            # Committed, but the connection died before the answer: UNAVAILABLE.
+            self.lost -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable")
+        return ss.AddMemoryResponse(messages=[self.stored[m.uuid] for m in request.messages])
 
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[tuple[AsyncMemstore, _Users, _Sessions]]:
     server = grpc.aio.server()
-    users, sessions = _Users(failures=2), _Sessions()
+    users, sessions = _Users(failures=2), _Sessions(lost=2)
     us_grpc.add_UserServiceServicer_to_server(users, server)
     ss_grpc.add_SessionServiceServicer_to_server(sessions, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -84,11 +97,22 @@ async def test_get_gives_up_after_max_attempts(scripted) -> None:
     assert len(users.calls) == FAST.max_attempts
 
 
-async def test_add_memory_is_sent_once(scripted) -> None:
+async def test_add_memory_is_retried_without_duplicates(scripted) -> None:
     client, _, sessions = scripted
+    added = await client.memory.add("s", [{"content": "hi"}, {"content": "there"}])
+    assert len(sessions.requests) == 3
+    assert all(r == sessions.requests[0] for r in sessions.requests)
+    assert [m.content for m in sessions.stored.values()] == ["hi", "there"]
+    assert [(m.content, m.sequence) for m in added] == [("hi", 1), ("there", 2)]
+
+
+async def test_add_memory_gives_up_after_max_attempts(scripted) -> None:
+    client, _, sessions = scripted
+    sessions.lost = 10
     with pytest.raises(Unavailable):
         await client.memory.add("s", [{"content": "hi"}])
-    assert sessions.adds == 1
+    assert len(sessions.requests) == FAST.max_attempts
+    assert len(sessions.stored) == 1
 
 
 async def test_a_dropped_stream_resumes_from_the_last_token(scripted) -> None:

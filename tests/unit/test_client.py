@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -153,14 +154,52 @@ def test_retries_stop_after_max_attempts(client, channel, pool):
         future.result(timeout=5)
 
 
-def test_writes_are_not_retried(client, channel, pool):
-    future = _call(pool, client.memory.add, "s1", [Message(content="hi", role_type="assistant")])
-    _, request, rpc = _take(channel, SESSIONS, "AddMemory")
-    assert request.messages[0].role_type == resources_pb2.ROLE_TYPE_ASSISTANT
+def test_writes_without_idempotency_are_not_retried(client, channel, pool):
+    future = _call(pool, client.user.add, "alice")
+    _, request, rpc = _take(channel, USERS, "CreateUser")
+    assert request.user_id == "alice"
     rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "down")
-    # One attempt only: a retried AddMemory could append the messages twice.
+    # One attempt only: the lost call may have committed, and nothing tells a retry so.
     with pytest.raises(Unavailable):
         future.result(timeout=5)
+
+
+def test_add_memory_is_retried_with_the_same_uuids(client, channel, pool):
+    given = "0b5e3c1a-9f8d-4c2e-b7a6-1d2e3f405162"
+    messages = [Message(content="hi", role_type="assistant"), Message(content="yo", uuid=given)]
+    future = _call(pool, client.memory.add, "s1", messages)
+    # The first attempt commits on the server, but its answer is lost: UNAVAILABLE.
+    _, first, rpc = _take(channel, SESSIONS, "AddMemory")
+    assert first.messages[0].role_type == resources_pb2.ROLE_TYPE_ASSISTANT
+    assert first.messages[1].uuid == given
+    made = first.messages[0].uuid
+    assert str(uuid.UUID(made)) == made and made != given
+    stored = {m.uuid: i + 1 for i, m in enumerate(first.messages)}
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "connection lost during commit")
+    # The retry sends the very same uuids, so the server can answer with what it stored.
+    _, again, rpc = _take(channel, SESSIONS, "AddMemory")
+    assert again == first
+    answer = ss.AddMemoryResponse(
+        messages=[
+            resources_pb2.Message(uuid=m.uuid, content=m.content, sequence=stored[m.uuid])
+            for m in again.messages
+        ]
+    )
+    rpc.terminate(answer, (), OK, "")
+    added = future.result(timeout=5)
+    assert [(m.uuid, m.sequence) for m in added] == [(made, 1), (given, 2)]
+
+
+def test_each_add_memory_call_makes_new_uuids(client, channel, pool):
+    sent = []
+    for _ in range(2):
+        future = _call(pool, client.memory.add, "s1", [{"content": "same"}])
+        _, request, rpc = _take(channel, SESSIONS, "AddMemory")
+        sent.append(request.messages[0].uuid)
+        rpc.terminate(ss.AddMemoryResponse(), (), OK, "")
+        future.result(timeout=5)
+    # Two calls are two messages: only a retry of one call repeats its uuids.
+    assert sent[0] != sent[1]
 
 
 def test_not_found_is_not_retried(client, channel, pool):

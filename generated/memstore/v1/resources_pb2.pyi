@@ -209,8 +209,12 @@ class Message(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
-    """Output only. Server-assigned id of the message (UUID, lowercase hex with
-    dashes), unique within the session.
+    """Id of the message, unique within its session: a UUID, returned in
+    canonical form (lowercase hex with dashes). Optional on input to
+    AddMemory: a caller-chosen UUID (a random one, version 4; upper case or
+    without dashes is read too) makes a retry of the call safe, since a uuid
+    the session already holds is not appended again. When empty, the server
+    makes one.
     """
     role: _builtins.str
     """Optional. Free-text speaker name, e.g. "Alice" or "gpt-5"; at most 256

@@ -473,8 +473,8 @@ class AddMemoryRequest(_message.Message):
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Message]:
-        """Required. 1-1000 messages, appended in this order. Only role, role_type,
-        content and metadata of each are read.
+        """Required. 1-1000 messages, appended in this order. Only uuid (optional),
+        role, role_type, content and metadata of each are read.
         """
 
     def __init__(
@@ -506,7 +506,10 @@ class AddMemoryResponse(_message.Message):
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Message]:
-        """The added messages, with their uuid, sequence and created_at."""
+        """One message per request message, in request order, as stored: with its
+        uuid, sequence and created_at. A message the session already held (a
+        retry) is given as it was first added.
+        """
 
     def __init__(
         self,

@@ -140,11 +140,27 @@ class SessionServiceStub:
     deleted messages stay deleted). Concurrent calls on one new session create
     it once and lose no message.
 
+    Retries: a message may carry a caller-chosen uuid. A message whose uuid
+    the session already holds is not appended again; the response gives it as
+    stored (same uuid, sequence and created_at, even if it was deleted
+    since). So a retry after UNAVAILABLE or a lost response, with the same
+    uuids, appends nothing twice and answers as the first call did; when every
+    uuid is already there, the session is left unchanged (not restored, not
+    counted, not touched). When only some are, the others are appended after
+    the session's last message, in request order. Concurrent retries append
+    each message once. Uuids are unique per session: the same uuid in another
+    session is another message.
+
     Errors:
       - INVALID_ARGUMENT: session_id is invalid (it is required); user_id is
         invalid; messages is empty or holds more than 1000; a message breaks
         a limit of its fields (see Message), each named as in
-        "messages[3].content".
+        "messages[3].content"; a uuid is not a UUID, or two messages of the
+        request have the same uuid ("messages[3].uuid").
+      - ALREADY_EXISTS (MESSAGE_ALREADY_EXISTS): a uuid names a message of the
+        session whose role, role_type or content differ from the request's;
+        nothing is written. (Metadata is not compared: UpdateMessage may have
+        changed it since the first call.)
       - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
         user_id names no user.
       - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
@@ -362,11 +378,27 @@ class SessionServiceAsyncStub(SessionServiceStub):
     deleted messages stay deleted). Concurrent calls on one new session create
     it once and lose no message.
 
+    Retries: a message may carry a caller-chosen uuid. A message whose uuid
+    the session already holds is not appended again; the response gives it as
+    stored (same uuid, sequence and created_at, even if it was deleted
+    since). So a retry after UNAVAILABLE or a lost response, with the same
+    uuids, appends nothing twice and answers as the first call did; when every
+    uuid is already there, the session is left unchanged (not restored, not
+    counted, not touched). When only some are, the others are appended after
+    the session's last message, in request order. Concurrent retries append
+    each message once. Uuids are unique per session: the same uuid in another
+    session is another message.
+
     Errors:
       - INVALID_ARGUMENT: session_id is invalid (it is required); user_id is
         invalid; messages is empty or holds more than 1000; a message breaks
         a limit of its fields (see Message), each named as in
-        "messages[3].content".
+        "messages[3].content"; a uuid is not a UUID, or two messages of the
+        request have the same uuid ("messages[3].uuid").
+      - ALREADY_EXISTS (MESSAGE_ALREADY_EXISTS): a uuid names a message of the
+        session whose role, role_type or content differ from the request's;
+        nothing is written. (Metadata is not compared: UpdateMessage may have
+        changed it since the first call.)
       - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
         user_id names no user.
       - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the
@@ -623,11 +655,27 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         deleted messages stay deleted). Concurrent calls on one new session create
         it once and lose no message.
 
+        Retries: a message may carry a caller-chosen uuid. A message whose uuid
+        the session already holds is not appended again; the response gives it as
+        stored (same uuid, sequence and created_at, even if it was deleted
+        since). So a retry after UNAVAILABLE or a lost response, with the same
+        uuids, appends nothing twice and answers as the first call did; when every
+        uuid is already there, the session is left unchanged (not restored, not
+        counted, not touched). When only some are, the others are appended after
+        the session's last message, in request order. Concurrent retries append
+        each message once. Uuids are unique per session: the same uuid in another
+        session is another message.
+
         Errors:
           - INVALID_ARGUMENT: session_id is invalid (it is required); user_id is
             invalid; messages is empty or holds more than 1000; a message breaks
             a limit of its fields (see Message), each named as in
-            "messages[3].content".
+            "messages[3].content"; a uuid is not a UUID, or two messages of the
+            request have the same uuid ("messages[3].uuid").
+          - ALREADY_EXISTS (MESSAGE_ALREADY_EXISTS): a uuid names a message of the
+            session whose role, role_type or content differ from the request's;
+            nothing is written. (Metadata is not compared: UpdateMessage may have
+            changed it since the first call.)
           - FAILED_PRECONDITION (USER_NOT_FOUND): the session is created and
             user_id names no user.
           - FAILED_PRECONDITION (SESSION_USER_MISMATCH): user_id is set and the

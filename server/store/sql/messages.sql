@@ -1,49 +1,85 @@
 -- Messages (memory). Sequences come from sessions.next_sequence under the session's row lock.
 
 -- add_memory --
--- Upserts the session (reviving it), reserves n sequences, appends the messages and queues
--- them for embedding.
-WITH s AS (
+-- Upserts the session (reviving it), appends the messages whose uuid the session does not
+-- hold yet, reserving sequences for those only, and queues them for embedding. Answers one
+-- row per request message, in request order: the stored message, new or already there.
+WITH t AS (
+    SELECT * FROM unnest(%(uuids)s::uuid[], %(roles)s::text[], %(role_types)s::text[],
+                         %(contents)s::text[], %(metadatas)s::jsonb[])
+                  WITH ORDINALITY AS t(uuid, role, role_type, content, metadata, ord)
+), old AS (
+    -- The request's messages already in the session (a retry), as this statement's snapshot
+    -- sees them. One committed since makes the insert below fail on the uuid's unique key
+    -- (the store then runs the statement again). A uuid held by another message (another
+    -- role, role_type or content) makes the whole call change nothing.
+    SELECT t.ord, (m.role, m.role_type, m.content) IS DISTINCT FROM
+                  (t.role, t.role_type, t.content) AS differs,
+           m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata, m.created_at,
+           m.updated_at
+    FROM t JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = %(session_id)s
+                          AND m.uuid = t.uuid
+), new AS (
+    SELECT t.*, row_number() OVER (ORDER BY t.ord) AS rank
+    FROM t
+    WHERE t.ord NOT IN (SELECT old.ord FROM old) AND NOT EXISTS (SELECT FROM old WHERE differs)
+), n AS (
+    SELECT count(*) AS n FROM new
+), s AS (
     INSERT INTO sessions AS s (project_id, session_id, user_id, created_at, updated_at,
                                message_count, last_message_at, next_sequence)
-    SELECT %(project_id)s, %(session_id)s, %(user_id)s::text, t.now, t.now, %(n)s, t.now,
-           %(n)s + 1
-    FROM (SELECT clock_timestamp() AS now) AS t
+    SELECT %(project_id)s, %(session_id)s, %(user_id)s::text, t.now, t.now, n.n, t.now,
+           n.n + 1
+    FROM n, (SELECT clock_timestamp() AS now) AS t
+    -- excluded.message_count is the number of messages appended: with none (a pure retry)
+    -- the session stays as it is, deleted or not.
     ON CONFLICT (project_id, session_id) DO UPDATE SET
-        next_sequence = s.next_sequence + %(n)s,
-        message_count = CASE WHEN s.deleted_at IS NULL THEN s.message_count ELSE 0 END + %(n)s,
-        deleted_at = NULL,
-        (last_message_at, updated_at) = (SELECT t.now, t.now FROM (SELECT clock_timestamp() AS now) t)
+        next_sequence = s.next_sequence + excluded.message_count,
+        message_count = CASE WHEN excluded.message_count = 0 THEN s.message_count
+                             WHEN s.deleted_at IS NULL
+                                 THEN s.message_count + excluded.message_count
+                             ELSE excluded.message_count END,
+        deleted_at = CASE WHEN excluded.message_count = 0 THEN s.deleted_at END,
+        -- The time is taken again under the row lock, so created_at follows the sequence.
+        (last_message_at, updated_at) = (
+            SELECT CASE WHEN excluded.message_count = 0 THEN s.last_message_at ELSE t.now END,
+                   CASE WHEN excluded.message_count = 0 THEN s.updated_at ELSE t.now END
+            FROM (SELECT clock_timestamp() AS now) t)
     WHERE %(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text
     RETURNING s.project_id, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
               s.deleted_at, s.message_count, s.last_message_at, s.next_sequence
 ), m AS (
-    INSERT INTO messages AS m (project_id, session_id, sequence, role, role_type, content,
-                               metadata, created_at, updated_at)
-    SELECT s.project_id, s.session_id, s.next_sequence - %(n)s + t.ord - 1, t.role, t.role_type,
-           t.content,
+    INSERT INTO messages AS m (project_id, session_id, sequence, uuid, role, role_type,
+                               content, metadata, created_at, updated_at)
+    SELECT s.project_id, s.session_id, s.next_sequence - n.n + new.rank - 1, new.uuid,
+           new.role, new.role_type, new.content,
            -- A message without metadata (the common case) skips the PL/pgSQL call.
-           CASE WHEN t.metadata = '{}' THEN t.metadata
-                ELSE memstore_merge_patch('{}', t.metadata) END,
+           CASE WHEN new.metadata = '{}' THEN new.metadata
+                ELSE memstore_merge_patch('{}', new.metadata) END,
            s.last_message_at,
            s.last_message_at
-    FROM s, unnest(%(roles)s::text[], %(role_types)s::text[], %(contents)s::text[],
-                   %(metadatas)s::jsonb[]) WITH ORDINALITY AS t(role, role_type, content,
-                                                                 metadata, ord)
-    RETURNING m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
-              m.created_at, m.updated_at
+    FROM s, n, new
+    RETURNING m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata, m.created_at,
+              m.updated_at
 ), due AS (
     -- Where vectors are kept, the new messages wait for the embedding worker.
     INSERT INTO embedding_queue (project_id, session_id, sequence)
-    SELECT %(project_id)s, m.session_id, m.sequence FROM m WHERE %(embed)s
+    SELECT %(project_id)s, %(session_id)s, m.sequence FROM m WHERE %(embed)s
 )
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
-       s.message_count, s.last_message_at,
-       m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
-       m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
-       m.created_at AS m_created_at, m.updated_at AS m_updated_at
-FROM s LEFT JOIN m ON true
-ORDER BY m.sequence;
+       s.message_count, s.last_message_at, r.*
+FROM s LEFT JOIN (
+    SELECT old.ord AS m_ord, old.differs AS m_differs, old.uuid AS m_uuid,
+           old.sequence AS m_sequence, old.role AS m_role, old.role_type AS m_role_type,
+           old.content AS m_content, old.metadata AS m_metadata,
+           old.created_at AS m_created_at, old.updated_at AS m_updated_at
+    FROM old
+    UNION ALL
+    SELECT new.ord, false, m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata,
+           m.created_at, m.updated_at
+    FROM m JOIN new ON new.uuid = m.uuid
+) r ON true
+ORDER BY r.m_ord;
 
 -- get_memory --
 -- A live session joined to its last `lastn` live messages, oldest first.
