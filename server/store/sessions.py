@@ -39,7 +39,7 @@ class SessionMethods(StoreBase):
 
         Raises:
             AlreadyExists: the session_id is taken (the message says when by a soft-deleted
-                session, with reason SESSION_SOFT_DELETED).
+                session, with reason SESSION_DELETED).
             FailedPrecondition: the named user does not exist (reason USER_NOT_FOUND).
         """
         params = {
@@ -189,7 +189,7 @@ def session_taken(session_id: str, *, deleted: bool) -> AlreadyExists:
     return AlreadyExists(
         f"session '{session_id}' already exists and is soft-deleted; restore it with "
         "UndeleteSession, or add memory to it with AddMemory (which restores it)",
-        reason="SESSION_SOFT_DELETED",
+        reason="SESSION_DELETED",
     )
 
 

@@ -80,7 +80,7 @@ class SessionServiceStub:
       - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
         metadata breaks the limits of CreateUserRequest.metadata.
       - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
-      - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+      - ALREADY_EXISTS (SESSION_DELETED): session_id is taken by a
         soft-deleted session; the message says how to restore it.
       - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
     """
@@ -302,7 +302,7 @@ class SessionServiceAsyncStub(SessionServiceStub):
       - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
         metadata breaks the limits of CreateUserRequest.metadata.
       - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
-      - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+      - ALREADY_EXISTS (SESSION_DELETED): session_id is taken by a
         soft-deleted session; the message says how to restore it.
       - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
     """
@@ -527,7 +527,7 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
           - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
             metadata breaks the limits of CreateUserRequest.metadata.
           - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
-          - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+          - ALREADY_EXISTS (SESSION_DELETED): session_id is taken by a
             soft-deleted session; the message says how to restore it.
           - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
         """
