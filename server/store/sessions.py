@@ -11,7 +11,14 @@ from psycopg.types.json import Jsonb
 from server.domain import MetadataChange, Page, Session, SessionQuery, TimeKey
 from server.errors import AlreadyExists, FailedPrecondition, NotFound
 from server.store import rows
-from server.store.base import StoreBase, factory, key, metadata_params, no_such_user
+from server.store.base import (
+    StoreBase,
+    factory,
+    key,
+    merged_too_large,
+    metadata_params,
+    no_such_user,
+)
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
 
@@ -74,12 +81,16 @@ class SessionMethods(StoreBase):
 
         Raises:
             NotFound: the session is absent or soft-deleted.
+            InvalidArgument: the merged metadata would exceed the limit (reason
+                METADATA_TOO_LARGE); nothing changed.
         """
         params = {**key(project_id, session_id=session_id), **metadata_params(change)}
         async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "update_session", params)
             if row is None:
                 raise await session_missing(conn, project_id, session_id)
+        if row["session_id"] is None:
+            raise merged_too_large(row["metadata_bytes"])
         return rows.session(row)
 
     async def delete_session(self, project_id: int, session_id: str) -> int:
