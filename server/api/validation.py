@@ -40,7 +40,7 @@ _ORDER_BY = re.compile(r"^\s*(created_at|updated_at)(?:\s+(asc|desc))?\s*$", re.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
 # The join controls ZWNJ and ZWJ are format characters that spell words (Persian, Indic
-# scripts) and emoji sequences; PRECIS (RFC 8264) allows them in identifiers too.
+# scripts) and emoji sequences; PRECIS (RFC 8264) allows them in context too.
 _JOIN_CONTROLS = frozenset("\u200c\u200d")
 # Characters an id must not hold besides controls: invisible format characters (bidi
 # overrides and isolates, zero-width spaces, BOM...) and line/paragraph separators, which
