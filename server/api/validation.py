@@ -23,8 +23,6 @@ from server.domain import (
 )
 from server.errors import FieldViolation, InvalidArgument
 
-__all__ = ["MAX_METADATA_BYTES", "MAX_METADATA_DEPTH"]
-
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 256
 MAX_CONTENT_BYTES = 1024 * 1024
@@ -214,7 +212,7 @@ class _StructWalk:
 
     def _nested_too_deep(self, path: str) -> None:
         # Named by the field itself (as when the parser refuses deeper requests, which
-        # server/serving/deep.py words), with the path where the limit was crossed.
+        # server/serving/malformed.py words), with the path where the limit was crossed.
         if not self.too_deep:
             self.too_deep = True
             where = path if len(path) <= 200 else path[:200] + "..."

@@ -15,8 +15,9 @@ from server.errors import InvalidArgument
 #: upb_DecodeOptions_MaxDepth"); the pure-Python parser says "too many levels of nesting".
 _TOO_DEEP = re.compile(r"MaxDepth|recursion|nesting", re.IGNORECASE)
 
-#: How many top-level fields are searched for the deep one; past it the request is only
-#: called malformed (it is invalid anyway: no request holds so many fields).
+#: How many top-level fields are searched for the deep one (a bound on the work a hostile
+#: request can cause); past it the request is only called malformed (no valid request holds
+#: so many: AddMemory takes at most 1,000 messages).
 _MAX_FIELDS_SEARCHED = 4096
 
 MALFORMED = InvalidArgument.field(
@@ -67,11 +68,11 @@ def _deep_field(message_class: Any, data: memoryview) -> str | None:
     # same nesting context, so only the occurrence holding the deep Struct fails.
     fields = message_class.DESCRIPTOR.fields_by_number
     seen: dict[int, int] = {}
-    for count, (number, start, end) in enumerate(_message_fields(data)):
+    for count, (number, wire, start, end) in enumerate(_top_level_fields(data)):
         if count >= _MAX_FIELDS_SEARCHED:
             return None
         field = fields.get(number)
-        if field is None or field.message_type is None:
+        if wire != _WIRE_BYTES or field is None or field.message_type is None:
             continue
         index = seen[number] = seen.get(number, -1) + 1
         try:
@@ -99,9 +100,9 @@ def _struct_field(message: descriptor.Descriptor) -> str | None:
     return None
 
 
-def _message_fields(data: memoryview) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited top-level field, tag included;
-    stops at the first byte it cannot read (groups, truncation)."""
+def _top_level_fields(data: memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, start, end) of each top-level field, tag included; stops at
+    the first byte it cannot read (groups, truncation)."""
     pos = 0
     while pos < len(data):
         start = pos
@@ -116,11 +117,11 @@ def _message_fields(data: memoryview) -> Iterator[tuple[int, int, int]]:
         elif wire == _WIRE_BYTES:
             length, pos = _varint(data, pos)
             pos += length
-            if pos > len(data):
-                return
-            yield number, start, pos
         else:
             return
+        if pos > len(data):
+            return
+        yield number, wire, start, pos
 
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:
