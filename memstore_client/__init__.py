@@ -7,6 +7,7 @@ from ._channel import TLS
 from .aio import AsyncMemstore
 from .errors import (
     AlreadyExists,
+    ArgumentTypeError,
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -36,6 +37,7 @@ from .types import (
 __all__ = [
     "TLS",
     "AlreadyExists",
+    "ArgumentTypeError",
     "AsyncMemstore",
     "DeadlineExceeded",
     "ExportedMessage",

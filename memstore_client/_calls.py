@@ -15,6 +15,7 @@ from google.protobuf.message import Message as ProtoMessage
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 
+from . import _checks
 from .types import (
     ExportedMessage,
     JsonObject,
@@ -92,6 +93,16 @@ def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+def _ids(*, optional: bool = False, **ids: object) -> None:
+    """Ids must be str (the server checks what they hold); named as the request names them."""
+    for name, value in ids.items():
+        _checks.text(name, value, optional=optional)
+
+
+#: Free text is checked as ids are: a str, by name.
+_texts = _ids
+
+
 # -- users ---------------------------------------------------------------------
 
 
@@ -103,6 +114,8 @@ def add_user(
     user_id: str, email: str, first_name: str, last_name: str, meta: JsonObject | None
 ) -> Unary[User]:
     """CreateUser."""
+    _ids(user_id=user_id)
+    _texts(email=email, first_name=first_name, last_name=last_name)
     request = us.CreateUserRequest(
         user_id=user_id,
         email=email,
@@ -115,6 +128,7 @@ def add_user(
 
 def get_user(user_id: str) -> Unary[User]:
     """GetUser."""
+    _ids(user_id=user_id)
     return Unary(USERS, "GetUser", us.GetUserRequest(user_id=user_id), _user, idempotent=True)
 
 
@@ -126,6 +140,8 @@ def update_user(
     meta: JsonObject | None,
 ) -> Unary[User]:
     """UpdateUser: only the arguments that are not None change; metadata is merged."""
+    _ids(user_id=user_id)
+    _texts(optional=True, email=email, first_name=first_name, last_name=last_name)
     request = us.UpdateUserRequest(
         user_id=user_id,
         email=email,
@@ -138,12 +154,14 @@ def update_user(
 
 def delete_user(user_id: str) -> Unary[None]:
     """DeleteUser: the user, its sessions and messages, in one transaction."""
+    _ids(user_id=user_id)
     request = us.DeleteUserRequest(user_id=user_id)
     return Unary(USERS, "DeleteUser", request, lambda _: None, idempotent=False)
 
 
 def list_users(limit: int, cursor: str | None) -> Unary[UserPage]:
     """ListUsers; the cursor is the previous page's next_cursor."""
+    _texts(optional=True, cursor=cursor)
     request = us.ListUsersRequest(page_size=limit, page_token=cursor or "")
 
     def convert(r: us.ListUsersResponse) -> UserPage:
@@ -162,6 +180,7 @@ def list_users_chunked(chunk_size: int, page_token: str = "") -> Stream[User]:
 
 def user_sessions(user_id: str, page_token: str) -> Unary[tuple[list[Session], str]]:
     """One page of ListUserSessions (the largest the server allows)."""
+    _ids(user_id=user_id)
     request = us.ListUserSessionsRequest(user_id=user_id, page_size=1000, page_token=page_token)
 
     def convert(r: us.ListUserSessionsResponse) -> tuple[list[Session], str]:
@@ -179,6 +198,8 @@ def _session(response: Any) -> Session:
 
 def add_session(session_id: str, user_id: str | None, meta: JsonObject | None) -> Unary[Session]:
     """CreateSession; an empty session_id asks the server for one."""
+    _ids(session_id=session_id)
+    _ids(optional=True, user_id=user_id)
     request = ss.CreateSessionRequest(
         session_id=session_id, user_id=user_id or "", metadata=to_struct(meta)
     )
@@ -187,18 +208,21 @@ def add_session(session_id: str, user_id: str | None, meta: JsonObject | None) -
 
 def get_session(session_id: str, show_deleted: bool) -> Unary[Session]:
     """GetSession."""
+    _ids(session_id=session_id)
     request = ss.GetSessionRequest(session_id=session_id, show_deleted=show_deleted)
     return Unary(SESSIONS, "GetSession", request, _session, idempotent=True)
 
 
 def update_session(session_id: str, meta: JsonObject) -> Unary[Session]:
     """UpdateSession: the metadata is merged (a None value removes a key)."""
+    _ids(session_id=session_id)
     request = ss.UpdateSessionRequest(session_id=session_id, metadata=to_struct(meta))
     return Unary(SESSIONS, "UpdateSession", request, _session, idempotent=False)
 
 
 def delete_session(session_id: str) -> Unary[int]:
     """DeleteSession (soft); answers how many messages were deleted with it."""
+    _ids(session_id=session_id)
     request = ss.DeleteSessionRequest(session_id=session_id)
     return Unary(
         SESSIONS, "DeleteSession", request, lambda r: int(r.deleted_messages), idempotent=False
@@ -209,6 +233,8 @@ def list_sessions(
     page_size: int, page_number: int, user_id: str | None, order_by: str
 ) -> Unary[SessionPage]:
     """ListSessions by page number, as Zep's SDK pages."""
+    _ids(optional=True, user_id=user_id)
+    _texts(order_by=order_by)
     request = ss.ListSessionsRequest(
         page_size=page_size, page_number=page_number, user_id=user_id or "", order_by=order_by
     )
@@ -228,9 +254,11 @@ def add_memory(
     A message without a uuid gets a random one here, before the first attempt: a retry then
     sends the same uuids, and the server appends nothing twice, so the call is retried.
     """
+    _ids(session_id=session_id)
+    _ids(optional=True, user_id=user_id)
     protos = []
-    for m in messages:
-        proto = (m if isinstance(m, Message) else Message(**m)).to_proto()
+    for i, m in enumerate(messages):
+        proto = (m if isinstance(m, Message) else Message(**m)).to_proto(f"messages[{i}]")
         proto.uuid = proto.uuid or str(uuid.uuid4())
         protos.append(proto)
     request = ss.AddMemoryRequest(session_id=session_id, messages=protos, user_id=user_id or "")
@@ -243,12 +271,15 @@ def add_memory(
 
 def undelete_session(session_id: str) -> Unary[Session]:
     """UndeleteSession: restores a soft-deleted session (its deleted messages stay deleted)."""
+    _ids(session_id=session_id)
     request = ss.UndeleteSessionRequest(session_id=session_id)
     return Unary(SESSIONS, "UndeleteSession", request, _session, idempotent=False)
 
 
 def list_messages(session_id: str, page_size: int, page_token: str) -> Unary[MessagePage]:
     """One keyset page of ListMessages."""
+    _ids(session_id=session_id)
+    _texts(page_token=page_token)
     request = ss.ListMessagesRequest(
         session_id=session_id, page_size=page_size, page_token=page_token
     )
@@ -261,6 +292,7 @@ def list_messages(session_id: str, page_size: int, page_token: str) -> Unary[Mes
 
 def clear_memory(session_id: str) -> Unary[int]:
     """ClearMemory: soft-deletes the messages, keeps the session; answers how many."""
+    _ids(session_id=session_id)
     request = ss.ClearMemoryRequest(session_id=session_id)
     return Unary(
         SESSIONS, "ClearMemory", request, lambda r: int(r.deleted_messages), idempotent=False
@@ -269,6 +301,7 @@ def clear_memory(session_id: str) -> Unary[int]:
 
 def get_memory(session_id: str, lastn: int, relevant_limit: int | None) -> Unary[Memory]:
     """GetMemory."""
+    _ids(session_id=session_id)
     request = ss.GetMemoryRequest(session_id=session_id, lastn=lastn, relevant_limit=relevant_limit)
 
     def convert(r: ss.GetMemoryResponse) -> Memory:
@@ -306,6 +339,9 @@ def search_memory(
     created_before: datetime | None,
 ) -> Unary[SearchResults]:
     """SearchMemory."""
+    _texts(text=text)
+    _ids(optional=True, user_id=user_id)
+    _checks.texts("session_ids", session_ids)
     if search_type not in SEARCH_TYPES:
         raise ValueError(
             f"search_type must be one of {', '.join(SEARCH_TYPES)}, not {search_type!r}"
@@ -320,6 +356,7 @@ def search_memory(
         role_types=[role_type_number(r) for r in role_types or ()],
     )
     if metadata is not None:
+        _checks.json_object("metadata", metadata)
         request.metadata_contains.update(metadata)
     if created_after is not None:
         request.created_after.FromDatetime(created_after)

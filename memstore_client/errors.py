@@ -56,6 +56,11 @@ class InvalidArgument(MemstoreError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class ArgumentTypeError(InvalidArgument, TypeError):
+    """An argument of the wrong type (e.g. an int user_id), refused before any call is made;
+    both an InvalidArgument and a TypeError."""
+
+
 class NotFound(MemstoreError):
     """No such user, session or message."""
 

@@ -10,6 +10,9 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from memstore.v1 import resources_pb2, session_service_pb2
 
+from . import _checks
+from ._checks import MAX_EXACT_INT
+
 JsonObject = dict[str, Any]
 
 #: Role types as memstore names them (Zep's names); the proto enum adds ROLE_TYPE_.
@@ -27,7 +30,8 @@ def optional_datetime(value: timestamp_pb2.Timestamp, present: bool) -> datetime
 
 
 def to_dict(value: struct_pb2.Struct) -> JsonObject:
-    """A Struct as a plain dict; whole numbers come back as int (Struct carries only floats)."""
+    """A Struct as a plain dict. Struct numbers are doubles: whole ones within ±2**53 come
+    back as int, every other number as float."""
     if not value.fields:
         return {}  # the common case, and MessageToDict is slow
     plain: JsonObject = _ints(json_format.MessageToDict(value))
@@ -39,15 +43,21 @@ def _ints(value: Any) -> Any:
         return {k: _ints(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_ints(v) for v in value]
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_EXACT_INT:
         return int(value)
     return value
 
 
-def to_struct(value: JsonObject | None) -> struct_pb2.Struct | None:
-    """A Struct from a dict (None stays None so the request leaves the field unset)."""
+def to_struct(value: JsonObject | None, field: str = "metadata") -> struct_pb2.Struct | None:
+    """A Struct from a dict (None stays None so the request leaves the field unset).
+
+    Raises:
+        InvalidArgument: the dict is too deep, or holds an integer beyond ±2**53 (see
+            _checks.json_object), named as `field`; ArgumentTypeError for a non-JSON value.
+    """
     if value is None:
         return None
+    _checks.json_object(field, value)
     out = struct_pb2.Struct()
     out.update(value)
     return out
@@ -155,8 +165,13 @@ class Message:
             updated_at=to_datetime(p.updated_at),
         )
 
-    def to_proto(self) -> resources_pb2.Message:
-        """The Message proto AddMemory reads (uuid, role, role_type, content, metadata)."""
+    def to_proto(self, field: str = "message") -> resources_pb2.Message:
+        """The Message proto AddMemory reads (uuid, role, role_type, content, metadata); errors
+        name the fields as `field`.content and so on."""
+        _checks.text(f"{field}.uuid", self.uuid)
+        _checks.text(f"{field}.content", self.content)
+        _checks.text(f"{field}.role", self.role)
+        _checks.text(f"{field}.role_type", self.role_type)
         p = resources_pb2.Message(
             uuid=self.uuid,
             role=self.role,
@@ -164,6 +179,7 @@ class Message:
             content=self.content,
         )
         if self.metadata:
+            _checks.json_object(f"{field}.metadata", self.metadata)
             p.metadata.update(self.metadata)
         return p
 

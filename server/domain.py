@@ -14,6 +14,16 @@ DEFAULT_PROJECT_ID = 1
 #: Role types as stored in messages.role_type (the proto enum without its prefix).
 ROLE_TYPES = ("user", "assistant", "system", "tool", "function", "norole")
 
+#: The largest metadata object stored, in bytes of PostgreSQL's jsonb text form (what
+#: `octet_length(metadata::text)` counts: ", " and ": " separators, numbers in full decimal),
+#: so the request check in Python and the merge check in SQL measure the same bytes.
+MAX_METADATA_BYTES = 64 * 1024
+
+#: The deepest metadata accepted, in levels of objects and arrays (the object itself is 1).
+#: protobuf's parser refuses 100 nested messages, about 33 levels of Struct; at 32, every
+#: request and response holding metadata parses, the deepest (SearchMemoryResponse) included.
+MAX_METADATA_DEPTH = 32
+
 JsonObject = dict[str, Any]
 T = TypeVar("T")
 

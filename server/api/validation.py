@@ -5,20 +5,27 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 import uuid as uuid_lib
 from collections.abc import Iterable
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
-from server.domain import ROLE_TYPES, JsonObject, from_micros
+from server.domain import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    ROLE_TYPES,
+    JsonObject,
+    from_micros,
+)
 from server.errors import FieldViolation, InvalidArgument
 
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 256
 MAX_CONTENT_BYTES = 1024 * 1024
-MAX_METADATA_BYTES = 64 * 1024
 MAX_MESSAGES = 1000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -30,8 +37,13 @@ _ORDER_BY = re.compile(r"^\s*(created_at|updated_at)(?:\s+(asc|desc))?\s*$", re.
 # Timestamp.seconds bounds of 0001-01-01 and 9999-12-31T23:59:59 (what datetime can hold).
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
-# A struct nested deeper than this is refused rather than walked (and PostgreSQL would too).
-_MAX_DEPTH = 100
+# The join controls ZWNJ and ZWJ are format characters that spell words (Persian, Indic
+# scripts) and emoji sequences; PRECIS (RFC 8264) allows them in context too.
+_JOIN_CONTROLS = frozenset("\u200c\u200d")
+# Characters an id must not hold besides controls: invisible format characters (bidi
+# overrides and isolates, zero-width spaces, BOM...) and line/paragraph separators, which
+# make two different ids look alike or reorder the text they are printed in.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp"})
 
 
 class Violations:
@@ -51,7 +63,8 @@ class Violations:
 
 
 def check_id(v: Violations, field: str, value: str, *, required: bool = True) -> None:
-    """An id: 1-256 characters, no control characters (NUL included)."""
+    """An id: 1-256 characters, no control or invisible format characters, no whitespace at
+    either end (so not only whitespace)."""
     if not value:
         if required:
             v.add(field, "is required")
@@ -60,6 +73,27 @@ def check_id(v: Violations, field: str, value: str, *, required: bool = True) ->
         v.add(field, f"is {len(value)} characters long; at most {MAX_ID_CHARS} are allowed")
     if _CONTROL.search(value):
         v.add(field, "must not contain control characters")
+    elif not value.isprintable():  # the fast path: printable text has none of these
+        invisible = next((c for c in value if _is_invisible(c)), None)
+        if invisible is not None:
+            v.add(field, _invisible_description(invisible))
+    if value.isspace():
+        v.add(field, "is only whitespace")
+    elif value[0].isspace() or value[-1].isspace():
+        v.add(field, "must not begin or end with whitespace")
+
+
+def _is_invisible(char: str) -> bool:
+    return unicodedata.category(char) in _INVISIBLE_CATEGORIES and char not in _JOIN_CONTROLS
+
+
+def _invisible_description(char: str) -> str:
+    name = unicodedata.name(char, "")
+    found = f"U+{ord(char):04X} {name}" if name else f"U+{ord(char):04X}"
+    return (
+        "must not contain invisible format or separator characters such as bidirectional "
+        f"overrides (found {found})"
+    )
 
 
 def check_text(v: Violations, field: str, value: str, max_chars: int = MAX_TEXT_CHARS) -> None:
@@ -85,59 +119,110 @@ def check_content(v: Violations, field: str, value: str) -> None:
 
 
 def metadata(v: Violations, field: str, value: struct_pb2.Struct) -> JsonObject:
-    """A Struct as a dict: at most 64 KiB as compact JSON, no NUL, no NaN or Infinity."""
-    problems: list[FieldViolation] = []
-    result = _struct_to_dict(value, field, problems, 0)
-    if problems:
+    """A Struct as a dict: at most 64 KiB as PostgreSQL prints it (see json_size), at most 32
+    levels deep, no NUL, no NaN or Infinity."""
+    walk = _StructWalk(field)
+    result = walk.struct(value, field, 1)
+    if walk.problems:
         # Each violation names the exact key path (e.g. `metadata.a.b[2]`); ten say enough.
-        v.items.extend(problems[:10])
+        v.items.extend(walk.problems[:10])
         return {}
-    size = len(json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    size = json_size(result, walk.float_extra)
     if size > MAX_METADATA_BYTES:
         v.add(field, f"is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed")
     return result
 
 
-def _struct_to_dict(
-    struct: struct_pb2.Struct, path: str, problems: list[FieldViolation], depth: int
-) -> JsonObject:
-    # Like json_format.MessageToDict, but integral numbers come back as int (so 1 is stored
-    # as 1, not 1.0) and every problem is reported with the key path where it was found.
-    out: JsonObject = {}
-    for key, item in struct.fields.items():
-        if "\x00" in key:
-            problems.append(FieldViolation(path, f"key {key!r} contains a NUL character"))
-        out[key] = _value(item, f"{path}.{key}", problems, depth + 1)
-    return out
+def json_size(value: JsonObject, float_extra: int | None = None) -> int:
+    """The bytes of `value` in PostgreSQL's jsonb text form: `octet_length(metadata::text)`.
+
+    That form separates with ", " and ": " (json.dumps' defaults), leaves non-ASCII
+    characters unescaped and prints numbers in full decimal (1e+20 as 21 digits); the
+    store's merge check counts the same bytes in SQL. `float_extra`, when known, is what
+    the floats add over their repr.
+    """
+    if float_extra is None:
+        float_extra = _float_extra(value)
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8")) + float_extra
 
 
-def _value(item: struct_pb2.Value, path: str, problems: list[FieldViolation], depth: int) -> Any:
-    if depth > _MAX_DEPTH:
-        problems.append(FieldViolation(path, f"is nested more than {_MAX_DEPTH} levels deep"))
-        return None
-    kind = item.WhichOneof("kind")
-    if kind == "string_value":
-        if "\x00" in item.string_value:
-            problems.append(FieldViolation(path, "contains a NUL character"))
-        return item.string_value
-    if kind == "number_value":
-        number = item.number_value
+def _float_extra(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_float_extra(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_float_extra(item) for item in value)
+    return _decimal_extra(value) if isinstance(value, float) else 0
+
+
+def _decimal_extra(number: float) -> int:
+    # psycopg sends json.dumps' repr (1e+20); jsonb keeps it as numeric, printed in full.
+    text = repr(number)
+    return len(format(Decimal(text), "f")) - len(text)
+
+
+class _StructWalk:
+    """Struct to dict, like json_format.MessageToDict but integral numbers come back as int
+    (so 1 is stored as 1, not 1.0) and every problem is reported with its key path."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.problems: list[FieldViolation] = []
+        self.float_extra = 0
+        self.too_deep = False
+
+    def struct(self, struct: struct_pb2.Struct, path: str, level: int) -> JsonObject:
+        out: JsonObject = {}
+        for key, item in struct.fields.items():
+            if "\x00" in key:
+                self.problems.append(FieldViolation(path, f"key {key!r} contains a NUL character"))
+            out[key] = self.value(item, f"{path}.{key}", level)
+        return out
+
+    def value(self, item: struct_pb2.Value, path: str, level: int) -> Any:
+        """The value of `item`, found inside a container at `level` (the object is 1)."""
+        kind = item.WhichOneof("kind")
+        if kind in {"struct_value", "list_value"} and level >= MAX_METADATA_DEPTH:
+            self._nested_too_deep(path)
+            return None
+        if kind == "struct_value":
+            return self.struct(item.struct_value, path, level + 1)
+        if kind == "list_value":
+            return [
+                self.value(element, f"{path}[{i}]", level + 1)
+                for i, element in enumerate(item.list_value.values)
+            ]
+        if kind == "string_value":
+            if "\x00" in item.string_value:
+                self.problems.append(FieldViolation(path, "contains a NUL character"))
+            return item.string_value
+        if kind == "number_value":
+            return self.number(item.number_value, path)
+        if kind == "bool_value":
+            return item.bool_value
+        return None  # null_value, or a Value with no kind set: JSON null
+
+    def number(self, number: float, path: str) -> int | float | None:
         if not math.isfinite(number):
-            problems.append(FieldViolation(path, "is NaN or Infinity, which JSON cannot hold"))
+            self.problems.append(FieldViolation(path, "is NaN or Infinity, which JSON cannot hold"))
             return None
         if number.is_integer() and abs(number) <= 2**53:
             return int(number)
+        self.float_extra += _decimal_extra(number)
         return number
-    if kind == "bool_value":
-        return item.bool_value
-    if kind == "struct_value":
-        return _struct_to_dict(item.struct_value, path, problems, depth)
-    if kind == "list_value":
-        return [
-            _value(element, f"{path}[{i}]", problems, depth + 1)
-            for i, element in enumerate(item.list_value.values)
-        ]
-    return None  # null_value, or a Value with no kind set: JSON null
+
+    def _nested_too_deep(self, path: str) -> None:
+        # Named by the field itself (as when the parser refuses deeper requests, which
+        # server/serving/malformed.py words), with the path where the limit was crossed.
+        if not self.too_deep:
+            self.too_deep = True
+            where = path if len(path) <= 200 else path[:200] + "..."
+            self.problems.append(
+                FieldViolation(
+                    self.root,
+                    f"is nested more than {MAX_METADATA_DEPTH} levels of objects and arrays "
+                    f"deep (at {where})",
+                )
+            )
 
 
 def role_type(v: Violations, field: str, value: int) -> str:

@@ -24,7 +24,6 @@ from server.api.status import abort
 from server.api.tokens import PageTokens
 from server.api.users import UserServicer
 from server.config import Config
-from server.errors import InvalidArgument
 from server.search.embedding import Embedder, embedder_from_setting
 from server.search.service import Searcher
 from server.search.worker import EmbeddingWorker
@@ -36,6 +35,7 @@ from server.serving.grpc_health import (
     track_call,
     watch_database,
 )
+from server.serving.malformed import Malformed, tolerant_deserializer
 from server.serving.observability import Metrics, ObservabilityInterceptor
 from server.serving.tls import add_port, reflection_enabled
 from server.store import Store
@@ -49,39 +49,13 @@ _SETTLE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-class _Malformed:
-    """What the tolerant deserializer hands over instead of a request it cannot parse."""
-
-
-_MALFORMED = _Malformed()
-
-
-_MALFORMED_ERROR = InvalidArgument.field(
-    "request",
-    "request is not valid protobuf / contains invalid UTF-8 in a string field",
-    reason="MALFORMED_REQUEST",
-)
-
-
-def _tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
-    # protobuf raises DecodeError on bad bytes or invalid UTF-8 in a string field, which grpc
-    # would answer with INTERNAL; a marker lets the handler answer INVALID_ARGUMENT instead.
-    def deserialize(data: bytes) -> Any:
-        try:
-            return message_class.FromString(data)
-        except Exception:
-            return _MALFORMED
-
-    return deserialize
-
-
 def _guard_unary(
     method: Callable[[Any, Context], Awaitable[Any]],
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     async def handler(request: Any, context: Context) -> Any:
         track_call()
-        if request is _MALFORMED:
-            await abort(context, _MALFORMED_ERROR)
+        if isinstance(request, Malformed):
+            await abort(context, request.error)
         return await method(request, context)
 
     return handler
@@ -92,8 +66,8 @@ def _guard_stream(
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
         track_call()
-        if request is _MALFORMED:
-            await abort(context, _MALFORMED_ERROR)
+        if isinstance(request, Malformed):
+            await abort(context, request.error)
         async for response in method(request, context):
             yield response
 
@@ -109,7 +83,7 @@ def _register(server: grpc.aio.Server, module: ModuleType, name: str, servicer: 
         response_class = getattr(module, method.output_type.name)
         implementation = getattr(servicer, method.name)
         kwargs: dict[str, Any] = {
-            "request_deserializer": _tolerant_deserializer(request_class),
+            "request_deserializer": tolerant_deserializer(request_class),
             "response_serializer": response_class.SerializeToString,
         }
         if method.server_streaming:

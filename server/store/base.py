@@ -12,8 +12,8 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from server.domain import MetadataChange, TimeKey
-from server.errors import FailedPrecondition, MemstoreError, Unavailable
+from server.domain import MAX_METADATA_BYTES, MetadataChange, TimeKey
+from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
 from server.store.health import DatabaseHealth, is_stale
 from server.store.translate import ErrorFactory, translated
 
@@ -112,7 +112,19 @@ def metadata_params(change: MetadataChange | None) -> dict[str, Any]:
     return {
         "replace_metadata": bool(change and change.replace),
         "patch": Jsonb(change.patch) if change is not None else None,
+        "max_metadata_bytes": MAX_METADATA_BYTES,
     }
+
+
+def merged_too_large(size: int) -> InvalidArgument:
+    """The error of a merge whose result would be larger than the metadata limit."""
+    return InvalidArgument.field(
+        "metadata",
+        f"merged into the stored metadata, the result would be {size} bytes as JSON; at most "
+        f"{MAX_METADATA_BYTES} are allowed (remove keys with null values, or replace the "
+        "metadata by naming it in update_mask)",
+        reason="METADATA_TOO_LARGE",
+    )
 
 
 def factory(error: MemstoreError) -> ErrorFactory:

@@ -12,7 +12,14 @@ from psycopg.types.json import Jsonb
 from server.domain import Message, MetadataChange, NewMessage, Page, Session
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from server.store import rows
-from server.store.base import StoreBase, factory, key, metadata_params, no_such_user
+from server.store.base import (
+    StoreBase,
+    factory,
+    key,
+    merged_too_large,
+    metadata_params,
+    no_such_user,
+)
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.sessions import hide_in_live_session, session_missing
@@ -120,12 +127,16 @@ class MessageMethods(StoreBase):
 
         Raises:
             NotFound: the message or its session is absent or soft-deleted.
+            InvalidArgument: the merged metadata would exceed the limit (reason
+                METADATA_TOO_LARGE); nothing changed.
         """
         params = {**key(project_id, session_id=session_id), "uuid": parse_uuid(session_id, uuid)}
         async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "get_message", params)
         if row is None:
             raise message_not_found(session_id, uuid)
+        if row["uuid"] is None:
+            raise merged_too_large(row["metadata_bytes"])
         return rows.message(row)
 
     async def update_message(
@@ -135,6 +146,8 @@ class MessageMethods(StoreBase):
 
         Raises:
             NotFound: the message or its session is absent or soft-deleted.
+            InvalidArgument: the merged metadata would exceed the limit (reason
+                METADATA_TOO_LARGE); nothing changed.
         """
         params = {
             **key(project_id, session_id=session_id),
@@ -145,6 +158,8 @@ class MessageMethods(StoreBase):
             row = await fetch_one(conn, "update_message", params)
         if row is None:
             raise message_not_found(session_id, uuid)
+        if row["uuid"] is None:
+            raise merged_too_large(row["metadata_bytes"])
         return rows.message(row)
 
     async def clear_memory(self, project_id: int, session_id: str) -> int:

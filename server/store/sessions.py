@@ -11,7 +11,14 @@ from psycopg.types.json import Jsonb
 from server.domain import MetadataChange, Page, Session, SessionQuery, TimeKey
 from server.errors import AlreadyExists, FailedPrecondition, NotFound
 from server.store import rows
-from server.store.base import StoreBase, factory, key, metadata_params, no_such_user
+from server.store.base import (
+    StoreBase,
+    factory,
+    key,
+    merged_too_large,
+    metadata_params,
+    no_such_user,
+)
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
 
@@ -39,7 +46,7 @@ class SessionMethods(StoreBase):
 
         Raises:
             AlreadyExists: the session_id is taken (the message says when by a soft-deleted
-                session, with reason SESSION_SOFT_DELETED).
+                session, with reason SESSION_DELETED).
             FailedPrecondition: the named user does not exist (reason USER_NOT_FOUND).
         """
         params = {
@@ -74,12 +81,16 @@ class SessionMethods(StoreBase):
 
         Raises:
             NotFound: the session is absent or soft-deleted.
+            InvalidArgument: the merged metadata would exceed the limit (reason
+                METADATA_TOO_LARGE); nothing changed.
         """
         params = {**key(project_id, session_id=session_id), **metadata_params(change)}
         async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "update_session", params)
             if row is None:
                 raise await session_missing(conn, project_id, session_id)
+        if row["session_id"] is None:
+            raise merged_too_large(row["metadata_bytes"])
         return rows.session(row)
 
     async def delete_session(self, project_id: int, session_id: str) -> int:
@@ -189,7 +200,7 @@ def session_taken(session_id: str, *, deleted: bool) -> AlreadyExists:
     return AlreadyExists(
         f"session '{session_id}' already exists and is soft-deleted; restore it with "
         "UndeleteSession, or add memory to it with AddMemory (which restores it)",
-        reason="SESSION_SOFT_DELETED",
+        reason="SESSION_DELETED",
     )
 
 

@@ -10,7 +10,14 @@ from psycopg.types.json import Jsonb
 from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
 from server.errors import AlreadyExists, NotFound
 from server.store import rows
-from server.store.base import START, StoreBase, factory, key, metadata_params
+from server.store.base import (
+    START,
+    StoreBase,
+    factory,
+    key,
+    merged_too_large,
+    metadata_params,
+)
 from server.store.coalesce import Coalescer
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
@@ -85,6 +92,8 @@ class UserMethods(StoreBase):
 
         Raises:
             NotFound: no user has this id.
+            InvalidArgument: the merged metadata would exceed the limit (reason
+                METADATA_TOO_LARGE); nothing changed.
         """
         meta = changes.metadata
         params = {
@@ -102,6 +111,8 @@ class UserMethods(StoreBase):
             row = await fetch_one(conn, "update_user", params)
         if row is None:
             raise user_not_found(user_id)
+        if row["user_id"] is None:
+            raise merged_too_large(row["metadata_bytes"])
         return rows.user(row)
 
     async def delete_user(self, project_id: int, user_id: str) -> DeletedCounts:

@@ -56,7 +56,7 @@ async def test_each_failure_has_its_stable_reason(users: Users, sessions: Sessio
         (
             sessions.CreateSession(ss.CreateSessionRequest(session_id="gone")),
             Code.ALREADY_EXISTS,
-            "SESSION_SOFT_DELETED",
+            "SESSION_DELETED",
         ),
         (
             sessions.CreateSession(ss.CreateSessionRequest(user_id="nobody")),

@@ -16,7 +16,14 @@ from tests.grpc import Code, count_rows, msg, rpc_error, struct
 
 BAD = Code.INVALID_ARGUMENT
 MIB = 1024 * 1024
-BAD_IDS = ["", "x" * 257, "a\x01b", "a\x00b", "tab\there", "new\nline", "del\x7f"]
+BAD_IDS = [
+    *("", "x" * 257, "a\x01b", "a\x00b", "tab\there", "new\nline", "del\x7f"),
+    # Only whitespace, or whitespace at either end.
+    *(" ", "\u3000", " alice", "alice "),
+    # Invisible format characters and separators: a right-to-left override, isolates, a BOM,
+    # a zero-width space, a line separator.
+    *("user\u202egnp.exe", "a\u2066b\u2069", "\ufeffa", "a\u200bb", "a\u2028b"),
+]
 BIG_METADATA = {"blob": "x" * (65 * 1024)}
 #: 33 Ki characters, but 66 KiB of UTF-8 (and more still with \u escapes).
 MULTIBYTE_METADATA = {"blob": "é" * (33 * 1024)}

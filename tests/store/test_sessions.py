@@ -48,7 +48,7 @@ async def test_create_session_taken_by_soft_deleted(store: Store, clean_db: str)
     await store.delete_session(P, "s")
     with pytest.raises(AlreadyExists, match="soft-deleted") as info:
         await store.create_session(P, "s", None, {})
-    assert info.value.reason == "SESSION_SOFT_DELETED"
+    assert info.value.reason == "SESSION_DELETED"
     assert "UndeleteSession" in info.value.message
     assert "AddMemory" in info.value.message
 

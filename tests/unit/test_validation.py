@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 import pytest
@@ -38,6 +37,27 @@ def _struct(value: dict[str, object]) -> struct_pb2.Struct:
         ("a\tb", False),
         ("a\x7fb", False),
         ("a\x85b", False),
+        # Whitespace inside an id is fine; at either end (or alone) it is a mistake.
+        ("a b", True),
+        (" ", False),
+        ("\u3000\u00a0", False),
+        (" a", False),
+        ("a ", False),
+        ("a\u00a0", False),
+        # Invisible format characters and separators: bidi overrides and isolates, zero-width
+        # spaces, BOM, soft hyphen, line and paragraph separators.
+        ("user\u202egnp.exe", False),
+        ("a\u202ab", False),
+        ("a\u2066b\u2069", False),
+        ("a\u200bb", False),
+        ("\ufeffa", False),
+        ("a\u00adb", False),
+        ("a\u2028b", False),
+        ("a\u2029b", False),
+        # ...but the join controls spell words and emoji: ZWNJ in Persian, ZWJ in emoji.
+        ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", True),
+        ("\U0001f469\u200d\U0001f4bb", True),
+        ("in\u00a0side", True),
     ],
 )
 def test_ids(value: str, ok: bool) -> None:
@@ -94,15 +114,47 @@ def test_metadata_rejects_nul_and_non_finite_numbers_naming_the_path(
     assert _fields(lambda v: val.metadata(v, "metadata", _struct(value))) == [path]
 
 
-def test_metadata_size_limit_is_compact_json_bytes() -> None:
+def test_metadata_size_limit_is_bytes_of_postgresqls_jsonb_text() -> None:
+    # PostgreSQL prints jsonb with ", " and ": ": the size the merge check counts in SQL.
     def sized(n: int) -> dict[str, object]:
-        overhead = len(json.dumps({"k": ""}, separators=(",", ":")))
-        return {"k": "x" * (n - overhead)}
+        return {"k": "x" * (n - len('{"k": ""}'))}
 
     assert _fields(lambda v: val.metadata(v, "m", _struct(sized(val.MAX_METADATA_BYTES)))) == []
     assert _fields(lambda v: val.metadata(v, "m", _struct(sized(val.MAX_METADATA_BYTES + 1)))) == [
         "m"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ({"a": [1, {"b": None}], "c": {}}, '{"a": [1, {"b": null}], "c": {}}'),
+        ({"x": 1e20}, '{"x": 100000000000000000000}'),
+        ({"x": -1.5e-7}, '{"x": -0.00000015}'),
+        ({"s": "é\n\u2028"}, '{"s": "é\\n\u2028"}'),
+    ],
+)
+def test_json_size_counts_numbers_in_full_decimal_and_utf8(
+    value: dict[str, object], text: str
+) -> None:
+    assert val.json_size(value) == len(text.encode())
+
+
+def _nested(levels: int) -> dict[str, object]:
+    """`levels` objects and arrays, alternating, the outermost an object."""
+    inner: object = 1
+    for level in range(levels - 1, 0, -1):
+        inner = {"k": inner} if level % 2 == 0 else [inner]
+    return {"k": inner}
+
+
+def test_metadata_nesting_limit_names_the_field() -> None:
+    assert _fields(lambda v: val.metadata(v, "metadata", _struct(_nested(32)))) == []
+    v = val.Violations()
+    val.metadata(v, "messages[2].metadata", _struct(_nested(33)))
+    assert [item.field for item in v.items] == ["messages[2].metadata"]
+    assert "more than 32 levels" in v.items[0].description
+    assert "(at messages[2].metadata.k[0].k[0]" in v.items[0].description
 
 
 def test_role_type_mapping() -> None:

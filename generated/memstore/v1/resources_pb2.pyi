@@ -78,8 +78,10 @@ class User(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SESSION_COUNT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Required on create, immutable. The caller's id for this user: 1-256
-    characters, no control characters, unique within the project.
+    """Required on create, immutable. The caller's id for this user, unique
+    within the project: 1-256 characters; no control, invisible format or
+    separator characters; no whitespace at either end (the rules of ids in
+    the UserService comment).
     """
     email: _builtins.str
     """Optional. Email address, at most 256 characters."""
@@ -92,8 +94,8 @@ class User(_message.Message):
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. Free-form JSON object, written whole by CreateUser and merged
-        into by UpdateUser (see UpdateUserRequest.metadata); each object or patch
-        written has the limits of CreateUserRequest.metadata.
+        into by UpdateUser (see UpdateUserRequest.metadata); what is stored,
+        merges included, has the limits of CreateUserRequest.metadata.
         """
 
     @_builtins.property
@@ -142,7 +144,9 @@ class Session(_message.Message):
     LAST_MESSAGE_AT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required on read, optional on create. The caller's id for the session:
-    1-256 characters, no control characters, unique within the project. When
+    an id under the rules of UserService's comment (1-256 characters; no
+    control, invisible format or separator characters; no whitespace at
+    either end), unique within the project. When
     empty on create, the server assigns a random 32-character hex id.
     """
     user_id: _builtins.str
@@ -152,8 +156,8 @@ class Session(_message.Message):
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. Free-form JSON object, written whole by CreateSession and
-        merged into by UpdateSession; each object or patch written has the limits
-        of CreateUserRequest.metadata.
+        merged into by UpdateSession; what is stored, merges included, has the
+        limits of CreateUserRequest.metadata.
         """
 
     @_builtins.property
@@ -233,7 +237,7 @@ class Message(_message.Message):
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. Free-form JSON object, written whole by AddMemory and merged
-        into by UpdateMessage; each object or patch written has the limits of
+        into by UpdateMessage; what is stored, merges included, has the limits of
         CreateUserRequest.metadata.
         """
 

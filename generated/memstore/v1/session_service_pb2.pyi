@@ -194,8 +194,10 @@ class UpdateSessionRequest(_message.Message):
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. A JSON merge patch (RFC 7396) applied atomically to the stored
         metadata: nested objects merged, arrays and scalars replaced, null removes
-        a key. The patch has the limits of CreateUserRequest.metadata; the merged
-        result is not measured again.
+        a key. The patch has the limits of CreateUserRequest.metadata, and so
+        has the merged result (checked in the same statement; see
+        UpdateUserRequest.metadata): a merge whose result would be larger than
+        64 KiB changes nothing (INVALID_ARGUMENT, METADATA_TOO_LARGE).
         """
 
     @_builtins.property

@@ -39,10 +39,14 @@ class SessionServiceStub:
     for INVALID_ARGUMENT, a BadRequest with one violation per offending field
     (e.g. "messages[3].content"). Each RPC below lists its own errors, with
     their reasons in parentheses; an id (session_id, user_id) is invalid when
-    it is longer than 256 characters or holds a control character, or when it
-    is required and empty. Besides those, every RPC may return:
+    it breaks the rules of ids in the UserService comment (1-256 characters;
+    no control, invisible format or separator characters; no whitespace at
+    either end), or when it is required and empty. Besides those, every RPC
+    may return:
     - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-    protobuf, e.g. a string field holds invalid UTF-8.
+    protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+    too deep for protobuf's parser is not malformed: see
+    CreateUserRequest.metadata.)
     - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
     and the call carries none, or one that is unknown, revoked or malformed
     (one message for all three).
@@ -165,10 +169,14 @@ class SessionServiceServicer:
     for INVALID_ARGUMENT, a BadRequest with one violation per offending field
     (e.g. "messages[3].content"). Each RPC below lists its own errors, with
     their reasons in parentheses; an id (session_id, user_id) is invalid when
-    it is longer than 256 characters or holds a control character, or when it
-    is required and empty. Besides those, every RPC may return:
+    it breaks the rules of ids in the UserService comment (1-256 characters;
+    no control, invisible format or separator characters; no whitespace at
+    either end), or when it is required and empty. Besides those, every RPC
+    may return:
     - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-    protobuf, e.g. a string field holds invalid UTF-8.
+    protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+    too deep for protobuf's parser is not malformed: see
+    CreateUserRequest.metadata.)
     - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
     and the call carries none, or one that is unknown, revoked or malformed
     (one message for all three).
@@ -201,7 +209,7 @@ class SessionServiceServicer:
         - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
         metadata breaks the limits of CreateUserRequest.metadata.
         - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
-        - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+        - ALREADY_EXISTS (SESSION_DELETED): session_id is taken by a
         soft-deleted session; the message says how to restore it.
         - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
         """
@@ -229,7 +237,8 @@ class SessionServiceServicer:
         Errors:
         - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
         other than "metadata" or "*"; metadata breaks the limits of
-        CreateUserRequest.metadata.
+        CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+        merged metadata would be larger than 64 KiB; nothing changed.
         - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
         - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
         first with UndeleteSession or by adding memory).
@@ -369,7 +378,8 @@ class SessionServiceServicer:
         Errors:
         - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
         names a path other than "metadata" or "*"; metadata breaks the limits
-        of CreateUserRequest.metadata.
+        of CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+        merged metadata would be larger than 64 KiB; nothing changed.
         - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -546,10 +556,14 @@ class SessionService:
     for INVALID_ARGUMENT, a BadRequest with one violation per offending field
     (e.g. "messages[3].content"). Each RPC below lists its own errors, with
     their reasons in parentheses; an id (session_id, user_id) is invalid when
-    it is longer than 256 characters or holds a control character, or when it
-    is required and empty. Besides those, every RPC may return:
+    it breaks the rules of ids in the UserService comment (1-256 characters;
+    no control, invisible format or separator characters; no whitespace at
+    either end), or when it is required and empty. Besides those, every RPC
+    may return:
     - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-    protobuf, e.g. a string field holds invalid UTF-8.
+    protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+    too deep for protobuf's parser is not malformed: see
+    CreateUserRequest.metadata.)
     - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
     and the call carries none, or one that is unknown, revoked or malformed
     (one message for all three).

@@ -40,10 +40,14 @@ class SessionServiceStub:
     for INVALID_ARGUMENT, a BadRequest with one violation per offending field
     (e.g. "messages[3].content"). Each RPC below lists its own errors, with
     their reasons in parentheses; an id (session_id, user_id) is invalid when
-    it is longer than 256 characters or holds a control character, or when it
-    is required and empty. Besides those, every RPC may return:
+    it breaks the rules of ids in the UserService comment (1-256 characters;
+    no control, invisible format or separator characters; no whitespace at
+    either end), or when it is required and empty. Besides those, every RPC
+    may return:
       - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-        protobuf, e.g. a string field holds invalid UTF-8.
+        protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+        too deep for protobuf's parser is not malformed: see
+        CreateUserRequest.metadata.)
       - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
         and the call carries none, or one that is unknown, revoked or malformed
         (one message for all three).
@@ -80,7 +84,7 @@ class SessionServiceStub:
       - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
         metadata breaks the limits of CreateUserRequest.metadata.
       - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
-      - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+      - ALREADY_EXISTS (SESSION_DELETED): session_id is taken by a
         soft-deleted session; the message says how to restore it.
       - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
     """
@@ -100,7 +104,8 @@ class SessionServiceStub:
     Errors:
       - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
         other than "metadata" or "*"; metadata breaks the limits of
-        CreateUserRequest.metadata.
+        CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+        merged metadata would be larger than 64 KiB; nothing changed.
       - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
       - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
         first with UndeleteSession or by adding memory).
@@ -208,7 +213,8 @@ class SessionServiceStub:
     Errors:
       - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
         names a path other than "metadata" or "*"; metadata breaks the limits
-        of CreateUserRequest.metadata.
+        of CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+        merged metadata would be larger than 64 KiB; nothing changed.
       - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
     """
     ClearMemory: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ClearMemoryRequest, _session_service_pb2.ClearMemoryResponse]
@@ -281,10 +287,14 @@ class SessionServiceAsyncStub(SessionServiceStub):
     for INVALID_ARGUMENT, a BadRequest with one violation per offending field
     (e.g. "messages[3].content"). Each RPC below lists its own errors, with
     their reasons in parentheses; an id (session_id, user_id) is invalid when
-    it is longer than 256 characters or holds a control character, or when it
-    is required and empty. Besides those, every RPC may return:
+    it breaks the rules of ids in the UserService comment (1-256 characters;
+    no control, invisible format or separator characters; no whitespace at
+    either end), or when it is required and empty. Besides those, every RPC
+    may return:
       - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-        protobuf, e.g. a string field holds invalid UTF-8.
+        protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+        too deep for protobuf's parser is not malformed: see
+        CreateUserRequest.metadata.)
       - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
         and the call carries none, or one that is unknown, revoked or malformed
         (one message for all three).
@@ -318,7 +328,7 @@ class SessionServiceAsyncStub(SessionServiceStub):
       - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
         metadata breaks the limits of CreateUserRequest.metadata.
       - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
-      - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+      - ALREADY_EXISTS (SESSION_DELETED): session_id is taken by a
         soft-deleted session; the message says how to restore it.
       - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
     """
@@ -338,7 +348,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     Errors:
       - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
         other than "metadata" or "*"; metadata breaks the limits of
-        CreateUserRequest.metadata.
+        CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+        merged metadata would be larger than 64 KiB; nothing changed.
       - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
       - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
         first with UndeleteSession or by adding memory).
@@ -446,7 +457,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     Errors:
       - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
         names a path other than "metadata" or "*"; metadata breaks the limits
-        of CreateUserRequest.metadata.
+        of CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+        merged metadata would be larger than 64 KiB; nothing changed.
       - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
     """
     ClearMemory: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ClearMemoryRequest, _session_service_pb2.ClearMemoryResponse]  # type: ignore[assignment]
@@ -518,10 +530,14 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     for INVALID_ARGUMENT, a BadRequest with one violation per offending field
     (e.g. "messages[3].content"). Each RPC below lists its own errors, with
     their reasons in parentheses; an id (session_id, user_id) is invalid when
-    it is longer than 256 characters or holds a control character, or when it
-    is required and empty. Besides those, every RPC may return:
+    it breaks the rules of ids in the UserService comment (1-256 characters;
+    no control, invisible format or separator characters; no whitespace at
+    either end), or when it is required and empty. Besides those, every RPC
+    may return:
       - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-        protobuf, e.g. a string field holds invalid UTF-8.
+        protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+        too deep for protobuf's parser is not malformed: see
+        CreateUserRequest.metadata.)
       - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
         and the call carries none, or one that is unknown, revoked or malformed
         (one message for all three).
@@ -559,7 +575,7 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
           - INVALID_ARGUMENT: session_id or user_id is invalid (both may be empty);
             metadata breaks the limits of CreateUserRequest.metadata.
           - ALREADY_EXISTS (SESSION_ALREADY_EXISTS): session_id is taken.
-          - ALREADY_EXISTS (SESSION_SOFT_DELETED): session_id is taken by a
+          - ALREADY_EXISTS (SESSION_DELETED): session_id is taken by a
             soft-deleted session; the message says how to restore it.
           - FAILED_PRECONDITION (USER_NOT_FOUND): user_id names no user.
         """
@@ -591,7 +607,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors:
           - INVALID_ARGUMENT: session_id is invalid; update_mask names a path
             other than "metadata" or "*"; metadata breaks the limits of
-            CreateUserRequest.metadata.
+            CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+            merged metadata would be larger than 64 KiB; nothing changed.
           - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
           - NOT_FOUND (SESSION_DELETED): the session is soft-deleted (restore it
             first with UndeleteSession or by adding memory).
@@ -747,7 +764,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors:
           - INVALID_ARGUMENT: session_id or uuid as for GetMessage; update_mask
             names a path other than "metadata" or "*"; metadata breaks the limits
-            of CreateUserRequest.metadata.
+            of CreateUserRequest.metadata. With reason METADATA_TOO_LARGE: the
+            merged metadata would be larger than 64 KiB; nothing changed.
           - NOT_FOUND (MESSAGE_NOT_FOUND): as for GetMessage.
         """
 

@@ -33,8 +33,9 @@ class CreateUserRequest(_message.Message):
     LAST_NAME_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Required. The caller's id for the user: 1-256 characters, no control
-    characters.
+    """Required. The caller's id for the user, under the rules of ids in the
+    UserService comment: 1-256 characters; no control, invisible format or
+    separator characters; no whitespace at either end.
     """
     email: _builtins.str
     """Optional. Email address, at most 256 characters."""
@@ -44,10 +45,22 @@ class CreateUserRequest(_message.Message):
     """Optional. Family name, at most 256 characters."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional. Free-form JSON object: at most 64 KiB as compact JSON, no NUL
-        characters, no NaN or Infinity. Its nesting is bounded by the protobuf
-        parser's limit of 100 nested messages (about 33 levels of objects): a
-        deeper request is INVALID_ARGUMENT with reason MALFORMED_REQUEST.
+        """Optional. Free-form JSON object. The limits of every metadata object,
+        as written by a request and as stored after a merge:
+          - At most 64 KiB (65,536 bytes) as PostgreSQL prints it, i.e.
+            octet_length(metadata::text) of the jsonb: ", " and ": " between
+            items, non-ASCII characters as their UTF-8 bytes, numbers in full
+            decimal (1e20 counts 21 bytes). The request check and the merge check
+            count these same bytes, so metadata read back from memstore is never
+            refused when written again.
+          - At most 32 levels of objects and arrays deep, the object itself
+            being level 1 ({"a": [1]} has 2). Deeper metadata is INVALID_ARGUMENT
+            naming the field (e.g. "messages[1].metadata"), also when it is too
+            deep for protobuf's parser (about 33 levels).
+          - No NUL characters, no NaN or Infinity.
+        Numbers are a Struct's doubles: integers are exact within +-2^53 only
+        (whole numbers come back as numbers without a fraction; clients may
+        read those within +-2^53 as integers).
         """
 
     def __init__(
@@ -170,8 +183,12 @@ class UpdateUserRequest(_message.Message):
         one atomic statement: keys are added or replaced, nested objects merged
         recursively, arrays and scalars replaced, and a key whose value is null is
         removed. Concurrent updates of different keys all survive. The patch
-        has the limits of CreateUserRequest.metadata; the merged result is not
-        measured again.
+        has the limits of CreateUserRequest.metadata, and so does the merged
+        result, checked in the same statement: a merge whose result would be
+        larger than 64 KiB changes nothing and is INVALID_ARGUMENT with reason
+        METADATA_TOO_LARGE (remove keys with nulls, or replace the metadata by
+        naming it in update_mask). Concurrent merges are each checked against
+        the result of those committed before them.
         """
 
     @_builtins.property

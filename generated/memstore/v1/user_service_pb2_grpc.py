@@ -39,7 +39,9 @@ class UserServiceStub:
     Each RPC below lists its own errors, with their reasons in parentheses.
     Besides those, every RPC may return:
     - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-    protobuf, e.g. a string field holds invalid UTF-8.
+    protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+    too deep for protobuf's parser is not malformed: see
+    CreateUserRequest.metadata.)
     - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
     and the call carries none, or one that is unknown, revoked or malformed
     (one message for all three).
@@ -56,6 +58,17 @@ class UserServiceStub:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Ids. A user_id or session_id is 1-256 characters, unique within the
+    project, with no control characters (Unicode category Cc), no invisible
+    format characters or line/paragraph separators (categories Cf, Zl, Zp:
+    the bidirectional overrides and isolates U+202A-U+202E and U+2066-U+2069,
+    zero-width spaces, U+FEFF, the soft hyphen...; but the join controls
+    U+200C and U+200D, which spell words in Persian and Indic scripts and
+    emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
+    context), and no whitespace at either end, so never only whitespace
+    (spaces inside an id are fine). An id that breaks these rules is
+    INVALID_ARGUMENT naming its field.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
@@ -119,7 +132,9 @@ class UserServiceServicer:
     Each RPC below lists its own errors, with their reasons in parentheses.
     Besides those, every RPC may return:
     - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-    protobuf, e.g. a string field holds invalid UTF-8.
+    protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+    too deep for protobuf's parser is not malformed: see
+    CreateUserRequest.metadata.)
     - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
     and the call carries none, or one that is unknown, revoked or malformed
     (one message for all three).
@@ -137,6 +152,17 @@ class UserServiceServicer:
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
 
+    Ids. A user_id or session_id is 1-256 characters, unique within the
+    project, with no control characters (Unicode category Cc), no invisible
+    format characters or line/paragraph separators (categories Cf, Zl, Zp:
+    the bidirectional overrides and isolates U+202A-U+202E and U+2066-U+2069,
+    zero-width spaces, U+FEFF, the soft hyphen...; but the join controls
+    U+200C and U+200D, which spell words in Persian and Indic scripts and
+    emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
+    context), and no whitespace at either end, so never only whitespace
+    (spaces inside an id are fine). An id that breaks these rules is
+    INVALID_ARGUMENT naming its field.
+
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
     update_time), and ListUsersChunked after the SDK's user.list_chunked.
@@ -146,9 +172,9 @@ class UserServiceServicer:
         """Creates a user.
 
         Errors:
-        - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-        a control character; email, first_name or last_name is longer than
-        256 characters or holds a NUL; metadata breaks its limits (see
+        - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
+        above); email, first_name or last_name is longer than 256 characters
+        or holds a NUL; metadata breaks its limits (see
         CreateUserRequest.metadata).
         - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
         """
@@ -160,8 +186,7 @@ class UserServiceServicer:
         """Gets one user.
 
         Errors:
-        - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-        a control character.
+        - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids.
         - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -176,7 +201,9 @@ class UserServiceServicer:
         Errors:
         - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
         other than those of UpdateUserRequest; email, first_name, last_name
-        or metadata as for CreateUser.
+        or metadata as for CreateUser. With reason METADATA_TOO_LARGE:
+        metadata merged into the stored metadata would make it larger than
+        64 KiB (see CreateUserRequest.metadata); nothing changed.
         - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -299,7 +326,9 @@ class UserService:
     Each RPC below lists its own errors, with their reasons in parentheses.
     Besides those, every RPC may return:
     - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-    protobuf, e.g. a string field holds invalid UTF-8.
+    protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+    too deep for protobuf's parser is not malformed: see
+    CreateUserRequest.metadata.)
     - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
     and the call carries none, or one that is unknown, revoked or malformed
     (one message for all three).
@@ -316,6 +345,17 @@ class UserService:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+
+    Ids. A user_id or session_id is 1-256 characters, unique within the
+    project, with no control characters (Unicode category Cc), no invisible
+    format characters or line/paragraph separators (categories Cf, Zl, Zp:
+    the bidirectional overrides and isolates U+202A-U+202E and U+2066-U+2069,
+    zero-width spaces, U+FEFF, the soft hyphen...; but the join controls
+    U+200C and U+200D, which spell words in Persian and Indic scripts and
+    emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
+    context), and no whitespace at either end, so never only whitespace
+    (spaces inside an id are fine). An id that breaks these rules is
+    INVALID_ARGUMENT naming its field.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and

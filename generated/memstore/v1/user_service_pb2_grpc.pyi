@@ -40,7 +40,9 @@ class UserServiceStub:
     Each RPC below lists its own errors, with their reasons in parentheses.
     Besides those, every RPC may return:
       - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-        protobuf, e.g. a string field holds invalid UTF-8.
+        protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+        too deep for protobuf's parser is not malformed: see
+        CreateUserRequest.metadata.)
       - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
         and the call carries none, or one that is unknown, revoked or malformed
         (one message for all three).
@@ -58,6 +60,17 @@ class UserServiceStub:
         gRPC): the request is larger than 16 MiB.
       - INTERNAL (INTERNAL): a server bug; the details are in the server log.
 
+    Ids. A user_id or session_id is 1-256 characters, unique within the
+    project, with no control characters (Unicode category Cc), no invisible
+    format characters or line/paragraph separators (categories Cf, Zl, Zp:
+    the bidirectional overrides and isolates U+202A-U+202E and U+2066-U+2069,
+    zero-width spaces, U+FEFF, the soft hyphen...; but the join controls
+    U+200C and U+200D, which spell words in Persian and Indic scripts and
+    emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
+    context), and no whitespace at either end, so never only whitespace
+    (spaces inside an id are fine). An id that breaks these rules is
+    INVALID_ARGUMENT naming its field.
+
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
     update_time), and ListUsersChunked after the SDK's user.list_chunked.
@@ -71,9 +84,9 @@ class UserServiceStub:
     """Creates a user.
 
     Errors:
-      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-        a control character; email, first_name or last_name is longer than
-        256 characters or holds a NUL; metadata breaks its limits (see
+      - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
+        above); email, first_name or last_name is longer than 256 characters
+        or holds a NUL; metadata breaks its limits (see
         CreateUserRequest.metadata).
       - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
     """
@@ -81,8 +94,7 @@ class UserServiceStub:
     """Gets one user.
 
     Errors:
-      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-        a control character.
+      - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids.
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]
@@ -93,7 +105,9 @@ class UserServiceStub:
     Errors:
       - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
         other than those of UpdateUserRequest; email, first_name, last_name
-        or metadata as for CreateUser.
+        or metadata as for CreateUser. With reason METADATA_TOO_LARGE:
+        metadata merged into the stored metadata would make it larger than
+        64 KiB (see CreateUserRequest.metadata); nothing changed.
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
@@ -152,7 +166,9 @@ class UserServiceAsyncStub(UserServiceStub):
     Each RPC below lists its own errors, with their reasons in parentheses.
     Besides those, every RPC may return:
       - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-        protobuf, e.g. a string field holds invalid UTF-8.
+        protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+        too deep for protobuf's parser is not malformed: see
+        CreateUserRequest.metadata.)
       - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
         and the call carries none, or one that is unknown, revoked or malformed
         (one message for all three).
@@ -170,6 +186,17 @@ class UserServiceAsyncStub(UserServiceStub):
         gRPC): the request is larger than 16 MiB.
       - INTERNAL (INTERNAL): a server bug; the details are in the server log.
 
+    Ids. A user_id or session_id is 1-256 characters, unique within the
+    project, with no control characters (Unicode category Cc), no invisible
+    format characters or line/paragraph separators (categories Cf, Zl, Zp:
+    the bidirectional overrides and isolates U+202A-U+202E and U+2066-U+2069,
+    zero-width spaces, U+FEFF, the soft hyphen...; but the join controls
+    U+200C and U+200D, which spell words in Persian and Indic scripts and
+    emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
+    context), and no whitespace at either end, so never only whitespace
+    (spaces inside an id are fine). An id that breaks these rules is
+    INVALID_ARGUMENT naming its field.
+
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
     update_time), and ListUsersChunked after the SDK's user.list_chunked.
@@ -180,9 +207,9 @@ class UserServiceAsyncStub(UserServiceStub):
     """Creates a user.
 
     Errors:
-      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-        a control character; email, first_name or last_name is longer than
-        256 characters or holds a NUL; metadata breaks its limits (see
+      - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
+        above); email, first_name or last_name is longer than 256 characters
+        or holds a NUL; metadata breaks its limits (see
         CreateUserRequest.metadata).
       - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
     """
@@ -190,8 +217,7 @@ class UserServiceAsyncStub(UserServiceStub):
     """Gets one user.
 
     Errors:
-      - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-        a control character.
+      - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids.
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
@@ -202,7 +228,9 @@ class UserServiceAsyncStub(UserServiceStub):
     Errors:
       - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
         other than those of UpdateUserRequest; email, first_name, last_name
-        or metadata as for CreateUser.
+        or metadata as for CreateUser. With reason METADATA_TOO_LARGE:
+        metadata merged into the stored metadata would make it larger than
+        64 KiB (see CreateUserRequest.metadata); nothing changed.
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
@@ -260,7 +288,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     Each RPC below lists its own errors, with their reasons in parentheses.
     Besides those, every RPC may return:
       - INVALID_ARGUMENT (MALFORMED_REQUEST): the request bytes are not valid
-        protobuf, e.g. a string field holds invalid UTF-8.
+        protobuf, e.g. a string field holds invalid UTF-8. (Metadata nested
+        too deep for protobuf's parser is not malformed: see
+        CreateUserRequest.metadata.)
       - UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID): some API key exists
         and the call carries none, or one that is unknown, revoked or malformed
         (one message for all three).
@@ -278,6 +308,17 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         gRPC): the request is larger than 16 MiB.
       - INTERNAL (INTERNAL): a server bug; the details are in the server log.
 
+    Ids. A user_id or session_id is 1-256 characters, unique within the
+    project, with no control characters (Unicode category Cc), no invisible
+    format characters or line/paragraph separators (categories Cf, Zl, Zp:
+    the bidirectional overrides and isolates U+202A-U+202E and U+2066-U+2069,
+    zero-width spaces, U+FEFF, the soft hyphen...; but the join controls
+    U+200C and U+200D, which spell words in Persian and Indic scripts and
+    emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
+    context), and no whitespace at either end, so never only whitespace
+    (spaces inside an id are fine). An id that breaks these rules is
+    INVALID_ARGUMENT naming its field.
+
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
     update_time), and ListUsersChunked after the SDK's user.list_chunked.
@@ -292,9 +333,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a user.
 
         Errors:
-          - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-            a control character; email, first_name or last_name is longer than
-            256 characters or holds a NUL; metadata breaks its limits (see
+          - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
+            above); email, first_name or last_name is longer than 256 characters
+            or holds a NUL; metadata breaks its limits (see
             CreateUserRequest.metadata).
           - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
         """
@@ -308,8 +349,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Gets one user.
 
         Errors:
-          - INVALID_ARGUMENT: user_id is empty, longer than 256 characters or holds
-            a control character.
+          - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids.
           - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
 
@@ -326,7 +366,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors:
           - INVALID_ARGUMENT: user_id as for GetUser; update_mask names a path
             other than those of UpdateUserRequest; email, first_name, last_name
-            or metadata as for CreateUser.
+            or metadata as for CreateUser. With reason METADATA_TOO_LARGE:
+            metadata merged into the stored metadata would make it larger than
+            64 KiB (see CreateUserRequest.metadata); nothing changed.
           - NOT_FOUND (USER_NOT_FOUND): no user has this id.
         """
 

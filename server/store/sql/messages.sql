@@ -125,18 +125,26 @@ WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s AND m.uuid
   AND m.deleted_at IS NULL AND s.deleted_at IS NULL;
 
 -- update_message --
--- Merges (or replaces) one live message's metadata and bumps its session's updated_at.
-WITH m AS (
-    UPDATE messages AS m SET
-        metadata = CASE
-            WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
-            ELSE memstore_merge_patch(m.metadata, %(patch)s::jsonb)
-        END,
-        updated_at = clock_timestamp()
-    FROM sessions s
+-- Merges (or replaces) one live message's metadata and bumps its session's updated_at, in
+-- one statement, writing only a result within the metadata limit (as update_user). No row:
+-- no such live message in a live session; a row without uuid: the result would be too large.
+WITH target AS (
+    SELECT m.project_id, m.session_id, m.uuid, CASE
+        WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
+        ELSE memstore_merge_patch(m.metadata, %(patch)s::jsonb)
+    END AS metadata
+    FROM messages m
+    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
     WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s AND m.uuid = %(uuid)s
-      AND m.deleted_at IS NULL
-      AND s.project_id = m.project_id AND s.session_id = m.session_id AND s.deleted_at IS NULL
+      AND m.deleted_at IS NULL AND s.deleted_at IS NULL
+    FOR UPDATE OF m
+), sized AS (
+    SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
+), m AS (
+    UPDATE messages AS m SET metadata = sized.metadata, updated_at = clock_timestamp()
+    FROM sized
+    WHERE m.project_id = sized.project_id AND m.session_id = sized.session_id
+      AND m.uuid = sized.uuid AND sized.metadata_bytes <= %(max_metadata_bytes)s
     RETURNING m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
               m.created_at, m.updated_at
 ), touched AS (
@@ -145,7 +153,8 @@ WITH m AS (
     WHERE s.project_id = %(project_id)s AND s.session_id = m.session_id
     RETURNING 1
 )
-SELECT m.*, (SELECT count(*) FROM touched) AS touched FROM m;
+SELECT sized.metadata_bytes, m.*, (SELECT count(*) FROM touched) AS touched
+FROM sized LEFT JOIN m ON true;
 
 -- clear_memory --
 -- Soft-deletes every live message of a live session; the session stays, message_count 0.

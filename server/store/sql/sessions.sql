@@ -25,16 +25,29 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
   AND (%(show_deleted)s OR s.deleted_at IS NULL);
 
 -- update_session --
--- Merges (or replaces) the metadata of a live session under its row lock.
-UPDATE sessions AS s SET
-    metadata = CASE
+-- Merges (or replaces) the metadata of a live session under its row lock, in one statement,
+-- writing only a result within the metadata limit (as update_user). No row: the session is
+-- absent or soft-deleted; a row without session_id: the merged metadata would be too large.
+WITH target AS (
+    SELECT s.project_id, s.session_id, CASE
         WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
         ELSE memstore_merge_patch(s.metadata, %(patch)s::jsonb)
-    END,
-    updated_at = clock_timestamp()
-WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
-RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
-          s.message_count, s.last_message_at;
+    END AS metadata
+    FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
+      AND s.deleted_at IS NULL
+    FOR UPDATE
+), sized AS (
+    SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
+), updated AS (
+    UPDATE sessions AS s SET metadata = sized.metadata, updated_at = clock_timestamp()
+    FROM sized
+    WHERE s.project_id = sized.project_id AND s.session_id = sized.session_id
+      AND sized.metadata_bytes <= %(max_metadata_bytes)s
+    RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
+              s.message_count, s.last_message_at
+)
+SELECT sized.metadata_bytes, updated.* FROM sized LEFT JOIN updated ON true;
 
 -- lock_live_session --
 -- Locks a live session before its messages are soft-deleted. AddMemory appends only under

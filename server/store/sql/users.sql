@@ -21,22 +21,41 @@ FROM users u
 WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)s::text[]);
 
 -- update_user --
--- Sets the named fields and merges (or replaces) metadata in SQL, under the row lock.
-UPDATE users AS u SET
-    email = CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END,
-    first_name = CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
-    last_name = CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
-    metadata = CASE
+-- Sets the named fields and merges (or replaces) metadata, in one statement. `target` locks
+-- the row and merges into its latest committed metadata (FOR UPDATE re-reads a row that a
+-- concurrent merge changed while it waited); the UPDATE writes only a result within the
+-- metadata limit, so a merge that would outgrow it changes nothing: the answer's row then
+-- has metadata_bytes and no user_id (the store raises InvalidArgument). No row: no user.
+WITH target AS (
+    SELECT u.project_id, u.user_id, CASE
         WHEN NOT %(set_metadata)s THEN u.metadata
         WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
         ELSE memstore_merge_patch(u.metadata, %(patch)s::jsonb)
-    END,
-    updated_at = clock_timestamp()
-WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
-RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
-          (SELECT count(*) FROM sessions s
-           WHERE s.project_id = u.project_id AND s.user_id = u.user_id
-             AND s.deleted_at IS NULL) AS session_count;
+    END AS metadata
+    FROM users u
+    WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
+    FOR UPDATE
+), sized AS (
+    SELECT t.*, CASE WHEN %(set_metadata)s THEN octet_length(t.metadata::text) ELSE 0 END
+               AS metadata_bytes
+    FROM target t
+), updated AS (
+    UPDATE users AS u SET
+        email = CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END,
+        first_name = CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
+        last_name = CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
+        metadata = sized.metadata,
+        updated_at = clock_timestamp()
+    FROM sized
+    WHERE u.project_id = sized.project_id AND u.user_id = sized.user_id
+      AND sized.metadata_bytes <= %(max_metadata_bytes)s
+    RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
+              u.updated_at,
+              (SELECT count(*) FROM sessions s
+               WHERE s.project_id = u.project_id AND s.user_id = u.user_id
+                 AND s.deleted_at IS NULL) AS session_count
+)
+SELECT sized.metadata_bytes, updated.* FROM sized LEFT JOIN updated ON true;
 
 -- lock_user --
 -- Locks the user first: from then on no session can be created for it (the foreign key

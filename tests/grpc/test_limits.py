@@ -1,0 +1,158 @@
+"""Limits over a real channel: merged metadata size, nesting depth, stored values sent again."""
+
+from __future__ import annotations
+
+import asyncio
+import struct as binary
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import user_service_pb2 as us
+from server.api.validation import json_size
+from server.domain import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
+from tests.grpc import Code, Sessions, Users, as_dict, count_rows, msg, rpc_error, struct
+
+BAD = Code.INVALID_ARGUMENT
+
+
+async def test_merges_that_outgrow_the_limit_are_refused_for_each_resource(
+    users: Users, sessions: Sessions
+) -> None:
+    # The issue's case: 63,009 bytes stored, then a 10,000-byte merge: 73,019 together.
+    big = {"k": "v" * 63_000}
+    patch = struct({"k2": "w" * 10_000})
+    await users.CreateUser(us.CreateUserRequest(user_id="u", metadata=struct(big)))
+    await sessions.CreateSession(ss.CreateSessionRequest(session_id="s", metadata=struct(big)))
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="m", messages=[msg("x", metadata=struct(big))])
+    )
+    uuid = added.messages[0].uuid
+    calls = [
+        users.UpdateUser(us.UpdateUserRequest(user_id="u", metadata=patch)),
+        sessions.UpdateSession(ss.UpdateSessionRequest(session_id="s", metadata=patch)),
+        sessions.UpdateMessage(ss.UpdateMessageRequest(session_id="m", uuid=uuid, metadata=patch)),
+    ]
+    for call in calls:
+        error = await rpc_error(call, BAD, field="metadata", reason="METADATA_TOO_LARGE")
+        assert "73019 bytes" in (error.details() or "")
+    user = (await users.GetUser(us.GetUserRequest(user_id="u"))).user
+    session = (await sessions.GetSession(ss.GetSessionRequest(session_id="s"))).session
+    message = (await sessions.GetMessage(ss.GetMessageRequest(session_id="m", uuid=uuid))).message
+    assert [as_dict(x.metadata) for x in (user, session, message)] == [big] * 3
+
+
+async def test_concurrent_merges_never_store_more_than_the_limit(users: Users) -> None:
+    # Twenty 60 KB merges stored 1.2 MB; now only one of them fits.
+    await users.CreateUser(us.CreateUserRequest(user_id="u"))
+    patches = [struct({f"k{i}": "x" * 60_000}) for i in range(20)]
+    results = await asyncio.gather(
+        *(users.UpdateUser(us.UpdateUserRequest(user_id="u", metadata=p)) for p in patches),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert [r.code() for r in refused] == [BAD] * 19
+    user = (await users.GetUser(us.GetUserRequest(user_id="u"))).user
+    assert len(user.metadata) == 1
+    assert json_size(as_dict(user.metadata)) <= MAX_METADATA_BYTES
+
+
+async def test_what_is_stored_at_the_limit_is_accepted_again(users: Users) -> None:
+    # An export re-imported: the stored object, sent back as it comes out, must fit again.
+    # Floats count as PostgreSQL prints them (1e+20 as 21 digits), on both sides.
+    small = {"f": 1e20, "g": -1.5e-7, "n": 2**53, "t": "é ☃", "l": [1.5, {"x": None}]}
+    value = {**small, "pad": "x" * (MAX_METADATA_BYTES - json_size({**small, "pad": ""}))}
+    assert json_size(value) == MAX_METADATA_BYTES
+    created = await users.CreateUser(us.CreateUserRequest(user_id="a", metadata=struct(value)))
+    again = json_format.MessageToDict(created.user.metadata)
+    await users.CreateUser(us.CreateUserRequest(user_id="b", metadata=struct(again)))
+    # ...and one byte more is refused on both paths.
+    over = {**value, "pad": value["pad"] + "x"}
+    await rpc_error(
+        users.CreateUser(us.CreateUserRequest(user_id="c", metadata=struct(over))),
+        BAD,
+        field="metadata",
+    )
+    await rpc_error(
+        users.UpdateUser(us.UpdateUserRequest(user_id="a", metadata=struct({"pad": over["pad"]}))),
+        BAD,
+        field="metadata",
+        reason="METADATA_TOO_LARGE",
+    )
+
+
+# -- nesting ---------------------------------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _nested_struct(levels: int) -> bytes:
+    """A Struct of `levels` nested objects, {"a": {"a": ... 1}}, as bytes: protobuf in
+    Python cannot even build the deeper ones (grpcurl and other languages can)."""
+    value = b"\x11" + binary.pack("<d", 1.0)  # Value.number_value
+    for _ in range(levels):
+        entry = _field(1, b"a") + _field(2, value)  # a Struct.fields map entry
+        struct_bytes = _field(1, entry)
+        value = _field(5, struct_bytes)  # Value.struct_value
+    return struct_bytes
+
+
+def _call(channel: grpc.aio.Channel, method: str) -> Any:
+    return channel.unary_unary(method, request_serializer=lambda b: b)
+
+
+@pytest.mark.parametrize("levels", [MAX_METADATA_DEPTH + 1, 45, 2000])
+async def test_too_deep_metadata_is_invalid_argument_naming_the_field(
+    channel: grpc.aio.Channel, clean_db: str, levels: int
+) -> None:
+    # 33 levels pass protobuf's parser and are refused by validation; 45 (the issue's) and
+    # 2,000 are refused by the parser, and the server still names the field.
+    deep = _nested_struct(levels)
+    user = _call(channel, "/memstore.v1.UserService/CreateUser")
+    await rpc_error(user(_field(1, b"u") + _field(5, deep)), BAD, field="metadata")
+    update = _call(channel, "/memstore.v1.UserService/UpdateUser")
+    await rpc_error(update(_field(1, b"u") + _field(5, deep)), BAD, field="metadata")
+    session = _call(channel, "/memstore.v1.SessionService/CreateSession")
+    await rpc_error(session(_field(1, b"s") + _field(3, deep)), BAD, field="metadata")
+    # AddMemory: the second message is the deep one, and the error says which.
+    fine = _field(4, b"hello")
+    add = _call(channel, "/memstore.v1.SessionService/AddMemory")
+    request = _field(1, b"s") + _field(2, fine) + _field(2, fine + _field(5, deep))
+    error = await rpc_error(add(request), BAD, field="messages[1].metadata")
+    assert f"more than {MAX_METADATA_DEPTH} levels" in (error.details() or "")
+    listing = _call(channel, "/memstore.v1.SessionService/ListSessions")
+    await rpc_error(listing(_field(11, deep)), BAD, field="metadata_contains")
+    for table in ("users", "sessions", "messages"):
+        assert await count_rows(clean_db, table) == 0
+
+
+async def test_the_deepest_metadata_allowed_round_trips(users: Users, sessions: Sessions) -> None:
+    deep: Any = 1
+    for _ in range(MAX_METADATA_DEPTH):
+        deep = {"a": deep}
+    created = await users.CreateUser(us.CreateUserRequest(user_id="u", metadata=struct(deep)))
+    assert as_dict(created.user.metadata) == deep
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[msg("deep", metadata=struct(deep))])
+    )
+    assert as_dict(added.messages[0].metadata) == deep
+    # Search answers carry it one message deeper than any request: it still parses.
+    found = await sessions.SearchMemory(
+        ss.SearchMemoryRequest(text="deep", search_type=ss.SEARCH_TYPE_FULL_TEXT)
+    )
+    assert as_dict(found.results[0].message.metadata) == deep
