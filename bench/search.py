@@ -100,6 +100,7 @@ def figures(s: Settings, ss: SearchSettings, url: str) -> Iterator[dict[str, Any
     }
     for size in ss.sizes:
         search_data.embed_randomly(url, f"srch-{size}")
+        search_data.keep_recall(url, f"srch-{size}")
     search_data.seed_user(
         url,
         text,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ import psycopg
 
 from bench.env import EPOCH
 from memstore.v1 import resources_pb2, session_service_pb2
+from server.search.service import RECALL_WINDOW
+from server.store import Store
 
 #: The local model's name and width: search reads only vectors stored under the current name.
 MODEL = "all-MiniLM-L6-v2-int8"
@@ -192,6 +195,28 @@ def embed_randomly(url: str, prefix: str, seed: int = 11) -> int:
             (like,),
         )
     return len(keys)
+
+
+def keep_recall(url: str, prefix: str) -> int:
+    """Ranks and keeps the recall of the sessions named `prefix`-*, as the worker would after
+    embedding them; returns how many sessions."""
+
+    async def run() -> int:
+        store = await Store.open(url, min_size=1, max_size=2)
+        try:
+            await store.check_vectors()
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                cur = await conn.execute(
+                    "SELECT session_id FROM sessions WHERE project_id = 1 AND session_id LIKE %s",
+                    (f"{prefix}-%",),
+                )
+                sessions = [(1, str(r[0])) for r in await cur.fetchall()]
+            await store.keep_recall(sessions, MODEL, RECALL_WINDOW)
+            return len(sessions)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def queue_backlog(url: str, prefix: str) -> int:

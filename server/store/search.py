@@ -203,6 +203,16 @@ class SearchMethods(StoreBase):
         (found,) = await _pipelined(conn, [statement], params)
         return [_found(r)[0] for r in found]
 
+    async def keep_recall(self, sessions: list[tuple[int, str]], model: str, window: int) -> None:
+        """Ranks and keeps the recall of these (project_id, session_id) sessions now, as the
+        worker does after embedding their messages (for a bench that seeds vectors itself).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect() as conn:
+            await self._keep_recall(conn, sessions, model, window)
+
     async def _keep_recall(
         self, conn: AsyncConnection[Any], sessions: list[tuple[int, str]], model: str, window: int
     ) -> None:
