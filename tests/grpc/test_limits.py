@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import struct as binary
 from typing import Any
 
 import grpc
@@ -15,6 +14,7 @@ from memstore.v1 import user_service_pb2 as us
 from server.api.validation import json_size
 from server.domain import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 from tests.grpc import Code, Sessions, Users, as_dict, count_rows, msg, rpc_error, struct
+from tests.wire import field, nested_struct
 
 BAD = Code.INVALID_ARGUMENT
 
@@ -87,56 +87,31 @@ async def test_what_is_stored_at_the_limit_is_accepted_again(users: Users) -> No
 # -- nesting ---------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _nested_struct(levels: int) -> bytes:
-    """A Struct of `levels` nested objects, {"a": {"a": ... 1}}, as bytes: protobuf in
-    Python cannot even build the deeper ones (grpcurl and other languages can)."""
-    value = b"\x11" + binary.pack("<d", 1.0)  # Value.number_value
-    for _ in range(levels):
-        entry = _field(1, b"a") + _field(2, value)  # a Struct.fields map entry
-        struct_bytes = _field(1, entry)
-        value = _field(5, struct_bytes)  # Value.struct_value
-    return struct_bytes
-
-
 def _call(channel: grpc.aio.Channel, method: str) -> Any:
     return channel.unary_unary(method, request_serializer=lambda b: b)
 
 
 @pytest.mark.parametrize("levels", [MAX_METADATA_DEPTH + 1, 45, 2000])
-async def test_too_deep_metadata_is_invalid_argument_naming_the_field(
+async def test_too_deep_metadata_is_invalid_argument_naming_thefield(
     channel: grpc.aio.Channel, clean_db: str, levels: int
 ) -> None:
     # 33 levels pass protobuf's parser and are refused by validation; 45 (the issue's) and
     # 2,000 are refused by the parser, and the server still names the field.
-    deep = _nested_struct(levels)
+    deep = nested_struct(levels)
     user = _call(channel, "/memstore.v1.UserService/CreateUser")
-    await rpc_error(user(_field(1, b"u") + _field(5, deep)), BAD, field="metadata")
+    await rpc_error(user(field(1, b"u") + field(5, deep)), BAD, field="metadata")
     update = _call(channel, "/memstore.v1.UserService/UpdateUser")
-    await rpc_error(update(_field(1, b"u") + _field(5, deep)), BAD, field="metadata")
+    await rpc_error(update(field(1, b"u") + field(5, deep)), BAD, field="metadata")
     session = _call(channel, "/memstore.v1.SessionService/CreateSession")
-    await rpc_error(session(_field(1, b"s") + _field(3, deep)), BAD, field="metadata")
+    await rpc_error(session(field(1, b"s") + field(3, deep)), BAD, field="metadata")
     # AddMemory: the second message is the deep one, and the error says which.
-    fine = _field(4, b"hello")
+    fine = field(4, b"hello")
     add = _call(channel, "/memstore.v1.SessionService/AddMemory")
-    request = _field(1, b"s") + _field(2, fine) + _field(2, fine + _field(5, deep))
+    request = field(1, b"s") + field(2, fine) + field(2, fine + field(5, deep))
     error = await rpc_error(add(request), BAD, field="messages[1].metadata")
     assert f"more than {MAX_METADATA_DEPTH} levels" in (error.details() or "")
     listing = _call(channel, "/memstore.v1.SessionService/ListSessions")
-    await rpc_error(listing(_field(11, deep)), BAD, field="metadata_contains")
+    await rpc_error(listing(field(11, deep)), BAD, field="metadata_contains")
     for table in ("users", "sessions", "messages"):
         assert await count_rows(clean_db, table) == 0
 

@@ -28,6 +28,7 @@ from server.config import Config
 from server.serving.app import build_server
 from server.store import Store
 from tests.reliability import fuzz_settings, hostile, record
+from tests.wire import field
 
 Code = grpc.StatusCode
 #: Requests sent concurrently per hypothesis example.
@@ -277,20 +278,6 @@ for _method in hostile.REQUESTS:
     globals()[_test.__name__] = _test
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2) carrying `payload` as is."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 _invalid_utf8 = st.sampled_from([b"\xff", b"\xc3\x28", b"a\xed\xa0\x80b", b"\xf8\x88\x80\x80\x80"])
 
 
@@ -303,12 +290,12 @@ def _raw_requests(draw: st.DrawFn) -> tuple[str, bytes]:
     number = draw(st.integers(1, 12))
     shape = draw(st.sampled_from(["field", "message content", "metadata key", "random"]))
     if shape == "field":
-        data = valid + _field(number, bad)
+        data = valid + field(number, bad)
     elif shape == "message content":
-        data = valid + _field(2, _field(4, bad))  # AddMemoryRequest.messages[].content
+        data = valid + field(2, field(4, bad))  # AddMemoryRequest.messages[].content
     elif shape == "metadata key":
-        entry = _field(1, bad) + _field(2, b"")  # Struct.fields map entry with a bad key
-        data = valid + _field(number, _field(1, entry))
+        entry = field(1, bad) + field(2, b"")  # Struct.fields map entry with a bad key
+        data = valid + field(number, field(1, entry))
     else:
         data = draw(st.binary(max_size=200))
     return method, data
