@@ -54,11 +54,16 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         await conn.execute(query("unlock_migrations"))
 
 
-async def _requirements_met(conn: AsyncConnection[Any], name: str, text: str) -> bool:
+def required_extension(text: str) -> str | None:
+    """The extension a migration's first line says it needs, if any."""
     match = _REQUIRES.match(text)
-    if match is None:
+    return match.group(1) if match else None
+
+
+async def _requirements_met(conn: AsyncConnection[Any], name: str, text: str) -> bool:
+    extension = required_extension(text)
+    if extension is None:
         return True
-    extension = match.group(1)
     cur = await conn.execute(query("extension_available"), {"name": extension})
     row = await cur.fetchone()
     if row is None:
