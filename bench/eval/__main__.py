@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench.eval.bm25 import BM25Ranker
 from bench.eval.corpus import load
+from bench.eval.fusion import fuse
 from bench.eval.memstore import ask_memstore
 from bench.eval.metrics import Ranker
 from bench.eval.report import report
@@ -21,6 +22,10 @@ def main() -> None:
     answers = ask_memstore(corpus)
     rankers: dict[str, Ranker] = {"bm25": BM25Ranker(corpus)}
     rankers.update((name, answers.ranker(name)) for name in answers.ranked)
+    if {"full_text", "semantic"} <= answers.ranked.keys():
+        # What the hybrid ranking replaced: RRF of the two answers (docs/search.md).
+        parts = [answers.ranker("full_text"), answers.ranker("semantic")]
+        rankers["rrf(full_text,semantic)"] = fuse(parts)
     figures = report(rankers, corpus)
     figures["embedding"] = {
         "messages": answers.messages,

@@ -1,4 +1,4 @@
-"""Reciprocal rank fusion: the hybrid ranking SearchMemory's HYBRID mode is measured against."""
+"""Reciprocal rank fusion: the alternative to SearchMemory's hybrid ranking, in the report."""
 
 from __future__ import annotations
 

@@ -193,7 +193,9 @@ class SearchMethods(StoreBase):
     ) -> list[SearchResult]:
         # The user's other sessions ranked against this one's last messages, here and now.
         use_vector = model is not None and self.vectors
-        fragment = query("recall_query_vector" if use_vector else "recall_query_text")
+        fragment: sql.Composable = query("recall_query_text")
+        if use_vector:
+            fragment = query("recall_query_vector").format(words=fragment)
         scope = sql.SQL(" ").join(
             [query("recall_filter_user"), query("search_filter_other_sessions")]
         )

@@ -140,19 +140,13 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
   AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
 
 -- recall_query_vector --
--- Query fragment of recall: those words and the session's recall vector (kept by the worker).
-SELECT memstore_any_words(
-           (SELECT string_agg(r.role || ' ' || left(r.content, 2000), ' ')
-            FROM (SELECT m.role, m.content FROM messages m
-                  WHERE m.project_id = s.project_id AND m.session_id = s.session_id
-                    AND m.deleted_at IS NULL
-                  ORDER BY m.sequence DESC LIMIT %(window)s) AS r)) AS query,
+-- Query fragment of recall: recall_query_text's words and the session's recall vector (kept
+-- by the worker); {words} is recall_query_text.
+SELECT w.query,
        (SELECT e.embedding FROM session_embeddings e
-        WHERE e.project_id = s.project_id AND e.session_id = s.session_id
+        WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
           AND e.model = %(model)s) AS vector
-FROM sessions s
-WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
-  AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
+FROM ({words}) AS w
 
 -- recall_filter_user --
 -- Scope fragment of recall: the sessions of the user who owns the session being read.
