@@ -159,13 +159,15 @@ def delete_user(user_id: str) -> Unary[None]:
     return Unary(USERS, "DeleteUser", request, lambda _: None, idempotent=False)
 
 
-def list_users(limit: int, cursor: str | None) -> Unary[UserPage]:
-    """ListUsers; the cursor is the previous page's next_cursor."""
+def list_users(limit: int, cursor: str | None, page_number: int = 0) -> Unary[UserPage]:
+    """ListUsers; the cursor is the previous page's next_cursor, or page_number (1-based)."""
     _texts(optional=True, cursor=cursor)
-    request = us.ListUsersRequest(page_size=limit, page_token=cursor or "")
+    _checks.integer("page_number", page_number)
+    request = us.ListUsersRequest(page_size=limit, page_token=cursor or "", page_number=page_number)
 
     def convert(r: us.ListUsersResponse) -> UserPage:
-        return UserPage([User.from_proto(u) for u in r.users], r.next_page_token or None)
+        users = [User.from_proto(u) for u in r.users]
+        return UserPage(users, r.next_page_token or None, r.total_size)
 
     return Unary(USERS, "ListUsers", request, convert, idempotent=True)
 
@@ -276,16 +278,23 @@ def undelete_session(session_id: str) -> Unary[Session]:
     return Unary(SESSIONS, "UndeleteSession", request, _session, idempotent=False)
 
 
-def list_messages(session_id: str, page_size: int, page_token: str) -> Unary[MessagePage]:
-    """One keyset page of ListMessages."""
+def list_messages(
+    session_id: str, page_size: int, page_token: str, page_number: int = 0
+) -> Unary[MessagePage]:
+    """One page of ListMessages: by page_token (keyset) or page_number (1-based)."""
     _ids(session_id=session_id)
     _texts(page_token=page_token)
+    _checks.integer("page_number", page_number)
     request = ss.ListMessagesRequest(
-        session_id=session_id, page_size=page_size, page_token=page_token
+        session_id=session_id,
+        page_size=page_size,
+        page_token=page_token,
+        page_number=page_number,
     )
 
     def convert(r: ss.ListMessagesResponse) -> MessagePage:
-        return MessagePage([Message.from_proto(m) for m in r.messages], r.next_page_token or None)
+        messages = [Message.from_proto(m) for m in r.messages]
+        return MessagePage(messages, r.next_page_token or None, r.total_size)
 
     return Unary(SESSIONS, "ListMessages", request, convert, idempotent=True)
 

@@ -37,6 +37,19 @@ def text(field: str, value: object, *, optional: bool = False) -> None:
     raise invalid(field, f"must be a str, not {type(value).__name__}", ArgumentTypeError)
 
 
+def integer(field: str, value: object) -> None:
+    """A count or size argument must be an int (not a bool) that an int32 field can hold.
+
+    Raises:
+        ArgumentTypeError: it is not an int.
+        InvalidArgument: it is outside the int32 range.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise invalid(field, f"must be an int, not {type(value).__name__}", ArgumentTypeError)
+    if not -(2**31) <= value < 2**31:
+        raise invalid(field, f"{value} does not fit in 32 bits")
+
+
 def texts(field: str, values: Iterable[object] | None) -> None:
     """Each item of a list argument of ids must be a str."""
     if isinstance(values, str):

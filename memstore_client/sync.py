@@ -148,9 +148,13 @@ class UserClient:
         """Deletes the user with all its sessions and messages, atomically. Raises NotFound."""
         self._client._call(calls.delete_user(user_id))
 
-    def list(self, limit: int = 50, cursor: str | None = None) -> UserPage:
-        """One page of users, oldest first; pass next_cursor back for the next page."""
-        return self._client._call(calls.list_users(limit, cursor))
+    def list(self, limit: int = 50, cursor: str | None = None, *, page_number: int = 0) -> UserPage:
+        """One page of users, oldest first, and total_size, the number of users.
+
+        Pass next_cursor back as `cursor` for the next page (the fast path), or ask for a
+        1-based `page_number` (as Zep's SDK pages; not with a cursor).
+        """
+        return self._client._call(calls.list_users(limit, cursor, page_number))
 
     def list_chunked(self, chunk_size: int = 100) -> Iterator[builtins.list[User]]:
         """Every user, in chunks, over one server stream (resumed after UNAVAILABLE)."""
@@ -232,10 +236,20 @@ class MemoryClient:
         return self._client._call(calls.undelete_session(session_id))
 
     def list_messages(
-        self, session_id: str, page_size: int = 50, page_token: str | None = None
+        self,
+        session_id: str,
+        page_size: int = 50,
+        page_token: str | None = None,
+        *,
+        page_number: int = 0,
     ) -> MessagePage:
-        """One page of a session's live messages, oldest first. Raises NotFound."""
-        return self._client._call(calls.list_messages(session_id, page_size, page_token or ""))
+        """One page of a session's live messages, oldest first, and total_size, their number.
+
+        Pass next_page_token back for the next page, or ask for a 1-based `page_number`
+        (not with a token). Raises NotFound.
+        """
+        op = calls.list_messages(session_id, page_size, page_token or "", page_number)
+        return self._client._call(op)
 
     def clear(self, session_id: str) -> int:
         """Soft-deletes every message of the session and keeps it; returns how many."""

@@ -232,18 +232,22 @@ class SearchResults:
 
 @dataclass(frozen=True, slots=True)
 class UserPage:
-    """One page of users and the cursor of the next page (None on the last page)."""
+    """One page of users, the cursor of the next page (None on the last page), and the
+    number of the project's users (counted when a listing starts)."""
 
     users: list[User]
     next_cursor: str | None
+    total_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class MessagePage:
-    """One page of a session's messages, oldest first, and the next page's token."""
+    """One page of a session's messages, oldest first, the next page's token, and the
+    number of the session's live messages."""
 
     messages: list[Message]
     next_page_token: str | None
+    total_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,14 +91,12 @@ class SessionServicer(SearchServicer, ExportServicer, ServicerBase, pb_grpc.Sess
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
         v = val.Violations()
-        size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
-        number = val.page_number(v, request.page_number, request.page_token)
+        size, offset = val.page_window(v, request)
         query = _session_query(v, request)
         v.raise_if_any()
         project = self._project(context)
         fingerprint = tokens.sessions_fingerprint(project, query)
         after, total = self._tokens.decode_time_key_total(request.page_token, fingerprint)
-        offset = (number - 1) * size if number is not None else None
         # The first page (or a page_number page) counts; the token carries that total on.
         page = await self._store.list_sessions(
             project, query, after, offset, size, count=total is None
@@ -159,13 +157,15 @@ class SessionServicer(SearchServicer, ExportServicer, ServicerBase, pb_grpc.Sess
     ) -> pb.ListMessagesResponse:
         v = val.Violations()
         val.check_id(v, "session_id", request.session_id)
-        size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
+        size, offset = val.page_window(v, request)
         v.raise_if_any()
         project = self._project(context)
         fingerprint = tokens.messages_fingerprint(project, request.session_id)
         after = self._tokens.decode_sequence(request.page_token, fingerprint)
-        page = await self._store.list_messages(project, request.session_id, after, size)
-        response = pb.ListMessagesResponse()
+        page = await self._store.list_messages(
+            project, request.session_id, after, size, offset=offset
+        )
+        response = pb.ListMessagesResponse(total_size=page.total_size or 0)
         for message in page.items:
             convert.message_to_proto(message, response.messages.add())
         if page.has_more and page.items:

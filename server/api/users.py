@@ -80,18 +80,24 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         self, request: pb.ListUsersRequest, context: Context
     ) -> pb.ListUsersResponse:
         v = val.Violations()
-        size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
+        size, offset = val.page_window(v, request)
         v.raise_if_any()
         project = self._project(context)
         query = tokens.users_fingerprint(project)
-        after = self._tokens.decode_time_key(request.page_token, query)
-        page = await self._store.list_user_records(project, after, size)
-        response = pb.ListUsersResponse()
+        after, total = self._tokens.decode_time_key_total(request.page_token, query)
+        # As ListSessions: the first page (or a page_number page) counts, the token carries it.
+        page = await self._store.list_user_records(
+            project, after, size, offset=offset, count=total is None
+        )
+        total = page.total_size if total is None else total
+        response = pb.ListUsersResponse(total_size=total or 0)
         users = response.users
         for record in page.items:
             convert.add_user_record(users, record)
         if page.has_more and page.items:
-            response.next_page_token = self._tokens.encode_time_key(query, _key(page.items[-1]))
+            response.next_page_token = self._tokens.encode_time_key(
+                query, _key(page.items[-1]), total
+            )
         return response
 
     @stream_errors

@@ -10,7 +10,7 @@ import uuid as uuid_lib
 from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
@@ -254,6 +254,25 @@ def page_number(v: Violations, value: int, page_token: str) -> int | None:
         v.add("page_number", "cannot be combined with page_token; send one of them")
         return None
     return value or None
+
+
+class PagedRequest(Protocol):
+    """A list request paged by page_token (keyset) or page_number (OFFSET)."""
+
+    page_size: int
+    page_token: str
+    page_number: int
+
+
+def page_window(v: Violations, request: PagedRequest) -> tuple[int, int | None]:
+    """(page size, OFFSET) of a paged list request; the OFFSET is None on the keyset path.
+
+    The one rule of ListUsers, ListSessions and ListMessages: page_number is 1-based,
+    excludes page_token, and skips (page_number - 1) pages of page_size.
+    """
+    size = clamp_size(v, "page_size", request.page_size, DEFAULT_PAGE_SIZE)
+    number = page_number(v, request.page_number, request.page_token)
+    return size, (number - 1) * size if number is not None else None
 
 
 def message_uuid(v: Violations, field: str, value: str) -> str:

@@ -103,9 +103,16 @@ class MessageMethods(StoreBase):
         return rows.session(found[0]), rows.joined_messages(found)
 
     async def list_messages(
-        self, project_id: int, session_id: str, after_sequence: int | None, limit: int
+        self,
+        project_id: int,
+        session_id: str,
+        after_sequence: int | None,
+        limit: int,
+        *,
+        offset: int | None = None,
     ) -> Page[Message]:
-        """Live messages by sequence, strictly after `after_sequence`.
+        """Live messages by sequence, strictly after `after_sequence` (keyset) or past the
+        first `offset` (ListMessages' page_number); total_size is the session's live count.
 
         Raises:
             NotFound: the session is absent or soft-deleted.
@@ -114,13 +121,15 @@ class MessageMethods(StoreBase):
             **key(project_id, session_id=session_id),
             "after_sequence": after_sequence or 0,
             "limit": limit + 1,
+            "offset": offset or 0,
         }
         async with self._connect(single=True) as conn:
             found = await fetch_all(conn, "list_messages", params)
             if not found:
                 raise await session_missing(conn, project_id, session_id)
         messages = rows.joined_messages(found)
-        return Page(messages[:limit], has_more=len(messages) > limit)
+        total = int(found[0]["message_count"])
+        return Page(messages[:limit], has_more=len(messages) > limit, total_size=total)
 
     async def get_message(self, project_id: int, session_id: str, uuid: str) -> Message:
         """One live message of a live session.

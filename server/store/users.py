@@ -145,21 +145,41 @@ class UserMethods(StoreBase):
         return Page([rows.user(r) for r in found[:limit]], has_more=len(found) > limit)
 
     async def list_user_records(
-        self, project_id: int, after: TimeKey | None, limit: int
+        self,
+        project_id: int,
+        after: TimeKey | None,
+        limit: int,
+        *,
+        offset: int | None = None,
+        count: bool = False,
     ) -> Page[UserRecord]:
         """list_users as plain tuples (UserRecord), for the list and export paths.
+
+        A keyset page (after) or an OFFSET page (offset, ListUsers' page_number); with
+        `count`, total_size is the number of the project's users, read in the same
+        transaction (as list_sessions counts).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
         after_ts, after_id = after or START
-        params = {"project_id": project_id, "after_ts": after_ts, "after_id": after_id}
-        async with self._connect(single=True) as conn:
+        params = {
+            "project_id": project_id,
+            "after_ts": after_ts,
+            "after_id": after_id,
+            "limit": limit + 1,
+            "offset": offset or 0,
+        }
+        total: int | None = None
+        async with self._connect(single=not count) as conn:
             cur = conn.cursor()
-            await cur.execute(query("list_user_records"), {**params, "limit": limit + 1})
+            await cur.execute(query("list_user_records"), params)
             # The statement's columns are those of UserRecord, in its order.
             found = cast(list[UserRecord], await cur.fetchall())
-        return Page(found[:limit], has_more=len(found) > limit)
+            if count:
+                row = await fetch_one(conn, "count_users", params)
+                total = int(row["total"]) if row else 0
+        return Page(found[:limit], has_more=len(found) > limit, total_size=total)
 
     async def list_user_sessions(
         self, project_id: int, user_id: str, after: TimeKey | None, limit: int

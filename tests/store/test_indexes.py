@@ -103,7 +103,7 @@ def test_metadata_contains_uses_the_gin_index(clean_db: str) -> None:
 
 @pytest.mark.parametrize("name", ["list_users", "list_user_records"])
 def test_user_lists_and_their_session_counts_use_indexes(clean_db: str, name: str) -> None:
-    params = {"project_id": P, "after_ts": START[0], "after_id": "", "limit": 101}
+    params = {"project_id": P, "after_ts": START[0], "after_id": "", "limit": 101, "offset": 0}
     used = _assert_indexed(_plan(clean_db, query(name), params))
     assert "users_created_idx" in used
     # session_count: an index-only count of the live sessions of each listed user.
@@ -113,7 +113,7 @@ def test_user_lists_and_their_session_counts_use_indexes(clean_db: str, name: st
 def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
     cases = [
         ("list_user_sessions", {"user_id": "u1", "after_ts": NOW, "after_id": "", "limit": 51}),
-        ("list_messages", {"session_id": "s1", "after_sequence": 0, "limit": 51}),
+        ("list_messages", {"session_id": "s1", "after_sequence": 0, "limit": 51, "offset": 0}),
         ("get_memory", {"session_id": "s1", "lastn": 6}),
         ("get_users", {"user_ids": ["u1", "u2"]}),
     ]

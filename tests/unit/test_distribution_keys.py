@@ -37,6 +37,7 @@ MULTI_SHARD = {
     ("delete_user", "messages"): "DeleteUser removes the messages of those sessions",
     ("list_sessions", "sessions"): "a project-wide listing: scatter, then merge by the order",
     ("count_sessions", "sessions"): "total_size of a project-wide listing",
+    ("count_users", "users"): "total_size of ListUsers, a project-wide listing",
     ("purge_messages", "messages"): "the purge sweeps soft-deleted rows of every shard",
     ("purge_sessions", "sessions"): "the purge sweeps soft-deleted rows of every shard",
     ("purge_sessions", "messages"): "with the messages of the purged sessions",

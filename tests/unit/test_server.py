@@ -58,10 +58,17 @@ class FakeStore:
         return Page(rows[:limit], has_more=len(rows) > limit)
 
     async def list_user_records(
-        self, project_id: int, after: TimeKey | None, limit: int
+        self,
+        project_id: int,
+        after: TimeKey | None,
+        limit: int,
+        *,
+        offset: int | None = None,
+        count: bool = False,
     ) -> Page[UserRecord]:
-        page = await self.list_users(project_id, after, limit)
-        return Page([_record(u) for u in page.items], has_more=page.has_more)
+        page = await self.list_users(project_id, after, limit + (offset or 0))
+        items = [_record(u) for u in page.items[offset or 0 :]]
+        return Page(items, has_more=page.has_more, total_size=len(self.users) if count else None)
 
 
 def _record(u: User) -> UserRecord:

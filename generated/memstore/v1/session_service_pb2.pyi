@@ -624,6 +624,7 @@ class ListMessagesRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PAGE_NUMBER_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required. Id of the session."""
     page_size: _builtins.int
@@ -632,17 +633,25 @@ class ListMessagesRequest(_message.Message):
     INVALID_ARGUMENT.
     """
     page_token: _builtins.str
-    """Optional. The next_page_token of a previous response for this session."""
+    """Optional. The next_page_token of a previous response for this session.
+    The fast path: its cost does not grow with depth.
+    """
+    page_number: _builtins.int
+    """Optional. 1-based page number, for compatibility with Zep's SDKs; costs an
+    OFFSET scan. Cannot be combined with page_token; negative values are
+    INVALID_ARGUMENT. A page past the last one is empty.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        page_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_number", b"page_number", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -656,8 +665,17 @@ class ListMessagesResponse(_message.Message):
 
     MESSAGES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token of the next page; empty when this is the last page."""
+    """Token of the next page; empty when this is the last page. Also on a
+    page_number page: it continues the listing after that page's last
+    message.
+    """
+    total_size: _builtins.int
+    """Number of live messages in the session when this page was read (the
+    session's message_count, read with the page in one statement, so it
+    costs nothing); it follows appends and ClearMemory between pages.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Message]:
         """The live messages of this page, oldest first."""
@@ -667,10 +685,11 @@ class ListMessagesResponse(_message.Message):
         *,
         messages: _abc.Iterable[_resources_pb2.Message] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

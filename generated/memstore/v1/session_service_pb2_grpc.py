@@ -345,10 +345,11 @@ class SessionServiceServicer:
 
     def ListMessages(self, request, context):
         """Lists a session's live messages, oldest first (by sequence), one page at
-        a time.
+        a time: by page_token (the fast path) or by page_number (Zep's SDKs).
 
         Errors:
-        - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+        - INVALID_ARGUMENT: session_id is invalid; page_size or page_number is
+        negative; page_number is combined with page_token. With
         reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
         was minted for another session or project.
         - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.

@@ -188,10 +188,11 @@ class SessionServiceStub:
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]
     """Lists a session's live messages, oldest first (by sequence), one page at
-    a time.
+    a time: by page_token (the fast path) or by page_number (Zep's SDKs).
 
     Errors:
-      - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+      - INVALID_ARGUMENT: session_id is invalid; page_size or page_number is
+        negative; page_number is combined with page_token. With
         reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
         was minted for another session or project.
       - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
@@ -432,10 +433,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists a session's live messages, oldest first (by sequence), one page at
-    a time.
+    a time: by page_token (the fast path) or by page_number (Zep's SDKs).
 
     Errors:
-      - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+      - INVALID_ARGUMENT: session_id is invalid; page_size or page_number is
+        negative; page_number is combined with page_token. With
         reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
         was minted for another session or project.
       - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.
@@ -727,10 +729,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.ListMessagesResponse, _abc.Awaitable[_session_service_pb2.ListMessagesResponse]]:
         """Lists a session's live messages, oldest first (by sequence), one page at
-        a time.
+        a time: by page_token (the fast path) or by page_number (Zep's SDKs).
 
         Errors:
-          - INVALID_ARGUMENT: session_id is invalid; page_size is negative. With
+          - INVALID_ARGUMENT: session_id is invalid; page_size or page_number is
+            negative; page_number is combined with page_token. With
             reason INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or
             was minted for another session or project.
           - NOT_FOUND (SESSION_NOT_FOUND): no session has this id.

@@ -304,24 +304,32 @@ class ListUsersRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PAGE_NUMBER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Optional. Maximum number of users to return: 0 means the default (50),
     values above 1000 are treated as 1000, negative values are
     INVALID_ARGUMENT.
     """
     page_token: _builtins.str
-    """Optional. The next_page_token of a previous ListUsers response; empty for
-    the first page.
+    """Optional. The next_page_token of a previous ListUsers response (or of a
+    ListUsersChunked chunk); empty for the first page. The fast path: its
+    cost does not grow with depth.
+    """
+    page_number: _builtins.int
+    """Optional. 1-based page number, for compatibility with Zep's SDKs; costs an
+    OFFSET scan. Cannot be combined with page_token; negative values are
+    INVALID_ARGUMENT. A page past the last one is empty.
     """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        page_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_number", b"page_number", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -335,8 +343,17 @@ class ListUsersResponse(_message.Message):
 
     USERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token of the next page; empty when this is the last page."""
+    """Token of the next page; empty when this is the last page. Also on a
+    page_number page: it continues the listing after that page's last user.
+    """
+    total_size: _builtins.int
+    """Number of users in the project, across all pages. Counted when a listing
+    starts (a request without page_token, or with page_number) and carried by
+    next_page_token, so the pages that follow repeat that count instead of
+    counting again: it does not follow later inserts or deletes.
+    """
     @_builtins.property
     def users(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.User]:
         """The users of this page, oldest first."""
@@ -346,10 +363,11 @@ class ListUsersResponse(_message.Message):
         *,
         users: _abc.Iterable[_resources_pb2.User] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "total_size", b"total_size", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -223,12 +223,14 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListUsers(self, request, context):
-        """Lists users, oldest first (created_at, then user_id), one page at a time.
+        """Lists users, oldest first (created_at, then user_id), one page at a time:
+        by page_token (the fast path) or by page_number (Zep's SDKs).
 
         Errors:
-        - INVALID_ARGUMENT: page_size is negative. With reason
-        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
-        minted for another query or project.
+        - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+        combined with page_token. With reason INVALID_PAGE_TOKEN: page_token
+        is malformed, tampered with, or was minted for another query or
+        project.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -119,12 +119,14 @@ class UserServiceStub:
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
-    """Lists users, oldest first (created_at, then user_id), one page at a time.
+    """Lists users, oldest first (created_at, then user_id), one page at a time:
+    by page_token (the fast path) or by page_number (Zep's SDKs).
 
     Errors:
-      - INVALID_ARGUMENT: page_size is negative. With reason
-        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
-        minted for another query or project.
+      - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+        combined with page_token. With reason INVALID_PAGE_TOKEN: page_token
+        is malformed, tampered with, or was minted for another query or
+        project.
     """
     ListUsersChunked: _grpc.UnaryStreamMultiCallable[_user_service_pb2.ListUsersChunkedRequest, _user_service_pb2.ListUsersChunkedResponse]
     """Streams every user, oldest first, in chunks (a bulk export). The server
@@ -242,12 +244,14 @@ class UserServiceAsyncStub(UserServiceStub):
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
     """
     ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
-    """Lists users, oldest first (created_at, then user_id), one page at a time.
+    """Lists users, oldest first (created_at, then user_id), one page at a time:
+    by page_token (the fast path) or by page_number (Zep's SDKs).
 
     Errors:
-      - INVALID_ARGUMENT: page_size is negative. With reason
-        INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
-        minted for another query or project.
+      - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+        combined with page_token. With reason INVALID_PAGE_TOKEN: page_token
+        is malformed, tampered with, or was minted for another query or
+        project.
     """
     ListUsersChunked: _aio.UnaryStreamMultiCallable[_user_service_pb2.ListUsersChunkedRequest, _user_service_pb2.ListUsersChunkedResponse]  # type: ignore[assignment]
     """Streams every user, oldest first, in chunks (a bulk export). The server
@@ -392,12 +396,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.ListUsersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ListUsersResponse, _abc.Awaitable[_user_service_pb2.ListUsersResponse]]:
-        """Lists users, oldest first (created_at, then user_id), one page at a time.
+        """Lists users, oldest first (created_at, then user_id), one page at a time:
+        by page_token (the fast path) or by page_number (Zep's SDKs).
 
         Errors:
-          - INVALID_ARGUMENT: page_size is negative. With reason
-            INVALID_PAGE_TOKEN: page_token is malformed, tampered with, or was
-            minted for another query or project.
+          - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
+            combined with page_token. With reason INVALID_PAGE_TOKEN: page_token
+            is malformed, tampered with, or was minted for another query or
+            project.
         """
 
     @_abc_1.abstractmethod

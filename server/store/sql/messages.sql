@@ -99,8 +99,10 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.dele
 ORDER BY m.sequence;
 
 -- list_messages --
--- A live session joined to one keyset page of its live messages by sequence.
-SELECT s.session_id,
+-- A live session joined to one page of its live messages by sequence: a keyset page, or
+-- (ListMessages' page_number) an OFFSET page from the start. message_count, the number of
+-- live messages kept under the session's row lock, is the listing's total_size.
+SELECT s.session_id, s.message_count,
        m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
        m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
        m.created_at AS m_created_at, m.updated_at AS m_updated_at
@@ -110,7 +112,7 @@ LEFT JOIN LATERAL (
     WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
       AND m.sequence > %(after_sequence)s
     ORDER BY m.sequence
-    LIMIT %(limit)s
+    LIMIT %(limit)s OFFSET %(offset)s
 ) m ON true
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 ORDER BY m.sequence;

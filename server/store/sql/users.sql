@@ -122,6 +122,7 @@ ORDER BY s.created_at, s.session_id;
 -- list_user_records --
 -- list_users as plain records for the hot list paths: metadata as JSON text, times as integer
 -- microseconds since the epoch (exact: extract() is numeric), so no Python decodes them.
+-- The offset is 0 but for ListUsers' page_number, which pages by OFFSET from the start.
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata::text,
        (extract(epoch FROM u.created_at) * 1000000)::int8,
        (extract(epoch FROM u.updated_at) * 1000000)::int8,
@@ -132,4 +133,8 @@ FROM users u
 WHERE u.project_id = %(project_id)s
   AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
 ORDER BY u.created_at, u.user_id
-LIMIT %(limit)s;
+LIMIT %(limit)s OFFSET %(offset)s;
+
+-- count_users --
+-- total_size of ListUsers: how many users the project has.
+SELECT count(*) AS total FROM users u WHERE u.project_id = %(project_id)s;
