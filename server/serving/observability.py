@@ -9,16 +9,20 @@ import inspect
 import json
 import logging
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from server.serving.interceptors import Continuation, ServerInterceptor, rewrap
@@ -32,6 +36,10 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 # A caller's id is echoed back and logged: keep it short and printable.
 _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+#: Where grpcio-status puts the google.rpc.Status of an error (server/api/status.py).
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+#: The one path the metrics endpoint answers; any other is 404.
+METRICS_PATH = "/metrics"
 
 
 class Metrics:
@@ -70,11 +78,34 @@ class Metrics:
         )
         if pool_stats is not None:
             self.registry.register(_PoolCollector(pool_stats))
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=self.registry)
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
-        """Starts the /metrics HTTP endpoint in a thread; returns it and its port."""
-        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Starts the /metrics HTTP endpoint in a thread; returns it and its port.
+
+        Only /metrics answers; every other path is 404 (prometheus_client's own server
+        answers metrics on any path, which hides a mistyped scrape target).
+        """
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        httpd: WSGIServer = make_server(
+            host, port, _only_metrics(make_wsgi_app(self.registry)), server_class
+        )
+        threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
         return httpd, int(httpd.server_port)
+
+
+def _only_metrics(app: Any) -> Any:
+    """The WSGI app that serves `app` on METRICS_PATH and 404 elsewhere."""
+
+    def serve(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found: metrics are served at {METRICS_PATH}\n".encode()]
+        return app(environ, start_response)
+
+    return serve
 
 
 class _PoolCollector(Collector):
@@ -97,15 +128,23 @@ class _Context:
     before, and server/api/status.py passes the google.rpc status there; the id is merged in.
     """
 
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], rid: str) -> None:
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        rid: str,
+        on_abort: Callable[[str, tuple[tuple[str, Any], ...]], None] | None = None,
+    ) -> None:
         self._context = context
         self._rid = rid
+        self._on_abort = on_abort
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
     ) -> Any:
-        merged = (*tuple(trailing_metadata or ()), (REQUEST_ID_KEY, self._rid))
-        await self._context.abort(code, details, merged)
+        trailer = tuple(trailing_metadata or ())
+        if self._on_abort is not None:
+            self._on_abort(details, trailer)
+        await self._context.abort(code, details, (*trailer, (REQUEST_ID_KEY, self._rid)))
 
     async def abort_with_status(self, status: grpc.Status) -> Any:
         await self.abort(status.code, status.details, status.trailing_metadata)
@@ -132,6 +171,22 @@ def _code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
 
 
 _BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _error_fields(trailer: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """The reason and the violated fields of the google.rpc.Status in an abort's trailer."""
+    found: dict[str, Any] = {}
+    for key, value in trailer:
+        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        for detail in status.details:
+            if detail.Unpack(info):
+                found["reason"] = info.reason
+            elif detail.Unpack(bad):
+                found["fields"] = [v.field for v in bad.field_violations]
+    return found
 
 
 def _rows(response: Any) -> int:
@@ -216,10 +271,15 @@ class _Call:
         self.rid = _request_id(context)
         request_id.set(self.rid)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
-        self.context = _Context(context, self.rid)
+        self.context = _Context(context, self.rid, self.aborted)
         self._code: grpc.StatusCode | None = None
+        self._error: dict[str, Any] = {}
         self._start = time.perf_counter()
         metrics.in_flight.labels(method).inc()
+
+    def aborted(self, details: str, trailer: tuple[tuple[str, Any], ...]) -> None:
+        """Keeps what the access line says of an error: its message, reason and fields."""
+        self._error = {"error": details, **_error_fields(trailer)}
 
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, grpc.aio.AbortError):
@@ -244,8 +304,20 @@ class _Call:
             "code": code.name,
             "latency_ms": latency_ms,
             "request_id": self.rid,
+            "peer": self._raw.peer(),
+            **self._error,
         }
-        log.info("%s %s %.1fms", self._method, code.name, latency_ms, extra=fields)
+        # The text form says as much: reason and message after the code.
+        outcome = " ".join(str(self._error[k]) for k in ("reason", "error") if k in self._error)
+        log.info(
+            "%s %s %.1fms %s%s",
+            self._method,
+            code.name,
+            latency_ms,
+            fields["peer"],
+            f" {outcome}" if outcome else "",
+            extra=fields,
+        )
 
 
 def _is_cancel(exc: BaseException) -> bool:
@@ -255,7 +327,7 @@ def _is_cancel(exc: BaseException) -> bool:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request id and call fields."""
 
-    _FIELDS = ("method", "code", "latency_ms")
+    _FIELDS = ("method", "code", "latency_ms", "peer", "reason", "error", "fields")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -123,3 +124,44 @@ async def test_access_log_is_json_with_method_code_latency_and_request_id(observ
     assert line["method"] == USERS + "GetUser" and line["code"] == "NOT_FOUND"
     assert line["request_id"] == "r-1" and line["latency_ms"] >= 0
     assert line["level"] == "INFO" and line["time"].endswith("+00:00")
+
+
+async def test_access_log_names_reason_message_fields_and_peer(observed, caplog):
+    channel, _ = observed
+    users = user_service_pb2_grpc.UserServiceStub(channel)
+    with caplog.at_level(logging.INFO, logger="memstore.access"):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await users.ListUsers(us.ListUsersRequest(page_size=-3))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await users.GetUser(us.GetUserRequest(user_id="ghost"))
+        await users.CreateUser(us.CreateUserRequest(user_id="fine"))
+    records = [r for r in caplog.records if r.name == "memstore.access"]
+    bad, missing, ok = (json.loads(JsonFormatter().format(r)) for r in records[-3:])
+    assert bad["code"] == "INVALID_ARGUMENT" and bad["reason"] == "INVALID_ARGUMENT"
+    assert bad["fields"] == ["page_size"] and "page_size" in bad["error"]
+    assert bad["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
+    assert missing["reason"] == "USER_NOT_FOUND" and "ghost" in missing["error"]
+    assert "fields" not in missing
+    assert ok["code"] == "OK" and "reason" not in ok and "error" not in ok and ok["peer"]
+    # The plain-text form carries the same: reason and message after the code.
+    text = records[-3].getMessage()
+    assert "INVALID_ARGUMENT" in text and "page_size" in text and "127.0.0.1" in text
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def test_metrics_answer_only_on_their_path_and_include_process_metrics(observed) -> None:
+    _, metrics_port = observed
+    for path in ("/", "/favicon.ico", "/metricsx", "/metrics/extra"):
+        status, body = await asyncio.to_thread(_get, metrics_port, path)
+        assert status == 404 and "/metrics" in body, path
+    status, body = await asyncio.to_thread(_get, metrics_port, "/metrics")
+    assert status == 200
+    names = {family.name for family in text_string_to_metric_families(body)}
+    assert {"process_cpu_seconds", "process_resident_memory_bytes"} <= names
