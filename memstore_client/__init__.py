@@ -32,6 +32,7 @@ from .types import (
     SessionPage,
     User,
     UserPage,
+    UserSessionPage,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "Unavailable",
     "User",
     "UserPage",
+    "UserSessionPage",
 ]

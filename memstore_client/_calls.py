@@ -16,6 +16,7 @@ from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 
 from . import _checks
+from .errors import ArgumentTypeError
 from .types import (
     ExportedMessage,
     JsonObject,
@@ -28,6 +29,7 @@ from .types import (
     SessionPage,
     User,
     UserPage,
+    UserSessionPage,
     role_type_number,
     to_struct,
 )
@@ -103,6 +105,34 @@ def _ids(*, optional: bool = False, **ids: object) -> None:
 _texts = _ids
 
 
+def _set_times(request: ProtoMessage, **times: datetime | None) -> None:
+    """Sets the Timestamp fields named by the arguments that are not None."""
+    for name, value in times.items():
+        if value is None:
+            continue
+        if not isinstance(value, datetime):
+            raise _checks.invalid(
+                name, f"must be a datetime, not {type(value).__name__}", ArgumentTypeError
+            )
+        getattr(request, name).FromDatetime(value)
+
+
+def _clear_mask(
+    request: us.UpdateUserRequest | ss.UpdateSessionRequest | ss.UpdateMessageRequest,
+    meta: JsonObject | None,
+    *named: str,
+) -> None:
+    """Names "metadata" (and the fields `named`) in update_mask: with a mask, only its paths
+    change, and metadata named but left empty is cleared."""
+    if meta:
+        raise _checks.invalid(
+            "clear_metadata",
+            "cannot be combined with metadata: clear it, then merge the new keys in a "
+            "second call (or remove keys by setting them to None)",
+        )
+    request.update_mask.paths.extend([*named, "metadata"])
+
+
 # -- users ---------------------------------------------------------------------
 
 
@@ -138,8 +168,11 @@ def update_user(
     first_name: str | None,
     last_name: str | None,
     meta: JsonObject | None,
+    *,
+    clear_metadata: bool = False,
 ) -> Unary[User]:
-    """UpdateUser: only the arguments that are not None change; metadata is merged."""
+    """UpdateUser: only the arguments that are not None change; metadata is merged, or
+    cleared with `clear_metadata` (sent as an update_mask)."""
     _ids(user_id=user_id)
     _texts(optional=True, email=email, first_name=first_name, last_name=last_name)
     request = us.UpdateUserRequest(
@@ -149,6 +182,9 @@ def update_user(
         last_name=last_name,
         metadata=to_struct(meta),
     )
+    if clear_metadata:
+        given = {"email": email, "first_name": first_name, "last_name": last_name}
+        _clear_mask(request, meta, *(name for name, value in given.items() if value is not None))
     return Unary(USERS, "UpdateUser", request, _user, idempotent=False)
 
 
@@ -180,13 +216,19 @@ def list_users_chunked(chunk_size: int, page_token: str = "") -> Stream[User]:
     )
 
 
-def user_sessions(user_id: str, page_token: str) -> Unary[tuple[list[Session], str]]:
-    """One page of ListUserSessions (the largest the server allows)."""
+def user_sessions(user_id: str, page_token: str, page_size: int = 1000) -> Unary[UserSessionPage]:
+    """One page of ListUserSessions (by default the largest the server allows)."""
     _ids(user_id=user_id)
-    request = us.ListUserSessionsRequest(user_id=user_id, page_size=1000, page_token=page_token)
+    _texts(page_token=page_token)
+    _checks.integer("page_size", page_size)
+    request = us.ListUserSessionsRequest(
+        user_id=user_id, page_size=page_size, page_token=page_token
+    )
 
-    def convert(r: us.ListUserSessionsResponse) -> tuple[list[Session], str]:
-        return [Session.from_proto(s) for s in r.sessions], r.next_page_token
+    def convert(r: us.ListUserSessionsResponse) -> UserSessionPage:
+        return UserSessionPage(
+            [Session.from_proto(s) for s in r.sessions], r.next_page_token or None
+        )
 
     return Unary(USERS, "ListUserSessions", request, convert, idempotent=True)
 
@@ -215,10 +257,14 @@ def get_session(session_id: str, show_deleted: bool) -> Unary[Session]:
     return Unary(SESSIONS, "GetSession", request, _session, idempotent=True)
 
 
-def update_session(session_id: str, meta: JsonObject) -> Unary[Session]:
-    """UpdateSession: the metadata is merged (a None value removes a key)."""
+def update_session(
+    session_id: str, meta: JsonObject | None, clear_metadata: bool = False
+) -> Unary[Session]:
+    """UpdateSession: the metadata is merged (a None value removes a key), or cleared."""
     _ids(session_id=session_id)
     request = ss.UpdateSessionRequest(session_id=session_id, metadata=to_struct(meta))
+    if clear_metadata:
+        _clear_mask(request, meta)
     return Unary(SESSIONS, "UpdateSession", request, _session, idempotent=False)
 
 
@@ -232,13 +278,40 @@ def delete_session(session_id: str) -> Unary[int]:
 
 
 def list_sessions(
-    page_size: int, page_number: int, user_id: str | None, order_by: str
+    page_size: int,
+    page_number: int | None,
+    user_id: str | None,
+    order_by: str,
+    *,
+    page_token: str | None = None,
+    show_deleted: bool = False,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    updated_after: datetime | None = None,
+    updated_before: datetime | None = None,
+    metadata_contains: JsonObject | None = None,
 ) -> Unary[SessionPage]:
-    """ListSessions by page number, as Zep's SDK pages."""
+    """ListSessions: by page_token (keyset) or page_number (as Zep's SDK pages), filtered."""
     _ids(optional=True, user_id=user_id)
     _texts(order_by=order_by)
+    _texts(optional=True, page_token=page_token)
+    _checks.integer("page_size", page_size)
+    _checks.integer("page_number", page_number or 0)
     request = ss.ListSessionsRequest(
-        page_size=page_size, page_number=page_number, user_id=user_id or "", order_by=order_by
+        page_size=page_size,
+        page_number=page_number or 0,
+        page_token=page_token or "",
+        user_id=user_id or "",
+        order_by=order_by,
+        show_deleted=bool(show_deleted),
+        metadata_contains=to_struct(metadata_contains, "metadata_contains"),
+    )
+    _set_times(
+        request,
+        created_after=created_after,
+        created_before=created_before,
+        updated_after=updated_after,
+        updated_before=updated_before,
     )
 
     def convert(r: ss.ListSessionsResponse) -> SessionPage:
@@ -297,6 +370,35 @@ def list_messages(
         return MessagePage(messages, r.next_page_token or None, r.total_size)
 
     return Unary(SESSIONS, "ListMessages", request, convert, idempotent=True)
+
+
+def get_message(session_id: str, uuid: str) -> Unary[Message]:
+    """GetMessage: one live message by uuid."""
+    _ids(session_id=session_id)
+    _texts(uuid=uuid)
+    request = ss.GetMessageRequest(session_id=session_id, uuid=uuid)
+    return Unary(
+        SESSIONS, "GetMessage", request, lambda r: Message.from_proto(r.message), idempotent=True
+    )
+
+
+def update_message(
+    session_id: str, uuid: str, meta: JsonObject | None, clear_metadata: bool = False
+) -> Unary[Message]:
+    """UpdateMessage: the message's metadata is merged (a None value removes a key), or
+    cleared."""
+    _ids(session_id=session_id)
+    _texts(uuid=uuid)
+    request = ss.UpdateMessageRequest(session_id=session_id, uuid=uuid, metadata=to_struct(meta))
+    if clear_metadata:
+        _clear_mask(request, meta)
+    return Unary(
+        SESSIONS,
+        "UpdateMessage",
+        request,
+        lambda r: Message.from_proto(r.message),
+        idempotent=False,
+    )
 
 
 def clear_memory(session_id: str) -> Unary[int]:

@@ -27,6 +27,7 @@ from .types import (
     SessionPage,
     User,
     UserPage,
+    UserSessionPage,
 )
 
 T = TypeVar("T")
@@ -141,9 +142,16 @@ class AsyncUserClient:
         first_name: str | None = None,
         last_name: str | None = None,
         metadata: JsonObject | None = None,
+        clear_metadata: bool = False,
     ) -> User:
-        """Changes the fields given; metadata is merged (a None value removes its key)."""
-        op = calls.update_user(user_id, email, first_name, last_name, metadata)
+        """Changes the fields given; metadata is merged (a None value removes its key).
+
+        `clear_metadata=True` empties the metadata instead (not with `metadata`); "" clears a
+        text field.
+        """
+        op = calls.update_user(
+            user_id, email, first_name, last_name, metadata, clear_metadata=clear_metadata
+        )
         return await self._client._call(op)
 
     async def delete(self, user_id: str) -> None:
@@ -170,10 +178,19 @@ class AsyncUserClient:
         found: builtins.list[Session] = []
         token = ""
         while True:
-            page, token = await self._client._call(calls.user_sessions(user_id, token))
-            found += page
+            page = await self._client._call(calls.user_sessions(user_id, token))
+            found += page.sessions
+            token = page.next_page_token or ""
             if not token:
                 return found
+
+    async def list_sessions(
+        self, user_id: str, page_size: int = 50, page_token: str | None = None
+    ) -> UserSessionPage:
+        """One page of a user's live sessions, oldest first; pass next_page_token back for the
+        next. Raises NotFound for an unknown user."""
+        op = calls.user_sessions(user_id, page_token or "", page_size)
+        return await self._client._call(op)
 
     def export(
         self, chunk_size: int = 100, page_token: str = ""
@@ -202,9 +219,17 @@ class AsyncMemoryClient:
         """One session. Raises NotFound (also for a soft-deleted one unless show_deleted)."""
         return await self._client._call(calls.get_session(session_id, show_deleted))
 
-    async def update_session(self, session_id: str, metadata: JsonObject) -> Session:
-        """Merges metadata into the session (a None value removes its key)."""
-        return await self._client._call(calls.update_session(session_id, metadata))
+    async def update_session(
+        self,
+        session_id: str,
+        metadata: JsonObject | None = None,
+        *,
+        clear_metadata: bool = False,
+    ) -> Session:
+        """Merges metadata into the session (a None value removes its key), or with
+        `clear_metadata=True` empties it (not with `metadata`)."""
+        op = calls.update_session(session_id, metadata, clear_metadata)
+        return await self._client._call(op)
 
     async def delete(self, session_id: str) -> int:
         """Soft-deletes the session and its messages; returns how many messages."""
@@ -213,15 +238,40 @@ class AsyncMemoryClient:
     async def list_sessions(
         self,
         page_size: int = 50,
-        page_number: int = 1,
+        page_number: int | None = None,
         *,
+        page_token: str | None = None,
         user_id: str | None = None,
+        show_deleted: bool = False,
         order_by: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+        metadata_contains: JsonObject | None = None,
     ) -> SessionPage:
-        """One page of sessions by 1-based page number, as Zep's SDK pages."""
-        return await self._client._call(
-            calls.list_sessions(page_size, page_number, user_id, order_by)
+        """One page of sessions and total_size, the number that match.
+
+        Page by `page_token` (the previous page's next_page_token; the fast path) or by a
+        1-based `page_number` (as Zep's SDK pages), not both; neither is the first page.
+        Filters combine: one user's sessions; soft-deleted ones too (`show_deleted`); created
+        or updated in [after, before); metadata containing `metadata_contains`. `order_by`
+        is "created_at" (default) or "updated_at", optionally followed by " desc".
+        """
+        op = calls.list_sessions(
+            page_size,
+            page_number,
+            user_id,
+            order_by,
+            page_token=page_token,
+            show_deleted=show_deleted,
+            created_after=created_after,
+            created_before=created_before,
+            updated_after=updated_after,
+            updated_before=updated_before,
+            metadata_contains=metadata_contains,
         )
+        return await self._client._call(op)
 
     async def add(
         self,
@@ -255,6 +305,23 @@ class AsyncMemoryClient:
         (not with a token). Raises NotFound.
         """
         op = calls.list_messages(session_id, page_size, page_token or "", page_number)
+        return await self._client._call(op)
+
+    async def get_message(self, session_id: str, uuid: str) -> Message:
+        """One live message of a live session by its uuid. Raises NotFound."""
+        return await self._client._call(calls.get_message(session_id, uuid))
+
+    async def update_message(
+        self,
+        session_id: str,
+        uuid: str,
+        metadata: JsonObject | None = None,
+        *,
+        clear_metadata: bool = False,
+    ) -> Message:
+        """Merges metadata into one message (a None value removes its key), or with
+        `clear_metadata=True` empties it (not with `metadata`). Raises NotFound."""
+        op = calls.update_message(session_id, uuid, metadata, clear_metadata)
         return await self._client._call(op)
 
     async def clear(self, session_id: str) -> int:

@@ -260,6 +260,14 @@ class SessionPage:
 
 
 @dataclass(frozen=True, slots=True)
+class UserSessionPage:
+    """One page of a user's live sessions, oldest first, and the next page's token."""
+
+    sessions: list[Session]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ExportedMessage:
     """A message of the ExportMessages stream, with its session id."""
 
