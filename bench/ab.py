@@ -9,6 +9,12 @@ ExportMessages whole from each server, in an order that alternates between round
 from other jobs falls on both sides alike; with --together both streams of a round run at
 once, which pairs them closer still on a busy machine. Prints per-stream medians of rows/s
 and of server CPU per row, and the median of the per-round after/before ratios.
+
+Unary comparisons (`--only recall`) run each kind of call of the comparison (e.g. GetMemory
+with recall, without, and health `Check`) on both servers in every round, rotating the order,
+with the unary load of `python -m bench`; they print, for each side, the median of each
+kind's rps and server CPU per call, the median of the per-round ratios of each kind to the
+baseline kind, and the median of the per-round after/before ratios of each kind's rps.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench import env
+from bench import env, unary_ab
 from bench.client import run_export
 from bench.figures import MESSAGES_EXPORT, USERS_EXPORT, Export
 
@@ -36,7 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=200_000)
     p.add_argument("--messages", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--only", default="export,export_messages", help="comma-separated streams")
+    p.add_argument(
+        "--only",
+        default="export,export_messages",
+        help=f"comma-separated streams, or one unary comparison: {', '.join(unary_ab.KINDS)}",
+    )
+    p.add_argument("--seconds", type=float, default=3.0, help="a unary run's counted seconds")
+    p.add_argument("--warmup", type=float, default=0.5, help="a unary run's warm-up seconds")
+    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` argument")
     p.add_argument(
         "--together", action="store_true", help="stream from both servers at once, not in turn"
     )
@@ -130,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     """Loads the data, runs the alternating rounds, prints the summary as JSON."""
     args = _parser().parse_args(argv)
     roots = {"before": args.before.resolve(), "after": args.after.resolve()}
-    only = args.only.split(",")
-    streams = [s for s in (USERS_EXPORT, MESSAGES_EXPORT) if s.figure in only]
     for name, root in roots.items():
         print(f"{name}: serves {_serves_from(root)}", flush=True)
+    if args.only in unary_ab.KINDS:
+        return unary_ab.main(args, roots)
+    only = args.only.split(",")
+    streams = [s for s in (USERS_EXPORT, MESSAGES_EXPORT) if s.figure in only]
     maintenance = env.server_url(args.database_url, args.data_dir)
     url = env.fresh_database(maintenance, args.db_name)
     try:

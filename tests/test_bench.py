@@ -173,3 +173,42 @@ def _check_search_figures(f: dict[str, dict[str, Any]]) -> None:
     assert all(n > 0 for n in writes["embedded_per_on_round"])
     assert writes["queue_min_during_on_runs"] > 0
     assert writes["embedded_per_off_round"] == [0]
+
+
+def _run_ab(server_url: str, comparison: str) -> subprocess.CompletedProcess[str]:
+    # Both sides serve this checkout: the code path, not a comparison, is what is tested.
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.ab", "--before", str(ROOT), "--only", comparison),
+            *("--database-url", server_url, "--db-name", f"memstore_ab_{secrets.token_hex(3)}"),
+            *("--users", "100", "--rounds", "1", "--seconds", "0.3", "--warmup", "0.1"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return run
+
+
+def _ab_summary(run: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(run.stdout[run.stdout.index("\n{") :])
+    return summary
+
+
+def test_ab_recall_runs_on_tiny_data(server_url: str) -> None:
+    run = _run_ab(server_url, "recall")
+    if not _has_pgvector(server_url):
+        assert run.returncode != 0 and "needs pgvector" in run.stderr
+        return
+    summary = _ab_summary(run)
+    assert summary["comparison"] == "recall"
+    for side in ("before", "after"):
+        figures = summary[side]
+        assert figures["health_rps"] > 0 and figures["recall_rps"] > 0, figures
+        assert figures["recall_over_no_recall"] == pytest.approx(
+            figures["recall_over_no_recall_rounds"][0]
+        )
+    assert summary["recall_after_over_before"] > 0

@@ -165,14 +165,18 @@ class SearchMethods(StoreBase):
         if stored:
             statements.append(query("recall_stored"))
         async with self._connect(single=True) as conn:
-            memory, *kept = await _pipelined(conn, statements, params)
+            # Both are point reads whose generic plan is as good as a custom one: prepared.
+            memory, *kept = await _pipelined(conn, statements, params, prepare=True)
             if not memory:
                 return None, [], []
-            if kept and kept[0]:
-                results = [_found(r)[0] for r in kept[0] if r["user_id"] is not None][:limit]
+            session = rows.session(memory[0])
+            if session.user_id is None:
+                results: list[SearchResult] = []  # no user, no user-level memory
+            elif kept and kept[0]:
+                results = [_found(r)[0] for r in kept[0] if r["user_id"] is not None]
             else:
                 results = await self._rank_recall(conn, params, model)
-        return rows.session(memory[0]), rows.joined_messages(memory), results
+        return session, rows.joined_messages(memory), results
 
     def _recall_params(
         self, project_id: int, session_id: str, window: int, model: str | None, limit: int
@@ -339,16 +343,23 @@ class SearchMethods(StoreBase):
 
 
 async def _pipelined(
-    conn: AsyncConnection[Any], statements: list[sql.SQL | sql.Composed], params: dict[str, Any]
+    conn: AsyncConnection[Any],
+    statements: list[sql.SQL | sql.Composed],
+    params: dict[str, Any],
+    *,
+    prepare: bool = False,
 ) -> list[list[Row]]:
-    # Every statement is sent before any result is read: one round trip for all of them.
-    # Never prepared: a prepared search soon runs on PostgreSQL's generic plan, which does
-    # not know the query's words and was measured 10-20 times slower than a custom plan.
+    # Every statement is sent, then one Sync: one round trip for all of them. The results
+    # are read after the pipeline's end (they are all in by then): fetching inside it would
+    # flush and wait once more before the Sync's own wait.
+    # Searches are never prepared (prepare=False): a prepared search soon runs on
+    # PostgreSQL's generic plan, which does not know the query's words and was measured
+    # 10-20 times slower than a custom plan. prepare=True leaves it to psycopg's threshold.
     async with conn.pipeline():
         cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
         for cursor, statement in zip(cursors, statements, strict=True):
-            await cursor.execute(statement, params, prepare=False)
-        return [await cursor.fetchall() for cursor in cursors]
+            await cursor.execute(statement, params, prepare=None if prepare else False)
+    return [await cursor.fetchall() for cursor in cursors]
 
 
 def _embedding_text(role: str, content: str) -> str:

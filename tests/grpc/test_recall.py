@@ -128,3 +128,22 @@ async def test_kept_recall_drops_what_was_deleted_since(users, sessions, store, 
             row = await cur.fetchone()
         # What GetMemory read was the kept ranking, which still names both sessions.
         assert row is not None and set(row[0]) == {"ivo-a", "ivo-b"}
+
+
+async def test_kept_recall_fills_the_limit_past_deleted_memories(users, sessions, embed):
+    # The kept ranking is cut to relevant_limit live memories in SQL: deleting the best ones
+    # brings the next ones in, never fewer than asked while the kept list holds enough.
+    await users.CreateUser(us.CreateUserRequest(user_id="uma"))
+    for i in range(8):
+        await _say(sessions, f"uma{i}", "uma", f"uma's bread baking attempt {i} with rye flour")
+    await _say(sessions, "uma-now", "uma", "tips for baking rye bread?")
+    await embed()
+    first = await sessions.GetMemory(ss.GetMemoryRequest(session_id="uma-now", relevant_limit=3))
+    best = [r.session_id for r in first.relevant_messages]
+    assert len(best) == 3
+    for session_id in best:
+        await sessions.DeleteSession(ss.DeleteSessionRequest(session_id=session_id))
+    then = await sessions.GetMemory(ss.GetMemoryRequest(session_id="uma-now", relevant_limit=3))
+    later = [r.session_id for r in then.relevant_messages]
+    assert len(later) == 3 and not set(later) & set(best)
+    assert then.context.count("\n- (") == 3  # one line per memory after the header

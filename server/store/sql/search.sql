@@ -286,20 +286,27 @@ UPDATE session_embeddings SET
 WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(model)s;
 
 -- recall_stored --
--- A session's kept recall, best first: one row per kept message, its columns NULL when the
--- message or its session was deleted since or the session changed hands; a single all-NULL
--- row when the kept list is empty; no row at all when none was computed for this model.
-SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
-       m.created_at, m.updated_at, s.user_id, r.score, NULL::text AS vector
+-- A session's kept recall: its first %(limit)s memories still live, best first; a single
+-- all-NULL row when none of the kept ones is (or the list is empty); no row at all when none
+-- was computed for this model. Memories whose message or session was deleted since, or
+-- whose session changed hands, are skipped in SQL: only what GetMemory returns is read.
+SELECT k.uuid, k.session_id, k.sequence, k.role, k.role_type, k.content, k.metadata,
+       k.created_at, k.updated_at, k.user_id, k.score, NULL::text AS vector
 FROM session_embeddings e
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
-LEFT JOIN LATERAL unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
-    WITH ORDINALITY AS r(session_id, sequence, score, rank) ON true
-LEFT JOIN messages m ON m.project_id = e.project_id AND m.session_id = r.session_id
-                    AND m.sequence = r.sequence AND m.deleted_at IS NULL
-LEFT JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-                    AND s.deleted_at IS NULL AND s.user_id = o.user_id
+LEFT JOIN LATERAL (
+    SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+           m.created_at, m.updated_at, s.user_id, r.score, r.rank
+    FROM unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
+        WITH ORDINALITY AS r(session_id, sequence, score, rank)
+    JOIN messages m ON m.project_id = e.project_id AND m.session_id = r.session_id
+                   AND m.sequence = r.sequence AND m.deleted_at IS NULL
+    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+                   AND s.deleted_at IS NULL AND s.user_id = o.user_id
+    ORDER BY r.rank
+    LIMIT %(limit)s
+) k ON true
 WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
   AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
-ORDER BY r.rank;
+ORDER BY k.rank;

@@ -1,0 +1,143 @@
+"""Unary comparisons of `python -m bench.ab`: kinds of calls run on two checkouts' servers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from bench import env, search_data
+from bench.client import UnaryLoad
+from bench.figures import HEALTH, Settings, unary_run
+from memstore.v1 import session_service_pb2 as pb
+
+GET_MEMORY = "/memstore.v1.SessionService/GetMemory"
+
+#: A comparison's calls: kind -> (method, request payloads); the first kind is the baseline.
+Kinds = dict[str, tuple[str, tuple[bytes, ...]]]
+
+
+def _recall(url: str) -> Kinds:
+    # The search group's recall data: a user of 1,000 messages in 20 sessions, with vectors
+    # and kept recall as the worker leaves them.
+    if not search_data.has_vectors(url):
+        raise RuntimeError("the recall comparison needs pgvector, which this PostgreSQL lacks")
+    text = search_data.ChatText()
+    sessions = search_data.seed_user(
+        url, text, "search-user-ab", prefix="srch-ab", messages=1_000, per_session=50
+    )
+    search_data.embed_randomly(url, "srch-ab")
+    search_data.keep_recall(url, "srch-ab")
+    search_data.analyze(url)
+
+    def get_memory(relevant: int) -> tuple[str, tuple[bytes, ...]]:
+        payloads = tuple(
+            pb.GetMemoryRequest(session_id=x, lastn=6, relevant_limit=relevant).SerializeToString()
+            for x in sessions
+        )
+        return GET_MEMORY, payloads
+
+    return {
+        "health": (HEALTH, (health_pb2.HealthCheckRequest().SerializeToString(),)),
+        "recall": get_memory(5),
+        "no_recall": get_memory(0),
+    }
+
+
+#: Each comparison's name and the function that seeds its data and builds its calls.
+KINDS: dict[str, Callable[[str], Kinds]] = {"recall": _recall}
+
+
+def _rounds(
+    s: Settings, pool: Executor, servers: dict[str, env.Server], kinds: Kinds, rounds: int
+) -> dict[str, dict[str, list[dict[str, float]]]]:
+    out: dict[str, dict[str, list[dict[str, float]]]] = {
+        side: {k: [] for k in kinds} for side in servers
+    }
+    names, sides = list(kinds), list(servers)
+    for r in range(rounds):
+        order = sides if r % 2 == 0 else sides[::-1]
+        for side in order:
+            server = servers[side]
+            for kind in names[r % len(names) :] + names[: r % len(names)]:
+                method, payloads = kinds[kind]
+                load = UnaryLoad(
+                    server.target, method, payloads, s.seconds, s.warmup, s.concurrency, s.channels
+                )
+                cpu0 = server.cpu_seconds()
+                run = unary_run(pool, load, 1)
+                cpu = server.cpu_seconds() - cpu0
+                # CPU over the warm-up too: per call of the whole run, at the counted rate.
+                run["cpu_us_per_call"] = cpu / (run["rps"] * (s.seconds + s.warmup)) * 1e6
+                out[side][kind].append(run)
+                print(
+                    f"round {r} {side:<6} {kind:<12} {run['rps']:>8,.0f} rps "
+                    f"{run['cpu_us_per_call']:7.0f} µs CPU/call",
+                    flush=True,
+                )
+    return out
+
+
+def _ratios(a: list[dict[str, float]], b: list[dict[str, float]]) -> list[float]:
+    # Per round: the rounds pair runs made at nearly the same moment.
+    return [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)]
+
+
+def _summary(
+    runs: dict[str, dict[str, list[dict[str, float]]]], kinds: list[str]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # Each kind over the baseline (the first kind), and each over those listed after it.
+    rest = kinds[1:]
+    pairs = [(a, kinds[0]) for a in rest] + [
+        (a, b) for i, a in enumerate(rest) for b in rest[i + 1 :]
+    ]
+    for side, by_kind in runs.items():
+        summary: dict[str, Any] = {}
+        for kind in kinds:
+            summary[f"{kind}_rps"] = round(statistics.median(x["rps"] for x in by_kind[kind]))
+            summary[f"{kind}_cpu_us_per_call"] = round(
+                statistics.median(x["cpu_us_per_call"] for x in by_kind[kind])
+            )
+        for a, b in pairs:
+            ratios = _ratios(by_kind[a], by_kind[b])
+            summary[f"{a}_over_{b}"] = round(statistics.median(ratios), 3)
+            summary[f"{a}_over_{b}_rounds"] = [round(x, 3) for x in ratios]
+        out[side] = summary
+    for kind in kinds:
+        ratios = _ratios(runs["after"][kind], runs["before"][kind])
+        out[f"{kind}_after_over_before"] = round(statistics.median(ratios), 3)
+    return out
+
+
+def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
+    """Seeds the comparison's data, runs the alternating rounds, prints the summary as JSON."""
+    s = Settings(seconds=args.seconds, warmup=args.warmup)
+    maintenance = env.server_url(args.database_url, args.data_dir)
+    url = env.fresh_database(maintenance, args.db_name)
+    try:
+        env.migrate(url)
+        env.load(url, args.users, 0)
+        kinds = KINDS[args.only](url)
+        extra = ("--drain-delay", "0", *args.server_arg)
+        servers = {
+            name: env.Server(url, root=root, extra_args=extra) for name, root in roots.items()
+        }
+        try:
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                runs = _rounds(s, pool, servers, kinds, args.rounds)
+        finally:
+            for server in servers.values():
+                server.stop()
+    finally:
+        env.drop_database(maintenance, args.db_name)
+    print(json.dumps({"comparison": args.only, **_summary(runs, list(kinds))}, indent=2))
+    return 0
