@@ -40,7 +40,17 @@ def add_parsers(commands: Any) -> None:
     export.add_argument("kind", choices=KINDS)
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     export.add_argument("--chunk-size", type=int, default=500)
-    export.add_argument("--page-token", default="", help="resume after this token")
+    export.add_argument(
+        "--page-token",
+        default="",
+        help="resume after this token (printed by an interrupted export of the same kind)",
+    )
+    export.add_argument(
+        "-a",
+        "--append",
+        action="store_true",
+        help="append to the --output file instead of replacing it (to resume into it)",
+    )
     text = "create users, sessions or messages from JSON Lines, through the API"
     imp = commands.add_parser("import", help=text, description=text)
     imp.add_argument("kind", choices=KINDS)
@@ -106,28 +116,51 @@ def _export(client: Memstore, args: argparse.Namespace) -> int:
     }
     chunks = streams[args.kind](args.chunk_size, args.page_token)
     count, token = 0, args.page_token
-    with ExitStack() as stack:
-        out = (
-            stack.enter_context(args.output.open("w", encoding="utf-8"))
-            if args.output
-            else sys.stdout
-        )
-        bar = stack.enter_context(_progress(args, f"exporting {args.kind}"))
-        try:
+    try:
+        # The bar closes (ending its line) before anything below is printed.
+        with ExitStack() as stack:
+            out = (
+                stack.enter_context(args.output.open("a" if args.append else "w", encoding="utf-8"))
+                if args.output
+                else sys.stdout
+            )
+            bar = stack.enter_context(_progress(args, f"exporting {args.kind}"))
             for rows, next_token in chunks:
                 out.writelines(json.dumps(_row(row), ensure_ascii=False) + "\n" for row in rows)
                 count += len(rows)
                 bar.update(len(rows))
                 token = next_token
-        except (MemstoreError, KeyboardInterrupt):
-            # Everything before `token` is written: say how to go on from there.
+    except MemstoreError as exc:
+        if exc.reason == "INVALID_PAGE_TOKEN":
+            # Nothing was exported and resuming cannot help: say what the token must be.
             print(
-                f"interrupted after {count} {args.kind}; resume with --page-token {token}",
+                f"memstore export: --page-token is not a token of `memstore export "
+                f"{args.kind}`: use the one an interrupted `export {args.kind}` printed "
+                f"(server: {exc.message})",
                 file=sys.stderr,
             )
-            raise
+            return 1
+        _interrupted(args, count, token)
+        raise
+    except KeyboardInterrupt:
+        _interrupted(args, count, token)
+        raise
     print(json.dumps({"exported": count, "kind": args.kind}), file=sys.stderr)
     return 0
+
+
+def _interrupted(args: argparse.Namespace, count: int, token: str) -> None:
+    """Says how far an interrupted export got and the command that goes on from there."""
+    if not token:
+        print(f"nothing exported; run `memstore export {args.kind}` again", file=sys.stderr)
+        return
+    # Everything before `token` is written.
+    target = f" -o {args.output} --append" if args.output else ""
+    print(
+        f"interrupted after {count} {args.kind}; resume with: memstore export {args.kind} "
+        f"--page-token {token}{target}",
+        file=sys.stderr,
+    )
 
 
 def _row(row: User | Session | ExportedMessage) -> dict[str, Any]:

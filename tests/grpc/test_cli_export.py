@@ -1,0 +1,107 @@
+"""`memstore export` when it cannot finish: a foreign token is a clear error, an interrupted
+export prints its resume command on a line of its own, and resuming appends to the file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from memstore_client import AsyncMemstore
+from server.__main__ import main
+from server.config import Config
+from server.domain import DEFAULT_PROJECT_ID
+from server.serving.app import build_server
+from server.store import Store
+
+#: Enough bytes that the stream is still running when its server stops (the FIFO, the
+#: socket buffers and gRPC's flow-control windows together hold a few MB at most).
+USERS = 1500
+PAD = 8000
+
+
+async def _run(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def test_a_token_of_another_stream_is_a_clear_error(
+    grpc_port: int, clean_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{grpc_port}"
+    async with AsyncMemstore(address) as client:
+        for uid in ("a", "b", "c"):
+            await client.user.add(uid)
+        chunks = [c async for c in client.user.export(chunk_size=1)]
+    users_token = chunks[0][1]
+    code = await _run("export", "sessions", "--address", address, "--page-token", users_token)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--page-token is not a token of `memstore export sessions`" in err
+    assert "interrupted after" not in err and "resume with" not in err
+
+
+@pytest.fixture
+async def own_server(store: Store) -> AsyncIterator[tuple[object, str]]:
+    server, port = await build_server(Config(host="127.0.0.1", port=0), store)
+    await server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def _seed_users(database_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO users (project_id, user_id, metadata, created_at, updated_at)"
+            " SELECT %(p)s, 'u' || lpad(i::text, 5, '0'),"
+            "        jsonb_build_object('pad', repeat('x', %(pad)s)),"
+            "        t + i * interval '1 millisecond', t + i * interval '1 millisecond'"
+            " FROM generate_series(1, %(n)s) AS i, (SELECT now() AS t) AS n",
+            {"p": DEFAULT_PROJECT_ID, "pad": PAD, "n": USERS},
+        )
+
+
+async def test_an_interrupted_export_resumes_into_the_same_file(
+    own_server, store: Store, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, address = own_server
+    await _seed_users(clean_db)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    out = tmp_path / "users.jsonl"
+    export = asyncio.create_task(
+        _run("export", "users", "--address", address, "-o", str(fifo), "--chunk-size", "1")
+    )
+    reader = await asyncio.to_thread(fifo.open, encoding="utf-8")
+    with reader, out.open("w", encoding="utf-8") as copy:
+        copy.write(await asyncio.to_thread(reader.readline))  # the export is under way
+        await server.stop(None)  # type: ignore[attr-defined]
+        copy.write(await asyncio.to_thread(reader.read))
+    assert await export == 1
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    resume = [line for line in lines if "resume with" in line]
+    # On a line of its own, not after the progress bar's carriage return.
+    assert len(resume) == 1 and resume[0].startswith("interrupted after "), err
+    written = len(out.read_text().splitlines())
+    assert 0 < written < USERS and f"interrupted after {written} users;" in resume[0]
+    command = resume[0].split("resume with: ")[1].split()
+    assert command[:3] == ["memstore", "export", "users"] and "--page-token" in command
+
+    # A new server over the same database (the token's key lives there) finishes the job.
+    again, port = await build_server(Config(host="127.0.0.1", port=0), store)
+    await again.start()
+    try:
+        token = command[command.index("--page-token") + 1]
+        argv = ["export", "users", "--address", f"127.0.0.1:{port}", "--page-token", token]
+        assert await _run(*argv, "-o", str(out), "--append", "--no-progress") == 0
+    finally:
+        await again.stop(None)
+    ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
+    assert ids == [f"u{i:05d}" for i in range(1, USERS + 1)]
