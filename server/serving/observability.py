@@ -274,6 +274,9 @@ class _Call:
         self.context = _Context(context, self.rid, self.aborted)
         self._code: grpc.StatusCode | None = None
         self._error: dict[str, Any] = {}
+        # Read now: grpc.aio's peer() of a call that the client has cancelled can crash the
+        # process (seen in finish() after a cancelled stream).
+        self._peer = str(context.peer())
         self._start = time.perf_counter()
         metrics.in_flight.labels(method).inc()
 
@@ -304,7 +307,7 @@ class _Call:
             "code": code.name,
             "latency_ms": latency_ms,
             "request_id": self.rid,
-            "peer": self._raw.peer(),
+            "peer": self._peer,
             **self._error,
         }
         # The text form says as much: reason and message after the code.
