@@ -38,6 +38,7 @@ from server.serving.grpc_health import (
 from server.serving.malformed import Malformed, tolerant_deserializer
 from server.serving.observability import Metrics, ObservabilityInterceptor
 from server.serving.tls import add_port, reflection_enabled
+from server.serving.workers import probe_port
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,13 @@ async def open_store(config: Config) -> Store:
 
 
 async def serve(config: Config) -> None:
-    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully.
+
+    Raises:
+        OSError: the port is taken; checked before the database is opened or migrated.
+    """
+    if config.port:
+        probe_port(config.host, config.port)
     store = await open_store(config)
     background: list[asyncio.Task[None]] = []
     try:

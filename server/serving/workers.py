@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -30,6 +31,9 @@ _PR_SET_PDEATHSIG = 1
 def probe_port(host: str, port: int) -> int:
     """Binds (without SO_REUSEPORT) every address of host:port and releases it.
 
+    `memstore serve` probes first too, so that a taken port fails before the embedded
+    PostgreSQL starts and the migrations run.
+
     With SO_REUSEPORT the workers would silently share a port with another server that set
     it too; binding without it first fails when anyone holds the port. Returns the port,
     a free one chosen here when `port` is 0 (the workers must all bind the same one).
@@ -45,10 +49,19 @@ def probe_port(host: str, port: int) -> int:
             sockets.append(sock)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # As gRPC binds: a port whose last server left connections in TIME_WAIT is
+            # free; one with a listener is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((address[0], port, *address[2:]))
             port = port or int(sock.getsockname()[1])
     except OSError as exc:
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why = (
+                f"port {port} is in use (another process listens there: stop it, or choose "
+                "another --port)"
+            )
+        raise OSError(f"cannot listen on {host}:{port}: {why}") from exc
     finally:
         for sock in sockets:
             sock.close()

@@ -1,11 +1,15 @@
-"""The port probe that keeps a taken port an error under --workers (SO_REUSEPORT)."""
+"""The port probe that keeps a taken port an error under --workers (SO_REUSEPORT), and
+makes `memstore serve` fail on a taken port before it starts anything."""
 
 from __future__ import annotations
 
+import logging
 import socket
+from pathlib import Path
 
 import pytest
 
+from server.__main__ import main
 from server.serving.workers import probe_port
 
 
@@ -26,3 +30,19 @@ def test_a_taken_port_is_refused_even_when_its_holder_allows_sharing() -> None:
         port = holder.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             probe_port("127.0.0.1", port)
+
+
+def test_serve_on_a_taken_port_fails_before_postgresql_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        argv = ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path)]
+        with caplog.at_level(logging.ERROR, logger="memstore"):
+            assert main(argv) == 1
+    assert f"port {port} is in use" in caplog.text
+    # Neither the embedded PostgreSQL nor the migrations ran: its data folder was never made.
+    assert not (tmp_path / "pg").exists()
