@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         default="export,export_messages",
-        help=f"comma-separated streams, or one unary comparison: {', '.join(unary_ab.KINDS)}",
+        help=f"comma-separated streams, or one unary comparison: {', '.join(unary_ab.COMPARISONS)}",
     )
     p.add_argument("--seconds", type=float, default=3.0, help="a unary run's counted seconds")
     p.add_argument("--warmup", type=float, default=0.5, help="a unary run's warm-up seconds")
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     roots = {"before": args.before.resolve(), "after": args.after.resolve()}
     for name, root in roots.items():
         print(f"{name}: serves {_serves_from(root)}", flush=True)
-    if args.only in unary_ab.KINDS:
+    if args.only in unary_ab.COMPARISONS:
         return unary_ab.main(args, roots)
     only = args.only.split(",")
     streams = [s for s in (USERS_EXPORT, MESSAGES_EXPORT) if s.figure in only]

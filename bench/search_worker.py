@@ -223,14 +223,22 @@ class _Round(NamedTuple):
     queue_min: int
 
 
-def _write_round(
-    s: Settings, url: str, pool: Executor, load: UnaryLoad, *, on: bool, poll: float
+def write_round(
+    s: Settings,
+    url: str,
+    pool: Executor,
+    load: UnaryLoad,
+    *,
+    on: bool,
+    poll: float,
+    root: Path = env.ROOT,
 ) -> _Round:
-    """One AddMemory load on a server started for it, with the embedding worker on or off."""
+    """One AddMemory load on a server started for it (serving the checkout `root`), with the
+    embedding worker on or off."""
     flag = "--embedding-worker" if on else "--no-embedding-worker"
     with psycopg.connect(url, autocommit=True) as conn, ThreadPoolExecutor(1) as thread:
         before = _embedded(conn)
-        server = env.Server(url, extra_args=(flag, "--drain-delay", "0"))
+        server = env.Server(url, root=root, extra_args=(flag, "--drain-delay", "0"))
         try:
             if on:
                 _await_embedding(conn)
@@ -260,7 +268,7 @@ def writes_embedding(
     for r in range(s.runs):
         # OFF first in the first round, so every ON run starts with a backlog to embed.
         for arm in ("off", "on") if r % 2 == 0 else ("on", "off"):
-            rounds[arm].append(_write_round(s, url, pool, load, on=arm == "on", poll=poll))
+            rounds[arm].append(write_round(s, url, pool, load, on=arm == "on", poll=poll))
     runs = {arm: [x.run for x in done] for arm, done in rounds.items()}
     figure = ratio_figure("writes_embedding", runs, "on", "off", 0.90)
     figure["off_server_cpu_cores"] = round(

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2
 
 from bench import env, search_data
 from bench.client import UnaryLoad
-from bench.figures import HEALTH, Settings, unary_run
+from bench.figures import ADD_MEMORY, HEALTH, Settings, unary_run
+from bench.search_worker import write_round
 from memstore.v1 import session_service_pb2 as pb
 
 GET_MEMORY = "/memstore.v1.SessionService/GetMemory"
@@ -53,6 +54,11 @@ def _recall(url: str) -> Kinds:
 
 #: Each comparison's name and the function that seeds its data and builds its calls.
 KINDS: dict[str, Callable[[str], Kinds]] = {"recall": _recall}
+
+#: The comparison of the embedding worker's cost to writes (servers started per run).
+WRITES_EMBEDDING = "writes_embedding"
+#: Every comparison `--only` takes.
+COMPARISONS = (*KINDS, WRITES_EMBEDDING)
 
 
 def _rounds(
@@ -117,6 +123,47 @@ def _summary(
     return out
 
 
+def _worker_rounds(
+    s: Settings, pool: Executor, url: str, roots: dict[str, Path], rounds: int
+) -> dict[str, Any]:
+    # writes_embedding of `make bench` with a server per side and run: AddMemory(1) with the
+    # embedding worker off (this checkout), then on for each side, the order rotating. The
+    # worker always has a backlog: the OFF runs queue more than the ON runs embed.
+    payloads = search_data.add_memory_payloads(search_data.ChatText(), 1, "embw", sessions=2000)
+    load = UnaryLoad("", ADD_MEMORY, payloads, s.seconds, s.warmup, s.concurrency, s.channels)
+    arms = [("off", roots["after"], False), *((side, roots[side], True) for side in roots)]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in arms}
+    embedded: dict[str, list[int]] = {name: [] for name, _, _ in arms}
+    for r in range(rounds):
+        for name, root, on in arms[r % len(arms) :] + arms[: r % len(arms)]:
+            done = write_round(s, url, pool, load, on=on, poll=0.25, root=root)
+            runs[name].append(done.run)
+            embedded[name].append(done.embedded_in_load)
+            print(
+                f"round {r} {name:<6} {done.run['rps']:>8,.0f} rps, embedded "
+                f"{done.embedded_in_load} during the load, queue >= {done.queue_min}",
+                flush=True,
+            )
+    out: dict[str, Any] = {"off_rps": round(statistics.median(x["rps"] for x in runs["off"]))}
+    for side in roots:
+        ratios = _ratios(runs[side], runs["off"])
+        out[side] = {
+            "on_rps": round(statistics.median(x["rps"] for x in runs[side])),
+            "on_over_off": round(statistics.median(ratios), 3),
+            "on_over_off_rounds": [round(x, 3) for x in ratios],
+            "embedded_msgs_per_s": round(
+                statistics.median(embedded[side]) / (s.seconds + s.warmup), 1
+            ),
+            "server_cpu_cores": round(
+                statistics.median(x["server_cpu_cores"] for x in runs[side]), 2
+            ),
+        }
+    out["on_after_over_before"] = round(
+        statistics.median(_ratios(runs["after"], runs["before"])), 3
+    )
+    return out
+
+
 def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
     """Seeds the comparison's data, runs the alternating rounds, prints the summary as JSON."""
     s = Settings(seconds=args.seconds, warmup=args.warmup)
@@ -125,6 +172,14 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
     try:
         env.migrate(url)
         env.load(url, args.users, 0)
+        if args.only == WRITES_EMBEDDING:
+            if not search_data.has_vectors(url):
+                raise RuntimeError("writes_embedding needs pgvector, which this PostgreSQL lacks")
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                summary = _worker_rounds(s, pool, url, roots, args.rounds)
+            print(json.dumps({"comparison": args.only, **summary}, indent=2))
+            return 0
         kinds = KINDS[args.only](url)
         extra = ("--drain-delay", "0", *args.server_arg)
         servers = {

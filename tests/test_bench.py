@@ -212,3 +212,15 @@ def test_ab_recall_runs_on_tiny_data(server_url: str) -> None:
             figures["recall_over_no_recall_rounds"][0]
         )
     assert summary["recall_after_over_before"] > 0
+
+
+def test_ab_writes_embedding_runs_on_tiny_data(server_url: str) -> None:
+    run = _run_ab(server_url, "writes_embedding")
+    if not _has_pgvector(server_url):
+        assert run.returncode != 0 and "needs pgvector" in run.stderr
+        return
+    summary = _ab_summary(run)
+    assert summary["comparison"] == "writes_embedding" and summary["off_rps"] > 0
+    for side in ("before", "after"):
+        assert summary[side]["on_rps"] > 0 and len(summary[side]["on_over_off_rounds"]) == 1
+    assert summary["on_after_over_before"] > 0

@@ -26,6 +26,51 @@ IDLE_SECONDS = 0.2
 #: Seconds to wait after a failed batch (database down, remote embedder failing).
 _BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 
+#: The request path is busy when the rest of the process used at least this many cores
+#: since the last look (a saturated server here uses 0.6-0.9, one at 17 AddMemory calls/s 0.03).
+BUSY_CORES = 0.25
+
+#: The share of a core the model may use while the request path is busy: after a batch it
+#: pauses for (1 / share - 1) times the batch's CPU time, so ~8 messages/s still go through.
+BUSY_SHARE = 0.10
+
+#: Seconds between looks at the request path during a pause: a pause ends at the first look
+#: that finds the request path no longer busy.
+PACE_STEP = 0.2
+
+
+class Pacer:
+    """Decides how long the worker pauses after a batch: requests first, embedding after.
+
+    Niceness alone was not enough: the model takes every idle moment of the cores, and on a
+    machine whose cores the server, PostgreSQL and the clients share, that slowed writes by
+    16-29% (docs/search.md). While the rest of the process is busy the model keeps to
+    BUSY_SHARE of a core; idle, it runs flat out.
+    """
+
+    def __init__(self, busy_cores: float = BUSY_CORES, share: float = BUSY_SHARE) -> None:
+        self._busy_cores = busy_cores
+        self._share = share
+        self._last_wall = time.monotonic()
+        self._last_cpu = time.process_time()
+        self._model_cpu = 0.0
+
+    def model_ran(self, cpu_seconds: float) -> None:
+        """Records CPU time the model used (measured in its own thread)."""
+        self._model_cpu += cpu_seconds
+
+    def busy(self) -> bool:
+        """Whether the rest of the process used BUSY_CORES or more since the last look."""
+        wall, cpu = time.monotonic(), time.process_time()
+        elapsed = wall - self._last_wall
+        others = cpu - self._last_cpu - self._model_cpu
+        self._last_wall, self._last_cpu, self._model_cpu = wall, cpu, 0.0
+        return elapsed > 0 and others / elapsed >= self._busy_cores
+
+    def pause_after(self, batch_cpu: float) -> float:
+        """Seconds to pause after a batch whose model run took `batch_cpu` CPU-seconds."""
+        return batch_cpu * (1 / self._share - 1)
+
 
 class EmbeddingWorker:
     """Embeds queued messages until stopped; safe to run in any number of processes.
@@ -48,6 +93,8 @@ class EmbeddingWorker:
         self._batch_size = batch_size
         self._idle = idle_seconds
         self.embedded = 0
+        self._pacer = Pacer()
+        self._batch_cpu = 0.0
         # The model runs in a thread of its own at a lower CPU priority: on a machine it
         # shares with the server's requests, embedding takes what the requests leave.
         self._thread = ThreadPoolExecutor(
@@ -74,6 +121,19 @@ class EmbeddingWorker:
             failures = 0
             if done == 0:
                 await asyncio.sleep(self._idle)
+            else:
+                await self._pace()
+
+    async def _pace(self) -> None:
+        # Pauses while the request path is busy, up to the batch's share; a quiet moment
+        # ends the pause. Under sustained load the queue then grows by what arrives beyond
+        # ~BUSY_SHARE of a core's worth of embedding, and drains at full speed after.
+        remaining = self._pacer.pause_after(self._batch_cpu)
+        self._batch_cpu = 0.0
+        while remaining > 0 and self._pacer.busy():
+            step = min(PACE_STEP, remaining)
+            await asyncio.sleep(step)
+            remaining -= step
 
     async def run_once(self) -> int:
         """Claims, embeds and saves one batch; returns how many queue rows it settled.
@@ -104,7 +164,17 @@ class EmbeddingWorker:
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._embedder.embed, texts)
+        vectors, cpu = await loop.run_in_executor(self._thread, _timed, self._embedder, texts)
+        self._pacer.model_ran(cpu)
+        self._batch_cpu += cpu
+        return vectors
+
+
+def _timed(embedder: Embedder, texts: list[str]) -> tuple[list[list[float]], float]:
+    # The model's CPU time, measured in its thread (ORT runs there with one intra-op thread).
+    start = time.thread_time()
+    vectors = embedder.embed(texts)
+    return vectors, time.thread_time() - start
 
 
 #: How much nicer than the serving threads the embedding thread runs (Linux nice levels).
