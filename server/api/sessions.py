@@ -141,7 +141,7 @@ class SessionServicer(SearchServicer, ExportServicer, ServicerBase, pb_grpc.Sess
             self._project(context), request.session_id, lastn, recall
         )
         if memory.session is None:
-            # Zep's behaviour, which agent frameworks rely on: no session is an empty memory.
+            # As Zep 1.x (200, no messages; see the proto comment): no session is an empty memory.
             return pb.GetMemoryResponse(found=False)
         response = pb.GetMemoryResponse(
             found=True, session=convert.session_to_proto(memory.session), context=memory.context

@@ -327,10 +327,17 @@ class SessionServiceServicer:
     def GetMemory(self, request, context):
         """Gets the last lastn live messages of a session, oldest first, and the
         session. An unknown or soft-deleted session is not an error: the
-        response has found = false, no session and no messages. (Zep's server
-        answers such a request with HTTP 200 and an empty message list, and agent
-        frameworks rely on that.) Also returns user-level memory: the messages of
-        the session user's other live sessions most relevant to this session's
+        response has found = false, no session and no messages. (As Zep CE 1.x:
+        its GET /api/v2/sessions/{sessionId}/memory answers HTTP 200 with
+        "messages": [] for a session it does not know, because its store returns
+        an empty, non-nil message list (getzep/zep,
+        legacy/src/store/memory_common.go, memoryDAO.Get) and the handler refuses
+        only a nil one (legacy/src/api/apihandlers/memory_handlers_common.go,
+        GetMemoryHandler). Zep 0.x answered 404 there
+        (pkg/server/apihandlers/memory_handlers.go). found is memstore's own:
+        Zep does not say whether the session exists.) Also returns user-level
+        memory: the messages of the session user's other live sessions most
+        relevant to this session's
         most recent messages (relevant_messages), and the same as prompt text
         (context). No model runs on this path: the background embedding worker
         prepares what stands for the session's recent messages.
