@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -18,9 +18,11 @@ from memstore_client import (
     TLS,
     AlreadyExists,
     ExportedMessage,
+    FailedPrecondition,
     Memstore,
     MemstoreError,
     Message,
+    NotFound,
     Session,
     User,
 )
@@ -51,7 +53,10 @@ def add_parsers(commands: Any) -> None:
         action="store_true",
         help="append to the --output file instead of replacing it (to resume into it)",
     )
-    text = "create users, sessions or messages from JSON Lines, through the API"
+    text = (
+        "create users, sessions or messages from JSON Lines, through the API; "
+        f"{IMPORT_ORDER} (rows that exist with other values are reported, never changed)"
+    )
     imp = commands.add_parser("import", help=text, description=text)
     imp.add_argument("kind", choices=KINDS)
     imp.add_argument("-i", "--input", type=Path, help="file to read (default: stdin)")
@@ -204,11 +209,14 @@ class _NoProgress:
 
 # -- import --------------------------------------------------------------------
 
+#: The order in which `memstore import` must see the kinds: each names rows of the one before.
+IMPORT_ORDER = "import users, then sessions, then messages"
+
 Counts = dict[str, int]
 
 
 def _import(client: Memstore, args: argparse.Namespace) -> int:
-    counts: Counts = {"created": 0, "existing": 0, "failed": 0}
+    counts: Counts = {"created": 0, "existing": 0, "differs": 0, "failed": 0}
     with ExitStack() as stack:
         source = stack.enter_context(args.input.open(encoding="utf-8")) if args.input else sys.stdin
         bar = stack.enter_context(_progress(args, f"importing {args.kind}"))
@@ -221,7 +229,13 @@ def _import(client: Memstore, args: argparse.Namespace) -> int:
                 _count(counts, f"line {line}", 1, functools.partial(create, client, row))
                 bar.update(1)
     print(json.dumps({"kind": args.kind, **counts}))
-    return 1 if counts["failed"] else 0
+    if counts["differs"]:
+        print(
+            f"{counts['differs']} {args.kind} already exist with other values than the file "
+            f"and were left as they are (listed above); {IMPORT_ORDER}",
+            file=sys.stderr,
+        )
+    return 1 if counts["failed"] or counts["differs"] else 0
 
 
 def _read(source: IO[str], counts: Counts) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -239,40 +253,79 @@ def _read(source: IO[str], counts: Counts) -> Iterator[tuple[int, dict[str, Any]
         yield line, row
 
 
-def _count(counts: Counts, where: str, n: int, create: Callable[[], object]) -> None:
-    # ALREADY_EXISTS counts as done, so an interrupted import can simply be run again.
+class _Differs(Exception):
+    """The row exists with other values than the file's; nothing was changed."""
+
+
+def _count(counts: Counts, where: str, n: int, create: Callable[[], int | None]) -> None:
+    # `create` answers how many of its n rows already existed (None: all n were new). A row
+    # that exists as the file has it counts as done, so an interrupted import can be run
+    # again; one that exists otherwise is reported, never overwritten.
     try:
-        create()
-        counts["created"] += n
-    except AlreadyExists:
-        counts["existing"] += n
+        existing = create() or 0
+        counts["created"] += n - existing
+        counts["existing"] += existing
+    except _Differs as exc:
+        counts["differs"] += n
+        print(f"{where}: {exc}", file=sys.stderr)
     except (MemstoreError, KeyError, TypeError, ValueError) as exc:
         counts["failed"] += n
         print(f"{where}: {exc!s}", file=sys.stderr)
 
 
-def _create_user(client: Memstore, row: dict[str, Any]) -> None:
-    client.user.add(
-        row["user_id"],
-        email=row.get("email") or "",
-        first_name=row.get("first_name") or "",
-        last_name=row.get("last_name") or "",
-        metadata=row.get("metadata") or None,
-    )
+def _differences(stored: dict[str, Any], wanted: Mapping[str, Any]) -> str:
+    names = [name for name, value in wanted.items() if stored[name] != value]
+    return ", ".join(f"{n} {stored[n]!r} (file: {wanted[n]!r})" for n in names)
 
 
-def _create_session(client: Memstore, row: dict[str, Any]) -> None:
-    client.memory.add_session(
-        row["session_id"], user_id=row.get("user_id"), metadata=row.get("metadata") or None
-    )
+def _create_user(client: Memstore, row: dict[str, Any]) -> int:
+    email, first, last = (str(row.get(k) or "") for k in ("email", "first_name", "last_name"))
+    metadata: dict[str, Any] = row.get("metadata") or {}
+    wanted = {"email": email, "first_name": first, "last_name": last, "metadata": metadata}
+    try:
+        client.user.add(
+            row["user_id"], email=email, first_name=first, last_name=last, metadata=metadata
+        )
+        return 0
+    except AlreadyExists:
+        user = client.user.get(row["user_id"])
+    differs = _differences(dataclasses.asdict(user), wanted)
+    if differs:
+        raise _Differs(f"user {user.user_id!r} exists with {differs}")
+    return 1
+
+
+def _create_session(client: Memstore, row: dict[str, Any]) -> int:
+    user_id: str | None = row.get("user_id") or None
+    metadata: dict[str, Any] = row.get("metadata") or {}
+    wanted = {"user_id": user_id, "metadata": metadata}
+    try:
+        client.memory.add_session(row["session_id"], user_id=user_id, metadata=metadata)
+        return 0
+    except FailedPrecondition as exc:
+        raise ValueError(f"{exc}; {IMPORT_ORDER}") from exc
+    except AlreadyExists:
+        session = client.memory.get_session(row["session_id"], show_deleted=True)
+    differs = _differences(dataclasses.asdict(session), wanted)
+    if differs:
+        hint = ""
+        if session.user_id is None and not session.metadata:
+            # What `import messages` before `import sessions` leaves: AddMemory made it bare.
+            hint = f" (a bare session, as `import messages` makes when run first: {IMPORT_ORDER})"
+        raise _Differs(f"session {session.session_id!r} exists with {differs}{hint}")
+    if session.deleted_at is not None:
+        raise _Differs(f"session {session.session_id!r} exists soft-deleted; left deleted")
+    return 1
 
 
 def _message(row: dict[str, Any]) -> Message:
+    # The row's uuid is kept: importing the same file twice appends nothing twice.
     return Message(
         content=row["content"],
         role=row.get("role") or "",
         role_type=row.get("role_type") or "norole",
         metadata=row.get("metadata") or {},
+        uuid=row.get("uuid") or "",
     )
 
 
@@ -280,10 +333,34 @@ def _import_messages(
     client: Memstore, rows: Iterable[tuple[int, dict[str, Any]]], counts: Counts, bar: Any
 ) -> None:
     # Consecutive messages of one session go in one AddMemory call (as export orders them).
+    live: dict[str, int] = {}  # message_count of each session seen, as AddMemory answers
     for session_id, first, batch in _batches(rows, counts):
         where = f"lines {first}-{first + len(batch) - 1} (session {session_id!r})"
-        _count(counts, where, len(batch), functools.partial(client.memory.add, session_id, batch))
+        add = functools.partial(_add_messages, client, session_id, batch, live)
+        _count(counts, where, len(batch), add)
         bar.update(len(batch))
+
+
+def _add_messages(
+    client: Memstore, session_id: str, batch: list[Message], live: dict[str, int]
+) -> int:
+    if session_id not in live:
+        # AddMemory would create a missing session bare (no user, no metadata) and restore
+        # a deleted one: neither is what the files describe.
+        try:
+            session = client.memory.get_session(session_id, show_deleted=True)
+        except NotFound as exc:
+            raise ValueError(f"session {session_id!r} does not exist; {IMPORT_ORDER}") from exc
+        if session.deleted_at is not None:
+            raise _Differs(f"session {session_id!r} is soft-deleted here; left as it is")
+        live[session_id] = session.message_count
+    try:
+        added = client.memory.add(session_id, batch)
+    except AlreadyExists as exc:
+        raise _Differs(str(exc)) from exc
+    before = live[session_id]
+    live[session_id] = client.memory.get_session(session_id).message_count if added else before
+    return len(batch) - (live[session_id] - before)
 
 
 def _batches(

@@ -26,8 +26,8 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _comparable(kind: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # What an import can carry over: ids, fields, metadata (not timestamps or uuids).
-    drop = {"created_at", "updated_at", "uuid", "last_message_at", "deleted_at"}
+    # What an import can carry over: ids, fields, metadata and message uuids (not timestamps).
+    drop = {"created_at", "updated_at", "last_message_at", "deleted_at"}
     out = [{k: v for k, v in row.items() if k not in drop} for row in rows]
     key = "user_id" if kind == "users" else "session_id"
     return sorted(out, key=lambda r: (r[key], r.get("sequence", 0)))
@@ -76,9 +76,9 @@ async def test_export_then_import_round_trips(
         )
     reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert reports == [
-        {"kind": "users", "created": 2, "existing": 0, "failed": 0},
-        {"kind": "sessions", "created": 2, "existing": 0, "failed": 0},
-        {"kind": "messages", "created": 6, "existing": 0, "failed": 0},
+        {"kind": "users", "created": 2, "existing": 0, "differs": 0, "failed": 0},
+        {"kind": "sessions", "created": 2, "existing": 0, "differs": 0, "failed": 0},
+        {"kind": "messages", "created": 6, "existing": 0, "differs": 0, "failed": 0},
     ]
     for kind in KINDS:
         again = tmp_path / f"again-{kind}.jsonl"
@@ -96,7 +96,13 @@ async def test_import_reports_bad_lines_and_existing_rows(
     source.write_text('{"user_id": "alice"}\n{"user_id": "carol"}\nnot json\n{"user_id": ""}\n')
     assert await _run("import", "users", "--address", address, "-i", str(source)) == 1
     captured = capsys.readouterr()
-    assert json.loads(captured.out) == {"kind": "users", "created": 1, "existing": 1, "failed": 2}
+    assert json.loads(captured.out) == {
+        "kind": "users",
+        "created": 1,
+        "existing": 1,
+        "differs": 0,
+        "failed": 2,
+    }
     assert "line 3" in captured.err and "line 4" in captured.err and "user_id" in captured.err
 
 

@@ -1,0 +1,126 @@
+"""`memstore import` cannot lose data silently: it refuses messages of sessions not imported
+yet (AddMemory would create them bare), reports rows that exist with other values instead of
+counting them as done, and keeps message uuids so a second run appends nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from memstore_client import AsyncMemstore, Message
+from server.__main__ import main
+
+KINDS = ("users", "sessions", "messages")
+
+
+async def _run(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+def _reports(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+async def exported(grpc_port: int, clean_db: str, tmp_path: Path) -> tuple[str, Path]:
+    """Two users, three sessions with users and metadata, their messages: exported, then
+    the tables emptied. Yields the address and the folder of the three files."""
+    address = f"127.0.0.1:{grpc_port}"
+    async with AsyncMemstore(address) as client:
+        for uid in ("ann", "bob"):
+            await client.user.add(uid, email=f"{uid}@example.com")
+        for i, uid in enumerate(("ann", "ann", "bob")):
+            await client.memory.add_session(f"s{i}", user_id=uid, metadata={"n": i})
+            await client.memory.add(f"s{i}", [Message(content=f"m{i}-{j}") for j in range(3)])
+    for kind in KINDS:
+        out = tmp_path / f"{kind}.jsonl"
+        assert await _run("export", kind, "--address", address, "-o", str(out)) == 0
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+        await conn.execute("TRUNCATE messages, sessions, users CASCADE")
+    return address, tmp_path
+
+
+async def _import(address: str, folder: Path, kind: str) -> int:
+    path = folder / f"{kind}.jsonl"
+    return await _run("import", kind, "--address", address, "-i", str(path), "--no-progress")
+
+
+async def test_messages_before_sessions_are_refused_not_imported_bare(
+    exported: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, folder = exported
+    assert await _import(address, folder, "users") == 0
+    assert await _import(address, folder, "messages") == 1
+    captured = capsys.readouterr()
+    assert _reports(captured.out)[-1] == {
+        "kind": "messages", "created": 0, "existing": 0, "differs": 0, "failed": 9,
+    }  # fmt: skip
+    assert "session 's0' does not exist; import users, then sessions, then messages" in (
+        captured.err
+    )
+    # In the right order everything lands, and each session keeps its user and metadata.
+    assert await _import(address, folder, "sessions") == 0
+    assert await _import(address, folder, "messages") == 0
+    async with AsyncMemstore(address) as client:
+        sessions = (await client.memory.list_sessions()).sessions
+        assert [(s.session_id, s.user_id, s.metadata, s.message_count) for s in sessions] == [
+            ("s0", "ann", {"n": 0}, 3),
+            ("s1", "ann", {"n": 1}, 3),
+            ("s2", "bob", {"n": 2}, 3),
+        ]
+
+
+async def test_rows_that_exist_otherwise_are_reported_and_left_alone(
+    exported: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, folder = exported
+    async with AsyncMemstore(address) as client:
+        await client.user.add("ann", email="other@example.com")
+        await client.user.add("bob", email="bob@example.com")
+        # What an earlier `import messages` run first would have left: a bare session.
+        await client.memory.add("s0", [Message(content="stray")])
+    assert await _import(address, folder, "users") == 1
+    assert await _import(address, folder, "sessions") == 1
+    captured = capsys.readouterr()
+    users, sessions = _reports(captured.out)
+    assert users == {"kind": "users", "created": 0, "existing": 1, "differs": 1, "failed": 0}
+    assert sessions == {
+        "kind": "sessions", "created": 2, "existing": 0, "differs": 1, "failed": 0,
+    }  # fmt: skip
+    assert "user 'ann' exists with email 'other@example.com' (file: 'ann@example.com')" in (
+        captured.err
+    )
+    assert "session 's0' exists with user_id None (file: 'ann')" in captured.err
+    assert "a bare session" in captured.err and "import users, then sessions" in captured.err
+    async with AsyncMemstore(address) as client:
+        assert (await client.user.get("ann")).email == "other@example.com"  # not overwritten
+        assert (await client.memory.get_session("s0")).user_id is None
+
+
+async def test_importing_messages_twice_appends_nothing_twice(
+    exported: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, folder = exported
+    for kind in ("users", "sessions", "messages"):
+        assert await _import(address, folder, kind) == 0
+    assert await _import(address, folder, "messages") == 0
+    reports = _reports(capsys.readouterr().out)
+    assert reports[-2:] == [
+        {"kind": "messages", "created": 9, "existing": 0, "differs": 0, "failed": 0},
+        {"kind": "messages", "created": 0, "existing": 9, "differs": 0, "failed": 0},
+    ]
+    exported_uuids = {
+        json.loads(line)["uuid"] for line in (folder / "messages.jsonl").read_text().splitlines()
+    }
+    async with AsyncMemstore(address) as client:
+        stored = set()
+        for sid in ("s0", "s1", "s2"):
+            page = await client.memory.list_messages(sid)
+            assert page.total_size == 3
+            stored |= {m.uuid for m in page.messages}
+    assert stored == exported_uuids
