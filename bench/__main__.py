@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import env, figures, search
+from bench import env, figures, search, turns
 from bench.figures import Settings
 
 RESULTS = env.ROOT / "bench" / "results" / "latest.json"
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--page-calls", type=int, default=d.page_calls)
     p.add_argument(
         "--only",
-        default="unary,export,pagination,workers,search",
+        default="unary,export,pagination,workers,search,turn",
         help="comma-separated figure groups",
     )
     search.add_arguments(p)
@@ -114,6 +114,10 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
                     out.append(_emit(figures.scaling(s, pool, one, two)))
                 finally:
                     _check_stopped(two)
+            if "turn" in only:
+                # Last: its user and sessions would change what the export counts.
+                sessions = turns.seed(url)
+                out.extend(_emit(f) for f in turns.figures(s, pool, one, sessions))
     finally:
         _check_stopped(one)
         if not args.keep_db:
@@ -144,6 +148,13 @@ def _note(f: dict[str, Any]) -> str:
         )
     if name == "deep_page":
         return f"{f['deep_page_ms']} vs {f['first_page_ms']} ms (page {f['depth_pages']})"
+    if name == "agent_turn":
+        return (
+            f"{f['turns_per_s']:,} turns/s vs health {f['health_rps']:,} rps; at "
+            f"{f['offered_turns_per_s']} turns/s p50/p99 ms: GetMemory "
+            f"{f['get_memory_p50_ms']}/{f['get_memory_p99_ms']}, AddMemory "
+            f"{f['add_memory_p50_ms']}/{f['add_memory_p99_ms']}"
+        )
     if name == "workers":
         return (
             f"{f['two_rps']:,} vs {f['one_rps']:,} rps; client {f['client_cpu_cores']} cores, "

@@ -10,6 +10,7 @@ import asyncio
 import resource
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -130,3 +131,102 @@ def run_copy(url: str, statement: str) -> dict[str, float]:
         for block in copy:
             rows += bytes(block).count(b"\n")
     return {"rows": rows, "wall": time.perf_counter() - t0, "cpu": cpu_seconds() - cpu0}
+
+
+@dataclass(frozen=True)
+class TurnLoad:
+    """An agent's turn, repeated: GetMemory then AddMemory on the same session.
+
+    `get_payloads[i]` and `add_payloads[i]` name the same session. With `rate` unset the
+    load is closed (`concurrency` agents, each starting its next turn when the last one is
+    answered); with `rate` set, turns start at that many per second whatever the answers
+    (open loop), and each call's latency is recorded.
+    """
+
+    target: str
+    get_method: str
+    get_payloads: tuple[bytes, ...]
+    add_method: str
+    add_payloads: tuple[bytes, ...]
+    seconds: float
+    warmup: float
+    concurrency: int
+    channels: int
+    rate: float | None = None
+
+
+def run_turns(load: TurnLoad) -> dict[str, Any]:
+    """Runs agent turns in this process; returns turns, errors, wall, CPU and latencies (s)."""
+    return asyncio.run(_turns(load))
+
+
+async def _turns(load: TurnLoad) -> dict[str, Any]:
+    channels = [
+        grpc.aio.insecure_channel(load.target, options=CHANNEL_OPTIONS)
+        for _ in range(load.channels)
+    ]
+    state: dict[str, Any] = {"counting": False, "turns": 0, "errors": 0, "get": [], "add": []}
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        pairs = [(c.unary_unary(load.get_method), c.unary_unary(load.add_method)) for c in channels]
+
+        async def turn(i: int) -> None:
+            get, add = pairs[i % len(pairs)]
+            n = i % len(load.get_payloads)
+            try:
+                t0 = time.perf_counter()
+                await get(load.get_payloads[n], timeout=30)
+                t1 = time.perf_counter()
+                await add(load.add_payloads[n], timeout=30)
+                t2 = time.perf_counter()
+            except grpc.aio.AioRpcError:
+                if state["counting"]:
+                    state["errors"] += 1
+                return
+            if state["counting"]:
+                state["turns"] += 1
+                state["get"].append(t1 - t0)
+                state["add"].append(t2 - t1)
+
+        runner = _open_loop(load, turn) if load.rate else _closed_loop(load, turn)
+        task = asyncio.ensure_future(runner)
+        await asyncio.sleep(load.warmup)
+        state["counting"] = True
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(load.seconds)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        state["counting"] = False
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return {**state, "wall": wall, "cpu": cpu}
+
+
+async def _closed_loop(load: TurnLoad, turn: Any) -> None:
+    async def agent(index: int) -> None:
+        i = index
+        while True:
+            await turn(i)
+            i += load.concurrency
+
+    await asyncio.gather(*(agent(k) for k in range(load.concurrency)))
+
+
+async def _open_loop(load: TurnLoad, turn: Any) -> None:
+    assert load.rate is not None
+    start, i, pending = time.perf_counter(), 0, set()
+    try:
+        while True:
+            delay = start + i / load.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.ensure_future(turn(i))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+    finally:
+        for task in pending:
+            task.cancel()

@@ -14,7 +14,10 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = {"unary", "writes_1", "writes_20", "export", "export_messages", "deep_page", "workers"}
+FIGURES = {
+    *("unary", "writes_1", "writes_20", "export", "export_messages", "deep_page", "workers"),
+    *("agent_turn", "get_memory"),
+}
 USERS = 2000
 MESSAGES = 2000
 PAGE_SIZE = 20
@@ -27,6 +30,8 @@ RATIO_OF = {
     "export_messages": ("export_rows_per_s", "copy_rows_per_s"),
     "deep_page": ("deep_page_ms", "first_page_ms"),
     "workers": ("two_rps", "one_rps"),
+    "agent_turn": ("turns_per_s", "health_rps"),
+    "get_memory": ("get_memory_rps", "health_rps"),
 }
 #: Each judged figure's goal: (at most?, the bound), as docs/performance.md states them.
 GOALS = {
@@ -35,6 +40,7 @@ GOALS = {
     "export": (False, 0.50),
     "deep_page": (True, 1.50),
     "workers": (False, 1.60),
+    "get_memory": (False, 0.60),
 }
 #: Far above any ratio a working bench measures here, far below a unit slip (ms for s).
 SANE_RATIO = 20.0
@@ -129,6 +135,11 @@ def test_bench_runs_every_figure_on_tiny_data(server_url: str, tmp_path: Path) -
     assert messages["rows"] == MESSAGES
     assert 0 < messages["max_chunk_bytes"] <= 256 * 1024 + 1024
     assert messages["server_rss_growth_mb"] < MAX_RSS_GROWTH_MB, messages
+    turn = by_name["agent_turn"]
+    # Every paced turn was answered: both calls' latencies measured, ordered as quantiles.
+    assert turn["paced_turns"] > 0 and turn["sessions"] == 64
+    for call in ("get_memory", "add_memory"):
+        assert turn[f"{call}_p99_ms"] >= turn[f"{call}_p50_ms"] > 0
     deep = by_name["deep_page"]
     assert deep["page_size"] == PAGE_SIZE
     assert deep["depth_pages"] == USERS // PAGE_SIZE
