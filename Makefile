@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint generate check-generated purge migrate clean bench eval
+.PHONY: run test test-fast lint generate check-generated purge migrate clean bench eval sdks
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,12 +14,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,cli]'
 	touch $(STAMP)
 
+# Zep's SDKs, each in a virtualenv of its own (their pins conflict), which tests/rest drives
+# against a served memstore: zep-python 2.x, zep-python 1.x with LangChain, zep-cloud 2.x.
+SDKS       := zep2 zep1 cloud
+SDK_STAMPS := $(SDKS:%=$(VENV)/sdks/%/.stamp)
+
+$(VENV)/sdks/%/.stamp: tests/rest/sdks/%.txt
+	rm -rf $(VENV)/sdks/$*
+	$(PYTHON) -m venv $(VENV)/sdks/$*
+	$(VENV)/sdks/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+## The SDK virtualenvs the REST tests drive (make test builds them).
+sdks: $(SDK_STAMPS)
+
 ## Serve on port 50051 (an embedded PostgreSQL under .data/ unless DATABASE_URL is set).
 run: $(STAMP)
 	$(BIN)/memstore serve
 
 ## Run the whole test suite against a real PostgreSQL and a real gRPC server.
-test: $(STAMP)
+test: $(STAMP) $(SDK_STAMPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Only the unit tier (marked `unit`: no database, no server process), in seconds.

@@ -161,10 +161,13 @@ class Server:
     ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        #: Zep's REST API of the same processes (bench/rest.py).
+        self.http_port = free_port()
         cmd = [
             *(sys.executable, "-m", "server", "serve", "--host", "127.0.0.1"),
             *("--port", str(self.port), "--database-url", url, "--purge-interval", "0"),
             *("--workers", str(workers), "--pool-max-size", str(pool_max_size)),
+            *("--http-port", str(self.http_port)),
             *("--log-level", "WARNING"),
             *extra_args,
         ]

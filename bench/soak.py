@@ -260,7 +260,7 @@ def _start_server(url: str) -> tuple[subprocess.Popen[bytes], int]:
         *(sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)),
         # Purge every 5 s what was soft-deleted a minute ago: the purge runs under load too.
         *("--purge-interval", "5", "--purge-retention-days", str(RETENTION / 86400)),
-        *("--log-level", "WARNING"),
+        *("--log-level", "WARNING", "--no-http"),
     ]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "DATABASE_URL": url}), port
 

@@ -102,9 +102,22 @@ class Config:
         "localhost", "address to bind", env="MEMSTORE_HOST", parse=str, metavar="ADDRESS"
     )
     port: int = setting(50051, "gRPC port", env="MEMSTORE_PORT", parse=parse_int, metavar="PORT")
+    http: bool = setting(
+        True,
+        "serve Zep's REST API (HTTP/JSON, docs/zep-compat.md) beside gRPC, on --host",
+        env="MEMSTORE_HTTP",
+        parse=parse_bool,
+    )
+    http_port: int = setting(
+        8000,
+        "port of Zep's REST API (Zep's own port); 0 picks a free one",
+        env="MEMSTORE_HTTP_PORT",
+        parse=parse_int,
+        metavar="PORT",
+    )
     workers: int = setting(
         1,
-        "serving processes sharing the port (SO_REUSEPORT), e.g. one per core",
+        "serving processes sharing the gRPC and HTTP ports (SO_REUSEPORT), e.g. one per core",
         env="MEMSTORE_WORKERS",
         parse=parse_positive,
     )

@@ -86,3 +86,9 @@ class ResourceExhausted(MemstoreError):
     """The server is overloaded or a limit was hit."""
 
     default_reason = "RESOURCE_EXHAUSTED"
+
+
+class RequestTooLarge(ResourceExhausted):
+    """The request is larger than the server accepts (16 MiB)."""
+
+    default_reason = "REQUEST_TOO_LARGE"

@@ -12,12 +12,17 @@ import pytest
 # then crashed the child (SIGSEGV in pg_ctl) about one time in six. memstore's own command
 # turns them off the same way (server/__main__.py).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Every `memstore serve` a test starts (they inherit this environment) takes a free port for
+# Zep's REST API instead of 8000, so servers of concurrent runs never collide there; a test
+# that talks HTTP passes --http-port itself.
+os.environ.setdefault("MEMSTORE_HTTP_PORT", "0")
 
 pytest_plugins = (
     "tests.fix_db",
     "tests.fix_grpc",
     "tests.fix_security",
     "tests.fix_faults",
+    "tests.fix_rest",
 )
 
 UNIT = Path(__file__).resolve().parent / "unit"

@@ -19,6 +19,7 @@ from server.errors import (
     InvalidArgument,
     MemstoreError,
     NotFound,
+    RequestTooLarge,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -29,26 +30,44 @@ log = logging.getLogger(__name__)
 #: ErrorInfo.domain of every error memstore returns.
 ERROR_DOMAIN = "memstore"
 
-#: The one map from domain errors to gRPC status codes.
+#: The one map from domain errors to status codes: gRPC's, and HTTP's for Zep's REST API
+#: (server/rest). The HTTP column is Zep's: a taken id and a missing user are 400, as Zep's
+#: servers answer them and its SDKs expect (docs/zep-compat.md).
+_CODES: dict[type[MemstoreError], tuple[grpc.StatusCode, int]] = {
+    InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    NotFound: (grpc.StatusCode.NOT_FOUND, 404),
+    AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, 400),
+    FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 400),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),
+    DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    RequestTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    MemstoreError: (grpc.StatusCode.INTERNAL, 500),
+}
+
+#: Domain error -> gRPC status code (the first column of the one map).
 STATUS_CODES: dict[type[MemstoreError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    MemstoreError: grpc.StatusCode.INTERNAL,
+    cls: codes[0] for cls, codes in _CODES.items()
 }
 
 
-def status_code(error: MemstoreError) -> grpc.StatusCode:
-    """The gRPC code of a domain error (the nearest class in STATUS_CODES)."""
+def _codes(error: MemstoreError) -> tuple[grpc.StatusCode, int]:
+    # The nearest class in the map.
     for cls in type(error).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL
+        if cls in _CODES:
+            return _CODES[cls]
+    return _CODES[MemstoreError]
+
+
+def status_code(error: MemstoreError) -> grpc.StatusCode:
+    """The gRPC code of a domain error (the nearest class in the map)."""
+    return _codes(error)[0]
+
+
+def http_status(error: MemstoreError) -> int:
+    """The HTTP status of a domain error on Zep's REST API (the nearest class in the map)."""
+    return _codes(error)[1]
 
 
 def to_rpc_status(error: MemstoreError) -> grpc.Status:

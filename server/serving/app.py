@@ -24,10 +24,11 @@ from server.api.status import abort
 from server.api.tokens import PageTokens
 from server.api.users import UserServicer
 from server.config import Config
+from server.rest import HttpServer, build_http_server
 from server.search.embedding import Embedder, embedder_from_setting
 from server.search.service import Searcher
 from server.search.worker import EmbeddingWorker
-from server.serving.auth import AuthInterceptor, start_authenticator
+from server.serving.auth import Authenticator, AuthInterceptor, start_authenticator
 from server.serving.grpc_health import (
     DrainingHealth,
     Readiness,
@@ -133,19 +134,22 @@ class _MethodAwarePool:
 
 
 async def _build(
-    config: Config, store: Store, metrics: Metrics | None, embedder: Embedder | None
+    config: Config,
+    store: Store,
+    metrics: Metrics | None,
+    embedder: Embedder | None,
+    auth: Authenticator | None = None,
 ) -> tuple[grpc.aio.Server, int, Readiness]:
-    key = config.token_key or await store.token_key()
     if embedder is not None and not store.vectors:
         log.warning(
             "the database keeps no vectors (pgvector is not available): serving full-text "
             "search only"
         )
-    tokens = PageTokens(key)
+    tokens = await page_tokens(config, store)
     metrics = metrics or Metrics()
     interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
         ObservabilityInterceptor(metrics),
-        AuthInterceptor(await start_authenticator(config, store)),
+        AuthInterceptor(auth or await start_authenticator(config, store)),
     ]
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -201,6 +205,35 @@ async def build_server(
     return server, port
 
 
+async def page_tokens(config: Config, store: Store) -> PageTokens:
+    """The page-token sealer: MEMSTORE_TOKEN_KEY, else the key kept in the database."""
+    return PageTokens(config.token_key or await store.token_key())
+
+
+async def build_http(
+    config: Config,
+    store: Store,
+    metrics: Metrics | None = None,
+    auth: Authenticator | None = None,
+    embedder: Embedder | None = None,
+) -> HttpServer:
+    """Zep's REST API over `store` on config.host:config.http_port, bound but not started.
+
+    The test seam beside build_server: the same store, auth rules and error table.
+
+    Raises:
+        OSError: the port is taken.
+    """
+    return build_http_server(
+        config,
+        store,
+        searcher=Searcher(store, embedder if embedder is not None else make_embedder(config)),
+        tokens=await page_tokens(config, store),
+        auth=auth or await start_authenticator(config, store),
+        metrics=metrics or Metrics(),
+    )
+
+
 def make_embedder(config: Config) -> Embedder | None:
     """The embedder `--embedder` names (None for "none"), shared by search and the worker."""
     try:
@@ -253,7 +286,13 @@ async def serve(config: Config) -> None:
         metrics = Metrics(store.pool_stats)
         metrics_http = _serve_metrics(config, metrics)
         embedder = make_embedder(config)  # one model for the queries and the worker
-        server, port, readiness = await _build(config, store, metrics, embedder)
+        auth = await start_authenticator(config, store)
+        server, port, readiness = await _build(config, store, metrics, embedder, auth)
+        http = await build_http(config, store, metrics, auth, embedder) if config.http else None
+        if http is not None:
+            # Before gRPC: once gRPC health answers SERVING, both ports do.
+            await http.start()
+            log.info("Zep REST API on http://%s:%d", config.host, http.port)
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
@@ -267,7 +306,10 @@ async def serve(config: Config) -> None:
         # Health says NOT_SERVING while calls are still served, so that load balancers
         # move away before the server stops accepting (a stopping server answers no Check).
         await readiness.drain(config.drain_delay)
-        await server.stop(config.grace_period)
+        await asyncio.gather(
+            server.stop(config.grace_period),
+            *([http.stop(config.grace_period)] if http is not None else []),
+        )
         await settle_calls(_SETTLE_SECONDS)
         watcher.cancel()
         if metrics_http is not None:

@@ -35,6 +35,8 @@ OPEN_METHODS = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+#: Schemes of the authorization header that carry an API key.
+_SCHEMES = ("bearer", "api-key")
 #: Keys kept in the cache at most; the oldest go first.
 _CACHE_SIZE = 4096
 
@@ -77,7 +79,8 @@ def _credential(metadata: Metadata | None) -> _Credential | None:
         text = value.decode("latin-1") if isinstance(value, bytes) else value
         if name == "authorization":
             scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+            # "Api-Key" is how Zep's 2.x SDKs send theirs (server/rest serves them).
+            if scheme.lower() not in _SCHEMES or not token.strip():
                 raise INVALID
             found.add(token.strip())
         elif name == "x-api-key":

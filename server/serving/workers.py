@@ -86,11 +86,14 @@ def serve_workers(config: Config) -> int:
     """Forks config.workers serving processes and waits for them; returns the exit status.
 
     Raises:
-        OSError: the port is taken.
+        OSError: the gRPC or HTTP port is taken.
         MemstoreError: the database cannot be reached or migrated.
         StartupRefused: the bind is public and nothing authenticates callers.
     """
     port = probe_port(config.host, config.port)
+    if config.http:
+        # The same check for the REST port, and one port for all workers when it is 0.
+        config = replace(config, http_port=probe_port(config.host, config.http_port))
     if config.database_url is None:
         # One embedded PostgreSQL for all workers, owned (and stopped at exit) by the parent.
         from server.serving.embedded import EmbeddedPostgres
@@ -101,6 +104,8 @@ def serve_workers(config: Config) -> int:
     asyncio.run(_prepare(config))
     pids = [_fork_worker(config, i) for i in range(config.workers)]
     log.info("memstore: %d workers on %s:%d", len(pids), config.host, port)
+    if config.http:
+        log.info("memstore: Zep REST API on http://%s:%d", config.host, config.http_port)
     return _supervise(pids)
 
 

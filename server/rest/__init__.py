@@ -1,0 +1,34 @@
+"""Zep's REST API (HTTP/JSON) beside gRPC: routes that adapt to the same store, same errors."""
+
+from __future__ import annotations
+
+from server.api.tokens import PageTokens
+from server.config import Config
+from server.rest import v1, v2
+from server.rest.app import HttpMetrics, RestApp, Services, build_app
+from server.rest.serve import HttpServer, http_server
+from server.search.service import Searcher
+from server.serving.auth import Authenticator
+from server.serving.observability import Metrics
+from server.store import Store
+
+
+def build_http_server(
+    config: Config,
+    store: Store,
+    *,
+    searcher: Searcher,
+    tokens: PageTokens,
+    auth: Authenticator,
+    metrics: Metrics,
+) -> HttpServer:
+    """The REST server on config.host:config.http_port, bound but not started.
+
+    Raises:
+        OSError: the port is taken.
+    """
+    router = build_app([*v1.routes(), *v2.routes()], Services(store, searcher, tokens))
+    return http_server(config, RestApp(router, auth, HttpMetrics(metrics)))
+
+
+__all__ = ["HttpServer", "build_http_server"]

@@ -1,0 +1,273 @@
+"""The ASGI app of Zep's REST API: request ids, auth, the body cap, metrics and access logs.
+
+Every request passes through `RestApp` before routing: it resolves the caller's project
+from the API key (the same Authenticator as gRPC), caps the body at the gRPC limit, and
+counts and logs the request. Every answer is JSON, errors included (`{"message": ...}`,
+which Zep's 2.x SDKs parse), unknown routes (404) and wrong methods (405) too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Message, Receive, Scope, Send
+
+from server.api.status import http_status
+from server.api.tokens import PageTokens
+from server.errors import InvalidArgument, MemstoreError, RequestTooLarge
+from server.search.service import Searcher
+from server.serving.auth import Authenticator
+from server.serving.observability import REQUEST_ID_KEY, Metrics, request_id
+from server.store import Store
+
+log = logging.getLogger("memstore.access")
+errors_log = logging.getLogger(__name__)
+
+#: The largest request body accepted: the gRPC receive limit.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+#: The version /healthz names; zep-python 1.x refuses servers older than 0.21.0.
+ZEP_VERSION = "0.27.2"
+#: Paths every caller may reach without a key: liveness, as Zep serves it.
+OPEN_PATHS = frozenset({"/healthz"})
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_MAX_ID = 128
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HttpMetrics:
+    """The HTTP metric families, in the same registry as the gRPC ones."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        registry = metrics.registry
+        self.requests = Counter(
+            "memstore_http_requests",
+            "Finished HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "memstore_http_request_duration_seconds",
+            "Time from the start of an HTTP request to its answer, by route template.",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "memstore_http_in_flight", "HTTP requests being served.", registry=registry
+        )
+
+
+class Services:
+    """What the routes reach: the store, the searcher (memory with recall), page tokens."""
+
+    def __init__(self, store: Store, searcher: Searcher, tokens: PageTokens) -> None:
+        self.store = store
+        self.searcher = searcher
+        self.tokens = tokens
+
+
+def project(request: Request) -> int:
+    """The project RestApp resolved for this request from its API key."""
+    return int(request.scope["memstore.project"])
+
+
+def services(request: Request) -> Services:
+    """The Services of the app serving `request`."""
+    found: Services = request.app.state.services
+    return found
+
+
+def error_response(error: MemstoreError) -> JSONResponse:
+    """The JSON answer of a domain error: Zep's `message`, and memstore's reason and fields."""
+    body: dict[str, Any] = {"message": error.message, "reason": error.reason}
+    if isinstance(error, InvalidArgument):
+        body["violations"] = [
+            {"field": v.field, "description": v.description} for v in error.violations
+        ]
+    return JSONResponse(body, status_code=http_status(error))
+
+
+def endpoint(handler: Handler) -> Handler:
+    """Maps domain errors raised by a route to their JSON answer; hides unexpected ones."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except MemstoreError as error:
+            return error_response(error)
+        except Exception:
+            errors_log.exception("unexpected error in %s", handler.__qualname__)
+            return error_response(
+                MemstoreError("internal error; see the server log", reason="INTERNAL")
+            )
+
+    wrapped.__qualname__ = handler.__qualname__
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+def route(path: str, **handlers: Handler) -> Route:
+    """One route for `path` whose handlers are given by method (GET=..., PATCH=...), so a
+    wrong method answers 405 with an Allow header naming all the others."""
+
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    dispatch.__name__ = "_".join(h.__name__ for h in handlers.values())
+    return Route(path, dispatch, methods=list(handlers))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    del request
+    if exc.status_code == 405:
+        message, reason = "method not allowed on this route", "METHOD_NOT_ALLOWED"
+    elif exc.status_code == 404:
+        message, reason = "no such route (see docs/zep-compat.md)", "ROUTE_NOT_FOUND"
+    else:
+        message, reason = str(exc.detail), "HTTP_ERROR"
+    return JSONResponse(
+        {"message": message, "reason": reason}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _healthz(request: Request) -> Response:
+    # What Zep serves and zep-python 1.x checks when a client is created: "." and a version.
+    del request
+    return PlainTextResponse(".", headers={"X-Zep-Version": ZEP_VERSION})
+
+
+def build_app(routes: list[BaseRoute], services_: Services) -> Starlette:
+    """The Starlette router over `routes`, plus /healthz and JSON 404/405 answers."""
+    app = Starlette(
+        routes=[Route("/healthz", _healthz, methods=["GET"]), *routes],
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.services = services_
+    return app
+
+
+class RestApp:
+    """The outer ASGI layer: request id, auth, body cap, metrics and the access log."""
+
+    def __init__(self, router: Starlette, auth: Authenticator, metrics: HttpMetrics) -> None:
+        self._router = router
+        self._auth = auth
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._router(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = _headers(scope)
+        rid = _request_id(headers)
+        request_id.set(rid)
+        status = [500]
+        rid_header = (REQUEST_ID_KEY.encode(), rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        self._metrics.in_flight.inc()
+        try:
+            refused = await self._refusal(scope, headers)
+            if refused is not None:
+                await refused(scope, receive, send_with_id)
+                return
+            await self._router(scope, _capped(receive), send_with_id)
+        finally:
+            self._metrics.in_flight.dec()
+            self._finish(scope, status[0], time.perf_counter() - start, rid)
+
+    async def _refusal(self, scope: Scope, headers: dict[str, str]) -> Response | None:
+        """The answer that refuses this request before routing, or None to route it."""
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(_too_large())
+        if scope["path"] in OPEN_PATHS:
+            return None
+        try:
+            scope["memstore.project"] = await self._auth.project_for(_credentials(scope))
+        except MemstoreError as error:
+            response = error_response(error)
+            if error.reason.startswith("API_KEY"):
+                response.headers["WWW-Authenticate"] = 'Bearer realm="memstore"'
+            return response
+        return None
+
+    def _finish(self, scope: Scope, status: int, elapsed: float, rid: str) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        method = str(scope.get("method", ""))
+        self._metrics.requests.labels(template, method, str(status)).inc()
+        self._metrics.latency.labels(template, method).observe(elapsed)
+        latency_ms = round(elapsed * 1000, 3)
+        name = f"{method} {template}"
+        fields = {"method": name, "code": status, "latency_ms": latency_ms, "request_id": rid}
+        log.info("%s %d %.1fms", name, status, latency_ms, extra=fields)
+
+
+_AUTH_HEADERS = frozenset({b"authorization", b"x-api-key"})
+
+
+def _too_large() -> RequestTooLarge:
+    return RequestTooLarge(
+        f"the request body is larger than {MAX_BODY_BYTES} bytes", reason="REQUEST_TOO_LARGE"
+    )
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    # Header names arrive lowercased; a repeated header keeps its last value (credentials
+    # are read separately, every copy of them: see _credentials).
+    return {
+        name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())
+    }
+
+
+def _credentials(scope: Scope) -> list[tuple[str, str]]:
+    # Every copy: two different keys in one request are refused, as over gRPC.
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in scope.get("headers", ())
+        if name in _AUTH_HEADERS
+    ]
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    given = headers.get(REQUEST_ID_KEY, "")
+    if 0 < len(given) <= _MAX_ID and all(0x21 <= ord(c) <= 0x7E for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _capped(receive: Receive) -> Receive:
+    """`receive` that raises RequestTooLarge once the body passes MAX_BODY_BYTES."""
+    seen = 0
+
+    async def capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise _too_large()
+        return message
+
+    return capped

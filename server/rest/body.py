@@ -1,0 +1,155 @@
+"""Reading a REST request: its JSON body and query values, each bad one named by its field.
+
+The checks themselves are the gRPC API's (server/api/validation.py): metadata goes through
+the same Struct walk, so size, depth, NUL and number rules are identical on both ports.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import struct_pb2
+from starlette.requests import Request
+
+from server.api import validation as val
+from server.domain import MAX_METADATA_DEPTH, JsonObject
+from server.errors import InvalidArgument
+
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def json_object(request: Request, *, required: bool = True) -> JsonObject:
+    """The body as a JSON object; an empty body is {} unless `required`.
+
+    Raises:
+        InvalidArgument: the body is missing, not UTF-8 JSON, or not an object (`body`).
+        RequestTooLarge: the body is over the 16 MiB cap.
+    """
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise InvalidArgument.field("body", "is required: send a JSON object")
+        return {}
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise InvalidArgument.field("body", "is not valid UTF-8") from None
+    except RecursionError:
+        raise InvalidArgument.field("body", "is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidArgument.field("body", f"is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument.field("body", f"must be a JSON object, not {kind(value)}")
+    return value
+
+
+def kind(value: Any) -> str:
+    """How a JSON value's type is named in an error."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def optional_str(v: val.Violations, body: JsonObject, name: str, field: str = "") -> str | None:
+    """A string member; None when absent or null."""
+    value = body.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    v.add(field or name, f"must be a string, not {kind(value)}")
+    return None
+
+
+def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
+    """A metadata object checked as gRPC checks it; None when absent or null."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        v.add(field, f"must be an object, not {kind(value)}")
+        return None
+    if _deeper_than(value, MAX_METADATA_DEPTH + 1):
+        v.add(field, f"is nested more than {MAX_METADATA_DEPTH} levels of objects and arrays deep")
+        return None
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(value)
+    except (ValueError, TypeError) as exc:
+        v.add(field, f"cannot be stored: {exc}")
+        return None
+    return val.metadata(v, field, struct)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    # Iterative: a hostile body nested thousands deep must not exhaust the stack.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return False
+
+
+def query_int(
+    request: Request, name: str, *, minimum: int | None = None, alias: str | None = None
+) -> int | None:
+    """An integer query value; None when absent or empty (`?cursor=` means absent).
+
+    Raises:
+        InvalidArgument: not a whole number, or below `minimum`, naming the parameter.
+    """
+    text = request.query_params.get(name)
+    if not text and alias is not None:
+        text, name = request.query_params.get(alias), alias
+    if not text:
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        raise InvalidArgument.field(name, f"{text[:64]!r} is not a whole number") from None
+    if minimum is not None and number < minimum:
+        raise InvalidArgument.field(name, f"must be at least {minimum} (got {number})")
+    return number
+
+
+def query_bool(request: Request, name: str) -> bool | None:
+    """A boolean query value (true/false/1/0); None when absent or empty.
+
+    Raises:
+        InvalidArgument: any other text, naming the parameter.
+    """
+    text = request.query_params.get(name)
+    if not text:
+        return None
+    lowered = text.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise InvalidArgument.field(name, f"{text[:64]!r} is not true or false")
+
+
+def path_id(request: Request, name: str) -> str:
+    """An id from the path (already percent-decoded), checked as gRPC checks ids.
+
+    Raises:
+        InvalidArgument: the id breaks the id rules, naming it.
+    """
+    value = str(request.path_params[name])
+    v = val.Violations()
+    val.check_id(v, name, value)
+    v.raise_if_any()
+    return value

@@ -1,0 +1,177 @@
+"""What /api/v1 and /api/v2 share: reading users, sessions and messages from JSON bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.api import validation as val
+from server.api.search import DEFAULT_RELEVANT_LIMIT, MAX_SEARCH_LIMIT
+from server.domain import (
+    ROLE_TYPES,
+    JsonObject,
+    MetadataChange,
+    NewMessage,
+    Session,
+    UserChanges,
+)
+from server.errors import InvalidArgument
+from server.rest import body as b
+from server.store import Store
+
+_USER_TEXT = ("email", "first_name", "last_name")
+
+
+def new_user(data: JsonObject) -> tuple[str, dict[str, str], JsonObject]:
+    """user_id, the text fields and metadata of a user to create.
+
+    Raises:
+        InvalidArgument: naming each bad field.
+    """
+    v = val.Violations()
+    user_id = b.optional_str(v, data, "user_id") or ""
+    if not v.items:  # a user_id of the wrong type is named once
+        val.check_id(v, "user_id", user_id)
+    texts = {name: b.optional_str(v, data, name) or "" for name in _USER_TEXT}
+    for name, text in texts.items():
+        val.check_text(v, name, text)
+    metadata = b.metadata(v, data.get("metadata"), "metadata") or {}
+    v.raise_if_any()
+    return user_id, texts, metadata
+
+
+def user_changes(data: JsonObject) -> UserChanges:
+    """The fields a Zep user update sets: absent or null leaves a field as it is (Zep's
+    rule); metadata is merged (null values remove keys, which Zep cannot).
+
+    Raises:
+        InvalidArgument: naming each bad field.
+    """
+    v = val.Violations()
+    texts = {name: b.optional_str(v, data, name) for name in _USER_TEXT}
+    for name, text in texts.items():
+        if text is not None:
+            val.check_text(v, name, text)
+    metadata = b.metadata(v, data.get("metadata"), "metadata")
+    v.raise_if_any()
+    return UserChanges(
+        email=texts["email"],
+        first_name=texts["first_name"],
+        last_name=texts["last_name"],
+        metadata=MetadataChange(metadata) if metadata else None,
+    )
+
+
+def new_session(data: JsonObject, *, require_id: bool) -> tuple[str | None, str | None, JsonObject]:
+    """session_id (None: the server makes one), user_id and metadata of a session to create.
+
+    Raises:
+        InvalidArgument: naming each bad field.
+    """
+    v = val.Violations()
+    session_id = b.optional_str(v, data, "session_id")
+    val.check_id(v, "session_id", session_id or "", required=require_id)
+    user_id = b.optional_str(v, data, "user_id")
+    val.check_id(v, "user_id", user_id or "", required=False)
+    metadata = b.metadata(v, data.get("metadata"), "metadata") or {}
+    v.raise_if_any()
+    return session_id or None, user_id or None, metadata
+
+
+def metadata_patch(data: JsonObject) -> MetadataChange | None:
+    """The metadata merge of a session or message update; None changes nothing.
+
+    Raises:
+        InvalidArgument: metadata is not an object or breaks a limit.
+    """
+    v = val.Violations()
+    metadata = b.metadata(v, data.get("metadata"), "metadata")
+    v.raise_if_any()
+    return MetadataChange(metadata) if metadata else None
+
+
+def new_messages(data: JsonObject) -> list[NewMessage]:
+    """The messages of a memory write, checked as AddMemory checks them.
+
+    Raises:
+        InvalidArgument: naming each bad field (`messages[2].role_type`).
+    """
+    items = data.get("messages")
+    v = val.Violations()
+    if not isinstance(items, list):
+        got = "missing" if items is None else f"{b.kind(items)}, not an array"
+        raise InvalidArgument.field("messages", f"is required: an array of messages ({got})")
+    if not 1 <= len(items) <= val.MAX_MESSAGES:
+        raise InvalidArgument.field(
+            "messages", f"has {len(items)} messages; send 1 to {val.MAX_MESSAGES}"
+        )
+    messages: list[NewMessage] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        prefix = f"messages[{i}]"
+        if not isinstance(item, dict):
+            v.add(prefix, f"must be an object, not {b.kind(item)}")
+            continue
+        messages.append(_new_message(v, item, prefix, i, seen))
+    v.raise_if_any()
+    return messages
+
+
+def _new_message(
+    v: val.Violations, item: JsonObject, prefix: str, index: int, seen: dict[str, int]
+) -> NewMessage:
+    role = b.optional_str(v, item, "role", f"{prefix}.role") or ""
+    val.check_text(v, f"{prefix}.role", role)
+    role_type = role_type_of(v, item.get("role_type"), f"{prefix}.role_type")
+    content = b.optional_str(v, item, "content", f"{prefix}.content") or ""
+    val.check_content(v, f"{prefix}.content", content)
+    metadata = b.metadata(v, item.get("metadata"), f"{prefix}.metadata") or {}
+    message_uuid = b.optional_str(v, item, "uuid", f"{prefix}.uuid")
+    if message_uuid:
+        message_uuid = val.message_uuid(v, f"{prefix}.uuid", message_uuid)
+        if message_uuid in seen:
+            v.add(f"{prefix}.uuid", f"repeats messages[{seen[message_uuid]}].uuid")
+        seen.setdefault(message_uuid, index)
+    return NewMessage(role, role_type, content, metadata, message_uuid or None)
+
+
+def role_type_of(v: val.Violations, value: Any, field: str) -> str:
+    """A Zep role type (lowercase name); absent, null or "" is norole."""
+    if value is None or value == "":
+        return "norole"
+    if isinstance(value, str) and value in ROLE_TYPES:
+        return value
+    v.add(field, f"{str(value)[:64]!r} is not one of {', '.join(ROLE_TYPES)}")
+    return "norole"
+
+
+def lastn_and_recall(lastn: int | None, relevant: int | None) -> tuple[int, int]:
+    """GetMemory's lastn (default 6, at most 1000) and relevant_limit (default 5, at most 100).
+
+    Raises:
+        InvalidArgument: relevant_limit above its maximum.
+    """
+    count = min(lastn or val.DEFAULT_LASTN, val.MAX_PAGE_SIZE)
+    if relevant is None:
+        return count, DEFAULT_RELEVANT_LIMIT
+    if relevant > MAX_SEARCH_LIMIT:
+        raise InvalidArgument.field(
+            "relevant_limit", f"must be between 0 and {MAX_SEARCH_LIMIT} (got {relevant})"
+        )
+    return count, relevant
+
+
+async def all_user_sessions(store: Store, project: int, user_id: str) -> list[Session]:
+    """Every live session of a user, oldest first (Zep's route is not paged).
+
+    Raises:
+        NotFound: no user has this id.
+    """
+    sessions: list[Session] = []
+    after = None
+    while True:
+        page = await store.list_user_sessions(project, user_id, after, val.MAX_PAGE_SIZE)
+        sessions.extend(page.items)
+        if not page.has_more or not page.items:
+            return sessions
+        last = page.items[-1]
+        after = (last.created_at, last.session_id)

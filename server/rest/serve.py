@@ -1,0 +1,134 @@
+"""Serving Zep's REST API with uvicorn inside gRPC's event loop.
+
+One process, one asyncio loop: grpc.aio and uvicorn's `Server.serve()` run as tasks of the
+same loop, so both share the store's connection pool, the authenticator's key cache and the
+embedding model, with no thread hand-off on the request path. uvicorn (with httptools)
+is the fastest well-kept pure-asyncio HTTP/1.1 server; it takes pre-bound sockets, which
+is how `--workers N` shares the port (SO_REUSEPORT, as gRPC does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from server.config import Config, SecurityConfig
+
+log = logging.getLogger(__name__)
+# uvicorn's own lines ("Started server process") repeat what memstore logs; its errors stay.
+logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+#: Connections queued in the kernel before accept; uvicorn's default.
+_BACKLOG = 2048
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handlers: memstore's serve loop owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """A running uvicorn server over pre-bound sockets; `stop` ends it gracefully."""
+
+    def __init__(self, server: uvicorn.Server, sockets: list[socket.socket], port: int) -> None:
+        self._server = server
+        self._sockets = sockets
+        self.port = port
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Starts serving; returns once the sockets accept connections."""
+        self._task = asyncio.create_task(self._server.serve(sockets=self._sockets))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what made the start fail
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting, lets in-flight requests finish within `grace` seconds."""
+        if self._task is None:
+            for sock in self._sockets:
+                sock.close()
+            return
+        self._server.config.timeout_graceful_shutdown = (
+            None if grace is None else max(int(grace), 1)
+        )
+        self._server.should_exit = True
+        if grace is None:
+            self._server.force_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def bind(host: str, port: int, *, reuse_port: bool) -> tuple[list[socket.socket], int]:
+    """Listening sockets on every address of host:port; the port chosen when `port` is 0.
+
+    Raises:
+        OSError: the port is taken, or the host has no address to bind.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            port = port or int(sock.getsockname()[1])
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
+    return sockets, port
+
+
+def _tls(security: SecurityConfig) -> dict[str, Any]:
+    # The gRPC port's certificate serves HTTPS too; a client CA requires client
+    # certificates on both ports alike.
+    if security.tls_cert is None or security.tls_key is None:
+        return {}
+    options: dict[str, Any] = {
+        "ssl_certfile": str(security.tls_cert),
+        "ssl_keyfile": str(security.tls_key),
+    }
+    if security.tls_client_ca is not None:
+        options["ssl_ca_certs"] = str(security.tls_client_ca)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
+
+
+def http_server(config: Config, app: Any) -> HttpServer:
+    """An HTTP server for `app` bound to config.host:config.http_port, not yet started.
+
+    Raises:
+        OSError: the port is taken.
+    """
+    sockets, port = bind(config.host, config.http_port, reuse_port=config.workers > 1)
+    settings = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,  # server/rest/app.py writes memstore's own access lines
+        server_header=False,
+        http="httptools",
+        timeout_graceful_shutdown=max(int(config.grace_period), 1),
+        **_tls(config.security),
+    )
+    return HttpServer(_Server(settings), sockets, port)

@@ -1,0 +1,227 @@
+"""/api/v2: the routes zep-python 2.x (`zep_python.client.Zep`) and zep-cloud 2.x call."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+
+from server.api import validation as val
+from server.domain import SessionQuery, UserChanges
+from server.errors import InvalidArgument
+from server.rest import body as b
+from server.rest import common
+from server.rest import convert as c
+from server.rest.app import endpoint, project, route, services
+from server.rest.search import search_one_session, search_sessions
+
+OK = {"message": "OK"}
+#: The header Fern-made SDKs send with their name.
+_SDK_NAME = "x-fern-sdk-name"
+_ORDER_FIELDS = ("created_at", "updated_at")
+
+
+@endpoint
+async def add_user(request: Request) -> Response:
+    user_id, texts, metadata = common.new_user(await b.json_object(request))
+    created = await services(request).store.create_user(
+        project(request),
+        user_id,
+        texts["email"],
+        texts["first_name"],
+        texts["last_name"],
+        metadata,
+    )
+    return JSONResponse(c.user(created), status_code=201)
+
+
+@endpoint
+async def get_user(request: Request) -> Response:
+    found = await services(request).store.get_user(project(request), b.path_id(request, "user_id"))
+    return JSONResponse(c.user(found))
+
+
+@endpoint
+async def update_user(request: Request) -> Response:
+    user_id = b.path_id(request, "user_id")
+    changes = common.user_changes(await b.json_object(request, required=False))
+    store = services(request).store
+    if changes == UserChanges():
+        updated = await store.get_user(project(request), user_id)
+    else:
+        updated = await store.update_user(project(request), user_id, changes)
+    return JSONResponse(c.user(updated))
+
+
+@endpoint
+async def delete_user(request: Request) -> Response:
+    user_id = b.path_id(request, "user_id")
+    await services(request).store.delete_user(project(request), user_id)
+    return JSONResponse(OK)
+
+
+@endpoint
+async def user_sessions(request: Request) -> Response:
+    user_id = b.path_id(request, "user_id")
+    found = await common.all_user_sessions(services(request).store, project(request), user_id)
+    sessions = [c.session(s) for s in found]
+    # zep-python 2.0.2 declares this answer a list of lists of sessions (and fails on
+    # Zep's own flat list); zep-cloud and others read the flat list.
+    if request.headers.get(_SDK_NAME) == "zep-python":
+        return JSONResponse([sessions])
+    return JSONResponse(sessions)
+
+
+@endpoint
+async def add_session(request: Request) -> Response:
+    session_id, user_id, metadata = common.new_session(
+        await b.json_object(request), require_id=True
+    )
+    created = await services(request).store.create_session(
+        project(request), session_id or uuid.uuid4().hex, user_id, metadata
+    )
+    return JSONResponse(c.session(created), status_code=201)
+
+
+@endpoint
+async def get_session(request: Request) -> Response:
+    session_id = b.path_id(request, "session_id")
+    found = await services(request).store.get_session(project(request), session_id, False)
+    return JSONResponse(c.session(found))
+
+
+@endpoint
+async def update_session(request: Request) -> Response:
+    session_id = b.path_id(request, "session_id")
+    change = common.metadata_patch(await b.json_object(request, required=False))
+    store = services(request).store
+    if change is None:
+        found = await store.get_session(project(request), session_id, False)
+    else:
+        found = await store.update_session(project(request), session_id, change)
+    return JSONResponse(c.session(found))
+
+
+@endpoint
+async def list_sessions(request: Request) -> Response:
+    number = b.query_int(request, "page_number", minimum=1) or 1
+    size = min(b.query_int(request, "page_size", minimum=1) or 50, val.MAX_PAGE_SIZE)
+    order_by = request.query_params.get("order_by") or "created_at"
+    if order_by not in _ORDER_FIELDS:
+        raise InvalidArgument.field(
+            "order_by", f"{order_by[:64]!r} is not supported; use created_at or updated_at"
+        )
+    # Zep's default direction is descending (asc=false).
+    ascending = b.query_bool(request, "asc") or False
+    query = SessionQuery(order_field=order_by, descending=not ascending)  # type: ignore[arg-type]
+    page = await services(request).store.list_sessions(
+        project(request), query, None, (number - 1) * size, size, count=True
+    )
+    sessions = [c.session(s) for s in page.items]
+    return JSONResponse(
+        {
+            "sessions": sessions,
+            "response_count": len(sessions),
+            "row_count": len(sessions),
+            "total_count": page.total_size or 0,
+        }
+    )
+
+
+@endpoint
+async def get_memory(request: Request) -> Response:
+    session_id = b.path_id(request, "session_id")
+    lastn, recall = common.lastn_and_recall(
+        b.query_int(request, "lastn", minimum=0),
+        b.query_int(request, "relevant_limit", minimum=0),
+    )
+    memory = await services(request).searcher.get_memory(
+        project(request), session_id, lastn, recall
+    )
+    # An unknown or deleted session is an empty memory, as Zep answers it (found: false).
+    return JSONResponse(
+        {
+            "messages": [c.message(m) for m in memory.messages],
+            "metadata": {},
+            "summary": None,
+            "facts": None,
+            "relevant_facts": None,
+            "context": memory.context or None,
+            "relevant_messages": [c.search_result(r) for r in memory.relevant],
+            "found": memory.session is not None,
+        }
+    )
+
+
+@endpoint
+async def add_memory(request: Request) -> Response:
+    session_id = b.path_id(request, "session_id")
+    data = await b.json_object(request)
+    messages = common.new_messages(data)
+    await services(request).store.add_memory(project(request), session_id, None, messages)
+    return JSONResponse(OK)
+
+
+@endpoint
+async def delete_memory(request: Request) -> Response:
+    # Zep's memory delete soft-deletes the session with its messages; memory added later
+    # revives the session, and the messages deleted here stay deleted.
+    session_id = b.path_id(request, "session_id")
+    await services(request).store.delete_session(project(request), session_id)
+    return JSONResponse(OK)
+
+
+@endpoint
+async def get_message(request: Request) -> Response:
+    session_id = b.path_id(request, "session_id")
+    message_uuid = _message_uuid(request)
+    found = await services(request).store.get_message(project(request), session_id, message_uuid)
+    return JSONResponse(c.message(found))
+
+
+@endpoint
+async def update_message(request: Request) -> Response:
+    session_id = b.path_id(request, "session_id")
+    message_uuid = _message_uuid(request)
+    change = common.metadata_patch(await b.json_object(request))
+    store = services(request).store
+    if change is None:
+        found = await store.get_message(project(request), session_id, message_uuid)
+    else:
+        found = await store.update_message(project(request), session_id, message_uuid, change)
+    return JSONResponse(c.message(found))
+
+
+def _message_uuid(request: Request) -> str:
+    v = val.Violations()
+    value = val.message_uuid(v, "message_uuid", str(request.path_params["message_uuid"]))
+    v.raise_if_any()
+    return value
+
+
+def routes() -> list[BaseRoute]:
+    """The /api/v2 routes memstore serves (docs/zep-compat.md has the table)."""
+    p = "/api/v2"
+    return [
+        route(f"{p}/users", POST=add_user),
+        route(f"{p}/users/{{user_id}}", GET=get_user, PATCH=update_user, DELETE=delete_user),
+        route(f"{p}/users/{{user_id}}/sessions", GET=user_sessions),
+        route(f"{p}/sessions", POST=add_session),
+        route(f"{p}/sessions-ordered", GET=list_sessions),
+        route(f"{p}/sessions/search", POST=search_sessions),
+        route(f"{p}/sessions/{{session_id}}", GET=get_session, PATCH=update_session),
+        route(
+            f"{p}/sessions/{{session_id}}/memory",
+            GET=get_memory,
+            POST=add_memory,
+            DELETE=delete_memory,
+        ),
+        route(f"{p}/sessions/{{session_id}}/search", POST=search_one_session),
+        route(
+            f"{p}/sessions/{{session_id}}/messages/{{message_uuid}}",
+            GET=get_message,
+            PATCH=update_message,
+        ),
+    ]

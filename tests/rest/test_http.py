@@ -1,0 +1,147 @@
+"""The HTTP side of Zep's REST API: JSON errors, limits, request ids, metrics, access logs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from server.config import Config
+from server.rest.app import MAX_BODY_BYTES
+from server.serving.app import build_http
+from server.serving.observability import Metrics
+from server.store import Store
+
+
+@pytest.fixture(scope="module")
+async def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture(scope="module")
+async def base_url(store: Store, metrics: Metrics) -> AsyncIterator[str]:
+    """An in-process REST server over the run's store (no embedder: words only)."""
+    server = await build_http(
+        Config(host="127.0.0.1", http_port=0, embedder="none"), store, metrics
+    )
+    await server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.stop(None)
+
+
+@pytest.fixture
+async def http(base_url: str, clean_db: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        yield client
+
+
+async def test_unknown_route_is_json_404(http: httpx.AsyncClient) -> None:
+    reply = await http.get("/api/v2/nothing-here")
+    assert reply.status_code == 404
+    assert reply.json()["reason"] == "ROUTE_NOT_FOUND" and reply.json()["message"]
+
+
+async def test_wrong_method_is_json_405_naming_the_allowed_ones(http: httpx.AsyncClient) -> None:
+    reply = await http.put("/api/v2/users/alice", json={})
+    assert reply.status_code == 405
+    assert reply.json()["reason"] == "METHOD_NOT_ALLOWED"
+    assert {m.strip() for m in reply.headers["allow"].split(",")} >= {"GET", "PATCH", "DELETE"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"{not json", "body"),
+        (b"[1, 2]", "body"),
+        (b"\xff\xfe", "body"),
+        (b'{"user_id": "a", "metadata": {"x": NaN}}', "body"),
+        (b'{"user_id": 7}', "user_id"),
+        (b'{"user_id": "a", "email": ["x"]}', "email"),
+        (b'{"user_id": "a", "metadata": "text"}', "metadata"),
+        (b'{"user_id": " padded"}', "user_id"),
+    ],
+)
+async def test_bad_bodies_are_400_naming_the_field(
+    http: httpx.AsyncClient, body: bytes, field: str
+) -> None:
+    reply = await http.post(
+        "/api/v2/users", content=body, headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["reason"] == "INVALID_ARGUMENT"
+    assert field in {v["field"] for v in reply.json()["violations"]}, reply.json()
+    assert (await http.get("/api/v2/users/a")).status_code == 404  # nothing half-written
+
+
+async def test_a_bad_message_writes_none_of_the_others(http: httpx.AsyncClient) -> None:
+    messages = [
+        {"role": "a", "role_type": "user", "content": "fine"},
+        {"role": "b", "role_type": "user", "content": ""},
+    ]
+    reply = await http.post("/api/v2/sessions/s1/memory", json={"messages": messages})
+    assert reply.status_code == 400
+    assert [v["field"] for v in reply.json()["violations"]] == ["messages[1].content"]
+    assert (await http.get("/api/v2/sessions/s1")).status_code == 404
+
+
+async def test_too_deep_metadata_is_refused_naming_it(http: httpx.AsyncClient) -> None:
+    text = '{"user_id": "deep", "metadata": ' + '{"a":' * 40 + "1" + "}" * 41
+    reply = await http.post("/api/v2/users", content=text)
+    assert reply.status_code == 400 and reply.json()["violations"][0]["field"] == "metadata"
+    hostile = '{"user_id": "deep", "metadata": ' + '{"a":' * 100_000 + "1" + "}" * 100_001
+    reply = await http.post("/api/v2/users", content=hostile)
+    assert reply.status_code == 400 and reply.json()["violations"][0]["field"] == "body"
+
+
+async def test_bodies_over_16_mib_are_413(http: httpx.AsyncClient) -> None:
+    big = b'{"user_id": "big", "email": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    declared = await http.post("/api/v2/users", content=big)
+    assert declared.status_code == 413 and declared.json()["reason"] == "REQUEST_TOO_LARGE"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no content-length: counted as it arrives
+        for start in range(0, len(big), 1 << 20):
+            yield big[start : start + (1 << 20)]
+
+    streamed = await http.post("/api/v2/users", content=chunks())
+    assert streamed.status_code == 413 and streamed.json()["reason"] == "REQUEST_TOO_LARGE"
+    assert (await http.get("/api/v2/users/big")).status_code == 404
+
+
+async def test_empty_query_values_mean_absent_and_bad_ones_name_the_parameter(
+    http: httpx.AsyncClient,
+) -> None:
+    await http.post("/api/v2/sessions/s1/memory", json={"messages": [{"content": "hi"}]})
+    reply = await http.get("/api/v2/sessions/s1/memory?lastn=")
+    assert reply.status_code == 200 and [m["content"] for m in reply.json()["messages"]] == ["hi"]
+    assert reply.json()["messages"][0]["role_type"] == "norole"
+    bad = await http.get("/api/v2/sessions/s1/memory?lastn=two")
+    assert bad.status_code == 400 and bad.json()["violations"][0]["field"] == "lastn"
+    negative = await http.get("/api/v2/sessions-ordered?page_number=-1")
+    assert negative.status_code == 400
+    assert negative.json()["violations"][0]["field"] == "page_number"
+
+
+async def test_ids_in_paths_are_percent_decoded(http: httpx.AsyncClient) -> None:
+    made = await http.post("/api/v2/users", json={"user_id": "ann lee+ö@x"})
+    assert made.status_code == 201
+    got = await http.get("/api/v2/users/ann%20lee%2B%C3%B6%40x")
+    assert got.status_code == 200 and got.json()["user_id"] == "ann lee+ö@x"
+
+
+async def test_request_ids_metrics_and_access_log(
+    http: httpx.AsyncClient, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="memstore.access"):
+        reply = await http.get("/api/v2/users/nobody", headers={"x-request-id": "trace-42"})
+    assert reply.status_code == 404 and reply.headers["x-request-id"] == "trace-42"
+    line = next(r for r in caplog.records if getattr(r, "request_id", "") == "trace-42")
+    assert line.method == "GET /api/v2/users/{user_id}" and line.code == 404  # type: ignore[attr-defined]
+    count = metrics.registry.get_sample_value(
+        "memstore_http_requests_total",
+        {"route": "/api/v2/users/{user_id}", "method": "GET", "status": "404"},
+    )
+    assert count is not None and count >= 1
+    generated = await http.get("/healthz")
+    assert generated.text == "." and len(generated.headers["x-request-id"]) == 32
