@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server.api.tokens import PageTokens
 from server.config import Config
-from server.rest import v1, v2
+from server.rest import unserved, v1, v2
 from server.rest.app import HttpMetrics, RestApp, Services, build_app
 from server.rest.serve import HttpServer, http_server
 from server.search.service import Searcher
@@ -27,7 +27,9 @@ def build_http_server(
     Raises:
         OSError: the port is taken.
     """
-    router = build_app([*v1.routes(), *v2.routes()], Services(store, searcher, tokens))
+    router = build_app(
+        [*v1.routes(), *v2.routes(), *unserved.routes()], Services(store, searcher, tokens)
+    )
     return http_server(config, RestApp(router, auth, HttpMetrics(metrics)))
 
 

@@ -16,6 +16,7 @@ from server.domain import (
 )
 from server.errors import InvalidArgument
 from server.rest import body as b
+from server.rest import convert as c
 from server.store import Store
 
 _USER_TEXT = ("email", "first_name", "last_name")
@@ -175,3 +176,29 @@ async def all_user_sessions(store: Store, project: int, user_id: str) -> list[Se
             return sessions
         last = page.items[-1]
         after = (last.created_at, last.session_id)
+
+
+def page_window(number: int | None, size: int | None, default_size: int) -> tuple[int, int]:
+    """(offset, size) of a 1-based page: absent is page 1 of `default_size` rows, at most 1000."""
+    size = min(size or default_size, val.MAX_PAGE_SIZE)
+    return ((number or 1) - 1) * size, size
+
+
+async def list_users(store: Store, project: int, offset: int, size: int) -> dict[str, Any]:
+    """A page of users by (created_at, user_id) from `offset`, as Zep's UserListResponse."""
+    page = await store.list_user_records(project, None, size, offset=offset, count=True)
+    users = [c.user_record(r) for r in page.items]
+    return {"users": users, "row_count": len(users), "total_count": page.total_size or 0}
+
+
+async def list_messages(
+    store: Store, project: int, session_id: str, offset: int, size: int
+) -> dict[str, Any]:
+    """A page of a session's live messages, oldest first, as Zep's MessageListResponse.
+
+    Raises:
+        NotFound: the session is absent or soft-deleted.
+    """
+    page = await store.list_messages(project, session_id, None, size, offset=offset)
+    messages = [c.message(m) for m in page.items]
+    return {"messages": messages, "row_count": len(messages), "total_count": page.total_size or 0}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
-from server.domain import Message, SearchResult, Session, User
+from server.domain import Message, SearchResult, Session, User, UserRecord, from_micros
 
 
 def timestamp(value: datetime | None) -> str | None:
@@ -26,6 +27,21 @@ def user(u: User) -> dict[str, Any]:
         "created_at": timestamp(u.created_at),
         "updated_at": timestamp(u.updated_at),
         "session_count": u.session_count,
+    }
+
+
+def user_record(record: UserRecord) -> dict[str, Any]:
+    """A UserRecord (the listing's plain tuple) as Zep's `User` model."""
+    user_id, email, first_name, last_name, metadata, created, updated, sessions = record
+    return {
+        "user_id": user_id,
+        "email": email,
+        "first_name": first_name,
+        "last_name": last_name,
+        "metadata": json.loads(metadata),
+        "created_at": timestamp(from_micros(created)),
+        "updated_at": timestamp(from_micros(updated)),
+        "session_count": sessions,
     }
 
 

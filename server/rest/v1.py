@@ -1,10 +1,76 @@
-"""/api/v1: the routes zep-python 1.x (`ZepClient`) and LangChain's Zep integration call."""
+"""/api/v1: the routes zep-python 1.x (`ZepClient`) and LangChain's Zep integration call.
+
+Most answers have the /api/v2 shapes (the same handlers); 1.x differs in its paths (`/user`),
+in its lists (plain JSON arrays) and in `cursor`, an offset of rows there.
+"""
 
 from __future__ import annotations
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
+
+from server.api import validation as val
+from server.domain import SessionQuery
+from server.rest import body as b
+from server.rest import common, v2
+from server.rest import convert as c
+from server.rest.app import endpoint, project, route, services
+from server.rest.search import search_one_session
+
+
+def _offset_window(request: Request) -> tuple[int, int]:
+    # 1.x pages with `limit` rows from `cursor`, an offset (0, limit, 2*limit, ...).
+    size = min(b.query_int(request, "limit", minimum=1) or val.DEFAULT_PAGE_SIZE, 1000)
+    return b.query_int(request, "cursor", minimum=0) or 0, size
+
+
+@endpoint
+async def list_users(request: Request) -> Response:
+    offset, size = _offset_window(request)
+    page = await common.list_users(services(request).store, project(request), offset, size)
+    return JSONResponse(page["users"])
+
+
+@endpoint
+async def list_sessions(request: Request) -> Response:
+    offset, size = _offset_window(request)
+    # Oldest first by (created_at, session_id): offsets stay put while sessions are added.
+    page = await services(request).store.list_sessions(
+        project(request), SessionQuery(), None, offset, size, count=False
+    )
+    return JSONResponse([c.session(s) for s in page.items])
+
+
+@endpoint
+async def user_sessions(request: Request) -> Response:
+    user_id = b.path_id(request, "user_id")
+    found = await common.all_user_sessions(services(request).store, project(request), user_id)
+    return JSONResponse([c.session(s) for s in found])
 
 
 def routes() -> list[BaseRoute]:
     """The /api/v1 routes memstore serves (docs/zep-compat.md has the table)."""
-    return []
+    p = "/api/v1"
+    return [
+        route(f"{p}/user", POST=v2.add_user, GET=list_users),
+        route(
+            f"{p}/user/{{user_id}}", GET=v2.get_user, PATCH=v2.update_user, DELETE=v2.delete_user
+        ),
+        route(f"{p}/user/{{user_id}}/sessions", GET=user_sessions),
+        route(f"{p}/sessions", POST=v2.add_session, GET=list_sessions),
+        route(f"{p}/sessions/{{session_id}}", GET=v2.get_session, PATCH=v2.update_session),
+        route(
+            f"{p}/sessions/{{session_id}}/memory",
+            GET=v2.get_memory,
+            POST=v2.add_memory,
+            DELETE=v2.delete_memory,
+        ),
+        route(f"{p}/sessions/{{session_id}}/search", POST=search_one_session),
+        route(f"{p}/sessions/{{session_id}}/messages", GET=v2.list_messages),
+        route(
+            f"{p}/sessions/{{session_id}}/messages/{{message_uuid}}",
+            GET=v2.get_message,
+            PATCH=v2.update_message,
+        ),
+    ]

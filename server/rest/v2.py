@@ -63,6 +63,19 @@ async def delete_user(request: Request) -> Response:
 
 
 @endpoint
+async def list_users(request: Request) -> Response:
+    # users-ordered names its parameters in camelCase (sessions-ordered in snake_case).
+    offset, size = common.page_window(
+        b.query_int(request, "pageNumber", minimum=1, alias="page_number"),
+        b.query_int(request, "pageSize", minimum=1, alias="page_size"),
+        val.DEFAULT_PAGE_SIZE,
+    )
+    return JSONResponse(
+        await common.list_users(services(request).store, project(request), offset, size)
+    )
+
+
+@endpoint
 async def user_sessions(request: Request) -> Response:
     user_id = b.path_id(request, "user_id")
     found = await common.all_user_sessions(services(request).store, project(request), user_id)
@@ -106,8 +119,11 @@ async def update_session(request: Request) -> Response:
 
 @endpoint
 async def list_sessions(request: Request) -> Response:
-    number = b.query_int(request, "page_number", minimum=1) or 1
-    size = min(b.query_int(request, "page_size", minimum=1) or 50, val.MAX_PAGE_SIZE)
+    offset, size = common.page_window(
+        b.query_int(request, "page_number", minimum=1),
+        b.query_int(request, "page_size", minimum=1),
+        val.DEFAULT_PAGE_SIZE,
+    )
     order_by = request.query_params.get("order_by") or "created_at"
     if order_by not in _ORDER_FIELDS:
         raise InvalidArgument.field(
@@ -117,7 +133,7 @@ async def list_sessions(request: Request) -> Response:
     ascending = b.query_bool(request, "asc") or False
     query = SessionQuery(order_field=order_by, descending=not ascending)  # type: ignore[arg-type]
     page = await services(request).store.list_sessions(
-        project(request), query, None, (number - 1) * size, size, count=True
+        project(request), query, None, offset, size, count=True
     )
     sessions = [c.session(s) for s in page.items]
     return JSONResponse(
@@ -174,6 +190,22 @@ async def delete_memory(request: Request) -> Response:
 
 
 @endpoint
+async def list_messages(request: Request) -> Response:
+    # Zep's `cursor` here is a 1-based page number of `limit` messages.
+    session_id = b.path_id(request, "session_id")
+    offset, size = common.page_window(
+        b.query_int(request, "cursor", minimum=1),
+        b.query_int(request, "limit", minimum=1),
+        val.DEFAULT_PAGE_SIZE,
+    )
+    return JSONResponse(
+        await common.list_messages(
+            services(request).store, project(request), session_id, offset, size
+        )
+    )
+
+
+@endpoint
 async def get_message(request: Request) -> Response:
     session_id = b.path_id(request, "session_id")
     message_uuid = _message_uuid(request)
@@ -206,6 +238,7 @@ def routes() -> list[BaseRoute]:
     p = "/api/v2"
     return [
         route(f"{p}/users", POST=add_user),
+        route(f"{p}/users-ordered", GET=list_users),
         route(f"{p}/users/{{user_id}}", GET=get_user, PATCH=update_user, DELETE=delete_user),
         route(f"{p}/users/{{user_id}}/sessions", GET=user_sessions),
         route(f"{p}/sessions", POST=add_session),
@@ -219,6 +252,7 @@ def routes() -> list[BaseRoute]:
             DELETE=delete_memory,
         ),
         route(f"{p}/sessions/{{session_id}}/search", POST=search_one_session),
+        route(f"{p}/sessions/{{session_id}}/messages", GET=list_messages),
         route(
             f"{p}/sessions/{{session_id}}/messages/{{message_uuid}}",
             GET=get_message,

@@ -145,3 +145,20 @@ async def test_request_ids_metrics_and_access_log(
     assert count is not None and count >= 1
     generated = await http.get("/healthz")
     assert generated.text == "." and len(generated.headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v2/facts/0b5e3c1a-9f8d-4c2e-b7a6-1d2e3f405162",
+        "/api/v2/sessions/s1/summary",
+        "/api/v2/users/u1/facts",
+        "/api/v2/graph/search",
+        "/api/v1/collection/docs",
+    ],
+)
+async def test_zep_features_memstore_lacks_answer_json_501(
+    http: httpx.AsyncClient, path: str
+) -> None:
+    reply = await http.get(path)
+    assert reply.status_code == 501 and reply.json()["reason"] == "NOT_IMPLEMENTED"

@@ -10,7 +10,11 @@ from tests.fix_rest import ZepServer, run_sdk
 
 
 def test_users_add_get_update_merge_list_sessions_and_delete_with_sessions(zep: ZepServer) -> None:
-    assert run_sdk("zep2", "users", zep.base_url) == {"deleted": "OK"}
+    assert run_sdk("zep2", "users", zep.base_url) == {
+        "deleted": "OK",
+        # users-ordered, page by page: none twice, none skipped, oldest first.
+        "listed": ["alice", "u-0", "u-1", "u-2", "u-3", "u-4"],
+    }
 
 
 def test_sessions_create_update_merge_and_pages_by_number(zep: ZepServer) -> None:

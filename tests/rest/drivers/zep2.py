@@ -68,7 +68,18 @@ def users(base_url: str) -> dict[str, Any]:
     except NotFoundError:
         pass
     client.user.add(user_id="alice")  # the id is free again
-    return {"deleted": deleted.message}
+    return {"deleted": deleted.message, "listed": _list_users(client)}
+
+
+def _list_users(client: Zep) -> list[str]:
+    for i in range(5):
+        client.user.add(user_id=f"u-{i}")
+    seen: list[str] = []
+    for number in (1, 2, 3, 4):
+        page = client.user.list_ordered(page_size=2, page_number=number)
+        assert page.total_count == 6 and page.row_count == len(page.users or []), page
+        seen.extend(u.user_id or "" for u in page.users or [])
+    return seen
 
 
 def sessions(base_url: str) -> dict[str, Any]:
@@ -140,6 +151,16 @@ def memory(base_url: str) -> dict[str, Any]:
     assert one.content == "I like tea"
     changed = client.memory.update_message_metadata("m-1", first.uuid_, metadata={"j": 2})
     assert changed.metadata == {"k": 1, "j": 2}, changed.metadata
+    paged = [
+        [
+            m.content
+            for m in client.memory.get_session_messages("m-1", limit=2, cursor=n).messages or []
+        ]
+        for n in (1, 2, 3)
+    ]
+    assert paged == [["I like tea", "Noted: tea."], ["be brief"], []], paged
+    listing = client.memory.get_session_messages("m-1")
+    assert (listing.total_count, listing.row_count) == (3, 3), listing
     empty = client.memory.get("never-made")
     assert not empty.messages, empty  # Zep answers an unknown session with empty memory
     client.memory.delete("m-1")  # soft delete of the session and its messages

@@ -1,0 +1,17 @@
+"""zep-cloud 2.x (the newest 2.x: 2.22.1) runs unchanged against memstore's `/api/v2`."""
+
+from __future__ import annotations
+
+from tests.fix_rest import ZepServer, run_sdk
+
+
+def test_users_and_sessions_with_a_flat_get_sessions(zep: ZepServer) -> None:
+    assert run_sdk("cloud", "users_and_sessions", zep.base_url) == {"sessions": ["d-1", "d-2"]}
+
+
+def test_memory_messages_search_delete_and_revive(zep: ZepServer) -> None:
+    assert run_sdk("cloud", "memory", zep.base_url) == {"hits": 2}
+
+
+def test_async_client(zep: ZepServer) -> None:
+    assert run_sdk("cloud", "asynchronous", zep.base_url) == {"session": "f-1"}
