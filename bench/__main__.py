@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import env, figures, search, turns
+from bench import env, figures, rest, search, turns
 from bench.figures import Settings
 
 RESULTS = env.ROOT / "bench" / "results" / "latest.json"
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--page-calls", type=int, default=d.page_calls)
     p.add_argument(
         "--only",
-        default="unary,export,pagination,workers,search,turn",
+        default="unary,export,pagination,workers,search,turn,rest",
         help="comma-separated figure groups",
     )
     search.add_arguments(p)
@@ -114,10 +114,13 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
                     out.append(_emit(figures.scaling(s, pool, one, two)))
                 finally:
                     _check_stopped(two)
-            if "turn" in only:
+            if "turn" in only or "rest" in only:
                 # Last: its user and sessions would change what the export counts.
                 sessions = turns.seed(url)
-                out.extend(_emit(f) for f in turns.figures(s, pool, one, sessions))
+                if "turn" in only:
+                    out.extend(_emit(f) for f in turns.figures(s, pool, one, sessions))
+                if "rest" in only:
+                    out.append(_emit(rest.figure(s, pool, one, sessions)))
     finally:
         _check_stopped(one)
         if not args.keep_db:
@@ -154,6 +157,11 @@ def _note(f: dict[str, Any]) -> str:
             f"{f['offered_turns_per_s']} turns/s p50/p99 ms: GetMemory "
             f"{f['get_memory_p50_ms']}/{f['get_memory_p99_ms']}, AddMemory "
             f"{f['add_memory_p50_ms']}/{f['add_memory_p99_ms']}"
+        )
+    if name == "rest_get_memory":
+        return (
+            f"REST {f['rest_get_memory_rps']:,} vs gRPC {f['grpc_get_memory_rps']:,} rps; "
+            f"client {f['client_cpu_cores']} cores"
         )
     if name == "workers":
         return (
