@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message as ProtoMessage
 
+from memstore.v1 import backup_service_pb2 as bs
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 
@@ -23,6 +24,8 @@ from .types import (
     Memory,
     Message,
     MessagePage,
+    RestoreCounts,
+    Restored,
     SearchResult,
     SearchResults,
     Session,
@@ -30,8 +33,11 @@ from .types import (
     User,
     UserPage,
     UserSessionPage,
+    message_backup_proto,
     role_type_number,
+    session_backup_proto,
     to_struct,
+    user_backup_proto,
 )
 
 Out = TypeVar("Out")
@@ -39,6 +45,7 @@ Out = TypeVar("Out")
 #: Which stub serves a call.
 USERS = "UserService"
 SESSIONS = "SessionService"
+BACKUP = "BackupService"
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,19 +492,56 @@ def search_memory(
     return Unary(SESSIONS, "SearchMemory", request, convert, idempotent=True)
 
 
-def export_sessions(chunk_size: int, page_token: str) -> Stream[Session]:
-    """ExportSessions."""
-    request = ss.ExportSessionsRequest(chunk_size=chunk_size, page_token=page_token)
+def export_sessions(
+    chunk_size: int, page_token: str, include_deleted: bool = False
+) -> Stream[Session]:
+    """ExportSessions (soft-deleted sessions too with include_deleted)."""
+    request = ss.ExportSessionsRequest(
+        chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
+    )
     return Stream(
         SESSIONS, "ExportSessions", request, lambda r: [Session.from_proto(s) for s in r.sessions]
     )
 
 
-def export_messages(chunk_size: int, page_token: str) -> Stream[ExportedMessage]:
-    """ExportMessages."""
-    request = ss.ExportMessagesRequest(chunk_size=chunk_size, page_token=page_token)
+def export_messages(
+    chunk_size: int, page_token: str, include_deleted: bool = False
+) -> Stream[ExportedMessage]:
+    """ExportMessages (soft-deleted messages too with include_deleted)."""
+    request = ss.ExportMessagesRequest(
+        chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
+    )
 
     def convert(r: ss.ExportMessagesResponse) -> list[ExportedMessage]:
         return [ExportedMessage(m.session_id, Message.from_proto(m.message)) for m in r.messages]
 
     return Stream(SESSIONS, "ExportMessages", request, convert)
+
+
+# -- backup --------------------------------------------------------------------
+
+
+def restore(
+    users: Sequence[User],
+    sessions: Sequence[Session],
+    messages: Sequence[ExportedMessage],
+    require_empty: bool,
+) -> Unary[Restored]:
+    """Restore: rows written back with their original values, all or none.
+
+    Idempotent: a row already stored as given counts as existing, so it is retried.
+    """
+    request = bs.RestoreRequest(
+        users=[user_backup_proto(u) for u in users],
+        sessions=[session_backup_proto(s) for s in sessions],
+        messages=[message_backup_proto(m) for m in messages],
+        require_empty=bool(require_empty),
+    )
+
+    def counts(c: bs.RestoreCounts) -> RestoreCounts:
+        return RestoreCounts(c.created, c.existing)
+
+    def convert(r: bs.RestoreResponse) -> Restored:
+        return Restored(counts(r.users), counts(r.sessions), counts(r.messages))
+
+    return Unary(BACKUP, "Restore", request, convert, idempotent=True)

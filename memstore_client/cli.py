@@ -25,10 +25,11 @@ from memstore_client import (
     NotFound,
     Session,
     User,
+    backup_cli,
 )
 
 #: The subcommands this module adds to `memstore`.
-COMMANDS = ("export", "import")
+COMMANDS = ("export", "import", *backup_cli.COMMANDS)
 KINDS = ("users", "sessions", "messages")
 #: AddMemory takes at most 1000 messages and 16 MiB; stay well under the bytes.
 _BATCH_MESSAGES = 1000
@@ -36,7 +37,7 @@ _BATCH_BYTES = 4 * 1024 * 1024
 
 
 def add_parsers(commands: Any) -> None:
-    """Adds `export` and `import` to the `memstore` subcommands."""
+    """Adds `export`, `import`, `backup` and `restore` to the `memstore` subcommands."""
     text = "stream users, sessions or messages out as JSON Lines (resumable)"
     export = commands.add_parser("export", help=text, description=text)
     export.add_argument("kind", choices=KINDS)
@@ -63,6 +64,7 @@ def add_parsers(commands: Any) -> None:
     for parser in (export, imp):
         _add_connection_arguments(parser)
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    backup_cli.add_parsers(commands, _add_connection_arguments)
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,9 +95,11 @@ def _tls(args: argparse.Namespace) -> TLS | bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs `export` or `import`; returns the exit status."""
+    """Runs `export`, `import`, `backup` or `restore`; returns the exit status."""
     with Memstore(args.address, args.api_key, tls=_tls(args), timeout=60) as client:
         try:
+            if args.command in backup_cli.COMMANDS:
+                return backup_cli.run(client, args, functools.partial(_progress, args))
             if args.command == "export":
                 return _export(client, args)
             return _import(client, args)

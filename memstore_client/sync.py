@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
+from memstore.v1 import backup_service_pb2_grpc, session_service_pb2_grpc, user_service_pb2_grpc
 
 from . import _calls as calls
 from ._calls import RetryPolicy, Stream, Unary, retry_delay
@@ -22,6 +22,7 @@ from .types import (
     Memory,
     Message,
     MessagePage,
+    Restored,
     SearchResults,
     Session,
     SessionPage,
@@ -59,12 +60,14 @@ class Memstore:
         self._stubs: dict[str, Any] = {
             calls.USERS: user_service_pb2_grpc.UserServiceStub(self._channel),
             calls.SESSIONS: session_service_pb2_grpc.SessionServiceStub(self._channel),
+            calls.BACKUP: backup_service_pb2_grpc.BackupServiceStub(self._channel),
         }
         self._metadata = calls.metadata(api_key)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self.user = UserClient(self)
         self.memory = MemoryClient(self)
+        self.backup = BackupClient(self)
 
     def close(self) -> None:
         """Closes the channel."""
@@ -371,13 +374,42 @@ class MemoryClient:
         )
 
     def export_sessions(
-        self, chunk_size: int = 100, page_token: str = ""
+        self, chunk_size: int = 100, page_token: str = "", *, include_deleted: bool = False
     ) -> Iterator[tuple[list[Session], str]]:
-        """Every live session in chunks, each with the token that resumes after it."""
-        return self._client._stream(calls.export_sessions(chunk_size, page_token))
+        """Every live session (every session with include_deleted) in chunks, each with the
+        token that resumes after it."""
+        op = calls.export_sessions(chunk_size, page_token, include_deleted)
+        return self._client._stream(op)
 
     def export_messages(
-        self, chunk_size: int = 100, page_token: str = ""
+        self, chunk_size: int = 100, page_token: str = "", *, include_deleted: bool = False
     ) -> Iterator[tuple[list[ExportedMessage], str]]:
-        """Every live message (with its session id) in chunks, each with its resume token."""
-        return self._client._stream(calls.export_messages(chunk_size, page_token))
+        """Every live message of a live session (every message, with its deleted_at, with
+        include_deleted) with its session id, in chunks, each with its resume token."""
+        op = calls.export_messages(chunk_size, page_token, include_deleted)
+        return self._client._stream(op)
+
+
+class BackupClient:
+    """client.backup: BackupService (restore; backups read with the export streams)."""
+
+    def __init__(self, client: Memstore) -> None:
+        self._client = client
+
+    def restore(
+        self,
+        users: Sequence[User] = (),
+        sessions: Sequence[Session] = (),
+        messages: Sequence[ExportedMessage] = (),
+        *,
+        require_empty: bool = False,
+    ) -> Restored:
+        """Writes rows back exactly as exported (ids, timestamps, uuids, sequences,
+        soft-delete state, metadata), all of them or none: at most 1000 in all.
+
+        A row already stored as given counts as existing, so a batch can be sent again.
+        `require_empty` refuses (FailedPrecondition) a project that holds any row. Raises
+        AlreadyExists when a row's key is stored with other values.
+        """
+        op = calls.restore(users, sessions, messages, require_empty)
+        return self._client._call(op)

@@ -150,6 +150,8 @@ class Message:
     sequence: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: Output only: set on a soft-deleted message (exported with include_deleted).
+    deleted_at: datetime | None = None
 
     @classmethod
     def from_proto(cls, p: resources_pb2.Message) -> Message:
@@ -163,6 +165,7 @@ class Message:
             sequence=p.sequence,
             created_at=to_datetime(p.created_at),
             updated_at=to_datetime(p.updated_at),
+            deleted_at=optional_datetime(p.deleted_at, p.HasField("deleted_at")),
         )
 
     def to_proto(self, field: str = "message") -> resources_pb2.Message:
@@ -268,8 +271,74 @@ class UserSessionPage:
 
 
 @dataclass(frozen=True, slots=True)
+class RestoreCounts:
+    """How many rows of one kind a restore wrote, and how many were already there as given."""
+
+    created: int
+    existing: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What one restore call did, by kind."""
+
+    users: RestoreCounts
+    sessions: RestoreCounts
+    messages: RestoreCounts
+
+
+@dataclass(frozen=True, slots=True)
 class ExportedMessage:
     """A message of the ExportMessages stream, with its session id."""
 
     session_id: str
     message: Message
+
+
+def set_time(target: timestamp_pb2.Timestamp, value: datetime | None, field: str) -> None:
+    """Sets a Timestamp from a timezone-aware datetime (left unset for None)."""
+    if value is None:
+        return
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise _checks.invalid(field, "must be a timezone-aware datetime")
+    target.FromDatetime(value)
+
+
+def user_backup_proto(user: User) -> resources_pb2.User:
+    """A User as Restore reads it: every field, timestamps as they were."""
+    p = resources_pb2.User(
+        user_id=user.user_id,
+        email=user.email,
+        first_name=user.first_name,
+        last_name=user.last_name,
+        metadata=to_struct(user.metadata),
+    )
+    set_time(p.created_at, user.created_at, "created_at")
+    set_time(p.updated_at, user.updated_at, "updated_at")
+    return p
+
+
+def session_backup_proto(session: Session) -> resources_pb2.Session:
+    """A Session as Restore reads it: deleted_at and last_message_at included."""
+    p = resources_pb2.Session(
+        session_id=session.session_id,
+        user_id=session.user_id or "",
+        metadata=to_struct(session.metadata),
+    )
+    set_time(p.created_at, session.created_at, "created_at")
+    set_time(p.updated_at, session.updated_at, "updated_at")
+    set_time(p.deleted_at, session.deleted_at, "deleted_at")
+    set_time(p.last_message_at, session.last_message_at, "last_message_at")
+    return p
+
+
+def message_backup_proto(row: ExportedMessage) -> session_service_pb2.ExportedMessage:
+    """An exported message as Restore reads it: uuid, sequence and timestamps included."""
+    m = row.message
+    p = session_service_pb2.ExportedMessage(session_id=row.session_id)
+    p.message.CopyFrom(m.to_proto())
+    p.message.sequence = m.sequence
+    set_time(p.message.created_at, m.created_at, "created_at")
+    set_time(p.message.updated_at, m.updated_at, "updated_at")
+    set_time(p.message.deleted_at, m.deleted_at, "deleted_at")
+    return p

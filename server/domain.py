@@ -69,6 +69,8 @@ class Message:
     metadata: JsonObject
     created_at: datetime
     updated_at: datetime
+    #: Set only on a soft-deleted message (read only by the export with include_deleted).
+    deleted_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,3 +213,20 @@ class SearchOutcome:
     unembedded: int = 0
     #: Why semantic ranking did not take part, when it did not; empty otherwise.
     note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreCounts:
+    """How many rows of one kind a restore wrote, and how many were already there as given."""
+
+    created: int = 0
+    existing: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What one restore call did, by kind."""
+
+    users: RestoreCounts
+    sessions: RestoreCounts
+    messages: RestoreCounts

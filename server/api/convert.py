@@ -121,5 +121,7 @@ def message_to_proto(
     p.sequence = message.sequence
     set_timestamp(p.created_at, message.created_at)
     set_timestamp(p.updated_at, message.updated_at)
+    if message.deleted_at is not None:
+        set_timestamp(p.deleted_at, message.deleted_at)
     set_struct(p.metadata, message.metadata)
     return p

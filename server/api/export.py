@@ -25,9 +25,12 @@ class ExportServicer(ServicerBase):
     ) -> AsyncIterator[pb.ExportSessionsResponse]:
         chunk_size = _chunk_size(request.chunk_size)
         project = self._project(context)
-        query = tokens.export_fingerprint("sessions", project)
+        everything = request.include_deleted
+        query = tokens.export_fingerprint("sessions", project, everything)
         async for chunk in chunking.chunks(
-            fetch=functools.partial(self._store.export_sessions, project),
+            fetch=functools.partial(
+                self._store.export_sessions, project, include_deleted=everything
+            ),
             key=_session_key,
             new_chunk=pb.ExportSessionsResponse,
             entries=_sessions,
@@ -44,9 +47,12 @@ class ExportServicer(ServicerBase):
     ) -> AsyncIterator[pb.ExportMessagesResponse]:
         chunk_size = _chunk_size(request.chunk_size)
         project = self._project(context)
-        query = tokens.export_fingerprint("messages", project)
+        everything = request.include_deleted
+        query = tokens.export_fingerprint("messages", project, everything)
         async for chunk in chunking.chunks(
-            fetch=functools.partial(self._store.export_messages, project),
+            fetch=functools.partial(
+                self._store.export_messages, project, include_deleted=everything
+            ),
             key=_message_key,
             new_chunk=pb.ExportMessagesResponse,
             entries=_messages,

@@ -58,9 +58,10 @@ def messages_fingerprint(project_id: int, session_id: str) -> bytes:
     return fingerprint("messages", project_id, session_id=session_id)
 
 
-def export_fingerprint(kind: str, project_id: int) -> bytes:
-    """ExportSessions or ExportMessages (`kind`) of one project."""
-    return fingerprint("export_" + kind, project_id)
+def export_fingerprint(kind: str, project_id: int, include_deleted: bool = False) -> bytes:
+    """ExportSessions or ExportMessages (`kind`) of one project; with include_deleted another
+    stream (the tokens of the live-only streams stay what they were)."""
+    return fingerprint("export_" + kind + ("_all" if include_deleted else ""), project_id)
 
 
 def _json_default(value: object) -> object:

@@ -17,7 +17,8 @@ from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memstore.v1 import session_service_pb2, user_service_pb2
+from memstore.v1 import backup_service_pb2, session_service_pb2, user_service_pb2
+from server.api.backup import BackupServicer
 from server.api.base import Context
 from server.api.sessions import SessionServicer
 from server.api.status import abort
@@ -170,6 +171,7 @@ async def _build(
             "SessionService",
             SessionServicer(store, tokens, Searcher(store, embedder)),
         ),
+        _register(server, backup_service_pb2, "BackupService", BackupServicer(store, tokens)),
     ]
     health = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

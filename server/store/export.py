@@ -15,9 +15,10 @@ class ExportMethods(StoreBase):
     """Reads for ExportSessions and ExportMessages, one short transaction per batch."""
 
     async def export_sessions(
-        self, project_id: int, after: TimeKey | None, limit: int
+        self, project_id: int, after: TimeKey | None, limit: int, *, include_deleted: bool = False
     ) -> Page[Session]:
-        """Live sessions ordered by (created_at, session_id) strictly after `after`.
+        """Live sessions (soft-deleted ones too with `include_deleted`) ordered by
+        (created_at, session_id) strictly after `after`.
 
         Raises:
             Unavailable: the database cannot be reached.
@@ -28,15 +29,22 @@ class ExportMethods(StoreBase):
             "after_ts": after_ts,
             "after_id": after_id,
             "limit": limit + 1,
+            "include_deleted": include_deleted,
         }
         async with self._connect() as conn:
             found = await fetch_all(conn, "export_sessions", params)
         return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
 
     async def export_messages(
-        self, project_id: int, after: MessageKey | None, limit: int
+        self,
+        project_id: int,
+        after: MessageKey | None,
+        limit: int,
+        *,
+        include_deleted: bool = False,
     ) -> Page[Message]:
-        """Live messages of live sessions by (session_id, sequence) strictly after `after`.
+        """Live messages of live sessions (every message with `include_deleted`, with its
+        deleted_at) by (session_id, sequence) strictly after `after`.
 
         Raises:
             Unavailable: the database cannot be reached.
@@ -47,6 +55,7 @@ class ExportMethods(StoreBase):
             "after_session": after_session,
             "after_sequence": after_sequence,
             "limit": limit + 1,
+            "include_deleted": include_deleted,
         }
         async with self._connect() as conn:
             found = await fetch_all(conn, "export_messages", params)

@@ -49,6 +49,7 @@ def message(row: Row, prefix: str = "") -> Message:
         metadata=row[prefix + "metadata"],
         created_at=row[prefix + "created_at"],
         updated_at=row[prefix + "updated_at"],
+        deleted_at=row.get(prefix + "deleted_at"),
     )
 
 

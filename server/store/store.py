@@ -13,6 +13,7 @@ from server.store.export import ExportMethods
 from server.store.health import Listener
 from server.store.messages import MessageMethods
 from server.store.projects import ProjectMethods
+from server.store.restore import RestoreMethods
 from server.store.search import SearchMethods
 from server.store.sessions import SessionMethods
 from server.store.users import UserMethods
@@ -31,15 +32,16 @@ class Store(
     SearchMethods,
     ProjectMethods,
     ExportMethods,
+    RestoreMethods,
     AdminMethods,
 ):
     """All reads and writes of memstore, over one connection pool.
 
     Each resource's methods come from its own module (users, sessions, messages, search,
-    projects, export, admin) and run the statements of the sql/*.sql file of the same name. Methods
-    on a project's rows take its id first. Every method raises only server.errors domain
-    errors (NotFound, AlreadyExists, FailedPrecondition, Unavailable, ...) and never lets
-    a psycopg exception escape: each runs inside `translated()`.
+    projects, export, restore, admin) and run the statements of the sql/*.sql file of the
+    same name. Methods on a project's rows take its id first. Every method raises only
+    server.errors domain errors (NotFound, AlreadyExists, FailedPrecondition, Unavailable,
+    ...) and never lets a psycopg exception escape: each runs inside `translated()`.
     """
 
     @classmethod

@@ -19,15 +19,19 @@ from typing import Any
 import grpc
 import pytest
 
+from memstore.v1 import backup_service_pb2 as bs
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
-from memstore_client import AsyncMemstore, Memstore, Message
-from memstore_client.aio import AsyncMemoryClient, AsyncUserClient
-from memstore_client.sync import MemoryClient, UserClient
+from memstore_client import AsyncMemstore, ExportedMessage, Memstore, Message, Session, User
+from memstore_client.aio import AsyncBackupClient, AsyncMemoryClient, AsyncUserClient
+from memstore_client.sync import BackupClient, MemoryClient, UserClient
 
 T = datetime(2024, 5, 1, tzinfo=UTC)
 UUID = "0b5e3c1a-9f8d-4c2e-b7a6-1d2e3f405162"
 META = {"a": 1}
+USER = User("u", "e", "f", "l", META, T, T, 0)
+SESSION = Session("s", "u", META, T, T, T, 0, T)
+MESSAGE = Message("c", "r", "user", META, UUID, 1, T, T, T)
 
 #: (client method, args, kwargs, the RPC it must send). Every argument is non-default, so
 #: each field it maps to is set in the request.
@@ -65,15 +69,17 @@ SURFACE: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("memory.update_message", ("s", UUID, META), {}, "UpdateMessage"),
     ("memory.update_message", ("s", UUID), {"clear_metadata": True}, "UpdateMessage"),
     ("memory.clear", ("s",), {}, "ClearMemory"),
-    ("memory.export_sessions", (5, "tok"), {}, "ExportSessions"),
-    ("memory.export_messages", (5, "tok"), {}, "ExportMessages"),
+    ("memory.export_sessions", (5, "tok"), {"include_deleted": True}, "ExportSessions"),
+    ("memory.export_messages", (5, "tok"), {"include_deleted": True}, "ExportMessages"),
+    ("backup.restore", ([USER], [SESSION], [ExportedMessage("s", MESSAGE)]),
+     {"require_empty": True}, "Restore"),
     ("memory.search", ("text",), {
         "user_id": "u", "session_ids": ["s"], "search_type": "full_text", "limit": 3,
         "mmr_lambda": 0.5, "role_types": ["user"], "metadata": META,
         "created_after": T, "created_before": T}, "SearchMemory"),
 ]  # fmt: skip
 
-_MODULES: tuple[ModuleType, ...] = (us, ss)
+_MODULES: tuple[ModuleType, ...] = (us, ss, bs)
 
 
 def _every_field() -> set[tuple[str, str]]:
@@ -197,7 +203,12 @@ def _public(obj: Any) -> dict[str, list[tuple[str, Any, Any]]]:
 
 
 @pytest.mark.parametrize(
-    ("sync", "aio"), [(UserClient, AsyncUserClient), (MemoryClient, AsyncMemoryClient)]
+    ("sync", "aio"),
+    [
+        (UserClient, AsyncUserClient),
+        (MemoryClient, AsyncMemoryClient),
+        (BackupClient, AsyncBackupClient),
+    ],
 )
 def test_sync_and_async_clients_have_the_same_methods_and_parameters(sync, aio) -> None:
     assert _public(sync) == _public(aio)

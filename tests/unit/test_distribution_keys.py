@@ -38,6 +38,13 @@ MULTI_SHARD = {
     ("list_sessions", "sessions"): "a project-wide listing: scatter, then merge by the order",
     ("count_sessions", "sessions"): "total_size of a project-wide listing",
     ("count_users", "users"): "total_size of ListUsers, a project-wide listing",
+    ("project_rows", "users"): "Restore's require_empty: whether the project holds a user",
+    ("project_rows", "sessions"): "Restore's require_empty: whether it holds a session",
+    ("restore_users_existing", "users"): "Restore: the batch's users already stored, "
+    "looked up by a list of ids (a batch spans shards)",
+    ("restore_sessions_existing", "sessions"): "Restore: as restore_users_existing",
+    ("restore_messages_existing", "messages"): "Restore: as restore_users_existing",
+    ("restore_messages", "sessions"): "Restore: the counts of the sessions of a batch",
     ("purge_messages", "messages"): "the purge sweeps soft-deleted rows of every shard",
     ("purge_sessions", "sessions"): "the purge sweeps soft-deleted rows of every shard",
     ("purge_sessions", "messages"): "with the messages of the purged sessions",

@@ -212,6 +212,7 @@ class Message(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    DELETED_AT_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
     """Id of the message, unique within its session: a UUID, returned in
     canonical form (lowercase hex with dashes). Optional on input to
@@ -249,6 +250,13 @@ class Message(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the message's metadata was last changed."""
 
+    @_builtins.property
+    def deleted_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the message was soft-deleted (by DeleteSession or
+        ClearMemory); set only on a soft-deleted message, which only
+        ExportMessages with include_deleted returns.
+        """
+
     def __init__(
         self,
         *,
@@ -260,10 +268,11 @@ class Message(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         sequence: _builtins.int = ...,
+        deleted_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "metadata", b"metadata", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "metadata", b"metadata", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "metadata", b"metadata", "role", b"role", "role_type", b"role_type", "sequence", b"sequence", "updated_at", b"updated_at", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "deleted_at", b"deleted_at", "metadata", b"metadata", "role", b"role", "role_type", b"role_type", "sequence", b"sequence", "updated_at", b"updated_at", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -863,6 +863,7 @@ class ExportSessionsRequest(_message.Message):
 
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_DELETED_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
     """Optional. Maximum number of sessions per chunk: 0 means the default (100),
     values above 1000 are treated as 1000, negative values are
@@ -872,17 +873,23 @@ class ExportSessionsRequest(_message.Message):
     page_token: _builtins.str
     """Optional. Resume after the chunk that carried this token (the
     next_page_token of an ExportSessions chunk); empty to start from the
-    first session.
+    first session. A token resumes only a stream with the same
+    include_deleted.
+    """
+    include_deleted: _builtins.bool
+    """Optional. Also export soft-deleted sessions (with their deleted_at), as
+    a full backup needs (memstore backup).
     """
     def __init__(
         self,
         *,
         chunk_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "include_deleted", b"include_deleted", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -900,7 +907,9 @@ class ExportSessionsResponse(_message.Message):
     """Token that resumes the export after this chunk; empty on the last chunk."""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Session]:
-        """The live sessions of this chunk, oldest first; never empty."""
+        """The sessions of this chunk, oldest first; never empty. Live ones only,
+        unless the request has include_deleted.
+        """
 
     def __init__(
         self,
@@ -924,6 +933,7 @@ class ExportMessagesRequest(_message.Message):
 
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_DELETED_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
     """Optional. Maximum number of messages per chunk: 0 means the default
     (100), values above 1000 are treated as 1000, negative values are
@@ -933,17 +943,24 @@ class ExportMessagesRequest(_message.Message):
     page_token: _builtins.str
     """Optional. Resume after the chunk that carried this token (the
     next_page_token of an ExportMessages chunk); empty to start from the
-    first message.
+    first message. A token resumes only a stream with the same
+    include_deleted.
+    """
+    include_deleted: _builtins.bool
+    """Optional. Also export soft-deleted messages and the messages of
+    soft-deleted sessions (each with its deleted_at when it has one), as a
+    full backup needs (memstore backup).
     """
     def __init__(
         self,
         *,
         chunk_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "include_deleted", b"include_deleted", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -989,8 +1006,9 @@ class ExportMessagesResponse(_message.Message):
     """Token that resumes the export after this chunk; empty on the last chunk."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedMessage]:
-        """The live messages of this chunk, by session_id and then sequence; never
-        empty.
+        """The messages of this chunk, by session_id and then sequence; never
+        empty. Live messages of live sessions only, unless the request has
+        include_deleted.
         """
 
     def __init__(

@@ -407,8 +407,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportSessions(self, request, context):
-        """Streams every live session, oldest first (created_at, then session_id),
-        in chunks, for bulk export. Each chunk carries a token from which an
+        """Streams every live session (with include_deleted, every session), oldest
+        first (created_at, then session_id), in chunks, for bulk export. Each chunk carries a token from which an
         interrupted export resumes with no session skipped or repeated. The server
         reads in short keyset batches, so a slow consumer pins no database
         connection and server memory holds about one chunk.
@@ -427,8 +427,9 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportMessages(self, request, context):
-        """Streams every live message of every live session, ordered by session_id
-        and then sequence, in chunks, for bulk export. Resumable and flat in
+        """Streams every live message of every live session (with include_deleted,
+        every message), ordered by session_id and then sequence, in chunks, for
+        bulk export. Resumable and flat in
         memory as ExportSessions.
 
         Errors: as for ExportSessions.

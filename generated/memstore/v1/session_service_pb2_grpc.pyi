@@ -234,8 +234,8 @@ class SessionServiceStub:
       - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
     """
     ExportSessions: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]
-    """Streams every live session, oldest first (created_at, then session_id),
-    in chunks, for bulk export. Each chunk carries a token from which an
+    """Streams every live session (with include_deleted, every session), oldest
+    first (created_at, then session_id), in chunks, for bulk export. Each chunk carries a token from which an
     interrupted export resumes with no session skipped or repeated. The server
     reads in short keyset batches, so a slow consumer pins no database
     connection and server memory holds about one chunk.
@@ -250,8 +250,9 @@ class SessionServiceStub:
         ends the stream; resume from the last next_page_token received.
     """
     ExportMessages: _grpc.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]
-    """Streams every live message of every live session, ordered by session_id
-    and then sequence, in chunks, for bulk export. Resumable and flat in
+    """Streams every live message of every live session (with include_deleted,
+    every message), ordered by session_id and then sequence, in chunks, for
+    bulk export. Resumable and flat in
     memory as ExportSessions.
 
     Errors: as for ExportSessions.
@@ -486,8 +487,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
       - NOT_FOUND (SESSION_DELETED): the session is soft-deleted.
     """
     ExportSessions: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportSessionsRequest, _session_service_pb2.ExportSessionsResponse]  # type: ignore[assignment]
-    """Streams every live session, oldest first (created_at, then session_id),
-    in chunks, for bulk export. Each chunk carries a token from which an
+    """Streams every live session (with include_deleted, every session), oldest
+    first (created_at, then session_id), in chunks, for bulk export. Each chunk carries a token from which an
     interrupted export resumes with no session skipped or repeated. The server
     reads in short keyset batches, so a slow consumer pins no database
     connection and server memory holds about one chunk.
@@ -502,8 +503,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
         ends the stream; resume from the last next_page_token received.
     """
     ExportMessages: _aio.UnaryStreamMultiCallable[_session_service_pb2.ExportMessagesRequest, _session_service_pb2.ExportMessagesResponse]  # type: ignore[assignment]
-    """Streams every live message of every live session, ordered by session_id
-    and then sequence, in chunks, for bulk export. Resumable and flat in
+    """Streams every live message of every live session (with include_deleted,
+    every message), ordered by session_id and then sequence, in chunks, for
+    bulk export. Resumable and flat in
     memory as ExportSessions.
 
     Errors: as for ExportSessions.
@@ -813,8 +815,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.ExportSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExportSessionsResponse], _abc.AsyncIterator[_session_service_pb2.ExportSessionsResponse]]:
-        """Streams every live session, oldest first (created_at, then session_id),
-        in chunks, for bulk export. Each chunk carries a token from which an
+        """Streams every live session (with include_deleted, every session), oldest
+        first (created_at, then session_id), in chunks, for bulk export. Each chunk carries a token from which an
         interrupted export resumes with no session skipped or repeated. The server
         reads in short keyset batches, so a slow consumer pins no database
         connection and server memory holds about one chunk.
@@ -835,8 +837,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.ExportMessagesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExportMessagesResponse], _abc.AsyncIterator[_session_service_pb2.ExportMessagesResponse]]:
-        """Streams every live message of every live session, ordered by session_id
-        and then sequence, in chunks, for bulk export. Resumable and flat in
+        """Streams every live message of every live session (with include_deleted,
+        every message), ordered by session_id and then sequence, in chunks, for
+        bulk export. Resumable and flat in
         memory as ExportSessions.
 
         Errors: as for ExportSessions.

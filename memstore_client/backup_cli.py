@@ -1,0 +1,270 @@
+"""`memstore backup` and `memstore restore`: a whole project, exactly, through the client only.
+
+A backup is one JSON Lines file: a header, then every user, every session (soft-deleted ones
+too) and every message (uuids, sequences, timestamps and soft-delete state), each chunk
+followed by a checkpoint line holding the token that resumes its stream, then an end line
+with the counts. `backup --resume` goes on from the file's last checkpoint; `restore` writes
+the rows back with BackupService.Restore, in batches that are each all-or-nothing, into a
+project that must be empty (`--resume` goes on after an interrupted restore: rows already
+restored count as existing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import InvalidArgument, MemstoreError
+from .sync import Memstore
+from .types import ExportedMessage, Message, Session, User
+
+COMMANDS = ("backup", "restore")
+#: The format of the file; restore refuses another.
+FORMAT = 1
+#: Stream of each kind, in the order a backup holds (and a restore needs) them.
+STREAMS = ("users", "sessions", "messages")
+_KIND_OF = {"users": "user", "sessions": "session", "messages": "message"}
+#: Restore takes at most 1000 rows per call; stay well under the 16 MiB request limit.
+_BATCH_ROWS = 1000
+_BATCH_BYTES = 4 * 1024 * 1024
+
+
+def add_parsers(commands: Any, connection: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Adds `backup` and `restore` to the `memstore` subcommands."""
+    text = (
+        "write every user, session and message of the project (soft-deleted ones, uuids, "
+        "sequences and timestamps included) to one JSON Lines file, resumably"
+    )
+    backup = commands.add_parser("backup", help=text, description=text)
+    backup.add_argument("-o", "--output", type=Path, required=True, help="the backup file")
+    backup.add_argument("--chunk-size", type=int, default=500)
+    backup.add_argument(
+        "--resume", action="store_true", help="go on from the last checkpoint of --output"
+    )
+    text = "write a backup back, exactly, into a project that holds no users or sessions"
+    restore = commands.add_parser("restore", help=text, description=text)
+    restore.add_argument("-i", "--input", type=Path, required=True, help="the backup file")
+    restore.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on after an interrupted restore (the project then holds its first rows)",
+    )
+    for parser in (backup, restore):
+        connection(parser)
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(client: Memstore, args: argparse.Namespace, progress: Callable[[str], Any]) -> int:
+    """Runs `backup` or `restore`; returns the exit status."""
+    if args.command == "backup":
+        return _backup(client, args, progress)
+    return _restore(client, args, progress)
+
+
+# -- backup --------------------------------------------------------------------
+
+
+def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str], Any]) -> int:
+    resuming = args.resume and args.output.exists() and args.output.stat().st_size > 0
+    start, counts = _resume_point(args.output) if resuming else (("users", ""), _zero())
+    if start is None:
+        print(f"memstore backup: {args.output} is complete already", file=sys.stderr)
+        return 0
+    if not resuming and args.output.exists() and args.output.stat().st_size:
+        print(
+            f"memstore backup: {args.output} exists; remove it, or go on with --resume",
+            file=sys.stderr,
+        )
+        return 1
+    streams: dict[str, Callable[[str], Iterator[tuple[list[Any], str]]]] = {
+        "users": lambda token: client.user.export(args.chunk_size, token),
+        "sessions": lambda token: client.memory.export_sessions(
+            args.chunk_size, token, include_deleted=True
+        ),
+        "messages": lambda token: client.memory.export_messages(
+            args.chunk_size, token, include_deleted=True
+        ),
+    }
+    first, token = start
+    try:
+        with ExitStack() as stack:
+            out = stack.enter_context(args.output.open("a", encoding="utf-8"))
+            if not resuming:
+                _write(out, {"memstore_backup": FORMAT})
+            bar = stack.enter_context(progress("backing up"))
+            bar.update(sum(counts.values()))
+            for stream in STREAMS[STREAMS.index(first) :]:
+                for rows, next_token in streams[stream](token):
+                    for row in rows:
+                        _write(out, {"kind": _KIND_OF[stream], **_plain(row)})
+                    counts[stream] += len(rows)
+                    bar.update(len(rows))
+                    # Written after its rows: resuming never repeats or skips one.
+                    _write(out, {"kind": "checkpoint", "stream": stream, "page_token": next_token})
+                    out.flush()
+                token = ""
+            _write(out, {"kind": "end", **counts})
+    except (MemstoreError, KeyboardInterrupt):
+        print(
+            f"backup interrupted; resume with: memstore backup -o {args.output} --resume",
+            file=sys.stderr,
+        )
+        raise
+    print(json.dumps({"backup": str(args.output), **counts}), file=sys.stderr)
+    return 0
+
+
+def _zero() -> dict[str, int]:
+    return dict.fromkeys(STREAMS, 0)
+
+
+def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
+    """Where an interrupted backup goes on, (stream, token), or None when it is complete; and
+    the rows it holds. Rows after the last checkpoint (a chunk cut short) are cut off."""
+    keep, point = 0, ("users", "")
+    with path.open("rb") as source:
+        offset = 0
+        for raw in source:
+            offset += len(raw)
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                break  # a line cut short by the interruption
+            if row.get("kind") == "end":
+                return None, _zero()
+            if row.get("kind") == "checkpoint":
+                stream, token = row["stream"], row["page_token"]
+                following = STREAMS.index(stream) + 1
+                done = not token and following < len(STREAMS)
+                point = (STREAMS[following], "") if done else (stream, token)
+                keep = offset
+            elif "memstore_backup" in row:
+                keep = offset
+    with path.open("r+b") as file:
+        file.truncate(keep)
+    return point, _count_rows(path)
+
+
+def _count_rows(path: Path) -> dict[str, int]:
+    counts = _zero()
+    with path.open(encoding="utf-8") as source:
+        for line in source:
+            kind = json.loads(line).get("kind")
+            if kind in ("user", "session", "message"):
+                counts[f"{kind}s"] += 1
+    return counts
+
+
+def _write(out: IO[str], row: dict[str, Any]) -> None:
+    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _plain(row: User | Session | ExportedMessage) -> dict[str, Any]:
+    if isinstance(row, ExportedMessage):
+        return {"session_id": row.session_id, **_fields(row.message)}
+    return _fields(row)
+
+
+def _fields(row: Any) -> dict[str, Any]:
+    names = row.__dataclass_fields__
+    values = ((name, getattr(row, name)) for name in names)
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in values}
+
+
+# -- restore -------------------------------------------------------------------
+
+
+def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str], Any]) -> int:
+    total = _check_backup(args.input)
+    done = {kind: {"created": 0, "existing": 0} for kind in STREAMS}
+    require_empty = not args.resume
+    try:
+        with ExitStack() as stack:
+            source = stack.enter_context(args.input.open(encoding="utf-8"))
+            bar = stack.enter_context(progress("restoring"))
+            bar.total = total
+            for kind, batch in _batches(source):
+                rows = {kind: batch}
+                result = client.backup.restore(
+                    rows.get("users", []),
+                    rows.get("sessions", []),
+                    rows.get("messages", []),
+                    require_empty=require_empty,
+                )
+                require_empty = False
+                counts = getattr(result, kind)
+                done[kind]["created"] += counts.created
+                done[kind]["existing"] += counts.existing
+                bar.update(len(batch))
+    except (MemstoreError, KeyboardInterrupt) as exc:
+        if getattr(exc, "reason", "") != "PROJECT_NOT_EMPTY":
+            print(
+                f"restore interrupted; nothing of the failed batch was written; resume with: "
+                f"memstore restore -i {args.input} --resume",
+                file=sys.stderr,
+            )
+        raise
+    print(json.dumps({"restored": str(args.input), **done}), file=sys.stderr)
+    return 0
+
+
+def _check_backup(path: Path) -> int:
+    """The number of rows of a complete backup file.
+
+    Raises:
+        InvalidArgument: the file is no memstore backup, or an interrupted one.
+    """
+    with path.open(encoding="utf-8") as source:
+        first = json.loads(source.readline() or "{}")
+        last: dict[str, Any] = {}
+        for line in source:
+            last = json.loads(line)
+    if first.get("memstore_backup") != FORMAT:
+        raise InvalidArgument(f"{path} is not a memstore backup (format {FORMAT})")
+    if last.get("kind") != "end":
+        raise InvalidArgument(
+            f"{path} is an interrupted backup; finish it first: memstore backup -o {path} --resume"
+        )
+    return sum(int(last[kind]) for kind in STREAMS)
+
+
+def _batches(source: IO[str]) -> Iterator[tuple[str, list[Any]]]:
+    kind, batch, size = "", list[Any](), 0
+    for line in source:
+        row = json.loads(line)
+        stream = {"user": "users", "session": "sessions", "message": "messages"}.get(
+            row.pop("kind", "")
+        )
+        if stream is None:
+            continue  # the header, checkpoints, the end line
+        if batch and (stream != kind or len(batch) >= _BATCH_ROWS or size > _BATCH_BYTES):
+            yield kind, batch
+            batch, size = [], 0
+        kind = stream
+        batch.append(_from_row(stream, row))
+        size += len(line)
+    if batch:
+        yield kind, batch
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _from_row(stream: str, row: dict[str, Any]) -> Any:
+    fields: dict[str, Any] = dict(row)
+    for name in ("created_at", "updated_at", "deleted_at", "last_message_at"):
+        if name in fields:
+            fields[name] = _time(fields[name])
+    if stream == "users":
+        return User(**fields)
+    if stream == "sessions":
+        return Session(**fields)
+    session_id = fields.pop("session_id")
+    return ExportedMessage(session_id, Message(**fields))

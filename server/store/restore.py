@@ -1,0 +1,157 @@
+"""The restore method of the Store: rows written back exactly as a backup holds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+
+from server.domain import Message, RestoreCounts, Restored, Session, User
+from server.errors import AlreadyExists, FailedPrecondition, MemstoreError
+from server.store.base import StoreBase
+from server.store.db import Params, fetch_all, fetch_one
+from server.store.queries import query
+
+#: Conflicting rows named in one error; the rest are counted.
+_NAMED_CONFLICTS = 5
+
+
+class RestoreMethods(StoreBase):
+    """Writes users, sessions and messages with their original values (memstore restore)."""
+
+    async def restore(
+        self,
+        project_id: int,
+        users: list[User],
+        sessions: list[Session],
+        messages: list[Message],
+        *,
+        require_empty: bool = False,
+    ) -> Restored:
+        """Writes the rows in one transaction: all of them, or none.
+
+        A row whose key is stored with exactly these values counts as existing; derived
+        values (message_count, the next sequence, session_count) follow from the rows.
+
+        Raises:
+            FailedPrecondition: require_empty and the project holds rows (PROJECT_NOT_EMPTY);
+                a session names an absent user (USER_NOT_FOUND), a message an absent session
+                (SESSION_NOT_FOUND).
+            AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT).
+        """
+        async with self._connect(foreign_key=_missing_parent) as conn:
+            if require_empty:
+                row = await fetch_one(conn, "project_rows", {"project_id": project_id})
+                if row and row["taken"]:
+                    raise FailedPrecondition(
+                        "the project is not empty: a restore goes into a project without "
+                        "users or sessions (resume an interrupted one with --resume)",
+                        reason="PROJECT_NOT_EMPTY",
+                    )
+            done = []
+            for kind, existing, insert, params in (
+                ("users", "restore_users_existing", "restore_users", _user_params(users)),
+                (
+                    "sessions",
+                    "restore_sessions_existing",
+                    "restore_sessions",
+                    _session_params(sessions),
+                ),
+                (
+                    "messages",
+                    "restore_messages_existing",
+                    "restore_messages",
+                    {**_message_params(messages), "embed": self.vectors},
+                ),
+            ):
+                params["project_id"] = project_id
+                done.append(await _restore_kind(conn, kind, existing, insert, params))
+        return Restored(*done)
+
+
+async def _restore_kind(
+    conn: AsyncConnection[Any], kind: str, existing: str, insert: str, params: Params
+) -> RestoreCounts:
+    # `existing` finds the rows already stored, with the fields that differ; `insert` writes
+    # the others (restore_messages answers its count, the plain inserts their rowcount).
+    if not params["session_ids" if kind != "users" else "user_ids"]:
+        return RestoreCounts()
+    found = await fetch_all(conn, existing, params)
+    conflicts = [r for r in found if r["differs"]]
+    if conflicts:
+        raise _conflict(kind, conflicts)
+    if kind == "messages":
+        row = await fetch_one(conn, insert, params)
+        created = int(row["created"]) if row else 0
+    else:
+        cur = await conn.execute(query(insert), params)
+        created = cur.rowcount
+    return RestoreCounts(created=created, existing=len(found))
+
+
+def _conflict(kind: str, rows: list[dict[str, Any]]) -> AlreadyExists:
+    named = "; ".join(
+        f"{kind}[{int(r['ord']) - 1}] ({r['id']}) exists with another {', '.join(r['differs'])}"
+        for r in rows[:_NAMED_CONFLICTS]
+    )
+    more = f" (and {len(rows) - _NAMED_CONFLICTS} more)" if len(rows) > _NAMED_CONFLICTS else ""
+    return AlreadyExists(
+        f"{named}{more}; nothing of this request was written", reason="RESTORE_CONFLICT"
+    )
+
+
+def _missing_parent(exc: psycopg.Error) -> MemstoreError:
+    # The messages insert names sessions, the sessions insert names users.
+    detail = getattr(exc.diag, "message_detail", None) or ""
+    if getattr(exc.diag, "table_name", None) == "messages":
+        return FailedPrecondition(
+            f"a message's session does not exist, nor is it in the request ({detail}); "
+            "restore sessions before their messages",
+            reason="SESSION_NOT_FOUND",
+        )
+    return FailedPrecondition(
+        f"a session's user does not exist, nor is it in the request ({detail}); restore "
+        "users before their sessions",
+        reason="USER_NOT_FOUND",
+    )
+
+
+def _user_params(users: list[User]) -> dict[str, Any]:
+    return {
+        "user_ids": [u.user_id for u in users],
+        "emails": [u.email for u in users],
+        "first_names": [u.first_name for u in users],
+        "last_names": [u.last_name for u in users],
+        "metadatas": [Jsonb(u.metadata) for u in users],
+        "created": [u.created_at for u in users],
+        "updated": [u.updated_at for u in users],
+    }
+
+
+def _session_params(sessions: list[Session]) -> dict[str, Any]:
+    return {
+        "session_ids": [s.session_id for s in sessions],
+        "user_ids": [s.user_id for s in sessions],
+        "metadatas": [Jsonb(s.metadata) for s in sessions],
+        "created": [s.created_at for s in sessions],
+        "updated": [s.updated_at for s in sessions],
+        "deleted": [s.deleted_at for s in sessions],
+        "last_message": [s.last_message_at for s in sessions],
+    }
+
+
+def _message_params(messages: list[Message]) -> dict[str, Any]:
+    return {
+        "session_ids": [m.session_id for m in messages],
+        "sequences": [m.sequence for m in messages],
+        "uuids": [m.uuid for m in messages],
+        "roles": [m.role for m in messages],
+        "role_types": [m.role_type for m in messages],
+        "contents": [m.content for m in messages],
+        "metadatas": [Jsonb(m.metadata) for m in messages],
+        "created": [m.created_at for m in messages],
+        "updated": [m.updated_at for m in messages],
+        "deleted": [m.deleted_at for m in messages],
+    }

@@ -1,0 +1,140 @@
+-- Restore (memstore restore): rows written back with their original values, in the caller's
+-- transaction, users before sessions before messages. Each kind has a statement that finds
+-- the request's rows already stored, with the names of the fields that differ, and one that
+-- inserts the others.
+
+-- project_rows --
+-- Whether the project holds any user or session (live or soft-deleted).
+SELECT EXISTS (SELECT FROM users u WHERE u.project_id = %(project_id)s)
+       OR EXISTS (SELECT FROM sessions s WHERE s.project_id = %(project_id)s) AS taken;
+
+-- restore_users_existing --
+-- The request's users already stored (by user_id), each with the fields that differ.
+WITH t AS (
+    SELECT * FROM unnest(%(user_ids)s::text[], %(emails)s::text[], %(first_names)s::text[],
+                         %(last_names)s::text[], %(metadatas)s::jsonb[],
+                         %(created)s::timestamptz[], %(updated)s::timestamptz[])
+                  WITH ORDINALITY
+                  AS t(user_id, email, first_name, last_name, metadata, created_at,
+                       updated_at, ord)
+)
+SELECT t.ord, t.user_id AS id, array_remove(ARRAY[
+           CASE WHEN u.email IS DISTINCT FROM t.email THEN 'email' END,
+           CASE WHEN u.first_name IS DISTINCT FROM t.first_name THEN 'first_name' END,
+           CASE WHEN u.last_name IS DISTINCT FROM t.last_name THEN 'last_name' END,
+           CASE WHEN u.metadata IS DISTINCT FROM t.metadata THEN 'metadata' END,
+           CASE WHEN u.created_at IS DISTINCT FROM t.created_at THEN 'created_at' END,
+           CASE WHEN u.updated_at IS DISTINCT FROM t.updated_at THEN 'updated_at' END
+       ], NULL) AS differs
+FROM t JOIN users u ON u.project_id = %(project_id)s AND u.user_id = t.user_id
+ORDER BY t.ord;
+
+-- restore_users --
+-- Inserts the request's users that are not stored yet, timestamps as given.
+INSERT INTO users (project_id, user_id, email, first_name, last_name, metadata, created_at,
+                   updated_at)
+SELECT %(project_id)s, t.user_id, t.email, t.first_name, t.last_name, t.metadata,
+       t.created_at, t.updated_at
+FROM unnest(%(user_ids)s::text[], %(emails)s::text[], %(first_names)s::text[],
+            %(last_names)s::text[], %(metadatas)s::jsonb[], %(created)s::timestamptz[],
+            %(updated)s::timestamptz[])
+     AS t(user_id, email, first_name, last_name, metadata, created_at, updated_at)
+ON CONFLICT (project_id, user_id) DO NOTHING;
+
+-- restore_sessions_existing --
+-- The request's sessions already stored (by session_id), each with the fields that differ.
+WITH t AS (
+    SELECT * FROM unnest(%(session_ids)s::text[], %(user_ids)s::text[], %(metadatas)s::jsonb[],
+                         %(created)s::timestamptz[], %(updated)s::timestamptz[],
+                         %(deleted)s::timestamptz[], %(last_message)s::timestamptz[])
+                  WITH ORDINALITY
+                  AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at,
+                       last_message_at, ord)
+)
+SELECT t.ord, t.session_id AS id, array_remove(ARRAY[
+           CASE WHEN s.user_id IS DISTINCT FROM t.user_id THEN 'user_id' END,
+           CASE WHEN s.metadata IS DISTINCT FROM t.metadata THEN 'metadata' END,
+           CASE WHEN s.created_at IS DISTINCT FROM t.created_at THEN 'created_at' END,
+           CASE WHEN s.updated_at IS DISTINCT FROM t.updated_at THEN 'updated_at' END,
+           CASE WHEN s.deleted_at IS DISTINCT FROM t.deleted_at THEN 'deleted_at' END,
+           CASE WHEN s.last_message_at IS DISTINCT FROM t.last_message_at
+                THEN 'last_message_at' END
+       ], NULL) AS differs
+FROM t JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = t.session_id
+ORDER BY t.ord;
+
+-- restore_sessions --
+-- Inserts the request's sessions that are not stored yet; message_count and next_sequence
+-- start empty and grow as restore_messages adds their messages.
+INSERT INTO sessions (project_id, session_id, user_id, metadata, created_at, updated_at,
+                      deleted_at, last_message_at)
+SELECT %(project_id)s, t.session_id, t.user_id, t.metadata, t.created_at, t.updated_at,
+       t.deleted_at, t.last_message_at
+FROM unnest(%(session_ids)s::text[], %(user_ids)s::text[], %(metadatas)s::jsonb[],
+            %(created)s::timestamptz[], %(updated)s::timestamptz[], %(deleted)s::timestamptz[],
+            %(last_message)s::timestamptz[])
+     AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at, last_message_at)
+ON CONFLICT (project_id, session_id) DO NOTHING;
+
+-- restore_messages_existing --
+-- The request's messages whose (session_id, sequence) or (session_id, uuid) is stored, each
+-- with the fields that differ.
+WITH t AS (
+    SELECT * FROM unnest(%(session_ids)s::text[], %(sequences)s::bigint[], %(uuids)s::uuid[],
+                         %(roles)s::text[], %(role_types)s::text[], %(contents)s::text[],
+                         %(metadatas)s::jsonb[], %(created)s::timestamptz[],
+                         %(updated)s::timestamptz[], %(deleted)s::timestamptz[])
+                  WITH ORDINALITY
+                  AS t(session_id, sequence, uuid, role, role_type, content, metadata,
+                       created_at, updated_at, deleted_at, ord)
+)
+SELECT t.ord, t.session_id || ' #' || t.sequence AS id, array_remove(ARRAY[
+           CASE WHEN m.sequence IS DISTINCT FROM t.sequence THEN 'sequence' END,
+           CASE WHEN m.uuid IS DISTINCT FROM t.uuid THEN 'uuid' END,
+           CASE WHEN m.role IS DISTINCT FROM t.role THEN 'role' END,
+           CASE WHEN m.role_type IS DISTINCT FROM t.role_type THEN 'role_type' END,
+           CASE WHEN m.content IS DISTINCT FROM t.content THEN 'content' END,
+           CASE WHEN m.metadata IS DISTINCT FROM t.metadata THEN 'metadata' END,
+           CASE WHEN m.created_at IS DISTINCT FROM t.created_at THEN 'created_at' END,
+           CASE WHEN m.updated_at IS DISTINCT FROM t.updated_at THEN 'updated_at' END,
+           CASE WHEN m.deleted_at IS DISTINCT FROM t.deleted_at THEN 'deleted_at' END
+       ], NULL) AS differs
+FROM t JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = t.session_id
+                      AND (m.sequence = t.sequence OR m.uuid = t.uuid)
+ORDER BY t.ord;
+
+-- restore_messages --
+-- Inserts the request's messages that are not stored yet, then counts the live ones into
+-- their sessions and moves each session's next sequence past them (its updated_at stays as
+-- restored), and queues the live messages of live sessions for embedding. Answers how many
+-- messages it inserted.
+WITH ins AS (
+    INSERT INTO messages AS m (project_id, session_id, sequence, uuid, role, role_type,
+                               content, metadata, created_at, updated_at, deleted_at)
+    SELECT %(project_id)s, t.session_id, t.sequence, t.uuid, t.role, t.role_type, t.content,
+           t.metadata, t.created_at, t.updated_at, t.deleted_at
+    FROM unnest(%(session_ids)s::text[], %(sequences)s::bigint[], %(uuids)s::uuid[],
+                %(roles)s::text[], %(role_types)s::text[], %(contents)s::text[],
+                %(metadatas)s::jsonb[], %(created)s::timestamptz[], %(updated)s::timestamptz[],
+                %(deleted)s::timestamptz[])
+         AS t(session_id, sequence, uuid, role, role_type, content, metadata, created_at,
+              updated_at, deleted_at)
+    ON CONFLICT DO NOTHING
+    RETURNING m.session_id, m.sequence, m.deleted_at
+), per_session AS (
+    SELECT ins.session_id, count(*) FILTER (WHERE ins.deleted_at IS NULL) AS live,
+           max(ins.sequence) AS top
+    FROM ins GROUP BY ins.session_id
+), counted AS (
+    UPDATE sessions AS s SET message_count = s.message_count + p.live,
+                             next_sequence = greatest(s.next_sequence, p.top + 1)
+    FROM per_session p
+    WHERE s.project_id = %(project_id)s AND s.session_id = p.session_id
+    RETURNING s.session_id, s.deleted_at
+), due AS (
+    INSERT INTO embedding_queue (project_id, session_id, sequence)
+    SELECT %(project_id)s, ins.session_id, ins.sequence
+    FROM ins JOIN counted ON counted.session_id = ins.session_id
+    WHERE %(embed)s AND ins.deleted_at IS NULL AND counted.deleted_at IS NULL
+)
+SELECT count(*) AS created FROM ins;
