@@ -29,6 +29,7 @@ $(VENV)/sdks/%/.stamp: tests/rest/sdks/%.txt
 sdks: $(SDK_STAMPS)
 
 ## Serve on port 50051 (an embedded PostgreSQL under .data/ unless DATABASE_URL is set).
+## Every flag has its variable: MEMSTORE_METRICS_PORT=9464 make run serves /metrics too.
 run: $(STAMP)
 	$(BIN)/memstore serve
 

@@ -278,9 +278,6 @@ class _Call:
         # process (seen in finish() after a cancelled stream).
         self._peer = str(context.peer())
         self._start = time.perf_counter()
-        # Read now: once a stream's client is gone, peer() on its finished call crashed the
-        # process (SIGSEGV in grpc's cython layer), and finish() runs after that.
-        self._peer = context.peer()
         metrics.in_flight.labels(method).inc()
 
     def aborted(self, details: str, trailer: tuple[tuple[str, Any], ...]) -> None:

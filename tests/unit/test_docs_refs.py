@@ -45,3 +45,17 @@ def test_the_error_table_lists_each_row_once() -> None:
     assert rows, "docs/design.md has an error table under ## Errors"
     keys = [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows]
     assert len(keys) == len(set(keys)), [k for k in keys if keys.count(k) > 1]
+
+
+def test_make_run_and_the_readme_say_how_to_turn_metrics_on() -> None:
+    from server.config import Config
+    from server.settings import declared
+
+    env = next(d.setting.env for d in declared(Config) if d.name == "metrics_port")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    run_help = makefile.split("\nrun:", 1)[0].rsplit("\n\n", 1)[-1]
+    assert f"{env}=" in run_help and "make run" in run_help, run_help
+    # `make run` passes no flag that would override the variable.
+    recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert "--metrics" not in recipe
+    assert f"{env}=9464 make run" in (ROOT / "README.md").read_text(encoding="utf-8")
