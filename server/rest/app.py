@@ -31,6 +31,8 @@ from server.serving.observability import REQUEST_ID_KEY, Metrics, request_id
 from server.store import Store
 
 log = logging.getLogger("memstore.access")
+#: Where a route (or the refusal before routing) leaves the domain error it answered with.
+_ERROR_KEY = "memstore.error"
 errors_log = logging.getLogger(__name__)
 
 #: The largest request body accepted: the gRPC receive limit.
@@ -106,6 +108,7 @@ def endpoint(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except MemstoreError as error:
+            request.scope[_ERROR_KEY] = error  # for the access line (RestApp._finish)
             return error_response(error)
         except Exception:
             errors_log.exception("unexpected error in %s", handler.__qualname__)
@@ -206,6 +209,7 @@ class RestApp:
         try:
             scope["memstore.project"] = await self._auth.project_for(_credentials(scope))
         except MemstoreError as error:
+            scope[_ERROR_KEY] = error
             response = error_response(error)
             if error.reason.startswith("API_KEY"):
                 response.headers["WWW-Authenticate"] = 'Bearer realm="memstore"'
@@ -220,8 +224,37 @@ class RestApp:
         self._metrics.latency.labels(template, method).observe(elapsed)
         latency_ms = round(elapsed * 1000, 3)
         name = f"{method} {template}"
-        fields = {"method": name, "code": status, "latency_ms": latency_ms, "request_id": rid}
-        log.info("%s %d %.1fms", name, status, latency_ms, extra=fields)
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else ""
+        fields: dict[str, Any] = {
+            "method": name,
+            "code": status,
+            "latency_ms": latency_ms,
+            "request_id": rid,
+            "peer": peer,
+            **_error_fields(scope.get(_ERROR_KEY)),
+        }
+        # As the gRPC access line: reason and message after the status, fields in JSON.
+        outcome = " ".join(str(fields[k]) for k in ("reason", "error") if k in fields)
+        log.info(
+            "%s %d %.1fms %s%s",
+            name,
+            status,
+            latency_ms,
+            peer,
+            f" {outcome}" if outcome else "",
+            extra=fields,
+        )
+
+
+def _error_fields(error: MemstoreError | None) -> dict[str, Any]:
+    """What an access line says of the domain error a request was answered with."""
+    if error is None:
+        return {}
+    found: dict[str, Any] = {"reason": error.reason, "error": error.message}
+    if isinstance(error, InvalidArgument):
+        found["fields"] = [v.field for v in error.violations]
+    return found
 
 
 _AUTH_HEADERS = frozenset({b"authorization", b"x-api-key"})
