@@ -189,7 +189,7 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
             source = stack.enter_context(args.input.open(encoding="utf-8"))
             bar = stack.enter_context(progress("restoring"))
             bar.total = total
-            for kind, batch in _batches(source):
+            for kind, batch in _batches(args.input, source):
                 rows = {kind: batch}
                 result = client.backup.restore(
                     rows.get("users", []),
@@ -203,7 +203,10 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
                 done[kind]["existing"] += counts.existing
                 bar.update(len(batch))
     except (MemstoreError, KeyboardInterrupt) as exc:
-        if getattr(exc, "reason", "") != "PROJECT_NOT_EMPTY":
+        # Resuming helps after an outage or a resolved conflict, not with a bad row.
+        if not isinstance(exc, InvalidArgument) and getattr(exc, "reason", "") != (
+            "PROJECT_NOT_EMPTY"
+        ):
             print(
                 f"restore interrupted; nothing of the failed batch was written; resume with: "
                 f"memstore restore -i {args.input} --resume",
@@ -218,13 +221,13 @@ def _check_backup(path: Path) -> int:
     """The number of rows of a complete backup file.
 
     Raises:
-        InvalidArgument: the file is no memstore backup, or an interrupted one.
+        InvalidArgument: the file is no memstore backup, an interrupted or a damaged one.
     """
     with path.open(encoding="utf-8") as source:
-        first = json.loads(source.readline() or "{}")
+        first = _json(path, 1, source.readline() or "{}")
         last: dict[str, Any] = {}
-        for line in source:
-            last = json.loads(line)
+        for number, line in enumerate(source, start=2):
+            last = _json(path, number, line)
     if first.get("memstore_backup") != FORMAT:
         raise InvalidArgument(f"{path} is not a memstore backup (format {FORMAT})")
     if last.get("kind") != "end":
@@ -234,10 +237,20 @@ def _check_backup(path: Path) -> int:
     return sum(int(last[kind]) for kind in STREAMS)
 
 
-def _batches(source: IO[str]) -> Iterator[tuple[str, list[Any]]]:
-    kind, batch, size = "", list[Any](), 0
-    for line in source:
+def _json(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
         row = json.loads(line)
+    except ValueError as exc:
+        raise InvalidArgument(f"{path} line {number} is not JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise InvalidArgument(f"{path} line {number} is not a JSON object")
+    return row
+
+
+def _batches(path: Path, source: IO[str]) -> Iterator[tuple[str, list[Any]]]:
+    kind, batch, size = "", list[Any](), 0
+    for number, line in enumerate(source, start=1):
+        row = _json(path, number, line)
         stream = {"user": "users", "session": "sessions", "message": "messages"}.get(
             row.pop("kind", "")
         )
@@ -247,7 +260,10 @@ def _batches(source: IO[str]) -> Iterator[tuple[str, list[Any]]]:
             yield kind, batch
             batch, size = [], 0
         kind = stream
-        batch.append(_from_row(stream, row))
+        try:
+            batch.append(_from_row(stream, row))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgument(f"{path} line {number}: not a {stream[:-1]} row: {exc}") from None
         size += len(line)
     if batch:
         yield kind, batch

@@ -112,6 +112,10 @@ def main(args: argparse.Namespace) -> int:
             # `memstore export users | head`: the reader left; stop quietly, as Unix tools do.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        except OSError as exc:
+            # A file that cannot be read or written: one line, not a traceback.
+            print(f"memstore {args.command}: {exc}", file=sys.stderr)
+            return 1
 
 
 # -- export --------------------------------------------------------------------

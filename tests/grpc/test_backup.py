@@ -137,3 +137,29 @@ async def test_an_interrupted_backup_resumes_from_its_last_checkpoint(
     assert data == [r for r in expected if r.get("kind") in ("user", "session", "message")]
     assert rows[-1] == expected[-1]  # the end line and its counts
     assert await _run("backup", "-o", str(part), *argv) == 1  # never overwritten silently
+
+
+async def test_a_damaged_or_unfinished_backup_is_refused_with_its_line(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    backup = tmp_path / "b.jsonl"
+    assert await _run("backup", "-o", str(backup), "--address", address, "--no-progress") == 0
+    await _truncate(clean_db)
+    lines = backup.read_text(encoding="utf-8").splitlines(keepends=True)
+    unfinished = tmp_path / "unfinished.jsonl"
+    unfinished.write_text("".join(lines[:-1]), encoding="utf-8")
+    argv = ("--address", address, "--no-progress")
+    assert await _run("restore", "-i", str(unfinished), *argv) == 1
+    assert "is an interrupted backup; finish it first" in capsys.readouterr().err
+    damaged = tmp_path / "damaged.jsonl"
+    broken = json.loads(lines[1])
+    del broken["created_at"]
+    damaged.write_text(lines[0] + json.dumps(broken) + "\n" + "".join(lines[2:]), "utf-8")
+    assert await _run("restore", "-i", str(damaged), *argv) == 1
+    err = capsys.readouterr().err
+    assert "line 2: not a user row" in err and "resume with" not in err
+    assert await _run("restore", "-i", str(tmp_path / "missing.jsonl"), *argv) == 1
+    assert "No such file" in capsys.readouterr().err
+    assert (await _snapshot(clean_db))["users"] == []
