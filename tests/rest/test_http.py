@@ -162,3 +162,62 @@ async def test_zep_features_memstore_lacks_answer_json_501(
 ) -> None:
     reply = await http.get(path)
     assert reply.status_code == 501 and reply.json()["reason"] == "NOT_IMPLEMENTED"
+
+
+async def test_search_filters_and_what_it_refuses(http: httpx.AsyncClient) -> None:
+    await http.post("/api/v2/users", json={"user_id": "u"})
+    await http.post("/api/v2/sessions", json={"session_id": "s", "user_id": "u"})
+    memory = {
+        "messages": [
+            {"content": "the red kite flies", "metadata": {"tag": "bird"}},
+            {"content": "a red bicycle", "metadata": {"tag": "bike"}},
+        ]
+    }
+    assert (await http.post("/api/v2/sessions/s/memory", json=memory)).is_success
+
+    async def search(body: dict[str, object]) -> httpx.Response:
+        return await http.post("/api/v2/sessions/search?limit=5", json=body)
+
+    both = (await search({"text": "red", "user_id": "u"})).json()["results"]
+    assert {r["message"]["content"] for r in both} == {"the red kite flies", "a red bicycle"}
+    tagged = (await search({"text": "red", "metadata": {"tag": "bird"}})).json()["results"]
+    assert [r["message"]["content"] for r in tagged] == ["the red kite flies"]
+    assert (await search({"text": "red", "min_score": 1e9})).json()["results"] == []
+    # MMR diversifies by meaning: without an embedding model (--embedder none) it is refused.
+    mmr = await search({"text": "red", "user_id": "u", "search_type": "mmr"})
+    assert mmr.status_code == 400 and mmr.json()["reason"] == "SEMANTIC_UNAVAILABLE", mmr.text
+    for body, field in [
+        ({"text": "red", "record_filter": {"where": {"jsonpath": "$.tag"}}}, "record_filter"),
+        ({"text": "red", "search_scope": "facts"}, "search_scope"),
+        ({"text": "red", "search_type": "fuzzy"}, "search_type"),
+        ({"text": ""}, "text"),
+        ({"text": "red", "session_ids": "s"}, "session_ids"),
+    ]:
+        refused = await search(body)
+        assert refused.status_code == 400, refused.text
+        assert field in {v["field"] for v in refused.json()["violations"]}, refused.json()
+
+
+async def test_user_updates_leave_null_fields_and_list_sizes_are_capped(
+    http: httpx.AsyncClient,
+) -> None:
+    await http.post("/api/v2/users", json={"user_id": "u", "email": "u@x.org"})
+    updated = await http.patch("/api/v2/users/u", json={"email": None, "first_name": "U"})
+    assert (updated.json()["email"], updated.json()["first_name"]) == ("u@x.org", "U")
+    removed = await http.patch("/api/v2/users/u", json={"metadata": {"a": 1}})
+    assert removed.json()["metadata"] == {"a": 1}
+    removed = await http.patch("/api/v2/users/u", json={"metadata": {"a": None, "b": 2}})
+    assert removed.json()["metadata"] == {"b": 2}  # null removes a key (Zep cannot)
+    assert (await http.get("/api/v2/users/nobody/sessions")).status_code == 404
+    messages = [{"content": f"m{i}"} for i in range(1000)]
+    await http.post("/api/v2/sessions/big/memory", json={"messages": messages})
+    await http.post("/api/v2/sessions/big/memory", json={"messages": [{"content": "last"}]})
+    page = (await http.get("/api/v2/sessions/big/messages?limit=5000")).json()
+    assert (page["row_count"], page["total_count"]) == (1000, 1001)
+
+
+async def test_given_timestamps_and_token_counts_are_ignored(http: httpx.AsyncClient) -> None:
+    message = {"content": "hi", "created_at": "2001-01-01T00:00:00Z", "token_count": 99}
+    assert (await http.post("/api/v2/sessions/t/memory", json={"messages": [message]})).is_success
+    stored = (await http.get("/api/v2/sessions/t/memory")).json()["messages"][0]
+    assert not stored["created_at"].startswith("2001") and stored["token_count"] == 0

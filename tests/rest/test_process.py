@@ -1,0 +1,62 @@
+"""`memstore serve` and its HTTP port: on by default, off with --no-http, shared by --workers,
+refused when taken, stopped cleanly by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import httpx
+
+from tests.processes import free_port, run_memstore, serve_memstore, stop_memstore
+
+
+def _env(url: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": url}
+
+
+def test_workers_serve_http_from_every_process_and_stop_cleanly(clean_db: str) -> None:
+    http_port = free_port()
+    proc, _ = serve_memstore(
+        "--workers", "2", "--http-port", str(http_port), "--purge-interval", "0",
+        env=_env(clean_db),
+    )  # fmt: skip
+    try:
+        for i in range(40):  # new connections each time: the kernel spreads them over workers
+            with httpx.Client(base_url=f"http://127.0.0.1:{http_port}") as client:
+                made = client.post(
+                    "/api/v2/sessions/w/memory", json={"messages": [{"content": f"m{i}"}]}
+                )
+                assert made.status_code == 200, made.text
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}") as client:
+            listed = client.get("/api/v2/sessions/w/messages?limit=100").json()
+        assert listed["total_count"] == 40
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+
+
+def test_no_http_leaves_the_port_closed(clean_db: str) -> None:
+    http_port = free_port()
+    proc, _ = serve_memstore("--no-http", "--http-port", str(http_port), env=_env(clean_db))
+    try:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", http_port)) != 0
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+
+
+def test_a_taken_http_port_fails_start_with_one_clear_line(clean_db: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        for workers in ("1", "2"):
+            run = run_memstore(
+                "serve", "--host", "127.0.0.1", "--port", "0", "--http-port", str(taken),
+                "--workers", workers, env=_env(clean_db),
+            )  # fmt: skip
+            assert run.returncode == 1, run.stderr
+            assert f"cannot listen on 127.0.0.1:{taken}" in run.stderr
+            assert "Traceback" not in run.stderr
