@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 
 from bench import env, search_data
 from bench.client import UnaryLoad
-from bench.figures import ADD_MEMORY, HEALTH, Settings, unary_run
+from bench.figures import ADD_MEMORY, HEALTH, Settings, add_memory_payloads, unary_run
 from bench.search_worker import write_round
 from memstore.v1 import session_service_pb2 as pb
 
@@ -52,8 +52,20 @@ def _recall(url: str) -> Kinds:
     }
 
 
+def _writes(url: str) -> Kinds:
+    # make bench's writes group: AddMemory of 1 and of 20 messages over many new sessions.
+    return {
+        "health": (HEALTH, (health_pb2.HealthCheckRequest().SerializeToString(),)),
+        "add_memory_1": (ADD_MEMORY, add_memory_payloads(1)),
+        "add_memory_20": (ADD_MEMORY, add_memory_payloads(20, sessions=500)),
+    }
+
+
 #: Each comparison's name and the function that seeds its data and builds its calls.
-KINDS: dict[str, Callable[[str], Kinds]] = {"recall": _recall}
+KINDS: dict[str, Callable[[str], Kinds]] = {"recall": _recall, "writes": _writes}
+#: Server arguments of a comparison beyond the bench's own: writes are measured without
+#: the embedding worker, as `make bench` measures them.
+SERVER_ARGS: dict[str, tuple[str, ...]] = {"writes": ("--no-embedding-worker",)}
 
 #: The comparison of the embedding worker's cost to writes (servers started per run).
 WRITES_EMBEDDING = "writes_embedding"
@@ -181,7 +193,7 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
             print(json.dumps({"comparison": args.only, **summary}, indent=2))
             return 0
         kinds = KINDS[args.only](url)
-        extra = ("--drain-delay", "0", *args.server_arg)
+        extra = ("--drain-delay", "0", *SERVER_ARGS.get(args.only, ()), *args.server_arg)
         servers = {
             name: env.Server(url, root=root, extra_args=extra) for name, root in roots.items()
         }

@@ -237,3 +237,13 @@ def test_ab_writes_embedding_runs_on_tiny_data(server_url: str) -> None:
     for side in ("before", "after"):
         assert summary[side]["on_rps"] > 0 and len(summary[side]["on_over_off_rounds"]) == 1
     assert summary["on_after_over_before"] > 0
+
+
+def test_ab_writes_runs_on_tiny_data(server_url: str) -> None:
+    summary = _ab_summary(_run_ab(server_url, "writes"))
+    assert summary["comparison"] == "writes"
+    for side in ("before", "after"):
+        figures = summary[side]
+        assert figures["add_memory_1_rps"] > 0 and figures["add_memory_20_rps"] > 0, figures
+        assert figures["add_memory_1_cpu_us_per_call"] > 0
+    assert summary["add_memory_1_after_over_before"] > 0

@@ -105,3 +105,91 @@ def _cancel_if_abandoned(
     # Every caller of the batch gave up (e.g. their deadlines passed): cancel its query too.
     if not task.done() and all(f.cancelled() for f in futures):
         task.cancel()
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Runs a batch of items; one outcome per item, in order: its result, or the exception it
+#: alone raised.
+Run = Callable[[list[T]], Awaitable[list[R | Exception]]]
+
+
+class Batcher(Generic[T, R]):
+    """Batches `submit(item)` calls for writes: each batch is one `run` of the items waiting.
+
+    Unlike Coalescer, every item has an outcome of its own (`run` decides what a failure of
+    one means for the others), and a batch once started is never cancelled: its items share
+    a commit, so a caller that gives up while it runs leaves it to finish (as a lone write
+    whose answer is lost). A caller that gives up before its batch starts is left out of it.
+    """
+
+    def __init__(
+        self,
+        run: Run[T, R],
+        *,
+        max_in_flight: int = 1,
+        max_batch: int = 32,
+        max_waiting_batches: int = 0,
+    ):
+        self._run_batch = run
+        self._max_in_flight = max_in_flight
+        self._max_batch = max_batch
+        self._max_waiting = max_waiting_batches * max_batch
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        """The outcome of `item`, run in a shared batch.
+
+        Raises:
+            TooManyRequests: `max_waiting_batches` batches' worth of calls already wait.
+            Exception: what `run` gave as this item's outcome, or raised for the batch.
+        """
+        if self._max_waiting and len(self._waiting) >= self._max_waiting:
+            raise TooManyRequests(f"{len(self._waiting)} calls already wait for a batch")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        # At the end of this loop iteration, so calls that arrive together share a batch.
+        if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        batch = [(i, f) for i, f in self._waiting[: self._max_batch] if not f.done()]
+        del self._waiting[: self._max_batch]
+        if batch:
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._run(batch))
+            self._tasks.add(task)  # a strong reference: nothing else holds the task
+            task.add_done_callback(self._finished)
+        self._schedule()
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        self._schedule()
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            outcomes = await self._run_batch([item for item, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            outcomes = [exc] * len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # the caller gave up meanwhile
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid as uuid_lib
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg import errors as pg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from server.domain import Message, MetadataChange, NewMessage, Page, Session
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MemstoreError,
+    NotFound,
+)
 from server.store import rows
 from server.store.base import (
     StoreBase,
@@ -20,6 +31,7 @@ from server.store.base import (
     metadata_params,
     no_such_user,
 )
+from server.store.coalesce import Batcher
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.sessions import hide_in_live_session, session_missing
@@ -29,6 +41,16 @@ _UUID_KEY = "messages_project_id_session_id_uuid_key"
 
 #: Runs of add_memory when concurrent calls add the same uuids (see _append).
 _APPEND_ATTEMPTS = 4
+
+#: AddMemory calls one shared commit takes at most, and such batches running at once (at
+#: most the pool's size). PostgreSQL runs a batch's statements one after the other in one
+#: backend: small batches on several connections kept both cores busy and beat one large
+#: batch at a time (docs/performance.md).
+APPEND_BATCH_CALLS = 8
+APPEND_BATCHES_IN_FLIGHT = 8
+#: Calls of more messages commit alone: their commit is already shared by their messages,
+#: and a batch of them would hold one backend for long (AddMemory(20) batched was slower).
+BATCHED_CALL_MESSAGES = 4
 
 
 def memory_window() -> sql.SQL:
@@ -72,9 +94,11 @@ class MessageMethods(StoreBase):
             "metadatas": [Jsonb(m.metadata) for m in messages],
             "embed": self.vectors,
         }
-        no_user = factory(no_such_user(user_id))
-        async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:
-            found = await _append(conn, params)
+        call = _Append(params, user_id)
+        if len(messages) <= BATCHED_CALL_MESSAGES:
+            found = await self._appender.submit(call)
+        else:
+            found = _outcome(await self._append_alone(call))
         if not found:
             raise FailedPrecondition(
                 f"session '{session_id}' does not belong to user '{user_id}'",
@@ -84,6 +108,57 @@ class MessageMethods(StoreBase):
             if row["m_differs"]:
                 raise _uuid_taken(session_id, row)
         return rows.session(found[0]), rows.joined_messages(found)
+
+    @cached_property
+    def _appender(self) -> Batcher[_Append, list[Row]]:
+        # Concurrent AddMemory calls share a round trip and a commit (see _append_batch).
+        return Batcher(
+            self._append_batch,
+            max_in_flight=min(APPEND_BATCHES_IN_FLIGHT, self._pool.max_size),
+            max_batch=APPEND_BATCH_CALLS,
+            max_waiting_batches=self._pool.max_waiting,
+        )
+
+    async def _append_batch(self, batch: list[_Append]) -> list[list[Row] | Exception]:
+        # Several calls: their statements in one pipeline, which PostgreSQL runs as one
+        # implicit transaction committed at its Sync — one round trip and one WAL flush for
+        # all, each call answered only after that commit. Any statement failing rolls back
+        # the whole transaction (nothing of any call is written), and each call then runs
+        # alone, so a failure in one never fails or half-writes another.
+        if len(batch) > 1:
+            try:
+                return list(await self._append_together(batch))
+            except _TogetherFailed:
+                pass
+        return list(await asyncio.gather(*(self._append_alone(call) for call in batch)))
+
+    async def _append_together(self, batch: list[_Append]) -> list[list[Row]]:
+        # Sessions in key order, as DeleteUser and the embedding worker lock them: two
+        # batches (of two processes) touching the same sessions wait, never deadlock.
+        order = sorted(range(len(batch)), key=lambda i: batch[i].session_key)
+        found: list[list[Row]] = [[] for _ in batch]
+        async with self._connect(field="messages", single=True) as conn:
+            try:
+                rows_in_order = await _append_pipelined(conn, [batch[i].params for i in order])
+            except psycopg.Error as exc:
+                if conn.broken or conn.closed:
+                    raise  # the connection is gone: every call of the batch is Unavailable
+                # psycopg counts the statement as prepared once it queued its Parse, which
+                # the server skips after an error in the pipeline: the connection would
+                # then name a statement that does not exist. The pool replaces it.
+                await conn.close()
+                raise _TogetherFailed from exc
+        for i, result in zip(order, rows_in_order, strict=True):
+            found[i] = result
+        return found
+
+    async def _append_alone(self, call: _Append) -> list[Row] | Exception:
+        no_user = factory(no_such_user(call.user_id))
+        try:
+            async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:
+                return await _append(conn, call.params)
+        except MemstoreError as exc:
+            return exc
 
     async def get_memory(
         self, project_id: int, session_id: str, lastn: int
@@ -179,6 +254,40 @@ class MessageMethods(StoreBase):
         """
         async with self._connect() as conn:
             return await hide_in_live_session(conn, "clear_memory", project_id, session_id)
+
+
+def _outcome(found: list[Row] | Exception) -> list[Row]:
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Append:
+    """One AddMemory call's statement parameters, waiting for its batch."""
+
+    params: dict[str, Any]
+    user_id: str | None
+
+    @property
+    def session_key(self) -> tuple[int, str]:
+        return self.params["project_id"], self.params["session_id"]
+
+
+class _TogetherFailed(Exception):
+    """A statement of a batch failed: the batch's transaction rolled back, nothing written."""
+
+
+async def _append_pipelined(
+    conn: AsyncConnection[Any], batch: list[dict[str, Any]]
+) -> list[list[Row]]:
+    # Autocommit and pipeline mode: the statements up to the Sync form one implicit
+    # transaction, committed by the Sync (or rolled back whole at the first error).
+    async with conn.pipeline():
+        cursors = [conn.cursor(row_factory=dict_row) for _ in batch]
+        for cursor, params in zip(cursors, batch, strict=True):
+            await cursor.execute(query("add_memory"), params)
+    return [await cursor.fetchall() for cursor in cursors]
 
 
 async def _append(conn: AsyncConnection[Any], params: Params) -> list[Row]:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.store.coalesce import Coalescer
+from server.store.coalesce import Batcher, Coalescer
 
 
 class Recorder:
@@ -105,3 +105,68 @@ async def test_the_queue_is_bounded_by_batches_worth_of_calls() -> None:
     fetch.release.set()
     assert await first == "A"
     assert await asyncio.gather(*queued) == ["B", "C"]
+
+
+class BatchRecorder:
+    """A batch run that records its batches, can be held open, and fails items named 'bad'."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.finished = 0
+
+    async def __call__(self, items: list[str]) -> list[str | Exception]:
+        self.batches.append(items)
+        await self.release.wait()
+        self.finished += 1
+        return [ValueError(i) if i == "bad" else i.upper() for i in items]
+
+
+async def test_writes_that_arrive_together_share_one_batch_each_with_its_own_outcome() -> None:
+    run = BatchRecorder()
+    batcher = Batcher(run)
+    got = await asyncio.gather(
+        *(batcher.submit(i) for i in ("a", "bad", "b")), return_exceptions=True
+    )
+    assert got[0] == "A" and got[2] == "B"
+    assert isinstance(got[1], ValueError)  # only the failing call fails
+    assert run.batches == [["a", "bad", "b"]]
+
+
+async def test_a_write_batch_is_not_cancelled_when_its_caller_gives_up() -> None:
+    run = BatchRecorder()
+    run.release.clear()
+    batcher = Batcher(run)
+    call = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0.01)
+    assert run.batches == [["a"]]
+    call.cancel()  # e.g. the caller's deadline passed while its commit was under way
+    await asyncio.sleep(0.01)
+    run.release.set()
+    later = await batcher.submit("b")  # the batch finished: its commit was not cut short
+    assert later == "B" and run.finished == 2 and call.cancelled()
+
+
+async def test_a_write_whose_caller_gave_up_before_its_batch_started_is_left_out() -> None:
+    run = BatchRecorder()
+    run.release.clear()
+    batcher = Batcher(run, max_in_flight=1)
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0)
+    gone = asyncio.ensure_future(batcher.submit("gone"))
+    kept = asyncio.ensure_future(batcher.submit("kept"))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    run.release.set()
+    assert await asyncio.gather(first, kept) == ["A", "KEPT"]
+    assert run.batches == [["a"], ["kept"]]
+
+
+async def test_a_batch_that_fails_as_a_whole_fails_each_of_its_calls() -> None:
+    async def broken(items: list[str]) -> list[str | Exception]:
+        raise ConnectionError("database gone")
+
+    batcher: Batcher[str, str] = Batcher(broken)
+    got = await asyncio.gather(*(batcher.submit(i) for i in "xy"), return_exceptions=True)
+    assert all(isinstance(g, ConnectionError) for g in got)

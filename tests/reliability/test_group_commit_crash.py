@@ -1,0 +1,111 @@
+"""PostgreSQL SIGKILLed while AddMemory calls share commits: every acknowledged message is
+durable, a call that failed wrote nothing half, and its retry stores each message once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+
+import psycopg
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import NewMessage
+from server.errors import MemstoreError
+from server.serving.embedded import EmbeddedPostgres
+from server.store import Store
+
+WRITERS = 24
+SESSIONS = 8
+#: Acknowledged calls to see before the kill, and after PostgreSQL is back.
+BEFORE, AFTER = 60, 60
+TIMEOUT = 60.0
+
+
+def _call(writer: int, i: int) -> tuple[str, list[NewMessage]]:
+    messages = [
+        NewMessage("speaker", "user", f"w{writer}-{i}-{k}", {}, str(uuid.uuid4())) for k in (0, 1)
+    ]
+    return f"s{writer % SESSIONS}", messages
+
+
+async def _client_backends(url: str) -> list[int]:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def _stored(url: str) -> tuple[Counter[str], dict[str, list[int]]]:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute(
+            "SELECT uuid::text, session_id, sequence FROM messages ORDER BY session_id, sequence"
+        )
+        found = await cur.fetchall()
+    sequences: dict[str, list[int]] = {}
+    for _, session_id, sequence in found:
+        sequences.setdefault(session_id, []).append(sequence)
+    return Counter(str(r[0]) for r in found), sequences
+
+
+async def _until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_sigkill_mid_batch_keeps_every_acknowledged_message_and_repeats_none(
+    fault_store: Store, fault_url: str, restartable: EmbeddedPostgres
+) -> None:
+    acked: list[tuple[str, list[NewMessage]]] = []
+    failed: list[tuple[str, list[NewMessage]]] = []
+    stop = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            session, messages = _call(w, i)
+            try:
+                await fault_store.add_memory(P, session, None, messages)
+                acked.append((session, messages))
+            except MemstoreError:
+                failed.append((session, messages))
+                await asyncio.sleep(0.05)
+            i += 1
+
+    tasks = [asyncio.create_task(writer(w)) for w in range(WRITERS)]
+    try:
+        await _until(lambda: len(acked) >= BEFORE, "writes before the kill")
+        backends = await _client_backends(fault_url)
+        assert backends
+        # One backend SIGKILLed: PostgreSQL kills every other one and recovers from its WAL,
+        # as after a crash of the server.
+        os.kill(backends[0], signal.SIGKILL)
+        seen = len(acked)
+        await _until(lambda: failed and len(acked) >= seen + AFTER, "writes after recovery")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert failed, "the kill interrupted no call: nothing was tested"
+    stored, sequences = await _stored(fault_url)
+    # Every acknowledged message is durable, once; nothing of a failed call is half there.
+    for _, messages in acked:
+        assert all(stored[m.uuid] == 1 for m in messages if m.uuid), messages
+    for _, messages in failed:
+        assert len({stored[m.uuid] for m in messages if m.uuid}) == 1  # both or neither
+    # Sequences stay gapless: a rolled-back batch gave its reserved numbers back.
+    for session_id, numbers in sequences.items():
+        assert numbers == list(range(1, len(numbers) + 1)), session_id
+    # Retried with the same uuids, each failed call's messages are stored exactly once.
+    for session, messages in failed:
+        await fault_store.add_memory(P, session, None, messages)
+    stored, _ = await _stored(fault_url)
+    sent = [m.uuid for _, messages in acked + failed for m in messages]
+    assert sorted(stored) == sorted(sent) and set(stored.values()) == {1}

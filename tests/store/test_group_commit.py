@@ -1,0 +1,87 @@
+"""Store: concurrent AddMemory calls share one commit, and a failing call harms no other."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import NewMessage
+from server.errors import AlreadyExists, FailedPrecondition
+from server.store import Store
+
+
+def msg(content: str, uuid: str | None = None) -> NewMessage:
+    return NewMessage(role="speaker", role_type="user", content=content, metadata={}, uuid=uuid)
+
+
+async def _xmins(url: str) -> dict[str, int]:
+    # The transaction that wrote each message, by content: calls of one batch share one.
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute("SELECT content, xmin::text::bigint FROM messages")
+        return {str(c): int(x) for c, x in await cur.fetchall()}
+
+
+async def test_calls_that_arrive_together_share_one_transaction(
+    store: Store, clean_db: str
+) -> None:
+    # Gathered in one loop iteration: the first goes out alone, the rest share one batch.
+    calls = [store.add_memory(P, f"s{i % 5}", None, [msg(f"m{i}")]) for i in range(12)]
+    answered = await asyncio.gather(*calls)
+    xmins = await _xmins(clean_db)
+    assert len(xmins) == 12
+    assert len(set(xmins.values())) < 12  # some calls shared a commit
+    # Each call was answered with its own message, in its session's order.
+    for i, (session, added) in enumerate(answered):
+        assert session.session_id == f"s{i % 5}" and [m.content for m in added] == [f"m{i}"]
+    for s in range(5):
+        _, stored = await store.get_memory(P, f"s{s}", 100)
+        assert [m.sequence for m in stored] == list(range(1, len(stored) + 1))
+        assert [m.content for m in stored] == [f"m{i}" for i in range(s, 12, 5)]
+
+
+async def test_a_failing_call_fails_alone_and_writes_nothing(store: Store, clean_db: str) -> None:
+    await store.create_user(P, "u", "", "", "", {})
+    await store.add_memory(
+        P, "taken", None, [msg("first", uuid="00000000-0000-4000-8000-000000000001")]
+    )
+    good = [store.add_memory(P, f"g{i}", "u", [msg(f"good{i}")]) for i in range(6)]
+    bad_user = store.add_memory(P, "b1", "ghost", [msg("bad-user")])
+    bad_uuid = store.add_memory(
+        P, "taken", None, [msg("other", uuid="00000000-0000-4000-8000-000000000001")]
+    )
+    got = await asyncio.gather(
+        good[0], bad_user, *good[1:3], bad_uuid, *good[3:], return_exceptions=True
+    )
+    assert isinstance(got[1], FailedPrecondition) and got[1].reason == "USER_NOT_FOUND"
+    assert isinstance(got[4], AlreadyExists) and got[4].reason == "MESSAGE_ALREADY_EXISTS"
+    oks = [g for i, g in enumerate(got) if i not in (1, 4)]
+    assert all(not isinstance(g, BaseException) for g in oks), oks
+    contents = set(await _xmins(clean_db))
+    assert contents == {"first"} | {f"good{i}" for i in range(6)}  # nothing of the failures
+    assert await store.get_memory(P, "b1", 10) == (None, [])
+    # The connections that ran the failed batch serve later batches: no statement they
+    # had queued for preparing before the failure is missing now.
+    for r in range(8):
+        bad = store.add_memory(P, f"x{r}", "ghost", [msg("never")])
+        more = [store.add_memory(P, f"g{i}", "u", [msg(f"r{r}-{i}")]) for i in range(7)]
+        got = await asyncio.gather(bad, *more, return_exceptions=True)
+        assert isinstance(got[0], FailedPrecondition)
+        assert all(not isinstance(g, BaseException) for g in got[1:]), got
+
+
+async def test_concurrent_batches_on_shared_sessions_lose_and_repeat_nothing(
+    store: Store, clean_db: str
+) -> None:
+    rounds = 3
+    # Many writers over few sessions, in several waves: batches overlap on the same rows.
+    for r in range(rounds):
+        await asyncio.gather(
+            *(store.add_memory(P, f"hot{i % 3}", None, [msg(f"r{r}-{i}")]) for i in range(30))
+        )
+    for s in range(3):
+        session, stored = await store.get_memory(P, f"hot{s}", 1000)
+        assert session is not None and session.message_count == len(stored) == 10 * rounds
+        assert [m.sequence for m in stored] == list(range(1, 10 * rounds + 1))
+        assert len({m.content for m in stored}) == 10 * rounds
