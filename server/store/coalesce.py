@@ -119,9 +119,11 @@ class Batcher(Generic[T, R]):
     """Batches `submit(item)` calls for writes: each batch is one `run` of the items waiting.
 
     Unlike Coalescer, every item has an outcome of its own (`run` decides what a failure of
-    one means for the others), and a batch once started is never cancelled: its items share
-    a commit, so a caller that gives up while it runs leaves it to finish (as a lone write
-    whose answer is lost). A caller that gives up before its batch starts is left out of it.
+    one means for the others). A batch is cancelled only when every caller in it gave up
+    (e.g. their deadlines passed): so a lone write is cancelled with its caller, as an
+    unbatched one would be. A caller that gives up while others of its batch wait leaves the
+    batch to finish: its write may then commit, as any write whose answer was lost. A caller
+    that gives up before its batch starts is left out of it.
     """
 
     def __init__(
@@ -170,6 +172,9 @@ class Batcher(Generic[T, R]):
             task = asyncio.ensure_future(self._run(batch))
             self._tasks.add(task)  # a strong reference: nothing else holds the task
             task.add_done_callback(self._finished)
+            futures = [f for _, f in batch]
+            for future in futures:
+                future.add_done_callback(lambda _f: _cancel_if_abandoned(task, futures))
         self._schedule()
 
     def _finished(self, task: asyncio.Future[None]) -> None:

@@ -134,18 +134,36 @@ async def test_writes_that_arrive_together_share_one_batch_each_with_its_own_out
     assert run.batches == [["a", "bad", "b"]]
 
 
-async def test_a_write_batch_is_not_cancelled_when_its_caller_gives_up() -> None:
+async def test_a_write_batch_runs_on_while_one_of_its_callers_waits() -> None:
+    run = BatchRecorder()
+    run.release.clear()
+    batcher = Batcher(run)
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0.01)
+    calls = [asyncio.ensure_future(batcher.submit(i)) for i in ("b", "c")]
+    await asyncio.sleep(0)
+    run.release.set()
+    await first
+    run.release.clear()
+    await asyncio.sleep(0.01)
+    assert run.batches == [["a"], ["b", "c"]]
+    calls[0].cancel()  # e.g. b's deadline passed while the commit it shares was under way
+    await asyncio.sleep(0.01)
+    run.release.set()
+    assert await calls[1] == "C" and run.finished == 2  # c's commit was not cut short
+
+
+async def test_a_write_batch_is_cancelled_when_every_caller_gave_up() -> None:
     run = BatchRecorder()
     run.release.clear()
     batcher = Batcher(run)
     call = asyncio.ensure_future(batcher.submit("a"))
     await asyncio.sleep(0.01)
-    assert run.batches == [["a"]]
-    call.cancel()  # e.g. the caller's deadline passed while its commit was under way
+    call.cancel()  # a lone write whose deadline passed: its statement is cancelled
     await asyncio.sleep(0.01)
     run.release.set()
-    later = await batcher.submit("b")  # the batch finished: its commit was not cut short
-    assert later == "B" and run.finished == 2 and call.cancelled()
+    assert await batcher.submit("b") == "B"
+    assert run.batches == [["a"], ["b"]] and run.finished == 1
 
 
 async def test_a_write_whose_caller_gave_up_before_its_batch_started_is_left_out() -> None:
