@@ -119,6 +119,8 @@ class Session:
     deleted_at: datetime | None
     message_count: int
     last_message_at: datetime | None
+    #: Set only by the backup export (include_deleted): the sequence of the next message.
+    next_sequence: int = 0
 
     @classmethod
     def from_proto(cls, p: resources_pb2.Session) -> Session:
@@ -132,6 +134,7 @@ class Session:
             deleted_at=optional_datetime(p.deleted_at, p.HasField("deleted_at")),
             message_count=p.message_count,
             last_message_at=optional_datetime(p.last_message_at, p.HasField("last_message_at")),
+            next_sequence=p.next_sequence,
         )
 
 
@@ -324,6 +327,7 @@ def session_backup_proto(session: Session) -> resources_pb2.Session:
         session_id=session.session_id,
         user_id=session.user_id or "",
         metadata=to_struct(session.metadata),
+        next_sequence=session.next_sequence,
     )
     set_time(p.created_at, session.created_at, "created_at")
     set_time(p.updated_at, session.updated_at, "updated_at")

@@ -54,6 +54,8 @@ class Session:
     deleted_at: datetime | None
     message_count: int
     last_message_at: datetime | None
+    #: The sequence of the next message; read only by the backup export (0 elsewhere).
+    next_sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,8 @@ def _user(v: val.Violations, field: str, p: resources_pb2.User) -> tuple[str, Us
 def _session(v: val.Violations, field: str, p: resources_pb2.Session) -> tuple[str, Session]:
     val.check_id(v, f"{field}.session_id", p.session_id)
     val.check_id(v, f"{field}.user_id", p.user_id, required=False)
+    if p.next_sequence < 0:
+        v.add(f"{field}.next_sequence", f"must not be negative (got {p.next_sequence})")
     metadata = val.metadata(v, f"{field}.metadata", p.metadata)
     created, updated = _times(v, field, p)
     session = Session(
@@ -112,6 +114,7 @@ def _session(v: val.Violations, field: str, p: resources_pb2.Session) -> tuple[s
         deleted_at=_stamp(v, field, p, "deleted_at", required=False),
         message_count=0,
         last_message_at=_stamp(v, field, p, "last_message_at", required=False),
+        next_sequence=p.next_sequence,
     )
     return field, session
 

@@ -105,6 +105,8 @@ def session_to_proto(
         set_timestamp(p.deleted_at, session.deleted_at)
     if session.last_message_at is not None:
         set_timestamp(p.last_message_at, session.last_message_at)
+    if session.next_sequence:
+        p.next_sequence = session.next_sequence
     set_struct(p.metadata, session.metadata)
     return p
 

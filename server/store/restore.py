@@ -139,6 +139,7 @@ def _session_params(sessions: list[Session]) -> dict[str, Any]:
         "updated": [s.updated_at for s in sessions],
         "deleted": [s.deleted_at for s in sessions],
         "last_message": [s.last_message_at for s in sessions],
+        "next_sequences": [s.next_sequence for s in sessions],
     }
 
 

@@ -34,6 +34,7 @@ def session(row: Row) -> Session:
         deleted_at=row["deleted_at"],
         message_count=int(row["message_count"]),
         last_message_at=row["last_message_at"],
+        next_sequence=int(row.get("next_sequence") or 0),
     )
 
 

@@ -68,7 +68,16 @@ async def test_backup_and_restore_round_trip_every_column(
 ) -> None:
     address = f"127.0.0.1:{grpc_port}"
     await _seed(address)
+    async with AsyncMemstore(address) as client:
+        await client.memory.add("s-purged", [Message(content=f"p{i}") for i in range(3)])
+        await client.memory.clear("s-purged")
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+        # What the purge does to cleared messages past the retention: they are gone, and
+        # the session's next sequence stays past them.
+        await conn.execute("DELETE FROM messages WHERE session_id = 's-purged'")
     before = await _snapshot(clean_db)
+    purged = next(s for s in before["sessions"] if s["session_id"] == "s-purged")
+    assert purged["next_sequence"] == 4
     assert any(m["deleted_at"] for m in before["messages"])
     assert any(s["deleted_at"] for s in before["sessions"])
     backup = tmp_path / "project.backup.jsonl"

@@ -43,8 +43,9 @@ class RestoreRequest(_message.Message):
 
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Session]:
-        """Optional. Sessions, as ExportSessions returns them (deleted_at and
-        last_message_at kept); message_count is ignored.
+        """Optional. Sessions, as ExportSessions with include_deleted returns them
+        (deleted_at, last_message_at and next_sequence kept); message_count is
+        ignored.
         """
 
     @_builtins.property

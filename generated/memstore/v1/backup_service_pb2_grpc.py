@@ -66,8 +66,9 @@ class BackupServiceServicer:
         exactly the request's values is counted as existing and left as it is,
         so a request can be sent again (a restore resumes by sending its rows
         again). Derived values are recomputed, not read: a session's
-        message_count and its next sequence from the messages restored, a
-        user's session_count from its sessions. Restored live messages are queued
+        message_count from the messages restored (its next_sequence is kept, and
+        moved past any restored message), a user's session_count from its
+        sessions. Restored live messages are queued
         for embedding.
 
         Errors:

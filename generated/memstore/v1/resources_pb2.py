@@ -26,19 +26,19 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmemstore/v1/resources.proto\x12\x0bmemstore.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_count\x18\x08 \x01(\x03\"\xb5\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndeleted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x07 \x01(\x03\x12\x33\n\x0flast_message_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xad\x02\n\x07Message\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12(\n\trole_type\x18\x03 \x01(\x0e\x32\x15.memstore.v1.RoleType\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x08 \x01(\x03\x12.\n\ndeleted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xaa\x01\n\x08RoleType\x12\x19\n\x15ROLE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_TYPE_USER\x10\x01\x12\x17\n\x13ROLE_TYPE_ASSISTANT\x10\x02\x12\x14\n\x10ROLE_TYPE_SYSTEM\x10\x03\x12\x12\n\x0eROLE_TYPE_TOOL\x10\x04\x12\x16\n\x12ROLE_TYPE_FUNCTION\x10\x05\x12\x14\n\x10ROLE_TYPE_NOROLE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmemstore/v1/resources.proto\x12\x0bmemstore.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x12\n\nfirst_name\x18\x03 \x01(\t\x12\x11\n\tlast_name\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_count\x18\x08 \x01(\x03\"\xcc\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndeleted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x07 \x01(\x03\x12\x33\n\x0flast_message_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rnext_sequence\x18\t \x01(\x03\"\xad\x02\n\x07Message\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12(\n\trole_type\x18\x03 \x01(\x0e\x32\x15.memstore.v1.RoleType\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x08 \x01(\x03\x12.\n\ndeleted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xaa\x01\n\x08RoleType\x12\x19\n\x15ROLE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_TYPE_USER\x10\x01\x12\x17\n\x13ROLE_TYPE_ASSISTANT\x10\x02\x12\x14\n\x10ROLE_TYPE_SYSTEM\x10\x03\x12\x12\n\x0eROLE_TYPE_TOOL\x10\x04\x12\x16\n\x12ROLE_TYPE_FUNCTION\x10\x05\x12\x14\n\x10ROLE_TYPE_NOROLE\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memstore.v1.resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLETYPE']._serialized_start=966
-  _globals['_ROLETYPE']._serialized_end=1136
+  _globals['_ROLETYPE']._serialized_start=989
+  _globals['_ROLETYPE']._serialized_end=1159
   _globals['_USER']._serialized_start=108
   _globals['_USER']._serialized_end=347
   _globals['_SESSION']._serialized_start=350
-  _globals['_SESSION']._serialized_end=659
-  _globals['_MESSAGE']._serialized_start=662
-  _globals['_MESSAGE']._serialized_end=963
+  _globals['_SESSION']._serialized_end=682
+  _globals['_MESSAGE']._serialized_start=685
+  _globals['_MESSAGE']._serialized_end=986
 # @@protoc_insertion_point(module_scope)

@@ -142,6 +142,7 @@ class Session(_message.Message):
     DELETED_AT_FIELD_NUMBER: _builtins.int
     MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
     LAST_MESSAGE_AT_FIELD_NUMBER: _builtins.int
+    NEXT_SEQUENCE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required on read, optional on create. The caller's id for the session:
     an id under the rules of UserService's comment (1-256 characters; no
@@ -153,6 +154,12 @@ class Session(_message.Message):
     """Optional, immutable. The user the session belongs to; empty when none."""
     message_count: _builtins.int
     """Output only. Number of live (not soft-deleted) messages in the session."""
+    next_sequence: _builtins.int
+    """Output only. Set only by ExportSessions with include_deleted (a backup):
+    the sequence the session's next message will take, one past every
+    sequence it ever gave, purged messages included. Restore keeps it, so
+    sequences are never reused across a backup and restore; 0 elsewhere.
+    """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. Free-form JSON object, written whole by CreateSession and
@@ -187,10 +194,11 @@ class Session(_message.Message):
         deleted_at: _timestamp_pb2.Timestamp | None = ...,
         message_count: _builtins.int = ...,
         last_message_at: _timestamp_pb2.Timestamp | None = ...,
+        next_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "last_message_at", b"last_message_at", "metadata", b"metadata", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "last_message_at", b"last_message_at", "message_count", b"message_count", "metadata", b"metadata", "session_id", b"session_id", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deleted_at", b"deleted_at", "last_message_at", b"last_message_at", "message_count", b"message_count", "metadata", b"metadata", "next_sequence", b"next_sequence", "session_id", b"session_id", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,7 +4,8 @@
 -- One keyset batch of live sessions (every session with include_deleted, for a backup) by
 -- (created_at, session_id), strictly after the given key.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
-       s.message_count, s.last_message_at
+       s.message_count, s.last_message_at,
+       CASE WHEN %(include_deleted)s THEN s.next_sequence END AS next_sequence
 FROM sessions s
 WHERE s.project_id = %(project_id)s AND (%(include_deleted)s OR s.deleted_at IS NULL)
   AND (s.created_at, s.session_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)

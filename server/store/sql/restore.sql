@@ -64,16 +64,18 @@ FROM t JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = t.ses
 ORDER BY t.ord;
 
 -- restore_sessions --
--- Inserts the request's sessions that are not stored yet; message_count and next_sequence
--- start empty and grow as restore_messages adds their messages.
+-- Inserts the request's sessions that are not stored yet; message_count starts at 0 and grows
+-- as restore_messages adds their live messages, next_sequence starts where the backup had it
+-- (1 when it does not say) and never falls behind a restored message.
 INSERT INTO sessions (project_id, session_id, user_id, metadata, created_at, updated_at,
-                      deleted_at, last_message_at)
+                      deleted_at, last_message_at, next_sequence)
 SELECT %(project_id)s, t.session_id, t.user_id, t.metadata, t.created_at, t.updated_at,
-       t.deleted_at, t.last_message_at
+       t.deleted_at, t.last_message_at, greatest(t.next_sequence, 1)
 FROM unnest(%(session_ids)s::text[], %(user_ids)s::text[], %(metadatas)s::jsonb[],
             %(created)s::timestamptz[], %(updated)s::timestamptz[], %(deleted)s::timestamptz[],
-            %(last_message)s::timestamptz[])
-     AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at, last_message_at)
+            %(last_message)s::timestamptz[], %(next_sequences)s::bigint[])
+     AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at, last_message_at,
+          next_sequence)
 ON CONFLICT (project_id, session_id) DO NOTHING;
 
 -- restore_messages_existing --
