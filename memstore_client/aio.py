@@ -13,6 +13,7 @@ import grpc
 from memstore.v1 import backup_service_pb2_grpc, session_service_pb2_grpc, user_service_pb2_grpc
 
 from . import _calls as calls
+from . import _calls_bulk as bulk
 from ._calls import RetryPolicy, Stream, Unary, retry_delay
 from ._channel import TLS, aio_channel
 from .errors import from_rpc_error
@@ -365,7 +366,7 @@ class AsyncMemoryClient:
         server without vectors).
         """
         return await self._client._call(
-            calls.search_memory(
+            bulk.search_memory(
                 text,
                 user_id=user_id,
                 session_ids=session_ids,
@@ -384,7 +385,7 @@ class AsyncMemoryClient:
     ) -> AsyncIterator[tuple[list[Session], str]]:
         """Every live session (every session with include_deleted) in chunks, each with the
         token that resumes after it."""
-        op = calls.export_sessions(chunk_size, page_token, include_deleted)
+        op = bulk.export_sessions(chunk_size, page_token, include_deleted)
         return self._client._stream(op)
 
     def export_messages(
@@ -392,7 +393,7 @@ class AsyncMemoryClient:
     ) -> AsyncIterator[tuple[list[ExportedMessage], str]]:
         """Every live message of a live session (every message, with its deleted_at, with
         include_deleted) with its session id, in chunks, each with its resume token."""
-        op = calls.export_messages(chunk_size, page_token, include_deleted)
+        op = bulk.export_messages(chunk_size, page_token, include_deleted)
         return self._client._stream(op)
 
 
@@ -417,5 +418,5 @@ class AsyncBackupClient:
         `require_empty` refuses (FailedPrecondition) a project that holds any row. Raises
         AlreadyExists when a row's key is stored with other values.
         """
-        op = calls.restore(users, sessions, messages, require_empty)
+        op = bulk.restore(users, sessions, messages, require_empty)
         return await self._client._call(op)

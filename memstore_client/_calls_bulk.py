@@ -1,0 +1,139 @@
+"""What the search, export and restore methods send and how their answers convert: shared by
+sync and asyncio (the per-resource calls are in _calls.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from memstore.v1 import backup_service_pb2 as bs
+from memstore.v1 import session_service_pb2 as ss
+
+from . import _checks
+from ._calls import BACKUP, SESSIONS, Stream, Unary, _ids, _texts
+from .types import (
+    ExportedMessage,
+    JsonObject,
+    Message,
+    RestoreCounts,
+    Restored,
+    SearchResult,
+    SearchResults,
+    Session,
+    User,
+    message_backup_proto,
+    role_type_number,
+    session_backup_proto,
+    user_backup_proto,
+)
+
+#: SearchMemory's search types by the names the client takes.
+SEARCH_TYPES = {
+    "hybrid": ss.SEARCH_TYPE_HYBRID,
+    "full_text": ss.SEARCH_TYPE_FULL_TEXT,
+    "semantic": ss.SEARCH_TYPE_SEMANTIC,
+}
+
+
+def search_memory(
+    text: str,
+    *,
+    user_id: str | None,
+    session_ids: Sequence[str] | None,
+    search_type: str,
+    limit: int,
+    mmr_lambda: float | None,
+    role_types: Sequence[str] | None,
+    metadata: JsonObject | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+) -> Unary[SearchResults]:
+    """SearchMemory."""
+    _texts(text=text)
+    _ids(optional=True, user_id=user_id)
+    _checks.texts("session_ids", session_ids)
+    if search_type not in SEARCH_TYPES:
+        raise ValueError(
+            f"search_type must be one of {', '.join(SEARCH_TYPES)}, not {search_type!r}"
+        )
+    request = ss.SearchMemoryRequest(
+        text=text,
+        user_id=user_id or "",
+        session_ids=list(session_ids or ()),
+        search_type=SEARCH_TYPES[search_type],
+        limit=limit,
+        mmr_lambda=mmr_lambda,
+        role_types=[role_type_number(r) for r in role_types or ()],
+    )
+    if metadata is not None:
+        _checks.json_object("metadata", metadata)
+        request.metadata_contains.update(metadata)
+    if created_after is not None:
+        request.created_after.FromDatetime(created_after)
+    if created_before is not None:
+        request.created_before.FromDatetime(created_before)
+
+    def convert(r: ss.SearchMemoryResponse) -> SearchResults:
+        return SearchResults(
+            [SearchResult.from_proto(found) for found in r.results],
+            r.semantic,
+            r.unembedded_messages,
+            r.note,
+        )
+
+    return Unary(SESSIONS, "SearchMemory", request, convert, idempotent=True)
+
+
+def export_sessions(
+    chunk_size: int, page_token: str, include_deleted: bool = False
+) -> Stream[Session]:
+    """ExportSessions (soft-deleted sessions too with include_deleted)."""
+    request = ss.ExportSessionsRequest(
+        chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
+    )
+    return Stream(
+        SESSIONS, "ExportSessions", request, lambda r: [Session.from_proto(s) for s in r.sessions]
+    )
+
+
+def export_messages(
+    chunk_size: int, page_token: str, include_deleted: bool = False
+) -> Stream[ExportedMessage]:
+    """ExportMessages (soft-deleted messages too with include_deleted)."""
+    request = ss.ExportMessagesRequest(
+        chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
+    )
+
+    def convert(r: ss.ExportMessagesResponse) -> list[ExportedMessage]:
+        return [ExportedMessage(m.session_id, Message.from_proto(m.message)) for m in r.messages]
+
+    return Stream(SESSIONS, "ExportMessages", request, convert)
+
+
+# -- backup --------------------------------------------------------------------
+
+
+def restore(
+    users: Sequence[User],
+    sessions: Sequence[Session],
+    messages: Sequence[ExportedMessage],
+    require_empty: bool,
+) -> Unary[Restored]:
+    """Restore: rows written back with their original values, all or none.
+
+    Idempotent: a row already stored as given counts as existing, so it is retried.
+    """
+    request = bs.RestoreRequest(
+        users=[user_backup_proto(u) for u in users],
+        sessions=[session_backup_proto(s) for s in sessions],
+        messages=[message_backup_proto(m) for m in messages],
+        require_empty=bool(require_empty),
+    )
+
+    def counts(c: bs.RestoreCounts) -> RestoreCounts:
+        return RestoreCounts(c.created, c.existing)
+
+    def convert(r: bs.RestoreResponse) -> Restored:
+        return Restored(counts(r.users), counts(r.sessions), counts(r.messages))
+
+    return Unary(BACKUP, "Restore", request, convert, idempotent=True)
