@@ -15,14 +15,34 @@ def _env(url: str) -> dict[str, str]:
     return {**os.environ, "DATABASE_URL": url}
 
 
+def _two_free_ports() -> int:
+    while True:
+        first = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", first + 1))
+                return first
+            except OSError:
+                continue
+
+
+def _http_requests(metrics_port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("memstore_http_requests_total{")
+    )
+
+
 def test_workers_serve_http_from_every_process_and_stop_cleanly(clean_db: str) -> None:
-    http_port = free_port()
+    http_port, metrics = free_port(), _two_free_ports()
     proc, _ = serve_memstore(
         "--workers", "2", "--http-port", str(http_port), "--purge-interval", "0",
-        env=_env(clean_db),
+        "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics), env=_env(clean_db),
     )  # fmt: skip
     try:
-        for i in range(40):  # new connections each time: the kernel spreads them over workers
+        for i in range(40):  # a new connection each time: the kernel spreads them over workers
             with httpx.Client(base_url=f"http://127.0.0.1:{http_port}") as client:
                 made = client.post(
                     "/api/v2/sessions/w/memory", json={"messages": [{"content": f"m{i}"}]}
@@ -31,6 +51,9 @@ def test_workers_serve_http_from_every_process_and_stop_cleanly(clean_db: str) -
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}") as client:
             listed = client.get("/api/v2/sessions/w/messages?limit=100").json()
         assert listed["total_count"] == 40
+        # Each worker keeps its own counters on its own metrics port: both served HTTP.
+        served = [_http_requests(metrics), _http_requests(metrics + 1)]
+        assert sum(served) == 41 and all(n > 0 for n in served), served
     finally:
         code, out = stop_memstore(proc)
     assert code == 0, out

@@ -29,6 +29,7 @@ def users_and_sessions(base_url: str) -> dict[str, Any]:
         raise AssertionError("a duplicate user was created")
     except BadRequestError as exc:
         assert "already exists" in str(exc.body.message)
+    assert client.user.get("dora").email == "dora@example.com"
     updated = client.user.update("dora", first_name="Dora", metadata={"tier": 2, "x": True})
     assert updated.metadata == {"tier": 2, "x": True} and updated.first_name == "Dora"
     client.memory.add_session(session_id="d-1", user_id="dora", metadata={"topic": "tea"})
@@ -87,6 +88,11 @@ def memory(base_url: str) -> dict[str, Any]:
     client.memory.add("e-1", messages=[Message(role="Eve", role_type="user", content="again")])
     revived = client.memory.get("e-1")
     assert [m.content for m in revived.messages or []] == ["again"], revived.messages
+    try:
+        client.memory.get_summaries("e-1")
+        raise AssertionError("summaries were served")
+    except ApiError as exc:  # not served: a JSON 501 the SDK reads as an error
+        assert exc.status_code == 501 and "summaries" in str(exc.body), exc.body
     return {"hits": len(hits)}
 
 

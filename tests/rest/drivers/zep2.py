@@ -68,6 +68,11 @@ def users(base_url: str) -> dict[str, Any]:
     except NotFoundError:
         pass
     client.user.add(user_id="alice")  # the id is free again
+    try:
+        client.memory.get_fact("0b5e3c1a-9f8d-4c2e-b7a6-1d2e3f405162")
+        raise AssertionError("facts were served")
+    except ApiError as exc:  # not served: a JSON 501 the SDK reads as an error
+        assert exc.status_code == 501 and "facts" in str(exc.body), exc.body
     return {"deleted": deleted.message, "listed": _list_users(client)}
 
 
