@@ -4,11 +4,16 @@ refused when taken, stopped cleanly by SIGTERM."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psycopg
 
 from tests.processes import free_port, run_memstore, serve_memstore, stop_memstore
+from tests.test_process import _until_a_lock_waiter
 
 
 def _env(url: str) -> dict[str, str]:
@@ -83,3 +88,28 @@ def test_a_taken_http_port_fails_start_with_one_clear_line(clean_db: str) -> Non
             assert run.returncode == 1, run.stderr
             assert f"cannot listen on 127.0.0.1:{taken}" in run.stderr
             assert "Traceback" not in run.stderr
+
+
+def test_sigterm_lets_an_in_flight_http_request_finish(clean_db: str) -> None:
+    http_port = free_port()
+    proc, _ = serve_memstore(
+        "--http-port", str(http_port), "--purge-interval", "0", "--grace-period", "10",
+        env=_env(clean_db),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{http_port}"
+    assert httpx.post(f"{base}/api/v2/users", json={"user_id": "busy"}).status_code == 201
+    with psycopg.connect(clean_db) as blocker, ThreadPoolExecutor(1) as pool:
+        # Hold the row lock so the PATCH below is in flight when SIGTERM arrives.
+        blocker.execute("SELECT 1 FROM users WHERE user_id = 'busy' FOR UPDATE")
+        pending = pool.submit(
+            httpx.patch, f"{base}/api/v2/users/busy", json={"email": "b@x.org"}, timeout=20
+        )
+        assert _until_a_lock_waiter(clean_db), "the PATCH never reached the database"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the server must wait for the in-flight request"
+        blocker.rollback()
+        reply = pending.result()
+    assert reply.status_code == 200 and reply.json()["email"] == "b@x.org", reply.text
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
