@@ -111,7 +111,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
             if "workers" in only:
                 two = env.Server(url, workers=2, extra_args=quiet)
                 try:
-                    out.append(_emit(figures.scaling(s, pool, one, two)))
+                    out.extend(_emit(f) for f in figures.scaling(s, pool, one, two))
                 finally:
                     _check_stopped(two)
             if "turn" in only or "rest" in only:
@@ -151,6 +151,11 @@ def _note(f: dict[str, Any]) -> str:
         )
     if name == "deep_page":
         return f"{f['deep_page_ms']} vs {f['first_page_ms']} ms (page {f['depth_pages']})"
+    if name == "workers_cpu":
+        return (
+            f"{f['two_cpu_s_per_1000']} vs {f['one_cpu_s_per_1000']} server CPU-s per 1,000 "
+            "GetUser calls"
+        )
     if name == "agent_turn":
         return (
             f"{f['turns_per_s']:,} turns/s vs health {f['health_rps']:,} rps; at "
