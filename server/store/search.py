@@ -81,6 +81,13 @@ def _statement(vector: bool, semantic_only: bool) -> str:
     return "search_semantic" if semantic_only else "search_hybrid"
 
 
+def _kept(row: Row) -> SearchResult:
+    # A part-1 row of get_memory_recall: the memory's message in the m_ columns.
+    return SearchResult(
+        message=rows.message(row, "m_"), user_id=row["user_id"], score=row["r_score"]
+    )
+
+
 def _found(row: Row) -> Found:
     result = SearchResult(message=rows.message(row), user_id=row["user_id"], score=row["score"])
     return result, json.loads(row["vector"]) if row["vector"] is not None else None
@@ -160,21 +167,25 @@ class SearchMethods(StoreBase):
         """
         params = self._recall_params(project_id, session_id, window, model, limit)
         params["lastn"] = lastn
-        stored = model is not None and self.vectors and limit <= RECALL_KEEP
-        statements: list[sql.SQL | sql.Composed] = [memory_window()]
-        if stored:
-            statements.append(query("recall_stored"))
-        async with self._connect(single=True) as conn:
-            # Both are point reads whose generic plan is as good as a custom one: prepared.
-            memory, *kept = await _pipelined(conn, statements, params, prepare=True)
-            if not memory:
-                return None, [], []
-            session = rows.session(memory[0])
-            if session.user_id is None:
-                results: list[SearchResult] = []  # no user, no user-level memory
-            elif kept and kept[0]:
-                results = [_found(r)[0] for r in kept[0] if r["user_id"] is not None]
-            else:
+        if model is not None and self.vectors and limit <= RECALL_KEEP:
+            async with self._connect(single=True) as conn:
+                # A point read whose generic plan is as good as a custom one: prepared.
+                found = await fetch_all(conn, "get_memory_recall", params)
+            memory = [r for r in found if r["part"] == 0]
+            kept = [r for r in found if r["part"] == 1]
+        else:
+            async with self._connect(single=True) as conn:
+                memory = await fetch_all(conn, memory_window(), params)
+            kept = []
+        if not memory:
+            return None, [], []
+        session = rows.session(memory[0])
+        if session.user_id is None:
+            results: list[SearchResult] = []  # no user, no user-level memory
+        elif kept:
+            results = [_kept(r) for r in kept if r["m_uuid"] is not None]
+        else:
+            async with self._connect(single=True) as conn:
                 results = await self._rank_recall(conn, params, model)
         return session, rows.joined_messages(memory), results
 
@@ -343,22 +354,17 @@ class SearchMethods(StoreBase):
 
 
 async def _pipelined(
-    conn: AsyncConnection[Any],
-    statements: list[sql.SQL | sql.Composed],
-    params: dict[str, Any],
-    *,
-    prepare: bool = False,
+    conn: AsyncConnection[Any], statements: list[sql.SQL | sql.Composed], params: dict[str, Any]
 ) -> list[list[Row]]:
     # Every statement is sent, then one Sync: one round trip for all of them. The results
     # are read after the pipeline's end (they are all in by then): fetching inside it would
     # flush and wait once more before the Sync's own wait.
-    # Searches are never prepared (prepare=False): a prepared search soon runs on
-    # PostgreSQL's generic plan, which does not know the query's words and was measured
-    # 10-20 times slower than a custom plan. prepare=True leaves it to psycopg's threshold.
+    # Never prepared: a prepared search soon runs on PostgreSQL's generic plan, which does
+    # not know the query's words and was measured 10-20 times slower than a custom plan.
     async with conn.pipeline():
         cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
         for cursor, statement in zip(cursors, statements, strict=True):
-            await cursor.execute(statement, params, prepare=None if prepare else False)
+            await cursor.execute(statement, params, prepare=False)
     return [await cursor.fetchall() for cursor in cursors]
 
 

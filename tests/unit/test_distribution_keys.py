@@ -66,9 +66,10 @@ MULTI_SHARD = {
     "of every shard",
     ("refresh_session_embeddings", "messages"): "the recall vectors of every session one "
     "embedding batch touched",
-    ("recall_stored", "messages"): "GetMemory's kept recall: messages of the user's other "
+    ("get_memory_recall", "messages"): "GetMemory's kept recall: messages of the user's other "
     "sessions, which span shards",
-    ("recall_stored", "sessions"): "GetMemory's kept recall: the live check of those sessions",
+    ("get_memory_recall", "sessions"): "GetMemory's kept recall: the live check of those "
+    "sessions (the window's part stays on its session's shard)",
     ("lock_embedded_sessions", "sessions"): "the embedding worker locks the sessions of one "
     "batch, which span shards",
     ("save_embeddings", "messages"): "the embedding worker writes the vectors of one batch, "

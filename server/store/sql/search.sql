@@ -285,28 +285,46 @@ UPDATE session_embeddings SET
     recall_scores = %(recall_scores)s::float8[]
 WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(model)s;
 
--- recall_stored --
--- A session's kept recall: its first %(limit)s memories still live, best first; a single
--- all-NULL row when none of the kept ones is (or the list is empty); no row at all when none
--- was computed for this model. Memories whose message or session was deleted since, or
--- whose session changed hands, are skipped in SQL: only what GetMemory returns is read.
-SELECT k.uuid, k.session_id, k.sequence, k.role, k.role_type, k.content, k.metadata,
-       k.created_at, k.updated_at, k.user_id, k.score, NULL::text AS vector
+-- get_memory_recall --
+-- GetMemory with kept recall in one statement (one round trip, no pipeline): get_memory's
+-- rows (part 0), then the session's kept recall (part 1: its first %(limit)s memories still
+-- live, best first; session_id and user_id are the memory's, its message in the m_ columns,
+-- r_score its score). No part-1 row when no recall was computed for this model; a single
+-- one with a NULL m_uuid when none of the kept memories is live (deleted since, or their
+-- session changed hands): those are skipped in SQL, later ones fill in.
+SELECT 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
+       s.deleted_at, s.message_count, s.last_message_at,
+       m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
+       m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
+       m.created_at AS m_created_at, m.updated_at AS m_updated_at,
+       NULL::float8 AS r_score, m.sequence AS ord
+FROM sessions s
+LEFT JOIN LATERAL (
+    SELECT * FROM messages m
+    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
+    ORDER BY m.sequence DESC
+    LIMIT %(lastn)s
+) m ON true
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
+UNION ALL
+SELECT 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
+       k.uuid, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
+       k.updated_at, k.score, k.rank
 FROM session_embeddings e
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
 LEFT JOIN LATERAL (
-    SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
-           m.created_at, m.updated_at, s.user_id, r.score, r.rank
+    SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content,
+           rm.metadata, rm.created_at, rm.updated_at, rs.user_id, r.score, r.rank
     FROM unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
         WITH ORDINALITY AS r(session_id, sequence, score, rank)
-    JOIN messages m ON m.project_id = e.project_id AND m.session_id = r.session_id
-                   AND m.sequence = r.sequence AND m.deleted_at IS NULL
-    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-                   AND s.deleted_at IS NULL AND s.user_id = o.user_id
+    JOIN messages rm ON rm.project_id = e.project_id AND rm.session_id = r.session_id
+                    AND rm.sequence = r.sequence AND rm.deleted_at IS NULL
+    JOIN sessions rs ON rs.project_id = rm.project_id AND rs.session_id = rm.session_id
+                    AND rs.deleted_at IS NULL AND rs.user_id = o.user_id
     ORDER BY r.rank
     LIMIT %(limit)s
 ) k ON true
 WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
   AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
-ORDER BY k.rank;
+ORDER BY part, ord;
