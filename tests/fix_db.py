@@ -14,6 +14,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from server.store import Store
+from tests.citus_cluster import cluster_workers, drop_database, prepare_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_TABLES = ("messages", "sessions", "users")
@@ -23,15 +24,22 @@ DATA_TABLES = ("messages", "sessions", "users")
 def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
     """Creates an empty database named `prefix_<random>`; yields its URL; drops it after."""
     name = f"{prefix}_{secrets.token_hex(4)}"
+    workers = cluster_workers()
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = pg_conninfo.make_conninfo(server_url, dbname=name)
     try:
-        yield pg_conninfo.make_conninfo(server_url, dbname=name)
+        if workers:
+            # Under `make test-citus`: the database spans the cluster's three nodes.
+            prepare_database(url, workers)
+        yield url
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+        if workers:
+            drop_database(name, workers)
 
 
 def database_name(url: str) -> str:

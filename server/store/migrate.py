@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 
+from server.store.distribute import citus_present, distribute
 from server.store.queries import query
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
                 await conn.execute(query("record_migration"), {"name": name})
             log.info("applied migration %s", name)
             applied.append(name)
+        if await citus_present(conn):
+            # On a Citus coordinator the same tables are then distributed (once).
+            await distribute(conn)
         return applied
     finally:
         await conn.execute(query("unlock_migrations"))

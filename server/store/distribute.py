@@ -1,0 +1,94 @@
+"""On Citus, the layout migrate gives memstore's tables: which are distributed, by what, with what.
+
+The same numbered migrations build the tables on plain PostgreSQL and on a Citus coordinator;
+where the `citus` extension is created in the database, `distribute` then turns them into
+distributed and reference tables (idempotent: a table Citus already manages is left alone).
+docs/scaling.md explains the choices; tests/citus proves them on a running cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+
+from server.store.queries import query
+
+log = logging.getLogger(__name__)
+
+#: Small tables every node reads: copied to every node, joinable with anything.
+REFERENCE = ("projects", "settings", "api_keys")
+#: (table, distribution column, co-locate with): each table is placed by one column. Users by
+#: their id; a session and everything under it (messages, vectors, queue) by the session id,
+#: so a call naming one session reaches one shard and its writes are one local transaction.
+DISTRIBUTED = (
+    ("users", "user_id", "none"),
+    ("sessions", "session_id", "none"),
+    ("messages", "session_id", "sessions"),
+    ("embedding_queue", "session_id", "sessions"),
+    ("message_embeddings", "session_id", "sessions"),
+    ("session_embeddings", "session_id", "sessions"),
+)
+#: Foreign keys Citus cannot keep (they join rows placed by different columns); the store
+#: enforces what they did (store/sessions.py, store/users.py; tests/citus proves it).
+NOT_ENFORCEABLE = {("sessions", "users")}
+
+
+async def citus_present(conn: AsyncConnection[Any]) -> bool:
+    """Whether the database is a Citus coordinator (the extension is created in it)."""
+    cur = await conn.execute(query("citus_present"))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def distribute(conn: AsyncConnection[Any]) -> list[str]:
+    """Distributes the tables Citus does not manage yet, in one transaction; returns them.
+
+    Foreign keys among the tables are dropped first (Citus distributes a table only when the
+    tables it references are already distributed or reference tables, and a table referenced
+    by a local one not at all), then made again, except those in NOT_ENFORCEABLE.
+    """
+    cur = await conn.execute(query("citus_tables"))
+    managed = {str(row[0]) for row in await cur.fetchall()}
+    existing = await _existing_tables(conn)
+    todo = [t for t in (*REFERENCE, *(d[0] for d in DISTRIBUTED)) if t in existing]
+    todo = [t for t in todo if t not in managed]
+    if not todo:
+        return []
+    async with conn.transaction():
+        await conn.execute(query("sequential_mode"))
+        cur = await conn.execute(query("citus_foreign_keys"), {"tables": todo})
+        keys = [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in await cur.fetchall()]
+        for table, name, _, _ in keys:
+            drop = query("drop_foreign_key").format(
+                table=sql.Identifier(table), name=sql.Identifier(name)
+            )
+            await conn.execute(drop)
+        for table in REFERENCE:
+            if table in todo:
+                await conn.execute(query("citus_reference_table"), {"table": table})
+        for table, column, colocate_with in DISTRIBUTED:
+            if table in todo:
+                await conn.execute(
+                    query("citus_distributed_table"),
+                    {"table": table, "column": column, "colocate_with": colocate_with},
+                )
+        for table, name, referenced, definition in keys:
+            if (table, referenced) in NOT_ENFORCEABLE:
+                log.info("citus: %s.%s is enforced by the store, not a foreign key", table, name)
+                continue
+            # The definition is PostgreSQL's own text of a constraint it already held.
+            add = query("add_foreign_key").format(
+                table=sql.Identifier(table),
+                name=sql.Identifier(name),
+                definition=sql.SQL(definition),
+            )
+            await conn.execute(add)
+    log.info("citus: distributed %s", ", ".join(todo))
+    return todo
+
+
+async def _existing_tables(conn: AsyncConnection[Any]) -> set[str]:
+    cur = await conn.execute(query("existing_tables"))
+    return {str(row[0]) for row in await cur.fetchall()}

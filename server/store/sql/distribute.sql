@@ -1,0 +1,52 @@
+-- Citus: the statements that distribute memstore's tables (store/distribute.py).
+
+-- citus_present --
+-- Whether this database is a Citus coordinator (the citus extension is created here): then
+-- migrate also distributes the tables (store/distribute.py).
+SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;
+
+-- citus_tables --
+-- memstore's tables that Citus already manages, with their kind ('h' hash-distributed,
+-- 'n' reference) and distribution column.
+SELECT p.logicalrelid::regclass::text AS name, p.partmethod AS kind,
+       column_to_column_name(p.logicalrelid, p.partkey) AS distribution_column
+FROM pg_dist_partition p;
+
+-- citus_foreign_keys --
+-- The foreign keys between the tables still to distribute (and any they reference): dropped
+-- while the tables are distributed, then made again where Citus can enforce them.
+SELECT c.conrelid::regclass::text AS table_name, c.conname AS name,
+       c.confrelid::regclass::text AS referenced, pg_get_constraintdef(c.oid) AS definition
+FROM pg_constraint c
+WHERE c.contype = 'f' AND c.connamespace = current_schema()::regnamespace
+  AND (c.conrelid::regclass::text = ANY(%(tables)s::text[])
+       OR c.confrelid::regclass::text = ANY(%(tables)s::text[]))
+ORDER BY c.conrelid::regclass::text, c.conname;
+
+-- citus_reference_table --
+-- Copies a small shared table to every node (a Citus reference table).
+SELECT create_reference_table(%(table)s::text::regclass);
+
+-- citus_distributed_table --
+-- Hash-distributes a table by one column, in the co-location group of another table (or in a
+-- group of its own, 'none').
+SELECT create_distributed_table(%(table)s::text::regclass, %(column)s,
+                                colocate_with => %(colocate_with)s);
+
+-- drop_foreign_key --
+-- Drops one foreign key while its tables are distributed; {table} and {name} are identifiers.
+ALTER TABLE {table} DROP CONSTRAINT {name};
+
+-- add_foreign_key --
+-- Makes a dropped foreign key again from PostgreSQL's own text of it ({definition}).
+ALTER TABLE {table} ADD CONSTRAINT {name} {definition};
+
+-- existing_tables --
+-- The tables of the current schema (the vector tables exist only where pgvector was).
+SELECT c.relname AS name FROM pg_class c
+WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p');
+
+-- sequential_mode --
+-- Distributes over one connection per node: the tables reference each other, and Citus
+-- refuses parallel shard writes in a transaction that also touches a reference table.
+SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
