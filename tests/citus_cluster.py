@@ -175,7 +175,7 @@ def prepare_database(url: str, workers: list[str]) -> None:
 
 
 def drop_database(dbname: str, workers: list[str]) -> None:
-    """Drops a scratch database from the workers (the coordinator's copy is dropped by its owner)."""
+    """Drops a scratch database from the workers (its owner drops the coordinator's copy)."""
     for worker in workers:
         host, port = worker.rsplit(":", 1)
         with psycopg.connect(host=host, port=port, user="postgres", autocommit=True) as conn:

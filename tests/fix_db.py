@@ -66,13 +66,24 @@ LOCK_WAITERS = (
 
 
 async def lock_waiters(url: str) -> int:
-    """How many backends of the database wait for a lock (e.g. a call a test pinned)."""
-    # A fresh autocommit connection: pg_stat_activity is read once per transaction.
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cur = await conn.execute(LOCK_WAITERS)
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
+    """How many backends of the database wait for a lock (e.g. a call a test pinned).
+
+    On a Citus cluster the rows live on the workers, so that is where a call waits: their
+    backends of the same database are counted too.
+    """
+    urls = [url]
+    for worker in cluster_workers() or []:
+        host, port = worker.rsplit(":", 1)
+        urls.append(pg_conninfo.make_conninfo(url, host=host, port=port))
+    waiting = 0
+    for each in urls:
+        # A fresh autocommit connection: pg_stat_activity is read once per transaction.
+        async with await psycopg.AsyncConnection.connect(each, autocommit=True) as conn:
+            cur = await conn.execute(LOCK_WAITERS)
+            row = await cur.fetchone()
+        assert row is not None
+        waiting += int(row[0])
+    return waiting
 
 
 async def has_lock_waiter(url: str) -> bool:

@@ -54,6 +54,7 @@ class AdminMethods(StoreBase):
         async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "vectors_ready", {})
         self.vectors = bool(row and row["ready"])
+        self.citus = bool(row and row["citus"])
         return self.vectors
 
     async def token_key(self) -> bytes:
@@ -85,8 +86,13 @@ class AdminMethods(StoreBase):
         assert row is not None
         params = {"cutoff": row["cutoff"], "batch_size": batch_size}
         # Messages first: most expired messages belong to live sessions (ClearMemory).
-        messages, _, message_batches = await self._purge_batches("purge_messages", params)
-        sessions, cascaded, session_batches = await self._purge_batches("purge_sessions", params)
+        names = (
+            ("purge_messages_citus", "purge_sessions_citus")
+            if self.citus
+            else ("purge_messages", "purge_sessions")
+        )
+        messages, _, message_batches = await self._purge_batches(names[0], params)
+        sessions, cascaded, session_batches = await self._purge_batches(names[1], params)
         return PurgeReport(
             sessions=sessions,
             messages=messages + cascaded,

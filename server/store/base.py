@@ -34,6 +34,9 @@ class StoreBase:
         #: Whether the vector tables exist (pgvector was available to migration 0007): new
         #: messages are then queued for embedding and search can rank by meaning.
         self.vectors = False
+        #: Whether the database is a Citus coordinator (the tables are distributed): the few
+        #: writes Citus runs differently take their other path (docs/scaling.md).
+        self.citus = False
 
     @asynccontextmanager
     async def _connect(

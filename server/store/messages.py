@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid as uuid_lib
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,7 +35,7 @@ from server.store.base import (
 from server.store.coalesce import Batcher
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
-from server.store.sessions import hide_in_live_session, session_missing
+from server.store.sessions import hide_in_live_session, lock_session_owner, session_missing
 
 #: The unique key of a message's uuid in its session (migrations/0001).
 _UUID_KEY = "messages_project_id_session_id_uuid_key"
@@ -95,7 +96,9 @@ class MessageMethods(StoreBase):
             "embed": self.vectors,
         }
         call = _Append(params, user_id)
-        if len(messages) <= BATCHED_CALL_MESSAGES:
+        # On Citus each call stays alone: calls of several sessions in one transaction would
+        # make a multi-shard transaction (two-phase commit) of a single-shard write.
+        if len(messages) <= BATCHED_CALL_MESSAGES and not self.citus:
             found = await self._appender.submit(call)
         else:
             found = _outcome(await self._append_alone(call))
@@ -154,8 +157,14 @@ class MessageMethods(StoreBase):
 
     async def _append_alone(self, call: _Append) -> list[Row] | Exception:
         no_user = factory(no_such_user(call.user_id))
+        # On Citus no foreign key checks the named user: the store does, in the transaction.
+        owner = call.user_id if self.citus else None
         try:
-            async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:
+            async with self._connect(
+                foreign_key=no_user, field="messages", single=owner is None
+            ) as conn:
+                if owner is not None:
+                    await lock_session_owner(conn, call.params["project_id"], owner)
                 return await _append(conn, call.params)
         except MemstoreError as exc:
             return exc
@@ -300,7 +309,7 @@ async def _append(conn: AsyncConnection[Any], params: Params) -> list[Row]:
         try:
             return await fetch_all(conn, "add_memory", params)
         except pg.UniqueViolation as exc:
-            if exc.diag.constraint_name != _UUID_KEY or attempt + 1 == _APPEND_ATTEMPTS:
+            if not _is_uuid_key(exc) or attempt + 1 == _APPEND_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
 
@@ -328,3 +337,13 @@ def message_not_found(session_id: str, uuid: str) -> NotFound:
     return NotFound(
         f"message '{uuid}' not found in session '{session_id}'", reason="MESSAGE_NOT_FOUND"
     )
+
+
+def _is_uuid_key(exc: pg.UniqueViolation) -> bool:
+    """Whether the violated key is the message uuid key.
+
+    On Citus the violation comes from a shard's copy of the key (its name ends with the shard
+    id) and reaches the coordinator as a message without a constraint name.
+    """
+    named = exc.diag.constraint_name or exc.diag.message_primary or ""
+    return re.search(rf"\b{_UUID_KEY}(_\d+)?\b", named) is not None

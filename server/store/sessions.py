@@ -54,7 +54,11 @@ class SessionMethods(StoreBase):
             "user_id": user_id,
             "metadata": Jsonb(metadata),
         }
-        async with self._connect(foreign_key=factory(no_such_user(user_id)), single=True) as conn:
+        check = self.citus and user_id is not None
+        no_user = factory(no_such_user(user_id))
+        async with self._connect(foreign_key=no_user, single=not check) as conn:
+            if check and user_id is not None:
+                await lock_session_owner(conn, project_id, user_id)
             row = await fetch_one(conn, "create_session", params)
             if row is None:
                 state = await fetch_one(conn, "session_state", params)
@@ -243,3 +247,17 @@ def list_sessions_statements(
     page = query("list_sessions").format(filters=filters, keyset=keyset, order=order)
     count = query("count_sessions").format(filters=filters)
     return page, count, params
+
+
+async def lock_session_owner(conn: AsyncConnection[Any], project_id: int, user_id: str) -> None:
+    """Under Citus: checks and locks the user a session write names, in its transaction.
+
+    What the sessions -> users foreign key does on plain PostgreSQL, which Citus cannot keep
+    (the tables are placed by different columns): a session for an unknown user is refused,
+    and DeleteUser (which locks the user FOR UPDATE) waits for the write, or it for DeleteUser.
+
+    Raises:
+        FailedPrecondition: no such user (reason USER_NOT_FOUND).
+    """
+    if await fetch_one(conn, "lock_session_owner", key(project_id, user_id=user_id)) is None:
+        raise no_such_user(user_id)

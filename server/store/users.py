@@ -127,7 +127,8 @@ class UserMethods(StoreBase):
             # lock) its sessions, so no message lands between count and delete.
             if await fetch_one(conn, "lock_user", params) is None:
                 raise user_not_found(user_id)
-            await fetch_one(conn, "lock_user_sessions", params)
+            lock = "lock_user_sessions_citus" if self.citus else "lock_user_sessions"
+            await fetch_one(conn, lock, params)
             row = await fetch_one(conn, "delete_user", params)
         assert row is not None
         return DeletedCounts(sessions=int(row["sessions"]), messages=int(row["messages"]))

@@ -28,7 +28,7 @@ def citus_url() -> Iterator[str]:
     reason = citus_missing()
     if reason is not None:
         pytest.skip(f"Citus suite skipped: {reason}")
-    with cluster() as (coordinator, workers):
+    with cluster() as (coordinator, _workers):
         yield coordinator.url()
 
 

@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 
 from server.store.queries import parse, query
 
-_NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+_NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 #: A value for every parameter a statement may name: one session, one user, one message.
 VALUES: dict[str, Any] = {
     "project_id": 1,

@@ -99,7 +99,10 @@ async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_
         for table in ("sessions", "messages"):
             await conn.execute(
                 sql.SQL(
-                    "UPDATE {} SET deleted_at = deleted_at - interval '2 days'"
+                    # In UTC, where the arithmetic is immutable: Citus refuses a stable
+                    # function over a column (timestamptz - interval) in an UPDATE.
+                    "UPDATE {} SET deleted_at ="
+                    " (deleted_at AT TIME ZONE 'UTC' - interval '2 days') AT TIME ZONE 'UTC'"
                     " WHERE session_id IN ('cleared', 'dead') AND deleted_at IS NOT NULL"
                 ).format(sql.Identifier(table))
             )

@@ -62,6 +62,41 @@ WITH doomed AS (
 )
 SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
 
+-- purge_messages_citus --
+-- purge_messages under Citus, which locks no rows of a multi-shard SELECT: the batch is
+-- picked first (every shard's oldest, merged), then deleted by key. A row another transaction
+-- holds is waited for rather than skipped; soft-deleted rows past retention are rarely held.
+WITH doomed AS MATERIALIZED (
+    SELECT m.project_id, m.session_id, m.sequence FROM messages m
+    WHERE m.deleted_at < %(cutoff)s
+    LIMIT %(batch_size)s
+), gone AS (
+    DELETE FROM messages m
+    WHERE (m.project_id, m.session_id, m.sequence) IN (SELECT * FROM doomed)
+      AND m.deleted_at < %(cutoff)s
+    RETURNING 1
+)
+SELECT count(*) AS n, 0 AS others FROM gone;
+
+-- purge_sessions_citus --
+-- purge_sessions under Citus, picked and deleted as purge_messages_citus.
+WITH doomed AS MATERIALIZED (
+    SELECT s.project_id, s.session_id FROM sessions s
+    WHERE s.deleted_at < %(cutoff)s
+    LIMIT %(batch_size)s
+), gone_messages AS (
+    DELETE FROM messages m
+    WHERE (m.project_id, m.session_id) IN (SELECT * FROM doomed)
+    RETURNING 1
+), gone AS (
+    DELETE FROM sessions s
+    WHERE (s.project_id, s.session_id) IN (SELECT * FROM doomed) AND s.deleted_at < %(cutoff)s
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
+
 -- vectors_ready --
--- Whether migration 0007 made the vector tables (pgvector was available).
-SELECT to_regclass('message_embeddings') IS NOT NULL AS ready;
+-- Whether migration 0007 made the vector tables (pgvector was available), and whether the
+-- database is a Citus coordinator (a few writes then take another path: store/distribute.py).
+SELECT to_regclass('message_embeddings') IS NOT NULL AS ready,
+       EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;

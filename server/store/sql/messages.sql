@@ -40,11 +40,13 @@ WITH t AS (
                                  THEN s.message_count + excluded.message_count
                              ELSE excluded.message_count END,
         deleted_at = CASE WHEN excluded.message_count = 0 THEN s.deleted_at END,
-        -- The time is taken again under the row lock, so created_at follows the sequence.
-        (last_message_at, updated_at) = (
-            SELECT CASE WHEN excluded.message_count = 0 THEN s.last_message_at ELSE t.now END,
-                   CASE WHEN excluded.message_count = 0 THEN s.updated_at ELSE t.now END
-            FROM (SELECT clock_timestamp() AS now) t)
+        -- The insert's time, raised under the row lock to the session's last one, so
+        -- created_at never goes back as the sequence grows (excluded.updated_at is the
+        -- clock_timestamp() taken above: Citus allows no function here, not even a stable one).
+        last_message_at = CASE WHEN excluded.message_count = 0 THEN s.last_message_at
+                               ELSE greatest(excluded.updated_at, s.last_message_at) END,
+        updated_at = CASE WHEN excluded.message_count = 0 THEN s.updated_at
+                          ELSE greatest(excluded.updated_at, s.last_message_at) END
     WHERE %(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text
     RETURNING s.project_id, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
               s.deleted_at, s.message_count, s.last_message_at, s.next_sequence
@@ -90,8 +92,10 @@ SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.delete
        m.created_at AS m_created_at, m.updated_at AS m_updated_at
 FROM sessions s
 LEFT JOIN LATERAL (
+    -- Pinned by the parameters, not by s: Citus routes to one shard only what they pin.
     SELECT * FROM messages m
-    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
+    WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
+      AND m.deleted_at IS NULL
     ORDER BY m.sequence DESC
     LIMIT %(lastn)s
 ) m ON true
@@ -108,9 +112,10 @@ SELECT s.session_id, s.message_count,
        m.created_at AS m_created_at, m.updated_at AS m_updated_at
 FROM sessions s
 LEFT JOIN LATERAL (
+    -- Pinned by the parameters, as in get_memory.
     SELECT * FROM messages m
-    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
-      AND m.sequence > %(after_sequence)s
+    WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
+      AND m.deleted_at IS NULL AND m.sequence > %(after_sequence)s
     ORDER BY m.sequence
     LIMIT %(limit)s OFFSET %(offset)s
 ) m ON true
@@ -143,16 +148,19 @@ WITH target AS (
 ), sized AS (
     SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
 ), m AS (
-    UPDATE messages AS m SET metadata = sized.metadata, updated_at = clock_timestamp()
-    FROM sized
-    WHERE m.project_id = sized.project_id AND m.session_id = sized.session_id
+    -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Never before
+    -- the message's last change.
+    UPDATE messages AS m SET metadata = sized.metadata, updated_at = greatest(t.now, m.updated_at)
+    FROM sized, (SELECT clock_timestamp() AS now) AS t
+    -- Pinned by the parameters (sized holds that one message) so it stays on one shard.
+    WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
       AND m.uuid = sized.uuid AND sized.metadata_bytes <= %(max_metadata_bytes)s
     RETURNING m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
               m.created_at, m.updated_at
 ), touched AS (
-    UPDATE sessions AS s SET updated_at = m.updated_at
+    UPDATE sessions AS s SET updated_at = greatest(m.updated_at, s.updated_at)
     FROM m
-    WHERE s.project_id = %(project_id)s AND s.session_id = m.session_id
+    WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
     RETURNING 1
 )
 SELECT sized.metadata_bytes, m.*, (SELECT count(*) FROM touched) AS touched
@@ -161,7 +169,7 @@ FROM sized LEFT JOIN m ON true;
 -- clear_memory --
 -- Soft-deletes every live message of a live session; the session stays, message_count 0.
 WITH s AS (
-    UPDATE sessions AS s SET message_count = 0, updated_at = t.now
+    UPDATE sessions AS s SET message_count = 0, updated_at = greatest(t.now, s.updated_at)
     FROM (SELECT clock_timestamp() AS now) AS t
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
       AND s.deleted_at IS NULL
@@ -169,7 +177,9 @@ WITH s AS (
 ), hidden AS (
     UPDATE messages AS m SET deleted_at = s.updated_at
     FROM s
-    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
+    -- Pinned by the parameters (s holds that one session) so it stays on one shard.
+    WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
+      AND m.deleted_at IS NULL
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM hidden) AS messages FROM s;

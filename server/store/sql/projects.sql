@@ -29,8 +29,9 @@ SELECT project_id, salt, digest, revoked_at FROM api_keys WHERE prefix = %(prefi
 
 -- revoke_api_key --
 -- Marks a key revoked (idempotent: the first revocation time stays).
-UPDATE api_keys k SET revoked_at = coalesce(k.revoked_at, clock_timestamp())
-FROM projects p
+-- The clock is read in FROM: Citus refuses a non-immutable function in SET.
+UPDATE api_keys k SET revoked_at = coalesce(k.revoked_at, t.now)
+FROM projects p, (SELECT clock_timestamp() AS now) AS t
 WHERE k.prefix = %(prefix)s AND p.project_id = k.project_id
 RETURNING k.prefix, k.label, k.created_at, k.revoked_at, p.name AS project;
 

@@ -131,8 +131,9 @@ SELECT memstore_any_words(%(text)s) AS query, %(vector)s::text::vector AS vector
 -- the session is live, has messages and belongs to a user.
 SELECT memstore_any_words(
            (SELECT string_agg(r.role || ' ' || left(r.content, 2000), ' ')
+            -- Pinned by the parameters, not by s, so Citus routes it to one shard.
             FROM (SELECT m.role, m.content FROM messages m
-                  WHERE m.project_id = s.project_id AND m.session_id = s.session_id
+                  WHERE m.project_id = %(project_id)s AND m.session_id = %(exclude_session)s
                     AND m.deleted_at IS NULL
                   ORDER BY m.sequence DESC LIMIT %(window)s) AS r)) AS query
 FROM sessions s

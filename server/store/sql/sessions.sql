@@ -10,6 +10,14 @@ ON CONFLICT (project_id, session_id) DO NOTHING
 RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
           s.message_count, s.last_message_at;
 
+-- lock_session_owner --
+-- Under Citus, where sessions cannot reference users by foreign key: the user a session write
+-- names must exist, and stays locked (FOR KEY SHARE, as the foreign key's check locks it)
+-- until the write commits, so DeleteUser cannot remove it in between. No row: no such user.
+SELECT u.user_id FROM users u
+WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
+FOR KEY SHARE;
+
 -- session_state --
 -- Whether a session exists and whether it is soft-deleted (to word an error).
 SELECT s.deleted_at IS NOT NULL AS deleted
@@ -40,9 +48,12 @@ WITH target AS (
 ), sized AS (
     SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
 ), updated AS (
-    UPDATE sessions AS s SET metadata = sized.metadata, updated_at = clock_timestamp()
-    FROM sized
-    WHERE s.project_id = sized.project_id AND s.session_id = sized.session_id
+    -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Never
+    -- before the last change.
+    UPDATE sessions AS s SET metadata = sized.metadata, updated_at = greatest(t.now, s.updated_at)
+    FROM sized, (SELECT clock_timestamp() AS now) AS t
+    -- Pinned by the parameters (sized holds that one session) so it stays on one shard.
+    WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
       AND sized.metadata_bytes <= %(max_metadata_bytes)s
     RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
               s.message_count, s.last_message_at
@@ -78,7 +89,8 @@ SELECT (SELECT count(*) FROM hidden) AS messages FROM gone;
 
 -- undelete_session --
 -- Restores a soft-deleted session (not its messages); no row means absent or live.
-UPDATE sessions AS s SET deleted_at = NULL, updated_at = clock_timestamp()
+UPDATE sessions AS s SET deleted_at = NULL, updated_at = greatest(t.now, s.updated_at)
+FROM (SELECT clock_timestamp() AS now) AS t
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
   AND s.deleted_at IS NOT NULL
 RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,

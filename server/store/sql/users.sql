@@ -13,11 +13,18 @@ RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_a
 -- get_users --
 -- The users of several ids (concurrent GetUser calls coalesced into one statement), each with
 -- the number of its live sessions; an id with no row is simply absent.
+-- session_count comes from `counts`, a separate step: a user's sessions are placed by their
+-- session ids, so under Citus it is the one fan-out of the statement (docs/scaling.md).
+WITH counts AS MATERIALIZED (
+    SELECT s.user_id, count(*) AS n FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.user_id = ANY(%(user_ids)s::text[])
+      AND s.deleted_at IS NULL
+    GROUP BY s.user_id
+)
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
-       (SELECT count(*) FROM sessions s
-        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
-          AND s.deleted_at IS NULL) AS session_count
+       coalesce(c.n, 0) AS session_count
 FROM users u
+LEFT JOIN counts c ON c.user_id = u.user_id
 WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)s::text[]);
 
 -- update_user --
@@ -45,17 +52,22 @@ WITH target AS (
         first_name = CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
         last_name = CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
         metadata = sized.metadata,
-        updated_at = clock_timestamp()
-    FROM sized
-    WHERE u.project_id = sized.project_id AND u.user_id = sized.user_id
+        -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Never
+        -- before the last change.
+        updated_at = greatest(t.now, u.updated_at)
+    FROM sized, (SELECT clock_timestamp() AS now) AS t
+    -- Pinned by the parameters (sized holds that one user) so it stays on one shard.
+    WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
       AND sized.metadata_bytes <= %(max_metadata_bytes)s
     RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
-              u.updated_at,
-              (SELECT count(*) FROM sessions s
-               WHERE s.project_id = u.project_id AND s.user_id = u.user_id
-                 AND s.deleted_at IS NULL) AS session_count
+              u.updated_at
+), counts AS MATERIALIZED (
+    -- session_count, a step of its own: under Citus the sessions of a user span shards.
+    SELECT count(*) AS n FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s AND s.deleted_at IS NULL
 )
-SELECT sized.metadata_bytes, updated.* FROM sized LEFT JOIN updated ON true;
+SELECT sized.metadata_bytes, updated.*, (SELECT n FROM counts) AS session_count
+FROM sized LEFT JOIN updated ON true;
 
 -- lock_user --
 -- Locks the user first: from then on no session can be created for it (the foreign key
@@ -75,43 +87,73 @@ SELECT count(*) AS sessions FROM (
     FOR UPDATE
 ) AS locked;
 
+-- lock_user_sessions_citus --
+-- lock_user_sessions under Citus, which runs no multi-shard SELECT ... FOR UPDATE: the same
+-- sessions locked by a write that changes nothing. AddMemory's upsert and every other write
+-- of a session wait for that row lock, so delete_user's counts stay exact.
+WITH locked AS (
+    UPDATE sessions s SET message_count = s.message_count
+    WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
+    RETURNING 1
+)
+SELECT count(*) AS sessions FROM locked;
+
 -- delete_user --
--- Hard-deletes the user; the foreign keys cascade to its sessions and their messages.
-WITH doomed AS (
+-- Hard-deletes the user and its sessions (their foreign keys cascade to the messages and
+-- vectors). The sessions are deleted by name, not by the users foreign key's cascade: under
+-- Citus that key cannot exist (users and sessions are placed by different columns).
+WITH doomed AS MATERIALIZED (
     SELECT s.session_id FROM sessions s
     WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
-), message_rows AS (
-    SELECT count(*) AS n FROM messages m
+), gone_messages AS (
+    -- Deleted by name before their sessions (rather than by the cascade), and counted here.
+    DELETE FROM messages m
     WHERE m.project_id = %(project_id)s AND m.session_id IN (SELECT session_id FROM doomed)
+    RETURNING 1
+), gone_sessions AS (
+    DELETE FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.session_id IN (SELECT session_id FROM doomed)
+    RETURNING 1
 ), gone AS (
     DELETE FROM users u
     WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
     RETURNING u.user_id
 )
 SELECT (SELECT count(*) FROM gone) AS users,
-       (SELECT count(*) FROM doomed) AS sessions,
-       (SELECT n FROM message_rows) AS messages;
+       (SELECT count(*) FROM gone_sessions) AS sessions,
+       (SELECT count(*) FROM gone_messages) AS messages;
 
 -- list_users --
 -- One keyset page of users by (created_at, user_id), strictly after the given key.
-SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
-       (SELECT count(*) FROM sessions s
-        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
-          AND s.deleted_at IS NULL) AS session_count
-FROM users u
-WHERE u.project_id = %(project_id)s
-  AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-ORDER BY u.created_at, u.user_id
-LIMIT %(limit)s;
+-- session_count comes from `counts`, a separate step: a user's sessions are placed by their
+-- session ids, so under Citus it is the one fan-out of the statement (docs/scaling.md).
+WITH page AS MATERIALIZED (
+    SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
+           u.updated_at
+    FROM users u
+    WHERE u.project_id = %(project_id)s
+      AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+    ORDER BY u.created_at, u.user_id
+    LIMIT %(limit)s
+), counts AS MATERIALIZED (
+    SELECT s.user_id, count(*) AS n FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.user_id IN (SELECT user_id FROM page)
+      AND s.deleted_at IS NULL
+    GROUP BY s.user_id
+)
+SELECT p.*, coalesce(c.n, 0) AS session_count
+FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
+ORDER BY p.created_at, p.user_id;
 
 -- list_user_sessions --
 -- The user (always one row when it exists) joined to one keyset page of its live sessions.
 SELECT u.user_id AS owner, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
        s.deleted_at, s.message_count, s.last_message_at
 FROM users u
-LEFT JOIN LATERAL (
+LEFT JOIN (
+    -- Pinned by the parameters, not by u (under Citus a user's sessions span shards).
     SELECT * FROM sessions s
-    WHERE s.project_id = u.project_id AND s.user_id = u.user_id AND s.deleted_at IS NULL
+    WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s AND s.deleted_at IS NULL
       AND (s.created_at, s.session_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
     ORDER BY s.created_at, s.session_id
     LIMIT %(limit)s
@@ -123,17 +165,27 @@ ORDER BY s.created_at, s.session_id;
 -- list_users as plain records for the hot list paths: metadata as JSON text, times as integer
 -- microseconds since the epoch (exact: extract() is numeric), so no Python decodes them.
 -- The offset is 0 but for ListUsers' page_number, which pages by OFFSET from the start.
-SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata::text,
-       (extract(epoch FROM u.created_at) * 1000000)::int8,
-       (extract(epoch FROM u.updated_at) * 1000000)::int8,
-       (SELECT count(*) FROM sessions s
-        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
-          AND s.deleted_at IS NULL)
-FROM users u
-WHERE u.project_id = %(project_id)s
-  AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-ORDER BY u.created_at, u.user_id
-LIMIT %(limit)s OFFSET %(offset)s;
+-- session_count as in list_users.
+WITH page AS MATERIALIZED (
+    SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
+           u.updated_at
+    FROM users u
+    WHERE u.project_id = %(project_id)s
+      AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+    ORDER BY u.created_at, u.user_id
+    LIMIT %(limit)s OFFSET %(offset)s
+), counts AS MATERIALIZED (
+    SELECT s.user_id, count(*) AS n FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.user_id IN (SELECT user_id FROM page)
+      AND s.deleted_at IS NULL
+    GROUP BY s.user_id
+)
+SELECT p.user_id, p.email, p.first_name, p.last_name, p.metadata::text,
+       (extract(epoch FROM p.created_at) * 1000000)::int8,
+       (extract(epoch FROM p.updated_at) * 1000000)::int8,
+       coalesce(c.n, 0)
+FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
+ORDER BY p.created_at, p.user_id;
 
 -- count_users --
 -- total_size of ListUsers: how many users the project has.
