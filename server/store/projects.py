@@ -49,9 +49,11 @@ class ProjectMethods(StoreBase):
             "label": label,
         }
         async with self._connect(field="label") as conn:
-            row = await fetch_one(conn, "create_api_key", params)
-        if row is None:
-            raise project_not_found(project)
+            found = await fetch_one(conn, "get_project", {"name": project})
+            if found is None:
+                raise project_not_found(project)
+            row = await fetch_one(conn, "create_api_key", {**params, **found})
+        assert row is not None
         return _api_key(row)
 
     async def find_api_key(self, prefix: str) -> StoredKey | None:

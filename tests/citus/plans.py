@@ -12,7 +12,7 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
-from server.store.queries import parse, query
+from server.store.queries import parse
 
 _NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 #: A value for every parameter a statement may name: one session, one user, one message.
@@ -82,19 +82,18 @@ VALUES: dict[str, Any] = {
 }
 
 
+#: Files whose statements build the schema rather than serve calls: not planned.
+_SCHEMA_FILES = ("migrate.sql", "distribute.sql")
+
+
 def named_statements() -> dict[str, str]:
-    """Every named block of server/store/sql/*.sql, by name."""
+    """Every named query of server/store/sql/*.sql that serves calls (DML), by name."""
     found: dict[str, str] = {}
     for entry in resources.files("server.store").joinpath("sql").iterdir():
-        if entry.name.endswith(".sql"):
+        if entry.name.endswith(".sql") and entry.name not in _SCHEMA_FILES:
             found.update(parse(entry.read_text("utf-8"), entry.name))
-    return found
-
-
-def compose(name: str, **fragments: str) -> sql.Composable:
-    """A named statement with its {placeholders} filled by other named fragments."""
-    parts = {k: query(v) if v else sql.SQL("") for k, v in fragments.items()}
-    return query(name).format(**parts) if parts else query(name)
+    dml = re.compile(r"^(?:--[^\n]*\n|\s)*(SELECT|WITH|INSERT|UPDATE|DELETE|AND)\b", re.I)
+    return {n: t for n, t in found.items() if dml.match(t)}
 
 
 async def task_counts(conn: AsyncConnection[Any], statement: sql.Composable) -> list[int]:

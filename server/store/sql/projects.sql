@@ -17,10 +17,11 @@ SELECT p.project_id, p.name, p.created_at,
 FROM projects p ORDER BY p.project_id;
 
 -- create_api_key --
--- Stores a new key's prefix and salted digest under a project named by name.
+-- Stores a new key's prefix and salted digest under a project found by get_project (in the
+-- same transaction). A plain VALUES row: Citus writes it to its reference table in one step
+-- (an INSERT ... SELECT there loses its parameters' types).
 INSERT INTO api_keys (project_id, prefix, salt, digest, label)
-SELECT p.project_id, %(prefix)s, %(salt)s, %(digest)s, %(label)s
-FROM projects p WHERE p.name = %(project)s
+VALUES (%(project_id)s, %(prefix)s, %(salt)s, %(digest)s, %(label)s)
 RETURNING prefix, label, created_at, revoked_at, %(project)s::text AS project;
 
 -- find_api_key --

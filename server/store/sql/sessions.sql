@@ -3,9 +3,9 @@
 -- create_session --
 -- Inserts a session; no row back means the id is taken (see session_state).
 INSERT INTO sessions AS s (project_id, session_id, user_id, metadata, created_at, updated_at)
-SELECT %(project_id)s, %(session_id)s, %(user_id)s, memstore_merge_patch('{}', %(metadata)s),
-       t.now, t.now
-FROM (SELECT clock_timestamp() AS now) AS t
+-- VALUES, as create_user: one step on Citus.
+VALUES (%(project_id)s, %(session_id)s, %(user_id)s, memstore_merge_patch('{}', %(metadata)s),
+        statement_timestamp(), statement_timestamp())
 ON CONFLICT (project_id, session_id) DO NOTHING
 RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
           s.message_count, s.last_message_at;

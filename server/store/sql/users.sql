@@ -4,9 +4,10 @@
 -- Inserts a user; a taken id raises UniqueViolation (AlreadyExists).
 INSERT INTO users AS u (project_id, user_id, email, first_name, last_name, metadata, created_at,
                         updated_at)
-SELECT %(project_id)s, %(user_id)s, %(email)s, %(first_name)s, %(last_name)s,
-       memstore_merge_patch('{}', %(metadata)s), t.now, t.now
-FROM (SELECT clock_timestamp() AS now) AS t
+-- VALUES, not INSERT ... SELECT: Citus routes a VALUES row to its shard in one step (it would
+-- run a SELECT on the coordinator first). statement_timestamp() is one time for both columns.
+VALUES (%(project_id)s, %(user_id)s, %(email)s, %(first_name)s, %(last_name)s,
+        memstore_merge_patch('{}', %(metadata)s), statement_timestamp(), statement_timestamp())
 RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
           u.updated_at, 0::bigint AS session_count;
 
