@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint generate check-generated purge migrate clean bench eval sdks
+.PHONY: run test test-fast test-citus lint generate check-generated purge migrate clean bench eval sdks
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ test: $(STAMP) $(SDK_STAMPS)
 ## Only the unit tier (marked `unit`: no database, no server process), in seconds.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+## The store, gRPC (search, recall) and security suites and tests/citus on a local three-node
+## Citus cluster (tests/citus_cluster.py; docs/scaling.md). Needs Citus installed into the
+## machine's PostgreSQL 15; without it the Citus tests skip, saying why.
+test-citus: $(STAMP)
+	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/python -m pytest $(CITUS_SUITES) $(PYTEST_ARGS)
+
+# test_indexes reads PostgreSQL's local plans; on Citus the indexes are used on the shards.
+CITUS_SUITES := tests/citus tests/store tests/grpc tests/security \
+	--ignore tests/store/test_indexes.py
 
 ## ruff (lint + format check), mypy strict, buf lint, and the stale-stub check.
 lint: $(STAMP) check-generated

@@ -39,6 +39,9 @@ LEASE_SECONDS = 30.0
 #: relevant_limit is ranked on the request path).
 RECALL_KEEP = 20
 
+#: Claims a worker tries on Citus before it takes a lost race for an empty queue.
+_CLAIM_ATTEMPTS = 5
+
 #: A found message and, when asked for, its vector (for diversity re-ranking).
 Found = tuple[SearchResult, list[float] | None]
 
@@ -167,7 +170,14 @@ class SearchMethods(StoreBase):
         """
         params = self._recall_params(project_id, session_id, window, model, limit)
         params["lastn"] = lastn
-        if model is not None and self.vectors and limit <= RECALL_KEEP:
+        stored = model is not None and self.vectors and limit <= RECALL_KEEP
+        if stored and self.citus:
+            # Citus: the window on the session's shard, then the kept recall, whose memories
+            # are on other shards (recall_stored_citus), each its own statement.
+            async with self._connect(single=True) as conn:
+                memory = await fetch_all(conn, memory_window(), params)
+                kept = await fetch_all(conn, "recall_stored_citus", params) if memory else []
+        elif stored:
             async with self._connect(single=True) as conn:
                 # A point read whose generic plan is as good as a custom one: prepared.
                 found = await fetch_all(conn, "get_memory_recall", params)
@@ -264,9 +274,7 @@ class SearchMethods(StoreBase):
             Unavailable: the database cannot be reached.
         """
         async with self._connect(single=True) as conn:
-            claimed = await fetch_all(
-                conn, "claim_embeddings", {"limit": limit, "lease": LEASE_SECONDS}
-            )
+            claimed = await self._claim(conn, limit)
         if not claimed:
             return 0
         keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
@@ -283,10 +291,16 @@ class SearchMethods(StoreBase):
         }
         sessions = sorted({(k[0], k[1]) for k in keys})
         async with self._connect() as conn:
-            await conn.execute(
-                query("lock_embedded_sessions"),
-                {"project_ids": [s[0] for s in sessions], "session_ids": [s[1] for s in sessions]},
-            )
+            if not self.citus:
+                # Citus locks no rows across shards: there a delete that wins makes the save
+                # fail on the vectors' foreign key, and the batch is claimed again later.
+                await conn.execute(
+                    query("lock_embedded_sessions"),
+                    {
+                        "project_ids": [s[0] for s in sessions],
+                        "session_ids": [s[1] for s in sessions],
+                    },
+                )
             await fetch_one(
                 conn,
                 "save_embeddings",
@@ -294,8 +308,13 @@ class SearchMethods(StoreBase):
             )
             touched = sorted({(r["project_id"], r["session_id"]) for r in live})
             if touched:
+                refresh = (
+                    "refresh_session_embeddings_citus"
+                    if self.citus
+                    else "refresh_session_embeddings"
+                )
                 await conn.execute(
-                    query("refresh_session_embeddings"),
+                    query(refresh),
                     {
                         "project_ids": [s[0] for s in touched],
                         "session_ids": [s[1] for s in touched],
@@ -305,6 +324,22 @@ class SearchMethods(StoreBase):
                 )
                 await self._keep_recall(conn, touched, model, window)
         return len(claimed)
+
+    async def _claim(self, conn: AsyncConnection[Any], limit: int) -> list[Row]:
+        params = {"limit": limit, "lease": LEASE_SECONDS}
+        if not self.citus:
+            return await fetch_all(conn, "claim_embeddings", params)
+        # Citus: workers that picked the same oldest rows race for their leases; one that
+        # lost them all picks again while rows are still due (else it would sleep on a
+        # queue that is not empty).
+        for _ in range(_CLAIM_ATTEMPTS):
+            claimed = await fetch_all(conn, "claim_embeddings_citus", params)
+            if claimed:
+                return claimed
+            due = await fetch_one(conn, "any_due_citus", {})
+            if not (due and due["due"]):
+                break
+        return []
 
     async def queue_reindex(
         self, model: str, after: tuple[int, str, int] | None, limit: int

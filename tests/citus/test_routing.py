@@ -51,6 +51,7 @@ ONE_SHARD_AND_ONE_FAN_OUT = {
     "get_users": "GetUser (one id; concurrent calls coalesced into one statement)",
     "update_user": "UpdateUser",
     "list_user_sessions": "ListUserSessions",
+    "recall_stored_citus": "GetMemory's kept recall: memories of the user's other sessions",
 }
 #: Named fan-outs: project-wide listings and exports, DeleteUser, the purge, user-scope
 #: search, the embedding worker's queue sweeps.
@@ -73,6 +74,9 @@ FAN_OUT = {
     "save_embeddings": "the embedding worker writing one batch's vectors",
     "queue_reindex": "memstore reindex",
     "reindex_total": "memstore reindex",
+    "claim_embeddings_citus": "the embedding worker leasing the oldest due messages",
+    "any_due_citus": "the embedding worker, after a claim that lost its race",
+    "refresh_session_embeddings_citus": "the embedding worker: recall vectors of a batch",
 }
 #: Statements on the small shared tables (reference tables: a copy on every node, one task).
 REFERENCE = {
@@ -86,15 +90,16 @@ REFERENCE = {
     "any_api_key",
     "token_key",
 }
-#: Statements only plain PostgreSQL runs: on Citus the store runs the *_citus variant.
-PLAIN_ONLY = {"lock_user_sessions", "purge_messages", "purge_sessions"}
-#: Not yet runnable on Citus (multi-shard row locks in the embedding worker's claim, a
-#: lateral join over several sessions in recall): docs/scaling.md, "Not yet on Citus".
-NOT_YET = {
+#: Statements only plain PostgreSQL runs: on Citus the store runs the *_citus variant (or,
+#: for lock_embedded_sessions, nothing: docs/scaling.md).
+PLAIN_ONLY = {
+    "lock_user_sessions",
+    "purge_messages",
+    "purge_sessions",
     "claim_embeddings",
     "lock_embedded_sessions",
     "refresh_session_embeddings",
-    "recall_stored",
+    "get_memory_recall",
 }
 #: Statements on reference or coordinator-local tables only, and fragments.
 _NOT_DISTRIBUTED_PREFIXES = ("filter_", "search_filter_", "recall_filter_", "keyset_", "order_")
@@ -177,10 +182,8 @@ def test_every_statement_on_distributed_tables_is_classified(plans: dict[str, An
     unclassified = sorted(
         name
         for name, counts in plans.items()
-        if name not in known | PLAIN_ONLY | NOT_YET and (not isinstance(counts, list) or counts)
+        if name not in known | PLAIN_ONLY and (not isinstance(counts, list) or counts)
     )
     assert not unclassified, f"statements to classify for Citus: {unclassified}"
     refused = sorted(n for n, c in plans.items() if not isinstance(c, list))
-    assert set(refused) <= PLAIN_ONLY | NOT_YET, f"Citus refuses: {refused}"
-    # A statement that runs now should leave NOT_YET (and be classified).
-    assert set(refused) >= NOT_YET, f"runs on Citus now: {sorted(NOT_YET - set(refused))}"
+    assert set(refused) <= PLAIN_ONLY, f"Citus refuses: {refused}"

@@ -329,3 +329,92 @@ LEFT JOIN LATERAL (
 WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
   AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 ORDER BY part, ord;
+
+-- recall_stored_citus --
+-- The kept recall of get_memory_recall (its part-1 rows, same columns) under Citus, where a
+-- lateral join from one session's row to messages of other sessions (other shards) is
+-- refused: the kept keys are read on the session's shard first, then their live messages on
+-- whichever shards hold them (one fan-out), best first. No row when nothing was computed, one
+-- with a NULL m_uuid when nothing kept is live.
+WITH kept AS MATERIALIZED (
+    SELECT o.user_id AS owner, r.session_id, r.sequence, r.score, r.rank
+    FROM session_embeddings e
+    JOIN sessions o ON o.project_id = %(project_id)s AND o.session_id = %(exclude_session)s
+                   AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
+    LEFT JOIN LATERAL unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
+        WITH ORDINALITY AS r(session_id, sequence, score, rank) ON true
+    WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
+      AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
+), live AS MATERIALIZED (
+    SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+           m.created_at, m.updated_at, s.user_id, k.score, k.rank
+    FROM kept k
+    JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = k.session_id
+                   AND m.sequence = k.sequence AND m.deleted_at IS NULL
+    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+                   AND s.deleted_at IS NULL AND s.user_id = k.owner
+    ORDER BY k.rank
+    LIMIT %(limit)s
+)
+SELECT l.session_id, l.user_id, l.uuid AS m_uuid, l.sequence AS m_sequence, l.role AS m_role,
+       l.role_type AS m_role_type, l.content AS m_content, l.metadata AS m_metadata,
+       l.created_at AS m_created_at, l.updated_at AS m_updated_at, l.score AS r_score
+FROM (SELECT DISTINCT true FROM kept) AS computed
+LEFT JOIN live l ON true
+ORDER BY l.rank;
+
+-- claim_embeddings_citus --
+-- claim_embeddings under Citus, which locks no rows of a multi-shard SELECT: the oldest due
+-- rows are picked, then leased by an UPDATE that takes only those still unleased under their
+-- row lock, so two workers that picked the same row never both lease it.
+WITH picked AS MATERIALIZED (
+    SELECT q.project_id, q.session_id, q.sequence
+    FROM embedding_queue q
+    WHERE q.leased_until IS NULL OR q.leased_until < clock_timestamp()
+    ORDER BY q.enqueued_at
+    LIMIT %(limit)s
+), leased AS (
+    UPDATE embedding_queue q SET leased_until = t.until
+    FROM picked p, (SELECT clock_timestamp() AS now,
+                           clock_timestamp() + make_interval(secs => %(lease)s) AS until) AS t
+    WHERE q.project_id = p.project_id AND q.session_id = p.session_id AND q.sequence = p.sequence
+      AND (q.leased_until IS NULL OR q.leased_until < t.now)
+    RETURNING q.project_id, q.session_id, q.sequence
+)
+SELECT l.project_id, l.session_id, l.sequence, m.role, m.content, m.deleted_at IS NULL AS live
+FROM leased l
+JOIN messages m ON m.project_id = l.project_id AND m.session_id = l.session_id
+               AND m.sequence = l.sequence;
+
+-- refresh_session_embeddings_citus --
+-- refresh_session_embeddings under Citus, which cannot push a lateral join over several
+-- sessions down to their shards: the last `window` vectors of each session by a window
+-- function partitioned by session (the distribution column), averaged on each shard.
+INSERT INTO session_embeddings AS t (project_id, session_id, model, embedding, through_sequence)
+SELECT w.project_id, w.session_id, %(model)s, avg(w.embedding), max(w.sequence)
+FROM (
+    SELECT e.project_id, e.session_id, e.embedding, e.sequence,
+           row_number() OVER (PARTITION BY e.session_id, e.project_id
+                              ORDER BY e.sequence DESC) AS n
+    FROM message_embeddings e
+    JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+                   AND m.sequence = e.sequence
+    -- Each id against each project: a session of another project with a batch's id is
+    -- refreshed too, harmlessly (from its own vectors).
+    WHERE e.session_id = ANY(%(session_ids)s::text[])
+      AND e.project_id = ANY(%(project_ids)s::bigint[])
+      AND e.model = %(model)s AND m.deleted_at IS NULL
+) AS w
+WHERE w.n <= %(window)s
+GROUP BY w.project_id, w.session_id
+ON CONFLICT (project_id, session_id) DO UPDATE
+    SET model = excluded.model, embedding = excluded.embedding,
+        through_sequence = excluded.through_sequence;
+
+-- any_due_citus --
+-- Whether some queued message is unleased or its lease ran out: under Citus, a claim that
+-- leased nothing may have lost every picked row to another worker, with more still due.
+SELECT EXISTS (
+    SELECT 1 FROM embedding_queue q
+    WHERE q.leased_until IS NULL OR q.leased_until < clock_timestamp()
+) AS due;
