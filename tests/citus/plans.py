@@ -79,6 +79,15 @@ VALUES: dict[str, Any] = {
     "salt": b"s",
     "digest": b"d",
     "label": "",
+    "include_deleted": False,
+    "emails": ["a@example.com"],
+    "first_names": [""],
+    "last_names": [""],
+    "created": [_NOW],
+    "updated": [_NOW],
+    "deleted": [None],
+    "last_message": [_NOW],
+    "next_sequences": [1],
 }
 
 

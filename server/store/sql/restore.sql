@@ -5,8 +5,8 @@
 
 -- project_rows --
 -- Whether the project holds any user or session (live or soft-deleted).
-SELECT EXISTS (SELECT FROM users u WHERE u.project_id = %(project_id)s)
-       OR EXISTS (SELECT FROM sessions s WHERE s.project_id = %(project_id)s) AS taken;
+SELECT EXISTS (SELECT 1 FROM users u WHERE u.project_id = %(project_id)s)
+       OR EXISTS (SELECT 1 FROM sessions s WHERE s.project_id = %(project_id)s) AS taken;
 
 -- restore_users_existing --
 -- The request's users already stored (by user_id), each with the fields that differ.
