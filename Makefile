@@ -44,7 +44,7 @@ test-fast: $(STAMP)
 ## The store, gRPC (search, recall) and security suites and tests/citus on a local three-node
 ## Citus cluster (tests/citus_cluster.py; docs/scaling.md). Needs Citus installed into the
 ## machine's PostgreSQL 15; without it the Citus tests skip, saying why.
-test-citus: $(STAMP)
+test-citus: $(STAMP) $(SDK_STAMPS)
 	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/python -m pytest $(CITUS_SUITES) $(PYTEST_ARGS)
 
 # test_indexes reads PostgreSQL's local plans; on Citus the indexes are used on the shards.
