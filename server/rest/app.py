@@ -203,7 +203,8 @@ class RestApp:
         """The answer that refuses this request before routing, or None to route it."""
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(_too_large())
+            scope[_ERROR_KEY] = _too_large()
+            return error_response(scope[_ERROR_KEY])
         if scope["path"] in OPEN_PATHS:
             return None
         try:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import psycopg
 import pytest
 
 from server.api_keys import split_key
@@ -13,8 +14,10 @@ from server.config import Config
 from server.serving.app import build_http
 from server.serving.tls import SecurityConfig
 from server.store import Store
+from tests.fix_db import has_lock_waiter
 from tests.fix_rest import run_sdk
 from tests.fix_security import KEY_CACHE_SECONDS, make_key
+from tests.polling import until
 
 A_USER, A_SESSION = "a-user", "a-session"
 
@@ -189,3 +192,40 @@ async def test_the_sdks_work_with_a_valid_key(
     key = await make_key(secure_store, "b")  # zep2 sends Api-Key, zep1 Bearer
     result = await asyncio.to_thread(run_sdk, sdk, "authorized", secure_http, key)
     assert result == expected
+
+
+async def test_overload_is_a_json_429(secure_db_url: str, clean_secure_db: str) -> None:
+    # A pool of one connection and a queue of one caller, the connection pinned by a PATCH
+    # waiting on a row lock: further requests are refused at once, not queued without bound.
+    store = await Store.open(secure_db_url, min_size=1, max_size=1, timeout=2, max_waiting=1)
+    key = {"Authorization": f"Api-Key {await make_key(store, 'a')}"}
+    config = Config(
+        host="127.0.0.1",
+        http_port=0,
+        embedder="none",
+        security=SecurityConfig(key_cache_seconds=60),
+    )
+    server = await build_http(config, store)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}", headers=key, timeout=30
+        ) as http:
+            assert (await http.post("/api/v2/users", json={"user_id": "hot"})).is_success
+            async with await psycopg.AsyncConnection.connect(secure_db_url) as blocker:
+                await blocker.execute("SELECT 1 FROM users WHERE user_id = 'hot' FOR UPDATE")
+                pinned = asyncio.ensure_future(
+                    http.patch("/api/v2/users/hot", json={"email": "a@x.org"})
+                )
+                assert await until(lambda: has_lock_waiter(secure_db_url), within=20)
+                replies = await asyncio.gather(
+                    *(http.get("/api/v2/users-ordered") for _ in range(6))
+                )
+                await blocker.rollback()
+            assert (await pinned).status_code == 200
+        refused = [r for r in replies if r.status_code == 429]
+        assert len(refused) >= 5, [r.status_code for r in replies]
+        assert all(r.json()["reason"] == "SERVER_OVERLOADED" for r in refused)
+    finally:
+        await server.stop(None)
+        await store.close()
