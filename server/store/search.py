@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from functools import cached_property
 from typing import Any
 
 from psycopg import AsyncConnection, sql
@@ -13,9 +14,11 @@ from psycopg.types.json import Jsonb
 from server.domain import Message, SearchQuery, SearchResult, Session
 from server.store import rows
 from server.store.base import StoreBase, key
+from server.store.coalesce import Coalescer
 from server.store.db import Row, fetch_all, fetch_one
 from server.store.messages import memory_window
 from server.store.queries import query
+from server.store.translate import translated
 
 #: (query attribute, fragment) of every optional search filter with a value.
 _FILTERS = (
@@ -38,6 +41,9 @@ LEASE_SECONDS = 30.0
 #: Memories the worker ranks and keeps per session for GetMemory's recall (a larger
 #: relevant_limit is ranked on the request path).
 RECALL_KEEP = 20
+
+#: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model).
+MemoryKey = tuple[int, str, int, int, str]
 
 #: Claims a worker tries on Citus before it takes a lost race for an empty queue.
 _CLAIM_ATTEMPTS = 5
@@ -85,7 +91,7 @@ def _statement(vector: bool, semantic_only: bool) -> str:
 
 
 def _kept(row: Row) -> SearchResult:
-    # A part-1 row of get_memory_recall: the memory's message in the m_ columns.
+    # A part-1 row of get_memories_recall: the memory's message in the m_ columns.
     return SearchResult(
         message=rows.message(row, "m_"), user_id=row["user_id"], score=row["r_score"]
     )
@@ -177,12 +183,13 @@ class SearchMethods(StoreBase):
             async with self._connect(single=True) as conn:
                 memory = await fetch_all(conn, memory_window(), params)
                 kept = await fetch_all(conn, "recall_stored_citus", params) if memory else []
-        elif stored:
-            async with self._connect(single=True) as conn:
-                # A point read whose generic plan is as good as a custom one: prepared.
-                found = await fetch_all(conn, "get_memory_recall", params)
-            memory = [r for r in found if r["part"] == 0]
-            kept = [r for r in found if r["part"] == 1]
+        elif stored and model is not None:
+            # Concurrent calls share one statement (and its round trip), as GetUser's do.
+            with translated():
+                found = await self._memory_loader.load(
+                    (project_id, session_id, lastn, limit, model)
+                )
+            memory, kept = found or ([], [])
         else:
             async with self._connect(single=True) as conn:
                 memory = await fetch_all(conn, memory_window(), params)
@@ -198,6 +205,32 @@ class SearchMethods(StoreBase):
             async with self._connect(single=True) as conn:
                 results = await self._rank_recall(conn, params, model)
         return session, rows.joined_messages(memory), results
+
+    @cached_property
+    def _memory_loader(self) -> Coalescer[MemoryKey, tuple[list[Row], list[Row]]]:
+        return Coalescer(self._get_memories, max_waiting_batches=self._pool.max_waiting)
+
+    async def _get_memories(
+        self, keys: list[MemoryKey]
+    ) -> dict[MemoryKey, tuple[list[Row], list[Row]]]:
+        # One get_memories_recall per project and model (one of each, in practice).
+        groups: dict[tuple[int, str], list[MemoryKey]] = {}
+        for k in keys:
+            groups.setdefault((k[0], k[4]), []).append(k)
+        found: dict[MemoryKey, tuple[list[Row], list[Row]]] = {}
+        async with self._connect(single=True) as conn:
+            for (project_id, model), group in groups.items():
+                params = {
+                    "project_id": project_id,
+                    "model": model,
+                    "session_ids": [k[1] for k in group],
+                    "lastns": [k[2] for k in group],
+                    "limits": [k[3] for k in group],
+                }
+                for row in await fetch_all(conn, "get_memories_recall", params):
+                    parts = found.setdefault(group[row["i"] - 1], ([], []))
+                    parts[row["part"]].append(row)
+        return found
 
     def _recall_params(
         self, project_id: int, session_id: str, window: int, model: str | None, limit: int

@@ -104,7 +104,7 @@ PLAIN_ONLY = {
     "claim_embeddings",
     "lock_embedded_sessions",
     "refresh_session_embeddings",
-    "get_memory_recall",
+    "get_memories_recall",
 }
 #: Statements on reference or coordinator-local tables only, and fragments.
 _NOT_DISTRIBUTED_PREFIXES = ("filter_", "search_filter_", "recall_filter_", "keyset_", "order_")

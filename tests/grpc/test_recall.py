@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -147,3 +149,23 @@ async def test_kept_recall_fills_the_limit_past_deleted_memories(users, sessions
     later = [r.session_id for r in then.relevant_messages]
     assert len(later) == 3 and not set(later) & set(best)
     assert then.context.count("\n- (") == 3  # one line per memory after the header
+
+
+async def test_concurrent_get_memory_calls_each_get_their_own_answer(users, sessions, embed):
+    # Concurrent calls share one statement: each must still get its own session, window and
+    # recall, with its own lastn and relevant_limit, as it would alone.
+    await users.CreateUser(us.CreateUserRequest(user_id="rae"))
+    for i in range(6):
+        await _say(sessions, f"rae{i}", "rae", f"rae's pottery class {i} glazes", f"kiln {i} fired")
+    await embed()
+    asks = [
+        ss.GetMemoryRequest(session_id=f"rae{i}", lastn=1 + i % 2, relevant_limit=i % 4)
+        for i in range(6)
+    ] + [ss.GetMemoryRequest(session_id="nobody")]
+    alone = [await sessions.GetMemory(a) for a in asks]
+    together = await asyncio.gather(*(sessions.GetMemory(a) for a in asks))
+    for ask, one, many in zip(asks, alone, together, strict=True):
+        assert many == one, ask
+    assert [len(m.messages) for m in together[:6]] == [1, 2, 1, 2, 1, 2]
+    assert [len(m.relevant_messages) for m in together[:6]] == [0, 1, 2, 3, 0, 1]
+    assert not together[6].found

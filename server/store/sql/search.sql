@@ -286,32 +286,42 @@ UPDATE session_embeddings SET
     recall_scores = %(recall_scores)s::float8[]
 WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(model)s;
 
--- get_memory_recall --
--- GetMemory with kept recall in one statement (one round trip, no pipeline): get_memory's
--- rows (part 0), then the session's kept recall (part 1: its first %(limit)s memories still
--- live, best first; session_id and user_id are the memory's, its message in the m_ columns,
--- r_score its score). No part-1 row when no recall was computed for this model; a single
--- one with a NULL m_uuid when none of the kept memories is live (deleted since, or their
--- session changed hands): those are skipped in SQL, later ones fill in.
-SELECT 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
+-- get_memories_recall --
+-- GetMemory with kept recall for concurrent calls at once (coalesced: one round trip, no
+-- pipeline). Row i of the arrays is one call (its session, lastn and relevant_limit); each
+-- result row names its call (i). Per call: the live session joined to its last lastn live
+-- messages (part 0, as get_memory), then its kept recall (part 1: its first relevant_limit
+-- memories still live, best first; session_id and user_id are the memory's, its message in
+-- the m_ columns, r_score its score). No part-1 row when no recall was computed for this
+-- model; a single one with a NULL m_uuid when none of the kept memories is live (deleted
+-- since, or their session changed hands): those are skipped in SQL, later ones fill in. A
+-- call whose session is absent or deleted has no row at all.
+WITH q AS (
+    SELECT * FROM unnest(%(session_ids)s::text[], %(lastns)s::int[], %(limits)s::int[])
+        WITH ORDINALITY AS q(session_id, lastn, lim, i)
+)
+SELECT q.i, 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
        s.deleted_at, s.message_count, s.last_message_at,
        m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
        m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
        m.created_at AS m_created_at, m.updated_at AS m_updated_at,
        NULL::float8 AS r_score, m.sequence AS ord
-FROM sessions s
+FROM q
+JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = q.session_id
+               AND s.deleted_at IS NULL
 LEFT JOIN LATERAL (
     SELECT * FROM messages m
     WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
     ORDER BY m.sequence DESC
-    LIMIT %(lastn)s
+    LIMIT q.lastn
 ) m ON true
-WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 UNION ALL
-SELECT 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
        k.uuid, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
        k.updated_at, k.score, k.rank
-FROM session_embeddings e
+FROM q
+JOIN session_embeddings e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
+                         AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
 LEFT JOIN LATERAL (
@@ -324,14 +334,12 @@ LEFT JOIN LATERAL (
     JOIN sessions rs ON rs.project_id = rm.project_id AND rs.session_id = rm.session_id
                     AND rs.deleted_at IS NULL AND rs.user_id = o.user_id
     ORDER BY r.rank
-    LIMIT %(limit)s
+    LIMIT q.lim
 ) k ON true
-WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
-  AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
-ORDER BY part, ord;
+ORDER BY i, part, ord;
 
 -- recall_stored_citus --
--- The kept recall of get_memory_recall (its part-1 rows, same columns) under Citus, where a
+-- The kept recall of get_memories_recall (its part-1 rows' columns) under Citus, where a
 -- lateral join from one session's row to messages of other sessions (other shards) is
 -- refused: the kept keys are read on the session's shard first, then their live messages on
 -- whichever shards hold them (one fan-out), best first. No row when nothing was computed, one
