@@ -44,6 +44,8 @@ VALUES: dict[str, Any] = {
     "last_name": "",
     "show_deleted": False,
     "lastn": 6,
+    "lastns": [6],
+    "limits": [5],
     "limit": 50,
     "offset": 0,
     "after_ts": _NOW,
