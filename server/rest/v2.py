@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,7 +21,11 @@ from server.rest.search import search_one_session, search_sessions
 OK = {"message": "OK"}
 #: The header Fern-made SDKs send with their name.
 _SDK_NAME = "x-fern-sdk-name"
-_ORDER_FIELDS = ("created_at", "updated_at")
+#: Zep's order_by values memstore orders by (Zep also takes user_id and session_id).
+_ORDER_FIELDS: dict[str, Literal["created_at", "updated_at"]] = {
+    "created_at": "created_at",
+    "updated_at": "updated_at",
+}
 
 
 @endpoint
@@ -125,13 +130,14 @@ async def list_sessions(request: Request) -> Response:
         val.DEFAULT_PAGE_SIZE,
     )
     order_by = request.query_params.get("order_by") or "created_at"
-    if order_by not in _ORDER_FIELDS:
+    field = _ORDER_FIELDS.get(order_by)
+    if field is None:
         raise InvalidArgument.field(
             "order_by", f"{order_by[:64]!r} is not supported; use created_at or updated_at"
         )
     # Zep's default direction is descending (asc=false).
     ascending = b.query_bool(request, "asc") or False
-    query = SessionQuery(order_field=order_by, descending=not ascending)  # type: ignore[arg-type]
+    query = SessionQuery(order_field=field, descending=not ascending)
     page = await services(request).store.list_sessions(
         project(request), query, None, offset, size, count=True
     )
