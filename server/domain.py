@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
@@ -141,6 +142,23 @@ class Page(Generic[T]):
     items: list[T]
     has_more: bool
     total_size: int | None = None
+
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True, slots=True)
+class WireRows(Generic[K]):
+    """Consecutive rows already encoded as a stream chunk's repeated-field entries.
+
+    `entries` is protobuf wire bytes made by PostgreSQL (each entry its tag, length and
+    message, in key order); `sizes` the bytes of each entry; `key(i)` the keyset position of
+    the i-th row, computed only where a chunk ends.
+    """
+
+    entries: bytes
+    sizes: list[int]
+    key: Callable[[int], K]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator
 
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
-
-from memstore.v1 import resources_pb2
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
 from server.api import chunking, convert, tokens
@@ -100,23 +97,21 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
             )
         return response
 
+    # Yields chunks already serialized (the server's serializer sends bytes as they are).
     @stream_errors
-    async def ListUsersChunked(
+    async def ListUsersChunked(  # type: ignore[override]
         self, request: pb.ListUsersChunkedRequest, context: Context
-    ) -> AsyncIterator[pb.ListUsersChunkedResponse]:
+    ) -> AsyncIterator[chunking.WireChunk]:
         v = val.Violations()
         chunk_size = val.clamp_size(v, "chunk_size", request.chunk_size, val.DEFAULT_CHUNK_SIZE)
         v.raise_if_any()
         project = self._project(context)
         query = tokens.users_fingerprint(project)
         after = self._tokens.decode_time_key(request.page_token, query)
-        async for chunk in chunking.chunks(
-            fetch=functools.partial(self._store.list_user_records, project),
-            key=_key,
-            new_chunk=pb.ListUsersChunkedResponse,
-            entries=_users,
-            # The export's hot path: one C-level constructor call per user, in place.
-            add=convert.add_user_record,
+        # Each chunk is sent as the bytes PostgreSQL encoded (users.wire, migration 0040):
+        # no Python object per user (docs/performance.md, "Export as bytes").
+        async for chunk in chunking.wire_chunks(
+            fetch=functools.partial(self._store.list_user_wire, project),
             token=functools.partial(self._tokens.encode_time_key, query),
             chunk_size=chunk_size,
             after=after,
@@ -148,12 +143,6 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
 
 def _key(record: UserRecord) -> TimeKey:
     return from_micros(record[5]), record[0]
-
-
-def _users(
-    chunk: pb.ListUsersChunkedResponse,
-) -> RepeatedCompositeFieldContainer[resources_pb2.User]:
-    return chunk.users
 
 
 def _user_changes(request: pb.UpdateUserRequest) -> UserChanges:

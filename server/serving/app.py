@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from memstore.v1 import backup_service_pb2, session_service_pb2, user_service_pb2
 from server.api.backup import BackupServicer
 from server.api.base import Context
+from server.api.chunking import WireChunk
 from server.api.sessions import SessionServicer
 from server.api.status import abort
 from server.api.tokens import PageTokens
@@ -77,6 +78,17 @@ def _guard_stream(
     return handler
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    # A stream may yield a chunk already serialized (WireChunk, encoded by PostgreSQL);
+    # protobuf messages concatenate, so its bytes go out as they are.
+    def serializer(response: Any) -> bytes:
+        if type(response) is WireChunk:
+            return response.data
+        return serialize(response)
+
+    return serializer
+
+
 def _register(server: grpc.aio.Server, module: ModuleType, name: str, servicer: object) -> str:
     """Registers `servicer` for service `name` of `module`; returns the full service name."""
     service: descriptor.ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
@@ -89,6 +101,8 @@ def _register(server: grpc.aio.Server, module: ModuleType, name: str, servicer: 
             "request_deserializer": tolerant_deserializer(request_class),
             "response_serializer": response_class.SerializeToString,
         }
+        if method.server_streaming:
+            kwargs["response_serializer"] = _passing_bytes(response_class.SerializeToString)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _guard_stream(implementation), **kwargs

@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
+from server.api.chunking import WireChunk
 from server.serving.interceptors import Continuation, ServerInterceptor, rewrap
 
 log = logging.getLogger("memstore.access")
@@ -190,7 +191,10 @@ def _error_fields(trailer: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
 
 
 def _rows(response: Any) -> int:
-    # A chunk's rows are its repeated message fields (users, sessions, messages).
+    # A chunk's rows are its repeated message fields (users, sessions, messages); a chunk
+    # already serialized (chunking.WireChunk) says how many it holds.
+    if isinstance(response, WireChunk):
+        return response.rows
     return sum(
         len(value)
         for field, value in response.ListFields()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from server.domain import Message, MessageKey, Page, Session, TimeKey
+from typing import cast
+
+from server.domain import Message, MessageKey, Page, Session, TimeKey, WireRows, from_micros
 from server.store import rows
 from server.store.base import START, StoreBase
 from server.store.db import fetch_all
+from server.store.queries import query
 
 #: Sorts before every (session_id, sequence): the position of a first batch.
 _MESSAGES_START: MessageKey = ("", 0)
@@ -60,3 +63,35 @@ class ExportMethods(StoreBase):
         async with self._connect() as conn:
             found = await fetch_all(conn, "export_messages", params)
         return Page([rows.message(r) for r in found[:limit]], has_more=len(found) > limit)
+
+    async def list_user_wire(
+        self, project_id: int, after: TimeKey | None, limit: int
+    ) -> Page[WireRows[TimeKey]]:
+        """One keyset batch of at most `limit` users after `after`, by (created_at, user_id),
+        as ListUsersChunkedResponse `users` entries in protobuf wire bytes: one WireRows, or
+        none when no user follows. has_more is True when the batch is full (a last, empty
+        batch may follow).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        after_ts, after_id = after or START
+        params = {
+            "project_id": project_id,
+            "after_ts": after_ts,
+            "after_id": after_id,
+            "limit": limit,
+        }
+        async with self._connect(single=True) as conn:
+            # Binary results: the entries arrive as they are, not as hex text to decode.
+            cur = conn.cursor(binary=True)
+            await cur.execute(query("list_user_wire"), params)
+            found = cast(tuple[bytes, list[int], list[int], list[str]], await cur.fetchone())
+        entries, sizes, created, user_ids = found
+        if not sizes:
+            return Page([], has_more=False)
+
+        def key(i: int) -> TimeKey:
+            return from_micros(created[i]), user_ids[i]
+
+        return Page([WireRows(bytes(entries), sizes, key)], has_more=len(sizes) >= limit)

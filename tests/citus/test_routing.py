@@ -57,7 +57,8 @@ ONE_SHARD_AND_ONE_FAN_OUT = {
 #: search, the embedding worker's queue sweeps.
 FAN_OUT = {
     "list_users": "ListUsers",
-    "list_user_records": "ListUsers, ListUsersChunked",
+    "list_user_records": "ListUsers",
+    "list_user_wire": "ListUsersChunked (the users' protobuf bytes)",
     "count_users": "ListUsers' total_size",
     "list_sessions": "ListSessions",
     "count_sessions": "ListSessions' total_size",

@@ -17,10 +17,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
 from server import errors
+from server.api import convert
 from server.api.chunking import MAX_CHUNK_BYTES
 from server.api.tokens import to_micros
 from server.config import Config
-from server.domain import Page, TimeKey, User, UserRecord
+from server.domain import Page, TimeKey, User, UserRecord, WireRows
 from server.serving.app import build_server
 
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
@@ -69,6 +70,21 @@ class FakeStore:
         page = await self.list_users(project_id, after, limit + (offset or 0))
         items = [_record(u) for u in page.items[offset or 0 :]]
         return Page(items, has_more=page.has_more, total_size=len(self.users) if count else None)
+
+    async def list_user_wire(
+        self, project_id: int, after: TimeKey | None, limit: int
+    ) -> Page[WireRows[TimeKey]]:
+        # The entries as protobuf itself encodes them (the real store has PostgreSQL do it).
+        page = await self.list_users(project_id, after, limit)
+        if not page.items:
+            return Page([], has_more=False)
+        entries = [
+            pb.ListUsersChunkedResponse(users=[convert.user_to_proto(u)]).SerializeToString()
+            for u in page.items
+        ]
+        keys = [(u.created_at, u.user_id) for u in page.items]
+        rows = WireRows(b"".join(entries), [len(e) for e in entries], keys.__getitem__)
+        return Page([rows], has_more=page.has_more)
 
 
 def _record(u: User) -> UserRecord:

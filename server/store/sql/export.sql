@@ -24,3 +24,35 @@ WHERE m.project_id = %(project_id)s
   AND (m.session_id, m.sequence) > (%(after_session)s::text, %(after_sequence)s::bigint)
 ORDER BY m.session_id, m.sequence
 LIMIT %(limit)s;
+
+-- list_user_wire --
+-- One keyset batch of users as ListUsersChunkedResponse `users` entries in protobuf wire bytes
+-- (tag 1, length, the User), concatenated in key order, with each entry's size and key so
+-- the caller can cut chunks between entries. Each entry is users.wire (fields 1-7, kept by
+-- migration 0040's trigger) and session_count (field 8, omitted when 0, as proto3 does;
+-- counted as list_user_records counts it). One row; its arrays are empty when no user follows.
+WITH page AS MATERIALIZED (
+    SELECT u.user_id, u.created_at, u.wire
+    FROM users u
+    WHERE u.project_id = %(project_id)s
+      AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+    ORDER BY u.created_at, u.user_id
+    LIMIT %(limit)s
+), counts AS MATERIALIZED (
+    SELECT s.user_id, count(*) AS n FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.user_id IN (SELECT user_id FROM page)
+      AND s.deleted_at IS NULL
+    GROUP BY s.user_id
+), entries AS (
+    SELECT p.created_at, p.user_id,
+           memstore_pb_field('\x0a'::bytea,
+               p.wire || CASE WHEN c.n > 0 THEN '\x40'::bytea || memstore_pb_varint(c.n)
+                              ELSE ''::bytea END) AS entry
+    FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
+)
+SELECT coalesce(string_agg(entry, ''::bytea ORDER BY created_at, user_id), ''::bytea),
+       coalesce(array_agg(length(entry) ORDER BY created_at, user_id), '{}'),
+       coalesce(array_agg((extract(epoch FROM created_at) * 1000000)::int8
+                          ORDER BY created_at, user_id), '{}'),
+       coalesce(array_agg(user_id ORDER BY created_at, user_id), '{}')
+FROM entries;

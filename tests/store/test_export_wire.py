@@ -1,0 +1,142 @@
+"""Store: the users PostgreSQL encodes as protobuf (migration 0040) parse to what the object
+path builds, field by field, on generated data."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memstore.v1 import resources_pb2
+from memstore.v1 import user_service_pb2 as pb
+from server.api import convert
+from server.store import Store
+
+#: PostgreSQL text holds no NUL; surrogates are not UTF-8.
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+
+_NUMBERS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, -0.0, 5e-324, 1.7976931348623157e308, 2**53 + 1, -(2**63)]),
+)
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), _NUMBERS, _TEXT),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+_TIMES = st.datetimes(
+    min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
+).map(lambda t: t.replace(tzinfo=UTC))
+_USERS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "email": _TEXT,
+            "first_name": _TEXT,
+            "last_name": _TEXT,
+            "metadata": st.dictionaries(_TEXT, _JSON, max_size=5),
+            "created_at": _TIMES,
+            "updated_at": _TIMES,
+            "sessions": st.integers(min_value=0, max_value=3),
+        }
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+_INSERT_USER = (
+    "INSERT INTO users (project_id, user_id, email, first_name, last_name, metadata,"
+    " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s)"
+)
+
+
+async def _project(conn: psycopg.AsyncConnection[Any]) -> int:
+    cur = await conn.execute(
+        "INSERT INTO projects (name) VALUES ('wire-' || gen_random_uuid()) RETURNING project_id"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _both_paths(store: Store, project: int) -> tuple[list[Any], list[Any]]:
+    """The users of a project as the object path builds them and as their wire bytes parse."""
+    records = await store.list_user_records(project, None, 100)
+    built = pb.ListUsersChunkedResponse()
+    for record in records.items:
+        convert.add_user_record(built.users, record)
+    wire = await store.list_user_wire(project, None, 100)
+    (rows,) = wire.items
+    assert sum(rows.sizes) == len(rows.entries)
+    parsed = pb.ListUsersChunkedResponse.FromString(rows.entries)
+    # Each size is one entry's bytes: cutting there leaves whole users.
+    offset = 0
+    for size, user in zip(rows.sizes, parsed.users, strict=True):
+        entry = pb.ListUsersChunkedResponse.FromString(rows.entries[offset : offset + size])
+        assert list(entry.users) == [user]
+        offset += size
+    return list(built.users), list(parsed.users)
+
+
+def _same(built: resources_pb2.User, parsed: resources_pb2.User) -> None:
+    assert parsed == built
+    assert [(f.name, v) for f, v in parsed.ListFields()] == [
+        (f.name, v) for f, v in built.ListFields()
+    ]
+    assert parsed.metadata == built.metadata  # map entries compared by key, not by order
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(users=_USERS, changed=_USERS)
+async def test_user_wire_parses_to_the_object_path(
+    store: Store, database_url: str, users: list[dict[str, Any]], changed: list[dict[str, Any]]
+) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        project = await _project(conn)
+        for i, u in enumerate(users):
+            await conn.execute(
+                _INSERT_USER,
+                (project, f"ü{i}", u["email"], u["first_name"], u["last_name"],
+                 json.dumps(u["metadata"]), u["created_at"], u["updated_at"]),
+            )  # fmt: skip
+            for s in range(u["sessions"]):
+                await conn.execute(
+                    "INSERT INTO sessions (project_id, session_id, user_id) VALUES (%s, %s, %s)",
+                    (project, f"s{i}-{s}", f"ü{i}"),
+                )
+        built, parsed = await _both_paths(store, project)
+        assert len(parsed) == len(users)
+        for b, p in zip(built, parsed, strict=True):
+            _same(b, p)
+        # An update rewrites the bytes (the trigger fires on UPDATE too).
+        for i, c in enumerate(changed[: len(users)]):
+            await conn.execute(
+                "UPDATE users SET email = %s, metadata = %s::jsonb, updated_at = %s"
+                " WHERE project_id = %s AND user_id = %s",
+                (c["email"], json.dumps(c["metadata"]), c["updated_at"], project, f"ü{i}"),
+            )
+        built, parsed = await _both_paths(store, project)
+        for b, p in zip(built, parsed, strict=True):
+            _same(b, p)
+
+
+async def test_varints_match_protobuf(store: Store, database_url: str) -> None:
+    numbers = [1, 127, 128, 16383, 16384, 2097151, 2097152, 2**31, 2**62, 2**63 - 1]
+    numbers += [-1, -128, -(2**31), -(2**63)]
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        for n in numbers:
+            cur = await conn.execute("SELECT memstore_pb_varint(%s::int8)", (n,))
+            row = await cur.fetchone()
+            assert row is not None
+            # session_count is field 8, varint: tag 0x40 then the number (0 is omitted).
+            assert (
+                b"\x40" + bytes(row[0]) == resources_pb2.User(session_count=n).SerializeToString()
+            )
