@@ -65,6 +65,13 @@ async def distribute(conn: AsyncConnection[Any]) -> list[str]:
                 table=sql.Identifier(table), name=sql.Identifier(name)
             )
             await conn.execute(drop)
+        cur = await conn.execute(query("citus_triggers"), {"tables": todo})
+        triggers = [(str(r[0]), str(r[1]), str(r[2])) for r in await cur.fetchall()]
+        for table, name, _ in triggers:
+            drop = query("drop_trigger").format(
+                table=sql.Identifier(table), name=sql.Identifier(name)
+            )
+            await conn.execute(drop)
         for table in REFERENCE:
             if table in todo:
                 await conn.execute(query("citus_reference_table"), {"table": table})
@@ -85,6 +92,11 @@ async def distribute(conn: AsyncConnection[Any]) -> list[str]:
                 definition=sql.SQL(definition),
             )
             await conn.execute(add)
+        if triggers:
+            await conn.execute(query("unsafe_triggers"))
+        for _, _, definition in triggers:
+            # PostgreSQL's own text of a trigger it already held.
+            await conn.execute(sql.SQL(definition))
     log.info("citus: distributed %s", ", ".join(todo))
     return todo
 

@@ -50,3 +50,21 @@ WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p'
 -- Distributes over one connection per node: the tables reference each other, and Citus
 -- refuses parallel shard writes in a transaction that also touches a reference table.
 SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+
+-- citus_triggers --
+-- The row triggers of the tables still to distribute (users_wire, migration 0040): Citus
+-- distributes no table that has triggers, so they are dropped first and made again after.
+SELECT t.tgrelid::regclass::text AS table_name, t.tgname AS name,
+       pg_get_triggerdef(t.oid) AS definition
+FROM pg_trigger t
+WHERE NOT t.tgisinternal AND t.tgrelid::regclass::text = ANY(%(tables)s::text[])
+ORDER BY t.tgrelid::regclass::text, t.tgname;
+
+-- drop_trigger --
+-- Drops one trigger while its table is distributed; {table} and {name} are identifiers.
+DROP TRIGGER {name} ON {table};
+
+-- unsafe_triggers --
+-- Lets a trigger be made on a distributed table. memstore's only touch their own row (NEW),
+-- so they run on each shard as on one table.
+SET LOCAL citus.enable_unsafe_triggers TO on;
