@@ -32,13 +32,15 @@ async def test_calls_that_arrive_together_share_one_transaction(
     xmins = await _xmins(clean_db)
     assert len(xmins) == 12
     assert len(set(xmins.values())) < 12  # some calls shared a commit
-    # Each call was answered with its own message, in its session's order.
+    # Each call was answered with its own message.
     for i, (session, added) in enumerate(answered):
         assert session.session_id == f"s{i % 5}" and [m.content for m in added] == [f"m{i}"]
     for s in range(5):
         _, stored = await store.get_memory(P, f"s{s}", 100)
         assert [m.sequence for m in stored] == list(range(1, len(stored) + 1))
-        assert [m.content for m in stored] == [f"m{i}" for i in range(s, 12, 5)]
+        # Concurrent calls promise no order among themselves (two batches may commit in
+        # either order); each call's messages are all there, once.
+        assert sorted(m.content for m in stored) == sorted(f"m{i}" for i in range(s, 12, 5))
 
 
 async def test_a_failing_call_fails_alone_and_writes_nothing(store: Store, clean_db: str) -> None:
