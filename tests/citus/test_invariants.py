@@ -1,0 +1,108 @@
+"""On a running Citus cluster: what the sessions -> users foreign key did, the store does.
+
+Citus cannot keep that key (users and sessions are placed by different columns), so these
+tests first prove it is gone from the cluster, then that no invariant went with it: a session
+for an unknown user is refused, a DeleteUser racing session writes for its user leaves no
+orphan, and DeleteUser removes sessions, messages and vectors on every shard at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import NewMessage
+from server.errors import FailedPrecondition, NotFound
+from server.store import Store
+
+
+def _msg(content: str) -> NewMessage:
+    return NewMessage(role="u", role_type="user", content=content, metadata={}, uuid=None)
+
+
+async def _scalar(url: str, statement: str) -> int:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(statement)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+async def empty(citus_url: str, citus_store: Store) -> str:
+    """The cluster's data tables emptied before a test; returns the database URL."""
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+        await conn.execute("TRUNCATE messages, sessions, users CASCADE")
+    return citus_url
+
+
+async def test_the_sessions_users_key_is_gone_and_the_store_refuses_unknown_users(
+    citus_store: Store, empty: str
+) -> None:
+    keys = await _scalar(
+        empty,
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'f'"
+        " AND conrelid = 'sessions'::regclass AND confrelid = 'users'::regclass",
+    )
+    assert keys == 0
+    with pytest.raises(FailedPrecondition) as created:
+        await citus_store.create_session(P, "s", "ghost", {})
+    assert created.value.reason == "USER_NOT_FOUND"
+    with pytest.raises(FailedPrecondition) as added:
+        await citus_store.add_memory(P, "s", "ghost", [_msg("hello")])
+    assert added.value.reason == "USER_NOT_FOUND"
+    assert await _scalar(empty, "SELECT count(*) FROM sessions") == 0
+
+
+async def test_delete_user_racing_session_writes_leaves_no_orphan(
+    citus_store: Store, empty: str
+) -> None:
+    await citus_store.create_user(P, "u", "", "", "", {})
+    for i in range(4):
+        await citus_store.add_memory(P, f"old{i}", "u", [_msg(f"m{i}")])
+
+    async def write(i: int) -> str:
+        try:
+            if i % 2:
+                await citus_store.create_session(P, f"new{i}", "u", {})
+            else:
+                await citus_store.add_memory(P, f"new{i}", "u", [_msg(f"n{i}")])
+        except FailedPrecondition as exc:
+            return exc.reason
+        return "written"
+
+    writes = [write(i) for i in range(16)]
+    outcomes = await asyncio.gather(citus_store.delete_user(P, "u"), *writes)
+    # Every write either came first (and was deleted with the user) or was refused after.
+    assert set(outcomes[1:]) <= {"written", "USER_NOT_FOUND"}
+    with pytest.raises(NotFound):
+        await citus_store.get_user(P, "u")
+    assert await _scalar(empty, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == 0
+    orphans = await _scalar(
+        empty,
+        "SELECT count(*) FROM messages m WHERE NOT EXISTS (SELECT 1 FROM sessions s"
+        " WHERE s.project_id = m.project_id AND s.session_id = m.session_id)",
+    )
+    assert orphans == 0
+
+
+async def test_delete_user_removes_everything_on_every_shard(
+    citus_store: Store, empty: str
+) -> None:
+    await citus_store.create_user(P, "u", "", "", "", {})
+    # Enough sessions that they land on several shards of both workers.
+    for i in range(24):
+        await citus_store.add_memory(P, f"s{i}", "u", [_msg("a"), _msg("b")])
+    shards = await _scalar(
+        empty,
+        "SELECT count(DISTINCT get_shard_id_for_distribution_column('sessions', session_id))"
+        " FROM sessions",
+    )
+    assert shards > 1
+    deleted = await citus_store.delete_user(P, "u")
+    assert (deleted.sessions, deleted.messages) == (24, 48)
+    for table in ("sessions", "messages", "embedding_queue"):
+        assert await _scalar(empty, f"SELECT count(*) FROM {table}") == 0, table
