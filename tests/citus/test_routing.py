@@ -48,7 +48,7 @@ ONE_SHARD = {
 #: User reads with session_count or a user's sessions: the user on one shard, then one
 #: fan-out over the sessions (a user's sessions are placed by their session ids).
 ONE_SHARD_AND_ONE_FAN_OUT = {
-    "get_users": "GetUser (one id; concurrent calls coalesced into one statement)",
+    "get_users_citus": "GetUser (one id; concurrent calls coalesced into one statement)",
     "update_user": "UpdateUser",
     "list_user_sessions": "ListUserSessions",
     "recall_stored_citus": "GetMemory's kept recall: memories of the user's other sessions",
@@ -99,6 +99,7 @@ REFERENCE = {
 #: Statements only plain PostgreSQL runs: on Citus the store runs the *_citus variant (or,
 #: for lock_embedded_sessions, nothing: docs/scaling.md).
 PLAIN_ONLY = {
+    "get_users",
     "lock_user_sessions",
     "purge_messages",
     "purge_sessions",

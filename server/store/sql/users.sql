@@ -14,8 +14,17 @@ RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_a
 -- get_users --
 -- The users of several ids (concurrent GetUser calls coalesced into one statement), each with
 -- the number of its live sessions; an id with no row is simply absent.
--- session_count comes from `counts`, a separate step: a user's sessions are placed by their
--- session ids, so under Citus it is the one fan-out of the statement (docs/scaling.md).
+SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
+       (SELECT count(*) FROM sessions s
+        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
+          AND s.deleted_at IS NULL) AS session_count
+FROM users u
+WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)s::text[]);
+
+-- get_users_citus --
+-- get_users under Citus, which refuses a correlated count over sessions (placed by session,
+-- not by user: a "complex join"): the counts are a step of their own, the one fan-out of the
+-- statement. On plain PostgreSQL get_users' correlated form was measured ~25% faster.
 WITH counts AS MATERIALIZED (
     SELECT s.user_id, count(*) AS n FROM sessions s
     WHERE s.project_id = %(project_id)s AND s.user_id = ANY(%(user_ids)s::text[])
@@ -127,7 +136,9 @@ SELECT (SELECT count(*) FROM gone) AS users,
 -- list_users --
 -- One keyset page of users by (created_at, user_id), strictly after the given key.
 -- session_count comes from `counts`, a separate step: a user's sessions are placed by their
--- session ids, so under Citus it is the one fan-out of the statement (docs/scaling.md).
+-- session ids, so under Citus it is the one fan-out of the statement (docs/scaling.md). The
+-- page's ids as an array: on plain PostgreSQL one index probe per id, as fast as the
+-- correlated count it replaced (an IN-join was measured ~40% slower per 1,000-user page).
 WITH page AS MATERIALIZED (
     SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
            u.updated_at
@@ -138,7 +149,7 @@ WITH page AS MATERIALIZED (
     LIMIT %(limit)s
 ), counts AS MATERIALIZED (
     SELECT s.user_id, count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id IN (SELECT user_id FROM page)
+    WHERE s.project_id = %(project_id)s AND s.user_id = ANY(ARRAY(SELECT user_id FROM page))
       AND s.deleted_at IS NULL
     GROUP BY s.user_id
 )
@@ -177,7 +188,7 @@ WITH page AS MATERIALIZED (
     LIMIT %(limit)s OFFSET %(offset)s
 ), counts AS MATERIALIZED (
     SELECT s.user_id, count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id IN (SELECT user_id FROM page)
+    WHERE s.project_id = %(project_id)s AND s.user_id = ANY(ARRAY(SELECT user_id FROM page))
       AND s.deleted_at IS NULL
     GROUP BY s.user_id
 )
