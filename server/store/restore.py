@@ -96,7 +96,7 @@ async def _restore_kind(
         created = int(row["created"]) if row else 0
     else:
         cur = await conn.execute(query(insert), params)
-        created = cur.rowcount
+        created = len(await cur.fetchall())
     return RestoreCounts(created=created, existing=len(found))
 
 

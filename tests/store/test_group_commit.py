@@ -31,7 +31,10 @@ async def test_calls_that_arrive_together_share_one_transaction(
     answered = await asyncio.gather(*calls)
     xmins = await _xmins(clean_db)
     assert len(xmins) == 12
-    assert len(set(xmins.values())) < 12  # some calls shared a commit
+    if not store.citus:
+        # Some calls shared a commit. On Citus each call commits alone (docs/scaling.md), and
+        # xmins of different workers are not comparable anyway.
+        assert len(set(xmins.values())) < 12
     # Each call was answered with its own message.
     for i, (session, added) in enumerate(answered):
         assert session.session_id == f"s{i % 5}" and [m.content for m in added] == [f"m{i}"]

@@ -30,7 +30,8 @@ FROM t JOIN users u ON u.project_id = %(project_id)s AND u.user_id = t.user_id
 ORDER BY t.ord;
 
 -- restore_users --
--- Inserts the request's users that are not stored yet, timestamps as given.
+-- Inserts the request's users that are not stored yet, timestamps as given; one row per user
+-- inserted (Citus counts every row of an INSERT ... SELECT in its rowcount, conflicts too).
 INSERT INTO users (project_id, user_id, email, first_name, last_name, metadata, created_at,
                    updated_at)
 SELECT %(project_id)s, t.user_id, t.email, t.first_name, t.last_name, t.metadata,
@@ -39,7 +40,8 @@ FROM unnest(%(user_ids)s::text[], %(emails)s::text[], %(first_names)s::text[],
             %(last_names)s::text[], %(metadatas)s::jsonb[], %(created)s::timestamptz[],
             %(updated)s::timestamptz[])
      AS t(user_id, email, first_name, last_name, metadata, created_at, updated_at)
-ON CONFLICT (project_id, user_id) DO NOTHING;
+ON CONFLICT (project_id, user_id) DO NOTHING
+RETURNING 1;
 
 -- restore_sessions_existing --
 -- The request's sessions already stored (by session_id), each with the fields that differ.
@@ -64,7 +66,8 @@ FROM t JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = t.ses
 ORDER BY t.ord;
 
 -- restore_sessions --
--- Inserts the request's sessions that are not stored yet; message_count starts at 0 and grows
+-- Inserts the request's sessions that are not stored yet (one row back per session inserted,
+-- as restore_users); message_count starts at 0 and grows
 -- as restore_messages adds their live messages, next_sequence starts where the backup had it
 -- (1 when it does not say) and never falls behind a restored message.
 INSERT INTO sessions (project_id, session_id, user_id, metadata, created_at, updated_at,
@@ -76,7 +79,8 @@ FROM unnest(%(session_ids)s::text[], %(user_ids)s::text[], %(metadatas)s::jsonb[
             %(last_message)s::timestamptz[], %(next_sequences)s::bigint[])
      AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at, last_message_at,
           next_sequence)
-ON CONFLICT (project_id, session_id) DO NOTHING;
+ON CONFLICT (project_id, session_id) DO NOTHING
+RETURNING 1;
 
 -- restore_messages_existing --
 -- The request's messages whose (session_id, sequence) or (session_id, uuid) is stored, each
