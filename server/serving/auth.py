@@ -194,6 +194,8 @@ class AuthInterceptor(ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
+        # Each method's wrapped handler, made once (see ObservabilityInterceptor._wrapped).
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -203,7 +205,13 @@ class AuthInterceptor(ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
             return handler
-        return rewrap(handler, unary=self._unary, stream=self._stream)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = rewrap(handler, unary=self._unary, stream=self._stream)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     async def _enter(self, context: Context) -> int:
         try:
