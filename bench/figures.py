@@ -199,7 +199,10 @@ USERS_EXPORT = Export(
     user_service_pb2.ListUsersChunkedRequest(chunk_size=1000).SerializeToString(),
     "user_service_pb2.ListUsersChunkedResponse",
     "users",
-    "COPY users TO STDOUT",
+    # The columns the API shows, not users.wire (migration 0040): COPY of the same data as
+    # before that column, so the baseline did not get slower by the export's own bytes.
+    "COPY users (project_id, user_id, email, first_name, last_name, metadata, created_at,"
+    " updated_at) TO STDOUT",
     0.50,
 )
 MESSAGES_EXPORT = Export(

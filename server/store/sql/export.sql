@@ -25,6 +25,34 @@ WHERE m.project_id = %(project_id)s
 ORDER BY m.session_id, m.sequence
 LIMIT %(limit)s;
 
+-- export_message_wire --
+-- export_messages as ExportMessagesResponse `messages` entries in protobuf wire bytes: each an
+-- ExportedMessage (tag 1, length; session_id, then the Message: messages.wire, kept by
+-- migration 0041's trigger, followed by content as field 4), concatenated in key order, with
+-- each entry's size and key. One row; its arrays are empty when no message follows.
+WITH page AS MATERIALIZED (
+    SELECT m.session_id, m.sequence, m.content, m.wire
+    FROM messages m
+    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+    WHERE m.project_id = %(project_id)s
+      AND (%(include_deleted)s OR (m.deleted_at IS NULL AND s.deleted_at IS NULL))
+      AND (m.session_id, m.sequence) > (%(after_session)s::text, %(after_sequence)s::bigint)
+    ORDER BY m.session_id, m.sequence
+    LIMIT %(limit)s
+), entries AS (
+    SELECT session_id, sequence,
+           memstore_pb_field('\x0a'::bytea,
+               memstore_pb_string('\x0a'::bytea, session_id)
+               || memstore_pb_field('\x12'::bytea,
+                      wire || memstore_pb_string('\x22'::bytea, content))) AS entry
+    FROM page
+)
+SELECT coalesce(string_agg(entry, ''::bytea ORDER BY session_id, sequence), ''::bytea),
+       coalesce(array_agg(length(entry) ORDER BY session_id, sequence), '{}'),
+       coalesce(array_agg(session_id ORDER BY session_id, sequence), '{}'),
+       coalesce(array_agg(sequence ORDER BY session_id, sequence), '{}')
+FROM entries;
+
 -- list_user_wire --
 -- One keyset batch of users as ListUsersChunkedResponse `users` entries in protobuf wire bytes
 -- (tag 1, length, the User), concatenated in key order, with each entry's size and key so
