@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import cast
 
-from server.domain import Message, MessageKey, Page, Session, TimeKey, WireRows, from_micros
+from server.domain import Message, MessageKey, Page, Session, TimeKey, WireRows
 from server.store import rows
 from server.store.base import START, StoreBase
 from server.store.db import fetch_all
@@ -122,12 +123,12 @@ class ExportMethods(StoreBase):
             # Binary results: the entries arrive as they are, not as hex text to decode.
             cur = conn.cursor(binary=True)
             await cur.execute(query("list_user_wire"), params)
-            found = cast(tuple[bytes, list[int], list[int], list[str]], await cur.fetchone())
+            found = cast(tuple[bytes, list[int], list[datetime], list[str]], await cur.fetchone())
         entries, sizes, created, user_ids = found
         if not sizes:
             return Page([], has_more=False)
 
         def key(i: int) -> TimeKey:
-            return from_micros(created[i]), user_ids[i]
+            return created[i], user_ids[i]
 
         return Page([WireRows(bytes(entries), sizes, key)], has_more=len(sizes) >= limit)

@@ -30,6 +30,8 @@ LIMIT %(limit)s;
 -- ExportedMessage (tag 1, length; session_id, then the Message: messages.wire, kept by
 -- migration 0041's trigger, followed by content as field 4), concatenated in key order, with
 -- each entry's size and key. One row; its arrays are empty when no message follows.
+-- Each stage is MATERIALIZED: the inlined encoders name their argument several times, and
+-- an argument that is a column of the stage before is read, not computed again.
 WITH page AS MATERIALIZED (
     SELECT m.session_id, m.sequence, m.content, m.wire
     FROM messages m
@@ -39,13 +41,17 @@ WITH page AS MATERIALIZED (
       AND (m.session_id, m.sequence) > (%(after_session)s::text, %(after_sequence)s::bigint)
     ORDER BY m.session_id, m.sequence
     LIMIT %(limit)s
-), entries AS (
-    SELECT session_id, sequence,
-           memstore_pb_field('\x0a'::bytea,
-               memstore_pb_string('\x0a'::bytea, session_id)
-               || memstore_pb_field('\x12'::bytea,
-                      wire || memstore_pb_string('\x22'::bytea, content))) AS entry
+), bodies AS MATERIALIZED (
+    SELECT session_id, sequence, wire || memstore_pb_string('\x22'::bytea, content) AS body
     FROM page
+), exported AS MATERIALIZED (
+    SELECT session_id, sequence,
+           memstore_pb_string('\x0a'::bytea, session_id)
+           || '\x12'::bytea || memstore_pb_varint(length(body)) || body AS body
+    FROM bodies
+), entries AS MATERIALIZED (
+    SELECT session_id, sequence, '\x0a'::bytea || memstore_pb_varint(length(body)) || body AS entry
+    FROM exported
 )
 SELECT coalesce(string_agg(entry, ''::bytea ORDER BY session_id, sequence), ''::bytea),
        coalesce(array_agg(length(entry) ORDER BY session_id, sequence), '{}'),
@@ -59,6 +65,7 @@ FROM entries;
 -- the caller can cut chunks between entries. Each entry is users.wire (fields 1-7, kept by
 -- migration 0040's trigger) and session_count (field 8, omitted when 0, as proto3 does;
 -- counted as list_user_records counts it). One row; its arrays are empty when no user follows.
+-- Stages are MATERIALIZED as in export_message_wire.
 WITH page AS MATERIALIZED (
     SELECT u.user_id, u.created_at, u.wire
     FROM users u
@@ -71,16 +78,17 @@ WITH page AS MATERIALIZED (
     WHERE s.project_id = %(project_id)s AND s.user_id IN (SELECT user_id FROM page)
       AND s.deleted_at IS NULL
     GROUP BY s.user_id
-), entries AS (
+), bodies AS MATERIALIZED (
     SELECT p.created_at, p.user_id,
-           memstore_pb_field('\x0a'::bytea,
-               p.wire || CASE WHEN c.n > 0 THEN '\x40'::bytea || memstore_pb_varint(c.n)
-                              ELSE ''::bytea END) AS entry
+           CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)
+                ELSE p.wire END AS body
     FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
+), entries AS MATERIALIZED (
+    SELECT created_at, user_id, '\x0a'::bytea || memstore_pb_varint(length(body)) || body AS entry
+    FROM bodies
 )
 SELECT coalesce(string_agg(entry, ''::bytea ORDER BY created_at, user_id), ''::bytea),
        coalesce(array_agg(length(entry) ORDER BY created_at, user_id), '{}'),
-       coalesce(array_agg((extract(epoch FROM created_at) * 1000000)::int8
-                          ORDER BY created_at, user_id), '{}'),
+       coalesce(array_agg(created_at ORDER BY created_at, user_id), '{}'),
        coalesce(array_agg(user_id ORDER BY created_at, user_id), '{}')
 FROM entries;
