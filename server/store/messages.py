@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid as uuid_lib
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg import errors as pg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from server.domain import Message, MetadataChange, NewMessage, Page, Session
 from server.errors import (
@@ -92,7 +92,8 @@ class MessageMethods(StoreBase):
             "roles": [m.role for m in messages],
             "role_types": [m.role_type for m in messages],
             "contents": [m.content for m in messages],
-            "metadatas": [Jsonb(m.metadata) for m in messages],
+            # As JSON text (what psycopg's Jsonb would send), "{}" without a json.dumps.
+            "metadatas": [json.dumps(m.metadata) if m.metadata else "{}" for m in messages],
             "embed": self.vectors,
         }
         call = _Append(params, user_id)

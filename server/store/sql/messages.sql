@@ -5,8 +5,10 @@
 -- hold yet, reserving sequences for those only, and queues them for embedding. Answers one
 -- row per request message, in request order: the stored message, new or already there.
 WITH t AS (
-    SELECT * FROM unnest(%(uuids)s::uuid[], %(roles)s::text[], %(role_types)s::text[],
-                         %(contents)s::text[], %(metadatas)s::jsonb[])
+    -- The arrays come in binary (%(x)b): psycopg's text form of an array quotes each element
+    -- with a regular expression in Python, ~50 µs per call of one message, ~600 of twenty.
+    SELECT * FROM unnest(%(uuids)b::uuid[], %(roles)b::text[], %(role_types)b::text[],
+                         %(contents)b::text[], %(metadatas)b::jsonb[])
                   WITH ORDINALITY AS t(uuid, role, role_type, content, metadata, ord)
 ), old AS (
     -- The request's messages already in the session (a retry), as this statement's snapshot
