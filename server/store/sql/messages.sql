@@ -5,7 +5,7 @@
 -- hold yet, reserving sequences for those only, and queues them for embedding. Answers one
 -- row per request message, in request order: the stored message, new or already there.
 WITH t AS (
-    -- The arrays come in binary (%(x)b): psycopg's text form of an array quotes each element
+    -- The arrays come in binary format: psycopg's text form of an array quotes each element
     -- with a regular expression in Python, ~50 µs per call of one message, ~600 of twenty.
     SELECT * FROM unnest(%(uuids)b::uuid[], %(roles)b::text[], %(role_types)b::text[],
                          %(contents)b::text[], %(metadatas)b::jsonb[])

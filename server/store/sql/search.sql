@@ -297,7 +297,8 @@ WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(
 -- since, or their session changed hands): those are skipped in SQL, later ones fill in. A
 -- call whose session is absent or deleted has no row at all.
 WITH q AS (
-    SELECT * FROM unnest(%(session_ids)s::text[], %(lastns)s::int[], %(limits)s::int[])
+    -- Arrays in binary format: their text form costs psycopg a regex per element.
+    SELECT * FROM unnest(%(session_ids)b::text[], %(lastns)b::int[], %(limits)b::int[])
         WITH ORDINALITY AS q(session_id, lastn, lim, i)
 )
 SELECT q.i, 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
