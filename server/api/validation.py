@@ -121,6 +121,8 @@ def check_content(v: Violations, field: str, value: str) -> None:
 def metadata(v: Violations, field: str, value: struct_pb2.Struct) -> JsonObject:
     """A Struct as a dict: at most 64 KiB as PostgreSQL prints it (see json_size), at most 32
     levels deep, no NUL, no NaN or Infinity."""
+    if not value.fields:
+        return {}  # the common case: nothing to walk, "{}" is 2 bytes
     walk = _StructWalk(field)
     result = walk.struct(value, field, 1)
     if walk.problems:
