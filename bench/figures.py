@@ -211,7 +211,7 @@ MESSAGES_EXPORT = Export(
     session_service_pb2.ExportMessagesRequest(chunk_size=1000).SerializeToString(),
     "session_service_pb2.ExportMessagesResponse",
     "messages",
-    # The API's columns, not messages.wire (migration 0041), as for users.
+    # The API's columns, as for users.
     "COPY messages (project_id, session_id, sequence, uuid, role, role_type, content, metadata,"
     " created_at, updated_at, deleted_at) TO STDOUT",
     None,

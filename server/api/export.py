@@ -13,7 +13,7 @@ from server.api import chunking, convert, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import stream_errors
-from server.domain import Session, TimeKey
+from server.domain import Message, MessageKey, Session, TimeKey
 
 
 class ExportServicer(ServicerBase):
@@ -41,20 +41,22 @@ class ExportServicer(ServicerBase):
         ):
             yield chunk
 
-    # Yields chunks already serialized by PostgreSQL (messages.wire, migration 0041; the
-    # server's serializer sends bytes as they are): no Python object per message.
     @stream_errors
     async def ExportMessages(
         self, request: pb.ExportMessagesRequest, context: Context
-    ) -> AsyncIterator[chunking.WireChunk]:
+    ) -> AsyncIterator[pb.ExportMessagesResponse]:
         chunk_size = _chunk_size(request.chunk_size)
         project = self._project(context)
         everything = request.include_deleted
         query = tokens.export_fingerprint("messages", project, everything)
-        async for chunk in chunking.wire_chunks(
+        async for chunk in chunking.chunks(
             fetch=functools.partial(
-                self._store.export_message_wire, project, include_deleted=everything
+                self._store.export_messages, project, include_deleted=everything
             ),
+            key=_message_key,
+            new_chunk=pb.ExportMessagesResponse,
+            entries=_messages,
+            add=_add_message,
             token=functools.partial(self._tokens.encode_message_key, query),
             chunk_size=chunk_size,
             after=self._tokens.decode_message_key(request.page_token, query),
@@ -83,3 +85,21 @@ def _add_session(
     sessions: RepeatedCompositeFieldContainer[resources_pb2.Session], session: Session
 ) -> resources_pb2.Session:
     return convert.session_to_proto(session, sessions.add())
+
+
+def _message_key(message: Message) -> MessageKey:
+    return message.session_id, message.sequence
+
+
+def _messages(
+    chunk: pb.ExportMessagesResponse,
+) -> RepeatedCompositeFieldContainer[pb.ExportedMessage]:
+    return chunk.messages
+
+
+def _add_message(
+    messages: RepeatedCompositeFieldContainer[pb.ExportedMessage], message: Message
+) -> pb.ExportedMessage:
+    entry = messages.add(session_id=message.session_id)
+    convert.message_to_proto(message, entry.message)
+    return entry

@@ -21,10 +21,7 @@ from server.store import Store
 _METADATA_ONLY = ("metadata",)
 
 
-# ExportMessages yields serialized chunks (chunking.WireChunk), not the generated stub's type.
-class SessionServicer(  # type: ignore[misc]
-    SearchServicer, ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer
-):
+class SessionServicer(SearchServicer, ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer):
     """memstore.v1.SessionService."""
 
     def __init__(self, store: Store, tokens: PageTokens, searcher: Searcher) -> None:

@@ -65,42 +65,6 @@ class ExportMethods(StoreBase):
             found = await fetch_all(conn, "export_messages", params)
         return Page([rows.message(r) for r in found[:limit]], has_more=len(found) > limit)
 
-    async def export_message_wire(
-        self,
-        project_id: int,
-        after: MessageKey | None,
-        limit: int,
-        *,
-        include_deleted: bool = False,
-    ) -> Page[WireRows[MessageKey]]:
-        """export_messages as ExportMessagesResponse `messages` entries in protobuf wire
-        bytes: one WireRows, or none when no message follows. has_more is True when the
-        batch is full (a last, empty batch may follow).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        after_session, after_sequence = after or _MESSAGES_START
-        params = {
-            "project_id": project_id,
-            "after_session": after_session,
-            "after_sequence": after_sequence,
-            "limit": limit,
-            "include_deleted": include_deleted,
-        }
-        async with self._connect(single=True) as conn:
-            cur = conn.cursor(binary=True)
-            await cur.execute(query("export_message_wire"), params)
-            found = cast(tuple[bytes, list[int], list[str], list[int]], await cur.fetchone())
-        entries, sizes, session_ids, sequences = found
-        if not sizes:
-            return Page([], has_more=False)
-
-        def key(i: int) -> MessageKey:
-            return session_ids[i], sequences[i]
-
-        return Page([WireRows(bytes(entries), sizes, key)], has_more=len(sizes) >= limit)
-
     async def list_user_wire(
         self, project_id: int, after: TimeKey | None, limit: int
     ) -> Page[WireRows[TimeKey]]:

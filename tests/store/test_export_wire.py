@@ -1,4 +1,4 @@
-"""Store: the users and messages PostgreSQL encodes as protobuf (migrations 0040, 0041) parse
+"""Store: the users PostgreSQL encodes as protobuf (migration 0040) parse
 to what the object path builds, field by field, on generated data."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memstore.v1 import resources_pb2
-from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as pb
 from server.api import convert
 from server.store import Store
@@ -141,88 +140,3 @@ async def test_varints_match_protobuf(store: Store, database_url: str) -> None:
             assert (
                 b"\x40" + bytes(row[0]) == resources_pb2.User(session_count=n).SerializeToString()
             )
-
-
-_MESSAGES = st.lists(
-    st.fixed_dictionaries(
-        {
-            "session": st.sampled_from(["a", "ß", "会话"]),
-            "role": _TEXT,
-            "role_type": st.sampled_from(
-                ["user", "assistant", "system", "tool", "function", "norole"]
-            ),
-            "content": _TEXT,
-            "metadata": st.dictionaries(_TEXT, _JSON, max_size=5),
-            "created_at": _TIMES,
-            "updated_at": _TIMES,
-            "deleted_at": st.none() | _TIMES,
-        }
-    ),
-    min_size=1,
-    max_size=6,
-)
-
-_INSERT_MESSAGE = (
-    "INSERT INTO messages (project_id, session_id, sequence, role, role_type, content, metadata,"
-    " created_at, updated_at, deleted_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)"
-)
-
-
-async def _both_message_paths(
-    store: Store, project: int, include_deleted: bool
-) -> tuple[list[Any], list[Any]]:
-    """A project's exported messages as the object path builds them and as their bytes parse."""
-    page = await store.export_messages(project, None, 100, include_deleted=include_deleted)
-    built = ss.ExportMessagesResponse()
-    for message in page.items:
-        entry = built.messages.add(session_id=message.session_id)
-        convert.message_to_proto(message, entry.message)
-    wire = await store.export_message_wire(project, None, 100, include_deleted=include_deleted)
-    if not wire.items:
-        return list(built.messages), []
-    (rows,) = wire.items
-    parsed = ss.ExportMessagesResponse.FromString(rows.entries)
-    offset = 0
-    for size, message in zip(rows.sizes, parsed.messages, strict=True):
-        entry = ss.ExportMessagesResponse.FromString(rows.entries[offset : offset + size])
-        assert list(entry.messages) == [message]
-        offset += size
-    return list(built.messages), list(parsed.messages)
-
-
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(messages=_MESSAGES, deleted=st.lists(st.booleans(), min_size=6, max_size=6))
-async def test_message_wire_parses_to_the_object_path(
-    store: Store, database_url: str, messages: list[dict[str, Any]], deleted: list[bool]
-) -> None:
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        project = await _project(conn)
-        for session in ("a", "ß", "会话"):
-            await conn.execute(
-                "INSERT INTO sessions (project_id, session_id) VALUES (%s, %s)", (project, session)
-            )
-        for i, m in enumerate(messages, start=1):
-            await conn.execute(
-                _INSERT_MESSAGE,
-                (project, m["session"], i, m["role"], m["role_type"], m["content"],
-                 json.dumps(m["metadata"]), m["created_at"], m["updated_at"], m["deleted_at"]),
-            )  # fmt: skip
-        for include_deleted in (True, False):
-            built, parsed = await _both_message_paths(store, project, include_deleted)
-            assert len(parsed) == len(built)
-            for b, p in zip(built, parsed, strict=True):
-                assert p == b
-                assert p.message.metadata == b.message.metadata
-        # Soft deletes and undeletes rewrite the bytes (the trigger fires on UPDATE too).
-        for i, gone in enumerate(deleted[: len(messages)], start=1):
-            await conn.execute(
-                "UPDATE messages SET deleted_at = %s WHERE project_id = %s AND sequence = %s",
-                (datetime.now(UTC) if gone else None, project, i),
-            )
-        built, parsed = await _both_message_paths(store, project, True)
-        for b, p in zip(built, parsed, strict=True):
-            assert p == b

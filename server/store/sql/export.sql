@@ -25,47 +25,14 @@ WHERE m.project_id = %(project_id)s
 ORDER BY m.session_id, m.sequence
 LIMIT %(limit)s;
 
--- export_message_wire --
--- export_messages as ExportMessagesResponse `messages` entries in protobuf wire bytes: each an
--- ExportedMessage (tag 1, length; session_id, then the Message: messages.wire, kept by
--- migration 0041's trigger, followed by content as field 4), concatenated in key order, with
--- each entry's size and key. One row; its arrays are empty when no message follows.
--- Each stage is MATERIALIZED: the inlined encoders name their argument several times, and
--- an argument that is a column of the stage before is read, not computed again.
-WITH page AS MATERIALIZED (
-    SELECT m.session_id, m.sequence, m.content, m.wire
-    FROM messages m
-    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-    WHERE m.project_id = %(project_id)s
-      AND (%(include_deleted)s OR (m.deleted_at IS NULL AND s.deleted_at IS NULL))
-      AND (m.session_id, m.sequence) > (%(after_session)s::text, %(after_sequence)s::bigint)
-    ORDER BY m.session_id, m.sequence
-    LIMIT %(limit)s
-), bodies AS MATERIALIZED (
-    SELECT session_id, sequence, wire || memstore_pb_string('\x22'::bytea, content) AS body
-    FROM page
-), exported AS MATERIALIZED (
-    SELECT session_id, sequence,
-           memstore_pb_string('\x0a'::bytea, session_id)
-           || '\x12'::bytea || memstore_pb_varint(length(body)) || body AS body
-    FROM bodies
-), entries AS MATERIALIZED (
-    SELECT session_id, sequence, '\x0a'::bytea || memstore_pb_varint(length(body)) || body AS entry
-    FROM exported
-)
-SELECT coalesce(string_agg(entry, ''::bytea ORDER BY session_id, sequence), ''::bytea),
-       coalesce(array_agg(length(entry) ORDER BY session_id, sequence), '{}'),
-       coalesce(array_agg(session_id ORDER BY session_id, sequence), '{}'),
-       coalesce(array_agg(sequence ORDER BY session_id, sequence), '{}')
-FROM entries;
-
 -- list_user_wire --
 -- One keyset batch of users as ListUsersChunkedResponse `users` entries in protobuf wire bytes
 -- (tag 1, length, the User), concatenated in key order, with each entry's size and key so
 -- the caller can cut chunks between entries. Each entry is users.wire (fields 1-7, kept by
 -- migration 0040's trigger) and session_count (field 8, omitted when 0, as proto3 does;
 -- counted as list_user_records counts it). One row; its arrays are empty when no user follows.
--- Stages are MATERIALIZED as in export_message_wire.
+-- Each stage is MATERIALIZED: the inlined encoders name their argument several times, and
+-- an argument that is a column of the stage before is read, not computed again.
 WITH page AS MATERIALIZED (
     SELECT u.user_id, u.created_at, u.wire
     FROM users u
