@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from server.config import Config, SecurityConfig
+from server.serving.ports import bind
 
 log = logging.getLogger(__name__)
 # uvicorn's own lines ("Started server process") repeat what memstore logs; its errors stay.
@@ -71,31 +72,16 @@ class HttpServer:
             await self._task
 
 
-def bind(host: str, port: int, *, reuse_port: bool) -> tuple[list[socket.socket], int]:
+def listen(host: str, port: int, *, reuse_port: bool) -> tuple[list[socket.socket], int]:
     """Listening sockets on every address of host:port; the port chosen when `port` is 0.
 
     Raises:
         OSError: the port is taken, or the host has no address to bind.
     """
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address[0], port, *address[2:]))
-            port = port or int(sock.getsockname()[1])
-            sock.listen(_BACKLOG)
-            sock.setblocking(False)
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
+    sockets, port = bind(host, port, reuse_port=reuse_port, flag="--http-port")
+    for sock in sockets:
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
     return sockets, port
 
 
@@ -120,7 +106,7 @@ def http_server(config: Config, app: Any) -> HttpServer:
     Raises:
         OSError: the port is taken.
     """
-    sockets, port = bind(config.host, config.http_port, reuse_port=config.workers > 1)
+    sockets, port = listen(config.host, config.http_port, reuse_port=config.workers > 1)
     settings = uvicorn.Config(
         app,
         lifespan="off",

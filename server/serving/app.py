@@ -40,8 +40,8 @@ from server.serving.grpc_health import (
 )
 from server.serving.malformed import Malformed, tolerant_deserializer
 from server.serving.observability import Metrics, ObservabilityInterceptor
+from server.serving.ports import probe_port
 from server.serving.tls import add_port, reflection_enabled
-from server.serving.workers import probe_port
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -295,6 +295,8 @@ async def serve(config: Config) -> None:
     """
     if config.port:
         probe_port(config.host, config.port)
+    if config.http and config.http_port:
+        probe_port(config.host, config.http_port, flag="--http-port")
     store = await open_store(config)
     background: list[asyncio.Task[None]] = []
     try:

@@ -11,61 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import signal
-import socket
 import sys
 from dataclasses import replace
 from types import FrameType
 
 from server.config import Config
+from server.serving.ports import probe_port
 
 log = logging.getLogger(__name__)
 
 #: prctl option that sends a signal to a worker when its parent dies (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
-
-
-def probe_port(host: str, port: int) -> int:
-    """Binds (without SO_REUSEPORT) every address of host:port and releases it.
-
-    `memstore serve` probes first too, so that a taken port fails before the embedded
-    PostgreSQL starts and the migrations run.
-
-    With SO_REUSEPORT the workers would silently share a port with another server that set
-    it too; binding without it first fails when anyone holds the port. Returns the port,
-    a free one chosen here when `port` is 0 (the workers must all bind the same one).
-
-    Raises:
-        OSError: the port is taken, or the host has no address to bind.
-    """
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            # As gRPC binds: a port whose last server left connections in TIME_WAIT is
-            # free; one with a listener is not.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((address[0], port, *address[2:]))
-            port = port or int(sock.getsockname()[1])
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            why = (
-                f"port {port} is in use (another process listens there: stop it, or choose "
-                "another --port)"
-            )
-        raise OSError(f"cannot listen on {host}:{port}: {why}") from exc
-    finally:
-        for sock in sockets:
-            sock.close()
-    return port
 
 
 async def _prepare(config: Config) -> None:
@@ -93,7 +52,8 @@ def serve_workers(config: Config) -> int:
     port = probe_port(config.host, config.port)
     if config.http:
         # The same check for the REST port, and one port for all workers when it is 0.
-        config = replace(config, http_port=probe_port(config.host, config.http_port))
+        http_port = probe_port(config.host, config.http_port, flag="--http-port")
+        config = replace(config, http_port=http_port)
     if config.database_url is None:
         # One embedded PostgreSQL for all workers, owned (and stopped at exit) by the parent.
         from server.serving.embedded import EmbeddedPostgres

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.__main__ import main
-from server.serving.workers import probe_port
+from server.serving.ports import probe_port
 
 
 def test_port_zero_picks_one_free_port_for_every_worker() -> None:
@@ -32,17 +32,26 @@ def test_a_taken_port_is_refused_even_when_its_holder_allows_sharing() -> None:
             probe_port("127.0.0.1", port)
 
 
+@pytest.mark.parametrize("taken", ["--port", "--http-port"])
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_on_a_taken_port_fails_before_postgresql_starts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    taken: str,
+    workers: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        argv = ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp_path)]
+        ports = {"--port": "0", "--http-port": "0", taken: str(port)}
+        argv = ["serve", "--host", "127.0.0.1", "--data-dir", str(tmp_path), "--workers", workers]
+        argv += [item for pair in ports.items() for item in pair]
         with caplog.at_level(logging.ERROR, logger="memstore"):
             assert main(argv) == 1
     assert f"port {port} is in use" in caplog.text
+    assert f"choose another {taken})" in caplog.text
     # Neither the embedded PostgreSQL nor the migrations ran: its data folder was never made.
     assert not (tmp_path / "pg").exists()
