@@ -44,12 +44,22 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def _sorts_a_page(sort: dict[str, Any]) -> bool:
+    # A Sort whose input reads only CTE Scans orders what an earlier, LIMITed step made (a
+    # page, or counts for its rows), never a table: PostgreSQL 15 re-sorts the joined page
+    # of list_users where 18 keeps its order. The CTEs' own plans are checked on their own.
+    inputs = [c for c in sort.get("Plans", []) if c.get("Parent Relationship") != "InitPlan"]
+    scans = [n for c in inputs for n in _nodes(c) if n["Node Type"].endswith("Scan")]
+    return bool(scans) and all(n["Node Type"] == "CTE Scan" for n in scans)
+
+
 def _assert_indexed(plan: dict[str, Any], *, sort_allowed: bool = False) -> set[str]:
     nodes = _nodes(plan)
     kinds = [n["Node Type"] for n in nodes]
     assert "Seq Scan" not in kinds, plan
     if not sort_allowed:
-        assert "Sort" not in kinds and "Incremental Sort" not in kinds, plan
+        sorts = [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")]
+        assert all(_sorts_a_page(n) for n in sorts), plan
     return {n["Index Name"] for n in nodes if "Index Name" in n}
 
 
