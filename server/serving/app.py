@@ -27,7 +27,7 @@ from server.api.tokens import PageTokens
 from server.api.users import UserServicer
 from server.config import Config
 from server.rest import HttpServer, build_http_server
-from server.search.embedding import Embedder, embedder_from_setting
+from server.search.embedding import Embedder, EmbeddingError, embedder_from_setting
 from server.search.service import Searcher
 from server.search.worker import EmbeddingWorker
 from server.serving.auth import Authenticator, AuthInterceptor, start_authenticator
@@ -260,6 +260,21 @@ def make_embedder(config: Config) -> Embedder | None:
         raise RuntimeError(f"--embedder: {exc}") from exc
 
 
+def load_model(embedder: Embedder | None) -> None:
+    """Loads a local model now rather than on its first use; a failure is logged, not raised.
+
+    A model that cannot load fails each search and embedding batch with the same error,
+    which says what to install; the rest of memstore serves on.
+    """
+    load = getattr(embedder, "load", None)
+    if load is None:
+        return  # none, or a remote model: nothing to load
+    try:
+        load()
+    except EmbeddingError as exc:
+        log.error("%s", exc)
+
+
 def _embedding_worker(
     config: Config, store: Store, embedder: Embedder | None
 ) -> EmbeddingWorker | None:
@@ -297,13 +312,17 @@ async def serve(config: Config) -> None:
         probe_port(config.host, config.port)
     if config.http and config.http_port:
         probe_port(config.host, config.http_port, flag="--http-port")
+    embedder = make_embedder(config)  # one model for the queries and the worker
+    # Loads while PostgreSQL starts and migrates: SERVING means search answers at once, and
+    # a SIGTERM never waits at exit for a load the worker began (the thread cannot stop).
+    loading = asyncio.ensure_future(asyncio.to_thread(load_model, embedder))
     store = await open_store(config)
     background: list[asyncio.Task[None]] = []
     try:
         await store.migrate()  # logs each migration it applies
         metrics = Metrics(store.pool_stats)
         metrics_http = _serve_metrics(config, metrics)
-        embedder = make_embedder(config)  # one model for the queries and the worker
+        await loading
         auth = await start_authenticator(config, store)
         server, port, readiness = await _build(config, store, metrics, embedder, auth)
         http = await build_http(config, store, metrics, auth, embedder) if config.http else None

@@ -116,7 +116,7 @@ async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_
     assert code == 0, out
     # Done when the last call was: an open health Watch stream does not hold the shutdown
     # for the whole grace period (10 s).
-    assert exited < 8, exited
+    assert exited < 8, (exited, out)
     # Health said NOT_SERVING from the signal on: to watchers at once, and to Check calls
     # during the drain delay, while calls were still being served.
     assert any(status == NOT_SERVING and t >= signalled for t, status in watched), watched
