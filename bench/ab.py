@@ -15,6 +15,7 @@ with recall, without, and health `Check`) on both servers in every round, rotati
 with the unary load of `python -m bench`; they print, for each side, the median of each
 kind's rps and server CPU per call, the median of the per-round ratios of each kind to the
 baseline kind, and the median of the per-round after/before ratios of each kind's rps.
+With --together each kind runs on both servers at once, as the streams do.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.5, help="a unary run's warm-up seconds")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` argument")
     p.add_argument(
-        "--together", action="store_true", help="stream from both servers at once, not in turn"
+        "--together",
+        action="store_true",
+        help="stream (or run each unary kind) on both servers at once, not in turn",
     )
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")

@@ -14,7 +14,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from bench import env, search_data
-from bench.client import UnaryLoad
+from bench.client import UnaryLoad, run_unary
 from bench.figures import ADD_MEMORY, HEALTH, Settings, add_memory_payloads, unary_run
 from bench.search_worker import write_round
 from memstore.v1 import session_service_pb2 as pb
@@ -74,7 +74,13 @@ COMPARISONS = (*KINDS, WRITES_EMBEDDING)
 
 
 def _rounds(
-    s: Settings, pool: Executor, servers: dict[str, env.Server], kinds: Kinds, rounds: int
+    s: Settings,
+    pool: Executor,
+    servers: dict[str, env.Server],
+    kinds: Kinds,
+    rounds: int,
+    *,
+    together: bool = False,
 ) -> dict[str, dict[str, list[dict[str, float]]]]:
     out: dict[str, dict[str, list[dict[str, float]]]] = {
         side: {k: [] for k in kinds} for side in servers
@@ -82,25 +88,61 @@ def _rounds(
     names, sides = list(kinds), list(servers)
     for r in range(rounds):
         order = sides if r % 2 == 0 else sides[::-1]
-        for side in order:
-            server = servers[side]
-            for kind in names[r % len(names) :] + names[: r % len(names)]:
-                method, payloads = kinds[kind]
-                load = UnaryLoad(
-                    server.target, method, payloads, s.seconds, s.warmup, s.concurrency, s.channels
-                )
-                cpu0 = server.cpu_seconds()
-                run = unary_run(pool, load, 1)
-                cpu = server.cpu_seconds() - cpu0
-                # CPU over the warm-up too: per call of the whole run, at the counted rate.
-                run["cpu_us_per_call"] = cpu / (run["rps"] * (s.seconds + s.warmup)) * 1e6
-                out[side][kind].append(run)
-                print(
-                    f"round {r} {side:<6} {kind:<12} {run['rps']:>8,.0f} rps "
-                    f"{run['cpu_us_per_call']:7.0f} µs CPU/call",
-                    flush=True,
-                )
+        for kind in names[r % len(names) :] + names[: r % len(names)]:
+            # In turn (each side alone, one after the other), or both sides at once: then
+            # each gets its share of the same moment's CPU, which pairs them closer on a
+            # machine that other jobs load unevenly.
+            groups = [order] if together else [[side] for side in order]
+            for group in groups:
+                for side, run in zip(
+                    group, _runs(s, pool, servers, group, kinds[kind]), strict=True
+                ):
+                    out[side][kind].append(run)
+                    print(
+                        f"round {r} {side:<6} {kind:<12} {run['rps']:>8,.0f} rps "
+                        f"{run['cpu_us_per_call']:7.0f} µs CPU/call",
+                        flush=True,
+                    )
     return out
+
+
+def _runs(
+    s: Settings,
+    pool: Executor,
+    servers: dict[str, env.Server],
+    sides: list[str],
+    call: tuple[str, tuple[bytes, ...]],
+) -> list[dict[str, float]]:
+    # One unary run on each of `sides`' servers, all at once; server CPU per call for each.
+    method, payloads = call
+    cpu0 = [servers[side].cpu_seconds() for side in sides]
+    loads = [
+        UnaryLoad(
+            servers[side].target, method, payloads, s.seconds, s.warmup, s.concurrency, s.channels
+        )
+        for side in sides
+    ]
+    if len(loads) == 1:
+        runs = [unary_run(pool, loads[0], 1)]
+    else:
+        futures = [pool.submit(run_unary, load) for load in loads]
+        runs = [_rate(load, f.result()) for load, f in zip(loads, futures, strict=True)]
+    for side, run, cpu in zip(sides, runs, cpu0, strict=True):
+        used = servers[side].cpu_seconds() - cpu
+        # CPU over the warm-up too: per call of the whole run, at the counted rate.
+        run["cpu_us_per_call"] = used / (run["rps"] * (s.seconds + s.warmup)) * 1e6
+    return runs
+
+
+def _rate(load: UnaryLoad, part: dict[str, float]) -> dict[str, float]:
+    # What unary_run makes of one client process's counts.
+    if part["errors"]:
+        raise RuntimeError(f"{load.method}: {part['errors']} calls failed during the run")
+    return {
+        "rps": part["calls"] / part["wall"],
+        "client_cpu_cores": part["cpu"] / part["wall"],
+        "client_max_proc_cpu": part["cpu"] / part["wall"],
+    }
 
 
 def _ratios(a: list[dict[str, float]], b: list[dict[str, float]]) -> list[float]:
@@ -199,8 +241,8 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
         }
         try:
             spawn = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                runs = _rounds(s, pool, servers, kinds, args.rounds)
+            with ProcessPoolExecutor(len(servers), mp_context=spawn) as pool:
+                runs = _rounds(s, pool, servers, kinds, args.rounds, together=args.together)
         finally:
             for server in servers.values():
                 server.stop()

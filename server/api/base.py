@@ -21,7 +21,7 @@ class ServicerBase:
         self._tokens = tokens
 
     def _project(self, context: Context) -> int:
-        # The one place a call's project is read: AuthInterceptor resolved it from the API
+        # The one place a call's project is read: AuthGate resolved it from the API
         # key (or the default project while no key exists) before the handler ran.
         del context
         return current_project()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from types import ModuleType
 from typing import Any, cast
@@ -30,7 +31,7 @@ from server.rest import HttpServer, build_http_server
 from server.search.embedding import Embedder, EmbeddingError, embedder_from_setting
 from server.search.service import Searcher
 from server.search.worker import EmbeddingWorker
-from server.serving.auth import Authenticator, AuthInterceptor, start_authenticator
+from server.serving.auth import Authenticator, AuthGate, start_authenticator
 from server.serving.grpc_health import (
     DrainingHealth,
     Readiness,
@@ -38,8 +39,9 @@ from server.serving.grpc_health import (
     track_call,
     watch_database,
 )
+from server.serving.handlers import Wrap, WrappingServer, register, rewrap
 from server.serving.malformed import Malformed, tolerant_deserializer
-from server.serving.observability import Metrics, ObservabilityInterceptor
+from server.serving.observability import Metrics, Observer
 from server.serving.ports import probe_port
 from server.serving.tls import add_port, reflection_enabled
 from server.store import Store
@@ -53,16 +55,42 @@ _SETTLE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-def _guard_unary(
-    method: Callable[[Any, Context], Awaitable[Any]],
-) -> Callable[[Any, Context], Awaitable[Any]]:
-    async def handler(request: Any, context: Context) -> Any:
+class _Wrapping:
+    """What every method's handler is wrapped in, once, at registration (serving/handlers.py):
+    observed (metrics, access line, request id), then, but for health and reflection
+    (auth.OPEN_METHODS), behind the API key gate; our services' requests are checked too."""
+
+    def __init__(self, observer: Observer, gate: AuthGate) -> None:
+        self._observer = observer
+        self._gate = gate
+
+    def open(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
+        """Health: observed, no key needed. Client streams (reflection) pass as they are."""
+        if handler.request_streaming:
+            return handler
+        return rewrap(
+            handler,
+            unary=functools.partial(self._observer.unary, method),
+            stream=functools.partial(self._observer.stream, method),
+        )
+
+    def service(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
+        """One of our services' methods: observed, behind the gate, malformed requests refused."""
+        return rewrap(
+            handler,
+            unary=lambda behavior: self._observer.unary(method, behavior, self._enter),
+            stream=lambda behavior: self._observer.stream(
+                method, self._gate.stream(_guard_stream(behavior))
+            ),
+        )
+
+    async def _enter(self, request: Any, context: Context, metadata: Any) -> None:
+        # In this order, as before any of this was folded into one wrapper: an unknown key
+        # is UNAUTHENTICATED whatever the request says.
+        await self._gate.enter(context, metadata)
         track_call()
         if isinstance(request, Malformed):
             await abort(context, request.error)
-        return await method(request, context)
-
-    return handler
 
 
 def _guard_stream(
@@ -89,7 +117,9 @@ def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return serializer
 
 
-def _register(server: grpc.aio.Server, module: ModuleType, name: str, servicer: object) -> str:
+def _register(
+    server: grpc.aio.Server, module: ModuleType, name: str, servicer: object, wrap: Wrap
+) -> str:
     """Registers `servicer` for service `name` of `module`; returns the full service name."""
     service: descriptor.ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -97,25 +127,20 @@ def _register(server: grpc.aio.Server, module: ModuleType, name: str, servicer: 
         request_class = getattr(module, method.input_type.name)
         response_class = getattr(module, method.output_type.name)
         implementation = getattr(servicer, method.name)
-        kwargs: dict[str, Any] = {
-            "request_deserializer": tolerant_deserializer(request_class),
-            "response_serializer": response_class.SerializeToString,
-        }
-        if method.server_streaming:
-            kwargs["response_serializer"] = _passing_bytes(response_class.SerializeToString)
+        deserializer = tolerant_deserializer(request_class)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(implementation), **kwargs
+                implementation,
+                request_deserializer=deserializer,
+                response_serializer=_passing_bytes(response_class.SerializeToString),
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(implementation), **kwargs
+                implementation,
+                request_deserializer=deserializer,
+                response_serializer=response_class.SerializeToString,
             )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    # The generated stubs call "registered" methods; this is their faster lookup path.
-    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+    register(server, service.full_name, handlers, wrap)
     return str(service.full_name)
 
 
@@ -162,12 +187,11 @@ async def _build(
         )
     tokens = await page_tokens(config, store)
     metrics = metrics or Metrics()
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-        ObservabilityInterceptor(metrics),
-        AuthInterceptor(auth or await start_authenticator(config, store)),
-    ]
+    wrapping = _Wrapping(
+        Observer(metrics), AuthGate(auth or await start_authenticator(config, store))
+    )
+    # No grpc.aio interceptors: each handler is wrapped once here instead (serving/handlers.py).
     server = grpc.aio.server(
-        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -177,18 +201,20 @@ async def _build(
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ],
     )
+    wrap = wrapping.service
     names = [
-        _register(server, user_service_pb2, "UserService", UserServicer(store, tokens)),
+        _register(server, user_service_pb2, "UserService", UserServicer(store, tokens), wrap),
         _register(
             server,
             session_service_pb2,
             "SessionService",
             SessionServicer(store, tokens, Searcher(store, embedder)),
+            wrap,
         ),
-        _register(server, backup_service_pb2, "BackupService", BackupServicer(store, tokens)),
+        _register(server, backup_service_pb2, "BackupService", BackupServicer(store, tokens), wrap),
     ]
     health = DrainingHealth()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, WrappingServer(server, wrapping.open))
     # Services go NOT_SERVING while the database is down, everything during the drain.
     readiness = Readiness(health, names)
     await readiness.start(store)

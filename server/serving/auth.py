@@ -1,4 +1,4 @@
-"""API key authentication: who may call, in which project, and the interceptor that enforces it."""
+"""API key authentication: who may call, in which project, and the gate that enforces it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from server.api.status import abort
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
 from server.errors import MemstoreError, Unauthenticated
-from server.serving.interceptors import Continuation, ServerInterceptor, rewrap
 from server.serving.tls import is_loopback
 from server.store import Store
 
@@ -51,7 +50,7 @@ _PROJECT: contextvars.ContextVar[int] = contextvars.ContextVar("memstore_project
 
 
 def current_project() -> int:
-    """The project of the call being served, as the interceptor resolved it.
+    """The project of the call being served, as AuthGate resolved it.
 
     Raises:
         Unauthenticated: no project was resolved (fail closed: never a silent default).
@@ -189,33 +188,21 @@ async def start_authenticator(config: Config, store: Store) -> Authenticator:
     return Authenticator(store, sec.key_cache_seconds, enabled=enabled)
 
 
-class AuthInterceptor(ServerInterceptor):
-    """Resolves each call's project before its handler runs; re-checks keys while streaming."""
+class AuthGate:
+    """Resolves each call's project before its handler runs; re-checks keys while streaming.
+
+    Applied to each method's handler once, at registration (serving/app.py), inside the
+    observed call, so refused calls are counted and logged too.
+    """
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
-        # Each method's wrapped handler, made once (see ObservabilityInterceptor._wrapped).
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = rewrap(handler, unary=self._unary, stream=self._stream)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    async def _enter(self, context: Context) -> int:
+    async def enter(self, context: Context, metadata: Metadata | None) -> int:
+        """The call's project, also set for its handler (`current_project`); aborts the call
+        with UNAUTHENTICATED (or UNAVAILABLE) when its metadata reaches none."""
         try:
-            project = await self._auth.project_for(context.invocation_metadata())
+            project = await self._auth.project_for(metadata)
         except MemstoreError as error:
             await abort(context, error)
         # Each call runs in a context of its own (grpc.aio gives every RPC a fresh one), so
@@ -223,17 +210,12 @@ class AuthInterceptor(ServerInterceptor):
         _PROJECT.set(project)
         return project
 
-    def _unary(self, behavior: Callable[..., Any]) -> Callable[[Any, Context], Any]:
-        async def handler(request: Any, context: Context) -> Any:
-            await self._enter(context)
-            return await behavior(request, context)
+    def stream(self, behavior: Callable[..., Any]) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        """A response stream behind the gate, its key checked again before each message."""
 
-        return handler
-
-    def _stream(self, behavior: Callable[..., Any]) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
-            project = await self._enter(context)
             metadata = context.invocation_metadata()
+            project = await self.enter(context, metadata)
             async with contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:
                     # A key revoked mid-stream ends the stream before its next message,

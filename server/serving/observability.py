@@ -1,10 +1,9 @@
-"""Prometheus metrics, JSON access logs and request ids for every RPC (a server interceptor)."""
+"""Prometheus metrics, JSON access logs and request ids for every RPC (wrapped per method)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import inspect
 import json
 import logging
@@ -13,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 from wsgiref.simple_server import WSGIServer, make_server
@@ -26,7 +25,6 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from server.api.chunking import WireChunk
-from server.serving.interceptors import Continuation, ServerInterceptor, rewrap
 
 log = logging.getLogger("memstore.access")
 
@@ -150,12 +148,20 @@ class _Context:
     async def abort_with_status(self, status: grpc.Status) -> Any:
         await self.abort(status.code, status.details, status.trailing_metadata)
 
+    def invocation_metadata(self) -> Any:
+        # Defined, not left to __getattr__: every authenticated call reads it.
+        return self._context.invocation_metadata()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in context.invocation_metadata() or ():
+    return _request_id_in(context.invocation_metadata())
+
+
+def _request_id_in(metadata: Any) -> str:
+    for key, value in metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_ID.match(value):
             return value
     return uuid.uuid4().hex
@@ -223,43 +229,45 @@ class _MethodMetrics:
         return counter
 
 
-class ObservabilityInterceptor(ServerInterceptor):
-    """Counts, times and logs every RPC, and gives it a request id."""
+#: Runs inside an observed unary call, before its handler: (request, context, the call's
+#: invocation metadata). Authentication and the request checks go here (serving/app.py).
+Enter = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class Observer:
+    """Counts, times and logs every RPC and gives it a request id.
+
+    Each method's handler is wrapped once, at registration (serving/handlers.py), with its
+    metric children looked up then: grpc.aio's interceptors would run a chain of coroutines
+    on every call to do the same.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        # The wrapped handler of each method, made on its first call: the continuation
-        # returns the same handler object for a method every time, so wrapping it again per
-        # call only cost time. Keyed by method, checked by identity.
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler  # memstore has no client-streaming RPCs; reflection's pass through
-        method = str(handler_call_details.method)
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        per_method = _MethodMetrics(self._metrics, method)
-        wrapped = rewrap(
-            handler,
-            unary=functools.partial(self._unary, per_method),
-            stream=functools.partial(self._stream, per_method),
-        )
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _unary(
-        self, per_method: _MethodMetrics, behavior: Callable[..., Any]
+    def unary(
+        self, method: str, behavior: Callable[..., Any], enter: Enter | None = None
     ) -> Callable[..., Any]:
-        async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """`behavior` (a single response) observed; `enter` runs first, inside the call."""
+        per_method = _MethodMetrics(self._metrics, method)
+        if enter is None:
+
+            async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                call = _Call(per_method, context)
+                try:
+                    return await behavior(request, call.context)
+                except BaseException as exc:
+                    call.failed(exc)
+                    raise
+                finally:
+                    call.finish()
+
+            return serve
+
+        async def serve_entered(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = _Call(per_method, context)
             try:
+                await enter(request, call.context, call.metadata)
                 return await behavior(request, call.context)
             except BaseException as exc:
                 call.failed(exc)
@@ -267,11 +275,12 @@ class ObservabilityInterceptor(ServerInterceptor):
             finally:
                 call.finish()
 
-        return serve
+        return serve_entered
 
-    def _stream(
-        self, per_method: _MethodMetrics, behavior: Callable[..., Any]
-    ) -> Callable[..., Any]:
+    def stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """`behavior` (a response stream) observed, with its messages and rows counted."""
+        per_method = _MethodMetrics(self._metrics, method)
+
         async def serve(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
@@ -304,7 +313,9 @@ class _Call:
         self, per_method: _MethodMetrics, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         self._per_method, self._raw = per_method, context
-        self.rid = _request_id(context)
+        #: The call's invocation metadata, read once (grpc.aio builds a new tuple per read).
+        self.metadata = context.invocation_metadata()
+        self.rid = _request_id_in(self.metadata)
         request_id.set(self.rid)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
         self.context = _Context(context, self.rid, self.aborted)
