@@ -59,7 +59,9 @@ def context_block(memories: Sequence[SearchResult]) -> str:
     lines = [CONTEXT_HEADER]
     for found in sorted(memories, key=lambda r: (r.message.created_at, r.message.sequence)):
         message = found.message
-        when = message.created_at.strftime("%Y-%m-%d %H:%M")
+        at = message.created_at
+        # What strftime("%Y-%m-%d %H:%M") writes (glibc: no padding of years < 1000), cheaper.
+        when = f"{at.year}-{at.month:02d}-{at.day:02d} {at.hour:02d}:{at.minute:02d}"
         speaker = message.role or message.role_type
         content = " ".join(message.content.split())
         if len(content) > CONTEXT_LINE_CHARS:

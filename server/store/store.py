@@ -9,6 +9,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.errors import Unavailable
 from server.store.admin import AdminMethods
+from server.store.db import configure
 from server.store.export import ExportMethods
 from server.store.health import Listener
 from server.store.messages import MessageMethods
@@ -77,6 +78,7 @@ class Store(
             # seen the server answer again.
             reconnect_timeout=_RECONNECT_TIMEOUT,
             kwargs=_session_options(statement_timeout),
+            configure=configure,
             open=False,
         )
         try:

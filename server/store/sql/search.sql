@@ -295,7 +295,8 @@ WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(
 -- the m_ columns, r_score its score). No part-1 row when no recall was computed for this
 -- model; a single one with a NULL m_uuid when none of the kept memories is live (deleted
 -- since, or their session changed hands): those are skipped in SQL, later ones fill in. A
--- call whose session is absent or deleted has no row at all.
+-- call whose session is absent or deleted has no row at all. Uuids as text: psycopg's uuid
+-- loader builds a UUID object (in Python) that rows.message turns back into text.
 WITH q AS (
     -- Arrays in binary format: their text form costs psycopg a regex per element.
     SELECT * FROM unnest(%(session_ids)b::text[], %(lastns)b::int[], %(limits)b::int[])
@@ -303,7 +304,7 @@ WITH q AS (
 )
 SELECT q.i, 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
        s.deleted_at, s.message_count, s.last_message_at,
-       m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
+       m.uuid::text AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
        m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
        m.created_at AS m_created_at, m.updated_at AS m_updated_at,
        NULL::float8 AS r_score, m.sequence AS ord
@@ -318,7 +319,7 @@ LEFT JOIN LATERAL (
 ) m ON true
 UNION ALL
 SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
-       k.uuid, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
+       k.uuid::text, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
        k.updated_at, k.score, k.rank
 FROM q
 JOIN session_embeddings e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
