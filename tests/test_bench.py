@@ -190,13 +190,14 @@ def _check_search_figures(f: dict[str, dict[str, Any]]) -> None:
     assert writes["embedded_per_off_round"] == [0]
 
 
-def _run_ab(server_url: str, comparison: str) -> subprocess.CompletedProcess[str]:
+def _run_ab(server_url: str, comparison: str, *extra: str) -> subprocess.CompletedProcess[str]:
     # Both sides serve this checkout: the code path, not a comparison, is what is tested.
     run = subprocess.run(
         [
             *(sys.executable, "-m", "bench.ab", "--before", str(ROOT), "--only", comparison),
             *("--database-url", server_url, "--db-name", f"memstore_ab_{secrets.token_hex(3)}"),
             *("--users", "100", "--rounds", "1", "--seconds", "0.3", "--warmup", "0.1"),
+            *extra,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -241,8 +242,9 @@ def test_ab_writes_embedding_runs_on_tiny_data(server_url: str) -> None:
     assert summary["on_after_over_before"] > 0
 
 
-def test_ab_writes_runs_on_tiny_data(server_url: str) -> None:
-    summary = _ab_summary(_run_ab(server_url, "writes"))
+@pytest.mark.parametrize("together", [False, True], ids=["in_turn", "together"])
+def test_ab_writes_runs_on_tiny_data(server_url: str, together: bool) -> None:
+    summary = _ab_summary(_run_ab(server_url, "writes", *(["--together"] if together else [])))
     assert summary["comparison"] == "writes"
     for side in ("before", "after"):
         figures = summary[side]
