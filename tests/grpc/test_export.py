@@ -23,10 +23,12 @@ async def test_paused_stream_holds_no_connection(users: Users, clean_db: str, st
     # The client stops reading. Between chunks the server holds no transaction open (no
     # server-side cursor to keep VACUUM back) and every pooled connection is back in the pool
     # once the prefetch of the next batch is done.
-    await until(lambda: at_rest(clean_db, store))
-    assert await busy_backends(clean_db) == []
-    stats = store._pool.get_stats()
-    assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
+    # Checked at one moment, not in steps: between two reads a health ping or a key check
+    # may borrow a connection for a moment, which the paused stream does not hold.
+    assert await until(lambda: at_rest(clean_db, store)), (
+        store._pool.get_stats(),
+        await busy_backends(clean_db),
+    )
     # Reading on resumes the export with no skip or repeat.
     streamed = [u.user_id for u in first.users]
     while (chunk := await call.read()) is not grpc.aio.EOF:
