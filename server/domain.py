@@ -162,6 +162,20 @@ class WireRows(Generic[K]):
 
 
 @dataclass(frozen=True, slots=True)
+class WireRun(Generic[K]):
+    """Consecutive rows already encoded as one stream chunk's repeated-field entries.
+
+    `entries` is protobuf wire bytes made by PostgreSQL (each entry its tag, length and
+    message, in key order), `rows` how many entries they hold, `last` the last one's keyset
+    position. Unlike WireRows, nothing per row: the whole run is one value.
+    """
+
+    entries: bytes
+    rows: int
+    last: K
+
+
+@dataclass(frozen=True, slots=True)
 class DeletedCounts:
     """What a delete removed."""
 

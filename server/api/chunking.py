@@ -9,7 +9,7 @@ from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message as ProtoMessage
 
-from server.domain import Page, WireRows
+from server.domain import Page, WireRows, WireRun
 from server.errors import MemstoreError
 
 #: A chunk stops growing before it passes this many serialized bytes: far below gRPC's 4 MiB
@@ -130,62 +130,82 @@ def _varint(n: int) -> bytes:
 
 async def wire_chunks(
     *,
-    fetch: Callable[[Key | None, int], Awaitable[Page[WireRows[Key]]]],
+    fetch: Callable[[Key | None, int], Awaitable[WireRun[Key] | None]],
+    fetch_rows: Callable[[Key | None, int], Awaitable[Page[WireRows[Key]]]],
     token: Callable[[Key], str],
     chunk_size: int,
     after: Key | None,
 ) -> AsyncIterator[WireChunk]:
-    """Streams the rows after `after` as serialized chunks, from rows PostgreSQL encoded.
+    """Streams the rows after `after` as serialized chunks, each encoded whole by PostgreSQL.
 
     The bytes counterpart of `chunks`, for a chunk message whose repeated field is field 1
     and whose next_page_token is field 2, cut by the same rule (at most `chunk_size` rows and
-    MAX_CHUNK_BYTES, at least one row). Per row, Python only adds its size: no object is
-    built for it.
+    MAX_CHUNK_BYTES, at least one row). One statement per chunk hands over its entries as one
+    value: Python does nothing per row. Only a run past the byte cap is read again row by row
+    (`fetch_rows`, each entry's size and key) to be cut where the rule says.
 
     Args:
-        fetch: reads one keyset batch of at most `limit` rows strictly after a key, as one
-            WireRows (none when no row follows).
+        fetch: the next at most `limit` rows strictly after a key as one WireRun, or None
+            when no row follows.
+        fetch_rows: the same rows as WireRows (sizes and keys), for a run to cut.
         token: the page token that resumes right after a key.
         chunk_size: the most rows a chunk holds.
         after: where to start; None for the beginning.
 
     Yields:
         Chunks in key order, each but the last with the token that resumes after its last
-        row; the last carries none.
+        row; the last carries none. A chunk is sent once the next one is read (or known not
+        to exist), so that it carries a token only when a row follows it.
 
     Raises:
-        MemstoreError: what `fetch` raises (e.g. Unavailable).
+        MemstoreError: what `fetch` or `fetch_rows` raises (e.g. Unavailable).
     """
-    meter = _Meter(chunk_size)
-    pieces: list[bytes] = []  # the current chunk's entries from earlier batches
+
+    async def run_after(key: Key | None) -> tuple[WireRun[Key] | None, bool]:
+        # (the chunk after `key`, whether rows may follow it)
+        run = await fetch(key, chunk_size)
+        if run is None or len(run.entries) <= MAX_CHUNK_BYTES:
+            return run, run is not None and run.rows >= chunk_size
+        page = await fetch_rows(key, chunk_size)
+        if not page.items:
+            return None, False
+        return _cut(page.items[0]), True
+
+    held: WireRun[Key] | None = None  # read, not yet sent: does a row follow it?
+    pending: asyncio.Future[tuple[WireRun[Key] | None, bool]] | None
+    pending = asyncio.ensure_future(run_after(after))
+    try:
+        while pending is not None:
+            run, more = await pending
+            pending = None
+            if run is None:
+                break
+            if more:
+                # Read the next chunk while this one's predecessor goes out.
+                pending = asyncio.ensure_future(run_after(run.last))
+            if held is not None:
+                yield WireChunk(held.entries + _token_field(token(held.last)), held.rows)
+            held = run
+        if held is not None:
+            yield WireChunk(held.entries, held.rows)
+    finally:
+        # The caller went away (or failed) with a chunk still pending: cancel it, and
+        # collect its outcome either way so no "exception never retrieved" is logged.
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, MemstoreError):
+                await pending
+
+
+def _cut(rows: WireRows[Key]) -> WireRun[Key]:
+    # The longest leading run of entries within MAX_CHUNK_BYTES, at least one.
     count = size = 0
-    previous: WireRows[Key] | None = None  # the batch before this one (its last row's key)
-    async with contextlib.aclosing(_batches(fetch, _last_key, after, meter)) as batches:
-        async for batch in batches:
-            for rows in batch:
-                data, start, offset = rows.entries, 0, 0
-                # The export's hot path, run once per row: integers only.
-                for i, entry_size in enumerate(rows.sizes):
-                    if (count >= chunk_size or size + entry_size > MAX_CHUNK_BYTES) and count:
-                        # Row i starts the next chunk; the current one ends at the row before.
-                        ended = rows.key(i - 1) if i else _last_key(previous)
-                        pieces.append(data[start:offset])
-                        body = b"".join(pieces) + _token_field(token(ended))
-                        yield WireChunk(body, count)
-                        pieces, start, count, size = [], offset, 0, 0
-                    count += 1
-                    size += entry_size
-                    offset += entry_size
-                pieces.append(data[start:])
-                previous = rows
-                meter.add(len(data), len(rows.sizes))
-    if count:
-        yield WireChunk(b"".join(pieces), count)
-
-
-def _last_key(rows: WireRows[Key] | None) -> Key:
-    assert rows is not None  # a chunk ends at a batch's start only after an earlier batch
-    return rows.key(len(rows.sizes) - 1)
+    for entry_size in rows.sizes:
+        if size + entry_size > MAX_CHUNK_BYTES and count:
+            break
+        count += 1
+        size += entry_size
+    return WireRun(rows.entries[:size], count, rows.key(count - 1))
 
 
 async def _batches(

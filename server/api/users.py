@@ -108,10 +108,12 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         project = self._project(context)
         query = tokens.users_fingerprint(project)
         after = self._tokens.decode_time_key(request.page_token, query)
-        # Each chunk is sent as the bytes PostgreSQL encoded (users.wire, migration 0040):
-        # no Python object per user (docs/performance.md, "Export as bytes").
+        # Each chunk is sent as the bytes PostgreSQL encoded (users.wire, migration 0040),
+        # one value per chunk: no Python object per user (docs/performance.md, "Export as
+        # bytes").
         async for chunk in chunking.wire_chunks(
-            fetch=functools.partial(self._store.list_user_wire, project),
+            fetch=functools.partial(self._store.list_user_chunk, project),
+            fetch_rows=functools.partial(self._store.list_user_wire, project),
             token=functools.partial(self._tokens.encode_time_key, query),
             chunk_size=chunk_size,
             after=after,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import cast
 
-from server.domain import Message, MessageKey, Page, Session, TimeKey, WireRows
+from server.domain import Message, MessageKey, Page, Session, TimeKey, WireRows, WireRun
 from server.store import rows
 from server.store.base import START, StoreBase
 from server.store.db import fetch_all
@@ -64,6 +64,29 @@ class ExportMethods(StoreBase):
         async with self._connect() as conn:
             found = await fetch_all(conn, "export_messages", params)
         return Page([rows.message(r) for r in found[:limit]], has_more=len(found) > limit)
+
+    async def list_user_chunk(
+        self, project_id: int, after: TimeKey | None, limit: int
+    ) -> WireRun[TimeKey] | None:
+        """The next at most `limit` users after `after`, by (created_at, user_id), as one
+        run of ListUsersChunkedResponse `users` entries in protobuf wire bytes; None when no
+        user follows.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        after_ts, after_id = after or START
+        params = {"project_id": project_id, "after_ts": after_ts, "after_id": after_id}
+        params["limit"] = limit
+        async with self._connect(single=True) as conn:
+            # Binary results: the entries arrive as they are, not as hex text to decode.
+            cur = conn.cursor(binary=True)
+            await cur.execute(query("list_user_chunk"), params)
+            found = cast(tuple[bytes, int, datetime | None, str | None], await cur.fetchone())
+        entries, rows, last_created, last_id = found
+        if not rows or last_created is None or last_id is None:
+            return None
+        return WireRun(entries, rows, (last_created, last_id))
 
     async def list_user_wire(
         self, project_id: int, after: TimeKey | None, limit: int

@@ -1,5 +1,6 @@
 """Store: the users PostgreSQL encodes as protobuf (migration 0040) parse
-to what the object path builds, field by field, on generated data."""
+to what the object path builds, field by field, on generated data; a whole
+chunk's run (list_user_chunk) is the same bytes as its rows (list_user_wire)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,19 @@ async def _both_paths(store: Store, project: int) -> tuple[list[Any], list[Any]]
         entry = pb.ListUsersChunkedResponse.FromString(rows.entries[offset : offset + size])
         assert list(entry.users) == [user]
         offset += size
+    # The one-value run of list_user_chunk is the same bytes, with the last user's key.
+    run = await store.list_user_chunk(project, None, 100)
+    assert run is not None
+    assert run.entries == rows.entries
+    assert run.rows == len(rows.sizes)
+    assert run.last == rows.key(len(rows.sizes) - 1)
+    # A run that stops short, and the run after it, are the same entries cut in two.
+    if len(rows.sizes) > 1:
+        first = await store.list_user_chunk(project, None, 1)
+        assert first is not None and first.rows == 1
+        rest = await store.list_user_chunk(project, first.last, 100)
+        assert rest is not None
+        assert first.entries + rest.entries == rows.entries
     return list(built.users), list(parsed.users)
 
 
@@ -140,3 +154,9 @@ async def test_varints_match_protobuf(store: Store, database_url: str) -> None:
             assert (
                 b"\x40" + bytes(row[0]) == resources_pb2.User(session_count=n).SerializeToString()
             )
+
+
+async def test_user_chunk_of_an_empty_project_is_none(store: Store, database_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        project = await _project(conn)
+    assert await store.list_user_chunk(project, None, 100) is None

@@ -21,7 +21,7 @@ from server.api import convert
 from server.api.chunking import MAX_CHUNK_BYTES
 from server.api.tokens import to_micros
 from server.config import Config
-from server.domain import Page, TimeKey, User, UserRecord, WireRows
+from server.domain import Page, TimeKey, User, UserRecord, WireRows, WireRun
 from server.serving.app import build_server
 
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
@@ -85,6 +85,15 @@ class FakeStore:
         keys = [(u.created_at, u.user_id) for u in page.items]
         rows = WireRows(b"".join(entries), [len(e) for e in entries], keys.__getitem__)
         return Page([rows], has_more=page.has_more)
+
+    async def list_user_chunk(
+        self, project_id: int, after: TimeKey | None, limit: int
+    ) -> WireRun[TimeKey] | None:
+        page = await self.list_user_wire(project_id, after, limit)
+        if not page.items:
+            return None
+        (rows,) = page.items
+        return WireRun(rows.entries, len(rows.sizes), rows.key(len(rows.sizes) - 1))
 
 
 def _record(u: User) -> UserRecord:

@@ -25,10 +25,50 @@ WHERE m.project_id = %(project_id)s
 ORDER BY m.session_id, m.sequence
 LIMIT %(limit)s;
 
+-- list_user_chunk --
+-- The next at most %(limit)s users after the key as one ListUsersChunkedResponse's `users`
+-- entries in protobuf wire bytes (tag 1, length, the User), concatenated in key order, with
+-- how many they are and the last one's key: one row, no value per user for the client to
+-- load. Each entry is users.wire (fields 1-7, kept by migration 0040's trigger) and
+-- session_count (field 8, omitted when 0, as proto3 does; counted as list_user_records counts
+-- it). The counts come from one index scan for the whole batch (`= ANY` of the batch's ids),
+-- not one subquery per user: each per-row plan node costs PostgreSQL about a microsecond per
+-- user here (docs/performance.md, "Export as bytes"). When the entries pass a chunk's byte
+-- cap, the caller cuts them by list_user_wire.
+WITH keys AS MATERIALIZED (
+    SELECT array_agg(k.user_id ORDER BY k.created_at, k.user_id) AS ids,
+           max(k.created_at) AS last_created
+    FROM (SELECT u.created_at, u.user_id FROM users u
+          WHERE u.project_id = %(project_id)s
+            AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+          ORDER BY u.created_at, u.user_id
+          LIMIT %(limit)s) k
+), counts AS MATERIALIZED (
+    SELECT s.user_id, count(*) AS n FROM sessions s
+    WHERE s.project_id = %(project_id)s AND s.deleted_at IS NULL
+      AND s.user_id = ANY ((SELECT ids FROM keys)::text[])
+    GROUP BY s.user_id
+)
+SELECT coalesce(string_agg('\x0a'::bytea || memstore_pb_varint(length(b.body)) || b.body,
+                           ''::bytea ORDER BY b.created_at, b.user_id), ''::bytea),
+       count(*), (SELECT last_created FROM keys), (SELECT ids[cardinality(ids)] FROM keys)
+FROM (SELECT p.created_at, p.user_id,
+             CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)
+                  ELSE p.wire END AS body
+      FROM (SELECT u.created_at, u.user_id, u.wire FROM users u
+            WHERE u.project_id = %(project_id)s
+              AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+            ORDER BY u.created_at, u.user_id
+            LIMIT %(limit)s) p
+      LEFT JOIN counts c ON c.user_id = p.user_id
+      -- A fence: body is computed once per user, not once per use in the inlined varint.
+      OFFSET 0) b;
+
 -- list_user_wire --
 -- One keyset batch of users as ListUsersChunkedResponse `users` entries in protobuf wire bytes
 -- (tag 1, length, the User), concatenated in key order, with each entry's size and key so
--- the caller can cut chunks between entries. Each entry is users.wire (fields 1-7, kept by
+-- the caller can cut chunks between entries (list_user_chunk's rows when they pass the byte
+-- cap). Each entry is users.wire (fields 1-7, kept by
 -- migration 0040's trigger) and session_count (field 8, omitted when 0, as proto3 does;
 -- counted as list_user_records counts it). One row; its arrays are empty when no user follows.
 -- Each stage is MATERIALIZED: the inlined encoders name their argument several times, and
