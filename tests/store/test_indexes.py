@@ -120,6 +120,15 @@ def test_user_lists_and_their_session_counts_use_indexes(clean_db: str, name: st
     assert "sessions_user_live_idx" in used
 
 
+def test_user_chunk_and_its_session_counts_use_indexes(clean_db: str) -> None:
+    params = {"project_id": P, "after_ts": START[0], "after_id": "", "limit": 1000}
+    # Its string_agg sorts the (at most `limit`) entries of its one LIMITed page back into
+    # key order after the join to their counts.
+    used = _assert_indexed(_plan(clean_db, query("list_user_chunk"), params), sort_allowed=True)
+    assert "users_created_idx" in used
+    assert "sessions_user_live_idx" in used
+
+
 def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
     cases = [
         ("list_user_sessions", {"user_id": "u1", "after_ts": NOW, "after_id": "", "limit": 51}),
