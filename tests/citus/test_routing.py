@@ -58,7 +58,8 @@ ONE_SHARD_AND_ONE_FAN_OUT = {
 FAN_OUT = {
     "list_users": "ListUsers",
     "list_user_records": "ListUsers",
-    "list_user_wire": "ListUsersChunked (the users' protobuf bytes)",
+    "list_user_chunk": "ListUsersChunked (a chunk of the users' protobuf bytes as one value)",
+    "list_user_wire": "ListUsersChunked (a chunk past the byte cap, cut by each user's size)",
     "count_users": "ListUsers' total_size",
     "list_sessions": "ListSessions",
     "count_sessions": "ListSessions' total_size",
