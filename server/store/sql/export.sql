@@ -22,6 +22,10 @@ JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 WHERE m.project_id = %(project_id)s
   AND (%(include_deleted)s OR (m.deleted_at IS NULL AND s.deleted_at IS NULL))
   AND (m.session_id, m.sequence) > (%(after_session)s::text, %(after_sequence)s::bigint)
+  -- Implied by the join and the key, and said so the sessions' side of the join starts at
+  -- the key too: without it a merge join walks the sessions from the first one on every
+  -- batch, so each batch costs more the deeper the export is (docs/performance.md).
+  AND s.session_id >= %(after_session)s::text
 ORDER BY m.session_id, m.sequence
 LIMIT %(limit)s;
 
