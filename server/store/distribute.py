@@ -24,6 +24,9 @@ REFERENCE = ("projects", "settings", "api_keys")
 #: so a call naming one session reaches one shard and its writes are one local transaction.
 DISTRIBUTED = (
     ("users", "user_id", "none"),
+    # Each user's live session count (migration 0010) on the user's shard: GetUser and
+    # UpdateUser read one shard.
+    ("user_session_counts", "user_id", "users"),
     ("sessions", "session_id", "none"),
     ("messages", "session_id", "sessions"),
     ("embedding_queue", "session_id", "sessions"),

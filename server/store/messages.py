@@ -35,7 +35,12 @@ from server.store.base import (
 from server.store.coalesce import Batcher
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
-from server.store.sessions import hide_in_live_session, lock_session_owner, session_missing
+from server.store.sessions import (
+    count_live_sessions,
+    hide_in_live_session,
+    lock_session_owner,
+    session_missing,
+)
 
 #: The unique key of a message's uuid in its session (migrations/0001).
 _UUID_KEY = "messages_project_id_session_id_uuid_key"
@@ -52,6 +57,17 @@ APPEND_BATCHES_IN_FLIGHT = 8
 #: Calls of more messages commit alone: their commit is already shared by their messages,
 #: and a batch of them would hold one backend for long (AddMemory(20) batched was slower).
 BATCHED_CALL_MESSAGES = 4
+
+
+def add_memory_statement(*, citus: bool) -> sql.SQL:
+    """AddMemory's statement: on plain PostgreSQL it also counts a session it inserted for its
+    user; under Citus the store does that in the call's transaction (user_session_counts is
+    placed with the users, a statement touching both would leave its one shard)."""
+    count = sql.SQL("") if citus else query("add_memory_count")
+    return sql.SQL(query("add_memory").format(count_session=count).as_string(None))
+
+
+_ADD_MEMORY = {citus: add_memory_statement(citus=citus) for citus in (False, True)}
 
 
 def memory_window() -> sql.SQL:
@@ -95,14 +111,23 @@ class MessageMethods(StoreBase):
             # As JSON text (what psycopg's Jsonb would send), "{}" without a json.dumps.
             "metadatas": [json.dumps(m.metadata) if m.metadata else "{}" for m in messages],
             "embed": self.vectors,
+            "revive": False,
         }
         call = _Append(params, user_id)
         # On Citus each call stays alone: calls of several sessions in one transaction would
-        # make a multi-shard transaction (two-phase commit) of a single-shard write.
-        if len(messages) <= BATCHED_CALL_MESSAGES and not self.citus:
+        # make a multi-shard transaction (two-phase commit) of a single-shard write. A call
+        # naming a user stays alone too: it may make a session and count it for the user
+        # (user_session_counts), and a shared transaction would hold that count's row lock
+        # while its later calls wait for their sessions' locks: two batches counting for one
+        # user could wait on each other in a cycle (deadlock; tests/store/test_session_counts).
+        if len(messages) <= BATCHED_CALL_MESSAGES and not self.citus and user_id is None:
             found = await self._appender.submit(call)
         else:
             found = _outcome(await self._append_alone(call))
+        if not found:
+            # The session is soft-deleted (add_memory revives only on this path, which counts
+            # it live again for its user), or it belongs to another user.
+            found = await self._append_reviving(call)
         if not found:
             raise FailedPrecondition(
                 f"session '{session_id}' does not belong to user '{user_id}'",
@@ -158,17 +183,45 @@ class MessageMethods(StoreBase):
 
     async def _append_alone(self, call: _Append) -> list[Row] | Exception:
         no_user = factory(no_such_user(call.user_id))
-        # On Citus no foreign key checks the named user: the store does, in the transaction.
+        # On Citus no foreign key checks the named user: the store does, in the transaction,
+        # and counts a session the call made for it there too (count_live_sessions).
         owner = call.user_id if self.citus else None
+        statement = _ADD_MEMORY[self.citus]
         try:
             async with self._connect(
                 foreign_key=no_user, field="messages", single=owner is None
             ) as conn:
                 if owner is not None:
                     await lock_session_owner(conn, call.params["project_id"], owner)
-                return await _append(conn, call.params)
+                found = await _append(conn, statement, call.params)
+                if self.citus and found and found[0]["inserted"] and owner is not None:
+                    await count_live_sessions(conn, call.params["project_id"], owner, 1)
+                return found
         except MemstoreError as exc:
             return exc
+
+    async def _append_reviving(self, call: _Append) -> list[Row]:
+        # add_memory answered nothing: the session is soft-deleted, or another user's. Its
+        # row is locked first, so whether it was deleted is exact until this commits, and a
+        # revived session is counted live again for its user in the same transaction (the
+        # session row, then the count: the order of every session write).
+        params = {**call.params, "revive": True}
+        project_id = params["project_id"]
+        async with self._connect(foreign_key=factory(no_such_user(call.user_id))) as conn:
+            if self.citus and call.user_id is not None:
+                await lock_session_owner(conn, project_id, call.user_id)
+            before = await fetch_one(conn, "lock_session_for_revival", params)
+            found = await _append(conn, _ADD_MEMORY[self.citus], params)
+            if not found:
+                return found
+            owner = found[0]["user_id"]
+            revived = before is not None and before["deleted"] and found[0]["deleted_at"] is None
+            # A session purged since add_memory first ran is made anew (inserted): add_memory
+            # counted it on plain PostgreSQL, the store does under Citus.
+            made = bool(found[0]["inserted"]) and self.citus
+            if owner is not None and (revived or made):
+                await count_live_sessions(conn, project_id, owner, 1)
+        return found
 
     async def get_memory(
         self, project_id: int, session_id: str, lastn: int
@@ -263,7 +316,8 @@ class MessageMethods(StoreBase):
             NotFound: the session is absent or soft-deleted.
         """
         async with self._connect() as conn:
-            return await hide_in_live_session(conn, "clear_memory", project_id, session_id)
+            row = await hide_in_live_session(conn, "clear_memory", project_id, session_id)
+            return int(row["messages"])
 
 
 def _outcome(found: list[Row] | Exception) -> list[Row]:
@@ -296,11 +350,11 @@ async def _append_pipelined(
     async with conn.pipeline():
         cursors = [conn.cursor(row_factory=dict_row) for _ in batch]
         for cursor, params in zip(cursors, batch, strict=True):
-            await cursor.execute(query("add_memory"), params)
+            await cursor.execute(_ADD_MEMORY[False], params)
     return [await cursor.fetchall() for cursor in cursors]
 
 
-async def _append(conn: AsyncConnection[Any], params: Params) -> list[Row]:
+async def _append(conn: AsyncConnection[Any], statement: sql.SQL, params: Params) -> list[Row]:
     # The statement reads which uuids the session holds in its snapshot, then waits for the
     # session's row lock. A concurrent call that committed one of them meanwhile (the same
     # retry, sent twice) makes the insert fail on the uuid's unique key; run again, the
@@ -308,7 +362,7 @@ async def _append(conn: AsyncConnection[Any], params: Params) -> list[Row]:
     # another call, so a few suffice.
     for attempt in range(_APPEND_ATTEMPTS):
         try:
-            return await fetch_all(conn, "add_memory", params)
+            return await fetch_all(conn, statement, params)
         except pg.UniqueViolation as exc:
             if not _is_uuid_key(exc) or attempt + 1 == _APPEND_ATTEMPTS:
                 raise

@@ -96,8 +96,30 @@ async def _restore_kind(
         created = int(row["created"]) if row else 0
     else:
         cur = await conn.execute(query(insert), params)
-        created = len(await cur.fetchall())
+        inserted = await cur.fetchall()
+        created = len(inserted)
+        if kind == "sessions":
+            await _count_restored_sessions(conn, params["project_id"], inserted)
     return RestoreCounts(created=created, existing=len(found))
+
+
+async def _count_restored_sessions(
+    conn: AsyncConnection[Any], project_id: int, inserted: list[tuple[Any, ...]]
+) -> None:
+    # The live sessions inserted, counted for their users in the same transaction (as every
+    # session write counts them: store/sessions.py count_live_sessions), in user order.
+    per_user: dict[str, int] = {}
+    for user_id, live in inserted:
+        if user_id is not None and live:
+            per_user[user_id] = per_user.get(user_id, 0) + 1
+    if per_user:
+        users = sorted(per_user)
+        params = {
+            "project_id": project_id,
+            "user_ids": users,
+            "deltas": [per_user[u] for u in users],
+        }
+        await conn.execute(query("count_restored_sessions"), params)
 
 
 def _conflict(kind: str, rows: list[dict[str, Any]]) -> AlreadyExists:

@@ -19,7 +19,7 @@ from server.store.base import (
     metadata_params,
     no_such_user,
 )
-from server.store.db import fetch_all, fetch_one
+from server.store.db import Row, fetch_all, fetch_one
 from server.store.queries import query
 
 #: The only columns a session list may be ordered by.
@@ -54,15 +54,17 @@ class SessionMethods(StoreBase):
             "user_id": user_id,
             "metadata": Jsonb(metadata),
         }
-        check = self.citus and user_id is not None
         no_user = factory(no_such_user(user_id))
-        async with self._connect(foreign_key=no_user, single=not check) as conn:
-            if check and user_id is not None:
+        # With a user: one transaction, which also counts the session live for the user.
+        async with self._connect(foreign_key=no_user, single=user_id is None) as conn:
+            if self.citus and user_id is not None:
                 await lock_session_owner(conn, project_id, user_id)
             row = await fetch_one(conn, "create_session", params)
             if row is None:
                 state = await fetch_one(conn, "session_state", params)
                 raise session_taken(session_id, deleted=bool(state and state["deleted"]))
+            if user_id is not None:
+                await count_live_sessions(conn, project_id, user_id, 1)
         return rows.session(row)
 
     async def get_session(self, project_id: int, session_id: str, show_deleted: bool) -> Session:
@@ -104,7 +106,10 @@ class SessionMethods(StoreBase):
             NotFound: the session is absent or already soft-deleted.
         """
         async with self._connect() as conn:
-            return await hide_in_live_session(conn, "delete_session", project_id, session_id)
+            row = await hide_in_live_session(conn, "delete_session", project_id, session_id)
+            if row["user_id"] is not None:
+                await count_live_sessions(conn, project_id, row["user_id"], -1)
+            return int(row["messages"])
 
     async def undelete_session(self, project_id: int, session_id: str) -> Session:
         """Restores a soft-deleted session; its deleted messages stay deleted.
@@ -114,8 +119,11 @@ class SessionMethods(StoreBase):
             FailedPrecondition: the session is not deleted (reason SESSION_NOT_DELETED).
         """
         params = key(project_id, session_id=session_id)
-        async with self._connect(single=True) as conn:
+        # One transaction: the session made live is counted for its user.
+        async with self._connect() as conn:
             row = await fetch_one(conn, "undelete_session", params)
+            if row is not None and row["user_id"] is not None:
+                await count_live_sessions(conn, project_id, row["user_id"], 1)
             if row is None:
                 if await fetch_one(conn, "session_state", params) is None:
                     raise session_not_found(session_id)
@@ -159,8 +167,9 @@ class SessionMethods(StoreBase):
 
 async def hide_in_live_session(
     conn: AsyncConnection[Any], statement: str, project_id: int, session_id: str
-) -> int:
-    """Runs `statement` (which soft-deletes messages) on a live session; returns its count.
+) -> Row:
+    """Runs `statement` (which soft-deletes messages) on a live session; returns its row
+    (`messages`, how many it hid).
 
     The session row is locked first, in the caller's transaction, so the statement's
     snapshot sees every message an AddMemory committed while this call waited for the lock.
@@ -174,7 +183,7 @@ async def hide_in_live_session(
         row = await fetch_one(conn, statement, params)
     if row is None:
         raise await session_missing(conn, project_id, session_id)
-    return int(row["messages"])
+    return row
 
 
 async def session_missing(conn: AsyncConnection[Any], project_id: int, session_id: str) -> NotFound:
@@ -261,3 +270,19 @@ async def lock_session_owner(conn: AsyncConnection[Any], project_id: int, user_i
     """
     if await fetch_one(conn, "lock_session_owner", key(project_id, user_id=user_id)) is None:
         raise no_such_user(user_id)
+
+
+async def count_live_sessions(
+    conn: AsyncConnection[Any], project_id: int, user_id: str, delta: int
+) -> None:
+    """Adds `delta` to the user's number of live sessions (user_session_counts, migration
+    0010), in the transaction of the session write that made one live (+1) or not (-1).
+
+    Called after that write, so the session row is locked before the count's row: every
+    session write takes them in this order, and none takes the user row after them (which
+    DeleteUser locks before the user's sessions), so no two writes wait on each other in a
+    cycle. Under Citus the count is on the user's shard: the write commits with two-phase
+    commit when the session's shard is on another node.
+    """
+    params = {"project_id": project_id, "user_id": user_id, "delta": delta}
+    await conn.execute(query("count_live_sessions"), params)

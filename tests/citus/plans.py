@@ -90,6 +90,9 @@ VALUES: dict[str, Any] = {
     "deleted": [None],
     "last_message": [_NOW],
     "next_sequences": [1],
+    "revive": False,
+    "delta": 1,
+    "deltas": [1],
 }
 
 

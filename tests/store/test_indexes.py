@@ -116,8 +116,8 @@ def test_user_lists_and_their_session_counts_use_indexes(clean_db: str, name: st
     params = {"project_id": P, "after_ts": START[0], "after_id": "", "limit": 101, "offset": 0}
     used = _assert_indexed(_plan(clean_db, query(name), params))
     assert "users_created_idx" in used
-    # session_count: an index-only count of the live sessions of each listed user.
-    assert "sessions_user_live_idx" in used
+    # session_count: each listed user's row of user_session_counts (migration 0010), by key.
+    assert "user_session_counts_pkey" in used
 
 
 def test_user_chunk_and_its_session_counts_use_indexes(clean_db: str) -> None:

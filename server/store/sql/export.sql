@@ -74,7 +74,7 @@ FROM (SELECT p.created_at, p.user_id,
 -- the caller can cut chunks between entries (list_user_chunk's rows when they pass the byte
 -- cap). Each entry is users.wire (fields 1-7, kept by
 -- migration 0040's trigger) and session_count (field 8, omitted when 0, as proto3 does;
--- counted as list_user_records counts it). One row; its arrays are empty when no user follows.
+-- read as list_user_records reads it). One row; its arrays are empty when no user follows.
 -- Each stage is MATERIALIZED: the inlined encoders name their argument several times, and
 -- an argument that is a column of the stage before is read, not computed again.
 WITH page AS MATERIALIZED (
@@ -85,10 +85,8 @@ WITH page AS MATERIALIZED (
     ORDER BY u.created_at, u.user_id
     LIMIT %(limit)s
 ), counts AS MATERIALIZED (
-    SELECT s.user_id, count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id IN (SELECT user_id FROM page)
-      AND s.deleted_at IS NULL
-    GROUP BY s.user_id
+    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
+    WHERE c.project_id = %(project_id)s AND c.user_id IN (SELECT user_id FROM page)
 ), bodies AS MATERIALIZED (
     SELECT p.created_at, p.user_id,
            CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)

@@ -1,9 +1,15 @@
 -- Messages (memory). Sequences come from sessions.next_sequence under the session's row lock.
 
 -- add_memory --
--- Upserts the session (reviving it), appends the messages whose uuid the session does not
--- hold yet, reserving sequences for those only, and queues them for embedding. Answers one
--- row per request message, in request order: the stored message, new or already there.
+-- Upserts the session, appends the messages whose uuid the session does not hold yet,
+-- reserving sequences for those only, and queues them for embedding. Answers one row per
+-- request message, in request order: the stored message, new or already there. A
+-- soft-deleted session is revived only with `revive` (after lock_session_for_revival):
+-- without it, a deleted session answers no row and the store takes that path, which counts
+-- the session live again for its user. {count_session} counts a session this statement
+-- inserted for its user (plain PostgreSQL; under Citus user_session_counts is on another
+-- shard and the store counts it in the same transaction: store/messages.py). A literal
+-- brace is written twice here: the statement is a format string.
 WITH t AS (
     -- The arrays come in binary format: psycopg's text form of an array quotes each element
     -- with a regular expression in Python, ~50 µs per call of one message, ~600 of twenty.
@@ -49,17 +55,20 @@ WITH t AS (
                                ELSE greatest(excluded.updated_at, s.last_message_at) END,
         updated_at = CASE WHEN excluded.message_count = 0 THEN s.updated_at
                           ELSE greatest(excluded.updated_at, s.last_message_at) END
-    WHERE %(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text
+    WHERE (%(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text)
+      AND (%(revive)s OR s.deleted_at IS NULL OR excluded.message_count = 0)
+    -- xmax is 0 in a row version this statement inserted (not in one it updated).
     RETURNING s.project_id, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
-              s.deleted_at, s.message_count, s.last_message_at, s.next_sequence
-), m AS (
+              s.deleted_at, s.message_count, s.last_message_at, s.next_sequence,
+              s.xmax = '0'::xid AS inserted
+), {count_session} m AS (
     INSERT INTO messages AS m (project_id, session_id, sequence, uuid, role, role_type,
                                content, metadata, created_at, updated_at)
     SELECT s.project_id, s.session_id, s.next_sequence - n.n + new.rank - 1, new.uuid,
            new.role, new.role_type, new.content,
            -- A message without metadata (the common case) skips the PL/pgSQL call.
-           CASE WHEN new.metadata = '{}' THEN new.metadata
-                ELSE memstore_merge_patch('{}', new.metadata) END,
+           CASE WHEN new.metadata = '{{}}' THEN new.metadata
+                ELSE memstore_merge_patch('{{}}', new.metadata) END,
            s.last_message_at,
            s.last_message_at
     FROM s, n, new
@@ -71,7 +80,7 @@ WITH t AS (
     SELECT %(project_id)s, %(session_id)s, m.sequence FROM m WHERE %(embed)s
 )
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
-       s.message_count, s.last_message_at, r.*
+       s.message_count, s.last_message_at, s.inserted, r.*
 FROM s LEFT JOIN (
     SELECT old.ord AS m_ord, old.differs AS m_differs, old.uuid AS m_uuid,
            old.sequence AS m_sequence, old.role AS m_role, old.role_type AS m_role_type,
@@ -84,6 +93,15 @@ FROM s LEFT JOIN (
     FROM m JOIN new ON new.uuid = m.uuid
 ) r ON true
 ORDER BY r.m_ord;
+
+-- add_memory_count --
+-- add_memory's {count_session} on plain PostgreSQL: the session it inserted, counted live for
+-- its user in the same statement (as count_live_sessions).
+counted AS (
+    INSERT INTO user_session_counts AS c (project_id, user_id, session_count)
+    SELECT s.project_id, s.user_id, 1 FROM s WHERE s.inserted AND s.user_id IS NOT NULL
+    ON CONFLICT (project_id, user_id) DO UPDATE SET session_count = c.session_count + 1
+),
 
 -- get_memory --
 -- A live session joined to its last `lastn` live messages, oldest first.

@@ -67,7 +67,8 @@ ORDER BY t.ord;
 
 -- restore_sessions --
 -- Inserts the request's sessions that are not stored yet (one row back per session inserted,
--- as restore_users); message_count starts at 0 and grows
+-- as restore_users, with its user and whether it is live: the store counts those for their
+-- users, count_restored_sessions); message_count starts at 0 and grows
 -- as restore_messages adds their live messages, next_sequence starts where the backup had it
 -- (1 when it does not say) and never falls behind a restored message.
 INSERT INTO sessions (project_id, session_id, user_id, metadata, created_at, updated_at,
@@ -80,7 +81,7 @@ FROM unnest(%(session_ids)s::text[], %(user_ids)s::text[], %(metadatas)s::jsonb[
      AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at, last_message_at,
           next_sequence)
 ON CONFLICT (project_id, session_id) DO NOTHING
-RETURNING 1;
+RETURNING user_id, deleted_at IS NULL AS live;
 
 -- restore_messages_existing --
 -- The request's messages whose (session_id, sequence) or (session_id, uuid) is stored, each

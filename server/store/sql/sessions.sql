@@ -60,6 +60,14 @@ WITH target AS (
 )
 SELECT sized.metadata_bytes, updated.* FROM sized LEFT JOIN updated ON true;
 
+-- lock_session_for_revival --
+-- AddMemory on a soft-deleted session: the session locked, and whether it is still deleted
+-- (add_memory then revives it and the store counts it live again for its user). No row: the
+-- session is gone (purged); add_memory then makes it anew.
+SELECT s.user_id, s.deleted_at IS NOT NULL AS deleted FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
+FOR UPDATE;
+
 -- lock_live_session --
 -- Locks a live session before its messages are soft-deleted. AddMemory appends only under
 -- this row lock, so the next statement's snapshot holds every message committed before it
@@ -70,13 +78,14 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.dele
 FOR UPDATE;
 
 -- delete_session --
--- Soft-deletes a live session and its live messages with one timestamp; returns the count.
+-- Soft-deletes a live session and its live messages with one timestamp; returns the count,
+-- and the session's user (whose count of live sessions the store then lowers).
 WITH gone AS (
     UPDATE sessions AS s SET deleted_at = t.now, updated_at = t.now, message_count = 0
     FROM (SELECT clock_timestamp() AS now) AS t
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
       AND s.deleted_at IS NULL
-    RETURNING s.project_id, s.session_id, s.deleted_at
+    RETURNING s.project_id, s.session_id, s.deleted_at, s.user_id
 ), hidden AS (
     UPDATE messages AS m SET deleted_at = gone.deleted_at
     FROM gone
@@ -85,7 +94,7 @@ WITH gone AS (
       AND m.deleted_at IS NULL
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM hidden) AS messages FROM gone;
+SELECT (SELECT count(*) FROM hidden) AS messages, gone.user_id FROM gone;
 
 -- undelete_session --
 -- Restores a soft-deleted session (not its messages); no row means absent or live.

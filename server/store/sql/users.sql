@@ -1,4 +1,5 @@
--- Users. Every statement is scoped by project_id; session_count counts live sessions.
+-- Users. Every statement is scoped by project_id. session_count, the number of the user's live
+-- sessions, is read from user_session_counts (migration 0010), kept by every session write.
 
 -- create_user --
 -- Inserts a user; a taken id raises UniqueViolation (AlreadyExists).
@@ -13,29 +14,12 @@ RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_a
 
 -- get_users --
 -- The users of several ids (concurrent GetUser calls coalesced into one statement), each with
--- the number of its live sessions; an id with no row is simply absent.
+-- the number of its live sessions; an id with no row is simply absent. user_session_counts is
+-- placed with users under Citus: one id reads one shard.
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
-       (SELECT count(*) FROM sessions s
-        WHERE s.project_id = u.project_id AND s.user_id = u.user_id
-          AND s.deleted_at IS NULL) AS session_count
+       coalesce(c.session_count, 0) AS session_count
 FROM users u
--- user_ids in binary format: the text form of an array costs psycopg a regex per element.
-WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)b::text[]);
-
--- get_users_citus --
--- get_users under Citus, which refuses a correlated count over sessions (placed by session,
--- not by user: a "complex join"): the counts are a step of their own, the one fan-out of the
--- statement. On plain PostgreSQL get_users' correlated form was measured ~25% faster.
-WITH counts AS MATERIALIZED (
-    SELECT s.user_id, count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id = ANY(%(user_ids)b::text[])
-      AND s.deleted_at IS NULL
-    GROUP BY s.user_id
-)
-SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
-       coalesce(c.n, 0) AS session_count
-FROM users u
-LEFT JOIN counts c ON c.user_id = u.user_id
+LEFT JOIN user_session_counts c ON c.project_id = u.project_id AND c.user_id = u.user_id
 -- user_ids in binary format: the text form of an array costs psycopg a regex per element.
 WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)b::text[]);
 
@@ -73,12 +57,11 @@ WITH target AS (
       AND sized.metadata_bytes <= %(max_metadata_bytes)s
     RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
               u.updated_at
-), counts AS MATERIALIZED (
-    -- session_count, a step of its own: under Citus the sessions of a user span shards.
-    SELECT count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s AND s.deleted_at IS NULL
 )
-SELECT sized.metadata_bytes, updated.*, (SELECT n FROM counts) AS session_count
+SELECT sized.metadata_bytes, updated.*,
+       coalesce((SELECT c.session_count FROM user_session_counts c
+                 WHERE c.project_id = %(project_id)s AND c.user_id = %(user_id)s), 0)
+           AS session_count
 FROM sized LEFT JOIN updated ON true;
 
 -- lock_user --
@@ -112,8 +95,9 @@ SELECT count(*) AS sessions FROM locked;
 
 -- delete_user --
 -- Hard-deletes the user and its sessions (their foreign keys cascade to the messages and
--- vectors). The sessions are deleted by name, not by the users foreign key's cascade: under
--- Citus that key cannot exist (users and sessions are placed by different columns).
+-- vectors; the user's to its user_session_counts row). The sessions are deleted by name, not
+-- by the users foreign key's cascade: under Citus that key cannot exist (users and sessions
+-- are placed by different columns).
 WITH doomed AS MATERIALIZED (
     SELECT s.session_id FROM sessions s
     WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
@@ -137,10 +121,9 @@ SELECT (SELECT count(*) FROM gone) AS users,
 
 -- list_users --
 -- One keyset page of users by (created_at, user_id), strictly after the given key.
--- session_count comes from `counts`, a separate step: a user's sessions are placed by their
--- session ids, so under Citus it is the one fan-out of the statement (docs/scaling.md). The
--- page's ids as an array: on plain PostgreSQL one index probe per id, as fast as the
--- correlated count it replaced (an IN-join was measured ~40% slower per 1,000-user page).
+-- session_count comes from `counts`, the page's rows of user_session_counts (placed with the
+-- users under Citus). The page's ids as an array: on plain PostgreSQL one index probe per id
+-- (an IN-join was measured ~40% slower per 1,000-user page).
 WITH page AS MATERIALIZED (
     SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
            u.updated_at
@@ -150,10 +133,8 @@ WITH page AS MATERIALIZED (
     ORDER BY u.created_at, u.user_id
     LIMIT %(limit)s
 ), counts AS MATERIALIZED (
-    SELECT s.user_id, count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id = ANY(ARRAY(SELECT user_id FROM page))
-      AND s.deleted_at IS NULL
-    GROUP BY s.user_id
+    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
+    WHERE c.project_id = %(project_id)s AND c.user_id = ANY(ARRAY(SELECT user_id FROM page))
 )
 SELECT p.*, coalesce(c.n, 0) AS session_count
 FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
@@ -189,10 +170,8 @@ WITH page AS MATERIALIZED (
     ORDER BY u.created_at, u.user_id
     LIMIT %(limit)s OFFSET %(offset)s
 ), counts AS MATERIALIZED (
-    SELECT s.user_id, count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id = ANY(ARRAY(SELECT user_id FROM page))
-      AND s.deleted_at IS NULL
-    GROUP BY s.user_id
+    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
+    WHERE c.project_id = %(project_id)s AND c.user_id = ANY(ARRAY(SELECT user_id FROM page))
 )
 SELECT p.user_id, p.email, p.first_name, p.last_name, p.metadata::text,
        (extract(epoch FROM p.created_at) * 1000000)::int8,
@@ -204,3 +183,21 @@ ORDER BY p.created_at, p.user_id;
 -- count_users --
 -- total_size of ListUsers: how many users the project has.
 SELECT count(*) AS total FROM users u WHERE u.project_id = %(project_id)s;
+
+-- count_live_sessions --
+-- Adds `delta` to the number of a user's live sessions (+1 a session made live, -1 one
+-- soft-deleted), in the transaction of the session write that changed it, after it: the
+-- session row is locked first, then this one (never the user row, which DeleteUser locks
+-- FOR UPDATE before the user's sessions). Under Citus one shard, the user's.
+INSERT INTO user_session_counts AS c (project_id, user_id, session_count)
+VALUES (%(project_id)s, %(user_id)s, %(delta)s)
+ON CONFLICT (project_id, user_id)
+    DO UPDATE SET session_count = c.session_count + excluded.session_count;
+
+-- count_restored_sessions --
+-- count_live_sessions for the live sessions a Restore batch inserted: one delta per user.
+INSERT INTO user_session_counts AS c (project_id, user_id, session_count)
+SELECT %(project_id)s, t.user_id, t.delta
+FROM unnest(%(user_ids)s::text[], %(deltas)s::bigint[]) AS t(user_id, delta)
+ON CONFLICT (project_id, user_id)
+    DO UPDATE SET session_count = c.session_count + excluded.session_count;
