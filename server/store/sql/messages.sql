@@ -203,3 +203,11 @@ WITH s AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM hidden) AS messages FROM s;
+
+-- lock_session_for_revival --
+-- AddMemory on a soft-deleted session: the session locked, and whether it is still deleted
+-- (add_memory then revives it and the store counts it live again for its user). No row: the
+-- session is gone (purged); add_memory then makes it anew.
+SELECT s.user_id, s.deleted_at IS NOT NULL AS deleted FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
+FOR UPDATE;

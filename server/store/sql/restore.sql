@@ -145,3 +145,11 @@ WITH ins AS (
     WHERE %(embed)s AND ins.deleted_at IS NULL AND counted.deleted_at IS NULL
 )
 SELECT count(*) AS created FROM ins;
+
+-- count_restored_sessions --
+-- count_live_sessions for the live sessions a Restore batch inserted: one delta per user.
+INSERT INTO user_session_counts AS c (project_id, user_id, session_count)
+SELECT %(project_id)s, t.user_id, t.delta
+FROM unnest(%(user_ids)s::text[], %(deltas)s::bigint[]) AS t(user_id, delta)
+ON CONFLICT (project_id, user_id)
+    DO UPDATE SET session_count = c.session_count + excluded.session_count;

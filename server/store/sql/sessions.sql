@@ -60,14 +60,6 @@ WITH target AS (
 )
 SELECT sized.metadata_bytes, updated.* FROM sized LEFT JOIN updated ON true;
 
--- lock_session_for_revival --
--- AddMemory on a soft-deleted session: the session locked, and whether it is still deleted
--- (add_memory then revives it and the store counts it live again for its user). No row: the
--- session is gone (purged); add_memory then makes it anew.
-SELECT s.user_id, s.deleted_at IS NOT NULL AS deleted FROM sessions s
-WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
-FOR UPDATE;
-
 -- lock_live_session --
 -- Locks a live session before its messages are soft-deleted. AddMemory appends only under
 -- this row lock, so the next statement's snapshot holds every message committed before it
@@ -153,3 +145,13 @@ AND ({column}, s.session_id) {op} (%(after_ts)s::timestamptz, %(after_id)s::text
 -- order_sessions --
 -- Order fragment of list_sessions: the order column, then session_id, one direction.
 {column} {direction}, s.session_id {direction}
+
+-- count_live_sessions --
+-- Adds `delta` to the number of a user's live sessions (+1 a session made live, -1 one
+-- soft-deleted), in the transaction of the session write that changed it, after it: the
+-- session row is locked first, then this one (never the user row, which DeleteUser locks
+-- FOR UPDATE before the user's sessions). Under Citus one shard, the user's.
+INSERT INTO user_session_counts AS c (project_id, user_id, session_count)
+VALUES (%(project_id)s, %(user_id)s, %(delta)s)
+ON CONFLICT (project_id, user_id)
+    DO UPDATE SET session_count = c.session_count + excluded.session_count;
