@@ -41,15 +41,21 @@ test: $(STAMP) $(SDK_STAMPS)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
-## The store, gRPC (search, recall) and security suites and tests/citus on a local three-node
-## Citus cluster (tests/citus_cluster.py; docs/scaling.md). Needs Citus installed into the
-## machine's PostgreSQL 15; without it the Citus tests skip, saying why.
+## The store, gRPC (search, recall), security, REST and reliability suites and tests/citus on a
+## local three-node Citus cluster (tests/citus_cluster.py; docs/scaling.md). Needs Citus
+## installed into the machine's PostgreSQL 15; without it the Citus tests skip, saying why.
 test-citus: $(STAMP) $(SDK_STAMPS)
 	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/python -m pytest $(CITUS_SUITES) $(PYTEST_ARGS)
 
-# test_indexes reads PostgreSQL's local plans; on Citus the indexes are used on the shards.
-CITUS_SUITES := tests/citus tests/store tests/grpc tests/security \
-	--ignore tests/store/test_indexes.py
+# Left out: test_indexes reads PostgreSQL's local plans (on Citus the indexes are used on the
+# shards); test_db_restart, test_group_commit_crash and test_rest_outage stop or kill a
+# PostgreSQL of their own (tests/fix_faults.py `restartable`, an embedded one), never the
+# cluster, so on it they would prove nothing about Citus (`make test` runs them).
+CITUS_SUITES := tests/citus tests/store tests/grpc tests/security tests/rest tests/reliability \
+	--ignore tests/store/test_indexes.py \
+	--ignore tests/reliability/test_db_restart.py \
+	--ignore tests/reliability/test_group_commit_crash.py \
+	--ignore tests/reliability/test_rest_outage.py
 
 ## ruff (lint + format check), mypy strict, buf lint, and the stale-stub check.
 lint: $(STAMP) check-generated
