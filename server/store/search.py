@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from server.domain import Message, SearchQuery, SearchResult, Session
+from server.errors import FailedPrecondition
 from server.store import rows
 from server.store.base import StoreBase, key
 from server.store.coalesce import Coalescer
@@ -47,6 +48,8 @@ MemoryKey = tuple[int, str, int, int, str]
 
 #: Claims a worker tries on Citus before it takes a lost race for an empty queue.
 _CLAIM_ATTEMPTS = 5
+#: Runs of a batch's save under Citus when a delete committed during it (see embed_due).
+_SAVE_ATTEMPTS = 3
 
 #: A found message and, when asked for, its vector (for diversity re-ranking).
 Found = tuple[SearchResult, list[float] | None]
@@ -322,11 +325,33 @@ class SearchMethods(StoreBase):
             (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
             for r, v in zip(live, vectors, strict=True)
         }
+        # Citus locks no rows across shards, so the save does not lock the batch's sessions
+        # first: a DeleteUser or purge that deleted one of its messages and commits while the
+        # save runs makes the vectors' foreign key check fail (the key is co-located, checked
+        # on the shard). The save then runs again with the same vectors in a new snapshot,
+        # where the deleted rows are gone (save_embeddings joins the live messages), rather
+        # than leaving the whole batch leased until LEASE_SECONDS pass.
+        for attempt in range(_SAVE_ATTEMPTS):
+            try:
+                await self._save_batch(keys, live, by_key, model, window)
+                break
+            except FailedPrecondition:
+                if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
+                    raise
+        return len(claimed)
+
+    async def _save_batch(
+        self,
+        keys: list[tuple[int, str, int]],
+        live: list[Row],
+        by_key: dict[tuple[int, str, int], str],
+        model: str,
+        window: int,
+    ) -> None:
         sessions = sorted({(k[0], k[1]) for k in keys})
         async with self._connect() as conn:
             if not self.citus:
-                # Citus locks no rows across shards: there a delete that wins makes the save
-                # fail on the vectors' foreign key, and the batch is claimed again later.
+                # In key order, as DeleteUser locks them: the two wait in turn, never in a cycle.
                 await conn.execute(
                     query("lock_embedded_sessions"),
                     {
@@ -356,7 +381,6 @@ class SearchMethods(StoreBase):
                     },
                 )
                 await self._keep_recall(conn, touched, model, window)
-        return len(claimed)
 
     async def _claim(self, conn: AsyncConnection[Any], limit: int) -> list[Row]:
         params = {"limit": limit, "lease": LEASE_SECONDS}
