@@ -11,19 +11,15 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from grpc_health.v1 import health_pb2
 
 from bench import env, search_data
 from bench.client import UnaryLoad, run_unary
 from bench.figures import ADD_MEMORY, HEALTH, Settings, add_memory_payloads, unary_run
 from bench.search_worker import write_round
-from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as pb
-from memstore.v1 import user_service_pb2 as upb
 
 GET_MEMORY = "/memstore.v1.SessionService/GetMemory"
-GET_USER = "/memstore.v1.UserService/GetUser"
 
 #: A comparison's calls: kind -> (method, request payloads); the first kind is the baseline.
 Kinds = dict[str, tuple[str, tuple[bytes, ...]]]
@@ -65,69 +61,11 @@ def _writes(url: str) -> Kinds:
     }
 
 
-#: Users and sessions of the user_writes comparison (each user's sessions made up front).
-_COUNT_USERS, _COUNT_SESSIONS = 200, 10
-
-
-def _user_writes(url: str) -> Kinds:
-    # session_count kept beside the user (migration 0010): AddMemory(1) naming the session's
-    # user (such calls commit alone since then) and GetUser of users of 10 live sessions (a
-    # key lookup since then, a count of the user's sessions before).
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO users (project_id, user_id) "
-            "SELECT 1, 'count-u' || u FROM generate_series(0, %s - 1) AS u",
-            (_COUNT_USERS,),
-        )
-        conn.execute(
-            "INSERT INTO sessions (project_id, session_id, user_id) "
-            "SELECT 1, 'count-u' || u || '-s' || s, 'count-u' || u "
-            "FROM generate_series(0, %s - 1) AS u, generate_series(0, %s - 1) AS s",
-            (_COUNT_USERS, _COUNT_SESSIONS),
-        )
-        conn.execute(
-            "INSERT INTO user_session_counts (project_id, user_id, session_count) "
-            "SELECT 1, 'count-u' || u, %s FROM generate_series(0, %s - 1) AS u "
-            "ON CONFLICT DO NOTHING",
-            (_COUNT_SESSIONS, _COUNT_USERS),
-        )
-        conn.execute("VACUUM ANALYZE")
-    content = "The user said they prefer vegetarian food and live near the sea. " * 3
-    adds = tuple(
-        pb.AddMemoryRequest(
-            session_id=f"count-u{u}-s{s}",
-            user_id=f"count-u{u}",
-            messages=[
-                resources_pb2.Message(
-                    role="user", role_type=resources_pb2.ROLE_TYPE_USER, content=content
-                )
-            ],
-        ).SerializeToString()
-        for s in range(_COUNT_SESSIONS)
-        for u in range(_COUNT_USERS)
-    )
-    gets = tuple(
-        upb.GetUserRequest(user_id=f"count-u{u}").SerializeToString() for u in range(_COUNT_USERS)
-    )
-    return {
-        "health": (HEALTH, (health_pb2.HealthCheckRequest().SerializeToString(),)),
-        "add_memory_user": (ADD_MEMORY, adds),
-        "get_user": (GET_USER, gets),
-    }
-
-
 #: Each comparison's name and the function that seeds its data and builds its calls.
-KINDS: dict[str, Callable[[str], Kinds]] = {
-    "recall": _recall,
-    "writes": _writes,
-    "user_writes": _user_writes,
-}
+KINDS: dict[str, Callable[[str], Kinds]] = {"recall": _recall, "writes": _writes}
 #: Server arguments of a comparison beyond the bench's own: writes are measured without
 #: the embedding worker, as `make bench` measures them.
-SERVER_ARGS: dict[str, tuple[str, ...]] = {
-    "writes": ("--no-embedding-worker",),
-    "user_writes": ("--no-embedding-worker",),
-}
+SERVER_ARGS: dict[str, tuple[str, ...]] = {"writes": ("--no-embedding-worker",)}
 
 #: The comparison of the embedding worker's cost to writes (servers started per run).
 WRITES_EMBEDDING = "writes_embedding"

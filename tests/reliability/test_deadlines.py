@@ -99,6 +99,7 @@ async def _drain(stream: AsyncIterator[Any]) -> None:
 async def short_timeout_users(database_url: str, clean_db: str) -> AsyncIterator[Users]:
     """UserService of a server whose statement timeout is one second."""
     store = await Store.open(database_url, min_size=1, max_size=2, statement_timeout=1.0)
+    await store.check_vectors()  # which engine (Citus or not), as migrate finds it
     server, port = await build_server(Config(host="127.0.0.1", port=0), store)
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

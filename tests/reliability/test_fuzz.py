@@ -77,6 +77,7 @@ def fuzz_channel(database_url: str, store: Store) -> Iterator[grpc.Channel]:
 
     async def start() -> tuple[Store, grpc.aio.Server, int]:
         own = await Store.open(database_url, min_size=2, max_size=8)
+        await own.check_vectors()  # which engine (Citus or not), as migrate finds it
         server, port = await build_server(Config(host="127.0.0.1", port=0), own)
         await server.start()
         return own, server, port
