@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import psycopg
 import pytest
 
 from memstore.v1 import user_service_pb2, user_service_pb2_grpc
-from tests.fix_db import LOCK_WAITERS
+from tests.fix_db import lock_waiters
 from tests.processes import ROOT, run_memstore, serve_memstore, stop_memstore
 
 BUF = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
@@ -149,17 +150,17 @@ def test_taken_port_fails_start_instead_of_sharing_it(served: int, clean_db: str
 
 
 def _until_a_lock_waiter(url: str, within: float = 20.0) -> bool:
-    """Polls until a backend of the database waits for a lock; False at the deadline."""
+    """Polls until a backend of the database waits for a lock; False at the deadline.
+
+    On a Citus cluster the call waits on a worker (tests/fix_db.lock_waiters counts them).
+    """
     deadline = time.monotonic() + within
-    # Autocommit: pg_stat_activity is read once per transaction, so each poll needs its own.
-    with psycopg.connect(url, autocommit=True) as conn:
-        while True:
-            row = conn.execute(LOCK_WAITERS).fetchone()
-            if row and row[0]:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
+    while True:
+        if asyncio.run(lock_waiters(url)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def test_sigterm_lets_an_in_flight_call_finish(clean_db: str) -> None:

@@ -126,7 +126,8 @@ def test_user_chunk_and_its_session_counts_use_indexes(clean_db: str) -> None:
     # key order after the join to their counts.
     used = _assert_indexed(_plan(clean_db, query("list_user_chunk"), params), sort_allowed=True)
     assert "users_created_idx" in used
-    assert "sessions_user_live_idx" in used
+    # session_count: the batch's rows of user_session_counts (migration 0010), by key.
+    assert "user_session_counts_pkey" in used
 
 
 def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:

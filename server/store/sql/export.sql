@@ -34,9 +34,9 @@ LIMIT %(limit)s;
 -- entries in protobuf wire bytes (tag 1, length, the User), concatenated in key order, with
 -- how many they are and the last one's key: one row, no value per user for the client to
 -- load. Each entry is users.wire (fields 1-7, kept by migration 0040's trigger) and
--- session_count (field 8, omitted when 0, as proto3 does; counted as list_user_records counts
--- it). The counts come from one index scan for the whole batch (`= ANY` of the batch's ids),
--- not one subquery per user: each per-row plan node costs PostgreSQL about a microsecond per
+-- session_count (field 8, omitted when 0, as proto3 does; read from user_session_counts as
+-- list_user_records reads it). The counts come from one index scan for the whole batch (`= ANY`
+-- of the batch's ids), not one subquery per user: each per-row plan node costs PostgreSQL about a microsecond per
 -- user here (docs/performance.md, "Export as bytes"). When the entries pass a chunk's byte
 -- cap, the caller cuts them by list_user_wire.
 WITH keys AS MATERIALIZED (
@@ -48,10 +48,9 @@ WITH keys AS MATERIALIZED (
           ORDER BY u.created_at, u.user_id
           LIMIT %(limit)s) k
 ), counts AS MATERIALIZED (
-    SELECT s.user_id, count(*) AS n FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.deleted_at IS NULL
-      AND s.user_id = ANY ((SELECT ids FROM keys)::text[])
-    GROUP BY s.user_id
+    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
+    WHERE c.project_id = %(project_id)s
+      AND c.user_id = ANY ((SELECT ids FROM keys)::text[])
 )
 SELECT coalesce(string_agg('\x0a'::bytea || memstore_pb_varint(length(b.body)) || b.body,
                            ''::bytea ORDER BY b.created_at, b.user_id), ''::bytea),
