@@ -53,9 +53,9 @@ test-citus: $(STAMP) $(SDK_STAMPS)
 # cluster, so on it they would prove nothing about Citus (`make test` runs them). Deselected:
 # the purge's 2 s bound on a write's latency holds where the purge skips locked rows (plain
 # PostgreSQL); on Citus it waits for them (docs/scaling.md) and a write took 2.1 s on this
-# shared machine. Concurrent merges replaying in updated_at order: on Citus two updates of
-# one row can get the same updated_at (the clock is read before the row lock, then raised to
-# the last one's), so the order is not recoverable from it (docs/scaling.md, not fixed yet).
+# shared machine. Concurrent merges replaying in updated_at order: the replay did not match
+# on the cluster; likely two updates of one row got the same updated_at (the clock is read
+# before the row lock, then raised to the last one's): docs/scaling.md, not fixed yet.
 # LangChain's Zep history: on the cluster SearchMemory("bees honey") ranked "Hello Priya! How
 # are the bees?" above "They made honey." in two runs of three; not understood yet.
 CITUS_SUITES := tests/citus tests/store tests/grpc tests/security tests/rest tests/reliability \
