@@ -59,15 +59,19 @@ APPEND_BATCHES_IN_FLIGHT = 8
 BATCHED_CALL_MESSAGES = 4
 
 
-def add_memory_statement(*, citus: bool) -> sql.SQL:
+def add_memory_statement(*, citus: bool, guarded: bool = False) -> sql.SQL:
     """AddMemory's statement: on plain PostgreSQL it also counts a session it inserted for its
     user; under Citus the store does that in the call's transaction (user_session_counts is
-    placed with the users, a statement touching both would leave its one shard)."""
+    placed with the users, a statement touching both would leave its one shard). `guarded`
+    appends to a live session only (add_memory_guard), for calls naming a user that share a
+    batch's transaction."""
     count = sql.SQL("") if citus else query("add_memory_count")
-    return sql.SQL(query("add_memory").format(count_session=count).as_string(None))
+    guard = query("add_memory_guard") if guarded else sql.SQL("")
+    return sql.SQL(query("add_memory").format(count_session=count, guard=guard).as_string(None))
 
 
 _ADD_MEMORY = {citus: add_memory_statement(citus=citus) for citus in (False, True)}
+_ADD_MEMORY_GUARDED = add_memory_statement(citus=False, guarded=True)
 
 
 def memory_window() -> sql.SQL:
@@ -116,12 +120,16 @@ class MessageMethods(StoreBase):
         call = _Append(params, user_id)
         # On Citus each call stays alone: calls of several sessions in one transaction would
         # make a multi-shard transaction (two-phase commit) of a single-shard write. A call
-        # naming a user stays alone too: it may make a session and count it for the user
-        # (user_session_counts), and a shared transaction would hold that count's row lock
-        # while its later calls wait for their sessions' locks: two batches counting for one
-        # user could wait on each other in a cycle (deadlock; tests/store/test_session_counts).
-        if len(messages) <= BATCHED_CALL_MESSAGES and not self.citus and user_id is None:
+        # naming a user shares a batch only to append to a live session (add_memory_guard):
+        # making a session counts it for the user (user_session_counts), and a shared
+        # transaction would hold that count's row lock while its later calls wait for their
+        # sessions' locks: two batches counting for one user could wait on each other in a
+        # cycle (deadlock; tests/store/test_session_counts). Such a call finds no live
+        # session there and makes it alone below.
+        if len(messages) <= BATCHED_CALL_MESSAGES and not self.citus:
             found = await self._appender.submit(call)
+            if not found and user_id is not None:
+                found = _outcome(await self._append_alone(call))
         else:
             found = _outcome(await self._append_alone(call))
         if not found:
@@ -168,7 +176,7 @@ class MessageMethods(StoreBase):
         found: list[list[Row]] = [[] for _ in batch]
         async with self._connect(field="messages", single=True) as conn:
             try:
-                rows_in_order = await _append_pipelined(conn, [batch[i].params for i in order])
+                rows_in_order = await _append_pipelined(conn, [batch[i] for i in order])
             except psycopg.Error as exc:
                 if conn.broken or conn.closed:
                     raise  # the connection is gone: every call of the batch is Unavailable
@@ -342,15 +350,14 @@ class _TogetherFailed(Exception):
     """A statement of a batch failed: the batch's transaction rolled back, nothing written."""
 
 
-async def _append_pipelined(
-    conn: AsyncConnection[Any], batch: list[dict[str, Any]]
-) -> list[list[Row]]:
+async def _append_pipelined(conn: AsyncConnection[Any], batch: list[_Append]) -> list[list[Row]]:
     # Autocommit and pipeline mode: the statements up to the Sync form one implicit
     # transaction, committed by the Sync (or rolled back whole at the first error).
     async with conn.pipeline():
         cursors = [conn.cursor(row_factory=dict_row) for _ in batch]
-        for cursor, params in zip(cursors, batch, strict=True):
-            await cursor.execute(_ADD_MEMORY[False], params)
+        for cursor, call in zip(cursors, batch, strict=True):
+            statement = _ADD_MEMORY[False] if call.user_id is None else _ADD_MEMORY_GUARDED
+            await cursor.execute(statement, call.params)
     return [await cursor.fetchall() for cursor in cursors]
 
 

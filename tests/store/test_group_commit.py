@@ -97,3 +97,28 @@ async def test_concurrent_batches_on_shared_sessions_lose_and_repeat_nothing(
             assert len({m.content for m in stored}) == 10 * rounds
     finally:
         await store.close()
+
+
+async def test_calls_naming_a_user_share_a_commit_and_count_new_sessions_once(
+    store: Store, clean_db: str
+) -> None:
+    # An agent names its user on every turn. Appends to its live sessions share commits as
+    # any others do; a call that makes a session makes it alone, so no batch holds the
+    # user's session count while it waits for other sessions (test_session_counts.py).
+    await store.create_user(P, "agent-user", "", "", "", {})
+    for s in range(4):
+        await store.add_memory(P, f"live{s}", "agent-user", [msg(f"first{s}")])
+    calls = [store.add_memory(P, f"live{i % 4}", "agent-user", [msg(f"m{i}")]) for i in range(12)]
+    calls += [store.add_memory(P, f"new{i}", "agent-user", [msg(f"n{i}")]) for i in range(4)]
+    answered = await asyncio.gather(*calls)
+    assert [s.user_id for s, _ in answered] == ["agent-user"] * 16
+    xmins = await _xmins(clean_db)
+    assert len(xmins) == 4 + 16
+    if not store.citus:
+        appended = {xmins[f"m{i}"] for i in range(12)}
+        assert len(appended) < 12, "appends naming a user committed one by one"
+    assert (await store.get_user(P, "agent-user")).session_count == 8
+    for s in range(4):
+        _, stored = await store.get_memory(P, f"live{s}", 100)
+        expected = [f"first{s}", *sorted(f"m{i}" for i in range(s, 12, 4))]
+        assert [stored[0].content, *sorted(m.content for m in stored[1:])] == expected

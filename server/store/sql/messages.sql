@@ -39,6 +39,7 @@ WITH t AS (
     SELECT %(project_id)s, %(session_id)s, %(user_id)s::text, t.now, t.now, n.n, t.now,
            n.n + 1
     FROM n, (SELECT clock_timestamp() AS now) AS t
+    {guard}
     -- excluded.message_count is the number of messages appended: with none (a pure retry)
     -- the session stays as it is, deleted or not.
     ON CONFLICT (project_id, session_id) DO UPDATE SET
@@ -94,12 +95,29 @@ FROM s LEFT JOIN (
 ) r ON true
 ORDER BY r.m_ord;
 
+-- add_memory_guard --
+-- add_memory's {guard} for a call that shares its batch's transaction and names a user: the
+-- statement appends to a live session only and never makes one, so it never takes the lock
+-- of the user's session count (user_session_counts) in the middle of the batch's session
+-- locks, where two batches could wait on each other. Without a live session it answers no
+-- row, and the store makes the session alone (store/messages.py).
+WHERE EXISTS (SELECT FROM sessions x WHERE x.project_id = %(project_id)s
+                                       AND x.session_id = %(session_id)s
+                                       AND x.deleted_at IS NULL)
+
 -- add_memory_count --
 -- add_memory's {count_session} on plain PostgreSQL: the session it inserted, counted live for
--- its user in the same statement (as count_live_sessions).
+-- its user in the same statement (as count_live_sessions). The user's row is locked first
+-- (FOR KEY SHARE, what the session's foreign key check takes, but at the statement's end),
+-- then the count's: the order of DeleteUser, which locks the user FOR UPDATE and deletes the
+-- count by cascade. Count first, the two waited on each other (deadlock detected, 1 s, then
+-- UNAVAILABLE: tests/reliability/test_races.py). A user deleted meanwhile counts nothing, and
+-- the foreign key check then refuses the session.
 counted AS (
     INSERT INTO user_session_counts AS c (project_id, user_id, session_count)
     SELECT s.project_id, s.user_id, 1 FROM s WHERE s.inserted AND s.user_id IS NOT NULL
+      AND EXISTS (SELECT FROM users u WHERE u.project_id = s.project_id
+                                        AND u.user_id = s.user_id FOR KEY SHARE)
     ON CONFLICT (project_id, user_id) DO UPDATE SET session_count = c.session_count + 1
 ),
 
