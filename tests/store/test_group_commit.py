@@ -83,6 +83,7 @@ async def test_concurrent_batches_on_shared_sessions_lose_and_repeat_nothing(
     # (no shared commits there), and 30 writers queued on 3 rows outwaited the fixture's 5 s
     # on a loaded machine. What this test asserts is that nothing is lost or repeated.
     store = await Store.open(database_url, min_size=1, max_size=10, timeout=60)
+    await store.check_vectors()  # which engine (Citus or not), as migrate finds it
     try:
         rounds = 3
         # Many writers over few sessions, in several waves: batches overlap on the same rows.
