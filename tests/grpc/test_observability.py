@@ -21,6 +21,7 @@ from server.serving.app import build_server
 from server.serving.observability import JsonFormatter, Metrics
 from server.store import Store
 from tests.grpc import msg
+from tests.polling import until
 
 USERS = "/memstore.v1.UserService/"
 
@@ -114,11 +115,16 @@ async def test_request_id_is_echoed_on_success_and_on_error(observed) -> None:
 async def test_access_log_is_json_with_method_code_latency_and_request_id(observed, caplog):
     channel, _ = observed
     users = user_service_pb2_grpc.UserServiceStub(channel)
-    with (
-        caplog.at_level(logging.INFO, logger="memstore.access"),
-        pytest.raises(grpc.aio.AioRpcError),
-    ):
-        await users.GetUser(us.GetUserRequest(user_id="ghost"), metadata=(("x-request-id", "r-1"),))
+    with caplog.at_level(logging.INFO, logger="memstore.access"):
+        with pytest.raises(grpc.aio.AioRpcError):
+            request = us.GetUserRequest(user_id="ghost")
+            await users.GetUser(request, metadata=(("x-request-id", "r-1"),))
+
+        # The line is written as the call ends, which can be just after the client's answer.
+        async def logged() -> bool:
+            return any(r.name == "memstore.access" for r in caplog.records)
+
+        assert await until(logged, within=5), "no access line"
     records = [r for r in caplog.records if r.name == "memstore.access"]
     line = json.loads(JsonFormatter().format(records[-1]))
     assert line["method"] == USERS + "GetUser" and line["code"] == "NOT_FOUND"
