@@ -79,8 +79,10 @@ class CreateSessionRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Optional. The caller's id for the session (1-256 characters, no control
-    characters); empty asks the server to assign a random 32-character hex id.
+    """Optional. The caller's id for the session, under the rules of ids in the
+    UserService comment (1-256 characters; no control, invisible format or
+    separator characters; no whitespace at either end); empty asks the server
+    to assign a random 32-character hex id.
     """
     user_id: _builtins.str
     """Optional. The user the session belongs to; must exist."""
