@@ -59,3 +59,45 @@ def test_make_run_and_the_readme_say_how_to_turn_metrics_on() -> None:
     recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
     assert "--metrics" not in recipe
     assert f"{env}=9464 make run" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+#: `tests/x.py::test_name` (a line break may follow the `::`), and test names in backticks.
+_TEST_REF = re.compile(r"(tests/[\w/]+\.py)::\s*(\w+)")
+_TEST_NAME = re.compile(r"`(test_\w+)`")
+
+
+def _defined(path: Path) -> set[str]:
+    return set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(encoding="utf-8"), re.M))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_test_a_doc_names_exists(doc: Path) -> None:
+    text = doc.read_text(encoding="utf-8")
+    everywhere = set().union(*(_defined(p) for p in (ROOT / "tests").rglob("test_*.py")))
+    missing = [
+        f"{path}::{name}"
+        for path, name in _TEST_REF.findall(text)
+        if not (ROOT / path).exists() or name not in _defined(ROOT / path)
+    ]
+    missing += [name for name in _TEST_NAME.findall(text) if name not in everywhere]
+    assert not missing, f"{doc.relative_to(ROOT)} names tests the repository lacks: {missing}"
+
+
+#: Reasons only the `memstore projects` and `memstore keys` commands print: no RPC returns them.
+_CLI_REASONS = {"PROJECT_ALREADY_EXISTS", "PROJECT_NOT_FOUND", "API_KEY_NOT_FOUND"}
+#: An explicit ErrorInfo reason in the server's code: `reason="X"`, `reason = "...", "X"`
+#: (rest/app.py), `_REASON = "X"` (api/tokens.py) or a JSON body's `"reason": "X"`.
+_RAISED = re.compile(
+    r"""(?:\breason\s*=\s*(?:"[^"]*",\s*)?|_REASON\s*=\s*|"reason":\s*)"([A-Z][A-Z_]{3,})\""""
+)
+
+
+def test_every_reason_the_server_gives_is_in_the_error_table() -> None:
+    raised = set()
+    for path in (ROOT / "server").rglob("*.py"):
+        raised |= set(_RAISED.findall(path.read_text(encoding="utf-8")))
+    assert "USER_NOT_FOUND" in raised and "ROUTE_NOT_FOUND" in raised, raised  # the scan works
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    table = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([A-Z][A-Z_]+)`", table))
+    assert not raised - _CLI_REASONS - listed, "docs/design.md#errors lacks these reasons"
