@@ -18,7 +18,13 @@ import grpc
 import psycopg
 import pytest
 
-from memstore.v1 import user_service_pb2, user_service_pb2_grpc
+from memstore.v1 import (
+    resources_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 from tests.fix_db import lock_waiters
 from tests.processes import ROOT, run_memstore, serve_memstore, stop_memstore
 
@@ -219,3 +225,26 @@ def test_readme_grpcurl_examples_run(served: int) -> None:
     # The last example is the privacy delete of everything the others created.
     assert '"deleted_sessions": "1"' in out
     assert '"deleted_messages": "2"' in out
+
+
+def test_readme_buf_curl_examples_run(served: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{served}") as channel:
+        # What the README's grpcurl lines before the buf curl block create.
+        users = user_service_pb2_grpc.UserServiceStub(channel)
+        users.CreateUser(user_service_pb2.CreateUserRequest(user_id="alice"), timeout=10)
+        sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+        hello = resources_pb2.Message(content="Hi, I am vegetarian.")
+        add = session_service_pb2.AddMemoryRequest(session_id="s1", messages=[hello])
+        sessions.AddMemory(add, timeout=10)
+    text = (ROOT / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```sh\n")[1:]]
+    script = next(block for block in blocks if block.startswith(".venv/bin/buf curl"))
+    script = script.replace(".venv/bin/buf", BUF).replace("localhost:50051", f"127.0.0.1:{served}")
+    assert script.count(" curl ") == 4, script
+    run = subprocess.run(
+        ["bash", "-e", "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert '"userId": "alice"' in run.stdout  # GetUser
+    assert run.stdout.count('"content": "Hi, I am vegetarian."') == 2  # GetMemory, ExportMessages
+    assert '"status": "SERVING"' in run.stdout  # health

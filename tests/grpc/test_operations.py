@@ -110,12 +110,14 @@ async def test_unavailable_when_database_is_gone(server_url, doomed_database):
                 await rpc_error(
                     users.GetUser(us.GetUserRequest(user_id="before"), timeout=20),
                     Code.UNAVAILABLE,
+                    reason="DATABASE_UNAVAILABLE",
                 )
                 await rpc_error(
                     sessions.AddMemory(
                         ss.AddMemoryRequest(session_id="s", messages=[msg("x")]), timeout=20
                     ),
                     Code.UNAVAILABLE,
+                    reason="DATABASE_UNAVAILABLE",
                 )
         finally:
             await server.stop(None)

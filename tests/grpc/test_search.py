@@ -7,14 +7,20 @@ calls serve full-text results and say why semantic ranking is missing.
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
 from memstore.v1 import resources_pb2 as rs
 from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import session_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
+from server.config import Config
+from server.serving.app import build_server
+from server.store import Store
 from tests.grpc import Code, Sessions, Users, as_dict, msg, rpc_error, struct
 
 pytestmark = pytest.mark.integration
@@ -274,3 +280,31 @@ async def test_stopwords_only_query_is_not_an_error(users, sessions):
     await _conversation(users, sessions, "g", "s", ("g", "it is what it is"))
     found = await _search(sessions, "what is it", search_type=FULL_TEXT)
     assert found.results == []
+
+
+async def test_a_failing_remote_embedder_is_unavailable_and_full_text_still_answers(
+    sessions: Sessions, store: Store, clean_db: str
+) -> None:
+    # A remote embedder on a port nobody listens on: the query's embedding fails at once.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1/embeddings"
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("tea or coffee")]))
+    config = Config(host="127.0.0.1", port=0, embedder=url, embedder_model="m")
+    server, port = await build_server(config, store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            remote = session_service_pb2_grpc.SessionServiceStub(channel)
+            hybrid = remote.SearchMemory(ss.SearchMemoryRequest(text="coffee"))
+            if store.vectors:
+                error = await rpc_error(hybrid, Code.UNAVAILABLE, reason="EMBEDDER_UNAVAILABLE")
+                assert "SEARCH_TYPE_FULL_TEXT" in (error.details() or "")
+            else:  # no vectors kept: the model is never asked, words alone answer
+                assert not (await hybrid).semantic
+            words = await remote.SearchMemory(
+                ss.SearchMemoryRequest(text="coffee", search_type=FULL_TEXT)
+            )
+            assert _contents(words) == ["tea or coffee"]
+    finally:
+        await server.stop(None)

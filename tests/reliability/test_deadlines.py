@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
@@ -120,6 +122,11 @@ async def test_statement_timeout_bounds_a_call_without_deadline(
     )
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "statement timeout" in (error.details() or "")
+    # The server's own DEADLINE_EXCEEDED carries an ErrorInfo (a caller's deadline does not).
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.reason == "DEADLINE_EXCEEDED"
     assert 0.9 < took < 5, took
     got = await users.GetUser(upb.GetUserRequest(user_id="locked"), timeout=10)
     assert got.user.email == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -19,7 +20,7 @@ from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
 from server.serving.app import build_server
 from server.serving.auth import Authenticator, StartupRefused, start_authenticator
-from server.serving.tls import SecurityConfig, is_loopback
+from server.serving.tls import SecurityConfig, is_loopback, reflection_enabled
 from server.store import Store
 from tests.fix_security import KEY_CACHE_SECONDS, Caller, make_key
 from tests.grpc import Code, rpc_error
@@ -149,6 +150,12 @@ def test_loopback_rule() -> None:
         assert not is_loopback(host), host
 
 
+def test_reflection_is_on_by_default_only_for_a_loopback_bind() -> None:
+    assert reflection_enabled(None, "localhost") and reflection_enabled(None, "127.0.0.1")
+    assert not reflection_enabled(None, "0.0.0.0")
+    assert reflection_enabled(True, "0.0.0.0") and not reflection_enabled(False, "localhost")
+
+
 async def test_open_mode_only_on_loopback_unless_insecure(store: Store) -> None:
     # The run's shared database has no key: the open mode of every other test.
     assert not await store.any_api_key()
@@ -157,6 +164,9 @@ async def test_open_mode_only_on_loopback_unless_insecure(store: Store) -> None:
             await build_server(Config(host=host, port=0), store)
         insecure = Config(host=host, port=0, security=SecurityConfig(insecure=True))
         assert not (await start_authenticator(insecure, store)).enabled
+        # Required client certificates authenticate the caller: allowed too (README).
+        mtls = Config(host=host, port=0, security=SecurityConfig(tls_client_ca=Path("ca.pem")))
+        assert not (await start_authenticator(mtls, store)).enabled
     open_ = await start_authenticator(Config(host="127.0.0.1"), store)
     assert not open_.enabled
     assert await open_.project_for(()) == DEFAULT_PROJECT_ID
