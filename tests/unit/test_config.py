@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server import config
+from server import config, settings
 from server.__main__ import _parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,4 +150,6 @@ def test_readme_configuration_table_matches_the_declaration() -> None:
         assert row is not None, declared.setting.env
         if declared.flag is not None:
             assert f"`{declared.flag}`" in row, row
+            if declared.setting.parse is settings.parse_bool:  # argparse adds the --no- form
+                assert f"`--no-{declared.flag.removeprefix('--')}`" in row, row
         assert declared.setting.shown in row.replace("`", ""), row

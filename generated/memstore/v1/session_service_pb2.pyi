@@ -582,8 +582,10 @@ class GetMemoryResponse(_message.Message):
     """False when the session does not exist or is soft-deleted."""
     context: _builtins.str
     """relevant_messages as a ready-to-prompt text block (Zep's memory.context):
-    one line per memory with its date and speaker, oldest first. Empty when
-    there are none.
+    a heading line, then one line per memory, oldest first, with its date
+    (UTC), speaker (role, or role type when there is none) and content
+    (whitespace collapsed, at most 1000 characters). Empty when there are
+    none.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Message]:
