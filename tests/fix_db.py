@@ -18,6 +18,53 @@ from tests.citus_cluster import cluster_workers, drop_database, prepare_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_TABLES = ("messages", "sessions", "users")
+#: Set by CI to the search mode the run's server must be in: "1" pgvector (the embedded
+#: PostgreSQL 18, the Citus cluster), "0" full-text only (the external PostgreSQL 15, reached
+#: as a role that may not create the extension). Unset: no expectation (a developer's run).
+EXPECT_VECTORS_ENV = "MEMSTORE_TEST_EXPECT_VECTORS"
+
+
+def expected_vectors() -> bool | None:
+    """Whether this run must find pgvector in use (MEMSTORE_TEST_EXPECT_VECTORS), or None."""
+    value = os.environ.get(EXPECT_VECTORS_ENV, "")
+    if value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{EXPECT_VECTORS_ENV} must be 0, 1 or unset, not {value!r}")
+    return value == "1"
+
+
+def vector_mode_mismatch(url: str, vectors: bool) -> str | None:
+    """Why a store over `url`, in mode `vectors` (`Store.vectors`), is not what CI expects."""
+    expected = expected_vectors()
+    if expected is None or expected == vectors:
+        return None
+    mode = {True: "with pgvector", False: "without pgvector (full-text only)"}
+    params = pg_conninfo.conninfo_to_dict(url)
+    where = f"{params.get('user', '')}@{params.get('host', '')}:{params.get('port', '')}"
+    return (
+        f"{EXPECT_VECTORS_ENV}={int(expected)}: this run is meant to test memstore "
+        f"{mode[expected]}, but the store migrated as {where} runs {mode[vectors]} "
+        "(server/store/migrate.py logs why a migration needing an extension was skipped)"
+    )
+
+
+#: Extensions the connected role has or may create in its database: installed there, or
+#: available and either the role is a superuser or the extension is trusted (pgvector is not).
+USABLE_EXTENSIONS = """
+SELECT e.name FROM pg_available_extensions e
+JOIN pg_available_extension_versions v ON v.name = e.name AND v.version = e.default_version
+WHERE e.installed_version IS NOT NULL
+   OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+   OR (v.trusted AND has_database_privilege(current_database(), 'CREATE'))
+"""
+
+
+async def usable_extensions(url: str) -> set[str]:
+    """The extensions migrate can use in the database `url` names, as the role it names."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute(USABLE_EXTENSIONS)
+        return {str(r[0]) for r in await cur.fetchall()}
 
 
 @contextmanager
@@ -139,6 +186,12 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     """A migrated store over the run's database (migrated once per run)."""
     st = await Store.open(database_url, min_size=1, max_size=10)
     await st.migrate()
+    # Every test of the run then errors with this, so a CI run cannot pass in the wrong mode
+    # (e.g. once pgvector got installed into the server that was to prove the mode without it).
+    mismatch = vector_mode_mismatch(database_url, st.vectors)
+    if mismatch:
+        await st.close()
+        pytest.fail(mismatch, pytrace=False)
     yield st
     await st.close()
 
