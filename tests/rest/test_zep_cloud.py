@@ -15,3 +15,7 @@ def test_memory_messages_search_delete_and_revive(zep: ZepServer) -> None:
 
 def test_async_client(zep: ZepServer) -> None:
     assert run_sdk("cloud", "asynchronous", zep.base_url) == {"session": "f-1"}
+
+
+def test_zep_api_url_points_the_sdk_at_memstore(zep: ZepServer) -> None:
+    assert run_sdk("cloud", "from_environment", zep.base_url) == {"user": "env-user"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -105,6 +106,15 @@ async def _async(base_url: str) -> str:
 
 def asynchronous(base_url: str) -> dict[str, Any]:
     return {"session": asyncio.run(_async(base_url))}
+
+
+def from_environment(base_url: str) -> dict[str, Any]:
+    # The README's other way to point zep-cloud at memstore: ZEP_API_URL, the server's root
+    # (the SDK adds /api/v2 itself then), and no base_url.
+    os.environ["ZEP_API_URL"] = base_url
+    client = Zep(api_key="any-key")
+    client.user.add(user_id="env-user")
+    return {"user": client.user.get("env-user").user_id}
 
 
 def unauthorized(base_url: str, key: str) -> dict[str, Any]:
