@@ -7,7 +7,7 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.serving.grpc_health import DrainingHealth
+from server.serving.grpc_health import DrainingHealth, Readiness
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -50,3 +50,25 @@ async def test_a_watch_that_arrives_after_the_drain_ends_at_once() -> None:
     done, _ = await asyncio.wait({watch}, timeout=2)
     assert done == {watch}, "the late Watch is still waiting"
     assert [m.status for m in context.written] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
+class _Store:
+    """What Readiness needs of a store: a listener slot for the database's state."""
+
+    def on_database_change(self, listener: object) -> None:
+        self.listener = listener
+
+
+async def test_the_drain_turns_every_status_not_serving_for_good() -> None:
+    # test_sigterm.py watches the overall status through a real SIGTERM; the README says every
+    # status, the services' too, turns NOT_SERVING, and that the database's return does not
+    # bring them back during the drain.
+    health = DrainingHealth()
+    services = ["memstore.v1.UserService", "memstore.v1.SessionService"]
+    readiness = Readiness(health, services)
+    await readiness.start(_Store())  # type: ignore[arg-type]
+    await readiness.drain(0)
+    await readiness.database_changed(True)
+    for name in ["", *services]:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name), None)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING, name
