@@ -320,8 +320,6 @@ async def test_until_embedded_a_message_ranks_by_words_alone_below_embedded_ones
     # alone. So an older message that only resembles the query outranks a new one that holds
     # its words, until the worker catches up. (LangChain's Zep history test meets this when
     # its search runs before the worker has embedded the last messages.)
-    if not store.vectors:
-        return  # words alone rank everything: nothing to wait for
     older = ["Hi! I'm Priya and I keep bees.", "Hello Priya! How are the bees?"]
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="lc", messages=[msg(x) for x in older]))
     await embed()
@@ -329,6 +327,16 @@ async def test_until_embedded_a_message_ranks_by_words_alone_below_embedded_ones
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="lc", messages=[msg(x) for x in newer]))
     request = ss.SearchMemoryRequest(text="bees honey", session_ids=["lc"], limit=3)
     waiting = await sessions.SearchMemory(request)
+    if not store.vectors:
+        # Words alone rank every message alike, new or old: nothing waits for a worker, and
+        # the response says the ranking had no meaning to add.
+        assert not waiting.semantic and waiting.unembedded_messages == 0
+        assert set(_contents(waiting)) == {
+            "Hi! I'm Priya and I keep bees.",
+            "Hello Priya! How are the bees?",
+            "They made honey.",
+        }
+        return
     assert waiting.unembedded_messages == 2
     scores = {r.message.content: r.score for r in waiting.results}
     assert scores["They made honey."] <= HYBRID_TEXT_WEIGHT

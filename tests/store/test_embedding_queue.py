@@ -33,6 +33,20 @@ async def _scalar(url: str, statement: str) -> int:
     return int(row[0])
 
 
+async def _nothing_to_embed(store: Store, clean_db: str) -> None:
+    """Without pgvector, what the worker's tests rely on instead: the store knows it keeps no
+    vectors, AddMemory queues nothing, and a worker finds nothing to embed (its model is never
+    called)."""
+    assert await store.check_vectors() is False
+
+    async def never(texts: list[str]) -> list[list[float]]:
+        raise AssertionError(f"embedded {texts} without pgvector")
+
+    await store.add_memory(P, "no-vectors", None, [msg("a"), msg("bb")])
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await store.embed_due(MODEL, 10, 6, never) == 0
+
+
 async def test_add_memory_queues_messages_only_where_vectors_are_kept(
     store: Store, clean_db: str
 ) -> None:
@@ -46,7 +60,7 @@ async def test_a_failed_batch_loses_nothing_and_is_claimed_again(
     store: Store, clean_db: str
 ) -> None:
     if not store.vectors:
-        assert await store.check_vectors() is False
+        await _nothing_to_embed(store, clean_db)
         return
     await store.add_memory(P, "s", None, [msg("a"), msg("bb"), msg("ccc")])
 
@@ -74,6 +88,7 @@ async def test_a_failed_batch_loses_nothing_and_is_claimed_again(
 
 async def test_concurrent_workers_never_embed_a_message_twice(store: Store, clean_db: str) -> None:
     if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
         return
     for i in range(6):
         await store.add_memory(P, f"s{i}", None, [msg(f"m{i}-{j}") for j in range(10)])
@@ -103,6 +118,7 @@ async def test_deleted_messages_leave_the_queue_without_a_vector(
     store: Store, clean_db: str
 ) -> None:
     if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
         return
     await store.add_memory(P, "kept", None, [msg("stay")])
     await store.add_memory(P, "gone", None, [msg("leave"), msg("leave too")])
@@ -120,6 +136,7 @@ async def test_deleted_messages_leave_the_queue_without_a_vector(
 
 async def test_reindex_queues_what_another_model_embedded(store: Store, clean_db: str) -> None:
     if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
         return
     await store.add_memory(P, "s", None, [msg(str(i)) for i in range(5)])
 
@@ -178,6 +195,7 @@ async def test_delete_user_while_the_worker_saves_never_deadlocks(
     store: Store, clean_db: str
 ) -> None:
     if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
         return
     for round_ in range(3):
         user = f"u{round_}"
