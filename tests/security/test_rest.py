@@ -111,6 +111,7 @@ async def test_two_different_keys_in_one_request_are_refused(
 async def test_healthz_needs_no_key(http: httpx.AsyncClient) -> None:
     reply = await http.get("/healthz")
     assert reply.status_code == 200 and reply.text == "."
+    assert reply.headers["x-zep-version"] == "0.27.2"  # docs/zep-compat.md's route table
 
 
 async def _seed_a(http: httpx.AsyncClient, a: dict[str, str]) -> None:
