@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 from bench.env import EPOCH
 from memstore.v1 import resources_pb2, session_service_pb2
@@ -256,6 +257,14 @@ def remove(url: str, prefixes: tuple[str, ...]) -> int:
 
 
 def analyze(url: str) -> None:
-    """Fresh statistics after the COPYs, as a real table of this size would have."""
+    """Fresh statistics after the COPYs, as a real table of this size would have.
+
+    The vector tables only where pgvector is: without it migrations 0007 and 0008, which make
+    them, are skipped (the agent's turn seeds its user either way).
+    """
+    tables = ["messages", "sessions"]
+    if has_vectors(url):
+        tables += ["message_embeddings", "session_embeddings"]
+    names = sql.SQL(", ").join(sql.Identifier(t) for t in tables)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE messages, message_embeddings, session_embeddings, sessions")
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(names))

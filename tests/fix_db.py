@@ -60,11 +60,10 @@ WHERE e.installed_version IS NOT NULL
 """
 
 
-async def usable_extensions(url: str) -> set[str]:
+def usable_extensions(url: str) -> set[str]:
     """The extensions migrate can use in the database `url` names, as the role it names."""
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        cur = await conn.execute(USABLE_EXTENSIONS)
-        return {str(r[0]) for r in await cur.fetchall()}
+    with psycopg.connect(url) as conn:
+        return {str(r[0]) for r in conn.execute(USABLE_EXTENSIONS).fetchall()}
 
 
 @contextmanager

@@ -48,7 +48,7 @@ async def test_migrate_applies_once_under_the_lock(fresh_url: str) -> None:
         # Every migration, but those needing an extension this server lacks or this role may
         # not create (pgvector on CI's PostgreSQL 15, reached as a plain role): they wait,
         # unrecorded, for it to be installed (tests/store/test_vector_mode.py says why).
-        usable = await usable_extensions(fresh_url)
+        usable = usable_extensions(fresh_url)
         names = [name for name, text in migrations() if required_extension(text) in (None, *usable)]
         assert sorted(results, key=len) == [[], names]
         assert await first.migrate() == []  # idempotent

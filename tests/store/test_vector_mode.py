@@ -53,7 +53,7 @@ async def test_migrate_leaves_the_mode_ci_expects_and_says_why(
     assert VECTOR_MIGRATIONS == ["0007_vectors", "0008_stored_recall"]
     # What the server and the role allow, read from the catalogs before migrate runs.
     available = _available(fresh_url)
-    usable = "vector" in await usable_extensions(fresh_url)
+    usable = "vector" in usable_extensions(fresh_url)
     caplog.set_level(logging.WARNING, logger="server.store.migrate")
     store = await Store.open(fresh_url, min_size=1, max_size=2)
     try:
