@@ -22,7 +22,6 @@ from memstore.v1 import user_service_pb2 as us
 from server.config import Config
 from server.serving.app import build_server
 from server.store import Store
-from server.store.search import HYBRID_TEXT_WEIGHT
 from tests.grpc import Code, Sessions, Users, as_dict, msg, rpc_error, struct
 
 pytestmark = pytest.mark.integration
@@ -312,14 +311,15 @@ async def test_a_failing_remote_embedder_is_unavailable_and_full_text_still_answ
         await server.stop(None)
 
 
-async def test_until_embedded_a_message_ranks_by_words_alone_below_embedded_ones(
+async def test_until_embedded_a_message_ranks_by_its_words_at_full_weight(
     sessions: Sessions, store: Store, embed: Callable[[], Awaitable[int]]
 ) -> None:
-    # A limit of hybrid ranking that docs/search.md states: a message not embedded yet scores
-    # at most the text weight (0.3), while an embedded one can reach 1.0 on the vector part
-    # alone. So an older message that only resembles the query outranks a new one that holds
-    # its words, until the worker catches up. (LangChain's Zep history test meets this when
-    # its search runs before the worker has embedded the last messages.)
+    # Hybrid normalises each ranker over its own candidates, so the best vector candidate
+    # scores the vector weight (0.7) however weak its similarity. A message not embedded yet
+    # used to take 0 there, capped at the text weight (0.3): a new message holding the
+    # query's words ranked below an older one that only resembled it ("bees honey" put "Hello
+    # Priya! How are the bees?" above "They made honey.", as LangChain's Zep history test met
+    # when its search ran before the worker). Now its vector part is its text part.
     older = ["Hi! I'm Priya and I keep bees.", "Hello Priya! How are the bees?"]
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="lc", messages=[msg(x) for x in older]))
     await embed()
@@ -327,19 +327,39 @@ async def test_until_embedded_a_message_ranks_by_words_alone_below_embedded_ones
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="lc", messages=[msg(x) for x in newer]))
     request = ss.SearchMemoryRequest(text="bees honey", session_ids=["lc"], limit=3)
     waiting = await sessions.SearchMemory(request)
+    words = set(older) | {"They made honey."}
     if not store.vectors:
         # Words alone rank every message alike, new or old: nothing waits for a worker, and
         # the response says the ranking had no meaning to add.
         assert not waiting.semantic and waiting.unembedded_messages == 0
-        assert set(_contents(waiting)) == {
-            "Hi! I'm Priya and I keep bees.",
-            "Hello Priya! How are the bees?",
-            "They made honey.",
-        }
+        assert set(_contents(waiting)) == words
         return
-    assert waiting.unembedded_messages == 2
+    assert waiting.semantic and waiting.unembedded_messages == 2
+    assert set(_contents(waiting)) == words
     scores = {r.message.content: r.score for r in waiting.results}
-    assert scores["They made honey."] <= HYBRID_TEXT_WEIGHT
-    assert _contents(waiting)[0] == "Hello Priya! How are the bees?"
+    # The shortest match has the best ts_rank: 1.0 on words, and so 1.0 in all while it
+    # waits, above every embedded candidate (each at most 1.0, and below it on words).
+    assert scores["They made honey."] == pytest.approx(1.0)
+    assert _contents(waiting)[0] == "They made honey."
+    assert all(scores[x] < 1.0 for x in older)
     await embed()
-    assert _contents(await sessions.SearchMemory(request))[0] == "They made honey."
+    embedded = await sessions.SearchMemory(request)
+    assert embedded.unembedded_messages == 0
+    assert _contents(embedded)[0] == "They made honey."
+
+
+async def test_an_unembedded_exact_word_outranks_an_embedded_message_without_it(
+    sessions: Sessions, store: Store, embed: Callable[[], Awaitable[int]]
+) -> None:
+    # The README's REST walk-through met this: "vegetarian" ranked an embedded "Hi!" (the
+    # best vector candidate, 0.7) above "Hi, I am vegetarian." (words only, then 0.3).
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="veg", messages=[msg("Hi!")]))
+    await embed()
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="veg", messages=[msg("Hi, I am vegetarian.")])
+    )
+    found = await sessions.SearchMemory(
+        ss.SearchMemoryRequest(text="vegetarian", session_ids=["veg"])
+    )
+    assert _contents(found)[0] == "Hi, I am vegetarian."
+    assert found.unembedded_messages == (1 if store.vectors else 0)

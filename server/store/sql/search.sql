@@ -32,7 +32,11 @@ ORDER BY e.embedding <=> q.vector, m.uuid
 LIMIT %(limit)s;
 
 -- search_hybrid --
--- Convex combination of the full-text and vector candidates' min-max normalised scores.
+-- Convex combination of the full-text and vector candidates' min-max normalised scores. A
+-- message the model has not embedded yet (no vector of this model) is ranked by its words
+-- alone, at full weight: its vector part is its text part, not 0, so it is not capped at
+-- the text weight below every embedded candidate however weak (docs/search.md). Where every
+-- candidate is embedded the ranking is the plain combination.
 WITH q AS ({query}), fts AS (
     SELECT c.session_id, c.sequence,
            coalesce((c.rank - min(c.rank) OVER ()) / nullif(max(c.rank) OVER ()
@@ -63,13 +67,15 @@ WITH q AS ({query}), fts AS (
         LIMIT %(candidates)s
     ) AS c
 ), fused AS (
-    SELECT session_id, sequence,
-           %(text_weight)s * coalesce(fts.norm, 0)
-           + (1 - %(text_weight)s) * coalesce(vec.norm, 0) AS score
+    SELECT session_id, sequence, fts.norm AS text_norm, vec.norm AS vector_norm
     FROM fts FULL JOIN vec USING (session_id, sequence)
 )
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
-       m.created_at, m.updated_at, s.user_id, f.score::float8 AS score,
+       m.created_at, m.updated_at, s.user_id,
+       (%(text_weight)s * coalesce(f.text_norm, 0)
+        + (1 - %(text_weight)s) * coalesce(f.vector_norm,
+                                           CASE WHEN e.embedding IS NULL THEN f.text_norm END,
+                                           0))::float8 AS score,
        CASE WHEN %(with_vectors)s THEN e.embedding::text END AS vector
 FROM fused f
 JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = f.session_id
@@ -77,7 +83,7 @@ JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = f.session_id
 JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 LEFT JOIN message_embeddings e ON e.project_id = m.project_id AND e.session_id = m.session_id
                               AND e.sequence = m.sequence AND e.model = %(model)s
-ORDER BY f.score DESC, m.created_at DESC, m.uuid
+ORDER BY score DESC, m.created_at DESC, m.uuid
 LIMIT %(limit)s;
 
 -- search_filter_user --
