@@ -160,6 +160,10 @@ async def test_concurrent_merges_replay_in_commit_order(users: Users, sessions: 
     }
     for name, (patches, call, resource) in cases.items():
         replies = await asyncio.gather(*(call(p) for p in patches))
+        # No two updates of the row share a time (on Citus they did while updated_at was
+        # greatest(clock, last) with the clock read before the row lock): the order is known.
+        times = [resource(r).updated_at.ToNanoseconds() for r in replies]
+        assert len(set(times)) == len(times), name
         applied = sorted(
             zip(replies, patches, strict=True),
             key=lambda rp: resource(rp[0]).updated_at.ToNanoseconds(),

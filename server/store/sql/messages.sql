@@ -51,11 +51,14 @@ WITH t AS (
         deleted_at = CASE WHEN excluded.message_count = 0 THEN s.deleted_at END,
         -- The insert's time, raised under the row lock to the session's last one, so
         -- created_at never goes back as the sequence grows (excluded.updated_at is the
-        -- clock_timestamp() taken above: Citus allows no function here, not even a stable one).
+        -- clock_timestamp() taken above: Citus allows no function here but an immutable
+        -- one). updated_at is that time too, or just after the session's last change
+        -- (memstore_touch, as update_user).
         last_message_at = CASE WHEN excluded.message_count = 0 THEN s.last_message_at
                                ELSE greatest(excluded.updated_at, s.last_message_at) END,
         updated_at = CASE WHEN excluded.message_count = 0 THEN s.updated_at
-                          ELSE greatest(excluded.updated_at, s.last_message_at) END
+                          ELSE memstore_touch(greatest(excluded.updated_at, s.last_message_at),
+                                              s.updated_at) END
     WHERE (%(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text)
       AND (%(revive)s OR s.deleted_at IS NULL OR excluded.message_count = 0)
     -- xmax is 0 in a row version this statement inserted (not in one it updated).
@@ -186,9 +189,10 @@ WITH target AS (
 ), sized AS (
     SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
 ), m AS (
-    -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Never before
-    -- the message's last change.
-    UPDATE messages AS m SET metadata = sized.metadata, updated_at = greatest(t.now, m.updated_at)
+    -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Always
+    -- after the message's last change (as update_user).
+    UPDATE messages AS m SET metadata = sized.metadata,
+                             updated_at = memstore_touch(t.now, m.updated_at)
     FROM sized, (SELECT clock_timestamp() AS now) AS t
     -- Pinned by the parameters (sized holds that one message) so it stays on one shard.
     WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
@@ -196,7 +200,7 @@ WITH target AS (
     RETURNING m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
               m.created_at, m.updated_at
 ), touched AS (
-    UPDATE sessions AS s SET updated_at = greatest(m.updated_at, s.updated_at)
+    UPDATE sessions AS s SET updated_at = memstore_touch(m.updated_at, s.updated_at)
     FROM m
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
     RETURNING 1
@@ -207,7 +211,7 @@ FROM sized LEFT JOIN m ON true;
 -- clear_memory --
 -- Soft-deletes every live message of a live session; the session stays, message_count 0.
 WITH s AS (
-    UPDATE sessions AS s SET message_count = 0, updated_at = greatest(t.now, s.updated_at)
+    UPDATE sessions AS s SET message_count = 0, updated_at = memstore_touch(t.now, s.updated_at)
     FROM (SELECT clock_timestamp() AS now) AS t
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
       AND s.deleted_at IS NULL

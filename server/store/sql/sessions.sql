@@ -48,9 +48,10 @@ WITH target AS (
 ), sized AS (
     SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
 ), updated AS (
-    -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Never
-    -- before the last change.
-    UPDATE sessions AS s SET metadata = sized.metadata, updated_at = greatest(t.now, s.updated_at)
+    -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Always
+    -- after the last change (as update_user).
+    UPDATE sessions AS s SET metadata = sized.metadata,
+                             updated_at = memstore_touch(t.now, s.updated_at)
     FROM sized, (SELECT clock_timestamp() AS now) AS t
     -- Pinned by the parameters (sized holds that one session) so it stays on one shard.
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
@@ -73,7 +74,9 @@ FOR UPDATE;
 -- Soft-deletes a live session and its live messages with one timestamp; returns the count,
 -- and the session's user (whose count of live sessions the store then lowers).
 WITH gone AS (
-    UPDATE sessions AS s SET deleted_at = t.now, updated_at = t.now, message_count = 0
+    -- One time, after the session's last change (as update_user).
+    UPDATE sessions AS s SET deleted_at = memstore_touch(t.now, s.updated_at),
+                             updated_at = memstore_touch(t.now, s.updated_at), message_count = 0
     FROM (SELECT clock_timestamp() AS now) AS t
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
       AND s.deleted_at IS NULL
@@ -90,7 +93,7 @@ SELECT (SELECT count(*) FROM hidden) AS messages, gone.user_id FROM gone;
 
 -- undelete_session --
 -- Restores a soft-deleted session (not its messages); no row means absent or live.
-UPDATE sessions AS s SET deleted_at = NULL, updated_at = greatest(t.now, s.updated_at)
+UPDATE sessions AS s SET deleted_at = NULL, updated_at = memstore_touch(t.now, s.updated_at)
 FROM (SELECT clock_timestamp() AS now) AS t
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
   AND s.deleted_at IS NOT NULL

@@ -48,9 +48,10 @@ WITH target AS (
         first_name = CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
         last_name = CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
         metadata = sized.metadata,
-        -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Never
-        -- before the last change.
-        updated_at = greatest(t.now, u.updated_at)
+        -- The clock is read in FROM: Citus refuses a non-immutable function in SET (and
+        -- reads it on the coordinator, before the row lock). Always after the last change
+        -- (memstore_touch, migration 0011), so updates of a row are ordered by updated_at.
+        updated_at = memstore_touch(t.now, u.updated_at)
     FROM sized, (SELECT clock_timestamp() AS now) AS t
     -- Pinned by the parameters (sized holds that one user) so it stays on one shard.
     WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
