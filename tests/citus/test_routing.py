@@ -51,6 +51,8 @@ ONE_SHARD = {
     "lock_user": "DeleteUser's first step",
     "lock_session_owner": "CreateSession and AddMemory naming a user, on Citus",
     "search_in_one_session": "SearchMemory with one session id",
+    "purge_messages_in_shard": "the purge: one shard's part of a batch",
+    "purge_sessions_in_shard": "the purge: one shard's part of a batch",
 }
 #: Single-user reads of all the user's sessions: the user on one shard, then one fan-out over
 #: the sessions (a user's sessions are placed by their session ids: docs/scaling.md).
@@ -72,8 +74,8 @@ FAN_OUT = {
     "export_messages": "ExportMessages",
     "delete_user": "DeleteUser (a multi-shard transaction: two-phase commit)",
     "lock_user_sessions_citus": "DeleteUser's lock of the user's sessions",
-    "purge_messages_citus": "the purge, one batch",
-    "purge_sessions_citus": "the purge, one batch",
+    "purge_pick_messages_citus": "the purge: one batch picked over every shard",
+    "purge_pick_sessions_citus": "the purge: one batch picked over every shard",
     "search_user_scope": "SearchMemory over a user's sessions",
     "search_project_scope": "SearchMemory over the project",
     "embedding_lag": "metrics: the queue's length",

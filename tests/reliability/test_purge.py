@@ -10,6 +10,7 @@ import psycopg
 
 from server.domain import NewMessage
 from server.store import Store
+from tests.polling import until
 from tests.reliability import record
 
 EXPIRED = 1000  # soft-deleted sessions past the retention, 5 messages each
@@ -48,8 +49,9 @@ def _seed(url: str) -> None:
 
 
 async def _writer(
-    store: Store, sessions: list[str], stop: asyncio.Event, latencies: list[float]
+    store: Store, sessions: list[str], stop: asyncio.Event, writes: list[tuple[float, float]]
 ) -> list[str]:
+    """Appends one message at a time until `stop`; each write's (start, end) in `writes`."""
     acked: list[str] = []
     i = 0
     while not stop.is_set():
@@ -58,7 +60,7 @@ async def _writer(
         _, added = await store.add_memory(
             1, session_id, None, [NewMessage("", "user", f"live-{i}", {})]
         )
-        latencies.append(time.monotonic() - start)
+        writes.append((start, time.monotonic()))
         acked += [m.uuid for m in added]
         i += 1
     return acked
@@ -69,27 +71,39 @@ async def test_purge_in_batches_under_writes_keeps_everything_live(
 ) -> None:
     await asyncio.to_thread(_seed, clean_db)
     stop = asyncio.Event()
-    latencies: list[float] = []
+    writes: list[tuple[float, float]] = []
     targets = [
         ["cleared", "live-a"],
         ["live-b", "live-c"],
         [f"expired-{i}" for i in range(1, REVIVED + 1)],
     ]
-    writers = [asyncio.create_task(_writer(store, t, stop, latencies)) for t in targets]
+    tasks = [asyncio.create_task(_writer(store, t, stop, writes)) for t in targets]
     await asyncio.sleep(0.2)
-    before = len(latencies)
     start = time.monotonic()
     report = await store.purge(timedelta(days=7), batch_size=100)
-    purge_seconds = time.monotonic() - start
-    during = len(latencies) - before
-    await asyncio.sleep(0.1)
+    end = time.monotonic()
+
+    # Then the same writers as long again without the purge (at least 3 writes): the latency
+    # this machine gives them in this run, whatever else loads it.
+    async def measured_alone() -> bool:
+        return (
+            time.monotonic() > end + max(end - start, 0.25) and sum(s > end for s, _ in writes) >= 3
+        )
+
+    assert await until(measured_alone, within=60), "the writers stopped"
     stop.set()
-    acked = [uuid for acks in await asyncio.gather(*writers) for uuid in acks]
+    acked = [uuid for acks in await asyncio.gather(*tasks) for uuid in acks]
+    during = [e - s for s, e in writes if e > start and s < end]
+    alone = [e - s for s, e in writes if s > end]
 
     # Small batches, each its own transaction, while the writers kept going.
     assert report.batches >= EXPIRED // 100
-    assert during > 0, "no write completed while the purge ran"
-    assert max(latencies) < 2.0, max(latencies)
+    assert any(start < e < end for _, e in writes), "no write completed while the purge ran"
+    # A write may wait for one short batch of the purge (a row it holds), never for the purge:
+    # the purge adds less than 2 s to the slowest write. Compared with the same writers
+    # without it, not with a fixed time: on the shared 2-core machine a write alone took up
+    # to 1.3 s on the Citus cluster.
+    assert max(during) < max(alone) + 2.0, (max(during), max(alone))
     # Every expired session went, unless a writer revived it first; all their messages.
     assert EXPIRED - REVIVED <= report.sessions <= EXPIRED
     assert report.details["messages"] >= 300
@@ -116,7 +130,8 @@ async def test_purge_in_batches_under_writes_keeps_everything_live(
         sessions_purged=report.sessions,
         messages_purged=report.messages,
         batches=report.batches,
-        purge_seconds=round(purge_seconds, 2),
-        writes_during_purge=during,
-        slowest_write_seconds=round(max(latencies), 3),
+        purge_seconds=round(end - start, 2),
+        writes_during_purge=len(during),
+        slowest_write_seconds=round(max(during), 3),
+        slowest_write_without_purge_seconds=round(max(alone), 3),
     )

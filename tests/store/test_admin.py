@@ -123,6 +123,48 @@ async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_
     assert (await store.get_memory(P, "live", 10))[1][0].content == "keep1"
 
 
+async def _age_deleted_rows(url: str, days: int) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for table in ("sessions", "messages"):
+            await conn.execute(
+                sql.SQL(
+                    # In UTC, where the arithmetic is immutable (Citus, as above).
+                    "UPDATE {} SET deleted_at ="
+                    " (deleted_at AT TIME ZONE 'UTC' - make_interval(days => %s))"
+                    " AT TIME ZONE 'UTC' WHERE deleted_at IS NOT NULL"
+                ).format(sql.Identifier(table)),
+                [days],
+            )
+
+
+async def test_purge_skips_rows_a_write_holds_and_never_waits(store: Store, clean_db: str) -> None:
+    await store.add_memory(P, "cleared", None, [msg("old1"), msg("old2"), msg("old3")])
+    await store.clear_memory(P, "cleared")
+    await store.add_memory(P, "cleared", None, [msg("fresh")])
+    for session_id in ("held", "free"):
+        await store.add_memory(P, session_id, None, [msg("gone")])
+        await store.delete_session(P, session_id)
+    await _age_deleted_rows(clean_db, 2)
+    async with await psycopg.AsyncConnection.connect(clean_db) as holder:
+        # A write in progress holds an expired message and an expired session (as AddMemory
+        # reviving it would): the purge skips both rather than wait, on Citus too, where it
+        # once waited (a multi-shard DELETE cannot skip a row).
+        await holder.execute(
+            "SELECT 1 FROM messages WHERE session_id = 'cleared' AND sequence = 1 FOR UPDATE"
+        )
+        await holder.execute("SELECT 1 FROM sessions WHERE session_id = 'held' FOR UPDATE")
+        report = await asyncio.wait_for(store.purge(timedelta(days=1), batch_size=2), 20)
+        assert (report.sessions, report.messages) == (1, 4)  # free; old2, old3 and both gone
+        await holder.rollback()
+    report = await store.purge(timedelta(days=1), batch_size=2)
+    assert (report.sessions, report.messages) == (1, 1)  # held; old1
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        cur = await conn.execute("SELECT session_id, content FROM messages")
+        assert await cur.fetchall() == [("cleared", "fresh")]
+        cur = await conn.execute("SELECT session_id FROM sessions")
+        assert await cur.fetchall() == [("cleared",)]
+
+
 @pytest.mark.parametrize(
     ("target", "patch", "expected"),
     [

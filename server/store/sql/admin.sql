@@ -62,35 +62,70 @@ WITH doomed AS (
 )
 SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
 
--- purge_messages_citus --
--- purge_messages under Citus, which locks no rows of a multi-shard SELECT: the batch is
--- picked first (every shard's oldest, merged), then deleted by key. A row another transaction
--- holds is waited for rather than skipped; soft-deleted rows past retention are rarely held.
-WITH doomed AS MATERIALIZED (
-    SELECT m.project_id, m.session_id, m.sequence FROM messages m
+-- purge_pick_messages_citus --
+-- The purge under Citus, which locks no rows of a multi-shard SELECT, step one: up to
+-- batch_size expired messages over every shard (nothing locked), as their sessions grouped by
+-- the shard that holds them. Each group is then purged on its shard alone
+-- (purge_messages_in_shard).
+WITH picked AS MATERIALIZED (
+    SELECT m.session_id FROM messages m
     WHERE m.deleted_at < %(cutoff)s
     LIMIT %(batch_size)s
+)
+SELECT count(*) AS picked, array_agg(DISTINCT p.session_id) AS session_ids
+FROM picked p
+GROUP BY get_shard_id_for_distribution_column('messages', p.session_id);
+
+-- purge_messages_in_shard --
+-- purge_messages under Citus, step two: the expired messages of sessions that one shard holds
+-- (one group of purge_pick_messages_citus), so Citus sends the statement whole to that shard
+-- and it runs there as purge_messages does on plain PostgreSQL: its own short transaction,
+-- rows picked and locked in one snapshot, and a row a write holds skipped, not waited for.
+WITH doomed AS (
+    SELECT m.project_id, m.session_id, m.sequence FROM messages m
+    WHERE m.session_id = ANY(%(session_ids)s::text[]) AND m.deleted_at < %(cutoff)s
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
 ), gone AS (
-    DELETE FROM messages m
-    WHERE (m.project_id, m.session_id, m.sequence) IN (SELECT * FROM doomed)
-      AND m.deleted_at < %(cutoff)s
+    DELETE FROM messages m USING doomed d
+    -- Pinned by the parameters (doomed is on that shard) so it stays on one shard.
+    WHERE m.session_id = ANY(%(session_ids)s::text[])
+      AND m.project_id = d.project_id AND m.session_id = d.session_id
+      AND m.sequence = d.sequence
     RETURNING 1
 )
 SELECT count(*) AS n, 0 AS others FROM gone;
 
--- purge_sessions_citus --
--- purge_sessions under Citus, picked and deleted as purge_messages_citus.
-WITH doomed AS MATERIALIZED (
-    SELECT s.project_id, s.session_id FROM sessions s
+-- purge_pick_sessions_citus --
+-- purge_sessions under Citus, step one: as purge_pick_messages_citus, for expired sessions.
+WITH picked AS MATERIALIZED (
+    SELECT s.session_id FROM sessions s
     WHERE s.deleted_at < %(cutoff)s
     LIMIT %(batch_size)s
+)
+SELECT count(*) AS picked, array_agg(DISTINCT p.session_id) AS session_ids
+FROM picked p
+GROUP BY get_shard_id_for_distribution_column('sessions', p.session_id);
+
+-- purge_sessions_in_shard --
+-- purge_sessions under Citus, step two: one shard's group, as purge_messages_in_shard. In one
+-- statement on one shard, a session an AddMemory revived is either revived first (then it is
+-- not picked) or locked here first (the AddMemory waits, then makes the session anew): its
+-- new messages are never deleted with the old ones.
+WITH doomed AS (
+    SELECT s.project_id, s.session_id FROM sessions s
+    WHERE s.session_id = ANY(%(session_ids)s::text[]) AND s.deleted_at < %(cutoff)s
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
 ), gone_messages AS (
-    DELETE FROM messages m
-    WHERE (m.project_id, m.session_id) IN (SELECT * FROM doomed)
+    DELETE FROM messages m USING doomed d
+    WHERE m.session_id = ANY(%(session_ids)s::text[])
+      AND m.project_id = d.project_id AND m.session_id = d.session_id
     RETURNING 1
 ), gone AS (
-    DELETE FROM sessions s
-    WHERE (s.project_id, s.session_id) IN (SELECT * FROM doomed) AND s.deleted_at < %(cutoff)s
+    DELETE FROM sessions s USING doomed d
+    WHERE s.session_id = ANY(%(session_ids)s::text[])
+      AND s.project_id = d.project_id AND s.session_id = d.session_id
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
