@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import uuid as uuid_lib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -22,6 +23,7 @@ from server.errors import (
     InvalidArgument,
     MemstoreError,
     NotFound,
+    Unavailable,
 )
 from server.store import rows
 from server.store.base import (
@@ -190,25 +192,32 @@ class MessageMethods(StoreBase):
         return found
 
     async def _append_alone(self, call: _Append) -> list[Row] | Exception:
+        try:
+            return await _rerun_on_uuid_race(lambda: self._append_alone_once(call))
+        except MemstoreError as exc:
+            return exc
+
+    async def _append_alone_once(self, call: _Append) -> list[Row]:
         no_user = factory(no_such_user(call.user_id))
         # On Citus no foreign key checks the named user: the store does, in the transaction,
         # and counts a session the call made for it there too (count_live_sessions).
         owner = call.user_id if self.citus else None
         statement = _ADD_MEMORY[self.citus]
-        try:
-            async with self._connect(
-                foreign_key=no_user, field="messages", single=owner is None
-            ) as conn:
-                if owner is not None:
-                    await lock_session_owner(conn, call.params["project_id"], owner)
-                found = await _append(conn, statement, call.params)
-                if self.citus and found and found[0]["inserted"] and owner is not None:
-                    await count_live_sessions(conn, call.params["project_id"], owner, 1)
-                return found
-        except MemstoreError as exc:
-            return exc
+        async with self._connect(
+            foreign_key=no_user, field="messages", single=owner is None
+        ) as conn:
+            if owner is None:
+                return await _append(conn, statement, call.params)
+            await lock_session_owner(conn, call.params["project_id"], owner)
+            found = await _append_in_transaction(conn, statement, call.params)
+            if found and found[0]["inserted"]:
+                await count_live_sessions(conn, call.params["project_id"], owner, 1)
+            return found
 
     async def _append_reviving(self, call: _Append) -> list[Row]:
+        return await _rerun_on_uuid_race(lambda: self._append_reviving_once(call))
+
+    async def _append_reviving_once(self, call: _Append) -> list[Row]:
         # add_memory answered nothing: the session is soft-deleted, or another user's. Its
         # row is locked first, so whether it was deleted is exact until this commits, and a
         # revived session is counted live again for its user in the same transaction (the
@@ -219,7 +228,7 @@ class MessageMethods(StoreBase):
             if self.citus and call.user_id is not None:
                 await lock_session_owner(conn, project_id, call.user_id)
             before = await fetch_one(conn, "lock_session_for_revival", params)
-            found = await _append(conn, _ADD_MEMORY[self.citus], params)
+            found = await _append_in_transaction(conn, _ADD_MEMORY[self.citus], params)
             if not found:
                 return found
             owner = found[0]["user_id"]
@@ -374,6 +383,37 @@ async def _append(conn: AsyncConnection[Any], statement: sql.SQL, params: Params
             if not _is_uuid_key(exc) or attempt + 1 == _APPEND_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
+
+
+class _UuidRace(Exception):
+    """add_memory lost a uuid race inside a transaction, which the violation aborted."""
+
+
+async def _append_in_transaction(
+    conn: AsyncConnection[Any], statement: sql.SQL, params: Params
+) -> list[Row]:
+    # _append's race, inside a transaction: the uuid key violation aborts the transaction, so
+    # the statement cannot simply run again in it; the caller runs the whole transaction again
+    # (_rerun_on_uuid_race). A savepoint would cost every call two round trips.
+    try:
+        return await fetch_all(conn, statement, params)
+    except pg.UniqueViolation as exc:
+        if _is_uuid_key(exc):
+            raise _UuidRace from exc
+        raise
+
+
+async def _rerun_on_uuid_race(run: Callable[[], Awaitable[list[Row]]]) -> list[Row]:
+    # Each rerun follows a commit of a call that added one of the uuids, so a few suffice.
+    for _ in range(_APPEND_ATTEMPTS - 1):
+        try:
+            return await run()
+        except _UuidRace:
+            continue
+    try:
+        return await run()
+    except _UuidRace as exc:
+        raise Unavailable("AddMemory lost too many races for its message uuids; retry") from exc
 
 
 def _uuid_taken(session_id: str, row: Row) -> AlreadyExists:

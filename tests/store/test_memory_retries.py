@@ -167,3 +167,38 @@ async def test_a_retry_that_waited_for_the_first_call_finds_its_messages(
     assert [(m.uuid, m.sequence) for m in added] == [(a, 2)]
     assert session.message_count == 2
     assert rows(clean_db, "s")[1:] == [(a, 2, False)]
+
+
+async def _same_call_at_once(store: Store, url: str, session_id: str, user_id: str | None) -> None:
+    """8 concurrent AddMemory calls of the same 3 new caller-chosen uuids: each answers the
+    same messages, stored once, after the session's last one."""
+    before = len(rows(url, session_id))
+    batch = [msg(f"m{i}", u) for i, u in enumerate(uuids(3))]
+    answers = await asyncio.gather(
+        *(store.add_memory(P, session_id, user_id, batch) for _ in range(8))
+    )
+    first = answers[0][1]
+    assert all(added == first for _, added in answers), session_id
+    assert [m.sequence for m in first] == [before + 1, before + 2, before + 3]
+    assert len(rows(url, session_id)) == before + 3
+
+
+async def test_concurrent_retries_on_every_append_path_append_each_message_once(
+    store: Store, clean_db: str
+) -> None:
+    # The paths that append inside a transaction, where a uuid key violation aborts it (the
+    # rerun must not run in it): calls naming a user on Citus (the store checks the user in
+    # the call's transaction) and the revival of a soft-deleted session (both engines).
+    await store.create_user(P, "u", "", "", "", {})
+    for round_ in range(4):
+        await _same_call_at_once(store, clean_db, f"new-{round_}", "u")  # made for the user
+        await _same_call_at_once(store, clean_db, f"new-{round_}", "u")  # appended, naming it
+        for owner in ("u", None):
+            session_id = f"deleted-{round_}-{owner}"
+            await store.add_memory(P, session_id, owner, [msg("first")])
+            await store.delete_session(P, session_id)
+            await _same_call_at_once(store, clean_db, session_id, owner)  # revived
+            session = await store.get_session(P, session_id, False)
+            assert session.message_count == 3
+    user = await store.get_user(P, "u")
+    assert user.session_count == 8
