@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +20,13 @@ from server.store import Store
 from tests.grpc import Sessions, Users, msg, struct
 from tests.reliability import record
 
-#: Each call's deadline: a call that is still waiting when it passes has hung.
-DEADLINE = 5.0
+#: Each call's deadline: a call that is still waiting when it passes has hung. Five times
+#: the pool's timeout (fix_faults.fault_store: 3 s), the longest a call may wait for a
+#: connection, so that no load makes a call that waited that long look hung.
+DEADLINE = 15.0
+#: What a call refused because the database is known down says (server/store/base.py): it
+#: never tried the database.
+REFUSED_AT_ONCE = "retry later"
 SERVICES = ("memstore.v1.UserService", "memstore.v1.SessionService")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -35,7 +41,9 @@ class Writer:
     failed: list[int] = field(default_factory=list)
     codes: list[grpc.StatusCode] = field(default_factory=list)
     failure_seconds: list[float] = field(default_factory=list)
+    failure_details: list[str] = field(default_factory=list)
     ok_times: list[float] = field(default_factory=list)
+    ok_seconds: list[float] = field(default_factory=list)
 
 
 async def _run(writer: Writer, call: object, stop: asyncio.Event) -> None:
@@ -46,11 +54,13 @@ async def _run(writer: Writer, call: object, stop: asyncio.Event) -> None:
             await call(n)  # type: ignore[operator]
             writer.acked.append(n)
             writer.ok_times.append(time.monotonic())
+            writer.ok_seconds.append(writer.ok_times[-1] - start)
         except grpc.aio.AioRpcError as error:
             # Never retried with the same number: a failure during the commit may have
             # committed, and a retry would write it twice.
             writer.failed.append(n)
             writer.codes.append(error.code())
+            writer.failure_details.append(error.details() or "")
             writer.failure_seconds.append(time.monotonic() - start)
             await asyncio.sleep(0.02)
         n += 1
@@ -94,17 +104,20 @@ async def _outage(
     """Stops PostgreSQL for two seconds under load; returns (outage, seconds to recover)."""
     down_at = time.monotonic()
     await asyncio.to_thread(pg.stop_server)
-    await _wait_for(lambda: _services_are(channel, NOT_SERVING), limit=10)
-    await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - down_at)))
-    await asyncio.to_thread(pg.start_server)
+    try:
+        await _wait_for(lambda: _services_are(channel, NOT_SERVING), limit=30)
+        await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - down_at)))
+    finally:
+        # Started again even when the test fails, for the tests after it.
+        await asyncio.to_thread(pg.start_server)
     back_at = time.monotonic()
 
     async def everyone_succeeded() -> bool:
         return all(w.ok_times and w.ok_times[-1] > back_at for w in writers)
 
-    await _wait_for(everyone_succeeded, limit=20)
+    await _wait_for(everyone_succeeded, limit=60)
     recovered = max(min(t for t in w.ok_times if t > back_at) - back_at for w in writers)
-    await _wait_for(lambda: _services_are(channel, SERVING), limit=10)
+    await _wait_for(lambda: _services_are(channel, SERVING), limit=30)
     return back_at - down_at, recovered
 
 
@@ -138,22 +151,48 @@ async def test_restart_mid_load_loses_and_repeats_nothing(
         messages_found=found,
         calls_failed=len(failures),
         median_failure_seconds=round(failures[len(failures) // 2], 3),
+        median_acknowledged_seconds=round(_median(s for w in writers for s in w.ok_seconds), 3),
         slowest_failure_seconds=round(failures[-1], 3),
+        # A call queued for a connection as the database went away waits for it to return
+        # (or for the pool's timeout): acknowledged, but late.
+        slowest_acknowledged_seconds=round(max(s for w in writers for s in w.ok_seconds), 3),
         seconds_to_recover=round(recovered, 3),
     )
 
 
 def _check_failures(writers: list[Writer]) -> list[float]:
-    """While PostgreSQL is down calls fail with UNAVAILABLE, fast; returns their durations."""
+    """While PostgreSQL is down calls fail with UNAVAILABLE, fast; returns their durations.
+
+    No bound on the wall clock: what makes a failure fast is that it does not try the
+    database, which the store says, and the test times it against the same run's calls.
+    """
     codes = {c for w in writers for c in w.codes}
-    # Never INTERNAL, never a wait until the deadline.
+    # Never INTERNAL, never a wait until the deadline (which would be DEADLINE_EXCEEDED).
     assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
-    failures = sorted(s for w in writers for s in w.failure_seconds)
-    # The first calls to find the database gone wait up to a second for a fresh connection;
-    # once it is marked down, calls fail at once.
-    assert failures[-1] < DEADLINE * 0.6, failures[-1]
-    assert failures[int(len(failures) * 0.9)] < 0.5, failures
-    return failures
+    # The call of each writer that was in flight or queued for a connection when the
+    # database went away finds it gone (at once, after a second's wait for a fresh
+    # connection, or after the pool's timeout); once the store has marked it down, every
+    # call is refused without trying it, until the probe sees it back.
+    for w in writers:
+        tried = [d for d in w.failure_details if REFUSED_AT_ONCE not in d]
+        assert len(tried) <= 1, (w.name, w.failure_details)
+    refused = sorted(
+        s
+        for w in writers
+        for s, d in zip(w.failure_seconds, w.failure_details, strict=True)
+        if REFUSED_AT_ONCE in d
+    )
+    assert refused, "no call was refused at once: the database was never marked down"
+    # ... and such a refusal costs less than a call that reaches the database: the median
+    # of each, measured in this run, on a machine as busy for both.
+    median_ok = _median(s for w in writers for s in w.ok_seconds)
+    assert _median(refused) < median_ok, (refused, median_ok)
+    return sorted(s for w in writers for s in w.failure_seconds)
+
+
+def _median(seconds: Iterable[float]) -> float:
+    ordered = sorted(seconds)
+    return ordered[len(ordered) // 2]
 
 
 async def _check_messages(url: str, adders: list[Writer]) -> int:
@@ -191,10 +230,10 @@ async def test_an_outage_without_calls_shows_in_health(
         assert await _services_are(fault_channel, SERVING)
         await asyncio.to_thread(restartable.stop_server)
         try:
-            noticed = await _wait_for(lambda: _services_are(fault_channel, NOT_SERVING), 10)
+            noticed = await _wait_for(lambda: _services_are(fault_channel, NOT_SERVING), 30)
         finally:
             await asyncio.to_thread(restartable.start_server)
-        healed = await _wait_for(lambda: _services_are(fault_channel, SERVING), limit=10)
+        healed = await _wait_for(lambda: _services_are(fault_channel, SERVING), limit=30)
     finally:
         watcher.cancel()
     record(

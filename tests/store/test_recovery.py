@@ -1,4 +1,9 @@
-"""A PostgreSQL restart: calls fail fast while it is down, and succeed soon after it is back."""
+"""A PostgreSQL restart: calls fail fast while it is down, and succeed again once it is back.
+
+No wall-clock bound: "fast" is checked against the pool's timeout, made long here so that a
+call that waited for it is told apart from one that did not by a margin no load can close,
+and against what the store says when it refuses a call without trying the database.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,19 @@ from server.errors import Unavailable
 from server.serving.embedded import EmbeddedPostgres
 from server.store import Store
 from tests.fix_faults import fresh_database
+from tests.polling import until
+
+#: The pool's timeout: what a call waits for a connection when nothing marks the database down.
+POOL_TIMEOUT = 15.0
+#: What the store says when it refuses a call at once, the database being known down.
+FAST_REFUSAL = "retry later"
 
 
 @pytest.fixture
 async def restart_store(restartable: EmbeddedPostgres) -> AsyncIterator[Store]:
     """A migrated store over a fresh database on the restartable server."""
     url = fresh_database(restartable, "restart_test")
-    store = await Store.open(url, min_size=2, max_size=4, timeout=3)
+    store = await Store.open(url, min_size=2, max_size=4, timeout=POOL_TIMEOUT)
     await store.migrate()
     yield store
     await store.close()
@@ -28,11 +39,11 @@ async def _fill_pool(store: Store) -> None:
     await asyncio.gather(*(store.get_user(1, "kept") for _ in range(8)))
 
 
-async def _timed_failure(store: Store) -> float:
+async def _timed_failure(store: Store) -> tuple[float, str]:
     start = time.monotonic()
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable) as caught:
         await store.get_user(1, "kept")
-    return time.monotonic() - start
+    return time.monotonic() - start, str(caught.value)
 
 
 async def test_fails_fast_while_down_and_recovers(
@@ -42,21 +53,28 @@ async def test_fails_fast_while_down_and_recovers(
     await _fill_pool(restart_store)
     await asyncio.to_thread(restartable.stop_server)
     try:
-        # The first call finds the connections gone; after it, calls fail at once.
-        assert await _timed_failure(restart_store) < 2.5
-        later = [await _timed_failure(restart_store) for _ in range(5)]
-        assert max(later) < 0.5, later
+        # The first call finds the connections gone and waits a second for a fresh one (not
+        # the pool's timeout); after it, calls are refused without trying the database.
+        first, _ = await _timed_failure(restart_store)
+        assert first < POOL_TIMEOUT / 2, first
+        for _ in range(5):
+            _, text = await _timed_failure(restart_store)
+            assert FAST_REFUSAL in text, text
     finally:
         await asyncio.to_thread(restartable.start_server)
-    back = time.monotonic()
-    while True:
+
+    async def answers() -> bool:
         try:
-            user = await restart_store.get_user(1, "kept")
-            break
+            await restart_store.get_user(1, "kept")
         except Unavailable:
-            assert time.monotonic() - back < 5, "no recovery within 5 s of the restart"
-            await asyncio.sleep(0.05)
+            return False
+        return True
+
+    # Healed by the store's own probe; the bound only keeps a store that never heals from
+    # hanging the run.
+    assert await until(answers, within=60), "no recovery within 60 s of the restart"
     # The write acknowledged before the outage is there, and the pool serves everyone again.
+    user = await restart_store.get_user(1, "kept")
     assert user.metadata == {"n": 1}
     await _fill_pool(restart_store)
 
