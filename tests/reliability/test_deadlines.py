@@ -24,6 +24,7 @@ from server.serving.app import build_server
 from server.store import Store
 from tests.fix_db import lock_waiters
 from tests.grpc import Sessions, Users, msg
+from tests.polling import until
 from tests.reliability import record
 
 
@@ -37,12 +38,14 @@ async def _blocked(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call()
         took = time.monotonic() - start
-        # The query was cancelled in PostgreSQL: nothing of it waits on the lock any more.
-        for _ in range(50):
-            if await lock_waiters(url) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await lock_waiters(url) == 0, "the cancelled query still waits in PostgreSQL"
+
+        async def released() -> bool:
+            return await lock_waiters(url) == 0
+
+        # The query was cancelled in PostgreSQL: nothing of it waits on the lock any more. A
+        # query left running would wait for as long as the blocker holds the lock, so the
+        # bound only keeps that failure from hanging the run.
+        assert await until(released, within=30), "the cancelled query still waits in PostgreSQL"
         await blocker.rollback()
     return caught.value, took
 
@@ -81,9 +84,10 @@ async def test_deadlines_cancel_writes_transactions_reads_and_streams(
         ),
     }
     for name, (lock, call) in calls.items():
-        error, took = await _blocked(clean_db, lock, call)
+        error, _ = await _blocked(clean_db, lock, call)
+        # The caller's deadline ended the call (half a second; no bound on how late a busy
+        # machine lets the client notice): the server's part is the cancelled query, above.
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (name, error)
-        assert took < 3, (name, took)
     # Nothing of the cancelled writes happened: the user, the session, the one message.
     got = await sessions.GetMemory(spb.GetMemoryRequest(session_id="s"), timeout=10)
     assert [m.content for m in got.messages] == ["kept"]
@@ -116,9 +120,12 @@ async def test_statement_timeout_bounds_a_call_without_deadline(
     users = short_timeout_users
     await users.CreateUser(upb.CreateUserRequest(user_id="locked"))
     lock = "SELECT 1 FROM users WHERE user_id = 'locked' FOR UPDATE"
-    # No deadline on the call: without the statement timeout it would wait for the lock forever.
+    # No deadline on the call: without the statement timeout it would wait for the lock
+    # forever (the blocker holds it until the call ends); wait_for only keeps that from
+    # hanging the run.
+    update = upb.UpdateUserRequest(user_id="locked", email="x")
     error, took = await _blocked(
-        clean_db, lock, lambda: users.UpdateUser(upb.UpdateUserRequest(user_id="locked", email="x"))
+        clean_db, lock, lambda: asyncio.wait_for(users.UpdateUser(update), timeout=60)
     )
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "statement timeout" in (error.details() or "")
@@ -127,7 +134,8 @@ async def test_statement_timeout_bounds_a_call_without_deadline(
     assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info) and info.reason == "DEADLINE_EXCEEDED"
-    assert 0.9 < took < 5, took
+    # Ended by the 1 s timeout, not sooner (no upper bound: load only makes calls slower).
+    assert took > 0.9, took
     got = await users.GetUser(upb.GetUserRequest(user_id="locked"), timeout=10)
     assert got.user.email == ""
     record("statement_timeout", configured_seconds=1.0, call_seconds=round(took, 2))

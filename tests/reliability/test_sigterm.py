@@ -22,6 +22,8 @@ from tests.processes import serve_memstore
 from tests.reliability import record
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+#: The drain test's grace period: far longer than its calls, whatever the machine's load.
+GRACE = 60
 #: What a call may get from a server that is shutting down: refused, never half-done.
 CLEAN_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
@@ -75,7 +77,7 @@ async def _exit_code(proc: subprocess.Popen[str], limit: float) -> tuple[int, st
 async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
     # WARNING: thousands of access-log lines would fill the unread stdout pipe and stall it.
-    args = ("--purge-interval", "0", "--grace-period", "10", "--drain-delay", "1")
+    args = ("--purge-interval", "0", "--grace-period", str(GRACE), "--drain-delay", "1")
     args += ("--log-level", "WARNING")
     proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -109,14 +111,15 @@ async def test_sigterm_mid_load_drains_and_keeps_every_acknowledged_write(clean_
             assert proc.poll() is None, "the server must wait for the in-flight call"
             await blocker.rollback()
         assert (await slow).user.email == "b@x"
-        code, out = await _exit_code(proc, limit=30)
+        code, out = await _exit_code(proc, limit=GRACE + 30)
         exited = time.monotonic() - signalled
         stop_polling.set()
         await asyncio.gather(*writers, watcher, poller)
     assert code == 0, out
-    # Done when the last call was: an open health Watch stream does not hold the shutdown
-    # for the whole grace period (10 s).
-    assert exited < 8, (exited, out)
+    # Done when the last call was (2 s after the signal): an open health Watch stream does
+    # not hold the shutdown for the whole grace period, made long so that no load can blur
+    # the two.
+    assert exited < GRACE / 2, (exited, out)
     # Health said NOT_SERVING from the signal on: to watchers at once, and to Check calls
     # during the drain delay, while calls were still being served.
     assert any(status == NOT_SERVING and t >= signalled for t, status in watched), watched
@@ -176,8 +179,10 @@ async def test_a_call_past_the_grace_period_fails_cleanly_and_writes_nothing(
             except grpc.aio.AioRpcError as error:
                 assert error.code() in CLEAN_FAILURES, error
             await blocker.rollback()
+    # It exited at all: the stuck call could not end by itself (the blocker holds its lock
+    # until after the exit), so the grace period ended it.
     assert code == 0, out
-    assert exited < 10, exited
+    record("sigterm_past_grace", grace_seconds=1, seconds_signal_to_exit=round(exited, 2))
     # The call was cancelled in PostgreSQL too: its update never happens.
     await until(lambda: _quiet(clean_db))
     with psycopg.connect(clean_db) as conn:
