@@ -3,10 +3,11 @@
 A memstore_merge_patch that copies the whole object once per key (migration 0001's) makes a
 64 KiB object of small keys cost seconds of database CPU under a row lock; 0005 replaces it.
 
-Each test times one call with all the keys against the same work cut into PIECES calls of a
-PIECES-th of the keys each, measured in turns in the same run (tests/timing.py): in linear
-time the two cost about the same, whatever the machine's load; a merge quadratic in the
-number of keys makes the one wide call about PIECES times dearer.
+Each test measures one call with all the keys against the same work cut into PIECES calls of
+a PIECES-th of the keys each, in turns in the same run, in CPU time of the test process (its
+server is in-process) and of the database's backends (tests/timing.py): in linear time the
+two cost about the same, whatever the machine's load; a merge quadratic in the number of keys
+makes the one wide call about PIECES times dearer.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from memstore.v1 import user_service_pb2 as upb
 from server.api.validation import MAX_METADATA_BYTES, json_size
 from tests.grpc import Sessions, Users, as_dict, msg, struct
 from tests.reliability import record
-from tests.timing import fastest
+from tests.timing import CpuClock, fastest
 
 #: The narrow calls each carry a PIECES-th of the keys.
 PIECES = 8
-#: Wide over narrow: about 1 in linear time, about PIECES for quadratic merging.
-MAX_RATIO = 2.5
+#: Wide over narrow: 0.9 in linear time (PostgreSQL 18), 4.3-7.5 with migration 0001's
+#: quadratic merge. On PostgreSQL 15 UpdateUser measures 2.1: merging into stored (TOASTed)
+#: metadata costs more per key as the object grows there (docs/reliability.md).
+MAX_RATIO = 3.0
 
 
 def _widest() -> dict[str, int]:
@@ -61,11 +64,15 @@ async def _in_pieces(step: Step, pieces: list[dict[str, Any]], round_: int) -> N
 
 async def test_merge_patch_is_linear_in_the_number_of_keys(clean_db: str) -> None:
     # Straight in SQL, with more keys than the API allows, to leave no doubt: quadratic
-    # merging took about 1.3 s for 7,400 keys, so seconds for these 20,000.
-    whole = {str(i): i for i in range(20_000)}
+    # merging took about 1.3 s for 7,400 keys, 19.5 s of CPU for 20,000; these 10,000 keep a
+    # quadratic run failing on its assertion rather than on the test's timeout.
+    whole = {str(i): i for i in range(10_000)}
     wide = json.dumps(whole)
     narrow = [json.dumps(piece) for piece in _pieces(whole)]
-    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+    async with (
+        await psycopg.AsyncConnection.connect(clean_db) as conn,
+        await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as monitor,
+    ):
 
         async def merge_wide(_: int) -> None:
             cur = await conn.execute(
@@ -82,19 +89,19 @@ async def test_merge_patch_is_linear_in_the_number_of_keys(clean_db: str) -> Non
             )
             assert await cur.fetchone() == (True, PIECES)
 
-        took = await fastest({"wide": merge_wide, "narrow": merge_narrow})
+        took = await fastest({"wide": merge_wide, "narrow": merge_narrow}, clock=CpuClock(monitor))
     ratio = took["wide"] / took["narrow"]
     record(
-        "merge_patch_20000_keys",
-        seconds=round(took["wide"], 3),
-        pieces_seconds=round(took["narrow"], 3),
+        "merge_patch_10000_keys",
+        cpu_seconds=round(took["wide"], 3),
+        pieces_cpu_seconds=round(took["narrow"], 3),
         ratio=round(ratio, 2),
     )
     assert ratio < MAX_RATIO, took
 
 
 async def test_the_widest_metadata_is_merged_in_linear_time_and_right(
-    users: Users, sessions: Sessions
+    users: Users, sessions: Sessions, clean_db: str
 ) -> None:
     wide = _widest()
     assert MAX_METADATA_BYTES - 32 <= json_size(wide) <= MAX_METADATA_BYTES
@@ -118,13 +125,16 @@ async def test_the_widest_metadata_is_merged_in_linear_time_and_right(
 
     figures: dict[str, float] = {}
     ratios = {}
-    for step in (create, merge, add_4_messages):
-        took = await fastest(
-            {"wide": partial(_in_one_call, step, wide), "narrow": partial(_in_pieces, step, narrow)}
-        )
-        ratios[step.__name__] = took["wide"] / took["narrow"]
-        figures[step.__name__] = round(took["wide"], 3)
-        figures[f"{step.__name__}_ratio"] = round(ratios[step.__name__], 2)
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as monitor:
+        for step in (create, merge, add_4_messages):
+            variants = {
+                "wide": partial(_in_one_call, step, wide),
+                "narrow": partial(_in_pieces, step, narrow),
+            }
+            took = await fastest(variants, clock=CpuClock(monitor))
+            ratios[step.__name__] = took["wide"] / took["narrow"]
+            figures[f"{step.__name__}_cpu_seconds"] = round(took["wide"], 3)
+            figures[f"{step.__name__}_ratio"] = round(ratios[step.__name__], 2)
     got = await users.GetUser(upb.GetUserRequest(user_id="wide-0"), timeout=60)
     assert as_dict(got.user.metadata) == ones
     record("wide_metadata", keys=len(wide), pieces=PIECES, **figures)
