@@ -42,8 +42,8 @@ async def test_streams_every_user_once_and_resumes(users):
     for i, chunk in enumerate(chunks[:-1]):
         rest = await _chunks(users, chunk_size=100, page_token=chunk.next_page_token)
         assert _ids(rest) == streamed[(i + 1) * 100 :]
-    # The default chunk is 100 users; a ListUsers token resumes the export too.
-    assert [len(c.users) for c in await _chunks(users)] == [100, 100, 50]
+    # The default chunk holds up to 1000 users; a ListUsers token resumes the export too.
+    assert [len(c.users) for c in await _chunks(users)] == [250]
     page = await users.ListUsers(us.ListUsersRequest(page_size=30))
     rest = await _chunks(users, page_token=page.next_page_token)
     assert _ids(rest) == streamed[30:]
@@ -90,3 +90,16 @@ async def test_session_token_does_not_resume_users(users, sessions):
         await sessions.CreateSession(ss.CreateSessionRequest(session_id=f"s{i}"))
     token = (await sessions.ListSessions(ss.ListSessionsRequest(page_size=1))).next_page_token
     await rpc_error(_chunks(users, page_token=token), Code.INVALID_ARGUMENT, field="page_token")
+
+
+async def test_default_chunks_are_at_least_16_kb_but_the_last(users):
+    # SPEC: streamed messages are sized by bytes, 16-256 KB. The default chunk holds up to
+    # 1000 rows, so even users with nothing but an id fill one past 16 KB.
+    ids = [f"u{i:04d}" for i in range(1050)]
+    for start in range(0, len(ids), 64):  # a few at a time: the pool has 10 connections
+        batch = ids[start : start + 64]
+        await asyncio.gather(*(users.CreateUser(us.CreateUserRequest(user_id=u)) for u in batch))
+    chunks = await _chunks(users)
+    assert [len(c.users) for c in chunks] == [1000, 50]
+    assert 16 * 1024 <= chunks[0].ByteSize() <= CHUNK_BYTES
+    assert sorted(_ids(chunks)) == ids

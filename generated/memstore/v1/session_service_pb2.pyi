@@ -869,10 +869,11 @@ class ExportSessionsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_DELETED_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
-    """Optional. Maximum number of sessions per chunk: 0 means the default (100),
-    values above 1000 are treated as 1000, negative values are
-    INVALID_ARGUMENT. A chunk also stops growing past 256 KiB, so it may hold
-    fewer sessions than this.
+    """Optional. Maximum number of sessions per chunk: 0 means the default, 1000
+    (the most a chunk holds, so every chunk but the last is at least 16 KB for
+    rows of 16 bytes or more); values above 1000 are treated as 1000,
+    negative values are INVALID_ARGUMENT. A chunk also stops growing past
+    256 KiB, so it may hold fewer sessions than this.
     """
     page_token: _builtins.str
     """Optional. Resume after the chunk that carried this token (the
@@ -939,10 +940,11 @@ class ExportMessagesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_DELETED_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
-    """Optional. Maximum number of messages per chunk: 0 means the default
-    (100), values above 1000 are treated as 1000, negative values are
-    INVALID_ARGUMENT. A chunk also stops growing past 256 KiB, so it may hold
-    fewer messages than this (but always at least one).
+    """Optional. Maximum number of messages per chunk: 0 means the default, 1000
+    (the most a chunk holds, so every chunk but the last is at least 16 KB for
+    rows of 16 bytes or more); values above 1000 are treated as 1000,
+    negative values are INVALID_ARGUMENT. A chunk also stops growing past
+    256 KiB, so it may hold fewer messages than this (but always at least one).
     """
     page_token: _builtins.str
     """Optional. Resume after the chunk that carried this token (the
