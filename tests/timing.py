@@ -42,23 +42,24 @@ def _on_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+_ACTIVITY = "SELECT pid FROM {view} WHERE datname = current_database() AND pid <> pg_backend_pid()"
+
+
 class CpuClock:
     """CPU seconds of this process (the test's in-process server and client included) and of
     the PostgreSQL backends connected to `conn`'s database.
 
     Where those backends' /proc entries cannot be read (PostgreSQL on another host), it reads
-    the wall clock instead. On Citus only the coordinator's backends are counted.
+    the wall clock instead. On Citus the workers' backends count too.
     """
 
     def __init__(self, conn: psycopg.AsyncConnection[object]) -> None:
         self._conn = conn
         self._local: bool | None = None
+        self._activity = _ACTIVITY.format(view="pg_stat_activity")
 
     async def _backends(self) -> list[int]:
-        cur = await self._conn.execute(
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
+        cur = await self._conn.execute(self._activity)
         return [int(row[0]) for row in await cur.fetchall()]  # type: ignore[index]
 
     async def _is_local(self) -> bool:
@@ -70,6 +71,12 @@ class CpuClock:
         row = await cur.fetchone()
         assert row is not None
         local, own = bool(row[0]), int(row[1])  # type: ignore[index]
+        cur = await self._conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")
+        citus = await cur.fetchone()
+        if citus is not None and citus[0]:  # type: ignore[index]
+            # The workers' backends too, where a distributed row's merge runs (all local
+            # in tests/citus_cluster.py).
+            self._activity = _ACTIVITY.format(view="citus_stat_activity")
         return local and _on_cpu_seconds(own) is not None
 
     async def __call__(self) -> Reading:
