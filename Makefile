@@ -50,16 +50,12 @@ test-citus: $(STAMP) $(SDK_STAMPS)
 # Left out: test_indexes reads PostgreSQL's local plans (on Citus the indexes are used on the
 # shards); test_db_restart, test_group_commit_crash and test_rest_outage stop or kill a
 # PostgreSQL of their own (tests/fix_faults.py `restartable`, an embedded one), never the
-# cluster, so on it they would prove nothing about Citus (`make test` runs them). Deselected:
-# LangChain's Zep history: on the cluster SearchMemory("bees honey") ranked
-# "Hello Priya! How are the bees?" above "They made honey." in two runs of three (docs/search.md,
-# "Until a message is embedded").
+# cluster, so on it they would prove nothing about Citus (`make test` runs them).
 CITUS_SUITES := tests/citus tests/store tests/grpc tests/security tests/rest tests/reliability \
 	--ignore tests/store/test_indexes.py \
 	--ignore tests/reliability/test_db_restart.py \
 	--ignore tests/reliability/test_group_commit_crash.py \
-	--ignore tests/reliability/test_rest_outage.py \
-	--deselect tests/rest/test_zep_python1.py::test_langchain_zep_chat_message_history
+	--ignore tests/reliability/test_rest_outage.py
 
 ## ruff (lint + format check), mypy strict, buf lint, and the stale-stub check.
 lint: $(STAMP) check-generated
