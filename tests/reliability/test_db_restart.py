@@ -151,6 +151,7 @@ async def test_restart_mid_load_loses_and_repeats_nothing(
         messages_found=found,
         calls_failed=len(failures),
         median_failure_seconds=round(failures[len(failures) // 2], 3),
+        median_refusal_seconds=round(_median(_refused(writers)), 4),
         median_acknowledged_seconds=round(_median(s for w in writers for s in w.ok_seconds), 3),
         slowest_failure_seconds=round(failures[-1], 3),
         # A call queued for a connection as the database went away waits for it to return
@@ -176,18 +177,23 @@ def _check_failures(writers: list[Writer]) -> list[float]:
     for w in writers:
         tried = [d for d in w.failure_details if REFUSED_AT_ONCE not in d]
         assert len(tried) <= 1, (w.name, w.failure_details)
-    refused = sorted(
-        s
-        for w in writers
-        for s, d in zip(w.failure_seconds, w.failure_details, strict=True)
-        if REFUSED_AT_ONCE in d
-    )
+    refused = _refused(writers)
     assert refused, "no call was refused at once: the database was never marked down"
     # ... and such a refusal costs less than a call that reaches the database: the median
     # of each, measured in this run, on a machine as busy for both.
     median_ok = _median(s for w in writers for s in w.ok_seconds)
     assert _median(refused) < median_ok, (refused, median_ok)
     return sorted(s for w in writers for s in w.failure_seconds)
+
+
+def _refused(writers: list[Writer]) -> list[float]:
+    """The durations of the calls refused at once."""
+    return [
+        s
+        for w in writers
+        for s, d in zip(w.failure_seconds, w.failure_details, strict=True)
+        if REFUSED_AT_ONCE in d
+    ]
 
 
 def _median(seconds: Iterable[float]) -> float:
