@@ -36,7 +36,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+#: How long `memstore serve` may take to say SERVING. A hang guard, not a check of how fast it
+#: starts: it loads the embedding model and migrates first, and at a load average of 8 on the
+#: shared 2-core machine 30 s was not enough (test_sigterm, against PostgreSQL 15). A server
+#: that dies while starting fails at once, whatever this says.
+STARTUP_TIMEOUT = 90.0
+
+
+def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
