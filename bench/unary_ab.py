@@ -37,7 +37,29 @@ def _recall(url: str) -> Kinds:
     search_data.embed_randomly(url, "srch-ab")
     search_data.keep_recall(url, "srch-ab")
     search_data.analyze(url)
+    return _get_memory_kinds(sessions)
 
+
+def _recall_words(url: str, messages: int) -> Kinds:
+    # Recall ranked on the request path, by words (the only way without pgvector; with it,
+    # the way of a session whose recall the worker has not kept): a user of 1,280 messages
+    # in 20 sessions and, in the same project, other users of as many with `messages` in all
+    # (--messages), whose words the user's share. No vectors and no kept recall, either mode.
+    text = search_data.ChatText()
+    sessions = search_data.seed_user(
+        url, text, "search-user-ab", prefix="srch-ab", messages=1_280, per_session=64
+    )
+    for i in range(messages // 1_280):
+        search_data.seed_user(
+            url, text, f"search-other-{i}", prefix=f"srch-o{i}", messages=1_280, per_session=64
+        )
+    search_data.analyze(url)
+    return _get_memory_kinds(sessions)
+
+
+def _get_memory_kinds(sessions: list[str]) -> Kinds:
+    # Health (the baseline), GetMemory with recall (relevant_limit 5) and without, over
+    # `sessions`.
     def get_memory(relevant: int) -> tuple[str, tuple[bytes, ...]]:
         payloads = tuple(
             pb.GetMemoryRequest(session_id=x, lastn=6, relevant_limit=relevant).SerializeToString()
@@ -61,8 +83,13 @@ def _writes(url: str) -> Kinds:
     }
 
 
-#: Each comparison's name and the function that seeds its data and builds its calls.
-KINDS: dict[str, Callable[[str], Kinds]] = {"recall": _recall, "writes": _writes}
+#: Each comparison's name and the function that seeds its data (in a database, with --messages
+#: messages of other users where it has any) and builds its calls.
+KINDS: dict[str, Callable[[str, int], Kinds]] = {
+    "recall": lambda url, _: _recall(url),
+    "recall_words": _recall_words,
+    "writes": lambda url, _: _writes(url),
+}
 #: Server arguments of a comparison beyond the bench's own: writes are measured without
 #: the embedding worker, as `make bench` measures them.
 SERVER_ARGS: dict[str, tuple[str, ...]] = {"writes": ("--no-embedding-worker",)}
@@ -234,7 +261,7 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
                 summary = _worker_rounds(s, pool, url, roots, args.rounds)
             print(json.dumps({"comparison": args.only, **summary}, indent=2))
             return 0
-        kinds = KINDS[args.only](url)
+        kinds = KINDS[args.only](url, args.messages)
         extra = ("--drain-delay", "0", *SERVER_ARGS.get(args.only, ()), *args.server_arg)
         servers = {
             name: env.Server(url, root=root, extra_args=extra) for name, root in roots.items()

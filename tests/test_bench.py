@@ -231,6 +231,17 @@ def test_ab_recall_runs_on_tiny_data(server_url: str) -> None:
     assert summary["recall_after_over_before"] > 0
 
 
+def test_ab_recall_words_runs_on_tiny_data(server_url: str) -> None:
+    # Recall ranked by words on the request path: with pgvector or without.
+    summary = _ab_summary(_run_ab(server_url, "recall_words", "--messages", "2560"))
+    assert summary["comparison"] == "recall_words"
+    for side in ("before", "after"):
+        figures = summary[side]
+        assert figures["recall_rps"] > 0 and figures["no_recall_rps"] > 0, figures
+        assert len(figures["recall_over_no_recall_rounds"]) == 1
+    assert summary["recall_after_over_before"] > 0
+
+
 def test_ab_writes_embedding_runs_on_tiny_data(server_url: str) -> None:
     run = _run_ab(server_url, "writes_embedding")
     if not _has_pgvector(server_url):

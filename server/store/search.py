@@ -93,6 +93,21 @@ def _statement(vector: bool, semantic_only: bool) -> str:
     return "search_semantic" if semantic_only else "search_hybrid"
 
 
+def recall_statement(vector: bool) -> sql.Composed:
+    """The statement that ranks recall on the request path (or in the worker, to keep it).
+
+    The user's other live sessions against the session's last messages: by words alone, or
+    (`vector`) fused with the session's recall vector. Its parameters are _recall_params's.
+    """
+    fragment: sql.Composable = query("recall_query_text")
+    if vector:
+        fragment = query("recall_query_vector").format(words=fragment)
+    scope = sql.SQL(" ").join([query("recall_filter_user"), query("search_filter_other_sessions")])
+    return query(_statement(vector, semantic_only=False)).format(
+        query=fragment, filters=scope, match=query("recall_match_scan")
+    )
+
+
 def _kept(row: Row) -> SearchResult:
     # A part-1 row of get_memories_recall: the memory's message in the m_ columns.
     return SearchResult(
@@ -134,7 +149,7 @@ class SearchMethods(StoreBase):
         use_vector = vector is not None and self.vectors
         fragment = query("search_query_vector" if use_vector else "search_query_text")
         statement = query(_statement(use_vector, q.search_type == "semantic")).format(
-            query=fragment, filters=filters
+            query=fragment, filters=filters, match=query("search_match_index")
         )
         params.update(
             project_id=project_id,
@@ -254,16 +269,7 @@ class SearchMethods(StoreBase):
     ) -> list[SearchResult]:
         # The user's other sessions ranked against this one's last messages, here and now.
         use_vector = model is not None and self.vectors
-        fragment: sql.Composable = query("recall_query_text")
-        if use_vector:
-            fragment = query("recall_query_vector").format(words=fragment)
-        scope = sql.SQL(" ").join(
-            [query("recall_filter_user"), query("search_filter_other_sessions")]
-        )
-        statement = query(_statement(use_vector, semantic_only=False)).format(
-            query=fragment, filters=scope
-        )
-        (found,) = await _pipelined(conn, [statement], params)
+        (found,) = await _pipelined(conn, [recall_statement(use_vector)], params)
         return [_found(r)[0] for r in found]
 
     async def keep_recall(self, sessions: list[tuple[int, str]], model: str, window: int) -> None:

@@ -142,7 +142,9 @@ def _statements() -> dict[str, sql.Composable]:
 def compose_search(words: sql.Composable, scope: str | None) -> sql.Composable:
     """search_full_text over one scope fragment (or the whole project)."""
     filters = query(scope) if scope else sql.SQL("")
-    return query("search_full_text").format(query=words, filters=filters)
+    return query("search_full_text").format(
+        query=words, filters=filters, match=query("search_match_index")
+    )
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,11 @@ from psycopg import sql
 
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import SessionQuery
+from server.search.service import RECALL_WINDOW
+from server.store import Store
 from server.store.base import START
 from server.store.queries import query
+from server.store.search import HYBRID_TEXT_WEIGHT, recall_statement
 from server.store.sessions import list_sessions_statements
 
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -143,3 +146,75 @@ def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
             _plan(clean_db, query(name), {"project_id": P, **params}),
             sort_allowed=name in ("get_memory", "list_messages", "list_user_sessions"),
         )
+
+
+#: Words every seeded message holds, so each one matches recall's query.
+_RECALL_WORDS = (
+    "garden tomatoes basil compost seedlings watering mulch greenhouse trellis harvest "
+    "pruning aphids ladybugs zucchini peppers cucumbers raised beds soil fertiliser sunlight"
+)
+
+
+def _seed_recall_users(
+    conn: psycopg.Connection[Any], prefix: str, users: int, sessions: int, per: int
+) -> None:
+    # `users` users of `sessions` sessions of `per` messages, each holding _RECALL_WORDS.
+    params = {"p": prefix, "users": users, "sessions": sessions, "per": per, "w": _RECALL_WORDS}
+    conn.execute(
+        "INSERT INTO users (project_id, user_id)"
+        " SELECT 1, %(p)s || u FROM generate_series(1, %(users)s) AS u",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO sessions (project_id, session_id, user_id, message_count, next_sequence)"
+        " SELECT 1, %(p)s || u || '-' || j, %(p)s || u, %(per)s, %(per)s + 1"
+        " FROM generate_series(1, %(users)s) AS u, generate_series(1, %(sessions)s) AS j",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO messages (project_id, session_id, sequence, role, role_type, content)"
+        " SELECT 1, %(p)s || u || '-' || j, i, 'user', 'user', %(w)s || ' note ' || i"
+        " FROM generate_series(1, %(users)s) AS u, generate_series(1, %(sessions)s) AS j,"
+        " generate_series(1, %(per)s) AS i",
+        params,
+    )
+    # Statistics, and the GIN index's pending list merged, as autovacuum leaves a real table.
+    conn.execute("VACUUM ANALYZE users, sessions, messages")
+
+
+def _recall_buffers(conn: psycopg.Connection[Any], vectors: bool) -> int:
+    params = {
+        "project_id": P,
+        "exclude_session": "me1-1",
+        "window": RECALL_WINDOW,
+        "model": "m",
+        "limit": 5,
+        "candidates": 20,
+        "with_vectors": False,
+        "text_weight": HYBRID_TEXT_WEIGHT,
+    }
+    explain = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(
+        recall_statement(vectors)
+    )
+    row = conn.execute(explain, params).fetchone()
+    assert row is not None
+    plan = row[0][0]["Plan"]
+    assert plan["Actual Rows"] == 5, plan
+    return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])
+
+
+def test_recall_reads_the_users_messages_not_every_users(clean_db: str, store: Store) -> None:
+    # Recall ranks on the request path without pgvector (and before the worker kept a
+    # session's recall): its query is every word of the session's last messages. Through the
+    # GIN index those words' posting lists span every user of the project, read once per
+    # session of the user: GetMemory then slowed as the project grew (1.8 s at 65,000
+    # messages, docs/search.md). The pages it reads must not grow with other users' messages.
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        _seed_recall_users(conn, "me", users=1, sessions=4, per=10)
+        _seed_recall_users(conn, "crowd", users=10, sessions=2, per=50)
+        small = _recall_buffers(conn, store.vectors)
+        _seed_recall_users(conn, "throng", users=100, sessions=2, per=50)
+        large = _recall_buffers(conn, store.vectors)
+    # 11,000 messages of others instead of 1,000: the same pages (the sessions table and its
+    # indexes grow by a few).
+    assert large <= small + 10, (small, large)

@@ -5,13 +5,14 @@
 -- connections opened before the extension was created work too.
 
 -- search_full_text --
--- Live messages in scope matching any word of the query, best full-text rank first.
+-- Live messages in scope matching any word of the query, best full-text rank first. {match}
+-- is search_match_index or, for recall, recall_match_scan.
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
        m.created_at, m.updated_at, s.user_id, ts_rank(m.search, q.query, 1) AS score,
        NULL::text AS vector
 FROM ({query}) AS q, messages m
 JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-WHERE m.project_id = %(project_id)s AND m.search @@ q.query
+WHERE m.project_id = %(project_id)s AND {match}
   AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
 ORDER BY score DESC, m.created_at DESC, m.uuid
 LIMIT %(limit)s;
@@ -36,7 +37,7 @@ LIMIT %(limit)s;
 -- message the model has not embedded yet (no vector of this model) is ranked by its words
 -- alone, at full weight: its vector part is its text part, not 0, so it is not capped at
 -- the text weight below every embedded candidate however weak (docs/search.md). Where every
--- candidate is embedded the ranking is the plain combination.
+-- candidate is embedded the ranking is the plain combination. {match} as in search_full_text.
 WITH q AS ({query}), fts AS (
     SELECT c.session_id, c.sequence,
            coalesce((c.rank - min(c.rank) OVER ()) / nullif(max(c.rank) OVER ()
@@ -45,7 +46,7 @@ WITH q AS ({query}), fts AS (
         SELECT m.session_id, m.sequence, ts_rank(m.search, q.query, 1) AS rank
         FROM q, messages m
         JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-        WHERE m.project_id = %(project_id)s AND m.search @@ q.query
+        WHERE m.project_id = %(project_id)s AND {match}
           AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
         ORDER BY rank DESC
         LIMIT %(candidates)s
@@ -85,6 +86,20 @@ LEFT JOIN message_embeddings e ON e.project_id = m.project_id AND e.session_id =
                               AND e.sequence = m.sequence AND e.model = %(model)s
 ORDER BY score DESC, m.created_at DESC, m.uuid
 LIMIT %(limit)s;
+
+-- search_match_index --
+-- Match fragment of search: messages sharing a word with the query, found through the GIN
+-- index (messages_search_idx): a question's few words have short posting lists.
+m.search @@ q.query
+
+-- recall_match_scan --
+-- Match fragment of recall: the same match, written so that the GIN index cannot serve it.
+-- Recall's query is every word of the session's last messages (a hundred or more): through
+-- the index, their posting lists cover the whole project, every user's messages, and were
+-- read again for each of the user's sessions (1.8 s at 65,000 messages, docs/search.md).
+-- Not indexable, the match is checked on the user's own messages, read by session key: the
+-- cost follows the user's messages, not the project's.
+(m.search @@ q.query) IS TRUE
 
 -- search_filter_user --
 -- Scope fragment: the live sessions of one user.
@@ -134,7 +149,9 @@ SELECT memstore_any_words(%(text)s) AS query, %(vector)s::text::vector AS vector
 
 -- recall_query_text --
 -- Query fragment of recall: the words of the session's last live messages; no row unless
--- the session is live, has messages and belongs to a user.
+-- the session is live, has messages and belongs to a user. OFFSET 0 keeps it a subquery,
+-- computed once: pulled up into the statement, the tsquery of these words was built again
+-- for every message it was matched against and ranked with (~0.2 ms each, twice).
 SELECT memstore_any_words(
            (SELECT string_agg(r.role || ' ' || left(r.content, 2000), ' ')
             -- Pinned by the parameters, not by s, so Citus routes it to one shard.
@@ -145,6 +162,7 @@ SELECT memstore_any_words(
 FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
   AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
+OFFSET 0
 
 -- recall_query_vector --
 -- Query fragment of recall: recall_query_text's words and the session's recall vector (kept
