@@ -43,6 +43,10 @@ LEASE_SECONDS = 30.0
 #: relevant_limit is ranked on the request path).
 RECALL_KEEP = 20
 
+#: Words of a session's last messages that recall matches (recall_query_text): the cost of
+#: ranking each of the user's messages grows with them (docs/search.md, "Without pgvector").
+RECALL_WORDS = 32
+
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model).
 MemoryKey = tuple[int, str, int, int, str]
 
@@ -257,6 +261,7 @@ class SearchMethods(StoreBase):
             **key(project_id, session_id=session_id),
             "exclude_session": session_id,
             "window": window,
+            "words": RECALL_WORDS,
             "model": model,
             "limit": limit,
             "candidates": max(limit * 4, 20),

@@ -67,6 +67,7 @@ VALUES: dict[str, Any] = {
     "vectors": ["[1,0,0]"],
     "sequences": [1],
     "window": 4,
+    "words": 32,
     "lease": 30.0,
     "candidates": 50,
     "text_weight": 0.3,

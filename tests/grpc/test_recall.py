@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import psycopg
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from memstore.v1 import resources_pb2 as rs
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from server.store.queries import query
+from server.store.search import RECALL_WORDS
 from tests.grpc import Code, Sessions, Users, msg, rpc_error
 
 pytestmark = pytest.mark.integration
@@ -169,3 +172,28 @@ async def test_concurrent_get_memory_calls_each_get_their_own_answer(users, sess
     assert [len(m.messages) for m in together[:6]] == [1, 2, 1, 2, 1, 2]
     assert [len(m.relevant_messages) for m in together[:6]] == [0, 1, 2, 3, 0, 1]
     assert not together[6].found
+
+
+async def test_recall_matches_the_windows_most_repeated_words_at_most_recall_words(
+    users, sessions, embed, clean_db
+):
+    # Matching and ranking each of the user's messages costs with the query's size: recall
+    # keeps RECALL_WORDS words of the window, those it repeats first (its topic).
+    await users.CreateUser(us.CreateUserRequest(user_id="noa"))
+    await _say(sessions, "noa-dog", "noa", "Biscuit chewed the sofa again")
+    # 60 words said once each, and Biscuit three times.
+    filler = [f"{word}{n}" for n in range(15) for word in ("alpha", "bravo", "delta", "kilo")]
+    lines = [
+        " ".join(filler[i * 10 : i * 10 + 10]) + (" Biscuit" if i % 2 else "") for i in range(6)
+    ]
+    await _say(sessions, "noa-now", "noa", *lines)
+    await embed()
+    params = {"project_id": 1, "exclude_session": "noa-now", "window": 6, "words": RECALL_WORDS}
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        cur = await conn.execute(query("recall_query_text"), params)
+        row = await cur.fetchone()
+    assert row is not None
+    words = set(re.findall(r"'([^']+)'", str(row[0])))
+    assert len(words) == RECALL_WORDS and {"biscuit", "noa"} <= words, words
+    memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id="noa-now"))
+    assert [r.session_id for r in memory.relevant_messages] == ["noa-dog"]

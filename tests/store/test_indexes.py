@@ -23,7 +23,7 @@ from server.search.service import RECALL_WINDOW
 from server.store import Store
 from server.store.base import START
 from server.store.queries import query
-from server.store.search import HYBRID_TEXT_WEIGHT, recall_statement
+from server.store.search import HYBRID_TEXT_WEIGHT, RECALL_WORDS, recall_statement
 from server.store.sessions import list_sessions_statements
 
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -187,6 +187,7 @@ def _recall_buffers(conn: psycopg.Connection[Any], vectors: bool) -> int:
         "project_id": P,
         "exclude_session": "me1-1",
         "window": RECALL_WINDOW,
+        "words": RECALL_WORDS,
         "model": "m",
         "limit": 5,
         "candidates": 20,

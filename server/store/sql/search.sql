@@ -148,17 +148,28 @@ SELECT memstore_any_words(%(text)s) AS query
 SELECT memstore_any_words(%(text)s) AS query, %(vector)s::text::vector AS vector
 
 -- recall_query_text --
--- Query fragment of recall: the words of the session's last live messages; no row unless
--- the session is live, has messages and belongs to a user. OFFSET 0 keeps it a subquery,
--- computed once: pulled up into the statement, the tsquery of these words was built again
--- for every message it was matched against and ranked with (~0.2 ms each, twice).
-SELECT memstore_any_words(
-           (SELECT string_agg(r.role || ' ' || left(r.content, 2000), ' ')
-            -- Pinned by the parameters, not by s, so Citus routes it to one shard.
-            FROM (SELECT m.role, m.content FROM messages m
-                  WHERE m.project_id = %(project_id)s AND m.session_id = %(exclude_session)s
-                    AND m.deleted_at IS NULL
-                  ORDER BY m.sequence DESC LIMIT %(window)s) AS r)) AS query
+-- Query fragment of recall: %(words)s words of the session's last live messages, any of them
+-- to match; no row unless the session is live, has messages and belongs to a user. The words
+-- are the distinct lexemes the window repeats most, then the longest (a stand-in for the
+-- rarest): the cost of matching and ranking each of the user's messages grows with the
+-- query's size, and six chat messages hold a hundred lexemes or more. The tsvector's text
+-- form quotes each lexeme as tsquery's does, and a lexeme holds no space, so "' '" only ever
+-- separates two of them. OFFSET 0 keeps it a subquery, computed once: pulled up into the
+-- statement, the tsquery was built again for every message it was matched against and ranked
+-- with.
+SELECT replace(
+           strip(array_to_tsvector(ARRAY(
+               SELECT w.lexeme
+               FROM unnest(to_tsvector('english'::regconfig,
+                   (SELECT coalesce(string_agg(r.role || ' ' || left(r.content, 2000), ' '), '')
+                    -- Pinned by the parameters, not by s, so Citus routes it to one shard.
+                    FROM (SELECT m.role, m.content FROM messages m
+                          WHERE m.project_id = %(project_id)s
+                            AND m.session_id = %(exclude_session)s AND m.deleted_at IS NULL
+                          ORDER BY m.sequence DESC LIMIT %(window)s) AS r))) AS w
+               ORDER BY cardinality(w.positions) DESC, length(w.lexeme) DESC, w.lexeme
+               LIMIT %(words)s)))::text,
+           ''' ''', ''' | ''')::tsquery AS query
 FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
   AND s.deleted_at IS NULL AND s.user_id IS NOT NULL AND s.message_count > 0
