@@ -120,6 +120,25 @@ def alternate(
     return results
 
 
+def rps_ratios(
+    subject: list[dict[str, float]], baseline: list[dict[str, float]], what: str
+) -> list[float]:
+    """Per round, subject rps over baseline rps (the rounds pair runs made at nearly the same
+    moment).
+
+    Raises:
+        RuntimeError: a baseline run finished no call, so its round has no ratio; the bench
+            says which instead of dividing by zero.
+    """
+    idle = [i for i, b in enumerate(baseline) if b["rps"] <= 0]
+    if idle:
+        raise RuntimeError(
+            f"{what}: the baseline finished no call in round(s) {idle}; the machine is too "
+            "busy or the call too slow for the run's length (raise --seconds)"
+        )
+    return [a["rps"] / b["rps"] for a, b in zip(subject, baseline, strict=True)]
+
+
 def ratio_figure(
     name: str,
     results: dict[str, list[dict[str, float]]],
@@ -128,7 +147,7 @@ def ratio_figure(
     goal: float | None,
 ) -> dict[str, Any]:
     """subject rps / baseline rps, per round, and its median."""
-    ratios = [a["rps"] / b["rps"] for a, b in zip(results[subject], results[baseline], strict=True)]
+    ratios = rps_ratios(results[subject], results[baseline], name)
     value = _median(ratios)
     return {
         "figure": name,

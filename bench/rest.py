@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from bench.client import cpu_seconds
 from bench.env import Server
-from bench.figures import Settings, alternate
+from bench.figures import Settings, alternate, rps_ratios
 from bench.turns import GET_MEMORY
 from memstore.v1 import session_service_pb2
 
@@ -118,7 +118,7 @@ def figure(s: Settings, pool: Executor, server: Server, sessions: list[str]) -> 
             else:
                 got = alternate(once, pool, server, {"g": (GET_MEMORY, grpc_payloads)})
                 grpc_runs.append(got["g"][0])
-    ratios = [a["rps"] / b["rps"] for a, b in zip(rest_runs, grpc_runs, strict=True)]
+    ratios = rps_ratios(rest_runs, grpc_runs, "rest_get_memory")
     value = sorted(ratios)[len(ratios) // 2]
     return {
         "figure": "rest_get_memory",

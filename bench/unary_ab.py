@@ -15,7 +15,14 @@ from grpc_health.v1 import health_pb2
 
 from bench import env, search_data
 from bench.client import UnaryLoad, run_unary
-from bench.figures import ADD_MEMORY, HEALTH, Settings, add_memory_payloads, unary_run
+from bench.figures import (
+    ADD_MEMORY,
+    HEALTH,
+    Settings,
+    add_memory_payloads,
+    rps_ratios,
+    unary_run,
+)
 from bench.search_worker import write_round
 from memstore.v1 import session_service_pb2 as pb
 
@@ -157,7 +164,9 @@ def _runs(
     for side, run, cpu in zip(sides, runs, cpu0, strict=True):
         used = servers[side].cpu_seconds() - cpu
         # CPU over the warm-up too: per call of the whole run, at the counted rate.
-        run["cpu_us_per_call"] = used / (run["rps"] * (s.seconds + s.warmup)) * 1e6
+        # (No call finished: no cost per call to tell, rather than a division by zero.)
+        calls = run["rps"] * (s.seconds + s.warmup)
+        run["cpu_us_per_call"] = used / calls * 1e6 if calls > 0 else float("nan")
     return runs
 
 
@@ -173,8 +182,7 @@ def _rate(load: UnaryLoad, part: dict[str, float]) -> dict[str, float]:
 
 
 def _ratios(a: list[dict[str, float]], b: list[dict[str, float]]) -> list[float]:
-    # Per round: the rounds pair runs made at nearly the same moment.
-    return [x["rps"] / y["rps"] for x, y in zip(a, b, strict=True)]
+    return rps_ratios(a, b, "bench.ab")
 
 
 def _summary(
