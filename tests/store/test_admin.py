@@ -88,17 +88,7 @@ async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_
     await store.delete_session(P, "dead")
     await store.add_memory(P, "recent", None, [msg("r1")])
     await store.delete_session(P, "recent")
-    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
-        for table in ("sessions", "messages"):
-            await conn.execute(
-                sql.SQL(
-                    # In UTC, where the arithmetic is immutable: Citus refuses a stable
-                    # function over a column (timestamptz - interval) in an UPDATE.
-                    "UPDATE {} SET deleted_at ="
-                    " (deleted_at AT TIME ZONE 'UTC' - interval '2 days') AT TIME ZONE 'UTC'"
-                    " WHERE session_id IN ('cleared', 'dead') AND deleted_at IS NOT NULL"
-                ).format(sql.Identifier(table))
-            )
+    await _age_deleted_rows(clean_db, 2, ["cleared", "dead"])
 
     report = await store.purge(timedelta(days=1), batch_size=2)
 
@@ -123,17 +113,20 @@ async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_
     assert (await store.get_memory(P, "live", 10))[1][0].content == "keep1"
 
 
-async def _age_deleted_rows(url: str, days: int) -> None:
+async def _age_deleted_rows(url: str, days: int, session_ids: list[str] | None = None) -> None:
+    """Moves the soft-deleted rows' deleted_at `days` back (of these sessions only, if given)."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         for table in ("sessions", "messages"):
             await conn.execute(
                 sql.SQL(
-                    # In UTC, where the arithmetic is immutable (Citus, as above).
+                    # In UTC, where the arithmetic is immutable: Citus refuses a stable
+                    # function over a column (timestamptz - interval) in an UPDATE.
                     "UPDATE {} SET deleted_at ="
                     " (deleted_at AT TIME ZONE 'UTC' - make_interval(days => %s))"
                     " AT TIME ZONE 'UTC' WHERE deleted_at IS NOT NULL"
+                    " AND (%s::text[] IS NULL OR session_id = ANY(%s::text[]))"
                 ).format(sql.Identifier(table)),
-                [days],
+                [days, session_ids, session_ids],
             )
 
 
