@@ -51,11 +51,6 @@ class StoreBase:
         # statement (`single`) runs in autocommit instead: the statement is its own
         # transaction, which saves the BEGIN and COMMIT round trips.
         with translated(unique=unique, foreign_key=foreign_key, field=field):
-            if self._health.down:
-                # Fail fast rather than wait for the pool's timeout; the probe heals the pool.
-                raise Unavailable(
-                    f"database unavailable for {self._health.down_for():.1f}s; retry later"
-                )
             conn = await self._checkout()
             try:
                 if single:
@@ -78,7 +73,11 @@ class StoreBase:
         timeout, seen_stale = self._pool.timeout, False
         for _ in range(self._pool.max_size + 1):
             try:
-                conn = await self._pool.getconn(timeout)
+                # Refused at once while the database is known down, and ended as soon as it
+                # is found down (the calls holding connections fail): no wait for the pool's
+                # timeout either way; the probe heals the pool.
+                with self._health.waiting_for_connection():
+                    conn = await self._pool.getconn(timeout)
             except PoolTimeout:
                 if seen_stale:
                     self._health.report_lost_connection()

@@ -8,11 +8,14 @@ import logging
 import select
 import time
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+
+from server.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,8 @@ class DatabaseHealth:
 
     Without it, every pooled connection that the server closed (a restart, a
     crash, a failover) would fail one call each after the database is back,
-    and calls made while it is down would wait for the pool's timeout.
+    and calls made while it is down, or queued for a connection when it went
+    down, would wait for the pool's timeout.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class DatabaseHealth:
         self._probe: asyncio.Task[None] | None = None
         self._down_since = 0.0
         self._listeners: list[Listener] = []
+        self._waiters: set[_Waiter] = set()
 
     @property
     def down(self) -> bool:
@@ -46,6 +51,21 @@ class DatabaseHealth:
     def down_for(self) -> float:
         """Seconds since the database was found unreachable."""
         return time.monotonic() - self._down_since
+
+    def waiting_for_connection(self) -> _Waiter:
+        """A block that waits for a pooled connection: it ends in Unavailable if the database goes.
+
+        A call queued behind calls that hold every connection would otherwise wait out the
+        pool's timeout after those calls found the database gone, although no connection
+        comes before it is back. As asyncio.timeout() ends a block at its deadline, the
+        waiting task is cancelled and the cancellation turned into Unavailable; a
+        cancellation of the caller's own (its deadline) propagates unchanged. The pool
+        takes back a connection it was handing over as the wait was cancelled.
+
+        Raises:
+            Unavailable: the database is known down, or is found down during the block.
+        """
+        return _Waiter(self)
 
     def add_listener(self, listener: Listener) -> None:
         """Calls `listener(False)` when the database goes down and `listener(True)` on return."""
@@ -58,6 +78,8 @@ class DatabaseHealth:
         self._down_since = time.monotonic()
         log.warning("lost a database connection; probing until PostgreSQL answers again")
         self._probe = asyncio.get_running_loop().create_task(self._wait_for_return())
+        for waiter in self._waiters:
+            waiter.interrupt()
 
     async def _wait_for_return(self) -> None:
         await self._notify(up=False)
@@ -88,6 +110,57 @@ class DatabaseHealth:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+
+
+class _Waiter:
+    """A task's wait for a pooled connection (DatabaseHealth.waiting_for_connection).
+
+    A plain context manager, not a generator: every checkout enters one.
+    """
+
+    __slots__ = ("_cancelling", "_health", "_interrupted", "_task")
+
+    def __init__(self, health: DatabaseHealth) -> None:
+        self._health = health
+        self._interrupted = False
+
+    def __enter__(self) -> None:
+        health = self._health
+        if health.down:
+            raise Unavailable(f"database unavailable for {health.down_for():.1f}s; retry later")
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        # The task's pending cancellations when its wait began (as asyncio.timeout() keeps).
+        self._cancelling = task.cancelling()
+        health._waiters.add(self)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._health._waiters.discard(self)
+        if not self._interrupted:
+            return
+        # Take back the interruption's cancellation: if the wait ended with a connection as
+        # it came (Python 3.11's wait_for then drops the cancellation), the call goes on
+        # with it, and nothing is left pending to cancel its statements.
+        # A cancellation beyond it is the caller's own (its deadline), and goes on.
+        pending = self._task.uncancel()
+        if (
+            kind is not None
+            and issubclass(kind, asyncio.CancelledError)
+            and pending <= self._cancelling
+        ):
+            raise Unavailable(
+                "database unavailable: it went away while this call waited for a "
+                "connection; nothing was written"
+            ) from None
+
+    def interrupt(self) -> None:
+        """Ends the wait: the database is down."""
+        if not self._interrupted:
+            self._interrupted = True
+            self._task.cancel()
 
 
 def is_stale(conn: AsyncConnection[Any]) -> bool:

@@ -154,8 +154,9 @@ async def test_restart_mid_load_loses_and_repeats_nothing(
         median_refusal_seconds=round(_median(_refused(writers)), 4),
         median_acknowledged_seconds=round(_median(s for w in writers for s in w.ok_seconds), 3),
         slowest_failure_seconds=round(failures[-1], 3),
-        # A call queued for a connection as the database went away waits for it to return
-        # (or for the pool's timeout): acknowledged, but late.
+        # A call queued for a connection as the database went away fails with the first call
+        # that finds it gone (tests/reliability/test_pool_wait.py), so none waits for it
+        # to return.
         slowest_acknowledged_seconds=round(max(s for w in writers for s in w.ok_seconds), 3),
         seconds_to_recover=round(recovered, 3),
     )
@@ -172,8 +173,8 @@ def _check_failures(writers: list[Writer]) -> list[float]:
     assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
     # The call of each writer that was in flight or queued for a connection when the
     # database went away finds it gone (at once, after a second's wait for a fresh
-    # connection, or after the pool's timeout); once the store has marked it down, every
-    # call is refused without trying it, until the probe sees it back.
+    # connection, or when another call finds it gone); once the store has marked it down,
+    # every call is refused without trying it, until the probe sees it back.
     for w in writers:
         tried = [d for d in w.failure_details if REFUSED_AT_ONCE not in d]
         assert len(tried) <= 1, (w.name, w.failure_details)

@@ -89,3 +89,24 @@ async def test_restart_between_calls_costs_no_call(
     await asyncio.to_thread(restartable.start_server)
     users = await asyncio.gather(*(restart_store.get_user(1, "kept") for _ in range(8)))
     assert {u.user_id for u in users} == {"kept"}
+
+
+async def test_calls_queued_for_a_connection_fail_with_the_first_that_finds_it_gone(
+    restartable: EmbeddedPostgres, restart_store: Store
+) -> None:
+    await restart_store.create_user(1, "kept", "", "", "", {})
+    await _fill_pool(restart_store)
+    await asyncio.to_thread(restartable.stop_server)
+    try:
+        # More calls than connections: those that take a pooled connection find it closed
+        # and wait a second for a fresh one while the pool tries to reconnect; the others
+        # queue behind them for the pool's timeout, and must end with the first failure.
+        start = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(restart_store.ping() for _ in range(8)), return_exceptions=True
+        )
+        took = time.monotonic() - start
+    finally:
+        await asyncio.to_thread(restartable.start_server)
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert took < POOL_TIMEOUT / 2, took
