@@ -48,14 +48,15 @@ test-citus: $(STAMP) $(SDK_STAMPS)
 	$(BIN)/python -m tests.citus_cluster run -- $(BIN)/python -m pytest $(CITUS_SUITES) $(PYTEST_ARGS)
 
 # Left out: test_indexes reads PostgreSQL's local plans (on Citus the indexes are used on the
-# shards); test_db_restart, test_group_commit_crash and test_rest_outage stop or kill a
-# PostgreSQL of their own (tests/fix_faults.py `restartable`, an embedded one), never the
-# cluster, so on it they would prove nothing about Citus (`make test` runs them).
+# shards); test_db_restart, test_group_commit_crash, test_rest_outage and test_pool_wait stop
+# or kill a PostgreSQL of their own (tests/fix_faults.py `restartable`, an embedded one), never
+# the cluster, so on it they would prove nothing about Citus (`make test` runs them).
 CITUS_SUITES := tests/citus tests/store tests/grpc tests/security tests/rest tests/reliability \
 	--ignore tests/store/test_indexes.py \
 	--ignore tests/reliability/test_db_restart.py \
 	--ignore tests/reliability/test_group_commit_crash.py \
-	--ignore tests/reliability/test_rest_outage.py
+	--ignore tests/reliability/test_rest_outage.py \
+	--ignore tests/reliability/test_pool_wait.py
 
 ## ruff (lint + format check), mypy strict, buf lint, and the stale-stub check.
 lint: $(STAMP) check-generated
