@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from server.store.search import RECALL_WORDS
 from tests.fix_db import usable_extensions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,3 +265,43 @@ def test_ab_writes_runs_on_tiny_data(server_url: str, together: bool) -> None:
         assert figures["add_memory_1_rps"] > 0 and figures["add_memory_20_rps"] > 0, figures
         assert figures["add_memory_1_cpu_us_per_call"] > 0
     assert summary["add_memory_1_after_over_before"] > 0
+
+
+def test_eval_measures_search_and_recall_on_tiny_data(server_url: str, tmp_path: Path) -> None:
+    # `make eval`'s code path on its first three questions (69 messages): SearchMemory's
+    # rankers and GetMemory's recall (each question a probe session), each beside BM25.
+    out = tmp_path / "eval.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.eval", "--sample", "3", "--json", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": server_url},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    vectors = _has_pgvector(server_url)
+    search = {"bm25", "full_text"} | ({"semantic", "hybrid"} if vectors else set())
+    assert search <= figures["rankers"].keys()
+    words = {"words_8", "words_16", "words_32", "words_64", "words_all"}
+    recall = {
+        "bm25",
+        *words,
+        *(("vector", "vector_all_words") if vectors else ("get_memory_words",)),
+    }
+    assert figures["recall"].keys() == {"alone", "after_talk"}
+    for window in figures["recall"].values():
+        assert window["corpus"]["questions"] == 3
+        assert window["rankers"].keys() == recall
+        for ranker in window["rankers"].values():
+            overall = ranker["overall"]
+            assert 0 <= overall["mrr"] <= overall["recall_at_10"] <= 1, ranker
+    # BM25 finds the lexical question's order number from the window alone.
+    assert figures["recall"]["alone"]["rankers"]["bm25"]["by_kind"]["lexical"]["recall_at_10"] == 1
+    if not vectors:
+        # Without pgvector GetMemory's recall is by words, RECALL_WORDS of them.
+        for window in figures["recall"].values():
+            rankers = window["rankers"]
+            assert rankers["get_memory_words"] == rankers[f"words_{RECALL_WORDS}"]

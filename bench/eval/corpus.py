@@ -76,6 +76,13 @@ class Corpus:
             grouped.setdefault(m.key.session_id, []).append(m)
         return {sid: tuple(ms) for sid, ms in grouped.items()}
 
+    def sample(self, questions: int) -> Corpus:
+        """The first `questions` questions and only the sessions holding their evidence: a
+        corpus small enough for a smoke test of the evaluation's code path."""
+        chosen = self.questions[:questions]
+        sessions = {k.session_id for q in chosen for k in q.evidence}
+        return Corpus(tuple(m for m in self.messages if m.key.session_id in sessions), chosen)
+
     def summary(self) -> dict[str, Any]:
         """Counts for the report: users, sessions, messages, questions by kind."""
         kinds = Counter(q.kind for q in self.questions)
@@ -107,6 +114,16 @@ def load() -> Corpus:
         messages.extend(built)
         questions.extend(_questions(user, labels))
     return Corpus(tuple(messages), tuple(questions))
+
+
+def user_name(user_id: str) -> str:
+    """The name a user's own messages carry as their role."""
+    return str(_read(user_id)["name"])
+
+
+def filler() -> list[list[list[str]]]:
+    """The generic exchanges (speaker "U" or "A", content) drawn into sessions as filler."""
+    return list(_read("filler"))
 
 
 def _read(name: str) -> Any:

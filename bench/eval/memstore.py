@@ -1,8 +1,9 @@
-"""SearchMemory as rankers for the evaluation: the corpus loaded into a real memstore server.
+"""SearchMemory and GetMemory's recall as rankers: the corpus loaded into a real memstore.
 
 The corpus goes in through the gRPC API (CreateUser, AddMemory), the real embedding worker
 embeds every message, and each question is asked with SearchMemory in the question's user
-scope, once per search type. The server runs in-process over a database of its own.
+scope, once per search type, then as a new session's window for GetMemory's recall
+(bench/eval/recall.py). The server runs in-process over a database of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import grpc
 from bench import env
 from bench.eval.corpus import Corpus, MessageKey, Question
 from bench.eval.metrics import DEPTH, Ranker
+from bench.eval.recall import ask_recall
 from memstore.v1 import resources_pb2 as rs
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc as ss_grpc
@@ -49,15 +51,23 @@ class Answers:
     ranked: dict[str, dict[str, list[MessageKey]]]
     embed_seconds: float
     messages: int
+    #: GetMemory's recall of each probe (bench/eval/recall.py): window -> ranker -> qid.
+    recall: dict[str, dict[str, dict[str, list[MessageKey]]]]
 
     def ranker(self, search_type: str) -> Ranker:
         """The answers of one search type as an evaluation Ranker."""
-        answers = self.ranked[search_type]
+        return _answered(self.ranked[search_type])
 
-        def ranked(question: Question) -> list[MessageKey]:
-            return answers[question.qid]
+    def recall_ranker(self, window: str, name: str) -> Ranker:
+        """One recall ranker's answers to the probes of one window as an evaluation Ranker."""
+        return _answered(self.recall[window][name])
 
-        return ranked
+
+def _answered(answers: dict[str, list[MessageKey]]) -> Ranker:
+    def ranked(question: Question) -> list[MessageKey]:
+        return answers[question.qid]
+
+    return ranked
 
 
 def ask_memstore(corpus: Corpus) -> Answers:
@@ -81,9 +91,10 @@ async def _ask(corpus: Corpus, url: str) -> Answers:
         keys = await _load(corpus, us_grpc.UserServiceStub(channel), sessions)
         embedder = embedder_from_setting("local")
         assert embedder is not None
+        worker = EmbeddingWorker(store, embedder)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        await EmbeddingWorker(store, embedder).drain(timeout=3600)
+        await worker.drain(timeout=3600)
         embed_seconds = loop.time() - start
         ranked: dict[str, dict[str, list[MessageKey]]] = {}
         for name, search_type in SEARCH_TYPES.items():
@@ -93,7 +104,11 @@ async def _ask(corpus: Corpus, url: str) -> Answers:
                 q.qid: await _search(sessions, q, search_type, keys.__getitem__)
                 for q in corpus.questions
             }
-    return Answers(ranked, embed_seconds, len(corpus.messages))
+        model = embedder.name if store.vectors else None
+        recall = await ask_recall(
+            corpus, store, sessions, keys.__getitem__, worker=worker, model=model
+        )
+    return Answers(ranked, embed_seconds, len(corpus.messages), recall)
 
 
 @asynccontextmanager

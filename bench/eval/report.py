@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from itertools import permutations
 from typing import Any, TextIO
 
@@ -11,13 +12,17 @@ from bench.eval.metrics import Evaluation, Ranker, evaluate
 
 
 def report(
-    rankers: dict[str, Ranker], corpus: Corpus | None = None, out: TextIO | None = None
+    rankers: dict[str, Ranker],
+    corpus: Corpus | None = None,
+    out: TextIO | None = None,
+    printed_pairs: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every ranker on the corpus' questions, print a table, return the figures.
 
     The returned dict is JSON-ready: the corpus summary, each ranker's overall and per-kind
     figures, and for each ordered pair of rankers how many questions the first found (any
-    evidence in its top 10) that the second missed, which is where each ranker wins.
+    evidence in its top 10) that the second missed, which is where each ranker wins. The
+    table prints those counts for every pair, or only for pairs of `printed_pairs`.
     """
     corpus = corpus or load()
     out = out or sys.stdout
@@ -27,7 +32,7 @@ def report(
         "rankers": {name: _figures(e) for name, e in evaluations.items()},
         "only_found_by": _only_found_by(evaluations),
     }
-    _print(figures, out)
+    _print(figures, out, printed_pairs)
     return figures
 
 
@@ -56,7 +61,7 @@ def _only_found_by(evaluations: dict[str, Evaluation]) -> dict[str, dict[str, li
     return pairs
 
 
-def _print(figures: dict[str, Any], out: TextIO) -> None:
+def _print(figures: dict[str, Any], out: TextIO, printed: Collection[str] | None) -> None:
     c = figures["corpus"]
     by_kind = ", ".join(f"{n} {k}" for k, n in c["questions_by_kind"].items())
     print(
@@ -65,11 +70,12 @@ def _print(figures: dict[str, Any], out: TextIO) -> None:
         file=out,
     )
     kinds = "".join(f"  {'R@10 ' + k:>17}" for k in KINDS)
-    print(f"\n{'ranker':<14}{'R@5':>7}{'R@10':>7}{'MRR':>7}{kinds}", file=out)
+    width = max(14, *(len(name) + 1 for name in figures["rankers"]))
+    print(f"\n{'ranker':<{width}}{'R@5':>7}{'R@10':>7}{'MRR':>7}{kinds}", file=out)
     for name, f in figures["rankers"].items():
         o = f["overall"]
         per_kind = "".join(f"  {f['by_kind'][k]['recall_at_10']:>17.3f}" for k in KINDS)
-        line = f"{name:<14}{o['recall_at_5']:>7.3f}{o['recall_at_10']:>7.3f}{o['mrr']:>7.3f}"
+        line = f"{name:<{width}}{o['recall_at_5']:>7.3f}{o['recall_at_10']:>7.3f}{o['mrr']:>7.3f}"
         print(line + per_kind, file=out)
     pairs = figures["only_found_by"]
     if len(pairs) > 1:
@@ -79,4 +85,6 @@ def _print(figures: dict[str, Any], out: TextIO) -> None:
         )
         for a, others in pairs.items():
             for b, qids in others.items():
+                if printed is not None and not {a, b} <= set(printed):
+                    continue
                 print(f"  {a} not {b}: {len(qids)}", file=out)

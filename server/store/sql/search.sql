@@ -152,7 +152,11 @@ SELECT memstore_any_words(%(text)s) AS query, %(vector)s::text::vector AS vector
 -- to match; no row unless the session is live, has messages and belongs to a user. The words
 -- are the distinct lexemes the window repeats most, then the longest (a stand-in for the
 -- rarest): the cost of matching and ranking each of the user's messages grows with the
--- query's size, and six chat messages hold a hundred lexemes or more. The tsvector's text
+-- query's size, and six chat messages hold a hundred lexemes or more. Content only, not the
+-- speakers: a message's role is indexed at weight A, so the window's own speakers (the
+-- user's name, "assistant") matched every message they ever said at ten times a content
+-- word, and recall by words ranked the user's shortest messages first whatever they said
+-- (R@10 0 in make eval's recall, docs/search.md). The tsvector's text
 -- form quotes each lexeme as tsquery's does, and a lexeme holds no space, so "' '" only ever
 -- separates two of them. OFFSET 0 keeps it a subquery, computed once: pulled up into the
 -- statement, the tsquery was built again for every message it was matched against and ranked
@@ -161,9 +165,9 @@ SELECT replace(
            strip(array_to_tsvector(ARRAY(
                SELECT w.lexeme
                FROM unnest(to_tsvector('english'::regconfig,
-                   (SELECT coalesce(string_agg(r.role || ' ' || left(r.content, 2000), ' '), '')
+                   (SELECT coalesce(string_agg(left(r.content, 2000), ' '), '')
                     -- Pinned by the parameters, not by s, so Citus routes it to one shard.
-                    FROM (SELECT m.role, m.content FROM messages m
+                    FROM (SELECT m.content FROM messages m
                           WHERE m.project_id = %(project_id)s
                             AND m.session_id = %(exclude_session)s AND m.deleted_at IS NULL
                           ORDER BY m.sequence DESC LIMIT %(window)s) AS r))) AS w
