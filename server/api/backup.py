@@ -16,6 +16,10 @@ from server.domain import Message, RestoreCounts, Session, User
 
 #: Rows of all kinds in one Restore request (one transaction).
 MAX_RESTORE_ROWS = 1000
+#: The highest sequence a restored message may have (2^53, as JSON numbers hold integers
+#: exactly): far past any session's real count, and far enough below PostgreSQL's bigint
+#: limit that the session's next sequence, and later AddMemory calls, never overflow it.
+MAX_SEQUENCE = 2**53
 
 
 class BackupServicer(ServicerBase, pb_grpc.BackupServiceServicer):
@@ -101,8 +105,11 @@ def _user(v: val.Violations, field: str, p: resources_pb2.User) -> tuple[str, Us
 def _session(v: val.Violations, field: str, p: resources_pb2.Session) -> tuple[str, Session]:
     val.check_id(v, f"{field}.session_id", p.session_id)
     val.check_id(v, f"{field}.user_id", p.user_id, required=False)
-    if p.next_sequence < 0:
-        v.add(f"{field}.next_sequence", f"must not be negative (got {p.next_sequence})")
+    if not 0 <= p.next_sequence <= MAX_SEQUENCE + 1:
+        v.add(
+            f"{field}.next_sequence",
+            f"must be between 0 and 2^53 + 1 (got {p.next_sequence})",
+        )
     metadata = val.metadata(v, f"{field}.metadata", p.metadata)
     created, updated = _times(v, field, p)
     session = Session(
@@ -123,8 +130,8 @@ def _message(v: val.Violations, field: str, p: ss.ExportedMessage) -> tuple[str,
     m = p.message
     val.check_id(v, f"{field}.session_id", p.session_id)
     uuid = val.message_uuid(v, f"{field}.message.uuid", m.uuid)
-    if m.sequence < 1:
-        v.add(f"{field}.message.sequence", f"must be 1 or more (got {m.sequence})")
+    if not 1 <= m.sequence <= MAX_SEQUENCE:
+        v.add(f"{field}.message.sequence", f"must be between 1 and 2^53 (got {m.sequence})")
     val.check_text(v, f"{field}.message.role", m.role)
     role_type = val.role_type(v, f"{field}.message.role_type", m.role_type)
     val.check_content(v, f"{field}.message.content", m.content)

@@ -41,6 +41,7 @@ class RestoreMethods(StoreBase):
             FailedPrecondition: require_empty and the project holds rows (PROJECT_NOT_EMPTY);
                 a session names an absent user (USER_NOT_FOUND), a message an absent session
                 (SESSION_NOT_FOUND).
+                A live message names a soft-deleted session (SESSION_DELETED).
             AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT).
         """
         async with self._connect(foreign_key=_missing_parent) as conn:
@@ -92,6 +93,9 @@ async def _restore_kind(
     if conflicts:
         raise _conflict(kind, conflicts)
     if kind == "messages":
+        live_in_deleted = await fetch_all(conn, "restore_messages_live_in_deleted", params)
+        if live_in_deleted:
+            raise _live_in_deleted(live_in_deleted)
         row = await fetch_one(conn, insert, params)
         created = int(row["created"]) if row else 0
     else:
@@ -130,6 +134,19 @@ def _conflict(kind: str, rows: list[dict[str, Any]]) -> AlreadyExists:
     more = f" (and {len(rows) - _NAMED_CONFLICTS} more)" if len(rows) > _NAMED_CONFLICTS else ""
     return AlreadyExists(
         f"{named}{more}; nothing of this request was written", reason="RESTORE_CONFLICT"
+    )
+
+
+def _live_in_deleted(rows: list[dict[str, Any]]) -> FailedPrecondition:
+    # What DeleteSession leaves: a soft-deleted session's messages are all soft-deleted, so
+    # none is counted, recalled, embedded, or brought back by UndeleteSession.
+    named = "; ".join(f"messages[{int(r['ord']) - 1}] ({r['id']})" for r in rows[:_NAMED_CONFLICTS])
+    more = f" (and {len(rows) - _NAMED_CONFLICTS} more)" if len(rows) > _NAMED_CONFLICTS else ""
+    return FailedPrecondition(
+        f"{named}{more}: live (no deleted_at) in a soft-deleted session, whose messages are all "
+        "soft-deleted; give each its deleted_at, or restore the session live; nothing of this "
+        "request was written",
+        reason="SESSION_DELETED",
     )
 
 

@@ -4,6 +4,7 @@ project checked, and a request written whole or not at all."""
 from __future__ import annotations
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import timestamp_pb2
 
@@ -84,3 +85,69 @@ async def test_parents_must_exist_and_a_failed_request_writes_nothing(
     other = bs.RestoreRequest(messages=[_message("s", 1, role="someone else")])
     error = await rpc_error(backup.Restore(other), Code.ALREADY_EXISTS, reason="RESTORE_CONFLICT")
     assert "messages[0] (s #1) exists with another role" in (error.details() or "")
+
+
+async def test_a_live_message_in_a_soft_deleted_session_is_refused(
+    backup: Backup, channel: grpc.aio.Channel, clean_db: str
+) -> None:
+    # Found by the fuzz tests: it was stored and counted, so a deleted session held a live
+    # message, which UndeleteSession would bring back though DeleteSession had hidden it.
+    sessions = Sessions(channel)
+    added = ss.AddMemoryRequest(session_id="gone", messages=[rs.Message(content="m")])
+    await sessions.AddMemory(added)
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="gone"))
+    stored = bs.RestoreRequest(messages=[_message("gone", 5)])
+    error = await rpc_error(
+        backup.Restore(stored), Code.FAILED_PRECONDITION, reason="SESSION_DELETED"
+    )
+    assert "messages[0] (gone #5)" in (error.details() or "")
+    deleted = _session("s")
+    deleted.deleted_at.CopyFrom(_at(20))
+    other = "0b5e3c1a-9f8d-4c2e-b7a6-1d2e3f405163"
+    in_request = bs.RestoreRequest(
+        sessions=[deleted], messages=[_message("s", 1, deleted_at=_at(20)), _message("s", 2, other)]
+    )
+    error = await rpc_error(
+        backup.Restore(in_request), Code.FAILED_PRECONDITION, reason="SESSION_DELETED"
+    )
+    assert "messages[1] (s #2)" in (error.details() or "")
+    assert "messages[0]" not in (error.details() or "")
+    with psycopg.connect(clean_db) as conn:
+        rows = conn.execute("SELECT session_id, sequence FROM messages ORDER BY 1, 2").fetchall()
+    assert rows == [("gone", 1)]  # nothing of either request was written
+    # Deleted with its session, as a backup holds it, the message is restored.
+    done = await backup.Restore(
+        bs.RestoreRequest(sessions=[deleted], messages=[_message("s", 1, deleted_at=_at(20))])
+    )
+    assert (done.sessions.created, done.messages.created) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ("message", "messages[0].message.sequence"),
+        ("session", "sessions[0].next_sequence"),
+    ],
+)
+async def test_a_sequence_past_2_53_is_refused_naming_it(
+    backup: Backup, channel: grpc.aio.Channel, row: str, field: str
+) -> None:
+    # Found by the fuzz tests: a message at 2^63 - 1 overflowed its session's next sequence
+    # ("request: bigint out of range"), and a session restored with that next sequence
+    # refused every later AddMemory with "messages: bigint out of range".
+    huge = 2**63 - 1
+    session = _session("s")
+    if row == "session":
+        session.next_sequence = huge
+        request = bs.RestoreRequest(sessions=[session])
+    else:
+        request = bs.RestoreRequest(sessions=[session], messages=[_message("s", huge)])
+    await rpc_error(backup.Restore(request), Code.INVALID_ARGUMENT, field=field)
+    # At the bound, both are restored, and the session takes more messages.
+    session.next_sequence = 2**53 + 1 if row == "session" else 0
+    top = bs.RestoreRequest(sessions=[session], messages=[_message("s", 2**53)])
+    await backup.Restore(top)
+    added = await Sessions(channel).AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[rs.Message(content="next")])
+    )
+    assert added.messages[0].sequence == 2**53 + 1

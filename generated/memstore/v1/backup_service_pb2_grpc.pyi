@@ -57,15 +57,20 @@ class BackupServiceStub:
     Errors:
       - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
         breaks the rules of its fields (as for CreateUser, CreateSession and
-        AddMemory), lacks created_at or updated_at, or has a sequence below 1,
-        or a message lacks its uuid; two rows of the request have the same
-        key. Each is named as in "sessions[2].created_at".
+        AddMemory), lacks created_at or updated_at, or has a sequence outside
+        1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
+        its uuid; two rows of the request have the same key. Each is named as
+        in "sessions[2].created_at".
       - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
         project holds a user or a session (live or soft-deleted).
       - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
         neither in the project nor in the request.
       - FAILED_PRECONDITION (SESSION_NOT_FOUND): a message names a session
         that is neither in the project nor in the request.
+      - FAILED_PRECONDITION (SESSION_DELETED): a live message (no deleted_at)
+        names a soft-deleted session, in the project or in the request; the
+        message names the rows. A soft-deleted session's messages are all
+        soft-deleted (as DeleteSession leaves them).
       - ALREADY_EXISTS (RESTORE_CONFLICT): a row's key exists with other
         values; the message names the row and the fields that differ.
     Nothing of the request is written when any of these is returned.
@@ -100,15 +105,20 @@ class BackupServiceAsyncStub(BackupServiceStub):
     Errors:
       - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
         breaks the rules of its fields (as for CreateUser, CreateSession and
-        AddMemory), lacks created_at or updated_at, or has a sequence below 1,
-        or a message lacks its uuid; two rows of the request have the same
-        key. Each is named as in "sessions[2].created_at".
+        AddMemory), lacks created_at or updated_at, or has a sequence outside
+        1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
+        its uuid; two rows of the request have the same key. Each is named as
+        in "sessions[2].created_at".
       - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
         project holds a user or a session (live or soft-deleted).
       - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
         neither in the project nor in the request.
       - FAILED_PRECONDITION (SESSION_NOT_FOUND): a message names a session
         that is neither in the project nor in the request.
+      - FAILED_PRECONDITION (SESSION_DELETED): a live message (no deleted_at)
+        names a soft-deleted session, in the project or in the request; the
+        message names the rows. A soft-deleted session's messages are all
+        soft-deleted (as DeleteSession leaves them).
       - ALREADY_EXISTS (RESTORE_CONFLICT): a row's key exists with other
         values; the message names the row and the fields that differ.
     Nothing of the request is written when any of these is returned.
@@ -146,15 +156,20 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors:
           - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
             breaks the rules of its fields (as for CreateUser, CreateSession and
-            AddMemory), lacks created_at or updated_at, or has a sequence below 1,
-            or a message lacks its uuid; two rows of the request have the same
-            key. Each is named as in "sessions[2].created_at".
+            AddMemory), lacks created_at or updated_at, or has a sequence outside
+            1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
+            its uuid; two rows of the request have the same key. Each is named as
+            in "sessions[2].created_at".
           - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
             project holds a user or a session (live or soft-deleted).
           - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
             neither in the project nor in the request.
           - FAILED_PRECONDITION (SESSION_NOT_FOUND): a message names a session
             that is neither in the project nor in the request.
+          - FAILED_PRECONDITION (SESSION_DELETED): a live message (no deleted_at)
+            names a soft-deleted session, in the project or in the request; the
+            message names the rows. A soft-deleted session's messages are all
+            soft-deleted (as DeleteSession leaves them).
           - ALREADY_EXISTS (RESTORE_CONFLICT): a row's key exists with other
             values; the message names the row and the fields that differ.
         Nothing of the request is written when any of these is returned.

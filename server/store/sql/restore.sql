@@ -110,6 +110,16 @@ FROM t JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = t.ses
                       AND (m.sequence = t.sequence OR m.uuid = t.uuid)
 ORDER BY t.ord;
 
+-- restore_messages_live_in_deleted --
+-- The request's live messages whose session is soft-deleted, stored or restored just before
+-- in this transaction: a soft-deleted session's messages are soft-deleted with it.
+SELECT t.ord, t.session_id || ' #' || t.sequence AS id
+FROM unnest(%(session_ids)s::text[], %(sequences)s::bigint[], %(deleted)s::timestamptz[])
+     WITH ORDINALITY AS t(session_id, sequence, deleted_at, ord)
+JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = t.session_id
+WHERE t.deleted_at IS NULL AND s.deleted_at IS NOT NULL
+ORDER BY t.ord;
+
 -- restore_messages --
 -- Inserts the request's messages that are not stored yet, then counts the live ones into
 -- their sessions and moves each session's next sequence past them (its updated_at stays as
