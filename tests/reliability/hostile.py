@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from hypothesis import strategies as st
 
+from memstore.v1 import backup_service_pb2 as bpb
 from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
@@ -57,6 +58,12 @@ sizes = st.one_of(
 
 #: RoleType values: every valid one, and unknown ones in both directions.
 role_types = st.one_of(st.integers(0, 6), st.integers(-(2**31), 2**31 - 1))
+
+#: int64 fields (sequences): negative, zero, small, and the extremes of the type.
+longs = st.one_of(
+    st.sampled_from([-(2**63), -1, 0, 1, 2, 2**31, 2**63 - 2, 2**63 - 1]),
+    st.integers(-(2**63), 2**63 - 1),
+)
 
 _json_scalars = st.one_of(
     st.none(),
@@ -140,6 +147,13 @@ timestamps = st.builds(
     nanos=st.one_of(st.integers(0, 999_999_999), st.integers(-(2**31), 2**31 - 1)),
 )
 
+#: Timestamps a backup holds: within years 1970-2033, to the nanosecond.
+plausible_timestamps = st.builds(
+    timestamp_pb2.Timestamp,
+    seconds=st.integers(0, 2_000_000_000),
+    nanos=st.one_of(st.just(0), st.integers(0, 999_999_999)),
+)
+
 uuids = st.one_of(
     st.deferred(lambda: st.sampled_from(KNOWN_UUIDS)),
     st.uuids().map(str),
@@ -164,6 +178,26 @@ message_lists = st.one_of(
 )
 
 
+#: SearchMemory's query text: empty, blank, words that match, at and past 10,000 characters.
+query_texts = st.one_of(
+    _text,
+    st.sampled_from(["", "   ", "m0", "m1 m2", "fuzz", "!!", "a & b | !c", "'\\"]),
+    rare(st.sampled_from(["q" * 10_000, "q" * 10_001, "é " * 5_000]), _text, one_in=20),
+)
+
+#: float32 fields: inside and just outside 0-1, NaN, infinities, negative zero, any float32.
+unit_floats = st.one_of(
+    st.sampled_from([0.0, -0.0, 0.5, 1.0, 1.0000001, -1e-9, float("nan"), float("inf")]),
+    st.floats(width=32),
+)
+
+search_types = st.one_of(st.integers(0, 3), st.integers(-(2**31), 2**31 - 1))
+search_scopes = st.one_of(
+    st.lists(ids, max_size=4),
+    rare(st.integers(100, 101).map(lambda n: [f"s{i}" for i in range(n)]), st.just([])),
+)
+
+
 def _plain() -> resources_pb2.Message:
     return resources_pb2.Message(content="m", role_type=resources_pb2.ROLE_TYPE_USER)
 
@@ -179,6 +213,98 @@ def _build(cls: Any, **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     return st.fixed_dictionaries({k: _maybe(v) for k, v in fields.items()}).map(make)
+
+
+def _mostly(
+    cls: Any, one_in: int, **fields: tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]
+) -> Any:
+    """A message of `cls` with plausible values (None: unset) in every field but, about one
+    time in `one_in`, one field drawn from its hostile strategy: so that whole requests are
+    often valid and get past the checks to the database, where the rows and the state they
+    meet are the hostile part."""
+    plausible = {name: values[0] for name, values in fields.items()}
+
+    def spoil(name: str) -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries({**plausible, name: fields[name][1]})
+
+    def make(values: dict[str, Any]) -> Any:
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    spoilt = st.sampled_from(sorted(fields)).flatmap(spoil)
+    return rare(spoilt, st.fixed_dictionaries(plausible), one_in).map(make)
+
+
+_names = st.text("abcxyz", max_size=6)
+_small_metadata = st.dictionaries(st.sampled_from("abc"), st.integers(0, 3), max_size=2).map(
+    _struct
+)
+#: The ids restored rows use: new ones and those the fuzz tests create first.
+# New ids (restoring a known one with other values is a conflict, which the hostile ids
+# try); messages go mostly into the seeded sessions (live and deleted), past their
+# sequences 1-3, and sometimes into sessions restored before.
+_restore_users = st.integers(0, 99).map(lambda i: f"r-u{i}")
+_restore_sessions = st.integers(0, 99).map(lambda i: f"r-s{i}")
+_message_sessions = st.one_of(
+    st.sampled_from([KNOWN_SESSION, DELETED_SESSION, "fuzz-s3"]),
+    st.sampled_from([KNOWN_SESSION, DELETED_SESSION, "fuzz-s3"]),
+    _restore_sessions,
+)
+#: One backup row in this many has a hostile field: a request holds several rows.
+_ROW_ODDS = 5
+
+restore_users = _mostly(
+    resources_pb2.User,
+    _ROW_ODDS,
+    user_id=(_restore_users, ids),
+    email=(_maybe(_names), short_texts),
+    first_name=(_maybe(_names), short_texts),
+    last_name=(_maybe(_names), short_texts),
+    metadata=(_maybe(_small_metadata), metadatas),
+    created_at=(plausible_timestamps, timestamps),
+    updated_at=(plausible_timestamps, timestamps),
+    session_count=(_maybe(st.integers(0, 3)), longs),
+)
+restore_sessions = _mostly(
+    resources_pb2.Session,
+    _ROW_ODDS,
+    session_id=(_restore_sessions, ids),
+    user_id=(_maybe(st.sampled_from(["", "", KNOWN_USER, "r-u1", "nobody"])), ids),
+    metadata=(_maybe(_small_metadata), metadatas),
+    created_at=(plausible_timestamps, timestamps),
+    updated_at=(plausible_timestamps, timestamps),
+    deleted_at=(_maybe(plausible_timestamps), timestamps),
+    message_count=(_maybe(st.integers(0, 3)), longs),
+    last_message_at=(_maybe(plausible_timestamps), timestamps),
+    next_sequence=(_maybe(st.integers(0, 30)), longs),
+)
+_restore_messages = _mostly(
+    resources_pb2.Message,
+    _ROW_ODDS,
+    uuid=(st.uuids().map(str), uuids),
+    role=(_maybe(_names), short_texts),
+    role_type=(_maybe(st.integers(0, 6)), role_types),
+    content=(st.text("abc ", min_size=1, max_size=20), contents),
+    metadata=(_maybe(_small_metadata), metadatas),
+    created_at=(plausible_timestamps, timestamps),
+    updated_at=(plausible_timestamps, timestamps),
+    sequence=(st.integers(4, 10_000), longs),
+    deleted_at=(_maybe(plausible_timestamps), timestamps),
+)
+restore_messages = st.builds(
+    spb.ExportedMessage,
+    session_id=rare(ids, _message_sessions, one_in=20),
+    message=_restore_messages,
+)
+
+
+def many_users(count: int) -> bpb.RestoreRequest:
+    """A Restore of `count` plain new users."""
+    at = timestamp_pb2.Timestamp(seconds=1_700_000_000)
+    users = [
+        resources_pb2.User(user_id=f"bulk-{count}-{i}", created_at=at, updated_at=at)
+        for i in range(count)
+    ]
+    return bpb.RestoreRequest(users=users)
 
 
 #: One strategy of hostile requests per RPC: (service, method, request strategy).
@@ -253,4 +379,61 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         update_mask=masks,
     ),
     "SessionService/ClearMemory": _build(spb.ClearMemoryRequest, session_id=ids),
+    "SessionService/ExportSessions": _build(
+        spb.ExportSessionsRequest,
+        chunk_size=sizes,
+        page_token=tokens,
+        include_deleted=st.booleans(),
+    ),
+    "SessionService/ExportMessages": _build(
+        spb.ExportMessagesRequest,
+        chunk_size=sizes,
+        page_token=tokens,
+        include_deleted=st.booleans(),
+    ),
+    "SessionService/SearchMemory": st.one_of(
+        _build(
+            spb.SearchMemoryRequest,
+            text=query_texts,
+            user_id=ids,
+            session_ids=search_scopes,
+            search_type=search_types,
+            limit=sizes,
+            mmr_lambda=unit_floats,
+            role_types=st.lists(role_types, max_size=3),
+            metadata_contains=metadatas,
+            created_after=timestamps,
+            created_before=timestamps,
+        ),
+        _mostly(
+            spb.SearchMemoryRequest,
+            2,
+            text=(st.sampled_from(["m0", "m1 m2", "fuzz", "what was said"]), query_texts),
+            user_id=(_maybe(st.sampled_from([KNOWN_USER, "fuzz-user-2", "nobody"])), ids),
+            session_ids=(
+                _maybe(st.lists(st.sampled_from([KNOWN_SESSION, DELETED_SESSION]), max_size=2)),
+                search_scopes,
+            ),
+            search_type=(_maybe(st.integers(0, 3)), search_types),
+            limit=(_maybe(st.integers(0, 100)), sizes),
+            mmr_lambda=(_maybe(st.floats(0, 1, width=32)), unit_floats),
+            role_types=(
+                _maybe(st.lists(st.integers(0, 6), max_size=2)),
+                st.lists(role_types, max_size=3),
+            ),
+            metadata_contains=(_maybe(_small_metadata), metadatas),
+            created_after=(_maybe(plausible_timestamps), timestamps),
+            created_before=(_maybe(plausible_timestamps), timestamps),
+        ),
+    ),
+    "BackupService/Restore": _mostly(
+        bpb.RestoreRequest,
+        4,
+        # (The 1,000 rows a request may hold at most, and 1,001, are sent once by the test:
+        # drawn here, hypothesis chose them in most batches, at seconds each.)
+        users=(st.lists(restore_users, max_size=2), st.lists(restore_users, max_size=8)),
+        sessions=(st.lists(restore_sessions, max_size=2), st.lists(restore_sessions, max_size=8)),
+        messages=(st.lists(restore_messages, max_size=3), st.lists(restore_messages, max_size=8)),
+        require_empty=(st.just(False), st.booleans()),
+    ),
 }
