@@ -220,6 +220,30 @@ def keep_recall(url: str, prefix: str) -> int:
     return asyncio.run(run())
 
 
+def keep_word_recall(url: str, prefix: str) -> int:
+    """Keeps the recall by words of the sessions named `prefix`-*, as the worker does without
+    pgvector when their messages arrive (migration 0012); returns how many queue rows it
+    settled. COPY queued nothing, so their messages are queued first."""
+
+    async def run() -> int:
+        store = await Store.open(url, min_size=1, max_size=2)
+        try:
+            await store.check_vectors()
+            if not store.word_recall:
+                raise RuntimeError(
+                    "kept recall by words needs a PostgreSQL without pgvector (and migration 0012)"
+                )
+            queue_backlog(url, prefix)
+            settled = 0
+            while done := await store.keep_word_recall_due(64, RECALL_WINDOW):
+                settled += done
+            return settled
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
 def queue_backlog(url: str, prefix: str) -> int:
     """Queues every message of the sessions named `prefix`-* for embedding, oldest first."""
     with psycopg.connect(url) as conn:

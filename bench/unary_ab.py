@@ -64,6 +64,18 @@ def _recall_words(url: str, messages: int) -> Kinds:
     return _get_memory_kinds(sessions)
 
 
+def _recall_kept_words(url: str, messages: int) -> Kinds:
+    # Without pgvector, the data of recall_words with each of the user's sessions' recall kept
+    # by words, as the worker keeps it since migration 0012: a checkout that reads it answers
+    # from it, an older one ranks on the request path as in recall_words.
+    if search_data.has_vectors(url):
+        raise RuntimeError("recall_kept_words needs a PostgreSQL without pgvector")
+    kinds = _recall_words(url, messages)
+    search_data.keep_word_recall(url, "srch-ab")
+    search_data.analyze(url)
+    return kinds
+
+
 def _get_memory_kinds(sessions: list[str]) -> Kinds:
     # Health (the baseline), GetMemory with recall (relevant_limit 5) and without, over
     # `sessions`.
@@ -95,6 +107,7 @@ def _writes(url: str) -> Kinds:
 KINDS: dict[str, Callable[[str, int], Kinds]] = {
     "recall": lambda url, _: _recall(url),
     "recall_words": _recall_words,
+    "recall_kept_words": _recall_kept_words,
     "writes": lambda url, _: _writes(url),
 }
 #: Server arguments of a comparison beyond the bench's own: writes are measured without

@@ -255,7 +255,8 @@ class Config:
     )
     embedding_worker: bool = setting(
         True,
-        "run the embedding worker in this process (memstore embed runs it alone)",
+        "run the embedding worker in this process (memstore embed runs it alone); without "
+        "pgvector it keeps recall by words",
         env="MEMSTORE_EMBEDDING_WORKER",
         parse=parse_bool,
     )

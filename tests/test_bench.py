@@ -305,3 +305,17 @@ def test_eval_measures_search_and_recall_on_tiny_data(server_url: str, tmp_path:
         for window in figures["recall"].values():
             rankers = window["rankers"]
             assert rankers["get_memory_words"] == rankers[f"words_{RECALL_WORDS}"]
+
+
+def test_ab_recall_kept_words_runs_on_tiny_data(server_url: str) -> None:
+    # Recall kept by words (migration 0012): only where the server has no pgvector.
+    run = _run_ab(server_url, "recall_kept_words", "--messages", "2560")
+    if _has_pgvector(server_url):
+        assert run.returncode != 0 and "needs a PostgreSQL without pgvector" in run.stderr
+        return
+    summary = _ab_summary(run)
+    assert summary["comparison"] == "recall_kept_words"
+    for side in ("before", "after"):
+        figures = summary[side]
+        assert figures["recall_rps"] > 0 and figures["no_recall_rps"] > 0, figures
+    assert summary["recall_after_over_before"] > 0

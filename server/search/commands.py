@@ -22,12 +22,17 @@ _REINDEX_BATCH = 5000
 
 
 async def embed(config: Config) -> None:
-    """Runs the embedding worker until SIGTERM or SIGINT."""
+    """Runs the embedding worker until SIGTERM or SIGINT (without pgvector: the recall
+    worker, which keeps recall by words and runs no model)."""
     store = await open_store(config)
     try:
-        embedder = await _ready(store, config)
+        await store.migrate()
+        embedder = None if store.word_recall else await _ready(store, config)
         worker = asyncio.create_task(EmbeddingWorker(store, embedder).run())
-        log.info("embedding worker running (model %s)", embedder.name)
+        if embedder is None:
+            log.info("recall worker running (no pgvector: recall by words)")
+        else:
+            log.info("embedding worker running (model %s)", embedder.name)
         await wait_for_signal()
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):

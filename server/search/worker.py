@@ -77,13 +77,15 @@ class EmbeddingWorker:
 
     Each batch is claimed with FOR UPDATE SKIP LOCKED and settled in the transaction that
     claimed it, so workers never embed the same message twice at once, and a worker that
-    dies mid-batch leaves its rows to the next claim.
+    dies mid-batch leaves its rows to the next claim. Where the store keeps no vectors, it
+    runs no model: it keeps the recall by words of the sessions whose messages arrived
+    (store.keep_word_recall_due), and the embedder may be None.
     """
 
     def __init__(
         self,
         store: Store,
-        embedder: Embedder,
+        embedder: Embedder | None,
         *,
         batch_size: int = BATCH_SIZE,
         idle_seconds: float = IDLE_SECONDS,
@@ -141,9 +143,17 @@ class EmbeddingWorker:
         Raises:
             Unavailable: the database cannot be reached.
         """
-        done = await self._store.embed_due(
-            self._embedder.name, self._batch_size, RECALL_WINDOW, self._embed
-        )
+        if not self._store.vectors:
+            # No model: the ranking's time, spent in PostgreSQL, is paced as the model's is.
+            start = time.monotonic()
+            done = await self._store.keep_word_recall_due(self._batch_size, RECALL_WINDOW)
+            self._batch_cpu += time.monotonic() - start
+        elif self._embedder is None:
+            raise ValueError("vectors are kept: the worker needs a model to embed with")
+        else:
+            done = await self._store.embed_due(
+                self._embedder.name, self._batch_size, RECALL_WINDOW, self._embed
+            )
         self.embedded += done
         return done
 
@@ -163,6 +173,7 @@ class EmbeddingWorker:
         return total
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
+        assert self._embedder is not None
         loop = asyncio.get_running_loop()
         vectors, cpu = await loop.run_in_executor(self._thread, _timed, self._embedder, texts)
         self._pacer.model_ran(cpu)

@@ -304,8 +304,16 @@ def load_model(embedder: Embedder | None) -> None:
 def _embedding_worker(
     config: Config, store: Store, embedder: Embedder | None
 ) -> EmbeddingWorker | None:
-    """The in-process embedding worker, or None when it is off or has nothing to feed."""
-    if not config.embedding_worker or embedder is None or not store.vectors:
+    """The in-process embedding worker, or None when it is off or has nothing to feed.
+
+    Without pgvector it keeps recall by words (migration 0012) and runs no model.
+    """
+    if not config.embedding_worker:
+        return None
+    if store.word_recall:
+        log.info("recall worker on (no pgvector: recall by words, kept ahead of time)")
+        return EmbeddingWorker(store, None)
+    if embedder is None or not store.vectors:
         return None
     log.info("embedding worker on (model %s)", embedder.name)
     return EmbeddingWorker(store, embedder)

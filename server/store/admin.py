@@ -54,6 +54,7 @@ class AdminMethods(StoreBase):
         async with self._connect(single=True) as conn:
             row = await fetch_one(conn, "vectors_ready", {})
         self.vectors = bool(row and row["ready"])
+        self.word_recall = bool(row and row["word_recall"]) and not self.vectors
         self.citus = bool(row and row["citus"])
         return self.vectors
 

@@ -34,6 +34,10 @@ class StoreBase:
         #: Whether the vector tables exist (pgvector was available to migration 0007): new
         #: messages are then queued for embedding and search can rank by meaning.
         self.vectors = False
+        #: Whether recall by words is kept ahead of time instead (migration 0012 applied and
+        #: no vector tables): new messages are then queued too, for the worker to rank their
+        #: session's recall by words, and GetMemory reads what it kept.
+        self.word_recall = False
         #: Whether the database is a Citus coordinator (the tables are distributed): the few
         #: writes Citus runs differently take their other path (docs/scaling.md).
         self.citus = False

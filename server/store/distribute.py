@@ -32,6 +32,8 @@ DISTRIBUTED = (
     ("embedding_queue", "session_id", "sessions"),
     ("message_embeddings", "session_id", "sessions"),
     ("session_embeddings", "session_id", "sessions"),
+    # Recall kept by words where vectors are not (migration 0012), with its session.
+    ("session_word_recall", "session_id", "sessions"),
 )
 #: Foreign keys Citus cannot keep (they join rows placed by different columns); the store
 #: enforces what they did (store/sessions.py, store/users.py; tests/citus proves it).

@@ -70,7 +70,7 @@ class RestoreMethods(StoreBase):
                     "messages",
                     "restore_messages_existing",
                     "restore_messages",
-                    {**_message_params(messages), "embed": self.vectors},
+                    {**_message_params(messages), "embed": self.vectors or self.word_recall},
                 ),
             ):
                 params["project_id"] = project_id

@@ -49,7 +49,8 @@ RECALL_KEEP = 20
 #: five messages of other talk, 64 lost nothing against every word (docs/search.md).
 RECALL_WORDS = 64
 
-#: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model).
+#: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model), the
+#: model "" for recall kept by words.
 MemoryKey = tuple[int, str, int, int, str]
 
 #: Claims a worker tries on Citus before it takes a lost race for an empty queue.
@@ -112,6 +113,16 @@ def recall_statement(vector: bool) -> sql.Composed:
     return query(_statement(vector, semantic_only=False)).format(
         query=fragment, filters=scope, match=query("recall_match_scan")
     )
+
+
+def kept_recall_statement(name: str, *, vectors: bool) -> sql.Composed:
+    """A read of kept recall (get_memories_recall, recall_stored_citus) over the table the
+    worker keeps it in: session_embeddings with vectors, session_word_recall without."""
+    if vectors:
+        kept, kept_filter = "session_embeddings", query("recall_filter_kept_vectors")
+    else:
+        kept, kept_filter = "session_word_recall", sql.SQL("")
+    return query(name).format(kept=sql.Identifier(kept), kept_filter=kept_filter)
 
 
 def _kept(row: Row) -> SearchResult:
@@ -188,30 +199,35 @@ class SearchMethods(StoreBase):
         """GetMemory's window plus up to `limit` memories from the user's other sessions.
 
         The memories are the live messages of the same user's other live sessions most
-        relevant to this session's last `window` messages. Where the embedding worker has
-        ranked them for `model` (it does whenever it embeds the session's messages), they
-        are read as it kept them, with deleted ones dropped: one round trip of index reads.
-        Otherwise (no vectors, not yet embedded, or more than it keeps) they are ranked
-        here, by words fused with the recall vector when there is one: a second round trip.
-        No model runs.
+        relevant to this session's last `window` messages. Where the worker has ranked them
+        (for `model` with vectors, whenever it embeds the session's messages; by words
+        without, whenever they arrive), they are read as it kept them, with deleted ones
+        dropped: one round trip of index reads. Otherwise (not yet kept, more than it keeps,
+        or vectors without a model) they are ranked here, by words fused with the recall
+        vector when there is one: a second round trip. No model runs.
 
         Raises:
             Unavailable: the database cannot be reached.
         """
         params = self._recall_params(project_id, session_id, window, model, limit)
         params["lastn"] = lastn
-        stored = model is not None and self.vectors and limit <= RECALL_KEEP
+        kept_by = model if self.vectors else "" if self.word_recall else None
+        stored = kept_by is not None and limit <= RECALL_KEEP
         if stored and self.citus:
             # Citus: the window on the session's shard, then the kept recall, whose memories
             # are on other shards (recall_stored_citus), each its own statement.
             async with self._connect(single=True) as conn:
                 memory = await fetch_all(conn, memory_window(), params)
-                kept = await fetch_all(conn, "recall_stored_citus", params) if memory else []
-        elif stored and model is not None:
+                kept = (
+                    await fetch_all(conn, self._kept_statement("recall_stored_citus"), params)
+                    if memory
+                    else []
+                )
+        elif stored and kept_by is not None:
             # Concurrent calls share one statement (and its round trip), as GetUser's do.
             with translated():
                 found = await self._memory_loader.load(
-                    (project_id, session_id, lastn, limit, model)
+                    (project_id, session_id, lastn, limit, kept_by)
                 )
             memory, kept = found or ([], [])
         else:
@@ -251,10 +267,14 @@ class SearchMethods(StoreBase):
                     "lastns": [k[2] for k in group],
                     "limits": [k[3] for k in group],
                 }
-                for row in await fetch_all(conn, "get_memories_recall", params):
+                statement = self._kept_statement("get_memories_recall")
+                for row in await fetch_all(conn, statement, params):
                     parts = found.setdefault(group[row["i"] - 1], ([], []))
                     parts[row["part"]].append(row)
         return found
+
+    def _kept_statement(self, name: str) -> sql.Composed:
+        return kept_recall_statement(name, vectors=self.vectors)
 
     def _recall_params(
         self, project_id: int, session_id: str, window: int, model: str | None, limit: int
@@ -342,11 +362,14 @@ class SearchMethods(StoreBase):
         gives them back at once: nothing is lost. The save locks the batch's sessions
         first, in key order, as DeleteUser does, so the two wait for each other instead of
         deadlocking. Soft-deleted messages leave the queue without a vector.
-        Returns how many queue rows were settled (0 when nothing was due).
+        Returns how many queue rows were settled (0 when nothing was due, and always where
+        vectors are not kept: the queue then feeds keep_word_recall_due).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
+        if not self.vectors:
+            return 0  # queued for recall by words (keep_word_recall_due): nothing to embed
         async with self._connect(single=True) as conn:
             claimed = await self._claim(conn, limit)
         if not claimed:
@@ -377,6 +400,61 @@ class SearchMethods(StoreBase):
                 if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
                     raise
         return len(claimed)
+
+    async def keep_word_recall_due(self, limit: int, window: int) -> int:
+        """Leases up to `limit` due messages and keeps their sessions' recall by words.
+
+        Where vectors are not kept, the queue says which sessions have new messages: each
+        is ranked as GetMemory would rank it on the request path (its last `window`
+        messages' words) and kept in session_word_recall, and the batch leaves the queue,
+        in one transaction. Leased as embed_due's batches are: a worker that dies leaves
+        them to the next claim. Returns how many queue rows were settled (0: nothing due).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect(single=True) as conn:
+            claimed = await self._claim(conn, limit)
+        if not claimed:
+            return 0
+        keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
+        sessions = sorted({(k[0], k[1]) for k in keys})
+        for attempt in range(_SAVE_ATTEMPTS):  # as embed_due's save, on Citus
+            try:
+                await self._save_word_recall(keys, sessions, window)
+                break
+            except FailedPrecondition:
+                if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
+                    raise
+        return len(claimed)
+
+    async def _save_word_recall(
+        self, keys: list[tuple[int, str, int]], sessions: list[tuple[int, str]], window: int
+    ) -> None:
+        async with self._connect() as conn:
+            if not self.citus:
+                # Against deletion, in key order as DeleteUser locks them (see _save_batch).
+                await conn.execute(
+                    query("lock_embedded_sessions"),
+                    {
+                        "project_ids": [s[0] for s in sessions],
+                        "session_ids": [s[1] for s in sessions],
+                    },
+                )
+            await conn.execute(query("settle_word_recall"), _keys_params(keys))
+            for project_id, session_id in sessions:
+                params = self._recall_params(project_id, session_id, window, None, RECALL_KEEP)
+                found = await self._rank_recall(conn, params, None)
+                await conn.execute(
+                    query("save_word_recall"),
+                    {
+                        "project_id": project_id,
+                        "session_id": session_id,
+                        "recall_sessions": [r.message.session_id for r in found],
+                        "recall_sequences": [r.message.sequence for r in found],
+                        "recall_scores": [r.score for r in found],
+                    },
+                )
 
     async def _save_batch(
         self,

@@ -23,6 +23,7 @@ from server.domain import SessionQuery
 from server.store import Store
 from server.store.messages import add_memory_statement
 from server.store.queries import query
+from server.store.search import kept_recall_statement
 from server.store.sessions import list_sessions_statements
 from tests.citus.plans import named_statements, task_counts
 
@@ -43,6 +44,7 @@ ONE_SHARD = {
     "undelete_session": "UndeleteSession",
     "recall_query_text": "GetMemory's recall: the words of the session's last messages",
     "save_recall": "the embedding worker keeping one session's recall",
+    "save_word_recall": "the recall worker (no pgvector) keeping one session's recall by words",
     "create_user": "CreateUser",
     "get_users": "GetUser (one id; concurrent calls coalesced into one statement)",
     "update_user": "UpdateUser",
@@ -59,6 +61,7 @@ ONE_SHARD = {
 ONE_SHARD_AND_ONE_FAN_OUT = {
     "list_user_sessions": "ListUserSessions",
     "recall_stored_citus": "GetMemory's kept recall: memories of the user's other sessions",
+    "recall_stored_citus_words": "the same, kept by words (no pgvector)",
 }
 #: Named fan-outs: project-wide listings and exports, DeleteUser, the purge, user-scope
 #: search, the embedding worker's queue sweeps.
@@ -80,6 +83,7 @@ FAN_OUT = {
     "search_project_scope": "SearchMemory over the project",
     "embedding_lag": "metrics: the queue's length",
     "release_embeddings": "the embedding worker giving a batch back",
+    "settle_word_recall": "the recall worker (no pgvector) removing a batch from the queue",
     "save_embeddings": "the embedding worker writing one batch's vectors",
     "queue_reindex": "memstore reindex",
     "reindex_total": "memstore reindex",
@@ -114,10 +118,14 @@ PLAIN_ONLY = {
     "lock_embedded_sessions",
     "refresh_session_embeddings",
     "get_memories_recall",
+    "get_memories_recall_words",
 }
 #: Statements on reference or coordinator-local tables only, and fragments.
 _NOT_DISTRIBUTED_PREFIXES = ("filter_", "search_filter_", "recall_filter_", "keyset_", "order_")
-_TEMPLATES = {"list_sessions", "count_sessions", "recall_query_vector"}
+_TEMPLATES = {
+    *("list_sessions", "count_sessions", "recall_query_vector"),
+    *("get_memories_recall", "recall_stored_citus"),
+}
 _SEARCH = ("search_full_text", "search_semantic", "search_hybrid", "count_unembedded")
 
 
@@ -132,6 +140,9 @@ def _statements() -> dict[str, sql.Composable]:
     found["add_memory"] = add_memory_statement(citus=True)
     page, count, _ = list_sessions_statements(SessionQuery(), None)
     found["list_sessions"], found["count_sessions"] = page, count
+    for name in ("get_memories_recall", "recall_stored_citus"):
+        found[name] = kept_recall_statement(name, vectors=True)
+        found[f"{name}_words"] = kept_recall_statement(name, vectors=False)
     text = query("search_query_text")
     found["search_in_one_session"] = compose_search(text, "search_filter_sessions")
     found["search_user_scope"] = compose_search(text, "search_filter_user")

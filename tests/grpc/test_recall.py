@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from memstore.v1 import resources_pb2 as rs
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.search.embedding import Embedder
+from server.search.service import RECALL_WINDOW
+from server.store import Store
 from server.store.queries import query
 from server.store.search import RECALL_WORDS
 from tests.grpc import Code, Sessions, Users, msg, rpc_error
@@ -152,14 +159,107 @@ async def test_kept_recall_drops_what_was_deleted_since(users, sessions, store, 
     await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="ivo-b"))
     after = await sessions.GetMemory(ss.GetMemoryRequest(session_id="ivo-now"))
     assert list(after.relevant_messages) == [] and after.context == ""
-    if store.vectors:
-        async with await psycopg.AsyncConnection.connect(clean_db) as conn:
-            cur = await conn.execute(
-                "SELECT recall_sessions FROM session_embeddings WHERE session_id = 'ivo-now'"
-            )
-            row = await cur.fetchone()
-        # What GetMemory read was the kept ranking, which still names both sessions.
-        assert row is not None and set(row[0]) == {"ivo-a", "ivo-b"}
+    # What GetMemory read was the kept ranking (by the worker: of vectors, or of words without
+    # pgvector), which still names both sessions.
+    assert set(await _kept_sessions(clean_db, store, "ivo-now")) == {"ivo-a", "ivo-b"}
+    # A hard delete takes the kept recall with its session (DeleteUser: the foreign key).
+    await users.DeleteUser(us.DeleteUserRequest(user_id="ivo"))
+    assert await _kept_sessions(clean_db, store, "ivo-now") is None
+
+
+async def _kept_sessions(url: str, store: Store, session_id: str) -> list[str] | None:
+    """The sessions of a session's kept recall, best first; None when nothing is kept."""
+    table = "session_embeddings" if store.vectors else "session_word_recall"
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute(
+            sql.SQL("SELECT recall_sessions FROM {} WHERE session_id = %s").format(
+                sql.Identifier(table)
+            ),
+            [session_id],
+        )
+        row = await cur.fetchone()
+    return None if row is None else list(row[0])
+
+
+def _keys(found: Iterable[Any]) -> list[tuple[str, int]]:
+    # Proto results (GetMemory's) carry the session beside the message, the store's inside.
+    return [
+        (getattr(r, "session_id", None) or r.message.session_id, r.message.sequence) for r in found
+    ]
+
+
+async def _request_path(store: Store, embedder: Embedder, session_id: str, limit: int) -> Any:
+    """What GetMemory ranks on the request path when nothing is kept for the session."""
+    return await store.rank_recall(
+        P,
+        session_id,
+        limit=limit,
+        window=RECALL_WINDOW,
+        model=embedder.name if store.vectors else None,
+    )
+
+
+async def test_kept_recall_is_what_the_request_path_ranks(
+    users, sessions, store, embed, *, embedder, clean_db
+):
+    # The worker keeps each session's recall as GetMemory would rank it on the request path
+    # (with pgvector: words and the recall vector; without: words alone), so reading the
+    # kept one changes no answer, only where the work is done.
+    await _history(users, sessions)
+    await _say(sessions, "maya-now", "maya", "Which dog food should I buy for Biscuit?")
+    await _say(sessions, "maya-bank", "maya", "the bank wants the quarterly report Friday")
+    await embed()
+    for session_id in ("maya-pets", "maya-work", "maya-now", "maya-bank"):
+        kept = await _kept_sessions(clean_db, store, session_id)
+        assert kept, f"{session_id}: no recall kept"
+        memory = await sessions.GetMemory(
+            ss.GetMemoryRequest(session_id=session_id, relevant_limit=10)
+        )
+        ranked = await _request_path(store, embedder, session_id, 10)
+        assert _keys(memory.relevant_messages) == _keys(ranked), session_id
+        assert [r.score for r in memory.relevant_messages] == pytest.approx(
+            [r.score for r in ranked]
+        )
+        assert {s for s, _ in _keys(ranked)} <= {"maya-pets", "maya-work", "maya-now", "maya-bank"}
+
+
+async def test_a_session_is_kept_again_after_new_messages(
+    users, sessions, store, embed, *, embedder, clean_db
+):
+    await users.CreateUser(us.CreateUserRequest(user_id="eli"))
+    await _say(sessions, "eli-bees", "eli", "the bees made honey this summer")
+    await _say(sessions, "eli-bread", "eli", "my sourdough starter needs feeding twice a day")
+    await _say(sessions, "eli-now", "eli", "how is the honey from the bees?")
+    await embed()
+    first = await sessions.GetMemory(ss.GetMemoryRequest(session_id="eli-now", relevant_limit=1))
+    assert [r.session_id for r in first.relevant_messages] == ["eli-bees"]
+    await _say(
+        sessions,
+        "eli-now",
+        "eli",
+        "forget the bees",
+        "how often should I feed my sourdough starter?",
+        "sourdough starter feeding schedule",
+    )
+    # Until the worker has seen the new messages, GetMemory reads what it kept before.
+    stale = await sessions.GetMemory(ss.GetMemoryRequest(session_id="eli-now", relevant_limit=1))
+    assert [r.session_id for r in stale.relevant_messages] == ["eli-bees"]
+    await embed()
+    assert (await _kept_sessions(clean_db, store, "eli-now") or [])[0] == "eli-bread"
+    now = await sessions.GetMemory(ss.GetMemoryRequest(session_id="eli-now", relevant_limit=2))
+    assert now.relevant_messages[0].session_id == "eli-bread"
+    ranked = await _request_path(store, embedder, "eli-now", 2)
+    assert _keys(now.relevant_messages) == _keys(ranked)
+
+
+async def test_a_session_not_yet_kept_is_ranked_on_the_request_path(users, sessions, embed):
+    # Messages the worker has not reached: GetMemory ranks their recall itself.
+    await users.CreateUser(us.CreateUserRequest(user_id="fay"))
+    await _say(sessions, "fay-old", "fay", "my violin needs new strings")
+    await embed()
+    await _say(sessions, "fay-now", "fay", "which violin strings should I buy?")
+    memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id="fay-now"))
+    assert [r.session_id for r in memory.relevant_messages] == ["fay-old"]
 
 
 async def test_kept_recall_fills_the_limit_past_deleted_memories(users, sessions, embed):

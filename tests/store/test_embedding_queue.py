@@ -1,5 +1,5 @@
 """The embedding queue: claims that never overlap, crashes that lose nothing, and the
-no-pgvector mode in which nothing is queued at all."""
+no-pgvector mode in which nothing is embedded and the queue feeds recall kept by words."""
 
 from __future__ import annotations
 
@@ -35,24 +35,29 @@ async def _scalar(url: str, statement: str) -> int:
 
 async def _nothing_to_embed(store: Store, clean_db: str) -> None:
     """Without pgvector, what the worker's tests rely on instead: the store knows it keeps no
-    vectors, AddMemory queues nothing, and a worker finds nothing to embed (its model is never
-    called)."""
+    vectors, a worker finds nothing to embed (its model is never called), and the messages
+    AddMemory queued are settled by keeping their session's recall by words (migration 0012)."""
     assert await store.check_vectors() is False
+    assert store.word_recall
 
     async def never(texts: list[str]) -> list[list[float]]:
         raise AssertionError(f"embedded {texts} without pgvector")
 
     await store.add_memory(P, "no-vectors", None, [msg("a"), msg("bb")])
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 2
     assert await store.embed_due(MODEL, 10, 6, never) == 0
+    assert await store.keep_word_recall_due(10, 6) == 2
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await _scalar(clean_db, "SELECT count(*) FROM session_word_recall") == 1
 
 
-async def test_add_memory_queues_messages_only_where_vectors_are_kept(
+async def test_add_memory_queues_messages_for_the_worker_in_both_modes(
     store: Store, clean_db: str
 ) -> None:
+    # With pgvector to be embedded; without, for their session's recall to be kept by words.
     await store.add_memory(P, "s", None, [msg("one"), msg("two")])
     queued = await _scalar(clean_db, "SELECT count(*) FROM embedding_queue")
-    assert queued == (2 if store.vectors else 0)
+    assert queued == 2
     assert await store.embedding_lag() == (queued, pytest.approx(0, abs=60))
 
 

@@ -131,7 +131,9 @@ WITH doomed AS (
 SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM gone_messages) AS others;
 
 -- vectors_ready --
--- Whether migration 0007 made the vector tables (pgvector was available), and whether the
--- database is a Citus coordinator (a few writes then take another path: store/distribute.py).
+-- Whether migration 0007 made the vector tables (pgvector was available), whether 0012 made
+-- the table of recall kept by words, and whether the database is a Citus coordinator (a few
+-- writes then take another path: store/distribute.py).
 SELECT to_regclass('message_embeddings') IS NOT NULL AS ready,
+       to_regclass('session_word_recall') IS NOT NULL AS word_recall,
        EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;

@@ -325,6 +325,34 @@ UPDATE session_embeddings SET
     recall_scores = %(recall_scores)s::float8[]
 WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(model)s;
 
+-- save_word_recall --
+-- Keeps a session's recall ranked by words (other sessions' message keys, best first), where
+-- vectors are not kept; only while the session is live, so a session deleted meanwhile
+-- keeps nothing (on Citus its hard delete may commit between the two: the save is retried).
+INSERT INTO session_word_recall AS t (project_id, session_id, recall_sessions,
+                                      recall_sequences, recall_scores)
+SELECT s.project_id, s.session_id, %(recall_sessions)s::text[], %(recall_sequences)s::bigint[],
+       %(recall_scores)s::float8[]
+FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
+ON CONFLICT (project_id, session_id) DO UPDATE SET
+    recall_sessions = excluded.recall_sessions,
+    recall_sequences = excluded.recall_sequences,
+    recall_scores = excluded.recall_scores;
+
+-- settle_word_recall --
+-- Removes a claimed batch from the queue once its sessions' recall by words is kept.
+DELETE FROM embedding_queue q
+USING unnest(%(project_ids)s::bigint[], %(session_ids)s::text[], %(sequences)s::bigint[])
+    AS k(project_id, session_id, sequence)
+WHERE q.project_id = k.project_id AND q.session_id = k.session_id AND q.sequence = k.sequence;
+
+-- recall_filter_kept_vectors --
+-- Kept-recall fragment of get_memories_recall and recall_stored_citus with pgvector: the
+-- recall the worker ranked for this model (session_embeddings also holds sessions whose
+-- recall vector is made but not yet ranked).
+AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
+
 -- get_memories_recall --
 -- GetMemory with kept recall for concurrent calls at once (coalesced: one round trip, no
 -- pipeline). Row i of the arrays is one call (its session, lastn and relevant_limit); each
@@ -335,7 +363,9 @@ WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(
 -- model; a single one with a NULL m_uuid when none of the kept memories is live (deleted
 -- since, or their session changed hands): those are skipped in SQL, later ones fill in. A
 -- call whose session is absent or deleted has no row at all. Uuids as text: psycopg's uuid
--- loader builds a UUID object (in Python) that rows.message turns back into text.
+-- loader builds a UUID object (in Python) that rows.message turns back into text. {kept} is
+-- where the recall is kept and {kept_filter} which of it: session_embeddings and
+-- recall_filter_kept_vectors with pgvector, session_word_recall and nothing without.
 WITH q AS (
     -- Arrays in binary format: their text form costs psycopg a regex per element.
     SELECT * FROM unnest(%(session_ids)b::text[], %(lastns)b::int[], %(limits)b::int[])
@@ -361,8 +391,7 @@ SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
        k.uuid::text, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
        k.updated_at, k.score, k.rank
 FROM q
-JOIN session_embeddings e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
-                         AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
+JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id {kept_filter}
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
 LEFT JOIN LATERAL (
@@ -384,16 +413,15 @@ ORDER BY i, part, ord;
 -- lateral join from one session's row to messages of other sessions (other shards) is
 -- refused: the kept keys are read on the session's shard first, then their live messages on
 -- whichever shards hold them (one fan-out), best first. No row when nothing was computed, one
--- with a NULL m_uuid when nothing kept is live.
+-- with a NULL m_uuid when nothing kept is live. {kept} and {kept_filter} as there.
 WITH kept AS MATERIALIZED (
     SELECT o.user_id AS owner, r.session_id, r.sequence, r.score, r.rank
-    FROM session_embeddings e
+    FROM {kept} e
     JOIN sessions o ON o.project_id = %(project_id)s AND o.session_id = %(exclude_session)s
                    AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
     LEFT JOIN LATERAL unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
         WITH ORDINALITY AS r(session_id, sequence, score, rank) ON true
-    WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
-      AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
+    WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s {kept_filter}
 ), live AS MATERIALIZED (
     SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
            m.created_at, m.updated_at, s.user_id, k.score, k.rank
