@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starlette.routing import BaseRoute
+
 from server.api.tokens import PageTokens
 from server.config import Config
 from server.rest import unserved, v1, v2
@@ -11,6 +13,11 @@ from server.search.service import Searcher
 from server.serving.auth import Authenticator
 from server.serving.observability import Metrics
 from server.store import Store
+
+
+def routes() -> list[BaseRoute]:
+    """Every route of Zep's API memstore registers: /api/v1, /api/v2, and the unserved ones."""
+    return [*v1.routes(), *v2.routes(), *unserved.routes()]
 
 
 def build_http_server(
@@ -27,10 +34,8 @@ def build_http_server(
     Raises:
         OSError: the port is taken.
     """
-    router = build_app(
-        [*v1.routes(), *v2.routes(), *unserved.routes()], Services(store, searcher, tokens)
-    )
+    router = build_app(routes(), Services(store, searcher, tokens))
     return http_server(config, RestApp(router, auth, HttpMetrics(metrics)))
 
 
-__all__ = ["HttpServer", "build_http_server"]
+__all__ = ["HttpServer", "build_http_server", "routes"]

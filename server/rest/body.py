@@ -7,6 +7,7 @@ the same Struct walk, so size, depth, NUL and number rules are identical on both
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -15,6 +16,11 @@ from starlette.requests import Request
 from server.api import validation as val
 from server.domain import MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
+
+#: The largest integer a query value may hold: gRPC's int32, which the same fields are there.
+MAX_QUERY_INT = 2**31 - 1
+#: A \\uD800-\\uDFFF escape: JSON may spell a lone surrogate, which is no Unicode text.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 _JSON_TYPES = {
     dict: "an object",
@@ -53,7 +59,44 @@ async def json_object(request: Request, *, required: bool = True) -> JsonObject:
         raise InvalidArgument.field("body", f"is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise InvalidArgument.field("body", f"must be a JSON object, not {kind(value)}")
+    if _SURROGATE_ESCAPE.search(raw):
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise InvalidArgument.field(
+                where,
+                "holds a lone surrogate (a \\ud800-\\udfff escape not in a pair), "
+                "which is not Unicode text",
+            )
     return value
+
+
+def _lone_surrogate(value: JsonObject) -> str | None:
+    """The path of the first key or string holding a lone surrogate (e.g. `messages[0].role`).
+
+    Iterative, as _deeper_than: the body may be nested deeply.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else key
+                if _has_surrogate(key):
+                    return path or "body"
+                stack.append((child, child_path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+        elif isinstance(item, str) and _has_surrogate(item):
+            return path
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def kind(value: Any) -> str:
@@ -83,7 +126,7 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     struct = struct_pb2.Struct()
     try:
         struct.update(value)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         v.add(field, f"cannot be stored: {exc}")
         return None
     return val.metadata(v, field, struct)
@@ -104,12 +147,18 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 
 def query_int(
-    request: Request, name: str, *, minimum: int | None = None, alias: str | None = None
+    request: Request,
+    name: str,
+    *,
+    minimum: int | None = None,
+    maximum: int = MAX_QUERY_INT,
+    alias: str | None = None,
 ) -> int | None:
     """An integer query value; None when absent or empty (`?cursor=` means absent).
 
     Raises:
-        InvalidArgument: not a whole number, or below `minimum`, naming the parameter.
+        InvalidArgument: not a whole number, below `minimum` or above `maximum` (by default
+            2^31 - 1, as the int32 fields of gRPC), naming the parameter.
     """
     text = request.query_params.get(name)
     if not text and alias is not None:
@@ -122,6 +171,8 @@ def query_int(
         raise InvalidArgument.field(name, f"{text[:64]!r} is not a whole number") from None
     if minimum is not None and number < minimum:
         raise InvalidArgument.field(name, f"must be at least {minimum} (got {number})")
+    if number > maximum:
+        raise InvalidArgument.field(name, f"must be at most {maximum} (got {text[:64]})")
     return number
 
 

@@ -72,7 +72,11 @@ def _number(v: val.Violations, data: JsonObject, name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         v.add(name, f"must be a number, not {b.kind(value)}")
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past a double: JSON has no bound on digits
+        v.add(name, f"is {len(str(value))} digits long: too large a number")
+        return None
 
 
 async def _search(request: Request, data: JsonObject) -> tuple[SearchOutcome, float | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -121,6 +122,73 @@ async def test_empty_query_values_mean_absent_and_bad_ones_name_the_parameter(
     negative = await http.get("/api/v2/sessions-ordered?page_number=-1")
     assert negative.status_code == 400
     assert negative.json()["violations"][0]["field"] == "page_number"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v2/users", '{"user_id": "a\\ud800"}', "user_id"),
+        ("/api/v2/users", '{"user_id": "a", "metadata": {"k": ["\\udfff"]}}', "metadata.k[0]"),
+        ("/api/v2/users", '{"user_id": "a", "metadata": {"\\ud800": 1}}', "metadata"),
+        (
+            "/api/v1/sessions/s/memory",
+            '{"messages": [{"content": "\\udc80x"}]}',
+            "messages[0].content",
+        ),
+    ],
+)
+async def test_lone_surrogates_are_400_naming_the_field(
+    http: httpx.AsyncClient, path: str, body: str, field: str
+) -> None:
+    # Found by test_fuzz_rest: JSON may spell a lone surrogate (a \ud800 escape), which
+    # PostgreSQL cannot store: the write answered 500 INTERNAL.
+    reply = await http.post(path, content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert [v["field"] for v in reply.json()["violations"]] == [field]
+    assert (await http.get("/api/v2/users/a")).status_code == 404
+    assert (await http.get("/api/v2/sessions/s")).status_code == 404
+    # A pair is one character, stored as such.
+    pair = await http.post("/api/v2/users", content='{"user_id": "a\\ud83d\\ude00"}')
+    assert pair.status_code == 201 and pair.json()["user_id"] == "a\U0001f600"
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/api/v2/sessions/search?limit=2147483648", {"text": "x"}, "limit"),
+        ("/api/v1/sessions/s/search?limit=" + "9" * 30, {"text": "x"}, "limit"),
+        ("/api/v2/sessions/search", {"text": "x", "min_score": 10**400}, "min_score"),
+        ("/api/v2/sessions/search", {"text": "x", "mmr_lambda": 10**400}, "mmr_lambda"),
+        ("/api/v2/users", {"user_id": "a", "metadata": {"n": 10**400}}, "metadata"),
+    ],
+)
+async def test_numbers_past_every_limit_are_400_naming_the_field(
+    http: httpx.AsyncClient, url: str, body: dict[str, object], field: str
+) -> None:
+    # Found by test_fuzz_rest: a limit past int32 or a number past a double answered 500.
+    reply = await http.post(url, content=json.dumps(body))
+    assert reply.status_code == 400, reply.text
+    assert field in {v["field"] for v in reply.json()["violations"]}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/v2/users-ordered?pageNumber=" + "9" * 30,
+        "/api/v2/sessions-ordered?page_size=2147483648",
+        "/api/v1/user?cursor=" + "9" * 20,
+        "/api/v2/sessions/s/messages?cursor=" + "9" * 30,
+        "/api/v2/sessions/s/memory?lastn=2147483648",
+    ],
+)
+async def test_query_numbers_past_int32_are_400_naming_the_parameter(
+    http: httpx.AsyncClient, url: str
+) -> None:
+    # As gRPC's int32 fields: an OFFSET past bigint named no parameter ("request").
+    reply = await http.get(url)
+    name = url.split("?")[1].split("=", maxsplit=1)[0]
+    assert reply.status_code == 400, reply.text
+    assert [v["field"] for v in reply.json()["violations"]] == [name]
 
 
 async def test_ids_in_paths_are_percent_decoded(http: httpx.AsyncClient) -> None:
