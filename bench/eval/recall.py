@@ -2,8 +2,9 @@
 
 Recall answers a session's recent messages, not a question: GetMemory returns the messages of
 the user's *other* sessions most relevant to this session's last six. So each question becomes
-a probe, a new session of its user whose window is either the question alone or the question
-after five messages of other talk (generic exchanges the user's history does not hold), and
+a probe, a new session of its user whose window is the question alone, the question after
+five messages of other talk (generic exchanges the user's history does not hold), or the
+question before five such messages (the topic set earlier in the window), and
 the probe's relevant_messages are scored against the question's evidence. Probes are asked
 one at a time and deleted after, so no probe is another's memory.
 
@@ -30,8 +31,8 @@ from server.search.worker import EmbeddingWorker
 from server.store import Store
 from server.store.search import RECALL_WORDS
 
-#: A probe's window: the question alone, or after five messages of other talk.
-WINDOWS = ("alone", "after_talk")
+#: A probe's window: the question alone, after five messages of other talk, or before them.
+WINDOWS = ("alone", "after_talk", "before_talk")
 
 #: Caps on the window's lexemes measured for recall by words; 0 is every lexeme.
 WORD_CAPS = (8, 16, 32, 64, 0)
@@ -71,7 +72,12 @@ def probes(corpus: Corpus) -> list[Probe]:
         name = names[q.user_id]
         asked = (name, "user", q.text)
         talk = _talk(fresh[q.user_id], random.Random(f"memstore-eval/recall/{q.qid}"), name)
-        for window, lines in (("alone", (asked,)), ("after_talk", (*talk, asked))):
+        windows = (
+            ("alone", (asked,)),
+            ("after_talk", (*talk, asked)),
+            ("before_talk", (asked, *talk)),
+        )
+        for window, lines in windows:
             text = "\n".join(f"{role}: {content}" for role, _, content in lines)
             made.append(Probe(replace(q, text=text), window, lines))
     return made

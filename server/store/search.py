@@ -49,6 +49,16 @@ RECALL_KEEP = 20
 #: five messages of other talk, 64 lost nothing against every word (docs/search.md).
 RECALL_WORDS = 64
 
+#: How many times the latest message of a session counts in its recall vector; each older
+#: one counts half as much as the one after it, and at least once (recall_weights).
+RECALL_LATEST_WEIGHT = 16
+
+
+def recall_weights(window: int) -> list[int]:
+    """Each of the last `window` messages' weight in the recall vector, latest first."""
+    return [max(1, RECALL_LATEST_WEIGHT >> age) for age in range(window)]
+
+
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model), the
 #: model "" for recall kept by words.
 MemoryKey = tuple[int, str, int, int, str]
@@ -494,6 +504,7 @@ class SearchMethods(StoreBase):
                         "session_ids": [s[1] for s in touched],
                         "model": model,
                         "window": window,
+                        "weights": recall_weights(window),
                     },
                 )
                 await self._keep_recall(conn, touched, model, window)

@@ -255,14 +255,15 @@ WITH v AS (
 SELECT (SELECT count(*) FROM saved) AS saved, (SELECT count(*) FROM done) AS done;
 
 -- refresh_session_embeddings --
--- Recomputes the recall vector of each session: the mean of its last `window` live messages.
+-- Recomputes the recall vector of each session: the mean of its last `window` live messages,
+-- weighted to the latest (RECALL_WEIGHTS below).
 INSERT INTO session_embeddings AS t (project_id, session_id, model, embedding, through_sequence)
 SELECT s.project_id, s.session_id, %(model)s, r.embedding, r.through
 FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[]) AS s(project_id, session_id)
 CROSS JOIN LATERAL (
     SELECT avg(w.embedding) AS embedding, max(w.sequence) AS through
     FROM (
-        SELECT e.embedding, e.sequence
+        SELECT e.embedding, e.sequence, row_number() OVER (ORDER BY e.sequence DESC) AS n
         FROM message_embeddings e
         JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
                        AND m.sequence = e.sequence
@@ -271,6 +272,8 @@ CROSS JOIN LATERAL (
         ORDER BY e.sequence DESC
         LIMIT %(window)s
     ) AS w
+    -- RECALL_WEIGHTS: the n-th latest message counts as many times as its weight says.
+    CROSS JOIN LATERAL generate_series(1, (%(weights)s::int[])[w.n]) AS copies
 ) AS r
 WHERE r.embedding IS NOT NULL
 ON CONFLICT (project_id, session_id) DO UPDATE
@@ -466,7 +469,8 @@ JOIN messages m ON m.project_id = l.project_id AND m.session_id = l.session_id
 -- refresh_session_embeddings_citus --
 -- refresh_session_embeddings under Citus, which cannot push a lateral join over several
 -- sessions down to their shards: the last `window` vectors of each session by a window
--- function partitioned by session (the distribution column), averaged on each shard.
+-- function partitioned by session (the distribution column), averaged on each shard, weighted
+-- as refresh_session_embeddings.
 INSERT INTO session_embeddings AS t (project_id, session_id, model, embedding, through_sequence)
 SELECT w.project_id, w.session_id, %(model)s, avg(w.embedding), max(w.sequence)
 FROM (
@@ -482,6 +486,8 @@ FROM (
       AND e.project_id = ANY(%(project_ids)s::bigint[])
       AND e.model = %(model)s AND m.deleted_at IS NULL
 ) AS w
+-- RECALL_WEIGHTS, as refresh_session_embeddings.
+CROSS JOIN LATERAL generate_series(1, (%(weights)s::int[])[w.n]) AS copies
 WHERE w.n <= %(window)s
 GROUP BY w.project_id, w.session_id
 ON CONFLICT (project_id, session_id) DO UPDATE
