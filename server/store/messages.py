@@ -117,6 +117,7 @@ class MessageMethods(StoreBase):
             # As JSON text (what psycopg's Jsonb would send), "{}" without a json.dumps.
             "metadatas": [json.dumps(m.metadata) if m.metadata else "{}" for m in messages],
             "embed": self.vectors or self.word_recall,
+            "per_turn": self.word_recall,
             "revive": False,
         }
         call = _Append(params, user_id)

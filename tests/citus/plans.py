@@ -61,6 +61,7 @@ VALUES: dict[str, Any] = {
     "batch_size": 100,
     "retention": "7 days",
     "embed": True,
+    "per_turn": False,
     "model": "m",
     "text": "hello world",
     "vector": "[1,0,0]",

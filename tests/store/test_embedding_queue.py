@@ -44,9 +44,9 @@ async def _nothing_to_embed(store: Store, clean_db: str) -> None:
         raise AssertionError(f"embedded {texts} without pgvector")
 
     await store.add_memory(P, "no-vectors", None, [msg("a"), msg("bb")])
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 2
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
     assert await store.embed_due(MODEL, 10, 6, never) == 0
-    assert await store.keep_word_recall_due(10, 6) == 2
+    assert await store.keep_word_recall_due(10, 6) == 1
     assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
     assert await _scalar(clean_db, "SELECT count(*) FROM session_word_recall") == 1
 
@@ -54,10 +54,17 @@ async def _nothing_to_embed(store: Store, clean_db: str) -> None:
 async def test_add_memory_queues_messages_for_the_worker_in_both_modes(
     store: Store, clean_db: str
 ) -> None:
-    # With pgvector to be embedded; without, for their session's recall to be kept by words.
-    await store.add_memory(P, "s", None, [msg("one"), msg("two")])
+    # With pgvector each message, to be embedded; without, the turn (its last message): the
+    # worker ranks the session's recall by words once, however many messages it brought.
+    await store.add_memory(P, "s", None, [msg("one"), msg("two"), msg("three")])
+    await store.add_memory(P, "s", None, [msg("four")])
     queued = await _scalar(clean_db, "SELECT count(*) FROM embedding_queue")
-    assert queued == 2
+    assert queued == (4 if store.vectors else 2)
+    if not store.vectors:
+        last = "SELECT array_agg(sequence ORDER BY sequence)::text FROM embedding_queue"
+        async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+            row = await (await conn.execute(last)).fetchone()
+        assert row == ("{3,4}",)
     assert await store.embedding_lag() == (queued, pytest.approx(0, abs=60))
 
 

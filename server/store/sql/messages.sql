@@ -79,9 +79,12 @@ WITH t AS (
     RETURNING m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata, m.created_at,
               m.updated_at
 ), due AS (
-    -- Where vectors are kept, the new messages wait for the embedding worker.
+    -- Where vectors are kept, the new messages wait for the embedding worker. Where recall
+    -- is kept by words instead, only the call's last one does (LIMIT 1; NULL is no limit):
+    -- the worker ranks the session, once per turn, whatever the number of its messages.
     INSERT INTO embedding_queue (project_id, session_id, sequence)
     SELECT %(project_id)s, %(session_id)s, m.sequence FROM m WHERE %(embed)s
+    ORDER BY m.sequence DESC LIMIT CASE WHEN %(per_turn)s THEN 1 END
 )
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at, s.inserted, r.*
