@@ -256,7 +256,8 @@ class Config:
     embedding_worker: bool = setting(
         True,
         "run the embedding worker in this process (memstore embed runs it alone); without "
-        "pgvector it keeps recall by words",
+        "pgvector it keeps recall by words. Off, run memstore embed somewhere: AddMemory still "
+        "queues, and the queue only grows",
         env="MEMSTORE_EMBEDDING_WORKER",
         parse=parse_bool,
     )

@@ -10,7 +10,13 @@ import urllib.request
 
 import grpc
 
-from memstore.v1 import user_service_pb2, user_service_pb2_grpc
+from memstore.v1 import (
+    resources_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 from tests.processes import free_port, serve_memstore, stop_memstore
 
 
@@ -69,3 +75,28 @@ def test_each_worker_serves_its_own_metrics_port(clean_db: str) -> None:
         code, out = stop_memstore(proc)
     assert code == 0, out
     assert len(texts) == 2 and all("memstore_db_pool_pool_size" in t for t in texts), out
+
+
+def test_a_queue_no_worker_drains_is_logged_and_measured(clean_db: str) -> None:
+    # --no-embedding-worker: AddMemory still queues (with pgvector each message, without it
+    # the turn, for recall kept by words); the start says who must drain the queue, and
+    # /metrics shows it growing.
+    metrics_port = free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db, "MEMSTORE_METRICS_PORT": str(metrics_port)}
+    proc, port = serve_memstore(
+        "--purge-interval", "0", "--no-embedding-worker", "--metrics-host", "127.0.0.1", env=env
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+            for n in range(3):
+                message = resources_pb2.Message(role="kai", content=f"turn {n}")
+                request = session_service_pb2.AddMemoryRequest(session_id="q", messages=[message])
+                sessions.AddMemory(request, timeout=10)
+        text = _metrics(metrics_port)
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+    assert "memstore_embedding_queue_rows 3.0" in text, text
+    assert "memstore_embedding_queue_oldest_seconds" in text
+    assert "--no-embedding-worker" in out and "memstore embed" in out, out

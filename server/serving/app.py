@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 #: Seconds calls cut off by the end of the grace period get to cancel their queries.
 _SETTLE_SECONDS = 5.0
 
+#: Seconds a metrics scrape waits for the embedding queue's count before leaving it out.
+_QUEUE_READ_SECONDS = 5.0
+
 #: The largest request memstore accepts; responses likewise. Larger is RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -309,14 +312,49 @@ def _embedding_worker(
     Without pgvector it keeps recall by words (migration 0012) and runs no model.
     """
     if not config.embedding_worker:
+        _queue_undrained(store, "--no-embedding-worker")
         return None
     if store.word_recall:
         log.info("recall worker on (no pgvector: recall by words, kept ahead of time)")
         return EmbeddingWorker(store, None)
     if embedder is None or not store.vectors:
+        _queue_undrained(store, "--embedder none")
         return None
     log.info("embedding worker on (model %s)", embedder.name)
     return EmbeddingWorker(store, embedder)
+
+
+def _queue_undrained(store: Store, why: str) -> None:
+    # AddMemory still queues (the queue is the database's, any process may drain it): say
+    # once at start who must, rather than drop the work or let the queue grow unseen.
+    if not (store.vectors or store.word_recall):
+        return
+    work = "messages to embed" if store.vectors else "sessions whose recall to keep by words"
+    log.warning(
+        "%s: AddMemory queues %s and this process runs no worker to drain them; run "
+        "`memstore embed` on this database (one is enough), or the queue only grows "
+        "(the memstore_embedding_queue_rows metric)",
+        why,
+        work,
+    )
+
+
+def _queue_stats(store: Store) -> Callable[[], tuple[int, float] | None] | None:
+    """The embedding queue's (rows, oldest seconds) for the metrics thread, read on this
+    loop's pool at each scrape; None where nothing is ever queued (no pgvector, no 0012)."""
+    if not (store.vectors or store.word_recall):
+        return None
+    loop = asyncio.get_running_loop()
+
+    def read() -> tuple[int, float] | None:
+        future = asyncio.run_coroutine_threadsafe(store.embedding_lag(), loop)
+        try:
+            return future.result(timeout=_QUEUE_READ_SECONDS)
+        except Exception:  # down or slow: the scrape goes on without the queue's gauges
+            future.cancel()
+            return None
+
+    return read
 
 
 async def open_store(config: Config) -> Store:
@@ -354,7 +392,7 @@ async def serve(config: Config) -> None:
     background: list[asyncio.Task[None]] = []
     try:
         await store.migrate()  # logs each migration it applies
-        metrics = Metrics(store.pool_stats)
+        metrics = Metrics(store.pool_stats, _queue_stats(store))
         metrics_http = _serve_metrics(config, metrics)
         await loading
         auth = await start_authenticator(config, store)

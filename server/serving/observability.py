@@ -44,7 +44,11 @@ METRICS_PATH = "/metrics"
 class Metrics:
     """The metric families of one server, in a registry of their own."""
 
-    def __init__(self, pool_stats: Callable[[], dict[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        pool_stats: Callable[[], dict[str, int]] | None = None,
+        queue_stats: Callable[[], tuple[int, float] | None] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "memstore_grpc_requests",
@@ -77,6 +81,8 @@ class Metrics:
         )
         if pool_stats is not None:
             self.registry.register(_PoolCollector(pool_stats))
+        if queue_stats is not None:
+            self.registry.register(_QueueCollector(queue_stats))
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=self.registry)
 
@@ -118,6 +124,33 @@ class _PoolCollector(Collector):
             yield GaugeMetricFamily(
                 f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value
             )
+
+
+class _QueueCollector(Collector):
+    """The embedding queue's length and age, read from the database at scrape time.
+
+    Without a worker draining it (--no-embedding-worker and no `memstore embed`), the queue
+    only grows: these two gauges are how an operator sees that (docs/search.md).
+    """
+
+    def __init__(self, stats: Callable[[], tuple[int, float] | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return  # the database did not answer in time: no sample rather than a stale one
+        rows, oldest = stats
+        yield GaugeMetricFamily(
+            "memstore_embedding_queue_rows",
+            "Rows waiting in the embedding queue for a worker (memstore embed, or serve's own).",
+            value=rows,
+        )
+        yield GaugeMetricFamily(
+            "memstore_embedding_queue_oldest_seconds",
+            "Seconds the oldest row of the embedding queue has waited (0 when it is empty).",
+            value=oldest,
+        )
 
 
 class _Context:
