@@ -37,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         ("migrate", "apply pending schema migrations and print their names"),
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
         ("embed", "run the embedding worker alone until SIGTERM/SIGINT (migrates first)"),
-        ("reindex", "queue every message lacking a vector of --embedder's model and embed it"),
+        (
+            "reindex",
+            "queue every message lacking a vector of --embedder's model and embed it (without "
+            "pgvector: keep the recall by words of sessions from before migration 0012)",
+        ),
     ):
         config_module.add_arguments(commands.add_parser(name, help=text, description=text), name)
     data_cli.add_parsers(commands)

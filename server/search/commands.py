@@ -1,4 +1,5 @@
-"""`memstore embed` (the embedding worker alone) and `memstore reindex` (re-embed for a model)."""
+"""`memstore embed` (the embedding worker alone) and `memstore reindex` (re-embed for a model;
+without pgvector, keep the recall by words of sessions from before migration 0012)."""
 
 from __future__ import annotations
 
@@ -42,9 +43,17 @@ async def embed(config: Config) -> None:
 
 
 async def reindex(config: Config) -> None:
-    """Queues every live message lacking a vector of the configured model, then embeds them."""
+    """Queues every live message lacking a vector of the configured model, then embeds them.
+
+    Without pgvector: queues every live session of a user whose recall by words is not kept
+    (its messages arrived before migration 0012), then keeps it, as the recall worker does.
+    """
     store = await open_store(config)
     try:
+        await store.migrate()
+        if store.word_recall:
+            await _keep_word_recall(store)
+            return
         embedder = await _ready(store, config)
         total = await store.reindex_total(embedder.name)
         after: tuple[int, str, int] | None = None
@@ -64,6 +73,25 @@ async def reindex(config: Config) -> None:
         await store.close()
 
 
+async def _keep_word_recall(store: Store) -> None:
+    # Queued in short batches first (a line per batch on a large table), then drained here
+    # (a serving worker may take some of them too: the bar counts what this one settles).
+    after: tuple[int, str] | None = None
+    queued = 0
+    while True:
+        count, after = await store.queue_word_recall(after, _REINDEX_BATCH)
+        queued += count
+        if after is None:
+            break
+        log.info("queued %d sessions for recall by words", queued)
+    bar = _progress(queued, "keeping recall by words", "session")
+    worker = EmbeddingWorker(store, None)
+    while done := await worker.run_once():
+        bar.update(done)
+    bar.close()
+    print(f"kept recall by words for {queued} sessions (no pgvector)")
+
+
 async def _ready(store: Store, config: Config) -> Embedder:
     await store.migrate()
     if not store.vectors:
@@ -76,12 +104,12 @@ async def _ready(store: Store, config: Config) -> Embedder:
     return embedder
 
 
-def _progress(total: int, description: str) -> Any:
+def _progress(total: int, description: str, unit: str = "msg") -> Any:
     try:
         from tqdm import tqdm
     except ImportError:  # the cli extra is not installed: count quietly instead
         return _Quiet()
-    return tqdm(total=total, desc=description, unit="msg", file=sys.stderr)
+    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr)
 
 
 class _Quiet:

@@ -550,6 +550,26 @@ class SearchMethods(StoreBase):
             return int(row["queued"]), None
         return int(row["queued"]), (row["project_id"], row["session_id"], row["sequence"])
 
+    async def queue_word_recall(
+        self, after: tuple[int, str] | None, limit: int
+    ) -> tuple[int, tuple[int, str] | None]:
+        """Queues, for the recall worker, up to `limit` live sessions after key `after` whose
+        recall by words is not kept (they had messages before migration 0012): one row each.
+
+        Returns (sessions queued, key to continue after; None when the scan is done).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        last_project, last_session = after or (0, "")
+        params = {"limit": limit, "after_project": last_project, "after_session": last_session}
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "queue_word_recall", params)
+        assert row is not None
+        if row["project_id"] is None:
+            return int(row["queued"]), None
+        return int(row["queued"]), (row["project_id"], row["session_id"])
+
     async def reindex_total(self, model: str) -> int:
         """How many live messages lack a vector of `model`.
 

@@ -87,6 +87,7 @@ FAN_OUT = {
     "save_embeddings": "the embedding worker writing one batch's vectors",
     "queue_reindex": "memstore reindex",
     "reindex_total": "memstore reindex",
+    "queue_word_recall": "memstore reindex without pgvector: sessions with no kept recall",
     "project_rows": "Restore's require_empty: does the project hold a user or session",
     "restore_users_existing": "Restore: the batch's users already stored (ids span shards)",
     "restore_sessions_existing": "Restore: as restore_users_existing",

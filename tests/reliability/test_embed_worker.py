@@ -1,7 +1,8 @@
 """`memstore embed` killed mid-batch loses nothing; `memstore reindex` re-embeds for a model.
 
-Without pgvector (CI's external PostgreSQL 15) reindex refuses with one clear line, and embed
-runs the recall worker, which runs no model and keeps each session's recall by words.
+Without pgvector (CI's external PostgreSQL 15) embed runs the recall worker, which runs no model
+and keeps each session's recall by words, and reindex keeps it for sessions from before
+migration 0012 (whose messages were never queued).
 """
 
 from __future__ import annotations
@@ -154,7 +155,10 @@ def test_a_worker_killed_mid_batch_loses_nothing(embed_db: str) -> None:
 
 def test_reindex_re_embeds_what_another_model_made(embed_db: str) -> None:
     if _no_vectors(embed_db):
-        _refused(embed_db, "reindex")
+        # Nothing to embed; the sessions belong to no user, so none has recall to keep.
+        run = _memstore(embed_db, "reindex")
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "kept recall by words for 0 sessions" in run.stdout
         return
     with psycopg.connect(embed_db, autocommit=True) as conn:
         conn.execute("DELETE FROM embedding_queue WHERE sequence > 2")
@@ -172,3 +176,66 @@ def test_reindex_re_embeds_what_another_model_made(embed_db: str) -> None:
         )
         assert _scalar(conn, "SELECT count(*) FROM message_embeddings") == MESSAGES
         assert _scalar(conn, "SELECT count(*) FROM embedding_queue") == 0
+
+
+def _seed_before_0012(url: str) -> None:
+    # What a database migrated to 0012 holds of sessions whose messages a server before 0012
+    # added without pgvector: messages, and nothing queued or kept. Two live sessions of user
+    # u with messages, one deleted, one whose only message is deleted, one of no user.
+    _memstore(url, "migrate").check_returncode()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO users (project_id, user_id) VALUES (1, 'u')")
+        for session, user, deleted in (
+            ("trip", "u", False),
+            ("birds", "u", False),
+            ("gone", "u", True),
+            ("emptied", "u", False),
+            ("nobody", None, False),
+        ):
+            conn.execute(
+                "INSERT INTO sessions (project_id, session_id, user_id, next_sequence, "
+                "deleted_at) VALUES (1, %s, %s, 3, CASE WHEN %s THEN now() END)",
+                (session, user, deleted),
+            )
+        for session, sequence, content in (
+            ("trip", 1, "we fly to antarctica in march"),
+            ("trip", 2, "pack warm boots for antarctica"),
+            ("birds", 1, "emperor penguins live in antarctica"),
+            ("birds", 2, "penguins cannot fly"),
+            ("gone", 1, "penguins of antarctica, deleted"),
+            ("emptied", 1, "antarctica again"),
+            ("nobody", 1, "antarctica for nobody"),
+        ):
+            conn.execute(
+                "INSERT INTO messages (project_id, session_id, sequence, role, content) "
+                "VALUES (1, %s, %s, 'kai', %s)",
+                (session, sequence, content),
+            )
+        conn.execute("UPDATE messages SET deleted_at = now() WHERE session_id = 'emptied'")
+        conn.execute(
+            "UPDATE sessions s SET last_message_at = now(), message_count = (SELECT count(*)"
+            " FROM messages m WHERE m.session_id = s.session_id AND m.deleted_at IS NULL)"
+        )
+
+
+def test_reindex_keeps_recall_of_sessions_from_before_0012(server_url: str) -> None:
+    # Their recall was ranked on every GetMemory's request path until their next message;
+    # reindex keeps it (without pgvector by words, with it by embedding what lacks a vector).
+    with scratch_database(server_url, "memstore_backfill") as url:
+        _seed_before_0012(url)
+        run = _memstore(url, "reindex")
+        assert run.returncode == 0, run.stderr[-2000:]
+        with psycopg.connect(url) as conn:
+            if _no_vectors(url):
+                assert "kept recall by words for 2 sessions" in run.stdout
+                kept = "SELECT session_id, recall_sessions FROM session_word_recall"
+            else:
+                kept = (
+                    "SELECT session_id, recall_sessions FROM session_embeddings"
+                    " WHERE recall_sessions IS NOT NULL AND session_id <> 'nobody'"
+                )
+            rows = dict(conn.execute(kept).fetchall())  # type: ignore[arg-type]
+            assert _scalar(conn, "SELECT count(*) FROM embedding_queue") == 0
+    # Each live session of the user with a live message, its recall the other one's memories.
+    assert set(rows) == {"trip", "birds"}
+    assert set(rows["trip"]) == {"birds"} and set(rows["birds"]) == {"trip"}

@@ -306,6 +306,40 @@ LEFT JOIN LATERAL (
     ORDER BY project_id DESC, session_id DESC, sequence DESC LIMIT 1
 ) AS l ON true;
 
+-- queue_word_recall --
+-- memstore reindex without pgvector: queues one batch of live sessions of a user whose recall
+-- by words is not kept (their messages arrived before migration 0012, or while nothing
+-- queued them), in key order after the previous batch's last session, one row each: its
+-- latest live message (the worker ranks a session, not a message). A session without a live
+-- message has nothing to rank from and is passed over.
+WITH picked AS MATERIALIZED (
+    SELECT s.project_id, s.session_id
+    FROM sessions s
+    WHERE (s.project_id, s.session_id) > (%(after_project)s, %(after_session)s)
+      AND s.deleted_at IS NULL AND s.user_id IS NOT NULL
+      AND NOT EXISTS (SELECT FROM session_word_recall r
+                      WHERE r.project_id = s.project_id AND r.session_id = s.session_id)
+    ORDER BY s.project_id, s.session_id
+    LIMIT %(limit)s
+), latest AS (
+    SELECT m.project_id, m.session_id, max(m.sequence) AS sequence
+    FROM messages m
+    JOIN picked p ON p.project_id = m.project_id AND p.session_id = m.session_id
+    WHERE m.deleted_at IS NULL
+    GROUP BY m.project_id, m.session_id
+), queued AS (
+    INSERT INTO embedding_queue (project_id, session_id, sequence)
+    SELECT project_id, session_id, sequence FROM latest
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM queued) AS queued, l.project_id, l.session_id
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT project_id, session_id FROM picked
+    ORDER BY project_id DESC, session_id DESC LIMIT 1
+) AS l ON true;
+
 -- reindex_total --
 -- How many live messages lack a vector of this model (the reindex progress bar's total).
 SELECT count(*) AS n
