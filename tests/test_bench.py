@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from server.store.search import RECALL_WORDS
@@ -319,3 +320,16 @@ def test_ab_recall_kept_words_runs_on_tiny_data(server_url: str) -> None:
         figures = summary[side]
         assert figures["recall_rps"] > 0 and figures["no_recall_rps"] > 0, figures
     assert summary["recall_after_over_before"] > 0
+
+
+async def test_queue_cost_times_the_queue_insert_on_tiny_data(clean_db: str) -> None:
+    # bench.queue_cost on a migrated database: every way and size timed, nothing kept
+    # (each call rolled back).
+    from bench.queue_cost import measure
+
+    found = measure(clean_db, rounds=1, calls=2)
+    assert set(found) == {f"{w}_{n}" for w in ("none", "each", "turn") for n in (1, 20)}
+    assert all(x["statement_us"] > 0 and x["queue_insert_us"] >= 0 for x in found.values())
+    with psycopg.connect(clean_db) as conn:
+        row = conn.execute("SELECT count(*) FROM sessions").fetchone()
+    assert row == (0,)

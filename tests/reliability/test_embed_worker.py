@@ -230,9 +230,13 @@ def test_reindex_keeps_recall_of_sessions_from_before_0012(server_url: str) -> N
                 assert "kept recall by words for 2 sessions" in run.stdout
                 kept = "SELECT session_id, recall_sessions FROM session_word_recall"
             else:
+                # Live sessions of a user (the vector worker also keeps the recall of a
+                # deleted session whose messages it embeds; GetMemory never reads it).
                 kept = (
-                    "SELECT session_id, recall_sessions FROM session_embeddings"
-                    " WHERE recall_sessions IS NOT NULL AND session_id <> 'nobody'"
+                    "SELECT e.session_id, e.recall_sessions FROM session_embeddings e"
+                    " JOIN sessions s USING (project_id, session_id)"
+                    " WHERE e.recall_sessions IS NOT NULL AND s.deleted_at IS NULL"
+                    " AND s.user_id IS NOT NULL"
                 )
             rows = dict(conn.execute(kept).fetchall())  # type: ignore[arg-type]
             assert _scalar(conn, "SELECT count(*) FROM embedding_queue") == 0
