@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -22,6 +23,13 @@ BATCH_SIZE = 32
 
 #: Seconds between looks at an empty queue (the lag of a message on a quiet server).
 IDLE_SECONDS = 0.2
+
+#: Seconds between a serving process's looks at the queue's age (watch_queue).
+QUEUE_LOOK_SECONDS = 60.0
+
+#: The age of the queue's oldest row past which a serving process warns (at most this often):
+#: nothing drains the queue, or nothing keeps up.
+QUEUE_STALE_SECONDS = 600.0
 
 #: Seconds to wait after a failed batch (database down, remote embedder failing).
 _BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
@@ -200,3 +208,31 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), EMBEDDING_NICENESS)
         except OSError as exc:  # e.g. a container that forbids it: run at normal priority
             log.warning("cannot lower the embedding thread's priority: %s", exc)
+
+
+async def watch_queue(
+    store: Store, *, every: float = QUEUE_LOOK_SECONDS, stale: float = QUEUE_STALE_SECONDS
+) -> None:
+    """Warns while queued rows wait longer than `stale` seconds, at most once per `stale`.
+
+    AddMemory queues whether or not a worker runs anywhere, and a server cannot know about
+    workers in other processes: the age of the oldest row is what tells that none drains the
+    queue (or that they fall behind), in the log of every server, Prometheus or not.
+    """
+    warned_at = -math.inf
+    while True:
+        await asyncio.sleep(every)
+        try:
+            rows, oldest = await store.embedding_lag()
+        except MemstoreError:
+            continue  # the database is away: the request path says so already
+        now = time.monotonic()
+        if rows and oldest >= stale and now - warned_at >= stale:
+            warned_at = now
+            log.warning(
+                "embedding queue: %d rows, the oldest waiting %.0fs: no worker drains it or "
+                "none keeps up; run `memstore embed` on this database (or serve without "
+                "--no-embedding-worker)",
+                rows,
+                oldest,
+            )

@@ -30,7 +30,7 @@ from server.config import Config
 from server.rest import HttpServer, build_http_server
 from server.search.embedding import Embedder, EmbeddingError, embedder_from_setting
 from server.search.service import Searcher
-from server.search.worker import EmbeddingWorker
+from server.search.worker import EmbeddingWorker, watch_queue
 from server.serving.auth import Authenticator, AuthGate, start_authenticator
 from server.serving.grpc_health import (
     DrainingHealth,
@@ -409,6 +409,8 @@ async def serve(config: Config) -> None:
         worker = _embedding_worker(config, store, embedder)
         if worker is not None:
             background.append(asyncio.create_task(worker.run()))
+        if store.vectors or store.word_recall:
+            background.append(asyncio.create_task(watch_queue(store)))
         watcher = asyncio.create_task(watch_database(store))
         await wait_for_signal()
         log.info("shutting down (grace period %.1fs)", config.grace_period)

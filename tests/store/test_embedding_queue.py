@@ -4,14 +4,17 @@ no-pgvector mode in which nothing is embedded and the queue feeds recall kept by
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import psycopg
 import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage
+from server.search.worker import watch_queue
 from server.store import Store
 from server.store.migrate import apply_migrations
+from tests.polling import until
 
 MODEL = "test-model"
 
@@ -219,3 +222,40 @@ async def test_delete_user_while_the_worker_saves_never_deadlocks(
         assert await _scalar(clean_db, "SELECT count(*) FROM sessions") == 0
         assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 0
         assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+
+
+async def test_a_server_warns_while_queued_rows_wait(
+    store: Store, clean_db: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a server without a worker says when nothing drains the queue (docs/search.md):
+    # nothing while the queue is empty, a warning naming `memstore embed` once rows wait
+    # (here at once: `stale` 0).
+    caplog.set_level(logging.WARNING, logger="server.search.worker")
+    looks = 0
+    lag = store.embedding_lag
+
+    async def counted() -> tuple[int, float]:
+        nonlocal looks
+        looks += 1
+        return await lag()
+
+    monkeypatch.setattr(store, "embedding_lag", counted)
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "server.search.worker"]
+
+    async def looked_thrice() -> bool:
+        return looks >= 3
+
+    async def warned_once() -> bool:
+        return bool(warned())
+
+    watcher = asyncio.create_task(watch_queue(store, every=0.01, stale=0.0))
+    try:
+        assert await until(looked_thrice)
+        assert warned() == []
+        await store.add_memory(P, "s", None, [msg("one")])
+        assert await until(warned_once)
+    finally:
+        watcher.cancel()
+    assert "embedding queue: 1 rows" in warned()[0] and "memstore embed" in warned()[0]
