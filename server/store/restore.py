@@ -70,7 +70,11 @@ class RestoreMethods(StoreBase):
                     "messages",
                     "restore_messages_existing",
                     "restore_messages",
-                    {**_message_params(messages), "embed": self.vectors or self.word_recall},
+                    {
+                        **_message_params(messages),
+                        "embed": self.vectors or self.word_recall,
+                        "per_turn": self.word_recall,
+                    },
                 ),
             ):
                 params["project_id"] = project_id

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
-from server.domain import NewMessage
+from server.domain import Message, NewMessage, Session
 from server.search.worker import watch_queue
 from server.store import Store
 from server.store.migrate import apply_migrations
@@ -259,3 +261,36 @@ async def test_a_server_warns_while_queued_rows_wait(
     finally:
         watcher.cancel()
     assert "embedding queue: 1 rows" in warned()[0] and "memstore embed" in warned()[0]
+
+
+async def test_restore_queues_like_add_memory_in_both_modes(store: Store, clean_db: str) -> None:
+    # With pgvector each live message of a live session; without, each such session's last
+    # live one: the worker ranks the session once, not once per batch of its messages.
+    now = datetime.now(UTC)
+    sessions = [
+        Session(sid, None, {}, now, now, now if sid == "gone" else None, 0, None)
+        for sid in ("a", "b", "gone")
+    ]
+
+    def message(sid: str, sequence: int, *, deleted: bool = False) -> Message:
+        return Message(
+            str(uuid.uuid4()), sid, sequence, "kai", "user", f"{sid} {sequence}", {}, now, now,
+            now if deleted else None,
+        )  # fmt: skip
+
+    messages = [
+        *(message("a", n) for n in (1, 2, 3)),
+        message("a", 4, deleted=True),
+        message("b", 1),
+        message("gone", 1, deleted=True),
+    ]
+    await store.restore(P, [], sessions, messages)
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        cur = await conn.execute(
+            "SELECT session_id, sequence FROM embedding_queue ORDER BY session_id, sequence"
+        )
+        queued = await cur.fetchall()
+    if store.vectors:
+        assert queued == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
+    else:
+        assert queued == [("a", 3), ("b", 1)]

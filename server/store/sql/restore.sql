@@ -123,8 +123,9 @@ ORDER BY t.ord;
 -- restore_messages --
 -- Inserts the request's messages that are not stored yet, then counts the live ones into
 -- their sessions and moves each session's next sequence past them (its updated_at stays as
--- restored), and queues the live messages of live sessions for embedding. Answers how many
--- messages it inserted.
+-- restored), and queues the live messages of live sessions for embedding; where recall is
+-- kept by words instead (per_turn), only each session's last live one, as AddMemory does
+-- (the worker ranks a session, not a message). Answers how many messages it inserted.
 WITH ins AS (
     INSERT INTO messages AS m (project_id, session_id, sequence, uuid, role, role_type,
                                content, metadata, created_at, updated_at, deleted_at)
@@ -140,7 +141,8 @@ WITH ins AS (
     RETURNING m.session_id, m.sequence, m.deleted_at
 ), per_session AS (
     SELECT ins.session_id, count(*) FILTER (WHERE ins.deleted_at IS NULL) AS live,
-           max(ins.sequence) AS top
+           max(ins.sequence) AS top,
+           max(ins.sequence) FILTER (WHERE ins.deleted_at IS NULL) AS live_top
     FROM ins GROUP BY ins.session_id
 ), counted AS (
     UPDATE sessions AS s SET message_count = s.message_count + p.live,
@@ -152,7 +154,9 @@ WITH ins AS (
     INSERT INTO embedding_queue (project_id, session_id, sequence)
     SELECT %(project_id)s, ins.session_id, ins.sequence
     FROM ins JOIN counted ON counted.session_id = ins.session_id
+    JOIN per_session p ON p.session_id = ins.session_id
     WHERE %(embed)s AND ins.deleted_at IS NULL AND counted.deleted_at IS NULL
+      AND (NOT %(per_turn)s OR ins.sequence = p.live_top)
 )
 SELECT count(*) AS created FROM ins;
 
