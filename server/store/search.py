@@ -49,8 +49,16 @@ RECALL_KEEP = 20
 #: five messages of other talk, 64 lost nothing against every word (docs/search.md).
 RECALL_WORDS = 64
 
+#: The weight of the full-text score in recall's hybrid ranking (the nearest of the window's
+#: vectors has the rest, recall_distance_window). Chosen with that ranking on the odd-numbered
+#: questions of make eval's recall, for the sum and the least of recall@10 over its three
+#: windows (docs/search.md, Recall quality): 0.3 (search's) lost 0.03-0.04 in each.
+RECALL_TEXT_WEIGHT = 0.5
+
 #: How many times the latest message of a session counts in its recall vector; each older
-#: one counts half as much as the one after it, and at least once (recall_weights).
+#: one counts half as much as the one after it, and at least once (recall_weights). Recall
+#: no longer ranks by this vector (recall_distance_window); the worker still keeps it, with
+#: the kept recall, in session_embeddings.
 RECALL_LATEST_WEIGHT = 16
 
 
@@ -114,14 +122,18 @@ def recall_statement(vector: bool) -> sql.Composed:
     """The statement that ranks recall on the request path (or in the worker, to keep it).
 
     The user's other live sessions against the session's last messages: by words alone, or
-    (`vector`) fused with the session's recall vector. Its parameters are _recall_params's.
+    (`vector`) fused with each message's distance to the nearest of the vectors of those
+    messages. Its parameters are _recall_params's.
     """
     fragment: sql.Composable = query("recall_query_text")
     if vector:
         fragment = query("recall_query_vector").format(words=fragment)
     scope = sql.SQL(" ").join([query("recall_filter_user"), query("search_filter_other_sessions")])
     return query(_statement(vector, semantic_only=False)).format(
-        query=fragment, filters=scope, match=query("recall_match_scan")
+        query=fragment,
+        filters=scope,
+        match=query("recall_match_scan"),
+        distance=query("recall_distance_window"),
     )
 
 
@@ -176,7 +188,10 @@ class SearchMethods(StoreBase):
         use_vector = vector is not None and self.vectors
         fragment = query("search_query_vector" if use_vector else "search_query_text")
         statement = query(_statement(use_vector, q.search_type == "semantic")).format(
-            query=fragment, filters=filters, match=query("search_match_index")
+            query=fragment,
+            filters=filters,
+            match=query("search_match_index"),
+            distance=query("search_distance_query"),
         )
         params.update(
             project_id=project_id,
@@ -298,7 +313,7 @@ class SearchMethods(StoreBase):
             "limit": limit,
             "candidates": max(limit * 4, 20),
             "with_vectors": False,
-            "text_weight": HYBRID_TEXT_WEIGHT,
+            "text_weight": RECALL_TEXT_WEIGHT,
         }
 
     async def _rank_recall(
