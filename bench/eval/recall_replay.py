@@ -1,0 +1,226 @@
+"""`python -m bench.eval.recall_replay`: recall's candidate fusions replayed on make eval's probes.
+
+One load of the corpus as `make eval` makes it (the real worker, the real model); each probe
+(bench/eval/recall.py) goes in, is embedded, and gives: GetMemory's recall, recall by words
+with its ts_rank scores (Store.rank_recall, RECALL_WORDS), the window's message vectors and
+the session's weighted recall vector. Every fusion is then computed in Python as the SQL does
+(min-max per part over its top CANDIDATES, or reciprocal rank fusion) and scored like make
+eval's recall, per window. GetMemory's answers are scored beside them: the row of the fusion
+it runs (nearest, min-max 0.5) must equal them (docs/search.md, Recall quality, says which
+candidate won and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench import env
+from bench.eval.corpus import Corpus, load
+from bench.eval.memstore import ROOT, _load, _served
+from bench.eval.metrics import DEPTH
+from bench.eval.recall import _ROLE_TYPES, WINDOWS, probes
+from memstore.v1 import resources_pb2 as rs
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import session_service_pb2_grpc as ss_grpc
+from memstore.v1 import user_service_pb2_grpc as us_grpc
+from server.domain import DEFAULT_PROJECT_ID
+from server.search.embedding import embedder_from_setting
+from server.search.service import RECALL_WINDOW
+from server.search.worker import EmbeddingWorker
+from server.store.search import RECALL_WORDS
+
+#: Candidates per part, as the worker ranks its RECALL_KEEP (20): max(20 * 4, 20).
+CANDIDATES = 80
+
+Key = tuple[str, int]
+Scored = list[tuple[Key, float]]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What one probe's recall is made of."""
+
+    user_id: str
+    get_memory: list[Key]
+    words: Scored
+    window: list[np.ndarray]  # the window's message vectors, newest first
+    mean: np.ndarray  # the weighted recall vector the worker kept
+
+
+class Replay:
+    """Every probe's parts, and every message vector of each user."""
+
+    def __init__(self, seen: dict[tuple[str, str], Seen], vectors: dict[Key, Any]) -> None:
+        self.seen = seen
+        self.users: dict[str, tuple[list[Key], np.ndarray]] = {}
+        grouped: dict[str, list[tuple[Key, list[float]]]] = {}
+        for k, (user, v) in vectors.items():
+            grouped.setdefault(user, []).append((k, v))
+        for user, items in grouped.items():
+            matrix = np.array([v for _, v in items], dtype=np.float64)
+            matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+            self.users[user] = ([k for k, _ in items], matrix)
+
+    def nearest(self, s: Seen, vectors: Sequence[np.ndarray], age_penalty: float = 0.0) -> Scored:
+        """The user's messages by their best similarity to any of `vectors` (newest first)."""
+        keys, matrix = self.users[s.user_id]
+        best = np.full(len(keys), -np.inf)
+        for age, v in enumerate(vectors):
+            best = np.maximum(best, matrix @ (v / np.linalg.norm(v)) - age_penalty * age)
+        order = np.argsort(-best, kind="stable")[:CANDIDATES]
+        return [(keys[i], float(best[i])) for i in order]
+
+
+def min_max(words: Scored, vector: Scored, text_weight: float) -> list[Key]:
+    """search_hybrid's fusion: each part min-max normalised, then a convex combination."""
+    text, vec = _normalised(words), _normalised(vector)
+    keys = list(dict.fromkeys([k for k, _ in words] + [k for k, _ in vector]))
+    score = {k: text_weight * text.get(k, 0) + (1 - text_weight) * vec.get(k, 0) for k in keys}
+    return sorted(keys, key=lambda k: -score[k])
+
+
+def rrf(parts: Sequence[Scored], k: int, weights: Sequence[float] | None = None) -> list[Key]:
+    """Reciprocal rank fusion, each part's sum weighted."""
+    score: dict[Key, float] = {}
+    for i, part in enumerate(parts):
+        for rank, (key, _) in enumerate(part, start=1):
+            score[key] = score.get(key, 0.0) + (weights[i] if weights else 1.0) / (k + rank)
+    return sorted(score, key=lambda key: -score[key])
+
+
+def _normalised(part: Scored) -> dict[Key, float]:
+    if not part:
+        return {}
+    low, high = min(s for _, s in part), max(s for _, s in part)
+    return {k: 1.0 if high == low else (s - low) / (high - low) for k, s in part}
+
+
+def candidates(r: Replay) -> dict[str, Callable[[Seen], list[Key]]]:
+    """The fusions measured, by name (docs/search.md's table)."""
+    decay = [16, 8, 4, 2, 1, 1]
+
+    def words(s: Seen) -> Scored:
+        return s.words[:CANDIDATES]
+
+    def mean(s: Seen) -> Scored:
+        return r.nearest(s, [s.mean])
+
+    def each(s: Seen) -> list[Scored]:
+        return [r.nearest(s, [v]) for v in s.window]
+
+    found: dict[str, Callable[[Seen], list[Key]]] = {
+        "GetMemory (as answered)": lambda s: s.get_memory,
+        "mean, min-max 0.3 (replayed)": lambda s: min_max(words(s), mean(s), 0.3),
+        "mean, min-max 0.5": lambda s: min_max(words(s), mean(s), 0.5),
+        "mean, min-max 0.7": lambda s: min_max(words(s), mean(s), 0.7),
+        "mean, RRF k60": lambda s: rrf([words(s), mean(s)], 60),
+        "mean, RRF k10": lambda s: rrf([words(s), mean(s)], 10),
+        "each, RRF k10 16..1, words 16": lambda s: rrf([words(s), *each(s)], 10, [16, *decay]),
+        "each, RRF k10 16..1, no words": lambda s: rrf(each(s), 10, decay[: len(s.window)]),
+        "each, RRF k60 16..1, words 16": lambda s: rrf([words(s), *each(s)], 60, [16, *decay]),
+        "nearest, RRF k60": lambda s: rrf([words(s), r.nearest(s, s.window)], 60),
+    }
+    for weight in (0.3, 0.4, 0.5):
+        for penalty in (0.0, 0.01, 0.02, 0.05, 0.1):
+            found[f"nearest -{penalty}/age, min-max {weight}"] = lambda s, w=weight, p=penalty: (
+                min_max(words(s), r.nearest(s, s.window, p), w)
+            )
+    return found
+
+
+def score(corpus: Corpus, r: Replay, rank: Callable[[Seen], list[Key]], keys: Any) -> str:
+    """R@10 per window, as make eval scores recall."""
+    evidence = {q.qid: q.evidence for q in corpus.questions}
+    cells = []
+    for window in WINDOWS:
+        hits = [
+            bool(evidence[qid].intersection(keys[k] for k in rank(s)[:DEPTH]))
+            for (w, qid), s in r.seen.items()
+            if w == window
+        ]
+        cells.append(f"{sum(hits) / len(hits):.3f}")
+    return " / ".join(cells)
+
+
+async def _collect(corpus: Corpus, url: str) -> tuple[Replay, dict[Key, Any]]:
+    async with _served(url) as (store, channel):
+        sessions = ss_grpc.SessionServiceStub(channel)
+        keys = await _load(corpus, us_grpc.UserServiceStub(channel), sessions)
+        embedder = embedder_from_setting("local")
+        assert embedder is not None and store.vectors, "the replay needs pgvector"
+        worker = EmbeddingWorker(store, embedder)
+        await worker.drain(timeout=3600)
+        async with store._connect(single=True) as conn:
+            cur = await conn.execute(
+                "SELECT e.session_id, e.sequence, s.user_id, e.embedding::text"
+                " FROM message_embeddings e JOIN sessions s USING (project_id, session_id)"
+            )
+            vectors = {(r[0], r[1]): (r[2], json.loads(r[3])) for r in await cur.fetchall()}
+        seen: dict[tuple[str, str], Seen] = {}
+        for p in probes(corpus):
+            lines = [rs.Message(role=a, role_type=_ROLE_TYPES[b], content=c) for a, b, c in p.lines]
+            await sessions.AddMemory(
+                ss.AddMemoryRequest(
+                    session_id=p.session_id, user_id=p.question.user_id, messages=lines
+                )
+            )
+            await worker.drain(timeout=600)
+            got = await sessions.GetMemory(
+                ss.GetMemoryRequest(session_id=p.session_id, lastn=1, relevant_limit=DEPTH)
+            )
+            words = await store.rank_recall(
+                DEFAULT_PROJECT_ID, p.session_id, limit=CANDIDATES, window=RECALL_WINDOW,
+                model=None, words=RECALL_WORDS,
+            )  # fmt: skip
+            async with store._connect(single=True) as conn:
+                cur = await conn.execute(
+                    "SELECT embedding::text FROM message_embeddings WHERE session_id = %s"
+                    " ORDER BY sequence DESC",
+                    [p.session_id],
+                )
+                window = [np.array(json.loads(r[0])) for r in await cur.fetchall()]
+                cur = await conn.execute(
+                    "SELECT embedding::text FROM session_embeddings WHERE session_id = %s",
+                    [p.session_id],
+                )
+                row = await cur.fetchone()
+                assert row is not None
+            seen[(p.window, p.question.qid)] = Seen(
+                p.question.user_id,
+                [(m.session_id, m.message.sequence) for m in got.relevant_messages],
+                [((f.message.session_id, f.message.sequence), f.score) for f in words],
+                window,
+                np.array(json.loads(row[0])),
+            )
+            await sessions.DeleteSession(ss.DeleteSessionRequest(session_id=p.session_id))
+    return Replay(seen, vectors), keys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.eval.recall_replay", description=__doc__)
+    parser.add_argument("--sample", type=int, metavar="N", help="only the first N questions")
+    args = parser.parse_args()
+    corpus = load() if args.sample is None else load().sample(args.sample)
+    server = env.server_url(os.environ.get("DATABASE_URL"), ROOT / ".data")
+    name = f"memstore_replay_{secrets.token_hex(3)}"
+    url = env.fresh_database(server, name)
+    try:
+        replay, keys = asyncio.run(_collect(corpus, url))
+    finally:
+        env.drop_database(server, name)
+    print("R@10 alone / after talk / before talk")
+    for label, rank in candidates(replay).items():
+        print(f"{label:40s} {score(corpus, replay, rank, keys)}")
+
+
+if __name__ == "__main__":
+    main()
