@@ -328,7 +328,9 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         update_mask=masks,
     ),
     "UserService/DeleteUser": _build(upb.DeleteUserRequest, user_id=ids),
-    "UserService/ListUsers": _build(upb.ListUsersRequest, page_size=sizes, page_token=tokens),
+    "UserService/ListUsers": _build(
+        upb.ListUsersRequest, page_size=sizes, page_token=tokens, page_number=sizes
+    ),
     "UserService/ListUsersChunked": _build(
         upb.ListUsersChunkedRequest, chunk_size=sizes, page_token=tokens
     ),
@@ -366,9 +368,15 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
     "SessionService/AddMemory": _build(
         spb.AddMemoryRequest, session_id=ids, messages=message_lists, user_id=ids
     ),
-    "SessionService/GetMemory": _build(spb.GetMemoryRequest, session_id=ids, lastn=sizes),
+    "SessionService/GetMemory": _build(
+        spb.GetMemoryRequest, session_id=ids, lastn=sizes, relevant_limit=sizes
+    ),
     "SessionService/ListMessages": _build(
-        spb.ListMessagesRequest, session_id=ids, page_size=sizes, page_token=tokens
+        spb.ListMessagesRequest,
+        session_id=ids,
+        page_size=sizes,
+        page_token=tokens,
+        page_number=sizes,
     ),
     "SessionService/GetMessage": _build(spb.GetMessageRequest, session_id=ids, uuid=uuids),
     "SessionService/UpdateMessage": _build(

@@ -7,6 +7,7 @@ database), so the tests can call it from hypothesis' synchronous loop over a pla
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import threading
 from collections import Counter
@@ -449,7 +450,18 @@ def test_every_rpc_is_fuzzed_with_its_documented_codes() -> None:
     # A new RPC fails here until hostile.py has its requests and DOCUMENTED its codes.
     assert len(RPCS) == 23
     assert set(hostile.REQUESTS) == set(RPCS) == set(DOCUMENTED)
-    assert "SessionService/ExportMessages" in STREAMS and len(STREAMS) == 3
+
+
+def test_every_request_field_is_drawn() -> None:
+    # A new field fails here until its RPC's strategy in hostile.py draws it: each names the
+    # fields it sets as keyword arguments (`lastn=sizes`).
+    source = inspect.getsource(hostile)
+    table = source[source.index("REQUESTS: dict") :]
+    blocks = re.split(r'\n    "(\w+/\w+)": ', table)
+    strategies = dict(zip(blocks[1::2], blocks[2::2], strict=True))
+    for method, rpc in RPCS.items():
+        missing = [f for f in rpc.input_type.fields_by_name if f"{f}=" not in strategies[method]]
+        assert not missing, (method, missing)
 
 
 def test_fuzz_profile_sends_ten_thousand_requests() -> None:

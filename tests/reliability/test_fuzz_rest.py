@@ -16,7 +16,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote
@@ -106,7 +106,6 @@ class Served:
     database_url: str
     log: Path
     client: httpx.Client
-    known_uuids: list[str] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +326,10 @@ class Sender:
         self.deleted_users = 0
         self._pool = ThreadPoolExecutor(BATCH)
 
+    def close(self) -> None:
+        """Ends the sending threads."""
+        self._pool.shutdown()
+
     def send_all(self, batch: list[Request]) -> None:
         replies = list(self._pool.map(self._send, batch))
         for request, reply in zip(batch, replies, strict=True):
@@ -422,6 +425,7 @@ def test_fuzz_rest_route(served: Served, clean_db: str, endpoint: Endpoint) -> N
         sender.send_all(batch)
 
     run()
+    sender.close()
     assert sum(sender.statuses.values()) >= fuzz_settings.max_examples * BATCH
     _check_written(served, sender, clean_db)
     _check_log(served, start)
@@ -442,6 +446,7 @@ def test_fuzz_rest_unserved_routes(served: Served, clean_db: str) -> None:
         sender.send_all(batch)
 
     run()
+    sender.close()
     assert sender.statuses[501] > 0
     _check_log(served, start)
     _record(endpoints[0], sender)
