@@ -97,11 +97,14 @@ async def _restore_kind(
     if conflicts:
         raise _conflict(kind, conflicts)
     if kind == "messages":
+        row = await fetch_one(conn, insert, params)
+        created = int(row["created"]) if row else 0
+        # After the insert (rolled back with the rest): checked before it, a session that a
+        # concurrent Restore commits soft-deleted between the two statements would pass the
+        # check, and then the insert's foreign key check, which sees what is committed.
         live_in_deleted = await fetch_all(conn, "restore_messages_live_in_deleted", params)
         if live_in_deleted:
             raise _live_in_deleted(live_in_deleted)
-        row = await fetch_one(conn, insert, params)
-        created = int(row["created"]) if row else 0
     else:
         cur = await conn.execute(query(insert), params)
         inserted = await cur.fetchall()

@@ -112,7 +112,9 @@ ORDER BY t.ord;
 
 -- restore_messages_live_in_deleted --
 -- The request's live messages whose session is soft-deleted, stored or restored just before
--- in this transaction: a soft-deleted session's messages are soft-deleted with it.
+-- in this transaction: a soft-deleted session's messages are soft-deleted with it. Run after
+-- restore_messages, whose foreign key check may see a session a concurrent call committed
+-- meanwhile: this later statement's snapshot sees it too.
 SELECT t.ord, t.session_id || ' #' || t.sequence AS id
 FROM unnest(%(session_ids)s::text[], %(sequences)s::bigint[], %(deleted)s::timestamptz[])
      WITH ORDINALITY AS t(session_id, sequence, deleted_at, ord)
