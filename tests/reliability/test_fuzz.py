@@ -115,6 +115,7 @@ def fuzz_channel(database_url: str, store: Store) -> Iterator[grpc.Channel]:
         asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()  # its self-pipe sockets too: left to gc, they warn (an error here)
 
 
 def _seed(channel: grpc.Channel) -> None:
