@@ -3,11 +3,12 @@
 One load of the corpus as `make eval` makes it (the real worker, the real model); each probe
 (bench/eval/recall.py) goes in, is embedded, and gives: GetMemory's recall, recall by words
 with its ts_rank scores (Store.rank_recall, RECALL_WORDS), the window's message vectors and
-the session's weighted recall vector. Every fusion is then computed in Python as the SQL does
-(min-max per part over its top CANDIDATES, or reciprocal rank fusion) and scored like make
-eval's recall, per window. GetMemory's answers are scored beside them: the row of the fusion
-it runs (nearest, min-max 0.5) must equal them (docs/search.md, Recall quality, says which
-candidate won and why).
+the session's weighted recall vector as the worker kept it until migration 0014 (the mean of
+the window's vectors, newest weighted 16, 8, 4, 2, 1, 1). Every fusion is then computed in
+Python as the SQL does (min-max per part over its top CANDIDATES, or reciprocal rank fusion)
+and scored like make eval's recall, per window. GetMemory's answers are scored beside them:
+the row of the fusion it runs (nearest, min-max 0.5) must equal them (docs/search.md, Recall
+quality, says which candidate won and why).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Seen:
     get_memory: list[Key]
     words: Scored
     window: list[np.ndarray]  # the window's message vectors, newest first
-    mean: np.ndarray  # the weighted recall vector the worker kept
+    mean: np.ndarray  # the weighted recall vector the worker kept before migration 0014
 
 
 class Replay:
@@ -151,6 +152,18 @@ def score(corpus: Corpus, r: Replay, rank: Callable[[Seen], list[Key]], keys: An
     return " / ".join(cells)
 
 
+#: The weight of the newest message in the recall vector the worker kept before migration 0014;
+#: each older one half the one after it, at least 1 (70554b3).
+_LATEST_WEIGHT = 16
+
+
+def _weighted_mean(window: list[np.ndarray]) -> np.ndarray:
+    """The recall vector of a window of vectors, newest first, as 70554b3's worker averaged it."""
+    weights = [max(1, _LATEST_WEIGHT >> age) for age in range(len(window))]
+    mean: np.ndarray = np.average(np.stack(window), axis=0, weights=weights)
+    return mean
+
+
 async def _collect(corpus: Corpus, url: str) -> tuple[Replay, dict[Key, Any]]:
     async with _served(url) as (store, channel):
         sessions = ss_grpc.SessionServiceStub(channel)
@@ -188,18 +201,12 @@ async def _collect(corpus: Corpus, url: str) -> tuple[Replay, dict[Key, Any]]:
                     [p.session_id],
                 )
                 window = [np.array(json.loads(r[0])) for r in await cur.fetchall()]
-                cur = await conn.execute(
-                    "SELECT embedding::text FROM session_embeddings WHERE session_id = %s",
-                    [p.session_id],
-                )
-                row = await cur.fetchone()
-                assert row is not None
             seen[(p.window, p.question.qid)] = Seen(
                 p.question.user_id,
                 [(m.session_id, m.message.sequence) for m in got.relevant_messages],
                 [((f.message.session_id, f.message.sequence), f.score) for f in words],
                 window,
-                np.array(json.loads(row[0])),
+                _weighted_mean(window[:RECALL_WINDOW]),
             )
             await sessions.DeleteSession(ss.DeleteSessionRequest(session_id=p.session_id))
     return Replay(seen, vectors), keys

@@ -55,18 +55,6 @@ RECALL_WORDS = 64
 #: windows (docs/search.md, Recall quality): 0.3 (search's) lost 0.03-0.04 in each.
 RECALL_TEXT_WEIGHT = 0.5
 
-#: How many times the latest message of a session counts in its recall vector; each older
-#: one counts half as much as the one after it, and at least once (recall_weights). Recall
-#: no longer ranks by this vector (recall_distance_window); the worker still keeps it, with
-#: the kept recall, in session_embeddings.
-RECALL_LATEST_WEIGHT = 16
-
-
-def recall_weights(window: int) -> list[int]:
-    """Each of the last `window` messages' weight in the recall vector, latest first."""
-    return [max(1, RECALL_LATEST_WEIGHT >> age) for age in range(window)]
-
-
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model), the
 #: model "" for recall kept by words.
 MemoryKey = tuple[int, str, int, int, str]
@@ -518,8 +506,6 @@ class SearchMethods(StoreBase):
                         "project_ids": [s[0] for s in touched],
                         "session_ids": [s[1] for s in touched],
                         "model": model,
-                        "window": window,
-                        "weights": recall_weights(window),
                     },
                 )
                 await self._keep_recall(conn, touched, model, window)

@@ -68,7 +68,6 @@ VALUES: dict[str, Any] = {
     "vectors": ["[1,0,0]"],
     "sequences": [1],
     "window": 4,
-    "weights": [4, 2, 1, 1],
     "words": 32,
     "lease": 30.0,
     "candidates": 50,

@@ -22,7 +22,7 @@ from tests.fix_db import expected_vectors, scratch_database, usable_extensions
 #: The migrations that need pgvector: skipped together, applied together.
 VECTOR_MIGRATIONS = [name for name, text in migrations() if required_extension(text) == "vector"]
 #: A migration needing an extension no server has: the branch CI's servers (all with pgvector
-#: installed) no longer reach with 0007 and 0008.
+#: installed) no longer reach with 0007, 0008 and 0014.
 ABSENT = ("9999_probe", "-- requires extension: memstore_absent\nCREATE TABLE probe (x int);\n")
 
 
@@ -53,7 +53,7 @@ def _available(url: str) -> bool:
 async def test_migrate_leaves_the_mode_ci_expects_and_says_why(
     fresh_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert VECTOR_MIGRATIONS == ["0007_vectors", "0008_stored_recall"]
+    assert VECTOR_MIGRATIONS == ["0007_vectors", "0008_stored_recall", "0014_no_session_vector"]
     # What the server and the role allow, read from the catalogs before migrate runs.
     available = _available(fresh_url)
     usable = "vector" in usable_extensions(fresh_url)

@@ -277,30 +277,24 @@ WITH v AS (
 SELECT (SELECT count(*) FROM saved) AS saved, (SELECT count(*) FROM done) AS done;
 
 -- refresh_session_embeddings --
--- Recomputes the recall vector of each session: the mean of its last `window` live messages,
--- weighted to the latest (RECALL_WEIGHTS below).
-INSERT INTO session_embeddings AS t (project_id, session_id, model, embedding, through_sequence)
-SELECT s.project_id, s.session_id, %(model)s, r.embedding, r.through
+-- Marks each session of a batch as seen by the worker through its latest embedded live
+-- message; _keep_recall then ranks and keeps its recall in the same row. No recall vector
+-- since migration 0014 (recall_distance_window ranks by the window's own vectors): a row
+-- of an older server loses its mean here.
+INSERT INTO session_embeddings AS t (project_id, session_id, model, through_sequence)
+SELECT s.project_id, s.session_id, %(model)s, r.through
 FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[]) AS s(project_id, session_id)
 CROSS JOIN LATERAL (
-    SELECT avg(w.embedding) AS embedding, max(w.sequence) AS through
-    FROM (
-        SELECT e.embedding, e.sequence, row_number() OVER (ORDER BY e.sequence DESC) AS n
-        FROM message_embeddings e
-        JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
-                       AND m.sequence = e.sequence
-        WHERE e.project_id = s.project_id AND e.session_id = s.session_id
-          AND e.model = %(model)s AND m.deleted_at IS NULL
-        ORDER BY e.sequence DESC
-        LIMIT %(window)s
-    ) AS w
-    -- RECALL_WEIGHTS: the n-th latest message counts as many times as its weight says.
-    CROSS JOIN LATERAL generate_series(1, (%(weights)s::int[])[w.n]) AS copies
+    SELECT max(e.sequence) AS through
+    FROM message_embeddings e
+    JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+                   AND m.sequence = e.sequence
+    WHERE e.project_id = s.project_id AND e.session_id = s.session_id
+      AND e.model = %(model)s AND m.deleted_at IS NULL
 ) AS r
-WHERE r.embedding IS NOT NULL
+WHERE r.through IS NOT NULL
 ON CONFLICT (project_id, session_id) DO UPDATE
-    SET model = excluded.model, embedding = excluded.embedding,
-        through_sequence = excluded.through_sequence;
+    SET model = excluded.model, embedding = NULL, through_sequence = excluded.through_sequence;
 
 -- queue_reindex --
 -- Queues one batch of live messages whose vector is missing or made by another model.
@@ -524,31 +518,20 @@ JOIN messages m ON m.project_id = l.project_id AND m.session_id = l.session_id
 
 -- refresh_session_embeddings_citus --
 -- refresh_session_embeddings under Citus, which cannot push a lateral join over several
--- sessions down to their shards: the last `window` vectors of each session by a window
--- function partitioned by session (the distribution column), averaged on each shard, weighted
--- as refresh_session_embeddings.
-INSERT INTO session_embeddings AS t (project_id, session_id, model, embedding, through_sequence)
-SELECT w.project_id, w.session_id, %(model)s, avg(w.embedding), max(w.sequence)
-FROM (
-    SELECT e.project_id, e.session_id, e.embedding, e.sequence,
-           row_number() OVER (PARTITION BY e.session_id, e.project_id
-                              ORDER BY e.sequence DESC) AS n
-    FROM message_embeddings e
-    JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
-                   AND m.sequence = e.sequence
-    -- Each id against each project: a session of another project with a batch's id is
-    -- refreshed too, harmlessly (from its own vectors).
-    WHERE e.session_id = ANY(%(session_ids)s::text[])
-      AND e.project_id = ANY(%(project_ids)s::bigint[])
-      AND e.model = %(model)s AND m.deleted_at IS NULL
-) AS w
--- RECALL_WEIGHTS, as refresh_session_embeddings.
-CROSS JOIN LATERAL generate_series(1, (%(weights)s::int[])[w.n]) AS copies
-WHERE w.n <= %(window)s
-GROUP BY w.project_id, w.session_id
+-- sessions down to their shards: grouped by session (the distribution column), on each shard.
+INSERT INTO session_embeddings AS t (project_id, session_id, model, through_sequence)
+SELECT e.project_id, e.session_id, %(model)s, max(e.sequence)
+FROM message_embeddings e
+JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+               AND m.sequence = e.sequence
+-- Each id against each project: a session of another project with a batch's id is
+-- refreshed too, harmlessly (from its own messages).
+WHERE e.session_id = ANY(%(session_ids)s::text[])
+  AND e.project_id = ANY(%(project_ids)s::bigint[])
+  AND e.model = %(model)s AND m.deleted_at IS NULL
+GROUP BY e.session_id, e.project_id
 ON CONFLICT (project_id, session_id) DO UPDATE
-    SET model = excluded.model, embedding = excluded.embedding,
-        through_sequence = excluded.through_sequence;
+    SET model = excluded.model, embedding = NULL, through_sequence = excluded.through_sequence;
 
 -- any_due_citus --
 -- Whether some queued message is unleased or its lease ran out: under Citus, a claim that
