@@ -106,12 +106,17 @@ async def test_recall_matches_what_the_window_says_not_who_says_it(users, sessio
     assert recalled[0] == "The vet said Biscuit needs a salmon based dog food from now on"
 
 
-async def test_recall_follows_the_latest_message_of_the_window(users, sessions, store, embed):
-    # Five messages of talk about music, which Maya's history does not hold, then a question
-    # about her dog: no word of the window is in her earlier sessions, so only the window's
+@pytest.mark.parametrize("question_first", [False, True], ids=["talk_first", "question_first"])
+async def test_recall_finds_the_question_wherever_it_stands_in_the_window(
+    users, sessions, store, embed, question_first
+):
+    # A question about Maya's dog and five messages of talk about music, which her history
+    # does not hold: no word of the window is in her earlier sessions, so only the window's
     # vectors rank them, each of her messages by the nearest of them (recall_distance_window).
-    # As the plain mean of the six, one vector pointed at the talk, and make eval's recall
-    # after other talk was 0.103 of recall@10 (0.554 now; docs/search.md, Recall quality).
+    # As the plain mean of the six, one vector pointed at the talk (make eval's recall after
+    # other talk: 0.103 of recall@10); weighted to the latest, the talk outvoted a question
+    # asked first (0.023) and recall went to the work session (0.554 both now;
+    # docs/search.md, Recall quality).
     await _history(users, sessions)
     talk = [
         "I have been learning piano",
@@ -120,29 +125,9 @@ async def test_recall_follows_the_latest_message_of_the_window(users, sessions, 
         "I practise scales every morning",
         "the orchestra played Beethoven",
     ]
-    await _say(sessions, "maya-now", "maya", *talk, "What does my puppy like to eat?")
-    await embed()
-    memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id="maya-now", relevant_limit=1))
-    ranked = [r.session_id for r in memory.relevant_messages]
-    # Without pgvector recall ranks by words, and no word of the window is in the history.
-    assert ranked == (["maya-pets"] if store.vectors else [])
-
-
-async def test_recall_keeps_a_question_that_other_talk_followed(users, sessions, store, embed):
-    # The question first, then five messages of talk that Maya's history does not hold: each
-    # message of the window is ranked against by its own vector (recall_distance_window), so
-    # the question still finds the dog's session. With the mean of the window's vectors
-    # weighted to the latest, the talk outvoted it and recall went to the work session (make
-    # eval's recall with the question before other talk: 0.023 of recall@10; docs/search.md).
-    await _history(users, sessions)
-    talk = [
-        "I have been learning piano",
-        "the concert last night was amazing",
-        "my favourite band released an album",
-        "I practise scales every morning",
-        "the orchestra played Beethoven",
-    ]
-    await _say(sessions, "maya-now", "maya", "What does my puppy like to eat?", *talk)
+    question = "What does my puppy like to eat?"
+    window = [question, *talk] if question_first else [*talk, question]
+    await _say(sessions, "maya-now", "maya", *window)
     await embed()
     memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id="maya-now", relevant_limit=1))
     ranked = [r.session_id for r in memory.relevant_messages]
