@@ -441,19 +441,25 @@ class SearchMethods(StoreBase):
                     raise
         return len(claimed)
 
+    async def _lock_embedded_sessions(
+        self, conn: AsyncConnection[Any], sessions: list[tuple[int, str]]
+    ) -> None:
+        """Locks a batch's sessions against deletion while the worker writes for them, in key
+        order (`sessions` sorted) as DeleteUser locks them: the two wait in turn, never in a
+        cycle. Not on Citus, which runs no multi-shard `FOR KEY SHARE`: its co-located
+        foreign keys guard the same rows (docs/scaling.md)."""
+        if self.citus:
+            return
+        await conn.execute(
+            query("lock_embedded_sessions"),
+            {"project_ids": [s[0] for s in sessions], "session_ids": [s[1] for s in sessions]},
+        )
+
     async def _save_word_recall(
         self, keys: list[tuple[int, str, int]], sessions: list[tuple[int, str]], window: int
     ) -> None:
         async with self._connect() as conn:
-            if not self.citus:
-                # Against deletion, in key order as DeleteUser locks them (see _save_batch).
-                await conn.execute(
-                    query("lock_embedded_sessions"),
-                    {
-                        "project_ids": [s[0] for s in sessions],
-                        "session_ids": [s[1] for s in sessions],
-                    },
-                )
+            await self._lock_embedded_sessions(conn, sessions)
             await conn.execute(query("settle_word_recall"), _keys_params(keys))
             for project_id, session_id in sessions:
                 params = self._recall_params(project_id, session_id, window, None, RECALL_KEEP)
@@ -479,15 +485,7 @@ class SearchMethods(StoreBase):
     ) -> None:
         sessions = sorted({(k[0], k[1]) for k in keys})
         async with self._connect() as conn:
-            if not self.citus:
-                # In key order, as DeleteUser locks them: the two wait in turn, never in a cycle.
-                await conn.execute(
-                    query("lock_embedded_sessions"),
-                    {
-                        "project_ids": [s[0] for s in sessions],
-                        "session_ids": [s[1] for s in sessions],
-                    },
-                )
+            await self._lock_embedded_sessions(conn, sessions)
             await fetch_one(
                 conn,
                 "save_embeddings",
