@@ -348,14 +348,21 @@ class SearchMethods(StoreBase):
             await self._keep_recall(conn, sessions, model, window)
 
     async def _keep_recall(
-        self, conn: AsyncConnection[Any], sessions: list[tuple[int, str]], model: str, window: int
+        self,
+        conn: AsyncConnection[Any],
+        sessions: list[tuple[int, str]],
+        model: str | None,
+        window: int,
     ) -> None:
-        # Ranks and keeps the recall of each session whose recall vector just changed.
+        # Ranks and keeps the recall of each session that just got messages: by its window's
+        # vectors and words under `model` (save_recall), by words alone without one
+        # (save_word_recall, where vectors are not kept).
+        save = query("save_word_recall" if model is None else "save_recall")
         for project_id, session_id in sessions:
             params = self._recall_params(project_id, session_id, window, model, RECALL_KEEP)
             found = await self._rank_recall(conn, params, model)
             await conn.execute(
-                query("save_recall"),
+                save,
                 {
                     "project_id": project_id,
                     "session_id": session_id,
@@ -461,19 +468,7 @@ class SearchMethods(StoreBase):
         async with self._connect() as conn:
             await self._lock_embedded_sessions(conn, sessions)
             await conn.execute(query("settle_word_recall"), _keys_params(keys))
-            for project_id, session_id in sessions:
-                params = self._recall_params(project_id, session_id, window, None, RECALL_KEEP)
-                found = await self._rank_recall(conn, params, None)
-                await conn.execute(
-                    query("save_word_recall"),
-                    {
-                        "project_id": project_id,
-                        "session_id": session_id,
-                        "recall_sessions": [r.message.session_id for r in found],
-                        "recall_sequences": [r.message.sequence for r in found],
-                        "recall_scores": [r.score for r in found],
-                    },
-                )
+            await self._keep_recall(conn, sessions, None, window)
 
     async def _save_batch(
         self,
