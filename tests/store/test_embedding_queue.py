@@ -171,6 +171,42 @@ async def test_reindex_queues_what_another_model_embedded(store: Store, clean_db
     assert await store.reindex_total(MODEL) == 0
 
 
+async def _queued_keys(url: str) -> list[tuple[str, int]]:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute(
+            "SELECT session_id, sequence FROM embedding_queue ORDER BY session_id, sequence"
+        )
+        return [(r[0], r[1]) for r in await cur.fetchall()]
+
+
+async def test_reindex_passes_over_deleted_sessions_and_messages(
+    store: Store, clean_db: str
+) -> None:
+    # DeleteSession hides the session's messages with it and ClearMemory hides a session's
+    # messages; UndeleteSession brings back the session, not them. So reindex queues none of
+    # them, before or after the undelete (nobody could read a vector of theirs), and the
+    # revived session's next messages are queued by the AddMemory that brings them.
+    if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
+        return
+    await store.add_memory(P, "live", None, [msg("stay")])
+    await store.add_memory(P, "gone", None, [msg("leave"), msg("leave too")])
+    await store.add_memory(P, "cleared", None, [msg("forget")])
+    await store.delete_session(P, "gone")
+    await store.clear_memory(P, "cleared")
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        await conn.execute("DELETE FROM embedding_queue")  # as if the worker had drained it
+    assert await store.reindex_total(MODEL) == 1
+    assert await store.queue_reindex(MODEL, None, 10) == (1, (P, "live", 1))
+    assert await _queued_keys(clean_db) == [("live", 1)]
+
+    await store.undelete_session(P, "gone")
+    assert await store.reindex_total(MODEL) == 1
+    assert (await store.queue_reindex(MODEL, None, 10))[0] == 0
+    await store.add_memory(P, "gone", None, [msg("back")])
+    assert await _queued_keys(clean_db) == [("gone", 3), ("live", 1)]
+
+
 async def test_a_migration_needing_a_missing_extension_waits_unrecorded(
     database_url: str, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
