@@ -1,9 +1,10 @@
-"""The search, recall and embedding-queue methods of the Store (see sql/search.sql)."""
+"""The search and recall methods of the Store (see sql/search.sql); the embedding queue's
+are in embeddings.py."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -12,11 +13,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from server.domain import Message, SearchQuery, SearchResult, Session
-from server.errors import FailedPrecondition
 from server.store import rows
 from server.store.base import StoreBase, key
 from server.store.coalesce import Coalescer
-from server.store.db import Row, fetch_all, fetch_one
+from server.store.db import Row, fetch_all
 from server.store.messages import memory_window
 from server.store.queries import query
 from server.store.translate import translated
@@ -34,10 +34,6 @@ _FILTERS = (
 #: The weight of the full-text score in a hybrid ranking (the vector score has the rest).
 #: Chosen on the odd-numbered questions of the retrieval evaluation (docs/search.md).
 HYBRID_TEXT_WEIGHT = 0.3
-
-#: Seconds a worker holds the messages it claimed: far longer than a batch takes to embed;
-#: a worker that dies leaves them to others when it ends.
-LEASE_SECONDS = 30.0
 
 #: Memories the worker ranks and keeps per session for GetMemory's recall (a larger
 #: relevant_limit is ranked on the request path).
@@ -59,24 +55,8 @@ RECALL_TEXT_WEIGHT = 0.5
 #: model "" for recall kept by words.
 MemoryKey = tuple[int, str, int, int, str]
 
-#: Claims a worker tries on Citus before it takes a lost race for an empty queue.
-_CLAIM_ATTEMPTS = 5
-#: Runs of a batch's save under Citus when a delete committed during it (see embed_due).
-_SAVE_ATTEMPTS = 3
-
 #: A found message and, when asked for, its vector (for diversity re-ranking).
 Found = tuple[SearchResult, list[float] | None]
-
-#: Embeds a batch of texts off the event loop; one vector per text.
-EmbedBatch = Callable[[list[str]], Awaitable[list[list[float]]]]
-
-
-def _keys_params(keys: list[tuple[int, str, int]]) -> dict[str, Any]:
-    return {
-        "project_ids": [k[0] for k in keys],
-        "session_ids": [k[1] for k in keys],
-        "sequences": [k[2] for k in keys],
-    }
 
 
 def vector_text(vector: Sequence[float]) -> str:
@@ -337,254 +317,6 @@ class SearchMethods(StoreBase):
         async with self._connect(single=True) as conn:
             return await self._rank_recall(conn, params, model)
 
-    async def keep_recall(self, sessions: list[tuple[int, str]], model: str, window: int) -> None:
-        """Ranks and keeps the recall of these (project_id, session_id) sessions now, as the
-        worker does after embedding their messages (for a bench that seeds vectors itself).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        async with self._connect() as conn:
-            await self._keep_recall(conn, sessions, model, window)
-
-    async def _keep_recall(
-        self,
-        conn: AsyncConnection[Any],
-        sessions: list[tuple[int, str]],
-        model: str | None,
-        window: int,
-    ) -> None:
-        # Ranks and keeps the recall of each session that just got messages: by its window's
-        # vectors and words under `model` (save_recall), by words alone without one
-        # (save_word_recall, where vectors are not kept).
-        save = query("save_word_recall" if model is None else "save_recall")
-        for project_id, session_id in sessions:
-            params = self._recall_params(project_id, session_id, window, model, RECALL_KEEP)
-            found = await self._rank_recall(conn, params, model)
-            await conn.execute(
-                save,
-                {
-                    "project_id": project_id,
-                    "session_id": session_id,
-                    "model": model,
-                    "recall_sessions": [r.message.session_id for r in found],
-                    "recall_sequences": [r.message.sequence for r in found],
-                    "recall_scores": [r.score for r in found],
-                },
-            )
-
-    async def embed_due(self, model: str, limit: int, window: int, embed: EmbedBatch) -> int:
-        """Leases up to `limit` due messages, embeds them, saves the vectors and recall.
-
-        The lease (LEASE_SECONDS) is committed before `embed` runs, so concurrent workers
-        take other rows and no lock is held while the model works; a worker that dies
-        leaves its rows to be claimed again when the lease ends, and a model that fails
-        gives them back at once: nothing is lost. The save locks the batch's sessions
-        first, in key order, as DeleteUser does, so the two wait for each other instead of
-        deadlocking. Soft-deleted messages leave the queue without a vector.
-        Returns how many queue rows were settled (0 when nothing was due, and always where
-        vectors are not kept: the queue then feeds keep_word_recall_due).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        if not self.vectors:
-            return 0  # queued for recall by words (keep_word_recall_due): nothing to embed
-        async with self._connect(single=True) as conn:
-            claimed = await self._claim(conn, limit)
-        if not claimed:
-            return 0
-        keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
-        live = [r for r in claimed if r["live"]]
-        try:
-            vectors = await embed([_embedding_text(r["role"], r["content"]) for r in live])
-        except BaseException:
-            async with self._connect(single=True) as conn:
-                await conn.execute(query("release_embeddings"), _keys_params(keys))
-            raise
-        by_key = {
-            (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
-            for r, v in zip(live, vectors, strict=True)
-        }
-        # Citus locks no rows across shards, so the save does not lock the batch's sessions
-        # first: a DeleteUser or purge that deleted one of its messages and commits while the
-        # save runs makes the vectors' foreign key check fail (the key is co-located, checked
-        # on the shard). The save then runs again with the same vectors in a new snapshot,
-        # where the deleted rows are gone (save_embeddings joins the live messages), rather
-        # than leaving the whole batch leased until LEASE_SECONDS pass.
-        for attempt in range(_SAVE_ATTEMPTS):
-            try:
-                await self._save_batch(keys, live, by_key, model, window)
-                break
-            except FailedPrecondition:
-                if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
-                    raise
-        return len(claimed)
-
-    async def keep_word_recall_due(self, limit: int, window: int) -> int:
-        """Leases up to `limit` due messages and keeps their sessions' recall by words.
-
-        Where vectors are not kept, the queue says which sessions have new messages: each
-        is ranked as GetMemory would rank it on the request path (its last `window`
-        messages' words) and kept in session_word_recall, and the batch leaves the queue,
-        in one transaction. Leased as embed_due's batches are: a worker that dies leaves
-        them to the next claim. Returns how many queue rows were settled (0: nothing due).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        async with self._connect(single=True) as conn:
-            claimed = await self._claim(conn, limit)
-        if not claimed:
-            return 0
-        keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
-        sessions = sorted({(k[0], k[1]) for k in keys})
-        for attempt in range(_SAVE_ATTEMPTS):  # as embed_due's save, on Citus
-            try:
-                await self._save_word_recall(keys, sessions, window)
-                break
-            except FailedPrecondition:
-                if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
-                    raise
-        return len(claimed)
-
-    async def _lock_embedded_sessions(
-        self, conn: AsyncConnection[Any], sessions: list[tuple[int, str]]
-    ) -> None:
-        """Locks a batch's sessions against deletion while the worker writes for them, in key
-        order (`sessions` sorted) as DeleteUser locks them: the two wait in turn, never in a
-        cycle. Not on Citus, which runs no multi-shard `FOR KEY SHARE`: its co-located
-        foreign keys guard the same rows (docs/scaling.md)."""
-        if self.citus:
-            return
-        await conn.execute(
-            query("lock_embedded_sessions"),
-            {"project_ids": [s[0] for s in sessions], "session_ids": [s[1] for s in sessions]},
-        )
-
-    async def _save_word_recall(
-        self, keys: list[tuple[int, str, int]], sessions: list[tuple[int, str]], window: int
-    ) -> None:
-        async with self._connect() as conn:
-            await self._lock_embedded_sessions(conn, sessions)
-            await conn.execute(query("settle_word_recall"), _keys_params(keys))
-            await self._keep_recall(conn, sessions, None, window)
-
-    async def _save_batch(
-        self,
-        keys: list[tuple[int, str, int]],
-        live: list[Row],
-        by_key: dict[tuple[int, str, int], str],
-        model: str,
-        window: int,
-    ) -> None:
-        sessions = sorted({(k[0], k[1]) for k in keys})
-        async with self._connect() as conn:
-            await self._lock_embedded_sessions(conn, sessions)
-            await fetch_one(
-                conn,
-                "save_embeddings",
-                {**_keys_params(keys), "vectors": [by_key.get(k) for k in keys], "model": model},
-            )
-            touched = sorted({(r["project_id"], r["session_id"]) for r in live})
-            if touched:
-                refresh = (
-                    "refresh_session_embeddings_citus"
-                    if self.citus
-                    else "refresh_session_embeddings"
-                )
-                await conn.execute(
-                    query(refresh),
-                    {
-                        "project_ids": [s[0] for s in touched],
-                        "session_ids": [s[1] for s in touched],
-                        "model": model,
-                    },
-                )
-                await self._keep_recall(conn, touched, model, window)
-
-    async def _claim(self, conn: AsyncConnection[Any], limit: int) -> list[Row]:
-        params = {"limit": limit, "lease": LEASE_SECONDS}
-        if not self.citus:
-            return await fetch_all(conn, "claim_embeddings", params)
-        # Citus: workers that picked the same oldest rows race for their leases; one that
-        # lost them all picks again while rows are still due (else it would sleep on a
-        # queue that is not empty).
-        for _ in range(_CLAIM_ATTEMPTS):
-            claimed = await fetch_all(conn, "claim_embeddings_citus", params)
-            if claimed:
-                return claimed
-            due = await fetch_one(conn, "any_due_citus", {})
-            if not (due and due["due"]):
-                break
-        return []
-
-    async def queue_reindex(
-        self, model: str, after: tuple[int, str, int] | None, limit: int
-    ) -> tuple[int, tuple[int, str, int] | None]:
-        """Queues one batch of live messages lacking a `model` vector, after key `after`.
-
-        Returns (rows queued, key to continue after; None when the scan is done).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        last_project, last_session, last_sequence = after or (0, "", 0)
-        params = {
-            "model": model,
-            "limit": limit,
-            "after_project": last_project,
-            "after_session": last_session,
-            "after_sequence": last_sequence,
-        }
-        async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "queue_reindex", params)
-        assert row is not None
-        if row["project_id"] is None:
-            return int(row["queued"]), None
-        return int(row["queued"]), (row["project_id"], row["session_id"], row["sequence"])
-
-    async def queue_word_recall(
-        self, after: tuple[int, str] | None, limit: int
-    ) -> tuple[int, tuple[int, str] | None]:
-        """Queues, for the recall worker, up to `limit` live sessions after key `after` whose
-        recall by words is not kept (they had messages before migration 0012): one row each.
-
-        Returns (sessions queued, key to continue after; None when the scan is done).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        last_project, last_session = after or (0, "")
-        params = {"limit": limit, "after_project": last_project, "after_session": last_session}
-        async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "queue_word_recall", params)
-        assert row is not None
-        if row["project_id"] is None:
-            return int(row["queued"]), None
-        return int(row["queued"]), (row["project_id"], row["session_id"])
-
-    async def reindex_total(self, model: str) -> int:
-        """How many live messages lack a vector of `model`.
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "reindex_total", {"model": model})
-        return int(row["n"]) if row else 0
-
-    async def embedding_lag(self) -> tuple[int, float]:
-        """(messages waiting for an embedding, seconds the oldest has waited).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "embedding_lag", {})
-        assert row is not None
-        return int(row["queued"]), float(row["oldest"])
-
 
 async def _pipelined(
     conn: AsyncConnection[Any], statements: list[sql.SQL | sql.Composed], params: dict[str, Any]
@@ -599,8 +331,3 @@ async def _pipelined(
         for cursor, statement in zip(cursors, statements, strict=True):
             await cursor.execute(statement, params, prepare=False)
     return [await cursor.fetchall() for cursor in cursors]
-
-
-def _embedding_text(role: str, content: str) -> str:
-    # The speaker is part of what a message is about ("what did Priya suggest?").
-    return f"{role}: {content}" if role else content

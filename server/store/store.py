@@ -10,6 +10,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from server.errors import Unavailable
 from server.store.admin import AdminMethods
 from server.store.db import configure
+from server.store.embeddings import EmbeddingMethods
 from server.store.export import ExportMethods
 from server.store.health import Listener
 from server.store.messages import MessageMethods
@@ -30,6 +31,7 @@ class Store(
     UserMethods,
     SessionMethods,
     MessageMethods,
+    EmbeddingMethods,
     SearchMethods,
     ProjectMethods,
     ExportMethods,
@@ -38,8 +40,8 @@ class Store(
 ):
     """All reads and writes of memstore, over one connection pool.
 
-    Each resource's methods come from its own module (users, sessions, messages, search,
-    projects, export, restore, admin) and run the statements of the sql/*.sql file of the
+    Each resource's methods come from its own module (users, sessions, messages, embeddings,
+    search, projects, export, restore, admin) and run the statements of the sql/*.sql file of the
     same name. Methods on a project's rows take its id first. Every method raises only
     server.errors domain errors (NotFound, AlreadyExists, FailedPrecondition, Unavailable,
     ...) and never lets a psycopg exception escape: each runs inside `translated()`.
