@@ -333,3 +333,15 @@ async def test_queue_cost_times_the_queue_insert_on_tiny_data(clean_db: str) -> 
     with psycopg.connect(clean_db) as conn:
         row = conn.execute("SELECT count(*) FROM sessions").fetchone()
     assert row == (0,)
+
+
+def test_queue_gauge_times_both_statements_on_tiny_data(clean_db: str) -> None:
+    # bench.queue_gauge's rounds on a migrated database with a few queued rows: both
+    # statements timed, the capped count exact below its cap, the age read from the index.
+    from bench.queue_gauge import fill, measure
+
+    fill(clean_db, 50, 10)
+    found = measure(clean_db, rounds=2, calls=1)
+    assert found["before_ms"] > 0 and found["after_ms"] > 0 and found["after_over_before"] > 0
+    assert found["values"]["before"][0] == found["values"]["after"][0] == 40
+    assert found["values"]["after"][1] == pytest.approx(found["values"]["before"][1], abs=5)

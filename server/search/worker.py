@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from server.errors import MemstoreError
 from server.search.embedding import Embedder
 from server.search.service import RECALL_WINDOW
-from server.store import Store
+from server.store import QUEUE_COUNT_CAP, Store
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +230,9 @@ async def watch_queue(
         if rows and oldest >= stale and now - warned_at >= stale:
             warned_at = now
             log.warning(
-                "embedding queue: %d rows, the oldest waiting %.0fs: no worker drains it or "
+                "embedding queue: %s rows, the oldest waiting %.0fs: no worker drains it or "
                 "none keeps up; run `memstore embed` on this database (or serve without "
                 "--no-embedding-worker)",
-                rows,
+                rows if rows < QUEUE_COUNT_CAP else f"{QUEUE_COUNT_CAP} or more",
                 oldest,
             )

@@ -25,6 +25,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from server.api.chunking import WireChunk
+from server.store import QUEUE_COUNT_CAP
 
 log = logging.getLogger("memstore.access")
 
@@ -143,7 +144,9 @@ class _QueueCollector(Collector):
         rows, oldest = stats
         yield GaugeMetricFamily(
             "memstore_embedding_queue_rows",
-            "Rows waiting in the embedding queue for a worker (memstore embed, or serve's own).",
+            "Rows waiting in the embedding queue for a worker (memstore embed, or serve's own),"
+            f" counted up to {QUEUE_COUNT_CAP}: exact below it, {QUEUE_COUNT_CAP} means that"
+            " many or more (a scrape never scans a long queue whole).",
             value=rows,
         )
         yield GaugeMetricFamily(

@@ -18,6 +18,11 @@ from server.store.search import RECALL_KEEP, SearchMethods, vector_text
 #: a worker that dies leaves them to others when it ends.
 LEASE_SECONDS = 30.0
 
+#: Rows of the embedding queue that embedding_lag counts at most: /metrics reads it at every
+#: scrape and each server every minute, and a count of the whole queue scans it all (millions
+#: of rows after a reindex). Exact below it; the cap means that many or more.
+QUEUE_COUNT_CAP = 10_000
+
 #: Claims a worker tries on Citus before it takes a lost race for an empty queue.
 _CLAIM_ATTEMPTS = 5
 #: Runs of a batch's save under Citus when a delete committed during it (see embed_due).
@@ -275,14 +280,15 @@ class EmbeddingMethods(SearchMethods):
             row = await fetch_one(conn, "reindex_total", {"model": model})
         return int(row["n"]) if row else 0
 
-    async def embedding_lag(self) -> tuple[int, float]:
-        """(messages waiting for an embedding, seconds the oldest has waited).
+    async def embedding_lag(self, cap: int = QUEUE_COUNT_CAP) -> tuple[int, float]:
+        """(rows waiting in the embedding queue, counted up to `cap`: `cap` means that many or
+        more; seconds the oldest has waited, exact).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
         async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "embedding_lag", {})
+            row = await fetch_one(conn, "embedding_lag", {"cap": cap})
         assert row is not None
         return int(row["queued"]), float(row["oldest"])
 

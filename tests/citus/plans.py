@@ -70,6 +70,7 @@ VALUES: dict[str, Any] = {
     "window": 4,
     "words": 32,
     "lease": 30.0,
+    "cap": 10_000,
     "candidates": 50,
     "text_weight": 0.3,
     "with_vectors": False,

@@ -4,9 +4,11 @@ no-pgvector mode in which nothing is embedded and the queue feeds recall kept by
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,6 +18,7 @@ from server.domain import Message, NewMessage, Session
 from server.search.worker import watch_queue
 from server.store import Store
 from server.store.migrate import apply_migrations
+from server.store.queries import query
 from tests.polling import until
 
 MODEL = "test-model"
@@ -71,6 +74,36 @@ async def test_add_memory_queues_messages_for_the_worker_in_both_modes(
             row = await (await conn.execute(last)).fetchone()
         assert row == ("{3,4}",)
     assert await store.embedding_lag() == (queued, pytest.approx(0, abs=60))
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan] + [n for p in plan.get("Plans", []) for n in _plan_nodes(p)]
+
+
+async def test_the_queue_gauge_counts_exactly_up_to_its_cap_and_reads_no_further(
+    store: Store, clean_db: str
+) -> None:
+    # /metrics reads embedding_lag at each scrape: below the cap its count is exact; at the
+    # cap it stops counting (the cap means that many or more), and the age stays exact.
+    for i in range(6):  # one queued row a call in both modes
+        await store.add_memory(P, f"s{i}", None, [msg(f"m{i}")])
+    rows, oldest = await store.embedding_lag()
+    assert rows == 6 and 0 < oldest < 60
+    assert (await store.embedding_lag(cap=6))[0] == 6
+    capped, capped_oldest = await store.embedding_lag(cap=3)
+    assert capped == 3 and capped_oldest >= oldest
+    if store.citus:
+        return  # the shards' plans are their own (tests/citus/test_routing.py runs it there)
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        # Priced out, as in a table too large to read whole, the plan shows what it reads.
+        await conn.execute("SET enable_seqscan = off")
+        explain = b"EXPLAIN (ANALYZE, FORMAT JSON) " + query("embedding_lag").as_bytes(conn)
+        row = await (await conn.execute(explain, {"cap": 3})).fetchone()
+    assert row is not None
+    doc = row[0] if not isinstance(row[0], str) else json.loads(row[0])
+    scans = [n for n in _plan_nodes(doc[0]["Plan"]) if n["Node Type"].endswith("Scan")]
+    assert scans and all(n["Actual Rows"] <= 3 for n in scans), scans
+    assert any(n.get("Index Name") == "embedding_queue_enqueued_idx" for n in scans), scans
 
 
 async def test_a_failed_batch_loses_nothing_and_is_claimed_again(

@@ -152,10 +152,15 @@ LEFT JOIN message_embeddings e ON e.project_id = m.project_id
 WHERE m.deleted_at IS NULL AND (e.model IS NULL OR e.model <> %(model)s);
 
 -- embedding_lag --
--- The queue's length and the age of its oldest entry (seconds), for the bench and metrics.
-SELECT count(*) AS queued,
-       coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at)), 0)::float8 AS oldest
-FROM embedding_queue;
+-- The queue's length counted up to %(cap)s rows, and the age of its oldest entry (seconds),
+-- for /metrics at each scrape and every server's look each minute. Counting stops at the
+-- cap, so a queue of millions (after a reindex) costs a scrape no more than one of cap rows;
+-- the age stays exact: min() alone reads the first entry of embedding_queue_enqueued_idx
+-- (with count(*) beside it in one aggregate, both scanned the whole queue).
+SELECT (SELECT count(*) FROM (SELECT 1 FROM embedding_queue LIMIT %(cap)s) AS capped) AS queued,
+       coalesce(extract(epoch FROM clock_timestamp()
+                                   - (SELECT min(enqueued_at) FROM embedding_queue)),
+                0)::float8 AS oldest;
 
 -- save_recall --
 -- Keeps a session's ranked recall (other sessions' message keys, best first) with its vector.
