@@ -16,8 +16,14 @@ from server.store import Store
 
 
 def routes() -> list[BaseRoute]:
-    """Every route of Zep's API memstore registers: /api/v1, /api/v2, and the unserved ones."""
-    return [*v1.routes(), *v2.routes(), *unserved.routes()]
+    """Every route of Zep's API memstore registers: the unserved ones, /api/v1, /api/v2.
+
+    The router takes the first route that matches. The unserved come first, so that Zep's
+    fixed paths among them (`/api/v2/sessions/end`) are never read as an id by a served
+    `/sessions/{session_id}`; none of them matches a served path
+    (tests/unit/test_rest_routes.py).
+    """
+    return [*unserved.routes(), *v1.routes(), *v2.routes()]
 
 
 def build_http_server(

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
 from server.api.status import http_status
@@ -121,6 +121,17 @@ def endpoint(handler: Handler) -> Handler:
     return wrapped
 
 
+class FixedRoute(Route):
+    """A route whose path has no parameter claims it for every method (405 for those it does
+    not serve): otherwise the router, finding the method unserved here, goes on to a later
+    `/sessions/{session_id}` and answers GET /api/v2/sessions/search as the session "search"
+    (tests/unit/test_rest_routes.py)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        return (Match.FULL if match is Match.PARTIAL else match), child
+
+
 def route(path: str, **handlers: Handler) -> Route:
     """One route for `path` whose handlers are given by method (GET=..., PATCH=...), so a
     wrong method answers 405 with an Allow header naming all the others."""
@@ -130,7 +141,8 @@ def route(path: str, **handlers: Handler) -> Route:
         return await handlers[method](request)
 
     dispatch.__name__ = "_".join(h.__name__ for h in handlers.values())
-    return Route(path, dispatch, methods=list(handlers))
+    kind = Route if "{" in path else FixedRoute
+    return kind(path, dispatch, methods=list(handlers))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -234,6 +234,30 @@ async def test_zep_features_memstore_lacks_answer_json_501(
     assert reply.status_code == 501 and reply.json()["reason"] == "NOT_IMPLEMENTED"
 
 
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def test_fixed_paths_are_never_read_as_a_session_id(
+    http: httpx.AsyncClient, method: str
+) -> None:
+    # Zep's /sessions/end (end several sessions; memstore ends none) and /sessions/search
+    # (POST only) are paths of their own, not sessions named "end" and "search": with such
+    # sessions stored, GET and PATCH there answered them as /sessions/{session_id}.
+    for sid in ("end", "search"):
+        made = await http.post("/api/v2/sessions", json={"session_id": sid})
+        assert made.status_code == 201
+    end = await http.request(method, "/api/v2/sessions/end", json={"metadata": {"a": 1}})
+    assert end.status_code == 501 and end.json()["reason"] == "NOT_IMPLEMENTED", end.text
+    if method != "POST":
+        search = await http.request(method, "/api/v2/sessions/search", json={"metadata": {}})
+        assert search.status_code == 405, search.text
+        assert search.json()["reason"] == "METHOD_NOT_ALLOWED"
+        assert {m.strip() for m in search.headers["allow"].split(",")} == {"POST"}
+    for sid in ("end", "search"):  # untouched, and reached by their other paths
+        got = await http.get(f"/api/v2/sessions/{sid}/messages")
+        assert got.status_code == 200 and got.json()["messages"] == [], got.text
+        v1 = await http.get(f"/api/v1/sessions/{sid}")
+        assert v1.status_code == 200 and v1.json()["metadata"] == {}, v1.text
+
+
 async def test_search_filters_and_what_it_refuses(http: httpx.AsyncClient) -> None:
     await http.post("/api/v2/users", json={"user_id": "u"})
     await http.post("/api/v2/sessions", json={"session_id": "s", "user_id": "u"})
