@@ -53,43 +53,82 @@ class RestoreMethods(StoreBase):
                         "users or sessions (resume an interrupted one with --resume)",
                         reason="PROJECT_NOT_EMPTY",
                     )
+            users_done = await _restore_kind(
+                conn, "users", ("restore_users_existing", "restore_users"),
+                {**_user_params(users), "project_id": project_id},
+            )  # fmt: skip
             if self.citus:
                 # No foreign key from sessions to users on Citus: the store checks and locks
                 # the users the sessions name (after the request's own users are written).
-                owners = sorted({s.user_id for s in sessions if s.user_id is not None})
-            done = []
-            for kind, existing, insert, params in (
-                ("users", "restore_users_existing", "restore_users", _user_params(users)),
-                (
-                    "sessions",
-                    "restore_sessions_existing",
-                    "restore_sessions",
-                    _session_params(sessions),
-                ),
-                (
-                    "messages",
-                    "restore_messages_existing",
-                    "restore_messages",
-                    {
-                        **_message_params(messages),
-                        "embed": self.vectors or self.word_recall,
-                        "per_turn": self.word_recall,
-                    },
-                ),
-            ):
-                params["project_id"] = project_id
-                if kind == "sessions" and self.citus:
-                    for owner in owners:
-                        await lock_session_owner(conn, project_id, owner)
-                done.append(await _restore_kind(conn, kind, existing, insert, params))
-        return Restored(*done)
+                for owner in sorted({s.user_id for s in sessions if s.user_id is not None}):
+                    await lock_session_owner(conn, project_id, owner)
+            made: list[tuple[Any, ...]] = []
+            sessions_done = await _restore_kind(
+                conn, "sessions", ("restore_sessions_existing", "restore_sessions"),
+                {**_session_params(sessions), "project_id": project_id}, made=made,
+            )  # fmt: skip
+            await self._lock_message_sessions(conn, project_id, messages)
+            await _count_restored_sessions(conn, project_id, made)
+            params = {
+                **_message_params(messages),
+                "embed": self.vectors or self.word_recall,
+                "per_turn": self.word_recall,
+                "project_id": project_id,
+            }
+            messages_done = await _restore_kind(
+                conn, "messages", ("restore_messages_existing", "restore_messages"), params
+            )  # fmt: skip
+        return Restored(users_done, sessions_done, messages_done)
+
+    async def _lock_message_sessions(
+        self, conn: AsyncConnection[Any], project_id: int, messages: list[Message]
+    ) -> None:
+        """Locks the sessions the messages name, in key order, before their counts change.
+
+        Without the lock, restore_messages counted its messages into the sessions its
+        snapshot held: a session a concurrent Restore or AddMemory committed while the
+        statement ran (waiting for that call's copy of a message, say) passed the insert's
+        foreign key check and was not counted (tests/store/test_restore_races.py). Locked
+        here, each session is in every later snapshot of this transaction, and no other
+        write appends to it, clears it or deletes it before the commit. The order is that of
+        every session write: the session rows, then the count's (count_restored_sessions).
+
+        Raises:
+            FailedPrecondition: a message names a session neither stored (committed) nor in
+                the request (reason SESSION_NOT_FOUND).
+        """
+        named = sorted({m.session_id for m in messages})
+        if not named:
+            return
+        if self.citus:
+            # Citus runs no multi-shard SELECT ... FOR NO KEY UPDATE: one router statement
+            # per session, in the same order.
+            locked: set[str] = set()
+            for session_id in named:
+                params = {"project_id": project_id, "session_id": session_id}
+                if await fetch_one(conn, "restore_lock_session_citus", params) is not None:
+                    locked.add(session_id)
+        else:
+            params = {"project_id": project_id, "session_ids": named}
+            rows = await fetch_all(conn, "restore_lock_sessions", params)
+            locked = {r["session_id"] for r in rows}
+        missing = [sid for sid in named if sid not in locked]
+        if missing:
+            raise _no_session(missing)
 
 
 async def _restore_kind(
-    conn: AsyncConnection[Any], kind: str, existing: str, insert: str, params: Params
+    conn: AsyncConnection[Any],
+    kind: str,
+    statements: tuple[str, str],
+    params: Params,
+    *,
+    made: list[tuple[Any, ...]] | None = None,
 ) -> RestoreCounts:
     # `existing` finds the rows already stored, with the fields that differ; `insert` writes
-    # the others (restore_messages answers its count, the plain inserts their rowcount).
+    # the others (restore_messages answers its count, the plain inserts a row each, which go
+    # to `made`).
+    existing, insert = statements
     if not params["session_ids" if kind != "users" else "user_ids"]:
         return RestoreCounts()
     found = await fetch_all(conn, existing, params)
@@ -99,9 +138,8 @@ async def _restore_kind(
     if kind == "messages":
         row = await fetch_one(conn, insert, params)
         created = int(row["created"]) if row else 0
-        # After the insert (rolled back with the rest): checked before it, a session that a
-        # concurrent Restore commits soft-deleted between the two statements would pass the
-        # check, and then the insert's foreign key check, which sees what is committed.
+        # The sessions are locked (_lock_message_sessions), so the soft-deleted state read
+        # here holds until the commit; the insert it follows is rolled back with the rest.
         live_in_deleted = await fetch_all(conn, "restore_messages_live_in_deleted", params)
         if live_in_deleted:
             raise _live_in_deleted(live_in_deleted)
@@ -109,8 +147,8 @@ async def _restore_kind(
         cur = await conn.execute(query(insert), params)
         inserted = await cur.fetchall()
         created = len(inserted)
-        if kind == "sessions":
-            await _count_restored_sessions(conn, params["project_id"], inserted)
+        if made is not None:
+            made.extend(inserted)
     return RestoreCounts(created=created, existing=len(found))
 
 
@@ -154,6 +192,20 @@ def _live_in_deleted(rows: list[dict[str, Any]]) -> FailedPrecondition:
         "soft-deleted; give each its deleted_at, or restore the session live; nothing of this "
         "request was written",
         reason="SESSION_DELETED",
+    )
+
+
+def _no_session(session_ids: list[str]) -> FailedPrecondition:
+    named = ", ".join(repr(sid) for sid in session_ids[:_NAMED_CONFLICTS])
+    more = (
+        f" (and {len(session_ids) - _NAMED_CONFLICTS} more)"
+        if len(session_ids) > _NAMED_CONFLICTS
+        else ""
+    )
+    return FailedPrecondition(
+        f"a message's session does not exist, nor is it in the request (sessions {named}{more}); "
+        "restore sessions before their messages; nothing of this request was written",
+        reason="SESSION_NOT_FOUND",
     )
 
 

@@ -169,3 +169,22 @@ SELECT %(project_id)s, t.user_id, t.delta
 FROM unnest(%(user_ids)s::text[], %(deltas)s::bigint[]) AS t(user_id, delta)
 ON CONFLICT (project_id, user_id)
     DO UPDATE SET session_count = c.session_count + excluded.session_count;
+
+-- restore_lock_sessions --
+-- The sessions a Restore's messages name, locked in key order before restore_messages counts
+-- into them (FOR NO KEY UPDATE, the lock its UPDATE takes, and AddMemory's upsert): a session
+-- a concurrent call commits meanwhile is then in restore_messages' snapshot, and no
+-- AddMemory, ClearMemory or DeleteSession changes it before the commit. A named session
+-- missing here is neither stored nor in the request (plain PostgreSQL; on Citus
+-- restore_lock_session_citus, one session at a time).
+SELECT s.session_id FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = ANY(%(session_ids)s::text[])
+ORDER BY s.session_id
+FOR NO KEY UPDATE;
+
+-- restore_lock_session_citus --
+-- restore_lock_sessions for one session, on Citus (which runs no multi-shard SELECT ... FOR
+-- NO KEY UPDATE): the store locks the sessions in key order, one router statement each.
+SELECT s.session_id FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
+FOR NO KEY UPDATE;
