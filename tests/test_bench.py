@@ -292,7 +292,13 @@ def test_eval_measures_search_and_recall_on_tiny_data(server_url: str, tmp_path:
         *words,
         *(("vector", "vector_all_words") if vectors else ("get_memory_words",)),
     }
-    assert figures["recall"].keys() == {"alone", "after_talk", "before_talk"}
+    assert figures["recall"].keys() == {
+        "alone",
+        "after_talk",
+        "before_talk",
+        "after_history_talk",
+        "before_history_talk",
+    }
     for window in figures["recall"].values():
         assert window["corpus"]["questions"] == 3
         assert window["rankers"].keys() == recall

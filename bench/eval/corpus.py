@@ -126,6 +126,25 @@ def filler() -> list[list[list[str]]]:
     return list(_read("filler"))
 
 
+def chatter_groups(user_id: str) -> dict[str, list[list[list[str]]]]:
+    """A user's chatter, the talk that answers no question, by topic: each generated topic's
+    exchanges (`topic:<name>`, as the corpus generated them) and each session's handwritten
+    chatter (`session:<id>`), in the order the corpus holds them."""
+    user = _read(user_id)
+    generator = ChatterGenerator(
+        user.get("generated", {}), _written_text(user), f"memstore-eval/{user_id}/generated"
+    )
+    groups: dict[str, list[list[list[str]]]] = {}
+    for session in user["sessions"]:
+        if session.get("chatter"):
+            groups[f"session:{session['id']}"] = list(session["chatter"])
+        # The same calls in the same order as _build_user: the same exchanges.
+        topics = session.get("generated", [])
+        for topic, exchange in zip(topics, generator.exchanges(topics), strict=True):
+            groups.setdefault(f"topic:{topic}", []).append(exchange)
+    return groups
+
+
 def _read(name: str) -> Any:
     return json.loads((DATA / f"{name}.json").read_text(encoding="utf-8"))
 

@@ -80,6 +80,68 @@ class Replay:
         order = np.argsort(-best, kind="stable")[:CANDIDATES]
         return [(keys[i], float(best[i])) for i in order]
 
+    def similarities(self, s: Seen) -> tuple[list[Key], np.ndarray]:
+        """The user's messages and their similarity to each of the window's vectors (a row
+        per vector, newest first)."""
+        keys, matrix = self.users[s.user_id]
+        window = np.stack([v / np.linalg.norm(v) for v in s.window])
+        return keys, window @ matrix.T
+
+    def relative(self, s: Seen) -> Scored:
+        """Nearest of the window, each window message's similarities less its best one: a
+        message's nearest memories stand level with every other message's nearest."""
+        keys, sims = self.similarities(s)
+        best = (sims - sims.max(axis=1, keepdims=True)).max(axis=0)
+        return _top(keys, best)
+
+    def interleaved(self, s: Seen, latest_first: bool = True) -> Scored:
+        """Each window message's own nearest memories, round-robin (newest message first),
+        deduplicated; the score is minus the position."""
+        keys, sims = self.similarities(s)
+        orders = [np.argsort(-row, kind="stable") for row in sims]
+        if not latest_first:
+            orders.reverse()
+        taken: list[int] = []
+        seen: set[int] = set()
+        cursors = [0] * len(orders)
+        while len(taken) < min(CANDIDATES, len(keys)):
+            for j, order in enumerate(orders):
+                while cursors[j] < len(order) and int(order[cursors[j]]) in seen:
+                    cursors[j] += 1
+                if cursors[j] < len(order):
+                    i = int(order[cursors[j]])
+                    seen.add(i)
+                    taken.append(i)
+        return [(keys[i], -float(n)) for n, i in enumerate(taken[:CANDIDATES])]
+
+    def best_rank(self, s: Seen) -> Scored:
+        """Each memory by its best rank in any window message's nearest list (ties: nearest)."""
+        keys, sims = self.similarities(s)
+        ranks = np.argsort(np.argsort(-sims, axis=1, kind="stable"), axis=1)
+        best = -ranks.min(axis=0) + sims.max(axis=0) * 0.5
+        return _top(keys, best)
+
+    def capped(self, s: Seen, cap: int, relative: bool = False) -> Scored:
+        """Nearest of the window, at most `cap` memories owned by (nearest to) each window
+        message before any other's; the rest follow, scored 2 lower."""
+        keys, sims = self.similarities(s)
+        if relative:
+            sims = sims - sims.max(axis=1, keepdims=True)
+        best, owner = sims.max(axis=0), sims.argmax(axis=0)
+        order = np.argsort(-best, kind="stable")
+        counts: dict[int, int] = {}
+        score = best.copy()
+        for i in order[: CANDIDATES * 4]:
+            counts[int(owner[i])] = counts.get(int(owner[i]), 0) + 1
+            if counts[int(owner[i])] > cap:
+                score[i] -= 2
+        return _top(keys, score)
+
+
+def _top(keys: list[Key], best: np.ndarray) -> Scored:
+    order = np.argsort(-best, kind="stable")[:CANDIDATES]
+    return [(keys[i], float(best[i])) for i in order]
+
 
 def min_max(words: Scored, vector: Scored, text_weight: float) -> list[Key]:
     """search_hybrid's fusion: each part min-max normalised, then a convex combination."""
@@ -135,20 +197,52 @@ def candidates(r: Replay) -> dict[str, Callable[[Seen], list[Key]]]:
             found[f"nearest -{penalty}/age, min-max {weight}"] = lambda s, w=weight, p=penalty: (
                 min_max(words(s), r.nearest(s, s.window, p), w)
             )
+    # Against history talk (bench/eval/recall.py): each window message's memories on their own.
+    found["interleaved, no words"] = lambda s: [k for k, _ in r.interleaved(s)]
+    found["interleaved oldest first, no words"] = lambda s: [
+        k for k, _ in r.interleaved(s, latest_first=False)
+    ]
+    found["best rank, no words"] = lambda s: [k for k, _ in r.best_rank(s)]
+    found["relative, no words"] = lambda s: [k for k, _ in r.relative(s)]
+    found["interleaved, RRF k10"] = lambda s: rrf([words(s), r.interleaved(s)], 10)
+    for weight in (0.3, 0.5, 0.7):
+        found[f"interleaved, min-max {weight}"] = lambda s, w=weight: min_max(
+            words(s), r.interleaved(s), w
+        )
+        found[f"best rank, min-max {weight}"] = lambda s, w=weight: min_max(
+            words(s), r.best_rank(s), w
+        )
+        found[f"relative, min-max {weight}"] = lambda s, w=weight: min_max(
+            words(s), r.relative(s), w
+        )
+        for cap in (2, 3, 5):
+            found[f"nearest cap {cap}, min-max {weight}"] = lambda s, w=weight, c=cap: min_max(
+                words(s), r.capped(s, c), w
+            )
+            found[f"relative cap {cap}, min-max {weight}"] = lambda s, w=weight, c=cap: min_max(
+                words(s), r.capped(s, c, relative=True), w
+            )
     return found
 
 
-def score(corpus: Corpus, r: Replay, rank: Callable[[Seen], list[Key]], keys: Any) -> str:
-    """R@10 per window, as make eval scores recall."""
+def score(
+    corpus: Corpus,
+    r: Replay,
+    rank: Callable[[Seen], list[Key]],
+    keys: Any,
+    numbered: Callable[[int], bool] = lambda n: True,
+) -> str:
+    """R@10 per window, as make eval scores recall, over the questions whose number (q01 is
+    1) `numbered` keeps: odd-numbered ones to choose on, even-numbered ones to report."""
     evidence = {q.qid: q.evidence for q in corpus.questions}
     cells = []
     for window in WINDOWS:
         hits = [
             bool(evidence[qid].intersection(keys[k] for k in rank(s)[:DEPTH]))
             for (w, qid), s in r.seen.items()
-            if w == window
+            if w == window and numbered(int(qid.rsplit("q", 1)[1]))
         ]
-        cells.append(f"{sum(hits) / len(hits):.3f}")
+        cells.append(f"{sum(hits) / max(len(hits), 1):.3f}")
     return " / ".join(cells)
 
 
@@ -224,9 +318,17 @@ def main() -> None:
         replay, keys = asyncio.run(_collect(corpus, url))
     finally:
         env.drop_database(server, name)
-    print("R@10 alone / after talk / before talk")
-    for label, rank in candidates(replay).items():
-        print(f"{label:40s} {score(corpus, replay, rank, keys)}")
+    print("R@10 " + " / ".join(w.replace("_", " ") for w in WINDOWS))
+    questions: dict[str, Callable[[int], bool]] = {
+        "all questions": lambda n: True,
+        "odd-numbered questions (to choose on)": lambda n: n % 2 == 1,
+        "even-numbered questions": lambda n: n % 2 == 0,
+    }
+    ranks = candidates(replay)
+    for title, numbered in questions.items():
+        print(f"\n{title}")
+        for label, rank in ranks.items():
+            print(f"{label:40s} {score(corpus, replay, rank, keys, numbered)}")
 
 
 if __name__ == "__main__":
