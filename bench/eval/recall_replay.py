@@ -6,9 +6,13 @@ with its ts_rank scores (Store.rank_recall, RECALL_WORDS), the window's message 
 the session's weighted recall vector as the worker kept it until migration 0014 (the mean of
 the window's vectors, newest weighted 16, 8, 4, 2, 1, 1). Every fusion is then computed in
 Python as the SQL does (min-max per part over its top CANDIDATES, or reciprocal rank fusion)
-and scored like make eval's recall, per window. GetMemory's answers are scored beside them:
-the row of the fusion it runs (nearest, min-max 0.5) must equal them (docs/search.md, Recall
-quality, says which candidate won and why).
+and scored like make eval's recall, per window, over all questions, the odd-numbered ones
+(to choose on) and the even-numbered ones. Per-message candidates (each window message's
+nearest lists interleaved, best ranks, caps, each message's similarities less its best or
+less what its best exceeds a similarity: the floor GetMemory runs since) use every message
+vector of the user. GetMemory's answers are scored beside them: the row of the fusion it
+runs must equal them (docs/search.md, Recall quality, says which candidate won and why).
+`--cache PATH` keeps the collected parts, so a second run only scores (a minute or two).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import argparse
 import asyncio
 import json
 import os
+import pickle
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,11 +93,13 @@ class Replay:
         window = np.stack([v / np.linalg.norm(v) for v in s.window])
         return keys, window @ matrix.T
 
-    def relative(self, s: Seen) -> Scored:
-        """Nearest of the window, each window message's similarities less its best one: a
-        message's nearest memories stand level with every other message's nearest."""
+    def relative(self, s: Seen, share: float = 1.0, above: float = -1.0) -> Scored:
+        """Nearest of the window, each window message's similarities less `share` of its
+        best one above `above`: at 1 and -1, a message's nearest memories stand level with
+        every other message's nearest."""
         keys, sims = self.similarities(s)
-        best = (sims - sims.max(axis=1, keepdims=True)).max(axis=0)
+        offset = share * np.maximum(sims.max(axis=1, keepdims=True) - above, 0)
+        best = (sims - offset).max(axis=0)
         return _top(keys, best)
 
     def interleaved(self, s: Seen, latest_first: bool = True) -> Scored:
@@ -222,6 +230,15 @@ def candidates(r: Replay) -> dict[str, Callable[[Seen], list[Key]]]:
             found[f"relative cap {cap}, min-max {weight}"] = lambda s, w=weight, c=cap: min_max(
                 words(s), r.capped(s, c, relative=True), w
             )
+    for weight in (0.3, 0.4, 0.5, 0.6):
+        for share in (0.25, 0.5, 0.75):
+            found[f"relative {share} of best, min-max {weight}"] = lambda s, w=weight, a=share: (
+                min_max(words(s), r.relative(s, share=a), w)
+            )
+        for above in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+            found[f"relative above {above}, min-max {weight}"] = lambda s, w=weight, t=above: (
+                min_max(words(s), r.relative(s, above=t), w)
+            )
     return found
 
 
@@ -309,22 +326,34 @@ async def _collect(corpus: Corpus, url: str) -> tuple[Replay, dict[Key, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.eval.recall_replay", description=__doc__)
     parser.add_argument("--sample", type=int, metavar="N", help="only the first N questions")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        metavar="PATH",
+        help="load the probes' parts from PATH if it exists, else collect and save them there",
+    )
+    parser.add_argument("--only", metavar="TEXT", help="only the candidates whose name has TEXT")
     args = parser.parse_args()
     corpus = load() if args.sample is None else load().sample(args.sample)
-    server = env.server_url(os.environ.get("DATABASE_URL"), ROOT / ".data")
-    name = f"memstore_replay_{secrets.token_hex(3)}"
-    url = env.fresh_database(server, name)
-    try:
-        replay, keys = asyncio.run(_collect(corpus, url))
-    finally:
-        env.drop_database(server, name)
+    if args.cache and args.cache.exists():
+        replay, keys = pickle.loads(args.cache.read_bytes())
+    else:
+        server = env.server_url(os.environ.get("DATABASE_URL"), ROOT / ".data")
+        name = f"memstore_replay_{secrets.token_hex(3)}"
+        url = env.fresh_database(server, name)
+        try:
+            replay, keys = asyncio.run(_collect(corpus, url))
+        finally:
+            env.drop_database(server, name)
+        if args.cache:
+            args.cache.write_bytes(pickle.dumps((replay, keys)))
     print("R@10 " + " / ".join(w.replace("_", " ") for w in WINDOWS))
     questions: dict[str, Callable[[int], bool]] = {
         "all questions": lambda n: True,
         "odd-numbered questions (to choose on)": lambda n: n % 2 == 1,
         "even-numbered questions": lambda n: n % 2 == 0,
     }
-    ranks = candidates(replay)
+    ranks = {k: v for k, v in candidates(replay).items() if args.only is None or args.only in k}
     for title, numbered in questions.items():
         print(f"\n{title}")
         for label, rank in ranks.items():

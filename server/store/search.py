@@ -48,8 +48,17 @@ RECALL_WORDS = 64
 #: The weight of the full-text score in recall's hybrid ranking (the nearest of the window's
 #: vectors has the rest, recall_distance_window). Chosen with that ranking on the odd-numbered
 #: questions of make eval's recall, for the sum and the least of recall@10 over its three
-#: windows (docs/search.md, Recall quality): 0.3 (search's) lost 0.03-0.04 in each.
+#: windows then (docs/search.md, Recall quality): 0.3 (search's) lost 0.03-0.04 in each. With
+#: RECALL_NEAREST_FLOOR, 0.4, 0.3 and 0.6 each lost on the five windows' sum.
 RECALL_TEXT_WEIGHT = 0.5
+
+#: The cosine distance no window message's nearest memory counts as nearer than in recall's
+#: ranking (recall_distance_window): each window message's distances are raised by what its
+#: nearest falls short of it. Without it, five lines the user's history holds (distance 0)
+#: and their topic pushed a question after or before them out of the top 10 (make eval's
+#: history-talk windows: recall@10 0.263). 0.4 was best of 0.1-0.6 on the odd-numbered
+#: questions for the sum of recall@10 over the five windows (docs/search.md, Recall quality).
+RECALL_NEAREST_FLOOR = 0.4
 
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model), the
 #: model "" for recall kept by words.
@@ -94,9 +103,9 @@ def recall_statement(vector: bool) -> sql.Composed:
     messages. Its parameters are _recall_params's.
     """
     fragment: sql.Composable = query("recall_query_text")
-    if vector:
-        fragment = query("recall_query_vector").format(words=fragment)
     scope = sql.SQL(" ").join([query("recall_filter_user"), query("search_filter_other_sessions")])
+    if vector:
+        fragment = query("recall_query_vector").format(words=fragment, filters=scope)
     return query(_statement(vector, semantic_only=False)).format(
         query=fragment,
         filters=scope,
@@ -269,8 +278,9 @@ class SearchMethods(StoreBase):
     def _kept_statement(self, name: str) -> sql.Composed:
         return kept_recall_statement(name, vectors=self.vectors)
 
+    @staticmethod
     def _recall_params(
-        self, project_id: int, session_id: str, window: int, model: str | None, limit: int
+        project_id: int, session_id: str, window: int, model: str | None, limit: int
     ) -> dict[str, Any]:
         return {
             **key(project_id, session_id=session_id),
@@ -282,6 +292,7 @@ class SearchMethods(StoreBase):
             "candidates": max(limit * 4, 20),
             "with_vectors": False,
             "text_weight": RECALL_TEXT_WEIGHT,
+            "nearest_floor": RECALL_NEAREST_FLOOR,
         }
 
     async def _rank_recall(

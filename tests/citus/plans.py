@@ -73,6 +73,7 @@ VALUES: dict[str, Any] = {
     "cap": 10_000,
     "candidates": 50,
     "text_weight": 0.3,
+    "nearest_floor": 0.4,
     "with_vectors": False,
     "recall_sessions": ["session-2"],
     "recall_sequences": [1],

@@ -23,7 +23,7 @@ from server.domain import SessionQuery
 from server.store import Store
 from server.store.messages import add_memory_statement
 from server.store.queries import query
-from server.store.search import kept_recall_statement
+from server.store.search import kept_recall_statement, recall_statement
 from server.store.sessions import list_sessions_statements
 from tests.citus.plans import named_statements, task_counts
 
@@ -82,6 +82,8 @@ FAN_OUT = {
     "purge_pick_sessions_citus": "the purge: one batch picked over every shard",
     "search_user_scope": "SearchMemory over a user's sessions",
     "search_project_scope": "SearchMemory over the project",
+    "recall_rank": "the embedding worker ranking a session's recall (GetMemory past the kept)",
+    "recall_rank_words": "the same by words (no pgvector)",
     "embedding_lag": "metrics: the queue's length",
     "release_embeddings": "the embedding worker giving a batch back",
     "settle_word_recall": "the recall worker (no pgvector) removing a batch from the queue",
@@ -151,6 +153,8 @@ def _statements() -> dict[str, sql.Composable]:
     found["search_in_one_session"] = compose_search(text, "search_filter_sessions")
     found["search_user_scope"] = compose_search(text, "search_filter_user")
     found["search_project_scope"] = compose_search(text, None)
+    found["recall_rank"] = recall_statement(True)
+    found["recall_rank_words"] = recall_statement(False)
     return found
 
 

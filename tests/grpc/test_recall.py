@@ -135,6 +135,41 @@ async def test_recall_finds_the_question_wherever_it_stands_in_the_window(
     assert ranked == (["maya-pets"] if store.vectors else [])
 
 
+@pytest.mark.parametrize("question_first", [False, True], ids=["talk_first", "question_first"])
+async def test_recall_finds_the_question_after_talk_the_history_holds(
+    users, sessions, store, embed, question_first
+):
+    # Five lines about Maya's work, word for word as an earlier session of hers holds them,
+    # and a question about her dog. By the nearest of the window's vectors alone, each line's
+    # copy (distance 0) and the work session's other lines outranked the dog's: every one of
+    # the six recalled was about work. Now no window message's nearest memory counts as
+    # nearer than RECALL_NEAREST_FLOOR, and the question's memory ranks with the copies
+    # (make eval's history-talk windows: recall@10 0.263 -> 0.491; docs/search.md).
+    await _history(users, sessions)
+    work = [
+        "The bank moved the quarterly report deadline to Thursday",
+        "I have to present the quarterly numbers to the risk committee",
+        "My manager wants the loan default figures broken down by region",
+        "The risk committee meets every second Tuesday at the bank",
+        "I stayed late at the office finishing the quarterly slides",
+        "The bank is hiring two more analysts for my team next quarter",
+        "My manager approved my time off after the quarterly report",
+    ]
+    await _say(sessions, "maya-job", "maya", *work)
+    talk = work[:5]
+    question = "What does my puppy like to eat?"
+    window = [question, *talk] if question_first else [*talk, question]
+    await _say(sessions, "maya-now", "maya", *window)
+    await embed()
+    memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id="maya-now", relevant_limit=6))
+    ranked = [r.session_id for r in memory.relevant_messages]
+    if store.vectors:
+        assert "maya-pets" in ranked, ranked
+    else:
+        # By words, only the work lines match: the question shares no word with the dog's.
+        assert "maya-pets" not in ranked
+
+
 async def test_recall_defaults_to_five_and_zero_turns_it_off(users, sessions, embed):
     await users.CreateUser(us.CreateUserRequest(user_id="kim"))
     for i in range(8):

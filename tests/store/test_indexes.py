@@ -23,7 +23,12 @@ from server.search.service import RECALL_WINDOW
 from server.store import Store
 from server.store.base import START
 from server.store.queries import query
-from server.store.search import HYBRID_TEXT_WEIGHT, RECALL_WORDS, recall_statement
+from server.store.search import (
+    HYBRID_TEXT_WEIGHT,
+    RECALL_NEAREST_FLOOR,
+    RECALL_WORDS,
+    recall_statement,
+)
 from server.store.sessions import list_sessions_statements
 
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -193,6 +198,7 @@ def _recall_buffers(conn: psycopg.Connection[Any], vectors: bool) -> int:
         "candidates": 20,
         "with_vectors": False,
         "text_weight": HYBRID_TEXT_WEIGHT,
+        "nearest_floor": RECALL_NEAREST_FLOOR,
     }
     explain = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(
         recall_statement(vectors)

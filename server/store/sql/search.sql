@@ -97,11 +97,16 @@ e.embedding <=> q.vector
 -- recall_distance_window --
 -- Distance fragment of search_hybrid for recall: to the nearest of the vectors of the
 -- session's last messages (recall_query_vector's vectors), so each message of the window
--- finds its own memories wherever it stands in the window. The mean of the window's vectors,
--- weighted to the latest, pointed at whatever the window said most or last: a question
--- followed by five messages of other talk found its evidence in the top 10 for 0.023 of
--- make eval's questions, 0.554 now (docs/search.md, Recall quality).
-(SELECT min(e.embedding <=> v.vector) FROM unnest(q.vectors) AS v(vector))
+-- finds its own memories wherever it stands in the window; each window message's distances
+-- raised so that its own nearest memory (recall_query_vector's nearest) is no nearer than
+-- %(nearest_floor)s, so a message that repeats a memory (distance 0) and its topic's other
+-- memories do not crowd out every other message's. The mean of the window's vectors,
+-- weighted to the latest, pointed at whatever the window said most or last (a question
+-- followed by five messages of other talk: recall@10 0.023 in make eval's recall); the
+-- nearest without the floor lost a question after five lines the history holds (0.263);
+-- docs/search.md, Recall quality.
+(SELECT min((e.embedding <=> v.vector) + greatest(%(nearest_floor)s - v.nearest, 0))
+ FROM unnest(q.vectors, q.nearest) AS v(vector, nearest))
 
 -- search_match_index --
 -- Match fragment of search: messages sharing a word with the query, found through the GIN
@@ -196,11 +201,14 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
 OFFSET 0
 
 -- recall_query_vector --
--- Query fragment of recall: recall_query_text's words and the vectors of the session's last
--- %(window)s embedded live messages (recall_distance_window ranks by the nearest of them);
--- vector, the latest of them, is NULL until the worker has embedded one, and recall then
--- ranks by words alone. {words} is recall_query_text.
-SELECT w.query, v.vectors[1] AS vector, v.vectors
+-- Query fragment of recall: recall_query_text's words, the vectors of the session's last
+-- %(window)s embedded live messages (recall_distance_window ranks by the nearest of them),
+-- newest first, and in the same order the distance from each to its nearest memory in scope
+-- ({filters}: the user's other live sessions), NULL when there is none; vector, the latest
+-- of them, is NULL until the worker has embedded one, and recall then ranks by words alone.
+-- {words} is recall_query_text. The nearest memories are a grouped join, not a subquery per
+-- vector, so that Citus plans it as one fan-out.
+SELECT w.query, v.vectors[1] AS vector, v.vectors, n.nearest
 FROM ({words}) AS w,
      (SELECT ARRAY(SELECT e.embedding
                    FROM message_embeddings e
@@ -209,7 +217,24 @@ FROM ({words}) AS w,
                    WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
                      AND e.model = %(model)s AND m.deleted_at IS NULL
                    ORDER BY e.sequence DESC
-                   LIMIT %(window)s) AS vectors) AS v
+                   LIMIT %(window)s) AS vectors) AS v,
+     (SELECT array_agg(d.nearest ORDER BY d.sequence DESC) AS nearest
+      FROM (SELECT x.sequence, min(e.embedding <=> x.embedding) AS nearest
+            FROM (SELECT e.sequence, e.embedding
+                  FROM message_embeddings e
+                  JOIN messages m ON m.project_id = e.project_id
+                                 AND m.session_id = e.session_id AND m.sequence = e.sequence
+                  WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
+                    AND e.model = %(model)s AND m.deleted_at IS NULL
+                  ORDER BY e.sequence DESC
+                  LIMIT %(window)s) AS x,
+                 message_embeddings e
+            JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+                           AND m.sequence = e.sequence
+            JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+            WHERE e.project_id = %(project_id)s AND e.model = %(model)s
+              AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+            GROUP BY x.sequence) AS d) AS n
 
 -- recall_filter_user --
 -- Scope fragment of recall: the sessions of the user who owns the session being read.

@@ -1,0 +1,113 @@
+"""What the worker's recall statement costs in PostgreSQL, against another revision's.
+
+    .venv/bin/python -m bench.recall_cost [--before REV] [--runs 15]
+
+A fresh database (DATABASE_URL's server, else the embedded one) holds two users of 1,280
+messages in 20 sessions each, random unit vectors of 384 dimensions for every message (the
+cost of an exact scan does not depend on what the vectors say). The recall statement is
+composed as the worker runs it (Store._recall_params: keep RECALL_KEEP, 4 times as many
+candidates per part) from this checkout's sql/search.sql and from REV's (default main), and
+each is EXPLAIN (ANALYZE, BUFFERS)ed for one session of the first user, the two alternating
+which goes first each round. Prints each side's median and fastest execution time, its
+buffers, and the median and range of this ÷ REV per round (docs/search.md, Recall quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bench import env
+from bench.search_data import MODEL, ChatText, embed_randomly, seed_user
+from server.domain import DEFAULT_PROJECT_ID
+from server.search.service import RECALL_WINDOW
+from server.store import Store, queries
+from server.store.search import RECALL_KEEP, recall_statement
+
+_DB = "memstore_recall_cost"
+_MESSAGES, _PER_SESSION = 1280, 64
+
+
+def statement_at(rev: str) -> sql.Composed:
+    """The recall statement (with vectors) as REV's sql/search.sql composes it."""
+    text = subprocess.run(
+        ["git", "show", f"{rev}:server/store/sql/search.sql"],
+        cwd=env.ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    named = {k: sql.SQL(v) for k, v in queries.parse(text, rev).items()}
+    scope = sql.SQL(" ").join([named["recall_filter_user"], named["search_filter_other_sessions"]])
+    # An older recall_query_vector has no {filters}: format ignores what it does not name.
+    fragment = named["recall_query_vector"].format(words=named["recall_query_text"], filters=scope)
+    return named["search_hybrid"].format(
+        query=fragment,
+        filters=scope,
+        match=named["recall_match_scan"],
+        distance=named["recall_distance_window"],
+    )
+
+
+def _explain(
+    conn: psycopg.Connection[Any], statement: sql.Composed, params: Any
+) -> tuple[float, int]:
+    plan = conn.execute(
+        sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(statement), params
+    ).fetchone()
+    assert plan is not None
+    top = plan[0][0]
+    buffers = top["Plan"].get("Shared Hit Blocks", 0) + top["Plan"].get("Shared Read Blocks", 0)
+    return float(top["Execution Time"]), int(buffers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.recall_cost", description=__doc__)
+    parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
+    parser.add_argument("--runs", type=int, default=15, help="rounds, each side once per round")
+    args = parser.parse_args()
+    server = env.server_url(os.environ.get("DATABASE_URL"), env.ROOT / ".data")
+    url = env.fresh_database(server, _DB)
+    try:
+        env.migrate(url)
+        text = ChatText()
+        for user in ("cost-a", "cost-b"):
+            seed_user(url, text, user, prefix=user, messages=_MESSAGES, per_session=_PER_SESSION)
+            embed_randomly(url, user)
+        sides = {"before": statement_at(args.before), "after": recall_statement(True)}
+        params = Store._recall_params(
+            DEFAULT_PROJECT_ID, "cost-a-0", RECALL_WINDOW, MODEL, RECALL_KEEP
+        )
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        buffers: dict[str, int] = {}
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ANALYZE")
+            for statement in sides.values():  # warm the cache once each
+                _explain(conn, statement, params)
+            for n in range(args.runs):
+                order = list(sides) if n % 2 == 0 else list(reversed(sides))
+                for side in order:
+                    ms, buffers[side] = _explain(conn, sides[side], params)
+                    times[side].append(ms)
+    finally:
+        env.drop_database(server, _DB)
+    for side in sides:
+        print(
+            f"{side:7s} median {statistics.median(times[side]):.1f} ms"
+            f"  fastest {min(times[side]):.1f} ms  buffers {buffers[side]}"
+        )
+    ratios = [a / b for a, b in zip(times["after"], times["before"], strict=True)]
+    print(
+        f"after / before per round: median {statistics.median(ratios):.2f}"
+        f" ({min(ratios):.2f}-{max(ratios):.2f}), {args.runs} rounds"
+    )
+
+
+if __name__ == "__main__":
+    main()
