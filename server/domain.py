@@ -176,6 +176,29 @@ class WireRun(Generic[K]):
 
 
 @dataclass(frozen=True, slots=True)
+class MessageColumns:
+    """A keyset batch of messages as PostgreSQL hands it over for ExportMessages: a few values
+    for the whole batch, nothing per message (sql/export.sql, `export_message_columns`).
+
+    `lengths` holds four big-endian int4 per message (the UTF-8 bytes of session_id, role,
+    content and the metadata's jsonb text); `fixed` 41 bytes per message (sequence as int8,
+    uuid, created_at and updated_at as timestamptz's binary value, role_type's first byte);
+    the texts are concatenated in key order; `deleted` holds the set deleted_at values only,
+    and `deleted_mask` one byte per message, 1 where deleted_at is set.
+    """
+
+    rows: int
+    lengths: bytes
+    fixed: bytes
+    session_ids: bytes
+    roles: bytes
+    contents: bytes
+    metadata: bytes
+    deleted: bytes | None
+    deleted_mask: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class DeletedCounts:
     """What a delete removed."""
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -195,6 +197,80 @@ async def wire_chunks(
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, MemstoreError):
                 await pending
+
+
+async def wire_row_chunks(
+    *,
+    fetch: Callable[[Key | None, int], Awaitable[Page[WireRows[Key]]]],
+    token: Callable[[Key], str],
+    chunk_size: int,
+    after: Key | None,
+) -> AsyncIterator[WireChunk]:
+    """Streams the rows after `after` as serialized chunks cut from batches already encoded.
+
+    The bytes counterpart of `chunks` for batches the server encodes itself (ExportMessages,
+    server/api/message_wire.py): the same rule (at most `chunk_size` rows and
+    MAX_CHUNK_BYTES, at least one row), the same cuts whatever the batches' sizes (a chunk
+    may span batches), the same prefetching and batch sizing. Python works per chunk, not per
+    row: each cut is a bisection of the batch's running entry sizes.
+
+    Args:
+        fetch: one keyset batch of at most `limit` rows strictly after a key, as a page of
+            at most one WireRows; has_more when rows may follow it.
+        token: the page token that resumes right after a key.
+        chunk_size: the most rows a chunk holds.
+        after: where to start; None for the beginning.
+
+    Yields:
+        Chunks in key order. Each but the last carries the token that resumes after its last
+        row; the last carries none.
+
+    Raises:
+        MemstoreError: what `fetch` raises (e.g. Unavailable).
+    """
+    meter = _Meter(chunk_size)
+    parts: list[memoryview] = []
+    count = size = 0
+    # The chunk's last row so far: its batch and index, for its key when the chunk is sent.
+    last: tuple[WireRows[Key], int] | None = None
+
+    def batch_key(rows: WireRows[Key]) -> Key:
+        return rows.key(len(rows.sizes) - 1)
+
+    async with contextlib.aclosing(_batches(fetch, batch_key, after, meter)) as batches:
+        async for page in batches:
+            for rows in page:
+                ends = list(itertools.accumulate(rows.sizes, initial=0))
+                total = len(rows.sizes)
+                data = memoryview(rows.entries)
+                start = 0
+                while start < total:
+                    # Rows [start, stop) join the chunk: as many as the row count and byte cap
+                    # allow, and the first row of an empty chunk whatever its size.
+                    most = min(total, start + chunk_size - count)
+                    room = ends[start] + MAX_CHUNK_BYTES - size  # below ends[start] past the cap
+                    stop = max(start, bisect.bisect_right(ends, room, start, most + 1) - 1)
+                    if stop == start and not count:
+                        stop = start + 1
+                    if stop > start:
+                        parts.append(data[ends[start] : ends[stop]])
+                        count += stop - start
+                        size += ends[stop] - ends[start]
+                        last = (rows, stop - 1)
+                    if stop < total:
+                        # Row `stop` starts the next chunk: this one is complete and, since a
+                        # row follows it, not the last; its token resumes right after `last`.
+                        assert last is not None
+                        held, index = last
+                        yield WireChunk(
+                            b"".join(parts) + _token_field(token(held.key(index))), count
+                        )
+                        parts.clear()
+                        count = size = 0
+                    start = stop
+                meter.add(ends[-1], total)
+    if count:
+        yield WireChunk(b"".join(parts), count)
 
 
 def _cut(rows: WireRows[Key]) -> WireRun[Key]:

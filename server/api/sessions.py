@@ -21,7 +21,10 @@ from server.store import Store
 _METADATA_ONLY = ("metadata",)
 
 
-class SessionServicer(SearchServicer, ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer):
+# ExportMessages yields chunks already serialized (chunking.WireChunk), not response objects.
+class SessionServicer(  # type: ignore[misc]
+    SearchServicer, ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer
+):
     """memstore.v1.SessionService."""
 
     def __init__(self, store: Store, tokens: PageTokens, searcher: Searcher) -> None:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import cast
 
-from server.domain import Message, MessageKey, Page, Session, TimeKey, WireRows, WireRun
+from server.domain import (
+    Message,
+    MessageColumns,
+    MessageKey,
+    Page,
+    Session,
+    TimeKey,
+    WireRows,
+    WireRun,
+)
 from server.store import rows
 from server.store.base import START, StoreBase
 from server.store.db import fetch_all
@@ -64,6 +73,40 @@ class ExportMethods(StoreBase):
         async with self._connect() as conn:
             found = await fetch_all(conn, "export_messages", params)
         return Page([rows.message(r) for r in found[:limit]], has_more=len(found) > limit)
+
+    async def export_message_columns(
+        self,
+        project_id: int,
+        after: MessageKey | None,
+        limit: int,
+        *,
+        include_deleted: bool = False,
+    ) -> MessageColumns | None:
+        """export_messages' batch (the same messages, at most `limit`) as one MessageColumns,
+        a few values for the whole batch; None when no message follows.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        after_session, after_sequence = after or _MESSAGES_START
+        params = {
+            "project_id": project_id,
+            "after_session": after_session,
+            "after_sequence": after_sequence,
+            "limit": limit,
+            "include_deleted": include_deleted,
+        }
+        async with self._connect(single=True) as conn:
+            # Binary results: the bytea values arrive as they are, not as hex text.
+            cur = conn.cursor(binary=True)
+            await cur.execute(query("export_message_columns"), params)
+            found = await cur.fetchone()
+        if found is None or not found[0]:
+            return None
+        rows, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask = found
+        return MessageColumns(
+            rows, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask
+        )
 
     async def list_user_chunk(
         self, project_id: int, after: TimeKey | None, limit: int

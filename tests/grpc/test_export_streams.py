@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import psycopg
+
 from memstore.v1 import session_service_pb2 as ss
 from tests.fix_db import at_rest, busy_backends
 from tests.grpc import Code, Sessions, msg, rpc_error, tamper
@@ -74,6 +76,33 @@ async def test_export_messages_chunks_are_capped_by_bytes(sessions):
     # Two 100 KiB messages fit a chunk, three do not; a 300 KiB one travels alone.
     assert [len(c.messages) for c in chunks] == [2, 2, 2, 1, 1]
     assert all(c.ByteSize() <= CHUNK_BYTES for c in chunks[:-1])
+
+
+async def test_export_messages_after_a_huge_message_are_each_sent_once(sessions):
+    # A message past the cap travels alone, also when it ends a batch (the first batch is
+    # chunk_size messages) and the next chunk starts in the next batch
+    # (server/api/chunking.py, wire_row_chunks).
+    batch = [msg("a"), msg("y" * (300 * 1024)), *(msg(f"s{i}") for i in range(5))]
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="big", messages=batch))
+    chunks = await _messages(sessions, chunk_size=2)
+    assert [len(c.messages) for c in chunks] == [1, 1, 2, 2, 1]
+    assert _message_keys(chunks) == [("big", i) for i in range(1, 8)]
+    assert [bool(c.next_page_token) for c in chunks] == [True, True, True, True, False]
+
+
+async def test_export_messages_of_a_time_a_datetime_cannot_hold_fails_as_objects_did(
+    sessions, clean_db
+):
+    # Such a batch is read the object path's way (message_wire.OutOfRange), which cannot
+    # load the timestamp: the stream fails as it always has.
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="a", messages=[msg(str(i)) for i in range(3)])
+    )
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="b", messages=[msg("late")]))
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+        await conn.execute("UPDATE messages SET updated_at = 'infinity' WHERE session_id = 'b'")
+    # (The object path's DataError has been INVALID_ARGUMENT since before message_wire.)
+    await rpc_error(_messages(sessions, chunk_size=3), Code.INVALID_ARGUMENT, field="request")
 
 
 async def test_export_rejects_bad_requests(sessions):

@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memstore.v1 import resources_pb2
 from memstore.v1 import user_service_pb2 as pb
-from server.api.chunking import MAX_CHUNK_BYTES, chunks
-from server.domain import Page
+from server.api.chunking import MAX_CHUNK_BYTES, chunks, wire_row_chunks
+from server.domain import Page, WireRows
 from server.errors import Unavailable
 
 Row = tuple[int, str]
@@ -142,3 +144,56 @@ async def test_a_failed_batch_ends_the_stream_with_its_error() -> None:
     with pytest.raises(Unavailable):
         async for _ in stream:
             pass
+
+
+def _wire_fetch(table: Table, short: list[int]) -> Any:
+    """Table's batches as WireRows of serialized `users` entries (what message_wire makes);
+    a batch is cut short to the next of `short` rows, if any, so chunks span batches."""
+
+    async def fetch(after: int | None, limit: int) -> Page[WireRows[int]]:
+        page = await table.fetch(after, limit)
+        rows = page.items[: short.pop(0)] if short and page.items else page.items
+        if not rows:
+            return Page([], has_more=False)
+        entries = [
+            pb.ListUsersChunkedResponse(
+                users=[_add(pb.ListUsersChunkedResponse().users, r)]
+            ).SerializeToString()
+            for r in rows
+        ]
+        keys = [r[0] for r in rows]
+        wire = WireRows(b"".join(entries), [len(e) for e in entries], keys.__getitem__)
+        return Page([wire], has_more=page.has_more or len(rows) < len(page.items))
+
+    return fetch
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(
+        st.sampled_from([0, 1, 100, 60_000, 130_000, MAX_CHUNK_BYTES - 8, MAX_CHUNK_BYTES + 1]),
+        max_size=40,
+    ),
+    chunk_size=st.integers(min_value=1, max_value=12),
+    short=st.lists(st.integers(min_value=1, max_value=5), max_size=8),
+)
+async def test_wire_row_chunks_are_the_object_chunks_bytes(
+    sizes: list[int], chunk_size: int, short: list[int]
+) -> None:
+    # The same rows through `chunks` (protos) and `wire_row_chunks` (encoded batches, some
+    # cut short): the same chunks, byte for byte, tokens included.
+    rows = [(i, "x" * size) for i, size in enumerate(sizes)]
+    expected = [c.SerializeToString() for c in await _all(Table(rows), chunk_size)]
+    got = [
+        c
+        async for c in wire_row_chunks(
+            fetch=_wire_fetch(Table(rows), list(short)),
+            token=lambda key: f"after-{key}",
+            chunk_size=chunk_size,
+            after=None,
+        )
+    ]
+    assert [c.data for c in got] == expected
+    assert [c.rows for c in got] == [
+        len(pb.ListUsersChunkedResponse.FromString(c).users) for c in expected
+    ]

@@ -100,3 +100,38 @@ SELECT coalesce(string_agg(entry, ''::bytea ORDER BY created_at, user_id), ''::b
        coalesce(array_agg(created_at ORDER BY created_at, user_id), '{}'),
        coalesce(array_agg(user_id ORDER BY created_at, user_id), '{}')
 FROM entries;
+
+-- export_message_columns --
+-- export_messages' batch (the same rows, in the same order) as one row of a few values, for
+-- ExportMessages to encode with array arithmetic and no Python per message
+-- (server/api/message_wire.py, docs/performance.md): per message four int4 lengths, 41 bytes
+-- of fixed-width values (sequence, uuid, created_at, updated_at, role_type's first byte), and
+-- the texts as UTF-8 concatenated in key order; deleted_at as the set values and a byte each
+-- saying which are set. All NULL but the count when no message follows.
+SELECT count(*),
+       string_agg(int4send(length(p.sid)) || int4send(length(p.role))
+                  || int4send(length(p.content)) || int4send(length(p.meta)),
+                  ''::bytea ORDER BY p.session_id, p.sequence),
+       string_agg(int8send(p.sequence) || uuid_send(p.uuid) || timestamptz_send(p.created_at)
+                  || timestamptz_send(p.updated_at) || p.kind,
+                  ''::bytea ORDER BY p.session_id, p.sequence),
+       string_agg(p.sid, ''::bytea ORDER BY p.session_id, p.sequence),
+       string_agg(p.role, ''::bytea ORDER BY p.session_id, p.sequence),
+       string_agg(p.content, ''::bytea ORDER BY p.session_id, p.sequence),
+       string_agg(p.meta, ''::bytea ORDER BY p.session_id, p.sequence),
+       string_agg(timestamptz_send(p.deleted_at), ''::bytea ORDER BY p.session_id, p.sequence),
+       string_agg(CASE WHEN p.deleted_at IS NULL THEN '\x00'::bytea ELSE '\x01'::bytea END,
+                  ''::bytea ORDER BY p.session_id, p.sequence)
+FROM (SELECT m.session_id, convert_to(m.session_id, 'UTF8') AS sid, m.sequence, m.uuid,
+             convert_to(m.role, 'UTF8') AS role, convert_to(left(m.role_type, 1), 'UTF8') AS kind,
+             convert_to(m.content, 'UTF8') AS content,
+             convert_to(m.metadata::text, 'UTF8') AS meta,
+             m.created_at, m.updated_at, m.deleted_at
+      FROM messages m
+      JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+      WHERE m.project_id = %(project_id)s
+        AND (%(include_deleted)s OR (m.deleted_at IS NULL AND s.deleted_at IS NULL))
+        AND (m.session_id, m.sequence) > (%(after_session)s::text, %(after_sequence)s::bigint)
+        AND s.session_id >= %(after_session)s::text
+      ORDER BY m.session_id, m.sequence
+      LIMIT %(limit)s) p;

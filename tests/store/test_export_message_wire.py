@@ -1,0 +1,184 @@
+"""Store and message_wire: ExportMessages' batches encoded from a few columns
+(export_message_columns, server/api/message_wire.py) parse to what the object
+path builds, field by field, on generated data, and are its very bytes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memstore.v1 import session_service_pb2 as pb
+from server.api import convert, message_wire
+from server.domain import ROLE_TYPES, WireRows
+from server.store import Store
+
+#: PostgreSQL text holds no NUL; surrogates are not UTF-8.
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+_NUMBERS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, -0.0, 5e-324, 1.7976931348623157e308, 2**53 + 1, -(2**63)]),
+)
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), _NUMBERS, _TEXT),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+_TIMES = st.datetimes(
+    min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
+).map(lambda t: t.replace(tzinfo=UTC))
+_MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "session": st.integers(min_value=0, max_value=2),
+            "sequence": st.one_of(
+                st.integers(min_value=-(2**63), max_value=2**63 - 1),
+                st.sampled_from([0, 1, 127, 128, 2**63 - 1, -1]),
+            ),
+            "role": _TEXT,
+            "role_type": st.sampled_from(ROLE_TYPES),
+            "content": _TEXT | st.sampled_from(["", "x" * 300, "ü" * 9_000]),
+            "metadata": st.dictionaries(_TEXT, _JSON, max_size=5),
+            "created_at": _TIMES,
+            "updated_at": _TIMES,
+            "deleted_at": st.none() | _TIMES,
+        }
+    ),
+    min_size=1,
+    max_size=6,
+)
+#: Session ids: unicode, and of a length whose varint takes two bytes.
+_SESSIONS = st.lists(_TEXT.filter(bool) | st.just("s" * 200), min_size=3, max_size=3, unique=True)
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (project_id, session_id, sequence, role, role_type, content,"
+    " metadata, created_at, updated_at, deleted_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+
+
+async def _project(conn: psycopg.AsyncConnection[Any]) -> int:
+    cur = await conn.execute(
+        "INSERT INTO projects (name) VALUES ('wire-' || gen_random_uuid()) RETURNING project_id"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _both_paths(
+    store: Store, project: int, everything: bool
+) -> tuple[bytes, WireRows[Any] | None]:
+    """A project's messages as the object path serializes them, and as message_wire does."""
+    page = await store.export_messages(project, None, 100, include_deleted=everything)
+    built = pb.ExportMessagesResponse()
+    for m in page.items:
+        convert.message_to_proto(m, built.messages.add(session_id=m.session_id).message)
+    columns = await store.export_message_columns(project, None, 100, include_deleted=everything)
+    if columns is None:
+        assert not page.items
+        return built.SerializeToString(), None
+    rows = message_wire.encode(columns)
+    # Each size is one entry's bytes, and each key is its message's.
+    offset = 0
+    for i, (size, m) in enumerate(zip(rows.sizes, page.items, strict=True)):
+        entry = pb.ExportMessagesResponse.FromString(rows.entries[offset : offset + size])
+        assert [e.session_id for e in entry.messages] == [m.session_id]
+        assert rows.key(i) == (m.session_id, m.sequence)
+        offset += size
+    assert offset == len(rows.entries)
+    # The object path's own entries (the batch a datetime cannot hold is read this way).
+    assert message_wire.from_messages(page.items).entries == built.SerializeToString()
+    return built.SerializeToString(), rows
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(messages=_MESSAGES, sessions=_SESSIONS, deleted_session=st.booleans())
+async def test_message_columns_encode_to_the_object_path(
+    store: Store,
+    database_url: str,
+    messages: list[dict[str, Any]],
+    sessions: list[str],
+    deleted_session: bool,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        project = await _project(conn)
+        await conn.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'u')", (project,))
+        for i, s in enumerate(sessions):
+            gone = datetime(2025, 1, 1, tzinfo=UTC) if deleted_session and i == 1 else None
+            await conn.execute(
+                "INSERT INTO sessions (project_id, session_id, user_id, deleted_at)"
+                " VALUES (%s, %s, 'u', %s)",
+                (project, s, gone),
+            )
+        for m in messages:
+            await conn.execute(
+                _INSERT_MESSAGE,
+                (project, sessions[m["session"]], m["sequence"], m["role"], m["role_type"],
+                 m["content"], json.dumps(m["metadata"]), m["created_at"], m["updated_at"],
+                 m["deleted_at"]),
+            )  # fmt: skip
+    for everything in (False, True):
+        built, rows = await _both_paths(store, project, everything)
+        if rows is None:
+            continue
+        parsed = pb.ExportMessagesResponse.FromString(rows.entries)
+        expected = pb.ExportMessagesResponse.FromString(built)
+        assert len(parsed.messages) == len(expected.messages)
+        for p, b in zip(parsed.messages, expected.messages, strict=True):
+            assert p == b
+            assert [(f.name, v) for f, v in p.message.ListFields()] == [
+                (f.name, v) for f, v in b.message.ListFields()
+            ]
+            assert p.message.metadata == b.message.metadata  # maps compared by key
+        # Not only equal once parsed: the same bytes, field order and all.
+        assert rows.entries == built
+        # A batch that stops short, and the batch after it, are the same entries cut in two.
+        first = await store.export_message_columns(project, None, 1, include_deleted=everything)
+        assert first is not None and first.rows == 1
+        head = message_wire.encode(first)
+        rest = await store.export_message_columns(
+            project, head.key(0), 100, include_deleted=everything
+        )
+        tail = message_wire.encode(rest).entries if rest is not None else b""
+        assert head.entries + tail == rows.entries
+
+
+async def test_message_columns_of_an_empty_project_are_none(
+    store: Store, database_url: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        project = await _project(conn)
+    assert await store.export_message_columns(project, None, 100) is None
+
+
+@pytest.mark.parametrize("created", ["infinity", "-infinity", "10000-01-01 00:00:00+00"])
+async def test_a_timestamp_a_datetime_cannot_hold_is_out_of_range(
+    store: Store, database_url: str, created: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        project = await _project(conn)
+        await conn.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'u')", (project,))
+        await conn.execute(
+            "INSERT INTO sessions (project_id, session_id, user_id) VALUES (%s, 's', 'u')",
+            (project,),
+        )
+        await conn.execute(
+            "INSERT INTO messages (project_id, session_id, sequence, content, created_at)"
+            " VALUES (%s, 's', 1, 'hi', %s::timestamptz)",
+            (project, created),
+        )
+    columns = await store.export_message_columns(project, None, 100)
+    assert columns is not None
+    with pytest.raises(message_wire.OutOfRange):
+        message_wire.encode(columns)
