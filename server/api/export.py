@@ -64,8 +64,10 @@ class ExportServicer(ServicerBase):
         self, project: int, everything: bool, after: MessageKey | None, limit: int
     ) -> Page[WireRows[MessageKey]]:
         # One keyset batch of ExportMessages as encoded entries: none when no message follows.
+        # One message more than the batch is read, as export_messages reads it, to know
+        # whether another batch follows without a last, empty read.
         columns = await self._store.export_message_columns(
-            project, after, limit, include_deleted=everything
+            project, after, limit + 1, include_deleted=everything
         )
         if columns is None:
             return Page([], has_more=False)
@@ -77,8 +79,10 @@ class ExportServicer(ServicerBase):
             page = await self._store.export_messages(
                 project, after, limit, include_deleted=everything
             )
-            rows = message_wire.from_messages(page.items)
-        return Page([rows], has_more=columns.rows >= limit)
+            return Page([message_wire.from_messages(page.items)], has_more=page.has_more)
+        if columns.rows <= limit:
+            return Page([rows], has_more=False)
+        return Page([message_wire.first(rows, limit)], has_more=True)
 
 
 def _chunk_size(requested: int) -> int:

@@ -292,6 +292,12 @@ def _struct_bytes(text: bytes) -> bytes:
     return struct.SerializeToString()
 
 
+def first(rows: WireRows[MessageKey], count: int) -> WireRows[MessageKey]:
+    """The first `count` entries of `rows`."""
+    sizes = rows.sizes[:count]
+    return WireRows(rows.entries[: sum(sizes)], sizes, rows.key)
+
+
 def from_messages(messages: list[Message]) -> WireRows[MessageKey]:
     """The object path's entries for the same messages: one ExportedMessage each, serialized."""
     bodies = []
