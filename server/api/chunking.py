@@ -205,6 +205,7 @@ async def wire_row_chunks(
     token: Callable[[Key], str],
     chunk_size: int,
     after: Key | None,
+    batch_chunks: int = 1,
 ) -> AsyncIterator[WireChunk]:
     """Streams the rows after `after` as serialized chunks cut from batches already encoded.
 
@@ -220,6 +221,9 @@ async def wire_row_chunks(
         token: the page token that resumes right after a key.
         chunk_size: the most rows a chunk holds.
         after: where to start; None for the beginning.
+        batch_chunks: about how many chunks' worth of rows a batch holds (at most
+            `batch_chunks * chunk_size` rows): fewer, larger batches spread each one's fixed
+            cost (a statement, its encoding's array calls) over more rows.
 
     Yields:
         Chunks in key order. Each but the last carries the token that resumes after its last
@@ -228,7 +232,7 @@ async def wire_row_chunks(
     Raises:
         MemstoreError: what `fetch` raises (e.g. Unavailable).
     """
-    meter = _Meter(chunk_size)
+    meter = _Meter(chunk_size, batch_chunks)
     parts: list[memoryview] = []
     count = size = 0
     # The chunk's last row so far: its batch and index, for its key when the chunk is sent.
@@ -314,10 +318,12 @@ async def _batches(
 
 
 class _Meter:
-    """Average serialized size of the rows streamed so far, to size the next batch."""
+    """Average serialized size of the rows streamed so far, to size the next batch (of about
+    `chunks` chunks' worth of rows)."""
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, chunks: int = 1) -> None:
         self.chunk_size = chunk_size
+        self.chunks = chunks
         self.bytes = 0
         self.rows = 0
 
@@ -326,7 +332,9 @@ class _Meter:
         self.rows += rows
 
     def batch_limit(self) -> int:
-        # Large rows make a chunk hold fewer of them; read about one chunk's bytes per batch
-        # so that memory stays near one chunk whatever the rows weigh.
+        # Large rows make a chunk hold fewer of them; read about `chunks` chunks' bytes per
+        # batch so that memory stays near that whatever the rows weigh.
         average = max(1, self.bytes // max(1, self.rows))
-        return max(1, min(self.chunk_size, MAX_CHUNK_BYTES // average + 1))
+        # Until rows are measured, one chunk_size: rows of unknown weight are read as before.
+        n = self.chunks if self.rows else 1
+        return max(1, min(n * self.chunk_size, n * MAX_CHUNK_BYTES // average + 1))

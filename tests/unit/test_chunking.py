@@ -197,3 +197,25 @@ async def test_wire_row_chunks_are_the_object_chunks_bytes(
     assert [c.rows for c in got] == [
         len(pb.ListUsersChunkedResponse.FromString(c).users) for c in expected
     ]
+
+
+async def test_wire_row_batches_hold_about_batch_chunks_chunks_of_bytes() -> None:
+    table = Table([(i, "x" * 20_000) for i in range(200)])
+    got = [
+        c
+        async for c in wire_row_chunks(
+            fetch=_wire_fetch(table, []),
+            token=lambda key: f"after-{key}",
+            chunk_size=20,
+            after=None,
+            batch_chunks=4,
+        )
+    ]
+    assert {c.rows for c in got[:-1]} == {13}
+    assert sum(c.rows for c in got) == 200
+    # The first two batches are asked for before any row is measured: chunk_size rows, as
+    # `chunks` reads them; from then on about four chunks' bytes (13 rows each), at most
+    # 4 * chunk_size rows.
+    limits = [limit for _, limit in table.reads]
+    assert limits[:2] == [20, 20]
+    assert set(limits[2:]) == {53}, limits
