@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from server.store.search import RECALL_WORDS
 from server.store import Store
+from server.store.search import RECALL_WORDS
 from tests.fix_db import scratch_database, usable_extensions
 
 ROOT = Path(__file__).resolve().parent.parent
