@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from server.domain import (
     Message,
@@ -62,14 +62,7 @@ class ExportMethods(StoreBase):
         Raises:
             Unavailable: the database cannot be reached.
         """
-        after_session, after_sequence = after or _MESSAGES_START
-        params = {
-            "project_id": project_id,
-            "after_session": after_session,
-            "after_sequence": after_sequence,
-            "limit": limit + 1,
-            "include_deleted": include_deleted,
-        }
+        params = _message_batch(project_id, after, limit + 1, include_deleted)
         async with self._connect() as conn:
             found = await fetch_all(conn, "export_messages", params)
         return Page([rows.message(r) for r in found[:limit]], has_more=len(found) > limit)
@@ -88,19 +81,8 @@ class ExportMethods(StoreBase):
         Raises:
             Unavailable: the database cannot be reached.
         """
-        after_session, after_sequence = after or _MESSAGES_START
-        params = {
-            "project_id": project_id,
-            "after_session": after_session,
-            "after_sequence": after_sequence,
-            "limit": limit,
-            "include_deleted": include_deleted,
-        }
-        async with self._connect(single=True) as conn:
-            # Binary results: the bytea values arrive as they are, not as hex text.
-            cur = conn.cursor(binary=True)
-            await cur.execute(query("export_message_columns"), params)
-            found = await cur.fetchone()
+        params = _message_batch(project_id, after, limit, include_deleted)
+        found = await self._binary_row("export_message_columns", params)
         if found is None or not found[0]:
             return None
         rows, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask = found
@@ -121,11 +103,10 @@ class ExportMethods(StoreBase):
         after_ts, after_id = after or START
         params = {"project_id": project_id, "after_ts": after_ts, "after_id": after_id}
         params["limit"] = limit
-        async with self._connect(single=True) as conn:
-            # Binary results: the entries arrive as they are, not as hex text to decode.
-            cur = conn.cursor(binary=True)
-            await cur.execute(query("list_user_chunk"), params)
-            found = cast(tuple[bytes, int, datetime | None, str | None], await cur.fetchone())
+        found = cast(
+            tuple[bytes, int, datetime | None, str | None],
+            await self._binary_row("list_user_chunk", params),
+        )
         entries, rows, last_created, last_id = found
         if not rows or last_created is None or last_id is None:
             return None
@@ -149,11 +130,10 @@ class ExportMethods(StoreBase):
             "after_id": after_id,
             "limit": limit,
         }
-        async with self._connect(single=True) as conn:
-            # Binary results: the entries arrive as they are, not as hex text to decode.
-            cur = conn.cursor(binary=True)
-            await cur.execute(query("list_user_wire"), params)
-            found = cast(tuple[bytes, list[int], list[datetime], list[str]], await cur.fetchone())
+        found = cast(
+            tuple[bytes, list[int], list[datetime], list[str]],
+            await self._binary_row("list_user_wire", params),
+        )
         entries, sizes, created, user_ids = found
         if not sizes:
             return Page([], has_more=False)
@@ -162,3 +142,25 @@ class ExportMethods(StoreBase):
             return created[i], user_ids[i]
 
         return Page([WireRows(bytes(entries), sizes, key)], has_more=len(sizes) >= limit)
+
+    async def _binary_row(self, name: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        # The one row of a statement that returns a whole batch, its results in binary: the
+        # bytea values arrive as they are, not as hex text to decode.
+        async with self._connect(single=True) as conn:
+            cur = conn.cursor(binary=True)
+            await cur.execute(query(name), params)
+            return await cur.fetchone()
+
+
+def _message_batch(
+    project_id: int, after: MessageKey | None, limit: int, include_deleted: bool
+) -> dict[str, Any]:
+    # The parameters of a batch of messages by (session_id, sequence) after `after`.
+    after_session, after_sequence = after or _MESSAGES_START
+    return {
+        "project_id": project_id,
+        "after_session": after_session,
+        "after_sequence": after_sequence,
+        "limit": limit,
+        "include_deleted": include_deleted,
+    }
