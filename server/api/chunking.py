@@ -118,10 +118,11 @@ class WireChunk:
 def _token_field(token: str) -> bytes:
     # next_page_token is field 2 of every chunk message: tag, length, the (ASCII) token.
     data = token.encode()
-    return b"\x12" + _varint(len(data)) + data
+    return b"\x12" + varint(len(data)) + data
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """`n` (>= 0) as a protobuf base-128 varint."""
     out = bytearray()
     while n > 127:
         out.append(n & 127 | 128)

@@ -25,6 +25,7 @@ from google.protobuf import struct_pb2
 
 from memstore.v1 import session_service_pb2 as pb
 from server.api import convert
+from server.api.chunking import varint
 from server.domain import Message, MessageColumns, MessageKey, WireRows
 from server.store.db import load_json
 
@@ -306,18 +307,9 @@ def from_messages(messages: list[Message]) -> WireRows[MessageKey]:
         exported = pb.ExportedMessage(session_id=m.session_id)
         convert.message_to_proto(m, exported.message)
         bodies.append(exported.SerializeToString())
-    entries = [b"\x0a" + _varint(len(body)) + body for body in bodies]
+    entries = [b"\x0a" + varint(len(body)) + body for body in bodies]
 
     def key(i: int) -> MessageKey:
         return messages[i].session_id, messages[i].sequence
 
     return WireRows(b"".join(entries), [len(e) for e in entries], key)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 127:
-        out.append(n & 127 | 128)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
