@@ -177,3 +177,23 @@ async def test_overlapping_restores_racing_session_writes_keep_every_count(
             # (UNAVAILABLE, nothing written; retryable): docs/scaling.md, "Lock order".
             reasons = [r for r in reasons if r != "DATABASE_UNAVAILABLE"]
         assert set(reasons) <= EXPECTED_REASONS, reasons
+
+
+async def test_restores_of_the_same_new_rows_in_opposite_orders_never_deadlock(
+    store: Store, clean_db: str
+) -> None:
+    # Two Restores of the same new users and sessions, one listing them backwards (two
+    # backups' orders, or a resent batch sorted otherwise): each insert takes the rows' keys
+    # as it goes, so in request order the two met in the middle and one of them was cancelled
+    # as a deadlock (UNAVAILABLE). In key order, one waits for the other and then finds its
+    # rows stored.
+    for round_ in range(3):
+        users = [User(f"o{round_}-u{i:03}", "", "", "", {}, NOW, NOW, 0) for i in range(300)]
+        sessions = [session(f"o{round_}-s{i:03}", u.user_id) for i, u in enumerate(users)]
+        forward = _outcome(store.restore(P, users, sessions, []))
+        backward = _outcome(store.restore(P, users[::-1], sessions[::-1], []))
+        outcomes = await asyncio.gather(forward, backward)
+        assert not [o for o in outcomes if isinstance(o, MemstoreError)], (round_, outcomes)
+        created = sorted(o.users.created for o in outcomes if not isinstance(o, MemstoreError))
+        assert created == [0, 300], (round_, outcomes)
+        assert drift(clean_db) == [], round_

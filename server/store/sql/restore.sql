@@ -32,6 +32,9 @@ ORDER BY t.ord;
 -- restore_users --
 -- Inserts the request's users that are not stored yet, timestamps as given; one row per user
 -- inserted (Citus counts every row of an INSERT ... SELECT in its rowcount, conflicts too).
+-- In key order, as every write takes its rows: a concurrent Restore of the same new users in
+-- another order then waits for this one instead of deadlocking with it (each insert holds
+-- the keys it has made until its commit; tests/store/test_restore_races.py).
 INSERT INTO users (project_id, user_id, email, first_name, last_name, metadata, created_at,
                    updated_at)
 SELECT %(project_id)s, t.user_id, t.email, t.first_name, t.last_name, t.metadata,
@@ -40,6 +43,7 @@ FROM unnest(%(user_ids)s::text[], %(emails)s::text[], %(first_names)s::text[],
             %(last_names)s::text[], %(metadatas)s::jsonb[], %(created)s::timestamptz[],
             %(updated)s::timestamptz[])
      AS t(user_id, email, first_name, last_name, metadata, created_at, updated_at)
+ORDER BY t.user_id
 ON CONFLICT (project_id, user_id) DO NOTHING
 RETURNING 1;
 
@@ -70,7 +74,8 @@ ORDER BY t.ord;
 -- as restore_users, with its user and whether it is live: the store counts those for their
 -- users, count_restored_sessions); message_count starts at 0 and grows
 -- as restore_messages adds their live messages, next_sequence starts where the backup had it
--- (1 when it does not say) and never falls behind a restored message.
+-- (1 when it does not say) and never falls behind a restored message. In key order, as
+-- restore_users.
 INSERT INTO sessions (project_id, session_id, user_id, metadata, created_at, updated_at,
                       deleted_at, last_message_at, next_sequence)
 SELECT %(project_id)s, t.session_id, t.user_id, t.metadata, t.created_at, t.updated_at,
@@ -80,6 +85,7 @@ FROM unnest(%(session_ids)s::text[], %(user_ids)s::text[], %(metadatas)s::jsonb[
             %(last_message)s::timestamptz[], %(next_sequences)s::bigint[])
      AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at, last_message_at,
           next_sequence)
+ORDER BY t.session_id
 ON CONFLICT (project_id, session_id) DO NOTHING
 RETURNING user_id, deleted_at IS NULL AS live;
 
