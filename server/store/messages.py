@@ -36,7 +36,7 @@ from server.store.base import (
 )
 from server.store.coalesce import Batcher
 from server.store.db import Params, Row, fetch_all, fetch_one
-from server.store.queries import query
+from server.store.queries import compact, query
 from server.store.sessions import (
     count_live_sessions,
     hide_in_live_session,
@@ -69,7 +69,8 @@ def add_memory_statement(*, citus: bool, guarded: bool = False) -> sql.SQL:
     batch's transaction."""
     count = sql.SQL("") if citus else query("add_memory_count")
     guard = query("add_memory_guard") if guarded else sql.SQL("")
-    return sql.SQL(query("add_memory").format(count_session=count, guard=guard).as_string(None))
+    statement = query("add_memory").format(count_session=count, guard=guard).as_string(None)
+    return sql.SQL(compact(statement))
 
 
 _ADD_MEMORY = {citus: add_memory_statement(citus=citus) for citus in (False, True)}

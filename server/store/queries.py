@@ -58,6 +58,20 @@ def _statement(name: str, lines: list[str], origin: str) -> str:
     return statement
 
 
+def compact(statement: str) -> str:
+    """`statement` without its lines' indentation, when no string literal spans lines.
+
+    psycopg parses a statement's placeholders once and caches the result only for statements
+    of at most 4,096 bytes (`_queries.MAX_CACHED_STATEMENT_LENGTH`); a longer one is parsed
+    again, by regular expression, on every execute: ~30 µs per AddMemory call
+    (docs/performance.md).
+    """
+    lines = statement.splitlines()
+    if any(line.count("'") % 2 for line in lines):
+        return statement  # a literal may span lines: its spaces are part of it
+    return "\n".join(line.strip() for line in lines)
+
+
 def _load() -> dict[str, sql.SQL]:
     loaded: dict[str, sql.SQL] = {}
     for entry in sorted(resources.files("server.store").joinpath("sql").iterdir(), key=str):

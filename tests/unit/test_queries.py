@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from server.store.queries import QUERIES, parse
+from server.store.queries import QUERIES, compact, parse
 
 
 def test_every_query_is_named_and_described() -> None:
@@ -67,3 +67,20 @@ def test_each_sql_file_holds_the_statements_its_namesake_module_runs() -> None:
         own = files.get(module, {})
         elsewhere = sorted((_strings(module) & QUERIES.keys()) - own.keys())
         assert not elsewhere, f"{module}.py runs statements kept in another file: {elsewhere}"
+
+
+def test_add_memory_statements_fit_psycopgs_parse_cache() -> None:
+    # psycopg parses a longer statement's placeholders again on every execute, by regular
+    # expression in Python: AddMemory's hot path would pay that on every call.
+    from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
+
+    from server.store.messages import _ADD_MEMORY, _ADD_MEMORY_GUARDED
+
+    for statement in (*_ADD_MEMORY.values(), _ADD_MEMORY_GUARDED):
+        assert len(statement.as_string(None).encode()) <= MAX_CACHED_STATEMENT_LENGTH
+
+
+def test_compact_drops_indentation_but_not_from_a_literal_spanning_lines() -> None:
+    assert compact("SELECT a,\n       b\n  FROM t") == "SELECT a,\nb\nFROM t"
+    spanning = "SELECT 'a\n   b' FROM t"
+    assert compact(spanning) == spanning
