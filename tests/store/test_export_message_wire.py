@@ -17,22 +17,8 @@ from memstore.v1 import session_service_pb2 as pb
 from server.api import convert, message_wire
 from server.domain import ROLE_TYPES, WireRows
 from server.store import Store
+from tests.stored_values import JSON, TEXT, TIMES
 
-#: PostgreSQL text holds no NUL; surrogates are not UTF-8.
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
-_NUMBERS = st.one_of(
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.sampled_from([0, -0.0, 5e-324, 1.7976931348623157e308, 2**53 + 1, -(2**63)]),
-)
-_JSON = st.recursive(
-    st.one_of(st.none(), st.booleans(), _NUMBERS, _TEXT),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
-    max_leaves=12,
-)
-_TIMES = st.datetimes(
-    min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
-).map(lambda t: t.replace(tzinfo=UTC))
 _MESSAGES = st.lists(
     st.fixed_dictionaries(
         {
@@ -41,20 +27,20 @@ _MESSAGES = st.lists(
                 st.integers(min_value=-(2**63), max_value=2**63 - 1),
                 st.sampled_from([0, 1, 127, 128, 2**63 - 1, -1]),
             ),
-            "role": _TEXT,
+            "role": TEXT,
             "role_type": st.sampled_from(ROLE_TYPES),
-            "content": _TEXT | st.sampled_from(["", "x" * 300, "ü" * 9_000]),
-            "metadata": st.dictionaries(_TEXT, _JSON, max_size=5),
-            "created_at": _TIMES,
-            "updated_at": _TIMES,
-            "deleted_at": st.none() | _TIMES,
+            "content": TEXT | st.sampled_from(["", "x" * 300, "ü" * 9_000]),
+            "metadata": st.dictionaries(TEXT, JSON, max_size=5),
+            "created_at": TIMES,
+            "updated_at": TIMES,
+            "deleted_at": st.none() | TIMES,
         }
     ),
     min_size=1,
     max_size=6,
 )
 #: Session ids: unicode, and of a length whose varint takes two bytes.
-_SESSIONS = st.lists(_TEXT.filter(bool) | st.just("s" * 200), min_size=3, max_size=3, unique=True)
+_SESSIONS = st.lists(TEXT.filter(bool) | st.just("s" * 200), min_size=3, max_size=3, unique=True)
 
 _INSERT_MESSAGE = (
     "INSERT INTO messages (project_id, session_id, sequence, role, role_type, content,"

@@ -5,7 +5,6 @@ chunk's run (list_user_chunk) is the same bytes as its rows (list_user_wire)."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -16,32 +15,17 @@ from memstore.v1 import resources_pb2
 from memstore.v1 import user_service_pb2 as pb
 from server.api import convert
 from server.store import Store
+from tests.stored_values import JSON, TEXT, TIMES
 
-#: PostgreSQL text holds no NUL; surrogates are not UTF-8.
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
-
-_NUMBERS = st.one_of(
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.sampled_from([0, -0.0, 5e-324, 1.7976931348623157e308, 2**53 + 1, -(2**63)]),
-)
-_JSON = st.recursive(
-    st.one_of(st.none(), st.booleans(), _NUMBERS, _TEXT),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
-    max_leaves=12,
-)
-_TIMES = st.datetimes(
-    min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
-).map(lambda t: t.replace(tzinfo=UTC))
 _USERS = st.lists(
     st.fixed_dictionaries(
         {
-            "email": _TEXT,
-            "first_name": _TEXT,
-            "last_name": _TEXT,
-            "metadata": st.dictionaries(_TEXT, _JSON, max_size=5),
-            "created_at": _TIMES,
-            "updated_at": _TIMES,
+            "email": TEXT,
+            "first_name": TEXT,
+            "last_name": TEXT,
+            "metadata": st.dictionaries(TEXT, JSON, max_size=5),
+            "created_at": TIMES,
+            "updated_at": TIMES,
             "sessions": st.integers(min_value=0, max_value=3),
         }
     ),
