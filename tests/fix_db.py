@@ -104,6 +104,21 @@ async def empty_data_tables(url: str) -> str:
     return url
 
 
+#: Every session whose kept counts disagree with its rows (none, where nothing was half
+#: written): message_count against its live messages, next_sequence not past its last
+#: message, or a soft-deleted session holding a live message.
+SESSIONS_OFF_THEIR_ROWS = (
+    "SELECT s.session_id, s.message_count, count(m.*) FILTER (WHERE m.deleted_at IS NULL),"
+    "       s.next_sequence, max(m.sequence)"
+    " FROM sessions s LEFT JOIN messages m USING (project_id, session_id)"
+    " GROUP BY s.project_id, s.session_id"
+    " HAVING s.message_count <> count(m.*) FILTER (WHERE m.deleted_at IS NULL)"
+    "    OR s.next_sequence <= coalesce(max(m.sequence), 0)"
+    "    OR (s.deleted_at IS NOT NULL"
+    "        AND count(m.*) FILTER (WHERE m.deleted_at IS NULL) > 0)"
+)
+
+
 #: Backends of this database, other than the asking one, that wait for a lock.
 LOCK_WAITERS = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"

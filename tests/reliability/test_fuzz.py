@@ -32,6 +32,7 @@ from memstore.v1 import user_service_pb2 as upb
 from server.config import Config
 from server.serving.app import build_server
 from server.store import Store
+from tests.fix_db import SESSIONS_OFF_THEIR_ROWS
 from tests.reliability import fuzz_settings, hostile, record
 from tests.wire import field
 
@@ -285,15 +286,7 @@ def _check_fields_named(method: str, reason: str, packed: Any) -> None:
 def check_consistent(url: str) -> None:
     """Nothing half-written: every count, sequence and soft delete agrees with the rows."""
     with psycopg.connect(url) as conn:
-        bad_counts = conn.execute(
-            "SELECT s.session_id, s.message_count, count(m.*) FILTER (WHERE m.deleted_at IS NULL)"
-            " FROM sessions s LEFT JOIN messages m USING (project_id, session_id)"
-            " GROUP BY s.project_id, s.session_id"
-            " HAVING s.message_count <> count(m.*) FILTER (WHERE m.deleted_at IS NULL)"
-            "    OR s.next_sequence <= coalesce(max(m.sequence), 0)"
-            "    OR (s.deleted_at IS NOT NULL"
-            "        AND count(m.*) FILTER (WHERE m.deleted_at IS NULL) > 0)"
-        ).fetchall()
+        bad_counts = conn.execute(SESSIONS_OFF_THEIR_ROWS).fetchall()
         assert bad_counts == [], bad_counts
         bad_ids = conn.execute(
             "SELECT user_id FROM users WHERE length(user_id) NOT BETWEEN 1 AND 256"

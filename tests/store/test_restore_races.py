@@ -19,7 +19,7 @@ from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import Message, NewMessage, Session, User
 from server.errors import MemstoreError
 from server.store import Store
-from tests.fix_db import lock_waiters
+from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, lock_waiters
 from tests.polling import until
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -48,16 +48,7 @@ def session(sid: str, user_id: str | None, *, deleted: bool = False) -> Session:
 def drift(url: str) -> list[tuple[object, ...]]:
     """Every session and user whose kept count disagrees with its rows (none, if exact)."""
     with psycopg.connect(url) as conn:
-        sessions = conn.execute(
-            "SELECT s.session_id, s.message_count, count(m.*) FILTER (WHERE m.deleted_at IS NULL),"
-            "       s.next_sequence, max(m.sequence)"
-            " FROM sessions s LEFT JOIN messages m USING (project_id, session_id)"
-            " GROUP BY s.project_id, s.session_id"
-            " HAVING s.message_count <> count(m.*) FILTER (WHERE m.deleted_at IS NULL)"
-            "    OR s.next_sequence <= coalesce(max(m.sequence), 0)"
-            "    OR (s.deleted_at IS NOT NULL"
-            "        AND count(m.*) FILTER (WHERE m.deleted_at IS NULL) > 0)"
-        ).fetchall()
+        sessions = conn.execute(SESSIONS_OFF_THEIR_ROWS).fetchall()
         # Each table read alone: Citus joins no users to sessions (placed by other columns).
         live = dict(
             conn.execute(
