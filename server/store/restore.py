@@ -45,6 +45,8 @@ class RestoreMethods(StoreBase):
             AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT).
         """
         async with self._connect(foreign_key=_missing_parent) as conn:
+            if self.citus:
+                await conn.execute(query("restore_serialize_citus"), {"project_id": project_id})
             if require_empty:
                 row = await fetch_one(conn, "project_rows", {"project_id": project_id})
                 if row and row["taken"]:

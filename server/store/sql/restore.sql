@@ -194,3 +194,12 @@ FOR NO KEY UPDATE;
 SELECT s.session_id FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
 FOR NO KEY UPDATE;
+
+-- restore_serialize_citus --
+-- On Citus, one Restore of a project at a time: each waits here, in its transaction, for the
+-- one before to commit. Their inserts reach the shards in parallel, in no order two
+-- Restores share, so two Restores of overlapping rows deadlocked across shards (Citus
+-- cancelled one, UNAVAILABLE) where on plain PostgreSQL the key order makes one wait for the
+-- other. The lock is the coordinator's own (an advisory lock is not propagated), which holds
+-- while every call goes through the coordinator (docs/scaling.md).
+SELECT pg_advisory_xact_lock(hashtext('memstore restore'), hashtext(%(project_id)s::text));
