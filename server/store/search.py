@@ -115,7 +115,7 @@ def recall_statement(vector: bool) -> sql.Composed:
 
 
 def kept_recall_statement(name: str, *, vectors: bool) -> sql.Composed:
-    """A read of kept recall (get_memories_recall, recall_stored_citus) over the table the
+    """A read of kept recall (get_memories_recall, recall_kept_keys_citus) over the table the
     worker keeps it in: session_embeddings with vectors, session_word_recall without."""
     if vectors:
         kept, kept_filter = "session_embeddings", query("recall_filter_kept_vectors")
@@ -216,15 +216,19 @@ class SearchMethods(StoreBase):
         kept_by = model if self.vectors else "" if self.word_recall else None
         stored = kept_by is not None and limit <= RECALL_KEEP
         if stored and self.citus:
-            # Citus: the window on the session's shard, then the kept recall, whose memories
-            # are on other shards (recall_stored_citus), each its own statement.
+            # Citus: the window and the kept keys on the session's shard (one round trip),
+            # then the memories on the shards of the sessions they name only.
             async with self._connect(single=True) as conn:
-                memory = await fetch_all(conn, memory_window(), params)
-                kept = (
-                    await fetch_all(conn, self._kept_statement("recall_stored_citus"), params)
-                    if memory
-                    else []
+                memory, kept_keys = await _pipelined(
+                    conn,
+                    [memory_window(), self._kept_statement("recall_kept_keys_citus")],
+                    params,
+                    prepare=True,
                 )
+                if memory and kept_keys:
+                    kept = await _kept_live_citus(conn, params, kept_keys[0], limit)
+                else:
+                    kept = []
         elif stored and kept_by is not None:
             # Concurrent calls share one statement (and its round trip), as GetUser's do.
             with translated():
@@ -330,15 +334,56 @@ class SearchMethods(StoreBase):
 
 
 async def _pipelined(
-    conn: AsyncConnection[Any], statements: list[sql.SQL | sql.Composed], params: dict[str, Any]
+    conn: AsyncConnection[Any],
+    statements: list[sql.SQL | sql.Composed],
+    params: dict[str, Any],
+    *,
+    prepare: bool = False,
 ) -> list[list[Row]]:
     # Every statement is sent, then one Sync: one round trip for all of them. The results
     # are read after the pipeline's end (they are all in by then): fetching inside it would
     # flush and wait once more before the Sync's own wait.
-    # Never prepared: a prepared search soon runs on PostgreSQL's generic plan, which does
-    # not know the query's words and was measured 10-20 times slower than a custom plan.
+    # Searches are never prepared: a prepared search soon runs on PostgreSQL's generic plan,
+    # which does not know the query's words and was measured 10-20 times slower than a
+    # custom plan. Key lookups (`prepare`) are, after psycopg's usual five uses.
     async with conn.pipeline():
         cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
         for cursor, statement in zip(cursors, statements, strict=True):
-            await cursor.execute(statement, params, prepare=False)
+            await cursor.execute(statement, params, prepare=None if prepare else False)
     return [await cursor.fetchall() for cursor in cursors]
+
+
+async def _kept_live_citus(
+    conn: AsyncConnection[Any], params: dict[str, Any], keys: Row, limit: int
+) -> list[Row]:
+    """Kept recall's rows as get_memories_recall's part 1 has them, read on Citus.
+
+    `keys` is recall_kept_keys_citus's row: the owner and the kept keys, best first. Their
+    live memories are read `limit` keys at a time (the next keys only when some of these are
+    gone), so a call reaches the shards of at most `limit` sessions in the usual case. As in
+    get_memories_recall: one row with a NULL m_uuid when none is live.
+    """
+    # As unnest of the three arrays, which the worker writes with equal lengths.
+    columns = (keys["recall_sessions"], keys["recall_sequences"], keys["recall_scores"])
+    ranked = list(zip(*columns, strict=False))
+    found: list[Row] = []
+    for start in range(0, len(ranked), max(limit, 1)):
+        if len(found) >= limit:
+            break
+        part = ranked[start : start + max(limit, 1)]
+        live = await fetch_all(
+            conn,
+            "recall_live_citus",
+            {
+                "project_id": params["project_id"],
+                "owner": keys["owner"],
+                "recall_sessions": sorted({session for session, _, _ in part}),
+                "recall_sequences": sorted({sequence for _, sequence, _ in part}),
+            },
+        )
+        by_key = {(row["session_id"], row["m_sequence"]): row for row in live}
+        for session, sequence, score in part:
+            row = by_key.get((session, sequence))
+            if row is not None and len(found) < limit:
+                found.append({**row, "r_score": score})
+    return found or [{"m_uuid": None}]

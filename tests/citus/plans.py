@@ -76,6 +76,7 @@ VALUES: dict[str, Any] = {
     "nearest_floor": 0.4,
     "with_vectors": False,
     "recall_sessions": ["session-2"],
+    "owner": "user-1",
     "recall_sequences": [1],
     "recall_scores": [0.5],
     "candidate": b"k" * 32,
@@ -120,8 +121,15 @@ async def task_counts(conn: AsyncConnection[Any], statement: sql.Composable) -> 
     One count of 1 everywhere is a router plan: the statement runs on one shard (one node).
     A statement on local or reference tables only has no distributed job at all.
     """
+    return await task_counts_with(conn, statement, VALUES)
+
+
+async def task_counts_with(
+    conn: AsyncConnection[Any], statement: sql.Composable, params: dict[str, Any]
+) -> list[int]:
+    """task_counts with parameters of the caller's choosing."""
     cur = await conn.execute(
-        sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), VALUES, prepare=False
+        sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params, prepare=False
     )
     row = await cur.fetchone()
     assert row is not None

@@ -4,15 +4,16 @@ Every named statement is EXPLAINed on the coordinator of a three-node cluster (t
 8 shards per distributed table) with parameters naming one session, one user, one message.
 A statement a call naming one session or one user runs must be a router plan (one task),
 GetUser and UpdateUser included (session_count is read from user_session_counts, placed with
-the users); the two single-user reads that read all of a user's sessions (ListUserSessions,
-GetMemory's kept recall of the user's other sessions) read on one shard and fan out once over
-sessions; every other statement touching a distributed table must be one of the named
-fan-outs below (docs/scaling.md lists the same). A new statement that is none of these fails
-the test until it is classified.
+the users); ListUserSessions, which reads all of a user's sessions, reads on one shard and
+fans out once over sessions; GetMemory's kept recall reads its keys on the session's shard and
+the memories on the shards of the sessions they name only; every other statement touching a
+distributed table must be one of the named fan-outs below (docs/scaling.md lists the same).
+A new statement that is none of these fails the test until it is classified.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -25,7 +26,7 @@ from server.store.messages import add_memory_statement
 from server.store.queries import query
 from server.store.search import kept_recall_statement, recall_statement
 from server.store.sessions import list_sessions_statements
-from tests.citus.plans import named_statements, task_counts
+from tests.citus.plans import named_statements, task_counts, task_counts_with
 
 #: Statements of calls naming one session or one user: one shard (a router plan).
 ONE_SHARD = {
@@ -43,6 +44,9 @@ ONE_SHARD = {
     "delete_session": "DeleteSession",
     "undelete_session": "UndeleteSession",
     "recall_query_text": "GetMemory's recall: the words of the session's last messages",
+    "recall_kept_keys_citus": "GetMemory's kept recall: the keys the worker kept",
+    "recall_kept_keys_citus_words": "the same, kept by words (no pgvector)",
+    "recall_live_citus": "GetMemory's kept recall: the memories, on their sessions' shards only",
     "save_recall": "the embedding worker keeping one session's recall",
     "save_word_recall": "the recall worker (no pgvector) keeping one session's recall by words",
     "create_user": "CreateUser",
@@ -61,8 +65,6 @@ ONE_SHARD = {
 #: the sessions (a user's sessions are placed by their session ids: docs/scaling.md).
 ONE_SHARD_AND_ONE_FAN_OUT = {
     "list_user_sessions": "ListUserSessions",
-    "recall_stored_citus": "GetMemory's kept recall: memories of the user's other sessions",
-    "recall_stored_citus_words": "the same, kept by words (no pgvector)",
 }
 #: Named fan-outs: project-wide listings and exports, DeleteUser, the purge, user-scope
 #: search, the embedding worker's queue sweeps.
@@ -131,7 +133,7 @@ PLAIN_ONLY = {
 _NOT_DISTRIBUTED_PREFIXES = ("filter_", "search_filter_", "recall_filter_", "keyset_", "order_")
 _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
-    *("get_memories_recall", "recall_stored_citus"),
+    *("get_memories_recall", "recall_kept_keys_citus"),
 }
 _SEARCH = ("search_full_text", "search_semantic", "search_hybrid", "count_unembedded")
 
@@ -147,7 +149,7 @@ def _statements() -> dict[str, sql.Composable]:
     found["add_memory"] = add_memory_statement(citus=True)
     page, count, _ = list_sessions_statements(SessionQuery(), None)
     found["list_sessions"], found["count_sessions"] = page, count
-    for name in ("get_memories_recall", "recall_stored_citus"):
+    for name in ("get_memories_recall", "recall_kept_keys_citus"):
         found[name] = kept_recall_statement(name, vectors=True)
         found[f"{name}_words"] = kept_recall_statement(name, vectors=False)
     text = query("search_query_text")
@@ -225,3 +227,42 @@ def test_every_statement_on_distributed_tables_is_classified(plans: dict[str, An
     assert not unclassified, f"statements to classify for Citus: {unclassified}"
     refused = sorted(n for n, c in plans.items() if not isinstance(c, list))
     assert set(refused) <= PLAIN_ONLY, f"Citus refuses: {refused}"
+
+
+async def test_kept_recall_reaches_only_the_shards_of_the_sessions_it_names(
+    citus_url: str, citus_store: Store
+) -> None:
+    # GetMemory's recall reads memories of the user's other sessions: however many shards the
+    # cluster has, only those sessions' shards, and after psycopg prepares the statement too.
+    statement = query("recall_live_citus")
+    sessions = [f"session-{i}" for i in range(20)]
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+        shard_of = {}
+        for session in sessions:
+            cur = await conn.execute(
+                "SELECT get_shard_id_for_distribution_column('messages', %s::text)", (session,)
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            shard_of[session] = row[0]
+        assert len(set(shard_of.values())) > 3, "the ids must spread over the shards"
+        for named in (sessions[:1], sessions[:5], sessions):
+            params = {
+                "project_id": 1,
+                "owner": "user-1",
+                "recall_sessions": named,
+                "recall_sequences": [1, 2],
+            }
+            counts = await task_counts_with(conn, statement, params)
+            assert counts == [len({shard_of[s] for s in named})], (named, counts)
+        # Prepared (psycopg prepares after five uses; PostgreSQL may then plan it generically).
+        remote: list[str] = []
+        conn.add_notice_handler(lambda d: remote.append(d.message_primary or ""))
+        for _ in range(8):
+            await conn.execute(statement, {**params, "recall_sessions": sessions[:2]})
+        await conn.execute("SET citus.log_remote_commands = on")
+        await conn.execute("SET client_min_messages = log")
+        await conn.execute(statement, {**params, "recall_sessions": sessions[3:5]})
+        await conn.execute("RESET client_min_messages")
+        shards = {int(n) for n in re.findall(r"messages_(\d+) ", " ".join(remote))}
+        assert shards == {shard_of[s] for s in sessions[3:5]}, remote

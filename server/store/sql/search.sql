@@ -242,7 +242,7 @@ AND s.user_id = (SELECT o.user_id FROM sessions o
                  WHERE o.project_id = %(project_id)s AND o.session_id = %(exclude_session)s)
 
 -- recall_filter_kept_vectors --
--- Kept-recall fragment of get_memories_recall and recall_stored_citus with pgvector: the
+-- Kept-recall fragment of get_memories_recall and recall_kept_keys_citus with pgvector: the
 -- recall the worker ranked for this model (session_embeddings also holds sessions whose
 -- recall vector is made but not yet ranked).
 AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
@@ -302,34 +302,30 @@ LEFT JOIN LATERAL (
 ) k ON true
 ORDER BY i, part, ord;
 
--- recall_stored_citus --
--- The kept recall of get_memories_recall (its part-1 rows' columns) under Citus, where a
--- lateral join from one session's row to messages of other sessions (other shards) is
--- refused: the kept keys are read on the session's shard first, then their live messages on
--- whichever shards hold them (one fan-out), best first. No row when nothing was computed, one
--- with a NULL m_uuid when nothing kept is live. {kept} and {kept_filter} as there.
-WITH kept AS MATERIALIZED (
-    SELECT o.user_id AS owner, r.session_id, r.sequence, r.score, r.rank
-    FROM {kept} e
-    JOIN sessions o ON o.project_id = %(project_id)s AND o.session_id = %(exclude_session)s
-                   AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
-    LEFT JOIN LATERAL unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
-        WITH ORDINALITY AS r(session_id, sequence, score, rank) ON true
-    WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s {kept_filter}
-), live AS MATERIALIZED (
-    SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
-           m.created_at, m.updated_at, s.user_id, k.score, k.rank
-    FROM kept k
-    JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = k.session_id
-                   AND m.sequence = k.sequence AND m.deleted_at IS NULL
-    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-                   AND s.deleted_at IS NULL AND s.user_id = k.owner
-    ORDER BY k.rank
-    LIMIT %(limit)s
-)
-SELECT l.session_id, l.user_id, l.uuid AS m_uuid, l.sequence AS m_sequence, l.role AS m_role,
-       l.role_type AS m_role_type, l.content AS m_content, l.metadata AS m_metadata,
-       l.created_at AS m_created_at, l.updated_at AS m_updated_at, l.score AS r_score
-FROM (SELECT DISTINCT true FROM kept) AS computed
-LEFT JOIN live l ON true
-ORDER BY l.rank;
+-- recall_kept_keys_citus --
+-- The kept recall of get_memories_recall under Citus, first of two steps: on the session's
+-- shard, its user (owner) and the keys the worker kept, best first (the memories' sessions,
+-- sequences and scores). No row when nothing was computed. Citus refuses a lateral join from
+-- this row to messages of other sessions (other shards), and a join through a materialized
+-- list of them runs on every shard; so the store reads the memories next with
+-- recall_live_citus, which names their sessions and reaches only those sessions' shards.
+-- {kept} and {kept_filter} as in get_memories_recall.
+SELECT o.user_id AS owner, e.recall_sessions, e.recall_sequences, e.recall_scores
+FROM {kept} e
+JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
+               AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
+WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s {kept_filter}
+
+-- recall_live_citus --
+-- Second step: the live messages of live sessions still owned by the same user among kept
+-- keys (the sessions in recall_sessions, a superset by sequences: the store keeps exact
+-- pairs, in rank order). The session ids pin the shards: Citus runs it on the shards of
+-- those sessions only, however many shards the cluster has. Uuids as text, as there.
+SELECT m.session_id, s.user_id, m.uuid::text AS m_uuid, m.sequence AS m_sequence,
+       m.role AS m_role, m.role_type AS m_role_type, m.content AS m_content,
+       m.metadata AS m_metadata, m.created_at AS m_created_at, m.updated_at AS m_updated_at
+FROM messages m
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+               AND s.deleted_at IS NULL AND s.user_id = %(owner)s
+WHERE m.project_id = %(project_id)s AND m.session_id = ANY(%(recall_sessions)b::text[])
+  AND m.sequence = ANY(%(recall_sequences)b::bigint[]) AND m.deleted_at IS NULL
