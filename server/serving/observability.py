@@ -410,7 +410,9 @@ class _Call:
 
 
 def _is_cancel(exc: BaseException) -> bool:
-    return isinstance(exc, asyncio.CancelledError)
+    # grpc.aio ends a stream the client cancelled either by cancelling its task or by
+    # closing its generator, which raises GeneratorExit at the yield (about half the time).
+    return isinstance(exc, asyncio.CancelledError | GeneratorExit)
 
 
 class JsonFormatter(logging.Formatter):
