@@ -9,6 +9,7 @@ which Zep's 2.x SDKs parse), unknown routes (404) and wrong methods (405) too.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -200,6 +201,10 @@ class RestApp:
                 message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
 
+        path = routing_path(scope)
+        if path != scope["path"]:
+            # A copy: the server's own scope keeps its path (uvicorn logs it, quoted).
+            scope = {**scope, "path": path}
         self._metrics.in_flight.inc()
         try:
             refused = await self._refusal(scope, headers)
@@ -301,6 +306,42 @@ def _request_id(headers: dict[str, str]) -> str:
     if 0 < len(given) <= _MAX_ID and all(0x21 <= ord(c) <= 0x7E for c in given):
         return given
     return uuid.uuid4().hex
+
+
+#: A run of percent-escapes in a raw path.
+_ESCAPES = re.compile(rb"(?:%[0-9A-Fa-f]{2})+")
+#: The escapes a routed path keeps (see routing_path), and what they stand for.
+_KEPT = {"%2F": "/", "%25": "%"}
+_KEPT_ESCAPE = re.compile("%2[F5]")
+
+
+def routing_path(scope: Scope) -> str:
+    """The path to route by: the raw path decoded, but for "/" and "%" inside a segment,
+    which stay "%2F" and "%25" (decoded by `path_value`), and bytes that are not UTF-8,
+    which become lone surrogates (refused by the id checks, naming the parameter).
+
+    The server's own decoding (uvicorn's `unquote`) turns "%2F" into a separator, so the
+    path of session "x/memory" was the memory route of session "x", and replaces invalid
+    UTF-8 with U+FFFD, an id the caller never sent.
+    """
+    raw = scope.get("raw_path")
+    if not raw or b"%" not in raw:
+        return str(scope["path"])
+    raw = raw.split(b"?", 1)[0]
+    return _ESCAPES.sub(_decode_escapes, raw).decode("utf-8", "surrogateescape")
+
+
+def _decode_escapes(run: re.Match[bytes]) -> bytes:
+    decoded = bytes.fromhex(run.group().replace(b"%", b"").decode("ascii"))
+    # "/" and "%" are ASCII, never inside a UTF-8 sequence: re-escaping them is exact.
+    return decoded.replace(b"%", b"%25").replace(b"/", b"%2F")
+
+
+def path_value(value: str) -> str:
+    """A path parameter of a routed path (routing_path) as the caller sent it."""
+    if "%" not in value:
+        return value
+    return _KEPT_ESCAPE.sub(lambda m: _KEPT[m.group()], value)
 
 
 def _capped(receive: Receive) -> Receive:

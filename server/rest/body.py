@@ -16,6 +16,7 @@ from starlette.requests import Request
 from server.api import validation as val
 from server.domain import MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
+from server.rest.app import path_value
 
 #: The largest integer a query value may hold: gRPC's int32, which the same fields are there.
 MAX_QUERY_INT = 2**31 - 1
@@ -199,8 +200,21 @@ def path_id(request: Request, name: str) -> str:
     Raises:
         InvalidArgument: the id breaks the id rules, naming it.
     """
-    value = str(request.path_params[name])
+    value = path_text(request, name)
     v = val.Violations()
     val.check_id(v, name, value)
     v.raise_if_any()
+    return value
+
+
+def path_text(request: Request, name: str) -> str:
+    """A path parameter as the caller sent it, "/" (%2F) included (server/rest/app.py:
+    routing_path).
+
+    Raises:
+        InvalidArgument: its bytes are not UTF-8, naming it.
+    """
+    value = path_value(str(request.path_params[name]))
+    if _has_surrogate(value):
+        raise InvalidArgument.field(name, "is not valid UTF-8 once percent-decoded")
     return value

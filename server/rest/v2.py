@@ -234,7 +234,7 @@ async def update_message(request: Request) -> Response:
 
 def _message_uuid(request: Request) -> str:
     v = val.Violations()
-    value = val.message_uuid(v, "message_uuid", str(request.path_params["message_uuid"]))
+    value = val.message_uuid(v, "message_uuid", b.path_text(request, "message_uuid"))
     v.raise_if_any()
     return value
 

@@ -200,6 +200,50 @@ async def test_ids_in_paths_are_percent_decoded(http: httpx.AsyncClient) -> None
     assert got.status_code == 200 and got.json()["user_id"] == "ann lee+ö@x"
 
 
+async def test_an_encoded_slash_stays_in_its_id(http: httpx.AsyncClient) -> None:
+    # ids may hold "/" (SPEC: any text without controls). Decoded before routing, the path
+    # of session "x/memory" was the memory route of session "x", and of user "bob/sessions"
+    # the sessions of user "bob": another resource's data, answered 200.
+    await http.post("/api/v2/sessions/x/memory", json={"messages": [{"content": "of x"}]})
+    await http.post("/api/v2/users", json={"user_id": "bob"})
+    await http.post("/api/v2/sessions", json={"session_id": "of-bob", "user_id": "bob"})
+    for path, kind in (("sessions/x%2Fmemory", "session"), ("users/bob%2Fsessions", "user")):
+        reply = await http.get(f"/api/v2/{path}")
+        assert reply.status_code == 404 and reply.json()["reason"] == f"{kind.upper()}_NOT_FOUND"
+    made = await http.post("/api/v2/users", json={"user_id": "a/b%2F"})
+    assert made.status_code == 201
+    got = await http.get("/api/v2/users/a%2Fb%252F")
+    assert got.status_code == 200 and got.json()["user_id"] == "a/b%2F"
+    added = await http.post(
+        "/api/v2/sessions/team%2Fone/memory", json={"messages": [{"content": "hi"}]}
+    )
+    assert added.status_code == 200
+    memory = (await http.get("/api/v2/sessions/team%2Fone/memory")).json()
+    assert [m["content"] for m in memory["messages"]] == ["hi"]
+    session = (await http.get("/api/v2/sessions/team%2Fone")).json()
+    assert session["session_id"] == "team/one"
+
+
+async def test_invalid_utf8_in_a_path_id_is_400_naming_it(http: httpx.AsyncClient) -> None:
+    # Decoded leniently, %C3%28 became U+FFFD "(": stored as an id the caller never sent,
+    # and the same id as %E2%28 (SPEC: invalid UTF-8 is rejected, not stored).
+    for path in ("sessions/%C3%28/memory", "sessions/%E2%28"):
+        method = "POST" if path.endswith("memory") else "GET"
+        body = {"messages": [{"content": "x"}]} if method == "POST" else None
+        reply = await http.request(method, f"/api/v2/{path}", json=body)
+        assert reply.status_code == 400, reply.text
+        assert [v["field"] for v in reply.json()["violations"]] == ["session_id"]
+        assert "UTF-8" in reply.json()["message"]
+    listed = (await http.get("/api/v2/sessions-ordered")).json()
+    assert listed["sessions"] == []
+    # A real U+FFFD, sent as its UTF-8 bytes, is an id like any other.
+    made = await http.post(
+        "/api/v2/sessions/%EF%BF%BD/memory", json={"messages": [{"content": "x"}]}
+    )
+    assert made.status_code == 200
+    assert (await http.get("/api/v2/sessions/%EF%BF%BD")).json()["session_id"] == "\ufffd"
+
+
 async def test_request_ids_metrics_and_access_log(
     http: httpx.AsyncClient, metrics: Metrics, caplog: pytest.LogCaptureFixture
 ) -> None:
