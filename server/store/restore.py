@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 from server.domain import Message, RestoreCounts, Restored, Session, User
 from server.errors import AlreadyExists, FailedPrecondition, MemstoreError
 from server.store.base import StoreBase
-from server.store.db import Params, fetch_all, fetch_one
+from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.sessions import lock_session_owner
 
@@ -69,7 +69,7 @@ class RestoreMethods(StoreBase):
                 conn, "sessions", ("restore_sessions_existing", "restore_sessions"),
                 {**_session_params(sessions), "project_id": project_id}, made=made,
             )  # fmt: skip
-            await self._lock_message_sessions(conn, project_id, messages)
+            deleted = await self._lock_message_sessions(conn, project_id, messages)
             await _count_restored_sessions(conn, project_id, made)
             params = {
                 **_message_params(messages),
@@ -78,13 +78,14 @@ class RestoreMethods(StoreBase):
                 "project_id": project_id,
             }
             messages_done = await _restore_kind(
-                conn, "messages", ("restore_messages_existing", "restore_messages"), params
+                conn, "messages", ("restore_messages_existing", "restore_messages"), params,
+                deleted=deleted,
             )  # fmt: skip
         return Restored(users_done, sessions_done, messages_done)
 
     async def _lock_message_sessions(
         self, conn: AsyncConnection[Any], project_id: int, messages: list[Message]
-    ) -> None:
+    ) -> set[str]:
         """Locks the sessions the messages name, in key order, before their counts change.
 
         Without the lock, restore_messages counted its messages into the sessions its
@@ -95,28 +96,32 @@ class RestoreMethods(StoreBase):
         write appends to it, clears it or deletes it before the commit. The order is that of
         every session write: the session rows, then the count's (count_restored_sessions).
 
+        Returns:
+            The soft-deleted ones among them: locked, they stay so until the commit.
+
         Raises:
             FailedPrecondition: a message names a session neither stored (committed) nor in
                 the request (reason SESSION_NOT_FOUND).
         """
         named = sorted({m.session_id for m in messages})
         if not named:
-            return
+            return set()
         if self.citus:
             # Citus runs no multi-shard SELECT ... FOR NO KEY UPDATE: one router statement
             # per session, in the same order.
-            locked: set[str] = set()
+            rows: list[Row] = []
             for session_id in named:
                 params = {"project_id": project_id, "session_id": session_id}
-                if await fetch_one(conn, "restore_lock_session_citus", params) is not None:
-                    locked.add(session_id)
+                if row := await fetch_one(conn, "restore_lock_session_citus", params):
+                    rows.append(row)
         else:
             params = {"project_id": project_id, "session_ids": named}
             rows = await fetch_all(conn, "restore_lock_sessions", params)
-            locked = {r["session_id"] for r in rows}
+        locked = {r["session_id"] for r in rows}
         missing = [sid for sid in named if sid not in locked]
         if missing:
             raise _no_session(missing)
+        return {r["session_id"] for r in rows if r["deleted_at"] is not None}
 
 
 async def _restore_kind(
@@ -126,10 +131,11 @@ async def _restore_kind(
     params: Params,
     *,
     made: list[tuple[Any, ...]] | None = None,
+    deleted: set[str] | None = None,
 ) -> RestoreCounts:
     # `existing` finds the rows already stored, with the fields that differ; `insert` writes
     # the others (restore_messages answers its count, the plain inserts a row each, which go
-    # to `made`).
+    # to `made`); `deleted` holds the soft-deleted sessions the messages name.
     existing, insert = statements
     if not params["session_ids" if kind != "users" else "user_ids"]:
         return RestoreCounts()
@@ -140,9 +146,16 @@ async def _restore_kind(
     if kind == "messages":
         row = await fetch_one(conn, insert, params)
         created = int(row["created"]) if row else 0
-        # The sessions are locked (_lock_message_sessions), so the soft-deleted state read
-        # here holds until the commit; the insert it follows is rolled back with the rest.
-        live_in_deleted = await fetch_all(conn, "restore_messages_live_in_deleted", params)
+        # The sessions were locked (_lock_message_sessions), which read their latest
+        # deleted_at: it holds until the commit, so the check needs no statement of its own.
+        # Refused after the insert, as before (a conflict or an insert's error comes first);
+        # the insert is rolled back with the rest.
+        rows = zip(params["session_ids"], params["sequences"], params["deleted"], strict=True)
+        live_in_deleted = [
+            (ord_, f"{sid} #{seq}")
+            for ord_, (sid, seq, gone) in enumerate(rows, start=1)
+            if gone is None and sid in (deleted or ())
+        ]
         if live_in_deleted:
             raise _live_in_deleted(live_in_deleted)
     else:
@@ -184,10 +197,11 @@ def _conflict(kind: str, rows: list[dict[str, Any]]) -> AlreadyExists:
     )
 
 
-def _live_in_deleted(rows: list[dict[str, Any]]) -> FailedPrecondition:
+def _live_in_deleted(rows: list[tuple[int, str]]) -> FailedPrecondition:
     # What DeleteSession leaves: a soft-deleted session's messages are all soft-deleted, so
-    # none is counted, recalled, embedded, or brought back by UndeleteSession.
-    named = "; ".join(f"messages[{int(r['ord']) - 1}] ({r['id']})" for r in rows[:_NAMED_CONFLICTS])
+    # none is counted, recalled, embedded, or brought back by UndeleteSession. `rows` are
+    # (1-based position in the request, "session #sequence").
+    named = "; ".join(f"messages[{ord_ - 1}] ({id_})" for ord_, id_ in rows[:_NAMED_CONFLICTS])
     more = f" (and {len(rows) - _NAMED_CONFLICTS} more)" if len(rows) > _NAMED_CONFLICTS else ""
     return FailedPrecondition(
         f"{named}{more}: live (no deleted_at) in a soft-deleted session, whose messages are all "

@@ -98,7 +98,6 @@ FAN_OUT = {
     "restore_users_existing": "Restore: the batch's users already stored (ids span shards)",
     "restore_sessions_existing": "Restore: as restore_users_existing",
     "restore_messages_existing": "Restore: as restore_users_existing",
-    "restore_messages_live_in_deleted": "Restore: the batch's live messages in deleted sessions",
     "restore_messages": "Restore: a batch's messages and their sessions' counts",
     "claim_embeddings_citus": "the embedding worker leasing the oldest due messages",
     "any_due_citus": "the embedding worker, after a claim that lost its race",

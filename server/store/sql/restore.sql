@@ -116,18 +116,6 @@ FROM t JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = t.ses
                       AND (m.sequence = t.sequence OR m.uuid = t.uuid)
 ORDER BY t.ord;
 
--- restore_messages_live_in_deleted --
--- The request's live messages whose session is soft-deleted, stored or restored just before
--- in this transaction: a soft-deleted session's messages are soft-deleted with it. Run after
--- restore_messages, whose foreign key check may see a session a concurrent call committed
--- meanwhile: this later statement's snapshot sees it too.
-SELECT t.ord, t.session_id || ' #' || t.sequence AS id
-FROM unnest(%(session_ids)s::text[], %(sequences)s::bigint[], %(deleted)s::timestamptz[])
-     WITH ORDINALITY AS t(session_id, sequence, deleted_at, ord)
-JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = t.session_id
-WHERE t.deleted_at IS NULL AND s.deleted_at IS NOT NULL
-ORDER BY t.ord;
-
 -- restore_messages --
 -- Inserts the request's messages that are not stored yet, then counts the live ones into
 -- their sessions and moves each session's next sequence past them (its updated_at stays as
@@ -182,8 +170,10 @@ ON CONFLICT (project_id, user_id)
 -- a concurrent call commits meanwhile is then in restore_messages' snapshot, and no
 -- AddMemory, ClearMemory or DeleteSession changes it before the commit. A named session
 -- missing here is neither stored nor in the request (plain PostgreSQL; on Citus
--- restore_lock_session_citus, one session at a time).
-SELECT s.session_id FROM sessions s
+-- restore_lock_session_citus, one session at a time). Each row's deleted_at is the locked
+-- (latest) version's, which holds until the commit: the store refuses a live message in a
+-- soft-deleted session by it.
+SELECT s.session_id, s.deleted_at FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = ANY(%(session_ids)s::text[])
 ORDER BY s.session_id
 FOR NO KEY UPDATE;
@@ -191,7 +181,7 @@ FOR NO KEY UPDATE;
 -- restore_lock_session_citus --
 -- restore_lock_sessions for one session, on Citus (which runs no multi-shard SELECT ... FOR
 -- NO KEY UPDATE): the store locks the sessions in key order, one router statement each.
-SELECT s.session_id FROM sessions s
+SELECT s.session_id, s.deleted_at FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
 FOR NO KEY UPDATE;
 
