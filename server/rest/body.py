@@ -74,7 +74,7 @@ async def json_object(request: Request, *, required: bool = True) -> JsonObject:
 def _lone_surrogate(value: JsonObject) -> str | None:
     """The path of the first key or string holding a lone surrogate (e.g. `messages[0].role`).
 
-    Iterative, as _deeper_than: the body may be nested deeply.
+    Iterative, as _shape_problem: the body may be nested deeply.
     """
     stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
@@ -121,8 +121,12 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     if not isinstance(value, dict):
         v.add(field, f"must be an object, not {kind(value)}")
         return None
-    if _deeper_than(value, MAX_METADATA_DEPTH + 1):
-        v.add(field, f"is nested more than {MAX_METADATA_DEPTH} levels of objects and arrays deep")
+    problem = _shape_problem(value, MAX_METADATA_DEPTH + 1)
+    if problem is not None:
+        if problem:
+            v.add(field, problem)
+        else:
+            v.items.append(val.far_too_large(field))
         return None
     struct = struct_pb2.Struct()
     try:
@@ -133,18 +137,34 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     return val.metadata(v, field, struct)
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    # Iterative: a hostile body nested thousands deep must not exhaust the stack.
+def _shape_problem(value: Any, limit: int) -> str | None:
+    """What makes `value` unfit before it is converted: nested deeper than `limit` (the
+    description), surely larger than val.SIZE_BOUND as JSON ("": far_too_large), or None.
+
+    Iterative: a hostile body nested thousands deep must not exhaust the stack. Stops once
+    a lower bound of the JSON bytes passes the bound: converting a million tiny values to
+    learn the size held the event loop for seconds (val.SIZE_BOUND).
+    """
+    bound = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-    return False
+            return f"is nested more than {MAX_METADATA_DEPTH} levels of objects and arrays deep"
+        if isinstance(item, dict | list):
+            bound += 2 * max(len(item), 1)  # the brackets and a ", " between members
+            if bound > val.SIZE_BOUND:
+                return ""  # before pushing a million members
+            if isinstance(item, dict):
+                bound += sum(len(key) + 4 for key in item)  # "key":_
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        else:
+            bound += len(item) + 2 if isinstance(item, str) else 1
+        if bound > val.SIZE_BOUND:
+            return ""
+    return None
 
 
 def query_int(

@@ -131,3 +131,33 @@ async def test_the_deepest_metadata_allowed_round_trips(users: Users, sessions: 
         ss.SearchMemoryRequest(text="deep", search_type=ss.SEARCH_TYPE_FULL_TEXT)
     )
     assert as_dict(found.results[0].message.metadata) == deep
+
+
+async def test_metadata_of_a_million_values_is_refused_before_it_is_walked(
+    users: Users, sessions: Sessions
+) -> None:
+    # A request of 16 MiB holds a million tiny values. Walking them all, to learn a size far
+    # past the limit, held the event loop (every call of the process) for seconds; the walk
+    # now stops once a lower bound of the JSON passes twice the limit, and says so.
+    wide = struct({"a": [0] * 200_000})
+    many = struct({f"k{i}": i for i in range(100_000)})
+    calls = [
+        ("metadata", users.CreateUser(us.CreateUserRequest(user_id="u", metadata=wide))),
+        ("metadata", users.CreateUser(us.CreateUserRequest(user_id="u", metadata=many))),
+        (
+            "messages[1].metadata",
+            sessions.AddMemory(
+                ss.AddMemoryRequest(session_id="s", messages=[msg("a"), msg("b", metadata=wide)])
+            ),
+        ),
+    ]
+    for name, call in calls:
+        error = await rpc_error(call, BAD, field=name)
+        assert f"more than {2 * MAX_METADATA_BYTES} bytes as JSON" in (error.details() or "")
+    # Just past the limit, the size is still exact.
+    over = struct({"a": "x" * (MAX_METADATA_BYTES - len('{"a": ""}') + 1)})
+    error = await rpc_error(
+        users.CreateUser(us.CreateUserRequest(user_id="u", metadata=over)), BAD, field="metadata"
+    )
+    assert f"is {MAX_METADATA_BYTES + 1} bytes as JSON" in (error.details() or "")
+    await rpc_error(users.GetUser(us.GetUserRequest(user_id="u")), Code.NOT_FOUND)
