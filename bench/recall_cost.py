@@ -56,7 +56,7 @@ def statement_at(rev: str) -> sql.Composed:
 
 
 def _explain(
-    conn: psycopg.Connection[Any], statement: sql.Composed, params: Any
+    conn: psycopg.Connection[Any], statement: sql.Composable, params: Any
 ) -> tuple[float, int]:
     plan = conn.execute(
         sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}").format(statement), params

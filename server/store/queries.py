@@ -72,6 +72,33 @@ def compact(statement: str) -> str:
     return "\n".join(line.strip() for line in lines)
 
 
+#: A value's placeholder in a named statement, `%(name)s`.
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+def positional(statement: str) -> tuple[bytes, tuple[str, ...]]:
+    """`statement` with `$1`, `$2`... for its `%(name)s` placeholders, and the names in order.
+
+    What psycopg itself sends (a name used twice is one parameter), for its raw cursor, which
+    sends the statement as it is: psycopg parses the placeholders of a statement over 4,096
+    bytes again on every execute (`compact`), where this is done once.
+
+    Raises:
+        ValueError: the statement holds a `%` that is no such placeholder.
+    """
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    text = _PLACEHOLDER.sub(number, statement)
+    if "%" in text:
+        raise ValueError("a % in the statement that is not a %(name)s placeholder")
+    return text.encode(), tuple(names)
+
+
 def _load() -> dict[str, sql.SQL]:
     loaded: dict[str, sql.SQL] = {}
     for entry in sorted(resources.files("server.store").joinpath("sql").iterdir(), key=str):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, AsyncRawCursor, sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -18,7 +18,7 @@ from server.store.base import StoreBase, key
 from server.store.coalesce import Coalescer
 from server.store.db import Row, fetch_all
 from server.store.messages import memory_window
-from server.store.queries import query
+from server.store.queries import compact, positional, query
 from server.store.translate import translated
 
 #: (query attribute, fragment) of every optional search filter with a value.
@@ -95,23 +95,33 @@ def _statement(vector: bool, semantic_only: bool) -> str:
     return "search_semantic" if semantic_only else "search_hybrid"
 
 
-def recall_statement(vector: bool) -> sql.Composed:
+@cache
+def recall_statement(vector: bool) -> sql.SQL:
     """The statement that ranks recall on the request path (or in the worker, to keep it).
 
     The user's other live sessions against the session's last messages: by words alone, or
     (`vector`) fused with each message's distance to the nearest of the vectors of those
-    messages. Its parameters are _recall_params's.
+    messages. Its parameters are _recall_params's. Composed once, without its lines'
+    indentation (`compact`); sent by recall_positional.
     """
     fragment: sql.Composable = query("recall_query_text")
     scope = sql.SQL(" ").join([query("recall_filter_user"), query("search_filter_other_sessions")])
     if vector:
         fragment = query("recall_query_vector").format(words=fragment, filters=scope)
-    return query(_statement(vector, semantic_only=False)).format(
+    statement = query(_statement(vector, semantic_only=False)).format(
         query=fragment,
         filters=scope,
         match=query("recall_match_scan"),
         distance=query("recall_distance_window"),
     )
+    return sql.SQL(compact(statement.as_string(None)))
+
+
+@cache
+def recall_positional(vector: bool) -> tuple[bytes, tuple[str, ...]]:
+    """recall_statement with `$n` placeholders and their names (`queries.positional`): at
+    4,597 bytes (with vectors) psycopg would parse its placeholders on every call."""
+    return positional(recall_statement(vector).as_string(None))
 
 
 def kept_recall_statement(name: str, *, vectors: bool) -> sql.Composed:
@@ -304,8 +314,11 @@ class SearchMethods(StoreBase):
     ) -> list[SearchResult]:
         # The user's other sessions ranked against this one's last messages, here and now.
         use_vector = model is not None and self.vectors
-        (found,) = await _pipelined(conn, [recall_statement(use_vector)], params)
-        return [_found(r)[0] for r in found]
+        statement, names = recall_positional(use_vector)
+        cursor = AsyncRawCursor(conn, row_factory=dict_row)
+        # Never prepared, as _pipelined's searches.
+        await cursor.execute(statement, [params[n] for n in names], prepare=False)
+        return [_found(r)[0] for r in await cursor.fetchall()]
 
     async def rank_recall(
         self,

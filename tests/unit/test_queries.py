@@ -80,6 +80,32 @@ def test_add_memory_statements_fit_psycopgs_parse_cache() -> None:
         assert len(statement.as_string(None).encode()) <= MAX_CACHED_STATEMENT_LENGTH
 
 
+def test_recall_is_sent_as_psycopg_would_send_it_without_parsing_it_per_call() -> None:
+    # Recall ranks on the embedding worker's path (every embedded batch keeps its sessions'
+    # recall) and on GetMemory's when none is kept. Over 4,096 bytes, psycopg parsed its
+    # placeholders again on every call (docs/performance.md); the store now sends it with
+    # $n placeholders, converted once: byte for byte what psycopg would send.
+    from psycopg._queries import _query2pg_nocache
+
+    from server.store import Store
+    from server.store.search import recall_positional, recall_statement
+
+    params = Store._recall_params(1, "s", 6, "m", 10)
+    for vector in (True, False):
+        statement, names = recall_positional(vector)
+        sent, _, order, _ = _query2pg_nocache(recall_statement(vector).as_bytes(None), "utf-8")
+        assert (statement, names) == (sent, tuple(order or ())), vector
+        assert set(names) <= params.keys(), vector
+
+
+def test_positional_refuses_a_percent_it_cannot_place() -> None:
+    from server.store.queries import positional
+
+    assert positional("SELECT %(a)s, %(b)s, %(a)s") == (b"SELECT $1, $2, $1", ("a", "b"))
+    with pytest.raises(ValueError, match="placeholder"):
+        positional("SELECT %(a)s LIKE 'x%'")
+
+
 def test_compact_drops_indentation_but_not_from_a_literal_spanning_lines() -> None:
     assert compact("SELECT a,\n       b\n  FROM t") == "SELECT a,\nb\nFROM t"
     spanning = "SELECT 'a\n   b' FROM t"
