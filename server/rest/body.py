@@ -22,6 +22,8 @@ from server.rest.app import path_value
 MAX_QUERY_INT = 2**31 - 1
 #: A \\uD800-\\uDFFF escape: JSON may spell a lone surrogate, which is no Unicode text.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: A whole number in a query value: an optional sign and ASCII digits.
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
 
 _JSON_TYPES = {
     dict: "an object",
@@ -186,10 +188,10 @@ def query_int(
         text, name = request.query_params.get(alias), alias
     if not text:
         return None
-    try:
-        number = int(text)
-    except ValueError:
-        raise InvalidArgument.field(name, f"{text[:64]!r} is not a whole number") from None
+    # ASCII digits only: int() also reads "1_0", other scripts' digits and spaces around.
+    if _WHOLE_NUMBER.fullmatch(text) is None:
+        raise InvalidArgument.field(name, f"{text[:64]!r} is not a whole number")
+    number = int(text)
     if minimum is not None and number < minimum:
         raise InvalidArgument.field(name, f"must be at least {minimum} (got {number})")
     if number > maximum:

@@ -217,6 +217,25 @@ async def test_query_numbers_past_int32_are_400_naming_the_parameter(
     assert [v["field"] for v in reply.json()["violations"]] == [name]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/v2/users-ordered?pageSize=1_0",
+        "/api/v2/sessions-ordered?page_size=%D9%A1%D9%A2",
+        "/api/v1/user?limit=%201",
+        "/api/v2/sessions/s/memory?lastn=5%0A",
+        "/api/v2/sessions/s/messages?limit=%EF%BC%93",
+    ],
+)
+async def test_query_numbers_are_ascii_digits_only(http: httpx.AsyncClient, url: str) -> None:
+    # Python's int() reads "1_0" as 10, Arabic-Indic and fullwidth digits, and spaces around
+    # them: each was accepted as some other number than the caller wrote.
+    reply = await http.get(url)
+    name = url.split("?")[1].split("=", maxsplit=1)[0]
+    assert reply.status_code == 400, reply.text
+    assert [v["field"] for v in reply.json()["violations"]] == [name]
+
+
 async def test_ids_in_paths_are_percent_decoded(http: httpx.AsyncClient) -> None:
     made = await http.post("/api/v2/users", json={"user_id": "ann lee+ö@x"})
     assert made.status_code == 201
