@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 import grpc
 
-#: memstore accepts requests up to 16 MiB and may answer as much (a 1000-message memory).
+#: memstore accepts requests up to 16 MiB and may answer 1 MiB more (the uuids, times and
+#: sequences it adds to a 1000-message memory it stored).
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_MAX_RESPONSE_BYTES = _MAX_MESSAGE_BYTES + 1024 * 1024
 _OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_RESPONSE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
 ]
 

@@ -54,8 +54,13 @@ _SETTLE_SECONDS = 5.0
 #: Seconds a metrics scrape waits for the embedding queue's count before leaving it out.
 _QUEUE_READ_SECONDS = 5.0
 
-#: The largest request memstore accepts; responses likewise. Larger is RESOURCE_EXHAUSTED.
+#: The largest request memstore accepts. Larger is RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: The largest response: room past the request's cap for what the server adds to what it
+#: accepted (AddMemory echoes 1000 messages with their uuids, times and sequences, about
+#: 40 KB). At the request's cap, an accepted write near it committed and was then answered
+#: RESOURCE_EXHAUSTED (tests/grpc/test_limits.py).
+MAX_RESPONSE_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 
 
 class _Wrapping:
@@ -197,7 +202,7 @@ async def _build(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
             # silently share it; refuse instead. Workers opt in on purpose (serving/workers.py
             # checks first that nobody else holds the port).

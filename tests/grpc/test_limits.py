@@ -10,7 +10,9 @@ import pytest
 from google.protobuf import json_format
 
 from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import session_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
+from memstore_client._channel import aio_channel
 from server.api.validation import json_size
 from server.domain import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 from tests.grpc import Code, Sessions, Users, as_dict, count_rows, msg, rpc_error, struct
@@ -161,3 +163,20 @@ async def test_metadata_of_a_million_values_is_refused_before_it_is_walked(
     )
     assert f"is {MAX_METADATA_BYTES + 1} bytes as JSON" in (error.details() or "")
     await rpc_error(users.GetUser(us.GetUserRequest(user_id="u")), Code.NOT_FOUND)
+
+
+async def test_an_add_memory_the_server_accepts_is_answered_whole(
+    grpc_port: int, clean_db: str
+) -> None:
+    # 1000 messages just under the 16 MiB request cap were stored, and then the answer,
+    # which adds each message's uuid, time and sequence, passed the same cap on the way
+    # out: RESOURCE_EXHAUSTED for a write that had committed. The answer's cap (and the
+    # client's) leaves room for what the server adds.
+    per = (16 * 1024 * 1024 - 40_000) // 1000
+    request = ss.AddMemoryRequest(session_id="s", messages=[msg("x" * per) for _ in range(1000)])
+    assert request.ByteSize() < 16 * 1024 * 1024
+    async with aio_channel(f"127.0.0.1:{grpc_port}", tls=False) as channel:
+        sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+        added = await sessions.AddMemory(request)
+        assert len(added.messages) == 1000 and added.ByteSize() > 16 * 1024 * 1024
+        assert len({m.uuid for m in added.messages}) == 1000
