@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stream (or run each unary kind) on both servers at once, not in turn",
     )
+    p.add_argument(
+        "--separate-databases",
+        action="store_true",
+        help="a unary comparison's sides each on their own database, migrated by their own"
+        " checkout and seeded alike (to compare a change of migrations)",
+    )
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")
     p.add_argument("--db-name", default="memstore_bench_ab")

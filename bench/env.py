@@ -60,11 +60,12 @@ def drop_database(url: str, name: str = BENCH_DB) -> None:
         )
 
 
-def migrate(url: str) -> None:
-    """Applies memstore's migrations with its own command."""
+def migrate(url: str, root: Path = ROOT) -> None:
+    """Applies memstore's migrations with its own command (the migrations of checkout `root`)."""
     run = subprocess.run(
         [sys.executable, "-m", "server", "migrate", "--database-url", url],
-        cwd=ROOT,
+        cwd=root,
+        env=code_env(root),
         capture_output=True,
         text=True,
         timeout=120,

@@ -271,9 +271,22 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
     s = Settings(seconds=args.seconds, warmup=args.warmup)
     maintenance = env.server_url(args.database_url, args.data_dir)
     url = env.fresh_database(maintenance, args.db_name)
+    # With --separate-databases each side has its own, migrated by its own checkout: one
+    # shared database would carry the after side's migrations to the before side's server.
+    # Only the writes are seeded by env.load alone (the others seed in KINDS, on `url`).
+    separate = bool(getattr(args, "separate_databases", False))
+    if separate and args.only != "writes":
+        raise SystemExit("--separate-databases compares writes only")
+    names = {name: f"{args.db_name}_{name}" for name in roots} if separate else {}
+    urls = {name: url for name in roots}
     try:
         env.migrate(url)
-        env.load(url, args.users, 0)
+        if not separate:
+            env.load(url, args.users, 0)
+        for name, db in names.items():
+            urls[name] = env.fresh_database(maintenance, db)
+            env.migrate(urls[name], roots[name])
+            env.load(urls[name], args.users, 0)
         if args.only == WRITES_EMBEDDING:
             if not search_data.has_vectors(url):
                 raise RuntimeError("writes_embedding needs pgvector, which this PostgreSQL lacks")
@@ -285,7 +298,8 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
         kinds = KINDS[args.only](url, args.messages)
         extra = ("--drain-delay", "0", *SERVER_ARGS.get(args.only, ()), *args.server_arg)
         servers = {
-            name: env.Server(url, root=root, extra_args=extra) for name, root in roots.items()
+            name: env.Server(urls[name], root=root, extra_args=extra)
+            for name, root in roots.items()
         }
         try:
             spawn = multiprocessing.get_context("spawn")
@@ -296,5 +310,7 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
                 server.stop()
     finally:
         env.drop_database(maintenance, args.db_name)
+        for db in names.values():
+            env.drop_database(maintenance, db)
     print(json.dumps({"comparison": args.only, **_summary(runs, list(kinds))}, indent=2))
     return 0
