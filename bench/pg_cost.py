@@ -1,6 +1,6 @@
 """What AddMemory(1) costs PostgreSQL, and which part of the schema that cost is for.
 
-    .venv/bin/python -m bench.pg_cost --database-url postgresql://postgres@127.0.0.1/postgres
+    .venv/bin/python -m bench.pg_cost [--database-url postgresql://postgres@127.0.0.1/postgres]
 
 Makes one scratch database per variant (`pg_cost_<variant>`, dropped at the end): the
 migrated schema, seeded alike (sessions of `--sessions` without a user, as `make bench`'s
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import uuid
@@ -32,6 +33,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench import env
 from server.store.messages import add_memory_statement
 
 #: Each variant: the SQL that removes its part from a migrated, seeded database.
@@ -158,6 +160,8 @@ def measure(url: str, variants: list[str], sessions: int, rounds: int, calls: in
             ratios[v].append(found[v] / found["base"])
     out = {}
     for v, conn in conns.items():
+        # The backend's counts reach pg_stat_user_tables when it next goes idle (PostgreSQL 15+).
+        conn.execute("SELECT pg_stat_force_next_flush()")
         n_upd, n_hot = conn.execute(
             "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sessions'"
         ).fetchone()
@@ -182,7 +186,12 @@ def measure(url: str, variants: list[str], sessions: int, rounds: int, calls: in
 def main(argv: list[str] | None = None) -> int:
     """Prints the medians as JSON."""
     p = argparse.ArgumentParser(prog="python -m bench.pg_cost", description=__doc__)
-    p.add_argument("--database-url", required=True, help="a server where databases can be made")
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        help="a server on this machine where databases can be made (default: the bench's"
+        " embedded PostgreSQL, as `python -m bench`)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--sessions", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=21)
@@ -191,11 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants.split(",")
     if "base" not in variants:
         variants.insert(0, "base")
-    print(
-        json.dumps(
-            measure(args.database_url, variants, args.sessions, args.rounds, args.calls), indent=2
-        )
-    )
+    url = env.server_url(args.database_url, env.ROOT / ".data")
+    print(json.dumps(measure(url, variants, args.sessions, args.rounds, args.calls), indent=2))
     return 0
 
 

@@ -258,9 +258,17 @@ def test_ab_writes_embedding_runs_on_tiny_data(server_url: str) -> None:
     assert summary["on_after_over_before"] > 0
 
 
-@pytest.mark.parametrize("together", [False, True], ids=["in_turn", "together"])
-def test_ab_writes_runs_on_tiny_data(server_url: str, together: bool) -> None:
-    summary = _ab_summary(_run_ab(server_url, "writes", *(["--together"] if together else [])))
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--together",), ("--separate-databases",)],
+    ids=["in_turn", "together", "separate_databases"],
+)
+def test_ab_writes_runs_on_tiny_data(server_url: str, extra: tuple[str, ...]) -> None:
+    # With --separate-databases each side has a database of its own, dropped at the end.
+    summary = _ab_summary(_run_ab(server_url, "writes", *extra))
+    with psycopg.connect(server_url) as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname ~ '^memstore_ab_'")
+        assert left.fetchall() == []
     assert summary["comparison"] == "writes"
     for side in ("before", "after"):
         figures = summary[side]
@@ -340,6 +348,20 @@ async def test_queue_cost_times_the_queue_insert_on_tiny_data(clean_db: str) -> 
     with psycopg.connect(clean_db) as conn:
         row = conn.execute("SELECT count(*) FROM sessions").fetchone()
     assert row == (0,)
+
+
+def test_pg_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
+    # bench.pg_cost: a database per variant, each timed, the session's updates counted (none
+    # HOT while updated_at is indexed), every database dropped at the end.
+    from bench.pg_cost import measure
+
+    found = measure(server_url, ["base", "no_updated_idx", "touch_0011"], 20, rounds=1, calls=5)
+    assert set(found) == {"base", "no_updated_idx", "touch_0011"}
+    assert all(x["backend_cpu_us"] > 0 and x["vs_base"] > 0 for x in found.values()), found
+    assert found["base"]["sessions_hot_share"] == 0
+    with psycopg.connect(server_url) as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname ~ '^pg_cost_'")
+        assert left.fetchall() == []
 
 
 async def test_queue_gauge_times_both_statements_on_tiny_data(server_url: str) -> None:
