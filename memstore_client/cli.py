@@ -139,10 +139,13 @@ def _export(client: Memstore, args: argparse.Namespace) -> int:
             )
             bar = stack.enter_context(_progress(args, f"exporting {args.kind}"))
             for rows, next_token in chunks:
-                out.writelines(json.dumps(_row(row), ensure_ascii=False) + "\n" for row in rows)
-                count += len(rows)
+                # The chunk's lines are made before any is written, and counted with its
+                # token at once: a Ctrl-C while they were written one by one left part of
+                # the chunk in the file, which the resume command wrote again.
+                text = "".join(json.dumps(_row(row), ensure_ascii=False) + "\n" for row in rows)
+                out.write(text)
+                count, token = count + len(rows), next_token
                 bar.update(len(rows))
-                token = next_token
     except MemstoreError as exc:
         if exc.reason == "INVALID_PAGE_TOKEN":
             # Nothing was exported and resuming cannot help: say what the token must be.

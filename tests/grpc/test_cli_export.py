@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from memstore_client import AsyncMemstore
+from memstore_client import AsyncMemstore, cli
 from server.__main__ import main
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
@@ -105,3 +105,40 @@ async def test_an_interrupted_export_resumes_into_the_same_file(
         await again.stop(None)
     ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
     assert ids == [f"u{i:05d}" for i in range(1, USERS + 1)]
+
+
+async def test_a_ctrl_c_mid_chunk_leaves_whole_lines_and_resumes_without_repeats(
+    grpc_port: int,
+    clean_db: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Ctrl-C while a chunk was being written left its first rows in the file (and the
+    # last one cut short at the buffer's edge) while the resume command named the token
+    # before that chunk: resuming with --append wrote those rows twice.
+    address = f"127.0.0.1:{grpc_port}"
+    async with AsyncMemstore(address) as client:
+        for i in range(30):
+            await client.user.add(f"u{i:02d}")
+    rows = {"n": 0}
+    row = cli._row
+
+    def interrupted_row(value: object) -> dict[str, object]:
+        rows["n"] += 1
+        if rows["n"] == 15:  # the fifth row of the second chunk
+            raise KeyboardInterrupt
+        return row(value)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "_row", interrupted_row)
+    out = tmp_path / "users.jsonl"
+    argv = ["export", "users", "--address", address, "-o", str(out), "--no-progress"]
+    assert await _run(*argv, "--chunk-size", "10") == 130
+    resume = next(line for line in capsys.readouterr().err.splitlines() if "resume with" in line)
+    assert resume.startswith("interrupted after 10 users;"), resume
+    command = resume.split("resume with: ")[1].split()
+    token = command[command.index("--page-token") + 1]
+    monkeypatch.setattr(cli, "_row", row)
+    assert await _run(*argv, "--chunk-size", "10", "--page-token", token, "--append") == 0
+    ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
+    assert ids == [f"u{i:02d}" for i in range(30)]
