@@ -183,6 +183,62 @@ def measure(url: str, variants: list[str], sessions: int, rounds: int, calls: in
     return out
 
 
+def get_memory_cost(url: str, sessions: int, rounds: int, calls: int) -> dict[str, Any]:
+    """Backend CPU per GetMemory(lastn 6, recall 5) statement (get_memories_recall) for 1 and
+    8 coalesced calls: as the store sends it (`auto`, PostgreSQL's choice of plan) against
+    planned at every call (`force_custom_plan`, which the statement got before its arrays
+    went behind subqueries). One seeded database; rounds alternate the two."""
+    from server.store.search import kept_recall_statement
+
+    admin = psycopg.connect(url, autocommit=True)
+    name = "pg_cost_get_memory"
+    db_url = psycopg.conninfo.make_conninfo(url, dbname=name)
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        from server.__main__ import main as server_main
+
+        with contextlib.redirect_stdout(sys.stderr):
+            if server_main(["migrate", "--database-url", db_url]) not in (0, None):
+                raise SystemExit("migration failed")
+        _seed(db_url, sessions)
+        statement = kept_recall_statement("get_memories_recall", vectors=True)
+        modes = ("auto", "force_custom_plan")
+        conns = {}
+        for mode in modes:
+            conns[mode] = psycopg.connect(db_url, autocommit=True)
+            conns[mode].execute(sql.SQL("SET plan_cache_mode = {}").format(sql.SQL(mode)))
+        found: dict[str, list[float]] = {f"{m}_{n}": [] for m in modes for n in (1, 8)}
+        k = 0
+        for r in range(rounds):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                conn = conns[mode]
+                pid = conn.info.backend_pid
+                for n in (1, 8):
+                    before = _cpu_ns(pid)
+                    for _ in range(calls):
+                        k += 1
+                        params = {
+                            "project_id": 1,
+                            "model": "bench",
+                            "session_ids": [f"bench-1-{(k * n + j) % sessions}" for j in range(n)],
+                            "lastns": [6] * n,
+                            "limits": [5] * n,
+                        }
+                        conn.execute(statement, params, prepare=True).fetchall()
+                    found[f"{mode}_{n}"].append((_cpu_ns(pid) - before) / calls / 1000)
+        for conn in conns.values():
+            conn.close()
+    finally:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        admin.close()
+    return {key: round(statistics.median(v)) for key, v in found.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints the medians as JSON."""
     p = argparse.ArgumentParser(prog="python -m bench.pg_cost", description=__doc__)
@@ -193,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         " embedded PostgreSQL, as `python -m bench`)",
     )
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--get-memory",
+        action="store_true",
+        help="GetMemory's statement instead: as sent against planned at every call",
+    )
     p.add_argument("--sessions", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--calls", type=int, default=300, help="calls per variant and round")
@@ -201,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     if "base" not in variants:
         variants.insert(0, "base")
     url = env.server_url(args.database_url, env.ROOT / ".data")
+    if args.get_memory:
+        found = get_memory_cost(url, args.sessions, args.rounds, args.calls)
+        print(json.dumps(found, indent=2))
+        return 0
     print(json.dumps(measure(url, variants, args.sessions, args.rounds, args.calls), indent=2))
     return 0
 

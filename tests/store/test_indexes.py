@@ -27,6 +27,7 @@ from server.store.search import (
     HYBRID_TEXT_WEIGHT,
     RECALL_NEAREST_FLOOR,
     RECALL_WORDS,
+    kept_recall_statement,
     recall_statement,
 )
 from server.store.sessions import list_sessions_statements
@@ -225,3 +226,41 @@ def test_recall_reads_the_users_messages_not_every_users(clean_db: str, store: S
     # 11,000 messages of others instead of 1,000: the same pages (the sessions table and its
     # indexes grow by a few).
     assert large <= small + 10, (small, large)
+
+
+def test_get_memory_with_recall_is_planned_once(clean_db: str) -> None:
+    # GetMemory with recall for 8 coalesced calls (get_memories_recall, prepared after
+    # psycopg's five uses) runs on a generic plan once PostgreSQL has weighed it: with its
+    # arrays' lengths visible to each custom plan, the generic one looked dearer and every
+    # statement was planned again (~1 ms of PostgreSQL's CPU each, docs/performance.md).
+    calls = 8
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        # Enough rows that a plan's cost outweighs the planning PostgreSQL charges itself.
+        conn.execute(
+            "INSERT INTO sessions (project_id, session_id, next_sequence)"
+            " SELECT %s, 's' || g, 5 FROM generate_series(0, 1999) g",
+            [P],
+        )
+        conn.execute(
+            "INSERT INTO messages (project_id, session_id, sequence, content)"
+            " SELECT project_id, session_id, q, 'hello' FROM sessions, generate_series(1, 4) q"
+        )
+        conn.execute("ANALYZE sessions, messages")
+        vectors = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+        statement = kept_recall_statement("get_memories_recall", vectors=vectors is not None)
+        params = {
+            "project_id": P,
+            "model": "m",
+            "session_ids": [f"s{k}" for k in range(calls)],
+            "lastns": [6] * calls,
+            "limits": [5] * calls,
+        }
+        for _ in range(12):
+            conn.execute(statement, params, prepare=True).fetchall()
+        row = conn.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%%WITH ORDINALITY AS q(session_id, lastn, lim, i)%%'"
+        ).fetchone()
+    assert row is not None
+    generic, custom = row
+    assert generic >= 6 and custom <= 6, row

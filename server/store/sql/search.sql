@@ -261,8 +261,13 @@ AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 -- where the recall is kept and {kept_filter} which of it: session_embeddings and
 -- recall_filter_kept_vectors with pgvector, session_word_recall and nothing without.
 WITH q AS (
-    -- Arrays in binary format: their text form costs psycopg a regex per element.
-    SELECT * FROM unnest(%(session_ids)b::text[], %(lastns)b::int[], %(limits)b::int[])
+    -- Arrays in binary format: their text form costs psycopg a regex per element. Each
+    -- behind a scalar subquery, so that a custom plan cannot count its elements: a generic
+    -- plan estimates unnest at 100 rows, a custom one at the array's length (1 to 8), so
+    -- PostgreSQL found the generic plan dearer and planned every call again, ~1.1 ms of its
+    -- CPU per statement (docs/performance.md, "GetMemory's statement planned once").
+    SELECT * FROM unnest((SELECT %(session_ids)b::text[]), (SELECT %(lastns)b::int[]),
+                         (SELECT %(limits)b::int[]))
         WITH ORDINALITY AS q(session_id, lastn, lim, i)
 )
 SELECT q.i, 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
