@@ -353,12 +353,16 @@ async def test_queue_cost_times_the_queue_insert_on_tiny_data(clean_db: str) -> 
 def test_pg_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
     # bench.pg_cost: a database per variant, each timed, the session's updates counted (none
     # HOT while updated_at is indexed), every database dropped at the end.
-    from bench.pg_cost import measure
+    from bench.pg_cost import get_memory_cost, measure
 
     found = measure(server_url, ["base", "no_updated_idx", "touch_0011"], 20, rounds=1, calls=5)
     assert set(found) == {"base", "no_updated_idx", "touch_0011"}
     assert all(x["backend_cpu_us"] > 0 and x["vs_base"] > 0 for x in found.values()), found
     assert found["base"]["sessions_hot_share"] == 0
+    # --get-memory: GetMemory's statement as sent and planned at every call, both timed.
+    cost = get_memory_cost(server_url, 20, rounds=1, calls=2)
+    assert set(cost) == {f"{m}_{n}" for m in ("auto", "force_custom_plan") for n in (1, 8)}
+    assert all(x > 0 for x in cost.values()), cost
     with psycopg.connect(server_url) as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE datname ~ '^pg_cost_'")
         assert left.fetchall() == []
