@@ -188,10 +188,13 @@ def _check_search_figures(f: dict[str, dict[str, Any]]) -> None:
     assert lag["lag_max_s"] >= lag["lag_p95_s"] >= lag["value"] >= 0
     writes = f["writes_embedding"]
     assert writes["on_rps"] > 0 and writes["off_rps"] > 0
-    # The ON server embedded while it ran, over a backlog that never emptied; the OFF one
-    # embedded nothing (no other worker ran beside it).
+    # The ON server embedded while it ran; the OFF one embedded nothing (no other worker ran
+    # beside it). Whether the backlog lasted through every ON run depends on the machine's
+    # load (on tiny data the writes may queue less than the worker drains): the figure says
+    # which it measured.
     assert all(n > 0 for n in writes["embedded_per_on_round"])
-    assert writes["queue_min_during_on_runs"] > 0
+    never_idle = "never idles" in writes["note"] and "emptied" not in writes["note"]
+    assert never_idle == (writes["queue_min_during_on_runs"] > 0), writes
     assert writes["embedded_per_off_round"] == [0]
 
 
