@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -60,6 +61,21 @@ def drop_database(url: str, name: str = BENCH_DB) -> None:
         )
 
 
+@contextmanager
+def migrated_database(
+    name: str, database_url: str | None = None, data_dir: Path = ROOT / ".data"
+) -> Iterator[str]:
+    """A fresh database `name` with memstore's schema, on `database_url`'s server (else the
+    bench's embedded one, as server_url): its URL, until it is dropped on leaving."""
+    server = server_url(database_url, data_dir)
+    url = fresh_database(server, name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        drop_database(server, name)
+
+
 def migrate(url: str, root: Path = ROOT) -> None:
     """Applies memstore's migrations with its own command (the migrations of checkout `root`)."""
     run = subprocess.run(
@@ -73,6 +89,13 @@ def migrate(url: str, root: Path = ROOT) -> None:
     )
     if run.returncode != 0:
         raise RuntimeError(f"memstore migrate failed: {run.stderr}")
+
+
+def file_at(rev: str, path: str) -> str:
+    """The text of `path` (from the checkout's root) at git revision `rev`."""
+    return subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def _user_lines(count: int) -> Iterator[str]:

@@ -121,14 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--calls", type=int, default=3, help="calls per statement and round")
     args = p.parse_args(argv)
-    server = env.server_url(args.database_url, args.data_dir)
-    url = env.fresh_database(server, DATABASE)
-    try:
-        env.migrate(url)
+    with env.migrated_database(DATABASE, args.database_url, args.data_dir) as url:
         fill(url, args.rows, args.drained)
         found = measure(url, args.rounds, args.calls)
-    finally:
-        env.drop_database(server, DATABASE)
     print(
         json.dumps(
             {"rows": args.rows, "drained": args.drained, "cap": QUEUE_COUNT_CAP, **found}, indent=2

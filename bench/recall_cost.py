@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from bench import env
+from bench import env, rounds
 from bench.search_data import MODEL, ChatText, embed_randomly, seed_user
 from server.domain import DEFAULT_PROJECT_ID
 from server.search.service import RECALL_WINDOW
@@ -34,25 +35,44 @@ _DB = "memstore_recall_cost"
 _MESSAGES, _PER_SESSION = 1280, 64
 
 
-def statement_at(rev: str) -> sql.Composed:
-    """The recall statement (with vectors) as REV's sql/search.sql composes it."""
-    text = subprocess.run(
-        ["git", "show", f"{rev}:server/store/sql/search.sql"],
-        cwd=env.ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def composer_at(rev: str) -> Callable[[], sql.Composed]:
+    """Composes the recall statement (with vectors) as REV's sql/search.sql has it."""
+    text = env.file_at(rev, "server/store/sql/search.sql")
     named = {k: sql.SQL(v) for k, v in queries.parse(text, rev).items()}
-    scope = sql.SQL(" ").join([named["recall_filter_user"], named["search_filter_other_sessions"]])
-    # An older recall_query_vector has no {filters}: format ignores what it does not name.
-    fragment = named["recall_query_vector"].format(words=named["recall_query_text"], filters=scope)
-    return named["search_hybrid"].format(
-        query=fragment,
-        filters=scope,
-        match=named["recall_match_scan"],
-        distance=named["recall_distance_window"],
-    )
+
+    def compose() -> sql.Composed:
+        scope = sql.SQL(" ").join(
+            [named["recall_filter_user"], named["search_filter_other_sessions"]]
+        )
+        # An older recall_query_vector has no {filters}: format ignores what it does not name.
+        fragment = named["recall_query_vector"].format(
+            words=named["recall_query_text"], filters=scope
+        )
+        return named["search_hybrid"].format(
+            query=fragment,
+            filters=scope,
+            match=named["recall_match_scan"],
+            distance=named["recall_distance_window"],
+        )
+
+    return compose
+
+
+@contextmanager
+def recall_database() -> Iterator[tuple[psycopg.Connection[Any], dict[str, Any]]]:
+    """The data above in a fresh database, ANALYZEd, dropped on leaving: an autocommit
+    connection to it and the worker's recall parameters for the first user's first session."""
+    with env.migrated_database(_DB, os.environ.get("DATABASE_URL")) as url:
+        text = ChatText()
+        for user in ("cost-a", "cost-b"):
+            seed_user(url, text, user, prefix=user, messages=_MESSAGES, per_session=_PER_SESSION)
+            embed_randomly(url, user)
+        params = Store._recall_params(
+            DEFAULT_PROJECT_ID, "cost-a-0", RECALL_WINDOW, MODEL, RECALL_KEEP
+        )
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ANALYZE")
+            yield conn, params
 
 
 def _explain(
@@ -72,41 +92,23 @@ def main() -> None:
     parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
     parser.add_argument("--runs", type=int, default=15, help="rounds, each side once per round")
     args = parser.parse_args()
-    server = env.server_url(os.environ.get("DATABASE_URL"), env.ROOT / ".data")
-    url = env.fresh_database(server, _DB)
-    try:
-        env.migrate(url)
-        text = ChatText()
-        for user in ("cost-a", "cost-b"):
-            seed_user(url, text, user, prefix=user, messages=_MESSAGES, per_session=_PER_SESSION)
-            embed_randomly(url, user)
-        sides = {"before": statement_at(args.before), "after": recall_statement(True)}
-        params = Store._recall_params(
-            DEFAULT_PROJECT_ID, "cost-a-0", RECALL_WINDOW, MODEL, RECALL_KEEP
-        )
-        times: dict[str, list[float]] = {side: [] for side in sides}
-        buffers: dict[str, int] = {}
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("ANALYZE")
-            for statement in sides.values():  # warm the cache once each
-                _explain(conn, statement, params)
-            for n in range(args.runs):
-                order = list(sides) if n % 2 == 0 else list(reversed(sides))
-                for side in order:
-                    ms, buffers[side] = _explain(conn, sides[side], params)
-                    times[side].append(ms)
-    finally:
-        env.drop_database(server, _DB)
+    sides = {"before": composer_at(args.before)(), "after": recall_statement(True)}
+    buffers: dict[str, int] = {}
+    with recall_database() as (conn, params):
+        for statement in sides.values():  # warm the cache once each
+            _explain(conn, statement, params)
+
+        def measure(side: str) -> float:
+            ms, buffers[side] = _explain(conn, sides[side], params)
+            return ms
+
+        times = rounds.alternate(sides, args.runs, measure)
     for side in sides:
         print(
             f"{side:7s} median {statistics.median(times[side]):.1f} ms"
             f"  fastest {min(times[side]):.1f} ms  buffers {buffers[side]}"
         )
-    ratios = [a / b for a, b in zip(times["after"], times["before"], strict=True)]
-    print(
-        f"after / before per round: median {statistics.median(ratios):.2f}"
-        f" ({min(ratios):.2f}-{max(ratios):.2f}), {args.runs} rounds"
-    )
+    print(rounds.ratio_line(times))
 
 
 if __name__ == "__main__":

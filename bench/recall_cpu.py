@@ -16,9 +16,7 @@ equal. Prints each side's median CPU per call and the statement's size.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,42 +24,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench import env
-from bench.recall_cost import _DB, _MESSAGES, _PER_SESSION
-from bench.search_data import MODEL, ChatText, embed_randomly, seed_user
-from server.domain import DEFAULT_PROJECT_ID
-from server.search.service import RECALL_WINDOW
-from server.store import Store, queries
-from server.store.search import RECALL_KEEP, recall_positional
-
-
-def composer_at(rev: str) -> Callable[[], sql.Composed]:
-    """Composes the recall statement (with vectors) as REV's sql/search.sql has it."""
-    text = subprocess.run(
-        ["git", "show", f"{rev}:server/store/sql/search.sql"],
-        cwd=env.ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    named = {k: sql.SQL(v) for k, v in queries.parse(text, rev).items()}
-
-    def compose() -> sql.Composed:
-        scope = sql.SQL(" ").join(
-            [named["recall_filter_user"], named["search_filter_other_sessions"]]
-        )
-        fragment = named["recall_query_vector"].format(
-            words=named["recall_query_text"], filters=scope
-        )
-        return named["search_hybrid"].format(
-            query=fragment,
-            filters=scope,
-            match=named["recall_match_scan"],
-            distance=named["recall_distance_window"],
-        )
-
-    return compose
-
+from bench import rounds
+from bench.recall_cost import _MESSAGES, _PER_SESSION, composer_at, recall_database
+from server.store.search import recall_positional
 
 #: One call of a side: runs the recall statement on the connection, answers its rows.
 Run = Callable[[psycopg.Connection[Any], dict[str, Any]], list[Any]]
@@ -108,46 +73,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds, each side once per round")
     parser.add_argument("--calls", type=int, default=200, help="calls per side per round")
     args = parser.parse_args()
-    server = env.server_url(os.environ.get("DATABASE_URL"), env.ROOT / ".data")
-    url = env.fresh_database(server, _DB)
     compose = composer_at(args.before)
     sides: dict[str, Run] = {"before": _composed(compose), "after": _positional}
     sizes = {
         "before": len(compose().as_string(None).encode()),
         "after": len(recall_positional(True)[0]),
     }
-    cpu: dict[str, list[float]] = {side: [] for side in sides}
-    try:
-        env.migrate(url)
-        text = ChatText()
-        for user in ("cost-a", "cost-b"):
-            seed_user(url, text, user, prefix=user, messages=_MESSAGES, per_session=_PER_SESSION)
-            embed_randomly(url, user)
-        params = Store._recall_params(
-            DEFAULT_PROJECT_ID, "cost-a-0", RECALL_WINDOW, MODEL, RECALL_KEEP
+    with recall_database() as (conn, params):
+        same = _same_rows(conn, sides, params)
+        for run in sides.values():  # warm up once each
+            _cpu_per_call(conn, run, params, 5)
+        cpu = rounds.alternate(
+            sides, args.rounds, lambda side: _cpu_per_call(conn, sides[side], params, args.calls)
         )
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("ANALYZE")
-            same = _same_rows(conn, sides, params)
-            for run in sides.values():  # warm up once each
-                _cpu_per_call(conn, run, params, 5)
-            for n in range(args.rounds):
-                order = list(sides) if n % 2 == 0 else list(reversed(sides))
-                for side in order:
-                    cpu[side].append(_cpu_per_call(conn, sides[side], params, args.calls))
-    finally:
-        env.drop_database(server, _DB)
     for side in sides:
         print(
             f"{side:7s} CPU per call median {statistics.median(cpu[side]):.0f} µs"
             f" ({min(cpu[side]):.0f}-{max(cpu[side]):.0f}), statement {sizes[side]:,} bytes"
         )
     print(f"rows equal, row for row, for each of the first user's {same} sessions")
-    ratios = [a / b for a, b in zip(cpu["after"], cpu["before"], strict=True)]
-    print(
-        f"after / before per round: median {statistics.median(ratios):.2f}"
-        f" ({min(ratios):.2f}-{max(ratios):.2f}), {args.rounds} rounds of {args.calls} calls"
-    )
+    print(f"{rounds.ratio_line(cpu)} of {args.calls} calls")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ import argparse
 import asyncio
 import itertools
 import statistics
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 
-from bench import env
+from bench import env, rounds
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage
 from server.store import Store, messages, queries
@@ -46,13 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _before_get_users(ref: str) -> str:
-    text = subprocess.run(
-        ["git", "show", f"{ref}:server/store/sql/users.sql"],
-        cwd=env.ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    text = env.file_at(ref, "server/store/sql/users.sql")
     return queries.parse(text, f"{ref}:users.sql")["get_users"]
 
 
@@ -74,10 +67,11 @@ async def _rate(call: Callable[[int], Awaitable[Any]], seconds: float) -> float:
 
 async def main() -> None:
     args = _parser().parse_args()
-    url = env.fresh_database(
-        env.server_url(args.database_url, env.ROOT / ".data"), "memstore_bench_counts"
-    )
-    env.migrate(url)
+    with env.migrated_database("memstore_bench_counts", args.database_url) as url:
+        await _measure(args, url)
+
+
+async def _measure(args: argparse.Namespace, url: str) -> None:
     store = await Store.open(url, min_size=WRITERS, max_size=WRITERS)
     msg = [NewMessage(role="user", role_type="user", content=MESSAGE, metadata={})]
     for u in range(USERS):
@@ -114,8 +108,7 @@ async def main() -> None:
     for r in range(args.rounds):
         for kind, call in calls.items():
             got: dict[str, float] = {}
-            order = ["after", "before"] if r % 2 == 0 else ["before", "after"]
-            for side in order:
+            for side in rounds.in_turn(("after", "before"), r):
                 sides[kind][side]()
                 await _rate(call, 0.5)  # warm-up (and prepare) on this side
                 got[side] = await _rate(call, args.seconds)
