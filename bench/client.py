@@ -54,7 +54,7 @@ async def _unary(load: UnaryLoad) -> dict[str, float]:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), 10)
         # No serializers: requests go out as the bytes given, replies stay bytes.
-        calls = [channel.unary_unary(load.method) for channel in channels]
+        calls = [channel.unary_unary(load.method, None, None) for channel in channels]
         state = {"counting": False, "stop": False, "calls": 0, "errors": 0}
         workers = [
             asyncio.create_task(_worker(calls[i % len(calls)], load, i, state))
@@ -69,7 +69,7 @@ async def _unary(load: UnaryLoad) -> dict[str, float]:
         await asyncio.gather(*workers)
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
     return {"calls": state["calls"], "errors": state["errors"], "wall": wall, "cpu": cpu}
 
 
@@ -107,7 +107,7 @@ def run_export(
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     rows = chunks = max_chunk = 0
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        stream = channel.unary_stream(method)
+        stream = channel.unary_stream(method, None, None)
         for data in stream(request, timeout=3600):
             rows += len(getattr(parse(data), field))
             chunks += 1
@@ -169,7 +169,10 @@ async def _turns(load: TurnLoad) -> dict[str, Any]:
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), 10)
-        pairs = [(c.unary_unary(load.get_method), c.unary_unary(load.add_method)) for c in channels]
+        pairs = [
+            (c.unary_unary(load.get_method, None, None), c.unary_unary(load.add_method, None, None))
+            for c in channels
+        ]
 
         async def turn(i: int) -> None:
             get, add = pairs[i % len(pairs)]
@@ -201,7 +204,7 @@ async def _turns(load: TurnLoad) -> dict[str, Any]:
         await asyncio.gather(task, return_exceptions=True)
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
     return {**state, "wall": wall, "cpu": cpu}
 
 

@@ -48,9 +48,7 @@ def fresh_database(url: str, name: str = BENCH_DB) -> str:
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = pg_conninfo.conninfo_to_dict(url)
-    params["dbname"] = name
-    return pg_conninfo.make_conninfo(**params)
+    return pg_conninfo.make_conninfo(url, dbname=name)
 
 
 def drop_database(url: str, name: str = BENCH_DB) -> None:

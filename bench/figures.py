@@ -311,7 +311,8 @@ def pagination(s: Settings, server: Server) -> dict[str, Any]:
         deep = user_service_pb2.ListUsersRequest(page_size=s.page_size, page_token=token)
         ratios, firsts, deeps = [], [], []
         for _ in range(s.runs):
-            a, b = [], []
+            a: list[float] = []
+            b: list[float] = []
             for _ in range(s.page_calls):
                 for request, into in ((first, a), (deep, b)):
                     t0 = time.perf_counter()

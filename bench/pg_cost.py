@@ -107,7 +107,9 @@ def _seed(url: str, sessions: int) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
-def measure(url: str, variants: list[str], sessions: int, rounds: int, calls: int) -> dict:
+def measure(
+    url: str, variants: list[str], sessions: int, rounds: int, calls: int
+) -> dict[str, dict[str, Any]]:
     """Backend CPU per AddMemory(1) by variant: medians, ratios to base, HOT share."""
     admin = psycopg.connect(url, autocommit=True)
     names = {v: f"pg_cost_{v}" for v in variants}
@@ -162,12 +164,14 @@ def measure(url: str, variants: list[str], sessions: int, rounds: int, calls: in
     for v, conn in conns.items():
         # The backend's counts reach pg_stat_user_tables when it next goes idle (PostgreSQL 15+).
         conn.execute("SELECT pg_stat_force_next_flush()")
-        n_upd, n_hot = conn.execute(
+        counts = conn.execute(
             "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sessions'"
         ).fetchone()
         size = conn.execute(
             "SELECT pg_total_relation_size('sessions'), pg_total_relation_size('messages')"
         ).fetchone()
+        assert counts is not None and size is not None
+        n_upd, n_hot = counts
         out[v] = {
             "backend_cpu_us": round(statistics.median(per_call[v])),
             "rounds_us": [round(x) for x in per_call[v]],

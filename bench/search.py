@@ -160,7 +160,7 @@ def _check_search(channel: grpc.Channel, kinds: dict[str, tuple[str, tuple[bytes
     # Also the warm-up: the first hybrid search loads the model.
     for name, (method, payloads) in kinds.items():
         for payload in payloads[:3]:
-            data = channel.unary_unary(method)(payload, timeout=60)
+            data = channel.unary_unary(method, None, None)(payload, timeout=60)
             if name == "health":
                 continue
             reply = pb.SearchMemoryResponse.FromString(data)
@@ -193,7 +193,7 @@ def search_latency(
     times: dict[str, list[float]] = {n: [] for n in names}
     with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
         _check_search(channel, kinds)
-        calls = {n: channel.unary_unary(kinds[n][0]) for n in names}
+        calls = {n: channel.unary_unary(kinds[n][0], None, None) for n in names}
         for r in range(s.runs):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 payloads = kinds[name][1]
@@ -236,7 +236,7 @@ def recall(s: Settings, pool: Executor, server: env.Server, sessions: list[str])
         pb.GetMemoryRequest(session_id=x, relevant_limit=0).SerializeToString() for x in sessions
     )
     with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(GET_MEMORY)
+        call = channel.unary_unary(GET_MEMORY, None, None)
         a = pb.GetMemoryResponse.FromString(call(with_recall[0], timeout=30))
         b = pb.GetMemoryResponse.FromString(call(without[0], timeout=30))
     if len(a.relevant_messages) != 5 or b.relevant_messages:

@@ -126,7 +126,7 @@ def _paced(target: str, payloads: tuple[bytes, ...], per_s: float, seconds: floa
     """Sends AddMemory at a fixed rate for `seconds` (open loop); returns the futures."""
     futures = []
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(ADD_MEMORY)
+        call = channel.unary_unary(ADD_MEMORY, None, None)
         start = time.perf_counter()
         i = 0
         while (due := start + i / per_s) < start + seconds:

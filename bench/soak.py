@@ -61,8 +61,6 @@ def _fresh_database() -> tuple[str, Callable[[], None]]:
     name = f"memstore_soak_{secrets.token_hex(3)}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = pg_conninfo.conninfo_to_dict(server_url)
-    params["dbname"] = name
 
     def drop() -> None:
         with psycopg.connect(server_url, autocommit=True) as conn:
@@ -70,7 +68,7 @@ def _fresh_database() -> tuple[str, Callable[[], None]]:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
-    return pg_conninfo.make_conninfo(**params), drop
+    return pg_conninfo.make_conninfo(server_url, dbname=name), drop
 
 
 def _rss_mib(pid: int) -> float:
@@ -127,7 +125,7 @@ class Client:
         messages = [
             resources_pb2.Message(
                 role="agent",
-                role_type=self.rng.randint(1, 6),
+                role_type=resources_pb2.RoleType.ValueType(self.rng.randint(1, 6)),
                 content="x" * self.rng.randint(1, 2000),
             )
             for _ in range(self.rng.randint(1, 8))
@@ -267,7 +265,7 @@ def _start_server(url: str) -> tuple[subprocess.Popen[bytes], int]:
 
 async def soak(proc: subprocess.Popen[bytes], port: int) -> tuple[Stats, list[tuple[float, float]]]:
     """Runs the workload against the server; returns what the clients saw and memory samples."""
-    stats, samples = Stats(), []
+    stats, samples = Stats(), list[tuple[float, float]]()
     await _wait_serving(port, proc)
     until = time.monotonic() + SECONDS
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

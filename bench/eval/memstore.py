@@ -128,7 +128,7 @@ async def _served(url: str) -> AsyncIterator[tuple[Store, grpc.aio.Channel]]:
 
 
 async def _load(
-    corpus: Corpus, users: us_grpc.UserServiceStub, sessions: ss_grpc.SessionServiceStub
+    corpus: Corpus, users: us_grpc.UserServiceAsyncStub, sessions: ss_grpc.SessionServiceAsyncStub
 ) -> dict[tuple[str, int], MessageKey]:
     """Adds every session; returns the corpus key of each (session_id, sequence)."""
     for user_id in sorted({m.key.user_id for m in corpus.messages}):
@@ -151,7 +151,7 @@ async def _load(
 
 
 async def _search(
-    sessions: ss_grpc.SessionServiceStub,
+    sessions: ss_grpc.SessionServiceAsyncStub,
     question: Question,
     search_type: ss.SearchType.ValueType,
     key_of: Callable[[tuple[str, int]], MessageKey],

@@ -185,7 +185,7 @@ def ranker_names(vectors: bool) -> list[str]:
 async def ask_recall(
     corpus: Corpus,
     store: Store,
-    sessions: ss_grpc.SessionServiceStub,
+    sessions: ss_grpc.SessionServiceAsyncStub,
     key_of: Keys,
     *,
     worker: EmbeddingWorker,

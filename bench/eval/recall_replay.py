@@ -25,6 +25,7 @@ import pickle
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -200,11 +201,16 @@ def candidates(r: Replay) -> dict[str, Callable[[Seen], list[Key]]]:
         "each, RRF k60 16..1, words 16": lambda s: rrf([words(s), *each(s)], 60, [16, *decay]),
         "nearest, RRF k60": lambda s: rrf([words(s), r.nearest(s, s.window)], 60),
     }
+
+    def fused(part: Callable[[Seen], Scored], weight: float) -> Callable[[Seen], list[Key]]:
+        return lambda s: min_max(words(s), part(s), weight)
+
+    def aged(penalty: float) -> Callable[[Seen], Scored]:
+        return lambda s: r.nearest(s, s.window, penalty)
+
     for weight in (0.3, 0.4, 0.5):
         for penalty in (0.0, 0.01, 0.02, 0.05, 0.1):
-            found[f"nearest -{penalty}/age, min-max {weight}"] = lambda s, w=weight, p=penalty: (
-                min_max(words(s), r.nearest(s, s.window, p), w)
-            )
+            found[f"nearest -{penalty}/age, min-max {weight}"] = fused(aged(penalty), weight)
     # Against history talk (bench/eval/recall.py): each window message's memories on their own.
     found["interleaved, no words"] = lambda s: [k for k, _ in r.interleaved(s)]
     found["interleaved oldest first, no words"] = lambda s: [
@@ -214,30 +220,24 @@ def candidates(r: Replay) -> dict[str, Callable[[Seen], list[Key]]]:
     found["relative, no words"] = lambda s: [k for k, _ in r.relative(s)]
     found["interleaved, RRF k10"] = lambda s: rrf([words(s), r.interleaved(s)], 10)
     for weight in (0.3, 0.5, 0.7):
-        found[f"interleaved, min-max {weight}"] = lambda s, w=weight: min_max(
-            words(s), r.interleaved(s), w
-        )
-        found[f"best rank, min-max {weight}"] = lambda s, w=weight: min_max(
-            words(s), r.best_rank(s), w
-        )
-        found[f"relative, min-max {weight}"] = lambda s, w=weight: min_max(
-            words(s), r.relative(s), w
-        )
+        found[f"interleaved, min-max {weight}"] = fused(r.interleaved, weight)
+        found[f"best rank, min-max {weight}"] = fused(r.best_rank, weight)
+        found[f"relative, min-max {weight}"] = fused(r.relative, weight)
         for cap in (2, 3, 5):
-            found[f"nearest cap {cap}, min-max {weight}"] = lambda s, w=weight, c=cap: min_max(
-                words(s), r.capped(s, c), w
+            found[f"nearest cap {cap}, min-max {weight}"] = fused(
+                partial(r.capped, cap=cap), weight
             )
-            found[f"relative cap {cap}, min-max {weight}"] = lambda s, w=weight, c=cap: min_max(
-                words(s), r.capped(s, c, relative=True), w
+            found[f"relative cap {cap}, min-max {weight}"] = fused(
+                partial(r.capped, cap=cap, relative=True), weight
             )
     for weight in (0.3, 0.4, 0.5, 0.6):
         for share in (0.25, 0.5, 0.75):
-            found[f"relative {share} of best, min-max {weight}"] = lambda s, w=weight, a=share: (
-                min_max(words(s), r.relative(s, share=a), w)
+            found[f"relative {share} of best, min-max {weight}"] = fused(
+                partial(r.relative, share=share), weight
             )
         for above in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-            found[f"relative above {above}, min-max {weight}"] = lambda s, w=weight, t=above: (
-                min_max(words(s), r.relative(s, above=t), w)
+            found[f"relative above {above}, min-max {weight}"] = fused(
+                partial(r.relative, above=above), weight
             )
     return found
 
