@@ -17,9 +17,11 @@ from bench import env, search_data
 from bench.client import UnaryLoad, run_unary
 from bench.figures import (
     ADD_MEMORY,
+    GET_USER,
     HEALTH,
     Settings,
     add_memory_payloads,
+    get_user_payloads,
     rps_ratios,
     unary_run,
 )
@@ -102,6 +104,14 @@ def _writes(url: str) -> Kinds:
     }
 
 
+def _get_user(users: int) -> Kinds:
+    # make bench's unary group: GetUser over the loaded users (--users), beside health.
+    return {
+        "health": (HEALTH, (health_pb2.HealthCheckRequest().SerializeToString(),)),
+        "get_user": (GET_USER, get_user_payloads(users)),
+    }
+
+
 #: Each comparison's name and the function that seeds its data (in a database, with --messages
 #: messages of other users where it has any) and builds its calls.
 KINDS: dict[str, Callable[[str, int], Kinds]] = {
@@ -110,6 +120,8 @@ KINDS: dict[str, Callable[[str, int], Kinds]] = {
     "recall_kept_words": _recall_kept_words,
     "writes": lambda url, _: _writes(url),
 }
+#: Comparisons whose calls are built from the loaded users' count (--users), not seeded.
+USER_KINDS: dict[str, Callable[[int], Kinds]] = {"get_user": _get_user}
 #: Server arguments of a comparison beyond the bench's own: writes are measured without
 #: the embedding worker, as `make bench` measures them.
 SERVER_ARGS: dict[str, tuple[str, ...]] = {"writes": ("--no-embedding-worker",)}
@@ -117,7 +129,7 @@ SERVER_ARGS: dict[str, tuple[str, ...]] = {"writes": ("--no-embedding-worker",)}
 #: The comparison of the embedding worker's cost to writes (servers started per run).
 WRITES_EMBEDDING = "writes_embedding"
 #: Every comparison `--only` takes.
-COMPARISONS = (*KINDS, WRITES_EMBEDDING)
+COMPARISONS = (*KINDS, *USER_KINDS, WRITES_EMBEDDING)
 
 
 def _rounds(
@@ -295,7 +307,10 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
                 summary = _worker_rounds(s, pool, url, roots, args.rounds)
             print(json.dumps({"comparison": args.only, **summary}, indent=2))
             return 0
-        kinds = KINDS[args.only](url, args.messages)
+        if args.only in USER_KINDS:
+            kinds = USER_KINDS[args.only](args.users)
+        else:
+            kinds = KINDS[args.only](url, args.messages)
         extra = ("--drain-delay", "0", *SERVER_ARGS.get(args.only, ()), *args.server_arg)
         servers = {
             name: env.Server(urls[name], root=root, extra_args=extra)

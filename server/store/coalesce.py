@@ -3,8 +3,10 @@
 Under grpc.aio each awaited database round trip costs the server far more CPU than the
 statement itself (docs/performance.md); GetUser calls that arrive while a batch is in flight
 therefore wait for the next batch and share its round trip. A call that arrives when fewer
-than `max_in_flight` batches are running goes out at once, so a lone call waits for nothing.
-One batch in flight made the largest batches and the least CPU per call (docs/performance.md).
+than `max_in_flight` batches are running goes out after a few turns of the event loop
+(`DISPATCH_TURNS`), so the calls gRPC is already handing over join it; a lone call waits only
+those turns of an otherwise idle loop (microseconds). One batch in flight made the largest
+batches and the least CPU per call (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from psycopg_pool import TooManyRequests
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+#: Turns of the event loop a batch waits before it goes out. A call gRPC hands over takes
+#: several turns to reach the store (its request is read, then its handler started), so a batch
+#: sent at the end of the turn its first call arrived in left the calls arriving with it to the
+#: next batch. With GetMemory's statement no longer planned at every call, PostgreSQL answered
+#: each batch ~1 ms sooner, batches shrank (most of one call) and the server's CPU per call
+#: grew: GetMemory with recall at 0.76 of its rate before that change (docs/performance.md,
+#: "A batch waits a few turns of the loop"). At 8 turns it was back at 1.01.
+DISPATCH_TURNS = 8
 
 #: Looks up a batch of distinct keys; keys absent from the result have no row.
 Fetch = Callable[[list[K]], Awaitable[dict[K, V]]]
@@ -32,8 +43,10 @@ class Coalescer(Generic[K, V]):
         max_in_flight: int = 1,
         max_batch: int = 256,
         max_waiting_batches: int = 0,
+        turns: int = DISPATCH_TURNS,
     ):
         self._fetch = fetch
+        self._turns = turns
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         # The pool bounds the calls queued for a connection (max_waiting); a queued batch
@@ -59,10 +72,10 @@ class Coalescer(Generic[K, V]):
         return await future
 
     def _schedule(self) -> None:
-        # At the end of this loop iteration, so calls that arrive together share a batch.
+        # A few turns of the loop later, so calls that arrive together share a batch.
         if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            _after_turns(self._turns, self._dispatch)
 
     def _dispatch(self) -> None:
         self._scheduled = False
@@ -99,6 +112,15 @@ class Coalescer(Generic[K, V]):
                     future.set_result(found.get(key))
 
 
+def _after_turns(turns: int, callback: Callable[[], None]) -> None:
+    # `callback` at the end of the `turns`-th turn of the running loop from now (1: this one's).
+    loop = asyncio.get_running_loop()
+    if turns <= 1:
+        loop.call_soon(callback)
+    else:
+        loop.call_soon(_after_turns, turns - 1, callback)
+
+
 def _cancel_if_abandoned(
     task: asyncio.Future[None], futures: Sequence[asyncio.Future[Any]]
 ) -> None:
@@ -133,8 +155,10 @@ class Batcher(Generic[T, R]):
         max_in_flight: int = 1,
         max_batch: int = 32,
         max_waiting_batches: int = 0,
+        turns: int = DISPATCH_TURNS,
     ):
         self._run_batch = run
+        self._turns = turns
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._max_waiting = max_waiting_batches * max_batch
@@ -158,10 +182,10 @@ class Batcher(Generic[T, R]):
         return await future
 
     def _schedule(self) -> None:
-        # At the end of this loop iteration, so calls that arrive together share a batch.
+        # A few turns of the loop later, so calls that arrive together share a batch.
         if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            _after_turns(self._turns, self._dispatch)
 
     def _dispatch(self) -> None:
         self._scheduled = False

@@ -51,7 +51,7 @@ async def test_calls_arriving_while_batches_run_wait_for_the_next_one() -> None:
     fetch.release.clear()
     loader = Coalescer(fetch, max_in_flight=1)
     first = asyncio.ensure_future(loader.load("a"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)  # a's batch goes out
     later = [asyncio.ensure_future(loader.load(k)) for k in ("b", "c")]
     await asyncio.sleep(0.01)
     assert fetch.batches == [["a"]]  # b and c wait: one batch may run at a time
@@ -171,7 +171,7 @@ async def test_a_write_whose_caller_gave_up_before_its_batch_started_is_left_out
     run.release.clear()
     batcher = Batcher(run, max_in_flight=1)
     first = asyncio.ensure_future(batcher.submit("a"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)  # a's batch goes out
     gone = asyncio.ensure_future(batcher.submit("gone"))
     kept = asyncio.ensure_future(batcher.submit("kept"))
     await asyncio.sleep(0.01)
@@ -188,3 +188,44 @@ async def test_a_batch_that_fails_as_a_whole_fails_each_of_its_calls() -> None:
     batcher: Batcher[str, str] = Batcher(broken)
     got = await asyncio.gather(*(batcher.submit(i) for i in "xy"), return_exceptions=True)
     assert all(isinstance(g, ConnectionError) for g in got)
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_calls_a_few_loop_turns_apart_share_one_fetch() -> None:
+    # A call gRPC hands over takes several turns of the loop to reach the store: a batch sent at
+    # the end of its first call's turn left the calls arriving with it for the next round trip.
+    fetch = Recorder()
+    loader = Coalescer(fetch)
+    first = asyncio.ensure_future(loader.load("a"))
+    await _turns(4)
+    second = asyncio.ensure_future(loader.load("b"))
+    assert await asyncio.gather(first, second) == ["A", "B"]
+    assert fetch.batches == [["a", "b"]]
+
+    batches: list[list[str]] = []
+
+    async def run(items: list[str]) -> list[str | Exception]:
+        batches.append(items)
+        return [i.upper() for i in items]
+
+    writer = Batcher(run)
+    one = asyncio.ensure_future(writer.submit("x"))
+    await _turns(4)
+    two = asyncio.ensure_future(writer.submit("y"))
+    assert await asyncio.gather(one, two) == ["X", "Y"]
+    assert batches == [["x", "y"]]
+
+
+async def test_a_lone_call_waits_only_the_dispatch_turns() -> None:
+    fetch = Recorder()
+    loader = Coalescer(fetch, turns=3)
+    call = asyncio.ensure_future(loader.load("a"))
+    await _turns(2)
+    assert fetch.batches == []  # still gathering
+    await _turns(4)
+    assert fetch.batches == [["a"]]
+    assert await call == "A"
