@@ -261,6 +261,37 @@ def test_ab_writes_embedding_runs_on_tiny_data(server_url: str) -> None:
     assert summary["on_after_over_before"] > 0
 
 
+def test_ab_get_user_runs_on_tiny_data(server_url: str) -> None:
+    summary = _ab_summary(_run_ab(server_url, "get_user"))
+    assert summary["comparison"] == "get_user"
+    for side in ("before", "after"):
+        figures = summary[side]
+        assert figures["get_user_rps"] > 0 and figures["health_rps"] > 0, figures
+        assert len(figures["get_user_over_health_rounds"]) == 1
+    assert summary["get_user_after_over_before"] > 0
+
+
+def test_lone_latency_runs_on_tiny_data(server_url: str) -> None:
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.lone_latency", "--before", str(ROOT)),
+            *("--database-url", server_url, "--db-name", f"memstore_lone_{secrets.token_hex(3)}"),
+            *("--users", "100", "--rounds", "2", "--calls", "30"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout[run.stdout.index("{") :])
+    for side in ("before", "after"):
+        assert summary[side]["get_user_p50_us"] > 0 and summary[side]["health_p50_us"] > 0
+        assert len(summary["get_user_rounds_us"][side]) == 2
+    assert summary["get_user_after_over_before"] > 0
+
+
 @pytest.mark.parametrize(
     "extra",
     [(), ("--together",), ("--separate-databases",)],

@@ -22,12 +22,14 @@ V = TypeVar("V")
 
 #: Turns of the event loop a batch waits before it goes out. A call gRPC hands over takes
 #: several turns to reach the store (its request is read, then its handler started), so a batch
-#: sent at the end of the turn its first call arrived in left the calls arriving with it to the
-#: next batch. With GetMemory's statement no longer planned at every call, PostgreSQL answered
-#: each batch ~1 ms sooner, batches shrank (most of one call) and the server's CPU per call
-#: grew: GetMemory with recall at 0.76 of its rate before that change (docs/performance.md,
-#: "A batch waits a few turns of the loop"). At 8 turns it was back at 1.01.
-DISPATCH_TURNS = 8
+#: sent at the end of the turn its first call arrived in (as until 2026-12-01) left the calls
+#: arriving with it to the next batch. Once GetMemory's statement stopped being planned at every
+#: call, PostgreSQL answered each batch ~1 ms sooner, batches shrank to about one call and the
+#: server's CPU per call grew: GetMemory with recall fell to 0.76 of its rate before. 8 turns
+#: gave GetUser 1.45x and GetMemory with recall 1.30x the one turn's rate; 16 another 1.03x and
+#: 32 no more than 16; a lone call's latency moved within the noise (docs/performance.md, "A
+#: batch waits a few turns of the loop").
+DISPATCH_TURNS = 16
 
 #: Looks up a batch of distinct keys; keys absent from the result have no row.
 Fetch = Callable[[list[K]], Awaitable[dict[K, V]]]
