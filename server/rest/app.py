@@ -8,18 +8,19 @@ which Zep's 2.x SDKs parse), unknown routes (404) and wrong methods (405) too.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
@@ -100,6 +101,58 @@ def error_response(error: MemstoreError) -> JSONResponse:
             {"field": v.field, "description": v.description} for v in error.violations
         ]
     return JSONResponse(body, status_code=http_status(error))
+
+
+def json_bytes(value: Any) -> bytes:
+    """`value` as JSONResponse renders it (compact, UTF-8, no NaN)."""
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
+
+
+class JsonArrayStream(StreamingResponse):
+    """A JSON array answered while its items are read, one chunk per batch of them: byte for
+    byte what JSONResponse of the whole list answers (`nested`: of a list holding it), with
+    one batch in memory at a time.
+
+    A domain error raised while the batches are read, once the answer has started, can no
+    longer be an error answer: the answer is left unfinished (the server closes the
+    connection, so the client sees a cut answer, never a shorter list that parses), and the
+    error is logged and named on the access line.
+    """
+
+    def __init__(self, batches: AsyncIterator[list[Any]], *, nested: bool = False) -> None:
+        super().__init__(_array_chunks(batches, nested), media_type="application/json")
+        self._scope: Scope = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._scope = scope
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except MemstoreError as error:
+            self._scope[_ERROR_KEY] = error
+            errors_log.warning("answer cut short after it started: %s", error.message)
+            return
+        except Exception:
+            errors_log.exception("unexpected error in an answer after it started")
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _array_chunks(batches: AsyncIterator[list[Any]], nested: bool) -> AsyncIterator[bytes]:
+    yield b"[[" if nested else b"["
+    comma = b""
+    async for batch in batches:
+        if batch:
+            yield comma + b",".join(json_bytes(item) for item in batch)
+            comma = b","
+    yield b"]]" if nested else b"]"
 
 
 def endpoint(handler: Handler) -> Handler:

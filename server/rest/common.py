@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from server.api import validation as val
@@ -11,12 +12,12 @@ from server.domain import (
     JsonObject,
     MetadataChange,
     NewMessage,
-    Session,
     UserChanges,
 )
 from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
+from server.rest.app import JsonArrayStream
 from server.store import Store
 
 _USER_TEXT = ("email", "first_name", "last_name")
@@ -161,21 +162,34 @@ def lastn_and_recall(lastn: int | None, relevant: int | None) -> tuple[int, int]
     return count, relevant
 
 
-async def all_user_sessions(store: Store, project: int, user_id: str) -> list[Session]:
-    """Every live session of a user, oldest first (Zep's route is not paged).
+#: Sessions per store read of a user's session list, which Zep does not page: what one read
+#: holds in memory (at 64 KiB of metadata each, at most ~6.5 MB of JSON) whatever the count.
+USER_SESSIONS_PAGE = 100
+
+
+async def user_sessions(
+    store: Store, project: int, user_id: str, *, nested: bool = False
+) -> JsonArrayStream:
+    """Every live session of a user, oldest first, as a JSON array (Zep's route is not paged)
+    written as the store's pages of USER_SESSIONS_PAGE are read; `nested`: inside another
+    array.
 
     Raises:
-        NotFound: no user has this id.
+        NotFound: no user has this id (the first page is read before the answer starts).
     """
-    sessions: list[Session] = []
-    after = None
-    while True:
-        page = await store.list_user_sessions(project, user_id, after, val.MAX_PAGE_SIZE)
-        sessions.extend(page.items)
-        if not page.has_more or not page.items:
-            return sessions
-        last = page.items[-1]
-        after = (last.created_at, last.session_id)
+    first = await store.list_user_sessions(project, user_id, None, USER_SESSIONS_PAGE)
+
+    async def pages() -> AsyncIterator[list[dict[str, Any]]]:
+        page = first
+        while True:
+            yield [c.session(s) for s in page.items]
+            if not page.has_more or not page.items:
+                return
+            last = page.items[-1]
+            after = (last.created_at, last.session_id)
+            page = await store.list_user_sessions(project, user_id, after, USER_SESSIONS_PAGE)
+
+    return JsonArrayStream(pages(), nested=nested)
 
 
 def page_window(number: int | None, size: int | None, default_size: int) -> tuple[int, int]:

@@ -45,8 +45,7 @@ async def list_sessions(request: Request) -> Response:
 @endpoint
 async def user_sessions(request: Request) -> Response:
     user_id = b.path_id(request, "user_id")
-    found = await common.all_user_sessions(services(request).store, project(request), user_id)
-    return JSONResponse([c.session(s) for s in found])
+    return await common.user_sessions(services(request).store, project(request), user_id)
 
 
 def routes() -> list[BaseRoute]:

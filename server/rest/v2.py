@@ -83,13 +83,12 @@ async def list_users(request: Request) -> Response:
 @endpoint
 async def user_sessions(request: Request) -> Response:
     user_id = b.path_id(request, "user_id")
-    found = await common.all_user_sessions(services(request).store, project(request), user_id)
-    sessions = [c.session(s) for s in found]
     # zep-python 2.0.2 declares this answer a list of lists of sessions (and fails on
     # Zep's own flat list); zep-cloud and others read the flat list.
-    if request.headers.get(_SDK_NAME) == "zep-python":
-        return JSONResponse([sessions])
-    return JSONResponse(sessions)
+    nested = request.headers.get(_SDK_NAME) == "zep-python"
+    return await common.user_sessions(
+        services(request).store, project(request), user_id, nested=nested
+    )
 
 
 @endpoint
