@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _p50_us(call: grpc.UnaryUnaryMultiCallable, payloads: tuple[bytes, ...], n: int) -> float:
+def _p50_us(
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes], payloads: tuple[bytes, ...], n: int
+) -> float:
     took = []
     for i in range(n):
         start = time.perf_counter()
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(roots) if r % 2 == 0 else list(reversed(roots))
                 for kind, (method, payloads) in kinds.items():
                     for side in order:
-                        call = channels[side].unary_unary(method)
+                        call = channels[side].unary_unary(method, None, None)
                         p50[side][kind].append(_p50_us(call, payloads, args.calls))
         finally:
             for channel in channels.values():
