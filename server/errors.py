@@ -46,6 +46,14 @@ class InvalidArgument(MemstoreError):
         return cls(FieldViolation(field, description), reason=reason)
 
 
+class UnsupportedMediaType(InvalidArgument):
+    """A REST body sent as other than JSON in UTF-8, or compressed; `violations` names the
+    header (`Content-Type`, `Content-Encoding`). gRPC never raises it: its frames are
+    protobuf."""
+
+    default_reason = "UNSUPPORTED_MEDIA_TYPE"
+
+
 class NotFound(MemstoreError):
     """The named resource does not exist (or is soft-deleted and hidden)."""
 

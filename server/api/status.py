@@ -23,6 +23,7 @@ from server.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    UnsupportedMediaType,
 )
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ ERROR_DOMAIN = "memstore"
 #: servers answer them and its SDKs expect (docs/zep-compat.md).
 _CODES: dict[type[MemstoreError], tuple[grpc.StatusCode, int]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    UnsupportedMediaType: (grpc.StatusCode.INVALID_ARGUMENT, 415),
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
     AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, 400),
     FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 400),

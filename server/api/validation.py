@@ -34,6 +34,14 @@ DEFAULT_PAGE_SIZE = 50
 #: last at least 16 KB (SPEC: streamed messages sized by bytes, 16-256 KB).
 DEFAULT_CHUNK_SIZE = 1000
 DEFAULT_LASTN = 6
+#: The largest integer magnitude a double (a Struct's number) holds exactly; every integer
+#: up to it is exact, and 2^53 + 1 is the first that rounds.
+MAX_EXACT_INT = 2**53
+#: Why a REST body's integer beyond MAX_EXACT_INT is refused (gRPC's Struct cannot carry one).
+INEXACT_INTEGER = (
+    "is an integer beyond +-2^53 (9007199254740992), which memstore holds as a double and "
+    "would round; send it as a string, or as a float if rounding is fine"
+)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ORDER_BY = re.compile(r"^\s*(created_at|updated_at)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
@@ -245,7 +253,7 @@ class _StructWalk:
         if not math.isfinite(number):
             self.problems.append(FieldViolation(path, "is NaN or Infinity, which JSON cannot hold"))
             return None
-        if number.is_integer() and abs(number) <= 2**53:
+        if number.is_integer() and abs(number) <= MAX_EXACT_INT:
             return int(number)
         self.float_extra += _decimal_extra(number)
         return number

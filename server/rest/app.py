@@ -27,6 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from server.api.status import http_status
 from server.api.tokens import PageTokens
 from server.errors import InvalidArgument, MemstoreError, RequestTooLarge
+from server.rest.media import ENCODING_REASON
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
 from server.serving.observability import REQUEST_ID_KEY, Metrics, request_id
@@ -100,7 +101,11 @@ def error_response(error: MemstoreError) -> JSONResponse:
         body["violations"] = [
             {"field": v.field, "description": v.description} for v in error.violations
         ]
-    return JSONResponse(body, status_code=http_status(error))
+    response = JSONResponse(body, status_code=http_status(error))
+    if error.reason == ENCODING_REASON:
+        # RFC 9110's 415 for a content coding: the codings that would have been read.
+        response.headers["Accept-Encoding"] = "identity"
+    return response
 
 
 def json_bytes(value: Any) -> bytes:

@@ -1,13 +1,16 @@
 """Reading a REST request: its JSON body and query values, each bad one named by its field.
 
 The checks themselves are the gRPC API's (server/api/validation.py): metadata goes through
-the same Struct walk, so size, depth, NUL and number rules are identical on both ports.
+the same Struct walk, so size, depth, NUL and number rules are identical on both ports. What
+JSON allows and a Struct cannot hold is refused here, naming its path: a key given twice in
+one object (the last won, silently), an integer beyond +-2^53 (a double rounds it).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -17,6 +20,7 @@ from server.api import validation as val
 from server.domain import MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
 from server.rest.app import path_value
+from server.rest.media import check_json_body
 
 #: The largest integer a query value may hold: gRPC's int32, which the same fields are there.
 MAX_QUERY_INT = 2**31 - 1
@@ -44,7 +48,9 @@ async def json_object(request: Request, *, required: bool = True) -> JsonObject:
     """The body as a JSON object; an empty body is {} unless `required`.
 
     Raises:
-        InvalidArgument: the body is missing, not UTF-8 JSON, or not an object (`body`).
+        InvalidArgument: the body is missing, not UTF-8 JSON, or not an object (`body`); a
+            string holds a lone surrogate, an object repeats a key (naming its path).
+        UnsupportedMediaType: the body is declared as other than JSON, or compressed.
         RequestTooLarge: the body is over the 16 MiB cap.
     """
     raw = await request.body()
@@ -52,14 +58,16 @@ async def json_object(request: Request, *, required: bool = True) -> JsonObject:
         if required:
             raise InvalidArgument.field("body", "is required: send a JSON object")
         return {}
+    check_json_body(request.headers)
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument.field("body", "is not valid UTF-8") from None
-    except RecursionError:
-        raise InvalidArgument.field("body", "is nested too deeply") from None
-    except ValueError as exc:
-        raise InvalidArgument.field("body", f"is not valid JSON ({exc})") from None
+    repeated = False
+    try:
+        value = _loads(text, _unique_keys)
+    except _RepeatedKey:  # parsed again to name it (other errors of the body first)
+        value, repeated = _loads(text, _mark_repeated), True
     if not isinstance(value, dict):
         raise InvalidArgument.field("body", f"must be a JSON object, not {kind(value)}")
     if _SURROGATE_ESCAPE.search(raw):
@@ -70,7 +78,75 @@ async def json_object(request: Request, *, required: bool = True) -> JsonObject:
                 "holds a lone surrogate (a \\ud800-\\udfff escape not in a pair), "
                 "which is not Unicode text",
             )
+    if repeated:
+        path, key = _repeated_key(value)
+        raise InvalidArgument.field(
+            path, f"repeats the key {key[:64]!r} in one object; give each key once"
+        )
     return value
+
+
+def _loads(text: str, hook: Callable[[list[tuple[str, Any]]], JsonObject]) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=hook, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidArgument.field("body", "is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidArgument.field("body", f"is not valid JSON ({exc})") from None
+
+
+class _RepeatedKey(Exception):
+    """An object of the body gives a key twice (_unique_keys)."""
+
+
+class _Repeated(dict[str, Any]):
+    """An object that gave `key` twice, as the second parse marks it (_mark_repeated)."""
+
+    key = ""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> JsonObject:
+    # The parser's hook for every object, on the hot path: the dict the parser would build
+    # without a hook, and a length check. The last of a repeated key won, silently.
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _RepeatedKey
+    return found
+
+
+def _mark_repeated(pairs: list[tuple[str, Any]]) -> JsonObject:
+    found = dict(pairs)
+    if len(found) == len(pairs):
+        return found
+    marked = _Repeated(found)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.key = key
+            break
+        seen.add(key)
+    return marked
+
+
+def _repeated_key(value: JsonObject) -> tuple[str, str]:
+    """(path, key) of the first object of `value` marked by _mark_repeated, in the body's
+    order: `metadata.a` for {"metadata": {"a": 1, "a": 2}}. Only containers are stacked,
+    as in _lone_surrogate."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, _Repeated):
+            return (f"{path}.{item.key}" if path else item.key), item.key
+        if isinstance(item, dict):
+            found = [(c, f"{path}.{k}" if path else k) for k, c in item.items() if _nonempty(c)]
+        else:
+            found = [(c, f"{path}[{i}]") for i, c in enumerate(item) if _nonempty(c)]
+        stack.extend(reversed(found))  # popped in the body's order
+    raise AssertionError("_mark_repeated marked no object")
+
+
+def _nonempty(value: Any) -> bool:
+    return bool(value) and isinstance(value, dict | list)
 
 
 def _lone_surrogate(value: JsonObject) -> str | None:
@@ -126,6 +202,26 @@ def optional_str(v: val.Violations, body: JsonObject, name: str, field: str = ""
     return None
 
 
+def checked_str(
+    v: val.Violations,
+    body: JsonObject,
+    name: str,
+    check: Callable[[val.Violations, str, str], None],
+    field: str = "",
+) -> str:
+    """A string member passed to `check`; absent or null is "" (which `check` may require).
+    One of another type is named once, unchecked: it was also "required" as "" before."""
+    field = field or name
+    value = body.get(name)
+    if value is None:
+        value = ""
+    elif not isinstance(value, str):
+        v.add(field, f"must be a string, not {kind(value)}")
+        return ""
+    check(v, field, value)
+    return value
+
+
 def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     """A metadata object checked as gRPC checks it; None when absent or null."""
     if value is None:
@@ -135,7 +231,9 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
         return None
     problem = _shape_problem(value, MAX_METADATA_DEPTH + 1)
     if problem is not None:
-        if problem:
+        if isinstance(problem, int):
+            v.add(_path_to(value, problem, field), val.INEXACT_INTEGER)
+        elif problem:
             v.add(field, problem)
         else:
             v.items.append(val.far_too_large(field))
@@ -149,9 +247,10 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     return val.metadata(v, field, struct)
 
 
-def _shape_problem(value: Any, limit: int) -> str | None:
+def _shape_problem(value: Any, limit: int) -> str | int | None:
     """What makes `value` unfit before it is converted: nested deeper than `limit` (the
-    description), surely larger than val.SIZE_BOUND as JSON ("": far_too_large), or None.
+    description), surely larger than val.SIZE_BOUND as JSON ("": far_too_large), an integer
+    a double cannot hold exactly (that int, which a Struct would round), or None.
 
     Iterative: a hostile body nested thousands deep must not exhaust the stack. Stops once
     a lower bound of the JSON bytes passes the bound: converting a million tiny values to
@@ -172,11 +271,32 @@ def _shape_problem(value: Any, limit: int) -> str | None:
                 stack.extend((child, depth + 1) for child in item.values())
             else:
                 stack.extend((child, depth + 1) for child in item)
+        elif type(item) is str:
+            bound += len(item) + 2
         else:
-            bound += len(item) + 2 if isinstance(item, str) else 1
+            bound += 1
+            if type(item) is int and not -val.MAX_EXACT_INT <= item <= val.MAX_EXACT_INT:
+                return item
         if bound > val.SIZE_BOUND:
             return ""
     return None
+
+
+def _path_to(value: JsonObject, target: int, root: str) -> str:
+    """The path of `target` (compared by identity: the parser makes each big integer an
+    object of its own) in `value`, whose path is `root`. Containers are expanded in
+    _shape_problem's order, which found `target` before it passed its bound."""
+    stack: list[tuple[Any, str]] = [(value, root)]
+    while stack:
+        item, path = stack.pop()
+        members = item.items() if isinstance(item, dict) else enumerate(item)
+        for name, child in members:
+            where = f"{path}.{name}" if isinstance(item, dict) else f"{path}[{name}]"
+            if child is target:
+                return where
+            if isinstance(child, dict | list):
+                stack.append((child, where))
+    return root
 
 
 def query_int(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from server.api import validation as val
@@ -30,12 +31,8 @@ def new_user(data: JsonObject) -> tuple[str, dict[str, str], JsonObject]:
         InvalidArgument: naming each bad field.
     """
     v = val.Violations()
-    user_id = b.optional_str(v, data, "user_id") or ""
-    if not v.items:  # a user_id of the wrong type is named once
-        val.check_id(v, "user_id", user_id)
-    texts = {name: b.optional_str(v, data, name) or "" for name in _USER_TEXT}
-    for name, text in texts.items():
-        val.check_text(v, name, text)
+    user_id = b.checked_str(v, data, "user_id", val.check_id)
+    texts = {name: b.checked_str(v, data, name, val.check_text) for name in _USER_TEXT}
     metadata = b.metadata(v, data.get("metadata"), "metadata") or {}
     v.raise_if_any()
     return user_id, texts, metadata
@@ -70,10 +67,8 @@ def new_session(data: JsonObject, *, require_id: bool) -> tuple[str | None, str 
         InvalidArgument: naming each bad field.
     """
     v = val.Violations()
-    session_id = b.optional_str(v, data, "session_id")
-    val.check_id(v, "session_id", session_id or "", required=require_id)
-    user_id = b.optional_str(v, data, "user_id")
-    val.check_id(v, "user_id", user_id or "", required=False)
+    session_id = b.checked_str(v, data, "session_id", partial(val.check_id, required=require_id))
+    user_id = b.checked_str(v, data, "user_id", partial(val.check_id, required=False))
     metadata = b.metadata(v, data.get("metadata"), "metadata") or {}
     v.raise_if_any()
     return session_id or None, user_id or None, metadata
@@ -121,11 +116,9 @@ def new_messages(data: JsonObject) -> list[NewMessage]:
 def _new_message(
     v: val.Violations, item: JsonObject, prefix: str, index: int, seen: dict[str, int]
 ) -> NewMessage:
-    role = b.optional_str(v, item, "role", f"{prefix}.role") or ""
-    val.check_text(v, f"{prefix}.role", role)
+    role = b.checked_str(v, item, "role", val.check_text, f"{prefix}.role")
     role_type = role_type_of(v, item.get("role_type"), f"{prefix}.role_type")
-    content = b.optional_str(v, item, "content", f"{prefix}.content") or ""
-    val.check_content(v, f"{prefix}.content", content)
+    content = b.checked_str(v, item, "content", val.check_content, f"{prefix}.content")
     metadata = b.metadata(v, item.get("metadata"), f"{prefix}.metadata") or {}
     message_uuid = b.optional_str(v, item, "uuid", f"{prefix}.uuid")
     if message_uuid:

@@ -72,11 +72,11 @@ def _number(v: val.Violations, data: JsonObject, name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         v.add(name, f"must be a number, not {b.kind(value)}")
         return None
-    try:
-        return float(value)
-    except OverflowError:  # an integer past a double: JSON has no bound on digits
-        v.add(name, f"is {len(str(value))} digits long: too large a number")
+    if isinstance(value, int) and not -val.MAX_EXACT_INT <= value <= val.MAX_EXACT_INT:
+        # A double rounds it (past 1e308 float() fails): JSON has no bound on digits.
+        v.add(name, "is an integer beyond +-2^53, which this number (a double) would round")
         return None
+    return float(value)
 
 
 async def _search(request: Request, data: JsonObject) -> tuple[SearchOutcome, float | None]:

@@ -41,7 +41,9 @@ BATCH = 6
 TIMEOUT = 30.0
 #: The statuses a served route may answer (docs/design.md's error table, HTTP column): the
 #: 503, 504 and 429 of an outage or overload, and 401 without keys, are not expected here.
-SERVED = {200, 201, 307, 400, 404, 405, 413}
+SERVED = {200, 201, 307, 400, 404, 405, 413, 415}
+#: The content types a body is read as (server/rest/media.py); any other is a 415.
+JSON_TYPES = {"application/json", "application/json; charset=utf-8", ""}
 #: Reasons a 400 may carry: a bad field, or (Zep's status for them) a taken id or a missing
 #: parent.
 REASONS_400 = {
@@ -272,6 +274,7 @@ def _body(draw: st.DrawFn) -> tuple[bytes | None, frozenset[str]]:
                         b"\xff\xfe",
                         b'{"user_id": "a"}{}',
                         b'{"user_id": "\\ud800"}',
+                        b'{"user_id": "a", "user_id": "b"}',
                         b"\x00",
                     ]
                 ),
@@ -359,6 +362,11 @@ class Sender:
             assert target.rstrip("/") == reply.request.url.path.rstrip("/"), where
             return
         body = reply.json()
+        # A body not declared as JSON is never read as JSON (a route may refuse the request
+        # for its path or method first), and only such a body is a 415.
+        declared = request.headers.get("content-type", "")
+        not_json = bool((request.body or b"").strip()) and declared not in JSON_TYPES
+        assert status >= 400 if not_json else status != 415, where
         if status < 400:
             path = request.url.split("?")[0]
             if request.method == "POST" and path.endswith("/memory"):
@@ -369,6 +377,9 @@ class Sender:
         assert body["message"] and body["reason"], where
         if status == 400:
             assert body["reason"] in REASONS_400, where
+        if status == 415:
+            assert body["reason"] == "UNSUPPORTED_MEDIA_TYPE", where
+            assert [v["field"] for v in body["violations"]] == ["Content-Type"], where
         if body["reason"] == "INVALID_ARGUMENT":
             named = {re.split(r"[.\[]", v["field"], maxsplit=1)[0] for v in body["violations"]}
             assert named, where

@@ -185,7 +185,7 @@ async def test_lone_surrogates_are_400_naming_the_field(
         ("/api/v1/sessions/s/search?limit=" + "9" * 30, {"text": "x"}, "limit"),
         ("/api/v2/sessions/search", {"text": "x", "min_score": 10**400}, "min_score"),
         ("/api/v2/sessions/search", {"text": "x", "mmr_lambda": 10**400}, "mmr_lambda"),
-        ("/api/v2/users", {"user_id": "a", "metadata": {"n": 10**400}}, "metadata"),
+        ("/api/v2/users", {"user_id": "a", "metadata": {"n": 10**400}}, "metadata.n"),
     ],
 )
 async def test_numbers_past_every_limit_are_400_naming_the_field(

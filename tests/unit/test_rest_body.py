@@ -1,4 +1,5 @@
-"""Where a REST body spells a lone surrogate: the path the 400 names, on bodies of any shape."""
+"""Where a REST body spells a lone surrogate or repeats a key: the path the 400 names, on
+bodies of any shape."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from server.rest.body import _lone_surrogate
+from server.rest.body import (
+    _lone_surrogate,
+    _mark_repeated,
+    _repeated_key,
+    _RepeatedKey,
+    _unique_keys,
+)
 
 _MANY = 200_000
 
@@ -47,3 +54,26 @@ def test_the_path_of_a_lone_surrogate_is_found_in_any_shape(text: str, path: str
 )
 def test_pairs_and_values_without_text_hold_no_lone_surrogate(text: str) -> None:
     assert _lone_surrogate(_body(text)) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "key"),
+    [
+        ('{"a": 1, "a": 1}', "a", "a"),
+        ('{"m": {"x": [], "y": 1, "x": []}}', "m.x", "x"),
+        ('{"m": [[{}], [{"k": 1, "k": 2}]]}', "m[1][0].k", "k"),
+        # The first in the body's order, behind many values that repeat nothing.
+        ('{"a": [' + '{"k": 1}, ' * _MANY + '{"b": {"c": 1, "c": 1}}], "d": {"e": 1, "e": 1}}',
+         f"a[{_MANY}].b.c", "c"),
+        ('{"a": {"b": 1, "b": 2}, "c": [' + "0, " * _MANY + '{"d": 1, "d": 2}]}', "a.b", "b"),
+    ],
+)  # fmt: skip
+def test_the_path_of_a_repeated_key_is_found_in_any_shape(text: str, path: str, key: str) -> None:
+    with pytest.raises(_RepeatedKey):
+        json.loads(text, object_pairs_hook=_unique_keys)
+    assert _repeated_key(json.loads(text, object_pairs_hook=_mark_repeated)) == (path, key)
+
+
+def test_objects_that_repeat_no_key_parse_as_without_the_hook() -> None:
+    text = '{"a": {"a": {"a": [{"a": 1}, {"b": 2, "a": 3}]}}, "b": {}, "c": [{}, {"c": null}]}'
+    assert json.loads(text, object_pairs_hook=_unique_keys) == json.loads(text)

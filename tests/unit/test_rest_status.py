@@ -17,6 +17,7 @@ from server.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    UnsupportedMediaType,
 )
 
 
@@ -24,6 +25,11 @@ from server.errors import (
     ("error", "code", "status"),
     [
         (InvalidArgument.field("x", "bad"), grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (
+            UnsupportedMediaType.field("Content-Type", "is text/plain"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            415,
+        ),
         (AlreadyExists("taken"), grpc.StatusCode.ALREADY_EXISTS, 400),
         (
             FailedPrecondition("no user", reason="USER_NOT_FOUND"),
