@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -63,11 +63,7 @@ async def json_object(request: Request, *, required: bool = True) -> JsonObject:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument.field("body", "is not valid UTF-8") from None
-    repeated = False
-    try:
-        value = _loads(text, _unique_keys)
-    except _RepeatedKey:  # parsed again to name it (other errors of the body first)
-        value, repeated = _loads(text, _mark_repeated), True
+    value, repeated = _parse(text)
     if not isinstance(value, dict):
         raise InvalidArgument.field("body", f"must be a JSON object, not {kind(value)}")
     if _SURROGATE_ESCAPE.search(raw):
@@ -79,74 +75,90 @@ async def json_object(request: Request, *, required: bool = True) -> JsonObject:
                 "which is not Unicode text",
             )
     if repeated:
-        path, key = _repeated_key(value)
-        raise InvalidArgument.field(
-            path, f"repeats the key {key[:64]!r} in one object; give each key once"
-        )
+        raise _repeated_key(value)
     return value
 
 
-def _loads(text: str, hook: Callable[[list[tuple[str, Any]]], JsonObject]) -> Any:
+def _parse(text: str) -> tuple[Any, bool]:
+    """The body's value, and whether an object in it gives a key twice (then marked).
+
+    Each object is checked as the parser builds it (object_pairs_hook), in the one pass: the
+    dict the parser builds without a hook, and a length check. Without it the last of a
+    repeated key won, silently.
+    """
+    repeated = False
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> JsonObject:
+        nonlocal repeated
+        found = dict(pairs)
+        if len(found) == len(pairs):
+            return found
+        repeated = True
+        return _Repeated.of(found, pairs)
+
     try:
-        return json.loads(text, object_pairs_hook=hook, parse_constant=_refuse_constant)
+        value = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_refuse_constant)
     except RecursionError:
         raise InvalidArgument.field("body", "is nested too deeply") from None
     except ValueError as exc:
         raise InvalidArgument.field("body", f"is not valid JSON ({exc})") from None
-
-
-class _RepeatedKey(Exception):
-    """An object of the body gives a key twice (_unique_keys)."""
+    return value, repeated
 
 
 class _Repeated(dict[str, Any]):
-    """An object that gave `key` twice, as the second parse marks it (_mark_repeated)."""
+    """An object that gives `key` twice (its first repeated key), as _parse marks it."""
 
     key = ""
 
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> JsonObject:
-    # The parser's hook for every object, on the hot path: the dict the parser would build
-    # without a hook, and a length check. The last of a repeated key won, silently.
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        raise _RepeatedKey
-    return found
-
-
-def _mark_repeated(pairs: list[tuple[str, Any]]) -> JsonObject:
-    found = dict(pairs)
-    if len(found) == len(pairs):
-        return found
-    marked = _Repeated(found)
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            marked.key = key
-            break
-        seen.add(key)
-    return marked
+    @classmethod
+    def of(cls, found: JsonObject, pairs: list[tuple[str, Any]]) -> _Repeated:
+        marked = cls(found)
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                marked.key = key
+                break
+            seen.add(key)
+        return marked
 
 
-def _repeated_key(value: JsonObject) -> tuple[str, str]:
-    """(path, key) of the first object of `value` marked by _mark_repeated, in the body's
-    order: `metadata.a` for {"metadata": {"a": 1, "a": 2}}. Only containers are stacked,
-    as in _lone_surrogate."""
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, _Repeated):
-            return (f"{path}.{item.key}" if path else item.key), item.key
-        if isinstance(item, dict):
-            found = [(c, f"{path}.{k}" if path else k) for k, c in item.items() if _nonempty(c)]
+def _repeated_key(value: JsonObject) -> InvalidArgument:
+    """The error naming the first object of `value` that _parse marked, in the body's order,
+    by the path of its key: `metadata.a` for {"metadata": {"a": 1, "a": 2}}.
+
+    Depth first over iterators, as the parser reads: no path string is made but the one
+    named, so an object behind a million others is found in one pass.
+    """
+    names: list[str | int] = []
+    members = [_members(value)]
+    found = value if isinstance(value, _Repeated) else None
+    while found is None and members:
+        for name, child in members[-1]:
+            if child.__class__ is _Repeated:
+                names.append(name)
+                found = child
+                break
+            if child and child.__class__ in _CONTAINERS:
+                names.append(name)
+                members.append(_members(child))
+                break
         else:
-            found = [(c, f"{path}[{i}]") for i, c in enumerate(item) if _nonempty(c)]
-        stack.extend(reversed(found))  # popped in the body's order
-    raise AssertionError("_mark_repeated marked no object")
+            members.pop()
+            if names:
+                names.pop()
+    assert found is not None, "_parse marked no object"
+    path = "".join(f"[{n}]" if isinstance(n, int) else f".{n}" for n in [*names, found.key])
+    return InvalidArgument.field(
+        path.removeprefix("."),
+        f"repeats the key {found.key[:64]!r} in one object; give each key once",
+    )
 
 
-def _nonempty(value: Any) -> bool:
-    return bool(value) and isinstance(value, dict | list)
+_CONTAINERS = (dict, list)
+
+
+def _members(container: Any) -> Iterator[tuple[str | int, Any]]:
+    return iter(container.items()) if isinstance(container, dict) else enumerate(container)
 
 
 def _lone_surrogate(value: JsonObject) -> str | None:

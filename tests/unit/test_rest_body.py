@@ -8,13 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.rest.body import (
-    _lone_surrogate,
-    _mark_repeated,
-    _repeated_key,
-    _RepeatedKey,
-    _unique_keys,
-)
+from server.rest.body import _lone_surrogate, _parse, _repeated_key
 
 _MANY = 200_000
 
@@ -60,6 +54,9 @@ def test_pairs_and_values_without_text_hold_no_lone_surrogate(text: str) -> None
     ("text", "path", "key"),
     [
         ('{"a": 1, "a": 1}', "a", "a"),
+        ('{".x": {}, ".x": []}', ".x", ".x"),
+        ('{"a": [[], {}, [[{"b": {"c": [0, 1, {"d": 1, "e": 2, "d": 3}]}}]]]}',
+         "a[2][0][0].b.c[2].d", "d"),
         ('{"m": {"x": [], "y": 1, "x": []}}', "m.x", "x"),
         ('{"m": [[{}], [{"k": 1, "k": 2}]]}', "m[1][0].k", "k"),
         # The first in the body's order, behind many values that repeat nothing.
@@ -69,11 +66,20 @@ def test_pairs_and_values_without_text_hold_no_lone_surrogate(text: str) -> None
     ],
 )  # fmt: skip
 def test_the_path_of_a_repeated_key_is_found_in_any_shape(text: str, path: str, key: str) -> None:
-    with pytest.raises(_RepeatedKey):
-        json.loads(text, object_pairs_hook=_unique_keys)
-    assert _repeated_key(json.loads(text, object_pairs_hook=_mark_repeated)) == (path, key)
+    value, repeated = _parse(text)
+    assert repeated
+    error = _repeated_key(value)
+    assert [(v.field, v.description) for v in error.violations] == [
+        (path, f"repeats the key {key!r} in one object; give each key once")
+    ]
 
 
-def test_objects_that_repeat_no_key_parse_as_without_the_hook() -> None:
-    text = '{"a": {"a": {"a": [{"a": 1}, {"b": 2, "a": 3}]}}, "b": {}, "c": [{}, {"c": null}]}'
-    assert json.loads(text, object_pairs_hook=_unique_keys) == json.loads(text)
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": {"a": {"a": [{"a": 1}, {"b": 2, "a": 3}]}}, "b": {}, "c": [{}, {"c": null}]}',
+        '{"a": [' + '{"k": 1}, ' * 1000 + "{}]}",
+    ],
+)
+def test_objects_that_repeat_no_key_parse_as_without_the_hook(text: str) -> None:
+    assert _parse(text) == (json.loads(text), False)
