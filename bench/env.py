@@ -120,7 +120,8 @@ def _message_lines(count: int, sessions: int) -> Iterator[str]:
 
 
 def load(url: str, users: int, messages: int = 0, sessions_per_10_users: int = 3) -> None:
-    """COPYs users, sessions for the first tenth of them, messages over those; ANALYZEs."""
+    """COPYs users, sessions for the first tenth of them (counted in user_session_counts),
+    messages over those; ANALYZEs."""
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         columns = (
             "project_id, user_id, email, first_name, last_name, metadata, created_at, updated_at"
@@ -132,6 +133,13 @@ def load(url: str, users: int, messages: int = 0, sessions_per_10_users: int = 3
         sessions = owners * sessions_per_10_users
         with cur.copy("COPY sessions (project_id, session_id, user_id) FROM STDIN") as copy:
             copy.write("".join(f"1\tsess-{j}\tuser-{j % owners:07d}\n" for j in range(sessions)))
+        # Counted for their users as the store counts them (migration 0010): COPY bypasses
+        # the store, and each owner's session_count would read 0.
+        cur.execute(
+            "INSERT INTO user_session_counts (project_id, user_id, session_count)"
+            " SELECT project_id, user_id, count(*) FROM sessions"
+            " WHERE user_id IS NOT NULL GROUP BY project_id, user_id"
+        )
         columns = "project_id, session_id, sequence, role, role_type, content, metadata"
         with cur.copy(f"COPY messages ({columns}) FROM STDIN") as copy:
             _write_batched(copy, _message_lines(messages, sessions))
