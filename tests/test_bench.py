@@ -402,6 +402,23 @@ def test_pg_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
         assert left.fetchall() == []
 
 
+def test_chunk_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
+    # bench.chunk_cost: every variant timed against COPY of the same rows (each checked to
+    # return list_user_chunk's bytes), its database dropped at the end.
+    from bench.chunk_cost import VARIANTS, run
+
+    name = f"chunk_cost_{secrets.token_hex(4)}"
+    found = run(server_url, 300, limit=50, keys=2, rounds=1, calls=1, name=name)
+    assert set(found) == {"server", "list_user_chunk", *VARIANTS, "copy_rows", "copy_table"}
+    assert all(x["backend_cpu_us"] > 0 for k, x in found.items() if k != "server"), found
+    # The statement of the checkout keeps its generic plan.
+    plans = found["list_user_chunk"]["plans"]
+    assert plans["generic"] > plans["custom"], plans
+    with psycopg.connect(server_url) as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
+        assert left.fetchall() == []
+
+
 async def test_queue_gauge_times_both_statements_on_tiny_data(server_url: str) -> None:
     # bench.queue_gauge's rounds on a migrated database with a few queued rows: both
     # statements timed, the capped count exact below its cap, the age read from the index.

@@ -105,7 +105,9 @@ class ExportMethods(StoreBase):
         params["limit"] = limit
         found = cast(
             tuple[bytes, int, datetime | None, str | None],
-            await self._binary_row("list_user_chunk", params),
+            await self._binary_row(
+                "list_user_chunk_citus" if self.citus else "list_user_chunk", params
+            ),
         )
         entries, rows, last_created, last_id = found
         if not rows or last_created is None or last_id is None:

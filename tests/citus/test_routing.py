@@ -71,7 +71,7 @@ ONE_SHARD_AND_ONE_FAN_OUT = {
 FAN_OUT = {
     "list_users": "ListUsers",
     "list_user_records": "ListUsers",
-    "list_user_chunk": "ListUsersChunked (a chunk of the users' protobuf bytes as one value)",
+    "list_user_chunk_citus": "ListUsersChunked (a chunk of the users' protobuf bytes as one value)",
     "list_user_wire": "ListUsersChunked (a chunk past the byte cap, cut by each user's size)",
     "count_users": "ListUsers' total_size",
     "list_sessions": "ListSessions",
@@ -127,6 +127,8 @@ PLAIN_ONLY = {
     "refresh_session_embeddings",
     "get_memories_recall",
     "get_memories_recall_words",
+    # Its LIMIT behind a scalar subquery, which Citus refuses in a multi-shard query.
+    "list_user_chunk",
 }
 #: Statements on reference or coordinator-local tables only, and fragments.
 _NOT_DISTRIBUTED_PREFIXES = ("filter_", "search_filter_", "recall_filter_", "keyset_", "order_")

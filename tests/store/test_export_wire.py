@@ -27,6 +27,9 @@ _USERS = st.lists(
             "created_at": TIMES,
             "updated_at": TIMES,
             "sessions": st.integers(min_value=0, max_value=3),
+            # The user's row of user_session_counts (absent, 0 after its sessions went, or a
+            # count of one to four varint bytes): field 8, or nothing when 0.
+            "count": st.one_of(st.none(), st.integers(min_value=0, max_value=2**28)),
         }
     ),
     min_size=1,
@@ -109,6 +112,12 @@ async def test_user_wire_parses_to_the_object_path(
                 await conn.execute(
                     "INSERT INTO sessions (project_id, session_id, user_id) VALUES (%s, %s, %s)",
                     (project, f"s{i}-{s}", f"ü{i}"),
+                )
+            if u["count"] is not None:
+                await conn.execute(
+                    "INSERT INTO user_session_counts (project_id, user_id, session_count)"
+                    " VALUES (%s, %s, %s)",
+                    (project, f"ü{i}", u["count"]),
                 )
         built, parsed = await _both_paths(store, project)
         assert len(parsed) == len(users)
