@@ -20,6 +20,9 @@ from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
 from server.config import Config
+from server.domain import DEFAULT_PROJECT_ID
+from server.search.embedding import Embedder
+from server.search.service import RECALL_WINDOW
 from server.serving.app import build_server
 from server.store import Store
 from tests.grpc import Code, Sessions, Users, as_dict, msg, rpc_error, struct
@@ -363,3 +366,42 @@ async def test_an_unembedded_exact_word_outranks_an_embedded_message_without_it(
     )
     assert _contents(found)[0] == "Hi, I am vegetarian."
     assert found.unembedded_messages == (1 if store.vectors else 0)
+
+
+async def test_equal_scores_rank_the_newest_message_first(
+    users: Users,
+    sessions: Sessions,
+    store: Store,
+    embed: Callable[[], Awaitable[int]],
+    embedder: Embedder,
+) -> None:
+    # Messages of one AddMemory share their created_at, so equal scores fell to the uuids:
+    # random ones, so the same messages written twice ranked in another order (make eval's
+    # figures moved between runs of the same code). The later message of a write comes first
+    # now, as a later write's does. Here the uuids rise with the sequence: by uuid the oldest
+    # came first.
+    await users.CreateUser(us.CreateUserRequest(user_id="tie"))
+    uuids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 5)]
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(
+            session_id="kites",
+            user_id="tie",
+            messages=[msg("the red kite flies", uuid=u) for u in uuids],
+        )
+    )
+    newest_first = sorted((m.sequence for m in added.messages), reverse=True)
+    await embed()
+    types = [FULL_TEXT, HYBRID, SEMANTIC] if store.vectors else [FULL_TEXT]
+    for search_type in types:
+        found = await _search(sessions, "red kite", user_id="tie", search_type=search_type)
+        assert [r.message.sequence for r in found.results] == newest_first, search_type
+    # GetMemory's recall ranks with the same statements: by words, and by vectors.
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="now", user_id="tie", messages=[msg("a red kite")])
+    )
+    await embed()
+    for model in [None, embedder.name] if store.vectors else [None]:
+        recalled = await store.rank_recall(
+            DEFAULT_PROJECT_ID, "now", limit=10, window=RECALL_WINDOW, model=model
+        )
+        assert [r.message.sequence for r in recalled] == newest_first, model

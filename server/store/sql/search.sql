@@ -7,7 +7,11 @@
 
 -- search_full_text --
 -- Live messages in scope matching any word of the query, best full-text rank first. {match}
--- is search_match_index or, for recall, recall_match_scan.
+-- is search_match_index or, for recall, recall_match_scan. Ties go to the newest message: the
+-- later written, then in one write (one created_at) the later in the conversation; the
+-- messages' uuids broke them, random ones, so the same messages written twice ranked in
+-- another order (make eval's figures moved between runs; docs/search.md). Every ranking here
+-- breaks ties so.
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
        m.created_at, m.updated_at, s.user_id, ts_rank(m.search, q.query, 1) AS score,
        NULL::text AS vector
@@ -15,7 +19,7 @@ FROM ({query}) AS q, messages m
 JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 WHERE m.project_id = %(project_id)s AND {match}
   AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
-ORDER BY score DESC, m.created_at DESC, m.uuid
+ORDER BY score DESC, m.created_at DESC, m.session_id, m.sequence DESC
 LIMIT %(limit)s;
 
 -- search_semantic --
@@ -30,7 +34,7 @@ JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
 JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 WHERE e.project_id = %(project_id)s AND e.model = %(model)s
   AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
-ORDER BY e.embedding <=> q.vector, m.uuid
+ORDER BY e.embedding <=> q.vector, m.created_at DESC, m.session_id, m.sequence DESC
 LIMIT %(limit)s;
 
 -- search_hybrid --
@@ -51,7 +55,7 @@ WITH q AS ({query}), fts AS (
         JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
         WHERE m.project_id = %(project_id)s AND {match}
           AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
-        ORDER BY rank DESC
+        ORDER BY rank DESC, m.created_at DESC, m.session_id, m.sequence DESC
         LIMIT %(candidates)s
     ) AS c
 ), vec AS (
@@ -67,7 +71,7 @@ WITH q AS ({query}), fts AS (
         JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
         WHERE e.project_id = %(project_id)s AND e.model = %(model)s AND q.vector IS NOT NULL
           AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
-        ORDER BY distance
+        ORDER BY distance, m.created_at DESC, m.session_id, m.sequence DESC
         LIMIT %(candidates)s
     ) AS c
 ), fused AS (
@@ -87,7 +91,7 @@ JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = f.session_id
 JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 LEFT JOIN message_embeddings e ON e.project_id = m.project_id AND e.session_id = m.session_id
                               AND e.sequence = m.sequence AND e.model = %(model)s
-ORDER BY score DESC, m.created_at DESC, m.uuid
+ORDER BY score DESC, m.created_at DESC, m.session_id, m.sequence DESC
 LIMIT %(limit)s;
 
 -- search_distance_query --
