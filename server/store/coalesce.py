@@ -3,9 +3,9 @@
 Under grpc.aio each awaited database round trip costs the server far more CPU than the
 statement itself (docs/performance.md); GetUser calls that arrive while a batch is in flight
 therefore wait for the next batch and share its round trip. A call that arrives when fewer
-than `max_in_flight` batches are running goes out after a few turns of the event loop
-(`DISPATCH_TURNS`), so the calls gRPC is already handing over join it; a lone call waits only
-those turns of an otherwise idle loop (microseconds). One batch in flight made the largest
+than `max_in_flight` batches are running goes out at the end of the loop's turn when the
+store was idle, and a few turns later (`DISPATCH_TURNS`) when a batch has just finished, so
+that under load the calls gRPC is already handing over join it. One batch in flight made the largest
 batches and the least CPU per call (docs/performance.md).
 """
 
@@ -20,16 +20,38 @@ from psycopg_pool import TooManyRequests
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-#: Turns of the event loop a batch waits before it goes out. A call gRPC hands over takes
-#: several turns to reach the store (its request is read, then its handler started), so a batch
-#: sent at the end of the turn its first call arrived in (as until 2026-12-01) left the calls
-#: arriving with it to the next batch. Once GetMemory's statement stopped being planned at every
-#: call, PostgreSQL answered each batch ~1 ms sooner, batches shrank to about one call and the
-#: server's CPU per call grew: GetMemory with recall fell to 0.76 of its rate before. 8 turns
-#: gave GetUser 1.45x and GetMemory with recall 1.30x the one turn's rate; 16 another 1.03x and
-#: 32 no more than 16; a lone call's latency moved within the noise (docs/performance.md, "A
-#: batch waits a few turns of the loop").
+#: Turns of the event loop a batch waits before it goes out while batches are running back
+#: to back. A call gRPC hands over takes several turns to reach the store (its request is read,
+#: then its handler started), so a batch sent at the end of the turn its first call arrived in
+#: (as until 2026-12-01) left the calls arriving with it to the next batch. Once GetMemory's
+#: statement stopped being planned at every call, PostgreSQL answered each batch ~1 ms sooner,
+#: batches shrank to about one call and the server's CPU per call grew: GetMemory with recall
+#: fell to 0.76 of its rate before. 8 turns gave GetUser 1.45x and GetMemory with recall 1.30x
+#: the one turn's rate; 16 another 1.03x and 32 no more than 16 (docs/performance.md, "A batch
+#: waits a few turns of the loop").
 DISPATCH_TURNS = 16
+#: A batch waits those turns only when the one before it finished less than this many seconds
+#: ago. Waiting always made a call at half load wait too, behind turns made long by the other
+#: calls: GetMemory's p50 at half the agent turn's load rose from ~2 ms to 4-10 ms. A call that
+#: finds the store idle goes out at the end of its turn, as before.
+BUSY_SECONDS = 0.001
+
+
+class _Pacer:
+    """When a batch goes out: at once when idle, `turns` turns later when busy."""
+
+    def __init__(self, turns: int) -> None:
+        self._turns = turns
+        self._last_finished = float("-inf")
+
+    def finished(self) -> None:
+        self._last_finished = asyncio.get_running_loop().time()
+
+    def after(self, callback: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        busy = loop.time() - self._last_finished < BUSY_SECONDS
+        _after_turns(self._turns if busy else 1, callback)
+
 
 #: Looks up a batch of distinct keys; keys absent from the result have no row.
 Fetch = Callable[[list[K]], Awaitable[dict[K, V]]]
@@ -48,7 +70,7 @@ class Coalescer(Generic[K, V]):
         turns: int = DISPATCH_TURNS,
     ):
         self._fetch = fetch
-        self._turns = turns
+        self._pacer = _Pacer(turns)
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         # The pool bounds the calls queued for a connection (max_waiting); a queued batch
@@ -77,7 +99,7 @@ class Coalescer(Generic[K, V]):
         # A few turns of the loop later, so calls that arrive together share a batch.
         if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
             self._scheduled = True
-            _after_turns(self._turns, self._dispatch)
+            self._pacer.after(self._dispatch)
 
     def _dispatch(self) -> None:
         self._scheduled = False
@@ -94,6 +116,7 @@ class Coalescer(Generic[K, V]):
         self._schedule()
 
     def _finished(self, _task: asyncio.Future[None]) -> None:
+        self._pacer.finished()
         self._in_flight -= 1
         self._schedule()
 
@@ -160,7 +183,7 @@ class Batcher(Generic[T, R]):
         turns: int = DISPATCH_TURNS,
     ):
         self._run_batch = run
-        self._turns = turns
+        self._pacer = _Pacer(turns)
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._max_waiting = max_waiting_batches * max_batch
@@ -187,7 +210,7 @@ class Batcher(Generic[T, R]):
         # A few turns of the loop later, so calls that arrive together share a batch.
         if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
             self._scheduled = True
-            _after_turns(self._turns, self._dispatch)
+            self._pacer.after(self._dispatch)
 
     def _dispatch(self) -> None:
         self._scheduled = False
@@ -204,6 +227,7 @@ class Batcher(Generic[T, R]):
         self._schedule()
 
     def _finished(self, task: asyncio.Future[None]) -> None:
+        self._pacer.finished()
         self._tasks.discard(task)
         self._in_flight -= 1
         self._schedule()
