@@ -5,8 +5,8 @@ statement itself (docs/performance.md); GetUser calls that arrive while a batch 
 therefore wait for the next batch and share its round trip. A call that arrives when fewer
 than `max_in_flight` batches are running goes out at the end of the loop's turn when the
 store was idle, and a few turns later (`DISPATCH_TURNS`) when a batch has just finished, so
-that under load the calls gRPC is already handing over join it. One batch in flight made the largest
-batches and the least CPU per call (docs/performance.md).
+that under load the calls gRPC is already handing over join it. One batch in flight made the
+largest batches and the least CPU per call (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class Coalescer(Generic[K, V]):
         return await future
 
     def _schedule(self) -> None:
-        # A few turns of the loop later, so calls that arrive together share a batch.
+        # At the end of this turn, or a few turns later while busy (_Pacer), so calls that
+        # arrive together share a batch.
         if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
             self._scheduled = True
             self._pacer.after(self._dispatch)
@@ -207,7 +208,8 @@ class Batcher(Generic[T, R]):
         return await future
 
     def _schedule(self) -> None:
-        # A few turns of the loop later, so calls that arrive together share a batch.
+        # At the end of this turn, or a few turns later while busy (_Pacer), so calls that
+        # arrive together share a batch.
         if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
             self._scheduled = True
             self._pacer.after(self._dispatch)
