@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from server.config import Config
+from server.serving.app import build_http
+from server.serving.observability import Metrics
+from server.store import Store
 from tests.processes import ROOT, free_port, serve_memstore, stop_memstore
 
 #: Each SDK in a virtualenv of its own (their pins conflict): `make test` builds them from
@@ -64,3 +69,16 @@ def run_sdk(sdk: str, scenario: str, base_url: str, *args: str) -> object:
     assert run.returncode == 0, f"{sdk} {scenario} failed:\n{run.stdout}\n{run.stderr}"
     lines = run.stdout.strip().splitlines()
     return json.loads(lines[-1]) if lines else None
+
+
+@contextlib.asynccontextmanager
+async def rest_server(store: Store, metrics: Metrics | None = None) -> AsyncIterator[str]:
+    """An in-process REST server over `store` (no embedder: words only); yields its base URL."""
+    server = await build_http(
+        Config(host="127.0.0.1", http_port=0, embedder="none"), store, metrics or Metrics()
+    )
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop(None)

@@ -10,20 +10,15 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from server.config import Config
-from server.serving.app import build_http
-from server.serving.observability import JsonFormatter, Metrics
+from server.serving.observability import JsonFormatter
 from server.store import Store
+from tests.fix_rest import rest_server
 
 
 @pytest.fixture(scope="module")
 async def base_url(store: Store) -> AsyncIterator[str]:
-    server = await build_http(
-        Config(host="127.0.0.1", http_port=0, embedder="none"), store, Metrics()
-    )
-    await server.start()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.stop(None)
+    async with rest_server(store) as url:
+        yield url
 
 
 async def test_http_access_lines_name_peer_reason_message_and_field(

@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from server.config import Config
 from server.rest.app import MAX_BODY_BYTES
-from server.serving.app import build_http
 from server.serving.observability import Metrics
 from server.store import Store
+from tests.fix_rest import rest_server
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +23,8 @@ async def metrics() -> Metrics:
 @pytest.fixture(scope="module")
 async def base_url(store: Store, metrics: Metrics) -> AsyncIterator[str]:
     """An in-process REST server over the run's store (no embedder: words only)."""
-    server = await build_http(
-        Config(host="127.0.0.1", http_port=0, embedder="none"), store, metrics
-    )
-    await server.start()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.stop(None)
+    async with rest_server(store, metrics) as url:
+        yield url
 
 
 @pytest.fixture

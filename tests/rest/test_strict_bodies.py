@@ -10,10 +10,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from server.config import Config
-from server.serving.app import build_http
-from server.serving.observability import Metrics
 from server.store import Store
+from tests.fix_rest import rest_server
 
 JSON = {"content-type": "application/json"}
 
@@ -21,12 +19,8 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture(scope="module")
 async def base_url(store: Store) -> AsyncIterator[str]:
     """An in-process REST server over the run's store (no embedder: words only)."""
-    server = await build_http(
-        Config(host="127.0.0.1", http_port=0, embedder="none"), store, Metrics()
-    )
-    await server.start()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.stop(None)
+    async with rest_server(store) as url:
+        yield url
 
 
 @pytest.fixture

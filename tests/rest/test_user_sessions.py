@@ -12,13 +12,12 @@ import httpx
 import pytest
 from starlette.responses import JSONResponse
 
-from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID, Page, Session
 from server.errors import Unavailable
 from server.rest import convert
 from server.rest.common import USER_SESSIONS_PAGE
-from server.serving.app import build_http
 from server.store import Store
+from tests.fix_rest import rest_server
 
 SESSIONS = 3000
 #: How long a held page read waits for the client before giving up (never, when streaming).
@@ -28,10 +27,8 @@ HOLD_SECONDS = 20
 @pytest.fixture(scope="module")
 async def base_url(store: Store) -> AsyncIterator[str]:
     """An in-process REST server over the run's store, whose reads a test can watch."""
-    server = await build_http(Config(host="127.0.0.1", http_port=0, embedder="none"), store)
-    await server.start()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.stop(None)
+    async with rest_server(store) as url:
+        yield url
 
 
 @pytest.fixture
