@@ -91,9 +91,6 @@ class Searcher:
         Raises:
             Unavailable: the database cannot be reached.
         """
-        if relevant_limit <= 0:
-            session, messages = await self._store.get_memory(project_id, session_id, lastn)
-            return Memory(session, messages, [], "")
         session, messages, relevant = await self._store.get_memory_with_recall(
             project_id,
             session_id,

@@ -61,8 +61,9 @@ RECALL_TEXT_WEIGHT = 0.5
 RECALL_NEAREST_FLOOR = 0.4
 
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model), the
-#: model "" for recall kept by words.
-MemoryKey = tuple[int, str, int, int, str]
+#: model "" for recall kept by words; a call with relevant_limit 0 reads no recall, so its
+#: model is None and it joins any statement of its project.
+MemoryKey = tuple[int, str, int, int, str | None]
 
 #: A found message and, when asked for, its vector (for diversity re-ranking).
 Found = tuple[SearchResult, list[float] | None]
@@ -216,7 +217,8 @@ class SearchMethods(StoreBase):
         without, whenever they arrive), they are read as it kept them, with deleted ones
         dropped: one round trip of index reads. Otherwise (not yet kept, more than it keeps,
         or vectors without a model) they are ranked here, by words fused with the recall
-        vector when there is one: a second round trip. No model runs.
+        vector when there is one: a second round trip. No model runs. With `limit` 0 only
+        the window is read, in the statement concurrent calls share where recall is kept.
 
         Raises:
             Unavailable: the database cannot be reached.
@@ -225,7 +227,7 @@ class SearchMethods(StoreBase):
         params["lastn"] = lastn
         kept_by = model if self.vectors else "" if self.word_recall else None
         stored = kept_by is not None and limit <= RECALL_KEEP
-        if stored and self.citus:
+        if stored and self.citus and limit > 0:
             # Citus: the window and the kept keys on the session's shard (one round trip),
             # then the memories on the shards of the sessions they name only.
             async with self._connect(single=True) as conn:
@@ -239,11 +241,12 @@ class SearchMethods(StoreBase):
                     kept = await _kept_live_citus(conn, params, kept_keys[0], limit)
                 else:
                     kept = []
-        elif stored and kept_by is not None:
-            # Concurrent calls share one statement (and its round trip), as GetUser's do.
+        elif stored and kept_by is not None and not self.citus:
+            # Concurrent calls share one statement (and its round trip), as GetUser's do;
+            # those without recall too (their model is None: any statement serves them).
             with translated():
                 found = await self._memory_loader.load(
-                    (project_id, session_id, lastn, limit, kept_by)
+                    (project_id, session_id, lastn, limit, kept_by if limit > 0 else None)
                 )
             memory, kept = found or ([], [])
         else:
@@ -257,6 +260,8 @@ class SearchMethods(StoreBase):
             results: list[SearchResult] = []  # no user, no user-level memory
         elif kept:
             results = [_kept(r) for r in kept if r["m_uuid"] is not None]
+        elif limit <= 0:
+            results = []
         else:
             async with self._connect(single=True) as conn:
                 results = await self._rank_recall(conn, params, model)
@@ -269,10 +274,14 @@ class SearchMethods(StoreBase):
     async def _get_memories(
         self, keys: list[MemoryKey]
     ) -> dict[MemoryKey, tuple[list[Row], list[Row]]]:
-        # One get_memories_recall per project and model (one of each, in practice).
+        # One get_memories_recall per project and model (one of each, in practice); calls
+        # without recall (model None) join their project's first.
         groups: dict[tuple[int, str], list[MemoryKey]] = {}
-        for k in keys:
-            groups.setdefault((k[0], k[4]), []).append(k)
+        for k in sorted(keys, key=lambda k: k[4] is None):
+            model = k[4]
+            if model is None:
+                model = next((m for p, m in groups if p == k[0]), "")
+            groups.setdefault((k[0], model), []).append(k)
         found: dict[MemoryKey, tuple[list[Row], list[Row]]] = {}
         async with self._connect(single=True) as conn:
             for (project_id, model), group in groups.items():

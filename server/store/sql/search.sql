@@ -255,8 +255,9 @@ AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 -- GetMemory with kept recall for concurrent calls at once (coalesced: one round trip, no
 -- pipeline). Row i of the arrays is one call (its session, lastn and relevant_limit); each
 -- result row names its call (i). Per call: the live session joined to its last lastn live
--- messages (part 0, as get_memory), then its kept recall (part 1: its first relevant_limit
--- memories still live, best first; session_id and user_id are the memory's, its message in
+-- messages (part 0, as get_memory), then its kept recall (part 1, none for a relevant_limit
+-- of 0, which GetMemory without recall sends: its first relevant_limit memories still live,
+-- best first; session_id and user_id are the memory's, its message in
 -- the m_ columns, r_score its score). No part-1 row when no recall was computed for this
 -- model; a single one with a NULL m_uuid when none of the kept memories is live (deleted
 -- since, or their session changed hands): those are skipped in SQL, later ones fill in. A
@@ -294,7 +295,8 @@ SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
        k.uuid::text, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
        k.updated_at, k.score, k.rank
 FROM q
-JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id {kept_filter}
+JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
+             AND q.lim > 0 {kept_filter}
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
 LEFT JOIN LATERAL (
