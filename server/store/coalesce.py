@@ -58,7 +58,10 @@ Fetch = Callable[[list[K]], Awaitable[dict[K, V]]]
 
 
 class Coalescer(Generic[K, V]):
-    """Batches `load(key)` calls; each batch is one `fetch` of the distinct keys waiting."""
+    """Batches `load(key)` calls; each batch is one `fetch` of the distinct keys waiting.
+
+    A Batcher whose run is the fetch: a failed fetch fails every call of its batch.
+    """
 
     def __init__(
         self,
@@ -70,15 +73,13 @@ class Coalescer(Generic[K, V]):
         turns: int = DISPATCH_TURNS,
     ):
         self._fetch = fetch
-        self._pacer = _Pacer(turns)
-        self._max_in_flight = max_in_flight
-        self._max_batch = max_batch
-        # The pool bounds the calls queued for a connection (max_waiting); a queued batch
-        # holds up to max_batch calls, so this queue is bounded by as many round trips.
-        self._max_waiting = max_waiting_batches * max_batch
-        self._waiting: list[tuple[K, asyncio.Future[V | None]]] = []
-        self._in_flight = 0
-        self._scheduled = False
+        self._batcher: Batcher[K, V | None] = Batcher(
+            self._run,
+            max_in_flight=max_in_flight,
+            max_batch=max_batch,
+            max_waiting_batches=max_waiting_batches,
+            turns=turns,
+        )
 
     async def load(self, key: K) -> V | None:
         """The value of `key` (None when there is no row), read in a shared batch.
@@ -87,55 +88,11 @@ class Coalescer(Generic[K, V]):
             TooManyRequests: `max_waiting_batches` batches' worth of calls already wait.
             Exception: whatever `fetch` raised for the batch this call was part of.
         """
-        if self._max_waiting and len(self._waiting) >= self._max_waiting:
-            # The pool's own overload error, so the store translates both alike.
-            raise TooManyRequests(f"{len(self._waiting)} calls already wait for a batch")
-        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((key, future))
-        self._schedule()
-        return await future
+        return await self._batcher.submit(key)
 
-    def _schedule(self) -> None:
-        # At the end of this turn, or a few turns later while busy (_Pacer), so calls that
-        # arrive together share a batch.
-        if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
-            self._scheduled = True
-            self._pacer.after(self._dispatch)
-
-    def _dispatch(self) -> None:
-        self._scheduled = False
-        batch = [(k, f) for k, f in self._waiting[: self._max_batch] if not f.done()]
-        del self._waiting[: self._max_batch]
-        if batch:
-            self._in_flight += 1
-            task = asyncio.ensure_future(self._run(batch))
-            # A done callback, not a `finally`: a task cancelled before it starts runs none.
-            task.add_done_callback(self._finished)
-            futures = [f for _, f in batch]
-            for future in futures:
-                future.add_done_callback(lambda _f: _cancel_if_abandoned(task, futures))
-        self._schedule()
-
-    def _finished(self, _task: asyncio.Future[None]) -> None:
-        self._pacer.finished()
-        self._in_flight -= 1
-        self._schedule()
-
-    async def _run(self, batch: list[tuple[K, asyncio.Future[V | None]]]) -> None:
-        try:
-            found = await self._fetch(list(dict.fromkeys(k for k, _ in batch)))
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-        else:
-            for key, future in batch:
-                if not future.done():
-                    future.set_result(found.get(key))
+    async def _run(self, keys: list[K]) -> list[V | Exception | None]:
+        found = await self._fetch(list(dict.fromkeys(keys)))
+        return [found.get(k) for k in keys]
 
 
 def _after_turns(turns: int, callback: Callable[[], None]) -> None:
@@ -164,14 +121,14 @@ Run = Callable[[list[T]], Awaitable[list[R | Exception]]]
 
 
 class Batcher(Generic[T, R]):
-    """Batches `submit(item)` calls for writes: each batch is one `run` of the items waiting.
+    """Batches `submit(item)` calls: each batch is one `run` of the items waiting.
 
-    Unlike Coalescer, every item has an outcome of its own (`run` decides what a failure of
-    one means for the others). A batch is cancelled only when every caller in it gave up
-    (e.g. their deadlines passed): so a lone write is cancelled with its caller, as an
-    unbatched one would be. A caller that gives up while others of its batch wait leaves the
-    batch to finish: its write may then commit, as any write whose answer was lost. A caller
-    that gives up before its batch starts is left out of it.
+    Every item has an outcome of its own (`run` decides what a failure of one means for the
+    others; a `run` that raises fails them all). A batch is cancelled only when every caller
+    in it gave up (e.g. their deadlines passed): so a lone write is cancelled with its
+    caller, as an unbatched one would be. A caller that gives up while others of its batch
+    wait leaves the batch to finish: its write may then commit, as any write whose answer was
+    lost. A caller that gives up before its batch starts is left out of it.
     """
 
     def __init__(
