@@ -128,7 +128,9 @@ def _export(client: Memstore, args: argparse.Namespace) -> int:
         "messages": client.memory.export_messages,
     }
     chunks = streams[args.kind](args.chunk_size, args.page_token)
-    count, token = 0, args.page_token
+    # How many rows are written, the token that follows them and, with -o, where they end in
+    # the file: an interrupted export cuts the file back there (_cut_to_whole_chunks).
+    count, token, whole = 0, args.page_token, None
     try:
         # The bar closes (ending its line) before anything below is printed.
         with ExitStack() as stack:
@@ -137,6 +139,9 @@ def _export(client: Memstore, args: argparse.Namespace) -> int:
                 if args.output
                 else sys.stdout
             )
+            # (A named pipe has no place to cut back to, nor a file to append to.)
+            seekable = bool(args.output) and out.seekable()
+            whole = out.tell() if seekable else None
             bar = stack.enter_context(_progress(args, f"exporting {args.kind}"))
             for rows, next_token in chunks:
                 # The chunk's lines are made before any is written, and counted with its
@@ -144,7 +149,13 @@ def _export(client: Memstore, args: argparse.Namespace) -> int:
                 # the chunk in the file, which the resume command wrote again.
                 text = "".join(json.dumps(_row(row), ensure_ascii=False) + "\n" for row in rows)
                 out.write(text)
-                count, token = count + len(rows), next_token
+                if seekable:
+                    out.flush()
+                count, token, whole = (
+                    count + len(rows),
+                    next_token,
+                    out.tell() if seekable else None,
+                )
                 bar.update(len(rows))
     except MemstoreError as exc:
         if exc.reason == "INVALID_PAGE_TOKEN":
@@ -156,13 +167,23 @@ def _export(client: Memstore, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
+        _cut_to_whole_chunks(args, whole)
         _interrupted(args, count, token)
         raise
     except KeyboardInterrupt:
+        _cut_to_whole_chunks(args, whole)
         _interrupted(args, count, token)
         raise
     print(json.dumps({"exported": count, "kind": args.kind}), file=sys.stderr)
     return 0
+
+
+def _cut_to_whole_chunks(args: argparse.Namespace, whole: int | None) -> None:
+    """Cuts the -o file back to the end of its last whole chunk, the one the resume token
+    follows: a Ctrl-C during a chunk's write (or after it, before its token was counted) left
+    part or all of that chunk in the file, which `--append` then wrote again."""
+    if args.output is not None and whole is not None and args.output.is_file():
+        os.truncate(args.output, whole)
 
 
 def _interrupted(args: argparse.Namespace, count: int, token: str) -> None:

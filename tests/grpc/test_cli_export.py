@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -139,6 +140,69 @@ async def test_a_ctrl_c_mid_chunk_leaves_whole_lines_and_resumes_without_repeats
     command = resume.split("resume with: ")[1].split()
     token = command[command.index("--page-token") + 1]
     monkeypatch.setattr(cli, "_row", row)
+    assert await _run(*argv, "--chunk-size", "10", "--page-token", token, "--append") == 0
+    ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
+    assert ids == [f"u{i:02d}" for i in range(30)]
+
+
+@pytest.mark.parametrize("cut", ["during_the_write", "after_the_write"])
+async def test_a_ctrl_c_as_a_chunk_is_written_is_cut_back_and_resumes_without_repeats(
+    cut: str,
+    *,
+    grpc_port: int,
+    clean_db: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Ctrl-C can also land while a chunk's lines go to the file (a write is not atomic: part
+    # of it reaches the file) or just after, before the chunk's token is counted: either way
+    # the file held rows after the point the resume command goes on from, and --append wrote
+    # them again (or after half a line). The file is cut back to its last whole chunk.
+    address = f"127.0.0.1:{grpc_port}"
+    async with AsyncMemstore(address) as client:
+        for i in range(30):
+            await client.user.add(f"u{i:02d}")
+    out = tmp_path / "users.jsonl"
+    opened = Path.open
+    writes = {"n": 0}
+
+    class InterruptedFile:
+        """The export's file, whose second chunk is interrupted as `cut` says."""
+
+        def __init__(self, file: Any) -> None:
+            self._file = file
+
+        def write(self, text: str) -> int:
+            writes["n"] += 1
+            if writes["n"] != 2:
+                return int(self._file.write(text))
+            self._file.write(text if cut == "after_the_write" else text[: len(text) // 2])
+            self._file.flush()
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._file, name)
+
+        def __enter__(self) -> InterruptedFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._file.close()
+
+    def open_export_file(path: Path, *args: Any, **kwargs: Any) -> Any:
+        file = opened(path, *args, **kwargs)
+        return InterruptedFile(file) if path == out else file
+
+    monkeypatch.setattr(Path, "open", open_export_file)
+    argv = ["export", "users", "--address", address, "-o", str(out), "--no-progress"]
+    assert await _run(*argv, "--chunk-size", "10") == 130
+    monkeypatch.setattr(Path, "open", opened)
+    assert len(out.read_text().splitlines()) == 10  # the first chunk, whole
+    resume = next(line for line in capsys.readouterr().err.splitlines() if "resume with" in line)
+    assert resume.startswith("interrupted after 10 users;"), resume
+    command = resume.split("resume with: ")[1].split()
+    token = command[command.index("--page-token") + 1]
     assert await _run(*argv, "--chunk-size", "10", "--page-token", token, "--append") == 0
     ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
     assert ids == [f"u{i:02d}" for i in range(30)]
