@@ -88,8 +88,7 @@ def search_query(request: pb.SearchMemoryRequest) -> SearchQuery:
     contains = val.metadata(v, "metadata_contains", request.metadata_contains)
     after = _bound(v, request, "created_after")
     before = _bound(v, request, "created_before")
-    if after is not None and before is not None and after >= before:
-        v.add("created_before", "must be later than created_after")
+    val.time_range(v, "created_after", after, "created_before", before)
     v.raise_if_any()
     return SearchQuery(
         text=request.text,

@@ -242,6 +242,12 @@ def _session_query(v: val.Violations, request: pb.ListSessionsRequest) -> Sessio
         name: val.timestamp(v, name, getattr(request, name)) if request.HasField(name) else None
         for name in ("created_after", "created_before", "updated_after", "updated_before")
     }
+    val.time_range(
+        v, "created_after", bounds["created_after"], "created_before", bounds["created_before"]
+    )
+    val.time_range(
+        v, "updated_after", bounds["updated_after"], "updated_before", bounds["updated_before"]
+    )
     contains = (
         val.metadata(v, "metadata_contains", request.metadata_contains)
         if request.HasField("metadata_contains")

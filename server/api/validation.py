@@ -48,6 +48,8 @@ _ORDER_BY = re.compile(r"^\s*(created_at|updated_at)(?:\s+(asc|desc))?\s*$", re.
 # Timestamp.seconds bounds of 0001-01-01 and 9999-12-31T23:59:59 (what datetime can hold).
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+#: The last microsecond of 9999, datetime's largest value.
+_MAX_MICROS = (_MAX_SECONDS + 1) * 1_000_000 - 1
 # The join controls ZWNJ and ZWJ are format characters that spell words (Persian, Indic
 # scripts) and emoji sequences; PRECIS (RFC 8264) allows them in context too.
 _JOIN_CONTROLS = frozenset("\u200c\u200d")
@@ -378,8 +380,19 @@ def timestamp(v: Violations, field: str, value: timestamp_pb2.Timestamp) -> date
         v.add(field, "is outside the range of years 1-9999")
         return None
     micros = value.seconds * 1_000_000 + -(-value.nanos // 1000)
-    try:
-        return from_micros(micros)
-    except OverflowError:
-        v.add(field, "is outside the range of years 1-9999")
-        return None
+    # Rounding up the last nanosecond of 9999 (protobuf's largest Timestamp, a common "no
+    # bound") passed datetime's range; datetime's last microsecond bounds the same rows.
+    return from_micros(min(micros, _MAX_MICROS))
+
+
+def time_range(
+    v: Violations,
+    after_field: str,
+    after: datetime | None,
+    before_field: str,
+    before: datetime | None,
+) -> None:
+    """A range [after, before) that holds no instant is a caller's mistake (swapped bounds),
+    not a question whose answer is nothing."""
+    if after is not None and before is not None and after >= before:
+        v.add(before_field, f"must be later than {after_field}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 from tests.grpc import Code, Sessions, Users, msg, rpc_error, struct, tamper, walk
@@ -352,3 +354,25 @@ async def test_filters(users, sessions):
     touched = (await sessions.GetSession(ss.GetSessionRequest(session_id="s1"))).session.updated_at
     assert await ids(updated_after=touched) == ["s1"]
     assert "s1" not in await ids(updated_before=touched)
+
+
+async def test_time_bounds_must_make_a_range(sessions):
+    # As SearchMemory: swapped bounds are a mistake to name, not a silent empty list.
+    await sessions.CreateSession(ss.CreateSessionRequest(session_id="s"))
+    early, late = Timestamp(seconds=1_700_000_000), Timestamp(seconds=1_800_000_000)
+    for after, before in (("created_after", "created_before"), ("updated_after", "updated_before")):
+        for low, high in ((late, early), (early, early)):
+            request = ss.ListSessionsRequest(**{after: low, before: high})
+            await rpc_error(sessions.ListSessions(request), Code.INVALID_ARGUMENT, field=before)
+
+
+async def test_largest_timestamp_is_a_bound(sessions):
+    # 9999-12-31T23:59:59.999999999Z, protobuf's largest Timestamp: "no upper bound".
+    await sessions.CreateSession(ss.CreateSessionRequest(session_id="s"))
+    last = Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+    page = await sessions.ListSessions(ss.ListSessionsRequest(created_before=last))
+    assert [s.session_id for s in page.sessions] == ["s"]
+    found = await sessions.SearchMemory(ss.SearchMemoryRequest(text="x", created_before=last))
+    assert list(found.results) == []
+    page = await sessions.ListSessions(ss.ListSessionsRequest(created_after=last))
+    assert list(page.sessions) == []

@@ -134,8 +134,9 @@ class SessionServiceStub:
       - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
         combined with page_token; order_by is not one of the forms described
         on ListSessionsRequest.order_by; user_id is invalid; a time bound is
-        outside the years 1-9999; metadata_contains breaks the limits of
-        CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+        outside the years 1-9999, or created_before (updated_before) is not
+        later than created_after (updated_after); metadata_contains breaks the
+        limits of CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
         page_token is malformed, tampered with, or was minted for another
         query (other filters, order or show_deleted) or project.
     """
@@ -387,8 +388,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
       - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
         combined with page_token; order_by is not one of the forms described
         on ListSessionsRequest.order_by; user_id is invalid; a time bound is
-        outside the years 1-9999; metadata_contains breaks the limits of
-        CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+        outside the years 1-9999, or created_before (updated_before) is not
+        later than created_after (updated_after); metadata_contains breaks the
+        limits of CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
         page_token is malformed, tampered with, or was minted for another
         query (other filters, order or show_deleted) or project.
     """
@@ -673,8 +675,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
           - INVALID_ARGUMENT: page_size or page_number is negative; page_number is
             combined with page_token; order_by is not one of the forms described
             on ListSessionsRequest.order_by; user_id is invalid; a time bound is
-            outside the years 1-9999; metadata_contains breaks the limits of
-            CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+            outside the years 1-9999, or created_before (updated_before) is not
+            later than created_after (updated_after); metadata_contains breaks the
+            limits of CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
             page_token is malformed, tampered with, or was minted for another
             query (other filters, order or show_deleted) or project.
         """
