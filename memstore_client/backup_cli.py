@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from ._lines import text_lines
 from .errors import InvalidArgument, MemstoreError
 from .sync import Memstore
 from .types import ExportedMessage, Message, Session, User
@@ -186,7 +187,7 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
     require_empty = not args.resume
     try:
         with ExitStack() as stack:
-            source = stack.enter_context(args.input.open(encoding="utf-8"))
+            source = stack.enter_context(args.input.open("rb"))
             bar = stack.enter_context(progress("restoring"))
             bar.total = total
             for kind, batch in _batches(args.input, source):
@@ -223,12 +224,13 @@ def _check_backup(path: Path) -> int:
     Raises:
         InvalidArgument: the file is no memstore backup, an interrupted or a damaged one.
     """
-    with path.open(encoding="utf-8") as source:
-        first = _json(path, 1, source.readline() or "{}")
-        last: dict[str, Any] = {}
-        for number, line in enumerate(source, start=2):
+    first: dict[str, Any] | None = None
+    last: dict[str, Any] = {}
+    with path.open("rb") as source:
+        for number, line in text_lines(source, str(path)):
             last = _json(path, number, line)
-    if first.get("memstore_backup") != FORMAT:
+            first = last if first is None else first
+    if (first or {}).get("memstore_backup") != FORMAT:
         raise InvalidArgument(f"{path} is not a memstore backup (format {FORMAT})")
     if last.get("kind") != "end":
         raise InvalidArgument(
@@ -247,9 +249,9 @@ def _json(path: Path, number: int, line: str) -> dict[str, Any]:
     return row
 
 
-def _batches(path: Path, source: IO[str]) -> Iterator[tuple[str, list[Any]]]:
+def _batches(path: Path, source: IO[bytes]) -> Iterator[tuple[str, list[Any]]]:
     kind, batch, size = "", list[Any](), 0
-    for number, line in enumerate(source, start=1):
+    for number, line in text_lines(source, str(path)):
         row = _json(path, number, line)
         stream = {"user": "users", "session": "sessions", "message": "messages"}.get(
             row.pop("kind", "")

@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from memstore_client import (
     TLS,
     AlreadyExists,
     ExportedMessage,
     FailedPrecondition,
+    InvalidArgument,
     Memstore,
     MemstoreError,
     Message,
@@ -27,6 +28,7 @@ from memstore_client import (
     User,
     backup_cli,
 )
+from memstore_client._lines import text_lines
 
 #: The subcommands this module adds to `memstore`.
 COMMANDS = ("export", "import", *backup_cli.COMMANDS)
@@ -250,9 +252,9 @@ Counts = dict[str, int]
 def _import(client: Memstore, args: argparse.Namespace) -> int:
     counts: Counts = {"created": 0, "existing": 0, "differs": 0, "failed": 0}
     with ExitStack() as stack:
-        source = stack.enter_context(args.input.open(encoding="utf-8")) if args.input else sys.stdin
+        source = stack.enter_context(args.input.open("rb")) if args.input else sys.stdin.buffer
         bar = stack.enter_context(_progress(args, f"importing {args.kind}"))
-        rows = _read(source, counts)
+        rows = _read(text_lines(source, str(args.input or "stdin")), args.kind, counts)
         if args.kind == "messages":
             _import_messages(client, rows, counts, bar)
         else:
@@ -270,8 +272,10 @@ def _import(client: Memstore, args: argparse.Namespace) -> int:
     return 1 if counts["failed"] or counts["differs"] else 0
 
 
-def _read(source: IO[str], counts: Counts) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, text in enumerate(source, start=1):
+def _read(
+    lines: Iterable[tuple[int, str]], kind: str, counts: Counts
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, text in lines:
         if not text.strip():
             continue
         try:
@@ -282,7 +286,29 @@ def _read(source: IO[str], counts: Counts) -> Iterator[tuple[int, dict[str, Any]
             counts["failed"] += 1
             print(f"line {line}: not a JSON object: {row}", file=sys.stderr)
             continue
+        _check_kind(row, line, kind)
         yield line, row
+
+
+#: The field that tells each kind's rows apart, most specific first: messages have content,
+#: sessions a session_id (and perhaps a user_id), users only a user_id.
+_MARKS = (("content", "messages"), ("session_id", "sessions"), ("user_id", "users"))
+
+
+def _check_kind(row: dict[str, Any], line: int, kind: str) -> None:
+    # A file of another kind would otherwise import as this one: the user_ids of a sessions
+    # file as users, the session_ids of a messages file as sessions. Stop at its first row.
+    if "memstore_backup" in row or "kind" in row:
+        raise InvalidArgument(
+            f"line {line} belongs to a `memstore backup` file, not to `memstore export "
+            f"{kind}` output: load a backup with `memstore restore -i FILE`"
+        )
+    found = next((k for field, k in _MARKS if field in row), kind)
+    if found != kind:
+        raise InvalidArgument(
+            f"line {line} is a row of {found} (`memstore export {found}` output), not of "
+            f"{kind}: import it with `memstore import {found}`"
+        )
 
 
 class _Differs(Exception):

@@ -172,3 +172,27 @@ async def test_a_damaged_or_unfinished_backup_is_refused_with_its_line(
     assert await _run("restore", "-i", str(tmp_path / "missing.jsonl"), *argv) == 1
     assert "No such file" in capsys.readouterr().err
     assert (await _snapshot(clean_db))["users"] == []
+
+
+async def test_a_backup_that_is_not_utf8_is_refused_with_its_line(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    backup = tmp_path / "b.jsonl"
+    assert await _run("backup", "-o", str(backup), "--address", address, "--no-progress") == 0
+    await _truncate(clean_db)
+    lines = backup.read_bytes().splitlines(keepends=True)
+    # A byte of Latin-1 where UTF-8 was: an editor's or a transfer's damage.
+    damaged = tmp_path / "latin1.jsonl"
+    bad_line = lines[1].replace(b"}", b', "x": "\xe9"}', 1)
+    damaged.write_bytes(lines[0] + bad_line + b"".join(lines[2:]))
+    column = bad_line.index(b"\xe9") + 1
+    argv = ("--address", address, "--no-progress")
+    assert await _run("restore", "-i", str(damaged), *argv) == 1
+    # The last line: `backup` above reported its counts on stderr too.
+    assert capsys.readouterr().err.splitlines()[-1:] == [
+        f"memstore restore: INVALID_ARGUMENT: {damaged} line 2 is not UTF-8 text (byte 0xe9 "
+        f"at column {column}); memstore reads the UTF-8 JSON Lines it writes"
+    ]
+    assert (await _snapshot(clean_db))["users"] == []

@@ -124,3 +124,60 @@ async def test_importing_messages_twice_appends_nothing_twice(
             assert page.total_size == 3
             stored |= {m.uuid for m in page.messages}
     assert stored == exported_uuids
+
+
+@pytest.mark.parametrize(
+    ("kind", "file", "wanted"),
+    [
+        ("users", "sessions", "line 1 is a row of sessions"),
+        ("sessions", "messages", "line 1 is a row of messages"),
+        ("messages", "users", "line 1 is a row of users"),
+    ],
+)
+async def test_a_file_of_another_kind_is_refused_at_its_first_row(
+    exported: tuple[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+    file: str,
+    wanted: str,
+) -> None:
+    # Read as users, a sessions file made users of its user_ids; read as sessions, a
+    # messages file made sessions of its session_ids. One line says so; nothing is written.
+    address, folder = exported
+    path = folder / f"{file}.jsonl"
+    assert await _run("import", kind, "--address", address, "-i", str(path), "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert wanted in err and f"memstore import {file}" in err
+    assert len(err.splitlines()) == 1
+    async with AsyncMemstore(address) as client:
+        assert (await client.user.list()).users == []
+        assert (await client.memory.list_sessions()).sessions == []
+
+
+async def test_a_backup_file_is_refused_by_import(
+    exported: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, folder = exported
+    users = (folder / "users.jsonl").read_text(encoding="utf-8").splitlines()
+    backup = folder / "backup.jsonl"
+    rows = [json.dumps({"kind": "user", **json.loads(line)}) for line in users]
+    backup.write_text("\n".join(['{"memstore_backup": 1}', *rows]) + "\n", encoding="utf-8")
+    argv = ("--address", address, "-i", str(backup), "--no-progress")
+    assert await _run("import", "users", *argv) == 1
+    err = capsys.readouterr().err
+    assert "memstore restore" in err and len(err.splitlines()) == 1
+
+
+async def test_a_line_that_is_not_utf8_is_named_without_a_traceback(
+    exported: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, folder = exported
+    latin1 = folder / "latin1.jsonl"
+    latin1.write_bytes(b'{"user_id": "ann"}\n{"user_id": "b\xf6b"}\n')
+    argv = ("--address", address, "-i", str(latin1), "--no-progress")
+    assert await _run("import", "users", *argv) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"memstore import: INVALID_ARGUMENT: {latin1} line 2 is not UTF-8 text (byte 0xf6 at "
+        "column 15); memstore reads the UTF-8 JSON Lines it writes"
+    ]
