@@ -23,13 +23,19 @@ _HOW = (
 ENCODING_REASON = "UNSUPPORTED_CONTENT_ENCODING"
 #: The length of "application/+json": a suffixed type needs a name before its "+json".
 _BARE_SUFFIX = len("application/+json")
+#: The labels of UTF-8 in the WHATWG Encoding Standard, which browsers and many HTTP clients
+#: follow (https://encoding.spec.whatwg.org/#names-and-labels): `charset=utf8` is UTF-8 too.
+UTF8_LABELS = frozenset(
+    {"unicode-1-1-utf-8", "unicode11utf8", "unicode20utf8", "utf-8", "utf8", "x-unicode20utf8"}
+)
 
 
 def check_json_body(headers: Headers) -> None:
     """Refuses a body declared as other than JSON in UTF-8, or compressed.
 
     Accepted: no Content-Type (or an empty one), `application/json` and any
-    `application/*+json`, with parameters, but a charset other than UTF-8.
+    `application/*+json`, with parameters, but a charset that is not one of UTF-8's labels
+    (`UTF8_LABELS`, in any case, quoted or not).
 
     Raises:
         UnsupportedMediaType: naming `Content-Type` or `Content-Encoding` (HTTP 415).
@@ -64,7 +70,7 @@ def _check_type(header: str) -> None:
         if name.strip().lower() != "charset":
             continue
         charset = value.strip().strip('"').lower()
-        if charset != "utf-8":
+        if charset not in UTF8_LABELS:
             raise UnsupportedMediaType.field(
                 "Content-Type",
                 f"declares charset {charset[:40]!r}: JSON bodies are read as UTF-8 only; "

@@ -121,6 +121,13 @@ async def test_a_repeated_key_after_another_error_names_that_error(
         "Application/JSON",
         "application/json; charset=utf-8",
         'application/json;charset="UTF-8"',
+        # Every other WHATWG label of UTF-8 (what browsers and many clients send), any case.
+        "application/json; charset=utf8",
+        'application/json; charset="UTF8"',
+        "application/json; charset=Unicode-1-1-UTF-8",
+        "application/json; charset=unicode11utf8",
+        "application/json; charset=UNICODE20UTF8",
+        'application/json; charset="x-unicode20utf8"',
         "application/json; odata=verbose",
         "application/merge-patch+json",
         "application/vnd.api+json; charset=utf-8",
@@ -146,6 +153,8 @@ async def test_json_bodies_are_read_with_or_without_a_content_type(
         ("application/+json", "application/+json"),
         ("application/json; charset=latin-1", "charset 'latin-1'"),
         ("application/json; charset=utf-16", "charset 'utf-16'"),
+        ("application/json; charset=unicode", "charset 'unicode'"),  # WHATWG: UTF-16LE
+        ("application/json; charset=utf_8", "charset 'utf_8'"),  # Python's name, no label
     ],
 )
 async def test_bodies_not_sent_as_json_are_415_naming_content_type(
