@@ -5,32 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from server.serving.observability import JsonFormatter
-from server.store import Store
-from tests.fix_rest import rest_server
-
-
-@pytest.fixture(scope="module")
-async def base_url(store: Store) -> AsyncIterator[str]:
-    async with rest_server(store) as url:
-        yield url
 
 
 async def test_http_access_lines_name_peer_reason_message_and_field(
-    base_url: str, clean_db: str, caplog: pytest.LogCaptureFixture
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-        with caplog.at_level(logging.INFO, logger="memstore.access"):
-            missing = await http.get("/api/v2/users/nobody", headers={"x-request-id": "r-404"})
-            bad = await http.post(
-                "/api/v2/users", json={"user_id": "x" * 300}, headers={"x-request-id": "r-400"}
-            )
-            fine = await http.get("/healthz", headers={"x-request-id": "r-200"})
+    with caplog.at_level(logging.INFO, logger="memstore.access"):
+        missing = await http.get("/api/v2/users/nobody", headers={"x-request-id": "r-404"})
+        bad = await http.post(
+            "/api/v2/users", json={"user_id": "x" * 300}, headers={"x-request-id": "r-400"}
+        )
+        fine = await http.get("/healthz", headers={"x-request-id": "r-200"})
     assert (missing.status_code, bad.status_code, fine.status_code) == (404, 400, 200)
     lines = {
         getattr(r, "request_id", ""): json.loads(JsonFormatter().format(r))

@@ -11,26 +11,6 @@ import pytest
 
 from server.rest.app import MAX_BODY_BYTES
 from server.serving.observability import Metrics
-from server.store import Store
-from tests.fix_rest import rest_server
-
-
-@pytest.fixture(scope="module")
-async def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture(scope="module")
-async def base_url(store: Store, metrics: Metrics) -> AsyncIterator[str]:
-    """An in-process REST server over the run's store (no embedder: words only)."""
-    async with rest_server(store, metrics) as url:
-        yield url
-
-
-@pytest.fixture
-async def http(base_url: str, clean_db: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-        yield client
 
 
 async def test_unknown_route_is_json_404(http: httpx.AsyncClient) -> None:

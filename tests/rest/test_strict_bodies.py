@@ -5,28 +5,11 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from server.store import Store
-from tests.fix_rest import rest_server
-
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-async def base_url(store: Store) -> AsyncIterator[str]:
-    """An in-process REST server over the run's store (no embedder: words only)."""
-    async with rest_server(store) as url:
-        yield url
-
-
-@pytest.fixture
-async def http(base_url: str, clean_db: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-        yield client
 
 
 async def _nothing_written(http: httpx.AsyncClient) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -17,24 +16,10 @@ from server.errors import Unavailable
 from server.rest import convert
 from server.rest.common import USER_SESSIONS_PAGE
 from server.store import Store
-from tests.fix_rest import rest_server
 
 SESSIONS = 3000
 #: How long a held page read waits for the client before giving up (never, when streaming).
 HOLD_SECONDS = 20
-
-
-@pytest.fixture(scope="module")
-async def base_url(store: Store) -> AsyncIterator[str]:
-    """An in-process REST server over the run's store, whose reads a test can watch."""
-    async with rest_server(store) as url:
-        yield url
-
-
-@pytest.fixture
-async def http(base_url: str, clean_db: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-        yield client
 
 
 async def _many_sessions(store: Store, user_id: str, count: int) -> list[Session]:
