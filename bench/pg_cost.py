@@ -16,7 +16,9 @@ Prints, per variant, the median backend CPU per call and the median of the per-r
 to `base` (which a busy machine moves less than the raw figures), and the share of the
 session updates that were HOT.
 
-Needs the PostgreSQL server on this machine (its backends' /proc entries).
+Needs the PostgreSQL server on this machine (its backends' /proc entries), and a role that
+may create databases; pgvector is used where migrate can create it (`--get-memory` then reads
+recall kept as vectors, else kept by words, and says which).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from psycopg import sql
 
 from bench import env
 from server.store.messages import add_memory_statement
+from server.store.queries import query
 
 #: Each variant: the SQL that removes its part from a migrated, seeded database.
 VARIANTS: dict[str, str] = {
@@ -107,39 +110,68 @@ def _seed(url: str, sessions: int) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
+def _migrated(admin: psycopg.Connection[Any], url: str, name: str, sessions: int) -> str:
+    """Makes database `name`, migrated as `memstore migrate` does and seeded; returns its URL.
+
+    Migrate creates pgvector where the role may (migrations 0007 and 0008 are skipped where it
+    may not, as on a server whose role is no superuser: recall is then kept by words)."""
+    db_url = psycopg.conninfo.make_conninfo(url, dbname=name)
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    from server.__main__ import main as server_main
+
+    with contextlib.redirect_stdout(sys.stderr):  # migrate prints what it applied
+        if server_main(["migrate", "--database-url", db_url]) not in (0, None):
+            raise SystemExit("migration failed")
+    _seed(db_url, sessions)
+    return db_url
+
+
+def _drop(admin: psycopg.Connection[Any], names: list[str]) -> None:
+    for name in names:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
 def measure(
     url: str, variants: list[str], sessions: int, rounds: int, calls: int
 ) -> dict[str, dict[str, Any]]:
     """Backend CPU per AddMemory(1) by variant: medians, ratios to base, HOT share."""
-    admin = psycopg.connect(url, autocommit=True)
     names = {v: f"pg_cost_{v}" for v in variants}
-    base_url = psycopg.conninfo.make_conninfo(url, dbname=names["base"])
-    for name in names.values():
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(names["base"])))
-    with psycopg.connect(base_url, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    from server.__main__ import main as server_main
+    conns: dict[str, psycopg.Connection[Any]] = {}
+    with psycopg.connect(url, autocommit=True) as admin:
+        _drop(admin, list(names.values()))
+        try:
+            _migrated(admin, url, names["base"], sessions)
+            for v, name in names.items():
+                if v != "base":
+                    admin.execute(
+                        sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                            sql.Identifier(name), sql.Identifier(names["base"])
+                        )
+                    )
+            for v, name in names.items():
+                conninfo = psycopg.conninfo.make_conninfo(url, dbname=name)
+                conns[v] = conn = psycopg.connect(conninfo, autocommit=True)
+                for part in filter(None, VARIANTS[v].split(";")):
+                    conn.execute(part)
+                conn.execute("VACUUM ANALYZE")
+            per_call, ratios = _time_variants(conns, variants, sessions, rounds, calls)
+            return {v: _summary(conn, per_call[v], ratios[v]) for v, conn in conns.items()}
+        finally:
+            for conn in conns.values():
+                conn.close()
+            _drop(admin, list(names.values()))
 
-    with contextlib.redirect_stdout(sys.stderr):  # migrate prints what it applied
-        if server_main(["migrate", "--database-url", base_url]) not in (0, None):
-            raise SystemExit("migration failed")
-    _seed(base_url, sessions)
-    for v, name in names.items():
-        if v == "base":
-            continue
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(names["base"])
-            )
-        )
-    conns = {}
-    for v, name in names.items():
-        conn = psycopg.connect(psycopg.conninfo.make_conninfo(url, dbname=name), autocommit=True)
-        for part in filter(None, VARIANTS[v].split(";")):
-            conn.execute(part)
-        conn.execute("VACUUM ANALYZE")
-        conns[v] = conn
+
+def _time_variants(
+    conns: dict[str, psycopg.Connection[Any]],
+    variants: list[str],
+    sessions: int,
+    rounds: int,
+    calls: int,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    # Per variant, the backend CPU per call of each round (µs) and its ratio to base's.
     statement = add_memory_statement(citus=False)
     per_call: dict[str, list[float]] = {v: [] for v in variants}
     ratios: dict[str, list[float]] = {v: [] for v in variants}
@@ -160,87 +192,84 @@ def measure(
             per_call[v].append(found[v])
         for v in variants:
             ratios[v].append(found[v] / found["base"])
-    out = {}
-    for v, conn in conns.items():
-        # The backend's counts reach pg_stat_user_tables when it next goes idle (PostgreSQL 15+).
-        conn.execute("SELECT pg_stat_force_next_flush()")
-        counts = conn.execute(
-            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sessions'"
-        ).fetchone()
-        size = conn.execute(
-            "SELECT pg_total_relation_size('sessions'), pg_total_relation_size('messages')"
-        ).fetchone()
-        assert counts is not None and size is not None
-        n_upd, n_hot = counts
-        out[v] = {
-            "backend_cpu_us": round(statistics.median(per_call[v])),
-            "rounds_us": [round(x) for x in per_call[v]],
-            "vs_base": round(statistics.median(ratios[v]), 3),
-            "sessions_hot_share": round(n_hot / n_upd, 3) if n_upd else None,
-            "sessions_bytes": size[0],
-            "messages_bytes": size[1],
-        }
-        conn.close()
-    for name in names.values():
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-    admin.close()
-    return out
+    return per_call, ratios
+
+
+def _summary(
+    conn: psycopg.Connection[Any], per_call: list[float], ratios: list[float]
+) -> dict[str, Any]:
+    # The backend's counts reach pg_stat_user_tables when it next goes idle (PostgreSQL 15+).
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    counts = conn.execute(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'sessions'"
+    ).fetchone()
+    size = conn.execute(
+        "SELECT pg_total_relation_size('sessions'), pg_total_relation_size('messages')"
+    ).fetchone()
+    assert counts is not None and size is not None
+    n_upd, n_hot = counts
+    return {
+        "backend_cpu_us": round(statistics.median(per_call)),
+        "rounds_us": [round(x) for x in per_call],
+        "vs_base": round(statistics.median(ratios), 3),
+        "sessions_hot_share": round(n_hot / n_upd, 3) if n_upd else None,
+        "sessions_bytes": size[0],
+        "messages_bytes": size[1],
+    }
 
 
 def get_memory_cost(url: str, sessions: int, rounds: int, calls: int) -> dict[str, Any]:
     """Backend CPU per GetMemory(lastn 6, recall 5) statement (get_memories_recall) for 1 and
     8 coalesced calls: as the store sends it (`auto`, PostgreSQL's choice of plan) against
     planned at every call (`force_custom_plan`, which the statement got before its arrays
-    went behind subqueries). One seeded database; rounds alternate the two."""
+    went behind subqueries). One seeded database; rounds alternate the two. `kept_recall`
+    says which table the statement read kept recall from, as the store would on this server:
+    `vectors` (session_embeddings) where migrate could create pgvector, else `words`
+    (session_word_recall)."""
     from server.store.search import kept_recall_statement
 
-    admin = psycopg.connect(url, autocommit=True)
     name = "pg_cost_get_memory"
-    db_url = psycopg.conninfo.make_conninfo(url, dbname=name)
-    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        from server.__main__ import main as server_main
+    conns: dict[str, psycopg.Connection[Any]] = {}
+    with psycopg.connect(url, autocommit=True) as admin:
+        _drop(admin, [name])
+        try:
+            db_url = _migrated(admin, url, name, sessions)
+            modes = ("auto", "force_custom_plan")
+            for mode in modes:
+                conns[mode] = psycopg.connect(db_url, autocommit=True)
+                conns[mode].execute(sql.SQL("SET plan_cache_mode = {}").format(sql.SQL(mode)))
+            ready = conns["auto"].execute(query("vectors_ready")).fetchone()
+            vectors = bool(ready and ready[0])
+            statement = kept_recall_statement("get_memories_recall", vectors=vectors)
+            found: dict[str, list[float]] = {f"{m}_{n}": [] for m in modes for n in (1, 8)}
+            k = 0
+            for r in range(rounds):
+                for mode in modes if r % 2 == 0 else modes[::-1]:
+                    conn = conns[mode]
+                    pid = conn.info.backend_pid
+                    for n in (1, 8):
+                        before = _cpu_ns(pid)
+                        for _ in range(calls):
+                            k += 1
+                            params = _recall_params(k, n, sessions)
+                            conn.execute(statement, params, prepare=True).fetchall()
+                        found[f"{mode}_{n}"].append((_cpu_ns(pid) - before) / calls / 1000)
+        finally:
+            for conn in conns.values():
+                conn.close()
+            _drop(admin, [name])
+    medians = {key: round(statistics.median(v)) for key, v in found.items()}
+    return {**medians, "kept_recall": "vectors" if vectors else "words"}
 
-        with contextlib.redirect_stdout(sys.stderr):
-            if server_main(["migrate", "--database-url", db_url]) not in (0, None):
-                raise SystemExit("migration failed")
-        _seed(db_url, sessions)
-        statement = kept_recall_statement("get_memories_recall", vectors=True)
-        modes = ("auto", "force_custom_plan")
-        conns = {}
-        for mode in modes:
-            conns[mode] = psycopg.connect(db_url, autocommit=True)
-            conns[mode].execute(sql.SQL("SET plan_cache_mode = {}").format(sql.SQL(mode)))
-        found: dict[str, list[float]] = {f"{m}_{n}": [] for m in modes for n in (1, 8)}
-        k = 0
-        for r in range(rounds):
-            for mode in modes if r % 2 == 0 else modes[::-1]:
-                conn = conns[mode]
-                pid = conn.info.backend_pid
-                for n in (1, 8):
-                    before = _cpu_ns(pid)
-                    for _ in range(calls):
-                        k += 1
-                        params = {
-                            "project_id": 1,
-                            "model": "bench",
-                            "session_ids": [f"bench-1-{(k * n + j) % sessions}" for j in range(n)],
-                            "lastns": [6] * n,
-                            "limits": [5] * n,
-                        }
-                        conn.execute(statement, params, prepare=True).fetchall()
-                    found[f"{mode}_{n}"].append((_cpu_ns(pid) - before) / calls / 1000)
-        for conn in conns.values():
-            conn.close()
-    finally:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        admin.close()
-    return {key: round(statistics.median(v)) for key, v in found.items()}
+
+def _recall_params(k: int, n: int, sessions: int) -> dict[str, Any]:
+    return {
+        "project_id": 1,
+        "model": "bench",
+        "session_ids": [f"bench-1-{(k * n + j) % sessions}" for j in range(n)],
+        "lastns": [6] * n,
+        "limits": [5] * n,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
