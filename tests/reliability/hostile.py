@@ -22,6 +22,14 @@ KNOWN_UUIDS: list[str] = []
 KNOWN_TOKENS: list[str] = []
 
 
+def current(values: list[str]) -> st.SearchStrategy[str]:
+    """One of `values` as the list holds it when drawn (refilled by each test's seed).
+
+    `st.sampled_from` copies its list once, at its first draw, even behind `st.deferred`:
+    every later test drew the first test's uuids and tokens, rows its own seed never made."""
+    return st.integers(0, 999).map(lambda i: values[i % len(values)])
+
+
 def rare(unusual: st.SearchStrategy[Any], usual: st.SearchStrategy[Any], one_in: int = 40) -> Any:
     """`unusual` about once in `one_in` draws (for the costly ones: megabyte strings)."""
     return st.integers(0, one_in - 1).flatmap(lambda i: unusual if i == 0 else usual)
@@ -123,8 +131,8 @@ def _tamper(token: str, at: int) -> str:
 
 tokens = st.one_of(
     st.just(""),
-    st.deferred(lambda: st.sampled_from(KNOWN_TOKENS)),
-    st.builds(_tamper, st.deferred(lambda: st.sampled_from(KNOWN_TOKENS)), st.integers(0, 200)),
+    current(KNOWN_TOKENS),
+    st.builds(_tamper, current(KNOWN_TOKENS), st.integers(0, 200)),
     _text,
     st.binary(max_size=120).map(_token),
     st.binary(max_size=120).map(lambda b: _token(b"\x01" + b)),
@@ -155,7 +163,7 @@ plausible_timestamps = st.builds(
 )
 
 uuids = st.one_of(
-    st.deferred(lambda: st.sampled_from(KNOWN_UUIDS)),
+    current(KNOWN_UUIDS),
     st.uuids().map(str),
     _text,
     st.just(""),

@@ -43,7 +43,13 @@ TIMEOUT = 30.0
 #: 503, 504 and 429 of an outage or overload, and 401 without keys, are not expected here.
 SERVED = {200, 201, 307, 400, 404, 405, 413, 415}
 #: The content types a body is read as (server/rest/media.py); any other is a 415.
-JSON_TYPES = {"application/json", "application/json; charset=utf-8", ""}
+JSON_TYPES = {
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/json; charset=utf8",
+    'application/json; charset="UTF8"',
+    "",
+}
 #: Reasons a 400 may carry: a bad field, or (Zep's status for them) a taken id or a missing
 #: parent.
 REASONS_400 = {
@@ -221,16 +227,26 @@ _query_values = st.one_of(
     st.text(st.characters(codec="utf-8"), max_size=12).map(lambda t: quote(t, safe="")),
     st.just("%ED%A0%80"),  # a UTF-8-encoded lone surrogate: not UTF-8
 )
+#: The uuids of the messages of hostile.KNOWN_SESSION, as the test's seed made them.
+KNOWN_UUIDS: list[str] = []
+#: Users the seed makes with no sessions: a DELETE of one leaves the others to answer.
+SPARE_USERS = ("fuzz-u1", "fuzz-u2", "fuzz-u3")
+#: Ids of seeded rows for each path parameter: drawn from `_segments` alone, a path of two
+#: parameters named a row too rarely for a message's route to answer anything but 400 and 404.
+_PATH_IDS = {
+    "user_id": st.sampled_from([hostile.KNOWN_USER, *SPARE_USERS]),
+    "session_id": st.sampled_from([hostile.KNOWN_SESSION, hostile.DELETED_SESSION, "fuzz-s3"]),
+    "message_uuid": hostile.current(KNOWN_UUIDS),
+}
 #: Path segments, already percent-encoded: known and new ids, and what ids must not be.
 _segments = st.one_of(
     st.sampled_from([hostile.KNOWN_USER, hostile.KNOWN_SESSION, hostile.DELETED_SESSION]),
     st.integers(0, 30).map(lambda i: f"rest-{i}"),
-    st.deferred(lambda: st.sampled_from(KNOWN_UUIDS or ["none"])),
+    hostile.current(KNOWN_UUIDS),
     st.sampled_from(["%00", "a%00b", "%ED%A0%80", "%FF", "%20a", "a%20", "..", "%2E%2E", "a%2Fb"]),
     st.sampled_from(["%E2%80%AE", "a" * 256, "a" * 257, "i" * 5000, "%09", "%7F"]),
     st.text(st.characters(codec="utf-8"), min_size=1, max_size=20).map(lambda t: quote(t, safe="")),
 )
-KNOWN_UUIDS: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -248,8 +264,10 @@ class Request:
 
 
 _CONTENT_TYPES = st.sampled_from(
-    ["application/json", "application/json", "application/json; charset=utf-8", "text/plain",
-     "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""]
+    ["application/json", "application/json", "application/json; charset=utf-8",
+     "application/json; charset=utf8", 'application/json; charset="UTF8"', "text/plain",
+     "application/json; charset=latin-1", "application/x-www-form-urlencoded",
+     "multipart/form-data; boundary=x", ""]
 )  # fmt: skip
 
 
@@ -300,8 +318,11 @@ def requests_to(draw: st.DrawFn, endpoint: Endpoint) -> Request:
         )
     )
     path = endpoint.path
-    for placeholder in re.findall(r"{\w+(?::\w+)?}", endpoint.path):
-        path = path.replace(placeholder, draw(_segments))
+    for placeholder, name in re.findall(r"({(\w+)(?::\w+)?})", endpoint.path):
+        # Half the time a seeded row's id: a bad segment is refused before anything else.
+        ids = _PATH_IDS.get(name)
+        segment = _segments if ids is None else hostile.rare(_segments, ids, 2)
+        path = path.replace(placeholder, draw(segment))
     query = draw(
         st.lists(
             st.tuples(st.one_of(st.sampled_from(QUERY_NAMES), st.just("x")), _query_values),
@@ -386,11 +407,30 @@ class Sender:
             assert named <= request.sent_fields | REQUIRED | {"body"}, where
 
 
+def _must_answer(endpoint: Endpoint) -> dict[str, set[int]]:
+    """What `endpoint` answers the fuzz's requests at least once, each by its statuses.
+
+    A success is asked of a route that serves GET (a path and a query to get right; a whole
+    plausible body is drawn 1-3 times in 252 requests, too few to count on). Before, a 415 was
+    allowed but never required, and the routes of a message never answered 200: the uuids
+    drawn were those of the first test's seed."""
+    must = {"405 (another method)": {405}}
+    if "GET" in endpoint.methods:
+        must["a success"] = {200}
+    if endpoint.path != "/healthz":
+        must["400 (a bad field)"] = {400}
+    if set(endpoint.methods) & {"POST", "PATCH", "PUT"}:
+        must["415 (a body not declared as JSON)"] = {415}
+    return must
+
+
 def _seed(served: Served) -> None:
-    """A user, a live and a deleted session with messages, as test_fuzz seeds over gRPC."""
+    """A user, a live and a deleted session with messages, as test_fuzz seeds over gRPC, and
+    the spare users."""
     post = served.client.post
     url = served.base_url + "/api/v2"
-    assert post(f"{url}/users", json={"user_id": hostile.KNOWN_USER}).status_code == 201
+    for user in (hostile.KNOWN_USER, *SPARE_USERS):
+        assert post(f"{url}/users", json={"user_id": user}).status_code == 201
     for name in (hostile.KNOWN_SESSION, hostile.DELETED_SESSION, "fuzz-s3"):
         body = {"session_id": name, "user_id": hostile.KNOWN_USER}
         assert post(f"{url}/sessions", json=body).status_code == 201
@@ -438,6 +478,12 @@ def test_fuzz_rest_route(served: Served, clean_db: str, endpoint: Endpoint) -> N
     run()
     sender.close()
     assert sum(sender.statuses.values()) >= fuzz_settings.max_examples * BATCH
+    # What the requests must draw from the route, or the fuzz no longer reaches that part of
+    # it (reproducible: the default profile draws the same inputs on every run, and the
+    # explore profile 24 times as many).
+    must = _must_answer(endpoint).items()
+    missing = [what for what, codes in must if not codes & sender.statuses.keys()]
+    assert not missing, f"never answered {missing}: {dict(sender.statuses)}"
     _check_written(served, sender, clean_db)
     _check_log(served, start)
     _record(endpoint, sender)
