@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import psycopg
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from memstore.v1 import backup_service_pb2 as bs
 from memstore.v1 import backup_service_pb2_grpc
@@ -151,3 +151,35 @@ async def test_a_sequence_past_2_53_is_refused_naming_it(
         ss.AddMemoryRequest(session_id="s", messages=[rs.Message(content="next")])
     )
     assert added.messages[0].sequence == 2**53 + 1
+
+
+async def test_rows_restored_at_the_end_of_9999_stay_readable_when_touched(
+    backup: Backup, users: Users, sessions: Sessions
+) -> None:
+    # Restore keeps a backup's times, up to the last microsecond a Timestamp (and Python)
+    # holds. One microsecond past it, as the next update's strictly later updated_at, was
+    # the year 10000: stored, then unreadable, and every listing and export of the project
+    # failed with it.
+    last = timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_000)
+    user = rs.User(user_id="u", created_at=_at(0), updated_at=last)
+    session = rs.Session(session_id="s", user_id="u", created_at=_at(1), updated_at=last)
+    message = _message("s", 1)
+    message.message.updated_at.CopyFrom(last)
+    await backup.Restore(bs.RestoreRequest(users=[user], sessions=[session], messages=[message]))
+    meta = struct_pb2.Struct(fields={"k": struct_pb2.Value(number_value=1)})
+    await users.UpdateUser(us.UpdateUserRequest(user_id="u", metadata=meta))
+    await sessions.UpdateSession(ss.UpdateSessionRequest(session_id="s", metadata=meta))
+    await sessions.UpdateMessage(ss.UpdateMessageRequest(session_id="s", uuid=UUID, metadata=meta))
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[rs.Message(content="later")])
+    )
+    got = (await users.GetUser(us.GetUserRequest(user_id="u"))).user
+    assert got.updated_at == last and got.metadata == meta
+    listed = (await sessions.ListSessions(ss.ListSessionsRequest())).sessions
+    assert [(s.session_id, s.updated_at, s.message_count) for s in listed] == [("s", last, 2)]
+    page = await sessions.ListMessages(ss.ListMessagesRequest(session_id="s"))
+    assert [m.updated_at == last for m in page.messages] == [True, False]
+    exported = [c async for c in sessions.ExportSessions(ss.ExportSessionsRequest())]
+    assert [s.session_id for c in exported for s in c.sessions] == ["s"]
+    chunks = [c async for c in users.ListUsersChunked(us.ListUsersChunkedRequest())]
+    assert [u.user_id for c in chunks for u in c.users] == ["u"]
