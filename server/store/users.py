@@ -83,7 +83,8 @@ class UserMethods(StoreBase):
         async with self._connect(single=True) as conn:
             for project_id, user_ids in by_project.items():
                 params = {"project_id": project_id, "user_ids": user_ids}
-                for row in await fetch_all(conn, "get_users", params):
+                statement = "get_users_citus" if self.citus else "get_users"
+                for row in await fetch_all(conn, statement, params):
                     found[project_id, row["user_id"]] = rows.user(row)
         return found
 

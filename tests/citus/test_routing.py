@@ -50,7 +50,7 @@ ONE_SHARD = {
     "save_recall": "the embedding worker keeping one session's recall",
     "save_word_recall": "the recall worker (no pgvector) keeping one session's recall by words",
     "create_user": "CreateUser",
-    "get_users": "GetUser (one id; concurrent calls coalesced into one statement)",
+    "get_users_citus": "GetUser (one id; concurrent calls coalesced into one statement)",
     "update_user": "UpdateUser",
     "count_live_sessions": "every session write that makes a session live or not: its user's count",
     "lock_session_for_revival": "AddMemory reviving a soft-deleted session",
@@ -129,6 +129,8 @@ PLAIN_ONLY = {
     "get_memories_recall_words",
     # Its LIMIT behind a scalar subquery, which Citus refuses in a multi-shard query.
     "list_user_chunk",
+    # Its ids behind a scalar subquery, by which Citus cannot prune: every shard.
+    "get_users",
 }
 #: Statements on reference or coordinator-local tables only, and fragments.
 _NOT_DISTRIBUTED_PREFIXES = ("filter_", "search_filter_", "recall_filter_", "keyset_", "order_")

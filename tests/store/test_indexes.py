@@ -139,38 +139,76 @@ def test_user_chunk_and_its_session_counts_use_indexes(clean_db: str) -> None:
     assert "user_session_counts_pkey" in used
 
 
-def test_user_chunk_is_planned_once(clean_db: str) -> None:
-    # ListUsersChunked's statement (list_user_chunk, prepared after psycopg's five uses) runs
-    # on a generic plan once PostgreSQL has weighed it: with the limit and the key visible to
-    # each custom plan, the generic one (a tenth of the table per page) looked dearer and
-    # every chunk was planned again (~0.3 ms of PostgreSQL's CPU per 1,000 users,
-    # docs/performance.md, "A chunk's statement planned once").
-    with psycopg.connect(clean_db, autocommit=True) as conn:
-        # Enough users that a tenth of them is many pages.
+def _assert_planned_once(
+    url: str, statement: sql.Composable, calls: list[dict[str, Any]]
+) -> list[list[tuple[Any, ...]]]:
+    """Runs `statement` once per parameters in `calls`, prepared, on a connection of its own,
+    and asserts that PostgreSQL kept one generic plan: it plans the first five executions
+    for their values, then weighs the generic plan against them, and a statement whose
+    custom plans look cheaper is planned again at every call. Returns each call's rows."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.cursor(binary=True)
+        found = [cur.execute(statement, params, prepare=True).fetchall() for params in calls]
+        row = conn.execute(
+            "SELECT sum(generic_plans)::int, sum(custom_plans)::int FROM pg_prepared_statements"
+        ).fetchone()
+    assert row is not None
+    generic, custom = row
+    assert custom <= 6 and generic >= len(calls) - 6, row
+    return found
+
+
+def _seed_users(url: str, count: int) -> None:
+    # `count` users a second apart, every tenth with 2 live sessions counted, and statistics.
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO users (project_id, user_id, created_at)"
             " SELECT %s, 'u' || g, '2024-01-01'::timestamptz + g * interval '1 s'"
-            " FROM generate_series(1, 3000) g",
-            [P],
+            " FROM generate_series(1, %s) g",
+            [P, count],
         )
         conn.execute(
             "INSERT INTO user_session_counts (project_id, user_id, session_count)"
             " SELECT project_id, user_id, 2 FROM users WHERE user_id LIKE '%%3'"
         )
         conn.execute("ANALYZE users, user_session_counts")
-        cur = conn.cursor(binary=True)
-        for k in range(12):
-            after = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=100 * k)
-            params = {"project_id": P, "after_ts": after, "after_id": "", "limit": 20}
-            row = cur.execute(query("list_user_chunk"), params, prepare=True).fetchone()
-            assert row is not None and row[1] == 20
-        row = conn.execute(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-            " WHERE statement LIKE '%%WITH keys AS MATERIALIZED%%'"
-        ).fetchone()
-    assert row is not None
-    generic, custom = row
-    assert generic >= 6 and custom <= 6, row
+
+
+def test_user_chunk_is_planned_once(clean_db: str) -> None:
+    # ListUsersChunked's statement (list_user_chunk, prepared after psycopg's five uses) runs
+    # on a generic plan once PostgreSQL has weighed it: with the limit and the key visible to
+    # each custom plan, the generic one (a tenth of the table per page) looked dearer and
+    # every chunk was planned again (~0.3 ms of PostgreSQL's CPU per 1,000 users,
+    # docs/performance.md, "A chunk's statement planned once").
+    _seed_users(clean_db, 3000)  # enough users that a tenth of them is many pages
+    calls = [
+        {
+            "project_id": P,
+            "after_ts": datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=100 * k),
+            "after_id": "",
+            "limit": 20,
+        }
+        for k in range(12)
+    ]
+    for rows in _assert_planned_once(clean_db, query("list_user_chunk"), calls):
+        assert rows[0][1] == 20, rows
+
+
+def test_get_user_is_planned_once(clean_db: str) -> None:
+    # GetUser's statement (get_users: the ids of the calls the coalescer gathered, one to
+    # sixteen, most often one or two) runs on a generic plan once PostgreSQL has weighed it:
+    # with the array in sight, each custom plan of fewer ids than the generic plan's guess
+    # (ten) looked cheaper, and every GetUser was planned again (docs/performance.md,
+    # "GetUser's statement planned once").
+    _seed_users(clean_db, 3000)
+    sizes = [1, 2, 1, 1, 3, 1, 2, 8, 1, 16, 1, 2]
+    batches = [[f"u{100 * k + j}" for j in range(1, n + 1)] for k, n in enumerate(sizes)]
+    batches[4].append("nobody")  # an id with no user is simply absent
+    calls = [{"project_id": P, "user_ids": ids} for ids in batches]
+    found = _assert_planned_once(clean_db, query("get_users"), calls)
+    for ids, rows in zip(batches, found, strict=True):
+        counts = {r[0]: r[7] for r in rows}
+        assert counts == {i: 2 if i.endswith("3") else 0 for i in ids if i != "nobody"}, rows
 
 
 def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
@@ -282,19 +320,11 @@ def test_get_memory_with_recall_is_planned_once(clean_db: str) -> None:
         conn.execute("ANALYZE sessions, messages")
         vectors = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
         statement = kept_recall_statement("get_memories_recall", vectors=vectors is not None)
-        params = {
-            "project_id": P,
-            "model": "m",
-            "session_ids": [f"s{k}" for k in range(calls)],
-            "lastns": [6] * calls,
-            "limits": [5] * calls,
-        }
-        for _ in range(12):
-            conn.execute(statement, params, prepare=True).fetchall()
-        row = conn.execute(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-            " WHERE statement LIKE '%%WITH ORDINALITY AS q(session_id, lastn, lim, i)%%'"
-        ).fetchone()
-    assert row is not None
-    generic, custom = row
-    assert generic >= 6 and custom <= 6, row
+    params = {
+        "project_id": P,
+        "model": "m",
+        "session_ids": [f"s{k}" for k in range(calls)],
+        "lastns": [6] * calls,
+        "limits": [5] * calls,
+    }
+    _assert_planned_once(clean_db, statement, [params] * 12)

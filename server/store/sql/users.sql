@@ -14,13 +14,29 @@ RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_a
 
 -- get_users --
 -- The users of several ids (concurrent GetUser calls coalesced into one statement), each with
--- the number of its live sessions; an id with no row is simply absent. user_session_counts is
--- placed with users under Citus: one id reads one shard.
+-- the number of its live sessions; an id with no row is simply absent.
+-- The parameters are behind scalar subqueries, so that a custom plan knows no more than the
+-- generic one: seeing the array's length, a custom plan of fewer than ten ids (the generic
+-- plan's guess), which is nearly every batch the coalescer sends, looked cheaper, and
+-- PostgreSQL planned every call again (docs/performance.md, "GetUser's statement planned
+-- once"). The plan is the same either way: the users by their key, then each one's count.
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
        coalesce(c.session_count, 0) AS session_count
 FROM users u
 LEFT JOIN user_session_counts c ON c.project_id = u.project_id AND c.user_id = u.user_id
--- user_ids in binary format: the text form of an array costs psycopg a regex per element.
+-- user_ids in binary format: the text form of an array costs psycopg a regex per element;
+-- the outer cast makes `ANY` read one array value, not the rows of a subquery.
+WHERE u.project_id = (SELECT %(project_id)s::int8)
+  AND u.user_id = ANY ((SELECT %(user_ids)b::text[])::text[]);
+
+-- get_users_citus --
+-- get_users on Citus, its parameters as they are: Citus prunes shards by the ids it can see,
+-- and a subquery's would send every GetUser to every shard. user_session_counts is placed with
+-- users there: one id reads one shard.
+SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
+       coalesce(c.session_count, 0) AS session_count
+FROM users u
+LEFT JOIN user_session_counts c ON c.project_id = u.project_id AND c.user_id = u.user_id
 WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)b::text[]);
 
 -- update_user --
