@@ -406,6 +406,21 @@ def test_pg_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
         assert left.fetchall() == []
 
 
+@pytest.mark.parametrize("name", ["get_users", "list_user_wire"])
+def test_plan_cost_times_both_sides_on_tiny_data(server_url: str, name: str) -> None:
+    # bench.plan_cost: the statement before and after (their rows checked equal), both
+    # timed for each kind of call, the checkout's on its generic plan, the database dropped.
+    from bench.plan_cost import STATEMENTS, measure
+
+    found = measure(server_url, name, 50, rounds=2, calls=2)
+    kinds = STATEMENTS[name][1]
+    assert all(found[f"{s}_{k}"] > 0 for s in ("before", "after") for k in kinds), found
+    assert found["plans"]["after"]["generic"] > found["plans"]["after"]["custom"], found
+    with psycopg.connect(server_url) as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [f"plan_cost_{name}"])
+        assert left.fetchall() == []
+
+
 def test_chunk_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
     # bench.chunk_cost: every variant timed against COPY of the same rows (each checked to
     # return list_user_chunk's bytes), its database dropped at the end.

@@ -134,7 +134,9 @@ class ExportMethods(StoreBase):
         }
         found = cast(
             tuple[bytes, list[int], list[datetime], list[str]],
-            await self._binary_row("list_user_wire", params),
+            await self._binary_row(
+                "list_user_wire_citus" if self.citus else "list_user_wire", params
+            ),
         )
         entries, sizes, created, user_ids = found
         if not sizes:

@@ -72,7 +72,7 @@ FAN_OUT = {
     "list_users": "ListUsers",
     "list_user_records": "ListUsers",
     "list_user_chunk_citus": "ListUsersChunked (a chunk of the users' protobuf bytes as one value)",
-    "list_user_wire": "ListUsersChunked (a chunk past the byte cap, cut by each user's size)",
+    "list_user_wire_citus": "ListUsersChunked (a chunk past the byte cap, cut by each user's size)",
     "count_users": "ListUsers' total_size",
     "list_sessions": "ListSessions",
     "count_sessions": "ListSessions' total_size",
@@ -127,8 +127,9 @@ PLAIN_ONLY = {
     "refresh_session_embeddings",
     "get_memories_recall",
     "get_memories_recall_words",
-    # Its LIMIT behind a scalar subquery, which Citus refuses in a multi-shard query.
+    # Their LIMIT behind a scalar subquery, which Citus refuses in a multi-shard query.
     "list_user_chunk",
+    "list_user_wire",
     # Its ids behind a scalar subquery, by which Citus cannot prune: every shard.
     "get_users",
 }

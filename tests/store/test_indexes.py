@@ -194,6 +194,26 @@ def test_user_chunk_is_planned_once(clean_db: str) -> None:
         assert rows[0][1] == 20, rows
 
 
+def test_user_wire_is_planned_once(clean_db: str) -> None:
+    # ListUsersChunked's statement for a chunk past the byte cap (list_user_wire, each
+    # entry's size and key) is planned once, as list_user_chunk: with the limit and the key
+    # in sight each custom plan looked cheaper than the generic one, and every batch was
+    # planned again (docs/performance.md, "GetUser's statement planned once").
+    _seed_users(clean_db, 3000)
+    calls = [
+        {
+            "project_id": P,
+            "after_ts": datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=100 * k),
+            "after_id": "",
+            "limit": 20,
+        }
+        for k in range(12)
+    ]
+    for k, rows in enumerate(_assert_planned_once(clean_db, query("list_user_wire"), calls)):
+        _, sizes, _, user_ids = rows[0]
+        assert len(sizes) == 20 and user_ids[0] == f"u{max(100 * k, 1)}", rows
+
+
 def test_get_user_is_planned_once(clean_db: str) -> None:
     # GetUser's statement (get_users: the ids of the calls the coalescer gathered, one to
     # sixteen, most often one or two) runs on a generic plan once PostgreSQL has weighed it:

@@ -115,6 +115,39 @@ FROM (SELECT p.created_at, p.user_id,
 -- read as list_user_records reads it). One row; its arrays are empty when no user follows.
 -- Each stage is MATERIALIZED: the inlined encoders name their argument several times, and
 -- an argument that is a column of the stage before is read, not computed again.
+-- Every parameter is behind a scalar subquery, as in list_user_chunk and for its reason: a
+-- custom plan that saw the limit looked cheaper than the generic one, and every batch was
+-- planned again (docs/performance.md, "GetUser's statement planned once").
+WITH page AS MATERIALIZED (
+    SELECT u.user_id, u.created_at, u.wire
+    FROM users u
+    WHERE u.project_id = (SELECT %(project_id)s::int8)
+      AND (u.created_at, u.user_id)
+          > ((SELECT %(after_ts)s::timestamptz), (SELECT %(after_id)s::text))
+    ORDER BY u.created_at, u.user_id
+    LIMIT (SELECT %(limit)s::int8)
+), counts AS MATERIALIZED (
+    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
+    WHERE c.project_id = (SELECT %(project_id)s::int8)
+      AND c.user_id IN (SELECT user_id FROM page)
+), bodies AS MATERIALIZED (
+    SELECT p.created_at, p.user_id,
+           CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)
+                ELSE p.wire END AS body
+    FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
+), entries AS MATERIALIZED (
+    SELECT created_at, user_id, '\x0a'::bytea || memstore_pb_varint(length(body)) || body AS entry
+    FROM bodies
+)
+SELECT coalesce(string_agg(entry, ''::bytea ORDER BY created_at, user_id), ''::bytea),
+       coalesce(array_agg(length(entry) ORDER BY created_at, user_id), '{}'),
+       coalesce(array_agg(created_at ORDER BY created_at, user_id), '{}'),
+       coalesce(array_agg(user_id ORDER BY created_at, user_id), '{}')
+FROM entries;
+
+-- list_user_wire_citus --
+-- list_user_wire on Citus, its parameters as they are: Citus refuses a subquery in the LIMIT
+-- of a multi-shard query (it pushes this LIMIT down to every shard's query).
 WITH page AS MATERIALIZED (
     SELECT u.user_id, u.created_at, u.wire
     FROM users u
