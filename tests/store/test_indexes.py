@@ -174,6 +174,18 @@ def _seed_users(url: str, count: int) -> None:
         conn.execute("ANALYZE users, user_session_counts")
 
 
+#: Twelve keyset pages of 20 of _seed_users' users, each starting 100 users after the last.
+_USER_PAGES = [
+    {
+        "project_id": P,
+        "after_ts": datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=100 * k),
+        "after_id": "",
+        "limit": 20,
+    }
+    for k in range(12)
+]
+
+
 def test_user_chunk_is_planned_once(clean_db: str) -> None:
     # ListUsersChunked's statement (list_user_chunk, prepared after psycopg's five uses) runs
     # on a generic plan once PostgreSQL has weighed it: with the limit and the key visible to
@@ -181,16 +193,7 @@ def test_user_chunk_is_planned_once(clean_db: str) -> None:
     # every chunk was planned again (~0.3 ms of PostgreSQL's CPU per 1,000 users,
     # docs/performance.md, "A chunk's statement planned once").
     _seed_users(clean_db, 3000)  # enough users that a tenth of them is many pages
-    calls = [
-        {
-            "project_id": P,
-            "after_ts": datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=100 * k),
-            "after_id": "",
-            "limit": 20,
-        }
-        for k in range(12)
-    ]
-    for rows in _assert_planned_once(clean_db, query("list_user_chunk"), calls):
+    for rows in _assert_planned_once(clean_db, query("list_user_chunk"), _USER_PAGES):
         assert rows[0][1] == 20, rows
 
 
@@ -200,16 +203,8 @@ def test_user_wire_is_planned_once(clean_db: str) -> None:
     # in sight each custom plan looked cheaper than the generic one, and every batch was
     # planned again (docs/performance.md, "GetUser's statement planned once").
     _seed_users(clean_db, 3000)
-    calls = [
-        {
-            "project_id": P,
-            "after_ts": datetime(2024, 1, 1, tzinfo=UTC) + timedelta(seconds=100 * k),
-            "after_id": "",
-            "limit": 20,
-        }
-        for k in range(12)
-    ]
-    for k, rows in enumerate(_assert_planned_once(clean_db, query("list_user_wire"), calls)):
+    pages = _assert_planned_once(clean_db, query("list_user_wire"), _USER_PAGES)
+    for k, rows in enumerate(pages):
         _, sizes, _, user_ids = rows[0]
         assert len(sizes) == 20 and user_ids[0] == f"u{max(100 * k, 1)}", rows
 
