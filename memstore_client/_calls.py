@@ -196,6 +196,7 @@ def delete_user(user_id: str) -> Unary[None]:
 def list_users(limit: int, cursor: str | None, page_number: int = 0) -> Unary[UserPage]:
     """ListUsers; the cursor is the previous page's next_cursor, or page_number (1-based)."""
     _texts(optional=True, cursor=cursor)
+    _checks.integer("limit", limit)
     _checks.integer("page_number", page_number)
     request = us.ListUsersRequest(page_size=limit, page_token=cursor or "", page_number=page_number)
 
@@ -208,6 +209,7 @@ def list_users(limit: int, cursor: str | None, page_number: int = 0) -> Unary[Us
 
 def list_users_chunked(chunk_size: int, page_token: str = "") -> Stream[User]:
     """ListUsersChunked."""
+    _checks.integer("chunk_size", chunk_size)
     request = us.ListUsersChunkedRequest(chunk_size=chunk_size, page_token=page_token)
     return Stream(
         USERS, "ListUsersChunked", request, lambda r: [User.from_proto(u) for u in r.users]
@@ -355,6 +357,7 @@ def list_messages(
     """One page of ListMessages: by page_token (keyset) or page_number (1-based)."""
     _ids(session_id=session_id)
     _texts(page_token=page_token)
+    _checks.integer("page_size", page_size)
     _checks.integer("page_number", page_number)
     request = ss.ListMessagesRequest(
         session_id=session_id,
@@ -411,6 +414,9 @@ def clear_memory(session_id: str) -> Unary[int]:
 def get_memory(session_id: str, lastn: int, relevant_limit: int | None) -> Unary[Memory]:
     """GetMemory."""
     _ids(session_id=session_id)
+    _checks.integer("lastn", lastn)
+    if relevant_limit is not None:
+        _checks.integer("relevant_limit", relevant_limit)
     request = ss.GetMemoryRequest(session_id=session_id, lastn=lastn, relevant_limit=relevant_limit)
 
     def convert(r: ss.GetMemoryResponse) -> Memory:

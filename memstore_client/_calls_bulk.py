@@ -52,6 +52,7 @@ def search_memory(
     _texts(text=text)
     _ids(optional=True, user_id=user_id)
     _checks.texts("session_ids", session_ids)
+    _checks.integer("limit", limit)
     if search_type not in SEARCH_TYPES:
         raise ValueError(
             f"search_type must be one of {', '.join(SEARCH_TYPES)}, not {search_type!r}"
@@ -88,6 +89,7 @@ def export_sessions(
     chunk_size: int, page_token: str, include_deleted: bool = False
 ) -> Stream[Session]:
     """ExportSessions (soft-deleted sessions too with include_deleted)."""
+    _checks.integer("chunk_size", chunk_size)
     request = ss.ExportSessionsRequest(
         chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
     )
@@ -100,6 +102,7 @@ def export_messages(
     chunk_size: int, page_token: str, include_deleted: bool = False
 ) -> Stream[ExportedMessage]:
     """ExportMessages (soft-deleted messages too with include_deleted)."""
+    _checks.integer("chunk_size", chunk_size)
     request = ss.ExportMessagesRequest(
         chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
     )

@@ -91,6 +91,29 @@ async def test_the_async_client_checks_the_same() -> None:
         await client.close()
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.user.list(limit=2**31), "limit"),
+        (lambda c: list(c.user.list_chunked(2**31)), "chunk_size"),
+        (lambda c: list(c.user.export(2**31)), "chunk_size"),
+        (lambda c: list(c.memory.export_sessions(2**31)), "chunk_size"),
+        (lambda c: list(c.memory.export_messages(-(2**31) - 1)), "chunk_size"),
+        (lambda c: c.memory.list_messages("s", page_size=2**40), "page_size"),
+        (lambda c: c.memory.get("s", lastn=2**31), "lastn"),
+        (lambda c: c.memory.get("s", relevant_limit=2**31), "relevant_limit"),
+        (lambda c: c.memory.search("t", limit=2**31), "limit"),
+    ],
+)
+def test_counts_past_32_bits_are_invalid_argument_naming_them(
+    client: Memstore, call: Callable[[Memstore], object], field: str
+) -> None:
+    # As list_sessions' page_size always was: protobuf's bare "Value out of range" (a
+    # ValueError, and a traceback out of `memstore export --chunk-size`) named nothing.
+    error = _refused(lambda: call(client), field)
+    assert "does not fit in 32 bits" in error.message
+
+
 @pytest.mark.parametrize("levels", [33, 45, 2000])
 def test_too_deep_metadata_is_invalid_argument_not_decode_or_recursion_error(
     client: Memstore, levels: int
