@@ -96,7 +96,7 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
     try:
         with ExitStack() as stack:
             out = stack.enter_context(args.output.open("a", encoding="utf-8"))
-            if not resuming:
+            if not args.output.stat().st_size:  # a new file, or one cut within its header
                 _write(out, {"memstore_backup": FORMAT})
             bar = stack.enter_context(progress("backing up"))
             bar.update(sum(counts.values()))
@@ -127,9 +127,16 @@ def _zero() -> dict[str, int]:
 
 def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
     """Where an interrupted backup goes on, (stream, token), or None when it is complete; and
-    the rows it holds. Rows after the last checkpoint (a chunk cut short) are cut off."""
+    the rows it holds. Rows after the last checkpoint (a chunk cut short) are cut off.
+
+    Raises:
+        InvalidArgument: the file is not a backup (its first line is not the header), and
+            is left as it is: cutting it back would destroy what it holds.
+    """
     keep, point = 0, ("users", "")
     with path.open("rb") as source:
+        _check_header(path, source.readline())
+        source.seek(0)
         offset = 0
         for raw in source:
             offset += len(raw)
@@ -150,6 +157,20 @@ def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
     with path.open("r+b") as file:
         file.truncate(keep)
     return point, _count_rows(path)
+
+
+def _check_header(path: Path, first: bytes) -> None:
+    header = (json.dumps({"memstore_backup": FORMAT}) + "\n").encode()
+    try:
+        whole = json.loads(first) == {"memstore_backup": FORMAT}
+    except ValueError:
+        whole = False
+    # The header itself cut short by an interruption starts the backup again.
+    if not whole and not (header.startswith(first) and not first.endswith(b"\n")):
+        raise InvalidArgument(
+            f"{path} is not a memstore backup (its first line is not "
+            f'{{"memstore_backup": {FORMAT}}}); nothing was changed: back up to another file'
+        )
 
 
 def _count_rows(path: Path) -> dict[str, int]:

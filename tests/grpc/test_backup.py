@@ -196,3 +196,26 @@ async def test_a_backup_that_is_not_utf8_is_refused_with_its_line(
         f"at column {column}); memstore reads the UTF-8 JSON Lines it writes"
     ]
     assert (await _snapshot(clean_db))["users"] == []
+
+
+async def test_resume_refuses_a_file_that_is_no_backup_and_leaves_it_whole(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `backup -o users.jsonl --resume` by mistake: the export was cut back to nothing (no line
+    # of it was a checkpoint) and a backup without its header appended, which restore refuses.
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    argv = ("--address", address, "--no-progress")
+    export = tmp_path / "users.jsonl"
+    assert await _run("export", "users", "-o", str(export), *argv) == 0
+    before = export.read_bytes()
+    assert await _run("backup", "-o", str(export), "--resume", *argv) == 1
+    assert "is not a memstore backup" in capsys.readouterr().err
+    assert export.read_bytes() == before
+    # A backup interrupted within its header line starts again, header first.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b'{"memstore_bac')
+    assert await _run("backup", "-o", str(cut), "--resume", *argv) == 0
+    await _truncate(clean_db)
+    assert await _run("restore", "-i", str(cut), *argv) == 0
+    assert [u["user_id"] for u in (await _snapshot(clean_db))["users"]] == ["ann", "bob"]
