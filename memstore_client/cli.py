@@ -24,7 +24,10 @@ from memstore_client import (
     MemstoreError,
     Message,
     NotFound,
+    PermissionDenied,
     Session,
+    Unauthenticated,
+    Unavailable,
     User,
     backup_cli,
 )
@@ -247,6 +250,8 @@ class _NoProgress:
 IMPORT_ORDER = "import users, then sessions, then messages"
 
 Counts = dict[str, int]
+#: Errors of the connection or the key, not of a row: every other row would fail the same.
+_STOPS = (Unavailable, Unauthenticated, PermissionDenied)
 
 
 def _import(client: Memstore, args: argparse.Namespace) -> int:
@@ -262,7 +267,7 @@ def _import(client: Memstore, args: argparse.Namespace) -> int:
             for line, row in rows:
                 _count(counts, f"line {line}", 1, functools.partial(create, client, row))
                 bar.update(1)
-    print(json.dumps({"kind": args.kind, **counts}))
+    _report(args.kind, counts)
     if counts["differs"]:
         print(
             f"{counts['differs']} {args.kind} already exist with other values than the file "
@@ -270,6 +275,18 @@ def _import(client: Memstore, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if counts["failed"] or counts["differs"] else 0
+
+
+def _report(kind: str, counts: Counts) -> None:
+    print(json.dumps({"kind": kind, **counts}))
+
+
+def _report_stop(where: str, exc: MemstoreError) -> None:
+    print(
+        f"import stopped at {where} ({exc.code.name}); what was imported before it counts as "
+        "existing when the import is run again",
+        file=sys.stderr,
+    )
 
 
 def _read(
@@ -323,6 +340,10 @@ def _count(counts: Counts, where: str, n: int, create: Callable[[], int | None])
         existing = create() or 0
         counts["created"] += n - existing
         counts["existing"] += existing
+    except _STOPS as exc:
+        # One line (from main), not one per row of a file of millions.
+        _report_stop(where, exc)
+        raise
     except _Differs as exc:
         counts["differs"] += n
         print(f"{where}: {exc}", file=sys.stderr)

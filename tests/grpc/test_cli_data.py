@@ -135,3 +135,26 @@ async def test_export_fails_cleanly_when_the_server_is_unreachable(
     code = await _run("export", "users", "--address", f"127.0.0.1:{port}", "--no-progress")
     assert code == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["users", "sessions", "messages"])
+async def test_import_stops_at_the_first_row_when_the_server_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    # Every row would fail the same way: one line per row of a big file told nothing more.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows = {
+        "users": [{"user_id": f"u{i}"} for i in range(50)],
+        "sessions": [{"session_id": f"s{i}"} for i in range(50)],
+        "messages": [{"session_id": f"s{i}", "content": "x"} for i in range(50)],
+    }[kind]
+    source = tmp_path / f"{kind}.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ("--address", f"127.0.0.1:{port}", "-i", str(source), "--no-progress")
+    assert await _run("import", kind, *argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "import stopped at line" in err[0] and "UNAVAILABLE" in err[1]
