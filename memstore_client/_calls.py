@@ -112,6 +112,10 @@ def _set_times(request: ProtoMessage, **times: datetime | None) -> None:
             raise _checks.invalid(
                 name, f"must be a datetime, not {type(value).__name__}", ArgumentTypeError
             )
+        # protobuf reads a naive datetime as UTC: datetime.now() east or west of Greenwich
+        # would move the bound by hours, silently. Restore refuses one the same way.
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise _checks.invalid(name, "must be a timezone-aware datetime (datetime.now(UTC))")
         getattr(request, name).FromDatetime(value)
 
 

@@ -10,7 +10,7 @@ from memstore.v1 import backup_service_pb2 as bs
 from memstore.v1 import session_service_pb2 as ss
 
 from . import _checks
-from ._calls import BACKUP, SESSIONS, Stream, Unary, _ids, _texts
+from ._calls import BACKUP, SESSIONS, Stream, Unary, _ids, _set_times, _texts
 from .types import (
     ExportedMessage,
     JsonObject,
@@ -69,10 +69,7 @@ def search_memory(
     if metadata is not None:
         _checks.json_object("metadata", metadata)
         request.metadata_contains.update(metadata)
-    if created_after is not None:
-        request.created_after.FromDatetime(created_after)
-    if created_before is not None:
-        request.created_before.FromDatetime(created_before)
+    _set_times(request, created_after=created_after, created_before=created_before)
 
     def convert(r: ss.SearchMemoryResponse) -> SearchResults:
         return SearchResults(

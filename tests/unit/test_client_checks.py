@@ -4,6 +4,7 @@ would refuse or protobuf could not carry: its own errors, naming the argument.""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -29,6 +30,10 @@ def client() -> Iterator[Memstore]:
     services.append(ss.DESCRIPTOR.services_by_name["SessionService"])
     channel = grpc_testing.channel(services, grpc_testing.strict_real_time())
     yield Memstore(channel=channel, timeout=1)
+
+
+#: A datetime without a time zone: local time to the caller, UTC to protobuf.
+NAIVE = datetime(2026, 1, 1, 12, 0)
 
 
 def _nested(levels: int) -> dict[str, Any]:
@@ -65,6 +70,8 @@ def _refused(call: Callable[[], object], field: str) -> InvalidArgument:
         (lambda c: c.memory.search(b"text"), "text"),
         (lambda c: c.memory.search("t", session_ids="s1"), "session_ids"),
         (lambda c: c.memory.search("t", session_ids=["s1", 2]), "session_ids[1]"),
+        (lambda c: c.memory.search("t", created_after="2026-01-01"), "created_after"),
+        (lambda c: c.memory.list_sessions(updated_before=1_700_000_000), "updated_before"),
         (lambda c: c.user.add("u", metadata=["not", "a", "dict"]), "metadata"),
         (lambda c: c.user.add("u", metadata={1: "int key"}), "metadata"),
         (lambda c: c.user.add("u", metadata={"when": object()}), "metadata.when"),
@@ -112,6 +119,24 @@ def test_counts_past_32_bits_are_invalid_argument_naming_them(
     # ValueError, and a traceback out of `memstore export --chunk-size`) named nothing.
     error = _refused(lambda: call(client), field)
     assert "does not fit in 32 bits" in error.message
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.memory.list_sessions(created_after=NAIVE), "created_after"),
+        (lambda c: c.memory.list_sessions(updated_before=NAIVE), "updated_before"),
+        (lambda c: c.memory.search("t", created_after=NAIVE), "created_after"),
+        (lambda c: c.memory.search("t", created_before=NAIVE), "created_before"),
+    ],
+)
+def test_naive_datetimes_are_refused_as_restore_refuses_them(
+    client: Memstore, call: Callable[[Memstore], object], field: str
+) -> None:
+    # protobuf reads a naive datetime as UTC: datetime.now() in Berlin moved the bound an
+    # hour, silently (restore's rows already refused one).
+    error = _refused(lambda: call(client), field)
+    assert "timezone-aware" in error.message and not isinstance(error, TypeError)
 
 
 @pytest.mark.parametrize("levels", [33, 45, 2000])
