@@ -63,6 +63,15 @@ async def _seed(address: str) -> None:
         await client.memory.add_session("s-empty", metadata={"n": None, "x": 1})
 
 
+async def _backed_up_and_emptied(address: str, database_url: str, folder: Path) -> Path:
+    """The seeded project backed up to a file, then its tables emptied; the file."""
+    await _seed(address)
+    backup = folder / "b.jsonl"
+    assert await _run("backup", "-o", str(backup), "--address", address, "--no-progress") == 0
+    await _truncate(database_url)
+    return backup
+
+
 async def test_backup_and_restore_round_trip_every_column(
     grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -108,10 +117,7 @@ async def test_restore_names_the_rows_that_differ_and_writes_nothing_of_their_ba
     grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     address = f"127.0.0.1:{grpc_port}"
-    await _seed(address)
-    backup = tmp_path / "b.jsonl"
-    assert await _run("backup", "-o", str(backup), "--address", address, "--no-progress") == 0
-    await _truncate(clean_db)
+    backup = await _backed_up_and_emptied(address, clean_db, tmp_path)
     async with AsyncMemstore(address) as client:
         await client.user.add("ann", email="other@example.com")
     argv = ("restore", "-i", str(backup), "--address", address, "--no-progress", "--resume")
@@ -152,10 +158,7 @@ async def test_a_damaged_or_unfinished_backup_is_refused_with_its_line(
     grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     address = f"127.0.0.1:{grpc_port}"
-    await _seed(address)
-    backup = tmp_path / "b.jsonl"
-    assert await _run("backup", "-o", str(backup), "--address", address, "--no-progress") == 0
-    await _truncate(clean_db)
+    backup = await _backed_up_and_emptied(address, clean_db, tmp_path)
     lines = backup.read_text(encoding="utf-8").splitlines(keepends=True)
     unfinished = tmp_path / "unfinished.jsonl"
     unfinished.write_text("".join(lines[:-1]), encoding="utf-8")
@@ -178,10 +181,7 @@ async def test_a_backup_that_is_not_utf8_is_refused_with_its_line(
     grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     address = f"127.0.0.1:{grpc_port}"
-    await _seed(address)
-    backup = tmp_path / "b.jsonl"
-    assert await _run("backup", "-o", str(backup), "--address", address, "--no-progress") == 0
-    await _truncate(clean_db)
+    backup = await _backed_up_and_emptied(address, clean_db, tmp_path)
     lines = backup.read_bytes().splitlines(keepends=True)
     # A byte of Latin-1 where UTF-8 was: an editor's or a transfer's damage.
     damaged = tmp_path / "latin1.jsonl"
