@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from hypothesis import strategies as st
@@ -20,9 +20,13 @@ DELETED_SESSION = "fuzz-deleted"
 #: Message uuids and page tokens of those rows, filled in by the tests before they fuzz.
 KNOWN_UUIDS: list[str] = []
 KNOWN_TOKENS: list[str] = []
+#: Each seeded message as {"session_id": its session's id, "uuid": its uuid}.
+KNOWN_MESSAGES: list[dict[str, str]] = []
+
+T = TypeVar("T")
 
 
-def current(values: list[str]) -> st.SearchStrategy[str]:
+def current(values: list[T]) -> st.SearchStrategy[T]:
     """One of `values` as the list holds it when drawn (refilled by each test's seed).
 
     `st.sampled_from` copies its list once, at its first draw, even behind `st.deferred`:
@@ -223,23 +227,48 @@ def _build(cls: Any, **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]
     return st.fixed_dictionaries({k: _maybe(v) for k, v in fields.items()}).map(make)
 
 
+#: No fields drawn together (`owned` of _mostly and _either).
+_NOTHING: st.SearchStrategy[dict[str, Any]] = st.just({})
+
+
 def _mostly(
-    cls: Any, one_in: int, **fields: tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]
+    cls: Any,
+    one_in: int,
+    owned: st.SearchStrategy[dict[str, Any]] = _NOTHING,
+    **fields: tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]],
 ) -> Any:
     """A message of `cls` with plausible values (None: unset) in every field but, about one
     time in `one_in`, one field drawn from its hostile strategy: so that whole requests are
     often valid and get past the checks to the database, where the rows and the state they
-    meet are the hostile part."""
+    meet are the hostile part. `owned` draws plausible values of several fields together,
+    over their own: ids that belong together, such as a session and one of its messages."""
     plausible = {name: values[0] for name, values in fields.items()}
 
     def spoil(name: str) -> st.SearchStrategy[dict[str, Any]]:
-        return st.fixed_dictionaries({**plausible, name: fields[name][1]})
+        return st.tuples(st.fixed_dictionaries({**plausible, name: fields[name][1]}), owned).map(
+            lambda drawn: {**drawn[0], **{k: v for k, v in drawn[1].items() if k != name}}
+        )
 
     def make(values: dict[str, Any]) -> Any:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     spoilt = st.sampled_from(sorted(fields)).flatmap(spoil)
-    return rare(spoilt, st.fixed_dictionaries(plausible), one_in).map(make)
+    whole = st.tuples(st.fixed_dictionaries(plausible), owned).map(
+        lambda drawn: {**drawn[0], **drawn[1]}
+    )
+    return rare(spoilt, whole, one_in).map(make)
+
+
+def _either(
+    cls: Any,
+    owned: st.SearchStrategy[dict[str, Any]] = _NOTHING,
+    **fields: tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]],
+) -> Any:
+    """Half the time a request of every field hostile or unset (`_build`); half the time a
+    plausible one (`_mostly`, one in four with one hostile field) over the seeded rows, so
+    that the RPC's success and NOT_FOUND paths are reached as well as its checks."""
+    hostile = _build(cls, **{name: values[1] for name, values in fields.items()})
+    return st.one_of(hostile, _mostly(cls, 4, owned, **fields))
 
 
 _names = st.text("abcxyz", max_size=6)
@@ -315,47 +344,86 @@ def many_users(count: int) -> bpb.RestoreRequest:
     return bpb.RestoreRequest(users=users)
 
 
+# Plausible values over the seeded rows (and one id of each kind that is not there), for the
+# requests `_either` draws valid half the time.
+_users = st.sampled_from([KNOWN_USER, "fuzz-user-2", "nobody"])
+_new_users = st.one_of(st.integers(0, 99).map(lambda i: f"new-u{i}"), st.just(KNOWN_USER))
+_sessions = st.sampled_from([KNOWN_SESSION, DELETED_SESSION, "fuzz-s3", "nobody"])
+_new_sessions = st.one_of(_sessions, st.integers(0, 99).map(lambda i: f"new-s{i}"))
+#: A seeded message with its own session, half the time; else the session and uuid drawn
+#: apart (mostly of different sessions: NOT_FOUND).
+_owned_messages = st.one_of(current(KNOWN_MESSAGES), _NOTHING)
+_page_sizes = _maybe(st.integers(0, 100))
+_page_numbers = _maybe(st.integers(0, 5))
+_user_masks = _maybe(
+    st.lists(st.sampled_from(["email", "first_name", "last_name", "metadata"]), max_size=4).map(
+        lambda paths: field_mask_pb2.FieldMask(paths=paths)
+    )
+)
+_metadata_masks = _maybe(st.just(field_mask_pb2.FieldMask(paths=["metadata"])))
+_new_messages = st.lists(
+    st.builds(
+        resources_pb2.Message,
+        role=_maybe(_names),
+        role_type=st.integers(0, 6),
+        content=st.text("abc ", min_size=1, max_size=20),
+        metadata=_maybe(_small_metadata),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
 #: One strategy of hostile requests per RPC: (service, method, request strategy).
 REQUESTS: dict[str, st.SearchStrategy[Any]] = {
-    "UserService/CreateUser": _build(
+    "UserService/CreateUser": _either(
         upb.CreateUserRequest,
-        user_id=ids,
-        email=short_texts,
-        first_name=short_texts,
-        last_name=short_texts,
-        metadata=metadatas,
+        user_id=(_new_users, ids),
+        email=(_maybe(_names), short_texts),
+        first_name=(_maybe(_names), short_texts),
+        last_name=(_maybe(_names), short_texts),
+        metadata=(_maybe(_small_metadata), metadatas),
     ),
-    "UserService/GetUser": _build(upb.GetUserRequest, user_id=ids),
-    "UserService/UpdateUser": _build(
+    "UserService/GetUser": _either(upb.GetUserRequest, user_id=(_users, ids)),
+    "UserService/UpdateUser": _either(
         upb.UpdateUserRequest,
-        user_id=ids,
-        email=short_texts,
-        first_name=short_texts,
-        last_name=short_texts,
-        metadata=metadatas,
-        update_mask=masks,
+        user_id=(_users, ids),
+        email=(_maybe(_names), short_texts),
+        first_name=(_maybe(_names), short_texts),
+        last_name=(_maybe(_names), short_texts),
+        metadata=(_maybe(_small_metadata), metadatas),
+        update_mask=(_user_masks, masks),
     ),
-    "UserService/DeleteUser": _build(upb.DeleteUserRequest, user_id=ids),
+    "UserService/DeleteUser": _either(upb.DeleteUserRequest, user_id=(_users, ids)),
     "UserService/ListUsers": _build(
         upb.ListUsersRequest, page_size=sizes, page_token=tokens, page_number=sizes
     ),
     "UserService/ListUsersChunked": _build(
         upb.ListUsersChunkedRequest, chunk_size=sizes, page_token=tokens
     ),
-    "UserService/ListUserSessions": _build(
-        upb.ListUserSessionsRequest, user_id=ids, page_size=sizes, page_token=tokens
+    "UserService/ListUserSessions": _either(
+        upb.ListUserSessionsRequest,
+        user_id=(_users, ids),
+        page_size=(_page_sizes, sizes),
+        page_token=(st.none(), tokens),
     ),
     "SessionService/CreateSession": _build(
         spb.CreateSessionRequest, session_id=ids, user_id=ids, metadata=metadatas
     ),
-    "SessionService/GetSession": _build(
-        spb.GetSessionRequest, session_id=ids, show_deleted=st.booleans()
+    "SessionService/GetSession": _either(
+        spb.GetSessionRequest,
+        session_id=(_sessions, ids),
+        show_deleted=(_maybe(st.booleans()), st.booleans()),
     ),
-    "SessionService/UpdateSession": _build(
-        spb.UpdateSessionRequest, session_id=ids, metadata=metadatas, update_mask=masks
+    "SessionService/UpdateSession": _either(
+        spb.UpdateSessionRequest,
+        session_id=(_sessions, ids),
+        metadata=(_maybe(_small_metadata), metadatas),
+        update_mask=(_metadata_masks, masks),
     ),
-    "SessionService/DeleteSession": _build(spb.DeleteSessionRequest, session_id=ids),
-    "SessionService/UndeleteSession": _build(spb.UndeleteSessionRequest, session_id=ids),
+    "SessionService/DeleteSession": _either(spb.DeleteSessionRequest, session_id=(_sessions, ids)),
+    "SessionService/UndeleteSession": _either(
+        spb.UndeleteSessionRequest, session_id=(_sessions, ids)
+    ),
     "SessionService/ListSessions": _build(
         spb.ListSessionsRequest,
         page_size=sizes,
@@ -373,28 +441,37 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         updated_before=timestamps,
         metadata_contains=metadatas,
     ),
-    "SessionService/AddMemory": _build(
-        spb.AddMemoryRequest, session_id=ids, messages=message_lists, user_id=ids
+    "SessionService/AddMemory": _either(
+        spb.AddMemoryRequest,
+        session_id=(_new_sessions, ids),
+        messages=(_new_messages, message_lists),
+        user_id=(_maybe(_users), ids),
     ),
     "SessionService/GetMemory": _build(
         spb.GetMemoryRequest, session_id=ids, lastn=sizes, relevant_limit=sizes
     ),
-    "SessionService/ListMessages": _build(
+    "SessionService/ListMessages": _either(
         spb.ListMessagesRequest,
-        session_id=ids,
-        page_size=sizes,
-        page_token=tokens,
-        page_number=sizes,
+        session_id=(_sessions, ids),
+        page_size=(_page_sizes, sizes),
+        page_token=(st.none(), tokens),
+        page_number=(_page_numbers, sizes),
     ),
-    "SessionService/GetMessage": _build(spb.GetMessageRequest, session_id=ids, uuid=uuids),
-    "SessionService/UpdateMessage": _build(
+    "SessionService/GetMessage": _either(
+        spb.GetMessageRequest,
+        _owned_messages,
+        session_id=(_sessions, ids),
+        uuid=(current(KNOWN_UUIDS), uuids),
+    ),
+    "SessionService/UpdateMessage": _either(
         spb.UpdateMessageRequest,
-        session_id=ids,
-        uuid=uuids,
-        metadata=metadatas,
-        update_mask=masks,
+        _owned_messages,
+        session_id=(_sessions, ids),
+        uuid=(current(KNOWN_UUIDS), uuids),
+        metadata=(_maybe(_small_metadata), metadatas),
+        update_mask=(_metadata_masks, masks),
     ),
-    "SessionService/ClearMemory": _build(spb.ClearMemoryRequest, session_id=ids),
+    "SessionService/ClearMemory": _either(spb.ClearMemoryRequest, session_id=(_sessions, ids)),
     "SessionService/ExportSessions": _build(
         spb.ExportSessionsRequest,
         chunk_size=sizes,

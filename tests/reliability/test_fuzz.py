@@ -71,6 +71,9 @@ DOCUMENTED: dict[str, set[Code]] = {
     "SessionService/SearchMemory": {Code.FAILED_PRECONDITION, Code.UNAVAILABLE},
     "BackupService/Restore": {Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS},
 }
+#: Documented codes no request draws from a healthy server: SearchMemory's FAILED_PRECONDITION
+#: is a server keeping no vectors, its UNAVAILABLE an embedder failing.
+NOT_DRAWN = {"SessionService/SearchMemory": {Code.FAILED_PRECONDITION, Code.UNAVAILABLE}}
 #: Rows _seed writes: users, sessions, messages.
 SEEDED = {"users": 2, "sessions": 3, "messages": 9}
 TOTALS: Counter[str] = Counter()
@@ -123,6 +126,7 @@ def _seed(channel: grpc.Channel) -> None:
     """Rows for the hostile requests to hit: a user, a live and a deleted session, tokens."""
     hostile.KNOWN_UUIDS.clear()
     hostile.KNOWN_TOKENS.clear()
+    hostile.KNOWN_MESSAGES.clear()
     call = _caller(channel)
     call("UserService/CreateUser", upb.CreateUserRequest(user_id=hostile.KNOWN_USER))
     call("UserService/CreateUser", upb.CreateUserRequest(user_id="fuzz-user-2"))
@@ -134,6 +138,7 @@ def _seed(channel: grpc.Channel) -> None:
         )
         reply = spb.AddMemoryResponse.FromString(call("SessionService/AddMemory", request))
         hostile.KNOWN_UUIDS.extend(m.uuid for m in reply.messages)
+        hostile.KNOWN_MESSAGES.extend({"session_id": name, "uuid": m.uuid} for m in reply.messages)
     call("SessionService/DeleteSession", spb.DeleteSessionRequest(session_id="fuzz-deleted"))
     pages = [
         ("UserService/ListUsers", upb.ListUsersRequest(page_size=1), upb.ListUsersResponse),
@@ -313,6 +318,12 @@ def _rpc_test(method: str) -> Callable[[grpc.Channel, str], None]:
             sender.send_all([(method, r.SerializeToString()) for r in batch])
 
         run()
+        # What the requests must draw from the RPC, or the fuzz no longer reaches that part
+        # of it: its success path, its checks and every error it documents.
+        must = {"OK", "INVALID_ARGUMENT"} | {c.name for c in DOCUMENTED[method]}
+        must -= {c.name for c in NOT_DRAWN.get(method, set())}
+        missing = sorted(must - set(sender.codes))
+        assert not missing, f"never answered {missing}: {dict(sender.codes)}"
         if method == "BackupService/Restore":
             # 1,000 rows are the most one request holds: written; 1,001 are refused whole.
             bulk = [hostile.many_users(1000), hostile.many_users(1001)]
