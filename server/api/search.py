@@ -8,7 +8,7 @@ from datetime import datetime
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from memstore.v1 import session_service_pb2 as pb
-from server.api import convert
+from server.api import answer_size, convert
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import unary_errors
@@ -50,6 +50,7 @@ class SearchServicer(ServicerBase):
             note=outcome.note,
         )
         add_results(response.results, outcome.results)
+        answer_size.check_answer(response, f"{len(outcome.results)} results", limit="results")
         return response
 
 

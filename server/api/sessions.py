@@ -6,7 +6,7 @@ import uuid
 
 from memstore.v1 import session_service_pb2 as pb
 from memstore.v1 import session_service_pb2_grpc as pb_grpc
-from server.api import convert, tokens
+from server.api import answer_size, convert, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.export import ExportServicer
@@ -108,9 +108,10 @@ class SessionServicer(  # type: ignore[misc]
         response = pb.ListSessionsResponse(total_size=total or 0)
         for session in page.items:
             convert.session_to_proto(session, response.sessions.add())
-        if page.has_more and page.items:
+        kept = answer_size.page_rows(response, "sessions", by_number=offset is not None)
+        if (page.has_more or kept < len(page.items)) and kept:
             # Also after a page_number page: the token continues by keyset from its last row.
-            key = _session_key(page.items[-1], query)
+            key = _session_key(page.items[kept - 1], query)
             response.next_page_token = self._tokens.encode_time_key(fingerprint, key, total)
         return response
 
@@ -152,6 +153,12 @@ class SessionServicer(  # type: ignore[misc]
         for message in memory.messages:
             convert.message_to_proto(message, response.messages.add())
         add_results(response.relevant_messages, memory.relevant)
+        answer_size.check_answer(
+            response,
+            f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
+            lastn="messages",
+            relevant_limit="relevant_messages",
+        )
         return response
 
     @unary_errors
@@ -171,9 +178,10 @@ class SessionServicer(  # type: ignore[misc]
         response = pb.ListMessagesResponse(total_size=page.total_size or 0)
         for message in page.items:
             convert.message_to_proto(message, response.messages.add())
-        if page.has_more and page.items:
+        kept = answer_size.page_rows(response, "messages", by_number=offset is not None)
+        if (page.has_more or kept < len(page.items)) and kept:
             response.next_page_token = self._tokens.encode_sequence(
-                fingerprint, page.items[-1].sequence
+                fingerprint, page.items[kept - 1].sequence
             )
         return response
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
-from server.api import chunking, convert, tokens
+from server.api import answer_size, chunking, convert, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import stream_errors, unary_errors
@@ -91,9 +91,10 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         users = response.users
         for record in page.items:
             convert.add_user_record(users, record)
-        if page.has_more and page.items:
+        kept = answer_size.page_rows(response, "users", by_number=offset is not None)
+        if (page.has_more or kept < len(page.items)) and kept:
             response.next_page_token = self._tokens.encode_time_key(
-                query, _key(page.items[-1]), total
+                query, _key(page.items[kept - 1]), total
             )
         return response
 
@@ -135,8 +136,9 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         response = pb.ListUserSessionsResponse()
         for session in page.items:
             convert.session_to_proto(session, response.sessions.add())
-        if page.has_more and page.items:
-            last = page.items[-1]
+        kept = answer_size.page_rows(response, "sessions", by_number=False)
+        if (page.has_more or kept < len(page.items)) and kept:
+            last = page.items[kept - 1]
             response.next_page_token = self._tokens.encode_time_key(
                 query, (last.created_at, last.session_id)
             )

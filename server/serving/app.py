@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore.v1 import backup_service_pb2, session_service_pb2, user_service_pb2
+from server.api import answer_size
 from server.api.backup import BackupServicer
 from server.api.base import Context
 from server.api.chunking import WireChunk
@@ -54,13 +55,9 @@ _SETTLE_SECONDS = 5.0
 #: Seconds a metrics scrape waits for the embedding queue's count before leaving it out.
 _QUEUE_READ_SECONDS = 5.0
 
-#: The largest request memstore accepts. Larger is RESOURCE_EXHAUSTED.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-#: The largest response: room past the request's cap for what the server adds to what it
-#: accepted (AddMemory echoes 1000 messages with their uuids, times and sequences, about
-#: 40 KB). At the request's cap, an accepted write near it committed and was then answered
-#: RESOURCE_EXHAUSTED (tests/grpc/test_limits.py).
-MAX_RESPONSE_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
+#: The largest request memstore accepts, and the largest answer (server/api/answer_size.py).
+MAX_MESSAGE_BYTES = answer_size.MAX_REQUEST_BYTES
+MAX_RESPONSE_BYTES = answer_size.MAX_ANSWER_BYTES
 
 
 class _Wrapping:

@@ -359,6 +359,9 @@ class ListSessionsRequest(_message.Message):
     """Optional. Maximum number of sessions to return: 0 means the default (50),
     values above 1000 are treated as 1000, negative values are
     INVALID_ARGUMENT.
+    A page read by page_token ends early when its rows are large, before
+    4 MiB (what gRPC clients accept by default), with a next_page_token; a
+    page_number page that would pass 4 MiB is INVALID_ARGUMENT (page_size).
     """
     page_token: _builtins.str
     """Optional. The next_page_token of a previous response to the same query
@@ -635,6 +638,9 @@ class ListMessagesRequest(_message.Message):
     """Optional. Maximum number of messages to return: 0 means the default (50),
     values above 1000 are treated as 1000, negative values are
     INVALID_ARGUMENT.
+    A page read by page_token ends early when its rows are large, before
+    4 MiB (what gRPC clients accept by default), with a next_page_token; a
+    page_number page that would pass 4 MiB is INVALID_ARGUMENT (page_size).
     """
     page_token: _builtins.str
     """Optional. The next_page_token of a previous response for this session.

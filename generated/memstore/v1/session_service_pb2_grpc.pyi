@@ -192,7 +192,9 @@ class SessionServiceStub:
 
     Errors:
       - INVALID_ARGUMENT: session_id is invalid; lastn is negative;
-        relevant_limit is negative or above 100.
+        relevant_limit is negative or above 100; the answer would pass the
+        17 MiB one answer may be (lastn, or relevant_limit when the memories
+        are the larger part).
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]
     """Lists a session's live messages, oldest first (by sequence), one page at
@@ -270,7 +272,7 @@ class SessionServiceStub:
       - INVALID_ARGUMENT: text is empty or longer than 10,000 characters;
         user_id and session_ids are both set; user_id or an entry of
         session_ids is invalid, or more than 100 are named; limit is outside
-        0-100; search_type or an entry of role_types is not an enum value;
+        0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
         mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
         metadata_contains breaks the metadata limits; a time bound is outside
         years 1-9999, or created_before is not later than created_after.
@@ -446,7 +448,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
 
     Errors:
       - INVALID_ARGUMENT: session_id is invalid; lastn is negative;
-        relevant_limit is negative or above 100.
+        relevant_limit is negative or above 100; the answer would pass the
+        17 MiB one answer may be (lastn, or relevant_limit when the memories
+        are the larger part).
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists a session's live messages, oldest first (by sequence), one page at
@@ -524,7 +528,7 @@ class SessionServiceAsyncStub(SessionServiceStub):
       - INVALID_ARGUMENT: text is empty or longer than 10,000 characters;
         user_id and session_ids are both set; user_id or an entry of
         session_ids is invalid, or more than 100 are named; limit is outside
-        0-100; search_type or an entry of role_types is not an enum value;
+        0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
         mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
         metadata_contains breaks the metadata limits; a time bound is outside
         years 1-9999, or created_before is not later than created_after.
@@ -745,7 +749,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors:
           - INVALID_ARGUMENT: session_id is invalid; lastn is negative;
-            relevant_limit is negative or above 100.
+            relevant_limit is negative or above 100; the answer would pass the
+            17 MiB one answer may be (lastn, or relevant_limit when the memories
+            are the larger part).
         """
 
     @_abc_1.abstractmethod
@@ -865,7 +871,7 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
           - INVALID_ARGUMENT: text is empty or longer than 10,000 characters;
             user_id and session_ids are both set; user_id or an entry of
             session_ids is invalid, or more than 100 are named; limit is outside
-            0-100; search_type or an entry of role_types is not an enum value;
+            0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
             mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
             metadata_contains breaks the metadata limits; a time bound is outside
             years 1-9999, or created_before is not later than created_after.

@@ -1,0 +1,85 @@
+"""How large a unary answer may be: pages stop short by bytes, whole answers are refused.
+
+A row can be large (a message of 1 MiB content and 64 KiB metadata; a user or session of 64 KiB
+metadata), so a page of `page_size` rows can pass what gRPC sends (the server's
+`grpc.max_send_message_length`: it answered RESOURCE_EXHAUSTED naming no field) or what a client
+accepts (4 MiB unless the client raises `grpc.max_receive_message_length`). A page read by
+token therefore ends at the row that would take it past PAGE_BYTES, with a next_page_token (as
+AIP-158 allows: a page may hold fewer rows than page_size); a page read by page_number cannot
+end early without skipping rows on the next number, and an answer that is not a page (GetMemory,
+SearchMemory) must hold what it was asked, so those are refused past what the server can send,
+naming the field that asked for too much.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.errors import InvalidArgument
+
+#: The largest request memstore accepts (SPEC: 16 MiB). Larger is RESOURCE_EXHAUSTED.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: The largest answer the server sends: room past the request's cap for what the server adds to
+#: what it accepted (AddMemory echoes 1000 messages with their uuids, times and sequences, about
+#: 40 KB). At the request's cap, an accepted write near it committed and was then answered
+#: RESOURCE_EXHAUSTED (tests/grpc/test_limits.py).
+MAX_ANSWER_BYTES = MAX_REQUEST_BYTES + 1024 * 1024
+#: A page's rows stop before this: gRPC clients accept 4 MiB by default, and the page's other
+#: fields (its token, total_size) take far less than the 64 KiB left.
+PAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+_MIB = 1024 * 1024
+
+
+def page_rows(response: Any, field: str, *, by_number: bool) -> int:
+    """How many of `response`'s `field` rows fit in a page; drops the rest (the first always
+    stays: one row is at most ~1.1 MiB).
+
+    Raises:
+        InvalidArgument: the page was asked for by page_number and does not fit (field
+            page_size): ending it early would make the next page_number skip rows.
+    """
+    rows = getattr(response, field)
+    size = response.ByteSize()
+    if size <= PAGE_BYTES:
+        return len(rows)
+    if by_number:
+        raise InvalidArgument.field(
+            "page_size",
+            f"this page's {len(rows)} rows are {size / _MIB:.1f} MiB, more than a page holds "
+            f"({PAGE_BYTES / _MIB:.2f} MiB, what gRPC clients accept by default): ask for a "
+            "smaller page_size, or page with page_token, whose pages end early when their rows "
+            "are large",
+        )
+    keep = len(rows)
+    while keep > 1 and size > PAGE_BYTES:
+        keep -= 1
+        row = rows[keep].ByteSize()
+        size -= row + _tag_and_length(row)
+    del rows[keep:]
+    return keep
+
+
+def check_answer(response: Any, asked: str, **fields: str) -> None:
+    """Refuses an answer the server could not send. `fields` maps each request field that asked
+    for rows to the answer's field holding them; the error names the one whose rows are
+    largest.
+
+    Raises:
+        InvalidArgument: `response` is larger than MAX_ANSWER_BYTES.
+    """
+    size = response.ByteSize()
+    if size <= MAX_ANSWER_BYTES:
+        return
+    field = max(fields, key=lambda f: sum(r.ByteSize() for r in getattr(response, fields[f])))
+    raise InvalidArgument.field(
+        field,
+        f"{asked} make an answer of {size / _MIB:.1f} MiB, more than the "
+        f"{MAX_ANSWER_BYTES / _MIB:.0f} MiB one answer may be: ask for fewer",
+    )
+
+
+def _tag_and_length(size: int) -> int:
+    # A repeated message field's row on the wire: its tag (one byte for the field numbers of
+    # the list answers, all below 16) and its length as a varint.
+    return 1 + max(1, (size.bit_length() + 6) // 7)
