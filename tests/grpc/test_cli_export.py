@@ -108,6 +108,24 @@ async def test_an_interrupted_export_resumes_into_the_same_file(
     assert ids == [f"u{i:05d}" for i in range(1, USERS + 1)]
 
 
+async def _thirty_users(grpc_port: int) -> str:
+    """The server's address, once users u00..u29 exist (three chunks of 10)."""
+    address = f"127.0.0.1:{grpc_port}"
+    async with AsyncMemstore(address) as client:
+        for i in range(30):
+            await client.user.add(f"u{i:02d}")
+    return address
+
+
+def _resume_token(err: str, *, after: int) -> str:
+    """The --page-token of the resume command an export interrupted after `after` users
+    printed."""
+    resume = next(line for line in err.splitlines() if "resume with" in line)
+    assert resume.startswith(f"interrupted after {after} users;"), resume
+    command = resume.split("resume with: ")[1].split()
+    return command[command.index("--page-token") + 1]
+
+
 async def test_a_ctrl_c_mid_chunk_leaves_whole_lines_and_resumes_without_repeats(
     grpc_port: int,
     clean_db: str,
@@ -118,10 +136,7 @@ async def test_a_ctrl_c_mid_chunk_leaves_whole_lines_and_resumes_without_repeats
     # A Ctrl-C while a chunk was being written left its first rows in the file (and the
     # last one cut short at the buffer's edge) while the resume command named the token
     # before that chunk: resuming with --append wrote those rows twice.
-    address = f"127.0.0.1:{grpc_port}"
-    async with AsyncMemstore(address) as client:
-        for i in range(30):
-            await client.user.add(f"u{i:02d}")
+    address = await _thirty_users(grpc_port)
     rows = {"n": 0}
     row = cli._row
 
@@ -135,10 +150,7 @@ async def test_a_ctrl_c_mid_chunk_leaves_whole_lines_and_resumes_without_repeats
     out = tmp_path / "users.jsonl"
     argv = ["export", "users", "--address", address, "-o", str(out), "--no-progress"]
     assert await _run(*argv, "--chunk-size", "10") == 130
-    resume = next(line for line in capsys.readouterr().err.splitlines() if "resume with" in line)
-    assert resume.startswith("interrupted after 10 users;"), resume
-    command = resume.split("resume with: ")[1].split()
-    token = command[command.index("--page-token") + 1]
+    token = _resume_token(capsys.readouterr().err, after=10)
     monkeypatch.setattr(cli, "_row", row)
     assert await _run(*argv, "--chunk-size", "10", "--page-token", token, "--append") == 0
     ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
@@ -159,10 +171,7 @@ async def test_a_ctrl_c_as_a_chunk_is_written_is_cut_back_and_resumes_without_re
     # of it reaches the file) or just after, before the chunk's token is counted: either way
     # the file held rows after the point the resume command goes on from, and --append wrote
     # them again (or after half a line). The file is cut back to its last whole chunk.
-    address = f"127.0.0.1:{grpc_port}"
-    async with AsyncMemstore(address) as client:
-        for i in range(30):
-            await client.user.add(f"u{i:02d}")
+    address = await _thirty_users(grpc_port)
     out = tmp_path / "users.jsonl"
     opened = Path.open
     writes = {"n": 0}
@@ -199,10 +208,7 @@ async def test_a_ctrl_c_as_a_chunk_is_written_is_cut_back_and_resumes_without_re
     assert await _run(*argv, "--chunk-size", "10") == 130
     monkeypatch.setattr(Path, "open", opened)
     assert len(out.read_text().splitlines()) == 10  # the first chunk, whole
-    resume = next(line for line in capsys.readouterr().err.splitlines() if "resume with" in line)
-    assert resume.startswith("interrupted after 10 users;"), resume
-    command = resume.split("resume with: ")[1].split()
-    token = command[command.index("--page-token") + 1]
+    token = _resume_token(capsys.readouterr().err, after=10)
     assert await _run(*argv, "--chunk-size", "10", "--page-token", token, "--append") == 0
     ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
     assert ids == [f"u{i:02d}" for i in range(30)]
