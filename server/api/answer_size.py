@@ -13,9 +13,12 @@ naming the field that asked for too much.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+from server.domain import Page
 from server.errors import InvalidArgument
+
+T = TypeVar("T")
 
 #: The largest request memstore accepts (SPEC: 16 MiB). Larger is RESOURCE_EXHAUSTED.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -58,6 +61,19 @@ def page_rows(response: Any, field: str, *, by_number: bool) -> int:
         size -= row + _tag_and_length(row)
     del rows[keep:]
     return keep
+
+
+def last_of_page(response: Any, field: str, page: Page[T], *, by_number: bool) -> T | None:
+    """The row a page's next_page_token goes on from, once `response`'s `field` rows (those of
+    `page`) are cut to what fits (page_rows); None when no row follows.
+
+    Raises:
+        InvalidArgument: as page_rows.
+    """
+    kept = page_rows(response, field, by_number=by_number)
+    if kept and (page.has_more or kept < len(page.items)):
+        return page.items[kept - 1]
+    return None
 
 
 def check_answer(response: Any, asked: str, **fields: str) -> None:

@@ -108,10 +108,10 @@ class SessionServicer(  # type: ignore[misc]
         response = pb.ListSessionsResponse(total_size=total or 0)
         for session in page.items:
             convert.session_to_proto(session, response.sessions.add())
-        kept = answer_size.page_rows(response, "sessions", by_number=offset is not None)
-        if (page.has_more or kept < len(page.items)) and kept:
+        last = answer_size.last_of_page(response, "sessions", page, by_number=offset is not None)
+        if last is not None:
             # Also after a page_number page: the token continues by keyset from its last row.
-            key = _session_key(page.items[kept - 1], query)
+            key = _session_key(last, query)
             response.next_page_token = self._tokens.encode_time_key(fingerprint, key, total)
         return response
 
@@ -178,11 +178,9 @@ class SessionServicer(  # type: ignore[misc]
         response = pb.ListMessagesResponse(total_size=page.total_size or 0)
         for message in page.items:
             convert.message_to_proto(message, response.messages.add())
-        kept = answer_size.page_rows(response, "messages", by_number=offset is not None)
-        if (page.has_more or kept < len(page.items)) and kept:
-            response.next_page_token = self._tokens.encode_sequence(
-                fingerprint, page.items[kept - 1].sequence
-            )
+        last = answer_size.last_of_page(response, "messages", page, by_number=offset is not None)
+        if last is not None:
+            response.next_page_token = self._tokens.encode_sequence(fingerprint, last.sequence)
         return response
 
     @unary_errors

@@ -91,11 +91,9 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         users = response.users
         for record in page.items:
             convert.add_user_record(users, record)
-        kept = answer_size.page_rows(response, "users", by_number=offset is not None)
-        if (page.has_more or kept < len(page.items)) and kept:
-            response.next_page_token = self._tokens.encode_time_key(
-                query, _key(page.items[kept - 1]), total
-            )
+        last = answer_size.last_of_page(response, "users", page, by_number=offset is not None)
+        if last is not None:
+            response.next_page_token = self._tokens.encode_time_key(query, _key(last), total)
         return response
 
     # Yields chunks already serialized (the server's serializer sends bytes as they are).
@@ -136,9 +134,8 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         response = pb.ListUserSessionsResponse()
         for session in page.items:
             convert.session_to_proto(session, response.sessions.add())
-        kept = answer_size.page_rows(response, "sessions", by_number=False)
-        if (page.has_more or kept < len(page.items)) and kept:
-            last = page.items[kept - 1]
+        last = answer_size.last_of_page(response, "sessions", page, by_number=False)
+        if last is not None:
             response.next_page_token = self._tokens.encode_time_key(
                 query, (last.created_at, last.session_id)
             )

@@ -55,10 +55,6 @@ _SETTLE_SECONDS = 5.0
 #: Seconds a metrics scrape waits for the embedding queue's count before leaving it out.
 _QUEUE_READ_SECONDS = 5.0
 
-#: The largest request memstore accepts, and the largest answer (server/api/answer_size.py).
-MAX_MESSAGE_BYTES = answer_size.MAX_REQUEST_BYTES
-MAX_RESPONSE_BYTES = answer_size.MAX_ANSWER_BYTES
-
 
 class _Wrapping:
     """What every method's handler is wrapped in, once, at registration (serving/handlers.py):
@@ -198,8 +194,8 @@ async def _build(
     # No grpc.aio interceptors: each handler is wrapped once here instead (serving/handlers.py).
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+            ("grpc.max_receive_message_length", answer_size.MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", answer_size.MAX_ANSWER_BYTES),
             # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would
             # silently share it; refuse instead. Workers opt in on purpose (serving/workers.py
             # checks first that nobody else holds the port).
