@@ -233,7 +233,7 @@ MESSAGES_EXPORT = Export(
     # The API's columns, as for users.
     "COPY messages (project_id, session_id, sequence, uuid, role, role_type, content, metadata,"
     " created_at, updated_at, deleted_at) TO STDOUT",
-    None,
+    0.50,
 )
 
 
