@@ -14,18 +14,24 @@ _HEADER = re.compile(r"^-- (\w+) --$")
 #: silently glue its statement onto the block above.
 _FOREIGN_HEADER = re.compile(r"^--\s*name:")
 
+#: A comment line in a block asking for its Citus form, `<name>_citus` (citus_form).
+CITUS_MARK = "-- citus: unwrap parameters"
+
 
 def parse(text: str, origin: str = "<sql>") -> dict[str, str]:
     """Splits a file into {name: statement}; each block is `-- x --`, a comment, one statement.
 
     Comment and blank lines before the first block describe the file; comment lines inside a
-    block are left out of its statement.
+    block are left out of its statement. A block holding the line `CITUS_MARK` also gives
+    `<name>_citus`, its statement with the parameters unwrapped (citus_form).
 
     Raises:
         ValueError: a block has no description comment, no statement or more than one, a
-            name repeats, or SQL or another header style stands outside the blocks.
+            name repeats, SQL or another header style stands outside the blocks, or a
+            marked statement has no parameter to unwrap.
     """
     blocks: dict[str, list[str]] = {}
+    marked: list[str] = []
     current: list[str] | None = None
     for number, line in enumerate(text.splitlines(), start=1):
         where = f"{origin}:{number}"
@@ -34,13 +40,25 @@ def parse(text: str, origin: str = "<sql>") -> dict[str, str]:
             if name in blocks:
                 raise ValueError(f"{where}: query {name!r} defined twice")
             current = blocks[name] = []
+        elif line.strip().startswith("-- citus:"):
+            if line.strip() != CITUS_MARK or current is None:
+                raise ValueError(f"{where}: write the mark inside a block as {CITUS_MARK!r}")
+            marked.append(list(blocks)[-1])
         elif _FOREIGN_HEADER.match(line.lstrip()):
             raise ValueError(f"{where}: write a block header as '-- name_of_query --'")
         elif current is not None:
             current.append(line)
         elif line.strip() and not line.lstrip().startswith("--"):
             raise ValueError(f"{where}: SQL outside a named block")
-    return {name: _statement(name, lines, origin) for name, lines in blocks.items()}
+    statements = {name: _statement(name, lines, origin) for name, lines in blocks.items()}
+    for name in marked:
+        if f"{name}_citus" in statements:
+            raise ValueError(f"{origin}: query {name + '_citus'!r} defined twice")
+        try:
+            statements[f"{name}_citus"] = citus_form(statements[name])
+        except ValueError as exc:
+            raise ValueError(f"{origin}: query {name!r}: {exc}") from None
+    return statements
 
 
 def _statement(name: str, lines: list[str], origin: str) -> str:
@@ -56,6 +74,37 @@ def _statement(name: str, lines: list[str], origin: str) -> str:
     if ";" in statement:
         raise ValueError(f"{origin}: query {name!r} holds more than one statement")
     return statement
+
+
+#: A parameter behind a scalar subquery with its cast, `(SELECT %(name)s::type)` (or `%(name)b`),
+#: and the same cast again around it, `((SELECT %(name)b::text[])::text[])`, which makes `= ANY`
+#: read one array value rather than a subquery's rows.
+_WRAPPED = re.compile(r"\(SELECT (%\(\w+\)[sb]::\w+(?:\[\])?)\)")
+_WRAPPED_RECAST = re.compile(r"\(\(SELECT (%\(\w+\)[sb])(::\w+(?:\[\])?)\)\2\)")
+_LEFT_WRAPPED = re.compile(r"\(\s*SELECT\s+%\(", re.IGNORECASE)
+_ANY_PLACEHOLDER = re.compile(r"%\((\w+)\)[sb]")
+
+
+def citus_form(statement: str) -> str:
+    """`statement` with each parameter its scalar subquery hides written bare, with its cast.
+
+    Plain PostgreSQL must not see the values, or it plans each call again (docs/performance.md,
+    "GetUser's statement planned once"); Citus must, to prune shards by them and to take a
+    `LIMIT` in a multi-shard query (docs/scaling.md). So one statement is written, for plain
+    PostgreSQL, and this gives Citus its form.
+
+    Raises:
+        ValueError: the statement has no such subquery, or one this cannot unwrap.
+    """
+    text, recast = _WRAPPED_RECAST.subn(r"(\1\2)", statement)
+    text, wrapped = _WRAPPED.subn(r"\1", text)
+    if _LEFT_WRAPPED.search(text):
+        raise ValueError("a parameter's scalar subquery is not of the form (SELECT %(x)s::type)")
+    if not recast + wrapped:
+        raise ValueError("marked for Citus, but no parameter is behind a scalar subquery")
+    if set(_ANY_PLACEHOLDER.findall(text)) != set(_ANY_PLACEHOLDER.findall(statement)):
+        raise ValueError("unwrapping changed the statement's parameters")
+    return text
 
 
 def compact(statement: str) -> str:

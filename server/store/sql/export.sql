@@ -45,6 +45,10 @@ LIMIT %(limit)s;
 -- dearer and planned every chunk again, ~0.3 ms of its CPU per chunk of 1,000 users, a fifth
 -- of the statement (docs/performance.md, "A chunk's statement planned once"). The plan is the
 -- same either way: both scans by users_created_idx, the counts by their key.
+-- Citus refuses a subquery in the LIMIT of a multi-shard query (it pushes this LIMIT down to
+-- every shard's query): it runs list_user_chunk_citus, this statement with the parameters
+-- bare (queries.citus_form).
+-- citus: unwrap parameters
 WITH keys AS MATERIALIZED (
     SELECT array_agg(k.user_id ORDER BY k.created_at, k.user_id) AS ids,
            max(k.created_at) AS last_created
@@ -75,37 +79,6 @@ FROM (SELECT p.created_at, p.user_id,
       -- A fence: body is computed once per user, not once per use in the inlined varint.
       OFFSET 0) b;
 
--- list_user_chunk_citus --
--- list_user_chunk on Citus, its parameters as they are: Citus refuses a subquery in the LIMIT
--- of a multi-shard query (it pushes this LIMIT down to every shard's query).
-WITH keys AS MATERIALIZED (
-    SELECT array_agg(k.user_id ORDER BY k.created_at, k.user_id) AS ids,
-           max(k.created_at) AS last_created
-    FROM (SELECT u.created_at, u.user_id FROM users u
-          WHERE u.project_id = %(project_id)s
-            AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-          ORDER BY u.created_at, u.user_id
-          LIMIT %(limit)s) k
-), counts AS MATERIALIZED (
-    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
-    WHERE c.project_id = %(project_id)s
-      AND c.user_id = ANY ((SELECT ids FROM keys)::text[])
-)
-SELECT coalesce(string_agg('\x0a'::bytea || memstore_pb_varint(length(b.body)) || b.body,
-                           ''::bytea ORDER BY b.created_at, b.user_id), ''::bytea),
-       count(*), (SELECT last_created FROM keys), (SELECT ids[cardinality(ids)] FROM keys)
-FROM (SELECT p.created_at, p.user_id,
-             CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)
-                  ELSE p.wire END AS body
-      FROM (SELECT u.created_at, u.user_id, u.wire FROM users u
-            WHERE u.project_id = %(project_id)s
-              AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-            ORDER BY u.created_at, u.user_id
-            LIMIT %(limit)s) p
-      LEFT JOIN counts c ON c.user_id = p.user_id
-      -- A fence: body is computed once per user, not once per use in the inlined varint.
-      OFFSET 0) b;
-
 -- list_user_wire --
 -- One keyset batch of users as ListUsersChunkedResponse `users` entries in protobuf wire bytes
 -- (tag 1, length, the User), concatenated in key order, with each entry's size and key so
@@ -119,7 +92,9 @@ FROM (SELECT p.created_at, p.user_id,
 -- custom plan that saw the limit looked cheaper than the generic one, and every batch was
 -- planned again: 0.25-0.45 ms of PostgreSQL's CPU per batch of 1,000 users (3,477 -> 3,017
 -- µs on PostgreSQL 18, 4,691 -> 4,439 on 15; docs/performance.md, "GetUser's statement
--- planned once").
+-- planned once"). Citus runs list_user_wire_citus, the parameters bare, as for
+-- list_user_chunk.
+-- citus: unwrap parameters
 WITH page AS MATERIALIZED (
     SELECT u.user_id, u.created_at, u.wire
     FROM users u
@@ -132,34 +107,6 @@ WITH page AS MATERIALIZED (
     SELECT c.user_id, c.session_count AS n FROM user_session_counts c
     WHERE c.project_id = (SELECT %(project_id)s::int8)
       AND c.user_id IN (SELECT user_id FROM page)
-), bodies AS MATERIALIZED (
-    SELECT p.created_at, p.user_id,
-           CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)
-                ELSE p.wire END AS body
-    FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
-), entries AS MATERIALIZED (
-    SELECT created_at, user_id, '\x0a'::bytea || memstore_pb_varint(length(body)) || body AS entry
-    FROM bodies
-)
-SELECT coalesce(string_agg(entry, ''::bytea ORDER BY created_at, user_id), ''::bytea),
-       coalesce(array_agg(length(entry) ORDER BY created_at, user_id), '{}'),
-       coalesce(array_agg(created_at ORDER BY created_at, user_id), '{}'),
-       coalesce(array_agg(user_id ORDER BY created_at, user_id), '{}')
-FROM entries;
-
--- list_user_wire_citus --
--- list_user_wire on Citus, its parameters as they are: Citus refuses a subquery in the LIMIT
--- of a multi-shard query (it pushes this LIMIT down to every shard's query).
-WITH page AS MATERIALIZED (
-    SELECT u.user_id, u.created_at, u.wire
-    FROM users u
-    WHERE u.project_id = %(project_id)s
-      AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-    ORDER BY u.created_at, u.user_id
-    LIMIT %(limit)s
-), counts AS MATERIALIZED (
-    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
-    WHERE c.project_id = %(project_id)s AND c.user_id IN (SELECT user_id FROM page)
 ), bodies AS MATERIALIZED (
     SELECT p.created_at, p.user_id,
            CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)

@@ -21,6 +21,10 @@ RETURNING u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_a
 -- PostgreSQL planned every call again: ~75 µs of its CPU per statement, 116 -> 42 µs for one
 -- id on PostgreSQL 18 (docs/performance.md, "GetUser's statement planned once"). The plan
 -- is the one a custom plan of ten ids gets: the users by their key, then each one's count.
+-- Citus prunes shards by the ids it can see, and a subquery's would send every GetUser to
+-- every shard: it runs get_users_citus, this statement with the parameters bare
+-- (queries.citus_form). user_session_counts is placed with users there: one id reads one shard.
+-- citus: unwrap parameters
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
        coalesce(c.session_count, 0) AS session_count
 FROM users u
@@ -29,16 +33,6 @@ LEFT JOIN user_session_counts c ON c.project_id = u.project_id AND c.user_id = u
 -- the outer cast makes `ANY` read one array value, not the rows of a subquery.
 WHERE u.project_id = (SELECT %(project_id)s::int8)
   AND u.user_id = ANY ((SELECT %(user_ids)b::text[])::text[]);
-
--- get_users_citus --
--- get_users on Citus, its parameters as they are: Citus prunes shards by the ids it can see,
--- and a subquery's would send every GetUser to every shard. user_session_counts is placed with
--- users there: one id reads one shard.
-SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at, u.updated_at,
-       coalesce(c.session_count, 0) AS session_count
-FROM users u
-LEFT JOIN user_session_counts c ON c.project_id = u.project_id AND c.user_id = u.user_id
-WHERE u.project_id = %(project_id)s AND u.user_id = ANY(%(user_ids)b::text[]);
 
 -- update_user --
 -- Sets the named fields and merges (or replaces) metadata, in one statement. `target` locks
