@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import subprocess
 import sys
@@ -31,18 +30,15 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench import env, unary_ab
+from bench import env, rounds, unary_ab
 from bench.client import run_export
 from bench.figures import MESSAGES_EXPORT, USERS_EXPORT, Export
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
-    p.add_argument("--before", type=Path, required=True, help="checkout of the older commit")
-    p.add_argument("--after", type=Path, default=env.ROOT, help="checkout of the newer commit")
-    p.add_argument("--users", type=int, default=200_000)
+    p = rounds.parser("ab", __doc__, rounds=7, users=200_000)
+    rounds.add_checkouts(p)
     p.add_argument("--messages", type=int, default=200_000)
-    p.add_argument("--rounds", type=int, default=7)
     p.add_argument(
         "--only",
         default="export,export_messages",
@@ -62,9 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a unary comparison's sides each on their own database, migrated by their own"
         " checkout and seeded alike (to compare a change of migrations)",
     )
-    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")
-    p.add_argument("--db-name", default="memstore_bench_ab")
+    rounds.add_database_url(p)
+    rounds.add_scratch(p, "memstore_bench_ab")
     return p
 
 
@@ -107,7 +102,7 @@ def _streams(
 def _rounds(
     pool: Executor,
     servers: dict[str, env.Server],
-    rounds: int,
+    count: int,
     streams: list[Export],
     together: bool,
 ) -> dict[str, dict[str, list[dict[str, float]]]]:
@@ -115,8 +110,8 @@ def _rounds(
         s.figure: {name: [] for name in servers} for s in streams
     }
     names = list(servers)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
+    for r in range(count):
+        order = rounds.in_turn(names, r)
         for stream in streams:
             runs = _streams(pool, [servers[n] for n in order], stream, together)
             for name, run in zip(order, runs, strict=True):
@@ -137,11 +132,11 @@ def _summary(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         return x["server_cpu"] / x["rows"] * 1e6
 
     before, after = runs["before"], runs["after"]
-    ratios = [rate(a) / rate(b) for a, b in zip(after, before, strict=True)]
+    ratios = rounds.ratios([rate(x) for x in after], [rate(x) for x in before])
     return {
         "before_rows_per_s": round(statistics.median(rate(x) for x in before)),
         "after_rows_per_s": round(statistics.median(rate(x) for x in after)),
-        "after_over_before": round(statistics.median(ratios), 3),
+        "after_over_before": round(rounds.spread(ratios).median, 3),
         "round_ratios": [round(x, 3) for x in ratios],
         "before_cpu_us_per_row": round(statistics.median(cpu(x) for x in before), 2),
         "after_cpu_us_per_row": round(statistics.median(cpu(x) for x in after), 2),

@@ -24,9 +24,7 @@ Needs the PostgreSQL server on this machine (its backends' /proc entries).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 from datetime import timedelta
@@ -37,6 +35,7 @@ from psycopg import sql
 
 from bench import env
 from bench.pg_cost import _cpu_ns
+from bench.rounds import add_database_url, alternate, median_ratio, parser
 from server.store.queries import query
 
 DATABASE = "chunk_cost"
@@ -284,18 +283,19 @@ def measure(
         for ts, uid in _keys(users, keys)
     ]
     _check_same_bytes(conns, statements, params)
-    per_chunk: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            pid = conns[n].info.backend_pid
-            before = _cpu_ns(pid)
-            if n == "copy_table":
-                _round(conns[n], n, "", [])
-                per_chunk[n].append((_cpu_ns(pid) - before) / users * limit / 1000)
-                continue
-            for _ in range(calls):
-                _round(conns[n], n, statements.get(n, ""), params)
-            per_chunk[n].append((_cpu_ns(pid) - before) / calls / len(params) / 1000)
+
+    def one_round(n: str) -> float:
+        # Backend CPU per chunk (µs): a whole-table COPY counts as users / limit chunks.
+        pid = conns[n].info.backend_pid
+        before = _cpu_ns(pid)
+        if n == "copy_table":
+            _round(conns[n], n, "", [])
+            return (_cpu_ns(pid) - before) / users * limit / 1000
+        for _ in range(calls):
+            _round(conns[n], n, statements.get(n, ""), params)
+        return (_cpu_ns(pid) - before) / calls / len(params) / 1000
+
+    per_chunk = alternate(names, rounds, one_round)
     # Each connection prepared its one statement: on generic or custom plans?
     plans: dict[str, dict[str, int]] = {}
     for n in statements:
@@ -309,10 +309,7 @@ def measure(
         conn.close()
 
     def ratios(to: str, n: str) -> float:
-        return round(
-            statistics.median(a / b for a, b in zip(per_chunk[n], per_chunk[to], strict=True)),
-            3,
-        )
+        return round(median_ratio(per_chunk[n], per_chunk[to]), 3)
 
     return {
         n: {
@@ -370,13 +367,17 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the medians as JSON."""
-    p = argparse.ArgumentParser(prog="python -m bench.chunk_cost", description=__doc__)
-    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
-    p.add_argument("--users", type=int, default=1_000_000)
+    p = parser(
+        "chunk_cost",
+        __doc__,
+        rounds=8,
+        calls=3,
+        calls_help="statements per key, variant, round",
+        users=1_000_000,
+    )
+    add_database_url(p)
     p.add_argument("--limit", type=int, default=1000, help="users per chunk (the server's)")
     p.add_argument("--keys", type=int, default=8, help="keys spread over the table")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--calls", type=int, default=3, help="statements per key, variant, round")
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),

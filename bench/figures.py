@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from bench.client import CHANNEL_OPTIONS, UnaryLoad, run_copy, run_export, run_unary
 from bench.env import Server
+from bench.rounds import in_turn, ratios, rotated
 from memstore.v1 import resources_pb2, session_service_pb2, user_service_pb2, user_service_pb2_grpc
 
 HEALTH = "/grpc.health.v1.Health/Check"
@@ -101,14 +102,13 @@ def unary_run(pool: Executor, load: UnaryLoad, procs: int) -> dict[str, float]:
     }
 
 
-def alternate(
+def unary_rounds(
     s: Settings, pool: Executor, server: Server, methods: dict[str, tuple[str, tuple[bytes, ...]]]
 ) -> dict[str, list[dict[str, float]]]:
     """Runs every method once per round, rotating the order, for s.runs rounds."""
-    names = list(methods)
-    results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    results: dict[str, list[dict[str, float]]] = {n: [] for n in methods}
     for r in range(s.runs):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(methods, r):
             method, payloads = methods[name]
             load = UnaryLoad(
                 server.target, method, payloads, s.seconds, s.warmup, s.concurrency, s.channels
@@ -136,7 +136,7 @@ def rps_ratios(
             f"{what}: the baseline finished no call in round(s) {idle}; the machine is too "
             "busy or the call too slow for the run's length (raise --seconds)"
         )
-    return [a["rps"] / b["rps"] for a, b in zip(subject, baseline, strict=True)]
+    return ratios([a["rps"] for a in subject], [b["rps"] for b in baseline])
 
 
 def ratio_figure(
@@ -147,14 +147,14 @@ def ratio_figure(
     goal: float | None,
 ) -> dict[str, Any]:
     """subject rps / baseline rps, per round, and its median."""
-    ratios = rps_ratios(results[subject], results[baseline], name)
-    value = _median(ratios)
+    per_round = rps_ratios(results[subject], results[baseline], name)
+    value = _median(per_round)
     return {
         "figure": name,
         "value": round(value, 3),
         "goal": f">= {goal:.2f}" if goal is not None else None,
         "met": None if goal is None else value >= goal,
-        "runs": [round(x, 3) for x in ratios],
+        "runs": [round(x, 3) for x in per_round],
         f"{subject}_rps": round(_median([x["rps"] for x in results[subject]])),
         f"{baseline}_rps": round(_median([x["rps"] for x in results[baseline]])),
         "client_cpu_cores": round(_median([x["client_cpu_cores"] for x in results[subject]]), 2),
@@ -169,10 +169,10 @@ def unary_and_writes(s: Settings, pool: Executor, server: Server) -> list[dict[s
     checkpoints that writes leave behind would otherwise slow the reads that follow them.
     """
     health = (HEALTH, _health_payloads())
-    reads = alternate(
+    reads = unary_rounds(
         s, pool, server, {"health": health, "get_user": (GET_USER, get_user_payloads(s.users))}
     )
-    writes = alternate(
+    writes = unary_rounds(
         s,
         pool,
         server,
@@ -262,11 +262,10 @@ def export(
     """Figure 3: an export's rows/s over COPY's rows/s on the same table; server RSS."""
     runs = [export_run(pool, server, url, stream) for _ in range(s.export_runs)]
     streams, copies = [x[0] for x in runs], [x[1] for x in runs]
-    ratios = [
-        (a["rows"] / a["wall"]) / (b["rows"] / b["wall"])
-        for a, b in zip(streams, copies, strict=True)
-    ]
-    value = _median(ratios)
+    per_round = ratios(
+        [x["rows"] / x["wall"] for x in streams], [x["rows"] / x["wall"] for x in copies]
+    )
+    value = _median(per_round)
     growth = max(peak - before for _, _, (before, peak, _) in runs)
     rss = runs[-1][2]
     goal = "RSS growth < 100 MB"
@@ -279,7 +278,7 @@ def export(
         "value": round(value, 3),
         "goal": goal,
         "met": met,
-        "runs": [round(x, 3) for x in ratios],
+        "runs": [round(x, 3) for x in per_round],
         "rows": streams[0]["rows"],
         "export_rows_per_s": round(_median([x["rows"] / x["wall"] for x in streams])),
         "copy_rows_per_s": round(_median([x["rows"] / x["wall"] for x in copies])),
@@ -309,7 +308,8 @@ def pagination(s: Settings, server: Server) -> dict[str, Any]:
         token = _deep_token(stub, (depth - 1) * s.page_size)
         first = user_service_pb2.ListUsersRequest(page_size=s.page_size)
         deep = user_service_pb2.ListUsersRequest(page_size=s.page_size, page_token=token)
-        ratios, firsts, deeps = [], [], []
+        firsts: list[float] = []
+        deeps: list[float] = []
         for _ in range(s.runs):
             a: list[float] = []
             b: list[float] = []
@@ -321,14 +321,14 @@ def pagination(s: Settings, server: Server) -> dict[str, Any]:
                     assert len(reply.users) == s.page_size
             firsts.append(_median(a))
             deeps.append(_median(b))
-            ratios.append(deeps[-1] / firsts[-1])
-    value = _median(ratios)
+    per_round = ratios(deeps, firsts)
+    value = _median(per_round)
     return {
         "figure": "deep_page",
         "value": round(value, 3),
         "goal": "<= 1.50",
         "met": value <= 1.5,
-        "runs": [round(x, 3) for x in ratios],
+        "runs": [round(x, 3) for x in per_round],
         "page_size": s.page_size,
         "depth_pages": depth,
         "first_page_ms": round(_median(firsts) * 1000, 2),
@@ -342,8 +342,7 @@ def scaling(s: Settings, pool: Executor, one: Server, two: Server) -> list[dict[
     payloads = get_user_payloads(s.users)
     runs: dict[str, list[dict[str, float]]] = {"one": [], "two": []}
     for r in range(s.runs):
-        order = [("one", one), ("two", two)] if r % 2 == 0 else [("two", two), ("one", one)]
-        for name, server in order:
+        for name, server in in_turn((("one", one), ("two", two)), r):
             load = UnaryLoad(
                 server.target,
                 GET_USER,
@@ -378,14 +377,14 @@ def workers_cpu(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         # Server CPU over the run (warm-up included) per call at the counted rate.
         return x["server_cpu_cores"] / x["rps"] * 1000
 
-    ratios = [per_1000(a) / per_1000(b) for a, b in zip(runs["two"], runs["one"], strict=True)]
-    value = _median(ratios)
+    per_round = ratios([per_1000(x) for x in runs["two"]], [per_1000(x) for x in runs["one"]])
+    value = _median(per_round)
     return {
         "figure": "workers_cpu",
         "value": round(value, 3),
         "goal": "<= 1.10",
         "met": value <= 1.10,
-        "runs": [round(x, 3) for x in ratios],
+        "runs": [round(x, 3) for x in per_round],
         "two_cpu_s_per_1000": round(_median([per_1000(x) for x in runs["two"]]), 3),
         "one_cpu_s_per_1000": round(_median([per_1000(x) for x in runs["one"]]), 3),
     }

@@ -15,25 +15,22 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-from bench import env
+from bench import env, rounds
 from bench.figures import GET_USER, HEALTH, get_user_payloads
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.lone_latency", description=__doc__)
-    p.add_argument("--before", type=Path, required=True, help="checkout of the older commit")
-    p.add_argument("--after", type=Path, default=env.ROOT, help="checkout of the newer commit")
+    p = rounds.parser(
+        "lone_latency", __doc__, rounds=7, calls=600, calls_help="calls per kind, side and round"
+    )
+    rounds.add_checkouts(p)
     p.add_argument("--users", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=600, help="calls per kind, side and round")
-    p.add_argument("--database-url", default=None)
-    p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")
-    p.add_argument("--db-name", default="memstore_lone")
+    rounds.add_database_url(p, from_env=False)
+    rounds.add_scratch(p, "memstore_lone")
     return p
 
 
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         channels = {side: grpc.insecure_channel(s.target) for side, s in servers.items()}
         try:
             for r in range(args.rounds):
-                order = list(roots) if r % 2 == 0 else list(reversed(roots))
+                order = rounds.in_turn(roots, r)
                 for kind, (method, payloads) in kinds.items():
                     for side in order:
                         call = channels[side].unary_unary(method, None, None)
@@ -86,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         for side, by_kind in p50.items()
     }
     for kind in kinds:
-        ratios = [a / b for a, b in zip(p50["after"][kind], p50["before"][kind], strict=True)]
-        summary[f"{kind}_after_over_before"] = round(statistics.median(ratios), 3)
+        ratio = rounds.median_ratio(p50["after"][kind], p50["before"][kind])
+        summary[f"{kind}_after_over_before"] = round(ratio, 3)
         summary[f"{kind}_rounds_us"] = {s: [round(x) for x in p50[s][kind]] for s in roots}
     print(json.dumps(summary, indent=2))
     return 0

@@ -23,10 +23,8 @@ recall kept as vectors, else kept by words, and says which).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import uuid
@@ -36,6 +34,15 @@ import psycopg
 from psycopg import sql
 
 from bench import env
+from bench.rounds import (
+    SCRATCH_SERVER,
+    add_database_url,
+    alternate,
+    in_turn,
+    parser,
+    ratios,
+    spread,
+)
 from server.store.messages import add_memory_statement
 from server.store.queries import query
 
@@ -156,8 +163,8 @@ def measure(
                 for part in filter(None, VARIANTS[v].split(";")):
                     conn.execute(part)
                 conn.execute("VACUUM ANALYZE")
-            per_call, ratios = _time_variants(conns, variants, sessions, rounds, calls)
-            return {v: _summary(conn, per_call[v], ratios[v]) for v, conn in conns.items()}
+            per_call, vs_base = _time_variants(conns, variants, sessions, rounds, calls)
+            return {v: _summary(conn, per_call[v], vs_base[v]) for v, conn in conns.items()}
         finally:
             for conn in conns.values():
                 conn.close()
@@ -173,26 +180,22 @@ def _time_variants(
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     # Per variant, the backend CPU per call of each round (µs) and its ratio to base's.
     statement = add_memory_statement(citus=False)
-    per_call: dict[str, list[float]] = {v: [] for v in variants}
-    ratios: dict[str, list[float]] = {v: [] for v in variants}
     k = 0
-    for r in range(rounds):
-        order = variants if r % 2 == 0 else variants[::-1]
-        found = {}
-        for v in order:
-            conn = conns[v]
-            pid = conn.info.backend_pid
-            embed = v != "no_queue"
-            before = _cpu_ns(pid)
-            for c in range(calls):
-                k += 1
-                params = _params(f"bench-1-{(k + c) % sessions}", k, embed)
-                conn.execute(statement, params, prepare=True).fetchall()
-            found[v] = (_cpu_ns(pid) - before) / calls / 1000
-            per_call[v].append(found[v])
-        for v in variants:
-            ratios[v].append(found[v] / found["base"])
-    return per_call, ratios
+
+    def one_round(v: str) -> float:
+        nonlocal k
+        conn = conns[v]
+        pid = conn.info.backend_pid
+        embed = v != "no_queue"
+        before = _cpu_ns(pid)
+        for c in range(calls):
+            k += 1
+            params = _params(f"bench-1-{(k + c) % sessions}", k, embed)
+            conn.execute(statement, params, prepare=True).fetchall()
+        return (_cpu_ns(pid) - before) / calls / 1000
+
+    per_call = alternate(variants, rounds, one_round)
+    return per_call, {v: ratios(per_call[v], per_call["base"]) for v in variants}
 
 
 def _summary(
@@ -211,7 +214,7 @@ def _summary(
     return {
         "backend_cpu_us": round(statistics.median(per_call)),
         "rounds_us": [round(x) for x in per_call],
-        "vs_base": round(statistics.median(ratios), 3),
+        "vs_base": round(spread(ratios).median, 3),
         "sessions_hot_share": round(n_hot / n_upd, 3) if n_upd else None,
         "sessions_bytes": size[0],
         "messages_bytes": size[1],
@@ -244,7 +247,7 @@ def get_memory_cost(url: str, sessions: int, rounds: int, calls: int) -> dict[st
             found: dict[str, list[float]] = {f"{m}_{n}": [] for m in modes for n in (1, 8)}
             k = 0
             for r in range(rounds):
-                for mode in modes if r % 2 == 0 else modes[::-1]:
+                for mode in in_turn(modes, r):
                     conn = conns[mode]
                     pid = conn.info.backend_pid
                     for n in (1, 8):
@@ -274,13 +277,8 @@ def _recall_params(k: int, n: int, sessions: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the medians as JSON."""
-    p = argparse.ArgumentParser(prog="python -m bench.pg_cost", description=__doc__)
-    p.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="a server on this machine where databases can be made (default: the bench's"
-        " embedded PostgreSQL, as `python -m bench`)",
-    )
+    p = parser("pg_cost", __doc__, rounds=21, calls=300, calls_help="calls per variant and round")
+    add_database_url(p, help=SCRATCH_SERVER)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
         "--get-memory",
@@ -288,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
         help="GetMemory's statement instead: as sent against planned at every call",
     )
     p.add_argument("--sessions", type=int, default=2000)
-    p.add_argument("--rounds", type=int, default=21)
-    p.add_argument("--calls", type=int, default=300, help="calls per variant and round")
     args = p.parse_args(argv)
     variants = args.variants.split(",")
     if "base" not in variants:

@@ -20,9 +20,7 @@ Needs the PostgreSQL server on this machine (its backends' /proc entries).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -35,7 +33,7 @@ from psycopg import sql
 
 from bench import env
 from bench.pg_cost import _cpu_ns
-from bench.rounds import in_turn
+from bench.rounds import SCRATCH_SERVER, add_database_url, in_turn, parser, ratios, spread
 from server.store import queries
 
 #: Batch sizes of the coalesced GetUser statement (the coalescer sends one to sixteen ids,
@@ -112,7 +110,8 @@ def measure(
     for kind in kinds:
         for side in statements:
             out[f"{side}_{kind}"] = round(statistics.median(r[side][kind] for r in per_round))
-        ratio = statistics.median(r["after"][kind] / r["before"][kind] for r in per_round)
+        each = {side: [r[side][kind] for r in per_round] for side in statements}
+        ratio = spread(ratios(each["after"], each["before"])).median
         out[f"after_over_before_{kind}"] = round(ratio, 3)
     out["plans"] = plans
     return out
@@ -129,17 +128,16 @@ def _plan_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the medians as JSON."""
-    p = argparse.ArgumentParser(prog="python -m bench.plan_cost", description=__doc__)
-    p.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="a server on this machine where databases can be made (default: the bench's"
-        " embedded PostgreSQL, as `python -m bench`)",
+    p = parser(
+        "plan_cost",
+        __doc__,
+        rounds=11,
+        calls=300,
+        calls_help="calls per side, kind and round",
+        users=100_000,
     )
+    add_database_url(p, help=SCRATCH_SERVER)
     p.add_argument("--statement", choices=sorted(STATEMENTS), default="get_users")
-    p.add_argument("--users", type=int, default=100_000)
-    p.add_argument("--rounds", type=int, default=11)
-    p.add_argument("--calls", type=int, default=300, help="calls per side, kind and round")
     p.add_argument("--before-ref", default="149b2ca", help="the commit of `before`")
     args = p.parse_args(argv)
     url = env.server_url(args.database_url, env.ROOT / ".data")

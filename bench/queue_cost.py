@@ -13,7 +13,6 @@ server's Python, whose noise on a shared machine hides a difference of this size
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench.rounds import add_database_url, in_turn, parser
 from server.store.messages import add_memory_statement
 
 #: Each way: (embed, per_turn), the statement's two parameters that choose what it queues.
@@ -64,7 +64,7 @@ def measure(url: str, rounds: int, calls: int) -> dict[str, dict[str, float]]:
     }
     with psycopg.connect(url) as conn:
         for r in range(rounds):
-            ways = list(WAYS) if r % 2 == 0 else list(WAYS)[::-1]
+            ways = in_turn(WAYS, r)
             for n in SIZES:
                 for way in ways:
                     for _ in range(calls):
@@ -85,10 +85,10 @@ def measure(url: str, rounds: int, calls: int) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the medians as JSON."""
-    p = argparse.ArgumentParser(prog="python -m bench.queue_cost", description=__doc__)
-    p.add_argument("--database-url", required=True, help="a migrated memstore database")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--calls", type=int, default=20, help="calls per way, size and round")
+    p = parser(
+        "queue_cost", __doc__, rounds=6, calls=20, calls_help="calls per way, size and round"
+    )
+    add_database_url(p, required=True, help="a migrated memstore database")
     args = p.parse_args(argv)
     print(json.dumps(measure(args.database_url, args.rounds, args.calls), indent=2))
     return 0

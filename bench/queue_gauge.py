@@ -17,7 +17,6 @@ autovacuum has cleaned up behind it, which both statements must read past.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,6 +27,7 @@ import psycopg
 from psycopg import sql
 
 from bench import env
+from bench.rounds import add_database_url, in_turn, parser, spread
 from server.store.embeddings import QUEUE_COUNT_CAP
 from server.store.queries import query
 
@@ -86,7 +86,7 @@ def measure(url: str, rounds: int, calls: int) -> dict[str, Any]:
         }
         plan: list[str] = []
         for r in range(rounds):
-            sides = list(statements) if r % 2 == 0 else list(statements)[::-1]
+            sides = in_turn(statements, r)
             per_round: dict[str, list[float]] = {side: [] for side in statements}
             for side in sides:
                 explain = sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + statements[side]
@@ -105,7 +105,7 @@ def measure(url: str, rounds: int, calls: int) -> dict[str, Any]:
     return {
         "before_ms": round(statistics.median(times["before"]), 3),
         "after_ms": round(statistics.median(times["after"]), 3),
-        "after_over_before": round(statistics.median(ratios), 5),
+        "after_over_before": round(spread(ratios).median, 5),
         "values": {side: list(v) if v else None for side, v in values.items()},
         "after_plan": plan,
     }
@@ -113,13 +113,13 @@ def measure(url: str, rounds: int, calls: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the medians as JSON."""
-    p = argparse.ArgumentParser(prog="python -m bench.queue_gauge", description=__doc__)
-    p.add_argument("--database-url", help="a server to make the bench database on")
+    p = parser(
+        "queue_gauge", __doc__, rounds=6, calls=3, calls_help="calls per statement and round"
+    )
+    add_database_url(p, from_env=False, help="a server to make the bench database on")
     p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--drained", type=int, default=0, help="oldest rows then deleted")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--calls", type=int, default=3, help="calls per statement and round")
     args = p.parse_args(argv)
     with env.migrated_database(DATABASE, args.database_url, args.data_dir) as url:
         fill(url, args.rows, args.drained)

@@ -14,7 +14,6 @@ buffers, and the median and range of this ÷ REV per round (docs/search.md, Reca
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 from collections.abc import Callable, Iterator
@@ -88,9 +87,14 @@ def _explain(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.recall_cost", description=__doc__)
+    parser = rounds.parser(
+        "recall_cost",
+        __doc__,
+        rounds=15,
+        rounds_flag="--runs",
+        rounds_help="rounds, each side once per round",
+    )
     parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
-    parser.add_argument("--runs", type=int, default=15, help="rounds, each side once per round")
     args = parser.parse_args()
     sides = {"before": composer_at(args.before)(), "after": recall_statement(True)}
     buffers: dict[str, int] = {}
@@ -102,7 +106,7 @@ def main() -> None:
             ms, buffers[side] = _explain(conn, sides[side], params)
             return ms
 
-        times = rounds.alternate(sides, args.runs, measure)
+        times = rounds.alternate(sides, args.rounds, measure)
     for side in sides:
         print(
             f"{side:7s} median {statistics.median(times[side]):.1f} ms"

@@ -15,8 +15,6 @@ equal. Prints each side's median CPU per call and the statement's size.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,10 +66,15 @@ def _same_rows(conn: psycopg.Connection[Any], sides: dict[str, Run], params: dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.recall_cpu", description=__doc__)
+    parser = rounds.parser(
+        "recall_cpu",
+        __doc__,
+        rounds=6,
+        rounds_help="rounds, each side once per round",
+        calls=200,
+        calls_help="calls per side per round",
+    )
     parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds, each side once per round")
-    parser.add_argument("--calls", type=int, default=200, help="calls per side per round")
     args = parser.parse_args()
     compose = composer_at(args.before)
     sides: dict[str, Run] = {"before": _composed(compose), "after": _positional}
@@ -87,9 +90,10 @@ def main() -> None:
             sides, args.rounds, lambda side: _cpu_per_call(conn, sides[side], params, args.calls)
         )
     for side in sides:
+        each = rounds.spread(cpu[side])
         print(
-            f"{side:7s} CPU per call median {statistics.median(cpu[side]):.0f} µs"
-            f" ({min(cpu[side]):.0f}-{max(cpu[side]):.0f}), statement {sizes[side]:,} bytes"
+            f"{side:7s} CPU per call median {each.median:.0f} µs"
+            f" ({each.low:.0f}-{each.high:.0f}), statement {sizes[side]:,} bytes"
         )
     print(f"rows equal, row for row, for each of the first user's {same} sessions")
     print(f"{rounds.ratio_line(cpu)} of {args.calls} calls")

@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 from bench.client import cpu_seconds
 from bench.env import Server
-from bench.figures import Settings, alternate, rps_ratios
+from bench.figures import Settings, rps_ratios, unary_rounds
+from bench.rounds import in_turn
 from bench.turns import GET_MEMORY
 from memstore.v1 import session_service_pb2
 
@@ -112,11 +113,11 @@ def figure(s: Settings, pool: Executor, server: Server, sessions: list[str]) -> 
     grpc_runs: list[dict[str, float]] = []
     for r in range(s.runs):
         # Each first in every other round.
-        for kind in ("rest", "grpc") if r % 2 == 0 else ("grpc", "rest"):
+        for kind in in_turn(("rest", "grpc"), r):
             if kind == "rest":
                 rest_runs.append(_http_run(pool, http, s.client_procs))
             else:
-                got = alternate(once, pool, server, {"g": (GET_MEMORY, grpc_payloads)})
+                got = unary_rounds(once, pool, server, {"g": (GET_MEMORY, grpc_payloads)})
                 grpc_runs.append(got["g"][0])
     ratios = rps_ratios(rest_runs, grpc_runs, "rest_get_memory")
     value = sorted(ratios)[len(ratios) // 2]

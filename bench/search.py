@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2
 
 from bench import env, search_data
 from bench.client import CHANNEL_OPTIONS
-from bench.figures import HEALTH, Settings, alternate, ratio_figure
+from bench.figures import HEALTH, Settings, ratio_figure, unary_rounds
+from bench.rounds import rotated
 from bench.search_data import ChatText
 from bench.search_worker import (
     embedding_lag,
@@ -195,7 +196,7 @@ def search_latency(
         _check_search(channel, kinds)
         calls = {n: channel.unary_unary(kinds[n][0], None, None) for n in names}
         for r in range(s.runs):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
+            for name in rotated(names, r):
                 payloads = kinds[name][1]
                 for i in range(ss.latency_calls):
                     payload = payloads[(r * ss.latency_calls + i) % len(payloads)]
@@ -244,7 +245,7 @@ def recall(s: Settings, pool: Executor, server: env.Server, sessions: list[str])
             f"GetMemory recalled {len(a.relevant_messages)} and {len(b.relevant_messages)}"
             " messages with relevant_limit 5 and 0"
         )
-    results = alternate(
+    results = unary_rounds(
         s, pool, server, {"recall": (GET_MEMORY, with_recall), "no_recall": (GET_MEMORY, without)}
     )
     figure = ratio_figure("recall", results, "recall", "no_recall", 0.5)

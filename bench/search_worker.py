@@ -18,6 +18,7 @@ import psycopg
 from bench import env, search_data
 from bench.client import CHANNEL_OPTIONS, UnaryLoad
 from bench.figures import ADD_MEMORY, Settings, ratio_figure, unary_run
+from bench.rounds import in_turn
 from bench.search_data import ChatText
 
 #: Messages waiting, and the age in seconds of the oldest of them.
@@ -267,7 +268,7 @@ def writes_embedding(
     rounds: dict[str, list[_Round]] = {"on": [], "off": []}
     for r in range(s.runs):
         # OFF first in the first round, so every ON run starts with a backlog to embed.
-        for arm in ("off", "on") if r % 2 == 0 else ("on", "off"):
+        for arm in in_turn(("off", "on"), r):
             rounds[arm].append(write_round(s, url, pool, load, on=arm == "on", poll=poll))
     runs = {arm: [x.run for x in done] for arm, done in rounds.items()}
     figure = ratio_figure("writes_embedding", runs, "on", "off", 0.90)

@@ -36,11 +36,10 @@ MESSAGE = "The user said they prefer vegetarian food and live near the sea. " * 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.session_counts", description=__doc__)
-    p.add_argument("--rounds", type=int, default=5)
+    p = rounds.parser("session_counts", __doc__, rounds=5)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--before-ref", default="aa5ded7", help="commit whose get_users counted")
-    p.add_argument("--database-url", default=None)
+    rounds.add_database_url(p, from_env=False)
     return p
 
 
@@ -104,7 +103,6 @@ async def _measure(args: argparse.Namespace, url: str) -> None:
         "get_user": lambda i: store.get_user(P, f"u{i % USERS}"),
     }
     rates: dict[tuple[str, str], list[float]] = {}
-    ratios: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for kind, call in calls.items():
             got: dict[str, float] = {}
@@ -113,7 +111,6 @@ async def _measure(args: argparse.Namespace, url: str) -> None:
                 await _rate(call, 0.5)  # warm-up (and prepare) on this side
                 got[side] = await _rate(call, args.seconds)
                 rates.setdefault((kind, side), []).append(got[side])
-            ratios.setdefault(kind, []).append(got["after"] / got["before"])
             print(f"round {r} {kind}: {got}", flush=True)
     sides["add_new"]["after"]()
     sides["get_user"]["after"]()
@@ -121,7 +118,7 @@ async def _measure(args: argparse.Namespace, url: str) -> None:
     for kind in calls:
         before = statistics.median(rates[kind, "before"])
         after = statistics.median(rates[kind, "after"])
-        ratio = statistics.median(ratios[kind])
+        ratio = rounds.median_ratio(rates[kind, "after"], rates[kind, "before"])
         print(f"{kind}: before {before:,.0f}/s, after {after:,.0f}/s, after/before {ratio:.2f}")
 
 

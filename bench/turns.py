@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2
 from bench import search_data
 from bench.client import TurnLoad, run_turns
 from bench.env import Server
-from bench.figures import ADD_MEMORY, HEALTH, Settings, alternate, ratio_figure
+from bench.figures import ADD_MEMORY, HEALTH, Settings, ratio_figure, unary_rounds
+from bench.rounds import in_turn, ratios
 from bench.search_worker import quantile
 from memstore.v1 import resources_pb2, session_service_pb2
 
@@ -81,7 +82,7 @@ def figures(
     """agent_turn (turns/s ÷ health rps; latencies at half the max) and get_memory (÷ health)."""
     gets, adds = _payloads(sessions)
     health = (HEALTH, (health_pb2.HealthCheckRequest().SerializeToString(),))
-    reads = alternate(s, pool, server, {"health": health, "get_memory": (GET_MEMORY, gets)})
+    reads = unary_rounds(s, pool, server, {"health": health, "get_memory": (GET_MEMORY, gets)})
     memory = ratio_figure("get_memory", reads, "get_memory", "health", 0.60)
     closed = TurnLoad(
         server.target,
@@ -95,30 +96,30 @@ def figures(
         s.channels,
     )
     once = replace(s, runs=1)
-    healths, turns, ratios = [], [], []
+    healths, turns = [], []
     for r in range(s.runs):
         # Health and turns alternate, each first in every other round.
-        for kind in ("health", "turns") if r % 2 == 0 else ("turns", "health"):
+        for kind in in_turn(("health", "turns"), r):
             if kind == "health":
-                healths.append(alternate(once, pool, server, {"health": health}))
+                healths.append(unary_rounds(once, pool, server, {"health": health}))
             else:
                 run = pool.submit(run_turns, closed).result()
                 if run["errors"]:
                     raise RuntimeError(f"agent turns: {run['errors']} calls failed")
                 turns.append(run["turns"] / run["wall"])
-        ratios.append(turns[-1] / healths[-1]["health"][0]["rps"])
+    per_round = ratios(turns, [h["health"][0]["rps"] for h in healths])
     max_rate = statistics.median(turns)
     offered = max(1.0, max_rate * LATENCY_SHARE)
     paced = pool.submit(run_turns, replace(closed, rate=offered)).result()
     if paced["errors"]:
         raise RuntimeError(f"paced agent turns: {paced['errors']} calls failed")
-    value = statistics.median(ratios)
+    value = statistics.median(per_round)
     turn = {
         "figure": "agent_turn",
         "value": round(value, 3),
         "goal": None,
         "met": None,
-        "runs": [round(x, 3) for x in ratios],
+        "runs": [round(x, 3) for x in per_round],
         "turns_per_s": round(max_rate, 1),
         "health_rps": round(statistics.median(h["health"][0]["rps"] for h in healths)),
         "offered_turns_per_s": round(offered, 1),

@@ -25,6 +25,7 @@ from bench.figures import (
     rps_ratios,
     unary_run,
 )
+from bench.rounds import in_turn, rotated
 from bench.search_worker import write_round
 from memstore.v1 import session_service_pb2 as pb
 
@@ -144,10 +145,9 @@ def _rounds(
     out: dict[str, dict[str, list[dict[str, float]]]] = {
         side: {k: [] for k in kinds} for side in servers
     }
-    names, sides = list(kinds), list(servers)
     for r in range(rounds):
-        order = sides if r % 2 == 0 else sides[::-1]
-        for kind in names[r % len(names) :] + names[: r % len(names)]:
+        order = in_turn(servers, r)
+        for kind in rotated(kinds, r):
             # In turn (each side alone, one after the other), or both sides at once: then
             # each gets its share of the same moment's CPU, which pairs them closer on a
             # machine that other jobs load unevenly.
@@ -249,7 +249,7 @@ def _worker_rounds(
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in arms}
     embedded: dict[str, list[int]] = {name: [] for name, _, _ in arms}
     for r in range(rounds):
-        for name, root, on in arms[r % len(arms) :] + arms[: r % len(arms)]:
+        for name, root, on in rotated(arms, r):
             done = write_round(s, url, pool, load, on=on, poll=0.25, root=root)
             runs[name].append(done.run)
             embedded[name].append(done.embedded_in_load)
