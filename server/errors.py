@@ -84,6 +84,15 @@ class DeadlineExceeded(MemstoreError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class UnreadableValue(MemstoreError):
+    """A value stored in the database cannot be read into Python (e.g. a time past 9999).
+
+    The server's fault, not the caller's: the request was valid, the stored row is not.
+    """
+
+    default_reason = "STORED_VALUE_UNREADABLE"
+
+
 class Unauthenticated(MemstoreError):
     """The call carries no API key, or one that is unknown, revoked or malformed."""
 

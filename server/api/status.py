@@ -23,6 +23,7 @@ from server.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    UnreadableValue,
     UnsupportedMediaType,
 )
 
@@ -45,6 +46,8 @@ _CODES: dict[type[MemstoreError], tuple[grpc.StatusCode, int]] = {
     ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     RequestTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    # A stored row the driver cannot read: the request was fine, so not INVALID_ARGUMENT.
+    UnreadableValue: (grpc.StatusCode.INTERNAL, 500),
     MemstoreError: (grpc.StatusCode.INTERNAL, 500),
 }
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 import psycopg
 from psycopg import errors as pg
+from psycopg import sql
 from psycopg_pool import PoolTimeout, TooManyRequests
 
 from server.errors import (
@@ -18,7 +21,9 @@ from server.errors import (
     MemstoreError,
     ResourceExhausted,
     Unavailable,
+    UnreadableValue,
 )
+from server.store.queries import QUERIES
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +61,12 @@ def translated(
                 "the query ran longer than the server's statement timeout and was cancelled"
             ) from exc
         raise DeadlineExceeded("the query was cancelled: the deadline passed") from exc
-    except (pg.DataError, pg.ProgramLimitExceeded, pg.IntegrityError) as exc:
+    except pg.DataError as exc:
+        if _loading(exc):
+            raise _unreadable(exc) from exc
         # Client-side dump failures (e.g. a NUL byte in a string) carry no column name.
+        raise InvalidArgument.field(_column(exc) or field, _detail(exc, "invalid value")) from exc
+    except (pg.ProgramLimitExceeded, pg.IntegrityError) as exc:
         name = _column(exc) or field
         raise InvalidArgument.field(name, _detail(exc, "invalid value")) from exc
     except TooManyRequests as exc:
@@ -72,6 +81,83 @@ def translated(
     except psycopg.Error as exc:
         log.exception("unexpected database error")
         raise MemstoreError("internal database error; see the server log") from exc
+
+
+#: The methods by which psycopg's Transformer (psycopg.abc.Transformer: the Python one and the
+#: C one of psycopg_binary alike) loads a result's values into Python. A value's dumper runs
+#: in execute(), before the statement is sent; its loader only in these, after it ran.
+_LOADS = frozenset({"load_rows", "load_row", "load_sequence"})
+
+
+def _loading(exc: psycopg.DataError) -> bool:
+    """Whether `exc` was raised loading a result's value, rather than dumping a parameter.
+
+    psycopg raises the same DataError, with no sqlstate, for both: a parameter it cannot
+    send (the caller's value) and a stored value it cannot give as Python's (a timestamptz
+    past 9999 or `infinity`: no datetime holds it). Only where it was raised tells them
+    apart. An error PostgreSQL raised has a sqlstate (22P02, 22003...): the request's.
+    """
+    if exc.sqlstate is not None:
+        return False
+    return any(_name(tb).rsplit(".", 1)[-1] in _LOADS for tb in _frames(exc.__traceback__))
+
+
+def _frames(tb: TracebackType | None) -> Iterator[TracebackType]:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def _name(tb: TracebackType) -> str:
+    return tb.tb_frame.f_code.co_name
+
+
+def _unreadable(exc: psycopg.DataError) -> UnreadableValue:
+    # The caller learns only that a stored value could not be read; the log says which
+    # statement read it and what the driver said.
+    log.error(
+        "a stored value could not be read by statement %s: %s: %s",
+        _statement(exc),
+        type(exc).__name__,
+        _first_line(exc),
+    )
+    return UnreadableValue("a value stored in the database could not be read; see the server log")
+
+
+def _statement(exc: psycopg.DataError) -> str:
+    """The name of the statement whose result raised `exc` (else its text, on one line)."""
+    for tb in _frames(exc.__traceback__):
+        cursor = tb.tb_frame.f_locals.get("self")
+        if isinstance(cursor, psycopg.AsyncCursor | psycopg.Cursor):
+            # The statement as the store passed it to execute (a private attribute: for the
+            # log only, so a psycopg without it costs the name, not the answer).
+            statement = getattr(cursor, "_last_query", None)
+            for name, known in QUERIES.items():
+                if statement is known:
+                    return name
+            if isinstance(statement, sql.Composable):
+                statement = statement.as_string(None)
+            if isinstance(statement, bytes):
+                statement = statement.decode(errors="replace")
+            if isinstance(statement, str):
+                return _name_of(" ".join(statement.split()))
+    return "(unknown)"
+
+
+#: A field of a statement template, `{filters}`, which the store fills before running it.
+_FIELD = re.compile(r"\{[a-z_]+\}")
+
+
+def _name_of(text: str) -> str:
+    # A template the store filled: the one named template whose text up to its first field
+    # the statement begins with. Else the statement's own first 200 characters.
+    names = []
+    for name, known in QUERIES.items():
+        template = known.as_string(None)
+        head = " ".join(_FIELD.split(template, maxsplit=1)[0].split())
+        if _FIELD.search(template) and len(head) >= 24 and text.startswith(head):
+            names.append(name)
+    return names[0] if len(names) == 1 else repr(text[:200])
 
 
 def _column(exc: psycopg.Error) -> str | None:

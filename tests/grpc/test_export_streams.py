@@ -90,19 +90,23 @@ async def test_export_messages_after_a_huge_message_are_each_sent_once(sessions)
     assert [bool(c.next_page_token) for c in chunks] == [True, True, True, True, False]
 
 
-async def test_export_messages_of_a_time_a_datetime_cannot_hold_fails_as_objects_did(
+async def test_export_messages_of_a_time_a_datetime_cannot_hold_fails_as_objects_do(
     sessions, clean_db
 ):
     # Such a batch is read the object path's way (message_wire.OutOfRange), which cannot
-    # load the timestamp: the stream fails as it always has.
+    # load the timestamp: the stream fails as every read of that message does.
     await sessions.AddMemory(
         ss.AddMemoryRequest(session_id="a", messages=[msg(str(i)) for i in range(3)])
     )
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="b", messages=[msg("late")]))
     async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
         await conn.execute("UPDATE messages SET updated_at = 'infinity' WHERE session_id = 'b'")
-    # (The object path's DataError has been INVALID_ARGUMENT since before message_wire.)
-    await rpc_error(_messages(sessions, chunk_size=3), Code.INVALID_ARGUMENT, field="request")
+    # INTERNAL: a stored value the server cannot read is not the caller's fault (until
+    # 2026-12-01 it was INVALID_ARGUMENT naming "request", the object path's DataError).
+    error = await rpc_error(
+        _messages(sessions, chunk_size=3), Code.INTERNAL, reason="STORED_VALUE_UNREADABLE"
+    )
+    assert "stored in the database could not be read" in error.details()
 
 
 async def test_export_rejects_bad_requests(sessions):

@@ -63,6 +63,10 @@ class SessionServiceStub:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+    - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+    cannot be read (e.g. a time past the year 9999, written past memstore):
+    the stored row's fault, not the request's; the server log names the
+    statement.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at, updated_at, deleted_at and
@@ -193,6 +197,10 @@ class SessionServiceServicer:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+    - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+    cannot be read (e.g. a time past the year 9999, written past memstore):
+    the stored row's fault, not the request's; the server log names the
+    statement.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at, updated_at, deleted_at and
@@ -592,6 +600,10 @@ class SessionService:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+    - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+    cannot be read (e.g. a time past the year 9999, written past memstore):
+    the stored row's fault, not the request's; the server log names the
+    statement.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at, updated_at, deleted_at and

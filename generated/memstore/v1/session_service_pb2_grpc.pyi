@@ -64,6 +64,10 @@ class SessionServiceStub:
         database connection; retry with backoff. Without an ErrorInfo (set by
         gRPC): the request is larger than 16 MiB.
       - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+      - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+        cannot be read (e.g. a time past the year 9999, written past memstore):
+        the stored row's fault, not the request's; the server log names the
+        statement.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at, updated_at, deleted_at and
@@ -323,6 +327,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
         database connection; retry with backoff. Without an ErrorInfo (set by
         gRPC): the request is larger than 16 MiB.
       - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+      - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+        cannot be read (e.g. a time past the year 9999, written past memstore):
+        the stored row's fault, not the request's; the server log names the
+        statement.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at, updated_at, deleted_at and
@@ -578,6 +586,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         database connection; retry with backoff. Without an ErrorInfo (set by
         gRPC): the request is larger than 16 MiB.
       - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+      - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+        cannot be read (e.g. a time past the year 9999, written past memstore):
+        the stored row's fault, not the request's; the server log names the
+        statement.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at, updated_at, deleted_at and

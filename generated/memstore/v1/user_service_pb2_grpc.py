@@ -58,6 +58,10 @@ class UserServiceStub:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+    - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+    cannot be read (e.g. a time past the year 9999, written past memstore):
+    the stored row's fault, not the request's; the server log names the
+    statement.
 
     Ids. A user_id or session_id is 1-256 characters, unique within the
     project, with no control characters (Unicode category Cc), no invisible
@@ -151,6 +155,10 @@ class UserServiceServicer:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+    - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+    cannot be read (e.g. a time past the year 9999, written past memstore):
+    the stored row's fault, not the request's; the server log names the
+    statement.
 
     Ids. A user_id or session_id is 1-256 characters, unique within the
     project, with no control characters (Unicode category Cc), no invisible
@@ -347,6 +355,10 @@ class UserService:
     database connection; retry with backoff. Without an ErrorInfo (set by
     gRPC): the request is larger than 16 MiB.
     - INTERNAL (INTERNAL): a server bug; the details are in the server log.
+    - INTERNAL (STORED_VALUE_UNREADABLE): a value stored in the database
+    cannot be read (e.g. a time past the year 9999, written past memstore):
+    the stored row's fault, not the request's; the server log names the
+    statement.
 
     Ids. A user_id or session_id is 1-256 characters, unique within the
     project, with no control characters (Unicode category Cc), no invisible

@@ -1,0 +1,43 @@
+"""psycopg's DataError: a value it cannot send is the caller's fault, one it cannot read ours."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from server.errors import InvalidArgument, UnreadableValue
+from server.store.translate import translated
+
+
+async def test_a_result_value_psycopg_cannot_load_is_unreadable_not_invalid(
+    database_url: str,
+) -> None:
+    # psycopg raises the same DataError, without a sqlstate, for a parameter it cannot dump
+    # and for a result value it cannot load; only the second is the server's fault.
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for binary in (False, True):
+            for value in ("infinity", "10000-01-01 00:00:00+00", "-infinity"):
+                cur = conn.cursor(binary=binary)
+                with pytest.raises(UnreadableValue) as caught, translated(field="payload"):
+                    await cur.execute("SELECT %s::timestamptz", (value,))
+                    await cur.fetchone()
+                assert isinstance(caught.value.__cause__, psycopg.DataError)
+                assert "stored in the database could not be read" in caught.value.message
+
+
+async def test_a_parameter_psycopg_cannot_dump_stays_the_callers_field(database_url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for binary in (False, True):
+            cur = conn.cursor(binary=binary)
+            with pytest.raises(InvalidArgument) as nul, translated(field="content"):
+                await cur.execute("SELECT %s::text", ("a\x00b",))
+            assert [v.field for v in nul.value.violations] == ["content"]
+            assert "NUL" in nul.value.message
+            # PostgreSQL's own data errors carry a sqlstate: the request's value, as before.
+            for statement, params in (("SELECT %s::int", ("x",)), ("SELECT %s::int2", (10**6,))):
+                with pytest.raises(InvalidArgument) as bad, translated(field="payload"):
+                    await cur.execute(statement, params)
+                    await cur.fetchone()
+                assert isinstance(bad.value.__cause__, psycopg.DataError)
+                assert bad.value.__cause__.sqlstate in ("22P02", "22003")
+                assert [v.field for v in bad.value.violations] == ["payload"]
