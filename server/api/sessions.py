@@ -6,7 +6,7 @@ import uuid
 
 from memstore.v1 import session_service_pb2 as pb
 from memstore.v1 import session_service_pb2_grpc as pb_grpc
-from server.api import answer_size, convert, tokens
+from server.api import answer_size, convert, off_loop, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.export import ExportServicer
@@ -14,7 +14,7 @@ from server.api.search import SearchServicer, add_results, relevant_limit
 from server.api.status import unary_errors
 from server.api.tokens import PageTokens
 from server.api.users import metadata_change
-from server.domain import MetadataChange, NewMessage, Session, SessionQuery, TimeKey
+from server.domain import Message, MetadataChange, NewMessage, Session, SessionQuery, TimeKey
 from server.search.service import Searcher
 from server.store import Store
 
@@ -122,15 +122,15 @@ class SessionServicer(  # type: ignore[misc]
         v = val.Violations()
         val.check_id(v, "session_id", request.session_id)
         val.check_id(v, "user_id", request.user_id, required=False)
-        messages = _new_messages(v, request)
+        # Near 16 MiB, checking the messages and building the answer take seconds of CPU:
+        # in a thread then, so the loop's other callers are not kept waiting (off_loop).
+        size = request.ByteSize()
+        messages = await off_loop.run(size, _new_messages, v, request)
         v.raise_if_any()
         session, added = await self._store.add_memory(
             self._project(context), request.session_id, request.user_id or None, messages
         )
-        response = pb.AddMemoryResponse(session=convert.session_to_proto(session))
-        for message in added:
-            convert.message_to_proto(message, response.messages.add())
-        return response
+        return await off_loop.run(size, _add_memory_response, session, added)
 
     @unary_errors
     async def GetMemory(
@@ -275,6 +275,13 @@ def _session_query(v: val.Violations, request: pb.ListSessionsRequest) -> Sessio
 def _session_key(session: Session, query: SessionQuery) -> TimeKey:
     stamp = session.updated_at if query.order_field == "updated_at" else session.created_at
     return stamp, session.session_id
+
+
+def _add_memory_response(session: Session, added: list[Message]) -> pb.AddMemoryResponse:
+    response = pb.AddMemoryResponse(session=convert.session_to_proto(session))
+    for message in added:
+        convert.message_to_proto(message, response.messages.add())
+    return response
 
 
 def _new_messages(v: val.Violations, request: pb.AddMemoryRequest) -> list[NewMessage]:

@@ -179,8 +179,7 @@ async def get_memory(request: Request) -> Response:
 @endpoint
 async def add_memory(request: Request) -> Response:
     session_id = b.path_id(request, "session_id")
-    data = await b.json_object(request)
-    messages = common.new_messages(data)
+    messages = await b.checked_json(request, common.new_messages)
     await services(request).store.add_memory(project(request), session_id, None, messages)
     return JSONResponse(OK)
 
