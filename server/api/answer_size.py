@@ -13,9 +13,10 @@ naming the field that asked for too much.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from server.domain import Page
+from server.domain import Message, Page
 from server.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -91,6 +92,29 @@ def check_answer(response: Any, asked: str, **fields: str) -> None:
     raise InvalidArgument.field(
         field,
         f"{asked} make an answer of {size / _MIB:.1f} MiB, more than the "
+        f"{MAX_ANSWER_BYTES / _MIB:.0f} MiB one answer may be: ask for fewer",
+    )
+
+
+def check_text_answer(asked: str, **fields: Iterable[Message]) -> None:
+    """Refuses a REST answer of messages whose text alone passes MAX_ANSWER_BYTES, as
+    check_answer refuses the gRPC answer of the same call. `fields` maps each query value that
+    asked for messages to them; the error names the one whose text is largest. Characters are
+    counted (a lower bound of the bytes; no text is encoded to measure it), so REST refuses no
+    answer gRPC would send. Before, REST answered GetMemory's lastn=1000 of 1 MiB messages with
+    1 GB of JSON, built in memory on the event loop.
+
+    Raises:
+        InvalidArgument: the messages' content and role are more than MAX_ANSWER_BYTES.
+    """
+    sizes = {f: sum(len(m.content) + len(m.role) for m in rows) for f, rows in fields.items()}
+    size = sum(sizes.values())
+    if size <= MAX_ANSWER_BYTES:
+        return
+    field = max(sizes, key=sizes.__getitem__)
+    raise InvalidArgument.field(
+        field,
+        f"{asked} make an answer of more than {size / _MIB:.1f} MiB, more than the "
         f"{MAX_ANSWER_BYTES / _MIB:.0f} MiB one answer may be: ask for fewer",
     )
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
+from server.api import answer_size
 from server.api import validation as val
 from server.api.search import DEFAULT_RELEVANT_LIMIT, MAX_SEARCH_LIMIT
 from server.domain import (
@@ -205,7 +206,9 @@ async def list_messages(
 
     Raises:
         NotFound: the session is absent or soft-deleted.
+        InvalidArgument: the page's messages are more than one answer may be (naming limit).
     """
     page = await store.list_messages(project, session_id, None, size, offset=offset)
+    answer_size.check_text_answer(f"{len(page.items)} messages", limit=page.items)
     messages = [c.message(m) for m in page.items]
     return {"messages": messages, "row_count": len(messages), "total_count": page.total_size or 0}

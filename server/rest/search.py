@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from memstore.v1 import session_service_pb2 as pb
+from server.api import answer_size
 from server.api import validation as val
 from server.api.search import search_query
 from server.domain import JsonObject, SearchOutcome
@@ -83,6 +84,8 @@ async def _search(request: Request, data: JsonObject) -> tuple[SearchOutcome, fl
     limit = b.query_int(request, "limit", minimum=0)
     search, min_score = _request(data, limit)
     outcome = await services(request).searcher.search(project(request), search_query(search))
+    results = [r.message for r in outcome.results]
+    answer_size.check_text_answer(f"{len(results)} results", limit=results)
     return outcome, min_score
 
 

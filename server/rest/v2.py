@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
+from server.api import answer_size
 from server.api import validation as val
 from server.domain import SessionQuery, UserChanges
 from server.errors import InvalidArgument
@@ -160,6 +161,11 @@ async def get_memory(request: Request) -> Response:
     )
     memory = await services(request).searcher.get_memory(
         project(request), session_id, lastn, recall
+    )
+    answer_size.check_text_answer(
+        f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
+        lastn=memory.messages,
+        relevant_limit=[r.message for r in memory.relevant],
     )
     # An unknown or deleted session is an empty memory, as Zep answers it (found: false).
     return JSONResponse(

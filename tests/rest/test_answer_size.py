@@ -1,0 +1,80 @@
+"""REST answers of messages are capped as gRPC's are: 400 naming the query value that asked.
+
+gRPC refuses an answer past answer_size.MAX_ANSWER_BYTES (17 MiB), naming lastn,
+relevant_limit or the page size (tests/grpc/test_answer_size.py); REST answered the same
+call with all of it, built as one JSON document in memory on the event loop: GetMemory's
+lastn=210 of 1 MiB messages was 210 MiB of JSON (the server's peak RSS went from 0.3 to 1.5
+GB), and lastn=1000 would be a gigabyte.
+"""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+
+from memstore.v1 import session_service_pb2 as spb
+from server.api.answer_size import MAX_ANSWER_BYTES
+from server.domain import DEFAULT_PROJECT_ID, NewMessage
+from server.store import Store
+from tests.grpc import Sessions
+
+#: Enough 1 MiB messages to pass the cap, and a count that stays under it.
+OVER = MAX_ANSWER_BYTES // 2**20 + 2
+UNDER = 8
+
+
+async def _big_session(store: Store) -> None:
+    # "needle" once, then one word too long for full-text search to index.
+    content = "needle " + "x" * (2**20 - 16)
+    messages = [NewMessage("a", "user", content, {}, None) for _ in range(OVER)]
+    await store.add_memory(DEFAULT_PROJECT_ID, "big", None, messages[: OVER // 2])
+    await store.add_memory(DEFAULT_PROJECT_ID, "big", None, messages[OVER // 2 :])
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "field"),
+    [
+        ("/api/v2/sessions/big/memory", {"lastn": OVER, "relevant_limit": 0}, "lastn"),
+        ("/api/v2/sessions/big/messages", {"limit": OVER}, "limit"),
+        ("/api/v1/sessions/big/messages", {"limit": OVER}, "limit"),
+    ],
+)
+async def test_answers_past_the_cap_are_400_naming_what_asked(
+    http: httpx.AsyncClient, store: Store, path: str, query: dict[str, int], field: str
+) -> None:
+    await _big_session(store)
+    reply = await http.get(path, params=query)
+    assert reply.status_code == 400, reply.status_code
+    assert [v["field"] for v in reply.json()["violations"]] == [field], reply.json()
+    assert "ask for fewer" in reply.json()["message"]
+    smaller = {k: UNDER if v == OVER else v for k, v in query.items()}
+    reply = await http.get(path, params=smaller)
+    assert reply.status_code == 200
+    assert len(reply.json()["messages"]) == UNDER
+
+
+async def test_a_search_past_the_cap_is_400_naming_limit(
+    http: httpx.AsyncClient, store: Store
+) -> None:
+    await _big_session(store)
+    body = {"text": "needle", "search_type": "full_text"}
+    reply = await http.post("/api/v2/sessions/big/search", params={"limit": OVER}, json=body)
+    assert reply.status_code == 400, reply.status_code
+    assert [v["field"] for v in reply.json()["violations"]] == ["limit"]
+    reply = await http.post("/api/v2/sessions/big/search", params={"limit": UNDER}, json=body)
+    assert reply.status_code == 200 and len(reply.json()) == UNDER
+
+
+async def test_grpc_refuses_the_same_get_memory_naming_the_same_field(
+    http: httpx.AsyncClient, store: Store, grpc_port: int
+) -> None:
+    await _big_session(store)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        request = spb.GetMemoryRequest(session_id="big", lastn=OVER, relevant_limit=0)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await Sessions(channel).GetMemory(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("lastn: ")
+    reply = await http.get("/api/v2/sessions/big/memory", params={"lastn": OVER})
+    assert reply.json()["message"].startswith("lastn: ")
