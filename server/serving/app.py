@@ -49,6 +49,9 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 
+#: Calls gRPC's core may hold for the application to pick up: past any burst, so overload is
+#: memstore's to answer (--pool-max-waiting). What each held call costs was not measured.
+_MAX_PENDING_CALLS = 1_000_000
 #: Seconds calls cut off by the end of the grace period get to cancel their queries.
 _SETTLE_SECONDS = 5.0
 
@@ -200,6 +203,12 @@ async def _build(
             # silently share it; refuse instead. Workers opt in on purpose (serving/workers.py
             # checks first that nobody else holds the port).
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+            # gRPC's core answers CANCELLED (the caller's own code: not retried, named by no
+            # RPC) to calls past a backlog of 1,000 the application has not picked up yet; a
+            # burst of 1,500 got some. Overload is answered by memstore instead:
+            # RESOURCE_EXHAUSTED, SERVER_OVERLOADED (tests/grpc/test_burst.py).
+            ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
         ],
     )
     wrap = wrapping.service
