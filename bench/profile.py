@@ -15,7 +15,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-_LOCATION = re.compile(r" \((?:.*/)?(site-packages/)?([^/]+/)?([^/]+)\)$")
+#: A frame's file: the last folder and the file name. The prefix is lazy, and optional
+#: lazily, so the last folder is left to its group (a greedy prefix took every folder, and
+#: the package was never printed).
+_LOCATION = re.compile(r" \((?:.*?/)??(site-packages/)?([^/]+/)?([^/]+)\)$")
 
 
 def _short(frame: str) -> str:

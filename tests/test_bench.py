@@ -456,3 +456,45 @@ async def test_queue_gauge_times_both_statements_on_tiny_data(server_url: str) -
     assert found["before_ms"] > 0 and found["after_ms"] > 0 and found["after_over_before"] > 0
     assert found["values"]["before"][0] == found["values"]["after"][0] == 40
     assert found["values"]["after"][1] == pytest.approx(found["values"]["before"][1], abs=5)
+
+
+def _run_module(
+    module: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> args` as a user runs it, with `env` added to this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_profile_summarizes_a_raw_profile(tmp_path: Path) -> None:
+    # bench.profile on py-spy's raw format: samples counted, self and inclusive shares, each
+    # frame's file shortened to its folder and name; a line that is no sample is skipped.
+    raw = tmp_path / "export.raw"
+    raw.write_text(
+        "main (/srv/server/__main__.py:10);serve (/srv/server/serving/app.py:20);"
+        "encode (/v/lib/python3.11/site-packages/google/protobuf/json_format.py:5) 3\n"
+        "main (/srv/server/__main__.py:10);serve (/srv/server/serving/app.py:20) 1\n"
+        "not a sample\n"
+    )
+    run = _run_module("bench.profile", str(raw), "--top", "2")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:5] == [
+        "4 samples",
+        "--- self",
+        " 75.0%  encode (protobuf/json_format.py:5)",
+        " 25.0%  serve (serving/app.py:20)",
+        "--- inclusive",
+    ]
+    # Frames of equal count in either order.
+    assert set(lines[5:]) == {
+        "100.0%  main (server/__main__.py:10)",
+        "100.0%  serve (serving/app.py:20)",
+    }
