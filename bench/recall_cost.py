@@ -1,6 +1,6 @@
 """What the worker's recall statement costs in PostgreSQL, against another revision's.
 
-    .venv/bin/python -m bench.recall_cost [--before REV] [--runs 15]
+    .venv/bin/python -m bench.recall_cost [--before REV] [--runs 15] [--db-name NAME]
 
 A fresh database (DATABASE_URL's server, else the embedded one) holds two users of 1,280
 messages in 20 sessions each, random unit vectors of 384 dimensions for every message (the
@@ -10,6 +10,7 @@ candidates per part) from this checkout's sql/search.sql and from REV's (default
 each is EXPLAIN (ANALYZE, BUFFERS)ed for one session of the first user, the two alternating
 which goes first each round. Prints each side's median and fastest execution time, its
 buffers, and the median and range of this ÷ REV per round (docs/search.md, Recall quality).
+The statement ranks by vectors: on a server without pgvector it says so and exits 1.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from bench import env, rounds
-from bench.search_data import MODEL, ChatText, embed_randomly, seed_user
+from bench.search_data import MODEL, ChatText, embed_randomly, has_vectors, seed_user
 from server.domain import DEFAULT_PROJECT_ID
 from server.search.service import RECALL_WINDOW
 from server.store import Store, queries
@@ -58,10 +59,13 @@ def composer_at(rev: str) -> Callable[[], sql.Composed]:
 
 
 @contextmanager
-def recall_database() -> Iterator[tuple[psycopg.Connection[Any], dict[str, Any]]]:
-    """The data above in a fresh database, ANALYZEd, dropped on leaving: an autocommit
+def recall_database(name: str = _DB) -> Iterator[tuple[psycopg.Connection[Any], dict[str, Any]]]:
+    """The data above in a fresh database `name`, ANALYZEd, dropped on leaving: an autocommit
     connection to it and the worker's recall parameters for the first user's first session."""
-    with env.migrated_database(_DB, os.environ.get("DATABASE_URL")) as url:
+    with env.migrated_database(name, os.environ.get("DATABASE_URL")) as url:
+        if not has_vectors(url):
+            # The statement ranks by vectors: without them there is nothing to measure.
+            raise SystemExit("the recall statement needs pgvector, which this PostgreSQL lacks")
         text = ChatText()
         for user in ("cost-a", "cost-b"):
             seed_user(url, text, user, prefix=user, messages=_MESSAGES, per_session=_PER_SESSION)
@@ -95,10 +99,11 @@ def main() -> None:
         rounds_help="rounds, each side once per round",
     )
     parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
+    parser.add_argument("--db-name", default=_DB, help="the scratch database (dropped at the end)")
     args = parser.parse_args()
     sides = {"before": composer_at(args.before)(), "after": recall_statement(True)}
     buffers: dict[str, int] = {}
-    with recall_database() as (conn, params):
+    with recall_database(args.db_name) as (conn, params):
         for statement in sides.values():  # warm the cache once each
             _explain(conn, statement, params)
 

@@ -1,6 +1,6 @@
 """What the recall statement costs the calling process (CPU per call), against another revision's.
 
-    .venv/bin/python -m bench.recall_cpu [--before REV] [--rounds 6] [--calls 200]
+    .venv/bin/python -m bench.recall_cpu [--before REV] [--rounds 6] [--calls 200] [--db-name NAME]
 
 The data of bench.recall_cost (two users of 1,280 messages with random vectors). Each call
 runs the recall statement (with vectors) as the store runs it, through psycopg with the
@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from bench import rounds
-from bench.recall_cost import _MESSAGES, _PER_SESSION, composer_at, recall_database
+from bench.recall_cost import _DB, _MESSAGES, _PER_SESSION, composer_at, recall_database
 from server.store.search import recall_positional
 
 #: One call of a side: runs the recall statement on the connection, answers its rows.
@@ -75,6 +75,7 @@ def main() -> None:
         calls_help="calls per side per round",
     )
     parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
+    parser.add_argument("--db-name", default=_DB, help="the scratch database (dropped at the end)")
     args = parser.parse_args()
     compose = composer_at(args.before)
     sides: dict[str, Run] = {"before": _composed(compose), "after": _positional}
@@ -82,7 +83,7 @@ def main() -> None:
         "before": len(compose().as_string(None).encode()),
         "after": len(recall_positional(True)[0]),
     }
-    with recall_database() as (conn, params):
+    with recall_database(args.db_name) as (conn, params):
         same = _same_rows(conn, sides, params)
         for run in sides.values():  # warm up once each
             _cpu_per_call(conn, run, params, 5)

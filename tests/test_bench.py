@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -471,6 +472,68 @@ def _run_module(
         timeout=120,
         check=False,
     )
+
+
+def _no_database_left(server_url: str, name: str) -> None:
+    with psycopg.connect(server_url) as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
+        assert left.fetchall() == []
+
+
+_RATIO_LINE = r"after / before per round: median ([\d.]+) \(([\d.]+)-([\d.]+)\), (\d+) rounds"
+
+
+def test_recall_cost_explains_both_sides_on_tiny_data(server_url: str) -> None:
+    # bench.recall_cost (its own fixed data: two users of 1,280 messages with random vectors):
+    # both sides' plans timed and their buffers read; without pgvector, a clear refusal.
+    name = f"memstore_recall_cost_{secrets.token_hex(3)}"
+    run = _run_module(
+        "bench.recall_cost", "--runs", "2", "--before", "HEAD", "--db-name", name,
+        env={"DATABASE_URL": server_url},
+    )  # fmt: skip
+    _no_database_left(server_url, name)
+    if not _has_pgvector(server_url):
+        assert run.returncode == 1 and "needs pgvector" in run.stderr, run.stderr[-3000:]
+        return
+    assert run.returncode == 0, run.stderr[-3000:]
+    for side in ("before", "after"):
+        found = re.search(
+            rf"^{side} +median ([\d.]+) ms  fastest ([\d.]+) ms  buffers (\d+)$",
+            run.stdout,
+            re.M,
+        )
+        assert found, run.stdout
+        median, fastest, buffers = float(found[1]), float(found[2]), int(found[3])
+        assert median >= fastest > 0 and buffers > 0, run.stdout
+    ratio = re.search(_RATIO_LINE, run.stdout)
+    assert ratio, run.stdout
+    assert float(ratio[3]) >= float(ratio[1]) >= float(ratio[2]) > 0 and ratio[4] == "2"
+
+
+def test_recall_cpu_times_both_sides_on_tiny_data(server_url: str) -> None:
+    # bench.recall_cpu on recall_cost's data: both sides' rows equal for each of the first
+    # user's 20 sessions, then each side's CPU per call; without pgvector, a clear refusal.
+    name = f"memstore_recall_cpu_{secrets.token_hex(3)}"
+    run = _run_module(
+        "bench.recall_cpu", "--rounds", "2", "--calls", "5", "--before", "HEAD",
+        "--db-name", name, env={"DATABASE_URL": server_url},
+    )  # fmt: skip
+    _no_database_left(server_url, name)
+    if not _has_pgvector(server_url):
+        assert run.returncode == 1 and "needs pgvector" in run.stderr, run.stderr[-3000:]
+        return
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rows equal, row for row, for each of the first user's 20 sessions" in run.stdout
+    for side in ("before", "after"):
+        found = re.search(
+            rf"^{side} +CPU per call median (\d+) µs \((\d+)-(\d+)\), statement ([\d,]+) bytes$",
+            run.stdout,
+            re.M,
+        )
+        assert found, run.stdout
+        assert int(found[3]) >= int(found[1]) >= int(found[2]) > 0, run.stdout
+        assert int(found[4].replace(",", "")) > 0
+    assert re.search(_RATIO_LINE + " of 5 calls", run.stdout), run.stdout
 
 
 def test_profile_summarizes_a_raw_profile(tmp_path: Path) -> None:
