@@ -1,6 +1,7 @@
 """What keeping session_count beside the user costs and saves, store-level, on one database.
 
     .venv/bin/python -m bench.session_counts [--rounds 5] [--seconds 3] [--before-ref REF]
+        [--users 200] [--database-url URL] [--db-name NAME]
 
 Plain PostgreSQL (the bench's embedded server, or DATABASE_URL's). Each round runs every kind
 on both sides, the side order alternating between rounds, so load from other jobs falls on
@@ -31,15 +32,15 @@ from server.domain import NewMessage
 from server.store import Store, messages, queries
 
 WRITERS = 16
-USERS = 200
 MESSAGE = "The user said they prefer vegetarian food and live near the sea. " * 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = rounds.parser("session_counts", __doc__, rounds=5)
+    p = rounds.parser("session_counts", __doc__, rounds=5, users=200)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--before-ref", default="aa5ded7", help="commit whose get_users counted")
     rounds.add_database_url(p, from_env=False)
+    rounds.add_scratch(p, "memstore_bench_counts")
     return p
 
 
@@ -66,14 +67,15 @@ async def _rate(call: Callable[[int], Awaitable[Any]], seconds: float) -> float:
 
 async def main() -> None:
     args = _parser().parse_args()
-    with env.migrated_database("memstore_bench_counts", args.database_url) as url:
+    with env.migrated_database(args.db_name, args.database_url, args.data_dir) as url:
         await _measure(args, url)
 
 
 async def _measure(args: argparse.Namespace, url: str) -> None:
     store = await Store.open(url, min_size=WRITERS, max_size=WRITERS)
     msg = [NewMessage(role="user", role_type="user", content=MESSAGE, metadata={})]
-    for u in range(USERS):
+    users = args.users
+    for u in range(users):
         await store.create_user(P, f"u{u}", "", "", "", {})
         for s in range(20):
             await store.add_memory(P, f"u{u}-s{s}", f"u{u}", msg)
@@ -98,9 +100,9 @@ async def _measure(args: argparse.Namespace, url: str) -> None:
     }
     sides["add_existing"] = sides["add_new"]
     calls: dict[str, Callable[[int], Awaitable[Any]]] = {
-        "add_new": lambda i: store.add_memory(P, f"new-{next(fresh)}", f"u{i % USERS}", msg),
-        "add_existing": lambda i: store.add_memory(P, f"u{i % USERS}-s{i % 20}", None, msg),
-        "get_user": lambda i: store.get_user(P, f"u{i % USERS}"),
+        "add_new": lambda i: store.add_memory(P, f"new-{next(fresh)}", f"u{i % users}", msg),
+        "add_existing": lambda i: store.add_memory(P, f"u{i % users}-s{i % 20}", None, msg),
+        "get_user": lambda i: store.get_user(P, f"u{i % users}"),
     }
     rates: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):

@@ -536,6 +536,28 @@ def test_recall_cpu_times_both_sides_on_tiny_data(server_url: str) -> None:
     assert re.search(_RATIO_LINE + " of 5 calls", run.stdout), run.stdout
 
 
+def test_session_counts_times_every_kind_on_tiny_data(server_url: str) -> None:
+    # bench.session_counts on 10 users: each kind's rate on both sides, and (one round) its
+    # after/before the ratio of the two rates printed beside it; plain PostgreSQL either way.
+    name = f"memstore_counts_{secrets.token_hex(3)}"
+    run = _run_module(
+        "bench.session_counts", "--users", "10", "--rounds", "1", "--seconds", "0.2",
+        "--database-url", server_url, "--db-name", name,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    _no_database_left(server_url, name)
+    for kind in ("add_new", "add_existing", "get_user"):
+        found = re.search(
+            rf"^{kind}: before ([\d,]+)/s, after ([\d,]+)/s, after/before ([\d.]+)$",
+            run.stdout,
+            re.M,
+        )
+        assert found, run.stdout
+        before, after = (float(found[i].replace(",", "")) for i in (1, 2))
+        assert before > 0 and after > 0, run.stdout
+        assert float(found[3]) == pytest.approx(after / before, abs=0.01), run.stdout
+
+
 def test_profile_summarizes_a_raw_profile(tmp_path: Path) -> None:
     # bench.profile on py-spy's raw format: samples counted, self and inclusive shares, each
     # frame's file shortened to its folder and name; a line that is no sample is skipped.
