@@ -137,6 +137,8 @@ def _summary(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         "before_rows_per_s": round(statistics.median(rate(x) for x in before)),
         "after_rows_per_s": round(statistics.median(rate(x) for x in after)),
         "after_over_before": round(rounds.spread(ratios).median, 3),
+        # Every run streams the whole table: one count, that of the rows loaded.
+        "rows_streamed": sorted({int(x["rows"]) for x in before + after}),
         "round_ratios": [round(x, 3) for x in ratios],
         "before_cpu_us_per_row": round(statistics.median(cpu(x) for x in before), 2),
         "after_cpu_us_per_row": round(statistics.median(cpu(x) for x in after), 2),

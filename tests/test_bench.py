@@ -558,6 +558,27 @@ def test_session_counts_times_every_kind_on_tiny_data(server_url: str) -> None:
         assert float(found[3]) == pytest.approx(after / before, abs=0.01), run.stdout
 
 
+def test_ab_streams_run_on_tiny_data(server_url: str) -> None:
+    # bench.ab's streams (its default --only): every loaded user and message streamed whole
+    # by both servers, and the ratio of one round the ratio of the two rates.
+    name = f"memstore_ab_{secrets.token_hex(3)}"
+    run = _run_module(
+        "bench.ab", "--before", str(ROOT), "--database-url", server_url, "--db-name", name,
+        "--users", "300", "--messages", "200", "--rounds", "1",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    _no_database_left(server_url, name)
+    summary = json.loads(run.stdout[run.stdout.index("\n{") :])
+    assert (summary["users"], summary["messages"]) == (300, 200)
+    for stream, rows in (("export", 300), ("export_messages", 200)):
+        figures = summary[stream]
+        assert figures["rows_streamed"] == [rows], figures
+        before, after = figures["before_rows_per_s"], figures["after_rows_per_s"]
+        assert before > 0 and after > 0, figures
+        assert figures["round_ratios"] == [figures["after_over_before"]]
+        assert figures["after_over_before"] == pytest.approx(after / before, rel=0.01), figures
+
+
 def test_profile_summarizes_a_raw_profile(tmp_path: Path) -> None:
     # bench.profile on py-spy's raw format: samples counted, self and inclusive shares, each
     # frame's file shortened to its folder and name; a line that is no sample is skipped.
