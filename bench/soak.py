@@ -41,6 +41,8 @@ SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
 #: Resident memory may grow this much from the end of the warm-up to the end of the run.
 MAX_GROWTH_MIB = float(os.environ.get("SOAK_MAX_GROWTH_MIB", "20"))
 WARM_UP = 0.25  # the first quarter of the run: pools fill, caches warm
+#: Where the figures are kept (a smoke test keeps its own apart from a real soak's).
+FIGURES = Path(os.environ.get("SOAK_FIGURES", ROOT / ".data" / "soak-figures.json"))
 #: Seconds soft-deleted rows are kept; clients restore only sessions deleted well before.
 RETENTION = 60.0
 
@@ -315,8 +317,8 @@ def main() -> int:
     finally:
         drop()
     print(json.dumps(figures, indent=2))
-    (ROOT / ".data").mkdir(exist_ok=True)
-    (ROOT / ".data" / "soak-figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
     failed = figures["errors"] or figures["exit_code"] or figures["rss_growth_mib"] > MAX_GROWTH_MIB
     print("soak FAILED" if failed else "soak passed: 0 errors, flat memory, clean exit")
     return 1 if failed else 0

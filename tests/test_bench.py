@@ -579,6 +579,30 @@ def test_ab_streams_run_on_tiny_data(server_url: str) -> None:
         assert figures["after_over_before"] == pytest.approx(after / before, rel=0.01), figures
 
 
+def test_soak_runs_clean_on_tiny_data(server_url: str, tmp_path: Path) -> None:
+    # `make soak` for six seconds with two clients: every call answered, the counts adding
+    # up, a clean exit of the server and memory judged flat; its figures kept where
+    # SOAK_FIGURES says (not over a real soak's in .data).
+    kept = tmp_path / "soak-figures.json"
+    run = _run_module(
+        "bench.soak",
+        env={
+            **{"DATABASE_URL": server_url, "SOAK_SECONDS": "6", "SOAK_CLIENTS": "2"},
+            "SOAK_FIGURES": str(kept),
+        },
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.rstrip().endswith("soak passed: 0 errors, flat memory, clean exit")
+    figures = json.loads(run.stdout[run.stdout.index("{\n") : run.stdout.rindex("}") + 1])
+    assert (figures["seconds"], figures["clients"]) == (6.0, 2)
+    assert figures["errors"] == 0 and figures["exit_code"] == 0, figures
+    assert figures["calls"] == sum(figures["by_method"].values()) > 0, figures
+    assert figures["by_method"]["CreateUser"] >= 2 and figures["by_method"]["AddMemory"] > 0
+    assert figures["p99_ms"] >= figures["p50_ms"] > 0, figures
+    assert figures["rss_growth_mib"] <= 20 and figures["rss_max_mib"] > 0, figures
+    assert json.loads(kept.read_text()) == figures
+
+
 def test_profile_summarizes_a_raw_profile(tmp_path: Path) -> None:
     # bench.profile on py-spy's raw format: samples counted, self and inclusive shares, each
     # frame's file shortened to its folder and name; a line that is no sample is skipped.
