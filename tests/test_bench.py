@@ -628,3 +628,36 @@ def test_profile_summarizes_a_raw_profile(tmp_path: Path) -> None:
         "100.0%  main (server/__main__.py:10)",
         "100.0%  serve (serving/app.py:20)",
     }
+
+
+def test_recall_replay_scores_every_fusion_on_tiny_data(server_url: str, tmp_path: Path) -> None:
+    # bench.eval.recall_replay on make eval's first three questions: each candidate fusion
+    # (GetMemory's answers first) scored per window for all, odd and even questions; a second
+    # run from --cache scores the same parts alike. Without pgvector, refused before loading.
+    cache = tmp_path / "replay.pickle"
+    args = ("--sample", "3", "--cache", str(cache))
+    run = _run_module("bench.eval.recall_replay", *args, env={"DATABASE_URL": server_url})
+    if not _has_pgvector(server_url):
+        assert run.returncode == 1, run.stderr[-3000:]
+        assert "the replay needs pgvector, which this PostgreSQL lacks" in run.stderr
+        assert not cache.exists()
+        return
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    windows = "alone / after talk / before talk / after history talk / before history talk"
+    assert lines[0] == f"R@10 {windows}"
+    titles = ("all questions", "odd-numbered questions (to choose on)", "even-numbered questions")
+    starts = [lines.index(t) for t in titles]
+    rows = [
+        lines[a + 1 : b - 1] for a, b in zip(starts, [*starts[1:], len(lines) + 1], strict=True)
+    ]
+    assert len({len(r) for r in rows}) == 1 and len(rows[0]) > 10, run.stdout
+    for section in rows:
+        assert section[0].startswith("GetMemory (as answered) ")
+        for row in section:
+            found = re.fullmatch(r"(.+?) +([\d.]+(?: / [\d.]+){4})", row)
+            assert found, row
+            assert all(0 <= float(x) <= 1 for x in found[2].split(" / ")), row
+    again = _run_module("bench.eval.recall_replay", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout == run.stdout

@@ -277,10 +277,13 @@ def _weighted_mean(window: list[np.ndarray]) -> np.ndarray:
 
 async def _collect(corpus: Corpus, url: str) -> tuple[Replay, dict[Key, Any]]:
     async with _served(url) as (store, channel):
+        if not store.vectors:
+            # Refused before the corpus is loaded: without vectors there is nothing to replay.
+            raise SystemExit("the replay needs pgvector, which this PostgreSQL lacks")
         sessions = ss_grpc.SessionServiceStub(channel)
         keys = await _load(corpus, us_grpc.UserServiceStub(channel), sessions)
         embedder = embedder_from_setting("local")
-        assert embedder is not None and store.vectors, "the replay needs pgvector"
+        assert embedder is not None
         worker = EmbeddingWorker(store, embedder)
         await worker.drain(timeout=3600)
         async with store._connect(single=True) as conn:
