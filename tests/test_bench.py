@@ -9,6 +9,7 @@ import re
 import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -661,3 +662,59 @@ def test_recall_replay_scores_every_fusion_on_tiny_data(server_url: str, tmp_pat
     again = _run_module("bench.eval.recall_replay", *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout == run.stdout
+
+
+#: The stand-alone cost benches' command lines on tiny data, and the keys their JSON holds
+#: (their measuring functions are checked in depth above: here, that each runs as a user runs
+#: it, `python -m bench.<module>`, and prints what it measured).
+_COST_COMMANDS = {
+    "chunk_cost": (
+        ("--users", "300", "--limit", "50", "--keys", "2", "--rounds", "1", "--calls", "1"),
+        {"server", "list_user_chunk", "copy_rows", "copy_table"},
+    ),
+    "pg_cost": (
+        ("--get-memory", "--sessions", "20", "--rounds", "1", "--calls", "2"),
+        {"kept_recall", "auto_1", "auto_8", "force_custom_plan_1", "force_custom_plan_8"},
+    ),
+    "plan_cost": (
+        ("--users", "50", "--rounds", "2", "--calls", "2"),
+        {"plans", "before_1", "after_1", "after_over_before_1"},
+    ),
+    "queue_gauge": (
+        ("--rows", "50", "--drained", "10", "--rounds", "2", "--calls", "1"),
+        {"rows", "drained", "before_ms", "after_ms", "after_over_before", "values"},
+    ),
+}
+
+
+@pytest.mark.parametrize("module", sorted(_COST_COMMANDS))
+def test_cost_bench_runs_as_a_command_on_tiny_data(server_url: str, module: str) -> None:
+    args, keys = _COST_COMMANDS[module]
+    run = _run_module(f"bench.{module}", *args, "--database-url", server_url)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout[run.stdout.index("{") :])
+    assert keys <= found.keys(), found
+    # Every figure measured: a finite count or time, none negative.
+    numbers = list(_numbers(found))
+    assert numbers and all(math.isfinite(x) and x >= 0 for x in numbers), found
+
+
+def _numbers(value: Any) -> Iterator[float]:
+    """Every number in a JSON value, however deep."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
+async def test_queue_cost_runs_as_a_command_on_tiny_data(clean_db: str) -> None:
+    run = _run_module(
+        "bench.queue_cost", "--database-url", clean_db, "--rounds", "1", "--calls", "2"
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    assert set(found) == {f"{w}_{n}" for w in ("none", "each", "turn") for n in (1, 20)}
+    assert all(x["statement_us"] > 0 and x["queue_insert_us"] >= 0 for x in found.values())
