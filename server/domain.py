@@ -196,6 +196,8 @@ class MessageColumns:
     metadata: bytes
     deleted: bytes | None
     deleted_mask: bytes
+    #: Messages of the page were left out by the batch's byte budget: more follow.
+    cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,10 @@ from server.domain import MessageKey, Page, Session, TimeKey, WireRows
 #: of one (server CPU 4.55 -> 3.0 us per message), for ~20 MB more memory while it streams
 #: (docs/performance.md, "ExportMessages encoded by columns").
 MESSAGE_BATCH_CHUNKS = 4
+#: A batch of ExportMessages also ends once its messages hold this many bytes of content and
+#: metadata (at least one message): the batch sizing by rows measured so far cannot foresee
+#: large ones (docs/reliability.md, "An export's memory").
+MESSAGE_BATCH_BYTES = MESSAGE_BATCH_CHUNKS * chunking.MAX_CHUNK_BYTES
 
 
 class ExportServicer(ServicerBase):
@@ -73,7 +77,7 @@ class ExportServicer(ServicerBase):
         # One message more than the batch is read, as export_messages reads it, to know
         # whether another batch follows without a last, empty read.
         columns = await self._store.export_message_columns(
-            project, after, limit + 1, include_deleted=everything
+            project, after, limit + 1, include_deleted=everything, budget=MESSAGE_BATCH_BYTES
         )
         if columns is None:
             return Page([], has_more=False)
@@ -86,9 +90,10 @@ class ExportServicer(ServicerBase):
                 project, after, limit, include_deleted=everything
             )
             return Page([message_wire.from_messages(page.items)], has_more=page.has_more)
-        if columns.rows <= limit:
-            return Page([rows], has_more=False)
-        return Page([message_wire.first(rows, limit)], has_more=True)
+        if columns.rows > limit:
+            return Page([message_wire.first(rows, limit)], has_more=True)
+        # Ended by bytes, messages follow it; else it is the last batch.
+        return Page([rows], has_more=columns.cut)
 
 
 def _chunk_size(requested: int) -> int:

@@ -74,20 +74,24 @@ class ExportMethods(StoreBase):
         limit: int,
         *,
         include_deleted: bool = False,
+        budget: int,
     ) -> MessageColumns | None:
         """export_messages' batch (the same messages, at most `limit`) as one MessageColumns,
-        a few values for the whole batch; None when no message follows.
+        a few values for the whole batch; None when no message follows. The batch ends
+        early, `cut`, where the messages before the next hold `budget` bytes of content and
+        metadata (the first message is always in it).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
         params = _message_batch(project_id, after, limit, include_deleted)
+        params["budget"] = budget
         found = await self._binary_row("export_message_columns", params)
         if found is None or not found[0]:
             return None
-        rows, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask = found
+        rows, cut, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask = found
         return MessageColumns(
-            rows, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask
+            rows, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask, cut
         )
 
     async def list_user_chunk(

@@ -90,6 +90,23 @@ async def test_export_messages_after_a_huge_message_are_each_sent_once(sessions)
     assert [bool(c.next_page_token) for c in chunks] == [True, True, True, True, False]
 
 
+async def test_export_messages_past_a_batchs_byte_budget_are_each_sent_once(sessions):
+    # Batches end by bytes (export_message_columns' budget, 1 MiB): small messages, then
+    # large ones over several batches ended early, then small again. Every message comes
+    # once, in order, and the chunks are cut as before (two of 400 KiB never share one).
+    small = [msg(f"a{i}") for i in range(20)]
+    large = [msg("L" * (400 * 1024)) for _ in range(9)]
+    tail = [msg(f"z{i}") for i in range(20)]
+    for part in (small, large, tail):
+        await sessions.AddMemory(ss.AddMemoryRequest(session_id="mixed", messages=part))
+    chunks = await _messages(sessions, chunk_size=1000)
+    assert _message_keys(chunks) == [("mixed", i) for i in range(1, 50)]
+    assert [len(c.messages) for c in chunks] == [20, *([1] * 9), 20]
+    assert [bool(c.next_page_token) for c in chunks] == [True] * 10 + [False]
+    resumed = await _messages(sessions, chunk_size=1000, page_token=chunks[4].next_page_token)
+    assert _message_keys(resumed) == _message_keys(chunks)[24:]
+
+
 async def test_export_messages_of_a_time_a_datetime_cannot_hold_fails_as_objects_do(
     sessions, clean_db
 ):

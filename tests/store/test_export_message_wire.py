@@ -19,6 +19,9 @@ from server.domain import ROLE_TYPES, WireRows
 from server.store import Store
 from tests.stored_values import JSON, TEXT, TIMES
 
+#: A byte budget no batch here reaches: these tests compare whole batches.
+NO_BUDGET = 1 << 40
+
 _MESSAGES = st.lists(
     st.fixed_dictionaries(
         {
@@ -66,7 +69,9 @@ async def _both_paths(
     built = pb.ExportMessagesResponse()
     for m in page.items:
         convert.message_to_proto(m, built.messages.add(session_id=m.session_id).message)
-    columns = await store.export_message_columns(project, None, 100, include_deleted=everything)
+    columns = await store.export_message_columns(
+        project, None, 100, include_deleted=everything, budget=NO_BUDGET
+    )
     if columns is None:
         assert not page.items
         return built.SerializeToString(), None
@@ -130,11 +135,13 @@ async def test_message_columns_encode_to_the_object_path(
         # Not only equal once parsed: the same bytes, field order and all.
         assert rows.entries == built
         # A batch that stops short, and the batch after it, are the same entries cut in two.
-        first = await store.export_message_columns(project, None, 1, include_deleted=everything)
+        first = await store.export_message_columns(
+            project, None, 1, include_deleted=everything, budget=NO_BUDGET
+        )
         assert first is not None and first.rows == 1
         head = message_wire.encode(first)
         rest = await store.export_message_columns(
-            project, head.key(0), 100, include_deleted=everything
+            project, head.key(0), 100, include_deleted=everything, budget=NO_BUDGET
         )
         tail = message_wire.encode(rest).entries if rest is not None else b""
         assert head.entries + tail == rows.entries
@@ -145,7 +152,7 @@ async def test_message_columns_of_an_empty_project_are_none(
 ) -> None:
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         project = await _project(conn)
-    assert await store.export_message_columns(project, None, 100) is None
+    assert await store.export_message_columns(project, None, 100, budget=NO_BUDGET) is None
 
 
 @pytest.mark.parametrize("created", ["infinity", "-infinity", "10000-01-01 00:00:00+00"])
@@ -164,7 +171,50 @@ async def test_a_timestamp_a_datetime_cannot_hold_is_out_of_range(
             " VALUES (%s, 's', 1, 'hi', %s::timestamptz)",
             (project, created),
         )
-    columns = await store.export_message_columns(project, None, 100)
+    columns = await store.export_message_columns(project, None, 100, budget=NO_BUDGET)
     assert columns is not None
     with pytest.raises(message_wire.OutOfRange):
         message_wire.encode(columns)
+
+
+async def test_a_batch_ends_where_its_messages_pass_the_byte_budget(
+    store: Store, database_url: str
+) -> None:
+    # 30 small messages, then 10 of 300,000 bytes, then 5 small: a batch of `limit` rows
+    # would hand over all of them at once. With a budget of 1 MiB a batch takes messages while
+    # those before hold less than it: the small ones and four large, then four large, then the
+    # last two large and the small ones; a budget of one byte still takes one message.
+    big = "x" * 300_000
+    contents = [f"s{i}" for i in range(30)] + [big] * 10 + [f"t{i}" for i in range(5)]
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        project = await _project(conn)
+        await conn.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'u')", (project,))
+        await conn.execute(
+            "INSERT INTO sessions (project_id, session_id, user_id) VALUES (%s, 's', 'u')",
+            (project,),
+        )
+        for sequence, content in enumerate(contents, start=1):
+            await conn.execute(
+                "INSERT INTO messages (project_id, session_id, sequence, content)"
+                " VALUES (%s, 's', %s, %s)",
+                (project, sequence, content),
+            )
+    batches: list[tuple[int, bool]] = []
+    after = None
+    while True:
+        columns = await store.export_message_columns(project, after, 1000, budget=1 << 20)
+        if columns is None:
+            break
+        rows = message_wire.encode(columns)
+        batches.append((columns.rows, columns.cut))
+        after = rows.key(columns.rows - 1)
+        assert len(columns.contents) <= (1 << 20) + len(big)
+    assert batches == [(34, True), (4, True), (7, False)]
+    assert sum(n for n, _ in batches) == len(contents)
+    one = await store.export_message_columns(project, None, 1000, budget=1)
+    assert one is not None and (one.rows, one.cut) == (1, True)
+    whole = await store.export_message_columns(project, None, 1000, budget=NO_BUDGET)
+    assert whole is not None and (whole.rows, whole.cut) == (len(contents), False)
+    # A page cut by its limit, not by bytes, is not `cut`: the caller reads one row more.
+    page = await store.export_message_columns(project, None, 3, budget=NO_BUDGET)
+    assert page is not None and (page.rows, page.cut) == (3, False)
