@@ -87,6 +87,7 @@ VALUES: dict[str, Any] = {
     "digest": b"d",
     "label": "",
     "include_deleted": False,
+    "budget": 1 << 20,
     "emails": ["a@example.com"],
     "first_names": [""],
     "last_names": [""],
