@@ -99,34 +99,9 @@ FROM (SELECT p.created_at, p.user_id, {_BODY}
       ORDER BY p.created_at, p.user_id OFFSET 0) b""",
 }
 
-#: list_user_chunk before its parameters went behind scalar subqueries (planned every chunk).
-VARIANTS["planned_each_chunk"] = r"""WITH keys AS MATERIALIZED (
-    SELECT array_agg(k.user_id ORDER BY k.created_at, k.user_id) AS ids,
-           max(k.created_at) AS last_created
-    FROM (SELECT u.created_at, u.user_id FROM users u
-          WHERE u.project_id = %(project_id)s
-            AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-          ORDER BY u.created_at, u.user_id
-          LIMIT %(limit)s) k
-), counts AS MATERIALIZED (
-    SELECT c.user_id, c.session_count AS n FROM user_session_counts c
-    WHERE c.project_id = %(project_id)s
-      AND c.user_id = ANY ((SELECT ids FROM keys)::text[])
-)
-SELECT coalesce(string_agg('\x0a'::bytea || memstore_pb_varint(length(b.body)) || b.body,
-                           ''::bytea ORDER BY b.created_at, b.user_id), ''::bytea),
-       count(*), (SELECT last_created FROM keys), (SELECT ids[cardinality(ids)] FROM keys)
-FROM (SELECT p.created_at, p.user_id,
-             CASE WHEN c.n > 0 THEN p.wire || '\x40'::bytea || memstore_pb_varint(c.n)
-                  ELSE p.wire END AS body
-      FROM (SELECT u.created_at, u.user_id, u.wire FROM users u
-            WHERE u.project_id = %(project_id)s
-              AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-            ORDER BY u.created_at, u.user_id
-            LIMIT %(limit)s) p
-      LEFT JOIN counts c ON c.user_id = p.user_id
-      -- A fence: body is computed once per user, not once per use in the inlined varint.
-      OFFSET 0) b"""
+#: list_user_chunk before its parameters went behind scalar subqueries (planned every chunk):
+#: its form with them bare, which Citus runs (queries.citus_form).
+VARIANTS["planned_each_chunk"] = query("list_user_chunk_citus").as_string(None)
 
 #: COPY of the same page's rows (the API's columns, as the bench's COPY), to the client.
 _COPY_ROWS = """COPY (SELECT u.project_id, u.user_id, u.email, u.first_name, u.last_name,

@@ -61,6 +61,15 @@ async def _project(conn: psycopg.AsyncConnection[Any]) -> int:
     return int(row[0])
 
 
+async def _session(conn: psycopg.AsyncConnection[Any], project: int) -> None:
+    """User 'u' and its session 's' in `project`, written by SQL."""
+    await conn.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'u')", (project,))
+    await conn.execute(
+        "INSERT INTO sessions (project_id, session_id, user_id) VALUES (%s, 's', 'u')",
+        (project,),
+    )
+
+
 async def _both_paths(
     store: Store, project: int, everything: bool
 ) -> tuple[bytes, WireRows[Any] | None]:
@@ -161,11 +170,7 @@ async def test_a_timestamp_a_datetime_cannot_hold_is_out_of_range(
 ) -> None:
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         project = await _project(conn)
-        await conn.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'u')", (project,))
-        await conn.execute(
-            "INSERT INTO sessions (project_id, session_id, user_id) VALUES (%s, 's', 'u')",
-            (project,),
-        )
+        await _session(conn, project)
         await conn.execute(
             "INSERT INTO messages (project_id, session_id, sequence, content, created_at)"
             " VALUES (%s, 's', 1, 'hi', %s::timestamptz)",
@@ -188,11 +193,7 @@ async def test_a_batch_ends_where_its_messages_pass_the_byte_budget(
     contents = [f"s{i}" for i in range(30)] + [big] * 10 + [f"t{i}" for i in range(5)]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         project = await _project(conn)
-        await conn.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'u')", (project,))
-        await conn.execute(
-            "INSERT INTO sessions (project_id, session_id, user_id) VALUES (%s, 's', 'u')",
-            (project,),
-        )
+        await _session(conn, project)
         for sequence, content in enumerate(contents, start=1):
             await conn.execute(
                 "INSERT INTO messages (project_id, session_id, sequence, content)"
