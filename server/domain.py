@@ -142,6 +142,8 @@ class Page(Generic[T]):
     items: list[T]
     has_more: bool
     total_size: int | None = None
+    #: Ended early by the store's byte budget: rows follow, fewer were read than asked for.
+    cut: bool = False
 
 
 K = TypeVar("K")

@@ -48,13 +48,7 @@ def page_rows(response: Any, field: str, *, by_number: bool) -> int:
     if size <= PAGE_BYTES:
         return len(rows)
     if by_number:
-        raise InvalidArgument.field(
-            "page_size",
-            f"this page's {len(rows)} rows are {size / _MIB:.1f} MiB, more than a page holds "
-            f"({PAGE_BYTES / _MIB:.2f} MiB, what gRPC clients accept by default): ask for a "
-            "smaller page_size, or page with page_token, whose pages end early when their rows "
-            "are large",
-        )
+        raise _numbered_page_too_large(f"this page's {len(rows)} rows are {size / _MIB:.1f} MiB")
     keep = len(rows)
     while keep > 1 and size > PAGE_BYTES:
         keep -= 1
@@ -71,10 +65,33 @@ def last_of_page(response: Any, field: str, page: Page[T], *, by_number: bool) -
     Raises:
         InvalidArgument: as page_rows.
     """
+    if by_number and page.cut:
+        # The store stopped reading at PAGE_BYTES of the rows' text: the page is larger still.
+        raise _numbered_page_too_large(f"this page's rows pass {PAGE_BYTES / _MIB:.2f} MiB")
     kept = page_rows(response, field, by_number=by_number)
     if kept and (page.has_more or kept < len(page.items)):
         return page.items[kept - 1]
     return None
+
+
+def _numbered_page_too_large(what: str) -> InvalidArgument:
+    return InvalidArgument.field(
+        "page_size",
+        f"{what}, more than a page holds ({PAGE_BYTES / _MIB:.2f} MiB, what gRPC clients "
+        "accept by default): ask for a smaller page_size, or page with page_token, whose pages "
+        "end early when their rows are large",
+    )
+
+
+def refuse_cut_answer(field: str, asked: str) -> InvalidArgument:
+    """The refusal of an answer whose rows the store stopped reading at MAX_ANSWER_BYTES of
+    their text (Page.cut): it would be larger still, so it is refused as check_answer and
+    check_text_answer refuse one measured past it, naming `field`."""
+    return InvalidArgument.field(
+        field,
+        f"{asked} make an answer of more than the {MAX_ANSWER_BYTES / _MIB:.0f} MiB one answer "
+        "may be: ask for fewer",
+    )
 
 
 def check_answer(response: Any, asked: str, **fields: str) -> None:

@@ -173,7 +173,7 @@ class SessionServicer(  # type: ignore[misc]
         fingerprint = tokens.messages_fingerprint(project, request.session_id)
         after = self._tokens.decode_sequence(request.page_token, fingerprint)
         page = await self._store.list_messages(
-            project, request.session_id, after, size, offset=offset
+            project, request.session_id, after, size, offset=offset, budget=answer_size.PAGE_BYTES
         )
         response = pb.ListMessagesResponse(total_size=page.total_size or 0)
         for message in page.items:

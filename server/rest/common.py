@@ -208,7 +208,11 @@ async def list_messages(
         NotFound: the session is absent or soft-deleted.
         InvalidArgument: the page's messages are more than one answer may be (naming limit).
     """
-    page = await store.list_messages(project, session_id, None, size, offset=offset)
+    page = await store.list_messages(
+        project, session_id, None, size, offset=offset, budget=answer_size.MAX_ANSWER_BYTES
+    )
+    if page.cut:
+        raise answer_size.refuse_cut_answer("limit", f"{size} messages")
     answer_size.check_text_answer(f"{len(page.items)} messages", limit=page.items)
     messages = [c.message(m) for m in page.items]
     return {"messages": messages, "row_count": len(messages), "total_count": page.total_size or 0}

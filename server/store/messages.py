@@ -267,9 +267,12 @@ class MessageMethods(StoreBase):
         limit: int,
         *,
         offset: int | None = None,
+        budget: int,
     ) -> Page[Message]:
         """Live messages by sequence, strictly after `after_sequence` (keyset) or past the
         first `offset` (ListMessages' page_number); total_size is the session's live count.
+        The page ends early, `cut`, where the messages before the next hold `budget` bytes of
+        content and metadata (the first message is always in it).
 
         Raises:
             NotFound: the session is absent or soft-deleted.
@@ -279,6 +282,7 @@ class MessageMethods(StoreBase):
             "after_sequence": after_sequence or 0,
             "limit": limit + 1,
             "offset": offset or 0,
+            "budget": budget,
         }
         async with self._connect(single=True) as conn:
             found = await fetch_all(conn, "list_messages", params)
@@ -286,6 +290,8 @@ class MessageMethods(StoreBase):
                 raise await session_missing(conn, project_id, session_id)
         messages = rows.joined_messages(found)
         total = int(found[0]["message_count"])
+        if found[-1]["m_followed"]:
+            return Page(messages, has_more=True, total_size=total, cut=True)
         return Page(messages[:limit], has_more=len(messages) > limit, total_size=total)
 
     async def get_message(self, project_id: int, session_id: str, uuid: str) -> Message:

@@ -12,6 +12,9 @@ from server.domain import MetadataChange, NewMessage
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.store import Store
 
+#: A byte budget no page here reaches.
+NO_BUDGET = 1 << 40
+
 
 def msg(content: str, role_type: str = "user", **metadata: object) -> NewMessage:
     return NewMessage(role="speaker", role_type=role_type, content=content, metadata=metadata)
@@ -113,26 +116,49 @@ async def test_get_memory_last_n_oldest_first(store: Store, clean_db: str) -> No
 
 async def test_list_messages_pages_live_messages(store: Store, clean_db: str) -> None:
     _, added = await store.add_memory(P, "s", None, [msg(str(i)) for i in range(5)])
-    page = await store.list_messages(P, "s", None, 2)
+    page = await store.list_messages(P, "s", None, 2, budget=NO_BUDGET)
     assert [m.content for m in page.items] == ["0", "1"] and page.has_more
     await store.add_memory(P, "s", None, [msg("5")])
-    page = await store.list_messages(P, "s", page.items[-1].sequence, 3)
+    page = await store.list_messages(P, "s", page.items[-1].sequence, 3, budget=NO_BUDGET)
     assert [m.content for m in page.items] == ["2", "3", "4"] and page.has_more
-    page = await store.list_messages(P, "s", page.items[-1].sequence, 3)
+    page = await store.list_messages(P, "s", page.items[-1].sequence, 3, budget=NO_BUDGET)
     assert [m.content for m in page.items] == ["5"] and not page.has_more
     await store.clear_memory(P, "s")
-    empty = await store.list_messages(P, "s", None, 3)
+    empty = await store.list_messages(P, "s", None, 3, budget=NO_BUDGET)
     assert empty.items == [] and not empty.has_more
     assert added[0].uuid
 
 
+async def test_list_messages_ends_a_page_where_its_messages_pass_the_byte_budget(
+    store: Store, clean_db: str
+) -> None:
+    # Ten messages of 300,000 bytes: a page of 10 holds those the messages before which hold
+    # less than the budget (four of 1 MiB), the first always; rows follow it (`cut`).
+    await store.add_memory(P, "s", None, [msg("x" * 300_000) for _ in range(10)])
+    pages = []
+    after = None
+    while True:
+        page = await store.list_messages(P, "s", after, 10, budget=1 << 20)
+        pages.append((len(page.items), page.has_more, page.cut))
+        if not page.has_more:
+            break
+        after = page.items[-1].sequence
+    assert pages == [(4, True, True), (4, True, True), (2, False, False)]
+    one = await store.list_messages(P, "s", None, 10, budget=1)
+    assert (len(one.items), one.has_more, one.cut) == (1, True, True)
+    by_number = await store.list_messages(P, "s", None, 3, offset=4, budget=1 << 20)
+    assert [m.sequence for m in by_number.items] == [5, 6, 7] and not by_number.cut
+    whole = await store.list_messages(P, "s", None, 10, budget=NO_BUDGET)
+    assert (len(whole.items), whole.has_more, whole.cut) == (10, False, False)
+
+
 async def test_list_messages_absent_or_deleted_session(store: Store, clean_db: str) -> None:
     with pytest.raises(NotFound):
-        await store.list_messages(P, "ghost", None, 10)
+        await store.list_messages(P, "ghost", None, 10, budget=NO_BUDGET)
     await store.add_memory(P, "s", None, [msg("x")])
     await store.delete_session(P, "s")
     with pytest.raises(NotFound):
-        await store.list_messages(P, "s", None, 10)
+        await store.list_messages(P, "s", None, 10, budget=NO_BUDGET)
 
 
 async def test_get_and_update_message(store: Store, clean_db: str) -> None:
