@@ -229,7 +229,10 @@ def test_get_user_is_planned_once(clean_db: str) -> None:
 def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
     cases = [
         ("list_user_sessions", {"user_id": "u1", "after_ts": NOW, "after_id": "", "limit": 51}),
-        ("list_messages", {"session_id": "s1", "after_sequence": 0, "limit": 51, "offset": 0}),
+        (
+            "list_messages",
+            {"session_id": "s1", "after_sequence": 0, "limit": 51, "offset": 0, "budget": 1 << 22},
+        ),
         ("get_memory", {"session_id": "s1", "lastn": 6}),
         ("get_users", {"user_ids": ["u1", "u2"]}),
     ]
