@@ -31,6 +31,8 @@ MAX_QUERY_INT = 2**31 - 1
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: A whole number in a query value: an optional sign and ASCII digits.
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+#: Significant digits a query number may have to be read: int64's 19.
+_MAX_QUERY_DIGITS = 19
 
 _JSON_TYPES = {
     dict: "an object",
@@ -362,7 +364,14 @@ def query_int(
     # ASCII digits only: int() also reads "1_0", other scripts' digits and spaces around.
     if _WHOLE_NUMBER.fullmatch(text) is None:
         raise InvalidArgument.field(name, f"{text[:64]!r} is not a whole number")
-    number = int(text)
+    # Digits past int64's are out of every range here: not read, as int() refuses more
+    # than 4300 of them, leading zeros included (a ValueError, which answered 500).
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > _MAX_QUERY_DIGITS:
+        lowest = -maximum - 1 if minimum is None else minimum
+        bound = f"at least {lowest}" if text[0] == "-" else f"at most {maximum}"
+        raise InvalidArgument.field(name, f"must be {bound} (got {text[:64]})")
+    number = -int(digits) if text[0] == "-" else int(digits)
     if minimum is not None and number < minimum:
         raise InvalidArgument.field(name, f"must be at least {minimum} (got {number})")
     if number > maximum:

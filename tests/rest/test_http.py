@@ -180,6 +180,10 @@ async def test_numbers_past_every_limit_are_400_naming_the_field(
         "/api/v1/user?cursor=" + "9" * 20,
         "/api/v2/sessions/s/messages?cursor=" + "9" * 30,
         "/api/v2/sessions/s/memory?lastn=2147483648",
+        # Past Python's 4300 digits int() refuses to read (a ValueError: 500 until 2026-12-01).
+        "/api/v2/users-ordered?pageNumber=" + "9" * 4301,
+        "/api/v2/sessions/s/memory?relevant_limit=-" + "0" * 5000 + "1",
+        "/api/v1/user?limit=" + "1" * 5000,
     ],
 )
 async def test_query_numbers_past_int32_are_400_naming_the_parameter(
