@@ -17,15 +17,25 @@ from server.settings import (
     STORE,
     Declared,
     parse_bool,
-    parse_int,
+    parse_count,
+    parse_port,
     parse_positive,
     parse_seconds,
+    seconds_up_to,
     setting,
 )
 
+#: PostgreSQL's largest statement_timeout, 2^31 - 1 ms, in whole seconds: past it every
+#: connection was refused ("invalid value for parameter"), said as "database unavailable".
+MAX_STATEMENT_TIMEOUT = 2147483
+#: The longest retention: 100 years. Past ~2.7 million years timedelta overflowed (a
+#: traceback); far short of that, the purge's cutoff left PostgreSQL's range of times.
+MAX_RETENTION_DAYS = 36500
+_retention_days = seconds_up_to(MAX_RETENTION_DAYS, "days")
+
 
 def _days(text: str) -> timedelta:
-    return timedelta(days=parse_seconds(text))
+    return timedelta(days=_retention_days(text))
 
 
 def _log_format(text: str) -> str:
@@ -89,7 +99,7 @@ class SecurityConfig:
         64,
         "calls that may queue for a database connection; more answer RESOURCE_EXHAUSTED at once",
         env="MEMSTORE_POOL_MAX_WAITING",
-        parse=parse_int,
+        parse=parse_count,
         commands=STORE,
     )
 
@@ -101,7 +111,7 @@ class Config:
     host: str = setting(
         "localhost", "address to bind", env="MEMSTORE_HOST", parse=str, metavar="ADDRESS"
     )
-    port: int = setting(50051, "gRPC port", env="MEMSTORE_PORT", parse=parse_int, metavar="PORT")
+    port: int = setting(50051, "gRPC port", env="MEMSTORE_PORT", parse=parse_port)
     http: bool = setting(
         True,
         "serve Zep's REST API (HTTP/JSON, docs/zep-compat.md) beside gRPC, on --host",
@@ -112,8 +122,7 @@ class Config:
         8000,
         "port of Zep's REST API (Zep's own port); 0 picks a free one",
         env="MEMSTORE_HTTP_PORT",
-        parse=parse_int,
-        metavar="PORT",
+        parse=parse_port,
     )
     workers: int = setting(
         1,
@@ -146,10 +155,14 @@ class Config:
         metavar="DIR",
     )
     pool_min_size: int = setting(
-        2, "connections kept open", env="MEMSTORE_POOL_MIN_SIZE", parse=parse_int, commands=STORE
+        2, "connections kept open", env="MEMSTORE_POOL_MIN_SIZE", parse=parse_count, commands=STORE
     )
     pool_max_size: int = setting(
-        10, "most connections opened", env="MEMSTORE_POOL_MAX_SIZE", parse=parse_int, commands=STORE
+        10,
+        "most connections opened",
+        env="MEMSTORE_POOL_MAX_SIZE",
+        parse=parse_positive,
+        commands=STORE,
     )
     pool_timeout: float = setting(
         5.0,
@@ -163,7 +176,8 @@ class Config:
         "seconds a statement may run when its call has no deadline (then DEADLINE_EXCEEDED); "
         "0 for no limit",
         env="MEMSTORE_STATEMENT_TIMEOUT",
-        parse=parse_seconds,
+        parse=seconds_up_to(MAX_STATEMENT_TIMEOUT),
+        metavar="SECONDS",
         commands=STORE,
     )
     grace_period: float = setting(
@@ -215,9 +229,8 @@ class Config:
         "port of the Prometheus /metrics endpoint; with --workers N, each worker takes the first "
         "free port of PORT..PORT+N-1",
         env="MEMSTORE_METRICS_PORT",
-        parse=parse_int,
+        parse=parse_port,
         shown="unset: no metrics",
-        metavar="PORT",
     )
     metrics_host: str = setting(
         "localhost",
@@ -286,6 +299,14 @@ def from_arguments(args: argparse.Namespace, environ: Mapping[str, str] | None =
     """The Config of parsed flags: a flag wins, then its environment variable, then the default.
 
     Raises:
-        ConfigError: an environment variable holds a value its setting cannot take.
+        ConfigError: an environment variable holds a value its setting cannot take, or
+            --pool-min-size is more than --pool-max-size (psycopg's ValueError was a
+            traceback).
     """
-    return settings.build(Config, args, environ)
+    config = settings.build(Config, args, environ)
+    if config.pool_min_size > config.pool_max_size:
+        raise settings.ConfigError(
+            f"--pool-min-size ({config.pool_min_size}) is more than "
+            f"--pool-max-size ({config.pool_max_size})"
+        )
+    return config

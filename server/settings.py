@@ -107,20 +107,54 @@ def parse_positive(text: str) -> int:
     return value
 
 
+def parse_count(text: str) -> int:
+    """A whole number of at least 0."""
+    value = parse_int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return value
+
+
+def parse_port(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: the system picks one). Past it, binding raised
+    OverflowError, a traceback; a negative one was "Servname not supported"."""
+    value = parse_int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be 0 to 65535, not {value}")
+    return value
+
+
 def parse_seconds(text: str) -> float:
-    """A finite number (of seconds)."""
+    """A finite number (of seconds) of at least 0: a negative wait or period was taken, and
+    meant a pool timeout that failed every call or a grace period of none."""
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise ValueError(f"{text!r} is not a finite number")
+    if value < 0:
+        raise ValueError(f"must not be negative, not {text}")
     return value
+
+
+def seconds_up_to(most: int, unit: str = "seconds") -> Callable[[str], float]:
+    """parse_seconds refusing a number above `most` (said in `unit`)."""
+
+    def parse(text: str) -> float:
+        value = parse_seconds(text)
+        if value > most:
+            raise ValueError(f"must be at most {most} {unit}, not {text}")
+        return value
+
+    return parse
 
 
 _METAVARS: dict[Callable[[str], Any], str] = {
     parse_int: "N",
     parse_positive: "N",
+    parse_count: "N",
+    parse_port: "PORT",
     parse_seconds: "SECONDS",
     Path: "FILE",
 }

@@ -116,6 +116,47 @@ def test_a_bad_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert "argument --pool-timeout: 'soon' is not a number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # Each stopped the command with a traceback (OverflowError, psycopg's ValueError)...
+        (["serve", "--port", "70000"], "argument --port: must be 0 to 65535, not 70000"),
+        (["serve", "--metrics-port", "-1"], "argument --metrics-port: must be 0 to 65535"),
+        (["purge", "--purge-retention-days", "99999999999"], "at most 36500"),
+        (["serve", "--pool-max-size", "0"], "argument --pool-max-size: must be at least 1"),
+        # ... or was taken: a retention of -1 day purged every soft-deleted row at once, a
+        # statement timeout past PostgreSQL's 2^31 - 1 ms failed every connection, said
+        # as "database unavailable".
+        (["purge", "--purge-retention-days", "-1"], "must not be negative, not -1"),
+        (["serve", "--statement-timeout", "1e300"], "at most 2147483 seconds"),
+        (["serve", "--pool-timeout", "-1"], "argument --pool-timeout: must not be negative"),
+        (["serve", "--grace-period", "-5"], "argument --grace-period: must not be negative"),
+        (["serve", "--pool-max-waiting", "-1"], "argument --pool-max-waiting: must not be"),
+        (["serve", "--pool-min-size", "-2"], "argument --pool-min-size: must not be negative"),
+    ],
+)
+def test_a_flag_out_of_its_range_names_the_flag(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        _parser().parse_args(argv)
+    assert done.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_a_pool_smaller_than_its_minimum_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # psycopg's ValueError("max_size must be greater or equal than min_size") was a traceback.
+    assert main(["serve", "--pool-min-size", "20", "--pool-max-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "memstore serve: --pool-min-size (20) is more than --pool-max-size (2)\n"
+    monkeypatch.setenv("MEMSTORE_POOL_MIN_SIZE", "11")
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err == "memstore migrate: --pool-min-size (11) is more than --pool-max-size (10)\n"
+
+
 def test_key_commands_offer_and_read_only_the_database(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
