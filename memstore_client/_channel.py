@@ -48,6 +48,22 @@ class TLS:
         return [*_OPTIONS, ("grpc.ssl_target_name_override", self.server_name)]
 
 
+def check_address(address: str) -> str:
+    """`address` ("host:port", or any gRPC target) when the port it ends in, if any, is 0 to
+    65535: gRPC reads a larger one modulo 65536 (port 99999 reached 34463).
+
+    Raises:
+        ValueError: the port is out of range.
+    """
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or address.startswith(("unix:", "unix-abstract:")):
+        return address
+    digits = port.removeprefix("-").removeprefix("+")
+    if digits.isascii() and digits.isdigit() and (port != digits or int(digits) > 65535):
+        raise ValueError(f"port {port} is not 0 to 65535")
+    return address
+
+
 def _tls(tls: TLS | bool) -> TLS | None:
     if tls is True:
         return TLS()
@@ -55,7 +71,12 @@ def _tls(tls: TLS | bool) -> TLS | None:
 
 
 def sync_channel(address: str, tls: TLS | bool) -> grpc.Channel:
-    """A blocking channel to `address` ("host:port")."""
+    """A blocking channel to `address` ("host:port").
+
+    Raises:
+        ValueError: the address's port is out of range (check_address).
+    """
+    check_address(address)
     settings = _tls(tls)
     if settings is None:
         return grpc.insecure_channel(address, options=_OPTIONS)
@@ -63,7 +84,12 @@ def sync_channel(address: str, tls: TLS | bool) -> grpc.Channel:
 
 
 def aio_channel(address: str, tls: TLS | bool) -> grpc.aio.Channel:
-    """An asyncio channel to `address` ("host:port")."""
+    """An asyncio channel to `address` ("host:port").
+
+    Raises:
+        ValueError: the address's port is out of range (check_address).
+    """
+    check_address(address)
     settings = _tls(tls)
     if settings is None:
         return grpc.aio.insecure_channel(address, options=_OPTIONS)

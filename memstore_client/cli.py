@@ -31,6 +31,7 @@ from memstore_client import (
     User,
     backup_cli,
 )
+from memstore_client._channel import check_address
 from memstore_client._lines import text_lines
 
 #: The subcommands this module adds to `memstore`.
@@ -76,6 +77,7 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     port = os.environ.get("MEMSTORE_PORT") or "50051"
     parser.add_argument(
         "--address",
+        type=_address,
         default=os.environ.get("MEMSTORE_ADDRESS") or f"localhost:{port}",
         help="host:port of the server (default localhost:50051, or localhost:$MEMSTORE_PORT; "
         "env MEMSTORE_ADDRESS)",
@@ -91,6 +93,13 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", type=Path, help="client key PEM (mutual TLS)")
 
 
+def _address(text: str) -> str:
+    try:
+        return check_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _tls(args: argparse.Namespace) -> TLS | bool:
     files = (args.ca_file, args.cert_file, args.key_file)
     if not any(files):
@@ -101,26 +110,31 @@ def _tls(args: argparse.Namespace) -> TLS | bool:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `export`, `import`, `backup` or `restore`; returns the exit status."""
-    with Memstore(args.address, args.api_key, tls=_tls(args), timeout=60) as client:
-        try:
-            if args.command in backup_cli.COMMANDS:
-                return backup_cli.run(client, args, functools.partial(_progress, args))
-            if args.command == "export":
-                return _export(client, args)
-            return _import(client, args)
-        except MemstoreError as exc:
-            print(f"memstore {args.command}: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            return 130  # what was done is reported above; no traceback for a Ctrl-C
-        except BrokenPipeError:
-            # `memstore export users | head`: the reader left; stop quietly, as Unix tools do.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        except OSError as exc:
-            # A file that cannot be read or written: one line, not a traceback.
-            print(f"memstore {args.command}: {exc}", file=sys.stderr)
-            return 1
+    try:
+        # The TLS files are read here, inside the handlers: a missing one was a traceback.
+        with Memstore(args.address, args.api_key, tls=_tls(args), timeout=60) as client:
+            return _run(client, args)
+    except MemstoreError as exc:
+        print(f"memstore {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130  # what was done is reported above; no traceback for a Ctrl-C
+    except BrokenPipeError:
+        # `memstore export users | head`: the reader left; stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        # A file that cannot be read or written: one line, not a traceback.
+        print(f"memstore {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(client: Memstore, args: argparse.Namespace) -> int:
+    if args.command in backup_cli.COMMANDS:
+        return backup_cli.run(client, args, functools.partial(_progress, args))
+    if args.command == "export":
+        return _export(client, args)
+    return _import(client, args)
 
 
 # -- export --------------------------------------------------------------------

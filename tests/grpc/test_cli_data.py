@@ -137,6 +137,32 @@ async def test_export_fails_cleanly_when_the_server_is_unreachable(
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["export", "import", "backup", "restore"])
+@pytest.mark.parametrize("flag", ["--ca-file", "--cert-file", "--key-file"])
+async def test_an_unreadable_tls_file_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flag: str
+) -> None:
+    # It was read before the command's error handling: a FileNotFoundError traceback.
+    missing = tmp_path / "missing.pem"
+    argv = {"export": ["users"], "import": ["users"], "backup": ["-o", str(tmp_path / "b")]}
+    argv["restore"] = ["-i", str(tmp_path / "b")]
+    assert await _run(command, *argv[command], flag, str(missing), "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert err == f"memstore {command}: [Errno 2] No such file or directory: '{missing}'\n"
+
+
+@pytest.mark.parametrize("address", ["localhost:99999", "127.0.0.1:65536", "[::1]:-1"])
+async def test_an_address_whose_port_is_out_of_range_is_refused(
+    capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    # gRPC read port 99999 modulo 65536: the export went to port 34463, someone else's.
+    with pytest.raises(SystemExit) as done:
+        await _run("export", "users", "--address", address)
+    assert done.value.code == 2
+    port = address.rsplit(":", 1)[1]
+    assert f"argument --address: port {port} is not 0 to 65535" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["users", "sessions", "messages"])
 async def test_import_stops_at_the_first_row_when_the_server_is_unreachable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str

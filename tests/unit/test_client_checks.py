@@ -206,3 +206,13 @@ def test_numbers_come_back_as_docs_clients_md_says(sent: object, back: object) -
 def test_non_finite_floats_are_refused(client: Memstore) -> None:
     _refused(lambda: client.user.add("u", metadata={"x": float("nan")}), "metadata.x")
     _refused(lambda: client.user.add("u", metadata={"x": [float("inf")]}), "metadata.x[0]")
+
+
+@pytest.mark.parametrize("address", ["localhost:99999", "[::1]:65536", "dns:///h:-1"])
+async def test_an_address_whose_port_is_out_of_range_is_a_value_error(address: str) -> None:
+    # gRPC reads port 99999 modulo 65536: the client talked to port 34463, someone else's.
+    for make in (Memstore, AsyncMemstore):
+        with pytest.raises(ValueError, match="is not 0 to 65535"):
+            make(address)
+    for fine in ("localhost:65535", "unix:/tmp/x:99999", "::1", "localhost"):
+        Memstore(fine).close()
