@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.errors import Unavailable
@@ -66,8 +68,11 @@ class Store(
         call fails at once with ResourceExhausted instead of queueing.
 
         Raises:
-            Unavailable: the database cannot be reached within `timeout`.
+            Unavailable: the database cannot be reached within `timeout` (saying why, as
+                PostgreSQL or libpq does), or `conninfo` is no URL libpq can read (at once).
         """
+        _check_conninfo(conninfo)
+        options = _session_options(statement_timeout)
         pool = AsyncConnectionPool(
             conninfo,
             min_size=min_size,
@@ -79,7 +84,7 @@ class Store(
             # Giving up early lets it grow afresh on the next call once DatabaseHealth has
             # seen the server answer again.
             reconnect_timeout=_RECONNECT_TIMEOUT,
-            kwargs=_session_options(statement_timeout),
+            kwargs=options,
             configure=configure,
             open=False,
         )
@@ -87,7 +92,10 @@ class Store(
             await pool.open(wait=True, timeout=timeout)
         except (PoolTimeout, psycopg.Error) as exc:
             await pool.close()
-            raise Unavailable(f"database unavailable: cannot connect within {timeout}s") from exc
+            why = await _connect_error(conninfo, options, timeout)
+            raise Unavailable(
+                f"database unavailable: cannot connect within {timeout}s{why}"
+            ) from exc
         return cls(pool)
 
     async def close(self) -> None:
@@ -104,6 +112,32 @@ class Store(
         return dict(self._pool.get_stats())
 
 
+def _check_conninfo(conninfo: str) -> None:
+    """Refuses a URL libpq cannot read, which the pool retried for its whole timeout."""
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        # libpq's message quotes the text it could not read, password and all: not repeated.
+        said = str(exc).replace(f'"{conninfo}"', "the URL").replace(conninfo, "the URL").strip()
+        raise Unavailable(
+            f"the database URL is not a PostgreSQL URL or connection string ({said})"
+        ) from None
+
+
+async def _connect_error(conninfo: str, options: dict[str, Any], timeout: float) -> str:  # noqa: ASYNC109
+    """Why one connection fails now, as PostgreSQL or libpq says it (": ..."), or "": the pool
+    only times out, so a database that does not exist, a wrong password or a bad option all
+    read "cannot connect"."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            conninfo, connect_timeout=max(1, math.ceil(timeout)), **options
+        )
+    except psycopg.Error as exc:
+        return ": " + " ".join(str(exc).split())
+    await conn.close()
+    return ""
+
+
 def _session_options(statement_timeout: float) -> dict[str, Any]:
     # Sent at connect time (libpq `options`), so every pooled connection has them from the
     # start. The connection check makes PostgreSQL abort the statement of a client that went
@@ -111,5 +145,6 @@ def _session_options(statement_timeout: float) -> dict[str, Any]:
     # once its lock is free, after the caller was told the call failed (PostgreSQL 14+).
     options = [f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}"]
     if statement_timeout > 0:
-        options.append(f"-c statement_timeout={round(statement_timeout * 1000)}")
+        # At least 1 ms: 0 would turn the limit off.
+        options.append(f"-c statement_timeout={max(1, round(statement_timeout * 1000))}")
     return {"options": " ".join(options)}

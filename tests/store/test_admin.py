@@ -25,6 +25,7 @@ from server.errors import (
 )
 from server.store import Store
 from server.store.migrate import migrations, required_extension
+from server.store.store import _session_options
 from server.store.translate import translated
 from tests.fix_db import scratch_database, usable_extensions
 
@@ -77,6 +78,29 @@ async def test_token_key_survives_restarts(store: Store, database_url: str) -> N
 async def test_open_unreachable_database_is_unavailable() -> None:
     with pytest.raises(Unavailable, match="database unavailable"):
         await Store.open("postgresql://nobody@127.0.0.1:1/none", timeout=0.5)
+
+
+async def test_open_says_why_the_database_refused(server_url: str) -> None:
+    # The pool only times out: every wrong URL (no such database, a bad option, a typo) was
+    # "cannot connect within 5.0s", and the operator was left to guess.
+    url = psycopg.conninfo.make_conninfo(server_url, dbname="memstore_no_such_db")
+    with pytest.raises(Unavailable, match='database "memstore_no_such_db" does not exist'):
+        await Store.open(url, timeout=0.5)
+
+
+@pytest.mark.parametrize("url", ["garbage", "host=h nosuchoption=1", "mysql://u:secret@h/db"])
+async def test_open_refuses_a_url_libpq_cannot_read_at_once(url: str) -> None:
+    # Retried for the whole timeout before, though no retry could ever connect.
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(Unavailable, match="is not a PostgreSQL URL or connection string") as got:
+        await Store.open(url, timeout=5)
+    assert asyncio.get_running_loop().time() - started < 1
+    assert "secret" not in str(got.value)  # libpq's message quotes the URL: not repeated
+
+
+def test_a_statement_timeout_under_half_a_millisecond_is_one_not_none() -> None:
+    # round() made --statement-timeout 0.0004 the 0 that turns PostgreSQL's limit off.
+    assert "statement_timeout=1" in _session_options(0.0004)["options"].split("-c ")[-1]
 
 
 async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_db: str) -> None:
