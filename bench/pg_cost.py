@@ -266,12 +266,15 @@ def get_memory_cost(url: str, sessions: int, rounds: int, calls: int) -> dict[st
 
 
 def _recall_params(k: int, n: int, sessions: int) -> dict[str, Any]:
+    from server.store.search import NO_BUDGET
+
     return {
         "project_id": 1,
         "model": "bench",
         "session_ids": [f"bench-1-{(k * n + j) % sessions}" for j in range(n)],
         "lastns": [6] * n,
         "limits": [5] * n,
+        "budgets": [NO_BUDGET] * n,  # as the store sends an agent turn (lastn 6)
     }
 
 

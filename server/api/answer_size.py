@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from server.api.validation import MAX_CONTENT_BYTES
 from server.domain import Message, Page
 from server.errors import InvalidArgument
 
@@ -81,6 +82,14 @@ def _numbered_page_too_large(what: str) -> InvalidArgument:
         "accept by default): ask for a smaller page_size, or page with page_token, whose pages "
         "end early when their rows are large",
     )
+
+
+def memory_budget(lastn: int) -> int | None:
+    """The bytes of content GetMemory reads its `lastn` messages up to (MAX_ANSWER_BYTES, then
+    refused by refuse_cut_answer), or None where `lastn` messages of the largest content cannot
+    pass it (`lastn` 17 or fewer): an agent's turn (`lastn` 6) reads its window whole, without
+    the running sum (docs/reliability.md)."""
+    return MAX_ANSWER_BYTES if lastn * MAX_CONTENT_BYTES > MAX_ANSWER_BYTES else None
 
 
 def refuse_cut_answer(field: str, asked: str) -> InvalidArgument:

@@ -142,8 +142,16 @@ class SessionServicer(  # type: ignore[misc]
         recall = relevant_limit(v, request)
         v.raise_if_any()
         memory = await self._searcher.get_memory(
-            self._project(context), request.session_id, lastn, recall
+            self._project(context),
+            request.session_id,
+            lastn,
+            recall,
+            budget=answer_size.memory_budget(lastn),
         )
+        if memory.cut:
+            raise answer_size.refuse_cut_answer(
+                "lastn", f"the session's last messages (lastn {lastn})"
+            )
         if memory.session is None:
             # As Zep 1.x (200, no messages; see the proto comment): no session is an empty memory.
             return pb.GetMemoryResponse(found=False)

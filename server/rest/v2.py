@@ -160,8 +160,10 @@ async def get_memory(request: Request) -> Response:
         b.query_int(request, "relevant_limit", minimum=0),
     )
     memory = await services(request).searcher.get_memory(
-        project(request), session_id, lastn, recall
+        project(request), session_id, lastn, recall, budget=answer_size.memory_budget(lastn)
     )
+    if memory.cut:
+        raise answer_size.refuse_cut_answer("lastn", f"the session's last messages (lastn {lastn})")
     answer_size.check_text_answer(
         f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
         lastn=memory.messages,

@@ -32,6 +32,8 @@ class Memory:
     messages: list[Message]
     relevant: list[SearchResult]
     context: str
+    #: The messages stop short of lastn: with the rest they would pass the answer's budget.
+    cut: bool = False
 
 
 class Searcher:
@@ -84,22 +86,31 @@ class Searcher:
         return SearchOutcome(results, semantic=vector is not None, unembedded=waiting, note=reason)
 
     async def get_memory(
-        self, project_id: int, session_id: str, lastn: int, relevant_limit: int
+        self,
+        project_id: int,
+        session_id: str,
+        lastn: int,
+        relevant_limit: int,
+        *,
+        budget: int | None,
     ) -> Memory:
-        """The session's last `lastn` messages and up to `relevant_limit` memories of its user.
+        """The session's last `lastn` messages and up to `relevant_limit` memories of its user;
+        with a `budget`, the messages are read only while they hold less than `budget` bytes
+        of content (`cut` when that stopped them).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        session, messages, relevant = await self._store.get_memory_with_recall(
+        session, messages, relevant, cut = await self._store.get_memory_with_recall(
             project_id,
             session_id,
             lastn,
             limit=relevant_limit,
             window=RECALL_WINDOW,
             model=self.model if not self.why_not_semantic() else None,
+            budget=budget,
         )
-        return Memory(session, messages, relevant, context_block(relevant))
+        return Memory(session, messages, relevant, context_block(relevant), cut)
 
     @property
     def model(self) -> str | None:

@@ -8,7 +8,7 @@ import re
 import uuid as uuid_lib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import psycopg
@@ -77,10 +77,36 @@ _ADD_MEMORY = {citus: add_memory_statement(citus=citus) for citus in (False, Tru
 _ADD_MEMORY_GUARDED = add_memory_statement(citus=False, guarded=True)
 
 
-def memory_window() -> sql.SQL:
-    """GetMemory's statement (a live session and its last `lastn` live messages), for callers
-    that pipeline it with another read: recall sends both in one round trip."""
-    return query("get_memory")
+@cache
+def window_fragment(*, budgeted: bool, coalesced: bool) -> sql.Composed:
+    """GetMemory's window (memory_window, or memory_window_budgeted read up to a byte
+    budget) over the call's values: get_memory's parameters, or (`coalesced`) the call's row
+    `q` and its session `s` in get_memories_recall."""
+    if coalesced:
+        project_id, session_id, lastn, budget = (
+            "s.project_id",
+            "s.session_id",
+            "q.lastn",
+            "q.budget",
+        )
+    else:
+        project_id, session_id = "%(project_id)s", "%(session_id)s"
+        lastn, budget = "%(lastn)s", "%(budget)s::int8"
+    scan = query("memory_window_scan").format(
+        project_id=sql.SQL(project_id), session_id=sql.SQL(session_id), lastn=sql.SQL(lastn)
+    )
+    if budgeted:
+        return query("memory_window_budgeted").format(scan=scan, budget=sql.SQL(budget))
+    return query("memory_window").format(scan=scan)
+
+
+@cache
+def memory_window(*, budgeted: bool) -> sql.SQL:
+    """GetMemory's statement (a live session and its last `lastn` live messages, read up to
+    `budget` bytes of content if `budgeted`), for callers that pipeline it with another read:
+    recall sends both in one round trip."""
+    window = window_fragment(budgeted=budgeted, coalesced=False)
+    return sql.SQL(compact(query("get_memory").format(window=window).as_string(None)))
 
 
 class MessageMethods(StoreBase):
@@ -243,18 +269,19 @@ class MessageMethods(StoreBase):
         return found
 
     async def get_memory(
-        self, project_id: int, session_id: str, lastn: int
+        self, project_id: int, session_id: str, lastn: int, *, budget: int | None = None
     ) -> tuple[Session | None, list[Message]]:
         """The live session (None if absent/deleted) and its last `lastn` live messages.
 
-        Messages come oldest first.
+        Messages come oldest first, read newest first up to `budget` bytes of content if
+        given (get_memory_with_recall, which GetMemory calls, says when that cut them).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        params = {**key(project_id, session_id=session_id), "lastn": lastn}
+        params = {**key(project_id, session_id=session_id), "lastn": lastn, "budget": budget}
         async with self._connect(single=True) as conn:
-            found = await fetch_all(conn, "get_memory", params)
+            found = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
         if not found:
             return None, []
         return rows.session(found[0]), rows.joined_messages(found)

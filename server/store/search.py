@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import cache, cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection, AsyncRawCursor, sql
 from psycopg.rows import dict_row
@@ -17,7 +17,7 @@ from server.store import rows
 from server.store.base import StoreBase, key
 from server.store.coalesce import Coalescer
 from server.store.db import Row, fetch_all
-from server.store.messages import memory_window
+from server.store.messages import memory_window, window_fragment
 from server.store.queries import compact, positional, query
 from server.store.translate import translated
 
@@ -60,10 +60,25 @@ RECALL_TEXT_WEIGHT = 0.5
 #: questions for the sum of recall@10 over the five windows (docs/search.md, Recall quality).
 RECALL_NEAREST_FLOOR = 0.4
 
-#: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model), the
-#: model "" for recall kept by words; a call with relevant_limit 0 reads no recall, so its
-#: model is None and it joins any statement of its project.
-MemoryKey = tuple[int, str, int, int, str | None]
+#: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model,
+#: budget), the model "" for recall kept by words; a call with relevant_limit 0 reads no
+#: recall, so its model is None and it joins any statement of its project.
+MemoryKey = tuple[int, str, int, int, str | None, int | None]
+
+#: A call's budget in a batch read by budget when the call itself has none: int8's largest.
+NO_BUDGET = (1 << 63) - 1
+
+
+class Recalled(NamedTuple):
+    """GetMemory's reads: the live session (None if absent or deleted), its last messages
+    (oldest first), the user's memories from other sessions (best first), and whether the
+    window was `cut`: the messages stop short of `lastn` where they passed the byte budget."""
+
+    session: Session | None
+    messages: list[Message]
+    relevant: list[SearchResult]
+    cut: bool = False
+
 
 #: A found message and, when asked for, its vector (for diversity re-ranking).
 Found = tuple[SearchResult, list[float] | None]
@@ -125,14 +140,17 @@ def recall_positional(vector: bool) -> tuple[bytes, tuple[str, ...]]:
     return positional(recall_statement(vector).as_string(None))
 
 
-def kept_recall_statement(name: str, *, vectors: bool) -> sql.Composed:
+@cache
+def kept_recall_statement(name: str, *, vectors: bool, budgeted: bool = False) -> sql.Composed:
     """A read of kept recall (get_memories_recall, recall_kept_keys_citus) over the table the
-    worker keeps it in: session_embeddings with vectors, session_word_recall without."""
+    worker keeps it in: session_embeddings with vectors, session_word_recall without;
+    get_memories_recall's windows read up to their calls' budgets if `budgeted`."""
     if vectors:
         kept, kept_filter = "session_embeddings", query("recall_filter_kept_vectors")
     else:
         kept, kept_filter = "session_word_recall", sql.SQL("")
-    return query(name).format(kept=sql.Identifier(kept), kept_filter=kept_filter)
+    window = window_fragment(budgeted=budgeted, coalesced=True)
+    return query(name).format(kept=sql.Identifier(kept), kept_filter=kept_filter, window=window)
 
 
 def _kept(row: Row) -> SearchResult:
@@ -208,8 +226,14 @@ class SearchMethods(StoreBase):
         limit: int,
         window: int,
         model: str | None,
-    ) -> tuple[Session | None, list[Message], list[SearchResult]]:
+        budget: int | None,
+    ) -> Recalled:
         """GetMemory's window plus up to `limit` memories from the user's other sessions.
+
+        With a `budget`, the window is read newest first and stops where the messages after
+        one hold `budget` bytes of content (the newest is always read): then it is `cut`, and
+        holds fewer than `lastn` messages although more are stored. Without one it is read
+        whole (GetMemory gives none where `lastn` messages cannot pass the answer).
 
         The memories are the live messages of the same user's other live sessions most
         relevant to this session's last `window` messages. Where the worker has ranked them
@@ -225,6 +249,7 @@ class SearchMethods(StoreBase):
         """
         params = self._recall_params(project_id, session_id, window, model, limit)
         params["lastn"] = lastn
+        params["budget"] = budget
         kept_by = model if self.vectors else "" if self.word_recall else None
         stored = kept_by is not None and limit <= RECALL_KEEP
         if stored and self.citus and limit > 0:
@@ -233,7 +258,10 @@ class SearchMethods(StoreBase):
             async with self._connect(single=True) as conn:
                 memory, kept_keys = await _pipelined(
                     conn,
-                    [memory_window(), self._kept_statement("recall_kept_keys_citus")],
+                    [
+                        memory_window(budgeted=budget is not None),
+                        self._kept_statement("recall_kept_keys_citus"),
+                    ],
                     params,
                     prepare=True,
                 )
@@ -246,15 +274,15 @@ class SearchMethods(StoreBase):
             # those without recall too (their model is None: any statement serves them).
             with translated():
                 found = await self._memory_loader.load(
-                    (project_id, session_id, lastn, limit, kept_by if limit > 0 else None)
+                    (project_id, session_id, lastn, limit, kept_by if limit > 0 else None, budget)
                 )
             memory, kept = found or ([], [])
         else:
             async with self._connect(single=True) as conn:
-                memory = await fetch_all(conn, memory_window(), params)
+                memory = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
             kept = []
         if not memory:
-            return None, [], []
+            return Recalled(None, [], [])
         session = rows.session(memory[0])
         if session.user_id is None:
             results: list[SearchResult] = []  # no user, no user-level memory
@@ -265,7 +293,9 @@ class SearchMethods(StoreBase):
         else:
             async with self._connect(single=True) as conn:
                 results = await self._rank_recall(conn, params, model)
-        return session, rows.joined_messages(memory), results
+        # Rows in order: the first is the oldest message read, followed if the budget cut it.
+        cut = bool(memory[0]["m_followed"])
+        return Recalled(session, rows.joined_messages(memory), results, cut)
 
     @cached_property
     def _memory_loader(self) -> Coalescer[MemoryKey, tuple[list[Row], list[Row]]]:
@@ -291,15 +321,17 @@ class SearchMethods(StoreBase):
                     "session_ids": [k[1] for k in group],
                     "lastns": [k[2] for k in group],
                     "limits": [k[3] for k in group],
+                    "budgets": [NO_BUDGET if k[5] is None else k[5] for k in group],
                 }
-                statement = self._kept_statement("get_memories_recall")
+                budgeted = any(k[5] is not None for k in group)
+                statement = self._kept_statement("get_memories_recall", budgeted=budgeted)
                 for row in await fetch_all(conn, statement, params):
                     parts = found.setdefault(group[row["i"] - 1], ([], []))
                     parts[row["part"]].append(row)
         return found
 
-    def _kept_statement(self, name: str) -> sql.Composed:
-        return kept_recall_statement(name, vectors=self.vectors)
+    def _kept_statement(self, name: str, *, budgeted: bool = False) -> sql.Composed:
+        return kept_recall_statement(name, vectors=self.vectors, budgeted=budgeted)
 
     @staticmethod
     def _recall_params(

@@ -46,6 +46,7 @@ VALUES: dict[str, Any] = {
     "lastn": 6,
     "lastns": [6],
     "limits": [5],
+    "budgets": [1 << 20],
     "limit": 50,
     "offset": 0,
     "after_ts": _NOW,

@@ -22,7 +22,7 @@ from psycopg import sql
 
 from server.domain import SessionQuery
 from server.store import Store
-from server.store.messages import add_memory_statement
+from server.store.messages import add_memory_statement, memory_window
 from server.store.queries import query
 from server.store.search import kept_recall_statement, recall_statement
 from server.store.sessions import list_sessions_statements
@@ -32,6 +32,7 @@ from tests.citus.plans import named_statements, task_counts, task_counts_with
 ONE_SHARD = {
     "add_memory": "AddMemory",
     "get_memory": "GetMemory",
+    "get_memory_budgeted": "GetMemory of a lastn past 17, read up to the answer's bytes",
     "list_messages": "ListMessages",
     "get_message": "GetMessage",
     "update_message": "UpdateMessage",
@@ -127,6 +128,8 @@ PLAIN_ONLY = {
     "refresh_session_embeddings",
     "get_memories_recall",
     "get_memories_recall_words",
+    "get_memories_recall_budgeted",
+    "get_memories_recall_budgeted_words",
     # Their LIMIT behind a scalar subquery, which Citus refuses in a multi-shard query.
     "list_user_chunk",
     "list_user_wire",
@@ -134,10 +137,17 @@ PLAIN_ONLY = {
     "get_users",
 }
 #: Statements on reference or coordinator-local tables only, and fragments.
-_NOT_DISTRIBUTED_PREFIXES = ("filter_", "search_filter_", "recall_filter_", "keyset_", "order_")
+_NOT_DISTRIBUTED_PREFIXES = (
+    "filter_",
+    "search_filter_",
+    "recall_filter_",
+    "keyset_",
+    "order_",
+    "memory_window",
+)
 _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
-    *("get_memories_recall", "recall_kept_keys_citus"),
+    *("get_memories_recall", "recall_kept_keys_citus", "get_memory"),
 }
 _SEARCH = ("search_full_text", "search_semantic", "search_hybrid", "count_unembedded")
 
@@ -156,6 +166,14 @@ def _statements() -> dict[str, sql.Composable]:
     for name in ("get_memories_recall", "recall_kept_keys_citus"):
         found[name] = kept_recall_statement(name, vectors=True)
         found[f"{name}_words"] = kept_recall_statement(name, vectors=False)
+    found["get_memories_recall_budgeted"] = kept_recall_statement(
+        "get_memories_recall", vectors=True, budgeted=True
+    )
+    found["get_memories_recall_budgeted_words"] = kept_recall_statement(
+        "get_memories_recall", vectors=False, budgeted=True
+    )
+    found["get_memory"] = memory_window(budgeted=False)
+    found["get_memory_budgeted"] = memory_window(budgeted=True)
     text = query("search_query_text")
     found["search_in_one_session"] = compose_search(text, "search_filter_sessions")
     found["search_user_scope"] = compose_search(text, "search_filter_user")

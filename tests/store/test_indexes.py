@@ -22,6 +22,7 @@ from server.domain import SessionQuery
 from server.search.service import RECALL_WINDOW
 from server.store import Store
 from server.store.base import START
+from server.store.messages import memory_window
 from server.store.queries import query
 from server.store.search import (
     HYBRID_TEXT_WEIGHT,
@@ -234,13 +235,18 @@ def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
             {"session_id": "s1", "after_sequence": 0, "limit": 51, "offset": 0, "budget": 1 << 22},
         ),
         ("get_memory", {"session_id": "s1", "lastn": 6}),
+        ("get_memory_budgeted", {"session_id": "s1", "lastn": 1000, "budget": 1 << 24}),
         ("get_users", {"user_ids": ["u1", "u2"]}),
     ]
+    statements = {
+        "get_memory": memory_window(budgeted=False),
+        "get_memory_budgeted": memory_window(budgeted=True),
+    }
     for name, params in cases:
         # get_memory and list_messages sort the few rows of one page back into order.
         _assert_indexed(
-            _plan(clean_db, query(name), {"project_id": P, **params}),
-            sort_allowed=name in ("get_memory", "list_messages", "list_user_sessions"),
+            _plan(clean_db, statements.get(name) or query(name), {"project_id": P, **params}),
+            sort_allowed=name.startswith(("get_memory", "list_messages", "list_user_sessions")),
         )
 
 
@@ -338,11 +344,17 @@ def test_get_memory_with_recall_is_planned_once(clean_db: str) -> None:
         conn.execute("ANALYZE sessions, messages")
         vectors = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
         statement = kept_recall_statement("get_memories_recall", vectors=vectors is not None)
+        budgeted = kept_recall_statement(
+            "get_memories_recall", vectors=vectors is not None, budgeted=True
+        )
     params = {
         "project_id": P,
         "model": "m",
         "session_ids": [f"s{k}" for k in range(calls)],
         "lastns": [6] * calls,
         "limits": [5] * calls,
+        "budgets": [1 << 24] * calls,
     }
     _assert_planned_once(clean_db, statement, [params] * 12)
+    # GetMemory past lastn 17 (read up to the answer's bytes): the same.
+    _assert_planned_once(clean_db, budgeted, [{**params, "lastns": [1000] * calls}] * 12)

@@ -152,6 +152,48 @@ async def test_list_messages_ends_a_page_where_its_messages_pass_the_byte_budget
     assert (len(whole.items), whole.has_more, whole.cut) == (10, False, False)
 
 
+async def test_get_memory_stops_reading_its_window_at_the_byte_budget(
+    store: Store, clean_db: str
+) -> None:
+    # GetMemory's window is read newest first while the messages after one hold less than
+    # the budget of content bytes (the newest always): lastn 1000 of messages of 1 MiB was read
+    # whole, 1 GB, to be refused. `cut` says it stopped short of lastn with more stored. Both
+    # statements: the coalesced one (relevant_limit 0 on plain PostgreSQL; with recall too) and
+    # get_memory's (Citus, or no kept recall).
+    await store.create_user(P, "u", "", "", "", {})
+    await store.add_memory(P, "s", "u", [msg(f"{i}" + "é" * 150_000) for i in range(10)])
+
+    async def window(lastn: int, budget: int | None, limit: int = 0) -> tuple[list[int], bool]:
+        found = await store.get_memory_with_recall(
+            P, "s", lastn, limit=limit, window=6, model="any-model", budget=budget
+        )
+        assert found.session is not None and found.session.message_count == 10
+        return [m.sequence for m in found.messages], found.cut
+
+    # 300,001 bytes each (é is two): before the 5th newest, 1,200,004 >= 1 MiB.
+    assert await window(1000, 1 << 20) == ([7, 8, 9, 10], True)
+    assert await window(1000, 1 << 20, limit=5) == ([7, 8, 9, 10], True)
+    assert await window(4, 1 << 20) == ([7, 8, 9, 10], False)
+    assert await window(3, 1 << 20) == ([8, 9, 10], False)
+    assert await window(1000, 1) == ([10], True)
+    assert await window(1000, NO_BUDGET) == (list(range(1, 11)), False)
+    assert await window(1000, None) == (list(range(1, 11)), False)  # no budget: read whole
+    assert await window(1000, None, limit=5) == (list(range(1, 11)), False)
+    # Concurrent calls with a budget and without share a batch (plain PostgreSQL) and each
+    # gets its own window.
+    together = await asyncio.gather(window(1000, None), window(1000, 1), window(2, None))
+    assert together == [(list(range(1, 11)), False), ([10], True), ([9, 10], False)]
+    _, whole = await store.get_memory(P, "s", 1000)
+    assert len(whole) == 10
+    _, cut = await store.get_memory(P, "s", 1000, budget=600_003)  # before the 3rd: 600,002
+    assert [m.sequence for m in cut] == [8, 9, 10]
+    await store.create_session(P, "empty", None, {})
+    empty = await store.get_memory_with_recall(
+        P, "empty", 6, limit=0, window=6, model="any-model", budget=1
+    )
+    assert empty.session is not None and empty.messages == [] and not empty.cut
+
+
 async def test_list_messages_absent_or_deleted_session(store: Store, clean_db: str) -> None:
     with pytest.raises(NotFound):
         await store.list_messages(P, "ghost", None, 10, budget=NO_BUDGET)

@@ -9,7 +9,7 @@ from server.domain import NewMessage
 from server.store import Store
 
 # What a GetMemory asks of the store beside its session and lastn (server/search/service.py).
-RECALL = {"window": 6, "model": "any-model"}
+RECALL = {"window": 6, "model": "any-model", "budget": None}
 
 
 def _said(text: str) -> list[NewMessage]:
@@ -36,12 +36,12 @@ async def test_get_memory_without_recall_shares_one_round_trip(store: Store, cle
         assert requests >= 21, requests
     else:
         assert requests <= 2, requests  # (a health check may borrow one meanwhile)
-    for i, (session, messages, relevant) in enumerate(found[:20]):
+    for i, (session, messages, relevant, cut) in enumerate(found[:20]):
         assert session is not None and session.session_id == f"s{i}"
         assert session.user_id == ("ann" if i % 2 else None)
         assert [m.content for m in messages] == [f"line {i}"]
-        assert relevant == []
-    assert found[20] == (None, [], [])
+        assert relevant == [] and not cut
+    assert found[20] == (None, [], [], False)
 
 
 async def test_calls_with_and_without_recall_in_one_batch_each_get_their_own_answer(
@@ -62,4 +62,4 @@ async def test_calls_with_and_without_recall_in_one_batch_each_get_their_own_ans
         )
     )
     assert together == alone
-    assert all(relevant == [] for _, _, relevant in together[::3])  # relevant_limit 0
+    assert all(r.relevant == [] for r in together[::3])  # relevant_limit 0

@@ -128,23 +128,46 @@ counted AS (
 ),
 
 -- get_memory --
--- A live session joined to its last `lastn` live messages, oldest first.
+-- A live session joined to its last `lastn` live messages, oldest first. {window} is
+-- memory_window or memory_window_budgeted over the parameters (Citus routes to one shard only
+-- what they pin, not s); m_followed says the budget left older ones out.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at,
        m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
        m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
-       m.created_at AS m_created_at, m.updated_at AS m_updated_at
+       m.created_at AS m_created_at, m.updated_at AS m_updated_at, m.followed AS m_followed
 FROM sessions s
-LEFT JOIN LATERAL (
-    -- Pinned by the parameters, not by s: Citus routes to one shard only what they pin.
-    SELECT * FROM messages m
-    WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
-      AND m.deleted_at IS NULL
-    ORDER BY m.sequence DESC
-    LIMIT %(lastn)s
-) m ON true
+LEFT JOIN LATERAL ({window}) m ON true
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 ORDER BY m.sequence;
+
+-- memory_window_scan --
+-- GetMemory's window (get_memory, get_memories_recall): a session's last {lastn} live
+-- messages, newest first. {project_id}, {session_id}, {lastn} and {budget} are the call's:
+-- parameters in get_memory, the call's row in get_memories_recall.
+FROM messages m
+WHERE m.project_id = {project_id} AND m.session_id = {session_id} AND m.deleted_at IS NULL
+ORDER BY m.sequence DESC
+LIMIT {lastn}
+
+-- memory_window --
+-- The window whole: for a lastn whose messages cannot pass the answer (at most 1 MiB each).
+SELECT m.*, false AS followed {scan}
+
+-- memory_window_budgeted --
+-- The window read newest first only while the messages after one hold less than {budget}
+-- bytes of content (the newest is always read), sized from the values' headers as in
+-- list_messages: GetMemory's lastn 1000 of messages of 1 MiB is refused, and was read whole
+-- (1 GB) to be. Content alone, a lower bound of the answer's bytes, so that a window cut here
+-- is one the answer's own measure would refuse too. followed on the oldest row: an older
+-- message of the lastn was left out.
+SELECT w.* FROM (
+    SELECT k.*, sum(k.size) OVER w - k.size AS before,
+           lead(true, 1, false) OVER w AS followed
+    FROM (SELECT m.*, octet_length(m.content) AS size {scan}) k
+    WINDOW w AS (ORDER BY k.sequence DESC ROWS UNBOUNDED PRECEDING)
+) w
+WHERE w.before < {budget}
 
 -- list_messages --
 -- A live session joined to one page of its live messages by sequence: a keyset page, or

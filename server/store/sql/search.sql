@@ -253,12 +253,12 @@ AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 
 -- get_memories_recall --
 -- GetMemory with kept recall for concurrent calls at once (coalesced: one round trip, no
--- pipeline). Row i of the arrays is one call (its session, lastn and relevant_limit); each
--- result row names its call (i). Per call: the live session joined to its last lastn live
--- messages (part 0, as get_memory), then its kept recall (part 1, none for a relevant_limit
--- of 0, which GetMemory without recall sends: its first relevant_limit memories still live,
--- best first; session_id and user_id are the memory's, its message in
--- the m_ columns, r_score its score). No part-1 row when no recall was computed for this
+-- pipeline). Row i of the arrays is one call (its session, lastn, relevant_limit and byte
+-- budget); each result row names its call (i). Per call: the live session joined to its
+-- last lastn live messages, {window} as in get_memory (part 0, m_followed as there),
+-- then its kept recall (part 1, none for a relevant_limit of 0, which GetMemory without
+-- recall sends: its first relevant_limit memories still live, best first; session_id and
+-- user_id are the memory's, its message in the m_ columns, r_score its score). No part-1 row when no recall was computed for this
 -- model; a single one with a NULL m_uuid when none of the kept memories is live (deleted
 -- since, or their session changed hands): those are skipped in SQL, later ones fill in. A
 -- call whose session is absent or deleted has no row at all. Uuids as text: psycopg's uuid
@@ -272,28 +272,23 @@ WITH q AS (
     -- PostgreSQL found the generic plan dearer and planned every call again, ~1.1 ms of its
     -- CPU per statement (docs/performance.md, "GetMemory's statement planned once").
     SELECT * FROM unnest((SELECT %(session_ids)b::text[]), (SELECT %(lastns)b::int[]),
-                         (SELECT %(limits)b::int[]))
-        WITH ORDINALITY AS q(session_id, lastn, lim, i)
+                         (SELECT %(limits)b::int[]), (SELECT %(budgets)b::int8[]))
+        WITH ORDINALITY AS q(session_id, lastn, lim, budget, i)
 )
 SELECT q.i, 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
        s.deleted_at, s.message_count, s.last_message_at,
        m.uuid::text AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
        m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
        m.created_at AS m_created_at, m.updated_at AS m_updated_at,
-       NULL::float8 AS r_score, m.sequence AS ord
+       NULL::float8 AS r_score, m.sequence AS ord, m.followed AS m_followed
 FROM q
 JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = q.session_id
                AND s.deleted_at IS NULL
-LEFT JOIN LATERAL (
-    SELECT * FROM messages m
-    WHERE m.project_id = s.project_id AND m.session_id = s.session_id AND m.deleted_at IS NULL
-    ORDER BY m.sequence DESC
-    LIMIT q.lastn
-) m ON true
+LEFT JOIN LATERAL ({window}) m ON true
 UNION ALL
 SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
        k.uuid::text, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
-       k.updated_at, k.score, k.rank
+       k.updated_at, k.score, k.rank, NULL
 FROM q
 JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
              AND q.lim > 0 {kept_filter}
