@@ -75,28 +75,61 @@ def http_status(error: MemstoreError) -> int:
     return _codes(error)[1]
 
 
+#: UTF-8 bytes of an error's message, sent twice (grpc-message, percent-encoded: up to 3
+#: bytes each, and in the Status), and of its BadRequest's violations. A client drops
+#: trailers past 8 KiB (grpc.max_metadata_size; past 16 KiB always) and answers
+#: RESOURCE_EXHAUSTED in place of the error: 1000 bad messages made 280 KB of violations.
+MAX_MESSAGE_BYTES = 512
+MAX_VIOLATION_BYTES = 2048
+_FIELD_BYTES = 256
+_DESCRIPTION_BYTES = 384
+
+
 def to_rpc_status(error: MemstoreError) -> grpc.Status:
-    """A grpc.Status with google.rpc ErrorInfo (and BadRequest for bad fields) attached."""
+    """A grpc.Status with google.rpc ErrorInfo (and BadRequest for bad fields) attached, cut
+    to fit a client's trailers: the message, and the violations past the first that fit."""
     code = status_code(error)
     details: list[any_pb2.Any] = []
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
     details.append(info)
+    message = error.message
     if isinstance(error, InvalidArgument):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
+        bad_request = _bad_request(error)
+        listed, total = len(bad_request.field_violations), len(error.violations)
+        if listed < total:
+            message = _cut(message, MAX_MESSAGE_BYTES - 64)
+            message += f" ({total} violations; the first {listed} are in the BadRequest)"
         packed = any_pb2.Any()
         packed.Pack(bad_request)
         details.append(packed)
+    message = _cut(message, MAX_MESSAGE_BYTES)
     # StatusCode.value is (number, name): the one source of the numeric code.
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return rpc_status.to_status(status)
+
+
+def _bad_request(error: InvalidArgument) -> error_details_pb2.BadRequest:
+    """The violations of `error`, each cut, as many as MAX_VIOLATION_BYTES hold (one at least)."""
+    found = error_details_pb2.BadRequest()
+    budget = MAX_VIOLATION_BYTES
+    for v in error.violations:
+        one = error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(v.field, _FIELD_BYTES), description=_cut(v.description, _DESCRIPTION_BYTES)
+        )
+        budget -= one.ByteSize() + 3  # its tag and length
+        if budget < 0 and found.field_violations:
+            break
+        found.field_violations.append(one)
+    return found
+
+
+def _cut(text: str, most: int) -> str:
+    """`text` in at most `most` bytes of UTF-8, ending in "..." when cut."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= most:
+        return text
+    return raw[: most - 3].decode("utf-8", "ignore") + "..."
 
 
 Req = TypeVar("Req")

@@ -220,6 +220,27 @@ async def test_unknown_update_mask_path(users, sessions):
     )
 
 
+async def test_an_error_naming_much_bad_input_still_reaches_the_caller(users, sessions, clean_db):
+    # Trailers past gRPC's default 8 KiB limit (16 KiB hard) are dropped by the client, which
+    # answered RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" in place of
+    # the INVALID_ARGUMENT: 1000 bad messages made 280 KB of violations, an update_mask of
+    # 5000 unknown paths a message of 64 KB. Cut to fit, the first violations named.
+    bad = [msg("x", role="r" * 300, uuid="not-a-uuid-" + "é" * 40 + str(i)) for i in range(1000)]
+    error = await rpc_error(
+        sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=bad)),
+        BAD,
+        field="messages[0].role",
+    )
+    assert "2000 violations" in error.details()
+    assert sum(len(v) for _, v in error.trailing_metadata()) < 6 * 1024
+    assert await count_rows(clean_db, "sessions") == 0
+    await users.CreateUser(us.CreateUserRequest(user_id="u"))
+    paths = [f"bogus_{'ü' * 20}_{i}" for i in range(5000)]
+    request = us.UpdateUserRequest(user_id="u", update_mask=field_mask_pb2.FieldMask(paths=paths))
+    error = await rpc_error(users.UpdateUser(request), BAD, field="update_mask")
+    assert error.details().startswith("update_mask: unknown path(s) 'bogus_")
+
+
 async def test_negative_lastn_and_malformed_uuid(sessions):
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("x")]))
     await rpc_error(
