@@ -9,12 +9,18 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+from server.errors import InvalidArgument
+
 #: Every key starts with this, so a leaked one is recognizable (secret scanners, logs).
 KEY_PREFIX = "msk_"
 #: msk_<12 hex: the public id>_<43 url-safe base64 chars: 256 random bits>.
 _KEY_RE = re.compile(r"^(msk_[0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 #: Longer presented values are rejected without hashing or a database lookup.
 MAX_KEY_LENGTH = 128
+#: The fewest of a prefix's 12 hex digits that name a key to revoke (git's shortest
+#: abbreviation): fewer would let a slip of the finger name a key.
+MIN_PREFIX_DIGITS = 4
+_PREFIX_START_RE = re.compile(rf"^msk_[0-9a-f]{{{MIN_PREFIX_DIGITS},12}}$")
 _SALT_BYTES = 16
 
 
@@ -82,6 +88,26 @@ def split_key(text: str) -> tuple[str, str] | None:
         return None
     match = _KEY_RE.match(text)
     return (match.group(1), match.group(2)) if match else None
+
+
+def prefix_start(text: str) -> str:
+    """What `text` names of a key's public prefix: a whole key's prefix, or `text` itself when
+    it is `msk_` and 4 to 12 of the hex digits that `memstore keys list` shows.
+
+    Raises:
+        InvalidArgument: `text` is neither (field `prefix`). The message never repeats it: it
+            may be a whole key mistyped, its secret included.
+    """
+    parts = split_key(text)
+    if parts:
+        return parts[0]
+    if len(text) <= MAX_KEY_LENGTH and _PREFIX_START_RE.match(text):
+        return text
+    raise InvalidArgument.field(
+        "prefix",
+        f"{KEY_PREFIX} and {MIN_PREFIX_DIGITS} to 12 hex digits, the start of a prefix as "
+        "`keys list` shows it (or the whole key)",
+    )
 
 
 def matches(stored: StoredKey, secret: str) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from server import config as config_module
-from server.api_keys import ApiKey, new_key, split_key
+from server.api_keys import MIN_PREFIX_DIGITS, ApiKey, new_key, prefix_start
 from server.config import Config
 from server.errors import InvalidArgument
 from server.store import Store
@@ -37,7 +37,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--project", required=True, help="the project the key opens")
     create.add_argument("--label", default="", help="a note, e.g. who holds the key")
     revoke = _leaf(key_actions, "keys", "revoke", "revoke a key by its prefix (msk_...)")
-    revoke.add_argument("prefix", help="the key's prefix as `keys list` shows it (or the key)")
+    revoke.add_argument(
+        "prefix",
+        help=f"the key's prefix as `keys list` shows it, or its start (msk_ and at least "
+        f"{MIN_PREFIX_DIGITS} hex digits) if no other key's prefix starts so, or the whole key",
+    )
     listing = _leaf(key_actions, "keys", "list", "list keys by prefix (never the secret)")
     listing.add_argument("--project", default=None, help="only this project's keys")
 
@@ -109,8 +113,7 @@ async def _create_key(store: Store, args: argparse.Namespace) -> None:
 
 async def _revoke_key(store: Store, args: argparse.Namespace) -> None:
     # A whole key is accepted too: whoever holds a leaked key can revoke it at once.
-    parts = split_key(args.prefix)
-    key = await store.revoke_api_key(parts[0] if parts else args.prefix)
+    key = await store.revoke_api_key(prefix_start(args.prefix))
     print(f"revoked {_describe(key)}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.api_keys import ApiKey, NewKey, Project, StoredKey
-from server.errors import AlreadyExists, NotFound
+from server.errors import AlreadyExists, InvalidArgument, NotFound
 from server.store.base import StoreBase, factory
 from server.store.db import fetch_all, fetch_one
 
@@ -74,15 +74,27 @@ class ProjectMethods(StoreBase):
         )
 
     async def revoke_api_key(self, prefix: str) -> ApiKey:
-        """Revokes a key by its prefix (again is a no-op that keeps the first time).
+        """Revokes the one key whose prefix starts with `prefix` (a whole prefix, or its start as
+        server.api_keys.prefix_start takes it). Again is a no-op that keeps the first time.
 
         Raises:
-            NotFound: no key has this prefix (reason API_KEY_NOT_FOUND).
+            NotFound: no key's prefix starts so (reason API_KEY_NOT_FOUND).
+            InvalidArgument: more than one key's does, revoked ones included (field `prefix`).
         """
         async with self._connect() as conn:
-            row = await fetch_one(conn, "revoke_api_key", {"prefix": prefix})
+            found = await fetch_one(conn, "match_api_keys", {"prefix": prefix})
+            matching = int(found["matching"]) if found else 0
+            row = None
+            if found and matching == 1:
+                row = await fetch_one(conn, "revoke_api_key", {"prefix": found["prefix"]})
+        if matching > 1:
+            raise InvalidArgument.field(
+                "prefix", f"'{prefix}' matches {matching} API keys: give more of its digits"
+            )
         if row is None:
-            raise NotFound(f"no API key has the prefix '{prefix}'", reason="API_KEY_NOT_FOUND")
+            raise NotFound(
+                f"no API key's prefix starts with '{prefix}'", reason="API_KEY_NOT_FOUND"
+            )
         return _api_key(row)
 
     async def list_api_keys(self, project: str | None = None) -> list[ApiKey]:

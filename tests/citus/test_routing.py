@@ -111,6 +111,7 @@ REFERENCE = {
     "list_projects",
     "create_api_key",
     "find_api_key",
+    "match_api_keys",
     "revoke_api_key",
     "list_api_keys",
     "any_api_key",

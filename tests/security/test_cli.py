@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,8 @@ import pytest
 from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
 from server.__main__ import main
+from server.api_keys import new_key
+from server.store import Store
 from tests.processes import ROOT, run_memstore, serve_memstore, stop_memstore
 
 KEY_RE = re.compile(r"^msk_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
@@ -62,6 +65,50 @@ def test_key_commands_refuse_bad_names_and_labels(
         assert "projects failed: name: 1-63 letters" in caplog.text
     assert main(["keys", "create", "--project=a", "--label=a\nb", url]) == 1
     assert "keys failed: label: at most 256 printable characters" in caplog.text
+
+
+async def test_keys_revoke_takes_any_unambiguous_start_of_the_prefix(
+    secure_store: Store,
+    secure_db_url: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Two keys of project `a` whose prefixes share `msk_5ca1ab1` and differ in the next digit.
+    for prefix in ("msk_5ca1ab1e0001", "msk_5ca1ab1f0002"):
+        await secure_store.create_api_key("a", replace(new_key(), prefix=prefix), "short")
+
+    async def revoke(text: str) -> tuple[int, str, str]:
+        caplog.clear()
+        capsys.readouterr()
+        # In-process (as the console script), on a thread: main() runs its own event loop.
+        code = await asyncio.to_thread(
+            main, ["keys", "revoke", text, f"--database-url={secure_db_url}"]
+        )
+        return code, capsys.readouterr().out, caplog.text
+
+    async def revoked() -> dict[str, bool]:
+        # These two keys' state (project `a` holds other tests' keys too).
+        keys = await secure_store.list_api_keys("a")
+        return {k.prefix: k.revoked_at is not None for k in keys if k.label == "short"}
+
+    code, _, log = await revoke("msk_5ca1ab1")
+    assert code == 1 and "keys failed: prefix: 'msk_5ca1ab1' matches 2 API keys" in log, log
+    code, _, log = await revoke("msk_5ca")  # 3 digits: under the minimum, whatever it matches
+    assert code == 1 and "keys failed: prefix: msk_ and 4 to 12 hex digits" in log, log
+    code, _, log = await revoke("msk_5CA1AB1E")
+    assert code == 1 and "keys failed: prefix: msk_ and 4 to 12 hex digits" in log, log
+    code, _, log = await revoke("msk_0000feed")
+    assert code == 1 and "keys failed: no API key's prefix starts with 'msk_0000feed'" in log, log
+    assert await revoked() == {"msk_5ca1ab1e0001": False, "msk_5ca1ab1f0002": False}
+    code, out, _ = await revoke("msk_5ca1ab1e")  # as short as `msk_9747d035`
+    assert code == 0 and out.startswith("revoked msk_5ca1ab1e0001\ta\trevoked "), out
+    assert await revoked() == {"msk_5ca1ab1e0001": True, "msk_5ca1ab1f0002": False}
+    # A revoked key still counts: `msk_5ca1` stays ambiguous rather than naming whichever
+    # key is still active.
+    code, _, log = await revoke("msk_5ca1")
+    assert code == 1 and "matches 2 API keys" in log, log
+    code, out, _ = await revoke("msk_5ca1ab1f")
+    assert code == 0 and out.startswith("revoked msk_5ca1ab1f0002\ta\trevoked "), out
 
 
 def test_served_keys_and_revocation_over_the_wire(secure_db_url: str) -> None:

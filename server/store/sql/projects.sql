@@ -28,6 +28,13 @@ RETURNING prefix, label, created_at, revoked_at, %(project)s::text AS project;
 -- What authentication needs to check one presented key: found by its public prefix.
 SELECT project_id, salt, digest, revoked_at FROM api_keys WHERE prefix = %(prefix)s;
 
+-- match_api_keys --
+-- How many keys' prefixes start with %(prefix)s (revoked ones too), and the first of them:
+-- `keys revoke` takes any start of a prefix that names one key. starts_with, not LIKE: the
+-- prefix's `_` would be a wildcard there.
+SELECT count(*) AS matching, min(prefix) AS prefix
+FROM api_keys WHERE starts_with(prefix, %(prefix)s);
+
 -- revoke_api_key --
 -- Marks a key revoked (idempotent: the first revocation time stays).
 -- The clock is read in FROM: Citus refuses a non-immutable function in SET.
