@@ -2,19 +2,19 @@
 
     .venv/bin/python -m bench.chunk_cost [--database-url URL] [--users 1000000] [--keep]
 
-Makes one scratch database (`chunk_cost`, dropped at the end unless --keep; with --keep a
-database already loaded with as many users is used again): the migrated schema, `--users`
-users as `python -m bench` loads them (a millisecond apart), and every third user with 1-3
-sessions, counted in user_session_counts as the store counts them. Each round runs every
-variant at `--keys` keys spread over the table, `--calls` times each, the variants' order
-alternating between rounds; each variant has a connection of its own, its statement prepared
-(and run a few times before the first round, so PostgreSQL has settled on a plan, as in a
-server's pooled connections). It reads the backend's CPU time from /proc (schedstat) before
-and after, so parsing, planning and executing all count, and prints per variant the median
-backend CPU per chunk of `--limit` users and the median of the per-round ratios to
-`copy_rows` (COPY of the same rows, by query, to the client) and to `list_user_chunk` (the
-statement of the checkout). `copy_table` is the bench's baseline: `COPY users TO STDOUT` of
-the whole table once per round, its CPU shown per `--limit` rows.
+Makes one scratch database (`chunk_cost_<pid>`, this run's own, dropped WITH (FORCE) at the end;
+with --keep `chunk_cost`, kept, and used again by the next run with --keep if loaded with as many
+users): the migrated schema, `--users` users as `python -m bench` loads them (a millisecond apart),
+and every third user with 1-3 sessions, counted in user_session_counts as the store counts them.
+Each round runs every variant at `--keys` keys spread over the table, `--calls` times each, the
+variants' order alternating between rounds; each variant has a connection of its own, its statement
+prepared (and run a few times before the first round, so PostgreSQL has settled on a plan, as in a
+server's pooled connections). It reads the backend's CPU time from /proc (schedstat) before and
+after, so parsing, planning and executing all count, and prints per variant the median backend CPU
+per chunk of `--limit` users and the median of the per-round ratios to `copy_rows` (COPY of the same
+rows, by query, to the client) and to `list_user_chunk` (the statement of the checkout).
+`copy_table` is the bench's baseline: `COPY users TO STDOUT` of the whole table once per round, its
+CPU shown per `--limit` rows.
 
 Every variant that returns a chunk is checked to return list_user_chunk's very bytes and key.
 With --explain, prints EXPLAIN (ANALYZE, BUFFERS) of each variant at the middle key.
@@ -320,13 +320,16 @@ def run(
     rounds: int = 8,
     calls: int = 3,
     variants: list[str] | None = None,
-    name: str = DATABASE,
+    name: str | None = None,
     keep: bool = False,
     show_plans: bool = False,
 ) -> dict[str, Any]:
     """Loads (or, with `keep`, finds) the database `name` on the server of `url`, measures,
-    drops it unless `keep`; returns the server's version and each variant's figures."""
+    drops it unless `keep`; returns the server's version and each variant's figures. `name`
+    is by default this run's own `chunk_cost_<pid>`, or with `keep` `chunk_cost`, the one
+    database kept runs share."""
     variants = [*VARIANTS] if variants is None else variants
+    name = name or (DATABASE if keep else env.own_name(DATABASE))
     db_url = _prepare_database(url, name, users, keep)
     try:
         if show_plans:

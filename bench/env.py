@@ -41,6 +41,14 @@ def server_version(url: str) -> str:
     return str(row[0]).split()[0] if row else "unknown"
 
 
+def own_name(base: str) -> str:
+    """`base` suffixed with this process's id: a scratch database of this run alone, so two
+    runs sharing a PostgreSQL (CI and a developer, two worktrees) never drop or load each
+    other's (dropped WITH (FORCE), a database of the same name under a running bench ended
+    it with "terminating connection due to administrator command")."""
+    return f"{base}_{os.getpid()}"
+
+
 def fresh_database(url: str, name: str = BENCH_DB) -> str:
     """Drops and creates the bench database on the server of `url`; returns its URL."""
     with psycopg.connect(url, autocommit=True) as conn:

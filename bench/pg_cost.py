@@ -2,19 +2,18 @@
 
     .venv/bin/python -m bench.pg_cost [--database-url postgresql://postgres@127.0.0.1/postgres]
 
-Makes one scratch database per variant (`pg_cost_<variant>`, dropped at the end): the
-migrated schema, seeded alike (sessions of `--sessions` without a user, as `make bench`'s
-writes group appends to, each with a few messages, and users' sessions beside them), then in
-every variant but `base` one part of the schema removed (an index, the generated tsvector
-column, a foreign key). Each round runs `--calls` AddMemory(1) calls in each variant, the
-variants' order alternating between rounds, each call the store's statement prepared and
-committed alone (synchronous_commit on) over the sessions in turn; it reads the backend's CPU
-time from /proc (schedstat) before and after, so parsing, planning, executing and committing
-all count. `touch_0011` puts back migration 0011's memstore_touch, which PostgreSQL does not
-inline (migration 0015).
-Prints, per variant, the median backend CPU per call and the median of the per-round ratios
-to `base` (which a busy machine moves less than the raw figures), and the share of the
-session updates that were HOT.
+Makes one scratch database per variant (`pg_cost_<variant>_<pid>`, this run's own, dropped WITH
+(FORCE) at the end): the migrated schema, seeded alike (sessions of `--sessions` without a user, as
+`make bench`'s writes group appends to, each with a few messages, and users' sessions beside them),
+then in every variant but `base` one part of the schema removed (an index, the generated tsvector
+column, a foreign key). Each round runs `--calls` AddMemory(1) calls in each variant, the variants'
+order alternating between rounds, each call the store's statement prepared and committed alone
+(synchronous_commit on) over the sessions in turn; it reads the backend's CPU time from /proc
+(schedstat) before and after, so parsing, planning, executing and committing all count. `touch_0011`
+puts back migration 0011's memstore_touch, which PostgreSQL does not inline (migration 0015).
+Prints, per variant, the median backend CPU per call and the median of the per-round ratios to
+`base` (which a busy machine moves less than the raw figures), and the share of the session updates
+that were HOT.
 
 Needs the PostgreSQL server on this machine (its backends' /proc entries), and a role that
 may create databases; pgvector is used where migrate can create it (`--get-memory` then reads
@@ -117,13 +116,12 @@ def _seed(url: str, sessions: int) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
-def _migrated(admin: psycopg.Connection[Any], url: str, name: str, sessions: int) -> str:
+def _migrated(url: str, name: str, sessions: int) -> str:
     """Makes database `name`, migrated as `memstore migrate` does and seeded; returns its URL.
 
     Migrate creates pgvector where the role may (migrations 0007 and 0008 are skipped where it
     may not, as on a server whose role is no superuser: recall is then kept by words)."""
-    db_url = psycopg.conninfo.make_conninfo(url, dbname=name)
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    db_url = env.fresh_database(url, name)
     from server.__main__ import main as server_main
 
     with contextlib.redirect_stdout(sys.stderr):  # migrate prints what it applied
@@ -144,12 +142,12 @@ def measure(
     url: str, variants: list[str], sessions: int, rounds: int, calls: int
 ) -> dict[str, dict[str, Any]]:
     """Backend CPU per AddMemory(1) by variant: medians, ratios to base, HOT share."""
-    names = {v: f"pg_cost_{v}" for v in variants}
+    names = {v: env.own_name(f"pg_cost_{v}") for v in variants}
     conns: dict[str, psycopg.Connection[Any]] = {}
     with psycopg.connect(url, autocommit=True) as admin:
         _drop(admin, list(names.values()))
         try:
-            _migrated(admin, url, names["base"], sessions)
+            _migrated(url, names["base"], sessions)
             for v, name in names.items():
                 if v != "base":
                     admin.execute(
@@ -231,12 +229,12 @@ def get_memory_cost(url: str, sessions: int, rounds: int, calls: int) -> dict[st
     (session_word_recall)."""
     from server.store.search import kept_recall_statement
 
-    name = "pg_cost_get_memory"
+    name = env.own_name("pg_cost_get_memory")
     conns: dict[str, psycopg.Connection[Any]] = {}
     with psycopg.connect(url, autocommit=True) as admin:
         _drop(admin, [name])
         try:
-            db_url = _migrated(admin, url, name, sessions)
+            db_url = _migrated(url, name, sessions)
             modes = ("auto", "force_custom_plan")
             for mode in modes:
                 conns[mode] = psycopg.connect(db_url, autocommit=True)

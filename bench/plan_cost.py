@@ -5,7 +5,7 @@
 For a statement whose parameters went behind scalar subqueries so that PostgreSQL keeps one
 generic plan (docs/performance.md, "GetUser's statement planned once"): `before`, the
 statement as of `--before-ref` (its parameters in sight of each custom plan, so planned at
-every call), against `after`, the checkout's. One scratch database (`plan_cost_<statement>`,
+every call), against `after`, the checkout's. One scratch database (`plan_cost_<statement>_<pid>`,
 dropped at the end) of `--users` users loaded as `python -m bench` loads them; each side on a
 connection of its own, its statement prepared and run a few times first, past PostgreSQL's
 choice of plan (both sides' rows checked equal); each round runs `--calls` calls of each
@@ -77,7 +77,7 @@ def measure(
     before = queries.parse(env.file_at(before_ref, path))[name]
     statements = {"before": sql.SQL(before), "after": queries.query(name)}
     rnd = random.Random(7)
-    with env.migrated_database(f"plan_cost_{name}", url) as db_url:
+    with env.migrated_database(env.own_name(f"plan_cost_{name}"), url) as db_url:
         env.load(db_url, users)
         conns = {s: psycopg.connect(db_url, autocommit=True) for s in statements}
         curs = {s: c.cursor(binary=True) for s, c in conns.items()}

@@ -2,17 +2,17 @@
 
     .venv/bin/python -m bench.queue_gauge --rows 2000000
 
-A bench database of its own (on --database-url's server, or the bench's embedded one) is
-migrated and its embedding queue filled with `--rows` rows (its foreign key to messages is
-dropped there first: neither statement reads messages), then vacuumed and analyzed, as
-autovacuum leaves a table that large. Each round times both statements inside PostgreSQL
-(EXPLAIN ANALYZE's execution time), in an order that alternates between rounds: `before`,
-the count(*) and min() of the whole queue in one aggregate (as before the cap), and
-`after`, embedding_lag as it is (counted up to QUEUE_COUNT_CAP, the age from the index).
-Prints each one's median ms, the median of the per-round after/before ratios, the values
-each returned and the plan nodes of `after`. With `--drained N` the oldest N rows are then
-deleted and autovacuum kept off the table: a queue a worker drains (oldest first) before
-autovacuum has cleaned up behind it, which both statements must read past.
+A bench database of its own (`memstore_bench_gauge_<pid>`, dropped at the end; on --database-url's
+server, or the bench's embedded one) is migrated and its embedding queue filled with `--rows` rows
+(its foreign key to messages is dropped there first: neither statement reads messages), then
+vacuumed and analyzed, as autovacuum leaves a table that large. Each round times both statements
+inside PostgreSQL (EXPLAIN ANALYZE's execution time), in an order that alternates between rounds:
+`before`, the count(*) and min() of the whole queue in one aggregate (as before the cap), and
+`after`, embedding_lag as it is (counted up to QUEUE_COUNT_CAP, the age from the index). Prints each
+one's median ms, the median of the per-round after/before ratios, the values each returned and the
+plan nodes of `after`. With `--drained N` the oldest N rows are then deleted and autovacuum kept off
+the table: a queue a worker drains (oldest first) before autovacuum has cleaned up behind it, which
+both statements must read past.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--drained", type=int, default=0, help="oldest rows then deleted")
     args = p.parse_args(argv)
-    with env.migrated_database(DATABASE, args.database_url, args.data_dir) as url:
+    with env.migrated_database(env.own_name(DATABASE), args.database_url, args.data_dir) as url:
         fill(url, args.rows, args.drained)
         found = measure(url, args.rounds, args.calls)
     print(

@@ -16,9 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from server.store import Store
 from server.store.search import RECALL_WORDS
-from tests.fix_db import scratch_database, usable_extensions
+from tests.fix_db import usable_extensions
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
@@ -166,6 +165,31 @@ def _has_pgvector(url: str) -> bool:
     # Installed into the server is not enough: the role must be allowed to create it (CI's
     # external run connects as memstore_ci, which is not; docs/search.md).
     return "vector" in usable_extensions(url)
+
+
+@pytest.fixture
+def created_databases(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The databases the bench code run in this test makes (each through env.fresh_database)."""
+    from bench import env
+
+    made: list[str] = []
+    fresh = env.fresh_database
+
+    def spy(url: str, name: str = env.BENCH_DB) -> str:
+        made.append(name)
+        return fresh(url, name)
+
+    monkeypatch.setattr(env, "fresh_database", spy)
+    return made
+
+
+def _own_and_dropped(server_url: str, made: list[str]) -> None:
+    """Each database in `made` was this run's own (named for its process, so a run beside it
+    on the same server, CI's or a developer's, never drops or loads it) and is gone."""
+    assert made and all(n.endswith(f"_{os.getpid()}") for n in made), made
+    with psycopg.connect(server_url) as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)", [made])
+        assert left.fetchall() == []
 
 
 def _check_search_figures(f: dict[str, dict[str, Any]]) -> None:
@@ -385,7 +409,9 @@ async def test_queue_cost_times_the_queue_insert_on_tiny_data(clean_db: str) -> 
     assert row == (0,)
 
 
-def test_pg_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
+def test_pg_cost_times_each_variant_on_tiny_data(
+    server_url: str, created_databases: list[str]
+) -> None:
     # bench.pg_cost: a database per variant, each timed, the session's updates counted (none
     # HOT while updated_at is indexed), every database dropped at the end; with pgvector or
     # on a server whose role may not create it (it tried to, and stopped there).
@@ -402,13 +428,18 @@ def test_pg_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
     assert kept == ("vectors" if _has_pgvector(server_url) else "words"), kept
     assert set(cost) == {f"{m}_{n}" for m in ("auto", "force_custom_plan") for n in (1, 8)}
     assert all(x > 0 for x in cost.values()), cost
+    assert len(created_databases) == 2, created_databases  # base's, then get_memory's
     with psycopg.connect(server_url) as conn:
-        left = conn.execute("SELECT datname FROM pg_database WHERE datname ~ '^pg_cost_'")
+        own = f"^pg_cost_.*_{os.getpid()}$"  # the variants' copies of base's too
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname ~ %s", [own])
         assert left.fetchall() == []
+    _own_and_dropped(server_url, created_databases)
 
 
 @pytest.mark.parametrize("name", ["get_users", "list_user_wire"])
-def test_plan_cost_times_both_sides_on_tiny_data(server_url: str, name: str) -> None:
+def test_plan_cost_times_both_sides_on_tiny_data(
+    server_url: str, name: str, created_databases: list[str]
+) -> None:
     # bench.plan_cost: the statement before and after (their rows checked equal), both
     # timed for each kind of call, the checkout's on its generic plan, the database dropped.
     from bench.plan_cost import STATEMENTS, measure
@@ -417,47 +448,40 @@ def test_plan_cost_times_both_sides_on_tiny_data(server_url: str, name: str) -> 
     kinds = STATEMENTS[name][1]
     assert all(found[f"{s}_{k}"] > 0 for s in ("before", "after") for k in kinds), found
     assert found["plans"]["after"]["generic"] > found["plans"]["after"]["custom"], found
-    with psycopg.connect(server_url) as conn:
-        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [f"plan_cost_{name}"])
-        assert left.fetchall() == []
+    _own_and_dropped(server_url, created_databases)
 
 
-def test_chunk_cost_times_each_variant_on_tiny_data(server_url: str) -> None:
+def test_chunk_cost_times_each_variant_on_tiny_data(
+    server_url: str, created_databases: list[str]
+) -> None:
     # bench.chunk_cost: every variant timed against COPY of the same rows (each checked to
     # return list_user_chunk's bytes), its database dropped at the end.
     from bench.chunk_cost import VARIANTS, run
 
-    name = f"chunk_cost_{secrets.token_hex(4)}"
-    found = run(server_url, 300, limit=50, keys=2, rounds=1, calls=1, name=name)
+    found = run(server_url, 300, limit=50, keys=2, rounds=1, calls=1)
     assert set(found) == {"server", "list_user_chunk", *VARIANTS, "copy_rows", "copy_table"}
     assert all(x["backend_cpu_us"] > 0 for k, x in found.items() if k != "server"), found
     # The statement of the checkout keeps its generic plan.
     plans = found["list_user_chunk"]["plans"]
     assert plans["generic"] > plans["custom"], plans
-    with psycopg.connect(server_url) as conn:
-        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
-        assert left.fetchall() == []
+    _own_and_dropped(server_url, created_databases)
 
 
-async def test_queue_gauge_times_both_statements_on_tiny_data(server_url: str) -> None:
+def test_queue_gauge_times_both_statements_on_tiny_data(
+    server_url: str, created_databases: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     # bench.queue_gauge's rounds on a migrated database with a few queued rows: both
     # statements timed, the capped count exact below its cap, the age read from the index.
-    # In a database of its own: fill() drops the queue's foreign key and autovacuum, as the
-    # bench's own database may, which in the run's shared database would outlive the test
-    # (TRUNCATE ... CASCADE would no longer empty the queue for the tests after it).
-    from bench.queue_gauge import fill, measure
+    # In its own database (fill() drops the queue's foreign key and autovacuum there).
+    from bench.queue_gauge import main
 
-    with scratch_database(server_url, "memstore_queue_gauge") as url:
-        st = await Store.open(url, min_size=1, max_size=2)
-        try:
-            await st.migrate()
-        finally:
-            await st.close()
-        fill(url, 50, 10)
-        found = measure(url, rounds=2, calls=1)
+    args = ("--rows", "50", "--drained", "10", "--rounds", "2", "--calls", "1")
+    assert main([*args, "--database-url", server_url]) == 0
+    found = json.loads(capsys.readouterr().out)
     assert found["before_ms"] > 0 and found["after_ms"] > 0 and found["after_over_before"] > 0
     assert found["values"]["before"][0] == found["values"]["after"][0] == 40
     assert found["values"]["after"][1] == pytest.approx(found["values"]["before"][1], abs=5)
+    _own_and_dropped(server_url, created_databases)
 
 
 def _run_module(
