@@ -583,13 +583,15 @@ def test_session_counts_times_every_kind_on_tiny_data(server_url: str) -> None:
         assert float(found[3]) == pytest.approx(after / before, abs=0.01), run.stdout
 
 
-def test_ab_streams_run_on_tiny_data(server_url: str) -> None:
+@pytest.mark.parametrize("together", [(), ("--together",)], ids=["in_turn", "together"])
+def test_ab_streams_run_on_tiny_data(server_url: str, together: tuple[str, ...]) -> None:
     # bench.ab's streams (its default --only): every loaded user and message streamed whole
-    # by both servers, and the ratio of one round the ratio of the two rates.
+    # by both servers, one after the other or (--together) both at once, and the ratio of one
+    # round the ratio of the two rates.
     name = f"memstore_ab_{secrets.token_hex(3)}"
     run = _run_module(
         "bench.ab", "--before", str(ROOT), "--database-url", server_url, "--db-name", name,
-        "--users", "300", "--messages", "200", "--rounds", "1",
+        "--users", "300", "--messages", "200", "--rounds", "1", *together,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     _no_database_left(server_url, name)
