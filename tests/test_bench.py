@@ -508,57 +508,54 @@ def _no_database_left(server_url: str, name: str) -> None:
 _RATIO_LINE = r"after / before per round: median ([\d.]+) \(([\d.]+)-([\d.]+)\), (\d+) rounds"
 
 
-def test_recall_cost_explains_both_sides_on_tiny_data(server_url: str) -> None:
-    # bench.recall_cost (its own fixed data: two users of 1,280 messages with random vectors):
-    # both sides' plans timed and their buffers read; without pgvector, a clear refusal.
-    name = f"memstore_recall_cost_{secrets.token_hex(3)}"
-    run = _run_module(
-        "bench.recall_cost", "--runs", "2", "--before", "HEAD", "--db-name", name,
-        env={"DATABASE_URL": server_url},
-    )  # fmt: skip
+def _run_recall_bench(server_url: str, module: str, *args: str) -> str | None:
+    """`python -m bench.<module>` on a database of its own on the server of `server_url`: its
+    stdout, or None where the server lacks pgvector and it refused, as it must, saying so.
+    Its database is gone either way."""
+    name = f"memstore_{module}_{secrets.token_hex(3)}"
+    run = _run_module(f"bench.{module}", *args, "--db-name", name, env={"DATABASE_URL": server_url})
     _no_database_left(server_url, name)
     if not _has_pgvector(server_url):
         assert run.returncode == 1 and "needs pgvector" in run.stderr, run.stderr[-3000:]
-        return
+        return None
     assert run.returncode == 0, run.stderr[-3000:]
-    for side in ("before", "after"):
-        found = re.search(
-            rf"^{side} +median ([\d.]+) ms  fastest ([\d.]+) ms  buffers (\d+)$",
-            run.stdout,
-            re.M,
-        )
-        assert found, run.stdout
+    return run.stdout
+
+
+def _by_side(out: str, line: str) -> dict[str, re.Match[str]]:
+    """Each side's line of `out` that reads `<side>  <line>` (a regular expression)."""
+    found = {side: re.search(rf"^{side} +{line}$", out, re.M) for side in ("before", "after")}
+    assert all(found.values()), out
+    return {side: match for side, match in found.items() if match}
+
+
+def test_recall_cost_explains_both_sides_on_tiny_data(server_url: str) -> None:
+    # bench.recall_cost (its own fixed data: two users of 1,280 messages with random vectors):
+    # both sides' plans timed and their buffers read; without pgvector, a clear refusal.
+    out = _run_recall_bench(server_url, "recall_cost", "--runs", "2", "--before", "HEAD")
+    if out is None:
+        return
+    for found in _by_side(out, r"median ([\d.]+) ms  fastest ([\d.]+) ms  buffers (\d+)").values():
         median, fastest, buffers = float(found[1]), float(found[2]), int(found[3])
-        assert median >= fastest > 0 and buffers > 0, run.stdout
-    ratio = re.search(_RATIO_LINE, run.stdout)
-    assert ratio, run.stdout
+        assert median >= fastest > 0 and buffers > 0, out
+    ratio = re.search(_RATIO_LINE, out)
+    assert ratio, out
     assert float(ratio[3]) >= float(ratio[1]) >= float(ratio[2]) > 0 and ratio[4] == "2"
 
 
 def test_recall_cpu_times_both_sides_on_tiny_data(server_url: str) -> None:
     # bench.recall_cpu on recall_cost's data: both sides' rows equal for each of the first
     # user's 20 sessions, then each side's CPU per call; without pgvector, a clear refusal.
-    name = f"memstore_recall_cpu_{secrets.token_hex(3)}"
-    run = _run_module(
-        "bench.recall_cpu", "--rounds", "2", "--calls", "5", "--before", "HEAD",
-        "--db-name", name, env={"DATABASE_URL": server_url},
-    )  # fmt: skip
-    _no_database_left(server_url, name)
-    if not _has_pgvector(server_url):
-        assert run.returncode == 1 and "needs pgvector" in run.stderr, run.stderr[-3000:]
+    args = ("--rounds", "2", "--calls", "5", "--before", "HEAD")
+    out = _run_recall_bench(server_url, "recall_cpu", *args)
+    if out is None:
         return
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "rows equal, row for row, for each of the first user's 20 sessions" in run.stdout
-    for side in ("before", "after"):
-        found = re.search(
-            rf"^{side} +CPU per call median (\d+) µs \((\d+)-(\d+)\), statement ([\d,]+) bytes$",
-            run.stdout,
-            re.M,
-        )
-        assert found, run.stdout
-        assert int(found[3]) >= int(found[1]) >= int(found[2]) > 0, run.stdout
+    assert "rows equal, row for row, for each of the first user's 20 sessions" in out
+    line = r"CPU per call median (\d+) µs \((\d+)-(\d+)\), statement ([\d,]+) bytes"
+    for found in _by_side(out, line).values():
+        assert int(found[3]) >= int(found[1]) >= int(found[2]) > 0, out
         assert int(found[4].replace(",", "")) > 0
-    assert re.search(_RATIO_LINE + " of 5 calls", run.stdout), run.stdout
+    assert re.search(_RATIO_LINE + " of 5 calls", out), out
 
 
 def test_session_counts_times_every_kind_on_tiny_data(server_url: str) -> None:

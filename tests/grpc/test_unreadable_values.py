@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from dataclasses import dataclass
 
 import psycopg
 import pytest
@@ -26,53 +27,62 @@ def _memory_statement(store: Store) -> str:
     return "get_memory" if store.citus else "get_memories_recall"
 
 
-async def _store_by_hand(url: str, statement: str, value: str) -> None:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await conn.execute(statement, {"value": value})
+@dataclass(frozen=True)
+class Unreadable:
+    """Session `s` holding one message, into which a test stores `value` by hand."""
+
+    value: str
+    url: str
+    memory_statement: str
+    caplog: pytest.LogCaptureFixture
+
+    async def store(self, statement: str) -> None:
+        """Runs `statement` (an UPDATE taking %(value)s) outside the server."""
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            await conn.execute(statement, {"value": self.value})
+
+    async def internal(self, call: Awaitable[object], statement: str) -> None:
+        """`call` fails INTERNAL telling the caller only MESSAGE; the log names `statement`."""
+        self.caplog.clear()
+        error = await rpc_error(call, Code.INTERNAL, reason="STORED_VALUE_UNREADABLE")
+        assert error.details() == MESSAGE
+        log = [r.getMessage() for r in self.caplog.records if r.name == "server.store.translate"]
+        assert any(f"statement {statement}: DataError: " in line for line in log), log
 
 
-async def _internal(
-    call: Awaitable[object], caplog: pytest.LogCaptureFixture, statement: str
-) -> None:
-    caplog.clear()
-    error = await rpc_error(call, Code.INTERNAL, reason="STORED_VALUE_UNREADABLE")
-    assert error.details() == MESSAGE
-    logged = [r.getMessage() for r in caplog.records if r.name == "server.store.translate"]
-    assert any(f"statement {statement}: DataError: " in line for line in logged), logged
-
-
-@pytest.mark.parametrize("value", UNREADABLE)
-async def test_a_session_time_no_datetime_holds_is_internal_on_every_read(
+@pytest.fixture(params=UNREADABLE)
+async def unreadable(
+    request: pytest.FixtureRequest,
     sessions: Sessions,
     store: Store,
     clean_db: str,
     caplog: pytest.LogCaptureFixture,
-    value: str,
+) -> Unreadable:
+    """Session `s` with one message, stored through the server; each of UNREADABLE in turn."""
+    caplog.set_level(logging.ERROR, logger="server.store.translate")
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("hi")]))
+    return Unreadable(request.param, clean_db, _memory_statement(store), caplog)
+
+
+async def test_a_session_time_no_datetime_holds_is_internal_on_every_read(
+    sessions: Sessions, unreadable: Unreadable
 ) -> None:
     # Before: INVALID_ARGUMENT naming "request" (or session_id): the caller was blamed for
     # a stored row, and retried a request that was never wrong.
-    caplog.set_level(logging.ERROR, logger="server.store.translate")
-    await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("hi")]))
-    await _store_by_hand(clean_db, "UPDATE sessions SET updated_at = %(value)s::timestamptz", value)
-    get = sessions.GetSession(ss.GetSessionRequest(session_id="s"))
-    await _internal(get, caplog, "get_session")
-    await _internal(sessions.ListSessions(ss.ListSessionsRequest()), caplog, "list_sessions")
+    await unreadable.store("UPDATE sessions SET updated_at = %(value)s::timestamptz")
+    await unreadable.internal(
+        sessions.GetSession(ss.GetSessionRequest(session_id="s")), "get_session"
+    )
+    await unreadable.internal(sessions.ListSessions(ss.ListSessionsRequest()), "list_sessions")
     memory = sessions.GetMemory(ss.GetMemoryRequest(session_id="s"))
-    await _internal(memory, caplog, _memory_statement(store))
+    await unreadable.internal(memory, unreadable.memory_statement)
 
 
-@pytest.mark.parametrize("value", UNREADABLE)
 async def test_a_message_time_no_datetime_holds_is_internal(
-    sessions: Sessions,
-    store: Store,
-    clean_db: str,
-    caplog: pytest.LogCaptureFixture,
-    value: str,
+    sessions: Sessions, unreadable: Unreadable
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="server.store.translate")
-    await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("hi")]))
-    await _store_by_hand(clean_db, "UPDATE messages SET created_at = %(value)s::timestamptz", value)
+    await unreadable.store("UPDATE messages SET created_at = %(value)s::timestamptz")
     memory = sessions.GetMemory(ss.GetMemoryRequest(session_id="s"))
-    await _internal(memory, caplog, _memory_statement(store))
+    await unreadable.internal(memory, unreadable.memory_statement)
     listed = sessions.ListMessages(ss.ListMessagesRequest(session_id="s"))
-    await _internal(listed, caplog, "list_messages")
+    await unreadable.internal(listed, "list_messages")
