@@ -4,6 +4,7 @@ are in embeddings.py."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from functools import cache, cached_property
 from typing import Any, NamedTuple
@@ -44,6 +45,13 @@ RECALL_KEEP = 20
 #: 64 from make eval's recall: 32 lost 0.074 of recall@10 by words where the question follows
 #: five messages of other talk, 64 lost nothing against every word (docs/search.md).
 RECALL_WORDS = 64
+#: The most words of a search's text that it matches by (match_words): each word of the
+#: query costs a posting list, and each matched message a rank against all of them. A text
+#: of 10,000 characters (1,400 distinct words) took 10.2 s over 30,000 messages, 0.46 s cut
+#: to 64 (docs/search.md, "Long texts").
+SEARCH_WORDS = 64
+#: A word as PostgreSQL's default text-search parser roughly sees it.
+_WORD = re.compile(r"\w+")
 
 #: The weight of the full-text score in recall's hybrid ranking (the nearest of the window's
 #: vectors has the rest, recall_distance_window). Chosen with that ranking on the odd-numbered
@@ -201,7 +209,7 @@ class SearchMethods(StoreBase):
         )
         params.update(
             project_id=project_id,
-            text=q.text,
+            text=match_words(q.text),
             vector=vector_text(vector) if use_vector and vector is not None else None,
             model=model,
             limit=limit,
@@ -441,3 +449,15 @@ async def _kept_live_citus(
             if row is not None and len(found) < limit:
                 found.append({**row, "r_score": score})
     return found or [{"m_uuid": None}]
+
+
+def match_words(text: str) -> str:
+    """The text a search matches by words: `text` itself when it holds at most SEARCH_WORDS
+    words, else its SEARCH_WORDS longest distinct words (a stand-in for the rarest, and past
+    the stopwords; the first seen first among equals). The semantic ranker embeds the whole
+    text."""
+    words = _WORD.findall(text)
+    if len(words) <= SEARCH_WORDS:
+        return text
+    distinct = sorted(dict.fromkeys(w.casefold() for w in words), key=len, reverse=True)
+    return " ".join(distinct[:SEARCH_WORDS])

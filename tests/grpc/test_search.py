@@ -25,6 +25,7 @@ from server.search.embedding import Embedder
 from server.search.service import RECALL_WINDOW
 from server.serving.app import build_server
 from server.store import Store
+from server.store.search import SEARCH_WORDS
 from tests.grpc import Code, Sessions, Users, as_dict, msg, rpc_error, struct
 
 pytestmark = pytest.mark.integration
@@ -284,6 +285,26 @@ async def test_stopwords_only_query_is_not_an_error(users, sessions):
     await _conversation(users, sessions, "g", "s", ("g", "it is what it is"))
     found = await _search(sessions, "what is it", search_type=FULL_TEXT)
     assert found.results == []
+
+
+async def test_a_long_text_matches_by_its_64_longest_words(sessions):
+    # Every word of a 10,000-character text was a term of the query: a posting list each, and
+    # each matched message ranked against all 1,400 of them, 10.2 s for one call over 30,000
+    # messages (0.36 s at 64; docs/search.md, "Long texts").
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(
+            session_id="s", messages=[msg("a hippopotamus grazes"), msg("a quokka smiles")]
+        )
+    )
+    longer = " ".join(f"unmatched{i:02d}" for i in range(SEARCH_WORDS - 1))
+    text = f"quokka hippopotamus {longer}"
+    found = await sessions.SearchMemory(ss.SearchMemoryRequest(text=text, search_type=FULL_TEXT))
+    # "quokka" is shorter than the 64 others and left out.
+    assert [r.message.content for r in found.results] == ["a hippopotamus grazes"]
+    # A text of 64 words or fewer is matched whole.
+    text = f"quokka hippopotamus {' '.join(longer.split()[:62])}"
+    found = await sessions.SearchMemory(ss.SearchMemoryRequest(text=text, search_type=FULL_TEXT))
+    assert len(found.results) == 2
 
 
 async def test_a_failing_remote_embedder_is_unavailable_and_full_text_still_answers(

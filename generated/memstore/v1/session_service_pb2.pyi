@@ -1055,7 +1055,8 @@ class SearchMemoryRequest(_message.Message):
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Required. The query: a question or some words, at most 10,000
-    characters.
+    characters. A text of more than 64 words is matched by words through its
+    64 longest distinct ones (semantic ranking embeds it whole).
     """
     user_id: _builtins.str
     """Optional. Search the live sessions of this user. At most one of user_id
