@@ -205,6 +205,30 @@ def test_tls_settings_must_come_in_pairs(pki: Pki) -> None:
     assert server_credentials(SecurityConfig()) is None
 
 
+def test_files_that_are_not_a_certificate_and_its_key_are_named(pki: Pki, tmp_path: Path) -> None:
+    # gRPC took them and failed to bind: "Failed to bind to address localhost:50051; set
+    # GRPC_VERBOSITY=debug ...", which sent the operator looking for who held the port.
+    text = tmp_path / "notes.txt"
+    text.write_text("not a certificate\n")
+    stranger_key = tmp_path / "stranger.key"
+    stranger_key.write_bytes(pki.stranger.key)
+    files = pki.files
+    for cert, key in (
+        (text, text),
+        (files["server.pem"], text),
+        (files["server.pem"], stranger_key),  # another certificate's key
+    ):
+        with pytest.raises(RuntimeError, match="--tls-cert and --tls-key are not a PEM") as got:
+            server_credentials(SecurityConfig(tls_cert=cert, tls_key=key))
+        assert str(cert) in str(got.value) and str(key) in str(got.value)
+    with pytest.raises(RuntimeError, match=r"--tls-client-ca .* holds no PEM certificate"):
+        server_credentials(
+            SecurityConfig(
+                tls_cert=files["server.pem"], tls_key=files["server.key"], tls_client_ca=text
+            )
+        )
+
+
 def test_serve_command_with_mtls_flags(pki: Pki, clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
     port = free_port()
