@@ -309,4 +309,28 @@ def from_arguments(args: argparse.Namespace, environ: Mapping[str, str] | None =
             f"--pool-min-size ({config.pool_min_size}) is more than "
             f"--pool-max-size ({config.pool_max_size})"
         )
+    _check_ports(config)
     return config
+
+
+def _check_ports(config: Config) -> None:
+    """Refuses two of memstore's servers on one port (0, picked by the system, never clashes).
+    The metrics server took 127.0.0.1:PORT and gRPC only [::1]:PORT, with a warning in gRPC's
+    own log; an --http-port equal to --port said "port ... is in use", by memstore itself.
+
+    Raises:
+        ConfigError: naming the two flags.
+    """
+    taken = {config.port: "--port"}
+    if config.http and config.http_port:
+        if config.http_port in taken:
+            raise settings.ConfigError(f"--http-port ({config.http_port}) is --port's too")
+        taken[config.http_port] = "--http-port"
+    if config.metrics_port:
+        # With --workers N, worker i serves its metrics on metrics_port + i.
+        for port in range(config.metrics_port, config.metrics_port + config.workers):
+            if port in taken:
+                raise settings.ConfigError(
+                    f"--metrics-port ({config.metrics_port}) is {taken[port]}'s too"
+                    + (f" (its workers take up to {port})" if port != config.metrics_port else "")
+                )

@@ -157,6 +157,27 @@ def test_a_pool_smaller_than_its_minimum_is_one_line(
     assert err == "memstore migrate: --pool-min-size (11) is more than --pool-max-size (10)\n"
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--port", "9000", "--metrics-port", "9000"], "--metrics-port (9000) is --port's"),
+        (
+            ["--http-port", "9000", "--metrics-port", "9000"],
+            "--metrics-port (9000) is --http-port's",
+        ),
+        # With --workers 3 the metrics take 9000..9002.
+        (["--workers", "3", "--port", "9002", "--metrics-port", "9000"], "is --port's"),
+        (["--port", "9000", "--http-port", "9000"], "--http-port (9000) is --port's"),
+    ],
+)
+def test_two_servers_on_one_port_are_refused_naming_the_flags(argv: list[str], said: str) -> None:
+    # The metrics server took 127.0.0.1:PORT and gRPC only [::1]:PORT, with a warning in
+    # gRPC's own log: a client of 127.0.0.1 reached /metrics. The same --http-port as --port
+    # said "port 9000 is in use", by memstore itself. (main prints a ConfigError as one line.)
+    with pytest.raises(settings.ConfigError, match=re.escape(said)):
+        config.from_arguments(_parser().parse_args(["serve", *argv]))
+
+
 def test_key_commands_offer_and_read_only_the_database(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
