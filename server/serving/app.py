@@ -50,7 +50,8 @@ from server.store import Store
 log = logging.getLogger(__name__)
 
 #: Calls gRPC's core may hold for the application to pick up: past any burst, so overload is
-#: memstore's to answer (--pool-max-waiting). What each held call costs was not measured.
+#: memstore's to answer (--pool-max-waiting). Each call in flight costs ~11 KB of memory
+#: (docs/reliability.md, "A burst is refused as overload").
 _MAX_PENDING_CALLS = 1_000_000
 #: Seconds calls cut off by the end of the grace period get to cancel their queries.
 _SETTLE_SECONDS = 5.0
