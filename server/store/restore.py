@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -15,6 +16,7 @@ from server.store.base import StoreBase
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.sessions import lock_session_owner
+from server.store.translate import ErrorFactory
 
 #: Conflicting rows named in one error; the rest are counted.
 _NAMED_CONFLICTS = 5
@@ -44,7 +46,7 @@ class RestoreMethods(StoreBase):
                 A live message names a soft-deleted session (SESSION_DELETED).
             AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT).
         """
-        async with self._connect(foreign_key=_missing_parent) as conn:
+        async with self._connect(foreign_key=_missing_parent(users, sessions, messages)) as conn:
             if self.citus:
                 await conn.execute(query("restore_serialize_citus"), {"project_id": project_id})
             if require_empty:
@@ -63,7 +65,10 @@ class RestoreMethods(StoreBase):
                 # No foreign key from sessions to users on Citus: the store checks and locks
                 # the users the sessions name (after the request's own users are written).
                 for owner in sorted({s.user_id for s in sessions if s.user_id is not None}):
-                    await lock_session_owner(conn, project_id, owner)
+                    try:
+                        await lock_session_owner(conn, project_id, owner)
+                    except FailedPrecondition:
+                        raise _no_user(sessions, {owner}) from None
             made: list[tuple[Any, ...]] = []
             sessions_done = await _restore_kind(
                 conn, "sessions", ("restore_sessions_existing", "restore_sessions"),
@@ -118,9 +123,8 @@ class RestoreMethods(StoreBase):
             params = {"project_id": project_id, "session_ids": named}
             rows = await fetch_all(conn, "restore_lock_sessions", params)
         locked = {r["session_id"] for r in rows}
-        missing = [sid for sid in named if sid not in locked]
-        if missing:
-            raise _no_session(missing)
+        if missing := set(named) - locked:
+            raise _no_session(messages, missing)
         return {r["session_id"] for r in rows if r["deleted_at"] is not None}
 
 
@@ -211,36 +215,63 @@ def _live_in_deleted(rows: list[tuple[int, str]]) -> FailedPrecondition:
     )
 
 
-def _no_session(session_ids: list[str]) -> FailedPrecondition:
-    named = ", ".join(repr(sid) for sid in session_ids[:_NAMED_CONFLICTS])
-    more = (
-        f" (and {len(session_ids) - _NAMED_CONFLICTS} more)"
-        if len(session_ids) > _NAMED_CONFLICTS
-        else ""
-    )
+def _no_session(messages: list[Message], missing: set[str]) -> FailedPrecondition:
+    rows = [
+        (f"messages[{i}] ({m.session_id} #{m.sequence})", m.session_id)
+        for i, m in enumerate(messages)
+    ]
+    hint = "restore sessions before their messages"
+    return _orphans(rows, "session", missing, hint, reason="SESSION_NOT_FOUND")
+
+
+def _no_user(sessions: list[Session], missing: set[str]) -> FailedPrecondition:
+    rows = [(f"sessions[{i}] ({s.session_id})", s.user_id) for i, s in enumerate(sessions)]
+    hint = "restore users before their sessions"
+    return _orphans(rows, "user", missing, hint, reason="USER_NOT_FOUND")
+
+
+def _orphans(
+    rows: Sequence[tuple[str, str | None]],
+    parent: str,
+    missing: set[str],
+    hint: str,
+    *,
+    reason: str,
+) -> FailedPrecondition:
+    # Each row of the request naming a missing parent, by its field path and the ids the
+    # caller sent: never PostgreSQL's DETAIL, which quotes the project's internal number.
+    bad = [f"{row} names {parent} '{pid}'" for row, pid in rows if pid in missing]
+    named = "; ".join(bad[:_NAMED_CONFLICTS])
+    more = f" (and {len(bad) - _NAMED_CONFLICTS} more)" if len(bad) > _NAMED_CONFLICTS else ""
     return FailedPrecondition(
-        f"a message's session does not exist, nor is it in the request (sessions {named}{more}); "
-        "restore sessions before their messages; nothing of this request was written",
-        reason="SESSION_NOT_FOUND",
+        f"{named}{more}, which is neither stored nor in the request; {hint}; nothing of this "
+        "request was written",
+        reason=reason,
     )
 
 
-def _missing_parent(exc: psycopg.Error) -> MemstoreError:
-    # The messages insert names sessions, the sessions insert names users.
-    detail = getattr(exc.diag, "message_detail", None) or ""
-    # On Citus the violation comes from a shard ("messages_102040") without a table name.
-    table = getattr(exc.diag, "table_name", None) or getattr(exc.diag, "message_primary", "")
-    if re.search(r"\bmessages(_\d+)?\b", table or ""):
-        return FailedPrecondition(
-            f"a message's session does not exist, nor is it in the request ({detail}); "
-            "restore sessions before their messages",
-            reason="SESSION_NOT_FOUND",
-        )
-    return FailedPrecondition(
-        f"a session's user does not exist, nor is it in the request ({detail}); restore "
-        "users before their sessions",
-        reason="USER_NOT_FOUND",
-    )
+def _missing_parent(
+    users: list[User], sessions: list[Session], messages: list[Message]
+) -> ErrorFactory:
+    """The foreign key violation of an insert, as the request's rows that caused it."""
+
+    def build(exc: psycopg.Error) -> MemstoreError:
+        # The messages insert names sessions, the sessions insert names users. The DETAIL
+        # ("Key (project_id, session_id)=(4, s) is not present ...") says only which key
+        # PostgreSQL met first: it picks, among the ids of the request, the one to name.
+        detail = getattr(exc.diag, "message_detail", None) or ""
+        found = re.search(r"=\(\d+, (.*)\) is not present", detail, re.DOTALL)
+        key = found.group(1) if found else None
+        # On Citus the violation comes from a shard ("messages_102040") without a table name.
+        table = getattr(exc.diag, "table_name", None) or getattr(exc.diag, "message_primary", "")
+        if re.search(r"\bmessages(_\d+)?\b", table or ""):
+            ids = {m.session_id for m in messages}
+            return _no_session(messages, {key} if key in ids else ids)
+        owners = {s.user_id for s in sessions if s.user_id is not None}
+        owners -= {u.user_id for u in users}
+        return _no_user(sessions, {key} if key in owners else owners)
+
+    return build
 
 
 def _user_params(users: list[User]) -> dict[str, Any]:

@@ -87,6 +87,29 @@ async def test_parents_must_exist_and_a_failed_request_writes_nothing(
     assert "messages[0] (s #1) exists with another role" in (error.details() or "")
 
 
+async def test_a_missing_parent_is_named_by_the_callers_ids_not_internal_ones(
+    backup: Backup,
+) -> None:
+    # Found by the red team: the error quoted PostgreSQL's DETAIL, "(project_id,
+    # user_id)=(4, nouser)", the project's internal number instead of the request's row.
+    orphan = bs.RestoreRequest(
+        users=[_user("ann")], sessions=[_session("s0", "ann"), _session("s1", "nouser")]
+    )
+    error = await rpc_error(
+        backup.Restore(orphan), Code.FAILED_PRECONDITION, reason="USER_NOT_FOUND"
+    )
+    details = error.details() or ""
+    assert "sessions[1] (s1) names user 'nouser'" in details, details
+    assert "project_id" not in details and ")=(" not in details, details
+    lost = bs.RestoreRequest(messages=[_message("nowhere", 1)])
+    error = await rpc_error(
+        backup.Restore(lost), Code.FAILED_PRECONDITION, reason="SESSION_NOT_FOUND"
+    )
+    details = error.details() or ""
+    assert "messages[0] (nowhere #1) names session 'nowhere'" in details, details
+    assert "project_id" not in details, details
+
+
 async def test_a_live_message_in_a_soft_deleted_session_is_refused(
     backup: Backup, channel: grpc.aio.Channel, clean_db: str
 ) -> None:

@@ -81,9 +81,11 @@ class BackupServiceServicer:
         - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
         project holds a user or a session (live or soft-deleted).
         - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
-        neither in the project nor in the request.
+        neither in the project nor in the request; the message names the row
+        by the ids sent, as in "sessions[1] (s1) names user 'u'".
         - FAILED_PRECONDITION (SESSION_NOT_FOUND): a message names a session
-        that is neither in the project nor in the request.
+        that is neither in the project nor in the request; the message names
+        the row, as in "messages[0] (s #1) names session 's'".
         - FAILED_PRECONDITION (SESSION_DELETED): a live message (no deleted_at)
         names a soft-deleted session, in the project or in the request; the
         message names the rows. A soft-deleted session's messages are all
