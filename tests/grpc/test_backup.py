@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from memstore_client import AsyncMemstore, Message
+from memstore_client import AsyncMemstore, ExportedMessage, Message, Session
 from server.__main__ import main
 
 TABLES = {
@@ -219,3 +221,35 @@ async def test_resume_refuses_a_file_that_is_no_backup_and_leaves_it_whole(
     await _truncate(clean_db)
     assert await _run("restore", "-i", str(cut), *argv) == 0
     assert [u["user_id"] for u in (await _snapshot(clean_db))["users"]] == ["ann", "bob"]
+
+
+async def test_a_message_deleted_before_it_was_created_is_backed_up_and_restored(
+    grpc_port: int, clean_db: str, tmp_path: Path
+) -> None:
+    # Why Restore takes a deleted_at earlier than created_at (docs/design.md, "Restore"): a
+    # backup streams its sessions before their messages, so a message added meanwhile is
+    # newer than its session's updated_at; restored on a server whose clock is behind the
+    # old one's, DeleteSession stamps it with that clock (just after the session's
+    # updated_at), before the message's created_at. The next backup holds that row.
+    address = f"127.0.0.1:{grpc_port}"
+    earlier = datetime.now(UTC) - timedelta(hours=1)
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    session = Session("s", None, {}, earlier, earlier, None, 0, earlier, next_sequence=1)
+    newer = Message(
+        "added after its session's row was backed up",
+        uuid=str(uuid4()),
+        sequence=1,
+        created_at=later,
+        updated_at=later,
+    )
+    async with AsyncMemstore(address) as client:
+        await client.backup.restore([], [session], [ExportedMessage("s", newer)])
+        await client.memory.delete("s")
+    before = await _snapshot(clean_db)
+    [message] = before["messages"]
+    assert message["deleted_at"] < message["created_at"]
+    backup = tmp_path / "b.jsonl"
+    assert await _run("backup", "-o", str(backup), "--address", address, "--no-progress") == 0
+    await _truncate(clean_db)
+    assert await _run("restore", "-i", str(backup), "--address", address, "--no-progress") == 0
+    assert await _snapshot(clean_db) == before

@@ -93,6 +93,9 @@ class BackupServiceServicer:
         - ALREADY_EXISTS (RESTORE_CONFLICT): a row's key exists with other
         values; the message names the row and the fields that differ.
         Nothing of the request is written when any of these is returned.
+        Timestamps are taken as given, even an updated_at or deleted_at earlier
+        than the row's created_at: a backup of memstore can hold one (a clock
+        behind another server's; docs/design.md, "Restore").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -76,6 +76,9 @@ class BackupServiceStub:
       - ALREADY_EXISTS (RESTORE_CONFLICT): a row's key exists with other
         values; the message names the row and the fields that differ.
     Nothing of the request is written when any of these is returned.
+    Timestamps are taken as given, even an updated_at or deleted_at earlier
+    than the row's created_at: a backup of memstore can hold one (a clock
+    behind another server's; docs/design.md, "Restore").
     """
 
 @_typing.type_check_only
@@ -126,6 +129,9 @@ class BackupServiceAsyncStub(BackupServiceStub):
       - ALREADY_EXISTS (RESTORE_CONFLICT): a row's key exists with other
         values; the message names the row and the fields that differ.
     Nothing of the request is written when any of these is returned.
+    Timestamps are taken as given, even an updated_at or deleted_at earlier
+    than the row's created_at: a backup of memstore can hold one (a clock
+    behind another server's; docs/design.md, "Restore").
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +185,9 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
           - ALREADY_EXISTS (RESTORE_CONFLICT): a row's key exists with other
             values; the message names the row and the fields that differ.
         Nothing of the request is written when any of these is returned.
+        Timestamps are taken as given, even an updated_at or deleted_at earlier
+        than the row's created_at: a backup of memstore can hold one (a clock
+        behind another server's; docs/design.md, "Restore").
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
