@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from server.errors import MemstoreError
-from server.search.embedding import Embedder
+from server.search.embedding import Embedder, EmbeddingError
 from server.search.service import RECALL_WINDOW
 from server.store import QUEUE_COUNT_CAP, Store
 
@@ -122,7 +122,9 @@ class EmbeddingWorker:
             except Exception as exc:
                 delay = _BACKOFF_SECONDS[min(failures, len(_BACKOFF_SECONDS) - 1)]
                 failures += 1
-                if isinstance(exc, MemstoreError):
+                # The database or the model out of reach (a remote embedder's error names
+                # its endpoint and why): one line per failure. A traceback only for a bug.
+                if isinstance(exc, MemstoreError | EmbeddingError):
                     log.warning("embedding batch failed (%s); retrying in %.1fs", exc, delay)
                 else:
                     log.exception("embedding batch failed; retrying in %.1fs", delay)
