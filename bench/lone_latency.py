@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     rounds.add_checkouts(p)
     p.add_argument("--users", type=int, default=1000)
     rounds.add_database_url(p, from_env=False)
-    rounds.add_scratch(p, "memstore_lone")
+    rounds.add_scratch(p, env.own_name("memstore_lone"))
     return p
 
 

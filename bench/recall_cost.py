@@ -59,10 +59,13 @@ def composer_at(rev: str) -> Callable[[], sql.Composed]:
 
 
 @contextmanager
-def recall_database(name: str = _DB) -> Iterator[tuple[psycopg.Connection[Any], dict[str, Any]]]:
-    """The data above in a fresh database `name`, ANALYZEd, dropped on leaving: an autocommit
-    connection to it and the worker's recall parameters for the first user's first session."""
-    with env.migrated_database(name, os.environ.get("DATABASE_URL")) as url:
+def recall_database(
+    name: str | None = None,
+) -> Iterator[tuple[psycopg.Connection[Any], dict[str, Any]]]:
+    """The data above in a fresh database `name` (else this run's own), ANALYZEd, dropped on
+    leaving: an autocommit connection to it and the worker's recall parameters for the
+    first user's first session."""
+    with env.migrated_database(name or env.own_name(_DB), os.environ.get("DATABASE_URL")) as url:
         if not has_vectors(url):
             # The statement ranks by vectors: without them there is nothing to measure.
             raise SystemExit("the recall statement needs pgvector, which this PostgreSQL lacks")
@@ -99,7 +102,7 @@ def main() -> None:
         rounds_help="rounds, each side once per round",
     )
     parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
-    parser.add_argument("--db-name", default=_DB, help="the scratch database (dropped at the end)")
+    parser.add_argument("--db-name", help=f"the scratch database (dropped at the end; {_DB}_<pid>)")
     args = parser.parse_args()
     sides = {"before": composer_at(args.before)(), "after": recall_statement(True)}
     buffers: dict[str, int] = {}

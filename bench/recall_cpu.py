@@ -75,7 +75,7 @@ def main() -> None:
         calls_help="calls per side per round",
     )
     parser.add_argument("--before", default="main", metavar="REV", help="the revision to compare")
-    parser.add_argument("--db-name", default=_DB, help="the scratch database (dropped at the end)")
+    parser.add_argument("--db-name", help=f"the scratch database (dropped at the end; {_DB}_<pid>)")
     args = parser.parse_args()
     compose = composer_at(args.before)
     sides: dict[str, Run] = {"before": _composed(compose), "after": _positional}

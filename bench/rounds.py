@@ -135,6 +135,7 @@ def add_checkouts(p: argparse.ArgumentParser) -> None:
 
 
 def add_scratch(p: argparse.ArgumentParser, db_name: str) -> None:
-    """--data-dir (of the embedded PostgreSQL) and --db-name (the bench's own database)."""
+    """--data-dir (of the embedded PostgreSQL) and --db-name (the bench's own database):
+    `db_name` by default, env.own_name's where a run drops what it made."""
     p.add_argument("--data-dir", type=Path, default=env.ROOT / ".data")
-    p.add_argument("--db-name", default=db_name)
+    p.add_argument("--db-name", default=db_name, help="the database made (and dropped) here")

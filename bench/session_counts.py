@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--before-ref", default="aa5ded7", help="commit whose get_users counted")
     rounds.add_database_url(p, from_env=False)
-    rounds.add_scratch(p, "memstore_bench_counts")
+    rounds.add_scratch(p, env.own_name("memstore_bench_counts"))
     return p
 
 

@@ -289,7 +289,8 @@ def main(args: argparse.Namespace, roots: dict[str, Path]) -> int:
     separate = bool(getattr(args, "separate_databases", False))
     if separate and args.only != "writes":
         raise SystemExit("--separate-databases compares writes only")
-    names = {name: f"{args.db_name}_{name}" for name in roots} if separate else {}
+    # Made and dropped here: this run's own names (env.own_name), whatever --db-name says.
+    names = {name: env.own_name(f"{args.db_name}_{name}") for name in roots} if separate else {}
     urls = {name: url for name in roots}
     try:
         env.migrate(url)

@@ -225,20 +225,14 @@ def _check_search_figures(f: dict[str, dict[str, Any]]) -> None:
 
 def _run_ab(server_url: str, comparison: str, *extra: str) -> subprocess.CompletedProcess[str]:
     # Both sides serve this checkout: the code path, not a comparison, is what is tested.
-    run = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.ab", "--before", str(ROOT), "--only", comparison),
-            *("--database-url", server_url, "--db-name", f"memstore_ab_{secrets.token_hex(3)}"),
-            *("--users", "100", "--rounds", "1", "--seconds", "0.3", "--warmup", "0.1"),
-            *extra,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    return run
+    # bench.ab's --db-name is fixed by default (as `python -m bench`'s): passed here.
+    name = f"memstore_ab_{secrets.token_hex(3)}"
+    return _run_scratch(
+        server_url, "bench.ab", "--before", str(ROOT), "--only", comparison,
+        "--database-url", server_url, "--db-name", name,
+        "--users", "100", "--rounds", "1", "--seconds", "0.3", "--warmup", "0.1", *extra,
+        db_name=name,
+    )  # fmt: skip
 
 
 def _ab_summary(run: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -297,18 +291,10 @@ def test_ab_get_user_runs_on_tiny_data(server_url: str) -> None:
 
 
 def test_lone_latency_runs_on_tiny_data(server_url: str) -> None:
-    run = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.lone_latency", "--before", str(ROOT)),
-            *("--database-url", server_url, "--db-name", f"memstore_lone_{secrets.token_hex(3)}"),
-            *("--users", "100", "--rounds", "2", "--calls", "30"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    run = _run_scratch(
+        server_url, "bench.lone_latency", "--before", str(ROOT), "--database-url", server_url,
+        "--users", "100", "--rounds", "2", "--calls", "30",
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout[run.stdout.index("{") :])
     for side in ("before", "after"):
@@ -499,6 +485,46 @@ def _run_module(
     )
 
 
+#: `python -m <module>` with env.fresh_database spied: each database made says so on stderr.
+_SPIED = """
+import os, runpy, sys
+from bench import env
+fresh = env.fresh_database
+def spy(url, name=env.BENCH_DB):
+    print(f"made database {name!r} in process {os.getpid()}", file=sys.stderr, flush=True)
+    return fresh(url, name)
+env.fresh_database = spy
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_scratch(
+    server_url: str,
+    module: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    db_name: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> args` (as _run_module), checked to make only databases of its own
+    (named for its process, as `created_databases` checks in this one; but `db_name`, the
+    --db-name passed) and to drop them all."""
+    run = subprocess.run(
+        [sys.executable, "-c", _SPIED, module, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    made = re.findall(r"^made database '(\w+)' in process (\d+)$", run.stderr, re.M)
+    assert made and all(n == db_name or n.endswith(f"_{pid}") for n, pid in made), made
+    for name, _ in made:
+        _no_database_left(server_url, name)
+    return run
+
+
 def _no_database_left(server_url: str, name: str) -> None:
     with psycopg.connect(server_url) as conn:
         left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
@@ -512,9 +538,7 @@ def _run_recall_bench(server_url: str, module: str, *args: str) -> str | None:
     """`python -m bench.<module>` on a database of its own on the server of `server_url`: its
     stdout, or None where the server lacks pgvector and it refused, as it must, saying so.
     Its database is gone either way."""
-    name = f"memstore_{module}_{secrets.token_hex(3)}"
-    run = _run_module(f"bench.{module}", *args, "--db-name", name, env={"DATABASE_URL": server_url})
-    _no_database_left(server_url, name)
+    run = _run_scratch(server_url, f"bench.{module}", *args, env={"DATABASE_URL": server_url})
     if not _has_pgvector(server_url):
         assert run.returncode == 1 and "needs pgvector" in run.stderr, run.stderr[-3000:]
         return None
@@ -561,13 +585,11 @@ def test_recall_cpu_times_both_sides_on_tiny_data(server_url: str) -> None:
 def test_session_counts_times_every_kind_on_tiny_data(server_url: str) -> None:
     # bench.session_counts on 10 users: each kind's rate on both sides, and (one round) its
     # after/before the ratio of the two rates printed beside it; plain PostgreSQL either way.
-    name = f"memstore_counts_{secrets.token_hex(3)}"
-    run = _run_module(
-        "bench.session_counts", "--users", "10", "--rounds", "1", "--seconds", "0.2",
-        "--database-url", server_url, "--db-name", name,
+    run = _run_scratch(
+        server_url, "bench.session_counts", "--users", "10", "--rounds", "1", "--seconds", "0.2",
+        "--database-url", server_url,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    _no_database_left(server_url, name)
     for kind in ("add_new", "add_existing", "get_user"):
         found = re.search(
             rf"^{kind}: before ([\d,]+)/s, after ([\d,]+)/s, after/before ([\d.]+)$",
