@@ -149,16 +149,20 @@ def recall_positional(vector: bool) -> tuple[bytes, tuple[str, ...]]:
 
 
 @cache
-def kept_recall_statement(name: str, *, vectors: bool, budgeted: bool = False) -> sql.Composed:
+def kept_recall_statement(name: str, *, vectors: bool, budgeted: bool = False) -> sql.SQL:
     """A read of kept recall (get_memories_recall, recall_kept_keys_citus) over the table the
     worker keeps it in: session_embeddings with vectors, session_word_recall without;
-    get_memories_recall's windows read up to their calls' budgets if `budgeted`."""
+    get_memories_recall's windows read up to their calls' budgets if `budgeted`. Composed
+    once, as memory_window: psycopg would compose it again at every execute."""
     if vectors:
         kept, kept_filter = "session_embeddings", query("recall_filter_kept_vectors")
     else:
         kept, kept_filter = "session_word_recall", sql.SQL("")
     window = window_fragment(budgeted=budgeted, coalesced=True)
-    return query(name).format(kept=sql.Identifier(kept), kept_filter=kept_filter, window=window)
+    statement = query(name).format(
+        kept=sql.Identifier(kept), kept_filter=kept_filter, window=window
+    )
+    return sql.SQL(compact(statement.as_string(None)))
 
 
 def _kept(row: Row) -> SearchResult:
@@ -338,7 +342,7 @@ class SearchMethods(StoreBase):
                     parts[row["part"]].append(row)
         return found
 
-    def _kept_statement(self, name: str, *, budgeted: bool = False) -> sql.Composed:
+    def _kept_statement(self, name: str, *, budgeted: bool = False) -> sql.SQL:
         return kept_recall_statement(name, vectors=self.vectors, budgeted=budgeted)
 
     @staticmethod
