@@ -143,8 +143,9 @@ ORDER BY m.sequence;
 
 -- memory_window_scan --
 -- GetMemory's window (get_memory, get_memories_recall): a session's last {lastn} live
--- messages, newest first. {project_id}, {session_id}, {lastn} and {budget} are the call's:
--- parameters in get_memory, the call's row in get_memories_recall.
+-- messages, newest first. {project_id}, {session_id} and {lastn} (and memory_window_budgeted's
+-- {budget}) are the call's: parameters in get_memory, its row q and session s in
+-- get_memories_recall.
 FROM messages m
 WHERE m.project_id = {project_id} AND m.session_id = {session_id} AND m.deleted_at IS NULL
 ORDER BY m.sequence DESC

@@ -258,10 +258,11 @@ AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 -- last lastn live messages, {window} as in get_memory (part 0, m_followed as there),
 -- then its kept recall (part 1, none for a relevant_limit of 0, which GetMemory without
 -- recall sends: its first relevant_limit memories still live, best first; session_id and
--- user_id are the memory's, its message in the m_ columns, r_score its score). No part-1 row when no recall was computed for this
--- model; a single one with a NULL m_uuid when none of the kept memories is live (deleted
--- since, or their session changed hands): those are skipped in SQL, later ones fill in. A
--- call whose session is absent or deleted has no row at all. Uuids as text: psycopg's uuid
+-- user_id are the memory's, its message in the m_ columns, r_score its score). No part-1 row
+-- when no recall was computed for this model; a single one with a NULL m_uuid when none of
+-- the kept memories is live (deleted since, or their session changed hands): those are
+-- skipped in SQL, later ones fill in. A call whose session is absent or deleted has no row
+-- at all. Uuids as text: psycopg's uuid
 -- loader builds a UUID object (in Python) that rows.message turns back into text. {kept} is
 -- where the recall is kept and {kept_filter} which of it: session_embeddings and
 -- recall_filter_kept_vectors with pgvector, session_word_recall and nothing without.
