@@ -86,7 +86,7 @@ def search_query(request: pb.SearchMemoryRequest) -> SearchQuery:
     roles = tuple(
         val.role_type(v, f"role_types[{i}]", value) for i, value in enumerate(request.role_types)
     )
-    contains = val.metadata(v, "metadata_contains", request.metadata_contains)
+    contains = val.containment(v, "metadata_contains", request.metadata_contains)
     after = _bound(v, request, "created_after")
     before = _bound(v, request, "created_before")
     val.time_range(v, "created_after", after, "created_before", before)

@@ -263,7 +263,7 @@ def _session_query(v: val.Violations, request: pb.ListSessionsRequest) -> Sessio
         v, "updated_after", bounds["updated_after"], "updated_before", bounds["updated_before"]
     )
     contains = (
-        val.metadata(v, "metadata_contains", request.metadata_contains)
+        val.containment(v, "metadata_contains", request.metadata_contains)
         if request.HasField("metadata_contains")
         else None
     )

@@ -172,6 +172,44 @@ def metadata(v: Violations, field: str, value: struct_pb2.Struct) -> JsonObject:
     return result
 
 
+#: The most array elements a metadata_contains filter may hold, those of nested arrays
+#: included. PostgreSQL's jsonb @> looks each of them up in the stored array by reading it
+#: from its start (jsonb arrays are not sorted; an object element is compared with every
+#: object there), so a filter costs a scan of each matching row's array per element: 100
+#: elements against 200 sessions holding 10,000 took 18.5 s, 1,000 the 30 s statement
+#: timeout. Bounded, a row costs at most this many scans (tests/grpc/test_filter_cost.py).
+MAX_FILTER_ELEMENTS = 8
+
+
+def containment(v: Violations, field: str, value: struct_pb2.Struct) -> JsonObject:
+    """A containment filter (jsonb @>): metadata, of at most MAX_FILTER_ELEMENTS array
+    elements in all."""
+    result = metadata(v, field, value)
+    check_filter_elements(v, field, result)
+    return result
+
+
+def check_filter_elements(v: Violations, field: str, value: JsonObject) -> None:
+    """Records a violation when `value`, a containment filter, holds more than
+    MAX_FILTER_ELEMENTS array elements (at any depth)."""
+    elements = _array_elements(value)
+    if elements > MAX_FILTER_ELEMENTS:
+        v.add(
+            field,
+            f"holds {elements} array elements (nested ones included); a containment filter "
+            f"may hold at most {MAX_FILTER_ELEMENTS}, since each is looked up by a scan of "
+            "every stored array",
+        )
+
+
+def _array_elements(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_array_elements(item) for item in value.values())
+    if isinstance(value, list):
+        return len(value) + sum(_array_elements(item) for item in value)
+    return 0
+
+
 def json_size(value: JsonObject, float_extra: int | None = None) -> int:
     """The bytes of `value` in PostgreSQL's jsonb text form: `octet_length(metadata::text)`.
 

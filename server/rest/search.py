@@ -58,6 +58,7 @@ def _request(data: JsonObject, limit: int | None) -> tuple[pb.SearchMemoryReques
         request.mmr_lambda = _MMR_LAMBDA
     metadata = b.metadata(v, data.get("metadata"), "metadata")
     if metadata:
+        val.check_filter_elements(v, "metadata", metadata)
         request.metadata_contains.update(metadata)
     if data.get("record_filter"):
         v.add("record_filter", "is not served; filter by metadata containment with `metadata`")

@@ -9,6 +9,8 @@ import json
 import httpx
 import pytest
 
+from server.api.validation import MAX_FILTER_ELEMENTS
+
 JSON = {"content-type": "application/json"}
 
 
@@ -271,3 +273,19 @@ async def test_a_string_of_the_wrong_type_is_reported_once(
     assert [v["field"] for v in violations] == [field], reply.text
     assert violations[0]["description"].startswith("must be a string, not ")
     await _nothing_written(http)
+
+
+async def test_a_search_filter_of_too_many_array_elements_is_400_naming_metadata(
+    http: httpx.AsyncClient,
+) -> None:
+    # SearchMemory's bound (tests/grpc/test_filter_cost.py), named as Zep's body names it.
+    body = {"text": "pasta", "metadata": {"tags": list(range(MAX_FILTER_ELEMENTS + 1))}}
+    for path in ("/api/v2/sessions/search", "/api/v2/sessions/s/search"):
+        reply = await http.post(path, json=body)
+        assert reply.status_code == 400, reply.text
+        [violation] = reply.json()["violations"]
+        assert violation["field"] == "metadata", reply.text
+        assert f"at most {MAX_FILTER_ELEMENTS}" in violation["description"], reply.text
+    allowed = {"text": "pasta", "metadata": {"tags": list(range(MAX_FILTER_ELEMENTS))}}
+    reply = await http.post("/api/v2/sessions/search", json=allowed)
+    assert reply.status_code == 200, reply.text

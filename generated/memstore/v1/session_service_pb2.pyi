@@ -401,7 +401,9 @@ class ListSessionsRequest(_message.Message):
     @_builtins.property
     def metadata_contains(self) -> _struct_pb2.Struct:
         """Optional. Only sessions whose metadata contains this JSON object
-        (PostgreSQL's jsonb @> containment).
+        (PostgreSQL's jsonb @> containment). At most 8 array elements in all,
+        those of nested arrays included: each is looked up by a scan of the
+        stored array.
         """
 
     def __init__(
@@ -1083,7 +1085,8 @@ class SearchMemoryRequest(_message.Message):
     @_builtins.property
     def metadata_contains(self) -> _struct_pb2.Struct:
         """Optional. Only messages whose metadata contains this JSON object (JSON
-        containment, as PostgreSQL's jsonb @>).
+        containment, as PostgreSQL's jsonb @>). At most 8 array elements in all,
+        those of nested arrays included.
         """
 
     @_builtins.property

@@ -140,7 +140,8 @@ class SessionServiceStub:
         on ListSessionsRequest.order_by; user_id is invalid; a time bound is
         outside the years 1-9999, or created_before (updated_before) is not
         later than created_after (updated_after); metadata_contains breaks the
-        limits of CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+        limits of CreateUserRequest.metadata or holds more than 8 array
+        elements. With reason INVALID_PAGE_TOKEN:
         page_token is malformed, tampered with, or was minted for another
         query (other filters, order or show_deleted) or project.
     """
@@ -278,7 +279,8 @@ class SessionServiceStub:
         session_ids is invalid, or more than 100 are named; limit is outside
         0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
         mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
-        metadata_contains breaks the metadata limits; a time bound is outside
+        metadata_contains breaks the metadata limits or holds more than 8
+        array elements; a time bound is outside
         years 1-9999, or created_before is not later than created_after.
       - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
         SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
@@ -400,7 +402,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
         on ListSessionsRequest.order_by; user_id is invalid; a time bound is
         outside the years 1-9999, or created_before (updated_before) is not
         later than created_after (updated_after); metadata_contains breaks the
-        limits of CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+        limits of CreateUserRequest.metadata or holds more than 8 array
+        elements. With reason INVALID_PAGE_TOKEN:
         page_token is malformed, tampered with, or was minted for another
         query (other filters, order or show_deleted) or project.
     """
@@ -538,7 +541,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
         session_ids is invalid, or more than 100 are named; limit is outside
         0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
         mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
-        metadata_contains breaks the metadata limits; a time bound is outside
+        metadata_contains breaks the metadata limits or holds more than 8
+        array elements; a time bound is outside
         years 1-9999, or created_before is not later than created_after.
       - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
         SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
@@ -693,7 +697,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
             on ListSessionsRequest.order_by; user_id is invalid; a time bound is
             outside the years 1-9999, or created_before (updated_before) is not
             later than created_after (updated_after); metadata_contains breaks the
-            limits of CreateUserRequest.metadata. With reason INVALID_PAGE_TOKEN:
+            limits of CreateUserRequest.metadata or holds more than 8 array
+            elements. With reason INVALID_PAGE_TOKEN:
             page_token is malformed, tampered with, or was minted for another
             query (other filters, order or show_deleted) or project.
         """
@@ -885,7 +890,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
             session_ids is invalid, or more than 100 are named; limit is outside
             0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
             mmr_lambda is outside 0-1, or set with SEARCH_TYPE_FULL_TEXT;
-            metadata_contains breaks the metadata limits; a time bound is outside
+            metadata_contains breaks the metadata limits or holds more than 8
+            array elements; a time bound is outside
             years 1-9999, or created_before is not later than created_after.
           - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
             SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
