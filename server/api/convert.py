@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from memstore.v1 import resources_pb2
+from server.api.struct_wire import struct_bytes
 from server.domain import ROLE_TYPES, JsonObject, Message, Session, User, UserRecord, to_micros
 
 #: Stored role_type -> RoleType enum number (ROLE_TYPES follow the enum order from 1).
@@ -30,8 +31,9 @@ def set_struct(target: struct_pb2.Struct, value: JsonObject) -> None:
     if not value:
         return
     try:
-        target.update(value)
-    except (ValueError, TypeError):
+        # Its wire bytes, parsed in C: Struct.update took 4 times as long (struct_wire.py).
+        target.MergeFromString(struct_bytes(value))
+    except (ValueError, TypeError, OverflowError):
         # jsonb numbers may arrive as Decimal (a custom loader); Struct only takes float/int.
         target.Clear()
         target.update(_plain(value))
