@@ -20,11 +20,12 @@ from wsgiref.simple_server import WSGIServer, make_server
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from server.api.chunking import WireChunk
+from server.serving.log_output import OffLoopHandler
 from server.store import QUEUE_COUNT_CAP
 
 log = logging.getLogger("memstore.access")
@@ -84,6 +85,7 @@ class Metrics:
             self.registry.register(_PoolCollector(pool_stats))
         if queue_stats is not None:
             self.registry.register(_QueueCollector(queue_stats))
+        self.registry.register(_DroppedLogCollector())
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=self.registry)
 
@@ -125,6 +127,18 @@ class _PoolCollector(Collector):
             yield GaugeMetricFamily(
                 f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value
             )
+
+
+class _DroppedLogCollector(Collector):
+    """Log records dropped while stderr was stalled (server/serving/log_output.py)."""
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "memstore_log_records_dropped",
+            "Log records dropped because stderr was not taking them (a stalled log consumer);"
+            " the log says how many when it gets through again.",
+            value=dropped_log_records(),
+        )
 
 
 class _QueueCollector(Collector):
@@ -433,16 +447,26 @@ class JsonFormatter(logging.Formatter):
         for name in self._FIELDS:
             if hasattr(record, name):
                 entry[name] = getattr(record, name)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # resolved before the record left the caller (log_output)
+            entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
 
 
 def configure_logging(level: str, log_format: str) -> None:
-    """Root logging to stderr, as JSON lines or as plain text."""
-    handler = logging.StreamHandler()
+    """Root logging to stderr, as JSON lines or as plain text, written off the event loop."""
+    stderr = logging.StreamHandler()
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        stderr.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = OffLoopHandler(stderr, resolve={"request_id": request_id.get})
     logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def dropped_log_records() -> int:
+    """Log records this process dropped because stderr was not taking them (log_output)."""
+    return sum(
+        h.dropped_total for h in logging.getLogger().handlers if isinstance(h, OffLoopHandler)
+    )

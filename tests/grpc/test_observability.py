@@ -18,7 +18,7 @@ from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
 from server.config import Config
 from server.serving.app import build_server
-from server.serving.observability import JsonFormatter, Metrics
+from server.serving.observability import JsonFormatter, Metrics, dropped_log_records
 from server.store import Store
 from tests.grpc import msg
 from tests.polling import until
@@ -93,6 +93,8 @@ async def test_metrics_count_calls_by_method_and_code(observed) -> None:
     assert after[latency] - before.get(latency, 0.0) == 3
     assert after[("memstore_grpc_in_flight", (("method", USERS + "GetUser"),))] == 0
     assert after[("memstore_db_pool_pool_size", ())] >= 1
+    # Exported for alerting on a stalled log (tests/unit/test_log_output.py counts them).
+    assert after[("memstore_log_records_dropped_total", ())] == dropped_log_records()
 
 
 async def test_request_id_is_echoed_on_success_and_on_error(observed) -> None:
