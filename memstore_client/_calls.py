@@ -89,8 +89,24 @@ def retry_delay(error: grpc.RpcError, delays: Iterator[float]) -> float | None:
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """The per-call metadata: the API key as a bearer token."""
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    """The per-call metadata: the API key as a bearer token.
+
+    Raises:
+        ArgumentTypeError: the key is not a str.
+        InvalidArgument: it holds a character a header cannot (gRPC refused it at every
+            call, INTERNAL "Invalid metadata", logging its C source location to stderr).
+    """
+    _checks.text("api_key", api_key, optional=True)
+    if not api_key:
+        return ()
+    if not (api_key.isascii() and api_key.isprintable()):
+        bad = next(c for c in api_key if not (c.isascii() and c.isprintable()))
+        raise _checks.invalid(
+            "api_key",
+            f"holds {bad!r}; a key is printable ASCII (memstore's are letters, "
+            "digits, '_' and '-')",
+        )
+    return (("authorization", f"Bearer {api_key}"),)
 
 
 def _ids(*, optional: bool = False, **ids: object) -> None:

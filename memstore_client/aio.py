@@ -57,13 +57,14 @@ class AsyncMemstore:
         retry: RetryPolicy | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
+        # Checked first: a key gRPC cannot send is refused before a channel is opened.
+        self._metadata = calls.metadata(api_key)
         self._channel = channel if channel is not None else aio_channel(address, tls)
         self._stubs: dict[str, Any] = {
             calls.USERS: user_service_pb2_grpc.UserServiceStub(self._channel),
             calls.SESSIONS: session_service_pb2_grpc.SessionServiceStub(self._channel),
             calls.BACKUP: backup_service_pb2_grpc.BackupServiceStub(self._channel),
         }
-        self._metadata = calls.metadata(api_key)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self.user = AsyncUserClient(self)

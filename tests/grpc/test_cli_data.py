@@ -151,6 +151,22 @@ async def test_an_unreadable_tls_file_is_one_line_naming_it(
     assert err == f"memstore {command}: [Errno 2] No such file or directory: '{missing}'\n"
 
 
+@pytest.mark.parametrize("command", ["export", "import", "backup", "restore"])
+async def test_an_api_key_with_a_control_character_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # gRPC refused the header at the first call: INTERNAL "Invalid metadata", after a C
+    # log line with its source location on stderr.
+    argv = {"export": ["users"], "import": ["users"], "backup": ["-o", str(tmp_path / "b")]}
+    argv["restore"] = ["-i", str(tmp_path / "b")]
+    (tmp_path / "b").write_text("")
+    code = await _run(command, *argv[command], "--api-key", "ms_\x01", "--no-progress")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"memstore {command}: INVALID_ARGUMENT: api_key: "), err
+    assert "INTERNAL" not in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("address", ["localhost:99999", "127.0.0.1:65536", "[::1]:-1"])
 async def test_an_address_whose_port_is_out_of_range_is_refused(
     capsys: pytest.CaptureFixture[str], address: str

@@ -216,3 +216,18 @@ async def test_an_address_whose_port_is_out_of_range_is_a_value_error(address: s
             make(address)
     for fine in ("localhost:65535", "unix:/tmp/x:99999", "::1", "localhost"):
         Memstore(fine).close()
+
+
+@pytest.mark.parametrize("key", ["ms_\x01bad", "ms_ü", "ms_key\n", "ms key\x7f"])
+def test_an_api_key_grpc_cannot_send_is_refused_naming_it(key: str) -> None:
+    # gRPC refused it at each call: INTERNAL "Invalid metadata" and a C log line on stderr.
+    services = [us.DESCRIPTOR.services_by_name["UserService"]]
+    channel = grpc_testing.channel(services, grpc_testing.strict_real_time())
+    for make in (Memstore, AsyncMemstore):
+        with pytest.raises(InvalidArgument) as caught:
+            make(api_key=key, channel=channel)
+        [violation] = caught.value.field_violations
+        assert violation.field == "api_key"
+        assert "printable ASCII" in violation.description
+    with pytest.raises(ArgumentTypeError):
+        Memstore(api_key=7, channel=channel)  # type: ignore[arg-type]
