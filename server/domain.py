@@ -274,6 +274,8 @@ class SearchOutcome:
     unembedded: int = 0
     #: Why semantic ranking did not take part, when it did not; empty otherwise.
     note: str = ""
+    #: The results stop short of the limit: with the rest they would pass the byte budget.
+    cut: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,8 @@ class Memory:
     context: str
     #: The messages stop short of lastn: with the rest they would pass the answer's budget.
     cut: bool = False
+    #: The memories stop short of relevant_limit: likewise, past their own budget.
+    relevant_cut: bool = False
 
 
 class Searcher:
@@ -54,8 +56,13 @@ class Searcher:
             return "semantic search is off: the server runs with --embedder none"
         return ""
 
-    async def search(self, project_id: int, q: SearchQuery) -> SearchOutcome:
-        """The best messages for `q`, with how they were ranked.
+    async def search(
+        self, project_id: int, q: SearchQuery, *, budget: int | None = None
+    ) -> SearchOutcome:
+        """The best messages for `q`, with how they were ranked; with a `budget`, read only
+        while those before one hold less than `budget` bytes of content (`cut` when that
+        stopped them). Diversified searches (mmr_lambda) read their candidates whole: MMR
+        picks among them.
 
         Raises:
             FailedPrecondition: semantic ranking (or diversity) was asked for and cannot be
@@ -70,7 +77,7 @@ class Searcher:
             vector = (await self.embed([q.text]))[0]
         depth = max(q.limit * _DEPTH_FACTOR, _MIN_DEPTH)
         diversify = q.mmr_lambda is not None
-        found, waiting = await self._store.search_messages(
+        found, waiting, cut = await self._store.search_messages(
             project_id,
             q,
             vector=vector,
@@ -78,12 +85,15 @@ class Searcher:
             limit=min(depth, _MAX_MMR_CANDIDATES) if diversify else q.limit,
             depth=depth,
             with_vectors=diversify,
+            budget=None if diversify else budget,
         )
         if q.mmr_lambda is not None:
             results = mmr(found, q.limit, q.mmr_lambda)
         else:
             results = [result for result, _ in found]
-        return SearchOutcome(results, semantic=vector is not None, unembedded=waiting, note=reason)
+        return SearchOutcome(
+            results, semantic=vector is not None, unembedded=waiting, note=reason, cut=cut
+        )
 
     async def get_memory(
         self,
@@ -93,15 +103,17 @@ class Searcher:
         relevant_limit: int,
         *,
         budget: int | None,
+        relevant_budget: int | None = None,
     ) -> Memory:
         """The session's last `lastn` messages and up to `relevant_limit` memories of its user;
         with a `budget`, the messages are read only while they hold less than `budget` bytes
-        of content (`cut` when that stopped them).
+        of content (`cut` when that stopped them); the memories likewise with a
+        `relevant_budget` (`relevant_cut`).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        session, messages, relevant, cut = await self._store.get_memory_with_recall(
+        session, messages, relevant, cut, relevant_cut = await self._store.get_memory_with_recall(
             project_id,
             session_id,
             lastn,
@@ -109,8 +121,9 @@ class Searcher:
             window=RECALL_WINDOW,
             model=self.model if not self.why_not_semantic() else None,
             budget=budget,
+            relevant_budget=relevant_budget,
         )
-        return Memory(session, messages, relevant, context_block(relevant), cut)
+        return Memory(session, messages, relevant, context_block(relevant), cut, relevant_cut)
 
     @property
     def model(self) -> str | None:

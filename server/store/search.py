@@ -69,9 +69,10 @@ RECALL_TEXT_WEIGHT = 0.5
 RECALL_NEAREST_FLOOR = 0.4
 
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model,
-#: budget), the model "" for recall kept by words; a call with relevant_limit 0 reads no
-#: recall, so its model is None and it joins any statement of its project.
-MemoryKey = tuple[int, str, int, int, str | None, int | None]
+#: budget, relevant budget), the model "" for recall kept by words; a call with
+#: relevant_limit 0 reads no recall, so its model is None and it joins any statement of its
+#: project.
+MemoryKey = tuple[int, str, int, int, str | None, int | None, int | None]
 
 #: A call's budget in a batch read by budget when the call itself has none: int8's largest.
 NO_BUDGET = (1 << 63) - 1
@@ -79,13 +80,15 @@ NO_BUDGET = (1 << 63) - 1
 
 class Recalled(NamedTuple):
     """GetMemory's reads: the live session (None if absent or deleted), its last messages
-    (oldest first), the user's memories from other sessions (best first), and whether the
-    window was `cut`: the messages stop short of `lastn` where they passed the byte budget."""
+    (oldest first), the user's memories from other sessions (best first), whether the
+    window was `cut` (the messages stop short of `lastn` where they passed the byte budget)
+    and whether the memories were (`relevant_cut`: short of the limit, past theirs)."""
 
     session: Session | None
     messages: list[Message]
     relevant: list[SearchResult]
     cut: bool = False
+    relevant_cut: bool = False
 
 
 #: A found message and, when asked for, its vector (for diversity re-ranking).
@@ -119,14 +122,21 @@ def _statement(vector: bool, semantic_only: bool) -> str:
     return "search_semantic" if semantic_only else "search_hybrid"
 
 
+def budgeted_ranking(statement: sql.Composed, budgeted: bool) -> sql.Composed:
+    """A ranking statement, or (`budgeted`) the same read only up to %(budget)s bytes of its
+    rows' content (search_budgeted: the rows past it are not read; `followed` says so)."""
+    return query("search_budgeted").format(ranked=statement) if budgeted else statement
+
+
 @cache
-def recall_statement(vector: bool) -> sql.SQL:
+def recall_statement(vector: bool, budgeted: bool = False) -> sql.SQL:
     """The statement that ranks recall on the request path (or in the worker, to keep it).
 
     The user's other live sessions against the session's last messages: by words alone, or
     (`vector`) fused with each message's distance to the nearest of the vectors of those
-    messages. Its parameters are _recall_params's. Composed once, without its lines'
-    indentation (`compact`); sent by recall_positional.
+    messages; read up to %(budget)s bytes of content if `budgeted` (budgeted_ranking). Its
+    parameters are _recall_params's. Composed once, without its lines' indentation
+    (`compact`); sent by recall_positional.
     """
     fragment: sql.Composable = query("recall_query_text")
     scope = sql.SQL(" ").join([query("recall_filter_user"), query("search_filter_other_sessions")])
@@ -138,29 +148,36 @@ def recall_statement(vector: bool) -> sql.SQL:
         match=query("recall_match_scan"),
         distance=query("recall_distance_window"),
     )
-    return sql.SQL(compact(statement.as_string(None)))
+    return sql.SQL(compact(budgeted_ranking(statement, budgeted).as_string(None)))
 
 
 @cache
-def recall_positional(vector: bool) -> tuple[bytes, tuple[str, ...]]:
+def recall_positional(vector: bool, budgeted: bool = False) -> tuple[bytes, tuple[str, ...]]:
     """recall_statement with `$n` placeholders and their names (`queries.positional`): at
     4,597 bytes (with vectors) psycopg would parse its placeholders on every call."""
-    return positional(recall_statement(vector).as_string(None))
+    return positional(recall_statement(vector, budgeted).as_string(None))
 
 
 @cache
-def kept_recall_statement(name: str, *, vectors: bool, budgeted: bool = False) -> sql.SQL:
+def kept_recall_statement(
+    name: str, *, vectors: bool, budgeted: bool = False, relevant_budgeted: bool = False
+) -> sql.SQL:
     """A read of kept recall (get_memories_recall, recall_kept_keys_citus) over the table the
     worker keeps it in: session_embeddings with vectors, session_word_recall without;
-    get_memories_recall's windows read up to their calls' budgets if `budgeted`. Composed
-    once, as memory_window: psycopg would compose it again at every execute."""
+    get_memories_recall's windows read up to their calls' budgets if `budgeted`, and their
+    kept memories up to their relevant budgets if `relevant_budgeted`. Composed once, as
+    memory_window: psycopg would compose it again at every execute."""
     if vectors:
         kept, kept_filter = "session_embeddings", query("recall_filter_kept_vectors")
     else:
         kept, kept_filter = "session_word_recall", sql.SQL("")
     window = window_fragment(budgeted=budgeted, coalesced=True)
+    recall = query("kept_recall_budgeted" if relevant_budgeted else "kept_recall")
     statement = query(name).format(
-        kept=sql.Identifier(kept), kept_filter=kept_filter, window=window
+        kept=sql.Identifier(kept),
+        kept_filter=kept_filter,
+        window=window,
+        recall=recall.format(scan=query("kept_recall_scan")),
     )
     return sql.SQL(compact(statement.as_string(None)))
 
@@ -170,6 +187,11 @@ def _kept(row: Row) -> SearchResult:
     return SearchResult(
         message=rows.message(row, "m_"), user_id=row["user_id"], score=row["r_score"]
     )
+
+
+def _followed(found: list[Row]) -> bool:
+    # A budgeted read's last row says whether the budget left rows out after it.
+    return bool(found) and bool(found[-1].get("followed"))
 
 
 def _found(row: Row) -> Found:
@@ -190,13 +212,17 @@ class SearchMethods(StoreBase):
         limit: int,
         depth: int,
         with_vectors: bool = False,
-    ) -> tuple[list[Found], int]:
-        """Up to `limit` live messages in scope, best first, and the unembedded count.
+        budget: int | None = None,
+    ) -> tuple[list[Found], int, bool]:
+        """Up to `limit` live messages in scope, best first, the unembedded count, and
+        whether the messages were cut.
 
         Without `vector` the ranking is full-text only; with it, q.search_type picks
         semantic or hybrid (which fuses the best `depth` of each ranker). The count (live
         messages in scope waiting for an embedding) is 0 when vectors are not kept. Both
-        come from one round trip.
+        come from one round trip. With a `budget`, the messages are read best first only
+        while those before one hold less than `budget` bytes of content (the best always
+        is): cut, they are fewer than `limit` although more were found.
 
         Raises:
             InvalidArgument: a value the database rejects (e.g. metadata_contains).
@@ -205,12 +231,13 @@ class SearchMethods(StoreBase):
         filters, params = _filters(q)
         use_vector = vector is not None and self.vectors
         fragment = query("search_query_vector" if use_vector else "search_query_text")
-        statement = query(_statement(use_vector, q.search_type == "semantic")).format(
+        ranked = query(_statement(use_vector, q.search_type == "semantic")).format(
             query=fragment,
             filters=filters,
             match=query("search_match_index"),
             distance=query("search_distance_query"),
         )
+        statement = budgeted_ranking(ranked, budget is not None)
         params.update(
             project_id=project_id,
             text=match_words(q.text),
@@ -220,6 +247,7 @@ class SearchMethods(StoreBase):
             candidates=depth,
             with_vectors=with_vectors,
             text_weight=HYBRID_TEXT_WEIGHT,
+            budget=budget,
         )
         statements: list[sql.SQL | sql.Composed] = [statement]
         if self.vectors:
@@ -227,7 +255,7 @@ class SearchMethods(StoreBase):
         async with self._connect(field="metadata_contains", single=True) as conn:
             found, *waiting = await _pipelined(conn, statements, params)
         count = int(waiting[0][0]["n"]) if waiting else 0
-        return [_found(r) for r in found], count
+        return [_found(r) for r in found], count, _followed(found)
 
     async def get_memory_with_recall(
         self,
@@ -239,13 +267,16 @@ class SearchMethods(StoreBase):
         window: int,
         model: str | None,
         budget: int | None,
+        relevant_budget: int | None = None,
     ) -> Recalled:
         """GetMemory's window plus up to `limit` memories from the user's other sessions.
 
         With a `budget`, the window is read newest first and stops where the messages after
         one hold `budget` bytes of content (the newest is always read): then it is `cut`, and
         holds fewer than `lastn` messages although more are stored. Without one it is read
-        whole (GetMemory gives none where `lastn` messages cannot pass the answer).
+        whole (GetMemory gives none where `lastn` messages cannot pass the answer). The
+        memories likewise with a `relevant_budget`, best first (`relevant_cut`); on Citus
+        the kept ones (at most RECALL_KEEP) are read, then cut.
 
         The memories are the live messages of the same user's other live sessions most
         relevant to this session's last `window` messages. Where the worker has ranked them
@@ -262,6 +293,7 @@ class SearchMethods(StoreBase):
         params = self._recall_params(project_id, session_id, window, model, limit)
         params["lastn"] = lastn
         params["budget"] = budget
+        relevant_cut = False
         kept_by = model if self.vectors else "" if self.word_recall else None
         stored = kept_by is not None and limit <= RECALL_KEEP
         if stored and self.citus and limit > 0:
@@ -279,6 +311,7 @@ class SearchMethods(StoreBase):
                 )
                 if memory and kept_keys:
                     kept = await _kept_live_citus(conn, params, kept_keys[0], limit)
+                    kept, relevant_cut = _cut_by_content(kept, relevant_budget)
                 else:
                     kept = []
         elif stored and kept_by is not None and not self.citus:
@@ -286,9 +319,18 @@ class SearchMethods(StoreBase):
             # those without recall too (their model is None: any statement serves them).
             with translated():
                 found = await self._memory_loader.load(
-                    (project_id, session_id, lastn, limit, kept_by if limit > 0 else None, budget)
+                    (
+                        project_id,
+                        session_id,
+                        lastn,
+                        limit,
+                        kept_by if limit > 0 else None,
+                        budget,
+                        relevant_budget,
+                    )
                 )
             memory, kept = found or ([], [])
+            relevant_cut = bool(kept) and bool(kept[-1]["m_followed"])
         else:
             async with self._connect(single=True) as conn:
                 memory = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
@@ -304,10 +346,13 @@ class SearchMethods(StoreBase):
             results = []
         else:
             async with self._connect(single=True) as conn:
-                results = await self._rank_recall(conn, params, model)
+                ranked = await self._ranked_rows(conn, params, model, relevant_budget)
+            results, relevant_cut = [_found(r)[0] for r in ranked], _followed(ranked)
         # Rows in order: the first is the oldest message read, followed if the budget cut it.
         cut = bool(memory[0]["m_followed"])
-        return Recalled(session, rows.joined_messages(memory), results, cut)
+        return Recalled(
+            session, rows.joined_messages(memory), results, cut, relevant_cut and bool(results)
+        )
 
     @cached_property
     def _memory_loader(self) -> Coalescer[MemoryKey, tuple[list[Row], list[Row]]]:
@@ -334,16 +379,24 @@ class SearchMethods(StoreBase):
                     "lastns": [k[2] for k in group],
                     "limits": [k[3] for k in group],
                     "budgets": [NO_BUDGET if k[5] is None else k[5] for k in group],
+                    "relevant_budgets": [NO_BUDGET if k[6] is None else k[6] for k in group],
                 }
-                budgeted = any(k[5] is not None for k in group)
-                statement = self._kept_statement("get_memories_recall", budgeted=budgeted)
+                statement = self._kept_statement(
+                    "get_memories_recall",
+                    budgeted=any(k[5] is not None for k in group),
+                    relevant_budgeted=any(k[6] is not None for k in group),
+                )
                 for row in await fetch_all(conn, statement, params):
                     parts = found.setdefault(group[row["i"] - 1], ([], []))
                     parts[row["part"]].append(row)
         return found
 
-    def _kept_statement(self, name: str, *, budgeted: bool = False) -> sql.SQL:
-        return kept_recall_statement(name, vectors=self.vectors, budgeted=budgeted)
+    def _kept_statement(
+        self, name: str, *, budgeted: bool = False, relevant_budgeted: bool = False
+    ) -> sql.SQL:
+        return kept_recall_statement(
+            name, vectors=self.vectors, budgeted=budgeted, relevant_budgeted=relevant_budgeted
+        )
 
     @staticmethod
     def _recall_params(
@@ -365,13 +418,24 @@ class SearchMethods(StoreBase):
     async def _rank_recall(
         self, conn: AsyncConnection[Any], params: dict[str, Any], model: str | None
     ) -> list[SearchResult]:
-        # The user's other sessions ranked against this one's last messages, here and now.
+        return [_found(r)[0] for r in await self._ranked_rows(conn, params, model, None)]
+
+    async def _ranked_rows(
+        self,
+        conn: AsyncConnection[Any],
+        params: dict[str, Any],
+        model: str | None,
+        budget: int | None,
+    ) -> list[Row]:
+        # The user's other sessions ranked against this one's last messages, here and now;
+        # read up to `budget` bytes of their content if given (its `followed` rows say so).
         use_vector = model is not None and self.vectors
-        statement, names = recall_positional(use_vector)
+        statement, names = recall_positional(use_vector, budget is not None)
+        values = {**params, "budget": budget}
         cursor = AsyncRawCursor(conn, row_factory=dict_row)
         # Never prepared, as _pipelined's searches.
-        await cursor.execute(statement, [params[n] for n in names], prepare=False)
-        return [_found(r)[0] for r in await cursor.fetchall()]
+        await cursor.execute(statement, [values[n] for n in names], prepare=False)
+        return await cursor.fetchall()
 
     async def rank_recall(
         self,
@@ -453,6 +517,21 @@ async def _kept_live_citus(
             if row is not None and len(found) < limit:
                 found.append({**row, "r_score": score})
     return found or [{"m_uuid": None}]
+
+
+def _cut_by_content(found: list[Row], budget: int | None) -> tuple[list[Row], bool]:
+    """Kept recall's rows read on Citus (best first) cut as kept_recall_budgeted cuts them:
+    each only while those before it hold less than `budget` bytes of content; and whether
+    that left one out."""
+    if budget is None:
+        return found, False
+    before = 0
+    for i, row in enumerate(found):
+        if before >= budget:
+            return found[:i], True
+        content = row.get("m_content")
+        before += len(content.encode()) if content is not None else 0
+    return found, False
 
 
 def match_words(text: str) -> str:

@@ -47,6 +47,7 @@ VALUES: dict[str, Any] = {
     "lastns": [6],
     "limits": [5],
     "budgets": [1 << 20],
+    "relevant_budgets": [1 << 20],
     "limit": 50,
     "offset": 0,
     "after_ts": _NOW,

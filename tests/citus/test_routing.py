@@ -24,7 +24,7 @@ from server.domain import SessionQuery
 from server.store import Store
 from server.store.messages import add_memory_statement, memory_window
 from server.store.queries import query
-from server.store.search import kept_recall_statement, recall_statement
+from server.store.search import budgeted_ranking, kept_recall_statement, recall_statement
 from server.store.sessions import list_sessions_statements
 from tests.citus.plans import named_statements, task_counts, task_counts_with
 
@@ -59,6 +59,7 @@ ONE_SHARD = {
     "lock_session_owner": "CreateSession and AddMemory naming a user, on Citus",
     "restore_lock_session_citus": "Restore on Citus: each session its messages name, locked",
     "search_in_one_session": "SearchMemory with one session id",
+    "search_in_one_session_budgeted": "the same past a limit of 17, read up to the answer's bytes",
     "purge_messages_in_shard": "the purge: one shard's part of a batch",
     "purge_sessions_in_shard": "the purge: one shard's part of a batch",
 }
@@ -86,8 +87,12 @@ FAN_OUT = {
     "purge_pick_sessions_citus": "the purge: one batch picked over every shard",
     "search_user_scope": "SearchMemory over a user's sessions",
     "search_project_scope": "SearchMemory over the project",
+    "search_user_scope_budgeted": "SearchMemory over a user's sessions, past a limit of 17",
+    "search_project_scope_budgeted": "SearchMemory over the project, past a limit of 17",
     "recall_rank": "the embedding worker ranking a session's recall (GetMemory past the kept)",
     "recall_rank_words": "the same by words (no pgvector)",
+    "recall_rank_budgeted": "GetMemory ranking recall past a relevant_limit of 20 (of 17 read)",
+    "recall_rank_words_budgeted": "the same by words (no pgvector)",
     "embedding_lag": "metrics: the queue's length",
     "release_embeddings": "the embedding worker giving a batch back",
     "settle_word_recall": "the recall worker (no pgvector) removing a batch from the queue",
@@ -131,6 +136,8 @@ PLAIN_ONLY = {
     "get_memories_recall_words",
     "get_memories_recall_budgeted",
     "get_memories_recall_budgeted_words",
+    "get_memories_recall_relevant_budgeted",
+    "get_memories_recall_relevant_budgeted_words",
     # Their LIMIT behind a scalar subquery, which Citus refuses in a multi-shard query.
     "list_user_chunk",
     "list_user_wire",
@@ -149,8 +156,12 @@ _NOT_DISTRIBUTED_PREFIXES = (
 _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
     *("get_memories_recall", "recall_kept_keys_citus", "get_memory"),
+    *("kept_recall", "kept_recall_budgeted"),
 }
-_SEARCH = ("search_full_text", "search_semantic", "search_hybrid", "count_unembedded")
+_SEARCH = (
+    *("search_full_text", "search_semantic", "search_hybrid", "count_unembedded"),
+    "search_budgeted",
+)
 
 
 def _statements() -> dict[str, sql.Composable]:
@@ -173,18 +184,29 @@ def _statements() -> dict[str, sql.Composable]:
     found["get_memories_recall_budgeted_words"] = kept_recall_statement(
         "get_memories_recall", vectors=False, budgeted=True
     )
+    for vectors, suffix in ((True, ""), (False, "_words")):
+        found[f"get_memories_recall_relevant_budgeted{suffix}"] = kept_recall_statement(
+            "get_memories_recall", vectors=vectors, budgeted=True, relevant_budgeted=True
+        )
     found["get_memory"] = memory_window(budgeted=False)
     found["get_memory_budgeted"] = memory_window(budgeted=True)
     text = query("search_query_text")
-    found["search_in_one_session"] = compose_search(text, "search_filter_sessions")
-    found["search_user_scope"] = compose_search(text, "search_filter_user")
-    found["search_project_scope"] = compose_search(text, None)
+    searches = {
+        "search_in_one_session": compose_search(text, "search_filter_sessions"),
+        "search_user_scope": compose_search(text, "search_filter_user"),
+        "search_project_scope": compose_search(text, None),
+    }
+    for name, statement in searches.items():
+        found[name] = statement
+        found[f"{name}_budgeted"] = budgeted_ranking(statement, True)
     found["recall_rank"] = recall_statement(True)
     found["recall_rank_words"] = recall_statement(False)
+    found["recall_rank_budgeted"] = recall_statement(True, budgeted=True)
+    found["recall_rank_words_budgeted"] = recall_statement(False, budgeted=True)
     return found
 
 
-def compose_search(words: sql.Composable, scope: str | None) -> sql.Composable:
+def compose_search(words: sql.Composable, scope: str | None) -> sql.Composed:
     """search_full_text over one scope fragment (or the whole project)."""
     filters = query(scope) if scope else sql.SQL("")
     return query("search_full_text").format(

@@ -347,6 +347,9 @@ def test_get_memory_with_recall_is_planned_once(clean_db: str) -> None:
         budgeted = kept_recall_statement(
             "get_memories_recall", vectors=vectors is not None, budgeted=True
         )
+        relevant = kept_recall_statement(
+            "get_memories_recall", vectors=vectors is not None, relevant_budgeted=True
+        )
     params = {
         "project_id": P,
         "model": "m",
@@ -354,7 +357,10 @@ def test_get_memory_with_recall_is_planned_once(clean_db: str) -> None:
         "lastns": [6] * calls,
         "limits": [5] * calls,
         "budgets": [1 << 24] * calls,
+        "relevant_budgets": [1 << 24] * calls,
     }
     _assert_planned_once(clean_db, statement, [params] * 12)
     # GetMemory past lastn 17 (read up to the answer's bytes): the same.
     _assert_planned_once(clean_db, budgeted, [{**params, "lastns": [1000] * calls}] * 12)
+    # And past relevant_limit 17: its kept memories read up to the answer's bytes too.
+    _assert_planned_once(clean_db, relevant, [{**params, "limits": [20] * calls}] * 12)

@@ -94,6 +94,25 @@ LEFT JOIN message_embeddings e ON e.project_id = m.project_id AND e.session_id =
 ORDER BY score DESC, m.created_at DESC, m.session_id, m.sequence DESC
 LIMIT %(limit)s;
 
+-- search_budgeted --
+-- A ranking statement's rows ({ranked}: search_full_text, search_semantic or search_hybrid,
+-- for SearchMemory or recall), best first, read only while the rows before one hold less
+-- than %(budget)s bytes of content (the best is always read), sized from the values' headers
+-- as in list_messages, so the rows left out are not even detoasted: SearchMemory's and
+-- recall's limit 100 of messages of 1 MiB were read whole (106 MB) to be refused. Content
+-- alone, a lower bound of the answer's bytes, so that results cut here are ones the answer's
+-- own measure would refuse too. followed on the last row: a row of the limit was left out.
+-- The window's order is the statements' (search_semantic's distance is 1 - its score).
+SELECT b.* FROM (
+    SELECT r.*, sum(r.size) OVER w - r.size AS before,
+           lead(true, 1, false) OVER w AS followed
+    FROM (SELECT r.*, octet_length(r.content) AS size FROM ({ranked}) AS r) AS r
+    WINDOW w AS (ORDER BY r.score DESC, r.created_at DESC, r.session_id, r.sequence DESC
+                 ROWS UNBOUNDED PRECEDING)
+) AS b
+WHERE b.before < %(budget)s::int8
+ORDER BY b.score DESC, b.created_at DESC, b.session_id, b.sequence DESC
+
 -- search_distance_query --
 -- Distance fragment of search_hybrid for search: to the query's vector.
 e.embedding <=> q.vector
@@ -265,7 +284,9 @@ AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 -- at all. Uuids as text: psycopg's uuid
 -- loader builds a UUID object (in Python) that rows.message turns back into text. {kept} is
 -- where the recall is kept and {kept_filter} which of it: session_embeddings and
--- recall_filter_kept_vectors with pgvector, session_word_recall and nothing without.
+-- recall_filter_kept_vectors with pgvector, session_word_recall and nothing without. {recall}
+-- is kept_recall, or kept_recall_budgeted read up to each call's relevant budget (its
+-- m_followed then says the budget left memories out).
 WITH q AS (
     -- Arrays in binary format: their text form costs psycopg a regex per element. Each
     -- behind a scalar subquery, so that a custom plan cannot count its elements: a generic
@@ -273,8 +294,9 @@ WITH q AS (
     -- PostgreSQL found the generic plan dearer and planned every call again, ~1.1 ms of its
     -- CPU per statement (docs/performance.md, "GetMemory's statement planned once").
     SELECT * FROM unnest((SELECT %(session_ids)b::text[]), (SELECT %(lastns)b::int[]),
-                         (SELECT %(limits)b::int[]), (SELECT %(budgets)b::int8[]))
-        WITH ORDINALITY AS q(session_id, lastn, lim, budget, i)
+                         (SELECT %(limits)b::int[]), (SELECT %(budgets)b::int8[]),
+                         (SELECT %(relevant_budgets)b::int8[]))
+        WITH ORDINALITY AS q(session_id, lastn, lim, budget, relevant_budget, i)
 )
 SELECT q.i, 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
        s.deleted_at, s.message_count, s.last_message_at,
@@ -289,25 +311,46 @@ LEFT JOIN LATERAL ({window}) m ON true
 UNION ALL
 SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
        k.uuid::text, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
-       k.updated_at, k.score, k.rank, NULL
+       k.updated_at, k.score, k.rank, k.followed
 FROM q
 JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
              AND q.lim > 0 {kept_filter}
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
-LEFT JOIN LATERAL (
-    SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content,
-           rm.metadata, rm.created_at, rm.updated_at, rs.user_id, r.score, r.rank
-    FROM unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
-        WITH ORDINALITY AS r(session_id, sequence, score, rank)
-    JOIN messages rm ON rm.project_id = e.project_id AND rm.session_id = r.session_id
-                    AND rm.sequence = r.sequence AND rm.deleted_at IS NULL
-    JOIN sessions rs ON rs.project_id = rm.project_id AND rs.session_id = rm.session_id
-                    AND rs.deleted_at IS NULL AND rs.user_id = o.user_id
-    ORDER BY r.rank
-    LIMIT q.lim
-) k ON true
+LEFT JOIN LATERAL ({recall}) k ON true
 ORDER BY i, part, ord;
+
+-- kept_recall_scan --
+-- get_memories_recall's kept recall of one call (its row q, the kept row e, the session's
+-- owner o): its first q.lim memories still live, best first.
+FROM unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
+    WITH ORDINALITY AS r(session_id, sequence, score, rank)
+JOIN messages rm ON rm.project_id = e.project_id AND rm.session_id = r.session_id
+                AND rm.sequence = r.sequence AND rm.deleted_at IS NULL
+JOIN sessions rs ON rs.project_id = rm.project_id AND rs.session_id = rm.session_id
+                AND rs.deleted_at IS NULL AND rs.user_id = o.user_id
+ORDER BY r.rank
+LIMIT q.lim
+
+-- kept_recall --
+-- The kept recall whole: for a relevant_limit whose memories cannot pass the answer.
+SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content, rm.metadata,
+       rm.created_at, rm.updated_at, rs.user_id, r.score, r.rank, false AS followed {scan}
+
+-- kept_recall_budgeted --
+-- The kept recall read best first only while the memories before one hold less than the
+-- call's q.relevant_budget bytes of content (the best is always read), sized from the
+-- values' headers as in memory_window_budgeted; followed on the last row: a memory of the
+-- relevant_limit was left out.
+SELECT k.* FROM (
+    SELECT k.*, sum(k.size) OVER w - k.size AS before,
+           lead(true, 1, false) OVER w AS followed
+    FROM (SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content,
+                 rm.metadata, rm.created_at, rm.updated_at, rs.user_id, r.score, r.rank,
+                 octet_length(rm.content) AS size {scan}) k
+    WINDOW w AS (ORDER BY k.rank ROWS UNBOUNDED PRECEDING)
+) k
+WHERE k.before < q.relevant_budget
 
 -- recall_kept_keys_citus --
 -- The kept recall of get_memories_recall under Citus, first of two steps: on the session's
