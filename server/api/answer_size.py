@@ -13,7 +13,7 @@ naming the field that asked for too much.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from server.api.validation import MAX_CONTENT_BYTES
@@ -84,12 +84,13 @@ def _numbered_page_too_large(what: str) -> InvalidArgument:
     )
 
 
-def memory_budget(lastn: int) -> int | None:
-    """The bytes of content GetMemory reads its `lastn` messages up to (MAX_ANSWER_BYTES, then
-    refused by refuse_cut_answer), or None where `lastn` messages of the largest content cannot
-    pass it (`lastn` 17 or fewer): an agent's turn (`lastn` 6) reads its window whole, without
-    the running sum (docs/reliability.md)."""
-    return MAX_ANSWER_BYTES if lastn * MAX_CONTENT_BYTES > MAX_ANSWER_BYTES else None
+def memory_budget(rows: int) -> int | None:
+    """The bytes of content the store reads `rows` messages up to (MAX_ANSWER_BYTES, then
+    refused by refuse_cut_answer): GetMemory's `lastn` messages and `relevant_limit` memories,
+    SearchMemory's `limit` results. None where `rows` messages of the largest content cannot
+    pass it (17 or fewer): an agent's turn (`lastn` 6, 5 memories) and a search of the default
+    10 read their rows whole, without the running sum (docs/reliability.md)."""
+    return MAX_ANSWER_BYTES if rows * MAX_CONTENT_BYTES > MAX_ANSWER_BYTES else None
 
 
 def refuse_cut_answer(field: str, asked: str) -> InvalidArgument:
@@ -101,6 +102,22 @@ def refuse_cut_answer(field: str, asked: str) -> InvalidArgument:
         f"{asked} make an answer of more than the {MAX_ANSWER_BYTES / _MIB:.0f} MiB one answer "
         "may be: ask for fewer",
     )
+
+
+async def refuse_cut_recall(
+    messages: int, relevant: int, whole: Callable[[int], Awaitable[int | None]], asked: str
+) -> InvalidArgument:
+    """The refusal of a GetMemory whose memories the store stopped reading at MAX_ANSWER_BYTES
+    of their content (Memory.relevant_cut), naming the field check_answer (or
+    check_text_answer) names: the one of the larger part, lastn on a tie. `messages` and
+    `relevant` are the sizes of the window and of the memories read, by that measure. Where
+    the memories read are not already larger, `whole(messages)` reads them again only up to
+    the window's size: it returns their whole size, or None where they pass it."""
+    if relevant <= messages:
+        size = await whole(messages)
+        if size is not None and size <= messages:
+            return refuse_cut_answer("lastn", asked)
+    return refuse_cut_answer("relevant_limit", asked)
 
 
 def check_answer(response: Any, asked: str, **fields: str) -> None:
@@ -133,7 +150,7 @@ def check_text_answer(asked: str, **fields: Iterable[Message]) -> None:
     Raises:
         InvalidArgument: the messages' content and role are more than MAX_ANSWER_BYTES.
     """
-    sizes = {f: sum(len(m.content) + len(m.role) for m in rows) for f, rows in fields.items()}
+    sizes = {f: text_size(rows) for f, rows in fields.items()}
     size = sum(sizes.values())
     if size <= MAX_ANSWER_BYTES:
         return
@@ -143,6 +160,12 @@ def check_text_answer(asked: str, **fields: Iterable[Message]) -> None:
         f"{asked} make an answer of more than {size / _MIB:.1f} MiB, more than the "
         f"{MAX_ANSWER_BYTES / _MIB:.0f} MiB one answer may be: ask for fewer",
     )
+
+
+def text_size(messages: Iterable[Message]) -> int:
+    """Messages' size as check_text_answer measures it: the characters of their content and
+    role."""
+    return sum(len(m.content) + len(m.role) for m in messages)
 
 
 def _tag_and_length(size: int) -> int:

@@ -43,7 +43,11 @@ class SearchServicer(ServicerBase):
         self, request: pb.SearchMemoryRequest, context: Context
     ) -> pb.SearchMemoryResponse:
         query = search_query(request)
-        outcome = await self._searcher.search(self._project(context), query)
+        outcome = await self._searcher.search(
+            self._project(context), query, budget=answer_size.memory_budget(query.limit)
+        )
+        if outcome.cut:
+            raise answer_size.refuse_cut_answer("limit", f"{query.limit} results")
         response = pb.SearchMemoryResponse(
             semantic=outcome.semantic,
             unembedded_messages=outcome.unembedded,

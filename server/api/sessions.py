@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
+from typing import Any
 
 from memstore.v1 import session_service_pb2 as pb
 from memstore.v1 import session_service_pb2_grpc as pb_grpc
@@ -141,12 +143,14 @@ class SessionServicer(  # type: ignore[misc]
         lastn = val.clamp_size(v, "lastn", request.lastn, val.DEFAULT_LASTN)
         recall = relevant_limit(v, request)
         v.raise_if_any()
+        project = self._project(context)
         memory = await self._searcher.get_memory(
-            self._project(context),
+            project,
             request.session_id,
             lastn,
             recall,
             budget=answer_size.memory_budget(lastn),
+            relevant_budget=answer_size.memory_budget(recall),
         )
         if memory.cut:
             raise answer_size.refuse_cut_answer(
@@ -161,6 +165,13 @@ class SessionServicer(  # type: ignore[misc]
         for message in memory.messages:
             convert.message_to_proto(message, response.messages.add())
         add_results(response.relevant_messages, memory.relevant)
+        if memory.relevant_cut:
+            raise await answer_size.refuse_cut_recall(
+                _rows_size(response.messages),
+                _rows_size(response.relevant_messages),
+                lambda size: self._relevant_size(project, request.session_id, recall, size),
+                f"the last {len(memory.messages)} messages and {recall} memories",
+            )
         answer_size.check_answer(
             response,
             f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
@@ -168,6 +179,20 @@ class SessionServicer(  # type: ignore[misc]
             relevant_limit="relevant_messages",
         )
         return response
+
+    async def _relevant_size(
+        self, project: int, session_id: str, recall: int, budget: int
+    ) -> int | None:
+        # GetMemory's memories alone, read again up to `budget` bytes: their size as
+        # check_answer measures it (each above its content), None when they pass it.
+        memory = await self._searcher.get_memory(
+            project, session_id, 0, recall, budget=None, relevant_budget=budget + 1
+        )
+        if memory.relevant_cut:
+            return None
+        response = pb.GetMemoryResponse()
+        add_results(response.relevant_messages, memory.relevant)
+        return _rows_size(response.relevant_messages)
 
     @unary_errors
     async def ListMessages(
@@ -229,6 +254,11 @@ class SessionServicer(  # type: ignore[misc]
         _require_session_id(request.session_id)
         count = await self._store.clear_memory(self._project(context), request.session_id)
         return pb.ClearMemoryResponse(deleted_messages=count)
+
+
+def _rows_size(rows: Iterable[Any]) -> int:
+    # A repeated field's rows as check_answer weighs them.
+    return sum(row.ByteSize() for row in rows)
 
 
 def _require_session_id(session_id: str) -> None:

@@ -84,7 +84,12 @@ def _number(v: val.Violations, data: JsonObject, name: str) -> float | None:
 async def _search(request: Request, data: JsonObject) -> tuple[SearchOutcome, float | None]:
     limit = b.query_int(request, "limit", minimum=0)
     search, min_score = _request(data, limit)
-    outcome = await services(request).searcher.search(project(request), search_query(search))
+    query = search_query(search)
+    outcome = await services(request).searcher.search(
+        project(request), query, budget=answer_size.memory_budget(query.limit)
+    )
+    if outcome.cut:
+        raise answer_size.refuse_cut_answer("limit", f"{query.limit} results")
     results = [r.message for r in outcome.results]
     answer_size.check_text_answer(f"{len(results)} results", limit=results)
     return outcome, min_score

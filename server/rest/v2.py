@@ -159,11 +159,37 @@ async def get_memory(request: Request) -> Response:
         b.query_int(request, "lastn", minimum=0),
         b.query_int(request, "relevant_limit", minimum=0),
     )
-    memory = await services(request).searcher.get_memory(
-        project(request), session_id, lastn, recall, budget=answer_size.memory_budget(lastn)
+    searcher = services(request).searcher
+    memory = await searcher.get_memory(
+        project(request),
+        session_id,
+        lastn,
+        recall,
+        budget=answer_size.memory_budget(lastn),
+        relevant_budget=answer_size.memory_budget(recall),
     )
     if memory.cut:
         raise answer_size.refuse_cut_answer("lastn", f"the session's last messages (lastn {lastn})")
+    if memory.relevant_cut:
+
+        async def relevant_size(size: int) -> int | None:
+            # The memories alone, read again: at most 4 bytes of UTF-8 a character, so past
+            # 4 * size + 4 bytes their text holds more than `size` characters.
+            again = await searcher.get_memory(
+                project(request), session_id, 0, recall, budget=None, relevant_budget=4 * size + 4
+            )
+            return (
+                None
+                if again.relevant_cut
+                else answer_size.text_size(r.message for r in again.relevant)
+            )
+
+        raise await answer_size.refuse_cut_recall(
+            answer_size.text_size(memory.messages),
+            answer_size.text_size(r.message for r in memory.relevant),
+            relevant_size,
+            f"the last {len(memory.messages)} messages and {recall} memories",
+        )
     answer_size.check_text_answer(
         f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
         lastn=memory.messages,

@@ -102,3 +102,38 @@ async def test_a_memory_or_search_larger_than_an_answer_is_refused_naming_the_fi
         text="needle", session_ids=["huge"], limit=count, search_type=ss.SEARCH_TYPE_FULL_TEXT
     )
     await rpc_error(sessions.SearchMemory(search), Code.INVALID_ARGUMENT, field="limit")
+
+
+async def _window(store: Store) -> None:
+    # A session of 18 messages, 18.9 MB: lastn 18 is read up to the answer's bytes, and not
+    # cut (17 of them hold less than 17 MiB).
+    await store.create_user(P, "u", "", "", "", {})
+    said = [NewMessage("r", "user", "needle " + "w" * 1_048_000, {}) for _ in range(18)]
+    for start in range(0, 18, 6):
+        await store.add_memory(P, "now", "u", said[start : start + 6])
+
+
+async def _memories(store: Store, count: int) -> None:
+    # Memories of 600,007 bytes in the user's other session: 30 of them pass 17 MiB.
+    for start in range(0, count, 10):
+        old = [NewMessage("r", "user", "needle " + "m" * 600_000, {}) for _ in range(10)]
+        await store.add_memory(P, "old", "u", old[: min(10, count - start)])
+
+
+async def test_get_memory_whose_memories_pass_the_answer_names_the_larger_part(
+    sessions: Sessions, store: Store
+) -> None:
+    # The memories are read only up to the answer's bytes (then, where the window is larger
+    # than what was read, again up to the window's): the refusal still names the field whose
+    # rows are larger, as when every memory was read and the answer measured.
+    await _window(store)
+    await _memories(store, 31)  # 18.6 MB of memories: the window is larger
+    ask = ss.GetMemoryRequest(session_id="now", lastn=18, relevant_limit=100)
+    await rpc_error(sessions.GetMemory(ask), Code.INVALID_ARGUMENT, field="lastn")
+    await _memories(store, 1)  # 19.2 MB: the memories are
+    error = await rpc_error(sessions.GetMemory(ask), Code.INVALID_ARGUMENT, field="relevant_limit")
+    assert "ask for fewer" in (error.details() or "")
+    fewer = await sessions.GetMemory(
+        ss.GetMemoryRequest(session_id="now", lastn=1, relevant_limit=3)
+    )
+    assert len(fewer.relevant_messages) == 3

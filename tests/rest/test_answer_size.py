@@ -78,3 +78,33 @@ async def test_grpc_refuses_the_same_get_memory_naming_the_same_field(
     assert caught.value.details().startswith("lastn: ")
     reply = await http.get("/api/v2/sessions/big/memory", params={"lastn": OVER})
     assert reply.json()["message"].startswith("lastn: ")
+
+
+async def test_get_memory_whose_memories_pass_the_cap_names_the_larger_part(
+    http: httpx.AsyncClient, store: Store
+) -> None:
+    # As tests/grpc/test_answer_size.py: memories read up to the cap (and again up to the
+    # window's size where the window is larger) are refused naming what gRPC names, the field
+    # of the larger part: the window's 18.9 million characters against 18.6, then 19.2.
+    await store.create_user(DEFAULT_PROJECT_ID, "u", "", "", "", {})
+    said = [NewMessage("r", "user", "needle " + "w" * 1_048_000, {}) for _ in range(18)]
+    for start in range(0, 18, 6):
+        await store.add_memory(DEFAULT_PROJECT_ID, "now", "u", said[start : start + 6])
+
+    async def memories(count: int) -> None:
+        old = [NewMessage("r", "user", "needle " + "m" * 600_000, {}) for _ in range(count)]
+        for start in range(0, count, 10):
+            await store.add_memory(DEFAULT_PROJECT_ID, "old", "u", old[start : start + 10])
+
+    path, query = "/api/v2/sessions/now/memory", {"lastn": 18, "relevant_limit": 100}
+    await memories(31)
+    reply = await http.get(path, params=query)
+    assert reply.status_code == 400, reply.status_code
+    assert [v["field"] for v in reply.json()["violations"]] == ["lastn"], reply.json()
+    await memories(1)
+    reply = await http.get(path, params=query)
+    assert reply.status_code == 400, reply.status_code
+    assert [v["field"] for v in reply.json()["violations"]] == ["relevant_limit"], reply.json()
+    assert "ask for fewer" in reply.json()["message"]
+    reply = await http.get(path, params={"lastn": 1, "relevant_limit": 3})
+    assert reply.status_code == 200 and len(reply.json()["relevant_messages"]) == 3
