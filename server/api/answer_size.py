@@ -13,11 +13,12 @@ naming the field that asked for too much.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from server.api.validation import MAX_CONTENT_BYTES
-from server.domain import Message, Page
+from server.domain import JsonObject, Message, Page
 from server.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -140,18 +141,29 @@ def check_answer(response: Any, asked: str, **fields: str) -> None:
 
 
 def check_text_answer(asked: str, **fields: Iterable[Message]) -> None:
-    """Refuses a REST answer of messages whose text alone passes MAX_ANSWER_BYTES, as
-    check_answer refuses the gRPC answer of the same call. `fields` maps each query value that
-    asked for messages to them; the error names the one whose text is largest. Characters are
-    counted (a lower bound of the bytes; no text is encoded to measure it), so REST refuses no
-    answer gRPC would send. Before, REST answered GetMemory's lastn=1000 of 1 MiB messages with
-    1 GB of JSON, built in memory on the event loop.
+    """Refuses a REST answer of messages whose text passes MAX_ANSWER_BYTES, as check_answer
+    refuses the gRPC answer of the same call. `fields` maps each query value that asked for
+    messages to them; the error names the one whose text is largest. Content and role are
+    counted in characters (a lower bound of their bytes; no text is encoded to measure it);
+    metadata as its compact JSON, measured only until the sum passes the cap. Before, REST
+    answered GetMemory's lastn=1000 of 1 MiB messages with 1 GB of JSON, built in memory on
+    the event loop, and (metadata not counted) lastn=1000 of messages of 59 KB of metadata
+    with 49 MB, where gRPC refuses past 17 MiB.
 
     Raises:
-        InvalidArgument: the messages' content and role are more than MAX_ANSWER_BYTES.
+        InvalidArgument: the messages' text is more than MAX_ANSWER_BYTES.
     """
-    sizes = {f: text_size(rows) for f, rows in fields.items()}
-    size = sum(sizes.values())
+    sizes = dict.fromkeys(fields, 0)
+    size = 0
+    for field, rows in fields.items():
+        if size > MAX_ANSWER_BYTES:
+            break
+        for message in rows:
+            row = len(message.content) + len(message.role) + _metadata_chars(message.metadata)
+            sizes[field] += row
+            size += row
+            if size > MAX_ANSWER_BYTES:
+                break
     if size <= MAX_ANSWER_BYTES:
         return
     field = max(sizes, key=sizes.__getitem__)
@@ -163,9 +175,16 @@ def check_text_answer(asked: str, **fields: Iterable[Message]) -> None:
 
 
 def text_size(messages: Iterable[Message]) -> int:
-    """Messages' size as check_text_answer measures it: the characters of their content and
-    role."""
+    """The characters of messages' content and role: what the store's read budget counts
+    (check_text_answer adds their metadata)."""
     return sum(len(m.content) + len(m.role) for m in messages)
+
+
+def _metadata_chars(metadata: JsonObject) -> int:
+    # As the REST answer writes it (JSONResponse: compact, non-ASCII as is).
+    if not metadata:
+        return 0
+    return len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")))
 
 
 def _tag_and_length(size: int) -> int:

@@ -108,3 +108,30 @@ async def test_get_memory_whose_memories_pass_the_cap_names_the_larger_part(
     assert "ask for fewer" in reply.json()["message"]
     reply = await http.get(path, params={"lastn": 1, "relevant_limit": 3})
     assert reply.status_code == 200 and len(reply.json()["relevant_messages"]) == 3
+
+
+#: Messages of 60,000 characters of metadata: 300 of them pass the cap, 250 do not.
+_META = {"t": "x" * 60_000}
+META_OVER, META_UNDER = 300, 250
+
+
+async def test_metadata_counts_toward_the_cap_as_grpc_counts_it(
+    http: httpx.AsyncClient, store: Store, grpc_port: int
+) -> None:
+    # Only content and role were counted: GetMemory's lastn=1000 over 1,000 messages of 59 KB
+    # of metadata answered 200 with 49 MB of JSON, where gRPC refuses what passes 17 MiB.
+    messages = [NewMessage("a", "user", "hi", _META, None) for _ in range(META_OVER)]
+    await store.add_memory(DEFAULT_PROJECT_ID, "meta", None, messages[:150])
+    await store.add_memory(DEFAULT_PROJECT_ID, "meta", None, messages[150:])
+    query = {"lastn": META_OVER, "relevant_limit": 0}
+    reply = await http.get("/api/v2/sessions/meta/memory", params=query)
+    assert reply.status_code == 400, reply.status_code
+    assert [v["field"] for v in reply.json()["violations"]] == ["lastn"], reply.json()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        request = spb.GetMemoryRequest(session_id="meta", lastn=META_OVER, relevant_limit=0)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await Sessions(channel).GetMemory(request)
+    assert caught.value.details().startswith("lastn: ")
+    reply = await http.get("/api/v2/sessions/meta/memory", params={"lastn": META_UNDER})
+    assert reply.status_code == 200
+    assert len(reply.json()["messages"]) == META_UNDER
