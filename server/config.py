@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from server import settings
+from server.serving.limit import MAX_CALLS_IN_FLIGHT
 from server.settings import (
     ANY,
     EMBED,
@@ -61,6 +62,13 @@ def _key(text: str) -> bytes:
     return text.encode()
 
 
+def _calls(text: str) -> int:
+    value = parse_positive(text)
+    if value > MAX_CALLS_IN_FLIGHT:
+        raise ValueError(f"must be at most {MAX_CALLS_IN_FLIGHT}, not {value}")
+    return value
+
+
 # -- the declaration ------------------------------------------------------------------------
 
 
@@ -101,6 +109,14 @@ class SecurityConfig:
         env="MEMSTORE_POOL_MAX_WAITING",
         parse=parse_count,
         commands=STORE,
+    )
+    max_calls_in_flight: int = setting(
+        10_000,
+        "calls (gRPC and HTTP) one serving process holds at once; more answer "
+        "RESOURCE_EXHAUSTED at once",
+        env="MEMSTORE_MAX_CALLS_IN_FLIGHT",
+        parse=_calls,
+        metavar="N",
     )
 
 

@@ -11,6 +11,7 @@ from server.rest.app import HttpMetrics, RestApp, Services, build_app
 from server.rest.serve import HttpServer, http_server
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
+from server.serving.limit import CallLimit
 from server.serving.observability import Metrics
 from server.store import Store
 
@@ -34,6 +35,7 @@ def build_http_server(
     tokens: PageTokens,
     auth: Authenticator,
     metrics: Metrics,
+    limit: CallLimit,
 ) -> HttpServer:
     """The REST server on config.host:config.http_port, bound but not started.
 
@@ -41,7 +43,7 @@ def build_http_server(
         OSError: the port is taken.
     """
     router = build_app(routes(), Services(store, searcher, tokens))
-    return http_server(config, RestApp(router, auth, HttpMetrics(metrics)))
+    return http_server(config, RestApp(router, auth, HttpMetrics(metrics), limit))
 
 
 __all__ = ["HttpServer", "build_http_server", "routes"]

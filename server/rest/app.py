@@ -30,12 +30,15 @@ from server.errors import InvalidArgument, MemstoreError, RequestTooLarge
 from server.rest.media import ENCODING_REASON
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
+from server.serving.limit import CallLimit
 from server.serving.observability import REQUEST_ID_KEY, Metrics, request_id
 from server.store import Store
 
 log = logging.getLogger("memstore.access")
 #: Where a route (or the refusal before routing) leaves the domain error it answered with.
 _ERROR_KEY = "memstore.error"
+#: Set in a request's scope while it counts against the cap on calls in flight.
+_ADMITTED_KEY = "memstore.admitted"
 errors_log = logging.getLogger(__name__)
 
 #: The largest request body accepted: the gRPC receive limit.
@@ -235,12 +238,16 @@ def build_app(routes: list[BaseRoute], services_: Services) -> Starlette:
 
 
 class RestApp:
-    """The outer ASGI layer: request id, auth, body cap, metrics and the access log."""
+    """The outer ASGI layer: request id, the cap on calls in flight, auth, body cap, metrics
+    and the access log."""
 
-    def __init__(self, router: Starlette, auth: Authenticator, metrics: HttpMetrics) -> None:
+    def __init__(
+        self, router: Starlette, auth: Authenticator, metrics: HttpMetrics, limit: CallLimit
+    ) -> None:
         self._router = router
         self._auth = auth
         self._metrics = metrics
+        self._limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -271,6 +278,8 @@ class RestApp:
                 return
             await self._router(scope, _capped(receive), send_with_id)
         finally:
+            if scope.get(_ADMITTED_KEY):
+                self._limit.leave()
             self._metrics.in_flight.dec()
             self._finish(scope, status[0], time.perf_counter() - start, rid)
 
@@ -281,8 +290,10 @@ class RestApp:
             scope[_ERROR_KEY] = _too_large()
             return error_response(scope[_ERROR_KEY])
         if scope["path"] in OPEN_PATHS:
-            return None
+            return None  # liveness answers under overload too, as gRPC health does
         try:
+            self._limit.enter()
+            scope[_ADMITTED_KEY] = True
             scope["memstore.project"] = await self._auth.project_for(_credentials(scope))
         except MemstoreError as error:
             scope[_ERROR_KEY] = error

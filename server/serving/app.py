@@ -28,6 +28,7 @@ from server.api.status import abort
 from server.api.tokens import PageTokens
 from server.api.users import UserServicer
 from server.config import Config
+from server.errors import MemstoreError
 from server.rest import HttpServer, build_http_server
 from server.search.embedding import Embedder, EmbeddingError, embedder_from_setting
 from server.search.service import Searcher
@@ -41,6 +42,7 @@ from server.serving.grpc_health import (
     watch_database,
 )
 from server.serving.handlers import Wrap, WrappingServer, register, rewrap
+from server.serving.limit import CallLimit
 from server.serving.malformed import Malformed, tolerant_deserializer
 from server.serving.observability import Metrics, Observer
 from server.serving.ports import probe_port
@@ -63,11 +65,13 @@ _QUEUE_READ_SECONDS = 5.0
 class _Wrapping:
     """What every method's handler is wrapped in, once, at registration (serving/handlers.py):
     observed (metrics, access line, request id), then, but for health and reflection
-    (auth.OPEN_METHODS), behind the API key gate; our services' requests are checked too."""
+    (auth.OPEN_METHODS), counted against the cap on calls in flight and behind the API key
+    gate; our services' requests are checked too."""
 
-    def __init__(self, observer: Observer, gate: AuthGate) -> None:
+    def __init__(self, observer: Observer, gate: AuthGate, limit: CallLimit) -> None:
         self._observer = observer
         self._gate = gate
+        self._limit = limit
 
     def open(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
         """Health: observed, no key needed. Client streams (reflection) pass as they are."""
@@ -85,17 +89,37 @@ class _Wrapping:
             handler,
             unary=lambda behavior: self._observer.unary(method, behavior, self._enter),
             stream=lambda behavior: self._observer.stream(
-                method, self._gate.stream(_guard_stream(behavior))
+                method, _limited_stream(self._limit, self._gate.stream(_guard_stream(behavior)))
             ),
         )
 
     async def _enter(self, request: Any, context: Context, metadata: Any) -> None:
-        # In this order, as before any of this was folded into one wrapper: an unknown key
-        # is UNAUTHENTICATED whatever the request says.
+        # The cap first: refusing costs nothing, not even a key check. Then in this order, as
+        # before any of this was folded into one wrapper: an unknown key is UNAUTHENTICATED
+        # whatever the request says.
+        await _admit(self._limit, context)
         await self._gate.enter(context, metadata)
         track_call()
         if isinstance(request, Malformed):
             await abort(context, request.error)
+
+
+async def _admit(limit: CallLimit, context: Context) -> None:
+    try:
+        limit.enter_task()
+    except MemstoreError as error:
+        await abort(context, error)
+
+
+def _limited_stream(
+    limit: CallLimit, method: Callable[[Any, Context], AsyncIterator[Any]]
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
+        await _admit(limit, context)
+        async for response in method(request, context):
+            yield response
+
+    return handler
 
 
 def _guard_stream(
@@ -184,6 +208,8 @@ async def _build(
     metrics: Metrics | None,
     embedder: Embedder | None,
     auth: Authenticator | None = None,
+    *,
+    limit: CallLimit | None = None,
 ) -> tuple[grpc.aio.Server, int, Readiness]:
     if embedder is not None and not store.vectors:
         log.warning(
@@ -193,7 +219,9 @@ async def _build(
     tokens = await page_tokens(config, store)
     metrics = metrics or Metrics()
     wrapping = _Wrapping(
-        Observer(metrics), AuthGate(auth or await start_authenticator(config, store))
+        Observer(metrics),
+        AuthGate(auth or await start_authenticator(config, store)),
+        limit or CallLimit(config.security.max_calls_in_flight),
     )
     # No grpc.aio interceptors: each handler is wrapped once here instead (serving/handlers.py).
     server = grpc.aio.server(
@@ -269,6 +297,8 @@ async def build_http(
     metrics: Metrics | None = None,
     auth: Authenticator | None = None,
     embedder: Embedder | None = None,
+    *,
+    limit: CallLimit | None = None,
 ) -> HttpServer:
     """Zep's REST API over `store` on config.host:config.http_port, bound but not started.
 
@@ -284,6 +314,7 @@ async def build_http(
         tokens=await page_tokens(config, store),
         auth=auth or await start_authenticator(config, store),
         metrics=metrics or Metrics(),
+        limit=limit or CallLimit(config.security.max_calls_in_flight),
     )
 
 
@@ -404,8 +435,12 @@ async def serve(config: Config) -> None:
         metrics_http = _serve_metrics(config, metrics)
         await loading
         auth = await start_authenticator(config, store)
-        server, port, readiness = await _build(config, store, metrics, embedder, auth)
-        http = await build_http(config, store, metrics, auth, embedder) if config.http else None
+        # One cap for the process: gRPC and HTTP calls count against it together.
+        limit = CallLimit(config.security.max_calls_in_flight)
+        server, port, readiness = await _build(config, store, metrics, embedder, auth, limit=limit)
+        http = None
+        if config.http:
+            http = await build_http(config, store, metrics, auth, embedder, limit=limit)
         if http is not None:
             # Before gRPC: once gRPC health answers SERVING, both ports do.
             await http.start()

@@ -133,6 +133,9 @@ def test_a_bad_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
         (["serve", "--grace-period", "-5"], "argument --grace-period: must not be negative"),
         (["serve", "--pool-max-waiting", "-1"], "argument --pool-max-waiting: must not be"),
         (["serve", "--pool-min-size", "-2"], "argument --pool-min-size: must not be negative"),
+        # A cap of 0 would refuse every call; past gRPC's backlog it could never be reached.
+        (["serve", "--max-calls-in-flight", "0"], "--max-calls-in-flight: must be at least 1"),
+        (["serve", "--max-calls-in-flight", "2000000"], "must be at most 1000000, not 2000000"),
     ],
 )
 def test_a_flag_out_of_its_range_names_the_flag(

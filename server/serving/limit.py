@@ -1,0 +1,61 @@
+"""The cap on calls in flight (--max-calls-in-flight): past it, a call is refused as overload."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.errors import ResourceExhausted
+
+#: The most --max-calls-in-flight accepts: gRPC's own backlog of calls not yet picked up
+#: (server/serving/app.py), past which a cap would never be reached.
+MAX_CALLS_IN_FLIGHT = 1_000_000
+
+
+class CallLimit:
+    """At most `most` calls served at once by this process, gRPC and HTTP together.
+
+    Each call in flight holds memory (about 11 KB, docs/reliability.md) until it is answered;
+    a call past the cap is answered at once with the overload error, as a full pool queue
+    (--pool-max-waiting) answers, so that no client can make the server hold calls without
+    bound. gRPC's own `maximum_concurrent_rpcs` refuses with a bare RESOURCE_EXHAUSTED
+    ("Concurrent RPC limit exceeded!": no ErrorInfo reason, no access line, no metric) and
+    counts health checks too, so the cap is kept here, where the calls are wrapped.
+    """
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.in_flight = 0
+
+    def enter(self) -> None:
+        """Counts a call in until `leave`.
+
+        Raises:
+            ResourceExhausted: `most` calls are in flight (reason SERVER_OVERLOADED).
+        """
+        if self.in_flight >= self.most:
+            raise ResourceExhausted(
+                f"server overloaded: {self.most} calls are in flight "
+                "(--max-calls-in-flight); retry with backoff",
+                reason="SERVER_OVERLOADED",
+            )
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        """Counts a call out."""
+        self.in_flight -= 1
+
+    def enter_task(self) -> None:
+        """Counts the current task's call in until the task ends (a gRPC call's handler).
+
+        Raises:
+            ResourceExhausted: `most` calls are in flight (reason SERVER_OVERLOADED).
+        """
+        self.enter()
+        task = asyncio.current_task()
+        if task is None:  # not in a task: nothing would count it out
+            self.leave()
+            return
+        task.add_done_callback(self._left)
+
+    def _left(self, _task: asyncio.Task[object]) -> None:
+        self.leave()
