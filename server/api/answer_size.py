@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from server.api.validation import MAX_CONTENT_BYTES
 from server.domain import JsonObject, Message, Page
 from server.errors import InvalidArgument
+from server.search.service import Memory, Searcher
 
 T = TypeVar("T")
 
@@ -103,6 +104,30 @@ def refuse_cut_answer(field: str, asked: str) -> InvalidArgument:
         f"{asked} make an answer of more than the {MAX_ANSWER_BYTES / _MIB:.0f} MiB one answer "
         "may be: ask for fewer",
     )
+
+
+async def read_memory(
+    searcher: Searcher, project_id: int, session_id: str, lastn: int, relevant_limit: int
+) -> Memory:
+    """GetMemory's memory for gRPC and REST alike: its messages and memories each read up to
+    memory_budget of what asked for them, refused naming lastn when that stopped the messages
+    (refuse_cut_recall words the memories' refusal, each adapter measuring its own answer).
+
+    Raises:
+        InvalidArgument: the session's last `lastn` messages pass MAX_ANSWER_BYTES (lastn).
+        Unavailable: the database cannot be reached.
+    """
+    memory = await searcher.get_memory(
+        project_id,
+        session_id,
+        lastn,
+        relevant_limit,
+        budget=memory_budget(lastn),
+        relevant_budget=memory_budget(relevant_limit),
+    )
+    if memory.cut:
+        raise refuse_cut_answer("lastn", f"the session's last messages (lastn {lastn})")
+    return memory
 
 
 async def refuse_cut_recall(

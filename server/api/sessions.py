@@ -144,18 +144,9 @@ class SessionServicer(  # type: ignore[misc]
         recall = relevant_limit(v, request)
         v.raise_if_any()
         project = self._project(context)
-        memory = await self._searcher.get_memory(
-            project,
-            request.session_id,
-            lastn,
-            recall,
-            budget=answer_size.memory_budget(lastn),
-            relevant_budget=answer_size.memory_budget(recall),
+        memory = await answer_size.read_memory(
+            self._searcher, project, request.session_id, lastn, recall
         )
-        if memory.cut:
-            raise answer_size.refuse_cut_answer(
-                "lastn", f"the session's last messages (lastn {lastn})"
-            )
         if memory.session is None:
             # As Zep 1.x (200, no messages; see the proto comment): no session is an empty memory.
             return pb.GetMemoryResponse(found=False)

@@ -160,16 +160,7 @@ async def get_memory(request: Request) -> Response:
         b.query_int(request, "relevant_limit", minimum=0),
     )
     searcher = services(request).searcher
-    memory = await searcher.get_memory(
-        project(request),
-        session_id,
-        lastn,
-        recall,
-        budget=answer_size.memory_budget(lastn),
-        relevant_budget=answer_size.memory_budget(recall),
-    )
-    if memory.cut:
-        raise answer_size.refuse_cut_answer("lastn", f"the session's last messages (lastn {lastn})")
+    memory = await answer_size.read_memory(searcher, project(request), session_id, lastn, recall)
     if memory.relevant_cut:
 
         async def relevant_size(size: int) -> int | None:
