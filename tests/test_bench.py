@@ -326,14 +326,14 @@ def test_eval_measures_search_and_recall_on_tiny_data(server_url: str, tmp_path:
     # `make eval`'s code path on its first three questions (69 messages): SearchMemory's
     # rankers and GetMemory's recall (each question a probe session), each beside BM25.
     out = tmp_path / "eval.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.eval", "--sample", "3", "--json", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": server_url},
-        capture_output=True,
-        text=True,
+    run = _run_module(
+        "bench.eval",
+        "--sample",
+        "3",
+        "--json",
+        str(out),
+        env={"DATABASE_URL": server_url},
         timeout=240,
-        check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -471,16 +471,22 @@ def test_queue_gauge_times_both_statements_on_tiny_data(
 
 
 def _run_module(
-    module: str, *args: str, env: dict[str, str] | None = None
+    module: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    spied: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m <module> args` as a user runs it, with `env` added to this environment."""
+    """`python -m <module> args` as a user runs it, with `env` added to this environment;
+    `spied`: with env.fresh_database spied (_SPIED)."""
+    launch = ("-c", _SPIED) if spied else ("-m",)
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, *launch, module, *args],
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
@@ -509,15 +515,7 @@ def _run_scratch(
     """`python -m <module> args` (as _run_module), checked to make only databases of its own
     (named for its process, as `created_databases` checks in this one; but `db_name`, the
     --db-name passed) and to drop them all."""
-    run = subprocess.run(
-        [sys.executable, "-c", _SPIED, module, *args],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    run = _run_module(module, *args, env=env, timeout=240, spied=True)
     made = re.findall(r"^made database '(\w+)' in process (\d+)$", run.stderr, re.M)
     assert made and all(n == db_name or n.endswith(f"_{pid}") for n, pid in made), made
     for name, _ in made:
