@@ -23,7 +23,9 @@ from server.settings import (
     parse_positive,
     parse_seconds,
     seconds_up_to,
+    set_by_env,
     setting,
+    source,
 )
 
 #: PostgreSQL's largest statement_timeout, 2^31 - 1 ms, in whole seconds: past it every
@@ -118,6 +120,8 @@ class SecurityConfig:
         parse=_calls,
         metavar="N",
     )
+    #: Which of these settings their environment variables set (settings.source).
+    set_by_env: frozenset[str] = set_by_env()
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +304,8 @@ class Config:
     )
     #: Its own dataclass, since TLS and auth take only this part.
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: Which of these settings their environment variables set (settings.source).
+    set_by_env: frozenset[str] = set_by_env()
 
 
 #: Every setting, in declaration order.
@@ -322,8 +328,8 @@ def from_arguments(args: argparse.Namespace, environ: Mapping[str, str] | None =
     config = settings.build(Config, args, environ)
     if config.pool_min_size > config.pool_max_size:
         raise settings.ConfigError(
-            f"--pool-min-size ({config.pool_min_size}) is more than "
-            f"--pool-max-size ({config.pool_max_size})"
+            f"{source(config, 'pool_min_size')} ({config.pool_min_size}) is more than "
+            f"{source(config, 'pool_max_size')} ({config.pool_max_size})"
         )
     _check_ports(config)
     return config
@@ -335,18 +341,22 @@ def _check_ports(config: Config) -> None:
     own log; an --http-port equal to --port said "port ... is in use", by memstore itself.
 
     Raises:
-        ConfigError: naming the two flags.
+        ConfigError: naming the two flags (or the environment variables that set them).
     """
-    taken = {config.port: "--port"}
+    taken = {config.port: source(config, "port")}
     if config.http and config.http_port:
+        http_port = source(config, "http_port")
         if config.http_port in taken:
-            raise settings.ConfigError(f"--http-port ({config.http_port}) is --port's too")
-        taken[config.http_port] = "--http-port"
+            raise settings.ConfigError(
+                f"{http_port} ({config.http_port}) is {taken[config.http_port]}'s too"
+            )
+        taken[config.http_port] = http_port
     if config.metrics_port:
         # With --workers N, worker i serves its metrics on metrics_port + i.
         for port in range(config.metrics_port, config.metrics_port + config.workers):
             if port in taken:
                 raise settings.ConfigError(
-                    f"--metrics-port ({config.metrics_port}) is {taken[port]}'s too"
+                    f"{source(config, 'metrics_port')} ({config.metrics_port}) is "
+                    f"{taken[port]}'s too"
                     + (f" (its workers take up to {port})" if port != config.metrics_port else "")
                 )

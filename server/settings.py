@@ -27,6 +27,8 @@ ANY = (*STORE, "projects", "keys")
 _METADATA_KEY = "memstore.setting"
 # Where add_arguments notes, in the parsed namespace, which settings its command reads.
 _READ = "_settings_read"
+# The field (set_by_env()) where build() keeps the names of the settings the environment set.
+_BY_ENV = "set_by_env"
 
 
 class ConfigError(ValueError):
@@ -242,6 +244,25 @@ def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def set_by_env() -> frozenset[str]:
+    """The field `set_by_env` of a settings dataclass (not a setting itself): build() fills it
+    with the names of the settings its environment variables set, for source()."""
+    return field(default=frozenset(), compare=False, repr=False)
+
+
+def source(config: Any, name: str) -> str:
+    """What set `config`'s setting `name`, for an error about its value: its environment
+    variable when that set it (or when it has no flag), else its flag (for a default too: the
+    flag is what changes it). Errors named the flag when the variable had set the value."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            flag = Declared(name, f.default, f.metadata[_METADATA_KEY]).flag
+            if flag is None or name in getattr(config, _BY_ENV):
+                return str(f.metadata[_METADATA_KEY].env)
+            return flag
+    raise KeyError(name)
+
+
 def build(cls: type[_T], args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> _T:
     """A `cls` from parsed flags: a flag wins, then its environment variable, then the default.
 
@@ -258,6 +279,7 @@ def _build(
     cls: type[_T], args: argparse.Namespace, environ: Mapping[str, str], read: frozenset[str]
 ) -> _T:
     values: dict[str, Any] = {}
+    by_env: set[str] = set()
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         one: Setting | None = f.metadata.get(_METADATA_KEY)
         if one is None:
@@ -276,4 +298,7 @@ def _build(
             values[f.name] = one.parse(text)
         except ValueError as exc:
             raise ConfigError(f"{one.env}: {exc}") from None
+        by_env.add(f.name)
+    if any(f.name == _BY_ENV for f in dataclasses.fields(cls)):  # type: ignore[arg-type]
+        values[_BY_ENV] = frozenset(by_env)
     return cls(**values)

@@ -21,6 +21,7 @@ import uvicorn
 
 from server.config import Config, SecurityConfig
 from server.serving.ports import bind
+from server.settings import source
 
 log = logging.getLogger(__name__)
 # uvicorn's own lines ("Started server process") repeat what memstore logs; its errors stay.
@@ -72,13 +73,19 @@ class HttpServer:
             await self._task
 
 
-def listen(host: str, port: int, *, reuse_port: bool) -> tuple[list[socket.socket], int]:
-    """Listening sockets on every address of host:port; the port chosen when `port` is 0.
+def listen(config: Config, *, reuse_port: bool) -> tuple[list[socket.socket], int]:
+    """Listening sockets on every address of --host:--http-port; the port chosen when it is 0.
 
     Raises:
         OSError: the port is taken, or the host has no address to bind.
     """
-    sockets, port = bind(host, port, reuse_port=reuse_port, flag="--http-port")
+    sockets, port = bind(
+        config.host,
+        config.http_port,
+        reuse_port=reuse_port,
+        flag=source(config, "http_port"),
+        host_flag=source(config, "host"),
+    )
     for sock in sockets:
         sock.listen(_BACKLOG)
         sock.setblocking(False)
@@ -106,7 +113,7 @@ def http_server(config: Config, app: Any) -> HttpServer:
     Raises:
         OSError: the port is taken.
     """
-    sockets, port = listen(config.host, config.http_port, reuse_port=config.workers > 1)
+    sockets, port = listen(config, reuse_port=config.workers > 1)
     settings = uvicorn.Config(
         app,
         lifespan="off",

@@ -14,6 +14,7 @@ from server.errors import FailedPrecondition
 from server.search.embedding import Embedder
 from server.search.worker import EmbeddingWorker
 from server.serving.app import make_embedder, open_store, wait_for_signal
+from server.settings import source
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ async def _ready(store: Store, config: Config) -> Embedder:
         )
     embedder = make_embedder(config)
     if embedder is None:
-        raise FailedPrecondition("--embedder none: no model to embed with")
+        raise FailedPrecondition(f"{source(config, 'embedder')} none: no model to embed with")
     return embedder
 
 

@@ -47,6 +47,7 @@ from server.serving.malformed import Malformed, tolerant_deserializer
 from server.serving.observability import Metrics, Observer
 from server.serving.ports import probe_port
 from server.serving.tls import add_port, reflection_enabled
+from server.settings import source
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,7 @@ def make_embedder(config: Config) -> Embedder | None:
             config.embedder, model=config.embedder_model or None, api_key=config.embedder_api_key
         )
     except ValueError as exc:
-        raise RuntimeError(f"--embedder: {exc}") from exc
+        raise RuntimeError(f"{source(config, 'embedder')}: {exc}") from exc
 
 
 def load_model(embedder: Embedder | None) -> None:
@@ -419,10 +420,11 @@ async def serve(config: Config) -> None:
     Raises:
         OSError: the port is taken; checked before the database is opened or migrated.
     """
+    host = source(config, "host")
     if config.port:
-        probe_port(config.host, config.port)
+        probe_port(config.host, config.port, flag=source(config, "port"), host_flag=host)
     if config.http and config.http_port:
-        probe_port(config.host, config.http_port, flag="--http-port")
+        probe_port(config.host, config.http_port, flag=source(config, "http_port"), host_flag=host)
     embedder = make_embedder(config)  # one model for the queries and the worker
     # Loads while PostgreSQL starts and migrates: SERVING means search answers at once, and
     # a SIGTERM never waits at exit for a load the worker began (the thread cannot stop).
@@ -490,9 +492,15 @@ def _serve_metrics(config: Config, metrics: Metrics) -> Any:
     for candidate in ports:
         try:
             httpd, port = metrics.serve(config.metrics_host, candidate)
-        except OSError:
+        except OSError as exc:
             if candidate == ports[-1]:
-                raise
+                # It was OSError's own text ("[Errno 98] Address already in use"), naming no
+                # setting; now the two that choose where metrics are served, as they were set.
+                raise OSError(
+                    f"cannot serve metrics on {config.metrics_host}:{candidate}: "
+                    f"{exc.strerror or exc} (see {source(config, 'metrics_host')} and "
+                    f"{source(config, 'metrics_port')})"
+                ) from exc
             continue
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
         return httpd

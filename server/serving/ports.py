@@ -6,16 +6,26 @@ import errno
 import socket
 
 
-def bind(host: str, port: int, *, reuse_port: bool, flag: str) -> tuple[list[socket.socket], int]:
+def bind(
+    host: str, port: int, *, reuse_port: bool, flag: str, host_flag: str = "--host"
+) -> tuple[list[socket.socket], int]:
     """Sockets bound (not yet listening) to every address of host:port, and the port: the
     one chosen here when `port` is 0.
 
-    `flag` names the option that chooses this port, for the error's advice.
+    `flag` and `host_flag` name what chose this port and host (a flag, or the environment
+    variable that set it: settings.source), for the error's advice.
 
     Raises:
         OSError: the port is taken, or the host has no address to bind; one line that says so.
     """
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        # It was "[Errno -2] Name or service not known", naming neither the host nor its flag.
+        raise OSError(
+            f"cannot listen on {host}:{port}: {host_flag} {host!r} has no address "
+            f"({exc.strerror or exc})"
+        ) from exc
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in infos:
@@ -43,7 +53,7 @@ def bind(host: str, port: int, *, reuse_port: bool, flag: str) -> tuple[list[soc
     return sockets, port
 
 
-def probe_port(host: str, port: int, *, flag: str = "--port") -> int:
+def probe_port(host: str, port: int, *, flag: str = "--port", host_flag: str = "--host") -> int:
     """Binds (without SO_REUSEPORT) every address of host:port and releases it.
 
     `memstore serve` probes first, so that a taken port fails before the embedded
@@ -56,7 +66,7 @@ def probe_port(host: str, port: int, *, flag: str = "--port") -> int:
     Raises:
         OSError: the port is taken, or the host has no address to bind.
     """
-    sockets, port = bind(host, port, reuse_port=False, flag=flag)
+    sockets, port = bind(host, port, reuse_port=False, flag=flag, host_flag=host_flag)
     for sock in sockets:
         sock.close()
     return port

@@ -8,6 +8,7 @@ import ssl
 import grpc
 
 from server.config import SecurityConfig
+from server.settings import source
 
 
 def is_loopback(host: str) -> bool:
@@ -35,15 +36,16 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
 
     Raises:
         RuntimeError: only one of the certificate and key is set, or a client CA without
-            them; the files are not a PEM certificate chain and its key, or a PEM CA bundle.
-        OSError: a PEM file cannot be read.
+            them; a file cannot be read, or the files are not a PEM certificate chain and
+            its key, or a PEM CA bundle (each naming what set it: flag or variable).
     """
+    cert, key = source(config, "tls_cert"), source(config, "tls_key")
     if config.tls_cert is None and config.tls_key is None:
         if config.tls_client_ca is not None:
-            raise RuntimeError("--tls-client-ca needs --tls-cert and --tls-key")
+            raise RuntimeError(f"{source(config, 'tls_client_ca')} needs {cert} and {key}")
         return None
     if config.tls_cert is None or config.tls_key is None:
-        raise RuntimeError("TLS needs both --tls-cert and --tls-key")
+        raise RuntimeError(f"TLS needs both {cert} and {key}")
     _check_pem(config)
     client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
@@ -56,6 +58,16 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
 
 
 def _check_pem(config: SecurityConfig) -> None:
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(config, name)
+        try:
+            if path is not None:
+                path.read_bytes()
+        except OSError as exc:
+            # It was "[Errno 2] No such file or directory", naming neither file nor flag.
+            raise RuntimeError(
+                f"{source(config, name)} {path} cannot be read ({exc.strerror or exc})"
+            ) from None
     # gRPC takes any bytes here and then fails to bind ("Failed to bind to address ...; set
     # GRPC_VERBOSITY=debug"), which reads as a port taken; the ssl module says what is wrong.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -63,8 +75,9 @@ def _check_pem(config: SecurityConfig) -> None:
         context.load_cert_chain(config.tls_cert, config.tls_key)  # type: ignore[arg-type]
     except ssl.SSLError as exc:
         raise RuntimeError(
-            f"--tls-cert and --tls-key are not a PEM certificate chain and its private key "
-            f"({config.tls_cert}, {config.tls_key}: {exc.reason or exc})"
+            f"{source(config, 'tls_cert')} and {source(config, 'tls_key')} are not a PEM "
+            f"certificate chain and its private key ({config.tls_cert}, {config.tls_key}: "
+            f"{exc.reason or exc})"
         ) from None
     if config.tls_client_ca is None:
         return
@@ -72,7 +85,8 @@ def _check_pem(config: SecurityConfig) -> None:
         context.load_verify_locations(cafile=config.tls_client_ca)
     except ssl.SSLError as exc:
         raise RuntimeError(
-            f"--tls-client-ca {config.tls_client_ca} holds no PEM certificate ({exc.reason or exc})"
+            f"{source(config, 'tls_client_ca')} {config.tls_client_ca} holds no PEM certificate "
+            f"({exc.reason or exc})"
         ) from None
 
 

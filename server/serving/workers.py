@@ -20,6 +20,7 @@ from types import FrameType
 
 from server.config import Config
 from server.serving.ports import probe_port
+from server.settings import source
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,13 @@ def serve_workers(config: Config) -> int:
         MemstoreError: the database cannot be reached or migrated.
         StartupRefused: the bind is public and nothing authenticates callers.
     """
-    port = probe_port(config.host, config.port)
+    host = source(config, "host")
+    port = probe_port(config.host, config.port, flag=source(config, "port"), host_flag=host)
     if config.http:
         # The same check for the REST port, and one port for all workers when it is 0.
-        http_port = probe_port(config.host, config.http_port, flag="--http-port")
+        http_port = probe_port(
+            config.host, config.http_port, flag=source(config, "http_port"), host_flag=host
+        )
         config = replace(config, http_port=http_port)
     if config.database_url is None:
         # One embedded PostgreSQL for all workers, owned (and stopped at exit) by the parent.

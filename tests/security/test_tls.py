@@ -229,6 +229,27 @@ def test_files_that_are_not_a_certificate_and_its_key_are_named(pki: Pki, tmp_pa
         )
 
 
+def test_tls_errors_name_the_variables_that_set_the_files(pki: Pki, tmp_path: Path) -> None:
+    # Set by MEMSTORE_TLS_*, the files were still named by their flags, which the operator
+    # never typed; a missing file was "[Errno 2] No such file or directory", naming neither.
+    from_env = frozenset({"tls_cert", "tls_key", "tls_client_ca"})
+    with pytest.raises(RuntimeError, match=r"^MEMSTORE_TLS_CLIENT_CA needs MEMSTORE_TLS_CERT and"):
+        server_credentials(SecurityConfig(tls_client_ca=pki.files["ca.pem"], set_by_env=from_env))
+    missing = tmp_path / "gone.pem"
+    cases = [(set(), "--tls-key"), (from_env, "MEMSTORE_TLS_KEY")]
+    for set_by_env, named in cases:
+        config = SecurityConfig(
+            tls_cert=pki.files["server.pem"], tls_key=missing, set_by_env=frozenset(set_by_env)
+        )
+        with pytest.raises(RuntimeError, match=f"^{named} {missing} cannot be read"):
+            server_credentials(config)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a certificate\n")
+    config = SecurityConfig(tls_cert=text, tls_key=text, set_by_env=frozenset({"tls_key"}))
+    with pytest.raises(RuntimeError, match=r"^--tls-cert and MEMSTORE_TLS_KEY are not a PEM"):
+        server_credentials(config)
+
+
 def test_serve_command_with_mtls_flags(pki: Pki, clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
     port = free_port()

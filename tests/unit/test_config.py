@@ -34,8 +34,8 @@ def test_every_config_field_is_declared_with_env_and_help() -> None:
     assert len(declared) == len(config.SETTINGS)  # a flag's dest is the field name
     for cls in (config.Config, config.SecurityConfig):
         for f in dataclasses.fields(cls):
-            if f.default_factory is config.SecurityConfig:
-                continue  # the nested group; its fields are checked as SecurityConfig's
+            if f.default_factory is config.SecurityConfig or f.name == "set_by_env":
+                continue  # the nested group (checked as SecurityConfig) and where values came from
             setting = declared[f.name]
             assert setting.env.isupper() and setting.env.replace("_", "").isalnum(), f.name
             assert setting.help and setting.shown, f.name
@@ -154,10 +154,13 @@ def test_a_pool_smaller_than_its_minimum_is_one_line(
     assert main(["serve", "--pool-min-size", "20", "--pool-max-size", "2"]) == 2
     err = capsys.readouterr().err
     assert err == "memstore serve: --pool-min-size (20) is more than --pool-max-size (2)\n"
+    # Set by its variable, the error names the variable (it named --pool-min-size).
     monkeypatch.setenv("MEMSTORE_POOL_MIN_SIZE", "11")
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
-    assert err == "memstore migrate: --pool-min-size (11) is more than --pool-max-size (10)\n"
+    assert err == (
+        "memstore migrate: MEMSTORE_POOL_MIN_SIZE (11) is more than --pool-max-size (10)\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,6 +182,63 @@ def test_two_servers_on_one_port_are_refused_naming_the_flags(argv: list[str], s
     # said "port 9000 is in use", by memstore itself. (main prints a ConfigError as one line.)
     with pytest.raises(settings.ConfigError, match=re.escape(said)):
         config.from_arguments(_parser().parse_args(["serve", *argv]))
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "said"),
+    [
+        ({"MEMSTORE_HTTP_PORT": "50051"}, [], "MEMSTORE_HTTP_PORT (50051) is --port's too"),
+        ({"MEMSTORE_PORT": "8000"}, [], "--http-port (8000) is MEMSTORE_PORT's too"),
+        (
+            {"MEMSTORE_METRICS_PORT": "9000"},
+            ["--port", "9000"],
+            "MEMSTORE_METRICS_PORT (9000) is --port's too",
+        ),
+    ],
+)
+def test_two_servers_on_one_port_name_the_variables_that_set_them(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str], said: str
+) -> None:
+    # Set by its environment variable, a port was still named by its flag, which the user
+    # never typed ("--http-port (50051) is --port's too" for MEMSTORE_HTTP_PORT=50051).
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(settings.ConfigError, match=re.escape(said)):
+        config.from_arguments(_parser().parse_args(["serve", *argv]))
+
+
+def _valid_text(declared: settings.Declared) -> str:
+    # A value each setting's parser takes.
+    for text in ("10", "1", "text", "none", "INFO"):
+        try:
+            declared.setting.parse(text)
+        except ValueError:
+            continue
+        return text
+    raise AssertionError(declared.name)
+
+
+@pytest.mark.parametrize("declared", config.SETTINGS, ids=lambda d: d.name)
+def test_every_setting_is_named_by_what_set_it(
+    monkeypatch: pytest.MonkeyPatch, declared: settings.Declared
+) -> None:
+    # settings.source, which errors about a value name it by: the variable when the
+    # environment set it, else the flag; a setting without a flag, always its variable.
+    command, text = declared.setting.commands[0], _valid_text(declared)
+    security = declared.name in {f.name for f in dataclasses.fields(config.SecurityConfig)}
+
+    def named(*argv: str) -> str:
+        got = config.from_arguments(_parser().parse_args([command, *argv]))
+        return settings.source(got.security if security else got, declared.name)
+
+    assert named() == (declared.flag or declared.setting.env)
+    if declared.flag is not None:
+        flag = [declared.flag] if declared.setting.parse is settings.parse_bool else []
+        assert named(*(flag or [declared.flag, text])) == declared.flag
+    monkeypatch.setenv(declared.setting.env, text)
+    assert named() == declared.setting.env
+    if declared.flag is not None:
+        assert named(*(flag or [declared.flag, text])) == declared.flag
 
 
 def test_key_commands_offer_and_read_only_the_database(
