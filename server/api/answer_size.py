@@ -184,7 +184,7 @@ def check_text_answer(asked: str, **fields: Iterable[Message]) -> None:
         if size > MAX_ANSWER_BYTES:
             break
         for message in rows:
-            row = len(message.content) + len(message.role) + _metadata_chars(message.metadata)
+            row = len(message.content) + len(message.role) + metadata_chars(message.metadata)
             sizes[field] += row
             size += row
             if size > MAX_ANSWER_BYTES:
@@ -199,14 +199,31 @@ def check_text_answer(asked: str, **fields: Iterable[Message]) -> None:
     )
 
 
+def check_rows_answer(field: str, asked: str, sizes: Iterable[int]) -> None:
+    """Refuses a REST list of users or sessions whose metadata passes MAX_ANSWER_BYTES,
+    `sizes` being each row's metadata in characters (metadata_chars; read only until their sum
+    passes), naming `field` (the page size). They were not capped:
+    `sessions-ordered?page_size=1000` over sessions of 59 KB of metadata answered 49 MB of
+    JSON, rendered on the event loop.
+
+    Raises:
+        InvalidArgument: the rows' metadata is more than MAX_ANSWER_BYTES.
+    """
+    size = 0
+    for row in sizes:
+        size += row
+        if size > MAX_ANSWER_BYTES:
+            raise refuse_cut_answer(field, asked)
+
+
 def text_size(messages: Iterable[Message]) -> int:
     """The characters of messages' content and role: what the store's read budget counts
     (check_text_answer adds their metadata)."""
     return sum(len(m.content) + len(m.role) for m in messages)
 
 
-def _metadata_chars(metadata: JsonObject) -> int:
-    # As the REST answer writes it (JSONResponse: compact, non-ASCII as is).
+def metadata_chars(metadata: JsonObject) -> int:
+    """The characters of `metadata` as a REST answer writes it (compact, non-ASCII as is)."""
     if not metadata:
         return 0
     return len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")))

@@ -192,9 +192,20 @@ def page_window(number: int | None, size: int | None, default_size: int) -> tupl
     return ((number or 1) - 1) * size, size
 
 
-async def list_users(store: Store, project: int, offset: int, size: int) -> dict[str, Any]:
-    """A page of users by (created_at, user_id) from `offset`, as Zep's UserListResponse."""
+async def list_users(
+    store: Store, project: int, offset: int, size: int, field: str
+) -> dict[str, Any]:
+    """A page of users by (created_at, user_id) from `offset`, as Zep's UserListResponse.
+
+    Raises:
+        InvalidArgument: the page is more than one answer may be (naming `field`, its size).
+    """
     page = await store.list_user_records(project, None, size, offset=offset, count=True)
+    # The metadata's text as PostgreSQL prints it: its ", " and ": " a little more than the
+    # compact JSON of the answer.
+    answer_size.check_rows_answer(
+        field, f"{len(page.items)} users", (len(u[4]) for u in page.items)
+    )
     users = [c.user_record(r) for r in page.items]
     return {"users": users, "row_count": len(users), "total_count": page.total_size or 0}
 

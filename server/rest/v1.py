@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
+from server.api import answer_size
 from server.api import validation as val
 from server.domain import SessionQuery
 from server.rest import body as b
@@ -28,7 +29,8 @@ def _offset_window(request: Request) -> tuple[int, int]:
 @endpoint
 async def list_users(request: Request) -> Response:
     offset, size = _offset_window(request)
-    page = await common.list_users(services(request).store, project(request), offset, size)
+    store = services(request).store
+    page = await common.list_users(store, project(request), offset, size, "limit")
     return JSONResponse(page["users"])
 
 
@@ -38,6 +40,10 @@ async def list_sessions(request: Request) -> Response:
     # Oldest first by (created_at, session_id): offsets stay put while sessions are added.
     page = await services(request).store.list_sessions(
         project(request), SessionQuery(), None, offset, size, count=False
+    )
+    asked = f"{len(page.items)} sessions"
+    answer_size.check_rows_answer(
+        "limit", asked, (answer_size.metadata_chars(s.metadata) for s in page.items)
     )
     return JSONResponse([c.session(s) for s in page.items])
 

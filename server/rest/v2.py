@@ -76,9 +76,9 @@ async def list_users(request: Request) -> Response:
         b.query_int(request, "pageSize", minimum=1, alias="page_size"),
         val.DEFAULT_PAGE_SIZE,
     )
-    return JSONResponse(
-        await common.list_users(services(request).store, project(request), offset, size)
-    )
+    field = "pageSize" if request.query_params.get("pageSize") else "page_size"
+    store = services(request).store
+    return JSONResponse(await common.list_users(store, project(request), offset, size, field))
 
 
 @endpoint
@@ -140,6 +140,10 @@ async def list_sessions(request: Request) -> Response:
     query = SessionQuery(order_field=field, descending=not ascending)
     page = await services(request).store.list_sessions(
         project(request), query, None, offset, size, count=True
+    )
+    asked = f"{len(page.items)} sessions"
+    answer_size.check_rows_answer(
+        "page_size", asked, (answer_size.metadata_chars(s.metadata) for s in page.items)
     )
     sessions = [c.session(s) for s in page.items]
     return JSONResponse(
