@@ -143,7 +143,13 @@ def _session_options(statement_timeout: float) -> dict[str, Any]:
     # start. The connection check makes PostgreSQL abort the statement of a client that went
     # away (memstore killed mid-call) within a second, rather than run it on, and commit it
     # once its lock is free, after the caller was told the call failed (PostgreSQL 14+).
-    options = [f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}"]
+    #
+    # JIT compilation off: it pays only for long analytic queries, and Citus's plans of
+    # AddMemory's statement (subplans over intermediate results, estimated at 1,000 rows each)
+    # passed jit_above_cost on every call, so each AddMemory on the cluster compiled and
+    # optimised its expressions with LLVM: 280 ms a call against 31 ms without
+    # (docs/scaling.md "JIT off").
+    options = [f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}", "-c jit=off"]
     if statement_timeout > 0:
         # At least 1 ms: 0 would turn the limit off.
         options.append(f"-c statement_timeout={max(1, round(statement_timeout * 1000))}")

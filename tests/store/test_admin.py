@@ -98,6 +98,13 @@ async def test_open_refuses_a_url_libpq_cannot_read_at_once(url: str) -> None:
     assert "secret" not in str(got.value)  # libpq's message quotes the URL: not repeated
 
 
+async def test_pooled_connections_never_jit_compile(store: Store) -> None:
+    # On Citus every AddMemory's plan passed jit_above_cost: 280 ms a call with LLVM's
+    # compilation against 31 ms without (docs/scaling.md "JIT off").
+    async with store._pool.connection() as conn:
+        assert await (await conn.execute("SHOW jit")).fetchone() == ("off",)
+
+
 def test_a_statement_timeout_under_half_a_millisecond_is_one_not_none() -> None:
     # round() made --statement-timeout 0.0004 the 0 that turns PostgreSQL's limit off.
     assert "statement_timeout=1" in _session_options(0.0004)["options"].split("-c ")[-1]
