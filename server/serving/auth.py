@@ -97,7 +97,10 @@ class Authenticator:
 
     Authentication is on as soon as any API key exists (revoked ones count, so revoking
     every key locks callers out instead of opening the server). Until then calls run in the
-    default project; a presented key, or every `cache_seconds`, makes it look again.
+    default project; a key not presented before, or every `cache_seconds`, makes it look
+    again. A key presented while none existed cannot be one made since (a made key's secret
+    is new), so it is looked for once, not at every call: Zep's SDKs send a key with every
+    call, and each ran a statement (and each message of a stream) with authentication off.
     """
 
     def __init__(self, store: Store, cache_seconds: float, *, enabled: bool) -> None:
@@ -106,6 +109,8 @@ class Authenticator:
         self._enabled = enabled
         self._checked_at = time.monotonic()
         self._cache: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+        #: Keys presented while no key existed (their cache keys), the most recent last.
+        self._open_keys: OrderedDict[bytes, None] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -120,7 +125,10 @@ class Authenticator:
             Unavailable: the database cannot be reached to check the key.
         """
         credential = _credential(metadata)
-        if not await self._auth_on(force=credential is not None):
+        new_key = credential is not None and credential.cache_key not in self._open_keys
+        if not await self._auth_on(force=new_key):
+            if credential is not None:
+                _remember(self._open_keys, credential.cache_key, None)
             return DEFAULT_PROJECT_ID
         if credential is None:
             raise MISSING
@@ -129,10 +137,7 @@ class Authenticator:
         if cached is not None and cached[1] > now:
             return cached[0]
         project = await self._check(credential.text)
-        self._cache[credential.cache_key] = (project, now + self._ttl)
-        self._cache.move_to_end(credential.cache_key)
-        while len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
+        _remember(self._cache, credential.cache_key, (project, now + self._ttl))
         return project
 
     async def _auth_on(self, *, force: bool) -> bool:
@@ -157,6 +162,14 @@ class Authenticator:
         if not keys.matches(candidate, parts[1]) or stored is None or stored.revoked:
             raise INVALID
         return stored.project_id
+
+
+def _remember(cache: OrderedDict[bytes, Any], key: bytes, value: Any) -> None:
+    """Keeps `key` in `cache` as its most recent entry, dropping the oldest past _CACHE_SIZE."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
 
 
 _DECOY = keys.StoredKey(project_id=0, salt=b"\0" * 16, digest=b"\0" * 32, revoked=True)

@@ -15,9 +15,10 @@ from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
 from server import config as config_module
 from server.__main__ import _parser
-from server.api_keys import new_key, split_key
+from server.api_keys import StoredKey, new_key, split_key
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
+from server.errors import Unauthenticated
 from server.serving.app import build_server
 from server.serving.auth import Authenticator, StartupRefused, start_authenticator
 from server.serving.tls import SecurityConfig, is_loopback, reflection_enabled
@@ -170,6 +171,58 @@ async def test_open_mode_only_on_loopback_unless_insecure(store: Store) -> None:
     open_ = await start_authenticator(Config(host="127.0.0.1"), store)
     assert not open_.enabled
     assert await open_.project_for(()) == DEFAULT_PROJECT_ID
+
+
+class _Counted:
+    """A store whose any_api_key statements are counted."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.statements = store, 0
+
+    async def any_api_key(self) -> bool:
+        self.statements += 1
+        return await self.store.any_api_key()
+
+
+async def test_open_mode_looks_for_keys_once_per_presented_key(store: Store) -> None:
+    # With no key made, a call presenting one (Zep's SDKs send theirs with every call) ran
+    # any_api_key each time: a statement per call, and per message of a stream.
+    counted = _Counted(store)
+    auth = Authenticator(counted, 60.0, enabled=False)  # type: ignore[arg-type]
+    sdk, other = (("authorization", "Api-Key placeholder"),), (("x-api-key", "another"),)
+    for _ in range(50):
+        assert await auth.project_for(sdk) == DEFAULT_PROJECT_ID
+        assert await auth.project_for(()) == DEFAULT_PROJECT_ID
+    assert counted.statements == 1
+    # A key not presented before is looked for at once: it may be one made since.
+    assert await auth.project_for(other) == DEFAULT_PROJECT_ID
+    assert counted.statements == 2
+
+
+class _KeyMadeLater:
+    """A store in which `key` (of project 7) exists once `made` is set."""
+
+    def __init__(self) -> None:
+        self.key, self.made = new_key(), False
+
+    async def any_api_key(self) -> bool:
+        return self.made
+
+    async def find_api_key(self, prefix: str) -> StoredKey | None:
+        if not self.made or prefix != self.key.prefix:
+            return None
+        return StoredKey(project_id=7, salt=self.key.salt, digest=self.key.digest, revoked=False)
+
+
+async def test_a_key_made_after_another_was_presented_works_at_once() -> None:
+    # The open mode looks for keys once per presented key: a key made since is new to it.
+    store = _KeyMadeLater()
+    auth = Authenticator(store, 60.0, enabled=False)  # type: ignore[arg-type]
+    assert await auth.project_for((("authorization", "Api-Key placeholder"),)) == DEFAULT_PROJECT_ID
+    store.made = True
+    assert await auth.project_for((("authorization", f"Bearer {store.key.text}"),)) == 7
+    with pytest.raises(Unauthenticated, match="not valid"):
+        await auth.project_for((("authorization", "Api-Key placeholder"),))
 
 
 async def test_first_key_turns_authentication_on(secure_store: Store) -> None:
