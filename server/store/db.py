@@ -6,7 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, AsyncCursor, sql
+from psycopg.abc import Params as QueryParams
+from psycopg.abc import QueryNoTemplate as Query
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
@@ -31,9 +33,35 @@ def load_json(data: str | bytes) -> Any:
     return _DECODE(data.decode() if isinstance(data, bytes) else data)
 
 
+class StoreCursor(AsyncCursor[Any]):
+    """The cursor of the store's connections: psycopg's, keeping the statement the store
+    passed to execute (`statement`: a named SQL, composed, or text) for the log of a value it
+    cannot read (translate.py). psycopg keeps it only in private attributes."""
+
+    __slots__ = ("statement",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statement: Query | None = None
+
+    async def execute(  # type: ignore[override]  # no template strings here
+        self,
+        query: Query,
+        params: QueryParams | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> StoreCursor:
+        self.statement = query
+        await super().execute(query, params, prepare=prepare, binary=binary)
+        return self
+
+
 async def configure(conn: AsyncConnection[Any]) -> None:
-    """Sets up a new pooled connection: JSON read by load_json."""
+    """Sets up a new pooled connection: JSON read by load_json, cursors that keep their
+    statement (StoreCursor)."""
     set_json_loads(load_json, conn)
+    conn.cursor_factory = StoreCursor
 
 
 async def fetch_all(

@@ -23,6 +23,7 @@ from server.errors import (
     Unavailable,
     UnreadableValue,
 )
+from server.store.db import StoreCursor
 from server.store.queries import QUERIES
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,10 @@ def _statement(exc: psycopg.DataError) -> str:
     """The name of the statement whose result raised `exc` (else its text, on one line)."""
     for tb in _frames(exc.__traceback__):
         cursor = tb.tb_frame.f_locals.get("self")
-        if isinstance(cursor, psycopg.AsyncCursor | psycopg.Cursor):
-            # The statement as the store passed it to execute (a private attribute: for the
-            # log only, so a psycopg without it costs the name, not the answer).
-            statement = getattr(cursor, "_last_query", None)
+        if isinstance(cursor, StoreCursor):
+            # The statement as the store passed it to execute, kept by the store's own
+            # cursor (it read psycopg's private Cursor._last_query).
+            statement = cursor.statement
             for name, known in QUERIES.items():
                 if statement is known:
                     return name
