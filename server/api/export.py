@@ -85,9 +85,10 @@ class ExportServicer(ServicerBase):
             rows = message_wire.encode(columns)
         except message_wire.OutOfRange:
             # A timestamp a datetime cannot hold: read the batch as objects, which fails (or
-            # not) exactly as the object path always has.
+            # not) exactly as the object path always has. Only the messages the byte budget
+            # kept: `limit` of them was up to 4,000 messages of 1 MiB read whole.
             page = await self._store.export_messages(
-                project, after, limit, include_deleted=everything
+                project, after, min(limit, columns.rows), include_deleted=everything
             )
             return Page([message_wire.from_messages(page.items)], has_more=page.has_more)
         if columns.rows > limit:

@@ -126,6 +126,33 @@ async def test_export_messages_of_a_time_a_datetime_cannot_hold_fails_as_objects
     assert "stored in the database could not be read" in error.details()
 
 
+async def test_a_batch_read_as_objects_keeps_the_byte_budget(
+    sessions, clean_db, store, monkeypatch
+):
+    # A batch holding a timestamp the wire encoding cannot hold is read as objects; that read
+    # took the batch's `limit` of messages (1,000: here all 49, 3.6 MB) however large, where
+    # the wire path ends at 1 MiB. Now it reads the messages the budget kept: 20 small and
+    # three of 400 KiB (those before each hold less than 1 MiB).
+    small = [msg(f"a{i}") for i in range(20)]
+    large = [msg("L" * (400 * 1024)) for _ in range(9)]
+    for part in (small, large, small):
+        await sessions.AddMemory(ss.AddMemoryRequest(session_id="mixed", messages=part))
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+        await conn.execute("UPDATE messages SET updated_at = 'infinity' WHERE sequence = 21")
+    asked = []
+    export_messages = store.export_messages
+
+    async def spy(project, after, limit, **options):
+        asked.append(limit)
+        return await export_messages(project, after, limit, **options)
+
+    monkeypatch.setattr(store, "export_messages", spy)
+    await rpc_error(
+        _messages(sessions, chunk_size=1000), Code.INTERNAL, reason="STORED_VALUE_UNREADABLE"
+    )
+    assert asked == [23]
+
+
 async def test_export_rejects_bad_requests(sessions):
     await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("a"), msg("b")]))
     await sessions.CreateSession(ss.CreateSessionRequest(session_id="t"))
