@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 _MAX_PENDING_CALLS = 1_000_000
 #: Seconds calls cut off by the end of the grace period get to cancel their queries.
 _SETTLE_SECONDS = 5.0
+#: Seconds a stopping server goes on waiting for calls once none of memstore's is in flight
+#: (stop_grpc): a call gRPC hands over as the stop begins reaches its handler in a few turns
+#: of the loop; what is left after this is stranded in gRPC's core.
+ORPHAN_SECONDS = 1.0
 
 #: Seconds a metrics scrape waits for the embedding queue's count before leaving it out.
 _QUEUE_READ_SECONDS = 5.0
@@ -463,7 +467,7 @@ async def serve(config: Config) -> None:
         # move away before the server stops accepting (a stopping server answers no Check).
         await readiness.drain(config.drain_delay)
         await asyncio.gather(
-            server.stop(config.grace_period),
+            stop_grpc(server, config.grace_period, lambda: limit.in_flight > 0),
             *([http.stop(config.grace_period)] if http is not None else []),
         )
         await settle_calls(_SETTLE_SECONDS)
@@ -477,6 +481,37 @@ async def serve(config: Config) -> None:
                 await task
         await store.close()
     log.info("memstore stopped")
+
+
+async def stop_grpc(server: grpc.aio.Server, grace: float, busy: Callable[[], bool]) -> None:
+    """`server.stop(grace)`, ended early once the server holds only calls nobody will serve.
+
+    gRPC's core (1.85) can strand a call that arrives as the stop begins: it checks for the
+    stop without its lock, then queues the call for a handler after the stop has failed every
+    request for one, where nothing ever takes it or cancels it (the filter-stack
+    `RealRequestMatcher::MatchOrQueue` in `src/core/server/server.cc` misses the check of
+    `zombified_` that its promise-based `MatchRequest` has). Its caller then waits for its
+    deadline (DEADLINE_EXCEEDED) and the stop for the whole grace period, or that deadline.
+    So once no call of memstore's (`busy`) has been in flight for ORPHAN_SECONDS, what the
+    core still holds is cancelled (callers get UNAVAILABLE or CANCELLED, at once).
+    tests/reliability/test_stop_race.py; docs/reliability.md, "Shutdown".
+    """
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.ensure_future(server.stop(grace))
+    idle_since: float | None = None
+    cancelling: asyncio.Future[None] | None = None
+    while not stopping.done():
+        await asyncio.wait({stopping}, timeout=ORPHAN_SECONDS / 4)
+        if busy():
+            idle_since = None
+            continue
+        idle_since = loop.time() if idle_since is None else idle_since
+        if cancelling is None and loop.time() - idle_since >= ORPHAN_SECONDS:
+            # A smaller grace ends the stop sooner: it cancels what the core still holds.
+            cancelling = asyncio.ensure_future(server.stop(0))
+    await stopping
+    if cancelling is not None:
+        await cancelling
 
 
 def _serve_metrics(config: Config, metrics: Metrics) -> Any:

@@ -25,6 +25,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: The drain test's grace period: far longer than its calls, whatever the machine's load.
 GRACE = 60
 #: What a call may get from a server that is shutting down: refused, never half-done.
+#: UNAVAILABLE on reconnecting; CANCELLED from gRPC's core for a call that reaches the old
+#: connection after the stop began, or that the core stranded (stop_grpc cancels those:
+#: before it, one waited for its deadline, test_stop_race.py).
 CLEAN_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
