@@ -272,7 +272,9 @@ def _recall_params(k: int, n: int, sessions: int) -> dict[str, Any]:
         "session_ids": [f"bench-1-{(k * n + j) % sessions}" for j in range(n)],
         "lastns": [6] * n,
         "limits": [5] * n,
-        "budgets": [NO_BUDGET] * n,  # as the store sends an agent turn (lastn 6)
+        # As the store sends an agent turn (lastn 6, 5 memories): neither read is budgeted.
+        "budgets": [NO_BUDGET] * n,
+        "relevant_budgets": [NO_BUDGET] * n,
     }
 
 
