@@ -109,6 +109,11 @@ class _Wrapping:
             await abort(context, request.error)
 
 
+def _call_limit(config: Config) -> CallLimit:
+    sec = config.security
+    return CallLimit(sec.max_calls_in_flight, source(sec, "max_calls_in_flight"))
+
+
 async def _admit(limit: CallLimit, context: Context) -> None:
     try:
         limit.enter_task()
@@ -226,7 +231,7 @@ async def _build(
     wrapping = _Wrapping(
         Observer(metrics),
         AuthGate(auth or await start_authenticator(config, store)),
-        limit or CallLimit(config.security.max_calls_in_flight),
+        limit or _call_limit(config),
     )
     # No grpc.aio interceptors: each handler is wrapped once here instead (serving/handlers.py).
     server = grpc.aio.server(
@@ -319,7 +324,7 @@ async def build_http(
         tokens=await page_tokens(config, store),
         auth=auth or await start_authenticator(config, store),
         metrics=metrics or Metrics(),
-        limit=limit or CallLimit(config.security.max_calls_in_flight),
+        limit=limit or _call_limit(config),
     )
 
 
@@ -442,7 +447,7 @@ async def serve(config: Config) -> None:
         await loading
         auth = await start_authenticator(config, store)
         # One cap for the process: gRPC and HTTP calls count against it together.
-        limit = CallLimit(config.security.max_calls_in_flight)
+        limit = _call_limit(config)
         server, port, readiness = await _build(config, store, metrics, embedder, auth, limit=limit)
         http = None
         if config.http:

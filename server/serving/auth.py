@@ -190,7 +190,7 @@ async def start_authenticator(config: Config, store: Store) -> Authenticator:
             raise StartupRefused(
                 f"refusing to serve {config.host} without authentication: create an API key "
                 "(memstore keys create --project default), require client certificates "
-                "(--tls-client-ca), or pass --insecure"
+                "(--tls-client-ca), or pass --insecure (MEMSTORE_INSECURE=true)"
             )
         log.warning(
             "no API key exists: serving without authentication, every call in the default "

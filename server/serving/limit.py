@@ -22,8 +22,10 @@ class CallLimit:
     counts health checks too, so the cap is kept here, where the calls are wrapped.
     """
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, setting: str = "--max-calls-in-flight") -> None:
         self.most = most
+        #: What set `most`, named in the refusal: the flag, or the variable that set it.
+        self.setting = setting
         self.in_flight = 0
 
     def enter(self) -> None:
@@ -35,7 +37,7 @@ class CallLimit:
         if self.in_flight >= self.most:
             raise ResourceExhausted(
                 f"server overloaded: {self.most} calls are in flight "
-                "(--max-calls-in-flight); retry with backoff",
+                f"({self.setting}); retry with backoff",
                 reason="SERVER_OVERLOADED",
             )
         self.in_flight += 1

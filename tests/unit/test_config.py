@@ -278,3 +278,19 @@ def test_readme_configuration_table_matches_the_declaration() -> None:
             if declared.setting.parse is settings.parse_bool:  # argparse adds the --no- form
                 assert f"`--no-{declared.flag.removeprefix('--')}`" in row, row
         assert declared.setting.shown in row.replace("`", ""), row
+
+
+def test_the_overload_refusal_names_what_set_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.errors import ResourceExhausted
+    from server.serving.app import _call_limit
+
+    def refusal(*argv: str) -> str:
+        limit = _call_limit(config.from_arguments(_parser().parse_args(["serve", *argv])))
+        limit.enter()
+        with pytest.raises(ResourceExhausted) as refused:
+            limit.enter()
+        return str(refused.value)
+
+    assert "1 calls are in flight (--max-calls-in-flight)" in refusal("--max-calls-in-flight", "1")
+    monkeypatch.setenv("MEMSTORE_MAX_CALLS_IN_FLIGHT", "1")
+    assert "(MEMSTORE_MAX_CALLS_IN_FLIGHT)" in refusal()
