@@ -14,11 +14,11 @@ naming the field that asked for too much.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from server.api.validation import MAX_CONTENT_BYTES
-from server.domain import JsonObject, Message, Page
+from server.domain import JsonObject, Message, Page, SearchResult
 from server.errors import InvalidArgument
 from server.search.service import Memory, Searcher
 
@@ -131,19 +131,40 @@ async def read_memory(
 
 
 async def refuse_cut_recall(
-    messages: int, relevant: int, whole: Callable[[int], Awaitable[int | None]], asked: str
+    searcher: Searcher,
+    memory: Memory,
+    request: tuple[int, str, int],
+    *,
+    messages: int,
+    measure: Callable[[list[SearchResult]], int],
+    content_budget: Callable[[int], int],
+    asked: str,
 ) -> InvalidArgument:
     """The refusal of a GetMemory whose memories the store stopped reading at MAX_ANSWER_BYTES
     of their content (Memory.relevant_cut), naming the field check_answer (or
-    check_text_answer) names: the one of the larger part, lastn on a tie. `messages` and
-    `relevant` are the sizes of the window and of the memories read, by that measure. Where
-    the memories read are not already larger, `whole(messages)` reads them again only up to
-    the window's size: it returns their whole size, or None where they pass it."""
-    if relevant <= messages:
-        size = await whole(messages)
-        if size is not None and size <= messages:
+    check_text_answer) names: the one of the larger part, lastn on a tie. `messages` is the
+    window's size and `measure` the memories' by the adapter's measure; `request` is
+    (project_id, session_id, relevant_limit). Where the memories read are not already larger,
+    they are read again only up to `content_budget(messages)` bytes of content, enough to
+    tell whether they pass the window's size."""
+    if measure(memory.relevant) <= messages:
+        project_id, session_id, relevant_limit = request
+        again = await searcher.get_memory(
+            project_id,
+            session_id,
+            0,
+            relevant_limit,
+            budget=None,
+            relevant_budget=content_budget(messages),
+        )
+        if not again.relevant_cut and measure(again.relevant) <= messages:
             return refuse_cut_answer("lastn", asked)
     return refuse_cut_answer("relevant_limit", asked)
+
+
+def recall_text_size(results: Iterable[SearchResult]) -> int:
+    """text_size of memories."""
+    return text_size(r.message for r in results)
 
 
 def check_answer(response: Any, asked: str, **fields: str) -> None:

@@ -16,7 +16,15 @@ from server.api.search import SearchServicer, add_results, relevant_limit
 from server.api.status import unary_errors
 from server.api.tokens import PageTokens
 from server.api.users import metadata_change
-from server.domain import Message, MetadataChange, NewMessage, Session, SessionQuery, TimeKey
+from server.domain import (
+    Message,
+    MetadataChange,
+    NewMessage,
+    SearchResult,
+    Session,
+    SessionQuery,
+    TimeKey,
+)
 from server.search.service import Searcher
 from server.store import Store
 
@@ -158,10 +166,13 @@ class SessionServicer(  # type: ignore[misc]
         add_results(response.relevant_messages, memory.relevant)
         if memory.relevant_cut:
             raise await answer_size.refuse_cut_recall(
-                _rows_size(response.messages),
-                _rows_size(response.relevant_messages),
-                lambda size: self._relevant_size(project, request.session_id, recall, size),
-                f"the last {len(memory.messages)} messages and {recall} memories",
+                self._searcher,
+                memory,
+                (project, request.session_id, recall),
+                messages=_rows_size(response.messages),
+                measure=_results_size,
+                content_budget=lambda size: size + 1,  # content is part of each row
+                asked=f"the last {len(memory.messages)} messages and {recall} memories",
             )
         answer_size.check_answer(
             response,
@@ -170,20 +181,6 @@ class SessionServicer(  # type: ignore[misc]
             relevant_limit="relevant_messages",
         )
         return response
-
-    async def _relevant_size(
-        self, project: int, session_id: str, recall: int, budget: int
-    ) -> int | None:
-        # GetMemory's memories alone, read again up to `budget` bytes: their size as
-        # check_answer measures it (each above its content), None when they pass it.
-        memory = await self._searcher.get_memory(
-            project, session_id, 0, recall, budget=None, relevant_budget=budget + 1
-        )
-        if memory.relevant_cut:
-            return None
-        response = pb.GetMemoryResponse()
-        add_results(response.relevant_messages, memory.relevant)
-        return _rows_size(response.relevant_messages)
 
     @unary_errors
     async def ListMessages(
@@ -250,6 +247,13 @@ class SessionServicer(  # type: ignore[misc]
 def _rows_size(rows: Iterable[Any]) -> int:
     # A repeated field's rows as check_answer weighs them.
     return sum(row.ByteSize() for row in rows)
+
+
+def _results_size(results: list[SearchResult]) -> int:
+    # GetMemory's memories as check_answer weighs them in its answer.
+    response = pb.GetMemoryResponse()
+    add_results(response.relevant_messages, results)
+    return _rows_size(response.relevant_messages)
 
 
 def _require_session_id(session_id: str) -> None:

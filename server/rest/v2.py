@@ -166,24 +166,16 @@ async def get_memory(request: Request) -> Response:
     searcher = services(request).searcher
     memory = await answer_size.read_memory(searcher, project(request), session_id, lastn, recall)
     if memory.relevant_cut:
-
-        async def relevant_size(size: int) -> int | None:
-            # The memories alone, read again: at most 4 bytes of UTF-8 a character, so past
-            # 4 * size + 4 bytes their text holds more than `size` characters.
-            again = await searcher.get_memory(
-                project(request), session_id, 0, recall, budget=None, relevant_budget=4 * size + 4
-            )
-            return (
-                None
-                if again.relevant_cut
-                else answer_size.text_size(r.message for r in again.relevant)
-            )
-
         raise await answer_size.refuse_cut_recall(
-            answer_size.text_size(memory.messages),
-            answer_size.text_size(r.message for r in memory.relevant),
-            relevant_size,
-            f"the last {len(memory.messages)} messages and {recall} memories",
+            searcher,
+            memory,
+            (project(request), session_id, recall),
+            messages=answer_size.text_size(memory.messages),
+            measure=answer_size.recall_text_size,
+            # At most 4 bytes of UTF-8 a character: past 4 * size + 4 bytes their text holds
+            # more than `size` characters.
+            content_budget=lambda size: 4 * size + 4,
+            asked=f"the last {len(memory.messages)} messages and {recall} memories",
         )
     answer_size.check_text_answer(
         f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
