@@ -6,7 +6,8 @@ made the loop's next write block, and with it every call in flight. Records now 
 bounded queue to a writer thread; while stderr is stalled the queue fills, and past
 `CAPACITY` records are dropped and counted, never waited for. When the writer gets through
 again it first writes one WARNING saying how many were dropped; the count is also the
-`memstore_log_records_dropped` counter (docs/reliability.md "A stalled log").
+`memstore_log_records_dropped` counter (docs/reliability.md, the promise of a log consumer
+that stops reading).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 
 #: Records waiting for the writer at most (an access line is about 300 bytes as a record,
 #: so at most a few MB while stderr is stalled); more are dropped and counted.
@@ -31,7 +33,9 @@ class OffLoopHandler(logging.Handler):
     thread starts with the first record in each process, so a forked worker gets its own.
     """
 
-    def __init__(self, target: logging.Handler, resolve: dict[str, object] | None = None) -> None:
+    def __init__(
+        self, target: logging.Handler, resolve: dict[str, Callable[[], object]] | None = None
+    ) -> None:
         super().__init__()
         self._target = target
         # The target's formatter is this handler's: logging.basicConfig gives a handler
@@ -82,7 +86,7 @@ class OffLoopHandler(logging.Handler):
             ready.exc_info = None
         for name, value in self._resolve.items():
             if not getattr(ready, name, None):
-                setattr(ready, name, value())  # type: ignore[operator]
+                setattr(ready, name, value())
         return ready
 
     def _start_writer(self) -> None:
