@@ -69,10 +69,30 @@ def add_memory_statement(*, citus: bool, guarded: bool = False) -> sql.SQL:
     batch's transaction."""
     count = sql.SQL("") if citus else query("add_memory_count")
     guard = query("add_memory_guard") if guarded else sql.SQL("")
-    statement = query("add_memory").format(count_session=count, guard=guard).as_string(None)
-    return sql.SQL(compact(statement))
+    statement = query("add_memory").format(
+        count_session=count, guard=guard, upsert=query("add_memory_upsert")
+    )
+    return sql.SQL(compact(statement.as_string(None)))
 
 
+#: AddMemory's session on Citus (add_memory_citus).
+ADD_MEMORY_SESSION_CITUS = sql.SQL(
+    compact(
+        query("add_memory_session_citus").format(upsert=query("add_memory_upsert")).as_string(None)
+    )
+)
+
+
+@cache
+def add_memory_rows_citus(name: str, row: str, count: int) -> sql.SQL:
+    """add_memory_messages_citus or add_memory_queue_citus (`name`) for `count` rows of
+    VALUES, each `row` with its parameters numbered."""
+    rows = sql.SQL(", ").join(query(row).format(i=sql.SQL(str(i))) for i in range(count))
+    return sql.SQL(compact(query(name).format(rows=rows).as_string(None)))
+
+
+#: By engine, as bench/session_counts.py swaps them; the store runs the False one only (on
+#: Citus, add_memory_citus).
 _ADD_MEMORY = {citus: add_memory_statement(citus=citus) for citus in (False, True)}
 _ADD_MEMORY_GUARDED = add_memory_statement(citus=False, guarded=True)
 
@@ -229,16 +249,15 @@ class MessageMethods(StoreBase):
         no_user = factory(no_such_user(call.user_id))
         # On Citus no foreign key checks the named user: the store does, in the transaction,
         # and counts a session the call made for it there too (count_live_sessions).
-        owner = call.user_id if self.citus else None
-        statement = _ADD_MEMORY[self.citus]
-        async with self._connect(
-            foreign_key=no_user, field="messages", single=owner is None
-        ) as conn:
-            if owner is None:
-                return await _append(conn, statement, call.params)
-            await lock_session_owner(conn, call.params["project_id"], owner)
-            found = await _append_in_transaction(conn, statement, call.params)
-            if found and found[0]["inserted"]:
+        if not self.citus:
+            async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:
+                return await _append(conn, _ADD_MEMORY[False], call.params)
+        owner = call.user_id
+        async with self._connect(foreign_key=no_user, field="messages") as conn:
+            if owner is not None:
+                await lock_session_owner(conn, call.params["project_id"], owner)
+            found = await add_memory_citus(conn, call.params)
+            if owner is not None and found and found[0]["inserted"]:
                 await count_live_sessions(conn, call.params["project_id"], owner, 1)
             return found
 
@@ -256,7 +275,10 @@ class MessageMethods(StoreBase):
             if self.citus and call.user_id is not None:
                 await lock_session_owner(conn, project_id, call.user_id)
             before = await fetch_one(conn, "lock_session_for_revival", params)
-            found = await _append_in_transaction(conn, _ADD_MEMORY[self.citus], params)
+            if self.citus:
+                found = await add_memory_citus(conn, params)
+            else:
+                found = await _append_in_transaction(conn, _ADD_MEMORY[False], params)
             if not found:
                 return found
             owner = found[0]["user_id"]
@@ -436,6 +458,87 @@ async def _append_in_transaction(
         if _is_uuid_key(exc):
             raise _UuidRace from exc
         raise
+
+
+async def add_memory_citus(conn: AsyncConnection[Any], params: Params) -> list[Row]:
+    """add_memory on Citus, in the caller's transaction: the rows add_memory answers, from
+    router statements on the session's one shard.
+
+    Citus plans no INSERT inside a CTE on one shard: add_memory ran there as ~8 subplans over
+    intermediate results, each a round trip between coordinator and worker (docs/scaling.md,
+    "AddMemory on Citus"). Here: the messages the session holds (a retry), the session's
+    upsert for the others, then their rows and their queue rows, each one router statement.
+    A uuid a concurrent call committed meanwhile fails the insert on its key (_UuidRace: the
+    caller runs the transaction again, as for add_memory).
+    """
+    held = await fetch_all(conn, "add_memory_held_citus", params)
+    taken = {int(row["ord"]) for row in held}
+    differs = any(row["differs"] for row in held)
+    fresh = [] if differs else [i for i in range(len(params["uuids"])) if i + 1 not in taken]
+    session = await fetch_one(conn, ADD_MEMORY_SESSION_CITUS, {**params, "n": len(fresh)})
+    if session is None:
+        return []
+    answer = {int(row["ord"]): _held_row(row) for row in held}
+    if fresh:
+        first = int(session["next_sequence"]) - len(fresh)
+        numbered = _numbered_messages(params, fresh, first)
+        statement = add_memory_rows_citus(
+            "add_memory_messages_citus", "add_memory_message_citus", len(fresh)
+        )
+        values = {**numbered, "at": session["last_message_at"], **key_of(params)}
+        try:
+            made = await fetch_all(conn, statement, values)
+        except pg.UniqueViolation as exc:
+            if _is_uuid_key(exc):
+                raise _UuidRace from exc
+            raise
+        for i, row in zip(fresh, made, strict=True):
+            answer[i + 1] = {f"m_{k}": v for k, v in row.items()} | {
+                "m_ord": i + 1,
+                "m_differs": False,
+            }
+        if params["embed"]:
+            queued = len(fresh) if not params["per_turn"] else 1
+            due = {f"sequence_{j}": first + len(fresh) - queued + j for j in range(queued)}
+            queue = add_memory_rows_citus("add_memory_queue_citus", "add_memory_due_citus", queued)
+            await conn.execute(queue, {**due, **key_of(params)})
+    if not answer:
+        return [{**session, **dict.fromkeys(_HELD_COLUMNS)}]
+    return [{**session, **answer[ord_]} for ord_ in sorted(answer)]
+
+
+_HELD_COLUMNS = tuple(
+    f"m_{c}"
+    for c in (
+        *("ord", "differs", "uuid", "sequence", "role", "role_type", "content"),
+        *("metadata", "created_at", "updated_at"),
+    )
+)
+
+
+def _held_row(row: Row) -> Row:
+    return {f"m_{k}": v for k, v in row.items()}
+
+
+def key_of(params: Params) -> dict[str, Any]:
+    """The project and session of an AddMemory call's parameters."""
+    return {"project_id": params["project_id"], "session_id": params["session_id"]}
+
+
+def _numbered_messages(params: Params, fresh: list[int], first: int) -> dict[str, Any]:
+    # add_memory_message_citus's parameters for the request's messages `fresh` (indexes),
+    # taking the sequences from `first` on.
+    numbered: dict[str, Any] = {}
+    for j, i in enumerate(fresh):
+        numbered |= {
+            f"sequence_{j}": first + j,
+            f"uuid_{j}": params["uuids"][i],
+            f"role_{j}": params["roles"][i],
+            f"role_type_{j}": params["role_types"][i],
+            f"content_{j}": params["contents"][i],
+            f"metadata_{j}": params["metadatas"][i],
+        }
+    return numbered
 
 
 async def _rerun_on_uuid_race(run: Callable[[], Awaitable[list[Row]]]) -> list[Row]:

@@ -101,6 +101,20 @@ VALUES: dict[str, Any] = {
     "revive": False,
     "delta": 1,
     "deltas": [1],
+    "n": 2,
+    "at": _NOW,
+    **{
+        f"{name}_{i}": value
+        for i in range(2)
+        for name, value in (
+            ("sequence", i + 1),
+            ("uuid", uuid.UUID(int=i + 1)),
+            ("role", "user"),
+            ("role_type", "user"),
+            ("content", "hello"),
+            ("metadata", Jsonb({})),
+        )
+    },
 }
 
 
@@ -131,10 +145,18 @@ async def task_counts_with(
     conn: AsyncConnection[Any], statement: sql.Composable, params: dict[str, Any]
 ) -> list[int]:
     """task_counts with parameters of the caller's choosing."""
+    plan = await explain(conn, statement, params)
+    return [int(n) for n in re.findall(r'"Task Count": (\d+)', plan)]
+
+
+async def explain(
+    conn: AsyncConnection[Any], statement: sql.Composable, params: dict[str, Any]
+) -> str:
+    """The statement's plan on the cluster (EXPLAIN, not run), as JSON text."""
     cur = await conn.execute(
         sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement), params, prepare=False
     )
     row = await cur.fetchone()
     assert row is not None
     plan = row[0] if not isinstance(row[0], str) else json.loads(row[0])
-    return [int(n) for n in re.findall(r'"Task Count": (\d+)', json.dumps(plan))]
+    return json.dumps(plan)

@@ -20,17 +20,26 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from server.domain import SessionQuery
+from server.domain import DEFAULT_PROJECT_ID, NewMessage, SessionQuery
 from server.store import Store
-from server.store.messages import add_memory_statement, memory_window
+from server.store.db import StoreCursor
+from server.store.messages import (
+    ADD_MEMORY_SESSION_CITUS,
+    add_memory_rows_citus,
+    add_memory_statement,
+    memory_window,
+)
 from server.store.queries import query
 from server.store.search import budgeted_ranking, kept_recall_statement, recall_statement
 from server.store.sessions import list_sessions_statements
-from tests.citus.plans import named_statements, task_counts, task_counts_with
+from tests.citus.plans import explain, named_statements, task_counts, task_counts_with
 
 #: Statements of calls naming one session or one user: one shard (a router plan).
 ONE_SHARD = {
-    "add_memory": "AddMemory",
+    "add_memory_held_citus": "AddMemory: the request's messages the session holds",
+    "add_memory_session_citus": "AddMemory: the session made or appended to",
+    "add_memory_messages_citus": "AddMemory: the new messages",
+    "add_memory_queue_citus": "AddMemory: the new messages' queue rows",
     "get_memory": "GetMemory",
     "get_memory_budgeted": "GetMemory of a lastn past 17, read up to the answer's bytes",
     "list_messages": "ListMessages",
@@ -125,6 +134,8 @@ REFERENCE = {
 #: Statements only plain PostgreSQL runs: on Citus the store runs the *_citus variant (or,
 #: for lock_embedded_sessions, nothing: docs/scaling.md).
 PLAIN_ONLY = {
+    # One statement of INSERT CTEs, ~8 subplans on Citus: add_memory_citus runs its steps.
+    "add_memory",
     "lock_user_sessions",
     "purge_messages",
     "purge_sessions",
@@ -157,6 +168,7 @@ _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
     *("get_memories_recall", "recall_kept_keys_citus", "get_memory"),
     *("kept_recall", "kept_recall_budgeted"),
+    *("add_memory_session_citus", "add_memory_messages_citus", "add_memory_queue_citus"),
 }
 _SEARCH = (
     *("search_full_text", "search_semantic", "search_hybrid", "count_unembedded"),
@@ -171,8 +183,12 @@ def _statements() -> dict[str, sql.Composable]:
         if name.startswith(_NOT_DISTRIBUTED_PREFIXES) or name in _TEMPLATES or name in _SEARCH:
             continue
         found[name] = query(name)
-    # AddMemory as the store runs it on Citus (its plain-PostgreSQL form also counts).
-    found["add_memory"] = add_memory_statement(citus=True)
+    found["add_memory"] = add_memory_statement(citus=False)
+    found["add_memory_session_citus"] = ADD_MEMORY_SESSION_CITUS
+    for name, row in (("messages", "message"), ("queue", "due")):
+        found[f"add_memory_{name}_citus"] = add_memory_rows_citus(
+            f"add_memory_{name}_citus", f"add_memory_{row}_citus", 2
+        )
     page, count, _ = list_sessions_statements(SessionQuery(), None)
     found["list_sessions"], found["count_sessions"] = page, count
     for name in ("get_memories_recall", "recall_kept_keys_citus"):
@@ -311,3 +327,43 @@ async def test_kept_recall_reaches_only_the_shards_of_the_sessions_it_names(
         await conn.execute("RESET client_min_messages")
         shards = {int(n) for n in re.findall(r"messages_(\d+) ", " ".join(remote))}
         assert shards == {shard_of[s] for s in sessions[3:5]}, remote
+
+
+async def test_add_memory_runs_router_statements_without_subplans(
+    citus_url: str, citus_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every statement AddMemory runs on the cluster, on each of its paths (a new session with
+    # and without a user, an append with a retried message, a revival), planned as one job of
+    # one task: no subplan over intermediate results, each a round trip between coordinator
+    # and worker (docs/scaling.md, "AddMemory on Citus").
+    ran: list[tuple[Any, Any]] = []
+    execute = StoreCursor.execute
+
+    async def recording(self: StoreCursor, query: Any, params: Any = None, **kw: Any) -> Any:
+        ran.append((query, params))
+        return await execute(self, query, params, **kw)
+
+    def msg(content: str, uuid: str | None = None) -> NewMessage:
+        return NewMessage(role="u", role_type="user", content=content, metadata={}, uuid=uuid)
+
+    p, kept = DEFAULT_PROJECT_ID, "00000000-0000-0000-0000-00000000a001"
+    await citus_store.create_user(p, "routed-user", "", "", "", {})
+    monkeypatch.setattr(StoreCursor, "execute", recording)
+    await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("b")])
+    await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("c")])
+    await citus_store.add_memory(p, "routed-2", "routed-user", [msg("a", None)])
+    monkeypatch.setattr(StoreCursor, "execute", execute)
+    await citus_store.delete_session(p, "routed-2")
+    monkeypatch.setattr(StoreCursor, "execute", recording)
+    await citus_store.add_memory(p, "routed-2", "routed-user", [msg("revived")])
+    monkeypatch.undo()
+    assert ran
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+        for statement, params in ran:
+            text = statement if isinstance(statement, str) else statement.as_string(conn)
+            if re.match(r"\s*(BEGIN|COMMIT|ROLLBACK|SET|SAVEPOINT)\b", text, re.I):
+                continue
+            plan = await explain(conn, sql.SQL(text), params or {})
+            counts = [int(n) for n in re.findall(r'"Task Count": (\d+)', plan)]
+            whole = counts == [1] and '"Subplans"' not in plan and "INSERT/SELECT" not in plan
+            assert whole, f"{counts}: {text[:300]}"

@@ -40,31 +40,7 @@ WITH t AS (
            n.n + 1
     FROM n, (SELECT clock_timestamp() AS now) AS t
     {guard}
-    -- excluded.message_count is the number of messages appended: with none (a pure retry)
-    -- the session stays as it is, deleted or not.
-    ON CONFLICT (project_id, session_id) DO UPDATE SET
-        next_sequence = s.next_sequence + excluded.message_count,
-        message_count = CASE WHEN excluded.message_count = 0 THEN s.message_count
-                             WHEN s.deleted_at IS NULL
-                                 THEN s.message_count + excluded.message_count
-                             ELSE excluded.message_count END,
-        deleted_at = CASE WHEN excluded.message_count = 0 THEN s.deleted_at END,
-        -- The insert's time, raised under the row lock to the session's last one, so
-        -- created_at never goes back as the sequence grows (excluded.updated_at is the
-        -- clock_timestamp() taken above: Citus allows no function here but an immutable
-        -- one). updated_at is that time too, or just after the session's last change
-        -- (memstore_touch, as update_user).
-        last_message_at = CASE WHEN excluded.message_count = 0 THEN s.last_message_at
-                               ELSE greatest(excluded.updated_at, s.last_message_at) END,
-        updated_at = CASE WHEN excluded.message_count = 0 THEN s.updated_at
-                          ELSE memstore_touch(greatest(excluded.updated_at, s.last_message_at),
-                                              s.updated_at) END
-    WHERE (%(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text)
-      AND (%(revive)s OR s.deleted_at IS NULL OR excluded.message_count = 0)
-    -- xmax is 0 in a row version this statement inserted (not in one it updated).
-    RETURNING s.project_id, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
-              s.deleted_at, s.message_count, s.last_message_at, s.next_sequence,
-              s.xmax = '0'::xid AS inserted
+    {upsert}
 ), {count_session} m AS (
     INSERT INTO messages AS m (project_id, session_id, sequence, uuid, role, role_type,
                                content, metadata, created_at, updated_at)
@@ -101,6 +77,36 @@ FROM s LEFT JOIN (
 ) r ON true
 ORDER BY r.m_ord;
 
+-- add_memory_upsert --
+-- The session's side of add_memory and add_memory_session_citus, inserting n messages
+-- (excluded.message_count) at the time excluded.updated_at: the session made, or appended to
+-- under its row lock.
+-- excluded.message_count is the number of messages appended: with none (a pure retry)
+-- the session stays as it is, deleted or not.
+ON CONFLICT (project_id, session_id) DO UPDATE SET
+    next_sequence = s.next_sequence + excluded.message_count,
+    message_count = CASE WHEN excluded.message_count = 0 THEN s.message_count
+                         WHEN s.deleted_at IS NULL
+                             THEN s.message_count + excluded.message_count
+                         ELSE excluded.message_count END,
+    deleted_at = CASE WHEN excluded.message_count = 0 THEN s.deleted_at END,
+    -- The insert's time, raised under the row lock to the session's last one, so
+    -- created_at never goes back as the sequence grows (excluded.updated_at is the
+    -- statement's clock, read once: Citus allows no function here but an immutable
+    -- one). updated_at is that time too, or just after the session's last change
+    -- (memstore_touch, as update_user).
+    last_message_at = CASE WHEN excluded.message_count = 0 THEN s.last_message_at
+                           ELSE greatest(excluded.updated_at, s.last_message_at) END,
+    updated_at = CASE WHEN excluded.message_count = 0 THEN s.updated_at
+                      ELSE memstore_touch(greatest(excluded.updated_at, s.last_message_at),
+                                          s.updated_at) END
+WHERE (%(user_id)s::text IS NULL OR s.user_id IS NOT DISTINCT FROM %(user_id)s::text)
+  AND (%(revive)s OR s.deleted_at IS NULL OR excluded.message_count = 0)
+-- xmax is 0 in a row version this statement inserted (not in one it updated).
+RETURNING s.project_id, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
+          s.deleted_at, s.message_count, s.last_message_at, s.next_sequence,
+          s.xmax = '0'::xid AS inserted
+
 -- add_memory_guard --
 -- add_memory's {guard} for a call that shares its batch's transaction and names a user: the
 -- statement appends to a live session only and never makes one, so it never takes the lock
@@ -126,6 +132,56 @@ counted AS (
                                         AND u.user_id = s.user_id FOR KEY SHARE)
     ON CONFLICT (project_id, user_id) DO UPDATE SET session_count = c.session_count + 1
 ),
+
+-- add_memory_held_citus --
+-- AddMemory on Citus, the first of its router statements (add_memory_citus in
+-- store/messages.py): Citus plans no INSERT in a CTE on one shard, and ran add_memory as ~8
+-- subplans over intermediate results, each a round trip to the worker. The request's
+-- messages already in the session, as add_memory's `old`.
+SELECT t.ord, (m.role, m.role_type, m.content) IS DISTINCT FROM
+              (t.role, t.role_type, t.content) AS differs,
+       m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata, m.created_at,
+       m.updated_at
+FROM unnest(%(uuids)b::uuid[], %(roles)b::text[], %(role_types)b::text[],
+            %(contents)b::text[]) WITH ORDINALITY AS t(uuid, role, role_type, content, ord)
+JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = %(session_id)s
+               AND m.uuid = t.uuid;
+
+-- add_memory_session_citus --
+-- add_memory's session, for %(n)s new messages, as one row of VALUES (a router insert).
+-- statement_timestamp() is the clock read once: add_memory's clock_timestamp() three times
+-- would give a new session three times.
+INSERT INTO sessions AS s (project_id, session_id, user_id, created_at, updated_at,
+                           message_count, last_message_at, next_sequence)
+VALUES (%(project_id)s, %(session_id)s, %(user_id)s::text, statement_timestamp(),
+        statement_timestamp(), %(n)s, statement_timestamp(), %(n)s + 1)
+{upsert};
+
+-- add_memory_messages_citus --
+-- add_memory's new messages, as rows of VALUES (add_memory_message_citus each): an INSERT
+-- ... SELECT from unnest is pulled to the coordinator.
+INSERT INTO messages AS m (project_id, session_id, sequence, uuid, role, role_type, content,
+                           metadata, created_at, updated_at)
+VALUES {rows}
+RETURNING m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata, m.created_at,
+          m.updated_at;
+
+-- add_memory_message_citus --
+-- One row of add_memory_messages_citus: {i} numbers its parameters.
+(%(project_id)s, %(session_id)s, %(sequence_{i})s, %(uuid_{i})s::uuid, %(role_{i})s,
+ %(role_type_{i})s, %(content_{i})s,
+ CASE WHEN %(metadata_{i})s::jsonb = '{{}}' THEN %(metadata_{i})s::jsonb
+      ELSE memstore_merge_patch('{{}}', %(metadata_{i})s::jsonb) END,
+ %(at)s, %(at)s)
+
+-- add_memory_queue_citus --
+-- add_memory's due rows (the new messages waiting for the embedding worker), as rows of
+-- VALUES (add_memory_due_citus each).
+INSERT INTO embedding_queue (project_id, session_id, sequence) VALUES {rows};
+
+-- add_memory_due_citus --
+-- One row of add_memory_queue_citus.
+(%(project_id)s, %(session_id)s, %(sequence_{i})s)
 
 -- get_memory --
 -- A live session joined to its last `lastn` live messages, oldest first. {window} is
