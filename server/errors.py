@@ -84,6 +84,12 @@ class DeadlineExceeded(MemstoreError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class RequestTimeout(DeadlineExceeded):
+    """An HTTP request's head or body did not arrive in the time the server allows it."""
+
+    default_reason = "REQUEST_TIMEOUT"
+
+
 class UnreadableValue(MemstoreError):
     """A value stored in the database cannot be read into Python (e.g. a time past 9999).
 
@@ -109,3 +115,9 @@ class RequestTooLarge(ResourceExhausted):
     """The request is larger than the server accepts (16 MiB)."""
 
     default_reason = "REQUEST_TOO_LARGE"
+
+
+class RequestHeadTooLarge(RequestTooLarge):
+    """An HTTP request's head (request line and headers) is larger than the server reads."""
+
+    default_reason = "REQUEST_HEAD_TOO_LARGE"

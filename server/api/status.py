@@ -19,6 +19,8 @@ from server.errors import (
     InvalidArgument,
     MemstoreError,
     NotFound,
+    RequestHeadTooLarge,
+    RequestTimeout,
     RequestTooLarge,
     ResourceExhausted,
     Unauthenticated,
@@ -45,6 +47,9 @@ _CODES: dict[type[MemstoreError], tuple[grpc.StatusCode, int]] = {
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     RequestTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    # Only Zep's REST API refuses these (server/rest/protocol.py): gRPC's core bounds its own.
+    RequestHeadTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 431),
+    RequestTimeout: (grpc.StatusCode.DEADLINE_EXCEEDED, 408),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     # A stored row the driver cannot read: the request was fine, so not INVALID_ARGUMENT.
     UnreadableValue: (grpc.StatusCode.INTERNAL, 500),

@@ -8,6 +8,7 @@ which Zep's 2.x SDKs parse), unknown routes (404) and wrong methods (405) too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ from starlette.types import Message, Receive, Scope, Send
 from server.api.status import http_status
 from server.api.tokens import PageTokens
 from server.errors import InvalidArgument, MemstoreError, RequestTooLarge
+from server.rest import protocol
 from server.rest.media import ENCODING_REASON
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
@@ -414,12 +416,20 @@ def path_value(value: str) -> str:
 
 
 def _capped(receive: Receive) -> Receive:
-    """`receive` that raises RequestTooLarge once the body passes MAX_BODY_BYTES."""
+    """`receive` that raises RequestTooLarge once the body passes MAX_BODY_BYTES, and
+    RequestTimeout once it arrives slower than server/rest/protocol.py allows: a body that
+    stopped half-way held its call (and its share of --max-calls-in-flight) for good."""
     seen = 0
+    start = asyncio.get_running_loop().time()
 
     async def capped() -> Message:
         nonlocal seen
-        message = await receive()
+        deadline = start + protocol.BODY_SECONDS + seen / protocol.BODY_MIN_RATE
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise protocol.body_timeout() from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > MAX_BODY_BYTES:

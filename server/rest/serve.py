@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from server.config import Config, SecurityConfig
+from server.rest.protocol import BoundedHttpProtocol
 from server.serving.ports import bind
 from server.settings import source
 
@@ -120,7 +121,7 @@ def http_server(config: Config, app: Any) -> HttpServer:
         log_config=None,
         access_log=False,  # server/rest/app.py writes memstore's own access lines
         server_header=False,
-        http="httptools",
+        http=BoundedHttpProtocol,
         timeout_graceful_shutdown=max(int(config.grace_period), 1),
         **_tls(config.security),
     )

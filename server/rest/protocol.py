@@ -1,0 +1,140 @@
+"""The HTTP connection: uvicorn's httptools protocol with bounds on a request's head and body.
+
+uvicorn bounds neither. A connection that never finished a request's head was held for as
+long as the client liked (no bytes at all, or a header byte now and then: each byte stops
+uvicorn's keep-alive timer), and header lines were kept without limit before the app saw the
+request, so before authentication: 200 MB of them took the server's RSS from 95 to 330 MB
+over one connection (tests/rest/test_slow_clients.py). Bounds in the manner of Apache's
+mod_reqtimeout: the head within HEAD_SECONDS and MAX_HEAD_BYTES; the body (RestApp reads it,
+server/rest/app.py) within BODY_SECONDS plus one second per BODY_MIN_RATE bytes received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.api.status import http_status
+from server.errors import MemstoreError, RequestHeadTooLarge, RequestTimeout
+
+#: The most bytes of a request's head (request line and headers) read before it is refused;
+#: Zep's SDKs send a few hundred. One read more (up to 256 KiB) may pass it before it is seen.
+MAX_HEAD_BYTES = 64 * 1024
+#: Seconds a request's head may take to arrive, from the connection's start or the end of
+#: the answer before it.
+HEAD_SECONDS = 20.0
+#: Seconds a request's body may take to arrive, before BODY_MIN_RATE extends it.
+BODY_SECONDS = 20.0
+#: Bytes of body per second of extra time: a 16 MiB body may take 20 s + 2,048 s.
+BODY_MIN_RATE = 8 * 1024
+
+
+def head_too_large() -> RequestHeadTooLarge:
+    """The refusal of a head past MAX_HEAD_BYTES."""
+    return RequestHeadTooLarge(
+        f"the request head (request line and headers) is larger than {MAX_HEAD_BYTES} bytes"
+    )
+
+
+def body_timeout() -> RequestTimeout:
+    """The refusal of a body that arrives slower than BODY_SECONDS and BODY_MIN_RATE allow."""
+    return RequestTimeout(
+        f"the request body did not arrive in time: {BODY_SECONDS:g} s, plus 1 s per "
+        f"{BODY_MIN_RATE} bytes received",
+        reason="REQUEST_BODY_TIMEOUT",
+    )
+
+
+def error_bytes(error: MemstoreError) -> bytes:
+    """A whole HTTP answer of `error` (JSON, as every answer) that closes the connection."""
+    status = http_status(error)
+    body = json.dumps({"message": error.message, "reason": error.reason}).encode()
+    head = (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """httptools' protocol refusing a head past MAX_HEAD_BYTES (431) and closing a
+    connection whose head does not arrive within HEAD_SECONDS (408 once it began)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Between a request's first byte and the end of its headers.
+        self._in_head = False
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        in_head = self._in_head
+        super().data_received(data)
+        # Only a read that neither began nor ended a head is counted whole: one that
+        # began or ended it may carry the end of a body or the start of one. A head is
+        # thus refused at most two reads (of up to 256 KiB) past the limit.
+        if in_head and self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(head_too_large())
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        next_waits = bool(self.pipeline)
+        super().on_response_complete()
+        if not next_waits and not self.transport.is_closing():
+            # The next head's time starts now; a body the answer left unread (a refusal
+            # before it was read) is not a head, and is closed with the connection.
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(
+                RequestTimeout(
+                    f"the request head did not arrive within {HEAD_SECONDS:g} s",
+                    reason="REQUEST_HEAD_TIMEOUT",
+                )
+            )
+        else:
+            self.transport.close()  # nothing begun: closed as an idle kept-alive connection
+
+    def _refuse(self, error: MemstoreError) -> None:
+        # Answered only where no other answer is being written on this connection.
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(error_bytes(error))
+        self.transport.close()
+        self._disarm_head_timer()

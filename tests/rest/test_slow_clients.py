@@ -1,0 +1,170 @@
+"""Clients that send a request head without end, or too slowly: the REST port bounds both.
+
+uvicorn bounds neither: an idle connection, a head trickled a byte at a time and a body that
+stops half-way were each held for as long as the client liked, and header lines were kept
+without limit (200 MB of them took the server's RSS from 95 to 330 MB, one connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from server.config import Config
+from server.rest import protocol
+from server.serving.app import build_http
+from server.serving.limit import CallLimit
+from server.serving.observability import Metrics
+from server.store import Store
+from tests.polling import until
+
+pytestmark = pytest.mark.usefixtures("clean_db")
+
+
+@contextlib.asynccontextmanager
+async def _server(store: Store, limit: CallLimit | None = None) -> AsyncIterator[int]:
+    server = await build_http(
+        Config(host="127.0.0.1", http_port=0, embedder="none"), store, Metrics(), limit=limit
+    )
+    await server.start()
+    try:
+        yield server.port
+    finally:
+        await server.stop(None)
+
+
+async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closed the connection (reading what it answered first)."""
+    try:
+        await asyncio.wait_for(reader.read(), timeout=0.05)
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    return reader.at_eof()
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
+    """Status and JSON body of the one answer the server sent before closing."""
+    raw = await asyncio.wait_for(reader.read(), timeout=30)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+async def test_a_request_head_past_the_limit_is_431_and_no_more_is_read(store: Store) -> None:
+    line = b"X-Filler: " + b"f" * 990 + b"\r\n"
+    async with _server(store) as port:
+        reader, writer = await _connect(port)
+        answer = asyncio.create_task(_answer(reader))
+        writer.write(b"GET /api/v2/users/u HTTP/1.1\r\nHost: a\r\n")
+        sent = 0
+        with contextlib.suppress(ConnectionError):  # closed once it answered
+            while not answer.done() and sent < 4 * protocol.MAX_HEAD_BYTES // len(line):
+                writer.write(line * 4)  # header lines a few at a time, as a slow sender's
+                await writer.drain()
+                await asyncio.sleep(0.001)
+                sent += 4
+        status, body = await answer
+        assert status == 431 and body["reason"] == "REQUEST_HEAD_TOO_LARGE"
+        assert str(protocol.MAX_HEAD_BYTES) in str(body["message"])
+        writer.close()
+
+        # One header value without end is refused too (httptools keeps a value whole before
+        # handing it over), and the server stops reading: the sender is cut off long before
+        # it has sent 64 MiB, which the server took in whole before.
+        reader, writer = await _connect(port)
+        writer.write(b"GET /api/v2/users/u HTTP/1.1\r\nHost: a\r\nX-Long: ")
+        sent = 0
+        with pytest.raises(ConnectionError):
+            while sent < 64 << 20:
+                writer.write(b"v" * (1 << 20))
+                await writer.drain()
+                sent += 1 << 20
+        assert sent < 16 << 20
+        writer.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/api/v2/users/u")).status_code == 404  # still serving
+
+
+async def test_a_head_not_complete_in_time_closes_the_connection(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "HEAD_SECONDS", 0.5)
+    async with _server(store) as port:
+        idle_reader, idle = await _connect(port)  # sends nothing at all
+        half_reader, half = await _connect(port)
+        half.write(b"GET /api/v2/users/u HTTP/1.1\r\nHost: a\r\n")
+        # A kept-alive connection whose next head trickles in after an answer.
+        kept_reader, kept = await _connect(port)
+        kept.write(b"GET /api/v2/users/u HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await kept_reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 404")
+        kept.write(b"GET /api/v2/users/u HTTP/1.1\r\n")
+
+        async def trickle() -> None:
+            # One header byte each 0.1 s: each byte lets uvicorn's 5 s keep-alive timer go.
+            while not kept.is_closing():
+                kept.write(b"X")
+                await asyncio.sleep(0.1)
+
+        trickling = asyncio.create_task(trickle())
+        try:
+            assert await until(lambda: _closed(idle_reader), within=30)
+            status, body = await _answer(half_reader)  # then closed
+            assert status == 408 and body["reason"] == "REQUEST_HEAD_TIMEOUT"
+            assert await until(lambda: _closed(kept_reader), within=30)
+        finally:
+            for writer in (idle, half, kept):
+                writer.close()
+            trickling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await trickling
+
+
+async def test_a_body_that_stalls_is_408_and_frees_its_call(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "BODY_SECONDS", 0.5)
+    async with _server(store, CallLimit(1)) as port:
+        reader, writer = await _connect(port)
+        writer.write(
+            b"POST /api/v2/users HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"user_id": '
+        )
+        status, body = await _answer(reader)
+        assert status == 408 and body["reason"] == "REQUEST_BODY_TIMEOUT"
+        writer.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            # The stalled request's call is over: the cap of one admits the next.
+            assert (await http.get("/api/v2/users/u")).status_code == 404
+
+
+async def test_a_slow_body_that_keeps_the_minimum_rate_is_read(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 s for the body, plus 1 s per 100 bytes received: 6 pieces of 100 bytes, 0.5 s
+    # apart, take 2.5 s in all and each arrives well before its deadline.
+    monkeypatch.setattr(protocol, "BODY_SECONDS", 1.0)
+    monkeypatch.setattr(protocol, "BODY_MIN_RATE", 100)
+    body = json.dumps({"user_id": "slow", "metadata": {"note": "e" * 560}}).encode()
+    async with _server(store) as port:
+        reader, writer = await _connect(port)
+        writer.write(
+            b"POST /api/v2/users HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        for start in range(0, len(body), 100):
+            writer.write(body[start : start + 100])
+            await writer.drain()
+            await asyncio.sleep(0.5)
+        status, answer = await _answer(reader)
+        assert status == 201, answer
+        writer.close()
