@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 from .errors import InvalidArgument
 
@@ -26,3 +27,17 @@ def text_lines(source: IO[bytes], name: str) -> Iterator[tuple[int, str]]:
                 f"column {exc.start + 1}); memstore reads the UTF-8 JSON Lines it writes"
             ) from None
         yield number, text
+
+
+def json_value(text: str | bytes) -> Any:
+    """`text` parsed as JSON; nesting too deep for Python's parser, which raises
+    RecursionError (no ValueError) past about 1,000 levels, is refused as other bad JSON
+    is, so that a hostile or damaged line is named by its line, not a traceback.
+
+    Raises:
+        ValueError: `text` is not JSON, or is nested too deeply to parse.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested more deeply than JSON Lines here may be") from None

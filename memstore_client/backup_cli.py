@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from ._lines import text_lines
+from ._lines import json_value, text_lines
 from .errors import InvalidArgument, MemstoreError
 from .sync import Memstore
 from .types import ExportedMessage, Message, Session, User
@@ -141,9 +141,11 @@ def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
         for raw in source:
             offset += len(raw)
             try:
-                row = json.loads(raw)
+                row = json_value(raw)
             except ValueError:
                 break  # a line cut short by the interruption
+            if not isinstance(row, dict):
+                break  # damage, which the backup goes on from as from a cut line
             if row.get("kind") == "end":
                 return None, _zero()
             if row.get("kind") == "checkpoint":
@@ -162,7 +164,7 @@ def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
 def _check_header(path: Path, first: bytes) -> None:
     header = (json.dumps({"memstore_backup": FORMAT}) + "\n").encode()
     try:
-        whole = json.loads(first) == {"memstore_backup": FORMAT}
+        whole = json_value(first) == {"memstore_backup": FORMAT}
     except ValueError:
         whole = False
     # The header itself cut short by an interruption starts the backup again.
@@ -262,7 +264,7 @@ def _check_backup(path: Path) -> int:
 
 def _json(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
-        row = json.loads(line)
+        row = json_value(line)
     except ValueError as exc:
         raise InvalidArgument(f"{path} line {number} is not JSON: {exc}") from None
     if not isinstance(row, dict):

@@ -32,7 +32,7 @@ from memstore_client import (
     backup_cli,
 )
 from memstore_client._channel import check_address
-from memstore_client._lines import text_lines
+from memstore_client._lines import json_value, text_lines
 
 #: The subcommands this module adds to `memstore`.
 COMMANDS = ("export", "import", *backup_cli.COMMANDS)
@@ -310,7 +310,7 @@ def _read(
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json_value(text)
         except ValueError as exc:
             row = exc
         if not isinstance(row, dict):

@@ -200,6 +200,30 @@ async def test_a_backup_that_is_not_utf8_is_refused_with_its_line(
     assert (await _snapshot(clean_db))["users"] == []
 
 
+async def test_a_backup_line_nested_past_the_parser_is_refused_with_its_line(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{grpc_port}"
+    backup = await _backed_up_and_emptied(address, clean_db, tmp_path)
+    lines = backup.read_text(encoding="utf-8").splitlines(keepends=True)
+    # Python's json raises RecursionError, no ValueError, past about 1,000 levels.
+    damaged = tmp_path / "deep.jsonl"
+    damaged.write_text(lines[0] + "[" * 100_000 + "]" * 100_000 + "\n" + "".join(lines[1:]))
+    argv = ("--address", address, "--no-progress")
+    assert await _run("restore", "-i", str(damaged), *argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1:] == [
+        f"memstore restore: INVALID_ARGUMENT: {damaged} line 2 is not JSON: nested more "
+        "deeply than JSON Lines here may be"
+    ]
+    assert (await _snapshot(clean_db))["users"] == []
+    # backup --resume reads it as the line an interruption cut short, as other damage;
+    # and a line of JSON that is no object likewise (it was an AttributeError traceback).
+    assert await _run("backup", "-o", str(damaged), "--resume", *argv) == 0
+    listed = tmp_path / "list.jsonl"
+    listed.write_text(lines[0] + "[1]\n" + "".join(lines[1:]))
+    assert await _run("backup", "-o", str(listed), "--resume", *argv) == 0
+
+
 async def test_resume_refuses_a_file_that_is_no_backup_and_leaves_it_whole(
     grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

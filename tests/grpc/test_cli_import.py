@@ -181,3 +181,21 @@ async def test_a_line_that_is_not_utf8_is_named_without_a_traceback(
         f"memstore import: INVALID_ARGUMENT: {latin1} line 2 is not UTF-8 text (byte 0xf6 at "
         "column 15); memstore reads the UTF-8 JSON Lines it writes"
     ]
+
+
+async def test_a_line_nested_past_the_parser_is_a_failed_row_not_a_traceback(
+    exported: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Python's json raises RecursionError, no ValueError, past about 1,000 levels.
+    address, folder = exported
+    deep = folder / "deep.jsonl"
+    deep.write_text('{"user_id": "ann"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", "utf-8")
+    argv = ("--address", address, "-i", str(deep), "--no-progress")
+    assert await _run("import", "users", *argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "line 2: not a JSON object: nested more deeply than JSON Lines here may be"
+    ]
+    assert _reports(captured.out)[-1] == {
+        "kind": "users", "created": 1, "existing": 0, "differs": 0, "failed": 1,
+    }  # fmt: skip
