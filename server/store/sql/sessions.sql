@@ -92,13 +92,20 @@ WITH gone AS (
 SELECT (SELECT count(*) FROM hidden) AS messages, gone.user_id FROM gone;
 
 -- undelete_session --
--- Restores a soft-deleted session (not its messages); no row means absent or live.
-UPDATE sessions AS s SET deleted_at = NULL, updated_at = memstore_touch(t.now, s.updated_at)
-FROM (SELECT clock_timestamp() AS now) AS t
-WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
-  AND s.deleted_at IS NOT NULL
-RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
-          s.message_count, s.last_message_at;
+-- Restores a soft-deleted session (not its messages); no row means absent or live. The
+-- UPDATE is a CTE, as in update_session: a top-level UPDATE reading the clock in FROM is
+-- planned by Citus with a subplan (the clock's row made on the coordinator, sent to the
+-- worker as an intermediate result, then the update); in a CTE it is sent whole.
+WITH restored AS (
+    UPDATE sessions AS s SET deleted_at = NULL,
+                             updated_at = memstore_touch(t.now, s.updated_at)
+    FROM (SELECT clock_timestamp() AS now) AS t
+    WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
+      AND s.deleted_at IS NOT NULL
+    RETURNING s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
+              s.message_count, s.last_message_at
+)
+SELECT * FROM restored;
 
 -- list_sessions --
 -- One page of sessions; {filters}, {keyset}, {order} come from a fixed whitelist in Python.
