@@ -44,7 +44,7 @@ from server.serving.grpc_health import (
 from server.serving.handlers import Wrap, WrappingServer, register, rewrap
 from server.serving.limit import CallLimit
 from server.serving.malformed import Malformed, tolerant_deserializer
-from server.serving.observability import Metrics, Observer
+from server.serving.observability import Metrics, Observer, quiet_ended_call_writes
 from server.serving.ports import probe_port
 from server.serving.tls import add_port, reflection_enabled
 from server.settings import source
@@ -228,6 +228,7 @@ async def _build(
         )
     tokens = await page_tokens(config, store)
     metrics = metrics or Metrics()
+    quiet_ended_call_writes()
     wrapping = _Wrapping(
         Observer(metrics),
         AuthGate(auth or await start_authenticator(config, store)),

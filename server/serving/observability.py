@@ -454,6 +454,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _EndedCallWrites(logging.Filter):
+    """grpc.aio logs a write that failed because its call had already ended as an ERROR with
+    a traceback ("ExecuteBatchError raised in core by servicer method [...]"): a stream
+    whose client stopped reading and then cancelled (or whose deadline passed, or whose
+    connection closed) while the server waited to send. That is the client's doing, which
+    the access line already records as CANCELLED; kept at INFO, without the traceback
+    (tests/grpc/test_observability.py)."""
+
+    _GRPC_TEXT = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not str(record.msg).startswith(self._GRPC_TEXT):
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        # "... [%s]", the method, stays.
+        record.msg = "a call ended while the server was sending its answer" + str(
+            record.msg
+        ).removeprefix(self._GRPC_TEXT)
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+def quiet_ended_call_writes() -> None:
+    """Installs _EndedCallWrites on grpc.aio's logger (once per process)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _EndedCallWrites) for f in grpc_log.filters):
+        grpc_log.addFilter(_EndedCallWrites())
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """Root logging to stderr, as JSON lines or as plain text, written off the event loop."""
     stderr = logging.StreamHandler()
