@@ -62,14 +62,21 @@ def error_bytes(error: MemstoreError) -> bytes:
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """httptools' protocol refusing a head past MAX_HEAD_BYTES (431) and closing a
-    connection whose head does not arrive within HEAD_SECONDS (408 once it began)."""
+    """httptools' protocol refusing a head past MAX_HEAD_BYTES (431), closing a connection
+    whose head does not arrive within HEAD_SECONDS (408 once it began), and one that sends
+    more than MAX_HEAD_BYTES of trailers."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Between a request's first byte and the end of its headers.
         self._in_head = False
         self._head_bytes = 0
+        #: Between the end of a request's headers and the end of its body.
+        self._in_body = False
+        #: Whether the read being parsed carried body bytes.
+        self._fed_body = False
+        #: Bytes of reads after the head that carried no body: trailers, chunk framing.
+        self._other_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -81,25 +88,42 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        in_head = self._in_head
+        in_head, in_body = self._in_head, self._in_body
+        self._fed_body = False
         super().data_received(data)
+        if self.transport.is_closing():
+            return
         # Only a read that neither began nor ended a head is counted whole: one that
         # began or ended it may carry the end of a body or the start of one. A head is
         # thus refused at most two reads (of up to 256 KiB) past the limit.
-        if in_head and self._in_head and not self.transport.is_closing():
+        if in_head and self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(head_too_large())
+        # Trailer fields are kept as headers are (a chunked body's, after its last
+        # chunk); a read within a body that carried none of it is counted the same way.
+        elif in_body and self._in_body and not self._fed_body:
+            self._other_bytes += len(data)
+            if self._other_bytes > MAX_HEAD_BYTES:
+                self.transport.close()  # mid-request: no answer can follow the body
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
-        self._head_bytes = 0
+        self._in_head, self._in_body = True, False
+        self._head_bytes = self._other_bytes = 0
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head, self._in_body = False, True
         self._disarm_head_timer()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._fed_body = True
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         next_waits = bool(self.pipeline)

@@ -168,3 +168,26 @@ async def test_a_slow_body_that_keeps_the_minimum_rate_is_read(
         status, answer = await _answer(reader)
         assert status == 201, answer
         writer.close()
+
+
+async def test_trailers_past_the_head_limit_close_the_connection(store: Store) -> None:
+    # A chunked body's trailer fields were kept as headers without limit after the head:
+    # 200 MiB of them took the server's RSS from 123 to 327 MB, even after a 401.
+    async with _server(store) as port:
+        for trailer in (b"X-T: " + b"t" * 990 + b"\r\n", b"X-Long: "):  # many, or one long
+            _reader, writer = await _connect(port)
+            writer.write(
+                b"POST /api/v2/users HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n0\r\n' + trailer
+            )
+            filler = trailer * 1000 if trailer.endswith(b"\n") else b"v" * (1 << 20)
+            sent = 0
+            with pytest.raises(ConnectionError):
+                while sent < 64 << 20:
+                    writer.write(filler)
+                    await writer.drain()
+                    sent += len(filler)
+            assert sent < 16 << 20
+            writer.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/api/v2/users/u")).status_code == 404  # still serving
