@@ -167,7 +167,7 @@ class MessageMethods(StoreBase):
             "per_turn": self.word_recall,
             "revive": False,
         }
-        call = _Append(params, user_id)
+        call = _Append(params, user_id, any(m.uuid for m in messages))
         # On Citus each call stays alone: calls of several sessions in one transaction would
         # make a multi-shard transaction (two-phase commit) of a single-shard write. A call
         # naming a user shares a batch only to append to a live session (add_memory_guard):
@@ -256,7 +256,7 @@ class MessageMethods(StoreBase):
         async with self._connect(foreign_key=no_user, field="messages") as conn:
             if owner is not None:
                 await lock_session_owner(conn, call.params["project_id"], owner)
-            found = await add_memory_citus(conn, call.params)
+            found = await add_memory_citus(conn, call.params, caller_uuids=call.caller_uuids)
             if owner is not None and found and found[0]["inserted"]:
                 await count_live_sessions(conn, call.params["project_id"], owner, 1)
             return found
@@ -276,7 +276,7 @@ class MessageMethods(StoreBase):
                 await lock_session_owner(conn, project_id, call.user_id)
             before = await fetch_one(conn, "lock_session_for_revival", params)
             if self.citus:
-                found = await add_memory_citus(conn, params)
+                found = await add_memory_citus(conn, params, caller_uuids=call.caller_uuids)
             else:
                 found = await _append_in_transaction(conn, _ADD_MEMORY[False], params)
             if not found:
@@ -406,6 +406,8 @@ class _Append:
 
     params: dict[str, Any]
     user_id: str | None
+    #: Whether a message carries the caller's uuid: only then can the session hold one.
+    caller_uuids: bool = True
 
     @property
     def session_key(self) -> tuple[int, str]:
@@ -460,7 +462,9 @@ async def _append_in_transaction(
         raise
 
 
-async def add_memory_citus(conn: AsyncConnection[Any], params: Params) -> list[Row]:
+async def add_memory_citus(
+    conn: AsyncConnection[Any], params: Params, *, caller_uuids: bool = True
+) -> list[Row]:
     """add_memory on Citus, in the caller's transaction: the rows add_memory answers, from
     router statements on the session's one shard.
 
@@ -469,9 +473,11 @@ async def add_memory_citus(conn: AsyncConnection[Any], params: Params) -> list[R
     "AddMemory on Citus"). Here: the messages the session holds (a retry), the session's
     upsert for the others, then their rows and their queue rows, each one router statement.
     A uuid a concurrent call committed meanwhile fails the insert on its key (_UuidRace: the
-    caller runs the transaction again, as for add_memory).
+    caller runs the transaction again, as for add_memory). Without `caller_uuids` (every uuid
+    made by the server for this call, uuid4) the session holds none of them: the read of
+    the held messages is skipped, one statement of four.
     """
-    held = await fetch_all(conn, "add_memory_held_citus", params)
+    held = await fetch_all(conn, "add_memory_held_citus", params) if caller_uuids else []
     taken = {int(row["ord"]) for row in held}
     differs = any(row["differs"] for row in held)
     fresh = [] if differs else [i for i in range(len(params["uuids"])) if i + 1 not in taken]
