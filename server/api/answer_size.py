@@ -17,8 +17,8 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from server.api.validation import MAX_CONTENT_BYTES
-from server.domain import JsonObject, Message, Page, SearchResult
+from server.api.validation import MAX_CONTENT_BYTES, MAX_ID_CHARS, MAX_TEXT_CHARS
+from server.domain import MAX_METADATA_BYTES, JsonObject, Message, Page, SearchResult
 from server.errors import InvalidArgument
 from server.search.service import Memory, Searcher
 
@@ -84,6 +84,21 @@ def _numbered_page_too_large(what: str) -> InvalidArgument:
         "accept by default): ask for a smaller page_size, or page with page_token, whose pages "
         "end early when their rows are large",
     )
+
+
+#: The most bytes the store counts for a user's or session's row of a list (budget_list_size):
+#: its metadata as PostgreSQL prints it (at most MAX_METADATA_BYTES as compact JSON; the
+#: printed text adds a space after each ',' and ':', at most half again) and its ids and
+#: names (at most four of 256 characters of up to 4 bytes).
+LIST_ROW_BYTES = 2 * MAX_METADATA_BYTES + 4 * max(MAX_ID_CHARS, MAX_TEXT_CHARS) * 4
+
+
+def list_budget(rows: int, cap: int) -> int | None:
+    """The bytes of metadata and ids the store reads a list of `rows` users or sessions up
+    to: `cap` (PAGE_BYTES for a gRPC page, MAX_ANSWER_BYTES for a REST answer), or None where
+    `rows` rows cannot pass it (30 for a gRPC page, 131 for REST), which are read whole, without
+    the running sum (docs/reliability.md, "Answers read only up to what they may send")."""
+    return cap if rows * LIST_ROW_BYTES > cap else None
 
 
 def memory_budget(rows: int) -> int | None:

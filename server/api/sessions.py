@@ -112,7 +112,13 @@ class SessionServicer(  # type: ignore[misc]
         after, total = self._tokens.decode_time_key_total(request.page_token, fingerprint)
         # The first page (or a page_number page) counts; the token carries that total on.
         page = await self._store.list_sessions(
-            project, query, after, offset, size, count=total is None
+            project,
+            query,
+            after,
+            offset,
+            size,
+            count=total is None,
+            budget=answer_size.list_budget(size, answer_size.PAGE_BYTES),
         )
         total = page.total_size if total is None else total
         response = pb.ListSessionsResponse(total_size=total or 0)

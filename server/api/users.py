@@ -84,7 +84,12 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         after, total = self._tokens.decode_time_key_total(request.page_token, query)
         # As ListSessions: the first page (or a page_number page) counts, the token carries it.
         page = await self._store.list_user_records(
-            project, after, size, offset=offset, count=total is None
+            project,
+            after,
+            size,
+            offset=offset,
+            count=total is None,
+            budget=answer_size.list_budget(size, answer_size.PAGE_BYTES),
         )
         total = page.total_size if total is None else total
         response = pb.ListUsersResponse(total_size=total or 0)
@@ -130,7 +135,10 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         project = self._project(context)
         query = tokens.user_sessions_fingerprint(project, request.user_id)
         after = self._tokens.decode_time_key(request.page_token, query)
-        page = await self._store.list_user_sessions(project, request.user_id, after, size)
+        budget = answer_size.list_budget(size, answer_size.PAGE_BYTES)
+        page = await self._store.list_user_sessions(
+            project, request.user_id, after, size, budget=budget
+        )
         response = pb.ListUserSessionsResponse()
         for session in page.items:
             convert.session_to_proto(session, response.sessions.add())

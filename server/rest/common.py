@@ -200,7 +200,16 @@ async def list_users(
     Raises:
         InvalidArgument: the page is more than one answer may be (naming `field`, its size).
     """
-    page = await store.list_user_records(project, None, size, offset=offset, count=True)
+    page = await store.list_user_records(
+        project,
+        None,
+        size,
+        offset=offset,
+        count=True,
+        budget=answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES),
+    )
+    if page.cut:
+        raise answer_size.refuse_cut_answer(field, f"{size} users")
     # The metadata's text as PostgreSQL prints it: its ", " and ": " a little more than the
     # compact JSON of the answer.
     answer_size.check_rows_answer(

@@ -38,9 +38,12 @@ async def list_users(request: Request) -> Response:
 async def list_sessions(request: Request) -> Response:
     offset, size = _offset_window(request)
     # Oldest first by (created_at, session_id): offsets stay put while sessions are added.
+    budget = answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES)
     page = await services(request).store.list_sessions(
-        project(request), SessionQuery(), None, offset, size, count=False
+        project(request), SessionQuery(), None, offset, size, count=False, budget=budget
     )
+    if page.cut:
+        raise answer_size.refuse_cut_answer("limit", f"{size} sessions")
     asked = f"{len(page.items)} sessions"
     answer_size.check_rows_answer(
         "limit", asked, (answer_size.metadata_chars(s.metadata) for s in page.items)

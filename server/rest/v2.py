@@ -138,9 +138,12 @@ async def list_sessions(request: Request) -> Response:
     # Zep's default direction is descending (asc=false).
     ascending = b.query_bool(request, "asc") or False
     query = SessionQuery(order_field=field, descending=not ascending)
+    budget = answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES)
     page = await services(request).store.list_sessions(
-        project(request), query, None, offset, size, count=True
+        project(request), query, None, offset, size, count=True, budget=budget
     )
+    if page.cut:
+        raise answer_size.refuse_cut_answer("page_size", f"{size} sessions")
     asked = f"{len(page.items)} sessions"
     answer_size.check_rows_answer(
         "page_size", asked, (answer_size.metadata_chars(s.metadata) for s in page.items)

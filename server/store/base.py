@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from server.domain import MAX_METADATA_BYTES, MetadataChange, TimeKey
+from server.domain import MAX_METADATA_BYTES, MetadataChange, Page, TimeKey
 from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
 from server.store.health import DatabaseHealth, is_stale
 from server.store.translate import ErrorFactory, translated
@@ -22,6 +22,8 @@ _RETRY_CHECKOUT_TIMEOUT = 1.0
 
 #: Sorts before every stored timestamp: the keyset position of a first page.
 START: TimeKey = (datetime.min.replace(tzinfo=UTC), "")
+
+T = TypeVar("T")
 
 
 class StoreBase:
@@ -106,6 +108,16 @@ async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
     finally:
         if not (conn.closed or conn.broken):
             await conn.set_autocommit(False)
+
+
+def page_of(
+    found: list[T], limit: int, *, followed: bool = False, total: int | None = None
+) -> Page[T]:
+    """A page of `limit` rows from the `limit + 1` read (`found`): has_more when the extra
+    row was read or, `followed`, when a byte budget (budget_rows) stopped the reading; `cut`
+    when it stopped before the page's last row."""
+    cut = followed and len(found) < limit
+    return Page(found[:limit], has_more=followed or len(found) > limit, total_size=total, cut=cut)
 
 
 def key(project_id: int, **ids: str) -> dict[str, Any]:

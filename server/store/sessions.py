@@ -18,7 +18,9 @@ from server.store.base import (
     merged_too_large,
     metadata_params,
     no_such_user,
+    page_of,
 )
+from server.store.budget import budget_rows, list_size
 from server.store.db import Row, fetch_all, fetch_one
 from server.store.queries import query
 
@@ -141,28 +143,35 @@ class SessionMethods(StoreBase):
         limit: int,
         *,
         count: bool = True,
+        budget: int | None = None,
     ) -> Page[Session]:
         """Keyset page (after) or OFFSET page (offset); total_size set when `count`.
 
         Counting reads every matching session, so later pages of one listing skip it and
-        reuse the total of the first (ListSessions carries it in the page token).
+        reuse the total of the first (ListSessions carries it in the page token). With a
+        `budget`, a session is read only while the sessions before it hold less than
+        `budget` bytes of metadata and ids (the first always is); `cut` then says the budget
+        left sessions of the page out (and has_more is set).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        page_sql, count_sql, params = list_sessions_statements(query, after)
-        params.update(project_id=project_id, limit=limit + 1, offset=offset or 0)
+        page_sql, count_sql, params = list_sessions_statements(
+            query, after, budgeted=budget is not None
+        )
+        params.update(project_id=project_id, limit=limit + 1, offset=offset or 0, budget=budget)
+        total: Row | None = None
         if not count:
             async with self._connect(field="metadata_contains", single=True) as conn:
                 found = await fetch_all(conn, page_sql, params)
-            return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
-        # Page and count in one round trip and one snapshot.
-        async with self._connect(field="metadata_contains") as conn, conn.pipeline():
-            found = await fetch_all(conn, page_sql, params)
-            total = await fetch_one(conn, count_sql, params)
-        items = [rows.session(r) for r in found[:limit]]
-        size = int(total["total"]) if total else 0
-        return Page(items, has_more=len(found) > limit, total_size=size)
+        else:
+            # Page and count in one round trip and one snapshot.
+            async with self._connect(field="metadata_contains") as conn, conn.pipeline():
+                found = await fetch_all(conn, page_sql, params)
+                total = await fetch_one(conn, count_sql, params)
+        followed = bool(found) and bool(found[-1].get("followed"))
+        size = (int(total["total"]) if total else 0) if count else None
+        return page_of([rows.session(r) for r in found], limit, followed=followed, total=size)
 
 
 async def hide_in_live_session(
@@ -233,27 +242,39 @@ def session_filters(q: SessionQuery) -> tuple[sql.Composable, dict[str, Any]]:
 
 
 def list_sessions_statements(
-    q: SessionQuery, after: TimeKey | None
+    q: SessionQuery, after: TimeKey | None, *, budgeted: bool = False
 ) -> tuple[sql.Composed, sql.Composed, dict[str, Any]]:
-    """(page statement, count statement, parameters) of one list_sessions call.
+    """(page statement, count statement, parameters) of one list_sessions call; the page
+    read up to %(budget)s bytes if `budgeted` (list_sessions_budgeted).
 
     Raises:
         ValueError: the query orders by a column outside ORDER_COLUMNS.
     """
     if q.order_field not in ORDER_COLUMNS:
         raise ValueError(f"cannot order sessions by {q.order_field!r}")
-    column = sql.Identifier("s", q.order_field)
     direction = sql.SQL("DESC" if q.descending else "ASC")
     filters, params = session_filters(q)
     keyset: sql.Composable = sql.SQL("")
     if after is not None:
         keyset = query("keyset_sessions").format(
-            column=column, op=sql.SQL("<" if q.descending else ">")
+            column=sql.Identifier("s", q.order_field), op=sql.SQL("<" if q.descending else ">")
         )
         after_ts: datetime = after[0]
         params.update(after_ts=after_ts, after_id=after[1])
-    order = query("order_sessions").format(column=column, direction=direction)
-    page = query("list_sessions").format(filters=filters, keyset=keyset, order=order)
+
+    def order(alias: str) -> sql.Composed:
+        column = sql.Identifier(alias, q.order_field)
+        return query("order_sessions").format(
+            column=column, direction=direction, alias=sql.Identifier(alias)
+        )
+
+    size = list_size("s", "session_id", "user_id") if budgeted else sql.SQL("")
+    page = query("list_sessions").format(
+        filters=filters, keyset=keyset, order=order("s"), size=size
+    )
+    if budgeted:
+        rows_read = budget_rows(page, order("k"))
+        page = query("list_sessions_budgeted").format(rows=rows_read, order=order("k"))
     count = query("count_sessions").format(filters=filters)
     return page, count, params
 

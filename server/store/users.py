@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from functools import cached_property
-from typing import cast
+from functools import cache, cached_property
+from typing import Any, cast
 
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
@@ -17,7 +18,9 @@ from server.store.base import (
     key,
     merged_too_large,
     metadata_params,
+    page_of,
 )
+from server.store.budget import budget_rows, list_size
 from server.store.coalesce import Coalescer
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
@@ -154,12 +157,15 @@ class UserMethods(StoreBase):
         *,
         offset: int | None = None,
         count: bool = False,
+        budget: int | None = None,
     ) -> Page[UserRecord]:
         """list_users as plain tuples (UserRecord), for the list and export paths.
 
         A keyset page (after) or an OFFSET page (offset, ListUsers' page_number); with
         `count`, total_size is the number of the project's users, read in the same
-        transaction (as list_sessions counts).
+        transaction (as list_sessions counts). With a `budget`, a user is read only while the
+        users before it hold less than `budget` bytes of metadata and ids (the first always
+        is); `cut` then says the budget left users of the page out (and has_more is set).
 
         Raises:
             Unavailable: the database cannot be reached.
@@ -171,22 +177,35 @@ class UserMethods(StoreBase):
             "after_id": after_id,
             "limit": limit + 1,
             "offset": offset or 0,
+            "budget": budget,
         }
         total: int | None = None
         async with self._connect(single=not count) as conn:
             cur = conn.cursor()
-            await cur.execute(query("list_user_records"), params)
-            # The statement's columns are those of UserRecord, in its order.
-            found = cast(list[UserRecord], await cur.fetchall())
+            await cur.execute(list_user_records_statement(budgeted=budget is not None), params)
+            found: list[Any] = await cur.fetchall()
             if count:
                 row = await fetch_one(conn, "count_users", params)
                 total = int(row["total"]) if row else 0
-        return Page(found[:limit], has_more=len(found) > limit, total_size=total)
+        if budget is None:
+            # The statement's columns are those of UserRecord, in its order.
+            return page_of(cast(list[UserRecord], found), limit, total=total)
+        # The same, then `followed`.
+        followed = bool(found) and bool(found[-1][-1])
+        users = cast(list[UserRecord], [r[:-1] for r in found])
+        return page_of(users, limit, followed=followed, total=total)
 
     async def list_user_sessions(
-        self, project_id: int, user_id: str, after: TimeKey | None, limit: int
+        self,
+        project_id: int,
+        user_id: str,
+        after: TimeKey | None,
+        limit: int,
+        *,
+        budget: int | None = None,
     ) -> Page[Session]:
-        """Live sessions of a user by (created_at, session_id).
+        """Live sessions of a user by (created_at, session_id); with a `budget`, read only up
+        to it as list_user_records reads users.
 
         Raises:
             NotFound: no user has this id.
@@ -197,13 +216,39 @@ class UserMethods(StoreBase):
             "after_ts": after_ts,
             "after_id": after_id,
             "limit": limit + 1,
+            "budget": budget,
         }
+        statement = list_user_sessions_statement(budgeted=budget is not None)
         async with self._connect(single=True) as conn:
-            found = await fetch_all(conn, "list_user_sessions", params)
+            found = await fetch_all(conn, statement, params)
         if not found:
             raise user_not_found(user_id)
         sessions = [rows.session(r) for r in found if r["session_id"] is not None]
-        return Page(sessions[:limit], has_more=len(sessions) > limit)
+        return page_of(sessions, limit, followed=bool(found[-1].get("followed")))
+
+
+@cache
+def list_user_records_statement(*, budgeted: bool) -> sql.Composed:
+    """list_user_records' statement over its page whole, or read up to %(budget)s bytes."""
+    if not budgeted:
+        page = query("list_user_records_page").format(size=sql.SQL(""))
+        return query("list_user_records").format(page=page, followed=sql.SQL(""))
+    sized = query("list_user_records_page").format(
+        size=list_size("u", "user_id", "email", "first_name", "last_name")
+    )
+    page = budget_rows(sized, sql.SQL("k.created_at, k.user_id"))
+    return query("list_user_records").format(page=page, followed=sql.SQL(", p.followed"))
+
+
+@cache
+def list_user_sessions_statement(*, budgeted: bool) -> sql.Composed:
+    """list_user_sessions' statement over its page whole, or read up to %(budget)s bytes."""
+    if not budgeted:
+        page = query("list_user_sessions_page").format(size=sql.SQL(""))
+        return query("list_user_sessions").format(page=page, followed=sql.SQL(""))
+    sized = query("list_user_sessions_page").format(size=list_size("s", "session_id", "user_id"))
+    page = budget_rows(sized, sql.SQL("k.created_at, k.session_id"))
+    return query("list_user_sessions").format(page=page, followed=sql.SQL(", s.followed"))
 
 
 def user_not_found(user_id: str) -> NotFound:

@@ -32,6 +32,7 @@ from server.store.messages import (
 from server.store.queries import query
 from server.store.search import budgeted_ranking, kept_recall_statement, recall_statement
 from server.store.sessions import list_sessions_statements
+from server.store.users import list_user_records_statement, list_user_sessions_statement
 from tests.citus.plans import VALUES, explain, named_statements, task_counts, task_counts_with
 
 #: Statements of calls naming one session or one user: one shard (a router plan).
@@ -83,16 +84,19 @@ SUBPLANNED = {
 #: the sessions (a user's sessions are placed by their session ids: docs/scaling.md).
 ONE_SHARD_AND_ONE_FAN_OUT = {
     "list_user_sessions": "ListUserSessions",
+    "list_user_sessions_budgeted": "ListUserSessions past 30 rows, read up to the bytes",
 }
 #: Named fan-outs: project-wide listings and exports, DeleteUser, the purge, user-scope
 #: search, the embedding worker's queue sweeps.
 FAN_OUT = {
     "list_users": "ListUsers",
     "list_user_records": "ListUsers",
+    "list_user_records_budgeted": "ListUsers past 30 rows (REST 131), read up to the bytes",
     "list_user_chunk_citus": "ListUsersChunked (a chunk of the users' protobuf bytes as one value)",
     "list_user_wire_citus": "ListUsersChunked (a chunk past the byte cap, cut by each user's size)",
     "count_users": "ListUsers' total_size",
     "list_sessions": "ListSessions",
+    "list_sessions_budgeted": "ListSessions past 30 rows (REST 131), read up to the bytes",
     "count_sessions": "ListSessions' total_size",
     "export_sessions": "ExportSessions",
     "export_messages": "ExportMessages (a batch whose timestamps a datetime cannot hold)",
@@ -170,12 +174,15 @@ _NOT_DISTRIBUTED_PREFIXES = (
     "keyset_",
     "order_",
     "memory_window",
+    "budget_",
 )
 _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
     *("get_memories_recall", "recall_kept_keys_citus", "get_memory"),
     *("kept_recall", "kept_recall_budgeted"),
     *("add_memory_session_citus", "add_memory_messages_citus", "add_memory_queue_citus"),
+    *("list_user_records", "list_user_records_page"),
+    *("list_user_sessions", "list_user_sessions_page", "list_sessions_budgeted"),
 }
 _SEARCH = (
     *("search_full_text", "search_semantic", "search_hybrid", "count_unembedded"),
@@ -198,6 +205,11 @@ def _statements() -> dict[str, sql.Composable]:
         )
     page, count, _ = list_sessions_statements(SessionQuery(), None)
     found["list_sessions"], found["count_sessions"] = page, count
+    budgeted_page, _, _ = list_sessions_statements(SessionQuery(), None, budgeted=True)
+    found["list_sessions_budgeted"] = budgeted_page
+    for budgeted, suffix in ((False, ""), (True, "_budgeted")):
+        found[f"list_user_records{suffix}"] = list_user_records_statement(budgeted=budgeted)
+        found[f"list_user_sessions{suffix}"] = list_user_sessions_statement(budgeted=budgeted)
     for name in ("get_memories_recall", "recall_kept_keys_citus"):
         found[name] = kept_recall_statement(name, vectors=True)
         found[f"{name}_words"] = kept_recall_statement(name, vectors=False)

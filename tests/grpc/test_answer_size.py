@@ -5,11 +5,16 @@ The stubs here are a default gRPC client's: it accepts answers of 4 MiB at most.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 from server.api.answer_size import MAX_ANSWER_BYTES, PAGE_BYTES
 from server.domain import DEFAULT_PROJECT_ID as P
-from server.domain import NewMessage
+from server.domain import NewMessage, Page
 from server.store import Store
 from tests.grpc import Code, Sessions, Users, rpc_error
 
@@ -137,3 +142,37 @@ async def test_get_memory_whose_memories_pass_the_answer_names_the_larger_part(
         ss.GetMemoryRequest(session_id="now", lastn=1, relevant_limit=3)
     )
     assert len(fewer.relevant_messages) == 3
+
+
+async def test_pages_of_large_users_and_sessions_are_read_only_up_to_the_page(
+    users: Users, sessions: Sessions, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store read every row of page_size (1,000 rows of 64 KiB of metadata: 64 MB parsed)
+    # for the page to keep the ~68 that fit in it. Now it reads a row past them at most.
+    await store.create_user(P, "owner", "", "", "", {})
+    for i in range(70):
+        await store.create_user(P, f"u{i:02d}", "", "", "", PAD)
+        await store.create_session(P, f"s{i:02d}", "owner", PAD)
+    read: list[int] = []
+
+    def counted(method: Callable[..., Awaitable[Page[Any]]]) -> Callable[..., Any]:
+        async def reading(*args: Any, **kwargs: Any) -> Page[Any]:
+            page = await method(*args, **kwargs)
+            read.append(len(page.items))
+            return page
+
+        return reading
+
+    for name in ("list_user_records", "list_sessions", "list_user_sessions"):
+        monkeypatch.setattr(store, name, counted(getattr(store, name)))
+    owned = us.ListUserSessionsRequest(user_id="owner", page_size=1000)
+    pages = [
+        (await users.ListUsers(us.ListUsersRequest(page_size=1000))).users,
+        (await sessions.ListSessions(ss.ListSessionsRequest(page_size=1000))).sessions,
+        (await users.ListUserSessions(owned)).sessions,
+    ]
+    assert all(len(page) < 70 for page in pages)
+    assert all(n <= len(page) + 1 for n, page in zip(read, pages, strict=True)), (
+        read,
+        [len(p) for p in pages],
+    )

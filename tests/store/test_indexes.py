@@ -32,6 +32,7 @@ from server.store.search import (
     recall_statement,
 )
 from server.store.sessions import list_sessions_statements
+from server.store.users import list_user_records_statement, list_user_sessions_statement
 
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 
@@ -88,11 +89,12 @@ SESSION_QUERIES = [
 
 @pytest.mark.parametrize("q", SESSION_QUERIES, ids=repr)
 @pytest.mark.parametrize("deep", [False, True], ids=["first", "keyset"])
+@pytest.mark.parametrize("budgeted", [False, True], ids=["whole", "budgeted"])
 def test_every_session_list_order_and_filter_has_an_index(
-    clean_db: str, q: SessionQuery, deep: bool
+    clean_db: str, q: SessionQuery, deep: bool, budgeted: bool
 ) -> None:
-    page, _, params = list_sessions_statements(q, (NOW, "s1") if deep else None)
-    params.update(project_id=P, limit=51, offset=0)
+    page, _, params = list_sessions_statements(q, (NOW, "s1") if deep else None, budgeted=budgeted)
+    params.update(project_id=P, limit=51, offset=0, budget=1 << 22)
     plan = _plan(clean_db, page, params)
     used = _assert_indexed(plan)
     assert used, "an index must provide the page order"
@@ -121,10 +123,15 @@ def test_metadata_contains_uses_the_gin_index(clean_db: str) -> None:
     assert "sessions_metadata_idx" in used
 
 
-@pytest.mark.parametrize("name", ["list_users", "list_user_records"])
+@pytest.mark.parametrize("name", ["list_users", "list_user_records", "list_user_records_budgeted"])
 def test_user_lists_and_their_session_counts_use_indexes(clean_db: str, name: str) -> None:
     params = {"project_id": P, "after_ts": START[0], "after_id": "", "limit": 101, "offset": 0}
-    used = _assert_indexed(_plan(clean_db, query(name), params))
+    statements = {
+        "list_user_records": list_user_records_statement(budgeted=False),
+        "list_user_records_budgeted": list_user_records_statement(budgeted=True),
+    }
+    params["budget"] = 1 << 22
+    used = _assert_indexed(_plan(clean_db, statements.get(name) or query(name), params))
     assert "users_created_idx" in used
     # session_count: each listed user's row of user_session_counts (migration 0010), by key.
     assert "user_session_counts_pkey" in used
@@ -231,6 +238,10 @@ def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
     cases = [
         ("list_user_sessions", {"user_id": "u1", "after_ts": NOW, "after_id": "", "limit": 51}),
         (
+            "list_user_sessions_budgeted",
+            {"user_id": "u1", "after_ts": NOW, "after_id": "", "limit": 51, "budget": 1 << 22},
+        ),
+        (
             "list_messages",
             {"session_id": "s1", "after_sequence": 0, "limit": 51, "offset": 0, "budget": 1 << 22},
         ),
@@ -241,6 +252,8 @@ def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
     statements = {
         "get_memory": memory_window(budgeted=False),
         "get_memory_budgeted": memory_window(budgeted=True),
+        "list_user_sessions": list_user_sessions_statement(budgeted=False),
+        "list_user_sessions_budgeted": list_user_sessions_statement(budgeted=True),
     }
     for name, params in cases:
         # get_memory and list_messages sort the few rows of one page back into order.

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
-from server.domain import NewMessage, SearchQuery, SearchType
+from server.domain import NewMessage, SearchQuery, SearchType, SessionQuery
 from server.store import Store
 from server.store.search import RECALL_KEEP
 
@@ -132,3 +132,54 @@ async def test_kept_recall_stops_reading_its_memories_at_the_byte_budget(
         _recall(store, RECALL_KEEP, None), _recall(store, RECALL_KEEP, 1), _recall(store, 3, None)
     )
     assert together == [(oldest, False), (oldest[:1], True), (oldest[:3], False)]
+
+
+#: A row of a list: 60,000 characters of metadata, which PostgreSQL compresses to a few
+#: hundred bytes on disk (so its stored size says nothing of the answer's).
+_META = {"t": "x" * 60_000}
+_ROW = len('{"t": ""}') + 60_000
+_ROWS = 8
+
+
+async def _seed_rows(store: Store) -> None:
+    await store.create_user(P, "owner", "", "", "", {})
+    for i in range(_ROWS):
+        await store.create_user(P, f"u{i}", "", "", "", _META)
+        await store.create_session(P, f"s{i}", "owner", _META)
+
+
+async def test_lists_of_users_and_sessions_stop_reading_at_the_byte_budget(
+    store: Store, clean_db: str
+) -> None:
+    # They were read whole and measured after: ListUsers' (ListSessions') page of 1,000 rows
+    # of 64 KiB of metadata was 64 MB parsed by the server to be refused past 17 MiB. With a
+    # budget a row is read only while the rows before it hold less than the budget's bytes of
+    # metadata as printed (and ids): 3 rows of _ROW (and their ids) before the 4th.
+    await _seed_rows(store)
+    budget = 3 * _ROW + 100
+
+    async def users(limit: int, cut_at: int | None) -> tuple[int, bool, bool]:
+        page = await store.list_user_records(P, None, limit, budget=cut_at)
+        return len(page.items), page.has_more, page.cut
+
+    async def sessions(limit: int, cut_at: int | None) -> tuple[int, bool, bool]:
+        page = await store.list_sessions(P, SessionQuery(), None, 0, limit, budget=cut_at)
+        assert all(s.metadata == _META for s in page.items)
+        return len(page.items), page.has_more, page.cut
+
+    async def of_user(limit: int, cut_at: int | None) -> tuple[int, bool, bool]:
+        page = await store.list_user_sessions(P, "owner", None, limit, budget=cut_at)
+        return len(page.items), page.has_more, page.cut
+
+    # The users' page holds "owner" (no metadata) first: one row more, 4 of _ROW after it.
+    assert await users(_ROWS, None) == (_ROWS, True, False)
+    assert await users(_ROWS + 1, budget) == (5, True, True)
+    assert await users(3, budget) == (3, True, False)  # no row of the page left out
+    assert await users(_ROWS + 1, 1) == (1, True, True)  # the first is always read
+    assert await users(_ROWS + 1, 1 << 40) == (_ROWS + 1, False, False)
+    for read in (sessions, of_user):
+        assert await read(_ROWS, None) == (_ROWS, False, False)
+        assert await read(_ROWS, budget) == (4, True, True)
+        assert await read(3, budget) == (3, True, False)
+        assert await read(_ROWS, 1) == (1, True, True)
+        assert await read(_ROWS, 1 << 40) == (_ROWS, False, False)

@@ -66,7 +66,9 @@ class FakeStore:
         *,
         offset: int | None = None,
         count: bool = False,
+        budget: int | None = None,
     ) -> Page[UserRecord]:
+        # Its users are small: no budget cuts them.
         page = await self.list_users(project_id, after, limit + (offset or 0))
         items = [_record(u) for u in page.items[offset or 0 :]]
         return Page(items, has_more=page.has_more, total_size=len(self.users) if count else None)

@@ -109,12 +109,21 @@ SELECT * FROM restored;
 
 -- list_sessions --
 -- One page of sessions; {filters}, {keyset}, {order} come from a fixed whitelist in Python.
+-- {size} is nothing, or budget_list_size for list_sessions_budgeted.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
-       s.message_count, s.last_message_at
+       s.message_count, s.last_message_at {size}
 FROM sessions s
 WHERE s.project_id = %(project_id)s {filters} {keyset}
 ORDER BY {order}
 LIMIT %(limit)s OFFSET %(offset)s;
+
+-- list_sessions_budgeted --
+-- list_sessions ({rows}: its page in budget_rows) read only up to %(budget)s bytes of its
+-- rows' metadata and ids, in the page's order ({order} over k); `followed` as there.
+SELECT k.session_id, k.user_id, k.metadata, k.created_at, k.updated_at, k.deleted_at,
+       k.message_count, k.last_message_at, k.followed
+FROM ({rows}) AS k
+ORDER BY {order};
 
 -- count_sessions --
 -- How many sessions match the filters of list_sessions, across all pages.
@@ -153,8 +162,9 @@ AND s.metadata @> %(metadata_contains)s
 AND ({column}, s.session_id) {op} (%(after_ts)s::timestamptz, %(after_id)s::text)
 
 -- order_sessions --
--- Order fragment of list_sessions: the order column, then session_id, one direction.
-{column} {direction}, s.session_id {direction}
+-- Order fragment of list_sessions: the order column, then session_id, one direction, over
+-- the alias {alias} (s, or k over budget_rows).
+{column} {direction}, {alias}.session_id {direction}
 
 -- count_live_sessions --
 -- Adds `delta` to the number of a user's live sessions (+1 a session made live, -1 one

@@ -153,44 +153,53 @@ FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
 ORDER BY p.created_at, p.user_id;
 
 -- list_user_sessions --
--- The user (always one row when it exists) joined to one keyset page of its live sessions.
+-- The user (always one row when it exists) joined to one keyset page of its live sessions:
+-- {page}, list_user_sessions_page, or (budgeted) the same in budget_rows read only up to
+-- %(budget)s bytes of its rows' metadata and ids; {followed} then (`, s.followed`) says
+-- so on its last row.
 SELECT u.user_id AS owner, s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at,
-       s.deleted_at, s.message_count, s.last_message_at
+       s.deleted_at, s.message_count, s.last_message_at {followed}
 FROM users u
-LEFT JOIN (
-    -- Pinned by the parameters, not by u (under Citus a user's sessions span shards).
-    SELECT * FROM sessions s
-    WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s AND s.deleted_at IS NULL
-      AND (s.created_at, s.session_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-    ORDER BY s.created_at, s.session_id
-    LIMIT %(limit)s
-) s ON true
+LEFT JOIN ({page}) s ON true
 WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
 ORDER BY s.created_at, s.session_id;
+
+-- list_user_sessions_page --
+-- list_user_sessions' page, pinned by the parameters, not by u (under Citus a user's
+-- sessions span shards); {size} is nothing, or budget_list_size when budgeted.
+SELECT s.* {size} FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s AND s.deleted_at IS NULL
+  AND (s.created_at, s.session_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+ORDER BY s.created_at, s.session_id
+LIMIT %(limit)s
 
 -- list_user_records --
 -- list_users as plain records for the hot list paths: metadata as JSON text, times as integer
 -- microseconds since the epoch (exact: extract() is numeric), so no Python decodes them.
 -- The offset is 0 but for ListUsers' page_number, which pages by OFFSET from the start.
--- session_count as in list_users.
-WITH page AS MATERIALIZED (
-    SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
-           u.updated_at
-    FROM users u
-    WHERE u.project_id = %(project_id)s
-      AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-    ORDER BY u.created_at, u.user_id
-    LIMIT %(limit)s OFFSET %(offset)s
-), counts AS MATERIALIZED (
+-- session_count as in list_users. {page} is list_user_records_page, or (budgeted) the same
+-- in budget_rows read only up to %(budget)s bytes of its rows' metadata and ids; then
+-- {followed} (`, p.followed`) ends each row, as budget_rows says it.
+WITH page AS MATERIALIZED ({page}), counts AS MATERIALIZED (
     SELECT c.user_id, c.session_count AS n FROM user_session_counts c
     WHERE c.project_id = %(project_id)s AND c.user_id = ANY(ARRAY(SELECT user_id FROM page))
 )
 SELECT p.user_id, p.email, p.first_name, p.last_name, p.metadata::text,
        (extract(epoch FROM p.created_at) * 1000000)::int8,
        (extract(epoch FROM p.updated_at) * 1000000)::int8,
-       coalesce(c.n, 0)
+       coalesce(c.n, 0) {followed}
 FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
 ORDER BY p.created_at, p.user_id;
+
+-- list_user_records_page --
+-- list_user_records' page of users; {size} is nothing, or budget_list_size when budgeted.
+SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
+       u.updated_at {size}
+FROM users u
+WHERE u.project_id = %(project_id)s
+  AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
+ORDER BY u.created_at, u.user_id
+LIMIT %(limit)s OFFSET %(offset)s
 
 -- count_users --
 -- total_size of ListUsers: how many users the project has.

@@ -1,0 +1,21 @@
+"""Reading rows only up to what their answer may hold: the shared running sum (sql/budget.sql)."""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from server.store.queries import query
+
+
+def budget_rows(sized: sql.Composable, order: sql.Composable) -> sql.Composed:
+    """`sized`'s rows read in `order` (over the alias k) only up to %(budget)s bytes of their
+    `size` column (budget_rows: the running sum, each row saying whether one `followed`)."""
+    budget = sql.SQL("%(budget)s::int8")
+    return query("budget_rows").format(sized=sized, order=order, budget=budget)
+
+
+def list_size(alias: str, *ids: str) -> sql.Composed:
+    """The `size` column of a user's or session's row (its alias) for budget_rows: its
+    metadata as printed and its text columns `ids` (budget_list_size)."""
+    columns = sql.SQL(", ").join(sql.Identifier(alias, c) for c in ids)
+    return query("budget_list_size").format(alias=sql.Identifier(alias), ids=columns)
