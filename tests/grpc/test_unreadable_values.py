@@ -73,7 +73,11 @@ async def test_a_session_time_no_datetime_holds_is_internal_on_every_read(
     await unreadable.internal(
         sessions.GetSession(ss.GetSessionRequest(session_id="s")), "get_session"
     )
-    await unreadable.internal(sessions.ListSessions(ss.ListSessionsRequest()), "list_sessions")
+    # The default page (50 sessions could pass a page) is read up to the page's bytes.
+    listed = sessions.ListSessions(ss.ListSessionsRequest())
+    await unreadable.internal(listed, "list_sessions_budgeted")
+    listed = sessions.ListSessions(ss.ListSessionsRequest(page_size=30))
+    await unreadable.internal(listed, "list_sessions")
     memory = sessions.GetMemory(ss.GetMemoryRequest(session_id="s"))
     await unreadable.internal(memory, unreadable.memory_statement)
 
