@@ -150,11 +150,14 @@ async def test_a_body_that_stalls_is_408_and_frees_its_call(
 async def test_a_slow_body_that_keeps_the_minimum_rate_is_read(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 1 s for the body, plus 1 s per 100 bytes received: 6 pieces of 100 bytes, 0.5 s
-    # apart, take 2.5 s in all and each arrives well before its deadline.
-    monkeypatch.setattr(protocol, "BODY_SECONDS", 1.0)
+    # 2 s for the body, plus 1 s per 100 bytes received: 12 pieces of 100 bytes, 0.5 s
+    # apart, take 5.5 s in all, more than the 2 s, and each arrives at least 1.5 s before
+    # its deadline (piece k at 0.5 k s, its deadline at 2 + (k - 1) s): room for a busy
+    # machine's late wake-ups.
+    monkeypatch.setattr(protocol, "BODY_SECONDS", 2.0)
     monkeypatch.setattr(protocol, "BODY_MIN_RATE", 100)
-    body = json.dumps({"user_id": "slow", "metadata": {"note": "e" * 560}}).encode()
+    body = json.dumps({"user_id": "slow", "metadata": {"note": "e" * 1160}}).encode()
+    assert len(body) > 1100
     async with _server(store) as port:
         reader, writer = await _connect(port)
         writer.write(
