@@ -204,6 +204,11 @@ def _fields(row: Any) -> dict[str, Any]:
 # -- restore -------------------------------------------------------------------
 
 
+#: Restore's refusals of rows that name a user or session neither stored nor sent before
+#: them (server/store/restore.py), or a live message in a deleted session: the file's rows.
+_FILE_LACKS = frozenset({"USER_NOT_FOUND", "SESSION_NOT_FOUND", "SESSION_DELETED"})
+
+
 def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str], Any]) -> int:
     total = _check_backup(args.input)
     done = {kind: {"created": 0, "existing": 0} for kind in STREAMS}
@@ -227,10 +232,17 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
                 done[kind]["existing"] += counts.existing
                 bar.update(len(batch))
     except (MemstoreError, KeyboardInterrupt) as exc:
-        # Resuming helps after an outage or a resolved conflict, not with a bad row.
-        if not isinstance(exc, InvalidArgument) and getattr(exc, "reason", "") != (
-            "PROJECT_NOT_EMPTY"
-        ):
+        # Resuming helps after an outage or a resolved conflict, not with a bad row, nor with
+        # rows naming a parent the file does not hold: the same file would fail again.
+        reason = getattr(exc, "reason", "")
+        if reason in _FILE_LACKS:
+            print(
+                "restore stopped: the backup file holds rows whose parents it lacks (an "
+                "edited file, a session purged while the backup was written, or a parent "
+                "deleted during this restore); nothing of the failed batch was written",
+                file=sys.stderr,
+            )
+        elif not isinstance(exc, InvalidArgument) and reason != "PROJECT_NOT_EMPTY":
             print(
                 f"restore interrupted; nothing of the failed batch was written; resume with: "
                 f"memstore restore -i {args.input} --resume",

@@ -132,6 +132,30 @@ async def test_restore_names_the_rows_that_differ_and_writes_nothing_of_their_ba
     assert after["sessions"] == []
 
 
+async def test_a_backup_whose_rows_name_what_it_lacks_is_not_told_to_resume(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A file whose message names a session it does not hold (edited, or a session purged
+    # between the backup's sessions and messages): sending the same file again cannot help.
+    address = f"127.0.0.1:{grpc_port}"
+    backup = await _backed_up_and_emptied(address, clean_db, tmp_path)
+    lines = backup.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [
+        line
+        for line in lines
+        if not ('"kind": "session"' in line and '"session_id": "s-free"' in line)
+    ]
+    assert len(kept) == len(lines) - 1
+    orphaned = tmp_path / "orphaned.jsonl"
+    orphaned.write_text("".join(kept), encoding="utf-8")
+    argv = ("restore", "-i", str(orphaned), "--address", address, "--no-progress")
+    assert await _run(*argv) == 1
+    err = capsys.readouterr().err
+    assert "SESSION_NOT_FOUND" in err and "names session 's-free'" in err
+    assert "resume with" not in err
+    assert "the backup file holds rows whose parents it lacks" in err
+
+
 async def test_an_interrupted_backup_resumes_from_its_last_checkpoint(
     grpc_port: int, clean_db: str, tmp_path: Path
 ) -> None:
