@@ -8,7 +8,7 @@ import re
 import uuid as uuid_lib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache, cached_property, lru_cache
 from typing import Any
 
 import psycopg
@@ -83,10 +83,12 @@ ADD_MEMORY_SESSION_CITUS = sql.SQL(
 )
 
 
-@cache
+@lru_cache(maxsize=64)
 def add_memory_rows_citus(name: str, row: str, count: int) -> sql.SQL:
     """add_memory_messages_citus or add_memory_queue_citus (`name`) for `count` rows of
-    VALUES, each `row` with its parameters numbered."""
+    VALUES, each `row` with its parameters numbered. The 64 last used are kept, not one per
+    count: a call of up to 1,000 messages (validation.MAX_MESSAGES) makes a statement of
+    ~230 kB, and one of each count would hold ~115 MB."""
     rows = sql.SQL(", ").join(query(row).format(i=sql.SQL(str(i))) for i in range(count))
     return sql.SQL(compact(query(name).format(rows=rows).as_string(None)))
 
