@@ -332,7 +332,7 @@ def _new_messages(v: val.Violations, request: pb.AddMemoryRequest) -> list[NewMe
     first_of: dict[str, int] = {}
     for i, message in enumerate(request.messages):
         prefix = f"messages[{i}]"
-        val.check_text(v, f"{prefix}.role", message.role)
+        val.check_name(v, f"{prefix}.role", message.role)
         role_type = val.role_type(v, f"{prefix}.role_type", message.role_type)
         val.check_content(v, f"{prefix}.content", message.content)
         metadata = val.metadata(v, f"{prefix}.metadata", message.metadata)

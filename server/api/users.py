@@ -26,7 +26,7 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         v = val.Violations()
         val.check_id(v, "user_id", request.user_id)
         for name in ("email", "first_name", "last_name"):
-            val.check_text(v, name, getattr(request, name))
+            val.check_name(v, name, getattr(request, name))
         metadata = val.metadata(v, "metadata", request.metadata)
         v.raise_if_any()
         user = await self._store.create_user(
@@ -159,7 +159,7 @@ def _user_changes(request: pb.UpdateUserRequest) -> UserChanges:
     val.check_id(v, "user_id", request.user_id)
     mask = val.update_mask(v, request.update_mask, _USER_FIELDS)
     for name in ("email", "first_name", "last_name"):
-        val.check_text(v, name, getattr(request, name))
+        val.check_name(v, name, getattr(request, name))
     metadata = val.metadata(v, "metadata", request.metadata)
     v.raise_if_any()
     if mask is None:

@@ -117,6 +117,16 @@ def check_text(v: Violations, field: str, value: str, max_chars: int = MAX_TEXT_
         v.add(field, "must not contain NUL characters")
 
 
+def check_name(v: Violations, field: str, value: str) -> None:
+    """A short text that names or identifies (email, first and last name, a message's role):
+    check_text, and no control characters. A line break in a role wrote a line of its own
+    into GetMemory's ready-to-prompt context; an escape sequence recolours a terminal. (A
+    backup restores these fields with check_text alone: rows written before this check.)"""
+    check_text(v, field, value)
+    if "\x00" not in value and _CONTROL.search(value):
+        v.add(field, "must not contain control characters (tab, line breaks, escapes)")
+
+
 def check_content(v: Violations, field: str, value: str) -> None:
     """Message content: non-empty, at most 1 MiB of UTF-8, no NUL."""
     if not value:

@@ -33,7 +33,7 @@ def new_user(data: JsonObject) -> tuple[str, dict[str, str], JsonObject]:
     """
     v = val.Violations()
     user_id = b.checked_str(v, data, "user_id", val.check_id)
-    texts = {name: b.checked_str(v, data, name, val.check_text) for name in _USER_TEXT}
+    texts = {name: b.checked_str(v, data, name, val.check_name) for name in _USER_TEXT}
     metadata = b.metadata(v, data.get("metadata"), "metadata") or {}
     v.raise_if_any()
     return user_id, texts, metadata
@@ -50,7 +50,7 @@ def user_changes(data: JsonObject) -> UserChanges:
     texts = {name: b.optional_str(v, data, name) for name in _USER_TEXT}
     for name, text in texts.items():
         if text is not None:
-            val.check_text(v, name, text)
+            val.check_name(v, name, text)
     metadata = b.metadata(v, data.get("metadata"), "metadata")
     v.raise_if_any()
     return UserChanges(
@@ -117,7 +117,7 @@ def new_messages(data: JsonObject) -> list[NewMessage]:
 def _new_message(
     v: val.Violations, item: JsonObject, prefix: str, index: int, seen: dict[str, int]
 ) -> NewMessage:
-    role = b.checked_str(v, item, "role", val.check_text, f"{prefix}.role")
+    role = b.checked_str(v, item, "role", val.check_name, f"{prefix}.role")
     role_type = role_type_of(v, item.get("role_type"), f"{prefix}.role_type")
     content = b.checked_str(v, item, "content", val.check_content, f"{prefix}.content")
     metadata = b.metadata(v, item.get("metadata"), f"{prefix}.metadata") or {}

@@ -206,3 +206,20 @@ async def test_rows_restored_at_the_end_of_9999_stay_readable_when_touched(
     assert [s.session_id for c in exported for s in c.sessions] == ["s"]
     chunks = [c async for c in users.ListUsersChunked(us.ListUsersChunkedRequest())]
     assert [u.user_id for c in chunks for u in c.users] == ["u"]
+
+
+async def test_a_backup_of_names_and_roles_with_control_characters_still_restores(
+    backup: Backup, users: Users, sessions: Sessions
+) -> None:
+    # CreateUser and AddMemory refuse control characters in these fields now; rows stored
+    # before that, and exported, must still restore as they were.
+    user = rs.User(
+        user_id="u", email="a\tb@x", first_name="new\nline", created_at=_at(0), updated_at=_at(5)
+    )
+    message = _message("s", 1, role="esc\x1b[31m")
+    request = bs.RestoreRequest(users=[user], sessions=[_session("s", "u")], messages=[message])
+    await backup.Restore(request)
+    read = (await users.GetUser(us.GetUserRequest(user_id="u"))).user
+    assert (read.email, read.first_name) == ("a\tb@x", "new\nline")
+    listed = await sessions.ListMessages(ss.ListMessagesRequest(session_id="s"))
+    assert [m.role for m in listed.messages] == ["esc\x1b[31m"]

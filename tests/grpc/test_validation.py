@@ -81,6 +81,37 @@ async def test_over_long_fields(users, clean_db):
     assert await count_rows(clean_db, "users") == 0
 
 
+#: Control characters (C0, DEL, C1): a line break in a role wrote a line of its own into
+#: GetMemory's ready-to-prompt `context`, an escape sequence recoloured a terminal.
+CONTROL_TEXTS = ("tab\there", "new\nline", "cr\rhere", "esc\x1b[31mred", "del\x7f", "c1\x85")
+
+
+async def test_control_characters_in_names_emails_and_roles_are_refused(users, sessions, clean_db):
+    await users.CreateUser(us.CreateUserRequest(user_id="ok"))
+    for text in CONTROL_TEXTS:
+        for field in ("email", "first_name", "last_name"):
+            made = users.CreateUser(us.CreateUserRequest(user_id="u", **{field: text}))
+            await rpc_error(made, BAD, field=field)
+            changed = users.UpdateUser(us.UpdateUserRequest(user_id="ok", **{field: text}))
+            await rpc_error(changed, BAD, field=field)
+        added = sessions.AddMemory(
+            ss.AddMemoryRequest(session_id="s", messages=[msg("x", role=text)])
+        )
+        await rpc_error(added, BAD, field="messages[0].role")
+    assert await count_rows(clean_db, "users") == 1
+    assert await count_rows(clean_db, "sessions") == 0
+    # Letters of any script, spaces and marks inside are text like any other.
+    named = us.CreateUserRequest(
+        user_id="v", email="zoë@example.org", first_name="Zoë Ann", last_name="כהן"
+    )
+    assert (await users.CreateUser(named)).user.first_name == "Zoë Ann"
+    role = "José Núñez (agent)"
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[msg("x", role=role)])
+    )
+    assert added.messages[0].role == role
+
+
 async def test_oversized_or_nul_metadata(users, sessions, clean_db):
     near_limit = {"blob": "x" * (60 * 1024)}
     await users.CreateUser(us.CreateUserRequest(user_id="ok", metadata=struct(near_limit)))

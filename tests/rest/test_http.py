@@ -51,6 +51,29 @@ async def test_bad_bodies_are_400_naming_the_field(
     assert (await http.get("/api/v2/users/a")).status_code == 404  # nothing half-written
 
 
+async def test_control_characters_in_names_emails_and_roles_are_400_naming_them(
+    http: httpx.AsyncClient,
+) -> None:
+    assert (await http.post("/api/v2/users", json={"user_id": "ok"})).status_code == 201
+    for text in ("new\nline", "esc\x1b[31m", "c1\x85"):
+        for field in ("email", "first_name", "last_name"):
+            made = await http.post("/api/v2/users", json={"user_id": "u", field: text})
+            assert made.status_code == 400, made.text
+            assert [v["field"] for v in made.json()["violations"]] == [field]
+            changed = await http.patch("/api/v2/users/ok", json={field: text})
+            assert changed.status_code == 400, changed.text
+            assert [v["field"] for v in changed.json()["violations"]] == [field]
+        for version in ("v1", "v2"):
+            added = await http.post(
+                f"/api/{version}/sessions/s1/memory",
+                json={"messages": [{"role": text, "role_type": "user", "content": "x"}]},
+            )
+            assert added.status_code == 400, added.text
+            assert [v["field"] for v in added.json()["violations"]] == ["messages[0].role"]
+    assert (await http.get("/api/v2/users/u")).status_code == 404
+    assert (await http.get("/api/v2/sessions/s1")).status_code == 404
+
+
 async def test_a_bad_message_writes_none_of_the_others(http: httpx.AsyncClient) -> None:
     messages = [
         {"role": "a", "role_type": "user", "content": "fine"},

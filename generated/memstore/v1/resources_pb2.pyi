@@ -84,11 +84,17 @@ class User(_message.Message):
     the UserService comment).
     """
     email: _builtins.str
-    """Optional. Email address, at most 256 characters."""
+    """Optional. Email address, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     first_name: _builtins.str
-    """Optional. Given name, at most 256 characters."""
+    """Optional. Given name, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     last_name: _builtins.str
-    """Optional. Family name, at most 256 characters."""
+    """Optional. Family name, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     session_count: _builtins.int
     """Output only. Number of the user's sessions that are not soft-deleted."""
     @_builtins.property
@@ -231,7 +237,8 @@ class Message(_message.Message):
     """
     role: _builtins.str
     """Optional. Free-text speaker name, e.g. "Alice" or "gpt-5"; at most 256
-    characters, no NUL.
+    characters, no control characters (Unicode Cc: a line break would write a
+    line of its own into GetMemory's context).
     """
     role_type: Global___RoleType.ValueType
     """Optional. The kind of speaker; ROLE_TYPE_UNSPECIFIED is stored as

@@ -38,11 +38,17 @@ class CreateUserRequest(_message.Message):
     separator characters; no whitespace at either end.
     """
     email: _builtins.str
-    """Optional. Email address, at most 256 characters."""
+    """Optional. Email address, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     first_name: _builtins.str
-    """Optional. Given name, at most 256 characters."""
+    """Optional. Given name, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     last_name: _builtins.str
-    """Optional. Family name, at most 256 characters."""
+    """Optional. Family name, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. Free-form JSON object. The limits of every metadata object,
@@ -172,11 +178,17 @@ class UpdateUserRequest(_message.Message):
     user_id: _builtins.str
     """Required. Id of the user to update."""
     email: _builtins.str
-    """Optional. New email address, at most 256 characters."""
+    """Optional. New email address, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     first_name: _builtins.str
-    """Optional. New given name, at most 256 characters."""
+    """Optional. New given name, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     last_name: _builtins.str
-    """Optional. New family name, at most 256 characters."""
+    """Optional. New family name, at most 256 characters, no control characters
+    (Unicode Cc: tab, line breaks, escapes).
+    """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Optional. A JSON merge patch (RFC 7396) applied to the stored metadata in

@@ -182,7 +182,7 @@ class UserServiceServicer:
         Errors:
         - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
         above); email, first_name or last_name is longer than 256 characters
-        or holds a NUL; metadata breaks its limits (see
+        or holds a control character; metadata breaks its limits (see
         CreateUserRequest.metadata).
         - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
         """

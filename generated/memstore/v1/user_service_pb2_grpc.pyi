@@ -90,7 +90,7 @@ class UserServiceStub:
     Errors:
       - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
         above); email, first_name or last_name is longer than 256 characters
-        or holds a NUL; metadata breaks its limits (see
+        or holds a control character; metadata breaks its limits (see
         CreateUserRequest.metadata).
       - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
     """
@@ -219,7 +219,7 @@ class UserServiceAsyncStub(UserServiceStub):
     Errors:
       - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
         above); email, first_name or last_name is longer than 256 characters
-        or holds a NUL; metadata breaks its limits (see
+        or holds a control character; metadata breaks its limits (see
         CreateUserRequest.metadata).
       - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
     """
@@ -351,7 +351,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors:
           - INVALID_ARGUMENT: user_id is empty or breaks the rules of ids (see
             above); email, first_name or last_name is longer than 256 characters
-            or holds a NUL; metadata breaks its limits (see
+            or holds a control character; metadata breaks its limits (see
             CreateUserRequest.metadata).
           - ALREADY_EXISTS (USER_ALREADY_EXISTS): user_id is taken in this project.
         """
