@@ -74,6 +74,24 @@ async def test_longest_ids_are_accepted(users, sessions):
     assert (await sessions.CreateSession(req)).session.session_id == long_id
 
 
+async def test_ids_are_exact_strings_so_nfc_and_nfd_are_two_users(users, sessions, clean_db):
+    # "é" composed (NFC, U+00E9) and decomposed (NFD, "e" + U+0301): they look alike but are
+    # different strings, so different ids; memstore neither normalises nor refuses either.
+    nfc, nfd = "jos\u00e9", "jose\u0301"
+    for user_id in (nfc, nfd):
+        made = await users.CreateUser(us.CreateUserRequest(user_id=user_id, first_name=user_id))
+        assert made.user.user_id.encode() == user_id.encode()
+        await sessions.CreateSession(ss.CreateSessionRequest(session_id=user_id, user_id=user_id))
+    for user_id in (nfc, nfd):
+        read = (await users.GetUser(us.GetUserRequest(user_id=user_id))).user
+        assert read.user_id.encode() == user_id.encode() and read.first_name == user_id
+        session = (await sessions.GetSession(ss.GetSessionRequest(session_id=user_id))).session
+        assert session.session_id.encode() == session.user_id.encode() == user_id.encode()
+    listed = (await users.ListUsers(us.ListUsersRequest())).users
+    assert sorted(u.user_id.encode() for u in listed) == sorted([nfc.encode(), nfd.encode()])
+    assert await count_rows(clean_db, "users") == 2
+
+
 async def test_over_long_fields(users, clean_db):
     for field in ("email", "first_name", "last_name"):
         req = us.CreateUserRequest(user_id="u", **{field: "x" * 257})

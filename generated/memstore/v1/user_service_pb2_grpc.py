@@ -72,7 +72,9 @@ class UserServiceStub:
     emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
     context), and no whitespace at either end, so never only whitespace
     (spaces inside an id are fine). An id that breaks these rules is
-    INVALID_ARGUMENT naming its field.
+    INVALID_ARGUMENT naming its field. Ids are exact strings, compared as sent
+    and never Unicode-normalised: "\u00e9" (NFC) and "e\u0301" (NFD) are two
+    different ids, both accepted.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
@@ -169,7 +171,9 @@ class UserServiceServicer:
     emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
     context), and no whitespace at either end, so never only whitespace
     (spaces inside an id are fine). An id that breaks these rules is
-    INVALID_ARGUMENT naming its field.
+    INVALID_ARGUMENT naming its field. Ids are exact strings, compared as sent
+    and never Unicode-normalised: "\u00e9" (NFC) and "e\u0301" (NFD) are two
+    different ids, both accepted.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
@@ -369,7 +373,9 @@ class UserService:
     emoji sequences, are allowed, as PRECIS (RFC 8264) allows them in
     context), and no whitespace at either end, so never only whitespace
     (spaces inside an id are fine). An id that breaks these rules is
-    INVALID_ARGUMENT naming its field.
+    INVALID_ARGUMENT naming its field. Ids are exact strings, compared as sent
+    and never Unicode-normalised: "\u00e9" (NFC) and "e\u0301" (NFD) are two
+    different ids, both accepted.
 
     Names. Where Zep's SDKs and users know a name, memstore keeps it on purpose
     rather than the AIP one: created_at and updated_at (not create_time and
