@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -133,6 +133,8 @@ MessageKey = tuple[str, int]
 #: metadata as JSON text, created_at and updated_at in integer microseconds since the epoch,
 #: session_count); see convert.add_user_record.
 UserRecord = tuple[str, str, str, str, str, int, int, int]
+#: Where a UserRecord holds its metadata's JSON text.
+USER_RECORD_METADATA: Final = 4
 
 
 @dataclass(frozen=True, slots=True)

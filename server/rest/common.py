@@ -11,6 +11,7 @@ from server.api import validation as val
 from server.api.search import DEFAULT_RELEVANT_LIMIT, MAX_SEARCH_LIMIT
 from server.domain import (
     ROLE_TYPES,
+    USER_RECORD_METADATA,
     JsonObject,
     MetadataChange,
     NewMessage,
@@ -213,7 +214,7 @@ async def list_users(
     # The metadata's text as PostgreSQL prints it: its ", " and ": " a little more than the
     # compact JSON of the answer.
     answer_size.check_rows_answer(
-        field, f"{len(page.items)} users", (len(u[4]) for u in page.items)
+        field, f"{len(page.items)} users", (len(u[USER_RECORD_METADATA]) for u in page.items)
     )
     users = [c.user_record(r) for r in page.items]
     return {"users": users, "row_count": len(users), "total_count": page.total_size or 0}
