@@ -13,7 +13,8 @@ from server.config import Config
 from server.errors import FailedPrecondition
 from server.search.embedding import Embedder
 from server.search.worker import EmbeddingWorker
-from server.serving.app import make_embedder, open_store, wait_for_signal
+from server.serving.app import open_store, wait_for_signal
+from server.serving.background import make_embedder
 from server.settings import source
 from server.store import Store
 

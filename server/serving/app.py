@@ -4,48 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
-from types import ModuleType
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import grpc
-from google.protobuf import descriptor, descriptor_pool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2_grpc
 
 from memstore.v1 import backup_service_pb2, session_service_pb2, user_service_pb2
 from server.api import answer_size
 from server.api.backup import BackupServicer
-from server.api.base import Context
-from server.api.chunking import WireChunk
 from server.api.sessions import SessionServicer
-from server.api.status import abort
 from server.api.tokens import PageTokens
 from server.api.users import UserServicer
 from server.config import Config
-from server.errors import MemstoreError
 from server.rest import HttpServer, build_http_server
-from server.search.embedding import Embedder, EmbeddingError, embedder_from_setting
+from server.search.embedding import Embedder
 from server.search.service import Searcher
-from server.search.worker import EmbeddingWorker, watch_queue
+from server.search.worker import watch_queue
 from server.serving.auth import Authenticator, AuthGate, start_authenticator
+from server.serving.background import (
+    embedding_worker,
+    load_model,
+    make_embedder,
+    purge_periodically,
+    queue_stats,
+)
 from server.serving.grpc_health import (
     DrainingHealth,
     Readiness,
     settle_calls,
-    track_call,
     watch_database,
 )
-from server.serving.handlers import Wrap, WrappingServer, register, rewrap
+from server.serving.handlers import WrappingServer
 from server.serving.limit import CallLimit
-from server.serving.malformed import Malformed, tolerant_deserializer
 from server.serving.observability import Metrics, Observer, quiet_ended_call_writes
 from server.serving.ports import probe_port
+from server.serving.reflection import enable_reflection
+from server.serving.services import Wrapping, register_service
 from server.serving.tls import add_port, reflection_enabled
 from server.settings import source
 from server.store import Store
@@ -63,153 +60,10 @@ _SETTLE_SECONDS = 5.0
 #: of the loop; what is left after this is stranded in gRPC's core.
 ORPHAN_SECONDS = 1.0
 
-#: Seconds a metrics scrape waits for the embedding queue's count before leaving it out.
-_QUEUE_READ_SECONDS = 5.0
-
-
-class _Wrapping:
-    """What every method's handler is wrapped in, once, at registration (serving/handlers.py):
-    observed (metrics, access line, request id), then, but for health and reflection
-    (auth.OPEN_METHODS), counted against the cap on calls in flight and behind the API key
-    gate; our services' requests are checked too."""
-
-    def __init__(self, observer: Observer, gate: AuthGate, limit: CallLimit) -> None:
-        self._observer = observer
-        self._gate = gate
-        self._limit = limit
-
-    def open(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-        """Health: observed, no key needed. Client streams (reflection) pass as they are."""
-        if handler.request_streaming:
-            return handler
-        return rewrap(
-            handler,
-            unary=functools.partial(self._observer.unary, method),
-            stream=functools.partial(self._observer.stream, method),
-        )
-
-    def service(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-        """One of our services' methods: observed, behind the gate, malformed requests refused."""
-        return rewrap(
-            handler,
-            unary=lambda behavior: self._observer.unary(method, behavior, self._enter),
-            stream=lambda behavior: self._observer.stream(
-                method, _limited_stream(self._limit, self._gate.stream(_guard_stream(behavior)))
-            ),
-        )
-
-    async def _enter(self, request: Any, context: Context, metadata: Any) -> None:
-        # The cap first: refusing costs nothing, not even a key check. Then in this order, as
-        # before any of this was folded into one wrapper: an unknown key is UNAUTHENTICATED
-        # whatever the request says.
-        await _admit(self._limit, context)
-        await self._gate.enter(context, metadata)
-        track_call()
-        if isinstance(request, Malformed):
-            await abort(context, request.error)
-
 
 def _call_limit(config: Config) -> CallLimit:
     sec = config.security
     return CallLimit(sec.max_calls_in_flight, source(sec, "max_calls_in_flight"))
-
-
-async def _admit(limit: CallLimit, context: Context) -> None:
-    try:
-        limit.enter_task()
-    except MemstoreError as error:
-        await abort(context, error)
-
-
-def _limited_stream(
-    limit: CallLimit, method: Callable[[Any, Context], AsyncIterator[Any]]
-) -> Callable[[Any, Context], AsyncIterator[Any]]:
-    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
-        await _admit(limit, context)
-        async for response in method(request, context):
-            yield response
-
-    return handler
-
-
-def _guard_stream(
-    method: Callable[[Any, Context], AsyncIterator[Any]],
-) -> Callable[[Any, Context], AsyncIterator[Any]]:
-    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
-        track_call()
-        if isinstance(request, Malformed):
-            await abort(context, request.error)
-        async for response in method(request, context):
-            yield response
-
-    return handler
-
-
-def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    # A stream may yield a chunk already serialized (WireChunk, encoded by PostgreSQL);
-    # protobuf messages concatenate, so its bytes go out as they are.
-    def serializer(response: Any) -> bytes:
-        if type(response) is WireChunk:
-            return response.data
-        return serialize(response)
-
-    return serializer
-
-
-def _register(
-    server: grpc.aio.Server, module: ModuleType, name: str, servicer: object, wrap: Wrap
-) -> str:
-    """Registers `servicer` for service `name` of `module`; returns the full service name."""
-    service: descriptor.ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in service.methods:
-        request_class = getattr(module, method.input_type.name)
-        response_class = getattr(module, method.output_type.name)
-        implementation = getattr(servicer, method.name)
-        deserializer = tolerant_deserializer(request_class)
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                implementation,
-                request_deserializer=deserializer,
-                response_serializer=_passing_bytes(response_class.SerializeToString),
-            )
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                implementation,
-                request_deserializer=deserializer,
-                response_serializer=response_class.SerializeToString,
-            )
-    register(server, service.full_name, handlers, wrap)
-    return str(service.full_name)
-
-
-class _MethodAwarePool:
-    """The descriptor pool as reflection sees it, plus the files of RPC methods.
-
-    grpcurl's `describe memstore.v1.SessionService.AddMemory` asks reflection for the file
-    containing a method symbol; Python's pool knows services and messages but not methods,
-    so it would answer NOT_FOUND. Everything else goes to the real pool unchanged.
-    """
-
-    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
-        self._pool = pool
-
-    def FindFileContainingSymbol(self, name: str) -> descriptor.FileDescriptor:
-        """The file of a symbol, methods included (KeyError when unknown)."""
-        try:
-            return self._pool.FindFileContainingSymbol(name)
-        except KeyError:
-            service_name, _, method = name.rpartition(".")
-            try:
-                service = self._pool.FindServiceByName(service_name)
-            except KeyError:
-                raise KeyError(name) from None
-            if method not in service.methods_by_name:
-                raise KeyError(name) from None
-            return service.file
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
 
 
 async def _build(
@@ -229,7 +83,7 @@ async def _build(
     tokens = await page_tokens(config, store)
     metrics = metrics or Metrics()
     quiet_ended_call_writes()
-    wrapping = _Wrapping(
+    wrapping = Wrapping(
         Observer(metrics),
         AuthGate(auth or await start_authenticator(config, store)),
         limit or _call_limit(config),
@@ -253,15 +107,19 @@ async def _build(
     )
     wrap = wrapping.service
     names = [
-        _register(server, user_service_pb2, "UserService", UserServicer(store, tokens), wrap),
-        _register(
+        register_service(
+            server, user_service_pb2, "UserService", UserServicer(store, tokens), wrap
+        ),
+        register_service(
             server,
             session_service_pb2,
             "SessionService",
             SessionServicer(store, tokens, Searcher(store, embedder)),
             wrap,
         ),
-        _register(server, backup_service_pb2, "BackupService", BackupServicer(store, tokens), wrap),
+        register_service(
+            server, backup_service_pb2, "BackupService", BackupServicer(store, tokens), wrap
+        ),
     ]
     health = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health, WrappingServer(server, wrapping.open))
@@ -269,16 +127,7 @@ async def _build(
     readiness = Readiness(health, names)
     await readiness.start(store)
     if reflection_enabled(config.reflection, config.host):
-        reflection.enable_server_reflection(
-            [
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-            # Duck-typed: reflection only calls the pool's Find* methods.
-            pool=cast(descriptor_pool.DescriptorPool, _MethodAwarePool(descriptor_pool.Default())),
-        )
+        enable_reflection(server, names)
     port = add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
@@ -329,84 +178,6 @@ async def build_http(
     )
 
 
-def make_embedder(config: Config) -> Embedder | None:
-    """The embedder `--embedder` names (None for "none"), shared by search and the worker."""
-    try:
-        return embedder_from_setting(
-            config.embedder, model=config.embedder_model or None, api_key=config.embedder_api_key
-        )
-    except ValueError as exc:
-        raise RuntimeError(f"{source(config, 'embedder')}: {exc}") from exc
-
-
-def load_model(embedder: Embedder | None) -> None:
-    """Loads a local model now rather than on its first use; a failure is logged, not raised.
-
-    A model that cannot load fails each search and embedding batch with the same error,
-    which says what to install; the rest of memstore serves on.
-    """
-    load = getattr(embedder, "load", None)
-    if load is None:
-        return  # none, or a remote model: nothing to load
-    try:
-        load()
-    except EmbeddingError as exc:
-        log.error("%s", exc)
-
-
-def _embedding_worker(
-    config: Config, store: Store, embedder: Embedder | None
-) -> EmbeddingWorker | None:
-    """The in-process embedding worker, or None when it is off or has nothing to feed.
-
-    Without pgvector it keeps recall by words (migration 0012) and runs no model.
-    """
-    if not config.embedding_worker:
-        _queue_undrained(store, "--no-embedding-worker")
-        return None
-    if store.word_recall:
-        log.info("recall worker on (no pgvector: recall by words, kept ahead of time)")
-        return EmbeddingWorker(store, None)
-    if embedder is None or not store.vectors:
-        _queue_undrained(store, "--embedder none")
-        return None
-    log.info("embedding worker on (model %s)", embedder.name)
-    return EmbeddingWorker(store, embedder)
-
-
-def _queue_undrained(store: Store, why: str) -> None:
-    # AddMemory still queues (the queue is the database's, any process may drain it): say
-    # once at start who must, rather than drop the work or let the queue grow unseen.
-    if not (store.vectors or store.word_recall):
-        return
-    work = "messages to embed" if store.vectors else "sessions whose recall to keep by words"
-    log.warning(
-        "%s: AddMemory queues %s and this process runs no worker to drain them; run "
-        "`memstore embed` on this database (one is enough), or the queue only grows "
-        "(the memstore_embedding_queue_rows metric)",
-        why,
-        work,
-    )
-
-
-def _queue_stats(store: Store) -> Callable[[], tuple[int, float] | None] | None:
-    """The embedding queue's (rows, oldest seconds) for the metrics thread, read on this
-    loop's pool at each scrape; None where nothing is ever queued (no pgvector, no 0012)."""
-    if not (store.vectors or store.word_recall):
-        return None
-    loop = asyncio.get_running_loop()
-
-    def read() -> tuple[int, float] | None:
-        future = asyncio.run_coroutine_threadsafe(store.embedding_lag(), loop)
-        try:
-            return future.result(timeout=_QUEUE_READ_SECONDS)
-        except Exception:  # down or slow: the scrape goes on without the queue's gauges
-            future.cancel()
-            return None
-
-    return read
-
-
 async def open_store(config: Config) -> Store:
     """Opens the store on DATABASE_URL, or on the embedded PostgreSQL under data_dir."""
     url = config.database_url
@@ -443,7 +214,7 @@ async def serve(config: Config) -> None:
     background: list[asyncio.Task[None]] = []
     try:
         await store.migrate()  # logs each migration it applies
-        metrics = Metrics(store.pool_stats, _queue_stats(store))
+        metrics = Metrics(store.pool_stats, queue_stats(store))
         metrics_http = _serve_metrics(config, metrics)
         await loading
         auth = await start_authenticator(config, store)
@@ -460,8 +231,8 @@ async def serve(config: Config) -> None:
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
-            background.append(asyncio.create_task(_purge_periodically(config, store)))
-        worker = _embedding_worker(config, store, embedder)
+            background.append(asyncio.create_task(purge_periodically(config, store)))
+        worker = embedding_worker(config, store, embedder)
         if worker is not None:
             background.append(asyncio.create_task(worker.run()))
         if store.vectors or store.word_recall:
@@ -559,17 +330,3 @@ async def wait_for_signal() -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-async def _purge_periodically(config: Config, store: Store) -> None:
-    while True:
-        await asyncio.sleep(config.purge_interval)
-        try:
-            report = await store.purge(config.purge_retention)
-        except Exception:
-            # One failed run (e.g. the database restarting) must not end the periodic purge.
-            log.exception("purge failed; retrying in %.0fs", config.purge_interval)
-            continue
-        # A run that found nothing is routine; only removals are worth an INFO line.
-        level = logging.INFO if report.sessions or report.messages else logging.DEBUG
-        log.log(level, "purge removed %s", json.dumps(asdict(report), sort_keys=True))

@@ -204,7 +204,7 @@ async def start_authenticator(config: Config, store: Store) -> Authenticator:
 class AuthGate:
     """Resolves each call's project before its handler runs; re-checks keys while streaming.
 
-    Applied to each method's handler once, at registration (serving/app.py), inside the
+    Applied to each method's handler once, at registration (serving/services.py), inside the
     observed call, so refused calls are counted and logged too.
     """
 

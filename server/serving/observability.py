@@ -280,7 +280,7 @@ class _MethodMetrics:
 
 
 #: Runs inside an observed unary call, before its handler: (request, context, the call's
-#: invocation metadata). Authentication and the request checks go here (serving/app.py).
+#: invocation metadata). Authentication and the request checks go here (serving/services.py).
 Enter = Callable[[Any, Any, Any], Awaitable[None]]
 
 

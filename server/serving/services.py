@@ -1,0 +1,138 @@
+"""memstore's gRPC services on a server: each method's handler wrapped once, at registration.
+
+Observed (metrics, access line, request id), then, but for health and reflection, counted
+against the cap on calls in flight, behind the API key gate, and refused when protobuf could
+not parse the request (serving/handlers.py does the wrapping; this module says what with).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from types import ModuleType
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor
+
+from server.api.base import Context
+from server.api.chunking import WireChunk
+from server.api.status import abort
+from server.errors import MemstoreError
+from server.serving.auth import AuthGate
+from server.serving.grpc_health import track_call
+from server.serving.handlers import Wrap, register, rewrap
+from server.serving.limit import CallLimit
+from server.serving.malformed import Malformed, tolerant_deserializer
+from server.serving.observability import Observer
+
+
+class Wrapping:
+    """What every method's handler is wrapped in, once, at registration (serving/handlers.py):
+    observed (metrics, access line, request id), then, but for health and reflection
+    (auth.OPEN_METHODS), counted against the cap on calls in flight and behind the API key
+    gate; our services' requests are checked too."""
+
+    def __init__(self, observer: Observer, gate: AuthGate, limit: CallLimit) -> None:
+        self._observer = observer
+        self._gate = gate
+        self._limit = limit
+
+    def open(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
+        """Health: observed, no key needed. Client streams (reflection) pass as they are."""
+        if handler.request_streaming:
+            return handler
+        return rewrap(
+            handler,
+            unary=functools.partial(self._observer.unary, method),
+            stream=functools.partial(self._observer.stream, method),
+        )
+
+    def service(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
+        """One of our services' methods: observed, behind the gate, malformed requests refused."""
+        return rewrap(
+            handler,
+            unary=lambda behavior: self._observer.unary(method, behavior, self._enter),
+            stream=lambda behavior: self._observer.stream(
+                method, _limited_stream(self._limit, self._gate.stream(_guard_stream(behavior)))
+            ),
+        )
+
+    async def _enter(self, request: Any, context: Context, metadata: Any) -> None:
+        # The cap first: refusing costs nothing, not even a key check. Then in this order, as
+        # before any of this was folded into one wrapper: an unknown key is UNAUTHENTICATED
+        # whatever the request says.
+        await _admit(self._limit, context)
+        await self._gate.enter(context, metadata)
+        track_call()
+        if isinstance(request, Malformed):
+            await abort(context, request.error)
+
+
+async def _admit(limit: CallLimit, context: Context) -> None:
+    try:
+        limit.enter_task()
+    except MemstoreError as error:
+        await abort(context, error)
+
+
+def _limited_stream(
+    limit: CallLimit, method: Callable[[Any, Context], AsyncIterator[Any]]
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
+        await _admit(limit, context)
+        async for response in method(request, context):
+            yield response
+
+    return handler
+
+
+def _guard_stream(
+    method: Callable[[Any, Context], AsyncIterator[Any]],
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
+        track_call()
+        if isinstance(request, Malformed):
+            await abort(context, request.error)
+        async for response in method(request, context):
+            yield response
+
+    return handler
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    # A stream may yield a chunk already serialized (WireChunk, encoded by PostgreSQL);
+    # protobuf messages concatenate, so its bytes go out as they are.
+    def serializer(response: Any) -> bytes:
+        if type(response) is WireChunk:
+            return response.data
+        return serialize(response)
+
+    return serializer
+
+
+def register_service(
+    server: grpc.aio.Server, module: ModuleType, name: str, servicer: object, wrap: Wrap
+) -> str:
+    """Registers `servicer` for service `name` of `module`; returns the full service name."""
+    service: descriptor.ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_class = getattr(module, method.input_type.name)
+        response_class = getattr(module, method.output_type.name)
+        implementation = getattr(servicer, method.name)
+        deserializer = tolerant_deserializer(request_class)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                implementation,
+                request_deserializer=deserializer,
+                response_serializer=_passing_bytes(response_class.SerializeToString),
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                implementation,
+                request_deserializer=deserializer,
+                response_serializer=response_class.SerializeToString,
+            )
+    register(server, service.full_name, handlers, wrap)
+    return str(service.full_name)
