@@ -74,7 +74,7 @@ async def _build(
     auth: Authenticator | None = None,
     *,
     limit: CallLimit | None = None,
-) -> tuple[grpc.aio.Server, int, Readiness]:
+) -> tuple[grpc.aio.Server, int, Readiness, Callable[[], bool]]:
     if embedder is not None and not store.vectors:
         log.warning(
             "the database keeps no vectors (pgvector is not available): serving full-text "
@@ -127,11 +127,11 @@ async def _build(
     readiness = Readiness(health, names)
     await readiness.start(store)
     if reflection_enabled(config.reflection, config.host):
-        enable_reflection(server, names)
+        enable_reflection(server, names, wrapping.open)
     port = add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
-    return server, port, readiness
+    return server, port, readiness, wrapping.busy
 
 
 async def build_server(
@@ -142,7 +142,7 @@ async def build_server(
     Every call is counted in `metrics` (a fresh Metrics when None) and access-logged.
     Returns the server and the port it is bound to (the real one when config.port is 0).
     """
-    server, port, _ = await _build(config, store, metrics, make_embedder(config))
+    server, port, _, _ = await _build(config, store, metrics, make_embedder(config))
     return server, port
 
 
@@ -220,7 +220,9 @@ async def serve(config: Config) -> None:
         auth = await start_authenticator(config, store)
         # One cap for the process: gRPC and HTTP calls count against it together.
         limit = _call_limit(config)
-        server, port, readiness = await _build(config, store, metrics, embedder, auth, limit=limit)
+        server, port, readiness, busy = await _build(
+            config, store, metrics, embedder, auth, limit=limit
+        )
         http = None
         if config.http:
             http = await build_http(config, store, metrics, auth, embedder, limit=limit)
@@ -244,7 +246,7 @@ async def serve(config: Config) -> None:
         # move away before the server stops accepting (a stopping server answers no Check).
         await readiness.drain(config.drain_delay)
         await asyncio.gather(
-            stop_grpc(server, config.grace_period, lambda: limit.in_flight > 0),
+            stop_grpc(server, config.grace_period, busy),
             *([http.stop(config.grace_period)] if http is not None else []),
         )
         await settle_calls(_SETTLE_SECONDS)
@@ -269,8 +271,9 @@ async def stop_grpc(server: grpc.aio.Server, grace: float, busy: Callable[[], bo
     `RealRequestMatcher::MatchOrQueue` in `src/core/server/server.cc` misses the check of
     `zombified_` that its promise-based `MatchRequest` has). Its caller then waits for its
     deadline (DEADLINE_EXCEEDED) and the stop for the whole grace period, or that deadline.
-    So once no call of memstore's (`busy`) has been in flight for ORPHAN_SECONDS, what the
-    core still holds is cancelled (callers get UNAVAILABLE or CANCELLED, at once).
+    So once no call of memstore's nor reflection stream (`busy`) has been in flight for
+    ORPHAN_SECONDS, what the core still holds is cancelled (callers get UNAVAILABLE or
+    CANCELLED, at once).
     tests/reliability/test_stop_race.py; docs/reliability.md, "Shutdown".
     """
     loop = asyncio.get_running_loop()

@@ -7,7 +7,13 @@ from typing import Any, cast
 import grpc
 from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+# What reflection.enable_server_reflection serves on a grpc.aio server (public there as
+# `reflection.aio`, a name its stubs do not export).
+from grpc_reflection.v1alpha._async import ReflectionServicer
+
+from server.serving.handlers import Wrap, WrappingServer
 
 
 class _MethodAwarePool:
@@ -39,15 +45,17 @@ class _MethodAwarePool:
         return getattr(self._pool, name)
 
 
-def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
-    """Serves reflection for `services`, health and reflection itself on `server`."""
-    reflection.enable_server_reflection(
-        [
-            *services,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-        # Duck-typed: reflection only calls the pool's Find* methods.
-        pool=cast(descriptor_pool.DescriptorPool, _MethodAwarePool(descriptor_pool.Default())),
+def enable_reflection(server: grpc.aio.Server, services: list[str], wrap: Wrap) -> None:
+    """Serves reflection for `services`, health and reflection itself on `server`, its
+    handler wrapped by `wrap` (as reflection.enable_server_reflection registers it, which
+    takes no wrapper)."""
+    names = [
+        *services,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    # Duck-typed: reflection only calls the pool's Find* methods.
+    pool = cast(descriptor_pool.DescriptorPool, _MethodAwarePool(descriptor_pool.Default()))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        ReflectionServicer(names, pool=pool), WrappingServer(server, wrap)
     )

@@ -37,11 +37,18 @@ class Wrapping:
         self._observer = observer
         self._gate = gate
         self._limit = limit
+        #: Reflection streams open: not calls against the cap, but a stop waits for them.
+        self.streams_open = 0
+
+    def busy(self) -> bool:
+        """Whether a call is in flight (gRPC or HTTP) or a reflection stream open: what a
+        stop gives its grace period to (app.stop_grpc)."""
+        return self._limit.in_flight > 0 or self.streams_open > 0
 
     def open(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-        """Health: observed, no key needed. Client streams (reflection) pass as they are."""
+        """Health: observed, no key needed. Client streams (reflection) are only counted."""
         if handler.request_streaming:
-            return handler
+            return rewrap(handler, unary=lambda behavior: behavior, stream=self._counted)
         return rewrap(
             handler,
             unary=functools.partial(self._observer.unary, method),
@@ -57,6 +64,19 @@ class Wrapping:
                 method, _limited_stream(self._limit, self._gate.stream(_guard_stream(behavior)))
             ),
         )
+
+    def _counted(
+        self, behavior: Callable[[Any, Context], AsyncIterator[Any]]
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        async def handler(requests: Any, context: Context) -> AsyncIterator[Any]:
+            self.streams_open += 1
+            try:
+                async for response in behavior(requests, context):
+                    yield response
+            finally:
+                self.streams_open -= 1
+
+        return handler
 
     async def _enter(self, request: Any, context: Context, metadata: Any) -> None:
         # The cap first: refusing costs nothing, not even a key check. Then in this order, as

@@ -12,6 +12,7 @@ import grpc
 import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
@@ -219,3 +220,33 @@ async def test_a_killed_server_leaves_no_late_commit(clean_db: str) -> None:
     await until(lambda: _quiet(clean_db))
     with psycopg.connect(clean_db) as conn:
         assert conn.execute("SELECT email FROM users WHERE user_id = 'orphan'").fetchone() == ("",)
+
+
+async def test_a_reflection_stream_open_as_the_stop_begins_is_given_the_grace(
+    clean_db: str,
+) -> None:
+    # Reflection is not one of memstore's calls, so the stop saw nothing in flight and
+    # cancelled what gRPC's core held after a second (stop_grpc): grpcurl describing the
+    # schema as a deploy began lost its stream, where calls are given the grace period.
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    args = ("--purge-interval", "0", "--grace-period", "30", "--drain-delay", "0")
+    proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        listed = await stream.read()
+        assert "memstore.v1.UserService" in {s.name for s in listed.list_services_response.service}
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(3.0)  # well past the second after which it was cancelled
+        assert not stream.done(), f"ended {await stream.code()} inside the grace period"
+        symbol = "memstore.v1.SessionService.AddMemory"
+        await stream.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+        described = await stream.read()
+        assert described.file_descriptor_response.file_descriptor_proto, described
+        await stream.done_writing()
+        assert await stream.code() == grpc.StatusCode.OK
+        # The stream's end ends the stop: the grace is a bound, not a wait.
+        code, out = await _exit_code(proc, limit=20)
+        assert code == 0, out
+        assert time.monotonic() - signalled < 20
