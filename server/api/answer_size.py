@@ -101,13 +101,20 @@ def list_budget(rows: int, cap: int) -> int | None:
     return cap if rows * LIST_ROW_BYTES > cap else None
 
 
+#: The most bytes the store counts for a message: its content and, as LIST_ROW_BYTES counts a
+#: list's row, its metadata as printed (GetMemory's window; SearchMemory and recall count
+#: content alone).
+MESSAGE_ROW_BYTES = MAX_CONTENT_BYTES + LIST_ROW_BYTES
+
+
 def memory_budget(rows: int) -> int | None:
-    """The bytes of content the store reads `rows` messages up to (MAX_ANSWER_BYTES, then
-    refused by refuse_cut_answer): GetMemory's `lastn` messages and `relevant_limit` memories,
-    SearchMemory's `limit` results. None where `rows` messages of the largest content cannot
-    pass it (17 or fewer): an agent's turn (`lastn` 6, 5 memories) and a search of the default
-    10 read their rows whole, without the running sum (docs/reliability.md)."""
-    return MAX_ANSWER_BYTES if rows * MAX_CONTENT_BYTES > MAX_ANSWER_BYTES else None
+    """The bytes the store reads `rows` messages up to (MAX_ANSWER_BYTES, then refused by
+    refuse_cut_answer): GetMemory's `lastn` messages and `relevant_limit` memories,
+    SearchMemory's `limit` results. None where `rows` of the largest messages
+    (MESSAGE_ROW_BYTES) cannot pass it (15 or fewer): an agent's turn (`lastn` 6, 5 memories)
+    and a search of the default 10 read their rows whole, without the running sum
+    (docs/reliability.md)."""
+    return MAX_ANSWER_BYTES if rows * MESSAGE_ROW_BYTES > MAX_ANSWER_BYTES else None
 
 
 def refuse_cut_answer(field: str, asked: str) -> InvalidArgument:

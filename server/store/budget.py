@@ -6,11 +6,15 @@ from psycopg import sql
 
 from server.store.queries import query
 
+#: The budget of a call's statement: its parameter.
+BUDGET = sql.SQL("%(budget)s::int8")
 
-def budget_rows(sized: sql.Composable, order: sql.Composable) -> sql.Composed:
-    """`sized`'s rows read in `order` (over the alias k) only up to %(budget)s bytes of their
+
+def budget_rows(
+    sized: sql.Composable, order: sql.Composable, budget: sql.Composable = BUDGET
+) -> sql.Composed:
+    """`sized`'s rows read in `order` (over the alias k) only up to `budget` bytes of their
     `size` column (budget_rows: the running sum, each row saying whether one `followed`)."""
-    budget = sql.SQL("%(budget)s::int8")
     return query("budget_rows").format(sized=sized, order=order, budget=budget)
 
 

@@ -34,6 +34,7 @@ from server.store.base import (
     metadata_params,
     no_such_user,
 )
+from server.store.budget import budget_rows
 from server.store.coalesce import Batcher
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import compact, query
@@ -101,9 +102,9 @@ _ADD_MEMORY_GUARDED = add_memory_statement(citus=False, guarded=True)
 
 @cache
 def window_fragment(*, budgeted: bool, coalesced: bool) -> sql.Composed:
-    """GetMemory's window (memory_window, or memory_window_budgeted read up to a byte
-    budget) over the call's values: get_memory's parameters, or (`coalesced`) the call's row
-    `q` and its session `s` in get_memories_recall."""
+    """GetMemory's window (memory_window, or memory_window_sized read newest first up to a
+    byte budget by budget_rows) over the call's values: get_memory's parameters, or
+    (`coalesced`) the call's row `q` and its session `s` in get_memories_recall."""
     if coalesced:
         project_id, session_id, lastn, budget = (
             "s.project_id",
@@ -118,15 +119,16 @@ def window_fragment(*, budgeted: bool, coalesced: bool) -> sql.Composed:
         project_id=sql.SQL(project_id), session_id=sql.SQL(session_id), lastn=sql.SQL(lastn)
     )
     if budgeted:
-        return query("memory_window_budgeted").format(scan=scan, budget=sql.SQL(budget))
+        sized = query("memory_window_sized").format(scan=scan)
+        return budget_rows(sized, sql.SQL("k.sequence DESC"), sql.SQL(budget))
     return query("memory_window").format(scan=scan)
 
 
 @cache
 def memory_window(*, budgeted: bool) -> sql.SQL:
     """GetMemory's statement (a live session and its last `lastn` live messages, read up to
-    `budget` bytes of content if `budgeted`), for callers that pipeline it with another read:
-    recall sends both in one round trip."""
+    `budget` bytes of content and metadata if `budgeted`), for callers that pipeline it with
+    another read: recall sends both in one round trip."""
     window = window_fragment(budgeted=budgeted, coalesced=False)
     return sql.SQL(compact(query("get_memory").format(window=window).as_string(None)))
 
@@ -297,7 +299,8 @@ class MessageMethods(StoreBase):
     ) -> tuple[Session | None, list[Message]]:
         """The live session (None if absent/deleted) and its last `lastn` live messages.
 
-        Messages come oldest first, read newest first up to `budget` bytes of content if
+        Messages come oldest first, read newest first up to `budget` bytes of content and
+        metadata (as printed) if
         given (get_memory_with_recall, which GetMemory calls, says when that cut them).
 
         Raises:

@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 from server.domain import Message, SearchQuery, SearchResult, Session
 from server.store import rows
 from server.store.base import StoreBase, key
+from server.store.budget import budget_rows
 from server.store.coalesce import Coalescer
 from server.store.db import Row, fetch_all
 from server.store.messages import memory_window, window_fragment
@@ -125,7 +126,10 @@ def _statement(vector: bool, semantic_only: bool) -> str:
 def budgeted_ranking(statement: sql.Composed, budgeted: bool) -> sql.Composed:
     """A ranking statement, or (`budgeted`) the same read only up to %(budget)s bytes of its
     rows' content (search_budgeted: the rows past it are not read; `followed` says so)."""
-    return query("search_budgeted").format(ranked=statement) if budgeted else statement
+    if not budgeted:
+        return statement
+    sized = query("search_sized").format(ranked=statement)
+    return query("search_budgeted").format(rows=budget_rows(sized, query("search_order")))
 
 
 @cache
@@ -172,12 +176,13 @@ def kept_recall_statement(
     else:
         kept, kept_filter = "session_word_recall", sql.SQL("")
     window = window_fragment(budgeted=budgeted, coalesced=True)
-    recall = query("kept_recall_budgeted" if relevant_budgeted else "kept_recall")
+    scan = query("kept_recall_scan")
+    recall: sql.Composable = query("kept_recall").format(scan=scan)
+    if relevant_budgeted:
+        sized = query("kept_recall_sized").format(scan=scan)
+        recall = budget_rows(sized, sql.SQL("k.rank"), sql.SQL("q.relevant_budget"))
     statement = query(name).format(
-        kept=sql.Identifier(kept),
-        kept_filter=kept_filter,
-        window=window,
-        recall=recall.format(scan=query("kept_recall_scan")),
+        kept=sql.Identifier(kept), kept_filter=kept_filter, window=window, recall=recall
     )
     return sql.SQL(compact(statement.as_string(None)))
 
@@ -520,17 +525,19 @@ async def _kept_live_citus(
 
 
 def _cut_by_content(found: list[Row], budget: int | None) -> tuple[list[Row], bool]:
-    """Kept recall's rows read on Citus (best first) cut as kept_recall_budgeted cuts them:
-    each only while those before it hold less than `budget` bytes of content; and whether
-    that left one out."""
+    """Kept recall's rows read on Citus (best first) cut as kept_recall_sized's running sum
+    cuts them: each only while those before it hold less than `budget` bytes of content and
+    metadata (as PostgreSQL prints it: json.dumps' separators); and whether that left one
+    out."""
     if budget is None:
         return found, False
     before = 0
     for i, row in enumerate(found):
         if before >= budget:
             return found[:i], True
-        content = row.get("m_content")
+        content, metadata = row.get("m_content"), row.get("m_metadata")
         before += len(content.encode()) if content is not None else 0
+        before += len(json.dumps(metadata, ensure_ascii=False).encode()) if metadata else 0
     return found, False
 
 

@@ -179,14 +179,14 @@ _NOT_DISTRIBUTED_PREFIXES = (
 _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
     *("get_memories_recall", "recall_kept_keys_citus", "get_memory"),
-    *("kept_recall", "kept_recall_budgeted"),
+    *("kept_recall", "kept_recall_sized"),
     *("add_memory_session_citus", "add_memory_messages_citus", "add_memory_queue_citus"),
     *("list_user_records", "list_user_records_page"),
     *("list_user_sessions", "list_user_sessions_page", "list_sessions_budgeted"),
 }
 _SEARCH = (
     *("search_full_text", "search_semantic", "search_hybrid", "count_unembedded"),
-    "search_budgeted",
+    *("search_budgeted", "search_sized"),
 )
 
 

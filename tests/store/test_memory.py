@@ -170,7 +170,8 @@ async def test_get_memory_stops_reading_its_window_at_the_byte_budget(
         assert found.session is not None and found.session.message_count == 10
         return [m.sequence for m in found.messages], found.cut
 
-    # 300,001 bytes each (é is two): before the 5th newest, 1,200,004 >= 1 MiB.
+    # 300,003 bytes each (é is two, and "{}" of metadata): before the 5th newest, 1,200,012
+    # >= 1 MiB.
     assert await window(1000, 1 << 20) == ([7, 8, 9, 10], True)
     assert await window(1000, 1 << 20, limit=5) == ([7, 8, 9, 10], True)
     assert await window(4, 1 << 20) == ([7, 8, 9, 10], False)
@@ -185,7 +186,7 @@ async def test_get_memory_stops_reading_its_window_at_the_byte_budget(
     assert together == [(list(range(1, 11)), False), ([10], True), ([9, 10], False)]
     _, whole = await store.get_memory(P, "s", 1000)
     assert len(whole) == 10
-    _, cut = await store.get_memory(P, "s", 1000, budget=600_003)  # before the 3rd: 600,002
+    _, cut = await store.get_memory(P, "s", 1000, budget=600_007)  # before the 3rd: 600,006
     assert [m.sequence for m in cut] == [8, 9, 10]
     await store.create_session(P, "empty", None, {})
     empty = await store.get_memory_with_recall(

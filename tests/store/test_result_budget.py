@@ -21,7 +21,8 @@ from server.store.search import RECALL_KEEP
 #: One memory: "needle" and a word too long for full-text search to index, 300,007 bytes of
 #: UTF-8 (é is two). All rank alike, so the newest (the highest sequence) come first.
 CONTENT = "needle " + "é" * 150_000
-SIZE = len(CONTENT.encode())
+#: A memory's bytes as the budget counts them: its content and its metadata, "{}" as printed.
+SIZE = len(CONTENT.encode()) + len("{}")
 #: Before the 5th row the content read is 1,200,028 bytes, past 1 MiB: 4 rows are read.
 MIB = 1 << 20
 MEMORIES = 10
@@ -183,3 +184,56 @@ async def test_lists_of_users_and_sessions_stop_reading_at_the_byte_budget(
         assert await read(3, budget) == (3, True, False)
         assert await read(_ROWS, 1) == (1, True, True)
         assert await read(_ROWS, 1 << 40) == (_ROWS, False, False)
+
+
+async def test_get_memorys_window_counts_its_messages_metadata_against_the_budget(
+    store: Store, clean_db: str
+) -> None:
+    # The window's budget counted content only: lastn 1,000 of messages of "hi" and 60 KB of
+    # metadata (compressed on disk to a few hundred bytes) was read whole, 60 MB, to be
+    # refused past 17 MiB. Now each message counts its content and its metadata as printed.
+    said = [NewMessage("speaker", "user", "hi", _META) for _ in range(_ROWS)]
+    await store.add_memory(P, "meta", None, said)
+
+    async def window(lastn: int, budget: int | None) -> tuple[list[int], bool]:
+        found = await store.get_memory_with_recall(
+            P, "meta", lastn, limit=0, window=6, model=None, budget=budget, relevant_budget=None
+        )
+        assert all(m.metadata == _META for m in found.messages)
+        return [m.sequence for m in found.messages], found.cut
+
+    newest = list(range(_ROWS, 0, -1))
+    assert await window(_ROWS, None) == (sorted(newest), False)
+    assert await window(_ROWS, 3 * _ROW + 100) == (sorted(newest[:4]), True)
+    assert await window(4, 3 * _ROW + 100) == (sorted(newest[:4]), False)
+    assert await window(_ROWS, 1) == ([_ROWS], True)  # the newest is always read
+
+
+async def test_search_and_recall_count_their_results_metadata_against_the_budget(
+    store: Store, clean_db: str
+) -> None:
+    # Their budgets counted content only: SearchMemory's (recall's) limit 100 of messages of
+    # a few words and 60 KB of metadata was read whole, 6 MB, and only then measured. Now each
+    # result counts its content and its metadata as printed: 4 of 8 within 3 rows and a bit.
+    await store.create_user(P, "u", "", "", "", {})
+    said = [NewMessage("speaker", "user", "needle x", _META) for _ in range(_ROWS)]
+    await store.add_memory(P, "old", "u", said)
+    await store.add_memory(P, "now", "u", [NewMessage("speaker", "user", "needle?", {})])
+    budget = 3 * _ROW + 100
+    newest = list(range(_ROWS, 0, -1))
+
+    async def search(limit: int, cut_at: int | None) -> tuple[list[int], bool]:
+        query = SearchQuery(
+            text="needle", search_type="full_text", limit=limit, session_ids=("old",)
+        )
+        found, _, cut = await store.search_messages(
+            P, query, vector=None, model="m", limit=limit, depth=40, budget=cut_at
+        )
+        return [r.message.sequence for r, _ in found], cut
+
+    assert await search(_ROWS, None) == (newest, False)
+    assert await search(_ROWS, budget) == (newest[:4], True)
+    assert await search(4, budget) == (newest[:4], False)
+    limit = RECALL_KEEP + 10
+    assert await _recall(store, limit, None, None) == (newest, False)
+    assert await _recall(store, limit, budget, None) == (newest[:4], True)

@@ -185,7 +185,7 @@ INSERT INTO embedding_queue (project_id, session_id, sequence) VALUES {rows};
 
 -- get_memory --
 -- A live session joined to its last `lastn` live messages, oldest first. {window} is
--- memory_window or memory_window_budgeted over the parameters (Citus routes to one shard only
+-- memory_window, or memory_window_sized read up to a budget, over the parameters (Citus routes to one shard only
 -- what they pin, not s); m_followed says the budget left older ones out.
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at,
@@ -199,8 +199,8 @@ ORDER BY m.sequence;
 
 -- memory_window_scan --
 -- GetMemory's window (get_memory, get_memories_recall): a session's last {lastn} live
--- messages, newest first. {project_id}, {session_id} and {lastn} (and memory_window_budgeted's
--- {budget}) are the call's: parameters in get_memory, its row q and session s in
+-- messages, newest first. {project_id}, {session_id} and {lastn} (and the budget of
+-- memory_window_sized's running sum) are the call's: parameters in get_memory, its row q and session s in
 -- get_memories_recall.
 FROM messages m
 WHERE m.project_id = {project_id} AND m.session_id = {session_id} AND m.deleted_at IS NULL
@@ -211,20 +211,14 @@ LIMIT {lastn}
 -- The window whole: for a lastn whose messages cannot pass the answer (at most 1 MiB each).
 SELECT m.*, false AS followed {scan}
 
--- memory_window_budgeted --
--- The window read newest first only while the messages after one hold less than {budget}
--- bytes of content (the newest is always read), sized from the values' headers as in
--- list_messages: GetMemory's lastn 1000 of messages of 1 MiB is refused, and was read whole
--- (1 GB) to be. Content alone, a lower bound of the answer's bytes, so that a window cut here
--- is one the answer's own measure would refuse too. followed on the oldest row: an older
--- message of the lastn was left out.
-SELECT w.* FROM (
-    SELECT k.*, sum(k.size) OVER w - k.size AS before,
-           lead(true, 1, false) OVER w AS followed
-    FROM (SELECT m.*, octet_length(m.content) AS size {scan}) k
-    WINDOW w AS (ORDER BY k.sequence DESC ROWS UNBOUNDED PRECEDING)
-) w
-WHERE w.before < {budget}
+-- memory_window_sized --
+-- The window with each message's bytes, for memory_window_budgeted (budget_rows over it, newest
+-- first, up to the call's budget; followed on the oldest row: an older message of the lastn was
+-- left out): its content, sized from the value's header (GetMemory's lastn 1000 of messages of
+-- 1 MiB is refused, and was read whole, 1 GB, to be), and its metadata as PostgreSQL prints it
+-- (lastn 1000 of messages of 60 KB of metadata, which compressed is a few hundred bytes on
+-- disk, was read whole, 60 MB, when content alone counted).
+SELECT m.*, octet_length(m.content) + octet_length(m.metadata::text) AS size {scan}
 
 -- list_messages --
 -- A live session joined to one page of its live messages by sequence: a keyset page, or

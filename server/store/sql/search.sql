@@ -95,23 +95,26 @@ ORDER BY score DESC, m.created_at DESC, m.session_id, m.sequence DESC
 LIMIT %(limit)s;
 
 -- search_budgeted --
--- A ranking statement's rows ({ranked}: search_full_text, search_semantic or search_hybrid,
--- for SearchMemory or recall), best first, read only while the rows before one hold less
--- than %(budget)s bytes of content (the best is always read), sized from the values' headers
--- as in list_messages, so the rows left out are not even detoasted: SearchMemory's and
--- recall's limit 100 of messages of 1 MiB were read whole (106 MB) to be refused. Content
--- alone, a lower bound of the answer's bytes, so that results cut here are ones the answer's
--- own measure would refuse too. followed on the last row: a row of the limit was left out.
--- The window's order is the statements' (search_semantic's distance is 1 - its score).
-SELECT b.* FROM (
-    SELECT r.*, sum(r.size) OVER w - r.size AS before,
-           lead(true, 1, false) OVER w AS followed
-    FROM (SELECT r.*, octet_length(r.content) AS size FROM ({ranked}) AS r) AS r
-    WINDOW w AS (ORDER BY r.score DESC, r.created_at DESC, r.session_id, r.sequence DESC
-                 ROWS UNBOUNDED PRECEDING)
-) AS b
-WHERE b.before < %(budget)s::int8
+-- A ranking statement's rows ({rows}: search_sized in budget_rows, in the order of
+-- search_order over k), best first, read only while the rows before one hold less than
+-- %(budget)s bytes (the best is always read); followed on the last row: a row of the limit
+-- was left out.
+SELECT b.* FROM ({rows}) AS b
 ORDER BY b.score DESC, b.created_at DESC, b.session_id, b.sequence DESC
+
+-- search_sized --
+-- A ranking statement's rows ({ranked}: search_full_text, search_semantic or search_hybrid,
+-- for SearchMemory or recall) with each one's bytes for search_budgeted: its content, sized
+-- from the value's header (SearchMemory's and recall's limit 100 of messages of 1 MiB were
+-- read whole, 106 MB, to be refused), and its metadata as PostgreSQL prints it (limit 100 of
+-- messages of 60 KB of metadata, compressed on disk to a few hundred bytes, were not counted).
+SELECT r.*, octet_length(r.content) + octet_length(r.metadata::text) AS size
+FROM ({ranked}) AS r
+
+-- search_order --
+-- The order of search_budgeted's running sum over k: the ranking statements' (search_semantic's
+-- distance is 1 - its score).
+k.score DESC, k.created_at DESC, k.session_id, k.sequence DESC
 
 -- search_distance_query --
 -- Distance fragment of search_hybrid for search: to the query's vector.
@@ -337,20 +340,14 @@ LIMIT q.lim
 SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content, rm.metadata,
        rm.created_at, rm.updated_at, rs.user_id, r.score, r.rank, false AS followed {scan}
 
--- kept_recall_budgeted --
--- The kept recall read best first only while the memories before one hold less than the
--- call's q.relevant_budget bytes of content (the best is always read), sized from the
--- values' headers as in memory_window_budgeted; followed on the last row: a memory of the
--- relevant_limit was left out.
-SELECT k.* FROM (
-    SELECT k.*, sum(k.size) OVER w - k.size AS before,
-           lead(true, 1, false) OVER w AS followed
-    FROM (SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content,
-                 rm.metadata, rm.created_at, rm.updated_at, rs.user_id, r.score, r.rank,
-                 octet_length(rm.content) AS size {scan}) k
-    WINDOW w AS (ORDER BY k.rank ROWS UNBOUNDED PRECEDING)
-) k
-WHERE k.before < q.relevant_budget
+-- kept_recall_sized --
+-- The kept recall with each memory's bytes, for kept_recall_budgeted (budget_rows over it,
+-- best first by k.rank, up to the call's q.relevant_budget; followed on the last row: a memory
+-- of the relevant_limit was left out): its content and its metadata as memory_window_sized
+-- counts them.
+SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content, rm.metadata,
+       rm.created_at, rm.updated_at, rs.user_id, r.score, r.rank,
+       octet_length(rm.content) + octet_length(rm.metadata::text) AS size {scan}
 
 -- recall_kept_keys_citus --
 -- The kept recall of get_memories_recall under Citus, first of two steps: on the session's
