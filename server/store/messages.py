@@ -76,6 +76,11 @@ def add_memory_statement(*, citus: bool, guarded: bool = False) -> sql.SQL:
     return sql.SQL(compact(statement.as_string(None)))
 
 
+#: AddMemory calls of up to this many messages run as router statements on Citus
+#: (add_memory_citus); larger ones run add_memory, subplans and all: Citus's cost of a VALUES
+#: list grows with its rows, past add_memory's round trips near 100 messages (docs/scaling.md).
+CITUS_ROUTED_MESSAGES = 64
+
 #: AddMemory's session on Citus (add_memory_citus).
 ADD_MEMORY_SESSION_CITUS = sql.SQL(
     compact(
@@ -478,10 +483,13 @@ async def add_memory_citus(
     "AddMemory on Citus"). Here: the messages the session holds (a retry), the session's
     upsert for the others, then their rows and their queue rows, each one router statement.
     A uuid a concurrent call committed meanwhile fails the insert on its key (_UuidRace: the
-    caller runs the transaction again, as for add_memory). Without `caller_uuids` (every uuid
+    caller runs the transaction again, as for add_memory). A call of more than
+    CITUS_ROUTED_MESSAGES messages runs add_memory as before. Without `caller_uuids` (every uuid
     made by the server for this call, uuid4) the session holds none of them: the read of
     the held messages is skipped, one statement of four.
     """
+    if len(params["uuids"]) > CITUS_ROUTED_MESSAGES:
+        return await _append_in_transaction(conn, _ADD_MEMORY[True], params)
     held = await fetch_all(conn, "add_memory_held_citus", params) if caller_uuids else []
     taken = {int(row["ord"]) for row in held}
     differs = any(row["differs"] for row in held)

@@ -79,6 +79,26 @@ async def test_a_partial_overlap_appends_only_the_new_messages_in_order(
     assert [r[0] for r in rows(clean_db, "s")] == [a, b, c, d]
 
 
+@pytest.mark.parametrize("size", [64, 65])
+async def test_a_partial_overlap_appends_the_new_messages_at_either_side_of_the_citus_cut(
+    store: Store, clean_db: str, size: int
+) -> None:
+    # On Citus a call of up to CITUS_ROUTED_MESSAGES (64) messages runs as router
+    # statements, a larger one as add_memory; both answer alike (and on plain PostgreSQL).
+    kept, new = uuids(size), uuids(size)
+    await store.add_memory(P, "s", None, [msg(f"k{i}", u) for i, u in enumerate(kept)])
+    retried = [msg(f"k{i}", u) for i, u in enumerate(kept)][: size // 2]
+    request = [msg(f"n{i}", u) for i, u in enumerate(new)][: size - len(retried)] + retried
+    session, added = await store.add_memory(P, "s", None, request)
+    fresh = size - len(retried)
+    expected = [(u, size + 1 + i) for i, u in enumerate(new[:fresh])]
+    assert [(m.uuid, m.sequence) for m in added] == expected + [
+        (u, 1 + i) for i, u in enumerate(kept[: len(retried)])
+    ]
+    assert session.message_count == size + fresh
+    assert len(rows(clean_db, "s")) == size + fresh
+
+
 async def test_a_uuid_holding_another_message_is_already_exists_and_writes_nothing(
     store: Store, clean_db: str
 ) -> None:
