@@ -121,3 +121,9 @@ class RequestHeadTooLarge(RequestTooLarge):
     """An HTTP request's head (request line and headers) is larger than the server reads."""
 
     default_reason = "REQUEST_HEAD_TOO_LARGE"
+
+
+class UrlTooLong(RequestTooLarge):
+    """An HTTP request's target (path and query) is longer than the server reads."""
+
+    default_reason = "URI_TOO_LONG"

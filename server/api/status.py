@@ -27,6 +27,7 @@ from server.errors import (
     Unavailable,
     UnreadableValue,
     UnsupportedMediaType,
+    UrlTooLong,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ _CODES: dict[type[MemstoreError], tuple[grpc.StatusCode, int]] = {
     RequestTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     # Only Zep's REST API refuses these (server/rest/protocol.py): gRPC's core bounds its own.
     RequestHeadTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 431),
+    UrlTooLong: (grpc.StatusCode.RESOURCE_EXHAUSTED, 414),
     RequestTimeout: (grpc.StatusCode.DEADLINE_EXCEEDED, 408),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     # A stored row the driver cannot read: the request was fine, so not INVALID_ARGUMENT.

@@ -19,11 +19,21 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.api.status import http_status
-from server.errors import MemstoreError, RequestHeadTooLarge, RequestTimeout
+from server.errors import (
+    InvalidArgument,
+    MemstoreError,
+    RequestHeadTooLarge,
+    RequestTimeout,
+    UrlTooLong,
+)
 
 #: The most bytes of a request's head (request line and headers) read before it is refused;
 #: Zep's SDKs send a few hundred. One read more (up to 256 KiB) may pass it before it is seen.
 MAX_HEAD_BYTES = 64 * 1024
+#: The longest request target (path and query) read. An id is at most 256 characters, 3 KiB
+#: percent-encoded; httptools cannot parse a target past 64 KiB (uvicorn answered that in
+#: plain text).
+MAX_URL_BYTES = 16 * 1024
 #: Seconds a request's head may take to arrive, from the connection's start or the end of
 #: the answer before it.
 HEAD_SECONDS = 20.0
@@ -38,6 +48,22 @@ def head_too_large() -> RequestHeadTooLarge:
     return RequestHeadTooLarge(
         f"the request head (request line and headers) is larger than {MAX_HEAD_BYTES} bytes"
     )
+
+
+def url_too_long() -> UrlTooLong:
+    """The refusal of a request target past MAX_URL_BYTES."""
+    return UrlTooLong(f"the request's URL is longer than {MAX_URL_BYTES} bytes")
+
+
+def malformed() -> InvalidArgument:
+    """The refusal of bytes httptools cannot parse as a request."""
+    return InvalidArgument.field(
+        "request", "is not an HTTP/1.1 request", reason="MALFORMED_REQUEST"
+    )
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop the parser at a refused head."""
 
 
 def body_timeout() -> RequestTimeout:
@@ -78,6 +104,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         #: Bytes of reads after the head that carried no body: trailers, chunk framing.
         self._other_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        #: The refusal a parser callback raised _Refused for (send_400_response answers it).
+        self._refusal: MemstoreError | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -115,7 +143,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head, self._in_body = False, True
         self._disarm_head_timer()
+        # Checked once the head is in, so the answer is read before the connection closes
+        # (closed on unread bytes, it is reset); a target still arriving past MAX_HEAD_BYTES
+        # is refused as any head that large.
+        if len(self.url) > MAX_URL_BYTES:
+            self._refusal = url_too_long()
+            raise _Refused  # feed_data raises HttpParserError: send_400_response answers
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn calls for bytes httptools cannot parse (or a head refused while it
+        was parsed): answered in JSON as every REST error, not uvicorn's plain text."""
+        del msg  # "Invalid HTTP request received.", which uvicorn has logged
+        self._refuse(self._refusal or malformed())
 
     def on_body(self, body: bytes) -> None:
         self._fed_body = True

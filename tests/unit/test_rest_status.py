@@ -20,6 +20,7 @@ from server.errors import (
     Unauthenticated,
     Unavailable,
     UnsupportedMediaType,
+    UrlTooLong,
 )
 
 
@@ -47,6 +48,7 @@ from server.errors import (
         ),
         (RequestTooLarge("big"), grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
         (RequestHeadTooLarge("big head"), grpc.StatusCode.RESOURCE_EXHAUSTED, 431),
+        (UrlTooLong("long URL"), grpc.StatusCode.RESOURCE_EXHAUSTED, 414),
         (RequestTimeout("slow body"), grpc.StatusCode.DEADLINE_EXCEEDED, 408),
         (Unavailable("down"), grpc.StatusCode.UNAVAILABLE, 503),
         (DeadlineExceeded("slow"), grpc.StatusCode.DEADLINE_EXCEEDED, 504),
