@@ -29,6 +29,7 @@ from server.api.status import http_status
 from server.api.tokens import PageTokens
 from server.errors import InvalidArgument, MemstoreError, RequestTooLarge
 from server.rest import protocol
+from server.rest.error_body import error_body
 from server.rest.media import ENCODING_REASON
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
@@ -101,12 +102,7 @@ def services(request: Request) -> Services:
 
 def error_response(error: MemstoreError) -> JSONResponse:
     """The JSON answer of a domain error: Zep's `message`, and memstore's reason and fields."""
-    body: dict[str, Any] = {"message": error.message, "reason": error.reason}
-    if isinstance(error, InvalidArgument):
-        body["violations"] = [
-            {"field": v.field, "description": v.description} for v in error.violations
-        ]
-    response = JSONResponse(body, status_code=http_status(error))
+    response = JSONResponse(error_body(error), status_code=http_status(error))
     if error.reason == ENCODING_REASON:
         # RFC 9110's 415 for a content coding: the codings that would have been read.
         response.headers["Accept-Encoding"] = "identity"

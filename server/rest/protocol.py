@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import uuid
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -26,6 +27,8 @@ from server.errors import (
     RequestTimeout,
     UrlTooLong,
 )
+from server.rest.error_body import error_body
+from server.serving.observability import REQUEST_ID_KEY
 
 #: The most bytes of a request's head (request line and headers) read before it is refused;
 #: Zep's SDKs send a few hundred. One read more (up to 256 KiB) may pass it before it is seen.
@@ -76,12 +79,14 @@ def body_timeout() -> RequestTimeout:
 
 
 def error_bytes(error: MemstoreError) -> bytes:
-    """A whole HTTP answer of `error` (JSON, as every answer) that closes the connection."""
+    """A whole HTTP answer of `error` that closes the connection: the body every REST error
+    has, and a request id as every answer has (none was read: the head was refused)."""
     status = http_status(error)
-    body = json.dumps({"message": error.message, "reason": error.reason}).encode()
+    body = json.dumps(error_body(error)).encode()
     head = (
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
         "content-type: application/json\r\n"
+        f"{REQUEST_ID_KEY}: {uuid.uuid4().hex}\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body

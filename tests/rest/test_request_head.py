@@ -53,3 +53,18 @@ async def test_bytes_that_are_not_http_are_a_json_400(base_url: str) -> None:
     status, headers, body = await _exchange(base_url, b"NOT HTTP AT ALL\r\n\r\n")
     assert status == 400 and headers["content-type"] == "application/json"
     assert body["reason"] == "MALFORMED_REQUEST" and "HTTP/1.1" in body["message"]
+
+
+async def test_refusals_before_routing_read_as_every_other_rest_error(base_url: str) -> None:
+    # The same body as a routed 400 (its violations name the field) and a request id to
+    # quote, as every answer has: a client's error handling needs no second shape.
+    too_long_id = _get(b"/api/v2/users/" + b"a" * 300)
+    routed_status, routed_headers, routed = await _exchange(base_url, too_long_id)
+    assert routed_status == 400 and routed_headers["x-request-id"]
+    assert set(routed) == {"message", "reason", "violations"}
+    status, headers, body = await _exchange(base_url, b"NOT HTTP AT ALL\r\n\r\n")
+    assert status == 400 and len(headers["x-request-id"]) == 32
+    assert body["violations"] == [{"field": "request", "description": "is not an HTTP/1.1 request"}]
+    status, headers, body = await _exchange(base_url, _get(b"/" + b"a" * (URL_LIMIT + 1)))
+    assert status == 414 and headers["x-request-id"]
+    assert set(body) == {"message", "reason"}
