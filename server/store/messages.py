@@ -138,6 +138,14 @@ def memory_window(*, budgeted: bool) -> sql.SQL:
     return sql.SQL(compact(query("get_memory").format(window=window).as_string(None)))
 
 
+@cache
+def list_messages_statement() -> sql.SQL:
+    """ListMessages' statement: a live session and one page of its live messages, read up
+    to `budget` bytes of content and metadata as printed (list_messages_sized by budget_rows)."""
+    page = budget_rows(query("list_messages_sized"), sql.SQL("k.sequence"))
+    return sql.SQL(compact(query("list_messages").format(page=page).as_string(None)))
+
+
 class MessageMethods(StoreBase):
     """Appends, reads and soft-deletes of the messages of sessions."""
 
@@ -344,7 +352,7 @@ class MessageMethods(StoreBase):
             "budget": budget,
         }
         async with self._connect(single=True) as conn:
-            found = await fetch_all(conn, "list_messages", params)
+            found = await fetch_all(conn, list_messages_statement(), params)
             if not found:
                 raise await session_missing(conn, project_id, session_id)
         messages = rows.joined_messages(found)

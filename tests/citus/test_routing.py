@@ -27,6 +27,7 @@ from server.store.messages import (
     ADD_MEMORY_SESSION_CITUS,
     add_memory_rows_citus,
     add_memory_statement,
+    list_messages_statement,
     memory_window,
 )
 from server.store.queries import query
@@ -179,6 +180,7 @@ _NOT_DISTRIBUTED_PREFIXES = (
 _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
     *("get_memories_recall", "recall_kept_keys_citus", "get_memory"),
+    *("list_messages", "list_messages_sized"),
     *("kept_recall", "kept_recall_sized"),
     *("add_memory_session_citus", "add_memory_messages_citus", "add_memory_queue_citus"),
     *("list_user_records", "list_user_records_page"),
@@ -225,6 +227,7 @@ def _statements() -> dict[str, sql.Composable]:
         )
     found["get_memory"] = memory_window(budgeted=False)
     found["get_memory_budgeted"] = memory_window(budgeted=True)
+    found["list_messages"] = list_messages_statement()
     text = query("search_query_text")
     searches = {
         "search_in_one_session": compose_search(text, "search_filter_sessions"),

@@ -237,3 +237,27 @@ async def test_search_and_recall_count_their_results_metadata_against_the_budget
     limit = RECALL_KEEP + 10
     assert await _recall(store, limit, None, None) == (newest, False)
     assert await _recall(store, limit, budget, None) == (newest[:4], True)
+
+
+async def test_list_messages_counts_its_messages_metadata_as_printed(
+    store: Store, clean_db: str
+) -> None:
+    # ListMessages' page sized metadata by its stored size: 60 KB of repeated text is stored
+    # compressed in a few hundred bytes, so a page of 1,000 such messages was read whole, 60 MB,
+    # to be refused past 17 MiB. Now each message counts its content and its metadata as
+    # printed: 4 of 8 within 3 rows and a bit.
+    said = [NewMessage("speaker", "user", "hi", _META) for _ in range(_ROWS)]
+    await store.add_memory(P, "meta", None, said)
+    budget = 3 * _ROW + 100
+
+    async def page(limit: int, cut_at: int, after: int | None = None) -> tuple[list[int], bool]:
+        found = await store.list_messages(P, "meta", after, limit, budget=cut_at)
+        assert all(m.metadata == _META for m in found.items)
+        return [m.sequence for m in found.items], found.cut
+
+    oldest = list(range(1, _ROWS + 1))
+    assert await page(_ROWS, 1 << 40) == (oldest, False)
+    assert await page(_ROWS, budget) == (oldest[:4], True)
+    assert await page(3, budget) == (oldest[:3], False)  # no message of the page left out
+    assert await page(_ROWS, budget, after=4) == (oldest[4:], False)
+    assert await page(_ROWS, 1) == ([1], True)  # the first is always read

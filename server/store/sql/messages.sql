@@ -224,35 +224,32 @@ SELECT m.*, octet_length(m.content) + octet_length(m.metadata::text) AS size {sc
 -- A live session joined to one page of its live messages by sequence: a keyset page, or
 -- (ListMessages' page_number) an OFFSET page from the start. message_count, the number of
 -- live messages kept under the session's row lock, is the listing's total_size.
--- The page ends early by bytes: a message is in it only while the messages before it hold
--- fewer than %(budget)s bytes of content and metadata (the first always is), read from the
--- values' headers, so a page of messages of 1 MiB is read up to what one answer may hold,
--- not `limit` of them (1 GB for 1,000). m_followed: a message of the page follows this one,
--- so on the last row returned it says the page was ended early.
+-- {page} is list_messages_sized read by budget_rows in sequence order: the page ends early by
+-- bytes, a message is in it only while the messages before it hold fewer than %(budget)s
+-- bytes (the first always is), so a page of messages of 1 MiB is read up to what one answer
+-- may hold, not `limit` of them (1 GB for 1,000). m_followed: a message of the page follows
+-- this one, so on the last row returned it says the page was ended early.
 SELECT s.session_id, s.message_count,
        m.uuid AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
        m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
        m.created_at AS m_created_at, m.updated_at AS m_updated_at, m.followed AS m_followed
 FROM sessions s
-LEFT JOIN LATERAL (
-    SELECT w.* FROM (
-        SELECT k.*, sum(k.size) OVER w - k.size AS before,
-               lead(true, 1, false) OVER w AS followed
-        FROM (
-            -- Pinned by the parameters, as in get_memory.
-            SELECT m.*, octet_length(m.content) + pg_column_size(m.metadata) AS size
-            FROM messages m
-            WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
-              AND m.deleted_at IS NULL AND m.sequence > %(after_sequence)s
-            ORDER BY m.sequence
-            LIMIT %(limit)s OFFSET %(offset)s
-        ) k
-        WINDOW w AS (ORDER BY k.sequence ROWS UNBOUNDED PRECEDING)
-    ) w
-    WHERE w.before < %(budget)s::int8
-) m ON true
+LEFT JOIN LATERAL ({page}) m ON true
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 ORDER BY m.sequence;
+
+-- list_messages_sized --
+-- One page of a session's live messages with each message's bytes, for list_messages: its
+-- content, sized from the value's header, and its metadata as PostgreSQL prints it (its
+-- stored size, compressed, counted 60 KB of repeated text as a few hundred bytes, so a page
+-- of 1,000 such messages was read whole, 60 MB, to be refused past 17 MiB). Pinned by the
+-- parameters, as in get_memory.
+SELECT m.*, octet_length(m.content) + octet_length(m.metadata::text) AS size
+FROM messages m
+WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
+  AND m.deleted_at IS NULL AND m.sequence > %(after_sequence)s
+ORDER BY m.sequence
+LIMIT %(limit)s OFFSET %(offset)s
 
 -- get_message --
 -- One live message of a live session, by uuid.
