@@ -22,7 +22,7 @@ from server.domain import SessionQuery
 from server.search.service import RECALL_WINDOW
 from server.store import Store
 from server.store.base import START
-from server.store.messages import memory_window
+from server.store.messages import list_messages_statement, memory_window
 from server.store.queries import query
 from server.store.search import (
     HYBRID_TEXT_WEIGHT,
@@ -252,6 +252,7 @@ def test_user_sessions_messages_and_memory_use_indexes(clean_db: str) -> None:
     statements = {
         "get_memory": memory_window(budgeted=False),
         "get_memory_budgeted": memory_window(budgeted=True),
+        "list_messages": list_messages_statement(),
         "list_user_sessions": list_user_sessions_statement(budgeted=False),
         "list_user_sessions_budgeted": list_user_sessions_statement(budgeted=True),
     }
