@@ -101,19 +101,24 @@ def vector_text(vector: Sequence[float]) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
 
-def _filters(q: SearchQuery) -> tuple[sql.Composable, dict[str, Any]]:
+def search_filters(q: SearchQuery) -> tuple[sql.Composable, dict[str, Any]]:
+    """The scope fragments of a search and their parameters (one session named directly)."""
     parts: list[sql.SQL | sql.Composed] = []
     params: dict[str, Any] = {}
-    for attribute, fragment in _FILTERS:
+    for attribute, named in _FILTERS:
         value: Any = getattr(q, attribute)
         if value is None:
             continue
+        param, fragment = attribute, named
+        if attribute == "session_ids" and len(value) == 1:
+            # One session named directly: Citus routes it to the session's shard.
+            param, fragment, value = "session_id", "search_filter_session", value[0]
         parts.append(query(fragment))
         if attribute == "metadata_contains":
             value = Jsonb(value)
         elif isinstance(value, tuple):
             value = list(value)
-        params[attribute] = value
+        params[param] = value
     return sql.SQL(" ").join(parts), params
 
 
@@ -233,7 +238,7 @@ class SearchMethods(StoreBase):
             InvalidArgument: a value the database rejects (e.g. metadata_contains).
             Unavailable: the database cannot be reached.
         """
-        filters, params = _filters(q)
+        filters, params = search_filters(q)
         use_vector = vector is not None and self.vectors
         fragment = query("search_query_vector" if use_vector else "search_query_text")
         ranked = query(_statement(use_vector, q.search_type == "semantic")).format(

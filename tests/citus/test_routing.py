@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from server.domain import DEFAULT_PROJECT_ID, NewMessage, SessionQuery
+from server.domain import DEFAULT_PROJECT_ID, NewMessage, SearchQuery, SessionQuery
 from server.store import Store
 from server.store.db import StoreCursor
 from server.store.messages import (
@@ -31,7 +31,12 @@ from server.store.messages import (
     memory_window,
 )
 from server.store.queries import query
-from server.store.search import budgeted_ranking, kept_recall_statement, recall_statement
+from server.store.search import (
+    budgeted_ranking,
+    kept_recall_statement,
+    recall_statement,
+    search_filters,
+)
 from server.store.sessions import list_sessions_statements
 from server.store.users import list_user_records_statement, list_user_sessions_statement
 from tests.citus.plans import VALUES, explain, named_statements, task_counts, task_counts_with
@@ -76,11 +81,7 @@ ONE_SHARD = {
 }
 #: Of ONE_SHARD, the statements Citus still plans with a subplan first: an intermediate result
 #: made on the coordinator and sent to the worker before the statement's one task.
-SUBPLANNED = {
-    # Its ranking's LIMIT (sessions named by an array) runs first as a subplan, the budget's
-    # window over it as a second: a read, left as it is (docs/scaling.md).
-    "search_in_one_session_budgeted": "SearchMemory in one session past a limit of 17",
-}
+SUBPLANNED: dict[str, str] = {}
 #: Single-user reads of all the user's sessions: the user on one shard, then one fan-out over
 #: the sessions (a user's sessions are placed by their session ids: docs/scaling.md).
 ONE_SHARD_AND_ONE_FAN_OUT = {
@@ -230,7 +231,10 @@ def _statements() -> dict[str, sql.Composable]:
     found["list_messages"] = list_messages_statement()
     text = query("search_query_text")
     searches = {
-        "search_in_one_session": compose_search(text, "search_filter_sessions"),
+        # Scoped as SearchMemory in one session is (the store's own filters).
+        "search_in_one_session": compose_search(
+            text, search_filters(SearchQuery(text="x", session_ids=("session-1",)))[0]
+        ),
         "search_user_scope": compose_search(text, "search_filter_user"),
         "search_project_scope": compose_search(text, None),
     }
@@ -244,9 +248,9 @@ def _statements() -> dict[str, sql.Composable]:
     return found
 
 
-def compose_search(words: sql.Composable, scope: str | None) -> sql.Composed:
+def compose_search(words: sql.Composable, scope: str | sql.Composable | None) -> sql.Composed:
     """search_full_text over one scope fragment (or the whole project)."""
-    filters = query(scope) if scope else sql.SQL("")
+    filters = query(scope) if isinstance(scope, str) else scope or sql.SQL("")
     return query("search_full_text").format(
         query=words, filters=filters, match=query("search_match_index")
     )

@@ -156,6 +156,12 @@ AND s.user_id = %(user_id)s
 -- Scope fragment: only these sessions.
 AND m.session_id = ANY(%(session_ids)s::text[])
 
+-- search_filter_session --
+-- Scope fragment: only this one session (SearchMemory in one session), named directly so
+-- that Citus routes the whole statement to its shard: by an array it planned the budgeted
+-- ranking's LIMIT and its window as two subplans (docs/scaling.md).
+AND m.session_id = %(session_id)s
+
 -- search_filter_other_sessions --
 -- Scope fragment of recall: every session but the one being read.
 AND m.session_id <> %(exclude_session)s
