@@ -12,36 +12,45 @@ from server.domain import SearchResult
 def mmr(
     candidates: Sequence[tuple[SearchResult, list[float] | None]], limit: int, lam: float
 ) -> list[SearchResult]:
-    """Picks `limit` candidates by maximal marginal relevance (Carbonell & Goldstein, 1998).
+    """Picks `limit` candidates by maximal marginal relevance (mmr_order)."""
+    order = mmr_order([c[0].score for c in candidates], [c[1] for c in candidates], limit, lam)
+    return [candidates[i][0] for i in order]
+
+
+def mmr_order(
+    scores: Sequence[float], vectors: Sequence[list[float] | None], limit: int, lam: float
+) -> list[int]:
+    """The positions of `limit` candidates (their `scores` and `vectors`) picked by maximal
+    marginal relevance (Carbonell & Goldstein, 1998), in the order picked.
 
     Each pick maximises lam * relevance - (1 - lam) * (highest cosine similarity to a pick
     so far). Relevance is the candidate's score scaled to [0, 1] by the best score, so the
     lambda means the same whatever the ranker. A candidate without a vector is similar to
     nothing (it keeps its place by relevance).
     """
-    if not candidates or limit <= 0:
+    if not scores or limit <= 0:
         return []
-    scores = np.array([c[0].score for c in candidates], dtype=np.float64)
-    top = scores.max()
-    relevance = scores / top if top > 0 else np.zeros_like(scores)
-    dims = next((len(v) for _, v in candidates if v is not None), 0)
-    vectors = np.zeros((len(candidates), dims), dtype=np.float32)
-    for i, (_, vector) in enumerate(candidates):
+    relevance = np.array(scores, dtype=np.float64)
+    top = relevance.max()
+    relevance = relevance / top if top > 0 else np.zeros_like(relevance)
+    dims = next((len(v) for v in vectors if v is not None), 0)
+    matrix = np.zeros((len(scores), dims), dtype=np.float32)
+    for i, vector in enumerate(vectors):
         if vector is not None:
-            vectors[i] = vector
-    norms = np.linalg.norm(vectors, axis=1)
-    vectors /= np.where(norms > 0, norms, 1.0)[:, None]
+            matrix[i] = vector
+    norms = np.linalg.norm(matrix, axis=1)
+    matrix /= np.where(norms > 0, norms, 1.0)[:, None]
     # Highest similarity of each candidate to anything picked so far.
-    closest = np.zeros(len(candidates), dtype=np.float64)
-    chosen = np.zeros(len(candidates), dtype=bool)
-    picked: list[SearchResult] = []
-    for _ in range(min(limit, len(candidates))):
+    closest = np.zeros(len(scores), dtype=np.float64)
+    chosen = np.zeros(len(scores), dtype=bool)
+    picked: list[int] = []
+    for _ in range(min(limit, len(scores))):
         gain = lam * relevance - (1 - lam) * closest
         gain[chosen] = -np.inf
         best = int(np.argmax(gain))
         chosen[best] = True
-        picked.append(candidates[best][0])
-        closest = np.maximum(closest, vectors @ vectors[best])
+        picked.append(best)
+        closest = np.maximum(closest, matrix @ matrix[best])
     return picked
 
 

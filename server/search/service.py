@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from server.domain import Message, SearchOutcome, SearchQuery, SearchResult, Session
 from server.errors import FailedPrecondition, Unavailable
 from server.search.embedding import Embedder, EmbeddingError
-from server.search.ranking import context_block, mmr
+from server.search.ranking import context_block, mmr_order
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ class Searcher:
     ) -> SearchOutcome:
         """The best messages for `q`, with how they were ranked; with a `budget`, read only
         while those before one hold less than `budget` bytes of content (`cut` when that
-        stopped them). Diversified searches (mmr_lambda) read their candidates whole: MMR
-        picks among them.
+        stopped them). Diversified searches (mmr_lambda) read their candidates without
+        content or metadata, pick among them by MMR, then read the picked up to the budget.
 
         Raises:
             FailedPrecondition: semantic ranking (or diversity) was asked for and cannot be
@@ -76,20 +76,32 @@ class Searcher:
         if q.search_type != "full_text" and self._embedder is not None and not reason:
             vector = (await self.embed([q.text]))[0]
         depth = max(q.limit * _DEPTH_FACTOR, _MIN_DEPTH)
-        diversify = q.mmr_lambda is not None
-        found, waiting, cut = await self._store.search_messages(
-            project_id,
-            q,
-            vector=vector,
-            model=self.model or "",
-            limit=min(depth, _MAX_MMR_CANDIDATES) if diversify else q.limit,
-            depth=depth,
-            with_vectors=diversify,
-            budget=None if diversify else budget,
-        )
         if q.mmr_lambda is not None:
-            results = mmr(found, q.limit, q.mmr_lambda)
+            # The candidates without their values, then only the chosen read, up to the budget.
+            candidates, waiting = await self._store.search_candidates(
+                project_id,
+                q,
+                vector=vector,
+                model=self.model or "",
+                limit=min(depth, _MAX_MMR_CANDIDATES),
+                depth=depth,
+            )
+            order = mmr_order(
+                [c.score for c in candidates], [c.vector for c in candidates], q.limit, q.mmr_lambda
+            )
+            results, cut = await self._store.read_chosen(
+                project_id, [candidates[i] for i in order], budget=budget
+            )
         else:
+            found, waiting, cut = await self._store.search_messages(
+                project_id,
+                q,
+                vector=vector,
+                model=self.model or "",
+                limit=q.limit,
+                depth=depth,
+                budget=budget,
+            )
             results = [result for result, _ in found]
         return SearchOutcome(
             results, semantic=vector is not None, unembedded=waiting, note=reason, cut=cut

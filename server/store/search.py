@@ -137,6 +137,24 @@ def budgeted_ranking(statement: sql.Composed, budgeted: bool) -> sql.Composed:
     return query("search_budgeted").format(rows=budget_rows(sized, query("search_order")))
 
 
+def candidates_statement(ranked: sql.Composed) -> sql.Composed:
+    """A ranking statement's rows without their content and metadata (search_candidates)."""
+    return query("search_candidates").format(ranked=ranked)
+
+
+@cache
+def chosen_statement(budgeted: bool) -> sql.Composed:
+    """search_chosen, or (`budgeted`) the same read only up to %(budget)s bytes of its rows
+    in the chosen order (search_chosen_budgeted)."""
+    statement = query("search_chosen")
+    if not budgeted:
+        return sql.Composed([statement])
+    sized = query("search_sized").format(ranked=statement)
+    return query("search_chosen_budgeted").format(
+        rows=budget_rows(sized, sql.SQL("k.chosen_order"))
+    )
+
+
 @cache
 def recall_statement(vector: bool, budgeted: bool = False) -> sql.SQL:
     """The statement that ranks recall on the request path (or in the worker, to keep it).
@@ -209,6 +227,24 @@ def _found(row: Row) -> Found:
     return result, json.loads(row["vector"]) if row["vector"] is not None else None
 
 
+class Candidate(NamedTuple):
+    """A message diversified search may choose (search_candidates): its keys, its score and
+    its vector (None when not embedded), without its content or metadata."""
+
+    uuid: str
+    session_id: str
+    sequence: int
+    score: float
+    vector: list[float] | None
+
+
+def _candidate(row: Row) -> Candidate:
+    vector = json.loads(row["vector"]) if row["vector"] is not None else None
+    return Candidate(
+        str(row["uuid"]), row["session_id"], int(row["sequence"]), float(row["score"]), vector
+    )
+
+
 class SearchMethods(StoreBase):
     """Full-text and vector search over live messages, recall, and the embedding queue."""
 
@@ -266,6 +302,79 @@ class SearchMethods(StoreBase):
             found, *waiting = await _pipelined(conn, statements, params)
         count = int(waiting[0][0]["n"]) if waiting else 0
         return [_found(r) for r in found], count, _followed(found)
+
+    async def search_candidates(
+        self,
+        project_id: int,
+        q: SearchQuery,
+        *,
+        vector: Sequence[float] | None,
+        model: str,
+        limit: int,
+        depth: int,
+    ) -> tuple[list[Candidate], int]:
+        """Up to `limit` live messages in scope, best first, as search_messages ranks them
+        with vectors, but without their content and metadata (search_candidates): what
+        diversified search chooses among before read_chosen reads the chosen. And the
+        unembedded count, as search_messages's.
+
+        Raises:
+            InvalidArgument: a value the database rejects (e.g. metadata_contains).
+            Unavailable: the database cannot be reached.
+        """
+        filters, params = search_filters(q)
+        use_vector = vector is not None and self.vectors
+        fragment = query("search_query_vector" if use_vector else "search_query_text")
+        ranked = query(_statement(use_vector, q.search_type == "semantic")).format(
+            query=fragment,
+            filters=filters,
+            match=query("search_match_index"),
+            distance=query("search_distance_query"),
+        )
+        params.update(
+            project_id=project_id,
+            text=match_words(q.text),
+            vector=vector_text(vector) if use_vector and vector is not None else None,
+            model=model,
+            limit=limit,
+            candidates=depth,
+            with_vectors=True,
+            text_weight=HYBRID_TEXT_WEIGHT,
+        )
+        statements: list[sql.SQL | sql.Composed] = [candidates_statement(ranked)]
+        if self.vectors:
+            statements.append(query("count_unembedded").format(filters=filters))
+        async with self._connect(field="metadata_contains", single=True) as conn:
+            found, *waiting = await _pipelined(conn, statements, params)
+        count = int(waiting[0][0]["n"]) if waiting else 0
+        return [_candidate(r) for r in found], count
+
+    async def read_chosen(
+        self, project_id: int, chosen: Sequence[Candidate], *, budget: int | None = None
+    ) -> tuple[list[SearchResult], bool]:
+        """The `chosen` candidates' messages in the order given, each with its candidate's
+        score (search_chosen); one deleted since it was ranked is left out. With a `budget`,
+        read only while those before one hold less than `budget` bytes of content and
+        metadata, as search_messages's (the first always is), and whether that left one out.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        if not chosen:
+            return [], False
+        statement = chosen_statement(budget is not None)
+        params = {
+            "project_id": project_id,
+            "chosen": [c.uuid for c in chosen],
+            "chosen_scores": [c.score for c in chosen],
+            "chosen_sessions": sorted({c.session_id for c in chosen}),
+            "chosen_sequences": sorted({c.sequence for c in chosen}),
+            "budget": budget,
+        }
+        async with self._connect(single=True) as conn:
+            (found,) = await _pipelined(conn, [statement], params)
+        found.sort(key=lambda r: r["chosen_order"])
+        return [_found(r)[0] for r in found], _followed(found)
 
     async def get_memory_with_recall(
         self,

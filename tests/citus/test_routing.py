@@ -33,6 +33,8 @@ from server.store.messages import (
 from server.store.queries import query
 from server.store.search import (
     budgeted_ranking,
+    candidates_statement,
+    chosen_statement,
     kept_recall_statement,
     recall_statement,
     search_filters,
@@ -76,12 +78,19 @@ ONE_SHARD = {
     "restore_lock_session_citus": "Restore on Citus: each session its messages name, locked",
     "search_in_one_session": "SearchMemory with one session id",
     "search_in_one_session_budgeted": "the same past a limit of 17, read up to the answer's bytes",
+    "search_in_one_session_candidates": "SearchMemory with mmr_lambda and one session id",
+    "search_chosen": "SearchMemory with mmr_lambda: the chosen, on their sessions' shards only",
+    "search_chosen_budgeted": "the same past a limit of 17, read up to the answer's bytes",
     "purge_messages_in_shard": "the purge: one shard's part of a batch",
     "purge_sessions_in_shard": "the purge: one shard's part of a batch",
 }
 #: Of ONE_SHARD, the statements Citus still plans with a subplan first: an intermediate result
 #: made on the coordinator and sent to the worker before the statement's one task.
-SUBPLANNED: dict[str, str] = {}
+SUBPLANNED = {
+    # The chosen rows (sessions named by an array) under the budget's window run first as a
+    # subplan of one task: a read, left as it is (docs/scaling.md).
+    "search_chosen_budgeted": "the chosen of SearchMemory with mmr_lambda past a limit of 17",
+}
 #: Single-user reads of all the user's sessions: the user on one shard, then one fan-out over
 #: the sessions (a user's sessions are placed by their session ids: docs/scaling.md).
 ONE_SHARD_AND_ONE_FAN_OUT = {
@@ -111,6 +120,8 @@ FAN_OUT = {
     "search_project_scope": "SearchMemory over the project",
     "search_user_scope_budgeted": "SearchMemory over a user's sessions, past a limit of 17",
     "search_project_scope_budgeted": "SearchMemory over the project, past a limit of 17",
+    "search_user_scope_candidates": "SearchMemory with mmr_lambda over a user's sessions",
+    "search_project_scope_candidates": "SearchMemory with mmr_lambda over the project",
     "recall_rank": "the embedding worker ranking a session's recall (GetMemory past the kept)",
     "recall_rank_words": "the same by words (no pgvector)",
     "recall_rank_budgeted": "GetMemory ranking recall past a relevant_limit of 20 (of 17 read)",
@@ -189,7 +200,7 @@ _TEMPLATES = {
 }
 _SEARCH = (
     *("search_full_text", "search_semantic", "search_hybrid", "count_unembedded"),
-    *("search_budgeted", "search_sized"),
+    *("search_budgeted", "search_sized", "search_candidates", "search_chosen_budgeted"),
 )
 
 
@@ -241,6 +252,8 @@ def _statements() -> dict[str, sql.Composable]:
     for name, statement in searches.items():
         found[name] = statement
         found[f"{name}_budgeted"] = budgeted_ranking(statement, True)
+        found[f"{name}_candidates"] = candidates_statement(statement)
+    found["search_chosen_budgeted"] = chosen_statement(True)
     found["recall_rank"] = recall_statement(True)
     found["recall_rank_words"] = recall_statement(False)
     found["recall_rank_budgeted"] = recall_statement(True, budgeted=True)

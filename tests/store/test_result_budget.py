@@ -9,13 +9,19 @@ best row is always read) and say that they stopped (`cut`).
 from __future__ import annotations
 
 import asyncio
+import random
+from typing import Any
 
 import psycopg
 import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage, SearchQuery, SearchType, SessionQuery
+from server.errors import FailedPrecondition
+from server.search.ranking import mmr, mmr_order
+from server.search.service import Searcher
 from server.store import Store
+from server.store import search as search_store
 from server.store.search import RECALL_KEEP
 
 #: One memory: "needle" and a word too long for full-text search to index, 300,007 bytes of
@@ -261,3 +267,86 @@ async def test_list_messages_counts_its_messages_metadata_as_printed(
     assert await page(3, budget) == (oldest[:3], False)  # no message of the page left out
     assert await page(_ROWS, budget, after=4) == (oldest[4:], False)
     assert await page(_ROWS, 1) == ([1], True)  # the first is always read
+
+
+class _Embedder:
+    """A model for the searcher: every query is the same vector."""
+
+    name = "m"
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        return [[1.0, 0.0, 0.0] for _ in texts]
+
+
+async def test_diversified_search_reads_only_the_chosen_up_to_the_byte_budget(
+    store: Store, clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SearchMemory with mmr_lambda read its candidates whole, content and metadata (up to
+    # 400 of 1 MiB and 64 KiB), before choosing: here 10 of 300 KB, 3 MB, to answer a budget
+    # of 1 MiB. Now the candidates come without their values and only the chosen are read,
+    # up to the budget: the content read is at most the budget and one row, and it is cut.
+    await _seed(store)
+    read: list[int] = []
+    pipelined = search_store._pipelined
+
+    async def counting(*args: Any, **kwargs: Any) -> list[list[dict[str, Any]]]:
+        found = await pipelined(*args, **kwargs)
+        read.append(sum(len((r.get("content") or "").encode()) for rows in found for r in rows))
+        return found
+
+    monkeypatch.setattr(search_store, "_pipelined", counting)
+    searcher = Searcher(store, _Embedder())
+    query = SearchQuery(text="needle", limit=MEMORIES, session_ids=("old",), mmr_lambda=0.5)
+    if not store.vectors:
+        with pytest.raises(FailedPrecondition):  # diversity needs vectors: refused, nothing read
+            await searcher.search(P, query, budget=MIB)
+        assert read == []
+        return
+    outcome = await searcher.search(P, query, budget=MIB)
+    assert [r.message.sequence for r in outcome.results] == list(range(MEMORIES, 6, -1))
+    assert outcome.cut
+    assert sum(read) <= MIB + SIZE, read
+    whole = await searcher.search(P, query, budget=None)
+    assert [r.message.sequence for r in whole.results] == list(range(MEMORIES, 0, -1))
+    assert not whole.cut
+
+
+async def test_diversified_search_answers_as_when_it_read_its_candidates_whole(
+    store: Store, clean_db: str
+) -> None:
+    # The same choice as before on generated data: candidates read whole and chosen (the old
+    # path, search_messages with vectors and mmr) against candidates read without their
+    # values, chosen, then read (search_candidates, mmr_order, read_chosen). By words alone
+    # where vectors are not kept.
+    rng = random.Random(7)
+    words = ["red", "green", "blue", "cat", "dog", "sun", "rain", "tea"]
+    for s in range(6):
+        said = [
+            NewMessage("speaker", "user", " ".join(rng.choices(words, k=5)), {"n": i})
+            for i in range(30)
+        ]
+        await store.add_memory(P, f"s{s}", None, said)
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return [[random.Random(t).uniform(-1, 1) for _ in range(8)] for t in texts]
+
+    while await store.embed_due("m", 100, 6, embed):
+        pass
+    vector = [rng.uniform(-1, 1) for _ in range(8)] if store.vectors else None
+    for text, kind, limit, lam in [
+        ("red cat", "hybrid", 10, 0.5),
+        ("blue tea sun", "semantic", 5, 0.3),
+        ("dog", "hybrid", 20, 0.9),
+        ("rain green", "hybrid", 3, 0.0),
+    ]:
+        query = SearchQuery(text=text, search_type=kind, limit=limit, mmr_lambda=lam)
+        shape = {"vector": vector, "model": "m", "limit": 40 if limit < 10 else 4 * limit}
+        old, _, _ = await store.search_messages(
+            P, query, **shape, depth=shape["limit"], with_vectors=True
+        )
+        candidates, _ = await store.search_candidates(P, query, **shape, depth=shape["limit"])
+        order = mmr_order([c.score for c in candidates], [c.vector for c in candidates], limit, lam)
+        for budget in (None, 1 << 40):
+            chosen, cut = await store.read_chosen(P, [candidates[i] for i in order], budget=budget)
+            assert chosen == mmr(old, limit, lam) and not cut, (text, budget)
+        assert len(chosen) == min(limit, len(old)) > 0

@@ -111,6 +111,37 @@ ORDER BY b.score DESC, b.created_at DESC, b.session_id, b.sequence DESC
 SELECT r.*, octet_length(r.content) + octet_length(r.metadata::text) AS size
 FROM ({ranked}) AS r
 
+-- search_candidates --
+-- A ranking statement's rows ({ranked}: search_semantic or search_hybrid, with_vectors) without
+-- their content and metadata, for diversified search to choose among: PostgreSQL replaces a
+-- subquery's outputs nothing reads with NULLs, so the candidates' values (up to 400 of 1 MiB
+-- and 64 KiB of metadata) are neither detoasted nor sent; search_chosen reads the chosen ones
+-- (docs/search.md, "Diversity").
+SELECT r.uuid, r.session_id, r.sequence, r.score, r.vector
+FROM ({ranked}) AS r
+
+-- search_chosen --
+-- The messages diversified search chose (%(chosen)s, by uuid, in the order chosen; their
+-- sessions and sequences pin the shards and the index reads, as recall_live_citus's), still
+-- live, each with the score its ranking gave it (%(chosen_scores)s, in the same order) and
+-- its place in that order (chosen_order; the store sorts by it: an ORDER BY here made Citus
+-- read search_chosen_budgeted's running sum over every shard).
+SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+       m.created_at, m.updated_at, s.user_id,
+       (%(chosen_scores)s::float8[])[array_position(%(chosen)s::uuid[], m.uuid)] AS score,
+       NULL::text AS vector, array_position(%(chosen)s::uuid[], m.uuid) AS chosen_order
+FROM messages m
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+WHERE m.project_id = %(project_id)s AND m.session_id = ANY(%(chosen_sessions)s::text[])
+  AND m.sequence = ANY(%(chosen_sequences)s::bigint[]) AND m.uuid = ANY(%(chosen)s::uuid[])
+  AND m.deleted_at IS NULL AND s.deleted_at IS NULL
+
+-- search_chosen_budgeted --
+-- search_chosen's rows ({rows}: search_sized over it in budget_rows, in the chosen order), read
+-- only while the rows before one hold less than %(budget)s bytes, as search_budgeted's.
+SELECT b.* FROM ({rows}) AS b
+ORDER BY b.chosen_order
+
 -- search_order --
 -- The order of search_budgeted's running sum over k: the ranking statements' (search_semantic's
 -- distance is 1 - its score).
