@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache, cached_property
 from typing import Any, NamedTuple
 
@@ -274,33 +274,17 @@ class SearchMethods(StoreBase):
             InvalidArgument: a value the database rejects (e.g. metadata_contains).
             Unavailable: the database cannot be reached.
         """
-        filters, params = search_filters(q)
-        use_vector = vector is not None and self.vectors
-        fragment = query("search_query_vector" if use_vector else "search_query_text")
-        ranked = query(_statement(use_vector, q.search_type == "semantic")).format(
-            query=fragment,
-            filters=filters,
-            match=query("search_match_index"),
-            distance=query("search_distance_query"),
-        )
-        statement = budgeted_ranking(ranked, budget is not None)
-        params.update(
-            project_id=project_id,
-            text=match_words(q.text),
-            vector=vector_text(vector) if use_vector and vector is not None else None,
+        found, count = await self._ranked(
+            project_id,
+            q,
+            lambda ranked: budgeted_ranking(ranked, budget is not None),
+            vector=vector,
             model=model,
             limit=limit,
-            candidates=depth,
+            depth=depth,
             with_vectors=with_vectors,
-            text_weight=HYBRID_TEXT_WEIGHT,
             budget=budget,
         )
-        statements: list[sql.SQL | sql.Composed] = [statement]
-        if self.vectors:
-            statements.append(query("count_unembedded").format(filters=filters))
-        async with self._connect(field="metadata_contains", single=True) as conn:
-            found, *waiting = await _pipelined(conn, statements, params)
-        count = int(waiting[0][0]["n"]) if waiting else 0
         return [_found(r) for r in found], count, _followed(found)
 
     async def search_candidates(
@@ -322,6 +306,35 @@ class SearchMethods(StoreBase):
             InvalidArgument: a value the database rejects (e.g. metadata_contains).
             Unavailable: the database cannot be reached.
         """
+        found, count = await self._ranked(
+            project_id,
+            q,
+            candidates_statement,
+            vector=vector,
+            model=model,
+            limit=limit,
+            depth=depth,
+            with_vectors=True,
+            budget=None,
+        )
+        return [_candidate(r) for r in found], count
+
+    async def _ranked(
+        self,
+        project_id: int,
+        q: SearchQuery,
+        wrap: Callable[[sql.Composed], sql.Composed],
+        *,
+        vector: Sequence[float] | None,
+        model: str,
+        limit: int,
+        depth: int,
+        with_vectors: bool,
+        budget: int | None,
+    ) -> tuple[list[Row], int]:
+        """The rows of the ranking q asks for (full-text without `vector`, else q's
+        search_type), read through `wrap` (the answer's statement over the ranking), and the
+        unembedded count, in one round trip: search_messages's and search_candidates's."""
         filters, params = search_filters(q)
         use_vector = vector is not None and self.vectors
         fragment = query("search_query_vector" if use_vector else "search_query_text")
@@ -338,16 +351,17 @@ class SearchMethods(StoreBase):
             model=model,
             limit=limit,
             candidates=depth,
-            with_vectors=True,
+            with_vectors=with_vectors,
             text_weight=HYBRID_TEXT_WEIGHT,
+            budget=budget,
         )
-        statements: list[sql.SQL | sql.Composed] = [candidates_statement(ranked)]
+        statements: list[sql.SQL | sql.Composed] = [wrap(ranked)]
         if self.vectors:
             statements.append(query("count_unembedded").format(filters=filters))
         async with self._connect(field="metadata_contains", single=True) as conn:
             found, *waiting = await _pipelined(conn, statements, params)
         count = int(waiting[0][0]["n"]) if waiting else 0
-        return [_candidate(r) for r in found], count
+        return found, count
 
     async def read_chosen(
         self, project_id: int, chosen: Sequence[Candidate], *, budget: int | None = None
