@@ -130,7 +130,8 @@ def _statement(vector: bool, semantic_only: bool) -> str:
 
 def budgeted_ranking(statement: sql.Composed, budgeted: bool) -> sql.Composed:
     """A ranking statement, or (`budgeted`) the same read only up to %(budget)s bytes of its
-    rows' content (search_budgeted: the rows past it are not read; `followed` says so)."""
+    rows' content and metadata (search_budgeted over search_sized: the rows past it are not
+    read; `followed` says so)."""
     if not budgeted:
         return statement
     sized = query("search_sized").format(ranked=statement)
@@ -267,8 +268,9 @@ class SearchMethods(StoreBase):
         semantic or hybrid (which fuses the best `depth` of each ranker). The count (live
         messages in scope waiting for an embedding) is 0 when vectors are not kept. Both
         come from one round trip. With a `budget`, the messages are read best first only
-        while those before one hold less than `budget` bytes of content (the best always
-        is): cut, they are fewer than `limit` although more were found.
+        while those before one hold less than `budget` bytes of content and metadata
+        (search_sized; the best always is): cut, they are fewer than `limit` although more
+        were found.
 
         Raises:
             InvalidArgument: a value the database rejects (e.g. metadata_contains).
