@@ -39,8 +39,13 @@ T = TypeVar("T")
 
 MESSAGES = 1000
 KEYS = 800
-#: The loop's longest wait while the request is served, over the check's own time.
-MAX_RATIO = 0.25
+#: The loop's longest wait while the request is served, over the check's own time. On the
+#: loop the check made it 1 or more. What stays on the loop is each a single block of a few
+#: tenths of a second at this size: the store's JSON of the 1,000 metadata objects both ways
+#: (json.dumps 0.26 s, psycopg's loads 0.34 s here) and, the server being in-process, the test
+#: client's own parse of the 9 MiB answer (0.22-0.48 s): 0.14 of the check in a quiet run,
+#: 0.27 once in CI (2026-12-01), so the bound is 0.5, half of what the check on the loop made.
+MAX_RATIO = 0.5
 
 
 def _metadata() -> dict[str, bool]:
