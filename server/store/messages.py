@@ -529,6 +529,8 @@ async def add_memory_citus(
             due = {f"sequence_{j}": first + len(fresh) - queued + j for j in range(queued)}
             queue = add_memory_rows_citus("add_memory_queue_citus", "add_memory_due_citus", queued)
             await conn.execute(queue, {**due, **key_of(params)})
+    # add_memory answers the session without its next_sequence (a backup's field): so here.
+    session = {k: v for k, v in session.items() if k != "next_sequence"}
     if not answer:
         return [{**session, **dict.fromkeys(_HELD_COLUMNS)}]
     return [{**session, **answer[ord_]} for ord_ in sorted(answer)]

@@ -150,14 +150,16 @@ _FIELD = re.compile(r"\{[a-z_]+\}")
 
 
 def _name_of(text: str) -> str:
-    # A template the store filled: the one named template whose text up to its first field
-    # the statement begins with. Else the statement's own first 200 characters.
-    names = []
+    # A template the store filled: the named template with the longest text up to its first
+    # field that the statement begins with (list_sessions' begins get_memory's too). Else,
+    # or where two such heads are as long, the statement's own first 200 characters.
+    found: dict[int, list[str]] = {}
     for name, known in QUERIES.items():
         template = known.as_string(None)
         head = " ".join(_FIELD.split(template, maxsplit=1)[0].split())
         if _FIELD.search(template) and len(head) >= 24 and text.startswith(head):
-            names.append(name)
+            found.setdefault(len(head), []).append(name)
+    names = found[max(found)] if found else []
     return names[0] if len(names) == 1 else repr(text[:200])
 
 
