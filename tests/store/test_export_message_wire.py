@@ -219,3 +219,38 @@ async def test_a_batch_ends_where_its_messages_pass_the_byte_budget(
     # A page cut by its limit, not by bytes, is not `cut`: the caller reads one row more.
     page = await store.export_message_columns(project, None, 3, budget=NO_BUDGET)
     assert page is not None and (page.rows, page.cut) == (3, False)
+
+
+async def test_metadata_counts_as_printed_against_the_byte_budget(
+    store: Store, database_url: str
+) -> None:
+    # 40 messages whose metadata prints as 60,000 bytes of one repeated letter, stored
+    # compressed in a few hundred: counted by their stored size, every one fitted in one batch
+    # of 1 MiB and the server held 2.4 MB of metadata for it (a 64 KiB metadata each at the
+    # default chunk size: 4,000 of them, 256 MB). Counted as printed, a batch of 1 MiB holds
+    # 18 of them (17 below the budget, then the one that passes it).
+    metadata = json.dumps({"k": "y" * 60_000})
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        project = await _project(conn)
+        await _session(conn, project)
+        for sequence in range(1, 41):
+            await conn.execute(
+                "INSERT INTO messages (project_id, session_id, sequence, content, metadata)"
+                " VALUES (%s, 's', %s, 'c', %s::jsonb)",
+                (project, sequence, metadata),
+            )
+        stored = await (
+            await conn.execute("SELECT max(pg_column_size(metadata)) FROM messages")
+        ).fetchone()
+        assert stored is not None and stored[0] < 10_000  # compressed: what misled the sum
+    batches: list[int] = []
+    after = None
+    while True:
+        columns = await store.export_message_columns(project, after, 1000, budget=1 << 20)
+        if columns is None:
+            break
+        rows = message_wire.encode(columns)
+        batches.append(columns.rows)
+        after = rows.key(columns.rows - 1)
+        assert len(columns.metadata or b"") < (1 << 20) + 60_100
+    assert batches == [18, 18, 4]

@@ -134,8 +134,11 @@ FROM entries;
 -- messages of 1 MiB is a few of them, not `limit` (without it, one ExportMessages over
 -- messages of 1 MiB took the server's RSS from 90 MB to 3.87 GB: docs/reliability.md). Sizes
 -- are read from the stored values' headers (octet_length, pg_column_size), so the messages
--- left out are never detoasted. `cut` says whether messages of the page were left out:
--- every message kept then has a follower.
+-- left out are never detoasted, but for a compressed metadata, whose stored size says
+-- nothing of its printed one (60 KB of one repeated letter is stored in a few hundred bytes:
+-- 4,000 of them made one batch of 256 MB), which is printed to be counted: at most 64 KiB
+-- each, where every message's content could be 1 MiB. `cut` says whether messages of the
+-- page were left out: every message kept then has a follower.
 SELECT count(*), bool_and(p.followed) AS cut,
        string_agg(int4send(length(p.sid)) || int4send(length(p.role))
                   || int4send(length(p.content)) || int4send(length(p.meta)),
@@ -158,7 +161,10 @@ FROM (SELECT w.session_id, convert_to(w.session_id, 'UTF8') AS sid, w.sequence, 
       FROM (SELECT k.*, sum(k.size) OVER w - k.size AS before, lead(true, 1, false) OVER w AS followed
             FROM (SELECT m.session_id, m.sequence, m.uuid, m.role, m.role_type, m.content,
                          m.metadata, m.created_at, m.updated_at, m.deleted_at,
-                         octet_length(m.content) + pg_column_size(m.metadata) AS size
+                         octet_length(m.content)
+                         + CASE WHEN pg_column_compression(m.metadata) IS NULL
+                                THEN pg_column_size(m.metadata)
+                                ELSE octet_length(m.metadata::text) END AS size
                   FROM messages m
                   JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
                   WHERE m.project_id = %(project_id)s
