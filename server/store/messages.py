@@ -505,7 +505,7 @@ async def add_memory_citus(
     session = await fetch_one(conn, ADD_MEMORY_SESSION_CITUS, {**params, "n": len(fresh)})
     if session is None:
         return []
-    answer = {int(row["ord"]): _held_row(row) for row in held}
+    answer = {int(row["ord"]): _answer_row(row) for row in held}
     if fresh:
         first = int(session["next_sequence"]) - len(fresh)
         numbered = _numbered_messages(params, fresh, first)
@@ -520,10 +520,7 @@ async def add_memory_citus(
                 raise _UuidRace from exc
             raise
         for i, row in zip(fresh, made, strict=True):
-            answer[i + 1] = {f"m_{k}": v for k, v in row.items()} | {
-                "m_ord": i + 1,
-                "m_differs": False,
-            }
+            answer[i + 1] = _answer_row(row, ord=i + 1, differs=False)
         if params["embed"]:
             queued = len(fresh) if not params["per_turn"] else 1
             due = {f"sequence_{j}": first + len(fresh) - queued + j for j in range(queued)}
@@ -545,8 +542,10 @@ _HELD_COLUMNS = tuple(
 )
 
 
-def _held_row(row: Row) -> Row:
-    return {f"m_{k}": v for k, v in row.items()}
+def _answer_row(row: Row, **more: Any) -> Row:
+    # A message of add_memory's answer, held or fresh: its columns and `more` (a fresh one's
+    # ord and differs), named m_ as add_memory names them.
+    return {f"m_{k}": v for k, v in {**row, **more}.items()}
 
 
 def key_of(params: Params) -> dict[str, Any]:
