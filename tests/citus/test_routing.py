@@ -84,13 +84,6 @@ ONE_SHARD = {
     "purge_messages_in_shard": "the purge: one shard's part of a batch",
     "purge_sessions_in_shard": "the purge: one shard's part of a batch",
 }
-#: Of ONE_SHARD, the statements Citus still plans with a subplan first: an intermediate result
-#: made on the coordinator and sent to the worker before the statement's one task.
-SUBPLANNED = {
-    # The chosen rows (sessions named by an array) under the budget's window run first as a
-    # subplan of one task: a read, left as it is (docs/scaling.md).
-    "search_chosen_budgeted": "the chosen of SearchMemory with mmr_lambda past a limit of 17",
-}
 #: Single-user reads of all the user's sessions: the user on one shard, then one fan-out over
 #: the sessions (a user's sessions are placed by their session ids: docs/scaling.md).
 ONE_SHARD_AND_ONE_FAN_OUT = {
@@ -301,7 +294,7 @@ async def whole_plans(citus_url: str, citus_store: Store) -> dict[str, str]:
         return {name: await explain(conn, statements[name], VALUES) for name in ONE_SHARD}
 
 
-@pytest.mark.parametrize("name", sorted(ONE_SHARD.keys() - SUBPLANNED.keys()))
+@pytest.mark.parametrize("name", sorted(ONE_SHARD))
 def test_calls_naming_one_session_or_user_run_without_subplans(
     whole_plans: dict[str, str], name: str
 ) -> None:

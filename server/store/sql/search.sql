@@ -125,13 +125,17 @@ FROM ({ranked}) AS r
 -- sessions and sequences pin the shards and the index reads, as recall_live_citus's), still
 -- live, each with the score its ranking gave it (%(chosen_scores)s, in the same order) and
 -- its place in that order (chosen_order; the store sorts by it: an ORDER BY here made Citus
--- read search_chosen_budgeted's running sum over every shard).
+-- read search_chosen_budgeted's running sum over every shard). The sessions are named for
+-- both tables: pinned through the join alone, the sessions' shard was not known to Citus
+-- when it planned search_chosen_budgeted's window, which it then ran over these rows made
+-- first as a subplan, even for one session (docs/scaling.md).
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
        m.created_at, m.updated_at, s.user_id,
        (%(chosen_scores)s::float8[])[array_position(%(chosen)s::uuid[], m.uuid)] AS score,
        NULL::text AS vector, array_position(%(chosen)s::uuid[], m.uuid) AS chosen_order
 FROM messages m
 JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+               AND s.session_id = ANY(%(chosen_sessions)s::text[])
 WHERE m.project_id = %(project_id)s AND m.session_id = ANY(%(chosen_sessions)s::text[])
   AND m.sequence = ANY(%(chosen_sequences)s::bigint[]) AND m.uuid = ANY(%(chosen)s::uuid[])
   AND m.deleted_at IS NULL AND s.deleted_at IS NULL
