@@ -79,6 +79,7 @@ ONE_SHARD = {
     "search_in_one_session": "SearchMemory with one session id",
     "search_in_one_session_budgeted": "the same past a limit of 17, read up to the answer's bytes",
     "search_in_one_session_candidates": "SearchMemory with mmr_lambda and one session id",
+    "search_in_one_session_unembedded": "SearchMemory with one session id: its unembedded count",
     "search_chosen": "SearchMemory with mmr_lambda: the chosen, on their sessions' shards only",
     "search_chosen_budgeted": "the same past a limit of 17, read up to the answer's bytes",
     "purge_messages_in_shard": "the purge: one shard's part of a batch",
@@ -115,6 +116,8 @@ FAN_OUT = {
     "search_project_scope_budgeted": "SearchMemory over the project, past a limit of 17",
     "search_user_scope_candidates": "SearchMemory with mmr_lambda over a user's sessions",
     "search_project_scope_candidates": "SearchMemory with mmr_lambda over the project",
+    "search_user_scope_unembedded": "SearchMemory over a user's sessions: its unembedded count",
+    "search_project_scope_unembedded": "SearchMemory over the project: its unembedded count",
     "recall_rank": "the embedding worker ranking a session's recall (GetMemory past the kept)",
     "recall_rank_words": "the same by words (no pgvector)",
     "recall_rank_budgeted": "GetMemory ranking recall past a relevant_limit of 20 (of 17 read)",
@@ -234,16 +237,17 @@ def _statements() -> dict[str, sql.Composable]:
     found["get_memory_budgeted"] = memory_window(budgeted=True)
     found["list_messages"] = list_messages_statement()
     text = query("search_query_text")
-    searches = {
-        # Scoped as SearchMemory in one session is (the store's own filters).
-        "search_in_one_session": compose_search(
-            text, search_filters(SearchQuery(text="x", session_ids=("session-1",)))[0]
-        ),
-        "search_user_scope": compose_search(text, "search_filter_user"),
-        "search_project_scope": compose_search(text, None),
+    # Scoped as SearchMemory in one session is (the store's own filters).
+    one_session, _ = search_filters(SearchQuery(text="x", session_ids=("session-1",)))
+    scopes: dict[str, sql.Composable] = {
+        "search_in_one_session": one_session,
+        "search_user_scope": query("search_filter_user"),
+        "search_project_scope": sql.SQL(""),
     }
+    searches = {name: compose_search(text, scope) for name, scope in scopes.items()}
     for name, statement in searches.items():
         found[name] = statement
+        found[f"{name}_unembedded"] = query("count_unembedded").format(filters=scopes[name])
         found[f"{name}_budgeted"] = budgeted_ranking(statement, True)
         found[f"{name}_candidates"] = candidates_statement(statement)
     found["search_chosen_budgeted"] = chosen_statement(True)
@@ -254,11 +258,10 @@ def _statements() -> dict[str, sql.Composable]:
     return found
 
 
-def compose_search(words: sql.Composable, scope: str | sql.Composable | None) -> sql.Composed:
-    """search_full_text over one scope fragment (or the whole project)."""
-    filters = query(scope) if isinstance(scope, str) else scope or sql.SQL("")
+def compose_search(words: sql.Composable, scope: sql.Composable) -> sql.Composed:
+    """search_full_text over one scope fragment (empty: the whole project)."""
     return query("search_full_text").format(
-        query=words, filters=filters, match=query("search_match_index")
+        query=words, filters=scope, match=query("search_match_index")
     )
 
 
