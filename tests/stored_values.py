@@ -5,6 +5,7 @@ exactly: text, JSON metadata with numbers at their extremes, and timestamps a da
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -28,3 +29,25 @@ JSON = st.recursive(
 TIMES = st.datetimes(
     min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
 ).map(lambda t: t.replace(tzinfo=UTC))
+
+
+def wide_metadata(count: int) -> list[dict[str, Any]]:
+    """`count` metadata objects of every JSON kind, of about 5.6 KB each (every tenth empty):
+    60 hold more than server/off_loop.py's OFF_LOOP_BYTES, past which the store dumps and
+    parses a call's metadata in a thread."""
+    return [
+        {}
+        if i % 10 == 9
+        else {
+            "i": i,
+            "ratio": i / 7,
+            "tiny": -2.5e-7,
+            "huge": 2**52 + i,
+            "yes": True,
+            "no": False,
+            "text": 'a "quote", a \\ backslash,\na line, \t, é, 中, 😀',
+            "nested": {"list": [1, "two", [3.5], {"four": None}, None], "empty": {}, "no": []},
+            "pad": "x" * 5500,
+        }
+        for i in range(count)
+    ]

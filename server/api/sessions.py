@@ -8,7 +8,8 @@ from typing import Any
 
 from memstore.v1 import session_service_pb2 as pb
 from memstore.v1 import session_service_pb2_grpc as pb_grpc
-from server.api import answer_size, convert, off_loop, tokens
+from server import off_loop
+from server.api import answer_size, convert, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.export import ExportServicer

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf import struct_pb2
 from starlette.requests import Request
 
-from server.api import off_loop
+from server import off_loop
 from server.api import validation as val
 from server.domain import MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
@@ -65,7 +65,7 @@ async def checked_json(
     request: Request, check: Callable[[JsonObject], T], *, required: bool = True
 ) -> T:
     """`check` (a validation) of the body read as json_object reads it. For a large body
-    both run in a thread (server/api/off_loop.py): parsing and checking 16 MiB of small
+    both run in a thread (server/off_loop.py): parsing and checking 16 MiB of small
     values took seconds, and the loop serves both ports.
 
     Raises:

@@ -18,7 +18,7 @@ from server.store import rows
 from server.store.base import StoreBase, key
 from server.store.budget import budget_rows
 from server.store.coalesce import Coalescer
-from server.store.db import Row, fetch_all
+from server.store.db import Row, fetch_all, fetch_rows
 from server.store.messages import memory_window, window_fragment
 from server.store.queries import compact, positional, query
 from server.store.translate import translated
@@ -570,7 +570,7 @@ class SearchMethods(StoreBase):
         cursor = AsyncRawCursor(conn, row_factory=dict_row)
         # Never prepared, as _pipelined's searches.
         await cursor.execute(statement, [values[n] for n in names], prepare=False)
-        return await cursor.fetchall()
+        return await fetch_rows(cursor)
 
     async def rank_recall(
         self,
@@ -615,7 +615,7 @@ async def _pipelined(
         cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
         for cursor, statement in zip(cursors, statements, strict=True):
             await cursor.execute(statement, params, prepare=None if prepare else False)
-    return [await cursor.fetchall() for cursor in cursors]
+    return [await fetch_rows(cursor) for cursor in cursors]
 
 
 async def _kept_live_citus(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import Iterable
 
 from google.protobuf import field_mask_pb2
@@ -10,7 +12,9 @@ from google.protobuf import field_mask_pb2
 from memstore.v1 import resources_pb2 as rs
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from server import off_loop
 from tests.grpc import UUID_RE, Code, Sessions, as_dict, count_rows, msg, rpc_error, struct
+from tests.stored_values import wide_metadata
 
 
 def _contents(messages: Iterable[rs.Message]) -> list[str]:
@@ -234,3 +238,23 @@ async def test_role_and_role_type_round_trip(sessions):
     expected = [(f"speaker {k}", k) for k in kinds[:-1]]
     expected.append((f"speaker {rs.ROLE_TYPE_UNSPECIFIED}", rs.ROLE_TYPE_NOROLE))
     assert got == expected
+
+
+async def test_a_large_add_memory_answers_the_metadata_get_memory_reads(sessions):
+    # Past off_loop.OFF_LOOP_BYTES of metadata the store dumps it, and parses its answer's,
+    # in a thread: the values are those of a small call all the same. A retry (the same
+    # uuids) answers the stored messages as the first call did.
+    metadatas = wide_metadata(60)
+    assert len(json.dumps(metadatas)) > off_loop.OFF_LOOP_BYTES
+    sent = [struct(m) for m in metadatas]
+    request = ss.AddMemoryRequest(
+        session_id="s",
+        messages=[msg(f"m{i}", metadata=m, uuid=str(uuid.uuid4())) for i, m in enumerate(sent)],
+    )
+    added = await sessions.AddMemory(request)
+    read = await sessions.GetMemory(ss.GetMemoryRequest(session_id="s", lastn=len(sent)))
+    assert [as_dict(m.metadata) for m in added.messages] == [as_dict(m) for m in sent]
+    assert [m.metadata for m in read.messages] == [m.metadata for m in added.messages]
+    assert [m.uuid for m in read.messages] == [m.uuid for m in added.messages]
+    again = await sessions.AddMemory(request)
+    assert list(again.messages) == list(added.messages)

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from server import off_loop
 from server.rest.app import MAX_BODY_BYTES
 from server.serving.observability import Metrics
+from tests.stored_values import wide_metadata
 
 
 async def test_unknown_route_is_json_404(http: httpx.AsyncClient) -> None:
@@ -404,3 +406,17 @@ async def test_given_timestamps_and_token_counts_are_ignored(http: httpx.AsyncCl
     assert (await http.post("/api/v2/sessions/t/memory", json={"messages": [message]})).is_success
     stored = (await http.get("/api/v2/sessions/t/memory")).json()["messages"][0]
     assert not stored["created_at"].startswith("2001") and stored["token_count"] == 0
+
+
+async def test_large_metadata_reads_back_as_sent(http: httpx.AsyncClient) -> None:
+    # Past off_loop.OFF_LOOP_BYTES of metadata the store dumps it, and parses what it reads
+    # back, in a thread: the values are those of a small call all the same.
+    metadatas = wide_metadata(60)
+    assert len(json.dumps(metadatas)) > off_loop.OFF_LOOP_BYTES
+    messages = [{"content": f"m{i}", "metadata": m} for i, m in enumerate(metadatas)]
+    added = await http.post("/api/v2/sessions/s/memory", json={"messages": messages})
+    assert added.status_code == 200, added.text
+    memory = await http.get("/api/v2/sessions/s/memory", params={"lastn": len(messages)})
+    assert [m["metadata"] for m in memory.json()["messages"]] == metadatas
+    listed = await http.get("/api/v2/sessions/s/messages", params={"limit": len(messages)})
+    assert [m["metadata"] for m in listed.json()["messages"]] == metadatas
