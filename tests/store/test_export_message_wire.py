@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from memstore.v1 import session_service_pb2 as pb
 from server.api import convert, message_wire
-from server.domain import ROLE_TYPES, WireRows
+from server.domain import ROLE_TYPES, MessageColumns, WireRows
 from server.store import Store
 from tests.stored_values import JSON, TEXT, TIMES
 
@@ -200,18 +200,10 @@ async def test_a_batch_ends_where_its_messages_pass_the_byte_budget(
                 " VALUES (%s, 's', %s, %s)",
                 (project, sequence, content),
             )
-    batches: list[tuple[int, bool]] = []
-    after = None
-    while True:
-        columns = await store.export_message_columns(project, after, 1000, budget=1 << 20)
-        if columns is None:
-            break
-        rows = message_wire.encode(columns)
-        batches.append((columns.rows, columns.cut))
-        after = rows.key(columns.rows - 1)
-        assert len(columns.contents) <= (1 << 20) + len(big)
-    assert batches == [(34, True), (4, True), (7, False)]
-    assert sum(n for n, _ in batches) == len(contents)
+    batches = await _batches_of_a_mib(store, project)
+    assert [(b.rows, b.cut) for b in batches] == [(34, True), (4, True), (7, False)]
+    assert all(len(b.contents or b"") <= (1 << 20) + len(big) for b in batches)
+    assert sum(b.rows for b in batches) == len(contents)
     one = await store.export_message_columns(project, None, 1000, budget=1)
     assert one is not None and (one.rows, one.cut) == (1, True)
     whole = await store.export_message_columns(project, None, 1000, budget=NO_BUDGET)
@@ -243,14 +235,18 @@ async def test_metadata_counts_as_printed_against_the_byte_budget(
             await conn.execute("SELECT max(pg_column_size(metadata)) FROM messages")
         ).fetchone()
         assert stored is not None and stored[0] < 10_000  # compressed: what misled the sum
-    batches: list[int] = []
+    batches = await _batches_of_a_mib(store, project)
+    assert [b.rows for b in batches] == [18, 18, 4]
+    assert all(len(b.metadata or b"") < (1 << 20) + 60_100 for b in batches)
+
+
+async def _batches_of_a_mib(store: Store, project: int) -> list[MessageColumns]:
+    # The project's messages as ExportMessages reads them, batch after batch of 1 MiB.
+    batches: list[MessageColumns] = []
     after = None
-    while True:
-        columns = await store.export_message_columns(project, after, 1000, budget=1 << 20)
-        if columns is None:
-            break
-        rows = message_wire.encode(columns)
-        batches.append(columns.rows)
-        after = rows.key(columns.rows - 1)
-        assert len(columns.metadata or b"") < (1 << 20) + 60_100
-    assert batches == [18, 18, 4]
+    while (
+        columns := await store.export_message_columns(project, after, 1000, budget=1 << 20)
+    ) is not None:
+        batches.append(columns)
+        after = message_wire.encode(columns).key(columns.rows - 1)
+    return batches
