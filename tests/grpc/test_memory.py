@@ -258,3 +258,26 @@ async def test_a_large_add_memory_answers_the_metadata_get_memory_reads(sessions
     assert [m.uuid for m in read.messages] == [m.uuid for m in added.messages]
     again = await sessions.AddMemory(request)
     assert list(again.messages) == list(added.messages)
+
+
+async def test_a_key_set_to_null_is_not_stored_by_any_create(sessions, users):
+    # Metadata is stored as merged into {} (memstore_merge_patch): as an update removes a key
+    # set to null, a create, a new session and a new message never store one, at any depth;
+    # a null inside an array is a value and is kept (docs/design.md, "Metadata merge").
+    sent = struct({"gone": None, "kept": {"gone": None, "n": 1}, "list": [None, 1]})
+    stored = {"kept": {"n": 1}, "list": [None, 1]}
+    user = (await users.CreateUser(us.CreateUserRequest(user_id="u", metadata=sent))).user
+    session = (
+        await sessions.CreateSession(
+            ss.CreateSessionRequest(session_id="s", user_id="u", metadata=sent)
+        )
+    ).session
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[msg("m", metadata=sent)])
+    )
+    read = await sessions.GetMemory(ss.GetMemoryRequest(session_id="s", lastn=1))
+    got_user = (await users.GetUser(us.GetUserRequest(user_id="u"))).user
+    for metadata in (user.metadata, session.metadata, added.messages[0].metadata):
+        assert as_dict(metadata) == stored
+    assert as_dict(read.messages[0].metadata) == stored
+    assert as_dict(got_user.metadata) == stored
