@@ -67,12 +67,20 @@ def usable_extensions(url: str) -> set[str]:
 
 
 @contextmanager
-def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
-    """Creates an empty database named `prefix_<random>`; yields its URL; drops it after."""
+def scratch_database(
+    server_url: str, prefix: str, *, options: sql.Composable | None = None, cluster: bool = True
+) -> Iterator[str]:
+    """Creates an empty database named `prefix_<random>`; yields its URL; drops it after.
+
+    `options` follow CREATE DATABASE's name (e.g. a collation). Under `make test-citus` the
+    database spans the cluster, unless `cluster` is False: then it is a plain database of the
+    coordinator's PostgreSQL.
+    """
     name = f"{prefix}_{secrets.token_hex(4)}"
-    workers = cluster_workers()
+    workers = cluster_workers() if cluster else None
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
     with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL(" ").join([create, options]) if options else create)
     url = pg_conninfo.make_conninfo(server_url, dbname=name)
     try:
         if workers:
@@ -126,14 +134,15 @@ LOCK_WAITERS = (
 )
 
 
-async def lock_waiters(url: str) -> int:
+async def lock_waiters(url: str, *, cluster: bool = True) -> int:
     """How many backends of the database wait for a lock (e.g. a call a test pinned).
 
     On a Citus cluster the rows live on the workers, so that is where a call waits: their
-    backends of the same database are counted too.
+    backends of the same database are counted too (unless `cluster` is False: a plain
+    database of the coordinator, scratch_database's).
     """
     urls = [url]
-    for worker in cluster_workers() or []:
+    for worker in (cluster_workers() or []) if cluster else []:
         host, port = worker.rsplit(":", 1)
         urls.append(pg_conninfo.make_conninfo(url, host=host, port=port))
     waiting = 0
@@ -147,9 +156,9 @@ async def lock_waiters(url: str) -> int:
     return waiting
 
 
-async def has_lock_waiter(url: str) -> bool:
+async def has_lock_waiter(url: str, *, cluster: bool = True) -> bool:
     """Whether some backend of the database waits for a lock: the call a test pinned is in."""
-    return await lock_waiters(url) > 0
+    return await lock_waiters(url, cluster=cluster) > 0
 
 
 async def busy_backends(url: str) -> list[tuple[str, str]]:

@@ -32,10 +32,11 @@ WHERE q.project_id = k.project_id AND q.session_id = k.session_id AND q.sequence
 -- lock_embedded_sessions --
 -- Locks the sessions of a batch against deletion, in key order as DeleteUser does, before
 -- the batch's vectors are written: a delete and a save then wait for each other in turn.
+-- Key order is code points' (COLLATE "C"), as in every statement that locks sessions.
 SELECT s.session_id FROM sessions s
 JOIN unnest(%(project_ids)s::bigint[], %(session_ids)s::text[]) AS k(project_id, session_id)
     ON s.project_id = k.project_id AND s.session_id = k.session_id
-ORDER BY s.project_id, s.session_id
+ORDER BY s.project_id, s.session_id COLLATE "C"
 FOR KEY SHARE OF s;
 
 -- save_embeddings --

@@ -43,7 +43,7 @@ FROM unnest(%(user_ids)s::text[], %(emails)s::text[], %(first_names)s::text[],
             %(last_names)s::text[], %(metadatas)s::jsonb[], %(created)s::timestamptz[],
             %(updated)s::timestamptz[])
      AS t(user_id, email, first_name, last_name, metadata, created_at, updated_at)
-ORDER BY t.user_id
+ORDER BY t.user_id COLLATE "C"
 ON CONFLICT (project_id, user_id) DO NOTHING
 RETURNING 1;
 
@@ -85,7 +85,7 @@ FROM unnest(%(session_ids)s::text[], %(user_ids)s::text[], %(metadatas)s::jsonb[
             %(last_message)s::timestamptz[], %(next_sequences)s::bigint[])
      AS t(session_id, user_id, metadata, created_at, updated_at, deleted_at, last_message_at,
           next_sequence)
-ORDER BY t.session_id
+ORDER BY t.session_id COLLATE "C"
 ON CONFLICT (project_id, session_id) DO NOTHING
 RETURNING user_id, deleted_at IS NULL AS live;
 
@@ -175,7 +175,10 @@ ON CONFLICT (project_id, user_id)
 -- soft-deleted session by it.
 SELECT s.session_id, s.deleted_at FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = ANY(%(session_ids)s::text[])
-ORDER BY s.session_id
+-- Key order by code points (COLLATE "C"), as AddMemory's shared commits sort their sessions
+-- in Python and restore_lock_session_citus goes through them: in a database of another
+-- collation the two orders differed (tests/store/test_lock_order.py).
+ORDER BY s.session_id COLLATE "C"
 FOR NO KEY UPDATE;
 
 -- restore_lock_session_citus --

@@ -89,8 +89,10 @@ FOR UPDATE;
 SELECT count(*) AS sessions FROM (
     SELECT 1 FROM sessions s
     WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
-    -- In key order, as the embedding worker locks a batch's sessions: no lock cycle.
-    ORDER BY s.session_id
+    -- In key order, as the embedding worker, Restore and AddMemory's shared commits lock
+    -- sessions: no lock cycle. By code points (COLLATE "C"), as Python sorts the batches'
+    -- ids, whatever the database's collation (tests/store/test_lock_order.py).
+    ORDER BY s.session_id COLLATE "C"
     FOR UPDATE
 ) AS locked;
 
