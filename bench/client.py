@@ -9,10 +9,18 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
+#: A window that counted fewer calls (or turns) than this is stretched until it has them, up
+#: to STRETCH_LIMIT seconds more: on tiny data and a busy machine, one slow first call could
+#: leave a 0.3 s window empty, and a rate of zero measures nothing.
+MIN_COUNTED = 3
+STRETCH_LIMIT = 30.0
+STRETCH_STEP = 0.01
 
 #: One TCP connection per channel: without a local subchannel pool, channels of one process
 #: to one target share a connection, and SO_REUSEPORT could not spread them over workers.
@@ -40,6 +48,16 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+async def _window(seconds: float, counted: Callable[[], int]) -> None:
+    """Sleeps the measuring window: `seconds`, then on while fewer than MIN_COUNTED were
+    counted (at most STRETCH_LIMIT more). The caller divides by the wall time it measured."""
+    await asyncio.sleep(seconds)
+    for _ in range(round(STRETCH_LIMIT / STRETCH_STEP)):
+        if counted() >= MIN_COUNTED:
+            return
+        await asyncio.sleep(STRETCH_STEP)
+
+
 def run_unary(load: UnaryLoad) -> dict[str, float]:
     """Runs one unary load in this process; returns calls, errors, wall and CPU seconds."""
     return asyncio.run(_unary(load))
@@ -63,7 +81,7 @@ async def _unary(load: UnaryLoad) -> dict[str, float]:
         await asyncio.sleep(load.warmup)
         state["counting"] = True
         cpu0, t0 = cpu_seconds(), time.perf_counter()
-        await asyncio.sleep(load.seconds)
+        await _window(load.seconds, lambda: state["calls"])
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         state["counting"], state["stop"] = False, True
         await asyncio.gather(*workers)
@@ -197,7 +215,7 @@ async def _turns(load: TurnLoad) -> dict[str, Any]:
         await asyncio.sleep(load.warmup)
         state["counting"] = True
         cpu0, t0 = cpu_seconds(), time.perf_counter()
-        await asyncio.sleep(load.seconds)
+        await _window(load.seconds, lambda: state["turns"])
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         state["counting"] = False
         task.cancel()

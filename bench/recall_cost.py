@@ -44,9 +44,12 @@ def composer_at(rev: str) -> Callable[[], sql.Composed]:
         scope = sql.SQL(" ").join(
             [named["recall_filter_user"], named["search_filter_other_sessions"]]
         )
-        # An older recall_query_vector has no {filters}: format ignores what it does not name.
+        # An older recall_query_vector has no {filters} nor {window_vectors}: format ignores
+        # what it does not name.
         fragment = named["recall_query_vector"].format(
-            words=named["recall_query_text"], filters=scope
+            words=named["recall_query_text"],
+            window_vectors=named.get("recall_window_vectors", sql.SQL("")),
+            filters=scope,
         )
         return named["search_hybrid"].format(
             query=fragment,

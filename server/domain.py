@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,26 @@ MAX_METADATA_BYTES = 64 * 1024
 #: request and response holding metadata parses, the deepest (SearchMemoryResponse) included.
 MAX_METADATA_DEPTH = 32
 
+#: The largest integer magnitude a double (a Struct's number) holds exactly; every integer
+#: up to it is exact, and 2^53 + 1 is the first that rounds.
+MAX_EXACT_INT = 2**53
+
 JsonObject = dict[str, Any]
+
+
+def _stored_int(text: str) -> int | float:
+    # An integer of stored JSON past +-2^53 was a double: no request stores such an integer
+    # (REST refuses one, validation.INEXACT_INTEGER; a Struct's numbers are doubles), and
+    # jsonb prints a double in full decimal (1.5e300 as 301 digits).
+    value = int(text)
+    return value if -MAX_EXACT_INT <= value <= MAX_EXACT_INT else float(value)
+
+
+#: Parses JSON the store kept (jsonb's text) as json.loads does, but reads an integer past
+#: +-2^53 as the double it was stored from, so that 1.5e300 reads back over REST as the float
+#: sent, not as an integer of 301 digits (tests/rest/test_http.py::
+#: test_floats_of_any_size_read_back_as_the_floats_sent).
+decode_stored_json = json.JSONDecoder(parse_int=_stored_int).decode
 T = TypeVar("T")
 
 

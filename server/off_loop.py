@@ -9,7 +9,8 @@ other caller of either port waited that long (tests/reliability/test_loop_stalls
 thread the work holds the GIL for at most `sys.getswitchinterval()` (5 ms) at a time, so the
 loop answers between its slices; small requests stay on the loop, where a thread hand-off
 would cost more than the work. The adapters (server/api, server/rest) and the store
-(server/store: messages.py, db.py) share this pool.
+(server/store: messages.py, db.py) share this pool; over gRPC, so do the parse of a large
+request and the serialization of a large answer (serving/services.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -30,6 +32,11 @@ OFF_LOOP_BYTES = 256 * 1024
 #: Threads for that work: two large requests proceed at once, more wait their turn (the GIL
 #: runs one at a time anyway), and the default executor stays free for the embedder.
 _THREADS = 2
+
+#: The bytes of the gRPC request being served, as it came off the wire (serving/services.py
+#: sets it before the handler runs): what a handler weighs its checks and an answer that echoes
+#: the request by, without the request's ByteSize (as costly as serializing it).
+request_bytes: ContextVar[int] = ContextVar("request_bytes", default=0)
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -15,7 +16,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2
 
+from bench import client
+from memstore.v1 import (
+    resources_pb2,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 from server.store.search import RECALL_WORDS
 from tests.fix_db import usable_extensions
 
@@ -763,3 +773,53 @@ async def test_queue_cost_runs_as_a_command_on_tiny_data(clean_db: str) -> None:
     found = json.loads(run.stdout)
     assert set(found) == {f"{w}_{n}" for w in ("none", "each", "turn") for n in (1, 20)}
     assert all(x["statement_us"] > 0 and x["queue_insert_us"] >= 0 for x in found.values())
+
+
+async def test_a_load_window_that_counted_nothing_is_stretched_until_it_counts(
+    grpc_port: int,
+    users: user_service_pb2_grpc.UserServiceStub,
+    sessions: session_service_pb2_grpc.SessionServiceStub,
+) -> None:
+    """A zero-second window (as on tiny data, where one slow first call filled it) still
+    measures: both load kinds count MIN_COUNTED before they divide by the wall time."""
+    await users.CreateUser(user_service_pb2.CreateUserRequest(user_id="turner"))
+    await sessions.CreateSession(
+        session_service_pb2.CreateSessionRequest(session_id="turns", user_id="turner")
+    )
+    target = f"127.0.0.1:{grpc_port}"
+    get = session_service_pb2.GetMemoryRequest(session_id="turns", lastn=6)
+    add = session_service_pb2.AddMemoryRequest(
+        session_id="turns",
+        messages=[resources_pb2.Message(role_type=resources_pb2.ROLE_TYPE_USER, content="hi")],
+    )
+    turns = await asyncio.to_thread(
+        client.run_turns,
+        client.TurnLoad(
+            target,
+            "/memstore.v1.SessionService/GetMemory",
+            (get.SerializeToString(),),
+            "/memstore.v1.SessionService/AddMemory",
+            (add.SerializeToString(),),
+            seconds=0.0,
+            warmup=0.0,
+            concurrency=2,
+            channels=1,
+        ),
+    )
+    assert turns["errors"] == 0
+    assert turns["turns"] >= client.MIN_COUNTED and turns["wall"] > 0
+    assert len(turns["get"]) == len(turns["add"]) == turns["turns"]
+    health = await asyncio.to_thread(
+        client.run_unary,
+        client.UnaryLoad(
+            target,
+            "/grpc.health.v1.Health/Check",
+            (health_pb2.HealthCheckRequest().SerializeToString(),),
+            seconds=0.0,
+            warmup=0.0,
+            concurrency=2,
+            channels=1,
+        ),
+    )
+    assert health["errors"] == 0
+    assert health["calls"] >= client.MIN_COUNTED and health["wall"] > 0

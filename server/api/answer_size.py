@@ -17,10 +17,12 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from server import off_loop
 from server.api.validation import MAX_CONTENT_BYTES, MAX_ID_CHARS, MAX_TEXT_CHARS
 from server.domain import MAX_METADATA_BYTES, JsonObject, Message, Page, SearchResult
 from server.errors import InvalidArgument
 from server.search.service import Memory, Searcher
+from server.serving import wire
 
 T = TypeVar("T")
 
@@ -38,16 +40,22 @@ PAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
 _MIB = 1024 * 1024
 
 
-def page_rows(response: Any, field: str, *, by_number: bool) -> int:
+def page_rows(response: Any, field: str, *, by_number: bool, in_pieces: bool = False) -> int:
     """How many of `response`'s `field` rows fit in a page; drops the rest (the first always
-    stays: one row is at most ~1.1 MiB).
+    stays: one row is at most ~1.1 MiB). `in_pieces`: weighed row by row (in a thread, for a
+    large page), each a short call into protobuf's C: upb weighs a message by encoding it,
+    and a page of 3 MiB weighed whole held the GIL, so the event loop, 40 ms.
 
     Raises:
         InvalidArgument: the page was asked for by page_number and does not fit (field
             page_size): ending it early would make the next page_number skip rows.
     """
     rows = getattr(response, field)
-    size = response.ByteSize()
+    sizes = [row.ByteSize() for row in rows] if in_pieces else []
+    if in_pieces:
+        size = wire.head(response).ByteSize() + sum(s + _tag_and_length(s) for s in sizes)
+    else:
+        size = response.ByteSize()
     if size <= PAGE_BYTES:
         return len(rows)
     if by_number:
@@ -55,15 +63,17 @@ def page_rows(response: Any, field: str, *, by_number: bool) -> int:
     keep = len(rows)
     while keep > 1 and size > PAGE_BYTES:
         keep -= 1
-        row = rows[keep].ByteSize()
+        row = sizes[keep] if in_pieces else rows[keep].ByteSize()
         size -= row + _tag_and_length(row)
     del rows[keep:]
     return keep
 
 
-def last_of_page(response: Any, field: str, page: Page[T], *, by_number: bool) -> T | None:
+def last_of_page(
+    response: Any, field: str, page: Page[T], *, by_number: bool, in_pieces: bool = False
+) -> T | None:
     """The row a page's next_page_token goes on from, once `response`'s `field` rows (those of
-    `page`) are cut to what fits (page_rows); None when no row follows.
+    `page`) are cut to what fits (page_rows, weighing `in_pieces`); None when no row follows.
 
     Raises:
         InvalidArgument: as page_rows.
@@ -71,7 +81,7 @@ def last_of_page(response: Any, field: str, page: Page[T], *, by_number: bool) -
     if by_number and page.cut:
         # The store stopped reading at PAGE_BYTES of the rows' text: the page is larger still.
         raise _numbered_page_too_large(f"this page's rows pass {PAGE_BYTES / _MIB:.2f} MiB")
-    kept = page_rows(response, field, by_number=by_number)
+    kept = page_rows(response, field, by_number=by_number, in_pieces=in_pieces)
     if kept and (page.has_more or kept < len(page.items)):
         return page.items[kept - 1]
     return None
@@ -263,6 +273,91 @@ def text_size(messages: Iterable[Message]) -> int:
     """The characters of messages' content and role: what the store's read budget counts
     (check_text_answer adds their metadata)."""
     return sum(len(m.content) + len(m.role) for m in messages)
+
+
+def text_at_least(messages: Iterable[Message], limit: int) -> int:
+    """About the characters of messages' content, role and metadata, counted only until they
+    reach `limit`: whether an answer of them is large, without measuring a large one whole.
+    Metadata is counted as Python prints it (repr: within a fifth of its compact JSON, and a
+    sixth of json.dumps' time for a small object, 1 µs, on every GetMemory)."""
+    return _at_least((len(m.content) + len(m.role) + _printed(m.metadata) for m in messages), limit)
+
+
+def metadata_at_least(metadata: Iterable[JsonObject | str], limit: int) -> int:
+    """As text_at_least, for a list of users or sessions: their metadata (an object counted
+    as text_at_least counts it, or the JSON text of a UserRecord), what their answer's cost
+    grows with (an id is one value, an object of 800 keys 800)."""
+    return _at_least(map(_printed, metadata), limit)
+
+
+def _at_least(sizes: Iterable[int], limit: int) -> int:
+    size = 0
+    for row in sizes:
+        size += row
+        if size >= limit:
+            break
+    return size
+
+
+def _printed(metadata: JsonObject | str) -> int:
+    if isinstance(metadata, str):
+        return len(metadata)
+    return len(repr(metadata)) if metadata else 0
+
+
+async def page_answer(
+    size: int,
+    build: Callable[[], Any],
+    field: str,
+    page: Page[T],
+    *,
+    by_number: bool,
+    token: Callable[[T], str],
+) -> bytes:
+    """A page's answer serialized: built by `build` from `page`'s rows (in `field`), cut to
+    what fits (last_of_page), its next_page_token `token(last row)` when a row follows. In a
+    thread when `size` (metadata_at_least or text_at_least of the rows) reaches
+    OFF_LOOP_BYTES: a page of wide rows is tenths of a second of protobuf to build, weigh and
+    serialize (tests/reliability/test_loop_stalls.py), which on the loop every other caller
+    of either port waited for; a small one stays on the loop, cheaper than the hop.
+
+    Raises:
+        InvalidArgument: as page_rows.
+    """
+    return await off_loop.run(
+        size, _page_answer, size, build, field, page, by_number=by_number, token=token
+    )
+
+
+def _page_answer(
+    size: int,
+    build: Callable[[], Any],
+    field: str,
+    page: Page[T],
+    *,
+    by_number: bool,
+    token: Callable[[T], str],
+) -> bytes:
+    response = build()
+    in_pieces = size >= off_loop.OFF_LOOP_BYTES
+    last = last_of_page(response, field, page, by_number=by_number, in_pieces=in_pieces)
+    if last is not None:
+        response.next_page_token = token(last)
+    return wire.serialized(response, size)
+
+
+def checked_answer(response: Any, size: int, asked: str, **fields: str) -> bytes:
+    """`response` serialized (in pieces when `size` is large: serving/wire.py), refused as
+    check_answer refuses it when too large. Serialized before it is weighed: ByteSize costs as
+    much, in one call; only an answer too large to send is weighed again, to be refused.
+
+    Raises:
+        InvalidArgument: as check_answer.
+    """
+    data = wire.serialized(response, size)
+    if len(data) > MAX_ANSWER_BYTES:
+        check_answer(response, asked, **fields)
+    return data
 
 
 def metadata_chars(metadata: JsonObject) -> int:

@@ -8,11 +8,12 @@ from datetime import datetime
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from memstore.v1 import session_service_pb2 as pb
+from server import off_loop
 from server.api import answer_size, convert
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import unary_errors
-from server.domain import SearchQuery, SearchResult, SearchType
+from server.domain import SearchOutcome, SearchQuery, SearchResult, SearchType
 from server.search.service import Searcher
 
 #: The most results (and recalled memories) one call returns.
@@ -39,23 +40,29 @@ class SearchServicer(ServicerBase):
     _searcher: Searcher
 
     @unary_errors
-    async def SearchMemory(
-        self, request: pb.SearchMemoryRequest, context: Context
-    ) -> pb.SearchMemoryResponse:
+    async def SearchMemory(self, request: pb.SearchMemoryRequest, context: Context) -> bytes:
         query = search_query(request)
         outcome = await self._searcher.search(
             self._project(context), query, budget=answer_size.memory_budget(query.limit)
         )
         if outcome.cut:
             raise answer_size.refuse_cut_answer("limit", f"{query.limit} results")
-        response = pb.SearchMemoryResponse(
-            semantic=outcome.semantic,
-            unembedded_messages=outcome.unembedded,
-            note=outcome.note,
+        # Up to 100 results of 64 KiB of metadata each: tenths of a second of protobuf to
+        # build and serialize, in a thread then (off_loop), the results' text telling when.
+        size = answer_size.text_at_least(
+            (r.message for r in outcome.results), off_loop.OFF_LOOP_BYTES
         )
-        add_results(response.results, outcome.results)
-        answer_size.check_answer(response, f"{len(outcome.results)} results", limit="results")
-        return response
+        return await off_loop.run(size, _search_answer, outcome, size)
+
+
+def _search_answer(outcome: SearchOutcome, size: int) -> bytes:
+    response = pb.SearchMemoryResponse(
+        semantic=outcome.semantic, unembedded_messages=outcome.unembedded, note=outcome.note
+    )
+    add_results(response.results, outcome.results)
+    return answer_size.checked_answer(
+        response, size, f"{len(outcome.results)} results", limit="results"
+    )
 
 
 def search_query(request: pb.SearchMemoryRequest) -> SearchQuery:

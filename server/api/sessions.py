@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 from memstore.v1 import session_service_pb2 as pb
@@ -21,18 +23,23 @@ from server.domain import (
     Message,
     MetadataChange,
     NewMessage,
+    Page,
     SearchResult,
     Session,
     SessionQuery,
     TimeKey,
 )
-from server.search.service import Searcher
+from server.search.service import Memory, Searcher
+from server.serving import wire
 from server.store import Store
 
 _METADATA_ONLY = ("metadata",)
 
 
-# ExportMessages yields chunks already serialized (chunking.WireChunk), not response objects.
+# ExportMessages yields chunks already serialized (chunking.WireChunk), not response objects;
+# AddMemory, GetMemory, ListSessions, ListMessages and SearchMemory may answer bytes already
+# serialized too (off the loop when large), which serving/services.py sends as they are:
+# hence the ignored overrides.
 class SessionServicer(  # type: ignore[misc]
     SearchServicer, ExportServicer, ServicerBase, pb_grpc.SessionServiceServicer
 ):
@@ -101,9 +108,9 @@ class SessionServicer(  # type: ignore[misc]
         return pb.UndeleteSessionResponse(session=convert.session_to_proto(session))
 
     @unary_errors
-    async def ListSessions(
+    async def ListSessions(  # type: ignore[override]
         self, request: pb.ListSessionsRequest, context: Context
-    ) -> pb.ListSessionsResponse:
+    ) -> bytes:
         v = val.Violations()
         size, offset = val.page_window(v, request)
         query = _session_query(v, request)
@@ -122,37 +129,49 @@ class SessionServicer(  # type: ignore[misc]
             budget=answer_size.list_budget(size, answer_size.PAGE_BYTES),
         )
         total = page.total_size if total is None else total
-        response = pb.ListSessionsResponse(total_size=total or 0)
-        for session in page.items:
-            convert.session_to_proto(session, response.sessions.add())
-        last = answer_size.last_of_page(response, "sessions", page, by_number=offset is not None)
-        if last is not None:
-            # Also after a page_number page: the token continues by keyset from its last row.
-            key = _session_key(last, query)
-            response.next_page_token = self._tokens.encode_time_key(fingerprint, key, total)
-        return response
+
+        def build() -> pb.ListSessionsResponse:
+            response = pb.ListSessionsResponse(total_size=total or 0)
+            for session in page.items:
+                convert.session_to_proto(session, response.sessions.add())
+            return response
+
+        # Also after a page_number page: the token continues by keyset from its last row.
+        return await answer_size.page_answer(
+            answer_size.metadata_at_least(
+                (s.metadata for s in page.items), off_loop.OFF_LOOP_BYTES
+            ),
+            build,
+            "sessions",
+            page,
+            by_number=offset is not None,
+            token=lambda last: self._tokens.encode_time_key(
+                fingerprint, _session_key(last, query), total
+            ),
+        )
 
     @unary_errors
-    async def AddMemory(
+    async def AddMemory(  # type: ignore[override]
         self, request: pb.AddMemoryRequest, context: Context
-    ) -> pb.AddMemoryResponse:
+    ) -> bytes:
         v = val.Violations()
         val.check_id(v, "session_id", request.session_id)
         val.check_id(v, "user_id", request.user_id, required=False)
         # Near 16 MiB, checking the messages and building the answer take seconds of CPU:
-        # in a thread then, so the loop's other callers are not kept waiting (off_loop).
-        size = request.ByteSize()
+        # in a thread then, so the loop's other callers are not kept waiting (off_loop). The
+        # answer echoes the messages: as large as the request.
+        size = off_loop.request_bytes.get()
         messages = await off_loop.run(size, _new_messages, v, request)
         v.raise_if_any()
         session, added = await self._store.add_memory(
             self._project(context), request.session_id, request.user_id or None, messages
         )
-        return await off_loop.run(size, _add_memory_response, session, added)
+        return await off_loop.run(size, _add_memory_response, session, added, size)
 
     @unary_errors
-    async def GetMemory(
+    async def GetMemory(  # type: ignore[override]
         self, request: pb.GetMemoryRequest, context: Context
-    ) -> pb.GetMemoryResponse:
+    ) -> pb.GetMemoryResponse | bytes:
         v = val.Violations()
         val.check_id(v, "session_id", request.session_id)
         lastn = val.clamp_size(v, "lastn", request.lastn, val.DEFAULT_LASTN)
@@ -165,12 +184,12 @@ class SessionServicer(  # type: ignore[misc]
         if memory.session is None:
             # As Zep 1.x (200, no messages; see the proto comment): no session is an empty memory.
             return pb.GetMemoryResponse(found=False)
-        response = pb.GetMemoryResponse(
-            found=True, session=convert.session_to_proto(memory.session), context=memory.context
+        # 1,000 messages of wide metadata are seconds of protobuf to build, weigh and
+        # serialize: in a thread then (off_loop), the rows' text telling when.
+        size = answer_size.text_at_least(
+            chain(memory.messages, (r.message for r in memory.relevant)), off_loop.OFF_LOOP_BYTES
         )
-        for message in memory.messages:
-            convert.message_to_proto(message, response.messages.add())
-        add_results(response.relevant_messages, memory.relevant)
+        response = await off_loop.run(size, _memory_response, memory)
         if memory.relevant_cut:
             raise await answer_size.refuse_cut_recall(
                 self._searcher,
@@ -181,18 +200,12 @@ class SessionServicer(  # type: ignore[misc]
                 content_budget=lambda size: size + 1,  # content is part of each row
                 asked=f"the last {len(memory.messages)} messages and {recall} memories",
             )
-        answer_size.check_answer(
-            response,
-            f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
-            lastn="messages",
-            relevant_limit="relevant_messages",
-        )
-        return response
+        return await off_loop.run(size, _checked_memory, response, size)
 
     @unary_errors
-    async def ListMessages(
+    async def ListMessages(  # type: ignore[override]
         self, request: pb.ListMessagesRequest, context: Context
-    ) -> pb.ListMessagesResponse:
+    ) -> bytes:
         v = val.Violations()
         val.check_id(v, "session_id", request.session_id)
         size, offset = val.page_window(v, request)
@@ -203,13 +216,15 @@ class SessionServicer(  # type: ignore[misc]
         page = await self._store.list_messages(
             project, request.session_id, after, size, offset=offset, budget=answer_size.PAGE_BYTES
         )
-        response = pb.ListMessagesResponse(total_size=page.total_size or 0)
-        for message in page.items:
-            convert.message_to_proto(message, response.messages.add())
-        last = answer_size.last_of_page(response, "messages", page, by_number=offset is not None)
-        if last is not None:
-            response.next_page_token = self._tokens.encode_sequence(fingerprint, last.sequence)
-        return response
+        # A page is up to 4 MiB: built, weighed and serialized in a thread when large.
+        return await answer_size.page_answer(
+            answer_size.text_at_least(page.items, off_loop.OFF_LOOP_BYTES),
+            functools.partial(_messages_page, page),
+            "messages",
+            page,
+            by_number=offset is not None,
+            token=lambda last: self._tokens.encode_sequence(fingerprint, last.sequence),
+        )
 
     @unary_errors
     async def GetMessage(
@@ -317,9 +332,38 @@ def _session_key(session: Session, query: SessionQuery) -> TimeKey:
     return stamp, session.session_id
 
 
-def _add_memory_response(session: Session, added: list[Message]) -> pb.AddMemoryResponse:
+def _add_memory_response(session: Session, added: list[Message], size: int) -> bytes:
     response = pb.AddMemoryResponse(session=convert.session_to_proto(session))
     for message in added:
+        convert.message_to_proto(message, response.messages.add())
+    return wire.serialized(response, size)
+
+
+def _memory_response(memory: Memory) -> pb.GetMemoryResponse:
+    assert memory.session is not None  # GetMemory answers found=False before
+    response = pb.GetMemoryResponse(
+        found=True, session=convert.session_to_proto(memory.session), context=memory.context
+    )
+    for message in memory.messages:
+        convert.message_to_proto(message, response.messages.add())
+    add_results(response.relevant_messages, memory.relevant)
+    return response
+
+
+def _checked_memory(response: pb.GetMemoryResponse, size: int) -> bytes:
+    return answer_size.checked_answer(
+        response,
+        size,
+        f"the last {len(response.messages)} messages and "
+        f"{len(response.relevant_messages)} memories",
+        lastn="messages",
+        relevant_limit="relevant_messages",
+    )
+
+
+def _messages_page(page: Page[Message]) -> pb.ListMessagesResponse:
+    response = pb.ListMessagesResponse(total_size=page.total_size or 0)
+    for message in page.items:
         convert.message_to_proto(message, response.messages.add())
     return response
 

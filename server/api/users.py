@@ -7,11 +7,19 @@ from collections.abc import AsyncIterator
 
 from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
+from server import off_loop
 from server.api import answer_size, chunking, convert, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import stream_errors, unary_errors
-from server.domain import MetadataChange, TimeKey, UserChanges, UserRecord, from_micros
+from server.domain import (
+    USER_RECORD_METADATA,
+    MetadataChange,
+    TimeKey,
+    UserChanges,
+    UserRecord,
+    from_micros,
+)
 
 _USER_FIELDS = ("email", "first_name", "last_name", "metadata")
 
@@ -73,9 +81,9 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         )
 
     @unary_errors
-    async def ListUsers(
+    async def ListUsers(  # type: ignore[override]
         self, request: pb.ListUsersRequest, context: Context
-    ) -> pb.ListUsersResponse:
+    ) -> bytes:
         v = val.Violations()
         size, offset = val.page_window(v, request)
         v.raise_if_any()
@@ -92,14 +100,24 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
             budget=answer_size.list_budget(size, answer_size.PAGE_BYTES),
         )
         total = page.total_size if total is None else total
-        response = pb.ListUsersResponse(total_size=total or 0)
-        users = response.users
-        for record in page.items:
-            convert.add_user_record(users, record)
-        last = answer_size.last_of_page(response, "users", page, by_number=offset is not None)
-        if last is not None:
-            response.next_page_token = self._tokens.encode_time_key(query, _key(last), total)
-        return response
+
+        def build() -> pb.ListUsersResponse:
+            response = pb.ListUsersResponse(total_size=total or 0)
+            users = response.users
+            for record in page.items:
+                convert.add_user_record(users, record)
+            return response
+
+        return await answer_size.page_answer(
+            answer_size.metadata_at_least(
+                (r[USER_RECORD_METADATA] for r in page.items), off_loop.OFF_LOOP_BYTES
+            ),
+            build,
+            "users",
+            page,
+            by_number=offset is not None,
+            token=lambda last: self._tokens.encode_time_key(query, _key(last), total),
+        )
 
     # Yields chunks already serialized (the server's serializer sends bytes as they are).
     @stream_errors
@@ -125,9 +143,9 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
             yield chunk
 
     @unary_errors
-    async def ListUserSessions(
+    async def ListUserSessions(  # type: ignore[override]
         self, request: pb.ListUserSessionsRequest, context: Context
-    ) -> pb.ListUserSessionsResponse:
+    ) -> bytes:
         v = val.Violations()
         val.check_id(v, "user_id", request.user_id)
         size = val.clamp_size(v, "page_size", request.page_size, val.DEFAULT_PAGE_SIZE)
@@ -139,15 +157,25 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         page = await self._store.list_user_sessions(
             project, request.user_id, after, size, budget=budget
         )
-        response = pb.ListUserSessionsResponse()
-        for session in page.items:
-            convert.session_to_proto(session, response.sessions.add())
-        last = answer_size.last_of_page(response, "sessions", page, by_number=False)
-        if last is not None:
-            response.next_page_token = self._tokens.encode_time_key(
+
+        def build() -> pb.ListUserSessionsResponse:
+            response = pb.ListUserSessionsResponse()
+            for session in page.items:
+                convert.session_to_proto(session, response.sessions.add())
+            return response
+
+        return await answer_size.page_answer(
+            answer_size.metadata_at_least(
+                (s.metadata for s in page.items), off_loop.OFF_LOOP_BYTES
+            ),
+            build,
+            "sessions",
+            page,
+            by_number=False,
+            token=lambda last: self._tokens.encode_time_key(
                 query, (last.created_at, last.session_id)
-            )
-        return response
+            ),
+        )
 
 
 def _key(record: UserRecord) -> TimeKey:

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
 from server.domain import (
+    MAX_EXACT_INT,
     MAX_METADATA_BYTES,
     MAX_METADATA_DEPTH,
     ROLE_TYPES,
@@ -34,9 +35,6 @@ DEFAULT_PAGE_SIZE = 50
 #: last at least 16 KB (SPEC: streamed messages sized by bytes, 16-256 KB).
 DEFAULT_CHUNK_SIZE = 1000
 DEFAULT_LASTN = 6
-#: The largest integer magnitude a double (a Struct's number) holds exactly; every integer
-#: up to it is exact, and 2^53 + 1 is the first that rounds.
-MAX_EXACT_INT = 2**53
 #: Why a REST body's integer beyond MAX_EXACT_INT is refused (gRPC's Struct cannot carry one).
 INEXACT_INTEGER = (
     "is an integer beyond +-2^53 (9007199254740992), which memstore holds as a double and "

@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from server import off_loop
 from server.api import validation as val
-from server.domain import MAX_METADATA_DEPTH, JsonObject
+from server.domain import MAX_EXACT_INT, MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
 from server.rest.app import path_value
 from server.rest.media import check_json_body
@@ -318,7 +318,7 @@ def _shape_problem(value: Any, limit: int) -> str | int | None:
             bound += len(item) + 2
         else:
             bound += 1
-            if type(item) is int and not -val.MAX_EXACT_INT <= item <= val.MAX_EXACT_INT:
+            if type(item) is int and not -MAX_EXACT_INT <= item <= MAX_EXACT_INT:
                 return item
         if bound > val.SIZE_BOUND:
             return ""

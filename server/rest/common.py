@@ -6,6 +6,9 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
+from starlette.responses import Response
+
+from server import off_loop
 from server.api import answer_size
 from server.api import validation as val
 from server.api.search import DEFAULT_RELEVANT_LIMIT, MAX_SEARCH_LIMIT
@@ -15,11 +18,14 @@ from server.domain import (
     JsonObject,
     MetadataChange,
     NewMessage,
+    Page,
+    Session,
     UserChanges,
 )
 from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
+from server.rest.answers import json_answer, json_bytes
 from server.rest.app import JsonArrayStream
 from server.store import Store
 
@@ -174,10 +180,13 @@ async def user_sessions(
     """
     first = await store.list_user_sessions(project, user_id, None, USER_SESSIONS_PAGE)
 
-    async def pages() -> AsyncIterator[list[dict[str, Any]]]:
+    async def pages() -> AsyncIterator[list[bytes]]:
         page = first
         while True:
-            yield [c.session(s) for s in page.items]
+            # In a thread when the page's metadata is large (server/off_loop.py): a page of
+            # 100 sessions of 4,000 keys held the loop both ports share 0.08-0.09 s
+            # (tests/reliability/test_loop_stalls.py).
+            yield await off_loop.run(sessions_size(page), _sessions_json, page.items)
             if not page.has_more or not page.items:
                 return
             last = page.items[-1]
@@ -187,6 +196,11 @@ async def user_sessions(
     return JsonArrayStream(pages(), nested=nested)
 
 
+def _sessions_json(sessions: list[Session]) -> list[bytes]:
+    # JsonArrayStream's batch: each session's JSON.
+    return [json_bytes(c.session(s)) for s in sessions]
+
+
 def page_window(number: int | None, size: int | None, default_size: int) -> tuple[int, int]:
     """(offset, size) of a 1-based page: absent is page 1 of `default_size` rows, at most 1000."""
     size = min(size or default_size, val.MAX_PAGE_SIZE)
@@ -194,9 +208,10 @@ def page_window(number: int | None, size: int | None, default_size: int) -> tupl
 
 
 async def list_users(
-    store: Store, project: int, offset: int, size: int, field: str
-) -> dict[str, Any]:
-    """A page of users by (created_at, user_id) from `offset`, as Zep's UserListResponse.
+    store: Store, project: int, offset: int, size: int, field: str, *, flat: bool = False
+) -> Response:
+    """A page of users by (created_at, user_id) from `offset`, as Zep's UserListResponse (as
+    its list of users alone if `flat`: 1.x).
 
     Raises:
         InvalidArgument: the page is more than one answer may be (naming `field`, its size).
@@ -211,18 +226,44 @@ async def list_users(
     )
     if page.cut:
         raise answer_size.refuse_cut_answer(field, f"{size} users")
-    # The metadata's text as PostgreSQL prints it: its ", " and ": " a little more than the
-    # compact JSON of the answer.
-    answer_size.check_rows_answer(
-        field, f"{len(page.items)} users", (len(u[USER_RECORD_METADATA]) for u in page.items)
+
+    def build() -> dict[str, Any] | list[dict[str, Any]]:
+        # The metadata's text as PostgreSQL prints it: its ", " and ": " a little more than
+        # the compact JSON of the answer.
+        sizes = (len(u[USER_RECORD_METADATA]) for u in page.items)
+        answer_size.check_rows_answer(field, f"{len(page.items)} users", sizes)
+        users = [c.user_record(r) for r in page.items]
+        if flat:
+            return users
+        return {"users": users, "row_count": len(users), "total_count": page.total_size or 0}
+
+    metadata = (u[USER_RECORD_METADATA] for u in page.items)
+    return await json_answer(
+        answer_size.metadata_at_least(metadata, off_loop.OFF_LOOP_BYTES), build
     )
-    users = [c.user_record(r) for r in page.items]
-    return {"users": users, "row_count": len(users), "total_count": page.total_size or 0}
+
+
+def sessions_answer(page: Page[Session], field: str) -> list[dict[str, Any]]:
+    """A page of sessions as Zep's Session models.
+
+    Raises:
+        InvalidArgument: their metadata is more than one answer may be (naming `field`, the
+            page's size).
+    """
+    sizes = (answer_size.metadata_chars(s.metadata) for s in page.items)
+    answer_size.check_rows_answer(field, f"{len(page.items)} sessions", sizes)
+    return [c.session(s) for s in page.items]
+
+
+def sessions_size(page: Page[Session]) -> int:
+    """metadata_at_least of a page's sessions: whether their answer is built off the loop."""
+    metadata = (s.metadata for s in page.items)
+    return answer_size.metadata_at_least(metadata, off_loop.OFF_LOOP_BYTES)
 
 
 async def list_messages(
     store: Store, project: int, session_id: str, offset: int, size: int
-) -> dict[str, Any]:
+) -> Response:
     """A page of a session's live messages, oldest first, as Zep's MessageListResponse.
 
     Raises:
@@ -234,6 +275,12 @@ async def list_messages(
     )
     if page.cut:
         raise answer_size.refuse_cut_answer("limit", f"{size} messages")
-    answer_size.check_text_answer(f"{len(page.items)} messages", limit=page.items)
-    messages = [c.message(m) for m in page.items]
-    return {"messages": messages, "row_count": len(messages), "total_count": page.total_size or 0}
+
+    def build() -> dict[str, Any]:
+        answer_size.check_text_answer(f"{len(page.items)} messages", limit=page.items)
+        messages = [c.message(m) for m in page.items]
+        total = page.total_size or 0
+        return {"messages": messages, "row_count": len(messages), "total_count": total}
+
+    text = answer_size.text_at_least(page.items, off_loop.OFF_LOOP_BYTES)
+    return await json_answer(text, build)

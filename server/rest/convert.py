@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
-from server.domain import Message, SearchResult, Session, User, UserRecord, from_micros
+from server.domain import (
+    Message,
+    SearchResult,
+    Session,
+    User,
+    UserRecord,
+    decode_stored_json,
+    from_micros,
+)
 
 
 def timestamp(value: datetime | None) -> str | None:
@@ -38,7 +45,7 @@ def user_record(record: UserRecord) -> dict[str, Any]:
         "email": email,
         "first_name": first_name,
         "last_name": last_name,
-        "metadata": json.loads(metadata),
+        "metadata": decode_stored_json(metadata),
         "created_at": timestamp(from_micros(created)),
         "updated_at": timestamp(from_micros(updated)),
         "session_count": sessions,

@@ -3,19 +3,22 @@ and checked by server/api/search.py) and the same Searcher."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from memstore.v1 import session_service_pb2 as pb
+from server import off_loop
 from server.api import answer_size
 from server.api import validation as val
 from server.api.search import search_query
-from server.domain import JsonObject, SearchOutcome
+from server.domain import MAX_EXACT_INT, JsonObject, SearchOutcome
 from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
+from server.rest.answers import json_answer
 from server.rest.app import endpoint, project, services
 
 #: Zep's search types, and memstore's own names, to SearchType values. Zep's "similarity"
@@ -74,7 +77,7 @@ def _number(v: val.Violations, data: JsonObject, name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         v.add(name, f"must be a number, not {b.kind(value)}")
         return None
-    if isinstance(value, int) and not -val.MAX_EXACT_INT <= value <= val.MAX_EXACT_INT:
+    if isinstance(value, int) and not -MAX_EXACT_INT <= value <= MAX_EXACT_INT:
         # A double rounds it (past 1e308 float() fails): JSON has no bound on digits.
         v.add(name, "is an integer beyond +-2^53, which this number (a double) would round")
         return None
@@ -90,15 +93,21 @@ async def _search(request: Request, data: JsonObject) -> tuple[SearchOutcome, fl
     )
     if outcome.cut:
         raise answer_size.refuse_cut_answer("limit", f"{query.limit} results")
-    results = [r.message for r in outcome.results]
-    answer_size.check_text_answer(f"{len(results)} results", limit=results)
     return outcome, min_score
 
 
 def _results(outcome: SearchOutcome, min_score: float | None) -> list[dict[str, Any]]:
+    # Called in the answer's build (answers.json_answer: in a thread when large).
+    results = [r.message for r in outcome.results]
+    answer_size.check_text_answer(f"{len(results)} results", limit=results)
     return [
         c.search_result(r) for r in outcome.results if min_score is None or r.score >= min_score
     ]
+
+
+def _size(outcome: SearchOutcome) -> int:
+    results = (r.message for r in outcome.results)
+    return answer_size.text_at_least(results, off_loop.OFF_LOOP_BYTES)
 
 
 @endpoint
@@ -106,12 +115,13 @@ async def search_sessions(request: Request) -> Response:
     """2.x `POST /sessions/search`: across a user's sessions, named sessions, or all."""
     data = await b.json_object(request)
     outcome, min_score = await _search(request, data)
-    return JSONResponse(
-        {
+    return await json_answer(
+        _size(outcome),
+        lambda: {
             "results": _results(outcome, min_score),
             "semantic": outcome.semantic,
             "note": outcome.note,
-        }
+        },
     )
 
 
@@ -124,4 +134,4 @@ async def search_one_session(request: Request) -> Response:
         if data.get(name):
             raise InvalidArgument.field(name, "cannot be given here: the path names the session")
     outcome, min_score = await _search(request, {**data, "session_ids": [session_id]})
-    return JSONResponse(_results(outcome, min_score))
+    return await json_answer(_size(outcome), functools.partial(_results, outcome, min_score))

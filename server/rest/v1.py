@@ -6,8 +6,10 @@ in its lists (plain JSON arrays) and in `cursor`, an offset of rows there.
 
 from __future__ import annotations
 
+import functools
+
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from server.api import answer_size
@@ -15,7 +17,7 @@ from server.api import validation as val
 from server.domain import SessionQuery
 from server.rest import body as b
 from server.rest import common, v2
-from server.rest import convert as c
+from server.rest.answers import json_answer
 from server.rest.app import endpoint, project, route, services
 from server.rest.search import search_one_session
 
@@ -30,8 +32,7 @@ def _offset_window(request: Request) -> tuple[int, int]:
 async def list_users(request: Request) -> Response:
     offset, size = _offset_window(request)
     store = services(request).store
-    page = await common.list_users(store, project(request), offset, size, "limit")
-    return JSONResponse(page["users"])
+    return await common.list_users(store, project(request), offset, size, "limit", flat=True)
 
 
 @endpoint
@@ -44,11 +45,9 @@ async def list_sessions(request: Request) -> Response:
     )
     if page.cut:
         raise answer_size.refuse_cut_answer("limit", f"{size} sessions")
-    asked = f"{len(page.items)} sessions"
-    answer_size.check_rows_answer(
-        "limit", asked, (answer_size.metadata_chars(s.metadata) for s in page.items)
+    return await json_answer(
+        common.sessions_size(page), functools.partial(common.sessions_answer, page, "limit")
     )
-    return JSONResponse([c.session(s) for s in page.items])
 
 
 @endpoint

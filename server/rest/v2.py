@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from itertools import chain
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
+from server import off_loop
 from server.api import answer_size
 from server.api import validation as val
 from server.domain import SessionQuery, UserChanges
@@ -16,6 +18,7 @@ from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import common
 from server.rest import convert as c
+from server.rest.answers import json_answer
 from server.rest.app import endpoint, project, route, services
 from server.rest.search import search_one_session, search_sessions
 
@@ -78,7 +81,7 @@ async def list_users(request: Request) -> Response:
     )
     field = "pageSize" if request.query_params.get("pageSize") else "page_size"
     store = services(request).store
-    return JSONResponse(await common.list_users(store, project(request), offset, size, field))
+    return await common.list_users(store, project(request), offset, size, field)
 
 
 @endpoint
@@ -144,19 +147,17 @@ async def list_sessions(request: Request) -> Response:
     )
     if page.cut:
         raise answer_size.refuse_cut_answer("page_size", f"{size} sessions")
-    asked = f"{len(page.items)} sessions"
-    answer_size.check_rows_answer(
-        "page_size", asked, (answer_size.metadata_chars(s.metadata) for s in page.items)
-    )
-    sessions = [c.session(s) for s in page.items]
-    return JSONResponse(
-        {
+
+    def build() -> dict[str, Any]:
+        sessions = common.sessions_answer(page, "page_size")
+        return {
             "sessions": sessions,
             "response_count": len(sessions),
             "row_count": len(sessions),
             "total_count": page.total_size or 0,
         }
-    )
+
+    return await json_answer(common.sessions_size(page), build)
 
 
 @endpoint
@@ -180,14 +181,15 @@ async def get_memory(request: Request) -> Response:
             content_budget=lambda size: 4 * size + 4,
             asked=f"the last {len(memory.messages)} messages and {recall} memories",
         )
-    answer_size.check_text_answer(
-        f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
-        lastn=memory.messages,
-        relevant_limit=[r.message for r in memory.relevant],
-    )
-    # An unknown or deleted session is an empty memory, as Zep answers it (found: false).
-    return JSONResponse(
-        {
+
+    def build() -> dict[str, Any]:
+        answer_size.check_text_answer(
+            f"the last {len(memory.messages)} messages and {len(memory.relevant)} memories",
+            lastn=memory.messages,
+            relevant_limit=[r.message for r in memory.relevant],
+        )
+        # An unknown or deleted session is an empty memory, as Zep answers it (found: false).
+        return {
             "messages": [c.message(m) for m in memory.messages],
             "metadata": {},
             "summary": None,
@@ -197,7 +199,9 @@ async def get_memory(request: Request) -> Response:
             "relevant_messages": [c.search_result(r) for r in memory.relevant],
             "found": memory.session is not None,
         }
-    )
+
+    rows = chain(memory.messages, (r.message for r in memory.relevant))
+    return await json_answer(answer_size.text_at_least(rows, off_loop.OFF_LOOP_BYTES), build)
 
 
 @endpoint
@@ -226,10 +230,8 @@ async def list_messages(request: Request) -> Response:
         b.query_int(request, "limit", minimum=1),
         val.DEFAULT_PAGE_SIZE,
     )
-    return JSONResponse(
-        await common.list_messages(
-            services(request).store, project(request), session_id, offset, size
-        )
+    return await common.list_messages(
+        services(request).store, project(request), session_id, offset, size
     )
 
 

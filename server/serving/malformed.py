@@ -36,11 +36,16 @@ class Malformed:
         self.error = error
 
 
-def tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
-    """A deserializer that returns Malformed rather than raise (which gRPC answers INTERNAL)."""
+def tolerant_deserializer(
+    message_class: Any, parse: Callable[[Any, bytes], Any] | None = None
+) -> Callable[[bytes], Any]:
+    """A deserializer that returns Malformed rather than raise (which gRPC answers INTERNAL):
+    `message_class.FromString`, or `parse(message_class, data)` (serving/wire.py's, in pieces)."""
 
     def deserialize(data: bytes) -> Any:
         try:
+            if parse is not None:
+                return parse(message_class, data)
             return message_class.FromString(data)
         except Exception as exc:  # DecodeError, or a RecursionError of a pure-Python parser
             return Malformed(parse_error(message_class, data, exc))
@@ -68,7 +73,7 @@ def _deep_field(message_class: Any, data: memoryview) -> str | None:
     # same nesting context, so only the occurrence holding the deep Struct fails.
     fields = message_class.DESCRIPTOR.fields_by_number
     seen: dict[int, int] = {}
-    for count, (number, wire, start, end) in enumerate(_top_level_fields(data)):
+    for count, (number, wire, start, end) in enumerate(top_level_fields(data)):
         if count >= _MAX_FIELDS_SEARCHED:
             return None
         field = fields.get(number)
@@ -100,7 +105,7 @@ def _struct_field(message: descriptor.Descriptor) -> str | None:
     return None
 
 
-def _top_level_fields(data: memoryview) -> Iterator[tuple[int, int, int, int]]:
+def top_level_fields(data: memoryview) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, start, end) of each top-level field, tag included; stops at
     the first byte it cannot read (groups, truncation)."""
     pos = 0

@@ -3,22 +3,26 @@
 Observed (metrics, access line, request id), then, but for health and reflection, counted
 against the cap on calls in flight, behind the API key gate, and refused when protobuf could
 not parse the request (serving/handlers.py does the wrapping; this module says what with).
+A unary method takes and returns bytes: its request is parsed, and its answer serialized, in
+a thread when large (server/off_loop.py) rather than by grpc.aio on the event loop.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor
 
+from server import off_loop
 from server.api.base import Context
 from server.api.chunking import WireChunk
 from server.api.status import abort
 from server.errors import MemstoreError
+from server.serving import wire
 from server.serving.auth import AuthGate
 from server.serving.grpc_health import track_call
 from server.serving.handlers import Wrap, register, rewrap
@@ -85,8 +89,8 @@ class Wrapping:
         await _admit(self._limit, context)
         await self._gate.enter(context, metadata)
         track_call()
-        if isinstance(request, Malformed):
-            await abort(context, request.error)
+        # A unary request is still bytes here: _bytes_unary parses it, and refuses it when
+        # protobuf cannot, inside the handler (after this, as before).
 
 
 async def _admit(limit: CallLimit, context: Context) -> None:
@@ -131,6 +135,36 @@ def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return serializer
 
 
+def _bytes_unary(
+    request_class: Any, implementation: Callable[[Any, Context], Awaitable[Any]]
+) -> Callable[[bytes, Context], Awaitable[bytes]]:
+    """`implementation` over bytes: the request parsed, and the answer serialized, here rather
+    than by grpc.aio, which did both on the event loop both ports share: at AddMemory's cap, a
+    few tenths of a second each (tests/reliability/test_loop_stalls.py). A request of
+    OFF_LOOP_BYTES or more is parsed in a thread, in pieces (serving/wire.py); an answer the
+    handler serialized itself (bytes: in a thread and in pieces when large) is sent as it is,
+    any other is serialized here."""
+    parse = tolerant_deserializer(request_class)
+    parse_in_pieces = tolerant_deserializer(request_class, wire.parse)
+
+    async def handler(data: bytes, context: Context) -> bytes:
+        size = len(data)
+        off_loop.request_bytes.set(size)
+        if size < off_loop.OFF_LOOP_BYTES:
+            request = parse(data)
+        else:
+            request = await off_loop.run(size, parse_in_pieces, data)
+        if isinstance(request, Malformed):
+            await abort(context, request.error)
+        response = await implementation(request, context)
+        if type(response) is bytes:
+            return response
+        serialized: bytes = response.SerializeToString()
+        return serialized
+
+    return handler
+
+
 def register_service(
     server: grpc.aio.Server, module: ModuleType, name: str, servicer: object, wrap: Wrap
 ) -> str:
@@ -141,18 +175,17 @@ def register_service(
         request_class = getattr(module, method.input_type.name)
         response_class = getattr(module, method.output_type.name)
         implementation = getattr(servicer, method.name)
-        deserializer = tolerant_deserializer(request_class)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 implementation,
-                request_deserializer=deserializer,
+                request_deserializer=tolerant_deserializer(request_class),
                 response_serializer=_passing_bytes(response_class.SerializeToString),
             )
         else:
+            # Bytes both ways (grpc.aio hands over and sends bytes when a handler has no
+            # deserializer or serializer): _bytes_unary decides where each is done.
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                implementation,
-                request_deserializer=deserializer,
-                response_serializer=response_class.SerializeToString,
+                _bytes_unary(request_class, implementation)
             )
     register(server, service.full_name, handlers, wrap)
     return str(service.full_name)

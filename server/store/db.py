@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, sql
+from psycopg.abc import Buffer
 from psycopg.abc import Params as QueryParams
 from psycopg.abc import QueryNoTemplate as Query
+from psycopg.adapt import Loader
 from psycopg.postgres import types
 from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from server import off_loop
+from server.domain import decode_stored_json
 from server.store.queries import query
 
 Row = dict[str, Any]
 Params = Mapping[str, Any]
 
 
-_DECODE = json.JSONDecoder().decode
+_DECODE = decode_stored_json
 
 
 def load_json(data: str | bytes) -> Any:
     """A json or jsonb value as psycopg hands it over (UTF-8 bytes), as Python objects.
 
-    What json.loads does, less its per-call work on bytes (an encoding sniff, its keyword
+    What json.loads does (as decode_stored_json: an integer past +-2^53 read as the double
+    it was stored from), less its per-call work on bytes (an encoding sniff, its keyword
     checks), and none at all for the empty object most metadata is: GetMemory reads a dozen
     per call (docs/performance.md).
     """
@@ -84,6 +87,29 @@ async def fetch_one(
     return rows[0] if rows else None
 
 
+async def fetch_pipelined(
+    conn: AsyncConnection[Any],
+    statements: list[sql.SQL | sql.Composed],
+    params: Mapping[str, Any],
+    *,
+    prepare: bool = False,
+) -> list[list[Row]]:
+    """The rows of each statement, all sent in one pipeline, then one Sync: one round trip
+    for all of them. The results are read after the pipeline's end (they are all in by then):
+    fetching inside it would flush and wait once more before the Sync's own wait, and
+    fetch_rows would find no result to weigh, so psycopg parsed its JSON on the loop however
+    large (a ListSessions page of 300 sessions of 800 keys held it 0.05 s,
+    tests/reliability/test_loop_stalls.py).
+    Searches are never prepared: a prepared search soon runs on PostgreSQL's generic plan,
+    which does not know the query's words and was measured 10-20 times slower than a custom
+    plan. Key lookups (`prepare`) are, after psycopg's usual five uses."""
+    async with conn.pipeline():
+        cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
+        for cursor, statement in zip(cursors, statements, strict=True):
+            await cursor.execute(statement, params, prepare=None if prepare else False)
+    return [await fetch_rows(cursor) for cursor in cursors]
+
+
 #: The types whose values load_json parses.
 _JSON_TYPES = frozenset({types["json"].oid, types["jsonb"].oid})
 
@@ -98,7 +124,9 @@ async def fetch_rows(cur: AsyncCursor[Row] | AsyncRawCursor[Row]) -> list[Row]:
     columns = _json_columns(result) if result is not None else []
     if result is None or not columns or _json_bytes(result, columns) < off_loop.OFF_LOOP_BYTES:
         return await cur.fetchall()
-    set_json_loads(_unparsed, cur)
+    # The store's results come in text (only export's own cursor asks for binary).
+    for name in ("json", "jsonb"):
+        cur.adapters.register_loader(name, _JsonView)
     found = await cur.fetchall()
     described = cur.description or []
     names = [described[i].name for i in columns]
@@ -122,13 +150,21 @@ def _json_bytes(result: PGresult, columns: list[int]) -> int:
     return size
 
 
-def _unparsed(data: str | bytes) -> str | bytes:
-    # The loader of a large result's JSON: its text, for _parse_json to parse in a thread.
-    return data
+class _JsonView(Loader):
+    """A large text result's JSON value as psycopg hands it over: a view of the result's
+    memory (which it keeps alive), not yet copied. psycopg's own JSON loader copies it to
+    bytes first, on the loop: 5 ms for a page of 100 sessions of 4,000 metadata keys
+    (tests/reliability/test_loop_stalls.py); _parse_json decodes it in the thread."""
+
+    def load(self, data: Buffer) -> Buffer:
+        return data
 
 
 def _parse_json(found: list[Row], names: list[str]) -> None:
     for row in found:
         for name in names:
-            if row[name] is not None:
-                row[name] = load_json(row[name])
+            value = row[name]
+            if isinstance(value, memoryview):
+                value = str(value, "utf-8")
+            if value is not None:
+                row[name] = load_json(value)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import uuid as uuid_lib
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache, cached_property, lru_cache
@@ -43,6 +44,7 @@ from server.store.sessions import (
     count_live_sessions,
     hide_in_live_session,
     lock_session_owner,
+    own_new_session,
     session_missing,
 )
 
@@ -224,6 +226,21 @@ class MessageMethods(StoreBase):
         )
 
     async def _append_batch(self, batch: list[_Append]) -> list[list[Row] | Exception]:
+        # A session at most once per transaction, the calls of one session in arrival order:
+        # PostgreSQL checks a session's foreign key to its user on every update of a row
+        # version its own transaction wrote (keys changed or not), so a second append to a
+        # session in one transaction locked the user (FOR KEY SHARE) while holding the
+        # session, the reverse of DeleteUser's order: the two waited on each other (deadlock
+        # detected; tests/store/test_group_commit.py). Calls to a session already in the
+        # batch go in a later round, each round a transaction after the one before.
+        found: list[list[Row] | Exception] = [[] for _ in batch]
+        for round_ in _rounds(batch):
+            answers = await self._append_round([batch[i] for i in round_])
+            for i, answer in zip(round_, answers, strict=True):
+                found[i] = answer
+        return found
+
+    async def _append_round(self, batch: list[_Append]) -> list[list[Row] | Exception]:
         # Several calls: their statements in one pipeline, which PostgreSQL runs as one
         # implicit transaction committed at its Sync — one round trip and one WAL flush for
         # all, each call answered only after that commit. Any statement failing rolls back
@@ -237,7 +254,8 @@ class MessageMethods(StoreBase):
         return list(await asyncio.gather(*(self._append_alone(call) for call in batch)))
 
     async def _append_together(self, batch: list[_Append]) -> list[list[Row]]:
-        # Sessions in key order, as DeleteUser and the embedding worker lock them: two
+        # Sessions in key order, as DeleteUser, Restore and the embedding worker lock them
+        # (their statements compare ids by code points, COLLATE "C", as Python does): two
         # batches (of two processes) touching the same sessions wait, never deadlock.
         order = sorted(range(len(batch)), key=lambda i: batch[i].session_key)
         found: list[list[Row]] = [[] for _ in batch]
@@ -264,18 +282,23 @@ class MessageMethods(StoreBase):
 
     async def _append_alone_once(self, call: _Append) -> list[Row]:
         no_user = factory(no_such_user(call.user_id))
-        # On Citus no foreign key checks the named user: the store does, in the transaction,
-        # and counts a session the call made for it there too (count_live_sessions).
         if not self.citus:
             async with self._connect(foreign_key=no_user, field="messages", single=True) as conn:
                 return await _append(conn, _ADD_MEMORY[False], call.params)
+        # On Citus no foreign key checks the named user: the store does, in the transaction,
+        # for a session the call made, and counts it there (own_new_session). An append to
+        # the user's live session (every turn after the first) never reads the user's shard:
+        # its transaction stays on the session's one shard. The user is locked after the
+        # session's insert, and that is safe: DeleteUser locks the user before it deletes the
+        # sessions, so either this transaction's lock comes first and DeleteUser then sees the
+        # committed session, or DeleteUser commits first and the lock finds no user (the
+        # insert rolls back). A session that exists was made with its user checked, and its
+        # row lock (the upsert's) orders this append with DeleteUser's delete of it.
         owner = call.user_id
         async with self._connect(foreign_key=no_user, field="messages") as conn:
-            if owner is not None:
-                await lock_session_owner(conn, call.params["project_id"], owner)
             found = await add_memory_citus(conn, call.params, caller_uuids=call.caller_uuids)
             if owner is not None and found and found[0]["inserted"]:
-                await count_live_sessions(conn, call.params["project_id"], owner, 1)
+                await own_new_session(conn, call.params["project_id"], owner)
             return found
 
     async def _append_reviving(self, call: _Append) -> list[Row]:
@@ -430,6 +453,19 @@ class _Append:
     @property
     def session_key(self) -> tuple[int, str]:
         return self.params["project_id"], self.params["session_id"]
+
+
+def _rounds(batch: list[_Append]) -> list[list[int]]:
+    """The indexes of `batch` in rounds: a session's n-th call in the n-th, in batch order."""
+    rounds: list[list[int]] = []
+    seen: Counter[tuple[int, str]] = Counter()
+    for i, call in enumerate(batch):
+        nth = seen[call.session_key]
+        seen[call.session_key] += 1
+        if nth == len(rounds):
+            rounds.append([])
+        rounds[nth].append(i)
+    return rounds
 
 
 class _TogetherFailed(Exception):

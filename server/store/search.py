@@ -18,7 +18,7 @@ from server.store import rows
 from server.store.base import StoreBase, key
 from server.store.budget import budget_rows
 from server.store.coalesce import Coalescer
-from server.store.db import Row, fetch_all, fetch_rows
+from server.store.db import Row, fetch_all, fetch_one, fetch_pipelined, fetch_rows
 from server.store.messages import memory_window, window_fragment
 from server.store.queries import compact, positional, query
 from server.store.translate import translated
@@ -157,19 +157,26 @@ def chosen_statement(budgeted: bool) -> sql.Composed:
 
 
 @cache
-def recall_statement(vector: bool, budgeted: bool = False) -> sql.SQL:
+def recall_statement(vector: bool, budgeted: bool = False, *, citus: bool = False) -> sql.SQL:
     """The statement that ranks recall on the request path (or in the worker, to keep it).
 
     The user's other live sessions against the session's last messages: by words alone, or
     (`vector`) fused with each message's distance to the nearest of the vectors of those
     messages; read up to %(budget)s bytes of content if `budgeted` (budgeted_ranking). Its
-    parameters are _recall_params's. Composed once, without its lines' indentation
-    (`compact`); sent by recall_positional.
+    parameters are _recall_params's. On Citus (`citus`) its query is given, as
+    recall_given_citus computed it, and the owner named (%(user_id)s): Citus ran the
+    session's own reads inside the ranking as subplans. Composed once, without its lines'
+    indentation (`compact`); sent by recall_positional.
     """
     fragment: sql.Composable = query("recall_query_text")
     scope = sql.SQL(" ").join([query("recall_filter_user"), query("search_filter_other_sessions")])
-    if vector:
-        fragment = query("recall_query_vector").format(words=fragment, filters=scope)
+    if citus:
+        fragment = query("recall_given_vector" if vector else "recall_given_text")
+        scope = _OWNER_SCOPE
+    elif vector:
+        fragment = query("recall_query_vector").format(
+            words=fragment, window_vectors=query("recall_window_vectors"), filters=scope
+        )
     statement = query(_statement(vector, semantic_only=False)).format(
         query=fragment,
         filters=scope,
@@ -180,10 +187,62 @@ def recall_statement(vector: bool, budgeted: bool = False) -> sql.SQL:
 
 
 @cache
-def recall_positional(vector: bool, budgeted: bool = False) -> tuple[bytes, tuple[str, ...]]:
+def recall_positional(
+    vector: bool, budgeted: bool = False, *, citus: bool = False
+) -> tuple[bytes, tuple[str, ...]]:
     """recall_statement with `$n` placeholders and their names (`queries.positional`): at
     4,597 bytes (with vectors) psycopg would parse its placeholders on every call."""
-    return positional(recall_statement(vector, budgeted).as_string(None))
+    return positional(recall_statement(vector, budgeted, citus=citus).as_string(None))
+
+
+#: Recall's scope on Citus, the owner named: the user's sessions but the one being read.
+_OWNER_SCOPE = sql.SQL(" ").join(
+    [query("search_filter_user"), query("search_filter_other_sessions")]
+)
+
+
+@cache
+def recall_query_citus(vector: bool) -> sql.SQL:
+    """recall_query_citus, with the window's vectors if `vector`: on the session's shard."""
+    vectors: sql.Composable = sql.SQL("NULL::text")
+    if vector:
+        vectors = sql.SQL("({})::text").format(query("recall_window_vectors"))
+    statement = query("recall_query_citus").format(
+        words=query("recall_query_text"), vectors=vectors
+    )
+    return sql.SQL(compact(statement.as_string(None)))
+
+
+@cache
+def recall_nearest_citus() -> sql.SQL:
+    """recall_nearest_citus over the owner's other sessions: one fan-out."""
+    return sql.SQL(
+        compact(query("recall_nearest_citus").format(filters=_OWNER_SCOPE).as_string(None))
+    )
+
+
+async def recall_given_citus(
+    conn: AsyncConnection[Any], values: dict[str, Any], vector: bool
+) -> dict[str, Any] | None:
+    """The parameters of recall's ranking on Citus (recall_statement with `citus`): `values`
+    and the query computed apart, on the session's shard (recall_query_citus), then with
+    vectors their nearest memories (recall_nearest_citus, one fan-out). None where there is
+    nothing to rank: the session is not live, has no user or no message.
+    """
+    found = await fetch_one(conn, recall_query_citus(vector), values)
+    if found is None:
+        return None
+    given = {
+        **values,
+        "user_id": found["owner"],
+        "query": found["query"],
+        "vectors": found["vectors"],
+        "nearest": None,
+    }
+    if vector and found["vectors"] not in (None, "{}"):
+        nearest = await fetch_all(conn, recall_nearest_citus(), given)
+        given["nearest"] = [row["nearest"] for row in nearest] or None
+    return given
 
 
 @cache
@@ -361,7 +420,7 @@ class SearchMethods(StoreBase):
         if self.vectors:
             statements.append(query("count_unembedded").format(filters=filters))
         async with self._connect(field="metadata_contains", single=True) as conn:
-            found, *waiting = await _pipelined(conn, statements, params)
+            found, *waiting = await fetch_pipelined(conn, statements, params)
         count = int(waiting[0][0]["n"]) if waiting else 0
         return found, count
 
@@ -388,7 +447,7 @@ class SearchMethods(StoreBase):
             "budget": budget,
         }
         async with self._connect(single=True) as conn:
-            (found,) = await _pipelined(conn, [statement], params)
+            (found,) = await fetch_pipelined(conn, [statement], params)
         found.sort(key=lambda r: r["chosen_order"])
         return [_found(r)[0] for r in found], _followed(found)
 
@@ -435,7 +494,7 @@ class SearchMethods(StoreBase):
             # Citus: the window and the kept keys on the session's shard (one round trip),
             # then the memories on the shards of the sessions they name only.
             async with self._connect(single=True) as conn:
-                memory, kept_keys = await _pipelined(
+                memory, kept_keys = await fetch_pipelined(
                     conn,
                     [
                         memory_window(budgeted=budget is not None),
@@ -565,8 +624,13 @@ class SearchMethods(StoreBase):
         # The user's other sessions ranked against this one's last messages, here and now;
         # read up to `budget` bytes of their content if given (its `followed` rows say so).
         use_vector = model is not None and self.vectors
-        statement, names = recall_positional(use_vector, budget is not None)
         values = {**params, "budget": budget}
+        if self.citus:
+            given = await recall_given_citus(conn, values, use_vector)
+            if given is None:
+                return []
+            values = given
+        statement, names = recall_positional(use_vector, budget is not None, citus=self.citus)
         cursor = AsyncRawCursor(conn, row_factory=dict_row)
         # Never prepared, as _pipelined's searches.
         await cursor.execute(statement, [values[n] for n in names], prepare=False)
@@ -596,26 +660,6 @@ class SearchMethods(StoreBase):
         params["words"] = words
         async with self._connect(single=True) as conn:
             return await self._rank_recall(conn, params, model)
-
-
-async def _pipelined(
-    conn: AsyncConnection[Any],
-    statements: list[sql.SQL | sql.Composed],
-    params: dict[str, Any],
-    *,
-    prepare: bool = False,
-) -> list[list[Row]]:
-    # Every statement is sent, then one Sync: one round trip for all of them. The results
-    # are read after the pipeline's end (they are all in by then): fetching inside it would
-    # flush and wait once more before the Sync's own wait.
-    # Searches are never prepared: a prepared search soon runs on PostgreSQL's generic plan,
-    # which does not know the query's words and was measured 10-20 times slower than a
-    # custom plan. Key lookups (`prepare`) are, after psycopg's usual five uses.
-    async with conn.pipeline():
-        cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
-        for cursor, statement in zip(cursors, statements, strict=True):
-            await cursor.execute(statement, params, prepare=None if prepare else False)
-    return [await fetch_rows(cursor) for cursor in cursors]
 
 
 async def _kept_live_citus(

@@ -21,7 +21,7 @@ from server.store.base import (
     page_of,
 )
 from server.store.budget import budget_rows, list_size
-from server.store.db import Row, fetch_all, fetch_one
+from server.store.db import Row, fetch_all, fetch_one, fetch_pipelined
 from server.store.queries import query
 
 #: The only columns a session list may be ordered by.
@@ -59,13 +59,13 @@ class SessionMethods(StoreBase):
         no_user = factory(no_such_user(user_id))
         # With a user: one transaction, which also counts the session live for the user.
         async with self._connect(foreign_key=no_user, single=user_id is None) as conn:
-            if self.citus and user_id is not None:
-                await lock_session_owner(conn, project_id, user_id)
             row = await fetch_one(conn, "create_session", params)
             if row is None:
                 state = await fetch_one(conn, "session_state", params)
                 raise session_taken(session_id, deleted=bool(state and state["deleted"]))
-            if user_id is not None:
+            if user_id is not None and self.citus:
+                await own_new_session(conn, project_id, user_id)
+            elif user_id is not None:
                 await count_live_sessions(conn, project_id, user_id, 1)
         return rows.session(row)
 
@@ -166,9 +166,10 @@ class SessionMethods(StoreBase):
                 found = await fetch_all(conn, page_sql, params)
         else:
             # Page and count in one round trip and one snapshot.
-            async with self._connect(field="metadata_contains") as conn, conn.pipeline():
-                found = await fetch_all(conn, page_sql, params)
-                total = await fetch_one(conn, count_sql, params)
+            async with self._connect(field="metadata_contains") as conn:
+                found, [total] = await fetch_pipelined(
+                    conn, [page_sql, count_sql], params, prepare=True
+                )
         followed = bool(found) and bool(found[-1].get("followed"))
         size = (int(total["total"]) if total else 0) if count else None
         return page_of([rows.session(r) for r in found], limit, followed=followed, total=size)
@@ -293,6 +294,23 @@ async def lock_session_owner(conn: AsyncConnection[Any], project_id: int, user_i
         raise no_such_user(user_id)
 
 
+async def own_new_session(conn: AsyncConnection[Any], project_id: int, user_id: str) -> None:
+    """Under Citus, after a write made a session for `user_id` in this transaction: checks and
+    locks the user (lock_session_owner) and counts the session live for them
+    (count_live_sessions), in one statement on the user's shard (own_new_session), one round
+    trip where they took two.
+
+    The user is locked after the session's insert, which is safe: the only session row held
+    is the new one, which DeleteUser cannot see until this commits (count_live_sessions).
+
+    Raises:
+        FailedPrecondition: no such user (reason USER_NOT_FOUND); nothing was counted.
+    """
+    params = key(project_id, user_id=user_id)
+    if await fetch_one(conn, "own_new_session", params) is None:
+        raise no_such_user(user_id)
+
+
 async def count_live_sessions(
     conn: AsyncConnection[Any], project_id: int, user_id: str, delta: int
 ) -> None:
@@ -300,10 +318,13 @@ async def count_live_sessions(
     0010), in the transaction of the session write that made one live (+1) or not (-1).
 
     Called after that write, so the session row is locked before the count's row: every
-    session write takes them in this order, and none takes the user row after them (which
-    DeleteUser locks before the user's sessions), so no two writes wait on each other in a
-    cycle. Under Citus the count is on the user's shard: the write commits with two-phase
-    commit when the session's shard is on another node.
+    session write takes them in this order, so no two writes wait on each other in a cycle.
+    DeleteUser locks the user row first, then the user's sessions. The writes that take the
+    user row after a session row, CreateSession and an AddMemory that made a session under
+    Citus (own_new_session after the insert), hold only that new row, which DeleteUser cannot
+    see until they commit and so never waits for. Under Citus the count is on the user's
+    shard: the write commits with two-phase commit when the session's shard is on another
+    node.
     """
     params = {"project_id": project_id, "user_id": user_id, "delta": delta}
     await conn.execute(query("count_live_sessions"), params)

@@ -77,6 +77,8 @@ VALUES: dict[str, Any] = {
     "text_weight": 0.3,
     "nearest_floor": 0.4,
     "with_vectors": False,
+    "query": "'hello' | 'world'",
+    "nearest": [0.1],
     "recall_sessions": ["session-2"],
     "owner": "user-1",
     "recall_sequences": [1],

@@ -66,15 +66,19 @@ async def test_delete_user_racing_session_writes_leaves_no_orphan(
 
     async def write(i: int) -> str:
         try:
-            if i % 2:
+            if i % 3 == 1:
                 await citus_store.create_session(P, f"new{i}", "u", {})
-            else:
+            elif i % 3 == 2:
                 await citus_store.add_memory(P, f"new{i}", "u", [_msg(f"n{i}")])
+            else:
+                # An append to the user's live session naming the user, which locks only the
+                # session (the user only if the delete came first and the session is made anew).
+                await citus_store.add_memory(P, f"old{i % 4}", "u", [_msg(f"o{i}")])
         except FailedPrecondition as exc:
             return exc.reason
         return "written"
 
-    writes = [write(i) for i in range(16)]
+    writes = [write(i) for i in range(24)]
     outcomes = await asyncio.gather(citus_store.delete_user(P, "u"), *writes)
     # Every write either came first (and was deleted with the user) or was refused after.
     assert set(outcomes[1:]) <= {"written", "USER_NOT_FOUND"}

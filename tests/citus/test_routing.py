@@ -14,6 +14,7 @@ A new statement that is none of these fails the test until it is classified.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
@@ -36,6 +37,8 @@ from server.store.search import (
     candidates_statement,
     chosen_statement,
     kept_recall_statement,
+    recall_nearest_citus,
+    recall_query_citus,
     recall_statement,
     search_filters,
 )
@@ -63,6 +66,8 @@ ONE_SHARD = {
     "delete_session": "DeleteSession",
     "undelete_session": "UndeleteSession",
     "recall_query_text": "GetMemory's recall: the words of the session's last messages",
+    "recall_query_citus": "recall ranked on Citus: the session's user, words and vectors",
+    "recall_query_citus_words": "the same by words (no pgvector)",
     "recall_kept_keys_citus": "GetMemory's kept recall: the keys the worker kept",
     "recall_kept_keys_citus_words": "the same, kept by words (no pgvector)",
     "recall_live_citus": "GetMemory's kept recall: the memories, on their sessions' shards only",
@@ -74,7 +79,8 @@ ONE_SHARD = {
     "count_live_sessions": "every session write that makes a session live or not: its user's count",
     "lock_session_for_revival": "AddMemory reviving a soft-deleted session",
     "lock_user": "DeleteUser's first step",
-    "lock_session_owner": "CreateSession and AddMemory naming a user, on Citus",
+    "lock_session_owner": "AddMemory reviving a user's soft-deleted session, on Citus",
+    "own_new_session": "CreateSession, and AddMemory making a user's session, on Citus",
     "restore_lock_session_citus": "Restore on Citus: each session its messages name, locked",
     "search_in_one_session": "SearchMemory with one session id",
     "search_in_one_session_budgeted": "the same past a limit of 17, read up to the answer's bytes",
@@ -118,10 +124,11 @@ FAN_OUT = {
     "search_project_scope_candidates": "SearchMemory with mmr_lambda over the project",
     "search_user_scope_unembedded": "SearchMemory over a user's sessions: its unembedded count",
     "search_project_scope_unembedded": "SearchMemory over the project: its unembedded count",
-    "recall_rank": "the embedding worker ranking a session's recall (GetMemory past the kept)",
-    "recall_rank_words": "the same by words (no pgvector)",
-    "recall_rank_budgeted": "GetMemory ranking recall past a relevant_limit of 20 (of 17 read)",
-    "recall_rank_words_budgeted": "the same by words (no pgvector)",
+    "recall_nearest_citus": "recall ranked on Citus: the nearest memory of each window vector",
+    "recall_rank_citus": "the embedding worker ranking a session's recall (GetMemory unkept)",
+    "recall_rank_citus_words": "the same by words (no pgvector)",
+    "recall_rank_citus_budgeted": "GetMemory ranking recall past a relevant_limit of 20",
+    "recall_rank_citus_words_budgeted": "the same by words (no pgvector)",
     "embedding_lag": "metrics: the queue's length",
     "release_embeddings": "the embedding worker giving a batch back",
     "settle_word_recall": "the recall worker (no pgvector) removing a batch from the queue",
@@ -174,6 +181,12 @@ PLAIN_ONLY = {
     "list_user_wire",
     # Its ids behind a scalar subquery, by which Citus cannot prune: every shard.
     "get_users",
+    # The session's own reads inside the ranking, 5 subplans by words and 17 with vectors:
+    # recall_query_citus, recall_nearest_citus and recall_rank_citus instead.
+    "recall_rank",
+    "recall_rank_words",
+    "recall_rank_budgeted",
+    "recall_rank_words_budgeted",
 }
 #: Statements on reference or coordinator-local tables only, and fragments.
 _NOT_DISTRIBUTED_PREFIXES = (
@@ -187,6 +200,7 @@ _NOT_DISTRIBUTED_PREFIXES = (
 )
 _TEMPLATES = {
     *("list_sessions", "count_sessions", "recall_query_vector"),
+    *("recall_query_citus", "recall_nearest_citus", "recall_given_text", "recall_given_vector"),
     *("get_memories_recall", "recall_kept_keys_citus", "get_memory"),
     *("list_messages", "list_messages_sized"),
     *("kept_recall", "kept_recall_sized"),
@@ -255,6 +269,13 @@ def _statements() -> dict[str, sql.Composable]:
     found["recall_rank_words"] = recall_statement(False)
     found["recall_rank_budgeted"] = recall_statement(True, budgeted=True)
     found["recall_rank_words_budgeted"] = recall_statement(False, budgeted=True)
+    for vector, suffix in ((True, ""), (False, "_words")):
+        found[f"recall_query_citus{suffix}"] = recall_query_citus(vector)
+        found[f"recall_rank_citus{suffix}"] = recall_statement(vector, citus=True)
+        found[f"recall_rank_citus{suffix}_budgeted"] = recall_statement(
+            vector, budgeted=True, citus=True
+        )
+    found["recall_nearest_citus"] = recall_nearest_citus()
     return found
 
 
@@ -390,6 +411,86 @@ async def test_add_memory_runs_router_statements_without_subplans(
     # and without a user, an append with a retried message, a revival), planned as one job of
     # one task: no subplan over intermediate results, each a round trip between coordinator
     # and worker (docs/scaling.md, "AddMemory on Citus").
+    ran, recording = _recorder(monkeypatch)
+
+    def msg(content: str, uuid: str | None = None) -> NewMessage:
+        return NewMessage(role="u", role_type="user", content=content, metadata={}, uuid=uuid)
+
+    p, kept = DEFAULT_PROJECT_ID, "00000000-0000-0000-0000-00000000a001"
+    await citus_store.create_user(p, "routed-user", "", "", "", {})
+    recording(True)
+    await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("b")])
+    await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("c")])
+    await citus_store.add_memory(p, "routed-2", "routed-user", [msg("a", None)])
+    recording(False)
+    await citus_store.delete_session(p, "routed-2")
+    recording(True)
+    await citus_store.add_memory(p, "routed-2", "routed-user", [msg("revived")])
+    recording(False)
+    assert ran
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+        async for text, plan in _plans_of(conn, ran):
+            counts = [int(n) for n in re.findall(r'"Task Count": (\d+)', plan)]
+            whole = counts == [1] and '"Subplans"' not in plan and "INSERT/SELECT" not in plan
+            assert whole, f"{counts}: {text[:300]}"
+
+
+async def test_an_append_naming_its_sessions_user_stays_on_the_sessions_shard(
+    citus_url: str, citus_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An agent naming its user on every turn: each turn after the one that made the session
+    # runs on the session's shard group alone. The user's shard (another one here) is neither
+    # read nor locked, so a turn is one shard's local transaction, not a two-phase commit.
+    p, user = DEFAULT_PROJECT_ID, "turning-user"
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+
+        async def range_of(table: str, value: str) -> int:
+            cur = await conn.execute(
+                "SELECT shardminvalue::int FROM pg_dist_shard"
+                " WHERE shardid = get_shard_id_for_distribution_column(%s, %s::text)",
+                (table, value),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+        users_range = await range_of("users", user)
+        for i in range(64):
+            session = f"turning-{i}"
+            session_range = await range_of("sessions", session)
+            if session_range != users_range:
+                break
+        assert session_range != users_range
+
+    def msg(content: str) -> NewMessage:
+        return NewMessage(role="u", role_type="user", content=content, metadata={})
+
+    await citus_store.create_user(p, user, "", "", "", {})
+    await citus_store.add_memory(p, session, user, [msg("first turn")])
+    ran, recording = _recorder(monkeypatch)
+    recording(True)
+    await citus_store.add_memory(p, session, user, [msg("second turn")])
+    recording(False)
+    shards: set[int] = set()
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+        async for text, plan in _plans_of(conn, ran):
+            named = {int(n) for n in re.findall(r'"Relation Name": "\w+?_(\d+)"', plan)}
+            assert named, f"no shard in the plan of {text[:200]}"
+            shards |= named
+        cur = await conn.execute(
+            "SELECT logicalrelid::text, shardminvalue::int FROM pg_dist_shard"
+            " WHERE shardid = ANY(%s)",
+            (sorted(shards),),
+        )
+        reached = {(table, int(low)) for table, low in await cur.fetchall()}
+    assert {low for _, low in reached} == {session_range}, reached
+    assert "users" not in {table for table, _ in reached}, reached
+
+
+def _recorder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[tuple[Any, Any]], Callable[[bool], None]]:
+    """The statements (and parameters) the store runs while recording is switched on."""
     ran: list[tuple[Any, Any]] = []
     execute = StoreCursor.execute
 
@@ -397,27 +498,18 @@ async def test_add_memory_runs_router_statements_without_subplans(
         ran.append((query, params))
         return await execute(self, query, params, **kw)
 
-    def msg(content: str, uuid: str | None = None) -> NewMessage:
-        return NewMessage(role="u", role_type="user", content=content, metadata={}, uuid=uuid)
+    def switch(on: bool) -> None:
+        monkeypatch.setattr(StoreCursor, "execute", recording if on else execute)
 
-    p, kept = DEFAULT_PROJECT_ID, "00000000-0000-0000-0000-00000000a001"
-    await citus_store.create_user(p, "routed-user", "", "", "", {})
-    monkeypatch.setattr(StoreCursor, "execute", recording)
-    await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("b")])
-    await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("c")])
-    await citus_store.add_memory(p, "routed-2", "routed-user", [msg("a", None)])
-    monkeypatch.setattr(StoreCursor, "execute", execute)
-    await citus_store.delete_session(p, "routed-2")
-    monkeypatch.setattr(StoreCursor, "execute", recording)
-    await citus_store.add_memory(p, "routed-2", "routed-user", [msg("revived")])
-    monkeypatch.undo()
-    assert ran
-    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
-        for statement, params in ran:
-            text = statement if isinstance(statement, str) else statement.as_string(conn)
-            if re.match(r"\s*(BEGIN|COMMIT|ROLLBACK|SET|SAVEPOINT)\b", text, re.I):
-                continue
-            plan = await explain(conn, sql.SQL(text), params or {})
-            counts = [int(n) for n in re.findall(r'"Task Count": (\d+)', plan)]
-            whole = counts == [1] and '"Subplans"' not in plan and "INSERT/SELECT" not in plan
-            assert whole, f"{counts}: {text[:300]}"
+    return ran, switch
+
+
+async def _plans_of(
+    conn: psycopg.AsyncConnection[Any], ran: list[tuple[Any, Any]]
+) -> AsyncIterator[tuple[str, str]]:
+    """Each recorded statement's text and its plan on the cluster, transaction control left out."""
+    for statement, params in ran:
+        text = statement if isinstance(statement, str) else statement.as_string(conn)
+        if re.match(r"\s*(BEGIN|COMMIT|ROLLBACK|SET|SAVEPOINT)\b", text, re.I):
+            continue
+        yield text, await explain(conn, sql.SQL(text), params or {})

@@ -13,6 +13,7 @@ from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
 from memstore_client._channel import aio_channel
+from server import off_loop
 from server.api.validation import json_size
 from server.domain import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 from tests.grpc import Code, Sessions, Users, as_dict, count_rows, msg, rpc_error, struct
@@ -116,6 +117,33 @@ async def test_too_deep_metadata_is_invalid_argument_naming_thefield(
     await rpc_error(listing(field(11, deep)), BAD, field="metadata_contains")
     for table in ("users", "sessions", "messages"):
         assert await count_rows(clean_db, table) == 0
+
+
+async def test_a_large_request_protobuf_cannot_parse_is_refused_as_a_small_one(
+    channel: grpc.aio.Channel, clean_db: str
+) -> None:
+    # Past OFF_LOOP_BYTES a request is parsed in a thread, in pieces of its fields
+    # (serving/wire.py), not in one call on the event loop: each way it still cannot parse
+    # is INVALID_ARGUMENT, the too-deep metadata named, as for a small request (above).
+    content = b"x" * 1000
+    fine = field(4, content)
+    many = b"".join(field(2, fine) for _ in range(400))
+    assert len(many) > off_loop.OFF_LOOP_BYTES
+    add = _call(channel, "/memstore.v1.SessionService/AddMemory")
+    deep = field(2, fine + field(5, nested_struct(2000)))
+    error = await rpc_error(add(field(1, b"s") + many + deep), BAD, field="messages[400].metadata")
+    assert f"more than {MAX_METADATA_DEPTH} levels" in (error.details() or "")
+    not_utf8 = field(2, field(4, content[:-2] + b"\xff\xfe"))
+    await rpc_error(
+        add(field(1, b"s") + many + not_utf8), BAD, field="request", reason="MALFORMED_REQUEST"
+    )
+    whole = field(1, b"s") + many
+    for cut in (whole[:-3], whole + b"\xff"):  # truncated; a tag with no field after it
+        await rpc_error(add(cut), BAD, field="request", reason="MALFORMED_REQUEST")
+    # The same messages, whole, are stored.
+    added = ss.AddMemoryResponse.FromString(await add(whole))
+    assert len(added.messages) == 400
+    assert await count_rows(clean_db, "messages") == 400
 
 
 async def test_the_deepest_metadata_allowed_round_trips(users: Users, sessions: Sessions) -> None:

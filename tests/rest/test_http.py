@@ -420,3 +420,51 @@ async def test_large_metadata_reads_back_as_sent(http: httpx.AsyncClient) -> Non
     assert [m["metadata"] for m in memory.json()["messages"]] == metadatas
     listed = await http.get("/api/v2/sessions/s/messages", params={"limit": len(messages)})
     assert [m["metadata"] for m in listed.json()["messages"]] == metadatas
+
+
+#: Numbers of metadata that jsonb prints in full decimal: 1.5e300 as 301 digits, which a
+#: JSON reader takes for an integer that is not the double sent (nor a float at all).
+WIDE_NUMBERS = {
+    "huge": 1.5e300,
+    "negative": -2.5e40,
+    "past_exact": 1e23,
+    "at_exact": 2**53,
+    "fraction": 123456789.125,
+    "tiny": 5e-324,
+}
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["small", "past_off_loop"])
+async def test_floats_of_any_size_read_back_as_the_floats_sent(
+    http: httpx.AsyncClient, wide: bool
+) -> None:
+    # `wide` pads the messages' metadata past OFF_LOOP_BYTES in all, so the store parses
+    # what it reads in a thread: both parses give the same values.
+    metadata = {**WIDE_NUMBERS, "nested": [WIDE_NUMBERS]}
+    pad = {"pad": "x" * 60_000} if wide else {}
+    count = off_loop.OFF_LOOP_BYTES // 60_000 + 1 if wide else 1
+
+    def same(found: object) -> None:
+        # ==, and the type too: 1.5e300 == int(1.5e300) is True in Python, but a client's
+        # float field is not an integer of 301 digits.
+        assert json.dumps(found, sort_keys=True) == json.dumps(metadata, sort_keys=True)
+
+    user = {"user_id": "numbers", "metadata": metadata}
+    assert (await http.post("/api/v2/users", json=user)).status_code == 201
+    same((await http.get("/api/v2/users/numbers")).json()["metadata"])
+    listed = (await http.get("/api/v2/users-ordered")).json()
+    same(next(u for u in listed["users"] if u["user_id"] == "numbers")["metadata"])
+    session = {"session_id": "numbers", "user_id": "numbers", "metadata": metadata}
+    assert (await http.post("/api/v2/sessions", json=session)).status_code == 201
+    same((await http.get("/api/v2/sessions/numbers")).json()["metadata"])
+    message = {"content": "m", "role_type": "user", "metadata": {**metadata, **pad}}
+    added = await http.post("/api/v2/sessions/numbers/memory", json={"messages": [message] * count})
+    assert added.status_code == 200, added.text
+    params = {"lastn": count, "limit": count}
+    for found in (
+        (await http.get("/api/v2/sessions/numbers/memory", params=params)).json()["messages"],
+        (await http.get("/api/v2/sessions/numbers/messages", params=params)).json()["messages"],
+    ):
+        assert len(found) == count
+        for m in found:
+            same({k: v for k, v in m["metadata"].items() if k != "pad"})

@@ -123,3 +123,31 @@ async def test_calls_naming_a_user_share_a_commit_and_count_new_sessions_once(
         _, stored = await store.get_memory(P, f"live{s}", 100)
         expected = [f"first{s}", *sorted(f"m{i}" for i in range(s, 12, 4))]
         assert [stored[0].content, *sorted(m.content for m in stored[1:])] == expected
+
+
+async def test_a_batch_appending_twice_to_a_users_session_never_waits_for_the_user(
+    store: Store, clean_db: str
+) -> None:
+    # DeleteUser locks the user (FOR UPDATE), then the user's sessions. A batch that appended
+    # to one session twice in its transaction had PostgreSQL check the session's foreign key
+    # to its user at the second append (it checks every update of a row version its own
+    # transaction wrote, keys changed or not), locking the user after the session: DeleteUser
+    # and the batch then waited on each other, and PostgreSQL ended one as a deadlock's
+    # victim (tests/reliability/test_races.py::test_delete_user_races_add_memory, about one
+    # run in ten). An append names no user here: it needs no lock on one.
+    await store.create_user(P, "owner", "", "", "", {})
+    await store.add_memory(P, "theirs", "owner", [msg("first")])
+    async with await psycopg.AsyncConnection.connect(clean_db) as deleter:
+        # DeleteUser's first step (lock_user), held.
+        await deleter.execute("SELECT 1 FROM users WHERE user_id = 'owner' FOR UPDATE")
+        # Gathered in one loop iteration: the first goes out alone, the rest share a batch.
+        appends = asyncio.gather(
+            *(store.add_memory(P, "theirs", None, [msg(f"m{i}")]) for i in range(5))
+        )
+        done, _ = await asyncio.wait([appends], timeout=5)
+        await deleter.rollback()
+    assert done, "the appends waited for the user's lock"
+    answered = await appends
+    assert sorted(m.content for _, added in answered for m in added) == [f"m{i}" for i in range(5)]
+    _, stored = await store.get_memory(P, "theirs", 10)
+    assert [m.sequence for m in stored] == list(range(1, 7))

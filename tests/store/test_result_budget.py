@@ -287,14 +287,14 @@ async def test_diversified_search_reads_only_the_chosen_up_to_the_byte_budget(
     # up to the budget: the content read is at most the budget and one row, and it is cut.
     await _seed(store)
     read: list[int] = []
-    pipelined = search_store._pipelined
+    pipelined = search_store.fetch_pipelined
 
     async def counting(*args: Any, **kwargs: Any) -> list[list[dict[str, Any]]]:
         found = await pipelined(*args, **kwargs)
         read.append(sum(len((r.get("content") or "").encode()) for rows in found for r in rows))
         return found
 
-    monkeypatch.setattr(search_store, "_pipelined", counting)
+    monkeypatch.setattr(search_store, "fetch_pipelined", counting)
     searcher = Searcher(store, _Embedder())
     query = SearchQuery(text="needle", limit=MEMORIES, session_ids=("old",), mmr_lambda=0.5)
     if not store.vectors:

@@ -34,6 +34,20 @@ async def test_create_session_for_unknown_user(store: Store, clean_db: str) -> N
     with pytest.raises(FailedPrecondition, match="ghost") as info:
         await store.create_session(P, "s", "ghost", {})
     assert info.value.reason == "USER_NOT_FOUND"
+    # Nothing half-written: on Citus the session is inserted before its user is checked.
+    with pytest.raises(NotFound):
+        await store.get_session(P, "s", show_deleted=True)
+
+
+async def test_create_session_taken_naming_an_unknown_user_says_taken(
+    store: Store, clean_db: str
+) -> None:
+    # One answer on both engines: the id is checked first (on plain PostgreSQL the insert
+    # that finds it taken never reaches the foreign key; on Citus the user is checked after).
+    await store.create_session(P, "s", None, {})
+    with pytest.raises(AlreadyExists) as info:
+        await store.create_session(P, "s", "ghost", {})
+    assert info.value.reason == "SESSION_ALREADY_EXISTS"
 
 
 async def test_create_session_taken(store: Store, clean_db: str) -> None:

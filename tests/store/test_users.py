@@ -211,3 +211,29 @@ async def test_list_user_sessions_empty_and_unknown(store: Store, clean_db: str)
     assert page.items == [] and not page.has_more
     with pytest.raises(NotFound, match="user 'ghost'"):
         await store.list_user_sessions(P, "ghost", None, 10)
+
+
+async def test_delete_user_chosen_as_a_deadlocks_victim_runs_again(
+    store: Store, clean_db: str
+) -> None:
+    # Another transaction holds one of the user's sessions, DeleteUser (holding the user)
+    # waits for it, and then that transaction asks for the user: a lock cycle. PostgreSQL
+    # ends one of the two; DeleteUser, which waited first, is the one its detector ends on
+    # plain PostgreSQL. Its transaction was rolled back whole: it runs again and deletes.
+    await store.create_user(P, "u", "", "", "", {})
+    await store.create_session(P, "s", "u", {})
+    async with await psycopg.AsyncConnection.connect(clean_db) as other:
+        await other.execute("SELECT 1 FROM sessions WHERE session_id = 's' FOR UPDATE")
+        delete = asyncio.create_task(store.delete_user(P, "u"))
+        await asyncio.sleep(0.3)  # DeleteUser holds the user and waits for the session
+        assert not delete.done()
+        try:
+            await other.execute("SELECT 1 FROM users WHERE user_id = 'u' FOR KEY SHARE")
+        except psycopg.errors.DeadlockDetected:
+            await other.rollback()  # Citus may end this side instead: DeleteUser goes on
+        else:
+            await other.commit()
+        deleted = await asyncio.wait_for(delete, 30)
+    assert deleted.sessions == 1
+    with pytest.raises(NotFound):
+        await store.get_user(P, "u")

@@ -64,6 +64,9 @@ class CreateUserRequest(_message.Message):
             naming the field (e.g. "messages[1].metadata"), also when it is too
             deep for protobuf's parser (about 33 levels).
           - No NUL characters, no NaN or Infinity.
+        A key whose value is null is not stored, at any depth, as in a merge
+        (UpdateUserRequest.metadata); a null inside an array is kept. This holds
+        for every create: CreateUser, CreateSession and AddMemory's messages.
         Numbers are a Struct's doubles: integers are exact within +-2^53 only
         (whole numbers come back as numbers without a fraction; clients may
         read those within +-2^53 as integers).

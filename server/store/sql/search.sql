@@ -277,14 +277,7 @@ OFFSET 0
 -- vector, so that Citus plans it as one fan-out.
 SELECT w.query, v.vectors[1] AS vector, v.vectors, n.nearest
 FROM ({words}) AS w,
-     (SELECT ARRAY(SELECT e.embedding
-                   FROM message_embeddings e
-                   JOIN messages m ON m.project_id = e.project_id
-                                  AND m.session_id = e.session_id AND m.sequence = e.sequence
-                   WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
-                     AND e.model = %(model)s AND m.deleted_at IS NULL
-                   ORDER BY e.sequence DESC
-                   LIMIT %(window)s) AS vectors) AS v,
+     (SELECT {window_vectors} AS vectors) AS v,
      (SELECT array_agg(d.nearest ORDER BY d.sequence DESC) AS nearest
       FROM (SELECT x.sequence, min(e.embedding <=> x.embedding) AS nearest
             FROM (SELECT e.sequence, e.embedding
@@ -302,6 +295,57 @@ FROM ({words}) AS w,
             WHERE e.project_id = %(project_id)s AND e.model = %(model)s
               AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
             GROUP BY x.sequence) AS d) AS n
+
+-- recall_query_citus --
+-- On Citus, recall's query apart from its ranking, on the session's one shard: the session's
+-- user (owner), recall_query_text's words as tsquery text and {vectors} (the window's vectors
+-- as vector[] text, recall_window_vectors, or NULL by words alone); no row where
+-- recall_query_text has none. The ranking then takes them as parameters (recall_given_*):
+-- as one statement, Citus ran the session's own reads inside the ranking as subplans, each a
+-- round trip through the coordinator (17 with vectors: ~200 ms a GetMemory on the test
+-- cluster; docs/scaling.md, "Recall ranked on Citus").
+SELECT s.user_id AS owner, w.query::text AS query, {vectors} AS vectors
+FROM ({words}) AS w, sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
+
+-- recall_window_vectors --
+-- Vectors fragment of recall_query_vector and recall_query_citus: the vectors of the
+-- session's last %(window)s embedded live messages, newest first.
+ARRAY(SELECT e.embedding
+      FROM message_embeddings e
+      JOIN messages m ON m.project_id = e.project_id
+                     AND m.session_id = e.session_id AND m.sequence = e.sequence
+      WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
+        AND e.model = %(model)s AND m.deleted_at IS NULL
+      ORDER BY e.sequence DESC
+      LIMIT %(window)s)
+
+-- recall_nearest_citus --
+-- On Citus, recall_query_vector's nearest apart: for each of the window's vectors
+-- (%(vectors)s, recall_query_citus's, newest first) the distance to its nearest memory in
+-- scope ({filters}, the owner named), a row each in the same order; no row when there is
+-- none. One fan-out: each shard's minimum, combined on the coordinator (an array_agg over
+-- these rows was planned as a subplan first).
+SELECT x.i, min(e.embedding <=> x.embedding) AS nearest
+FROM unnest(%(vectors)s::vector[]) WITH ORDINALITY AS x(embedding, i),
+     message_embeddings e
+JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+               AND m.sequence = e.sequence
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+WHERE e.project_id = %(project_id)s AND e.model = %(model)s
+  AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+GROUP BY x.i
+ORDER BY x.i
+
+-- recall_given_text --
+-- Query fragment of recall on Citus by words: recall_query_citus's query, given.
+SELECT %(query)s::tsquery AS query
+
+-- recall_given_vector --
+-- Query fragment of recall on Citus with pgvector: recall_query_vector's columns, given
+-- (recall_query_citus's query and vectors, recall_nearest_citus's nearest).
+SELECT %(query)s::tsquery AS query, (%(vectors)s::vector[])[1] AS vector,
+       %(vectors)s::vector[] AS vectors, %(nearest)s::float8[] AS nearest
 
 -- recall_filter_user --
 -- Scope fragment of recall: the sessions of the user who owns the session being read.

@@ -18,6 +18,19 @@ SELECT u.user_id FROM users u
 WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
 FOR KEY SHARE;
 
+-- own_new_session --
+-- Under Citus, after a write made a session for a user (CreateSession, AddMemory's upsert):
+-- checks and locks the user (FOR KEY SHARE, as lock_session_owner) and counts the session
+-- live for them (as count_live_sessions), in one statement on the user's shard. No row: no
+-- such user, and nothing counted (the caller rolls back).
+INSERT INTO user_session_counts AS c (project_id, user_id, session_count)
+SELECT u.project_id, u.user_id, 1 FROM users u
+WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
+FOR KEY SHARE
+ON CONFLICT (project_id, user_id)
+    DO UPDATE SET session_count = c.session_count + excluded.session_count
+RETURNING c.user_id;
+
 -- session_state --
 -- Whether a session exists and whether it is soft-deleted (to word an error).
 SELECT s.deleted_at IS NOT NULL AS deleted
