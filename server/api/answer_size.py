@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 from server import off_loop
 from server.api.validation import MAX_CONTENT_BYTES, MAX_ID_CHARS, MAX_TEXT_CHARS
-from server.domain import MAX_METADATA_BYTES, JsonObject, Message, Page, SearchResult
+from server.domain import (
+    MAX_METADATA_BYTES,
+    JsonObject,
+    Message,
+    Page,
+    SearchResult,
+    StoredJson,
+)
 from server.errors import InvalidArgument
 from server.search.service import Memory, Searcher
 from server.serving import wire
@@ -278,8 +285,10 @@ def text_size(messages: Iterable[Message]) -> int:
 def text_at_least(messages: Iterable[Message], limit: int) -> int:
     """About the characters of messages' content, role and metadata, counted only until they
     reach `limit`: whether an answer of them is large, without measuring a large one whole.
-    Metadata is counted as Python prints it (repr: within a fifth of its compact JSON, and a
-    sixth of json.dumps' time for a small object, 1 µs, on every GetMemory)."""
+    Metadata the store parsed from a large result is counted by its stored text's length
+    (StoredJson); other metadata, small or built here, as Python prints it (repr: within a
+    fifth of its compact JSON, and a sixth of json.dumps' time for a small object, 1 µs, on
+    every GetMemory)."""
     return _at_least((len(m.content) + len(m.role) + _printed(m.metadata) for m in messages), limit)
 
 
@@ -302,6 +311,8 @@ def _at_least(sizes: Iterable[int], limit: int) -> int:
 def _printed(metadata: JsonObject | str) -> int:
     if isinstance(metadata, str):
         return len(metadata)
+    if isinstance(metadata, StoredJson):
+        return metadata.text_bytes
     return len(repr(metadata)) if metadata else 0
 
 
