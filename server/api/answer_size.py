@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from server import off_loop
+from server.api import convert
 from server.api.validation import MAX_CONTENT_BYTES, MAX_ID_CHARS, MAX_TEXT_CHARS
 from server.domain import (
     MAX_METADATA_BYTES,
@@ -25,6 +26,7 @@ from server.domain import (
     Message,
     Page,
     SearchResult,
+    Session,
     StoredJson,
 )
 from server.errors import InvalidArgument
@@ -338,6 +340,26 @@ async def page_answer(
     return await off_loop.run(
         size, _page_answer, size, build, field, page, by_number=by_number, token=token
     )
+
+
+async def sessions_page_answer(
+    response: Any, page: Page[Session], *, by_number: bool, token: Callable[[Session], str]
+) -> bytes:
+    """page_answer of a page of sessions: `response` (a ListSessionsResponse or
+    ListUserSessionsResponse, its other fields set) given `page`'s sessions, weighed by their
+    metadata.
+
+    Raises:
+        InvalidArgument: as page_rows.
+    """
+
+    def build() -> Any:
+        for session in page.items:
+            convert.session_to_proto(session, response.sessions.add())
+        return response
+
+    size = metadata_at_least((s.metadata for s in page.items), off_loop.OFF_LOOP_BYTES)
+    return await page_answer(size, build, "sessions", page, by_number=by_number, token=token)
 
 
 def _page_answer(

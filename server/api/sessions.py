@@ -129,20 +129,9 @@ class SessionServicer(  # type: ignore[misc]
             budget=answer_size.list_budget(size, answer_size.PAGE_BYTES),
         )
         total = page.total_size if total is None else total
-
-        def build() -> pb.ListSessionsResponse:
-            response = pb.ListSessionsResponse(total_size=total or 0)
-            for session in page.items:
-                convert.session_to_proto(session, response.sessions.add())
-            return response
-
         # Also after a page_number page: the token continues by keyset from its last row.
-        return await answer_size.page_answer(
-            answer_size.metadata_at_least(
-                (s.metadata for s in page.items), off_loop.OFF_LOOP_BYTES
-            ),
-            build,
-            "sessions",
+        return await answer_size.sessions_page_answer(
+            pb.ListSessionsResponse(total_size=total or 0),
             page,
             by_number=offset is not None,
             token=lambda last: self._tokens.encode_time_key(

@@ -157,19 +157,8 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         page = await self._store.list_user_sessions(
             project, request.user_id, after, size, budget=budget
         )
-
-        def build() -> pb.ListUserSessionsResponse:
-            response = pb.ListUserSessionsResponse()
-            for session in page.items:
-                convert.session_to_proto(session, response.sessions.add())
-            return response
-
-        return await answer_size.page_answer(
-            answer_size.metadata_at_least(
-                (s.metadata for s in page.items), off_loop.OFF_LOOP_BYTES
-            ),
-            build,
-            "sessions",
+        return await answer_size.sessions_page_answer(
+            pb.ListUserSessionsResponse(),
             page,
             by_number=False,
             token=lambda last: self._tokens.encode_time_key(
