@@ -34,6 +34,7 @@ from typing import TypeVar
 
 import grpc
 import httpx
+import pytest
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
@@ -302,61 +303,47 @@ async def _answer_stall(
     return answer, check, longest
 
 
-async def test_a_grpc_list_sessions_of_wide_metadata_leaves_the_loop_serving(
-    grpc_port: int, store: Store, clean_db: str
+#: The two gRPC lists of sessions: (their name in the figures, service, method, request,
+#: answer's type).
+_SESSION_LISTS = {
+    "list_sessions": (
+        "SessionService",
+        "ListSessions",
+        spb.ListSessionsRequest(page_size=1000),
+        spb.ListSessionsResponse,
+    ),
+    "list_user_sessions": (
+        "UserService",
+        "ListUserSessions",
+        upb.ListUserSessionsRequest(user_id="wide-owner", page_size=1000),
+        upb.ListUserSessionsResponse,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SESSION_LISTS))
+async def test_a_grpc_list_of_wide_sessions_leaves_the_loop_serving(
+    name: str, grpc_port: int, store: Store, clean_db: str
 ) -> None:
+    service, method, request, response = _SESSION_LISTS[name]
     await _wide_sessions(store, "wide-owner")
     sessions = [
         await store.get_session(DEFAULT_PROJECT_ID, f"wide-{i:03}", False) for i in range(ROWS)
     ]
 
     def build() -> bytes:
-        answer = spb.ListSessionsResponse()
+        answer = response()
         for session in sessions:
             convert.session_to_proto(session, answer.sessions.add())
-        return answer.SerializeToString()
+        return bytes(answer.SerializeToString())
 
-    request = spb.ListSessionsRequest(page_size=1000).SerializeToString()
     raw_answer, check, longest = await _answer_stall(
-        grpc_port, "ListSessions", "SessionService", request, build
+        grpc_port, method, service, request.SerializeToString(), build
     )
-    answer = spb.ListSessionsResponse.FromString(raw_answer)
-    assert len(answer.sessions) == ROWS
+    answer = response.FromString(raw_answer)
+    assert [s.session_id for s in answer.sessions] == [s.session_id for s in sessions]
     assert answer.sessions[-1].metadata == struct(_metadata())
-    _bounded(
-        "loop_stall_grpc_list_sessions", len(raw_answer), longest, MAX_RATIO_GRPC, build_s=check
-    )
-
-
-async def test_a_grpc_list_user_sessions_of_wide_metadata_leaves_the_loop_serving(
-    grpc_port: int, store: Store, clean_db: str
-) -> None:
-    await _wide_sessions(store, "wide-owner")
-    sessions = [
-        await store.get_session(DEFAULT_PROJECT_ID, f"wide-{i:03}", False) for i in range(ROWS)
-    ]
-
-    def build() -> bytes:
-        answer = upb.ListUserSessionsResponse()
-        for session in sessions:
-            convert.session_to_proto(session, answer.sessions.add())
-        return answer.SerializeToString()
-
-    request = upb.ListUserSessionsRequest(user_id="wide-owner", page_size=1000)
-    raw = request.SerializeToString()
-    raw_answer, check, longest = await _answer_stall(
-        grpc_port, "ListUserSessions", "UserService", raw, build
-    )
-    answer = upb.ListUserSessionsResponse.FromString(raw_answer)
-    assert len(answer.sessions) == ROWS
-    assert answer.sessions[0].metadata == struct(_metadata())
-    _bounded(
-        "loop_stall_grpc_list_user_sessions",
-        len(raw_answer),
-        longest,
-        MAX_RATIO_GRPC,
-        build_s=check,
-    )
+    _bounded(f"loop_stall_grpc_{name}", len(raw_answer), longest, MAX_RATIO_GRPC, build_s=check)
 
 
 async def test_a_grpc_list_users_of_wide_metadata_leaves_the_loop_serving(
