@@ -52,7 +52,7 @@ class StoredJson(dict[str, Any]):
     """A JSON object the store parsed from a large result (server/store/db.py fetch_rows), and
     `text_bytes`, the length of its stored text: an answer weighs it by that
     (answer_size.text_at_least) rather than by printing it on the loop, which for a vector of
-    floats is 30 ns a byte (9 ms for the 256 KiB that decide an answer is large)."""
+    floats is 30 ns a byte (about 8 ms for the 256 KiB that decide an answer is large)."""
 
     __slots__ = ("text_bytes",)
 

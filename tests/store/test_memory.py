@@ -264,7 +264,7 @@ async def test_a_large_reads_metadata_carries_its_stored_length(
 ) -> None:
     # Past OFF_LOOP_BYTES of JSON the store parses a result in a thread, and hands each object
     # over with its stored text's length (StoredJson), which an answer weighs it by instead of
-    # printing it on the loop (answer_size.text_at_least; 9 ms for 256 KiB of floats).
+    # printing it on the loop (answer_size.text_at_least; about 8 ms for 256 KiB of floats).
     metadata = {"vector": [0.5] * 15_000}
     stored = len(json.dumps(metadata))  # as jsonb prints it: {"vector": [0.5, 0.5, ...]}
     rows = off_loop.OFF_LOOP_BYTES // stored + 1
