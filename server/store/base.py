@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg import errors as pg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -24,6 +25,9 @@ _RETRY_CHECKOUT_TIMEOUT = 1.0
 START: TimeKey = (datetime.min.replace(tzinfo=UTC), "")
 
 T = TypeVar("T")
+
+#: Runs of a transaction that the database may end as a deadlock's victim (rerun_deadlocked).
+DEADLOCK_ATTEMPTS = 3
 
 
 class StoreBase:
@@ -108,6 +112,24 @@ async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
     finally:
         if not (conn.closed or conn.broken):
             await conn.set_autocommit(False)
+
+
+async def rerun_deadlocked(attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()`'s result, run again (DEADLOCK_ATTEMPTS in all) while the database ends its
+    transaction as a deadlock's victim: rolled back whole, it runs again, as PostgreSQL's
+    manual advises for a transaction aborted by a deadlock. Citus reports the victim of a
+    distributed deadlock the same way (SQLSTATE 40P01).
+
+    Raises:
+        Unavailable: the last run was a deadlock's victim too (or the database is down).
+    """
+    for _ in range(DEADLOCK_ATTEMPTS - 1):
+        try:
+            return await attempt()
+        except Unavailable as exc:
+            if not isinstance(exc.__cause__, pg.DeadlockDetected):
+                raise
+    return await attempt()
 
 
 def page_of(

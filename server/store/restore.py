@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 
 from server.domain import Message, RestoreCounts, Restored, Session, User
 from server.errors import AlreadyExists, FailedPrecondition, MemstoreError
-from server.store.base import StoreBase
+from server.store.base import StoreBase, rerun_deadlocked
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.sessions import lock_session_owner
@@ -46,6 +46,24 @@ class RestoreMethods(StoreBase):
                 A live message names a soft-deleted session (SESSION_DELETED).
             AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT).
         """
+        # A transaction locking the same sessions in another order can make it a deadlock's
+        # victim (on Citus, DeleteUser locks the user's sessions in no order): rolled back
+        # whole, it runs again (tests/store/test_restore_races.py).
+        return await rerun_deadlocked(
+            lambda: self._restore_once(
+                project_id, users, sessions, messages, require_empty=require_empty
+            )
+        )
+
+    async def _restore_once(
+        self,
+        project_id: int,
+        users: list[User],
+        sessions: list[Session],
+        messages: list[Message],
+        *,
+        require_empty: bool,
+    ) -> Restored:
         async with self._connect(foreign_key=_missing_parent(users, sessions, messages)) as conn:
             if self.citus:
                 await conn.execute(query("restore_serialize_citus"), {"project_id": project_id})

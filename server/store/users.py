@@ -5,12 +5,11 @@ from __future__ import annotations
 from functools import cache, cached_property
 from typing import Any, cast
 
-from psycopg import errors as pg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
-from server.errors import AlreadyExists, NotFound, Unavailable
+from server.errors import AlreadyExists, NotFound
 from server.store import rows
 from server.store.base import (
     START,
@@ -20,15 +19,13 @@ from server.store.base import (
     merged_too_large,
     metadata_params,
     page_of,
+    rerun_deadlocked,
 )
 from server.store.budget import budget_rows, list_size
 from server.store.coalesce import Coalescer
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
 from server.store.translate import translated
-
-#: Runs of DeleteUser's transaction when PostgreSQL ends it as a deadlock's victim.
-_DELETE_ATTEMPTS = 3
 
 
 class UserMethods(StoreBase):
@@ -132,16 +129,9 @@ class UserMethods(StoreBase):
         # PostgreSQL may end the transaction as a deadlock's victim (the race test against
         # AddMemory, tests/reliability/test_races.py::test_delete_user_races_add_memory, saw
         # it about one run in ten on plain PostgreSQL, until a shared commit stopped
-        # appending twice to one session: MessageMethods._append_batch). The victim's
-        # transaction is rolled back whole, so it runs again, as PostgreSQL's manual advises
-        # for a transaction aborted by a deadlock.
-        for _ in range(_DELETE_ATTEMPTS - 1):
-            try:
-                return await self._delete_user_once(project_id, user_id)
-            except Unavailable as exc:
-                if not isinstance(exc.__cause__, pg.DeadlockDetected):
-                    raise
-        return await self._delete_user_once(project_id, user_id)
+        # appending twice to one session: MessageMethods._append_batch); on Citus its
+        # multi-shard lock of the user's sessions takes them in no order. It runs again.
+        return await rerun_deadlocked(lambda: self._delete_user_once(project_id, user_id))
 
     async def _delete_user_once(self, project_id: int, user_id: str) -> DeletedCounts:
         params = key(project_id, user_id=user_id)

@@ -185,3 +185,40 @@ async def test_restores_of_the_same_new_rows_in_opposite_orders_never_deadlock(
         created = sorted(o.users.created for o in outcomes if not isinstance(o, MemstoreError))
         assert created == [0, 300], (round_, outcomes)
         assert drift(clean_db) == [], round_
+
+
+async def test_a_restore_a_deadlock_ends_runs_again_and_writes_everything(
+    store: Store, clean_db: str
+) -> None:
+    # Another transaction holds session d2 and then asks for d1, which a Restore of messages
+    # into d1 and d2 has locked (sessions in key order) while it waits for d2: a deadlock.
+    # On Citus DeleteUser takes a user's sessions so, in no order. The Restore waited
+    # first, so its check (deadlock_timeout) finds the cycle first and it is the victim:
+    # rolled back, it must run again once the other commits, not answer UNAVAILABLE.
+    # When the other's check ran first instead (the other is the victim), the round proves
+    # nothing and the next one tries again.
+    for round_ in range(5):
+        first, second = f"d{round_}-1", f"d{round_}-2"
+        await store.restore(P, [], [session(first, None), session(second, None)], [])
+        batch = [message(first, 1), message(second, 1), message(second, 2)]
+        async with await psycopg.AsyncConnection.connect(clean_db) as other:
+            await other.execute("SELECT 1 FROM sessions WHERE session_id = %s FOR UPDATE", [second])
+            restoring = asyncio.create_task(_outcome(store.restore(P, [], [], batch)))
+            assert await until(lambda: _waiters(clean_db, 1))
+            try:
+                await other.execute(
+                    "SELECT 1 FROM sessions WHERE session_id = %s FOR UPDATE", [first]
+                )
+            except psycopg.errors.DeadlockDetected:
+                restore_was_the_victim = False
+            else:
+                restore_was_the_victim = True
+        outcome = await restoring
+        assert not isinstance(outcome, MemstoreError), (round_, outcome)
+        assert outcome.messages.created == 3, (round_, outcome)
+        got = [(await store.get_session(P, sid, False)).message_count for sid in (first, second)]
+        assert got == [1, 2], round_
+        assert drift(clean_db) == [], round_
+        if restore_was_the_victim:
+            return
+    raise AssertionError("the Restore was never the deadlock's victim in 5 rounds")
