@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from server.api.chunking import WireChunk
 from server.serving.log_output import OffLoopHandler
 from server.store import QUEUE_COUNT_CAP
+from server.store.base import call_deadline
 
 log = logging.getLogger("memstore.access")
 
@@ -367,6 +368,10 @@ class _Call:
         self.metadata = context.invocation_metadata()
         self.rid = _request_id_in(self.metadata)
         request_id.set(self.rid)
+        # The caller's deadline, for the store: a call that may run longer than the
+        # statement timeout runs its statements up to its deadline (StoreBase._connect).
+        if (remaining := context.time_remaining()) is not None:
+            call_deadline.set(time.monotonic() + remaining)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
         self.context = _Context(context, self.rid, self.aborted)
         self._code: grpc.StatusCode | None = None

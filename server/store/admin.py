@@ -8,7 +8,7 @@ from typing import Any
 
 from server.domain import PurgeReport
 from server.errors import Unavailable
-from server.store.base import StoreBase
+from server.store.base import StoreBase, statement_timeout_off
 from server.store.db import fetch_all, fetch_one
 from server.store.migrate import apply_migrations
 from server.store.queries import query
@@ -36,11 +36,11 @@ class AdminMethods(StoreBase):
             await conn.set_autocommit(True)
             # A migration may rewrite a large table: the per-call statement timeout is not
             # meant for it (RESET goes back to the connection's own default afterwards).
-            await conn.execute(query("no_statement_timeout"))
+            await statement_timeout_off(conn, True)
             try:
                 applied = await apply_migrations(conn)
             finally:
-                await conn.execute(query("reset_statement_timeout"))
+                await statement_timeout_off(conn, False)
                 await conn.set_autocommit(False)
         await self.check_vectors()
         return applied

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -16,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from server.domain import MAX_METADATA_BYTES, MetadataChange, Page, TimeKey
 from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
 from server.store.health import DatabaseHealth, is_stale
+from server.store.queries import query
 from server.store.translate import ErrorFactory, translated
 
 #: Seconds to wait for a replacement after a stale pooled connection was discarded.
@@ -28,6 +32,12 @@ T = TypeVar("T")
 
 #: Runs of a transaction that the database may end as a deadlock's victim (rerun_deadlocked).
 DEADLOCK_ATTEMPTS = 3
+
+#: When the call being served must end (time.monotonic()), if its caller set a deadline: set
+#: by the serving layer for each gRPC call (serving/observability.py). The store's statement
+#: timeout bounds calls without a deadline; a call whose deadline is further away than the
+#: timeout runs its statements up to that deadline instead (StoreBase._bound_for_call).
+call_deadline: ContextVar[float | None] = ContextVar("memstore_call_deadline", default=None)
 
 
 class StoreBase:
@@ -47,6 +57,12 @@ class StoreBase:
         #: Whether the database is a Citus coordinator (the tables are distributed): the few
         #: writes Citus runs differently take their other path (docs/scaling.md).
         self.citus = False
+        #: The statement timeout every pooled connection opens with (seconds, 0 for none):
+        #: Store.open sets it.
+        self.statement_timeout = 0.0
+        #: The pooled connections whose statement timeout is off (_bound_for_call); one
+        #: the pool closes leaves the set with it.
+        self._unbounded: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
 
     @asynccontextmanager
     async def _connect(
@@ -63,6 +79,7 @@ class StoreBase:
         with translated(unique=unique, foreign_key=foreign_key, field=field):
             conn = await self._checkout()
             try:
+                await self._bound_for_call(conn)
                 if single:
                     async with _autocommit(conn):
                         yield conn
@@ -75,6 +92,30 @@ class StoreBase:
                 raise
             finally:
                 await self._pool.putconn(conn)
+
+    async def _bound_for_call(self, conn: AsyncConnection[Any]) -> None:
+        # The statement timeout bounds a call without a deadline. A call whose deadline is
+        # further away runs its statements without it (its deadline cancels them, as any
+        # deadline does); one whose deadline comes sooner is bounded either way. The
+        # connection keeps what it was set to (a SET outside a transaction), so the setting
+        # changes, one round trip, only where a call needs the other one.
+        if self.statement_timeout <= 0:
+            return
+        deadline = call_deadline.get()
+        if deadline is None:
+            unbounded = False
+        elif deadline - time.monotonic() > self.statement_timeout:
+            unbounded = True
+        else:
+            return
+        if unbounded == (conn in self._unbounded):
+            return
+        async with _autocommit(conn):
+            await statement_timeout_off(conn, unbounded)
+        if unbounded:
+            self._unbounded.add(conn)
+        else:
+            self._unbounded.discard(conn)
 
     async def _checkout(self) -> AsyncConnection[Any]:
         # Skip connections the server closed while they sat in the pool (a restart): the
@@ -101,6 +142,12 @@ class StoreBase:
             timeout, seen_stale = min(timeout, _RETRY_CHECKOUT_TIMEOUT), True
         self._health.report_lost_connection()
         raise Unavailable("database unavailable: every pooled connection was closed")
+
+
+async def statement_timeout_off(conn: AsyncConnection[Any], off: bool) -> None:
+    """Turns the connection's statement timeout off, or (`off` False) back to the one it
+    opened with. Outside a transaction the setting holds until it is changed again."""
+    await conn.execute(query("no_statement_timeout" if off else "reset_statement_timeout"))
 
 
 @asynccontextmanager

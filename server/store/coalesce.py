@@ -17,6 +17,8 @@ from typing import Any, Generic, TypeVar
 
 from psycopg_pool import TooManyRequests
 
+from server.store.base import call_deadline
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -192,6 +194,9 @@ class Batcher(Generic[T, R]):
         self._schedule()
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        # The batch serves several calls: no one call's deadline lifts its statement timeout
+        # (the task began with the context of the call that scheduled it).
+        call_deadline.set(None)
         try:
             outcomes = await self._run_batch([item for item, _ in batch])
         except asyncio.CancelledError:

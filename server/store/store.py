@@ -96,7 +96,9 @@ class Store(
             raise Unavailable(
                 f"database unavailable: cannot connect within {timeout}s{why}"
             ) from exc
-        return cls(pool)
+        store = cls(pool)
+        store.statement_timeout = statement_timeout
+        return store
 
     async def close(self) -> None:
         """Stops the database probe and closes the pool."""

@@ -139,3 +139,48 @@ async def test_statement_timeout_bounds_a_call_without_deadline(
     got = await users.GetUser(upb.GetUserRequest(user_id="locked"), timeout=10)
     assert got.user.email == ""
     record("statement_timeout", configured_seconds=1.0, call_seconds=round(took, 2))
+
+
+async def test_a_call_whose_deadline_is_past_the_statement_timeout_runs_to_its_deadline(
+    short_timeout_users: Users, clean_db: str
+) -> None:
+    # The statement timeout (1 s here) bounds calls without a deadline. A caller who gives a
+    # DeleteUser of a large user, or any call, a deadline of minutes means it: its statements
+    # run up to that deadline. Until 2026-12-02 the timeout ended every call, deadline or
+    # not, with DEADLINE_EXCEEDED after 1 s. UpdateUser is one statement (autocommit),
+    # DeleteUser a transaction: both wait 2.5 s for a lock here, and then succeed.
+    users = short_timeout_users
+    for user_id in ("slow-update", "slow-delete"):
+        await users.CreateUser(upb.CreateUserRequest(user_id=user_id))
+    async with await psycopg.AsyncConnection.connect(clean_db) as blocker:
+        for user_id in ("slow-update", "slow-delete"):  # one shard each on Citus
+            await blocker.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", [user_id])
+        update = asyncio.ensure_future(
+            users.UpdateUser(upb.UpdateUserRequest(user_id="slow-update", email="x"), timeout=60)
+        )
+        delete = asyncio.ensure_future(
+            users.DeleteUser(upb.DeleteUserRequest(user_id="slow-delete"), timeout=60)
+        )
+
+        async def both_wait() -> bool:
+            return await lock_waiters(clean_db) >= 2
+
+        assert await until(both_wait)
+        await asyncio.sleep(2.5)
+        assert not update.done() and not delete.done()
+        await blocker.rollback()
+    updated, _ = await asyncio.gather(update, delete)
+    assert updated.user.email == "x"
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await users.GetUser(upb.GetUserRequest(user_id="slow-delete"), timeout=10)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # Both of the server's two connections ran without the timeout; a call without a
+    # deadline is bounded by it again, on whichever it gets.
+    for _ in range(2):
+        lock = "SELECT 1 FROM users WHERE user_id = 'slow-update' FOR UPDATE"
+        again = upb.UpdateUserRequest(user_id="slow-update", email="y")
+        error, took = await _blocked(
+            clean_db, lock, lambda: asyncio.wait_for(users.UpdateUser(again), timeout=60)
+        )
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "statement timeout" in (error.details() or ""), error.details()

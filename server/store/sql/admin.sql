@@ -1,17 +1,9 @@
--- The database as a whole: reachability, the statement timeout lifted for migrations, the
--- shared page-token key, and the purge of expired soft-deleted rows.
+-- The database as a whole: reachability, the shared page-token key, and the purge of
+-- expired soft-deleted rows.
 
 -- ping --
 -- One round trip, to notice a database that went away while no call was made.
 SELECT 1;
-
--- no_statement_timeout --
--- Lifts the per-call statement timeout for this connection (migrations may run long).
-SET statement_timeout = 0;
-
--- reset_statement_timeout --
--- Restores the connection's own statement timeout after no_statement_timeout.
-RESET statement_timeout;
 
 -- token_key --
 -- Creates the page-token key once (first worker wins) and reads the one that is kept.

@@ -1,0 +1,12 @@
+-- What every Store method's connection may need: its statement timeout turned off and back.
+
+-- no_statement_timeout --
+-- Lifts the per-call statement timeout for this connection, until reset_statement_timeout:
+-- migrations may run long, and a call whose deadline is further away than the timeout runs
+-- to its deadline (StoreBase._bound_for_call).
+SET statement_timeout = 0;
+
+-- reset_statement_timeout --
+-- Restores the connection's own statement timeout (the one it opened with) after
+-- no_statement_timeout.
+RESET statement_timeout;
