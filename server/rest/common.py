@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import Response
 
 from server import off_loop
@@ -201,20 +202,53 @@ def _sessions_json(sessions: list[Session]) -> list[bytes]:
     return [json_bytes(c.session(s)) for s in sessions]
 
 
+def not_whole(field: str, rows: str, paging: str) -> InvalidArgument:
+    """The refusal of a whole listing (zep-python 1.x's lists without a `limit`, which Zep
+    answers with every row) that holds more than `rows`: cut to them, the caller would take
+    the first rows for all of them."""
+    return InvalidArgument.field(
+        field,
+        f"absent, the whole listing is asked for, and it holds more than {rows}: page it "
+        f"with {field} and cursor ({paging})",
+    )
+
+
+def page_size(request: Request, name: str, *, alias: str | None = None) -> int | None:
+    """A page size of a route that pages by offset (`name`, or `alias`): 1 to MAX_PAGE_SIZE,
+    None when absent.
+
+    Raises:
+        InvalidArgument: not a whole number from 1 to MAX_PAGE_SIZE, naming the parameter.
+            A larger size is refused, not cut to the largest: the caller counts the next
+            page's offset (a page number, a cursor of rows) by the size it asked for, so a
+            page cut short would skip the rows between (zep-python's list_chunked with a
+            chunk_size of 2,000 read rows 0-999, then 2,000-2,999).
+    """
+    return b.query_int(request, name, minimum=1, maximum=val.MAX_PAGE_SIZE, alias=alias)
+
+
 def page_window(number: int | None, size: int | None, default_size: int) -> tuple[int, int]:
-    """(offset, size) of a 1-based page: absent is page 1 of `default_size` rows, at most 1000."""
-    size = min(size or default_size, val.MAX_PAGE_SIZE)
+    """(offset, size) of a 1-based page: absent is page 1 of `default_size` rows."""
+    size = size or default_size
     return ((number or 1) - 1) * size, size
 
 
 async def list_users(
-    store: Store, project: int, offset: int, size: int, field: str, *, flat: bool = False
+    store: Store,
+    project: int,
+    offset: int,
+    size: int,
+    field: str,
+    *,
+    flat: bool = False,
+    whole: bool = False,
 ) -> Response:
     """A page of users by (created_at, user_id) from `offset`, as Zep's UserListResponse (as
-    its list of users alone if `flat`: 1.x).
+    its list of users alone if `flat`: 1.x); with `whole`, every user from `offset`.
 
     Raises:
-        InvalidArgument: the page is more than one answer may be (naming `field`, its size).
+        InvalidArgument: the page is more than one answer may be (naming `field`, its size);
+            `whole` and more than `size` users follow `offset`.
     """
     page = await store.list_user_records(
         project,
@@ -226,6 +260,8 @@ async def list_users(
     )
     if page.cut:
         raise answer_size.refuse_cut_answer(field, f"{size} users")
+    if whole and page.has_more:
+        raise not_whole(field, f"{size} users", "user.list_chunked")
 
     def build() -> dict[str, Any] | list[dict[str, Any]]:
         # The metadata's text as PostgreSQL prints it: its ", " and ": " a little more than

@@ -60,7 +60,15 @@ def _request(data: JsonObject, limit: int | None) -> tuple[pb.SearchMemoryReques
     elif kind == "mmr":
         request.mmr_lambda = _MMR_LAMBDA
     metadata = b.metadata(v, data.get("metadata"), "metadata")
-    if metadata:
+    if metadata and _zep_filter(metadata):
+        # Zep reads `metadata` as its filter language ({"where": {"jsonpath": ...}}); here it
+        # is a containment match, under which that filter matched nothing, silently.
+        v.add(
+            "metadata.where",
+            "Zep's JSONPath filter is not served: `metadata` matches the messages whose "
+            "metadata contains these keys and values",
+        )
+    elif metadata:
         val.check_filter_elements(v, "metadata", metadata)
         request.metadata_contains.update(metadata)
     if data.get("record_filter"):
@@ -68,6 +76,16 @@ def _request(data: JsonObject, limit: int | None) -> tuple[pb.SearchMemoryReques
     min_score = _number(v, data, "min_score")
     v.raise_if_any()
     return request, min_score
+
+
+#: The operators of Zep's metadata filter (`where`: a JSONPath, or `and`/`or` of them).
+_ZEP_FILTER = frozenset({"jsonpath", "and", "or"})
+
+
+def _zep_filter(metadata: JsonObject) -> bool:
+    """Whether a search's `metadata` is Zep's filter rather than metadata to contain."""
+    where = metadata.get("where")
+    return isinstance(where, dict) and bool(_ZEP_FILTER & where.keys())
 
 
 def _number(v: val.Violations, data: JsonObject, name: str) -> float | None:

@@ -22,22 +22,28 @@ from server.rest.app import endpoint, project, route, services
 from server.rest.search import search_one_session
 
 
-def _offset_window(request: Request) -> tuple[int, int]:
-    # 1.x pages with `limit` rows from `cursor`, an offset (0, limit, 2*limit, ...).
-    size = min(b.query_int(request, "limit", minimum=1) or val.DEFAULT_PAGE_SIZE, 1000)
-    return b.query_int(request, "cursor", minimum=0) or 0, size
+def _offset_window(request: Request) -> tuple[int, int, bool]:
+    # 1.x pages with `limit` rows from `cursor`, an offset (0, limit, 2*limit, ...). Without
+    # a limit (1.x's `user.list()` and `memory.list_sessions()` send `limit=`) Zep answers
+    # every row: so does memstore, up to MAX_PAGE_SIZE of them, and refuses more (whole).
+    # Until 2026-12-02 it answered the first 50.
+    limit = common.page_size(request, "limit")
+    offset = b.query_int(request, "cursor", minimum=0) or 0
+    return offset, limit or val.MAX_PAGE_SIZE, limit is None
 
 
 @endpoint
 async def list_users(request: Request) -> Response:
-    offset, size = _offset_window(request)
+    offset, size, whole = _offset_window(request)
     store = services(request).store
-    return await common.list_users(store, project(request), offset, size, "limit", flat=True)
+    return await common.list_users(
+        store, project(request), offset, size, "limit", flat=True, whole=whole
+    )
 
 
 @endpoint
 async def list_sessions(request: Request) -> Response:
-    offset, size = _offset_window(request)
+    offset, size, whole = _offset_window(request)
     # Oldest first by (created_at, session_id): offsets stay put while sessions are added.
     budget = answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES)
     page = await services(request).store.list_sessions(
@@ -45,6 +51,8 @@ async def list_sessions(request: Request) -> Response:
     )
     if page.cut:
         raise answer_size.refuse_cut_answer("limit", f"{size} sessions")
+    if whole and page.has_more:
+        raise common.not_whole("limit", f"{size} sessions", "memory.list_all_sessions")
     return await json_answer(
         common.sessions_size(page), functools.partial(common.sessions_answer, page, "limit")
     )

@@ -76,7 +76,7 @@ async def list_users(request: Request) -> Response:
     # users-ordered names its parameters in camelCase (sessions-ordered in snake_case).
     offset, size = common.page_window(
         b.query_int(request, "pageNumber", minimum=1, alias="page_number"),
-        b.query_int(request, "pageSize", minimum=1, alias="page_size"),
+        common.page_size(request, "pageSize", alias="page_size"),
         val.DEFAULT_PAGE_SIZE,
     )
     field = "pageSize" if request.query_params.get("pageSize") else "page_size"
@@ -129,7 +129,7 @@ async def update_session(request: Request) -> Response:
 async def list_sessions(request: Request) -> Response:
     offset, size = common.page_window(
         b.query_int(request, "page_number", minimum=1),
-        b.query_int(request, "page_size", minimum=1),
+        common.page_size(request, "page_size"),
         val.DEFAULT_PAGE_SIZE,
     )
     order_by = request.query_params.get("order_by") or "created_at"
@@ -227,7 +227,7 @@ async def list_messages(request: Request) -> Response:
     session_id = b.path_id(request, "session_id")
     offset, size = common.page_window(
         b.query_int(request, "cursor", minimum=1),
-        b.query_int(request, "limit", minimum=1),
+        common.page_size(request, "limit"),
         val.DEFAULT_PAGE_SIZE,
     )
     return await common.list_messages(

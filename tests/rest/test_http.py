@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from server import off_loop
+from server.domain import DEFAULT_PROJECT_ID, Session, User
 from server.rest.app import MAX_BODY_BYTES
 from server.serving.observability import Metrics
+from server.store import Store
 from tests.stored_values import wide_metadata
 
 
@@ -367,12 +370,24 @@ async def test_search_filters_and_what_it_refuses(http: httpx.AsyncClient) -> No
     assert {r["message"]["content"] for r in both} == {"the red kite flies", "a red bicycle"}
     tagged = (await search({"text": "red", "metadata": {"tag": "bird"}})).json()["results"]
     assert [r["message"]["content"] for r in tagged] == ["the red kite flies"]
+    # A `where` key that is not Zep's filter is metadata like any other.
+    where = await search({"text": "red", "metadata": {"where": {"city": "Oslo"}}})
+    assert where.status_code == 200 and where.json()["results"] == [], where.text
     assert (await search({"text": "red", "min_score": 1e9})).json()["results"] == []
     # MMR diversifies by meaning: without an embedding model (--embedder none) it is refused.
     mmr = await search({"text": "red", "user_id": "u", "search_type": "mmr"})
     assert mmr.status_code == 400 and mmr.json()["reason"] == "SEMANTIC_UNAVAILABLE", mmr.text
     for body, field in [
         ({"text": "red", "record_filter": {"where": {"jsonpath": "$.tag"}}}, "record_filter"),
+        # Zep's filter in `metadata` (its SDKs' examples): it matched nothing, silently.
+        (
+            {"text": "red", "metadata": {"where": {"jsonpath": '$.tag ? (@ == "bird")'}}},
+            "metadata.where",
+        ),
+        (
+            {"text": "red", "metadata": {"where": {"and": [{"jsonpath": "$.tag"}]}}},
+            "metadata.where",
+        ),
         ({"text": "red", "search_scope": "facts"}, "search_scope"),
         ({"text": "red", "search_type": "fuzzy"}, "search_type"),
         ({"text": ""}, "text"),
@@ -397,8 +412,21 @@ async def test_user_updates_leave_null_fields_and_list_sizes_are_capped(
     messages = [{"content": f"m{i}"} for i in range(1000)]
     await http.post("/api/v2/sessions/big/memory", json={"messages": messages})
     await http.post("/api/v2/sessions/big/memory", json={"messages": [{"content": "last"}]})
-    page = (await http.get("/api/v2/sessions/big/messages?limit=5000")).json()
+    page = (await http.get("/api/v2/sessions/big/messages?limit=1000")).json()
     assert (page["row_count"], page["total_count"]) == (1000, 1001)
+    # A page past 1,000 rows is refused, not cut: the caller counts the next page's offset
+    # by the size it asked for, so a cut page skipped the rows between.
+    for route, field in [
+        ("/api/v2/sessions/big/messages?limit=5000&cursor=2", "limit"),
+        ("/api/v2/users-ordered?pageSize=1001", "pageSize"),
+        ("/api/v2/users-ordered?page_size=2000", "page_size"),
+        ("/api/v2/sessions-ordered?page_size=1001", "page_size"),
+        ("/api/v1/user?limit=2000&cursor=2000", "limit"),
+        ("/api/v1/sessions?limit=1001", "limit"),
+    ]:
+        refused = await http.get(route)
+        assert refused.status_code == 400, (route, refused.text)
+        assert [v["field"] for v in refused.json()["violations"]] == [field], refused.json()
 
 
 async def test_given_timestamps_and_token_counts_are_ignored(http: httpx.AsyncClient) -> None:
@@ -468,3 +496,31 @@ async def test_floats_of_any_size_read_back_as_the_floats_sent(
         assert len(found) == count
         for m in found:
             same({k: v for k, v in m["metadata"].items() if k != "pad"})
+
+
+async def test_v1_lists_without_a_limit_answer_every_row_or_refuse(
+    http: httpx.AsyncClient, store: Store
+) -> None:
+    # zep-python 1.x's user.list() and memory.list_sessions() send `limit=`, and Zep answers
+    # every row: memstore answered the first 50. Now every row up to 1,000; past them 400
+    # naming limit (a list cut short would read as the whole).
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    at = [start + timedelta(seconds=i) for i in range(1001)]
+    users = [User(f"w{i:04}", "", "", "", {}, t, t, 0) for i, t in enumerate(at)]
+    sessions = [Session(f"s{i:04}", None, {}, t, t, None, 0, None) for i, t in enumerate(at)]
+    await store.restore(DEFAULT_PROJECT_ID, users[:60], sessions[:60], [])
+    listed = await http.get("/api/v1/user", params={"limit": ""})
+    assert [u["user_id"] for u in listed.json()] == [u.user_id for u in users[:60]]
+    listed = await http.get("/api/v1/sessions")
+    assert [s["session_id"] for s in listed.json()] == [s.session_id for s in sessions[:60]]
+    await store.restore(DEFAULT_PROJECT_ID, users[60:1000], sessions[60:1000], [])
+    assert len((await http.get("/api/v1/user")).json()) == 1000
+    assert len((await http.get("/api/v1/sessions")).json()) == 1000
+    await store.restore(DEFAULT_PROJECT_ID, users[1000:], sessions[1000:], [])
+    for route in ("/api/v1/user", "/api/v1/sessions"):
+        refused = await http.get(route)
+        assert refused.status_code == 400, refused.text
+        assert [v["field"] for v in refused.json()["violations"]] == ["limit"], refused.json()
+        # From an offset, the rest of the listing: 1 row after the first 1,000.
+        rest = await http.get(route, params={"cursor": 1000})
+        assert rest.status_code == 200 and len(rest.json()) == 1, rest.text
