@@ -151,7 +151,17 @@ def _session_options(statement_timeout: float) -> dict[str, Any]:
     # passed jit_above_cost on every call, so each AddMemory on the cluster compiled and
     # optimised its expressions with LLVM: 280 ms a call against 31 ms without
     # (docs/scaling.md "JIT off").
-    options = [f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}", "-c jit=off"]
+    #
+    # TimeZone UTC: PostgreSQL prints a timestamptz in the session's zone and psycopg reads
+    # that text into a datetime (years 1-9999). memstore accepts 0001-01-01T00:00:00Z to
+    # 9999-12-31T23:59:59.999999Z, which a zone west of UTC printed as 1 BC and one east of
+    # it as year 10000: such rows could not be read, whatever the database's or server's
+    # TimeZone set (tests/store/test_time_zone.py).
+    options = [
+        f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}",
+        "-c jit=off",
+        "-c TimeZone=UTC",
+    ]
     if statement_timeout > 0:
         # At least 1 ms: 0 would turn the limit off.
         options.append(f"-c statement_timeout={max(1, round(statement_timeout * 1000))}")
