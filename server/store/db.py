@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, sql
 from psycopg.abc import Buffer
 from psycopg.abc import Params as QueryParams
 from psycopg.abc import QueryNoTemplate as Query
 from psycopg.adapt import Loader
 from psycopg.postgres import types
+from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGresult
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
@@ -103,11 +105,27 @@ async def fetch_pipelined(
     Searches are never prepared: a prepared search soon runs on PostgreSQL's generic plan,
     which does not know the query's words and was measured 10-20 times slower than a custom
     plan. Key lookups (`prepare`) are, after psycopg's usual five uses."""
-    async with conn.pipeline():
-        cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
-        for cursor, statement in zip(cursors, statements, strict=True):
-            await cursor.execute(statement, params, prepare=None if prepare else False)
+    try:
+        async with conn.pipeline():
+            cursors = [conn.cursor(row_factory=dict_row) for _ in statements]
+            for cursor, statement in zip(cursors, statements, strict=True):
+                await cursor.execute(statement, params, prepare=None if prepare else False)
+    except psycopg.Error:
+        if prepare and not (conn.broken or conn.closed):
+            await _forget_prepared(conn)
+        raise
     return [await fetch_rows(cursor) for cursor in cursors]
+
+
+async def _forget_prepared(conn: AsyncConnection[Any]) -> None:
+    # psycopg counts a statement as prepared once it queued its Parse, which PostgreSQL
+    # skips after an error earlier in the pipeline: on the use that prepares them (the sixth),
+    # a failed first statement left the connection naming a statement that does not exist,
+    # and every later call on it failed ("prepared statement _pg3_1 does not exist") until
+    # the pool retired it. A transaction's rollback makes psycopg forget its prepared
+    # statements; outside one (autocommit: GetMemory's recall on Citus) DEALLOCATE ALL does.
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        await conn.execute(query("forget_prepared"))
 
 
 #: The types whose values load_json parses.
