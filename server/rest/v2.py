@@ -13,7 +13,8 @@ from starlette.routing import BaseRoute
 from server import off_loop
 from server.api import answer_size
 from server.api import validation as val
-from server.domain import SessionQuery, UserChanges
+from server.api.search import DEFAULT_RELEVANT_LIMIT
+from server.domain import JsonObject, NewMessage, SessionQuery, UserChanges
 from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import common
@@ -207,9 +208,29 @@ async def get_memory(request: Request) -> Response:
 @endpoint
 async def add_memory(request: Request) -> Response:
     session_id = b.path_id(request, "session_id")
-    messages = await b.checked_json(request, common.new_messages)
+    messages, return_context = await b.checked_json(request, _memory_write)
     await services(request).store.add_memory(project(request), session_id, None, messages)
-    return JSONResponse(OK)
+    if not return_context:
+        return JSONResponse(OK)
+    # zep-cloud's memory.add(return_context=True) reads `context` from the answer: the
+    # context memory.get would answer now, the session's recall as a prompt block.
+    memory = await answer_size.read_memory(
+        services(request).searcher,
+        project(request),
+        session_id,
+        val.DEFAULT_LASTN,
+        DEFAULT_RELEVANT_LIMIT,
+    )
+    return JSONResponse({**OK, "context": memory.context or None})
+
+
+def _memory_write(data: JsonObject) -> tuple[list[NewMessage], bool]:
+    """A memory write's messages, and whether it asks for the context back."""
+    messages = common.new_messages(data)
+    flag = data.get("return_context")
+    if flag is not None and not isinstance(flag, bool):
+        raise InvalidArgument.field("return_context", f"must be true or false, not {b.kind(flag)}")
+    return messages, bool(flag)
 
 
 @endpoint

@@ -524,3 +524,15 @@ async def test_v1_lists_without_a_limit_answer_every_row_or_refuse(
         # From an offset, the rest of the listing: 1 row after the first 1,000.
         rest = await http.get(route, params={"cursor": 1000})
         assert rest.status_code == 200 and len(rest.json()) == 1, rest.text
+
+
+async def test_a_memory_write_asks_for_its_context_with_a_boolean(http: httpx.AsyncClient) -> None:
+    body = {"messages": [{"content": "hi"}], "return_context": "yes"}
+    refused = await http.post("/api/v2/sessions/ctx/memory", json=body)
+    assert refused.status_code == 400, refused.text
+    assert [v["field"] for v in refused.json()["violations"]] == ["return_context"]
+    assert (await http.get("/api/v2/sessions/ctx")).status_code == 404  # nothing written
+    body["return_context"] = True
+    added = await http.post("/api/v2/sessions/ctx/memory", json=body)
+    # No user, no other session to recall from: the context is empty, and null as Zep's.
+    assert added.status_code == 200 and added.json() == {"message": "OK", "context": None}

@@ -19,3 +19,7 @@ def test_async_client(zep: ZepServer) -> None:
 
 def test_zep_api_url_points_the_sdk_at_memstore(zep: ZepServer) -> None:
     assert run_sdk("cloud", "from_environment", zep.base_url) == {"user": "env-user"}
+
+
+def test_memory_add_returns_the_context_when_asked(zep: ZepServer) -> None:
+    assert run_sdk("cloud", "added_with_context", zep.base_url) == {"remembered": True}

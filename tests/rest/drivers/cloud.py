@@ -97,6 +97,25 @@ def memory(base_url: str) -> dict[str, Any]:
     return {"hits": len(hits)}
 
 
+def added_with_context(base_url: str) -> dict[str, Any]:
+    # memory.add(return_context=True) reads `context` from the answer: the recall memory.get
+    # would answer now (the user's other sessions). memstore answered {"message": "OK"}, so
+    # the SDK's context was always None.
+    client = _client(base_url)
+    client.user.add(user_id="ivy")
+    client.memory.add_session(session_id="ivy-1", user_id="ivy")
+    client.memory.add_session(session_id="ivy-2", user_id="ivy")
+    said = "We adopted a beagle named Biscuit."
+    quiet = client.memory.add(
+        "ivy-1", messages=[Message(role="Ivy", role_type="user", content=said)]
+    )
+    assert quiet.context is None, quiet
+    asked = Message(role="Ivy", role_type="user", content="Which food suits Biscuit?")
+    added = client.memory.add("ivy-2", messages=[asked], return_context=True)
+    assert added.context == client.memory.get("ivy-2").context, added
+    return {"remembered": said in (added.context or "")}
+
+
 async def _async(base_url: str) -> str:
     client = AsyncZep(base_url=f"{base_url}/api/v2", api_key="any-key")
     await client.memory.add("f-1", messages=[Message(role="F", role_type="user", content="hi")])
