@@ -189,7 +189,7 @@ async def get_memory(request: Request) -> Response:
             lastn=memory.messages,
             relevant_limit=[r.message for r in memory.relevant],
         )
-        # An unknown or deleted session is an empty memory (found: false), as SPEC.md asks:
+        # An unknown or deleted session is an empty memory (found: false), as the spec asks:
         # agent frameworks rely on it (Zep's v1 server answered 404; docs/zep-compat.md).
         return {
             "messages": [c.message(m) for m in memory.messages],
