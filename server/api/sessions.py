@@ -276,8 +276,8 @@ def _require_session_id(session_id: str) -> None:
 def _metadata_update(
     v: val.Violations, request: pb.UpdateSessionRequest | pb.UpdateMessageRequest
 ) -> MetadataChange | None:
-    # The same rule for sessions and messages: with a mask naming "metadata", merge a
-    # non-empty patch or clear; without a mask, merge when metadata is set; else no change.
+    # The same rule for sessions and messages: with a mask naming "metadata", replace it
+    # (clear it when empty); without a mask, merge when metadata is set; else no change.
     paths = val.update_mask(v, request.update_mask, _METADATA_ONLY)
     patch = val.metadata(v, "metadata", request.metadata)
     if paths is not None:

@@ -196,7 +196,8 @@ def _user_changes(request: pb.UpdateUserRequest) -> UserChanges:
 
 
 def metadata_change(metadata: dict[str, object]) -> MetadataChange:
-    """What naming "metadata" in an update mask does: merge a non-empty patch, else clear."""
-    if metadata:
-        return MetadataChange(metadata)
-    return MetadataChange({}, replace=True)
+    """What naming "metadata" in an update mask does: replace the stored metadata with the
+    request's (keys set to null left out, as a create leaves them), clear it when empty. A
+    field mask replaces the fields it names (AIP-134), and it is the way out of a merge the
+    metadata limit refuses (METADATA_TOO_LARGE): until 2026-12-02 a non-empty one merged."""
+    return MetadataChange(metadata, replace=True)

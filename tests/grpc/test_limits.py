@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc
@@ -46,6 +46,45 @@ async def test_merges_that_outgrow_the_limit_are_refused_for_each_resource(
     session = (await sessions.GetSession(ss.GetSessionRequest(session_id="s"))).session
     message = (await sessions.GetMessage(ss.GetMessageRequest(session_id="m", uuid=uuid))).message
     assert [as_dict(x.metadata) for x in (user, session, message)] == [big] * 3
+
+
+async def test_update_mask_naming_metadata_replaces_it(users: Users, sessions: Sessions) -> None:
+    # METADATA_TOO_LARGE's way out, as its message and the protos name it: replace the
+    # metadata by naming it in update_mask. A named metadata was merged, not replaced, so the
+    # same refusal came back, and an old key could never be dropped but by a null.
+    big = {"k": "v" * 63_000, "old": 1}
+    new = {"k2": "w" * 10_000, "gone": None}
+    await users.CreateUser(us.CreateUserRequest(user_id="u", metadata=struct(big)))
+    await sessions.CreateSession(ss.CreateSessionRequest(session_id="s", metadata=struct(big)))
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="m", messages=[msg("x", metadata=struct(big))])
+    )
+    uuid = added.messages[0].uuid
+    mask = field_mask_pb2.FieldMask(paths=["metadata"])
+    patch = struct(new)
+    replaced = [
+        (
+            await users.UpdateUser(
+                us.UpdateUserRequest(user_id="u", metadata=patch, update_mask=mask)
+            )
+        ).user,
+        (
+            await sessions.UpdateSession(
+                ss.UpdateSessionRequest(session_id="s", metadata=patch, update_mask=mask)
+            )
+        ).session,
+        (
+            await sessions.UpdateMessage(
+                ss.UpdateMessageRequest(session_id="m", uuid=uuid, metadata=patch, update_mask=mask)
+            )
+        ).message,
+    ]
+    # Keys set to null are left out, as a create leaves them.
+    assert [as_dict(x.metadata) for x in replaced] == [{"k2": "w" * 10_000}] * 3
+    user = (await users.GetUser(us.GetUserRequest(user_id="u"))).user
+    session = (await sessions.GetSession(ss.GetSessionRequest(session_id="s"))).session
+    message = (await sessions.GetMessage(ss.GetMessageRequest(session_id="m", uuid=uuid))).message
+    assert [as_dict(x.metadata) for x in (user, session, message)] == [{"k2": "w" * 10_000}] * 3
 
 
 async def test_concurrent_merges_never_store_more_than_the_limit(users: Users) -> None:

@@ -205,8 +205,9 @@ class UpdateSessionRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Optional. Only path "metadata" (or "*", the same) is allowed. Naming it
-        while leaving metadata unset or empty clears the metadata; without a mask
-        the metadata is merged when set.
+        replaces the stored metadata with the request's (keys set to null left
+        out), and clears it when metadata is unset or empty; without a mask the
+        metadata is merged when set.
         """
 
     def __init__(
@@ -779,8 +780,9 @@ class UpdateMessageRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Optional. Only path "metadata" (or "*", the same) is allowed; naming it
-        while leaving metadata unset or empty clears the metadata.
+        """Optional. Only path "metadata" (or "*", the same) is allowed, as in
+        UpdateSessionRequest: naming it replaces the metadata (clears it when
+        unset or empty); without a mask the metadata is merged when set.
         """
 
     def __init__(

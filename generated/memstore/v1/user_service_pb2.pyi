@@ -164,10 +164,10 @@ class UpdateUserRequest(_message.Message):
     """Request of UpdateUser.
 
     Which fields change: with an update_mask, exactly the paths it names
-    ("email", "first_name", "last_name", "metadata", or "*" for all four); a
-    named field that the request leaves unset is cleared (empty string, or
-    empty metadata). Without an update_mask, exactly the fields the request
-    sets.
+    ("email", "first_name", "last_name", "metadata", or "*" for all four), each
+    replaced by the request's value; a named field that the request leaves
+    unset is cleared (empty string, or empty metadata). Without an update_mask,
+    exactly the fields the request sets, metadata merged into the stored one.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
