@@ -23,7 +23,15 @@ from typing import IO, Any
 from ._lines import json_value, text_lines
 from .errors import InvalidArgument, MemstoreError
 from .sync import Memstore
-from .types import ExportedMessage, Message, Session, User
+from .types import (
+    ExportedMessage,
+    Message,
+    Session,
+    User,
+    message_backup_proto,
+    session_backup_proto,
+    user_backup_proto,
+)
 
 COMMANDS = ("backup", "restore")
 #: The format of the file; restore refuses another.
@@ -31,9 +39,17 @@ FORMAT = 1
 #: Stream of each kind, in the order a backup holds (and a restore needs) them.
 STREAMS = ("users", "sessions", "messages")
 _KIND_OF = {"users": "user", "sessions": "session", "messages": "message"}
-#: Restore takes at most 1000 rows per call; stay well under the 16 MiB request limit.
+#: Restore takes at most 1000 rows per call; stay well under the 16 MiB request limit, in
+#: bytes of the request (the rows' protobuf: characters outside the BMP are 4 bytes of UTF-8,
+#: and a Struct's small numbers 11 bytes against their 2 in JSON).
 _BATCH_ROWS = 1000
 _BATCH_BYTES = 4 * 1024 * 1024
+#: Each stream's rows as Restore's request holds them (weighed before they are sent).
+_PROTO_OF: dict[str, Callable[[Any], Any]] = {
+    "users": user_backup_proto,
+    "sessions": session_backup_proto,
+    "messages": message_backup_proto,
+}
 
 
 def add_parsers(commands: Any, connection: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -100,7 +116,7 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
                 _write(out, {"memstore_backup": FORMAT})
             bar = stack.enter_context(progress("backing up"))
             bar.update(sum(counts.values()))
-            for stream in STREAMS[STREAMS.index(first) :]:
+            for stream in STREAMS[STREAMS.index(first) :] if first else ():
                 for rows, next_token in streams[stream](token):
                     for row in rows:
                         _write(out, {"kind": _KIND_OF[stream], **_plain(row)})
@@ -127,7 +143,8 @@ def _zero() -> dict[str, int]:
 
 def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
     """Where an interrupted backup goes on, (stream, token), or None when it is complete; and
-    the rows it holds. Rows after the last checkpoint (a chunk cut short) are cut off.
+    the rows it holds. Rows after the last checkpoint (a chunk cut short) are cut off. The
+    stream is "" when every stream is whole and only the end line is missing.
 
     Raises:
         InvalidArgument: the file is not a backup (its first line is not the header), and
@@ -151,8 +168,15 @@ def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
             if row.get("kind") == "checkpoint":
                 stream, token = row["stream"], row["page_token"]
                 following = STREAMS.index(stream) + 1
-                done = not token and following < len(STREAMS)
-                point = (STREAMS[following], "") if done else (stream, token)
+                if token:
+                    point = (stream, token)
+                elif following < len(STREAMS):
+                    point = (STREAMS[following], "")
+                else:
+                    # The last stream's last chunk carries no token: every row is in, only
+                    # the end line is missing. Read as "messages from the start", this
+                    # wrote every message a second time.
+                    point = ("", "")
                 keep = offset
             elif "memstore_backup" in row:
                 keep = offset
@@ -271,7 +295,13 @@ def _check_backup(path: Path) -> int:
         raise InvalidArgument(
             f"{path} is an interrupted backup; finish it first: memstore backup -o {path} --resume"
         )
-    return sum(int(last[kind]) for kind in STREAMS)
+    try:
+        return sum(int(last[kind]) for kind in STREAMS)
+    except (KeyError, TypeError, ValueError):
+        raise InvalidArgument(
+            f"{path}: its end line does not hold the counts of users, sessions and messages "
+            "a backup ends with; it is damaged"
+        ) from None
 
 
 def _json(path: Path, number: int, line: str) -> dict[str, Any]:
@@ -293,15 +323,20 @@ def _batches(path: Path, source: IO[bytes]) -> Iterator[tuple[str, list[Any]]]:
         )
         if stream is None:
             continue  # the header, checkpoints, the end line
-        if batch and (stream != kind or len(batch) >= _BATCH_ROWS or size > _BATCH_BYTES):
+        try:
+            item = _from_row(stream, row)
+            # Its bytes in the request, a field's tag and length included; converting it
+            # also checks every value's type here, where the line can be named.
+            weight = _PROTO_OF[stream](item).ByteSize() + 8
+        except (KeyError, TypeError, ValueError, AttributeError, InvalidArgument) as exc:
+            raise InvalidArgument(f"{path} line {number}: not a {stream[:-1]} row: {exc}") from None
+        full = len(batch) >= _BATCH_ROWS or size + weight > _BATCH_BYTES
+        if batch and (stream != kind or full):
             yield kind, batch
             batch, size = [], 0
         kind = stream
-        try:
-            batch.append(_from_row(stream, row))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument(f"{path} line {number}: not a {stream[:-1]} row: {exc}") from None
-        size += len(line)
+        batch.append(item)
+        size += weight
     if batch:
         yield kind, batch
 

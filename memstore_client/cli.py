@@ -413,13 +413,35 @@ def _create_session(client: Memstore, row: dict[str, Any]) -> int:
 
 def _message(row: dict[str, Any]) -> Message:
     # The row's uuid is kept: importing the same file twice appends nothing twice.
+    # Each value's type is checked here, where the line is named: a content of 123 ended the
+    # import in a traceback (AttributeError) further on.
+    for name in ("content", "role", "role_type", "uuid"):
+        value = row.get(name)
+        if not isinstance(value, str) and (name == "content" or value is not None):
+            raise TypeError(f"{name} must be a string, not {_json_kind(value)}")
+    metadata = row.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be an object, not {_json_kind(metadata)}")
     return Message(
         content=row["content"],
         role=row.get("role") or "",
         role_type=row.get("role_type") or "norole",
-        metadata=row.get("metadata") or {},
+        metadata=metadata or {},
         uuid=row.get("uuid") or "",
     )
+
+
+def _json_kind(value: object) -> str:
+    # What JSON calls the value's type.
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else "a string"
 
 
 def _import_messages(

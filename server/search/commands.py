@@ -10,8 +10,8 @@ import sys
 from typing import Any
 
 from server.config import Config
-from server.errors import FailedPrecondition
-from server.search.embedding import Embedder
+from server.errors import FailedPrecondition, Unavailable
+from server.search.embedding import Embedder, EmbeddingError
 from server.search.worker import EmbeddingWorker
 from server.serving.app import open_store, wait_for_signal
 from server.serving.background import make_embedder
@@ -67,9 +67,16 @@ async def reindex(config: Config) -> None:
                 break
         bar = _progress(total, f"embedding with {embedder.name}")
         worker = EmbeddingWorker(store, embedder)
-        while done := await worker.run_once():
-            bar.update(done)
-        bar.close()
+        try:
+            while done := await worker.run_once():
+                bar.update(done)
+        except EmbeddingError as exc:
+            # One line and exit status 1, as every failure memstore's commands report (a
+            # model unreachable or refusing the key was a traceback). What was embedded is
+            # kept; the rest stays queued for the next run or a `memstore embed`.
+            raise Unavailable(f"the embedding model failed: {exc}") from exc
+        finally:
+            bar.close()
         print(f"reindexed {queued} messages for model {embedder.name}")
     finally:
         await store.close()

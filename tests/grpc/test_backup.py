@@ -178,6 +178,12 @@ async def test_an_interrupted_backup_resumes_from_its_last_checkpoint(
     assert data == [r for r in expected if r.get("kind") in ("user", "session", "message")]
     assert rows[-1] == expected[-1]  # the end line and its counts
     assert await _run("backup", "-o", str(part), *argv) == 1  # never overwritten silently
+    # Cut right after each checkpoint, the last one too (every row in, the end line
+    # missing: its chunk carries no token, and the resume wrote every message again).
+    for i in checkpoints:
+        part.write_text("".join(lines[: i + 1]), encoding="utf-8")
+        assert await _run("backup", "-o", str(part), *argv, "--resume") == 0
+        assert part.read_text(encoding="utf-8").splitlines(keepends=True) == lines, i
 
 
 async def test_a_damaged_or_unfinished_backup_is_refused_with_its_line(
@@ -198,6 +204,16 @@ async def test_a_damaged_or_unfinished_backup_is_refused_with_its_line(
     assert await _run("restore", "-i", str(damaged), *argv) == 1
     err = capsys.readouterr().err
     assert "line 2: not a user row" in err and "resume with" not in err
+    # Valid JSON of a wrong type, and an end line without its counts: tracebacks before.
+    typed = dict(json.loads(lines[1]), user_id=5)
+    damaged.write_text(lines[0] + json.dumps(typed) + "\n" + "".join(lines[2:]), "utf-8")
+    assert await _run("restore", "-i", str(damaged), *argv) == 1
+    err = capsys.readouterr().err
+    assert "line 2: not a user row" in err and "Traceback" not in err, err
+    damaged.write_text("".join(lines[:-1]) + '{"kind": "end"}\n', "utf-8")
+    assert await _run("restore", "-i", str(damaged), *argv) == 1
+    err = capsys.readouterr().err
+    assert "its end line does not hold the counts" in err and "Traceback" not in err, err
     assert await _run("restore", "-i", str(tmp_path / "missing.jsonl"), *argv) == 1
     assert "No such file" in capsys.readouterr().err
     assert (await _snapshot(clean_db))["users"] == []

@@ -199,3 +199,32 @@ async def test_a_line_nested_past_the_parser_is_a_failed_row_not_a_traceback(
     assert _reports(captured.out)[-1] == {
         "kind": "users", "created": 1, "existing": 0, "differs": 0, "failed": 1,
     }  # fmt: skip
+
+
+async def test_a_message_row_of_wrong_types_is_a_failed_row_not_a_traceback(
+    exported: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Valid JSON with a content of 123 (or null) ended the import in an AttributeError.
+    address, folder = exported
+    assert await _import(address, folder, "users") == 0
+    assert await _import(address, folder, "sessions") == 0
+    capsys.readouterr()
+    rows = folder / "typed.jsonl"
+    lines = [
+        {"session_id": "s0", "content": 123},
+        {"session_id": "s0", "content": None},
+        {"session_id": "s0", "content": "ok", "metadata": [1]},
+        {"session_id": "s0", "content": "kept"},
+    ]
+    rows.write_text("".join(json.dumps(line) + "\n" for line in lines), "utf-8")
+    argv = ("--address", address, "-i", str(rows), "--no-progress")
+    assert await _run("import", "messages", *argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "line 1: content must be a string, not a number",
+        "line 2: content must be a string, not null",
+        "line 3: metadata must be an object, not an array",
+    ]
+    assert _reports(captured.out)[-1] == {
+        "kind": "messages", "created": 1, "existing": 0, "differs": 0, "failed": 3,
+    }  # fmt: skip

@@ -218,6 +218,21 @@ def _seed_before_0012(url: str) -> None:
         )
 
 
+def test_reindex_with_a_model_it_cannot_reach_says_so_in_one_line(embed_db: str) -> None:
+    # An embedder URL where nothing listens (or one refusing the key): a traceback before.
+    argv = ("--embedder", "http://127.0.0.1:9/v1/embeddings", "--embedder-model", "m")
+    run = _memstore(embed_db, "reindex", *argv)
+    if _no_vectors(embed_db):
+        # Without pgvector reindex keeps recall by words: it asks no model anything.
+        assert run.returncode == 0, run.stderr[-2000:]
+        return
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "reindex failed: the embedding model failed" in run.stderr, run.stderr[-2000:]
+    with psycopg.connect(embed_db) as conn:  # nothing lost: the messages stay queued
+        assert _scalar(conn, "SELECT count(*) FROM embedding_queue") == MESSAGES
+
+
 def test_reindex_keeps_recall_of_sessions_from_before_0012(server_url: str) -> None:
     # Their recall was ranked on every GetMemory's request path until their next message;
     # reindex keeps it (without pgvector by words, with it by embedding what lacks a vector).
