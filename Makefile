@@ -69,11 +69,12 @@ lint: $(STAMP) check-generated
 generate: $(STAMP)
 	VENV=$(VENV) bash scripts/generate.sh generated
 
-## Fail when generated/ differs from what protos/ generate.
+## Fail when generated/ differs from what protos/ generate (Python's bytecode caches, which
+## importing the stubs writes there, are not part of it: .gitignore leaves them out too).
 check-generated: $(STAMP)
 	rm -rf $(VENV)/.gencheck
 	VENV=$(VENV) bash scripts/generate.sh $(VENV)/.gencheck >/dev/null 2>&1
-	diff -r generated $(VENV)/.gencheck || (echo "generated/ is stale: run 'make generate' and commit" >&2; exit 1)
+	diff -r -x __pycache__ generated $(VENV)/.gencheck || (echo "generated/ is stale: run 'make generate' and commit" >&2; exit 1)
 
 ## Figures against same-run baselines (docs/performance.md); BENCH_USERS / BENCH_RUNS scale it down.
 bench: $(STAMP)
