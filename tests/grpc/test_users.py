@@ -257,3 +257,40 @@ async def test_concurrent_creates_of_one_id_make_one_user(users):
     assert {e.code() for e in losers} == {Code.ALREADY_EXISTS}
     got = (await users.GetUser(us.GetUserRequest(user_id="race"))).user
     assert got.email == winners[0].user.email
+
+
+async def test_an_update_that_changes_nothing_keeps_updated_at(users, sessions):
+    # The protos promise that "a request that changes nothing returns the user (session,
+    # message) as it is": a merge of {} or a field set to its value bumped updated_at, and a
+    # listing by updated_at moved the row.
+    before = await _make_bob(users)
+    same = [
+        us.UpdateUserRequest(user_id="bob", email="bob@example.com"),
+        us.UpdateUserRequest(user_id="bob", metadata=struct({})),
+        us.UpdateUserRequest(user_id="bob", metadata=struct({"k": "v"})),
+    ]
+    for req in same:
+        assert (await users.UpdateUser(req)).user.updated_at == before.updated_at, req
+    changed = (await users.UpdateUser(us.UpdateUserRequest(user_id="bob", email="b@x.org"))).user
+    assert changed.updated_at.ToMicroseconds() > before.updated_at.ToMicroseconds()
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s", messages=[msg("hi", metadata=struct({"k": 1}))])
+    )
+    session, uuid = added.session, added.messages[0].uuid
+    message = added.messages[0]
+    kept = await sessions.UpdateSession(
+        ss.UpdateSessionRequest(session_id="s", metadata=struct({}))
+    )
+    assert kept.session.updated_at == session.updated_at
+    untouched = await sessions.UpdateMessage(
+        ss.UpdateMessageRequest(session_id="s", uuid=uuid, metadata=struct({"k": 1}))
+    )
+    assert untouched.message.updated_at == message.updated_at
+    got = await sessions.GetSession(ss.GetSessionRequest(session_id="s"))
+    assert got.session.updated_at == session.updated_at  # the message's session too
+    moved = await sessions.UpdateMessage(
+        ss.UpdateMessageRequest(session_id="s", uuid=uuid, metadata=struct({"k": 2}))
+    )
+    assert moved.message.updated_at.ToMicroseconds() > message.updated_at.ToMicroseconds()
+    got = await sessions.GetSession(ss.GetSessionRequest(session_id="s"))
+    assert got.session.updated_at.ToMicroseconds() > session.updated_at.ToMicroseconds()

@@ -268,7 +268,7 @@ WITH target AS (
     SELECT m.project_id, m.session_id, m.uuid, CASE
         WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
         ELSE memstore_merge_patch(m.metadata, %(patch)s::jsonb)
-    END AS metadata
+    END AS metadata, m.metadata AS stored
     FROM messages m
     JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
     WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s AND m.uuid = %(uuid)s
@@ -278,9 +278,12 @@ WITH target AS (
     SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
 ), m AS (
     -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Always
-    -- after the message's last change (as update_user).
+    -- after the message's last change; an update that changes nothing leaves the message's
+    -- and its session's as they are (as update_user).
     UPDATE messages AS m SET metadata = sized.metadata,
-                             updated_at = memstore_touch(t.now, m.updated_at)
+                             updated_at = CASE WHEN sized.metadata IS NOT DISTINCT FROM m.metadata
+                                               THEN m.updated_at
+                                               ELSE memstore_touch(t.now, m.updated_at) END
     FROM sized, (SELECT clock_timestamp() AS now) AS t
     -- Pinned by the parameters (sized holds that one message) so it stays on one shard.
     WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s
@@ -289,8 +292,9 @@ WITH target AS (
               m.created_at, m.updated_at
 ), touched AS (
     UPDATE sessions AS s SET updated_at = memstore_touch(m.updated_at, s.updated_at)
-    FROM m
+    FROM m, sized
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
+      AND sized.metadata IS DISTINCT FROM sized.stored
     RETURNING 1
 )
 SELECT sized.metadata_bytes, m.*, (SELECT count(*) FROM touched) AS touched

@@ -62,9 +62,12 @@ WITH target AS (
     SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
 ), updated AS (
     -- The clock is read in FROM: Citus refuses a non-immutable function in SET. Always
-    -- after the last change (as update_user).
+    -- after the last change, and left as it is by an update that changes nothing (as
+    -- update_user).
     UPDATE sessions AS s SET metadata = sized.metadata,
-                             updated_at = memstore_touch(t.now, s.updated_at)
+                             updated_at = CASE WHEN sized.metadata IS NOT DISTINCT FROM s.metadata
+                                               THEN s.updated_at
+                                               ELSE memstore_touch(t.now, s.updated_at) END
     FROM sized, (SELECT clock_timestamp() AS now) AS t
     -- Pinned by the parameters (sized holds that one session) so it stays on one shard.
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s

@@ -61,8 +61,17 @@ WITH target AS (
         metadata = sized.metadata,
         -- The clock is read in FROM: Citus refuses a non-immutable function in SET (and
         -- reads it on the coordinator, before the row lock). Always after the last change
-        -- (memstore_touch, migration 0011), so updates of a row are ordered by updated_at.
-        updated_at = memstore_touch(t.now, u.updated_at)
+        -- (memstore_touch, migration 0011), so updates of a row are ordered by updated_at;
+        -- an update that changes nothing leaves it (the protos' promise: "returns the user
+        -- as it is"). SET's own columns are the row's values before this update.
+        updated_at = CASE
+            WHEN (CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END,
+                  CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
+                  CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
+                  sized.metadata)
+                 IS NOT DISTINCT FROM (u.email, u.first_name, u.last_name, u.metadata)
+            THEN u.updated_at
+            ELSE memstore_touch(t.now, u.updated_at) END
     FROM sized, (SELECT clock_timestamp() AS now) AS t
     -- Pinned by the parameters (sized holds that one user) so it stays on one shard.
     WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
