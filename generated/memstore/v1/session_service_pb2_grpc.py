@@ -350,7 +350,11 @@ class SessionServiceServicer:
         relevant to this session's
         most recent messages (relevant_messages), and the same as prompt text
         (context). No model runs on this path: the background embedding worker
-        prepares what stands for the session's recent messages.
+        ranks them when the session's messages arrive, and keeps the first 20. So
+        a memory said in another session after this session's last message
+        appears once this session gets a message of its own; a relevant_limit
+        above 20 ranks at the call, and sees it at once (docs/search.md, "What is
+        kept, when").
 
         Errors:
         - INVALID_ARGUMENT: session_id is invalid; lastn is negative;
