@@ -391,14 +391,15 @@ def update_mask(
     paths = list(mask.paths)
     if not paths:
         return None
-    if paths == ["*"]:
-        return set(allowed)
-    unknown = [p for p in paths if p not in allowed]
+    # "*" names every field, beside others too (["*", "email"] was refused as an unknown "*").
+    unknown = [p for p in paths if p not in allowed and p != "*"]
     if unknown:
         v.add(
             "update_mask",
             f"unknown path(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}",
         )
+    if "*" in paths:
+        return set(allowed)
     return set(paths) - set(unknown)
 
 

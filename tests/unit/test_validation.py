@@ -213,8 +213,11 @@ def test_update_mask() -> None:
     assert val.update_mask(v, field_mask_pb2.FieldMask(), allowed) is None
     assert val.update_mask(v, field_mask_pb2.FieldMask(paths=["email"]), allowed) == {"email"}
     assert val.update_mask(v, field_mask_pb2.FieldMask(paths=["*"]), allowed) == set(allowed)
+    # "*" names every field, beside another too (it was refused as an unknown path).
+    both = field_mask_pb2.FieldMask(paths=["*", "email"])
+    assert val.update_mask(v, both, allowed) == set(allowed)
     assert v.items == []
-    for bad in (["user_id"], ["metadata.a"], ["email", "nope"]):
+    for bad in (["user_id"], ["metadata.a"], ["email", "nope"], ["*", "nope"]):
         mask = field_mask_pb2.FieldMask(paths=bad)
         assert _fields(lambda v, m=mask: val.update_mask(v, m, allowed)) == ["update_mask"]
 
