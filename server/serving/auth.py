@@ -147,8 +147,10 @@ class Authenticator:
         now = time.monotonic()
         if force or now - self._checked_at >= self._ttl:
             self._checked_at = now
-            self._enabled = await self._store.any_api_key()
-            if self._enabled:
+            # One way only: a look that began before the first key was made may answer
+            # after one that saw it, and must not turn authentication off again.
+            if await self._store.any_api_key() and not self._enabled:
+                self._enabled = True
                 log.info("an API key exists: authentication is now required")
         return self._enabled
 

@@ -225,6 +225,38 @@ async def test_a_key_made_after_another_was_presented_works_at_once() -> None:
         await auth.project_for((("authorization", "Api-Key placeholder"),))
 
 
+class _SlowFirstLook(_KeyMadeLater):
+    """A store whose first any_api_key reads before the key is made and answers last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.release = True, asyncio.Event()
+
+    async def any_api_key(self) -> bool:
+        if self.first:
+            self.first = False
+            await self.release.wait()
+            return False  # what it read, before the key was made
+        return self.made
+
+
+async def test_a_slow_look_for_keys_never_turns_authentication_off_again() -> None:
+    # A keyless call's periodic look began before the first key was made and answered after
+    # a call presenting that key turned authentication on: it set it off again, and keyless
+    # calls were served in the default project until the next look.
+    store = _SlowFirstLook()
+    auth = Authenticator(store, 0.0, enabled=False)  # type: ignore[arg-type]
+    slow = asyncio.ensure_future(auth.project_for(()))
+    await asyncio.sleep(0)  # the slow look is under way
+    store.made = True
+    assert await auth.project_for((("authorization", f"Bearer {store.key.text}"),)) == 7
+    store.release.set()
+    with pytest.raises(Unauthenticated):  # decided after authentication was on
+        await slow
+    with pytest.raises(Unauthenticated):
+        await auth.project_for(())
+
+
 async def test_first_key_turns_authentication_on(secure_store: Store) -> None:
     # A server that started open (enabled=False) honours a key made afterwards at once.
     auth = Authenticator(secure_store, 60.0, enabled=False)
