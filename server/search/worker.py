@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from server.errors import MemstoreError
@@ -182,13 +183,60 @@ class EmbeddingWorker:
                 raise TimeoutError(f"embedding queue not drained after {timeout:.0f}s")
         return total
 
-    async def _embed(self, texts: list[str]) -> list[list[float]]:
+    async def _embed(self, texts: list[str]) -> Sequence[list[float] | None]:
+        # One vector per text; None for a text the model refuses whatever is sent with it.
+        try:
+            return list(await self._embed_now(texts))
+        except EmbeddingError as exc:
+            if not _refused(exc):
+                raise
+            first = exc
+        # The model refused the batch (a text too long for it, say: the remote path sends
+        # texts whole, and a 1 MiB message passes an OpenAI model's 8,192 tokens). Given
+        # back, the batch would be claimed and refused again, forever, and nothing queued
+        # after it embedded. Each text alone then; one refused alone is left without a
+        # vector (its message stays, found by words), unless the model refuses even a word,
+        # which says the model or its key is wrong: the batch goes back, for a later try.
+        vectors: list[list[float] | None] = []
+        for text in texts:
+            try:
+                alone = await self._embed_now([text])
+            except EmbeddingError as exc:
+                if not _refused(exc):
+                    raise
+                vectors.append(None)
+                continue
+            vectors.append(alone[0])
+        if all(v is None for v in vectors):
+            try:
+                await self._embed_now(["memstore"])
+            except EmbeddingError:
+                raise first from None
+        for text, vector in zip(texts, vectors, strict=True):
+            if vector is None:
+                log.warning(
+                    "the embedding model refuses a message of %d characters (%s): it is kept "
+                    "without a vector, found by words but not by meaning",
+                    len(text),
+                    first,
+                )
+        return vectors
+
+    async def _embed_now(self, texts: list[str]) -> list[list[float]]:
         assert self._embedder is not None
         loop = asyncio.get_running_loop()
         vectors, cpu = await loop.run_in_executor(self._thread, _timed, self._embedder, texts)
         self._pacer.model_ran(cpu)
         self._batch_cpu += cpu
         return vectors
+
+
+#: HTTP statuses by which a model refuses what it was sent, not its caller or its load.
+_REFUSALS = frozenset({400, 413, 422})
+
+
+def _refused(exc: EmbeddingError) -> bool:
+    return exc.status in _REFUSALS
 
 
 def _timed(embedder: Embedder, texts: list[str]) -> tuple[list[list[float]], float]:

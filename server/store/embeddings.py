@@ -4,7 +4,7 @@ vectors are not kept); reindex fills the queue."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -29,7 +29,7 @@ _CLAIM_ATTEMPTS = 5
 _SAVE_ATTEMPTS = 3
 
 #: Embeds a batch of texts off the event loop; one vector per text.
-EmbedBatch = Callable[[list[str]], Awaitable[list[list[float]]]]
+EmbedBatch = Callable[[list[str]], Awaitable[Sequence[list[float] | None]]]
 
 
 def _keys_params(keys: list[tuple[int, str, int]]) -> dict[str, Any]:
@@ -108,9 +108,12 @@ class EmbeddingMethods(SearchMethods):
             async with self._connect(single=True) as conn:
                 await conn.execute(query("release_embeddings"), _keys_params(keys))
             raise
+        # A message the model refused (None) leaves the queue without a vector, as a
+        # soft-deleted one does (save_embeddings).
         by_key = {
             (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
             for r, v in zip(live, vectors, strict=True)
+            if v is not None
         }
         # Citus locks no rows across shards, so the save does not lock the batch's sessions
         # first: a DeleteUser or purge that deleted one of its messages and commits while the

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +16,8 @@ import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import Message, NewMessage, Session
-from server.search.worker import watch_queue
+from server.search.embedding import EmbeddingError
+from server.search.worker import EmbeddingWorker, watch_queue
 from server.store import Store
 from server.store.migrate import apply_migrations
 from server.store.queries import query
@@ -363,3 +365,42 @@ async def test_restore_queues_like_add_memory_in_both_modes(store: Store, clean_
         assert queued == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
     else:
         assert queued == [("a", 3), ("b", 1)]
+
+
+class _Refusing:
+    """A remote model that refuses (HTTP 400) any request holding a text past `longest`, or,
+    with `broken`, every request (a wrong model name or key)."""
+
+    name, dimensions = MODEL, 3
+
+    def __init__(self, longest: int, *, broken: bool = False) -> None:
+        self.longest, self.broken = longest, broken
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if self.broken or any(len(t) > self.longest for t in texts):
+            raise EmbeddingError("400 Bad Request: input too long", url="http://m", status=400)
+        return unit_vectors(list(texts))
+
+
+async def test_a_message_the_model_refuses_never_stalls_the_queue(
+    store: Store, clean_db: str
+) -> None:
+    # A remote model refused a batch holding one text too long for it; given back, the batch
+    # was claimed and refused again forever, and nothing queued after it was embedded.
+    if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
+        return
+    await store.add_memory(P, "s", None, [msg("a"), msg("x" * 500), msg("bb")])
+    worker = EmbeddingWorker(store, _Refusing(100))
+    assert await worker.run_once() == 3
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    kept = "SELECT count(*) FROM message_embeddings WHERE sequence IN (1, 3)"
+    assert await _scalar(clean_db, kept) == 2
+    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 2
+    # A model that refuses everything, even a word, is wrong itself (its name, its key):
+    # the batch goes back to the queue, nothing is dropped.
+    await store.add_memory(P, "t", None, [msg("c")])
+    broken = EmbeddingWorker(store, _Refusing(100, broken=True))
+    with pytest.raises(EmbeddingError):
+        await broken.run_once()
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
