@@ -231,6 +231,27 @@ async def test_kept_recall_drops_what_was_deleted_since(users, sessions, store, 
     assert await _kept_sessions(clean_db, store, "ivo-now") is None
 
 
+async def test_a_cleared_session_is_served_no_recall_its_old_messages_picked(
+    users, sessions, store, embed, clean_db
+):
+    # The worker keeps a session's recall by its messages; ClearMemory then took them, and
+    # GetMemory still answered memories (and a context) picked by the conversation the
+    # user had cleared, while the request path (past 20 memories) answered none.
+    await users.CreateUser(us.CreateUserRequest(user_id="lea"))
+    await _say(sessions, "lea-a", "lea", "my sourdough starter is called Bubbles")
+    await _say(sessions, "lea-now", "lea", "how do I feed a sourdough starter?")
+    await embed()
+    before = await sessions.GetMemory(ss.GetMemoryRequest(session_id="lea-now"))
+    assert {r.session_id for r in before.relevant_messages} == {"lea-a"}
+    await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="lea-now"))
+    assert set(await _kept_sessions(clean_db, store, "lea-now") or []) == {"lea-a"}
+    for limit in (5, 21):  # kept, and ranked at the call
+        after = await sessions.GetMemory(
+            ss.GetMemoryRequest(session_id="lea-now", relevant_limit=limit)
+        )
+        assert list(after.relevant_messages) == [] and after.context == "", limit
+
+
 async def _kept_sessions(url: str, store: Store, session_id: str) -> list[str] | None:
     """The sessions of a session's kept recall, best first; None when nothing is kept."""
     table = "session_embeddings" if store.vectors else "session_word_recall"

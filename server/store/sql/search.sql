@@ -403,8 +403,10 @@ SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
 FROM q
 JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
              AND q.lim > 0 {kept_filter}
+-- The session's own messages picked its kept recall: once it has none (ClearMemory; its
+-- undelete keeps them deleted), the recall of messages it no longer holds is not served.
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
-               AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
+               AND o.deleted_at IS NULL AND o.user_id IS NOT NULL AND o.message_count > 0
 LEFT JOIN LATERAL ({recall}) k ON true
 ORDER BY i, part, ord;
 
@@ -445,7 +447,7 @@ SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content, r
 SELECT o.user_id AS owner, e.recall_sessions, e.recall_sequences, e.recall_scores
 FROM {kept} e
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
-               AND o.deleted_at IS NULL AND o.user_id IS NOT NULL
+               AND o.deleted_at IS NULL AND o.user_id IS NOT NULL AND o.message_count > 0
 WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s {kept_filter}
 
 -- recall_live_citus --
