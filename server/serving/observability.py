@@ -369,7 +369,7 @@ class _Call:
         self.rid = _request_id_in(self.metadata)
         request_id.set(self.rid)
         # The caller's deadline, for the store: a call that may run longer than the
-        # statement timeout runs its statements up to its deadline (StoreBase._connect).
+        # statement timeout runs its statements up to its deadline (StoreBase._bound_for_call).
         if (remaining := context.time_remaining()) is not None:
             call_deadline.set(time.monotonic() + remaining)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
