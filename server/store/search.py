@@ -670,7 +670,8 @@ async def _kept_live_citus(
     `keys` is recall_kept_keys_citus's row: the owner and the kept keys, best first. Their
     live memories are read `limit` keys at a time (the next keys only when some of these are
     gone), so a call reaches the shards of at most `limit` sessions in the usual case. As in
-    get_memories_recall: one row with a NULL m_uuid when none is live.
+    get_memories_recall: one row with a NULL m_uuid when the worker kept none, no row when
+    it kept some and none is live any more (the caller then ranks on the request path).
     """
     # As unnest of the three arrays, which the worker writes with equal lengths.
     columns = (keys["recall_sessions"], keys["recall_sequences"], keys["recall_scores"])
@@ -695,7 +696,9 @@ async def _kept_live_citus(
             row = by_key.get((session, sequence))
             if row is not None and len(found) < limit:
                 found.append({**row, "r_score": score})
-    return found or [{"m_uuid": None}]
+    if found or ranked:
+        return found
+    return [{"m_uuid": None}]
 
 
 def _cut_by_content(found: list[Row], budget: int | None) -> tuple[list[Row], bool]:

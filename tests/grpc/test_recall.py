@@ -252,6 +252,26 @@ async def test_a_cleared_session_is_served_no_recall_its_old_messages_picked(
         assert list(after.relevant_messages) == [] and after.context == "", limit
 
 
+async def test_kept_recall_none_of_which_is_live_ranks_at_the_call(
+    users, sessions, store, embed, clean_db
+):
+    # The worker kept mia-now's recall when only mia-a spoke of sourdough; mia-b spoke of it
+    # after. With mia-a deleted none of the kept memories is live: GetMemory answered no
+    # memory at all while mia-b's lives (the same call past 20 memories, ranked at the call,
+    # found it). It ranks at the call now, as if nothing were kept.
+    await users.CreateUser(us.CreateUserRequest(user_id="mia"))
+    await _say(sessions, "mia-a", "mia", "my sourdough starter is called Bubbles")
+    await _say(sessions, "mia-now", "mia", "how do I feed a sourdough starter?")
+    await embed()
+    assert set(await _kept_sessions(clean_db, store, "mia-now") or []) == {"mia-a"}
+    await _say(sessions, "mia-b", "mia", "the sourdough loaf came out flat")
+    await embed()  # keeps mia-b's own recall; mia-now's stays as it was
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="mia-a"))
+    got = await sessions.GetMemory(ss.GetMemoryRequest(session_id="mia-now"))
+    assert {r.session_id for r in got.relevant_messages} == {"mia-b"}
+    assert "loaf" in got.context
+
+
 async def _kept_sessions(url: str, store: Store, session_id: str) -> list[str] | None:
     """The sessions of a session's kept recall, best first; None when nothing is kept."""
     table = "session_embeddings" if store.vectors else "session_word_recall"

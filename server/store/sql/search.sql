@@ -366,9 +366,10 @@ AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 -- then its kept recall (part 1, none for a relevant_limit of 0, which GetMemory without
 -- recall sends: its first relevant_limit memories still live, best first; session_id and
 -- user_id are the memory's, its message in the m_ columns, r_score its score). No part-1 row
--- when no recall was computed for this model; a single one with a NULL m_uuid when none of
--- the kept memories is live (deleted since, or their session changed hands): those are
--- skipped in SQL, later ones fill in. A call whose session is absent or deleted has no row
+-- when no recall was computed for this model, or when none of the kept memories is live any
+-- more (deleted since, or their session changed hands: the store ranks on the request path
+-- then); a single one with a NULL m_uuid when the worker kept none. Memories no longer live
+-- are skipped in SQL, later ones fill in. A call whose session is absent or deleted has no row
 -- at all. Uuids as text: psycopg's uuid
 -- loader builds a UUID object (in Python) that rows.message turns back into text. {kept} is
 -- where the recall is kept and {kept_filter} which of it: session_embeddings and
@@ -408,6 +409,10 @@ JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL AND o.message_count > 0
 LEFT JOIN LATERAL ({recall}) k ON true
+-- A kept list none of whose memories is live any more (deleted since) gives no part-1 row:
+-- the store then ranks on the request path, as if nothing were kept, rather than answer none
+-- while other live memories exist. An empty kept list (nothing relevant) is an answer.
+WHERE k.uuid IS NOT NULL OR cardinality(e.recall_sessions) = 0
 ORDER BY i, part, ord;
 
 -- kept_recall_scan --
