@@ -131,11 +131,18 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def _patches(seed: int, count: int) -> list[dict[str, Any]]:
+    # Each patch also sets "i" to its own number, so that each changes the row: an update
+    # that changes nothing keeps updated_at (the protos' promise,
+    # tests/grpc/test_users.py::test_an_update_that_changes_nothing_keeps_updated_at), and
+    # its place in the commit order is then not in the row to replay.
     rng = random.Random(seed)
     values: list[Any] = [None, 1, "x", [1, 2], {"n": 1}, {"n": None, "m": 2}, {"n": {"o": 3}}]
     return [
-        {k: rng.choice(values) for k in rng.sample(["a", "b", "c", "d"], rng.randint(1, 3))}
-        for _ in range(count)
+        {
+            "i": i,
+            **{k: rng.choice(values) for k in rng.sample(["a", "b", "c", "d"], rng.randint(1, 3))},
+        }
+        for i in range(count)
     ]
 
 
@@ -160,8 +167,9 @@ async def test_concurrent_merges_replay_in_commit_order(users: Users, sessions: 
     }
     for name, (patches, call, resource) in cases.items():
         replies = await asyncio.gather(*(call(p) for p in patches))
-        # No two updates of the row share a time (on Citus they did while updated_at was
-        # greatest(clock, last) with the clock read before the row lock): the order is known.
+        # No two updates that change the row share a time (on Citus they did while
+        # updated_at was greatest(clock, last) with the clock read before the row lock): the
+        # order is known.
         times = [resource(r).updated_at.ToNanoseconds() for r in replies]
         assert len(set(times)) == len(times), name
         applied = sorted(
