@@ -65,6 +65,8 @@ def translated(
     except pg.DataError as exc:
         if _loading(exc):
             raise _unreadable(exc) from exc
+        if exc.sqlstate == "22000" and _detail(exc, "").startswith("different vector dimensions"):
+            raise _dimensions_differ(exc) from exc
         # Client-side dump failures (e.g. a NUL byte in a string) carry no column name.
         raise InvalidArgument.field(_column(exc) or field, _detail(exc, "invalid value")) from exc
     except (pg.ProgramLimitExceeded, pg.IntegrityError) as exc:
@@ -123,6 +125,20 @@ def _unreadable(exc: psycopg.DataError) -> UnreadableValue:
         _first_line(exc),
     )
     return UnreadableValue("a value stored in the database could not be read; see the server log")
+
+
+def _dimensions_differ(exc: psycopg.DataError) -> FailedPrecondition:
+    # pgvector compares only vectors of one length. Vectors carry their model's name, so
+    # this means one name now answers vectors of another length than those it stored:
+    # another model behind the same --embedder-model. No request can mend that; the
+    # operator can, and the message says how (docs/search.md, "Models").
+    log.error("stored vectors and the embedding model's differ in length: %s", _first_line(exc))
+    return FailedPrecondition(
+        f"the stored vectors of the embedding model and its answers differ in length "
+        f"({_detail(exc, '')}): another model answers under the same name; start memstore "
+        "with a new --embedder-model name and run `memstore reindex`",
+        reason="EMBEDDING_DIMENSIONS_DIFFER",
+    )
 
 
 def _statement(exc: psycopg.DataError) -> str:

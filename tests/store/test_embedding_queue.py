@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
-from server.domain import Message, NewMessage, Session
+from server.domain import Message, NewMessage, SearchQuery, Session
+from server.errors import FailedPrecondition
 from server.search.embedding import EmbeddingError
 from server.search.worker import EmbeddingWorker, watch_queue
 from server.store import Store
@@ -204,6 +205,48 @@ async def test_reindex_queues_what_another_model_embedded(store: Store, clean_db
     assert (await store.queue_reindex(MODEL, after, 3))[0] == 0
     assert await store.embed_due(MODEL, 10, 6, embed) == 5
     assert await store.reindex_total(MODEL) == 0
+
+
+async def test_a_model_answering_another_length_under_its_name_says_how_to_mend_it(
+    store: Store, clean_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A remote model swapped behind the same --embedder-model name: its query vectors meet
+    # stored ones of another length, which pgvector cannot compare. That is no caller's
+    # fault, and it was INVALID_ARGUMENT naming metadata_contains.
+    if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
+        return
+    await store.add_memory(P, "s", None, [msg("the red door"), msg("the blue door")])
+
+    async def three(texts: list[str]) -> list[list[float]]:
+        return unit_vectors(texts)
+
+    async def four(texts: list[str]) -> list[list[float]]:
+        return [[*v, 0.5] for v in unit_vectors(texts)]
+
+    assert await store.embed_due(MODEL, 10, 6, three) == 2
+    query = SearchQuery(text="door", search_type="semantic", session_ids=("s",))
+
+    async def search(model: str) -> list[int]:
+        found, _, _ = await store.search_messages(
+            P, query, vector=[1.0, 0.0, 0.0, 0.5], model=model, limit=10, depth=40
+        )
+        return sorted(r.message.sequence for r, _ in found)
+
+    with (
+        caplog.at_level(logging.ERROR, "server.store.translate"),
+        pytest.raises(FailedPrecondition) as raised,
+    ):
+        await search(MODEL)
+    assert raised.value.reason == "EMBEDDING_DIMENSIONS_DIFFER"
+    assert "--embedder-model" in raised.value.message
+    assert "memstore reindex" in raised.value.message
+    assert "different vector dimensions" in caplog.text
+    # What the message says to do mends it: a new name, its vectors made anew.
+    queued, _ = await store.queue_reindex("renamed", None, 10)
+    assert queued == 2
+    assert await store.embed_due("renamed", 10, 6, four) == 2
+    assert await search("renamed") == [1, 2]
 
 
 async def _queued_keys(url: str) -> list[tuple[str, int]]:

@@ -474,6 +474,10 @@ class SessionServiceServicer:
         - FAILED_PRECONDITION (SEMANTIC_UNAVAILABLE): search_type is
         SEARCH_TYPE_SEMANTIC, or mmr_lambda is set, and the server keeps no
         vectors (no pgvector, or started with --embedder none).
+        - FAILED_PRECONDITION (EMBEDDING_DIMENSIONS_DIFFER): the model answers
+        vectors of another length than those stored under its name (another
+        model behind the same --embedder-model); the operator mends it with a
+        new model name and `memstore reindex`.
         - UNAVAILABLE (EMBEDDER_UNAVAILABLE): the embedding model failed while
         embedding the query (a remote embedder unreachable or erring); retry,
         or search with SEARCH_TYPE_FULL_TEXT.
