@@ -48,6 +48,16 @@ class EmbeddingError(Exception):
         self.url = url
         self.status = status
 
+    @property
+    def refused(self) -> bool:
+        """Whether the model refused what it was sent (HTTP 400, 413 or 422: a text too long
+        for it, say), rather than failing for its caller's or its own state."""
+        return self.status in _REFUSALS
+
+
+#: HTTP statuses by which a model refuses what it was sent, not its caller or its load.
+_REFUSALS = frozenset({400, 413, 422})
+
 
 def embedder_from_setting(
     value: str = "local",

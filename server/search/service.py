@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from server.domain import Message, SearchOutcome, SearchQuery, SearchResult, Session
-from server.errors import FailedPrecondition, Unavailable
+from server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from server.search.embedding import Embedder, EmbeddingError
 from server.search.ranking import context_block, mmr_order
 from server.store import Store
@@ -67,6 +67,7 @@ class Searcher:
         Raises:
             FailedPrecondition: semantic ranking (or diversity) was asked for and cannot be
                 served here (reason SEMANTIC_UNAVAILABLE).
+            InvalidArgument: the embedding model refuses the text.
             Unavailable: the database (or a remote embedder) cannot be reached.
         """
         reason = "" if q.search_type == "full_text" else self.why_not_semantic()
@@ -137,6 +138,16 @@ class Searcher:
         )
         return Memory(session, messages, relevant, context_block(relevant), cut, relevant_cut)
 
+    async def _embeds_a_word(self) -> bool:
+        # As the worker tells a text the model refuses from a model refusing everything (its
+        # name or key wrong: the server's fault, UNAVAILABLE as any failing model).
+        assert self._embedder is not None
+        try:
+            await asyncio.to_thread(self._embedder.embed, ["memstore"])
+        except EmbeddingError:
+            return False
+        return True
+
     @property
     def model(self) -> str | None:
         """The name of the model whose vectors this server reads, if any."""
@@ -146,12 +157,20 @@ class Searcher:
         """Vectors of `texts`, computed in a thread so the event loop keeps serving.
 
         Raises:
+            InvalidArgument: the model refuses the text (too long for it, say) while it
+                embeds a word: the text's fault, so a retry would fail alike.
             Unavailable: the model failed (a remote embedder unreachable or erring).
         """
         assert self._embedder is not None
         try:
             return await asyncio.to_thread(self._embedder.embed, texts)
         except EmbeddingError as exc:
+            if exc.refused and await self._embeds_a_word():
+                raise InvalidArgument.field(
+                    "text",
+                    f"the embedding model refuses it ({exc}); shorten it, or search with "
+                    "SEARCH_TYPE_FULL_TEXT",
+                ) from exc
             log.warning("embedding the query failed: %s", exc)
             raise Unavailable(
                 f"the embedding model failed ({exc}); retry, or search with SEARCH_TYPE_FULL_TEXT",

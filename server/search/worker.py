@@ -188,7 +188,7 @@ class EmbeddingWorker:
         try:
             return list(await self._embed_now(texts))
         except EmbeddingError as exc:
-            if not _refused(exc):
+            if not exc.refused:
                 raise
             first = exc
         # The model refused the batch (a text too long for it, say: the remote path sends
@@ -202,7 +202,7 @@ class EmbeddingWorker:
             try:
                 alone = await self._embed_now([text])
             except EmbeddingError as exc:
-                if not _refused(exc):
+                if not exc.refused:
                     raise
                 vectors.append(None)
                 continue
@@ -229,14 +229,6 @@ class EmbeddingWorker:
         self._pacer.model_ran(cpu)
         self._batch_cpu += cpu
         return vectors
-
-
-#: HTTP statuses by which a model refuses what it was sent, not its caller or its load.
-_REFUSALS = frozenset({400, 413, 422})
-
-
-def _refused(exc: EmbeddingError) -> bool:
-    return exc.status in _REFUSALS
 
 
 def _timed(embedder: Embedder, texts: list[str]) -> tuple[list[list[float]], float]:

@@ -26,6 +26,7 @@ from server.search.service import RECALL_WINDOW
 from server.serving.app import build_server
 from server.store import Store
 from server.store.search import SEARCH_WORDS
+from tests.fake_embedder import serving
 from tests.grpc import Code, Sessions, Users, as_dict, msg, rpc_error, struct
 
 pytestmark = pytest.mark.integration
@@ -333,6 +334,38 @@ async def test_a_failing_remote_embedder_is_unavailable_and_full_text_still_answ
             assert _contents(words) == ["tea or coffee"]
     finally:
         await server.stop(None)
+
+
+async def test_a_text_the_remote_model_refuses_is_invalid_argument_naming_it(
+    sessions: Sessions, store: Store, clean_db: str
+) -> None:
+    # A remote model refuses a text past its context (HTTP 400). That was UNAVAILABLE,
+    # EMBEDDER_UNAVAILABLE, "retry": every retry failed alike. A model refusing even a word
+    # is misconfigured, the server's fault: UNAVAILABLE still.
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg("tea or coffee")]))
+    with serving() as model:
+        model.max_chars = 50
+        config = Config(host="127.0.0.1", port=0, embedder=model.url, embedder_model="m")
+        server, port = await build_server(config, store)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                remote = session_service_pb2_grpc.SessionServiceStub(channel)
+                long = remote.SearchMemory(ss.SearchMemoryRequest(text="coffee " * 20))
+                if not store.vectors:  # no vectors kept: the model is never asked
+                    assert _contents(await long) == ["tea or coffee"]
+                    assert model.requests == []
+                    return
+                error = await rpc_error(long, Code.INVALID_ARGUMENT, field="text")
+                assert "refuses it" in (error.details() or "")
+                assert "SEARCH_TYPE_FULL_TEXT" in (error.details() or "")
+                short = await remote.SearchMemory(ss.SearchMemoryRequest(text="coffee"))
+                assert short.semantic and _contents(short) == ["tea or coffee"]
+                model.max_chars = 0
+                refusing = remote.SearchMemory(ss.SearchMemoryRequest(text="coffee"))
+                await rpc_error(refusing, Code.UNAVAILABLE, reason="EMBEDDER_UNAVAILABLE")
+        finally:
+            await server.stop(None)
 
 
 async def test_until_embedded_a_message_ranks_by_its_words_at_full_weight(

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import socket
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -21,6 +16,7 @@ from server.search import (
     OpenAIEmbedder,
     embedder_from_setting,
 )
+from tests.fake_embedder import FakeServer, serving
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -148,65 +144,10 @@ def test_local_is_free_to_construct_and_checks_threads() -> None:
 # -- an OpenAI-compatible server --------------------------------------------------------------
 
 
-@dataclass
-class FakeServer:
-    """What /v1/embeddings answers, and what it was asked."""
-
-    url: str
-    requests: list[tuple[dict[str, str], Any]] = field(default_factory=list)
-    status: int = 200
-    body: bytes | None = None  # replaces the computed answer when set
-    dims: int = 3
-    delay: float = 0.0
-
-
-def _answer(texts: list[str], dims: int) -> dict[str, Any]:
-    # Vectors that are not unit length, listed in reverse: the client must sort and normalise.
-    data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": [float(len(text) + 1)] + [1.0] * (dims - 1),
-        }
-        for i, text in enumerate(texts)
-    ]
-    return {"object": "list", "model": "m", "data": data[::-1]}
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeServer]:
-    state = FakeServer(url="")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            request = json.loads(self.rfile.read(length))
-            state.requests.append((dict(self.headers), request))
-            time.sleep(state.delay)
-            if self.path != "/v1/embeddings":
-                self.send_error(404)
-                return
-            body = state.body
-            if body is None:
-                body = json.dumps(_answer(request["input"], state.dims)).encode()
-            self.send_response(state.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.wfile.write(body)  # a client that timed out has gone
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # keep the test output clean
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1/embeddings"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    with serving() as state:
+        yield state
 
 
 def test_openai_sends_model_and_texts_and_sorts_by_index(fake: FakeServer) -> None:

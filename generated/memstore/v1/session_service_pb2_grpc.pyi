@@ -278,7 +278,9 @@ class SessionServiceStub:
     user or session gives no results, not an error.
 
     Errors:
-      - INVALID_ARGUMENT: text is empty or longer than 10,000 characters;
+      - INVALID_ARGUMENT: text is empty or longer than 10,000 characters, or
+        a remote embedding model refuses it (longer than its context, say)
+        while it embeds a word;
         user_id and session_ids are both set; user_id or an entry of
         session_ids is invalid, or more than 100 are named; limit is outside
         0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
@@ -548,7 +550,9 @@ class SessionServiceAsyncStub(SessionServiceStub):
     user or session gives no results, not an error.
 
     Errors:
-      - INVALID_ARGUMENT: text is empty or longer than 10,000 characters;
+      - INVALID_ARGUMENT: text is empty or longer than 10,000 characters, or
+        a remote embedding model refuses it (longer than its context, say)
+        while it embeds a word;
         user_id and session_ids are both set; user_id or an entry of
         session_ids is invalid, or more than 100 are named; limit is outside
         0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
@@ -905,7 +909,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         user or session gives no results, not an error.
 
         Errors:
-          - INVALID_ARGUMENT: text is empty or longer than 10,000 characters;
+          - INVALID_ARGUMENT: text is empty or longer than 10,000 characters, or
+            a remote embedding model refuses it (longer than its context, say)
+            while it embeds a word;
             user_id and session_ids are both set; user_id or an entry of
             session_ids is invalid, or more than 100 are named; limit is outside
             0-100, or its results would pass the 17 MiB one answer may be; search_type or an entry of role_types is not an enum value;
