@@ -525,6 +525,8 @@ class SearchMethods(StoreBase):
                 )
             memory, kept = found or ([], [])
             relevant_cut = bool(kept) and bool(kept[-1]["m_followed"])
+            if not relevant_cut and _kept_short(kept, limit, kept[0]["kept_count"] if kept else 0):
+                kept = []  # ranked on the request path below
         else:
             async with self._connect(single=True) as conn:
                 memory = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
@@ -671,7 +673,8 @@ async def _kept_live_citus(
     live memories are read `limit` keys at a time (the next keys only when some of these are
     gone), so a call reaches the shards of at most `limit` sessions in the usual case. As in
     get_memories_recall: one row with a NULL m_uuid when the worker kept none, no row when
-    it kept some and none is live any more (the caller then ranks on the request path).
+    fewer than `limit` of the kept are live any more, and fewer than it kept (the caller
+    then ranks on the request path).
     """
     # As unnest of the three arrays, which the worker writes with equal lengths.
     columns = (keys["recall_sessions"], keys["recall_sequences"], keys["recall_scores"])
@@ -696,9 +699,18 @@ async def _kept_live_citus(
             row = by_key.get((session, sequence))
             if row is not None and len(found) < limit:
                 found.append({**row, "r_score": score})
-    if found or ranked:
-        return found
-    return [{"m_uuid": None}]
+    if not ranked:
+        return [{"m_uuid": None}]
+    return [] if _kept_short(found, limit, len(ranked)) else found
+
+
+def _kept_short(found: list[Row], limit: int, kept: int) -> bool:
+    """Whether kept recall's live memories (`found`, read up to `limit` of the `kept` keys)
+    are fewer than the worker's ranking would give now: some were deleted since and too few
+    are left. The store then ranks on the request path, as if nothing were kept, rather than
+    answer a short list while other live memories of the user would fill it."""
+    live = sum(1 for row in found if row["m_uuid"] is not None)
+    return live < min(limit, kept)
 
 
 def _cut_by_content(found: list[Row], budget: int | None) -> tuple[list[Row], bool]:

@@ -272,6 +272,28 @@ async def test_kept_recall_none_of_which_is_live_ranks_at_the_call(
     assert "loaf" in got.context
 
 
+async def test_kept_recall_short_of_its_memories_since_deleted_ranks_at_the_call(
+    users, sessions, store, embed, clean_db
+):
+    # As above, with one of two kept memories still live: GetMemory answered that one alone
+    # while mia-b's, said since, would fill the list (the same call past 20 memories found
+    # both). Fewer live than the relevant_limit, of more kept, rank at the call too.
+    await users.CreateUser(us.CreateUserRequest(user_id="mia"))
+    await _say(sessions, "mia-a", "mia", "my sourdough starter is called Bubbles")
+    await _say(sessions, "mia-c", "mia", "sourdough starter smells of vinegar again")
+    await _say(sessions, "mia-now", "mia", "how do I feed a sourdough starter?")
+    await embed()
+    assert set(await _kept_sessions(clean_db, store, "mia-now") or []) == {"mia-a", "mia-c"}
+    await _say(sessions, "mia-b", "mia", "the sourdough loaf came out flat")
+    await embed()  # keeps mia-b's own recall; mia-now's stays as it was
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="mia-a"))
+    got = await sessions.GetMemory(ss.GetMemoryRequest(session_id="mia-now"))
+    assert {r.session_id for r in got.relevant_messages} == {"mia-b", "mia-c"}
+    # Kept memories all live still answer as kept: a relevant_limit of 1 reads mia-c's alone.
+    one = await sessions.GetMemory(ss.GetMemoryRequest(session_id="mia-now", relevant_limit=1))
+    assert [r.session_id for r in one.relevant_messages] == ["mia-c"]
+
+
 async def _kept_sessions(url: str, store: Store, session_id: str) -> list[str] | None:
     """The sessions of a session's kept recall, best first; None when nothing is kept."""
     table = "session_embeddings" if store.vectors else "session_word_recall"

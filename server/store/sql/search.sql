@@ -365,10 +365,11 @@ AND e.model = %(model)s AND e.recall_sessions IS NOT NULL
 -- last lastn live messages, {window} as in get_memory (part 0, m_followed as there),
 -- then its kept recall (part 1, none for a relevant_limit of 0, which GetMemory without
 -- recall sends: its first relevant_limit memories still live, best first; session_id and
--- user_id are the memory's, its message in the m_ columns, r_score its score). No part-1 row
--- when no recall was computed for this model, or when none of the kept memories is live any
--- more (deleted since, or their session changed hands: the store ranks on the request path
--- then); a single one with a NULL m_uuid when the worker kept none. Memories no longer live
+-- user_id are the memory's, its message in the m_ columns, r_score its score, kept_count how
+-- many memories the worker kept). No part-1 row when no recall was computed for this model,
+-- or when none of the kept memories is live any more (deleted since, or their session changed
+-- hands: the store ranks on the request path then, as it does when fewer than relevant_limit
+-- of more kept are live); a single one with a NULL m_uuid when the worker kept none. Memories no longer live
 -- are skipped in SQL, later ones fill in. A call whose session is absent or deleted has no row
 -- at all. Uuids as text: psycopg's uuid
 -- loader builds a UUID object (in Python) that rows.message turns back into text. {kept} is
@@ -392,7 +393,8 @@ SELECT q.i, 0 AS part, s.session_id, s.user_id, s.metadata, s.created_at, s.upda
        m.uuid::text AS m_uuid, m.sequence AS m_sequence, m.role AS m_role,
        m.role_type AS m_role_type, m.content AS m_content, m.metadata AS m_metadata,
        m.created_at AS m_created_at, m.updated_at AS m_updated_at,
-       NULL::float8 AS r_score, m.sequence AS ord, m.followed AS m_followed
+       NULL::float8 AS r_score, m.sequence AS ord, m.followed AS m_followed,
+       NULL::int AS kept_count
 FROM q
 JOIN sessions s ON s.project_id = %(project_id)s AND s.session_id = q.session_id
                AND s.deleted_at IS NULL
@@ -400,7 +402,7 @@ LEFT JOIN LATERAL ({window}) m ON true
 UNION ALL
 SELECT q.i, 1, k.session_id, k.user_id, NULL, NULL, NULL, NULL, NULL, NULL,
        k.uuid::text, k.sequence, k.role, k.role_type, k.content, k.metadata, k.created_at,
-       k.updated_at, k.score, k.rank, k.followed
+       k.updated_at, k.score, k.rank, k.followed, cardinality(e.recall_sessions)
 FROM q
 JOIN {kept} e ON e.project_id = %(project_id)s AND e.session_id = q.session_id
              AND q.lim > 0 {kept_filter}
