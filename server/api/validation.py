@@ -41,7 +41,10 @@ INEXACT_INTEGER = (
     "would round; send it as a string, or as a float if rounding is fine"
 )
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Control characters (C0, DEL, C1) and the line and paragraph separators U+2028 and U+2029,
+#: which break a line as \n does wherever Unicode's line breaks are honoured (Python's
+#: splitlines, most renderers) but are no control characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _ORDER_BY = re.compile(r"^\s*(created_at|updated_at)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
 # Timestamp.seconds bounds of 0001-01-01 and 9999-12-31T23:59:59 (what datetime can hold).
 _MIN_SECONDS = -62_135_596_800
@@ -122,7 +125,11 @@ def check_name(v: Violations, field: str, value: str) -> None:
     backup restores these fields with check_text alone: rows written before this check.)"""
     check_text(v, field, value)
     if "\x00" not in value and _CONTROL.search(value):
-        v.add(field, "must not contain control characters (tab, line breaks, escapes)")
+        v.add(
+            field,
+            "must not contain control characters (tab, line breaks, escapes) or line "
+            "separators (U+2028, U+2029)",
+        )
 
 
 def check_content(v: Violations, field: str, value: str) -> None:

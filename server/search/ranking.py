@@ -71,7 +71,10 @@ def context_block(memories: Sequence[SearchResult]) -> str:
         at = message.created_at
         # What strftime("%Y-%m-%d %H:%M") writes (glibc: no padding of years < 1000), cheaper.
         when = f"{at.year}-{at.month:02d}-{at.day:02d} {at.hour:02d}:{at.minute:02d}"
-        speaker = message.role or message.role_type
+        # Each collapsed to one line: a role holding a line break (one restored from before
+        # roles were checked, or a separator AddMemory let through until 2026-12-02) wrote
+        # lines of its own, a memory a caller never stored.
+        speaker = " ".join((message.role or message.role_type).split())
         content = " ".join(message.content.split())
         if len(content) > CONTEXT_LINE_CHARS:
             content = content[: CONTEXT_LINE_CHARS - 3] + "..."

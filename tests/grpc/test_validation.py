@@ -101,7 +101,17 @@ async def test_over_long_fields(users, clean_db):
 
 #: Control characters (C0, DEL, C1): a line break in a role wrote a line of its own into
 #: GetMemory's ready-to-prompt `context`, an escape sequence recoloured a terminal.
-CONTROL_TEXTS = ("tab\there", "new\nline", "cr\rhere", "esc\x1b[31mred", "del\x7f", "c1\x85")
+#: Unicode's line and paragraph separators break a line too (str.splitlines, renderers).
+CONTROL_TEXTS = (
+    "tab\there",
+    "new\nline",
+    "cr\rhere",
+    "esc\x1b[31mred",
+    "del\x7f",
+    "c1\x85",
+    "line\u2028separator",
+    "paragraph\u2029separator",
+)
 
 
 async def test_control_characters_in_names_emails_and_roles_are_refused(users, sessions, clean_db):

@@ -85,15 +85,18 @@ class User(_message.Message):
     """
     email: _builtins.str
     """Optional. Email address, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     first_name: _builtins.str
     """Optional. Given name, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     last_name: _builtins.str
     """Optional. Family name, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     session_count: _builtins.int
     """Output only. Number of the user's sessions that are not soft-deleted."""
@@ -237,8 +240,9 @@ class Message(_message.Message):
     """
     role: _builtins.str
     """Optional. Free-text speaker name, e.g. "Alice" or "gpt-5"; at most 256
-    characters, no control characters (Unicode Cc: a line break would write a
-    line of its own into GetMemory's context).
+    characters, no control characters (Unicode Cc) or line separators (U+2028,
+    U+2029): a line break would write a line of its own into GetMemory's
+    context.
     """
     role_type: Global___RoleType.ValueType
     """Optional. The kind of speaker; ROLE_TYPE_UNSPECIFIED is stored as

@@ -39,15 +39,18 @@ class CreateUserRequest(_message.Message):
     """
     email: _builtins.str
     """Optional. Email address, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     first_name: _builtins.str
     """Optional. Given name, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     last_name: _builtins.str
     """Optional. Family name, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
@@ -182,15 +185,18 @@ class UpdateUserRequest(_message.Message):
     """Required. Id of the user to update."""
     email: _builtins.str
     """Optional. New email address, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     first_name: _builtins.str
     """Optional. New given name, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     last_name: _builtins.str
     """Optional. New family name, at most 256 characters, no control characters
-    (Unicode Cc: tab, line breaks, escapes).
+    (Unicode Cc: tab, line breaks, escapes) or line separators (U+2028,
+    U+2029).
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
