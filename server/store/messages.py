@@ -596,7 +596,7 @@ _HELD_COLUMNS = tuple(
     f"m_{c}"
     for c in (
         *("ord", "differs", "uuid", "sequence", "role", "role_type", "content"),
-        *("metadata", "created_at", "updated_at"),
+        *("metadata", "created_at", "updated_at", "deleted_at"),
     )
 )
 

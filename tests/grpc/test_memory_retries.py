@@ -32,6 +32,27 @@ async def test_a_retry_with_the_same_uuids_answers_as_the_first_call(sessions: S
     assert got == first.session
 
 
+async def test_a_retry_of_messages_deleted_since_answers_them_deleted(sessions: Sessions) -> None:
+    # "As stored": a retry after ClearMemory (or DeleteSession) appends nothing again and
+    # answered the messages without their deleted_at, as if they were live, while every read
+    # of the session had them gone.
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    first = await sessions.AddMemory(_request("s", ("one", a)))
+    await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="s"))
+    cleared = await sessions.AddMemory(_request("s", ("one", a)))
+    assert [(m.uuid, m.sequence) for m in cleared.messages] == [(a, 1)]
+    assert cleared.messages[0].HasField("deleted_at")
+    assert cleared.session.message_count == 0
+    # A partial retry: the held message as stored, the new one live.
+    mixed = await sessions.AddMemory(_request("s", ("one", a), ("two", b)))
+    assert [(m.uuid, m.HasField("deleted_at")) for m in mixed.messages] == [(a, True), (b, False)]
+    assert mixed.messages[0].created_at == first.messages[0].created_at
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="s"))
+    deleted = await sessions.AddMemory(_request("s", ("two", b)))
+    assert deleted.messages[0].HasField("deleted_at")
+    assert deleted.session.HasField("deleted_at")  # a pure retry leaves the session as it is
+
+
 async def test_uuids_in_other_spellings_name_the_same_message(sessions: Sessions) -> None:
     value = uuid.uuid4()
     first = await sessions.AddMemory(_request("s", ("one", value.hex.upper())))

@@ -306,8 +306,8 @@ class SessionServiceServicer:
 
         Retries: a message may carry a caller-chosen uuid. A message whose uuid
         the session already holds is not appended again; the response gives it as
-        stored (same uuid, sequence and created_at, even if it was deleted
-        since). So a retry after UNAVAILABLE or a lost response, with the same
+        stored (same uuid, sequence and created_at; if it was deleted since, with
+        its deleted_at). So a retry after UNAVAILABLE or a lost response, with the same
         uuids, appends nothing twice and answers as the first call did; when every
         uuid is already there, the session is left unchanged (not restored, not
         counted, not touched). When only some are, the others are appended after

@@ -20,11 +20,12 @@ WITH t AS (
     -- The request's messages already in the session (a retry), as this statement's snapshot
     -- sees them. One committed since makes the insert below fail on the uuid's unique key
     -- (the store then runs the statement again). A uuid held by another message (another
-    -- role, role_type or content) makes the whole call change nothing.
+    -- role, role_type or content) makes the whole call change nothing. One soft-deleted
+    -- since (ClearMemory, DeleteSession) is answered so, with its deleted_at.
     SELECT t.ord, (m.role, m.role_type, m.content) IS DISTINCT FROM
                   (t.role, t.role_type, t.content) AS differs,
            m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata, m.created_at,
-           m.updated_at
+           m.updated_at, m.deleted_at
     FROM t JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = %(session_id)s
                           AND m.uuid = t.uuid
 ), new AS (
@@ -68,11 +69,12 @@ FROM s LEFT JOIN (
     SELECT old.ord AS m_ord, old.differs AS m_differs, old.uuid AS m_uuid,
            old.sequence AS m_sequence, old.role AS m_role, old.role_type AS m_role_type,
            old.content AS m_content, old.metadata AS m_metadata,
-           old.created_at AS m_created_at, old.updated_at AS m_updated_at
+           old.created_at AS m_created_at, old.updated_at AS m_updated_at,
+           old.deleted_at AS m_deleted_at
     FROM old
     UNION ALL
     SELECT new.ord, false, m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata,
-           m.created_at, m.updated_at
+           m.created_at, m.updated_at, NULL
     FROM m JOIN new ON new.uuid = m.uuid
 ) r ON true
 ORDER BY r.m_ord;
@@ -141,7 +143,7 @@ counted AS (
 SELECT t.ord, (m.role, m.role_type, m.content) IS DISTINCT FROM
               (t.role, t.role_type, t.content) AS differs,
        m.uuid, m.sequence, m.role, m.role_type, m.content, m.metadata, m.created_at,
-       m.updated_at
+       m.updated_at, m.deleted_at
 FROM unnest(%(uuids)b::uuid[], %(roles)b::text[], %(role_types)b::text[],
             %(contents)b::text[]) WITH ORDINALITY AS t(uuid, role, role_type, content, ord)
 JOIN messages m ON m.project_id = %(project_id)s AND m.session_id = %(session_id)s
