@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
@@ -186,6 +186,12 @@ def endpoint(handler: Handler) -> Handler:
         except MemstoreError as error:
             request.scope[_ERROR_KEY] = error  # for the access line (RestApp._finish)
             return error_response(error)
+        except ClientDisconnect:
+            # The client went away before its body was in: nothing was read, so nothing was
+            # written, and no one is left to answer. Not the server's fault: counted and
+            # logged as 499 (as nginx does), not as an internal error with a traceback.
+            request.scope[_ERROR_KEY] = _client_closed()
+            return Response(status_code=CLIENT_CLOSED_STATUS)
         except Exception:
             errors_log.exception("unexpected error in %s", handler.__qualname__)
             return error_response(
@@ -247,6 +253,11 @@ def build_app(routes: list[BaseRoute], services_: Services) -> Starlette:
         routes=[Route("/healthz", _healthz, methods=["GET"]), *routes],
         exception_handlers={HTTPException: _http_error},
     )
+    # A path with a trailing slash is no route (404 in JSON), not a 307 to the path without
+    # it: that redirect had no JSON body and, for a path whose id is not UTF-8 (a lone
+    # surrogate here, see routing_path), failed to build its Location and answered a
+    # plain-text 500.
+    app.router.redirect_slashes = False
     app.state.services = services_
     return app
 
@@ -361,6 +372,17 @@ def _error_fields(error: MemstoreError | None) -> dict[str, Any]:
 _AUTH_HEADERS = frozenset({b"authorization", b"x-api-key"})
 
 
+#: The status of a request whose client closed the connection before it was answered.
+CLIENT_CLOSED_STATUS = 499
+
+
+def _client_closed() -> MemstoreError:
+    return MemstoreError(
+        "the client closed the connection before its request body arrived",
+        reason="CLIENT_CLOSED",
+    )
+
+
 def _too_large() -> RequestTooLarge:
     return RequestTooLarge(
         f"the request body is larger than {MAX_BODY_BYTES} bytes", reason="REQUEST_TOO_LARGE"
@@ -393,6 +415,8 @@ def _request_id(headers: dict[str, str]) -> str:
 
 #: A run of percent-escapes in a raw path.
 _ESCAPES = re.compile(rb"(?:%[0-9A-Fa-f]{2})+")
+#: A "%" not followed by two hex digits: no escape.
+_STRAY_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 #: The escapes a routed path keeps (see routing_path), and what they stand for.
 _KEPT = {"%2F": "/", "%25": "%"}
 _KEPT_ESCAPE = re.compile("%2[F5]")
@@ -411,6 +435,9 @@ def routing_path(scope: Scope) -> str:
     if not raw or b"%" not in raw:
         return str(scope["path"])
     raw = raw.split(b"?", 1)[0]
+    # A "%" that begins no escape is itself: kept as "%25", as a decoded one, or it and the
+    # decoded text after it could spell an escape ("a%2%46b" was the id "a/b", not "a%2Fb").
+    raw = _STRAY_PERCENT.sub(b"%25", raw)
     return _ESCAPES.sub(_decode_escapes, raw).decode("utf-8", "surrogateescape")
 
 

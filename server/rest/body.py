@@ -342,6 +342,19 @@ def _path_to(value: JsonObject, target: int, root: str) -> str:
     return root
 
 
+def query_value(request: Request, name: str) -> str | None:
+    """A query parameter's one value; None when absent.
+
+    Raises:
+        InvalidArgument: the parameter is given more than once (`?limit=1&limit=2` was read
+            as its last value, silently), naming it.
+    """
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise InvalidArgument.field(name, f"is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
 def query_int(
     request: Request,
     name: str,
@@ -356,9 +369,9 @@ def query_int(
         InvalidArgument: not a whole number, below `minimum` or above `maximum` (by default
             2^31 - 1, as the int32 fields of gRPC), naming the parameter.
     """
-    text = request.query_params.get(name)
+    text = query_value(request, name)
     if not text and alias is not None:
-        text, name = request.query_params.get(alias), alias
+        text, name = query_value(request, alias), alias
     if not text:
         return None
     # ASCII digits only: int() also reads "1_0", other scripts' digits and spaces around.
@@ -385,7 +398,7 @@ def query_bool(request: Request, name: str) -> bool | None:
     Raises:
         InvalidArgument: any other text, naming the parameter.
     """
-    text = request.query_params.get(name)
+    text = query_value(request, name)
     if not text:
         return None
     lowered = text.lower()

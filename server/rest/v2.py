@@ -133,7 +133,7 @@ async def list_sessions(request: Request) -> Response:
         common.page_size(request, "page_size"),
         val.DEFAULT_PAGE_SIZE,
     )
-    order_by = request.query_params.get("order_by") or "created_at"
+    order_by = b.query_value(request, "order_by") or "created_at"
     field = _ORDER_FIELDS.get(order_by)
     if field is None:
         raise InvalidArgument.field(

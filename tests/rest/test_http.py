@@ -536,3 +536,22 @@ async def test_a_memory_write_asks_for_its_context_with_a_boolean(http: httpx.As
     added = await http.post("/api/v2/sessions/ctx/memory", json=body)
     # No user, no other session to recall from: the context is empty, and null as Zep's.
     assert added.status_code == 200 and added.json() == {"message": "OK", "context": None}
+
+
+async def test_a_query_parameter_given_twice_is_400_naming_it(http: httpx.AsyncClient) -> None:
+    # `?limit=1&limit=2` was read as its last value, silently: as a repeated JSON key, it is
+    # refused (which of the two the caller meant is not the server's to guess).
+    await http.post("/api/v2/sessions/s/memory", json={"messages": [{"content": "a"}] * 3})
+    for path, params in (
+        ("/api/v2/sessions/s/messages", [("limit", "1"), ("limit", "2")]),
+        ("/api/v2/sessions/s/memory", [("lastn", "1"), ("lastn", "3")]),
+        ("/api/v2/sessions-ordered", [("order_by", "created_at"), ("order_by", "updated_at")]),
+        ("/api/v2/sessions-ordered", [("asc", "true"), ("asc", "true")]),
+    ):
+        reply = await http.get(path, params=params)
+        assert reply.status_code == 400, (path, reply.text)
+        name = params[0][0]
+        assert [v["field"] for v in reply.json()["violations"]] == [name]
+        assert "given 2 times" in reply.json()["message"]
+    once = await http.get("/api/v2/sessions/s/messages", params={"limit": "2"})
+    assert once.status_code == 200 and len(once.json()["messages"]) == 2

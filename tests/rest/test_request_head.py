@@ -68,3 +68,46 @@ async def test_refusals_before_routing_read_as_every_other_rest_error(base_url: 
     status, headers, body = await _exchange(base_url, _get(b"/" + b"a" * (URL_LIMIT + 1)))
     assert status == 414 and headers["x-request-id"]
     assert set(body) == {"message", "reason"}
+
+
+async def test_a_trailing_slash_is_no_route_even_after_an_id_that_is_not_utf8(
+    base_url: str,
+) -> None:
+    # Starlette answered a trailing slash with a 307 to the path without it, with no JSON
+    # body; for an id that is not UTF-8 it failed to build that redirect: a plain-text 500.
+    for target in (
+        b"/api/v2/sessions/%FF/",
+        b"/api/v2/sessions/%FF/memory/",
+        b"/api/v2/users/%C3%28/",
+        b"/api/v1/user/%FF/sessions/",
+        b"/api/v2/sessions/x/",
+    ):
+        status, headers, body = await _exchange(base_url, _get(target))
+        assert (status, body["reason"]) == (404, "ROUTE_NOT_FOUND"), target
+        assert headers["content-type"] == "application/json"
+
+
+async def test_a_percent_that_begins_no_escape_is_kept_as_sent(
+    base_url: str, clean_db: str
+) -> None:
+    # "a%2%46b": the stray "%" and the "F" decoded from %46 spelled "%2F", read as "/": a
+    # session "a/b" the caller never named, written to.
+    body = b'{"messages": [{"content": "hi"}]}'
+    post = (
+        b"POST /api/v2/sessions/a%2%46b/memory HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    status, _, _ = await _exchange(base_url, post)
+    assert status == 200
+    status, _, got = await _exchange(base_url, _get(b"/api/v2/sessions/a%2%46b"))
+    assert (status, got["session_id"]) == (200, "a%2Fb")
+    status, _, got = await _exchange(base_url, _get(b"/api/v2/sessions/a%25%32%46b"))
+    assert (status, got["session_id"]) == (200, "a%2Fb")  # the same id, fully escaped
+    status, _, listed = await _exchange(base_url, _get(b"/api/v2/sessions-ordered"))
+    assert [s["session_id"] for s in listed["sessions"]] == ["a%2Fb"]
+    status, _, got = await _exchange(base_url, _get(b"/api/v2/sessions/100%"))
+    assert (status, got["reason"]) == (404, "SESSION_NOT_FOUND")
+    assert "'100%'" in got["message"]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
+import psycopg
 import pytest
 
 from server.config import Config
@@ -145,6 +147,49 @@ async def test_a_body_that_stalls_is_408_and_frees_its_call(
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             # The stalled request's call is over: the cap of one admits the next.
             assert (await http.get("/api/v2/users/u")).status_code == 404
+
+
+async def test_a_client_gone_before_its_body_is_no_server_error(
+    store: Store, clean_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client that closes half-way through its body (an aborted upload, a client timeout)
+    # was logged as an ERROR with a traceback and counted as a 500: each looked like a fault
+    # of the server to its alerts. Nothing was written either way.
+    metrics = Metrics()
+    server = await build_http(
+        Config(host="127.0.0.1", http_port=0, embedder="none"), store, metrics
+    )
+    await server.start()
+    try:
+        with caplog.at_level(logging.INFO):
+            for path in (b"/api/v2/users", b"/api/v2/sessions/s/memory"):
+                _, writer = await _connect(server.port)
+                writer.write(
+                    b"POST " + path + b" HTTP/1.1\r\nHost: a\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                    b'{"user_id":'
+                )
+                await writer.drain()
+                writer.close()
+
+            def closed(route: str) -> float | None:
+                labels = {"route": route, "method": "POST", "status": "499"}
+                return metrics.registry.get_sample_value("memstore_http_requests_total", labels)
+
+            async def both() -> bool:
+                return (
+                    closed("/api/v2/users") == closed("/api/v2/sessions/{session_id}/memory") == 1
+                )
+
+            assert await until(both), (closed("/api/v2/users"), caplog.text[-2000:])
+    finally:
+        await server.stop(None)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    access = [r for r in caplog.records if getattr(r, "code", None) == 499]
+    assert [getattr(r, "reason", None) for r in access] == ["CLIENT_CLOSED"] * 2
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        rows = await (await conn.execute("SELECT count(*) FROM sessions")).fetchone()
+    assert rows == (0,)
 
 
 async def test_a_slow_body_that_keeps_the_minimum_rate_is_read(
