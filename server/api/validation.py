@@ -306,7 +306,14 @@ class _StructWalk:
 
     def number(self, number: float, path: str) -> int | float | None:
         if not math.isfinite(number):
-            self.problems.append(FieldViolation(path, "is NaN or Infinity, which JSON cannot hold"))
+            # Over REST, JSON's 1e400 reads as Infinity: say so, not only "Infinity".
+            self.problems.append(
+                FieldViolation(
+                    path,
+                    "is NaN, Infinity or beyond a double's range (+-1.8e308), which JSON "
+                    "cannot hold",
+                )
+            )
             return None
         if number.is_integer() and abs(number) <= MAX_EXACT_INT:
             return int(number)

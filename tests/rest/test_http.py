@@ -38,6 +38,7 @@ async def test_wrong_method_is_json_405_naming_the_allowed_ones(http: httpx.Asyn
         (b"[1, 2]", "body"),
         (b"\xff\xfe", "body"),
         (b'{"user_id": "a", "metadata": {"x": NaN}}', "body"),
+        (b'{"user_id": "a", "metadata": {"x": [1e400]}}', "metadata.x[0]"),
         (b'{"user_id": 7}', "user_id"),
         (b'{"user_id": "a", "email": ["x"]}', "email"),
         (b'{"user_id": "a", "metadata": "text"}', "metadata"),
@@ -54,6 +55,8 @@ async def test_bad_bodies_are_400_naming_the_field(
     assert reply.json()["reason"] == "INVALID_ARGUMENT"
     assert field in {v["field"] for v in reply.json()["violations"]}, reply.json()
     assert (await http.get("/api/v2/users/a")).status_code == 404  # nothing half-written
+    if field.startswith("metadata."):  # a finite number too large: said as such
+        assert "beyond a double's range" in reply.json()["message"]
 
 
 async def test_control_characters_in_names_emails_and_roles_are_400_naming_them(
