@@ -36,16 +36,22 @@ WHERE u.project_id = (SELECT %(project_id)s::int8)
 
 -- update_user --
 -- Sets the named fields and merges (or replaces) metadata, in one statement. `target` locks
--- the row and merges into its latest committed metadata (FOR UPDATE re-reads a row that a
+-- the row, says each field's new value and merges into its latest committed metadata (FOR UPDATE re-reads a row that a
 -- concurrent merge changed while it waited); the UPDATE writes only a result within the
 -- metadata limit, so a merge that would outgrow it changes nothing: the answer's row then
 -- has metadata_bytes and no user_id (the store raises InvalidArgument). No row: no user.
 WITH target AS (
-    SELECT u.project_id, u.user_id, CASE
-        WHEN NOT %(set_metadata)s THEN u.metadata
-        WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
-        ELSE memstore_merge_patch(u.metadata, %(patch)s::jsonb)
-    END AS metadata
+    SELECT u.project_id, u.user_id,
+           CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END AS email,
+           CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END
+               AS first_name,
+           CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END
+               AS last_name,
+           CASE
+               WHEN NOT %(set_metadata)s THEN u.metadata
+               WHEN %(replace_metadata)s THEN memstore_merge_patch('{}', %(patch)s::jsonb)
+               ELSE memstore_merge_patch(u.metadata, %(patch)s::jsonb)
+           END AS metadata
     FROM users u
     WHERE u.project_id = %(project_id)s AND u.user_id = %(user_id)s
     FOR UPDATE
@@ -55,9 +61,9 @@ WITH target AS (
     FROM target t
 ), updated AS (
     UPDATE users AS u SET
-        email = CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END,
-        first_name = CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
-        last_name = CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
+        email = sized.email,
+        first_name = sized.first_name,
+        last_name = sized.last_name,
         metadata = sized.metadata,
         -- The clock is read in FROM: Citus refuses a non-immutable function in SET (and
         -- reads it on the coordinator, before the row lock). Always after the last change
@@ -65,10 +71,7 @@ WITH target AS (
         -- an update that changes nothing leaves it (the protos' promise: "returns the user
         -- as it is"). SET's own columns are the row's values before this update.
         updated_at = CASE
-            WHEN (CASE WHEN %(set_email)s THEN %(email)s::text ELSE u.email END,
-                  CASE WHEN %(set_first_name)s THEN %(first_name)s::text ELSE u.first_name END,
-                  CASE WHEN %(set_last_name)s THEN %(last_name)s::text ELSE u.last_name END,
-                  sized.metadata)
+            WHEN (sized.email, sized.first_name, sized.last_name, sized.metadata)
                  IS NOT DISTINCT FROM (u.email, u.first_name, u.last_name, u.metadata)
             THEN u.updated_at
             ELSE memstore_touch(t.now, u.updated_at) END
