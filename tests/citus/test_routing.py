@@ -303,6 +303,57 @@ def test_the_store_sees_citus_and_migrate_distributed_the_tables(citus_store: St
     assert citus_store.citus
 
 
+#: docs/scaling.md's placement table: each table's kind, distribution column and co-location
+#: group (a name here; tables of one group share Citus's colocation id, groups differ).
+PLACEMENT = {
+    "projects": ("reference", "<none>", "shared"),
+    "settings": ("reference", "<none>", "shared"),
+    "api_keys": ("reference", "<none>", "shared"),
+    "users": ("distributed", "user_id", "users"),
+    "user_session_counts": ("distributed", "user_id", "users"),
+    "sessions": ("distributed", "session_id", "sessions"),
+    "messages": ("distributed", "session_id", "sessions"),
+    "embedding_queue": ("distributed", "session_id", "sessions"),
+    "message_embeddings": ("distributed", "session_id", "sessions"),
+    "session_embeddings": ("distributed", "session_id", "sessions"),
+    "session_word_recall": ("distributed", "session_id", "sessions"),
+}
+#: Tables migration 0007 makes only where pgvector is.
+VECTOR_TABLES = {"message_embeddings", "session_embeddings"}
+
+
+async def test_the_cluster_places_the_tables_as_the_scaling_page_says(
+    citus_url: str, citus_store: Store
+) -> None:
+    # Read back from the cluster (citus_tables), not from distribute.py: the page's table was
+    # read from the code, and nothing checked that the cluster holds it.
+    async with await psycopg.AsyncConnection.connect(citus_url) as conn:
+        cur = await conn.execute(
+            "SELECT table_name::text, citus_table_type, distribution_column, colocation_id"
+            " FROM citus_tables"
+        )
+        placed = {r[0]: r[1:] for r in await cur.fetchall()}
+        cur = await conn.execute(
+            "SELECT conrelid::regclass::text, confrelid::regclass::text FROM pg_constraint"
+            " WHERE contype = 'f'"
+        )
+        keys = {(r[0], r[1]) for r in await cur.fetchall()}
+    expected = {t for t in PLACEMENT if citus_store.vectors or t not in VECTOR_TABLES}
+    assert set(placed) == expected
+    groups: dict[str, set[int]] = {}
+    for table in expected:
+        kind, column, group = PLACEMENT[table]
+        assert placed[table][:2] == (kind, column), (table, placed[table])
+        groups.setdefault(group, set()).add(placed[table][2])
+    # One colocation id per group, and a different one for each group.
+    assert all(len(ids) == 1 for ids in groups.values()), groups
+    assert len({next(iter(ids)) for ids in groups.values()}) == len(groups)
+    # The foreign keys Citus keeps (co-located, or to a reference table), and the one it
+    # cannot (sessions -> users, placed by different columns: the store enforces it).
+    assert {("messages", "sessions"), ("user_session_counts", "users")} <= keys
+    assert ("sessions", "users") not in keys
+
+
 @pytest.mark.parametrize("name", sorted(ONE_SHARD))
 def test_calls_naming_one_session_or_user_reach_one_shard(plans: dict[str, Any], name: str) -> None:
     assert plans[name] == [1] * len(plans[name]) and plans[name], (
