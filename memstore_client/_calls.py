@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,14 +79,27 @@ class Stream(Generic[Out]):
     idempotent: bool = field(default=True)
 
 
-def retry_delay(error: grpc.RpcError, delays: Iterator[float]) -> float | None:
-    """The sleep before retrying a failed call, or None when it must not be retried."""
+def retry_delay(
+    error: grpc.RpcError, delays: Iterator[float], deadline: float | None = None
+) -> float | None:
+    """The sleep before retrying a failed call, or None when it must not be retried: not
+    UNAVAILABLE, no attempt left, or the sleep would end past the call's `deadline` (a
+    time.monotonic() value)."""
     # A sync call's error is a grpc.Call; an AioRpcError is not, but has code() too.
     code_of = getattr(error, "code", None)
     code = code_of() if callable(code_of) else None
     if code != grpc.StatusCode.UNAVAILABLE:
         return None
-    return next(delays, None)
+    delay = next(delays, None)
+    if delay is not None and deadline is not None and time.monotonic() + delay >= deadline:
+        return None
+    return delay
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (a time.monotonic() value), for the next attempt's timeout;
+    None without one."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

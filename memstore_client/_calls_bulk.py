@@ -121,7 +121,9 @@ def restore(
 ) -> Unary[Restored]:
     """Restore: rows written back with their original values, all or none.
 
-    Idempotent: a row already stored as given counts as existing, so it is retried.
+    Idempotent without `require_empty`: a row already stored as given counts as existing,
+    so it is retried. With it, not: a first attempt that committed before its answer was
+    lost leaves the project holding its rows, and the retry failed PROJECT_NOT_EMPTY.
     """
     request = bs.RestoreRequest(
         users=[user_backup_proto(u) for u in users],
@@ -136,4 +138,4 @@ def restore(
     def convert(r: bs.RestoreResponse) -> Restored:
         return Restored(counts(r.users), counts(r.sessions), counts(r.messages))
 
-    return Unary(BACKUP, "Restore", request, convert, idempotent=True)
+    return Unary(BACKUP, "Restore", request, convert, idempotent=not require_empty)

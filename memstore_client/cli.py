@@ -207,6 +207,10 @@ def _cut_to_whole_chunks(args: argparse.Namespace, whole: int | None) -> None:
 
 def _interrupted(args: argparse.Namespace, count: int, token: str) -> None:
     """Says how far an interrupted export got and the command that goes on from there."""
+    if not token and count:
+        # The last chunk (no token) is written whole: the export is, too.
+        print(f"{count} {args.kind} exported, all of them", file=sys.stderr)
+        return
     if not token:
         print(f"nothing exported; run `memstore export {args.kind}` again", file=sys.stderr)
         return

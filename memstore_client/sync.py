@@ -14,7 +14,7 @@ from memstore.v1 import backup_service_pb2_grpc, session_service_pb2_grpc, user_
 
 from . import _calls as calls
 from . import _calls_bulk as bulk
-from ._calls import RetryPolicy, Stream, Unary, retry_delay
+from ._calls import RetryPolicy, Stream, Unary, retry_delay, time_left
 from ._channel import TLS, sync_channel
 from .errors import from_rpc_error
 from .types import (
@@ -42,7 +42,8 @@ class Memstore:
         address: "host:port" of the server.
         api_key: sent as `authorization: Bearer <key>` on every call.
         tls: False for plaintext, True for TLS with the system's roots, or TLS(...).
-        timeout: seconds each unary call may take (streams have no deadline).
+        timeout: seconds each unary call may take, its retries included (streams have no
+            deadline).
         retry: how UNAVAILABLE is retried (idempotent calls only).
         channel: a ready channel instead of address and tls (e.g. a test channel).
     """
@@ -83,12 +84,14 @@ class Memstore:
 
     def _call(self, op: Unary[T]) -> T:
         delays = self._retry.delays() if op.idempotent else iter(())
+        # One deadline for the call, its retries and their sleeps: `timeout` bounds the call.
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while True:
             try:
                 method = getattr(self._stubs[op.service], op.method)
-                response = method(op.request, timeout=self._timeout, metadata=self._metadata)
+                response = method(op.request, timeout=time_left(deadline), metadata=self._metadata)
             except grpc.RpcError as error:
-                delay = retry_delay(error, delays)
+                delay = retry_delay(error, delays, deadline)
                 if delay is None:
                     raise from_rpc_error(error) from error
                 time.sleep(delay)
@@ -103,6 +106,11 @@ class Memstore:
             try:
                 for chunk in call:
                     yield op.convert(chunk), chunk.next_page_token
+                    if not chunk.next_page_token:
+                        # The last chunk: the stream is whole. Waiting on for its status,
+                        # an UNAVAILABLE there restarted it from the first row (its token is
+                        # the empty one), and every row came twice.
+                        return
                     op.request.page_token = chunk.next_page_token
                     delays = self._retry.delays()
                 return

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,17 +17,21 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from memstore.v1 import backup_service_pb2 as bs
 from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 from memstore_client import (
     AlreadyExists,
+    AsyncMemstore,
+    DeadlineExceeded,
     InvalidArgument,
     Memstore,
     Message,
     NotFound,
     RetryPolicy,
     Unavailable,
+    cli,
 )
 
 USERS = us.DESCRIPTOR.services_by_name["UserService"]
@@ -245,3 +252,108 @@ def test_list_chunked_resumes_from_the_last_token_after_unavailable(client, chan
     rpc.send_response(us.ListUsersChunkedResponse(users=[_user_proto("c")]))
     rpc.terminate((), OK, "")
     assert [[u.user_id for u in chunk] for chunk in rest.result(timeout=5)] == [["c"]]
+
+
+def test_a_stream_whose_last_chunk_is_in_ends_there(client, channel, pool):
+    # The last chunk (no token) makes the stream whole. An UNAVAILABLE while waiting for its
+    # status restarted it from its first row (the empty token), and every row came twice.
+    chunks = client.user.list_chunked(chunk_size=2)
+    first = _call(pool, next, chunks)
+    method = USERS.methods_by_name["ListUsersChunked"]
+    _, _, rpc = channel.take_unary_stream(method)
+    rpc.send_response(
+        us.ListUsersChunkedResponse(users=[_user_proto("a")], next_page_token="after-a")
+    )
+    assert [u.user_id for u in first.result(timeout=5)] == ["a"]
+    last = _call(pool, next, chunks)
+    rpc.send_response(us.ListUsersChunkedResponse(users=[_user_proto("b")]))
+    assert [u.user_id for u in last.result(timeout=5)] == ["b"]
+    rest = _call(pool, list, chunks)
+    rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    assert rest.result(timeout=5) == []
+
+
+def test_a_restore_that_requires_an_empty_project_is_not_retried(client, channel, pool):
+    # Its first attempt may have committed before its answer was lost: a retry then met its
+    # own rows and failed PROJECT_NOT_EMPTY. Without require_empty, a retry counts them.
+    backup = bs.DESCRIPTOR.services_by_name["BackupService"]
+    channel = grpc_testing.channel([backup], grpc_testing.strict_real_time())
+    client = Memstore(channel=channel, retry=FAST, timeout=5)
+    for require_empty, attempts in ((True, 1), (False, FAST.max_attempts)):
+        future = _call(pool, client.backup.restore, require_empty=require_empty)
+        for _ in range(attempts):
+            _, request, rpc = _take(channel, backup, "Restore")
+            assert request.require_empty is require_empty
+            rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "down")
+        with pytest.raises(Unavailable):
+            future.result(timeout=5)
+
+
+class _SlowlyUnavailable(grpc.GenericRpcHandler):
+    """A server whose GetUser answers UNAVAILABLE after `wait` seconds, counting calls."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.calls = 0
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method != "/memstore.v1.UserService/GetUser":
+            return None
+
+        def get_user(request: us.GetUserRequest, context: grpc.ServicerContext) -> None:
+            self.calls += 1
+            time.sleep(self.wait)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable")
+
+        return grpc.unary_unary_rpc_method_handler(
+            get_user,
+            request_deserializer=us.GetUserRequest.FromString,
+            response_serializer=us.GetUserResponse.SerializeToString,
+        )
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_calls_timeout_bounds_its_retries_too(flavour: str) -> None:
+    # Each attempt was given the whole timeout: 4 attempts of a server failing after 1 s took
+    # 4 s for a timeout of 2.5. Now the call ends by its timeout, the last attempt cut short.
+    handler = _SlowlyUnavailable(wait=1.0)
+    server = grpc.server(ThreadPoolExecutor(4), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    retry = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.002)
+    address = f"127.0.0.1:{port}"
+    start = time.monotonic()
+    try:
+        if flavour == "sync":
+            with (
+                Memstore(address, retry=retry, timeout=2.5) as client,
+                pytest.raises((DeadlineExceeded, Unavailable)),
+            ):
+                client.user.get("alice")
+        else:
+
+            async def get() -> None:
+                async with AsyncMemstore(address, retry=retry, timeout=2.5) as client:
+                    await client.user.get("alice")
+
+            with pytest.raises((DeadlineExceeded, Unavailable)):
+                asyncio.run(get())
+        elapsed = time.monotonic() - start
+    finally:
+        server.stop(None)
+    assert handler.calls == 3  # the third cut at the deadline, no fourth
+    assert elapsed < 3.5, elapsed
+
+
+def test_an_export_interrupted_after_its_last_chunk_says_it_is_whole(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The last chunk's token is empty: a Ctrl-C after it was written said "nothing exported;
+    # run again", of a file holding every row.
+    args = argparse.Namespace(kind="users", output=None)
+    cli._interrupted(args, 4, "")
+    assert capsys.readouterr().err == "4 users exported, all of them\n"
+    cli._interrupted(args, 0, "")
+    assert "nothing exported" in capsys.readouterr().err
+    cli._interrupted(args, 2, "tok")
+    assert "resume with: memstore export users --page-token tok" in capsys.readouterr().err
