@@ -164,15 +164,36 @@ async def wire_chunks(
         MemstoreError: what `fetch` or `fetch_rows` raises (e.g. Unavailable).
     """
 
+    meter = _Meter(chunk_size)
+
     async def run_after(key: Key | None) -> tuple[WireRun[Key] | None, bool]:
-        # (the chunk after `key`, whether rows may follow it)
-        run = await fetch(key, chunk_size)
-        if run is None or len(run.entries) <= MAX_CHUNK_BYTES:
-            return run, run is not None and run.rows >= chunk_size
-        page = await fetch_rows(key, chunk_size)
-        if not page.items:
-            return None, False
-        return _cut(page.items[0]), True
+        # (the chunk after `key`, whether rows may follow it). Each read asks for about the
+        # rows that fit in the chunk's bytes left, by the rows' average so far: a read of
+        # chunk_size rows of 60 KB each (60 MB) cut to four, then read again from the fifth,
+        # made an export of large users read each row ~250 times and the server's memory
+        # rise by hundreds of MB. A chunk may join several reads.
+        runs: list[WireRun[Key]] = []
+        rows = size = 0
+        last = key
+        while rows < chunk_size:
+            limit = meter.run_limit(chunk_size - rows, MAX_CHUNK_BYTES - size)
+            run = await fetch(last, limit)
+            if run is None:
+                return _joined(runs), False
+            meter.add(len(run.entries), run.rows)
+            if size + len(run.entries) > MAX_CHUNK_BYTES:
+                # Past the cap: its rows one by one, to cut where the rule says.
+                page = await fetch_rows(last, limit)
+                if page.items:
+                    cut = _cut(page.items[0], MAX_CHUNK_BYTES - size, first=not rows)
+                    if cut is not None:
+                        runs.append(cut)
+                return _joined(runs), True
+            runs.append(run)
+            rows, size, last = rows + run.rows, size + len(run.entries), run.last
+            if run.rows < limit:
+                return _joined(runs), False  # the table ends here
+        return _joined(runs), True
 
     held: WireRun[Key] | None = None  # read, not yet sent: does a row follow it?
     pending: asyncio.Future[tuple[WireRun[Key] | None, bool]] | None
@@ -278,15 +299,23 @@ async def wire_row_chunks(
         yield WireChunk(b"".join(parts), count)
 
 
-def _cut(rows: WireRows[Key]) -> WireRun[Key]:
-    # The longest leading run of entries within MAX_CHUNK_BYTES, at least one.
+def _cut(rows: WireRows[Key], room: int, *, first: bool) -> WireRun[Key] | None:
+    # The longest leading run of entries within `room` bytes (at least one if `first`: a
+    # chunk holds one row whatever its size); None when not even one fits.
     count = size = 0
     for entry_size in rows.sizes:
-        if size + entry_size > MAX_CHUNK_BYTES and count:
+        if size + entry_size > room and (count or not first):
             break
         count += 1
         size += entry_size
-    return WireRun(rows.entries[:size], count, rows.key(count - 1))
+    return WireRun(rows.entries[:size], count, rows.key(count - 1)) if count else None
+
+
+def _joined(runs: list[WireRun[Key]]) -> WireRun[Key] | None:
+    # Consecutive runs as one; None for none.
+    if len(runs) <= 1:
+        return runs[0] if runs else None
+    return WireRun(b"".join(r.entries for r in runs), sum(r.rows for r in runs), runs[-1].last)
 
 
 async def _batches(
@@ -318,6 +347,11 @@ async def _batches(
                 await pending
 
 
+#: The most rows wire_chunks reads before it has measured any: 64 of the largest rows (a
+#: user of 64 KiB of metadata) are 4 MiB, where chunk_size of them were 64 MB.
+FIRST_READ_ROWS = 64
+
+
 class _Meter:
     """Average serialized size of the rows streamed so far, to size the next batch (of about
     `chunks` chunks' worth of rows)."""
@@ -331,6 +365,16 @@ class _Meter:
     def add(self, size: int, rows: int) -> None:
         self.bytes += size
         self.rows += rows
+
+    def run_limit(self, rows: int, room: int) -> int:
+        """How many rows to read for a chunk that takes `rows` more and has `room` bytes
+        left: about as many as fit by the average so far (one more, so that a read under the
+        room says the chunk is full only when it is), at most `rows`. Until rows are
+        measured, FIRST_READ_ROWS at most: rows of unknown weight may be large."""
+        if not self.rows:
+            return max(1, min(rows, FIRST_READ_ROWS))
+        average = max(1, self.bytes // self.rows)
+        return max(1, min(rows, room // average + 1))
 
     def batch_limit(self) -> int:
         # Large rows make a chunk hold fewer of them; read about `chunks` chunks' bytes per

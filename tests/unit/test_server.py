@@ -36,6 +36,7 @@ class FakeStore:
     def __init__(self, users: list[User]) -> None:
         self.users = sorted(users, key=lambda u: (u.created_at, u.user_id))
         self.list_calls = 0
+        self.rows_read = 0
 
     async def token_key(self) -> bytes:
         return b"fake-key"
@@ -56,6 +57,7 @@ class FakeStore:
         self.list_calls += 1
         await asyncio.sleep(0)
         rows = [u for u in self.users if after is None or (u.created_at, u.user_id) > after]
+        self.rows_read += len(rows[:limit])
         return Page(rows[:limit], has_more=len(rows) > limit)
 
     async def list_user_records(
@@ -227,6 +229,23 @@ async def test_chunks_are_cut_by_bytes(served: Any) -> None:
     assert [u.user_id for c in middle for u in c.users] == [
         u.user_id for c in chunks[3:] for u in c.users
     ]
+
+
+async def test_large_users_are_read_about_once(served: Any) -> None:
+    # Each chunk read chunk_size users, kept the few that fit in its bytes and read the rest
+    # again for the next: 200 users of 30 KB were read 5,192 times (each ~26 times; a
+    # user of 60 KB ~250 times at 20,000 users), the server's memory rising with each read.
+    store, channel = served
+    store.users = _users(200, metadata_bytes=30_000)
+    chunks = await _export(pb_grpc.UserServiceStub(channel), chunk_size=1000)
+    assert [u.user_id for c in chunks for u in c.users] == [u.user_id for u in store.users]
+    assert all(len(c.users) == 8 for c in chunks[:-1])  # 8 of 30 KB fit in 256 KiB, not 9
+    assert store.rows_read <= 3 * len(store.users), store.rows_read
+    # Small users are read once each, a chunk of chunk_size in a read or two.
+    store.users, store.rows_read = _users(2500), 0
+    chunks = await _export(pb_grpc.UserServiceStub(channel), chunk_size=1000)
+    assert [len(c.users) for c in chunks] == [1000, 1000, 500]
+    assert store.rows_read <= len(store.users) + 64, store.rows_read
 
 
 async def test_empty_table_streams_nothing(served: Any) -> None:
