@@ -26,7 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from server.api.status import http_status
 from server.api.tokens import PageTokens
-from server.errors import InvalidArgument, MemstoreError, RequestTooLarge
+from server.errors import InvalidArgument, MemstoreError, RequestTooLarge, Unavailable
 from server.rest import protocol
 from server.rest.error_body import error_body
 from server.rest.media import ENCODING_REASON
@@ -282,7 +282,7 @@ class RestApp:
         headers = _headers(scope)
         rid = _request_id(headers)
         request_id.set(rid)
-        status = [500]
+        status = [0]
         rid_header = (REQUEST_ID_KEY.encode(), rid.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -302,11 +302,18 @@ class RestApp:
                 await refused(scope, receive, send_with_id)
                 return
             await self._router(scope, _capped(receive), send_with_id)
+        except asyncio.CancelledError:
+            # Cancelled by HttpServer.stop at the grace period's end, its query cancelled
+            # with it (nothing written). Unstarted, the answer says so, as gRPC's UNAVAILABLE
+            # does; started, it is left unfinished and the connection closes.
+            if not status[0]:
+                scope[_ERROR_KEY] = _shutting_down()
+                await error_response(scope[_ERROR_KEY])(scope, receive, send_with_id)
         finally:
             if scope.get(_ADMITTED_KEY):
                 self._limit.leave()
             self._metrics.in_flight.dec()
-            self._finish(scope, status[0], time.perf_counter() - start, rid)
+            self._finish(scope, status[0] or 500, time.perf_counter() - start, rid)
 
     async def _refusal(self, scope: Scope, headers: dict[str, str]) -> Response | None:
         """The answer that refuses this request before routing, or None to route it."""
@@ -370,6 +377,14 @@ def _error_fields(error: MemstoreError | None) -> dict[str, Any]:
 
 
 _AUTH_HEADERS = frozenset({b"authorization", b"x-api-key"})
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down: this call ran past its grace period and was cancelled "
+        "with its query; retry it on another server",
+        reason="SERVER_SHUTTING_DOWN",
+    )
 
 
 #: The status of a request whose client closed the connection before it was answered.

@@ -64,14 +64,29 @@ class HttpServer:
             for sock in self._sockets:
                 sock.close()
             return
-        self._server.config.timeout_graceful_shutdown = (
-            None if grace is None else max(int(grace), 1)
-        )
+        # The grace period is bounded here, not by uvicorn: at its end uvicorn cancels the
+        # requests still running and does not wait for them, so the server went on to close
+        # the pool while their queries were being cancelled, and a statement left running
+        # in PostgreSQL committed once its lock was free, after its caller was told it
+        # failed (tests/reliability/test_sigterm.py). Each cancelled request answers 503
+        # (RestApp) once its query is cancelled; they are waited for, as gRPC's calls are.
+        self._server.config.timeout_graceful_shutdown = None
         self._server.should_exit = True
         if grace is None:
             self._server.force_exit = True
+        done, _ = await asyncio.wait({self._task}, timeout=grace)
+        if not done:
+            running = set(self._server.server_state.tasks)
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=SETTLE_SECONDS)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+#: How long a stop waits for the requests it cancelled to end (their queries' cancels).
+SETTLE_SECONDS = 5.0
 
 
 def listen(config: Config, *, reuse_port: bool) -> tuple[list[socket.socket], int]:
