@@ -21,7 +21,9 @@ from server.settings import (
     parse_count,
     parse_port,
     parse_positive,
+    parse_positive_seconds,
     parse_seconds,
+    parse_url,
     seconds_up_to,
     set_by_env,
     setting,
@@ -161,7 +163,7 @@ class Config:
         None,
         "PostgreSQL URL",
         env="DATABASE_URL",
-        parse=str,
+        parse=parse_url,
         commands=ANY,
         shown="unset: the embedded PostgreSQL under --data-dir",
         metavar="URL",
@@ -188,7 +190,7 @@ class Config:
         5.0,
         "seconds a call waits for a connection before UNAVAILABLE",
         env="MEMSTORE_POOL_TIMEOUT",
-        parse=parse_seconds,
+        parse=parse_positive_seconds,
         commands=STORE,
     )
     statement_timeout: float = setting(

@@ -140,6 +140,24 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_positive_seconds(text: str) -> float:
+    """parse_seconds above 0: a wait of none (--pool-timeout 0) failed every call."""
+    value = parse_seconds(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0, not {text}")
+    return value
+
+
+def parse_url(text: str) -> str:
+    """A database URL: not empty. libpq reads "" as "every default" (the local socket, the
+    OS user's database), so `--database-url ""` migrated a database nobody named."""
+    if not text.strip():
+        raise ValueError(
+            "is empty: leave it out (and DATABASE_URL unset) for the embedded PostgreSQL"
+        )
+    return text
+
+
 def seconds_up_to(most: int, unit: str = "seconds") -> Callable[[str], float]:
     """parse_seconds refusing a number above `most` (said in `unit`)."""
 
