@@ -287,6 +287,7 @@ def add_session(session_id: str, user_id: str | None, meta: JsonObject | None) -
 def get_session(session_id: str, show_deleted: bool) -> Unary[Session]:
     """GetSession."""
     _ids(session_id=session_id)
+    _checks.flag("show_deleted", show_deleted)
     request = ss.GetSessionRequest(session_id=session_id, show_deleted=show_deleted)
     return Unary(SESSIONS, "GetSession", request, _session, idempotent=True)
 
@@ -366,8 +367,9 @@ def add_memory(
     _ids(session_id=session_id)
     _ids(optional=True, user_id=user_id)
     protos = []
-    for i, m in enumerate(messages):
-        proto = (m if isinstance(m, Message) else Message(**m)).to_proto(f"messages[{i}]")
+    for i, m in enumerate(_checks.rows("messages", messages, (Message, Mapping))):
+        field = f"messages[{i}]"
+        proto = (m if isinstance(m, Message) else Message.from_fields(m, field)).to_proto(field)
         proto.uuid = proto.uuid or str(uuid.uuid4())
         protos.append(proto)
     request = ss.AddMemoryRequest(session_id=session_id, messages=protos, user_id=user_id or "")

@@ -53,10 +53,9 @@ def search_memory(
     _ids(optional=True, user_id=user_id)
     _checks.texts("session_ids", session_ids)
     _checks.integer("limit", limit)
-    if search_type not in SEARCH_TYPES:
-        raise ValueError(
-            f"search_type must be one of {', '.join(SEARCH_TYPES)}, not {search_type!r}"
-        )
+    _checks.choice("search_type", search_type, SEARCH_TYPES)
+    _checks.real("mmr_lambda", mmr_lambda, optional=True)
+    _checks.texts("role_types", role_types)
     request = ss.SearchMemoryRequest(
         text=text,
         user_id=user_id or "",
@@ -64,7 +63,9 @@ def search_memory(
         search_type=SEARCH_TYPES[search_type],
         limit=limit,
         mmr_lambda=mmr_lambda,
-        role_types=[role_type_number(r) for r in role_types or ()],
+        role_types=[
+            role_type_number(r, f"role_types[{i}]") for i, r in enumerate(role_types or ())
+        ],
     )
     if metadata is not None:
         _checks.json_object("metadata", metadata)
@@ -126,9 +127,18 @@ def restore(
     lost leaves the project holding its rows, and the retry failed PROJECT_NOT_EMPTY.
     """
     request = bs.RestoreRequest(
-        users=[user_backup_proto(u) for u in users],
-        sessions=[session_backup_proto(s) for s in sessions],
-        messages=[message_backup_proto(m) for m in messages],
+        users=[
+            user_backup_proto(u, f"users[{i}]")
+            for i, u in enumerate(_checks.rows("users", users, User))
+        ],
+        sessions=[
+            session_backup_proto(s, f"sessions[{i}]")
+            for i, s in enumerate(_checks.rows("sessions", sessions, Session))
+        ],
+        messages=[
+            message_backup_proto(m, f"messages[{i}]")
+            for i, m in enumerate(_checks.rows("messages", messages, ExportedMessage))
+        ],
         require_empty=bool(require_empty),
     )
 

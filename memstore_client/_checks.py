@@ -4,7 +4,7 @@ server would refuse or that protobuf could not carry exactly."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from .errors import ArgumentTypeError, FieldViolation, InvalidArgument
@@ -37,17 +37,57 @@ def text(field: str, value: object, *, optional: bool = False) -> None:
     raise invalid(field, f"must be a str, not {type(value).__name__}", ArgumentTypeError)
 
 
-def integer(field: str, value: object) -> None:
-    """A count or size argument must be an int (not a bool) that an int32 field can hold.
+def integer(field: str, value: object, bits: int = 32) -> None:
+    """A count or size argument must be an int (not a bool) that an int32 field (or one of
+    `bits`) can hold.
 
     Raises:
         ArgumentTypeError: it is not an int.
-        InvalidArgument: it is outside the int32 range.
+        InvalidArgument: it is outside the field's range.
     """
     if not isinstance(value, int) or isinstance(value, bool):
         raise invalid(field, f"must be an int, not {type(value).__name__}", ArgumentTypeError)
-    if not -(2**31) <= value < 2**31:
-        raise invalid(field, f"{value} does not fit in 32 bits")
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        raise invalid(field, f"{value} does not fit in {bits} bits")
+
+
+def real(field: str, value: object, *, optional: bool = False) -> None:
+    """A fraction such as mmr_lambda must be an int or a float (not a bool; None too when
+    `optional`): protobuf refused a str with its own bare "must be real number". The server
+    checks the range, and names the field as this does.
+
+    Raises:
+        ArgumentTypeError: it is not a number.
+    """
+    if (optional and value is None) or (
+        isinstance(value, int | float) and not isinstance(value, bool)
+    ):
+        return
+    raise invalid(field, f"must be a number, not {type(value).__name__}", ArgumentTypeError)
+
+
+def flag(field: str, value: object) -> None:
+    """A yes-or-no argument must be a bool: protobuf refused "yes" with its own bare
+    TypeError, and would have read any int as yes or no.
+
+    Raises:
+        ArgumentTypeError: it is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise invalid(field, f"must be a bool, not {type(value).__name__}", ArgumentTypeError)
+
+
+def choice(field: str, value: object, choices: Collection[str]) -> None:
+    """A name from a fixed set (search_type, a role type) must be a str, one of `choices`,
+    which the message lists: a typo is a value the server would never see.
+
+    Raises:
+        ArgumentTypeError: it is not a str.
+        InvalidArgument: it is not one of `choices`.
+    """
+    text(field, value)
+    if value not in choices:
+        raise invalid(field, f"must be one of {', '.join(choices)}, not {value!r}")
 
 
 def texts(field: str, values: Iterable[object] | None) -> None:
@@ -56,6 +96,46 @@ def texts(field: str, values: Iterable[object] | None) -> None:
         raise invalid(field, "must be a list of str, not a str", ArgumentTypeError)
     for i, value in enumerate(values or ()):
         text(f"{field}[{i}]", value)
+
+
+def instance(field: str, value: object, kinds: type | tuple[type, ...]) -> None:
+    """A row (a Message, a User, ...) must be an instance of `kinds`: another value failed
+    later in Python's words, an AttributeError naming no argument.
+
+    Raises:
+        ArgumentTypeError: it is not.
+    """
+    if not isinstance(value, kinds):
+        raise invalid(
+            field, f"must be a {_names(kinds)}, not {type(value).__name__}", ArgumentTypeError
+        )
+
+
+def rows(field: str, values: object, kinds: type | tuple[type, ...]) -> list[Any]:
+    """The items of a list argument of rows (messages to add, a restore's users, ...), each
+    an instance of `kinds`, as a list.
+
+    A str, bytes or a dict is refused whole, not iterated: its characters or keys failed
+    later as rows, in Python's words ("argument after ** must be a mapping") and naming
+    nothing.
+
+    Raises:
+        ArgumentTypeError: `values` is not a list, or an item is not one of `kinds`.
+    """
+    if isinstance(values, str | bytes | Mapping) or not isinstance(values, Iterable):
+        raise invalid(
+            field,
+            f"must be a list of {_names(kinds)}, not {type(values).__name__}",
+            ArgumentTypeError,
+        )
+    items = list(values)
+    for i, item in enumerate(items):
+        instance(f"{field}[{i}]", item, kinds)
+    return items
+
+
+def _names(kinds: type | tuple[type, ...]) -> str:
+    return " or ".join(kind.__name__ for kind in (kinds if isinstance(kinds, tuple) else (kinds,)))
 
 
 def json_object(field: str, value: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from memstore.v1 import resources_pb2, session_service_pb2
 
 from . import _checks
 from ._checks import MAX_EXACT_INT
+from .errors import ArgumentTypeError
 
 JsonObject = dict[str, Any]
 
@@ -63,14 +65,23 @@ def to_struct(value: JsonObject | None, field: str = "metadata") -> struct_pb2.S
     return out
 
 
-def role_type_number(name: str) -> resources_pb2.RoleType.ValueType:
-    """The RoleType enum number of "user", "assistant", ... (or of "ROLE_TYPE_USER")."""
+def role_type_number(name: str, field: str = "role_type") -> resources_pb2.RoleType.ValueType:
+    """The RoleType enum number of "user", "assistant", ... (or of "ROLE_TYPE_USER").
+
+    Raises:
+        ArgumentTypeError: `name` is not a str, named as `field` (`role_types[0]`).
+        InvalidArgument: it is no role type, named so: a plain ValueError named neither the
+            argument nor the message it was in.
+    """
+    _checks.text(field, name)
     key = name.upper()
     key = key if key.startswith("ROLE_TYPE_") else "ROLE_TYPE_" + key
     try:
         return resources_pb2.RoleType.Value(key)
     except ValueError:
-        raise ValueError(f"unknown role_type {name!r}; one of {', '.join(ROLE_TYPES)}") from None
+        raise _checks.invalid(
+            field, f"must be one of {', '.join(ROLE_TYPES)}, not {name!r}"
+        ) from None
 
 
 def role_type_name(number: int) -> str:
@@ -171,17 +182,36 @@ class Message:
             deleted_at=optional_datetime(p.deleted_at, p.HasField("deleted_at")),
         )
 
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any], field: str = "message") -> Message:
+        """The message of a dict of its fields, as `memory.add` takes one; errors name it as
+        `field`. Python's own words for a misspelt or missing key named no message.
+
+        Raises:
+            ArgumentTypeError: a key is no field of Message, or content is missing.
+        """
+        names = cls.__dataclass_fields__
+        for key in fields:
+            if key not in names:
+                raise _checks.invalid(
+                    field,
+                    f"has no field {key!r} (content, role, role_type, metadata, uuid)",
+                    ArgumentTypeError,
+                )
+        if "content" not in fields:
+            raise _checks.invalid(f"{field}.content", "is missing", ArgumentTypeError)
+        return cls(**fields)
+
     def to_proto(self, field: str = "message") -> resources_pb2.Message:
         """The Message proto AddMemory reads (uuid, role, role_type, content, metadata); errors
         name the fields as `field`.content and so on."""
         _checks.text(f"{field}.uuid", self.uuid)
         _checks.text(f"{field}.content", self.content)
         _checks.text(f"{field}.role", self.role)
-        _checks.text(f"{field}.role_type", self.role_type)
         p = resources_pb2.Message(
             uuid=self.uuid,
             role=self.role,
-            role_type=role_type_number(self.role_type),
+            role_type=role_type_number(self.role_type, f"{field}.role_type"),
             content=self.content,
         )
         if self.metadata:
@@ -307,42 +337,57 @@ def set_time(target: timestamp_pb2.Timestamp, value: datetime | None, field: str
     target.FromDatetime(value)
 
 
-def user_backup_proto(user: User) -> resources_pb2.User:
-    """A User as Restore reads it: every field, timestamps as they were."""
+def user_backup_proto(user: User, field: str = "user") -> resources_pb2.User:
+    """A User as Restore reads it: every field, timestamps as they were; errors name the
+    fields as `field`.user_id and so on (`users[3].user_id`)."""
+    _checks.text(f"{field}.user_id", user.user_id)
+    _checks.text(f"{field}.email", user.email)
+    _checks.text(f"{field}.first_name", user.first_name)
+    _checks.text(f"{field}.last_name", user.last_name)
     p = resources_pb2.User(
         user_id=user.user_id,
         email=user.email,
         first_name=user.first_name,
         last_name=user.last_name,
-        metadata=to_struct(user.metadata),
+        metadata=to_struct(user.metadata, f"{field}.metadata"),
     )
-    set_time(p.created_at, user.created_at, "created_at")
-    set_time(p.updated_at, user.updated_at, "updated_at")
+    set_time(p.created_at, user.created_at, f"{field}.created_at")
+    set_time(p.updated_at, user.updated_at, f"{field}.updated_at")
     return p
 
 
-def session_backup_proto(session: Session) -> resources_pb2.Session:
-    """A Session as Restore reads it: deleted_at and last_message_at included."""
+def session_backup_proto(session: Session, field: str = "session") -> resources_pb2.Session:
+    """A Session as Restore reads it: deleted_at and last_message_at included; errors name
+    the fields as `field`.session_id and so on."""
+    _checks.text(f"{field}.session_id", session.session_id)
+    _checks.text(f"{field}.user_id", session.user_id, optional=True)
+    _checks.integer(f"{field}.next_sequence", session.next_sequence, bits=64)
     p = resources_pb2.Session(
         session_id=session.session_id,
         user_id=session.user_id or "",
-        metadata=to_struct(session.metadata),
+        metadata=to_struct(session.metadata, f"{field}.metadata"),
         next_sequence=session.next_sequence,
     )
-    set_time(p.created_at, session.created_at, "created_at")
-    set_time(p.updated_at, session.updated_at, "updated_at")
-    set_time(p.deleted_at, session.deleted_at, "deleted_at")
-    set_time(p.last_message_at, session.last_message_at, "last_message_at")
+    set_time(p.created_at, session.created_at, f"{field}.created_at")
+    set_time(p.updated_at, session.updated_at, f"{field}.updated_at")
+    set_time(p.deleted_at, session.deleted_at, f"{field}.deleted_at")
+    set_time(p.last_message_at, session.last_message_at, f"{field}.last_message_at")
     return p
 
 
-def message_backup_proto(row: ExportedMessage) -> session_service_pb2.ExportedMessage:
-    """An exported message as Restore reads it: uuid, sequence and timestamps included."""
+def message_backup_proto(
+    row: ExportedMessage, field: str = "message"
+) -> session_service_pb2.ExportedMessage:
+    """An exported message as Restore reads it: uuid, sequence and timestamps included;
+    errors name the fields as `field`.message.content and so on."""
+    _checks.text(f"{field}.session_id", row.session_id)
     m = row.message
+    _checks.instance(f"{field}.message", m, Message)
+    _checks.integer(f"{field}.message.sequence", m.sequence, bits=64)
     p = session_service_pb2.ExportedMessage(session_id=row.session_id)
-    p.message.CopyFrom(m.to_proto())
+    p.message.CopyFrom(m.to_proto(f"{field}.message"))
     p.message.sequence = m.sequence
-    set_time(p.message.created_at, m.created_at, "created_at")
-    set_time(p.message.updated_at, m.updated_at, "updated_at")
-    set_time(p.message.deleted_at, m.deleted_at, "deleted_at")
+    set_time(p.message.created_at, m.created_at, f"{field}.message.created_at")
+    set_time(p.message.updated_at, m.updated_at, f"{field}.message.updated_at")
+    set_time(p.message.deleted_at, m.deleted_at, f"{field}.message.deleted_at")
     return p

@@ -93,8 +93,9 @@ async def test_invalid_arguments_carry_the_field(client: AsyncMemstore) -> None:
     with pytest.raises(InvalidArgument) as caught:
         await client.memory.add("s1", [Message(content="a\x00b")])
     assert [v.field for v in caught.value.field_violations] == ["messages[0].content"]
-    with pytest.raises(ValueError, match="role_type"):
+    with pytest.raises(InvalidArgument) as unknown:
         await client.memory.add("s1", [Message(content="x", role_type="robot")])
+    assert [v.field for v in unknown.value.field_violations] == ["messages[0].role_type"]
 
 
 async def test_exports_stream_every_row_with_resume_tokens(client: AsyncMemstore) -> None:
@@ -177,7 +178,7 @@ async def test_search_and_recall_like_zep(client: AsyncMemstore, store, embed) -
     with pytest.raises(InvalidArgument) as bad:
         await client.memory.search("", user_id="zoe")
     assert bad.value.field_violations[0].field == "text"
-    with pytest.raises(ValueError, match="search_type"):
+    with pytest.raises(InvalidArgument, match="search_type: must be one of"):
         await client.memory.search("x", search_type="fuzzy")
     memory = await client.memory.get("zoe-now", relevant_limit=3)
     assert [r.session_id for r in memory.relevant_messages] == ["zoe-trip"]

@@ -4,22 +4,27 @@ would refuse or protobuf could not carry: its own errors, naming the argument.""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 import grpc_testing
 import pytest
 
+from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
 from memstore_client import (
     ArgumentTypeError,
     AsyncMemstore,
+    ExportedMessage,
     InvalidArgument,
     Memstore,
     Message,
+    Session,
+    User,
 )
+from memstore_client._calls_bulk import search_memory
 from memstore_client.types import to_dict, to_struct
 
 
@@ -34,6 +39,10 @@ def client() -> Iterator[Memstore]:
 
 #: A datetime without a time zone: local time to the caller, UTC to protobuf.
 NAIVE = datetime(2026, 1, 1, 12, 0)
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+#: Python's and protobuf's own words for a wrong type, which named no argument.
+BARE_WORDS = ("bad argument type", "real number", "after **", "has no attribute", "interpreted")
 
 
 def _nested(levels: int) -> dict[str, Any]:
@@ -75,6 +84,34 @@ def _refused(call: Callable[[], object], field: str) -> InvalidArgument:
         (lambda c: c.user.add("u", metadata=["not", "a", "dict"]), "metadata"),
         (lambda c: c.user.add("u", metadata={1: "int key"}), "metadata"),
         (lambda c: c.user.add("u", metadata={"when": object()}), "metadata.when"),
+        # protobuf's TypeError "must be real number, not str"
+        (lambda c: c.memory.search("t", mmr_lambda="0.5"), "mmr_lambda"),
+        (lambda c: c.memory.search("t", mmr_lambda=True), "mmr_lambda"),
+        # AttributeError: 'int' object has no attribute 'upper'
+        (lambda c: c.memory.search("t", role_types=[1]), "role_types[0]"),
+        (lambda c: c.memory.search("t", role_types="user"), "role_types"),
+        (lambda c: c.memory.search("t", search_type=None), "search_type"),
+        # protobuf's TypeError "'str' object cannot be interpreted as an integer"
+        (lambda c: c.memory.get_session("s", show_deleted="yes"), "show_deleted"),
+        # Message(**m): "argument after ** must be a mapping", and Python's words for a key
+        (lambda c: c.memory.add("s", [123]), "messages[0]"),
+        (lambda c: c.memory.add("s", "hello"), "messages"),
+        (lambda c: c.memory.add("s", {"content": "x"}), "messages"),
+        (lambda c: c.memory.add("s", Message("x")), "messages"),
+        (lambda c: c.memory.add("s", [{"content": "x", "rol": "user"}]), "messages[0]"),
+        (lambda c: c.memory.add("s", [Message("x"), {"role": "user"}]), "messages[1].content"),
+        (lambda c: c.memory.add("s", [Message("x", role_type=1)]), "messages[0].role_type"),
+        # AttributeError: 'str' object has no attribute 'user_id'
+        (lambda c: c.backup.restore(users=["u1"]), "users[0]"),
+        (lambda c: c.backup.restore(users="u1"), "users"),
+        (lambda c: c.backup.restore(sessions=[_user()]), "sessions[0]"),
+        (lambda c: c.backup.restore(messages=[Message("x")]), "messages[0]"),
+        (lambda c: c.backup.restore(users=[_user(), _user(user_id=2)]), "users[1].user_id"),
+        (
+            lambda c: c.backup.restore(sessions=[_session(next_sequence="3")]),
+            "sessions[0].next_sequence",
+        ),
+        (lambda c: c.backup.restore(messages=[ExportedMessage("s", "hi")]), "messages[0].message"),
     ],
 )
 def test_wrong_types_are_type_errors_naming_the_argument(
@@ -84,7 +121,67 @@ def test_wrong_types_are_type_errors_naming_the_argument(
     # Both the client's InvalidArgument and a TypeError, never protobuf's bare words.
     assert isinstance(error, ArgumentTypeError)
     assert isinstance(error, TypeError)
-    assert "bad argument type" not in str(error)
+    assert not [words for words in BARE_WORDS if words in str(error)]
+
+
+def _user(**changed: Any) -> User:
+    fields: dict[str, Any] = {"user_id": "u", "email": "", "first_name": "", "last_name": ""}
+    fields |= {"metadata": {}, "created_at": NOW, "updated_at": NOW, "session_count": 0}
+    return User(**(fields | changed))
+
+
+def _session(**changed: Any) -> Session:
+    fields: dict[str, Any] = {"session_id": "s", "user_id": None, "metadata": {}}
+    fields |= {"created_at": NOW, "updated_at": NOW, "deleted_at": None}
+    fields |= {"message_count": 0, "last_message_at": None}
+    return Session(**(fields | changed))
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.memory.add("s", [Message("x", role_type="bot")]), "messages[0].role_type"),
+        (lambda c: c.memory.add("s", [{"content": "x", "role_type": ""}]), "messages[0].role_type"),
+        (lambda c: c.memory.search("t", role_types=["user", "bot"]), "role_types[1]"),
+        (lambda c: c.memory.search("t", search_type="fulltext"), "search_type"),
+        (
+            lambda c: c.backup.restore(
+                messages=[ExportedMessage("s", Message("x", role_type="b"))]
+            ),
+            "messages[0].message.role_type",
+        ),
+    ],
+)
+def test_unknown_names_are_invalid_argument_naming_the_field(
+    client: Memstore, call: Callable[[Memstore], object], field: str
+) -> None:
+    # A plain ValueError named neither the argument nor which message held the typo.
+    error = _refused(lambda: call(client), field)
+    assert not isinstance(error, TypeError)
+    assert error.message.startswith(f"{field}: must be one of ")
+
+
+def test_role_types_are_read_in_any_case_with_or_without_their_prefix() -> None:
+    search = search_memory(
+        "t",
+        user_id=None,
+        session_ids=None,
+        search_type="full_text",
+        limit=10,
+        mmr_lambda=1,
+        role_types=["user", "Assistant", "ROLE_TYPE_TOOL"],
+        metadata=None,
+        created_after=None,
+        created_before=None,
+    )
+    request = search.request
+    assert isinstance(request, ss.SearchMemoryRequest)
+    assert list(request.role_types) == [
+        resources_pb2.ROLE_TYPE_USER,
+        resources_pb2.ROLE_TYPE_ASSISTANT,
+        resources_pb2.ROLE_TYPE_TOOL,
+    ]
+    assert request.mmr_lambda == 1.0
 
 
 async def test_the_async_client_checks_the_same() -> None:
@@ -94,6 +191,14 @@ async def test_the_async_client_checks_the_same() -> None:
             await client.user.add(123)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="more than 32 levels"):
             await client.memory.update_session("s", _nested(40))
+        with pytest.raises(ArgumentTypeError, match="mmr_lambda: must be a number, not str"):
+            await client.memory.search("x", mmr_lambda="0.5")  # type: ignore[arg-type]
+        with pytest.raises(ArgumentTypeError, match=r"messages: must be a list of .*, not str"):
+            await client.memory.add("s", "hello")  # type: ignore[arg-type]
+        with pytest.raises(ArgumentTypeError, match=r"users\[0\]: must be a User, not str"):
+            await client.backup.restore(users=["u1"])  # type: ignore[list-item]
+        with pytest.raises(InvalidArgument, match=r"role_types\[0\]: must be one of"):
+            await client.memory.search("x", role_types=["bot"])
     finally:
         await client.close()
 
