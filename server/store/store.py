@@ -96,6 +96,11 @@ class Store(
             raise Unavailable(
                 f"database unavailable: cannot connect within {timeout}s{why}"
             ) from exc
+        except BaseException:
+            # Cancelled while it waited (a Ctrl-C at start): its tasks, left reconnecting,
+            # kept asyncio.run from ever returning.
+            await pool.close()
+            raise
         store = cls(pool)
         store.statement_timeout = statement_timeout
         return store

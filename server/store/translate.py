@@ -63,12 +63,7 @@ def translated(
             ) from exc
         raise DeadlineExceeded("the query was cancelled: the deadline passed") from exc
     except pg.DataError as exc:
-        if _loading(exc):
-            raise _unreadable(exc) from exc
-        if exc.sqlstate == "22000" and _detail(exc, "").startswith("different vector dimensions"):
-            raise _dimensions_differ(exc) from exc
-        # Client-side dump failures (e.g. a NUL byte in a string) carry no column name.
-        raise InvalidArgument.field(_column(exc) or field, _detail(exc, "invalid value")) from exc
+        raise _data_error(exc, field) from exc
     except (pg.ProgramLimitExceeded, pg.IntegrityError) as exc:
         name = _column(exc) or field
         raise InvalidArgument.field(name, _detail(exc, "invalid value")) from exc
@@ -81,9 +76,27 @@ def translated(
         ) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise Unavailable(f"database unavailable: {_first_line(exc)}") from exc
+    except pg.InsufficientPrivilege as exc:
+        # The role memstore connects as may not do what it must (create its tables, say):
+        # the operator's to grant, said in one line, not a traceback.
+        log.error("the database role lacks a privilege: %s", _first_line(exc))
+        raise MemstoreError(
+            f"the database role lacks a privilege memstore needs: {_detail(exc, 'denied')}"
+        ) from exc
     except psycopg.Error as exc:
         log.exception("unexpected database error")
         raise MemstoreError("internal database error; see the server log") from exc
+
+
+def _data_error(exc: psycopg.DataError, field: str) -> MemstoreError:
+    """The domain error of a data error: a stored value unreadable, vectors of two lengths,
+    or (most often) a value of the request, named by its column or `field`."""
+    if _loading(exc):
+        return _unreadable(exc)
+    if exc.sqlstate == "22000" and _detail(exc, "").startswith("different vector dimensions"):
+        return _dimensions_differ(exc)
+    # Client-side dump failures (e.g. a NUL byte in a string) carry no column name.
+    return InvalidArgument.field(_column(exc) or field, _detail(exc, "invalid value"))
 
 
 #: The methods by which psycopg's Transformer (psycopg.abc.Transformer: the Python one and the
