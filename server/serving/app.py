@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -198,9 +198,20 @@ async def open_store(config: Config) -> Store:
 async def serve(config: Config) -> None:
     """Serves until SIGTERM or SIGINT, then shuts down gracefully.
 
+    The signals are caught from the start: one that arrives while the server starts ends it
+    gracefully once it has started. They were caught only while it waited to be stopped, so
+    one sent as it started (or after its "listening" line, before the wait: half the runs of
+    an audit) killed it at once, leaving the embedded PostgreSQL running; a second one
+    during the stop likewise.
+
     Raises:
         OSError: the port is taken; checked before the database is opened or migrated.
     """
+    with caught_signals() as stop:
+        await _serve(config, stop)
+
+
+async def _serve(config: Config, stop: asyncio.Event) -> None:
     host = source(config, "host")
     if config.port:
         probe_port(config.host, config.port, flag=source(config, "port"), host_flag=host)
@@ -240,7 +251,7 @@ async def serve(config: Config) -> None:
         if store.vectors or store.word_recall:
             background.append(asyncio.create_task(watch_queue(store)))
         watcher = asyncio.create_task(watch_database(store))
-        await wait_for_signal()
+        await stop.wait()
         log.info("shutting down (grace period %.1fs)", config.grace_period)
         # Health says NOT_SERVING while calls are still served, so that load balancers
         # move away before the server stops accepting (a stopping server answers no Check).
@@ -324,12 +335,19 @@ def _serve_metrics(config: Config, metrics: Metrics) -> Any:
 
 async def wait_for_signal() -> None:
     """Returns when the process receives SIGTERM or SIGINT."""
+    with caught_signals() as stop:
+        await stop.wait()
+
+
+@contextlib.contextmanager
+def caught_signals() -> Iterator[asyncio.Event]:
+    """An event SIGTERM and SIGINT set, instead of ending the process, until the block ends."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
