@@ -90,6 +90,12 @@ class Store(
         )
         try:
             await pool.open(wait=True, timeout=timeout)
+            if min_size == 0:
+                # A pool of no kept connection opens without trying one: try one now, so
+                # that an unreachable database is said with its reason here too (with
+                # --pool-min-size 0 it was "couldn't get a connection after 2.00 sec").
+                async with pool.connection(timeout=timeout):
+                    pass
         except (PoolTimeout, psycopg.Error) as exc:
             await pool.close()
             why = await _connect_error(conninfo, options, timeout)

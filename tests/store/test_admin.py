@@ -86,6 +86,10 @@ async def test_open_says_why_the_database_refused(server_url: str) -> None:
     url = psycopg.conninfo.make_conninfo(server_url, dbname="memstore_no_such_db")
     with pytest.raises(Unavailable, match='database "memstore_no_such_db" does not exist'):
         await Store.open(url, timeout=0.5)
+    # A pool that keeps no connection opens without trying one: it said only "couldn't get
+    # a connection after 2.00 sec", at the first call.
+    with pytest.raises(Unavailable, match='database "memstore_no_such_db" does not exist'):
+        await Store.open(url, timeout=0.5, min_size=0)
 
 
 @pytest.mark.parametrize("url", ["garbage", "host=h nosuchoption=1", "mysql://u:secret@h/db"])
