@@ -38,6 +38,10 @@ MAX_STATEMENT_TIMEOUT = 2147483
 MAX_RETENTION_DAYS = 36500
 _retention_days = seconds_up_to(MAX_RETENTION_DAYS, "days")
 
+#: The longest --grace-period or --drain-delay: a day. A drain of 1e300 s was taken, and a
+#: stopped server then said NOT_SERVING and never exited.
+MAX_STOP_SECONDS = 86_400
+
 
 def _days(text: str) -> timedelta:
     return timedelta(days=_retention_days(text))
@@ -206,13 +210,13 @@ class Config:
         10.0,
         "seconds in-flight calls get to finish on SIGTERM/SIGINT",
         env="MEMSTORE_GRACE_PERIOD",
-        parse=parse_seconds,
+        parse=seconds_up_to(MAX_STOP_SECONDS),
     )
     drain_delay: float = setting(
         1.0,
         "seconds health says NOT_SERVING on SIGTERM/SIGINT, still serving, before the grace period",
         env="MEMSTORE_DRAIN_DELAY",
-        parse=parse_seconds,
+        parse=seconds_up_to(MAX_STOP_SECONDS),
     )
     purge_retention: timedelta = setting(
         timedelta(days=7),

@@ -136,6 +136,8 @@ def test_a_bad_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
         (["migrate", "--database-url", ""], "argument --database-url: is empty"),
         (["serve", "--database-url", "  "], "argument --database-url: is empty"),
         (["serve", "--grace-period", "-5"], "argument --grace-period: must not be negative"),
+        (["serve", "--drain-delay", "1e300"], "--drain-delay: must be at most 86400 seconds"),
+        (["serve", "--grace-period", "86401"], "--grace-period: must be at most 86400 seconds"),
         (["serve", "--pool-max-waiting", "-1"], "argument --pool-max-waiting: must not be"),
         (["serve", "--pool-min-size", "-2"], "argument --pool-min-size: must not be negative"),
         # A cap of 0 would refuse every call; past gRPC's backlog it could never be reached.
