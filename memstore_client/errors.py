@@ -26,6 +26,8 @@ class MemstoreError(Exception):
         message: what the server said was wrong.
         reason: ErrorInfo.reason, a stable UPPER_SNAKE code to branch on ("" when absent).
         field_violations: the BadRequest violations (INVALID_ARGUMENT), else empty.
+        request_id: the call's `x-request-id` (the server's log names it on the call's
+            access line), "" when the call never reached the server.
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -37,11 +39,13 @@ class MemstoreError(Exception):
         reason: str = "",
         field_violations: list[FieldViolation] | None = None,
         code: grpc.StatusCode | None = None,
+        request_id: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.field_violations = list(field_violations or [])
+        self.request_id = request_id
         if code is not None:
             self.code = code
 
@@ -152,4 +156,23 @@ def from_rpc_error(error: grpc.RpcError) -> MemstoreError:
             detail.Unpack(bad)
             violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
     cls = _BY_CODE.get(code, MemstoreError)
-    return cls(message, reason=reason, field_violations=violations, code=code)
+    return cls(
+        message,
+        reason=reason,
+        field_violations=violations,
+        code=code,
+        request_id=_request_id(call),
+    )
+
+
+#: The trailing metadata key by which memstore answers each call's request id.
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _request_id(call: Any) -> str:
+    # A failed call's trailing metadata (sync and aio alike), where the server put its id.
+    trailing = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)
+    return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -93,6 +94,9 @@ async def test_invalid_arguments_carry_the_field(client: AsyncMemstore) -> None:
     with pytest.raises(InvalidArgument) as caught:
         await client.memory.add("s1", [Message(content="a\x00b")])
     assert [v.field for v in caught.value.field_violations] == ["messages[0].content"]
+    with pytest.raises(NotFound) as missing:
+        await client.user.get("nobody")
+    assert re.fullmatch("[0-9a-f]{32}", missing.value.request_id)
     with pytest.raises(InvalidArgument) as unknown:
         await client.memory.add("s1", [Message(content="x", role_type="robot")])
     assert [v.field for v in unknown.value.field_violations] == ["messages[0].role_type"]
@@ -119,8 +123,10 @@ async def test_sync_client_works_from_a_thread(grpc_port: int, clean_db: str) ->
             sync.user.add("carol")
             sync.memory.add("c1", [{"content": "hello", "role_type": "user"}], user_id="carol")
             assert sync.memory.get("c1", lastn=1).messages[0].content == "hello"
-            with pytest.raises(NotFound):
+            with pytest.raises(NotFound) as missing:
                 sync.user.get("dave")
+            # The id the server's access line names, to find the call in its log.
+            assert re.fullmatch("[0-9a-f]{32}", missing.value.request_id)
             return [u.user_id for chunk in sync.user.list_chunked() for u in chunk]
 
     assert await asyncio.to_thread(run) == ["carol"]
