@@ -207,6 +207,7 @@ def update_user(
     cleared with `clear_metadata` (sent as an update_mask)."""
     _ids(user_id=user_id)
     _texts(optional=True, email=email, first_name=first_name, last_name=last_name)
+    _checks.flag("clear_metadata", clear_metadata)
     request = us.UpdateUserRequest(
         user_id=user_id,
         email=email,
@@ -297,6 +298,7 @@ def update_session(
 ) -> Unary[Session]:
     """UpdateSession: the metadata is merged (a None value removes a key), or cleared."""
     _ids(session_id=session_id)
+    _checks.flag("clear_metadata", clear_metadata)
     request = ss.UpdateSessionRequest(session_id=session_id, metadata=to_struct(meta))
     if clear_metadata:
         _clear_mask(request, meta)
@@ -332,13 +334,14 @@ def list_sessions(
     _texts(optional=True, page_token=page_token)
     _checks.integer("page_size", page_size)
     _checks.integer("page_number", page_number or 0)
+    _checks.flag("show_deleted", show_deleted)
     request = ss.ListSessionsRequest(
         page_size=page_size,
         page_number=page_number or 0,
         page_token=page_token or "",
         user_id=user_id or "",
         order_by=order_by,
-        show_deleted=bool(show_deleted),
+        show_deleted=show_deleted,
         metadata_contains=to_struct(metadata_contains, "metadata_contains"),
     )
     _set_times(
@@ -426,6 +429,7 @@ def update_message(
     cleared."""
     _ids(session_id=session_id)
     _texts(uuid=uuid)
+    _checks.flag("clear_metadata", clear_metadata)
     request = ss.UpdateMessageRequest(session_id=session_id, uuid=uuid, metadata=to_struct(meta))
     if clear_metadata:
         _clear_mask(request, meta)

@@ -88,8 +88,9 @@ def export_sessions(
 ) -> Stream[Session]:
     """ExportSessions (soft-deleted sessions too with include_deleted)."""
     _checks.integer("chunk_size", chunk_size)
+    _checks.flag("include_deleted", include_deleted)
     request = ss.ExportSessionsRequest(
-        chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
+        chunk_size=chunk_size, page_token=page_token, include_deleted=include_deleted
     )
     return Stream(
         SESSIONS, "ExportSessions", request, lambda r: [Session.from_proto(s) for s in r.sessions]
@@ -101,8 +102,9 @@ def export_messages(
 ) -> Stream[ExportedMessage]:
     """ExportMessages (soft-deleted messages too with include_deleted)."""
     _checks.integer("chunk_size", chunk_size)
+    _checks.flag("include_deleted", include_deleted)
     request = ss.ExportMessagesRequest(
-        chunk_size=chunk_size, page_token=page_token, include_deleted=bool(include_deleted)
+        chunk_size=chunk_size, page_token=page_token, include_deleted=include_deleted
     )
 
     def convert(r: ss.ExportMessagesResponse) -> list[ExportedMessage]:
@@ -126,6 +128,7 @@ def restore(
     so it is retried. With it, not: a first attempt that committed before its answer was
     lost leaves the project holding its rows, and the retry failed PROJECT_NOT_EMPTY.
     """
+    _checks.flag("require_empty", require_empty)
     request = bs.RestoreRequest(
         users=[
             user_backup_proto(u, f"users[{i}]")
@@ -139,7 +142,7 @@ def restore(
             message_backup_proto(m, f"messages[{i}]")
             for i, m in enumerate(_checks.rows("messages", messages, ExportedMessage))
         ],
-        require_empty=bool(require_empty),
+        require_empty=require_empty,
     )
 
     def counts(c: bs.RestoreCounts) -> RestoreCounts:

@@ -93,6 +93,14 @@ def _refused(call: Callable[[], object], field: str) -> InvalidArgument:
         (lambda c: c.memory.search("t", search_type=None), "search_type"),
         # protobuf's TypeError "'str' object cannot be interpreted as an integer"
         (lambda c: c.memory.get_session("s", show_deleted="yes"), "show_deleted"),
+        # Read as a bool before: clear_metadata="false" cleared the metadata.
+        (lambda c: c.user.update("u", clear_metadata="false"), "clear_metadata"),
+        (lambda c: c.memory.update_session("s", None, clear_metadata="no"), "clear_metadata"),
+        (lambda c: c.memory.update_message("s", "m", None, clear_metadata=0), "clear_metadata"),
+        (lambda c: c.memory.list_sessions(show_deleted="no"), "show_deleted"),
+        (lambda c: next(iter(c.memory.export_sessions(include_deleted="no"))), "include_deleted"),
+        (lambda c: next(iter(c.memory.export_messages(include_deleted=1))), "include_deleted"),
+        (lambda c: c.backup.restore(require_empty="no"), "require_empty"),
         # Message(**m): "argument after ** must be a mapping", and Python's words for a key
         (lambda c: c.memory.add("s", [123]), "messages[0]"),
         (lambda c: c.memory.add("s", "hello"), "messages"),
