@@ -81,6 +81,9 @@ class HttpServer:
                 task.cancel()
             if running:
                 await asyncio.wait(running, timeout=SETTLE_SECONDS)
+            # Whatever still holds a connection (a request deaf to its cancel) no longer
+            # holds the stop: uvicorn waits for connections without end unless forced.
+            self._server.force_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
