@@ -57,6 +57,9 @@ class EmbeddingError(Exception):
 
 #: HTTP statuses by which a model refuses what it was sent, not its caller or its load.
 _REFUSALS = frozenset({400, 413, 422})
+#: A word any model embeds: one that refuses it too is misconfigured (its name, its key),
+#: which tells that from a model refusing one text (too long for it, say).
+PROBE_WORD = "memstore"
 
 
 def embedder_from_setting(

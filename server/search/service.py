@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from server.domain import Message, SearchOutcome, SearchQuery, SearchResult, Session
 from server.errors import FailedPrecondition, InvalidArgument, Unavailable
-from server.search.embedding import Embedder, EmbeddingError
+from server.search.embedding import PROBE_WORD, Embedder, EmbeddingError
 from server.search.ranking import context_block, mmr_order
 from server.store import Store
 
@@ -143,7 +143,7 @@ class Searcher:
         # name or key wrong: the server's fault, UNAVAILABLE as any failing model).
         assert self._embedder is not None
         try:
-            await asyncio.to_thread(self._embedder.embed, ["memstore"])
+            await asyncio.to_thread(self._embedder.embed, [PROBE_WORD])
         except EmbeddingError:
             return False
         return True

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from server.errors import MemstoreError
-from server.search.embedding import Embedder, EmbeddingError
+from server.search.embedding import PROBE_WORD, Embedder, EmbeddingError
 from server.search.service import RECALL_WINDOW
 from server.store import QUEUE_COUNT_CAP, Store
 
@@ -209,7 +209,7 @@ class EmbeddingWorker:
             vectors.append(alone[0])
         if all(v is None for v in vectors):
             try:
-                await self._embed_now(["memstore"])
+                await self._embed_now([PROBE_WORD])
             except EmbeddingError:
                 raise first from None
         for text, vector in zip(texts, vectors, strict=True):
