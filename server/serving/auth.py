@@ -76,6 +76,8 @@ def _credential(metadata: Metadata | None) -> _Credential | None:
     found: set[str] = set()
     for name, value in metadata or ():
         text = value.decode("latin-1") if isinstance(value, bytes) else value
+        if name in ("authorization", "x-api-key") and not text.strip():
+            continue  # an empty header carries no key (a proxy's, say): as if not sent
         if name == "authorization":
             scheme, _, token = text.strip().partition(" ")
             # "Api-Key" is how Zep's 2.x SDKs send theirs (server/rest serves them).

@@ -82,9 +82,15 @@ async def test_a_good_key_works_in_either_header(a: Caller) -> None:
         (("authorization", f"bearer   {a.key}"),),
         (("x-api-key", a.key),),
         (("authorization", f"Bearer {a.key}"), ("x-api-key", a.key)),
+        # An empty header (a proxy's, say) carries no key: the other one counts.
+        (("authorization", ""), ("x-api-key", a.key)),
+        (("authorization", f"Bearer {a.key}"), ("x-api-key", "  ")),
     ):
         got = await a.users.GetUser(us.GetUserRequest(user_id="kim"), metadata=metadata)
         assert got.user.user_id == "kim"
+    # Alone, an empty header is no key at all: the caller is told how to send one.
+    for metadata in ((("authorization", ""),), (("x-api-key", ""),)):
+        await rpc_error(_get(a, metadata), Code.UNAUTHENTICATED, reason="API_KEY_MISSING")
 
 
 async def test_revoked_key_stops_working_within_the_cache_bound(

@@ -108,6 +108,19 @@ async def test_two_different_keys_in_one_request_are_refused(
     assert reply.status_code == 401 and reply.json()["reason"] == "API_KEY_INVALID"
 
 
+async def test_an_empty_authorization_header_leaves_the_api_key_header_to_count(
+    http: httpx.AsyncClient, secure_store: Store
+) -> None:
+    # A proxy may pass an empty Authorization along; it carries no key, so X-Api-Key counts.
+    a_key = (await _key(secure_store, "a"))["Authorization"].split()[1]
+    reply = await http.get(
+        "/api/v2/sessions-ordered", headers={"Authorization": "", "X-Api-Key": a_key}
+    )
+    assert reply.status_code == 200, reply.text
+    alone = await http.get("/api/v2/sessions-ordered", headers={"Authorization": ""})
+    assert alone.status_code == 401 and alone.json()["reason"] == "API_KEY_MISSING"
+
+
 async def test_healthz_needs_no_key(http: httpx.AsyncClient) -> None:
     reply = await http.get("/healthz")
     assert reply.status_code == 200 and reply.text == "."
