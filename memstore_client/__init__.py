@@ -8,6 +8,7 @@ from .aio import AsyncMemstore
 from .errors import (
     AlreadyExists,
     ArgumentTypeError,
+    ClientClosed,
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -42,6 +43,7 @@ __all__ = [
     "AlreadyExists",
     "ArgumentTypeError",
     "AsyncMemstore",
+    "ClientClosed",
     "DeadlineExceeded",
     "ExportedMessage",
     "FailedPrecondition",

@@ -17,7 +17,7 @@ from . import _calls as calls
 from . import _calls_bulk as bulk
 from ._calls import RetryPolicy, Stream, Unary, retry_delay, time_left
 from ._channel import TLS, aio_channel
-from .errors import from_rpc_error
+from .errors import ClientClosed, from_rpc_error
 from .types import (
     ExportedMessage,
     JsonObject,
@@ -72,9 +72,11 @@ class AsyncMemstore:
         self.user = AsyncUserClient(self)
         self.memory = AsyncMemoryClient(self)
         self.backup = AsyncBackupClient(self)
+        self._closed = False
 
     async def close(self) -> None:
-        """Closes the channel."""
+        """Closes the channel; calls made after it raise ClientClosed."""
+        self._closed = True
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncMemstore:
@@ -84,6 +86,8 @@ class AsyncMemstore:
         await self.close()
 
     async def _call(self, op: Unary[T]) -> T:
+        if self._closed:
+            raise ClientClosed
         delays = self._retry.delays() if op.idempotent else iter(())
         # One deadline for the call, its retries and their sleeps: `timeout` bounds the call.
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -102,6 +106,8 @@ class AsyncMemstore:
             return op.convert(response)
 
     async def _stream(self, op: Stream[T]) -> AsyncIterator[tuple[list[T], str]]:
+        if self._closed:
+            raise ClientClosed
         # After UNAVAILABLE the stream resumes from the last chunk's token: no row twice.
         delays = self._retry.delays()
         while True:

@@ -83,6 +83,16 @@ class FailedPrecondition(MemstoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ClientClosed(FailedPrecondition, ValueError):
+    """A call on a client after its close(); both a FailedPrecondition and a ValueError (as
+    Python's own closed files), raised before any call is made."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this client was closed: make a new one to call again", reason="CLIENT_CLOSED"
+        )
+
+
 class Unavailable(MemstoreError):
     """The server or its database cannot be reached; retry later."""
 

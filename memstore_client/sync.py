@@ -16,7 +16,7 @@ from . import _calls as calls
 from . import _calls_bulk as bulk
 from ._calls import RetryPolicy, Stream, Unary, retry_delay, time_left
 from ._channel import TLS, sync_channel
-from .errors import from_rpc_error
+from .errors import ClientClosed, from_rpc_error
 from .types import (
     ExportedMessage,
     JsonObject,
@@ -71,9 +71,11 @@ class Memstore:
         self.user = UserClient(self)
         self.memory = MemoryClient(self)
         self.backup = BackupClient(self)
+        self._closed = False
 
     def close(self) -> None:
-        """Closes the channel."""
+        """Closes the channel; calls made after it raise ClientClosed."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Memstore:
@@ -83,6 +85,8 @@ class Memstore:
         self.close()
 
     def _call(self, op: Unary[T]) -> T:
+        if self._closed:
+            raise ClientClosed
         delays = self._retry.delays() if op.idempotent else iter(())
         # One deadline for the call, its retries and their sleeps: `timeout` bounds the call.
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -99,6 +103,8 @@ class Memstore:
             return op.convert(response)
 
     def _stream(self, op: Stream[T]) -> Iterator[tuple[list[T], str]]:
+        if self._closed:
+            raise ClientClosed
         # After UNAVAILABLE the stream resumes from the last chunk's token: no row twice.
         delays = self._retry.delays()
         while True:

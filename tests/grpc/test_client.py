@@ -13,6 +13,7 @@ import pytest
 from memstore_client import (
     AlreadyExists,
     AsyncMemstore,
+    ClientClosed,
     FailedPrecondition,
     InvalidArgument,
     Memstore,
@@ -130,6 +131,32 @@ async def test_sync_client_works_from_a_thread(grpc_port: int, clean_db: str) ->
             return [u.user_id for chunk in sync.user.list_chunked() for u in chunk]
 
     assert await asyncio.to_thread(run) == ["carol"]
+
+
+async def test_a_call_after_close_is_a_memstore_error_saying_so(
+    grpc_port: int, clean_db: str
+) -> None:
+    # grpc raised its own errors here (sync ValueError, aio UsageError), past `except
+    # MemstoreError`.
+    client = AsyncMemstore(f"127.0.0.1:{grpc_port}", api_key="sk-test")
+    await client.user.add("erin")
+    await client.close()
+    with pytest.raises(ClientClosed, match="closed") as unary:
+        await client.user.get("erin")
+    assert unary.value.reason == "CLIENT_CLOSED" and isinstance(unary.value, ValueError)
+    with pytest.raises(ClientClosed):
+        [u async for chunk in client.user.list_chunked() for u in chunk]
+
+    def run() -> None:
+        sync = Memstore(f"127.0.0.1:{grpc_port}", api_key="sk-test")
+        assert sync.user.get("erin").user_id == "erin"
+        sync.close()
+        with pytest.raises(ClientClosed):
+            sync.user.get("erin")
+        with pytest.raises(ClientClosed):
+            [u for chunk in sync.user.list_chunked() for u in chunk]
+
+    await asyncio.to_thread(run)
 
 
 def _closed_port() -> int:
