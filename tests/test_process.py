@@ -320,3 +320,32 @@ def test_a_sigterm_as_the_server_starts_stops_it_gracefully(clean_db: str) -> No
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, "".join(seen) + out
         assert "memstore stopped" in out, out
+
+
+def test_a_ctrl_c_while_the_database_does_not_answer_stops_the_start_at_once() -> None:
+    # A database that accepts the connection and never answers (a stuck server, a firewall
+    # that swallows packets): a Ctrl-C waited for the pool's whole timeout (60 s here), and
+    # once hung for good. Now the start stops within seconds, with the shell's status 130.
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(16)
+        url = f"postgresql://nobody@127.0.0.1:{blackhole.getsockname()[1]}/none"
+        proc = subprocess.Popen(
+            [*MEMSTORE, "serve", "--port", "0", "--no-http", "--database-url", url],
+            cwd=ROOT,
+            env={**os.environ, "MEMSTORE_POOL_TIMEOUT": "60"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            blackhole.settimeout(60)
+            held, _ = blackhole.accept()  # the pool is connecting now
+            with held:
+                proc.send_signal(signal.SIGINT)
+                out, _ = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "serve interrupted" in out and "Traceback" not in out, out

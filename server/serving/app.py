@@ -202,16 +202,31 @@ async def serve(config: Config) -> None:
     gracefully once it has started. They were caught only while it waited to be stopped, so
     one sent as it started (or after its "listening" line, before the wait: half the runs of
     an audit) killed it at once, leaving the embedded PostgreSQL running; a second one
-    during the stop likewise.
+    during the stop likewise. A signal before the server serves (waiting for the database,
+    a migration's lock, the model's load) stops the start at once: memstore then waited for
+    the pool's timeout, or for good, before it noticed.
 
     Raises:
         OSError: the port is taken; checked before the database is opened or migrated.
+        KeyboardInterrupt: a signal came before the server served (main: exit status 130).
     """
     with caught_signals() as stop:
-        await _serve(config, stop)
+        serving = asyncio.Event()
+        run = asyncio.ensure_future(_serve(config, stop, serving))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((run, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not run.done() and not serving.is_set():
+            run.cancel()  # its finally blocks close what it opened
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+            raise KeyboardInterrupt
+        await run
 
 
-async def _serve(config: Config, stop: asyncio.Event) -> None:
+async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) -> None:
     host = source(config, "host")
     if config.port:
         probe_port(config.host, config.port, flag=source(config, "port"), host_flag=host)
@@ -251,6 +266,7 @@ async def _serve(config: Config, stop: asyncio.Event) -> None:
         if store.vectors or store.word_recall:
             background.append(asyncio.create_task(watch_queue(store)))
         watcher = asyncio.create_task(watch_database(store))
+        serving.set()
         await stop.wait()
         log.info("shutting down (grace period %.1fs)", config.grace_period)
         # Health says NOT_SERVING while calls are still served, so that load balancers

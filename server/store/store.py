@@ -104,8 +104,9 @@ class Store(
             ) from exc
         except BaseException:
             # Cancelled while it waited (a Ctrl-C at start): its tasks, left reconnecting,
-            # kept asyncio.run from ever returning.
-            await pool.close()
+            # kept asyncio.run from ever returning. Their connection attempts are left after
+            # a second (the pool's default waits five): the caller asked to stop.
+            await pool.close(timeout=1.0)
             raise
         store = cls(pool)
         store.statement_timeout = statement_timeout
