@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import grpc
@@ -203,27 +203,38 @@ async def serve(config: Config) -> None:
     one sent as it started (or after its "listening" line, before the wait: half the runs of
     an audit) killed it at once, leaving the embedded PostgreSQL running; a second one
     during the stop likewise. A signal before the server serves (waiting for the database,
-    a migration's lock, the model's load) stops the start at once: memstore then waited for
-    the pool's timeout, or for good, before it noticed.
+    a migration's lock, the model's load) stops the start at once (it waited for the pool's
+    timeout, or for good, before noticing), and the process exits 0, as after serving.
 
     Raises:
         OSError: the port is taken; checked before the database is opened or migrated.
-        KeyboardInterrupt: a signal came before the server served (main: exit status 130).
     """
     with caught_signals() as stop:
         serving = asyncio.Event()
-        run = asyncio.ensure_future(_serve(config, stop, serving))
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((run, stopped), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if not run.done() and not serving.is_set():
-            run.cancel()  # its finally blocks close what it opened
-            with contextlib.suppress(asyncio.CancelledError):
-                await run
-            raise KeyboardInterrupt
-        await run
+        if not await until_stopped(_serve(config, stop, serving), stop, serving):
+            # A stop asked for and done: status 0, as after serving (a worker the supervisor
+            # stops while it starts is no failure).
+            log.info("memstore stopped before it served")
+
+
+async def until_stopped(
+    work: Coroutine[Any, Any, None], stop: asyncio.Event, started: asyncio.Event | None = None
+) -> bool:
+    """Runs `work`, cancelled if `stop` is set before `started` is (or before it ends, when
+    `started` is None); its finally blocks close what it opened. False when cancelled."""
+    run = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((run, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not run.done() and (started is None or not started.is_set()):
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        return False
+    await run
+    return True
 
 
 async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) -> None:

@@ -28,9 +28,18 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-async def _prepare(config: Config) -> None:
-    # Migrate once here, so the workers start on the current schema without racing for it,
-    # and refuse an unauthenticated public bind here too: one line, not one per worker.
+async def _prepare(config: Config) -> bool:
+    """Migrates once, so the workers start on the current schema without racing for it, and
+    refuses an unauthenticated public bind here too: one line, not one per worker. False
+    when SIGTERM or SIGINT stopped it (it was killed then, or waited out the pool's timeout).
+    """
+    from server.serving.app import caught_signals, until_stopped
+
+    with caught_signals() as stop:
+        return await until_stopped(_migrate_once(config), stop)
+
+
+async def _migrate_once(config: Config) -> None:
     from server.serving.app import open_store
     from server.serving.auth import start_authenticator
 
@@ -65,7 +74,9 @@ def serve_workers(config: Config) -> int:
         url = EmbeddedPostgres(config.data_dir / "pg").url("postgres")
         config = replace(config, database_url=url)
     config = replace(config, port=port)
-    asyncio.run(_prepare(config))
+    if not asyncio.run(_prepare(config)):
+        log.info("memstore stopped before it served")
+        return 0
     pids = [_fork_worker(config, i) for i in range(config.workers)]
     log.info("memstore: %d workers on %s:%d", len(pids), config.host, port)
     if config.http:
