@@ -133,10 +133,9 @@ def check_name(v: Violations, field: str, value: str) -> None:
 
 
 def check_content(v: Violations, field: str, value: str) -> None:
-    """Message content: non-empty, at most 1 MiB of UTF-8, no NUL."""
-    if not value:
-        v.add(field, "is required")
-        return
+    """Message content: at most 1 MiB of UTF-8, no NUL. It may be empty: an assistant's
+    turn that only calls a tool has no text (LangChain sends it so, and Zep stores it;
+    refused, the whole turn was lost)."""
     # 4 bytes per character at most: short strings need no encoding to measure.
     if len(value) * 4 > MAX_CONTENT_BYTES:
         size = len(value.encode("utf-8"))

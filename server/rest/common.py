@@ -148,13 +148,22 @@ def role_type_of(v: val.Violations, value: Any, field: str) -> str:
     return "norole"
 
 
-def lastn_and_recall(lastn: int | None, relevant: int | None) -> tuple[int, int]:
-    """GetMemory's lastn (default 6, at most 1000) and relevant_limit (default 5, at most 100).
+#: GetMemory's `lastn` when /api/v1 gives none (or 0): Zep 0.x's server answered its
+#: `memory.message_window`, 12 unless configured (with no summary, which memstore never has).
+#: LangChain's ZepChatMessageHistory.messages asks so, and saw half its history at 6.
+V1_DEFAULT_LASTN = 12
+
+
+def lastn_and_recall(
+    lastn: int | None, relevant: int | None, default_lastn: int = val.DEFAULT_LASTN
+) -> tuple[int, int]:
+    """GetMemory's lastn (default 6, /api/v1's 12; at most 1000) and relevant_limit (default
+    5, at most 100).
 
     Raises:
         InvalidArgument: relevant_limit above its maximum.
     """
-    count = min(lastn or val.DEFAULT_LASTN, val.MAX_PAGE_SIZE)
+    count = min(lastn or default_lastn, val.MAX_PAGE_SIZE)
     if relevant is None:
         return count, DEFAULT_RELEVANT_LIMIT
     if relevant > MAX_SEARCH_LIMIT:

@@ -64,6 +64,11 @@ async def user_sessions(request: Request) -> Response:
     return await common.user_sessions(services(request).store, project(request), user_id)
 
 
+@endpoint
+async def get_memory(request: Request) -> Response:
+    return await v2.memory_answer(request, common.V1_DEFAULT_LASTN)
+
+
 def routes() -> list[BaseRoute]:
     """The /api/v1 routes memstore serves (docs/zep-compat.md has the table)."""
     p = "/api/v1"
@@ -77,7 +82,7 @@ def routes() -> list[BaseRoute]:
         route(f"{p}/sessions/{{session_id}}", GET=v2.get_session, PATCH=v2.update_session),
         route(
             f"{p}/sessions/{{session_id}}/memory",
-            GET=v2.get_memory,
+            GET=get_memory,
             POST=v2.add_memory,
             DELETE=v2.delete_memory,
         ),

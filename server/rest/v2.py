@@ -163,10 +163,17 @@ async def list_sessions(request: Request) -> Response:
 
 @endpoint
 async def get_memory(request: Request) -> Response:
+    return await memory_answer(request, val.DEFAULT_LASTN)
+
+
+async def memory_answer(request: Request, default_lastn: int) -> Response:
+    """GetMemory over REST, `default_lastn` messages when the query names none (Zep's
+    default differs between its two APIs)."""
     session_id = b.path_id(request, "session_id")
     lastn, recall = common.lastn_and_recall(
         b.query_int(request, "lastn", minimum=0),
         b.query_int(request, "relevant_limit", minimum=0),
+        default_lastn,
     )
     searcher = services(request).searcher
     memory = await answer_size.read_memory(searcher, project(request), session_id, lastn, recall)

@@ -102,17 +102,21 @@ class EmbeddingMethods(SearchMethods):
             return 0
         keys = [(r["project_id"], r["session_id"], r["sequence"]) for r in claimed]
         live = [r for r in claimed if r["live"]]
+        # An empty message (an assistant's turn that only called a tool) means nothing to
+        # rank by, and a remote model refuses it (OpenAI: 400): it is not sent.
+        said = [r for r in live if r["content"].strip()]
         try:
-            vectors = await embed([_embedding_text(r["role"], r["content"]) for r in live])
+            texts = [_embedding_text(r["role"], r["content"]) for r in said]
+            vectors = await embed(texts) if texts else []
         except BaseException:
             async with self._connect(single=True) as conn:
                 await conn.execute(query("release_embeddings"), _keys_params(keys))
             raise
-        # A message the model refused (None) leaves the queue without a vector, as a
-        # soft-deleted one does (save_embeddings).
+        # A message the model refused (None), or not sent, leaves the queue without a
+        # vector, as a soft-deleted one does (save_embeddings).
         by_key = {
             (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
-            for r, v in zip(live, vectors, strict=True)
+            for r, v in zip(said, vectors, strict=True)
             if v is not None
         }
         # Citus locks no rows across shards, so the save does not lock the batch's sessions

@@ -180,7 +180,7 @@ async def test_oversized_or_nul_metadata(users, sessions, clean_db):
 
 async def test_bad_message_content(sessions, clean_db):
     # The limit is on UTF-8 bytes: 524,289 characters of "é" are 1 MiB + 2 bytes.
-    for content in ("x" * (MIB + 1), "é" * (MIB // 2 + 1), "nul\x00inside", ""):
+    for content in ("x" * (MIB + 1), "é" * (MIB // 2 + 1), "nul\x00inside"):
         await rpc_error(
             sessions.AddMemory(ss.AddMemoryRequest(session_id="s", messages=[msg(content)])),
             BAD,
@@ -200,6 +200,16 @@ async def test_bad_message_content(sessions, clean_db):
         ss.AddMemoryRequest(session_id="s", messages=[msg("é" * (MIB // 2))])
     )
     assert resp.session.message_count == 1
+
+
+async def test_an_empty_content_is_a_message_without_text(sessions, clean_db):
+    # An assistant's turn that only calls a tool has no text; refused, the turn was lost.
+    added = await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="tools", messages=[msg("weather?"), msg(""), msg("18C")])
+    )
+    assert [m.content for m in added.messages] == ["weather?", "", "18C"]
+    got = await sessions.GetMemory(ss.GetMemoryRequest(session_id="tools", lastn=3))
+    assert [m.content for m in got.messages] == ["weather?", "", "18C"]
 
 
 async def test_message_count_limits(sessions, clean_db):

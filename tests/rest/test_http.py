@@ -85,7 +85,7 @@ async def test_control_characters_in_names_emails_and_roles_are_400_naming_them(
 async def test_a_bad_message_writes_none_of_the_others(http: httpx.AsyncClient) -> None:
     messages = [
         {"role": "a", "role_type": "user", "content": "fine"},
-        {"role": "b", "role_type": "user", "content": ""},
+        {"role": "b", "role_type": "user", "content": "nul\u0000inside"},
     ]
     reply = await http.post("/api/v2/sessions/s1/memory", json={"messages": messages})
     assert reply.status_code == 400

@@ -17,5 +17,6 @@ def test_sessions_memory_search_and_messages(zep: ZepServer) -> None:
 
 def test_langchain_zep_chat_message_history(zep: ZepServer) -> None:
     assert run_sdk("zep1", "langchain", zep.base_url) == {
-        "kinds": ["HumanMessage", "AIMessage", "HumanMessage", "AIMessage"]
+        "kinds": ["HumanMessage", "AIMessage", "HumanMessage", "AIMessage"],
+        "tools": {"window": 12, "empty": 3},
     }

@@ -447,3 +447,43 @@ async def test_a_message_the_model_refuses_never_stalls_the_queue(
     with pytest.raises(EmbeddingError):
         await broken.run_once()
     assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
+
+
+class _RefusingEmpty:
+    """A remote model that refuses an empty text, as OpenAI's does (400)."""
+
+    name, dimensions = MODEL, 3
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.seen.extend(texts)
+        if any(not t for t in texts):
+            raise EmbeddingError(
+                "400 Bad Request: '$.input' is invalid", url="http://m", status=400
+            )
+        return unit_vectors(list(texts))
+
+
+async def test_an_empty_message_is_kept_without_a_vector_and_never_sent_to_the_model(
+    store: Store, clean_db: str
+) -> None:
+    # An assistant's turn that only calls a tool has no text (LangChain sends content "").
+    if not store.vectors:
+        await _nothing_to_embed(store, clean_db)
+        return
+    await store.add_memory(P, "s", None, [msg("weather in Paris?"), msg(""), msg("18C")])
+    model = _RefusingEmpty()
+    assert await EmbeddingWorker(store, model).run_once() == 3
+    assert sorted(model.seen) == ["kai: 18C", "kai: weather in Paris?"], model.seen
+    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    kept = "SELECT string_agg(sequence::text, ',' ORDER BY sequence) FROM message_embeddings"
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        row = await (await conn.execute(kept)).fetchone()
+    assert row == ("1,3",)
+    # A batch of nothing but empty messages asks the model nothing.
+    model.seen.clear()
+    await store.add_memory(P, "t", None, [msg(""), msg("  ")])
+    assert await EmbeddingWorker(store, model).run_once() == 2
+    assert model.seen == [] and await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0

@@ -249,7 +249,11 @@ class Message(_message.Message):
     ROLE_TYPE_NOROLE. Values outside the enum are INVALID_ARGUMENT.
     """
     content: _builtins.str
-    """Required. The text of the message, at most 1 MiB of UTF-8, no NUL bytes."""
+    """The text of the message, at most 1 MiB of UTF-8, no NUL bytes. It may be
+    empty (an assistant's turn that only calls a tool, say): such a message is
+    stored and read back, and never embedded, so search finds it by neither
+    words nor meaning.
+    """
     sequence: _builtins.int
     """Output only. Position of the message in its session: strictly increasing
     in the order messages were added, starting at 1, never reused.

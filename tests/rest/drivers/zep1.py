@@ -15,7 +15,7 @@ from typing import Any
 warnings.simplefilter("ignore", DeprecationWarning)  # zep_python's own import shim warns
 
 from langchain_community.chat_message_histories import ZepChatMessageHistory  # noqa: E402
-from langchain_core.messages import AIMessage, HumanMessage  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
 from zep_python import APIError, NotFoundError, ZepClient  # noqa: E402
 from zep_python.memory import Memory, MemorySearchPayload, Session  # noqa: E402
 from zep_python.message import Message  # noqa: E402
@@ -131,7 +131,26 @@ def langchain(base_url: str) -> dict[str, Any]:
     assert history.messages == []
     history.add_user_message("starting over")
     assert [m.content for m in history.messages] == ["starting over"]
-    return {"kinds": [k for k, _ in kinds]}
+    return {"kinds": [k for k, _ in kinds], "tools": _langchain_tool_turns(base_url)}
+
+
+def _langchain_tool_turns(base_url: str) -> dict[str, Any]:
+    # An assistant's turn that only calls a tool has no text: the whole turn was refused
+    # (400 "messages[1].content: is required") and lost. And `messages` sends no lastn,
+    # which Zep 0.x answered with its message window, 12 (memstore sent 6).
+    history = ZepChatMessageHistory(session_id="lc-tools", url=base_url)
+    call = {"name": "weather", "args": {"city": "Paris"}, "id": "call_1"}
+    turn = [
+        HumanMessage(content="What's the weather in Paris?"),
+        AIMessage(content="", tool_calls=[call]),
+        ToolMessage(content="18C, sunny", tool_call_id="call_1"),
+        AIMessage(content="It's 18C and sunny in Paris."),
+    ]
+    for _ in range(4):
+        history.add_messages(turn)
+    got = [m.content for m in history.messages]
+    assert got == [m.content for m in turn] * 3, got
+    return {"window": len(got), "empty": got.count("")}
 
 
 def unauthorized(base_url: str, key: str) -> dict[str, Any]:
