@@ -21,6 +21,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 #: Seconds between the round trips that notice a database outage while no call is made.
 PING_INTERVAL = 1.0
+#: Seconds the database has to answer a ping (once it holds a connection) before it is taken
+#: for down: SELECT 1 waits for no lock, so only a server or network that stopped answering
+#: takes this long; the probe then finds its return within a connect timeout (2 s).
+PING_ANSWER_SECONDS = 5.0
 
 
 class DrainingHealth(HealthServicer):  # type: ignore[misc]
@@ -125,14 +129,17 @@ async def settle_calls(seconds: float) -> None:
         await asyncio.wait(set(_CALLS), timeout=seconds)
 
 
-async def watch_database(store: Store, interval: float = PING_INTERVAL) -> None:
+async def watch_database(
+    store: Store, interval: float = PING_INTERVAL, answer_within: float = PING_ANSWER_SECONDS
+) -> None:
     """Pings the database every `interval` seconds, so an outage shows in health without calls.
 
-    Finding it gone marks it down (the store fails calls fast and tells its listeners);
-    while it is down the store's own probe watches for its return, so the ping is skipped.
+    Finding it gone, or unanswering for `answer_within` seconds, marks it down (the store
+    fails calls fast and tells its listeners); while it is down the store's own probe
+    watches for its return, so the ping is skipped.
     """
     while True:
         await asyncio.sleep(interval)
         # Marked down (or already down): the store's probe watches for the return.
         with contextlib.suppress(MemstoreError):
-            await store.ping()
+            await store.ping(answer_within)

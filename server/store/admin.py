@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -17,14 +18,35 @@ from server.store.queries import query
 class AdminMethods(StoreBase):
     """What the process and operators run on the database, outside any one project's rows."""
 
-    async def ping(self) -> None:
+    async def ping(self, answer_within: float | None = None) -> None:
         """One round trip; finding the database gone marks it down (see on_database_change).
 
+        `answer_within`: seconds the database has to answer once the ping holds a pooled
+        connection; past them it is marked down too. A server that stops answering without
+        closing its connections (a hung primary, a network partition) was found by nothing:
+        health said SERVING while every call timed out. The wait for a connection is not
+        bounded by it: a pool busy with calls is no outage.
+
         Raises:
-            Unavailable: the database cannot be reached.
+            Unavailable: the database cannot be reached, or did not answer in time.
         """
         async with self._connect() as conn:
-            await conn.execute(query("ping"))
+            if answer_within is None:
+                await conn.execute(query("ping"))
+                return
+            pinged = asyncio.ensure_future(conn.execute(query("ping")))
+            await asyncio.wait((pinged,), timeout=answer_within)
+            if pinged.done():
+                pinged.result()
+                return
+            self._health.report_lost_connection(
+                f"PostgreSQL did not answer a ping within {answer_within:g}s"
+            )
+            # psycopg asks the server to cancel, then closes the connection if it still does
+            # not answer (seconds): the pool then drops it.
+            pinged.cancel()
+            await asyncio.wait((pinged,))
+            raise Unavailable(f"database unavailable: no answer within {answer_within:g}s")
 
     async def migrate(self) -> list[str]:
         """Applies pending migrations under an advisory lock; returns the names applied.

@@ -71,12 +71,12 @@ class DatabaseHealth:
         """Calls `listener(False)` when the database goes down and `listener(True)` on return."""
         self._listeners.append(listener)
 
-    def report_lost_connection(self) -> None:
+    def report_lost_connection(self, why: str = "lost a database connection") -> None:
         """Marks the database down and starts probing for its return (once)."""
         if self.down:
             return
         self._down_since = time.monotonic()
-        log.warning("lost a database connection; probing until PostgreSQL answers again")
+        log.warning("%s; probing until PostgreSQL answers again", why)
         self._probe = asyncio.get_running_loop().create_task(self._wait_for_return())
         for waiter in self._waiters:
             waiter.interrupt()

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import psutil
 import psycopg
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
@@ -245,4 +247,39 @@ async def test_an_outage_without_calls_shows_in_health(
         watcher.cancel()
     record(
         "idle_outage_health", seconds_to_notice=round(noticed, 2), seconds_to_heal=round(healed, 2)
+    )
+
+
+async def test_a_database_that_stops_answering_shows_in_health(
+    restartable: EmbeddedPostgres, fault_store: Store, fault_channel: grpc.aio.Channel
+) -> None:
+    # A server that stops answering without closing its connections (a hung primary, a
+    # partition; here every PostgreSQL process stopped by SIGSTOP): the ping waited for
+    # good, health said SERVING, and every call timed out. Calls then fail at once, and
+    # the return is found.
+    watcher = asyncio.create_task(watch_database(fault_store, interval=0.2, answer_within=1.0))
+    postmaster = psutil.Process(restartable.pid)
+    processes = [postmaster, *postmaster.children(recursive=True)]
+    try:
+        assert await _services_are(fault_channel, SERVING)
+        for process in processes:
+            process.suspend()
+        try:
+            noticed = await _wait_for(lambda: _services_are(fault_channel, NOT_SERVING), 30)
+            users = Users(fault_channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await users.GetUser(upb.GetUserRequest(user_id="anyone"), timeout=DEADLINE)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 1.0, "a call waited on the silent database"
+        finally:
+            for process in processes:
+                process.resume()
+        healed = await _wait_for(lambda: _services_are(fault_channel, SERVING), limit=30)
+    finally:
+        watcher.cancel()
+    record(
+        "silent_database_health",
+        seconds_to_notice=round(noticed, 2),
+        seconds_to_heal=round(healed, 2),
     )
