@@ -45,8 +45,10 @@ errors_log = logging.getLogger(__name__)
 
 #: The largest request body accepted: the gRPC receive limit.
 MAX_BODY_BYTES = 16 * 1024 * 1024
-#: The version /healthz names; zep-python 1.x refuses servers older than 0.21.0.
-ZEP_VERSION = "0.27.2"
+#: The version /healthz names; zep-python 1.x warns of servers older than 0.21.0. Zep's
+#: server sends its version and build (`0.27.2-<sha>`), and 1.x reads only a version with a
+#: dash: bare `0.27.2` read as 0.0.0, and every ZepClient() warned "incompatible Zep server".
+ZEP_VERSION = "0.27.2-memstore"
 #: Paths every caller may reach without a key: liveness, as Zep serves it.
 OPEN_PATHS = frozenset({"/healthz"})
 

@@ -23,7 +23,10 @@ from zep_python.user import CreateUserRequest, UpdateUserRequest  # noqa: E402
 
 
 def users(base_url: str) -> dict[str, Any]:
-    client = ZepClient(base_url=base_url)  # checks GET /healthz first
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        client = ZepClient(base_url=base_url)  # checks GET /healthz first, and its version
+    assert not [str(w.message) for w in warned if "Zep server" in str(w.message)], warned
     made = client.user.add(
         CreateUserRequest(user_id="gil", email="gil@example.com", metadata={"a": 1})
     )
