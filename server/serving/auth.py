@@ -40,7 +40,8 @@ _SCHEMES = ("bearer", "api-key")
 _CACHE_SIZE = 4096
 
 MISSING = Unauthenticated(
-    "no API key: send 'authorization: Bearer <key>' (or 'x-api-key: <key>') metadata",
+    "no API key: send 'authorization: Bearer <key>' (or 'Api-Key <key>', or 'x-api-key: "
+    "<key>') as gRPC metadata or an HTTP header",
     reason="API_KEY_MISSING",
 )
 #: One message for unknown, revoked and malformed keys alike: no hint which it was.
