@@ -261,9 +261,11 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
         reason = getattr(exc, "reason", "")
         if reason in _FILE_LACKS:
             print(
-                "restore stopped: the backup file holds rows whose parents it lacks (an "
-                "edited file, a session purged while the backup was written, or a parent "
-                "deleted during this restore); nothing of the failed batch was written",
+                "restore stopped: the backup file holds rows whose parents it lacks, most "
+                "likely because the project was written to while the backup ran (its "
+                "three streams are not one snapshot: back up again while nothing writes), "
+                "else an edited file or a parent deleted during this restore; nothing of "
+                "the failed batch was written",
                 file=sys.stderr,
             )
         elif not isinstance(exc, InvalidArgument) and reason != "PROJECT_NOT_EMPTY":
