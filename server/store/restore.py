@@ -38,6 +38,7 @@ class RestoreMethods(StoreBase):
 
         A row whose key is stored with exactly these values counts as existing; derived
         values (message_count, the next sequence, session_count) follow from the rows.
+        Restores of one project take turns, each waiting for the one before to commit.
 
         Raises:
             FailedPrecondition: require_empty and the project holds rows (PROJECT_NOT_EMPTY);
@@ -65,8 +66,9 @@ class RestoreMethods(StoreBase):
         require_empty: bool,
     ) -> Restored:
         async with self._connect(foreign_key=_missing_parent(users, sessions, messages)) as conn:
-            if self.citus:
-                await conn.execute(query("restore_serialize_citus"), {"project_id": project_id})
+            # Before the check: the Restore before this one has committed, so project_rows
+            # sees its rows (tests/store/test_restore_races.py).
+            await conn.execute(query("restore_serialize"), {"project_id": project_id})
             if require_empty:
                 row = await fetch_one(conn, "project_rows", {"project_id": project_id})
                 if row and row["taken"]:

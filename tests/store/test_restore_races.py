@@ -222,3 +222,34 @@ async def test_a_restore_a_deadlock_ends_runs_again_and_writes_everything(
         if restore_was_the_victim:
             return
     raise AssertionError("the Restore was never the deadlock's victim in 5 rounds")
+
+
+def user(user_id: str, email: str = "") -> User:
+    return User(user_id, email, "", "", {}, NOW, NOW, 0)
+
+
+async def test_restores_into_an_empty_project_take_turns_so_only_the_first_finds_it_empty(
+    store: Store, clean_db: str
+) -> None:
+    # Two backups restored with require_empty into one empty project at once. The first is
+    # pinned after its check, before its commit: its insert of user "held" waits for a
+    # transaction of this test that inserted the same key. The second must wait for the
+    # first and then find the project taken: checking beside the first's uncommitted rows,
+    # it saw none, and both answered OK with two backups in one project.
+    with psycopg.connect(clean_db) as holder:
+        holder.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'held')", [P])
+        first = asyncio.create_task(
+            store.restore(P, [user("a"), user("held")], [], [], require_empty=True)
+        )
+        assert await until(lambda: _waiters(clean_db, 1))
+        second = asyncio.create_task(
+            _outcome(store.restore(P, [user("b")], [], [], require_empty=True))
+        )
+        assert await until(lambda: _done_or_waiting(second, clean_db, 2))
+        holder.rollback()  # the first Restore goes on and commits
+    assert (await first).users.created == 2
+    outcome = await second
+    assert isinstance(outcome, MemstoreError), outcome
+    assert outcome.reason == "PROJECT_NOT_EMPTY", outcome
+    with psycopg.connect(clean_db) as conn:
+        assert sorted(u for (u,) in conn.execute("SELECT user_id FROM users")) == ["a", "held"]
