@@ -11,7 +11,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from server.domain import Message, RestoreCounts, Restored, Session, User
-from server.errors import AlreadyExists, FailedPrecondition, MemstoreError
+from server.errors import AlreadyExists, FailedPrecondition, MemstoreError, Unavailable
 from server.store.base import StoreBase, rerun_deadlocked
 from server.store.db import Params, Row, fetch_all, fetch_one
 from server.store.queries import query
@@ -38,13 +38,17 @@ class RestoreMethods(StoreBase):
 
         A row whose key is stored with exactly these values counts as existing; derived
         values (message_count, the next sequence, session_count) follow from the rows.
+        Restores of one project take turns, each waiting for the one before to commit.
 
         Raises:
             FailedPrecondition: require_empty and the project holds rows (PROJECT_NOT_EMPTY);
                 a session names an absent user (USER_NOT_FOUND), a message an absent session
                 (SESSION_NOT_FOUND).
                 A live message names a soft-deleted session (SESSION_DELETED).
-            AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT).
+            AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT), also
+                when another call stored it while this one ran.
+            Unavailable: a row another call stored while this one ran was removed again
+                before it could be compared (nothing written; the request may be resent).
         """
         # A transaction locking the same sessions in another order can make it a deadlock's
         # victim (on Citus, DeleteUser locks the user's sessions in no order): rolled back
@@ -65,8 +69,9 @@ class RestoreMethods(StoreBase):
         require_empty: bool,
     ) -> Restored:
         async with self._connect(foreign_key=_missing_parent(users, sessions, messages)) as conn:
-            if self.citus:
-                await conn.execute(query("restore_serialize_citus"), {"project_id": project_id})
+            # Before the check: the Restore before this one has committed, so project_rows
+            # sees its rows (tests/store/test_restore_races.py).
+            await conn.execute(query("restore_serialize"), {"project_id": project_id})
             if require_empty:
                 row = await fetch_one(conn, "project_rows", {"project_id": project_id})
                 if row and row["taken"]:
@@ -159,7 +164,8 @@ async def _restore_kind(
     # the others (restore_messages answers its count, the plain inserts a row each, which go
     # to `made`); `deleted` holds the soft-deleted sessions the messages name.
     existing, insert = statements
-    if not params["session_ids" if kind != "users" else "user_ids"]:
+    sent = len(params["session_ids" if kind != "users" else "user_ids"])
+    if not sent:
         return RestoreCounts()
     found = await fetch_all(conn, existing, params)
     conflicts = [r for r in found if r["differs"]]
@@ -168,25 +174,68 @@ async def _restore_kind(
     if kind == "messages":
         row = await fetch_one(conn, insert, params)
         created = int(row["created"]) if row else 0
-        # The sessions were locked (_lock_message_sessions), which read their latest
-        # deleted_at: it holds until the commit, so the check needs no statement of its own.
-        # Refused after the insert, as before (a conflict or an insert's error comes first);
-        # the insert is rolled back with the rest.
-        rows = zip(params["session_ids"], params["sequences"], params["deleted"], strict=True)
-        live_in_deleted = [
-            (ord_, f"{sid} #{seq}")
-            for ord_, (sid, seq, gone) in enumerate(rows, start=1)
-            if gone is None and sid in (deleted or ())
-        ]
-        if live_in_deleted:
-            raise _live_in_deleted(live_in_deleted)
     else:
         cur = await conn.execute(query(insert), params)
         inserted = await cur.fetchall()
         created = len(inserted)
         if made is not None:
             made.extend(inserted)
-    return RestoreCounts(created=created, existing=len(found))
+    stored = len(found)
+    if created + stored != sent:
+        stored = await _compare_skipped(conn, kind, existing, params, created=created, sent=sent)
+    if kind == "messages":
+        # Refused after the insert, as before (a conflict or an insert's error comes first);
+        # the insert is rolled back with the rest.
+        _refuse_live_in_deleted(params, deleted or set())
+    return RestoreCounts(created=created, existing=stored)
+
+
+async def _compare_skipped(
+    conn: AsyncConnection[Any],
+    kind: str,
+    existing: str,
+    params: Params,
+    *,
+    created: int,
+    sent: int,
+) -> int:
+    """How many of the request's rows are stored and not by this transaction, compared again.
+
+    A row another transaction (a CreateUser, CreateSession or AddMemory of the same id)
+    inserted after `existing` read made the insert wait for that transaction, then skip the
+    key once it committed: counted neither created nor existing, the row was dropped without
+    a word, and a session's messages went into the other call's session
+    (tests/store/test_restore_races.py). Read again, in a snapshot that holds the other's
+    commit and this transaction's own rows (stored as the request gives them), it is
+    compared as the rows stored before the insert were.
+
+    Raises:
+        AlreadyExists: such a row is stored with other values (RESTORE_CONFLICT).
+        Unavailable: such a row was removed again before it was read (nothing written).
+    """
+    found = await fetch_all(conn, existing, params)
+    conflicts = [r for r in found if r["differs"]]
+    if conflicts:
+        raise _conflict(kind, conflicts)
+    if len({r["ord"] for r in found}) < sent:
+        raise Unavailable(
+            f"{kind} of this request were written and removed by other calls while it ran; "
+            "nothing of this request was written; retry"
+        )
+    return len(found) - created
+
+
+def _refuse_live_in_deleted(params: Params, deleted: set[str]) -> None:
+    # The sessions were locked (_lock_message_sessions), which read their latest deleted_at:
+    # it holds until the commit, so the check needs no statement of its own.
+    rows = zip(params["session_ids"], params["sequences"], params["deleted"], strict=True)
+    live_in_deleted = [
+        (ord_, f"{sid} #{seq}")
+        for ord_, (sid, seq, gone) in enumerate(rows, start=1)
+        if gone is None and sid in deleted
+    ]
+    if live_in_deleted:
+        raise _live_in_deleted(live_in_deleted)
 
 
 async def _count_restored_sessions(

@@ -3,6 +3,8 @@
 A Restore's messages may name a session that a concurrent call (another Restore of an
 overlapping batch, an AddMemory) is making: whatever each call answers, every session's
 message_count and next_sequence, and every user's session_count, must agree with the rows.
+A row another call stores while a Restore runs is compared as any stored row, and Restores
+of one project take turns (so require_empty holds).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import Message, NewMessage, Session, User
 from server.errors import MemstoreError
 from server.store import Store
-from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, lock_waiters
+from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, empty_data_tables, lock_waiters
 from tests.polling import until
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -222,3 +224,137 @@ async def test_a_restore_a_deadlock_ends_runs_again_and_writes_everything(
         if restore_was_the_victim:
             return
     raise AssertionError("the Restore was never the deadlock's victim in 5 rounds")
+
+
+def user(user_id: str, email: str = "") -> User:
+    return User(user_id, email, "", "", {}, NOW, NOW, 0)
+
+
+async def test_restores_into_an_empty_project_take_turns_so_only_the_first_finds_it_empty(
+    store: Store, clean_db: str
+) -> None:
+    # Two backups restored with require_empty into one empty project at once. The first is
+    # pinned after its check, before its commit: its insert of user "held" waits for a
+    # transaction of this test that inserted the same key. The second must wait for the
+    # first and then find the project taken: checking beside the first's uncommitted rows,
+    # it saw none, and both answered OK with two backups in one project.
+    with psycopg.connect(clean_db) as holder:
+        holder.execute("INSERT INTO users (project_id, user_id) VALUES (%s, 'held')", [P])
+        first = asyncio.create_task(
+            store.restore(P, [user("a"), user("held")], [], [], require_empty=True)
+        )
+        assert await until(lambda: _waiters(clean_db, 1))
+        second = asyncio.create_task(
+            _outcome(store.restore(P, [user("b")], [], [], require_empty=True))
+        )
+        assert await until(lambda: _done_or_waiting(second, clean_db, 2))
+        holder.rollback()  # the first Restore goes on and commits
+    assert (await first).users.created == 2
+    outcome = await second
+    assert isinstance(outcome, MemstoreError), outcome
+    assert outcome.reason == "PROJECT_NOT_EMPTY", outcome
+    with psycopg.connect(clean_db) as conn:
+        assert sorted(u for (u,) in conn.execute("SELECT user_id FROM users")) == ["a", "held"]
+
+
+async def _restore_past(
+    store: Store,
+    url: str,
+    insert: str,
+    batch: tuple[list[User], list[Session], list[Message]],
+    **values: object,
+) -> object:
+    """The batch restored while another transaction inserts one of its keys and commits.
+
+    The other transaction (a CreateUser, CreateSession or AddMemory making the same id)
+    has inserted its row: Restore's comparison does not see it, and its insert
+    waits for that transaction. The other commits then, so the insert skips the key.
+    """
+    with psycopg.connect(url) as other:
+        other.execute(insert, {"project_id": P, "at": NOW, **values})
+        restoring = asyncio.create_task(_outcome(store.restore(P, *batch)))
+        assert await until(lambda: _waiters(url, 1))
+        other.commit()
+    return await restoring
+
+
+async def test_a_user_another_call_commits_during_the_insert_is_compared_again(
+    store: Store, clean_db: str
+) -> None:
+    # Before, the call answered OK with the user neither created nor existing: the backup's
+    # values were lost without a word.
+    insert = (
+        "INSERT INTO users (project_id, user_id, email, created_at, updated_at)"
+        " VALUES (%(project_id)s, 'shared', 'other@example.com', %(at)s, %(at)s)"
+    )
+    batch = ([user("own"), user("shared")], [session("s", "shared")], [message("s", 1)])
+    outcome = await _restore_past(store, clean_db, insert, batch)
+    assert isinstance(outcome, MemstoreError), outcome
+    assert outcome.reason == "RESTORE_CONFLICT", outcome
+    assert "users[1] (shared) exists with another email" in str(outcome), outcome
+    with psycopg.connect(clean_db) as conn:  # nothing of the batch written
+        assert [u for (u,) in conn.execute("SELECT user_id FROM users")] == ["shared"]
+        assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
+    # The same values count as existing.
+    await empty_data_tables(clean_db)
+    same = insert.replace("'other@example.com'", "''")
+    done = await _restore_past(store, clean_db, same, batch)
+    assert not isinstance(done, MemstoreError), done
+    assert (done.users.created, done.users.existing) == (1, 1), done
+    assert (done.sessions.created, done.messages.created) == (1, 1), done
+    assert drift(clean_db) == []
+
+
+async def test_a_session_another_call_commits_during_the_insert_is_compared_again(
+    store: Store, clean_db: str
+) -> None:
+    # Before, the call answered OK with the session neither created nor existing, and its
+    # messages went into the other call's session.
+    insert = (
+        "INSERT INTO sessions (project_id, session_id, metadata, created_at, updated_at)"
+        " VALUES (%(project_id)s, 'shared', '{\"backup\": \"other\"}', %(at)s, %(at)s)"
+    )
+    batch = ([user("own")], [session("shared", "own")], [message("shared", 1)])
+    outcome = await _restore_past(store, clean_db, insert, batch)
+    assert isinstance(outcome, MemstoreError), outcome
+    assert outcome.reason == "RESTORE_CONFLICT", outcome
+    assert "sessions[0] (shared) exists with another user_id, metadata" in str(outcome), outcome
+    with psycopg.connect(clean_db) as conn:  # nothing of the batch written
+        assert conn.execute("SELECT count(*) FROM users").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+    # The same values count as existing, and the messages go into it.
+    await empty_data_tables(clean_db)
+    same = insert.replace('\'{"backup": "other"}\'', "'{}'")
+    done = await _restore_past(store, clean_db, same, ([], [session("shared", None)], batch[2]))
+    assert not isinstance(done, MemstoreError), done
+    assert (done.sessions.created, done.sessions.existing, done.messages.created) == (0, 1, 1)
+    assert (await store.get_session(P, "shared", show_deleted=False)).message_count == 1
+    assert drift(clean_db) == []
+
+
+async def test_a_message_another_call_commits_during_the_insert_is_compared_again(
+    store: Store, clean_db: str
+) -> None:
+    # No call of memstore inserts a message without locking its session first, as Restore
+    # does before its messages (so this waits at the insert only with the row inserted by
+    # hand); the check after the insert covers messages as it covers users and sessions.
+    insert = (
+        "INSERT INTO messages (project_id, session_id, sequence, uuid, role, role_type,"
+        " content, created_at, updated_at)"
+        " VALUES (%(project_id)s, 'shared', 1, %(uuid)s, 'kai', 'user', 'other', %(at)s, %(at)s)"
+    )
+    uuid_ = message("shared", 1).uuid
+    await store.restore(P, [], [session("shared", None)], [])
+    batch = ([], [], [message("shared", 1)])
+    outcome = await _restore_past(store, clean_db, insert, batch, uuid=uuid_)
+    assert isinstance(outcome, MemstoreError), outcome
+    assert outcome.reason == "RESTORE_CONFLICT", outcome
+    assert "messages[0] (shared #1) exists with another content" in str(outcome), outcome
+    # The same values count as existing (the session's count is left to the other call).
+    same = insert.replace("'other'", "'shared 1'")
+    await empty_data_tables(clean_db)
+    await store.restore(P, [], [session("shared", None)], [])
+    batch = ([], [], [message("shared", 1), message("shared", 2)])
+    done = await _restore_past(store, clean_db, same, batch, uuid=uuid_)
+    assert not isinstance(done, MemstoreError), done
+    assert (done.messages.created, done.messages.existing) == (1, 1), done

@@ -188,11 +188,15 @@ SELECT s.session_id, s.deleted_at FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
 FOR NO KEY UPDATE;
 
--- restore_serialize_citus --
--- On Citus, one Restore of a project at a time: each waits here, in its transaction, for the
--- one before to commit. Their inserts reach the shards in parallel, in no order two
--- Restores share, so two Restores of overlapping rows deadlocked across shards (Citus
--- cancelled one, UNAVAILABLE) where on plain PostgreSQL the key order makes one wait for the
--- other. The lock is the coordinator's own (an advisory lock is not propagated), which holds
--- while every call goes through the coordinator (docs/scaling.md).
+-- restore_serialize --
+-- One Restore of a project at a time, on both engines: each waits here, in its transaction,
+-- for the one before to commit, before project_rows. Under READ COMMITTED two Restores with
+-- require_empty each saw the project empty beside the other's uncommitted rows, and both
+-- wrote their backups into it (tests/store/test_restore_races.py). On Citus it also keeps
+-- two Restores of overlapping rows from deadlocking across shards: their inserts reach the
+-- shards in parallel, in no order two Restores share (Citus cancelled one, UNAVAILABLE),
+-- where on plain PostgreSQL the key order makes one wait for the other. The lock is the
+-- coordinator's own (an advisory lock is not propagated), which holds while every call goes
+-- through the coordinator (docs/scaling.md). `memstore restore` sends its batches one at a
+-- time, so it waits on nothing.
 SELECT pg_advisory_xact_lock(hashtext('memstore restore'), hashtext(%(project_id)s::text));
