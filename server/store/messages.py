@@ -638,7 +638,10 @@ async def _rerun_on_uuid_race(run: Callable[[], Awaitable[list[Row]]]) -> list[R
     try:
         return await run()
     except _UuidRace as exc:
-        raise Unavailable("AddMemory lost too many races for its message uuids; retry") from exc
+        raise Unavailable(
+            "AddMemory lost too many races for its message uuids; retry",
+            reason="CONCURRENT_WRITES",
+        ) from exc
 
 
 def _uuid_taken(session_id: str, row: Row) -> AlreadyExists:

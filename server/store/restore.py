@@ -220,7 +220,8 @@ async def _compare_skipped(
     if len({r["ord"] for r in found}) < sent:
         raise Unavailable(
             f"{kind} of this request were written and removed by other calls while it ran; "
-            "nothing of this request was written; retry"
+            "nothing of this request was written; retry",
+            reason="CONCURRENT_WRITES",
         )
     return len(found) - created
 
