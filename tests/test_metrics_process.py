@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -100,3 +102,24 @@ def test_a_queue_no_worker_drains_is_logged_and_measured(clean_db: str) -> None:
     assert "memstore_embedding_queue_rows 3.0" in text, text
     assert "memstore_embedding_queue_oldest_seconds" in text
     assert "--no-embedding-worker" in out and "memstore embed" in out, out
+
+
+def test_a_scrape_writes_nothing_to_the_log(clean_db: str) -> None:
+    # wsgiref's request handler wrote a plain-text line to stderr per scrape, past logging:
+    # in the JSON log whatever --log-level said, and, with stderr stalled, a blocked thread.
+    metrics_port = free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db, "MEMSTORE_METRICS_PORT": str(metrics_port)}
+    proc, _ = serve_memstore(
+        "--purge-interval", "0", "--metrics-host", "127.0.0.1", "--log-level", "WARNING", env=env
+    )
+    try:
+        for _ in range(3):
+            _metrics(metrics_port)
+        with contextlib.suppress(urllib.error.HTTPError):  # a 404 is not logged either
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/favicon.ico", timeout=10)
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+    assert "/metrics" not in out and "favicon" not in out, out
+    for line in out.splitlines():
+        json.loads(line)  # nothing but the JSON log

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
-from wsgiref.simple_server import WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -98,11 +98,30 @@ class Metrics:
         """
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        # prometheus_client's start_wsgi_server serves its app on every path; its server class
+        # is reused, with a handler of our own that writes no line per request.
         httpd: WSGIServer = make_server(
-            host, port, _only_metrics(make_wsgi_app(self.registry)), server_class
+            host,
+            port,
+            _only_metrics(make_wsgi_app(self.registry)),
+            server_class,
+            handler_class=_SilentHandler,
         )
         threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
         return httpd, int(httpd.server_port)
+
+
+class _SilentHandler(WSGIRequestHandler):
+    """A request handler that writes no line per request.
+
+    wsgiref's writes each scrape to sys.stderr itself, past logging: a plain-text line in the
+    JSON log whatever --log-level says, and, with stderr stalled, a scrape thread (and its
+    socket) blocked on the write for good (tests/test_metrics_process.py). Every scrape is in
+    the scraper's own records; prometheus_client's handler (private there) is silent too.
+    """
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Writes nothing."""
 
 
 def _only_metrics(app: Any) -> Any:
