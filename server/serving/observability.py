@@ -495,6 +495,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """One line per record: time, level, logger, request id (when there is one), message and
+    any traceback, with line breaks and other control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = getattr(record, "request_id", None) or request_id.get()
+        head = f"{self.formatTime(record)} {record.levelname} {record.name}"
+        text = f"{head} request_id={rid}: " if rid else f"{head}: "
+        text += record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # resolved before the record left the caller (log_output)
+            text += " | " + record.exc_text
+        if record.stack_info:
+            text += " | " + self.formatStack(record.stack_info)
+        # A line per record, as the JSON form keeps: a traceback, a driver's two-line error or
+        # a caller's text must not write lines of their own (a reader takes each for a record,
+        # and a forged one for memstore's). Backslashes are kept as they are: the escapes make
+        # the line unambiguous to read, not reversible.
+        return _CONTROL.sub(_escape, text)
+
+
+#: What splits a line for some reader (str.splitlines, a terminal, a log shipper): C0 and C1
+#: controls, DEL and the Unicode line and paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\u{ord(char):04x}"
+
+
 class _EndedCallWrites(logging.Filter):
     """grpc.aio logs a write that failed because its call had already ended as an ERROR with
     a traceback ("ExecuteBatchError raised in core by servicer method [...]"): a stream
@@ -530,7 +563,7 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format == "json":
         stderr.setFormatter(JsonFormatter())
     else:
-        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stderr.setFormatter(TextFormatter())
     handler = OffLoopHandler(stderr, resolve={"request_id": request_id.get})
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
