@@ -8,6 +8,7 @@ import logging
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import psycopg
@@ -21,10 +22,11 @@ from server.config import Config
 from server.serving.app import build_server
 from server.serving.observability import JsonFormatter, Metrics, dropped_log_records
 from server.store import Store
-from tests.grpc import msg
+from tests.grpc import msg, rpc_error
 from tests.polling import until
 
 USERS = "/memstore.v1.UserService/"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 
 @pytest.fixture
@@ -328,3 +330,46 @@ async def test_a_call_whose_deadline_passes_counts_as_deadline_exceeded(served, 
     after = await asyncio.to_thread(_scrape, metrics_port)
     assert moved(after, "CANCELLED") == 0
     assert moved(after, "DEADLINE_EXCEEDED") == rounds
+
+
+async def _read_all(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+async def test_bytes_protobuf_cannot_parse_sent_to_health_or_reflection_are_refused_and_counted(
+    observed, caplog
+) -> None:
+    # Health and reflection (open to every caller, no key) kept grpc's strict deserializer:
+    # bad bytes were answered UNKNOWN, logged as an ERROR with a traceback, and neither
+    # counted nor access-logged. Refused as memstore's own services refuse them now.
+    channel, metrics_port = observed
+    garbage = b"\xff\xff\xff\xff"
+    health, reflection = "/grpc.health.v1.Health/", REFLECTION
+    calls = {
+        health + "Check": lambda: channel.unary_unary(health + "Check")(garbage, timeout=10),
+        health + "Watch": lambda: _read_all(
+            channel.unary_stream(health + "Watch")(garbage, timeout=10)
+        ),
+        reflection: lambda: _read_all(
+            channel.stream_stream(reflection)(iter([garbage]), timeout=10)
+        ),
+    }
+    before = await asyncio.to_thread(_scrape, metrics_port)
+    caplog.set_level(logging.INFO)
+    for start in calls.values():
+        await rpc_error(
+            start(), grpc.StatusCode.INVALID_ARGUMENT, field="request", reason="MALFORMED_REQUEST"
+        )
+    assert await until(_access_lines(caplog, len(calls)), within=30), caplog.records
+    after = await asyncio.to_thread(_scrape, metrics_port)
+    for method in calls:
+        moved = _requests(after, method, "INVALID_ARGUMENT") - _requests(
+            before, method, "INVALID_ARGUMENT"
+        )
+        assert moved == 1, method
+    lines = {getattr(r, "method", ""): r for r in caplog.records if r.name == "memstore.access"}
+    for method in calls:
+        assert getattr(lines[method], "reason", None) == "MALFORMED_REQUEST", method
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
