@@ -1,11 +1,14 @@
-"""`memstore serve --metrics-port`: the endpoint of a real server process moves with calls."""
+"""`memstore serve` as a real process: its metrics endpoint and its log move with calls."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -100,3 +103,57 @@ def test_a_queue_no_worker_drains_is_logged_and_measured(clean_db: str) -> None:
     assert "memstore_embedding_queue_rows 3.0" in text, text
     assert "memstore_embedding_queue_oldest_seconds" in text
     assert "--no-embedding-worker" in out and "memstore embed" in out, out
+
+
+def test_a_scrape_writes_nothing_to_the_log(clean_db: str) -> None:
+    # wsgiref's request handler wrote a plain-text line to stderr per scrape, past logging:
+    # in the JSON log whatever --log-level said, and, with stderr stalled, a blocked thread.
+    metrics_port = free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db, "MEMSTORE_METRICS_PORT": str(metrics_port)}
+    proc, _ = serve_memstore(
+        "--purge-interval", "0", "--metrics-host", "127.0.0.1", "--log-level", "WARNING", env=env
+    )
+    try:
+        for _ in range(3):
+            _metrics(metrics_port)
+        with contextlib.suppress(urllib.error.HTTPError):  # a 404 is not logged either
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/favicon.ico", timeout=10)
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+    assert "/metrics" not in out and "favicon" not in out, out
+    for line in out.splitlines():
+        json.loads(line)  # nothing but the JSON log
+
+
+def test_text_logs_carry_the_request_id_one_line_per_record(clean_db: str) -> None:
+    # --log-format text wrote no request id, which the JSON form carries: a caller's trace
+    # id could not be found in the log, of a gRPC call or an HTTP one.
+    http_port = free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = serve_memstore(
+        "--purge-interval", "0", "--log-format", "text", "--http-port", str(http_port), env=env
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            with contextlib.suppress(grpc.RpcError):
+                request = user_service_pb2.GetUserRequest(user_id="nobody")
+                users.GetUser(request, metadata=(("x-request-id", "trace-grpc-42"),), timeout=10)
+        rest = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/api/v2/users/nobody",
+            headers={"x-request-id": "trace-rest-42"},
+        )
+        with contextlib.suppress(urllib.error.HTTPError):
+            urllib.request.urlopen(rest, timeout=10)
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+    access = [x for x in out.splitlines() if " memstore.access " in x]
+    assert any("request_id=trace-grpc-42: /memstore.v1.UserService/GetUser" in x for x in access)
+    assert any("request_id=trace-rest-42: GET /api/v2/users/{user_id} 404" in x for x in access)
+    # A line per record: each begins with its time (tests/unit/test_observability.py escapes
+    # a traceback's line breaks).
+    assert all(
+        re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", x) for x in out.splitlines()
+    )

@@ -301,6 +301,10 @@ class RestApp:
         try:
             refused = await self._refusal(scope, headers)
             if refused is not None:
+                # Counted and logged under the route it would have reached, as when routed:
+                # "unmatched" is for paths no route serves (a scan), which this is not.
+                if (would := _route_of(self._router, scope)) is not None:
+                    scope["route"] = would
                 await refused(scope, receive, send_with_id)
                 return
             await self._router(scope, _capped(receive), send_with_id)
@@ -366,6 +370,19 @@ class RestApp:
             f" {outcome}" if outcome else "",
             extra=fields,
         )
+
+
+def _route_of(router: Starlette, scope: Scope) -> BaseRoute | None:
+    """The route Starlette's router would give `scope`, found without running it: the first
+    that matches path and method, else the first that matches the path (a 405)."""
+    partial = None
+    for candidate in router.routes:
+        match, _ = candidate.matches(scope)
+        if match is Match.FULL:
+            return candidate
+        if match is Match.PARTIAL and partial is None:
+            partial = candidate
+    return partial
 
 
 def _error_fields(error: MemstoreError | None) -> dict[str, Any]:

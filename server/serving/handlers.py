@@ -24,12 +24,17 @@ Behavior = Callable[..., Any]
 
 
 def rewrap(
-    handler: grpc.RpcMethodHandler[Any, Any], *, unary: Behavior, stream: Behavior
+    handler: grpc.RpcMethodHandler[Any, Any],
+    *,
+    unary: Behavior,
+    stream: Behavior,
+    deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler with its behaviour wrapped: `unary` for a single response, `stream`
-    for a response stream, whatever the request side is."""
+    for a response stream, whatever the request side is; `deserializer`, when given, parses
+    its requests instead of the handler's own."""
     kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

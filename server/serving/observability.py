@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
-from wsgiref.simple_server import WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -98,11 +98,30 @@ class Metrics:
         """
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        # prometheus_client's start_wsgi_server serves its app on every path; its server class
+        # is reused, with a handler of our own that writes no line per request.
         httpd: WSGIServer = make_server(
-            host, port, _only_metrics(make_wsgi_app(self.registry)), server_class
+            host,
+            port,
+            _only_metrics(make_wsgi_app(self.registry)),
+            server_class,
+            handler_class=_SilentHandler,
         )
         threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
         return httpd, int(httpd.server_port)
+
+
+class _SilentHandler(WSGIRequestHandler):
+    """A request handler that writes no line per request.
+
+    wsgiref's writes each scrape to sys.stderr itself, past logging: a plain-text line in the
+    JSON log whatever --log-level says, and, with stderr stalled, a scrape thread (and its
+    socket) blocked on the write for good (tests/test_metrics_process.py). Every scrape is in
+    the scraper's own records; prometheus_client's handler (private there) is silent too.
+    """
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Writes nothing."""
 
 
 def _only_metrics(app: Any) -> Any:
@@ -370,8 +389,9 @@ class _Call:
         request_id.set(self.rid)
         # The caller's deadline, for the store: a call that may run longer than the
         # statement timeout runs its statements up to its deadline (StoreBase._bound_for_call).
-        if (remaining := context.time_remaining()) is not None:
-            call_deadline.set(time.monotonic() + remaining)
+        self._budget = context.time_remaining()
+        if self._budget is not None:
+            call_deadline.set(time.monotonic() + self._budget)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
         self.context = _Context(context, self.rid, self.aborted)
         self._code: grpc.StatusCode | None = None
@@ -394,7 +414,7 @@ class _Call:
             self._code = grpc.StatusCode.UNKNOWN
             return
         remaining = self._raw.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        expired = remaining is not None and remaining < _deadline_slack(self._budget)
         self._code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     def finish(self) -> None:
@@ -428,6 +448,22 @@ class _Call:
         )
 
 
+#: How close to the call's deadline a cancel may come and still be the client's deadline.
+#: A client ends its call when its own clock reaches the deadline, and the server's copy
+#: trails it: the timeout is sent rounded up, and the server starts counting when the call
+#: arrives. So the cancel usually arrives first: by 1-10 ms on one machine (most calls were
+#: counted CANCELLED, the client's choice, and a slow method never showed DEADLINE_EXCEEDED),
+#: by as much as the network's jitter across one. A true cancel this close to the deadline
+#: is counted as the deadline it anticipated by a hair.
+_DEADLINE_SLACK = 0.1
+
+
+def _deadline_slack(budget: float | None) -> float:
+    # At most a quarter of the call's whole time: a client that cancels a 100 ms call half
+    # way through did cancel it.
+    return _DEADLINE_SLACK if budget is None else min(_DEADLINE_SLACK, budget / 4)
+
+
 def _is_cancel(exc: BaseException) -> bool:
     # grpc.aio ends a stream the client cancelled either by cancelling its task or by
     # closing its generator, which raises GeneratorExit at the yield (about half the time).
@@ -457,6 +493,39 @@ class JsonFormatter(logging.Formatter):
         if record.exc_text:  # resolved before the record left the caller (log_output)
             entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: time, level, logger, request id (when there is one), message and
+    any traceback, with line breaks and other control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = getattr(record, "request_id", None) or request_id.get()
+        head = f"{self.formatTime(record)} {record.levelname} {record.name}"
+        text = f"{head} request_id={rid}: " if rid else f"{head}: "
+        text += record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # resolved before the record left the caller (log_output)
+            text += " | " + record.exc_text
+        if record.stack_info:
+            text += " | " + self.formatStack(record.stack_info)
+        # A line per record, as the JSON form keeps: a traceback, a driver's two-line error or
+        # a caller's text must not write lines of their own (a reader takes each for a record,
+        # and a forged one for memstore's). Backslashes are kept as they are: the escapes make
+        # the line unambiguous to read, not reversible.
+        return _CONTROL.sub(_escape, text)
+
+
+#: What splits a line for some reader (str.splitlines, a terminal, a log shipper): C0 and C1
+#: controls, DEL and the Unicode line and paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\u{ord(char):04x}"
 
 
 class _EndedCallWrites(logging.Filter):
@@ -494,7 +563,7 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format == "json":
         stderr.setFormatter(JsonFormatter())
     else:
-        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stderr.setFormatter(TextFormatter())
     handler = OffLoopHandler(stderr, resolve={"request_id": request_id.get})
     logging.basicConfig(level=level.upper(), handlers=[handler])
 

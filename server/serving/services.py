@@ -1,15 +1,14 @@
 """memstore's gRPC services on a server: each method's handler wrapped once, at registration.
 
-Observed (metrics, access line, request id), then, but for health and reflection, counted
-against the cap on calls in flight, behind the API key gate, and refused when protobuf could
-not parse the request (serving/handlers.py does the wrapping; this module says what with).
+Observed (metrics, access line, request id) and refused when protobuf could not parse the
+request, then, but for health and reflection, counted against the cap on calls in flight and
+behind the API key gate (serving/handlers.py does the wrapping; this module says what with).
 A unary method takes and returns bytes: its request is parsed, and its answer serialized, in
 a thread when large (server/off_loop.py) rather than by grpc.aio on the event loop.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
@@ -27,15 +26,16 @@ from server.serving.auth import AuthGate
 from server.serving.grpc_health import track_call
 from server.serving.handlers import Wrap, register, rewrap
 from server.serving.limit import CallLimit
-from server.serving.malformed import Malformed, tolerant_deserializer
+from server.serving.malformed import Malformed, tolerant, tolerant_deserializer
 from server.serving.observability import Observer
 
 
 class Wrapping:
     """What every method's handler is wrapped in, once, at registration (serving/handlers.py):
-    observed (metrics, access line, request id), then, but for health and reflection
-    (auth.OPEN_METHODS), counted against the cap on calls in flight and behind the API key
-    gate; our services' requests are checked too."""
+    observed (metrics, access line, request id) and refused when protobuf could not parse
+    the request, then, but for health and reflection (auth.OPEN_METHODS), counted against the
+    cap on calls in flight and behind the API key gate; our services' requests are checked
+    too."""
 
     def __init__(self, observer: Observer, gate: AuthGate, limit: CallLimit) -> None:
         self._observer = observer
@@ -50,13 +50,24 @@ class Wrapping:
         return self._limit.in_flight > 0 or self.streams_open > 0
 
     def open(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-        """Health: observed, no key needed. Client streams (reflection) are only counted."""
+        """Health and reflection: observed, no key needed, requests protobuf cannot parse
+        refused as our services refuse them. Reflection's streams are counted for the stop."""
+        parse = handler.request_deserializer
+        deserializer = None if parse is None else tolerant(parse)
         if handler.request_streaming:
-            return rewrap(handler, unary=lambda behavior: behavior, stream=self._counted)
+            return rewrap(
+                handler,
+                unary=lambda behavior: behavior,  # no open method takes a client stream
+                stream=lambda behavior: self._observer.stream(
+                    method, self._counted(_refusing_malformed_stream(behavior))
+                ),
+                deserializer=deserializer,
+            )
         return rewrap(
             handler,
-            unary=functools.partial(self._observer.unary, method),
-            stream=functools.partial(self._observer.stream, method),
+            unary=lambda behavior: self._observer.unary(method, _refusing_malformed(behavior)),
+            stream=lambda behavior: self._observer.stream(method, _refusing_malformed(behavior)),
+            deserializer=deserializer,
         )
 
     def service(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
@@ -120,6 +131,35 @@ def _guard_stream(
             await abort(context, request.error)
         async for response in method(request, context):
             yield response
+
+    return handler
+
+
+def _refusing_malformed(behavior: Callable[[Any, Context], Any]) -> Callable[[Any, Context], Any]:
+    # A plain function, not a coroutine: what `behavior` gives (a coroutine, an async
+    # iterator, or a coroutine that writes with context.write: grpc's health Watch) goes on
+    # to the observer as it is, and a refusal is a coroutine that raises when awaited.
+    def handler(request: Any, context: Context) -> Any:
+        if isinstance(request, Malformed):
+            return abort(context, request.error)
+        return behavior(request, context)
+
+    return handler
+
+
+def _refusing_malformed_stream(
+    behavior: Callable[[Any, Context], AsyncIterator[Any]],
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    # Each request of a client stream is parsed as it comes: the first that protobuf could
+    # not parse ends the call.
+    async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Malformed):
+                await abort(context, request.error)
+            yield request
+
+    def handler(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        return behavior(checked(requests, context), context)
 
     return handler
 

@@ -12,12 +12,11 @@ largest batches and the least CPU per call (docs/performance.md).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
 from psycopg_pool import TooManyRequests
-
-from server.store.base import call_deadline
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -179,7 +178,12 @@ class Batcher(Generic[T, R]):
         del self._waiting[: self._max_batch]
         if batch:
             self._in_flight += 1
-            task = asyncio.ensure_future(self._run(batch))
+            # A context of its own: the batch serves several calls, and a copy of the context
+            # of the call that scheduled it gave that call's request id to every line the
+            # batch logged, and its deadline (which would lift the statement timeout for all).
+            task = asyncio.get_running_loop().create_task(
+                self._run(batch), context=contextvars.Context()
+            )
             self._tasks.add(task)  # a strong reference: nothing else holds the task
             task.add_done_callback(self._finished)
             futures = [f for _, f in batch]
@@ -194,9 +198,6 @@ class Batcher(Generic[T, R]):
         self._schedule()
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        # The batch serves several calls: no one call's deadline lifts its statement timeout
-        # (the task began with the context of the call that scheduled it).
-        call_deadline.set(None)
         try:
             outcomes = await self._run_batch([item for item, _ in batch])
         except asyncio.CancelledError:

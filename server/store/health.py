@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import select
 import time
@@ -77,7 +78,12 @@ class DatabaseHealth:
             return
         self._down_since = time.monotonic()
         log.warning("%s; probing until PostgreSQL answers again", why)
-        self._probe = asyncio.get_running_loop().create_task(self._wait_for_return())
+        # In a context of its own, not a copy of the call's that found the database gone:
+        # the probe outlives that call, and its log lines (and the listeners it runs) carried
+        # the call's request id, which a client chooses (tests/reliability/test_db_restart.py).
+        self._probe = asyncio.get_running_loop().create_task(
+            self._wait_for_return(), context=contextvars.Context()
+        )
         for waiter in self._waiters:
             waiter.interrupt()
 

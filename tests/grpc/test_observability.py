@@ -8,8 +8,10 @@ import logging
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,32 +22,40 @@ from server.config import Config
 from server.serving.app import build_server
 from server.serving.observability import JsonFormatter, Metrics, dropped_log_records
 from server.store import Store
-from tests.grpc import msg
+from tests.grpc import msg, rpc_error
 from tests.polling import until
 
 USERS = "/memstore.v1.UserService/"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 
 @pytest.fixture
-async def observed(store: Store, clean_db: str) -> AsyncIterator[tuple[grpc.aio.Channel, int]]:
-    """A server with its metrics endpoint on a free port; yields a channel and that port."""
+async def served(store: Store, clean_db: str) -> AsyncIterator[tuple[int, int]]:
+    """A server with its metrics endpoint on a free port; yields both ports."""
     metrics = Metrics(store.pool_stats)
     httpd, metrics_port = metrics.serve("127.0.0.1", 0)
     server, port = await build_server(Config(host="127.0.0.1", port=0), store, metrics)
     await server.start()
     try:
-        # Without BDP probing the client's window stays at 64 KiB, so a stream the client stops
-        # reading fills it at once and the server's next write waits on flow control; with it,
-        # the window grew to megabytes and the write that should wait was still ahead (on the
-        # Citus cluster under load a cancel found the server reading the database, 10 times
-        # of 10: test_a_stream_cancelled_while_its_answer_waits_logs_no_error).
-        options = [("grpc.http2.bdp_probe", 0)]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-            yield channel, metrics_port
+        yield port, metrics_port
     finally:
         await server.stop(None)
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+async def observed(served: tuple[int, int]) -> AsyncIterator[tuple[grpc.aio.Channel, int]]:
+    """A channel to the `served` server, and its metrics port."""
+    port, metrics_port = served
+    # Without BDP probing the client's window stays at 64 KiB, so a stream the client stops
+    # reading fills it at once and the server's next write waits on flow control; with it,
+    # the window grew to megabytes and the write that should wait was still ahead (on the
+    # Citus cluster under load a cancel found the server reading the database, 10 times
+    # of 10: test_a_stream_cancelled_while_its_answer_waits_logs_no_error).
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        yield channel, metrics_port
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -274,3 +284,92 @@ async def test_a_stream_cancelled_while_its_answer_waits_logs_no_error(observed,
     assert all(m.startswith("a call ended while the server was sending") for m in ended())
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+def _updates_past_deadline(port: int, rounds: int) -> list[grpc.StatusCode]:
+    # A blocking client in its own thread, as most callers are: one on the test's event loop
+    # reached the server only once the loop was free, after the server's deadline had passed.
+    codes: list[grpc.StatusCode] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        users = user_service_pb2_grpc.UserServiceStub(channel)
+        for i in range(rounds):
+            request = us.UpdateUserRequest(user_id="locked", email=f"a{i}@b.c")
+            try:
+                users.UpdateUser(request, timeout=1.0)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+    return codes
+
+
+async def test_a_call_whose_deadline_passes_counts_as_deadline_exceeded(served, clean_db):
+    # The client's cancel for its deadline reaches the server a few milliseconds before the
+    # server's own copy of the deadline passes: most such calls were counted and logged as
+    # CANCELLED, the client's choice, and hid slow calls from an alert on DEADLINE_EXCEEDED.
+    port, metrics_port = served
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        users = user_service_pb2_grpc.UserServiceStub(channel)
+        await asyncio.to_thread(users.CreateUser, us.CreateUserRequest(user_id="locked"))
+    rounds = 10
+    before = await asyncio.to_thread(_scrape, metrics_port)
+    async with await psycopg.AsyncConnection.connect(clean_db) as blocker:
+        # The row lock makes each UpdateUser wait until its deadline passes.
+        await blocker.execute("SELECT 1 FROM users WHERE user_id = 'locked' FOR UPDATE")
+        codes = await asyncio.to_thread(_updates_past_deadline, port, rounds)
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * rounds
+        await blocker.rollback()
+    method = USERS + "UpdateUser"
+
+    def moved(samples: dict, code: str) -> float:  # type: ignore[type-arg]
+        return _requests(samples, method, code) - _requests(before, method, code)
+
+    async def all_finished() -> bool:
+        now = await asyncio.to_thread(_scrape, metrics_port)
+        return moved(now, "DEADLINE_EXCEEDED") + moved(now, "CANCELLED") >= rounds
+
+    assert await until(all_finished)
+    after = await asyncio.to_thread(_scrape, metrics_port)
+    assert moved(after, "CANCELLED") == 0
+    assert moved(after, "DEADLINE_EXCEEDED") == rounds
+
+
+async def _read_all(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+async def test_bytes_protobuf_cannot_parse_sent_to_health_or_reflection_are_refused_and_counted(
+    observed, caplog
+) -> None:
+    # Health and reflection (open to every caller, no key) kept grpc's strict deserializer:
+    # bad bytes were answered UNKNOWN, logged as an ERROR with a traceback, and neither
+    # counted nor access-logged. Refused as memstore's own services refuse them now.
+    channel, metrics_port = observed
+    garbage = b"\xff\xff\xff\xff"
+    health, reflection = "/grpc.health.v1.Health/", REFLECTION
+    calls = {
+        health + "Check": lambda: channel.unary_unary(health + "Check")(garbage, timeout=10),
+        health + "Watch": lambda: _read_all(
+            channel.unary_stream(health + "Watch")(garbage, timeout=10)
+        ),
+        reflection: lambda: _read_all(
+            channel.stream_stream(reflection)(iter([garbage]), timeout=10)
+        ),
+    }
+    before = await asyncio.to_thread(_scrape, metrics_port)
+    caplog.set_level(logging.INFO)
+    for start in calls.values():
+        await rpc_error(
+            start(), grpc.StatusCode.INVALID_ARGUMENT, field="request", reason="MALFORMED_REQUEST"
+        )
+    assert await until(_access_lines(caplog, len(calls)), within=30), caplog.records
+    after = await asyncio.to_thread(_scrape, metrics_port)
+    for method in calls:
+        moved = _requests(after, method, "INVALID_ARGUMENT") - _requests(
+            before, method, "INVALID_ARGUMENT"
+        )
+        assert moved == 1, method
+    lines = {getattr(r, "method", ""): r for r in caplog.records if r.name == "memstore.access"}
+    for method in calls:
+        assert getattr(lines[method], "reason", None) == "MALFORMED_REQUEST", method
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
 from server.serving.embedded import EmbeddedPostgres
 from server.serving.grpc_health import watch_database
+from server.serving.observability import request_id
 from server.store import Store
 from tests.grpc import Sessions, Users, msg, struct
 from tests.reliability import record
@@ -283,3 +285,47 @@ async def test_a_database_that_stops_answering_shows_in_health(
         seconds_to_notice=round(noticed, 2),
         seconds_to_heal=round(healed, 2),
     )
+
+
+class _RequestIds(logging.Handler):
+    """Each record's logger, message and the request id in force where it was logged (what
+    the log's writer reads for it: serving/log_output.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.name, record.getMessage(), request_id.get()))
+
+
+async def test_the_probe_logs_without_the_request_id_of_the_call_that_found_the_outage(
+    restartable: EmbeddedPostgres, fault_channel: grpc.aio.Channel
+) -> None:
+    # The probe began as a copy of the context of the call that found the database gone, so
+    # its lines, "PostgreSQL answers again" seconds later, carried that call's request id,
+    # which the client chooses: a trace of one call claimed the recovery of the process.
+    users = Users(fault_channel)
+    captured = _RequestIds()
+    logging.getLogger().addHandler(captured)
+    try:
+        await asyncio.to_thread(restartable.stop_server)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                # Not GetUser: its read runs in a batch (store/coalesce.py), in a context of
+                # its own, so the probe it starts would carry no call's id either way.
+                request = upb.UpdateUserRequest(user_id="anyone", email="a@b.c")
+                metadata = (("x-request-id", "CALLER-7"),)
+                await users.UpdateUser(request, metadata=metadata, timeout=DEADLINE)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await asyncio.to_thread(restartable.start_server)
+
+        async def answered() -> bool:
+            return any("answers again after" in message for _, message, _ in captured.lines)
+
+        await _wait_for(answered, limit=30)
+    finally:
+        logging.getLogger().removeHandler(captured)
+    probe = [line for line in captured.lines if "answers again after" in line[1]]
+    assert probe and all(rid == "" for _, _, rid in probe), captured.lines

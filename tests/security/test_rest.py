@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -243,3 +244,32 @@ async def test_overload_is_a_json_429(secure_db_url: str, clean_secure_db: str) 
     finally:
         await server.stop(None)
         await store.close()
+
+
+async def test_a_refused_request_is_logged_under_the_route_it_would_have_reached(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Refused before routing (a bad key here; a body too large and overload alike), a
+    # request was counted and logged under route "unmatched", the label of paths no route
+    # serves: refusals on a real route showed as a scan, and were missing from the route's.
+    bad_key = {"Authorization": "Api-Key msk_0000deadbeef_wrong"}
+    sent = {
+        "r-get": ("GET", "/api/v2/users/alice"),
+        "r-delete": ("DELETE", "/api/v2/sessions/s1/memory"),
+        "r-405": ("PUT", "/api/v2/users/alice"),  # the route's path, not its method
+        "r-none": ("GET", "/api/v2/no/such/route"),
+    }
+    with caplog.at_level(logging.INFO, logger="memstore.access"):
+        for rid, (method, path) in sent.items():
+            reply = await http.request(method, path, headers={**bad_key, "x-request-id": rid})
+            assert reply.status_code == 401, reply.text
+    lines = {
+        getattr(r, "request_id", ""): getattr(r, "method", "")
+        for r in caplog.records
+        if r.name == "memstore.access"
+    }
+    # The access line's route is the metrics' `route` label (server/rest/app.py, _finish).
+    assert lines["r-get"] == "GET /api/v2/users/{user_id}"
+    assert lines["r-delete"] == "DELETE /api/v2/sessions/{session_id}/memory"
+    assert lines["r-405"] == "PUT /api/v2/users/{user_id}"
+    assert lines["r-none"] == "GET unmatched"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from server.serving.observability import request_id
 from server.store import coalesce
+from server.store.base import call_deadline
 from server.store.coalesce import Batcher, Coalescer
 
 
@@ -237,3 +240,24 @@ async def test_a_call_that_finds_the_store_idle_goes_out_at_the_end_of_its_turn(
     await _turns(3)
     assert fetch.batches == [["a"]]
     assert await call == "A"
+
+
+async def test_a_batch_runs_in_a_context_of_its_own() -> None:
+    # A batch serves several calls; it ran in a copy of the context of the call that
+    # scheduled it, so every line it logged carried that call's request id (which a client
+    # chooses). No one call's deadline may lift the statement timeout for all of them either.
+    seen: list[tuple[str, float | None]] = []
+
+    async def run(items: list[int]) -> list[int | Exception]:
+        seen.append((request_id.get(), call_deadline.get()))
+        return list(items)
+
+    batcher: Batcher[int, int] = Batcher(run)
+
+    async def call(rid: str, item: int) -> int:
+        request_id.set(rid)
+        call_deadline.set(time.monotonic() + 60)
+        return await batcher.submit(item)
+
+    assert await asyncio.gather(call("CALLER-1", 1), call("CALLER-2", 2)) == [1, 2]
+    assert seen == [("", None)]

@@ -1,7 +1,10 @@
-"""The request id survives both ways a handler can abort, and bad caller ids are replaced."""
+"""The request id survives both ways a handler can abort, bad caller ids are replaced, and the
+plain-text log keeps the id and one line per record."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 import grpc
@@ -9,7 +12,7 @@ import pytest
 
 from server.api.status import to_rpc_status
 from server.errors import NotFound
-from server.serving.observability import _Context, _request_id
+from server.serving.observability import TextFormatter, _Context, _request_id, request_id
 
 
 class _Recording:
@@ -53,3 +56,34 @@ def test_unusable_caller_ids_are_replaced(sent: str) -> None:
 
 def test_a_printable_caller_id_is_kept() -> None:
     assert _request_id(_Recording((("x-request-id", "req-7/a"),))) == "req-7/a"  # type: ignore[arg-type]
+
+
+def test_text_lines_carry_the_request_id_and_stay_one_line() -> None:
+    # The plain-text form wrote no request id, and a message or traceback with line breaks
+    # wrote lines of their own: a reader takes each for a record, and a caller's text could
+    # forge one.
+    try:
+        raise ValueError("first\nsecond")
+    except ValueError:
+        failure = sys.exc_info()
+    record = logging.LogRecord(
+        "memstore.access",
+        logging.ERROR,
+        __file__,
+        1,
+        "id %s\r\nFAKE INFO x\u2028y",
+        ("a",),
+        failure,
+    )
+    record.request_id = "trace-7"
+    line = TextFormatter().format(record)
+    assert len(line.splitlines()) == 1, line
+    assert " ERROR memstore.access request_id=trace-7: id a\\r\\nFAKE INFO x\\u2028y | " in line
+    assert "Traceback (most recent call last):\\n" in line and "ValueError: first\\nsecond" in line
+    token = request_id.set("")
+    try:
+        # No id: no empty field either.
+        plain = TextFormatter().format(logging.LogRecord("x", logging.INFO, "", 1, "m", (), None))
+    finally:
+        request_id.reset(token)
+    assert plain.endswith(" INFO x: m")
