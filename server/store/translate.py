@@ -84,8 +84,30 @@ def translated(
             f"the database role lacks a privilege memstore needs: {_detail(exc, 'denied')}"
         ) from exc
     except psycopg.Error as exc:
+        if _worker_lost(exc):
+            raise Unavailable(
+                "database unavailable: a Citus worker could not be reached "
+                f"({_detail(exc, '').splitlines()[0]}); retry"
+            ) from exc
         log.exception("unexpected database error")
         raise MemstoreError("internal database error; see the server log") from exc
+
+
+#: How Citus words a worker it cannot reach, or whose connection it lost, within a call: as
+#: an internal error (XX000), where libpq's own connection errors are OperationalErrors. A
+#: connection cut while Citus prepared a two-phase commit answered INTERNAL and logged a
+#: traceback; the transaction is rolled back, and the call is one to retry.
+_WORKER_LOST = (
+    "server closed the connection unexpectedly",
+    "connection to the remote node",
+    "could not establish any connections to the node",
+    "connection not open",
+)
+
+
+def _worker_lost(exc: psycopg.Error) -> bool:
+    """Whether `exc` is Citus saying that a worker node could not be reached."""
+    return exc.sqlstate == "XX000" and _detail(exc, "").startswith(_WORKER_LOST)
 
 
 def _data_error(exc: psycopg.DataError, field: str) -> MemstoreError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from server.errors import InvalidArgument, UnreadableValue
+from server.errors import InvalidArgument, MemstoreError, Unavailable, UnreadableValue
 from server.store.translate import translated
 
 
@@ -41,3 +41,24 @@ async def test_a_parameter_psycopg_cannot_dump_stays_the_callers_field(database_
                 assert isinstance(bad.value.__cause__, psycopg.DataError)
                 assert bad.value.__cause__.sqlstate in ("22P02", "22003")
                 assert [v.field for v in bad.value.violations] == ["payload"]
+
+
+async def test_a_citus_worker_out_of_reach_is_unavailable_not_internal(database_url: str) -> None:
+    # Citus says a worker it cannot reach (or whose connection it lost while preparing a
+    # two-phase commit) as an internal error, XX000: it was INTERNAL with a traceback in the
+    # log. An audit cut the link to a worker on a running cluster; here PostgreSQL raises
+    # the same error as Citus words it.
+    raise_as_citus = "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'XX000', MESSAGE = %s; END $$"
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for said in (
+            "server closed the connection unexpectedly",
+            "connection to the remote node 10.0.0.7:5432 failed with the following error: timeout",
+        ):
+            with pytest.raises(Unavailable) as lost, translated():
+                await conn.execute(raise_as_citus.replace("%s", f"'{said}'"))  # type: ignore[arg-type]
+            assert "Citus worker could not be reached" in lost.value.message
+        # Any other internal error stays INTERNAL.
+        with pytest.raises(MemstoreError) as other, translated():
+            await conn.execute(raise_as_citus.replace("%s", "'cache lookup failed'"))  # type: ignore[arg-type]
+        assert not isinstance(other.value, Unavailable)
+        assert other.value.message == "internal database error; see the server log"
