@@ -75,7 +75,7 @@ def translated(
             reason="SERVER_OVERLOADED",
         ) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise Unavailable(f"database unavailable: {_first_line(exc)}") from exc
+        raise _unavailable(exc) from exc
     except pg.InsufficientPrivilege as exc:
         # The role memstore connects as may not do what it must (create its tables, say):
         # the operator's to grant, said in one line, not a traceback.
@@ -108,6 +108,17 @@ _WORKER_LOST = (
 def _worker_lost(exc: psycopg.Error) -> bool:
     """Whether `exc` is Citus saying that a worker node could not be reached."""
     return exc.sqlstate == "XX000" and _detail(exc, "").startswith(_WORKER_LOST)
+
+
+def _unavailable(exc: psycopg.OperationalError | PoolTimeout) -> Unavailable:
+    if isinstance(exc, pg.DeadlockDetected):
+        # Not the database's absence: calls writing the same rows at once (said apart, so
+        # that an operator is not sent to look at PostgreSQL).
+        return Unavailable(
+            f"calls writing the same rows at once deadlocked: {_first_line(exc)}; retry",
+            reason="CONCURRENT_WRITES",
+        )
+    return Unavailable(f"database unavailable: {_first_line(exc)}")
 
 
 def _data_error(exc: psycopg.DataError, field: str) -> MemstoreError:

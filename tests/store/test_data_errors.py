@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -62,3 +64,26 @@ async def test_a_citus_worker_out_of_reach_is_unavailable_not_internal(database_
             await conn.execute(raise_as_citus.replace("%s", "'cache lookup failed'"))  # type: ignore[arg-type]
         assert not isinstance(other.value, Unavailable)
         assert other.value.message == "internal database error; see the server log"
+
+
+async def test_a_deadlock_is_said_as_concurrent_writes_not_the_database_gone(
+    database_url: str,
+) -> None:
+    # Two calls locking the same rows in opposite orders: the victim was "database
+    # unavailable" (DATABASE_UNAVAILABLE), sending an operator to look at PostgreSQL.
+    async with (
+        await psycopg.AsyncConnection.connect(database_url) as a,
+        await psycopg.AsyncConnection.connect(database_url) as b,
+    ):
+        for conn, held in ((a, 7001), (b, 7002)):
+            await conn.execute("SET deadlock_timeout = '100ms'")
+            await conn.execute(f"SELECT pg_advisory_xact_lock({held})")
+
+        async def cross(conn: psycopg.AsyncConnection[object], other: int) -> None:
+            with translated():
+                await conn.execute(f"SELECT pg_advisory_xact_lock({other})")
+
+        outcomes = await asyncio.gather(cross(a, 7002), cross(b, 7001), return_exceptions=True)
+    victims = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(victims) == 1 and isinstance(victims[0], Unavailable), outcomes
+    assert victims[0].reason == "CONCURRENT_WRITES" and "deadlocked" in victims[0].message
