@@ -35,6 +35,7 @@ from server.store.base import (
     merged_too_large,
     metadata_params,
     no_such_user,
+    rerun_deadlocked,
 )
 from server.store.budget import budget_rows
 from server.store.coalesce import Batcher
@@ -302,7 +303,10 @@ class MessageMethods(StoreBase):
             return found
 
     async def _append_reviving(self, call: _Append) -> list[Row]:
-        return await _rerun_on_uuid_race(lambda: self._append_reviving_once(call))
+        # A deadlock's victim (a DeleteUser of the session's user) runs again, whole.
+        return await rerun_deadlocked(
+            lambda: _rerun_on_uuid_race(lambda: self._append_reviving_once(call))
+        )
 
     async def _append_reviving_once(self, call: _Append) -> list[Row]:
         # add_memory answered nothing: the session is soft-deleted, or another user's. Its

@@ -19,6 +19,7 @@ from server.store.base import (
     metadata_params,
     no_such_user,
     page_of,
+    rerun_deadlocked,
 )
 from server.store.budget import budget_rows, list_size
 from server.store.db import Row, fetch_all, fetch_one, fetch_pipelined
@@ -121,18 +122,23 @@ class SessionMethods(StoreBase):
             FailedPrecondition: the session is not deleted (reason SESSION_NOT_DELETED).
         """
         params = key(project_id, session_id=session_id)
-        # One transaction: the session made live is counted for its user.
-        async with self._connect() as conn:
-            row = await fetch_one(conn, "undelete_session", params)
-            if row is not None and row["user_id"] is not None:
-                await count_live_sessions(conn, project_id, row["user_id"], 1)
-            if row is None:
-                if await fetch_one(conn, "session_state", params) is None:
-                    raise session_not_found(session_id)
-                raise FailedPrecondition(
-                    f"session '{session_id}' is not deleted", reason="SESSION_NOT_DELETED"
-                )
-        return rows.session(row)
+
+        # One transaction: the session made live is counted for its user. A deadlock's
+        # victim (a DeleteUser of its user taking the rows in another order) runs again.
+        async def undelete() -> Row:
+            async with self._connect() as conn:
+                row = await fetch_one(conn, "undelete_session", params)
+                if row is not None and row["user_id"] is not None:
+                    await count_live_sessions(conn, project_id, row["user_id"], 1)
+                if row is None:
+                    if await fetch_one(conn, "session_state", params) is None:
+                        raise session_not_found(session_id)
+                    raise FailedPrecondition(
+                        f"session '{session_id}' is not deleted", reason="SESSION_NOT_DELETED"
+                    )
+                return row
+
+        return rows.session(await rerun_deadlocked(undelete))
 
     async def list_sessions(
         self,
