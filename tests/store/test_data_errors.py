@@ -75,8 +75,9 @@ async def test_a_deadlock_is_said_as_concurrent_writes_not_the_database_gone(
         await psycopg.AsyncConnection.connect(database_url) as a,
         await psycopg.AsyncConnection.connect(database_url) as b,
     ):
+        # PostgreSQL looks for the deadlock after deadlock_timeout (1 s by default; only a
+        # superuser may lower it).
         for conn, held in ((a, 7001), (b, 7002)):
-            await conn.execute("SET deadlock_timeout = '100ms'")
             await conn.execute(f"SELECT pg_advisory_xact_lock({held})")
 
         async def cross(conn: psycopg.AsyncConnection[object], other: int) -> None:
