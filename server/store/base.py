@@ -217,8 +217,8 @@ def merged_too_large(size: int) -> InvalidArgument:
     return InvalidArgument.field(
         "metadata",
         f"merged into the stored metadata, the result would be {size} bytes as JSON; at most "
-        f"{MAX_METADATA_BYTES} are allowed (remove keys with null values, or replace the "
-        "metadata by naming it in update_mask)",
+        f"{MAX_METADATA_BYTES} are allowed (remove keys with null values, or, over gRPC, "
+        "replace the metadata by naming it in update_mask)",
         reason="METADATA_TOO_LARGE",
     )
 

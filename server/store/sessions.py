@@ -210,7 +210,7 @@ async def session_missing(conn: AsyncConnection[Any], project_id: int, session_i
         return session_not_found(session_id)
     return NotFound(
         f"session '{session_id}' is soft-deleted; restore it with UndeleteSession "
-        "or by adding memory with AddMemory",
+        "or by adding memory to it (AddMemory; over REST, POST its /memory)",
         reason="SESSION_DELETED",
     )
 
@@ -228,7 +228,8 @@ def session_taken(session_id: str, *, deleted: bool) -> AlreadyExists:
         )
     return AlreadyExists(
         f"session '{session_id}' already exists and is soft-deleted; restore it with "
-        "UndeleteSession, or add memory to it with AddMemory (which restores it)",
+        "UndeleteSession, or add memory to it (AddMemory; over REST, POST its /memory), "
+        "which restores it",
         reason="SESSION_DELETED",
     )
 
