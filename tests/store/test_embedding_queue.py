@@ -411,17 +411,20 @@ async def test_restore_queues_like_add_memory_in_both_modes(store: Store, clean_
 
 
 class _Refusing:
-    """A remote model that refuses (HTTP 400) any request holding a text past `longest`, or,
-    with `broken`, every request (a wrong model name or key)."""
+    """A remote model that refuses (HTTP 400) any request holding a text past `longest` or an
+    empty one (as OpenAI's does), or, with `broken`, every request (a wrong model name or
+    key); `seen` keeps every text sent."""
 
     name, dimensions = MODEL, 3
 
     def __init__(self, longest: int, *, broken: bool = False) -> None:
         self.longest, self.broken = longest, broken
+        self.seen: list[str] = []
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        if self.broken or any(len(t) > self.longest for t in texts):
-            raise EmbeddingError("400 Bad Request: input too long", url="http://m", status=400)
+        self.seen.extend(texts)
+        if self.broken or any(len(t) > self.longest or not t for t in texts):
+            raise EmbeddingError("400 Bad Request: input invalid", url="http://m", status=400)
         return unit_vectors(list(texts))
 
 
@@ -449,23 +452,6 @@ async def test_a_message_the_model_refuses_never_stalls_the_queue(
     assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
 
 
-class _RefusingEmpty:
-    """A remote model that refuses an empty text, as OpenAI's does (400)."""
-
-    name, dimensions = MODEL, 3
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        self.seen.extend(texts)
-        if any(not t for t in texts):
-            raise EmbeddingError(
-                "400 Bad Request: '$.input' is invalid", url="http://m", status=400
-            )
-        return unit_vectors(list(texts))
-
-
 async def test_an_empty_message_is_kept_without_a_vector_and_never_sent_to_the_model(
     store: Store, clean_db: str
 ) -> None:
@@ -474,7 +460,7 @@ async def test_an_empty_message_is_kept_without_a_vector_and_never_sent_to_the_m
         await _nothing_to_embed(store, clean_db)
         return
     await store.add_memory(P, "s", None, [msg("weather in Paris?"), msg(""), msg("18C")])
-    model = _RefusingEmpty()
+    model = _Refusing(100)
     assert await EmbeddingWorker(store, model).run_once() == 3
     assert sorted(model.seen) == ["kai: 18C", "kai: weather in Paris?"], model.seen
     assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
