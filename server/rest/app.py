@@ -303,7 +303,7 @@ class RestApp:
             if refused is not None:
                 # Counted and logged under the route it would have reached, as when routed:
                 # "unmatched" is for paths no route serves (a scan), which this is not.
-                if (would := _route_of(self._router, scope)) is not None:
+                if (would := route_of(self._router, scope)) is not None:
                     scope["route"] = would
                 await refused(scope, receive, send_with_id)
                 return
@@ -372,7 +372,7 @@ class RestApp:
         )
 
 
-def _route_of(router: Starlette, scope: Scope) -> BaseRoute | None:
+def route_of(router: Starlette, scope: Scope) -> BaseRoute | None:
     """The route Starlette's router would give `scope`, found without running it: the first
     that matches path and method, else the first that matches the path (a 405)."""
     partial = None
