@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,11 @@ DEFAULT_PROJECT_ID = 1
 #: Role types as stored in messages.role_type (the proto enum without its prefix).
 ROLE_TYPES = ("user", "assistant", "system", "tool", "function", "norole")
 
+#: Control characters (C0, DEL, C1) and the line and paragraph separators U+2028 and U+2029,
+#: which break a line as \n does wherever Unicode's line breaks are honoured (Python's
+#: splitlines, most renderers, log shippers) but are no control characters: refused in names
+#: (api/validation.py), escaped in text log lines (serving/observability.py).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: The largest metadata object stored, in bytes of PostgreSQL's jsonb text form (what
 #: `octet_length(metadata::text)` counts: ", " and ": " separators, numbers in full decimal),
 #: so the request check in Python and the merge check in SQL measure the same bytes.

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
 from server.domain import (
+    CONTROL_CHARACTERS,
     MAX_EXACT_INT,
     MAX_METADATA_BYTES,
     MAX_METADATA_DEPTH,
@@ -41,10 +42,6 @@ INEXACT_INTEGER = (
     "would round; send it as a string, or as a float if rounding is fine"
 )
 
-#: Control characters (C0, DEL, C1) and the line and paragraph separators U+2028 and U+2029,
-#: which break a line as \n does wherever Unicode's line breaks are honoured (Python's
-#: splitlines, most renderers) but are no control characters.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _ORDER_BY = re.compile(r"^\s*(created_at|updated_at)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
 # Timestamp.seconds bounds of 0001-01-01 and 9999-12-31T23:59:59 (what datetime can hold).
 _MIN_SECONDS = -62_135_596_800
@@ -85,7 +82,7 @@ def check_id(v: Violations, field: str, value: str, *, required: bool = True) ->
         return
     if len(value) > MAX_ID_CHARS:
         v.add(field, f"is {len(value)} characters long; at most {MAX_ID_CHARS} are allowed")
-    if _CONTROL.search(value):
+    if CONTROL_CHARACTERS.search(value):
         v.add(field, "must not contain control characters")
     elif not value.isprintable():  # the fast path: printable text has none of these
         invisible = next((c for c in value if _is_invisible(c)), None)
@@ -124,7 +121,7 @@ def check_name(v: Violations, field: str, value: str) -> None:
     into GetMemory's ready-to-prompt context; an escape sequence recolours a terminal. (A
     backup restores these fields with check_text alone: rows written before this check.)"""
     check_text(v, field, value)
-    if "\x00" not in value and _CONTROL.search(value):
+    if "\x00" not in value and CONTROL_CHARACTERS.search(value):
         v.add(
             field,
             "must not contain control characters (tab, line breaks, escapes) or line "

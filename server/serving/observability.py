@@ -25,6 +25,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from server.api.chunking import WireChunk
+from server.domain import CONTROL_CHARACTERS
 from server.serving.log_output import OffLoopHandler
 from server.store import QUEUE_COUNT_CAP
 from server.store.base import call_deadline
@@ -514,12 +515,9 @@ class TextFormatter(logging.Formatter):
         # a caller's text must not write lines of their own (a reader takes each for a record,
         # and a forged one for memstore's). Backslashes are kept as they are: the escapes make
         # the line unambiguous to read, not reversible.
-        return _CONTROL.sub(_escape, text)
+        return CONTROL_CHARACTERS.sub(_escape, text)
 
 
-#: What splits a line for some reader (str.splitlines, a terminal, a log shipper): C0 and C1
-#: controls, DEL and the Unicode line and paragraph separators.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
