@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from functools import cache, cached_property
 from typing import Any, cast
 
-from psycopg import sql
+from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
 from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
-from server.errors import AlreadyExists, NotFound
+from server.errors import AlreadyExists, NotFound, Unavailable
 from server.store import rows
 from server.store.base import (
     START,
@@ -23,7 +25,7 @@ from server.store.base import (
 )
 from server.store.budget import budget_rows, list_size
 from server.store.coalesce import Coalescer
-from server.store.db import fetch_all, fetch_one
+from server.store.db import Params, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.translate import translated
 
@@ -140,8 +142,10 @@ class UserMethods(StoreBase):
             # lock) its sessions, so no message lands between count and delete.
             if await fetch_one(conn, "lock_user", params) is None:
                 raise user_not_found(user_id)
-            lock = "lock_user_sessions_citus" if self.citus else "lock_user_sessions"
-            await fetch_one(conn, lock, params)
+            if self.citus:
+                await _lock_user_sessions_citus(conn, params)
+            else:
+                await fetch_one(conn, "lock_user_sessions", params)
             row = await fetch_one(conn, "delete_user", params)
         assert row is not None
         return DeletedCounts(sessions=int(row["sessions"]), messages=int(row["messages"]))
@@ -258,6 +262,45 @@ def list_user_sessions_statement(*, budgeted: bool) -> sql.Composed:
     sized = query("list_user_sessions_page").format(size=list_size("s", "session_id", "user_id"))
     page = budget_rows(sized, sql.SQL("k.created_at, k.session_id"))
     return query("list_user_sessions").format(page=page, followed=sql.SQL(", s.followed"))
+
+
+# How long DeleteUser on Citus waits for a session that its user's shard counts and its own
+# shard does not show yet (_lock_user_sessions_citus); a two-phase commit lands in
+# milliseconds, and one whose COMMIT PREPARED was lost waits for Citus's recovery (a minute).
+SESSIONS_SETTLE_SECONDS = 5.0
+
+
+async def _lock_user_sessions_citus(conn: AsyncConnection[Any], params: Params) -> None:
+    """Locks a locked user's sessions on Citus, once every session its shard counts is seen.
+
+    A session made for the user is a two-phase commit over the user's shard (its count) and
+    the session's. When the user's commits first, the user's row lock is released and this
+    DeleteUser can take it while the session is still only prepared on its own shard, where
+    no statement sees it: deleted without it, the session would outlive its user (an audit,
+    2026-12-03, with the session's worker committing late). The count on the user's shard
+    already holds it, and no other session write can change that count while the user is
+    locked, so the sessions are locked again until as many live ones are seen.
+
+    Raises:
+        Unavailable: (CONCURRENT_WRITES) a counted session was still not committed on its
+            shard after SESSIONS_SETTLE_SECONDS; nothing was deleted.
+    """
+    settle_by = time.monotonic() + SESSIONS_SETTLE_SECONDS
+    pause = 0.005
+    while True:
+        locked = await fetch_one(conn, "lock_user_sessions_citus", params)
+        counted = await fetch_one(conn, "user_live_sessions", params)
+        assert locked is not None  # an aggregate's one row
+        if counted is None or int(locked["live"]) >= int(counted["session_count"]):
+            return
+        if time.monotonic() + pause > settle_by:
+            raise Unavailable(
+                f"user '{params['user_id']}' has a session still being committed on another "
+                "node; nothing was deleted; retry",
+                reason="CONCURRENT_WRITES",
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.25)
 
 
 def user_not_found(user_id: str) -> NotFound:

@@ -15,8 +15,9 @@ import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage
-from server.errors import FailedPrecondition, NotFound
+from server.errors import FailedPrecondition, NotFound, Unavailable
 from server.store import Store
+from server.store import users as users_module
 
 
 def _msg(content: str) -> NewMessage:
@@ -110,3 +111,96 @@ async def test_delete_user_removes_everything_on_every_shard(
     assert (deleted.sessions, deleted.messages) == (24, 48)
     for table in ("sessions", "messages", "embedding_queue"):
         assert await _scalar(empty, f"SELECT count(*) FROM {table}") == 0, table
+
+
+class _LateSession:
+    """A session of user 'u' made as a two-phase commit whose worker commits late: the user's
+    shard already counts it, and its own shard holds its insert prepared, seen by no one,
+    until `commit()` (what Citus's COMMIT PREPARED does when it reaches that worker last)."""
+
+    def __init__(self, url: str, session_id: str) -> None:
+        self.url = url
+        self.session_id = session_id
+        self.gid = f"memstore_test_late_{session_id}"
+        self.worker: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def prepare(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT nodename, nodeport, shard_name('sessions', shardid) FROM citus_shards"
+                " WHERE shardid = get_shard_id_for_distribution_column('sessions', %s::text)",
+                (self.session_id,),
+            )
+            found = await cur.fetchone()
+            assert found is not None
+            host, port, shard = found
+            await conn.execute(
+                "INSERT INTO user_session_counts AS c (project_id, user_id, session_count)"
+                " VALUES (%s, 'u', 1) ON CONFLICT (project_id, user_id)"
+                " DO UPDATE SET session_count = c.session_count + 1",
+                (P,),
+            )
+        dbname = psycopg.conninfo.conninfo_to_dict(self.url)["dbname"]
+        self.worker = await psycopg.AsyncConnection.connect(
+            host=host, port=port, user="postgres", dbname=dbname, autocommit=True
+        )
+        await self.worker.execute("BEGIN")
+        await self.worker.execute(
+            f"INSERT INTO {shard} (project_id, session_id, user_id) VALUES (%s, %s, 'u')",
+            (P, self.session_id),
+        )
+        await self.worker.execute(f"PREPARE TRANSACTION '{self.gid}'")
+
+    async def commit(self) -> None:
+        assert self.worker is not None
+        await self.worker.execute(f"COMMIT PREPARED '{self.gid}'")
+
+    async def close(self) -> None:
+        assert self.worker is not None
+        cur = await self.worker.execute(
+            "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (self.gid,)
+        )
+        if await cur.fetchone() is not None:
+            await self.worker.execute(f"ROLLBACK PREPARED '{self.gid}'")
+        await self.worker.close()
+
+
+async def test_delete_user_waits_for_a_session_its_worker_commits_late(
+    citus_store: Store, empty: str
+) -> None:
+    await citus_store.create_user(P, "u", "", "", "", {})
+    await citus_store.add_memory(P, "early", "u", [_msg("hello")])
+    late = _LateSession(empty, "late")
+    await late.prepare()
+    try:
+        deleting = asyncio.create_task(citus_store.delete_user(P, "u"))
+        await asyncio.sleep(0.5)
+        assert not deleting.done()  # it waits for the session its user's shard counts
+        await late.commit()
+        deleted = await deleting
+    finally:
+        await late.close()
+    assert deleted.sessions == 2
+    assert await _scalar(empty, "SELECT count(*) FROM sessions") == 0
+    assert await _scalar(empty, "SELECT count(*) FROM user_session_counts") == 0
+
+
+async def test_delete_user_refuses_rather_than_leave_a_session_that_never_lands(
+    citus_store: Store, empty: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(users_module, "SESSIONS_SETTLE_SECONDS", 0.3)
+    await citus_store.create_user(P, "u", "", "", "", {})
+    late = _LateSession(empty, "late")
+    await late.prepare()
+    try:
+        with pytest.raises(Unavailable) as refused:
+            await citus_store.delete_user(P, "u")
+        assert refused.value.reason == "CONCURRENT_WRITES"
+        assert "nothing was deleted" in str(refused.value)
+        # Nothing was deleted: the user is there, and once the session lands it goes with it.
+        assert (await citus_store.get_user(P, "u")).session_count == 1
+        await late.commit()
+        assert (await citus_store.delete_user(P, "u")).sessions == 1
+    finally:
+        await late.close()
+    assert await _scalar(empty, "SELECT count(*) FROM sessions") == 0

@@ -79,6 +79,7 @@ ONE_SHARD = {
     "count_live_sessions": "every session write that makes a session live or not: its user's count",
     "lock_session_for_revival": "AddMemory reviving a soft-deleted session",
     "lock_user": "DeleteUser's first step",
+    "user_live_sessions": "DeleteUser's count of the user's live sessions, on Citus",
     "lock_session_owner": "AddMemory reviving a user's soft-deleted session, on Citus",
     "own_new_session": "CreateSession, and AddMemory making a user's session, on Citus",
     "restore_lock_session_citus": "Restore on Citus: each session its messages name, locked",

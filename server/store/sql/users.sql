@@ -111,13 +111,23 @@ SELECT count(*) AS sessions FROM (
 -- lock_user_sessions_citus --
 -- lock_user_sessions under Citus, which runs no multi-shard SELECT ... FOR UPDATE: the same
 -- sessions locked by a write that changes nothing. AddMemory's upsert and every other write
--- of a session wait for that row lock, so delete_user's counts stay exact.
+-- of a session wait for that row lock, so delete_user's counts stay exact. `live` counts the
+-- live ones (as they are after any write this one waited for), for the store to compare with
+-- user_live_sessions: a session whose two-phase commit reached the user's shard but not yet
+-- its own is counted there and not found here.
 WITH locked AS (
     UPDATE sessions s SET message_count = s.message_count
     WHERE s.project_id = %(project_id)s AND s.user_id = %(user_id)s
-    RETURNING 1
+    RETURNING s.deleted_at IS NULL AS live
 )
-SELECT count(*) AS sessions FROM locked;
+SELECT count(*) AS sessions, count(*) FILTER (WHERE live) AS live FROM locked;
+
+-- user_live_sessions --
+-- Under Citus, DeleteUser's count of the locked user's live sessions, on the user's shard: no
+-- session write can change it while the user is locked but one already committed there, whose
+-- session may still be committing on its own shard. No row: none.
+SELECT c.session_count FROM user_session_counts c
+WHERE c.project_id = %(project_id)s AND c.user_id = %(user_id)s;
 
 -- delete_user --
 -- Hard-deletes the user and its sessions (their foreign keys cascade to the messages and
