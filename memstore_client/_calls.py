@@ -242,10 +242,13 @@ def list_users(limit: int, cursor: str | None, page_number: int = 0) -> Unary[Us
     return Unary(USERS, "ListUsers", request, convert, idempotent=True)
 
 
-def list_users_chunked(chunk_size: int, page_token: str = "") -> Stream[User]:
-    """ListUsersChunked."""
+def list_users_chunked(chunk_size: int, page_token: str = "", snapshot: str = "") -> Stream[User]:
+    """ListUsersChunked (in a held snapshot when one is named)."""
     _checks.integer("chunk_size", chunk_size)
-    request = us.ListUsersChunkedRequest(chunk_size=chunk_size, page_token=page_token)
+    _texts(page_token=page_token, snapshot=snapshot)
+    request = us.ListUsersChunkedRequest(
+        chunk_size=chunk_size, page_token=page_token, snapshot=snapshot
+    )
     return Stream(
         USERS, "ListUsersChunked", request, lambda r: [User.from_proto(u) for u in r.users]
     )

@@ -20,10 +20,12 @@ from .types import (
     SearchResult,
     SearchResults,
     Session,
+    Snapshot,
     User,
     message_backup_proto,
     role_type_number,
     session_backup_proto,
+    to_datetime,
     user_backup_proto,
 )
 
@@ -84,13 +86,18 @@ def search_memory(
 
 
 def export_sessions(
-    chunk_size: int, page_token: str, include_deleted: bool = False
+    chunk_size: int, page_token: str, include_deleted: bool = False, snapshot: str = ""
 ) -> Stream[Session]:
-    """ExportSessions (soft-deleted sessions too with include_deleted)."""
+    """ExportSessions (soft-deleted sessions too with include_deleted; in a held snapshot
+    when one is named)."""
     _checks.integer("chunk_size", chunk_size)
     _checks.flag("include_deleted", include_deleted)
+    _texts(page_token=page_token, snapshot=snapshot)
     request = ss.ExportSessionsRequest(
-        chunk_size=chunk_size, page_token=page_token, include_deleted=include_deleted
+        chunk_size=chunk_size,
+        page_token=page_token,
+        include_deleted=include_deleted,
+        snapshot=snapshot,
     )
     return Stream(
         SESSIONS, "ExportSessions", request, lambda r: [Session.from_proto(s) for s in r.sessions]
@@ -98,13 +105,18 @@ def export_sessions(
 
 
 def export_messages(
-    chunk_size: int, page_token: str, include_deleted: bool = False
+    chunk_size: int, page_token: str, include_deleted: bool = False, snapshot: str = ""
 ) -> Stream[ExportedMessage]:
-    """ExportMessages (soft-deleted messages too with include_deleted)."""
+    """ExportMessages (soft-deleted messages too with include_deleted; in a held snapshot
+    when one is named)."""
     _checks.integer("chunk_size", chunk_size)
     _checks.flag("include_deleted", include_deleted)
+    _texts(page_token=page_token, snapshot=snapshot)
     request = ss.ExportMessagesRequest(
-        chunk_size=chunk_size, page_token=page_token, include_deleted=include_deleted
+        chunk_size=chunk_size,
+        page_token=page_token,
+        include_deleted=include_deleted,
+        snapshot=snapshot,
     )
 
     def convert(r: ss.ExportMessagesResponse) -> list[ExportedMessage]:
@@ -114,6 +126,27 @@ def export_messages(
 
 
 # -- backup --------------------------------------------------------------------
+
+
+def open_snapshot(hold_seconds: int) -> Unary[Snapshot]:
+    """OpenSnapshot: the database held as it is now, for the export streams to read in.
+
+    Not retried: a first attempt whose answer was lost would hold a snapshot no one knows.
+    """
+    _checks.integer("hold_seconds", hold_seconds)
+    request = bs.OpenSnapshotRequest(hold_seconds=hold_seconds)
+
+    def convert(r: bs.OpenSnapshotResponse) -> Snapshot:
+        return Snapshot(r.snapshot, to_datetime(r.expires_at))
+
+    return Unary(BACKUP, "OpenSnapshot", request, convert, idempotent=False)
+
+
+def close_snapshot(snapshot: str) -> Unary[bool]:
+    """CloseSnapshot: whether the snapshot was still held (and is now released)."""
+    _texts(snapshot=snapshot)
+    request = bs.CloseSnapshotRequest(snapshot=snapshot)
+    return Unary(BACKUP, "CloseSnapshot", request, lambda r: r.closed, idempotent=True)
 
 
 def restore(

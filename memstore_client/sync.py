@@ -27,6 +27,7 @@ from .types import (
     SearchResults,
     Session,
     SessionPage,
+    Snapshot,
     User,
     UserPage,
     UserSessionPage,
@@ -208,10 +209,11 @@ class UserClient:
         return self._client._call(op)
 
     def export(
-        self, chunk_size: int = 100, page_token: str = ""
+        self, chunk_size: int = 100, page_token: str = "", *, snapshot: str = ""
     ) -> Iterator[tuple[builtins.list[User], str]]:
-        """Every user in chunks (ListUsersChunked), each with the token that resumes after it."""
-        return self._client._stream(calls.list_users_chunked(chunk_size, page_token))
+        """Every user in chunks (ListUsersChunked), each with the token that resumes after it;
+        in a snapshot of backup.open_snapshot when one is given."""
+        return self._client._stream(calls.list_users_chunked(chunk_size, page_token, snapshot))
 
 
 class MemoryClient:
@@ -390,24 +392,36 @@ class MemoryClient:
         )
 
     def export_sessions(
-        self, chunk_size: int = 100, page_token: str = "", *, include_deleted: bool = False
+        self,
+        chunk_size: int = 100,
+        page_token: str = "",
+        *,
+        include_deleted: bool = False,
+        snapshot: str = "",
     ) -> Iterator[tuple[list[Session], str]]:
         """Every live session (every session with include_deleted) in chunks, each with the
-        token that resumes after it."""
-        op = bulk.export_sessions(chunk_size, page_token, include_deleted)
+        token that resumes after it; in a snapshot of backup.open_snapshot when one is given."""
+        op = bulk.export_sessions(chunk_size, page_token, include_deleted, snapshot)
         return self._client._stream(op)
 
     def export_messages(
-        self, chunk_size: int = 100, page_token: str = "", *, include_deleted: bool = False
+        self,
+        chunk_size: int = 100,
+        page_token: str = "",
+        *,
+        include_deleted: bool = False,
+        snapshot: str = "",
     ) -> Iterator[tuple[list[ExportedMessage], str]]:
         """Every live message of a live session (every message, with its deleted_at, with
-        include_deleted) with its session id, in chunks, each with its resume token."""
-        op = bulk.export_messages(chunk_size, page_token, include_deleted)
+        include_deleted) with its session id, in chunks, each with its resume token; in a
+        snapshot of backup.open_snapshot when one is given."""
+        op = bulk.export_messages(chunk_size, page_token, include_deleted, snapshot)
         return self._client._stream(op)
 
 
 class BackupClient:
-    """client.backup: BackupService (restore; backups read with the export streams)."""
+    """client.backup: BackupService (restore; snapshots for the export streams of a
+    backup)."""
 
     def __init__(self, client: Memstore) -> None:
         self._client = client
@@ -429,3 +443,14 @@ class BackupClient:
         """
         op = bulk.restore(users, sessions, messages, require_empty)
         return self._client._call(op)
+
+    def open_snapshot(self, hold_seconds: int = 0) -> Snapshot:
+        """Holds the database as it is now (at most `hold_seconds`, 0 for the server's
+        default of an hour): the export streams given its `snapshot` read the project as it
+        was then, so a backup's users, sessions and messages agree. Release it with
+        close_snapshot. Raises FailedPrecondition on a Citus cluster, which has none."""
+        return self._client._call(bulk.open_snapshot(hold_seconds))
+
+    def close_snapshot(self, snapshot: str) -> bool:
+        """Releases a snapshot of open_snapshot; False when it was gone already."""
+        return self._client._call(bulk.close_snapshot(snapshot))

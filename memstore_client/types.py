@@ -312,6 +312,16 @@ class RestoreCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A snapshot the server holds (backup.open_snapshot): the export streams given it as
+    `snapshot` read the database as it was when it was opened. Release it with
+    backup.close_snapshot; it is released at `expires_at` at the latest."""
+
+    snapshot: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Restored:
     """What one restore call did, by kind."""
 

@@ -22,6 +22,13 @@ ROLE_TYPES = ("user", "assistant", "system", "tool", "function", "norole")
 #: splitlines, most renderers, log shippers) but are no control characters: refused in names
 #: (api/validation.py), escaped in text log lines (serving/observability.py).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: What PostgreSQL's exported snapshot ids look like (a virtual transaction id and a
+#: counter, `00000003-0000001B-1`): BackupService's snapshots; anything else is refused
+#: before it reaches SQL, where the id is a literal (server/store/snapshots.py).
+SNAPSHOT_ID = re.compile(r"[0-9A-F]{8}-[0-9A-F]{8}-[0-9]{1,10}")
+#: How long OpenSnapshot holds a snapshot by default, and at most, in seconds.
+DEFAULT_SNAPSHOT_HOLD = 3600
+MAX_SNAPSHOT_HOLD = 86400
 #: The largest metadata object stored, in bytes of PostgreSQL's jsonb text form (what
 #: `octet_length(metadata::text)` counts: ", " and ": " separators, numbers in full decimal),
 #: so the request check in Python and the merge check in SQL measure the same bytes.

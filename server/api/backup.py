@@ -9,10 +9,11 @@ from memstore.v1 import backup_service_pb2 as pb
 from memstore.v1 import backup_service_pb2_grpc as pb_grpc
 from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as ss
+from server.api import convert
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import unary_errors
-from server.domain import Message, RestoreCounts, Session, User
+from server.domain import DEFAULT_SNAPSHOT_HOLD, Message, RestoreCounts, Session, User
 
 #: Rows of all kinds in one Restore request (one transaction).
 MAX_RESTORE_ROWS = 1000
@@ -51,6 +52,29 @@ class BackupServicer(ServicerBase, pb_grpc.BackupServiceServicer):
             sessions=_counts(done.sessions),
             messages=_counts(done.messages),
         )
+
+    @unary_errors
+    async def OpenSnapshot(
+        self, request: pb.OpenSnapshotRequest, context: Context
+    ) -> pb.OpenSnapshotResponse:
+        v = val.Violations()
+        hold = val.hold_seconds(v, "hold_seconds", request.hold_seconds, DEFAULT_SNAPSHOT_HOLD)
+        v.raise_if_any()
+        snapshot, expires_at = await self._store.open_snapshot(self._project(context), hold)
+        response = pb.OpenSnapshotResponse(snapshot=snapshot)
+        convert.set_timestamp(response.expires_at, expires_at)
+        return response
+
+    @unary_errors
+    async def CloseSnapshot(
+        self, request: pb.CloseSnapshotRequest, context: Context
+    ) -> pb.CloseSnapshotResponse:
+        v = val.Violations()
+        snapshot = val.snapshot(v, "snapshot", request.snapshot, required=True)
+        v.raise_if_any()
+        assert snapshot is not None  # required
+        closed = await self._store.close_snapshot(self._project(context), snapshot)
+        return pb.CloseSnapshotResponse(closed=closed)
 
 
 def _counts(counts: RestoreCounts) -> pb.RestoreCounts:

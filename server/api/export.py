@@ -32,13 +32,16 @@ class ExportServicer(ServicerBase):
     async def ExportSessions(
         self, request: pb.ExportSessionsRequest, context: Context
     ) -> AsyncIterator[pb.ExportSessionsResponse]:
-        chunk_size = _chunk_size(request.chunk_size)
+        chunk_size, snapshot = _stream_options(request)
         project = self._project(context)
         everything = request.include_deleted
         query = tokens.export_fingerprint("sessions", project, everything)
         async for chunk in chunking.chunks(
             fetch=functools.partial(
-                self._store.export_sessions, project, include_deleted=everything
+                self._store.export_sessions,
+                project,
+                include_deleted=everything,
+                snapshot=snapshot,
             ),
             key=_session_key,
             new_chunk=pb.ExportSessionsResponse,
@@ -55,14 +58,14 @@ class ExportServicer(ServicerBase):
     async def ExportMessages(
         self, request: pb.ExportMessagesRequest, context: Context
     ) -> AsyncIterator[chunking.WireChunk]:
-        chunk_size = _chunk_size(request.chunk_size)
+        chunk_size, snapshot = _stream_options(request)
         project = self._project(context)
         everything = request.include_deleted
         query = tokens.export_fingerprint("messages", project, everything)
         # Each batch is encoded whole by message_wire from a few values PostgreSQL hands
         # over: no Python object per message (docs/performance.md, "Export as bytes").
         async for chunk in chunking.wire_row_chunks(
-            fetch=functools.partial(self._message_batch, project, everything),
+            fetch=functools.partial(self._message_batch, project, everything, snapshot),
             token=functools.partial(self._tokens.encode_message_key, query),
             chunk_size=chunk_size,
             after=self._tokens.decode_message_key(request.page_token, query),
@@ -71,13 +74,23 @@ class ExportServicer(ServicerBase):
             yield chunk
 
     async def _message_batch(
-        self, project: int, everything: bool, after: MessageKey | None, limit: int
+        self,
+        project: int,
+        everything: bool,
+        snapshot: str | None,
+        after: MessageKey | None,
+        limit: int,
     ) -> Page[WireRows[MessageKey]]:
         # One keyset batch of ExportMessages as encoded entries: none when no message follows.
         # One message more than the batch is read, as export_messages reads it, to know
         # whether another batch follows without a last, empty read.
         columns = await self._store.export_message_columns(
-            project, after, limit + 1, include_deleted=everything, budget=MESSAGE_BATCH_BYTES
+            project,
+            after,
+            limit + 1,
+            include_deleted=everything,
+            budget=MESSAGE_BATCH_BYTES,
+            snapshot=snapshot,
         )
         if columns is None:
             return Page([], has_more=False)
@@ -88,7 +101,11 @@ class ExportServicer(ServicerBase):
             # not) exactly as the object path always has. Only the messages the byte budget
             # kept: `limit` of them was up to 4,000 messages of 1 MiB read whole.
             page = await self._store.export_messages(
-                project, after, min(limit, columns.rows), include_deleted=everything
+                project,
+                after,
+                min(limit, columns.rows),
+                include_deleted=everything,
+                snapshot=snapshot,
             )
             return Page([message_wire.from_messages(page.items)], has_more=page.has_more)
         if columns.rows > limit:
@@ -97,11 +114,15 @@ class ExportServicer(ServicerBase):
         return Page([rows], has_more=columns.cut)
 
 
-def _chunk_size(requested: int) -> int:
+def _stream_options(
+    request: pb.ExportSessionsRequest | pb.ExportMessagesRequest,
+) -> tuple[int, str | None]:
+    # The chunk size and the held snapshot (if any) of an export stream's request.
     v = val.Violations()
-    size = val.clamp_size(v, "chunk_size", requested, val.DEFAULT_CHUNK_SIZE)
+    size = val.clamp_size(v, "chunk_size", request.chunk_size, val.DEFAULT_CHUNK_SIZE)
+    snapshot = val.snapshot(v, "snapshot", request.snapshot)
     v.raise_if_any()
-    return size
+    return size, snapshot
 
 
 def _session_key(session: Session) -> TimeKey:

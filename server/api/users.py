@@ -126,6 +126,7 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
     ) -> AsyncIterator[chunking.WireChunk]:
         v = val.Violations()
         chunk_size = val.clamp_size(v, "chunk_size", request.chunk_size, val.DEFAULT_CHUNK_SIZE)
+        snapshot = val.snapshot(v, "snapshot", request.snapshot)
         v.raise_if_any()
         project = self._project(context)
         query = tokens.users_fingerprint(project)
@@ -134,8 +135,8 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         # one value per chunk: no Python object per user (docs/performance.md, "Export as
         # bytes").
         async for chunk in chunking.wire_chunks(
-            fetch=functools.partial(self._store.list_user_chunk, project),
-            fetch_rows=functools.partial(self._store.list_user_wire, project),
+            fetch=functools.partial(self._store.list_user_chunk, project, snapshot=snapshot),
+            fetch_rows=functools.partial(self._store.list_user_wire, project, snapshot=snapshot),
             token=functools.partial(self._tokens.encode_time_key, query),
             chunk_size=chunk_size,
             after=after,

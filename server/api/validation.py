@@ -19,7 +19,9 @@ from server.domain import (
     MAX_EXACT_INT,
     MAX_METADATA_BYTES,
     MAX_METADATA_DEPTH,
+    MAX_SNAPSHOT_HOLD,
     ROLE_TYPES,
+    SNAPSHOT_ID,
     JsonObject,
     from_micros,
 )
@@ -379,6 +381,26 @@ def page_window(v: Violations, request: PagedRequest) -> tuple[int, int | None]:
     size = clamp_size(v, "page_size", request.page_size, DEFAULT_PAGE_SIZE)
     number = page_number(v, request.page_number, request.page_token)
     return size, (number - 1) * size if number is not None else None
+
+
+def snapshot(v: Violations, field: str, value: str, *, required: bool = False) -> str | None:
+    """A snapshot id of BackupService.OpenSnapshot, or None when not given."""
+    if not value:
+        if required:
+            v.add(field, "is required")
+        return None
+    if SNAPSHOT_ID.fullmatch(value) is None:
+        v.add(field, f"{value[:64]!r} is not a snapshot id of OpenSnapshot")
+        return None
+    return value
+
+
+def hold_seconds(v: Violations, field: str, value: int, default: int) -> int:
+    """OpenSnapshot's hold: 0 the default, 1 to MAX_SNAPSHOT_HOLD seconds."""
+    if not 0 <= value <= MAX_SNAPSHOT_HOLD:
+        v.add(field, f"must be 0 (the default, {default}) to {MAX_SNAPSHOT_HOLD} (got {value})")
+        return default
+    return value or default
 
 
 def message_uuid(v: Violations, field: str, value: str) -> str:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg import errors as pg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -77,19 +77,23 @@ class StoreBase:
         foreign_key: ErrorFactory | None = None,
         field: str = "request",
         single: bool = False,
+        snapshot: str | None = None,
     ) -> AsyncIterator[AsyncConnection[Any]]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
-        # transaction, which saves the BEGIN and COMMIT round trips.
+        # transaction, which saves the BEGIN and COMMIT round trips. A block that reads in a
+        # held `snapshot` (server/store/snapshots.py) is a transaction that imports it first.
         with translated(unique=unique, foreign_key=foreign_key, field=field):
             conn = await self._checkout()
             try:
                 await self._bound_for_call(conn)
-                if single:
+                if single and snapshot is None:
                     async with _autocommit(conn):
                         yield conn
                 else:
                     async with conn:
+                        if snapshot is not None:
+                            await _import_snapshot(conn, snapshot)
                         yield conn
             except psycopg.OperationalError:
                 if conn.broken or conn.closed:
@@ -186,6 +190,24 @@ async def rerun_deadlocked(attempt: Callable[[], Awaitable[T]]) -> T:
         # audit saw one use all its runs.
         await asyncio.sleep(random.uniform(0, DEADLOCK_BACKOFF * 2**run))
     return await attempt()
+
+
+async def _import_snapshot(conn: AsyncConnection[Any], snapshot: str) -> None:
+    """Makes the transaction just begun on `conn` read in the held `snapshot`.
+
+    Raises:
+        FailedPrecondition: (SNAPSHOT_GONE) the snapshot is no longer held.
+    """
+    await conn.execute(query("snapshot_isolation"))
+    try:
+        await conn.execute(query("import_snapshot").format(snapshot=sql.Literal(snapshot)))
+    except (pg.UndefinedObject, pg.InvalidParameterValue) as exc:
+        # "snapshot ... does not exist" (its transaction ended); "invalid snapshot identifier"
+        raise FailedPrecondition(
+            f"snapshot '{snapshot}' is no longer held (closed, expired, or the server process"
+            " holding it stopped); open another (OpenSnapshot) and read again from the start",
+            reason="SNAPSHOT_GONE",
+        ) from exc
 
 
 def page_of(

@@ -25,10 +25,17 @@ _MESSAGES_START: MessageKey = ("", 0)
 
 
 class ExportMethods(StoreBase):
-    """Reads for ExportSessions and ExportMessages, one short transaction per batch."""
+    """Reads for ExportSessions and ExportMessages, one short transaction per batch (in a
+    held snapshot when one is named: server/store/snapshots.py)."""
 
     async def export_sessions(
-        self, project_id: int, after: TimeKey | None, limit: int, *, include_deleted: bool = False
+        self,
+        project_id: int,
+        after: TimeKey | None,
+        limit: int,
+        *,
+        include_deleted: bool = False,
+        snapshot: str | None = None,
     ) -> Page[Session]:
         """Live sessions (soft-deleted ones too with `include_deleted`) ordered by
         (created_at, session_id) strictly after `after`.
@@ -44,7 +51,7 @@ class ExportMethods(StoreBase):
             "limit": limit + 1,
             "include_deleted": include_deleted,
         }
-        async with self._connect() as conn:
+        async with self._connect(snapshot=snapshot) as conn:
             found = await fetch_all(conn, "export_sessions", params)
         return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
 
@@ -55,6 +62,7 @@ class ExportMethods(StoreBase):
         limit: int,
         *,
         include_deleted: bool = False,
+        snapshot: str | None = None,
     ) -> Page[Message]:
         """Live messages of live sessions (every message with `include_deleted`, with its
         deleted_at) by (session_id, sequence) strictly after `after`.
@@ -63,7 +71,7 @@ class ExportMethods(StoreBase):
             Unavailable: the database cannot be reached.
         """
         params = _message_batch(project_id, after, limit + 1, include_deleted)
-        async with self._connect() as conn:
+        async with self._connect(snapshot=snapshot) as conn:
             found = await fetch_all(conn, "export_messages", params)
         return Page([rows.message(r) for r in found[:limit]], has_more=len(found) > limit)
 
@@ -75,6 +83,7 @@ class ExportMethods(StoreBase):
         *,
         include_deleted: bool = False,
         budget: int,
+        snapshot: str | None = None,
     ) -> MessageColumns | None:
         """export_messages' batch (the same messages, at most `limit`) as one MessageColumns,
         a few values for the whole batch; None when no message follows. The batch ends
@@ -86,7 +95,7 @@ class ExportMethods(StoreBase):
         """
         params = _message_batch(project_id, after, limit, include_deleted)
         params["budget"] = budget
-        found = await self._binary_row("export_message_columns", params)
+        found = await self._binary_row("export_message_columns", params, snapshot)
         if found is None or not found[0]:
             return None
         rows, cut, lengths, fixed, session_ids, roles, contents, metadata, deleted, mask = found
@@ -95,7 +104,7 @@ class ExportMethods(StoreBase):
         )
 
     async def list_user_chunk(
-        self, project_id: int, after: TimeKey | None, limit: int
+        self, project_id: int, after: TimeKey | None, limit: int, *, snapshot: str | None = None
     ) -> WireRun[TimeKey] | None:
         """The next at most `limit` users after `after`, by (created_at, user_id), as one
         run of ListUsersChunkedResponse `users` entries in protobuf wire bytes; None when no
@@ -110,7 +119,7 @@ class ExportMethods(StoreBase):
         found = cast(
             tuple[bytes, int, datetime | None, str | None],
             await self._binary_row(
-                "list_user_chunk_citus" if self.citus else "list_user_chunk", params
+                "list_user_chunk_citus" if self.citus else "list_user_chunk", params, snapshot
             ),
         )
         entries, rows, last_created, last_id = found
@@ -119,7 +128,7 @@ class ExportMethods(StoreBase):
         return WireRun(entries, rows, (last_created, last_id))
 
     async def list_user_wire(
-        self, project_id: int, after: TimeKey | None, limit: int
+        self, project_id: int, after: TimeKey | None, limit: int, *, snapshot: str | None = None
     ) -> Page[WireRows[TimeKey]]:
         """One keyset batch of at most `limit` users after `after`, by (created_at, user_id),
         as ListUsersChunkedResponse `users` entries in protobuf wire bytes: one WireRows, or
@@ -139,7 +148,7 @@ class ExportMethods(StoreBase):
         found = cast(
             tuple[bytes, list[int], list[datetime], list[str]],
             await self._binary_row(
-                "list_user_wire_citus" if self.citus else "list_user_wire", params
+                "list_user_wire_citus" if self.citus else "list_user_wire", params, snapshot
             ),
         )
         entries, sizes, created, user_ids = found
@@ -151,10 +160,13 @@ class ExportMethods(StoreBase):
 
         return Page([WireRows(bytes(entries), sizes, key)], has_more=len(sizes) >= limit)
 
-    async def _binary_row(self, name: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    async def _binary_row(
+        self, name: str, params: dict[str, Any], snapshot: str | None
+    ) -> tuple[Any, ...] | None:
         # The one row of a statement that returns a whole batch, its results in binary: the
-        # bytea values arrive as they are, not as hex text to decode.
-        async with self._connect(single=True) as conn:
+        # bytea values arrive as they are, not as hex text to decode. In a held `snapshot`
+        # when given (server/store/snapshots.py).
+        async with self._connect(single=True, snapshot=snapshot) as conn:
             cur = conn.cursor(binary=True)
             await cur.execute(query(name), params)
             return await cur.fetchone()

@@ -20,6 +20,7 @@ from server.store.projects import ProjectMethods
 from server.store.restore import RestoreMethods
 from server.store.search import SearchMethods
 from server.store.sessions import SessionMethods
+from server.store.snapshots import SnapshotMethods
 from server.store.users import UserMethods
 
 #: Milliseconds between PostgreSQL's checks that a client running a statement is still there.
@@ -38,15 +39,17 @@ class Store(
     ProjectMethods,
     ExportMethods,
     RestoreMethods,
+    SnapshotMethods,
     AdminMethods,
 ):
     """All reads and writes of memstore, over one connection pool.
 
     Each resource's methods come from its own module (users, sessions, messages, embeddings,
-    search, projects, export, restore, admin) and run the statements of the sql/*.sql file of the
-    same name. Methods on a project's rows take its id first. Every method raises only
-    server.errors domain errors (NotFound, AlreadyExists, FailedPrecondition, Unavailable,
-    ...) and never lets a psycopg exception escape: each runs inside `translated()`.
+    search, projects, export, restore, snapshots, admin) and run the statements of the
+    sql/*.sql file of the same name. Methods on a project's rows take its id first. Every
+    method raises only server.errors domain errors (NotFound, AlreadyExists,
+    FailedPrecondition, Unavailable, ...) and never lets a psycopg exception escape: each
+    runs inside `translated()`.
     """
 
     @classmethod
@@ -113,8 +116,9 @@ class Store(
         return store
 
     async def close(self) -> None:
-        """Stops the database probe and closes the pool."""
+        """Stops the database probe, releases the snapshots held, and closes the pool."""
         await self._health.close()
+        await self.close_held_snapshots()
         await self._pool.close()
 
     def on_database_change(self, listener: Listener) -> None:

@@ -204,3 +204,12 @@ async def test_delete_user_refuses_rather_than_leave_a_session_that_never_lands(
     finally:
         await late.close()
     assert await _scalar(empty, "SELECT count(*) FROM sessions") == 0
+
+
+async def test_a_backup_snapshot_is_refused_saying_citus_has_none(citus_store: Store) -> None:
+    # pg_export_snapshot holds the coordinator's snapshot only: the shards on the workers
+    # would be read as they are, so OpenSnapshot says so rather than promise one moment.
+    with pytest.raises(FailedPrecondition) as refused:
+        await citus_store.open_snapshot(P, 60)
+    assert refused.value.reason == "SNAPSHOT_UNSUPPORTED"
+    assert "while nothing writes" in str(refused.value)

@@ -76,7 +76,7 @@ class FakeStore:
         return Page(items, has_more=page.has_more, total_size=len(self.users) if count else None)
 
     async def list_user_wire(
-        self, project_id: int, after: TimeKey | None, limit: int
+        self, project_id: int, after: TimeKey | None, limit: int, *, snapshot: str | None = None
     ) -> Page[WireRows[TimeKey]]:
         # The entries as protobuf itself encodes them (the real store has PostgreSQL do it).
         page = await self.list_users(project_id, after, limit)
@@ -91,7 +91,7 @@ class FakeStore:
         return Page([rows], has_more=page.has_more)
 
     async def list_user_chunk(
-        self, project_id: int, after: TimeKey | None, limit: int
+        self, project_id: int, after: TimeKey | None, limit: int, *, snapshot: str | None = None
     ) -> WireRun[TimeKey] | None:
         page = await self.list_user_wire(project_id, after, limit)
         if not page.items:

@@ -22,23 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from memstore.v1 import resources_pb2 as memstore_dot_v1_dot_resources__pb2
 from memstore.v1 import session_service_pb2 as memstore_dot_v1_dot_session__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memstore/v1/backup_service.proto\x12\x0bmemstore.v1\x1a\x1bmemstore/v1/resources.proto\x1a!memstore/v1/session_service.proto\"\xa1\x01\n\x0eRestoreRequest\x12 \n\x05users\x18\x01 \x03(\x0b\x32\x11.memstore.v1.User\x12&\n\x08sessions\x18\x02 \x03(\x0b\x32\x14.memstore.v1.Session\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.memstore.v1.ExportedMessage\x12\x15\n\rrequire_empty\x18\x04 \x01(\x08\"2\n\rRestoreCounts\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x03\"\x98\x01\n\x0fRestoreResponse\x12)\n\x05users\x18\x01 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08sessions\x18\x02 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts2U\n\rBackupService\x12\x44\n\x07Restore\x12\x1b.memstore.v1.RestoreRequest\x1a\x1c.memstore.v1.RestoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memstore/v1/backup_service.proto\x12\x0bmemstore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmemstore/v1/resources.proto\x1a!memstore/v1/session_service.proto\"+\n\x13OpenSnapshotRequest\x12\x14\n\x0chold_seconds\x18\x01 \x01(\x05\"X\n\x14OpenSnapshotResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x14\x43loseSnapshotRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\t\"\'\n\x15\x43loseSnapshotResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\xa1\x01\n\x0eRestoreRequest\x12 \n\x05users\x18\x01 \x03(\x0b\x32\x11.memstore.v1.User\x12&\n\x08sessions\x18\x02 \x03(\x0b\x32\x14.memstore.v1.Session\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.memstore.v1.ExportedMessage\x12\x15\n\rrequire_empty\x18\x04 \x01(\x08\"2\n\rRestoreCounts\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x03\"\x98\x01\n\x0fRestoreResponse\x12)\n\x05users\x18\x01 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08sessions\x18\x02 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts2\x82\x02\n\rBackupService\x12\x44\n\x07Restore\x12\x1b.memstore.v1.RestoreRequest\x1a\x1c.memstore.v1.RestoreResponse\x12S\n\x0cOpenSnapshot\x12 .memstore.v1.OpenSnapshotRequest\x1a!.memstore.v1.OpenSnapshotResponse\x12V\n\rCloseSnapshot\x12!.memstore.v1.CloseSnapshotRequest\x1a\".memstore.v1.CloseSnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memstore.v1.backup_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESTOREREQUEST']._serialized_start=114
-  _globals['_RESTOREREQUEST']._serialized_end=275
-  _globals['_RESTORECOUNTS']._serialized_start=277
-  _globals['_RESTORECOUNTS']._serialized_end=327
-  _globals['_RESTORERESPONSE']._serialized_start=330
-  _globals['_RESTORERESPONSE']._serialized_end=482
-  _globals['_BACKUPSERVICE']._serialized_start=484
-  _globals['_BACKUPSERVICE']._serialized_end=569
+  _globals['_OPENSNAPSHOTREQUEST']._serialized_start=146
+  _globals['_OPENSNAPSHOTREQUEST']._serialized_end=189
+  _globals['_OPENSNAPSHOTRESPONSE']._serialized_start=191
+  _globals['_OPENSNAPSHOTRESPONSE']._serialized_end=279
+  _globals['_CLOSESNAPSHOTREQUEST']._serialized_start=281
+  _globals['_CLOSESNAPSHOTREQUEST']._serialized_end=321
+  _globals['_CLOSESNAPSHOTRESPONSE']._serialized_start=323
+  _globals['_CLOSESNAPSHOTRESPONSE']._serialized_end=362
+  _globals['_RESTOREREQUEST']._serialized_start=365
+  _globals['_RESTOREREQUEST']._serialized_end=526
+  _globals['_RESTORECOUNTS']._serialized_start=528
+  _globals['_RESTORECOUNTS']._serialized_end=578
+  _globals['_RESTORERESPONSE']._serialized_start=581
+  _globals['_RESTORERESPONSE']._serialized_end=733
+  _globals['_BACKUPSERVICE']._serialized_start=736
+  _globals['_BACKUPSERVICE']._serialized_end=994
 # @@protoc_insertion_point(module_scope)

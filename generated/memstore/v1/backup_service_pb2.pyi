@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from memstore.v1 import resources_pb2 as _resources_pb2
 from memstore.v1 import session_service_pb2 as _session_service_pb2
@@ -19,6 +20,104 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class OpenSnapshotRequest(_message.Message):
+    """Request of OpenSnapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_SECONDS_FIELD_NUMBER: _builtins.int
+    hold_seconds: _builtins.int
+    """Optional. How long the snapshot is held at most, in seconds: 0 means the
+    default, 3600; at most 86400.
+    """
+    def __init__(
+        self,
+        *,
+        hold_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_seconds", b"hold_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSnapshotRequest: _TypeAlias = OpenSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class OpenSnapshotResponse(_message.Message):
+    """Response of OpenSnapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.str
+    """The snapshot's id, for the `snapshot` field of the export streams and
+    for CloseSnapshot.
+    """
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the snapshot is released at the latest."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSnapshotResponse: _TypeAlias = OpenSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class CloseSnapshotRequest(_message.Message):
+    """Request of CloseSnapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.str
+    """Required. A snapshot id of OpenSnapshot."""
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseSnapshotRequest: _TypeAlias = CloseSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class CloseSnapshotResponse(_message.Message):
+    """Response of CloseSnapshot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOSED_FIELD_NUMBER: _builtins.int
+    closed: _builtins.bool
+    """Whether the snapshot was still held (and is now released)."""
+    def __init__(
+        self,
+        *,
+        closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseSnapshotResponse: _TypeAlias = CloseSnapshotResponse  # noqa: Y015
 
 @_typing.final
 class RestoreRequest(_message.Message):

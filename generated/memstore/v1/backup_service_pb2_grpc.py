@@ -27,8 +27,10 @@ if _version_not_supported:
 
 class BackupServiceStub:
     """Backups: writes rows back exactly as a backup holds them. memstore backup
-    reads a project with ListUsersChunked and ExportSessions / ExportMessages
-    (include_deleted); memstore restore writes the rows back with Restore.
+    opens a snapshot (OpenSnapshot), reads a project in it with
+    ListUsersChunked and ExportSessions / ExportMessages (include_deleted,
+    snapshot), then closes it; memstore restore writes the rows back with
+    Restore.
 
     Every RPC acts in the project of the caller's API key, as in UserService,
     and may return the errors every UserService RPC may return (see there).
@@ -45,12 +47,24 @@ class BackupServiceStub:
                 request_serializer=memstore_dot_v1_dot_backup__service__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_backup__service__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.OpenSnapshot = channel.unary_unary(
+                '/memstore.v1.BackupService/OpenSnapshot',
+                request_serializer=memstore_dot_v1_dot_backup__service__pb2.OpenSnapshotRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_backup__service__pb2.OpenSnapshotResponse.FromString,
+                _registered_method=True)
+        self.CloseSnapshot = channel.unary_unary(
+                '/memstore.v1.BackupService/CloseSnapshot',
+                request_serializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
     """Backups: writes rows back exactly as a backup holds them. memstore backup
-    reads a project with ListUsersChunked and ExportSessions / ExportMessages
-    (include_deleted); memstore restore writes the rows back with Restore.
+    opens a snapshot (OpenSnapshot), reads a project in it with
+    ListUsersChunked and ExportSessions / ExportMessages (include_deleted,
+    snapshot), then closes it; memstore restore writes the rows back with
+    Restore.
 
     Every RPC acts in the project of the caller's API key, as in UserService,
     and may return the errors every UserService RPC may return (see there).
@@ -101,6 +115,41 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSnapshot(self, request, context):
+        """Holds the database as it is now, for reads that name the snapshot:
+        ListUsersChunked, ExportSessions and ExportMessages with `snapshot` set
+        see exactly the rows committed before this call, whichever server
+        process of the same database they reach, so the three streams of a
+        backup agree with one another however the project is written meanwhile.
+        The snapshot is held by a database connection of the server process
+        that answered, until CloseSnapshot, until hold_seconds have passed
+        (PostgreSQL itself ends it then), or until that process stops; while it
+        is held, PostgreSQL keeps every row version it may need (as pg_dump's
+        snapshot does), so close it when the backup is done.
+
+        Errors:
+        - INVALID_ARGUMENT: hold_seconds is negative or above 86400.
+        - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
+        cluster, which has no snapshot across its nodes.
+        - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
+        answered holds 8 snapshots already (each is a database connection).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSnapshot(self, request, context):
+        """Releases a snapshot of OpenSnapshot, from any server process of the
+        database; a snapshot already gone (closed, expired, its process
+        stopped) is not an error: `closed` is then false.
+
+        Errors:
+        - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +157,16 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=memstore_dot_v1_dot_backup__service__pb2.RestoreRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_backup__service__pb2.RestoreResponse.SerializeToString,
+            ),
+            'OpenSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSnapshot,
+                    request_deserializer=memstore_dot_v1_dot_backup__service__pb2.OpenSnapshotRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_backup__service__pb2.OpenSnapshotResponse.SerializeToString,
+            ),
+            'CloseSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSnapshot,
+                    request_deserializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +178,10 @@ def add_BackupServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class BackupService:
     """Backups: writes rows back exactly as a backup holds them. memstore backup
-    reads a project with ListUsersChunked and ExportSessions / ExportMessages
-    (include_deleted); memstore restore writes the rows back with Restore.
+    opens a snapshot (OpenSnapshot), reads a project in it with
+    ListUsersChunked and ExportSessions / ExportMessages (include_deleted,
+    snapshot), then closes it; memstore restore writes the rows back with
+    Restore.
 
     Every RPC acts in the project of the caller's API key, as in UserService,
     and may return the errors every UserService RPC may return (see there).
@@ -143,6 +204,60 @@ class BackupService:
             '/memstore.v1.BackupService/Restore',
             memstore_dot_v1_dot_backup__service__pb2.RestoreRequest.SerializeToString,
             memstore_dot_v1_dot_backup__service__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.BackupService/OpenSnapshot',
+            memstore_dot_v1_dot_backup__service__pb2.OpenSnapshotRequest.SerializeToString,
+            memstore_dot_v1_dot_backup__service__pb2.OpenSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.BackupService/CloseSnapshot',
+            memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotRequest.SerializeToString,
+            memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,8 +28,10 @@ GRPC_VERSION: str
 
 class BackupServiceStub:
     """Backups: writes rows back exactly as a backup holds them. memstore backup
-    reads a project with ListUsersChunked and ExportSessions / ExportMessages
-    (include_deleted); memstore restore writes the rows back with Restore.
+    opens a snapshot (OpenSnapshot), reads a project in it with
+    ListUsersChunked and ExportSessions / ExportMessages (include_deleted,
+    snapshot), then closes it; memstore restore writes the rows back with
+    Restore.
 
     Every RPC acts in the project of the caller's API key, as in UserService,
     and may return the errors every UserService RPC may return (see there).
@@ -80,12 +82,41 @@ class BackupServiceStub:
     than the row's created_at: a backup of memstore can hold one (a clock
     behind another server's; docs/design.md, "Restore").
     """
+    OpenSnapshot: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.OpenSnapshotRequest, _backup_service_pb2.OpenSnapshotResponse]
+    """Holds the database as it is now, for reads that name the snapshot:
+    ListUsersChunked, ExportSessions and ExportMessages with `snapshot` set
+    see exactly the rows committed before this call, whichever server
+    process of the same database they reach, so the three streams of a
+    backup agree with one another however the project is written meanwhile.
+    The snapshot is held by a database connection of the server process
+    that answered, until CloseSnapshot, until hold_seconds have passed
+    (PostgreSQL itself ends it then), or until that process stops; while it
+    is held, PostgreSQL keeps every row version it may need (as pg_dump's
+    snapshot does), so close it when the backup is done.
+
+    Errors:
+      - INVALID_ARGUMENT: hold_seconds is negative or above 86400.
+      - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
+        cluster, which has no snapshot across its nodes.
+      - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
+        answered holds 8 snapshots already (each is a database connection).
+    """
+    CloseSnapshot: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]
+    """Releases a snapshot of OpenSnapshot, from any server process of the
+    database; a snapshot already gone (closed, expired, its process
+    stopped) is not an error: `closed` is then false.
+
+    Errors:
+      - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
     """Backups: writes rows back exactly as a backup holds them. memstore backup
-    reads a project with ListUsersChunked and ExportSessions / ExportMessages
-    (include_deleted); memstore restore writes the rows back with Restore.
+    opens a snapshot (OpenSnapshot), reads a project in it with
+    ListUsersChunked and ExportSessions / ExportMessages (include_deleted,
+    snapshot), then closes it; memstore restore writes the rows back with
+    Restore.
 
     Every RPC acts in the project of the caller's API key, as in UserService,
     and may return the errors every UserService RPC may return (see there).
@@ -133,11 +164,40 @@ class BackupServiceAsyncStub(BackupServiceStub):
     than the row's created_at: a backup of memstore can hold one (a clock
     behind another server's; docs/design.md, "Restore").
     """
+    OpenSnapshot: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.OpenSnapshotRequest, _backup_service_pb2.OpenSnapshotResponse]  # type: ignore[assignment]
+    """Holds the database as it is now, for reads that name the snapshot:
+    ListUsersChunked, ExportSessions and ExportMessages with `snapshot` set
+    see exactly the rows committed before this call, whichever server
+    process of the same database they reach, so the three streams of a
+    backup agree with one another however the project is written meanwhile.
+    The snapshot is held by a database connection of the server process
+    that answered, until CloseSnapshot, until hold_seconds have passed
+    (PostgreSQL itself ends it then), or until that process stops; while it
+    is held, PostgreSQL keeps every row version it may need (as pg_dump's
+    snapshot does), so close it when the backup is done.
+
+    Errors:
+      - INVALID_ARGUMENT: hold_seconds is negative or above 86400.
+      - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
+        cluster, which has no snapshot across its nodes.
+      - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
+        answered holds 8 snapshots already (each is a database connection).
+    """
+    CloseSnapshot: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]  # type: ignore[assignment]
+    """Releases a snapshot of OpenSnapshot, from any server process of the
+    database; a snapshot already gone (closed, expired, its process
+    stopped) is not an error: `closed` is then false.
+
+    Errors:
+      - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
+    """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     """Backups: writes rows back exactly as a backup holds them. memstore backup
-    reads a project with ListUsersChunked and ExportSessions / ExportMessages
-    (include_deleted); memstore restore writes the rows back with Restore.
+    opens a snapshot (OpenSnapshot), reads a project in it with
+    ListUsersChunked and ExportSessions / ExportMessages (include_deleted,
+    snapshot), then closes it; memstore restore writes the rows back with
+    Restore.
 
     Every RPC acts in the project of the caller's API key, as in UserService,
     and may return the errors every UserService RPC may return (see there).
@@ -188,6 +248,45 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         Timestamps are taken as given, even an updated_at or deleted_at earlier
         than the row's created_at: a backup of memstore can hold one (a clock
         behind another server's; docs/design.md, "Restore").
+        """
+
+    @_abc_1.abstractmethod
+    def OpenSnapshot(
+        self,
+        request: _backup_service_pb2.OpenSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_service_pb2.OpenSnapshotResponse, _abc.Awaitable[_backup_service_pb2.OpenSnapshotResponse]]:
+        """Holds the database as it is now, for reads that name the snapshot:
+        ListUsersChunked, ExportSessions and ExportMessages with `snapshot` set
+        see exactly the rows committed before this call, whichever server
+        process of the same database they reach, so the three streams of a
+        backup agree with one another however the project is written meanwhile.
+        The snapshot is held by a database connection of the server process
+        that answered, until CloseSnapshot, until hold_seconds have passed
+        (PostgreSQL itself ends it then), or until that process stops; while it
+        is held, PostgreSQL keeps every row version it may need (as pg_dump's
+        snapshot does), so close it when the backup is done.
+
+        Errors:
+          - INVALID_ARGUMENT: hold_seconds is negative or above 86400.
+          - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
+            cluster, which has no snapshot across its nodes.
+          - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
+            answered holds 8 snapshots already (each is a database connection).
+        """
+
+    @_abc_1.abstractmethod
+    def CloseSnapshot(
+        self,
+        request: _backup_service_pb2.CloseSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_service_pb2.CloseSnapshotResponse, _abc.Awaitable[_backup_service_pb2.CloseSnapshotResponse]]:
+        """Releases a snapshot of OpenSnapshot, from any server process of the
+        database; a snapshot already gone (closed, expired, its process
+        stopped) is not an error: `closed` is then false.
+
+        Errors:
+          - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

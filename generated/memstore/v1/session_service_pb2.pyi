@@ -878,6 +878,7 @@ class ExportSessionsRequest(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_DELETED_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
     """Optional. Maximum number of sessions per chunk: 0 means the default, 1000
     (the most a chunk holds, so every chunk but the last is at least 16 KB for
@@ -895,16 +896,24 @@ class ExportSessionsRequest(_message.Message):
     """Optional. Also export soft-deleted sessions (with their deleted_at), as
     a full backup needs (memstore backup).
     """
+    snapshot: _builtins.str
+    """Optional. Read in this snapshot of BackupService.OpenSnapshot: every
+    chunk sees the database as it was when the snapshot was opened. A
+    snapshot that is not a snapshot id is INVALID_ARGUMENT; one no longer
+    held (closed, expired, its server process stopped) is
+    FAILED_PRECONDITION (SNAPSHOT_GONE).
+    """
     def __init__(
         self,
         *,
         chunk_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         include_deleted: _builtins.bool = ...,
+        snapshot: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "include_deleted", b"include_deleted", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "include_deleted", b"include_deleted", "page_token", b"page_token", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -949,6 +958,7 @@ class ExportMessagesRequest(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_DELETED_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
     """Optional. Maximum number of messages per chunk: 0 means the default, 1000
     (the most a chunk holds, so every chunk but the last is at least 16 KB for
@@ -967,16 +977,24 @@ class ExportMessagesRequest(_message.Message):
     soft-deleted sessions (each with its deleted_at when it has one), as a
     full backup needs (memstore backup).
     """
+    snapshot: _builtins.str
+    """Optional. Read in this snapshot of BackupService.OpenSnapshot: every
+    chunk sees the database as it was when the snapshot was opened. A
+    snapshot that is not a snapshot id is INVALID_ARGUMENT; one no longer
+    held (closed, expired, its server process stopped) is
+    FAILED_PRECONDITION (SNAPSHOT_GONE).
+    """
     def __init__(
         self,
         *,
         chunk_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         include_deleted: _builtins.bool = ...,
+        snapshot: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "include_deleted", b"include_deleted", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "include_deleted", b"include_deleted", "page_token", b"page_token", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

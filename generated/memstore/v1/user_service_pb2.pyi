@@ -405,6 +405,7 @@ class ListUsersChunkedRequest(_message.Message):
 
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
     """Optional. Maximum number of users per chunk: 0 means the default, 1000
     (the most a chunk holds, so every chunk but the last is at least 16 KB for
@@ -417,15 +418,23 @@ class ListUsersChunkedRequest(_message.Message):
     next_page_token of a chunk, or of a ListUsers response); empty to start
     from the first user.
     """
+    snapshot: _builtins.str
+    """Optional. Read in this snapshot of BackupService.OpenSnapshot: every
+    chunk sees the database as it was when the snapshot was opened. A
+    snapshot that is not a snapshot id is INVALID_ARGUMENT; one no longer
+    held (closed, expired, its server process stopped) is
+    FAILED_PRECONDITION (SNAPSHOT_GONE).
+    """
     def __init__(
         self,
         *,
         chunk_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "page_token", b"page_token", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,3 +10,12 @@ SET statement_timeout = 0;
 -- Restores the connection's own statement timeout (the one it opened with) after
 -- no_statement_timeout.
 RESET statement_timeout;
+
+-- snapshot_isolation --
+-- The first statement of a transaction that reads in a snapshot held for a backup
+-- (sql/snapshots.sql), then import_snapshot (which only a REPEATABLE READ transaction runs).
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- import_snapshot --
+-- A snapshot id is not a parameter PostgreSQL takes here: a literal, of a validated id.
+SET TRANSACTION SNAPSHOT {snapshot};

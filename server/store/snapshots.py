@@ -1,0 +1,130 @@
+"""Snapshots held for a backup's reads: BackupService.OpenSnapshot and CloseSnapshot.
+
+A backup reads users, sessions and messages in three streams, each in batches of short
+transactions. Read as they are, a project written meanwhile could give a backup that does not
+restore (a session whose user was made after the users were read). A held snapshot makes every
+batch see the database as it was at one moment: PostgreSQL's exported snapshots
+(`pg_export_snapshot`, which pg_dump's parallel workers share the same way), held by a
+transaction of a connection of its own and imported by each batch (`StoreBase._connect`'s
+`snapshot`), from any memstore process of the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime
+from functools import cached_property
+from typing import Any, cast
+
+import psycopg
+from psycopg import AsyncConnection, IsolationLevel
+
+from server.errors import FailedPrecondition, ResourceExhausted
+from server.store.base import StoreBase
+from server.store.db import fetch_all, fetch_one
+from server.store.translate import translated
+
+#: Snapshots one process holds at once, each on a database connection of its own (outside
+#: the pool): a backup holds one for its length, so a few are plenty, and a caller opening
+#: them in a loop cannot take the database's connections.
+MAX_HELD_SNAPSHOTS = 8
+
+
+def snapshot_label(project_id: int, snapshot: str) -> str:
+    """The application_name of the connection that holds `snapshot` for `project_id`."""
+    return f"memstore-snapshot {project_id} {snapshot}"
+
+
+class SnapshotMethods(StoreBase):
+    """Opening and closing held snapshots (the export methods import them)."""
+
+    @cached_property
+    def _held(self) -> dict[tuple[int, str], AsyncConnection[Any]]:
+        # The connections of the snapshots this process holds, by project and id.
+        return {}
+
+    async def open_snapshot(self, project_id: int, hold_seconds: int) -> tuple[str, datetime]:
+        """Exports a snapshot of the database, held for at most `hold_seconds`; returns its
+        id and when it is released at the latest.
+
+        Raises:
+            FailedPrecondition: (SNAPSHOT_UNSUPPORTED) the database is a Citus cluster.
+            ResourceExhausted: (TOO_MANY_SNAPSHOTS) this process holds MAX_HELD_SNAPSHOTS.
+            Unavailable: the database cannot be reached.
+        """
+        if self.citus:
+            raise FailedPrecondition(
+                "this database is a Citus cluster, which holds no snapshot across its nodes:"
+                " back up while nothing writes to the project",
+                reason="SNAPSHOT_UNSUPPORTED",
+            )
+        await self._make_room()
+        with translated():
+            # Not a pooled connection: it stays idle in its transaction for the hold.
+            # Store.open gives the pool its options as a dict.
+            options = cast(dict[str, Any], self._pool.kwargs)
+            conn = await AsyncConnection.connect(
+                str(self._pool.conninfo),
+                connect_timeout=max(1, round(self._pool.timeout)),
+                **options,
+            )
+            try:
+                await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+                await conn.set_read_only(True)
+                params = {
+                    "hold_ms": hold_seconds * 1000,
+                    "label": snapshot_label(project_id, ""),
+                }
+                row = await fetch_one(conn, "open_snapshot", params)
+            except BaseException:
+                await conn.close()
+                raise
+        assert row is not None  # one row of one exported snapshot
+        snapshot = str(row["snapshot"])
+        self._held[project_id, snapshot] = conn
+        return snapshot, row["expires_at"]
+
+    async def close_snapshot(self, project_id: int, snapshot: str) -> bool:
+        """Releases a snapshot of `project_id` held by this process or another; False when it
+        was gone already.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        # Ended by the database whichever process holds it: only the database knows whether
+        # it still does (a connection PostgreSQL closed looks open until it is used).
+        params = {"label": snapshot_label(project_id, snapshot)}
+        async with self._connect(single=True) as pooled:
+            found = await fetch_all(pooled, "close_snapshot", params)
+        conn = self._held.pop((project_id, snapshot), None)
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+        return any(row["closed"] for row in found)
+
+    async def close_held_snapshots(self) -> None:
+        """Releases every snapshot this process holds (the store is closing)."""
+        for conn in list(self._held.values()):
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+        self._held.clear()
+
+    async def _make_room(self) -> None:
+        # Each held snapshot is a database connection: past MAX_HELD_SNAPSHOTS, first forget
+        # those PostgreSQL has ended (their hold passed), which only the database knows.
+        if len(self._held) < MAX_HELD_SNAPSHOTS:
+            return
+        async with self._connect(single=True) as pooled:
+            found = await fetch_all(pooled, "held_snapshots", {})
+        alive = {str(row["application_name"]) for row in found}
+        for (project, snapshot), conn in list(self._held.items()):
+            if snapshot_label(project, snapshot) not in alive:
+                del self._held[project, snapshot]
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+        if len(self._held) >= MAX_HELD_SNAPSHOTS:
+            raise ResourceExhausted(
+                f"this server process holds {len(self._held)} snapshots, the most it holds"
+                f" at once; close one (CloseSnapshot) or wait for one to expire",
+                reason="TOO_MANY_SNAPSHOTS",
+            )
