@@ -229,6 +229,9 @@ class UserServiceServicer:
         Errors:
         - INVALID_ARGUMENT: user_id as for GetUser.
         - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+        - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
+        just before was still not committed on its own node after 5 s;
+        nothing was deleted; retry (docs/scaling.md, "No invariant lost").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -123,6 +123,9 @@ class UserServiceStub:
     Errors:
       - INVALID_ARGUMENT: user_id as for GetUser.
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+      - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
+        just before was still not committed on its own node after 5 s;
+        nothing was deleted; retry (docs/scaling.md, "No invariant lost").
     """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
     """Lists users, oldest first (created_at, then user_id), one page at a time:
@@ -254,6 +257,9 @@ class UserServiceAsyncStub(UserServiceStub):
     Errors:
       - INVALID_ARGUMENT: user_id as for GetUser.
       - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+      - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
+        just before was still not committed on its own node after 5 s;
+        nothing was deleted; retry (docs/scaling.md, "No invariant lost").
     """
     ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Lists users, oldest first (created_at, then user_id), one page at a time:
@@ -406,6 +412,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors:
           - INVALID_ARGUMENT: user_id as for GetUser.
           - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+          - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
+            just before was still not committed on its own node after 5 s;
+            nothing was deleted; retry (docs/scaling.md, "No invariant lost").
         """
 
     @_abc_1.abstractmethod
