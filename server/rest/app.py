@@ -33,7 +33,7 @@ from server.rest.media import ENCODING_REASON
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
 from server.serving.limit import CallLimit
-from server.serving.observability import REQUEST_ID_KEY, Metrics, request_id
+from server.serving.observability import LATENCY_BUCKETS, REQUEST_ID_KEY, Metrics, request_id
 from server.store import Store
 
 log = logging.getLogger("memstore.access")
@@ -52,7 +52,6 @@ ZEP_VERSION = "0.27.2-memstore"
 #: Paths every caller may reach without a key: liveness, as Zep serves it.
 OPEN_PATHS = frozenset({"/healthz"})
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _MAX_ID = 128
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -73,7 +72,7 @@ class HttpMetrics:
             "memstore_http_request_duration_seconds",
             "Time from the start of an HTTP request to its answer, by route template.",
             ["route", "method"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.in_flight = Gauge(
