@@ -143,17 +143,29 @@ def _only_metrics(app: Any) -> Any:
     return serve
 
 
+#: psycopg_pool's statistics that only grow from the pool's start (its get_stats, which the
+#: store reads, never resets them): counters, so that rate() and increase() apply. The
+#: others (pool_min, pool_max, pool_size, pool_available, requests_waiting) are levels, and
+#: a statistic a later psycopg_pool adds stays a gauge until it is named here.
+_POOL_COUNTERS = frozenset(
+    {
+        "requests_num", "requests_queued", "requests_wait_ms", "requests_errors", "usage_ms",
+        "returns_bad", "connections_num", "connections_ms", "connections_errors",
+        "connections_lost",
+    }
+)  # fmt: skip
+
+
 class _PoolCollector(Collector):
-    """psycopg_pool's statistics, read at scrape time."""
+    """psycopg_pool's statistics, read at scrape time: counters for totals, gauges for levels."""
 
     def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[Metric]:
         for name, value in sorted(self._stats().items()):
-            yield GaugeMetricFamily(
-                f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value
-            )
+            family = CounterMetricFamily if name in _POOL_COUNTERS else GaugeMetricFamily
+            yield family(f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value)
 
 
 class _DroppedLogCollector(Collector):

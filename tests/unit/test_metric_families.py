@@ -40,3 +40,24 @@ def test_calls_past_ten_seconds_land_in_a_bucket_of_their_own() -> None:
         assert samples[(bucket, *sorted((*labels, "30.0")))] == 0
         assert samples[(bucket, *sorted((*labels, "60.0")))] == 1
         assert samples[(bucket, *sorted((*labels, "300.0")))] == 1
+
+
+def test_pool_totals_are_counters_and_levels_gauges() -> None:
+    # psycopg_pool's get_stats as the store reads it: totals since the pool started (they only
+    # grow) beside levels. Totals exposed as gauges hid their resets from rate().
+    stats = {
+        "pool_min": 1, "pool_max": 4, "pool_size": 3, "pool_available": 2,
+        "requests_waiting": 0, "requests_num": 57, "requests_queued": 3,
+        "requests_wait_ms": 120, "requests_errors": 1, "usage_ms": 900, "returns_bad": 0,
+        "connections_num": 5, "connections_ms": 40, "connections_errors": 2,
+        "connections_lost": 1,
+    }  # fmt: skip
+    families = _families(Metrics(lambda: stats))
+    levels = {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}
+    for name, value in stats.items():
+        family = f"memstore_db_pool_{name}"
+        kind, samples = families[family]
+        if name in levels:
+            assert (kind, samples) == ("gauge", {(family,): value}), family
+        else:
+            assert (kind, samples) == ("counter", {(f"{family}_total",): value}), family
