@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -355,7 +356,11 @@ def _serve_metrics(config: Config, metrics: Metrics) -> Any:
                     f"{source(config, 'metrics_port')})"
                 ) from exc
             continue
-        log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
+        # With the pid: each of N workers serves its own counters on a port it found free,
+        # and an operator (or a scrape config) must know which process each port speaks for.
+        log.info(
+            "metrics of pid %d on http://%s:%d/metrics", os.getpid(), config.metrics_host, port
+        )
         return httpd
     return None
 
