@@ -51,6 +51,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 ZEP_VERSION = "0.27.2-memstore"
 #: Paths every caller may reach without a key: liveness, as Zep serves it.
 OPEN_PATHS = frozenset({"/healthz"})
+#: The route label of a request refused before it was read whole (RestApp.refused_unread):
+#: no path was routed, and the path (when read) is the caller's, an unbounded label.
+UNREAD = "unread"
 
 _MAX_ID = 128
 
@@ -340,23 +343,50 @@ class RestApp:
             return response
         return None
 
+    def refused_unread(
+        self, error: MemstoreError, method: str, peer: str, elapsed: float, rid: str
+    ) -> None:
+        """Counts and logs a request the connection refused before the app could see it
+        (server/rest/protocol.py: a head too large, a URL too long, bytes that are no HTTP/1.1
+        request, a head not in in time), under route UNREAD and its method when read."""
+        self._record(
+            UNREAD, method or "unknown", http_status(error),
+            elapsed=elapsed, rid=rid, peer=peer, error=error,
+        )  # fmt: skip
+
     def _finish(self, scope: Scope, status: int, elapsed: float, rid: str) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = str(scope.get("method", ""))
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else ""
+        self._record(
+            template, method, status,
+            elapsed=elapsed, rid=rid, peer=peer, error=scope.get(_ERROR_KEY),
+        )  # fmt: skip
+
+    def _record(
+        self,
+        template: str,
+        method: str,
+        status: int,
+        *,
+        elapsed: float,
+        rid: str,
+        peer: str,
+        error: MemstoreError | None,
+    ) -> None:
         self._metrics.requests.labels(template, method, str(status)).inc()
         self._metrics.latency.labels(template, method).observe(elapsed)
         latency_ms = round(elapsed * 1000, 3)
         name = f"{method} {template}"
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else ""
         fields: dict[str, Any] = {
             "method": name,
             "code": status,
             "latency_ms": latency_ms,
             "request_id": rid,
             "peer": peer,
-            **_error_fields(scope.get(_ERROR_KEY)),
+            **_error_fields(error),
         }
         # As the gRPC access line: reason and message after the status, fields in JSON.
         outcome = " ".join(str(fields[k]) for k in ("reason", "error") if k in fields)
