@@ -129,6 +129,8 @@ async def _build(
     await readiness.start(store)
     if reflection_enabled(config.reflection, config.host):
         enable_reflection(server, names, wrapping.open)
+    # Last: asked only once every other handler has answered None.
+    server.add_generic_rpc_handlers((wrapping.unknown_methods(),))
     port = add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
