@@ -127,3 +127,9 @@ class UrlTooLong(RequestTooLarge):
     """An HTTP request's target (path and query) is longer than the server reads."""
 
     default_reason = "URI_TOO_LONG"
+
+
+class Unimplemented(MemstoreError):
+    """The call names a method the server does not serve (gRPC: no such service or method)."""
+
+    default_reason = "METHOD_NOT_FOUND"

@@ -78,6 +78,20 @@ def test_each_worker_serves_its_own_metrics_port(clean_db: str) -> None:
         code, out = stop_memstore(proc)
     assert code == 0, out
     assert len(texts) == 2 and all("memstore_db_pool_pool_size" in t for t in texts), out
+    # Each worker says which port its counters are on, with its pid: the supervisor's pids.
+    messages = [json.loads(line)["message"] for line in out.splitlines()]
+    pids = {
+        pid
+        for m in messages
+        if (found := re.match(r"memstore: 2 workers \(pids ([\d, ]+)\)", m))
+        for pid in found.group(1).split(", ")
+    }
+    served = dict(
+        found.groups()
+        for m in messages
+        if (found := re.match(r"metrics of pid (\d+) on http://[^ ]*:(\d+)/metrics$", m))
+    )
+    assert set(served) == pids and set(served.values()) == {str(first), str(second)}, out
 
 
 def test_a_queue_no_worker_drains_is_logged_and_measured(clean_db: str) -> None:

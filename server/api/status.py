@@ -25,6 +25,7 @@ from server.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
     UnreadableValue,
     UnsupportedMediaType,
     UrlTooLong,
@@ -53,6 +54,8 @@ _CODES: dict[type[MemstoreError], tuple[grpc.StatusCode, int]] = {
     UrlTooLong: (grpc.StatusCode.RESOURCE_EXHAUSTED, 414),
     RequestTimeout: (grpc.StatusCode.DEADLINE_EXCEEDED, 408),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    # Only gRPC raises it (serving/services.py): a REST path no route serves is a 404.
+    Unimplemented: (grpc.StatusCode.UNIMPLEMENTED, 501),
     # A stored row the driver cannot read: the request was fine, so not INVALID_ARGUMENT.
     UnreadableValue: (grpc.StatusCode.INTERNAL, 500),
     MemstoreError: (grpc.StatusCode.INTERNAL, 500),

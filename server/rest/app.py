@@ -33,7 +33,7 @@ from server.rest.media import ENCODING_REASON
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
 from server.serving.limit import CallLimit
-from server.serving.observability import REQUEST_ID_KEY, Metrics, request_id
+from server.serving.observability import LATENCY_BUCKETS, REQUEST_ID_KEY, Metrics, request_id
 from server.store import Store
 
 log = logging.getLogger("memstore.access")
@@ -51,8 +51,10 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 ZEP_VERSION = "0.27.2-memstore"
 #: Paths every caller may reach without a key: liveness, as Zep serves it.
 OPEN_PATHS = frozenset({"/healthz"})
+#: The route label of a request refused before it was read whole (RestApp.refused_unread):
+#: no path was routed, and the path (when read) is the caller's, an unbounded label.
+UNREAD = "unread"
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _MAX_ID = 128
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -73,7 +75,7 @@ class HttpMetrics:
             "memstore_http_request_duration_seconds",
             "Time from the start of an HTTP request to its answer, by route template.",
             ["route", "method"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -341,23 +343,50 @@ class RestApp:
             return response
         return None
 
+    def refused_unread(
+        self, error: MemstoreError, method: str, peer: str, elapsed: float, rid: str
+    ) -> None:
+        """Counts and logs a request the connection refused before the app could see it
+        (server/rest/protocol.py: a head too large, a URL too long, bytes that are no HTTP/1.1
+        request, a head not in in time), under route UNREAD and its method when read."""
+        self._record(
+            UNREAD, method or "unknown", http_status(error),
+            elapsed=elapsed, rid=rid, peer=peer, error=error,
+        )  # fmt: skip
+
     def _finish(self, scope: Scope, status: int, elapsed: float, rid: str) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = str(scope.get("method", ""))
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else ""
+        self._record(
+            template, method, status,
+            elapsed=elapsed, rid=rid, peer=peer, error=scope.get(_ERROR_KEY),
+        )  # fmt: skip
+
+    def _record(
+        self,
+        template: str,
+        method: str,
+        status: int,
+        *,
+        elapsed: float,
+        rid: str,
+        peer: str,
+        error: MemstoreError | None,
+    ) -> None:
         self._metrics.requests.labels(template, method, str(status)).inc()
         self._metrics.latency.labels(template, method).observe(elapsed)
         latency_ms = round(elapsed * 1000, 3)
         name = f"{method} {template}"
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else ""
         fields: dict[str, Any] = {
             "method": name,
             "code": status,
             "latency_ms": latency_ms,
             "request_id": rid,
             "peer": peer,
-            **_error_fields(scope.get(_ERROR_KEY)),
+            **_error_fields(error),
         }
         # As the gRPC access line: reason and message after the status, fields in JSON.
         outcome = " ".join(str(fields[k]) for k in ("reason", "error") if k in fields)

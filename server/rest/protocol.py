@@ -15,6 +15,7 @@ import asyncio
 import http
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -44,6 +45,11 @@ HEAD_SECONDS = 20.0
 BODY_SECONDS = 20.0
 #: Bytes of body per second of extra time: a 16 MiB body may take 20 s + 2,048 s.
 BODY_MIN_RATE = 8 * 1024
+
+#: Told of each refusal the connection answers itself, before the app sees a request (the app
+#: counts and logs it, server/rest/app.py): the error, the request's method ("" when not yet
+#: read), the peer, the seconds since the head's time began, and the answer's request id.
+OnRefused = Callable[[MemstoreError, str, str, float, str], None]
 
 
 def head_too_large() -> RequestHeadTooLarge:
@@ -78,15 +84,15 @@ def body_timeout() -> RequestTimeout:
     )
 
 
-def error_bytes(error: MemstoreError) -> bytes:
+def error_bytes(error: MemstoreError, rid: str) -> bytes:
     """A whole HTTP answer of `error` that closes the connection: the body every REST error
-    has, and a request id as every answer has (none was read: the head was refused)."""
+    has, and request id `rid` as every answer has (made here: the head was refused unread)."""
     status = http_status(error)
     body = json.dumps(error_body(error)).encode()
     head = (
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
         "content-type: application/json\r\n"
-        f"{REQUEST_ID_KEY}: {uuid.uuid4().hex}\r\n"
+        f"{REQUEST_ID_KEY}: {rid}\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
@@ -95,7 +101,8 @@ def error_bytes(error: MemstoreError) -> bytes:
 class BoundedHttpProtocol(HttpToolsProtocol):
     """httptools' protocol refusing a head past MAX_HEAD_BYTES (431), closing a connection
     whose head does not arrive within HEAD_SECONDS (408 once it began), and one that sends
-    more than MAX_HEAD_BYTES of trailers."""
+    more than MAX_HEAD_BYTES of trailers. Each refusal it answers goes to `refused`, as the
+    app never sees those requests (bounded_protocol's class tells the app)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,6 +116,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         #: Bytes of reads after the head that carried no body: trailers, chunk framing.
         self._other_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        #: When the current head's time began (the timer was armed): a refusal's latency.
+        self._head_since = 0.0
         #: The refusal a parser callback raised _Refused for (send_400_response answers it).
         self._refusal: MemstoreError | None = None
 
@@ -180,6 +189,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
+        self._head_since = self.loop.time()
         self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_timed_out)
 
     def _disarm_head_timer(self) -> None:
@@ -202,8 +212,38 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # nothing begun: closed as an idle kept-alive connection
 
     def _refuse(self, error: MemstoreError) -> None:
-        # Answered only where no other answer is being written on this connection.
+        # Answered only where no other answer is being written on this connection; only an
+        # answered refusal is counted (the other one's request was never read, nor answered).
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(error_bytes(error))
+            rid = uuid.uuid4().hex
+            self.transport.write(error_bytes(error, rid))
+            peer = "%s:%d" % self.client if self.client else ""  # noqa: UP031
+            self.refused(error, self._method(), peer, self.loop.time() - self._head_since, rid)
         self.transport.close()
         self._disarm_head_timer()
+
+    def refused(
+        self, error: MemstoreError, method: str, peer: str, elapsed: float, rid: str
+    ) -> None:
+        """Told of each refusal answered here (see OnRefused); nothing is done with it."""
+
+    def _method(self) -> str:
+        # The request line's method, once httptools has read it (one of its fixed list, so
+        # a bounded label); "" when the bytes refused came before the target or were no
+        # request: the parser then names its first method, DELETE, for none.
+        if not self.url:  # uvicorn empties it at each request's start
+            return ""
+        return str(self.parser.get_method().decode("ascii", "replace"))
+
+
+def bounded_protocol(on_refused: OnRefused) -> type[BoundedHttpProtocol]:
+    """BoundedHttpProtocol telling `on_refused` of each refusal it answers (uvicorn makes
+    one protocol per connection from a class, so the callback is the class's)."""
+
+    class Telling(BoundedHttpProtocol):
+        def refused(
+            self, error: MemstoreError, method: str, peer: str, elapsed: float, rid: str
+        ) -> None:
+            on_refused(error, method, peer, elapsed, rid)
+
+    return Telling

@@ -20,7 +20,8 @@ from typing import Any
 import uvicorn
 
 from server.config import Config, SecurityConfig
-from server.rest.protocol import BoundedHttpProtocol
+from server.rest.app import RestApp
+from server.rest.protocol import bounded_protocol
 from server.serving.ports import bind
 from server.settings import source
 
@@ -126,7 +127,7 @@ def _tls(security: SecurityConfig) -> dict[str, Any]:
     return options
 
 
-def http_server(config: Config, app: Any) -> HttpServer:
+def http_server(config: Config, app: RestApp) -> HttpServer:
     """An HTTP server for `app` bound to config.host:config.http_port, not yet started.
 
     Raises:
@@ -139,7 +140,8 @@ def http_server(config: Config, app: Any) -> HttpServer:
         log_config=None,
         access_log=False,  # server/rest/app.py writes memstore's own access lines
         server_header=False,
-        http=BoundedHttpProtocol,
+        # The refusals the connection answers itself are counted and logged by the app.
+        http=bounded_protocol(app.refused_unread),
         timeout_graceful_shutdown=max(int(config.grace_period), 1),
         **_tls(config.security),
     )

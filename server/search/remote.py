@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import urllib.error
 import urllib.parse
@@ -15,6 +16,16 @@ import numpy as np
 import numpy.typing as npt
 
 from server.search.embedding import EmbeddingError, normalise
+
+#: Bytes of an error answer read to quote from it: past what is shown, so that a key that
+#: straddles the cut is whole when it is masked.
+_BODY_READ_BYTES = 4096
+#: Characters of a server's answer an error quotes (the rest is "...").
+_BODY_SHOWN_CHARS = 300
+#: What a key or token in a quoted answer is replaced by.
+_MASK = "[redacted]"
+#: A bearer token as an Authorization header carries it (RFC 6750's b64token).
+_BEARER = re.compile(r"\bBearer\s+[A-Za-z0-9._~+/-]+=*", re.IGNORECASE)
 
 
 class OpenAIEmbedder:
@@ -117,7 +128,8 @@ class OpenAIEmbedder:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
-            detail = exc.read(500).decode("utf-8", "replace").strip()
+            with exc:  # its connection closed, though its answer is read only in part
+                detail = self._shown(exc.read(_BODY_READ_BYTES).decode("utf-8", "replace"))
             raise self._error(f"returned HTTP {exc.code}: {detail}", status=exc.code) from exc
         except (OSError, http.client.HTTPException) as exc:  # refused, DNS, TLS, timeout, cut
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
@@ -125,7 +137,8 @@ class OpenAIEmbedder:
         try:
             return json.loads(payload)
         except ValueError as exc:
-            raise self._error(f"returned a body that is not JSON: {payload[:200]!r}") from exc
+            shown = self._shown(payload[:_BODY_READ_BYTES].decode("utf-8", "replace"))
+            raise self._error(f"returned a body that is not JSON: {shown!r}") from exc
 
     def _vectors(self, answer: Any, count: int) -> npt.NDArray[np.float64]:
         """The answer's `data[i].embedding`, sorted by `index`, as one matrix."""
@@ -142,6 +155,18 @@ class OpenAIEmbedder:
         if not np.isfinite(vectors).all():
             raise self._error("returned a vector with NaN or infinity")
         return vectors
+
+    def _shown(self, body: str) -> str:
+        """What an error may say of the server's `body`: the API key and bearer tokens masked,
+        then cut to _BODY_SHOWN_CHARS. The error is logged (each failed batch, each failed
+        search), and a server that echoes the request's Authorization header or the key it
+        refused (some proxies do) would write the key into the log."""
+        if self._api_key:
+            body = body.replace(self._api_key, _MASK)
+        body = _BEARER.sub(f"Bearer {_MASK}", body).strip()
+        if len(body) > _BODY_SHOWN_CHARS:
+            body = body[:_BODY_SHOWN_CHARS] + "..."
+        return body
 
     def _error(self, what: str, *, status: int | None = None) -> EmbeddingError:
         return EmbeddingError(

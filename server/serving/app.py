@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -128,6 +129,8 @@ async def _build(
     await readiness.start(store)
     if reflection_enabled(config.reflection, config.host):
         enable_reflection(server, names, wrapping.open)
+    # Last: asked only once every other handler has answered None.
+    server.add_generic_rpc_handlers((wrapping.unknown_methods(),))
     port = add_port(server, f"{config.host}:{config.port}", config.security)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
@@ -355,7 +358,11 @@ def _serve_metrics(config: Config, metrics: Metrics) -> Any:
                     f"{source(config, 'metrics_port')})"
                 ) from exc
             continue
-        log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
+        # With the pid: each of N workers serves its own counters on a port it found free,
+        # and an operator (or a scrape config) must know which process each port speaks for.
+        log.info(
+            "metrics of pid %d on http://%s:%d/metrics", os.getpid(), config.metrics_host, port
+        )
         return httpd
     return None
 

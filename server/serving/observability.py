@@ -38,7 +38,13 @@ REQUEST_ID_KEY = "x-request-id"
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 # A caller's id is echoed back and logged: keep it short and printable.
 _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+#: Seconds of the request-duration histograms' buckets, gRPC's and HTTP's. Past 10 s for the
+#: calls that run that long on purpose: exports and Restore over large projects, a call with
+#: a long deadline held up to --statement-timeout (30 s), a REST body allowed 20 s plus 1 s
+#: per 8 KiB; ending at 10 s put all of them in +Inf, where no quantile can be read.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+)  # fmt: skip
 #: Where grpcio-status puts the google.rpc.Status of an error (server/api/status.py).
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 #: The one path the metrics endpoint answers; any other is 404.
@@ -64,7 +70,7 @@ class Metrics:
             "memstore_grpc_request_duration_seconds",
             "Time from the start of an RPC to its status, by method.",
             ["method"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.in_flight = Gauge(
@@ -137,17 +143,29 @@ def _only_metrics(app: Any) -> Any:
     return serve
 
 
+#: psycopg_pool's statistics that only grow from the pool's start (its get_stats, which the
+#: store reads, never resets them): counters, so that rate() and increase() apply. The
+#: others (pool_min, pool_max, pool_size, pool_available, requests_waiting) are levels, and
+#: a statistic a later psycopg_pool adds stays a gauge until it is named here.
+_POOL_COUNTERS = frozenset(
+    {
+        "requests_num", "requests_queued", "requests_wait_ms", "requests_errors", "usage_ms",
+        "returns_bad", "connections_num", "connections_ms", "connections_errors",
+        "connections_lost",
+    }
+)  # fmt: skip
+
+
 class _PoolCollector(Collector):
-    """psycopg_pool's statistics, read at scrape time."""
+    """psycopg_pool's statistics, read at scrape time: counters for totals, gauges for levels."""
 
     def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[Metric]:
         for name, value in sorted(self._stats().items()):
-            yield GaugeMetricFamily(
-                f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value
-            )
+            family = CounterMetricFamily if name in _POOL_COUNTERS else GaugeMetricFamily
+            yield family(f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value)
 
 
 class _DroppedLogCollector(Collector):

@@ -20,11 +20,11 @@ from server import off_loop
 from server.api.base import Context
 from server.api.chunking import WireChunk
 from server.api.status import abort
-from server.errors import MemstoreError
+from server.errors import MemstoreError, Unimplemented
 from server.serving import wire
 from server.serving.auth import AuthGate
 from server.serving.grpc_health import track_call
-from server.serving.handlers import Wrap, register, rewrap
+from server.serving.handlers import GenericHandler, Wrap, register, rewrap
 from server.serving.limit import CallLimit
 from server.serving.malformed import Malformed, tolerant, tolerant_deserializer
 from server.serving.observability import Observer
@@ -80,6 +80,13 @@ class Wrapping:
             ),
         )
 
+    def unknown_methods(self) -> GenericHandler:
+        """The handler of every method no other serves, to be added last: it refuses the
+        call as gRPC's core would (UNIMPLEMENTED), but observed, counted under the one
+        method label UNKNOWN_METHOD (the caller chooses the name: one label per name would
+        grow the metrics without bound) and access-logged with the name in its error."""
+        return _UnknownMethods(self._observer)
+
     def _counted(
         self, behavior: Callable[[Any, Context], AsyncIterator[Any]]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
@@ -102,6 +109,30 @@ class Wrapping:
         track_call()
         # A unary request is still bytes here: _bytes_unary parses it, and refuses it when
         # protobuf cannot, inside the handler (after this, as before).
+
+
+#: The method label of calls to a method the server does not serve.
+UNKNOWN_METHOD = "unknown"
+
+
+class _UnknownMethods(GenericHandler):
+    """Answers every method with an observed refusal (Wrapping.unknown_methods)."""
+
+    def __init__(self, observer: Observer) -> None:
+        self._observer = observer
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        error = Unimplemented(f"no such method: {handler_call_details.method}")
+
+        async def refuse(requests: Any, context: Context) -> AsyncIterator[Any]:
+            # Any kind of call (unary or streaming, either side) takes a refusal from a
+            # stream-stream handler: no request is read, no answer sent but the status.
+            await abort(context, error)
+            yield  # pragma: no cover - abort raises; the yield makes this a stream
+
+        return grpc.stream_stream_rpc_method_handler(self._observer.stream(UNKNOWN_METHOD, refuse))
 
 
 async def _admit(limit: CallLimit, context: Context) -> None:

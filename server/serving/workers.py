@@ -78,7 +78,10 @@ def serve_workers(config: Config) -> int:
         log.info("memstore stopped before it served")
         return 0
     pids = [_fork_worker(config, i) for i in range(config.workers)]
-    log.info("memstore: %d workers on %s:%d", len(pids), config.host, port)
+    log.info(
+        "memstore: %d workers (pids %s) on %s:%d",
+        len(pids), ", ".join(map(str, pids)), config.host, port,
+    )  # fmt: skip
     if config.http:
         log.info("memstore: Zep REST API on http://%s:%d", config.host, config.http_port)
     return _supervise(pids)

@@ -373,3 +373,61 @@ async def test_bytes_protobuf_cannot_parse_sent_to_health_or_reflection_are_refu
         assert getattr(lines[method], "reason", None) == "MALFORMED_REQUEST", method
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+async def test_a_call_to_an_unknown_method_is_counted_and_logged_under_one_label(
+    observed, caplog
+) -> None:
+    # gRPC's core answered UNIMPLEMENTED itself, past every handler: such calls (a client
+    # of another version, a scan) were in no metric and had no access line. One label for
+    # all of them: the caller picks the name, and a label per name would grow without bound.
+    channel, metrics_port = observed
+    calls = {
+        "/no.such.Service/Method": lambda: channel.unary_unary("/no.such.Service/Method")(
+            b"", timeout=10
+        ),
+        USERS + "NoSuchMethod": lambda: channel.unary_unary(USERS + "NoSuchMethod")(
+            b"\x0a\x01a", timeout=10
+        ),
+        "/no.such.Service/Stream": lambda: _read_all(
+            channel.stream_stream("/no.such.Service/Stream")(iter([b"", b""]), timeout=10)
+        ),
+    }
+    before = await asyncio.to_thread(_scrape, metrics_port)
+    caplog.set_level(logging.INFO)
+    for name, start in calls.items():
+        error = await rpc_error(start(), grpc.StatusCode.UNIMPLEMENTED, reason="METHOD_NOT_FOUND")
+        assert name in str(error.details())
+    assert await until(_access_lines(caplog, len(calls)), within=30), caplog.records
+    after = await asyncio.to_thread(_scrape, metrics_port)
+    moved = _requests(after, "unknown", "UNIMPLEMENTED") - _requests(
+        before, "unknown", "UNIMPLEMENTED"
+    )
+    assert moved == len(calls)
+    assert not any(method in str(after) for method in calls)  # no label of their own
+    lines = [r for r in caplog.records if r.name == "memstore.access"]
+    for name in calls:
+        [line] = [r for r in lines if name in str(getattr(r, "error", ""))]
+        fields = (line.method, line.code, line.reason)  # type: ignore[attr-defined]
+        assert fields == ("unknown", "UNIMPLEMENTED", "METHOD_NOT_FOUND")
+    # Known methods still reach their handlers.
+    await user_service_pb2_grpc.UserServiceStub(channel).CreateUser(
+        us.CreateUserRequest(user_id="known")
+    )
+
+
+async def test_a_request_past_the_receive_limit_never_reaches_the_observer(observed) -> None:
+    # Not a promise kept but one that cannot be: gRPC's core refuses a message past
+    # grpc.max_receive_message_length (16 MiB) before any Python code of the call runs
+    # (grpc.aio returns without calling the handler), so memstore cannot count or log it.
+    # docs/reliability.md says so; this test notices if a grpcio release changes it.
+    channel, metrics_port = observed
+    users = user_service_pb2_grpc.UserServiceStub(channel)
+    before = await asyncio.to_thread(_scrape, metrics_port)
+    big = us.CreateUserRequest(user_id="big", email="e" * (17 << 20))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await users.CreateUser(big, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    after = await asyncio.to_thread(_scrape, metrics_port)
+    counted = [k for k in after if k[0] == "memstore_grpc_requests_total"]
+    assert all(after[k] == before.get(k, 0.0) for k in counted), counted

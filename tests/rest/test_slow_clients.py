@@ -29,9 +29,14 @@ pytestmark = pytest.mark.usefixtures("clean_db")
 
 
 @contextlib.asynccontextmanager
-async def _server(store: Store, limit: CallLimit | None = None) -> AsyncIterator[int]:
+async def _server(
+    store: Store, limit: CallLimit | None = None, metrics: Metrics | None = None
+) -> AsyncIterator[int]:
     server = await build_http(
-        Config(host="127.0.0.1", http_port=0, embedder="none"), store, Metrics(), limit=limit
+        Config(host="127.0.0.1", http_port=0, embedder="none"),
+        store,
+        metrics or Metrics(),
+        limit=limit,
     )
     await server.start()
     try:
@@ -57,9 +62,80 @@ async def _closed(reader: asyncio.StreamReader) -> bool:
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
     """Status and JSON body of the one answer the server sent before closing."""
+    status, _, body = await _answer_with_id(reader)
+    return status, body
+
+
+async def _answer_with_id(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, object]]:
+    """Status, request id and JSON body of the one answer the server sent before closing."""
     raw = await asyncio.wait_for(reader.read(), timeout=30)
     head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), json.loads(body)
+    rid = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+    return int(head.split(b" ", 2)[1]), rid, json.loads(body)
+
+
+async def _head_without_end(port: int) -> tuple[int, str, dict[str, object]]:
+    """Header lines a few at a time, never ending the head, until the server answers."""
+    line = b"X-Filler: " + b"f" * 990 + b"\r\n"
+    reader, writer = await _connect(port)
+    answer = asyncio.create_task(_answer_with_id(reader))
+    writer.write(b"GET /api/v2/users/u HTTP/1.1\r\nHost: a\r\n")
+    sent = 0
+    with contextlib.suppress(ConnectionError):  # closed once it answered
+        while not answer.done() and sent < 4 * protocol.MAX_HEAD_BYTES // len(line):
+            writer.write(line * 4)
+            await writer.drain()
+            await asyncio.sleep(0.001)
+            sent += 4
+    writer.close()
+    return await answer
+
+
+async def test_refusals_before_the_app_are_counted_and_logged(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The connection answers these itself (server/rest/protocol.py), before the app sees a
+    # request: they were in no metric and had no access line, so a flood of 431s or of
+    # malformed bytes showed nowhere but in the clients' own records.
+    monkeypatch.setattr(protocol, "HEAD_SECONDS", 0.5)
+    metrics = Metrics()
+    answers: list[tuple[str, int, str]] = []
+    async with _server(store, metrics=metrics) as port:
+        with caplog.at_level(logging.INFO, logger="memstore.access"):
+            status, rid, _ = await _head_without_end(port)
+            answers.append(("GET", status, rid))
+            for method, request in (
+                ("GET", b"GET /" + b"a" * (protocol.MAX_URL_BYTES + 1) + b" HTTP/1.1\r\n\r\n"),
+                ("unknown", b"NOT HTTP AT ALL\r\n\r\n"),
+                ("POST", b"POST /api/v2/users HTTP/1.1\r\nHost: a\r\n"),  # 408: no end
+            ):
+                reader, writer = await _connect(port)
+                writer.write(request)
+                status, rid, _ = await _answer_with_id(reader)
+                writer.close()
+                answers.append((method, status, rid))
+    assert [status for _, status, _ in answers] == [431, 414, 400, 408]
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    for method, status, _ in answers:
+        labels = {"route": "unread", "method": method}
+        assert sample("memstore_http_requests_total", **labels, status=str(status)) == 1
+        timed = sum(m == method for m, _, _ in answers)
+        assert sample("memstore_http_request_duration_seconds_count", **labels) == timed
+    # The 408 waited for its head: its latency is the head's time, not 0.
+    assert sample("memstore_http_request_duration_seconds_sum", route="unread", method="POST")
+    assert sample("memstore_http_in_flight") == 0
+    lines = {getattr(r, "request_id", ""): r for r in caplog.records if r.name == "memstore.access"}
+    for method, status, rid in answers:
+        line = lines[rid]  # the id the answer carried
+        assert (line.method, line.code) == (f"{method} unread", status)  # type: ignore[attr-defined]
+        assert line.peer.startswith("127.0.0.1:") and line.reason  # type: ignore[attr-defined]
 
 
 async def test_a_request_head_past_the_limit_is_431_and_no_more_is_read(store: Store) -> None:

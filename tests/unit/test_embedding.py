@@ -200,6 +200,25 @@ def test_openai_error_status_names_the_url_and_status(fake: FakeServer) -> None:
     assert "sk-secret" not in str(error)
 
 
+@pytest.mark.parametrize("status", [401, 200])
+def test_openai_error_masks_an_echoed_key_and_bearer_tokens(fake: FakeServer, status: int) -> None:
+    # A server (or a proxy before it) that echoes what it refused: the error is logged, so
+    # the key it quotes must not reach the log, whether the answer is an error status or
+    # a 200 that is not JSON; and a long answer is cut.
+    key = "sk-live-0123456789abcdef"
+    fake.status = status
+    fake.body = (
+        f"denied: api_key={key}; headers: Authorization: Bearer {key}; "
+        "upstream: authorization: bearer other.Token-123/x= " + "y" * 5000
+    ).encode()
+    with pytest.raises(EmbeddingError) as caught:
+        OpenAIEmbedder(fake.url, "m", api_key=key).embed(["x"])
+    text = str(caught.value)
+    assert key not in text and "other.Token" not in text and "0123456789" not in text, text
+    assert "api_key=[redacted]" in text and "Bearer [redacted]" in text, text
+    assert len(text) < 500, text
+
+
 def test_openai_error_leaves_out_the_query(fake: FakeServer) -> None:
     url = fake.url.replace("/v1/", "/v2/")
     with pytest.raises(EmbeddingError, match=f"POST {url} returned HTTP 404") as caught:

@@ -1,0 +1,63 @@
+"""The metric families' shapes: histogram buckets past the long calls, counters for what only
+grows and gauges for levels (what a scraper's rate() and quantiles rely on)."""
+
+from __future__ import annotations
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.rest.app import HttpMetrics
+from server.serving.observability import Metrics
+
+
+def _families(metrics: Metrics) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
+    """Each family's type and its samples, by (sample name, label values)."""
+    text = generate_latest(metrics.registry).decode()
+    return {
+        family.name: (
+            family.type,
+            {(s.name, *sorted(s.labels.values())): s.value for s in family.samples},
+        )
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def test_calls_past_ten_seconds_land_in_a_bucket_of_their_own() -> None:
+    # An export, a Restore or a call held to a long deadline runs past 10 s: with 10 s the
+    # last bucket, all of them read as +Inf and no quantile past 10 s could be told.
+    metrics = Metrics()
+    http = HttpMetrics(metrics)
+    metrics.latency.labels("/memstore.v1.SessionService/ExportMessages").observe(45.0)
+    http.latency.labels("/api/v2/sessions", "GET").observe(45.0)
+    families = _families(metrics)
+    for name, labels in (
+        ("memstore_grpc_request_duration_seconds", ("/memstore.v1.SessionService/ExportMessages",)),
+        ("memstore_http_request_duration_seconds", ("/api/v2/sessions", "GET")),
+    ):
+        _, samples = families[name]
+        bucket = f"{name}_bucket"
+        assert samples[(bucket, *sorted((*labels, "10.0")))] == 0
+        assert samples[(bucket, *sorted((*labels, "30.0")))] == 0
+        assert samples[(bucket, *sorted((*labels, "60.0")))] == 1
+        assert samples[(bucket, *sorted((*labels, "300.0")))] == 1
+
+
+def test_pool_totals_are_counters_and_levels_gauges() -> None:
+    # psycopg_pool's get_stats as the store reads it: totals since the pool started (they only
+    # grow) beside levels. Totals exposed as gauges hid their resets from rate().
+    stats = {
+        "pool_min": 1, "pool_max": 4, "pool_size": 3, "pool_available": 2,
+        "requests_waiting": 0, "requests_num": 57, "requests_queued": 3,
+        "requests_wait_ms": 120, "requests_errors": 1, "usage_ms": 900, "returns_bad": 0,
+        "connections_num": 5, "connections_ms": 40, "connections_errors": 2,
+        "connections_lost": 1,
+    }  # fmt: skip
+    families = _families(Metrics(lambda: stats))
+    levels = {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}
+    for name, value in stats.items():
+        family = f"memstore_db_pool_{name}"
+        kind, samples = families[family]
+        if name in levels:
+            assert (kind, samples) == ("gauge", {(family,): value}), family
+        else:
+            assert (kind, samples) == ("counter", {(f"{family}_total",): value}), family
