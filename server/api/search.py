@@ -72,7 +72,7 @@ def search_query(request: pb.SearchMemoryRequest) -> SearchQuery:
         InvalidArgument: naming each bad field.
     """
     v = val.Violations()
-    if not request.text.strip():
+    if not val.has_visible(request.text):
         v.add("text", "is required: the words or question to search for")
     else:
         val.check_text(v, "text", request.text, MAX_QUERY_CHARS)

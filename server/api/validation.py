@@ -96,6 +96,14 @@ def check_id(v: Violations, field: str, value: str, *, required: bool = True) ->
         v.add(field, "must not begin or end with whitespace")
 
 
+def has_visible(value: str) -> bool:
+    """Whether `value` holds a character that shows: not whitespace, not an invisible format
+    character (a zero-width space or joiner, a byte order mark)."""
+    return any(
+        not c.isspace() and unicodedata.category(c) not in _INVISIBLE_CATEGORIES for c in value
+    )
+
+
 def _is_invisible(char: str) -> bool:
     return unicodedata.category(char) in _INVISIBLE_CATEGORIES and char not in _JOIN_CONTROLS
 

@@ -306,6 +306,25 @@ async def test_a_long_text_matches_by_its_64_longest_words(sessions):
     text = f"quokka hippopotamus {' '.join(longer.split()[:62])}"
     found = await sessions.SearchMemory(ss.SearchMemoryRequest(text=text, search_type=FULL_TEXT))
     assert len(found.results) == 2
+    # Words joined by underscores are words to PostgreSQL's parser, and count as such: the
+    # same text with "_" for " " was one word here, and every word reached the query.
+    text = text.replace(" ", "_")
+    found = await sessions.SearchMemory(ss.SearchMemoryRequest(text=text, search_type=FULL_TEXT))
+    assert len(found.results) == 2
+    text = f"quokka_hippopotamus_{longer.replace(' ', '_')}"
+    found = await sessions.SearchMemory(ss.SearchMemoryRequest(text=text, search_type=FULL_TEXT))
+    assert [r.message.content for r in found.results] == ["a hippopotamus grazes"]
+
+
+async def test_a_text_of_only_invisible_characters_is_no_search_text(sessions):
+    # Spaces were refused, but a zero-width space or a byte order mark alone was searched for,
+    # and once messages had vectors it answered arbitrary ones (an audit, 2026-12-03).
+    for text in ("\u200b", "\ufeff", " \u200d\u200b ", "\u2028"):
+        await rpc_error(
+            sessions.SearchMemory(ss.SearchMemoryRequest(text=text)),
+            Code.INVALID_ARGUMENT,
+            field="text",
+        )
 
 
 async def test_a_failing_remote_embedder_is_unavailable_and_full_text_still_answers(
