@@ -43,6 +43,7 @@ from server.store.db import Params, Row, fetch_all, fetch_one, fetch_rows
 from server.store.queries import compact, query
 from server.store.sessions import (
     count_live_sessions,
+    forget_kept_recall,
     hide_in_live_session,
     lock_session_owner,
     own_new_session,
@@ -436,6 +437,7 @@ class MessageMethods(StoreBase):
         """
         async with self._connect() as conn:
             row = await hide_in_live_session(conn, "clear_memory", project_id, session_id)
+            await forget_kept_recall(conn, self, project_id, session_id)
             return int(row["messages"])
 
 

@@ -110,6 +110,7 @@ class SessionMethods(StoreBase):
         """
         async with self._connect() as conn:
             row = await hide_in_live_session(conn, "delete_session", project_id, session_id)
+            await forget_kept_recall(conn, self, project_id, session_id)
             if row["user_id"] is not None:
                 await count_live_sessions(conn, project_id, row["user_id"], -1)
             return int(row["messages"])
@@ -200,6 +201,21 @@ async def hide_in_live_session(
     if row is None:
         raise await session_missing(conn, project_id, session_id)
     return row
+
+
+async def forget_kept_recall(
+    conn: AsyncConnection[Any], store: StoreBase, project_id: int, session_id: str
+) -> None:
+    """Drops the recall the worker kept for a session whose messages were all just hidden
+    (ClearMemory, DeleteSession): it was picked by them, and a next message was served it
+    until the worker ranked again (an audit, 2026-12-03). Nothing where none is kept."""
+    if store.vectors:
+        statement = "forget_recall_vectors"
+    elif store.word_recall:
+        statement = "forget_recall_words"
+    else:
+        return
+    await conn.execute(query(statement), key(project_id, session_id=session_id))
 
 
 async def session_missing(conn: AsyncConnection[Any], project_id: int, session_id: str) -> NotFound:

@@ -106,6 +106,7 @@ VALUES: dict[str, Any] = {
     "next_sequences": [1],
     "revive": False,
     "delta": 1,
+    "hold_ms": 60_000,
     "deltas": [1],
     "n": 2,
     "at": _NOW,

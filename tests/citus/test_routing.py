@@ -78,6 +78,8 @@ ONE_SHARD = {
     "update_user": "UpdateUser",
     "count_live_sessions": "every session write that makes a session live or not: its user's count",
     "lock_session_for_revival": "AddMemory reviving a soft-deleted session",
+    "forget_recall_vectors": "ClearMemory and DeleteSession dropping the kept recall",
+    "forget_recall_words": "ClearMemory and DeleteSession dropping the kept recall (words)",
     "lock_user": "DeleteUser's first step",
     "user_live_sessions": "DeleteUser's count of the user's live sessions, on Citus",
     "lock_session_owner": "AddMemory reviving a user's soft-deleted session, on Citus",

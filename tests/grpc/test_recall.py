@@ -244,12 +244,36 @@ async def test_a_cleared_session_is_served_no_recall_its_old_messages_picked(
     before = await sessions.GetMemory(ss.GetMemoryRequest(session_id="lea-now"))
     assert {r.session_id for r in before.relevant_messages} == {"lea-a"}
     await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="lea-now"))
-    assert set(await _kept_sessions(clean_db, store, "lea-now") or []) == {"lea-a"}
+    assert await _kept_sessions(clean_db, store, "lea-now") is None
     for limit in (5, 21):  # kept, and ranked at the call
         after = await sessions.GetMemory(
             ss.GetMemoryRequest(session_id="lea-now", relevant_limit=limit)
         )
         assert list(after.relevant_messages) == [] and after.context == "", limit
+
+
+@pytest.mark.parametrize("ended", ["cleared", "deleted"])
+async def test_the_next_message_after_a_clear_is_not_served_the_old_talks_recall(  # noqa: PLR0917 (fixtures)
+    users, sessions, store, embed, clean_db, ended
+):
+    # The recall kept for the cleared (or deleted) talk stayed: the first message after it
+    # made message_count 1 again, and GetMemory served the old list, picked by what the user
+    # had cleared, until the worker ranked again (an audit, 2026-12-03).
+    await users.CreateUser(us.CreateUserRequest(user_id="lea"))
+    await _say(sessions, "lea-bread", "lea", "my sourdough starter is called Bubbles")
+    await _say(sessions, "lea-car", "lea", "my car needs new winter tires before the snow")
+    await _say(sessions, "lea-now", "lea", "how do I feed my sourdough starter Bubbles?")
+    await embed()
+    before = await sessions.GetMemory(ss.GetMemoryRequest(session_id="lea-now"))
+    assert before.relevant_messages[0].session_id == "lea-bread"
+    if ended == "cleared":
+        await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="lea-now"))
+    else:
+        await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="lea-now"))
+    assert await _kept_sessions(clean_db, store, "lea-now") is None
+    await _say(sessions, "lea-now", "lea", "which winter tires are best in the snow?")
+    after = await sessions.GetMemory(ss.GetMemoryRequest(session_id="lea-now"))
+    assert after.relevant_messages[0].session_id == "lea-car"
 
 
 async def test_kept_recall_none_of_which_is_live_ranks_at_the_call(
@@ -305,7 +329,7 @@ async def _kept_sessions(url: str, store: Store, session_id: str) -> list[str] |
             [session_id],
         )
         row = await cur.fetchone()
-    return None if row is None else list(row[0])
+    return None if row is None or row[0] is None else list(row[0])
 
 
 def _keys(found: Iterable[Any]) -> list[tuple[str, int]]:

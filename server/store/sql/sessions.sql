@@ -77,6 +77,20 @@ WITH target AS (
 )
 SELECT sized.metadata_bytes, updated.* FROM sized LEFT JOIN updated ON true;
 
+-- forget_recall_vectors --
+-- The recall the worker kept for a session whose messages were all just soft-deleted
+-- (ClearMemory, DeleteSession), with pgvector: it was picked by those messages, and served to
+-- the session's next message until the worker ranked again. NULL: not computed (GetMemory
+-- ranks on the request path).
+UPDATE session_embeddings e
+SET recall_sessions = NULL, recall_sequences = NULL, recall_scores = NULL
+WHERE e.project_id = %(project_id)s AND e.session_id = %(session_id)s;
+
+-- forget_recall_words --
+-- forget_recall_vectors where recall is kept by words.
+DELETE FROM session_word_recall w
+WHERE w.project_id = %(project_id)s AND w.session_id = %(session_id)s;
+
 -- lock_live_session --
 -- Locks a live session before its messages are soft-deleted. AddMemory appends only under
 -- this row lock, so the next statement's snapshot holds every message committed before it
