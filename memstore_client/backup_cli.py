@@ -255,6 +255,11 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
                 done[kind]["created"] += counts.created
                 done[kind]["existing"] += counts.existing
                 bar.update(len(batch))
+        if require_empty:
+            # A backup of an empty project sends no rows, and with them no check: it was
+            # "restored" into a project of other data without a word. (A first batch
+            # carries the check itself: made apart, two restores could both pass it.)
+            client.backup.restore(require_empty=True)
     except (MemstoreError, KeyboardInterrupt) as exc:
         # Resuming helps after an outage or a resolved conflict, not with a bad row, nor with
         # rows naming a parent the file does not hold: the same file would fail again.

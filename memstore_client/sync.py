@@ -424,7 +424,8 @@ class BackupClient:
         soft-delete state, metadata), all of them or none: at most 1000 in all.
 
         A row already stored as given counts as existing, so a batch can be sent again.
-        `require_empty` refuses (FailedPrecondition) a project that holds any row. Raises
+        `require_empty` refuses (FailedPrecondition) a project that holds any row; with it
+        the rows may be none, and the call only checks. Raises
         AlreadyExists when a row's key is stored with other values.
         """
         op = bulk.restore(users, sessions, messages, require_empty)

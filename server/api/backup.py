@@ -29,7 +29,9 @@ class BackupServicer(ServicerBase, pb_grpc.BackupServiceServicer):
     async def Restore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreResponse:
         v = val.Violations()
         count = len(request.users) + len(request.sessions) + len(request.messages)
-        if not 1 <= count <= MAX_RESTORE_ROWS:
+        # No row only with require_empty: the check alone, which a restore of an empty
+        # backup makes; without it an empty backup "restored" into any project unrefused.
+        if count > MAX_RESTORE_ROWS or (count == 0 and not request.require_empty):
             v.add("request", f"holds {count} rows; send 1 to {MAX_RESTORE_ROWS}")
         users = _unique(v, [_user(v, f"users[{i}]", u) for i, u in enumerate(request.users)])
         sessions = _unique(

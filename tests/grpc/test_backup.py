@@ -352,3 +352,24 @@ async def test_two_backups_and_exports_of_an_unchanged_project_are_byte_identica
         one = (tmp_path / f"one{suffix}.jsonl").read_bytes()
         assert b'"key11"' in one, suffix  # the rows with many keys are in it
         assert one == (tmp_path / f"two{suffix}.jsonl").read_bytes(), suffix
+
+
+async def test_a_backup_of_an_empty_project_is_refused_by_a_non_empty_one(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It holds no row, so no Restore carried require_empty: "restored" into a project of
+    # other data, which matched nothing of it, and the report said so without a word.
+    address = f"127.0.0.1:{grpc_port}"
+    backup = tmp_path / "empty.jsonl"
+    argv = ("--address", address, "--no-progress")
+    assert await _run("backup", "-o", str(backup), *argv) == 0
+    assert await _run("restore", "-i", str(backup), *argv) == 0  # into an empty project
+    async with AsyncMemstore(address) as client:
+        await client.user.add("ann")
+    capsys.readouterr()
+    assert await _run("restore", "-i", str(backup), *argv) == 1
+    err = capsys.readouterr().err
+    assert "PROJECT_NOT_EMPTY" in err and '"restored"' not in err, err
+    # --resume goes on into the rows a restore left: nothing is checked, nothing written.
+    assert await _run("restore", "-i", str(backup), *argv, "--resume") == 0
+    assert [u["user_id"] for u in (await _snapshot(clean_db))["users"]] == ["ann"]

@@ -33,7 +33,9 @@ class RestoreRequest(_message.Message):
     require_empty: _builtins.bool
     """Optional. Refuse unless the project holds no user and no session: set it
     on the first request of a restore, so that a restore never mixes with
-    other data.
+    other data. A request with it may hold no row: it then only checks (what
+    memstore restore sends for a backup of no row, so that a non-empty
+    project refuses that one too).
     """
     @_builtins.property
     def users(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.User]:

@@ -72,7 +72,8 @@ class BackupServiceServicer:
         for embedding.
 
         Errors:
-        - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
+        - INVALID_ARGUMENT: the request holds no row without require_empty (with
+        it, a request of no row only checks the project), or more than 1000; a row
         breaks the rules of its fields (as for CreateUser, CreateSession and
         AddMemory), lacks created_at or updated_at, or has a sequence outside
         1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
