@@ -18,6 +18,7 @@ from ._calls import RetryPolicy, Stream, Unary, retry_delay, time_left
 from ._channel import TLS, sync_channel
 from .errors import ClientClosed, from_rpc_error
 from .types import (
+    BackupSource,
     ExportedMessage,
     JsonObject,
     Memory,
@@ -430,3 +431,8 @@ class BackupClient:
         """
         op = bulk.restore(users, sessions, messages, require_empty)
         return self._client._call(op)
+
+    def get_source(self) -> BackupSource:
+        """The project of the client's API key, and an opaque id of it in the server's
+        database: what `memstore backup` records, so that --resume refuses another."""
+        return self._client._call(bulk.get_backup_source())

@@ -316,6 +316,15 @@ class RestoreCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupSource:
+    """What a backup is of: the project's name, and an opaque id of the project in the
+    server's database (another for another project or database)."""
+
+    project: str
+    source_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Restored:
     """What one restore call did, by kind."""
 

@@ -54,6 +54,13 @@ class BackupServicer(ServicerBase, pb_grpc.BackupServiceServicer):
             messages=_counts(done.messages),
         )
 
+    @unary_errors
+    async def GetBackupSource(
+        self, request: pb.GetBackupSourceRequest, context: Context
+    ) -> pb.GetBackupSourceResponse:
+        source = await self._store.get_backup_source(self._project(context))
+        return pb.GetBackupSourceResponse(project=source.project, source_id=source.source_id)
+
 
 def _counts(counts: RestoreCounts) -> pb.RestoreCounts:
     return pb.RestoreCounts(created=counts.created, existing=counts.existing)

@@ -73,6 +73,7 @@ SURFACE: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("memory.export_messages", (5, "tok"), {"include_deleted": True}, "ExportMessages"),
     ("backup.restore", ([USER], [SESSION], [ExportedMessage("s", MESSAGE)]),
      {"require_empty": True}, "Restore"),
+    ("backup.get_source", (), {}, "GetBackupSource"),
     ("memory.search", ("text",), {
         "user_id": "u", "session_ids": ["s"], "search_type": "full_text", "limit": 3,
         "mmr_lambda": 0.5, "role_types": ["user"], "metadata": META,

@@ -45,6 +45,11 @@ class BackupServiceStub:
                 request_serializer=memstore_dot_v1_dot_backup__service__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_backup__service__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.GetBackupSource = channel.unary_unary(
+                '/memstore.v1.BackupService/GetBackupSource',
+                request_serializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -102,6 +107,19 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBackupSource(self, request, context):
+        """Names the project of the caller's API key and the database that holds it,
+        so that a backup records what it is a backup of: memstore backup writes
+        the answer into its file's header, and --resume refuses to go on against
+        another project or another server's database (which would mix two
+        projects in one file).
+
+        Errors: none of its own (those every UserService RPC may return).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +127,11 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=memstore_dot_v1_dot_backup__service__pb2.RestoreRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_backup__service__pb2.RestoreResponse.SerializeToString,
+            ),
+            'GetBackupSource': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBackupSource,
+                    request_deserializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +167,33 @@ class BackupService:
             '/memstore.v1.BackupService/Restore',
             memstore_dot_v1_dot_backup__service__pb2.RestoreRequest.SerializeToString,
             memstore_dot_v1_dot_backup__service__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBackupSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.BackupService/GetBackupSource',
+            memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceRequest.SerializeToString,
+            memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,15 @@ class BackupServiceStub:
     than the row's created_at: a backup of memstore can hold one (a clock
     behind another server's; docs/design.md, "Restore").
     """
+    GetBackupSource: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.GetBackupSourceRequest, _backup_service_pb2.GetBackupSourceResponse]
+    """Names the project of the caller's API key and the database that holds it,
+    so that a backup records what it is a backup of: memstore backup writes
+    the answer into its file's header, and --resume refuses to go on against
+    another project or another server's database (which would mix two
+    projects in one file).
+
+    Errors: none of its own (those every UserService RPC may return).
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -134,6 +143,15 @@ class BackupServiceAsyncStub(BackupServiceStub):
     Timestamps are taken as given, even an updated_at or deleted_at earlier
     than the row's created_at: a backup of memstore can hold one (a clock
     behind another server's; docs/design.md, "Restore").
+    """
+    GetBackupSource: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.GetBackupSourceRequest, _backup_service_pb2.GetBackupSourceResponse]  # type: ignore[assignment]
+    """Names the project of the caller's API key and the database that holds it,
+    so that a backup records what it is a backup of: memstore backup writes
+    the answer into its file's header, and --resume refuses to go on against
+    another project or another server's database (which would mix two
+    projects in one file).
+
+    Errors: none of its own (those every UserService RPC may return).
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +209,21 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         Timestamps are taken as given, even an updated_at or deleted_at earlier
         than the row's created_at: a backup of memstore can hold one (a clock
         behind another server's; docs/design.md, "Restore").
+        """
+
+    @_abc_1.abstractmethod
+    def GetBackupSource(
+        self,
+        request: _backup_service_pb2.GetBackupSourceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_service_pb2.GetBackupSourceResponse, _abc.Awaitable[_backup_service_pb2.GetBackupSourceResponse]]:
+        """Names the project of the caller's API key and the database that holds it,
+        so that a backup records what it is a backup of: memstore backup writes
+        the answer into its file's header, and --resume refuses to go on against
+        another project or another server's database (which would mix two
+        projects in one file).
+
+        Errors: none of its own (those every UserService RPC may return).
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
