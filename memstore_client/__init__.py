@@ -23,6 +23,7 @@ from .errors import (
 )
 from .sync import Memstore
 from .types import (
+    BackupSource,
     ExportedMessage,
     Memory,
     Message,
@@ -44,6 +45,7 @@ __all__ = [
     "AlreadyExists",
     "ArgumentTypeError",
     "AsyncMemstore",
+    "BackupSource",
     "ClientClosed",
     "DeadlineExceeded",
     "ExportedMessage",

@@ -12,6 +12,7 @@ from memstore.v1 import session_service_pb2 as ss
 from . import _checks
 from ._calls import BACKUP, SESSIONS, Stream, Unary, _ids, _set_times, _texts
 from .types import (
+    BackupSource,
     ExportedMessage,
     JsonObject,
     Message,
@@ -185,3 +186,13 @@ def restore(
         return Restored(counts(r.users), counts(r.sessions), counts(r.messages))
 
     return Unary(BACKUP, "Restore", request, convert, idempotent=not require_empty)
+
+
+def get_backup_source() -> Unary[BackupSource]:
+    """GetBackupSource: the project of the key and an id of it in the server's database."""
+
+    def convert(r: bs.GetBackupSourceResponse) -> BackupSource:
+        return BackupSource(r.project, r.source_id)
+
+    request = bs.GetBackupSourceRequest()
+    return Unary(BACKUP, "GetBackupSource", request, convert, idempotent=True)

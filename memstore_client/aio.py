@@ -19,6 +19,7 @@ from ._calls import RetryPolicy, Stream, Unary, retry_delay, time_left
 from ._channel import TLS, aio_channel
 from .errors import ClientClosed, from_rpc_error
 from .types import (
+    BackupSource,
     ExportedMessage,
     JsonObject,
     Memory,
@@ -447,7 +448,8 @@ class AsyncBackupClient:
         soft-delete state, metadata), all of them or none: at most 1000 in all.
 
         A row already stored as given counts as existing, so a batch can be sent again.
-        `require_empty` refuses (FailedPrecondition) a project that holds any row. Raises
+        `require_empty` refuses (FailedPrecondition) a project that holds any row; with it
+        the rows may be none, and the call only checks. Raises
         AlreadyExists when a row's key is stored with other values.
         """
         op = bulk.restore(users, sessions, messages, require_empty)
@@ -463,3 +465,8 @@ class AsyncBackupClient:
     async def close_snapshot(self, snapshot: str) -> bool:
         """Releases a snapshot of open_snapshot; False when it was gone already."""
         return await self._client._call(bulk.close_snapshot(snapshot))
+
+    async def get_source(self) -> BackupSource:
+        """The project of the client's API key, and an opaque id of it in the server's
+        database: what `memstore backup` records, so that --resume refuses another."""
+        return await self._client._call(bulk.get_backup_source())

@@ -1,12 +1,14 @@
 """`memstore backup` and `memstore restore`: a whole project, exactly, through the client only.
 
-A backup is one JSON Lines file: a header, then every user, every session (soft-deleted ones
+A backup is one JSON Lines file: a header naming what it is of (the project, and an id of
+the project in the server's database), then every user, every session (soft-deleted ones
 too) and every message (uuids, sequences, timestamps and soft-delete state), each chunk
 followed by a checkpoint line holding the token that resumes its stream, then an end line
-with the counts. `backup --resume` goes on from the file's last checkpoint; `restore` writes
-the rows back with BackupService.Restore, in batches that are each all-or-nothing, into a
-project that must be empty (`--resume` goes on after an interrupted restore: rows already
-restored count as existing).
+with the counts. `backup --resume` goes on from the file's last checkpoint, only against
+the project and database its header names; `restore` writes the rows back with
+BackupService.Restore, in batches that are each all-or-nothing, into a project that must be
+empty (`--resume` goes on after an interrupted restore: rows already restored count as
+existing).
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def run(client: Memstore, args: argparse.Namespace, progress: Callable[[str], An
 
 def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str], Any]) -> int:
     resuming = args.resume and args.output.exists() and args.output.stat().st_size > 0
-    start, counts = _resume_point(args.output) if resuming else (("users", ""), _zero())
+    source = client.backup.get_source()
+    header = {"memstore_backup": FORMAT, "project": source.project, "source": source.source_id}
+    start, counts = _resume_point(args.output, header) if resuming else (("users", ""), _zero())
     if start is None:
         print(f"memstore backup: {args.output} is complete already", file=sys.stderr)
         return 0
@@ -113,7 +117,7 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
         with ExitStack() as stack:
             out = stack.enter_context(args.output.open("a", encoding="utf-8"))
             if not args.output.stat().st_size:  # a new file, or one cut within its header
-                _write(out, {"memstore_backup": FORMAT})
+                _write(out, header)
             bar = stack.enter_context(progress("backing up"))
             bar.update(sum(counts.values()))
             for stream in STREAMS[STREAMS.index(first) :] if first else ():
@@ -141,18 +145,21 @@ def _zero() -> dict[str, int]:
     return dict.fromkeys(STREAMS, 0)
 
 
-def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
+def _resume_point(
+    path: Path, header: dict[str, Any]
+) -> tuple[tuple[str, str] | None, dict[str, int]]:
     """Where an interrupted backup goes on, (stream, token), or None when it is complete; and
     the rows it holds. Rows after the last checkpoint (a chunk cut short) are cut off. The
     stream is "" when every stream is whole and only the end line is missing.
 
     Raises:
-        InvalidArgument: the file is not a backup (its first line is not the header), and
-            is left as it is: cutting it back would destroy what it holds.
+        InvalidArgument: the file is not a backup (its first line is not the header), or a
+            backup of another source than `header` names (this server's project), and is
+            left as it is: cutting it back would destroy what it holds.
     """
     keep, point = 0, ("users", "")
     with path.open("rb") as source:
-        _check_header(path, source.readline())
+        _check_header(path, source.readline(), header)
         source.seek(0)
         offset = 0
         for raw in source:
@@ -185,18 +192,40 @@ def _resume_point(path: Path) -> tuple[tuple[str, str] | None, dict[str, int]]:
     return point, _count_rows(path)
 
 
-def _check_header(path: Path, first: bytes) -> None:
-    header = (json.dumps({"memstore_backup": FORMAT}) + "\n").encode()
+def _check_header(path: Path, first: bytes, header: dict[str, Any]) -> None:
     try:
-        whole = json_value(first) == {"memstore_backup": FORMAT}
+        found = json_value(first)
     except ValueError:
-        whole = False
+        found = None
+    if isinstance(found, dict) and found.get("memstore_backup") == FORMAT:
+        _check_source(path, found, header)
+        return
     # The header itself cut short by an interruption starts the backup again.
-    if not whole and not (header.startswith(first) and not first.endswith(b"\n")):
+    line = (json.dumps(header, ensure_ascii=False) + "\n").encode()
+    if not (line.startswith(first) and not first.endswith(b"\n")):
         raise InvalidArgument(
-            f"{path} is not a memstore backup (its first line is not "
-            f'{{"memstore_backup": {FORMAT}}}); nothing was changed: back up to another file'
+            f"{path} is not a memstore backup (its first line is not a "
+            f'{{"memstore_backup": {FORMAT}, ...}} header); nothing was changed: back up to '
+            "another file"
         )
+
+
+def _check_source(path: Path, found: dict[str, Any], header: dict[str, Any]) -> None:
+    """Refuses to resume a backup of another project or database than this server's:
+    the rest of the file would be another project's rows, two projects mixed in one."""
+    project, source = found.get("project"), found.get("source")
+    if (project, source) == (header["project"], header["source"]):
+        return
+    if not isinstance(project, str) or not isinstance(source, str):
+        what = "names no project and database (an older memstore wrote it)"
+    elif project != header["project"]:
+        what = f"is a backup of project '{project}', and this API key reaches '{header['project']}'"
+    else:
+        what = f"is a backup of project '{project}' of another database than this server's"
+    raise InvalidArgument(
+        f"{path} {what}: resuming would mix two projects in one file; nothing was changed: "
+        "resume it with the server and API key it was started with, or back up to another file"
+    )
 
 
 def _count_rows(path: Path) -> dict[str, int]:
@@ -255,6 +284,11 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
                 done[kind]["created"] += counts.created
                 done[kind]["existing"] += counts.existing
                 bar.update(len(batch))
+        if require_empty:
+            # A backup of an empty project sends no rows, and with them no check: it was
+            # "restored" into a project of other data without a word. (A first batch
+            # carries the check itself: made apart, two restores could both pass it.)
+            client.backup.restore(require_empty=True)
     except (MemstoreError, KeyboardInterrupt) as exc:
         # Resuming helps after an outage or a resolved conflict, not with a bad row, nor with
         # rows naming a parent the file does not hold: the same file would fail again.

@@ -337,6 +337,14 @@ class RestoreCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupSource:
+    """What a backup is of: a project's name, and an opaque id of it in this database."""
+
+    project: str
+    source_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Restored:
     """What one restore call did, by kind."""
 

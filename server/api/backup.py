@@ -30,7 +30,9 @@ class BackupServicer(ServicerBase, pb_grpc.BackupServiceServicer):
     async def Restore(self, request: pb.RestoreRequest, context: Context) -> pb.RestoreResponse:
         v = val.Violations()
         count = len(request.users) + len(request.sessions) + len(request.messages)
-        if not 1 <= count <= MAX_RESTORE_ROWS:
+        # No row only with require_empty: the check alone, which a restore of an empty
+        # backup makes; without it an empty backup "restored" into any project unrefused.
+        if count > MAX_RESTORE_ROWS or (count == 0 and not request.require_empty):
             v.add("request", f"holds {count} rows; send 1 to {MAX_RESTORE_ROWS}")
         users = _unique(v, [_user(v, f"users[{i}]", u) for i, u in enumerate(request.users)])
         sessions = _unique(
@@ -75,6 +77,13 @@ class BackupServicer(ServicerBase, pb_grpc.BackupServiceServicer):
         assert snapshot is not None  # required
         closed = await self._store.close_snapshot(self._project(context), snapshot)
         return pb.CloseSnapshotResponse(closed=closed)
+
+    @unary_errors
+    async def GetBackupSource(
+        self, request: pb.GetBackupSourceRequest, context: Context
+    ) -> pb.GetBackupSourceResponse:
+        source = await self._store.get_backup_source(self._project(context))
+        return pb.GetBackupSourceResponse(project=source.project, source_id=source.source_id)
 
 
 def _counts(counts: RestoreCounts) -> pb.RestoreCounts:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import secrets
 from datetime import timedelta
 from typing import Any
 
-from server.domain import PurgeReport
+from server.domain import BackupSource, PurgeReport
 from server.errors import Unavailable
 from server.store.base import StoreBase, statement_timeout_off
 from server.store.db import fetch_all, fetch_one
@@ -95,6 +97,25 @@ class AdminMethods(StoreBase):
                 if row is not None:
                     return bytes(row["value"])
         raise Unavailable("database unavailable: cannot read the page-token key")
+
+    async def get_backup_source(self, project_id: int) -> BackupSource:
+        """The project's name, and an id of the project in this database that a backup
+        records, so that resuming it elsewhere is refused.
+
+        The id is an HMAC of the project's number under the page-token key this database
+        keeps (made at random once per database, whatever MEMSTORE_TOKEN_KEY says): every
+        worker and replica answers the same, another project or database another, and
+        neither the number nor the key can be read from it.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        key = await self.token_key()
+        async with self._connect() as conn:
+            row = await fetch_one(conn, "get_backup_source", {"project_id": project_id})
+        assert row is not None  # the caller's key names it, or it is the default
+        tag = hmac.new(key, b"memstore backup source %d" % project_id, hashlib.sha256)
+        return BackupSource(project=str(row["name"]), source_id=tag.hexdigest()[:32])
 
     async def purge(self, retention: timedelta, batch_size: int = 1000) -> PurgeReport:
         """Hard-deletes soft-deleted sessions and messages older than `retention`, in batches.

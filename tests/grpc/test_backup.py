@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,12 @@ from psycopg.rows import dict_row
 
 from memstore_client import AsyncMemstore, ExportedMessage, Message, Session
 from server.__main__ import main
+from server.store import Store
+from tests.fix_security import make_key
 
+ROOT = Path(__file__).resolve().parents[2]
+#: Another server's address, and keys of its projects by name.
+OtherServer = tuple[str, dict[str, str]]
 TABLES = {
     "users": "user_id",
     "sessions": "session_id",
@@ -27,6 +34,12 @@ TABLES = {
 
 async def _run(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
+
+
+async def _run_apart(*argv: str) -> None:
+    """`memstore ARGV` in a process of its own, as a user runs it twice."""
+    command = [sys.executable, "-m", "server", *argv, "--no-progress"]
+    await asyncio.to_thread(subprocess.run, command, check=True, cwd=ROOT, timeout=120)
 
 
 async def _snapshot(database_url: str) -> dict[str, list[dict[str, Any]]]:
@@ -317,3 +330,105 @@ async def test_a_message_deleted_before_it_was_created_is_backed_up_and_restored
     await _truncate(clean_db)
     assert await _run("restore", "-i", str(backup), "--address", address, "--no-progress") == 0
     assert await _snapshot(clean_db) == before
+
+
+async def test_two_backups_and_exports_of_an_unchanged_project_are_byte_identical(
+    grpc_port: int, clean_db: str, tmp_path: Path
+) -> None:
+    # Each run a process of its own: protobuf's maps (a Struct's fields) come out in an
+    # order each process draws afresh, so metadata's keys came out in another order at each
+    # run, and two backups of the same rows differed. Many keys, nested ones too, so that
+    # two runs almost never draw the same order by chance.
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    many = {f"key{i}": i for i in range(12)} | {"nested": {c: 1 for c in "zyxwvutsr"}}
+    async with AsyncMemstore(address) as client:
+        await client.user.add("meta", metadata=many)
+        await client.memory.add_session("s-meta", user_id="meta", metadata=many)
+        await client.memory.add("s-meta", [Message(content="m", metadata=many)])
+    argv = ("--address", address)
+    for name in ("one", "two"):
+        await _run_apart("backup", "-o", str(tmp_path / f"{name}.jsonl"), *argv)
+        for kind in ("users", "sessions", "messages"):
+            await _run_apart("export", kind, "-o", str(tmp_path / f"{name}-{kind}.jsonl"), *argv)
+    # The header holds no time nor anything else that differs between runs: whole files.
+    for suffix in ("", "-users", "-sessions", "-messages"):
+        one = (tmp_path / f"one{suffix}.jsonl").read_bytes()
+        assert b'"key11"' in one, suffix  # the rows with many keys are in it
+        assert one == (tmp_path / f"two{suffix}.jsonl").read_bytes(), suffix
+
+
+async def test_a_backup_of_an_empty_project_is_refused_by_a_non_empty_one(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It holds no row, so no Restore carried require_empty: "restored" into a project of
+    # other data, which matched nothing of it, and the report said so without a word.
+    address = f"127.0.0.1:{grpc_port}"
+    backup = tmp_path / "empty.jsonl"
+    argv = ("--address", address, "--no-progress")
+    assert await _run("backup", "-o", str(backup), *argv) == 0
+    assert await _run("restore", "-i", str(backup), *argv) == 0  # into an empty project
+    async with AsyncMemstore(address) as client:
+        await client.user.add("ann")
+    capsys.readouterr()
+    assert await _run("restore", "-i", str(backup), *argv) == 1
+    err = capsys.readouterr().err
+    assert "PROJECT_NOT_EMPTY" in err and '"restored"' not in err, err
+    # --resume goes on into the rows a restore left: nothing is checked, nothing written.
+    assert await _run("restore", "-i", str(backup), *argv, "--resume") == 0
+    assert [u["user_id"] for u in (await _snapshot(clean_db))["users"]] == ["ann"]
+
+
+@pytest.fixture
+async def other_server(secure_port: int, secure_store: Store, clean_secure_db: str) -> OtherServer:
+    """The security tests' server, over a database of its own, with keys of its projects
+    `default` (the name of the run's server's project) and `b`."""
+    keys = {name: await make_key(secure_store, name) for name in ("default", "b")}
+    return f"127.0.0.1:{secure_port}", keys
+
+
+async def test_resume_refuses_a_backup_of_another_project_or_database_and_leaves_it_whole(
+    grpc_port: int,
+    clean_db: str,
+    other_server: OtherServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Cut where the next stream starts from its beginning, so no page token of the file
+    # reaches the server (a token of another project or database is refused): the resume
+    # wrote another project's sessions and messages after this one's users, no word said.
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    argv = ("--chunk-size", "2", "--no-progress")
+    full = tmp_path / "full.jsonl"
+    assert await _run("backup", "-o", str(full), "--address", address, *argv) == 0
+    lines = full.read_bytes().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if b'"users", "page_token": ""' in line)
+    part = tmp_path / "part.jsonl"
+    part.write_bytes(b"".join(lines[: cut + 1]))
+    before = part.read_bytes()
+    # Another database's project of the same name, and another project of it, holding a
+    # session.
+    secure, keys = other_server
+    async with AsyncMemstore(secure, keys["b"]) as client:
+        await client.memory.add_session("b-session")
+    refused = {
+        keys["default"]: "is a backup of project 'default' of another database than this server's",
+        keys["b"]: "is a backup of project 'default', and this API key reaches 'b'",
+    }
+    for key, said in refused.items():
+        resume = ("backup", "-o", str(part), "--resume", "--address", secure, "--api-key", key)
+        assert await _run(*resume, *argv) == 1
+        err = capsys.readouterr().err
+        assert said in err and "nothing was changed" in err, err
+        assert part.read_bytes() == before
+    # A header naming no source (an older memstore's) cannot be checked: refused too.
+    old = tmp_path / "old.jsonl"
+    old.write_bytes(b'{"memstore_backup": 1}\n' + b"".join(lines[1 : cut + 1]))
+    assert await _run("backup", "-o", str(old), "--resume", "--address", address, *argv) == 1
+    assert "names no project and database" in capsys.readouterr().err
+    # The server and project it was started with: it goes on, to the same file.
+    assert await _run("backup", "-o", str(part), "--resume", "--address", address, *argv) == 0
+    assert part.read_bytes() == full.read_bytes()
+    header = json.loads(lines[0])
+    assert header["project"] == "default" and len(header["source"]) == 32, header

@@ -82,9 +82,20 @@ async def test_parents_must_exist_and_a_failed_request_writes_nothing(
     again = await backup.Restore(bs.RestoreRequest(messages=whole.messages))
     assert (again.messages.created, again.messages.existing) == (0, 2)
     await rpc_error(backup.Restore(whole), Code.FAILED_PRECONDITION, reason="PROJECT_NOT_EMPTY")
+    # No row and require_empty: the check alone, which memstore restore of an empty backup
+    # sends (without require_empty, no row is INVALID_ARGUMENT: test_bad_rows_are_named).
+    check = bs.RestoreRequest(require_empty=True)
+    await rpc_error(backup.Restore(check), Code.FAILED_PRECONDITION, reason="PROJECT_NOT_EMPTY")
     other = bs.RestoreRequest(messages=[_message("s", 1, role="someone else")])
     error = await rpc_error(backup.Restore(other), Code.ALREADY_EXISTS, reason="RESTORE_CONFLICT")
     assert "messages[0] (s #1) exists with another role" in (error.details() or "")
+
+
+async def test_a_request_of_no_row_with_require_empty_only_checks(backup: Backup) -> None:
+    done = await backup.Restore(bs.RestoreRequest(require_empty=True))
+    assert done == bs.RestoreResponse(
+        users=bs.RestoreCounts(), sessions=bs.RestoreCounts(), messages=bs.RestoreCounts()
+    )
 
 
 async def test_a_missing_parent_is_named_by_the_callers_ids_not_internal_ones(

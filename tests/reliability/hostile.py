@@ -334,6 +334,16 @@ restore_messages = st.builds(
 )
 
 
+def _with_unknown_field(value: int) -> bpb.GetBackupSourceRequest:
+    """A GetBackupSourceRequest carrying `value` in field 15 (a varint), which it lacks."""
+    out = bytearray(b"\x78")  # field 15, wire type 0
+    while True:
+        value, low = value >> 7, value & 0x7F
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bpb.GetBackupSourceRequest.FromString(bytes(out))
+
+
 def many_users(count: int) -> bpb.RestoreRequest:
     """A Restore of `count` plain new users."""
     at = timestamp_pb2.Timestamp(seconds=1_700_000_000)
@@ -519,6 +529,9 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
             created_before=(_maybe(plausible_timestamps), timestamps),
         ),
     ),
+    # No field of its own: requests that differ by a field it does not declare (a newer
+    # client's), which the server ignores.
+    "BackupService/GetBackupSource": st.integers(0, 2**63).map(_with_unknown_field),
     "BackupService/Restore": _mostly(
         bpb.RestoreRequest,
         4,

@@ -70,10 +70,15 @@ DOCUMENTED: dict[str, set[Code]] = {
     "SessionService/ExportMessages": set(),
     "SessionService/SearchMemory": {Code.FAILED_PRECONDITION, Code.UNAVAILABLE},
     "BackupService/Restore": {Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS},
+    "BackupService/GetBackupSource": set(),
 }
 #: Documented codes no request draws from a healthy server: SearchMemory's FAILED_PRECONDITION
-#: is a server keeping no vectors, its UNAVAILABLE an embedder failing.
-NOT_DRAWN = {"SessionService/SearchMemory": {Code.FAILED_PRECONDITION, Code.UNAVAILABLE}}
+#: is a server keeping no vectors, its UNAVAILABLE an embedder failing; GetBackupSource's
+#: request has no field to be wrong (bytes that do not parse: the raw-bytes test).
+NOT_DRAWN = {
+    "SessionService/SearchMemory": {Code.FAILED_PRECONDITION, Code.UNAVAILABLE},
+    "BackupService/GetBackupSource": {Code.INVALID_ARGUMENT},
+}
 #: Rows _seed writes: users, sessions, messages.
 SEEDED = {"users": 2, "sessions": 3, "messages": 9}
 TOTALS: Counter[str] = Counter()

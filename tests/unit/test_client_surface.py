@@ -77,6 +77,7 @@ SURFACE: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("backup.close_snapshot", ("00000003-0000001B-1",), {}, "CloseSnapshot"),
     ("backup.restore", ([USER], [SESSION], [ExportedMessage("s", MESSAGE)]),
      {"require_empty": True}, "Restore"),
+    ("backup.get_source", (), {}, "GetBackupSource"),
     ("memory.search", ("text",), {
         "user_id": "u", "session_ids": ["s"], "search_type": "full_text", "limit": 3,
         "mmr_lambda": 0.5, "role_types": ["user"], "metadata": META,

@@ -27,7 +27,7 @@ from memstore.v1 import resources_pb2 as memstore_dot_v1_dot_resources__pb2
 from memstore.v1 import session_service_pb2 as memstore_dot_v1_dot_session__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memstore/v1/backup_service.proto\x12\x0bmemstore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmemstore/v1/resources.proto\x1a!memstore/v1/session_service.proto\"+\n\x13OpenSnapshotRequest\x12\x14\n\x0chold_seconds\x18\x01 \x01(\x05\"X\n\x14OpenSnapshotResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x14\x43loseSnapshotRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\t\"\'\n\x15\x43loseSnapshotResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\xa1\x01\n\x0eRestoreRequest\x12 \n\x05users\x18\x01 \x03(\x0b\x32\x11.memstore.v1.User\x12&\n\x08sessions\x18\x02 \x03(\x0b\x32\x14.memstore.v1.Session\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.memstore.v1.ExportedMessage\x12\x15\n\rrequire_empty\x18\x04 \x01(\x08\"2\n\rRestoreCounts\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x03\"\x98\x01\n\x0fRestoreResponse\x12)\n\x05users\x18\x01 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08sessions\x18\x02 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts2\x82\x02\n\rBackupService\x12\x44\n\x07Restore\x12\x1b.memstore.v1.RestoreRequest\x1a\x1c.memstore.v1.RestoreResponse\x12S\n\x0cOpenSnapshot\x12 .memstore.v1.OpenSnapshotRequest\x1a!.memstore.v1.OpenSnapshotResponse\x12V\n\rCloseSnapshot\x12!.memstore.v1.CloseSnapshotRequest\x1a\".memstore.v1.CloseSnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memstore/v1/backup_service.proto\x12\x0bmemstore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmemstore/v1/resources.proto\x1a!memstore/v1/session_service.proto\"+\n\x13OpenSnapshotRequest\x12\x14\n\x0chold_seconds\x18\x01 \x01(\x05\"X\n\x14OpenSnapshotResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x14\x43loseSnapshotRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\t\"\'\n\x15\x43loseSnapshotResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\xa1\x01\n\x0eRestoreRequest\x12 \n\x05users\x18\x01 \x03(\x0b\x32\x11.memstore.v1.User\x12&\n\x08sessions\x18\x02 \x03(\x0b\x32\x14.memstore.v1.Session\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.memstore.v1.ExportedMessage\x12\x15\n\rrequire_empty\x18\x04 \x01(\x08\"\x18\n\x16GetBackupSourceRequest\"=\n\x17GetBackupSourceResponse\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x11\n\tsource_id\x18\x02 \x01(\t\"2\n\rRestoreCounts\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x03\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x03\"\x98\x01\n\x0fRestoreResponse\x12)\n\x05users\x18\x01 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08sessions\x18\x02 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.memstore.v1.RestoreCounts2\xe0\x02\n\rBackupService\x12\x44\n\x07Restore\x12\x1b.memstore.v1.RestoreRequest\x1a\x1c.memstore.v1.RestoreResponse\x12S\n\x0cOpenSnapshot\x12 .memstore.v1.OpenSnapshotRequest\x1a!.memstore.v1.OpenSnapshotResponse\x12V\n\rCloseSnapshot\x12!.memstore.v1.CloseSnapshotRequest\x1a\".memstore.v1.CloseSnapshotResponse\x12\\\n\x0fGetBackupSource\x12#.memstore.v1.GetBackupSourceRequest\x1a$.memstore.v1.GetBackupSourceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,10 +44,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESNAPSHOTRESPONSE']._serialized_end=362
   _globals['_RESTOREREQUEST']._serialized_start=365
   _globals['_RESTOREREQUEST']._serialized_end=526
-  _globals['_RESTORECOUNTS']._serialized_start=528
-  _globals['_RESTORECOUNTS']._serialized_end=578
-  _globals['_RESTORERESPONSE']._serialized_start=581
-  _globals['_RESTORERESPONSE']._serialized_end=733
-  _globals['_BACKUPSERVICE']._serialized_start=736
-  _globals['_BACKUPSERVICE']._serialized_end=994
+  _globals['_GETBACKUPSOURCEREQUEST']._serialized_start=528
+  _globals['_GETBACKUPSOURCEREQUEST']._serialized_end=552
+  _globals['_GETBACKUPSOURCERESPONSE']._serialized_start=554
+  _globals['_GETBACKUPSOURCERESPONSE']._serialized_end=615
+  _globals['_RESTORECOUNTS']._serialized_start=617
+  _globals['_RESTORECOUNTS']._serialized_end=667
+  _globals['_RESTORERESPONSE']._serialized_start=670
+  _globals['_RESTORERESPONSE']._serialized_end=822
+  _globals['_BACKUPSERVICE']._serialized_start=825
+  _globals['_BACKUPSERVICE']._serialized_end=1177
 # @@protoc_insertion_point(module_scope)

@@ -132,7 +132,9 @@ class RestoreRequest(_message.Message):
     require_empty: _builtins.bool
     """Optional. Refuse unless the project holds no user and no session: set it
     on the first request of a restore, so that a restore never mixes with
-    other data.
+    other data. A request with it may hold no row: it then only checks (what
+    memstore restore sends for a backup of no row, so that a non-empty
+    project refuses that one too).
     """
     @_builtins.property
     def users(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.User]:
@@ -168,6 +170,55 @@ class RestoreRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestoreRequest: _TypeAlias = RestoreRequest  # noqa: Y015
+
+@_typing.final
+class GetBackupSourceRequest(_message.Message):
+    """Request of GetBackupSource: the project is the caller's API key's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBackupSourceRequest: _TypeAlias = GetBackupSourceRequest  # noqa: Y015
+
+@_typing.final
+class GetBackupSourceResponse(_message.Message):
+    """Response of GetBackupSource."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    SOURCE_ID_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    """Output only. The project's name ("default" while no API key exists; else
+    the name given to `memstore keys create --project`).
+    """
+    source_id: _builtins.str
+    """Output only. An opaque id of this project in this database: the same from
+    every worker and replica serving the database, another for any other
+    project or database (one made from a copy of this database's files or
+    dump excepted). It reveals nothing of the project's internal number.
+    """
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        source_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "source_id", b"source_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBackupSourceResponse: _TypeAlias = GetBackupSourceResponse  # noqa: Y015
 
 @_typing.final
 class RestoreCounts(_message.Message):

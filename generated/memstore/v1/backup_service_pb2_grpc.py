@@ -57,6 +57,11 @@ class BackupServiceStub:
                 request_serializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotResponse.FromString,
                 _registered_method=True)
+        self.GetBackupSource = channel.unary_unary(
+                '/memstore.v1.BackupService/GetBackupSource',
+                request_serializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -86,7 +91,8 @@ class BackupServiceServicer:
         for embedding.
 
         Errors:
-        - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
+        - INVALID_ARGUMENT: the request holds no row without require_empty (with
+        it, a request of no row only checks the project), or more than 1000; a row
         breaks the rules of its fields (as for CreateUser, CreateSession and
         AddMemory), lacks created_at or updated_at, or has a sequence outside
         1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
@@ -150,6 +156,19 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBackupSource(self, request, context):
+        """Names the project of the caller's API key and the database that holds it,
+        so that a backup records what it is a backup of: memstore backup writes
+        the answer into its file's header, and --resume refuses to go on against
+        another project or another server's database (which would mix two
+        projects in one file).
+
+        Errors: none of its own (those every UserService RPC may return).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +186,11 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.CloseSnapshot,
                     request_deserializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotResponse.SerializeToString,
+            ),
+            'GetBackupSource': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBackupSource,
+                    request_deserializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +282,33 @@ class BackupService:
             '/memstore.v1.BackupService/CloseSnapshot',
             memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotRequest.SerializeToString,
             memstore_dot_v1_dot_backup__service__pb2.CloseSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBackupSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.BackupService/GetBackupSource',
+            memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceRequest.SerializeToString,
+            memstore_dot_v1_dot_backup__service__pb2.GetBackupSourceResponse.FromString,
             options,
             channel_credentials,
             insecure,

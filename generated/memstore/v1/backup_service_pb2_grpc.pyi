@@ -57,7 +57,8 @@ class BackupServiceStub:
     for embedding.
 
     Errors:
-      - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
+      - INVALID_ARGUMENT: the request holds no row without require_empty (with
+        it, a request of no row only checks the project), or more than 1000; a row
         breaks the rules of its fields (as for CreateUser, CreateSession and
         AddMemory), lacks created_at or updated_at, or has a sequence outside
         1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
@@ -109,6 +110,15 @@ class BackupServiceStub:
     Errors:
       - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
     """
+    GetBackupSource: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.GetBackupSourceRequest, _backup_service_pb2.GetBackupSourceResponse]
+    """Names the project of the caller's API key and the database that holds it,
+    so that a backup records what it is a backup of: memstore backup writes
+    the answer into its file's header, and --resume refuses to go on against
+    another project or another server's database (which would mix two
+    projects in one file).
+
+    Errors: none of its own (those every UserService RPC may return).
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -139,7 +149,8 @@ class BackupServiceAsyncStub(BackupServiceStub):
     for embedding.
 
     Errors:
-      - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
+      - INVALID_ARGUMENT: the request holds no row without require_empty (with
+        it, a request of no row only checks the project), or more than 1000; a row
         breaks the rules of its fields (as for CreateUser, CreateSession and
         AddMemory), lacks created_at or updated_at, or has a sequence outside
         1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
@@ -191,6 +202,15 @@ class BackupServiceAsyncStub(BackupServiceStub):
     Errors:
       - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
     """
+    GetBackupSource: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.GetBackupSourceRequest, _backup_service_pb2.GetBackupSourceResponse]  # type: ignore[assignment]
+    """Names the project of the caller's API key and the database that holds it,
+    so that a backup records what it is a backup of: memstore backup writes
+    the answer into its file's header, and --resume refuses to go on against
+    another project or another server's database (which would mix two
+    projects in one file).
+
+    Errors: none of its own (those every UserService RPC may return).
+    """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     """Backups: writes rows back exactly as a backup holds them. memstore backup
@@ -224,7 +244,8 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         for embedding.
 
         Errors:
-          - INVALID_ARGUMENT: the request holds no row, or more than 1000; a row
+          - INVALID_ARGUMENT: the request holds no row without require_empty (with
+            it, a request of no row only checks the project), or more than 1000; a row
             breaks the rules of its fields (as for CreateUser, CreateSession and
             AddMemory), lacks created_at or updated_at, or has a sequence outside
             1 to 2^53 (a next_sequence outside 0 to 2^53 + 1), or a message lacks
@@ -287,6 +308,21 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors:
           - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBackupSource(
+        self,
+        request: _backup_service_pb2.GetBackupSourceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_service_pb2.GetBackupSourceResponse, _abc.Awaitable[_backup_service_pb2.GetBackupSourceResponse]]:
+        """Names the project of the caller's API key and the database that holds it,
+        so that a backup records what it is a backup of: memstore backup writes
+        the answer into its file's header, and --resume refuses to go on against
+        another project or another server's database (which would mix two
+        projects in one file).
+
+        Errors: none of its own (those every UserService RPC may return).
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

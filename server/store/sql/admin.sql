@@ -17,6 +17,10 @@ UNION ALL
 SELECT value FROM settings WHERE name = 'page_token_key'
 LIMIT 1;
 
+-- get_backup_source --
+-- The name of the project a backup reads (its id, from the caller's key, always exists).
+SELECT name FROM projects WHERE project_id = %(project_id)s;
+
 -- purge_cutoff --
 -- The time before which soft-deleted rows are expired, by the database's clock.
 SELECT now() - %(retention)s::interval AS cutoff;
