@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._lines import json_value, text_lines
-from .errors import InvalidArgument, MemstoreError
+from .errors import FailedPrecondition, InvalidArgument, MemstoreError
 from .sync import Memstore
 from .types import (
     ExportedMessage,
@@ -40,6 +40,9 @@ COMMANDS = ("backup", "restore")
 FORMAT = 1
 #: Stream of each kind, in the order a backup holds (and a restore needs) them.
 STREAMS = ("users", "sessions", "messages")
+#: How long the server holds a backup's snapshot at most (BackupService.OpenSnapshot's own
+#: default): the backup, and any --resume of it, must end within it.
+DEFAULT_SNAPSHOT_HOLD = 3600
 _KIND_OF = {"users": "user", "sessions": "session", "messages": "message"}
 #: Restore takes at most 1000 rows per call; stay well under the 16 MiB request limit, in
 #: bytes of the request (the rows' protobuf: characters outside the BMP are 4 bytes of UTF-8,
@@ -65,6 +68,14 @@ def add_parsers(commands: Any, connection: Callable[[argparse.ArgumentParser], N
     backup.add_argument("--chunk-size", type=int, default=500)
     backup.add_argument(
         "--resume", action="store_true", help="go on from the last checkpoint of --output"
+    )
+    backup.add_argument(
+        "--snapshot-hold",
+        type=int,
+        default=DEFAULT_SNAPSHOT_HOLD,
+        metavar="SECONDS",
+        help="how long the server holds the backup's snapshot at most, for the backup and any "
+        f"--resume of it (default {DEFAULT_SNAPSHOT_HOLD}; at most 86400)",
     )
     text = "write a backup back, exactly, into a project that holds no users or sessions"
     restore = commands.add_parser("restore", help=text, description=text)
@@ -93,7 +104,9 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
     resuming = args.resume and args.output.exists() and args.output.stat().st_size > 0
     source = client.backup.get_source()
     header = {"memstore_backup": FORMAT, "project": source.project, "source": source.source_id}
-    start, counts = _resume_point(args.output, header) if resuming else (("users", ""), _zero())
+    start, counts, snapshot = (
+        _resume_point(args.output, header) if resuming else (("users", ""), _zero(), None)
+    )
     if start is None:
         print(f"memstore backup: {args.output} is complete already", file=sys.stderr)
         return 0
@@ -103,13 +116,15 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
             file=sys.stderr,
         )
         return 1
+    if snapshot is None:  # a backup from its start: every stream reads one moment
+        snapshot = _open_snapshot(client, args.snapshot_hold)
     streams: dict[str, Callable[[str], Iterator[tuple[list[Any], str]]]] = {
-        "users": lambda token: client.user.export(args.chunk_size, token),
+        "users": lambda token: client.user.export(args.chunk_size, token, snapshot=snapshot),
         "sessions": lambda token: client.memory.export_sessions(
-            args.chunk_size, token, include_deleted=True
+            args.chunk_size, token, include_deleted=True, snapshot=snapshot
         ),
         "messages": lambda token: client.memory.export_messages(
-            args.chunk_size, token, include_deleted=True
+            args.chunk_size, token, include_deleted=True, snapshot=snapshot
         ),
     }
     first, token = start
@@ -126,19 +141,61 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
                         _write(out, {"kind": _KIND_OF[stream], **_plain(row)})
                     counts[stream] += len(rows)
                     bar.update(len(rows))
-                    # Written after its rows: resuming never repeats or skips one.
-                    _write(out, {"kind": "checkpoint", "stream": stream, "page_token": next_token})
+                    # Written after its rows: resuming never repeats or skips one. The
+                    # snapshot it was read in, for a resume to read the rest in.
+                    checkpoint = {"stream": stream, "page_token": next_token, "snapshot": snapshot}
+                    _write(out, {"kind": "checkpoint", **checkpoint})
                     out.flush()
                 token = ""
             _write(out, {"kind": "end", **counts})
+    except FailedPrecondition as exc:
+        if exc.reason != "SNAPSHOT_GONE":
+            raise
+        # Read in another moment, the rest would not agree with what the file holds.
+        print(
+            f"memstore backup: the snapshot {args.output} was read in is no longer held (its "
+            "hold passed, or the server process holding it stopped); the rest cannot be read "
+            f"in it: remove {args.output} and back up again (a longer --snapshot-hold keeps "
+            "it longer)",
+            file=sys.stderr,
+        )
+        return 1
     except (MemstoreError, KeyboardInterrupt):
         print(
             f"backup interrupted; resume with: memstore backup -o {args.output} --resume",
             file=sys.stderr,
         )
         raise
+    if snapshot:
+        _close_snapshot(client, snapshot)
     print(json.dumps({"backup": str(args.output), **counts}), file=sys.stderr)
     return 0
+
+
+def _open_snapshot(client: Memstore, hold: int) -> str:
+    """A snapshot the server holds for the backup's streams; "" where it holds none (Citus),
+    said on stderr."""
+    try:
+        return client.backup.open_snapshot(hold).snapshot
+    except FailedPrecondition as exc:
+        if exc.reason != "SNAPSHOT_UNSUPPORTED":
+            raise
+        print(
+            f"memstore backup: {exc}; the streams are read as the project changes",
+            file=sys.stderr,
+        )
+        return ""
+
+
+def _close_snapshot(client: Memstore, snapshot: str) -> None:
+    # Released as soon as the backup is whole; a failure to say so only leaves it held until
+    # its hold passes, which is no reason to fail a whole backup.
+    try:
+        client.backup.close_snapshot(snapshot)
+    except MemstoreError as exc:
+        print(
+            f"memstore backup: the snapshot is held until its hold passes: {exc}", file=sys.stderr
+        )
 
 
 def _zero() -> dict[str, int]:
@@ -147,17 +204,19 @@ def _zero() -> dict[str, int]:
 
 def _resume_point(
     path: Path, header: dict[str, Any]
-) -> tuple[tuple[str, str] | None, dict[str, int]]:
-    """Where an interrupted backup goes on, (stream, token), or None when it is complete; and
-    the rows it holds. Rows after the last checkpoint (a chunk cut short) are cut off. The
-    stream is "" when every stream is whole and only the end line is missing.
+) -> tuple[tuple[str, str] | None, dict[str, int], str | None]:
+    """Where an interrupted backup goes on, (stream, token), or None when it is complete; the
+    rows it holds; and the snapshot its rows were read in ("" for none; None before the first
+    checkpoint, when it starts again from nothing). Rows after the last checkpoint (a chunk
+    cut short) are cut off. The stream is "" when every stream is whole and only the end line
+    is missing.
 
     Raises:
         InvalidArgument: the file is not a backup (its first line is not the header), or a
             backup of another source than `header` names (this server's project), and is
             left as it is: cutting it back would destroy what it holds.
     """
-    keep, point = 0, ("users", "")
+    keep, point, snapshot = 0, ("users", ""), None
     with path.open("rb") as source:
         _check_header(path, source.readline(), header)
         source.seek(0)
@@ -171,9 +230,10 @@ def _resume_point(
             if not isinstance(row, dict):
                 break  # damage, which the backup goes on from as from a cut line
             if row.get("kind") == "end":
-                return None, _zero()
+                return None, _zero(), None
             if row.get("kind") == "checkpoint":
                 stream, token = row["stream"], row["page_token"]
+                snapshot = str(row.get("snapshot") or "")
                 following = STREAMS.index(stream) + 1
                 if token:
                     point = (stream, token)
@@ -189,7 +249,7 @@ def _resume_point(
                 keep = offset
     with path.open("r+b") as file:
         file.truncate(keep)
-    return point, _count_rows(path)
+    return point, _count_rows(path), snapshot
 
 
 def _check_header(path: Path, first: bytes, header: dict[str, Any]) -> None:

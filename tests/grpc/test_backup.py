@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,9 @@ from tests.fix_security import make_key
 ROOT = Path(__file__).resolve().parents[2]
 #: Another server's address, and keys of its projects by name.
 OtherServer = tuple[str, dict[str, str]]
+#: A checkpoint's snapshot id (BackupService.OpenSnapshot's).
+_SNAPSHOT_ID = re.compile(rb'"snapshot": "[0-9A-F]{8}-[0-9A-F]{8}-[0-9]+"')
+
 TABLES = {
     "users": "user_id",
     "sessions": "session_id",
@@ -169,6 +173,17 @@ async def test_a_backup_whose_rows_name_what_it_lacks_is_not_told_to_resume(
     assert "the backup file holds rows whose parents it lacks" in err
 
 
+async def _in_a_held_snapshot(address: str, lines: list[str]) -> list[str]:
+    """A whole backup's lines with their checkpoints naming a snapshot still held (of the
+    same unchanged project), as an interrupted backup's do: the whole one closed its own."""
+    (closed,) = {json.loads(line)["snapshot"] for line in lines if '"checkpoint"' in line}
+    if not closed:  # read in no snapshot: a Citus cluster holds none
+        return lines
+    async with AsyncMemstore(address) as client:
+        held = (await client.backup.open_snapshot(600)).snapshot
+    return [line.replace(closed, held) for line in lines]
+
+
 async def test_an_interrupted_backup_resumes_from_its_last_checkpoint(
     grpc_port: int, clean_db: str, tmp_path: Path
 ) -> None:
@@ -178,6 +193,10 @@ async def test_an_interrupted_backup_resumes_from_its_last_checkpoint(
     argv = ("--address", address, "--chunk-size", "2", "--no-progress")
     assert await _run("backup", "-o", str(full), *argv) == 0
     lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    # An interrupted backup leaves its snapshot held, for the resume to read the rest in; the
+    # whole one closed its own: its checkpoints are made to name one still held (of the same
+    # unchanged project).
+    lines = await _in_a_held_snapshot(address, lines)
     # Cut in the middle of the messages stream: after a checkpoint, one more row, half a row.
     checkpoints = [i for i, line in enumerate(lines) if '"kind": "checkpoint"' in line]
     messages = [i for i in checkpoints if '"stream": "messages"' in lines[i]]
@@ -194,6 +213,7 @@ async def test_an_interrupted_backup_resumes_from_its_last_checkpoint(
     # Cut right after each checkpoint, the last one too (every row in, the end line
     # missing: its chunk carries no token, and the resume wrote every message again).
     for i in checkpoints:
+        lines = await _in_a_held_snapshot(address, lines)  # each resume closed its own
         part.write_text("".join(lines[: i + 1]), encoding="utf-8")
         assert await _run("backup", "-o", str(part), *argv, "--resume") == 0
         assert part.read_text(encoding="utf-8").splitlines(keepends=True) == lines, i
@@ -351,11 +371,15 @@ async def test_two_backups_and_exports_of_an_unchanged_project_are_byte_identica
         await _run_apart("backup", "-o", str(tmp_path / f"{name}.jsonl"), *argv)
         for kind in ("users", "sessions", "messages"):
             await _run_apart("export", kind, "-o", str(tmp_path / f"{name}-{kind}.jsonl"), *argv)
-    # The header holds no time nor anything else that differs between runs: whole files.
+    # The header holds no time nor anything else that differs between runs: whole files, but
+    # for the id of the snapshot each backup read in, which its checkpoints name.
     for suffix in ("", "-users", "-sessions", "-messages"):
-        one = (tmp_path / f"one{suffix}.jsonl").read_bytes()
+        one, two = (
+            _SNAPSHOT_ID.sub(b"<snapshot>", (tmp_path / f"{name}{suffix}.jsonl").read_bytes())
+            for name in ("one", "two")
+        )
         assert b'"key11"' in one, suffix  # the rows with many keys are in it
-        assert one == (tmp_path / f"two{suffix}.jsonl").read_bytes(), suffix
+        assert one == two, suffix
 
 
 async def test_a_backup_of_an_empty_project_is_refused_by_a_non_empty_one(
@@ -402,7 +426,8 @@ async def test_resume_refuses_a_backup_of_another_project_or_database_and_leaves
     argv = ("--chunk-size", "2", "--no-progress")
     full = tmp_path / "full.jsonl"
     assert await _run("backup", "-o", str(full), "--address", address, *argv) == 0
-    lines = full.read_bytes().splitlines(keepends=True)
+    text = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = [line.encode() for line in await _in_a_held_snapshot(address, text)]
     cut = next(i for i, line in enumerate(lines) if b'"users", "page_token": ""' in line)
     part = tmp_path / "part.jsonl"
     part.write_bytes(b"".join(lines[: cut + 1]))
@@ -429,6 +454,59 @@ async def test_resume_refuses_a_backup_of_another_project_or_database_and_leaves
     assert "names no project and database" in capsys.readouterr().err
     # The server and project it was started with: it goes on, to the same file.
     assert await _run("backup", "-o", str(part), "--resume", "--address", address, *argv) == 0
-    assert part.read_bytes() == full.read_bytes()
+    assert part.read_bytes() == b"".join(lines)
     header = json.loads(lines[0])
     assert header["project"] == "default" and len(header["source"]) == 32, header
+
+
+async def test_a_backup_taken_while_the_project_is_written_restores_whole(
+    grpc_port: int, clean_db: str, tmp_path: Path
+) -> None:
+    # Its three streams were read one after another: a user and session made meanwhile had
+    # their session or messages in the file without their user or session, a user deleted
+    # its sessions' users, and the restore stopped on the first such row (an audit,
+    # 2026-12-03). Read in one snapshot, the file is the project at one moment.
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    backup = tmp_path / "live.jsonl"
+    argv = ("--address", address, "--chunk-size", "1", "--no-progress")
+    backing_up = asyncio.ensure_future(_run("backup", "-o", str(backup), *argv))
+    written = 0
+    async with AsyncMemstore(address) as client:
+        while not backing_up.done():
+            await client.user.add(f"w{written}")
+            await client.memory.add(
+                f"w{written}-s", [Message(content="hi", role_type="user")], user_id=f"w{written}"
+            )
+            if written >= 2:
+                await client.user.delete(f"w{written - 2}")
+            written += 1
+            await asyncio.sleep(0)
+    assert await backing_up == 0
+    assert written > 3, "the backup ended before the writes could race it"
+    await _truncate(clean_db)
+    assert await _run("restore", "-i", str(backup), "--address", address, "--no-progress") == 0
+    rows = [json.loads(line) for line in backup.read_text(encoding="utf-8").splitlines()]
+    users = {r["user_id"] for r in rows if r.get("kind") == "user"}
+    sessions = {r["session_id"]: r["user_id"] for r in rows if r.get("kind") == "session"}
+    assert {u for u in sessions.values() if u} <= users
+    assert {r["session_id"] for r in rows if r.get("kind") == "message"} <= set(sessions)
+
+
+async def test_a_resume_whose_snapshot_is_gone_starts_nothing_and_says_so(
+    grpc_port: int, clean_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    full = tmp_path / "full.jsonl"
+    argv = ("--address", address, "--chunk-size", "2", "--no-progress")
+    assert await _run("backup", "-o", str(full), *argv) == 0  # it closed its snapshot
+    lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"stream": "sessions"' in line)
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[: cut + 1]), encoding="utf-8")
+    capsys.readouterr()
+    assert await _run("backup", "-o", str(part), *argv, "--resume") == 1
+    err = capsys.readouterr().err
+    assert "is no longer held" in err and f"remove {part} and back up again" in err, err
+    assert part.read_text(encoding="utf-8") == "".join(lines[: cut + 1])
