@@ -697,7 +697,14 @@ async def _kept_live_citus(
                 "recall_sequences": sorted({sequence for _, sequence, _ in part}),
             },
         )
-        by_key = {(row["session_id"], row["m_sequence"]): row for row in live}
+        # A key names the message it was kept for, not one made since under a session id
+        # the purge freed (get_memories_recall's kept_recall_scan, migrations 0019, 0020).
+        kept_at = keys["recall_kept_at"]
+        by_key = {
+            (row["session_id"], row["m_sequence"]): row
+            for row in live
+            if kept_at is None or row["m_created_at"] <= kept_at
+        }
         for session, sequence, score in part:
             row = by_key.get((session, sequence))
             if row is not None and len(found) < limit:

@@ -152,6 +152,7 @@ FAN_OUT = {
 REFERENCE = {
     "create_project",
     "get_project",
+    "get_backup_source",
     "list_projects",
     "create_api_key",
     "find_api_key",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -274,6 +275,31 @@ async def test_the_next_message_after_a_clear_is_not_served_the_old_talks_recall
     await _say(sessions, "lea-now", "lea", "which winter tires are best in the snow?")
     after = await sessions.GetMemory(ss.GetMemoryRequest(session_id="lea-now"))
     assert after.relevant_messages[0].session_id == "lea-car"
+
+
+async def test_a_session_id_the_purge_freed_and_made_again_does_not_inherit_kept_recall(
+    users, sessions, store, embed, clean_db
+):
+    # Kept recall names memories by (session, sequence). The purge hard-deleted a session,
+    # its user made one again under the same id, numbered from 1 again: the key kept for
+    # "my dog Biscuit" named the new first message, and GetMemory served "my bank PIN" as
+    # the top memory, until the session got a message of its own (an audit, 2026-12-03).
+    await users.CreateUser(us.CreateUserRequest(user_id="pia"))
+    await _say(sessions, "pia-dog", "pia", "My dog Biscuit is a beagle who loves long walks")
+    await _say(sessions, "pia-cat", "pia", "The neighbour's cat chases my dog Biscuit around")
+    await _say(sessions, "pia-now", "pia", "tell me about my dog Biscuit the beagle")
+    await embed()
+    before = await sessions.GetMemory(ss.GetMemoryRequest(session_id="pia-now"))
+    assert before.relevant_messages[0].session_id == "pia-dog"
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="pia-dog"))
+    assert (await store.purge(timedelta(0))).sessions == 1
+    await _say(sessions, "pia-dog", "pia", "My bank PIN is 4921, do not tell anyone")
+    assert (await _kept_sessions(clean_db, store, "pia-now") or [])[0] == "pia-dog"  # kept
+    after = await sessions.GetMemory(ss.GetMemoryRequest(session_id="pia-now"))
+    # Ranked at the call by what each memory says: the cat's, not the PIN under the dog's key.
+    assert after.relevant_messages[0].session_id == "pia-cat"
+    pin = [r for r in after.relevant_messages if "PIN" in r.message.content]
+    assert all(r.score < after.relevant_messages[0].score for r in pin)
 
 
 async def test_kept_recall_none_of_which_is_live_ranks_at_the_call(

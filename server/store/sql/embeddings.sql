@@ -168,7 +168,9 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM embedding_queue LIMIT %(cap)s) AS ca
 UPDATE session_embeddings SET
     recall_sessions = %(recall_sessions)s::text[],
     recall_sequences = %(recall_sequences)s::bigint[],
-    recall_scores = %(recall_scores)s::float8[]
+    recall_scores = %(recall_scores)s::float8[],
+    -- Every message the ranking saw was made before this statement (migration 0020).
+    recall_kept_at = statement_timestamp()
 WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(model)s;
 
 -- save_word_recall --
@@ -176,15 +178,16 @@ WHERE project_id = %(project_id)s AND session_id = %(session_id)s AND model = %(
 -- vectors are not kept; only while the session is live, so a session deleted meanwhile
 -- keeps nothing (on Citus its hard delete may commit between the two: the save is retried).
 INSERT INTO session_word_recall AS t (project_id, session_id, recall_sessions,
-                                      recall_sequences, recall_scores)
+                                      recall_sequences, recall_scores, recall_kept_at)
 SELECT s.project_id, s.session_id, %(recall_sessions)s::text[], %(recall_sequences)s::bigint[],
-       %(recall_scores)s::float8[]
+       %(recall_scores)s::float8[], statement_timestamp()
 FROM sessions s
 WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
 ON CONFLICT (project_id, session_id) DO UPDATE SET
     recall_sessions = excluded.recall_sessions,
     recall_sequences = excluded.recall_sequences,
-    recall_scores = excluded.recall_scores;
+    recall_scores = excluded.recall_scores,
+    recall_kept_at = excluded.recall_kept_at;
 
 -- settle_word_recall --
 -- Removes a claimed batch from the queue once its sessions' recall by words is kept.

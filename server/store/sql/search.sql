@@ -424,6 +424,9 @@ FROM unnest(e.recall_sessions, e.recall_sequences, e.recall_scores)
     WITH ORDINALITY AS r(session_id, sequence, score, rank)
 JOIN messages rm ON rm.project_id = e.project_id AND rm.session_id = r.session_id
                 AND rm.sequence = r.sequence AND rm.deleted_at IS NULL
+                -- A key names the message it was kept for, not one made since under a
+                -- session id the purge freed (migrations 0019, 0020).
+                AND (e.recall_kept_at IS NULL OR rm.created_at <= e.recall_kept_at)
 JOIN sessions rs ON rs.project_id = rm.project_id AND rs.session_id = rm.session_id
                 AND rs.deleted_at IS NULL AND rs.user_id = o.user_id
 ORDER BY r.rank
@@ -451,7 +454,8 @@ SELECT rm.uuid, rm.session_id, rm.sequence, rm.role, rm.role_type, rm.content, r
 -- list of them runs on every shard; so the store reads the memories next with
 -- recall_live_citus, which names their sessions and reaches only those sessions' shards.
 -- {kept} and {kept_filter} as in get_memories_recall.
-SELECT o.user_id AS owner, e.recall_sessions, e.recall_sequences, e.recall_scores
+SELECT o.user_id AS owner, e.recall_sessions, e.recall_sequences, e.recall_scores,
+       e.recall_kept_at
 FROM {kept} e
 JOIN sessions o ON o.project_id = e.project_id AND o.session_id = e.session_id
                AND o.deleted_at IS NULL AND o.user_id IS NOT NULL AND o.message_count > 0

@@ -83,7 +83,8 @@ SELECT sized.metadata_bytes, updated.* FROM sized LEFT JOIN updated ON true;
 -- the session's next message until the worker ranked again. NULL: not computed (GetMemory
 -- ranks on the request path).
 UPDATE session_embeddings e
-SET recall_sessions = NULL, recall_sequences = NULL, recall_scores = NULL
+SET recall_sessions = NULL, recall_sequences = NULL, recall_scores = NULL,
+    recall_kept_at = NULL
 WHERE e.project_id = %(project_id)s AND e.session_id = %(session_id)s;
 
 -- forget_recall_words --
