@@ -26,6 +26,9 @@ class FakeServer:
     #: A request holding a longer text is refused with 400, as a model refuses one past its
     #: context (OpenAI: "maximum context length").
     max_chars: int | None = None
+    #: A request holding a text that contains this fails with 500, as llama.cpp fails one
+    #: input past its physical batch size (and whatever is sent with it).
+    fail_on: str | None = None
 
 
 def answer(texts: list[str], dims: int) -> dict[str, Any]:
@@ -62,6 +65,10 @@ def serving() -> Iterator[FakeServer]:
             ):
                 message = f"input is longer than {state.max_chars} characters"
                 body, status = json.dumps({"error": {"message": message}}).encode(), 400
+            if state.fail_on is not None and any(state.fail_on in t for t in request["input"]):
+                message = "input is too large to process. increase the physical batch size"
+                error = {"code": 500, "message": message, "type": "server_error"}
+                body, status = json.dumps({"error": error}).encode(), 500
             if body is None:
                 body = json.dumps(answer(request["input"], state.dims)).encode()
             self.send_response(status)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from server.errors import MemstoreError
 from server.search.embedding import PROBE_WORD, Embedder, EmbeddingError
 from server.search.service import RECALL_WINDOW
-from server.store import QUEUE_COUNT_CAP, Store
+from server.store import QUEUE_COUNT_CAP, Deferred, Store
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ QUEUE_STALE_SECONDS = 600.0
 
 #: Seconds to wait after a failed batch (database down, remote embedder failing).
 _BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+
+#: HTTP statuses by which a remote model says it is overloaded or unreachable behind a proxy:
+#: they say nothing of the texts sent, so a batch failing so is given back whole, not split.
+_OVERLOADED = frozenset({429, 502, 503, 504})
 
 #: The request path is busy when the rest of the process used at least this many cores
 #: since the last look (a saturated server here uses 0.6-0.9, one at 17 AddMemory calls/s 0.03).
@@ -183,44 +187,62 @@ class EmbeddingWorker:
                 raise TimeoutError(f"embedding queue not drained after {timeout:.0f}s")
         return total
 
-    async def _embed(self, texts: list[str]) -> Sequence[list[float] | None]:
-        # One vector per text; None for a text the model refuses whatever is sent with it.
+    async def _embed(self, texts: list[str]) -> Sequence[list[float] | Deferred | None]:
+        # One vector per text; None for a text the model refuses whatever is sent with it,
+        # Deferred for one it fails on alone otherwise.
         try:
             return list(await self._embed_now(texts))
         except EmbeddingError as exc:
-            if not exc.refused:
-                raise
             first = exc
-        # The model refused the batch (a text too long for it, say: the remote path sends
-        # texts whole, and a 1 MiB message passes an OpenAI model's 8,192 tokens). Given
-        # back, the batch would be claimed and refused again, forever, and nothing queued
-        # after it embedded. Each text alone then; one refused alone is left without a
-        # vector (its message stays, found by words), unless the model refuses even a word,
-        # which says the model or its key is wrong: the batch goes back, for a later try.
-        vectors: list[list[float] | None] = []
-        for text in texts:
-            try:
-                alone = await self._embed_now([text])
-            except EmbeddingError as exc:
-                if not exc.refused:
-                    raise
-                vectors.append(None)
-                continue
-            vectors.append(alone[0])
-        if all(v is None for v in vectors):
-            try:
-                await self._embed_now([PROBE_WORD])
-            except EmbeddingError:
-                raise first from None
-        for text, vector in zip(texts, vectors, strict=True):
-            if vector is None:
+        # Given back whole, a failed batch was claimed and failed again, forever, and nothing
+        # queued after it was embedded: a text too long for the model (HTTP 400, 413, 422;
+        # the remote path sends texts whole and a message may hold 1 MiB), one past a
+        # server's batch (llama.cpp answers 500), one that times out or comes back NaN. So
+        # the batch is halved until each failing text is alone (at most 2n - 2 more POSTs
+        # for n texts, 2 log2 n for one bad text), unless the failure is the service's: it
+        # says it is overloaded, or it fails a word too (down, or its name or key wrong).
+        # Then the batch goes back whole and the worker backs off: an outage costs two
+        # POSTs a try, not n.
+        if first.status in _OVERLOADED or not await self._embeds_a_word():
+            raise first
+        results = await self._bisect(texts, first)
+        # Nothing passed: the service may have gone down since its word passed.
+        passed = any(isinstance(r, list) for r in results)
+        if len(texts) > 1 and not passed and not await self._embeds_a_word():
+            raise first
+        for text, result in zip(texts, results, strict=True):
+            if result is None:
                 log.warning(
                     "the embedding model refuses a message of %d characters (%s): it is kept "
                     "without a vector, found by words but not by meaning",
                     len(text),
                     first,
                 )
-        return vectors
+        return results
+
+    async def _bisect(
+        self, texts: list[str], failure: EmbeddingError
+    ) -> list[list[float] | Deferred | None]:
+        # `texts` failed together with `failure`: each half is sent alone, and a half that
+        # fails is halved again. A text refused alone leaves the queue without a vector (its
+        # message stays, found by words); one that fails alone otherwise is put off.
+        if len(texts) == 1:
+            return [None if failure.refused else Deferred(str(failure))]
+        middle = len(texts) // 2
+        results: list[list[float] | Deferred | None] = []
+        for part in (texts[:middle], texts[middle:]):
+            try:
+                results.extend(await self._embed_now(part))
+            except EmbeddingError as exc:
+                results.extend(await self._bisect(part, exc))
+        return results
+
+    async def _embeds_a_word(self) -> bool:
+        try:
+            await self._embed_now([PROBE_WORD])
+        except EmbeddingError:
+            return False
+        return True
 
     async def _embed_now(self, texts: list[str]) -> list[list[float]]:
         assert self._embedder is not None

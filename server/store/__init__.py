@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.store.embeddings import QUEUE_COUNT_CAP
+from server.store.embeddings import QUEUE_COUNT_CAP, Deferred
 from server.store.store import Store
 
-__all__ = ["QUEUE_COUNT_CAP", "Store"]
+__all__ = ["QUEUE_COUNT_CAP", "Deferred", "Store"]

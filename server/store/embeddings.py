@@ -4,7 +4,9 @@ vectors are not kept); reindex fills the queue."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -13,6 +15,8 @@ from server.errors import FailedPrecondition
 from server.store.db import Row, fetch_all, fetch_one
 from server.store.queries import query
 from server.store.search import RECALL_KEEP, SearchMethods, vector_text
+
+log = logging.getLogger(__name__)
 
 #: Seconds a worker holds the messages it claimed: far longer than a batch takes to embed;
 #: a worker that dies leaves them to others when it ends.
@@ -28,8 +32,22 @@ _CLAIM_ATTEMPTS = 5
 #: Runs of a batch's save under Citus when a delete committed during it (see embed_due).
 _SAVE_ATTEMPTS = 3
 
-#: Embeds a batch of texts off the event loop; one vector per text.
-EmbedBatch = Callable[[list[str]], Awaitable[Sequence[list[float] | None]]]
+#: Seconds a message the model failed on alone is put off: as long again as it has waited,
+#: at least the first and at most the second (defer_embeddings).
+DEFER_SECONDS = (30.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """What the model gave for a text it failed on alone, not by a refusal (an HTTP 500, a
+    timeout, a NaN vector): its message stays queued and is tried again later."""
+
+    reason: str
+
+
+#: Embeds a batch of texts off the event loop; per text a vector, None for a text the model
+#: refuses (it leaves the queue without one) or Deferred (it stays queued, put off).
+EmbedBatch = Callable[[list[str]], Awaitable[Sequence[list[float] | Deferred | None]]]
 
 
 def _keys_params(keys: list[tuple[int, str, int]]) -> dict[str, Any]:
@@ -87,9 +105,12 @@ class EmbeddingMethods(SearchMethods):
         leaves its rows to be claimed again when the lease ends, and a model that fails
         gives them back at once: nothing is lost. The save locks the batch's sessions
         first, in key order, as DeleteUser does, so the two wait for each other instead of
-        deadlocking. Soft-deleted messages leave the queue without a vector.
+        deadlocking. Soft-deleted messages leave the queue without a vector. A message the
+        model failed on alone (`embed` gave Deferred) stays queued, put off (DEFER_SECONDS)
+        and logged by its key, while the rest of its batch is saved.
         Returns how many queue rows were settled (0 when nothing was due, and always where
-        vectors are not kept: the queue then feeds keep_word_recall_due).
+        vectors are not kept: the queue then feeds keep_word_recall_due); deferred rows are
+        not settled.
 
         Raises:
             Unavailable: the database cannot be reached.
@@ -113,12 +134,24 @@ class EmbeddingMethods(SearchMethods):
                 await conn.execute(query("release_embeddings"), _keys_params(keys))
             raise
         # A message the model refused (None), or not sent, leaves the queue without a
-        # vector, as a soft-deleted one does (save_embeddings).
-        by_key = {
-            (r["project_id"], r["session_id"], r["sequence"]): vector_text(v)
-            for r, v in zip(said, vectors, strict=True)
-            if v is not None
-        }
+        # vector, as a soft-deleted one does (save_embeddings). One it failed on alone is
+        # put off first, in its own statement: should the save fail, it still heads no claim.
+        by_key: dict[tuple[int, str, int], str] = {}
+        deferred: dict[tuple[int, str, int], str] = {}
+        for r, v in zip(said, vectors, strict=True):
+            key = (r["project_id"], r["session_id"], r["sequence"])
+            if isinstance(v, Deferred):
+                deferred[key] = v.reason
+            elif v is not None:
+                by_key[key] = vector_text(v)
+        if deferred:
+            await self._defer(deferred)
+            keys = [k for k in keys if k not in deferred]
+            live = [
+                r for r in live if (r["project_id"], r["session_id"], r["sequence"]) not in deferred
+            ]
+            if not keys:
+                return 0
         # Citus locks no rows across shards, so the save does not lock the batch's sessions
         # first: a DeleteUser or purge that deleted one of its messages and commits while the
         # save runs makes the vectors' foreign key check fail (the key is co-located, checked
@@ -132,7 +165,27 @@ class EmbeddingMethods(SearchMethods):
             except FailedPrecondition:
                 if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
                     raise
-        return len(claimed)
+        return len(keys)
+
+    async def _defer(self, deferred: dict[tuple[int, str, int], str]) -> None:
+        # Given back at once as a failed batch is, such a message was the oldest due and
+        # headed every claim: the same batch failed forever and nothing after it was
+        # embedded. Logged by key only: the content is the user's.
+        least, most = DEFER_SECONDS
+        params = {**_keys_params(list(deferred)), "least": least, "most": most}
+        async with self._connect(single=True) as conn:
+            rows = await fetch_all(conn, "defer_embeddings", params)
+        for row in rows:
+            log.warning(
+                "the embedding model fails on message %s of session %r (project %s) alone "
+                "(%s); it stays queued, waiting %.0fs so far, tried again in %.0fs",
+                row["sequence"],
+                row["session_id"],
+                row["project_id"],
+                deferred[(row["project_id"], row["session_id"], row["sequence"])],
+                row["waited"],
+                row["delay"],
+            )
 
     async def keep_word_recall_due(self, limit: int, window: int) -> int:
         """Leases up to `limit` due messages and keeps their sessions' recall by words.

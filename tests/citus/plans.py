@@ -72,6 +72,8 @@ VALUES: dict[str, Any] = {
     "window": 4,
     "words": 32,
     "lease": 30.0,
+    "least": 30.0,
+    "most": 3600.0,
     "cap": 10_000,
     "candidates": 50,
     "text_weight": 0.3,

@@ -29,6 +29,27 @@ FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[], %(sequences)s::b
     AS k(project_id, session_id, sequence)
 WHERE q.project_id = k.project_id AND q.session_id = k.session_id AND q.sequence = k.sequence;
 
+-- defer_embeddings --
+-- Puts off messages the model failed on alone (not a refusal) while it embedded the rest of
+-- their batch: each is leased for as long again as it has waited, between %(least)s and
+-- %(most)s seconds, so it heads no claim meanwhile and one that keeps failing is tried ever
+-- more rarely (each try at most doubles its wait). enqueued_at is kept: the queue's age
+-- still shows it. The clock is read once in a materialized CTE and the time built from epoch
+-- seconds: Citus refuses a volatile function in a distributed UPDATE's SET, and a stable
+-- one (timestamptz + interval) on a column.
+WITH t AS MATERIALIZED (
+    SELECT clock_timestamp() AS now, extract(epoch FROM clock_timestamp())::float8 AS epoch
+)
+UPDATE embedding_queue q
+SET leased_until = to_timestamp(t.epoch + least(%(most)s::float8,
+        greatest(%(least)s::float8, extract(epoch FROM t.now - q.enqueued_at)::float8)))
+FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[], %(sequences)s::bigint[])
+    AS k(project_id, session_id, sequence), t
+WHERE q.project_id = k.project_id AND q.session_id = k.session_id AND q.sequence = k.sequence
+RETURNING q.project_id, q.session_id, q.sequence,
+          extract(epoch FROM t.now - q.enqueued_at)::float8 AS waited,
+          extract(epoch FROM q.leased_until - t.now)::float8 AS delay;
+
 -- lock_embedded_sessions --
 -- Locks the sessions of a batch against deletion, in key order as DeleteUser does, before
 -- the batch's vectors are written: a delete and a save then wait for each other in turn.
