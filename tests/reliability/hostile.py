@@ -133,6 +133,23 @@ def _tamper(token: str, at: int) -> str:
     return token[:i] + ("A" if token[i : i + 1] != "A" else "B") + token[i + 1 :]
 
 
+#: Snapshot ids: none, well-formed ones no snapshot has (gone: FAILED_PRECONDITION), and text
+#: that is no id at all (INVALID_ARGUMENT; quotes too, as the id is a literal in SQL).
+snapshots = st.one_of(
+    st.just(""),
+    st.builds(
+        "{:08X}-{:08X}-{}".format,
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 10**9),
+    ),
+    st.text(max_size=40),
+    st.sampled_from(["00000003-0000001B-1'; DROP TABLE users; --", "00000003-0000001b-1"]),
+)
+#: OpenSnapshot's hold_seconds: held briefly, or out of range.
+snapshot_holds = st.one_of(
+    st.integers(1, 2), st.integers(-(2**31), -1), st.integers(86_401, 2**31 - 1)
+)
 tokens = st.one_of(
     st.just(""),
     current(KNOWN_TOKENS),
@@ -408,7 +425,7 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         upb.ListUsersRequest, page_size=sizes, page_token=tokens, page_number=sizes
     ),
     "UserService/ListUsersChunked": _build(
-        upb.ListUsersChunkedRequest, chunk_size=sizes, page_token=tokens
+        upb.ListUsersChunkedRequest, chunk_size=sizes, page_token=tokens, snapshot=snapshots
     ),
     "UserService/ListUserSessions": _either(
         upb.ListUserSessionsRequest,
@@ -487,12 +504,14 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
         chunk_size=sizes,
         page_token=tokens,
         include_deleted=st.booleans(),
+        snapshot=snapshots,
     ),
     "SessionService/ExportMessages": _build(
         spb.ExportMessagesRequest,
         chunk_size=sizes,
         page_token=tokens,
         include_deleted=st.booleans(),
+        snapshot=snapshots,
     ),
     "SessionService/SearchMemory": st.one_of(
         _build(
@@ -532,6 +551,12 @@ REQUESTS: dict[str, st.SearchStrategy[Any]] = {
     # No field of its own: requests that differ by a field it does not declare (a newer
     # client's), which the server ignores.
     "BackupService/GetBackupSource": st.integers(0, 2**63).map(_with_unknown_field),
+    # Always a hold: unset (0) is an hour's, and each snapshot held is a connection of the
+    # test database's; one or two seconds, or out of range.
+    "BackupService/OpenSnapshot": snapshot_holds.map(
+        lambda hold: bpb.OpenSnapshotRequest(hold_seconds=hold)
+    ),
+    "BackupService/CloseSnapshot": _build(bpb.CloseSnapshotRequest, snapshot=snapshots),
     "BackupService/Restore": _mostly(
         bpb.RestoreRequest,
         4,

@@ -52,7 +52,7 @@ DOCUMENTED: dict[str, set[Code]] = {
     "UserService/UpdateUser": _NOT_FOUND,
     "UserService/DeleteUser": _NOT_FOUND,
     "UserService/ListUsers": set(),
-    "UserService/ListUsersChunked": set(),
+    "UserService/ListUsersChunked": {Code.FAILED_PRECONDITION},
     "UserService/ListUserSessions": _NOT_FOUND,
     "SessionService/CreateSession": {Code.ALREADY_EXISTS, Code.FAILED_PRECONDITION},
     "SessionService/GetSession": _NOT_FOUND,
@@ -66,17 +66,22 @@ DOCUMENTED: dict[str, set[Code]] = {
     "SessionService/GetMessage": _NOT_FOUND,
     "SessionService/UpdateMessage": _NOT_FOUND,
     "SessionService/ClearMemory": _NOT_FOUND,
-    "SessionService/ExportSessions": set(),
-    "SessionService/ExportMessages": set(),
+    "SessionService/ExportSessions": {Code.FAILED_PRECONDITION},
+    "SessionService/ExportMessages": {Code.FAILED_PRECONDITION},
     "SessionService/SearchMemory": {Code.FAILED_PRECONDITION, Code.UNAVAILABLE},
     "BackupService/Restore": {Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS},
     "BackupService/GetBackupSource": set(),
+    "BackupService/OpenSnapshot": {Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION},
+    "BackupService/CloseSnapshot": set(),
 }
 #: Documented codes no request draws from a healthy server: SearchMemory's FAILED_PRECONDITION
-#: is a server keeping no vectors, its UNAVAILABLE an embedder failing; GetBackupSource's
+#: is a server keeping no vectors, its UNAVAILABLE an embedder failing; OpenSnapshot's
+#: RESOURCE_EXHAUSTED more than 8 held at once, its FAILED_PRECONDITION Citus; GetBackupSource's
 #: request has no field to be wrong (bytes that do not parse: the raw-bytes test).
 NOT_DRAWN = {
     "SessionService/SearchMemory": {Code.FAILED_PRECONDITION, Code.UNAVAILABLE},
+    # More than 8 snapshots held at once (each held for a second or two), and Citus.
+    "BackupService/OpenSnapshot": {Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION},
     "BackupService/GetBackupSource": {Code.INVALID_ARGUMENT},
 }
 #: Rows _seed writes: users, sessions, messages.
@@ -380,10 +385,15 @@ for _method in hostile.REQUESTS:
 _invalid_utf8 = st.sampled_from([b"\xff", b"\xc3\x28", b"a\xed\xa0\x80b", b"\xf8\x88\x80\x80\x80"])
 
 
+#: Not OpenSnapshot: random bytes parse as a request of no hold, which holds a snapshot, a
+#: connection of the test database, for the default hour (its own fuzz draws short holds).
+_RAW_METHODS = sorted(set(hostile.REQUESTS) - {"BackupService/OpenSnapshot"})
+
+
 @st.composite
 def _raw_requests(draw: st.DrawFn) -> tuple[str, bytes]:
     """Bytes no client library would send: invalid UTF-8 in strings, top-level or nested."""
-    method = draw(st.sampled_from(sorted(hostile.REQUESTS)))
+    method = draw(st.sampled_from(_RAW_METHODS))
     valid = draw(hostile.REQUESTS[method]).SerializeToString()
     bad = draw(st.binary(max_size=8)) + draw(_invalid_utf8) + draw(st.binary(max_size=8))
     number = draw(st.integers(1, 12))
@@ -458,7 +468,7 @@ def test_fuzz_every_rpc_at_once_on_the_same_rows(fuzz_channel: grpc.Channel, cle
 
 def test_every_rpc_is_fuzzed_with_its_documented_codes() -> None:
     # A new RPC fails here until hostile.py has its requests and DOCUMENTED its codes.
-    assert len(RPCS) == 23
+    assert len(RPCS) == 26
     assert set(hostile.REQUESTS) == set(RPCS) == set(DOCUMENTED)
 
 

@@ -53,7 +53,12 @@ def _available(url: str) -> bool:
 async def test_migrate_leaves_the_mode_ci_expects_and_says_why(
     fresh_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert VECTOR_MIGRATIONS == ["0007_vectors", "0008_stored_recall", "0014_no_session_vector"]
+    assert VECTOR_MIGRATIONS == [
+        "0007_vectors",
+        "0008_stored_recall",
+        "0014_no_session_vector",
+        "0020_vector_recall_kept_at",
+    ]
     # What the server and the role allow, read from the catalogs before migrate runs.
     available = _available(fresh_url)
     usable = "vector" in usable_extensions(fresh_url)
