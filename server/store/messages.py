@@ -409,7 +409,7 @@ class MessageMethods(StoreBase):
     async def update_message(
         self, project_id: int, session_id: str, uuid: str, change: MetadataChange
     ) -> Message:
-        """Merges (or replaces) one live message's metadata in one statement.
+        """Merges (or replaces) one live message's metadata, its session locked first.
 
         Raises:
             NotFound: the message or its session is absent or soft-deleted.
@@ -421,8 +421,13 @@ class MessageMethods(StoreBase):
             "uuid": parse_uuid(session_id, uuid),
             **metadata_params(change),
         }
-        async with self._connect(field="metadata", single=True) as conn:
-            row = await fetch_one(conn, "update_message", params)
+        async with self._connect(field="metadata") as conn:
+            # The session first, as AddMemory, ClearMemory and DeleteSession take it before
+            # its messages: the statement alone locked the message, then the session to
+            # touch it, and a ClearMemory of the session deadlocked with it
+            # (tests/store/test_lock_order.py).
+            live = await fetch_one(conn, "lock_live_session", key_of(params))
+            row = await fetch_one(conn, "update_message", params) if live else None
         if row is None:
             raise message_not_found(session_id, uuid)
         if row["uuid"] is None:
@@ -614,7 +619,7 @@ def _answer_row(row: Row, **more: Any) -> Row:
 
 
 def key_of(params: Params) -> dict[str, Any]:
-    """The project and session of an AddMemory call's parameters."""
+    """The project and session of a call's parameters."""
     return {"project_id": params["project_id"], "session_id": params["session_id"]}
 
 

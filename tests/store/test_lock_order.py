@@ -13,6 +13,9 @@ write, and checks whether the write took the other session ("a") before waiting:
 everywhere, it waits for "B" holding nothing of the two. They need a PostgreSQL with ICU: the
 machine's PostgreSQL 15 (CI's external stage, and the Citus coordinator under `make
 test-citus`, where the database made here is a plain one); the embedded PostgreSQL has none.
+
+Within one session the order is the session's row, then its messages' (AddMemory,
+ClearMemory, DeleteSession); the last test holds UpdateMessage to it, on every engine.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ import pytest
 from psycopg import sql
 
 from server.domain import DEFAULT_PROJECT_ID as P
-from server.domain import NewMessage
+from server.domain import MetadataChange, NewMessage
+from server.errors import NotFound
 from server.store import Store
+from server.store.base import key
+from server.store.queries import query
 from tests.fix_db import has_lock_waiter, scratch_database
 from tests.polling import until
 from tests.store.test_restore_races import message
@@ -119,3 +125,34 @@ async def test_restore_locks_sessions_in_the_batchs_order(icu_store: tuple[Store
     for sid in (FIRST, SECOND):
         _, stored = await store.get_memory(P, sid, 10)
         assert [m.sequence for m in stored] == [1, 5]
+
+
+async def test_update_message_waits_for_the_session_holding_no_message(
+    store: Store, clean_db: str
+) -> None:
+    """ClearMemory locks a session, then soft-deletes its messages; UpdateMessage locked the
+    message, then the session (to touch its updated_at). On one session the two each held
+    what the other wanted, and PostgreSQL ended one as a deadlock's victim: UpdateMessage
+    answered UNAVAILABLE (the fuzz on the Citus cluster, stop CI of 2026-12-03). Here a
+    transaction runs ClearMemory's two statements around an UpdateMessage of the session."""
+    url = clean_db
+    await store.add_memory(P, "s", None, _said("hello"))
+    _, [said] = await store.get_memory(P, "s", 10)
+    params = key(P, session_id="s")
+    async with await psycopg.AsyncConnection.connect(url) as clearing:
+        cur = await clearing.execute(query("lock_live_session"), params)
+        assert await cur.fetchone() is not None
+        change = MetadataChange({"seen": True})
+        updating = asyncio.ensure_future(store.update_message(P, "s", said.uuid, change))
+        try:
+            assert await until(lambda: has_lock_waiter(url)), "UpdateMessage never waited"
+            # With the message held by UpdateMessage this waits on it: a cycle.
+            cur = await clearing.execute(query("clear_memory"), params)
+            assert await cur.fetchone() == (1,)
+            await clearing.commit()
+        finally:
+            await clearing.rollback()
+            with pytest.raises(NotFound, match=r"message '.*' not found"):
+                await asyncio.wait_for(updating, 10)
+    session, kept = await store.get_memory(P, "s", 10)
+    assert session is not None and session.message_count == 0 and kept == []

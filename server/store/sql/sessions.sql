@@ -93,7 +93,8 @@ DELETE FROM session_word_recall w
 WHERE w.project_id = %(project_id)s AND w.session_id = %(session_id)s;
 
 -- lock_live_session --
--- Locks a live session before its messages are soft-deleted. AddMemory appends only under
+-- Locks a live session before its messages are soft-deleted or one of them is updated (a
+-- session's row before its messages', in every write). AddMemory appends only under
 -- this row lock, so the next statement's snapshot holds every message committed before it
 -- and no new one can come; in one statement, messages appended while it waited for the
 -- lock would stay live in a deleted session (tests/reliability/test_races.py).
