@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -154,6 +155,16 @@ async def lock_waiters(url: str, *, cluster: bool = True) -> int:
         assert row is not None
         waiting += int(row[0])
     return waiting
+
+
+async def scalar(url: str, statement: str) -> Any:
+    """The one value `statement` answers, over a connection of its own (autocommit: a
+    statement Citus would route to a worker reads there, as a caller's would)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(statement)  # type: ignore[arg-type]
+        row = await cur.fetchone()
+    assert row is not None, statement
+    return row[0]
 
 
 async def has_lock_waiter(url: str, *, cluster: bool = True) -> bool:

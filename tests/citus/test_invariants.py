@@ -18,18 +18,11 @@ from server.domain import NewMessage
 from server.errors import FailedPrecondition, NotFound, Unavailable
 from server.store import Store
 from server.store import users as users_module
+from tests.fix_db import scalar
 
 
 def _msg(content: str) -> NewMessage:
     return NewMessage(role="u", role_type="user", content=content, metadata={}, uuid=None)
-
-
-async def _scalar(url: str, statement: str) -> int:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cur = await conn.execute(statement)
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 @pytest.fixture
@@ -43,7 +36,7 @@ async def empty(citus_url: str, citus_store: Store) -> str:
 async def test_the_sessions_users_key_is_gone_and_the_store_refuses_unknown_users(
     citus_store: Store, empty: str
 ) -> None:
-    keys = await _scalar(
+    keys = await scalar(
         empty,
         "SELECT count(*) FROM pg_constraint WHERE contype = 'f'"
         " AND conrelid = 'sessions'::regclass AND confrelid = 'users'::regclass",
@@ -55,7 +48,7 @@ async def test_the_sessions_users_key_is_gone_and_the_store_refuses_unknown_user
     with pytest.raises(FailedPrecondition) as added:
         await citus_store.add_memory(P, "s", "ghost", [_msg("hello")])
     assert added.value.reason == "USER_NOT_FOUND"
-    assert await _scalar(empty, "SELECT count(*) FROM sessions") == 0
+    assert await scalar(empty, "SELECT count(*) FROM sessions") == 0
 
 
 async def test_delete_user_racing_session_writes_leaves_no_orphan(
@@ -85,8 +78,8 @@ async def test_delete_user_racing_session_writes_leaves_no_orphan(
     assert set(outcomes[1:]) <= {"written", "USER_NOT_FOUND"}
     with pytest.raises(NotFound):
         await citus_store.get_user(P, "u")
-    assert await _scalar(empty, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == 0
-    orphans = await _scalar(
+    assert await scalar(empty, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == 0
+    orphans = await scalar(
         empty,
         "SELECT count(*) FROM messages m WHERE NOT EXISTS (SELECT 1 FROM sessions s"
         " WHERE s.project_id = m.project_id AND s.session_id = m.session_id)",
@@ -101,7 +94,7 @@ async def test_delete_user_removes_everything_on_every_shard(
     # Enough sessions that they land on several shards of both workers.
     for i in range(24):
         await citus_store.add_memory(P, f"s{i}", "u", [_msg("a"), _msg("b")])
-    shards = await _scalar(
+    shards = await scalar(
         empty,
         "SELECT count(DISTINCT get_shard_id_for_distribution_column('sessions', session_id))"
         " FROM sessions",
@@ -110,7 +103,7 @@ async def test_delete_user_removes_everything_on_every_shard(
     deleted = await citus_store.delete_user(P, "u")
     assert (deleted.sessions, deleted.messages) == (24, 48)
     for table in ("sessions", "messages", "embedding_queue"):
-        assert await _scalar(empty, f"SELECT count(*) FROM {table}") == 0, table
+        assert await scalar(empty, f"SELECT count(*) FROM {table}") == 0, table
 
 
 class _LateSession:
@@ -181,8 +174,8 @@ async def test_delete_user_waits_for_a_session_its_worker_commits_late(
     finally:
         await late.close()
     assert deleted.sessions == 2
-    assert await _scalar(empty, "SELECT count(*) FROM sessions") == 0
-    assert await _scalar(empty, "SELECT count(*) FROM user_session_counts") == 0
+    assert await scalar(empty, "SELECT count(*) FROM sessions") == 0
+    assert await scalar(empty, "SELECT count(*) FROM user_session_counts") == 0
 
 
 async def test_delete_user_refuses_rather_than_leave_a_session_that_never_lands(
@@ -203,7 +196,7 @@ async def test_delete_user_refuses_rather_than_leave_a_session_that_never_lands(
         assert (await citus_store.delete_user(P, "u")).sessions == 1
     finally:
         await late.close()
-    assert await _scalar(empty, "SELECT count(*) FROM sessions") == 0
+    assert await scalar(empty, "SELECT count(*) FROM sessions") == 0
 
 
 async def test_a_backup_snapshot_is_refused_saying_citus_has_none(citus_store: Store) -> None:

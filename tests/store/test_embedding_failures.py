@@ -20,24 +20,19 @@ from server.search.worker import BATCH_SIZE, EmbeddingWorker
 from server.store import Store
 from server.store.embeddings import DEFER_SECONDS
 from tests.fake_embedder import FakeServer, serving
+from tests.fix_db import scalar
 from tests.polling import until
 
 MODEL = "test-model"
 BAD = "POISON"
 #: Seconds until the (one) queued row may be claimed again.
-PUT_OFF_FOR = "SELECT extract(epoch FROM leased_until - clock_timestamp()) FROM embedding_queue"
+PUT_OFF_FOR = (
+    "SELECT extract(epoch FROM leased_until - clock_timestamp())::float8 FROM embedding_queue"
+)
 
 
 def msg(content: str) -> NewMessage:
     return NewMessage(role="kai", role_type="user", content=content, metadata={})
-
-
-async def _scalar(url: str, statement: str) -> float:
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        cur = await conn.execute(statement)  # type: ignore[arg-type]
-        row = await cur.fetchone()
-    assert row is not None
-    return float(row[0])
 
 
 def _posts_with(fake: FakeServer, word: str) -> int:
@@ -51,7 +46,7 @@ async def _no_model_without_pgvector(store: Store, clean_db: str, fake: FakeServ
     worker = EmbeddingWorker(store, OpenAIEmbedder(fake.url, MODEL, timeout=5, dimensions=3))
     assert await worker.run_once() == 1
     assert fake.requests == []
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
 
 
 async def test_a_message_the_model_fails_on_never_holds_back_the_others(
@@ -72,14 +67,14 @@ async def test_a_message_the_model_fails_on_never_holds_back_the_others(
         )
 
         async def vectors() -> bool:
-            return await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 5
+            return await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 5
 
         async def tried_again() -> bool:
             return _posts_with(fake, BAD) > first_tries
 
         async def put_off_longer() -> bool:
             # As long again as it has waited (~100 s), not the first 30 s.
-            return await _scalar(clean_db, PUT_OFF_FOR) > 90
+            return await scalar(clean_db, PUT_OFF_FOR) > 90
 
         first_tries = 0
         run = asyncio.create_task(worker.run())
@@ -91,10 +86,10 @@ async def test_a_message_the_model_fails_on_never_holds_back_the_others(
                 # claim's order, not the messages', says how many halvings it takes.
                 first_tries = _posts_with(fake, BAD)
                 assert 3 <= first_tries <= 4, fake.requests
-                assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 5
+                assert await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 5
                 queued = "SELECT sequence FROM embedding_queue"
-                assert await _scalar(clean_db, queued) == 1
-                put_off = await _scalar(clean_db, PUT_OFF_FOR)
+                assert await scalar(clean_db, queued) == 1
+                put_off = await scalar(clean_db, PUT_OFF_FOR)
                 assert DEFER_SECONDS[0] - 5 < put_off <= DEFER_SECONDS[0]
                 # Its time passed (as if it had waited 100 s): tried again, put off longer.
                 async with await psycopg.AsyncConnection.connect(clean_db) as conn:
@@ -107,7 +102,7 @@ async def test_a_message_the_model_fails_on_never_holds_back_the_others(
                     await conn.commit()
                 assert await until(tried_again), "the bad message was never tried again"
                 assert await until(put_off_longer), "the bad message was not put off longer"
-                assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
+                assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
         finally:
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -135,16 +130,16 @@ async def test_a_model_down_for_everything_gets_its_batch_back_whole(
         with pytest.raises(EmbeddingError, match="HTTP 500"):
             await worker.run_once()
         assert len(fake.requests) == 2
-        assert await _scalar(clean_db, given_back) == 6
+        assert await scalar(clean_db, given_back) == 6
         fake.requests.clear()
         fake.status = 503  # overloaded: says nothing of the texts, so not even the word
         with pytest.raises(EmbeddingError, match="HTTP 503"):
             await worker.run_once()
         assert len(fake.requests) == 1
-        assert await _scalar(clean_db, given_back) == 6
+        assert await scalar(clean_db, given_back) == 6
         fake.status = 200
         assert await worker.run_once() == 6
-        assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 6
+        assert await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 6
 
 
 async def test_one_bad_text_in_a_full_batch_costs_two_posts_per_halving(
@@ -162,4 +157,4 @@ async def test_one_bad_text_in_a_full_batch_costs_two_posts_per_halving(
         assert await worker.run_once() == BATCH_SIZE - 1
         # The batch, a word, and two halves at each of log2(32) = 5 levels.
         assert len(fake.requests) == 2 + 2 * (BATCH_SIZE.bit_length() - 1)
-        assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
+        assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1

@@ -22,6 +22,7 @@ from server.search.worker import EmbeddingWorker, watch_queue
 from server.store import Store
 from server.store.migrate import apply_migrations
 from server.store.queries import query
+from tests.fix_db import scalar
 from tests.polling import until
 
 MODEL = "test-model"
@@ -36,14 +37,6 @@ def unit_vectors(texts: list[str]) -> list[list[float]]:
     return [[1.0, float(len(t)), 0.0] for t in texts]
 
 
-async def _scalar(url: str, statement: str) -> int:
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        cur = await conn.execute(statement)  # type: ignore[arg-type]
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def _nothing_to_embed(store: Store, clean_db: str) -> None:
     """Without pgvector, what the worker's tests rely on instead: the store knows it keeps no
     vectors, a worker finds nothing to embed (its model is never called), and the messages
@@ -55,11 +48,11 @@ async def _nothing_to_embed(store: Store, clean_db: str) -> None:
         raise AssertionError(f"embedded {texts} without pgvector")
 
     await store.add_memory(P, "no-vectors", None, [msg("a"), msg("bb")])
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
     assert await store.embed_due(MODEL, 10, 6, never) == 0
     assert await store.keep_word_recall_due(10, 6) == 1
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
-    assert await _scalar(clean_db, "SELECT count(*) FROM session_word_recall") == 1
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await scalar(clean_db, "SELECT count(*) FROM session_word_recall") == 1
 
 
 async def test_add_memory_queues_messages_for_the_worker_in_both_modes(
@@ -69,7 +62,7 @@ async def test_add_memory_queues_messages_for_the_worker_in_both_modes(
     # worker ranks the session's recall by words once, however many messages it brought.
     await store.add_memory(P, "s", None, [msg("one"), msg("two"), msg("three")])
     await store.add_memory(P, "s", None, [msg("four")])
-    queued = await _scalar(clean_db, "SELECT count(*) FROM embedding_queue")
+    queued = await scalar(clean_db, "SELECT count(*) FROM embedding_queue")
     assert queued == (4 if store.vectors else 2)
     if not store.vectors:
         last = "SELECT array_agg(sequence ORDER BY sequence)::text FROM embedding_queue"
@@ -122,21 +115,21 @@ async def test_a_failed_batch_loses_nothing_and_is_claimed_again(
 
     with pytest.raises(RuntimeError, match="died"):
         await store.embed_due(MODEL, 10, 6, crash)
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 3
-    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 0
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 3
+    assert await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 0
 
     async def embed(texts: list[str]) -> list[list[float]]:
         return unit_vectors(texts)
 
     assert await store.embed_due(MODEL, 10, 6, embed) == 3
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
-    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 3
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 3
     # The speaker is embedded with the content: "kai: bb" is 7 characters.
-    assert await _scalar(
+    assert await scalar(
         clean_db, "SELECT (embedding::real[])[2] FROM message_embeddings WHERE sequence = 2"
     ) == len("kai: bb")
     # The session's recall vector is the mean of its messages' vectors.
-    assert await _scalar(clean_db, "SELECT through_sequence FROM session_embeddings") == 3
+    assert await scalar(clean_db, "SELECT through_sequence FROM session_embeddings") == 3
 
 
 async def test_concurrent_workers_never_embed_a_message_twice(store: Store, clean_db: str) -> None:
@@ -164,7 +157,7 @@ async def test_concurrent_workers_never_embed_a_message_twice(store: Store, clea
     assert sum(totals) == 60 and all(totals)
     embedded = [text for batch in calls for text in batch]
     assert len(embedded) == len(set(embedded)) == 60
-    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 60
+    assert await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 60
 
 
 async def test_deleted_messages_leave_the_queue_without_a_vector(
@@ -184,7 +177,7 @@ async def test_deleted_messages_leave_the_queue_without_a_vector(
 
     assert await store.embed_due(MODEL, 10, 6, embed) == 3
     assert seen == ["kai: stay"]
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
 
 
 async def test_reindex_queues_what_another_model_embedded(store: Store, clean_db: str) -> None:
@@ -335,9 +328,9 @@ async def test_delete_user_while_the_worker_saves_never_deadlocks(
             await store.add_memory(P, f"{user}-s{s}", user, [msg(f"m{s}-{i}") for i in range(8)])
         # Before leases, DeleteUser died here with "deadlock detected" (UNAVAILABLE).
         await _delete_while_saving(store, user)
-        assert await _scalar(clean_db, "SELECT count(*) FROM sessions") == 0
-        assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 0
-        assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+        assert await scalar(clean_db, "SELECT count(*) FROM sessions") == 0
+        assert await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 0
+        assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
 
 
 async def test_a_server_warns_while_queued_rows_wait(
@@ -439,17 +432,17 @@ async def test_a_message_the_model_refuses_never_stalls_the_queue(
     await store.add_memory(P, "s", None, [msg("a"), msg("x" * 500), msg("bb")])
     worker = EmbeddingWorker(store, _Refusing(100))
     assert await worker.run_once() == 3
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
     kept = "SELECT count(*) FROM message_embeddings WHERE sequence IN (1, 3)"
-    assert await _scalar(clean_db, kept) == 2
-    assert await _scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 2
+    assert await scalar(clean_db, kept) == 2
+    assert await scalar(clean_db, "SELECT count(*) FROM message_embeddings") == 2
     # A model that refuses everything, even a word, is wrong itself (its name, its key):
     # the batch goes back to the queue, nothing is dropped.
     await store.add_memory(P, "t", None, [msg("c")])
     broken = EmbeddingWorker(store, _Refusing(100, broken=True))
     with pytest.raises(EmbeddingError):
         await broken.run_once()
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 1
 
 
 async def test_an_empty_message_is_kept_without_a_vector_and_never_sent_to_the_model(
@@ -463,7 +456,7 @@ async def test_an_empty_message_is_kept_without_a_vector_and_never_sent_to_the_m
     model = _Refusing(100)
     assert await EmbeddingWorker(store, model).run_once() == 3
     assert sorted(model.seen) == ["kai: 18C", "kai: weather in Paris?"], model.seen
-    assert await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
     kept = "SELECT string_agg(sequence::text, ',' ORDER BY sequence) FROM message_embeddings"
     async with await psycopg.AsyncConnection.connect(clean_db) as conn:
         row = await (await conn.execute(kept)).fetchone()
@@ -472,4 +465,4 @@ async def test_an_empty_message_is_kept_without_a_vector_and_never_sent_to_the_m
     model.seen.clear()
     await store.add_memory(P, "t", None, [msg(""), msg("  ")])
     assert await EmbeddingWorker(store, model).run_once() == 2
-    assert model.seen == [] and await _scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
+    assert model.seen == [] and await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
