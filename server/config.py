@@ -208,9 +208,11 @@ class Config:
     )
     grace_period: float = setting(
         10.0,
-        "seconds in-flight calls get to finish on SIGTERM/SIGINT",
+        "seconds in-flight calls (and the embedding worker's batch in hand) get to finish on "
+        "SIGTERM/SIGINT",
         env="MEMSTORE_GRACE_PERIOD",
         parse=seconds_up_to(MAX_STOP_SECONDS),
+        commands=("serve", "embed"),
     )
     drain_delay: float = setting(
         1.0,

@@ -4,7 +4,6 @@ without pgvector, keep the recall by words of sessions from before migration 001
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 from typing import Any
@@ -31,15 +30,15 @@ async def embed(config: Config) -> None:
     try:
         await store.migrate()
         embedder = None if store.word_recall else await _ready(store, config)
-        worker = asyncio.create_task(EmbeddingWorker(store, embedder).run())
+        worker = EmbeddingWorker(store, embedder)
+        running = asyncio.create_task(worker.run())
         if embedder is None:
             log.info("recall worker running (no pgvector: recall by words)")
         else:
             log.info("embedding worker running (model %s)", embedder.name)
         await wait_for_signal()
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
+        log.info("stopping: saving the batch in hand (grace period %.1fs)", config.grace_period)
+        await worker.stop(running, config.grace_period)
     finally:
         await store.close()
 

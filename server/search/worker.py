@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -115,11 +116,13 @@ class EmbeddingWorker:
         self._thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="embedder", initializer=_lower_priority
         )
+        self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        """Embeds until cancelled; a failed batch is retried after a backoff."""
+        """Embeds until cancelled or stopped (`stop`); a failed batch is retried after a
+        backoff."""
         failures = 0
-        while True:
+        while not self._stopping.is_set():
             try:
                 done = await self.run_once()
             except asyncio.CancelledError:
@@ -133,13 +136,33 @@ class EmbeddingWorker:
                     log.warning("embedding batch failed (%s); retrying in %.1fs", exc, delay)
                 else:
                     log.exception("embedding batch failed; retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 continue
             failures = 0
             if done == 0:
-                await asyncio.sleep(self._idle)
+                await self._sleep(self._idle)
             else:
                 await self._pace()
+
+    async def stop(self, running: asyncio.Task[None], grace: float) -> None:
+        """Ends `running` (this worker's `run`) within `grace` seconds: the batch in hand is
+        embedded and saved, and no other is claimed. Cancelled, a batch was given back
+        unsaved: a SIGTERM during a remote model's call (up to its 30 s timeout) threw its
+        vectors away. A batch not saved within the grace is cancelled still: its claim
+        rolls back, and the next claim takes its rows."""
+        self._stopping.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(running), grace)
+        if not running.done():
+            log.warning("embedding batch not saved within %.1fs: given back to the queue", grace)
+            running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+    async def _sleep(self, seconds: float) -> None:
+        # A pause that a stop ends at once.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _pace(self) -> None:
         # Pauses while the request path is busy, up to the batch's share; a quiet moment
@@ -147,9 +170,9 @@ class EmbeddingWorker:
         # ~BUSY_SHARE of a core's worth of embedding, and drains at full speed after.
         remaining = self._pacer.pause_after(self._batch_cpu)
         self._batch_cpu = 0.0
-        while remaining > 0 and self._pacer.busy():
+        while remaining > 0 and self._pacer.busy() and not self._stopping.is_set():
             step = min(PACE_STEP, remaining)
-            await asyncio.sleep(step)
+            await self._sleep(step)
             remaining -= step
 
     async def run_once(self) -> int:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import grpc
@@ -274,9 +274,7 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
             background.append(asyncio.create_task(purge_periodically(config, store)))
-        worker = embedding_worker(config, store, embedder)
-        if worker is not None:
-            background.append(asyncio.create_task(worker.run()))
+        stop_worker = _start_worker(config, store, embedder, background)
         if store.vectors or store.word_recall:
             background.append(asyncio.create_task(watch_queue(store)))
         watcher = asyncio.create_task(watch_database(store))
@@ -289,6 +287,7 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
         await asyncio.gather(
             stop_grpc(server, config.grace_period, busy),
             *([http.stop(config.grace_period)] if http is not None else []),
+            stop_worker(),  # the embedding worker's batch in hand saved, as a call's answer
         )
         await settle_calls(_SETTLE_SECONDS)
         watcher.cancel()
@@ -301,6 +300,19 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
                 await task
         await store.close()
     log.info("memstore stopped")
+
+
+def _start_worker(
+    config: Config, store: Store, embedder: Embedder | None, background: list[asyncio.Task[None]]
+) -> Callable[[], Awaitable[None]]:
+    """Starts this process's embedding worker, if it runs one, among `background`; returns
+    what stops it within the grace period, its batch in hand saved."""
+    worker = embedding_worker(config, store, embedder)
+    if worker is None:
+        return lambda: asyncio.sleep(0)
+    running = asyncio.create_task(worker.run())
+    background.append(running)
+    return lambda: worker.stop(running, config.grace_period)
 
 
 async def stop_grpc(server: grpc.aio.Server, grace: float, busy: Callable[[], bool]) -> None:

@@ -45,6 +45,7 @@ from server.store.sessions import (
     count_live_sessions,
     forget_kept_recall,
     hide_in_live_session,
+    lock_live_session,
     lock_session_owner,
     own_new_session,
     session_missing,
@@ -426,7 +427,7 @@ class MessageMethods(StoreBase):
             # its messages: the statement alone locked the message, then the session to
             # touch it, and a ClearMemory of the session deadlocked with it
             # (tests/store/test_lock_order.py).
-            live = await fetch_one(conn, "lock_live_session", key_of(params))
+            live = await lock_live_session(conn, project_id, session_id)
             row = await fetch_one(conn, "update_message", params) if live else None
         if row is None:
             raise message_not_found(session_id, uuid)
@@ -619,7 +620,7 @@ def _answer_row(row: Row, **more: Any) -> Row:
 
 
 def key_of(params: Params) -> dict[str, Any]:
-    """The project and session of a call's parameters."""
+    """The project and session of an AddMemory call's parameters."""
     return {"project_id": params["project_id"], "session_id": params["session_id"]}
 
 

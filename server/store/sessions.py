@@ -195,12 +195,20 @@ async def hide_in_live_session(
         NotFound: the session is absent or soft-deleted.
     """
     params = key(project_id, session_id=session_id)
-    row = await fetch_one(conn, "lock_live_session", params)
-    if row is not None:
+    row = None
+    if await lock_live_session(conn, project_id, session_id):
         row = await fetch_one(conn, statement, params)
     if row is None:
         raise await session_missing(conn, project_id, session_id)
     return row
+
+
+async def lock_live_session(conn: AsyncConnection[Any], project_id: int, session_id: str) -> bool:
+    """Locks a live session's row, in the caller's transaction, before a write of its
+    messages: every write takes a session's row before its messages' rows. False: the
+    session is absent or soft-deleted."""
+    params = key(project_id, session_id=session_id)
+    return await fetch_one(conn, "lock_live_session", params) is not None
 
 
 async def forget_kept_recall(

@@ -1,4 +1,5 @@
-"""`memstore embed` killed mid-batch loses nothing; `memstore reindex` re-embeds for a model.
+"""`memstore embed` killed mid-batch loses nothing, and stopped saves its batch in hand;
+`memstore reindex` re-embeds for a model.
 
 Without pgvector (CI's external PostgreSQL 15) embed runs the recall worker, which runs no model
 and keeps each session's recall by words, and reindex keeps it for sessions from before
@@ -18,6 +19,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from server.search.worker import BATCH_SIZE
+from tests.fake_embedder import serving
 from tests.fix_db import scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +154,35 @@ def test_a_worker_killed_mid_batch_loses_nothing(embed_db: str) -> None:
         )
         assert _scalar(conn, "SELECT count(DISTINCT model) FROM message_embeddings") == 1
         assert _scalar(conn, "SELECT count(*) FROM session_embeddings") == 20
+
+
+def test_a_stopped_worker_saves_the_batch_the_model_is_embedding(embed_db: str) -> None:
+    # An audit: SIGTERM during a remote model's call cancelled the batch at once, the process
+    # waited for the call anyway (its thread cannot be stopped), and the vectors it answered
+    # were thrown away, the batch given back to be embedded (and paid for) again.
+    if _no_vectors(embed_db):
+        _keeps_recall_by_words(embed_db)  # no model: stopped between batches
+        return
+    with serving() as fake:
+        fake.delay = 2.0
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "server", "embed", "--database-url", embed_db,
+             "--embedder", fake.url, "--embedder-model", "slow", "--log-level", "WARNING"],
+            cwd=ROOT,
+            env={**os.environ, "MEMSTORE_PURGE_INTERVAL": "0"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not fake.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fake.requests, "the worker never called the model"
+            worker.send_signal(signal.SIGTERM)  # the model still answering
+            assert worker.wait(timeout=30) == 0
+        finally:
+            worker.kill()
+        # The batch in hand saved, and no other claimed after the signal.
+        assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
+    assert _counts(embed_db) == (BATCH_SIZE, MESSAGES - BATCH_SIZE)
 
 
 def test_reindex_re_embeds_what_another_model_made(embed_db: str) -> None:
