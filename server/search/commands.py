@@ -13,7 +13,7 @@ from server.errors import FailedPrecondition, Unavailable
 from server.search.embedding import Embedder, EmbeddingError
 from server.search.worker import EmbeddingWorker
 from server.serving.app import open_store, wait_for_signal
-from server.serving.background import make_embedder
+from server.serving.background import make_embedder, warn_of_other_models
 from server.settings import source
 from server.store import Store
 
@@ -30,6 +30,7 @@ async def embed(config: Config) -> None:
     try:
         await store.migrate()
         embedder = None if store.word_recall else await _ready(store, config)
+        await warn_of_other_models(store, embedder)
         worker = EmbeddingWorker(store, embedder)
         running = asyncio.create_task(worker.run())
         if embedder is None:
@@ -77,6 +78,14 @@ async def reindex(config: Config) -> None:
         finally:
             bar.close()
         print(f"reindexed {queued} messages for model {embedder.name}")
+        # Search notes the other models while they are stored; forgotten here once no live
+        # message has a vector of theirs.
+        if still := await store.forget_unused_models(embedder.name):
+            print(
+                f"live messages still have vectors of {', '.join(still)} (the model "
+                f"{embedder.name} refused them, or they were added by a server running another "
+                "model): search notes it until they are embedded again"
+            )
     finally:
         await store.close()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from dataclasses import dataclass
 
 from server.domain import Message, SearchOutcome, SearchQuery, SearchResult, Session
@@ -22,6 +24,18 @@ _DEPTH_FACTOR, _MIN_DEPTH = 4, 40
 
 #: Candidates maximal marginal relevance chooses from, at most.
 _MAX_MMR_CANDIDATES = 400
+
+#: Seconds a server goes by its last look at the models whose vectors are stored.
+MODELS_LOOK_SECONDS = 30.0
+
+
+def other_models_note(model: str, others: list[str]) -> str:
+    """What a search with `model` cannot see while vectors of `others` are stored."""
+    return (
+        f"vectors of another embedding model ({', '.join(others)}) are stored: the messages "
+        f"it embedded are not found by meaning with {model} (full-text and hybrid search "
+        "still find them by words) until `memstore reindex` embeds them again"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +58,9 @@ class Searcher:
     def __init__(self, store: Store, embedder: Embedder | None) -> None:
         self._store = store
         self._embedder = embedder
+        # The other models whose vectors are stored (embedding_models), and when looked at.
+        self._others: list[str] = []
+        self._others_seen = -math.inf
 
     def why_not_semantic(self) -> str:
         """Why vectors cannot take part in ranking here; empty when they can."""
@@ -104,9 +121,22 @@ class Searcher:
                 budget=budget,
             )
             results = [result for result, _ in found]
+        model = self._embedder.name if vector is not None and self._embedder else None
+        if model is not None and (others := await self._other_models(model)):
+            reason = other_models_note(model, others)
         return SearchOutcome(
             results, semantic=vector is not None, unembedded=waiting, note=reason, cut=cut
         )
+
+    async def _other_models(self, model: str) -> list[str]:
+        # After a change of --embedder, semantic search answered nothing of what the old
+        # model had embedded, and nothing said why (an audit): looked at every
+        # MODELS_LOOK_SECONDS, one small read.
+        now = time.monotonic()
+        if now - self._others_seen >= MODELS_LOOK_SECONDS:
+            self._others = await self._store.other_models(model)
+            self._others_seen = now
+        return self._others
 
     async def get_memory(
         self,

@@ -31,6 +31,7 @@ from server.serving.background import (
     make_embedder,
     purge_periodically,
     queue_stats,
+    warn_of_other_models,
 )
 from server.serving.grpc_health import (
     DrainingHealth,
@@ -257,6 +258,7 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
         metrics = Metrics(store.pool_stats, queue_stats(store))
         metrics_http = _serve_metrics(config, metrics)
         await loading
+        await warn_of_other_models(store, embedder)
         auth = await start_authenticator(config, store)
         # One cap for the process: gRPC and HTTP calls count against it together.
         limit = _call_limit(config)

@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from server.config import Config
 from server.search.embedding import Embedder, EmbeddingError, embedder_from_setting
+from server.search.service import other_models_note
 from server.search.worker import EmbeddingWorker
 from server.settings import source
 from server.store import Store
@@ -44,6 +45,16 @@ def load_model(embedder: Embedder | None) -> None:
         load()
     except EmbeddingError as exc:
         log.error("%s", exc)
+
+
+async def warn_of_other_models(store: Store, embedder: Embedder | None) -> None:
+    """Says at start that vectors of another model are stored (after a change of
+    --embedder): search by meaning does not find what they embedded until `memstore
+    reindex` (each search's note says so too)."""
+    if embedder is None or not store.vectors:
+        return
+    if others := await store.other_models(embedder.name):
+        log.warning("%s", other_models_note(embedder.name, others))
 
 
 def embedding_worker(

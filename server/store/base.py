@@ -68,6 +68,9 @@ class StoreBase:
         #: The pooled connections whose statement timeout is off (_bound_for_call); one
         #: the pool closes leaves the set with it.
         self._unbounded: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+        #: The models this process's worker has recorded in embedding_models (migration
+        #: 0021): recorded once per process, before the model's first save.
+        self._recorded_models: set[str] = set()
 
     @asynccontextmanager
     async def _connect(

@@ -18,7 +18,7 @@ from server.store.queries import query
 log = logging.getLogger(__name__)
 
 #: Small tables every node reads: copied to every node, joinable with anything.
-REFERENCE = ("projects", "settings", "api_keys")
+REFERENCE = ("projects", "settings", "api_keys", "embedding_models")
 #: (table, distribution column, co-locate with): each table is placed by one column. Users by
 #: their id; a session and everything under it (messages, vectors, queue) by the session id,
 #: so a call naming one session reaches one shard and its writes are one local transaction.

@@ -158,6 +158,8 @@ class EmbeddingMethods(SearchMethods):
         # on the shard). The save then runs again with the same vectors in a new snapshot,
         # where the deleted rows are gone (save_embeddings joins the live messages), rather
         # than leaving the whole batch leased until LEASE_SECONDS pass.
+        if by_key and model not in self._recorded_models:
+            await self.record_model(model)
         for attempt in range(_SAVE_ATTEMPTS):
             try:
                 await self._save_batch(keys, live, by_key, model, window)
@@ -329,6 +331,49 @@ class EmbeddingMethods(SearchMethods):
         if row["project_id"] is None:
             return int(row["queued"]), None
         return int(row["queued"]), (row["project_id"], row["session_id"])
+
+    async def record_model(self, model: str) -> None:
+        """Notes that vectors of `model` are stored (embedding_models, migration 0021), in a
+        statement of its own: under Citus the table is a reference table, which a
+        transaction writing shards in parallel may not also write.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect(single=True) as conn:
+            await conn.execute(query("record_embedding_model"), {"model": model})
+        self._recorded_models.add(model)
+
+    async def other_models(self, model: str) -> list[str]:
+        """The models other than `model` whose vectors may be stored: the messages they
+        embedded are not found by meaning with `model` until `memstore reindex`. None where
+        vectors are not kept.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        if not self.vectors:
+            return []
+        async with self._connect(single=True) as conn:
+            found = await fetch_all(conn, "other_embedding_models", {"model": model})
+        return [str(row["model"]) for row in found]
+
+    async def forget_unused_models(self, model: str) -> list[str]:
+        """Forgets each model other than `model` no vector of which is left (reindex, once
+        every live message has a `model` vector); returns those still used.
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        used = []
+        for other in await self.other_models(model):
+            async with self._connect() as conn:
+                row = await fetch_one(conn, "embedding_model_used", {"model": other})
+                if row is not None and row["used"]:
+                    used.append(other)
+                else:
+                    await conn.execute(query("forget_embedding_model"), {"model": other})
+        return used
 
     async def reindex_total(self, model: str) -> int:
         """How many live messages lack a vector of `model`.

@@ -139,6 +139,7 @@ FAN_OUT = {
     "save_embeddings": "the embedding worker writing one batch's vectors",
     "queue_reindex": "memstore reindex",
     "reindex_total": "memstore reindex",
+    "embedding_model_used": "memstore reindex, at its end: a model's vectors still read",
     "queue_word_recall": "memstore reindex without pgvector: sessions with no kept recall",
     "project_rows": "Restore's require_empty: does the project hold a user or session",
     "restore_users_existing": "Restore: the batch's users already stored (ids span shards)",
@@ -162,6 +163,9 @@ REFERENCE = {
     "list_api_keys",
     "any_api_key",
     "token_key",
+    "record_embedding_model",
+    "other_embedding_models",
+    "forget_embedding_model",
 }
 #: Statements only plain PostgreSQL runs: on Citus the store runs the *_citus variant (or,
 #: for lock_embedded_sessions, nothing: docs/scaling.md).
@@ -314,6 +318,7 @@ PLACEMENT = {
     "projects": ("reference", "<none>", "shared"),
     "settings": ("reference", "<none>", "shared"),
     "api_keys": ("reference", "<none>", "shared"),
+    "embedding_models": ("reference", "<none>", "shared"),
     "users": ("distributed", "user_id", "users"),
     "user_session_counts": ("distributed", "user_id", "users"),
     "sessions": ("distributed", "session_id", "sessions"),
@@ -323,8 +328,8 @@ PLACEMENT = {
     "session_embeddings": ("distributed", "session_id", "sessions"),
     "session_word_recall": ("distributed", "session_id", "sessions"),
 }
-#: Tables migration 0007 makes only where pgvector is.
-VECTOR_TABLES = {"message_embeddings", "session_embeddings"}
+#: Tables migrations 0007 and 0021 make only where pgvector is.
+VECTOR_TABLES = {"message_embeddings", "session_embeddings", "embedding_models"}
 
 
 async def test_the_cluster_places_the_tables_as_the_scaling_page_says(

@@ -58,6 +58,7 @@ async def test_migrate_leaves_the_mode_ci_expects_and_says_why(
         "0008_stored_recall",
         "0014_no_session_vector",
         "0020_vector_recall_kept_at",
+        "0021_embedding_models",
     ]
     # What the server and the role allow, read from the catalogs before migrate runs.
     available = _available(fresh_url)

@@ -1198,7 +1198,9 @@ class SearchMemoryResponse(_message.Message):
     """
     note: _builtins.str
     """Why semantic ranking did not take part, when a hybrid search fell back to
-    words alone; empty otherwise.
+    words alone; or, where it did, what it could not see: vectors of another
+    embedding model are stored (after a change of --embedder), whose messages
+    are found by words only until `memstore reindex`. Empty otherwise.
     """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:

@@ -264,3 +264,27 @@ SELECT EXISTS (
     SELECT 1 FROM embedding_queue q
     WHERE q.leased_until IS NULL OR q.leased_until < clock_timestamp()
 ) AS due;
+
+-- record_embedding_model --
+-- Notes that vectors of this model are (about to be) stored: the worker, before its first
+-- save of a model (0021).
+INSERT INTO embedding_models (model) VALUES (%(model)s) ON CONFLICT (model) DO NOTHING;
+
+-- other_embedding_models --
+-- The models other than this one whose vectors may be stored: search with this model does
+-- not find the messages they embedded.
+SELECT model FROM embedding_models WHERE model <> %(model)s ORDER BY model;
+
+-- embedding_model_used --
+-- Whether a live message still has a vector of this model (reindex, before it forgets the
+-- model; a soft-deleted message's vector is never read, and the purge removes it).
+SELECT EXISTS (
+    SELECT 1 FROM message_embeddings e
+    JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
+                   AND m.sequence = e.sequence
+    WHERE e.model = %(model)s AND m.deleted_at IS NULL
+) AS used;
+
+-- forget_embedding_model --
+-- A model none of whose vectors is left (reindex replaced them all).
+DELETE FROM embedding_models WHERE model = %(model)s;
