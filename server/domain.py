@@ -25,7 +25,7 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: What PostgreSQL's exported snapshot ids look like (a virtual transaction id and a
 #: counter, `00000003-0000001B-1`): BackupService's snapshots; anything else is refused
 #: before it reaches SQL, where the id is a literal (server/store/snapshots.py).
-SNAPSHOT_ID = re.compile(r"[0-9A-F]{8}-[0-9A-F]{8}-[0-9]{1,10}")
+SNAPSHOT_ID = re.compile(r"[0-9A-F]{8}-[0-9A-F]{8}-[0-9]{1,10}\.[0-9a-f]{16}")
 #: How long OpenSnapshot holds a snapshot by default, and at most, in seconds.
 DEFAULT_SNAPSHOT_HOLD = 3600
 MAX_SNAPSHOT_HOLD = 86400

@@ -80,12 +80,13 @@ class StoreBase:
         foreign_key: ErrorFactory | None = None,
         field: str = "request",
         single: bool = False,
-        snapshot: str | None = None,
+        snapshot: tuple[int, str] | None = None,
     ) -> AsyncIterator[AsyncConnection[Any]]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
         # transaction, which saves the BEGIN and COMMIT round trips. A block that reads in a
-        # held `snapshot` (server/store/snapshots.py) is a transaction that imports it first.
+        # held `snapshot` (server/store/snapshots.py; a project's, as (project_id, id)) is a
+        # transaction that imports it first.
         with translated(unique=unique, foreign_key=foreign_key, field=field):
             conn = await self._checkout()
             try:
@@ -96,7 +97,7 @@ class StoreBase:
                 else:
                     async with conn:
                         if snapshot is not None:
-                            await _import_snapshot(conn, snapshot)
+                            await _import_snapshot(conn, *snapshot)
                         yield conn
             except psycopg.OperationalError:
                 if conn.broken or conn.closed:
@@ -195,22 +196,43 @@ async def rerun_deadlocked(attempt: Callable[[], Awaitable[T]]) -> T:
     return await attempt()
 
 
-async def _import_snapshot(conn: AsyncConnection[Any], snapshot: str) -> None:
-    """Makes the transaction just begun on `conn` read in the held `snapshot`.
+def snapshot_label(project_id: int, snapshot: str) -> str:
+    """The application_name of the connection that holds `snapshot` (an id of
+    OpenSnapshot: PostgreSQL's id, a dot, a nonce) for `project_id`."""
+    return f"memstore-snapshot {project_id} {snapshot.rpartition('.')[2]}"
+
+
+async def _import_snapshot(conn: AsyncConnection[Any], project_id: int, snapshot: str) -> None:
+    """Makes the transaction just begun on `conn` read in `project_id`'s held `snapshot`.
+
+    PostgreSQL's snapshot ids count from the same start after a restart: a checkpoint's id
+    named another backup's snapshot then, and a resume read in it, silently, a backup of
+    two moments (an audit). So the import is trusted only while the connection that holds
+    it for this project, named by the id's nonce, still lives: it held it before the import
+    and never stopped, so the id was its snapshot's.
 
     Raises:
-        FailedPrecondition: (SNAPSHOT_GONE) the snapshot is no longer held.
+        FailedPrecondition: (SNAPSHOT_GONE) the snapshot is no longer held (or is not this
+            project's, or not of this database).
     """
     await conn.execute(query("snapshot_isolation"))
+    exported = snapshot.rpartition(".")[0]
+    gone = FailedPrecondition(
+        f"snapshot '{snapshot}' is no longer held (closed, expired, or the server process"
+        " holding it stopped); open another (OpenSnapshot) and read again from the start",
+        reason="SNAPSHOT_GONE",
+    )
     try:
-        await conn.execute(query("import_snapshot").format(snapshot=sql.Literal(snapshot)))
-    except (pg.UndefinedObject, pg.InvalidParameterValue) as exc:
-        # "snapshot ... does not exist" (its transaction ended); "invalid snapshot identifier"
-        raise FailedPrecondition(
-            f"snapshot '{snapshot}' is no longer held (closed, expired, or the server process"
-            " holding it stopped); open another (OpenSnapshot) and read again from the start",
-            reason="SNAPSHOT_GONE",
-        ) from exc
+        await conn.execute(query("import_snapshot").format(snapshot=sql.Literal(exported)))
+    except (pg.UndefinedObject, pg.InvalidParameterValue, pg.FeatureNotSupported) as exc:
+        # "snapshot ... does not exist" (its transaction ended); "invalid snapshot
+        # identifier"; "cannot import a snapshot from a different database"
+        raise gone from exc
+    label = snapshot_label(project_id, snapshot)
+    cur = await conn.execute(query("snapshot_held"), {"label": label})
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise gone
 
 
 def page_of(

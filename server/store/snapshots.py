@@ -12,6 +12,7 @@ transaction of a connection of its own and imported by each batch (`StoreBase._c
 from __future__ import annotations
 
 import contextlib
+import secrets
 from datetime import datetime
 from functools import cached_property
 from typing import Any, cast
@@ -20,19 +21,17 @@ import psycopg
 from psycopg import AsyncConnection, IsolationLevel
 
 from server.errors import FailedPrecondition, ResourceExhausted
-from server.store.base import StoreBase
+from server.store.base import StoreBase, snapshot_label
 from server.store.db import fetch_all, fetch_one
 from server.store.translate import translated
 
-#: Snapshots one process holds at once, each on a database connection of its own (outside
-#: the pool): a backup holds one for its length, so a few are plenty, and a caller opening
-#: them in a loop cannot take the database's connections.
+#: Snapshots one process holds at once for one project, each on a database connection of
+#: its own (outside the pool): a backup holds one for its length, so a few are plenty, and a
+#: caller opening them in a loop cannot take the database's connections.
 MAX_HELD_SNAPSHOTS = 8
-
-
-def snapshot_label(project_id: int, snapshot: str) -> str:
-    """The application_name of the connection that holds `snapshot` for `project_id`."""
-    return f"memstore-snapshot {project_id} {snapshot}"
+#: Snapshots one process holds at once for all projects: one project's backups never
+#: refused another's (a shared 8 did, for up to a day), and many cannot take the database.
+MAX_HELD_SNAPSHOTS_ALL = 32
 
 
 class SnapshotMethods(StoreBase):
@@ -45,7 +44,8 @@ class SnapshotMethods(StoreBase):
 
     async def open_snapshot(self, project_id: int, hold_seconds: int) -> tuple[str, datetime]:
         """Exports a snapshot of the database, held for at most `hold_seconds`; returns its
-        id and when it is released at the latest.
+        id (PostgreSQL's, a dot and a random nonce: PostgreSQL's alone come again after a
+        restart) and when it is released at the latest.
 
         Raises:
             FailedPrecondition: (SNAPSHOT_UNSUPPORTED) the database is a Citus cluster.
@@ -58,7 +58,7 @@ class SnapshotMethods(StoreBase):
                 " back up while nothing writes to the project",
                 reason="SNAPSHOT_UNSUPPORTED",
             )
-        await self._make_room()
+        await self._make_room(project_id)
         with translated():
             # Not a pooled connection: it stays idle in its transaction for the hold.
             # Store.open gives the pool its options as a dict.
@@ -71,16 +71,17 @@ class SnapshotMethods(StoreBase):
             try:
                 await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)
                 await conn.set_read_only(True)
+                nonce = secrets.token_hex(8)
                 params = {
                     "hold_ms": hold_seconds * 1000,
-                    "label": snapshot_label(project_id, ""),
+                    "label": snapshot_label(project_id, f".{nonce}"),
                 }
                 row = await fetch_one(conn, "open_snapshot", params)
             except BaseException:
                 await conn.close()
                 raise
         assert row is not None  # one row of one exported snapshot
-        snapshot = str(row["snapshot"])
+        snapshot = f"{row['snapshot']}.{nonce}"
         self._held[project_id, snapshot] = conn
         return snapshot, row["expires_at"]
 
@@ -109,10 +110,10 @@ class SnapshotMethods(StoreBase):
                 await conn.close()
         self._held.clear()
 
-    async def _make_room(self) -> None:
-        # Each held snapshot is a database connection: past MAX_HELD_SNAPSHOTS, first forget
-        # those PostgreSQL has ended (their hold passed), which only the database knows.
-        if len(self._held) < MAX_HELD_SNAPSHOTS:
+    async def _make_room(self, project_id: int) -> None:
+        # Each held snapshot is a database connection: past a limit, first forget those
+        # PostgreSQL has ended (their hold passed), which only the database knows.
+        if not self._full(project_id):
             return
         async with self._connect(single=True) as pooled:
             found = await fetch_all(pooled, "held_snapshots", {})
@@ -122,9 +123,20 @@ class SnapshotMethods(StoreBase):
                 del self._held[project, snapshot]
                 with contextlib.suppress(psycopg.Error):
                     await conn.close()
-        if len(self._held) >= MAX_HELD_SNAPSHOTS:
-            raise ResourceExhausted(
-                f"this server process holds {len(self._held)} snapshots, the most it holds"
-                f" at once; close one (CloseSnapshot) or wait for one to expire",
-                reason="TOO_MANY_SNAPSHOTS",
+        if full := self._full(project_id):
+            raise ResourceExhausted(full, reason="TOO_MANY_SNAPSHOTS")
+
+    def _full(self, project_id: int) -> str:
+        # Why no other snapshot can be held now; empty when one can.
+        mine = sum(project == project_id for project, _ in self._held)
+        if mine >= MAX_HELD_SNAPSHOTS:
+            return (
+                f"this server process holds {mine} snapshots of this project, the most it"
+                " holds at once; close one (CloseSnapshot) or wait for one to expire"
             )
+        if len(self._held) >= MAX_HELD_SNAPSHOTS_ALL:
+            return (
+                f"this server process holds {len(self._held)} snapshots (of all projects),"
+                " the most it holds at once; retry later, or on another server process"
+            )
+        return ""

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Another server's address, and keys of its projects by name.
 OtherServer = tuple[str, dict[str, str]]
 #: A checkpoint's snapshot id (BackupService.OpenSnapshot's).
-_SNAPSHOT_ID = re.compile(rb'"snapshot": "[0-9A-F]{8}-[0-9A-F]{8}-[0-9]+"')
+_SNAPSHOT_ID = re.compile(rb'"snapshot": "[0-9A-F]{8}-[0-9A-F]{8}-[0-9]+\.[0-9a-f]{16}"')
 
 TABLES = {
     "users": "user_id",

@@ -126,7 +126,12 @@ async def test_bad_snapshots_and_holds_are_named(
     await rpc_error(
         backup.CloseSnapshot(bs.CloseSnapshotRequest()), Code.INVALID_ARGUMENT, field="snapshot"
     )
-    for bad in ("nope", "00000003-0000001B-1'; DROP TABLE users; --", "0000003-0000001B-1"):
+    for bad in (
+        "nope",
+        "00000003-0000001B-1.0123456789abcdef'; DROP TABLE users; --",
+        "0000003-0000001B-1.0123456789abcdef",
+        "00000003-0000001B-1",  # PostgreSQL's id alone: it comes again after a restart
+    ):
         await rpc_error(
             backup.CloseSnapshot(bs.CloseSnapshotRequest(snapshot=bad)),
             Code.INVALID_ARGUMENT,
@@ -140,10 +145,14 @@ async def test_bad_snapshots_and_holds_are_named(
             await rpc_error(_drain(stream), Code.INVALID_ARGUMENT, field="snapshot")
     # A well-formed id that names no snapshot is one that is gone.
     await rpc_error(
-        _drain(sessions.ExportSessions(ss.ExportSessionsRequest(snapshot="00000003-0000001B-1"))),
+        _drain(sessions.ExportSessions(ss.ExportSessionsRequest(snapshot=GONE))),
         Code.FAILED_PRECONDITION,
         reason="SNAPSHOT_GONE",
     )
+
+
+#: A well-formed id no snapshot has.
+GONE = "00000003-0000001B-1.0123456789abcdef"
 
 
 async def _drain(stream: object) -> None:

@@ -138,13 +138,20 @@ def _tamper(token: str, at: int) -> str:
 snapshots = st.one_of(
     st.just(""),
     st.builds(
-        "{:08X}-{:08X}-{}".format,
+        "{:08X}-{:08X}-{}.{:016x}".format,
         st.integers(0, 2**32 - 1),
         st.integers(0, 2**32 - 1),
         st.integers(0, 10**9),
+        st.integers(0, 2**64 - 1),
     ),
     st.text(max_size=40),
-    st.sampled_from(["00000003-0000001B-1'; DROP TABLE users; --", "00000003-0000001b-1"]),
+    st.sampled_from(
+        [
+            "00000003-0000001B-1.0123456789abcdef'; DROP TABLE users; --",
+            "00000003-0000001b-1.0123456789abcdef",
+            "00000003-0000001B-1",
+        ]
+    ),
 )
 #: OpenSnapshot's hold_seconds: held briefly, or out of range.
 snapshot_holds = st.one_of(

@@ -59,3 +59,45 @@ async def test_a_process_holds_a_bounded_number_of_snapshots(
     for snapshot in (second, third):
         assert await store.close_snapshot(P, snapshot)
     assert not await store.close_snapshot(P, first)
+
+
+async def test_one_projects_snapshots_never_refuse_anothers(
+    store: Store, clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An audit: the 8 a process held were shared by every project, so one project's backups
+    # (held up to a day) refused every other's, told to close snapshots they could not.
+    monkeypatch.setattr(snapshots_module, "MAX_HELD_SNAPSHOTS", 2)
+    monkeypatch.setattr(snapshots_module, "MAX_HELD_SNAPSHOTS_ALL", 3)
+    held = [await store.open_snapshot(P, 60) for _ in range(2)]
+    with pytest.raises(ResourceExhausted, match="of this project"):
+        await store.open_snapshot(P, 60)
+    others, _ = await store.open_snapshot(P + 1, 60)
+    with pytest.raises(ResourceExhausted, match="of all projects"):
+        await store.open_snapshot(P + 1, 60)
+    # And a project reads in no snapshot of another's.
+    with pytest.raises(FailedPrecondition) as gone:
+        await _read_in(store, others)
+    assert gone.value.reason == "SNAPSHOT_GONE"
+    for snapshot, _ in held:
+        assert await store.close_snapshot(P, snapshot)
+    assert await store.close_snapshot(P + 1, others)
+
+
+async def test_an_id_whose_holder_is_gone_never_reads_in_a_snapshot_that_took_its_number(
+    store: Store, clean_db: str
+) -> None:
+    # An audit: PostgreSQL numbers exported snapshots from the same start after a restart,
+    # so a resumed backup's id named another backup's new snapshot: the resume read in it,
+    # silently, and its close ended the other's. An id carries a nonce of its holder now.
+    gone_id, _ = await store.open_snapshot(P, 60)
+    assert await store.close_snapshot(P, gone_id)
+    await store.create_session(P, "later", None, {})
+    held, _ = await store.open_snapshot(P, 60)
+    # PostgreSQL's part of the new id with the old nonce: the id a restart could bring back.
+    reused = f"{held.rpartition('.')[0]}.{gone_id.rpartition('.')[2]}"
+    with pytest.raises(FailedPrecondition) as refused:
+        await _read_in(store, reused)
+    assert refused.value.reason == "SNAPSHOT_GONE"
+    assert not await store.close_snapshot(P, reused)
+    assert await _read_in(store, held) == ["later"]  # the other's, still held
+    assert await store.close_snapshot(P, held)

@@ -33,6 +33,9 @@ USER = User("u", "e", "f", "l", META, T, T, 0)
 SESSION = Session("s", "u", META, T, T, T, 0, T)
 MESSAGE = Message("c", "r", "user", META, UUID, 1, T, T, T)
 
+#: A snapshot id of OpenSnapshot.
+SNAP = "00000003-0000001B-1.0123456789abcdef"
+
 #: (client method, args, kwargs, the RPC it must send). Every argument is non-default, so
 #: each field it maps to is set in the request.
 SURFACE: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
@@ -46,7 +49,7 @@ SURFACE: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("user.list", (5, "tok"), {}, "ListUsers"),
     ("user.list", (5,), {"page_number": 2}, "ListUsers"),
     ("user.list_chunked", (7,), {}, "ListUsersChunked"),
-    ("user.export", (5, "tok"), {"snapshot": "00000003-0000001B-1"}, "ListUsersChunked"),
+    ("user.export", (5, "tok"), {"snapshot": SNAP}, "ListUsersChunked"),
     ("user.get_sessions", ("u",), {}, "ListUserSessions"),
     ("user.list_sessions", ("u", 5, "tok"), {}, "ListUserSessions"),
     ("memory.add_session", ("s",), {"user_id": "u", "metadata": META}, "CreateSession"),
@@ -70,11 +73,11 @@ SURFACE: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("memory.update_message", ("s", UUID), {"clear_metadata": True}, "UpdateMessage"),
     ("memory.clear", ("s",), {}, "ClearMemory"),
     ("memory.export_sessions", (5, "tok"), {"include_deleted": True,
-                                            "snapshot": "00000003-0000001B-1"}, "ExportSessions"),
+                                            "snapshot": SNAP}, "ExportSessions"),
     ("memory.export_messages", (5, "tok"), {"include_deleted": True,
-                                            "snapshot": "00000003-0000001B-1"}, "ExportMessages"),
+                                            "snapshot": SNAP}, "ExportMessages"),
     ("backup.open_snapshot", (60,), {}, "OpenSnapshot"),
-    ("backup.close_snapshot", ("00000003-0000001B-1",), {}, "CloseSnapshot"),
+    ("backup.close_snapshot", (SNAP,), {}, "CloseSnapshot"),
     ("backup.restore", ([USER], [SESSION], [ExportedMessage("s", MESSAGE)]),
      {"require_empty": True}, "Restore"),
     ("backup.get_source", (), {}, "GetBackupSource"),

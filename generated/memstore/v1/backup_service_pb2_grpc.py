@@ -138,7 +138,8 @@ class BackupServiceServicer:
         - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
         cluster, which has no snapshot across its nodes.
         - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
-        answered holds 8 snapshots already (each is a database connection).
+        answered holds 8 snapshots of the project already, or 32 of all
+        projects (each is a database connection).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +148,10 @@ class BackupServiceServicer:
     def CloseSnapshot(self, request, context):
         """Releases a snapshot of OpenSnapshot, from any server process of the
         database; a snapshot already gone (closed, expired, its process
-        stopped) is not an error: `closed` is then false.
+        stopped) is not an error: `closed` is then false. A snapshot id is
+        PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
+        after it restarts): a read or close naming a snapshot whose holder is
+        gone never reaches another's.
 
         Errors:
         - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.

@@ -100,12 +100,16 @@ class BackupServiceStub:
       - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
         cluster, which has no snapshot across its nodes.
       - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
-        answered holds 8 snapshots already (each is a database connection).
+        answered holds 8 snapshots of the project already, or 32 of all
+        projects (each is a database connection).
     """
     CloseSnapshot: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]
     """Releases a snapshot of OpenSnapshot, from any server process of the
     database; a snapshot already gone (closed, expired, its process
-    stopped) is not an error: `closed` is then false.
+    stopped) is not an error: `closed` is then false. A snapshot id is
+    PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
+    after it restarts): a read or close naming a snapshot whose holder is
+    gone never reaches another's.
 
     Errors:
       - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
@@ -192,12 +196,16 @@ class BackupServiceAsyncStub(BackupServiceStub):
       - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
         cluster, which has no snapshot across its nodes.
       - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
-        answered holds 8 snapshots already (each is a database connection).
+        answered holds 8 snapshots of the project already, or 32 of all
+        projects (each is a database connection).
     """
     CloseSnapshot: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]  # type: ignore[assignment]
     """Releases a snapshot of OpenSnapshot, from any server process of the
     database; a snapshot already gone (closed, expired, its process
-    stopped) is not an error: `closed` is then false.
+    stopped) is not an error: `closed` is then false. A snapshot id is
+    PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
+    after it restarts): a read or close naming a snapshot whose holder is
+    gone never reaches another's.
 
     Errors:
       - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
@@ -293,7 +301,8 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
           - FAILED_PRECONDITION (SNAPSHOT_UNSUPPORTED): the database is a Citus
             cluster, which has no snapshot across its nodes.
           - RESOURCE_EXHAUSTED (TOO_MANY_SNAPSHOTS): the server process that
-            answered holds 8 snapshots already (each is a database connection).
+            answered holds 8 snapshots of the project already, or 32 of all
+            projects (each is a database connection).
         """
 
     @_abc_1.abstractmethod
@@ -304,7 +313,10 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_backup_service_pb2.CloseSnapshotResponse, _abc.Awaitable[_backup_service_pb2.CloseSnapshotResponse]]:
         """Releases a snapshot of OpenSnapshot, from any server process of the
         database; a snapshot already gone (closed, expired, its process
-        stopped) is not an error: `closed` is then false.
+        stopped) is not an error: `closed` is then false. A snapshot id is
+        PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
+        after it restarts): a read or close naming a snapshot whose holder is
+        gone never reaches another's.
 
         Errors:
           - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.

@@ -19,3 +19,12 @@ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 -- import_snapshot --
 -- A snapshot id is not a parameter PostgreSQL takes here: a literal, of a validated id.
 SET TRANSACTION SNAPSHOT {snapshot};
+
+-- snapshot_held --
+-- After import_snapshot: whether the connection holding the snapshot for this project (its
+-- application_name, sql/snapshots.sql) still lives in this database.
+SELECT EXISTS (
+    SELECT 1 FROM pg_stat_activity a
+    WHERE a.application_name = %(label)s AND a.usename = current_user
+      AND a.datname = current_database()
+) AS held;

@@ -6,12 +6,13 @@
 -- stays idle in it: the snapshot lives while that transaction does. PostgreSQL ends it after
 -- %(hold_ms)s of idling (the timeout is the transaction's own setting), so a snapshot
 -- outlives neither its hold nor a process that forgot it. The application_name names the
--- project and the snapshot, for close_snapshot from any process.
+-- project and the snapshot's nonce (%(label)s), for close_snapshot and each import, from any
+-- process.
 WITH exported AS (SELECT pg_export_snapshot() AS snapshot)
 SELECT e.snapshot,
        statement_timestamp() + make_interval(secs => %(hold_ms)s / 1000.0) AS expires_at,
        set_config('idle_in_transaction_session_timeout', %(hold_ms)s::text, true),
-       set_config('application_name', %(label)s || e.snapshot, true)
+       set_config('application_name', %(label)s, true)
 FROM exported e;
 
 -- close_snapshot --
@@ -19,9 +20,11 @@ FROM exported e;
 -- process's: a role may end its own backends). No row: it is gone already.
 SELECT pg_terminate_backend(a.pid) AS closed
 FROM pg_stat_activity a
-WHERE a.application_name = %(label)s AND a.usename = current_user;
+WHERE a.application_name = %(label)s AND a.usename = current_user
+  AND a.datname = current_database();
 
 -- held_snapshots --
 -- The snapshots still held by this role's connections (those PostgreSQL ended are gone).
 SELECT a.application_name FROM pg_stat_activity a
-WHERE a.application_name LIKE 'memstore-snapshot %%' AND a.usename = current_user;
+WHERE a.application_name LIKE 'memstore-snapshot %%' AND a.usename = current_user
+  AND a.datname = current_database();
