@@ -95,4 +95,18 @@ async def _requirements_met(conn: AsyncConnection[Any], name: str, text: str) ->
                 extension,
             )
             return False
+    elif not row[3]:
+        # Made in a schema this connection does not search (another tenant's, or pgvector
+        # put in `public` while the search_path names only the role's own): the migration
+        # failed on "type vector does not exist", a traceback, and every later one waited.
+        log.warning(
+            "migration %s skipped: extension %r is installed in schema %r, which is not on "
+            "this connection's search_path; add it (e.g. options=-csearch_path=<yours>,%s in "
+            "the database URL) and the migration applies at the next start",
+            name,
+            extension,
+            row[2],
+            row[2],
+        )
+        return False
     return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import psycopg
@@ -75,7 +76,7 @@ class Store(
                 PostgreSQL or libpq does), or `conninfo` is no URL libpq can read (at once).
         """
         _check_conninfo(conninfo)
-        options = _session_options(statement_timeout)
+        options = _session_options(conninfo, statement_timeout)
         pool = AsyncConnectionPool(
             conninfo,
             min_size=min_size,
@@ -156,9 +157,14 @@ async def _connect_error(conninfo: str, options: dict[str, Any], timeout: float)
     return ""
 
 
-def _session_options(statement_timeout: float) -> dict[str, Any]:
+def _session_options(conninfo: str, statement_timeout: float) -> dict[str, Any]:
     # Sent at connect time (libpq `options`), so every pooled connection has them from the
-    # start. The connection check makes PostgreSQL abort the statement of a client that went
+    # start, after those the URL (or else PGOPTIONS) gives: given as a keyword they replaced
+    # them, and a URL's `options=-csearch_path=tenant_a` was silently dropped, every tenant's
+    # tables made and read in `public` (an audit). Ours come last, so they win where both
+    # set one (the time zone below must be UTC).
+    #
+    # The connection check makes PostgreSQL abort the statement of a client that went
     # away (memstore killed mid-call) within a second, rather than run it on, and commit it
     # once its lock is free, after the caller was told the call failed (PostgreSQL 14+).
     #
@@ -181,4 +187,5 @@ def _session_options(statement_timeout: float) -> dict[str, Any]:
     if statement_timeout > 0:
         # At least 1 ms: 0 would turn the limit off.
         options.append(f"-c statement_timeout={max(1, round(statement_timeout * 1000))}")
-    return {"options": " ".join(options)}
+    given = str(conninfo_to_dict(conninfo).get("options") or os.environ.get("PGOPTIONS", ""))
+    return {"options": " ".join([given, *options] if given else options)}

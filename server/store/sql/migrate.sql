@@ -24,6 +24,12 @@ SELECT name FROM schema_migrations ORDER BY name;
 INSERT INTO schema_migrations (name) VALUES (%(name)s);
 
 -- extension_available --
--- Whether an extension can be created on this server, and whether it already is here.
-SELECT name, installed_version IS NOT NULL AS installed
-FROM pg_available_extensions WHERE name = %(name)s;
+-- Whether an extension can be created on this server, whether it already is here, and if so
+-- in which schema and whether that schema is on this connection's search_path (its types
+-- are found by name only then).
+SELECT a.name, a.installed_version IS NOT NULL AS installed, n.nspname AS schema,
+       coalesce(n.nspname = ANY(current_schemas(false)), false) AS visible
+FROM pg_available_extensions a
+LEFT JOIN pg_extension e ON e.extname = a.name
+LEFT JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE a.name = %(name)s;

@@ -1,0 +1,57 @@
+"""Store: the connection options a database URL gives are kept beside memstore's own.
+
+memstore sends its session settings (time zone, JIT off, the statement timeout) as libpq's
+`options`; given as a keyword they replaced the URL's, so a URL naming a schema
+(`options=-csearch_path=tenant_a`) was silently ignored: every tenant's tables were made and
+read in `public`, one tenant's server listing another's users (an audit).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import pytest
+from psycopg import conninfo as pg_conninfo
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.store import Store
+from tests.fix_db import scratch_database
+
+
+async def _migrated_store_in(url: str, schema: str) -> Store:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    tenant = pg_conninfo.make_conninfo(url, options=f"-c search_path={schema}")
+    store = await Store.open(tenant, min_size=1, max_size=2)
+    await store.migrate()
+    return store
+
+
+async def test_a_schema_the_url_names_holds_the_tables(
+    server_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with scratch_database(server_url, "memstore_schema", cluster=False) as url:
+        a = await _migrated_store_in(url, "tenant_a")
+        with caplog.at_level(logging.WARNING, logger="server.store.migrate"):
+            b = await _migrated_store_in(url, "tenant_b")
+        try:
+            # pgvector, where the server has it, was made in tenant_a's schema (the first on
+            # its search_path), which tenant_b's does not name: its vector migrations wait,
+            # saying so, where they failed with a traceback and held back every later one.
+            assert not b.vectors
+            if a.vectors:
+                said = " ".join(r.getMessage() for r in caplog.records)
+                assert "installed in schema 'tenant_a'" in said and "search_path" in said
+            await a.create_user(P, "alice", "", "", "", {})
+            assert [u.user_id for u in (await b.list_users(P, None, 10)).items] == []
+            assert [u.user_id for u in (await a.list_users(P, None, 10)).items] == ["alice"]
+        finally:
+            await a.close()
+            await b.close()
+        with psycopg.connect(url) as conn:
+            placed = conn.execute(
+                "SELECT to_regclass('tenant_a.users') IS NOT NULL,"
+                " to_regclass('tenant_b.users') IS NOT NULL, to_regclass('public.users')"
+            ).fetchone()
+        assert placed == (True, True, None)
