@@ -1,4 +1,6 @@
-"""Store: the connection options a database URL gives are kept beside memstore's own.
+"""Store: the connection options a database URL gives are kept beside memstore's own, and
+pgvector, where a connection cannot see it or sees it only later, is waited for, then used
+for every message.
 
 memstore sends its session settings (time zone, JIT off, the statement timeout) as libpq's
 `options`; given as a keyword they replaced the URL's, so a URL naming a schema
@@ -15,8 +17,16 @@ import pytest
 from psycopg import conninfo as pg_conninfo
 
 from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import NewMessage
+from server.search import OpenAIEmbedder
+from server.search.worker import EmbeddingWorker
 from server.store import Store
-from tests.fix_db import scratch_database
+from tests.fake_embedder import serving
+from tests.fix_db import scalar, scratch_database, usable_extensions
+
+
+def _said(content: str) -> NewMessage:
+    return NewMessage(role="kai", role_type="user", content=content, metadata={})
 
 
 async def _migrated_store_in(url: str, schema: str) -> Store:
@@ -55,3 +65,43 @@ async def test_a_schema_the_url_names_holds_the_tables(
                 " to_regclass('tenant_b.users') IS NOT NULL, to_regclass('public.users')"
             ).fetchone()
         assert placed == (True, True, None)
+
+
+async def test_messages_stored_before_pgvector_are_embedded_once_it_is_usable(
+    server_url: str,
+) -> None:
+    # An audit: with pgvector installed after messages were stored, migration 0007 applied at
+    # the next start and queued nothing of them: never embedded, not found by meaning, and
+    # nothing said so. Here pgvector is made where the first server's search_path cannot see
+    # it (so it runs without, as before the install), then a server that sees it migrates.
+    with scratch_database(server_url, "memstore_later", cluster=False) as url:
+        if "vector" not in usable_extensions(url):
+            store = await Store.open(url, min_size=1, max_size=2)
+            try:
+                await store.migrate()
+                assert not store.vectors  # this role and server have no pgvector to use
+            finally:
+                await store.close()
+            return
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA ext")
+            conn.execute("CREATE EXTENSION vector SCHEMA ext")
+        before = await Store.open(url, min_size=1, max_size=2)
+        try:
+            await before.migrate()
+            assert not before.vectors
+            said = [_said("my dog is called Biscuit"), _said("and my cat Pixel")]
+            await before.add_memory(P, "s", None, said)
+        finally:
+            await before.close()
+        seeing = pg_conninfo.make_conninfo(url, options="-c search_path=public,ext")
+        after = await Store.open(seeing, min_size=1, max_size=2)
+        try:
+            assert "0007_vectors" in await after.migrate()
+            assert after.vectors
+            with serving() as fake:
+                worker = EmbeddingWorker(after, OpenAIEmbedder(fake.url, "m", dimensions=3))
+                assert await worker.drain() == 2
+        finally:
+            await after.close()
+        assert await scalar(url, "SELECT count(*) FROM message_embeddings") == 2

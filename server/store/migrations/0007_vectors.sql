@@ -32,3 +32,12 @@ CREATE TABLE session_embeddings (
     PRIMARY KEY (project_id, session_id),
     FOREIGN KEY (project_id, session_id) REFERENCES sessions ON DELETE CASCADE
 );
+
+-- Where this applies after messages were stored (pgvector installed later: it applies at the
+-- first start after), they are queued, so the worker embeds them as it does new ones: they
+-- were never embedded, and nothing said to run `memstore reindex` (an audit, 2026-12-03).
+-- Without pgvector the queue held only each AddMemory's last message, for recall by words.
+INSERT INTO embedding_queue (project_id, session_id, sequence)
+SELECT m.project_id, m.session_id, m.sequence FROM messages m
+WHERE m.deleted_at IS NULL
+ON CONFLICT DO NOTHING;
