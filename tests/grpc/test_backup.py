@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from memstore_client import AsyncMemstore, ExportedMessage, Message, Session
+from memstore_client import AsyncMemstore, ExportedMessage, Message, Session, backup_cli
 from server.__main__ import main
 from server.store import Store
 from tests.fix_security import make_key
@@ -460,7 +461,7 @@ async def test_resume_refuses_a_backup_of_another_project_or_database_and_leaves
 
 
 async def test_a_backup_taken_while_the_project_is_written_restores_whole(
-    grpc_port: int, clean_db: str, tmp_path: Path
+    grpc_port: int, clean_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Its three streams were read one after another: a user and session made meanwhile had
     # their session or messages in the file without their user or session, a user deleted
@@ -470,8 +471,20 @@ async def test_a_backup_taken_while_the_project_is_written_restores_whole(
     await _seed(address)
     backup = tmp_path / "live.jsonl"
     argv = ("--address", address, "--chunk-size", "1", "--no-progress")
-    backing_up = asyncio.ensure_future(_run("backup", "-o", str(backup), *argv))
     written = 0
+    write = backup_cli._write
+
+    def after_a_round_of_writes(out: Any, row: dict[str, Any]) -> None:
+        # Each batch's checkpoint waits for the writer's next round: on a busy machine the
+        # backup ended before the writes could race it (CI, 2026-12-03: 2 rounds).
+        if row.get("kind") == "checkpoint":
+            seen, deadline = written, time.monotonic() + 10
+            while written == seen and time.monotonic() < deadline:
+                time.sleep(0.005)
+        write(out, row)
+
+    monkeypatch.setattr(backup_cli, "_write", after_a_round_of_writes)
+    backing_up = asyncio.ensure_future(_run("backup", "-o", str(backup), *argv))
     async with AsyncMemstore(address) as client:
         while not backing_up.done():
             await client.user.add(f"w{written}")
