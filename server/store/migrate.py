@@ -36,7 +36,13 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
     """
     await conn.execute(query("lock_migrations"))
     try:
-        await conn.execute(query("create_schema_migrations"))
+        cur = await conn.execute(query("schema_migrations_exist"))
+        present = await cur.fetchone()
+        if not (present and present[0]):
+            # Only when missing: CREATE ... IF NOT EXISTS needs the CREATE privilege even
+            # where the table is there, and a role that may only read and write rows could
+            # not start a server on a database whose migrations were all applied (an audit).
+            await conn.execute(query("create_schema_migrations"))
         cur = await conn.execute(query("applied_migrations"))
         done = {str(row[0]) for row in await cur.fetchall()}
         applied: list[str] = []
@@ -85,7 +91,10 @@ async def _requirements_met(conn: AsyncConnection[Any], name: str, text: str) ->
                 await conn.execute(
                     sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(extension))
                 )
-        except psycopg.errors.InsufficientPrivilege as exc:
+        except (
+            psycopg.errors.InsufficientPrivilege,
+            psycopg.errors.ReadOnlySqlTransaction,
+        ) as exc:
             log.warning(
                 "migration %s skipped: cannot create extension %r (%s); ask a superuser to run "
                 "CREATE EXTENSION %s in this database",

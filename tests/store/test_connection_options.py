@@ -105,3 +105,20 @@ async def test_messages_stored_before_pgvector_are_embedded_once_it_is_usable(
         finally:
             await after.close()
         assert await scalar(url, "SELECT count(*) FROM message_embeddings") == 2
+
+
+async def test_a_connection_that_may_not_create_migrates_a_migrated_database(
+    store: Store, database_url: str
+) -> None:
+    # An audit: a role that may only read and write rows could not start a server on a
+    # database whose migrations were all applied (migrate ran CREATE TABLE IF NOT EXISTS,
+    # which needs the CREATE privilege even where the table is). A read-only connection
+    # stands in for such a role: it may create nothing either, on every engine here.
+    await store.migrate()
+    reading = pg_conninfo.make_conninfo(database_url, options="-c default_transaction_read_only=on")
+    bound = await Store.open(reading, min_size=1, max_size=2)
+    try:
+        assert await bound.migrate() == []
+        assert bound.vectors == store.vectors
+    finally:
+        await bound.close()

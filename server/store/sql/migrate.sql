@@ -8,6 +8,11 @@ SELECT pg_advisory_lock(7283946501);
 -- Releases the advisory lock of lock_migrations.
 SELECT pg_advisory_unlock(7283946501);
 
+-- schema_migrations_exist --
+-- Whether the record of applied migrations is there (then nothing needs creating: a role
+-- that may only read and write rows serves a database whose migrations are all applied).
+SELECT to_regclass('schema_migrations') IS NOT NULL AS present;
+
 -- create_schema_migrations --
 -- The record of applied migrations; created before the first one runs.
 CREATE TABLE IF NOT EXISTS schema_migrations (
