@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import re
 from importlib import resources
@@ -14,6 +16,11 @@ from server.store.distribute import citus_present, distribute
 from server.store.queries import query
 
 log = logging.getLogger(__name__)
+
+#: Seconds a migration waits for a table's lock before it gives way to the calls queued
+#: behind its request, and the first pause before it tries again (doubling, to a minute).
+MIGRATION_LOCK_SECONDS = 2.0
+MIGRATION_RETRY_SECONDS = 1.0
 
 #: A migration's first line may name an extension it needs: `-- requires extension: vector`.
 _REQUIRES = re.compile(r"\A--\s*requires extension:\s*(\w+)\s*$", re.M)
@@ -50,11 +57,7 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         for name, text in migrations():
             if name in done or not await _requirements_met(conn, name, text):
                 continue
-            # Each migration and its record commit together, or not at all.
-            async with conn.transaction():
-                # The text is a file shipped in the package, never caller input.
-                await conn.execute(sql.SQL(text))
-                await conn.execute(query("record_migration"), {"name": name})
+            await _apply(conn, name, text)
             log.info("applied migration %s", name)
             applied.append(name)
         if await citus_present(conn):
@@ -63,6 +66,32 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         return applied
     finally:
         await conn.execute(query("unlock_migrations"))
+
+
+async def _apply(conn: AsyncConnection[Any], name: str, text: str) -> None:
+    # Each migration and its record commit together, or not at all. Waiting for a table's
+    # lock (a pg_dump, a long report reading it), its request for ACCESS EXCLUSIVE held
+    # every later query of the table behind it: the running servers' calls stalled (22 s in
+    # an audit, DEADLINE_EXCEEDED past 30). It waits MIGRATION_LOCK_SECONDS at most, then
+    # lets them go and tries again later.
+    for attempt in itertools.count():
+        try:
+            async with conn.transaction():
+                wait = {"ms": str(round(MIGRATION_LOCK_SECONDS * 1000))}
+                await conn.execute(query("migration_lock_timeout"), wait)
+                # The text is a file shipped in the package, never caller input.
+                await conn.execute(sql.SQL(text))
+                await conn.execute(query("record_migration"), {"name": name})
+            return
+        except psycopg.errors.LockNotAvailable:
+            delay = min(MIGRATION_RETRY_SECONDS * 2**attempt, 60.0)
+            log.warning(
+                "migration %s waits for a lock another transaction holds on a table it "
+                "changes; it let the calls queued behind it go, and tries again in %.0fs",
+                name,
+                delay,
+            )
+            await asyncio.sleep(delay)
 
 
 def _warn_if_newer(done: set[str]) -> None:

@@ -38,3 +38,8 @@ FROM pg_available_extensions a
 LEFT JOIN pg_extension e ON e.extname = a.name
 LEFT JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE a.name = %(name)s;
+
+-- migration_lock_timeout --
+-- How long each lock a migration's transaction waits for may take (milliseconds, as text):
+-- past it the migration gives way to the calls queued behind its request and tries again.
+SELECT set_config('lock_timeout', %(ms)s, true);
