@@ -66,8 +66,9 @@ class Searcher:
         """Why vectors cannot take part in ranking here; empty when they can."""
         if not self._store.vectors:
             return (
-                "semantic search needs the pgvector extension, which this PostgreSQL server "
-                "does not provide; full-text search only"
+                "semantic search needs the pgvector extension, which this database does not "
+                "have (the PostgreSQL server lacks it, or only a superuser may create it: the "
+                "server's log says which); full-text search only"
             )
         if self._embedder is None:
             return "semantic search is off: the server runs with --embedder none"
