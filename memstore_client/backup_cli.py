@@ -128,6 +128,8 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
         ),
     }
     first, token = start
+    # Whether a checkpoint in the file names the snapshot: a resume reads on in it then.
+    named = resuming
     try:
         with ExitStack() as stack:
             out = stack.enter_context(args.output.open("a", encoding="utf-8"))
@@ -146,6 +148,7 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
                     checkpoint = {"stream": stream, "page_token": next_token, "snapshot": snapshot}
                     _write(out, {"kind": "checkpoint", **checkpoint})
                     out.flush()
+                    named = True
                 token = ""
             _write(out, {"kind": "end", **counts})
     except FailedPrecondition as exc:
@@ -161,6 +164,11 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
         )
         return 1
     except (MemstoreError, KeyboardInterrupt):
+        if snapshot and not named:
+            # No checkpoint names it: the resume starts from nothing, in a snapshot of its
+            # own, and this one would stay held (a connection, one of the project's 8) for
+            # the whole --snapshot-hold.
+            _close_snapshot(client, snapshot)
         print(
             f"backup interrupted; resume with: memstore backup -o {args.output} --resume",
             file=sys.stderr,

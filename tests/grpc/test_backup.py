@@ -20,6 +20,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from memstore_client import AsyncMemstore, ExportedMessage, Message, Session, backup_cli
+from memstore_client.errors import Unavailable
 from server.__main__ import main
 from server.store import Store
 from tests.fix_security import make_key
@@ -458,6 +459,35 @@ async def test_resume_refuses_a_backup_of_another_project_or_database_and_leaves
     assert part.read_bytes() == b"".join(lines)
     header = json.loads(lines[0])
     assert header["project"] == "default" and len(header["source"]) == 32, header
+
+
+async def test_a_backup_cut_before_its_first_checkpoint_holds_no_snapshot(
+    grpc_port: int, clean_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An audit: no checkpoint named the snapshot, so the resume started from nothing in one
+    # of its own, and this one stayed held (a connection, one of the project's 8) for the
+    # whole --snapshot-hold.
+    address = f"127.0.0.1:{grpc_port}"
+    await _seed(address)
+    write = backup_cli._write
+
+    def cut_at_the_first_row(out: Any, row: dict[str, Any]) -> None:
+        if row.get("kind") == "user":
+            raise Unavailable("the connection was lost")
+        write(out, row)
+
+    monkeypatch.setattr(backup_cli, "_write", cut_at_the_first_row)
+    part = tmp_path / "part.jsonl"
+    argv = ("--address", address, "--no-progress")
+    assert await _run("backup", "-o", str(part), *argv) != 0
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'memstore-snapshot %' AND datname = current_database()"
+        )
+        assert await cur.fetchone() == (0,)
+    monkeypatch.setattr(backup_cli, "_write", write)
+    assert await _run("backup", "-o", str(part), *argv, "--resume") == 0
 
 
 async def test_a_backup_taken_while_the_project_is_written_restores_whole(
