@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import weakref
@@ -71,6 +72,10 @@ class StoreBase:
         #: The models this process's worker has recorded in embedding_models (migration
         #: 0021): recorded once per process, before the model's first save.
         self._recorded_models: set[str] = set()
+        #: Whether the vector tables were found made since this process started without
+        #: them, and when that was last looked at (keep_word_recall_due).
+        self._vectors_arrived = False
+        self._vectors_looked = -math.inf
 
     @asynccontextmanager
     async def _connect(

@@ -5,6 +5,7 @@ vectors are not kept); reindex fills the queue."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,9 @@ QUEUE_COUNT_CAP = 10_000
 _CLAIM_ATTEMPTS = 5
 #: Runs of a batch's save under Citus when a delete committed during it (see embed_due).
 _SAVE_ATTEMPTS = 3
+
+#: Seconds between a word-recall worker's looks at whether pgvector came into use.
+VECTORS_LOOK_SECONDS = 60.0
 
 #: Seconds a message the model failed on alone is put off: as long again as it has waited,
 #: at least the first and at most the second (defer_embeddings).
@@ -201,6 +205,8 @@ class EmbeddingMethods(SearchMethods):
         Raises:
             Unavailable: the database cannot be reached.
         """
+        if await self._vectors_made_since():
+            return 0
         async with self._connect(single=True) as conn:
             claimed = await self._claim(conn, limit)
         if not claimed:
@@ -215,6 +221,26 @@ class EmbeddingMethods(SearchMethods):
                 if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
                     raise
         return len(claimed)
+
+    async def _vectors_made_since(self) -> bool:
+        # A server that saw pgvector migrated the database since this process started
+        # without: the queue now holds messages to embed (migration 0007 queues every stored
+        # one), which settled here by words were never embedded (an audit). Looked at every
+        # VECTORS_LOOK_SECONDS; once made, this process leaves the queue alone.
+        now = time.monotonic()
+        if self._vectors_arrived or now - self._vectors_looked < VECTORS_LOOK_SECONDS:
+            return self._vectors_arrived
+        self._vectors_looked = now
+        async with self._connect(single=True) as conn:
+            row = await fetch_one(conn, "vector_tables_made", {})
+        if row is not None and row["made"]:
+            self._vectors_arrived = True
+            log.warning(
+                "pgvector is in use by this database now (another server migrated it): this "
+                "process, started without it, leaves the embedding queue to a worker that "
+                "embeds; restart it to embed and search by meaning"
+            )
+        return self._vectors_arrived
 
     async def _lock_embedded_sessions(
         self, conn: AsyncConnection[Any], sessions: list[tuple[int, str]]

@@ -288,3 +288,8 @@ SELECT EXISTS (
 -- forget_embedding_model --
 -- A model none of whose vectors is left (reindex replaced them all).
 DELETE FROM embedding_models WHERE model = %(model)s;
+
+-- vector_tables_made --
+-- Whether migration 0007 has made the vector tables (a word-recall worker, started without
+-- them, then leaves the queue to one that embeds).
+SELECT to_regclass('message_embeddings') IS NOT NULL AS made;
