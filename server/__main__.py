@@ -55,8 +55,15 @@ async def _migrate(config: Config) -> None:
         applied = await store.migrate()
         for name in applied:
             print(name)
-        if not applied:
+        if not applied and store.vectors:
             print("no pending migrations", file=sys.stderr)
+        elif not applied:
+            # "No pending" read as all applied, while pgvector's wait (an audit).
+            print(
+                "no pending migrations but those that wait for pgvector (the warnings above "
+                "say why)",
+                file=sys.stderr,
+            )
     finally:
         await store.close()
 
