@@ -41,7 +41,13 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
     that requires an extension the server cannot provide is skipped and not recorded,
     so it applies at the first start after the extension is installed.
     """
-    await conn.execute(query("lock_migrations"))
+    cur = await conn.execute(query("try_lock_migrations"))
+    locked = await cur.fetchone()
+    if not (locked and locked[0]):
+        # Another process migrates (a long migration, or one waiting for a table's lock):
+        # this one waited without a word, and its callers met "connection refused" (an audit).
+        log.warning("waiting for another process's migration of this database to end")
+        await conn.execute(query("lock_migrations"))
     try:
         cur = await conn.execute(query("schema_migrations_exist"))
         present = await cur.fetchone()

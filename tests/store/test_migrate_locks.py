@@ -1,4 +1,5 @@
-"""Store: a migration waiting for a table's lock never stalls the running servers' calls.
+"""Store: a migration waiting for a table's lock never stalls the running servers' calls, and
+a start waiting for another process's migration says so.
 
 Its request for ACCESS EXCLUSIVE queues every later query of the table behind it: while a
 long reader (a pg_dump, a report) held the table, a migration waiting for it held every
@@ -9,6 +10,7 @@ statement timeout). It waits at most MIGRATION_LOCK_SECONDS now, gives way, and 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import psycopg
 import pytest
@@ -51,3 +53,24 @@ async def test_a_migration_waiting_for_a_lock_lets_the_calls_behind_it_go(
         assert await asyncio.wait_for(migrating, 60) == [PROBE[0]]
     _, kept = await store.get_memory(P, "s", 10)
     assert len(kept) == 2
+
+
+async def test_a_start_waiting_for_another_migration_says_so(
+    store: Store, clean_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An audit: a server starting while another process migrated waited without a word, and
+    # its callers met "connection refused" with nothing in its log to say why.
+    caplog.set_level(logging.WARNING, logger="server.store.migrate")
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as other:
+        await other.execute("SELECT pg_advisory_lock(7283946501)")  # lock_migrations' key
+        migrating = asyncio.ensure_future(store.migrate())
+        try:
+            assert await until(lambda: _said(caplog, "another process's migration"))
+            assert not migrating.done()
+        finally:
+            await other.execute("SELECT pg_advisory_unlock(7283946501)")
+        assert await asyncio.wait_for(migrating, 60) == []
+
+
+async def _said(caplog: pytest.LogCaptureFixture, words: str) -> bool:
+    return any(words in r.getMessage() for r in caplog.records)

@@ -4,6 +4,10 @@
 -- Serializes migrate() across every worker and replica (one fixed advisory lock key).
 SELECT pg_advisory_lock(7283946501);
 
+-- try_lock_migrations --
+-- lock_migrations without waiting: false when another process holds it (it is migrating).
+SELECT pg_try_advisory_lock(7283946501) AS locked;
+
 -- unlock_migrations --
 -- Releases the advisory lock of lock_migrations.
 SELECT pg_advisory_unlock(7283946501);
