@@ -427,7 +427,7 @@ class MessageMethods(StoreBase):
             # its messages: the statement alone locked the message, then the session to
             # touch it, and a ClearMemory of the session deadlocked with it
             # (tests/store/test_lock_order.py).
-            live = await lock_live_session(conn, project_id, session_id)
+            live = await lock_live_session(conn, project_id, session_id, to_update=True)
             row = await fetch_one(conn, "update_message", params) if live else None
         if row is None:
             raise message_not_found(session_id, uuid)

@@ -203,12 +203,16 @@ async def hide_in_live_session(
     return row
 
 
-async def lock_live_session(conn: AsyncConnection[Any], project_id: int, session_id: str) -> bool:
+async def lock_live_session(
+    conn: AsyncConnection[Any], project_id: int, session_id: str, *, to_update: bool = False
+) -> bool:
     """Locks a live session's row, in the caller's transaction, before a write of its
-    messages: every write takes a session's row before its messages' rows. False: the
+    messages: every write takes a session's row before its messages' rows. `to_update`: as
+    an UPDATE of it does, for a write that deletes nothing (FOR NO KEY UPDATE). False: the
     session is absent or soft-deleted."""
     params = key(project_id, session_id=session_id)
-    return await fetch_one(conn, "lock_live_session", params) is not None
+    statement = "lock_live_session_to_update" if to_update else "lock_live_session"
+    return await fetch_one(conn, statement, params) is not None
 
 
 async def forget_kept_recall(

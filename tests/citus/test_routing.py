@@ -63,6 +63,7 @@ ONE_SHARD = {
     "get_session": "GetSession",
     "update_session": "UpdateSession",
     "lock_live_session": "DeleteSession, ClearMemory",
+    "lock_live_session_to_update": "UpdateMessage",
     "delete_session": "DeleteSession",
     "undelete_session": "UndeleteSession",
     "recall_query_text": "GetMemory's recall: the words of the session's last messages",

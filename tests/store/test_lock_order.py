@@ -156,3 +156,24 @@ async def test_update_message_waits_for_the_session_holding_no_message(
                 await asyncio.wait_for(updating, 10)
     session, kept = await store.get_memory(P, "s", 10)
     assert session is not None and session.message_count == 0 and kept == []
+
+
+async def test_update_message_lets_the_key_checks_of_a_vectors_write_go_by(
+    store: Store, clean_db: str
+) -> None:
+    """The embedding worker's writes check their foreign keys (FOR KEY SHARE) of a message
+    and of its session while UpdateMessage may hold them: FOR UPDATE waited for those checks,
+    and on Citus, where the worker holds the message's before the session's, the two could
+    each hold what the other wanted. UpdateMessage takes what its UPDATEs take, no more."""
+    await store.add_memory(P, "s", None, _said("hello"))
+    _, [said] = await store.get_memory(P, "s", 10)
+    async with await psycopg.AsyncConnection.connect(clean_db) as checking:
+        for table in ("sessions", "messages"):
+            await checking.execute(
+                f"SELECT 1 FROM {table} WHERE project_id = %s AND session_id = %s FOR KEY SHARE",
+                [P, "s"],
+            )
+        change = MetadataChange({"seen": True})
+        updated = await asyncio.wait_for(store.update_message(P, "s", said.uuid, change), 30)
+        await checking.rollback()
+    assert updated.metadata == {"seen": True}

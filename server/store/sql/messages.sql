@@ -275,7 +275,9 @@ WITH target AS (
     JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
     WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s AND m.uuid = %(uuid)s
       AND m.deleted_at IS NULL AND s.deleted_at IS NULL
-    FOR UPDATE OF m
+    -- The lock its UPDATE takes, no more: FOR UPDATE also blocked the foreign key checks
+    -- (FOR KEY SHARE) of the embedding worker's writes of the message's vector.
+    FOR NO KEY UPDATE OF m
 ), sized AS (
     SELECT t.*, octet_length(t.metadata::text) AS metadata_bytes FROM target t
 ), m AS (

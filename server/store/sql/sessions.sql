@@ -92,9 +92,20 @@ WHERE e.project_id = %(project_id)s AND e.session_id = %(session_id)s;
 DELETE FROM session_word_recall w
 WHERE w.project_id = %(project_id)s AND w.session_id = %(session_id)s;
 
+-- lock_live_session_to_update --
+-- lock_live_session for a write that changes no key (UpdateMessage, before its message): the
+-- lock an UPDATE of the row takes (FOR NO KEY UPDATE), which waits for ClearMemory's and
+-- DeleteSession's and lets the foreign key checks (FOR KEY SHARE) of the embedding worker's
+-- writes go by: FOR UPDATE blocked them, and on Citus, where the worker writes a message's
+-- vector (its key share of the message) before its session's recall (of the session), the
+-- two could wait on each other.
+SELECT s.session_id FROM sessions s
+WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.deleted_at IS NULL
+FOR NO KEY UPDATE;
+
 -- lock_live_session --
--- Locks a live session before its messages are soft-deleted or one of them is updated (a
--- session's row before its messages', in every write). AddMemory appends only under
+-- Locks a live session before its messages are soft-deleted (a session's row before its
+-- messages', in every write). AddMemory appends only under
 -- this row lock, so the next statement's snapshot holds every message committed before it
 -- and no new one can come; in one statement, messages appended while it waited for the
 -- lock would stay live in a deleted session (tests/reliability/test_races.py).
