@@ -86,7 +86,7 @@ def split_key(text: str) -> tuple[str, str] | None:
     """(prefix, secret) of a well-formed key; None for anything else."""
     if len(text) > MAX_KEY_LENGTH:
         return None
-    match = _KEY_RE.match(text)
+    match = _KEY_RE.fullmatch(text)
     return (match.group(1), match.group(2)) if match else None
 
 
@@ -101,7 +101,7 @@ def prefix_start(text: str) -> str:
     parts = split_key(text)
     if parts:
         return parts[0]
-    if len(text) <= MAX_KEY_LENGTH and _PREFIX_START_RE.match(text):
+    if len(text) <= MAX_KEY_LENGTH and _PREFIX_START_RE.fullmatch(text):
         return text
     raise InvalidArgument.field(
         "prefix",

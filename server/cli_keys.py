@@ -78,7 +78,7 @@ async def _run(
 
 
 async def _create_project(store: Store, args: argparse.Namespace) -> None:
-    if not _PROJECT_NAME.match(args.name):
+    if not _PROJECT_NAME.fullmatch(args.name):
         raise InvalidArgument.field(
             "name", "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

@@ -251,7 +251,7 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 def _request_id_in(metadata: Any) -> str:
     for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_ID.match(value):
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
 

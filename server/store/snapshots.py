@@ -135,8 +135,10 @@ class SnapshotMethods(StoreBase):
                 " holds at once; close one (CloseSnapshot) or wait for one to expire"
             )
         if len(self._held) >= MAX_HELD_SNAPSHOTS_ALL:
+            # Nothing of other projects said (how many they hold): only that this process
+            # is full, which a retry elsewhere or later gets past.
             return (
-                f"this server process holds {len(self._held)} snapshots (of all projects),"
-                " the most it holds at once; retry later, or on another server process"
+                "this server process holds as many snapshots as it holds at once; retry"
+                " later, or on another server process"
             )
         return ""

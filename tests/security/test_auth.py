@@ -15,10 +15,10 @@ from memstore.v1 import user_service_pb2 as us
 from memstore.v1 import user_service_pb2_grpc
 from server import config as config_module
 from server.__main__ import _parser
-from server.api_keys import StoredKey, new_key, split_key
+from server.api_keys import StoredKey, new_key, prefix_start, split_key
 from server.config import Config
 from server.domain import DEFAULT_PROJECT_ID
-from server.errors import Unauthenticated
+from server.errors import InvalidArgument, Unauthenticated
 from server.serving.app import build_server
 from server.serving.auth import Authenticator, StartupRefused, start_authenticator
 from server.serving.tls import SecurityConfig, is_loopback, reflection_enabled
@@ -128,6 +128,10 @@ def test_key_format() -> None:
     assert key.digest != new_key().digest
     assert split_key(key.text + "x") is None
     assert split_key(key.text.replace("_", "-", 1)) is None
+    assert split_key(key.text + "\n") is None  # $ matches before a final newline
+    with pytest.raises(InvalidArgument):
+        prefix_start(key.prefix + "\n")  # said to name no key, though it named one
+    assert prefix_start(key.prefix[:8]) == key.prefix[:8]
 
 
 async def test_keys_are_stored_as_salted_hashes_only(

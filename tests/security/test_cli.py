@@ -59,7 +59,8 @@ def test_key_commands_refuse_bad_names_and_labels(
 ) -> None:
     # In-process (the same main() the console script runs), to keep the checks cheap.
     url = f"--database-url={secure_db_url}"
-    for bad in ("x" * 64, "a b", ".hidden", "naïve"):
+    # "acme\n": Python's $ matches before a final newline, and a look-alike of acme was made.
+    for bad in ("x" * 64, "a b", ".hidden", "naïve", "acme\n"):
         caplog.clear()
         assert main(["projects", "create", bad, url]) == 1, bad
         assert "projects failed: name: 1-63 letters" in caplog.text
