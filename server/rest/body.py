@@ -370,8 +370,11 @@ def query_int(
             2^31 - 1, as the int32 fields of gRPC), naming the parameter.
     """
     text = query_value(request, name)
-    if not text and alias is not None:
-        text, name = query_value(request, alias), alias
+    if alias is not None and (other := query_value(request, alias)):
+        # Both given: one was silently dropped, whichever they said (an audit).
+        if text:
+            raise InvalidArgument.field(alias, f"is given beside {name}: give one of the two")
+        text, name = other, alias
     if not text:
         return None
     # ASCII digits only: int() also reads "1_0", other scripts' digits and spaces around.

@@ -432,6 +432,19 @@ async def test_user_updates_leave_null_fields_and_list_sizes_are_capped(
         assert [v["field"] for v in refused.json()["violations"]] == [field], refused.json()
 
 
+async def test_a_parameter_given_under_both_its_names_is_refused(http: httpx.AsyncClient) -> None:
+    # An audit: users-ordered?pageSize=1&page_size=2 answered one user, the other name
+    # silently dropped (and never validated), where a name given twice is refused.
+    for route in (
+        "/api/v2/users-ordered?pageSize=1&page_size=2",
+        "/api/v2/users-ordered?page_size=abc&pageSize=1",
+        "/api/v2/users-ordered?pageNumber=1&page_number=1",
+    ):
+        refused = await http.get(route)
+        assert refused.status_code == 400, (route, refused.text)
+        assert "give one of the two" in refused.json()["violations"][0]["description"]
+
+
 async def test_given_timestamps_and_token_counts_are_ignored(http: httpx.AsyncClient) -> None:
     message = {"content": "hi", "created_at": "2001-01-01T00:00:00Z", "token_count": 99}
     assert (await http.post("/api/v2/sessions/t/memory", json={"messages": [message]})).is_success
