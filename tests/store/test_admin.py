@@ -111,7 +111,7 @@ async def test_pooled_connections_never_jit_compile(store: Store) -> None:
 
 def test_a_statement_timeout_under_half_a_millisecond_is_one_not_none() -> None:
     # round() made --statement-timeout 0.0004 the 0 that turns PostgreSQL's limit off.
-    assert "statement_timeout=1" in _session_options(0.0004)["options"].split("-c ")[-1]
+    assert "statement_timeout=1" in _session_options("", 0.0004)["options"].split("-c ")[-1]
 
 
 async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_db: str) -> None:
