@@ -7,6 +7,7 @@ import functools
 import re
 import sys
 from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from server import config as config_module
@@ -88,7 +89,8 @@ async def _create_project(store: Store, args: argparse.Namespace) -> None:
 
 async def _list_projects(store: Store, args: argparse.Namespace) -> None:
     for project in await store.list_projects():
-        print(f"{project.name}\t{project.live_keys} live keys\tcreated {project.created_at:%F}")
+        keys = f"{project.live_keys} live key{'' if project.live_keys == 1 else 's'}"
+        print(f"{project.name}\t{keys}\tcreated {_utc(project.created_at)}")
 
 
 async def _create_key(store: Store, args: argparse.Namespace) -> None:
@@ -123,9 +125,14 @@ async def _list_keys(store: Store, args: argparse.Namespace) -> None:
 
 
 def _describe(key: ApiKey) -> str:
-    state = f"revoked {key.revoked_at:%F %T}" if key.revoked_at else "active"
+    state = f"revoked {_utc(key.revoked_at)}" if key.revoked_at else "active"
     label = f"\t{key.label}" if key.label else ""
-    return f"{key.prefix}\t{key.project}\t{state}\tcreated {key.created_at:%F %T}{label}"
+    return f"{key.prefix}\t{key.project}\t{state}\tcreated {_utc(key.created_at)}{label}"
+
+
+def _utc(moment: datetime) -> str:
+    # In UTC and saying so: the database session's zone is the machine's, unnamed.
+    return f"{moment.astimezone(UTC):%F %T} UTC"
 
 
 _PROJECT_ACTIONS = {"create": _create_project, "list": _list_projects}

@@ -201,10 +201,15 @@ async def rerun_deadlocked(attempt: Callable[[], Awaitable[T]]) -> T:
     return await attempt()
 
 
+def holder_label(project_id: int, nonce: str) -> str:
+    """The application_name of the connection holding `project_id`'s snapshot of `nonce`."""
+    return f"memstore-snapshot {project_id} {nonce}"
+
+
 def snapshot_label(project_id: int, snapshot: str) -> str:
     """The application_name of the connection that holds `snapshot` (an id of
     OpenSnapshot: PostgreSQL's id, a dot, a nonce) for `project_id`."""
-    return f"memstore-snapshot {project_id} {snapshot.rpartition('.')[2]}"
+    return holder_label(project_id, snapshot.rpartition(".")[2])
 
 
 async def _import_snapshot(conn: AsyncConnection[Any], project_id: int, snapshot: str) -> None:

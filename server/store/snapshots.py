@@ -21,7 +21,7 @@ import psycopg
 from psycopg import AsyncConnection, IsolationLevel
 
 from server.errors import FailedPrecondition, ResourceExhausted
-from server.store.base import StoreBase, snapshot_label
+from server.store.base import StoreBase, holder_label, snapshot_label
 from server.store.db import fetch_all, fetch_one
 from server.store.translate import translated
 
@@ -74,7 +74,7 @@ class SnapshotMethods(StoreBase):
                 nonce = secrets.token_hex(8)
                 params = {
                     "hold_ms": hold_seconds * 1000,
-                    "label": snapshot_label(project_id, f".{nonce}"),
+                    "label": holder_label(project_id, nonce),
                 }
                 row = await fetch_one(conn, "open_snapshot", params)
             except BaseException:

@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -39,9 +40,14 @@ def test_projects_and_keys_commands(secure_db_url: str) -> None:
     # The key is the whole of stdout (so `KEY=$(memstore keys create ...)` works), once.
     assert KEY_RE.match(key), key
     prefix = key[:16]
-    listed = _ok("keys", "list", "--project", "cli-proj", env=env)
+    # Times are said in UTC whatever the database session's zone (14 hours from UTC here).
+    listed = _ok("keys", "list", "--project", "cli-proj", env={**env, "PGTZ": "Etc/GMT-14"})
     assert prefix in listed and "active" in listed and key not in listed
-    assert "cli-proj\t1 live keys" in _ok("projects", "list", env=env)
+    created = re.search(r"created (\S+ \S+) UTC", listed)
+    assert created, listed
+    made = datetime.strptime(created[1], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert abs(made - datetime.now(UTC)) < timedelta(minutes=5), listed
+    assert "cli-proj\t1 live key\t" in _ok("projects", "list", env=env)
     refused = run_memstore("projects", "create", "'; DROP TABLE projects; --", env=env)
     assert refused.returncode == 1 and "name: 1-63 letters" in refused.stderr
     missing = run_memstore("keys", "create", "--project", "no-such", env=env)
