@@ -74,7 +74,9 @@ async def test_messages_stored_before_pgvector_are_embedded_once_it_is_usable(
     # the next start and queued nothing of them: never embedded, not found by meaning, and
     # nothing said so. Here pgvector is made where the first server's search_path cannot see
     # it (so it runs without, as before the install), then a server that sees it migrates.
-    with scratch_database(server_url, "memstore_later", cluster=False) as url:
+    # Under `make test-citus` the database spans the cluster: pgvector added to a running
+    # cluster whose tables are distributed already.
+    with scratch_database(server_url, "memstore_later") as url:
         if "vector" not in usable_extensions(url):
             store = await Store.open(url, min_size=1, max_size=2)
             try:
@@ -106,6 +108,17 @@ async def test_messages_stored_before_pgvector_are_embedded_once_it_is_usable(
             await before.close()
             await after.close()
         assert await scalar(url, "SELECT count(*) FROM message_embeddings") == 2
+        if await scalar(url, "SELECT count(*) FROM pg_extension WHERE extname = 'citus'"):
+            # On a cluster whose tables were distributed before pgvector could be used, the
+            # vector tables 0007 makes then are placed with their sessions as the others.
+            placed = await scalar(
+                url,
+                "SELECT count(DISTINCT colocation_id) || ' ' || string_agg(DISTINCT"
+                " citus_table_type || ':' || distribution_column, ',') FROM citus_tables"
+                " WHERE table_name::text IN"
+                " ('sessions', 'messages', 'message_embeddings', 'session_embeddings')",
+            )
+            assert placed == "1 distributed:session_id", placed
 
 
 async def test_a_connection_that_may_not_create_migrates_a_migrated_database(
