@@ -4,6 +4,8 @@ vectors are not kept); reindex fills the queue."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,8 +21,8 @@ from server.store.search import RECALL_KEEP, SearchMethods, vector_text
 
 log = logging.getLogger(__name__)
 
-#: Seconds a worker holds the messages it claimed: far longer than a batch takes to embed;
-#: a worker that dies leaves them to others when it ends.
+#: Seconds a worker holds the messages it claimed, renewed while its model works on them
+#: (_hold_leases): a worker that dies leaves them to others within this time.
 LEASE_SECONDS = 30.0
 
 #: Rows of the embedding queue that embedding_lag counts at most: /metrics reads it at every
@@ -132,7 +134,7 @@ class EmbeddingMethods(SearchMethods):
         said = [r for r in live if r["content"].strip()]
         try:
             texts = [_embedding_text(r["role"], r["content"]) for r in said]
-            vectors = await embed(texts) if texts else []
+            vectors = await self._embed_holding(keys, embed, texts) if texts else []
         except BaseException:
             async with self._connect(single=True) as conn:
                 await conn.execute(query("release_embeddings"), _keys_params(keys))
@@ -172,6 +174,34 @@ class EmbeddingMethods(SearchMethods):
                 if not self.citus or attempt + 1 == _SAVE_ATTEMPTS:
                     raise
         return len(keys)
+
+    async def _embed_holding(
+        self, keys: list[tuple[int, str, int]], embed: EmbedBatch, texts: list[str]
+    ) -> Sequence[list[float] | Deferred | None]:
+        # The lease is renewed every third of LEASE_SECONDS while the model works: a batch
+        # that outlasted it (a slow remote model; the halving of a failing batch, up to 2n
+        # POSTs) was claimed by another worker and embedded twice, the model's work doubled.
+        holding = asyncio.create_task(self._hold_leases(keys))
+        try:
+            return await embed(texts)
+        finally:
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
+
+    async def _hold_leases(self, keys: list[tuple[int, str, int]]) -> None:
+        params = {**_keys_params(keys), "lease": LEASE_SECONDS}
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            try:
+                async with self._connect(single=True) as conn:
+                    await conn.execute(query("renew_embeddings"), params)
+            except Exception as exc:  # a lost renewal costs a repeat of the batch, no more
+                log.warning(
+                    "could not renew the lease of an embedding batch (%s): should the model "
+                    "outlast it, another worker may embed the batch again",
+                    exc,
+                )
 
     async def _defer(self, deferred: dict[tuple[int, str, int], str]) -> None:
         # Given back at once as a failed batch is, such a message was the oldest due and

@@ -135,6 +135,7 @@ FAN_OUT = {
     "recall_rank_citus_words_budgeted": "the same by words (no pgvector)",
     "embedding_lag": "metrics: the queue's length",
     "release_embeddings": "the embedding worker giving a batch back",
+    "renew_embeddings": "the embedding worker holding a batch's lease while its model works",
     "defer_embeddings": "the embedding worker putting off messages the model failed on alone",
     "settle_word_recall": "the recall worker (no pgvector) removing a batch from the queue",
     "save_embeddings": "the embedding worker writing one batch's vectors",

@@ -29,6 +29,20 @@ FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[], %(sequences)s::b
     AS k(project_id, session_id, sequence)
 WHERE q.project_id = k.project_id AND q.session_id = k.session_id AND q.sequence = k.sequence;
 
+-- renew_embeddings --
+-- Holds a claimed batch's lease for %(lease)s seconds more while its model works: a batch that
+-- outlasted its lease (a slow remote model, the halving of a failing batch) was claimed and
+-- embedded again by another worker. A row given back (leased_until NULL) stays given back.
+-- The clock is read in a materialized CTE, as defer_embeddings does (Citus).
+WITH t AS MATERIALIZED (
+    SELECT clock_timestamp() + make_interval(secs => %(lease)s) AS until
+)
+UPDATE embedding_queue q SET leased_until = t.until
+FROM unnest(%(project_ids)s::bigint[], %(session_ids)s::text[], %(sequences)s::bigint[])
+    AS k(project_id, session_id, sequence), t
+WHERE q.project_id = k.project_id AND q.session_id = k.session_id AND q.sequence = k.sequence
+  AND q.leased_until IS NOT NULL;
+
 -- defer_embeddings --
 -- Puts off messages the model failed on alone (not a refusal) while it embedded the rest of
 -- their batch: each is leased for as long again as it has waited, between %(least)s and
