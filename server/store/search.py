@@ -326,7 +326,8 @@ class SearchMethods(StoreBase):
         """Up to `limit` live messages in scope, best first, the unembedded count, and
         whether the messages were cut.
 
-        Without `vector` the ranking is full-text only; with it, q.search_type picks
+        Without `vector` the ranking is by words only (for a hybrid search as hybrid
+        scores a message not embedded yet: search_words); with it, q.search_type picks
         semantic or hybrid (which fuses the best `depth` of each ranker). The count (live
         messages in scope waiting for an embedding) is 0 when vectors are not kept. Both
         come from one round trip. With a `budget`, the messages are read best first only
@@ -402,7 +403,10 @@ class SearchMethods(StoreBase):
         filters, params = search_filters(q)
         use_vector = vector is not None and self.vectors
         fragment = query("search_query_vector" if use_vector else "search_query_text")
-        ranked = query(_statement(use_vector, q.search_type == "semantic")).format(
+        name = _statement(use_vector, q.search_type == "semantic")
+        if not use_vector and q.search_type == "hybrid":
+            name = "search_words"  # hybrid with no vector to take part: its scores, by words
+        ranked = query(name).format(
             query=fragment,
             filters=filters,
             match=query("search_match_index"),

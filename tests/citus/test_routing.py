@@ -87,6 +87,7 @@ ONE_SHARD = {
     "own_new_session": "CreateSession, and AddMemory making a user's session, on Citus",
     "restore_lock_session_citus": "Restore on Citus: each session its messages name, locked",
     "search_in_one_session": "SearchMemory with one session id",
+    "search_in_one_session_words": "the same, hybrid without vectors (scored as hybrid's)",
     "search_in_one_session_budgeted": "the same past a limit of 17, read up to the answer's bytes",
     "search_in_one_session_candidates": "SearchMemory with mmr_lambda and one session id",
     "search_in_one_session_unembedded": "SearchMemory with one session id: its unembedded count",
@@ -121,6 +122,8 @@ FAN_OUT = {
     "purge_pick_messages_citus": "the purge: one batch picked over every shard",
     "purge_pick_sessions_citus": "the purge: one batch picked over every shard",
     "search_user_scope": "SearchMemory over a user's sessions",
+    "search_user_scope_words": "the same, hybrid without vectors (scored as hybrid's)",
+    "search_project_scope_words": "SearchMemory over the project, hybrid without vectors",
     "search_project_scope": "SearchMemory over the project",
     "search_user_scope_budgeted": "SearchMemory over a user's sessions, past a limit of 17",
     "search_project_scope_budgeted": "SearchMemory over the project, past a limit of 17",
@@ -220,7 +223,7 @@ _TEMPLATES = {
     *("list_user_sessions", "list_user_sessions_page", "list_sessions_budgeted"),
 }
 _SEARCH = (
-    *("search_full_text", "search_semantic", "search_hybrid", "count_unembedded"),
+    *("search_full_text", "search_semantic", "search_hybrid", "search_words", "count_unembedded"),
     *("search_budgeted", "search_sized", "search_candidates", "search_chosen_budgeted"),
 )
 
@@ -272,6 +275,7 @@ def _statements() -> dict[str, sql.Composable]:
     searches = {name: compose_search(text, scope) for name, scope in scopes.items()}
     for name, statement in searches.items():
         found[name] = statement
+        found[f"{name}_words"] = compose_search(text, scopes[name], "search_words")
         found[f"{name}_unembedded"] = query("count_unembedded").format(filters=scopes[name])
         found[f"{name}_budgeted"] = budgeted_ranking(statement, True)
         found[f"{name}_candidates"] = candidates_statement(statement)
@@ -290,11 +294,12 @@ def _statements() -> dict[str, sql.Composable]:
     return found
 
 
-def compose_search(words: sql.Composable, scope: sql.Composable) -> sql.Composed:
-    """search_full_text over one scope fragment (empty: the whole project)."""
-    return query("search_full_text").format(
-        query=words, filters=scope, match=query("search_match_index")
-    )
+def compose_search(
+    words: sql.Composable, scope: sql.Composable, ranking: str = "search_full_text"
+) -> sql.Composed:
+    """A ranking by words (search_full_text, or hybrid's without vectors: search_words) over
+    one scope fragment (empty: the whole project)."""
+    return query(ranking).format(query=words, filters=scope, match=query("search_match_index"))
 
 
 @pytest.fixture(scope="module")

@@ -377,6 +377,17 @@ async def test_search_filters_and_what_it_refuses(http: httpx.AsyncClient) -> No
     where = await search({"text": "red", "metadata": {"where": {"city": "Oslo"}}})
     assert where.status_code == 200 and where.json()["results"] == [], where.text
     assert (await search({"text": "red", "min_score": 1e9})).json()["results"] == []
+    # Without vectors (--embedder none here) a similarity search scores by words as a hybrid
+    # score is, 0 to 1 with the best 1: its raw ts_rank (0.03 to 0.1) made a min_score of 0.1
+    # to 0.5 keep nothing, not even an exact match (an audit).
+    kite = (await search({"text": "kite", "min_score": 0.5})).json()["results"]
+    assert [(r["message"]["content"], r["score"]) for r in kite] == [("the red kite flies", 1.0)]
+    red = (await search({"text": "red", "min_score": 0.5})).json()["results"]
+    scores = [r["score"] for r in red]
+    assert len(scores) == 2 and scores[0] == 1.0 and 0.5 < scores[1] <= 1.0, scores
+    # full_text keeps PostgreSQL's own rank.
+    raw = (await search({"text": "kite", "search_type": "full_text"})).json()["results"]
+    assert len(raw) == 1 and 0 < raw[0]["score"] < 0.5, raw
     # MMR diversifies by meaning: without an embedding model (--embedder none) it is refused.
     mmr = await search({"text": "red", "user_id": "u", "search_type": "mmr"})
     assert mmr.status_code == 400 and mmr.json()["reason"] == "SEMANTIC_UNAVAILABLE", mmr.text

@@ -22,6 +22,31 @@ WHERE m.project_id = %(project_id)s AND {match}
 ORDER BY score DESC, m.created_at DESC, m.session_id, m.sequence DESC
 LIMIT %(limit)s;
 
+-- search_words --
+-- search_hybrid where no vector can take part (no pgvector, or --embedder none): ranked by
+-- words alone, each score its full-text rank over the best candidate's (0 to 1, the best
+-- 1), as a hybrid score is. Raw ts_rank (0.03 to 0.1 for an exact match) made Zep's
+-- min_score of 0.1 to 0.5 keep nothing here (an audit). Not min-max as search_hybrid's text
+-- part: two near-equal matches would score 1 and 0. One level of subquery, no join back to
+-- the messages, so that one session's search stays on its shard (Citus). {match} as in
+-- search_full_text.
+SELECT c.uuid, c.session_id, c.sequence, c.role, c.role_type, c.content, c.metadata,
+       c.created_at, c.updated_at, c.user_id,
+       coalesce(c.rank / nullif(max(c.rank) OVER (), 0), 1)::float8 AS score,
+       NULL::text AS vector
+FROM (
+    SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
+           m.created_at, m.updated_at, s.user_id, ts_rank(m.search, q.query, 1) AS rank
+    FROM ({query}) AS q, messages m
+    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+    WHERE m.project_id = %(project_id)s AND {match}
+      AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+    ORDER BY rank DESC, m.created_at DESC, m.session_id, m.sequence DESC
+    LIMIT %(candidates)s
+) AS c
+ORDER BY score DESC, c.created_at DESC, c.session_id, c.sequence DESC
+LIMIT %(limit)s;
+
 -- search_semantic --
 -- Embedded live messages in scope, nearest to the query vector first (cosine).
 SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
