@@ -43,6 +43,18 @@ _retention_days = seconds_up_to(MAX_RETENTION_DAYS, "days")
 MAX_STOP_SECONDS = 86_400
 
 
+#: The shortest period between purges: 1e-9 was taken, and purged 6,440 times in 6 s (an
+#: audit); a purge that finds nothing still runs its statements.
+MIN_PURGE_INTERVAL = 1.0
+
+
+def _purge_interval(text: str) -> float:
+    value = seconds_up_to(MAX_STOP_SECONDS)(text)
+    if 0 < value < MIN_PURGE_INTERVAL:
+        raise ValueError(f"must be 0 (off) or at least {MIN_PURGE_INTERVAL:.0f}, not {text}")
+    return value
+
+
 def _days(text: str) -> timedelta:
     return timedelta(days=_retention_days(text))
 
@@ -232,9 +244,10 @@ class Config:
     )
     purge_interval: float = setting(
         3600.0,
-        "seconds between periodic purges; 0 turns them off",
+        f"seconds between periodic purges, {MIN_PURGE_INTERVAL:.0f} to {MAX_STOP_SECONDS}; "
+        "0 turns them off (the first runs within a minute of the start)",
         env="MEMSTORE_PURGE_INTERVAL",
-        parse=parse_seconds,
+        parse=_purge_interval,
     )
     log_level: str = setting(
         "INFO",

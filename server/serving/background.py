@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -110,9 +111,19 @@ def queue_stats(store: Store) -> Callable[[], tuple[int, float] | None] | None:
     return read
 
 
+#: The longest wait for a server's first purge after its start, drawn at random so that
+#: processes started together do not purge together.
+FIRST_PURGE_SECONDS = 60.0
+
+
 async def purge_periodically(config: Config, store: Store) -> None:
+    # The first run within a minute of the start, not a whole interval after it: a fleet
+    # restarted more often than the interval (deploys, autoscaling, a crash loop) never
+    # purged, and kept soft-deleted rows past their retention for good (an audit).
+    wait = random.uniform(0, min(FIRST_PURGE_SECONDS, config.purge_interval))
     while True:
-        await asyncio.sleep(config.purge_interval)
+        await asyncio.sleep(wait)
+        wait = config.purge_interval
         try:
             report = await store.purge(config.purge_retention)
         except Exception:

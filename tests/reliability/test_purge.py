@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import timedelta
 
 import psycopg
+import pytest
 
+from server.config import Config
 from server.domain import NewMessage
+from server.serving import background
 from server.store import Store
+from tests.fix_db import scalar
 from tests.polling import until
 from tests.reliability import record
 
@@ -135,3 +140,30 @@ async def test_purge_in_batches_under_writes_keeps_everything_live(
         slowest_write_seconds=round(max(during), 3),
         slowest_write_without_purge_seconds=round(max(alone), 3),
     )
+
+
+async def test_a_server_purges_soon_after_its_start_not_an_interval_later(
+    store: Store, clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first purge waited a whole interval (an hour by default): a fleet restarted more
+    # often than that never purged, and kept soft-deleted rows past their retention (an
+    # audit). It now runs within FIRST_PURGE_SECONDS (a minute; a fifth of a second here).
+    monkeypatch.setattr(background, "FIRST_PURGE_SECONDS", 0.2)
+    with psycopg.connect(clean_db) as conn:
+        conn.execute(
+            "INSERT INTO sessions (project_id, session_id, deleted_at)"
+            " VALUES (1, 'expired', now() - interval '8 days'), (1, 'recent', now())"
+        )
+
+    async def only_the_recent_one_kept() -> bool:
+        kept = await scalar(clean_db, "SELECT string_agg(session_id, ',') FROM sessions")
+        return bool(kept == "recent")
+
+    purging = asyncio.create_task(background.purge_periodically(Config(), store))
+    try:
+        assert await until(only_the_recent_one_kept, within=10)
+    finally:
+        purging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await purging
+    assert Config().purge_interval == 3600

@@ -143,6 +143,9 @@ def test_a_bad_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
         # A cap of 0 would refuse every call; past gRPC's backlog it could never be reached.
         (["serve", "--max-calls-in-flight", "0"], "--max-calls-in-flight: must be at least 1"),
         (["serve", "--max-calls-in-flight", "2000000"], "must be at most 1000000, not 2000000"),
+        # A period of 1e-9 purged 6,440 times in 6 s; one of 1e300 meant "never" (an audit).
+        (["serve", "--purge-interval", "1e-9"], "--purge-interval: must be 0 (off) or at least 1"),
+        (["serve", "--purge-interval", "1e300"], "--purge-interval: must be at most 86400"),
     ],
 )
 def test_a_flag_out_of_its_range_names_the_flag(
