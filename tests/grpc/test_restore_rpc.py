@@ -3,6 +3,8 @@ project checked, and a request written whole or not at all."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 import psycopg
 import pytest
@@ -13,9 +15,11 @@ from memstore.v1 import backup_service_pb2_grpc
 from memstore.v1 import resources_pb2 as rs
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from server.store import Store
 from tests.grpc import Code, Sessions, Users, rpc_error
 
 UUID = "0b5e3c1a-9f8d-4c2e-b7a6-1d2e3f405162"
+UUID2 = "1c6f4d2b-0a9e-4d3f-88b7-2e3f40516273"
 Backup = backup_service_pb2_grpc.BackupServiceStub
 
 
@@ -217,6 +221,28 @@ async def test_rows_restored_at_the_end_of_9999_stay_readable_when_touched(
     assert [s.session_id for c in exported for s in c.sessions] == ["s"]
     chunks = [c async for c in users.ListUsersChunked(us.ListUsersChunkedRequest())]
     assert [u.user_id for c in chunks for u in c.users] == ["u"]
+
+
+async def test_rows_restored_in_the_future_are_purged_once_deleted(
+    backup: Backup, sessions: Sessions, store: Store
+) -> None:
+    # A session restored with an updated_at in the future (a backup's times are kept) was
+    # deleted "after its last change", in the future too (year 9999 here): never purged,
+    # whatever the retention (an audit). deleted_at is now the clock's.
+    last = timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_000)
+    restored = [
+        rs.Session(session_id=s, created_at=_at(1), updated_at=last) for s in ("gone", "cleared")
+    ]
+    messages = [_message(s, 1, uuid=u) for s, u in (("gone", UUID), ("cleared", UUID2))]
+    for m in messages:
+        m.message.updated_at.CopyFrom(last)
+    await backup.Restore(bs.RestoreRequest(sessions=restored, messages=messages))
+    await sessions.DeleteSession(ss.DeleteSessionRequest(session_id="gone"))
+    await sessions.ClearMemory(ss.ClearMemoryRequest(session_id="cleared"))
+    report = await store.purge(timedelta(0))
+    assert (report.sessions, report.messages) == (1, 2), report
+    kept = await sessions.ListSessions(ss.ListSessionsRequest(show_deleted=True))
+    assert [(s.session_id, s.updated_at == last) for s in kept.sessions] == [("cleared", True)]
 
 
 async def test_a_backup_of_names_and_roles_with_control_characters_still_restores(

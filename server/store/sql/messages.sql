@@ -306,14 +306,16 @@ FROM sized LEFT JOIN m ON true;
 
 -- clear_memory --
 -- Soft-deletes every live message of a live session; the session stays, message_count 0.
+-- The messages' deleted_at is the clock's, not the session's touched updated_at: that is
+-- later than the clock after a backup restored it in the future, and was never purged.
 WITH s AS (
     UPDATE sessions AS s SET message_count = 0, updated_at = memstore_touch(t.now, s.updated_at)
     FROM (SELECT clock_timestamp() AS now) AS t
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
       AND s.deleted_at IS NULL
-    RETURNING s.project_id, s.session_id, s.updated_at
+    RETURNING s.project_id, s.session_id, s.updated_at, t.now
 ), hidden AS (
-    UPDATE messages AS m SET deleted_at = s.updated_at
+    UPDATE messages AS m SET deleted_at = s.now
     FROM s
     -- Pinned by the parameters (s holds that one session) so it stays on one shard.
     WHERE m.project_id = %(project_id)s AND m.session_id = %(session_id)s

@@ -114,11 +114,13 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s AND s.dele
 FOR UPDATE;
 
 -- delete_session --
--- Soft-deletes a live session and its live messages with one timestamp; returns the count,
--- and the session's user (whose count of live sessions the store then lowers).
+-- Soft-deletes a live session and its live messages at one time, the clock's; returns the
+-- count, and the session's user (whose count of live sessions the store then lowers).
 WITH gone AS (
-    -- One time, after the session's last change (as update_user).
-    UPDATE sessions AS s SET deleted_at = memstore_touch(t.now, s.updated_at),
+    -- updated_at after the session's last change (as update_user), deleted_at the clock's:
+    -- the touched time is later than the clock for an updated_at a backup restored in the
+    -- future (year 9999), and such a deleted_at was never purged (an audit).
+    UPDATE sessions AS s SET deleted_at = t.now,
                              updated_at = memstore_touch(t.now, s.updated_at), message_count = 0
     FROM (SELECT clock_timestamp() AS now) AS t
     WHERE s.project_id = %(project_id)s AND s.session_id = %(session_id)s
