@@ -71,7 +71,7 @@ async def _migrate(config: Config) -> None:
 async def _purge(config: Config) -> None:
     store = await open_store(config)
     try:
-        await store.migrate()
+        await store.require_migrated()
         report = await store.purge(config.purge_retention)
         print(json.dumps(asdict(report), sort_keys=True))
     finally:

@@ -72,7 +72,7 @@ async def _run(
 
     store = await open_store(config)
     try:
-        await store.migrate()
+        await store.require_migrated()
         await actions[args.action](store, args)
     finally:
         await store.close()

@@ -25,7 +25,7 @@ from memstore.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-from tests.fix_db import lock_waiters
+from tests.fix_db import lock_waiters, scratch_database
 from tests.processes import MEMSTORE, ROOT, run_memstore, serve_memstore, stop_memstore
 
 BUF = shutil.which("buf", path=str(Path(sys.executable).parent)) or "buf"
@@ -84,6 +84,26 @@ def test_reflection_lets_buf_curl_call_without_protos(served: int) -> None:
     user = json.loads(created.stdout)["user"]
     assert user["userId"] == "via-buf"
     assert user["metadata"] == {"plan": "pro"}
+
+
+def test_one_shot_commands_change_no_schema_and_say_to_migrate(server_url: str) -> None:
+    # purge, reindex, projects and keys migrated first, silently: one run from a cron job by
+    # a newer memstore migrated the database under the older servers still serving it (an
+    # audit). They now check, change nothing, and say what to run.
+    with scratch_database(server_url, "memstore_unmigrated") as url:
+        env = {**os.environ, "DATABASE_URL": url}
+        for argv in (["purge"], ["reindex"], ["projects", "list"], ["keys", "list"]):
+            run = run_memstore(*argv, env=env)
+            assert run.returncode == 1, (argv, run.stdout, run.stderr)
+            assert "run `memstore migrate`" in run.stderr and "0001_init" in run.stderr, run.stderr
+            assert "Traceback" not in run.stderr
+        with psycopg.connect(url) as conn:
+            tables = conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+            ).fetchone()
+            assert tables == (0,)
+        assert run_memstore("migrate", env=env).returncode == 0
+        assert run_memstore("projects", "list", env=env).returncode == 0
 
 
 def test_migrate_and_purge_commands_report(clean_db: str) -> None:

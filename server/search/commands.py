@@ -52,7 +52,7 @@ async def reindex(config: Config) -> None:
     """
     store = await open_store(config)
     try:
-        await store.migrate()
+        await store.require_migrated()
         if store.word_recall:
             await _keep_word_recall(store)
             return
@@ -110,7 +110,6 @@ async def _keep_word_recall(store: Store) -> None:
 
 
 async def _ready(store: Store, config: Config) -> Embedder:
-    await store.migrate()
     if not store.vectors:
         raise FailedPrecondition(
             "this PostgreSQL server has no pgvector extension: there is nothing to embed into"

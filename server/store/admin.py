@@ -10,10 +10,10 @@ from datetime import timedelta
 from typing import Any
 
 from server.domain import BackupSource, PurgeReport
-from server.errors import Unavailable
+from server.errors import FailedPrecondition, Unavailable
 from server.store.base import StoreBase, statement_timeout_off
 from server.store.db import fetch_all, fetch_one
-from server.store.migrate import apply_migrations
+from server.store.migrate import apply_migrations, missing_migrations
 from server.store.queries import query
 
 
@@ -68,6 +68,27 @@ class AdminMethods(StoreBase):
                 await conn.set_autocommit(False)
         await self.check_vectors()
         return applied
+
+    async def require_migrated(self) -> None:
+        """Checks, changing nothing, that the database holds this memstore's migrations (but
+        those waiting for pgvector), then reads what they made (check_vectors). For the
+        one-shot commands (purge, reindex, projects, keys): a newer one, run from a cron job
+        against older servers, migrated under them (an audit).
+
+        Raises:
+            FailedPrecondition: migrations are missing (reason NOT_MIGRATED), naming them.
+            Unavailable: the database cannot be reached.
+        """
+        async with self._connect(single=True) as conn:
+            missing = await missing_migrations(conn)
+        if missing:
+            raise FailedPrecondition(
+                f"the database lacks this memstore's migrations ({', '.join(missing)}): run "
+                "`memstore migrate`, or start a server of this version, first (stop servers "
+                "of an older version before: README)",
+                reason="NOT_MIGRATED",
+            )
+        await self.check_vectors()
 
     async def check_vectors(self) -> bool:
         """Looks again whether the vector tables exist; remembers and returns the answer.

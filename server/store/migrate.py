@@ -74,6 +74,29 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         await conn.execute(query("unlock_migrations"))
 
 
+async def missing_migrations(conn: AsyncConnection[Any]) -> list[str]:
+    """This memstore's migrations the database lacks, changing nothing; those that wait for
+    an extension not usable here (pgvector not created, or on no schema this connection
+    searches) are not missing: a migrate would skip them too."""
+    cur = await conn.execute(query("schema_migrations_exist"))
+    present = await cur.fetchone()
+    done: set[str] = set()
+    if present and present[0]:
+        cur = await conn.execute(query("applied_migrations"))
+        done = {str(row[0]) for row in await cur.fetchall()}
+    missing: list[str] = []
+    for name, text in migrations():
+        if name in done:
+            continue
+        if (extension := required_extension(text)) is not None:
+            cur = await conn.execute(query("extension_available"), {"name": extension})
+            row = await cur.fetchone()
+            if row is None or not row[1] or not row[3]:
+                continue
+        missing.append(name)
+    return missing
+
+
 async def _apply(conn: AsyncConnection[Any], name: str, text: str) -> None:
     # Each migration and its record commit together, or not at all. Waiting for a table's
     # lock (a pg_dump, a long report reading it), its request for ACCESS EXCLUSIVE held

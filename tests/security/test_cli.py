@@ -32,6 +32,7 @@ def _ok(*args: str, env: dict[str, str]) -> str:
 
 def test_projects_and_keys_commands(secure_db_url: str) -> None:
     env = {**os.environ, "DATABASE_URL": secure_db_url}
+    _ok("migrate", env=env)
     _ok("projects", "create", "cli-proj", env=env)
     again = run_memstore("projects", "create", "cli-proj", env=env)
     assert again.returncode == 1 and "already exists" in again.stderr
