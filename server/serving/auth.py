@@ -112,6 +112,9 @@ class Authenticator:
         self._enabled = enabled
         self._checked_at = time.monotonic()
         self._cache: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+        #: Keys refused (their cache keys), until when. Apart from the checked keys, so that
+        #: refused ones, however many, never push a good key out of its cache.
+        self._refused: OrderedDict[bytes, float] = OrderedDict()
         #: Keys presented while no key existed (their cache keys), the most recent last.
         self._open_keys: OrderedDict[bytes, None] = OrderedDict()
 
@@ -139,7 +142,17 @@ class Authenticator:
         cached = self._cache.get(credential.cache_key)
         if cached is not None and cached[1] > now:
             return cached[0]
-        project = await self._check(credential.text)
+        # A refused key is refused again without a statement for `cache_seconds`: a client
+        # left with a revoked or mistyped key cost a query and a hash per call (an audit). It
+        # cannot become good meanwhile: a made key's secret is new.
+        refused_until = self._refused.get(credential.cache_key)
+        if refused_until is not None and refused_until > now:
+            raise INVALID
+        try:
+            project = await self._check(credential.text)
+        except Unauthenticated:
+            _remember(self._refused, credential.cache_key, now + self._ttl)
+            raise
         _remember(self._cache, credential.cache_key, (project, now + self._ttl))
         return project
 

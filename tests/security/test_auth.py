@@ -235,6 +235,33 @@ async def test_a_key_made_after_another_was_presented_works_at_once() -> None:
         await auth.project_for((("authorization", "Api-Key placeholder"),))
 
 
+class _CountedLookups(_KeyMadeLater):
+    """_KeyMadeLater, made, counting its key lookups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made, self.lookups = True, 0
+
+    async def find_api_key(self, prefix: str) -> StoredKey | None:
+        self.lookups += 1
+        return await super().find_api_key(prefix)
+
+
+async def test_a_refused_key_is_refused_again_without_a_lookup() -> None:
+    # A client left with a revoked or mistyped key cost a statement and a hash per call.
+    store = _CountedLookups()
+    auth = Authenticator(store, 60.0, enabled=True)  # type: ignore[arg-type]
+    wrong = store.key.text[:-4] + ("AAAA" if not store.key.text.endswith("AAAA") else "BBBB")
+    for _ in range(20):
+        with pytest.raises(Unauthenticated, match="not valid"):
+            await auth.project_for((("authorization", f"Bearer {wrong}"),))
+    assert store.lookups == 1
+    # The good key of the same prefix is looked up and served, as before.
+    for _ in range(20):
+        assert await auth.project_for((("authorization", f"Bearer {store.key.text}"),)) == 7
+    assert store.lookups == 2
+
+
 class _SlowFirstLook(_KeyMadeLater):
     """A store whose first any_api_key reads before the key is made and answers last."""
 
