@@ -22,28 +22,28 @@ from server.rest.app import endpoint, project, route, services
 from server.rest.search import search_one_session
 
 
-def _offset_window(request: Request) -> tuple[int, int, bool]:
+def _offset_window(request: Request) -> common.Window:
     # 1.x pages with `limit` rows from `cursor`, an offset (0, limit, 2*limit, ...). Without
     # a limit (1.x's `user.list()` and `memory.list_sessions()` send `limit=`) Zep answers
     # every row: so does memstore, up to MAX_PAGE_SIZE of them, and refuses more (whole).
     # Until 2026-12-02 it answered the first 50.
     limit = common.page_size(request, "limit")
     offset = b.query_int(request, "cursor", minimum=0) or 0
-    return offset, limit or val.MAX_PAGE_SIZE, limit is None
+    return common.Window(offset, limit or val.MAX_PAGE_SIZE, limit is None, "limit")
 
 
 @endpoint
 async def list_users(request: Request) -> Response:
-    offset, size, whole = _offset_window(request)
+    # Oldest first, as Zep 0.27.2's ListAll (`id > cursor ORDER BY id ASC`).
+    window = _offset_window(request)
     store = services(request).store
-    return await common.list_users(
-        store, project(request), offset, size, "limit", flat=True, whole=whole
-    )
+    paging = ("cursor", "user.list_chunked")
+    return await common.list_users(store, project(request), window, paging, flat=True)
 
 
 @endpoint
 async def list_sessions(request: Request) -> Response:
-    offset, size, whole = _offset_window(request)
+    offset, size, whole, _ = _offset_window(request)
     # Oldest first by (created_at, session_id): offsets stay put while sessions are added.
     budget = answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES)
     page = await services(request).store.list_sessions(
