@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 
 from server.api import answer_size
@@ -69,6 +69,20 @@ async def get_memory(request: Request) -> Response:
     return await v2.memory_answer(request, common.V1_DEFAULT_LASTN)
 
 
+# Zep 0.27.2 answers a memory write and delete with the plain text OK, which zep-python
+# 1.x returns (`response.text`); until 2026-12-03 its callers got '{"message":"OK"}'.
+@endpoint
+async def add_memory(request: Request) -> Response:
+    await v2.write_memory(request)
+    return PlainTextResponse("OK")
+
+
+@endpoint
+async def delete_memory(request: Request) -> Response:
+    await v2.forget_memory(request)
+    return PlainTextResponse("OK")
+
+
 def routes() -> list[BaseRoute]:
     """The /api/v1 routes memstore serves (docs/zep-compat.md has the table)."""
     p = "/api/v1"
@@ -83,8 +97,8 @@ def routes() -> list[BaseRoute]:
         route(
             f"{p}/sessions/{{session_id}}/memory",
             GET=get_memory,
-            POST=v2.add_memory,
-            DELETE=v2.delete_memory,
+            POST=add_memory,
+            DELETE=delete_memory,
         ),
         route(f"{p}/sessions/{{session_id}}/search", POST=search_one_session),
         route(f"{p}/sessions/{{session_id}}/messages", GET=v2.list_messages),

@@ -220,11 +220,18 @@ async def memory_answer(request: Request, default_lastn: int) -> Response:
     return await json_answer(answer_size.text_at_least(rows, off_loop.OFF_LOOP_BYTES), build)
 
 
-@endpoint
-async def add_memory(request: Request) -> Response:
+async def write_memory(request: Request) -> tuple[str, bool]:
+    """Appends a memory write's messages to the path's session (made if absent); answers its
+    id and whether the write asks for the context back."""
     session_id = b.path_id(request, "session_id")
     messages, return_context = await b.checked_json(request, _memory_write)
     await services(request).store.add_memory(project(request), session_id, None, messages)
+    return session_id, return_context
+
+
+@endpoint
+async def add_memory(request: Request) -> Response:
+    session_id, return_context = await write_memory(request)
     if not return_context:
         return JSONResponse(OK)
     # zep-cloud's memory.add(return_context=True) reads `context` from the answer: the
@@ -248,12 +255,16 @@ def _memory_write(data: JsonObject) -> tuple[list[NewMessage], bool]:
     return messages, bool(flag)
 
 
-@endpoint
-async def delete_memory(request: Request) -> Response:
-    # Zep's memory delete soft-deletes the session with its messages; memory added later
-    # revives the session, and the messages deleted here stay deleted.
+async def forget_memory(request: Request) -> None:
+    """Zep's memory delete: soft-deletes the path's session with its messages; memory added
+    later revives the session, and the messages deleted here stay deleted."""
     session_id = b.path_id(request, "session_id")
     await services(request).store.delete_session(project(request), session_id)
+
+
+@endpoint
+async def delete_memory(request: Request) -> Response:
+    await forget_memory(request)
     return JSONResponse(OK)
 
 
