@@ -19,6 +19,7 @@ from server.settings import (
     Declared,
     parse_bool,
     parse_count,
+    parse_origins,
     parse_port,
     parse_positive,
     parse_positive_seconds,
@@ -161,6 +162,14 @@ class Config:
         "port of Zep's REST API (Zep's own port); 0 picks a free one",
         env="MEMSTORE_HTTP_PORT",
         parse=parse_port,
+    )
+    http_cors_origin: tuple[str, ...] = setting(
+        (),
+        "browser origins (comma-separated, or *) allowed to call the REST API (CORS)",
+        env="MEMSTORE_HTTP_CORS_ORIGIN",
+        parse=parse_origins,
+        shown="none: no CORS, a preflight answers 405",
+        metavar="ORIGINS",
     )
     workers: int = setting(
         1,

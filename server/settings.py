@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,23 @@ def parse_count(text: str) -> int:
     if value < 0:
         raise ValueError(f"must not be negative, not {value}")
     return value
+
+
+#: A browser's Origin: scheme://host[:port], with no path (not even "/", which none matches).
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s,]+")
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Comma-separated browser origins (`https://app.example.com`), or `*` for any."""
+    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    if origins == ("*",):
+        return origins
+    for origin in origins:
+        if _ORIGIN.fullmatch(origin) is None:
+            raise ValueError(
+                f"{origin!r} is not an origin: scheme://host[:port], no path (or * alone)"
+            )
+    return origins
 
 
 def parse_port(text: str) -> int:

@@ -396,7 +396,8 @@ def query_int(
 
 
 def query_bool(request: Request, name: str) -> bool | None:
-    """A boolean query value (true/false/1/0); None when absent or empty.
+    """A boolean query value of a Zep route: what Go's strconv.ParseBool reads (1, t, T,
+    TRUE, true, True, 0, f, F, FALSE, false, False), in any case; None when absent or empty.
 
     Raises:
         InvalidArgument: any other text, naming the parameter.
@@ -405,9 +406,9 @@ def query_bool(request: Request, name: str) -> bool | None:
     if not text:
         return None
     lowered = text.lower()
-    if lowered in ("true", "1"):
+    if lowered in ("true", "t", "1"):
         return True
-    if lowered in ("false", "0"):
+    if lowered in ("false", "f", "0"):
         return False
     raise InvalidArgument.field(name, f"{text[:64]!r} is not true or false")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -211,15 +211,48 @@ def _sessions_json(sessions: list[Session]) -> list[bytes]:
     return [json_bytes(c.session(s)) for s in sessions]
 
 
-def not_whole(field: str, rows: str, paging: str) -> InvalidArgument:
-    """The refusal of a whole listing (zep-python 1.x's lists without a `limit`, which Zep
+def not_whole(field: str, rows: str, paging: str, *, number: str = "cursor") -> InvalidArgument:
+    """The refusal of a whole listing (a list without its page size `field`, which Zep
     answers with every row) that holds more than `rows`: cut to them, the caller would take
-    the first rows for all of them."""
+    the first rows for all of them. `number` is the parameter that pages with `field`."""
     return InvalidArgument.field(
         field,
         f"absent, the whole listing is asked for, and it holds more than {rows}: page it "
-        f"with {field} and cursor ({paging})",
+        f"with {field} and {number} ({paging})",
     )
+
+
+class Window(NamedTuple):
+    """The rows a listing by offset asks for: `size` rows from `offset`, or, `whole`, every
+    row (answered up to `size`, MAX_PAGE_SIZE, and refused past it); `field` is the page
+    size's parameter, which a refusal names."""
+
+    offset: int
+    size: int
+    whole: bool
+    field: str
+
+
+def numbered_window(
+    request: Request, number: str, size: str, *, aliases: tuple[str, str] | None = None
+) -> Window:
+    """The window of a v2 listing by 1-based page `number` of `size` rows (or by their
+    `aliases`, the other spelling, refused beside them).
+
+    Without a size Zep answers every row whatever the page number (bun reads a LIMIT of 0 as
+    none, and the offset, (number - 1) * 0, is 0): so does memstore, up to MAX_PAGE_SIZE
+    rows. Until 2026-12-03 it answered the first 50.
+
+    Raises:
+        InvalidArgument: a bad page number or size (page_size says which), naming it.
+    """
+    number_alias, size_alias = aliases or (None, None)
+    page = b.query_int(request, number, minimum=1, alias=number_alias)
+    count = page_size(request, size, alias=size_alias)
+    field = size_alias if size_alias and b.query_value(request, size_alias) else size
+    if count is None:
+        return Window(0, val.MAX_PAGE_SIZE, True, field)
+    return Window(((page or 1) - 1) * count, count, False, field)
 
 
 def page_size(request: Request, name: str, *, alias: str | None = None) -> int | None:
@@ -236,41 +269,37 @@ def page_size(request: Request, name: str, *, alias: str | None = None) -> int |
     return b.query_int(request, name, minimum=1, maximum=val.MAX_PAGE_SIZE, alias=alias)
 
 
-def page_window(number: int | None, size: int | None, default_size: int) -> tuple[int, int]:
-    """(offset, size) of a 1-based page: absent is page 1 of `default_size` rows."""
-    size = size or default_size
-    return ((number or 1) - 1) * size, size
-
-
 async def list_users(
     store: Store,
     project: int,
-    offset: int,
-    size: int,
-    field: str,
+    window: Window,
+    paging: tuple[str, str],
     *,
     flat: bool = False,
-    whole: bool = False,
+    newest_first: bool = False,
 ) -> Response:
-    """A page of users by (created_at, user_id) from `offset`, as Zep's UserListResponse (as
-    its list of users alone if `flat`: 1.x); with `whole`, every user from `offset`.
+    """A window of users by (created_at, user_id), oldest first or `newest_first`, as Zep's
+    UserListResponse (as its list of users alone if `flat`: 1.x). `paging`: the parameter
+    that pages with the window's size and the SDK call that pages, which a refusal names.
 
     Raises:
-        InvalidArgument: the page is more than one answer may be (naming `field`, its size);
-            `whole` and more than `size` users follow `offset`.
+        InvalidArgument: the page is more than one answer may be (naming the window's field,
+            its size); a whole window and more than its size of users follow its offset.
     """
+    size, field = window.size, window.field
     page = await store.list_user_records(
         project,
         None,
         size,
-        offset=offset,
+        offset=window.offset,
         count=True,
         budget=answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES),
+        newest_first=newest_first,
     )
     if page.cut:
         raise answer_size.refuse_cut_answer(field, f"{size} users")
-    if whole and page.has_more:
-        raise not_whole(field, f"{size} users", "user.list_chunked")
+    if window.whole and page.has_more:
+        raise not_whole(field, f"{size} users", paging[1], number=paging[0])
 
     def build() -> dict[str, Any] | list[dict[str, Any]]:
         # The metadata's text as PostgreSQL prints it: its ", " and ": " a little more than
@@ -306,20 +335,22 @@ def sessions_size(page: Page[Session]) -> int:
     return answer_size.metadata_at_least(metadata, off_loop.OFF_LOOP_BYTES)
 
 
-async def list_messages(
-    store: Store, project: int, session_id: str, offset: int, size: int
-) -> Response:
-    """A page of a session's live messages, oldest first, as Zep's MessageListResponse.
+async def list_messages(store: Store, project: int, session_id: str, window: Window) -> Response:
+    """A window of a session's live messages, oldest first, as Zep's MessageListResponse.
 
     Raises:
         NotFound: the session is absent or soft-deleted.
-        InvalidArgument: the page's messages are more than one answer may be (naming limit).
+        InvalidArgument: the page's messages are more than one answer may be, or a whole
+            window holds more than its size (naming limit).
     """
+    size = window.size
     page = await store.list_messages(
-        project, session_id, None, size, offset=offset, budget=answer_size.MAX_ANSWER_BYTES
+        project, session_id, None, size, offset=window.offset, budget=answer_size.MAX_ANSWER_BYTES
     )
     if page.cut:
         raise answer_size.refuse_cut_answer("limit", f"{size} messages")
+    if window.whole and page.has_more:
+        raise not_whole("limit", f"{size} messages", "memory.get_session_messages")
 
     def build() -> dict[str, Any]:
         answer_size.check_text_answer(f"{len(page.items)} messages", limit=page.items)

@@ -21,6 +21,7 @@ import uvicorn
 
 from server.config import Config, SecurityConfig
 from server.rest.app import RestApp
+from server.rest.cors import with_cors
 from server.rest.protocol import bounded_protocol
 from server.serving.ports import bind
 from server.settings import source
@@ -135,7 +136,7 @@ def http_server(config: Config, app: RestApp) -> HttpServer:
     """
     sockets, port = listen(config, reuse_port=config.workers > 1)
     settings = uvicorn.Config(
-        app,
+        with_cors(app, config.http_cors_origin),
         lifespan="off",
         log_config=None,
         access_log=False,  # server/rest/app.py writes memstore's own access lines

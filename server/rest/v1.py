@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 
 from server.api import answer_size
@@ -22,28 +22,28 @@ from server.rest.app import endpoint, project, route, services
 from server.rest.search import search_one_session
 
 
-def _offset_window(request: Request) -> tuple[int, int, bool]:
+def _offset_window(request: Request) -> common.Window:
     # 1.x pages with `limit` rows from `cursor`, an offset (0, limit, 2*limit, ...). Without
     # a limit (1.x's `user.list()` and `memory.list_sessions()` send `limit=`) Zep answers
     # every row: so does memstore, up to MAX_PAGE_SIZE of them, and refuses more (whole).
     # Until 2026-12-02 it answered the first 50.
     limit = common.page_size(request, "limit")
     offset = b.query_int(request, "cursor", minimum=0) or 0
-    return offset, limit or val.MAX_PAGE_SIZE, limit is None
+    return common.Window(offset, limit or val.MAX_PAGE_SIZE, limit is None, "limit")
 
 
 @endpoint
 async def list_users(request: Request) -> Response:
-    offset, size, whole = _offset_window(request)
+    # Oldest first, as Zep 0.27.2's ListAll (`id > cursor ORDER BY id ASC`).
+    window = _offset_window(request)
     store = services(request).store
-    return await common.list_users(
-        store, project(request), offset, size, "limit", flat=True, whole=whole
-    )
+    paging = ("cursor", "user.list_chunked")
+    return await common.list_users(store, project(request), window, paging, flat=True)
 
 
 @endpoint
 async def list_sessions(request: Request) -> Response:
-    offset, size, whole = _offset_window(request)
+    offset, size, whole, _ = _offset_window(request)
     # Oldest first by (created_at, session_id): offsets stay put while sessions are added.
     budget = answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES)
     page = await services(request).store.list_sessions(
@@ -69,6 +69,20 @@ async def get_memory(request: Request) -> Response:
     return await v2.memory_answer(request, common.V1_DEFAULT_LASTN)
 
 
+# Zep 0.27.2 answers a memory write and delete with the plain text OK, which zep-python
+# 1.x returns (`response.text`); until 2026-12-03 its callers got '{"message":"OK"}'.
+@endpoint
+async def add_memory(request: Request) -> Response:
+    await v2.write_memory(request)
+    return PlainTextResponse("OK")
+
+
+@endpoint
+async def delete_memory(request: Request) -> Response:
+    await v2.forget_memory(request)
+    return PlainTextResponse("OK")
+
+
 def routes() -> list[BaseRoute]:
     """The /api/v1 routes memstore serves (docs/zep-compat.md has the table)."""
     p = "/api/v1"
@@ -83,8 +97,8 @@ def routes() -> list[BaseRoute]:
         route(
             f"{p}/sessions/{{session_id}}/memory",
             GET=get_memory,
-            POST=v2.add_memory,
-            DELETE=v2.delete_memory,
+            POST=add_memory,
+            DELETE=delete_memory,
         ),
         route(f"{p}/sessions/{{session_id}}/search", POST=search_one_session),
         route(f"{p}/sessions/{{session_id}}/messages", GET=v2.list_messages),

@@ -74,15 +74,18 @@ async def delete_user(request: Request) -> Response:
 
 @endpoint
 async def list_users(request: Request) -> Response:
-    # users-ordered names its parameters in camelCase (sessions-ordered in snake_case).
-    offset, size = common.page_window(
-        b.query_int(request, "pageNumber", minimum=1, alias="page_number"),
-        common.page_size(request, "pageSize", alias="page_size"),
-        val.DEFAULT_PAGE_SIZE,
+    # Zep reads camelCase names (the SDKs send them here); snake_case is accepted too.
+    window = common.numbered_window(
+        request, "pageNumber", "pageSize", aliases=("page_number", "page_size")
     )
-    field = "pageSize" if request.query_params.get("pageSize") else "page_size"
-    store = services(request).store
-    return await common.list_users(store, project(request), offset, size, field)
+    # Newest first, as Zep's ListAllOrdered(..., "", false): ORDER BY id DESC.
+    return await common.list_users(
+        services(request).store,
+        project(request),
+        window,
+        ("pageNumber", "user.list_ordered"),
+        newest_first=True,
+    )
 
 
 @endpoint
@@ -128,11 +131,11 @@ async def update_session(request: Request) -> Response:
 
 @endpoint
 async def list_sessions(request: Request) -> Response:
-    offset, size = common.page_window(
-        b.query_int(request, "page_number", minimum=1),
-        common.page_size(request, "page_size"),
-        val.DEFAULT_PAGE_SIZE,
+    # Zep reads camelCase names; the SDKs send snake_case here.
+    window = common.numbered_window(
+        request, "page_number", "page_size", aliases=("pageNumber", "pageSize")
     )
+    offset, size = window.offset, window.size
     order_by = b.query_value(request, "order_by") or "created_at"
     field = _ORDER_FIELDS.get(order_by)
     if field is None:
@@ -147,10 +150,14 @@ async def list_sessions(request: Request) -> Response:
         project(request), query, None, offset, size, count=True, budget=budget
     )
     if page.cut:
-        raise answer_size.refuse_cut_answer("page_size", f"{size} sessions")
+        raise answer_size.refuse_cut_answer(window.field, f"{size} sessions")
+    if window.whole and page.has_more:
+        raise common.not_whole(
+            window.field, f"{size} sessions", "memory.list_sessions", number="page_number"
+        )
 
     def build() -> dict[str, Any]:
-        sessions = common.sessions_answer(page, "page_size")
+        sessions = common.sessions_answer(page, window.field)
         return {
             "sessions": sessions,
             "response_count": len(sessions),
@@ -213,11 +220,18 @@ async def memory_answer(request: Request, default_lastn: int) -> Response:
     return await json_answer(answer_size.text_at_least(rows, off_loop.OFF_LOOP_BYTES), build)
 
 
-@endpoint
-async def add_memory(request: Request) -> Response:
+async def write_memory(request: Request) -> tuple[str, bool]:
+    """Appends a memory write's messages to the path's session (made if absent); answers its
+    id and whether the write asks for the context back."""
     session_id = b.path_id(request, "session_id")
     messages, return_context = await b.checked_json(request, _memory_write)
     await services(request).store.add_memory(project(request), session_id, None, messages)
+    return session_id, return_context
+
+
+@endpoint
+async def add_memory(request: Request) -> Response:
+    session_id, return_context = await write_memory(request)
     if not return_context:
         return JSONResponse(OK)
     # zep-cloud's memory.add(return_context=True) reads `context` from the answer: the
@@ -241,12 +255,16 @@ def _memory_write(data: JsonObject) -> tuple[list[NewMessage], bool]:
     return messages, bool(flag)
 
 
-@endpoint
-async def delete_memory(request: Request) -> Response:
-    # Zep's memory delete soft-deletes the session with its messages; memory added later
-    # revives the session, and the messages deleted here stay deleted.
+async def forget_memory(request: Request) -> None:
+    """Zep's memory delete: soft-deletes the path's session with its messages; memory added
+    later revives the session, and the messages deleted here stay deleted."""
     session_id = b.path_id(request, "session_id")
     await services(request).store.delete_session(project(request), session_id)
+
+
+@endpoint
+async def delete_memory(request: Request) -> Response:
+    await forget_memory(request)
     return JSONResponse(OK)
 
 
@@ -254,14 +272,8 @@ async def delete_memory(request: Request) -> Response:
 async def list_messages(request: Request) -> Response:
     # Zep's `cursor` here is a 1-based page number of `limit` messages.
     session_id = b.path_id(request, "session_id")
-    offset, size = common.page_window(
-        b.query_int(request, "cursor", minimum=1),
-        common.page_size(request, "limit"),
-        val.DEFAULT_PAGE_SIZE,
-    )
-    return await common.list_messages(
-        services(request).store, project(request), session_id, offset, size
-    )
+    window = common.numbered_window(request, "cursor", "limit")
+    return await common.list_messages(services(request).store, project(request), session_id, window)
 
 
 @endpoint

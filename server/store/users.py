@@ -171,6 +171,7 @@ class UserMethods(StoreBase):
         offset: int | None = None,
         count: bool = False,
         budget: int | None = None,
+        newest_first: bool = False,
     ) -> Page[UserRecord]:
         """list_users as plain tuples (UserRecord), for the list and export paths.
 
@@ -179,10 +180,15 @@ class UserMethods(StoreBase):
         transaction (as list_sessions counts). With a `budget`, a user is read only while the
         users before it hold less than `budget` bytes of metadata and ids (the first always
         is); `cut` then says the budget left users of the page out (and has_more is set).
+        Oldest first by (created_at, user_id), or with `newest_first` the reverse (Zep's
+        users-ordered), which pages by offset only.
 
         Raises:
             Unavailable: the database cannot be reached.
+            ValueError: `newest_first` with `after`.
         """
+        if newest_first and after is not None:
+            raise ValueError("a newest-first list of users pages by offset, not by key")
         after_ts, after_id = after or START
         params = {
             "project_id": project_id,
@@ -195,7 +201,10 @@ class UserMethods(StoreBase):
         total: int | None = None
         async with self._connect(single=not count) as conn:
             cur = conn.cursor()
-            await cur.execute(list_user_records_statement(budgeted=budget is not None), params)
+            statement = list_user_records_statement(
+                budgeted=budget is not None, newest_first=newest_first
+            )
+            await cur.execute(statement, params)
             found: list[Any] = await cur.fetchall()
             if count:
                 row = await fetch_one(conn, "count_users", params)
@@ -241,16 +250,24 @@ class UserMethods(StoreBase):
 
 
 @cache
-def list_user_records_statement(*, budgeted: bool) -> sql.Composed:
-    """list_user_records' statement over its page whole, or read up to %(budget)s bytes."""
+def list_user_records_statement(*, budgeted: bool, newest_first: bool = False) -> sql.Composed:
+    """list_user_records' statement over its page whole, or read up to %(budget)s bytes;
+    oldest first, or newest first."""
+    direction = sql.SQL("DESC" if newest_first else "ASC")
+
+    def order(alias: str) -> sql.Composed:
+        return query("order_users").format(alias=sql.Identifier(alias), direction=direction)
+
     if not budgeted:
-        page = query("list_user_records_page").format(size=sql.SQL(""))
-        return query("list_user_records").format(page=page, followed=sql.SQL(""))
+        page = query("list_user_records_page").format(size=sql.SQL(""), order=order("u"))
+        return query("list_user_records").format(page=page, followed=sql.SQL(""), order=order("p"))
     sized = query("list_user_records_page").format(
-        size=list_size("u", "user_id", "email", "first_name", "last_name")
+        size=list_size("u", "user_id", "email", "first_name", "last_name"), order=order("u")
     )
-    page = budget_rows(sized, sql.SQL("k.created_at, k.user_id"))
-    return query("list_user_records").format(page=page, followed=sql.SQL(", p.followed"))
+    page = budget_rows(sized, order("k"))
+    return query("list_user_records").format(
+        page=page, followed=sql.SQL(", p.followed"), order=order("p")
+    )
 
 
 @cache

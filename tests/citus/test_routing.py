@@ -108,6 +108,8 @@ FAN_OUT = {
     "list_users": "ListUsers",
     "list_user_records": "ListUsers",
     "list_user_records_budgeted": "ListUsers past 30 rows (REST 131), read up to the bytes",
+    "list_user_records_newest": "REST users-ordered (newest first)",
+    "list_user_records_newest_budgeted": "REST users-ordered past 131 rows, read up to the bytes",
     "list_user_chunk_citus": "ListUsersChunked (a chunk of the users' protobuf bytes as one value)",
     "list_user_wire_citus": "ListUsersChunked (a chunk past the byte cap, cut by each user's size)",
     "count_users": "ListUsers' total_size",
@@ -247,6 +249,9 @@ def _statements() -> dict[str, sql.Composable]:
     found["list_sessions_budgeted"] = budgeted_page
     for budgeted, suffix in ((False, ""), (True, "_budgeted")):
         found[f"list_user_records{suffix}"] = list_user_records_statement(budgeted=budgeted)
+        found[f"list_user_records_newest{suffix}"] = list_user_records_statement(
+            budgeted=budgeted, newest_first=True
+        )
         found[f"list_user_sessions{suffix}"] = list_user_sessions_statement(budgeted=budgeted)
     for name in ("get_memories_recall", "recall_kept_keys_citus"):
         found[name] = kept_recall_statement(name, vectors=True)

@@ -56,6 +56,18 @@ async def test_answers_past_the_cap_are_400_naming_what_asked(
     assert len(reply.json()["messages"]) == UNDER
 
 
+async def test_a_whole_listing_of_messages_past_the_cap_is_400_naming_limit(
+    http: httpx.AsyncClient, store: Store
+) -> None:
+    # Without a limit every message is asked for (Zep's), and read only up to the cap.
+    await _big_session(store)
+    for path in ("/api/v2/sessions/big/messages", "/api/v1/sessions/big/messages"):
+        reply = await http.get(path)
+        assert reply.status_code == 400, reply.status_code
+        assert [v["field"] for v in reply.json()["violations"]] == ["limit"], reply.json()
+        assert "ask for fewer" in reply.json()["message"]
+
+
 async def test_a_search_past_the_cap_is_400_naming_limit(
     http: httpx.AsyncClient, store: Store
 ) -> None:

@@ -23,3 +23,11 @@ def test_zep_api_url_points_the_sdk_at_memstore(zep: ZepServer) -> None:
 
 def test_memory_add_returns_the_context_when_asked(zep: ZepServer) -> None:
     assert run_sdk("cloud", "added_with_context", zep.base_url) == {"remembered": True}
+
+
+def test_lists_without_a_page_size_answer_every_row(zep: ZepServer) -> None:
+    # get_session_messages(), user.list_ordered() and list_sessions() send no page size, and
+    # Zep's server answers every row: memstore answered 50 (until 2026-12-03).
+    assert run_sdk("cloud", "whole_lists", zep.base_url) == {
+        "counts": [[60, 60], [59, 59], [60, 60]]
+    }

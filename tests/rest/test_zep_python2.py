@@ -12,8 +12,9 @@ from tests.fix_rest import ZepServer, run_sdk
 def test_users_add_get_update_merge_list_sessions_and_delete_with_sessions(zep: ZepServer) -> None:
     assert run_sdk("zep2", "users", zep.base_url) == {
         "deleted": "OK",
-        # users-ordered, page by page: none twice, none skipped, oldest first.
-        "listed": ["alice", "u-0", "u-1", "u-2", "u-3", "u-4"],
+        # users-ordered, page by page: none twice, none skipped, newest first as Zep's
+        # (until 2026-12-03 oldest first).
+        "listed": ["u-4", "u-3", "u-2", "u-1", "u-0", "alice"],
     }
 
 

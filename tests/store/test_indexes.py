@@ -123,12 +123,24 @@ def test_metadata_contains_uses_the_gin_index(clean_db: str) -> None:
     assert "sessions_metadata_idx" in used
 
 
-@pytest.mark.parametrize("name", ["list_users", "list_user_records", "list_user_records_budgeted"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "list_users",
+        *("list_user_records", "list_user_records_budgeted"),
+        *("list_user_records_newest", "list_user_records_newest_budgeted"),
+    ],
+)
 def test_user_lists_and_their_session_counts_use_indexes(clean_db: str, name: str) -> None:
     params = {"project_id": P, "after_ts": START[0], "after_id": "", "limit": 101, "offset": 0}
     statements = {
         "list_user_records": list_user_records_statement(budgeted=False),
         "list_user_records_budgeted": list_user_records_statement(budgeted=True),
+        # REST's users-ordered, newest first: the same index, read backward.
+        "list_user_records_newest": list_user_records_statement(budgeted=False, newest_first=True),
+        "list_user_records_newest_budgeted": list_user_records_statement(
+            budgeted=True, newest_first=True
+        ),
     }
     params["budget"] = 1 << 22
     used = _assert_indexed(_plan(clean_db, statements.get(name) or query(name), params))

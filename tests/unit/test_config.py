@@ -219,7 +219,7 @@ def test_two_servers_on_one_port_name_the_variables_that_set_them(
 
 def _valid_text(declared: settings.Declared) -> str:
     # A value each setting's parser takes.
-    for text in ("10", "1", "text", "none", "INFO"):
+    for text in ("10", "1", "text", "none", "INFO", "*"):
         try:
             declared.setting.parse(text)
         except ValueError:

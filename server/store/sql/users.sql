@@ -203,7 +203,8 @@ LIMIT %(limit)s
 -- The offset is 0 but for ListUsers' page_number, which pages by OFFSET from the start.
 -- session_count as in list_users. {page} is list_user_records_page, or (budgeted) the same
 -- in budget_rows read only up to %(budget)s bytes of its rows' metadata and ids; then
--- {followed} (`, p.followed`) ends each row, as budget_rows says it.
+-- {followed} (`, p.followed`) ends each row, as budget_rows says it; {order} is order_users
+-- over p.
 WITH page AS MATERIALIZED ({page}), counts AS MATERIALIZED (
     SELECT c.user_id, c.session_count AS n FROM user_session_counts c
     WHERE c.project_id = %(project_id)s AND c.user_id = ANY(ARRAY(SELECT user_id FROM page))
@@ -213,17 +214,24 @@ SELECT p.user_id, p.email, p.first_name, p.last_name, p.metadata::text,
        (extract(epoch FROM p.updated_at) * 1000000)::int8,
        coalesce(c.n, 0) {followed}
 FROM page p LEFT JOIN counts c ON c.user_id = p.user_id
-ORDER BY p.created_at, p.user_id;
+ORDER BY {order};
 
 -- list_user_records_page --
--- list_user_records' page of users; {size} is nothing, or budget_list_size when budgeted.
+-- list_user_records' page of users; {size} is nothing, or budget_list_size when budgeted;
+-- {order} is order_users over u. The keyset is a start in the oldest-first order only (the
+-- newest-first order pages by offset alone, from START).
 SELECT u.user_id, u.email, u.first_name, u.last_name, u.metadata, u.created_at,
        u.updated_at {size}
 FROM users u
 WHERE u.project_id = %(project_id)s
   AND (u.created_at, u.user_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
-ORDER BY u.created_at, u.user_id
+ORDER BY {order}
 LIMIT %(limit)s OFFSET %(offset)s
+
+-- order_users --
+-- Order fragment of list_user_records: created_at, then user_id, over the alias {alias};
+-- {direction} ASC (oldest first), or DESC (Zep's users-ordered: newest first).
+{alias}.created_at {direction}, {alias}.user_id {direction}
 
 -- count_users --
 -- total_size of ListUsers: how many users the project has.

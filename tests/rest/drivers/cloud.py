@@ -136,6 +136,28 @@ def from_environment(base_url: str) -> dict[str, Any]:
     return {"user": client.user.get("env-user").user_id}
 
 
+def whole_lists(base_url: str) -> dict[str, Any]:
+    # The list calls without a page size: Zep answers every row (memstore answered 50).
+    client = _client(base_url)
+    said = [Message(role="W", role_type="user", content=f"m{i}") for i in range(60)]
+    client.memory.add("w-00", messages=said)
+    for i in range(1, 60):
+        client.user.add(user_id=f"w-{i:02}")
+        client.memory.add_session(session_id=f"w-{i:02}", user_id=f"w-{i:02}")
+    messages = client.memory.get_session_messages("w-00")
+    users = client.user.list_ordered()
+    sessions = client.memory.list_sessions()
+    counts = [
+        [len(messages.messages or []), messages.total_count],
+        [len(users.users or []), users.total_count],
+        [len(sessions.sessions or []), sessions.total_count],
+    ]
+    # Newest first, as Zep's users-ordered and sessions-ordered.
+    assert (users.users or [])[0].user_id == "w-59", users.users
+    assert (sessions.sessions or [])[0].session_id == "w-59", sessions.sessions
+    return {"counts": counts}
+
+
 def unauthorized(base_url: str, key: str) -> dict[str, Any]:
     try:
         _client(base_url, key).user.get("anyone")

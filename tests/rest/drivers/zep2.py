@@ -81,6 +81,7 @@ def _list_users(client: Zep) -> list[str]:
         client.user.add(user_id=f"u-{i}")
     seen: list[str] = []
     for number in (1, 2, 3, 4):
+        # Newest first, as Zep's users-ordered.
         page = client.user.list_ordered(page_size=2, page_number=number)
         assert page.total_count == 6 and page.row_count == len(page.users or []), page
         seen.extend(u.user_id or "" for u in page.users or [])

@@ -1,0 +1,85 @@
+"""Browsers' cross-origin calls (CORS): refused as any unserved method by default, answered
+for the origins of --http-cors-origin (Zep's server answers every origin)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from server.config import Config
+from server.serving.app import build_http
+from server.serving.observability import Metrics
+from server.settings import parse_origins
+from server.store import Store
+
+APP = "http://app.example"
+PREFLIGHT = {
+    "Origin": APP,
+    "Access-Control-Request-Method": "PATCH",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
+
+
+@pytest.fixture
+async def cors(store: Store, clean_db: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a REST server that allows the origin APP."""
+    del clean_db
+    config = Config(host="127.0.0.1", http_port=0, embedder="none", http_cors_origin=(APP,))
+    server = await build_http(config, store, Metrics())
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            yield client
+    finally:
+        await server.stop(None)
+
+
+async def test_without_the_flag_there_is_no_cors(http: httpx.AsyncClient) -> None:
+    preflight = await http.options("/api/v2/sessions/s/memory", headers=PREFLIGHT)
+    assert preflight.status_code == 405, preflight.text
+    assert preflight.json()["reason"] == "METHOD_NOT_ALLOWED"
+    got = await http.get("/api/v2/sessions/s/memory", headers={"Origin": APP})
+    assert got.status_code == 200 and "access-control-allow-origin" not in got.headers
+
+
+async def test_the_flags_origins_get_preflights_and_readable_answers(
+    cors: httpx.AsyncClient,
+) -> None:
+    preflight = await cors.options("/api/v2/users/u", headers=PREFLIGHT)
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == APP
+    # Answered before the app (no key asked of it), which gives every answer its request id.
+    assert "x-request-id" not in preflight.headers
+    assert "PATCH" in preflight.headers["access-control-allow-methods"]
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert "authorization" in allowed and "content-type" in allowed
+    made = await cors.post("/api/v2/users", json={"user_id": "u"}, headers={"Origin": APP})
+    assert made.status_code == 201 and made.headers["access-control-allow-origin"] == APP
+    assert "x-request-id" in made.headers["access-control-expose-headers"].lower()
+    # An error is readable by the page's script too.
+    missing = await cors.get("/api/v2/users/nobody", headers={"Origin": APP})
+    assert missing.status_code == 404 and missing.headers["access-control-allow-origin"] == APP
+
+
+async def test_a_preflight_from_another_origin_is_a_json_400_naming_origin(
+    cors: httpx.AsyncClient,
+) -> None:
+    other = {**PREFLIGHT, "Origin": "http://evil.example"}
+    refused = await cors.options("/api/v2/users/u", headers=other)
+    assert refused.status_code == 400, refused.text
+    assert "access-control-allow-origin" not in refused.headers
+    body = refused.json()
+    assert body["reason"] == "CORS_NOT_ALLOWED"
+    assert [v["field"] for v in body["violations"]] == ["Origin"], body
+    got = await cors.get("/api/v2/users-ordered", headers={"Origin": "http://evil.example"})
+    assert got.status_code == 200 and "access-control-allow-origin" not in got.headers
+
+
+def test_origins_are_origins_or_a_lone_star() -> None:
+    assert parse_origins(f"{APP}, https://b.example:8443") == (APP, "https://b.example:8443")
+    assert parse_origins("*") == ("*",)
+    for bad in (f"{APP}/", "app.example", f"*,{APP}", "http://a b"):
+        with pytest.raises(ValueError, match="not an origin"):
+            parse_origins(bad)
