@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._calls import RetryPolicy
 from ._channel import TLS
+from ._retry import RetryPolicy
 from .aio import AsyncMemstore
 from .errors import (
     AlreadyExists,

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import random
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-import grpc
 from google.protobuf.message import Message as ProtoMessage
 
 from memstore.v1 import session_service_pb2 as ss
@@ -41,22 +38,6 @@ BACKUP = "BackupService"
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How UNAVAILABLE is retried: idempotent calls only, exponential backoff, full jitter."""
-
-    max_attempts: int = 4
-    initial_backoff: float = 0.1
-    max_backoff: float = 2.0
-    multiplier: float = 2.0
-
-    def delays(self) -> Iterator[float]:
-        """The sleeps before each retry (max_attempts - 1 of them)."""
-        for attempt in range(self.max_attempts - 1):
-            cap = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
-            yield random.uniform(0, cap)
-
-
-@dataclass(frozen=True, slots=True)
 class Unary(Generic[Out]):
     """One unary call: where it goes, what it sends, how its response converts."""
 
@@ -77,29 +58,6 @@ class Stream(Generic[Out]):
     request: Any
     convert: Callable[[Any], list[Out]]
     idempotent: bool = field(default=True)
-
-
-def retry_delay(
-    error: grpc.RpcError, delays: Iterator[float], deadline: float | None = None
-) -> float | None:
-    """The sleep before retrying a failed call, or None when it must not be retried: not
-    UNAVAILABLE, no attempt left, or the sleep would end past the call's `deadline` (a
-    time.monotonic() value)."""
-    # A sync call's error is a grpc.Call; an AioRpcError is not, but has code() too.
-    code_of = getattr(error, "code", None)
-    code = code_of() if callable(code_of) else None
-    if code != grpc.StatusCode.UNAVAILABLE:
-        return None
-    delay = next(delays, None)
-    if delay is not None and deadline is not None and time.monotonic() + delay >= deadline:
-        return None
-    return delay
-
-
-def time_left(deadline: float | None) -> float | None:
-    """Seconds until `deadline` (a time.monotonic() value), for the next attempt's timeout;
-    None without one."""
-    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -10,7 +12,7 @@ import grpc
 #: sequences it adds to a 1000-message memory it stored).
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _MAX_RESPONSE_BYTES = _MAX_MESSAGE_BYTES + 1024 * 1024
-_OPTIONS: list[tuple[str, int | str]] = [
+_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", _MAX_RESPONSE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
 ]
@@ -41,7 +43,7 @@ class TLS:
             certificate_chain=self.certificate_chain,
         )
 
-    def options(self) -> list[tuple[str, int | str]]:
+    def options(self) -> list[tuple[str, Any]]:
         """Channel options: the message limits, and the name override when set."""
         if self.server_name is None:
             return list(_OPTIONS)
@@ -70,8 +72,20 @@ def _tls(tls: TLS | bool) -> TLS | None:
     return tls or None
 
 
-def sync_channel(address: str, tls: TLS | bool) -> grpc.Channel:
-    """A blocking channel to `address` ("host:port").
+def _merged(
+    defaults: list[tuple[str, Any]], extra: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
+    # gRPC takes the first of repeated keys in some versions and the last in others: give
+    # each key once, the caller's value over the default.
+    merged = dict(defaults)
+    merged.update(extra)
+    return list(merged.items())
+
+
+def sync_channel(
+    address: str, tls: TLS | bool, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.Channel:
+    """A blocking channel to `address` ("host:port"), with `options` over the defaults.
 
     Raises:
         ValueError: the address's port is out of range (check_address).
@@ -79,12 +93,15 @@ def sync_channel(address: str, tls: TLS | bool) -> grpc.Channel:
     check_address(address)
     settings = _tls(tls)
     if settings is None:
-        return grpc.insecure_channel(address, options=_OPTIONS)
-    return grpc.secure_channel(address, settings.credentials(), options=settings.options())
+        return grpc.insecure_channel(address, options=_merged(_OPTIONS, options))
+    merged = _merged(settings.options(), options)
+    return grpc.secure_channel(address, settings.credentials(), options=merged)
 
 
-def aio_channel(address: str, tls: TLS | bool) -> grpc.aio.Channel:
-    """An asyncio channel to `address` ("host:port").
+def aio_channel(
+    address: str, tls: TLS | bool, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """An asyncio channel to `address` ("host:port"), with `options` over the defaults.
 
     Raises:
         ValueError: the address's port is out of range (check_address).
@@ -92,5 +109,6 @@ def aio_channel(address: str, tls: TLS | bool) -> grpc.aio.Channel:
     check_address(address)
     settings = _tls(tls)
     if settings is None:
-        return grpc.aio.insecure_channel(address, options=_OPTIONS)
-    return grpc.aio.secure_channel(address, settings.credentials(), options=settings.options())
+        return grpc.aio.insecure_channel(address, options=_merged(_OPTIONS, options))
+    merged = _merged(settings.options(), options)
+    return grpc.aio.secure_channel(address, settings.credentials(), options=merged)

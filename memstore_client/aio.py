@@ -15,8 +15,9 @@ from memstore.v1 import backup_service_pb2_grpc, session_service_pb2_grpc, user_
 
 from . import _calls as calls
 from . import _calls_bulk as bulk
-from ._calls import RetryPolicy, Stream, Unary, retry_delay, time_left
+from ._calls import Stream, Unary
 from ._channel import TLS, aio_channel
+from ._retry import Resumption, RetryPolicy, checked_idle_timeout, retry_delay, time_left
 from .errors import ClientClosed, from_rpc_error
 from .types import (
     BackupSource,
@@ -37,6 +38,9 @@ from .types import (
 
 T = TypeVar("T")
 
+#: What a stream's read() answers after its last message (missing from grpc's stubs).
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+
 
 class AsyncMemstore:
     """An asyncio memstore client: `client.user` and `client.memory`, awaitable.
@@ -47,8 +51,16 @@ class AsyncMemstore:
         tls: False for plaintext, True for TLS with the system's roots, or TLS(...).
         timeout: seconds each unary call may take, its retries included (streams have no
             deadline).
-        retry: how UNAVAILABLE is retried (idempotent calls only).
+        retry: how UNAVAILABLE is retried (idempotent calls only), and how long a stream
+            keeps resuming.
         channel: a ready channel instead of address and tls (e.g. a test channel).
+        stream_idle_timeout: seconds a stream may wait for its next message before the
+            attempt is cancelled and resumed from the last chunk's token (None: no bound).
+        options: gRPC channel options over the client's own (message limits), e.g.
+            keepalive; not with `channel`.
+
+    Raises:
+        ValueError: `options` with `channel`, or a stream_idle_timeout that is not positive.
     """
 
     def __init__(
@@ -60,10 +72,15 @@ class AsyncMemstore:
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
         channel: grpc.aio.Channel | None = None,
+        stream_idle_timeout: float | None = 60.0,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         # Checked first: a key gRPC cannot send is refused before a channel is opened.
         self._metadata = calls.metadata(api_key)
-        self._channel = channel if channel is not None else aio_channel(address, tls)
+        self._idle_timeout = checked_idle_timeout(stream_idle_timeout)
+        if channel is not None and options:
+            raise ValueError("options: set them on the channel given, not beside it")
+        self._channel = channel if channel is not None else aio_channel(address, tls, options)
         self._stubs: dict[str, Any] = {
             calls.USERS: user_service_pb2_grpc.UserServiceStub(self._channel),
             calls.SESSIONS: session_service_pb2_grpc.SessionServiceStub(self._channel),
@@ -88,8 +105,7 @@ class AsyncMemstore:
         await self.close()
 
     async def _call(self, op: Unary[T]) -> T:
-        if self._closed:
-            raise ClientClosed
+        self._check_open()
         delays = self._retry.delays() if op.idempotent else iter(())
         # One deadline for the call, its retries and their sleeps: `timeout` bounds the call.
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -100,22 +116,50 @@ class AsyncMemstore:
                     op.request, timeout=time_left(deadline), metadata=self._metadata
                 )
             except grpc.RpcError as error:
+                self._check_open(error)
                 delay = retry_delay(error, delays, deadline)
                 if delay is None:
                     raise from_rpc_error(error) from error
                 await asyncio.sleep(delay)
+                self._check_open()
                 continue
+            except (asyncio.CancelledError, Exception) as error:
+                # grpc.aio's UsageError for a call begun on the closed channel, among others.
+                self._closed_by_close(error)
+                raise
             return op.convert(response)
 
-    async def _stream(self, op: Stream[T]) -> AsyncIterator[tuple[list[T], str]]:
+    def _check_open(self, error: BaseException | None = None) -> None:
         if self._closed:
-            raise ClientClosed
-        # After UNAVAILABLE the stream resumes from the last chunk's token: no row twice.
-        delays = self._retry.delays()
+            raise ClientClosed from error
+
+    def _closed_by_close(self, error: BaseException) -> None:
+        """ClientClosed for what close() did to a call in flight: grpc.aio cancels it, and
+        the task awaiting it saw a CancelledError nobody sent it (gather and TaskGroup read
+        it as their own cancellation). A task that is being cancelled keeps its error."""
+        task = asyncio.current_task()
+        if self._closed and (task is None or task.cancelling() == 0):
+            raise ClientClosed from error
+
+    async def _stream(self, op: Stream[T]) -> AsyncIterator[tuple[list[T], str]]:
+        self._check_open()
+        # After UNAVAILABLE, or a read that waited past stream_idle_timeout, the stream
+        # resumes from the last chunk's token: no row twice.
+        resume = Resumption(self._retry, self._idle_timeout)
         while True:
-            call = getattr(self._stubs[op.service], op.method)(op.request, metadata=self._metadata)
+            method = getattr(self._stubs[op.service], op.method)
+            failed: grpc.RpcError | None = None
             try:
-                async for chunk in call:
+                call = method(op.request, metadata=self._metadata, **resume.call_options())
+            except Exception as error:
+                self._closed_by_close(error)
+                raise
+            try:
+                while True:
+                    chunk = await asyncio.wait_for(call.read(), resume.read_timeout())
+                    if chunk is _EOF:
+                        return
+                    resume.progressed()
                     yield op.convert(chunk), chunk.next_page_token
                     if not chunk.next_page_token:
                         # The last chunk: the stream is whole. Waiting on for its status,
@@ -123,15 +167,21 @@ class AsyncMemstore:
                         # the empty one), and every row came twice.
                         return
                     op.request.page_token = chunk.next_page_token
-                    delays = self._retry.delays()
-                return
+            except TimeoutError:
+                pass  # the read waited past its timeout: a silent peer (failed stays None)
             except grpc.RpcError as error:
-                delay = retry_delay(error, delays)
-                if delay is None:
-                    raise from_rpc_error(error) from error
-                await asyncio.sleep(delay)
+                self._check_open(error)
+                failed = error
+            except (asyncio.CancelledError, Exception) as error:
+                self._closed_by_close(error)
+                raise
             finally:
                 call.cancel()
+            delay = resume.delay(failed)
+            if delay is None:
+                raise resume.failure(failed, op.request.page_token) from failed
+            await asyncio.sleep(delay)
+            self._check_open()
 
 
 class AsyncUserClient:
@@ -193,7 +243,9 @@ class AsyncUserClient:
         return await self._client._call(calls.list_users(limit, cursor, page_number))
 
     async def list_chunked(self, chunk_size: int = 100) -> AsyncIterator[builtins.list[User]]:
-        """Every user, in chunks, over one server stream (resumed after UNAVAILABLE)."""
+        """Every user, in chunks, over one server stream, resumed from the last chunk after
+        UNAVAILABLE or a silent server. When it gives up, the error's page_token resumes it
+        with `export(chunk_size, page_token)`."""
         async for users, _ in self._client._stream(calls.list_users_chunked(chunk_size)):
             yield users
 

@@ -28,6 +28,9 @@ class MemstoreError(Exception):
         field_violations: the BadRequest violations (INVALID_ARGUMENT), else empty.
         request_id: the call's `x-request-id` (the server's log names it on the call's
             access line), "" when the call never reached the server.
+        page_token: for a stream that gave up (list_chunked, the exports), the token that
+            resumes it after the last chunk it delivered: pass it as `page_token` to
+            `user.export` / `memory.export_*` ("" when no chunk came, or for a unary call).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -40,12 +43,14 @@ class MemstoreError(Exception):
         field_violations: list[FieldViolation] | None = None,
         code: grpc.StatusCode | None = None,
         request_id: str = "",
+        page_token: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.field_violations = list(field_violations or [])
         self.request_id = request_id
+        self.page_token = page_token
         if code is not None:
             self.code = code
 
@@ -84,8 +89,9 @@ class FailedPrecondition(MemstoreError):
 
 
 class ClientClosed(FailedPrecondition, ValueError):
-    """A call on a client after its close(); both a FailedPrecondition and a ValueError (as
-    Python's own closed files), raised before any call is made."""
+    """A call on a client after its close(), or one in flight (or sleeping before a retry)
+    when close() came; both a FailedPrecondition and a ValueError (as Python's own closed
+    files)."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -94,7 +100,14 @@ class ClientClosed(FailedPrecondition, ValueError):
 
 
 class Unavailable(MemstoreError):
-    """The server or its database cannot be reached; retry later."""
+    """The server or its database cannot be reached, after the client's own retries.
+
+    Safe to retry later blindly: reads, the streams (from the error's page_token), and
+    `memory.add` of messages whose uuids you set (a message without one gets a new random
+    uuid at each call, so resending it may store it twice). Not the other writes: the
+    server may have committed before the answer was lost, so after a `user.add` the user
+    may exist (a retry then raises AlreadyExists); read the state back first.
+    """
 
     code = grpc.StatusCode.UNAVAILABLE
 

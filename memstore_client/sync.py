@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
@@ -14,8 +15,9 @@ from memstore.v1 import backup_service_pb2_grpc, session_service_pb2_grpc, user_
 
 from . import _calls as calls
 from . import _calls_bulk as bulk
-from ._calls import RetryPolicy, Stream, Unary, retry_delay, time_left
+from ._calls import Stream, Unary
 from ._channel import TLS, sync_channel
+from ._retry import Resumption, RetryPolicy, checked_idle_timeout, retry_delay, time_left
 from .errors import ClientClosed, from_rpc_error
 from .types import (
     BackupSource,
@@ -46,8 +48,16 @@ class Memstore:
         tls: False for plaintext, True for TLS with the system's roots, or TLS(...).
         timeout: seconds each unary call may take, its retries included (streams have no
             deadline).
-        retry: how UNAVAILABLE is retried (idempotent calls only).
+        retry: how UNAVAILABLE is retried (idempotent calls only), and how long a stream
+            keeps resuming.
         channel: a ready channel instead of address and tls (e.g. a test channel).
+        stream_idle_timeout: seconds a stream may wait for its next message before the
+            attempt is cancelled and resumed from the last chunk's token (None: no bound).
+        options: gRPC channel options over the client's own (message limits), e.g.
+            keepalive; not with `channel`.
+
+    Raises:
+        ValueError: `options` with `channel`, or a stream_idle_timeout that is not positive.
     """
 
     def __init__(
@@ -59,10 +69,15 @@ class Memstore:
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
         channel: grpc.Channel | None = None,
+        stream_idle_timeout: float | None = 60.0,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         # Checked first: a key gRPC cannot send is refused before a channel is opened.
         self._metadata = calls.metadata(api_key)
-        self._channel = channel if channel is not None else sync_channel(address, tls)
+        self._idle_timeout = checked_idle_timeout(stream_idle_timeout)
+        if channel is not None and options:
+            raise ValueError("options: set them on the channel given, not beside it")
+        self._channel = channel if channel is not None else sync_channel(address, tls, options)
         self._stubs: dict[str, Any] = {
             calls.USERS: user_service_pb2_grpc.UserServiceStub(self._channel),
             calls.SESSIONS: session_service_pb2_grpc.SessionServiceStub(self._channel),
@@ -87,8 +102,7 @@ class Memstore:
         self.close()
 
     def _call(self, op: Unary[T]) -> T:
-        if self._closed:
-            raise ClientClosed
+        self._check_open()
         delays = self._retry.delays() if op.idempotent else iter(())
         # One deadline for the call, its retries and their sleeps: `timeout` bounds the call.
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -96,7 +110,12 @@ class Memstore:
             try:
                 method = getattr(self._stubs[op.service], op.method)
                 response = method(op.request, timeout=time_left(deadline), metadata=self._metadata)
-            except grpc.RpcError as error:
+            except (grpc.RpcError, ValueError) as error:
+                # close() cancels the calls in flight (CANCELLED) and refuses new ones
+                # (ValueError): either is ClientClosed, as a call after close() is.
+                self._check_open(error)
+                if not isinstance(error, grpc.RpcError):
+                    raise
                 delay = retry_delay(error, delays, deadline)
                 if delay is None:
                     raise from_rpc_error(error) from error
@@ -104,15 +123,31 @@ class Memstore:
                 continue
             return op.convert(response)
 
-    def _stream(self, op: Stream[T]) -> Iterator[tuple[list[T], str]]:
+    def _check_open(self, error: BaseException | None = None) -> None:
         if self._closed:
-            raise ClientClosed
-        # After UNAVAILABLE the stream resumes from the last chunk's token: no row twice.
-        delays = self._retry.delays()
+            raise ClientClosed from error
+
+    def _stream(self, op: Stream[T]) -> Iterator[tuple[list[T], str]]:
+        self._check_open()
+        # After UNAVAILABLE, or a read that waited past stream_idle_timeout, the stream
+        # resumes from the last chunk's token: no row twice.
+        resume = Resumption(self._retry, self._idle_timeout)
         while True:
-            call = getattr(self._stubs[op.service], op.method)(op.request, metadata=self._metadata)
+            method = getattr(self._stubs[op.service], op.method)
             try:
-                for chunk in call:
+                call = method(op.request, metadata=self._metadata, **resume.call_options())
+            except ValueError as error:
+                self._check_open(error)
+                raise
+            watchdog = _Watchdog(call)
+            try:
+                while True:
+                    watchdog.arm(resume.read_timeout())
+                    chunk = next(call, None)
+                    watchdog.arm(None)
+                    if chunk is None:
+                        return
+                    resume.progressed()
                     yield op.convert(chunk), chunk.next_page_token
                     if not chunk.next_page_token:
                         # The last chunk: the stream is whole. Waiting on for its status,
@@ -120,15 +155,58 @@ class Memstore:
                         # the empty one), and every row came twice.
                         return
                     op.request.page_token = chunk.next_page_token
-                    delays = self._retry.delays()
-                return
             except grpc.RpcError as error:
-                delay = retry_delay(error, delays)
+                self._check_open(error)
+                # The watchdog's own cancel is a silent peer, not a failure of the call.
+                failed = None if watchdog.fired else error
+                delay = resume.delay(failed)
                 if delay is None:
-                    raise from_rpc_error(error) from error
-                time.sleep(delay)
+                    raise resume.failure(failed, op.request.page_token) from error
             finally:
+                watchdog.stop()
                 call.cancel()
+            time.sleep(delay)
+            self._check_open()
+
+
+class _Watchdog:
+    """Cancels a stream's call when a read waits past its timeout (a peer gone silent: gRPC
+    itself waits on a frozen connection for as long as it stays open)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._changed = threading.Condition()
+        self._until: float | None = None
+        self._stopped = False
+        #: Set when this watchdog cancelled the call.
+        self.fired = False
+        threading.Thread(target=self._watch, name="memstore-stream-idle", daemon=True).start()
+
+    def arm(self, timeout: float | None) -> None:
+        """Cancels the call unless disarmed (arm(None)) within `timeout` seconds."""
+        with self._changed:
+            self._until = None if timeout is None else time.monotonic() + timeout
+            self._changed.notify()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._stopped:
+                if self._until is None:
+                    self._changed.wait()
+                    continue
+                left = self._until - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                self.fired = True
+                break
+        if self.fired:
+            self._call.cancel()
 
 
 class UserClient:
@@ -186,7 +264,9 @@ class UserClient:
         return self._client._call(calls.list_users(limit, cursor, page_number))
 
     def list_chunked(self, chunk_size: int = 100) -> Iterator[builtins.list[User]]:
-        """Every user, in chunks, over one server stream (resumed after UNAVAILABLE)."""
+        """Every user, in chunks, over one server stream, resumed from the last chunk after
+        UNAVAILABLE or a silent server. When it gives up, the error's page_token resumes it
+        with `export(chunk_size, page_token)`."""
         for users, _ in self._client._stream(calls.list_users_chunked(chunk_size)):
             yield users
 

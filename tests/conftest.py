@@ -22,6 +22,7 @@ pytest_plugins = (
     "tests.fix_grpc",
     "tests.fix_security",
     "tests.fix_faults",
+    "tests.fix_proxy",
     "tests.fix_rest",
 )
 

@@ -21,6 +21,7 @@ from memstore.v1 import backup_service_pb2 as bs
 from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from memstore.v1 import user_service_pb2_grpc as us_grpc
 from memstore_client import (
     AlreadyExists,
     AsyncMemstore,
@@ -236,22 +237,36 @@ def test_list_sessions_sends_the_page_number(client, channel, pool):
     assert page.total_size == 25 and page.sessions == [] and page.next_page_token is None
 
 
-def test_list_chunked_resumes_from_the_last_token_after_unavailable(client, channel, pool):
-    chunks = client.user.list_chunked(chunk_size=2)
-    first = _call(pool, next, chunks)
-    method = USERS.methods_by_name["ListUsersChunked"]
-    _, request, rpc = channel.take_unary_stream(method)
-    assert request == us.ListUsersChunkedRequest(chunk_size=2)
-    users = [_user_proto("a"), _user_proto("b")]
-    rpc.send_response(us.ListUsersChunkedResponse(users=users, next_page_token="after-b"))
-    assert [u.user_id for u in first.result(timeout=5)] == ["a", "b"]
-    rest = _call(pool, list, chunks)
-    rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "connection reset")
-    _, request, rpc = channel.take_unary_stream(method)
-    assert request == us.ListUsersChunkedRequest(chunk_size=2, page_token="after-b")
-    rpc.send_response(us.ListUsersChunkedResponse(users=[_user_proto("c")]))
-    rpc.terminate((), OK, "")
-    assert [[u.user_id for u in chunk] for chunk in rest.result(timeout=5)] == [["c"]]
+class _DroppingUsers(us_grpc.UserServiceServicer):
+    """ListUsersChunked: from the start, one chunk then UNAVAILABLE; resumed, the rest."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def ListUsersChunked(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.tokens.append(request.page_token)
+        if not request.page_token:
+            users = [_user_proto("a"), _user_proto("b")]
+            yield us.ListUsersChunkedResponse(users=users, next_page_token="after-b")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        yield us.ListUsersChunkedResponse(users=[_user_proto("c")])
+
+
+def test_list_chunked_resumes_from_the_last_token_after_unavailable() -> None:
+    # A real server: a resumed attempt waits for the reconnect (wait_for_ready), which
+    # grpcio-testing's channel does not take.
+    users = _DroppingUsers()
+    server = grpc.server(ThreadPoolExecutor(2))
+    us_grpc.add_UserServiceServicer_to_server(users, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Memstore(f"127.0.0.1:{port}", retry=FAST) as client:
+            chunks = [[u.user_id for u in chunk] for chunk in client.user.list_chunked(2)]
+    finally:
+        server.stop(None)
+    assert chunks == [["a", "b"], ["c"]]
+    assert users.tokens == ["", "after-b"]
 
 
 def test_a_stream_whose_last_chunk_is_in_ends_there(client, channel, pool):
@@ -357,3 +372,32 @@ def test_an_export_interrupted_after_its_last_chunk_says_it_is_whole(
     assert "nothing exported" in capsys.readouterr().err
     cli._interrupted(args, 2, "tok")
     assert "resume with: memstore export users --page-token tok" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"initial_backoff": -1}, "initial_backoff"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": 2.5}, "max_attempts"),
+        ({"max_backoff": float("nan")}, "max_backoff"),
+        ({"multiplier": 0.0}, "multiplier"),
+        ({"stream_budget": -5}, "stream_budget"),
+    ],
+)
+def test_a_retry_policy_out_of_range_is_refused_naming_the_field(
+    fields: dict[str, Any], named: str
+) -> None:
+    # initial_backoff=-1 failed later, inside sleep, mid-retry; max_attempts=0 made one
+    # attempt all the same.
+    with pytest.raises(ValueError, match=f"^{named}: "):
+        RetryPolicy(**fields)
+
+
+def test_the_default_policy_sleeps_at_most_0_7_s_between_four_attempts() -> None:
+    # What docs/clients.md says: sleeps of at most 0.1, 0.2 and 0.4 s; max_backoff (2 s)
+    # is reached only by a stream resuming (retry 5 on).
+    caps = [0.1, 0.2, 0.4]
+    for _ in range(200):
+        assert all(0 <= d <= cap for d, cap in zip(RetryPolicy().delays(), caps, strict=True))
+    assert all(RetryPolicy().backoff(9) <= 2.0 for _ in range(200))
