@@ -133,8 +133,8 @@ class SecurityConfig:
     )
     max_calls_in_flight: int = setting(
         10_000,
-        "calls (gRPC and HTTP) one serving process holds at once; more answer "
-        "RESOURCE_EXHAUSTED at once",
+        "calls (gRPC and HTTP) one serving process holds at once, and health Watch streams "
+        "apart; more answer RESOURCE_EXHAUSTED at once",
         env="MEMSTORE_MAX_CALLS_IN_FLIGHT",
         parse=_calls,
         metavar="N",

@@ -85,10 +85,9 @@ async def _build(
     tokens = await page_tokens(config, store)
     metrics = metrics or Metrics()
     quiet_ended_call_writes()
+    limit = limit or _call_limit(config)
     wrapping = Wrapping(
-        Observer(metrics),
-        AuthGate(auth or await start_authenticator(config, store)),
-        limit or _call_limit(config),
+        Observer(metrics), AuthGate(auth or await start_authenticator(config, store)), limit
     )
     # No grpc.aio interceptors: each handler is wrapped once here instead (serving/handlers.py).
     server = grpc.aio.server(
@@ -123,7 +122,7 @@ async def _build(
             server, backup_service_pb2, "BackupService", BackupServicer(store, tokens), wrap
         ),
     ]
-    health = DrainingHealth()
+    health = DrainingHealth(limit.most, limit.setting)
     health_pb2_grpc.add_HealthServicer_to_server(health, WrappingServer(server, wrapping.open))
     # Services go NOT_SERVING while the database is down, everything during the drain.
     readiness = Readiness(health, names)

@@ -11,7 +11,9 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from server.errors import MemstoreError
+from server.api.status import abort
+from server.errors import MemstoreError, ResourceExhausted
+from server.serving.limit import MAX_CALLS_IN_FLIGHT
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,31 @@ class DrainingHealth(HealthServicer):  # type: ignore[misc]
     shutdown for the whole grace period.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, most_watches: int = MAX_CALLS_IN_FLIGHT, setting: str = "") -> None:
         super().__init__()
         self._watches: set[asyncio.Task[Any]] = set()
         self._ending = False
+        #: Watch streams held at once, and what set the number (named in the refusal).
+        self._most_watches, self._setting = most_watches, setting
 
     async def Watch(self, request: Any, context: Any) -> None:
-        """Streams the status of a service until the drain ends (then the stream ends OK)."""
+        """Streams the status of a service until the drain ends (then the stream ends OK).
+
+        Past `most_watches` streams at once (--max-calls-in-flight, counted apart from the
+        calls so that watchers never crowd calls out) a Watch is refused as overload: they
+        need no key and were not counted at all, so a client could make the server hold
+        any number of them (an audit).
+        """
+        if len(self._watches) >= self._most_watches:
+            await abort(
+                context,
+                ResourceExhausted(
+                    f"server overloaded: {self._most_watches} health Watch streams are open "
+                    f"({self._setting or 'the cap on calls in flight'}); use Check, or retry "
+                    "with backoff",
+                    reason="SERVER_OVERLOADED",
+                ),
+            )
         if self._ending:
             # Arrived after the drain ended the others: end at once too, or it alone would
             # hold the shutdown for the whole grace period.

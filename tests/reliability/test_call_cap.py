@@ -10,11 +10,15 @@ from pathlib import Path
 import grpc
 import httpx
 import psycopg
+import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from memstore.v1 import user_service_pb2 as upb
+from server.config import Config, SecurityConfig
+from server.serving.app import build_server
+from server.store import Store
 from tests.fix_db import has_lock_waiter
 from tests.grpc import Users
 from tests.polling import until
@@ -115,3 +119,47 @@ async def test_calls_past_the_cap_are_refused_as_overload_and_memory_stays_bound
     assert checked.status == health_pb2.HealthCheckResponse.SERVING
     record("call_cap", cap=CAP, calls=BURST, rss_growth_mb=round(growth, 1))
     assert growth < MOST_GROWTH_MB, f"the server grew {growth:.0f} MB under a cap of {CAP}"
+
+
+async def test_health_watch_streams_are_capped_apart_from_the_calls(store: Store) -> None:
+    # Watch streams need no key and were not counted at all: a client could make the server
+    # hold any number of them. They are capped by --max-calls-in-flight, counted apart from
+    # the calls, so watchers never crowd a call out.
+    config = Config(host="127.0.0.1", port=0, security=SecurityConfig(max_calls_in_flight=3))
+    server, port = await build_server(config, store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(3)]
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            refused = health.Watch(health_pb2.HealthCheckRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await refused.read()
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _reason(error.value) == "SERVER_OVERLOADED"
+            assert "3 health Watch streams" in str(error.value.details())
+            # Calls and Checks are served beside the three watchers.
+            checked = await health.Check(health_pb2.HealthCheckRequest())
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+            await Users(channel).ListUsers(upb.ListUsersRequest())
+            # One watcher gone (once the server has seen it go), another may watch.
+            watches[0].cancel()
+
+            async def a_new_watch_is_served() -> bool:
+                call = health.Watch(health_pb2.HealthCheckRequest())
+                try:
+                    return (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.aio.AioRpcError as refused_again:
+                    if refused_again.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    return False
+                finally:
+                    call.cancel()
+
+            assert await until(a_new_watch_is_served, within=5)
+            for watch in watches:
+                watch.cancel()
+    finally:
+        await server.stop(None)
