@@ -103,8 +103,8 @@ def test_auth_and_overload_reasons_map_to_their_codes() -> None:
     with pytest.raises(ResourceExhausted) as overloaded, translated():
         raise TooManyRequests("the pool's queue is full")
     cases = [
-        (auth.MISSING, Code.UNAUTHENTICATED, "API_KEY_MISSING"),
-        (auth.INVALID, Code.UNAUTHENTICATED, "API_KEY_INVALID"),
+        (auth.missing(), Code.UNAUTHENTICATED, "API_KEY_MISSING"),
+        (auth.invalid(), Code.UNAUTHENTICATED, "API_KEY_INVALID"),
         (overloaded.value, Code.RESOURCE_EXHAUSTED, "SERVER_OVERLOADED"),
     ]
     for error, code, reason in cases:
