@@ -122,17 +122,29 @@ def parse_count(text: str) -> int:
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s,]+")
 
 
+#: Ports a browser leaves out of an Origin, by scheme.
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
 def parse_origins(text: str) -> tuple[str, ...]:
-    """Comma-separated browser origins (`https://app.example.com`), or `*` for any."""
+    """Comma-separated browser origins (`https://app.example.com`), or `*` for any; each as
+    a browser sends it (scheme and host in lowercase, no default port), since the Origin
+    header is compared whole: `https://App.example.com:443` was taken and never matched."""
     origins = tuple(o.strip() for o in text.split(",") if o.strip())
     if origins == ("*",):
         return origins
+    sent: list[str] = []
     for origin in origins:
         if _ORIGIN.fullmatch(origin) is None:
             raise ValueError(
                 f"{origin!r} is not an origin: scheme://host[:port], no path (or * alone)"
             )
-    return origins
+        scheme, _, host = origin.lower().partition("://")
+        default = _DEFAULT_PORTS.get(scheme)
+        if default is not None:
+            host = host.removesuffix(default)
+        sent.append(f"{scheme}://{host}")
+    return tuple(sent)
 
 
 def parse_port(text: str) -> int:

@@ -11,8 +11,19 @@ from server.errors import InvalidArgument
 from server.rest.app import error_response
 from server.serving.observability import REQUEST_ID_KEY
 
-#: What the SDKs' calls send beyond the CORS-safelisted headers: a key, a JSON body.
-_HEADERS = ["authorization", "content-type", "x-api-key"]
+#: What the SDKs' calls send beyond the CORS-safelisted headers: a key, a JSON body, and
+#: (zep-cloud's JS SDK, built by Fern) the SDK's and runtime's names and versions, on every
+#: call: without them its preflights were refused (a review).
+_HEADERS = [
+    "authorization",
+    "content-type",
+    "x-api-key",
+    "x-fern-language",
+    "x-fern-sdk-name",
+    "x-fern-sdk-version",
+    "x-fern-runtime",
+    "x-fern-runtime-version",
+]
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 #: The header a refused preflight names, by the word Starlette reports it with.
 _FAILED = {

@@ -209,8 +209,9 @@ async def start_authenticator(config: Config, store: Store) -> Authenticator:
     """The authenticator for this server; refuses an open non-loopback bind.
 
     Raises:
-        StartupRefused: no API key exists, the bind is not loopback, no client certificates
-            are required and --insecure is not given.
+        StartupRefused: no API key exists, --insecure is not given, and the bind is not
+            loopback and no client certificates are required, or every origin may call
+            (--http-cors-origin '*').
     """
     sec = config.security
     enabled = await store.any_api_key()
@@ -222,9 +223,18 @@ async def start_authenticator(config: Config, store: Store) -> Authenticator:
                 "(memstore keys create --project default), require client certificates "
                 "(--tls-client-ca), or pass --insecure (MEMSTORE_INSECURE=true)"
             )
+        if config.http_cors_origin == ("*",) and not sec.insecure:
+            raise StartupRefused(
+                "refusing --http-cors-origin '*' without authentication: every web page a "
+                "browser here opens could read and change all data; create an API key, name "
+                "the origins, or pass --insecure (MEMSTORE_INSECURE=true)"
+            )
         log.warning(
             "no API key exists: serving without authentication, every call in the default "
-            "project (memstore keys create --project NAME turns authentication on)"
+            "project (memstore keys create --project NAME turns authentication on)%s",
+            f"; pages of {', '.join(config.http_cors_origin)} may call it from browsers"
+            if config.http_cors_origin
+            else "",
         )
     if not loopback and sec.tls_cert is None:
         log.warning("serving %s without TLS: keys and data cross the network in clear", config.host)

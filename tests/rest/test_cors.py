@@ -4,12 +4,14 @@ for the origins of --http-cors-origin (Zep's server answers every origin)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import pytest
 
-from server.config import Config
+from server.config import Config, SecurityConfig
 from server.serving.app import build_http
+from server.serving.auth import StartupRefused, start_authenticator
 from server.serving.observability import Metrics
 from server.settings import parse_origins
 from server.store import Store
@@ -63,6 +65,30 @@ async def test_the_flags_origins_get_preflights_and_readable_answers(
     assert missing.status_code == 404 and missing.headers["access-control-allow-origin"] == APP
 
 
+async def test_zep_clouds_js_sdk_passes_its_preflight(cors: httpx.AsyncClient) -> None:
+    # zep-cloud's JS SDK (Fern) sends its names and versions on every call: its preflights
+    # were refused "headers not allowed" (a review).
+    fern = "x-fern-language,x-fern-sdk-name,x-fern-sdk-version,x-fern-runtime"
+    headers = {**PREFLIGHT, "Access-Control-Request-Headers": f"authorization,{fern}"}
+    preflight = await cors.options("/api/v2/sessions/s/memory", headers=headers)
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == APP
+
+
+async def test_any_origin_without_a_key_is_refused_at_start(store: Store, clean_db: str) -> None:
+    # Every web page a browser on the machine opens could read and change all data of a
+    # server without keys (a review). Named origins are the operator's choice: served.
+    del clean_db
+    assert not await store.any_api_key()  # the run's database is open (tests/fix_security.py)
+    anyone = Config(host="127.0.0.1", http_port=0, embedder="none", http_cors_origin=("*",))
+    with pytest.raises(StartupRefused, match="--http-cors-origin '\\*' without authentication"):
+        await start_authenticator(anyone, store)
+    insecure = replace(anyone, security=SecurityConfig(insecure=True))
+    assert not (await start_authenticator(insecure, store)).enabled
+    named = replace(anyone, http_cors_origin=(APP,))
+    assert not (await start_authenticator(named, store)).enabled
+
+
 async def test_a_preflight_from_another_origin_is_a_json_400_naming_origin(
     cors: httpx.AsyncClient,
 ) -> None:
@@ -80,6 +106,10 @@ async def test_a_preflight_from_another_origin_is_a_json_400_naming_origin(
 def test_origins_are_origins_or_a_lone_star() -> None:
     assert parse_origins(f"{APP}, https://b.example:8443") == (APP, "https://b.example:8443")
     assert parse_origins("*") == ("*",)
+    # As a browser sends them (the header is compared whole): these were taken, never matched.
+    given = "HTTPS://App.Example.com:443, http://a.example:80, http://a.example:8080"
+    sent = ("https://app.example.com", "http://a.example", "http://a.example:8080")
+    assert parse_origins(given) == sent
     for bad in (f"{APP}/", "app.example", f"*,{APP}", "http://a b"):
         with pytest.raises(ValueError, match="not an origin"):
             parse_origins(bad)
