@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from .errors import DeadlineExceeded, MemstoreError, from_rpc_error
+from .errors import DeadlineExceeded, MemstoreError, Unavailable, from_rpc_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +21,8 @@ class RetryPolicy:
     time up to min(max_backoff, initial_backoff * multiplier**(n-1)), all within its timeout
     (the defaults: 4 attempts, sleeps of at most 0.1, 0.2 and 0.4 s). A stream that has
     delivered a chunk keeps resuming, with the same backoff and each attempt waiting for the
-    connection to come back, for up to `stream_budget` seconds since it last received one.
+    connection to come back, for up to `stream_budget` seconds from the first failure after
+    its last chunk (a frozen server: stream_idle_timeout, then the budget).
 
     Raises:
         ValueError: a field out of range (named); checked when the policy is made.
@@ -146,11 +147,22 @@ class Resumption:
         return None if now + delay >= self._until else delay
 
     def failure(self, error: grpc.RpcError | None, page_token: str) -> MemstoreError:
-        """What the stream raises when it gives up, with the token that resumes it."""
-        if error is None:
-            failed: MemstoreError = DeadlineExceeded(
+        """What the stream raises when it gives up, with the token that resumes it.
+
+        Reads that went unanswered while resuming (a server down, whose attempts wait for
+        the reconnect, or one frozen) give Unavailable, as a server that cannot be reached
+        does: a caller resuming on Unavailable got DeadlineExceeded instead (a review).
+        Before any chunk came, they give DeadlineExceeded (STREAM_IDLE)."""
+        if error is None and self._until is not None:
+            failed: MemstoreError = Unavailable(
+                f"the stream could not resume within its stream_budget of "
+                f"{self._policy.stream_budget:g} s: the server answered nothing",
+                reason="STREAM_UNREACHABLE",
+            )
+        elif error is None:
+            failed = DeadlineExceeded(
                 f"the server sent nothing for {self.waited or 0:.3g} s (stream_idle_timeout "
-                f"{self._idle_timeout} s; resumed for up to {self._policy.stream_budget:g} s)",
+                f"{self._idle_timeout} s)",
                 reason="STREAM_IDLE",
             )
         else:

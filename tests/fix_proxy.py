@@ -36,6 +36,10 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.accepted = 0
         self.port = 0
+        #: Seconds waited after each KiB forwarded to the client (0: at full speed). On
+        #: loopback a whole short stream is in the client's buffers before it reads its first
+        #: chunk, and a freeze then stops nothing: slowed, the rest is still here.
+        self.pause = 0.0
         self._listener: socket.socket | None = None
         self.up()
 
@@ -94,20 +98,23 @@ class FaultProxy:
             link = _Link(client, server)
             with self._lock:
                 self._links.append(link)
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
+            for src, dst, down in ((client, server, False), (server, client, True)):
+                pump = threading.Thread(target=self._pump, args=(link, src, dst, down), daemon=True)
+                pump.start()
 
-    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket, down: bool) -> None:
         with contextlib.suppress(OSError):
             while True:
                 while link.frozen and src.fileno() != -1:
                     time.sleep(0.05)
-                data = src.recv(65536)
+                pause = self.pause if down else 0.0
+                data = src.recv(1024 if pause else 65536)
                 if not data:
                     break
                 while link.frozen and src.fileno() != -1:
                     time.sleep(0.05)
                 dst.sendall(data)
+                time.sleep(pause)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

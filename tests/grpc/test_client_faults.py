@@ -17,6 +17,7 @@ from memstore_client import (
     DeadlineExceeded,
     Memstore,
     RetryPolicy,
+    Unavailable,
 )
 from tests.fix_proxy import FaultProxy
 
@@ -25,6 +26,10 @@ CHUNK = 3
 #: gRPC's keepalive on a frozen connection: keepalive_timeout_ms alone waited the default
 #: grpc.http2.ping_timeout_ms (60 s) before closing it (grpcio 1.85.1).
 KEEPALIVE = [("grpc.keepalive_time_ms", 500), ("grpc.http2.ping_timeout_ms", 500)]
+#: The proxy's pause per KiB sent to the client where a test freezes after the first chunk:
+#: at full speed the whole stream was in the client's buffers by then, the freeze stopped
+#: nothing, and the test failed (or passed without a fault) under load.
+SLOWED = 0.01
 
 
 @pytest.fixture
@@ -71,20 +76,22 @@ def _client(flavour: str, port: int, **options: Any) -> Callable[[], Any]:
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
-async def test_a_stream_whose_server_froze_raises_deadline_exceeded_with_its_token(
+async def test_a_stream_whose_server_froze_raises_unavailable_with_its_token(
     flavour: str, proxy: FaultProxy, users: list[str], grpc_port: int
 ) -> None:
     # The peer stops answering after the first chunk (a frozen host, a dropped path): the
     # stream waited forever, as no deadline and no keepalive bounds it. Now each read waits
     # stream_idle_timeout; resuming on the same frozen connection gets nothing within the
-    # budget either, and the stream raises, with the token that resumes it.
+    # budget either, and the stream raises Unavailable (what a caller resumes on), with the
+    # token that resumes it.
+    proxy.pause = SLOWED
     retry = RetryPolicy(stream_budget=1.0)
     make = _client(flavour, proxy.port, stream_idle_timeout=0.5, retry=retry)
     start = time.monotonic()
     error = await _read(flavour, make, lambda n: n == 1 and proxy.freeze())
     elapsed = time.monotonic() - start
-    assert isinstance(error, DeadlineExceeded), error
-    assert error.reason == "STREAM_IDLE" and "sent nothing" in error.message
+    assert isinstance(error, Unavailable), error
+    assert error.reason == "STREAM_UNREACHABLE" and "could not resume" in error.message
     # Chunks already on their way when it froze may arrive: whatever came, the token
     # resumes right after it.
     read = error.read
@@ -100,11 +107,45 @@ async def test_a_stream_whose_server_froze_raises_deadline_exceeded_with_its_tok
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_a_stream_whose_server_never_answered_raises_deadline_exceeded(
+    flavour: str, proxy: FaultProxy, users: list[str]
+) -> None:
+    # Frozen before the first chunk: the stream is retried as a unary call is (max_attempts),
+    # each read waiting stream_idle_timeout, then gives up as a deadline, with no token.
+    retry = RetryPolicy(max_attempts=2)
+    make = _client(flavour, proxy.port, stream_idle_timeout=0.5, retry=retry)
+    start = time.monotonic()
+    if flavour == "sync":
+
+        def run() -> Any:
+            with make() as client:
+                client.user.get(users[0])  # the connection is up, then freezes
+                proxy.freeze()
+                with pytest.raises(DeadlineExceeded) as raised:
+                    list(client.user.list_chunked(CHUNK))
+                return raised.value
+
+        error = await asyncio.to_thread(run)
+    else:
+        async with make() as client:
+            await client.user.get(users[0])
+            proxy.freeze()
+            with pytest.raises(DeadlineExceeded) as raised:
+                async for _ in client.user.list_chunked(CHUNK):
+                    pass
+            error = raised.value
+    assert error.reason == "STREAM_IDLE" and "sent nothing" in error.message
+    assert error.page_token == ""
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
 async def test_a_frozen_stream_resumes_on_a_new_connection_with_keepalive_options(
     flavour: str, proxy: FaultProxy, users: list[str]
 ) -> None:
     # Keepalive passed through `options` closes the frozen connection (UNAVAILABLE); the
     # stream resumes on a new one from its last token: every user once.
+    proxy.pause = SLOWED
     make = _client(flavour, proxy.port, options=KEEPALIVE)
     start = time.monotonic()
     read = await _read(flavour, make, lambda n: n == 1 and proxy.freeze())
@@ -124,8 +165,11 @@ async def test_a_stream_resumes_after_its_idle_timeout_when_the_peer_thaws(
             proxy.freeze()
             threading.Timer(1.0, proxy.thaw).start()
 
+    proxy.pause = SLOWED
     make = _client("async", proxy.port, stream_idle_timeout=0.3)
+    start = time.monotonic()
     assert await _read("async", make, freeze) == users
+    assert time.monotonic() - start > 1.0  # the pause happened mid-stream
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
@@ -141,6 +185,7 @@ async def test_an_export_survives_a_server_restart(
             proxy.down()
             threading.Timer(2.5, proxy.up).start()
 
+    proxy.pause = SLOWED
     start = time.monotonic()
     read = await _read(flavour, _client(flavour, proxy.port), restart)
     assert read == users, getattr(read, "read", read)
