@@ -155,8 +155,8 @@ class Resumption:
         Before any chunk came, they give DeadlineExceeded (STREAM_IDLE)."""
         if error is None and self._until is not None:
             failed: MemstoreError = Unavailable(
-                f"the stream could not resume within its stream_budget of "
-                f"{self._policy.stream_budget:g} s: the server answered nothing",
+                f"the server answered nothing for the stream's whole stream_budget of "
+                f"{self._policy.stream_budget:g} s",
                 reason="STREAM_UNREACHABLE",
             )
         elif error is None:
