@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -88,6 +90,23 @@ def add_parsers(commands: Any, connection: Callable[[argparse.ArgumentParser], N
     for parser in (backup, restore):
         connection(parser)
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resume_command(args: argparse.Namespace, *words: str | Path) -> str:
+    """The command that goes on where this run stopped, quoted for a shell: `memstore`, this
+    run's command and `words`, then the connection flags this run used, so that it reaches
+    the same server (run as printed without them, it went to the default address). An API
+    key given as a flag is named, never printed."""
+    argv = ["memstore", args.command, *map(str, words), "--address", args.address]
+    if args.tls:
+        argv.append("--tls")
+    for flag in ("ca_file", "cert_file", "key_file"):
+        if (path := getattr(args, flag)) is not None:
+            argv += ["--" + flag.replace("_", "-"), str(path)]
+    line = shlex.join(argv)
+    if args.api_key and args.api_key != os.environ.get("MEMSTORE_API_KEY"):
+        line += " (with the same --api-key)"
+    return line
 
 
 def run(client: Memstore, args: argparse.Namespace, progress: Callable[[str], Any]) -> int:
@@ -170,7 +189,8 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
             # the whole --snapshot-hold.
             _close_snapshot(client, snapshot)
         print(
-            f"backup interrupted; resume with: memstore backup -o {args.output} --resume",
+            "backup interrupted; resume with: "
+            + resume_command(args, "-o", args.output, "--resume"),
             file=sys.stderr,
         )
         raise
@@ -372,8 +392,8 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
             )
         elif not isinstance(exc, InvalidArgument) and reason != "PROJECT_NOT_EMPTY":
             print(
-                f"restore interrupted; nothing of the failed batch was written; resume with: "
-                f"memstore restore -i {args.input} --resume",
+                "restore interrupted; nothing of the failed batch was written; resume with: "
+                + resume_command(args, "-i", args.input, "--resume"),
                 file=sys.stderr,
             )
         raise

@@ -215,12 +215,9 @@ def _interrupted(args: argparse.Namespace, count: int, token: str) -> None:
         print(f"nothing exported; run `memstore export {args.kind}` again", file=sys.stderr)
         return
     # Everything before `token` is written.
-    target = f" -o {args.output} --append" if args.output else ""
-    print(
-        f"interrupted after {count} {args.kind}; resume with: memstore export {args.kind} "
-        f"--page-token {token}{target}",
-        file=sys.stderr,
-    )
+    target = ("-o", args.output, "--append") if args.output else ()
+    command = backup_cli.resume_command(args, args.kind, "--page-token", token, *target)
+    print(f"interrupted after {count} {args.kind}; resume with: {command}", file=sys.stderr)
 
 
 def _row(row: User | Session | ExportedMessage) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -92,16 +93,20 @@ async def test_an_interrupted_export_resumes_into_the_same_file(
     assert len(resume) == 1 and resume[0].startswith("interrupted after "), err
     written = len(out.read_text().splitlines())
     assert 0 < written < USERS and f"interrupted after {written} users;" in resume[0]
-    command = resume[0].split("resume with: ")[1].split()
+    command = shlex.split(resume[0].split("resume with: ")[1])
     assert command[:3] == ["memstore", "export", "users"] and "--page-token" in command
+    # It names the server it was reading (run as printed, it reached the default address).
+    assert command[command.index("--address") + 1] == address
+    assert command[command.index("-o") + 1] == str(fifo) and "--append" in command
 
-    # A new server over the same database (the token's key lives there) finishes the job.
+    # A new server over the same database (the token's key lives there) finishes the job:
+    # the printed command, pointed at it and at the copy of what the pipe carried.
     again, port = await build_server(Config(host="127.0.0.1", port=0), store)
     await again.start()
     try:
-        token = command[command.index("--page-token") + 1]
-        argv = ["export", "users", "--address", f"127.0.0.1:{port}", "--page-token", token]
-        assert await _run(*argv, "-o", str(out), "--append", "--no-progress") == 0
+        command[command.index("--address") + 1] = f"127.0.0.1:{port}"
+        command[command.index("-o") + 1] = str(out)
+        assert await _run(*command[1:], "--no-progress") == 0
     finally:
         await again.stop(None)
     ids = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +34,7 @@ from memstore_client import (
     NotFound,
     RetryPolicy,
     Unavailable,
+    backup_cli,
     cli,
 )
 
@@ -365,13 +368,45 @@ def test_an_export_interrupted_after_its_last_chunk_says_it_is_whole(
 ) -> None:
     # The last chunk's token is empty: a Ctrl-C after it was written said "nothing exported;
     # run again", of a file holding every row.
-    args = argparse.Namespace(kind="users", output=None)
+    args = _parsed("export", "users")
     cli._interrupted(args, 4, "")
     assert capsys.readouterr().err == "4 users exported, all of them\n"
     cli._interrupted(args, 0, "")
     assert "nothing exported" in capsys.readouterr().err
     cli._interrupted(args, 2, "tok")
     assert "resume with: memstore export users --page-token tok" in capsys.readouterr().err
+
+
+def _parsed(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_a_resume_command_reaches_the_server_the_interrupted_run_reached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Printed without the connection flags, a restore resumed against the default address:
+    # another server, whose rows all "existed", exit 0, the target still empty.
+    monkeypatch.delenv("MEMSTORE_API_KEY", raising=False)
+    ca = tmp_path / "my ca.pem"
+    args = _parsed(
+        "restore", "-i", "back up.jsonl", "--address", "db.example:7000", "--ca-file", str(ca)
+    )
+    command = backup_cli.resume_command(args, "-i", args.input, "--resume")
+    assert shlex.split(command) == [
+        "memstore", "restore", "-i", "back up.jsonl", "--resume",
+        "--address", "db.example:7000", "--ca-file", str(ca),
+    ]  # fmt: skip
+    args = _parsed("backup", "-o", "b.jsonl", "--tls", "--api-key", "secret-key")
+    command = backup_cli.resume_command(args, "-o", args.output, "--resume")
+    assert "secret-key" not in command and command.endswith("(with the same --api-key)")
+    assert "--tls" in shlex.split(command.split(" (")[0])
+    # A key from the environment is found there again: nothing to say.
+    monkeypatch.setenv("MEMSTORE_API_KEY", "env-key")
+    args = _parsed("export", "users", "--address", "127.0.0.1:1")
+    command = backup_cli.resume_command(args, "users", "--page-token", "t")
+    assert shlex.split(command)[-2:] == ["--address", "127.0.0.1:1"] and "env-key" not in command
 
 
 @pytest.mark.parametrize(
