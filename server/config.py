@@ -216,7 +216,8 @@ class Config:
         "seconds a call waits for a connection before UNAVAILABLE",
         env="MEMSTORE_POOL_TIMEOUT",
         parse=parse_positive_seconds,
-        commands=STORE,
+        # `keys` and `projects` open the store too: an unreachable database stops them after it.
+        commands=ANY,
     )
     statement_timeout: float = setting(
         30.0,

@@ -257,13 +257,19 @@ def test_key_commands_offer_and_read_only_the_database(
     for argv in (("keys", "create"), ("keys", "list"), ("projects", "create")):
         text = _help(capsys, *argv)
         assert "--database-url" in text and "--data-dir" in text, argv
+        # They open the store, so an unreachable database stops them after --pool-timeout
+        # (README); they took no such flag and ignored the variable (always 5 s).
+        assert "--pool-timeout" in text, argv
         for other in ("--port", "--host", "--tls-cert", "--workers", "--pool-max-size"):
             assert other not in text, (argv, other)
     # Nor do they read a serving variable: a bad one cannot break them.
     monkeypatch.setenv("MEMSTORE_PORT", "fifty")
     monkeypatch.setenv("MEMSTORE_DATA_DIR", "/srv/memstore")
+    monkeypatch.setenv("MEMSTORE_POOL_TIMEOUT", "1.5")
     got = config.from_arguments(_parser().parse_args(["keys", "list"]))
-    assert (got.port, got.data_dir) == (50051, Path("/srv/memstore"))
+    assert (got.port, got.data_dir, got.pool_timeout) == (50051, Path("/srv/memstore"), 1.5)
+    got = config.from_arguments(_parser().parse_args(["projects", "list", "--pool-timeout", "2"]))
+    assert got.pool_timeout == 2
 
 
 def test_migrate_and_purge_offer_what_they_use(capsys: pytest.CaptureFixture[str]) -> None:
