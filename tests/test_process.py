@@ -19,9 +19,6 @@ import psycopg
 import pytest
 
 from memstore.v1 import (
-    resources_pb2,
-    session_service_pb2,
-    session_service_pb2_grpc,
     user_service_pb2,
     user_service_pb2_grpc,
 )
@@ -248,26 +245,27 @@ def test_readme_grpcurl_examples_run(served: int) -> None:
 
 
 def test_readme_buf_curl_examples_run(served: int) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{served}") as channel:
-        # What the README's grpcurl lines before the buf curl block create.
-        users = user_service_pb2_grpc.UserServiceStub(channel)
-        users.CreateUser(user_service_pb2.CreateUserRequest(user_id="alice"), timeout=10)
-        sessions = session_service_pb2_grpc.SessionServiceStub(channel)
-        hello = resources_pb2.Message(content="Hi, I am vegetarian.")
-        add = session_service_pb2.AddMemoryRequest(session_id="s1", messages=[hello])
-        sessions.AddMemory(add, timeout=10)
+    # The block makes alice and s1 itself (the grpcurl lines before it end by deleting them;
+    # followed in order, its GetMemory printed {}), and deletes alice at its end, so the
+    # Python example after it can create her.
     text = (ROOT / "README.md").read_text()
     blocks = [block.split("```", 1)[0] for block in text.split("```sh\n")[1:]]
     script = next(block for block in blocks if block.startswith(".venv/bin/buf curl"))
     script = script.replace(".venv/bin/buf", BUF).replace("localhost:50051", f"127.0.0.1:{served}")
-    assert script.count(" curl ") == 4, script
+    assert script.count(" curl ") == 7, script
     run = subprocess.run(
         ["bash", "-e", "-c", script], capture_output=True, text=True, timeout=120, check=False
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert '"userId": "alice"' in run.stdout  # GetUser
-    assert run.stdout.count('"content": "Hi, I am vegetarian."') == 2  # GetMemory, ExportMessages
+    # AddMemory, GetMemory and ExportMessages print it.
+    assert run.stdout.count('"content": "Hi, I am vegetarian."') == 3
     assert '"status": "SERVING"' in run.stdout  # health
+    with grpc.insecure_channel(f"127.0.0.1:{served}") as channel:
+        users = user_service_pb2_grpc.UserServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as gone:
+            users.GetUser(user_service_pb2.GetUserRequest(user_id="alice"), timeout=10)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND  # the Python example may add her
 
 
 def test_a_role_that_may_not_create_tables_fails_migrate_with_one_clear_line() -> None:
