@@ -9,6 +9,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -18,6 +19,7 @@ from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import Message, NewMessage, SearchQuery, Session
 from server.errors import FailedPrecondition
 from server.search.embedding import EmbeddingError
+from server.search import worker as worker_module
 from server.search.worker import EmbeddingWorker, watch_queue
 from server.store import Store
 from server.store.migrate import apply_migrations
@@ -398,6 +400,40 @@ async def test_a_server_warns_while_queued_rows_wait(
     finally:
         watcher.cancel()
     assert "embedding queue: 1 rows" in warned()[0] and "memstore embed" in warned()[0]
+
+
+async def test_a_server_warns_about_a_waiting_queue_at_most_once_per_stale(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README and docs/search.md promise a warning at most every 10 minutes while rows wait:
+    # one per look (every 30 s) would fill the log. The watcher's clock is this test's: each
+    # look moves it a second on, with rows waiting all along.
+    caplog.set_level(logging.WARNING, logger="server.search.worker")
+    clock = 0.0
+    looked = asyncio.Event()
+
+    async def waiting() -> tuple[int, float]:
+        nonlocal clock
+        if clock == 25:
+            looked.set()
+            await asyncio.Event().wait()  # no 26th look
+        clock += 1.0
+        return 3, 1_000.0
+
+    monkeypatch.setattr(store, "embedding_lag", waiting)
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(monotonic=lambda: clock))
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "server.search.worker"]
+
+    watcher = asyncio.create_task(watch_queue(store, every=0.001, stale=10.0))
+    try:
+        await asyncio.wait_for(looked.wait(), 10)
+    finally:
+        watcher.cancel()
+    # 25 looks, a second apart: warned at the 1st, 11th and 21st.
+    assert len(warned()) == 3, warned()
+    assert all("embedding queue: 3 rows" in line for line in warned())
 
 
 async def test_restore_queues_like_add_memory_in_both_modes(store: Store, clean_db: str) -> None:
