@@ -18,8 +18,8 @@ import pytest
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import Message, NewMessage, SearchQuery, Session
 from server.errors import FailedPrecondition
-from server.search.embedding import EmbeddingError
 from server.search import worker as worker_module
+from server.search.embedding import EmbeddingError
 from server.search.worker import EmbeddingWorker, watch_queue
 from server.store import Store
 from server.store.migrate import apply_migrations
