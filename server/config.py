@@ -68,7 +68,9 @@ def _log_format(text: str) -> str:
 
 def _log_level(text: str) -> str:
     if text.upper() not in logging.getLevelNamesMapping():
-        raise ValueError(f"{text!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+        raise ValueError(
+            f"{text!r} is not a logging level (DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+        )
     return text.upper()
 
 

@@ -156,23 +156,30 @@ def parse_port(text: str) -> int:
     return value
 
 
-def parse_seconds(text: str) -> float:
-    """A finite number (of seconds) of at least 0: a negative wait or period was taken, and
-    meant a pool timeout that failed every call or a grace period of none."""
+def _parse_finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    """A finite number (of seconds) of at least 0: a negative wait or period was taken, and
+    meant a pool timeout that failed every call or a grace period of none."""
+    value = _parse_finite(text)
     if value < 0:
         raise ValueError(f"must not be negative, not {text}")
     return value
 
 
 def parse_positive_seconds(text: str) -> float:
-    """parse_seconds above 0: a wait of none (--pool-timeout 0) failed every call."""
-    value = parse_seconds(text)
+    """A finite number of seconds above 0: a wait of none (--pool-timeout 0) failed every
+    call. A negative one is told this bound (parse_seconds' "must not be negative" suggested
+    that 0 would do)."""
+    value = _parse_finite(text)
     if value <= 0:
         raise ValueError(f"must be more than 0, not {text}")
     return value

@@ -97,7 +97,10 @@ def embedder_from_setting(
         return LocalEmbedder(intra_op_threads=intra_op_threads)
     if urllib.parse.urlsplit(setting).scheme in ("http", "https"):
         if not model:
-            raise ValueError(f"the embedding URL {setting!r} needs a model name")
+            raise ValueError(
+                f"the embedding URL {setting!r} needs a model name (--embedder-model, "
+                "env MEMSTORE_EMBEDDER_MODEL)"
+            )
         from server.search.remote import OpenAIEmbedder  # which imports this module
 
         return OpenAIEmbedder(

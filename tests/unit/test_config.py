@@ -129,7 +129,7 @@ def test_a_bad_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
         # as "database unavailable".
         (["purge", "--purge-retention-days", "-1"], "must not be negative, not -1"),
         (["serve", "--statement-timeout", "1e300"], "at most 2147483 seconds"),
-        (["serve", "--pool-timeout", "-1"], "argument --pool-timeout: must not be negative"),
+        (["serve", "--pool-timeout", "-1"], "argument --pool-timeout: must be more than 0, not -1"),
         # A wait of none failed every call; an empty URL is libpq's "every default", which
         # migrated the OS user's database, one nobody named.
         (["serve", "--pool-timeout", "0"], "argument --pool-timeout: must be more than 0"),
