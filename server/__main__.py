@@ -8,6 +8,11 @@ import os
 # gRPC's fork handlers would log a warning about it on every shutdown. memstore never forks
 # while gRPC runs (`--workers` forks before any gRPC object exists), so it needs none of them.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# gRPC core writes its own log lines straight to fd 2, past memstore's bounded, off-loop
+# writer and outside its JSON lines, and a client chooses how many (one per call with a
+# malformed grpc-timeout): with stderr a pipe nobody read, they blocked core's threads and
+# every gRPC call with them. Off unless the operator asks for them (docs/reliability.md).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import argparse
 import asyncio
