@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http
 import json
 import socket
 import struct
+import termios
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -57,10 +59,12 @@ HEAD_SECONDS = 20.0
 BODY_SECONDS = 20.0
 #: Bytes of body per second of extra time: a 16 MiB body may take 20 s + 2,048 s.
 BODY_MIN_RATE = 8 * 1024
-#: Seconds the client may leave its answers unread: from the moment more than the transport's
-#: high-water mark (64 KiB) waits to be sent, or any of it once the connection is closing,
-#: until it reads some; then the connection is reset.
+#: While more than the transport's high-water mark (64 KiB) of answers waits to be sent, or
+#: any of it once the connection is closing, the client must read WRITE_MIN_BYTES of it (or
+#: all that is left) in each WRITE_STALL_SECONDS, or the connection is reset: at least
+#: about 2 KiB/s.
 WRITE_STALL_SECONDS = 30.0
+WRITE_MIN_BYTES = 64 * 1024
 
 #: Told of each refusal the connection answers itself, before the app sees a request (the app
 #: counts and logs it, server/rest/app.py): the error, the request's method ("" when not yet
@@ -139,6 +143,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         #: Armed while answers wait for a client that reads none of them (WRITE_STALL_SECONDS).
         self._stall_timer: asyncio.TimerHandle | None = None
+        #: Bytes unsent when the stall timer was armed.
+        self._unsent = 0
         #: When the current head's time began (the timer was armed): a refusal's latency.
         self._head_since = 0.0
         #: The refusal a parser callback raised _Refused for (send_400_response answers it).
@@ -288,12 +294,34 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _arm_stall_timer(self) -> None:
         self._disarm_stall_timer()
-        self._stall_timer = self.loop.call_later(WRITE_STALL_SECONDS, self._reset)
+        self._unsent = self._unsent_bytes()
+        self._stall_timer = self.loop.call_later(WRITE_STALL_SECONDS, self._stalled)
+
+    def _stalled(self) -> None:
+        # Nothing is written while the timer runs (uvicorn's send waits for resume_writing),
+        # so the buffer shrinks only by what the client read.
+        self._stall_timer = None
+        read = self._unsent - self._unsent_bytes()
+        if read >= min(WRITE_MIN_BYTES, self._unsent):
+            self._arm_stall_timer()  # a slow reader, not a stalled one
+        else:
+            self._reset()
 
     def _disarm_stall_timer(self) -> None:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+
+    def _unsent_bytes(self) -> int:
+        """Bytes written and not yet acknowledged by the client: the transport's buffer and
+        the kernel's send queue (up to 4 MiB, read from before the transport's buffer moves)."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):  # no such ioctl: the buffer's alone
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                unsent += int(struct.unpack("i", queued)[0])
+        return unsent
 
     def _reset(self) -> None:
         """Drops what is unsent and resets the connection: the kernel's copy goes too (with

@@ -182,3 +182,31 @@ async def test_upgrades_and_malformed_requests_do_not_flood_the_log(
                 writer.close()
                 assert answer.split()[1] in (b"200", b"400"), answer
     assert [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"] == []
+
+
+async def test_a_slow_reader_of_a_big_answer_is_not_reset(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It reads far more than WRITE_MIN_BYTES each WRITE_STALL_SECONDS, yet the answer waits
+    # past the high-water mark for longer than that: it is read to its end.
+    monkeypatch.setattr(protocol, "WRITE_STALL_SECONDS", 0.5)
+    await _big_session(store)
+    async with _server(store) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            sock, BIG_READ.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        )
+        got, started = 0, loop.time()
+        try:
+            async with asyncio.timeout(20):
+                while data := await loop.sock_recv(sock, 64 * 1024):
+                    got += len(data)
+                    await asyncio.sleep(0.02)
+        finally:
+            sock.close()
+        assert got > BIG_MESSAGES * 2**20
+        assert loop.time() - started > 2 * protocol.WRITE_STALL_SECONDS
