@@ -12,8 +12,9 @@ Nor does uvicorn bound an answer its client does not read: it is kept whole in t
 buffer, and its close (the keep-alive timer's, this head timer's) waits for that buffer to be
 sent, so 60 connections that never read a 4 MB answer held 130 MB until the clients left, and
 a pipelined request's answer waited in uvicorn's send() holding its call against
---max-calls-in-flight. A connection whose client reads nothing of its answers for
-WRITE_STALL_SECONDS is reset, and one idle or timed out with answers unsent is reset at once.
+--max-calls-in-flight. A connection whose client reads less than WRITE_MIN_BYTES of its
+waiting answers in WRITE_STALL_SECONDS is reset (tests/rest/test_unread_answers.py), and one
+idle or timed out with answers unsent is reset at once.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ BODY_MIN_RATE = 8 * 1024
 #: about 2 KiB/s.
 WRITE_STALL_SECONDS = 30.0
 WRITE_MIN_BYTES = 64 * 1024
+#: The ioctl reading a socket's bytes not yet acknowledged (Linux's SIOCOUTQ), if any.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 #: Told of each refusal the connection answers itself, before the app sees a request (the app
 #: counts and logs it, server/rest/app.py): the error, the request's method ("" when not yet
@@ -121,7 +124,8 @@ def error_bytes(error: MemstoreError, rid: str) -> bytes:
 class BoundedHttpProtocol(HttpToolsProtocol):
     """httptools' protocol refusing a head past MAX_HEAD_BYTES (431), closing a connection
     whose head does not arrive within HEAD_SECONDS (408 once it began), and one that sends
-    more than MAX_HEAD_BYTES of trailers. Each refusal it answers goes to `refused`, as the
+    more than MAX_HEAD_BYTES of trailers, and resetting one whose client does not read its
+    answers (WRITE_STALL_SECONDS). Each refusal it answers goes to `refused`, as the
     app never sees those requests (bounded_protocol's class tells the app)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -317,9 +321,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         the kernel's send queue (up to 4 MiB, read from before the transport's buffer moves)."""
         unsent = self.transport.get_write_buffer_size()
         sock = self.transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and _OUTQ is not None:
             with contextlib.suppress(OSError, ValueError):  # no such ioctl: the buffer's alone
-                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
                 unsent += int(struct.unpack("i", queued)[0])
         return unsent
 
