@@ -27,8 +27,29 @@ from server.serving.ports import bind
 from server.settings import source
 
 log = logging.getLogger(__name__)
+
+#: uvicorn's warnings whose number its clients choose: one per upgrade asked for (two lines,
+#: one advising `pip install 'uvicorn[standard]'`: the request is then served as any other,
+#: counted and in the access log) and one per request it cannot parse (refused, counted and
+#: logged by the app: BoundedHttpProtocol.refused). Any client could flood the log with them.
+CLIENT_CHOSEN_WARNINGS = (
+    "Unsupported upgrade request.",
+    "No supported WebSocket library detected.",
+    "Invalid HTTP request received.",
+)
+
+
+def _not_client_chosen(record: logging.LogRecord) -> bool:
+    return not (
+        record.levelno == logging.WARNING
+        and isinstance(record.msg, str)
+        and record.msg.startswith(CLIENT_CHOSEN_WARNINGS)
+    )
+
+
 # uvicorn's own lines ("Started server process") repeat what memstore logs; its errors stay.
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+logging.getLogger("uvicorn.error").addFilter(_not_client_chosen)
 
 #: Connections queued in the kernel before accept; uvicorn's default.
 _BACKLOG = 2048
