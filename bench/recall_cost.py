@@ -51,11 +51,17 @@ def composer_at(rev: str) -> Callable[[], sql.Composed]:
             window_vectors=named.get("recall_window_vectors", sql.SQL("")),
             filters=scope,
         )
+        match = named["recall_match_scan"]
+        # An older search_hybrid has its full-text candidates inline, not {text_candidates}.
+        candidates = named.get("search_text_candidates", sql.SQL("")).format(
+            match=match, filters=scope
+        )
         return named["search_hybrid"].format(
             query=fragment,
             filters=scope,
-            match=named["recall_match_scan"],
+            match=match,
             distance=named["recall_distance_window"],
+            text_candidates=candidates,
         )
 
     return compose

@@ -125,6 +125,23 @@ def search_filters(q: SearchQuery) -> tuple[sql.Composable, dict[str, Any]]:
     return sql.SQL(" ").join(parts), params
 
 
+def ranking_statement(
+    name: str,
+    given: sql.Composable,
+    filters: sql.Composable,
+    match: sql.Composable,
+    distance: sql.Composable,
+) -> sql.Composed:
+    """The ranking statement `name` (search_full_text, search_words, search_semantic or
+    search_hybrid) over a query fragment (`given`), a scope (`filters`), a match and a
+    distance fragment. Its full-text candidates (search_text_candidates) are filled first:
+    format does not fill the placeholders of a fragment it puts in."""
+    candidates = query("search_text_candidates").format(match=match, filters=filters)
+    return query(name).format(
+        query=given, filters=filters, match=match, distance=distance, text_candidates=candidates
+    )
+
+
 def _statement(vector: bool, semantic_only: bool) -> str:
     if not vector:
         return "search_full_text"
@@ -180,11 +197,12 @@ def recall_statement(vector: bool, budgeted: bool = False, *, citus: bool = Fals
         fragment = query("recall_query_vector").format(
             words=fragment, window_vectors=query("recall_window_vectors"), filters=scope
         )
-    statement = query(_statement(vector, semantic_only=False)).format(
-        query=fragment,
-        filters=scope,
-        match=query("recall_match_scan"),
-        distance=query("recall_distance_window"),
+    statement = ranking_statement(
+        _statement(vector, semantic_only=False),
+        fragment,
+        scope,
+        query("recall_match_scan"),
+        query("recall_distance_window"),
     )
     return sql.SQL(compact(budgeted_ranking(statement, budgeted).as_string(None)))
 
@@ -406,11 +424,8 @@ class SearchMethods(StoreBase):
         name = _statement(use_vector, q.search_type == "semantic")
         if not use_vector and q.search_type == "hybrid":
             name = "search_words"  # hybrid with no vector to take part: its scores, by words
-        ranked = query(name).format(
-            query=fragment,
-            filters=filters,
-            match=query("search_match_index"),
-            distance=query("search_distance_query"),
+        ranked = ranking_statement(
+            name, fragment, filters, query("search_match_index"), query("search_distance_query")
         )
         params.update(
             project_id=project_id,

@@ -37,6 +37,7 @@ from server.store.search import (
     candidates_statement,
     chosen_statement,
     kept_recall_statement,
+    ranking_statement,
     recall_nearest_citus,
     recall_query_citus,
     recall_statement,
@@ -304,7 +305,8 @@ def compose_search(
 ) -> sql.Composed:
     """A ranking by words (search_full_text, or hybrid's without vectors: search_words) over
     one scope fragment (empty: the whole project)."""
-    return query(ranking).format(query=words, filters=scope, match=query("search_match_index"))
+    match, distance = query("search_match_index"), query("search_distance_query")
+    return ranking_statement(ranking, words, scope, match, distance)
 
 
 @pytest.fixture(scope="module")

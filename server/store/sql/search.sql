@@ -28,8 +28,8 @@ LIMIT %(limit)s;
 -- 1), as a hybrid score is. Raw ts_rank (0.03 to 0.1 for an exact match) made Zep's
 -- min_score of 0.1 to 0.5 keep nothing here (an audit). Not min-max as search_hybrid's text
 -- part: two near-equal matches would score 1 and 0. One level of subquery, no join back to
--- the messages, so that one session's search stays on its shard (Citus). {match} as in
--- search_full_text.
+-- the messages, so that one session's search stays on its shard (Citus). {text_candidates}
+-- as in search_hybrid.
 SELECT c.uuid, c.session_id, c.sequence, c.role, c.role_type, c.content, c.metadata,
        c.created_at, c.updated_at, c.user_id,
        coalesce(c.rank / nullif(max(c.rank) OVER (), 0), 1)::float8 AS score,
@@ -37,12 +37,7 @@ SELECT c.uuid, c.session_id, c.sequence, c.role, c.role_type, c.content, c.metad
 FROM (
     SELECT m.uuid, m.session_id, m.sequence, m.role, m.role_type, m.content, m.metadata,
            m.created_at, m.updated_at, s.user_id, ts_rank(m.search, q.query, 1) AS rank
-    FROM ({query}) AS q, messages m
-    JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-    WHERE m.project_id = %(project_id)s AND {match}
-      AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
-    ORDER BY rank DESC, m.created_at DESC, m.session_id, m.sequence DESC
-    LIMIT %(candidates)s
+    FROM ({query}) AS q, {text_candidates}
 ) AS c
 ORDER BY score DESC, c.created_at DESC, c.session_id, c.sequence DESC
 LIMIT %(limit)s;
@@ -67,21 +62,16 @@ LIMIT %(limit)s;
 -- message the model has not embedded yet (no vector of this model) is ranked by its words
 -- alone, at full weight: its vector part is its text part, not 0, so it is not capped at
 -- the text weight below every embedded candidate however weak (docs/search.md). Where every
--- candidate is embedded the ranking is the plain combination. {match} as in search_full_text;
--- {distance} is a message's cosine distance to the query: search_distance_query for search,
--- recall_distance_window for recall.
+-- candidate is embedded the ranking is the plain combination. {text_candidates} is
+-- search_text_candidates (its {match} and {filters} filled); {distance} is a message's cosine
+-- distance to the query: search_distance_query for search, recall_distance_window for recall.
 WITH q AS ({query}), fts AS (
     SELECT c.session_id, c.sequence,
            coalesce((c.rank - min(c.rank) OVER ()) / nullif(max(c.rank) OVER ()
                                                         - min(c.rank) OVER (), 0), 1) AS norm
     FROM (
         SELECT m.session_id, m.sequence, ts_rank(m.search, q.query, 1) AS rank
-        FROM q, messages m
-        JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-        WHERE m.project_id = %(project_id)s AND {match}
-          AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
-        ORDER BY rank DESC, m.created_at DESC, m.session_id, m.sequence DESC
-        LIMIT %(candidates)s
+        FROM q, {text_candidates}
     ) AS c
 ), vec AS (
     SELECT c.session_id, c.sequence,
@@ -118,6 +108,19 @@ LEFT JOIN message_embeddings e ON e.project_id = m.project_id AND e.session_id =
                               AND e.sequence = m.sequence AND e.model = %(model)s
 ORDER BY score DESC, m.created_at DESC, m.session_id, m.sequence DESC
 LIMIT %(limit)s;
+
+-- search_text_candidates --
+-- Full-text candidates fragment of search_words and search_hybrid, after their query q in
+-- FROM: the %(candidates)s best live messages in scope matching any word of the query, by the
+-- full-text rank their select list names `rank`, ties broken as search_full_text breaks them.
+-- {match} as in search_full_text. Written once for both, filled by the store's
+-- ranking_statement.
+messages m
+JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
+WHERE m.project_id = %(project_id)s AND {match}
+  AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+ORDER BY rank DESC, m.created_at DESC, m.session_id, m.sequence DESC
+LIMIT %(candidates)s
 
 -- search_budgeted --
 -- A ranking statement's rows ({rows}: search_sized in budget_rows, in the order of
