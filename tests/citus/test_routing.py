@@ -24,6 +24,7 @@ from psycopg import sql
 from server.domain import DEFAULT_PROJECT_ID, NewMessage, SearchQuery, SessionQuery
 from server.store import Store
 from server.store.db import StoreCursor
+from server.store.kept_recall import kept_recall_statement
 from server.store.messages import (
     ADD_MEMORY_SESSION_CITUS,
     add_memory_rows_citus,
@@ -32,15 +33,12 @@ from server.store.messages import (
     memory_window,
 )
 from server.store.queries import query
+from server.store.recall import recall_nearest_citus, recall_query_citus, recall_statement
 from server.store.search import (
     budgeted_ranking,
     candidates_statement,
     chosen_statement,
-    kept_recall_statement,
     ranking_statement,
-    recall_nearest_citus,
-    recall_query_citus,
-    recall_statement,
     search_filters,
 )
 from server.store.sessions import list_sessions_statements

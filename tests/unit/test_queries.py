@@ -88,7 +88,7 @@ def test_recall_is_sent_as_psycopg_would_send_it_without_parsing_it_per_call() -
     from psycopg._queries import _query2pg_nocache
 
     from server.store import Store
-    from server.store.search import recall_positional, recall_statement
+    from server.store.recall import recall_positional, recall_statement
 
     params = Store._recall_params(1, "s", 6, "m", 10)
     for vector in (True, False):
