@@ -42,7 +42,7 @@ from bench.rounds import (
     ratios,
     spread,
 )
-from server.store.messages import add_memory_statement
+from server.store.append import add_memory_statement
 from server.store.queries import query
 
 #: Each variant: the SQL that removes its part from a migrated, seeded database.

@@ -23,15 +23,14 @@ from psycopg import sql
 
 from server.domain import DEFAULT_PROJECT_ID, NewMessage, SearchQuery, SessionQuery
 from server.store import Store
-from server.store.db import StoreCursor
-from server.store.kept_recall import kept_recall_statement
-from server.store.messages import (
+from server.store.append import (
     ADD_MEMORY_SESSION_CITUS,
     add_memory_rows_citus,
     add_memory_statement,
-    list_messages_statement,
-    memory_window,
 )
+from server.store.db import StoreCursor
+from server.store.kept_recall import kept_recall_statement
+from server.store.messages import list_messages_statement, memory_window
 from server.store.queries import query
 from server.store.recall import recall_nearest_citus, recall_query_citus, recall_statement
 from server.store.search import (

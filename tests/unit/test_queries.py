@@ -74,9 +74,9 @@ def test_add_memory_statements_fit_psycopgs_parse_cache() -> None:
     # expression in Python: AddMemory's hot path would pay that on every call.
     from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
 
-    from server.store.messages import _ADD_MEMORY, _ADD_MEMORY_GUARDED
+    from server.store.append import ADD_MEMORY, ADD_MEMORY_GUARDED
 
-    for statement in (*_ADD_MEMORY.values(), _ADD_MEMORY_GUARDED):
+    for statement in (*ADD_MEMORY.values(), ADD_MEMORY_GUARDED):
         assert len(statement.as_string(None).encode()) <= MAX_CACHED_STATEMENT_LENGTH
 
 
