@@ -52,11 +52,15 @@ def composer_at(rev: str) -> Callable[[], sql.Composed]:
         scope = sql.SQL(" ").join(
             [named["recall_filter_user"], named["search_filter_other_sessions"]]
         )
-        # An older recall_query_vector has no {filters} nor {window_vectors}: format ignores
-        # what it does not name.
+        # An older recall_query_vector names only some of these fragments (none of {filters},
+        # {window_vectors}, {window_scan} or {memories} at first): format ignores the others.
+        scan = named.get("recall_window_scan", sql.SQL(""))
+        vectors = named.get("recall_window_vectors", sql.SQL("")).format(window_scan=scan)
         fragment = named["recall_query_vector"].format(
             words=named["recall_query_text"],
-            window_vectors=named.get("recall_window_vectors", sql.SQL("")),
+            window_vectors=vectors,
+            window_scan=scan,
+            memories=named.get("recall_memories", sql.SQL("")).format(filters=scope),
             filters=scope,
         )
         match = named["recall_match_scan"]

@@ -78,7 +78,10 @@ def recall_statement(vector: bool, budgeted: bool = False, *, citus: bool = Fals
         scope = _OWNER_SCOPE
     elif vector:
         fragment = query("recall_query_vector").format(
-            words=fragment, window_vectors=query("recall_window_vectors"), filters=scope
+            words=fragment,
+            window_vectors=_WINDOW_VECTORS,
+            window_scan=_WINDOW_SCAN,
+            memories=_memories(scope),
         )
     statement = ranking_statement(
         ranking_name(vector, semantic_only=False),
@@ -103,12 +106,23 @@ def recall_positional(
 _OWNER_SCOPE = sql.SQL(" ").join([USER_SCOPE, query("search_filter_other_sessions")])
 
 
+def _memories(scope: sql.Composable) -> sql.Composed:
+    """The memories in `scope` whose distance to the window's vectors recall ranks by
+    (recall_memories)."""
+    return query("recall_memories").format(filters=scope)
+
+
+#: The session's last embedded messages (recall_window_scan), and their vectors.
+_WINDOW_SCAN = query("recall_window_scan")
+_WINDOW_VECTORS = query("recall_window_vectors").format(window_scan=_WINDOW_SCAN)
+
+
 @cache
 def recall_query_citus(vector: bool) -> sql.SQL:
     """recall_query_citus, with the window's vectors if `vector`: on the session's shard."""
     vectors: sql.Composable = sql.SQL("NULL::text")
     if vector:
-        vectors = sql.SQL("({})::text").format(query("recall_window_vectors"))
+        vectors = sql.SQL("({})::text").format(_WINDOW_VECTORS)
     statement = query("recall_query_citus").format(
         words=query("recall_query_text"), vectors=vectors
     )
@@ -119,7 +133,9 @@ def recall_query_citus(vector: bool) -> sql.SQL:
 def recall_nearest_citus() -> sql.SQL:
     """recall_nearest_citus over the owner's other sessions: one fan-out."""
     return sql.SQL(
-        compact(query("recall_nearest_citus").format(filters=_OWNER_SCOPE).as_string(None))
+        compact(
+            query("recall_nearest_citus").format(memories=_memories(_OWNER_SCOPE)).as_string(None)
+        )
     )
 
 

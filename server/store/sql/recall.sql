@@ -67,29 +67,17 @@ OFFSET 0
 -- Query fragment of recall: recall_query_text's words, the vectors of the session's last
 -- %(window)s embedded live messages (recall_distance_window ranks by the nearest of them),
 -- newest first, and in the same order the distance from each to its nearest memory in scope
--- ({filters}: the user's other live sessions), NULL when there is none; vector, the latest
--- of them, is NULL until the worker has embedded one, and recall then ranks by words alone.
--- {words} is recall_query_text. The nearest memories are a grouped join, not a subquery per
--- vector, so that Citus plans it as one fan-out.
+-- ({memories}: recall_memories over the user's other live sessions), NULL when there is none;
+-- vector, the latest of them, is NULL until the worker has embedded one, and recall then
+-- ranks by words alone. {words} is recall_query_text, {window_vectors} recall_window_vectors
+-- and {window_scan} recall_window_scan. The nearest memories are a grouped join, not a
+-- subquery per vector, so that Citus plans it as one fan-out.
 SELECT w.query, v.vectors[1] AS vector, v.vectors, n.nearest
 FROM ({words}) AS w,
      (SELECT {window_vectors} AS vectors) AS v,
      (SELECT array_agg(d.nearest ORDER BY d.sequence DESC) AS nearest
       FROM (SELECT x.sequence, min(e.embedding <=> x.embedding) AS nearest
-            FROM (SELECT e.sequence, e.embedding
-                  FROM message_embeddings e
-                  JOIN messages m ON m.project_id = e.project_id
-                                 AND m.session_id = e.session_id AND m.sequence = e.sequence
-                  WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
-                    AND e.model = %(model)s AND m.deleted_at IS NULL
-                  ORDER BY e.sequence DESC
-                  LIMIT %(window)s) AS x,
-                 message_embeddings e
-            JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
-                           AND m.sequence = e.sequence
-            JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
-            WHERE e.project_id = %(project_id)s AND e.model = %(model)s
-              AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+            FROM (SELECT e.sequence, e.embedding {window_scan}) AS x, {memories}
             GROUP BY x.sequence) AS d) AS n
 
 -- recall_query_citus --
@@ -106,30 +94,40 @@ WHERE s.project_id = %(project_id)s AND s.session_id = %(exclude_session)s
 
 -- recall_window_vectors --
 -- Vectors fragment of recall_query_vector and recall_query_citus: the vectors of the
--- session's last %(window)s embedded live messages, newest first.
-ARRAY(SELECT e.embedding
-      FROM message_embeddings e
-      JOIN messages m ON m.project_id = e.project_id
-                     AND m.session_id = e.session_id AND m.sequence = e.sequence
-      WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
-        AND e.model = %(model)s AND m.deleted_at IS NULL
-      ORDER BY e.sequence DESC
-      LIMIT %(window)s)
+-- session's last %(window)s embedded live messages, newest first ({window_scan}).
+ARRAY(SELECT e.embedding {window_scan})
 
--- recall_nearest_citus --
--- On Citus, recall_query_vector's nearest apart: for each of the window's vectors
--- (%(vectors)s, recall_query_citus's, newest first) the distance to its nearest memory in
--- scope ({filters}, the owner named), a row each in the same order; no row when there is
--- none. One fan-out: each shard's minimum, combined on the coordinator (an array_agg over
--- these rows was planned as a subplan first).
-SELECT x.i, min(e.embedding <=> x.embedding) AS nearest
-FROM unnest(%(vectors)s::vector[]) WITH ORDINALITY AS x(embedding, i),
-     message_embeddings e
+-- recall_memories --
+-- The memories in scope, after the FROM list's first item: the embedded live messages of
+-- this model ({filters}: the user's other live sessions) as e, their messages m and sessions
+-- s. For recall_query_vector's and recall_nearest_citus's nearest memories.
+message_embeddings e
 JOIN messages m ON m.project_id = e.project_id AND m.session_id = e.session_id
                AND m.sequence = e.sequence
 JOIN sessions s ON s.project_id = m.project_id AND s.session_id = m.session_id
 WHERE e.project_id = %(project_id)s AND e.model = %(model)s
   AND m.deleted_at IS NULL AND s.deleted_at IS NULL {filters}
+
+-- recall_window_scan --
+-- The window's embedded messages, after a select list over e: the message_embeddings rows of
+-- the session's last %(window)s embedded live messages, newest first. For
+-- recall_window_vectors and recall_query_vector's nearest memories.
+FROM message_embeddings e
+JOIN messages m ON m.project_id = e.project_id
+               AND m.session_id = e.session_id AND m.sequence = e.sequence
+WHERE e.project_id = %(project_id)s AND e.session_id = %(exclude_session)s
+  AND e.model = %(model)s AND m.deleted_at IS NULL
+ORDER BY e.sequence DESC
+LIMIT %(window)s
+
+-- recall_nearest_citus --
+-- On Citus, recall_query_vector's nearest apart: for each of the window's vectors
+-- (%(vectors)s, recall_query_citus's, newest first) the distance to its nearest memory in
+-- scope ({memories}: recall_memories over the owner named), a row each in the same order; no row when there is
+-- none. One fan-out: each shard's minimum, combined on the coordinator (an array_agg over
+-- these rows was planned as a subplan first).
+SELECT x.i, min(e.embedding <=> x.embedding) AS nearest
+FROM unnest(%(vectors)s::vector[]) WITH ORDINALITY AS x(embedding, i), {memories}
 GROUP BY x.i
 ORDER BY x.i
 
