@@ -1,5 +1,6 @@
 """Reading the recall the embedding worker kept for GetMemory (get_memories_recall, and its
-two steps on Citus; see sql/search.sql): concurrent calls' reads coalesced into one statement."""
+two steps on Citus; see sql/kept_recall.sql): concurrent calls' reads coalesced into one
+statement."""
 
 from __future__ import annotations
 

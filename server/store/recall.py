@@ -1,6 +1,6 @@
 """GetMemory's recall, the Store's methods: the live messages of the user's other sessions
 most relevant to a session's last ones, read as the worker kept them (kept_recall.py) or
-ranked here (see sql/search.sql)."""
+ranked here (see sql/recall.sql, whose fragments fill search.sql's rankings)."""
 
 from __future__ import annotations
 
