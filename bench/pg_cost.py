@@ -42,7 +42,7 @@ from bench.rounds import (
     ratios,
     spread,
 )
-from server.store.messages import add_memory_statement
+from server.store.append import add_memory_statement
 from server.store.queries import query
 
 #: Each variant: the SQL that removes its part from a migrated, seeded database.
@@ -227,7 +227,7 @@ def get_memory_cost(url: str, sessions: int, rounds: int, calls: int) -> dict[st
     says which table the statement read kept recall from, as the store would on this server:
     `vectors` (session_embeddings) where migrate could create pgvector, else `words`
     (session_word_recall)."""
-    from server.store.search import kept_recall_statement
+    from server.store.kept_recall import kept_recall_statement
 
     name = env.own_name("pg_cost_get_memory")
     conns: dict[str, psycopg.Connection[Any]] = {}
@@ -264,7 +264,7 @@ def get_memory_cost(url: str, sessions: int, rounds: int, calls: int) -> dict[st
 
 
 def _recall_params(k: int, n: int, sessions: int) -> dict[str, Any]:
-    from server.store.search import NO_BUDGET
+    from server.store.kept_recall import NO_BUDGET
 
     return {
         "project_id": 1,

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from bench.rounds import add_database_url, in_turn, parser
-from server.store.messages import add_memory_statement
+from server.store.append import add_memory_statement
 
 #: Each way: (embed, per_turn), the statement's two parameters that choose what it queues.
 WAYS = {"none": (False, False), "each": (True, False), "turn": (True, True)}

@@ -6,10 +6,11 @@ A fresh database (DATABASE_URL's server, else the embedded one) holds two users 
 messages in 20 sessions each, random unit vectors of 384 dimensions for every message (the
 cost of an exact scan does not depend on what the vectors say). The recall statement is
 composed as the worker runs it (Store._recall_params: keep RECALL_KEEP, 4 times as many
-candidates per part) from this checkout's sql/search.sql and from REV's (default main), and
-each is EXPLAIN (ANALYZE, BUFFERS)ed for one session of the first user, the two alternating
-which goes first each round. Prints each side's median and fastest execution time, its
-buffers, and the median and range of this ÷ REV per round (docs/search.md, Recall quality).
+candidates per part) from this checkout's sql/search.sql and sql/recall.sql and from REV's
+(default main), and each is EXPLAIN (ANALYZE, BUFFERS)ed for one session of the first user,
+the two alternating which goes first each round. Prints each side's median and fastest
+execution time, its buffers, and the median and range of this ÷ REV per round
+(docs/search.md, Recall quality).
 The statement ranks by vectors: on a server without pgvector it says so and exits 1.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,33 +31,49 @@ from bench.search_data import MODEL, ChatText, embed_randomly, has_vectors, seed
 from server.domain import DEFAULT_PROJECT_ID
 from server.search.service import RECALL_WINDOW
 from server.store import Store, queries
-from server.store.search import RECALL_KEEP, recall_statement
+from server.store.recall import RECALL_KEEP, recall_statement
 
 _DB = "memstore_recall_cost"
 _MESSAGES, _PER_SESSION = 1280, 64
 
 
 def composer_at(rev: str) -> Callable[[], sql.Composed]:
-    """Composes the recall statement (with vectors) as REV's sql/search.sql has it."""
-    text = env.file_at(rev, "server/store/sql/search.sql")
-    named = {k: sql.SQL(v) for k, v in queries.parse(text, rev).items()}
+    """Composes the recall statement (with vectors) as REV's sql/search.sql and sql/recall.sql
+    have it (an older REV holds recall's fragments in search.sql)."""
+    named: dict[str, sql.SQL] = {}
+    for name in ("search", "recall"):
+        try:
+            text = env.file_at(rev, f"server/store/sql/{name}.sql")
+        except subprocess.CalledProcessError:
+            continue  # no recall.sql at REV
+        named.update({k: sql.SQL(v) for k, v in queries.parse(text, rev).items()})
 
     def compose() -> sql.Composed:
         scope = sql.SQL(" ").join(
             [named["recall_filter_user"], named["search_filter_other_sessions"]]
         )
-        # An older recall_query_vector has no {filters} nor {window_vectors}: format ignores
-        # what it does not name.
+        # An older recall_query_vector names only some of these fragments (none of {filters},
+        # {window_vectors}, {window_scan} or {memories} at first): format ignores the others.
+        scan = named.get("recall_window_scan", sql.SQL(""))
+        vectors = named.get("recall_window_vectors", sql.SQL("")).format(window_scan=scan)
         fragment = named["recall_query_vector"].format(
             words=named["recall_query_text"],
-            window_vectors=named.get("recall_window_vectors", sql.SQL("")),
+            window_vectors=vectors,
+            window_scan=scan,
+            memories=named.get("recall_memories", sql.SQL("")).format(filters=scope),
             filters=scope,
+        )
+        match = named["recall_match_scan"]
+        # An older search_hybrid has its full-text candidates inline, not {text_candidates}.
+        candidates = named.get("search_text_candidates", sql.SQL("")).format(
+            match=match, filters=scope
         )
         return named["search_hybrid"].format(
             query=fragment,
             filters=scope,
-            match=named["recall_match_scan"],
+            match=match,
             distance=named["recall_distance_window"],
+            text_candidates=candidates,
         )
 
     return compose

@@ -5,8 +5,8 @@
 The data of bench.recall_cost (two users of 1,280 messages with random vectors). Each call
 runs the recall statement (with vectors) as the store runs it, through psycopg with the
 store's parameters, and reads its rows: REV's statement composed per call from REV's
-sql/search.sql and executed with its %(name)s placeholders, as REV's store did; this
-checkout's as SearchMethods._rank_recall sends it (recall_positional, a raw cursor).
+sql/search.sql and sql/recall.sql and executed with its %(name)s placeholders, as REV's store
+did; this checkout's as RecallMethods._rank_recall sends it (recall_positional, a raw cursor).
 The two alternate which goes first each round; each round times `calls` calls of a side by
 the process's CPU clock (time.process_time: psycopg's parsing and the rows' loading, not
 PostgreSQL's work). First both sides rank each session of the first user: their rows must be
@@ -24,7 +24,7 @@ from psycopg import sql
 
 from bench import rounds
 from bench.recall_cost import _DB, _MESSAGES, _PER_SESSION, composer_at, recall_database
-from server.store.search import recall_positional
+from server.store.recall import recall_positional
 
 #: One call of a side: runs the recall statement on the connection, answers its rows.
 Run = Callable[[psycopg.Connection[Any], dict[str, Any]], list[Any]]
@@ -39,7 +39,7 @@ def _composed(compose: Callable[[], sql.Composed]) -> Run:
 
 
 def _positional(conn: psycopg.Connection[Any], params: dict[str, Any]) -> list[Any]:
-    # As SearchMethods._rank_recall sends it.
+    # As RecallMethods._rank_recall sends it.
     statement, names = recall_positional(True)
     with psycopg.RawCursor(conn) as cur:
         cur.execute(statement, [params[n] for n in names], prepare=False)

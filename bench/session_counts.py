@@ -29,7 +29,7 @@ import psycopg
 from bench import env, rounds
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage
-from server.store import Store, messages, queries
+from server.store import Store, append, queries
 
 WRITERS = 16
 MESSAGE = "The user said they prefer vegetarian food and live near the sea. " * 3
@@ -81,8 +81,8 @@ async def _measure(args: argparse.Namespace, url: str) -> None:
             await store.add_memory(P, f"u{u}-s{s}", f"u{u}", msg)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
-    counting = messages._ADD_MEMORY[False]
-    plain = messages.add_memory_statement(citus=True)
+    counting = append.ADD_MEMORY[False]
+    plain = append.add_memory_statement(citus=True)
     after_get, before_get = (
         queries.QUERIES["get_users"],
         psycopg.sql.SQL(_before_get_users(args.before_ref)),
@@ -90,8 +90,8 @@ async def _measure(args: argparse.Namespace, url: str) -> None:
     fresh = itertools.count()
     sides: dict[str, dict[str, Callable[[], None]]] = {
         "add_new": {
-            "after": lambda: messages._ADD_MEMORY.__setitem__(False, counting),
-            "before": lambda: messages._ADD_MEMORY.__setitem__(False, plain),
+            "after": lambda: append.ADD_MEMORY.__setitem__(False, counting),
+            "before": lambda: append.ADD_MEMORY.__setitem__(False, plain),
         },
         "get_user": {
             "after": lambda: queries.QUERIES.__setitem__("get_users", after_get),

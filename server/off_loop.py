@@ -9,7 +9,7 @@ other caller of either port waited that long (tests/reliability/test_loop_stalls
 thread the work holds the GIL for at most `sys.getswitchinterval()` (5 ms) at a time, so the
 loop answers between its slices; small requests stay on the loop, where a thread hand-off
 would cost more than the work. The adapters (server/api, server/rest) and the store
-(server/store: messages.py, db.py) share this pool; over gRPC, so do the parse of a large
+(server/store: add_memory.py, db.py) share this pool; over gRPC, so do the parse of a large
 request and the serialization of a large answer (serving/services.py).
 """
 

@@ -26,7 +26,7 @@ from memstore.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-from server.store.search import RECALL_WORDS
+from server.store.recall import RECALL_WORDS
 from tests.fix_db import usable_extensions
 
 ROOT = Path(__file__).resolve().parent.parent

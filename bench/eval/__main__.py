@@ -14,7 +14,7 @@ from bench.eval.memstore import Answers, ask_memstore
 from bench.eval.metrics import Ranker
 from bench.eval.recall import WINDOWS, probes
 from bench.eval.report import report
-from server.store.search import RECALL_WORDS
+from server.store.recall import RECALL_WORDS
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ from server.domain import DEFAULT_PROJECT_ID
 from server.search.service import RECALL_WINDOW
 from server.search.worker import EmbeddingWorker
 from server.store import Store
-from server.store.search import RECALL_WORDS
+from server.store.recall import RECALL_WORDS
 
 #: A probe's window: the question alone, after five messages of other talk or before them,
 #: after five messages of history talk (a topic the user's history holds) or before them.

@@ -44,7 +44,7 @@ from server.domain import DEFAULT_PROJECT_ID
 from server.search.embedding import embedder_from_setting
 from server.search.service import RECALL_WINDOW
 from server.search.worker import EmbeddingWorker
-from server.store.search import RECALL_WORDS
+from server.store.recall import RECALL_WORDS
 
 #: Candidates per part, as the worker ranks its RECALL_KEEP (20): max(20 * 4, 20).
 CANDIDATES = 80

@@ -7,7 +7,8 @@ from starlette.routing import BaseRoute
 from server.api.tokens import PageTokens
 from server.config import Config
 from server.rest import unserved, v1, v2
-from server.rest.app import HttpMetrics, RestApp, Services, build_app
+from server.rest.app import HttpMetrics, RestApp
+from server.rest.routing import Services, build_app
 from server.rest.serve import HttpServer, http_server
 from server.search.service import Searcher
 from server.serving.auth import Authenticator

@@ -20,8 +20,8 @@ from server import off_loop
 from server.api import validation as val
 from server.domain import MAX_EXACT_INT, MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
-from server.rest.app import path_value
 from server.rest.media import check_json_body
+from server.rest.paths import path_value
 
 T = TypeVar("T")
 
@@ -427,7 +427,7 @@ def path_id(request: Request, name: str) -> str:
 
 
 def path_text(request: Request, name: str) -> str:
-    """A path parameter as the caller sent it, "/" (%2F) included (server/rest/app.py:
+    """A path parameter as the caller sent it, "/" (%2F) included (server/rest/paths.py:
     routing_path).
 
     Raises:

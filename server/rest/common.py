@@ -27,7 +27,7 @@ from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
 from server.rest.answers import json_answer, json_bytes
-from server.rest.app import JsonArrayStream
+from server.rest.stream import JsonArrayStream
 from server.store import Store
 
 _USER_TEXT = ("email", "first_name", "last_name")

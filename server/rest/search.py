@@ -19,7 +19,7 @@ from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
 from server.rest.answers import json_answer
-from server.rest.app import endpoint, project, services
+from server.rest.routing import endpoint, project, services
 
 #: Zep's search types, and memstore's own names, to SearchType values. Zep's "similarity"
 #: is memstore's hybrid ranking (words and meaning); "mmr" is hybrid diversified by MMR.

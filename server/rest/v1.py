@@ -18,7 +18,7 @@ from server.domain import SessionQuery
 from server.rest import body as b
 from server.rest import common, v2
 from server.rest.answers import json_answer
-from server.rest.app import endpoint, project, route, services
+from server.rest.routing import endpoint, project, route, services
 from server.rest.search import search_one_session
 
 

@@ -20,7 +20,7 @@ from server.rest import body as b
 from server.rest import common
 from server.rest import convert as c
 from server.rest.answers import json_answer
-from server.rest.app import endpoint, project, route, services
+from server.rest.routing import endpoint, project, route, services
 from server.rest.search import search_one_session, search_sessions
 
 OK = {"message": "OK"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
+from server.store.db import Row
 from server.store.queries import query
 
 #: The budget of a call's statement: its parameter.
@@ -23,3 +24,8 @@ def list_size(alias: str, *ids: str) -> sql.Composed:
     metadata as printed and its text columns `ids` (budget_list_size)."""
     columns = sql.SQL(", ").join(sql.Identifier(alias, c) for c in ids)
     return query("budget_list_size").format(alias=sql.Identifier(alias), ids=columns)
+
+
+def followed(found: list[Row]) -> bool:
+    """Whether budget_rows left rows out after the last one read (its `followed` says so)."""
+    return bool(found) and bool(found[-1].get("followed"))

@@ -17,7 +17,8 @@ from psycopg import AsyncConnection
 from server.errors import FailedPrecondition
 from server.store.db import Row, fetch_all, fetch_one
 from server.store.queries import query
-from server.store.search import RECALL_KEEP, SearchMethods, vector_text
+from server.store.recall import RECALL_KEEP, RecallMethods
+from server.store.search import vector_text
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ def _keys_params(keys: list[tuple[int, str, int]]) -> dict[str, Any]:
     }
 
 
-class EmbeddingMethods(SearchMethods):
-    """The embedding worker's and reindex's methods; ranking recall is SearchMethods'."""
+class EmbeddingMethods(RecallMethods):
+    """The embedding worker's and reindex's methods; ranking recall is RecallMethods'."""
 
     async def keep_recall(self, sessions: list[tuple[int, str]], model: str, window: int) -> None:
         """Ranks and keeps the recall of these (project_id, session_id) sessions now, as the

@@ -49,15 +49,13 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         log.warning("waiting for another process's migration of this database to end")
         await conn.execute(query("lock_migrations"))
     try:
-        cur = await conn.execute(query("schema_migrations_exist"))
-        present = await cur.fetchone()
-        if not (present and present[0]):
+        done = await _applied(conn)
+        if done is None:
             # Only when missing: CREATE ... IF NOT EXISTS needs the CREATE privilege even
             # where the table is there, and a role that may only read and write rows could
             # not start a server on a database whose migrations were all applied (an audit).
             await conn.execute(query("create_schema_migrations"))
-        cur = await conn.execute(query("applied_migrations"))
-        done = {str(row[0]) for row in await cur.fetchall()}
+            done = set()  # the record just made holds none
         _warn_if_newer(done)
         applied: list[str] = []
         for name, text in migrations():
@@ -78,12 +76,7 @@ async def missing_migrations(conn: AsyncConnection[Any]) -> list[str]:
     """This memstore's migrations the database lacks, changing nothing; those that wait for
     an extension not usable here (pgvector not created, or on no schema this connection
     searches) are not missing: a migrate would skip them too."""
-    cur = await conn.execute(query("schema_migrations_exist"))
-    present = await cur.fetchone()
-    done: set[str] = set()
-    if present and present[0]:
-        cur = await conn.execute(query("applied_migrations"))
-        done = {str(row[0]) for row in await cur.fetchall()}
+    done = await _applied(conn) or set()
     missing: list[str] = []
     for name, text in migrations():
         if name in done:
@@ -95,6 +88,17 @@ async def missing_migrations(conn: AsyncConnection[Any]) -> list[str]:
                 continue
         missing.append(name)
     return missing
+
+
+async def _applied(conn: AsyncConnection[Any]) -> set[str] | None:
+    """The names of the migrations the database records as applied; None when it has no
+    record of them yet (no schema_migrations table)."""
+    cur = await conn.execute(query("schema_migrations_exist"))
+    present = await cur.fetchone()
+    if not (present and present[0]):
+        return None
+    cur = await conn.execute(query("applied_migrations"))
+    return {str(row[0]) for row in await cur.fetchall()}
 
 
 async def _apply(conn: AsyncConnection[Any], name: str, text: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.domain import Message, Session, User
+from server.domain import Message, SearchResult, Session, User
 
 Row = dict[str, Any]
 
@@ -52,6 +52,11 @@ def message(row: Row, prefix: str = "") -> Message:
         updated_at=row[prefix + "updated_at"],
         deleted_at=row.get(prefix + "deleted_at"),
     )
+
+
+def search_result(row: Row) -> SearchResult:
+    """A found message (a ranking statement's row, search_* or recall's), scored."""
+    return SearchResult(message=message(row), user_id=row["user_id"], score=row["score"])
 
 
 def joined_messages(rows: list[Row]) -> list[Message]:

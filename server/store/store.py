@@ -11,6 +11,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.errors import Unavailable
+from server.store.add_memory import AddMemoryMethods
 from server.store.admin import AdminMethods
 from server.store.db import configure
 from server.store.embeddings import EmbeddingMethods
@@ -18,6 +19,7 @@ from server.store.export import ExportMethods
 from server.store.health import Listener
 from server.store.messages import MessageMethods
 from server.store.projects import ProjectMethods
+from server.store.recall import RecallMethods
 from server.store.restore import RestoreMethods
 from server.store.search import SearchMethods
 from server.store.sessions import SessionMethods
@@ -35,7 +37,9 @@ class Store(
     UserMethods,
     SessionMethods,
     MessageMethods,
+    AddMemoryMethods,
     EmbeddingMethods,
+    RecallMethods,
     SearchMethods,
     ProjectMethods,
     ExportMethods,
@@ -45,9 +49,10 @@ class Store(
 ):
     """All reads and writes of memstore, over one connection pool.
 
-    Each resource's methods come from its own module (users, sessions, messages, embeddings,
-    search, projects, export, restore, snapshots, admin) and run the statements of the
-    sql/*.sql file of the same name. Methods on a project's rows take its id first. Every
+    Each resource's methods come from its own module (users, sessions, messages, add_memory,
+    embeddings, search, recall, kept_recall, projects, export, restore, snapshots, admin) and
+    run the statements of the sql/*.sql file of the same name (add_memory's through
+    append.py). Methods on a project's rows take its id first. Every
     method raises only server.errors domain errors (NotFound, AlreadyExists,
     FailedPrecondition, Unavailable, ...) and never lets a psycopg exception escape: each
     runs inside `translated()`.

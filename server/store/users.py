@@ -131,7 +131,7 @@ class UserMethods(StoreBase):
         # PostgreSQL may end the transaction as a deadlock's victim (the race test against
         # AddMemory, tests/reliability/test_races.py::test_delete_user_races_add_memory, saw
         # it about one run in ten on plain PostgreSQL, until a shared commit stopped
-        # appending twice to one session: MessageMethods._append_batch); on Citus its
+        # appending twice to one session: AddMemoryMethods._append_batch); on Citus its
         # multi-shard lock of the user's sessions takes them in no order. It runs again.
         return await rerun_deadlocked(lambda: self._delete_user_once(project_id, user_id))
 

@@ -26,7 +26,7 @@ from server.domain import NewMessage
 from server.search.service import RECALL_WINDOW
 from server.store import Store
 from server.store.db import StoreCursor
-from server.store.search import recall_positional
+from server.store.recall import recall_positional
 from tests.citus.plans import explain
 from tests.fix_db import expected_vectors
 

@@ -23,23 +23,21 @@ from psycopg import sql
 
 from server.domain import DEFAULT_PROJECT_ID, NewMessage, SearchQuery, SessionQuery
 from server.store import Store
-from server.store.db import StoreCursor
-from server.store.messages import (
+from server.store.append import (
     ADD_MEMORY_SESSION_CITUS,
     add_memory_rows_citus,
     add_memory_statement,
-    list_messages_statement,
-    memory_window,
 )
+from server.store.db import StoreCursor
+from server.store.kept_recall import kept_recall_statement
+from server.store.messages import list_messages_statement, memory_window
 from server.store.queries import query
+from server.store.recall import recall_nearest_citus, recall_query_citus, recall_statement
 from server.store.search import (
     budgeted_ranking,
     candidates_statement,
     chosen_statement,
-    kept_recall_statement,
-    recall_nearest_citus,
-    recall_query_citus,
-    recall_statement,
+    ranking_statement,
     search_filters,
 )
 from server.store.sessions import list_sessions_statements
@@ -304,7 +302,8 @@ def compose_search(
 ) -> sql.Composed:
     """A ranking by words (search_full_text, or hybrid's without vectors: search_words) over
     one scope fragment (empty: the whole project)."""
-    return query(ranking).format(query=words, filters=scope, match=query("search_match_index"))
+    match, distance = query("search_match_index"), query("search_distance_query")
+    return ranking_statement(ranking, words, scope, match, distance)
 
 
 @pytest.fixture(scope="module")

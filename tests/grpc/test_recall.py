@@ -20,7 +20,7 @@ from server.search.embedding import Embedder
 from server.search.service import RECALL_WINDOW
 from server.store import Store
 from server.store.queries import query
-from server.store.search import RECALL_WORDS
+from server.store.recall import RECALL_WORDS
 from tests.grpc import Code, Sessions, Users, msg, rpc_error
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,8 @@ from starlette.routing import Route
 
 from server.rest import routes as rest_routes
 from server.rest import unserved
-from server.rest.app import MAX_BODY_BYTES, Services, build_app
+from server.rest.app import MAX_BODY_BYTES
+from server.rest.routing import Services, build_app
 from tests.processes import MEMSTORE, ROOT, _wait_serving, free_port
 from tests.reliability import fuzz_settings, hostile, record
 from tests.reliability.test_fuzz import check_consistent

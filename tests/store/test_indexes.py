@@ -22,15 +22,11 @@ from server.domain import SessionQuery
 from server.search.service import RECALL_WINDOW
 from server.store import Store
 from server.store.base import START
+from server.store.kept_recall import kept_recall_statement
 from server.store.messages import list_messages_statement, memory_window
 from server.store.queries import query
-from server.store.search import (
-    HYBRID_TEXT_WEIGHT,
-    RECALL_NEAREST_FLOOR,
-    RECALL_WORDS,
-    kept_recall_statement,
-    recall_statement,
-)
+from server.store.recall import RECALL_NEAREST_FLOOR, RECALL_WORDS, recall_statement
+from server.store.search import HYBRID_TEXT_WEIGHT
 from server.store.sessions import list_sessions_statements
 from server.store.users import list_user_records_statement, list_user_sessions_statement
 

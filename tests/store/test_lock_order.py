@@ -1,7 +1,7 @@
 """Store: every write locks sessions in one order, whatever the database's collation.
 
 AddMemory's shared commits lock their sessions in Python's order of the ids (code points,
-server/store/messages.py). DeleteUser and Restore lock theirs in a statement's ORDER BY,
+server/store/add_memory.py). DeleteUser and Restore lock theirs in a statement's ORDER BY,
 which compared ids in the database's collation: on a database whose collation is not C
 (en_US, or ICU's: most installs), "a" came before "B" there and after it in the batch, so a
 batch and a DeleteUser or Restore over the same two sessions could each hold one and wait for

@@ -22,7 +22,7 @@ from server.search.ranking import mmr, mmr_order
 from server.search.service import Searcher
 from server.store import Store
 from server.store import search as search_store
-from server.store.search import RECALL_KEEP
+from server.store.recall import RECALL_KEEP
 
 #: One memory: "needle" and a word too long for full-text search to index, 300,007 bytes of
 #: UTF-8 (é is two). All rank alike, so the newest (the highest sequence) come first.

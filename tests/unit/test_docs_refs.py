@@ -87,7 +87,7 @@ def test_every_test_a_doc_names_exists(doc: Path) -> None:
 #: projects and keys on a database lacking migrations): no RPC returns them.
 _CLI_REASONS = {"PROJECT_ALREADY_EXISTS", "PROJECT_NOT_FOUND", "API_KEY_NOT_FOUND", "NOT_MIGRATED"}
 #: An explicit ErrorInfo reason in the server's code: `reason="X"`, `reason = "...", "X"`
-#: (rest/app.py), `_REASON = "X"` (api/tokens.py) or a JSON body's `"reason": "X"`.
+#: (rest/routing.py), `_REASON = "X"` (api/tokens.py) or a JSON body's `"reason": "X"`.
 _RAISED = re.compile(
     r"""(?:\breason\s*=\s*(?:"[^"]*",\s*)?|_REASON\s*=\s*|"reason":\s*)"([A-Z][A-Z_]{3,})\""""
 )

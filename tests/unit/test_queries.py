@@ -74,9 +74,9 @@ def test_add_memory_statements_fit_psycopgs_parse_cache() -> None:
     # expression in Python: AddMemory's hot path would pay that on every call.
     from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
 
-    from server.store.messages import _ADD_MEMORY, _ADD_MEMORY_GUARDED
+    from server.store.append import ADD_MEMORY, ADD_MEMORY_GUARDED
 
-    for statement in (*_ADD_MEMORY.values(), _ADD_MEMORY_GUARDED):
+    for statement in (*ADD_MEMORY.values(), ADD_MEMORY_GUARDED):
         assert len(statement.as_string(None).encode()) <= MAX_CACHED_STATEMENT_LENGTH
 
 
@@ -88,7 +88,7 @@ def test_recall_is_sent_as_psycopg_would_send_it_without_parsing_it_per_call() -
     from psycopg._queries import _query2pg_nocache
 
     from server.store import Store
-    from server.store.search import recall_positional, recall_statement
+    from server.store.recall import recall_positional, recall_statement
 
     params = Store._recall_params(1, "s", 6, "m", 10)
     for vector in (True, False):

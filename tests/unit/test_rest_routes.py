@@ -10,7 +10,8 @@ import pytest
 from starlette.routing import Route
 
 from server.rest import routes
-from server.rest.app import Services, build_app, route_of
+from server.rest.app import route_of
+from server.rest.routing import Services, build_app
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 APP = build_app(routes(), cast(Services, None))
