@@ -66,7 +66,9 @@ ORPHAN_SECONDS = 1.0
 
 def _call_limit(config: Config) -> CallLimit:
     sec = config.security
-    return CallLimit(sec.max_calls_in_flight, source(sec, "max_calls_in_flight"))
+    return CallLimit(
+        sec.max_calls_in_flight, source(sec, "max_calls_in_flight"), sec.send_stall_timeout
+    )
 
 
 async def _build(
@@ -107,10 +109,15 @@ async def _build(
             ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
         ],
     )
-    wrap = wrapping.service
+    wrap, stall = wrapping.service, limit.send_stall
     names = [
         register_service(
-            server, user_service_pb2, "UserService", UserServicer(store, tokens), wrap
+            server,
+            user_service_pb2,
+            "UserService",
+            UserServicer(store, tokens),
+            wrap,
+            send_stall=stall,
         ),
         register_service(
             server,
@@ -118,9 +125,15 @@ async def _build(
             "SessionService",
             SessionServicer(store, tokens, Searcher(store, embedder)),
             wrap,
+            send_stall=stall,
         ),
         register_service(
-            server, backup_service_pb2, "BackupService", BackupServicer(store, tokens), wrap
+            server,
+            backup_service_pb2,
+            "BackupService",
+            BackupServicer(store, tokens),
+            wrap,
+            send_stall=stall,
         ),
     ]
     health = DrainingHealth(limit.most, limit.setting)
