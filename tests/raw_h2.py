@@ -8,7 +8,7 @@ import asyncio
 import struct
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _HEADERS, _SETTINGS, _PING = 0, 1, 4, 6
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY = 0, 1, 3, 4, 6, 7
 _END_STREAM, _ACK, _END_HEADERS = 1, 1, 4
 _SETTINGS_INITIAL_WINDOW_SIZE, _SETTINGS_ENABLE_PUSH = 4, 2
 
@@ -48,6 +48,11 @@ class WindowShut:
     headers and trailers (not flow controlled) but no message."""
 
     def __init__(self) -> None:
+        #: The error code of each stream the server reset.
+        self.resets: dict[int, int] = {}
+        #: Whether the server sent GOAWAY; `closed` is set once it closed the connection.
+        self.goaway = False
+        self.closed = asyncio.Event()
         self._next = 1
         self._reader: asyncio.Task[None] | None = None
 
@@ -87,9 +92,14 @@ class WindowShut:
                 head = await self._r.readexactly(9)
                 kind, flags = head[3], head[4]
                 payload = await self._r.readexactly(int.from_bytes(head[:3], "big"))
-                if kind == _SETTINGS and not flags & _ACK:
+                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                if kind == _RST_STREAM:
+                    self.resets[stream] = int.from_bytes(payload, "big")
+                elif kind == _GOAWAY:
+                    self.goaway = True
+                elif kind == _SETTINGS and not flags & _ACK:
                     self._w.write(_frame(_SETTINGS, _ACK, 0))
                 elif kind == _PING and not flags & _ACK:
                     self._w.write(_frame(_PING, _ACK, 0, payload))
         except (asyncio.IncompleteReadError, ConnectionError):
-            return
+            self.closed.set()

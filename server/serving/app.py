@@ -34,6 +34,7 @@ from server.serving.background import (
     queue_stats,
     warn_of_other_models,
 )
+from server.serving.connections import grpc_options, prepare_descriptors
 from server.serving.grpc_health import (
     DrainingHealth,
     Readiness,
@@ -107,6 +108,7 @@ async def _build(
             # RESOURCE_EXHAUSTED, SERVER_OVERLOADED (tests/grpc/test_burst.py).
             ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
+            *grpc_options(),  # streams per connection, idle connections closed
         ],
     )
     wrap, stall = wrapping.service, limit.send_stall
@@ -270,6 +272,7 @@ def _tune_collector() -> None:
 
 
 async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) -> None:
+    prepare_descriptors()
     host = source(config, "host")
     if config.port:
         probe_port(config.host, config.port, flag=source(config, "port"), host_flag=host)
