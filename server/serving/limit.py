@@ -11,7 +11,7 @@ from server.errors import ResourceExhausted
 #: (server/serving/app.py), past which a cap would never be reached.
 MAX_CALLS_IN_FLIGHT = 1_000_000
 #: Seconds a gRPC answer may wait to be sent (--send-stall-timeout's default): the Python
-#: client's own stream_idle_timeout.
+#: client's (memstore_client) own stream_idle_timeout.
 SEND_STALL_SECONDS = 60.0
 
 
