@@ -141,6 +141,13 @@ class SecurityConfig:
         parse=_calls,
         metavar="N",
     )
+    send_stall_timeout: float = setting(
+        60.0,
+        "seconds a gRPC answer may wait for the client to take it before the call is cancelled "
+        "(an unread stream, an HTTP/2 window left shut); 0 waits forever",
+        env="MEMSTORE_SEND_STALL_TIMEOUT",
+        parse=parse_seconds,
+    )
     #: Which of these settings their environment variables set (settings.source).
     set_by_env: frozenset[str] = set_by_env()
 

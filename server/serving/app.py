@@ -34,6 +34,7 @@ from server.serving.background import (
     queue_stats,
     warn_of_other_models,
 )
+from server.serving.connections import grpc_options, prepare_descriptors
 from server.serving.grpc_health import (
     DrainingHealth,
     Readiness,
@@ -66,7 +67,9 @@ ORPHAN_SECONDS = 1.0
 
 def _call_limit(config: Config) -> CallLimit:
     sec = config.security
-    return CallLimit(sec.max_calls_in_flight, source(sec, "max_calls_in_flight"))
+    return CallLimit(
+        sec.max_calls_in_flight, source(sec, "max_calls_in_flight"), sec.send_stall_timeout
+    )
 
 
 async def _build(
@@ -105,12 +108,18 @@ async def _build(
             # RESOURCE_EXHAUSTED, SERVER_OVERLOADED (tests/grpc/test_burst.py).
             ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
+            *grpc_options(),  # streams per connection, idle connections closed
         ],
     )
-    wrap = wrapping.service
+    wrap, stall = wrapping.service, limit.send_stall
     names = [
         register_service(
-            server, user_service_pb2, "UserService", UserServicer(store, tokens), wrap
+            server,
+            user_service_pb2,
+            "UserService",
+            UserServicer(store, tokens),
+            wrap,
+            send_stall=stall,
         ),
         register_service(
             server,
@@ -118,9 +127,15 @@ async def _build(
             "SessionService",
             SessionServicer(store, tokens, Searcher(store, embedder)),
             wrap,
+            send_stall=stall,
         ),
         register_service(
-            server, backup_service_pb2, "BackupService", BackupServicer(store, tokens), wrap
+            server,
+            backup_service_pb2,
+            "BackupService",
+            BackupServicer(store, tokens),
+            wrap,
+            send_stall=stall,
         ),
     ]
     health = DrainingHealth(limit.most, limit.setting)
@@ -257,6 +272,7 @@ def _tune_collector() -> None:
 
 
 async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) -> None:
+    prepare_descriptors()
     host = source(config, "host")
     if config.port:
         probe_port(config.host, config.port, flag=source(config, "port"), host_flag=host)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from server.errors import ResourceExhausted
 
 #: The most --max-calls-in-flight accepts: gRPC's own backlog of calls not yet picked up
 #: (server/serving/app.py), past which a cap would never be reached.
 MAX_CALLS_IN_FLIGHT = 1_000_000
+#: Seconds a gRPC answer may wait to be sent (--send-stall-timeout's default): the Python
+#: client's (memstore_client) own stream_idle_timeout.
+SEND_STALL_SECONDS = 60.0
 
 
 class CallLimit:
@@ -22,8 +26,15 @@ class CallLimit:
     counts health checks too, so the cap is kept here, where the calls are wrapped.
     """
 
-    def __init__(self, most: int, setting: str = "--max-calls-in-flight") -> None:
+    def __init__(
+        self,
+        most: int,
+        setting: str = "--max-calls-in-flight",
+        send_stall: float = SEND_STALL_SECONDS,
+    ) -> None:
         self.most = most
+        #: Seconds a gRPC answer may wait to be sent before its call is cancelled (watch_send).
+        self.send_stall = send_stall
         #: What set `most`, named in the refusal: the flag, or the variable that set it.
         self.setting = setting
         self.in_flight = 0
@@ -61,3 +72,24 @@ class CallLimit:
 
     def _left(self, _task: asyncio.Task[object]) -> None:
         self.leave()
+
+
+def _nothing() -> None:
+    pass
+
+
+def watch_send(stall: float, *, till_done: bool = True) -> Callable[[], None]:
+    """Cancels the current task (a gRPC call's handler) if it is still running `stall` seconds
+    from now; returns what disarms that. Armed once an answer is ready to go: a client that
+    never reads it (an HTTP/2 window of 0, a stream it does not read) would otherwise keep the
+    call, its slot under the cap and the answer's memory for as long as its connection lives.
+    Cancelling the task ends the call (the client sees CANCELLED or its stream reset).
+    Disarmed when the task ends (`till_done`), or by the caller: a stream disarms each
+    answer's watch when the client took it, with no callback left on the task per answer."""
+    task = asyncio.current_task()
+    if task is None or stall <= 0:
+        return _nothing
+    timer = asyncio.get_running_loop().call_later(stall, task.cancel)
+    if till_done:
+        task.add_done_callback(lambda _task: timer.cancel())
+    return timer.cancel

@@ -25,7 +25,7 @@ from server.serving import wire
 from server.serving.auth import AuthGate
 from server.serving.grpc_health import track_call
 from server.serving.handlers import GenericHandler, Wrap, register, rewrap
-from server.serving.limit import CallLimit
+from server.serving.limit import SEND_STALL_SECONDS, CallLimit, watch_send
 from server.serving.malformed import Malformed, tolerant, tolerant_deserializer
 from server.serving.observability import Observer
 
@@ -147,8 +147,17 @@ def _limited_stream(
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
         await _admit(limit, context)
-        async for response in method(request, context):
-            yield response
+        disarm = None
+        try:
+            async for response in method(request, context):
+                # Until the client has taken this answer (the generator resumes): a stream
+                # it never reads is cancelled after --send-stall-timeout (limit.watch_send).
+                disarm = watch_send(limit.send_stall, till_done=False)
+                yield response
+                disarm()
+        finally:
+            if disarm is not None:
+                disarm()
 
     return handler
 
@@ -207,14 +216,17 @@ def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
 
 
 def _bytes_unary(
-    request_class: Any, implementation: Callable[[Any, Context], Awaitable[Any]]
+    request_class: Any,
+    implementation: Callable[[Any, Context], Awaitable[Any]],
+    send_stall: float,
 ) -> Callable[[bytes, Context], Awaitable[bytes]]:
     """`implementation` over bytes: the request parsed, and the answer serialized, here rather
     than by grpc.aio, which did both on the event loop both ports share: at AddMemory's cap, a
     few tenths of a second each (tests/reliability/test_loop_stalls.py). A request of
     OFF_LOOP_BYTES or more is parsed in a thread, in pieces (serving/wire.py); an answer the
     handler serialized itself (bytes: in a thread and in pieces when large) is sent as it is,
-    any other is serialized here."""
+    any other is serialized here. Once the answer is ready, a client that does not take it
+    within `send_stall` seconds has its call cancelled (limit.watch_send)."""
     parse = tolerant_deserializer(request_class)
     parse_in_pieces = tolerant_deserializer(request_class, wire.parse)
 
@@ -228,18 +240,25 @@ def _bytes_unary(
         if isinstance(request, Malformed):
             await abort(context, request.error)
         response = await implementation(request, context)
-        if type(response) is bytes:
-            return response
-        serialized: bytes = response.SerializeToString()
+        serialized: bytes = response if type(response) is bytes else response.SerializeToString()
+        watch_send(send_stall)
         return serialized
 
     return handler
 
 
 def register_service(
-    server: grpc.aio.Server, module: ModuleType, name: str, servicer: object, wrap: Wrap
+    server: grpc.aio.Server,
+    module: ModuleType,
+    name: str,
+    servicer: object,
+    wrap: Wrap,
+    *,
+    send_stall: float = SEND_STALL_SECONDS,
 ) -> str:
-    """Registers `servicer` for service `name` of `module`; returns the full service name."""
+    """Registers `servicer` for service `name` of `module`; returns the full service name.
+    A unary answer the client has not taken `send_stall` seconds after it was ready ends
+    its call (limit.watch_send)."""
     service: descriptor.ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
@@ -256,7 +275,7 @@ def register_service(
             # Bytes both ways (grpc.aio hands over and sends bytes when a handler has no
             # deserializer or serializer): _bytes_unary decides where each is done.
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _bytes_unary(request_class, implementation)
+                _bytes_unary(request_class, implementation, send_stall)
             )
     register(server, service.full_name, handlers, wrap)
     return str(service.full_name)

@@ -33,6 +33,11 @@ START: TimeKey = (datetime.min.replace(tzinfo=UTC), "")
 
 T = TypeVar("T")
 
+#: Seconds each statement of a call whose deadline is further away than the statement
+#: timeout may run (or the statement timeout, when longer): its deadline ends it sooner,
+#: but a deadline of years (grpc-timeout 99999999H) would otherwise leave it unbounded.
+LONGEST_STATEMENT_SECONDS = 3600.0
+
 #: Runs of a transaction that the database may end as a deadlock's victim (rerun_deadlocked).
 DEADLOCK_ATTEMPTS = 3
 #: Seconds a deadlock's victim waits, at most, before its first rerun (doubled for the next):
@@ -66,7 +71,7 @@ class StoreBase:
         #: The statement timeout every pooled connection opens with (seconds, 0 for none):
         #: Store.open sets it.
         self.statement_timeout = 0.0
-        #: The pooled connections whose statement timeout is off (_bound_for_call); one
+        #: The pooled connections whose statement timeout is the long one (_bound_for_call); one
         #: the pool closes leaves the set with it.
         self._unbounded: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
         #: The models this process's worker has recorded in embedding_models (migration
@@ -113,10 +118,11 @@ class StoreBase:
 
     async def _bound_for_call(self, conn: AsyncConnection[Any]) -> None:
         # The statement timeout bounds a call without a deadline. A call whose deadline is
-        # further away runs its statements without it (its deadline cancels them, as any
-        # deadline does); one whose deadline comes sooner is bounded either way. The
-        # connection keeps what it was set to (a SET outside a transaction), so the setting
-        # changes, one round trip, only where a call needs the other one.
+        # further away runs its statements up to LONGEST_STATEMENT_SECONDS (its deadline
+        # cancels them sooner, as any deadline does); one whose deadline comes sooner is
+        # bounded either way. The connection keeps what it was set to (outside a
+        # transaction), so the setting changes, one round trip, only where a call needs the
+        # other one.
         if self.statement_timeout <= 0:
             return
         deadline = call_deadline.get()
@@ -128,8 +134,13 @@ class StoreBase:
             return
         if unbounded == (conn in self._unbounded):
             return
+        longest = max(LONGEST_STATEMENT_SECONDS, self.statement_timeout)
         async with _autocommit(conn):
-            await statement_timeout_off(conn, unbounded)
+            if unbounded:
+                ms = f"{longest * 1000:.0f}"
+                await conn.execute(query("long_statement_timeout"), {"ms": ms})
+            else:
+                await statement_timeout_off(conn, False)
         if unbounded:
             self._unbounded.add(conn)
         else:

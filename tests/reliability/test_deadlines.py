@@ -21,7 +21,7 @@ from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
 from server.config import Config
 from server.serving.app import build_server
-from server.store import Store
+from server.store import Store, base
 from tests.fix_db import lock_waiters
 from tests.grpc import Sessions, Users, msg
 from tests.polling import until
@@ -185,3 +185,25 @@ async def test_a_call_whose_deadline_is_past_the_statement_timeout_runs_to_its_d
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "statement timeout" in (error.details() or ""), error.details()
         assert took > 0.9, took
+
+
+async def test_a_deadline_of_years_leaves_each_statement_bounded(
+    short_timeout_users: Users, clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deadline further away than the statement timeout lifted it for good: one of years
+    # (grpc-timeout 99999999H) let a statement wait on a lock forever. Such a call's
+    # statements are bounded by LONGEST_STATEMENT_SECONDS (an hour; 2 s here) instead.
+    monkeypatch.setattr(base, "LONGEST_STATEMENT_SECONDS", 2.0)
+    users = short_timeout_users
+    await users.CreateUser(upb.CreateUserRequest(user_id="far"))
+    lock = "SELECT 1 FROM users WHERE user_id = 'far' FOR UPDATE"
+    update = upb.UpdateUserRequest(user_id="far", email="x")
+    years = 10 * 365 * 24 * 3600.0  # Python's client gives up at once on 99999999H
+    error, took = await _blocked(
+        clean_db,
+        lock,
+        lambda: asyncio.wait_for(users.UpdateUser(update, timeout=years), timeout=60),
+    )
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "statement timeout" in (error.details() or ""), error.details()
+    assert took > 1.9, took

@@ -6,6 +6,12 @@
 -- to its deadline (StoreBase._bound_for_call).
 SET statement_timeout = 0;
 
+-- long_statement_timeout --
+-- The statement timeout of a call whose deadline is further away than the connection's own
+-- (StoreBase._bound_for_call), until reset_statement_timeout: set_config, as SET takes no
+-- parameter. Outside a transaction (not local), so it holds for the calls that follow.
+SELECT set_config('statement_timeout', %(ms)s, false);
+
 -- reset_statement_timeout --
 -- Restores the connection's own statement timeout (the one it opened with) after
 -- no_statement_timeout.

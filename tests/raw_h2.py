@@ -1,0 +1,105 @@
+"""A minimal HTTP/2 client (cleartext, prior knowledge) that speaks gRPC framing by hand, for
+tests that need what no gRPC client does: a flow-control window left shut (an initial window
+of 0 that is never opened), so that the server cannot send the answers it has."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY = 0, 1, 3, 4, 6, 7
+_END_STREAM, _ACK, _END_HEADERS = 1, 1, 4
+_SETTINGS_INITIAL_WINDOW_SIZE, _SETTINGS_ENABLE_PUSH = 4, 2
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream)
+        + payload
+    )
+
+
+def _length(n: int) -> bytes:
+    # HPACK's integer with a 7-bit prefix (the Huffman bit left 0).
+    if n < 127:
+        return bytes([n])
+    out = [127]
+    n -= 127
+    while n >= 128:
+        out.append((n & 127) | 128)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def _hpack(headers: list[tuple[str, str]]) -> bytes:
+    # Each a literal without indexing, its name new: no table state to keep.
+    block = b""
+    for name, value in headers:
+        key, val = name.encode(), value.encode()
+        block += b"\x00" + _length(len(key)) + key + _length(len(val)) + val
+    return block
+
+
+class WindowShut:
+    """One connection whose every stream's window is 0 and stays 0: the server can send
+    headers and trailers (not flow controlled) but no message."""
+
+    def __init__(self) -> None:
+        #: The error code of each stream the server reset.
+        self.resets: dict[int, int] = {}
+        #: Whether the server sent GOAWAY; `closed` is set once it closed the connection.
+        self.goaway = False
+        self.closed = asyncio.Event()
+        self._next = 1
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self, port: int) -> WindowShut:
+        self._r, self._w = await asyncio.open_connection("127.0.0.1", port)
+        settings = struct.pack(">HI", _SETTINGS_INITIAL_WINDOW_SIZE, 0)
+        settings += struct.pack(">HI", _SETTINGS_ENABLE_PUSH, 0)
+        self._w.write(_PREFACE + _frame(_SETTINGS, 0, 0, settings))
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def call(self, method: str, request: bytes) -> int:
+        """Sends one unary request to `method` (/package.Service/Method); returns its stream."""
+        stream, self._next = self._next, self._next + 2
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", method),
+            (":authority", "127.0.0.1"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+        self._w.write(_frame(_HEADERS, _END_HEADERS, stream, _hpack(headers)))
+        message = b"\x00" + struct.pack(">I", len(request)) + request
+        self._w.write(_frame(_DATA, _END_STREAM, stream, message))
+        await self._w.drain()
+        return stream
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self._w.close()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                head = await self._r.readexactly(9)
+                kind, flags = head[3], head[4]
+                payload = await self._r.readexactly(int.from_bytes(head[:3], "big"))
+                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                if kind == _RST_STREAM:
+                    self.resets[stream] = int.from_bytes(payload, "big")
+                elif kind == _GOAWAY:
+                    self.goaway = True
+                elif kind == _SETTINGS and not flags & _ACK:
+                    self._w.write(_frame(_SETTINGS, _ACK, 0))
+                elif kind == _PING and not flags & _ACK:
+                    self._w.write(_frame(_PING, _ACK, 0, payload))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed.set()

@@ -1,0 +1,84 @@
+"""Answers a client does not take: the call is cancelled after --send-stall-timeout, so a client
+that shuts its HTTP/2 window cannot hold the cap on calls in flight (or the answers' memory)
+for as long as its connection lives."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from memstore.v1 import user_service_pb2 as upb
+from server.config import Config, SecurityConfig
+from server.serving.app import build_server
+from server.store import Store
+from tests.grpc import Users
+from tests.polling import until
+from tests.raw_h2 import WindowShut
+
+CAP = 4
+#: Seconds an answer may wait to be taken here (60 by default).
+STALL = 1.0
+
+
+@asynccontextmanager
+async def _server(store: Store) -> AsyncIterator[tuple[Users, int]]:
+    security = SecurityConfig(max_calls_in_flight=CAP, send_stall_timeout=STALL)
+    server, port = await build_server(Config(host="127.0.0.1", port=0, security=security), store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = Users(channel)
+            try:
+                await users.CreateUser(upb.CreateUserRequest(user_id="u"), timeout=10)
+            except grpc.aio.AioRpcError as error:  # the store is shared by the module's tests
+                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+            yield users, port
+    finally:
+        await server.stop(None)
+
+
+async def _refused(users: Users) -> bool:
+    try:
+        await users.GetUser(upb.GetUserRequest(user_id="u"), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return True
+    return False
+
+
+async def _cap_held_then_freed(users: Users, port: int, method: str, request: bytes) -> None:
+    shut = await WindowShut().open(port)
+    try:
+        for _ in range(CAP):
+            await shut.call(method, request)
+        await asyncio.sleep(0.2)  # all taken in before another client asks
+        # The answers cannot be sent: every slot is held and another client refused ...
+        assert await _refused(users)
+        # ... until the stalled calls are cancelled, their slots freed. (gRPC's core keeps
+        # each call, and its answer, until the connection closes: docs/reliability.md.)
+        assert await until(lambda: _served(users), within=STALL + 5)
+    finally:
+        await shut.close()
+
+
+async def _served(users: Users) -> bool:
+    return not await _refused(users)
+
+
+async def test_unary_answers_a_client_never_takes_free_their_slots(store: Store) -> None:
+    async with _server(store) as (users, port):
+        request = upb.GetUserRequest(user_id="u").SerializeToString()
+        await _cap_held_then_freed(users, port, "/memstore.v1.UserService/GetUser", request)
+
+
+async def test_streams_a_client_never_reads_free_their_slots(store: Store) -> None:
+    async with _server(store) as (users, port):
+        request = upb.ListUsersChunkedRequest().SerializeToString()
+        await _cap_held_then_freed(
+            users, port, "/memstore.v1.UserService/ListUsersChunked", request
+        )
