@@ -64,8 +64,11 @@ class WindowShut:
         self._reader = asyncio.create_task(self._read())
         return self
 
-    async def call(self, method: str, request: bytes) -> int:
-        """Sends one unary request to `method` (/package.Service/Method); returns its stream."""
+    async def call(
+        self, method: str, request: bytes, extra: tuple[tuple[str, str], ...] = ()
+    ) -> int:
+        """Sends one unary request to `method` (/package.Service/Method), with `extra` headers
+        (ones no gRPC client sends, such as a malformed grpc-timeout); returns its stream."""
         stream, self._next = self._next, self._next + 2
         headers = [
             (":method", "POST"),
@@ -74,6 +77,7 @@ class WindowShut:
             (":authority", "127.0.0.1"),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
+            *extra,
         ]
         self._w.write(_frame(_HEADERS, _END_HEADERS, stream, _hpack(headers)))
         message = b"\x00" + struct.pack(">I", len(request)) + request

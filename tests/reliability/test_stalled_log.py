@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memstore.v1 import user_service_pb2 as upb
 from tests.grpc import Users
 from tests.processes import serve_memstore, stop_memstore
+from tests.raw_h2 import WindowShut
 from tests.reliability import record
 
 #: Access lines of ~250 bytes: about 40 times what the pipe holds.
@@ -60,34 +59,6 @@ async def test_calls_are_answered_while_nobody_reads_the_log(clean_db: str) -> N
     record("stalled_log", calls_answered=CALLS, lines_written=len(access), lines_dropped=dropped)
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-    )
-
-
-def _bad_timeout_calls(port: int, calls: int) -> None:
-    """Health checks whose grpc-timeout is malformed, by hand on one HTTP/2 connection
-    (gRPC's clients never send such a header): gRPC core logs an error line for each."""
-    headers = {
-        ":method": "POST", ":scheme": "http", ":path": "/grpc.health.v1.Health/Check",
-        ":authority": "memstore", "content-type": "application/grpc", "te": "trailers",
-        "grpc-timeout": "bad",
-    }  # fmt: skip
-    # HPACK literals without indexing, new names: 0x00, then each string's length and bytes.
-    block = b"".join(
-        b"\x00" + bytes([len(k)]) + k.encode() + bytes([len(v)]) + v.encode()
-        for k, v in headers.items()
-    )
-    with socket.create_connection(("127.0.0.1", port)) as conn:
-        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))  # preface, SETTINGS
-        for n in range(calls):
-            stream = 1 + 2 * n
-            # HEADERS (END_HEADERS), then an empty request message (END_STREAM).
-            conn.sendall(_frame(1, 4, stream, block) + _frame(0, 1, stream, b"\0" * 5))
-        time.sleep(0.5)
-
-
 async def test_gRPC_cores_own_lines_never_reach_an_unread_stderr(clean_db: str) -> None:
     # gRPC core writes its log lines to fd 2 itself, past the bounded writer above, and a
     # client chose how many: 2,000 calls with a malformed grpc-timeout filled the unread pipe
@@ -99,7 +70,14 @@ async def test_gRPC_cores_own_lines_never_reach_an_unread_stderr(clean_db: str) 
     args = ("--purge-interval", "0", "--no-embedding-worker", "--embedder", "none")
     proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
     try:
-        await asyncio.to_thread(_bad_timeout_calls, port, 2_000)
+        # By hand (no gRPC client sends a malformed grpc-timeout): core logs a line for each.
+        conn = await WindowShut().open(port)
+        try:
+            for _ in range(2_000):
+                await conn.call("/grpc.health.v1.Health/Check", b"", (("grpc-timeout", "bad"),))
+            await asyncio.sleep(0.5)
+        finally:
+            await conn.close()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
