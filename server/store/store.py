@@ -18,6 +18,7 @@ from server.store.export import ExportMethods
 from server.store.health import Listener
 from server.store.messages import MessageMethods
 from server.store.projects import ProjectMethods
+from server.store.purge import PurgeMethods
 from server.store.restore import RestoreMethods
 from server.store.search import SearchMethods
 from server.store.sessions import SessionMethods
@@ -42,11 +43,12 @@ class Store(
     RestoreMethods,
     SnapshotMethods,
     AdminMethods,
+    PurgeMethods,
 ):
     """All reads and writes of memstore, over one connection pool.
 
     Each resource's methods come from its own module (users, sessions, messages, embeddings,
-    search, projects, export, restore, snapshots, admin) and run the statements of the
+    search, projects, export, restore, snapshots, admin, purge) and run the statements of the
     sql/*.sql file of the same name. Methods on a project's rows take its id first. Every
     method raises only server.errors domain errors (NotFound, AlreadyExists,
     FailedPrecondition, Unavailable, ...) and never lets a psycopg exception escape: each
