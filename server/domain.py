@@ -270,6 +270,11 @@ class PurgeReport:
     details: dict[str, int] = field(default_factory=dict)
 
 
+#: Why a periodic purge did not run (Store.purge_if_due): another process's purge held the
+#: database's turn, or one had started within the interval.
+PurgeSkip = Literal["other_holder", "recent"]
+
+
 def to_micros(value: datetime) -> int:
     """Integer microseconds since the Unix epoch, exactly (no float on the way)."""
     if value.tzinfo is None:

@@ -103,13 +103,16 @@ def database_name(url: str) -> str:
 
 
 async def empty_data_tables(url: str) -> str:
-    """Truncates users, sessions and messages (projects and keys stay); returns `url`.
+    """Truncates users, sessions and messages (projects and keys stay) and forgets when the
+    last purge started (a periodic purge would wait an interval after an earlier test's);
+    returns `url`.
 
     The one way every clean-database fixture starts a test from empty tables.
     """
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         tables = sql.SQL(", ").join(sql.Identifier(t) for t in DATA_TABLES)
         await conn.execute(sql.SQL("TRUNCATE {} CASCADE").format(tables))
+        await conn.execute("DELETE FROM settings WHERE name = 'purge_started_at'")
     return url
 
 

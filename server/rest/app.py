@@ -36,6 +36,8 @@ log = logging.getLogger("memstore.access")
 ERROR_KEY = "memstore.error"
 #: Set in a request's scope while it counts against the cap on calls in flight.
 _ADMITTED_KEY = "memstore.admitted"
+#: Where a layer outside the app that answers a request itself leaves its answer (answer_for).
+_ANSWER_KEY = "memstore.answer"
 #: Unexpected errors of routes and of answers cut short (routing.py, stream.py).
 errors_log = logging.getLogger(__name__)
 
@@ -71,6 +73,15 @@ class HttpMetrics:
         self.in_flight = Gauge(
             "memstore_http_in_flight", "HTTP requests being served.", registry=registry
         )
+
+
+def answer_for(scope: Scope, response: Response, error: MemstoreError | None = None) -> None:
+    """Has RestApp send `response` for this request in place of routing it (no key asked),
+    counted and logged as its own answers are, under the route it would have reached: for a
+    layer outside the app that answers requests itself (server/rest/cors.py's preflights)."""
+    scope[_ANSWER_KEY] = response
+    if error is not None:
+        scope[ERROR_KEY] = error
 
 
 def error_response(error: MemstoreError) -> JSONResponse:
@@ -141,6 +152,9 @@ class RestApp:
 
     async def _refusal(self, scope: Scope, headers: dict[str, str]) -> Response | None:
         """The answer that refuses this request before routing, or None to route it."""
+        answer: Response | None = scope.get(_ANSWER_KEY)
+        if answer is not None:
+            return answer
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             scope[ERROR_KEY] = _too_large()

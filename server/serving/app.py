@@ -30,7 +30,6 @@ from server.serving.background import (
     embedding_worker,
     load_model,
     make_embedder,
-    purge_periodically,
     queue_stats,
     warn_of_other_models,
 )
@@ -45,6 +44,7 @@ from server.serving.handlers import WrappingServer
 from server.serving.limit import CallLimit
 from server.serving.observability import Metrics, Observer, quiet_ended_call_writes
 from server.serving.ports import probe_port
+from server.serving.purge import PurgeMetrics, purge_periodically
 from server.serving.reflection import enable_reflection
 from server.serving.services import Wrapping, register_service
 from server.serving.tls import add_port, reflection_enabled
@@ -307,7 +307,8 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
         if config.purge_interval > 0:
-            background.append(asyncio.create_task(purge_periodically(config, store)))
+            purging = purge_periodically(config, store, PurgeMetrics(metrics.registry))
+            background.append(asyncio.create_task(purging))
         stop_worker = _start_worker(config, store, embedder, background)
         if store.vectors or store.word_recall:
             background.append(asyncio.create_task(watch_queue(store)))

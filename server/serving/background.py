@@ -1,14 +1,11 @@
 """What a serving process runs beside its calls: the embedder and its worker, the embedding
-queue's gauges, the periodic purge."""
+queue's gauges (the periodic purge is in purge.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import asdict
 
 from server.config import Config
 from server.search.embedding import Embedder, EmbeddingError, embedder_from_setting
@@ -109,27 +106,3 @@ def queue_stats(store: Store) -> Callable[[], tuple[int, float] | None] | None:
             return None
 
     return read
-
-
-#: The longest wait for a server's first purge after its start, drawn at random so that
-#: processes started together do not purge together.
-FIRST_PURGE_SECONDS = 60.0
-
-
-async def purge_periodically(config: Config, store: Store) -> None:
-    # The first run within a minute of the start, not a whole interval after it: a fleet
-    # restarted more often than the interval (deploys, autoscaling, a crash loop) never
-    # purged, and kept soft-deleted rows past their retention for good (an audit).
-    wait = random.uniform(0, min(FIRST_PURGE_SECONDS, config.purge_interval))
-    while True:
-        await asyncio.sleep(wait)
-        wait = config.purge_interval
-        try:
-            report = await store.purge(config.purge_retention)
-        except Exception:
-            # One failed run (e.g. the database restarting) must not end the periodic purge.
-            log.exception("purge failed; retrying in %.0fs", config.purge_interval)
-            continue
-        # A run that found nothing is routine; only removals are worth an INFO line.
-        level = logging.INFO if report.sessions or report.messages else logging.DEBUG
-        log.log(level, "purge removed %s", json.dumps(asdict(report), sort_keys=True))

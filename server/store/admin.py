@@ -1,4 +1,5 @@
-"""The Store's methods on the database as a whole: ping, migrations, the token key, the purge."""
+"""The Store's methods on the database as a whole: ping, migrations, the token key, what it
+holds (the purge is in purge.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,11 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-from datetime import timedelta
-from typing import Any
 
-from server.domain import BackupSource, PurgeReport
+from server.domain import BackupSource
 from server.errors import FailedPrecondition, Unavailable
 from server.store.base import StoreBase, statement_timeout_off
-from server.store.db import fetch_all, fetch_one
+from server.store.db import fetch_one
 from server.store.migrate import apply_migrations, missing_migrations
 from server.store.queries import query
 
@@ -137,78 +136,3 @@ class AdminMethods(StoreBase):
         assert row is not None  # the caller's key names it, or it is the default
         tag = hmac.new(key, b"memstore backup source %d" % project_id, hashlib.sha256)
         return BackupSource(project=str(row["name"]), source_id=tag.hexdigest()[:32])
-
-    async def purge(self, retention: timedelta, batch_size: int = 1000) -> PurgeReport:
-        """Hard-deletes soft-deleted sessions and messages older than `retention`, in batches.
-
-        Each batch is its own short transaction (on Citus, each shard's part of a batch),
-        skipping rows a write holds, so the purge never holds locks for long nor waits.
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        async with self._connect(single=True) as conn:
-            row = await fetch_one(conn, "purge_cutoff", {"retention": retention})
-        assert row is not None
-        params = {"cutoff": row["cutoff"], "batch_size": batch_size}
-        # Messages first: most expired messages belong to live sessions (ClearMemory).
-        if self.citus:
-            messages, _, message_batches = await self._purge_by_shard(
-                "purge_pick_messages_citus", "purge_messages_in_shard", params
-            )
-            sessions, cascaded, session_batches = await self._purge_by_shard(
-                "purge_pick_sessions_citus", "purge_sessions_in_shard", params
-            )
-        else:
-            messages, _, message_batches = await self._purge_batches("purge_messages", params)
-            sessions, cascaded, session_batches = await self._purge_batches(
-                "purge_sessions", params
-            )
-        return PurgeReport(
-            sessions=sessions,
-            messages=messages + cascaded,
-            batches=message_batches + session_batches,
-            details={"messages": messages, "sessions": sessions, "session_messages": cascaded},
-        )
-
-    async def _purge_batches(self, name: str, params: dict[str, Any]) -> tuple[int, int, int]:
-        # Short transactions, one per batch, until a batch comes back short.
-        rows_, others, batches = 0, 0, 0
-        while True:
-            async with self._connect(single=True) as conn:
-                row = await fetch_one(conn, name, params)
-            done = int(row["n"]) if row else 0
-            rows_ += done
-            others += int(row["others"]) if row else 0
-            batches += done > 0
-            if done < params["batch_size"]:
-                return rows_, others, batches
-
-    async def _purge_by_shard(
-        self, pick: str, purge: str, params: dict[str, Any]
-    ) -> tuple[int, int, int]:
-        # Citus locks no rows of a multi-shard SELECT, and a multi-shard DELETE waits for the
-        # rows a write holds while holding its own until its two-phase commit: writes then
-        # waited for whole batches (tests/reliability/test_purge.py). So each batch is picked
-        # over all shards without locks, then purged one shard at a time, each shard's part
-        # its own single-shard transaction that skips locked rows, as on plain PostgreSQL.
-        # A batch picked short, or one that purged nothing (all held), is the last.
-        rows_, others, batches = 0, 0, 0
-        while True:
-            async with self._connect(single=True) as conn:
-                groups = await fetch_all(conn, pick, params)
-            picked, done = 0, 0
-            for group in groups:
-                # Each shard's part purges at most what was picked there: a batch stays
-                # within batch_size rows.
-                part = {**params, "session_ids": group["session_ids"]}
-                part["batch_size"] = int(group["picked"])
-                async with self._connect(single=True) as conn:
-                    row = await fetch_one(conn, purge, part)
-                picked += int(group["picked"])
-                done += int(row["n"]) if row else 0
-                others += int(row["others"]) if row else 0
-            rows_ += done
-            batches += done > 0
-            if picked < params["batch_size"] or done == 0:
-                return rows_, others, batches

@@ -171,6 +171,8 @@ REFERENCE = {
     "record_embedding_model",
     "other_embedding_models",
     "forget_embedding_model",
+    "last_purge_started",
+    "record_purge_start",
 }
 #: Statements only plain PostgreSQL runs: on Citus the store runs the *_citus variant (or,
 #: for lock_embedded_sessions, nothing: docs/scaling.md).

@@ -12,7 +12,7 @@ import pytest
 
 from server.config import Config
 from server.domain import NewMessage
-from server.serving import background
+from server.serving import purge
 from server.store import Store
 from tests.fix_db import scalar
 from tests.polling import until
@@ -148,7 +148,7 @@ async def test_a_server_purges_soon_after_its_start_not_an_interval_later(
     # The first purge waited a whole interval (an hour by default): a fleet restarted more
     # often than that never purged, and kept soft-deleted rows past their retention (an
     # audit). It now runs within FIRST_PURGE_SECONDS (a minute; a fifth of a second here).
-    monkeypatch.setattr(background, "FIRST_PURGE_SECONDS", 0.2)
+    monkeypatch.setattr(purge, "FIRST_PURGE_SECONDS", 0.2)
     with psycopg.connect(clean_db) as conn:
         conn.execute(
             "INSERT INTO sessions (project_id, session_id, deleted_at)"
@@ -159,7 +159,7 @@ async def test_a_server_purges_soon_after_its_start_not_an_interval_later(
         kept = await scalar(clean_db, "SELECT string_agg(session_id, ',') FROM sessions")
         return bool(kept == "recent")
 
-    purging = asyncio.create_task(background.purge_periodically(Config(), store))
+    purging = asyncio.create_task(purge.purge_periodically(Config(), store))
     try:
         assert await until(only_the_recent_one_kept, within=10)
     finally:

@@ -3,6 +3,7 @@ for the origins of --http-cors-origin (Zep's server answers every origin)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -25,11 +26,19 @@ PREFLIGHT = {
 
 
 @pytest.fixture
-async def cors(store: Store, clean_db: str) -> AsyncIterator[httpx.AsyncClient]:
+def cors_metrics() -> Metrics:
+    """The metrics of the `cors` server, which a test reads back."""
+    return Metrics()
+
+
+@pytest.fixture
+async def cors(
+    store: Store, clean_db: str, cors_metrics: Metrics
+) -> AsyncIterator[httpx.AsyncClient]:
     """A client of a REST server that allows the origin APP."""
     del clean_db
     config = Config(host="127.0.0.1", http_port=0, embedder="none", http_cors_origin=(APP,))
-    server = await build_http(config, store, Metrics())
+    server = await build_http(config, store, cors_metrics)
     await server.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
@@ -52,8 +61,8 @@ async def test_the_flags_origins_get_preflights_and_readable_answers(
     preflight = await cors.options("/api/v2/users/u", headers=PREFLIGHT)
     assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-origin"] == APP
-    # Answered before the app (no key asked of it), which gives every answer its request id.
-    assert "x-request-id" not in preflight.headers
+    # Answered with no key asked of it, and with a request id, as every answer.
+    assert len(preflight.headers["x-request-id"]) == 32
     assert "PATCH" in preflight.headers["access-control-allow-methods"]
     allowed = preflight.headers["access-control-allow-headers"].lower()
     assert "authorization" in allowed and "content-type" in allowed
@@ -101,6 +110,33 @@ async def test_a_preflight_from_another_origin_is_a_json_400_naming_origin(
     assert [v["field"] for v in body["violations"]] == ["Origin"], body
     got = await cors.get("/api/v2/users-ordered", headers={"Origin": "http://evil.example"})
     assert got.status_code == 200 and "access-control-allow-origin" not in got.headers
+
+
+async def test_preflights_are_counted_and_logged_as_requests(
+    cors: httpx.AsyncClient, cors_metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Answered by Starlette's CORSMiddleware outside the app, preflights reached neither the
+    # request metrics nor the access log: a browser's refused calls left no trace.
+    refused_headers = {**PREFLIGHT, "Origin": "http://evil.example", "x-request-id": "pre-no"}
+    with caplog.at_level(logging.INFO, logger="memstore.access"):
+        allowed = await cors.options(
+            "/api/v2/users/u", headers={**PREFLIGHT, "x-request-id": "pre-ok"}
+        )
+        refused = await cors.options("/api/v2/users/u", headers=refused_headers)
+    assert (allowed.status_code, refused.status_code) == (200, 400)
+    assert refused.headers["x-request-id"] == "pre-no"
+    for status in ("200", "400"):
+        labels = {"route": "/api/v2/users/{user_id}", "method": "OPTIONS", "status": status}
+        assert cors_metrics.registry.get_sample_value("memstore_http_requests_total", labels) == 1
+    duration = {"route": "/api/v2/users/{user_id}", "method": "OPTIONS"}
+    timed = cors_metrics.registry.get_sample_value(
+        "memstore_http_request_duration_seconds_count", duration
+    )
+    assert timed == 2
+    lines = {getattr(r, "request_id", ""): r for r in caplog.records}
+    ok, no = lines["pre-ok"], lines["pre-no"]
+    assert (ok.method, ok.code) == ("OPTIONS /api/v2/users/{user_id}", 200)  # type: ignore[attr-defined]
+    assert (no.code, no.reason, no.fields) == (400, "CORS_NOT_ALLOWED", ["Origin"])  # type: ignore[attr-defined]
 
 
 def test_origins_are_origins_or_a_lone_star() -> None:
