@@ -306,12 +306,7 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
         _tune_collector()
         await server.start()
         log.info("memstore listening on %s:%d", config.host, port)
-        if config.purge_interval > 0:
-            purging = purge_periodically(config, store, PurgeMetrics(metrics.registry))
-            background.append(asyncio.create_task(purging))
-        stop_worker = _start_worker(config, store, embedder, background)
-        if store.vectors or store.word_recall:
-            background.append(asyncio.create_task(watch_queue(store)))
+        stop_worker = _start_background(config, store, embedder, metrics, background)
         watcher = asyncio.create_task(watch_database(store))
         serving.set()
         await stop.wait()
@@ -335,6 +330,24 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
                 await task
         await store.close()
     log.info("memstore stopped")
+
+
+def _start_background(
+    config: Config,
+    store: Store,
+    embedder: Embedder | None,
+    metrics: Metrics,
+    background: list[asyncio.Task[None]],
+) -> Callable[[], Awaitable[None]]:
+    """Starts what a serving process runs beside its calls, among `background`: the periodic
+    purge, the embedding worker and the watch on its queue; returns what stops the worker."""
+    if config.purge_interval > 0:
+        purging = purge_periodically(config, store, PurgeMetrics(metrics.registry))
+        background.append(asyncio.create_task(purging))
+    stop_worker = _start_worker(config, store, embedder, background)
+    if store.vectors or store.word_recall:
+        background.append(asyncio.create_task(watch_queue(store)))
+    return stop_worker
 
 
 def _start_worker(
