@@ -765,6 +765,16 @@ def _numbers(value: Any) -> Iterator[float]:
         yield value
 
 
+def test_watch_cost_times_both_sides_as_a_command() -> None:
+    # bench.watch_cost needs no database: asyncio tasks with and without the send-stall watch.
+    run = _run_module("bench.watch_cost", "--rounds", "2", "--calls", "200")
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    assert found["bare_us"] > 0 and found["watched_us"] > 0, found
+    assert math.isfinite(found["watch_us"]), found
+    assert [len(found["rounds_us"][side]) for side in ("bare", "watched")] == [2, 2], found
+
+
 async def test_queue_cost_runs_as_a_command_on_tiny_data(clean_db: str) -> None:
     run = _run_module(
         "bench.queue_cost", "--database-url", clean_db, "--rounds", "1", "--calls", "2"
