@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from server import settings
+from server.serving.connections import MAX_CONNECTIONS, MAX_CONNECTIONS_DEFAULT
 from server.serving.limit import MAX_CALLS_IN_FLIGHT
 from server.settings import (
     ANY,
@@ -92,6 +93,13 @@ def _calls(text: str) -> int:
     return value
 
 
+def _connections(text: str) -> int:
+    value = parse_positive(text)
+    if value > MAX_CONNECTIONS:
+        raise ValueError(f"must be at most {MAX_CONNECTIONS}, not {value}")
+    return value
+
+
 # -- the declaration ------------------------------------------------------------------------
 
 
@@ -139,6 +147,14 @@ class SecurityConfig:
         "apart; more answer RESOURCE_EXHAUSTED at once",
         env="MEMSTORE_MAX_CALLS_IN_FLIGHT",
         parse=_calls,
+        metavar="N",
+    )
+    max_connections: int = setting(
+        MAX_CONNECTIONS_DEFAULT,
+        "connections one serving process keeps open on each port; more are refused at once "
+        "(gRPC: closed, the caller sees UNAVAILABLE; HTTP: 429 SERVER_OVERLOADED)",
+        env="MEMSTORE_MAX_CONNECTIONS",
+        parse=_connections,
         metavar="N",
     )
     send_stall_timeout: float = setting(

@@ -39,9 +39,11 @@ from server.errors import (
     MemstoreError,
     RequestHeadTooLarge,
     RequestTimeout,
+    ResourceExhausted,
     UrlTooLong,
 )
 from server.rest.error_body import error_body
+from server.serving.connections import MAX_CONNECTIONS
 from server.serving.observability import REQUEST_ID_KEY
 
 #: The most bytes of a request's head (request line and headers) before it is refused; Zep's
@@ -154,9 +156,21 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         #: The refusal a parser callback raised _Refused for (send_400_response answers it).
         self._refusal: MemstoreError | None = None
 
+    #: Connections this process keeps open on the port (--max-connections): one more is
+    #: answered SERVER_OVERLOADED and closed as it is made (bounded_protocol sets it).
+    max_connections = MAX_CONNECTIONS
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # counts it in self.connections
         self._arm_head_timer()
+        if len(self.connections) > self.max_connections:
+            self._refuse(
+                ResourceExhausted(
+                    f"server overloaded: {self.max_connections} connections are open "
+                    "(--max-connections); retry with backoff",
+                    reason="SERVER_OVERLOADED",
+                )
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
@@ -357,14 +371,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # The request line's method, once httptools has read it (one of its fixed list, so
         # a bounded label); "" when the bytes refused came before the target or were no
         # request: the parser then names its first method, DELETE, for none.
-        if not self.url:  # uvicorn empties it at each request's start
+        # uvicorn empties it at each request's start, and makes it at the first one's: a
+        # connection refused as it is made (--max-connections) has none.
+        if not getattr(self, "url", b""):
             return ""
         return str(self.parser.get_method().decode("ascii", "replace"))
 
 
-def bounded_protocol(on_refused: OnRefused) -> type[BoundedHttpProtocol]:
-    """BoundedHttpProtocol telling `on_refused` of each refusal it answers (uvicorn makes
-    one protocol per connection from a class, so the callback is the class's)."""
+def bounded_protocol(
+    on_refused: OnRefused, max_connections: int = MAX_CONNECTIONS
+) -> type[BoundedHttpProtocol]:
+    """BoundedHttpProtocol telling `on_refused` of each refusal it answers, and keeping at
+    most `max_connections` open (uvicorn makes one protocol per connection from a class, so
+    both are the class's)."""
 
     class Telling(BoundedHttpProtocol):
         def refused(
@@ -372,4 +391,5 @@ def bounded_protocol(on_refused: OnRefused) -> type[BoundedHttpProtocol]:
         ) -> None:
             on_refused(error, method, peer, elapsed, rid)
 
+    Telling.max_connections = max_connections
     return Telling

@@ -163,7 +163,7 @@ def http_server(config: Config, app: RestApp) -> HttpServer:
         access_log=False,  # server/rest/app.py writes memstore's own access lines
         server_header=False,
         # The refusals the connection answers itself are counted and logged by the app.
-        http=bounded_protocol(app.refused_unread),
+        http=bounded_protocol(app.refused_unread, config.security.max_connections),
         timeout_graceful_shutdown=max(int(config.grace_period), 1),
         **_tls(config.security),
     )

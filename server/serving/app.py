@@ -108,7 +108,8 @@ async def _build(
             # RESOURCE_EXHAUSTED, SERVER_OVERLOADED (tests/grpc/test_burst.py).
             ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
-            *grpc_options(),  # streams per connection, idle connections closed
+            # --max-connections; streams per connection; idle connections closed
+            *grpc_options(config.security.max_connections),
         ],
     )
     wrap, stall = wrapping.service, limit.send_stall
@@ -272,7 +273,9 @@ def _tune_collector() -> None:
 
 
 async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) -> None:
-    prepare_descriptors()
+    prepare_descriptors(
+        config.security.max_connections, 2 if config.http else 1, config.pool_max_size
+    )
     host = source(config, "host")
     if config.port:
         probe_port(config.host, config.port, flag=source(config, "port"), host_flag=host)

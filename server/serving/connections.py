@@ -1,6 +1,7 @@
-"""What bounds gRPC's connections: idle ones closed (a server option) and, for the process,
-file descriptors raised to the hard limit and the accept loop's out-of-descriptors errors
-logged at most once a period. Streams per connection are not limited: with
+"""What bounds the connections: at most --max-connections on each port (gRPC's by a server
+option, HTTP's in rest/protocol.py), idle gRPC ones closed (a server option) and, for the
+process, file descriptors raised to the hard limit and the accept loop's out-of-descriptors
+errors logged at most once a period. Streams per connection are not limited: with
 grpc.max_concurrent_streams at 1,000, 504 of tests/grpc/test_burst.py's 1,500 calls on one
 new connection got UNAVAILABLE where the cap answers overload (docs/reliability.md)."""
 
@@ -17,15 +18,25 @@ log = logging.getLogger(__name__)
 #: Milliseconds a connection with no call open is kept: then the server sends GOAWAY and
 #: closes it; gRPC clients reconnect on their next call.
 CONNECTION_IDLE_MS = 5 * 60 * 1000
+#: Connections one serving process keeps open on each port unless told (--max-connections):
+#: the two ports' together stay under a hard open-files limit of 20,000 with room for the pool.
+MAX_CONNECTIONS_DEFAULT = 4096
+#: The most --max-connections accepts (gRPC's option is a C int; far past any descriptor limit).
+MAX_CONNECTIONS = 1_000_000
+#: Descriptors a serving process needs besides its clients' connections: the pool's
+#: connections, the listening sockets, logs, the embedded PostgreSQL's pipes.
+_OWN_DESCRIPTORS = 256
 #: Seconds between two log records of the accept loop running out of file descriptors.
 ACCEPT_ERROR_PERIOD = 10.0
 
 
-def grpc_options() -> list[tuple[str, Any]]:
-    """The grpc.aio server's options that bound its connections
+def grpc_options(max_connections: int) -> list[tuple[str, Any]]:
+    """The grpc.aio server's options that bound its connections: a connection past
+    `max_connections` is closed as it is accepted, before its handshake
     (tests/reliability/test_connections.py)."""
     return [
         ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
+        ("grpc.max_allowed_incoming_connections", max_connections),
     ]
 
 
@@ -85,7 +96,17 @@ def quiet_accept_errors() -> None:
     loop.set_exception_handler(AcceptErrors(loop))
 
 
-def prepare_descriptors() -> None:
-    """At the start of serving: the open files limit raised, accept errors rate-limited."""
-    raise_open_files_limit()
+def prepare_descriptors(max_connections: int, ports: int, pool_size: int) -> None:
+    """At the start of serving: the open files limit raised, accept errors rate-limited, and
+    a warning when the limit is below what `max_connections` on each of `ports` admits (then
+    the limit, not the setting, is what runs out first, for the pool's connections too)."""
+    limit = raise_open_files_limit()
+    needed = max_connections * ports + pool_size + _OWN_DESCRIPTORS
+    if limit < needed:
+        log.warning(
+            "the open files limit (%d) is below what --max-connections %d admits on %d "
+            "port(s) with a pool of %d (%d): lower --max-connections or raise the limit "
+            "(ulimit -Hn), or new connections and the pool's may fail for want of descriptors",
+            limit, max_connections, ports, pool_size, needed,
+        )  # fmt: skip
     quiet_accept_errors()

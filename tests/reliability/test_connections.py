@@ -1,20 +1,27 @@
-"""What bounds gRPC's connections: idle connections closed, the
-process's open files limit, and the accept loop's errors while it is out of descriptors."""
+"""What bounds the connections: at most --max-connections on each port, idle gRPC
+connections closed, the process's open files limit, and the accept loop's errors while it is
+out of descriptors."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
+import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import Config
 from server.serving import connections
 from server.serving.app import build_server
 from server.store import Store
+from tests.processes import free_port, serve_memstore, stop_memstore
 from tests.raw_h2 import WindowShut
 
 
@@ -73,3 +80,111 @@ async def test_accept_errors_are_logged_once_a_period_with_a_count(
         assert others == ["something else"]
     finally:
         loop.set_exception_handler(None)
+
+
+def _http_get(sock: socket.socket) -> bytes:
+    """Sends GET /healthz on a kept-alive connection; returns what came back within 10 s."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: memstore\r\n\r\n")
+    return _read_answer(sock)
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+         if line.lower().startswith(b"content-length:")),
+        0,
+    )  # fmt: skip
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _checked(port: int) -> grpc.Channel:
+    # Its own connection (no shared subchannel), made and proven by a health check.
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return channel
+
+
+def test_connections_past_max_connections_are_refused_on_both_ports(clean_db: str) -> None:
+    http_port = free_port()
+    proc, port = serve_memstore(
+        "--max-connections", "2", "--http-port", str(http_port), "--purge-interval", "0",
+        env={**os.environ, "DATABASE_URL": clean_db},
+    )  # fmt: skip
+    held: list[grpc.Channel] = []
+    sockets: list[socket.socket] = []
+    try:
+        time.sleep(0.5)  # serve_memstore's own health channel is closed: let the server see it
+        held = [_checked(port), _checked(port)]
+        # A third connection is closed as it is accepted: its call fails at once.
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as third:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(third).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        # The two held connections still serve; once one is gone, a new one is taken in.
+        health_pb2_grpc.HealthStub(held[1]).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        held.pop(0).close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                held.append(_checked(port))
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "no connection taken in after one closed"
+                time.sleep(0.2)
+
+        # The HTTP port: two kept-alive connections answered, a third told why and closed.
+        sockets = [socket.create_connection(("127.0.0.1", http_port)) for _ in range(2)]
+        for sock in sockets:
+            assert _http_get(sock).startswith(b"HTTP/1.1 200"), "a held connection not served"
+        with socket.create_connection(("127.0.0.1", http_port)) as third_http:
+            answer = _read_answer(third_http)
+            assert answer.startswith(b"HTTP/1.1 429"), answer
+            assert b"SERVER_OVERLOADED" in answer and b"--max-connections" in answer, answer
+            assert third_http.recv(1) == b"", "the refused connection was left open"
+        assert _http_get(sockets[1]).startswith(b"HTTP/1.1 200")
+        sockets.pop(0).close()
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.create_connection(("127.0.0.1", http_port)) as again:
+                if _http_get(again).startswith(b"HTTP/1.1 200"):
+                    break
+            assert time.monotonic() < deadline, "no HTTP connection taken in after one closed"
+            time.sleep(0.2)
+    finally:
+        for sock in sockets:
+            sock.close()
+        for channel in held:
+            channel.close()
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+
+
+def test_an_open_files_limit_below_what_the_caps_admit_is_warned_of(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(connections, "quiet_accept_errors", lambda: None)
+    monkeypatch.setattr(connections, "raise_open_files_limit", lambda: 5000)
+    with caplog.at_level(logging.WARNING, logger=connections.__name__):
+        connections.prepare_descriptors(2000, 2, 20)  # 4,000 + 20 + 256: fits
+        assert not caplog.records
+        connections.prepare_descriptors(4096, 2, 20)  # 8,192 + 276: does not
+    (record,) = caplog.records
+    assert "open files limit (5000)" in record.getMessage()
+    assert "--max-connections 4096" in record.getMessage()
