@@ -165,12 +165,32 @@ def test_retries_stop_after_max_attempts(client, channel, pool):
         future.result(timeout=5)
 
 
-def test_writes_without_idempotency_are_not_retried(client, channel, pool):
-    future = _call(pool, client.user.add, "alice")
-    _, request, rpc = _take(channel, USERS, "CreateUser")
-    assert request.user_id == "alice"
+#: Every write the client sends once (docs/clients.md, "Retries"): its call, arguments and RPC.
+_ONCE = {
+    "CreateUser": (lambda c: c.user.add, ("alice",), USERS),
+    "UpdateUser": (lambda c: c.user.update, ("alice",), USERS),
+    "DeleteUser": (lambda c: c.user.delete, ("alice",), USERS),
+    "CreateSession": (lambda c: c.memory.add_session, ("s1",), SESSIONS),
+    "UpdateSession": (lambda c: c.memory.update_session, ("s1", {"a": 1}), SESSIONS),
+    "DeleteSession": (lambda c: c.memory.delete, ("s1",), SESSIONS),
+    "UndeleteSession": (lambda c: c.memory.undelete_session, ("s1",), SESSIONS),
+    "UpdateMessage": (
+        lambda c: c.memory.update_message,
+        ("s1", "0b5e3c1a-9f8d-4c2e-b7a6-1d2e3f405162", {"a": 1}),
+        SESSIONS,
+    ),
+    "ClearMemory": (lambda c: c.memory.clear, ("s1",), SESSIONS),
+}
+
+
+@pytest.mark.parametrize("rpc_name", sorted(_ONCE))
+def test_writes_without_idempotency_are_not_retried(client, channel, pool, rpc_name):
+    method, args, service = _ONCE[rpc_name]
+    future = _call(pool, method(client), *args)
+    _, _, rpc = _take(channel, service, rpc_name)
     rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "down")
-    # One attempt only: the lost call may have committed, and nothing tells a retry so.
+    # One attempt only: the lost call may have committed, and nothing tells a retry so (a
+    # second attempt would never be answered here, and the result would time out).
     with pytest.raises(Unavailable):
         future.result(timeout=5)
 
