@@ -37,7 +37,7 @@ run: $(STAMP)
 test: $(STAMP) $(SDK_STAMPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## Only the unit tier (marked `unit`: no database, no server process), in seconds.
+## Only the unit tier (marked `unit`: no database, no server process), about a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 

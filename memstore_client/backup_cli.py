@@ -67,7 +67,13 @@ def add_parsers(commands: Any, connection: Callable[[argparse.ArgumentParser], N
     )
     backup = commands.add_parser("backup", help=text, description=text)
     backup.add_argument("-o", "--output", type=Path, required=True, help="the backup file")
-    backup.add_argument("--chunk-size", type=int, default=500)
+    backup.add_argument(
+        "--chunk-size",
+        type=int,
+        default=500,
+        help="rows per streamed chunk (default 500; the server sends at most 1000, and ends "
+        "a chunk at 256 KiB)",
+    )
     backup.add_argument(
         "--resume", action="store_true", help="go on from the last checkpoint of --output"
     )

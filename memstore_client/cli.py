@@ -48,7 +48,13 @@ def add_parsers(commands: Any) -> None:
     export = commands.add_parser("export", help=text, description=text)
     export.add_argument("kind", choices=KINDS)
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    export.add_argument("--chunk-size", type=int, default=500)
+    export.add_argument(
+        "--chunk-size",
+        type=int,
+        default=500,
+        help="rows per streamed chunk (default 500; the server sends at most 1000, and ends "
+        "a chunk at 256 KiB)",
+    )
     export.add_argument(
         "--page-token",
         default="",
