@@ -232,6 +232,7 @@ async def test_filters_role_types_metadata_and_time(users, sessions):
         ({"text": "a", "mmr_lambda": 0.5, "search_type": FULL_TEXT}, "mmr_lambda"),
         ({"text": "a", "role_types": [42]}, "role_types[0]"),
         ({"text": "a", "session_ids": ["ok", ""]}, "session_ids[1]"),
+        ({"text": "a", "session_ids": [f"s{i}" for i in range(101)]}, "session_ids"),
         ({"text": "a\x00b"}, "text"),
     ],
 )
@@ -241,6 +242,14 @@ async def test_bad_search_requests_name_the_field(sessions, request_fields, fiel
         Code.INVALID_ARGUMENT,
         field=field,
     )
+
+
+async def test_a_search_over_100_sessions_is_served(sessions):
+    # At the limit of session_ids (one past it is refused, above): none of them exists.
+    found = await sessions.SearchMemory(
+        ss.SearchMemoryRequest(text="pasta", session_ids=[f"s{i}" for i in range(100)])
+    )
+    assert list(found.results) == []
 
 
 async def test_time_range_must_be_ordered(sessions):
