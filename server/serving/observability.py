@@ -146,7 +146,9 @@ def _only_metrics(app: Any) -> Any:
 #: psycopg_pool's statistics that only grow from the pool's start (its get_stats, which the
 #: store reads, never resets them): counters, so that rate() and increase() apply. The
 #: others (pool_min, pool_max, pool_size, pool_available, requests_waiting) are levels, and
-#: a statistic a later psycopg_pool adds stays a gauge until it is named here.
+#: a statistic a later psycopg_pool adds stays a gauge until it is named here. get_stats
+#: leaves a counter out until its first event: each is exposed from the first scrape, at 0
+#: until then (a series that appears late hides its first increase from rate()).
 _POOL_COUNTERS = frozenset(
     {
         "requests_num", "requests_queued", "requests_wait_ms", "requests_errors", "usage_ms",
@@ -163,7 +165,8 @@ class _PoolCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterable[Metric]:
-        for name, value in sorted(self._stats().items()):
+        stats = dict.fromkeys(_POOL_COUNTERS, 0) | self._stats()
+        for name, value in sorted(stats.items()):
             family = CounterMetricFamily if name in _POOL_COUNTERS else GaugeMetricFamily
             yield family(f"memstore_db_pool_{name}", f"psycopg_pool statistic {name}.", value=value)
 

@@ -134,8 +134,9 @@ class Store(
         self._health.add_listener(listener)
 
     def pool_stats(self) -> dict[str, int]:
-        """psycopg_pool's counters (pool_size, pool_available, requests_waiting, ...)."""
-        return dict(self._pool.get_stats())
+        """psycopg_pool's statistics (pool_size, pool_available, requests_waiting, ...), with
+        usage_ms, the milliseconds calls have held connections, counted by the store."""
+        return {**self._pool.get_stats(), "usage_ms": int(self.held_seconds * 1000)}
 
 
 def _check_conninfo(conninfo: str) -> None:
