@@ -20,7 +20,7 @@ ROLE_TYPES = ("user", "assistant", "system", "tool", "function", "norole")
 #: Control characters (C0, DEL, C1) and the line and paragraph separators U+2028 and U+2029,
 #: which break a line as \n does wherever Unicode's line breaks are honoured (Python's
 #: splitlines, most renderers, log shippers) but are no control characters: refused in names
-#: (api/validation.py), escaped in text log lines (serving/observability.py).
+#: (api/validation.py), escaped in text log lines (serving/log_format.py).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: What PostgreSQL's exported snapshot ids look like (a virtual transaction id and a
 #: counter, `00000003-0000001B-1`): BackupService's snapshots; anything else is refused

@@ -42,7 +42,9 @@ from server.serving.grpc_health import (
 )
 from server.serving.handlers import WrappingServer
 from server.serving.limit import CallLimit
-from server.serving.observability import Metrics, Observer, quiet_ended_call_writes
+from server.serving.log_format import quiet_ended_call_writes
+from server.serving.metrics import Metrics
+from server.serving.observability import Observer
 from server.serving.ports import probe_port
 from server.serving.purge import PurgeMetrics, purge_periodically
 from server.serving.reflection import enable_reflection

@@ -7,7 +7,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.rest.app import HttpMetrics
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 
 
 def _families(metrics: Metrics) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
