@@ -48,7 +48,7 @@ JsonObject = dict[str, Any]
 
 def _stored_int(text: str) -> int | float:
     # An integer of stored JSON past +-2^53 was a double: no request stores such an integer
-    # (REST refuses one, validation.INEXACT_INTEGER; a Struct's numbers are doubles), and
+    # (REST refuses one, metadata_checks.INEXACT_INTEGER; a Struct's numbers are doubles), and
     # jsonb prints a double in full decimal (1.5e300 as 301 digits).
     value = int(text)
     return value if -MAX_EXACT_INT <= value <= MAX_EXACT_INT else float(value)

@@ -1,7 +1,8 @@
 """Reading a REST request: its JSON body and query values, each bad one named by its field.
 
-The checks themselves are the gRPC API's (server/api/validation.py): metadata goes through
-the same Struct walk, so size, depth, NUL and number rules are identical on both ports. What
+The checks themselves are the gRPC API's (server/api/validation.py, metadata_checks.py):
+metadata goes through the same Struct walk, so size, depth, NUL and number rules are
+identical on both ports. What
 JSON allows and a Struct cannot hold is refused here, naming its path: a key given twice in
 one object (the last won, silently), an integer beyond +-2^53 (a double rounds it).
 """
@@ -17,6 +18,7 @@ from google.protobuf import struct_pb2
 from starlette.requests import Request
 
 from server import off_loop
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.domain import MAX_EXACT_INT, MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
@@ -275,11 +277,11 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     problem = _shape_problem(value, MAX_METADATA_DEPTH + 1)
     if problem is not None:
         if isinstance(problem, int):
-            v.add(_path_to(value, problem, field), val.INEXACT_INTEGER)
+            v.add(_path_to(value, problem, field), meta.INEXACT_INTEGER)
         elif problem:
             v.add(field, problem)
         else:
-            v.items.append(val.far_too_large(field))
+            v.items.append(meta.far_too_large(field))
         return None
     struct = struct_pb2.Struct()
     try:
@@ -287,17 +289,17 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     except (ValueError, TypeError, OverflowError) as exc:
         v.add(field, f"cannot be stored: {exc}")
         return None
-    return val.metadata(v, field, struct)
+    return meta.metadata(v, field, struct)
 
 
 def _shape_problem(value: Any, limit: int) -> str | int | None:
     """What makes `value` unfit before it is converted: nested deeper than `limit` (the
-    description), surely larger than val.SIZE_BOUND as JSON ("": far_too_large), an integer
+    description), surely larger than meta.SIZE_BOUND as JSON ("": far_too_large), an integer
     a double cannot hold exactly (that int, which a Struct would round), or None.
 
     Iterative: a hostile body nested thousands deep must not exhaust the stack. Stops once
     a lower bound of the JSON bytes passes the bound: converting a million tiny values to
-    learn the size held the event loop for seconds (val.SIZE_BOUND).
+    learn the size held the event loop for seconds (meta.SIZE_BOUND).
     """
     bound = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -307,7 +309,7 @@ def _shape_problem(value: Any, limit: int) -> str | int | None:
             return f"is nested more than {MAX_METADATA_DEPTH} levels of objects and arrays deep"
         if isinstance(item, dict | list):
             bound += 2 * max(len(item), 1)  # the brackets and a ", " between members
-            if bound > val.SIZE_BOUND:
+            if bound > meta.SIZE_BOUND:
                 return ""  # before pushing a million members
             if isinstance(item, dict):
                 bound += sum(len(key) + 4 for key in item)  # "key":_
@@ -320,7 +322,7 @@ def _shape_problem(value: Any, limit: int) -> str | int | None:
             bound += 1
             if type(item) is int and not -MAX_EXACT_INT <= item <= MAX_EXACT_INT:
                 return item
-        if bound > val.SIZE_BOUND:
+        if bound > meta.SIZE_BOUND:
             return ""
     return None
 

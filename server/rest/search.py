@@ -12,6 +12,7 @@ from starlette.responses import Response
 from memstore.v1 import session_service_pb2 as pb
 from server import off_loop
 from server.api import answer_size
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.api.search import search_query
 from server.domain import MAX_EXACT_INT, JsonObject, SearchOutcome
@@ -69,7 +70,7 @@ def _request(data: JsonObject, limit: int | None) -> tuple[pb.SearchMemoryReques
             "metadata contains these keys and values",
         )
     elif metadata:
-        val.check_filter_elements(v, "metadata", metadata)
+        meta.check_filter_elements(v, "metadata", metadata)
         request.metadata_contains.update(metadata)
     if data.get("record_filter"):
         v.add("record_filter", "is not served; filter by metadata containment with `metadata`")
