@@ -19,6 +19,7 @@ from server.domain import MAX_EXACT_INT, JsonObject, SearchOutcome
 from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
+from server.rest import params
 from server.rest.answers import json_answer
 from server.rest.routing import endpoint, project, services
 
@@ -104,7 +105,7 @@ def _number(v: val.Violations, data: JsonObject, name: str) -> float | None:
 
 
 async def _search(request: Request, data: JsonObject) -> tuple[SearchOutcome, float | None]:
-    limit = b.query_int(request, "limit", minimum=0)
+    limit = params.query_int(request, "limit", minimum=0)
     search, min_score = _request(data, limit)
     query = search_query(search)
     outcome = await services(request).searcher.search(
@@ -147,7 +148,7 @@ async def search_sessions(request: Request) -> Response:
 @endpoint
 async def search_one_session(request: Request) -> Response:
     """`POST /sessions/{id}/search` (1.x and zep-cloud): within one session, a flat list."""
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     data = await b.json_object(request)
     for name in ("user_id", "session_ids"):
         if data.get(name):
