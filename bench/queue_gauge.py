@@ -28,8 +28,8 @@ from psycopg import sql
 
 from bench import env
 from bench.rounds import add_database_url, in_turn, parser, spread
-from server.store.embeddings import QUEUE_COUNT_CAP
 from server.store.queries import query
+from server.store.reindex import QUEUE_COUNT_CAP
 
 BEFORE = sql.SQL(
     "SELECT count(*) AS queued, coalesce(extract(epoch FROM clock_timestamp()"

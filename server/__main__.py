@@ -28,7 +28,7 @@ from server.config import Config
 from server.errors import MemstoreError
 from server.search import commands as search_commands
 from server.serving.app import open_store, serve
-from server.serving.observability import configure_logging
+from server.serving.log_format import configure_logging
 from server.settings import ConfigError
 
 

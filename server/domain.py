@@ -20,7 +20,7 @@ ROLE_TYPES = ("user", "assistant", "system", "tool", "function", "norole")
 #: Control characters (C0, DEL, C1) and the line and paragraph separators U+2028 and U+2029,
 #: which break a line as \n does wherever Unicode's line breaks are honoured (Python's
 #: splitlines, most renderers, log shippers) but are no control characters: refused in names
-#: (api/validation.py), escaped in text log lines (serving/observability.py).
+#: (api/validation.py), escaped in text log lines (serving/log_format.py).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: What PostgreSQL's exported snapshot ids look like (a virtual transaction id and a
 #: counter, `00000003-0000001B-1`): BackupService's snapshots; anything else is refused
@@ -48,7 +48,7 @@ JsonObject = dict[str, Any]
 
 def _stored_int(text: str) -> int | float:
     # An integer of stored JSON past +-2^53 was a double: no request stores such an integer
-    # (REST refuses one, validation.INEXACT_INTEGER; a Struct's numbers are doubles), and
+    # (REST refuses one, metadata_checks.INEXACT_INTEGER; a Struct's numbers are doubles), and
     # jsonb prints a double in full decimal (1.5e300 as 301 digits).
     value = int(text)
     return value if -MAX_EXACT_INT <= value <= MAX_EXACT_INT else float(value)

@@ -14,7 +14,7 @@ import pytest
 
 from server.config import Config
 from server.serving.app import build_http
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.store import Store
 from tests.processes import ROOT, free_port, serve_memstore, stop_memstore
 

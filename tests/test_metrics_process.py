@@ -20,7 +20,7 @@ from memstore.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-from tests.processes import free_port, serve_memstore, stop_memstore
+from tests.processes import ROOT, free_port, serve_memstore, stop_memstore
 
 
 def _metrics(port: int) -> str:
@@ -48,6 +48,48 @@ def test_serve_exposes_metrics_and_writes_json_access_logs(clean_db: str) -> Non
     access = [json.loads(x) for x in out.splitlines() if '"memstore.access"' in x]
     create = [a for a in access if a.get("method", "").endswith("/CreateUser")]
     assert create and create[0]["code"] == "OK" and len(create[0]["request_id"]) == 32
+
+
+def _pool_series_in_readme() -> list[str]:
+    # The pool's series as README's "Metrics" paragraph lists them (gauges bare, counters with
+    # their _total), so that the list and the endpoint cannot drift apart.
+    text = (ROOT / "README.md").read_text()
+    listed = text.split("as `memstore_db_pool_*`:", 1)[1].split("tests/unit/", 1)[0]
+    names = dict.fromkeys(re.findall(r"`([a-z_]+)`", listed))  # in order, each once
+    return [f"memstore_db_pool_{name}" for name in names]
+
+
+def _sample(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found, f"{name} not in the scrape"
+    return float(found.group(1))
+
+
+def test_every_pool_series_is_there_from_the_first_scrape(clean_db: str) -> None:
+    # psycopg_pool's get_stats leaves a counter out until its first event (requests_errors,
+    # connections_errors, ... appeared only once something failed), and usage_ms always:
+    # psycopg_pool counts it only in its connection() block, which the store does not use.
+    series = _pool_series_in_readme()
+    assert len(series) == 15, series
+    metrics_port = free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db, "MEMSTORE_METRICS_PORT": str(metrics_port)}
+    proc, port = serve_memstore("--purge-interval", "0", "--metrics-host", "127.0.0.1", env=env)
+    try:
+        first = _metrics(metrics_port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            for n in range(20):
+                users.CreateUser(user_service_pb2.CreateUserRequest(user_id=f"u{n}"), timeout=10)
+        later = _metrics(metrics_port)
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+    for name in series:
+        _sample(first, name)
+    assert _sample(first, "memstore_db_pool_requests_errors_total") == 0
+    # The time calls held connections is measured, not a 0 that never moves.
+    used = "memstore_db_pool_usage_ms_total"
+    assert _sample(later, used) > _sample(first, used), (first, later)
 
 
 def test_each_worker_serves_its_own_metrics_port(clean_db: str) -> None:

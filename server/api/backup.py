@@ -10,6 +10,7 @@ from memstore.v1 import backup_service_pb2_grpc as pb_grpc
 from memstore.v1 import resources_pb2
 from memstore.v1 import session_service_pb2 as ss
 from server.api import convert
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import unary_errors
@@ -129,7 +130,7 @@ def _user(v: val.Violations, field: str, p: resources_pb2.User) -> tuple[str, Us
     val.check_id(v, f"{field}.user_id", p.user_id)
     for name in ("email", "first_name", "last_name"):
         val.check_text(v, f"{field}.{name}", getattr(p, name))
-    metadata = val.metadata(v, f"{field}.metadata", p.metadata)
+    metadata = meta.metadata(v, f"{field}.metadata", p.metadata)
     created, updated = _times(v, field, p)
     user = User(p.user_id, p.email, p.first_name, p.last_name, metadata, created, updated, 0)
     return field, user
@@ -143,7 +144,7 @@ def _session(v: val.Violations, field: str, p: resources_pb2.Session) -> tuple[s
             f"{field}.next_sequence",
             f"must be between 0 and 2^53 + 1 (got {p.next_sequence})",
         )
-    metadata = val.metadata(v, f"{field}.metadata", p.metadata)
+    metadata = meta.metadata(v, f"{field}.metadata", p.metadata)
     created, updated = _times(v, field, p)
     session = Session(
         session_id=p.session_id,
@@ -168,7 +169,7 @@ def _message(v: val.Violations, field: str, p: ss.ExportedMessage) -> tuple[str,
     val.check_text(v, f"{field}.message.role", m.role)
     role_type = val.role_type(v, f"{field}.message.role_type", m.role_type)
     val.check_content(v, f"{field}.message.content", m.content)
-    metadata = val.metadata(v, f"{field}.message.metadata", m.metadata)
+    metadata = meta.metadata(v, f"{field}.message.metadata", m.metadata)
     created, updated = _times(v, f"{field}.message", m)
     message = Message(
         uuid=uuid,

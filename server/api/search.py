@@ -10,6 +10,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from memstore.v1 import session_service_pb2 as pb
 from server import off_loop
 from server.api import answer_size, convert
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import unary_errors
@@ -97,7 +98,7 @@ def search_query(request: pb.SearchMemoryRequest) -> SearchQuery:
     roles = tuple(
         val.role_type(v, f"role_types[{i}]", value) for i, value in enumerate(request.role_types)
     )
-    contains = val.containment(v, "metadata_contains", request.metadata_contains)
+    contains = meta.containment(v, "metadata_contains", request.metadata_contains)
     after = _bound(v, request, "created_after")
     before = _bound(v, request, "created_before")
     val.time_range(v, "created_after", after, "created_before", before)

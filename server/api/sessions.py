@@ -12,6 +12,7 @@ from memstore.v1 import session_service_pb2 as pb
 from memstore.v1 import session_service_pb2_grpc as pb_grpc
 from server import off_loop
 from server.api import answer_size, convert, tokens
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.export import ExportServicer
@@ -56,7 +57,7 @@ class SessionServicer(  # type: ignore[misc]
         v = val.Violations()
         val.check_id(v, "session_id", request.session_id, required=False)
         val.check_id(v, "user_id", request.user_id, required=False)
-        metadata = val.metadata(v, "metadata", request.metadata)
+        metadata = meta.metadata(v, "metadata", request.metadata)
         v.raise_if_any()
         session = await self._store.create_session(
             self._project(context),
@@ -279,7 +280,7 @@ def _metadata_update(
     # The same rule for sessions and messages: with a mask naming "metadata", replace it
     # (clear it when empty); without a mask, merge when metadata is set; else no change.
     paths = val.update_mask(v, request.update_mask, _METADATA_ONLY)
-    patch = val.metadata(v, "metadata", request.metadata)
+    patch = meta.metadata(v, "metadata", request.metadata)
     if paths is not None:
         return metadata_change(patch) if "metadata" in paths else None
     return MetadataChange(patch) if request.HasField("metadata") else None
@@ -299,7 +300,7 @@ def _session_query(v: val.Violations, request: pb.ListSessionsRequest) -> Sessio
         v, "updated_after", bounds["updated_after"], "updated_before", bounds["updated_before"]
     )
     contains = (
-        val.containment(v, "metadata_contains", request.metadata_contains)
+        meta.containment(v, "metadata_contains", request.metadata_contains)
         if request.HasField("metadata_contains")
         else None
     )
@@ -369,7 +370,7 @@ def _new_messages(v: val.Violations, request: pb.AddMemoryRequest) -> list[NewMe
         val.check_name(v, f"{prefix}.role", message.role)
         role_type = val.role_type(v, f"{prefix}.role_type", message.role_type)
         val.check_content(v, f"{prefix}.content", message.content)
-        metadata = val.metadata(v, f"{prefix}.metadata", message.metadata)
+        metadata = meta.metadata(v, f"{prefix}.metadata", message.metadata)
         message_uuid = _message_uuid(v, f"{prefix}.uuid", message.uuid, i, first_of)
         messages.append(
             NewMessage(message.role, role_type, message.content, metadata, message_uuid)

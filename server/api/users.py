@@ -9,6 +9,7 @@ from memstore.v1 import user_service_pb2 as pb
 from memstore.v1 import user_service_pb2_grpc as pb_grpc
 from server import off_loop
 from server.api import answer_size, chunking, convert, tokens
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import stream_errors, unary_errors
@@ -35,7 +36,7 @@ class UserServicer(ServicerBase, pb_grpc.UserServiceServicer):
         val.check_id(v, "user_id", request.user_id)
         for name in ("email", "first_name", "last_name"):
             val.check_name(v, name, getattr(request, name))
-        metadata = val.metadata(v, "metadata", request.metadata)
+        metadata = meta.metadata(v, "metadata", request.metadata)
         v.raise_if_any()
         user = await self._store.create_user(
             self._project(context),
@@ -178,7 +179,7 @@ def _user_changes(request: pb.UpdateUserRequest) -> UserChanges:
     mask = val.update_mask(v, request.update_mask, _USER_FIELDS)
     for name in ("email", "first_name", "last_name"):
         val.check_name(v, name, getattr(request, name))
-    metadata = val.metadata(v, "metadata", request.metadata)
+    metadata = meta.metadata(v, "metadata", request.metadata)
     v.raise_if_any()
     if mask is None:
         return UserChanges(

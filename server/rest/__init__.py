@@ -13,7 +13,7 @@ from server.rest.serve import HttpServer, http_server
 from server.search.service import Searcher
 from server.serving.auth import Authenticator
 from server.serving.limit import CallLimit
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.store import Store
 
 

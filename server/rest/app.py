@@ -29,7 +29,9 @@ from server.rest.media import ENCODING_REASON
 from server.rest.paths import routing_path
 from server.serving.auth import Authenticator
 from server.serving.limit import CallLimit
-from server.serving.observability import LATENCY_BUCKETS, REQUEST_ID_KEY, Metrics, request_id
+from server.serving.log_format import request_id
+from server.serving.metrics import LATENCY_BUCKETS, Metrics
+from server.serving.observability import REQUEST_ID_KEY
 
 log = logging.getLogger("memstore.access")
 #: Where a route (or the refusal before routing) leaves the domain error it answered with.

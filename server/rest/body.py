@@ -1,9 +1,11 @@
-"""Reading a REST request: its JSON body and query values, each bad one named by its field.
+"""Reading a REST request's JSON body, each bad member named by its field (its query and
+path values: params.py).
 
-The checks themselves are the gRPC API's (server/api/validation.py): metadata goes through
-the same Struct walk, so size, depth, NUL and number rules are identical on both ports. What
-JSON allows and a Struct cannot hold is refused here, naming its path: a key given twice in
-one object (the last won, silently), an integer beyond +-2^53 (a double rounds it).
+The checks themselves are the gRPC API's (server/api/validation.py, metadata_checks.py):
+metadata goes through the same Struct walk, so size, depth, NUL and number rules are
+identical on both ports. What JSON allows and a Struct cannot hold is refused here, naming
+its path: a key given twice in one object (the last won, silently), an integer beyond
++-2^53 (a double rounds it).
 """
 
 from __future__ import annotations
@@ -17,22 +19,16 @@ from google.protobuf import struct_pb2
 from starlette.requests import Request
 
 from server import off_loop
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.domain import MAX_EXACT_INT, MAX_METADATA_DEPTH, JsonObject
 from server.errors import InvalidArgument
 from server.rest.media import check_json_body
-from server.rest.paths import path_value
 
 T = TypeVar("T")
 
-#: The largest integer a query value may hold: gRPC's int32, which the same fields are there.
-MAX_QUERY_INT = 2**31 - 1
 #: A \\uD800-\\uDFFF escape: JSON may spell a lone surrogate, which is no Unicode text.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-#: A whole number in a query value: an optional sign and ASCII digits.
-_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
-#: Significant digits a query number may have to be read: int64's 19.
-_MAX_QUERY_DIGITS = 19
 
 _JSON_TYPES = {
     dict: "an object",
@@ -206,24 +202,25 @@ def _lone_surrogate(value: JsonObject) -> str | None:
         item, path = stack.pop()
         if isinstance(item, dict):
             for key, child in item.items():
-                if _has_surrogate(key):
+                if has_surrogate(key):
                     return path or "body"
                 if type(child) is str:
-                    if _has_surrogate(child):
+                    if has_surrogate(child):
                         return f"{path}.{key}" if path else key
                 elif child and isinstance(child, dict | list):
                     stack.append((child, f"{path}.{key}" if path else key))
         else:
             for i, child in enumerate(item):
                 if type(child) is str:
-                    if _has_surrogate(child):
+                    if has_surrogate(child):
                         return f"{path}[{i}]"
                 elif child and isinstance(child, dict | list):
                     stack.append((child, f"{path}[{i}]"))
     return None
 
 
-def _has_surrogate(text: str) -> bool:
+def has_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate: no Unicode text, and no UTF-8 either."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -275,11 +272,11 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     problem = _shape_problem(value, MAX_METADATA_DEPTH + 1)
     if problem is not None:
         if isinstance(problem, int):
-            v.add(_path_to(value, problem, field), val.INEXACT_INTEGER)
+            v.add(_path_to(value, problem, field), meta.INEXACT_INTEGER)
         elif problem:
             v.add(field, problem)
         else:
-            v.items.append(val.far_too_large(field))
+            v.items.append(meta.far_too_large(field))
         return None
     struct = struct_pb2.Struct()
     try:
@@ -287,17 +284,17 @@ def metadata(v: val.Violations, value: Any, field: str) -> JsonObject | None:
     except (ValueError, TypeError, OverflowError) as exc:
         v.add(field, f"cannot be stored: {exc}")
         return None
-    return val.metadata(v, field, struct)
+    return meta.metadata(v, field, struct)
 
 
 def _shape_problem(value: Any, limit: int) -> str | int | None:
     """What makes `value` unfit before it is converted: nested deeper than `limit` (the
-    description), surely larger than val.SIZE_BOUND as JSON ("": far_too_large), an integer
+    description), surely larger than meta.SIZE_BOUND as JSON ("": far_too_large), an integer
     a double cannot hold exactly (that int, which a Struct would round), or None.
 
     Iterative: a hostile body nested thousands deep must not exhaust the stack. Stops once
     a lower bound of the JSON bytes passes the bound: converting a million tiny values to
-    learn the size held the event loop for seconds (val.SIZE_BOUND).
+    learn the size held the event loop for seconds (meta.SIZE_BOUND).
     """
     bound = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -307,7 +304,7 @@ def _shape_problem(value: Any, limit: int) -> str | int | None:
             return f"is nested more than {MAX_METADATA_DEPTH} levels of objects and arrays deep"
         if isinstance(item, dict | list):
             bound += 2 * max(len(item), 1)  # the brackets and a ", " between members
-            if bound > val.SIZE_BOUND:
+            if bound > meta.SIZE_BOUND:
                 return ""  # before pushing a million members
             if isinstance(item, dict):
                 bound += sum(len(key) + 4 for key in item)  # "key":_
@@ -320,7 +317,7 @@ def _shape_problem(value: Any, limit: int) -> str | int | None:
             bound += 1
             if type(item) is int and not -MAX_EXACT_INT <= item <= MAX_EXACT_INT:
                 return item
-        if bound > val.SIZE_BOUND:
+        if bound > meta.SIZE_BOUND:
             return ""
     return None
 
@@ -340,100 +337,3 @@ def _path_to(value: JsonObject, target: int, root: str) -> str:
             if isinstance(child, dict | list):
                 stack.append((child, where))
     return root
-
-
-def query_value(request: Request, name: str) -> str | None:
-    """A query parameter's one value; None when absent.
-
-    Raises:
-        InvalidArgument: the parameter is given more than once (`?limit=1&limit=2` was read
-            as its last value, silently), naming it.
-    """
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise InvalidArgument.field(name, f"is given {len(values)} times; give it once")
-    return values[0] if values else None
-
-
-def query_int(
-    request: Request,
-    name: str,
-    *,
-    minimum: int | None = None,
-    maximum: int = MAX_QUERY_INT,
-    alias: str | None = None,
-) -> int | None:
-    """An integer query value; None when absent or empty (`?cursor=` means absent).
-
-    Raises:
-        InvalidArgument: not a whole number, below `minimum` or above `maximum` (by default
-            2^31 - 1, as the int32 fields of gRPC), naming the parameter.
-    """
-    text = query_value(request, name)
-    if alias is not None and (other := query_value(request, alias)):
-        # Both given: one was silently dropped, whichever they said (an audit).
-        if text:
-            raise InvalidArgument.field(alias, f"is given beside {name}: give one of the two")
-        text, name = other, alias
-    if not text:
-        return None
-    # ASCII digits only: int() also reads "1_0", other scripts' digits and spaces around.
-    if _WHOLE_NUMBER.fullmatch(text) is None:
-        raise InvalidArgument.field(name, f"{text[:64]!r} is not a whole number")
-    # Digits past int64's are out of every range here: not read, as int() refuses more
-    # than 4300 of them, leading zeros included (a ValueError, which answered 500).
-    digits = text.lstrip("+-").lstrip("0") or "0"
-    if len(digits) > _MAX_QUERY_DIGITS:
-        lowest = -maximum - 1 if minimum is None else minimum
-        bound = f"at least {lowest}" if text[0] == "-" else f"at most {maximum}"
-        raise InvalidArgument.field(name, f"must be {bound} (got {text[:64]})")
-    number = -int(digits) if text[0] == "-" else int(digits)
-    if minimum is not None and number < minimum:
-        raise InvalidArgument.field(name, f"must be at least {minimum} (got {number})")
-    if number > maximum:
-        raise InvalidArgument.field(name, f"must be at most {maximum} (got {text[:64]})")
-    return number
-
-
-def query_bool(request: Request, name: str) -> bool | None:
-    """A boolean query value of a Zep route: what Go's strconv.ParseBool reads (1, t, T,
-    TRUE, true, True, 0, f, F, FALSE, false, False), in any case; None when absent or empty.
-
-    Raises:
-        InvalidArgument: any other text, naming the parameter.
-    """
-    text = query_value(request, name)
-    if not text:
-        return None
-    lowered = text.lower()
-    if lowered in ("true", "t", "1"):
-        return True
-    if lowered in ("false", "f", "0"):
-        return False
-    raise InvalidArgument.field(name, f"{text[:64]!r} is not true or false")
-
-
-def path_id(request: Request, name: str) -> str:
-    """An id from the path (already percent-decoded), checked as gRPC checks ids.
-
-    Raises:
-        InvalidArgument: the id breaks the id rules, naming it.
-    """
-    value = path_text(request, name)
-    v = val.Violations()
-    val.check_id(v, name, value)
-    v.raise_if_any()
-    return value
-
-
-def path_text(request: Request, name: str) -> str:
-    """A path parameter as the caller sent it, "/" (%2F) included (server/rest/paths.py:
-    routing_path).
-
-    Raises:
-        InvalidArgument: its bytes are not UTF-8, naming it.
-    """
-    value = path_value(str(request.path_params[name]))
-    if _has_surrogate(value):
-        raise InvalidArgument.field(name, "is not valid UTF-8 once percent-decoded")
-    return value

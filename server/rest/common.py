@@ -26,6 +26,7 @@ from server.domain import (
 from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
+from server.rest import params
 from server.rest.answers import json_answer, json_bytes
 from server.rest.stream import JsonArrayStream
 from server.store import Store
@@ -247,9 +248,9 @@ def numbered_window(
         InvalidArgument: a bad page number or size (page_size says which), naming it.
     """
     number_alias, size_alias = aliases or (None, None)
-    page = b.query_int(request, number, minimum=1, alias=number_alias)
+    page = params.query_int(request, number, minimum=1, alias=number_alias)
     count = page_size(request, size, alias=size_alias)
-    field = size_alias if size_alias and b.query_value(request, size_alias) else size
+    field = size_alias if size_alias and params.query_value(request, size_alias) else size
     if count is None:
         return Window(0, val.MAX_PAGE_SIZE, True, field)
     return Window(((page or 1) - 1) * count, count, False, field)
@@ -266,7 +267,7 @@ def page_size(request: Request, name: str, *, alias: str | None = None) -> int |
             page cut short would skip the rows between (zep-python's list_chunked with a
             chunk_size of 2,000 read rows 0-999, then 2,000-2,999).
     """
-    return b.query_int(request, name, minimum=1, maximum=val.MAX_PAGE_SIZE, alias=alias)
+    return params.query_int(request, name, minimum=1, maximum=val.MAX_PAGE_SIZE, alias=alias)
 
 
 async def list_users(

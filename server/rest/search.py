@@ -12,12 +12,14 @@ from starlette.responses import Response
 from memstore.v1 import session_service_pb2 as pb
 from server import off_loop
 from server.api import answer_size
+from server.api import metadata_checks as meta
 from server.api import validation as val
 from server.api.search import search_query
 from server.domain import MAX_EXACT_INT, JsonObject, SearchOutcome
 from server.errors import InvalidArgument
 from server.rest import body as b
 from server.rest import convert as c
+from server.rest import params
 from server.rest.answers import json_answer
 from server.rest.routing import endpoint, project, services
 
@@ -69,7 +71,7 @@ def _request(data: JsonObject, limit: int | None) -> tuple[pb.SearchMemoryReques
             "metadata contains these keys and values",
         )
     elif metadata:
-        val.check_filter_elements(v, "metadata", metadata)
+        meta.check_filter_elements(v, "metadata", metadata)
         request.metadata_contains.update(metadata)
     if data.get("record_filter"):
         v.add("record_filter", "is not served; filter by metadata containment with `metadata`")
@@ -103,7 +105,7 @@ def _number(v: val.Violations, data: JsonObject, name: str) -> float | None:
 
 
 async def _search(request: Request, data: JsonObject) -> tuple[SearchOutcome, float | None]:
-    limit = b.query_int(request, "limit", minimum=0)
+    limit = params.query_int(request, "limit", minimum=0)
     search, min_score = _request(data, limit)
     query = search_query(search)
     outcome = await services(request).searcher.search(
@@ -146,7 +148,7 @@ async def search_sessions(request: Request) -> Response:
 @endpoint
 async def search_one_session(request: Request) -> Response:
     """`POST /sessions/{id}/search` (1.x and zep-cloud): within one session, a flat list."""
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     data = await b.json_object(request)
     for name in ("user_id", "session_ids"):
         if data.get(name):

@@ -15,8 +15,7 @@ from starlette.routing import BaseRoute
 from server.api import answer_size
 from server.api import validation as val
 from server.domain import SessionQuery
-from server.rest import body as b
-from server.rest import common, v2
+from server.rest import common, params, v2
 from server.rest.answers import json_answer
 from server.rest.routing import endpoint, project, route, services
 from server.rest.search import search_one_session
@@ -28,7 +27,7 @@ def _offset_window(request: Request) -> common.Window:
     # every row: so does memstore, up to MAX_PAGE_SIZE of them, and refuses more (whole).
     # Until 2026-12-02 it answered the first 50.
     limit = common.page_size(request, "limit")
-    offset = b.query_int(request, "cursor", minimum=0) or 0
+    offset = params.query_int(request, "cursor", minimum=0) or 0
     return common.Window(offset, limit or val.MAX_PAGE_SIZE, limit is None, "limit")
 
 
@@ -60,7 +59,7 @@ async def list_sessions(request: Request) -> Response:
 
 @endpoint
 async def user_sessions(request: Request) -> Response:
-    user_id = b.path_id(request, "user_id")
+    user_id = params.path_id(request, "user_id")
     return await common.user_sessions(services(request).store, project(request), user_id)
 
 

@@ -17,7 +17,7 @@ from server.api.search import DEFAULT_RELEVANT_LIMIT
 from server.domain import JsonObject, NewMessage, SessionQuery, UserChanges
 from server.errors import InvalidArgument
 from server.rest import body as b
-from server.rest import common
+from server.rest import common, params
 from server.rest import convert as c
 from server.rest.answers import json_answer
 from server.rest.routing import endpoint, project, route, services
@@ -49,13 +49,15 @@ async def add_user(request: Request) -> Response:
 
 @endpoint
 async def get_user(request: Request) -> Response:
-    found = await services(request).store.get_user(project(request), b.path_id(request, "user_id"))
+    found = await services(request).store.get_user(
+        project(request), params.path_id(request, "user_id")
+    )
     return JSONResponse(c.user(found))
 
 
 @endpoint
 async def update_user(request: Request) -> Response:
-    user_id = b.path_id(request, "user_id")
+    user_id = params.path_id(request, "user_id")
     changes = common.user_changes(await b.json_object(request, required=False))
     store = services(request).store
     if changes == UserChanges():
@@ -67,7 +69,7 @@ async def update_user(request: Request) -> Response:
 
 @endpoint
 async def delete_user(request: Request) -> Response:
-    user_id = b.path_id(request, "user_id")
+    user_id = params.path_id(request, "user_id")
     await services(request).store.delete_user(project(request), user_id)
     return JSONResponse(OK)
 
@@ -90,7 +92,7 @@ async def list_users(request: Request) -> Response:
 
 @endpoint
 async def user_sessions(request: Request) -> Response:
-    user_id = b.path_id(request, "user_id")
+    user_id = params.path_id(request, "user_id")
     # zep-python 2.0.2 declares this answer a list of lists of sessions (and fails on
     # Zep's own flat list); zep-cloud and others read the flat list.
     nested = request.headers.get(_SDK_NAME) == "zep-python"
@@ -112,14 +114,14 @@ async def add_session(request: Request) -> Response:
 
 @endpoint
 async def get_session(request: Request) -> Response:
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     found = await services(request).store.get_session(project(request), session_id, False)
     return JSONResponse(c.session(found))
 
 
 @endpoint
 async def update_session(request: Request) -> Response:
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     change = common.metadata_patch(await b.json_object(request, required=False))
     store = services(request).store
     if change is None:
@@ -136,14 +138,14 @@ async def list_sessions(request: Request) -> Response:
         request, "page_number", "page_size", aliases=("pageNumber", "pageSize")
     )
     offset, size = window.offset, window.size
-    order_by = b.query_value(request, "order_by") or "created_at"
+    order_by = params.query_value(request, "order_by") or "created_at"
     field = _ORDER_FIELDS.get(order_by)
     if field is None:
         raise InvalidArgument.field(
             "order_by", f"{order_by[:64]!r} is not supported; use created_at or updated_at"
         )
     # Zep's default direction is descending (asc=false).
-    ascending = b.query_bool(request, "asc") or False
+    ascending = params.query_bool(request, "asc") or False
     query = SessionQuery(order_field=field, descending=not ascending)
     budget = answer_size.list_budget(size, answer_size.MAX_ANSWER_BYTES)
     page = await services(request).store.list_sessions(
@@ -176,10 +178,10 @@ async def get_memory(request: Request) -> Response:
 async def memory_answer(request: Request, default_lastn: int) -> Response:
     """GetMemory over REST, `default_lastn` messages when the query names none (Zep's
     default differs between its two APIs)."""
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     lastn, recall = common.lastn_and_recall(
-        b.query_int(request, "lastn", minimum=0),
-        b.query_int(request, "relevant_limit", minimum=0),
+        params.query_int(request, "lastn", minimum=0),
+        params.query_int(request, "relevant_limit", minimum=0),
         default_lastn,
     )
     searcher = services(request).searcher
@@ -223,7 +225,7 @@ async def memory_answer(request: Request, default_lastn: int) -> Response:
 async def write_memory(request: Request) -> tuple[str, bool]:
     """Appends a memory write's messages to the path's session (made if absent); answers its
     id and whether the write asks for the context back."""
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     messages, return_context = await b.checked_json(request, _memory_write)
     await services(request).store.add_memory(project(request), session_id, None, messages)
     return session_id, return_context
@@ -258,7 +260,7 @@ def _memory_write(data: JsonObject) -> tuple[list[NewMessage], bool]:
 async def forget_memory(request: Request) -> None:
     """Zep's memory delete: soft-deletes the path's session with its messages; memory added
     later revives the session, and the messages deleted here stay deleted."""
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     await services(request).store.delete_session(project(request), session_id)
 
 
@@ -271,14 +273,14 @@ async def delete_memory(request: Request) -> Response:
 @endpoint
 async def list_messages(request: Request) -> Response:
     # Zep's `cursor` here is a 1-based page number of `limit` messages.
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     window = common.numbered_window(request, "cursor", "limit")
     return await common.list_messages(services(request).store, project(request), session_id, window)
 
 
 @endpoint
 async def get_message(request: Request) -> Response:
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     message_uuid = _message_uuid(request)
     found = await services(request).store.get_message(project(request), session_id, message_uuid)
     return JSONResponse(c.message(found))
@@ -286,7 +288,7 @@ async def get_message(request: Request) -> Response:
 
 @endpoint
 async def update_message(request: Request) -> Response:
-    session_id = b.path_id(request, "session_id")
+    session_id = params.path_id(request, "session_id")
     message_uuid = _message_uuid(request)
     change = common.metadata_patch(await b.json_object(request))
     store = services(request).store
@@ -299,7 +301,7 @@ async def update_message(request: Request) -> Response:
 
 def _message_uuid(request: Request) -> str:
     v = val.Violations()
-    value = val.message_uuid(v, "message_uuid", b.path_text(request, "message_uuid"))
+    value = val.message_uuid(v, "message_uuid", params.path_text(request, "message_uuid"))
     v.raise_if_any()
     return value
 

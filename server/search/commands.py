@@ -12,8 +12,9 @@ from server.config import Config
 from server.errors import FailedPrecondition, Unavailable
 from server.search.embedding import Embedder, EmbeddingError
 from server.search.worker import EmbeddingWorker
-from server.serving.app import open_store, wait_for_signal
+from server.serving.app import open_store
 from server.serving.background import make_embedder, warn_of_other_models
+from server.serving.shutdown import wait_for_signal
 from server.settings import source
 from server.store import Store
 

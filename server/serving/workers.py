@@ -33,7 +33,7 @@ async def _prepare(config: Config) -> bool:
     refuses an unauthenticated public bind here too: one line, not one per worker. False
     when SIGTERM or SIGINT stopped it (it was killed then, or waited out the pool's timeout).
     """
-    from server.serving.app import caught_signals, until_stopped
+    from server.serving.shutdown import caught_signals, until_stopped
 
     with caught_signals() as stop:
         return await until_stopped(_migrate_once(config), stop)

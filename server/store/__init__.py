@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from server.store.embeddings import QUEUE_COUNT_CAP, Deferred
+from server.store.embeddings import Deferred
+from server.store.reindex import QUEUE_COUNT_CAP
 from server.store.store import Store
 
 __all__ = ["QUEUE_COUNT_CAP", "Deferred", "Store"]

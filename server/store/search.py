@@ -1,5 +1,5 @@
 """The search methods of the Store: SearchMemory's rankings over live messages (see
-sql/search.sql); GetMemory's recall is in recall.py, the embedding queue's in embeddings.py."""
+sql/search.sql); GetMemory's recall is in recall.py, the embedding worker's in embeddings.py."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from server.store.messages import MessageMethods
 from server.store.projects import ProjectMethods
 from server.store.purge import PurgeMethods
 from server.store.recall import RecallMethods
+from server.store.reindex import ReindexMethods
 from server.store.restore import RestoreMethods
 from server.store.search import SearchMethods
 from server.store.sessions import SessionMethods
@@ -40,6 +41,7 @@ class Store(
     MessageMethods,
     AddMemoryMethods,
     EmbeddingMethods,
+    ReindexMethods,
     RecallMethods,
     SearchMethods,
     ProjectMethods,
@@ -52,7 +54,8 @@ class Store(
     """All reads and writes of memstore, over one connection pool.
 
     Each resource's methods come from its own module (users, sessions, messages, add_memory,
-    embeddings, search, recall, kept_recall, projects, export, restore, snapshots, admin, purge) and
+    embeddings, reindex, search, recall, kept_recall, projects, export, restore, snapshots,
+    admin, purge) and
     run the statements of the sql/*.sql file of the same name (add_memory's through
     append.py). Methods on a project's rows take its id first. Every
     method raises only server.errors domain errors (NotFound, AlreadyExists,
@@ -134,8 +137,9 @@ class Store(
         self._health.add_listener(listener)
 
     def pool_stats(self) -> dict[str, int]:
-        """psycopg_pool's counters (pool_size, pool_available, requests_waiting, ...)."""
-        return dict(self._pool.get_stats())
+        """psycopg_pool's statistics (pool_size, pool_available, requests_waiting, ...), with
+        usage_ms, the milliseconds calls have held connections, counted by the store."""
+        return {**self._pool.get_stats(), "usage_ms": int(self.held_seconds * 1000)}
 
 
 def _check_conninfo(conninfo: str) -> None:

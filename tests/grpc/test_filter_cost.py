@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from memstore.v1 import session_service_pb2 as ss
-from server.api.validation import MAX_FILTER_ELEMENTS
+from server.api.metadata_checks import MAX_FILTER_ELEMENTS
 from tests.grpc import Code, Sessions, msg, rpc_error, struct
 
 #: Stored arrays as long as 64 KiB of metadata holds (10,000 integers: 58,890 bytes).

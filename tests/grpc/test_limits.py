@@ -14,7 +14,7 @@ from memstore.v1 import session_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
 from memstore_client._channel import aio_channel
 from server import off_loop
-from server.api.validation import json_size
+from server.api.metadata_checks import json_size
 from server.domain import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 from tests.grpc import Code, Sessions, Users, as_dict, count_rows, msg, rpc_error, struct
 from tests.wire import field, nested_struct

@@ -20,7 +20,8 @@ from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
 from memstore.v1 import user_service_pb2 as us
 from server.config import Config
 from server.serving.app import build_server
-from server.serving.observability import JsonFormatter, Metrics, dropped_log_records
+from server.serving.log_format import JsonFormatter, dropped_log_records
+from server.serving.metrics import Metrics
 from server.store import Store
 from tests.grpc import msg, rpc_error
 from tests.polling import until

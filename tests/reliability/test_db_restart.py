@@ -19,7 +19,7 @@ from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
 from server.serving.embedded import EmbeddedPostgres
 from server.serving.grpc_health import watch_database
-from server.serving.observability import request_id
+from server.serving.log_format import request_id
 from server.store import Store
 from tests.grpc import Sessions, Users, msg, struct
 from tests.reliability import record

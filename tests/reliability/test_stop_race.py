@@ -1,6 +1,6 @@
 """Calls arriving as a stop begins: each is answered at once, none waits for its deadline.
 
-gRPC's core strands a call that arrives just as the stop begins (server/serving/app.py,
+gRPC's core strands a call that arrives just as the stop begins (server/serving/shutdown.py,
 stop_grpc): the caller waited for its deadline. The race is gRPC's, so a bare echo server
 shows it: stopped by a bare server.stop, 2 calls in 300 stops got DEADLINE_EXCEEDED.
 """
@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from server.serving.app import stop_grpc
+from server.serving.shutdown import stop_grpc
 from tests.reliability import record
 
 #: Stops, each with calls arriving (the race is rare: 1-2 stops in 150 stranded a call).

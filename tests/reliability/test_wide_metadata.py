@@ -21,7 +21,8 @@ import psycopg
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
-from server.api.validation import MAX_METADATA_BYTES, json_size
+from server.api.metadata_checks import json_size
+from server.domain import MAX_METADATA_BYTES
 from tests.grpc import Sessions, Users, as_dict, msg, struct
 from tests.reliability import record
 from tests.timing import CpuClock, fastest

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.store import Store
 from tests.fix_rest import rest_server
 

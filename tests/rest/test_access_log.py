@@ -9,7 +9,7 @@ import logging
 import httpx
 import pytest
 
-from server.serving.observability import JsonFormatter
+from server.serving.log_format import JsonFormatter
 
 
 async def test_http_access_lines_name_peer_reason_message_and_field(

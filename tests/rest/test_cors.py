@@ -13,7 +13,7 @@ import pytest
 from server.config import Config, SecurityConfig
 from server.serving.app import build_http
 from server.serving.auth import StartupRefused, start_authenticator
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.settings import parse_origins
 from server.store import Store
 

@@ -13,7 +13,7 @@ import pytest
 from server import off_loop
 from server.domain import DEFAULT_PROJECT_ID, Session, User
 from server.rest.app import MAX_BODY_BYTES
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.store import Store
 from tests.stored_values import wide_metadata
 

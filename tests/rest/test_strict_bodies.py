@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from server.api.validation import MAX_FILTER_ELEMENTS
+from server.api.metadata_checks import MAX_FILTER_ELEMENTS
 
 JSON = {"content-type": "application/json"}
 

@@ -24,7 +24,7 @@ from server.domain import DEFAULT_PROJECT_ID, NewMessage
 from server.rest import protocol
 from server.serving.app import build_http
 from server.serving.limit import CallLimit
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.store import Store
 from tests.polling import until
 

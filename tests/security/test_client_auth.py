@@ -15,7 +15,7 @@ from memstore_client import AsyncMemstore, Memstore, Message, Unauthenticated
 from server.__main__ import main
 from server.config import Config
 from server.serving.app import build_server
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.store import Store
 from tests.fix_security import make_key
 

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from server.api.validation import json_size
+from server.api.metadata_checks import json_size
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import MAX_METADATA_BYTES, MetadataChange, NewMessage, UserChanges
 from server.errors import InvalidArgument

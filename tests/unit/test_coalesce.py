@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.serving.observability import request_id
+from server.serving.log_format import request_id
 from server.store import coalesce
 from server.store.base import call_deadline
 from server.store.coalesce import Batcher, Coalescer

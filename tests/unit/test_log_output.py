@@ -11,8 +11,8 @@ from typing import TextIO
 import pytest
 
 from server.serving import log_output
+from server.serving.log_format import JsonFormatter, request_id
 from server.serving.log_output import OffLoopHandler
-from server.serving.observability import JsonFormatter, request_id
 
 
 def _read_all(fd: int) -> str:

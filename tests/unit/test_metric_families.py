@@ -7,7 +7,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.rest.app import HttpMetrics
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 
 
 def _families(metrics: Metrics) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
@@ -61,3 +61,12 @@ def test_pool_totals_are_counters_and_levels_gauges() -> None:
             assert (kind, samples) == ("gauge", {(family,): value}), family
         else:
             assert (kind, samples) == ("counter", {(f"{family}_total",): value}), family
+
+
+def test_pool_totals_are_there_before_their_first_event() -> None:
+    # get_stats of a pool nothing has happened to yet: its levels only.
+    stats = {"pool_min": 1, "pool_max": 4, "pool_size": 1, "pool_available": 1}
+    families = _families(Metrics(lambda: stats))
+    for name in ("requests_errors", "connections_errors", "usage_ms", "returns_bad"):
+        family = f"memstore_db_pool_{name}"
+        assert families[family] == ("counter", {(f"{family}_total",): 0}), family

@@ -12,7 +12,8 @@ import pytest
 
 from server.api.status import to_rpc_status
 from server.errors import NotFound
-from server.serving.observability import TextFormatter, _Context, _request_id, request_id
+from server.serving.log_format import TextFormatter, request_id
+from server.serving.observability import _Context, _request_id
 
 
 class _Recording:

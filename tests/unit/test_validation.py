@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
+from server.api import metadata_checks as meta
 from server.api import validation as val
+from server.domain import MAX_METADATA_BYTES
 from server.errors import InvalidArgument
 
 
@@ -93,9 +95,9 @@ def test_content_limits_count_utf8_bytes() -> None:
 def test_metadata_round_trips_nested_values_with_integers() -> None:
     value = {"a": 1, "b": 1.5, "c": [1, {"d": None, "e": True}], "f": "x", "g": {}}
     v = val.Violations()
-    assert val.metadata(v, "metadata", _struct(value)) == value
+    assert meta.metadata(v, "metadata", _struct(value)) == value
     assert v.items == []
-    assert isinstance(val.metadata(v, "metadata", _struct(value))["a"], int)
+    assert isinstance(meta.metadata(v, "metadata", _struct(value))["a"], int)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +114,7 @@ def test_metadata_round_trips_nested_values_with_integers() -> None:
 def test_metadata_rejects_nul_and_non_finite_numbers_naming_the_path(
     value: dict[str, object], path: str
 ) -> None:
-    assert _fields(lambda v: val.metadata(v, "metadata", _struct(value))) == [path]
+    assert _fields(lambda v: meta.metadata(v, "metadata", _struct(value))) == [path]
 
 
 def test_metadata_size_limit_is_bytes_of_postgresqls_jsonb_text() -> None:
@@ -120,10 +122,8 @@ def test_metadata_size_limit_is_bytes_of_postgresqls_jsonb_text() -> None:
     def sized(n: int) -> dict[str, object]:
         return {"k": "x" * (n - len('{"k": ""}'))}
 
-    assert _fields(lambda v: val.metadata(v, "m", _struct(sized(val.MAX_METADATA_BYTES)))) == []
-    assert _fields(lambda v: val.metadata(v, "m", _struct(sized(val.MAX_METADATA_BYTES + 1)))) == [
-        "m"
-    ]
+    assert _fields(lambda v: meta.metadata(v, "m", _struct(sized(MAX_METADATA_BYTES)))) == []
+    assert _fields(lambda v: meta.metadata(v, "m", _struct(sized(MAX_METADATA_BYTES + 1)))) == ["m"]
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_metadata_size_limit_is_bytes_of_postgresqls_jsonb_text() -> None:
 def test_json_size_counts_numbers_in_full_decimal_and_utf8(
     value: dict[str, object], text: str
 ) -> None:
-    assert val.json_size(value) == len(text.encode())
+    assert meta.json_size(value) == len(text.encode())
 
 
 def _nested(levels: int) -> dict[str, object]:
@@ -150,9 +150,9 @@ def _nested(levels: int) -> dict[str, object]:
 
 
 def test_metadata_nesting_limit_names_the_field() -> None:
-    assert _fields(lambda v: val.metadata(v, "metadata", _struct(_nested(32)))) == []
+    assert _fields(lambda v: meta.metadata(v, "metadata", _struct(_nested(32)))) == []
     v = val.Violations()
-    val.metadata(v, "messages[2].metadata", _struct(_nested(33)))
+    meta.metadata(v, "messages[2].metadata", _struct(_nested(33)))
     assert [item.field for item in v.items] == ["messages[2].metadata"]
     assert "more than 32 levels" in v.items[0].description
     assert "(at messages[2].metadata.k[0].k[0]" in v.items[0].description

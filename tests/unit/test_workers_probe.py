@@ -13,7 +13,7 @@ import pytest
 from server.__main__ import main
 from server.config import Config
 from server.serving.app import _serve_metrics, make_embedder
-from server.serving.observability import Metrics
+from server.serving.metrics import Metrics
 from server.serving.ports import probe_port
 
 
