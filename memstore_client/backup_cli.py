@@ -188,17 +188,10 @@ def _backup(client: Memstore, args: argparse.Namespace, progress: Callable[[str]
             file=sys.stderr,
         )
         return 1
-    except (MemstoreError, KeyboardInterrupt):
-        if snapshot and not named:
-            # No checkpoint names it: the resume starts from nothing, in a snapshot of its
-            # own, and this one would stay held (a connection, one of the project's 8) for
-            # the whole --snapshot-hold.
-            _close_snapshot(client, snapshot)
-        print(
-            "backup interrupted; resume with: "
-            + resume_command(args, "-o", args.output, "--resume"),
-            file=sys.stderr,
-        )
+    except (MemstoreError, KeyboardInterrupt) as exc:
+        _backup_stopped(client, args, None if named else snapshot)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130  # said in _backup_stopped's one line
         raise
     if snapshot:
         _close_snapshot(client, snapshot)
@@ -348,6 +341,18 @@ def _fields(row: Any) -> dict[str, Any]:
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in values}
 
 
+def _backup_stopped(client: Memstore, args: argparse.Namespace, unnamed: str | None) -> None:
+    """Says how to resume a backup that stopped; closes its snapshot if no checkpoint names
+    it (`unnamed`): the resume starts from nothing, in a snapshot of its own, and this one
+    would stay held (a connection, one of the project's 8) for the whole --snapshot-hold."""
+    if unnamed:
+        _close_snapshot(client, unnamed)
+    print(
+        "backup interrupted; resume with: " + resume_command(args, "-o", args.output, "--resume"),
+        file=sys.stderr,
+    )
+
+
 # -- restore -------------------------------------------------------------------
 
 
@@ -402,6 +407,8 @@ def _restore(client: Memstore, args: argparse.Namespace, progress: Callable[[str
                 + resume_command(args, "-i", args.input, "--resume"),
                 file=sys.stderr,
             )
+        if isinstance(exc, KeyboardInterrupt):
+            return 130  # said above, in one line
         raise
     print(json.dumps({"restored": str(args.input), **done}), file=sys.stderr)
     return 0

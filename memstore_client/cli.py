@@ -124,7 +124,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"memstore {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130  # what was done is reported above; no traceback for a Ctrl-C
+        # A Ctrl-C the export, backup or restore did not report itself (connecting, or an
+        # import): one line, no traceback, the shell's status for it.
+        print(f"memstore {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `memstore export users | head`: the reader left; stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -198,7 +201,7 @@ def _export(client: Memstore, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _cut_to_whole_chunks(args, whole)
         _interrupted(args, count, token)
-        raise
+        return 130  # how far it got is its one line
     print(json.dumps({"exported": count, "kind": args.kind}), file=sys.stderr)
     return 0
 
@@ -218,7 +221,10 @@ def _interrupted(args: argparse.Namespace, count: int, token: str) -> None:
         print(f"{count} {args.kind} exported, all of them", file=sys.stderr)
         return
     if not token:
-        print(f"nothing exported; run `memstore export {args.kind}` again", file=sys.stderr)
+        print(
+            f"interrupted, nothing exported; run `memstore export {args.kind}` again",
+            file=sys.stderr,
+        )
         return
     # Everything before `token` is written.
     target = ("-o", args.output, "--append") if args.output else ()

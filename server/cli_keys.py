@@ -8,20 +8,24 @@ import re
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import config as config_module
 from server.api_keys import MIN_PREFIX_DIGITS, ApiKey, new_key, prefix_start
 from server.config import Config
 from server.errors import InvalidArgument
-from server.store import Store
+
+if TYPE_CHECKING:
+    # The store (psycopg) is imported when a command runs: `memstore --help` builds this
+    # module's parsers and needs none of it.
+    from server.store import Store
 
 #: Project names: short, printable, safe in shells and logs.
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MAX_LABEL = 256
 
 Command = Callable[[Config], Coroutine[Any, Any, None]]
-Action = Callable[[Store, argparse.Namespace], Coroutine[Any, Any, None]]
+Action = Callable[["Store", argparse.Namespace], Coroutine[Any, Any, None]]
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

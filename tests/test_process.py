@@ -238,6 +238,9 @@ def test_readme_grpcurl_examples_run(served: int) -> None:
     assert '"status": "SERVING"' in out
     # The search examples find Maya's message by its words, and recall brings it to maya-2.
     assert out.count("named him Biscuit") >= 2
+    # Both print "semantic" (-emit-defaults), the full-text one's false: grpcurl leaves out a
+    # field at its default, and README's words about "semantic" matched nothing printed.
+    assert out.count('"semantic": ') == 2 and '"semantic": false' in out, out
     assert '"content": "Hi, I am vegetarian."' in out
     # The last example is the privacy delete of everything the others created.
     assert '"deleted_sessions": "1"' in out

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import signal
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,11 @@ class EmbeddedPostgres:
                 self._server: Any = get_server(
                     data_dir, cleanup_mode="stop" if stop_at_exit else None
                 )
+                if stop_at_exit:
+                    # Registered after the wheel's stop, so it runs first (last in, first
+                    # out), and once however many servers this process opened.
+                    atexit.unregister(_ignore_ctrl_c)
+                    atexit.register(_ignore_ctrl_c)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
                 # initdb or pg_ctl failed (a data directory of another PostgreSQL version, a
                 # damaged one): one line with what PostgreSQL said, not 70 of traceback.
@@ -74,6 +82,14 @@ class EmbeddedPostgres:
         """Starts PostgreSQL again after `stop_server()`."""
         with self._server._lock:
             self._server.ensure_postgres_running()
+
+
+def _ignore_ctrl_c() -> None:
+    """At exit, before the wheel stops PostgreSQL: a Ctrl-C there (a second one, after the
+    first stopped the command) broke off its `pg_ctl stop` with a traceback, and left the
+    server running for good. Ignored by the stop's pg_ctl too (it inherits the setting)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _forget_dead_handles(data_dir: Path) -> None:
