@@ -377,3 +377,26 @@ def test_a_ctrl_c_while_the_database_does_not_answer_stops_the_start_at_once(
             proc.wait()
     assert proc.returncode == 0, out
     assert "stopped before it served" in out and "Traceback" not in out, out
+
+
+def test_a_ctrl_c_while_a_migration_waits_stops_the_start_at_once(clean_db: str) -> None:
+    # Another migrator holds the migrations' lock (a replica starting, `memstore migrate`):
+    # the start waits for it, and a Ctrl-C then stops it as a stop asked for.
+    with psycopg.connect(clean_db, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(7283946501)")  # lock_migrations' key
+        proc = subprocess.Popen(
+            [*MEMSTORE, "serve", "--port", "0", "--no-http", "--database-url", clean_db],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert _until_a_lock_waiter(clean_db, within=60), "the start never waited"
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=15)  # the lock is still held: else a hang
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "stopped before it served" in out and "Traceback" not in out, out
