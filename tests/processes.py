@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -59,12 +60,23 @@ def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = START
     raise AssertionError("server did not become SERVING in time")
 
 
-def serve_memstore(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
-    """Starts `memstore serve` on a free loopback port; returns once health says SERVING."""
+def serve_memstore(
+    *args: str, env: dict[str, str], preexec_fn: Callable[[], object] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """Starts `memstore serve` on a free loopback port; returns once health says SERVING.
+
+    `preexec_fn` runs in the child before memstore starts (e.g. to lower a limit).
+    """
     port = free_port()
     cmd = [*MEMSTORE, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 - only setrlimit, in a child of a test
     )
     _wait_serving(port, proc)
     return proc, port

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+import psycopg
 
 from memstore.v1 import (
     resources_pb2,
@@ -159,6 +160,33 @@ def test_a_queue_no_worker_drains_is_logged_and_measured(clean_db: str) -> None:
     assert "memstore_embedding_queue_rows 3.0" in text, text
     assert "memstore_embedding_queue_oldest_seconds" in text
     assert "--no-embedding-worker" in out and "memstore embed" in out, out
+
+
+def test_a_scrape_the_database_does_not_answer_in_5_s_has_no_queue_gauges(clean_db: str) -> None:
+    # The queue's count blocked behind a lock (a database that does not answer): the scrape
+    # leaves the gauges out after 5 s rather than hang or show a stale value.
+    metrics_port = free_port()
+    env = {**os.environ, "DATABASE_URL": clean_db, "MEMSTORE_METRICS_PORT": str(metrics_port)}
+    proc, _ = serve_memstore(
+        "--purge-interval", "0", "--no-embedding-worker", "--metrics-host", "127.0.0.1", env=env
+    )
+    try:
+        assert "memstore_embedding_queue_rows " in _metrics(metrics_port)
+        with psycopg.connect(clean_db) as conn:
+            conn.execute("LOCK TABLE embedding_queue IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            blocked = _metrics(metrics_port)
+            waited = time.monotonic() - started
+            conn.rollback()
+        again = _metrics(metrics_port)
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
+    assert "memstore_embedding_queue" not in blocked, blocked
+    assert "memstore_grpc_requests_total" in blocked  # the rest of the scrape is there
+    assert 4.5 < waited < 9, waited
+    assert "memstore_embedding_queue_rows 0.0" in again, again
+    assert "memstore_embedding_queue_oldest_seconds 0.0" in again, again
 
 
 def test_a_scrape_writes_nothing_to_the_log(clean_db: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def _sockets(pid: int, port: int, state: str) -> int:
     return count
 
 
+def _listeners(port: int) -> int:
+    """TCP sockets anyone holds listening on local `port`."""
+    tables = (Path(t).read_text().splitlines()[1:] for t in ("/proc/net/tcp", "/proc/net/tcp6"))
+    rows = [line.split() for table in tables for line in table]
+    return sum(int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == _LISTEN for f in rows)
+
+
 def _wait_listening(pids: list[int], port: int, timeout: float = 30.0) -> None:
     # One worker answering health does not mean the other has bound the port yet.
     deadline = time.monotonic() + timeout
@@ -86,6 +94,62 @@ def test_two_workers_share_the_port_and_exit_zero_on_sigterm(clean_db: str) -> N
         code, out = stop_memstore(proc)
     assert code == 0, out
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie not yet reaped by its new parent counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(_gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, [pid for pid in pids if not _gone(pid)]
+        time.sleep(0.05)
+
+
+def test_a_worker_that_dies_takes_the_others_down_and_the_parent_exits_1(clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = serve_memstore(
+        "--workers", "2", "--purge-interval", "0", "--grace-period", "5", env=env
+    )
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        _wait_listening(workers, port)
+        os.kill(workers[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            stop_memstore(proc)
+    assert proc.returncode == 1, out
+    assert f"worker {workers[0]} exited with -9; stopping the others" in out, out
+    assert _gone(workers[1])
+
+
+def test_workers_stop_when_their_parent_is_killed(clean_db: str) -> None:
+    env = {**os.environ, "DATABASE_URL": clean_db}
+    proc, port = serve_memstore(
+        "--workers", "2", "--purge-interval", "0", "--grace-period", "2", "--drain-delay", "0",
+        env=env,
+    )  # fmt: skip
+    workers = _children(proc.pid)
+    try:
+        assert len(workers) == 2
+        _wait_listening(workers, port)
+        proc.kill()  # SIGKILL: the parent forwards nothing
+        proc.wait(timeout=30)
+        # PR_SET_PDEATHSIG sends each worker SIGTERM: it drains (2 s) and exits.
+        _wait_gone(workers, timeout=30)
+    finally:
+        for pid in workers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=30)  # the workers held its output open
+    assert not _listeners(port)  # nobody serves the port any more
 
 
 def test_workers_refuse_a_taken_port(clean_db: str) -> None:

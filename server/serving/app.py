@@ -292,13 +292,16 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
         serving.set()
         await stop.wait()
         log.info("shutting down (grace period %.1fs)", config.grace_period)
+        # The embedding worker claims no batch once the signal has come (it claimed more
+        # during the drain delay); its batch in hand is saved, as a call's answer.
+        worker_stopped = asyncio.ensure_future(stop_worker())
         # Health says NOT_SERVING while calls are still served, so that load balancers
         # move away before the server stops accepting (a stopping server answers no Check).
         await readiness.drain(config.drain_delay)
         await asyncio.gather(
             stop_grpc(server, config.grace_period, busy),
             *([http.stop(config.grace_period)] if http is not None else []),
-            stop_worker(),  # the embedding worker's batch in hand saved, as a call's answer
+            worker_stopped,
         )
         await settle_calls(_SETTLE_SECONDS)
         watcher.cancel()
@@ -335,13 +338,14 @@ def _start_worker(
     config: Config, store: Store, embedder: Embedder | None, background: list[asyncio.Task[None]]
 ) -> Callable[[], Awaitable[None]]:
     """Starts this process's embedding worker, if it runs one, among `background`; returns
-    what stops it within the grace period, its batch in hand saved."""
+    what stops it, its batch in hand saved: called at the signal, it waits the drain delay
+    and the grace period, as long as calls in flight get."""
     worker = embedding_worker(config, store, embedder)
     if worker is None:
         return lambda: asyncio.sleep(0)
     running = asyncio.create_task(worker.run())
     background.append(running)
-    return lambda: worker.stop(running, config.grace_period)
+    return lambda: worker.stop(running, config.drain_delay + config.grace_period)
 
 
 def _serve_metrics(config: Config, metrics: Metrics) -> Any:

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -55,6 +56,30 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _open_files_limits(pid: int) -> tuple[int, int]:
+    """The soft and hard open files limits of process `pid`, as /proc says."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_memstore_serve_runs_with_its_open_files_limit_raised(clean_db: str) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lower = min(1024, hard // 2)  # below the hard limit, so that the test can fail
+    proc, _ = serve_memstore(
+        "--purge-interval", "0", "--no-embedding-worker",
+        env={**os.environ, "DATABASE_URL": clean_db},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (lower, hard)),
+    )  # fmt: skip
+    try:
+        assert _open_files_limits(proc.pid) == (hard, hard)
+    finally:
+        code, out = stop_memstore(proc)
+    assert code == 0, out
 
 
 async def test_accept_errors_are_logged_once_a_period_with_a_count(

@@ -20,8 +20,9 @@ import psycopg
 import pytest
 
 from server.search.worker import BATCH_SIZE
-from tests.fake_embedder import serving
+from tests.fake_embedder import FakeServer, serving
 from tests.fix_db import scratch_database
+from tests.processes import serve_memstore, stop_memstore
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = 400
@@ -183,6 +184,54 @@ def test_a_stopped_worker_saves_the_batch_the_model_is_embedding(embed_db: str) 
         # The batch in hand saved, and no other claimed after the signal.
         assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
     assert _counts(embed_db) == (BATCH_SIZE, MESSAGES - BATCH_SIZE)
+
+
+def _serve_until_the_model_is_asked(
+    embed_db: str, fake: FakeServer, *args: str
+) -> subprocess.Popen[str]:
+    """`memstore serve` running the embedding worker against `fake`, once it has sent the
+    model its first batch."""
+    proc, _ = serve_memstore(
+        "--embedder", fake.url, "--embedder-model", "slow", "--purge-interval", "0", *args,
+        env={**os.environ, "DATABASE_URL": embed_db},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not fake.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.requests, "the worker never called the model"
+    return proc
+
+
+def test_a_stopped_serve_saves_the_batch_the_model_is_embedding(embed_db: str) -> None:
+    # As `memstore embed`, for the worker `memstore serve` runs: a drain delay longer than
+    # the model's answer still claims no other batch once the signal has come.
+    if _no_vectors(embed_db):
+        _keeps_recall_by_words(embed_db)  # no model: stopped between batches
+        return
+    with serving() as fake:
+        fake.delay = 2.0
+        proc = _serve_until_the_model_is_asked(embed_db, fake, "--drain-delay", "3")
+        code, out = stop_memstore(proc)  # the model still answering
+        assert code == 0, out
+        assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
+    assert _counts(embed_db) == (BATCH_SIZE, MESSAGES - BATCH_SIZE)
+
+
+def test_a_batch_not_saved_within_the_grace_period_is_given_back_whole(embed_db: str) -> None:
+    if _no_vectors(embed_db):
+        _keeps_recall_by_words(embed_db)  # no model: stopped between batches
+        return
+    with serving() as fake:
+        fake.delay = 5.0
+        proc = _serve_until_the_model_is_asked(
+            embed_db, fake, "--drain-delay", "0", "--grace-period", "1"
+        )
+        code, out = stop_memstore(proc)
+        assert code == 0, out
+        assert "embedding batch not saved within 1.0s: given back to the queue" in out, out
+        assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
+        time.sleep(fake.delay)  # past the model's answer: nothing saves it later either
+    assert _counts(embed_db) == (0, MESSAGES)
 
 
 def test_reindex_re_embeds_what_another_model_made(embed_db: str) -> None:

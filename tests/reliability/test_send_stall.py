@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from memstore.v1 import user_service_pb2 as upb
 from server.config import Config, SecurityConfig
@@ -47,8 +49,20 @@ async def _refused(users: Users) -> bool:
     except grpc.aio.AioRpcError as error:
         if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise
+        assert _reason(error) == "SERVER_OVERLOADED", error.details()
         return True
     return False
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a refusal ("" without one)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    infos = [] if status is None else status.details
+    for detail in infos:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
 
 
 async def _cap_held_then_freed(users: Users, port: int, method: str, request: bytes) -> None:

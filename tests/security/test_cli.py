@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from memstore.v1 import user_service_pb2 as us
@@ -19,7 +20,8 @@ from memstore.v1 import user_service_pb2_grpc
 from server.__main__ import main
 from server.api_keys import new_key
 from server.store import Store
-from tests.processes import ROOT, run_memstore, serve_memstore, stop_memstore
+from tests.fix_db import scratch_database
+from tests.processes import ROOT, free_port, run_memstore, serve_memstore, stop_memstore
 
 KEY_RE = re.compile(r"^msk_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
 
@@ -140,6 +142,32 @@ def test_served_keys_and_revocation_over_the_wire(secure_db_url: str) -> None:
     finally:
         code, out = stop_memstore(proc)
     assert code == 0, out
+
+
+def test_revoking_every_key_locks_callers_out(server_url: str) -> None:
+    # A database whose one key ever made is revoked: no live key, yet authentication is on.
+    with scratch_database(server_url, "memstore_revoked") as url:
+        env = {**os.environ, "DATABASE_URL": url}
+        _ok("migrate", env=env)
+        _ok("projects", "create", "only", env=env)
+        key = _ok("keys", "create", "--project", "only", env=env).strip()
+        _ok("keys", "revoke", key, env=env)
+        http_port = free_port()
+        args = ("--purge-interval", "0", "--no-embedding-worker", "--http-port", str(http_port))
+        proc, port = serve_memstore(*args, env=env)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                users = user_service_pb2_grpc.UserServiceStub(channel)
+                for md in ((), (("authorization", f"Bearer {key}"),)):
+                    with pytest.raises(grpc.RpcError) as caught:
+                        users.ListUsers(us.ListUsersRequest(), metadata=md, timeout=10)
+                    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, md
+            rest = f"http://127.0.0.1:{http_port}/api/v2/sessions-ordered"
+            for headers in ({}, {"Authorization": f"Api-Key {key}"}):
+                assert httpx.get(rest, headers=headers, timeout=10).status_code == 401, headers
+        finally:
+            code, out = stop_memstore(proc)
+        assert code == 0, out
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

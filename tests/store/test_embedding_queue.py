@@ -436,6 +436,36 @@ async def test_a_server_warns_about_a_waiting_queue_at_most_once_per_stale(
     assert all("embedding queue: 3 rows" in line for line in warned())
 
 
+async def test_a_server_warns_once_a_queued_row_has_waited_10_minutes(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README: a warning "while a queued row has waited 10 minutes (at most every 10 minutes)",
+    # with the watcher's own default (what serve runs): none for a younger row. The watcher's
+    # clock is this test's, a second a look; the oldest row is 594 s old at the first look.
+    caplog.set_level(logging.WARNING, logger="server.search.worker")
+    clock = 0.0
+    looked = asyncio.Event()
+
+    async def waiting() -> tuple[int, float]:
+        nonlocal clock
+        if clock == 1_300:
+            looked.set()
+            await asyncio.Event().wait()  # no more looks
+        clock += 1.0
+        return 3, 594.0 + clock
+
+    monkeypatch.setattr(store, "embedding_lag", waiting)
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(monotonic=lambda: clock))
+    watcher = asyncio.create_task(watch_queue(store, every=0.0))
+    try:
+        await asyncio.wait_for(looked.wait(), 30)
+    finally:
+        watcher.cancel()
+    warned = [r.getMessage() for r in caplog.records if r.name == "server.search.worker"]
+    # Nothing at 595-599 s; at 600 s, then every 600 s (1,200, 1,800), none between.
+    assert [line.split("waiting ")[1].split("s")[0] for line in warned] == ["600", "1200", "1800"]
+
+
 async def test_restore_queues_like_add_memory_in_both_modes(store: Store, clean_db: str) -> None:
     # With pgvector each live message of a live session; without, each such session's last
     # live one: the worker ranks the session once, not once per batch of its messages.
