@@ -420,18 +420,23 @@ async def test_a_call_to_an_unknown_method_is_counted_and_logged_under_one_label
     )
 
 
-async def test_a_request_past_the_receive_limit_never_reaches_the_observer(observed) -> None:
-    # Not a promise kept but one that cannot be: gRPC's core refuses a message past
-    # grpc.max_receive_message_length (16 MiB) before any Python code of the call runs
-    # (grpc.aio returns without calling the handler), so memstore cannot count or log it.
-    # docs/reliability.md says so; this test notices if a grpcio release changes it.
+async def test_a_request_past_the_receive_limit_is_counted_as_cancelled(observed) -> None:
+    # gRPC's core refuses a message past grpc.max_receive_message_length (16 MiB) and ends
+    # the call itself (RESOURCE_EXHAUSTED). The handler runs from the call's start (it reads
+    # its request after the key check: serving/services.py), so the call is counted, but all
+    # it sees is a call that ended without its request: CANCELLED, as a client's cancel.
     channel, metrics_port = observed
     users = user_service_pb2_grpc.UserServiceStub(channel)
-    before = await asyncio.to_thread(_scrape, metrics_port)
     big = us.CreateUserRequest(user_id="big", email="e" * (17 << 20))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await users.CreateUser(big, timeout=30)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    after = await asyncio.to_thread(_scrape, metrics_port)
-    counted = [k for k in after if k[0] == "memstore_grpc_requests_total"]
-    assert all(after[k] == before.get(k, 0.0) for k in counted), counted
+    key = (
+        "memstore_grpc_requests_total",
+        (("code", "CANCELLED"), ("method", "/memstore.v1.UserService/CreateUser")),
+    )
+
+    async def counted() -> bool:
+        return (await asyncio.to_thread(_scrape, metrics_port)).get(key) == 1.0
+
+    assert await until(counted, 5)
