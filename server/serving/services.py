@@ -121,13 +121,20 @@ class Wrapping:
     async def _gate_first(self, _requests: Any, context: Context, metadata: Any) -> int:
         """The call's project (AuthGate.enter), before its request is read.
 
-        The cap is looked at first, so that a call refused for overload costs no key check;
-        but a slot is taken only once the request has arrived (_read_after_gate,
-        _limited_stream), as before: a client that sends half a request and stalls must not
-        hold one."""
-        if self._limit.in_flight >= self._limit.most:
-            await _admit(self._limit, context)
-        return await self._gate.enter(context, metadata)
+        The call holds a slot under the cap while its key is checked, as before (a call
+        refused for overload costs no key check, and key checks in flight stay bounded),
+        but not while its request arrives: it takes one again once the request is in
+        (_read_after_gate, _limited_stream), so that a client that sends half a request
+        and stalls holds none."""
+        limit = self._limit
+        try:
+            limit.enter()
+        except MemstoreError as error:
+            await abort(context, error)
+        try:
+            return await self._gate.enter(context, metadata)
+        finally:
+            limit.leave()
 
     def _stream_after_gate(
         self, behavior: Callable[..., Any]
@@ -190,10 +197,12 @@ def _read_after_gate(
     limit: CallLimit, behavior: Callable[..., Any]
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     """A unary `behavior` served as a client stream: its one request read after the gate
-    (Wrapping._gate_first), then counted against the cap, as Wrapping._enter counts."""
+    (Wrapping._gate_first), then the call counted against the cap."""
 
     async def handler(_requests: Any, context: Context) -> Any:
-        request = await _read_one(context)
+        request = await context.read()
+        if request is _EOF:  # not _read_one: a coroutine less on every call
+            await _no_request(context)
         await _admit(limit, context)
         track_call()
         return await behavior(request, context)
@@ -202,22 +211,27 @@ def _read_after_gate(
 
 
 async def _read_one(context: Context) -> Any:
-    """The call's request; the call refused when the client ended its side without one.
+    """The call's request; the call refused when the client ended its side without one
+    (_no_request)."""
+    request = await context.read()
+    if request is _EOF:
+        await _no_request(context)
+    return request
+
+
+async def _no_request(context: Context) -> None:
+    """Refuses a call that ended its side without a request.
 
     Raises:
         asyncio.CancelledError: gRPC's core ended the call itself (its message was past
             the receive limit: the core answered RESOURCE_EXHAUSTED), or the client did.
     """
-    request = await context.read()
-    if request is not _EOF:
-        return request
     try:
         await abort(context, NO_REQUEST)
     except grpc.aio.AbortError:
         raise
     except Exception as error:  # ExecuteBatchError: the call is over, no status can go
         raise asyncio.CancelledError from error
-    return None  # pragma: no cover - abort raises
 
 
 def _limited_stream(

@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from memstore.v1 import session_service_pb2 as ss
-from memstore.v1 import session_service_pb2_grpc
+from memstore.v1 import session_service_pb2_grpc, user_service_pb2_grpc
+from memstore.v1 import user_service_pb2 as us
 from server.api.answer_size import MAX_REQUEST_BYTES
 from server.config import Config
 from server.serving.app import build_server
@@ -42,13 +43,16 @@ NO_KEYS = (
 )
 
 
+#: The server's cap on calls in flight.
+CAP = 4
+
+
 @pytest.fixture
 async def served(a: Caller, secure_store: Store) -> AsyncIterator[tuple[int, Metrics]]:
     """A server of its own over the security database (keys exist), and its metrics."""
     metrics = Metrics()
-    config = Config(
-        host="127.0.0.1", port=0, security=SecurityConfig(key_cache_seconds=KEY_CACHE_SECONDS)
-    )
+    security = SecurityConfig(key_cache_seconds=KEY_CACHE_SECONDS, max_calls_in_flight=CAP)
+    config = Config(host="127.0.0.1", port=0, security=security)
     server, port = await build_server(config, secure_store, metrics)
     await server.start()
     yield port, metrics
@@ -142,3 +146,24 @@ async def test_a_valid_keys_large_request_is_read_and_served(
         added = await sessions.AddMemory(request, metadata=a.metadata, timeout=30)
     assert [m.content for m in added.messages] == [content] * 12
     assert await _counted(metrics, "OK", ADD_MEMORY, 1)
+
+
+async def test_a_request_half_sent_with_a_valid_key_holds_no_slot_under_the_cap(
+    a: Caller, served: tuple[int, Metrics]
+) -> None:
+    # The key is checked before the request is read, but the call is counted against
+    # --max-calls-in-flight only once its request has arrived, as before: CAP + 2 stalled
+    # uploads leave the server serving.
+    port, _ = served
+    sender = await Sender().open(port)
+    try:
+        key = (("authorization", f"Bearer {a.key}"),)
+        for _ in range(CAP + 2):
+            stream = await sender.start(ADD_MEMORY, MAX_REQUEST_BYTES, key)
+            await sender.send(stream, bytes(1024 * 1024), stall=0.5)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            await users.CreateUser(us.CreateUserRequest(user_id="served"), metadata=a.metadata)
+        assert not sender.ended
+    finally:
+        await sender.close()
