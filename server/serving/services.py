@@ -2,7 +2,8 @@
 
 Observed (metrics, access line, request id) and refused when protobuf could not parse the
 request, then, but for health and reflection, counted against the cap on calls in flight and
-behind the API key gate (serving/handlers.py does the wrapping; this module says what with).
+behind the API key gate, whose check comes before the request is read (serving/handlers.py
+does the wrapping; this module says what with).
 A unary method takes and returns bytes: its request is parsed, and its answer serialized, in
 a thread when large (server/off_loop.py) rather than by grpc.aio on the event loop.
 """
