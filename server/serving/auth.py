@@ -8,7 +8,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,21 +263,22 @@ class AuthGate:
         _PROJECT.set(project)
         return project
 
-    def stream(self, behavior: Callable[..., Any]) -> Callable[[Any, Context], AsyncIterator[Any]]:
-        """A response stream behind the gate, its key checked again before each message."""
-
-        async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
-            metadata = context.invocation_metadata()
-            project = await self.enter(context, metadata)
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    # A key revoked mid-stream ends the stream before its next message,
-                    # once the cached check expires (key_cache_seconds).
-                    try:
-                        if await self._auth.project_for(metadata) != project:
-                            raise invalid()
-                    except MemstoreError as error:
-                        await abort(context, error)
-                    yield response
-
-        return handler
+    async def recheck(
+        self,
+        responses: AsyncGenerator[Any, None],
+        context: Context,
+        metadata: Metadata | None,
+        project: int,
+    ) -> AsyncGenerator[Any, None]:
+        """`responses` of a call that entered with `project`, its key checked again before
+        each message."""
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                # A key revoked mid-stream ends the stream before its next message,
+                # once the cached check expires (key_cache_seconds).
+                try:
+                    if await self._auth.project_for(metadata) != project:
+                        raise invalid()
+                except MemstoreError as error:
+                    await abort(context, error)
+                yield response

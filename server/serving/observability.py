@@ -61,6 +61,11 @@ class _Context:
         # Defined, not left to __getattr__: every authenticated call reads it.
         return self._context.invocation_metadata()
 
+    def read(self) -> Any:
+        # Defined, not left to __getattr__: every unary call reads its request so
+        # (serving/services.py).
+        return self._context.read()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
@@ -139,8 +144,9 @@ class _MethodMetrics:
 
 
 #: Runs inside an observed unary call, before its handler: (request, context, the call's
-#: invocation metadata). Authentication and the request checks go here (serving/services.py).
-Enter = Callable[[Any, Any, Any], Awaitable[None]]
+#: invocation metadata); what it returns is not used. Authentication goes here
+#: (serving/services.py).
+Enter = Callable[[Any, Any, Any], Awaitable[object]]
 
 
 class Observer:

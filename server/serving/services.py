@@ -2,14 +2,16 @@
 
 Observed (metrics, access line, request id) and refused when protobuf could not parse the
 request, then, but for health and reflection, counted against the cap on calls in flight and
-behind the API key gate (serving/handlers.py does the wrapping; this module says what with).
+behind the API key gate, whose check comes before the request is read (serving/handlers.py
+does the wrapping; this module says what with).
 A unary method takes and returns bytes: its request is parsed, and its answer serialized, in
 a thread when large (server/off_loop.py) rather than by grpc.aio on the event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -20,7 +22,7 @@ from server import off_loop
 from server.api.base import Context
 from server.api.chunking import WireChunk
 from server.api.status import abort
-from server.errors import MemstoreError, Unimplemented
+from server.errors import InvalidArgument, MemstoreError, Unimplemented
 from server.serving import wire
 from server.serving.auth import AuthGate
 from server.serving.grpc_health import track_call
@@ -46,7 +48,7 @@ class Wrapping:
 
     def busy(self) -> bool:
         """Whether a call is in flight (gRPC or HTTP) or a reflection stream open: what a
-        stop gives its grace period to (app.stop_grpc)."""
+        stop gives its grace period to (shutdown.stop_grpc)."""
         return self._limit.in_flight > 0 or self.streams_open > 0
 
     def open(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
@@ -71,13 +73,30 @@ class Wrapping:
         )
 
     def service(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-        """One of our services' methods: observed, behind the gate, malformed requests refused."""
-        return rewrap(
-            handler,
-            unary=lambda behavior: self._observer.unary(method, behavior, self._enter),
-            stream=lambda behavior: self._observer.stream(
-                method, _limited_stream(self._limit, self._gate.stream(_guard_stream(behavior)))
-            ),
+        """One of our services' methods: observed, behind the gate, malformed requests refused.
+
+        Each is served as a client stream whose one request is read only once the key was
+        checked: grpc.aio reads a unary request (of a unary or a response-stream method)
+        before it invokes the handler, and gRPC's core opens the stream's window to fit the
+        size the client announced (up to 16 MiB) to read it, so a caller without a valid
+        key could make the server hold that much per stream, for as long as it kept the
+        stream open (docs/reliability.md). A client-stream handler is invoked at the call's
+        start; until it reads, the core takes in at most the stream's initial window, and
+        a refusal resets the stream and drops what came."""
+        kwargs: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            behavior = _read_after_gate(self._limit, handler.unary_unary)
+            return grpc.stream_unary_rpc_method_handler(
+                self._observer.unary(method, behavior, self._gate_first), **kwargs
+            )
+        if handler.unary_stream is None:
+            raise ValueError(f"{method}: memstore's services take no client streams")
+        return grpc.stream_stream_rpc_method_handler(
+            self._observer.stream(method, self._stream_after_gate(handler.unary_stream)),
+            **kwargs,
         )
 
     def unknown_methods(self) -> GenericHandler:
@@ -100,15 +119,40 @@ class Wrapping:
 
         return handler
 
-    async def _enter(self, request: Any, context: Context, metadata: Any) -> None:
-        # The cap first: refusing costs nothing, not even a key check. Then in this order, as
-        # before any of this was folded into one wrapper: an unknown key is UNAUTHENTICATED
-        # whatever the request says.
-        await _admit(self._limit, context)
-        await self._gate.enter(context, metadata)
-        track_call()
-        # A unary request is still bytes here: _bytes_unary parses it, and refuses it when
-        # protobuf cannot, inside the handler (after this, as before).
+    async def _gate_first(self, _requests: Any, context: Context, metadata: Any) -> int:
+        """The call's project (AuthGate.enter), before its request is read.
+
+        The call holds a slot under the cap while its key is checked, as before (a call
+        refused for overload costs no key check, and key checks in flight stay bounded),
+        but not while its request arrives: it takes one again once the request is in
+        (_read_after_gate, _limited_stream), so that a client that sends half a request
+        and stalls holds none."""
+        limit = self._limit
+        try:
+            limit.enter()
+        except MemstoreError as error:
+            await abort(context, error)
+        try:
+            return await self._gate.enter(context, metadata)
+        finally:
+            limit.leave()
+
+    def _stream_after_gate(
+        self, behavior: Callable[..., Any]
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        """A response stream whose one request is read after the gate, then counted against
+        the cap; its key is checked again before each message (AuthGate.recheck)."""
+        limited = _limited_stream(self._limit, _guard_stream(behavior))
+
+        async def handler(_requests: Any, context: Context) -> AsyncIterator[Any]:
+            metadata = context.invocation_metadata()
+            project = await self._gate_first(_requests, context, metadata)
+            request = await _read_one(context)
+            responses = limited(request, context)
+            async for response in self._gate.recheck(responses, context, metadata, project):
+                yield response
+
+        return handler
 
 
 #: The method label of calls to a method the server does not serve.
@@ -142,10 +186,59 @@ async def _admit(limit: CallLimit, context: Context) -> None:
         await abort(context, error)
 
 
+#: What context.read() gives once the client ended its side (grpc.aio's stubs lack it).
+_EOF = grpc.aio.EOF  # type: ignore[attr-defined]
+#: The refusal of a unary call that ended its side without sending its request.
+NO_REQUEST = InvalidArgument.field(
+    "request", "the call ended without its request message", reason="MALFORMED_REQUEST"
+)
+
+
+def _read_after_gate(
+    limit: CallLimit, behavior: Callable[..., Any]
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    """A unary `behavior` served as a client stream: its one request read after the gate
+    (Wrapping._gate_first), then the call counted against the cap."""
+
+    async def handler(_requests: Any, context: Context) -> Any:
+        request = await context.read()
+        if request is _EOF:  # not _read_one: a coroutine less on every call
+            await _no_request(context)
+        await _admit(limit, context)
+        track_call()
+        return await behavior(request, context)
+
+    return handler
+
+
+async def _read_one(context: Context) -> Any:
+    """The call's request; the call refused when the client ended its side without one
+    (_no_request)."""
+    request = await context.read()
+    if request is _EOF:
+        await _no_request(context)
+    return request
+
+
+async def _no_request(context: Context) -> None:
+    """Refuses a call that ended its side without a request.
+
+    Raises:
+        asyncio.CancelledError: gRPC's core ended the call itself (its message was past
+            the receive limit: the core answered RESOURCE_EXHAUSTED), or the client did.
+    """
+    try:
+        await abort(context, NO_REQUEST)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:  # ExecuteBatchError: the call is over, no status can go
+        raise asyncio.CancelledError from error
+
+
 def _limited_stream(
     limit: CallLimit, method: Callable[[Any, Context], AsyncIterator[Any]]
-) -> Callable[[Any, Context], AsyncIterator[Any]]:
-    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
+) -> Callable[[Any, Context], AsyncGenerator[Any, None]]:
+    async def handler(request: Any, context: Context) -> AsyncGenerator[Any, None]:
         await _admit(limit, context)
         disarm = None
         try:
