@@ -23,6 +23,13 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     )
 
 
+async def _next_frame(reader: asyncio.StreamReader) -> tuple[int, int, int, bytes]:
+    """The next frame the server sent: its type, flags, stream and payload."""
+    head = await reader.readexactly(9)
+    payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+    return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, payload
+
+
 def _length(n: int) -> bytes:
     # HPACK's integer with a 7-bit prefix (the Huffman bit left 0).
     if n < 127:
@@ -94,10 +101,7 @@ class WindowShut:
     async def _read(self) -> None:
         try:
             while True:
-                head = await self._r.readexactly(9)
-                kind, flags = head[3], head[4]
-                payload = await self._r.readexactly(int.from_bytes(head[:3], "big"))
-                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                kind, flags, stream, payload = await _next_frame(self._r)
                 if kind == _RST_STREAM:
                     self.resets[stream] = int.from_bytes(payload, "big")
                 elif kind == _GOAWAY:
@@ -216,10 +220,7 @@ class Sender:
     async def _read(self) -> None:
         try:
             while True:
-                head = await self._r.readexactly(9)
-                kind, flags = head[3], head[4]
-                payload = await self._r.readexactly(int.from_bytes(head[:3], "big"))
-                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                kind, flags, stream, payload = await _next_frame(self._r)
                 if kind == _RST_STREAM:
                     self.reset.add(stream)
                 if kind == _RST_STREAM or (kind == _HEADERS and flags & _END_STREAM):
