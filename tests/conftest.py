@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,12 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 # Zep's REST API instead of 8000, so servers of concurrent runs never collide there; a test
 # that talks HTTP passes --http-port itself.
 os.environ.setdefault("MEMSTORE_HTTP_PORT", "0")
+# A run started in the background by a shell script (a CI job: `.ci/run ... &`) inherits
+# SIGINT ignored, and so would every memstore process a test starts, which Python then leaves
+# ignored: the Ctrl-C tests (tests/test_ctrl_c.py) would wait for a signal that never lands.
+# A Python handler here becomes the default disposition in each child, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest_plugins = (
     "tests.fix_db",
