@@ -253,9 +253,15 @@ async def _import_snapshot(conn: AsyncConnection[Any], project_id: int, snapshot
     )
     try:
         await conn.execute(query("import_snapshot").format(snapshot=sql.Literal(exported)))
-    except (pg.UndefinedObject, pg.InvalidParameterValue, pg.FeatureNotSupported) as exc:
+    except (
+        pg.UndefinedObject,
+        pg.InvalidParameterValue,
+        pg.FeatureNotSupported,
+        pg.ObjectNotInPrerequisiteState,
+    ) as exc:
         # "snapshot ... does not exist" (its transaction ended); "invalid snapshot
-        # identifier"; "cannot import a snapshot from a different database"
+        # identifier"; "cannot import a snapshot from a different database"; "could not
+        # import the requested snapshot" (its holder is ending: its file is not yet removed)
         raise gone from exc
     label = snapshot_label(project_id, snapshot)
     cur = await conn.execute(query("snapshot_held"), {"label": label})

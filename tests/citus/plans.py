@@ -109,6 +109,7 @@ VALUES: dict[str, Any] = {
     "revive": False,
     "delta": 1,
     "hold_ms": 60_000,
+    "wait_ms": 2000,
     "ms": "3600000",  # long_statement_timeout's set_config value
     "deltas": [1],
     "n": 2,

@@ -147,11 +147,12 @@ class BackupServiceServicer:
 
     def CloseSnapshot(self, request, context):
         """Releases a snapshot of OpenSnapshot, from any server process of the
-        database; a snapshot already gone (closed, expired, its process
-        stopped) is not an error: `closed` is then false. A snapshot id is
-        PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
-        after it restarts): a read or close naming a snapshot whose holder is
-        gone never reaches another's.
+        database, and answers once its holder has ended: a read naming it after
+        the answer is refused (SNAPSHOT_GONE). A snapshot already gone (closed,
+        expired, its process stopped) is not an error: `closed` is then false.
+        A snapshot id is PostgreSQL's own followed by a random nonce
+        (PostgreSQL's ids come again after it restarts): a read or close naming
+        a snapshot whose holder is gone never reaches another's.
 
         Errors:
         - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.

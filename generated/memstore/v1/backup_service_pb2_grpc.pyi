@@ -105,11 +105,12 @@ class BackupServiceStub:
     """
     CloseSnapshot: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]
     """Releases a snapshot of OpenSnapshot, from any server process of the
-    database; a snapshot already gone (closed, expired, its process
-    stopped) is not an error: `closed` is then false. A snapshot id is
-    PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
-    after it restarts): a read or close naming a snapshot whose holder is
-    gone never reaches another's.
+    database, and answers once its holder has ended: a read naming it after
+    the answer is refused (SNAPSHOT_GONE). A snapshot already gone (closed,
+    expired, its process stopped) is not an error: `closed` is then false.
+    A snapshot id is PostgreSQL's own followed by a random nonce
+    (PostgreSQL's ids come again after it restarts): a read or close naming
+    a snapshot whose holder is gone never reaches another's.
 
     Errors:
       - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
@@ -201,11 +202,12 @@ class BackupServiceAsyncStub(BackupServiceStub):
     """
     CloseSnapshot: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]  # type: ignore[assignment]
     """Releases a snapshot of OpenSnapshot, from any server process of the
-    database; a snapshot already gone (closed, expired, its process
-    stopped) is not an error: `closed` is then false. A snapshot id is
-    PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
-    after it restarts): a read or close naming a snapshot whose holder is
-    gone never reaches another's.
+    database, and answers once its holder has ended: a read naming it after
+    the answer is refused (SNAPSHOT_GONE). A snapshot already gone (closed,
+    expired, its process stopped) is not an error: `closed` is then false.
+    A snapshot id is PostgreSQL's own followed by a random nonce
+    (PostgreSQL's ids come again after it restarts): a read or close naming
+    a snapshot whose holder is gone never reaches another's.
 
     Errors:
       - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.
@@ -312,11 +314,12 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backup_service_pb2.CloseSnapshotResponse, _abc.Awaitable[_backup_service_pb2.CloseSnapshotResponse]]:
         """Releases a snapshot of OpenSnapshot, from any server process of the
-        database; a snapshot already gone (closed, expired, its process
-        stopped) is not an error: `closed` is then false. A snapshot id is
-        PostgreSQL's own followed by a random nonce (PostgreSQL's ids come again
-        after it restarts): a read or close naming a snapshot whose holder is
-        gone never reaches another's.
+        database, and answers once its holder has ended: a read naming it after
+        the answer is refused (SNAPSHOT_GONE). A snapshot already gone (closed,
+        expired, its process stopped) is not an error: `closed` is then false.
+        A snapshot id is PostgreSQL's own followed by a random nonce
+        (PostgreSQL's ids come again after it restarts): a read or close naming
+        a snapshot whose holder is gone never reaches another's.
 
         Errors:
           - INVALID_ARGUMENT: snapshot is empty or not a snapshot id.

@@ -17,8 +17,10 @@ FROM exported e;
 
 -- close_snapshot --
 -- Ends the backend holding a snapshot of this project (a process's own connection, or another
--- process's: a role may end its own backends). No row: it is gone already.
-SELECT pg_terminate_backend(a.pid) AS closed
+-- process's: a role may end its own backends), and waits up to %(wait_ms)s for it to have
+-- ended: only signalled, it still lived for a moment, and a read at once imported its
+-- snapshot and found its holder listed (CI, PostgreSQL 15). No row: it was gone already.
+SELECT pg_terminate_backend(a.pid, %(wait_ms)s) AS ended
 FROM pg_stat_activity a
 WHERE a.application_name = %(label)s AND a.usename = current_user
   AND a.datname = current_database();
