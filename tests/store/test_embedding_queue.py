@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -402,66 +402,60 @@ async def test_a_server_warns_while_queued_rows_wait(
     assert "embedding queue: 1 rows" in warned()[0] and "memstore embed" in warned()[0]
 
 
-async def test_a_server_warns_about_a_waiting_queue_at_most_once_per_stale(
-    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # README and docs/search.md promise a warning at most every 10 minutes while rows wait:
-    # one per look (every 30 s) would fill the log. The watcher's clock is this test's: each
-    # look moves it a second on, with rows waiting all along.
+async def _warnings_on_a_test_clock(
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    looks: int,
+    oldest: Callable[[float], float],
+    **watch: float,
+) -> list[str]:
+    """What watch_queue(store, **watch) warns in `looks` looks at a queue of 3 rows whose
+    oldest waited oldest(clock) seconds: the watcher's clock is the test's, a second a look."""
     caplog.set_level(logging.WARNING, logger="server.search.worker")
     clock = 0.0
     looked = asyncio.Event()
 
     async def waiting() -> tuple[int, float]:
         nonlocal clock
-        if clock == 25:
+        if clock == looks:
             looked.set()
-            await asyncio.Event().wait()  # no 26th look
+            await asyncio.Event().wait()  # no more looks
         clock += 1.0
-        return 3, 1_000.0
+        return 3, oldest(clock)
 
     monkeypatch.setattr(store, "embedding_lag", waiting)
     monkeypatch.setattr(worker_module, "time", SimpleNamespace(monotonic=lambda: clock))
-
-    def warned() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == "server.search.worker"]
-
-    watcher = asyncio.create_task(watch_queue(store, every=0.001, stale=10.0))
+    watcher = asyncio.create_task(watch_queue(store, **watch))
     try:
-        await asyncio.wait_for(looked.wait(), 10)
+        await asyncio.wait_for(looked.wait(), 30)
     finally:
         watcher.cancel()
+    return [r.getMessage() for r in caplog.records if r.name == "server.search.worker"]
+
+
+async def test_a_server_warns_about_a_waiting_queue_at_most_once_per_stale(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README and docs/search.md promise a warning at most every 10 minutes while rows wait:
+    # one per look (every 30 s) would fill the log. Rows wait all along.
+    warned = await _warnings_on_a_test_clock(
+        store, caplog, monkeypatch, 25, lambda _: 1_000.0, every=0.001, stale=10.0
+    )
     # 25 looks, a second apart: warned at the 1st, 11th and 21st.
-    assert len(warned()) == 3, warned()
-    assert all("embedding queue: 3 rows" in line for line in warned())
+    assert len(warned) == 3, warned
+    assert all("embedding queue: 3 rows" in line for line in warned)
 
 
 async def test_a_server_warns_once_a_queued_row_has_waited_10_minutes(
     store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # README: a warning "while a queued row has waited 10 minutes (at most every 10 minutes)",
-    # with the watcher's own default (what serve runs): none for a younger row. The watcher's
-    # clock is this test's, a second a look; the oldest row is 594 s old at the first look.
-    caplog.set_level(logging.WARNING, logger="server.search.worker")
-    clock = 0.0
-    looked = asyncio.Event()
-
-    async def waiting() -> tuple[int, float]:
-        nonlocal clock
-        if clock == 1_300:
-            looked.set()
-            await asyncio.Event().wait()  # no more looks
-        clock += 1.0
-        return 3, 594.0 + clock
-
-    monkeypatch.setattr(store, "embedding_lag", waiting)
-    monkeypatch.setattr(worker_module, "time", SimpleNamespace(monotonic=lambda: clock))
-    watcher = asyncio.create_task(watch_queue(store, every=0.0))
-    try:
-        await asyncio.wait_for(looked.wait(), 30)
-    finally:
-        watcher.cancel()
-    warned = [r.getMessage() for r in caplog.records if r.name == "server.search.worker"]
+    # with the watcher's own default (what serve runs): none for a younger row. The oldest
+    # row is 595 s old at the first look.
+    warned = await _warnings_on_a_test_clock(
+        store, caplog, monkeypatch, 1_300, lambda clock: 594.0 + clock, every=0.0
+    )
     # Nothing at 595-599 s; at 600 s, then every 600 s (1,200, 1,800), none between.
     assert [line.split("waiting ")[1].split("s")[0] for line in warned] == ["600", "1200", "1800"]
 
