@@ -35,6 +35,8 @@ USERS = 6
 #: Sessions the writers append to, each written by one writer only (so its order is known).
 SESSIONS = 24
 WRITERS = 3
+#: Seconds the rebalance may take here (it took 3 s and 34 s: docs/scaling.md).
+REBALANCE_SECONDS = 180
 #: Moves shards until every worker holds its share, one at a time, in this session.
 REBALANCE = "SELECT rebalance_table_shards(shard_transfer_mode => %s::citus.shard_transfer_mode)"
 
@@ -188,16 +190,20 @@ async def test_a_worker_added_online_takes_shards_while_calls_go_on(
 
             traffic = _Traffic(store)
             tasks = traffic.start()
-            await asyncio.sleep(0.5)  # calls under way before the move starts
-            before = traffic.outcomes["AddMemory ok"]
-            started = time.monotonic()
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                await conn.execute(REBALANCE, (mode,))
-            took = time.monotonic() - started
-            during = traffic.outcomes["AddMemory ok"] - before
-            await asyncio.sleep(0.5)  # and after it ends
-            traffic.stopping.set()
-            await asyncio.gather(*tasks)
+            try:
+                await asyncio.sleep(0.5)  # calls under way before the move starts
+                before = traffic.outcomes["AddMemory ok"]
+                started = time.monotonic()
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    # Bounded: a logical move whose source cannot decode (wal_level below
+                    # logical) waited on, silent, for over ten minutes.
+                    await asyncio.wait_for(conn.execute(REBALANCE, (mode,)), REBALANCE_SECONDS)
+                took = time.monotonic() - started
+                during = traffic.outcomes["AddMemory ok"] - before
+                await asyncio.sleep(0.5)  # and after it ends
+            finally:
+                traffic.stopping.set()
+                await asyncio.gather(*tasks)
 
             moved = await _placements(url, node.port)
             stored = await _stored(url)
