@@ -10,8 +10,12 @@ sent through different nodes do not take turns (docs/scaling.md, "Calls through 
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -89,6 +93,28 @@ async def test_migrate_through_a_worker_is_refused_and_changes_nothing(
     assert "coordinator" in str(refused.value)
     # The coordinator's record of migrations is its own table: none was made on the worker.
     assert await scalar(worker_url, "SELECT to_regclass('schema_migrations') IS NULL")
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_memstore_through_a_worker_refuses_to_start(
+    worker_url: str, citus_store: Store, command: str
+) -> None:
+    """`memstore serve` migrates at its start, so it is refused there too, saying why."""
+    ran = subprocess.run(
+        [sys.executable, "-m", "server", command, "--port", "0", "--no-embedding-worker"]
+        if command == "serve"
+        else [sys.executable, "-m", "server", command],
+        env={**os.environ, "DATABASE_URL": worker_url},
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    said = ran.stdout + ran.stderr
+    assert ran.returncode == 1, said
+    assert "reaches a Citus worker" in said
+    assert "with the coordinator's URL" in said
 
 
 async def test_restores_through_different_nodes_do_not_take_turns(
