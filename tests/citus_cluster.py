@@ -42,6 +42,10 @@ _SETTINGS = {
     "max_connections": "300",
     # Multi-shard writes commit with two-phase commit: the workers need prepared transactions.
     "max_prepared_transactions": "200",
+    # Online shard moves (the rebalancer's default transfer mode) copy a shard and then
+    # stream the writes made meanwhile by logical replication: the source must log them so
+    # (tests/citus/test_grow.py; docs/scaling.md "Growing the cluster online").
+    "wal_level": "logical",
     "citus.shard_count": str(TEST_SHARD_COUNT),
     # A throwaway cluster: durability buys nothing here.
     "fsync": "off",
@@ -145,6 +149,48 @@ def cluster() -> Iterator[tuple[Node, list[Node]]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@contextmanager
+def extra_node(name: str = "worker3") -> Iterator[Node]:
+    """Starts one more node, set up as the cluster's are but a worker of no database yet
+    (add_worker makes it one of a database's); stops it and removes its data after."""
+    base = Path(tempfile.mkdtemp(prefix="memstore-citus-extra-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    node: Node | None = None
+    try:
+        node = _init_node(base, name)
+        yield node
+    finally:
+        if node is not None:
+            node.pg_ctl("-w", "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def add_worker(url: str, node: Node) -> int:
+    """Makes `node` a worker of the Citus database `url` names (its coordinator's URL): the
+    database is made there with the extension, then added; returns Citus's node id.
+
+    Citus keeps its node list per database: only this database gains the worker.
+    """
+    dbname = str(pg_conninfo.conninfo_to_dict(url)["dbname"])
+    _make_worker_database(f"127.0.0.1:{node.port}", dbname)
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT citus_add_node(%s, %s)", ("127.0.0.1", node.port)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _make_worker_database(worker: str, dbname: str) -> None:
+    host, port = worker.rsplit(":", 1)
+    if dbname != "postgres":
+        with psycopg.connect(host=host, port=port, user="postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    with psycopg.connect(
+        host=host, port=port, user="postgres", dbname=dbname, autocommit=True
+    ) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+
+
 def prepare_database(url: str, workers: list[str]) -> None:
     """Makes the database `url` names a Citus database spanning the coordinator and workers.
 
@@ -155,14 +201,7 @@ def prepare_database(url: str, workers: list[str]) -> None:
     params = pg_conninfo.conninfo_to_dict(url)
     dbname = str(params["dbname"])
     for worker in workers:
-        host, port = worker.rsplit(":", 1)
-        if dbname != "postgres":
-            with psycopg.connect(host=host, port=port, user="postgres", autocommit=True) as conn:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-        with psycopg.connect(
-            host=host, port=port, user="postgres", dbname=dbname, autocommit=True
-        ) as conn:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+        _make_worker_database(worker, dbname)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
         conn.execute(

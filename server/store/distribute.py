@@ -47,6 +47,17 @@ async def citus_present(conn: AsyncConnection[Any]) -> bool:
     return bool(row and row[0])
 
 
+async def citus_worker_group(conn: AsyncConnection[Any]) -> int | None:
+    """The node group of the Citus worker this connection reached, or None: not a worker
+    (plain PostgreSQL, or the coordinator, group 0)."""
+    if not await citus_present(conn):
+        return None
+    cur = await conn.execute(query("citus_node_group"))
+    row = await cur.fetchone()
+    group = int(row[0]) if row else 0
+    return group or None
+
+
 async def distribute(conn: AsyncConnection[Any]) -> list[str]:
     """Distributes the tables Citus does not manage yet, in one transaction; returns them.
 

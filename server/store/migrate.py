@@ -12,7 +12,8 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from server.store.distribute import citus_present, distribute
+from server.errors import FailedPrecondition
+from server.store.distribute import citus_present, citus_worker_group, distribute
 from server.store.queries import query
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
     that requires an extension the server cannot provide is skipped and not recorded,
     so it applies at the first start after the extension is installed.
     """
+    if (group := await citus_worker_group(conn)) is not None:
+        # On a worker, memstore's tables are Citus's copies of the coordinator's, and the
+        # record of migrations (a table of the coordinator's own) is not there: every
+        # migration was found pending, an empty schema_migrations was made on the worker, and
+        # the first failed on 'relation "projects" already exists' (an internal error).
+        raise FailedPrecondition(
+            f"this database URL reaches a Citus worker (node group {group}): memstore's schema "
+            "is made and migrated through the coordinator only; run `memstore migrate` (or "
+            "start a server) with the coordinator's URL",
+            reason="CITUS_WORKER",
+        )
     cur = await conn.execute(query("try_lock_migrations"))
     locked = await cur.fetchone()
     if not (locked and locked[0]):

@@ -7,6 +7,7 @@ Citus is installed into the machine's PostgreSQL 15, and skip, saying why, when 
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -17,19 +18,30 @@ from tests.fix_db import scratch_database
 
 
 @pytest.fixture(scope="session")
-def citus_url() -> Iterator[str]:
-    """A migrated-to-be database on a running Citus cluster (coordinator + two workers)."""
-    if cluster_workers():
-        import os
-
-        with scratch_database(os.environ["DATABASE_URL"], "memstore_citus") as url:
-            yield url
+def citus_nodes() -> Iterator[tuple[str, list[str]]]:
+    """The running Citus cluster: its coordinator's maintenance URL and its workers'
+    host:port (`make test-citus`'s, or one started for this run)."""
+    workers = cluster_workers()
+    if workers:
+        yield os.environ["DATABASE_URL"], workers
         return
     reason = citus_missing()
     if reason is not None:
         pytest.skip(f"Citus suite skipped: {reason}")
-    with cluster() as (coordinator, _workers):
-        yield coordinator.url()
+    with cluster() as (coordinator, nodes):
+        yield coordinator.url(), [f"127.0.0.1:{w.port}" for w in nodes]
+
+
+@pytest.fixture(scope="session")
+def citus_url(citus_nodes: tuple[str, list[str]]) -> Iterator[str]:
+    """A migrated-to-be database on a running Citus cluster (coordinator + two workers)."""
+    server_url, _ = citus_nodes
+    if cluster_workers():
+        with scratch_database(server_url, "memstore_citus") as url:
+            yield url
+        return
+    # A cluster of this run's own: its maintenance database spans it already.
+    yield server_url
 
 
 @pytest.fixture(scope="session")

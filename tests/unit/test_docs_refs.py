@@ -84,8 +84,15 @@ def test_every_test_a_doc_names_exists(doc: Path) -> None:
 
 
 #: Reasons only the `memstore` commands print (projects, keys; NOT_MIGRATED: purge, reindex,
-#: projects and keys on a database lacking migrations): no RPC returns them.
-_CLI_REASONS = {"PROJECT_ALREADY_EXISTS", "PROJECT_NOT_FOUND", "API_KEY_NOT_FOUND", "NOT_MIGRATED"}
+#: projects and keys on a database lacking migrations; CITUS_WORKER: migrate, and the start of
+#: serve, through a Citus worker): no RPC returns them.
+_CLI_REASONS = {
+    "PROJECT_ALREADY_EXISTS",
+    "PROJECT_NOT_FOUND",
+    "API_KEY_NOT_FOUND",
+    "NOT_MIGRATED",
+    "CITUS_WORKER",
+}
 #: An explicit ErrorInfo reason in the server's code: `reason="X"`, `reason = "...", "X"`
 #: (rest/routing.py), `_REASON = "X"` (api/tokens.py) or a JSON body's `"reason": "X"`.
 _RAISED = re.compile(

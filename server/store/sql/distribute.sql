@@ -5,6 +5,11 @@
 -- migrate also distributes the tables (store/distribute.py).
 SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;
 
+-- citus_node_group --
+-- This Citus node's group: 0 on the coordinator, a worker's own number on a worker (Citus
+-- syncs its metadata to the workers, so memstore's tables exist there too, as shells).
+SELECT groupid FROM pg_dist_local_group;
+
 -- citus_tables --
 -- memstore's tables that Citus already manages, with their kind ('h' hash-distributed,
 -- 'n' reference) and distribution column.

@@ -1,0 +1,230 @@
+"""On a running Citus cluster: a worker added online takes shards while calls go on.
+
+A scratch database of its own spans the session's cluster (Citus keeps its node list per
+database: the other tests' database does not see the new node). memstore migrates it and
+writes; one more node is started and added; the rebalancer moves shards onto it while
+AddMemory and GetMemory keep running. Afterwards shards are on the new node, every
+acknowledged write is there whole and in order, the kept counts agree with the rows, and
+each call either succeeded or failed with a retryable UNAVAILABLE (docs/scaling.md,
+"Growing the cluster online").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+from psycopg import conninfo as pg_conninfo
+from psycopg import sql
+
+from server.domain import DEFAULT_PROJECT_ID as P
+from server.domain import NewMessage
+from server.errors import MemstoreError, Unavailable
+from server.store import Store
+from tests.citus_cluster import add_worker, drop_database, extra_node, prepare_database
+from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar
+
+USERS = 6
+#: Sessions the writers append to, each written by one writer only (so its order is known).
+SESSIONS = 24
+WRITERS = 3
+#: Seconds the rebalance may take here (it took 2 to 12 s and 32 to 40 s: docs/scaling.md).
+REBALANCE_SECONDS = 180
+#: Moves shards until every worker holds its share, one at a time, in this session.
+REBALANCE = "SELECT rebalance_table_shards(shard_transfer_mode => %s::citus.shard_transfer_mode)"
+
+
+@contextmanager
+def _cluster_database(server_url: str, workers: list[str]) -> Iterator[str]:
+    """A scratch database spanning the cluster's coordinator and workers; dropped after."""
+    name = f"memstore_grow_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = pg_conninfo.make_conninfo(server_url, dbname=name)
+    try:
+        prepare_database(url, workers)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        drop_database(name, workers)
+
+
+def _pair(k: int) -> list[NewMessage]:
+    return [
+        NewMessage(role="u", role_type="user", content=f"{k}a", metadata={}, uuid=None),
+        NewMessage(role="a", role_type="assistant", content=f"{k}b", metadata={}, uuid=None),
+    ]
+
+
+def _outcome(exc: Exception) -> str:
+    return f"{type(exc).__name__}:{getattr(exc, 'reason', '')}"
+
+
+@dataclass
+class _Traffic:
+    """Writers appending numbered pairs of messages, and a reader, until told to stop."""
+
+    store: Store
+    acked: dict[str, list[int]] = field(default_factory=dict)
+    failed: dict[str, list[int]] = field(default_factory=dict)
+    new_sessions: dict[str, str] = field(default_factory=dict)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    slowest_write: float = 0.0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def write(self, writer: int) -> None:
+        mine = [f"s{i}" for i in range(SESSIONS) if i % WRITERS == writer]
+        k = 0
+        while not self.stopping.is_set():
+            k += 1
+            if k % 5 == 0:
+                # A new session for a user: a two-phase commit over the users' shard too.
+                session, user = f"n{writer}_{k}", f"u{k % USERS}"
+            else:
+                session, user = mine[k % len(mine)], None
+            if user is not None:
+                self.new_sessions[session] = user
+            started = time.monotonic()
+            try:
+                await self.store.add_memory(P, session, user, _pair(k))
+            except MemstoreError as exc:
+                self.outcomes[f"AddMemory {_outcome(exc)}"] += 1
+                self.failed.setdefault(session, []).append(k)
+                continue
+            self.slowest_write = max(self.slowest_write, time.monotonic() - started)
+            self.outcomes["AddMemory ok"] += 1
+            self.acked.setdefault(session, []).append(k)
+
+    async def read(self) -> None:
+        i = 0
+        while not self.stopping.is_set():
+            i += 1
+            try:
+                await self.store.get_memory(P, f"s{i % SESSIONS}", 6)
+            except MemstoreError as exc:
+                self.outcomes[f"GetMemory {_outcome(exc)}"] += 1
+                continue
+            self.outcomes["GetMemory ok"] += 1
+
+    def start(self) -> list[asyncio.Task[None]]:
+        return [
+            *(asyncio.create_task(self.write(w)) for w in range(WRITERS)),
+            asyncio.create_task(self.read()),
+        ]
+
+
+async def _seed(store: Store) -> None:
+    for u in range(USERS):
+        await store.create_user(P, f"u{u}", "", "", "", {})
+    for i in range(SESSIONS):
+        await store.add_memory(P, f"s{i}", f"u{i % USERS}", _pair(0))
+
+
+async def _placements(url: str, port: int) -> dict[str, int]:
+    """Shards of each distributed table on the node listening on `port`."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT table_name::text, count(*) FROM citus_shards"
+            " WHERE nodeport = %s AND citus_table_type = 'distributed' GROUP BY 1",
+            (port,),
+        )
+        return {str(name): int(n) for name, n in await cur.fetchall()}
+
+
+async def _stored(url: str) -> dict[str, list[str]]:
+    """Every session's message contents, in sequence order."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT session_id, content FROM messages WHERE deleted_at IS NULL"
+            " ORDER BY session_id, sequence"
+        )
+        stored: dict[str, list[str]] = {}
+        for session, content in await cur.fetchall():
+            stored.setdefault(str(session), []).append(str(content))
+    return stored
+
+
+def _check_writes(traffic: _Traffic, stored: dict[str, list[str]]) -> None:
+    """Each acknowledged pair is stored whole, in the order it was acknowledged; a failed
+    one is stored whole or not at all; nothing else is stored."""
+    for session in {*traffic.acked, *traffic.failed, *stored}:
+        acked = traffic.acked.get(session, [])
+        failed = set(traffic.failed.get(session, []))
+        contents = stored.get(session, [])
+        pairs = [contents[i : i + 2] for i in range(0, len(contents), 2)]
+        ks = [int(p[0][:-1]) for p in pairs]
+        assert all(p == [f"{k}a", f"{k}b"] for p, k in zip(pairs, ks, strict=True)), session
+        assert ks == sorted(ks), session
+        seeded = [0] if session.startswith("s") else []
+        assert set(ks) - set(seeded) - set(acked) <= failed, session
+        assert [k for k in ks if k in set(acked)] == acked, session
+
+
+@pytest.mark.parametrize("mode", ["block_writes", "force_logical"])
+async def test_a_worker_added_online_takes_shards_while_calls_go_on(
+    citus_nodes: tuple[str, list[str]], citus_url: str, mode: str
+) -> None:
+    server_url, workers = citus_nodes
+    with extra_node() as node, _cluster_database(server_url, workers) as url:
+        store = await Store.open(url, min_size=2, max_size=8)
+        try:
+            await store.migrate()
+            await _seed(store)
+            add_worker(url, node)
+            # Only this database has the new worker: the other tests' database still
+            # spans the first three nodes.
+            others = f"SELECT count(*) FROM pg_dist_node WHERE nodeport = {node.port}"
+            assert await scalar(citus_url, others) == 0
+            assert await scalar(url, others) == 1
+            assert await _placements(url, node.port) == {}
+
+            traffic = _Traffic(store)
+            tasks = traffic.start()
+            try:
+                await asyncio.sleep(0.5)  # calls under way before the move starts
+                before = traffic.outcomes["AddMemory ok"]
+                started = time.monotonic()
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    # Bounded: a logical move whose source cannot decode (wal_level below
+                    # logical) had not returned after nine minutes.
+                    await asyncio.wait_for(conn.execute(REBALANCE, (mode,)), REBALANCE_SECONDS)
+                took = time.monotonic() - started
+                during = traffic.outcomes["AddMemory ok"] - before
+                await asyncio.sleep(0.5)  # and after it ends
+            finally:
+                traffic.stopping.set()
+                await asyncio.gather(*tasks)
+
+            moved = await _placements(url, node.port)
+            stored = await _stored(url)
+            off = await scalar(url, f"SELECT count(*) FROM ({SESSIONS_OFF_THEIR_ROWS}) off")
+            counts = {u: (await store.get_user(P, f"u{u}")).session_count for u in range(USERS)}
+        finally:
+            await store.close()
+    print(
+        f"\n{mode}: rebalance {took:.1f}s, moved {moved}, {during} AddMemory acknowledged "
+        f"during it, slowest {traffic.slowest_write:.2f}s, outcomes {dict(traffic.outcomes)}"
+    )
+    # Both co-location groups (users', sessions') gave the new worker a share of their shards.
+    assert moved.get("users", 0) >= 2, moved
+    assert moved.get("sessions", 0) >= 2, moved
+    assert moved.get("messages") == moved["sessions"], moved
+    _check_writes(traffic, stored)
+    assert off == 0
+    made = Counter(u for s, u in traffic.new_sessions.items() if s in stored)
+    seeded = Counter(f"u{i % USERS}" for i in range(SESSIONS))
+    assert counts == {u: seeded[f"u{u}"] + made[f"u{u}"] for u in range(USERS)}
+    # Every call that failed failed as UNAVAILABLE (which a client retries), none otherwise.
+    failures = {k for k in traffic.outcomes if not k.endswith(" ok")}
+    assert all(k.split(" ")[1].startswith(Unavailable.__name__) for k in failures), failures
+    assert traffic.outcomes["AddMemory ok"] > during > 0
