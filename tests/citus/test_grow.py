@@ -38,7 +38,7 @@ WRITERS = 3
 #: Seconds the rebalance may take here (it took 2 to 12 s and 32 to 40 s: docs/scaling.md).
 REBALANCE_SECONDS = 180
 #: Moves shards until every worker holds its share, one at a time, in this session.
-REBALANCE = "SELECT rebalance_table_shards(shard_transfer_mode => %s::citus.shard_transfer_mode)"
+REBALANCE = "SELECT rebalance_table_shards(shard_transfer_mode => '{mode}')"
 
 
 @contextmanager
@@ -81,12 +81,13 @@ class _Traffic:
     outcomes: Counter[str] = field(default_factory=Counter)
     slowest_write: float = 0.0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    last_k: dict[int, int] = field(default_factory=dict)
 
     async def write(self, writer: int) -> None:
         mine = [f"s{i}" for i in range(SESSIONS) if i % WRITERS == writer]
-        k = 0
         while not self.stopping.is_set():
-            k += 1
+            # Numbered on from where a run of the same traffic before this one stopped.
+            k = self.last_k[writer] = self.last_k.get(writer, 0) + 1
             if k % 5 == 0:
                 # A new session for a user: a two-phase commit over the users' shard too.
                 session, user = f"n{writer}_{k}", f"u{k % USERS}"
@@ -117,6 +118,7 @@ class _Traffic:
             self.outcomes["GetMemory ok"] += 1
 
     def start(self) -> list[asyncio.Task[None]]:
+        self.stopping.clear()
         return [
             *(asyncio.create_task(self.write(w)) for w in range(WRITERS)),
             asyncio.create_task(self.read()),
@@ -170,6 +172,45 @@ def _check_writes(traffic: _Traffic, stored: dict[str, list[str]]) -> None:
         assert [k for k in ks if k in set(acked)] == acked, session
 
 
+async def _moving(traffic: _Traffic, url: str, *statements: str) -> tuple[float, int]:
+    """Runs `statements` (shard moves) one after another on the coordinator of `url` while
+    `traffic` goes on; returns the seconds the statements took and the AddMemory calls
+    acknowledged meanwhile."""
+    tasks = traffic.start()
+    try:
+        await asyncio.sleep(0.5)  # calls under way before the move starts
+        before = traffic.outcomes["AddMemory ok"]
+        started = time.monotonic()
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            for statement in statements:
+                # Bounded: a logical move whose source cannot decode (wal_level below
+                # logical) had not returned after nine minutes.
+                await asyncio.wait_for(conn.execute(statement), REBALANCE_SECONDS)
+        took = time.monotonic() - started
+        during = traffic.outcomes["AddMemory ok"] - before
+        await asyncio.sleep(0.5)  # and after it ends
+    finally:
+        traffic.stopping.set()
+        await asyncio.gather(*tasks)
+    return took, during
+
+
+async def _check_after(store: Store, url: str, traffic: _Traffic, during: int) -> None:
+    """Every acknowledged write whole and in order, the kept counts equal to the rows, and
+    every call that failed failed as UNAVAILABLE (which a client retries)."""
+    stored = await _stored(url)
+    off = await scalar(url, f"SELECT count(*) FROM ({SESSIONS_OFF_THEIR_ROWS}) off")
+    counts = {u: (await store.get_user(P, f"u{u}")).session_count for u in range(USERS)}
+    _check_writes(traffic, stored)
+    assert off == 0
+    made = Counter(u for s, u in traffic.new_sessions.items() if s in stored)
+    seeded = Counter(f"u{i % USERS}" for i in range(SESSIONS))
+    assert counts == {u: seeded[f"u{u}"] + made[f"u{u}"] for u in range(USERS)}
+    failures = {k for k in traffic.outcomes if not k.endswith(" ok")}
+    assert all(k.split(" ")[1].startswith(Unavailable.__name__) for k in failures), failures
+    assert traffic.outcomes["AddMemory ok"] > during > 0
+
+
 @pytest.mark.parametrize("mode", ["block_writes", "force_logical"])
 async def test_a_worker_added_online_takes_shards_while_calls_go_on(
     citus_nodes: tuple[str, list[str]], citus_url: str, mode: str
@@ -189,42 +230,62 @@ async def test_a_worker_added_online_takes_shards_while_calls_go_on(
             assert await _placements(url, node.port) == {}
 
             traffic = _Traffic(store)
-            tasks = traffic.start()
-            try:
-                await asyncio.sleep(0.5)  # calls under way before the move starts
-                before = traffic.outcomes["AddMemory ok"]
-                started = time.monotonic()
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                    # Bounded: a logical move whose source cannot decode (wal_level below
-                    # logical) had not returned after nine minutes.
-                    await asyncio.wait_for(conn.execute(REBALANCE, (mode,)), REBALANCE_SECONDS)
-                took = time.monotonic() - started
-                during = traffic.outcomes["AddMemory ok"] - before
-                await asyncio.sleep(0.5)  # and after it ends
-            finally:
-                traffic.stopping.set()
-                await asyncio.gather(*tasks)
-
+            took, during = await _moving(traffic, url, REBALANCE.format(mode=mode))
             moved = await _placements(url, node.port)
-            stored = await _stored(url)
-            off = await scalar(url, f"SELECT count(*) FROM ({SESSIONS_OFF_THEIR_ROWS}) off")
-            counts = {u: (await store.get_user(P, f"u{u}")).session_count for u in range(USERS)}
+            print(
+                f"\n{mode}: rebalance {took:.1f}s, moved {moved}, {during} AddMemory"
+                f" acknowledged during it, slowest {traffic.slowest_write:.2f}s,"
+                f" outcomes {dict(traffic.outcomes)}"
+            )
+            # Both co-location groups (users', sessions') gave the new worker a share.
+            assert moved.get("users", 0) >= 2, moved
+            assert moved.get("sessions", 0) >= 2, moved
+            assert moved.get("messages") == moved["sessions"], moved
+            await _check_after(store, url, traffic, during)
         finally:
             await store.close()
-    print(
-        f"\n{mode}: rebalance {took:.1f}s, moved {moved}, {during} AddMemory acknowledged "
-        f"during it, slowest {traffic.slowest_write:.2f}s, outcomes {dict(traffic.outcomes)}"
-    )
-    # Both co-location groups (users', sessions') gave the new worker a share of their shards.
-    assert moved.get("users", 0) >= 2, moved
-    assert moved.get("sessions", 0) >= 2, moved
-    assert moved.get("messages") == moved["sessions"], moved
-    _check_writes(traffic, stored)
-    assert off == 0
-    made = Counter(u for s, u in traffic.new_sessions.items() if s in stored)
-    seeded = Counter(f"u{i % USERS}" for i in range(SESSIONS))
-    assert counts == {u: seeded[f"u{u}"] + made[f"u{u}"] for u in range(USERS)}
-    # Every call that failed failed as UNAVAILABLE (which a client retries), none otherwise.
-    failures = {k for k in traffic.outcomes if not k.endswith(" ok")}
-    assert all(k.split(" ")[1].startswith(Unavailable.__name__) for k in failures), failures
-    assert traffic.outcomes["AddMemory ok"] > during > 0
+
+
+async def test_a_worker_drained_online_gives_its_shards_back_while_calls_go_on(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # The other way, for taking a worker out of service: the background rebalancer
+    # (citus_rebalance_start, the form Citus recommends, moves run by its own jobs) puts
+    # shards on a new worker, then citus_drain_node moves them all off it again and it is
+    # removed, while AddMemory and GetMemory go on.
+    server_url, workers = citus_nodes
+    with extra_node() as node, _cluster_database(server_url, workers) as url:
+        store = await Store.open(url, min_size=2, max_size=8)
+        try:
+            await store.migrate()
+            await _seed(store)
+            add_worker(url, node)
+            grow = (
+                "SELECT citus_rebalance_start(shard_transfer_mode => 'block_writes')",
+                "SELECT citus_rebalance_wait()",
+            )
+            traffic = _Traffic(store)
+            took, during = await _moving(traffic, url, *grow)
+            moved = await _placements(url, node.port)
+            assert moved.get("users", 0) >= 2 and moved.get("sessions", 0) >= 2, moved
+            await _check_after(store, url, traffic, during)
+            jobs = "SELECT count(*) FROM pg_dist_background_job WHERE state <> 'finished'"
+            assert await scalar(url, jobs) == 0
+
+            drain = (
+                f"SELECT citus_drain_node('127.0.0.1', {node.port},"
+                " shard_transfer_mode => 'block_writes')",
+                f"SELECT citus_remove_node('127.0.0.1', {node.port})",
+            )
+            drained_in, during = await _moving(traffic, url, *drain)
+            assert await _placements(url, node.port) == {}
+            listed = f"SELECT count(*) FROM pg_dist_node WHERE nodeport = {node.port}"
+            assert await scalar(url, listed) == 0
+            await _check_after(store, url, traffic, during)
+            print(
+                f"\nbackground rebalance {took:.1f}s, moved {moved}; drained and removed in"
+                f" {drained_in:.1f}s, slowest {traffic.slowest_write:.2f}s,"
+                f" outcomes {dict(traffic.outcomes)}"
+            )
+        finally:
+            await store.close()
