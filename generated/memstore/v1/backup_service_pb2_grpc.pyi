@@ -105,8 +105,9 @@ class BackupServiceStub:
     """
     CloseSnapshot: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]
     """Releases a snapshot of OpenSnapshot, from any server process of the
-    database, and answers once its holder has ended: a read naming it after
-    the answer is refused (SNAPSHOT_GONE). A snapshot already gone (closed,
+    database, and answers once its holder has ended (it waits up to 2 s for
+    that; about 100 ms): a read naming it after the answer is refused
+    (SNAPSHOT_GONE). A snapshot already gone (closed,
     expired, its process stopped) is not an error: `closed` is then false.
     A snapshot id is PostgreSQL's own followed by a random nonce
     (PostgreSQL's ids come again after it restarts): a read or close naming
@@ -202,8 +203,9 @@ class BackupServiceAsyncStub(BackupServiceStub):
     """
     CloseSnapshot: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]  # type: ignore[assignment]
     """Releases a snapshot of OpenSnapshot, from any server process of the
-    database, and answers once its holder has ended: a read naming it after
-    the answer is refused (SNAPSHOT_GONE). A snapshot already gone (closed,
+    database, and answers once its holder has ended (it waits up to 2 s for
+    that; about 100 ms): a read naming it after the answer is refused
+    (SNAPSHOT_GONE). A snapshot already gone (closed,
     expired, its process stopped) is not an error: `closed` is then false.
     A snapshot id is PostgreSQL's own followed by a random nonce
     (PostgreSQL's ids come again after it restarts): a read or close naming
@@ -314,8 +316,9 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backup_service_pb2.CloseSnapshotResponse, _abc.Awaitable[_backup_service_pb2.CloseSnapshotResponse]]:
         """Releases a snapshot of OpenSnapshot, from any server process of the
-        database, and answers once its holder has ended: a read naming it after
-        the answer is refused (SNAPSHOT_GONE). A snapshot already gone (closed,
+        database, and answers once its holder has ended (it waits up to 2 s for
+        that; about 100 ms): a read naming it after the answer is refused
+        (SNAPSHOT_GONE). A snapshot already gone (closed,
         expired, its process stopped) is not an error: `closed` is then false.
         A snapshot id is PostgreSQL's own followed by a random nonce
         (PostgreSQL's ids come again after it restarts): a read or close naming
