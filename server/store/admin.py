@@ -53,6 +53,7 @@ class AdminMethods(StoreBase):
         """Applies pending migrations under an advisory lock; returns the names applied.
 
         Raises:
+            FailedPrecondition: (CITUS_WORKER) the database URL reaches a Citus worker.
             Unavailable: the database cannot be reached.
         """
         async with self._connect() as conn:
@@ -75,7 +76,8 @@ class AdminMethods(StoreBase):
         against older servers, migrated under them (an audit).
 
         Raises:
-            FailedPrecondition: migrations are missing (reason NOT_MIGRATED), naming them.
+            FailedPrecondition: migrations are missing (reason NOT_MIGRATED), naming them;
+                or the database URL reaches a Citus worker (CITUS_WORKER).
             Unavailable: the database cannot be reached.
         """
         async with self._connect(single=True) as conn:

@@ -41,7 +41,8 @@ NOT_ENFORCEABLE = {("sessions", "users")}
 
 
 async def citus_present(conn: AsyncConnection[Any]) -> bool:
-    """Whether the database is a Citus coordinator (the extension is created in it)."""
+    """Whether the database is a Citus database (the extension is created in it): its
+    coordinator's, or a worker's (citus_worker_group tells them apart)."""
     cur = await conn.execute(query("citus_present"))
     row = await cur.fetchone()
     return bool(row and row[0])

@@ -41,18 +41,11 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
     wait for the first one instead of racing to create the same tables. A migration
     that requires an extension the server cannot provide is skipped and not recorded,
     so it applies at the first start after the extension is installed.
+
+    Raises:
+        FailedPrecondition: (CITUS_WORKER) the connection reached a Citus worker.
     """
-    if (group := await citus_worker_group(conn)) is not None:
-        # On a worker, memstore's tables are Citus's copies of the coordinator's, and the
-        # record of migrations (a table of the coordinator's own) is not there: every
-        # migration was found pending, an empty schema_migrations was made on the worker, and
-        # the first failed on 'relation "projects" already exists' (an internal error).
-        raise FailedPrecondition(
-            f"this database URL reaches a Citus worker (node group {group}): memstore's schema "
-            "is made and migrated through the coordinator only; run `memstore migrate` (or "
-            "start a server) with the coordinator's URL",
-            reason="CITUS_WORKER",
-        )
+    await refuse_a_citus_worker(conn)
     cur = await conn.execute(query("try_lock_migrations"))
     locked = await cur.fetchone()
     if not (locked and locked[0]):
@@ -84,10 +77,37 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[str]:
         await conn.execute(query("unlock_migrations"))
 
 
+async def refuse_a_citus_worker(conn: AsyncConnection[Any]) -> None:
+    """Refuses a connection to a Citus worker (Citus 11+, whose workers have the metadata):
+    memstore migrates, and reads its record of migrations, through the coordinator only.
+
+    Raises:
+        FailedPrecondition: (CITUS_WORKER) the connection reached a worker.
+    """
+    if (group := await citus_worker_group(conn)) is not None:
+        # On a worker, memstore's tables are Citus's copies of the coordinator's, and the
+        # record of migrations (a table of the coordinator's own) is not there: every
+        # migration was found pending, an empty schema_migrations was made on the worker, and
+        # the first failed on 'relation "projects" already exists' (an internal error); the
+        # one-shot commands said NOT_MIGRATED and sent the caller to a migrate refused here.
+        raise FailedPrecondition(
+            f"this database URL reaches a Citus worker (node group {group}): memstore's schema "
+            "is made and migrated through the coordinator only; run `memstore migrate` (or "
+            "start a server) with the coordinator's URL",
+            reason="CITUS_WORKER",
+        )
+
+
 async def missing_migrations(conn: AsyncConnection[Any]) -> list[str]:
     """This memstore's migrations the database lacks, changing nothing; those that wait for
     an extension not usable here (pgvector not created, or on no schema this connection
-    searches) are not missing: a migrate would skip them too."""
+    searches) are not missing: a migrate would skip them too.
+
+    Raises:
+        FailedPrecondition: (CITUS_WORKER) the connection reached a Citus worker, which
+            holds no record of migrations.
+    """
+    await refuse_a_citus_worker(conn)
     done = await _applied(conn) or set()
     missing: list[str] = []
     for name, text in migrations():

@@ -95,11 +95,13 @@ async def test_migrate_through_a_worker_is_refused_and_changes_nothing(
     assert await scalar(worker_url, "SELECT to_regclass('schema_migrations') IS NULL")
 
 
-@pytest.mark.parametrize("command", ["migrate", "serve"])
+@pytest.mark.parametrize("command", ["migrate", "serve", "embed", "purge"])
 def test_memstore_through_a_worker_refuses_to_start(
     worker_url: str, citus_store: Store, command: str
 ) -> None:
-    """`memstore serve` migrates at its start, so it is refused there too, saying why."""
+    """`memstore serve` and `embed` migrate at their start, so they are refused there too,
+    saying why; the one-shot commands (`purge`) say the same, not NOT_MIGRATED (a migrate
+    they then sent the caller to was refused)."""
     ran = subprocess.run(
         [sys.executable, "-m", "server", command, "--port", "0", "--no-embedding-worker"]
         if command == "serve"

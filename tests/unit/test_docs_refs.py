@@ -84,8 +84,8 @@ def test_every_test_a_doc_names_exists(doc: Path) -> None:
 
 
 #: Reasons only the `memstore` commands print (projects, keys; NOT_MIGRATED: purge, reindex,
-#: projects and keys on a database lacking migrations; CITUS_WORKER: migrate, and the start of
-#: serve, through a Citus worker): no RPC returns them.
+#: projects and keys on a database lacking migrations; CITUS_WORKER: every command
+#: that migrates or checks the migrations, through a Citus worker): no RPC returns them.
 _CLI_REASONS = {
     "PROJECT_ALREADY_EXISTS",
     "PROJECT_NOT_FOUND",

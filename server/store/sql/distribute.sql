@@ -1,8 +1,9 @@
 -- Citus: the statements that distribute memstore's tables (store/distribute.py).
 
 -- citus_present --
--- Whether this database is a Citus coordinator (the citus extension is created here): then
--- migrate also distributes the tables (store/distribute.py).
+-- Whether this database is a Citus database (the citus extension is created here): on its
+-- coordinator migrate also distributes the tables (store/distribute.py); a worker's is
+-- refused (citus_node_group).
 SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;
 
 -- citus_node_group --
