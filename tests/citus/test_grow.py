@@ -12,6 +12,7 @@ each call either succeeded or failed with a retryable UNAVAILABLE (docs/scaling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections import Counter
@@ -185,14 +186,29 @@ async def _moving(traffic: _Traffic, url: str, *statements: str) -> tuple[float,
             for statement in statements:
                 # Bounded: a logical move whose source cannot decode (wal_level below
                 # logical) had not returned after nine minutes.
-                await asyncio.wait_for(conn.execute(statement), REBALANCE_SECONDS)
+                try:
+                    await asyncio.wait_for(conn.execute(statement), REBALANCE_SECONDS)
+                except TimeoutError:
+                    await _stop_background_moves(url)  # else they hold writes on
+                    raise
         took = time.monotonic() - started
         during = traffic.outcomes["AddMemory ok"] - before
         await asyncio.sleep(0.5)  # and after it ends
     finally:
         traffic.stopping.set()
-        await asyncio.gather(*tasks)
+        # Every task ends before any failure is raised: none is left running.
+        ended = await asyncio.gather(*tasks, return_exceptions=True)
+    for failure in ended:
+        if failure is not None:
+            raise failure
     return took, during
+
+
+async def _stop_background_moves(url: str) -> None:
+    """Cancels the background rebalancer's moves, if any run (best effort)."""
+    with contextlib.suppress(psycopg.Error):
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute("SELECT citus_rebalance_stop()")
 
 
 async def _check_after(store: Store, url: str, traffic: _Traffic, during: int) -> None:
@@ -216,7 +232,8 @@ async def test_a_worker_added_online_takes_shards_while_calls_go_on(
     citus_nodes: tuple[str, list[str]], citus_url: str, mode: str
 ) -> None:
     server_url, workers = citus_nodes
-    with extra_node() as node, _cluster_database(server_url, workers) as url:
+    # The extra node stops before the database is dropped from the others.
+    with _cluster_database(server_url, workers) as url, extra_node() as node:
         store = await Store.open(url, min_size=2, max_size=8)
         try:
             await store.migrate()
@@ -254,7 +271,8 @@ async def test_a_worker_drained_online_gives_its_shards_back_while_calls_go_on(
     # shards on a new worker, then citus_drain_node moves them all off it again and it is
     # removed, while AddMemory and GetMemory go on.
     server_url, workers = citus_nodes
-    with extra_node() as node, _cluster_database(server_url, workers) as url:
+    # The extra node stops before the database is dropped from the others.
+    with _cluster_database(server_url, workers) as url, extra_node() as node:
         store = await Store.open(url, min_size=2, max_size=8)
         try:
             await store.migrate()
