@@ -69,16 +69,23 @@ def usable_extensions(url: str) -> set[str]:
 
 @contextmanager
 def scratch_database(
-    server_url: str, prefix: str, *, options: sql.Composable | None = None, cluster: bool = True
+    server_url: str,
+    prefix: str,
+    *,
+    options: sql.Composable | None = None,
+    cluster: bool = True,
+    workers: list[str] | None = None,
 ) -> Iterator[str]:
     """Creates an empty database named `prefix_<random>`; yields its URL; drops it after.
 
     `options` follow CREATE DATABASE's name (e.g. a collation). Under `make test-citus` the
     database spans the cluster, unless `cluster` is False: then it is a plain database of the
-    coordinator's PostgreSQL.
+    coordinator's PostgreSQL. `workers` names the cluster's workers where they are not
+    `make test-citus`'s (a cluster a test package started itself).
     """
     name = f"{prefix}_{secrets.token_hex(4)}"
-    workers = cluster_workers() if cluster else None
+    if workers is None:
+        workers = cluster_workers() if cluster else None
     create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL(" ").join([create, options]) if options else create)
