@@ -160,7 +160,11 @@ async def test_a_request_half_sent_with_a_valid_key_holds_no_slot_under_the_cap(
         key = (("authorization", f"Bearer {a.key}"),)
         for _ in range(CAP + 2):
             stream = await sender.start(ADD_MEMORY, MAX_REQUEST_BYTES, key)
-            await sender.send(stream, bytes(1024 * 1024), stall=0.5)
+            # All of it goes only once the server reads past the stream's initial window,
+            # that is once the key was checked (and the slot the check held given back).
+            # Waited for: on a loaded machine (CI) the checks of several uploads were still
+            # running, each holding its slot, when the call below came (refused).
+            assert await sender.send(stream, bytes(1024 * 1024), stall=30) == 1024 * 1024
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             users = user_service_pb2_grpc.UserServiceStub(channel)
             await users.CreateUser(us.CreateUserRequest(user_id="served"), metadata=a.metadata)
