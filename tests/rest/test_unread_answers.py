@@ -79,16 +79,37 @@ async def _read_all(sock: socket.socket, within: float = 5.0) -> tuple[int, bool
     return got, False
 
 
+class _CountingLimit(CallLimit):
+    """A CallLimit that counts the calls it let in."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__(most)
+        self.entered = 0
+
+    def enter(self) -> None:
+        super().enter()
+        self.entered += 1
+
+
 async def test_a_pipelined_answer_never_read_frees_its_call(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(protocol, "WRITE_STALL_SECONDS", 1.0)
     await _big_session(store)
-    async with _server(store, CallLimit(1)) as port:
+    limit = _CountingLimit(1)
+    async with _server(store, limit) as port:
         # The second answer waits to be written behind the first, in its call, until the
         # client reads: it never does.
         deaf = await _deaf_client(port, BIG_READ * 2)
         try:
+
+            async def second_call_holds_the_slot() -> bool:
+                return limit.entered == 2 and limit.in_flight == 1
+
+            # No other client until then: a call of its own let in between the deaf
+            # connection's two took the one slot, the second was refused (429, a few bytes)
+            # and both answers were read whole (the official CI of stop 41).
+            assert await until(second_call_holds_the_slot, within=8), vars(limit)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
 
                 async def served() -> bool:
