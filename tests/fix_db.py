@@ -167,6 +167,14 @@ async def lock_waiters(url: str, *, cluster: bool = True) -> int:
     return waiting
 
 
+#: Connections holding an open snapshot (server/store/sql/snapshots.sql labels them) in the
+#: database the URL names: a hold that passed is over once its holder left this list.
+SNAPSHOT_HOLDERS = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND application_name LIKE 'memstore-snapshot %'"
+)
+
+
 async def scalar(url: str, statement: str) -> Any:
     """The one value `statement` answers, over a connection of its own (autocommit: a
     statement Citus would route to a worker reads there, as a caller's would)."""

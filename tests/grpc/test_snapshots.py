@@ -7,7 +7,6 @@ Plain PostgreSQL only: on Citus OpenSnapshot refuses (tests/citus/test_invariant
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -17,7 +16,9 @@ from memstore.v1 import backup_service_pb2 as bs
 from memstore.v1 import backup_service_pb2_grpc
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import user_service_pb2 as us
+from tests.fix_db import SNAPSHOT_HOLDERS, scalar
 from tests.grpc import Code, Sessions, Users, msg, rpc_error
+from tests.polling import until
 
 Backup = backup_service_pb2_grpc.BackupServiceStub
 
@@ -100,11 +101,15 @@ async def test_the_streams_of_a_snapshot_see_the_project_as_it_was_opened(
 
 
 async def test_a_snapshot_is_released_when_its_hold_passes(
-    backup: Backup, users: Users, sessions: Sessions
+    backup: Backup, users: Users, sessions: Sessions, clean_db: str
 ) -> None:
     opened = await backup.OpenSnapshot(bs.OpenSnapshotRequest(hold_seconds=1))
     assert await _seen(users, sessions, opened.snapshot) == ([], [], [])
-    await asyncio.sleep(1.5)  # PostgreSQL ends the holding transaction, idle past its hold
+
+    async def ended() -> bool:  # PostgreSQL ends the holding transaction, idle past its hold
+        return await scalar(clean_db, SNAPSHOT_HOLDERS) == 0
+
+    assert await until(ended)
     await rpc_error(
         _drain(users.ListUsersChunked(us.ListUsersChunkedRequest(snapshot=opened.snapshot))),
         Code.FAILED_PRECONDITION,

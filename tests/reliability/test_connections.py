@@ -140,8 +140,24 @@ def _checked(port: int) -> grpc.Channel:
     channel = grpc.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
     )
-    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    except grpc.RpcError:
+        channel.close()
+        raise
     return channel
+
+
+def _taken_in(port: int, within: float = 10) -> grpc.Channel:
+    """A connection of its own (_checked), retried until the server takes one in: one just
+    closed is counted out when the server sees it go, not when the client closes it."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return _checked(port)
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "no connection taken in after one closed"
+            time.sleep(0.2)
 
 
 def test_connections_past_max_connections_are_refused_on_both_ports(clean_db: str) -> None:
@@ -153,8 +169,8 @@ def test_connections_past_max_connections_are_refused_on_both_ports(clean_db: st
     held: list[grpc.Channel] = []
     sockets: list[socket.socket] = []
     try:
-        time.sleep(0.5)  # serve_memstore's own health channel is closed: let the server see it
-        held = [_checked(port), _checked(port)]
+        # serve_memstore's own health channel is closed, but may not yet be counted out.
+        held = [_taken_in(port), _taken_in(port)]
         # A third connection is closed as it is accepted: its call fails at once.
         with grpc.insecure_channel(
             f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
@@ -165,14 +181,7 @@ def test_connections_past_max_connections_are_refused_on_both_ports(clean_db: st
         # The two held connections still serve; once one is gone, a new one is taken in.
         health_pb2_grpc.HealthStub(held[1]).Check(health_pb2.HealthCheckRequest(), timeout=10)
         held.pop(0).close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                held.append(_checked(port))
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline, "no connection taken in after one closed"
-                time.sleep(0.2)
+        held.append(_taken_in(port))
 
         # The HTTP port: two kept-alive connections answered, a third told why and closed.
         sockets = [socket.create_connection(("127.0.0.1", http_port)) for _ in range(2)]

@@ -4,30 +4,43 @@ for as long as its connection lives."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from memstore.v1 import user_service_pb2 as upb
 from server.config import Config, SecurityConfig
+from server.serving import app
 from server.serving.app import build_server
+from server.serving.limit import CallLimit
 from server.store import Store
 from tests.grpc import Users
 from tests.polling import until
 from tests.raw_h2 import WindowShut
 
 CAP = 4
-#: Seconds an answer may wait to be taken here (60 by default).
-STALL = 1.0
+#: Seconds an answer may wait to be taken here (60 by default): long enough for a probe to
+#: find the cap full after the last stalled call took its slot, on a loaded machine too.
+STALL = 3.0
 
 
 @asynccontextmanager
-async def _server(store: Store) -> AsyncIterator[tuple[Users, int]]:
+async def _server(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Users, int, CallLimit]]:
     security = SecurityConfig(max_calls_in_flight=CAP, send_stall_timeout=STALL)
+    limits: list[CallLimit] = []
+    made = app._call_limit
+
+    def kept(config: Config) -> CallLimit:  # the server's cap, watched by the test
+        limits.append(made(config))
+        return limits[-1]
+
+    monkeypatch.setattr(app, "_call_limit", kept)
     server, port = await build_server(Config(host="127.0.0.1", port=0, security=security), store)
     await server.start()
     try:
@@ -38,7 +51,7 @@ async def _server(store: Store) -> AsyncIterator[tuple[Users, int]]:
             except grpc.aio.AioRpcError as error:  # the store is shared by the module's tests
                 if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                     raise
-            yield users, port
+            yield users, port, limits[0]
     finally:
         await server.stop(None)
 
@@ -65,12 +78,20 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
     return ""
 
 
-async def _cap_held_then_freed(users: Users, port: int, method: str, request: bytes) -> None:
+async def _cap_held_then_freed(
+    users: Users, port: int, limit: CallLimit, method: str, request: bytes
+) -> None:
     shut = await WindowShut().open(port)
     try:
         for _ in range(CAP):
             await shut.call(method, request)
-        await asyncio.sleep(0.2)  # all taken in before another client asks
+
+        async def all_taken_in() -> bool:
+            return limit.in_flight == CAP
+
+        # No other client asks before every call is taken in: under load a fixed 0.2 s was
+        # not always enough, and a probe served meanwhile got one of them refused.
+        assert await until(all_taken_in, within=STALL), limit.in_flight
         # The answers cannot be sent: every slot is held and another client refused ...
         assert await _refused(users)
         # ... until the stalled calls are cancelled, their slots freed. (gRPC's core keeps
@@ -84,15 +105,19 @@ async def _served(users: Users) -> bool:
     return not await _refused(users)
 
 
-async def test_unary_answers_a_client_never_takes_free_their_slots(store: Store) -> None:
-    async with _server(store) as (users, port):
+async def test_unary_answers_a_client_never_takes_free_their_slots(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _server(store, monkeypatch) as (users, port, limit):
         request = upb.GetUserRequest(user_id="u").SerializeToString()
-        await _cap_held_then_freed(users, port, "/memstore.v1.UserService/GetUser", request)
+        method = "/memstore.v1.UserService/GetUser"
+        await _cap_held_then_freed(users, port, limit, method, request)
 
 
-async def test_streams_a_client_never_reads_free_their_slots(store: Store) -> None:
-    async with _server(store) as (users, port):
+async def test_streams_a_client_never_reads_free_their_slots(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _server(store, monkeypatch) as (users, port, limit):
         request = upb.ListUsersChunkedRequest().SerializeToString()
-        await _cap_held_then_freed(
-            users, port, "/memstore.v1.UserService/ListUsersChunked", request
-        )
+        method = "/memstore.v1.UserService/ListUsersChunked"
+        await _cap_held_then_freed(users, port, limit, method, request)

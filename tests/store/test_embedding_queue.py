@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -165,28 +166,32 @@ async def test_concurrent_workers_never_embed_a_message_twice(store: Store, clea
 async def test_a_batch_that_outlasts_its_lease_is_held_not_embedded_again(
     store: Store, clean_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The lease (30 s, 0.6 here) is renewed while the model works: a slow batch was claimed
+    # The lease (30 s, 1.5 here) is renewed while the model works: a slow batch was claimed
     # by a second worker once it passed and embedded twice (a remote model's timeouts and a
-    # failing batch's halving outlast 30 s).
+    # failing batch's halving outlast 30 s). Renewed every 0.5 s, it has a second to spare
+    # on a loaded machine (0.6 s renewed every 0.2 s lapsed there).
     if not store.vectors:
         await _nothing_to_embed(store, clean_db)
         return
-    monkeypatch.setattr("server.store.embeddings.LEASE_SECONDS", 0.6)
+    lease = 1.5
+    monkeypatch.setattr("server.store.embeddings.LEASE_SECONDS", lease)
     await store.add_memory(P, "s", None, [msg("a"), msg("bb"), msg("ccc")])
-    working = asyncio.Event()
+    working, answer = asyncio.Event(), asyncio.Event()
     calls: list[list[str]] = []
 
     async def slow(texts: list[str]) -> list[list[float]]:
         calls.append(texts)
         working.set()
-        await asyncio.sleep(2.0)  # more than three leases
+        await answer.wait()  # until the probes below are done: more than two leases
         return unit_vectors(texts)
 
     first = asyncio.create_task(store.embed_due(MODEL, 10, 6, slow))
     await working.wait()
-    for _ in range(4):
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5 * lease:
         await asyncio.sleep(0.4)
         assert await store.embed_due(MODEL, 10, 6, slow) == 0
+    answer.set()
     assert await first == 3
     assert [sorted(batch) for batch in calls] == [["kai: a", "kai: bb", "kai: ccc"]]
     assert await scalar(clean_db, "SELECT count(*) FROM embedding_queue") == 0
