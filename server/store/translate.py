@@ -96,12 +96,17 @@ def translated(
 #: How Citus words a worker it cannot reach, or whose connection it lost, within a call: as
 #: an internal error (XX000), where libpq's own connection errors are OperationalErrors. A
 #: connection cut while Citus prepared a two-phase commit answered INTERNAL and logged a
-#: traceback; the transaction is rolled back, and the call is one to retry.
+#: traceback; the transaction is rolled back, and the call is one to retry. So did a worker
+#: lost during a one-shard write's COMMIT ("could not commit transaction for shard ...",
+#: Citus's commit-time check; memstore defers no constraint, so nothing else raises it
+#: here): as with a connection lost during COMMIT on plain PostgreSQL, the write may have
+#: been made (tests/citus/test_grow.py, the crashed worker).
 _WORKER_LOST = (
     "server closed the connection unexpectedly",
     "connection to the remote node",
     "could not establish any connections to the node",
     "connection not open",
+    "could not commit transaction for shard",
 )
 
 
