@@ -23,6 +23,9 @@ class FakeServer:
     body: bytes | None = None  # replaces the computed answer when set
     dims: int = 3
     delay: float = 0.0
+    #: When an Event, each request waits until it is set (at most a minute) before `delay`:
+    #: a model that answers when the test says, not after a time a loaded machine outlasts.
+    hold: threading.Event | None = None
     #: A request holding a longer text is refused with 400, as a model refuses one past its
     #: context (OpenAI: "maximum context length").
     max_chars: int | None = None
@@ -55,6 +58,8 @@ def serving() -> Iterator[FakeServer]:
             length = int(self.headers["Content-Length"])
             request = json.loads(self.rfile.read(length))
             state.requests.append((dict(self.headers), request))
+            if state.hold is not None:
+                state.hold.wait(timeout=60)
             time.sleep(state.delay)
             if self.path != "/v1/embeddings":
                 self.send_error(404)

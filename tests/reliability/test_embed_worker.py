@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,7 +166,7 @@ def test_a_stopped_worker_saves_the_batch_the_model_is_embedding(embed_db: str) 
         _keeps_recall_by_words(embed_db)  # no model: stopped between batches
         return
     with serving() as fake:
-        fake.delay = 2.0
+        fake.hold = threading.Event()
         worker = subprocess.Popen(
             [sys.executable, "-m", "server", "embed", "--database-url", embed_db,
              "--embedder", fake.url, "--embedder-model", "slow", "--log-level", "WARNING"],
@@ -178,12 +179,21 @@ def test_a_stopped_worker_saves_the_batch_the_model_is_embedding(embed_db: str) 
                 time.sleep(0.05)
             assert fake.requests, "the worker never called the model"
             worker.send_signal(signal.SIGTERM)  # the model still answering
+            _answer_later(fake)
             assert worker.wait(timeout=30) == 0
         finally:
             worker.kill()
         # The batch in hand saved, and no other claimed after the signal.
         assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
     assert _counts(embed_db) == (BATCH_SIZE, MESSAGES - BATCH_SIZE)
+
+
+def _answer_later(fake: FakeServer) -> None:
+    """Lets the held model answer a second from now: after the signal just sent (or about to
+    be) has reached the process. A fixed 2 s from the model's request was not always past
+    it: serve's start can take that long on a loaded machine."""
+    assert fake.hold is not None
+    threading.Timer(1.0, fake.hold.set).start()
 
 
 def _serve_until_the_model_is_asked(
@@ -209,8 +219,9 @@ def test_a_stopped_serve_saves_the_batch_the_model_is_embedding(embed_db: str) -
         _keeps_recall_by_words(embed_db)  # no model: stopped between batches
         return
     with serving() as fake:
-        fake.delay = 2.0
+        fake.hold = threading.Event()
         proc = _serve_until_the_model_is_asked(embed_db, fake, "--drain-delay", "3")
+        _answer_later(fake)
         code, out = stop_memstore(proc)  # the model still answering
         assert code == 0, out
         assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
@@ -222,15 +233,15 @@ def test_a_batch_not_saved_within_the_grace_period_is_given_back_whole(embed_db:
         _keeps_recall_by_words(embed_db)  # no model: stopped between batches
         return
     with serving() as fake:
-        fake.delay = 5.0
+        fake.hold = threading.Event()  # the model answers only once the process is gone
         proc = _serve_until_the_model_is_asked(
             embed_db, fake, "--drain-delay", "0", "--grace-period", "1"
         )
         code, out = stop_memstore(proc)
+        fake.hold.set()
         assert code == 0, out
         assert "embedding batch not saved within 1.0s: given back to the queue" in out, out
         assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
-        time.sleep(fake.delay)  # past the model's answer: nothing saves it later either
     assert _counts(embed_db) == (0, MESSAGES)
 
 
