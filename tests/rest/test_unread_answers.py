@@ -222,8 +222,10 @@ async def test_a_slow_reader_of_a_big_answer_is_not_reset(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # It reads far more than WRITE_MIN_BYTES each WRITE_STALL_SECONDS, yet the answer waits
-    # past the high-water mark for longer than that: it is read to its end.
-    monkeypatch.setattr(protocol, "WRITE_STALL_SECONDS", 0.5)
+    # past the high-water mark for longer than that: it is read to its end. (1 s: at 0.5 s a
+    # pause of the loop the client and server share, a collection under load, left no slack.
+    # 128 reads of at most 64 KiB, 20 ms apart, still take more than two of them.)
+    monkeypatch.setattr(protocol, "WRITE_STALL_SECONDS", 1.0)
     await _big_session(store)
     async with _server(store) as port:
         sock = socket.socket()
