@@ -153,14 +153,19 @@ async def _build(
 
 
 async def build_server(
-    config: Config, store: Store, metrics: Metrics | None = None
+    config: Config,
+    store: Store,
+    metrics: Metrics | None = None,
+    *,
+    limit: CallLimit | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A server with both services, health and (optionally) reflection, bound but not started.
 
-    Every call is counted in `metrics` (a fresh Metrics when None) and access-logged.
+    Every call is counted in `metrics` (a fresh Metrics when None) and access-logged, and
+    against `limit` (the one config.security sets when None; build_http's seam too).
     Returns the server and the port it is bound to (the real one when config.port is 0).
     """
-    server, port, _, _ = await _build(config, store, metrics, make_embedder(config))
+    server, port, _, _ = await _build(config, store, metrics, make_embedder(config), limit=limit)
     return server, port
 
 

@@ -8,13 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
-import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from memstore.v1 import user_service_pb2 as upb
-from server.config import Config, SecurityConfig
-from server.serving import app
+from server.config import Config
 from server.serving.app import build_server
 from server.serving.limit import CallLimit
 from server.store import Store
@@ -29,19 +27,9 @@ STALL = 3.0
 
 
 @asynccontextmanager
-async def _server(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[Users, int, CallLimit]]:
-    security = SecurityConfig(max_calls_in_flight=CAP, send_stall_timeout=STALL)
-    limits: list[CallLimit] = []
-    made = app._call_limit
-
-    def kept(config: Config) -> CallLimit:  # the server's cap, watched by the test
-        limits.append(made(config))
-        return limits[-1]
-
-    monkeypatch.setattr(app, "_call_limit", kept)
-    server, port = await build_server(Config(host="127.0.0.1", port=0, security=security), store)
+async def _server(store: Store) -> AsyncIterator[tuple[Users, int, CallLimit]]:
+    limit = CallLimit(CAP, send_stall=STALL)  # the server's cap, watched by the test
+    server, port = await build_server(Config(host="127.0.0.1", port=0), store, limit=limit)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -51,7 +39,7 @@ async def _server(
             except grpc.aio.AioRpcError as error:  # the store is shared by the module's tests
                 if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                     raise
-            yield users, port, limits[0]
+            yield users, port, limit
     finally:
         await server.stop(None)
 
@@ -105,19 +93,15 @@ async def _served(users: Users) -> bool:
     return not await _refused(users)
 
 
-async def test_unary_answers_a_client_never_takes_free_their_slots(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with _server(store, monkeypatch) as (users, port, limit):
+async def test_unary_answers_a_client_never_takes_free_their_slots(store: Store) -> None:
+    async with _server(store) as (users, port, limit):
         request = upb.GetUserRequest(user_id="u").SerializeToString()
         method = "/memstore.v1.UserService/GetUser"
         await _cap_held_then_freed(users, port, limit, method, request)
 
 
-async def test_streams_a_client_never_reads_free_their_slots(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with _server(store, monkeypatch) as (users, port, limit):
+async def test_streams_a_client_never_reads_free_their_slots(store: Store) -> None:
+    async with _server(store) as (users, port, limit):
         request = upb.ListUsersChunkedRequest().SerializeToString()
         method = "/memstore.v1.UserService/ListUsersChunked"
         await _cap_held_then_freed(users, port, limit, method, request)
