@@ -1,4 +1,4 @@
-"""A TCP proxy in front of a gRPC server that freezes, drops and refuses, for client faults."""
+"""A TCP proxy in front of a server (gRPC, PostgreSQL) that freezes, drops and refuses."""
 
 from __future__ import annotations
 
@@ -23,15 +23,16 @@ class _Link:
 
 
 class FaultProxy:
-    """Forwards 127.0.0.1:`port` to the server's port on threads of its own.
+    """Forwards 127.0.0.1:`port` to the server's port (or Unix socket) on threads of its own.
 
     freeze() stops the connections open now and passes new ones (a frozen peer, while the
     address reaches a live one); down() resets every connection and refuses new ones (a
     server stopped), up() listens again on the same port (the server restarted).
     """
 
-    def __init__(self, target_port: int) -> None:
-        self._target = ("127.0.0.1", target_port)
+    def __init__(self, target: int | str) -> None:
+        #: The server's port on 127.0.0.1, or the path of its Unix socket (a PostgreSQL's).
+        self._target = target
         self._links: list[_Link] = []
         self._lock = threading.Lock()
         self.accepted = 0
@@ -91,7 +92,7 @@ class FaultProxy:
                 return
             self.accepted += 1
             try:
-                server = socket.create_connection(self._target)
+                server = _connect(self._target)
             except OSError:
                 _reset(client)
                 continue
@@ -118,6 +119,18 @@ class FaultProxy:
         for sock in (src, dst):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def _connect(target: int | str) -> socket.socket:
+    if isinstance(target, int):
+        return socket.create_connection(("127.0.0.1", target))
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _reset(sock: socket.socket) -> None:

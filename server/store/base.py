@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.domain import MAX_METADATA_BYTES, MetadataChange, Page, TimeKey
 from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
+from server.store.db import BoundedConnection, Unanswered
 from server.store.health import DatabaseHealth, is_stale
 from server.store.queries import query
 from server.store.translate import ErrorFactory, translated
@@ -38,6 +39,13 @@ T = TypeVar("T")
 #: but a deadline of years (grpc-timeout 99999999H) would otherwise leave it unbounded.
 LONGEST_STATEMENT_SECONDS = 3600.0
 
+#: Seconds past the statement timeout that a call without a deadline waits for PostgreSQL's
+#: answer before its connection is dropped (db.BoundedConnection): the timeout is the
+#: server's to enforce, and a server that stops answering (a Citus worker stopped under the
+#: coordinator, a primary frozen) enforces nothing. Time for the cancelled statement's
+#: answer to come back from a loaded server.
+ANSWER_MARGIN_SECONDS = 2.0
+
 #: Runs of a transaction that the database may end as a deadlock's victim (rerun_deadlocked).
 DEADLOCK_ATTEMPTS = 3
 #: Seconds a deadlock's victim waits, at most, before its first rerun (doubled for the next):
@@ -54,7 +62,7 @@ call_deadline: ContextVar[float | None] = ContextVar("memstore_call_deadline", d
 class StoreBase:
     """The pool and the one way every method reaches the database."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool[BoundedConnection]) -> None:
         self._pool = pool
         # The pool was opened with a plain conninfo string (Store.open).
         self._health = DatabaseHealth(pool, str(pool.conninfo))
@@ -114,8 +122,11 @@ class StoreBase:
                         if snapshot is not None:
                             await _import_snapshot(conn, *snapshot)
                         yield conn
-            except psycopg.OperationalError:
-                if conn.broken or conn.closed:
+            except psycopg.OperationalError as exc:
+                # A connection dropped for want of an answer (Unanswered) says nothing of the
+                # database as a whole (one Citus worker, one statement): the health watcher's
+                # ping is what finds a silent server (serving/grpc_health.py).
+                if (conn.broken or conn.closed) and not isinstance(exc, Unanswered):
                     self._health.report_lost_connection()
                 raise
             finally:
@@ -124,22 +135,27 @@ class StoreBase:
                 # milliseconds, which counts most of this store's calls (under 1 ms) as 0.
                 self.held_seconds += time.monotonic() - taken
 
-    async def _bound_for_call(self, conn: AsyncConnection[Any]) -> None:
+    async def _bound_for_call(self, conn: BoundedConnection) -> None:
         # The statement timeout bounds a call without a deadline. A call whose deadline is
         # further away runs its statements up to LONGEST_STATEMENT_SECONDS (its deadline
         # cancels them sooner, as any deadline does); one whose deadline comes sooner is
         # bounded either way. The connection keeps what it was set to (outside a
         # transaction), so the setting changes, one round trip, only where a call needs the
         # other one.
+        # The store itself waits for any one answer at most the statement timeout and
+        # ANSWER_MARGIN_SECONDS (a server that stops answering enforces no timeout); a call
+        # whose deadline is further away, until its deadline (gRPC cancels it then).
         if self.statement_timeout <= 0:
             return
         deadline = call_deadline.get()
+        answer_within: float | None = self.statement_timeout + ANSWER_MARGIN_SECONDS
         if deadline is None:
             unbounded = False
         elif deadline - time.monotonic() > self.statement_timeout:
-            unbounded = True
+            unbounded, answer_within = True, None
         else:
-            return
+            unbounded = conn in self._unbounded
+        conn.answer_within = answer_within
         if unbounded == (conn in self._unbounded):
             return
         longest = max(LONGEST_STATEMENT_SECONDS, self.statement_timeout)
@@ -154,7 +170,7 @@ class StoreBase:
         else:
             self._unbounded.discard(conn)
 
-    async def _checkout(self) -> AsyncConnection[Any]:
+    async def _checkout(self) -> BoundedConnection:
         # Skip connections the server closed while they sat in the pool (a restart): the
         # pool replaces each closed one, and the call goes on with a live connection. Only
         # when no live one comes is the database taken for down.
@@ -185,6 +201,8 @@ async def statement_timeout_off(conn: AsyncConnection[Any], off: bool) -> None:
     """Turns the connection's statement timeout off, or (`off` False) back to the one it
     opened with. Outside a transaction the setting holds until it is changed again."""
     await conn.execute(query("no_statement_timeout" if off else "reset_statement_timeout"))
+    if off and isinstance(conn, BoundedConnection):
+        conn.answer_within = None
 
 
 @asynccontextmanager

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, sql
-from psycopg.abc import Buffer
+from psycopg.abc import Buffer, PQGen
 from psycopg.abc import Params as QueryParams
 from psycopg.abc import QueryNoTemplate as Query
 from psycopg.adapt import Loader
@@ -22,6 +22,7 @@ from server.domain import StoredJson, decode_stored_json
 from server.store.queries import query
 
 Row = dict[str, Any]
+RV = TypeVar("RV")
 Params = Mapping[str, Any]
 
 
@@ -63,6 +64,49 @@ class StoreCursor(AsyncCursor[Any]):
         self.statement = query
         await super().execute(query, params, prepare=prepare, binary=binary)
         return self
+
+
+class Unanswered(psycopg.OperationalError):
+    """PostgreSQL did not answer within the connection's `answer_within`: the connection
+    was closed under the statement (translate.py answers DEADLINE_EXCEEDED)."""
+
+
+class BoundedConnection(AsyncConnection[Any]):
+    """The store's pooled connection: psycopg's, with a bound on the client side for the
+    database's answer (`answer_within`, seconds; None for none).
+
+    The statement timeout is PostgreSQL's to enforce, so it ends nothing when the server does
+    not answer at all: a primary that stopped, or a Citus worker that stopped while the
+    coordinator waits for it (Citus cancels the worker's statement with libpq's blocking
+    cancel, which waits for the silent node: docs/scaling.md). Past the bound the connection
+    is closed, not cancelled, since a cancel waits for the same silent server; whatever the
+    statement did may or may not have been made (as with a connection lost at COMMIT).
+    """
+
+    #: Seconds any one wait for the database (a statement, a fetch, a COMMIT) may last
+    #: before the connection is dropped; StoreBase._bound_for_call sets it per call.
+    answer_within: float | None = None
+
+    async def wait(
+        self,
+        gen: PQGen[RV],
+        interval: float = 0.1,
+        timeout: float | None = None,  # noqa: ASYNC109  # psycopg's signature
+    ) -> RV:
+        within = self.answer_within
+        if timeout is not None or within is None:
+            return await super().wait(gen, interval, timeout)
+        try:
+            return await super().wait(gen, interval, within)
+        # psycopg's own timeout of wait() (private; psycopg is pinned, and
+        # tests/store/test_unanswered.py fails if it changes).
+        except psycopg.errors._WaitTimeout:
+            # psycopg closes the same way when a cancelled query does not end (its own
+            # wait): the pool then replaces the connection.
+            self.pgconn.finish()
+            raise Unanswered(
+                f"PostgreSQL did not answer within {within:g}s; the connection was closed"
+            ) from None
 
 
 async def configure(conn: AsyncConnection[Any]) -> None:

@@ -34,7 +34,7 @@ class DatabaseHealth:
     """
 
     def __init__(
-        self, pool: AsyncConnectionPool, conninfo: str, *, probe_interval: float = 0.25
+        self, pool: AsyncConnectionPool[Any], conninfo: str, *, probe_interval: float = 0.25
     ) -> None:
         self._pool = pool
         self._conninfo = conninfo

@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from server.errors import Unavailable
 from server.store.add_memory import AddMemoryMethods
 from server.store.admin import AdminMethods
-from server.store.db import configure
+from server.store.db import BoundedConnection, configure
 from server.store.embeddings import EmbeddingMethods
 from server.store.export import ExportMethods
 from server.store.health import Listener
@@ -100,6 +100,8 @@ class Store(
             reconnect_timeout=_RECONNECT_TIMEOUT,
             kwargs=options,
             configure=configure,
+            # A client-side bound on each answer, past the statement timeout (BoundedConnection).
+            connection_class=BoundedConnection,
             open=False,
         )
         try:

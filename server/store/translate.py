@@ -23,7 +23,7 @@ from server.errors import (
     Unavailable,
     UnreadableValue,
 )
-from server.store.db import StoreCursor
+from server.store.db import StoreCursor, Unanswered
 from server.store.queries import QUERIES
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,8 @@ def translated(
         if foreign_key:
             raise foreign_key(exc) from exc
         raise FailedPrecondition(_detail(exc, "a referenced row does not exist")) from exc
-    except pg.QueryCanceled as exc:
-        # Raised when the caller's deadline cancels the query, or statement_timeout fires.
-        if "statement timeout" in _detail(exc, ""):
-            raise DeadlineExceeded(
-                "the query ran longer than the server's statement timeout and was cancelled"
-            ) from exc
-        raise DeadlineExceeded("the query was cancelled: the deadline passed") from exc
+    except (pg.QueryCanceled, Unanswered) as exc:
+        raise _cancelled(exc) from exc
     except pg.DataError as exc:
         raise _data_error(exc, field) from exc
     except (pg.ProgramLimitExceeded, pg.IntegrityError) as exc:
@@ -113,6 +108,22 @@ _WORKER_LOST = (
 def _worker_lost(exc: psycopg.Error) -> bool:
     """Whether `exc` is Citus saying that a worker node could not be reached."""
     return exc.sqlstate == "XX000" and _detail(exc, "").startswith(_WORKER_LOST)
+
+
+def _cancelled(exc: pg.QueryCanceled | Unanswered) -> DeadlineExceeded:
+    if isinstance(exc, Unanswered):
+        # The statement timeout passed and the database still said nothing (a Citus worker
+        # or a primary that stopped answering): the connection was dropped. As for a
+        # statement the timeout cancelled, what it wrote may or may not have been made.
+        return DeadlineExceeded(
+            f"the database did not answer within the statement timeout ({exc}); retry"
+        )
+    # Raised when the caller's deadline cancels the query, or statement_timeout fires.
+    if "statement timeout" in _detail(exc, ""):
+        return DeadlineExceeded(
+            "the query ran longer than the server's statement timeout and was cancelled"
+        )
+    return DeadlineExceeded("the query was cancelled: the deadline passed")
 
 
 def _unavailable(exc: psycopg.OperationalError | PoolTimeout) -> Unavailable:

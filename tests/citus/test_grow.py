@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage
-from server.errors import MemstoreError, Unavailable
+from server.errors import DeadlineExceeded, MemstoreError, Unavailable
 from server.store import Store
+from server.store.base import ANSWER_MARGIN_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node
 from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar, scratch_database
 
@@ -64,6 +68,8 @@ class _Traffic:
     slowest_write: float = 0.0
     #: When each failed call started and how long it took (time.monotonic), both kinds.
     failures: list[tuple[float, float]] = field(default_factory=list)
+    #: The same of every call, served or failed.
+    calls: list[tuple[float, float]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     last_k: dict[int, int] = field(default_factory=dict)
 
@@ -85,9 +91,9 @@ class _Traffic:
             except MemstoreError as exc:
                 self.outcomes[f"AddMemory {_outcome(exc)}"] += 1
                 self.failed.setdefault(session, []).append(k)
-                self.failures.append((started, time.monotonic() - started))
+                self._took(started, failed=True)
                 continue
-            self.slowest_write = max(self.slowest_write, time.monotonic() - started)
+            self.slowest_write = max(self.slowest_write, self._took(started))
             self.outcomes["AddMemory ok"] += 1
             self.acked.setdefault(session, []).append(k)
 
@@ -100,9 +106,17 @@ class _Traffic:
                 await self.store.get_memory(P, f"s{i % SESSIONS}", 6)
             except MemstoreError as exc:
                 self.outcomes[f"GetMemory {_outcome(exc)}"] += 1
-                self.failures.append((started, time.monotonic() - started))
+                self._took(started, failed=True)
                 continue
+            self._took(started)
             self.outcomes["GetMemory ok"] += 1
+
+    def _took(self, started: float, *, failed: bool = False) -> float:
+        took = time.monotonic() - started
+        self.calls.append((started, took))
+        if failed:
+            self.failures.append((started, took))
+        return took
 
     def start(self) -> list[asyncio.Task[None]]:
         self.stopping.clear()
@@ -197,9 +211,16 @@ async def _stop_background_moves(url: str) -> None:
             await conn.execute("SELECT citus_rebalance_stop()")
 
 
-async def _check_after(store: Store, url: str, traffic: _Traffic, during: int) -> None:
+async def _check_after(
+    store: Store,
+    url: str,
+    traffic: _Traffic,
+    during: int,
+    failing: tuple[type[MemstoreError], ...] = (Unavailable,),
+) -> None:
     """Every acknowledged write whole and in order, the kept counts equal to the rows, and
-    every call that failed failed as UNAVAILABLE (which a client retries)."""
+    every call that failed failed as one of `failing` (UNAVAILABLE, which a client
+    retries)."""
     stored = await _stored(url)
     off = await scalar(url, f"SELECT count(*) FROM ({SESSIONS_OFF_THEIR_ROWS}) off")
     counts = {u: (await store.get_user(P, f"u{u}")).session_count for u in range(USERS)}
@@ -209,7 +230,8 @@ async def _check_after(store: Store, url: str, traffic: _Traffic, during: int) -
     seeded = Counter(f"u{i % USERS}" for i in range(SESSIONS))
     assert counts == {u: seeded[f"u{u}"] + made[f"u{u}"] for u in range(USERS)}
     failures = {k for k in traffic.outcomes if not k.endswith(" ok")}
-    assert all(k.split(" ")[1].startswith(Unavailable.__name__) for k in failures), failures
+    names = tuple(f"{kind.__name__}:" for kind in failing)
+    assert all(k.split(" ")[1].startswith(names) for k in failures), failures
     assert traffic.outcomes["AddMemory ok"] > during > 0
 
 
@@ -370,6 +392,109 @@ async def test_a_worker_that_crashes_fails_only_its_shards_calls_and_loses_nothi
         dbname = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
         assert await scalar(node.url(dbname), prepared) == 0
         await _check_after(store, url, traffic, down["AddMemory ok"])
+
+
+async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bound(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # Every process of a worker holding a share of both co-location groups is stopped
+    # (SIGSTOP: a hung machine, a partition that drops packets): it neither answers nor
+    # closes a connection. On the statement timeout Citus cancels the worker's statement
+    # with libpq's blocking cancel, which waits for the silent node, so the coordinator
+    # answered nothing until the worker resumed (13 s with a 2 s timeout, docs/scaling.md):
+    # the store's own bound on an answer (statement timeout + ANSWER_MARGIN_SECONDS) ends
+    # such a call, as DEADLINE_EXCEEDED, and drops its connection.
+    async with _with_a_new_worker(citus_nodes) as (_, url, node):
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(REBALANCE.format(mode="block_writes"))
+        moved = await _placements(url, node.port)
+        assert moved.get("users", 0) >= 2 and moved.get("sessions", 0) >= 2, moved
+
+        store = await Store.open(url, min_size=2, max_size=8, statement_timeout=HUNG_TIMEOUT)
+        await store.check_vectors()
+        traffic = _Traffic(store)
+        tasks = traffic.start()
+        stopped: list[int] = []
+        try:
+            await asyncio.sleep(0.5)  # calls under way
+            stopped = _suspend(node)
+            start, since = Counter(traffic.outcomes), time.monotonic()
+            await asyncio.sleep(HUNG_SECONDS)
+            hung, until = traffic.outcomes - start, time.monotonic()
+            _resume(stopped)
+            stopped = []
+            # A two-phase commit cut short between its PREPARE and its COMMIT PREPARED:
+            # committed or rolled back now rather than by Citus's recovery a minute later.
+            await scalar(url, "SELECT recover_prepared_transactions()")
+            back = await _a_clean_window(traffic)
+        finally:
+            traffic.stopping.set()
+            _resume(stopped)
+            ended = await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            for failure in ended:
+                if failure is not None:
+                    raise failure
+            bound = HUNG_TIMEOUT + ANSWER_MARGIN_SECONDS
+            # Every call begun while the worker was stopped, early enough to have ended
+            # before it resumed if bounded: served or failed, none waited for its return.
+            while_hung = [took for began, took in traffic.calls
+                          if since <= began < until - bound - 1.0]  # fmt: skip
+            print(
+                f"\nhung worker: {dict(hung)}, back {dict(back)}, slowest call begun while"
+                f" hung {max(while_hung, default=0):.2f}s (bound {bound:g}s)"
+            )
+            assert while_hung and max(while_hung) < bound + 2.0, max(while_hung, default=0)
+            # Calls on its shards failed as DEADLINE_EXCEEDED; those on the other workers'
+            # shards went on meanwhile.
+            assert sum(n for k, n in hung.items() if DeadlineExceeded.__name__ in k) > 0, hung
+            assert hung["AddMemory ok"] > 0 and hung["GetMemory ok"] > 0, hung
+            # Nothing acknowledged lost; a failed write stored whole or not at all.
+            failing = (DeadlineExceeded, Unavailable)
+            await _check_after(store, url, traffic, hung["AddMemory ok"], failing)
+        finally:
+            await store.close()
+
+
+#: The statement timeout of the store whose worker stops answering (seconds).
+HUNG_TIMEOUT = 1.0
+#: Seconds the worker stays stopped: several bounds on an answer.
+HUNG_SECONDS = 8.0
+
+
+def _suspend(node: Node) -> list[int]:
+    """Stops (SIGSTOP) every process of `node`, its postmaster first so that it forks no
+    more; returns their pids, the postmaster's first."""
+    postmaster = int((node.data_dir / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)
+    stopped = [postmaster]
+    while children := [pid for pid in _children(postmaster) if pid not in stopped]:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+    return stopped
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        # The parent's pid is the second field after the command's closing parenthesis.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
+
+
+def _resume(pids: list[int]) -> None:
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _start_again(node: Node) -> None:
