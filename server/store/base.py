@@ -103,7 +103,7 @@ class StoreBase:
         field: str = "request",
         single: bool = False,
         snapshot: tuple[int, str] | None = None,
-    ) -> AsyncIterator[AsyncConnection[Any]]:
+    ) -> AsyncIterator[BoundedConnection]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
         # transaction, which saves the BEGIN and COMMIT round trips. A block that reads in a
@@ -141,10 +141,9 @@ class StoreBase:
         # cancels them sooner, as any deadline does); one whose deadline comes sooner is
         # bounded either way. The connection keeps what it was set to (outside a
         # transaction), so the setting changes, one round trip, only where a call needs the
-        # other one.
-        # The store itself waits for any one answer at most the statement timeout and
-        # ANSWER_MARGIN_SECONDS (a server that stops answering enforces no timeout); a call
-        # whose deadline is further away, until its deadline (gRPC cancels it then).
+        # other one. The store itself waits for any one answer at most the statement timeout
+        # and ANSWER_MARGIN_SECONDS (a server that stops answering enforces no timeout); a
+        # call whose deadline is further away, until its deadline (gRPC cancels it then).
         if self.statement_timeout <= 0:
             return
         deadline = call_deadline.get()
@@ -197,11 +196,11 @@ class StoreBase:
         raise Unavailable("database unavailable: every pooled connection was closed")
 
 
-async def statement_timeout_off(conn: AsyncConnection[Any], off: bool) -> None:
+async def statement_timeout_off(conn: BoundedConnection, off: bool) -> None:
     """Turns the connection's statement timeout off, or (`off` False) back to the one it
     opened with. Outside a transaction the setting holds until it is changed again."""
     await conn.execute(query("no_statement_timeout" if off else "reset_statement_timeout"))
-    if off and isinstance(conn, BoundedConnection):
+    if off:
         conn.answer_within = None
 
 
