@@ -237,10 +237,15 @@ def test_a_batch_not_saved_within_the_grace_period_is_given_back_whole(embed_db:
         proc = _serve_until_the_model_is_asked(
             embed_db, fake, "--drain-delay", "0", "--grace-period", "1"
         )
+        signalled = time.monotonic()
         code, out = stop_memstore(proc)
+        stopped_in = time.monotonic() - signalled
         fake.hold.set()
         assert code == 0, out
         assert "embedding batch not saved within 1.0s: given back to the queue" in out, out
+        # The process exits too, its model still silent: it waited for the model's HTTP
+        # timeout (30 s) while the embedding thread was joined at exit.
+        assert stopped_in < 15, stopped_in
         assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
     assert _counts(embed_db) == (0, MESSAGES)
 
