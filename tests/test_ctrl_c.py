@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -141,6 +142,31 @@ def test_ctrl_c_while_serve_loads_is_status_130_and_no_traceback(data_dir: Path)
     assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in said), said
     assert said and "interrupted" in said[-1], said
     assert not _postgres_of(data_dir / "pg")
+
+
+def test_a_ctrl_c_python_ignored_while_loading_still_stops_the_command(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Ctrl-C that lands while the import system runs a weakref callback is raised there,
+    # and Python ignores it ("Exception ignored in ... _get_module_lock"): `serve` went on
+    # serving, and the test above waited 60 s for it to exit (a CI run, 2026-12-04). Here
+    # the signal comes through the real handler while the parser loads, and its
+    # KeyboardInterrupt is swallowed as that callback's was: the command still stops.
+    import server.__main__ as entry
+
+    parser = entry._parser
+
+    def parser_then_a_lost_ctrl_c() -> Any:
+        loaded = parser()
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        return loaded
+
+    monkeypatch.setattr(entry, "_parser", parser_then_a_lost_ctrl_c)
+    assert entry.main(["migrate", "--database-url", _dead_port_url()]) == 130
+    assert "migrate interrupted" in caplog.text
+    # Python's own handler is back once the command returns.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_while_serve_starts_its_postgres_leaves_none_running(data_dir: Path) -> None:
