@@ -17,8 +17,9 @@ from tokenizers import Encoding, Tokenizer
 class Embedder(Protocol):
     """A model that embeds texts; every implementation here satisfies it.
 
-    `embed` is synchronous and CPU- or network-bound: call it off the event loop
-    (`asyncio.to_thread`). Implementations may be called from several threads at once.
+    `embed` is synchronous and CPU- or network-bound: call it off the event loop, on
+    `server.search.threads.DaemonThreads` (not `asyncio.to_thread`, whose threads a stopping
+    process waits for). Implementations may be called from several threads at once.
     """
 
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -12,6 +11,7 @@ from server.domain import Message, SearchOutcome, SearchQuery, SearchResult, Ses
 from server.errors import FailedPrecondition, InvalidArgument, Unavailable
 from server.search.embedding import PROBE_WORD, Embedder, EmbeddingError
 from server.search.ranking import context_block, mmr_order
+from server.search.threads import DEFAULT_SIZE, DaemonThreads
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class Searcher:
     def __init__(self, store: Store, embedder: Embedder | None) -> None:
         self._store = store
         self._embedder = embedder
+        # The query's model runs here, not in asyncio's executor, which a stopping process
+        # waits for: a silent remote model held its exit (server/search/threads.py).
+        self._threads = DaemonThreads(DEFAULT_SIZE, "query-embedder")
         # The other models whose vectors are stored (embedding_models), and when looked at.
         self._others: list[str] = []
         self._others_seen = -math.inf
@@ -174,7 +177,7 @@ class Searcher:
         # name or key wrong: the server's fault, UNAVAILABLE as any failing model).
         assert self._embedder is not None
         try:
-            await asyncio.to_thread(self._embedder.embed, [PROBE_WORD])
+            await self._threads.run(self._embedder.embed, [PROBE_WORD])
         except EmbeddingError:
             return False
         return True
@@ -194,7 +197,7 @@ class Searcher:
         """
         assert self._embedder is not None
         try:
-            return await asyncio.to_thread(self._embedder.embed, texts)
+            return await self._threads.run(self._embedder.embed, texts)
         except EmbeddingError as exc:
             if exc.refused and await self._embeds_a_word():
                 raise InvalidArgument.field(

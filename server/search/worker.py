@@ -7,7 +7,6 @@ import contextlib
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 from server.errors import MemstoreError
 from server.search.embedding import PROBE_WORD, Embedder, EmbeddingError
 from server.search.service import RECALL_WINDOW
+from server.search.threads import DaemonThreads
 from server.store import QUEUE_COUNT_CAP, Deferred, Store
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class EmbeddingWorker:
         self._batch_cpu = 0.0
         # The model runs in a thread of its own at a lower CPU priority: on a machine it
         # shares with the server's requests, embedding takes what the requests leave.
-        self._thread = _ModelThread()
+        # One thread, at a lower priority: a batch at a time.
+        self._thread = DaemonThreads(1, "embedder", on_start=_lower_priority)
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -267,71 +268,10 @@ class EmbeddingWorker:
 
     async def _embed_now(self, texts: list[str]) -> list[list[float]]:
         assert self._embedder is not None
-        vectors, cpu = await self._thread.run(self._embedder, texts)
+        vectors, cpu = await self._thread.run(_timed, self._embedder, texts)
         self._pacer.model_ran(cpu)
         self._batch_cpu += cpu
         return vectors
-
-
-class _ModelThread:
-    """One daemon thread that runs the model, a batch at a time, at a lower priority.
-
-    Not a ThreadPoolExecutor: Python joins an executor's threads when the process exits, so
-    a remote model that never answered held a stopped server's exit until its HTTP timeout
-    (30 s), past the grace period that had already given its batch back
-    (tests/reliability/test_embed_worker.py). A daemon thread is left behind instead.
-    """
-
-    def __init__(self) -> None:
-        self._batches: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    async def run(self, embedder: Embedder, texts: list[str]) -> tuple[list[list[float]], float]:
-        """The model's vectors for `texts` and the thread's CPU seconds for them."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="embedder", daemon=True)
-            self._thread.start()
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[tuple[list[list[float]], float]] = loop.create_future()
-        self._batches.put((loop, answer, embedder, texts))
-        return await answer
-
-    def _serve(self) -> None:
-        _lower_priority()
-        while True:
-            loop, answer, embedder, texts = self._batches.get()
-            try:
-                result = _timed(embedder, texts)
-            except BaseException as exc:  # handed to the awaiting task, as an executor does
-                _hand_over(loop, answer, exc)
-            else:
-                _hand_over(loop, answer, result)
-
-
-_Batch = tuple[
-    asyncio.AbstractEventLoop,
-    "asyncio.Future[tuple[list[list[float]], float]]",
-    Embedder,
-    list[str],
-]
-
-
-def _hand_over(
-    loop: asyncio.AbstractEventLoop,
-    answer: asyncio.Future[tuple[list[list[float]], float]],
-    result: tuple[list[list[float]], float] | BaseException,
-) -> None:
-    def settle() -> None:
-        if answer.done():  # its task was cancelled meanwhile (a stop)
-            return
-        if isinstance(result, BaseException):
-            answer.set_exception(result)
-        else:
-            answer.set_result(result)
-
-    # The loop may be closed by now (the process stopping): nobody waits for this batch.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(settle)
 
 
 def _timed(embedder: Embedder, texts: list[str]) -> tuple[list[list[float]], float]:

@@ -17,9 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 
+from memstore.v1.session_service_pb2 import SearchMemoryRequest
+from memstore.v1.session_service_pb2_grpc import SessionServiceStub
 from server.search.worker import BATCH_SIZE
 from tests.fake_embedder import FakeServer, serving
 from tests.fix_db import scratch_database
@@ -248,6 +251,49 @@ def test_a_batch_not_saved_within_the_grace_period_is_given_back_whole(embed_db:
         assert stopped_in < 15, stopped_in
         assert [len(body["input"]) for _, body in fake.requests] == [BATCH_SIZE]
     assert _counts(embed_db) == (0, MESSAGES)
+
+
+def test_a_search_waiting_on_a_silent_model_does_not_hold_a_stopped_servers_exit(
+    embed_db: str,
+) -> None:
+    # The query's vector came from asyncio's default executor, whose threads `asyncio.run`
+    # and Python join at exit: a SearchMemory whose remote model never answered held the
+    # stopped server until the model's HTTP timeout (30 s), long after the grace period had
+    # failed the call.
+    with serving() as fake:
+        fake.hold = threading.Event()  # the model answers only once the process is gone
+        proc, port = serve_memstore(
+            "--embedder", fake.url, "--embedder-model", "silent", "--no-embedding-worker",
+            "--purge-interval", "0", "--grace-period", "1",
+            env={**os.environ, "DATABASE_URL": embed_db},
+        )  # fmt: skip
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            search = SessionServiceStub(channel).SearchMemory.future(
+                SearchMemoryRequest(text="message number 7", session_ids=["s7"]), timeout=60
+            )
+            if _no_vectors(embed_db):
+                # Nothing kept by meaning: the search ranks by words, the model never asked.
+                results = search.result().results
+                assert [r.message.content for r in results][:1] == ["message number 7"]
+                assert fake.requests == []
+                code, out = stop_memstore(proc)
+                assert code == 0, out
+                return
+            deadline = time.monotonic() + 30
+            while not fake.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [body["input"] for _, body in fake.requests] == [["message number 7"]]
+            signalled = time.monotonic()
+            code, out = stop_memstore(proc)
+            stopped_in = time.monotonic() - signalled
+            fake.hold.set()
+            assert code == 0, out
+            assert stopped_in < 10, (stopped_in, out)
+            with pytest.raises(grpc.RpcError) as failed:
+                search.result()
+            # Past the grace period the call is cancelled by the server, or its channel
+            # closes with the process: either way it fails, nothing answered half.
+            assert failed.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 
 
 def test_reindex_re_embeds_what_another_model_made(embed_db: str) -> None:
