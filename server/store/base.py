@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.domain import MAX_METADATA_BYTES, MetadataChange, Page, TimeKey
 from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
-from server.store.db import BoundedConnection, Unanswered
+from server.store.db import ANSWER_MARGIN_SECONDS, BoundedConnection, Unanswered
 from server.store.health import DatabaseHealth, is_stale
 from server.store.queries import query
 from server.store.translate import ErrorFactory, translated
@@ -38,13 +38,6 @@ T = TypeVar("T")
 #: timeout may run (or the statement timeout, when longer): its deadline ends it sooner,
 #: but a deadline of years (grpc-timeout 99999999H) would otherwise leave it unbounded.
 LONGEST_STATEMENT_SECONDS = 3600.0
-
-#: Seconds past the statement timeout that a call without a deadline waits for PostgreSQL's
-#: answer before its connection is dropped (db.BoundedConnection): the timeout is the
-#: server's to enforce, and a server that stops answering (a Citus worker stopped under the
-#: coordinator, a primary frozen) enforces nothing. Time for the cancelled statement's
-#: answer to come back from a loaded server.
-ANSWER_MARGIN_SECONDS = 2.0
 
 #: Runs of a transaction that the database may end as a deadlock's victim (rerun_deadlocked).
 DEADLOCK_ATTEMPTS = 3

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, sql
+from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, sql, waiting
 from psycopg.abc import Buffer, PQGen
 from psycopg.abc import Params as QueryParams
 from psycopg.abc import QueryNoTemplate as Query
@@ -66,6 +67,15 @@ class StoreCursor(AsyncCursor[Any]):
         return self
 
 
+#: Seconds past the statement timeout that a call without a deadline waits for PostgreSQL's
+#: answer before its connection is dropped (BoundedConnection): the timeout is the server's
+#: to enforce, and a server that stops answering (a Citus worker stopped under the
+#: coordinator, a primary frozen) enforces nothing. Time for the cancelled statement's
+#: answer to come back from a loaded server; also how long a call cancelled (at its
+#: deadline) waits for its statement's cancel before the connection is dropped.
+ANSWER_MARGIN_SECONDS = 2.0
+
+
 class Unanswered(psycopg.OperationalError):
     """PostgreSQL did not answer within the connection's `answer_within`: the connection
     was closed under the statement (translate.py answers DEADLINE_EXCEEDED)."""
@@ -93,20 +103,44 @@ class BoundedConnection(AsyncConnection[Any]):
         interval: float = 0.1,
         timeout: float | None = None,  # noqa: ASYNC109  # psycopg's signature
     ) -> RV:
-        within = self.answer_within
-        if timeout is not None or within is None:
-            return await super().wait(gen, interval, timeout)
+        # psycopg's AsyncConnection.wait (psycopg is pinned; tests/store/test_unanswered.py
+        # fails if its private parts change), with two bounds of ours: `answer_within`, and
+        # the wait after a cancel. On a call cancelled (gRPC at its deadline) psycopg asks
+        # the server to cancel and waits for the answer 5 s before it closes the connection;
+        # a server that stopped answering held the pooled connection that long past the
+        # deadline. Here the margin.
+        within = self.answer_within if timeout is None else timeout
         try:
-            return await super().wait(gen, interval, within)
-        # psycopg's own timeout of wait() (private; psycopg is pinned, and
-        # tests/store/test_unanswered.py fails if it changes).
+            return await waiting.wait_async(
+                gen, self.pgconn.socket, interval=interval, timeout=within
+            )
         except psycopg.errors._WaitTimeout:
-            # psycopg closes the same way when a cancelled query does not end (its own
-            # wait): the pool then replaces the connection.
-            self.pgconn.finish()
+            if timeout is not None:
+                raise
+            self.pgconn.finish()  # the pool replaces the connection
             raise Unanswered(
                 f"PostgreSQL did not answer within {within:g}s; the connection was closed"
             ) from None
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
+                await self._cancel_within(gen, interval)
+            raise
+
+    async def _cancel_within(self, gen: PQGen[Any], interval: float) -> None:
+        # The statement cancelled and its answer read, within ANSWER_MARGIN_SECONDS; the
+        # connection closed otherwise, as psycopg closes it past its own 5 s.
+        margin = ANSWER_MARGIN_SECONDS
+        try:
+            await self._try_cancel(timeout=margin)
+            await waiting.wait_async(gen, self.pgconn.socket, interval=interval, timeout=margin)
+        except psycopg.errors.QueryCanceled:
+            pass  # as asked
+        except psycopg.errors._WaitTimeout:
+            self.pgconn.finish()
+        except BaseException as exc:  # interrupted again, or the cancel failed: state unknown
+            self.pgconn.finish()
+            if not isinstance(exc, Exception):
+                raise
 
 
 async def configure(conn: AsyncConnection[Any]) -> None:

@@ -91,3 +91,31 @@ async def test_a_call_whose_deadline_is_further_waits_past_the_bound(
         assert not updating.done(), updating
         await blocker.rollback()
         assert await asyncio.wait_for(updating, 10) == "late@x.io"
+
+
+async def test_a_call_cancelled_at_its_deadline_gives_its_connection_back_within_the_margin(
+    through_proxy: tuple[FaultProxy, Store],
+) -> None:
+    # gRPC cancels a call at its deadline. psycopg then asks the server to cancel the
+    # statement and waits for the answer on the silent connection, up to 5 s, before it
+    # closes it: the pooled connection (the store's only one here) stayed taken that long
+    # past the deadline, and every call behind it waited.
+    proxy, st = through_proxy
+    assert (await st.get_user(P, "u")).user_id == "u"
+    proxy.freeze()
+
+    async def update() -> None:
+        call_deadline.set(time.monotonic() + TIMEOUT)
+        await st.update_user(P, "u", UserChanges(email="a@x.io"))
+
+    updating = asyncio.create_task(update())
+    await asyncio.sleep(TIMEOUT)  # the deadline: gRPC cancels the handler's task
+    assert not updating.done()
+    cancelled = time.monotonic()
+    updating.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(updating, 30)
+    held = time.monotonic() - cancelled
+    assert held < ANSWER_MARGIN_SECONDS + 0.5, held
+    # The connection was closed under the silent statement; the next call takes a new one.
+    assert (await asyncio.wait_for(st.get_user(P, "u"), 10)).user_id == "u"
