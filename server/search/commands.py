@@ -29,7 +29,7 @@ async def embed(config: Config) -> None:
     worker, which keeps recall by words and runs no model)."""
     store = await open_store(config)
     try:
-        await store.migrate()
+        await store.migrate_to_serve()
         embedder = None if store.word_recall else await _ready(store, config)
         await warn_of_other_models(store, embedder)
         worker = EmbeddingWorker(store, embedder)

@@ -271,7 +271,7 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
     store = await open_store(config)
     background: list[asyncio.Task[None]] = []
     try:
-        await store.migrate()  # logs each migration it applies
+        await store.migrate_to_serve()  # logs each migration it applies
         metrics = Metrics(store.pool_stats, queue_stats(store))
         metrics_http = _serve_metrics(config, metrics)
         await loading
@@ -330,7 +330,15 @@ def _start_background(
 ) -> Callable[[], Awaitable[None]]:
     """Starts what a serving process runs beside its calls, among `background`: the periodic
     purge, the embedding worker and the watch on its queue; returns what stops the worker."""
-    if config.purge_interval > 0:
+    if config.purge_interval > 0 and store.worker_group is not None:
+        # One purge per interval is kept by the coordinator's advisory lock, which a worker
+        # does not see (docs/scaling.md, "Calls through a worker").
+        log.info(
+            "serving through Citus worker node group %d: no periodic purge here; servers on "
+            "the coordinator's URL purge (or run `memstore purge` with it)",
+            store.worker_group,
+        )
+    elif config.purge_interval > 0:
         purging = purge_periodically(config, store, PurgeMetrics(metrics.registry))
         background.append(asyncio.create_task(purging))
     stop_worker = _start_worker(config, store, embedder, background)

@@ -45,7 +45,7 @@ async def _migrate_once(config: Config) -> None:
 
     store = await open_store(config)
     try:
-        await store.migrate()
+        await store.migrate_to_serve()
         await start_authenticator(config, store)
     finally:
         await store.close()

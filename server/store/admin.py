@@ -12,6 +12,7 @@ from server.domain import BackupSource
 from server.errors import FailedPrecondition, Unavailable
 from server.store.base import StoreBase, statement_timeout_off
 from server.store.db import fetch_one
+from server.store.distribute import citus_worker_group
 from server.store.migrate import apply_migrations, missing_migrations
 from server.store.queries import query
 
@@ -68,6 +69,33 @@ class AdminMethods(StoreBase):
                 await conn.set_autocommit(False)
         await self.check_vectors()
         return applied
+
+    async def migrate_to_serve(self) -> list[str]:
+        """What a serving process (`memstore serve`, `memstore embed`) does at its start:
+        migrates (`migrate`); through a Citus worker, where only the coordinator may migrate,
+        checks instead that the coordinator has applied every migration, and remembers the
+        worker's node group (`worker_group`). Returns the migrations applied.
+
+        Raises:
+            FailedPrecondition: on a worker, migrations are missing (NOT_MIGRATED), naming
+                them and the coordinator.
+            Unavailable: the database (or, on a worker, the coordinator) cannot be reached.
+        """
+        async with self._connect(single=True) as conn:
+            group = await citus_worker_group(conn)
+            missing = await missing_migrations(conn, on_worker=True) if group else []
+        if group is None:
+            return await self.migrate()
+        if missing:
+            raise FailedPrecondition(
+                f"this database URL reaches a Citus worker (node group {group}) and the "
+                f"coordinator lacks this memstore's migrations ({', '.join(missing)}): run "
+                "`memstore migrate` with the coordinator's URL first",
+                reason="NOT_MIGRATED",
+            )
+        self.worker_group = group
+        await self.check_vectors()
+        return []
 
     async def require_migrated(self) -> None:
         """Checks, changing nothing, that the database holds this memstore's migrations (but

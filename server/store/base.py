@@ -69,6 +69,10 @@ class StoreBase:
         #: Whether the database is a Citus coordinator (the tables are distributed): the few
         #: writes Citus runs differently take their other path (docs/scaling.md).
         self.citus = False
+        #: The node group of the Citus worker this store reaches, when a server started
+        #: through one (migrate_to_serve): calls work as through the coordinator, but for what
+        #: relies on the coordinator's advisory locks (Restore is refused, no periodic purge).
+        self.worker_group: int | None = None
         #: The statement timeout every pooled connection opens with (seconds, 0 for none):
         #: Store.open sets it.
         self.statement_timeout = 0.0

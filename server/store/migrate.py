@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, Unavailable
 from server.store.distribute import citus_present, citus_worker_group, distribute
 from server.store.queries import query
 
@@ -98,17 +98,27 @@ async def refuse_a_citus_worker(conn: AsyncConnection[Any]) -> None:
         )
 
 
-async def missing_migrations(conn: AsyncConnection[Any]) -> list[str]:
+async def missing_migrations(conn: AsyncConnection[Any], *, on_worker: bool = False) -> list[str]:
     """This memstore's migrations the database lacks, changing nothing; those that wait for
     an extension not usable here (pgvector not created, or on no schema this connection
     searches) are not missing: a migrate would skip them too.
 
+    Args:
+        on_worker: the connection reached a Citus worker (a server's start there): the
+            coordinator's record is read, through the worker.
+
     Raises:
         FailedPrecondition: (CITUS_WORKER) the connection reached a Citus worker, which
-            holds no record of migrations.
+            holds no record of migrations, and `on_worker` is not set; (NOT_MIGRATED) on a
+            worker, the coordinator has no record yet.
+        Unavailable: on a worker, the coordinator could not be asked.
     """
-    await refuse_a_citus_worker(conn)
-    done = await _applied(conn) or set()
+    if on_worker:
+        done = await _applied_on_coordinator(conn)
+        _warn_if_newer(done)  # as a migrate at a server's start warns
+    else:
+        await refuse_a_citus_worker(conn)
+        done = await _applied(conn) or set()
     missing: list[str] = []
     for name, text in migrations():
         if name in done:
@@ -131,6 +141,24 @@ async def _applied(conn: AsyncConnection[Any]) -> set[str] | None:
         return None
     cur = await conn.execute(query("applied_migrations"))
     return {str(row[0]) for row in await cur.fetchall()}
+
+
+async def _applied_on_coordinator(conn: AsyncConnection[Any]) -> set[str]:
+    """On a Citus worker: the names of the migrations the coordinator records as applied
+    (schema_migrations is the coordinator's own table; Citus's run_command_on_coordinator
+    reads it over the worker's connection to the coordinator)."""
+    cur = await conn.execute(query("coordinator_applied_migrations"))
+    row = await cur.fetchone()
+    if row is not None and row[0]:
+        return {name for name in str(row[1]).split(",") if name}
+    said = str(row[1]) if row is not None else "no answer"
+    if "does not exist" in said:
+        raise FailedPrecondition(
+            "the Citus coordinator holds no record of memstore's migrations: run `memstore "
+            "migrate` with the coordinator's URL first",
+            reason="NOT_MIGRATED",
+        )
+    raise Unavailable(f"the Citus coordinator could not be asked for its migrations: {said}")
 
 
 async def _apply(conn: AsyncConnection[Any], name: str, text: str) -> None:

@@ -45,11 +45,21 @@ class RestoreMethods(StoreBase):
                 a session names an absent user (USER_NOT_FOUND), a message an absent session
                 (SESSION_NOT_FOUND).
                 A live message names a soft-deleted session (SESSION_DELETED).
+                The server reaches a Citus worker (CITUS_WORKER).
             AlreadyExists: a row's key is stored with other values (RESTORE_CONFLICT), also
                 when another call stored it while this one ran.
             Unavailable: a row another call stored while this one ran was removed again
                 before it could be compared (nothing written; the request may be resent).
         """
+        if self.worker_group is not None:
+            # Restores of a project take turns by an advisory lock, which is each node's own:
+            # through a worker they would no longer (tests/citus/test_through_a_worker.py).
+            raise FailedPrecondition(
+                f"this server reaches a Citus worker (node group {self.worker_group}): "
+                "Restore runs through a server on the coordinator's URL only, where Restores "
+                "of one project take turns",
+                reason="CITUS_WORKER",
+            )
         # A transaction locking the same sessions in another order can make it a deadlock's
         # victim (on Citus, DeleteUser locks the user's sessions in no order): rolled back
         # whole, it runs again (tests/store/test_restore_races.py).

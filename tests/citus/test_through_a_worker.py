@@ -10,23 +10,39 @@ sent through different nodes do not take turns (docs/scaling.md, "Calls through 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
+from google.protobuf import timestamp_pb2
 from psycopg import conninfo as pg_conninfo
 
+from bench.citus_relief import KINDS, SIDES
+from memstore.v1 import backup_service_pb2 as bs
+from memstore.v1 import backup_service_pb2_grpc, session_service_pb2_grpc, user_service_pb2_grpc
+from memstore.v1 import resources_pb2 as rs
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import user_service_pb2 as us
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage, SearchQuery
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, NotFound
 from server.store import Store
+from server.store.migrate import migrations
 from server.store.queries import query
 from tests.fix_db import scalar
+from tests.grpc import Code, msg, rpc_error
+from tests.processes import serve_memstore, stop_memstore
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _msg(content: str) -> NewMessage:
@@ -95,19 +111,16 @@ async def test_migrate_through_a_worker_is_refused_and_changes_nothing(
     assert await scalar(worker_url, "SELECT to_regclass('schema_migrations') IS NULL")
 
 
-@pytest.mark.parametrize("command", ["migrate", "serve", "embed", "purge"])
-def test_memstore_through_a_worker_refuses_to_start(
+@pytest.mark.parametrize("command", ["migrate", "purge"])
+def test_memstore_migrate_and_the_one_shot_commands_through_a_worker_are_refused(
     worker_url: str, citus_store: Store, command: str
 ) -> None:
-    """`memstore serve` and `embed` migrate at their start, so they are refused there too,
-    saying why; the one-shot commands (`purge`) say the same, not NOT_MIGRATED (a migrate
-    they then sent the caller to was refused)."""
+    """Only the coordinator migrates; the one-shot commands (`purge`) say the same, not
+    NOT_MIGRATED (a migrate they then sent the caller to was refused)."""
     ran = subprocess.run(
-        [sys.executable, "-m", "server", command, "--port", "0", "--no-embedding-worker"]
-        if command == "serve"
-        else [sys.executable, "-m", "server", command],
+        [sys.executable, "-m", "server", command],
         env={**os.environ, "DATABASE_URL": worker_url},
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,6 +130,103 @@ def test_memstore_through_a_worker_refuses_to_start(
     assert ran.returncode == 1, said
     assert "reaches a Citus worker" in said
     assert "with the coordinator's URL" in said
+
+
+async def test_serve_through_a_worker_serves_and_leaves_restore_and_purge_to_the_coordinator(
+    worker_url: str, citus_store: Store
+) -> None:
+    """`memstore serve` started through a worker: it checks the coordinator's record of
+    migrations instead of migrating, serves the calls (seen through the coordinator), and
+    refuses Restore and runs no periodic purge, which take turns by the coordinator's
+    advisory locks. It refused to start there before (its start migrated)."""
+    env = {**os.environ, "DATABASE_URL": worker_url}
+    args = ("--no-embedding-worker", "--purge-interval", "1")
+    proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
+    tag = secrets.token_hex(3)
+    user, session = f"wu{tag}", f"ws{tag}"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+            await users.CreateUser(us.CreateUserRequest(user_id=user))
+            add = ss.AddMemoryRequest(
+                session_id=session, user_id=user, messages=[msg("through"), msg("a worker")]
+            )
+            await sessions.AddMemory(add)
+            memory = await sessions.GetMemory(ss.GetMemoryRequest(session_id=session))
+            assert [m.content for m in memory.messages] == ["through", "a worker"]
+            got = await users.GetUser(us.GetUserRequest(user_id=user))
+            assert got.user.session_count == 1
+            backup = backup_service_pb2_grpc.BackupServiceStub(channel)
+            at = timestamp_pb2.Timestamp(seconds=1_700_000_000)
+            restore = bs.RestoreRequest(
+                users=[rs.User(user_id=f"r{tag}", created_at=at, updated_at=at)]
+            )
+            await rpc_error(
+                backup.Restore(restore), Code.FAILED_PRECONDITION, reason="CITUS_WORKER"
+            )
+            await asyncio.sleep(2)  # past the purge interval: a purge would have run
+    finally:
+        code, out = await asyncio.to_thread(stop_memstore, proc)
+    assert code == 0, out
+    assert "no periodic purge here" in out, out
+    assert "purge removed" not in out, out
+    assert "Traceback" not in out, out
+    # What the worker's server wrote is the cluster's: the coordinator reads it.
+    found, messages = await citus_store.get_memory(P, session, 10)
+    assert found is not None and found.user_id == user
+    assert [m.content for m in messages] == ["through", "a worker"]
+    assert (await citus_store.get_user(P, user)).session_count == 1
+    with pytest.raises(NotFound):
+        await citus_store.get_user(P, f"r{tag}")  # the refused Restore wrote nothing
+
+
+async def test_a_worker_serves_only_once_the_coordinator_has_migrated(
+    citus_url: str, worker_url: str, worker_store: Store
+) -> None:
+    """A server of a newer memstore started through a worker, before the coordinator was
+    migrated to it, is refused and names what is missing and where to migrate."""
+    last = migrations()[-1][0]
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+        await conn.execute("DELETE FROM schema_migrations WHERE name = %s", (last,))
+        try:
+            with pytest.raises(FailedPrecondition) as refused:
+                await worker_store.migrate_to_serve()
+        finally:
+            await conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (last,))
+    assert refused.value.reason == "NOT_MIGRATED"
+    assert last in str(refused.value) and "coordinator's URL" in str(refused.value)
+    assert worker_store.worker_group is None
+    assert await worker_store.migrate_to_serve() == []  # migrated: it serves
+    assert worker_store.worker_group == await scalar(
+        worker_url, "SELECT groupid FROM pg_dist_local_group"
+    )
+
+
+def test_embed_through_a_worker_runs_its_worker(worker_url: str, citus_store: Store) -> None:
+    """`memstore embed` checks the coordinator's record as a server does, then runs (its
+    claims are row locks, which are the shards' own wherever a call comes from)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "embed"],
+        env={**os.environ, "DATABASE_URL": worker_url},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if "worker running" in line:
+                break
+        assert "worker running" in said[-1], "".join(said)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(said) + rest
+    assert "Traceback" not in rest, rest
 
 
 async def test_restores_through_different_nodes_do_not_take_turns(
@@ -135,3 +245,30 @@ async def test_restores_through_different_nodes_do_not_take_turns(
                 except psycopg.errors.LockNotAvailable:
                     waited = True
             assert waited is turns, url
+
+
+def test_bench_citus_relief_runs_on_tiny_data(
+    citus_url: str, worker_url: str, citus_nodes: tuple[str, list[str]], citus_store: Store
+) -> None:
+    """`python -m bench.citus_relief` (docs/scaling.md, "What serving through a worker takes
+    off the coordinator"): calls through a worker are routed there, the coordinator idle."""
+    others = []
+    for node in citus_nodes[1][1:]:
+        host, port = node.rsplit(":", 1)
+        others += ["--other-url", pg_conninfo.make_conninfo(citus_url, host=host, port=port)]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.citus_relief", "--coordinator-url", citus_url,
+         "--worker-url", worker_url, *others, "--rounds", "1", "--seconds", "0.3",
+         "--sessions", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)  # stdout is the JSON alone
+    nodes = {"coordinator", "worker", *(f"other_{i}" for i in range(len(others) // 2))}
+    for kind in KINDS:
+        through = {side: found[kind][side] for side in SIDES}
+        assert all(f["calls_per_s"] > 0 for f in through.values()), found
+        assert all(set(f["cpu_us_per_call"]) == nodes for f in through.values()), found
+        by_coordinator = through["coordinator"]["cpu_us_per_call"]["coordinator"]
+        by_worker = through["worker"]["cpu_us_per_call"]["coordinator"]
+        assert by_worker < by_coordinator / 4, found

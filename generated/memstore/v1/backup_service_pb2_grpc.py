@@ -100,6 +100,8 @@ class BackupServiceServicer:
         in "sessions[2].created_at".
         - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
         project holds a user or a session (live or soft-deleted).
+        - FAILED_PRECONDITION (CITUS_WORKER): the server reaches a Citus worker;
+        Restore runs through a server on the coordinator's URL only.
         - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
         neither in the project nor in the request; the message names the row
         by the ids sent, as in "sessions[1] (s1) names user 'u'".

@@ -66,6 +66,8 @@ class BackupServiceStub:
         in "sessions[2].created_at".
       - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
         project holds a user or a session (live or soft-deleted).
+      - FAILED_PRECONDITION (CITUS_WORKER): the server reaches a Citus worker;
+        Restore runs through a server on the coordinator's URL only.
       - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
         neither in the project nor in the request; the message names the row
         by the ids sent, as in "sessions[1] (s1) names user 'u'".
@@ -164,6 +166,8 @@ class BackupServiceAsyncStub(BackupServiceStub):
         in "sessions[2].created_at".
       - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
         project holds a user or a session (live or soft-deleted).
+      - FAILED_PRECONDITION (CITUS_WORKER): the server reaches a Citus worker;
+        Restore runs through a server on the coordinator's URL only.
       - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
         neither in the project nor in the request; the message names the row
         by the ids sent, as in "sessions[1] (s1) names user 'u'".
@@ -265,6 +269,8 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
             in "sessions[2].created_at".
           - FAILED_PRECONDITION (PROJECT_NOT_EMPTY): require_empty is set and the
             project holds a user or a session (live or soft-deleted).
+          - FAILED_PRECONDITION (CITUS_WORKER): the server reaches a Citus worker;
+            Restore runs through a server on the coordinator's URL only.
           - FAILED_PRECONDITION (USER_NOT_FOUND): a session names a user that is
             neither in the project nor in the request; the message names the row
             by the ids sent, as in "sessions[1] (s1) names user 'u'".

@@ -24,6 +24,14 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- coordinator_applied_migrations --
+-- On a Citus worker: whether the coordinator answered, and the names of the migrations it
+-- records as applied, comma-separated (or its error). schema_migrations is the coordinator's
+-- own table, absent on workers.
+SELECT success, result FROM run_command_on_coordinator(
+    $$SELECT coalesce(string_agg(name, ',' ORDER BY name), '') FROM schema_migrations$$
+);
+
 -- applied_migrations --
 -- The names of the migrations already applied.
 SELECT name FROM schema_migrations ORDER BY name;
