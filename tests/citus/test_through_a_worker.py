@@ -40,6 +40,7 @@ from server.store.migrate import migrations
 from server.store.queries import query
 from tests.fix_db import scalar
 from tests.grpc import Code, msg, rpc_error
+from tests.polling import until
 from tests.processes import serve_memstore, stop_memstore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,10 +204,18 @@ async def test_a_worker_serves_only_once_the_coordinator_has_migrated(
     )
 
 
-def test_embed_through_a_worker_runs_its_worker(worker_url: str, citus_store: Store) -> None:
-    """`memstore embed` checks the coordinator's record as a server does, then runs (its
-    claims are row locks, which are the shards' own wherever a call comes from)."""
-    proc = subprocess.Popen(
+async def test_embed_through_a_worker_embeds_what_the_coordinator_queued(
+    citus_url: str, worker_url: str, citus_store: Store
+) -> None:
+    """`memstore embed` checks the coordinator's record as a server does, then works the
+    queue: its claims are row locks, the shards' own wherever a call comes from, and the
+    model it records goes to a reference table, which a worker writes too."""
+    session = f"e{secrets.token_hex(3)}"
+    await citus_store.add_memory(P, session, None, [_msg("queued through the coordinator")])
+    queued = f"SELECT count(*) FROM embedding_queue WHERE session_id = '{session}'"
+    assert await scalar(citus_url, queued) == 1
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
         [sys.executable, "-m", "server", "embed"],
         env={**os.environ, "DATABASE_URL": worker_url},
         cwd=ROOT,
@@ -215,18 +224,19 @@ def test_embed_through_a_worker_runs_its_worker(worker_url: str, citus_store: St
         text=True,
     )
     try:
-        assert proc.stdout is not None
-        said = []
-        for line in proc.stdout:
-            said.append(line)
-            if "worker running" in line:
-                break
-        assert "worker running" in said[-1], "".join(said)
+
+        async def settled() -> bool:
+            return await scalar(citus_url, queued) == 0
+
+        assert await until(settled, within=120), "the queue row was never settled"
+        if citus_store.vectors:
+            embedded = f"SELECT count(*) FROM message_embeddings WHERE session_id = '{session}'"
+            assert await scalar(citus_url, embedded) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, "".join(said) + rest
-    assert "Traceback" not in rest, rest
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 0, out
+    assert "worker running" in out and "Traceback" not in out, out
 
 
 async def test_restores_through_different_nodes_do_not_take_turns(
