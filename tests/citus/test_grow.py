@@ -1,5 +1,6 @@
 """On a running Citus cluster: a worker added online takes shards while calls go on, one
-drained gives them back, and one that crashes fails only its shards' calls.
+drained gives them back, a shard split online keeps every write, and a worker that crashes
+(or stops answering) fails only its shards' calls.
 
 A scratch database of its own spans the session's cluster (Citus keeps its node list per
 database: the other tests' database does not see the new node). memstore migrates it and
@@ -324,6 +325,68 @@ async def test_a_worker_drained_online_gives_its_shards_back_while_calls_go_on(
             f" {drained_in:.1f}s, slowest {traffic.slowest_write:.2f}s,"
             f" outcomes {dict(traffic.outcomes)}"
         )
+
+
+async def test_a_shard_split_online_keeps_every_write_while_calls_go_on(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # A hot shard of the sessions group (the shard of a writer's session) split in two by
+    # Citus while AddMemory and GetMemory go on, its upper half placed on the other worker:
+    # every co-located table's shard splits with it (messages, the queue, vectors, recall).
+    # block_writes: writes to that shard wait for the split (logical transfer is not here,
+    # for the reason the moves above give).
+    server_url, workers = citus_nodes
+    with scratch_database(server_url, "memstore_split", workers=workers) as url:
+        store = await Store.open(url, min_size=2, max_size=8)
+        try:
+            await store.migrate()
+            await _seed(store)
+            shard_of = "SELECT get_shard_id_for_distribution_column('sessions', 's0')"
+            shard = await scalar(url, shard_of)
+            low = await scalar(
+                url, f"SELECT shardminvalue::int FROM pg_dist_shard WHERE shardid = {shard}"
+            )
+            high = await scalar(
+                url, f"SELECT shardmaxvalue::int FROM pg_dist_shard WHERE shardid = {shard}"
+            )
+            node = await scalar(
+                url,
+                "SELECT nodeid FROM citus_shards JOIN pg_dist_node USING (nodename, nodeport)"
+                f" WHERE shardid = {shard}",
+            )
+            other = await scalar(
+                url,
+                "SELECT min(nodeid) FROM pg_dist_node WHERE isactive AND shouldhaveshards"
+                f" AND groupid <> 0 AND nodeid <> {node}",
+            )
+            count = "SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = '{}'::regclass"
+            assert [await scalar(url, count.format(t)) for t in ("sessions", "messages")] == [8, 8]
+            split = (
+                f"SELECT citus_split_shard_by_split_points({shard}, ARRAY['{(low + high) // 2}'],"
+                f" ARRAY[{node}, {other}], shard_transfer_mode => 'block_writes')"
+            )
+            traffic = _Traffic(store)
+            took, during = await _moving(traffic, url, split)
+            print(
+                f"\nsplit {took:.1f}s, {during} AddMemory acknowledged during it, slowest"
+                f" {traffic.slowest_write:.2f}s, outcomes {dict(traffic.outcomes)}"
+            )
+            # Nine shards in each co-located table now, the old one gone, s0 on a new one.
+            for table in ("sessions", "messages", "embedding_queue"):
+                assert await scalar(url, count.format(table)) == 9, table
+            assert await scalar(url, shard_of) != shard
+            halves = (
+                "SELECT string_agg(nodeid::text, ',' ORDER BY shardminvalue::int) FROM"
+                " pg_dist_shard JOIN citus_shards USING (shardid) JOIN pg_dist_node USING"
+                " (nodename, nodeport) WHERE logicalrelid = 'sessions'::regclass"
+                f" AND shardminvalue::int BETWEEN {low} AND {high}"
+            )
+            assert await scalar(url, halves) == f"{node},{other}"
+            gone = f"SELECT count(*) FROM pg_dist_shard WHERE shardid = {shard}"
+            assert await scalar(url, gone) == 0
+            await _check_after(store, url, traffic, during)
+        finally:
+            await store.close()
 
 
 async def test_a_worker_that_crashes_fails_only_its_shards_calls_and_loses_nothing(
