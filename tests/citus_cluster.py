@@ -146,7 +146,8 @@ def _nodes(prefix: str, names: tuple[str, ...]) -> Iterator[list[Node]]:
         yield nodes
     finally:
         for node in nodes:
-            node.pg_ctl("-w", "-m", "immediate", "stop")
+            if (node.data_dir / "postmaster.pid").exists():  # not one a test left stopped
+                node.pg_ctl("-w", "-m", "immediate", "stop")
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -165,6 +166,34 @@ def extra_node(name: str = "worker3") -> Iterator[Node]:
     (add_worker makes it one of a database's); stops it and removes its data after."""
     with _nodes("memstore-citus-extra-", (name,)) as nodes:
         yield nodes[0]
+
+
+@contextmanager
+def standby_of(primary: Node) -> Iterator[Node]:
+    """Starts a streaming standby of `primary` (pg_basebackup, a copy of every database),
+    beside it on a port of its own; yields it; stops it and removes its data after.
+
+    The primary's replication from loopback is trusted (initdb's defaults, as every node's).
+    """
+    standby = Node(primary.data_dir.parent / f"{primary.data_dir.name}-standby", _free_port())
+    subprocess.run(
+        [str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+         "-U", "postgres", "-D", str(standby.data_dir), "-R", "-X", "stream", "--no-sync",
+         "--checkpoint", "fast"],
+        check=True,
+        capture_output=True,
+        **_as_postgres(),  # type: ignore[arg-type]
+    )  # fmt: skip
+    with (standby.data_dir / "postgresql.conf").open("a") as conf:
+        conf.write(f"port = {standby.port}\n")
+    log = str(standby.data_dir.parent / f"{standby.data_dir.name}.log")
+    standby.pg_ctl("-w", "-l", log, "start")
+    try:
+        yield standby
+    finally:
+        if (standby.data_dir / "postmaster.pid").exists():
+            standby.pg_ctl("-w", "-m", "immediate", "stop")
+        shutil.rmtree(standby.data_dir, ignore_errors=True)
 
 
 def add_worker(url: str, node: Node) -> int:

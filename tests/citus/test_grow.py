@@ -1,6 +1,7 @@
 """On a running Citus cluster: a worker added online takes shards while calls go on, one
-drained gives them back, a shard split online keeps every write, and a worker that crashes
-(or stops answering) fails only its shards' calls.
+drained gives them back, a shard split online keeps every write, a worker that crashes
+(or stops answering) fails only its shards' calls, and its standby promoted in its place
+loses nothing acknowledged.
 
 A scratch database of its own spans the session's cluster (Citus keeps its node list per
 database: the other tests' database does not see the new node). memstore migrates it and
@@ -33,8 +34,9 @@ from server.domain import NewMessage
 from server.errors import DeadlineExceeded, MemstoreError, Unavailable
 from server.store import Store
 from server.store.base import ANSWER_MARGIN_SECONDS
-from tests.citus_cluster import Node, add_worker, extra_node
+from tests.citus_cluster import Node, add_worker, extra_node, standby_of
 from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar, scratch_database
+from tests.polling import until
 
 USERS = 6
 #: Sessions the writers append to, each written by one writer only (so its order is known).
@@ -455,6 +457,71 @@ async def test_a_worker_that_crashes_fails_only_its_shards_calls_and_loses_nothi
         dbname = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
         assert await scalar(node.url(dbname), prepared) == 0
         await _check_after(store, url, traffic, down["AddMemory ok"])
+
+
+async def test_a_workers_standby_promoted_in_its_place_loses_nothing_acknowledged(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # A worker holding a share of both co-location groups, with a synchronous streaming
+    # standby, dies (pg_ctl's immediate mode) while AddMemory and GetMemory go on; its
+    # standby is promoted and put in its place (citus_update_node, the coordinator's
+    # metadata and every node's). Every write the worker acknowledged is on the standby.
+    async with _with_a_new_worker(citus_nodes) as (store, url, node):
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(REBALANCE.format(mode="block_writes"))
+        moved = await _placements(url, node.port)
+        assert moved.get("users", 0) >= 2 and moved.get("sessions", 0) >= 2, moved
+        node_id = await scalar(url, f"SELECT nodeid FROM pg_dist_node WHERE nodeport = {node.port}")
+        with standby_of(node) as standby:
+            streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+            assert await until(lambda: _equals(node.url(), streaming, 1), within=30)
+            # Synchronous: a commit is acknowledged once the standby has it (and the worker
+            # commits synchronously, as memstore's databases do by default: the test
+            # cluster's asynchronous commits may lose an acknowledged write by design).
+            async with await psycopg.AsyncConnection.connect(node.url(), autocommit=True) as c:
+                await c.execute("ALTER SYSTEM SET synchronous_commit = on")
+                await c.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+                await c.execute("SELECT pg_reload_conf()")
+            synced = "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+            assert await until(lambda: _equals(node.url(), synced, 1), within=30)
+
+            traffic = _Traffic(store)
+            tasks = traffic.start()
+            try:
+                await asyncio.sleep(0.5)  # calls under way
+                await asyncio.to_thread(node.pg_ctl, "-w", "-m", "immediate", "stop")
+                start, died = Counter(traffic.outcomes), time.monotonic()
+                await asyncio.to_thread(standby.pg_ctl, "-w", "promote")
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
+                    await c.execute(
+                        "SELECT citus_update_node(%s, '127.0.0.1', %s)", (node_id, standby.port)
+                    )
+                down, replaced_in = traffic.outcomes - start, time.monotonic() - died
+                # A two-phase commit the worker had prepared (the standby has it) is
+                # finished now rather than at Citus's next recovery (a minute).
+                await scalar(url, "SELECT recover_prepared_transactions()")
+                back = await _a_clean_window(traffic)
+            finally:
+                traffic.stopping.set()
+                ended = await asyncio.gather(*tasks, return_exceptions=True)
+            for failure in ended:
+                if failure is not None:
+                    raise failure
+            print(
+                f"\npromoted standby: in place {replaced_in:.2f}s after the worker died,"
+                f" meanwhile {dict(down)}, back {dict(back)}"
+            )
+            dbname = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+            on_standby = await _placements(url, standby.port)
+            assert on_standby == moved, (on_standby, moved)
+            assert await _placements(url, node.port) == {}
+            prepared = "SELECT count(*) FROM pg_prepared_xacts"
+            assert await scalar(standby.url(dbname), prepared) == 0
+            await _check_after(store, url, traffic, down["AddMemory ok"])
+
+
+async def _equals(url: str, statement: str, expected: int) -> bool:
+    return bool(await scalar(url, statement) == expected)
 
 
 async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bound(
