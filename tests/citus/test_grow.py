@@ -207,6 +207,16 @@ async def _moving(traffic: _Traffic, url: str, *statements: str) -> tuple[float,
     return took, during
 
 
+async def _give_a_share(url: str, node: Node) -> dict[str, int]:
+    """Rebalances `url`'s shards onto `node` (writes to a moving shard wait); returns the
+    shards it holds then, a share of both co-location groups (users', sessions')."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(REBALANCE.format(mode="block_writes"))
+    moved = await _placements(url, node.port)
+    assert moved.get("users", 0) >= 2 and moved.get("sessions", 0) >= 2, moved
+    return moved
+
+
 async def _stop_background_moves(url: str) -> None:
     """Cancels the background rebalancer's moves, if any run (best effort)."""
     with contextlib.suppress(psycopg.Error):
@@ -404,10 +414,7 @@ async def test_a_worker_that_crashes_fails_only_its_shards_calls_and_loses_nothi
         async with await psycopg.AsyncConnection.connect(node.url(), autocommit=True) as conn:
             await conn.execute("ALTER SYSTEM SET synchronous_commit = on")
             await conn.execute("SELECT pg_reload_conf()")
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await conn.execute(REBALANCE.format(mode="block_writes"))
-        moved = await _placements(url, node.port)
-        assert moved.get("users", 0) >= 2 and moved.get("sessions", 0) >= 2, moved
+        await _give_a_share(url, node)
 
         traffic = _Traffic(store)
         tasks = traffic.start()
@@ -467,10 +474,7 @@ async def test_a_workers_standby_promoted_in_its_place_loses_nothing_acknowledge
     # standby is promoted and put in its place (citus_update_node, the coordinator's
     # metadata and every node's). Every write the worker acknowledged is on the standby.
     async with _with_a_new_worker(citus_nodes) as (store, url, node):
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await conn.execute(REBALANCE.format(mode="block_writes"))
-        moved = await _placements(url, node.port)
-        assert moved.get("users", 0) >= 2 and moved.get("sessions", 0) >= 2, moved
+        moved = await _give_a_share(url, node)
         node_id = await scalar(url, f"SELECT nodeid FROM pg_dist_node WHERE nodeport = {node.port}")
         with standby_of(node) as standby:
             streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
@@ -535,10 +539,7 @@ async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bou
     # the store's own bound on an answer (statement timeout + ANSWER_MARGIN_SECONDS) ends
     # such a call, as DEADLINE_EXCEEDED, and drops its connection.
     async with _with_a_new_worker(citus_nodes) as (_, url, node):
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            await conn.execute(REBALANCE.format(mode="block_writes"))
-        moved = await _placements(url, node.port)
-        assert moved.get("users", 0) >= 2 and moved.get("sessions", 0) >= 2, moved
+        await _give_a_share(url, node)
 
         store = await Store.open(url, min_size=2, max_size=8, statement_timeout=HUNG_TIMEOUT)
         await store.check_vectors()
