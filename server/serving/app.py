@@ -272,6 +272,12 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
     background: list[asyncio.Task[None]] = []
     try:
         await store.migrate_to_serve()  # logs each migration it applies
+        if store.worker_group is not None:
+            log.info(
+                "serving through Citus worker node group %d: the coordinator's migrations "
+                "found; Restore goes to servers on the coordinator's URL",
+                store.worker_group,
+            )
         metrics = Metrics(store.pool_stats, queue_stats(store))
         metrics_http = _serve_metrics(config, metrics)
         await loading

@@ -170,6 +170,7 @@ async def test_serve_through_a_worker_serves_and_leaves_restore_and_purge_to_the
     finally:
         code, out = await asyncio.to_thread(stop_memstore, proc)
     assert code == 0, out
+    assert "serving through Citus worker node group" in out, out
     assert "no periodic purge here" in out, out
     assert "purge removed" not in out, out
     assert "Traceback" not in out, out
