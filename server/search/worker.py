@@ -113,7 +113,6 @@ class EmbeddingWorker:
         self._batch_cpu = 0.0
         # The model runs in a thread of its own at a lower CPU priority: on a machine it
         # shares with the server's requests, embedding takes what the requests leave.
-        # One thread, at a lower priority: a batch at a time.
         self._thread = DaemonThreads(1, "embedder", on_start=_lower_priority)
         self._stopping = asyncio.Event()
 
