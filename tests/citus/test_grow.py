@@ -74,6 +74,7 @@ class _Traffic:
     #: The same of every call, served or failed.
     calls: list[tuple[float, float]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     last_k: dict[int, int] = field(default_factory=dict)
 
     async def write(self, writer: int) -> None:
@@ -121,12 +122,19 @@ class _Traffic:
             self.failures.append((started, took))
         return took
 
-    def start(self) -> list[asyncio.Task[None]]:
+    def start(self) -> None:
         self.stopping.clear()
-        return [
+        self.tasks = [
             *(asyncio.create_task(self.write(w)) for w in range(WRITERS)),
             asyncio.create_task(self.read()),
         ]
+
+    async def stop(self) -> BaseException | None:
+        """Ends the calls `start` began, every task (none is left running); returns the first
+        failure of a task itself (not of a call), for the caller to raise."""
+        self.stopping.set()
+        ended = await asyncio.gather(*self.tasks, return_exceptions=True)
+        return next((failure for failure in ended if failure is not None), None)
 
 
 async def _seed(store: Store) -> None:
@@ -180,7 +188,7 @@ async def _moving(traffic: _Traffic, url: str, *statements: str) -> tuple[float,
     """Runs `statements` (shard moves) one after another on the coordinator of `url` while
     `traffic` goes on; returns the seconds the statements took and the AddMemory calls
     acknowledged meanwhile."""
-    tasks = traffic.start()
+    traffic.start()
     try:
         await asyncio.sleep(0.5)  # calls under way before the move starts
         before = traffic.outcomes["AddMemory ok"]
@@ -198,12 +206,9 @@ async def _moving(traffic: _Traffic, url: str, *statements: str) -> tuple[float,
         during = traffic.outcomes["AddMemory ok"] - before
         await asyncio.sleep(0.5)  # and after it ends
     finally:
-        traffic.stopping.set()
-        # Every task ends before any failure is raised: none is left running.
-        ended = await asyncio.gather(*tasks, return_exceptions=True)
-    for failure in ended:
-        if failure is not None:
-            raise failure
+        failure = await traffic.stop()
+    if failure is not None:
+        raise failure
     return took, during
 
 
@@ -417,7 +422,7 @@ async def test_a_worker_that_crashes_fails_only_its_shards_calls_and_loses_nothi
         await _give_a_share(url, node)
 
         traffic = _Traffic(store)
-        tasks = traffic.start()
+        traffic.start()
         crashed = False
         try:
             await asyncio.sleep(0.5)  # calls under way
@@ -435,14 +440,12 @@ async def test_a_worker_that_crashes_fails_only_its_shards_calls_and_loses_nothi
             await scalar(url, "SELECT recover_prepared_transactions()")
             back = await _a_clean_window(traffic)
         finally:
-            traffic.stopping.set()
-            ended = await asyncio.gather(*tasks, return_exceptions=True)
+            failure = await traffic.stop()
             if crashed:  # started again, for the cluster's own stop
                 with contextlib.suppress(subprocess.CalledProcessError):
                     await asyncio.to_thread(_start_again, node)
-        for failure in ended:
-            if failure is not None:
-                raise failure
+        if failure is not None:
+            raise failure
         # The calls that failed, begun in the first of the 2 s it was down: however long
         # each took (one that hung ended only once the worker was back, and counts too).
         while_down = [took for began, took in traffic.failures
@@ -490,7 +493,7 @@ async def test_a_workers_standby_promoted_in_its_place_loses_nothing_acknowledge
             assert await until(lambda: _equals(node.url(), synced, 1), within=30)
 
             traffic = _Traffic(store)
-            tasks = traffic.start()
+            traffic.start()
             try:
                 await asyncio.sleep(0.5)  # calls under way
                 await asyncio.to_thread(node.pg_ctl, "-w", "-m", "immediate", "stop")
@@ -506,11 +509,9 @@ async def test_a_workers_standby_promoted_in_its_place_loses_nothing_acknowledge
                 await scalar(url, "SELECT recover_prepared_transactions()")
                 back = await _a_clean_window(traffic)
             finally:
-                traffic.stopping.set()
-                ended = await asyncio.gather(*tasks, return_exceptions=True)
-            for failure in ended:
-                if failure is not None:
-                    raise failure
+                failure = await traffic.stop()
+            if failure is not None:
+                raise failure
             print(
                 f"\npromoted standby: in place {replaced_in:.2f}s after the worker died,"
                 f" meanwhile {dict(down)}, back {dict(back)}"
@@ -544,7 +545,7 @@ async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bou
         store = await Store.open(url, min_size=2, max_size=8, statement_timeout=HUNG_TIMEOUT)
         await store.check_vectors()
         traffic = _Traffic(store)
-        tasks = traffic.start()
+        traffic.start()
         stopped: list[int] = []
         try:
             await asyncio.sleep(0.5)  # calls under way
@@ -559,13 +560,11 @@ async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bou
             await scalar(url, "SELECT recover_prepared_transactions()")
             back = await _a_clean_window(traffic)
         finally:
-            traffic.stopping.set()
             _resume(stopped)
-            ended = await asyncio.gather(*tasks, return_exceptions=True)
+            failure = await traffic.stop()
         try:
-            for failure in ended:
-                if failure is not None:
-                    raise failure
+            if failure is not None:
+                raise failure
             bound = HUNG_TIMEOUT + ANSWER_MARGIN_SECONDS
             # Every call begun while the worker was stopped, early enough to have ended
             # before it resumed if bounded: served or failed, none waited for its return.
