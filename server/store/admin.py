@@ -3,15 +3,14 @@ holds (the purge is in purge.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import secrets
 
 from server.domain import BackupSource
-from server.errors import FailedPrecondition, Unavailable
+from server.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from server.store.base import StoreBase, statement_timeout_off
-from server.store.db import fetch_one
+from server.store.db import Unanswered, fetch_one
 from server.store.distribute import citus_worker_group
 from server.store.migrate import apply_migrations, missing_migrations
 from server.store.queries import query
@@ -32,23 +31,29 @@ class AdminMethods(StoreBase):
         Raises:
             Unavailable: the database cannot be reached, or did not answer in time.
         """
-        async with self._connect() as conn:
-            if answer_within is None:
-                await conn.execute(query("ping"))
-                return
-            pinged = asyncio.ensure_future(conn.execute(query("ping")))
-            await asyncio.wait((pinged,), timeout=answer_within)
-            if pinged.done():
-                pinged.result()
-                return
+        # One statement in autocommit: no BEGIN or COMMIT of its own to wait on, under the
+        # ping's own bound on an answer (db.BoundedConnection). Under the call's bound (the
+        # statement timeout and a margin), shorter with a short statement timeout, the ping
+        # was cut first as a DEADLINE_EXCEEDED that marks nothing down, and health said
+        # SERVING for good in front of a silent database. An answer missing before the ping
+        # was sent (the call's setting, on a connection a long deadline used) counts too.
+        try:
+            async with self._connect(single=True) as conn:
+                bound = conn.answer_within
+                if answer_within is not None:
+                    conn.answer_within = answer_within
+                try:
+                    await conn.execute(query("ping"))
+                finally:
+                    conn.answer_within = bound  # the next call's, with no statement timeout
+        except DeadlineExceeded as exc:
+            if answer_within is None or not isinstance(exc.__cause__, Unanswered):
+                raise
+            # The connection was closed under the ping: the pool replaces it.
             self._health.report_lost_connection(
                 f"PostgreSQL did not answer a ping within {answer_within:g}s"
             )
-            # psycopg asks the server to cancel, then closes the connection if it still does
-            # not answer (seconds): the pool then drops it.
-            pinged.cancel()
-            await asyncio.wait((pinged,))
-            raise Unavailable(f"database unavailable: no answer within {answer_within:g}s")
+            raise Unavailable(f"database unavailable: no answer within {answer_within:g}s") from exc
 
     async def migrate(self) -> list[str]:
         """Applies pending migrations under an advisory lock; returns the names applied.

@@ -17,8 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.v1 import session_service_pb2 as spb
 from memstore.v1 import user_service_pb2 as upb
+from server.config import Config
+from server.serving.app import build_server
 from server.serving.embedded import EmbeddedPostgres
-from server.serving.grpc_health import watch_database
+from server.serving.grpc_health import PING_ANSWER_SECONDS, watch_database
 from server.serving.log_format import request_id
 from server.store import Store
 from tests.grpc import Sessions, Users, msg, struct
@@ -260,24 +262,8 @@ async def test_a_database_that_stops_answering_shows_in_health(
     # good, health said SERVING, and every call timed out. Calls then fail at once, and
     # the return is found.
     watcher = asyncio.create_task(watch_database(fault_store, interval=0.2, answer_within=1.0))
-    postmaster = psutil.Process(restartable.pid)
-    processes = [postmaster, *postmaster.children(recursive=True)]
     try:
-        assert await _services_are(fault_channel, SERVING)
-        for process in processes:
-            process.suspend()
-        try:
-            noticed = await _wait_for(lambda: _services_are(fault_channel, NOT_SERVING), 30)
-            users = Users(fault_channel)
-            started = time.monotonic()
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await users.GetUser(upb.GetUserRequest(user_id="anyone"), timeout=DEADLINE)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert time.monotonic() - started < 1.0, "a call waited on the silent database"
-        finally:
-            for process in processes:
-                process.resume()
-        healed = await _wait_for(lambda: _services_are(fault_channel, SERVING), limit=30)
+        noticed, healed = await _silence_shows_in_health(restartable, fault_channel)
     finally:
         watcher.cancel()
     record(
@@ -285,6 +271,55 @@ async def test_a_database_that_stops_answering_shows_in_health(
         seconds_to_notice=round(noticed, 2),
         seconds_to_heal=round(healed, 2),
     )
+
+
+async def test_a_silent_database_shows_in_health_under_a_short_statement_timeout(
+    restartable: EmbeddedPostgres, fault_url: str, fault_store: Store
+) -> None:
+    # The same with a statement timeout (1 s) whose bound on an answer (3 s, with the
+    # margin) is shorter than the ping's own (PING_ANSWER_SECONDS, 5 s), as `memstore serve
+    # --statement-timeout 1` runs: that bound cut the ping first, as a DEADLINE_EXCEEDED
+    # that marked nothing down, and health said SERVING for as long as the database was
+    # silent (found with a Citus worker served through, tests/citus/test_grow.py).
+    store = await Store.open(fault_url, min_size=2, max_size=6, timeout=3, statement_timeout=1)
+    server, port = await build_server(Config(host="127.0.0.1", port=0), store)
+    await server.start()
+    watcher = asyncio.create_task(watch_database(store, interval=0.2))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            noticed, _ = await _silence_shows_in_health(restartable, channel)
+    finally:
+        watcher.cancel()
+        await server.stop(None)
+        await store.close()
+    assert noticed < PING_ANSWER_SECONDS + 3.0, noticed
+    record("silent_database_health_short_timeout", seconds_to_notice=round(noticed, 2))
+
+
+async def _silence_shows_in_health(
+    restartable: EmbeddedPostgres, channel: grpc.aio.Channel
+) -> tuple[float, float]:
+    """Stops every process of `restartable` until the services behind `channel` say
+    NOT_SERVING (a call then fails at once), resumes them, waits for SERVING; returns the
+    seconds each took."""
+    postmaster = psutil.Process(restartable.pid)
+    processes = [postmaster, *postmaster.children(recursive=True)]
+    assert await _services_are(channel, SERVING)
+    for process in processes:
+        process.suspend()
+    try:
+        noticed = await _wait_for(lambda: _services_are(channel, NOT_SERVING), 30)
+        users = Users(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await users.GetUser(upb.GetUserRequest(user_id="anyone"), timeout=DEADLINE)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 1.0, "a call waited on the silent database"
+    finally:
+        for process in processes:
+            process.resume()
+    healed = await _wait_for(lambda: _services_are(channel, SERVING), limit=30)
+    return noticed, healed
 
 
 class _RequestIds(logging.Handler):
