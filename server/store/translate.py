@@ -99,7 +99,10 @@ def translated(
 #: words for a connection lost mid-command as the message (XX000: libpq's result has no
 #: SQLSTATE), over SSL between nodes as "SSL SYSCALL error: EOF detected" (a COMMIT meeting
 #: the crashed worker, 2 runs of 6 on 2026-12-04): these are the client library's, never a
-#: worker's own error.
+#: worker's own error. A read over several shards whose connection to a lost worker failed
+#: says "failure on connection marked as essential" (Citus's MarkRemoteTransactionFailed,
+#: for a failed transaction command such as BEGIN or COMMIT on a node's connection; memstore
+#: defers no constraint and reads committed, so for it only a lost node fails those).
 _WORKER_LOST = (
     "server closed the connection unexpectedly",
     "connection to the remote node",
@@ -111,6 +114,7 @@ _WORKER_LOST = (
     "could not receive data from server",
     "could not send data to server",
     "no connection to the server",
+    "failure on connection marked as essential",
 )
 
 
