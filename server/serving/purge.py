@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.config import Config
 from server.domain import PurgeReport
+from server.errors import DeadlineExceeded, Unavailable
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 #: The longest wait for a server's first purge after its start, drawn at random so that
 #: processes started together do not purge together.
 FIRST_PURGE_SECONDS = 60.0
+#: After a failed run the next one comes this soon (the interval, when shorter), not a
+#: whole interval later: a run that met a database restart or a lost Citus worker kept
+#: soft-deleted rows an hour past their next purge.
+RETRY_SECONDS = 60.0
 #: Seconds of the purge-duration histogram's buckets: an empty run takes milliseconds, a
 #: backlog of millions of rows (a first purge after a long retention) many minutes.
 PURGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
@@ -100,8 +105,13 @@ async def purge_periodically(
     wait = random.uniform(0, min(FIRST_PURGE_SECONDS, config.purge_interval))
     while True:
         await asyncio.sleep(wait)
-        wait = config.purge_interval
-        await purge_once(config, store, metrics)
+        failed = await purge_once(config, store, metrics) == "error"
+        wait = retry_after(config) if failed else config.purge_interval
+
+
+def retry_after(config: Config) -> float:
+    """Seconds to the next periodic run after one that failed."""
+    return min(RETRY_SECONDS, config.purge_interval)
 
 
 async def purge_once(config: Config, store: Store, metrics: PurgeMetrics) -> str:
@@ -109,11 +119,15 @@ async def purge_once(config: Config, store: Store, metrics: PurgeMetrics) -> str
     start = time.perf_counter()
     try:
         result = await store.purge_if_due(config.purge_retention, due_after(config.purge_interval))
-    except Exception:
+    except Exception as exc:
         # One failed run (e.g. the database restarting) must not end the periodic purge.
         metrics.runs.labels("error").inc()
         metrics.duration.observe(time.perf_counter() - start)
-        log.exception("purge failed; retrying in %.0fs", config.purge_interval)
+        if isinstance(exc, Unavailable | DeadlineExceeded):
+            # The database's state, said in one line: no traceback of ours explains it.
+            log.warning("purge failed: %s; retrying in %gs", exc, retry_after(config))
+        else:
+            log.exception("purge failed; retrying in %gs", retry_after(config))
         return "error"
     if not isinstance(result, PurgeReport):
         metrics.runs.labels(f"skipped_{result}").inc()

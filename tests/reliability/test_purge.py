@@ -12,6 +12,7 @@ import pytest
 
 from server.config import Config
 from server.domain import NewMessage
+from server.errors import Unavailable
 from server.serving import purge
 from server.store import Store
 from tests.fix_db import scalar
@@ -167,3 +168,47 @@ async def test_a_server_purges_soon_after_its_start_not_an_interval_later(
         with contextlib.suppress(asyncio.CancelledError):
             await purging
     assert Config().purge_interval == 3600
+
+
+async def test_a_failed_purge_is_tried_again_within_a_minute_not_an_interval_later(
+    store: Store, clean_db: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A run that failed (the database restarting, a Citus worker lost: the purge's start is
+    # recorded in a reference table, which every node must take) was tried again only a
+    # whole interval later, an hour by default, with a traceback in the log: soft-deleted
+    # rows stayed that much longer past their retention. It is tried again within
+    # RETRY_SECONDS (a minute; a fifth of a second here), the failure said in one line.
+    monkeypatch.setattr(purge, "FIRST_PURGE_SECONDS", 0.01)
+    monkeypatch.setattr(purge, "RETRY_SECONDS", 0.2)
+    with psycopg.connect(clean_db) as conn:
+        conn.execute(
+            "INSERT INTO sessions (project_id, session_id, deleted_at)"
+            " VALUES (1, 'expired', now() - interval '8 days')"
+        )
+    real = store.purge_if_due
+    tries: list[float] = []
+
+    async def down_once(*args: object, **kwargs: object) -> object:
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            raise Unavailable("database unavailable: down for the test")
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "purge_if_due", down_once)
+
+    async def purged() -> bool:
+        return bool(await scalar(clean_db, "SELECT count(*) FROM sessions") == 0)
+
+    purging = asyncio.create_task(purge.purge_periodically(Config(), store))
+    try:
+        assert await until(purged, within=10)
+    finally:
+        purging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await purging
+    assert len(tries) == 2 and tries[1] - tries[0] < 5, tries
+    failed = [r for r in caplog.records if r.getMessage().startswith("purge failed")]
+    assert [r.getMessage() for r in failed] == [
+        "purge failed: database unavailable: down for the test; retrying in 0.2s"
+    ]
+    assert failed[0].exc_info is None
