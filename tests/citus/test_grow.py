@@ -1,7 +1,8 @@
 """On a running Citus cluster: a worker added online takes shards while calls go on, one
 drained gives them back, a shard split online keeps every write, a worker that crashes
 (or stops answering) fails only its shards' calls, and its standby promoted in its place
-loses nothing acknowledged.
+loses nothing acknowledged; health, meanwhile, stays SERVING on the coordinator's server
+and turns NOT_SERVING on a server through the lost worker.
 
 A scratch database of its own spans the session's cluster (Citus keeps its node list per
 database: the other tests' database does not see the new node). memstore migrates it and
@@ -21,14 +22,18 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memstore.v1 import session_service_pb2 as ss
+from memstore.v1 import session_service_pb2_grpc
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage
 from server.errors import DeadlineExceeded, MemstoreError, Unavailable
@@ -37,6 +42,7 @@ from server.store.base import ANSWER_MARGIN_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node, standby_of
 from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar, scratch_database
 from tests.polling import until
+from tests.processes import serve_memstore, stop_memstore
 
 USERS = 6
 #: Sessions the writers append to, each written by one writer only (so its order is known).
@@ -643,3 +649,165 @@ async def _a_clean_window(traffic: _Traffic, within: float = 20.0) -> Counter[st
         if set(window) == {"AddMemory ok", "GetMemory ok"}:
             return window
         assert time.monotonic() < deadline, f"calls still failing {within:g} s after: {window}"
+
+
+@pytest.mark.parametrize("loss", ["crash", "freeze"])
+async def test_health_with_a_worker_lost_stays_serving_on_the_coordinator_not_through_it(
+    citus_nodes: tuple[str, list[str]], loss: str
+) -> None:
+    # Two servers of one cluster: one on the coordinator's URL, one through a worker that
+    # holds a share of both co-location groups. The worker crashes (pg_ctl's immediate mode)
+    # or stops answering (SIGSTOP). Health answers what a load balancer should do with each
+    # server: the coordinator's still serves every call but those of the lost worker's
+    # shards, so it stays SERVING throughout (NOT_SERVING would turn a partial outage into a
+    # whole one); the one through the lost worker can serve nothing, so it turns
+    # NOT_SERVING, and SERVING again once the worker is back (docs/scaling.md, "A worker
+    # lost").
+    async with _with_a_new_worker(citus_nodes) as (_, url, node):
+        await _give_a_share(url, node)
+        dbname = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+        ports = {s: await _session_port(url, s) for s in (f"s{i}" for i in range(SESSIONS))}
+        lost = next(s for s, port in ports.items() if port == node.port)
+        kept = next(s for s, port in ports.items() if port != node.port)
+        args = ("--no-embedding-worker", "--statement-timeout", "1")
+        started = [
+            await asyncio.to_thread(serve_memstore, *args, env={**os.environ, "DATABASE_URL": u})
+            for u in (url, node.url(dbname))
+        ]
+        stopped: list[int] = []
+        down = False
+        try:
+            (_, coordinators), (_, workers) = started
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{coordinators}") as on_coordinator,
+                grpc.aio.insecure_channel(f"127.0.0.1:{workers}") as through_worker,
+            ):
+                watch = _HealthWatch(on_coordinator)
+                watch.start()
+                try:
+                    assert await _health(through_worker) == _SERVING
+                    stopped = await _lose(node, loss)
+                    down, since = True, time.monotonic()
+                    # The server through it finds it gone by its ping: at once when the
+                    # worker crashed, within PING_ANSWER_SECONDS (5 s) and an interval when
+                    # it is silent.
+                    assert await until(lambda: _is(through_worker, _NOT_SERVING), within=15), (
+                        "the server through the lost worker still says SERVING"
+                    )
+                    noticed = time.monotonic() - since
+                    await _serves_all_but_the_lost_shards(on_coordinator, kept, lost)
+                    await _bring_back(node, stopped)
+                    down, stopped = False, []
+                    await scalar(url, "SELECT recover_prepared_transactions()")
+                    assert await until(lambda: _is(through_worker, _SERVING), within=20), (
+                        "the server through the worker did not turn SERVING on its return"
+                    )
+                    again = session_service_pb2_grpc.SessionServiceStub(through_worker)
+                    back = await again.GetMemory(ss.GetMemoryRequest(session_id=lost), timeout=10)
+                    assert back.messages, lost
+                finally:
+                    seen = await watch.stop()
+            print(
+                f"\n{loss}: the server through the worker NOT_SERVING after {noticed:.2f}s;"
+                f" the coordinator's answered {len(seen)} health checks meanwhile"
+            )
+            assert seen and set(seen) == {_SERVING}, Counter(seen)
+        finally:
+            if down:  # back for the cluster's own stop
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    await _bring_back(node, stopped)
+            outputs = [await asyncio.to_thread(stop_memstore, proc) for proc, _ in started]
+        for code, out in outputs:
+            assert code == 0, out
+            assert "Traceback" not in out, out
+
+
+async def _serves_all_but_the_lost_shards(channel: grpc.aio.Channel, kept: str, lost: str) -> None:
+    """The coordinator's server serves the calls of the other shards (GetMemory of session
+    `kept` without recall); those that reach the lost worker's shards fail retryably
+    (UNAVAILABLE, or at their deadline), never INTERNAL: GetMemory of session `lost`, and
+    GetMemory with recall of any session while its recall is ranked over every shard (no
+    embedding worker has kept it)."""
+    sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+    get = ss.GetMemoryRequest
+    got = await sessions.GetMemory(get(session_id=kept, relevant_limit=0), timeout=10)
+    assert got.messages, kept
+    await _fails_retryably(sessions.GetMemory(get(session_id=lost), timeout=4))
+    await _fails_retryably(sessions.GetMemory(get(session_id=kept), timeout=4))
+
+
+async def _lose(node: Node, loss: str) -> list[int]:
+    """Crashes `node` (pg_ctl's immediate mode) or, for "freeze", stops every process of it;
+    returns the processes stopped (none for a crash)."""
+    if loss == "crash":
+        await asyncio.to_thread(node.pg_ctl, "-w", "-m", "immediate", "stop")
+        return []
+    return _suspend(node)
+
+
+async def _bring_back(node: Node, stopped: list[int]) -> None:
+    """Undoes _lose: resumes the processes it stopped, or starts the crashed node again."""
+    if stopped:
+        _resume(stopped)
+    else:
+        await asyncio.to_thread(_start_again, node)
+
+
+async def _fails_retryably(call: Awaitable[object]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    retryable = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert failed.value.code() in retryable, failed.value
+
+
+_SESSIONS = ss.DESCRIPTOR.services_by_name["SessionService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _health(channel: grpc.aio.Channel) -> int:
+    """SessionService's status: whether the server can serve its calls now (the overall
+    status, "", says only that the process is alive)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    asked = health_pb2.HealthCheckRequest(service=_SESSIONS)
+    reply = await health.Check(asked, timeout=2)
+    return int(reply.status)
+
+
+async def _is(channel: grpc.aio.Channel, status: int) -> bool:
+    return await _health(channel) == status
+
+
+class _HealthWatch:
+    """Asks a server's health every 50 ms until stopped; keeps every answer."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._seen: list[int] = []
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._ask())
+
+    async def _ask(self) -> None:
+        while not self._stopping.is_set():
+            self._seen.append(await _health(self._channel))
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> list[int]:
+        self._stopping.set()
+        assert self._task is not None
+        await self._task
+        return self._seen
+
+
+async def _session_port(url: str, session: str) -> int:
+    """The port of the node holding `session`'s shard."""
+    return int(
+        await scalar(
+            url,
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'sessions'::regclass"
+            f" AND shardid = get_shard_id_for_distribution_column('sessions', '{session}')",
+        )
+    )
