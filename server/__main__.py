@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", "serve gRPC until SIGTERM/SIGINT (migrates first)"),
         ("migrate", "apply pending schema migrations and print their names"),
         ("purge", "hard-delete soft-deleted rows older than the retention, print the counts"),
+        (
+            "recount",
+            "check every user's count of live sessions against the rows and correct those off "
+            "(after a node lost part of a committed write), print the counts",
+        ),
         ("embed", "run the embedding worker alone until SIGTERM/SIGINT (migrates first)"),
         (
             "reindex",
@@ -119,6 +124,21 @@ async def _purge(config: Config) -> None:
         await store.close()
 
 
+async def _recount(config: Config) -> None:
+    import json
+    from dataclasses import asdict
+
+    from server.serving.app import open_store
+
+    store = await open_store(config)
+    try:
+        await store.require_migrated()
+        report = await store.recount_sessions()
+        print(json.dumps(asdict(report), sort_keys=True))
+    finally:
+        await store.close()
+
+
 def _command(args: argparse.Namespace) -> Command:
     """The runner of a server-side command, with only its own modules imported."""
     if args.command == "serve":
@@ -129,8 +149,8 @@ def _command(args: argparse.Namespace) -> Command:
         from server.search.commands import embed, reindex
 
         return embed if args.command == "embed" else reindex
-    if args.command in ("migrate", "purge"):
-        return _migrate if args.command == "migrate" else _purge
+    if args.command in ("migrate", "purge", "recount"):
+        return {"migrate": _migrate, "purge": _purge, "recount": _recount}[args.command]
     from server import cli_keys
 
     return cli_keys.commands(args)[args.command]

@@ -270,6 +270,15 @@ class PurgeReport:
     details: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class RecountReport:
+    """What `memstore recount` found: the users it checked, and those whose kept count of
+    live sessions was off their rows and was corrected."""
+
+    users: int = 0
+    corrected: int = 0
+
+
 #: Why a periodic purge did not run (Store.purge_if_due): another process's purge held the
 #: database's turn, or one had started within the interval.
 PurgeSkip = Literal["other_holder", "recent"]

@@ -22,7 +22,7 @@ PURGE = ("serve", "purge")
 #: Everything that runs the embedding model.
 EMBED = ("serve", "embed", "reindex")
 #: Everything that opens the connection pool.
-STORE = ("serve", "migrate", "purge", "embed", "reindex")
+STORE = ("serve", "migrate", "purge", "recount", "embed", "reindex")
 ANY = (*STORE, "projects", "keys")
 
 _METADATA_KEY = "memstore.setting"

@@ -89,7 +89,7 @@ def test_one_shot_commands_change_no_schema_and_say_to_migrate(server_url: str) 
     # audit). They now check, change nothing, and say what to run.
     with scratch_database(server_url, "memstore_unmigrated") as url:
         env = {**os.environ, "DATABASE_URL": url}
-        for argv in (["purge"], ["reindex"], ["projects", "list"], ["keys", "list"]):
+        for argv in (["purge"], ["recount"], ["reindex"], ["projects", "list"], ["keys", "list"]):
             run = run_memstore(*argv, env=env)
             assert run.returncode == 1, (argv, run.stdout, run.stderr)
             assert "run `memstore migrate`" in run.stderr and "0001_init" in run.stderr, run.stderr

@@ -21,6 +21,7 @@ from server.store.messages import MessageMethods
 from server.store.projects import ProjectMethods
 from server.store.purge import PurgeMethods
 from server.store.recall import RecallMethods
+from server.store.recount import RecountMethods
 from server.store.reindex import ReindexMethods
 from server.store.restore import RestoreMethods
 from server.store.search import SearchMethods
@@ -50,12 +51,13 @@ class Store(
     SnapshotMethods,
     AdminMethods,
     PurgeMethods,
+    RecountMethods,
 ):
     """All reads and writes of memstore, over one connection pool.
 
     Each resource's methods come from its own module (users, sessions, messages, add_memory,
     embeddings, reindex, search, recall, kept_recall, projects, export, restore, snapshots,
-    admin, purge) and
+    admin, purge, recount) and
     run the statements of the sql/*.sql file of the same name (add_memory's through
     append.py). Methods on a project's rows take its id first. Every
     method raises only server.errors domain errors (NotFound, AlreadyExists,

@@ -108,6 +108,8 @@ VALUES: dict[str, Any] = {
     "next_sequences": [1],
     "revive": False,
     "delta": 1,
+    "after_user": "",
+    "live": 0,
     "hold_ms": 60_000,
     "wait_ms": 2000,
     "ms": "3600000",  # long_statement_timeout's set_config value

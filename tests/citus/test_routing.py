@@ -93,6 +93,10 @@ ONE_SHARD = {
     "search_chosen_budgeted": "the same past a limit of 17, read up to the answer's bytes",
     "purge_messages_in_shard": "the purge: one shard's part of a batch",
     "purge_sessions_in_shard": "the purge: one shard's part of a batch",
+    "recount_hold": "memstore recount: the user's count row made to lock",
+    "recount_lock": "memstore recount: the user's count row locked",
+    "recount_set": "memstore recount: the user's count corrected",
+    "recount_kept": "memstore recount: the kept counts of the users found off, on their shards",
 }
 #: Single-user reads of all the user's sessions: the user on one shard, then one fan-out over
 #: the sessions (a user's sessions are placed by their session ids: docs/scaling.md).
@@ -154,6 +158,9 @@ FAN_OUT = {
     "claim_embeddings_citus": "the embedding worker leasing the oldest due messages",
     "any_due_citus": "the embedding worker, after a claim that lost its race",
     "refresh_session_embeddings_citus": "the embedding worker: recall vectors of a batch",
+    "recount_users": "memstore recount: a batch of users with their kept counts",
+    "recount_live": "memstore recount: the batch's users' live sessions",
+    "recount_user": "memstore recount: one user's live sessions, under their count's lock",
 }
 #: Statements on the small shared tables (reference tables: a copy on every node, one task).
 REFERENCE = {

@@ -112,7 +112,7 @@ async def test_migrate_through_a_worker_is_refused_and_changes_nothing(
     assert await scalar(worker_url, "SELECT to_regclass('schema_migrations') IS NULL")
 
 
-@pytest.mark.parametrize("command", ["migrate", "purge"])
+@pytest.mark.parametrize("command", ["migrate", "purge", "recount"])
 def test_memstore_migrate_and_the_one_shot_commands_through_a_worker_are_refused(
     worker_url: str, citus_store: Store, command: str
 ) -> None:
