@@ -1,7 +1,8 @@
 """On a running Citus cluster: a worker added online takes shards while calls go on, one
 drained gives them back, a shard split online keeps every write, a worker that crashes
 (or stops answering) fails only its shards' calls, and its standby promoted in its place
-loses nothing acknowledged; health, meanwhile, stays SERVING on the coordinator's server
+loses nothing acknowledged (an asynchronous one loses writes, and `memstore recount` puts
+the counts right after); health, meanwhile, stays SERVING on the coordinator's server
 and turns NOT_SERVING on a server through the lost worker.
 
 A scratch database of its own spans the session's cluster (Citus keeps its node list per
@@ -529,6 +530,70 @@ async def test_a_workers_standby_promoted_in_its_place_loses_nothing_acknowledge
             prepared = "SELECT count(*) FROM pg_prepared_xacts"
             assert await scalar(standby.url(dbname), prepared) == 0
             await _check_after(store, url, traffic, down["AddMemory ok"])
+
+
+async def test_an_asynchronous_standby_promoted_loses_writes_and_recount_puts_the_counts_right(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # The standby is asynchronous and cut off (stopped) while the writes go on, then the
+    # worker dies and the standby, which has none of what the worker acknowledged since, is
+    # promoted in its place: those writes are gone, as asynchronous replication allows, and
+    # with them one half of some two-phase commits (a new session whose user's count is on
+    # the other worker: counted and gone, or there and not counted). `memstore recount`
+    # (Store.recount_sessions) makes every count equal to the rows again (docs/scaling.md,
+    # "An asynchronous standby promoted").
+    async with _with_a_new_worker(citus_nodes) as (store, url, node):
+        await _give_a_share(url, node)
+        node_id = await scalar(url, f"SELECT nodeid FROM pg_dist_node WHERE nodeport = {node.port}")
+        with standby_of(node) as standby:
+            streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+            assert await until(lambda: _equals(node.url(), streaming, 1), within=30)
+            async with await psycopg.AsyncConnection.connect(node.url(), autocommit=True) as c:
+                await c.execute("ALTER SYSTEM SET synchronous_commit = on")  # local only
+                await c.execute("SELECT pg_reload_conf()")
+            traffic = _Traffic(store)
+            traffic.start()
+            try:
+                await asyncio.sleep(0.5)  # calls under way
+                await asyncio.to_thread(standby.pg_ctl, "-w", "-m", "fast", "stop")
+                await asyncio.sleep(1.5)  # acknowledged by the worker alone
+                await asyncio.to_thread(node.pg_ctl, "-w", "-m", "immediate", "stop")
+                await asyncio.to_thread(_start_again, standby)
+                await asyncio.to_thread(standby.pg_ctl, "-w", "promote")
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
+                    await c.execute(
+                        "SELECT citus_update_node(%s, '127.0.0.1', %s)", (node_id, standby.port)
+                    )
+                await scalar(url, "SELECT recover_prepared_transactions()")
+                await _a_clean_window(traffic)
+            finally:
+                failure = await traffic.stop()
+            if failure is not None:
+                raise failure
+            stored = await _stored(url)
+            lost = {
+                session: gone
+                for session, acked in traffic.acked.items()
+                if (gone := [k for k in acked if f"{k}a" not in stored.get(session, [])])
+            }
+            made = Counter(u for s, u in traffic.new_sessions.items() if s in stored)
+            seeded = Counter(f"u{i % USERS}" for i in range(SESSIONS))
+            rows = {u: seeded[f"u{u}"] + made[f"u{u}"] for u in range(USERS)}
+            before = {u: (await store.get_user(P, f"u{u}")).session_count for u in range(USERS)}
+            report = await store.recount_sessions()
+            after = {u: (await store.get_user(P, f"u{u}")).session_count for u in range(USERS)}
+            again = await store.recount_sessions()
+            # Each session's own counts never part from its rows: one shard, one transaction.
+            off = await scalar(url, f"SELECT count(*) FROM ({SESSIONS_OFF_THEIR_ROWS}) off")
+        print(
+            f"\nasynchronous standby: acknowledged writes lost in {len(lost)} sessions;"
+            f" counts {before}, rows {rows}; recount {report}"
+        )
+        assert lost, "the cut-off standby had every acknowledged write"
+        assert before != rows and report.corrected > 0, (before, rows, report)
+        assert after == rows
+        assert again.corrected == 0
+        assert off == 0
 
 
 async def _equals(url: str, statement: str, expected: int) -> bool:
