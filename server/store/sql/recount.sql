@@ -1,8 +1,8 @@
 -- The recount of each user's live sessions (`memstore recount`, store/recount.py): the kept
 -- count (user_session_counts, migration 0010) made equal to the rows again where it is not.
 -- Every session write keeps it in step in its own transaction, so it is off only where a
--- node lost part of a committed write: a Citus worker's asynchronous standby promoted after
--- it fell behind, a node restored from a backup older than the others (docs/scaling.md).
+-- node lost part of a committed write (a Citus worker's asynchronous standby promoted after
+-- it was cut off: docs/scaling.md).
 
 -- recount_users --
 -- A keyset batch of users, every project's, by (project_id, user_id), with their kept counts
@@ -53,7 +53,7 @@ WHERE project_id = %(project_id)s AND user_id = %(user_id)s;
 
 -- recount_kept --
 -- The kept counts of some users now (the pairs are matched by the caller), as recount_users
--- reads them. Under Citus a fan-out.
+-- reads them. Under Citus on those users' shards only.
 SELECT u.project_id, u.user_id, coalesce(c.session_count, 0) AS kept
 FROM users u
 LEFT JOIN user_session_counts c ON c.project_id = u.project_id AND c.user_id = u.user_id
