@@ -505,11 +505,7 @@ async def test_a_workers_standby_promoted_in_its_place_loses_nothing_acknowledge
                 await asyncio.sleep(0.5)  # calls under way
                 await asyncio.to_thread(node.pg_ctl, "-w", "-m", "immediate", "stop")
                 start, died = Counter(traffic.outcomes), time.monotonic()
-                await asyncio.to_thread(standby.pg_ctl, "-w", "promote")
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
-                    await c.execute(
-                        "SELECT citus_update_node(%s, '127.0.0.1', %s)", (node_id, standby.port)
-                    )
+                await _promote_in_place(url, node_id, standby)
                 down, replaced_in = traffic.outcomes - start, time.monotonic() - died
                 # A two-phase commit the worker had prepared (the standby has it) is
                 # finished now rather than at Citus's next recovery (a minute).
@@ -559,11 +555,7 @@ async def test_an_asynchronous_standby_promoted_loses_writes_and_recount_puts_th
                 await asyncio.sleep(1.5)  # acknowledged by the worker alone
                 await asyncio.to_thread(node.pg_ctl, "-w", "-m", "immediate", "stop")
                 await asyncio.to_thread(_start_again, standby)
-                await asyncio.to_thread(standby.pg_ctl, "-w", "promote")
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
-                    await c.execute(
-                        "SELECT citus_update_node(%s, '127.0.0.1', %s)", (node_id, standby.port)
-                    )
+                await _promote_in_place(url, node_id, standby)
                 await scalar(url, "SELECT recover_prepared_transactions()")
                 await _a_clean_window(traffic)
             finally:
@@ -594,6 +586,14 @@ async def test_an_asynchronous_standby_promoted_loses_writes_and_recount_puts_th
         assert after == rows
         assert again.corrected == 0
         assert off == 0
+
+
+async def _promote_in_place(url: str, node_id: int, standby: Node) -> None:
+    """Promotes `standby` and puts it in place of the worker `node_id` on the coordinator of
+    `url` (citus_update_node, which Citus carries to every node's metadata)."""
+    await asyncio.to_thread(standby.pg_ctl, "-w", "promote")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
+        await c.execute("SELECT citus_update_node(%s, '127.0.0.1', %s)", (node_id, standby.port))
 
 
 async def _equals(url: str, statement: str, expected: int) -> bool:
