@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import psycopg
@@ -160,13 +161,7 @@ async def test_a_server_purges_soon_after_its_start_not_an_interval_later(
         kept = await scalar(clean_db, "SELECT string_agg(session_id, ',') FROM sessions")
         return bool(kept == "recent")
 
-    purging = asyncio.create_task(purge.purge_periodically(Config(), store))
-    try:
-        assert await until(only_the_recent_one_kept, within=10)
-    finally:
-        purging.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await purging
+    assert await _purging_periodically_until(store, only_the_recent_one_kept)
     assert Config().purge_interval == 3600
 
 
@@ -199,16 +194,22 @@ async def test_a_failed_purge_is_tried_again_within_a_minute_not_an_interval_lat
     async def purged() -> bool:
         return bool(await scalar(clean_db, "SELECT count(*) FROM sessions") == 0)
 
-    purging = asyncio.create_task(purge.purge_periodically(Config(), store))
-    try:
-        assert await until(purged, within=10)
-    finally:
-        purging.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await purging
+    assert await _purging_periodically_until(store, purged)
     assert len(tries) == 2 and tries[1] - tries[0] < 5, tries
     failed = [r for r in caplog.records if r.getMessage().startswith("purge failed")]
     assert [r.getMessage() for r in failed] == [
         "purge failed: database unavailable: down for the test; retrying in 0.2s"
     ]
     assert failed[0].exc_info is None
+
+
+async def _purging_periodically_until(store: Store, check: Callable[[], Awaitable[bool]]) -> bool:
+    """Runs the periodic purge (the default Config) until `check` holds, 10 s at most; ends
+    it either way and returns whether `check` held."""
+    purging = asyncio.create_task(purge.purge_periodically(Config(), store))
+    try:
+        return await until(check, within=10)
+    finally:
+        purging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await purging
