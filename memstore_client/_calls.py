@@ -428,6 +428,7 @@ def get_memory(session_id: str, lastn: int, relevant_limit: int | None) -> Unary
             r.found,
             [SearchResult.from_proto(found) for found in r.relevant_messages],
             r.context,
+            r.relevant_unavailable,
         )
 
     return Unary(SESSIONS, "GetMemory", request, convert, idempotent=True)

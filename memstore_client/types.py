@@ -231,6 +231,9 @@ class Memory:
 
     found is False (and session None, messages empty) for an unknown or deleted session.
     `context` is `relevant_messages` as ready-to-prompt text (Zep's memory.context).
+    `relevant_unavailable` is True where the user's other sessions could not be read (a
+    Citus worker holding some of them out of reach): the messages are whole, the memories
+    empty; a later call may have them.
     """
 
     messages: list[Message]
@@ -238,6 +241,7 @@ class Memory:
     found: bool
     relevant_messages: list[SearchResult] = field(default_factory=list)
     context: str = ""
+    relevant_unavailable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

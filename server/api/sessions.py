@@ -332,7 +332,10 @@ def _add_memory_response(session: Session, added: list[Message], size: int) -> b
 def _memory_response(memory: Memory) -> pb.GetMemoryResponse:
     assert memory.session is not None  # GetMemory answers found=False before
     response = pb.GetMemoryResponse(
-        found=True, session=convert.session_to_proto(memory.session), context=memory.context
+        found=True,
+        session=convert.session_to_proto(memory.session),
+        context=memory.context,
+        relevant_unavailable=memory.relevant_unavailable,
     )
     for message in memory.messages:
         convert.message_to_proto(message, response.messages.add())

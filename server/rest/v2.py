@@ -216,6 +216,7 @@ async def memory_answer(request: Request, default_lastn: int) -> Response:
             "context": memory.context or None,
             "relevant_messages": [c.search_result(r) for r in memory.relevant],
             "found": memory.session is not None,
+            "relevant_unavailable": memory.relevant_unavailable,
         }
 
     rows = chain(memory.messages, (r.message for r in memory.relevant))

@@ -50,6 +50,8 @@ class Memory:
     cut: bool = False
     #: The memories stop short of relevant_limit: likewise, past their own budget.
     relevant_cut: bool = False
+    #: The memories could not be read (a Citus worker out of reach): `relevant` is empty.
+    relevant_unavailable: bool = False
 
 
 class Searcher:
@@ -155,12 +157,13 @@ class Searcher:
         """The session's last `lastn` messages and up to `relevant_limit` memories of its user;
         with a `budget`, the messages are read only while they hold less than `budget` bytes
         of content (`cut` when that stopped them); the memories likewise with a
-        `relevant_budget` (`relevant_cut`).
+        `relevant_budget` (`relevant_cut`). On Citus, memories the store could not reach
+        leave `relevant` empty and `relevant_unavailable` set (the window is whole).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        session, messages, relevant, cut, relevant_cut = await self._store.get_memory_with_recall(
+        recalled = await self._store.get_memory_with_recall(
             project_id,
             session_id,
             lastn,
@@ -170,7 +173,15 @@ class Searcher:
             budget=budget,
             relevant_budget=relevant_budget,
         )
-        return Memory(session, messages, relevant, context_block(relevant), cut, relevant_cut)
+        return Memory(
+            recalled.session,
+            recalled.messages,
+            recalled.relevant,
+            context_block(recalled.relevant),
+            recalled.cut,
+            recalled.relevant_cut,
+            recalled.relevant_unavailable,
+        )
 
     async def _embeds_a_word(self) -> bool:
         # As the worker tells a text the model refuses from a model refusing everything (its

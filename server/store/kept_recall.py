@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 from functools import cache, cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection, sql
 
 from server.domain import SearchResult
+from server.errors import Unavailable
 from server.store import rows
 from server.store.base import StoreBase
 from server.store.budget import budget_rows
@@ -18,7 +19,7 @@ from server.store.coalesce import Coalescer
 from server.store.db import Row, fetch_all, fetch_pipelined
 from server.store.messages import memory_window, window_fragment
 from server.store.queries import compact, query
-from server.store.translate import translated
+from server.store.translate import translated, worker_lost
 
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model,
 #: budget, relevant budget), the model "" for recall kept by words; a call with
@@ -28,6 +29,17 @@ MemoryKey = tuple[int, str, int, int, str | None, int | None, int | None]
 
 #: A call's budget in a batch read by budget when the call itself has none: int8's largest.
 NO_BUDGET = (1 << 63) - 1
+
+
+class KeptRead(NamedTuple):
+    """GetMemory's window and kept recall as _read_kept read them (its docstring)."""
+
+    memory: list[Row]
+    kept: list[Row]
+    relevant_cut: bool = False
+    #: On Citus: the window was read, the kept memories' shards not all reached (a worker
+    #: lost); `kept` is empty and recall must not be ranked on the request path either.
+    unreachable: bool = False
 
 
 @cache
@@ -68,12 +80,14 @@ class KeptRecallMethods(StoreBase):
 
     async def _read_kept(
         self, params: dict[str, Any], kept_by: str, relevant_budget: int | None
-    ) -> tuple[list[Row], list[Row], bool]:
+    ) -> KeptRead:
         """GetMemory's window (get_memory's rows) and the recall kept by `kept_by` (the model,
         or "" by words; rows as get_memories_recall's part 1, read up to `relevant_budget`),
         and whether that budget cut the recall. The recall is empty where it must be ranked
-        on the request path instead: none kept, or fewer of the kept still live than asked.
-        `params` are recall's (RecallMethods._recall_params) with the call's lastn and budget.
+        on the request path instead: none kept, or fewer of the kept still live than asked;
+        and on Citus where a worker holding some of its sessions is out of reach
+        (`unreachable`: the window read, the recall not). `params` are recall's
+        (RecallMethods._recall_params) with the call's lastn and budget.
         """
         if self.citus:
             return await self._read_kept_citus(params, relevant_budget)
@@ -89,11 +103,11 @@ class KeptRecallMethods(StoreBase):
         relevant_cut = bool(kept) and bool(kept[-1]["m_followed"])
         if not relevant_cut and _kept_short(kept, limit, kept[0]["kept_count"] if kept else 0):
             kept = []  # ranked on the request path
-        return memory, kept, relevant_cut
+        return KeptRead(memory, kept, relevant_cut)
 
     async def _read_kept_citus(
         self, params: dict[str, Any], relevant_budget: int | None
-    ) -> tuple[list[Row], list[Row], bool]:
+    ) -> KeptRead:
         # Citus: the window and the kept keys on the session's shard (one round trip), then
         # the memories on the shards of the sessions they name only.
         async with self._connect(single=True) as conn:
@@ -106,10 +120,16 @@ class KeptRecallMethods(StoreBase):
                 params,
                 prepare=True,
             )
-            if not (memory and kept_keys):
-                return memory, [], False
-            kept = await _kept_live_citus(conn, params, kept_keys[0], params["limit"])
-        return memory, *_cut_by_content(kept, relevant_budget)
+        if not (memory and kept_keys):
+            return KeptRead(memory, [])
+        try:
+            async with self._connect(single=True) as conn:
+                kept = await _kept_live_citus(conn, params, kept_keys[0], params["limit"])
+        except Unavailable as exc:
+            if not worker_lost(exc):
+                raise
+            return KeptRead(memory, [], unreachable=True)
+        return KeptRead(memory, *_cut_by_content(kept, relevant_budget))
 
     @cached_property
     def _memory_loader(self) -> Coalescer[MemoryKey, tuple[list[Row], list[Row]]]:

@@ -11,6 +11,7 @@ from psycopg import AsyncConnection, AsyncRawCursor, sql
 from psycopg.rows import dict_row
 
 from server.domain import Message, SearchResult, Session
+from server.errors import Unavailable
 from server.store import rows
 from server.store.base import key
 from server.store.budget import followed
@@ -19,6 +20,7 @@ from server.store.kept_recall import KeptRecallMethods, kept_result
 from server.store.messages import memory_window
 from server.store.queries import compact, positional, query
 from server.store.search import USER_SCOPE, budgeted_ranking, ranking_name, ranking_statement
+from server.store.translate import worker_lost
 
 #: Memories the worker ranks and keeps per session for GetMemory's recall (a larger
 #: relevant_limit is ranked on the request path).
@@ -49,14 +51,18 @@ RECALL_NEAREST_FLOOR = 0.4
 class Recalled(NamedTuple):
     """GetMemory's reads: the live session (None if absent or deleted), its last messages
     (oldest first), the user's memories from other sessions (best first), whether the
-    window was `cut` (the messages stop short of `lastn` where they passed the byte budget)
-    and whether the memories were (`relevant_cut`: short of the limit, past theirs)."""
+    window was `cut` (the messages stop short of `lastn` where they passed the byte budget),
+    whether the memories were (`relevant_cut`: short of the limit, past theirs) and whether
+    they could not be read at all (`relevant_unavailable`)."""
 
     session: Session | None
     messages: list[Message]
     relevant: list[SearchResult]
     cut: bool = False
     relevant_cut: bool = False
+    #: On Citus: the window was read and the memories could not be (a worker holding some of
+    #: the user's sessions is out of reach); `relevant` is empty.
+    relevant_unavailable: bool = False
 
 
 @cache
@@ -197,6 +203,11 @@ class RecallMethods(KeptRecallMethods):
         vector when there is one: a second round trip. No model runs. With `limit` 0 only
         the window is read, in the statement concurrent calls share where recall is kept.
 
+        On Citus a worker out of reach fails the calls of its own shards, but not the window
+        of a session elsewhere: where the window was read and the memories' shards (the
+        user's other sessions) could not all be reached, the window is answered with no
+        memories and `relevant_unavailable` says so.
+
         Raises:
             Unavailable: the database cannot be reached.
         """
@@ -205,11 +216,13 @@ class RecallMethods(KeptRecallMethods):
         params["budget"] = budget
         kept_by = model if self.vectors else "" if self.word_recall else None
         if kept_by is not None and limit <= RECALL_KEEP and (limit > 0 or not self.citus):
-            memory, kept, relevant_cut = await self._read_kept(params, kept_by, relevant_budget)
+            memory, kept, relevant_cut, unreachable = await self._read_kept(
+                params, kept_by, relevant_budget
+            )
         else:
             async with self._connect(single=True) as conn:
                 memory = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
-            kept, relevant_cut = [], False
+            kept, relevant_cut, unreachable = [], False, False
         if not memory:
             return Recalled(None, [], [])
         session = rows.session(memory[0])
@@ -217,16 +230,26 @@ class RecallMethods(KeptRecallMethods):
             results: list[SearchResult] = []  # no user, no user-level memory
         elif kept:
             results = [kept_result(r) for r in kept if r["m_uuid"] is not None]
-        elif limit <= 0:
+        elif limit <= 0 or unreachable:
             results = []
         else:
-            async with self._connect(single=True) as conn:
-                ranked = await self._ranked_rows(conn, params, model, relevant_budget)
+            try:
+                async with self._connect(single=True) as conn:
+                    ranked = await self._ranked_rows(conn, params, model, relevant_budget)
+            except Unavailable as exc:
+                if not worker_lost(exc):
+                    raise
+                ranked, unreachable = [], True
             results, relevant_cut = [rows.search_result(r) for r in ranked], followed(ranked)
         # Rows in order: the first is the oldest message read, followed if the budget cut it.
         cut = bool(memory[0]["m_followed"])
         return Recalled(
-            session, rows.joined_messages(memory), results, cut, relevant_cut and bool(results)
+            session,
+            rows.joined_messages(memory),
+            results,
+            cut,
+            relevant_cut and bool(results),
+            unreachable and session.user_id is not None,
         )
 
     @staticmethod

@@ -123,6 +123,21 @@ def _worker_lost(exc: psycopg.Error) -> bool:
     return exc.sqlstate == "XX000" and _detail(exc, "").startswith(_WORKER_LOST)
 
 
+def worker_lost(exc: MemstoreError) -> bool:
+    """Whether `exc`, a translated error, is Citus saying that a worker node could not be
+    reached: the coordinator answered (its error has a SQLSTATE: XX000 as _worker_lost
+    reads it, or 08006 for "connection to the remote node ... failed", a connection it
+    could not open), so the rest of the cluster still serves. A connection to the
+    coordinator itself lost or refused (libpq's own error, no SQLSTATE) is not one."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, Unavailable)
+        and isinstance(cause, psycopg.Error)
+        and cause.sqlstate is not None
+        and _detail(cause, "").startswith(_WORKER_LOST)
+    )
+
+
 def _cancelled(exc: pg.QueryCanceled | Unanswered) -> DeadlineExceeded:
     if isinstance(exc, Unanswered):
         # The statement timeout passed and the database still said nothing (a Citus worker

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -43,7 +46,7 @@ from server.store.base import ANSWER_MARGIN_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node, standby_of
 from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar, scratch_database
 from tests.polling import until
-from tests.processes import serve_memstore, stop_memstore
+from tests.processes import free_port, serve_memstore, stop_memstore
 
 USERS = 6
 #: Sessions the writers append to, each written by one writer only (so its order is known).
@@ -760,7 +763,7 @@ async def test_health_with_a_worker_lost_stays_serving_on_the_coordinator_not_th
                         "the server through the lost worker still says SERVING"
                     )
                     noticed = time.monotonic() - since
-                    await _serves_all_but_the_lost_shards(on_coordinator, kept, lost)
+                    await _serves_all_but_the_lost_shards(on_coordinator, kept, lost, loss)
                     await _bring_back(node, stopped)
                     down, stopped = False, []
                     await scalar(url, "SELECT recover_prepared_transactions()")
@@ -787,18 +790,149 @@ async def test_health_with_a_worker_lost_stays_serving_on_the_coordinator_not_th
             assert "Traceback" not in out, out
 
 
-async def _serves_all_but_the_lost_shards(channel: grpc.aio.Channel, kept: str, lost: str) -> None:
+#: Words each seeded session says once more (_say_the_same), so that a user's sessions
+#: recall each other.
+_SHARED = "the lighthouse walk at dawn with Priya"
+
+
+@pytest.mark.parametrize("recall", ["ranked", "kept"])
+async def test_get_memory_with_a_worker_lost_answers_the_window_and_says_recall_is_unavailable(
+    citus_nodes: tuple[str, list[str]], recall: str
+) -> None:
+    # GetMemory reads the session's window on its shard, then the memories of the user's
+    # other sessions on theirs: those the embedding worker kept ("kept": the shards of the
+    # sessions it kept), or ranked on the request path ("ranked", none kept: every shard).
+    # A worker lost that holds only some of them fails the memories, not the window: the
+    # call answers the window whole, no memories, and relevant_unavailable, over gRPC and
+    # REST, rather than fail the agent's turn; a call whose own session is on the lost
+    # worker fails UNAVAILABLE as before. The memories come back with the worker
+    # (docs/scaling.md, "A worker lost").
+    async with _with_a_new_worker(citus_nodes) as (store, url, node):
+        await _give_a_share(url, node)
+        await _say_the_same(store)
+        ports = {s: await _session_port(url, s) for s in (f"s{i}" for i in range(SESSIONS))}
+        lost = next(s for s, port in ports.items() if port == node.port)
+        # A session elsewhere whose user has a session on the node.
+        kept = next(
+            s
+            for s, port in ports.items()
+            if port != node.port and any(ports[o] == node.port for o in _users_other(s))
+        )
+        http_port = free_port()
+        args = ["--http-port", str(http_port), "--purge-interval", "0"]
+        if recall == "ranked":
+            args.append("--no-embedding-worker")
+        env = {**os.environ, "DATABASE_URL": url}
+        proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
+        down = False
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+                if recall == "kept":
+                    assert await until(lambda: _kept_reaches(url, kept, node.port), within=120), (
+                        f"the worker kept no recall of {kept} naming a session on the node"
+                    )
+                ask = ss.GetMemoryRequest(session_id=kept)
+                whole = await sessions.GetMemory(ask, timeout=10)
+                assert whole.relevant_messages and whole.context, whole
+                assert not whole.relevant_unavailable
+                window = [m.content for m in whole.messages]
+                await _lose(node, "crash")
+                down = True
+                got = await sessions.GetMemory(ask, timeout=10)
+                assert got.found and got.session.session_id == kept
+                assert [m.content for m in got.messages] == window
+                assert got.relevant_unavailable, got
+                assert not got.relevant_messages and not got.context, got
+                rest = await asyncio.to_thread(
+                    _get_json, f"http://127.0.0.1:{http_port}/api/v2/sessions/{kept}/memory"
+                )
+                assert [m["content"] for m in rest["messages"]] == window
+                assert rest["relevant_unavailable"] is True and rest["found"] is True, rest
+                assert rest["relevant_messages"] == [] and rest["context"] is None, rest
+                await _fails_retryably(
+                    sessions.GetMemory(ss.GetMemoryRequest(session_id=lost), timeout=10)
+                )
+                await _bring_back(node, [])
+                down = False
+                await scalar(url, "SELECT recover_prepared_transactions()")
+                assert await until(lambda: _recalls(sessions, kept), within=20), (
+                    f"{kept}'s memories did not come back with the worker"
+                )
+        finally:
+            if down:  # back for the cluster's own stop
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    await _bring_back(node, [])
+            code, out = await asyncio.to_thread(stop_memstore, proc)
+        assert code == 0, out
+        assert "Traceback" not in out, out
+
+
+async def _say_the_same(store: Store) -> None:
+    """Each seeded session says _SHARED once more."""
+    for i in range(SESSIONS):
+        said = NewMessage(role="u", role_type="user", content=f"{_SHARED} {i}", metadata={})
+        await store.add_memory(P, f"s{i}", None, [said])
+
+
+def _users_other(session: str) -> list[str]:
+    """The other seeded sessions of `session`'s user (_seed: session i is user i % USERS)."""
+    i = int(session[1:])
+    return [f"s{j}" for j in range(i % USERS, SESSIONS, USERS) if j != i]
+
+
+async def _kept_reaches(url: str, session: str, node_port: int) -> bool:
+    """Whether the recall the embedding worker kept for `session` names, among the memories
+    GetMemory reads first (its default relevant_limit, 5), one on the node at `node_port`."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT recall_sessions[1:5] FROM session_embeddings"
+            " WHERE session_id = %s AND recall_kept_at IS NOT NULL",
+            (session,),
+        )
+        row = await cur.fetchone()
+    if row is None or not row[0]:
+        return False
+    return any([await _session_port(url, s) == node_port for s in row[0]])
+
+
+async def _recalls(sessions: session_service_pb2_grpc.SessionServiceStub, session: str) -> bool:
+    """Whether GetMemory of `session` answers its memories (a call meeting the coordinator's
+    connections that the node's stop broke fails meanwhile)."""
+    try:
+        got = await sessions.GetMemory(ss.GetMemoryRequest(session_id=session), timeout=10)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(got.relevant_messages) and not got.relevant_unavailable
+
+
+def _get_json(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return json.load(answer)
+    except urllib.error.HTTPError as e:
+        raise AssertionError(e.read()) from e
+
+
+async def _serves_all_but_the_lost_shards(
+    channel: grpc.aio.Channel, kept: str, lost: str, loss: str
+) -> None:
     """The coordinator's server serves the calls of the other shards (GetMemory of session
-    `kept` without recall); those that reach the lost worker's shards fail retryably
-    (UNAVAILABLE, or at their deadline), never INTERNAL: GetMemory of session `lost`, and
-    GetMemory with recall of any session while its recall is ranked over every shard (no
-    embedding worker has kept it)."""
+    `kept` without recall); those that need the lost worker's shards fail retryably
+    (UNAVAILABLE, or at their deadline), never INTERNAL: GetMemory of session `lost`. With
+    recall ranked over every shard (no embedding worker has kept it), GetMemory of `kept`
+    answers its window and relevant_unavailable where the worker crashed; where it stopped
+    answering, the ranking waits for it until the statement timeout, and fails."""
     sessions = session_service_pb2_grpc.SessionServiceStub(channel)
     get = ss.GetMemoryRequest
     got = await sessions.GetMemory(get(session_id=kept, relevant_limit=0), timeout=10)
     assert got.messages, kept
     await _fails_retryably(sessions.GetMemory(get(session_id=lost), timeout=4))
-    await _fails_retryably(sessions.GetMemory(get(session_id=kept), timeout=4))
+    if loss == "crash":
+        got = await sessions.GetMemory(get(session_id=kept), timeout=4)
+        assert got.messages and got.relevant_unavailable and not got.relevant_messages, got
+    else:
+        await _fails_retryably(sessions.GetMemory(get(session_id=kept), timeout=4))
 
 
 async def _lose(node: Node, loss: str) -> list[int]:

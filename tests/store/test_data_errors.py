@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from server.errors import InvalidArgument, MemstoreError, Unavailable, UnreadableValue
-from server.store.translate import translated
+from server.store.translate import translated, worker_lost
 
 
 async def test_a_result_value_psycopg_cannot_load_is_unreadable_not_invalid(
@@ -70,6 +70,20 @@ async def test_a_citus_worker_out_of_reach_is_unavailable_not_internal(database_
             with pytest.raises(Unavailable) as lost, translated():
                 await conn.execute(raise_as_citus.replace("%s", f"'{said}'"))  # type: ignore[arg-type]
             assert "Citus worker could not be reached" in lost.value.message
+            assert worker_lost(lost.value), said
+        # A connection Citus could not open to a worker comes as 08006 (an OperationalError):
+        # also a worker lost, which GetMemory's recall tells from the coordinator's own loss
+        # (tests/citus/test_grow.py, recall with a worker lost).
+        refused = "connection to the remote node 10.0.0.7:5432 failed: Connection refused"
+        with pytest.raises(Unavailable) as lost, translated():
+            await conn.execute(  # type: ignore[arg-type]
+                raise_as_citus.replace("'XX000'", "'08006'").replace("%s", f"'{refused}'")
+            )
+        assert worker_lost(lost.value)
+        # The coordinator's own connection lost (libpq's words, no SQLSTATE) is not one.
+        with pytest.raises(Unavailable) as gone, translated():
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        assert not worker_lost(gone.value)
         # Any other internal error stays INTERNAL.
         with pytest.raises(MemstoreError) as other, translated():
             await conn.execute(raise_as_citus.replace("%s", "'cache lookup failed'"))  # type: ignore[arg-type]

@@ -584,6 +584,7 @@ class GetMemoryResponse(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     RELEVANT_MESSAGES_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    RELEVANT_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """False when the session does not exist or is soft-deleted."""
     context: _builtins.str
@@ -592,6 +593,14 @@ class GetMemoryResponse(_message.Message):
     (UTC), speaker (role, or role type when there is none) and content
     (whitespace collapsed, at most 1000 characters). Empty when there are
     none.
+    """
+    relevant_unavailable: _builtins.bool
+    """True when the user's other sessions could not be read although memories
+    were asked for: on a Citus cluster, a worker holding some of them is out
+    of reach. messages and session are whole; relevant_messages and context
+    are empty then, not a ranking of the sessions that could be reached. A
+    call whose own session is on the lost worker fails UNAVAILABLE instead.
+    Always false on a single PostgreSQL.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Message]:
@@ -616,10 +625,11 @@ class GetMemoryResponse(_message.Message):
         found: _builtins.bool = ...,
         relevant_messages: _abc.Iterable[Global___SearchResult] | None = ...,
         context: _builtins.str = ...,
+        relevant_unavailable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "found", b"found", "messages", b"messages", "relevant_messages", b"relevant_messages", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "found", b"found", "messages", b"messages", "relevant_messages", b"relevant_messages", "relevant_unavailable", b"relevant_unavailable", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
