@@ -45,6 +45,7 @@ from server.store import Store
 from server.store.base import ANSWER_MARGIN_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node, standby_of
 from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar, scratch_database
+from tests.grpc import msg
 from tests.polling import until
 from tests.processes import free_port, serve_memstore, stop_memstore
 
@@ -832,33 +833,33 @@ async def test_get_memory_with_a_worker_lost_answers_the_window_and_says_recall_
                     assert await until(lambda: _kept_reaches(url, kept, node.port), within=120), (
                         f"the worker kept no recall of {kept} naming a session on the node"
                     )
-                ask = ss.GetMemoryRequest(session_id=kept)
-                whole = await sessions.GetMemory(ask, timeout=10)
+                whole = await sessions.GetMemory(ss.GetMemoryRequest(session_id=kept), timeout=10)
                 assert whole.relevant_messages and whole.context, whole
                 assert not whole.relevant_unavailable
                 window = [m.content for m in whole.messages]
                 await _lose(node, "crash")
                 down = True
-                got = await sessions.GetMemory(ask, timeout=10)
-                assert got.found and got.session.session_id == kept
-                assert [m.content for m in got.messages] == window
-                assert got.relevant_unavailable, got
-                assert not got.relevant_messages and not got.context, got
-                rest = await asyncio.to_thread(
-                    _get_json, f"http://127.0.0.1:{http_port}/api/v2/sessions/{kept}/memory"
-                )
-                assert [m["content"] for m in rest["messages"]] == window
-                assert rest["relevant_unavailable"] is True and rest["found"] is True, rest
-                assert rest["relevant_messages"] == [] and rest["context"] is None, rest
+                await _answers_the_window_alone(sessions, http_port, kept, window)
                 await _fails_retryably(
                     sessions.GetMemory(ss.GetMemoryRequest(session_id=lost), timeout=10)
                 )
+                # A message written meanwhile to a session elsewhere is kept, and (by a
+                # served embedding worker) embedded once the worker is back at the latest.
+                add = ss.AddMemoryRequest(session_id=kept, messages=[msg(f"{_SHARED} again")])
+                sequence = (await sessions.AddMemory(add, timeout=10)).messages[0].sequence
+                await asyncio.sleep(3)
+                embedded_while_down = await _embedded(url, kept, sequence)
                 await _bring_back(node, [])
                 down = False
                 await scalar(url, "SELECT recover_prepared_transactions()")
                 assert await until(lambda: _recalls(sessions, kept), within=20), (
                     f"{kept}'s memories did not come back with the worker"
                 )
+                if recall == "kept":
+                    assert await until(lambda: _embedded(url, kept, sequence), within=30), (
+                        "the message written while the worker was lost was never embedded"
+                    )
+                    print(f"\nembedded while the worker was lost: {embedded_while_down}")
         finally:
             if down:  # back for the cluster's own stop
                 with contextlib.suppress(subprocess.CalledProcessError):
@@ -866,6 +867,29 @@ async def test_get_memory_with_a_worker_lost_answers_the_window_and_says_recall_
             code, out = await asyncio.to_thread(stop_memstore, proc)
         assert code == 0, out
         assert "Traceback" not in out, out
+        # The embedding worker's claims failed meanwhile, each said in one line.
+        assert recall == "ranked" or "embedding batch failed" in out, out
+
+
+async def _answers_the_window_alone(
+    sessions: session_service_pb2_grpc.SessionServiceStub,
+    http_port: int,
+    session: str,
+    window: list[str],
+) -> None:
+    """GetMemory of `session` answers `window`, its session, no memories and
+    relevant_unavailable, over gRPC and REST."""
+    got = await sessions.GetMemory(ss.GetMemoryRequest(session_id=session), timeout=10)
+    assert got.found and got.session.session_id == session
+    assert [m.content for m in got.messages] == window
+    assert got.relevant_unavailable, got
+    assert not got.relevant_messages and not got.context, got
+    rest = await asyncio.to_thread(
+        _get_json, f"http://127.0.0.1:{http_port}/api/v2/sessions/{session}/memory"
+    )
+    assert [m["content"] for m in rest["messages"]] == window
+    assert rest["relevant_unavailable"] is True and rest["found"] is True, rest
+    assert rest["relevant_messages"] == [] and rest["context"] is None, rest
 
 
 async def _say_the_same(store: Store) -> None:
@@ -894,6 +918,15 @@ async def _kept_reaches(url: str, session: str, node_port: int) -> bool:
     if row is None or not row[0]:
         return False
     return any([await _session_port(url, s) == node_port for s in row[0]])
+
+
+async def _embedded(url: str, session: str, sequence: int) -> bool:
+    """Whether message `sequence` of `session` has its vector."""
+    statement = (
+        "SELECT count(*) FROM message_embeddings"
+        f" WHERE session_id = '{session}' AND sequence = {sequence}"
+    )
+    return bool(await scalar(url, statement))
 
 
 async def _recalls(sessions: session_service_pb2_grpc.SessionServiceStub, session: str) -> bool:
