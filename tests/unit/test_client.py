@@ -165,6 +165,18 @@ def test_retries_stop_after_max_attempts(client, channel, pool):
         future.result(timeout=5)
 
 
+def test_memory_get_says_when_the_memories_could_not_be_read(client, channel, pool):
+    # GetMemory's relevant_unavailable (a Citus worker out of reach) reaches the caller.
+    future = _call(pool, client.memory.get, "s1", 3)
+    _, _, rpc = _take(channel, SESSIONS, "GetMemory")
+    answer = ss.GetMemoryResponse(found=True, relevant_unavailable=True)
+    answer.messages.add(content="hi")
+    rpc.terminate(answer, (), OK, "")
+    memory = future.result(timeout=5)
+    assert memory.relevant_unavailable and [m.content for m in memory.messages] == ["hi"]
+    assert memory.relevant_messages == [] and memory.context == ""
+
+
 #: Every write the client sends once (docs/clients.md, "Retries"): its call, arguments and RPC.
 _ONCE = {
     "CreateUser": (lambda c: c.user.add, ("alice",), USERS),
