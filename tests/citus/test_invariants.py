@@ -106,6 +106,33 @@ async def test_delete_user_removes_everything_on_every_shard(
         assert await scalar(empty, f"SELECT count(*) FROM {table}") == 0, table
 
 
+async def test_delete_user_removes_the_sessions_of_a_user_whose_row_was_lost(
+    citus_store: Store, empty: str
+) -> None:
+    # A user row lost with a worker's asynchronous standby (docs/scaling.md, "An asynchronous
+    # standby promoted") leaves its sessions on the other shards: no foreign key removes
+    # them. The privacy delete answered NOT_FOUND and left them readable; it now deletes
+    # them, and only them.
+    for user in ("u", "v"):
+        await citus_store.create_user(P, user, "", "", "", {})
+    for i in range(8):
+        await citus_store.add_memory(P, f"s{i}", "u", [_msg("a"), _msg("b")])
+    await citus_store.add_memory(P, "kept", "v", [_msg("mine")])
+    await scalar(empty, f"DELETE FROM users WHERE project_id = {P} AND user_id = 'u' RETURNING 1")
+    with pytest.raises(NotFound):
+        await citus_store.get_user(P, "u")
+    deleted = await citus_store.delete_user(P, "u")
+    assert (deleted.sessions, deleted.messages) == (8, 16)
+    left = "SELECT count(*) FROM {} WHERE session_id <> 'kept'"
+    for table in ("sessions", "messages", "embedding_queue"):
+        assert await scalar(empty, left.format(table)) == 0, table
+    assert (await citus_store.get_session(P, "kept", False)).user_id == "v"
+    # Nothing of it is left now: NOT_FOUND, as for any unknown user.
+    for gone in ("u", "nobody"):
+        with pytest.raises(NotFound):
+            await citus_store.delete_user(P, gone)
+
+
 class _LateSession:
     """A session of user 'u' made as a two-phase commit whose worker commits late: the user's
     shard already counts it, and its own shard holds its insert prepared, seen by no one,

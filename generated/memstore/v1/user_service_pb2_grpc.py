@@ -225,10 +225,13 @@ class UserServiceServicer:
     def DeleteUser(self, request, context):
         """Deletes a user and, in the same transaction, every session and message
         of that user (a hard delete: nothing remains and the id is free again).
+        On Citus, sessions naming a user whose row was lost (a worker's
+        asynchronous standby promoted) are deleted too, though the user is gone.
 
         Errors:
         - INVALID_ARGUMENT: user_id as for GetUser.
-        - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+        - NOT_FOUND (USER_NOT_FOUND): no user has this id (nor, on Citus, any
+        session).
         - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
         just before was still not committed on its own node after 5 s;
         nothing was deleted; retry (docs/scaling.md, "No invariant lost").

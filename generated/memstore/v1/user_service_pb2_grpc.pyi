@@ -119,10 +119,13 @@ class UserServiceStub:
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
     """Deletes a user and, in the same transaction, every session and message
     of that user (a hard delete: nothing remains and the id is free again).
+    On Citus, sessions naming a user whose row was lost (a worker's
+    asynchronous standby promoted) are deleted too, though the user is gone.
 
     Errors:
       - INVALID_ARGUMENT: user_id as for GetUser.
-      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id (nor, on Citus, any
+        session).
       - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
         just before was still not committed on its own node after 5 s;
         nothing was deleted; retry (docs/scaling.md, "No invariant lost").
@@ -253,10 +256,13 @@ class UserServiceAsyncStub(UserServiceStub):
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
     """Deletes a user and, in the same transaction, every session and message
     of that user (a hard delete: nothing remains and the id is free again).
+    On Citus, sessions naming a user whose row was lost (a worker's
+    asynchronous standby promoted) are deleted too, though the user is gone.
 
     Errors:
       - INVALID_ARGUMENT: user_id as for GetUser.
-      - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+      - NOT_FOUND (USER_NOT_FOUND): no user has this id (nor, on Citus, any
+        session).
       - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
         just before was still not committed on its own node after 5 s;
         nothing was deleted; retry (docs/scaling.md, "No invariant lost").
@@ -408,10 +414,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DeleteUserResponse, _abc.Awaitable[_user_service_pb2.DeleteUserResponse]]:
         """Deletes a user and, in the same transaction, every session and message
         of that user (a hard delete: nothing remains and the id is free again).
+        On Citus, sessions naming a user whose row was lost (a worker's
+        asynchronous standby promoted) are deleted too, though the user is gone.
 
         Errors:
           - INVALID_ARGUMENT: user_id as for GetUser.
-          - NOT_FOUND (USER_NOT_FOUND): no user has this id.
+          - NOT_FOUND (USER_NOT_FOUND): no user has this id (nor, on Citus, any
+            session).
           - UNAVAILABLE (CONCURRENT_WRITES): on Citus, a session made for the user
             just before was still not committed on its own node after 5 s;
             nothing was deleted; retry (docs/scaling.md, "No invariant lost").
