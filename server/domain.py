@@ -272,11 +272,13 @@ class PurgeReport:
 
 @dataclass(frozen=True, slots=True)
 class RecountReport:
-    """What `memstore recount` found: the users it checked, and those whose kept count of
-    live sessions was off their rows and was corrected."""
+    """What `memstore recount` found: the users it checked, those whose kept count of live
+    sessions was off their rows and was corrected, and (on Citus) the users that sessions
+    name and no row holds."""
 
     users: int = 0
     corrected: int = 0
+    orphaned_users: int = 0
 
 
 #: Why a periodic purge did not run (Store.purge_if_due): another process's purge held the

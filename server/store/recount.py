@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from server.domain import RecountReport
@@ -10,12 +11,16 @@ from server.store.base import StoreBase
 from server.store.db import fetch_all, fetch_one
 from server.store.queries import query
 
+log = logging.getLogger(__name__)
+
 #: Times a user found off is recounted in a row: on Citus a session write commits on the
 #: user's node and the session's one after the other, so a recount between the two can take
 #: the count one session short; the next pass finds it and corrects it again.
 RECOUNT_PASSES = 3
 #: Seconds between those passes: longer than a two-phase commit's two steps take.
 PASS_PAUSE_SECONDS = 0.2
+#: Users without a row whose ids the log names, at most (the report counts them all).
+ORPHANS_NAMED = 20
 
 
 class RecountMethods(StoreBase):
@@ -29,7 +34,9 @@ class RecountMethods(StoreBase):
         Each correction is its own transaction: the user's count row locked, their live
         sessions counted, the count set. A session write of the user waits for it or has
         committed before the count, so none is lost or counted twice (on plain PostgreSQL;
-        on Citus a user found off is checked again, RECOUNT_PASSES).
+        on Citus a user found off is checked again, RECOUNT_PASSES). On Citus it also counts
+        the users that sessions name and no row holds (`orphaned_users`, the first
+        ORPHANS_NAMED logged by id): DeleteUser removes their sessions.
 
         Raises:
             Unavailable: the database cannot be reached.
@@ -41,7 +48,11 @@ class RecountMethods(StoreBase):
                 "after_project": after[0], "after_user": after[1], "limit": batch_size,
             })  # fmt: skip
             if not users:
-                return RecountReport(users=checked, corrected=len(corrected))
+                # Plain PostgreSQL's foreign key keeps every session's user.
+                orphans = await self._orphans(batch_size) if self.citus else 0
+                return RecountReport(
+                    users=checked, corrected=len(corrected), orphaned_users=orphans
+                )
             checked += len(users)
             after = (users[-1]["project_id"], users[-1]["user_id"])
             off = await self._off(users)
@@ -53,6 +64,32 @@ class RecountMethods(StoreBase):
                         corrected.add(user)  # once, however many passes it takes
                 await asyncio.sleep(PASS_PAUSE_SECONDS if self.citus else 0)
                 off = await self._off(await self._kept(off))
+
+    async def _orphans(self, batch_size: int) -> int:
+        # The users that sessions name and no row holds, in batches of the named users.
+        found, named = 0, list[tuple[int, str]]()
+        after: tuple[int, str] = (0, "")
+        while True:
+            batch = await self._read("recount_named_users", {
+                "after_project": after[0], "after_user": after[1], "limit": batch_size,
+            })  # fmt: skip
+            if not batch:
+                break
+            pairs = [(r["project_id"], r["user_id"]) for r in batch]
+            after = pairs[-1]
+            stored = {(r["project_id"], r["user_id"]) for r in await self._kept(pairs)}
+            missing = [pair for pair in pairs if pair not in stored]
+            found += len(missing)
+            named.extend(missing[: ORPHANS_NAMED - len(named)])
+        if found:
+            log.warning(
+                "%d users are named by sessions but have no row (lost with a node's writes?): "
+                "%s%s; DeleteUser of each removes their sessions",
+                found,
+                ", ".join(f"{user_id!r} (project {project_id})" for project_id, user_id in named),
+                ", ..." if found > len(named) else "",
+            )
+        return found
 
     async def _off(self, users: list[dict[str, Any]]) -> list[tuple[int, str]]:
         # The users of a batch (rows of recount_users) whose kept count is not their rows'.

@@ -107,12 +107,12 @@ async def test_delete_user_removes_everything_on_every_shard(
 
 
 async def test_delete_user_removes_the_sessions_of_a_user_whose_row_was_lost(
-    citus_store: Store, empty: str
+    citus_store: Store, empty: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A user row lost with a worker's asynchronous standby (docs/scaling.md, "An asynchronous
     # standby promoted") leaves its sessions on the other shards: no foreign key removes
-    # them. The privacy delete answered NOT_FOUND and left them readable; it now deletes
-    # them, and only them.
+    # them. `memstore recount` counts such users; the privacy delete answered NOT_FOUND and
+    # left their sessions readable, and now deletes them, and only them.
     for user in ("u", "v"):
         await citus_store.create_user(P, user, "", "", "", {})
     for i in range(8):
@@ -121,12 +121,16 @@ async def test_delete_user_removes_the_sessions_of_a_user_whose_row_was_lost(
     await scalar(empty, f"DELETE FROM users WHERE project_id = {P} AND user_id = 'u' RETURNING 1")
     with pytest.raises(NotFound):
         await citus_store.get_user(P, "u")
+    # `memstore recount` counts such a user (named by sessions, with no row), and only it.
+    assert (await citus_store.recount_sessions(batch_size=1)).orphaned_users == 1
+    assert f"have no row (lost with a node's writes?): 'u' (project {P});" in caplog.text
     deleted = await citus_store.delete_user(P, "u")
     assert (deleted.sessions, deleted.messages) == (8, 16)
     left = "SELECT count(*) FROM {} WHERE session_id <> 'kept'"
     for table in ("sessions", "messages", "embedding_queue"):
         assert await scalar(empty, left.format(table)) == 0, table
     assert (await citus_store.get_session(P, "kept", False)).user_id == "v"
+    assert (await citus_store.recount_sessions()).orphaned_users == 0
     # Nothing of it is left now: NOT_FOUND, as for any unknown user.
     for gone in ("u", "nobody"):
         with pytest.raises(NotFound):

@@ -161,6 +161,7 @@ FAN_OUT = {
     "recount_users": "memstore recount: a batch of users with their kept counts",
     "recount_live": "memstore recount: the batch's users' live sessions",
     "recount_user": "memstore recount: one user's live sessions, under their count's lock",
+    "recount_named_users": "memstore recount on Citus: a batch of the users sessions name",
 }
 #: Statements on the small shared tables (reference tables: a copy on every node, one task).
 REFERENCE = {

@@ -140,7 +140,8 @@ def test_memstore_recount_prints_what_it_found(clean_db: str) -> None:
     env = {**os.environ, "DATABASE_URL": clean_db}
     run = run_memstore("recount", env=env)
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"corrected": 1, "users": 2}
+    printed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert printed == {"corrected": 1, "orphaned_users": 0, "users": 2}
     with psycopg.connect(clean_db) as conn:
         kept = conn.execute("SELECT user_id, session_count FROM user_session_counts").fetchall()
     assert kept == [("a", 1)]

@@ -58,3 +58,14 @@ SELECT u.project_id, u.user_id, coalesce(c.session_count, 0) AS kept
 FROM users u
 LEFT JOIN user_session_counts c ON c.project_id = u.project_id AND c.user_id = u.user_id
 WHERE u.user_id = ANY(%(user_ids)s::text[]) AND u.project_id = ANY(%(project_ids)s::bigint[]);
+
+-- recount_named_users --
+-- A keyset batch of the users that sessions name, every project's, by (project_id, user_id).
+-- Under Citus, where no foreign key ties sessions to users, a lost write may have taken a
+-- user's row and left sessions naming it (recount_kept then finds no such user). A fan-out.
+SELECT DISTINCT s.project_id, s.user_id
+FROM sessions s
+WHERE s.user_id IS NOT NULL
+  AND (s.project_id, s.user_id) > (%(after_project)s::bigint, %(after_user)s::text)
+ORDER BY s.project_id, s.user_id
+LIMIT %(limit)s;
