@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from server.domain import RecountReport
@@ -42,19 +43,8 @@ class RecountMethods(StoreBase):
             Unavailable: the database cannot be reached.
         """
         checked, corrected = 0, set[tuple[int, str]]()
-        after: tuple[int, str] = (0, "")
-        while True:
-            users = await self._read("recount_users", {
-                "after_project": after[0], "after_user": after[1], "limit": batch_size,
-            })  # fmt: skip
-            if not users:
-                # Plain PostgreSQL's foreign key keeps every session's user.
-                orphans = await self._orphans(batch_size) if self.citus else 0
-                return RecountReport(
-                    users=checked, corrected=len(corrected), orphaned_users=orphans
-                )
+        async for users in self._batches("recount_users", batch_size):
             checked += len(users)
-            after = (users[-1]["project_id"], users[-1]["user_id"])
             off = await self._off(users)
             for _ in range(RECOUNT_PASSES):
                 if not off:
@@ -64,19 +54,25 @@ class RecountMethods(StoreBase):
                         corrected.add(user)  # once, however many passes it takes
                 await asyncio.sleep(PASS_PAUSE_SECONDS if self.citus else 0)
                 off = await self._off(await self._kept(off))
+        # Plain PostgreSQL's foreign key keeps every session's user.
+        orphans = await self._orphans(batch_size) if self.citus else 0
+        return RecountReport(users=checked, corrected=len(corrected), orphaned_users=orphans)
+
+    async def _batches(self, name: str, size: int) -> AsyncIterator[list[dict[str, Any]]]:
+        # The rows of statement `name` (recount_users, recount_named_users), a keyset batch
+        # of `size` users by (project_id, user_id) at a time.
+        after: tuple[int, str] = (0, "")
+        while batch := await self._read(
+            name, {"after_project": after[0], "after_user": after[1], "limit": size}
+        ):
+            yield batch
+            after = (batch[-1]["project_id"], batch[-1]["user_id"])
 
     async def _orphans(self, batch_size: int) -> int:
         # The users that sessions name and no row holds, in batches of the named users.
         found, named = 0, list[tuple[int, str]]()
-        after: tuple[int, str] = (0, "")
-        while True:
-            batch = await self._read("recount_named_users", {
-                "after_project": after[0], "after_user": after[1], "limit": batch_size,
-            })  # fmt: skip
-            if not batch:
-                break
+        async for batch in self._batches("recount_named_users", batch_size):
             pairs = [(r["project_id"], r["user_id"]) for r in batch]
-            after = pairs[-1]
             stored = {(r["project_id"], r["user_id"]) for r in await self._kept(pairs)}
             missing = [pair for pair in pairs if pair not in stored]
             found += len(missing)

@@ -807,7 +807,7 @@ async def test_get_memory_with_a_worker_lost_answers_the_window_and_says_recall_
     # call answers the window whole, no memories, and relevant_unavailable, over gRPC and
     # REST, rather than fail the agent's turn; a call whose own session is on the lost
     # worker fails UNAVAILABLE as before. The memories come back with the worker
-    # (docs/scaling.md, "A worker lost").
+    # (docs/scaling.md, "Recall with a worker lost").
     async with _with_a_new_worker(citus_nodes) as (store, url, node):
         await _give_a_share(url, node)
         await _say_the_same(store)
