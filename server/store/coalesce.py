@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from psycopg_pool import TooManyRequests
@@ -54,14 +54,16 @@ class _Pacer:
         _after_turns(self._turns if busy else 1, callback)
 
 
-#: Looks up a batch of distinct keys; keys absent from the result have no row.
-Fetch = Callable[[list[K]], Awaitable[dict[K, V]]]
+#: Looks up a batch of distinct keys; keys absent from the result have no row, and a key
+#: given an exception fails its own call with it (the others of the batch are served).
+Fetch = Callable[[list[K]], Awaitable[Mapping[K, V | Exception]]]
 
 
 class Coalescer(Generic[K, V]):
     """Batches `load(key)` calls; each batch is one `fetch` of the distinct keys waiting.
 
-    A Batcher whose run is the fetch: a failed fetch fails every call of its batch.
+    A Batcher whose run is the fetch: a failed fetch fails every call of its batch, a key
+    the fetch answers with an exception only its own.
     """
 
     def __init__(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from functools import cache, cached_property
 from typing import Any, cast
 
@@ -27,7 +28,7 @@ from server.store.budget import budget_rows, list_size
 from server.store.coalesce import Coalescer
 from server.store.db import Params, fetch_all, fetch_one
 from server.store.queries import query
-from server.store.translate import translated
+from server.store.translate import translated, worker_lost
 
 
 class UserMethods(StoreBase):
@@ -81,7 +82,26 @@ class UserMethods(StoreBase):
     def _user_loader(self) -> Coalescer[tuple[int, str], User]:
         return Coalescer(self._get_users, max_waiting_batches=self._pool.max_waiting)
 
-    async def _get_users(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], User]:
+    async def _get_users(
+        self, keys: list[tuple[int, str]]
+    ) -> Mapping[tuple[int, str], User | Exception]:
+        try:
+            return await self._read_users(keys)
+        except Unavailable as exc:
+            if not (self.citus and len(keys) > 1 and worker_lost(exc)):
+                raise
+        # On Citus a batch's users span shards, and a worker lost failed every call of the
+        # batch, those of users elsewhere too: each user is then read alone (one shard), so
+        # only the calls of the lost worker's users fail.
+        found: dict[tuple[int, str], User | Exception] = {}
+        for one in keys:
+            try:
+                found.update(await self._read_users([one]))
+            except Unavailable as exc:
+                found[one] = exc
+        return found
+
+    async def _read_users(self, keys: list[tuple[int, str]]) -> dict[tuple[int, str], User]:
         by_project: dict[int, list[str]] = {}
         for project_id, user_id in keys:
             by_project.setdefault(project_id, []).append(user_id)

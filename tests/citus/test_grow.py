@@ -871,6 +871,45 @@ async def test_get_memory_with_a_worker_lost_answers_the_window_and_says_recall_
         assert recall == "ranked" or "embedding batch failed" in out, out
 
 
+async def test_get_user_calls_sharing_a_batch_fail_only_for_the_lost_workers_users(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # Concurrent GetUser calls share one statement (server/store/coalesce.py), which on
+    # Citus reads the shards of all their users: a worker lost failed every call of the
+    # batch, users elsewhere too. Now only the calls of the lost worker's users fail
+    # (UNAVAILABLE); the others are answered.
+    async with _with_a_new_worker(citus_nodes) as (store, url, node):
+        await _give_a_share(url, node)
+        users = [f"g{i}" for i in range(30)]
+        for user in users:
+            await store.create_user(P, user, "", "", "", {})
+        on_node = {u for u in users if await _user_port(url, u) == node.port}
+        assert on_node and len(on_node) < len(users), on_node
+        await _lose(node, "crash")
+        try:
+            got = await asyncio.gather(
+                *(store.get_user(P, u) for u in users), return_exceptions=True
+            )
+        finally:
+            await _bring_back(node, [])
+        failed = {u for u, g in zip(users, got, strict=True) if isinstance(g, Exception)}
+        assert failed == on_node, (failed, on_node)
+        assert all(isinstance(got[users.index(u)], Unavailable) for u in failed)
+        answered = [g.user_id for g in got if not isinstance(g, BaseException)]
+        assert answered == [u for u in users if u not in on_node]
+
+
+async def _user_port(url: str, user: str) -> int:
+    """The port of the node holding `user`'s shard."""
+    return int(
+        await scalar(
+            url,
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'users'::regclass"
+            f" AND shardid = get_shard_id_for_distribution_column('users', '{user}')",
+        )
+    )
+
+
 async def _answers_the_window_alone(
     sessions: session_service_pb2_grpc.SessionServiceStub,
     http_port: int,

@@ -74,6 +74,19 @@ async def test_a_failed_fetch_fails_every_caller_of_its_batch() -> None:
     assert await loader.load("c") == "C"  # the next batch runs normally
 
 
+async def test_a_key_the_fetch_answers_with_an_error_fails_only_its_own_calls() -> None:
+    # GetUser on Citus: a batch failed by a worker lost is read again one user at a time,
+    # and only the lost worker's users' calls fail (tests/citus/test_grow.py).
+    async def fetch(keys: list[str]) -> dict[str, str | Exception]:
+        return {k: RuntimeError(f"{k} lost") if k.startswith("x") else k.upper() for k in keys}
+
+    loader = Coalescer(fetch)
+    results = await asyncio.gather(
+        *(loader.load(k) for k in ("a", "x1", "b", "x1")), return_exceptions=True
+    )
+    assert [str(r) for r in results] == ["A", "x1 lost", "B", "x1 lost"]
+
+
 async def test_the_fetch_is_cancelled_only_when_every_caller_gave_up() -> None:
     fetch = Recorder()
     fetch.release.clear()
