@@ -36,12 +36,12 @@ async def test_get_memory_without_recall_shares_one_round_trip(store: Store, cle
         assert requests >= 21, requests
     else:
         assert requests <= 2, requests  # (a health check may borrow one meanwhile)
-    for i, (session, messages, relevant, cut, relevant_cut) in enumerate(found[:20]):
+    for i, (session, messages, relevant, cut, relevant_cut, unavailable) in enumerate(found[:20]):
         assert session is not None and session.session_id == f"s{i}"
         assert session.user_id == ("ann" if i % 2 else None)
         assert [m.content for m in messages] == [f"line {i}"]
-        assert relevant == [] and not cut and not relevant_cut
-    assert found[20] == (None, [], [], False, False)
+        assert relevant == [] and not cut and not relevant_cut and not unavailable
+    assert found[20] == (None, [], [], False, False, False)
 
 
 async def test_calls_with_and_without_recall_in_one_batch_each_get_their_own_answer(
