@@ -253,6 +253,16 @@ class Config:
         metavar="SECONDS",
         commands=STORE,
     )
+    recall_timeout: float = setting(
+        5.0,
+        "seconds GetMemory waits, on Citus, for the memories of the user's other sessions "
+        "(at most half of what is left of the call's deadline) before it answers the window "
+        "without them, relevant_unavailable set; 0 for no bound",
+        env="MEMSTORE_RECALL_TIMEOUT",
+        parse=seconds_up_to(MAX_STATEMENT_TIMEOUT),
+        metavar="SECONDS",
+        commands=("serve",),
+    )
     grace_period: float = setting(
         10.0,
         "seconds in-flight calls (and the embedding worker's batch in hand) get to finish on "

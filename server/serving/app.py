@@ -214,6 +214,7 @@ async def open_store(config: Config) -> Store:
         max_size=config.pool_max_size,
         timeout=config.pool_timeout,
         statement_timeout=config.statement_timeout,
+        recall_timeout=config.recall_timeout,
         max_waiting=config.security.pool_max_waiting,
     )
 

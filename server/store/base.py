@@ -76,6 +76,9 @@ class StoreBase:
         #: The statement timeout every pooled connection opens with (seconds, 0 for none):
         #: Store.open sets it.
         self.statement_timeout = 0.0
+        #: Seconds GetMemory waits on Citus for the memories of the user's other sessions
+        #: (0 for no bound of its own): Store.open sets it (RecallMethods._recall_bound).
+        self.recall_timeout = 0.0
         #: The pooled connections whose statement timeout is the long one (_bound_for_call); one
         #: the pool closes leaves the set with it.
         self._unbounded: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
@@ -100,17 +103,24 @@ class StoreBase:
         field: str = "request",
         single: bool = False,
         snapshot: tuple[int, str] | None = None,
+        within: float | None = None,
     ) -> AsyncIterator[BoundedConnection]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
         # transaction, which saves the BEGIN and COMMIT round trips. A block that reads in a
         # held `snapshot` (server/store/snapshots.py; a project's, as (project_id, id)) is a
-        # transaction that imports it first.
+        # transaction that imports it first. `within` (seconds) bounds each answer of the
+        # block more tightly than the call's bound: past it the connection is dropped
+        # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it).
         with translated(unique=unique, foreign_key=foreign_key, field=field):
             conn = await self._checkout()
             taken = time.monotonic()
+            call_bound = conn.answer_within
             try:
                 await self._bound_for_call(conn)
+                call_bound = conn.answer_within
+                if within is not None:
+                    conn.answer_within = within if call_bound is None else min(call_bound, within)
                 if single and snapshot is None:
                     async with _autocommit(conn):
                         yield conn
@@ -127,6 +137,7 @@ class StoreBase:
                     self._health.report_lost_connection()
                 raise
             finally:
+                conn.answer_within = call_bound
                 await self._pool.putconn(conn)
                 # Summed unrounded: psycopg_pool's own sum rounds each use down to whole
                 # milliseconds, which counts most of this store's calls (under 1 ms) as 0.

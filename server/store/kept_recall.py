@@ -5,27 +5,32 @@ statement."""
 from __future__ import annotations
 
 import json
+import time
 from functools import cache, cached_property
 from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection, sql
 
 from server.domain import SearchResult
-from server.errors import Unavailable
+from server.errors import DeadlineExceeded, MemstoreError, Unavailable
 from server.store import rows
-from server.store.base import StoreBase
+from server.store.base import StoreBase, call_deadline
 from server.store.budget import budget_rows
 from server.store.coalesce import Coalescer
 from server.store.db import Row, fetch_all, fetch_pipelined
 from server.store.messages import memory_window, window_fragment
 from server.store.queries import compact, query
-from server.store.translate import translated, worker_lost
+from server.store.translate import translated, unanswered, worker_lost
 
 #: One coalesced GetMemory call: (project_id, session_id, lastn, relevant_limit, model,
 #: budget, relevant budget), the model "" for recall kept by words; a call with
 #: relevant_limit 0 reads no recall, so its model is None and it joins any statement of its
 #: project.
 MemoryKey = tuple[int, str, int, int, str | None, int | None, int | None]
+
+#: The shortest bound on GetMemory's read of the memories on Citus (seconds), for a call
+#: whose deadline has (nearly) passed: it fails at its deadline as it would have.
+MIN_RECALL_WITHIN = 0.01
 
 #: A call's budget in a batch read by budget when the call itself has none: int8's largest.
 NO_BUDGET = (1 << 63) - 1
@@ -123,13 +128,33 @@ class KeptRecallMethods(StoreBase):
         if not (memory and kept_keys):
             return KeptRead(memory, [])
         try:
-            async with self._connect(single=True) as conn:
+            async with self._connect(single=True, within=self._recall_within()) as conn:
                 kept = await _kept_live_citus(conn, params, kept_keys[0], params["limit"])
-        except Unavailable as exc:
-            if not worker_lost(exc):
+        except (Unavailable, DeadlineExceeded) as exc:
+            if not self._recall_lost(exc):
                 raise
             return KeptRead(memory, [], unreachable=True)
         return KeptRead(memory, *_cut_by_content(kept, relevant_budget))
+
+    def _recall_within(self) -> float | None:
+        """The bound on each answer of GetMemory's read of the memories on Citus, where the
+        window was read on the session's shard and the memories are on the shards of the
+        user's other sessions: the recall timeout, at most half of what is left of the
+        call's deadline (the window is answered in time without them); None on plain
+        PostgreSQL, where both are on the one server, or with no recall timeout."""
+        if not self.citus or self.recall_timeout <= 0:
+            return None
+        within = self.recall_timeout
+        deadline = call_deadline.get()
+        if deadline is not None:
+            within = min(within, max((deadline - time.monotonic()) / 2, MIN_RECALL_WITHIN))
+        return within
+
+    def _recall_lost(self, exc: MemstoreError) -> bool:
+        """Whether `exc`, raised by GetMemory's read of the memories on Citus, means they
+        cannot be read now while the window could: a worker holding some of them lost, or
+        silent past _recall_within (a worker that stopped answering, a network partition)."""
+        return self.citus and (worker_lost(exc) or unanswered(exc))
 
     @cached_property
     def _memory_loader(self) -> Coalescer[MemoryKey, tuple[list[Row], list[Row]]]:

@@ -11,7 +11,7 @@ from psycopg import AsyncConnection, AsyncRawCursor, sql
 from psycopg.rows import dict_row
 
 from server.domain import Message, SearchResult, Session
-from server.errors import Unavailable
+from server.errors import DeadlineExceeded, Unavailable
 from server.store import rows
 from server.store.base import key
 from server.store.budget import followed
@@ -20,7 +20,6 @@ from server.store.kept_recall import KeptRecallMethods, kept_result
 from server.store.messages import memory_window
 from server.store.queries import compact, positional, query
 from server.store.search import USER_SCOPE, budgeted_ranking, ranking_name, ranking_statement
-from server.store.translate import worker_lost
 
 #: Memories the worker ranks and keeps per session for GetMemory's recall (a larger
 #: relevant_limit is ranked on the request path).
@@ -234,10 +233,10 @@ class RecallMethods(KeptRecallMethods):
             results = []
         else:
             try:
-                async with self._connect(single=True) as conn:
+                async with self._connect(single=True, within=self._recall_within()) as conn:
                     ranked = await self._ranked_rows(conn, params, model, relevant_budget)
-            except Unavailable as exc:
-                if not worker_lost(exc):
+            except (Unavailable, DeadlineExceeded) as exc:
+                if not self._recall_lost(exc):
                     raise
                 ranked, unreachable = [], True
             results, relevant_cut = [rows.search_result(r) for r in ranked], followed(ranked)

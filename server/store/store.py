@@ -74,12 +74,15 @@ class Store(
         max_size: int = 10,
         timeout: float = 5.0,  # noqa: ASYNC109
         statement_timeout: float = 0.0,
+        recall_timeout: float = 0.0,
         max_waiting: int = 0,
     ) -> Store:
         """Opens a pool (waiting until it is ready) and returns a store over it.
 
         `statement_timeout` (seconds, 0 for none) bounds every statement of a call that has
         no deadline of its own; PostgreSQL cancels a statement that runs longer.
+        `recall_timeout` (seconds, 0 for none) bounds, on Citus, GetMemory's wait for the
+        memories of the user's other sessions (RecallMethods.get_memory_recall).
         `max_waiting` bounds the calls queued for a connection (0: unbounded); past it a
         call fails at once with ResourceExhausted instead of queueing.
 
@@ -128,6 +131,7 @@ class Store(
             raise
         store = cls(pool)
         store.statement_timeout = statement_timeout
+        store.recall_timeout = recall_timeout
         return store
 
     async def close(self) -> None:

@@ -138,6 +138,12 @@ def worker_lost(exc: MemstoreError) -> bool:
     )
 
 
+def unanswered(exc: MemstoreError) -> bool:
+    """Whether `exc`, a translated error, is the database's silence past the bound on an
+    answer (Unanswered: the connection was dropped), not a statement PostgreSQL cancelled."""
+    return isinstance(exc, DeadlineExceeded) and isinstance(exc.__cause__, Unanswered)
+
+
 def _cancelled(exc: pg.QueryCanceled | Unanswered) -> DeadlineExceeded:
     if isinstance(exc, Unanswered):
         # The statement timeout passed and the database still said nothing (a Citus worker

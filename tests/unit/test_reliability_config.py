@@ -25,6 +25,22 @@ def test_defaults_bound_every_statement_and_drain_for_a_second(
     assert parsed.drain_delay == 1.0
 
 
+def test_recall_waits_five_seconds_at_most_unless_told_and_never_a_negative_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GetMemory's bound on the memories' read on Citus (docs/scaling.md, "Recall with a
+    # worker lost").
+    monkeypatch.delenv("MEMSTORE_RECALL_TIMEOUT", raising=False)
+    assert _parse().recall_timeout == 5.0
+    assert _parse("--recall-timeout", "0").recall_timeout == 0.0  # no bound of its own
+    monkeypatch.setenv("MEMSTORE_RECALL_TIMEOUT", "1.5")
+    assert _parse().recall_timeout == 1.5
+    assert _parse("--recall-timeout", "2").recall_timeout == 2.0
+    for bad in ("-1", "nan", "1e300", "soon"):
+        with pytest.raises(SystemExit):
+            _parse("--recall-timeout", bad)
+
+
 def test_environment_sets_them_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMSTORE_STATEMENT_TIMEOUT", "0")
     monkeypatch.setenv("MEMSTORE_DRAIN_DELAY", "2.5")

@@ -597,10 +597,12 @@ class GetMemoryResponse(_message.Message):
     relevant_unavailable: _builtins.bool
     """True when the user's other sessions could not be read although memories
     were asked for: on a Citus cluster, a worker holding some of them is out
-    of reach. messages and session are whole; relevant_messages and context
-    are empty then, not a ranking of the sessions that could be reached. A
-    call whose own session is on the lost worker fails UNAVAILABLE instead.
-    Always false on a single PostgreSQL.
+    of reach, or did not answer within the server's --recall-timeout (at most
+    half of what was left of the call's deadline). messages and session are
+    whole; relevant_messages and context are empty then, not a ranking of the
+    sessions that could be reached. A call whose own session is on the lost
+    worker fails instead (UNAVAILABLE, or DEADLINE_EXCEEDED for a worker that
+    stopped answering). Always false on a single PostgreSQL.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Message]:
