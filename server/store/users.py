@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from functools import cache, cached_property
@@ -12,7 +13,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
 from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
-from server.errors import AlreadyExists, NotFound, Unavailable
+from server.errors import AlreadyExists, MemstoreError, NotFound, Unavailable
 from server.store import rows
 from server.store.base import (
     START,
@@ -27,8 +28,11 @@ from server.store.base import (
 from server.store.budget import budget_rows, list_size
 from server.store.coalesce import Coalescer
 from server.store.db import Params, fetch_all, fetch_one
+from server.store.placement import UserPlacement
 from server.store.queries import query
 from server.store.translate import translated, worker_lost
+
+log = logging.getLogger(__name__)
 
 
 class UserMethods(StoreBase):
@@ -67,20 +71,60 @@ class UserMethods(StoreBase):
     async def get_user(self, project_id: int, user_id: str) -> User:
         """One user with its live session count.
 
-        Concurrent calls share one statement (server/store/coalesce.py).
+        Concurrent calls share one statement (server/store/coalesce.py); on Citus those of
+        the users of one worker (placement.py), so that a worker lost or silent holds and
+        fails the calls of its own users only.
 
         Raises:
             NotFound: no user has this id.
         """
+        if self.citus and self._placement.due():
+            await self._read_placement()
         with translated():
-            user = await self._user_loader.load((project_id, user_id))
+            user = await self._user_loader(user_id).load((project_id, user_id))
         if user is None:
             raise user_not_found(user_id)
         return user
 
+    def _user_loader(self, user_id: str) -> Coalescer[tuple[int, str], User]:
+        # One coalescer per node group holding users on Citus (None: before the shard map
+        # is read), one on plain PostgreSQL. Each has one batch in flight at a time, so a
+        # worker that stops answering held every GetUser of the process while one shared
+        # coalescer waited for it.
+        group = self._placement.group_of(user_id) if self.citus else None
+        loader = self._user_loaders.get(group)
+        if loader is None:
+            loader = Coalescer(self._get_users, max_waiting_batches=self._pool.max_waiting)
+            self._user_loaders[group] = loader
+        return loader
+
     @cached_property
-    def _user_loader(self) -> Coalescer[tuple[int, str], User]:
-        return Coalescer(self._get_users, max_waiting_batches=self._pool.max_waiting)
+    def _user_loaders(self) -> dict[int | None, Coalescer[tuple[int, str], User]]:
+        return {}
+
+    @cached_property
+    def _placement(self) -> UserPlacement:
+        return UserPlacement()
+
+    async def _read_placement(self) -> None:
+        # Read by the first call that finds it due; the calls that come meanwhile wait for
+        # that read (one coordinator round trip per MAP_SECONDS) rather than go ungrouped.
+        # A failure keeps the map as it was until it is due again (the call's own read says
+        # what is wrong).
+        async with self._placement_lock:
+            if not self._placement.due():
+                return
+            try:
+                async with self._connect(single=True) as conn:
+                    await self._placement.read(conn)
+            except MemstoreError as exc:
+                log.info("could not read the users table's shard map (%s): kept as it was", exc)
+            finally:
+                self._placement.read_now()
+
+    @cached_property
+    def _placement_lock(self) -> asyncio.Lock:
+        return asyncio.Lock()
 
     async def _get_users(
         self, keys: list[tuple[int, str]]
@@ -90,9 +134,9 @@ class UserMethods(StoreBase):
         except Unavailable as exc:
             if not (self.citus and len(keys) > 1 and worker_lost(exc)):
                 raise
-        # On Citus a batch's users span shards, and a worker lost failed every call of the
-        # batch, those of users elsewhere too: each user is then read alone (one shard), so
-        # only the calls of the lost worker's users fail.
+        # On Citus a batch's users are those of one worker by the shard map, which may be
+        # out of date (a shard moved since): where a worker lost failed a batch of several,
+        # each user is read alone (one shard), so only the calls of its users fail.
         found: dict[tuple[int, str], User | Exception] = {}
         for one in keys:
             try:

@@ -31,6 +31,7 @@ from server.store.append import (
 from server.store.db import StoreCursor
 from server.store.kept_recall import kept_recall_statement
 from server.store.messages import list_messages_statement, memory_window
+from server.store.placement import UserPlacement
 from server.store.queries import query
 from server.store.recall import recall_nearest_citus, recall_query_citus, recall_statement
 from server.store.search import (
@@ -567,6 +568,26 @@ async def test_an_append_naming_its_sessions_user_stays_on_the_sessions_shard(
         reached = {(table, int(low)) for table, low in await cur.fetchall()}
     assert {low for _, low in reached} == {session_range}, reached
     assert "users" not in {table for table, _ in reached}, reached
+
+
+async def test_the_shard_map_finds_the_worker_holding_each_user(
+    citus_url: str, citus_store: Store
+) -> None:
+    # GetUser's shared reads are grouped by the worker holding each user (placement.py):
+    # the group it finds is the one Citus placed the user's shard on.
+    ids = [f"user-{i}" for i in range(300)] + ["", "é日本🙂", "x" * 40]
+    placement = UserPlacement()
+    async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
+        await placement.read(conn)
+        cur = await conn.execute(
+            "SELECT p.groupid FROM unnest(%s::text[]) WITH ORDINALITY AS t(i, n)"
+            " JOIN pg_dist_placement p"
+            " ON p.shardid = get_shard_id_for_distribution_column('users', t.i) ORDER BY t.n",
+            (ids,),
+        )
+        placed = [row[0] for row in await cur.fetchall()]
+    assert [placement.group_of(i) for i in ids] == placed
+    assert len(set(placed)) == 2, placed  # both workers hold users
 
 
 def _recorder(

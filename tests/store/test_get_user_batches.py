@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
+import psycopg
 import pytest
 
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.errors import NotFound
 from server.store import Store
+from server.store.placement import hash_text
 
 
 async def test_concurrent_get_user_calls_each_get_their_own_user(
@@ -30,3 +33,25 @@ async def test_concurrent_get_user_calls_each_get_their_own_user(
     assert isinstance(results[1], NotFound)
     with pytest.raises(NotFound):
         await store.get_user(P, "nobody")
+
+
+#: User ids around hash_text's 12-byte blocks, and of every kind of UTF-8.
+_IDS = [
+    *("", "a", "u1", "user-42", "x" * 11, "y" * 12, "z" * 13, "w" * 24, "v" * 25),
+    *("é", "日本語の利用者", "🙂" * 7, "mixed-é日🙂-id", "a\tb c", "UPPER-lower"),
+]
+
+
+async def test_hash_text_is_postgresqls_hashtext(clean_db: str) -> None:
+    # On Citus GetUser's shared reads are grouped by the worker holding each user
+    # (server/store/placement.py), found by the hash Citus places a text column by.
+    rng = random.Random(7)
+    alphabet = "abcXYZ09-_.éß日本🙂"
+    ids = _IDS + ["".join(rng.choices(alphabet, k=rng.randrange(60))) for _ in range(400)]
+    async with await psycopg.AsyncConnection.connect(clean_db) as conn:
+        cur = await conn.execute(
+            "SELECT hashtext(i) FROM unnest(%s::text[]) WITH ORDINALITY AS t(i, n) ORDER BY n",
+            (ids,),
+        )
+        theirs = [row[0] for row in await cur.fetchall()]
+    assert [hash_text(i) for i in ids] == theirs
