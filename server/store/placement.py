@@ -31,61 +31,42 @@ def _rot(x: int, k: int) -> int:
     return ((x << k) | (x >> (32 - k))) & _M
 
 
+#: lookup3's mix (rotations of its six steps) and final (its seven), as hash_bytes has them:
+#: step i of each changes word t (mix: a, b, c, ...; final: c, a, b, ...) by word (t + 2) % 3.
+_MIX = (4, 6, 8, 16, 19, 4)
+_FINAL = (14, 11, 25, 16, 4, 14, 24)
+
+
 @lru_cache(maxsize=65536)
 def hash_text(text: str) -> int:
     """PostgreSQL's hashtext(text) (hash_bytes in src/common/hashfn.c, Bob Jenkins's lookup3,
     read little-endian) of `text`'s UTF-8 bytes: the hash by which Citus places a row whose
     distribution column is text. Checked against PostgreSQL's own by
-    tests/store/test_placement.py."""
+    tests/store/test_get_user_batches.py::test_hash_text_is_postgresqls_hashtext."""
     k = text.encode()
-    n = len(k)
-    a = b = c = (0x9E3779B9 + n + 3923095) & _M
+    v = [(0x9E3779B9 + len(k) + 3923095) & _M] * 3  # a, b, c
     i = 0
-    while n - i >= 12:
-        a = (a + int.from_bytes(k[i : i + 4], "little")) & _M
-        b = (b + int.from_bytes(k[i + 4 : i + 8], "little")) & _M
-        c = (c + int.from_bytes(k[i + 8 : i + 12], "little")) & _M
-        a = (a - c) & _M
-        a ^= _rot(c, 4)
-        c = (c + b) & _M
-        b = (b - a) & _M
-        b ^= _rot(a, 6)
-        a = (a + c) & _M
-        c = (c - b) & _M
-        c ^= _rot(b, 8)
-        b = (b + a) & _M
-        a = (a - c) & _M
-        a ^= _rot(c, 16)
-        c = (c + b) & _M
-        b = (b - a) & _M
-        b ^= _rot(a, 19)
-        a = (a + c) & _M
-        c = (c - b) & _M
-        c ^= _rot(b, 4)
-        b = (b + a) & _M
+    while len(k) - i >= 12:
+        for w in range(3):
+            v[w] = (v[w] + int.from_bytes(k[i + 4 * w : i + 4 * w + 4], "little")) & _M
+        for step, r in enumerate(_MIX):  # mix(a, b, c)
+            t, s = step % 3, (step + 2) % 3
+            v[t] = ((v[t] - v[s]) & _M) ^ _rot(v[s], r)
+            v[s] = (v[s] + v[(step + 1) % 3]) & _M
         i += 12
     tail = k[i:]
     # The last 0-11 bytes: the lowest byte of c is left to the length (added above).
     if len(tail) > 8:
-        c = (c + (int.from_bytes(tail[8:], "little") << 8)) & _M
+        v[2] = (v[2] + (int.from_bytes(tail[8:], "little") << 8)) & _M
     if len(tail) > 4:
-        b = (b + int.from_bytes(tail[4:8], "little")) & _M
+        v[1] = (v[1] + int.from_bytes(tail[4:8], "little")) & _M
     if tail:
-        a = (a + int.from_bytes(tail[:4], "little")) & _M
-    c ^= b
-    c = (c - _rot(b, 14)) & _M
-    a ^= c
-    a = (a - _rot(c, 11)) & _M
-    b ^= a
-    b = (b - _rot(a, 25)) & _M
-    c ^= b
-    c = (c - _rot(b, 16)) & _M
-    a ^= c
-    a = (a - _rot(c, 4)) & _M
-    b ^= a
-    b = (b - _rot(a, 14)) & _M
-    c ^= b
-    c = (c - _rot(b, 24)) & _M
+        v[0] = (v[0] + int.from_bytes(tail[:4], "little")) & _M
+    for step, r in enumerate(_FINAL):  # final(a, b, c)
+        t = (step + 2) % 3
+        s = (t + 2) % 3
+        v[t] = ((v[t] ^ v[s]) - _rot(v[s], r)) & _M
+    c = v[2]
     return c - (1 << 32) if c & 0x80000000 else c  # int4, as PostgreSQL answers it
 
 
