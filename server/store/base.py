@@ -77,7 +77,7 @@ class StoreBase:
         #: Store.open sets it.
         self.statement_timeout = 0.0
         #: Seconds GetMemory waits on Citus for the memories of the user's other sessions
-        #: (0 for no bound of its own): Store.open sets it (RecallMethods._recall_bound).
+        #: (0 for no bound of its own): Store.open sets it (KeptRecallMethods._recall_within).
         self.recall_timeout = 0.0
         #: The pooled connections whose statement timeout is the long one (_bound_for_call); one
         #: the pool closes leaves the set with it.

@@ -204,8 +204,9 @@ class RecallMethods(KeptRecallMethods):
 
         On Citus a worker out of reach fails the calls of its own shards, but not the window
         of a session elsewhere: where the window was read and the memories' shards (the
-        user's other sessions) could not all be reached, the window is answered with no
-        memories and `relevant_unavailable` says so.
+        user's other sessions) could not all be reached, or did not all answer within the
+        recall timeout (KeptRecallMethods._recall_within: a worker that stopped answering),
+        the window is answered with no memories and `relevant_unavailable` says so.
 
         Raises:
             Unavailable: the database cannot be reached.

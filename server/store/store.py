@@ -82,7 +82,7 @@ class Store(
         `statement_timeout` (seconds, 0 for none) bounds every statement of a call that has
         no deadline of its own; PostgreSQL cancels a statement that runs longer.
         `recall_timeout` (seconds, 0 for none) bounds, on Citus, GetMemory's wait for the
-        memories of the user's other sessions (RecallMethods.get_memory_recall).
+        memories of the user's other sessions (RecallMethods.get_memory_with_recall).
         `max_waiting` bounds the calls queued for a connection (0: unbounded); past it a
         call fails at once with ResourceExhausted instead of queueing.
 
