@@ -617,8 +617,7 @@ async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bou
     async with _with_a_new_worker(citus_nodes) as (_, url, node):
         await _give_a_share(url, node)
 
-        store = await Store.open(url, min_size=2, max_size=8, statement_timeout=HUNG_TIMEOUT)
-        await store.check_vectors()
+        store = await _bounded_store(url)
         traffic = _Traffic(store)
         traffic.start()
         stopped: list[int] = []
@@ -663,6 +662,17 @@ async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bou
 
 #: The statement timeout of the store whose worker stops answering (seconds).
 HUNG_TIMEOUT = 1.0
+
+
+async def _bounded_store(url: str) -> Store:
+    """A store over `url` whose calls wait HUNG_TIMEOUT for a statement (and the store's
+    margin for an answer), Citus found as serve's start finds it."""
+    store = await Store.open(url, min_size=2, max_size=8, statement_timeout=HUNG_TIMEOUT)
+    await store.check_vectors()
+    assert store.citus
+    return store
+
+
 #: Seconds the worker stays stopped: several bounds on an answer.
 HUNG_SECONDS = 8.0
 
@@ -888,9 +898,7 @@ async def test_get_user_calls_fail_only_for_the_lost_workers_users(
     # held every GetUser of the process, users elsewhere too, until the bound.
     async with _with_a_new_worker(citus_nodes) as (_, url, node):
         await _give_a_share(url, node)
-        store = await Store.open(url, min_size=2, max_size=8, statement_timeout=HUNG_TIMEOUT)
-        await store.check_vectors()  # finds Citus, as serve's start does
-        assert store.citus
+        store = await _bounded_store(url)
         stopped: list[int] = []
         try:
             users = [f"g{i}" for i in range(30)]
