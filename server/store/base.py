@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -23,6 +24,7 @@ from server.domain import MAX_METADATA_BYTES, MetadataChange, Page, TimeKey
 from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
 from server.store.db import ANSWER_MARGIN_SECONDS, BoundedConnection, Unanswered
 from server.store.health import DatabaseHealth, is_stale
+from server.store.placement import ShardMaps
 from server.store.queries import query
 from server.store.translate import ErrorFactory, translated
 
@@ -33,6 +35,8 @@ _RETRY_CHECKOUT_TIMEOUT = 1.0
 START: TimeKey = (datetime.min.replace(tzinfo=UTC), "")
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Seconds each statement of a call whose deadline is further away than the statement
 #: timeout may run (or the statement timeout, when longer): its deadline ends it sooner,
@@ -89,6 +93,14 @@ class StoreBase:
         #: them, and when that was last looked at (keep_word_recall_due).
         self._vectors_arrived = False
         self._vectors_looked = -math.inf
+        #: On Citus, which worker holds a user or a session (placement.py), and each
+        #: worker's share of the pool for the calls naming one of its sessions (_connect).
+        self._shard_maps = ShardMaps()
+        self._shard_maps_lock: asyncio.Lock | None = None
+        self._node_slots: dict[int, asyncio.Semaphore] = {}
+        #: Until when GetMemory on Citus skips reading the memories, a read of them having
+        #: met a silent worker (KeptRecallMethods._recall_trial); -inf: not paused.
+        self._recall_paused_until = -math.inf
         #: Seconds pooled connections have been held by calls since the pool started: the
         #: pool's usage_ms, which psycopg_pool counts only for its connection() block and
         #: this store does not use (_connect takes connections with getconn).
@@ -104,6 +116,7 @@ class StoreBase:
         single: bool = False,
         snapshot: tuple[int, str] | None = None,
         within: float | None = None,
+        node: int | None = None,
     ) -> AsyncIterator[BoundedConnection]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
@@ -111,37 +124,88 @@ class StoreBase:
         # held `snapshot` (server/store/snapshots.py; a project's, as (project_id, id)) is a
         # transaction that imports it first. `within` (seconds) bounds each answer of the
         # block more tightly than the call's bound: past it the connection is dropped
-        # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it).
-        with translated(unique=unique, foreign_key=foreign_key, field=field):
-            conn = await self._checkout()
-            taken = time.monotonic()
-            call_bound = conn.answer_within
-            try:
-                await self._bound_for_call(conn)
+        # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it). A block naming
+        # the Citus `node` group it reaches (_node_of) takes one of that worker's slots first.
+        slots = await self._take_node_slot(node) if node is not None else None
+        try:
+            with translated(unique=unique, foreign_key=foreign_key, field=field):
+                conn = await self._checkout()
+                taken = time.monotonic()
                 call_bound = conn.answer_within
-                if within is not None:
-                    conn.answer_within = within if call_bound is None else min(call_bound, within)
-                if single and snapshot is None:
-                    async with _autocommit(conn):
-                        yield conn
-                else:
-                    async with conn:
-                        if snapshot is not None:
-                            await _import_snapshot(conn, *snapshot)
-                        yield conn
-            except psycopg.OperationalError as exc:
-                # A connection dropped for want of an answer (Unanswered) says nothing of the
-                # database as a whole (one Citus worker, one statement): the health watcher's
-                # ping is what finds a silent server (serving/grpc_health.py).
-                if (conn.broken or conn.closed) and not isinstance(exc, Unanswered):
-                    self._health.report_lost_connection()
-                raise
-            finally:
-                conn.answer_within = call_bound
-                await self._pool.putconn(conn)
-                # Summed unrounded: psycopg_pool's own sum rounds each use down to whole
-                # milliseconds, which counts most of this store's calls (under 1 ms) as 0.
-                self.held_seconds += time.monotonic() - taken
+                try:
+                    await self._bound_for_call(conn)
+                    call_bound = conn.answer_within
+                    if within is not None:
+                        bound = within if call_bound is None else min(call_bound, within)
+                        conn.answer_within = bound
+                    if single and snapshot is None:
+                        async with _autocommit(conn):
+                            yield conn
+                    else:
+                        async with conn:
+                            if snapshot is not None:
+                                await _import_snapshot(conn, *snapshot)
+                            yield conn
+                except psycopg.OperationalError as exc:
+                    # A connection dropped for want of an answer (Unanswered) says nothing of
+                    # the database as a whole (one Citus worker, one statement): the health
+                    # watcher's ping is what finds a silent server (serving/grpc_health.py).
+                    if (conn.broken or conn.closed) and not isinstance(exc, Unanswered):
+                        self._health.report_lost_connection()
+                    raise
+                finally:
+                    conn.answer_within = call_bound
+                    await self._pool.putconn(conn)
+                    # Summed unrounded: psycopg_pool's own sum rounds each use down to whole
+                    # milliseconds, which counts most of this store's calls (under 1 ms) as 0.
+                    self.held_seconds += time.monotonic() - taken
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _take_node_slot(self, node: int) -> asyncio.Semaphore:
+        # A worker that stops answering holds each call that reaches it until the bound on an
+        # answer (the statement timeout and ANSWER_MARGIN_SECONDS): under a steady arrival of
+        # calls for its sessions, those took every pooled connection within a second, and
+        # the calls of every other worker's sessions then failed waiting for one (a probe:
+        # 165 of 198 UNAVAILABLE in 12 s). Each worker's calls hold at most half the pool; a
+        # call that finds its worker's share taken waits for a slot as long as it would for a
+        # connection, then fails UNAVAILABLE. The caller releases the slot.
+        slots = self._node_slots.get(node)
+        if slots is None:
+            slots = asyncio.Semaphore(max(1, self._pool.max_size // 2))
+            self._node_slots[node] = slots
+        try:
+            async with asyncio.timeout(self._pool.timeout):
+                await slots.acquire()
+        except TimeoutError:
+            raise Unavailable(
+                "the Citus worker holding this session has as many calls in flight as it may"
+                f" hold (half the pool) for {self._pool.timeout:g}s: it may have stopped"
+                " answering; retry"
+            ) from None
+        return slots
+
+    async def _node_of(self, table: str, key_value: str) -> int | None:
+        """On Citus, the node group holding the row of `table` ("users", "sessions") keyed
+        `key_value`, by the shard maps (read again every MAP_SECONDS: the call that finds them
+        due reads them, the calls meanwhile wait for it); None on plain PostgreSQL, or while
+        the maps cannot be read (the call's own statement then says what is wrong)."""
+        if not self.citus:
+            return None
+        if self._shard_maps.due():
+            if self._shard_maps_lock is None:
+                self._shard_maps_lock = asyncio.Lock()
+            async with self._shard_maps_lock:
+                if self._shard_maps.due():
+                    try:
+                        async with self._connect(single=True) as conn:
+                            await self._shard_maps.read(conn)
+                    except MemstoreError as exc:
+                        log.info("could not read the Citus shard maps (%s): kept as they were", exc)
+                    finally:
+                        self._shard_maps.read_now()
+        return self._shard_maps.group_of(table, key_value)
 
     async def _bound_for_call(self, conn: BoundedConnection) -> None:
         # The statement timeout bounds a call without a deadline. A call whose deadline is

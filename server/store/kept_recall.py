@@ -5,6 +5,7 @@ statement."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from functools import cache, cached_property
 from typing import Any, NamedTuple
@@ -31,6 +32,10 @@ MemoryKey = tuple[int, str, int, int, str | None, int | None, int | None]
 #: The shortest bound on GetMemory's read of the memories on Citus (seconds), for a call
 #: whose deadline has (nearly) passed: it fails at its deadline as it would have.
 MIN_RECALL_WITHIN = 0.01
+
+#: Seconds GetMemory on Citus answers without reading the memories after a read of them was
+#: dropped for a worker's silence (KeptRecallMethods._recall_trial); then one call tries.
+RECALL_PAUSE_SECONDS = 10.0
 
 #: A call's budget in a batch read by budget when the call itself has none: int8's largest.
 NO_BUDGET = (1 << 63) - 1
@@ -115,7 +120,8 @@ class KeptRecallMethods(StoreBase):
     ) -> KeptRead:
         # Citus: the window and the kept keys on the session's shard (one round trip), then
         # the memories on the shards of the sessions they name only.
-        async with self._connect(single=True) as conn:
+        node = await self._node_of("sessions", params["session_id"])
+        async with self._connect(single=True, node=node) as conn:
             memory, kept_keys = await fetch_pipelined(
                 conn,
                 [
@@ -127,6 +133,9 @@ class KeptRecallMethods(StoreBase):
             )
         if not (memory and kept_keys):
             return KeptRead(memory, [])
+        trial = self._recall_trial()
+        if trial is None:
+            return KeptRead(memory, [], unreachable=True)
         try:
             async with self._connect(single=True, within=self._recall_within()) as conn:
                 kept = await _kept_live_citus(conn, params, kept_keys[0], params["limit"])
@@ -134,6 +143,7 @@ class KeptRecallMethods(StoreBase):
             if not self._recall_lost(exc):
                 raise
             return KeptRead(memory, [], unreachable=True)
+        self._recall_answered(trial)
         return KeptRead(memory, *_cut_by_content(kept, relevant_budget))
 
     def _recall_within(self) -> float | None:
@@ -153,8 +163,36 @@ class KeptRecallMethods(StoreBase):
     def _recall_lost(self, exc: MemstoreError) -> bool:
         """Whether `exc`, raised by GetMemory's read of the memories on Citus, means they
         cannot be read now while the window could: a worker holding some of them lost, or
-        silent past _recall_within (a worker that stopped answering, a network partition)."""
-        return self.citus and (worker_lost(exc) or unanswered(exc))
+        silent past _recall_within (a worker that stopped answering, a network partition).
+        A silent one pauses the reads of the memories (_recall_trial)."""
+        if not self.citus:
+            return False
+        if unanswered(exc):
+            self._recall_paused_until = time.monotonic() + RECALL_PAUSE_SECONDS
+            return True
+        return worker_lost(exc)
+
+    def _recall_trial(self) -> bool | None:
+        """Whether GetMemory may read the memories now, on Citus: None while the reads are
+        paused, a read having been dropped for silence (_recall_lost) less than
+        RECALL_PAUSE_SECONDS ago; True for the first call after a pause (its trial: the
+        calls that come while it runs skip the read, as paused, for its bound), False
+        otherwise. Each read dropped held a pooled connection for the recall's bound, and
+        the reads of every turn of every user with a session on the silent worker took
+        the pool whole within seconds (docs/scaling.md)."""
+        paused_until = self._recall_paused_until
+        if paused_until == -math.inf:
+            return False
+        now = time.monotonic()
+        if now < paused_until:
+            return None
+        self._recall_paused_until = now + (self._recall_within() or RECALL_PAUSE_SECONDS)
+        return True
+
+    def _recall_answered(self, trial: bool) -> None:
+        """A read of the memories answered: after a trial, the reads are no longer paused."""
+        if trial:
+            self._recall_paused_until = -math.inf
 
     @cached_property
     def _memory_loader(self) -> Coalescer[MemoryKey, tuple[list[Row], list[Row]]]:

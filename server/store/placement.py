@@ -1,11 +1,14 @@
-"""Which Citus worker holds a user's row, known in the process: PostgreSQL's hash of text
-(`hashtext`, with which Citus hashes a text distribution column) and the users table's
-shards and their nodes, read from the coordinator's catalog now and then.
+"""Which Citus worker holds a user's or a session's rows, known in the process: PostgreSQL's
+hash of text (`hashtext`, with which Citus hashes a text distribution column) and the shards
+of users and sessions and their nodes, read from the coordinator's catalog now and then.
 
 GetUser's concurrent calls share one statement (users.py); on Citus each node's users get
 statements of their own, so that a worker lost, or one that stopped answering, holds and
-fails only the calls of its own users. A map out of date (a shard moved since it was read)
-only groups calls less well: every statement is still routed by Citus itself.
+fails only the calls of its own users. The calls of an agent's turn (GetMemory, AddMemory)
+take a slot of their session's worker's share of the pool (StoreBase._connect), so that a
+worker that stops answering holds at most that share of the connections. A map out of date
+(a shard moved since it was read) only groups calls less well: every statement is still
+routed by Citus itself.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from psycopg import AsyncConnection
 
 from server.store.db import fetch_all
 
-#: Seconds a read of the users table's shard map is used before it is read again: shards
+#: Seconds a read of the shard maps is used before they are read again: shards
 #: move between workers only when an operator rebalances or a node is replaced.
 MAP_SECONDS = 30.0
 
@@ -70,30 +73,39 @@ def hash_text(text: str) -> int:
     return c - (1 << 32) if c & 0x80000000 else c  # int4, as PostgreSQL answers it
 
 
-class UserPlacement:
-    """The users table's shard map: which node group holds a user's row."""
+class ShardMaps:
+    """The shard maps of the tables calls are keyed by on Citus (users by user_id, sessions
+    by session_id): which node group holds a key's row."""
 
     def __init__(self) -> None:
-        self._lowest: list[int] = []
-        self._groups: list[int] = []
+        self._lowest: dict[str, list[int]] = {}
+        self._groups: dict[str, list[int]] = {}
         self._read_at = -math.inf
 
-    def group_of(self, user_id: str) -> int | None:
-        """The node group holding `user_id`'s row, None while no map was read."""
-        i = bisect_right(self._lowest, hash_text(user_id)) - 1
-        return self._groups[i] if i >= 0 else None
+    def group_of(self, table: str, key: str) -> int | None:
+        """The node group holding the row of `table` keyed `key`, None while no map was read."""
+        lowest = self._lowest.get(table, [])
+        i = bisect_right(lowest, hash_text(key)) - 1
+        return self._groups[table][i] if i >= 0 else None
 
     def due(self) -> bool:
-        """Whether the map is to be read (again): never read, or read (or tried) more than
+        """Whether the maps are to be read (again): never read, or read (or tried) more than
         MAP_SECONDS ago."""
         return time.monotonic() - self._read_at > MAP_SECONDS
 
     def read_now(self) -> None:
-        """Notes that the map was read, or tried, now."""
+        """Notes that the maps were read, or tried, now."""
         self._read_at = time.monotonic()
 
     async def read(self, conn: AsyncConnection[Any]) -> None:
-        """Reads the map on the coordinator (its catalog: no worker is reached)."""
-        shards = await fetch_all(conn, "users_shards_citus", {})
-        self._lowest = [row["lowest"] for row in shards]
-        self._groups = [row["node_group"] for row in shards]
+        """Reads the maps on the coordinator (its catalog: no worker is reached)."""
+        lowest: dict[str, list[int]] = {}
+        groups: dict[str, list[int]] = {}
+        for row in await fetch_all(conn, "shards_citus", {"tables": list(MAPPED)}):
+            lowest.setdefault(row["table_name"], []).append(row["lowest"])
+            groups.setdefault(row["table_name"], []).append(row["node_group"])
+        self._lowest, self._groups = lowest, groups
+
+
+#: The tables whose shard maps are kept (ShardMaps): the first of each co-location group.
+MAPPED = ("users", "sessions")

@@ -220,7 +220,8 @@ class RecallMethods(KeptRecallMethods):
                 params, kept_by, relevant_budget
             )
         else:
-            async with self._connect(single=True) as conn:
+            node = await self._node_of("sessions", session_id) if self.citus else None
+            async with self._connect(single=True, node=node) as conn:
                 memory = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
             kept, relevant_cut, unreachable = [], False, False
         if not memory:
@@ -232,6 +233,8 @@ class RecallMethods(KeptRecallMethods):
             results = [kept_result(r) for r in kept if r["m_uuid"] is not None]
         elif limit <= 0 or unreachable:
             results = []
+        elif (trial := self._recall_trial()) is None:
+            results, unreachable = [], True
         else:
             try:
                 async with self._connect(single=True, within=self._recall_within()) as conn:
@@ -240,6 +243,8 @@ class RecallMethods(KeptRecallMethods):
                 if not self._recall_lost(exc):
                     raise
                 ranked, unreachable = [], True
+            else:
+                self._recall_answered(trial)
             results, relevant_cut = [rows.search_result(r) for r in ranked], followed(ranked)
         # Rows in order: the first is the oldest message read, followed if the budget cut it.
         cut = bool(memory[0]["m_followed"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Mapping
 from functools import cache, cached_property
@@ -13,7 +12,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
 from server.domain import DeletedCounts, Page, Session, TimeKey, User, UserChanges, UserRecord
-from server.errors import AlreadyExists, MemstoreError, NotFound, Unavailable
+from server.errors import AlreadyExists, NotFound, Unavailable
 from server.store import rows
 from server.store.base import (
     START,
@@ -28,11 +27,8 @@ from server.store.base import (
 from server.store.budget import budget_rows, list_size
 from server.store.coalesce import Coalescer
 from server.store.db import Params, fetch_all, fetch_one
-from server.store.placement import UserPlacement
 from server.store.queries import query
 from server.store.translate import translated, worker_lost
-
-log = logging.getLogger(__name__)
 
 
 class UserMethods(StoreBase):
@@ -78,20 +74,18 @@ class UserMethods(StoreBase):
         Raises:
             NotFound: no user has this id.
         """
-        if self.citus and self._placement.due():
-            await self._read_placement()
+        group = await self._node_of("users", user_id)
         with translated():
-            user = await self._user_loader(user_id).load((project_id, user_id))
+            user = await self._user_loader(group).load((project_id, user_id))
         if user is None:
             raise user_not_found(user_id)
         return user
 
-    def _user_loader(self, user_id: str) -> Coalescer[tuple[int, str], User]:
+    def _user_loader(self, group: int | None) -> Coalescer[tuple[int, str], User]:
         # One coalescer per node group holding users on Citus (None: before the shard map
         # is read), one on plain PostgreSQL. Each has one batch in flight at a time, so a
         # worker that stops answering held every GetUser of the process while one shared
         # coalescer waited for it.
-        group = self._placement.group_of(user_id) if self.citus else None
         loader = self._user_loaders.get(group)
         if loader is None:
             loader = Coalescer(self._get_users, max_waiting_batches=self._pool.max_waiting)
@@ -101,30 +95,6 @@ class UserMethods(StoreBase):
     @cached_property
     def _user_loaders(self) -> dict[int | None, Coalescer[tuple[int, str], User]]:
         return {}
-
-    @cached_property
-    def _placement(self) -> UserPlacement:
-        return UserPlacement()
-
-    async def _read_placement(self) -> None:
-        # Read by the first call that finds it due; the calls that come meanwhile wait for
-        # that read (one coordinator round trip per MAP_SECONDS) rather than go ungrouped.
-        # A failure keeps the map as it was until it is due again (the call's own read says
-        # what is wrong).
-        async with self._placement_lock:
-            if not self._placement.due():
-                return
-            try:
-                async with self._connect(single=True) as conn:
-                    await self._placement.read(conn)
-            except MemstoreError as exc:
-                log.info("could not read the users table's shard map (%s): kept as it was", exc)
-            finally:
-                self._placement.read_now()
-
-    @cached_property
-    def _placement_lock(self) -> asyncio.Lock:
-        return asyncio.Lock()
 
     async def _get_users(
         self, keys: list[tuple[int, str]]

@@ -20,6 +20,7 @@ VALUES: dict[str, Any] = {
     "project_id": 1,
     "user_id": "user-1",
     "user_ids": ["user-1"],
+    "tables": ["users", "sessions"],
     "session_id": "session-1",
     "exclude_session": "session-1",
     "session_ids": ["session-1"],

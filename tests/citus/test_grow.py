@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import time
@@ -658,6 +660,81 @@ async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bou
             await _check_after(store, url, traffic, hung["AddMemory ok"], failing)
         finally:
             await store.close()
+
+
+async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_sessions(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # Agents' turns arrive at a steady rate (GetMemory with recall, AddMemory), a third of
+    # them for sessions of a worker that stops answering. Each call that reaches it holds a
+    # pooled connection until the store's bound: they took the whole pool within a second,
+    # and the calls of the other workers' sessions failed waiting for a connection (a probe
+    # of the old store: 165 of 198 UNAVAILABLE in 12 s). Now a worker's calls hold at most
+    # half the pool, and after one read of the memories met the silence the others skip it
+    # for a while (answering relevant_unavailable): every call of a session elsewhere is
+    # answered, and soon.
+    async with _with_a_new_worker(citus_nodes) as (_, url, node):
+        await _give_a_share(url, node)
+        ports = {f"s{i}": await _session_port(url, f"s{i}") for i in range(SESSIONS)}
+        store = await Store.open(
+            url, min_size=2, max_size=10, statement_timeout=2.0, recall_timeout=1.0
+        )
+        await store.check_vectors()
+        outcomes: Counter[str] = Counter()
+        slowest = 0.0
+        running: set[asyncio.Task[None]] = set()
+        since = until = math.inf
+
+        async def turn(session: str, i: int) -> None:
+            nonlocal slowest
+            began, on_node = time.monotonic(), ports[session] == node.port
+            try:
+                if i % 2:
+                    await store.get_memory_with_recall(
+                        P, session, 6, limit=5, window=3, model=None, budget=None
+                    )
+                else:
+                    await store.add_memory(P, session, None, [_said(f"turn {i}")])
+                outcome = "ok"
+            except MemstoreError as exc:
+                outcome = type(exc).__name__
+            if since <= began < until:
+                outcomes[f"{'silent' if on_node else 'elsewhere'} {outcome}"] += 1
+                if not on_node:
+                    slowest = max(slowest, time.monotonic() - began)
+
+        rng = random.Random(3)
+        stopped: list[int] = []
+        try:
+            for i in range(int(SILENT_SECONDS / ARRIVAL) + 100):
+                if i == 50:
+                    stopped, since = _suspend(node), time.monotonic()
+                    until = since + SILENT_SECONDS - 5.0  # calls begun then end before resume
+                if time.monotonic() > since + SILENT_SECONDS:
+                    break
+                task = asyncio.create_task(turn(rng.choice(sorted(ports)), i))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                await asyncio.sleep(ARRIVAL)
+        finally:
+            _resume(stopped)
+            await asyncio.gather(*running)
+            await scalar(url, "SELECT recover_prepared_transactions()")
+            await store.close()
+        print(f"\nsilent worker, calls begun: {dict(outcomes)}; elsewhere slowest {slowest:.2f}s")
+        elsewhere = {k: n for k, n in outcomes.items() if k.startswith("elsewhere")}
+        assert set(elsewhere) == {"elsewhere ok"}, outcomes
+        assert elsewhere["elsewhere ok"] > 50, outcomes
+        assert slowest < 5.0, slowest  # the pool's timeout, which the old store's calls met
+
+
+#: Seconds between two calls' arrivals, and seconds a worker stays silent, in the test above.
+ARRIVAL = 0.04
+SILENT_SECONDS = 12.0
+
+
+def _said(content: str) -> NewMessage:
+    return NewMessage(role="u", role_type="user", content=content, metadata={})
 
 
 #: The statement timeout of the store whose worker stops answering (seconds).

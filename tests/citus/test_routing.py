@@ -31,7 +31,7 @@ from server.store.append import (
 from server.store.db import StoreCursor
 from server.store.kept_recall import kept_recall_statement
 from server.store.messages import list_messages_statement, memory_window
-from server.store.placement import UserPlacement
+from server.store.placement import ShardMaps
 from server.store.queries import query
 from server.store.recall import recall_nearest_citus, recall_query_citus, recall_statement
 from server.store.search import (
@@ -501,6 +501,9 @@ async def test_add_memory_runs_router_statements_without_subplans(
 
     p, kept = DEFAULT_PROJECT_ID, "00000000-0000-0000-0000-00000000a001"
     await citus_store.create_user(p, "routed-user", "", "", "", {})
+    # The store's shard maps (placement.py: the coordinator's catalog, read every 30 s) are
+    # read here, before the calls recorded.
+    await citus_store.get_user(p, "routed-user")
     recording(True)
     await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("b")])
     await citus_store.add_memory(p, "routed-1", None, [msg("a", kept), msg("c")])
@@ -570,24 +573,26 @@ async def test_an_append_naming_its_sessions_user_stays_on_the_sessions_shard(
     assert "users" not in {table for table, _ in reached}, reached
 
 
-async def test_the_shard_map_finds_the_worker_holding_each_user(
-    citus_url: str, citus_store: Store
+@pytest.mark.parametrize("table", ["users", "sessions"])
+async def test_the_shard_maps_find_the_worker_holding_each_key(
+    citus_url: str, citus_store: Store, table: str
 ) -> None:
-    # GetUser's shared reads are grouped by the worker holding each user (placement.py):
-    # the group it finds is the one Citus placed the user's shard on.
-    ids = [f"user-{i}" for i in range(300)] + ["", "é日本🙂", "x" * 40]
-    placement = UserPlacement()
+    # GetUser's shared reads are grouped by the worker holding each user, and an agent's
+    # turn takes a slot of its session's worker's share of the pool (placement.py): the
+    # group the maps find is the one Citus placed the key's shard on.
+    ids = [f"key-{i}" for i in range(300)] + ["", "é日本🙂", "x" * 40]
+    maps = ShardMaps()
     async with await psycopg.AsyncConnection.connect(citus_url, autocommit=True) as conn:
-        await placement.read(conn)
+        await maps.read(conn)
         cur = await conn.execute(
             "SELECT p.groupid FROM unnest(%s::text[]) WITH ORDINALITY AS t(i, n)"
             " JOIN pg_dist_placement p"
-            " ON p.shardid = get_shard_id_for_distribution_column('users', t.i) ORDER BY t.n",
-            (ids,),
+            " ON p.shardid = get_shard_id_for_distribution_column(%s::regclass, t.i) ORDER BY t.n",
+            (ids, table),
         )
         placed = [row[0] for row in await cur.fetchall()]
-    assert [placement.group_of(i) for i in ids] == placed
-    assert len(set(placed)) == 2, placed  # both workers hold users
+    assert [maps.group_of(table, i) for i in ids] == placed
+    assert len(set(placed)) == 2, placed  # both workers hold keys
 
 
 def _recorder(
