@@ -18,7 +18,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg import errors as pg
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from server.domain import MAX_METADATA_BYTES, MetadataChange, Page, TimeKey
 from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
@@ -98,6 +98,7 @@ class StoreBase:
         self._shard_maps = ShardMaps()
         self._shard_maps_lock: asyncio.Lock | None = None
         self._node_slots: dict[int, asyncio.Semaphore] = {}
+        self._node_waiting: dict[int, int] = {}
         #: Until when GetMemory on Citus skips reading the memories, a read of them having
         #: met a silent worker (KeptRecallMethods._recall_trial); -inf: not paused.
         self._recall_paused_until = -math.inf
@@ -126,7 +127,10 @@ class StoreBase:
         # block more tightly than the call's bound: past it the connection is dropped
         # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it). A block naming
         # the Citus `node` group it reaches (_node_of) takes one of that worker's slots first.
-        slots = await self._take_node_slot(node) if node is not None else None
+        slots = None
+        if node is not None:
+            with translated():
+                slots = await self._take_node_slot(node)
         try:
             with translated(unique=unique, foreign_key=foreign_key, field=field):
                 conn = await self._checkout()
@@ -170,11 +174,18 @@ class StoreBase:
         # the calls of every other worker's sessions then failed waiting for one (a probe:
         # 165 of 198 UNAVAILABLE in 12 s). Each worker's calls hold at most half the pool; a
         # call that finds its worker's share taken waits for a slot as long as it would for a
-        # connection, then fails UNAVAILABLE. The caller releases the slot.
+        # connection, then fails UNAVAILABLE; past the pool's bound on waiting calls
+        # (--pool-max-waiting) one fails at once, as the pool's own queue fails it
+        # (TooManyRequests: translate.py answers RESOURCE_EXHAUSTED). The caller releases
+        # the slot.
         slots = self._node_slots.get(node)
         if slots is None:
             slots = asyncio.Semaphore(max(1, self._pool.max_size // 2))
             self._node_slots[node] = slots
+        waiting = self._node_waiting.get(node, 0)
+        if slots.locked() and 0 < self._pool.max_waiting <= waiting:
+            raise TooManyRequests(f"{waiting} calls already wait for a worker's share of the pool")
+        self._node_waiting[node] = waiting + 1
         try:
             async with asyncio.timeout(self._pool.timeout):
                 await slots.acquire()
@@ -184,6 +195,8 @@ class StoreBase:
                 f" hold (half the pool) for {self._pool.timeout:g}s: it may have stopped"
                 " answering; retry"
             ) from None
+        finally:
+            self._node_waiting[node] -= 1
         return slots
 
     async def _node_of(self, table: str, key_value: str) -> int | None:

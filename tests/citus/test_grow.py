@@ -42,7 +42,7 @@ from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import NewMessage
-from server.errors import DeadlineExceeded, MemstoreError, Unavailable
+from server.errors import DeadlineExceeded, MemstoreError, ResourceExhausted, Unavailable
 from server.store import Store
 from server.store.base import ANSWER_MARGIN_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node, standby_of
@@ -726,6 +726,38 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_sessions(
         assert set(elsewhere) == {"elsewhere ok"}, outcomes
         assert elsewhere["elsewhere ok"] > 50, outcomes
         assert slowest < 5.0, slowest  # the pool's timeout, which the old store's calls met
+
+
+async def test_calls_waiting_for_a_silent_workers_share_are_bounded_as_the_pools_queue(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # The calls that wait for their worker's share of the pool are bounded as the pool's own
+    # queue is (--pool-max-waiting): past it a call fails at once, RESOURCE_EXHAUSTED, not
+    # queued without bound behind a silent worker.
+    async with _with_a_new_worker(citus_nodes) as (_, url, node):
+        await _give_a_share(url, node)
+        silent, _ = await _on_and_recalling(url, node)
+        store = await Store.open(url, min_size=1, max_size=2, statement_timeout=1.0, max_waiting=1)
+        await store.check_vectors()
+        stopped = _suspend(node)
+        try:
+            calls = [
+                asyncio.create_task(store.add_memory(P, silent, None, [_said(f"x{i}")]))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.5)
+            # The first holds the worker's one slot, the second waits for it, the third
+            # found the queue full.
+            assert calls[2].done(), "the third call still waits"
+            with pytest.raises(ResourceExhausted):
+                calls[2].result()
+            assert not calls[0].done() and not calls[1].done()
+            got = await asyncio.gather(*calls[:2], return_exceptions=True)
+        finally:
+            _resume(stopped)
+            await scalar(url, "SELECT recover_prepared_transactions()")
+            await store.close()
+        assert all(isinstance(g, (DeadlineExceeded, Unavailable)) for g in got), got
 
 
 #: Seconds between two calls' arrivals, and seconds a worker stays silent, in the test above.
