@@ -190,8 +190,8 @@ class AddMemoryMethods(StoreBase):
         # insert rolls back). A session that exists was made with its user checked, and its
         # row lock (the upsert's) orders this append with DeleteUser's delete of it.
         owner = call.user_id
-        node = await self._node_of("sessions", call.params["session_id"])
-        async with self._connect(foreign_key=no_user, field="messages", node=node) as conn:
+        session = call.params["session_id"]
+        async with self._connect(foreign_key=no_user, field="messages", session=session) as conn:
             found = await add_memory_citus(conn, call.params, caller_uuids=call.caller_uuids)
             if owner is not None and found and found[0]["inserted"]:
                 await own_new_session(conn, call.params["project_id"], owner)
@@ -210,9 +210,10 @@ class AddMemoryMethods(StoreBase):
         # session row, then the count: the order of every session write).
         params = {**call.params, "revive": True}
         project_id = params["project_id"]
-        node = await self._node_of("sessions", params["session_id"]) if self.citus else None
         no_user = factory(no_such_user(call.user_id))
-        async with self._connect(foreign_key=no_user, node=node) as conn:
+        async with self._connect(
+            foreign_key=no_user, session=params["session_id"], user=call.user_id
+        ) as conn:
             if self.citus and call.user_id is not None:
                 await lock_session_owner(conn, project_id, call.user_id)
             before = await lock_for_revival(conn, params)

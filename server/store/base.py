@@ -96,7 +96,7 @@ class StoreBase:
         #: On Citus, which worker holds a user or a session (placement.py), and each
         #: worker's share of the pool for the calls naming one of its sessions (_connect).
         self._shard_maps = ShardMaps()
-        self._shard_maps_lock: asyncio.Lock | None = None
+        self._shard_maps_lock = asyncio.Lock()
         self._node_slots: dict[int, asyncio.Semaphore] = {}
         self._node_waiting: dict[int, int] = {}
         #: Until when GetMemory on Citus skips reading the memories, a read of them having
@@ -117,7 +117,8 @@ class StoreBase:
         single: bool = False,
         snapshot: tuple[int, str] | None = None,
         within: float | None = None,
-        node: int | None = None,
+        session: str | None = None,
+        user: str | None = None,
     ) -> AsyncIterator[BoundedConnection]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
@@ -125,12 +126,13 @@ class StoreBase:
         # held `snapshot` (server/store/snapshots.py; a project's, as (project_id, id)) is a
         # transaction that imports it first. `within` (seconds) bounds each answer of the
         # block more tightly than the call's bound: past it the connection is dropped
-        # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it). A block naming
-        # the Citus `node` group it reaches (_node_of) takes one of that worker's slots first.
-        slots = None
-        if node is not None:
+        # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it). On Citus a
+        # block naming the one `session` and/or `user` it reaches takes a slot of each of
+        # their workers' shares of the pool first (_take_node_slots).
+        slots: list[asyncio.Semaphore] = []
+        if self.citus and (session is not None or user is not None):
             with translated():
-                slots = await self._take_node_slot(node)
+                slots = await self._take_node_slots(session, user)
         try:
             with translated(unique=unique, foreign_key=foreign_key, field=field):
                 conn = await self._checkout()
@@ -164,8 +166,30 @@ class StoreBase:
                     # milliseconds, which counts most of this store's calls (under 1 ms) as 0.
                     self.held_seconds += time.monotonic() - taken
         finally:
-            if slots is not None:
-                slots.release()
+            for taken_slot in slots:
+                taken_slot.release()
+
+    async def _take_node_slots(
+        self, session: str | None, user: str | None
+    ) -> list[asyncio.Semaphore]:
+        # A slot of the worker holding `session` and of the one holding `user` (one slot
+        # where both are on one worker; none while the shard maps are unknown), taken in the
+        # order of their node groups: two calls each holding one and waiting for the other
+        # cannot happen. The caller releases them.
+        nodes: set[int] = set()
+        for table, key_value in (("sessions", session), ("users", user)):
+            node = None if key_value is None else await self._node_of(table, key_value)
+            if node is not None:
+                nodes.add(node)
+        taken: list[asyncio.Semaphore] = []
+        try:
+            for node in sorted(nodes):
+                taken.append(await self._take_node_slot(node))
+        except BaseException:
+            for slot in taken:
+                slot.release()
+            raise
+        return taken
 
     async def _take_node_slot(self, node: int) -> asyncio.Semaphore:
         # A worker that stops answering holds each call that reaches it until the bound on an
@@ -207,8 +231,6 @@ class StoreBase:
         if not self.citus:
             return None
         if self._shard_maps.due():
-            if self._shard_maps_lock is None:
-                self._shard_maps_lock = asyncio.Lock()
             async with self._shard_maps_lock:
                 if self._shard_maps.due():
                     try:

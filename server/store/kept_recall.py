@@ -120,8 +120,7 @@ class KeptRecallMethods(StoreBase):
     ) -> KeptRead:
         # Citus: the window and the kept keys on the session's shard (one round trip), then
         # the memories on the shards of the sessions they name only.
-        node = await self._node_of("sessions", params["session_id"])
-        async with self._connect(single=True, node=node) as conn:
+        async with self._connect(single=True, session=params["session_id"]) as conn:
             memory, kept_keys = await fetch_pipelined(
                 conn,
                 [

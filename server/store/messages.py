@@ -80,7 +80,7 @@ class MessageMethods(StoreBase):
             Unavailable: the database cannot be reached.
         """
         params = {**key(project_id, session_id=session_id), "lastn": lastn, "budget": budget}
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, session=session_id) as conn:
             found = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
         if not found:
             return None, []
@@ -111,7 +111,7 @@ class MessageMethods(StoreBase):
             "offset": offset or 0,
             "budget": budget,
         }
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, session=session_id) as conn:
             found = await fetch_all(conn, list_messages_statement(), params)
             if not found:
                 raise await session_missing(conn, project_id, session_id)
@@ -130,7 +130,7 @@ class MessageMethods(StoreBase):
                 METADATA_TOO_LARGE); nothing changed.
         """
         params = {**key(project_id, session_id=session_id), "uuid": parse_uuid(session_id, uuid)}
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, session=session_id) as conn:
             row = await fetch_one(conn, "get_message", params)
         if row is None:
             raise message_not_found(session_id, uuid)
@@ -153,7 +153,7 @@ class MessageMethods(StoreBase):
             "uuid": parse_uuid(session_id, uuid),
             **metadata_params(change),
         }
-        async with self._connect(field="metadata") as conn:
+        async with self._connect(field="metadata", session=session_id) as conn:
             # The session first, as AddMemory, ClearMemory and DeleteSession take it before
             # its messages: the statement alone locked the message, then the session to
             # touch it, and a ClearMemory of the session deadlocked with it
@@ -172,7 +172,7 @@ class MessageMethods(StoreBase):
         Raises:
             NotFound: the session is absent or soft-deleted.
         """
-        async with self._connect() as conn:
+        async with self._connect(session=session_id) as conn:
             row = await hide_in_live_session(conn, "clear_memory", project_id, session_id)
             await forget_kept_recall(conn, self, project_id, session_id)
             return int(row["messages"])

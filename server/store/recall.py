@@ -220,8 +220,7 @@ class RecallMethods(KeptRecallMethods):
                 params, kept_by, relevant_budget
             )
         else:
-            node = await self._node_of("sessions", session_id) if self.citus else None
-            async with self._connect(single=True, node=node) as conn:
+            async with self._connect(single=True, session=session_id) as conn:
                 memory = await fetch_all(conn, memory_window(budgeted=budget is not None), params)
             kept, relevant_cut, unreachable = [], False, False
         if not memory:

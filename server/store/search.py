@@ -267,7 +267,9 @@ class SearchMethods(StoreBase):
         statements: list[sql.SQL | sql.Composed] = [wrap(ranked)]
         if self.vectors:
             statements.append(query("count_unembedded").format(filters=filters))
-        async with self._connect(field="metadata_contains", single=True) as conn:
+        # Scoped to one session, the ranking reaches that session's shard only.
+        one = q.session_ids[0] if q.session_ids and len(q.session_ids) == 1 else None
+        async with self._connect(field="metadata_contains", single=True, session=one) as conn:
             found, *waiting = await fetch_pipelined(conn, statements, params)
         count = int(waiting[0][0]["n"]) if waiting else 0
         return found, count

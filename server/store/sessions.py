@@ -59,7 +59,9 @@ class SessionMethods(StoreBase):
         }
         no_user = factory(no_such_user(user_id))
         # With a user: one transaction, which also counts the session live for the user.
-        async with self._connect(foreign_key=no_user, single=user_id is None) as conn:
+        async with self._connect(
+            foreign_key=no_user, single=user_id is None, session=session_id, user=user_id
+        ) as conn:
             row = await fetch_one(conn, "create_session", params)
             if row is None:
                 state = await fetch_one(conn, "session_state", params)
@@ -77,7 +79,7 @@ class SessionMethods(StoreBase):
             NotFound: absent, or soft-deleted and not show_deleted.
         """
         params = {**key(project_id, session_id=session_id), "show_deleted": show_deleted}
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, session=session_id) as conn:
             row = await fetch_one(conn, "get_session", params)
             if row is None:
                 raise await session_missing(conn, project_id, session_id)
@@ -94,7 +96,7 @@ class SessionMethods(StoreBase):
                 METADATA_TOO_LARGE); nothing changed.
         """
         params = {**key(project_id, session_id=session_id), **metadata_params(change)}
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, session=session_id) as conn:
             row = await fetch_one(conn, "update_session", params)
             if row is None:
                 raise await session_missing(conn, project_id, session_id)
@@ -108,7 +110,7 @@ class SessionMethods(StoreBase):
         Raises:
             NotFound: the session is absent or already soft-deleted.
         """
-        async with self._connect() as conn:
+        async with self._connect(session=session_id) as conn:
             row = await hide_in_live_session(conn, "delete_session", project_id, session_id)
             await forget_kept_recall(conn, self, project_id, session_id)
             if row["user_id"] is not None:
@@ -127,7 +129,7 @@ class SessionMethods(StoreBase):
         # One transaction: the session made live is counted for its user. A deadlock's
         # victim (a DeleteUser of its user taking the rows in another order) runs again.
         async def undelete() -> Row:
-            async with self._connect() as conn:
+            async with self._connect(session=session_id) as conn:
                 row = await fetch_one(conn, "undelete_session", params)
                 if row is not None and row["user_id"] is not None:
                     await count_live_sessions(conn, project_id, row["user_id"], 1)

@@ -59,7 +59,7 @@ class UserMethods(StoreBase):
         taken = factory(
             AlreadyExists(f"user '{user_id}' already exists", reason="USER_ALREADY_EXISTS")
         )
-        async with self._connect(unique=taken, single=True) as conn:
+        async with self._connect(unique=taken, single=True, user=user_id) as conn:
             row = await fetch_one(conn, "create_user", params)
         assert row is not None  # INSERT ... RETURNING without ON CONFLICT returns its row
         return rows.user(row)
@@ -74,7 +74,7 @@ class UserMethods(StoreBase):
         Raises:
             NotFound: no user has this id.
         """
-        group = await self._node_of("users", user_id)
+        group = await self._node_of("users", user_id) if self.citus else None
         with translated():
             user = await self._user_loader(group).load((project_id, user_id))
         if user is None:
@@ -148,7 +148,7 @@ class UserMethods(StoreBase):
             "set_metadata": meta is not None,
             **metadata_params(meta),
         }
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, user=user_id) as conn:
             row = await fetch_one(conn, "update_user", params)
         if row is None:
             raise user_not_found(user_id)

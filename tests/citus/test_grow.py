@@ -27,7 +27,7 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memstore.v1 import session_service_pb2 as ss
 from memstore.v1 import session_service_pb2_grpc
 from server.domain import DEFAULT_PROJECT_ID as P
-from server.domain import NewMessage
+from server.domain import MetadataChange, NewMessage, SearchQuery, UserChanges
 from server.errors import DeadlineExceeded, MemstoreError, ResourceExhausted, Unavailable
 from server.store import Store
 from server.store.base import ANSWER_MARGIN_SECONDS
@@ -662,20 +662,77 @@ async def test_a_worker_that_stops_answering_fails_its_shards_calls_within_a_bou
             await store.close()
 
 
-async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_sessions(
-    citus_nodes: tuple[str, list[str]],
+async def _turn(store: Store, session: str, i: int) -> object:
+    """An agent's turn: GetMemory with recall, then AddMemory."""
+    if i % 2:
+        return await store.get_memory_with_recall(
+            P, session, 6, limit=5, window=3, model=None, budget=None
+        )
+    return await store.add_memory(P, session, None, [_said(f"turn {i}")])
+
+
+async def _session_read(store: Store, session: str, i: int) -> object:
+    """GetSession, ListMessages, GetMemory without recall, SearchMemory in the session."""
+    if i % 4 == 0:
+        return await store.get_session(P, session, False)
+    if i % 4 == 1:
+        return await store.list_messages(P, session, None, 10, budget=1 << 20)
+    if i % 4 == 2:
+        return await store.get_memory(P, session, 6)
+    q = SearchQuery(text="b", session_ids=(session,))
+    return await store.search_messages(P, q, vector=None, model="", limit=5, depth=20)
+
+
+async def _session_write(store: Store, session: str, i: int) -> object:
+    """UpdateSession, ClearMemory."""
+    if i % 2:
+        return await store.update_session(P, session, MetadataChange({"turn": i}))
+    return await store.clear_memory(P, session)
+
+
+async def _user_write(store: Store, user: str, i: int) -> object:
+    """UpdateUser."""
+    return await store.update_user(P, user, UserChanges(first_name=f"n{i}"))
+
+
+async def _named_ones(kind: str, store: Store, url: str) -> dict[str, int]:
+    """The keys the calls of `kind` name (SESSIONS sessions, or as many users made now), each
+    with the port of the node holding it."""
+    if kind != "users":
+        return {f"s{i}": await _session_port(url, f"s{i}") for i in range(SESSIONS)}
+    for u in range(SESSIONS):
+        await store.create_user(P, f"v{u}", "", "", "", {})
+    return {f"v{u}": await _user_port(url, f"v{u}") for u in range(SESSIONS)}
+
+
+#: What the silent-worker test below sends, by kind: the i-th call names one session (for
+#: "users", one user).
+_NAMING_ONE: dict[str, Callable[[Store, str, int], Awaitable[object]]] = {
+    "turn": _turn,
+    "session reads": _session_read,
+    "session writes": _session_write,
+    "users": _user_write,
+}
+
+
+@pytest.mark.parametrize("kind", list(_NAMING_ONE))
+async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_calls(
+    citus_nodes: tuple[str, list[str]], kind: str
 ) -> None:
-    # Agents' turns arrive at a steady rate (GetMemory with recall, AddMemory), a third of
-    # them for sessions of a worker that stops answering. Each call that reaches it holds a
-    # pooled connection until the store's bound: they took the whole pool within a second,
-    # and the calls of the other workers' sessions failed waiting for a connection (a probe
-    # of the old store: 165 of 198 UNAVAILABLE in 12 s). Now a worker's calls hold at most
-    # half the pool, and after one read of the memories met the silence the others skip it
-    # for a while (answering relevant_unavailable): every call of a session elsewhere is
+    # Calls arrive at a steady rate (an agent's turns: GetMemory with recall, AddMemory; or
+    # the other calls naming one session or one user), a third of them for sessions (users)
+    # of a worker that stops answering. Each call that reaches it holds a pooled connection
+    # until the store's bound: they took the whole pool within a second, and the calls of
+    # the other workers' sessions failed waiting for a connection (a probe of the old
+    # store: 165 of 198 UNAVAILABLE in 12 s). Now a worker's calls hold at most half the
+    # pool, and after one read of the memories met the silence the others skip it for a
+    # while (answering relevant_unavailable): every call of a session elsewhere is
     # answered, and soon.
-    async with _with_a_new_worker(citus_nodes) as (_, url, node):
+    call = _NAMING_ONE[kind]
+    async with _with_a_new_worker(citus_nodes) as (seeded, url, node):
         await _give_a_share(url, node)
-        ports = {f"s{i}": await _session_port(url, f"s{i}") for i in range(SESSIONS)}
+        ports = await _named_ones(kind, seeded, url)
+        assert node.port in ports.values() and len(set(ports.values())) > 1, ports
         store = await Store.open(
             url, min_size=2, max_size=10, statement_timeout=2.0, recall_timeout=1.0
         )
@@ -685,16 +742,11 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_sessions(
         running: set[asyncio.Task[None]] = set()
         since = until = math.inf
 
-        async def turn(session: str, i: int) -> None:
+        async def turn(key: str, i: int) -> None:
             nonlocal slowest
-            began, on_node = time.monotonic(), ports[session] == node.port
+            began, on_node = time.monotonic(), ports[key] == node.port
             try:
-                if i % 2:
-                    await store.get_memory_with_recall(
-                        P, session, 6, limit=5, window=3, model=None, budget=None
-                    )
-                else:
-                    await store.add_memory(P, session, None, [_said(f"turn {i}")])
+                await call(store, key, i)
                 outcome = "ok"
             except MemstoreError as exc:
                 outcome = type(exc).__name__
@@ -721,7 +773,8 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_sessions(
             await asyncio.gather(*running)
             await scalar(url, "SELECT recover_prepared_transactions()")
             await store.close()
-        print(f"\nsilent worker, calls begun: {dict(outcomes)}; elsewhere slowest {slowest:.2f}s")
+        print(f"\n{kind}, silent worker, calls begun: {dict(outcomes)}")
+        print(f"elsewhere slowest {slowest:.2f}s")
         elsewhere = {k: n for k, n in outcomes.items() if k.startswith("elsewhere")}
         assert set(elsewhere) == {"elsewhere ok"}, outcomes
         assert elsewhere["elsewhere ok"] > 50, outcomes
