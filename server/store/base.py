@@ -93,12 +93,13 @@ class StoreBase:
         #: them, and when that was last looked at (keep_word_recall_due).
         self._vectors_arrived = False
         self._vectors_looked = -math.inf
-        #: On Citus, which worker holds a user or a session (placement.py), and each
-        #: worker's share of the pool for the calls naming one of its sessions (_connect).
+        #: On Citus, which worker holds a user or a session (placement.py), and the shares of
+        #: the pool (_connect): each worker's, for the calls naming one of its sessions or
+        #: users, and the fan-outs' (keyed None), for the calls reaching every worker.
         self._shard_maps = ShardMaps()
         self._shard_maps_lock = asyncio.Lock()
-        self._node_slots: dict[int, asyncio.Semaphore] = {}
-        self._node_waiting: dict[int, int] = {}
+        self._node_slots: dict[int | None, asyncio.Semaphore] = {}
+        self._node_waiting: dict[int | None, int] = {}
         #: Until when GetMemory on Citus skips reading the memories, a read of them having
         #: met a silent worker (KeptRecallMethods._recall_trial); -inf: not paused.
         self._recall_paused_until = -math.inf
@@ -119,6 +120,7 @@ class StoreBase:
         within: float | None = None,
         session: str | None = None,
         user: str | None = None,
+        fans_out: bool = False,
     ) -> AsyncIterator[BoundedConnection]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
@@ -128,9 +130,16 @@ class StoreBase:
         # block more tightly than the call's bound: past it the connection is dropped
         # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it). On Citus a
         # block naming the one `session` and/or `user` it reaches takes a slot of each of
-        # their workers' shares of the pool first (_take_node_slots).
+        # their workers' shares of the pool first (_take_node_slots); a block that reaches
+        # every worker (`fans_out`: ListSessions, ListUsers, ListUserSessions, user-scope
+        # search, DeleteUser, the exports) takes a slot of the fan-outs' share: one silent
+        # worker holds every fan-out until its bound, and a steady stream of them would
+        # otherwise take the whole pool as its own calls did.
         slots: list[asyncio.Semaphore] = []
-        if self.citus and (session is not None or user is not None):
+        if self.citus and fans_out:
+            with translated():
+                slots = [await self._take_node_slot(None)]
+        elif self.citus and (session is not None or user is not None):
             with translated():
                 slots = await self._take_node_slots(session, user)
         try:
@@ -191,7 +200,7 @@ class StoreBase:
             raise
         return taken
 
-    async def _take_node_slot(self, node: int) -> asyncio.Semaphore:
+    async def _take_node_slot(self, node: int | None) -> asyncio.Semaphore:
         # A worker that stops answering holds each call that reaches it until the bound on an
         # answer (the statement timeout and ANSWER_MARGIN_SECONDS): under a steady arrival of
         # calls for its sessions, those took every pooled connection within a second, and
@@ -200,8 +209,9 @@ class StoreBase:
         # call that finds its worker's share taken waits for a slot as long as it would for a
         # connection, then fails UNAVAILABLE; past the pool's bound on waiting calls
         # (--pool-max-waiting) one fails at once, as the pool's own queue fails it
-        # (TooManyRequests: translate.py answers RESOURCE_EXHAUSTED). The caller releases
-        # the slot.
+        # (TooManyRequests: translate.py answers RESOURCE_EXHAUSTED). `node` None: the
+        # fan-outs' share, half the pool as well, held the same way. The caller releases the
+        # slot.
         slots = self._node_slots.get(node)
         if slots is None:
             slots = asyncio.Semaphore(max(1, self._pool.max_size // 2))
@@ -214,10 +224,13 @@ class StoreBase:
             async with asyncio.timeout(self._pool.timeout):
                 await slots.acquire()
         except TimeoutError:
+            if node is None:
+                held = "the calls reaching every Citus worker"
+            else:
+                held = "the Citus worker holding this session or user"
             raise Unavailable(
-                "the Citus worker holding this session has as many calls in flight as it may"
-                f" hold (half the pool) for {self._pool.timeout:g}s: it may have stopped"
-                " answering; retry"
+                f"{held} had as many calls in flight as it may hold (half the pool) for"
+                f" {self._pool.timeout:g}s: a worker may have stopped answering; retry"
             ) from None
         finally:
             self._node_waiting[node] -= 1

@@ -51,7 +51,7 @@ class ExportMethods(StoreBase):
             "limit": limit + 1,
             "include_deleted": include_deleted,
         }
-        async with self._connect(snapshot=_held(project_id, snapshot)) as conn:
+        async with self._connect(snapshot=_held(project_id, snapshot), fans_out=True) as conn:
             found = await fetch_all(conn, "export_sessions", params)
         return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
 
@@ -71,7 +71,7 @@ class ExportMethods(StoreBase):
             Unavailable: the database cannot be reached.
         """
         params = _message_batch(project_id, after, limit + 1, include_deleted)
-        async with self._connect(snapshot=_held(project_id, snapshot)) as conn:
+        async with self._connect(snapshot=_held(project_id, snapshot), fans_out=True) as conn:
             found = await fetch_all(conn, "export_messages", params)
         return Page([rows.message(r) for r in found[:limit]], has_more=len(found) > limit)
 
@@ -167,7 +167,7 @@ class ExportMethods(StoreBase):
         # bytea values arrive as they are, not as hex text to decode. In a held `snapshot`
         # when given (server/store/snapshots.py).
         async with self._connect(
-            single=True, snapshot=_held(params["project_id"], snapshot)
+            single=True, snapshot=_held(params["project_id"], snapshot), fans_out=True
         ) as conn:
             cur = conn.cursor(binary=True)
             await cur.execute(query(name), params)

@@ -267,9 +267,12 @@ class SearchMethods(StoreBase):
         statements: list[sql.SQL | sql.Composed] = [wrap(ranked)]
         if self.vectors:
             statements.append(query("count_unembedded").format(filters=filters))
-        # Scoped to one session, the ranking reaches that session's shard only.
+        # Scoped to one session, the ranking reaches that session's shard only; otherwise
+        # every worker's (a fan-out).
         one = q.session_ids[0] if q.session_ids and len(q.session_ids) == 1 else None
-        async with self._connect(field="metadata_contains", single=True, session=one) as conn:
+        async with self._connect(
+            field="metadata_contains", single=True, session=one, fans_out=one is None
+        ) as conn:
             found, *waiting = await fetch_pipelined(conn, statements, params)
         count = int(waiting[0][0]["n"]) if waiting else 0
         return found, count
@@ -288,15 +291,19 @@ class SearchMethods(StoreBase):
         if not chosen:
             return [], False
         statement = chosen_statement(budget is not None)
+        sessions = sorted({c.session_id for c in chosen})
         params = {
             "project_id": project_id,
             "chosen": [c.uuid for c in chosen],
             "chosen_scores": [c.score for c in chosen],
-            "chosen_sessions": sorted({c.session_id for c in chosen}),
+            "chosen_sessions": sessions,
             "chosen_sequences": sorted({c.sequence for c in chosen}),
             "budget": budget,
         }
-        async with self._connect(single=True) as conn:
+        # The picks of one session are read on its worker's shard; of several, on every
+        # worker's (a fan-out).
+        one = sessions[0] if len(sessions) == 1 else None
+        async with self._connect(single=True, session=one, fans_out=one is None) as conn:
             (found,) = await fetch_pipelined(conn, [statement], params)
         found.sort(key=lambda r: r["chosen_order"])
         return [rows.search_result(r) for r in found], followed(found)

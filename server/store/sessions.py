@@ -171,11 +171,11 @@ class SessionMethods(StoreBase):
         params.update(project_id=project_id, limit=limit + 1, offset=offset or 0, budget=budget)
         total: Row | None = None
         if not count:
-            async with self._connect(field="metadata_contains", single=True) as conn:
+            async with self._connect(field="metadata_contains", single=True, fans_out=True) as conn:
                 found = await fetch_all(conn, page_sql, params)
         else:
             # Page and count in one round trip and one snapshot.
-            async with self._connect(field="metadata_contains") as conn:
+            async with self._connect(field="metadata_contains", fans_out=True) as conn:
                 found, [total] = await fetch_pipelined(
                     conn, [page_sql, count_sql], params, prepare=True
                 )

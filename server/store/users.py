@@ -175,7 +175,7 @@ class UserMethods(StoreBase):
 
     async def _delete_user_once(self, project_id: int, user_id: str) -> DeletedCounts:
         params = key(project_id, user_id=user_id)
-        async with self._connect() as conn:
+        async with self._connect(fans_out=True) as conn:
             # Lock the user, then (in a statement that sees every session created before the
             # lock) its sessions, so no message lands between count and delete.
             if await fetch_one(conn, "lock_user", params) is None:
@@ -197,7 +197,7 @@ class UserMethods(StoreBase):
         """
         after_ts, after_id = after or START
         params = {"project_id": project_id, "after_ts": after_ts, "after_id": after_id}
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, fans_out=True) as conn:
             found = await fetch_all(conn, "list_users", {**params, "limit": limit + 1})
         return Page([rows.user(r) for r in found[:limit]], has_more=len(found) > limit)
 
@@ -238,7 +238,7 @@ class UserMethods(StoreBase):
             "budget": budget,
         }
         total: int | None = None
-        async with self._connect(single=not count) as conn:
+        async with self._connect(single=not count, fans_out=True) as conn:
             cur = conn.cursor()
             statement = list_user_records_statement(
                 budgeted=budget is not None, newest_first=newest_first
@@ -280,7 +280,7 @@ class UserMethods(StoreBase):
             "budget": budget,
         }
         statement = list_user_sessions_statement(budgeted=budget is not None)
-        async with self._connect(single=True) as conn:
+        async with self._connect(single=True, fans_out=True) as conn:
             found = await fetch_all(conn, statement, params)
         if not found:
             raise user_not_found(user_id)
