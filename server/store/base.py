@@ -30,6 +30,9 @@ from server.store.translate import ErrorFactory, translated
 
 #: Seconds to wait for a replacement after a stale pooled connection was discarded.
 _RETRY_CHECKOUT_TIMEOUT = 1.0
+#: Seconds a call that took its slots at the end of its --pool-timeout still waits for a
+#: connection: enough to take one that is free (the pool refuses a wait of 0 outright).
+_LAST_CHECKOUT_SECONDS = 0.05
 
 #: Sorts before every stored timestamp: the keyset position of a first page.
 START: TimeKey = (datetime.min.replace(tzinfo=UTC), "")
@@ -135,16 +138,18 @@ class StoreBase:
         # search, DeleteUser, the exports) takes a slot of the fan-outs' share: one silent
         # worker holds every fan-out until its bound, and a steady stream of them would
         # otherwise take the whole pool as its own calls did.
+        # The wait for slots and the wait for a connection share one bound, --pool-timeout.
         slots: list[asyncio.Semaphore] = []
+        until = time.monotonic() + self._pool.timeout
         if self.citus and fans_out:
             with translated():
-                slots = [await self._take_node_slot(None)]
+                slots = [await self._take_node_slot(None, until)]
         elif self.citus and (session is not None or user is not None):
             with translated():
-                slots = await self._take_node_slots(session, user)
+                slots = await self._take_node_slots(session, user, until)
         try:
             with translated(unique=unique, foreign_key=foreign_key, field=field):
-                conn = await self._checkout()
+                conn = await self._checkout(max(_LAST_CHECKOUT_SECONDS, until - time.monotonic()))
                 taken = time.monotonic()
                 call_bound = conn.answer_within
                 try:
@@ -179,7 +184,7 @@ class StoreBase:
                 taken_slot.release()
 
     async def _take_node_slots(
-        self, session: str | None, user: str | None
+        self, session: str | None, user: str | None, until: float
     ) -> list[asyncio.Semaphore]:
         # A slot of the worker holding `session` and of the one holding `user` (one slot
         # where both are on one worker; none while the shard maps are unknown), taken in the
@@ -193,21 +198,22 @@ class StoreBase:
         taken: list[asyncio.Semaphore] = []
         try:
             for node in sorted(nodes):
-                taken.append(await self._take_node_slot(node))
+                taken.append(await self._take_node_slot(node, until))
         except BaseException:
             for slot in taken:
                 slot.release()
             raise
         return taken
 
-    async def _take_node_slot(self, node: int | None) -> asyncio.Semaphore:
+    async def _take_node_slot(self, node: int | None, until: float) -> asyncio.Semaphore:
         # A worker that stops answering holds each call that reaches it until the bound on an
         # answer (the statement timeout and ANSWER_MARGIN_SECONDS): under a steady arrival of
         # calls for its sessions, those took every pooled connection within a second, and
         # the calls of every other worker's sessions then failed waiting for one (a probe:
         # 165 of 198 UNAVAILABLE in 12 s). Each worker's calls hold at most half the pool; a
-        # call that finds its worker's share taken waits for a slot as long as it would for a
-        # connection, then fails UNAVAILABLE; past the pool's bound on waiting calls
+        # call that finds its worker's share taken waits for a slot until `until` (a
+        # time.monotonic(): the call's --pool-timeout, which its wait for a connection
+        # shares), then fails UNAVAILABLE; past the pool's bound on waiting calls
         # (--pool-max-waiting) one fails at once, as the pool's own queue fails it
         # (TooManyRequests: translate.py answers RESOURCE_EXHAUSTED). `node` None: the
         # fan-outs' share, half the pool as well, held the same way. The caller releases the
@@ -221,7 +227,7 @@ class StoreBase:
             raise TooManyRequests(f"{waiting} calls already wait for a worker's share of the pool")
         self._node_waiting[node] = waiting + 1
         try:
-            async with asyncio.timeout(self._pool.timeout):
+            async with asyncio.timeout(max(0.0, until - time.monotonic())):
                 await slots.acquire()
         except TimeoutError:
             if node is None:
@@ -229,8 +235,9 @@ class StoreBase:
             else:
                 held = "the Citus worker holding this session or user"
             raise Unavailable(
-                f"{held} had as many calls in flight as it may hold (half the pool) for"
-                f" {self._pool.timeout:g}s: a worker may have stopped answering; retry"
+                f"{held} had as many calls in flight as it may hold (half the pool) until"
+                f" this call's wait ran out ({self._pool.timeout:g}s): a worker may have"
+                " stopped answering; retry"
             ) from None
         finally:
             self._node_waiting[node] -= 1
@@ -289,11 +296,12 @@ class StoreBase:
         else:
             self._unbounded.discard(conn)
 
-    async def _checkout(self) -> BoundedConnection:
-        # Skip connections the server closed while they sat in the pool (a restart): the
-        # pool replaces each closed one, and the call goes on with a live connection. Only
-        # when no live one comes is the database taken for down.
-        timeout, seen_stale = self._pool.timeout, False
+    async def _checkout(self, within: float) -> BoundedConnection:
+        # A connection within `within` seconds. Skip connections the server closed while
+        # they sat in the pool (a restart): the pool replaces each closed one, and the call
+        # goes on with a live connection. Only when no live one comes is the database taken
+        # for down.
+        timeout, seen_stale = within, False
         for _ in range(self._pool.max_size + 1):
             try:
                 # Refused at once while the database is known down, and ended as soon as it

@@ -713,10 +713,10 @@ async def _named_ones(kind: str, store: Store, url: str) -> dict[str, int]:
     """The keys the calls of `kind` name (SESSIONS sessions, or as many users made now), each
     with the port of the node holding it."""
     if kind != "users":
-        return {f"s{i}": await _session_port(url, f"s{i}") for i in range(SESSIONS)}
+        return {f"s{i}": await _port_of(url, "sessions", f"s{i}") for i in range(SESSIONS)}
     for u in range(SESSIONS):
         await store.create_user(P, f"v{u}", "", "", "", {})
-    return {f"v{u}": await _user_port(url, f"v{u}") for u in range(SESSIONS)}
+    return {f"v{u}": await _port_of(url, "users", f"v{u}") for u in range(SESSIONS)}
 
 
 #: What the silent-worker test below sends, by kind: the i-th call names one session (for
@@ -839,7 +839,40 @@ async def test_calls_waiting_for_a_silent_workers_share_are_bounded_as_the_pools
         assert all(isinstance(g, (DeadlineExceeded, Unavailable)) for g in got), got
 
 
-#: Seconds between two calls' arrivals, and seconds a worker stays silent, in the test above.
+async def test_a_calls_wait_for_its_share_and_a_connection_is_one_pool_timeout(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # --pool-timeout bounds a call's whole wait: for a slot of its worker's share of the pool,
+    # then for a connection. Each had a bound of its own before, so a call could wait up to
+    # twice the timeout. Here the worker's one slot frees after 1.5 s while every
+    # connection stays held: the call fails UNAVAILABLE at 2 s (it took 3.5 s before).
+    async with _with_a_new_worker(citus_nodes) as (_, url, _node):
+        store = await Store.open(url, min_size=2, max_size=2, timeout=POOL_TIMEOUT)
+        await store.check_vectors()
+        held = []
+        try:
+            node = await store._node_of("sessions", "s0")
+            assert node is not None
+            slot = await store._take_node_slot(node, time.monotonic() + 1.0)  # its only one
+            held = [await store._pool.getconn() for _ in range(2)]
+            asyncio.get_running_loop().call_later(1.5, slot.release)
+            began = time.monotonic()
+            with pytest.raises(Unavailable):
+                await store.get_session(P, "s0", False)
+            took = time.monotonic() - began
+        finally:
+            for conn in held:
+                await store._pool.putconn(conn)
+            await store.close()
+        assert POOL_TIMEOUT - 0.1 < took < POOL_TIMEOUT + 0.5, took
+
+
+#: The pool's timeout in the test above (seconds).
+POOL_TIMEOUT = 2.0
+
+
+#: Seconds between two calls' arrivals, and seconds a worker stays silent, in the silent-worker
+#: test above.
 ARRIVAL = 0.04
 SILENT_SECONDS = 12.0
 
@@ -1092,7 +1125,7 @@ async def test_get_user_calls_fail_only_for_the_lost_workers_users(
             users = [f"g{i}" for i in range(30)]
             for user in users:
                 await store.create_user(P, user, "", "", "", {})
-            on_node = {u for u in users if await _user_port(url, u) == node.port}
+            on_node = {u for u in users if await _port_of(url, "users", u) == node.port}
             assert on_node and len(on_node) < len(users), on_node
             stopped = await _lose(node, loss)
             try:
@@ -1122,17 +1155,6 @@ async def _timed(call: Awaitable[T]) -> tuple[T | Exception, float]:
         return await call, time.monotonic() - since
     except Exception as exc:
         return exc, time.monotonic() - since
-
-
-async def _user_port(url: str, user: str) -> int:
-    """The port of the node holding `user`'s shard."""
-    return int(
-        await scalar(
-            url,
-            "SELECT nodeport FROM citus_shards WHERE table_name = 'users'::regclass"
-            f" AND shardid = get_shard_id_for_distribution_column('users', '{user}')",
-        )
-    )
 
 
 async def _answers_the_window_alone(
@@ -1165,7 +1187,7 @@ async def _say_the_same(store: Store) -> None:
 
 async def _on_and_recalling(url: str, node: Node) -> tuple[str, str]:
     """A seeded session on `node`, and one elsewhere whose user has a session on it."""
-    ports = {s: await _session_port(url, s) for s in (f"s{i}" for i in range(SESSIONS))}
+    ports = {s: await _port_of(url, "sessions", s) for s in (f"s{i}" for i in range(SESSIONS))}
     lost = next(s for s, port in ports.items() if port == node.port)
     kept = next(
         s
@@ -1193,7 +1215,7 @@ async def _kept_reaches(url: str, session: str, node_port: int) -> bool:
         row = await cur.fetchone()
     if row is None or not row[0]:
         return False
-    return any([await _session_port(url, s) == node_port for s in row[0]])
+    return any([await _port_of(url, "sessions", s) == node_port for s in row[0]])
 
 
 async def _embedded(url: str, session: str, sequence: int) -> bool:
@@ -1306,12 +1328,12 @@ class _HealthWatch:
         return self._seen
 
 
-async def _session_port(url: str, session: str) -> int:
-    """The port of the node holding `session`'s shard."""
+async def _port_of(url: str, table: str, key: str) -> int:
+    """The port of the node holding the shard of `table` ("users", "sessions") keyed `key`."""
     return int(
         await scalar(
             url,
-            "SELECT nodeport FROM citus_shards WHERE table_name = 'sessions'::regclass"
-            f" AND shardid = get_shard_id_for_distribution_column('sessions', '{session}')",
+            f"SELECT nodeport FROM citus_shards WHERE table_name = '{table}'::regclass"
+            f" AND shardid = get_shard_id_for_distribution_column('{table}', '{key}')",
         )
     )
