@@ -9,8 +9,9 @@ import random
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,12 +22,20 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from server.domain import MAX_METADATA_BYTES, MetadataChange, Page, TimeKey
-from server.errors import FailedPrecondition, InvalidArgument, MemstoreError, Unavailable
+from server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MemstoreError,
+    ResourceExhausted,
+    Unavailable,
+)
 from server.store.db import ANSWER_MARGIN_SECONDS, BoundedConnection, Unanswered
+from server.store.fuse import FUSE_SECONDS, Admission, Fuse, Outcome
 from server.store.health import DatabaseHealth, is_stale
 from server.store.placement import ShardMaps
 from server.store.queries import query
-from server.store.translate import ErrorFactory, translated
+from server.store.translate import ErrorFactory, met_silence, translated
 
 #: Seconds to wait for a replacement after a stale pooled connection was discarded.
 _RETRY_CHECKOUT_TIMEOUT = 1.0
@@ -103,6 +112,8 @@ class StoreBase:
         self._shard_maps_lock = asyncio.Lock()
         self._node_slots: dict[int | None, asyncio.Semaphore] = {}
         self._node_waiting: dict[int | None, int] = {}
+        #: Each share's fuse, keyed as its slots are (server/store/fuse.py).
+        self._fuses: dict[int | None, Fuse] = {}
         #: Until when GetMemory on Citus skips reading the memories, a read of them having
         #: met a silent worker (KeptRecallMethods._recall_trial); -inf: not paused.
         self._recall_paused_until = -math.inf
@@ -111,8 +122,7 @@ class StoreBase:
         #: this store does not use (_connect takes connections with getconn).
         self.held_seconds = 0.0
 
-    @asynccontextmanager
-    async def _connect(
+    def _connect(
         self,
         *,
         unique: ErrorFactory | None = None,
@@ -124,7 +134,7 @@ class StoreBase:
         session: str | None = None,
         user: str | None = None,
         fans_out: bool = False,
-    ) -> AsyncIterator[BoundedConnection]:
+    ) -> AbstractAsyncContextManager[BoundedConnection]:
         # One transaction per block: committed on exit, rolled back on error. A block of one
         # statement (`single`) runs in autocommit instead: the statement is its own
         # transaction, which saves the BEGIN and COMMIT round trips. A block that reads in a
@@ -137,73 +147,159 @@ class StoreBase:
         # every worker (`fans_out`: ListSessions, ListUsers, ListUserSessions, user-scope
         # search, DeleteUser, the exports) takes a slot of the fan-outs' share: one silent
         # worker holds every fan-out until its bound, and a steady stream of them would
-        # otherwise take the whole pool as its own calls did.
+        # otherwise take the whole pool as its own calls did. While a share's fuse is blown
+        # (server/store/fuse.py: its worker found silent) its calls fail at once instead.
         # The wait for slots and the wait for a connection share one bound, --pool-timeout.
-        slots: list[asyncio.Semaphore] = []
         until = time.monotonic() + self._pool.timeout
-        if self.citus and fans_out:
-            with translated():
-                slots = [await self._take_node_slot(None, until)]
-        elif self.citus and (session is not None or user is not None):
-            with translated():
-                slots = await self._take_node_slots(session, user, until)
-        try:
-            with translated(unique=unique, foreign_key=foreign_key, field=field):
-                conn = await self._checkout(max(_LAST_CHECKOUT_SECONDS, until - time.monotonic()))
-                taken = time.monotonic()
-                call_bound = conn.answer_within
-                try:
-                    await self._bound_for_call(conn)
-                    call_bound = conn.answer_within
-                    if within is not None:
-                        bound = within if call_bound is None else min(call_bound, within)
-                        conn.answer_within = bound
-                    if single and snapshot is None:
-                        async with _autocommit(conn):
-                            yield conn
-                    else:
-                        async with conn:
-                            if snapshot is not None:
-                                await _import_snapshot(conn, *snapshot)
-                            yield conn
-                except psycopg.OperationalError as exc:
-                    # A connection dropped for want of an answer (Unanswered) says nothing of
-                    # the database as a whole (one Citus worker, one statement): the health
-                    # watcher's ping is what finds a silent server (serving/grpc_health.py).
-                    if (conn.broken or conn.closed) and not isinstance(exc, Unanswered):
-                        self._health.report_lost_connection()
-                    raise
-                finally:
-                    conn.answer_within = call_bound
-                    await self._pool.putconn(conn)
-                    # Summed unrounded: psycopg_pool's own sum rounds each use down to whole
-                    # milliseconds, which counts most of this store's calls (under 1 ms) as 0.
-                    self.held_seconds += time.monotonic() - taken
-        finally:
-            for taken_slot in slots:
-                taken_slot.release()
+        block = self._connected(
+            unique=unique,
+            foreign_key=foreign_key,
+            field=field,
+            single=single,
+            snapshot=snapshot,
+            within=within,
+            until=until,
+        )
+        if self.citus and (fans_out or session is not None or user is not None):
+            return self._sharing(block, session, user, fans_out, until)
+        return block
 
-    async def _take_node_slots(
-        self, session: str | None, user: str | None, until: float
-    ) -> list[asyncio.Semaphore]:
-        # A slot of the worker holding `session` and of the one holding `user` (one slot
-        # where both are on one worker; none while the shard maps are unknown), taken in the
-        # order of their node groups: two calls each holding one and waiting for the other
-        # cannot happen. The caller releases them.
+    @asynccontextmanager
+    async def _sharing(
+        self,
+        block: AbstractAsyncContextManager[BoundedConnection],
+        session: str | None,
+        user: str | None,
+        fans_out: bool,
+        until: float,
+    ) -> AsyncIterator[BoundedConnection]:
+        # `block` (_connected) inside its shares of the pool (_take_shares), their fuses told
+        # how it ended.
+        shares = await self._take_shares(session, user, fans_out, until)
+        try:
+            async with block as conn:
+                yield conn
+        except MemstoreError as exc:
+            shares.outcome = _outcome(exc)
+            raise
+        else:
+            shares.outcome = Outcome.ANSWERED
+        finally:
+            self._release_shares(shares)
+
+    @asynccontextmanager
+    async def _connected(
+        self,
+        *,
+        unique: ErrorFactory | None,
+        foreign_key: ErrorFactory | None,
+        field: str,
+        single: bool,
+        snapshot: tuple[int, str] | None,
+        within: float | None,
+        until: float,
+    ) -> AsyncIterator[BoundedConnection]:
+        # _connect's block: a connection by `until` (a time.monotonic()).
+        with translated(unique=unique, foreign_key=foreign_key, field=field):
+            conn = await self._checkout(max(_LAST_CHECKOUT_SECONDS, until - time.monotonic()))
+            taken = time.monotonic()
+            call_bound = conn.answer_within
+            try:
+                await self._bound_for_call(conn)
+                call_bound = conn.answer_within
+                if within is not None:
+                    bound = within if call_bound is None else min(call_bound, within)
+                    conn.answer_within = bound
+                if single and snapshot is None:
+                    async with _autocommit(conn):
+                        yield conn
+                else:
+                    async with conn:
+                        if snapshot is not None:
+                            await _import_snapshot(conn, *snapshot)
+                        yield conn
+            except psycopg.OperationalError as exc:
+                # A connection dropped for want of an answer (Unanswered) says nothing of
+                # the database as a whole (one Citus worker, one statement): the health
+                # watcher's ping is what finds a silent server (serving/grpc_health.py).
+                if (conn.broken or conn.closed) and not isinstance(exc, Unanswered):
+                    self._health.report_lost_connection()
+                raise
+            finally:
+                conn.answer_within = call_bound
+                await self._pool.putconn(conn)
+                # Summed unrounded: psycopg_pool's own sum rounds each use down to whole
+                # milliseconds, which counts most of this store's calls (under 1 ms) as 0.
+                self.held_seconds += time.monotonic() - taken
+
+    async def _take_shares(
+        self, session: str | None, user: str | None, fans_out: bool, until: float
+    ) -> _Shares:
+        # The shares of the pool a block takes a slot of: the fan-outs' (`fans_out`), or
+        # those of the worker holding `session` and of the one holding `user` (one where
+        # both are on one worker; none while the shard maps are unknown), taken in the order
+        # of their node groups: two calls each holding one and waiting for the other cannot
+        # happen. A share whose fuse is blown refuses the call at once (Unavailable). The
+        # caller gives them back (_release_shares) with how the call ended.
+        with translated():
+            keys: list[int | None] = [None] if fans_out else await self._nodes_of(session, user)
+        shares = _Shares(keys, self._admit(keys))
+        try:
+            with translated():
+                for key in keys:
+                    shares.slots.append(await self._take_node_slot(key, until))
+        except BaseException:
+            self._release_shares(shares)
+            raise
+        return shares
+
+    async def _nodes_of(self, session: str | None, user: str | None) -> list[int | None]:
+        # The node groups holding `session` and `user`, in order, each once.
         nodes: set[int] = set()
         for table, key_value in (("sessions", session), ("users", user)):
             node = None if key_value is None else await self._node_of(table, key_value)
             if node is not None:
                 nodes.add(node)
-        taken: list[asyncio.Semaphore] = []
-        try:
-            for node in sorted(nodes):
-                taken.append(await self._take_node_slot(node, until))
-        except BaseException:
-            for slot in taken:
-                slot.release()
-            raise
-        return taken
+        return list(sorted(nodes))
+
+    def _admit(self, keys: list[int | None]) -> list[int | None]:
+        # The shares (keys) whose fuse lets the call go as its trial; Unavailable if one
+        # refuses it (its worker found silent: server/store/fuse.py).
+        now = time.monotonic()
+        trials: list[int | None] = []
+        for key in keys:
+            fuse = self._fuses.setdefault(key, Fuse())
+            admission = fuse.admit(now)
+            if admission is Admission.REFUSE:
+                for tried in trials:
+                    self._fuses[tried].ended(Outcome.NEITHER, now, trial=True)
+                raise Unavailable(
+                    f"{_share(key)} met a silent worker {fuse.strikes} times in a row: they"
+                    f" fail at once, one call trying again every {FUSE_SECONDS:g}s; retry"
+                )
+            if admission is Admission.TRY:
+                trials.append(key)
+        return trials
+
+    def _release_shares(self, shares: _Shares) -> None:
+        # Gives back a call's slots and tells each share's fuse how the call ended.
+        for slot in shares.slots:
+            slot.release()
+        now = time.monotonic()
+        for key in shares.keys:
+            fuse = self._fuses[key]
+            was_blown = fuse.blown
+            fuse.ended(shares.outcome, now, trial=key in shares.trials)
+            if fuse.blown and not was_blown:
+                log.warning(
+                    "%s met a silent worker %d times in a row: failing them at once, one"
+                    " call trying again every %gs",
+                    _share(key),
+                    fuse.strikes,
+                    FUSE_SECONDS,
+                )
+            elif was_blown and not fuse.blown:
+                log.warning("%s are answered again", _share(key))
 
     async def _take_node_slot(self, node: int | None, until: float) -> asyncio.Semaphore:
         # A worker that stops answering holds each call that reaches it until the bound on an
@@ -230,12 +326,8 @@ class StoreBase:
             async with asyncio.timeout(max(0.0, until - time.monotonic())):
                 await slots.acquire()
         except TimeoutError:
-            if node is None:
-                held = "the calls reaching every Citus worker"
-            else:
-                held = "the Citus worker holding this session or user"
             raise Unavailable(
-                f"{held} had as many calls in flight as it may hold (half the pool) until"
+                f"{_share(node)} had as many in flight as they may hold (half the pool) until"
                 f" this call's wait ran out ({self._pool.timeout:g}s): a worker may have"
                 " stopped answering; retry"
             ) from None
@@ -460,3 +552,32 @@ def no_such_user(user_id: str | None) -> FailedPrecondition:
     return FailedPrecondition(
         f"user '{user_id}' does not exist; create it before naming it", reason="USER_NOT_FOUND"
     )
+
+
+@dataclass
+class _Shares:
+    """The shares of the pool one call takes (keys: node groups, None for the fan-outs'),
+    those it goes as the trial of, the slots it holds, and how it ended."""
+
+    keys: list[int | None]
+    trials: list[int | None]
+    slots: list[asyncio.Semaphore] = field(default_factory=list)
+    outcome: Outcome = Outcome.NEITHER
+
+
+def _share(key: int | None) -> str:
+    """Names the calls of a share of the pool (key: a node group, None for the fan-outs')."""
+    if key is None:
+        return "the calls reaching every Citus worker"
+    return f"the calls of the Citus worker (node group {key}) holding this session or user"
+
+
+def _outcome(exc: MemstoreError) -> Outcome:
+    """How a call that failed with `exc` ended, as a fuse reads it: the worker's silence;
+    an error of the infrastructure that is not (a lost worker, a statement timeout, a
+    deadline, a full queue); or any other error, which the database answered."""
+    if met_silence(exc):
+        return Outcome.SILENT
+    if isinstance(exc, (Unavailable, DeadlineExceeded, ResourceExhausted)):
+        return Outcome.NEITHER
+    return Outcome.ANSWERED

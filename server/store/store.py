@@ -31,6 +31,8 @@ from server.store.users import UserMethods
 
 #: Milliseconds between PostgreSQL's checks that a client running a statement is still there.
 _CONNECTION_CHECK_MS = 1000
+#: Seconds Citus may take to connect to a worker for a call, at most (_session_options).
+NODE_CONNECT_SECONDS = 5.0
 
 #: Seconds the pool retries a lost connection in the background before leaving it to demand.
 _RECONNECT_TIMEOUT = 1.0
@@ -198,6 +200,12 @@ def _session_options(conninfo: str, statement_timeout: float) -> dict[str, Any]:
     # 9999-12-31T23:59:59.999999Z, which a zone west of UTC printed as 1 BC and one east of
     # it as year 10000: such rows could not be read, whatever the database's or server's
     # TimeZone set (tests/store/test_time_zone.py).
+    #
+    # On Citus, a connection to a worker not made within half the statement timeout (1 s at
+    # least, NODE_CONNECT_SECONDS at most) fails the call as a worker not reached: with
+    # Citus's default, 30 s, the statement timeout cancelled such a call first, and a
+    # cancelled statement does not tell a silent worker from a slow statement
+    # (server/store/fuse.py). Elsewhere the setting is a placeholder that nothing reads.
     options = [
         f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}",
         "-c jit=off",
@@ -206,5 +214,7 @@ def _session_options(conninfo: str, statement_timeout: float) -> dict[str, Any]:
     if statement_timeout > 0:
         # At least 1 ms: 0 would turn the limit off.
         options.append(f"-c statement_timeout={max(1, round(statement_timeout * 1000))}")
+        connect = max(1.0, min(statement_timeout / 2, NODE_CONNECT_SECONDS))
+        options.append(f"-c citus.node_connection_timeout={round(connect * 1000)}")
     given = str(conninfo_to_dict(conninfo).get("options") or os.environ.get("PGOPTIONS", ""))
     return {"options": " ".join([given, *options] if given else options)}

@@ -88,6 +88,10 @@ def translated(
         raise MemstoreError("internal database error; see the server log") from exc
 
 
+#: How Citus words a connection to a worker not made within citus.node_connection_timeout.
+_NO_CONNECTION_IN_TIME = "could not establish any connections to the node"
+
+
 #: How Citus words a worker it cannot reach, or whose connection it lost, within a call: as
 #: an internal error (XX000), where libpq's own connection errors are OperationalErrors. A
 #: connection cut while Citus prepared a two-phase commit answered INTERNAL and logged a
@@ -106,7 +110,7 @@ def translated(
 _WORKER_LOST = (
     "server closed the connection unexpectedly",
     "connection to the remote node",
-    "could not establish any connections to the node",
+    _NO_CONNECTION_IN_TIME,
     "connection not open",
     "could not commit transaction for shard",
     "SSL SYSCALL error",
@@ -142,6 +146,21 @@ def unanswered(exc: MemstoreError) -> bool:
     """Whether `exc`, a translated error, is the database's silence past the bound on an
     answer (Unanswered: the connection was dropped), not a statement PostgreSQL cancelled."""
     return isinstance(exc, DeadlineExceeded) and isinstance(exc.__cause__, Unanswered)
+
+
+def met_silence(exc: MemstoreError) -> bool:
+    """Whether `exc`, a translated error, is a worker's (or the database's) silence: no answer
+    within the store's bound (unanswered), or no connection to a Citus worker within
+    citus.node_connection_timeout (Store.open sets it below the statement timeout). A worker
+    that refuses connections (crashed, its machine up) is lost, not silent."""
+    if unanswered(exc):
+        return True
+    cause = exc.__cause__
+    return (
+        worker_lost(exc)
+        and isinstance(cause, psycopg.Error)
+        and _detail(cause, "").startswith(_NO_CONNECTION_IN_TIME)
+    )
 
 
 def _cancelled(exc: pg.QueryCanceled | Unanswered) -> DeadlineExceeded:

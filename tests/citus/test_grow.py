@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import time
 import urllib.request
@@ -45,6 +47,7 @@ from server.domain import MetadataChange, NewMessage, SearchQuery, SessionQuery,
 from server.errors import DeadlineExceeded, MemstoreError, ResourceExhausted, Unavailable
 from server.store import Store
 from server.store.base import ANSWER_MARGIN_SECONDS
+from server.store.fuse import FUSE_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node, standby_of
 from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar, scratch_database
 from tests.grpc import msg
@@ -755,6 +758,8 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_calls(
     # sessions are fan-outs instead (each reaches every worker, the silent one too), and
     # those elsewhere GetSession: the fan-outs hold at most their own half of the pool (on
     # the store of 16aff0a, where they took no slot, 54 of 104 calls elsewhere failed).
+    # And once two of its calls met the silence, its share's fuse fails the rest at once
+    # (server/store/fuse.py): before, each waited out its slot or its bound (5 s or so).
     async with _with_a_new_worker(citus_nodes) as (seeded, url, node):
         await _give_a_share(url, node)
         ports = await _named_ones(kind, seeded, url)
@@ -763,48 +768,97 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_calls(
             url, min_size=2, max_size=10, statement_timeout=2.0, recall_timeout=1.0
         )
         await store.check_vectors()
-        outcomes: Counter[str] = Counter()
-        slowest = 0.0
+        tally = _Tally()
         running: set[asyncio.Task[None]] = set()
-        since = until = math.inf
 
         async def turn(key: str, i: int) -> None:
-            nonlocal slowest
             began, on_node = time.monotonic(), ports[key] == node.port
             try:
                 await _send(kind, store, key, i, on_node=on_node)
                 outcome = "ok"
             except MemstoreError as exc:
                 outcome = type(exc).__name__
-            if since <= began < until:
-                outcomes[f"{'silent' if on_node else 'elsewhere'} {outcome}"] += 1
-                if not on_node:
-                    slowest = max(slowest, time.monotonic() - began)
+            tally.add(began, on_node=on_node, outcome=outcome)
 
         rng = random.Random(3)
         stopped: list[int] = []
         try:
             for i in range(int(SILENT_SECONDS / ARRIVAL) + 100):
                 if i == 50:
-                    stopped, since = _suspend(node), time.monotonic()
-                    until = since + SILENT_SECONDS - 5.0  # calls begun then end before resume
-                if time.monotonic() > since + SILENT_SECONDS:
+                    stopped, tally.since = _suspend(node), time.monotonic()
+                if time.monotonic() > tally.since + SILENT_SECONDS:
                     break
                 task = asyncio.create_task(turn(rng.choice(sorted(ports)), i))
                 running.add(task)
                 task.add_done_callback(running.discard)
                 await asyncio.sleep(ARRIVAL)
+            _resume(stopped)
+            stopped = []
+            back = await _answered_again(kind, store, [k for k in ports if ports[k] == node.port])
         finally:
             _resume(stopped)
             await asyncio.gather(*running)
             await scalar(url, "SELECT recover_prepared_transactions()")
             await store.close()
+        outcomes, silent = tally.outcomes, statistics.median(tally.silent_took)
         print(f"\n{kind}, silent worker, calls begun: {dict(outcomes)}")
-        print(f"elsewhere slowest {slowest:.2f}s")
+        print(
+            f"elsewhere slowest {tally.slowest:.2f}s; silent worker's calls {silent:.3f}s,"
+            f" answered again {back:.2f}s after it resumed"
+        )
         elsewhere = {k: n for k, n in outcomes.items() if k.startswith("elsewhere")}
         assert set(elsewhere) == {"elsewhere ok"}, outcomes
         assert elsewhere["elsewhere ok"] > 50, outcomes
-        assert slowest < 5.0, slowest  # the pool's timeout, which the old store's calls met
+        # The pool's timeout, which the old store's calls met.
+        assert tally.slowest < 5.0, tally.slowest
+        assert silent < 0.5, sorted(tally.silent_took)
+        # Its fuse lets a call try again every FUSE_SECONDS: once back, it is answered again.
+        assert back < FUSE_SECONDS + 5.0, back
+
+
+async def _answered_again(kind: str, store: Store, keys: list[str]) -> float:
+    """Seconds until a call of `kind` naming one of `keys` (the silent worker's, now resumed)
+    is answered again."""
+    resumed = time.monotonic()
+    for i in itertools.count():
+        try:
+            await _send(kind, store, keys[i % len(keys)], i, on_node=True)
+        except (Unavailable, DeadlineExceeded):
+            assert time.monotonic() - resumed < 30.0, "never answered again"
+            await asyncio.sleep(0.05)
+        else:
+            return time.monotonic() - resumed
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _Tally:
+    """What the silent-worker test saw of the calls begun while the worker was silent (from
+    `since`), early enough to end before it resumes."""
+
+    since: float = math.inf
+    outcomes: Counter[str] = field(default_factory=Counter)
+    #: The slowest call of a session (user) elsewhere (seconds).
+    slowest: float = 0.0
+    #: How long each call of the silent worker took, of those begun once two of its calls
+    #: could have met the silence (FUSE_BEGUN seconds in).
+    silent_took: list[float] = field(default_factory=list)
+
+    def add(self, began: float, *, on_node: bool, outcome: str) -> None:
+        took = time.monotonic() - began
+        if not self.since <= began < self.since + SILENT_SECONDS - 5.0:
+            return
+        self.outcomes[f"{'silent' if on_node else 'elsewhere'} {outcome}"] += 1
+        if not on_node:
+            self.slowest = max(self.slowest, took)
+        elif began >= self.since + FUSE_BEGUN:
+            self.silent_took.append(took)
+
+
+#: Seconds into the silence after which the silent worker's calls should find its fuse blown:
+#: its first calls meet the silence within Citus's connection timeout (1 s here) or the
+#: store's bound on an answer (4 s).
+FUSE_BEGUN = 5.0
 
 
 async def test_calls_waiting_for_a_silent_workers_share_are_bounded_as_the_pools_queue(

@@ -111,7 +111,21 @@ async def test_pooled_connections_never_jit_compile(store: Store) -> None:
 
 def test_a_statement_timeout_under_half_a_millisecond_is_one_not_none() -> None:
     # round() made --statement-timeout 0.0004 the 0 that turns PostgreSQL's limit off.
-    assert "statement_timeout=1" in _session_options("", 0.0004)["options"].split("-c ")[-1]
+    assert "statement_timeout=1" in _session_options("", 0.0004)["options"].split()
+
+
+@pytest.mark.parametrize(
+    ("statement_timeout", "connect_ms"), [(30.0, "5000"), (4.0, "2000"), (1.0, "1000"), (0.0, None)]
+)
+def test_citus_connects_to_a_worker_within_half_the_statement_timeout(
+    statement_timeout: float, connect_ms: str | None
+) -> None:
+    # Below the statement timeout, so that a silent worker fails a call as a worker not
+    # reached, which its share's fuse counts (server/store/fuse.py); 1 to 5 s; Citus's own
+    # 30 s without a statement timeout.
+    options = _session_options("", statement_timeout)["options"].split()
+    found = [o.split("=")[1] for o in options if o.startswith("citus.node_connection_timeout=")]
+    assert found == ([connect_ms] if connect_ms else [])
 
 
 async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_db: str) -> None:
