@@ -14,7 +14,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from server.serving.log_format import dropped_log_records
-from server.store import QUEUE_COUNT_CAP
+from server.store import QUEUE_COUNT_CAP, ShareState
 
 #: Seconds of the request-duration histograms' buckets, gRPC's and HTTP's. Past 10 s for the
 #: calls that run that long on purpose: exports and Restore over large projects, a call with
@@ -34,6 +34,7 @@ class Metrics:
         self,
         pool_stats: Callable[[], dict[str, int]] | None = None,
         queue_stats: Callable[[], tuple[int, float] | None] | None = None,
+        share_states: Callable[[], list[ShareState]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -69,6 +70,8 @@ class Metrics:
             self.registry.register(_PoolCollector(pool_stats))
         if queue_stats is not None:
             self.registry.register(_QueueCollector(queue_stats))
+        if share_states is not None:
+            self.registry.register(_ShareCollector(share_states))
         self.registry.register(_DroppedLogCollector())
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=self.registry)
@@ -186,3 +189,35 @@ class _QueueCollector(Collector):
             "Seconds the oldest row of the embedding queue has waited (0 when it is empty).",
             value=oldest,
         )
+
+
+class _ShareCollector(Collector):
+    """On Citus, each share of the pool (a worker's, by node group, and the fan-outs',
+    node_group "all"): its calls in flight and waiting, and its fuse (server/store/fuse.py).
+    A blown fuse is how an operator sees a silent worker's calls failing at once."""
+
+    def __init__(self, states: Callable[[], list[ShareState]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterable[Metric]:
+        states = self._states()
+        for attr, (counter, doc) in _SHARE_FAMILIES.items():
+            kind = CounterMetricFamily if counter else GaugeMetricFamily
+            family = kind(f"memstore_citus_share_{attr}", doc, labels=["node_group"])
+            for state in states:
+                group = "all" if state.node_group is None else str(state.node_group)
+                family.add_metric([group], float(getattr(state, attr)))
+            yield family
+
+
+#: The families of _ShareCollector, by ShareState's attribute: (whether a counter, help).
+_SHARE_FAMILIES = {
+    "in_flight": (False, "Calls holding a slot of the share (at most half the pool)."),
+    "waiting": (False, "Calls waiting for a slot of the share."),
+    "blown": (
+        False,
+        "1 while the share's fuse is blown (its worker found silent): its calls fail at"
+        " once, UNAVAILABLE, but for one trial every few seconds.",
+    ),
+    "refused": (True, "Calls the share's fuse failed at once (UNAVAILABLE)."),
+}

@@ -31,7 +31,7 @@ from server.errors import (
     Unavailable,
 )
 from server.store.db import ANSWER_MARGIN_SECONDS, BoundedConnection, Unanswered
-from server.store.fuse import FUSE_SECONDS, Admission, Fuse, Outcome
+from server.store.fuse import FUSE_SECONDS, Admission, Fuse, Outcome, ShareState
 from server.store.health import DatabaseHealth, is_stale
 from server.store.placement import ShardMaps
 from server.store.queries import query
@@ -112,6 +112,7 @@ class StoreBase:
         self._shard_maps_lock = asyncio.Lock()
         self._node_slots: dict[int | None, asyncio.Semaphore] = {}
         self._node_waiting: dict[int | None, int] = {}
+        self._node_held: dict[int | None, int] = {}
         #: Each share's fuse, keyed as its slots are (server/store/fuse.py).
         self._fuses: dict[int | None, Fuse] = {}
         #: Until when GetMemory on Citus skips reading the memories, a read of them having
@@ -143,7 +144,7 @@ class StoreBase:
         # block more tightly than the call's bound: past it the connection is dropped
         # (Unanswered, translated as DeadlineExceeded; `unanswered` tells it). On Citus a
         # block naming the one `session` and/or `user` it reaches takes a slot of each of
-        # their workers' shares of the pool first (_take_node_slots); a block that reaches
+        # their workers' shares of the pool first (_take_shares); a block that reaches
         # every worker (`fans_out`: ListSessions, ListUsers, ListUserSessions, user-scope
         # search, DeleteUser, the exports) takes a slot of the fan-outs' share: one silent
         # worker holds every fan-out until its bound, and a steady stream of them would
@@ -260,7 +261,7 @@ class StoreBase:
             node = None if key_value is None else await self._node_of(table, key_value)
             if node is not None:
                 nodes.add(node)
-        return list(sorted(nodes))
+        return list(sorted(nodes))  # list() lets mypy type it list[int | None]
 
     def _admit(self, keys: list[int | None]) -> list[int | None]:
         # The shares (keys) whose fuse lets the call go as its trial; Unavailable if one
@@ -283,8 +284,9 @@ class StoreBase:
 
     def _release_shares(self, shares: _Shares) -> None:
         # Gives back a call's slots and tells each share's fuse how the call ended.
-        for slot in shares.slots:
+        for key, slot in zip(shares.keys, shares.slots, strict=False):
             slot.release()
+            self._node_held[key] -= 1
         now = time.monotonic()
         for key in shares.keys:
             fuse = self._fuses[key]
@@ -300,6 +302,27 @@ class StoreBase:
                 )
             elif was_blown and not fuse.blown:
                 log.warning("%s are answered again", _share(key))
+
+    def share_states(self) -> list[ShareState]:
+        """On Citus, each share of the pool met so far (the fan-outs' first, then the
+        workers' by node group), for the metrics; none on plain PostgreSQL."""
+        # Each set made at once under the GIL: the scrape's thread reads while the loop adds.
+        keys = sorted(
+            set(self._node_slots) | set(self._fuses), key=lambda k: -1 if k is None else k
+        )
+        states = []
+        for key in keys:
+            fuse = self._fuses.get(key, Fuse())
+            states.append(
+                ShareState(
+                    node_group=key,
+                    in_flight=self._node_held.get(key, 0),
+                    waiting=self._node_waiting.get(key, 0),
+                    blown=fuse.blown,
+                    refused=fuse.refused,
+                )
+            )
+        return states
 
     async def _take_node_slot(self, node: int | None, until: float) -> asyncio.Semaphore:
         # A worker that stops answering holds each call that reaches it until the bound on an
@@ -333,6 +356,7 @@ class StoreBase:
             ) from None
         finally:
             self._node_waiting[node] -= 1
+        self._node_held[node] = self._node_held.get(node, 0) + 1
         return slots
 
     async def _node_of(self, table: str, key_value: str) -> int | None:

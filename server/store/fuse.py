@@ -52,6 +52,8 @@ class Fuse:
     strikes: int = 0
     blown_until: float = -math.inf
     trying: bool = False
+    #: Calls refused at once since the process started (for the metric).
+    refused: int = 0
 
     @property
     def blown(self) -> bool:
@@ -64,6 +66,7 @@ class Fuse:
         if not self.blown:
             return Admission.GO
         if self.trying or now < self.blown_until:
+            self.refused += 1
             return Admission.REFUSE
         self.trying = True
         return Admission.TRY
@@ -80,3 +83,16 @@ class Fuse:
                 self.blown_until = now + FUSE_SECONDS
         elif trial:
             self.blown_until = now + FUSE_SECONDS  # not proven either way: try again later
+
+
+@dataclass(frozen=True)
+class ShareState:
+    """What the metrics show of one share of the pool (StoreBase.share_states): its node
+    group (None: the fan-outs'), the calls holding and waiting for its slots, whether its
+    fuse is blown and how many calls the fuse has refused."""
+
+    node_group: int | None
+    in_flight: int
+    waiting: int
+    blown: bool
+    refused: int

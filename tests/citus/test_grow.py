@@ -45,7 +45,7 @@ from memstore.v1 import session_service_pb2_grpc
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import MetadataChange, NewMessage, SearchQuery, SessionQuery, UserChanges
 from server.errors import DeadlineExceeded, MemstoreError, ResourceExhausted, Unavailable
-from server.store import Store
+from server.store import ShareState, Store
 from server.store.base import ANSWER_MARGIN_SECONDS
 from server.store.fuse import FUSE_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node, standby_of
@@ -757,7 +757,8 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_calls(
     # answered, and soon. For "fan-outs", the calls that would name the silent worker's
     # sessions are fan-outs instead (each reaches every worker, the silent one too), and
     # those elsewhere GetSession: the fan-outs hold at most their own half of the pool (on
-    # the store of 16aff0a, where they took no slot, 54 of 104 calls elsewhere failed).
+    # the store of 16aff0a, where they took no slot, 54 and 55 of 104 calls elsewhere failed
+    # in two runs).
     # And once two of its calls met the silence, its share's fuse fails the rest at once
     # (server/store/fuse.py): before, each waited out its slot or its bound (5 s or so).
     async with _with_a_new_worker(citus_nodes) as (seeded, url, node):
@@ -768,6 +769,9 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_calls(
             url, min_size=2, max_size=10, statement_timeout=2.0, recall_timeout=1.0
         )
         await store.check_vectors()
+        # The share whose fuse the silence blows: the silent worker's, or the fan-outs'.
+        group = await scalar(url, f"SELECT groupid FROM pg_dist_node WHERE nodeport = {node.port}")
+        silent_share = None if kind == "fan-outs" else group
         tally = _Tally()
         running: set[asyncio.Task[None]] = set()
 
@@ -782,11 +786,13 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_calls(
 
         rng = random.Random(3)
         stopped: list[int] = []
+        during: list[ShareState] = []
         try:
             for i in range(int(SILENT_SECONDS / ARRIVAL) + 100):
                 if i == 50:
                     stopped, tally.since = _suspend(node), time.monotonic()
                 if time.monotonic() > tally.since + SILENT_SECONDS:
+                    during = store.share_states()  # what the metrics show of the silence
                     break
                 task = asyncio.create_task(turn(rng.choice(sorted(ports)), i))
                 running.add(task)
@@ -795,25 +801,45 @@ async def test_a_silent_worker_leaves_the_pool_to_the_other_workers_calls(
             _resume(stopped)
             stopped = []
             back = await _answered_again(kind, store, [k for k in ports if ports[k] == node.port])
+            after = store.share_states()
         finally:
             _resume(stopped)
             await asyncio.gather(*running)
             await scalar(url, "SELECT recover_prepared_transactions()")
             await store.close()
-        outcomes, silent = tally.outcomes, statistics.median(tally.silent_took)
-        print(f"\n{kind}, silent worker, calls begun: {dict(outcomes)}")
-        print(
-            f"elsewhere slowest {tally.slowest:.2f}s; silent worker's calls {silent:.3f}s,"
-            f" answered again {back:.2f}s after it resumed"
-        )
-        elsewhere = {k: n for k, n in outcomes.items() if k.startswith("elsewhere")}
-        assert set(elsewhere) == {"elsewhere ok"}, outcomes
-        assert elsewhere["elsewhere ok"] > 50, outcomes
-        # The pool's timeout, which the old store's calls met.
-        assert tally.slowest < 5.0, tally.slowest
-        assert silent < 0.5, sorted(tally.silent_took)
-        # Its fuse lets a call try again every FUSE_SECONDS: once back, it is answered again.
-        assert back < FUSE_SECONDS + 5.0, back
+        _check_the_silence(kind, tally, back, (during, after), silent_share)
+
+
+def _check_the_silence(
+    kind: str,
+    tally: _Tally,
+    back: float,
+    states: tuple[list[ShareState], list[ShareState]],
+    silent_share: int | None,
+) -> None:
+    """The silent-worker test's verdict: every call elsewhere answered, and soon; the silent
+    worker's calls failed at once by its share's fuse (`silent_share`), which `states`
+    (share_states during the silence and once answered again) show blown, then closed."""
+    outcomes, silent = tally.outcomes, statistics.median(tally.silent_took)
+    print(f"\n{kind}, silent worker, calls begun: {dict(outcomes)}")
+    print(
+        f"elsewhere slowest {tally.slowest:.2f}s; silent worker's calls {silent:.3f}s,"
+        f" answered again {back:.2f}s after it resumed"
+    )
+    elsewhere = {k: n for k, n in outcomes.items() if k.startswith("elsewhere")}
+    assert set(elsewhere) == {"elsewhere ok"}, outcomes
+    assert elsewhere["elsewhere ok"] > 50, outcomes
+    # The pool's timeout, which the old store's calls met.
+    assert tally.slowest < 5.0, tally.slowest
+    assert silent < 0.5, sorted(tally.silent_took)
+    # Its fuse lets a call try again every FUSE_SECONDS: once back, it is answered again.
+    assert back < FUSE_SECONDS + 5.0, back
+    # memstore_citus_share_blown and _refused (server/serving/metrics.py) show it: the
+    # silent share's fuse alone blown, and calls refused; closed once it was answered.
+    during, after = states
+    blown = {s.node_group: s.refused for s in during if s.blown}
+    assert list(blown) == [silent_share] and blown[silent_share] > 0, during
+    assert not any(s.blown for s in after), after
 
 
 async def _answered_again(kind: str, store: Store, keys: list[str]) -> float:

@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from server.domain import DEFAULT_PROJECT_ID as P
-from server.domain import NewMessage
+from server.domain import NewMessage, SessionQuery
 from server.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -126,6 +126,21 @@ def test_citus_connects_to_a_worker_within_half_the_statement_timeout(
     options = _session_options("", statement_timeout)["options"].split()
     found = [o.split("=")[1] for o in options if o.startswith("citus.node_connection_timeout=")]
     assert found == ([connect_ms] if connect_ms else [])
+
+
+async def test_the_shares_of_the_pool_are_citus_only(store: Store) -> None:
+    # /metrics' memstore_citus_share_* (server/serving/metrics.py): on Citus the share of the
+    # worker a call reached and the fan-outs' share, every slot given back; on plain
+    # PostgreSQL no share is ever taken, so those families have no samples.
+    await store.add_memory(P, "shared", None, [msg("hello")])
+    await store.get_memory(P, "shared", 6)
+    await store.list_sessions(P, SessionQuery(), None, None, 10)
+    states = store.share_states()
+    if not store.citus:
+        assert states == []
+        return
+    assert len(states) >= 2 and states[0].node_group is None, states
+    assert all(s.in_flight == s.waiting == s.refused == 0 and not s.blown for s in states)
 
 
 async def test_purge_removes_only_expired_soft_deleted_rows(store: Store, clean_db: str) -> None:

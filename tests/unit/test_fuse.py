@@ -50,6 +50,8 @@ def test_blown_it_refuses_then_lets_one_trial_through() -> None:
     assert fuse.admit(FUSE_SECONDS) is Admission.TRY
     # The others wait for the trial's end.
     assert fuse.admit(FUSE_SECONDS + 0.5) is Admission.REFUSE
+    # Each refusal counted (memstore_citus_share_refused), the trial not.
+    assert fuse.refused == 2
 
 
 def test_an_answered_trial_closes_it() -> None:

@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.rest.app import HttpMetrics
 from server.serving.metrics import Metrics
+from server.store import ShareState
 
 
 def _families(metrics: Metrics) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
@@ -70,3 +71,26 @@ def test_pool_totals_are_there_before_their_first_event() -> None:
     for name in ("requests_errors", "connections_errors", "usage_ms", "returns_bad"):
         family = f"memstore_db_pool_{name}"
         assert families[family] == ("counter", {(f"{family}_total",): 0}), family
+
+
+def test_each_share_of_the_pool_shows_its_slots_and_its_fuse() -> None:
+    # On Citus: the fan-outs' share (node_group "all") and each worker's, by node group. A
+    # blown fuse is how an operator sees a silent worker's calls failing at once; its
+    # refusals only grow (a counter).
+    states = [
+        ShareState(node_group=None, in_flight=3, waiting=0, blown=False, refused=0),
+        ShareState(node_group=2, in_flight=5, waiting=4, blown=True, refused=17),
+    ]
+    families = _families(Metrics(share_states=lambda: states))
+    expected = {
+        "memstore_citus_share_in_flight": ("gauge", {"all": 3, "2": 5}),
+        "memstore_citus_share_waiting": ("gauge", {"all": 0, "2": 4}),
+        "memstore_citus_share_blown": ("gauge", {"all": 0, "2": 1}),
+        "memstore_citus_share_refused": ("counter", {"all": 0, "2": 17}),
+    }
+    for family, (kind, by_group) in expected.items():
+        sample = f"{family}_total" if kind == "counter" else family
+        assert families[family] == (
+            kind,
+            {(sample, group): value for group, value in by_group.items()},
+        ), family
