@@ -120,7 +120,11 @@ class UserMethods(StoreBase):
         for project_id, user_id in keys:
             by_project.setdefault(project_id, []).append(user_id)
         found: dict[tuple[int, str], User] = {}
-        async with self._connect(single=True) as conn:
+        # On Citus the batch's users are one worker's (by the shard map): the batch takes a
+        # slot of that worker's share of the pool and goes by its fuse, as a call naming one
+        # of them does (a silent worker's GetUser calls then fail at once, not each after
+        # its bound).
+        async with self._connect(single=True, user=keys[0][1]) as conn:
             for project_id, user_ids in by_project.items():
                 params = {"project_id": project_id, "user_ids": user_ids}
                 statement = "get_users_citus" if self.citus else "get_users"

@@ -693,8 +693,10 @@ async def _session_write(store: Store, session: str, i: int) -> object:
     return await store.clear_memory(P, session)
 
 
-async def _user_write(store: Store, user: str, i: int) -> object:
-    """UpdateUser."""
+async def _user_call(store: Store, user: str, i: int) -> object:
+    """UpdateUser, GetUser (whose calls share batches: server/store/coalesce.py)."""
+    if i % 2:
+        return await store.get_user(P, user)
     return await store.update_user(P, user, UserChanges(first_name=f"n{i}"))
 
 
@@ -728,7 +730,7 @@ _NAMING_ONE: dict[str, Callable[[Store, str, int], Awaitable[object]]] = {
     "turn": _turn,
     "session reads": _session_read,
     "session writes": _session_write,
-    "users": _user_write,
+    "users": _user_call,
 }
 
 
