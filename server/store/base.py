@@ -111,6 +111,9 @@ class StoreBase:
         self._shard_maps = ShardMaps()
         self._shard_maps_lock = asyncio.Lock()
         self._node_slots: dict[int | None, asyncio.Semaphore] = {}
+        #: The slots of each share; None: half the pool. bench.citus_share sets the whole
+        #: pool's size on a store of its own, to measure what the cap costs a busy worker.
+        self.share_slots: int | None = None
         self._node_waiting: dict[int | None, int] = {}
         self._node_held: dict[int | None, int] = {}
         #: Each share's fuse, keyed as its slots are (server/store/fuse.py).
@@ -339,7 +342,7 @@ class StoreBase:
         # slot.
         slots = self._node_slots.get(node)
         if slots is None:
-            slots = asyncio.Semaphore(max(1, self._pool.max_size // 2))
+            slots = asyncio.Semaphore(self.share_slots or max(1, self._pool.max_size // 2))
             self._node_slots[node] = slots
         waiting = self._node_waiting.get(node, 0)
         if slots.locked() and 0 < self._pool.max_waiting <= waiting:

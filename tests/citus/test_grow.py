@@ -26,6 +26,7 @@ import random
 import signal
 import statistics
 import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -54,6 +55,7 @@ from tests.grpc import msg
 from tests.polling import until
 from tests.processes import free_port, serve_memstore, stop_memstore
 
+ROOT = Path(__file__).resolve().parents[2]
 USERS = 6
 #: Sessions the writers append to, each written by one writer only (so its order is known).
 SESSIONS = 24
@@ -887,6 +889,26 @@ class _Tally:
 #: its first calls meet the silence within Citus's connection timeout (1 s here) or the
 #: store's bound on an answer (4 s).
 FUSE_BEGUN = 5.0
+
+
+def test_bench_citus_share_runs_on_tiny_data(citus_url: str) -> None:
+    """`python -m bench.citus_share` (docs/scaling.md, "What the share costs a busy worker"):
+    every side served, the cap binding where it is half the pool, not where it is lifted."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.citus_share", "--database-url", citus_url,
+         "--rounds", "1", "--seconds", "0.5", "--sessions", "2", "--pool", "2",
+         "--in-flight", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)  # stdout is the JSON alone
+    assert found["share"] == 1 and all(r > 0 for r in found["calls_per_s"].values()), found
+    assert set(found["calls_per_s"]) == {"half", "whole", "spread"}, found
+    assert found["half_over_whole"]["median"] > 0 < found["half_over_spread"]["median"], found
+    # The cap binds on the half store's calls of one worker (a slot of 1); lifted, the
+    # share holds the pool (2).
+    held = found["most_held_by_a_share"]
+    assert (held["half"], held["whole"]) == (1, 2), found
 
 
 async def test_calls_waiting_for_a_silent_workers_share_are_bounded_as_the_pools_queue(
