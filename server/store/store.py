@@ -206,6 +206,9 @@ def _session_options(conninfo: str, statement_timeout: float) -> dict[str, Any]:
     # Citus's default, 30 s, the statement timeout cancelled such a call first, and a
     # cancelled statement does not tell a silent worker from a slow statement
     # (server/store/fuse.py). Elsewhere the setting is a placeholder that nothing reads.
+    # One the URL's options (or PGOPTIONS) set is kept: a cluster whose nodes connect slowly
+    # (SSL under load, a distant worker) needs a longer one than the statement timeout gives.
+    given = str(conninfo_to_dict(conninfo).get("options") or os.environ.get("PGOPTIONS", ""))
     options = [
         f"-c client_connection_check_interval={_CONNECTION_CHECK_MS}",
         "-c jit=off",
@@ -215,6 +218,6 @@ def _session_options(conninfo: str, statement_timeout: float) -> dict[str, Any]:
         # At least 1 ms: 0 would turn the limit off.
         options.append(f"-c statement_timeout={max(1, round(statement_timeout * 1000))}")
         connect = max(1.0, min(statement_timeout / 2, NODE_CONNECT_SECONDS))
-        options.append(f"-c citus.node_connection_timeout={round(connect * 1000)}")
-    given = str(conninfo_to_dict(conninfo).get("options") or os.environ.get("PGOPTIONS", ""))
+        if "citus.node_connection_timeout" not in given:
+            options.append(f"-c citus.node_connection_timeout={round(connect * 1000)}")
     return {"options": " ".join([given, *options] if given else options)}

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from psycopg import errors as pg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
@@ -126,6 +127,29 @@ def test_citus_connects_to_a_worker_within_half_the_statement_timeout(
     options = _session_options("", statement_timeout)["options"].split()
     found = [o.split("=")[1] for o in options if o.startswith("citus.node_connection_timeout=")]
     assert found == ([connect_ms] if connect_ms else [])
+
+
+def test_a_node_connection_timeout_the_url_sets_is_kept() -> None:
+    # Where the cluster's nodes connect slowly (SSL under load), the operator's own wins over
+    # half the statement timeout; the statement timeout is still memstore's.
+    url = "postgresql:///db?options=-c%20citus.node_connection_timeout%3D15000"
+    options = _session_options(url, 4.0)["options"].split()
+    found = [o for o in options if o.startswith("citus.node_connection_timeout=")]
+    assert found == ["citus.node_connection_timeout=15000"]
+    assert "statement_timeout=4000" in options
+
+
+async def test_a_store_connects_with_the_urls_node_connection_timeout(database_url: str) -> None:
+    # The same, as the server has it: on plain PostgreSQL the setting is a placeholder, on
+    # Citus the coordinator's (and `make test-citus` runs this there).
+    url = make_conninfo(database_url, options="-c citus.node_connection_timeout=15000")
+    store = await Store.open(url, min_size=1, max_size=1, statement_timeout=4.0)
+    try:
+        async with store._connect(single=True) as conn:
+            cur = await conn.execute("SELECT current_setting('citus.node_connection_timeout')")
+            assert await cur.fetchone() in {("15000",), ("15s",)}
+    finally:
+        await store.close()
 
 
 async def test_the_shares_of_the_pool_are_citus_only(store: Store) -> None:
