@@ -8,7 +8,7 @@ import math
 import random
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -265,6 +265,22 @@ class StoreBase:
             if node is not None:
                 nodes.add(node)
         return list(sorted(nodes))  # list() lets mypy type it list[int | None]
+
+    async def _groups_of(self, sessions: Iterable[str]) -> set[int]:
+        # The node groups holding `sessions` (those the shard maps know).
+        groups: set[int] = set()
+        for session in sessions:
+            group = await self._node_of("sessions", session)
+            if group is not None:
+                groups.add(group)
+        return groups
+
+    def _refusing(self, groups: Iterable[int | None] | None = None) -> bool:
+        # Whether the fuse of one of `groups` (None: of any worker) fails its calls now: that
+        # worker found silent by its own calls (server/store/fuse.py).
+        now = time.monotonic()
+        keys = self._fuses.keys() - {None} if groups is None else groups
+        return any((f := self._fuses.get(k)) is not None and f.refusing(now) for k in keys)
 
     def _admit(self, keys: list[int | None]) -> list[int | None]:
         # The shares (keys) whose fuse lets the call go as its trial; Unavailable if one

@@ -60,6 +60,13 @@ class Fuse:
         """Whether the share's calls are refused but for a trial."""
         return self.strikes >= FUSE_STRIKES
 
+    def refusing(self, now: float) -> bool:
+        """Whether the share's calls are failed at once now: blown, its trial not yet due
+        or running. A blown fuse whose share has no call (no trial) stops refusing after
+        FUSE_SECONDS, so a read that takes no share (GetMemory's of the memories) never
+        skips a worker on a fuse gone stale."""
+        return self.blown and (self.trying or now < self.blown_until)
+
     def admit(self, now: float) -> Admission:
         """Whether a call may go: always while the fuse holds; once blown, the first call
         after FUSE_SECONDS goes as the trial, the others are refused."""

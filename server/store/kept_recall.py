@@ -132,7 +132,13 @@ class KeptRecallMethods(StoreBase):
             )
         if not (memory and kept_keys):
             return KeptRead(memory, [])
-        trial = self._recall_trial()
+        # The workers of the sessions read first (_kept_live_citus): a read that would reach
+        # one whose fuse is blown (found silent by its own calls) is skipped at once; one
+        # that reaches none of them goes though the reads are paused, the silence placed.
+        first = kept_keys[0]["recall_sessions"][: max(params["limit"], 1)]
+        if self._refusing(await self._groups_of(first)):
+            return KeptRead(memory, [], unreachable=True)
+        trial = False if self._refusing() else self._recall_trial()
         if trial is None:
             return KeptRead(memory, [], unreachable=True)
         try:

@@ -232,6 +232,10 @@ class RecallMethods(KeptRecallMethods):
             results = [kept_result(r) for r in kept if r["m_uuid"] is not None]
         elif limit <= 0 or unreachable:
             results = []
+        elif self.citus and self._refusing():
+            # Ranked here, the memories are read on every worker: none while one of them is
+            # found silent (its fuse blown: server/store/fuse.py).
+            results, unreachable = [], True
         elif (trial := self._recall_trial()) is None:
             results, unreachable = [], True
         else:

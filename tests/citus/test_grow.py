@@ -49,6 +49,7 @@ from server.errors import DeadlineExceeded, MemstoreError, ResourceExhausted, Un
 from server.store import ShareState, Store
 from server.store.base import ANSWER_MARGIN_SECONDS
 from server.store.fuse import FUSE_SECONDS
+from server.store.kept_recall import RECALL_PAUSE_SECONDS
 from tests.citus_cluster import Node, add_worker, extra_node, standby_of
 from tests.fix_db import SESSIONS_OFF_THEIR_ROWS, scalar, scratch_database
 from tests.grpc import msg
@@ -1211,6 +1212,108 @@ async def test_get_memory_with_a_worker_lost_answers_the_window_and_says_recall_
 _RECALL_TIMEOUT = 1.0
 
 
+async def test_recall_clear_of_a_silent_worker_is_read_once_its_fuse_blew(
+    citus_nodes: tuple[str, list[str]],
+) -> None:
+    # GetMemory's read of the memories reaches the workers of the user's other sessions.
+    # One dropped for a worker's silence pauses those reads for RECALL_PAUSE_SECONDS, every
+    # user's (it cannot tell which worker was silent). Once the silent worker's own calls
+    # have blown its fuse, the silence is placed: a read that reaches none of its sessions
+    # goes again, pause or not, and one that would reach it is skipped at once.
+    async with _with_a_new_worker(citus_nodes) as (store, url, node):
+        await _give_a_share(url, node)
+        await _say_the_same(store)
+        lost, kept = await _on_and_recalling(url, node)
+        clear = await _a_user_clear_of(store, url, node)
+        group = await scalar(url, f"SELECT groupid FROM pg_dist_node WHERE nodeport = {node.port}")
+        metrics_port = free_port()
+        env = {**os.environ, "DATABASE_URL": url, "MEMSTORE_METRICS_PORT": str(metrics_port)}
+        args = ("--purge-interval", "0", "--recall-timeout", "1", "--statement-timeout", "3")
+        proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
+        stopped: list[int] = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                sessions = session_service_pb2_grpc.SessionServiceStub(channel)
+                kept_ready = await until(
+                    lambda: _kept_both(url, (kept, clear), node.port), within=120
+                )
+                assert kept_ready, "the worker kept no recall of the two sessions"
+                assert await _recalls(sessions, clear) and await _recalls(sessions, kept)
+                stopped, since = _suspend(node), time.monotonic()
+                # A read of kept's memories meets the silence: the reads are paused.
+                got = await sessions.GetMemory(ss.GetMemoryRequest(session_id=kept), timeout=10)
+                assert got.relevant_unavailable, got
+                # The silent worker's own calls blow its fuse (/metrics shows it).
+                calls = [_fails_retryably(_get_memory(sessions, lost)) for _ in range(3)]
+                await asyncio.gather(*calls)
+                assert await until(lambda: _blown(metrics_port, group), within=10)
+                began = time.monotonic()
+                got = await sessions.GetMemory(ss.GetMemoryRequest(session_id=clear), timeout=10)
+                assert got.relevant_messages and not got.relevant_unavailable, got
+                # Within the pause: before, this read was skipped as every user's.
+                assert began - since < RECALL_PAUSE_SECONDS, began - since
+                began = time.monotonic()
+                got = await sessions.GetMemory(ss.GetMemoryRequest(session_id=kept), timeout=10)
+                skipped = time.monotonic() - began
+                assert got.relevant_unavailable and not got.relevant_messages, got
+                assert skipped < 0.5, skipped
+                print(f"\nthe fuse blew {began - since:.2f}s in; a read skipped in {skipped:.3f}s")
+        finally:
+            _resume(stopped)
+            await scalar(url, "SELECT recover_prepared_transactions()")
+            code, out = await asyncio.to_thread(stop_memstore, proc)
+        assert code == 0, out
+        assert "Traceback" not in out, out
+
+
+async def _get_memory(
+    sessions: session_service_pb2_grpc.SessionServiceStub, session: str
+) -> ss.GetMemoryResponse:
+    return await sessions.GetMemory(ss.GetMemoryRequest(session_id=session), timeout=10)
+
+
+async def _a_user_clear_of(store: Store, url: str, node: Node) -> str:
+    """A session of a new user whose three sessions are all off `node`, each saying
+    _SHARED in three messages (so each recalls six memories of the others)."""
+    await store.create_user(P, "clear", "", "", "", {})
+    chosen: list[str] = []
+    for i in itertools.count():
+        if len(chosen) == 3:
+            break
+        if await _port_of(url, "sessions", f"c{i}") != node.port:
+            chosen.append(f"c{i}")
+    for session in chosen:
+        said = [
+            NewMessage(role="u", role_type="user", content=f"{_SHARED} {session} {k}", metadata={})
+            for k in range(3)
+        ]
+        await store.add_memory(P, session, "clear", said)
+    return chosen[0]
+
+
+async def _kept_both(url: str, pair: tuple[str, str], node_port: int) -> bool:
+    """Whether the embedding worker kept the recall of both sessions of `pair`: the first's
+    reaching the node at `node_port`, the second's five first memories all elsewhere."""
+    reaching, clear = pair
+    ports = await _kept_ports(url, clear)
+    return (
+        await _kept_reaches(url, reaching, node_port)
+        and len(ports) == 5
+        and node_port not in ports.values()
+    )
+
+
+async def _blown(metrics_port: int, group: int) -> bool:
+    """Whether the server's /metrics shows the fuse of node group `group` blown."""
+    text = await asyncio.to_thread(_get_text, f"http://127.0.0.1:{metrics_port}/metrics")
+    return f'memstore_citus_share_blown{{node_group="{group}"}} 1.0' in text
+
+
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return str(answer.read().decode())
+
+
 @pytest.mark.parametrize("loss", ["crash", "freeze"])
 async def test_get_user_calls_fail_only_for_the_lost_workers_users(
     citus_nodes: tuple[str, list[str]], loss: str
@@ -1310,6 +1413,12 @@ def _users_other(session: str) -> list[str]:
 async def _kept_reaches(url: str, session: str, node_port: int) -> bool:
     """Whether the recall the embedding worker kept for `session` names, among the memories
     GetMemory reads first (its default relevant_limit, 5), one on the node at `node_port`."""
+    return node_port in (await _kept_ports(url, session)).values()
+
+
+async def _kept_ports(url: str, session: str) -> dict[int, int]:
+    """The port of the node holding each of the first five memories (by rank) the embedding
+    worker kept for `session`; none before it kept any."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cur = await conn.execute(
             "SELECT recall_sessions[1:5] FROM session_embeddings"
@@ -1317,9 +1426,8 @@ async def _kept_reaches(url: str, session: str, node_port: int) -> bool:
             (session,),
         )
         row = await cur.fetchone()
-    if row is None or not row[0]:
-        return False
-    return any([await _port_of(url, "sessions", s) == node_port for s in row[0]])
+    kept = row[0] if row is not None and row[0] else []
+    return {rank: await _port_of(url, "sessions", s) for rank, s in enumerate(kept)}
 
 
 async def _embedded(url: str, session: str, sequence: int) -> bool:

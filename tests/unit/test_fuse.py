@@ -83,3 +83,17 @@ def test_a_call_begun_before_it_blew_and_answered_closes_it() -> None:
     fuse = _blown(0.0)
     fuse.ended(Outcome.ANSWERED, 0.5, trial=False)
     assert fuse.admit(0.5) is Admission.GO
+
+
+def test_it_refuses_while_blown_until_its_trial_is_due_and_while_it_runs() -> None:
+    # What a read that takes no share asks (GetMemory's of the memories on Citus): it skips
+    # the worker only while the fuse refuses, never on a fuse left blown with no trial.
+    fuse = Fuse()
+    assert not fuse.refusing(0.0)
+    fuse = _blown(0.0)
+    assert fuse.refusing(FUSE_SECONDS - 0.01)
+    assert not fuse.refusing(FUSE_SECONDS)  # a trial is due: stale for a read
+    assert fuse.admit(FUSE_SECONDS) is Admission.TRY
+    assert fuse.refusing(FUSE_SECONDS + 5.0)  # the trial runs
+    fuse.ended(Outcome.ANSWERED, FUSE_SECONDS + 5.0, trial=True)
+    assert not fuse.refusing(FUSE_SECONDS + 5.0)
