@@ -243,8 +243,15 @@ class StoreBase:
         # those of the worker holding `session` and of the one holding `user` (one where
         # both are on one worker; none while the shard maps are unknown), taken in the order
         # of their node groups: two calls each holding one and waiting for the other cannot
-        # happen. A share whose fuse is blown refuses the call at once (Unavailable). The
-        # caller gives them back (_release_shares) with how the call ended.
+        # happen. A share whose fuse is blown refuses the call at once (Unavailable), and so
+        # does any worker's for a fan-out, which would reach that worker too. The caller
+        # gives them back (_release_shares) with how the call ended.
+        if fans_out and self._refusing():
+            raise Unavailable(
+                "a Citus worker met silence in its calls and every call reaching it fails at"
+                " once, this one too (it reaches every worker): one of its calls tries again"
+                f" every {FUSE_SECONDS:g}s; retry"
+            )
         with translated():
             keys: list[int | None] = [None] if fans_out else await self._nodes_of(session, user)
         shares = _Shares(keys, self._admit(keys))

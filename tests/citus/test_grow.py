@@ -1219,7 +1219,8 @@ async def test_recall_clear_of_a_silent_worker_is_read_once_its_fuse_blew(
     # One dropped for a worker's silence pauses those reads for RECALL_PAUSE_SECONDS, every
     # user's (it cannot tell which worker was silent). Once the silent worker's own calls
     # have blown its fuse, the silence is placed: a read that reaches none of its sessions
-    # goes again, pause or not, and one that would reach it is skipped at once.
+    # goes again, pause or not, and one that would reach it is skipped at once; a fan-out,
+    # which reaches every worker, fails at once.
     async with _with_a_new_worker(citus_nodes) as (store, url, node):
         await _give_a_share(url, node)
         await _say_the_same(store)
@@ -1257,6 +1258,11 @@ async def test_recall_clear_of_a_silent_worker_is_read_once_its_fuse_blew(
                 skipped = time.monotonic() - began
                 assert got.relevant_unavailable and not got.relevant_messages, got
                 assert skipped < 0.5, skipped
+                # A fan-out, which would reach the silent worker too, fails at once.
+                began = time.monotonic()
+                listed = sessions.ListSessions(ss.ListSessionsRequest(page_size=5), timeout=10)
+                await _fails_retryably(listed)
+                assert time.monotonic() - began < 0.5, time.monotonic() - began
                 print(f"\nthe fuse blew {began - since:.2f}s in; a read skipped in {skipped:.3f}s")
         finally:
             _resume(stopped)
