@@ -279,7 +279,9 @@ async def _serve(config: Config, stop: asyncio.Event, serving: asyncio.Event) ->
                 "found; Restore goes to servers on the coordinator's URL",
                 store.worker_group,
             )
-        metrics = Metrics(store.pool_stats, queue_stats(store), store.share_states)
+        metrics = Metrics(
+            store.pool_stats, queue_stats(store), store.share_states, store.recall_state
+        )
         metrics_http = _serve_metrics(config, metrics)
         await loading
         await warn_of_other_models(store, embedder)

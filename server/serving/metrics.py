@@ -35,6 +35,7 @@ class Metrics:
         pool_stats: Callable[[], dict[str, int]] | None = None,
         queue_stats: Callable[[], tuple[int, float] | None] | None = None,
         share_states: Callable[[], list[ShareState]] | None = None,
+        recall_state: Callable[[], tuple[bool, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -72,6 +73,8 @@ class Metrics:
             self.registry.register(_QueueCollector(queue_stats))
         if share_states is not None:
             self.registry.register(_ShareCollector(share_states))
+        if recall_state is not None:
+            self.registry.register(_RecallCollector(recall_state))
         self.registry.register(_DroppedLogCollector())
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=self.registry)
@@ -221,3 +224,26 @@ _SHARE_FAMILIES = {
     ),
     "refused": (True, "Calls the share's fuse failed at once (UNAVAILABLE)."),
 }
+
+
+class _RecallCollector(Collector):
+    """GetMemory's recall on Citus: whether its reads of the memories are paused, and the
+    calls answered without them (docs/scaling.md, "Recall with a worker lost")."""
+
+    def __init__(self, state: Callable[[], tuple[bool, int]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterable[Metric]:
+        paused, unavailable = self._state()
+        yield GaugeMetricFamily(
+            "memstore_recall_paused",
+            "1 while GetMemory skips reading the memories of the user's other sessions: a"
+            " read met a silent Citus worker, and no trial read has been answered since.",
+            value=float(paused),
+        )
+        yield CounterMetricFamily(
+            "memstore_recall_unavailable",
+            "GetMemory calls answered with their window but without the memories"
+            " (relevant_unavailable): a Citus worker holding some of them lost or silent.",
+            value=unavailable,
+        )

@@ -121,6 +121,9 @@ class StoreBase:
         #: Until when GetMemory on Citus skips reading the memories, a read of them having
         #: met a silent worker (KeptRecallMethods._recall_trial); -inf: not paused.
         self._recall_paused_until = -math.inf
+        #: GetMemory calls answered without the memories (relevant_unavailable) since the
+        #: store opened: a worker holding some of them lost or silent (for the metrics).
+        self.recall_unavailable = 0
         #: Seconds pooled connections have been held by calls since the pool started: the
         #: pool's usage_ms, which psycopg_pool counts only for its connection() block and
         #: this store does not use (_connect takes connections with getconn).
@@ -247,6 +250,7 @@ class StoreBase:
         # does any worker's for a fan-out, which would reach that worker too. The caller
         # gives them back (_release_shares) with how the call ended.
         if fans_out and self._refusing():
+            self._fuses.setdefault(None, Fuse()).refused += 1  # shown as the fan-outs'
             raise Unavailable(
                 "a Citus worker met silence in its calls and every call reaching it fails at"
                 " once, this one too (it reaches every worker): one of its calls tries again"

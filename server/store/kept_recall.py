@@ -194,6 +194,12 @@ class KeptRecallMethods(StoreBase):
         self._recall_paused_until = now + (self._recall_within() or RECALL_PAUSE_SECONDS)
         return True
 
+    def recall_state(self) -> tuple[bool, int]:
+        """For the metrics: whether GetMemory's reads of the memories are paused (a read
+        dropped for a worker's silence, no trial answered since), and how many GetMemory
+        calls were answered without them (relevant_unavailable) since the store opened."""
+        return self._recall_paused_until != -math.inf, self.recall_unavailable
+
     def _recall_answered(self, trial: bool) -> None:
         """A read of the memories answered: after a trial, the reads are no longer paused."""
         if trial:

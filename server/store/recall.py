@@ -251,13 +251,15 @@ class RecallMethods(KeptRecallMethods):
             results, relevant_cut = [rows.search_result(r) for r in ranked], followed(ranked)
         # Rows in order: the first is the oldest message read, followed if the budget cut it.
         cut = bool(memory[0]["m_followed"])
+        unavailable = unreachable and session.user_id is not None
+        self.recall_unavailable += int(unavailable)
         return Recalled(
             session,
             rows.joined_messages(memory),
             results,
             cut,
             relevant_cut and bool(results),
-            unreachable and session.user_id is not None,
+            unavailable,
         )
 
     @staticmethod

@@ -1229,7 +1229,7 @@ async def test_recall_clear_of_a_silent_worker_is_read_once_its_fuse_blew(
         group = await scalar(url, f"SELECT groupid FROM pg_dist_node WHERE nodeport = {node.port}")
         metrics_port = free_port()
         env = {**os.environ, "DATABASE_URL": url, "MEMSTORE_METRICS_PORT": str(metrics_port)}
-        args = ("--purge-interval", "0", "--recall-timeout", "1", "--statement-timeout", "3")
+        args = ("--purge-interval", "0", "--recall-timeout", "1", "--statement-timeout", "2")
         proc, port = await asyncio.to_thread(serve_memstore, *args, env=env)
         stopped: list[int] = []
         try:
@@ -1244,6 +1244,7 @@ async def test_recall_clear_of_a_silent_worker_is_read_once_its_fuse_blew(
                 # A read of kept's memories meets the silence: the reads are paused.
                 got = await sessions.GetMemory(ss.GetMemoryRequest(session_id=kept), timeout=10)
                 assert got.relevant_unavailable, got
+                assert "\nmemstore_recall_paused 1.0\n" in await _scrape(metrics_port)
                 # The silent worker's own calls blow its fuse (/metrics shows it).
                 calls = [_fails_retryably(_get_memory(sessions, lost)) for _ in range(3)]
                 await asyncio.gather(*calls)
@@ -1263,6 +1264,9 @@ async def test_recall_clear_of_a_silent_worker_is_read_once_its_fuse_blew(
                 listed = sessions.ListSessions(ss.ListSessionsRequest(page_size=5), timeout=10)
                 await _fails_retryably(listed)
                 assert time.monotonic() - began < 0.5, time.monotonic() - began
+                text = await _scrape(metrics_port)
+                assert _sample(text, 'memstore_citus_share_refused_total{node_group="all"}') >= 1
+                assert _sample(text, "memstore_recall_unavailable_total") >= 2
                 print(f"\nthe fuse blew {began - since:.2f}s in; a read skipped in {skipped:.3f}s")
         finally:
             _resume(stopped)
@@ -1311,8 +1315,18 @@ async def _kept_both(url: str, pair: tuple[str, str], node_port: int) -> bool:
 
 async def _blown(metrics_port: int, group: int) -> bool:
     """Whether the server's /metrics shows the fuse of node group `group` blown."""
-    text = await asyncio.to_thread(_get_text, f"http://127.0.0.1:{metrics_port}/metrics")
+    text = await _scrape(metrics_port)
     return f'memstore_citus_share_blown{{node_group="{group}"}} 1.0' in text
+
+
+async def _scrape(metrics_port: int) -> str:
+    return await asyncio.to_thread(_get_text, f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+def _sample(text: str, series: str) -> float:
+    """The value of `series` (its name and labels, as exposed) in a scrape's `text`."""
+    line = next(x for x in text.splitlines() if x.startswith(f"{series} "))
+    return float(line.split(" ")[-1])
 
 
 def _get_text(url: str) -> str:

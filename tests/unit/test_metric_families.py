@@ -94,3 +94,14 @@ def test_each_share_of_the_pool_shows_its_slots_and_its_fuse() -> None:
             kind,
             {(sample, group): value for group, value in by_group.items()},
         ), family
+
+
+def test_recall_shows_its_pause_and_its_calls_without_memories() -> None:
+    # GetMemory's recall on Citus: the pause a gauge (0 or 1), the calls answered
+    # relevant_unavailable a counter.
+    families = _families(Metrics(recall_state=lambda: (True, 7)))
+    assert families["memstore_recall_paused"] == ("gauge", {("memstore_recall_paused",): 1.0})
+    assert families["memstore_recall_unavailable"] == (
+        "counter",
+        {("memstore_recall_unavailable_total",): 7.0},
+    )
