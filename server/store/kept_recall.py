@@ -132,13 +132,18 @@ class KeptRecallMethods(StoreBase):
             )
         if not (memory and kept_keys):
             return KeptRead(memory, [])
-        # The workers of the sessions read first (_kept_live_citus): a read that would reach
-        # one whose fuse is blown (found silent by its own calls) is skipped at once; one
-        # that reaches none of them goes though the reads are paused, the silence placed.
-        first = kept_keys[0]["recall_sessions"][: max(params["limit"], 1)]
-        if self._refusing(await self._groups_of(first)):
-            return KeptRead(memory, [], unreachable=True)
-        trial = False if self._refusing() else self._recall_trial()
+        # While a worker's fuse is blown (found silent by its own calls), a read that would
+        # reach it (the workers of the sessions read first: _kept_live_citus) is skipped at
+        # once, and one that reaches none of them goes though the reads are paused, the
+        # silence placed. Otherwise (the usual case: no lookup of the sessions' workers) the
+        # pause decides.
+        if self._refusing():
+            first = kept_keys[0]["recall_sessions"][: max(params["limit"], 1)]
+            if self._refusing(await self._groups_of(first)):
+                return KeptRead(memory, [], unreachable=True)
+            trial: bool | None = False
+        else:
+            trial = self._recall_trial()
         if trial is None:
             return KeptRead(memory, [], unreachable=True)
         try:
