@@ -270,11 +270,9 @@ class StoreBase:
 
     async def _nodes_of(self, session: str | None, user: str | None) -> list[int | None]:
         # The node groups holding `session` and `user`, in order, each once.
-        nodes: set[int] = set()
-        for table, key_value in (("sessions", session), ("users", user)):
-            node = None if key_value is None else await self._node_of(table, key_value)
-            if node is not None:
-                nodes.add(node)
+        nodes = await self._groups_of((session,) if session is not None else ())
+        if user is not None and (node := await self._node_of("users", user)) is not None:
+            nodes.add(node)
         return list(sorted(nodes))  # list() lets mypy type it list[int | None]
 
     async def _groups_of(self, sessions: Iterable[str]) -> set[int]:
@@ -290,8 +288,9 @@ class StoreBase:
         # Whether the fuse of one of `groups` (None: of any worker) fails its calls now: that
         # worker found silent by its own calls (server/store/fuse.py).
         now = time.monotonic()
-        keys = self._fuses.keys() - {None} if groups is None else groups
-        return any((f := self._fuses.get(k)) is not None and f.refusing(now) for k in keys)
+        if groups is None:
+            return any(k is not None and f.refusing(now) for k, f in self._fuses.items())
+        return any((f := self._fuses.get(k)) is not None and f.refusing(now) for k in groups)
 
     def _admit(self, keys: list[int | None]) -> list[int | None]:
         # The shares (keys) whose fuse lets the call go as its trial; Unavailable if one
