@@ -32,6 +32,7 @@ class Entries(Protocol):
 
 
 Row = TypeVar("Row")
+Raw = TypeVar("Raw")
 Key = TypeVar("Key")
 Chunk = TypeVar("Chunk", bound=ChunkMessage)
 Field = TypeVar("Field", bound=Entries)
@@ -223,23 +224,30 @@ async def wire_chunks(
 
 async def wire_row_chunks(
     *,
-    fetch: Callable[[Key | None, int], Awaitable[Page[WireRows[Key]]]],
+    fetch: Callable[[Key | None, int], Awaitable[Page[Raw]]],
+    key: Callable[[Raw], Key],
+    encode: Callable[[Raw], Awaitable[WireRows[Key]]],
     token: Callable[[Key], str],
     chunk_size: int,
     after: Key | None,
     batch_chunks: int = 1,
 ) -> AsyncIterator[WireChunk]:
-    """Streams the rows after `after` as serialized chunks cut from batches already encoded.
+    """Streams the rows after `after` as serialized chunks cut from batches the server encodes.
 
     The bytes counterpart of `chunks` for batches the server encodes itself (ExportMessages,
     server/api/message_wire.py): the same rule (at most `chunk_size` rows and
     MAX_CHUNK_BYTES, at least one row), the same cuts whatever the batches' sizes (a chunk
     may span batches), the same prefetching and batch sizing. Python works per chunk, not per
-    row: each cut is a bisection of the batch's running entry sizes.
+    row: each cut is a bisection of the batch's running entry sizes. A batch is read as it
+    comes (`fetch`) and encoded once the next one is asked for (`encode`), so that
+    PostgreSQL reads the next batch while this process encodes and sends the last.
 
     Args:
         fetch: one keyset batch of at most `limit` rows strictly after a key, as a page of
-            at most one WireRows; has_more when rows may follow it.
+            at most one batch as read; has_more when rows may follow it.
+        key: the keyset position of a batch's last row, as read.
+        encode: a batch as read into its WireRows (the same rows: its last row's key is
+            `key`'s).
         token: the page token that resumes right after a key.
         chunk_size: the most rows a chunk holds.
         after: where to start; None for the beginning.
@@ -260,12 +268,10 @@ async def wire_row_chunks(
     # The chunk's last row so far: its batch and index, for its key when the chunk is sent.
     last: tuple[WireRows[Key], int] | None = None
 
-    def batch_key(rows: WireRows[Key]) -> Key:
-        return rows.key(len(rows.sizes) - 1)
-
-    async with contextlib.aclosing(_batches(fetch, batch_key, after, meter)) as batches:
+    async with contextlib.aclosing(_batches(fetch, key, after, meter)) as batches:
         async for page in batches:
-            for rows in page:
+            for read in page:
+                rows = await encode(read)
                 ends = list(itertools.accumulate(rows.sizes, initial=0))
                 total = len(rows.sizes)
                 data = memoryview(rows.entries)
@@ -337,6 +343,10 @@ async def _batches(
             if page.has_more and page.items:
                 following = fetch(key(page.items[-1]), meter.batch_limit())
                 pending = asyncio.ensure_future(following)
+                # A task runs only once the loop is free: let it send its statement now, so
+                # that PostgreSQL reads the next batch while this one is worked on (without
+                # this, not before this batch's first chunk went out).
+                await asyncio.sleep(0)
             yield page.items
     finally:
         # The caller went away (or failed) with a batch still pending: cancel it, and

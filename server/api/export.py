@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
@@ -13,7 +14,8 @@ from server.api import chunking, convert, message_wire, tokens
 from server.api import validation as val
 from server.api.base import Context, ServicerBase
 from server.api.status import stream_errors
-from server.domain import MessageKey, Page, Session, TimeKey, WireRows
+from server.domain import MessageColumns, MessageKey, Page, Session, TimeKey, WireRows
+from server.errors import Unavailable
 
 #: ExportMessages reads about this many chunks' worth of messages per batch: 1.48x the rows/s
 #: of one (server CPU 4.55 -> 3.0 us per message), for ~20 MB more memory while it streams
@@ -66,6 +68,8 @@ class ExportServicer(ServicerBase):
         # over: no Python object per message (docs/performance.md, "Export as bytes").
         async for chunk in chunking.wire_row_chunks(
             fetch=functools.partial(self._message_batch, project, everything, snapshot),
+            key=_last_key,
+            encode=functools.partial(self._encoded, project, everything, snapshot),
             token=functools.partial(self._tokens.encode_message_key, query),
             chunk_size=chunk_size,
             after=self._tokens.decode_message_key(request.page_token, query),
@@ -80,10 +84,10 @@ class ExportServicer(ServicerBase):
         snapshot: str | None,
         after: MessageKey | None,
         limit: int,
-    ) -> Page[WireRows[MessageKey]]:
-        # One keyset batch of ExportMessages as encoded entries: none when no message follows.
-        # One message more than the batch is read, as export_messages reads it, to know
-        # whether another batch follows without a last, empty read.
+    ) -> Page[_Batch]:
+        # One keyset batch of ExportMessages as read: none when no message follows. One
+        # message more than the batch is read, as export_messages reads it, to know whether
+        # another batch follows without a last, empty read.
         columns = await self._store.export_message_columns(
             project,
             after,
@@ -94,24 +98,52 @@ class ExportServicer(ServicerBase):
         )
         if columns is None:
             return Page([], has_more=False)
+        batch = _Batch(columns, min(limit, columns.rows), after)
+        # More than the batch read, or ended by bytes: messages follow it; else it is the last.
+        return Page([batch], has_more=columns.rows > limit or columns.cut)
+
+    async def _encoded(
+        self, project: int, everything: bool, snapshot: str | None, batch: _Batch
+    ) -> WireRows[MessageKey]:
+        # A batch as read, encoded: its first `count` messages as `messages` entries.
         try:
-            rows = message_wire.encode(columns)
+            rows = message_wire.encode(batch.columns)
         except message_wire.OutOfRange:
-            # A timestamp a datetime cannot hold: read the batch as objects, which fails (or
-            # not) exactly as the object path always has. Only the messages the byte budget
-            # kept: `limit` of them was up to 4,000 messages of 1 MiB read whole.
-            page = await self._store.export_messages(
-                project,
-                after,
-                min(limit, columns.rows),
-                include_deleted=everything,
-                snapshot=snapshot,
+            return await self._read_as_objects(project, everything, snapshot, batch)
+        return message_wire.first(rows, batch.count) if batch.count < batch.columns.rows else rows
+
+    async def _read_as_objects(
+        self, project: int, everything: bool, snapshot: str | None, batch: _Batch
+    ) -> WireRows[MessageKey]:
+        # A batch holding a timestamp a datetime cannot hold, read as objects: which fails
+        # (or not) exactly as the object path always has. Only the messages the byte budget
+        # kept: `limit` of them was up to 4,000 messages of 1 MiB read whole.
+        page = await self._store.export_messages(
+            project, batch.after, batch.count, include_deleted=everything, snapshot=snapshot
+        )
+        rows = message_wire.from_messages(page.items)
+        if len(rows.sizes) != batch.count or rows.key(batch.count - 1) != _last_key(batch):
+            # Written between the two reads: the next batch, already asked for after this
+            # one's last message as first read, would lose or repeat messages.
+            raise Unavailable(
+                "messages of this batch changed while it was read: resume from the last"
+                " chunk's token",
+                reason="CONCURRENT_WRITES",
             )
-            return Page([message_wire.from_messages(page.items)], has_more=page.has_more)
-        if columns.rows > limit:
-            return Page([message_wire.first(rows, limit)], has_more=True)
-        # Ended by bytes, messages follow it; else it is the last batch.
-        return Page([rows], has_more=columns.cut)
+        return rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    # A keyset batch of ExportMessages as PostgreSQL handed it over: its first `count`
+    # messages are the batch (one more may have been read), after the key `after`.
+    columns: MessageColumns
+    count: int
+    after: MessageKey | None
+
+
+def _last_key(batch: _Batch) -> MessageKey:
+    return message_wire.key_of(batch.columns, batch.count - 1)
 
 
 def _stream_options(

@@ -293,6 +293,16 @@ def _struct_bytes(text: bytes) -> bytes:
     return struct.SerializeToString()
 
 
+def key_of(columns: MessageColumns, i: int) -> MessageKey:
+    """The key (session_id, sequence) of the batch's `i`-th message, as encode's rows say it,
+    read before encoding (ExportMessages asks for the next batch with it)."""
+    sid_len = np.frombuffer(columns.lengths, dtype=">i4", count=4 * (i + 1))[::4]
+    end = int(sid_len.sum())
+    session_ids = columns.session_ids or b""
+    sequence = np.frombuffer(columns.fixed, dtype=_FIXED, count=1, offset=i * _FIXED.itemsize)
+    return session_ids[end - int(sid_len[-1]) : end].decode(), int(sequence["sequence"][0])
+
+
 def first(rows: WireRows[MessageKey], count: int) -> WireRows[MessageKey]:
     """The first `count` entries of `rows`."""
     sizes = rows.sizes[:count]

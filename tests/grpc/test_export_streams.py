@@ -126,6 +126,43 @@ async def test_export_messages_of_a_time_a_datetime_cannot_hold_fails_as_objects
     assert "stored in the database could not be read" in error.details()
 
 
+async def test_a_batch_read_as_objects_that_changed_meanwhile_fails_to_be_resumed(
+    sessions, clean_db, store, monkeypatch
+):
+    # The next batch is asked for after the last message of this one as first read, before
+    # this one is encoded; a batch read again as objects (a timestamp the wire encoding
+    # cannot hold) that no longer ends there would lose or repeat messages: the stream fails,
+    # resumable, rather than send them. Here, between the two reads, the timestamp is mended
+    # and a message lands inside the batch (a, 4), so the objects end at (a, 4), not (b, 1).
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="a", messages=[msg(str(i)) for i in range(3)])
+    )
+    await sessions.AddMemory(ss.AddMemoryRequest(session_id="b", messages=[msg("late")]))
+    async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+        await conn.execute("UPDATE messages SET updated_at = 'infinity' WHERE session_id = 'b'")
+    export_messages = store.export_messages
+    asked = []
+
+    async def meanwhile(project, after, limit, **options):
+        asked.append(limit)
+        async with await psycopg.AsyncConnection.connect(clean_db, autocommit=True) as conn:
+            await conn.execute("UPDATE messages SET updated_at = now() WHERE session_id = 'b'")
+        await sessions.AddMemory(ss.AddMemoryRequest(session_id="a", messages=[msg("new")]))
+        return await export_messages(project, after, limit, **options)
+
+    monkeypatch.setattr(store, "export_messages", meanwhile)
+    # One batch of all four messages; read again as objects, it holds a1 to a4.
+    error = await rpc_error(
+        _messages(sessions, chunk_size=10), Code.UNAVAILABLE, reason="CONCURRENT_WRITES"
+    )
+    assert asked == [4]
+    assert "changed while" in error.details()
+    monkeypatch.undo()
+    # Read again, every message once, the one written meanwhile too.
+    chunks = await _messages(sessions, chunk_size=10)
+    assert _message_keys(chunks) == [("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 1)]
+
+
 async def test_a_batch_read_as_objects_keeps_the_byte_budget(
     sessions, clean_db, store, monkeypatch
 ):

@@ -218,6 +218,11 @@ async def test_a_stream_the_client_cancels_counts_as_cancelled_not_unknown(obser
     for i in range(3):
         await users.CreateUser(us.CreateUserRequest(user_id=f"u{i}"))
         await sessions.AddMemory(ss.AddMemoryRequest(session_id=f"s{i}", messages=[msg("a")]))
+    # ExportMessages reads its next batch while it sends one: over three messages it ended
+    # before most cancels arrived. Over 43 its stream outlasts the client's one read.
+    await sessions.AddMemory(
+        ss.AddMemoryRequest(session_id="s0", messages=[msg(str(i)) for i in range(40)])
+    )
     streams = {
         USERS + "ListUsersChunked": lambda: users.ListUsersChunked(
             us.ListUsersChunkedRequest(chunk_size=1)
