@@ -84,7 +84,7 @@ class ExportServicer(ServicerBase):
         snapshot: str | None,
         after: MessageKey | None,
         limit: int,
-    ) -> Page[_Batch]:
+    ) -> Page[_BatchRead]:
         # One keyset batch of ExportMessages as read: none when no message follows. One
         # message more than the batch is read, as export_messages reads it, to know whether
         # another batch follows without a last, empty read.
@@ -98,12 +98,12 @@ class ExportServicer(ServicerBase):
         )
         if columns is None:
             return Page([], has_more=False)
-        batch = _Batch(columns, min(limit, columns.rows), after)
+        batch = _BatchRead(columns, min(limit, columns.rows), after)
         # More than the batch read, or ended by bytes: messages follow it; else it is the last.
         return Page([batch], has_more=columns.rows > limit or columns.cut)
 
     async def _encoded(
-        self, project: int, everything: bool, snapshot: str | None, batch: _Batch
+        self, project: int, everything: bool, snapshot: str | None, batch: _BatchRead
     ) -> WireRows[MessageKey]:
         # A batch as read, encoded: its first `count` messages as `messages` entries.
         try:
@@ -113,7 +113,7 @@ class ExportServicer(ServicerBase):
         return message_wire.first(rows, batch.count) if batch.count < batch.columns.rows else rows
 
     async def _read_as_objects(
-        self, project: int, everything: bool, snapshot: str | None, batch: _Batch
+        self, project: int, everything: bool, snapshot: str | None, batch: _BatchRead
     ) -> WireRows[MessageKey]:
         # A batch holding a timestamp a datetime cannot hold, read as objects: which fails
         # (or not) exactly as the object path always has. Only the messages the byte budget
@@ -134,7 +134,7 @@ class ExportServicer(ServicerBase):
 
 
 @dataclass(frozen=True, slots=True)
-class _Batch:
+class _BatchRead:
     # A keyset batch of ExportMessages as PostgreSQL handed it over: its first `count`
     # messages are the batch (one more may have been read), after the key `after`.
     columns: MessageColumns
@@ -142,7 +142,7 @@ class _Batch:
     after: MessageKey | None
 
 
-def _last_key(batch: _Batch) -> MessageKey:
+def _last_key(batch: _BatchRead) -> MessageKey:
     return message_wire.key_of(batch.columns, batch.count - 1)
 
 
