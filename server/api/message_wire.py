@@ -17,6 +17,7 @@ tests/store/test_export_wire.py.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -135,13 +136,7 @@ def encode(columns: MessageColumns) -> WireRows[MessageKey]:
     entry_head = 1 + b.varint(_ENTRY + 1, exported.astype(np.uint64))
     b.sizes[entry_slot] = entry_head
 
-    sid_ends = np.cumsum(sid_len)
-    session_ids = columns.session_ids or b""
-
-    def key(i: int) -> MessageKey:
-        end = int(sid_ends[i])
-        return session_ids[end - int(sid_len[i]) : end].decode(), int(sequence[i])
-
+    key = functools.partial(key_of, columns)
     return WireRows(b.gather(), (entry_head + exported).tolist(), key)
 
 
@@ -299,8 +294,8 @@ def _struct_bytes(text: bytes) -> bytes:
 
 
 def key_of(columns: MessageColumns, i: int) -> MessageKey:
-    """The key (session_id, sequence) of the batch's `i`-th message, as encode's rows say it,
-    read before encoding (ExportMessages asks for the next batch with it)."""
+    """The key (session_id, sequence) of the batch's `i`-th message: encode's rows' `key`,
+    and read before encoding too (ExportMessages asks for the next batch with it)."""
     sid_len = np.frombuffer(columns.lengths, dtype=">i4", count=4 * (i + 1))[::4]
     end = int(sid_len.sum())
     session_ids = columns.session_ids or b""
