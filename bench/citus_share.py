@@ -68,12 +68,25 @@ async def _load(
     return calls, most
 
 
-def _session_sets(url: str, names: list[str], per_set: int) -> tuple[list[str], list[str]]:
-    # `names` sorted by the worker holding each, then the two sets: `per_set` sessions of
-    # the first worker's; as many taken in turn from every worker's.
+def _session_sets(url: str, tag: str, per_set: int) -> tuple[list[str], list[str]]:
+    # Two sets of new session names: `per_set` on the first worker's shards; as many taken in
+    # turn from every worker's. Names are drawn until every worker holding sessions' shards
+    # has `per_set` of them (a fixed draw of 4 x per_set left a worker short 7% of the time
+    # at per_set 2), by where Citus would place each: nothing is written to find out.
     by_port: dict[int, list[str]] = defaultdict(list)
     with psycopg.connect(url) as conn:
-        for name in names:
+        ports = sorted(
+            int(row[0])
+            for row in conn.execute(
+                "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name = 'sessions'::regclass"
+            ).fetchall()
+        )
+        if len(ports) < 2:
+            raise SystemExit(f"the sessions' shards are on {len(ports)} worker(s): 2 needed")
+        for i in range(per_set * len(ports) * 64):
+            if all(len(by_port[port]) >= per_set for port in ports):
+                break
+            name = f"share-{tag}-{i}"
             row = conn.execute(
                 "SELECT nodeport FROM citus_shards WHERE table_name = 'sessions'::regclass"
                 " AND shardid = get_shard_id_for_distribution_column('sessions', %s::text)",
@@ -81,8 +94,7 @@ def _session_sets(url: str, names: list[str], per_set: int) -> tuple[list[str], 
             ).fetchone()
             assert row is not None
             by_port[int(row[0])].append(name)
-    ports = sorted(by_port)
-    if len(ports) < 2 or min(len(by_port[p]) for p in ports) < per_set:
+    if not all(len(by_port[port]) >= per_set for port in ports):
         raise SystemExit(f"too few sessions on some worker: {dict(by_port)}")
     spread_set = [by_port[ports[i % len(ports)]][i // len(ports)] for i in range(per_set)]
     return by_port[ports[0]][:per_set], spread_set
@@ -100,12 +112,10 @@ async def measure(
             await store.migrate()  # which also finds the database a Citus one
         if not half.citus:
             raise SystemExit("not a Citus cluster: the shares of the pool are Citus's")
-        tag = secrets.token_hex(3)
-        names = [f"share-{tag}-{i}" for i in range(sessions * 4)]
-        for name in names:
+        one_worker, spread_set = _session_sets(url, secrets.token_hex(3), sessions)
+        for name in dict.fromkeys(one_worker + spread_set):
             six = [_message(f"message {j} of {name}") for j in range(6)]
             await half.add_memory(DEFAULT_PROJECT_ID, name, None, six)
-        one_worker, spread_set = _session_sets(url, names, sessions)
         runs = {
             "half": (half, one_worker),
             "whole": (whole, one_worker),
