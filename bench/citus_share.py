@@ -74,6 +74,10 @@ def _session_sets(url: str, tag: str, per_set: int) -> tuple[list[str], list[str
     # has `per_set` of them (a fixed draw of 4 x per_set left a worker short 7% of the time
     # at per_set 2), by where Citus would place each: nothing is written to find out.
     by_port: dict[int, list[str]] = defaultdict(list)
+
+    def full() -> bool:
+        return all(len(by_port[port]) >= per_set for port in ports)
+
     with psycopg.connect(url) as conn:
         ports = sorted(
             int(row[0])
@@ -84,7 +88,7 @@ def _session_sets(url: str, tag: str, per_set: int) -> tuple[list[str], list[str
         if len(ports) < 2:
             raise SystemExit(f"the sessions' shards are on {len(ports)} worker(s): 2 needed")
         for i in range(per_set * len(ports) * 64):
-            if all(len(by_port[port]) >= per_set for port in ports):
+            if full():
                 break
             name = f"share-{tag}-{i}"
             row = conn.execute(
@@ -94,7 +98,7 @@ def _session_sets(url: str, tag: str, per_set: int) -> tuple[list[str], list[str
             ).fetchone()
             assert row is not None
             by_port[int(row[0])].append(name)
-    if not all(len(by_port[port]) >= per_set for port in ports):
+    if not full():
         raise SystemExit(f"too few sessions on some worker: {dict(by_port)}")
     spread_set = [by_port[ports[i % len(ports)]][i // len(ports)] for i in range(per_set)]
     return by_port[ports[0]][:per_set], spread_set

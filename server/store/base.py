@@ -553,11 +553,36 @@ async def _import_snapshot(conn: AsyncConnection[Any], project_id: int, snapshot
         # identifier"; "cannot import a snapshot from a different database"; "could not
         # import the requested snapshot" (its holder is ending: its file is not yet removed)
         raise gone from exc
-    label = snapshot_label(project_id, snapshot)
+    if not await _holder_listed(conn, snapshot_label(project_id, snapshot)):
+        raise gone
+
+
+async def _holder_listed(conn: AsyncConnection[Any], label: str) -> bool:
+    # Whether the connection holding a snapshot (its application_name `label`) still lives.
     cur = await conn.execute(query("snapshot_held"), {"label": label})
     row = await cur.fetchone()
-    if not (row and row[0]):
-        raise gone
+    return bool(row and row[0])
+
+
+#: holder_gone looks first after HOLDER_FIRST_LOOK_S, then twice as long each time up to
+#: HOLDER_LOOK_S: an ended holder is gone in about a millisecond.
+HOLDER_FIRST_LOOK_S = 0.0005
+HOLDER_LOOK_S = 0.02
+
+
+async def holder_gone(conn: AsyncConnection[Any], label: str, wait_s: float) -> bool:
+    """Whether the connection holding a snapshot (its application_name `label`) is gone from
+    the database within `wait_s`, looked for as a read looks after importing (snapshot_held):
+    a close answers only then (server/store/snapshots.py)."""
+    deadline = time.monotonic() + wait_s
+    pause = HOLDER_FIRST_LOOK_S
+    while True:
+        if not await _holder_listed(conn, label):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, HOLDER_LOOK_S)
 
 
 def page_of(

@@ -112,7 +112,6 @@ VALUES: dict[str, Any] = {
     "after_user": "",
     "live": 0,
     "hold_ms": 60_000,
-    "wait_ms": 2000,
     "ms": "3600000",  # long_statement_timeout's set_config value
     "deltas": [1],
     "n": 2,

@@ -150,7 +150,7 @@ class BackupServiceServicer:
     def CloseSnapshot(self, request, context):
         """Releases a snapshot of OpenSnapshot, from any server process of the
         database, and answers once its holder has ended (it waits up to 2 s for
-        that; about 100 ms): a read naming it after the answer is refused
+        that; about a millisecond): a read naming it after the answer is refused
         (SNAPSHOT_GONE). A snapshot already gone (closed,
         expired, its process stopped) is not an error: `closed` is then false.
         A snapshot id is PostgreSQL's own followed by a random nonce

@@ -108,7 +108,7 @@ class BackupServiceStub:
     CloseSnapshot: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]
     """Releases a snapshot of OpenSnapshot, from any server process of the
     database, and answers once its holder has ended (it waits up to 2 s for
-    that; about 100 ms): a read naming it after the answer is refused
+    that; about a millisecond): a read naming it after the answer is refused
     (SNAPSHOT_GONE). A snapshot already gone (closed,
     expired, its process stopped) is not an error: `closed` is then false.
     A snapshot id is PostgreSQL's own followed by a random nonce
@@ -208,7 +208,7 @@ class BackupServiceAsyncStub(BackupServiceStub):
     CloseSnapshot: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.CloseSnapshotRequest, _backup_service_pb2.CloseSnapshotResponse]  # type: ignore[assignment]
     """Releases a snapshot of OpenSnapshot, from any server process of the
     database, and answers once its holder has ended (it waits up to 2 s for
-    that; about 100 ms): a read naming it after the answer is refused
+    that; about a millisecond): a read naming it after the answer is refused
     (SNAPSHOT_GONE). A snapshot already gone (closed,
     expired, its process stopped) is not an error: `closed` is then false.
     A snapshot id is PostgreSQL's own followed by a random nonce
@@ -323,7 +323,7 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_backup_service_pb2.CloseSnapshotResponse, _abc.Awaitable[_backup_service_pb2.CloseSnapshotResponse]]:
         """Releases a snapshot of OpenSnapshot, from any server process of the
         database, and answers once its holder has ended (it waits up to 2 s for
-        that; about 100 ms): a read naming it after the answer is refused
+        that; about a millisecond): a read naming it after the answer is refused
         (SNAPSHOT_GONE). A snapshot already gone (closed,
         expired, its process stopped) is not an error: `closed` is then false.
         A snapshot id is PostgreSQL's own followed by a random nonce

@@ -16,11 +16,14 @@ SELECT e.snapshot,
 FROM exported e;
 
 -- close_snapshot --
--- Ends the backend holding a snapshot of this project (a process's own connection, or another
--- process's: a role may end its own backends), and waits up to %(wait_ms)s for it to have
--- ended: only signalled, it still lived for a moment, and a read at once imported its
--- snapshot and found its holder listed (CI, PostgreSQL 15). No row: it was gone already.
-SELECT pg_terminate_backend(a.pid, %(wait_ms)s) AS ended
+-- Signals the backend holding a snapshot of this project to end (a process's own connection,
+-- or another process's: a role may end its own backends); the caller then waits for it to be
+-- gone by snapshot_held (sql/base.sql), the very check a read makes after importing: only
+-- signalled, it still lived for a moment, and a read at once imported its snapshot and found
+-- its holder listed (CI, PostgreSQL 15). Not pg_terminate_backend's own wait, which looks
+-- every 100 ms: a close took ~100 ms where the backend ends in about one. No row: it was gone
+-- already.
+SELECT pg_terminate_backend(a.pid) AS signalled
 FROM pg_stat_activity a
 WHERE a.application_name = %(label)s AND a.usename = current_user
   AND a.datname = current_database();
