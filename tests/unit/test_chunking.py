@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from memstore.v1 import resources_pb2
 from memstore.v1 import user_service_pb2 as pb
-from server.api.chunking import MAX_CHUNK_BYTES, chunks, wire_row_chunks
-from server.domain import Page, WireRows
+from server.api.chunking import MAX_CHUNK_BYTES, chunks, wire_chunks, wire_row_chunks
+from server.domain import Page, WireRows, WireRun
 from server.errors import Unavailable
 
 Row = tuple[int, str]
@@ -274,4 +274,44 @@ async def test_the_next_batch_is_asked_for_before_this_one_is_encoded() -> None:
         "read after 39",
         "encode up to 39",
         "encode up to 49",
+    ]
+
+
+async def test_the_chunk_after_next_is_asked_for_before_this_one_is_sent() -> None:
+    # ListUsersChunked: chunk N goes out once N+1 is read (so it carries a token only when a
+    # row follows it), and PostgreSQL reads N+2 meanwhile: its statement is sent (the fetch
+    # has begun and waits on the database) before N is handed to gRPC. Without this, it went
+    # out only once gRPC's send suspended (the stream 1.3x slower: docs/performance.md,
+    # "The next chunk read while this one is sent").
+    table = Table([(i, "x") for i in range(40)])
+    events: list[str] = []
+
+    async def fetch(after: int | None, limit: int) -> WireRun[int] | None:
+        events.append(f"read after {after}")
+        page = await table.fetch(after, limit)  # waits on the table, as on the database
+        if not page.items:
+            return None
+        return WireRun(b"\x0a\x00" * len(page.items), len(page.items), page.items[-1][0])
+
+    async def fetch_rows(after: int | None, limit: int) -> Page[WireRows[int]]:
+        raise AssertionError("no run passes the byte cap")
+
+    async for chunk in wire_chunks(
+        fetch=fetch,
+        fetch_rows=fetch_rows,
+        token=lambda key: f"after-{key}",
+        chunk_size=10,
+        after=None,
+    ):
+        events.append(f"send {chunk.rows}")
+    assert events == [
+        "read after None",
+        "read after 9",
+        "read after 19",
+        "send 10",
+        "read after 29",
+        "send 10",
+        "read after 39",
+        "send 10",
+        "send 10",
     ]
