@@ -31,13 +31,22 @@ from tests.reliability import record
 async def _blocked(
     url: str, lock: str, call: Callable[[], Awaitable[Any]]
 ) -> tuple[grpc.aio.AioRpcError, float]:
-    """Runs `call` while another transaction holds `lock`; returns its error and duration."""
+    """Runs `call` while another transaction holds `lock`, until its query was seen waiting
+    on the lock in PostgreSQL before the call failed; returns its error and duration."""
     async with await psycopg.AsyncConnection.connect(url) as blocker:
         await blocker.execute(lock)
-        start = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call()
-        took = time.monotonic() - start
+        for _ in range(_ATTEMPTS):
+            start = time.monotonic()
+            running = asyncio.ensure_future(call())
+            seen = await _seen_waiting(url, running)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await running
+            took = time.monotonic() - start
+            if seen:
+                break
+            # Failed before its query was seen waiting (a busy machine, a short deadline):
+            # that proves nothing of the cancel below, so the call is made again.
+        assert seen, f"the call's query was never seen waiting in {_ATTEMPTS} attempts"
 
         async def released() -> bool:
             return await lock_waiters(url) == 0
@@ -48,6 +57,23 @@ async def _blocked(
         assert await until(released, within=30), "the cancelled query still waits in PostgreSQL"
         await blocker.rollback()
     return caught.value, took
+
+
+#: How many times _blocked makes a call that failed before its query was seen waiting.
+_ATTEMPTS = 5
+
+
+async def _seen_waiting(url: str, running: asyncio.Future[Any]) -> bool:
+    # Whether a backend of the database was seen waiting for a lock before `running` ended.
+    seen = False
+
+    async def waits_or_ended() -> bool:
+        nonlocal seen
+        seen = await lock_waiters(url) > 0
+        return seen or running.done()
+
+    await until(waits_or_ended, within=30)
+    return seen
 
 
 async def _seed(users: Users, sessions: Sessions) -> None:
