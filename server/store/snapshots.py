@@ -127,10 +127,8 @@ class SnapshotMethods(StoreBase):
 
     async def close_held_snapshots(self) -> None:
         """Releases every snapshot this process holds (the store is closing)."""
-        for conn in list(self._held.values()):
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
-        self._held.clear()
+        for project_id, snapshot in list(self._held):
+            await self._drop_holder(project_id, snapshot)
 
     async def _make_room(self, project_id: int) -> None:
         # Each held snapshot is a database connection: past a limit, first forget those
@@ -140,11 +138,9 @@ class SnapshotMethods(StoreBase):
         async with self._connect(single=True) as pooled:
             found = await fetch_all(pooled, "held_snapshots", {})
         alive = {str(row["application_name"]) for row in found}
-        for (project, snapshot), conn in list(self._held.items()):
+        for project, snapshot in list(self._held):
             if snapshot_label(project, snapshot) not in alive:
-                del self._held[project, snapshot]
-                with contextlib.suppress(psycopg.Error):
-                    await conn.close()
+                await self._drop_holder(project, snapshot)
         if full := self._full(project_id):
             raise ResourceExhausted(full, reason="TOO_MANY_SNAPSHOTS")
 
