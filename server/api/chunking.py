@@ -361,8 +361,8 @@ async def _batches(
                 await pending
 
 
-#: The most rows wire_chunks reads before it has measured any: 64 of the largest rows (a
-#: user of 64 KiB of metadata) are 4 MiB, where chunk_size of them were 64 MB.
+#: The most rows a stream reads at once before it has measured any: 64 of the largest rows
+#: (a user or session of 64 KiB of metadata) are 4 MiB, where chunk_size of them were 64 MB.
 FIRST_READ_ROWS = 64
 
 
@@ -393,7 +393,12 @@ class _Meter:
     def batch_limit(self) -> int:
         # Large rows make a chunk hold fewer of them; read about `chunks` chunks' bytes per
         # batch so that memory stays near that whatever the rows weigh.
-        average = max(1, self.bytes // max(1, self.rows))
-        # Until rows are measured, one chunk_size: rows of unknown weight are read as before.
-        n = self.chunks if self.rows else 1
-        return max(1, min(n * self.chunk_size, n * MAX_CHUNK_BYTES // average + 1))
+        if not self.rows:
+            # Until rows are measured, FIRST_READ_ROWS at most, as for run_limit: the two
+            # batches read before any is measured were chunk_size rows each, and sessions of
+            # 60 KB of metadata grew the server by ~400 MB in one ExportSessions.
+            return max(1, min(self.chunk_size, FIRST_READ_ROWS))
+        average = max(1, self.bytes // self.rows)
+        return max(
+            1, min(self.chunks * self.chunk_size, self.chunks * MAX_CHUNK_BYTES // average + 1)
+        )
