@@ -22,9 +22,10 @@ from server.errors import Unavailable
 #: (docs/performance.md, "ExportMessages encoded by columns").
 MESSAGE_BATCH_CHUNKS = 4
 #: A batch of ExportMessages also ends once its messages hold this many bytes of content and
-#: metadata (at least one message): the batch sizing by rows measured so far cannot foresee
-#: large ones (docs/reliability.md, "An export's memory").
-MESSAGE_BATCH_BYTES = MESSAGE_BATCH_CHUNKS * chunking.MAX_CHUNK_BYTES
+#: metadata (at least one message), and one of ExportSessions once its sessions hold as many
+#: of metadata and ids: the batch sizing by rows measured so far cannot foresee large ones
+#: (docs/reliability.md, "An export's memory" and "Not promised").
+BATCH_BYTES = MESSAGE_BATCH_CHUNKS * chunking.MAX_CHUNK_BYTES
 
 
 class ExportServicer(ServicerBase):
@@ -43,6 +44,7 @@ class ExportServicer(ServicerBase):
                 self._store.export_sessions,
                 project,
                 include_deleted=everything,
+                budget=BATCH_BYTES,
                 snapshot=snapshot,
             ),
             key=_session_key,
@@ -93,7 +95,7 @@ class ExportServicer(ServicerBase):
             after,
             limit + 1,
             include_deleted=everything,
-            budget=MESSAGE_BATCH_BYTES,
+            budget=BATCH_BYTES,
             snapshot=snapshot,
         )
         if columns is None:

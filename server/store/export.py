@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any, cast
+
+from psycopg import sql
 
 from server.domain import (
     Message,
@@ -16,7 +19,8 @@ from server.domain import (
     WireRun,
 )
 from server.store import rows
-from server.store.base import START, StoreBase
+from server.store.base import START, StoreBase, page_of
+from server.store.budget import budget_rows, followed, list_size
 from server.store.db import fetch_all
 from server.store.queries import query
 
@@ -35,10 +39,12 @@ class ExportMethods(StoreBase):
         limit: int,
         *,
         include_deleted: bool = False,
+        budget: int,
         snapshot: str | None = None,
     ) -> Page[Session]:
         """Live sessions (soft-deleted ones too with `include_deleted`) ordered by
-        (created_at, session_id) strictly after `after`.
+        (created_at, session_id) strictly after `after`: at most `limit`, and fewer where
+        the sessions before the next hold `budget` bytes of metadata and ids (at least one).
 
         Raises:
             Unavailable: the database cannot be reached.
@@ -50,10 +56,11 @@ class ExportMethods(StoreBase):
             "after_id": after_id,
             "limit": limit + 1,
             "include_deleted": include_deleted,
+            "budget": budget,
         }
         async with self._connect(snapshot=_held(project_id, snapshot), fans_out=True) as conn:
-            found = await fetch_all(conn, "export_sessions", params)
-        return Page([rows.session(r) for r in found[:limit]], has_more=len(found) > limit)
+            found = await fetch_all(conn, export_sessions_statement(), params)
+        return page_of([rows.session(r) for r in found], limit, followed=followed(found))
 
     async def export_messages(
         self,
@@ -191,3 +198,12 @@ def _message_batch(
         "limit": limit,
         "include_deleted": include_deleted,
     }
+
+
+@functools.cache
+def export_sessions_statement() -> sql.Composed:
+    """export_sessions, its rows (export_sessions_sized) read up to %(budget)s bytes."""
+    sized = query("export_sessions_sized").format(size=list_size("s", "session_id", "user_id"))
+    return query("export_sessions").format(
+        rows=budget_rows(sized, sql.SQL("k.created_at, k.session_id"))
+    )

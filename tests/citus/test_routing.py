@@ -29,6 +29,7 @@ from server.store.append import (
     add_memory_statement,
 )
 from server.store.db import StoreCursor
+from server.store.export import export_sessions_statement
 from server.store.kept_recall import kept_recall_statement
 from server.store.messages import list_messages_statement, memory_window
 from server.store.placement import ShardMaps
@@ -232,6 +233,7 @@ _TEMPLATES = {
     *("add_memory_session_citus", "add_memory_messages_citus", "add_memory_queue_citus"),
     *("list_user_records", "list_user_records_page"),
     *("list_user_sessions", "list_user_sessions_page", "list_sessions_budgeted"),
+    *("export_sessions", "export_sessions_sized"),
 }
 _SEARCH = (
     *("search_full_text", "search_semantic", "search_hybrid", "search_words", "count_unembedded"),
@@ -278,6 +280,7 @@ def _statements() -> dict[str, sql.Composable]:
     found["get_memory"] = memory_window(budgeted=False)
     found["get_memory_budgeted"] = memory_window(budgeted=True)
     found["list_messages"] = list_messages_statement()
+    found["export_sessions"] = export_sessions_statement()
     text = query("search_query_text")
     # Scoped as SearchMemory in one session is (the store's own filters).
     one_session, _ = search_filters(SearchQuery(text="x", session_ids=("session-1",)))

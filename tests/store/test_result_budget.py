@@ -162,6 +162,8 @@ async def test_lists_of_users_and_sessions_stop_reading_at_the_byte_budget(
     # of 64 KiB of metadata was 64 MB parsed by the server to be refused past 17 MiB. With a
     # budget a row is read only while the rows before it hold less than the budget's bytes of
     # metadata as printed (and ids): 3 rows of _ROW (and their ids) before the 4th.
+    # ExportSessions' batches likewise: sized by the rows measured so far, a batch of 1,000
+    # sessions of 60 KB after small ones was read whole.
     await _seed_rows(store)
     budget = 3 * _ROW + 100
 
@@ -184,7 +186,13 @@ async def test_lists_of_users_and_sessions_stop_reading_at_the_byte_budget(
     assert await users(3, budget) == (3, True, False)  # no row of the page left out
     assert await users(_ROWS + 1, 1) == (1, True, True)  # the first is always read
     assert await users(_ROWS + 1, 1 << 40) == (_ROWS + 1, False, False)
-    for read in (sessions, of_user):
+
+    async def exported(limit: int, cut_at: int | None) -> tuple[int, bool, bool]:
+        page = await store.export_sessions(P, None, limit, budget=cut_at or 1 << 62)
+        assert all(s.metadata == _META for s in page.items)
+        return len(page.items), page.has_more, page.cut
+
+    for read in (sessions, of_user, exported):
         assert await read(_ROWS, None) == (_ROWS, False, False)
         assert await read(_ROWS, budget) == (4, True, True)
         assert await read(3, budget) == (3, True, False)

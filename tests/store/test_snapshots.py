@@ -18,7 +18,7 @@ from tests.polling import until
 
 
 async def _read_in(store: Store, snapshot: str) -> list[str]:
-    page = await store.export_sessions(P, None, 10, snapshot=snapshot)
+    page = await store.export_sessions(P, None, 10, budget=1 << 20, snapshot=snapshot)
     return [s.session_id for s in page.items]
 
 

@@ -2,15 +2,26 @@
 
 -- export_sessions --
 -- One keyset batch of live sessions (every session with include_deleted, for a backup) by
--- (created_at, session_id), strictly after the given key.
+-- (created_at, session_id), strictly after the given key ({rows}: export_sessions_sized in
+-- budget_rows, sql/budget.sql), ending early by bytes: a session is in it only while the
+-- sessions before it hold fewer than %(budget)s bytes of metadata and ids as printed (the
+-- first always is). Sized by the rows measured so far alone, a batch of 1,000 sessions of
+-- 60 KB of metadata after small ones was read whole (docs/reliability.md, "Not promised").
+SELECT k.session_id, k.user_id, k.metadata, k.created_at, k.updated_at, k.deleted_at,
+       k.message_count, k.last_message_at, k.next_sequence, k.followed
+FROM ({rows}) AS k
+ORDER BY k.created_at, k.session_id;
+
+-- export_sessions_sized --
+-- export_sessions' rows, with their size as budget_list_size counts it ({size}).
 SELECT s.session_id, s.user_id, s.metadata, s.created_at, s.updated_at, s.deleted_at,
        s.message_count, s.last_message_at,
-       CASE WHEN %(include_deleted)s THEN s.next_sequence END AS next_sequence
+       CASE WHEN %(include_deleted)s THEN s.next_sequence END AS next_sequence {size}
 FROM sessions s
 WHERE s.project_id = %(project_id)s AND (%(include_deleted)s OR s.deleted_at IS NULL)
   AND (s.created_at, s.session_id) > (%(after_ts)s::timestamptz, %(after_id)s::text)
 ORDER BY s.created_at, s.session_id
-LIMIT %(limit)s;
+LIMIT %(limit)s
 
 -- export_messages --
 -- One keyset batch of live messages of live sessions (every message with include_deleted, for
