@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import psycopg
+from google.protobuf import struct_pb2
 
 from memstore.v1 import session_service_pb2 as ss
 from tests.fix_db import at_rest, busy_backends
@@ -47,6 +48,27 @@ async def test_export_sessions_streams_live_sessions_once_and_resumes(sessions):
     await sessions.CreateSession(ss.CreateSessionRequest(session_id="late"))
     rest = await _sessions(sessions, page_token=chunks[1].next_page_token)
     assert [s.session_id for c in rest for s in c.sessions] == [*streamed[100:], "late"]
+
+
+async def test_export_sessions_past_a_batchs_byte_budget_are_each_sent_once(sessions):
+    # Batches end by bytes (export_sessions' budget, 1 MiB of metadata and ids): small
+    # sessions, then 40 of ~60 KB of metadata over several batches ended early, then small
+    # again. Every session comes once, in order, and the chunks are cut as before (at most
+    # 256 KiB: four large sessions a chunk).
+    large = struct_pb2.Struct()
+    large.update({"blob": "x" * 60_000})
+    ids = [f"a{i:02d}" for i in range(10)] + [f"b{i:02d}" for i in range(40)]
+    ids += [f"c{i:02d}" for i in range(10)]
+    for sid in ids:  # one after another: created_at in this order
+        metadata = large if sid.startswith("b") else None
+        await sessions.CreateSession(ss.CreateSessionRequest(session_id=sid, metadata=metadata))
+    chunks = await _sessions(sessions, chunk_size=1000)
+    assert [s.session_id for c in chunks for s in c.sessions] == ids
+    assert all(c.ByteSize() <= CHUNK_BYTES for c in chunks)
+    assert [len(c.sessions) for c in chunks] == [14, *([4] * 8), 14]
+    assert [bool(c.next_page_token) for c in chunks] == [True] * 9 + [False]
+    resumed = await _sessions(sessions, chunk_size=1000, page_token=chunks[3].next_page_token)
+    assert [s.session_id for c in resumed for s in c.sessions] == ids[26:]
 
 
 async def test_export_messages_orders_by_session_then_sequence(sessions):
