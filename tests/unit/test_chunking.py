@@ -128,8 +128,8 @@ async def test_batches_shrink_to_about_one_chunk_of_bytes() -> None:
 async def test_batches_read_before_any_row_is_measured_hold_at_most_first_read_rows() -> None:
     # ExportSessions over sessions of 60 KB of metadata read its first two batches at
     # chunk_size (1000) rows each, asked for before any row was measured: the server grew by
-    # ~400 MB (docs/reliability.md, "Not promised"). Both now hold FIRST_READ_ROWS at most,
-    # and the batches after them about one chunk's bytes.
+    # ~400 MB (docs/reliability.md, "ExportSessions read 1,000 sessions at a time"). Both
+    # now hold FIRST_READ_ROWS at most, and the batches after them about one chunk's bytes.
     table = Table([(i, "x" * 60_000) for i in range(300)])
     got = await _all(table, 1000)
     assert sum(len(c.users) for c in got) == 300

@@ -6,7 +6,8 @@
 -- budget_rows, sql/budget.sql), ending early by bytes: a session is in it only while the
 -- sessions before it hold fewer than %(budget)s bytes of metadata and ids as printed (the
 -- first always is). Sized by the rows measured so far alone, a batch of 1,000 sessions of
--- 60 KB of metadata after small ones was read whole (docs/reliability.md, "Not promised").
+-- 60 KB of metadata after small ones was read whole (docs/reliability.md, "ExportSessions
+-- read 1,000 sessions at a time").
 SELECT k.session_id, k.user_id, k.metadata, k.created_at, k.updated_at, k.deleted_at,
        k.message_count, k.last_message_at, k.next_sequence, k.followed
 FROM ({rows}) AS k
