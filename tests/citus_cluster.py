@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
@@ -36,6 +37,21 @@ WORKERS_ENV = "MEMSTORE_CITUS_WORKERS"
 #: Shards per distributed table on the test cluster: several per worker, so that a statement
 #: routed to one shard is told apart from one that reaches all, and DDL stays quick.
 TEST_SHARD_COUNT = 8
+#: DROP DATABASE ... WITH (FORCE) signals the database's sessions and waits up to 5 s for
+#: them to end. On a Citus node the database's own background processes (the maintenance
+#: daemon, its connections to the node itself, a metadata sync retrying a lost worker) can
+#: outlast that under load: a fresh-clone CI of 2026-12-05 failed the teardown of
+#: tests/citus/test_grow.py's promoted-standby test so ("There is 1 other session using the
+#: database"), every assertion of the test met. The drop is tried this many times.
+DROP_TRIES = 6
+#: Each drop that had to be tried again, with the database's sessions then (pg_stat_activity):
+#: tests/conftest.py prints them at the end of the run, so a holder that keeps coming back is
+#: named.
+HELD_DROPS: list[str] = []
+_HOLDERS = """
+SELECT pid, backend_type, application_name, state, wait_event, left(query, 80)
+FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()
+"""
 _SETTINGS = {
     "shared_preload_libraries": "'citus'",
     "listen_addresses": "'127.0.0.1'",
@@ -248,9 +264,23 @@ def drop_database(dbname: str, workers: list[str]) -> None:
     for worker in workers:
         host, port = worker.rsplit(":", 1)
         with psycopg.connect(host=host, port=port, user="postgres", autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
+            drop_forced(conn, dbname)
+
+
+def drop_forced(conn: psycopg.Connection[Any], dbname: str) -> None:
+    """Drops database `dbname`, if it exists, ending its sessions (WITH (FORCE)); tries again
+    while one still holds it, up to DROP_TRIES times, and notes who held it (HELD_DROPS).
+    `conn` is an autocommit connection to another database of the same server."""
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+    for attempt in range(1, DROP_TRIES + 1):
+        try:
+            conn.execute(drop)
+            return
+        except psycopg.errors.ObjectInUse:
+            holders = conn.execute(_HOLDERS, (dbname,)).fetchall()
+            HELD_DROPS.append(f"{dbname}, try {attempt} of {DROP_TRIES}: {holders}")
+            if attempt == DROP_TRIES:
+                raise
 
 
 def cluster_workers() -> list[str] | None:

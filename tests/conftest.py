@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.citus_cluster import HELD_DROPS
+
 # Before the fixture modules import grpc. The fault tests stop and start an embedded
 # PostgreSQL with pg_ctl as another user, so subprocess must fork(); gRPC's fork handlers
 # then crashed the child (SIGSEGV in pg_ctl) about one time in six. memstore's own command
@@ -41,3 +43,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         unit = item.path.is_relative_to(UNIT)
         item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Names the sessions that held a scratch database past a drop (tests/citus_cluster.py,
+    drop_forced), if any did."""
+    if HELD_DROPS:
+        terminalreporter.section("scratch databases held past a drop")
+        for line in HELD_DROPS:
+            terminalreporter.write_line(line)

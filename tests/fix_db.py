@@ -15,7 +15,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import sql
 
 from server.store import Store
-from tests.citus_cluster import cluster_workers, drop_database, prepare_database
+from tests.citus_cluster import cluster_workers, drop_database, drop_forced, prepare_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_TABLES = ("messages", "sessions", "users")
@@ -97,9 +97,7 @@ def scratch_database(
         yield url
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+            drop_forced(conn, name)
         if workers:
             drop_database(name, workers)
 
