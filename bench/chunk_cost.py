@@ -99,19 +99,14 @@ FROM (SELECT p.created_at, p.user_id, {_BODY}
       ORDER BY p.created_at, p.user_id OFFSET 0) b""",
 }
 
-#: list_user_chunk until 2026-12-05: its page joined to its counts (one `= ANY` scan), whose
-#: output is in no order PostgreSQL knows, so string_agg's ORDER BY sorted the page's entries
-#: (docs/performance.md, "The page's entries not sorted again").
-VARIANTS["joined_counts"] = r"""WITH keys AS MATERIALIZED (
-    SELECT array_agg(k.user_id ORDER BY k.created_at, k.user_id) AS ids,
-           max(k.created_at) AS last_created
-    FROM (SELECT u.created_at, u.user_id FROM users u
-          WHERE u.project_id = (SELECT %(project_id)s::int8)
-            AND (u.created_at, u.user_id)
-                > ((SELECT %(after_ts)s::timestamptz), (SELECT %(after_id)s::text))
-          ORDER BY u.created_at, u.user_id
-          LIMIT (SELECT %(limit)s::int8)) k
-), counts AS MATERIALIZED (
+#: The checkout's keys stage of list_user_chunk (the page's ids and last key).
+_KEYS = query("list_user_chunk").as_string(None).split("), counts AS MATERIALIZED (")[0]
+#: list_user_chunk until 2026-12-05, on the same keys stage: its page joined to its counts
+#: (one `= ANY` scan), whose output is in no order PostgreSQL knows, so string_agg's ORDER BY
+#: sorted the page's entries (docs/performance.md, "The page's entries not sorted again").
+VARIANTS["joined_counts"] = (
+    _KEYS
+    + r"""), counts AS MATERIALIZED (
     SELECT c.user_id, c.session_count AS n FROM user_session_counts c
     WHERE c.project_id = (SELECT %(project_id)s::int8)
       AND c.user_id = ANY ((SELECT ids FROM keys)::text[])
@@ -130,6 +125,7 @@ FROM (SELECT p.created_at, p.user_id,
             LIMIT (SELECT %(limit)s::int8)) p
       LEFT JOIN counts c ON c.user_id = p.user_id
       OFFSET 0) b"""
+)
 
 #: list_user_chunk before its parameters went behind scalar subqueries (planned every chunk):
 #: its form with them bare, which Citus runs (queries.citus_form).
