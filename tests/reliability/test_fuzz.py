@@ -209,6 +209,8 @@ class Sender:
         self.sent = 0
         self.codes: Counter[str] = Counter()
         self.acknowledged: list[tuple[str, bytes]] = []
+        #: Every call's request and outcome ("OK" or the code and its details), in order.
+        self.outcomes: list[tuple[str, bytes, str]] = []
 
     def send_all(self, calls: list[tuple[str, bytes]]) -> None:
         """Starts every call at once (streams too), then waits for each; checks every outcome."""
@@ -229,8 +231,10 @@ class Sender:
         if not isinstance(outcome, grpc.RpcError):
             self.codes["OK"] += 1
             self.acknowledged.append((method, outcome))
+            self.outcomes.append((method, data, "OK"))
             return
         code = outcome.code()  # type: ignore[attr-defined]
+        self.outcomes.append((method, data, f"{code.name} {outcome.details()}"))  # type: ignore[attr-defined]
         self.codes[code.name] += 1
         allowed = DOCUMENTED[method] | {Code.INVALID_ARGUMENT}
         if len(data) > 16 * 1024 * 1024:
@@ -374,7 +378,39 @@ def _check_restored_rows_only(sender: Sender, url: str) -> None:
             count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(kind))
             row = conn.execute(count).fetchone()
             assert row is not None
-            assert row[0] == seeded + created[kind], (kind, row[0], created[kind])
+            assert row[0] == seeded + created[kind], (
+                f"{kind}: {row[0]} stored, {seeded} seeded + {created[kind]} created;"
+                f" {_unaccounted(sender, conn)}"
+            )
+
+
+def _unaccounted(sender: Sender, conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    # For a failed count: the stored users and sessions that no acknowledged Restore held (the
+    # seeded ones among them), and each call whose request held one, with its outcome.
+    stored = {
+        "users": {r[0] for r in conn.execute("SELECT user_id FROM users")},
+        "sessions": {r[0] for r in conn.execute("SELECT session_id FROM sessions")},
+    }
+    requests = [
+        (bpb.RestoreRequest.FromString(data), outcome) for _, data, outcome in sender.outcomes
+    ]
+    held = {
+        "users": lambda r: {u.user_id for u in r.users},
+        "sessions": lambda r: {s.session_id for s in r.sessions},
+    }
+    found: dict[str, Any] = {}
+    for kind, ids_of in held.items():
+        acknowledged = set().union(*(ids_of(r) for r, outcome in requests if outcome == "OK"))
+        extra = stored[kind] - acknowledged
+        found[kind] = {
+            "stored, in no acknowledged request": sorted(extra),
+            "calls holding them (the first 20)": [
+                (i, outcome[:300], sorted(ids_of(r) & extra))
+                for i, (r, outcome) in enumerate(requests)
+                if ids_of(r) & extra
+            ][:20],
+        }
+    return found
 
 
 for _method in hostile.REQUESTS:
