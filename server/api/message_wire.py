@@ -5,10 +5,12 @@ sql/export.sql): each variable-length column as one concatenated bytea with an i
 lengths, the fixed-width ones (sequence, uuid, timestamps) as their binary send format.
 Here the batch becomes the wire bytes of its `messages` entries (tag 1, length, an
 ExportedMessage) with array arithmetic: every field's tag and varints are written into one
-scratch row per message, then every piece — scratch bytes, session id, role, content,
-metadata — is gathered into place by one index. Only a message with non-empty metadata
-costs Python: its Struct's bytes, cached by the jsonb text (docs/performance.md, "Export
-as bytes").
+scratch row per message, then every piece but the content — scratch bytes, session id,
+role, metadata — is gathered into place by one index, and each message's content is
+joined in between as the slice of the column it came in (an index per byte of content cost
+more than a slice per message: docs/performance.md, "The gather without the contents").
+Beyond that slice, only a message with non-empty metadata costs Python: its Struct's
+bytes, cached by the jsonb text (docs/performance.md, "Export as bytes").
 
 The bytes are those `SerializeToString` makes of the same ExportedMessage built by
 `convert.message_to_proto` (fields in number order, proto3 defaults omitted), proved by
@@ -118,7 +120,7 @@ def encode(columns: MessageColumns) -> WireRows[MessageKey]:
     b.scratch[:, _KIND] = 0x18
     b.scratch[:, _KIND + 1] = _ROLE_NUMBERS[np.frombuffer(fixed["kind"].tobytes(), np.uint8)]
     message += b.piece(_KIND, 2 + b.head(_KIND + 2, 0x22, content_len))
-    message += b.text(columns.contents, content_len)
+    message += b.text(columns.contents, content_len, apart=True)
     message += b.piece(_STRUCT, b.head(_STRUCT, 0x2A, struct_len))
     message += b.text(structs, struct_len)
     message += b.timestamp(_CREATED, 0x32, created, None)
@@ -143,7 +145,8 @@ def encode(columns: MessageColumns) -> WireRows[MessageKey]:
 class _Batch:
     """The wire bytes of a batch under construction: a scratch row per message holding every
     tag and varint at fixed columns, the text columns as they came, and the pieces — runs of
-    either, per message, in wire order — that make each entry."""
+    either, per message, in wire order — that make each entry. One text piece may be kept
+    apart from the gather's index (`text(..., apart=True)`): it is joined in by slices."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -153,6 +156,9 @@ class _Batch:
         self.source_size = n * _WIDTH
         self.starts: list[I64] = []  # per piece, each message's start in the sources
         self.sizes: list[I64] = []  # per piece, each message's length
+        #: The piece kept apart: its position among the pieces, its column's bytes, and
+        #: where each message's run starts in them and how long it is.
+        self.apart: tuple[int, bytes, I64, I64] | None = None
 
     def piece(self, column: int, size: I64 | None = None) -> Any:
         """Adds a run of the scratch row starting at `column`; returns its size, or its slot
@@ -164,10 +170,19 @@ class _Batch:
         self.sizes.append(size)
         return size
 
-    def text(self, blob: bytes | None, length: I64) -> I64:
-        """Adds each message's run of a concatenated text column; returns the lengths."""
+    def text(self, blob: bytes | None, length: I64, *, apart: bool = False) -> I64:
+        """Adds each message's run of a concatenated text column; returns the lengths.
+
+        `apart`: the runs are not indexed byte by byte but joined in by `gather` as slices
+        of `blob` (one column of a batch at most: its longest, the content)."""
+        starts = np.cumsum(length) - length
+        if apart:
+            self.apart = (len(self.sizes), blob or b"", starts, length)
+            self.starts.append(np.zeros(self.n, dtype=np.int64))
+            self.sizes.append(np.zeros(self.n, dtype=np.int64))
+            return length
         data = np.frombuffer(blob or b"", dtype=np.uint8)
-        self.starts.append(self.source_size + np.cumsum(length) - length)
+        self.starts.append(self.source_size + starts)
         self.sizes.append(length)
         self.sources.append(data)
         self.source_size += data.size
@@ -215,8 +230,27 @@ class _Batch:
 
     def gather(self) -> bytes:
         """The entries: every piece of every message, in order, as one bytes."""
-        starts = np.stack(self.starts, axis=1).reshape(-1)
-        sizes = np.stack(self.sizes, axis=1).reshape(-1)
+        table = np.stack(self.sizes, axis=1)  # (message, piece): the piece's length
+        indexed = self._indexed(np.stack(self.starts, axis=1).reshape(-1), table.reshape(-1))
+        if self.apart is None:
+            return indexed
+        # Each message's indexed bytes up to the piece apart, then its run of the piece.
+        at, blob, starts, lengths = self.apart
+        before = table[:, :at].sum(axis=1)
+        cuts = (np.cumsum(table.sum(axis=1)) - table.sum(axis=1) + before).tolist()
+        runs = (starts + lengths).tolist()
+        kept, text = memoryview(indexed), memoryview(blob)
+        parts: list[memoryview] = []
+        done = 0
+        for cut, start, stop in zip(cuts, starts.tolist(), runs, strict=True):
+            parts.append(kept[done:cut])
+            parts.append(text[start:stop])
+            done = cut
+        parts.append(kept[done:])
+        return b"".join(parts)
+
+    def _indexed(self, starts: I64, sizes: I64) -> bytes:
+        # The pieces of the sources, in order, as one bytes gathered by one index.
         kept = sizes > 0
         starts, sizes = starts[kept], sizes[kept]
         if not sizes.size:
