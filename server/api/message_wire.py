@@ -236,8 +236,8 @@ class _Batch:
             return indexed
         # Each message's indexed bytes up to the piece apart, then its run of the piece.
         at, blob, starts, lengths = self.apart
-        before = table[:, :at].sum(axis=1)
-        cuts = (np.cumsum(table.sum(axis=1)) - table.sum(axis=1) + before).tolist()
+        indexed_sizes = table.sum(axis=1)
+        cuts = (np.cumsum(indexed_sizes) - indexed_sizes + table[:, :at].sum(axis=1)).tolist()
         runs = (starts + lengths).tolist()
         kept, text = memoryview(indexed), memoryview(blob)
         parts: list[memoryview] = []
