@@ -62,16 +62,14 @@ class AdminMethods(StoreBase):
             FailedPrecondition: (CITUS_WORKER) the database URL reaches a Citus worker.
             Unavailable: the database cannot be reached.
         """
-        async with self._connect() as conn:
-            await conn.set_autocommit(True)
+        async with self._connect(single=True) as conn:
             # A migration may rewrite a large table: the per-call statement timeout is not
             # meant for it (RESET goes back to the connection's own default afterwards).
-            await statement_timeout_off(conn, True)
             try:
+                await statement_timeout_off(conn, True)
                 applied = await apply_migrations(conn)
             finally:
                 await statement_timeout_off(conn, False)
-                await conn.set_autocommit(False)
         await self.check_vectors()
         return applied
 

@@ -430,12 +430,20 @@ class StoreBase:
         if unbounded == (conn in self._unbounded):
             return
         longest = max(LONGEST_STATEMENT_SECONDS, self.statement_timeout)
-        async with _autocommit(conn):
-            if unbounded:
-                ms = f"{longest * 1000:.0f}"
-                await conn.execute(query("long_statement_timeout"), {"ms": ms})
-            else:
-                await statement_timeout_off(conn, False)
+        try:
+            async with _autocommit(conn):
+                if unbounded:
+                    ms = f"{longest * 1000:.0f}"
+                    await conn.execute(query("long_statement_timeout"), {"ms": ms})
+                else:
+                    await statement_timeout_off(conn, False)
+        except BaseException:
+            # Cancelled or failed mid-switch (a call cancelled in the turn psycopg may take
+            # after a statement, say), the connection's timeout is not known: the pool
+            # replaces it, rather than the next call on it running under the wrong bound.
+            self._unbounded.discard(conn)
+            conn.pgconn.finish()
+            raise
         if unbounded:
             self._unbounded.add(conn)
         else:
@@ -480,11 +488,16 @@ async def statement_timeout_off(conn: BoundedConnection, off: bool) -> None:
 @asynccontextmanager
 async def _autocommit(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
     # Switching autocommit is local to the client while no transaction is open: no round trip.
-    await conn.set_autocommit(True)
+    # The switch on is inside the `try`: psycopg may give the loop a turn after it has set the
+    # flag (`waiting.wait_async` yields once where the loop has been busy), and a call
+    # cancelled in that turn gave its connection back to the pool in autocommit, where the
+    # next call's transaction committed each statement as it ran: a refused Restore kept the
+    # users it had written (tests/store/test_autocommit.py).
     try:
+        await conn.set_autocommit(True)
         yield
     finally:
-        if not (conn.closed or conn.broken):
+        if conn.autocommit and not (conn.closed or conn.broken):
             await conn.set_autocommit(False)
 
 
