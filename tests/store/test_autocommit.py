@@ -45,18 +45,8 @@ async def one_connection(clean_db: str, store: Store) -> AsyncIterator[Store]:
 async def test_a_call_cancelled_as_autocommit_turns_on_leaves_the_next_transaction_whole(
     one_connection: Store, clean_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # psycopg yields after every wait that completes without blocking, as it does on a busy
-    # loop; the call is cancelled in the turn after its connection's flag was set.
-    monkeypatch.setattr(waiting, "MAX_BUSY_TIME", 0.0)
-    switching = asyncio.Event()
-    set_autocommit = BoundedConnection.set_autocommit
-
-    async def announced(self: BoundedConnection, value: bool) -> None:
-        if value:
-            switching.set()
-        await set_autocommit(self, value)
-
-    monkeypatch.setattr(BoundedConnection, "set_autocommit", announced)
+    # The call is cancelled in the turn psycopg takes after its connection's flag was set.
+    switching = _announced(monkeypatch, True)
     call = asyncio.create_task(one_connection.get_memory(P, "any-session", 6))
     await switching.wait()
     call.cancel()
@@ -76,6 +66,23 @@ async def test_a_call_cancelled_as_autocommit_turns_on_leaves_the_next_transacti
     assert _users(clean_db) == []
 
 
+def _announced(monkeypatch: pytest.MonkeyPatch, value: bool) -> asyncio.Event:
+    """An event set as a connection starts turning autocommit to `value`; psycopg then yields
+    after every wait that completes without blocking (as it does on a busy loop), so a task
+    waiting on the event runs in the turn after the flag is set."""
+    monkeypatch.setattr(waiting, "MAX_BUSY_TIME", 0.0)
+    starting = asyncio.Event()
+    set_autocommit = BoundedConnection.set_autocommit
+
+    async def announced(self: BoundedConnection, turned: bool) -> None:
+        if turned == value:
+            starting.set()
+        await set_autocommit(self, turned)
+
+    monkeypatch.setattr(BoundedConnection, "set_autocommit", announced)
+    return starting
+
+
 def _users(url: str) -> list[Any]:
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT user_id FROM users").fetchall()
@@ -90,16 +97,7 @@ async def test_a_call_cancelled_as_its_statement_timeout_switches_leaves_no_unkn
     # known so, must not serve a call without a deadline, which the 1 s timeout bounds.
     store = await Store.open(clean_db, min_size=1, max_size=1, statement_timeout=1.0)
     try:
-        monkeypatch.setattr(waiting, "MAX_BUSY_TIME", 0.0)
-        switched_back = asyncio.Event()
-        set_autocommit = BoundedConnection.set_autocommit
-
-        async def announced(self: BoundedConnection, value: bool) -> None:
-            if not value:
-                switched_back.set()
-            await set_autocommit(self, value)
-
-        monkeypatch.setattr(BoundedConnection, "set_autocommit", announced)
+        switched_back = _announced(monkeypatch, False)
 
         async def far_off() -> None:
             call_deadline.set(time.monotonic() + 60)
