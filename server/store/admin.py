@@ -69,7 +69,14 @@ class AdminMethods(StoreBase):
                 await statement_timeout_off(conn, True)
                 applied = await apply_migrations(conn)
             finally:
-                await statement_timeout_off(conn, False)
+                try:
+                    await statement_timeout_off(conn, False)
+                except BaseException:
+                    # The reset interrupted (a second cancellation) or failed: the
+                    # connection may keep no timeout, and the pool replaces it rather
+                    # than lend it to calls the timeout must bound.
+                    conn.pgconn.finish()
+                    raise
         await self.check_vectors()
         return applied
 

@@ -8,6 +8,8 @@ yields once where the loop has been busy for MAX_BUSY_TIME): a call cancelled in
 still in autocommit, and the next transaction on it committed each statement as it ran. A
 Restore refused after writing its users kept them; under a CI's load the Restore fuzz found
 users no acknowledged Restore had made, and a live message in a soft-deleted session.
+The statement timeout's switches (a call's, a migration's) likewise leave no pooled
+connection with a bound other than the store believes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from psycopg import waiting
 from server.domain import DEFAULT_PROJECT_ID as P
 from server.domain import Message, User
 from server.errors import DeadlineExceeded, FailedPrecondition
-from server.store import Store
+from server.store import Store, admin
 from server.store.base import call_deadline
 from server.store.db import BoundedConnection
 
@@ -88,31 +90,61 @@ def _users(url: str) -> list[Any]:
         return conn.execute("SELECT user_id FROM users").fetchall()
 
 
+@pytest.fixture
+async def one_bounded(clean_db: str, store: Store) -> AsyncIterator[Store]:
+    """A store of one connection whose calls without a deadline have a 1 s statement timeout."""
+    own = await Store.open(clean_db, min_size=1, max_size=1, statement_timeout=1.0)
+    try:
+        yield own
+    finally:
+        await own.close()
+
+
+async def _still_bounded(store: Store) -> None:
+    # A call without a deadline, on the store's one connection, ends at the 1 s timeout.
+    with pytest.raises(DeadlineExceeded):
+        async with store._connect() as conn:
+            await conn.execute("SELECT pg_sleep(2.5)")
+
+
 async def test_a_call_cancelled_as_its_statement_timeout_switches_leaves_no_unknown_bound(
-    clean_db: str, monkeypatch: pytest.MonkeyPatch
+    one_bounded: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A call whose deadline is far off lifts its connection's statement timeout (one SET in
     # autocommit, StoreBase._bound_for_call) and is cancelled in the turn psycopg takes as
     # autocommit goes off again, after the SET: the connection, its timeout lifted but not
     # known so, must not serve a call without a deadline, which the 1 s timeout bounds.
-    store = await Store.open(clean_db, min_size=1, max_size=1, statement_timeout=1.0)
-    try:
-        switched_back = _announced(monkeypatch, False)
+    switched_back = _announced(monkeypatch, False)
 
-        async def far_off() -> None:
-            call_deadline.set(time.monotonic() + 60)
-            async with store._connect() as conn:
-                await conn.execute("SELECT 1")
+    async def far_off() -> None:
+        call_deadline.set(time.monotonic() + 60)
+        async with one_bounded._connect() as conn:
+            await conn.execute("SELECT 1")
 
-        call = asyncio.create_task(far_off())
-        await switched_back.wait()
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        monkeypatch.undo()
+    call = asyncio.create_task(far_off())
+    await switched_back.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    monkeypatch.undo()
+    await _still_bounded(one_bounded)
 
-        with pytest.raises(DeadlineExceeded):
-            async with store._connect() as conn:
-                await conn.execute("SELECT pg_sleep(2.5)")
-    finally:
-        await store.close()
+
+async def test_a_migration_interrupted_as_it_restores_the_timeout_leaves_no_unbounded_connection(
+    one_bounded: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Store.migrate lifts its connection's statement timeout for the migrations and sets it
+    # back after them; a second cancellation interrupting that reset left the pooled
+    # connection without a timeout.
+    restore = admin.statement_timeout_off
+
+    async def interrupted(conn: BoundedConnection, off: bool) -> None:
+        if not off:
+            raise asyncio.CancelledError
+        await restore(conn, off)
+
+    monkeypatch.setattr(admin, "statement_timeout_off", interrupted)
+    with pytest.raises(asyncio.CancelledError):
+        await one_bounded.migrate()
+    monkeypatch.undo()
+    await _still_bounded(one_bounded)
