@@ -36,8 +36,9 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 @pytest.fixture
 async def one_connection(clean_db: str, store: Store) -> AsyncIterator[Store]:
-    """A store whose pool holds one connection: every call gets the same one."""
-    own = await Store.open(clean_db, min_size=1, max_size=1)
+    """A store whose pool holds one connection: every call gets the same one. Calls without
+    a deadline have a 1 s statement timeout."""
+    own = await Store.open(clean_db, min_size=1, max_size=1, statement_timeout=1.0)
     try:
         yield own
     finally:
@@ -90,16 +91,6 @@ def _users(url: str) -> list[Any]:
         return conn.execute("SELECT user_id FROM users").fetchall()
 
 
-@pytest.fixture
-async def one_bounded(clean_db: str, store: Store) -> AsyncIterator[Store]:
-    """A store of one connection whose calls without a deadline have a 1 s statement timeout."""
-    own = await Store.open(clean_db, min_size=1, max_size=1, statement_timeout=1.0)
-    try:
-        yield own
-    finally:
-        await own.close()
-
-
 async def _still_bounded(store: Store) -> None:
     # A call without a deadline, on the store's one connection, ends at the 1 s timeout.
     with pytest.raises(DeadlineExceeded):
@@ -108,7 +99,7 @@ async def _still_bounded(store: Store) -> None:
 
 
 async def test_a_call_cancelled_as_its_statement_timeout_switches_leaves_no_unknown_bound(
-    one_bounded: Store, monkeypatch: pytest.MonkeyPatch
+    one_connection: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A call whose deadline is far off lifts its connection's statement timeout (one SET in
     # autocommit, StoreBase._bound_for_call) and is cancelled in the turn psycopg takes as
@@ -118,7 +109,7 @@ async def test_a_call_cancelled_as_its_statement_timeout_switches_leaves_no_unkn
 
     async def far_off() -> None:
         call_deadline.set(time.monotonic() + 60)
-        async with one_bounded._connect() as conn:
+        async with one_connection._connect() as conn:
             await conn.execute("SELECT 1")
 
     call = asyncio.create_task(far_off())
@@ -127,11 +118,11 @@ async def test_a_call_cancelled_as_its_statement_timeout_switches_leaves_no_unkn
     with pytest.raises(asyncio.CancelledError):
         await call
     monkeypatch.undo()
-    await _still_bounded(one_bounded)
+    await _still_bounded(one_connection)
 
 
 async def test_a_migration_interrupted_as_it_restores_the_timeout_leaves_no_unbounded_connection(
-    one_bounded: Store, monkeypatch: pytest.MonkeyPatch
+    one_connection: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Store.migrate lifts its connection's statement timeout for the migrations and sets it
     # back after them; a second cancellation interrupting that reset left the pooled
@@ -145,6 +136,6 @@ async def test_a_migration_interrupted_as_it_restores_the_timeout_leaves_no_unbo
 
     monkeypatch.setattr(admin, "statement_timeout_off", interrupted)
     with pytest.raises(asyncio.CancelledError):
-        await one_bounded.migrate()
+        await one_connection.migrate()
     monkeypatch.undo()
-    await _still_bounded(one_bounded)
+    await _still_bounded(one_connection)
